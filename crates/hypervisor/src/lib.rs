@@ -1,0 +1,167 @@
+//! The one seam between the VMM and whatever runs guest instructions.
+//!
+//! A [`Hypervisor`] makes [`Vm`]s; a [`Vm`] owns guest memory mappings, the
+//! interrupt controllers and makes [`Vcpu`]s. A vCPU runs guest code until
+//! something only the VMM can answer and returns a [`VcpuExit`]. Devices only
+//! ever see exits and [`IrqLine`]s, never the backend behind them.
+
+pub mod kvm;
+mod regs;
+
+pub use regs::*;
+
+use std::sync::Arc;
+
+/// Errors of a vCPU backend.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("/dev/kvm is not there ({0}); this host has no KVM: use --accel emu")]
+    KvmMissing(std::io::Error),
+    #[error("cannot open /dev/kvm: permission denied; add your user to the 'kvm' group or use --accel emu")]
+    KvmPermission,
+    #[error("cannot open /dev/kvm: {0}; use --accel emu")]
+    KvmOpen(std::io::Error),
+    #[error("KVM API version {0} is not supported (need 12)")]
+    KvmApiVersion(i32),
+    #[error("KVM lacks a capability Vireo needs: {0}")]
+    KvmCapability(&'static str),
+    #[error("{op} failed: {source}")]
+    Ioctl {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T> = std::result::Result<T, HypervisorError>;
+
+/// Which technique runs the guest's instructions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelKind {
+    Kvm,
+    Emu,
+}
+
+/// Why a vCPU stopped and handed control back to the VMM.
+///
+/// Data buffers borrow from the vCPU: the VMM fills `IoIn`/`MmioRead`
+/// buffers in place, and the backend hands them to the guest on the next
+/// [`Vcpu::run`].
+#[derive(Debug)]
+pub enum VcpuExit<'a> {
+    IoIn { port: u16, data: &'a mut [u8] },
+    IoOut { port: u16, data: &'a [u8] },
+    MmioRead { addr: u64, data: &'a mut [u8] },
+    MmioWrite { addr: u64, data: &'a [u8] },
+    /// The vCPU executed HLT with nothing to wake it (only seen when the
+    /// backend does not handle HLT itself).
+    Halt,
+    /// The guest triple-faulted or otherwise asked for a reset of the CPU.
+    Shutdown,
+    /// The guest asked for a system reset (e.g. through a PSCI-like event).
+    SystemReset,
+    /// The guest powered off through a backend-handled path.
+    SystemPowerOff,
+    /// The run was interrupted (a signal or a kick); nothing to do.
+    Interrupted,
+    /// The backend could not go on: the failing instruction, where, and why.
+    InternalError(Box<InternalError>),
+    /// Something the backend reports but the VMM has no handler for.
+    Unknown(String),
+}
+
+/// What a backend knows about an instruction it could not execute.
+#[derive(Debug, Clone)]
+pub struct InternalError {
+    pub reason: String,
+    /// Guest RIP (linear address of the failing instruction).
+    pub rip: u64,
+    /// The instruction bytes, as many as could be read (up to 15).
+    pub insn: Vec<u8>,
+    pub regs: Option<StandardRegs>,
+    pub sregs: Option<SpecialRegs>,
+}
+
+impl std::fmt::Display for InternalError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} at RIP {:#x}", self.reason, self.rip)?;
+        if !self.insn.is_empty() {
+            write!(f, ", instruction bytes")?;
+            for b in &self.insn {
+                write!(f, " {b:02x}")?;
+            }
+        }
+        if let Some(s) = &self.sregs {
+            write!(
+                f,
+                " (CS {:#x} CPL {} CR0 {:#x} CR3 {:#x} CR4 {:#x} EFER {:#x})",
+                s.cs.selector,
+                s.cs.dpl,
+                s.cr0,
+                s.cr3,
+                s.cr4,
+                s.efer
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// An interrupt line into the guest's interrupt controllers, as a device sees it.
+pub trait IrqLine: Send + Sync {
+    /// Raise an edge (assert then deassert) on the line.
+    fn trigger(&self) -> Result<()>;
+}
+
+/// A vCPU backend family (KVM, the software engine).
+pub trait Hypervisor: Send + Sync {
+    fn kind(&self) -> AccelKind;
+    /// Make an empty VM with its interrupt controllers and timers.
+    fn create_vm(&self) -> Result<Arc<dyn Vm>>;
+    /// Kernel command-line arguments this host needs so that a Linux guest
+    /// avoids instructions the backend cannot run (empty on healthy hosts).
+    fn guest_workarounds(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// A virtual machine: memory, interrupt controllers, vCPUs.
+pub trait Vm: Send + Sync {
+    /// Map `size` bytes of host memory at `host_addr` into the guest at `guest_addr`.
+    ///
+    /// # Safety
+    /// `host_addr..host_addr+size` must stay mapped and valid for the VM's lifetime.
+    unsafe fn map_memory(&self, slot: u32, guest_addr: u64, size: u64, host_addr: u64)
+        -> Result<()>;
+    /// Make the vCPU with the given index; `count` is the total the VM will have.
+    fn create_vcpu(&self, index: u32, count: u32) -> Result<Box<dyn Vcpu>>;
+    /// An edge-triggered interrupt line for a GSI (0-23 are the IOAPIC pins).
+    fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>>;
+}
+
+/// A way to make a vCPU's [`Vcpu::run`] return `Interrupted` from another thread.
+pub trait VcpuKicker: Send + Sync {
+    fn kick(&self);
+}
+
+/// One virtual CPU, owned by one thread.
+pub trait Vcpu: Send {
+    fn index(&self) -> u32;
+    /// Run guest code until the next exit.
+    fn run(&mut self) -> Result<VcpuExit<'_>>;
+    fn get_regs(&self) -> Result<StandardRegs>;
+    fn set_regs(&mut self, regs: &StandardRegs) -> Result<()>;
+    fn get_sregs(&self) -> Result<SpecialRegs>;
+    fn set_sregs(&mut self, sregs: &SpecialRegs) -> Result<()>;
+    /// Load a whole boot state: registers, segments, control registers, and
+    /// the FPU/MSR defaults of a CPU just out of reset.
+    fn set_boot_state(&mut self, state: &CpuState) -> Result<()> {
+        self.set_sregs(&state.sregs)?;
+        self.set_regs(&state.regs)
+    }
+    /// Something another thread can use to interrupt `run`.
+    fn kicker(&self) -> Arc<dyn VcpuKicker>;
+}
