@@ -1,0 +1,741 @@
+//! The KVM backend: vCPUs run on the host CPU through /dev/kvm, with KVM's
+//! in-kernel interrupt controllers (PIC, IOAPIC, LAPIC) and PIT.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Once};
+
+use kvm_bindings::{
+    kvm_fpu, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_segment, kvm_sregs,
+    kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::{
+    AccelKind, DescriptorTable, HypervisorError, InternalError, IrqLine, Result, Segment,
+    SpecialRegs, StandardRegs, Vcpu, VcpuExit, VcpuKicker,
+};
+
+fn ioctl_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> HypervisorError {
+    move |e| HypervisorError::Ioctl {
+        op,
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    }
+}
+
+/// What kind of KVM this host has; some hosts cannot run every guest instruction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvmFlavor {
+    /// VT-x or AMD-V: guest ring 0 runs natively.
+    Hardware,
+    /// Pagetable-based nested virtualization (`kvm_pvm`): guest ring 0 and real
+    /// mode go through the host kernel's instruction emulator, which lacks
+    /// XSAVE/XRSTOR, CMPXCHG16B, POPCNT, CLAC and others.
+    Pvm,
+}
+
+impl KvmFlavor {
+    pub fn detect() -> Self {
+        if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+            KvmFlavor::Pvm
+        } else {
+            KvmFlavor::Hardware
+        }
+    }
+}
+
+pub struct KvmHypervisor {
+    kvm: Kvm,
+    flavor: KvmFlavor,
+}
+
+impl KvmHypervisor {
+    /// Open /dev/kvm, turning the usual failures into errors that say what to do.
+    pub fn new() -> Result<Self> {
+        if let Err(e) = std::fs::metadata("/dev/kvm") {
+            return Err(HypervisorError::KvmMissing(e));
+        }
+        let kvm = Kvm::new().map_err(|e| match e.errno() {
+            libc::EACCES | libc::EPERM => HypervisorError::KvmPermission,
+            libc::ENOENT | libc::ENODEV | libc::ENXIO => {
+                HypervisorError::KvmMissing(std::io::Error::from_raw_os_error(e.errno()))
+            }
+            n => HypervisorError::KvmOpen(std::io::Error::from_raw_os_error(n)),
+        })?;
+        let api = kvm.get_api_version();
+        if api != 12 {
+            return Err(HypervisorError::KvmApiVersion(api));
+        }
+        for (cap, name) in [
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::Irqfd, "KVM_CAP_IRQFD"),
+            (Cap::Pit2, "KVM_CAP_PIT2"),
+            (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(HypervisorError::KvmCapability(name));
+            }
+        }
+        Ok(KvmHypervisor {
+            kvm,
+            flavor: KvmFlavor::detect(),
+        })
+    }
+
+    pub fn flavor(&self) -> KvmFlavor {
+        self.flavor
+    }
+
+    /// Most vCPUs this host's KVM allows in one VM.
+    pub fn max_vcpus(&self) -> usize {
+        self.kvm.get_max_vcpus()
+    }
+}
+
+impl crate::Hypervisor for KvmHypervisor {
+    fn kind(&self) -> AccelKind {
+        AccelKind::Kvm
+    }
+
+    fn create_vm(&self) -> Result<Arc<dyn crate::Vm>> {
+        let fd = self.kvm.create_vm().map_err(ioctl_err("KVM_CREATE_VM"))?;
+        // The TSS and identity map pages live just below the 4 GiB BIOS area,
+        // inside the MMIO hole where no RAM is mapped.
+        fd.set_tss_address(0xfffb_d000)
+            .map_err(ioctl_err("KVM_SET_TSS_ADDR"))?;
+        fd.set_identity_map_address(0xfffb_c000)
+            .map_err(ioctl_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        fd.create_irq_chip()
+            .map_err(ioctl_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(ioctl_err("KVM_CREATE_PIT2"))?;
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl_err("KVM_GET_SUPPORTED_CPUID"))?;
+        Ok(Arc::new(KvmVm {
+            fd,
+            cpuid,
+            flavor: self.flavor,
+            memory: Arc::new(Mutex::new(Vec::new())),
+        }))
+    }
+
+    fn guest_workarounds(&self) -> Vec<String> {
+        match self.flavor {
+            KvmFlavor::Hardware => Vec::new(),
+            // This KVM re-adds XSAVE to CPUID whatever the VMM says, and its
+            // emulator cannot run XRSTOR, POPCNT, CLAC in guest ring 0: have
+            // the kernel avoid them (shared/HOST.md).
+            KvmFlavor::Pvm => vec!["noxsave".into(), "clearcpuid=cx16,popcnt,smap".into()],
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct MemSlot {
+    guest: u64,
+    size: u64,
+    host: u64,
+}
+
+pub struct KvmVm {
+    fd: VmFd,
+    cpuid: CpuId,
+    flavor: KvmFlavor,
+    /// Guest RAM as mapped, to read instruction bytes for error reports.
+    memory: Arc<Mutex<Vec<MemSlot>>>,
+}
+
+impl crate::Vm for KvmVm {
+    unsafe fn map_memory(
+        &self,
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        host_addr: u64,
+    ) -> Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: guest_addr,
+            memory_size: size,
+            userspace_addr: host_addr,
+        };
+        // SAFETY: the caller guarantees the host range stays mapped.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(ioctl_err("KVM_SET_USER_MEMORY_REGION"))?;
+        if let Ok(mut m) = self.memory.lock() {
+            m.push(MemSlot {
+                guest: guest_addr,
+                size,
+                host: host_addr,
+            });
+        }
+        Ok(())
+    }
+
+    fn create_vcpu(&self, index: u32, count: u32) -> Result<Box<dyn Vcpu>> {
+        let fd = self
+            .fd
+            .create_vcpu(index as u64)
+            .map_err(ioctl_err("KVM_CREATE_VCPU"))?;
+        let mut fd = fd;
+        let run_page = fd.get_kvm_run() as *mut kvm_bindings::kvm_run as usize;
+        let mut vcpu = KvmVcpu {
+            fd,
+            index,
+            memory: self.memory.clone(),
+            kicker: Arc::new(KvmKicker {
+                thread: AtomicU64::new(0),
+                run_page,
+            }),
+        };
+        vcpu.setup_cpuid(&self.cpuid, count, self.flavor)?;
+        vcpu.setup_msrs();
+        vcpu.setup_fpu()?;
+        vcpu.setup_lapic()?;
+        Ok(Box::new(vcpu))
+    }
+
+    fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| HypervisorError::Ioctl {
+            op: "eventfd",
+            source,
+        })?;
+        self.fd
+            .register_irqfd(&evt, gsi)
+            .map_err(ioctl_err("KVM_IRQFD"))?;
+        Ok(Arc::new(KvmIrqLine { evt }))
+    }
+}
+
+struct KvmIrqLine {
+    evt: EventFd,
+}
+
+impl IrqLine for KvmIrqLine {
+    fn trigger(&self) -> Result<()> {
+        self.evt.write(1).map_err(|source| HypervisorError::Ioctl {
+            op: "irqfd write",
+            source,
+        })
+    }
+}
+
+/// Kicks a vCPU out of KVM_RUN: sets `immediate_exit` so that the next
+/// KVM_RUN returns at once, and signals the thread in case it is inside one.
+struct KvmKicker {
+    /// pthread_t of the thread running the vCPU, 0 before its first run.
+    thread: AtomicU64,
+    /// Address of the vCPU's kvm_run mapping (lives as long as the vCPU fd).
+    run_page: usize,
+}
+
+static KICK_SIGNAL_INSTALLED: Once = Once::new();
+
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn install_kick_handler() {
+    KICK_SIGNAL_INSTALLED.call_once(|| {
+        // The handler only needs to exist so that KVM_RUN returns EINTR.
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {
+            tracing::warn!("cannot install the vCPU kick signal handler: {e}");
+        }
+    });
+}
+
+impl VcpuKicker for KvmKicker {
+    fn kick(&self) {
+        // SAFETY: run_page points to the vCPU's kvm_run mapping, which the
+        // KvmVcpu holding this kicker keeps mapped; immediate_exit is a byte
+        // that KVM reads at entry and user space may write at any time.
+        unsafe {
+            let run = self.run_page as *mut kvm_bindings::kvm_run;
+            std::ptr::write_volatile(std::ptr::addr_of_mut!((*run).immediate_exit), 1);
+        }
+        let t = self.thread.load(Ordering::Acquire);
+        if t != 0 {
+            // SAFETY: t is the pthread_t of a live vCPU thread, recorded by
+            // that thread; pthread_kill with a handled signal is harmless.
+            unsafe {
+                libc::pthread_kill(t as libc::pthread_t, kick_signal());
+            }
+        }
+    }
+}
+
+pub struct KvmVcpu {
+    fd: VcpuFd,
+    index: u32,
+    memory: Arc<Mutex<Vec<MemSlot>>>,
+    kicker: Arc<KvmKicker>,
+}
+
+const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+
+impl KvmVcpu {
+    fn setup_cpuid(&mut self, supported: &CpuId, count: u32, flavor: KvmFlavor) -> Result<()> {
+        let mut cpuid = supported.clone();
+        let index = self.index;
+        for e in cpuid.as_mut_slice() {
+            match e.function {
+                1 => {
+                    // Initial APIC ID and logical processor count.
+                    e.ebx = (e.ebx & 0x0000_ffff) | (index << 24) | (count.min(255) << 16);
+                    e.ecx |= 1 << 31; // running under a hypervisor
+                    if flavor == KvmFlavor::Pvm {
+                        // The host's emulator has no CMPXCHG16B (HOST.md).
+                        e.ecx &= !(1 << 13);
+                    }
+                    if count > 1 {
+                        e.edx |= 1 << 28; // HTT: the count above is valid
+                    }
+                }
+                0xb | 0x1f => {
+                    // x2APIC topology: one thread per core, all cores in one package.
+                    e.edx = index;
+                }
+                6 => {
+                    // No APERF/MPERF: Linux would otherwise sample them constantly.
+                    e.ecx &= !1;
+                }
+                _ => {}
+            }
+        }
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(ioctl_err("KVM_SET_CPUID2"))
+    }
+
+    /// MSRs as a CPU has them after reset. A host may refuse some of them
+    /// (HOST.md: nested KVM); that is logged, not fatal.
+    fn setup_msrs(&mut self) {
+        let entries = [
+            (MSR_IA32_SYSENTER_CS, 0),
+            (MSR_IA32_SYSENTER_ESP, 0),
+            (MSR_IA32_SYSENTER_EIP, 0),
+            (MSR_STAR, 0),
+            (MSR_CSTAR, 0),
+            (MSR_KERNEL_GS_BASE, 0),
+            (MSR_SYSCALL_MASK, 0),
+            (MSR_LSTAR, 0),
+            (MSR_IA32_TSC, 0),
+            (MSR_IA32_MISC_ENABLE, 1),          // fast strings
+            (MSR_MTRR_DEF_TYPE, (1 << 11) | 6), // MTRRs on, write-back by default
+        ];
+        for (index, data) in entries {
+            let Ok(msrs) = Msrs::from_entries(&[kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            }]) else {
+                continue;
+            };
+            match self.fd.set_msrs(&msrs) {
+                Ok(1) => {}
+                Ok(_) => tracing::debug!("vCPU {}: KVM refused MSR {index:#x}", self.index),
+                Err(e) => tracing::debug!("vCPU {}: MSR {index:#x}: {e}", self.index),
+            }
+        }
+    }
+
+    fn setup_fpu(&mut self) -> Result<()> {
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        self.fd.set_fpu(&fpu).map_err(ioctl_err("KVM_SET_FPU"))
+    }
+
+    /// LINT0 as ExtINT and LINT1 as NMI: the virtual-wire mode a BIOS leaves
+    /// behind, so that PIC interrupts reach the BSP before the guest sets up
+    /// its APICs.
+    fn setup_lapic(&mut self) -> Result<()> {
+        const APIC_LVT0: usize = 0x350;
+        const APIC_LVT1: usize = 0x360;
+        const DM_EXTINT: u32 = 0x7;
+        const DM_NMI: u32 = 0x4;
+        let mut lapic = self.fd.get_lapic().map_err(ioctl_err("KVM_GET_LAPIC"))?;
+        let set = |regs: &mut [libc::c_char; 1024], off: usize, mode: u32| {
+            let mut v = [0u8; 4];
+            for (i, b) in v.iter_mut().enumerate() {
+                *b = regs[off + i] as u8;
+            }
+            let val = (u32::from_le_bytes(v) & !0x700) | (mode << 8);
+            for (i, b) in val.to_le_bytes().iter().enumerate() {
+                regs[off + i] = *b as libc::c_char;
+            }
+        };
+        set(&mut lapic.regs, APIC_LVT0, DM_EXTINT);
+        set(&mut lapic.regs, APIC_LVT1, DM_NMI);
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(ioctl_err("KVM_SET_LAPIC"))
+    }
+
+    /// Read up to 15 bytes at a guest virtual address through KVM_TRANSLATE.
+    fn read_guest_bytes(&self, gva: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        let Ok(slots) = self.memory.lock() else {
+            return out;
+        };
+        for i in 0..15u64 {
+            let Ok(t) = self.fd.translate_gva(gva + i) else {
+                break;
+            };
+            if t.valid == 0 {
+                break;
+            }
+            let gpa = t.physical_address;
+            let Some(slot) = slots
+                .iter()
+                .find(|s| gpa >= s.guest && gpa < s.guest + s.size)
+            else {
+                break;
+            };
+            // SAFETY: the slot's host range is mapped for the VM's lifetime
+            // (map_memory's contract) and gpa lies inside it.
+            let b =
+                unsafe { std::ptr::read_volatile((slot.host + (gpa - slot.guest)) as *const u8) };
+            out.push(b);
+        }
+        out
+    }
+
+    fn internal_error(&mut self, reason: String, insn_from_kvm: Vec<u8>) -> Box<InternalError> {
+        let regs = self.get_regs().ok();
+        let sregs = self.get_sregs().ok();
+        let rip = regs
+            .map(|r| r.rip.wrapping_add(sregs.map(|s| s.cs.base).unwrap_or(0)))
+            .unwrap_or(0);
+        let insn = if insn_from_kvm.is_empty() {
+            self.read_guest_bytes(rip)
+        } else {
+            insn_from_kvm
+        };
+        Box::new(InternalError {
+            reason,
+            rip,
+            insn,
+            regs,
+            sregs,
+        })
+    }
+}
+
+/// Decode KVM_EXIT_INTERNAL_ERROR's payload into a reason and, for
+/// emulation failures, the instruction bytes KVM hands back.
+fn describe_internal_error(suberror: u32, data: &[u64]) -> (String, Vec<u8>) {
+    const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
+    const KVM_INTERNAL_ERROR_SIMUL_EX: u32 = 2;
+    const KVM_INTERNAL_ERROR_DELIVERY_EV: u32 = 3;
+    const FLAG_INSTRUCTION_BYTES: u64 = 1;
+    match suberror {
+        KVM_INTERNAL_ERROR_EMULATION => {
+            let mut insn = Vec::new();
+            // data[0] = flags, data[1] = length, data[2..4] = up to 16 bytes.
+            if data.len() >= 4 && data[0] & FLAG_INSTRUCTION_BYTES != 0 {
+                let len = (data[1] as u32).min(15) as usize;
+                let bytes: Vec<u8> = data[2..4].iter().flat_map(|w| w.to_le_bytes()).collect();
+                insn.extend_from_slice(&bytes[..len]);
+            }
+            (
+                "KVM internal error: the host's instruction emulator failed (suberror 1)".into(),
+                insn,
+            )
+        }
+        KVM_INTERNAL_ERROR_SIMUL_EX => (
+            "KVM internal error: exception while delivering an exception (suberror 2)".into(),
+            Vec::new(),
+        ),
+        KVM_INTERNAL_ERROR_DELIVERY_EV => (
+            "KVM internal error: event delivery failed (suberror 3)".into(),
+            Vec::new(),
+        ),
+        n => (format!("KVM internal error (suberror {n})"), Vec::new()),
+    }
+}
+
+fn seg_to_kvm(s: &Segment) -> kvm_segment {
+    kvm_segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: s.type_,
+        present: s.present as u8,
+        dpl: s.dpl,
+        db: s.db as u8,
+        s: s.s as u8,
+        l: s.l as u8,
+        g: s.g as u8,
+        avl: s.avl as u8,
+        unusable: s.unusable as u8,
+        padding: 0,
+    }
+}
+
+fn seg_from_kvm(s: &kvm_segment) -> Segment {
+    Segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: s.type_,
+        present: s.present != 0,
+        dpl: s.dpl,
+        db: s.db != 0,
+        s: s.s != 0,
+        l: s.l != 0,
+        g: s.g != 0,
+        avl: s.avl != 0,
+        unusable: s.unusable != 0,
+    }
+}
+
+impl Vcpu for KvmVcpu {
+    fn index(&self) -> u32 {
+        self.index
+    }
+
+    fn run(&mut self) -> Result<VcpuExit<'_>> {
+        if self.kicker.thread.load(Ordering::Relaxed) == 0 {
+            install_kick_handler();
+            // SAFETY: pthread_self has no preconditions.
+            let me = unsafe { libc::pthread_self() };
+            self.kicker.thread.store(me as u64, Ordering::Release);
+        }
+        let fd: *mut VcpuFd = &mut self.fd;
+        // SAFETY: the exit borrows the kvm_run mapping owned by self.fd; the
+        // raw pointer only lets the error paths below call other ioctls on
+        // self after the borrowing arms have returned (a borrow-checker
+        // limitation with conditional returns, not an aliasing hazard).
+        let exit = unsafe { &mut *fd }.run();
+        let (reason, insn) = match exit {
+            Ok(KvmExit::IoIn(port, data)) => return Ok(VcpuExit::IoIn { port, data }),
+            Ok(KvmExit::IoOut(port, data)) => return Ok(VcpuExit::IoOut { port, data }),
+            Ok(KvmExit::MmioRead(addr, data)) => return Ok(VcpuExit::MmioRead { addr, data }),
+            Ok(KvmExit::MmioWrite(addr, data)) => return Ok(VcpuExit::MmioWrite { addr, data }),
+            Ok(KvmExit::Hlt) => return Ok(VcpuExit::Halt),
+            Ok(KvmExit::Shutdown) => return Ok(VcpuExit::Shutdown),
+            Ok(KvmExit::Intr) => return Ok(VcpuExit::Interrupted),
+            Ok(KvmExit::SystemEvent(kind, _)) => {
+                return Ok(match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VcpuExit::SystemPowerOff,
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => VcpuExit::SystemReset,
+                    k => VcpuExit::Unknown(format!("KVM system event {k}")),
+                })
+            }
+            Ok(KvmExit::InternalError) => {
+                // SAFETY: reading the union member KVM filled for this exit reason.
+                let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
+                let n = (internal.ndata as usize).min(internal.data.len());
+                describe_internal_error(internal.suberror, &internal.data[..n])
+            }
+            Ok(KvmExit::FailEntry(reason, cpu)) => (
+                format!("KVM entry failed: hardware reason {reason:#x} on host CPU {cpu}"),
+                Vec::new(),
+            ),
+            Ok(other) => return Ok(VcpuExit::Unknown(format!("{other:?}"))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                return Ok(VcpuExit::Interrupted);
+            }
+            Err(e) => return Err(ioctl_err("KVM_RUN")(e)),
+        };
+        Ok(VcpuExit::InternalError(self.internal_error(reason, insn)))
+    }
+
+    fn get_regs(&self) -> Result<StandardRegs> {
+        let r = self.fd.get_regs().map_err(ioctl_err("KVM_GET_REGS"))?;
+        Ok(StandardRegs {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rip: r.rip,
+            rflags: r.rflags,
+        })
+    }
+
+    fn set_regs(&mut self, r: &StandardRegs) -> Result<()> {
+        let k = kvm_regs {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rip: r.rip,
+            // Bit 1 of RFLAGS is reserved and always set.
+            rflags: r.rflags | 2,
+        };
+        self.fd.set_regs(&k).map_err(ioctl_err("KVM_SET_REGS"))
+    }
+
+    fn get_sregs(&self) -> Result<SpecialRegs> {
+        let s = self.fd.get_sregs().map_err(ioctl_err("KVM_GET_SREGS"))?;
+        Ok(SpecialRegs {
+            cs: seg_from_kvm(&s.cs),
+            ds: seg_from_kvm(&s.ds),
+            es: seg_from_kvm(&s.es),
+            fs: seg_from_kvm(&s.fs),
+            gs: seg_from_kvm(&s.gs),
+            ss: seg_from_kvm(&s.ss),
+            tr: seg_from_kvm(&s.tr),
+            ldt: seg_from_kvm(&s.ldt),
+            gdt: DescriptorTable {
+                base: s.gdt.base,
+                limit: s.gdt.limit,
+            },
+            idt: DescriptorTable {
+                base: s.idt.base,
+                limit: s.idt.limit,
+            },
+            cr0: s.cr0,
+            cr2: s.cr2,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            cr8: s.cr8,
+            efer: s.efer,
+            apic_base: s.apic_base,
+        })
+    }
+
+    fn set_sregs(&mut self, n: &SpecialRegs) -> Result<()> {
+        // Start from KVM's view so that fields we do not model (the pending
+        // interrupt bitmap) stay as they are.
+        let mut s: kvm_sregs = self.fd.get_sregs().map_err(ioctl_err("KVM_GET_SREGS"))?;
+        s.cs = seg_to_kvm(&n.cs);
+        s.ds = seg_to_kvm(&n.ds);
+        s.es = seg_to_kvm(&n.es);
+        s.fs = seg_to_kvm(&n.fs);
+        s.gs = seg_to_kvm(&n.gs);
+        s.ss = seg_to_kvm(&n.ss);
+        s.tr = seg_to_kvm(&n.tr);
+        s.ldt = seg_to_kvm(&n.ldt);
+        s.gdt.base = n.gdt.base;
+        s.gdt.limit = n.gdt.limit;
+        s.idt.base = n.idt.base;
+        s.idt.limit = n.idt.limit;
+        s.cr0 = n.cr0;
+        s.cr2 = n.cr2;
+        s.cr3 = n.cr3;
+        s.cr4 = n.cr4;
+        s.cr8 = n.cr8;
+        s.efer = n.efer;
+        if n.apic_base != 0 {
+            s.apic_base = n.apic_base;
+        }
+        self.fd.set_sregs(&s).map_err(ioctl_err("KVM_SET_SREGS"))
+    }
+
+    fn set_boot_state(&mut self, state: &crate::CpuState) -> Result<()> {
+        let mut sregs = state.sregs;
+        // A zero TR/LDT from a boot template: give KVM a valid busy TSS and
+        // an unusable LDT, as after reset, so VM entry checks pass.
+        if sregs.tr.type_ == 0 {
+            sregs.tr = Segment {
+                limit: 0xffff,
+                type_: 0xb,
+                present: true,
+                ..Default::default()
+            };
+        }
+        if sregs.ldt.type_ == 0 {
+            sregs.ldt = Segment {
+                limit: 0xffff,
+                type_: 0x2,
+                present: true,
+                ..Default::default()
+            };
+        }
+        self.set_sregs(&sregs)?;
+        self.set_regs(&state.regs)
+    }
+
+    fn kicker(&self) -> Arc<dyn VcpuKicker> {
+        self.kicker.clone()
+    }
+}
+
+/// Whether the host has a readable /dev/kvm at all (for `--accel auto`).
+pub fn kvm_available() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emulation_failure_payload_yields_instruction_bytes() {
+        // lock cmpxchg16b [rdi]: f0 48 0f c7 0f
+        let bytes: [u8; 16] = [
+            0xf0, 0x48, 0x0f, 0xc7, 0x0f, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        let w0 = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+        let w1 = u64::from_le_bytes(bytes[8..].try_into().unwrap());
+        let (reason, insn) = describe_internal_error(1, &[1, 5, w0, w1]);
+        assert!(reason.contains("emulator"));
+        assert_eq!(insn, vec![0xf0, 0x48, 0x0f, 0xc7, 0x0f]);
+    }
+
+    #[test]
+    fn emulation_failure_without_bytes_flag_has_none() {
+        let (_, insn) = describe_internal_error(1, &[0, 5, 0, 0]);
+        assert!(insn.is_empty());
+        let (reason, _) = describe_internal_error(3, &[]);
+        assert!(reason.contains("delivery"));
+    }
+
+    #[test]
+    fn segment_conversion_round_trips() {
+        let s = Segment::from_gdt_entry(0x10, 0x00af_9b00_0000_ffff);
+        assert_eq!(seg_from_kvm(&seg_to_kvm(&s)), s);
+    }
+}

@@ -52,10 +52,22 @@ pub enum AccelKind {
 /// [`Vcpu::run`].
 #[derive(Debug)]
 pub enum VcpuExit<'a> {
-    IoIn { port: u16, data: &'a mut [u8] },
-    IoOut { port: u16, data: &'a [u8] },
-    MmioRead { addr: u64, data: &'a mut [u8] },
-    MmioWrite { addr: u64, data: &'a [u8] },
+    IoIn {
+        port: u16,
+        data: &'a mut [u8],
+    },
+    IoOut {
+        port: u16,
+        data: &'a [u8],
+    },
+    MmioRead {
+        addr: u64,
+        data: &'a mut [u8],
+    },
+    MmioWrite {
+        addr: u64,
+        data: &'a [u8],
+    },
     /// The vCPU executed HLT with nothing to wake it (only seen when the
     /// backend does not handle HLT itself).
     Halt,
@@ -98,12 +110,7 @@ impl std::fmt::Display for InternalError {
             write!(
                 f,
                 " (CS {:#x} CPL {} CR0 {:#x} CR3 {:#x} CR4 {:#x} EFER {:#x})",
-                s.cs.selector,
-                s.cs.dpl,
-                s.cr0,
-                s.cr3,
-                s.cr4,
-                s.efer
+                s.cs.selector, s.cs.dpl, s.cr0, s.cr3, s.cr4, s.efer
             )?;
         }
         Ok(())
@@ -134,8 +141,13 @@ pub trait Vm: Send + Sync {
     ///
     /// # Safety
     /// `host_addr..host_addr+size` must stay mapped and valid for the VM's lifetime.
-    unsafe fn map_memory(&self, slot: u32, guest_addr: u64, size: u64, host_addr: u64)
-        -> Result<()>;
+    unsafe fn map_memory(
+        &self,
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        host_addr: u64,
+    ) -> Result<()>;
     /// Make the vCPU with the given index; `count` is the total the VM will have.
     fn create_vcpu(&self, index: u32, count: u32) -> Result<Box<dyn Vcpu>>;
     /// An edge-triggered interrupt line for a GSI (0-23 are the IOAPIC pins).
