@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Install, with apt, everything Vireo needs on a fresh Debian 12 (bookworm)
+# x86-64 machine: the tools guest/build.sh uses to make the guest images and
+# QEMU, the benchmark peer. Idempotent: packages already installed are skipped
+# without touching apt at all, so a warm CI run costs nothing here.
+set -euo pipefail
+
+# Tool packages. busybox-static and the kernel are deliberately absent: they are
+# guest payload, which guest/build.sh fetches with `apt-get download` and
+# unpacks without installing them on the host.
+PACKAGES=(
+    ca-certificates # apt over https mirrors
+    coreutils       # sha256sum, md5sum, head, od
+    cpio            # packs the initramfs (newc format)
+    dpkg            # dpkg -x unpacks the downloaded .debs
+    e2fsprogs       # mkfs.ext4 for disk images built by tests
+    file            # identifies the extracted vmlinux as an ELF64
+    gzip            # compresses the initramfs
+    kmod            # depmod writes the modules.dep that busybox modprobe reads
+    lz4             # the Debian cloud kernel is LZ4-compressed; vmlinux extraction
+    perl-base       # deterministic test data generator (essential; listed for clarity)
+    qemu-system-x86 # the reference/benchmark VMM, also used to check the images
+    qemu-utils      # qemu-img for disk images
+)
+
+if [ "$(id -u)" -eq 0 ]; then
+    SUDO=()
+elif command -v sudo >/dev/null 2>&1; then
+    SUDO=(sudo -n)
+else
+    echo "install-deps.sh: not root and sudo is not available; cannot install: ${PACKAGES[*]}" >&2
+    exit 1
+fi
+
+# Prints the packages of PACKAGES that are not fully installed.
+list_missing() {
+    local pkg status
+    for pkg in "${PACKAGES[@]}"; do
+        # dpkg-query prints "install ok installed" only for fully installed packages.
+        status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)
+        if [ "$status" != "install ok installed" ]; then
+            echo "$pkg"
+        fi
+    done
+}
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
+# Runs one apt-get command with its output in a log that is shown only on
+# failure, so CI stays readable but an apt error is never swallowed.
+apt_quiet() {
+    if ! "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get "$@" >"$log" 2>&1; then
+        cat "$log" >&2
+        echo "install-deps.sh: apt-get $* failed" >&2
+        exit 1
+    fi
+}
+
+mapfile -t missing < <(list_missing)
+if [ "${#missing[@]}" -eq 0 ]; then
+    echo "install-deps.sh: all ${#PACKAGES[@]} packages already installed"
+    exit 0
+fi
+
+apt_quiet update -q
+# Two passes: installing one package can remove another that was installed
+# from elsewhere (seen: Debian 12's qemu-system-x86 removes a backported
+# qemu-utils 10.x), and the second pass puts the archive's version back.
+for pass in 1 2; do
+    echo "install-deps.sh: installing ${missing[*]}"
+    apt_quiet install -y -q --no-install-recommends "${missing[@]}"
+    mapfile -t missing < <(list_missing)
+    if [ "${#missing[@]}" -eq 0 ]; then
+        echo "install-deps.sh: done"
+        exit 0
+    fi
+done
+echo "install-deps.sh: still not installed after two passes: ${missing[*]}" >&2
+exit 1
