@@ -1,0 +1,1 @@
+//! The i8042 keyboard controller (in progress).

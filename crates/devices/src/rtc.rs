@@ -1,0 +1,1 @@
+//! The CMOS RTC (in progress).
