@@ -1,0 +1,141 @@
+//! Software models of the PC's interrupt controllers and timers for Vireo's
+//! emulated CPU engine (`--accel emu`).
+//!
+//! With KVM these devices live in the host kernel; the software engine needs
+//! them in user space. Every model here is a plain, deterministic state
+//! machine: nothing reads a host clock. Time is passed in explicitly as
+//! nanoseconds of guest time (`now_ns`) so the engine decides what "now" is
+//! and tests can drive time exactly. All model structs derive serde
+//! `Serialize`/`Deserialize`, so the whole interrupt state can be snapshotted.
+//!
+//! - [`lapic::Lapic`]: local APIC (xAPIC MMIO page, x2APIC MSRs), timer in
+//!   one-shot, periodic and TSC-deadline modes, IPIs.
+//! - [`ioapic::IoApic`]: 82093AA-style I/O APIC with 24 pins.
+//! - [`pic::Pic`]: cascaded 8259A pair plus ELCR.
+//! - [`pit::Pit`]: 8254 timer plus port 0x61.
+//! - [`pvclock`]: kvmclock structures (`pvclock_vcpu_time_info`,
+//!   `pvclock_wall_clock`).
+//! - [`platform::Platform`]: all of the above wired together for N vCPUs.
+//!
+//! Guest-controlled input never panics: invalid accesses are ignored or read
+//! as zero/all-ones, as the hardware would do.
+
+pub mod ioapic;
+pub mod lapic;
+pub mod pic;
+pub mod pit;
+pub mod platform;
+pub mod pvclock;
+
+pub use ioapic::{Delivery, IoApic};
+pub use lapic::{IpiRequest, Lapic, LapicEvent};
+pub use pic::Pic;
+pub use pit::Pit;
+pub use platform::{Platform, PlatformConfig};
+pub use pvclock::{PvClock, PvClockVcpuTimeInfo, PvClockWallClock};
+
+use serde::{Deserialize, Serialize};
+
+/// Interrupt message delivery modes (the 3-bit field shared by the ICR, LVT
+/// entries and I/O APIC redirection entries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeliveryMode {
+    Fixed,
+    LowestPriority,
+    Smi,
+    Nmi,
+    Init,
+    StartUp,
+    ExtInt,
+    /// Encoding 0b011 is reserved; kept so a guest-written value round-trips.
+    Reserved,
+}
+
+impl DeliveryMode {
+    /// Decodes the 3-bit delivery mode field.
+    pub fn from_bits(bits: u32) -> Self {
+        match bits & 7 {
+            0 => DeliveryMode::Fixed,
+            1 => DeliveryMode::LowestPriority,
+            2 => DeliveryMode::Smi,
+            4 => DeliveryMode::Nmi,
+            5 => DeliveryMode::Init,
+            6 => DeliveryMode::StartUp,
+            7 => DeliveryMode::ExtInt,
+            _ => DeliveryMode::Reserved,
+        }
+    }
+
+    /// The 3-bit encoding.
+    pub fn bits(self) -> u32 {
+        match self {
+            DeliveryMode::Fixed => 0,
+            DeliveryMode::LowestPriority => 1,
+            DeliveryMode::Smi => 2,
+            DeliveryMode::Reserved => 3,
+            DeliveryMode::Nmi => 4,
+            DeliveryMode::Init => 5,
+            DeliveryMode::StartUp => 6,
+            DeliveryMode::ExtInt => 7,
+        }
+    }
+}
+
+/// Physical (APIC ID) or logical (LDR/DFR match) destination addressing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DestMode {
+    Physical,
+    Logical,
+}
+
+/// Edge- or level-triggered interrupt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Trigger {
+    Edge,
+    Level,
+}
+
+/// Nanoseconds per second, used by all the clock conversions.
+pub const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// `a * b / c` without intermediate overflow, rounding down; saturates at
+/// `u64::MAX` and returns 0 when `c` is 0 (callers validate `c` earlier, but
+/// a zero must not panic).
+pub(crate) fn mul_div_floor(a: u64, b: u64, c: u64) -> u64 {
+    if c == 0 {
+        return 0;
+    }
+    let r = (a as u128) * (b as u128) / (c as u128);
+    u64::try_from(r).unwrap_or(u64::MAX)
+}
+
+/// `a * b / c` rounding up; same overflow rules as [`mul_div_floor`].
+pub(crate) fn mul_div_ceil(a: u64, b: u64, c: u64) -> u64 {
+    if c == 0 {
+        return 0;
+    }
+    let r = ((a as u128) * (b as u128)).div_ceil(c as u128);
+    u64::try_from(r).unwrap_or(u64::MAX)
+}
+
+/// Reads a little-endian value of `data.len()` (1..=8) bytes out of `value`
+/// starting at byte `shift`. Used for sub-register MMIO/PIO reads.
+pub(crate) fn put_le(value: u64, byte_offset: usize, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        let idx = byte_offset + i;
+        *b = if idx < 8 {
+            (value >> (idx * 8)) as u8
+        } else {
+            0
+        };
+    }
+}
+
+/// Assembles up to 8 little-endian bytes into a u64.
+pub(crate) fn get_le(data: &[u8]) -> u64 {
+    let mut v = 0u64;
+    for (i, b) in data.iter().take(8).enumerate() {
+        v |= (*b as u64) << (i * 8);
+    }
+    v
+}
