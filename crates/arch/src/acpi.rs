@@ -1,0 +1,240 @@
+//! ACPI tables: RSDP, XSDT, FADT, FACS, DSDT and MADT, in the BIOS area at
+//! [`RSDP_START`]..[`ACPI_END`].
+//!
+//! The machine is a legacy-compatible PC, not a hardware-reduced one: the
+//! FADT describes PM1a event/control blocks and a PM timer in I/O space at
+//! [`ACPI_PM_BASE`], an SCI on IRQ 9, and a reset register at 0xcf9. With
+//! SMI_CMD = 0 the OS treats ACPI as always enabled (SCI_EN is expected to
+//! read back as set).
+//!
+//! acpi_tables 0.2 provides the RSDP, XSDT, FADT, FACS, the generic SDT and
+//! AML. Its MADT builder cannot set the MADT flags (PCAT_COMPAT, which tells
+//! Linux there are 8259s to mask) and has no Interrupt Source Override or
+//! Local APIC NMI structures, so the MADT here is assembled on the generic
+//! [`Sdt`] from hand-written structures.
+
+use acpi_tables::aml;
+use acpi_tables::facs::FACS;
+use acpi_tables::fadt::{FADTBuilder, Flags, PmProfile};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use crate::layout::*;
+use crate::{write_bytes, ArchError};
+
+pub const OEM_ID: [u8; 6] = *b"VIREO ";
+pub const OEM_TABLE_ID: [u8; 8] = *b"VIREOVM ";
+const OEM_REVISION: u32 = 1;
+
+/// FADT IAPC_BOOT_ARCH bits.
+pub const IAPC_BOOT_ARCH_LEGACY_DEVICES: u16 = 1 << 0;
+pub const IAPC_BOOT_ARCH_8042: u16 = 1 << 1;
+pub const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
+
+/// MADT flags: PC-AT compatible dual 8259s are present.
+pub const MADT_PCAT_COMPAT: u32 = 1;
+const MADT_TYPE_LOCAL_APIC: u8 = 0;
+const MADT_TYPE_IOAPIC: u8 = 1;
+const MADT_TYPE_INTERRUPT_OVERRIDE: u8 = 2;
+const MADT_TYPE_LOCAL_APIC_NMI: u8 = 4;
+const MADT_LAPIC_ENABLED: u32 = 1;
+/// MPS INTI flags: polarity bits 0-1 (01 active high), trigger 2-3 (11 level).
+const MPS_INTI_ACTIVE_HIGH_LEVEL: u16 = 0b01 | (0b11 << 2);
+
+/// The DSDT's own AML: `Name (_S5_, Package () { 5, 5, 0, 0 })`, the soft-off
+/// sleep type the guest writes to PM1a_CNT.SLP_TYP to power off.
+pub fn dsdt_aml() -> Vec<u8> {
+    let mut bytes = Vec::new();
+    let s5 = ACPI_S5_SLP_TYP;
+    aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&s5, &s5, &aml::ZERO, &aml::ZERO]),
+    )
+    .to_aml_bytes(&mut bytes);
+    bytes
+}
+
+fn to_bytes(table: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    table.to_aml_bytes(&mut v);
+    v
+}
+
+/// The DSDT: Vireo's objects followed by `extra_aml` (devices defined by
+/// the VMM).
+pub fn build_dsdt(extra_aml: &[u8]) -> Vec<u8> {
+    // Revision 2: integers in this table's AML are 64-bit.
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    dsdt.append_slice(&dsdt_aml());
+    dsdt.append_slice(extra_aml);
+    dsdt.as_slice().to_vec()
+}
+
+/// The MADT: a local APIC per vCPU (ids 0..n, all enabled), the IOAPIC
+/// with id `num_cpus` and GSI base 0, IRQ0 -> GSI2, the SCI (IRQ9)
+/// level/active-high, and LINT1 as NMI on every CPU.
+pub fn build_madt(num_cpus: u32) -> Result<Vec<u8>, ArchError> {
+    if num_cpus == 0 {
+        return Err(ArchError::NoVcpus);
+    }
+    if num_cpus > MAX_VCPUS {
+        return Err(ArchError::TooManyVcpus(num_cpus));
+    }
+    // Revision 5 (ACPI 6.x) with the 8-byte header extension written below.
+    let mut madt = Sdt::new(*b"APIC", 44, 5, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    madt.write_u32(36, LAPIC_ADDR as u32);
+    madt.write_u32(40, MADT_PCAT_COMPAT);
+    let mut s = Vec::new();
+    for cpu in 0..num_cpus {
+        // ACPI processor UID = APIC id = vCPU index.
+        s.extend_from_slice(&[MADT_TYPE_LOCAL_APIC, 8, cpu as u8, cpu as u8]);
+        s.extend_from_slice(&MADT_LAPIC_ENABLED.to_le_bytes());
+    }
+    s.extend_from_slice(&[MADT_TYPE_IOAPIC, 12, num_cpus as u8, 0]);
+    s.extend_from_slice(&(IOAPIC_ADDR as u32).to_le_bytes());
+    s.extend_from_slice(&0u32.to_le_bytes()); // GSI base
+    for (irq, gsi, flags) in [
+        (0u8, 2u32, 0u16),
+        (
+            ACPI_SCI_IRQ,
+            ACPI_SCI_IRQ as u32,
+            MPS_INTI_ACTIVE_HIGH_LEVEL,
+        ),
+    ] {
+        s.extend_from_slice(&[MADT_TYPE_INTERRUPT_OVERRIDE, 10, 0 /* ISA */, irq]);
+        s.extend_from_slice(&gsi.to_le_bytes());
+        s.extend_from_slice(&flags.to_le_bytes());
+    }
+    // Processor UID 0xff: all processors; LINT1.
+    s.extend_from_slice(&[MADT_TYPE_LOCAL_APIC_NMI, 6, 0xff, 0, 0, 1]);
+    madt.append_slice(&s);
+    Ok(madt.as_slice().to_vec())
+}
+
+fn io_gas(port: u16, bits: u8, access: AccessSize) -> GAS {
+    GAS::new(AddressSpace::SystemIo, bits, 0, access, port as u64)
+}
+
+/// The FADT (revision 6.5, not hardware-reduced).
+pub fn build_fadt(dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .preferred_pm_profile(PmProfile::EnterpriseServer)
+        .flag(Flags::Wbinvd)
+        .flag(Flags::ProcC1)
+        // No sleep button; the power button is the fixed-feature one
+        // (PM1 PWRBTN_STS), so the VMM can ask for an orderly shutdown.
+        .flag(Flags::SlpButton)
+        // No RTC wake status in PM1.
+        .flag(Flags::FixRtc)
+        // The PM timer is 32 bits wide.
+        .flag(Flags::TmrValExt)
+        .flag(Flags::ResetRegSup);
+    fadt.dsdt = (dsdt_addr as u32).into();
+    fadt.x_dsdt = dsdt_addr.into();
+    fadt.x_firmware_ctrl = facs_addr.into();
+    fadt.sci_int = (ACPI_SCI_IRQ as u16).into();
+    // SMI_CMD = 0: no SMM handshake; ACPI is always enabled.
+    fadt.smi_cmd = 0.into();
+    fadt.acpi_enable = 0;
+    fadt.acpi_disable = 0;
+    fadt.pm1a_evt_blk = (ACPI_PM1_EVT_BLK as u32).into();
+    fadt.pm1a_cnt_blk = (ACPI_PM1_CNT_BLK as u32).into();
+    fadt.pm_tmr_blk = (ACPI_PM_TMR_BLK as u32).into();
+    fadt.pm1_evt_len = ACPI_PM1_EVT_LEN;
+    fadt.pm1_cnt_len = ACPI_PM1_CNT_LEN;
+    fadt.pm_tmr_len = ACPI_PM_TMR_LEN;
+    fadt.x_pm1a_evt_blk = io_gas(
+        ACPI_PM1_EVT_BLK,
+        ACPI_PM1_EVT_LEN * 8,
+        AccessSize::WordAccess,
+    );
+    fadt.x_pm1a_cnt_blk = io_gas(
+        ACPI_PM1_CNT_BLK,
+        ACPI_PM1_CNT_LEN * 8,
+        AccessSize::WordAccess,
+    );
+    fadt.x_pm_tmr_blk = io_gas(
+        ACPI_PM_TMR_BLK,
+        ACPI_PM_TMR_LEN * 8,
+        AccessSize::DwordAccess,
+    );
+    // C2/C3 latencies above 100/1000 us mean "not supported".
+    fadt.p_lvl2_lat = 0x0fff.into();
+    fadt.p_lvl3_lat = 0x0fff.into();
+    fadt.iapc_boot_arch =
+        (IAPC_BOOT_ARCH_LEGACY_DEVICES | IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_VGA_NOT_PRESENT)
+            .into();
+    fadt.reset_reg = io_gas(RESET_PORT, 8, AccessSize::ByteAccess);
+    fadt.reset_value = RESET_VALUE;
+    to_bytes(&fadt.finalize())
+}
+
+/// The FACS (version 2, no waking vector: Vireo has no S3).
+pub fn build_facs() -> Vec<u8> {
+    let mut facs = FACS::new();
+    facs.version = 2;
+    to_bytes(&facs)
+}
+
+/// Hands out addresses in the ACPI area.
+struct Placer {
+    next: u64,
+}
+
+impl Placer {
+    fn place(&mut self, len: usize, align: u64, what: &'static str) -> Result<u64, ArchError> {
+        let addr = self.next.div_ceil(align) * align;
+        let end = addr + len as u64;
+        if end > ACPI_END {
+            return Err(ArchError::TableTooLarge {
+                what,
+                size: len,
+                room: ACPI_END.saturating_sub(addr) as usize,
+            });
+        }
+        self.next = end;
+        Ok(addr)
+    }
+}
+
+/// Builds all tables, writes them to guest memory and returns the RSDP's
+/// address.
+pub fn create_acpi_tables(
+    mem: &GuestMemoryMmap,
+    num_cpus: u32,
+    extra_dsdt_aml: &[u8],
+) -> Result<GuestAddress, ArchError> {
+    let dsdt = build_dsdt(extra_dsdt_aml);
+    let madt = build_madt(num_cpus)?;
+    let facs = build_facs();
+
+    let mut placer = Placer { next: RSDP_START };
+    let rsdp_addr = placer.place(Rsdp::len(), 16, "RSDP")?;
+    let xsdt_len = 36 + 2 * 8;
+    let xsdt_addr = placer.place(xsdt_len, 16, "XSDT")?;
+    let fadt_addr = placer.place(acpi_tables::fadt::FADT::len(), 16, "FADT")?;
+    // The FACS must be 64-byte aligned.
+    let facs_addr = placer.place(facs.len(), 64, "FACS")?;
+    let dsdt_addr = placer.place(dsdt.len(), 16, "DSDT")?;
+    let madt_addr = placer.place(madt.len(), 16, "MADT")?;
+
+    let fadt = build_fadt(dsdt_addr, facs_addr);
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let xsdt = to_bytes(&xsdt);
+    debug_assert_eq!(xsdt.len(), xsdt_len);
+    let rsdp = to_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
+
+    write_bytes(mem, fadt_addr, &fadt, "ACPI FADT")?;
+    write_bytes(mem, facs_addr, &facs, "ACPI FACS")?;
+    write_bytes(mem, dsdt_addr, &dsdt, "ACPI DSDT")?;
+    write_bytes(mem, madt_addr, &madt, "ACPI MADT")?;
+    write_bytes(mem, xsdt_addr, &xsdt, "ACPI XSDT")?;
+    write_bytes(mem, rsdp_addr, &rsdp, "ACPI RSDP")?;
+    Ok(GuestAddress(rsdp_addr))
+}
