@@ -28,7 +28,6 @@ const IOREGSEL: u64 = 0x00;
 const IOWIN: u64 = 0x10;
 
 const RTE_DELIVERY_STATUS: u64 = 1 << 12;
-const RTE_POLARITY_LOW: u64 = 1 << 13;
 const RTE_REMOTE_IRR: u64 = 1 << 14;
 const RTE_TRIGGER_LEVEL: u64 = 1 << 15;
 const RTE_MASKED: u64 = 1 << 16;
@@ -54,8 +53,7 @@ pub struct IoApic {
     id: u32,
     ioregsel: u32,
     redirection: [u64; IOAPIC_NUM_PINS],
-    /// Electrical level of each input as last set by `set_irq` (before
-    /// polarity inversion).
+    /// Logical (asserted) level of each input as last set by `set_irq`.
     pin_level: u32,
 }
 
@@ -81,10 +79,14 @@ impl IoApic {
         self.redirection.get(pin).copied()
     }
 
+    /// Input `level`s are logical (true = the device asserts its
+    /// interrupt), as with KVM's and QEMU's I/O APICs: the polarity bit is
+    /// kept for the guest to read back but not applied, because the device
+    /// models signal assertion, not the electrical level. Applying it would
+    /// turn every idle line the guest programs active-low (PCI INTx, per the
+    /// ACPI tables) into an asserted one.
     fn asserted(&self, pin: usize) -> bool {
-        let level = self.pin_level & (1 << pin) != 0;
-        let active_low = self.redirection[pin] & RTE_POLARITY_LOW != 0;
-        level != active_low
+        self.pin_level & (1 << pin) != 0
     }
 
     fn message(&self, pin: usize) -> Delivery {
@@ -128,7 +130,7 @@ impl IoApic {
         Some(msg)
     }
 
-    /// Sets the electrical level of input `gsi`. Returns the message to
+    /// Sets the logical level of input `gsi` (true = asserted). Returns the message to
     /// deliver, if any. Out-of-range pins are ignored.
     pub fn set_irq(&mut self, gsi: u32, level: bool) -> Option<Delivery> {
         let pin = gsi as usize;

@@ -204,6 +204,9 @@ struct TimerState {
     initial: u32,
     /// Guest time at which TMICT was written (count load).
     start_ns: u64,
+    /// Counts already consumed at `start_ns` (non-zero after a divide
+    /// change re-based the timer mid-count).
+    base_counts: u64,
     /// Number of expiries already processed since `start_ns`.
     fired: u64,
     /// One-shot/periodic countdown is running.
@@ -601,10 +604,9 @@ impl Lapic {
 
     /// Guest time of the `k`-th expiry after the count was loaded.
     fn expiry_ns(&self, k: u64) -> u64 {
-        let num = (k as u128)
-            * (self.timer.initial as u128)
-            * (self.timer_divisor() as u128)
-            * (NS_PER_SEC as u128);
+        let counts = ((k as u128) * (self.timer.initial as u128))
+            .saturating_sub(self.timer.base_counts as u128);
+        let num = counts * (self.timer_divisor() as u128) * (NS_PER_SEC as u128);
         let ns = num.div_ceil(self.bus_hz as u128);
         self.timer
             .start_ns
@@ -615,7 +617,8 @@ impl Lapic {
     fn elapsed_counts(&self, now_ns: u64) -> u64 {
         let elapsed = now_ns.saturating_sub(self.timer.start_ns) as u128;
         let c = elapsed * (self.bus_hz as u128)
-            / ((NS_PER_SEC as u128) * (self.timer_divisor() as u128));
+            / ((NS_PER_SEC as u128) * (self.timer_divisor() as u128))
+            + self.timer.base_counts as u128;
         u64::try_from(c).unwrap_or(u64::MAX)
     }
 
@@ -718,6 +721,7 @@ impl Lapic {
     fn load_timer(&mut self, initial: u32, now_ns: u64) {
         self.timer.initial = initial;
         self.timer.start_ns = now_ns;
+        self.timer.base_counts = 0;
         self.timer.fired = 0;
         self.timer.armed = initial != 0;
     }
@@ -852,18 +856,17 @@ impl Lapic {
                 // current count at the new rate, so elapsed time is not
                 // reinterpreted retroactively.
                 if self.timer_divisor() != old_div && self.timer.armed {
-                    // Keep the current count and continue at the new rate by
-                    // moving the load time back by the counts already done;
-                    // the reload value (TMICT) is unchanged.
-                    if cur == 0 {
-                        self.timer.armed = self.timer_mode() == TimerMode::Periodic;
-                    }
-                    let done = (self.timer.initial - cur) as u128;
-                    let back = done * (self.timer_divisor() as u128) * (NS_PER_SEC as u128)
-                        / (self.bus_hz as u128);
-                    self.timer.start_ns =
-                        now_ns.saturating_sub(u64::try_from(back).unwrap_or(u64::MAX));
+                    // Keep the current count and continue at the new rate:
+                    // restart the time base now, crediting the counts already
+                    // done in this period. The reload value is unchanged. A
+                    // one-shot that already reached 0 but was not ticked yet
+                    // still fires (its expiry becomes `now`).
+                    self.timer.base_counts = (self.timer.initial - cur) as u64;
+                    self.timer.start_ns = now_ns;
                     self.timer.fired = 0;
+                    if cur == 0 && self.timer_mode() == TimerMode::Periodic {
+                        self.timer.base_counts = 0;
+                    }
                 }
             }
             APIC_SELF_IPI => {

@@ -276,19 +276,19 @@ impl Pic {
     }
 
     /// Propagates the slave's INT output to master input 2.
-    /// Like KVM's model, every update while the slave requests service acts
-    /// as a fresh edge on IR2, so a second slave interrupt that was queued
-    /// behind the first one is seen after the first is acknowledged.
+    /// Master IR2 mirrors the slave's INT output. A latched edge there would
+    /// outlive a withdrawn slave request and turn into a spurious IRQ15;
+    /// mirroring avoids that, and since the update runs after every
+    /// acknowledge and EOI, a second slave interrupt queued behind the first
+    /// is requested again as soon as the slave can present it.
     fn update_cascade(&mut self) {
         let mask = 1u8 << CASCADE_IRQ;
         if self.slave.highest_request().is_some() {
             self.master.irr |= mask;
             self.master.last_level |= mask;
         } else {
+            self.master.irr &= !mask;
             self.master.last_level &= !mask;
-            if self.master.level_triggered(CASCADE_IRQ) {
-                self.master.irr &= !mask;
-            }
         }
     }
 
