@@ -339,6 +339,32 @@ mod tests {
     }
 
     #[test]
+    fn shared_between_threads() {
+        let bus = Arc::new(Bus::new());
+        let counter = Arc::new(Mutex::new(Recorder::default()));
+        bus.insert(0x1000, 0x100, counter.clone()).unwrap();
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let bus = bus.clone();
+                std::thread::spawn(move || {
+                    for i in 0..1000u64 {
+                        assert!(bus.write(0x1000 + (t * 16 + i) % 0x100, &[t as u8]));
+                        // Devices come and go elsewhere on the bus meanwhile.
+                        let base = 0x10_0000 * (t + 1) + i * 0x10;
+                        bus.insert(base, 0x10, recorder(0)).unwrap();
+                        assert!(bus.remove(base).is_some());
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(counter.lock().unwrap().last_write.is_some());
+        assert_eq!(format!("{bus:?}"), "[(4096, 256)]");
+    }
+
+    #[test]
     fn removed_devices_stop_answering() {
         let bus = Bus::new();
         bus.insert(0x60, 5, recorder(0)).unwrap();

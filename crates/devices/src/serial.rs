@@ -24,7 +24,7 @@ const REGISTER_COUNT: u64 = 8;
 /// anything about it, and returning it would make vm-superio drop the byte
 /// the guest just wrote.
 #[derive(Clone)]
-pub struct IrqTrigger(Arc<dyn IrqLine>);
+struct IrqTrigger(Arc<dyn IrqLine>);
 
 impl Trigger for IrqTrigger {
     type E = Infallible;
