@@ -471,6 +471,16 @@ impl Lapic {
         self.sipi_vector.take()
     }
 
+    /// An INIT is waiting for [`Lapic::take_init`].
+    pub fn init_pending(&self) -> bool {
+        self.init_pending
+    }
+
+    /// A start-up vector is waiting for [`Lapic::take_startup`].
+    pub fn startup_pending(&self) -> bool {
+        self.sipi_vector.is_some()
+    }
+
     /// The CPU is in wait-for-SIPI state (INIT seen, no SIPI yet).
     pub fn waiting_for_sipi(&self) -> bool {
         self.wait_for_sipi

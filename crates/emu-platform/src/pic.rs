@@ -62,6 +62,10 @@ pub struct PicChip {
     /// ELCR bits that may be set on this chip.
     elcr_mask: u8,
     is_master: bool,
+    /// An ICW sequence has completed at least once. Before that the chip
+    /// signals nothing: its vector base would be 0, i.e. CPU exception
+    /// vectors, and without firmware nobody else initialises it.
+    initialized: bool,
 }
 
 impl PicChip {
@@ -88,6 +92,7 @@ impl PicChip {
             // and IRQ13) are always edge-triggered on PIIX-class chipsets.
             elcr_mask: if is_master { 0xf8 } else { 0xde },
             is_master,
+            initialized: false,
         }
     }
 
@@ -125,6 +130,9 @@ impl PicChip {
 
     /// The input this chip would signal now, if any.
     fn highest_request(&self) -> Option<u8> {
+        if !self.initialized {
+            return None;
+        }
         let req = self.irr & !self.imr;
         let prio = self.priority(req);
         if prio == 8 {
@@ -237,15 +245,18 @@ impl PicChip {
                 } else {
                     0
                 };
+                self.initialized |= self.init_state == 0;
             }
             2 => {
                 // ICW3: the cascade wiring is fixed (slave on IRQ2).
                 self.init_state = if self.expect_icw4 { 3 } else { 0 };
+                self.initialized |= self.init_state == 0;
             }
             3 => {
                 self.auto_eoi = val & 0x02 != 0;
                 self.special_fully_nested = val & 0x10 != 0;
                 self.init_state = 0;
+                self.initialized = true;
             }
             _ => self.imr = val,
         }

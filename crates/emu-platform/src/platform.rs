@@ -292,7 +292,10 @@ impl Platform {
         let Some(l) = self.lapics.get(vcpu) else {
             return false;
         };
-        self.pending_vector(vcpu).is_some() || l.nmi_pending() || l.waiting_for_sipi()
+        self.pending_vector(vcpu).is_some()
+            || l.nmi_pending()
+            || l.init_pending()
+            || l.startup_pending()
     }
 
     // ----- time ------------------------------------------------------------

@@ -41,10 +41,10 @@ pub const VCPU_TIME_INFO_SIZE: usize = 32;
 pub const WALL_CLOCK_SIZE: usize = 12;
 
 /// Decodes an MSR_KVM_SYSTEM_TIME(_NEW) value: `Some(gpa)` when the enable
-/// bit is set. The structure must not cross a page, so the address is
-/// 32-byte aligned by the guest; the low bits other than enable are ignored.
+/// bit (bit 0) is set; the address is the value without that bit, as KVM
+/// takes it. Checking that the 32 bytes lie in RAM is the caller's job.
 pub fn system_time_msr_gpa(value: u64) -> Option<u64> {
-    (value & 1 != 0).then_some(value & !0x1f)
+    (value & 1 != 0).then_some(value & !1)
 }
 
 /// `pvclock_vcpu_time_info`.

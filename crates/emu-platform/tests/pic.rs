@@ -31,6 +31,20 @@ fn linux_mask_probe_reads_back_what_was_written() {
 }
 
 #[test]
+fn uninitialised_pic_raises_nothing() {
+    let mut pic = Pic::new();
+    pic.set_irq(4, true);
+    assert_eq!(pic.pending(), None);
+    assert!(!pic.interrupt_output());
+    linux_init(&mut pic, 0x01);
+    // ICW1 cleared the old request; a new edge is needed.
+    assert_eq!(pic.pending(), None);
+    pic.set_irq(4, false);
+    pic.set_irq(4, true);
+    assert_eq!(pic.pending(), Some(0x34));
+}
+
+#[test]
 fn init_sequence_sets_vector_bases_and_routes_irqs() {
     let mut pic = Pic::new();
     linux_init(&mut pic, 0x01);
