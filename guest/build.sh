@@ -59,17 +59,24 @@ exec 9>"$out/.lock"
 flock 9
 
 # Prints "<package> <version>" of the kernel that KERNEL_META currently depends
-# on and of busybox-static, from apt's local lists (no network).
+# on and of busybox-static, from apt's local lists (no network). One apt-cache
+# call: without a package cache file each call re-reads the lists (~1-2 s).
 resolve_packages() {
-    local kpkg kver bver
-    kpkg=$(apt-cache show --no-all-versions "$KERNEL_META" 2>/dev/null |
-        sed -n 's/^Depends: .*\(linux-image-[^ ,]*-cloud-amd64\).*/\1/p' | head -n1)
-    [ -n "$kpkg" ] || return 1
-    kver=$(apt-cache show --no-all-versions "$kpkg" 2>/dev/null | sed -n 's/^Version: //p' | head -n1)
-    bver=$(apt-cache show --no-all-versions busybox-static 2>/dev/null | sed -n 's/^Version: //p' | head -n1)
-    [ -n "$kver" ] && [ -n "$bver" ] || return 1
-    echo "$kpkg $kver"
-    echo "busybox-static $bver"
+    apt-cache show --no-all-versions "$KERNEL_META" busybox-static 2>/dev/null | awk '
+        /^Package: / { pkg = $2 }
+        /^Version: / && pkg == "busybox-static" { bver = $2 }
+        /^Depends: / && pkg == META {
+            # e.g. "Depends: linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)"
+            if (match($0, /linux-image-[^ ,]*-cloud-amd64 \(= [^)]*\)/)) {
+                split(substr($0, RSTART, RLENGTH), f, /[ ()=]+/)
+                kpkg = f[1]; kver = f[2]
+            }
+        }
+        END {
+            if (kpkg == "" || kver == "" || bver == "") exit 1
+            print kpkg, kver
+            print "busybox-static", bver
+        }' META="$KERNEL_META"
 }
 
 script_hash=$(cat "$here/build.sh" "$here/init" | sha256sum | cut -d' ' -f1)

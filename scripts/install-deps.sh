@@ -67,7 +67,7 @@ apt_quiet update -q
 # Two passes: installing one package can remove another that was installed
 # from elsewhere (seen: Debian 12's qemu-system-x86 removes a backported
 # qemu-utils 10.x), and the second pass puts the archive's version back.
-for pass in 1 2; do
+for _ in 1 2; do
     echo "install-deps.sh: installing ${missing[*]}"
     apt_quiet install -y -q --no-install-recommends "${missing[@]}"
     mapfile -t missing < <(list_missing)
