@@ -52,21 +52,29 @@ impl<F: Seek> Seek for VolatileReader<'_, F> {
 }
 
 impl<F: Read> ReadVolatile for VolatileReader<'_, F> {
+    /// Fills `buf` completely unless the file ends first: vm-memory's
+    /// `read_exact_volatile_from` calls this once per guest memory region
+    /// and treats a short read as an error, so returning one chunk at a time
+    /// would fail for any kernel bigger than a chunk.
     fn read_volatile<B: BitmapSlice>(
         &mut self,
         buf: &mut VolatileSlice<B>,
     ) -> Result<usize, VolatileMemoryError> {
-        let want = buf.len().min(1 << 20);
-        self.buf.resize(want, 0);
-        let n = loop {
-            match self.inner.read(&mut self.buf[..want]) {
-                Ok(n) => break n,
+        const CHUNK: usize = 1 << 20;
+        let mut done = 0;
+        while done < buf.len() {
+            let want = (buf.len() - done).min(CHUNK);
+            self.buf.resize(want, 0);
+            let n = match self.inner.read(&mut self.buf[..want]) {
+                Ok(0) => break,
+                Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(VolatileMemoryError::IOError(e)),
-            }
-        };
-        buf.copy_from(&self.buf[..n]);
-        Ok(n)
+            };
+            buf.offset(done)?.copy_from(&self.buf[..n]);
+            done += n;
+        }
+        Ok(done)
     }
 }
 

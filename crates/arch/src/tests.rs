@@ -534,6 +534,44 @@ fn elf_with_pvh_note_loads() {
     assert_eq!(read(&m, ELF_LOAD, ELF_CODE.len()), ELF_CODE);
 }
 
+/// A reader that hands out at most 4 KiB per `read`, like a pipe or a
+/// network file system would.
+struct Trickle(Cursor<Vec<u8>>);
+
+impl std::io::Read for Trickle {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(4096);
+        self.0.read(&mut buf[..n])
+    }
+}
+
+impl std::io::Seek for Trickle {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.0.seek(pos)
+    }
+}
+
+#[test]
+fn kernels_larger_than_one_read_load_completely() {
+    let m = mem(64 * MIB);
+    let len = 3 * MIB as usize + 5;
+    let mut elf = synthetic_elf(false);
+    elf[64 + 32..64 + 40].copy_from_slice(&(len as u64).to_le_bytes());
+    elf[64 + 40..64 + 48].copy_from_slice(&(len as u64).to_le_bytes());
+    elf.resize(0x1000 + len, 0);
+    for (i, b) in elf[0x1000..].iter_mut().enumerate() {
+        *b = (i % 253) as u8;
+    }
+    let k = load_kernel(&m, &mut Trickle(Cursor::new(elf.clone()))).unwrap();
+    assert_eq!(k.end, GuestAddress(ELF_LOAD + len as u64));
+    assert_eq!(read(&m, ELF_LOAD, len), elf[0x1000..]);
+
+    let mut bz = synthetic_bzimage(0x020f, 0x7fff_ffff);
+    bz.resize(1024 + len, 0x77);
+    load_kernel(&m, &mut Trickle(Cursor::new(bz.clone()))).unwrap();
+    assert_eq!(read(&m, 0x10_0000, len), bz[1024..]);
+}
+
 #[test]
 fn elf_without_pvh_note_has_no_pvh_entry() {
     let m = mem(64 * MIB);
