@@ -589,7 +589,7 @@ impl Lapic {
         self.tpr as u8
     }
 
-    /// CR8 write (CR8 = TPR[7:4]).
+    /// CR8 write (CR8 holds bits 7..4 of TPR).
     pub fn set_cr8(&mut self, cr8: u64) {
         self.tpr = ((cr8 & 0xf) << 4) as u32;
     }
@@ -617,7 +617,7 @@ impl Lapic {
         let counts = ((k as u128) * (self.timer.initial as u128))
             .saturating_sub(self.timer.base_counts as u128);
         let num = counts * (self.timer_divisor() as u128) * (NS_PER_SEC as u128);
-        let ns = num.div_ceil(self.bus_hz as u128);
+        let ns = num.div_ceil(self.bus_hz.max(1) as u128);
         self.timer
             .start_ns
             .saturating_add(u64::try_from(ns).unwrap_or(u64::MAX))
@@ -626,7 +626,7 @@ impl Lapic {
     /// Timer input ticks (bus cycles / divisor) since the count was loaded.
     fn elapsed_counts(&self, now_ns: u64) -> u64 {
         let elapsed = now_ns.saturating_sub(self.timer.start_ns) as u128;
-        let c = elapsed * (self.bus_hz as u128)
+        let c = elapsed * (self.bus_hz.max(1) as u128)
             / ((NS_PER_SEC as u128) * (self.timer_divisor() as u128))
             + self.timer.base_counts as u128;
         u64::try_from(c).unwrap_or(u64::MAX)

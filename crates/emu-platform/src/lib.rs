@@ -19,6 +19,33 @@
 //!
 //! Guest-controlled input never panics: invalid accesses are ignored or read
 //! as zero/all-ones, as the hardware would do.
+//!
+//! # Driving it from the engine
+//!
+//! - Route port I/O to [`Platform::pio_read`]/[`Platform::pio_write`] and
+//!   MMIO to [`Platform::mmio_read`]/[`Platform::mmio_write`] (they return
+//!   false for addresses they do not decode); route RDMSR/WRMSR to
+//!   [`Platform::rdmsr`]/[`Platform::wrmsr`] (`None` = not an APIC MSR,
+//!   `Some(Err(GpFault))` = inject #GP). CR8 accesses map to
+//!   [`Lapic::set_cr8`]/[`Lapic::cr8`].
+//! - Call [`Platform::tick`] with the current guest time often (at block
+//!   boundaries, before checking for interrupts) and at
+//!   [`Platform::next_deadline_ns`] when every vCPU is halted. Guest time must
+//!   be monotonic and consistent with the TSC the guest reads (Linux's PIT
+//!   calibration loop wants about 1000 reads of port 0x61 per 10 ms).
+//! - Before each instruction boundary where IF=1 and no interrupt shadow:
+//!   `if let Some(v) = p.pending_vector(cpu) { if let Some(v) = p.ack(cpu, v) { inject(v) } }`.
+//!   NMI, INIT and SIPI come from [`Platform::take_nmi`],
+//!   [`Platform::take_init`] and [`Platform::take_startup`]; APs stay in
+//!   wait-for-INIT until they see INIT then a start-up vector (CS =
+//!   vector << 8, IP = 0).
+//! - CPUID: advertising TSC-deadline (leaf 1 ECX bit 24) lets Linux skip its
+//!   100 ms APIC timer calibration; the APIC bus is 1 GHz by default (KVM's
+//!   value, reportable in the hypervisor timing leaf 0x40000010 EBX in kHz).
+//! - kvmclock: on a write to MSR_KVM_SYSTEM_TIME_NEW with bit 0 set, write
+//!   [`PvClock::time_info`] bytes (see [`PvClockVcpuTimeInfo::to_bytes_for_update`])
+//!   to the given address; on MSR_KVM_WALL_CLOCK_NEW write
+//!   [`PvClockWallClock::to_bytes`].
 
 pub mod ioapic;
 pub mod lapic;
