@@ -1,1 +1,174 @@
-fn main() {}
+//! `vireo`: the command line of the Vireo virtual machine monitor.
+
+mod bench;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use vmm::config::{Accel, BootProtocol, MemSize, SerialMode, VmConfig};
+use vmm::exit_code;
+
+const EXIT_CODES: &str = "\
+Exit status:
+  0  the guest powered off (or you quit with Ctrl-A X)
+  1  Vireo failed: bad input, missing /dev/kvm, a host error (one line on stderr says why)
+  2  bad command line
+  3  the guest rebooted (keyboard controller or ACPI reset; also after a guest panic with panic=N)
+  4  a vCPU triple-faulted
+  5  a vCPU hit an instruction its accelerator cannot run (the report names the bytes and RIP)
+
+Console: the guest's serial port is your terminal. Ctrl-A X quits, Ctrl-A Ctrl-A sends Ctrl-A.";
+
+#[derive(Parser)]
+#[command(
+    name = "vireo",
+    version,
+    about = "Vireo: a virtual machine monitor for x86-64 Linux hosts",
+    long_about = "Vireo runs whole operating systems in virtual machines, on KVM (hardware-assisted) \
+or on its own x86-64 CPU engine (software), with paravirtual devices for speed.",
+    after_help = EXIT_CODES
+)]
+struct Cli {
+    /// More log output on stderr (-v: info, -vv: debug, -vvv: trace); VIREO_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a VM and attach its serial console to this terminal.
+    #[command(after_help = EXIT_CODES)]
+    Run(RunArgs),
+    /// Measure Vireo beside QEMU and print the figures side by side.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Read the VM's settings from a TOML or JSON file (same names as the
+    /// options: kernel, initrd, cmdline, memory, cpus, accel, serial, boot);
+    /// options given here override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Kernel to boot: an uncompressed ELF vmlinux or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk (initramfs) to hand to the kernel.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line [default: "console=ttyS0 reboot=k panic=1"].
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+    /// Guest memory, e.g. 512M or 2G [default: 512M].
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<MemSize>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long, value_name = "N")]
+    cpus: Option<u32>,
+    /// How guest code runs: kvm (hardware), emu (Vireo's CPU engine), auto [default: auto].
+    #[arg(long, value_name = "kvm|emu|auto")]
+    accel: Option<Accel>,
+    /// Serial console: stdio, file:PATH or none [default: stdio].
+    #[arg(long, value_name = "stdio|file:PATH|none")]
+    serial: Option<SerialMode>,
+    /// Entry protocol for an ELF vmlinux: linux (64-bit boot protocol) or pvh [default: linux].
+    #[arg(long, value_name = "linux|pvh")]
+    boot: Option<BootProtocol>,
+}
+
+impl RunArgs {
+    /// The config file (if any) with every option given on the command line on top.
+    fn into_config(self) -> Result<VmConfig, String> {
+        let mut cfg = match &self.config {
+            Some(path) => VmConfig::from_file(path).map_err(|e| e.to_string())?,
+            None => match &self.kernel {
+                Some(k) => VmConfig::new(k.clone()),
+                None => {
+                    return Err(
+                        "--kernel PATH is required (or --config FILE naming a kernel)".into(),
+                    )
+                }
+            },
+        };
+        if let Some(k) = self.kernel {
+            cfg.kernel = k;
+        }
+        if let Some(i) = self.initrd {
+            cfg.initrd = Some(i);
+        }
+        if let Some(c) = self.cmdline {
+            cfg.cmdline = c;
+        }
+        if let Some(m) = self.memory {
+            cfg.memory = m;
+        }
+        if let Some(n) = self.cpus {
+            cfg.cpus = n;
+        }
+        if let Some(a) = self.accel {
+            cfg.accel = a;
+        }
+        if let Some(s) = self.serial {
+            cfg.serial = s;
+        }
+        if let Some(b) = self.boot {
+            cfg.boot = b;
+        }
+        Ok(cfg)
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VIREO_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let code = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Bench(args) => match bench::run(args) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("vireo: error: {e:#}");
+                exit_code::VMM_ERROR
+            }
+        },
+    };
+    ExitCode::from(code as u8)
+}
+
+fn run(args: RunArgs) -> i32 {
+    let cfg = match args.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vireo: error: {e}");
+            return exit_code::VMM_ERROR;
+        }
+    };
+    match vmm::run(&cfg) {
+        Ok(exit) => {
+            eprintln!("\r\nvireo: {exit}");
+            exit.code()
+        }
+        Err(e) => {
+            eprintln!("vireo: error: {e}");
+            exit_code::VMM_ERROR
+        }
+    }
+}

@@ -50,17 +50,22 @@ pub struct KvmHypervisor {
 }
 
 impl KvmHypervisor {
-    /// Open /dev/kvm, turning the usual failures into errors that say what to do.
+    /// Open /dev/kvm (or the node named by `VIREO_KVM_DEVICE`), turning the
+    /// usual failures into errors that say what to do.
     pub fn new() -> Result<Self> {
-        if let Err(e) = std::fs::metadata("/dev/kvm") {
-            return Err(HypervisorError::KvmMissing(e));
+        let path = kvm_device_path();
+        if let Err(e) = std::fs::metadata(&path) {
+            return Err(HypervisorError::KvmMissing(path, e));
         }
-        let kvm = Kvm::new().map_err(|e| match e.errno() {
-            libc::EACCES | libc::EPERM => HypervisorError::KvmPermission,
-            libc::ENOENT | libc::ENODEV | libc::ENXIO => {
-                HypervisorError::KvmMissing(std::io::Error::from_raw_os_error(e.errno()))
-            }
-            n => HypervisorError::KvmOpen(std::io::Error::from_raw_os_error(n)),
+        let cpath = std::ffi::CString::new(path.clone())
+            .map_err(|_| HypervisorError::Other(format!("bad KVM device path {path}")))?;
+        let kvm = Kvm::new_with_path(&cpath).map_err(|e| match e.errno() {
+            libc::EACCES | libc::EPERM => HypervisorError::KvmPermission(path.clone()),
+            libc::ENOENT | libc::ENODEV | libc::ENXIO => HypervisorError::KvmMissing(
+                path.clone(),
+                std::io::Error::from_raw_os_error(e.errno()),
+            ),
+            n => HypervisorError::KvmOpen(path.clone(), std::io::Error::from_raw_os_error(n)),
         })?;
         let api = kvm.get_api_version();
         if api != 12 {
@@ -192,7 +197,7 @@ impl crate::Vm for KvmVm {
             memory: self.memory.clone(),
             kicker: Arc::new(KvmKicker {
                 thread: AtomicU64::new(0),
-                run_page,
+                run_page: Mutex::new(Some(run_page)),
             }),
         };
         vcpu.setup_cpuid(&self.cpuid, count, self.flavor)?;
@@ -232,8 +237,10 @@ impl IrqLine for KvmIrqLine {
 struct KvmKicker {
     /// pthread_t of the thread running the vCPU, 0 before its first run.
     thread: AtomicU64,
-    /// Address of the vCPU's kvm_run mapping (lives as long as the vCPU fd).
-    run_page: usize,
+    /// Address of the vCPU's kvm_run mapping; None once the vCPU is gone.
+    /// The lock keeps a kick and the vCPU's drop (which unmaps the page and
+    /// ends the thread) from overlapping.
+    run_page: Mutex<Option<usize>>,
 }
 
 static KICK_SIGNAL_INSTALLED: Once = Once::new();
@@ -255,11 +262,18 @@ fn install_kick_handler() {
 
 impl VcpuKicker for KvmKicker {
     fn kick(&self) {
-        // SAFETY: run_page points to the vCPU's kvm_run mapping, which the
-        // KvmVcpu holding this kicker keeps mapped; immediate_exit is a byte
-        // that KVM reads at entry and user space may write at any time.
+        let Ok(page) = self.run_page.lock() else {
+            return;
+        };
+        let Some(run_page) = *page else {
+            return; // the vCPU is gone
+        };
+        // SAFETY: run_page is the vCPU's kvm_run mapping, still mapped while
+        // it is Some (KvmVcpu's drop clears it under this lock first);
+        // immediate_exit is a byte KVM reads at entry and user space may
+        // write at any time.
         unsafe {
-            let run = self.run_page as *mut kvm_bindings::kvm_run;
+            let run = run_page as *mut kvm_bindings::kvm_run;
             std::ptr::write_volatile(std::ptr::addr_of_mut!((*run).immediate_exit), 1);
         }
         let t = self.thread.load(Ordering::Acquire);
@@ -450,6 +464,7 @@ fn describe_internal_error(suberror: u32, data: &[u64]) -> (String, Vec<u8>) {
     const KVM_INTERNAL_ERROR_SIMUL_EX: u32 = 2;
     const KVM_INTERNAL_ERROR_DELIVERY_EV: u32 = 3;
     const FLAG_INSTRUCTION_BYTES: u64 = 1;
+    tracing::debug!("KVM internal error suberror {suberror}, data {data:x?}");
     match suberror {
         KVM_INTERNAL_ERROR_EMULATION => {
             let mut insn = Vec::new();
@@ -473,6 +488,16 @@ fn describe_internal_error(suberror: u32, data: &[u64]) -> (String, Vec<u8>) {
             Vec::new(),
         ),
         n => (format!("KVM internal error (suberror {n})"), Vec::new()),
+    }
+}
+
+impl Drop for KvmVcpu {
+    fn drop(&mut self) {
+        // No kick may touch the kvm_run page or signal the thread after this.
+        if let Ok(mut page) = self.kicker.run_page.lock() {
+            *page = None;
+        }
+        self.kicker.thread.store(0, Ordering::Release);
     }
 }
 
@@ -699,12 +724,17 @@ impl Vcpu for KvmVcpu {
     }
 }
 
-/// Whether the host has a readable /dev/kvm at all (for `--accel auto`).
+/// The KVM device node: /dev/kvm unless `VIREO_KVM_DEVICE` names another.
+pub fn kvm_device_path() -> String {
+    std::env::var("VIREO_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".into())
+}
+
+/// Whether the host has a usable KVM device at all (for `--accel auto`).
 pub fn kvm_available() -> bool {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open("/dev/kvm")
+        .open(kvm_device_path())
         .is_ok()
 }
 

@@ -15,12 +15,14 @@ use std::sync::Arc;
 /// Errors of a vCPU backend.
 #[derive(Debug, thiserror::Error)]
 pub enum HypervisorError {
-    #[error("/dev/kvm is not there ({0}); this host has no KVM: use --accel emu")]
-    KvmMissing(std::io::Error),
-    #[error("cannot open /dev/kvm: permission denied; add your user to the 'kvm' group or use --accel emu")]
-    KvmPermission,
-    #[error("cannot open /dev/kvm: {0}; use --accel emu")]
-    KvmOpen(std::io::Error),
+    #[error("no KVM on this host: {0}: {1}; use --accel emu (software virtualization) instead")]
+    KvmMissing(String, std::io::Error),
+    #[error(
+        "cannot open {0}: permission denied; add your user to the 'kvm' group, or use --accel emu"
+    )]
+    KvmPermission(String),
+    #[error("cannot open {0}: {1}; use --accel emu")]
+    KvmOpen(String, std::io::Error),
     #[error("KVM API version {0} is not supported (need 12)")]
     KvmApiVersion(i32),
     #[error("KVM lacks a capability Vireo needs: {0}")]

@@ -1,1 +1,114 @@
-//! vmm
+//! A Vireo virtual machine: guest memory, the device buses, vCPU threads and
+//! the loop that answers their exits. Backend-neutral: it talks to KVM and to
+//! the software engine only through the `hypervisor` traits.
+
+pub mod config;
+pub mod console;
+mod vm;
+
+pub use config::{Accel, BootProtocol, MemSize, SerialMode, VmConfig};
+pub use vm::{Boot, RawBoot, RawMode, Vm, VmSpec};
+
+/// Why a VM stopped. Each reason has a documented process exit code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest powered off (ACPI S5).
+    PowerOff,
+    /// The guest asked for a reset (keyboard controller, ACPI reset register).
+    Reset,
+    /// A vCPU triple-faulted: the CPU would reset.
+    TripleFault { vcpu: u32, detail: String },
+    /// A vCPU met an instruction or state its backend cannot run.
+    InternalError { vcpu: u32, detail: String },
+    /// The user quit from the console (Ctrl-A X).
+    UserQuit,
+    /// The VMM itself failed while the guest ran.
+    Error(String),
+}
+
+/// Process exit codes, for scripts. Documented in the README and `vireo --help`.
+pub mod exit_code {
+    pub const POWER_OFF: i32 = 0;
+    pub const VMM_ERROR: i32 = 1;
+    /// clap's own code for a bad command line.
+    pub const USAGE: i32 = 2;
+    pub const GUEST_RESET: i32 = 3;
+    pub const TRIPLE_FAULT: i32 = 4;
+    pub const INTERNAL_ERROR: i32 = 5;
+    pub const USER_QUIT: i32 = 0;
+}
+
+impl VmExit {
+    pub fn code(&self) -> i32 {
+        match self {
+            VmExit::PowerOff => exit_code::POWER_OFF,
+            VmExit::Reset => exit_code::GUEST_RESET,
+            VmExit::TripleFault { .. } => exit_code::TRIPLE_FAULT,
+            VmExit::InternalError { .. } => exit_code::INTERNAL_ERROR,
+            VmExit::UserQuit => exit_code::USER_QUIT,
+            VmExit::Error(_) => exit_code::VMM_ERROR,
+        }
+    }
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmExit::PowerOff => write!(f, "guest powered off"),
+            VmExit::Reset => write!(f, "guest rebooted"),
+            VmExit::TripleFault { vcpu, detail } => {
+                write!(
+                    f,
+                    "vCPU {vcpu} triple-faulted (the CPU would reset): {detail}"
+                )
+            }
+            VmExit::InternalError { vcpu, detail } => write!(f, "vCPU {vcpu} stopped: {detail}"),
+            VmExit::UserQuit => write!(f, "stopped by the user (Ctrl-A X)"),
+            VmExit::Error(e) => write!(f, "VMM error: {e}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Hypervisor(#[from] hypervisor::HypervisorError),
+    #[error(transparent)]
+    Arch(#[from] arch::ArchError),
+    #[error("{0}")]
+    Io(String),
+    #[error("{0}")]
+    Device(String),
+}
+
+/// Build the VM a configuration describes, run it to the end, and say why it stopped.
+pub fn run(config: &VmConfig) -> Result<VmExit, VmmError> {
+    config.validate()?;
+    let (out, input): (Box<dyn std::io::Write + Send>, bool) = match &config.serial {
+        SerialMode::Stdio => (Box::new(console::RawStdout), true),
+        SerialMode::File(p) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| {
+                    VmmError::Io(format!("cannot open serial file {}: {e}", p.display()))
+                })?;
+            (Box::new(f), false)
+        }
+        SerialMode::None => (Box::new(std::io::sink()), false),
+    };
+    let spec = VmSpec::from_config(config)?;
+    let vm = Vm::new(spec, out)?;
+    let _console = if input {
+        Some(console::StdinForwarder::start(
+            vm.serial(),
+            vm.exit_sender(),
+        ))
+    } else {
+        None
+    };
+    Ok(vm.run())
+}

@@ -1,0 +1,323 @@
+//! Everything a user can set for one VM, in one serde struct: the CLI and
+//! `--config FILE` (TOML or JSON) both produce a [`VmConfig`].
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::VmmError;
+
+/// Default kernel command line: serial console, reboot through the keyboard
+/// controller, reboot one second after a panic (exit code 3).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+pub const DEFAULT_MEMORY: u64 = 512 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Emu,
+    /// KVM when /dev/kvm is usable, the software engine otherwise.
+    #[default]
+    Auto,
+}
+
+impl FromStr for Accel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kvm" => Ok(Accel::Kvm),
+            "emu" => Ok(Accel::Emu),
+            "auto" => Ok(Accel::Auto),
+            _ => Err(format!(
+                "unknown accelerator '{s}' (expected kvm, emu or auto)"
+            )),
+        }
+    }
+}
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SerialMode {
+    /// The host terminal: output to stdout, input from stdin (raw mode on a tty).
+    #[default]
+    Stdio,
+    /// Output appended to a file; no input.
+    File(PathBuf),
+    /// Disconnected: output discarded, no input.
+    None,
+}
+
+impl FromStr for SerialMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stdio" => Ok(SerialMode::Stdio),
+            "none" => Ok(SerialMode::None),
+            _ => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => Ok(SerialMode::File(PathBuf::from(p))),
+                _ => Err(format!(
+                    "bad serial mode '{s}' (expected stdio, none or file:PATH)"
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for SerialMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SerialMode::Stdio => write!(f, "stdio"),
+            SerialMode::None => write!(f, "none"),
+            SerialMode::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
+}
+
+impl Serialize for SerialMode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for SerialMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// How to enter an ELF vmlinux.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootProtocol {
+    /// The 64-bit Linux boot protocol (startup_64 with boot_params).
+    #[default]
+    Linux,
+    /// The PVH entry named by the kernel's ELF note (32-bit, paging off).
+    Pvh,
+}
+
+impl FromStr for BootProtocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "linux" => Ok(BootProtocol::Linux),
+            "pvh" => Ok(BootProtocol::Pvh),
+            _ => Err(format!(
+                "unknown boot protocol '{s}' (expected linux or pvh)"
+            )),
+        }
+    }
+}
+
+/// A memory size: bytes, or a number with a K/M/G/T suffix (binary units).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemSize(pub u64);
+
+impl FromStr for MemSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let t = t
+            .strip_suffix("iB")
+            .or_else(|| t.strip_suffix('B'))
+            .unwrap_or(t);
+        let (num, shift) = match t.chars().last() {
+            Some('K' | 'k') => (&t[..t.len() - 1], 10),
+            Some('M' | 'm') => (&t[..t.len() - 1], 20),
+            Some('G' | 'g') => (&t[..t.len() - 1], 30),
+            Some('T' | 't') => (&t[..t.len() - 1], 40),
+            _ => (t, 0),
+        };
+        let n: u64 = num
+            .trim()
+            .parse()
+            .map_err(|_| format!("bad memory size '{s}' (examples: 512M, 2G, 1073741824)"))?;
+        n.checked_mul(1u64 << shift)
+            .map(MemSize)
+            .ok_or_else(|| format!("memory size '{s}' is too large"))
+    }
+}
+
+impl Serialize for MemSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0.is_multiple_of(1 << 20) {
+            s.serialize_str(&format!("{}M", self.0 >> 20))
+        } else {
+            s.serialize_u64(self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MemSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(MemSize(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Default for MemSize {
+    fn default() -> Self {
+        MemSize(DEFAULT_MEMORY)
+    }
+}
+
+fn default_cpus() -> u32 {
+    1
+}
+
+fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.to_string()
+}
+
+/// One VM's settings. Every field a user can set lives here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    #[serde(default)]
+    pub memory: MemSize,
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    #[serde(default)]
+    pub accel: Accel,
+    #[serde(default)]
+    pub serial: SerialMode,
+    #[serde(default)]
+    pub boot: BootProtocol,
+}
+
+/// Memory the guest must have at least: page tables, tables and a kernel.
+pub const MIN_MEMORY: u64 = 16 << 20;
+/// Most vCPUs the boot tables describe (one IOAPIC id after them).
+pub const MAX_CPUS: u32 = 254;
+
+impl VmConfig {
+    pub fn new(kernel: PathBuf) -> Self {
+        VmConfig {
+            kernel,
+            initrd: None,
+            cmdline: default_cmdline(),
+            memory: MemSize::default(),
+            cpus: 1,
+            accel: Accel::Auto,
+            serial: SerialMode::Stdio,
+            boot: BootProtocol::Linux,
+        }
+    }
+
+    /// Read a configuration file: JSON when it ends in .json, TOML otherwise.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, VmmError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            VmmError::Config(format!("cannot read config file {}: {e}", path.display()))
+        })?;
+        let parsed = if path.extension().is_some_and(|e| e == "json") {
+            serde_json::from_str(&text).map_err(|e| e.to_string())
+        } else {
+            // toml's Display draws the offending line; keep the error to one line.
+            toml::from_str(&text).map_err(|e| {
+                let at = e
+                    .span()
+                    .map(|r| format!(" (line {})", text[..r.start].lines().count().max(1)))
+                    .unwrap_or_default();
+                format!("{}{at}", e.message().trim())
+            })
+        };
+        parsed.map_err(|e| VmmError::Config(format!("bad config file {}: {e}", path.display())))
+    }
+
+    /// Check what can be checked before touching the host.
+    pub fn validate(&self) -> Result<(), VmmError> {
+        if self.cpus == 0 {
+            return Err(VmmError::Config("--cpus must be at least 1".into()));
+        }
+        if self.cpus > MAX_CPUS {
+            return Err(VmmError::Config(format!(
+                "--cpus {} is more than the {MAX_CPUS} Vireo supports",
+                self.cpus
+            )));
+        }
+        if self.memory.0 < MIN_MEMORY {
+            return Err(VmmError::Config(format!(
+                "--memory {} MiB is too small (at least {} MiB)",
+                self.memory.0 >> 20,
+                MIN_MEMORY >> 20
+            )));
+        }
+        if self.memory.0 > (1u64 << 40) {
+            return Err(VmmError::Config(format!(
+                "--memory {} GiB is more than Vireo supports (1 TiB)",
+                self.memory.0 >> 30
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes_parse() {
+        assert_eq!("512M".parse::<MemSize>().unwrap().0, 512 << 20);
+        assert_eq!("2G".parse::<MemSize>().unwrap().0, 2 << 30);
+        assert_eq!("2GiB".parse::<MemSize>().unwrap().0, 2 << 30);
+        assert_eq!("4096".parse::<MemSize>().unwrap().0, 4096);
+        assert_eq!("64k".parse::<MemSize>().unwrap().0, 64 << 10);
+        assert!("lots".parse::<MemSize>().is_err());
+        assert!("M".parse::<MemSize>().is_err());
+        assert!("99999999999T".parse::<MemSize>().is_err());
+    }
+
+    #[test]
+    fn serial_modes_parse() {
+        assert_eq!("stdio".parse::<SerialMode>().unwrap(), SerialMode::Stdio);
+        assert_eq!(
+            "file:/tmp/x".parse::<SerialMode>().unwrap(),
+            SerialMode::File("/tmp/x".into())
+        );
+        assert!("file:".parse::<SerialMode>().is_err());
+        assert!("tcp:1".parse::<SerialMode>().is_err());
+    }
+
+    #[test]
+    fn toml_and_json_configs_agree() {
+        let t: VmConfig = toml::from_str(
+            "kernel = \"/k\"\nmemory = \"1G\"\ncpus = 2\naccel = \"kvm\"\nserial = \"none\"\n",
+        )
+        .unwrap();
+        let j: VmConfig = serde_json::from_str(
+            r#"{"kernel":"/k","memory":1073741824,"cpus":2,"accel":"kvm","serial":"none"}"#,
+        )
+        .unwrap();
+        assert_eq!(t, j);
+        assert_eq!(t.cmdline, DEFAULT_CMDLINE);
+        assert!(toml::from_str::<VmConfig>("kernel = \"/k\"\nbogus = 1\n").is_err());
+    }
+
+    #[test]
+    fn validation_rejects_bad_values() {
+        let mut c = VmConfig::new("/k".into());
+        c.validate().unwrap();
+        c.cpus = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("--cpus"));
+        c.cpus = 1;
+        c.memory = MemSize(1 << 20);
+        assert!(c.validate().unwrap_err().to_string().contains("too small"));
+    }
+}

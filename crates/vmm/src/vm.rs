@@ -1,0 +1,476 @@
+//! One running VM: memory, buses, devices, vCPU threads.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use devices::{Bus, BusDevice, EventSink, VmEvent};
+use hypervisor::{CpuState, Hypervisor, Vcpu, VcpuExit, VcpuKicker};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::config::{Accel, BootProtocol, VmConfig};
+use crate::{VmExit, VmmError};
+
+/// How a raw test image is entered (tiny hand-assembled guests).
+#[derive(Debug, Clone, Copy)]
+pub enum RawMode {
+    /// Real mode at CS:IP.
+    Real { cs: u16, ip: u16 },
+    /// Flat 32-bit protected mode, paging off.
+    Protected { entry: u64 },
+    /// 64-bit long mode with the low 4 GiB identity-mapped.
+    Long { entry: u64 },
+}
+
+#[derive(Debug, Clone)]
+pub struct RawBoot {
+    pub load_addr: u64,
+    pub image: Vec<u8>,
+    pub mode: RawMode,
+}
+
+/// What the VM boots.
+#[derive(Debug, Clone)]
+pub enum Boot {
+    Linux {
+        kernel: std::path::PathBuf,
+        initrd: Option<std::path::PathBuf>,
+        cmdline: String,
+        protocol: BootProtocol,
+    },
+    Raw(RawBoot),
+}
+
+/// Everything needed to build a VM, after the user's input has been checked.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub accel: Accel,
+    pub memory: u64,
+    pub cpus: u32,
+    pub boot: Boot,
+}
+
+impl VmSpec {
+    pub fn from_config(c: &VmConfig) -> Result<Self, VmmError> {
+        c.validate()?;
+        Ok(VmSpec {
+            accel: c.accel,
+            memory: c.memory.0,
+            cpus: c.cpus,
+            boot: Boot::Linux {
+                kernel: c.kernel.clone(),
+                initrd: c.initrd.clone(),
+                cmdline: c.cmdline.clone(),
+                protocol: c.boot,
+            },
+        })
+    }
+}
+
+/// Pick and open the backend the user asked for.
+pub fn open_hypervisor(accel: Accel) -> Result<Arc<dyn Hypervisor>, VmmError> {
+    match accel {
+        Accel::Kvm => Ok(Arc::new(hypervisor::kvm::KvmHypervisor::new()?)),
+        Accel::Auto if hypervisor::kvm::kvm_available() => {
+            Ok(Arc::new(hypervisor::kvm::KvmHypervisor::new()?))
+        }
+        Accel::Emu | Accel::Auto => Err(VmmError::Config(
+            "the software CPU engine (--accel emu) cannot run guests in this build yet; use --accel kvm"
+                .into(),
+        )),
+    }
+}
+
+struct VcpuHandle {
+    kicker: Arc<dyn VcpuKicker>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+pub struct Vm {
+    #[allow(dead_code)]
+    hv: Arc<dyn Hypervisor>,
+    #[allow(dead_code)]
+    vm: Arc<dyn hypervisor::Vm>,
+    memory: GuestMemoryMmap,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    serial: Arc<Mutex<devices::serial::Serial>>,
+    vcpus: Vec<Box<dyn Vcpu>>,
+    exit_tx: Sender<VmExit>,
+    exit_rx: Receiver<VmExit>,
+}
+
+const COM1_BASE: u64 = 0x3f8;
+const COM1_IRQ: u32 = 4;
+
+impl Vm {
+    /// Build the VM: backend, memory, devices, boot image, vCPUs (not yet running).
+    pub fn new(spec: VmSpec, serial_out: Box<dyn Write + Send>) -> Result<Self, VmmError> {
+        if spec.cpus == 0 {
+            return Err(VmmError::Config("--cpus must be at least 1".into()));
+        }
+        let hv = open_hypervisor(spec.accel)?;
+        let mut boot = spec.boot.clone();
+        if let Boot::Linux { cmdline, .. } = &mut boot {
+            for arg in hv.guest_workarounds() {
+                let key = arg.split('=').next().unwrap_or(&arg);
+                if !cmdline
+                    .split_whitespace()
+                    .any(|a| a.split('=').next() == Some(key))
+                {
+                    tracing::info!("this host's KVM needs the guest argument '{arg}'");
+                    cmdline.push(' ');
+                    cmdline.push_str(&arg);
+                }
+            }
+        }
+        let vm = hv.create_vm()?;
+
+        let regions = arch::ram_regions(spec.memory);
+        let memory = GuestMemoryMmap::<()>::from_ranges(&regions).map_err(|e| {
+            VmmError::Io(format!(
+                "cannot allocate {} MiB of guest memory: {e}",
+                spec.memory >> 20
+            ))
+        })?;
+        for (slot, region) in memory.iter().enumerate() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| VmmError::Io(format!("guest memory region: {e}")))?;
+            // SAFETY: the mapping is owned by `memory`, which the Vm keeps
+            // for as long as the backend VM exists.
+            unsafe {
+                vm.map_memory(
+                    slot as u32,
+                    region.start_addr().0,
+                    region.len(),
+                    host as u64,
+                )?;
+            }
+        }
+
+        let (exit_tx, exit_rx) = channel();
+        let events: EventSink = {
+            let tx = Mutex::new(exit_tx.clone());
+            Arc::new(move |e: VmEvent| {
+                let exit = match e {
+                    VmEvent::PowerOff => VmExit::PowerOff,
+                    VmEvent::Reset => VmExit::Reset,
+                };
+                if let Ok(tx) = tx.lock() {
+                    let _ = tx.send(exit);
+                }
+            })
+        };
+
+        let pio = Bus::new();
+        let serial = Arc::new(Mutex::new(devices::serial::Serial::new(
+            vm.irq_line(COM1_IRQ)?,
+            serial_out,
+        )));
+        insert(&pio, COM1_BASE, 8, serial.clone())?;
+        insert(
+            &pio,
+            0x60,
+            5,
+            Arc::new(Mutex::new(devices::i8042::I8042::new(
+                events.clone(),
+                Some(vm.irq_line(1)?),
+            ))),
+        )?;
+        let below_4g = spec.memory.min(arch::layout::MMIO_HOLE_START);
+        let cmos = devices::rtc::CmosMemory {
+            below_4g,
+            above_4g: spec.memory - below_4g,
+        };
+        insert(
+            &pio,
+            0x70,
+            2,
+            Arc::new(Mutex::new(devices::rtc::CmosRtc::new(Some(cmos)))),
+        )?;
+        insert(
+            &pio,
+            arch::layout::ACPI_PM_BASE as u64,
+            12,
+            Arc::new(Mutex::new(devices::acpi::AcpiPm::new(
+                events.clone(),
+                Some(vm.irq_line(arch::layout::ACPI_SCI_IRQ as u32)?),
+            ))),
+        )?;
+        insert(
+            &pio,
+            arch::layout::RESET_PORT as u64,
+            1,
+            Arc::new(Mutex::new(devices::acpi::ResetControl::new(events.clone()))),
+        )?;
+        // Ports Linux pokes with nothing behind them: the POST/delay ports,
+        // DMA page registers and the other COM ports.
+        let sink: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(devices::sink::Ignored::new()));
+        for (base, len) in [(0x80, 0x10), (0xed, 1), (0x2f8, 8), (0x3e8, 8), (0x2e8, 8)] {
+            insert_dyn(&pio, base, len, sink.clone())?;
+        }
+        let mmio = Bus::new();
+
+        let bsp_state = load_boot(&memory, &boot, spec.cpus)?;
+        let mut vcpus = Vec::with_capacity(spec.cpus as usize);
+        for i in 0..spec.cpus {
+            let mut vcpu = vm.create_vcpu(i, spec.cpus)?;
+            if i == 0 {
+                vcpu.set_boot_state(&bsp_state)?;
+            }
+            vcpus.push(vcpu);
+        }
+
+        Ok(Vm {
+            hv,
+            vm,
+            memory,
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            serial,
+            vcpus,
+            exit_tx,
+            exit_rx,
+        })
+    }
+
+    pub fn serial(&self) -> Arc<Mutex<devices::serial::Serial>> {
+        self.serial.clone()
+    }
+
+    pub fn exit_sender(&self) -> Sender<VmExit> {
+        self.exit_tx.clone()
+    }
+
+    /// The port I/O bus, for adding devices before `run`.
+    pub fn pio_bus(&self) -> &Bus {
+        &self.pio
+    }
+
+    /// The MMIO bus, for adding devices before `run`.
+    pub fn mmio_bus(&self) -> &Bus {
+        &self.mmio
+    }
+
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// Run every vCPU on a thread of its own until the first reason to stop.
+    pub fn run(mut self) -> VmExit {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut handles = Vec::new();
+        for vcpu in self.vcpus.drain(..) {
+            let kicker = vcpu.kicker();
+            let ctx = VcpuContext {
+                pio: self.pio.clone(),
+                mmio: self.mmio.clone(),
+                exits: self.exit_tx.clone(),
+                stop: stop.clone(),
+            };
+            let index = vcpu.index();
+            match std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || ctx.run(vcpu))
+            {
+                Ok(thread) => handles.push(VcpuHandle { kicker, thread }),
+                Err(e) => {
+                    let _ = self.exit_tx.send(VmExit::Error(format!(
+                        "cannot start vCPU {index} thread: {e}"
+                    )));
+                    break;
+                }
+            }
+        }
+        let exit = self
+            .exit_rx
+            .recv()
+            .unwrap_or_else(|_| VmExit::Error("every vCPU thread ended".into()));
+        stop.store(true, Ordering::SeqCst);
+        for h in &handles {
+            h.kicker.kick();
+        }
+        // Give the threads a moment to leave the guest; a vCPU stuck in a
+        // host call is left behind rather than hanging the VMM.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        for h in handles {
+            while !h.thread.is_finished() && std::time::Instant::now() < deadline {
+                h.kicker.kick();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if h.thread.is_finished() {
+                let _ = h.thread.join();
+            }
+        }
+        exit
+    }
+}
+
+fn insert<D: BusDevice + 'static>(
+    bus: &Bus,
+    base: u64,
+    len: u64,
+    dev: Arc<Mutex<D>>,
+) -> Result<(), VmmError> {
+    insert_dyn(bus, base, len, dev)
+}
+
+fn insert_dyn(
+    bus: &Bus,
+    base: u64,
+    len: u64,
+    dev: Arc<Mutex<dyn BusDevice>>,
+) -> Result<(), VmmError> {
+    bus.insert(base, len, dev)
+        .map_err(|e| VmmError::Device(format!("device at {base:#x}: {e}")))
+}
+
+/// Put the boot image into guest memory and return the boot vCPU's state.
+fn load_boot(mem: &GuestMemoryMmap, boot: &Boot, cpus: u32) -> Result<CpuState, VmmError> {
+    match boot {
+        Boot::Linux {
+            kernel,
+            initrd,
+            cmdline,
+            protocol,
+        } => {
+            let mut kf = File::open(kernel).map_err(|e| {
+                VmmError::Io(format!("cannot open kernel {}: {e}", kernel.display()))
+            })?;
+            let image = arch::load_kernel(mem, &mut kf)?;
+            let initrd_data = match initrd {
+                Some(p) => Some(std::fs::read(p).map_err(|e| {
+                    VmmError::Io(format!("cannot read initramfs {}: {e}", p.display()))
+                })?),
+                None => None,
+            };
+            let protocol = match protocol {
+                BootProtocol::Linux => arch::EntryProtocol::Linux64,
+                BootProtocol::Pvh => {
+                    if image.pvh_entry.is_none() {
+                        return Err(VmmError::Config(format!(
+                            "--boot pvh: kernel {} has no PVH entry note",
+                            kernel.display()
+                        )));
+                    }
+                    arch::EntryProtocol::Pvh
+                }
+            };
+            let cfg = arch::BootConfig {
+                cmdline,
+                initrd: initrd_data.as_deref(),
+                num_cpus: cpus,
+                protocol,
+            };
+            Ok(arch::configure_system(mem, &image, &cfg)?)
+        }
+        Boot::Raw(raw) => {
+            mem.write_slice(&raw.image, GuestAddress(raw.load_addr))
+                .map_err(|e| {
+                    VmmError::Config(format!("raw image does not fit in guest memory: {e}"))
+                })?;
+            Ok(match raw.mode {
+                RawMode::Real { cs, ip } => arch::real_mode_state(cs, ip),
+                RawMode::Protected { entry } => arch::protected_mode_state(mem, entry)?,
+                RawMode::Long { entry } => arch::long_mode_state(mem, entry)?,
+            })
+        }
+    }
+}
+
+/// What a vCPU thread needs to answer exits.
+struct VcpuContext {
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exits: Sender<VmExit>,
+    stop: Arc<AtomicBool>,
+}
+
+impl VcpuContext {
+    fn run(self, mut vcpu: Box<dyn Vcpu>) {
+        let index = vcpu.index();
+        while !self.stop.load(Ordering::Acquire) {
+            let exit = match vcpu.run() {
+                Ok(e) => e,
+                Err(e) => {
+                    let _ = self.exits.send(VmExit::Error(format!("vCPU {index}: {e}")));
+                    return;
+                }
+            };
+            match exit {
+                VcpuExit::IoIn { port, data } => {
+                    if !self.pio.read(port as u64, data) {
+                        tracing::trace!("vCPU {index}: read from unclaimed port {port:#x}");
+                        data.fill(0xff);
+                    }
+                }
+                VcpuExit::IoOut { port, data } => {
+                    if !self.pio.write(port as u64, data) {
+                        tracing::trace!("vCPU {index}: write to unclaimed port {port:#x}");
+                    }
+                }
+                VcpuExit::MmioRead { addr, data } => {
+                    if !self.mmio.read(addr, data) {
+                        tracing::debug!("vCPU {index}: read from unclaimed MMIO {addr:#x}");
+                        data.fill(0xff);
+                    }
+                }
+                VcpuExit::MmioWrite { addr, data } => {
+                    if !self.mmio.write(addr, data) {
+                        tracing::debug!("vCPU {index}: write to unclaimed MMIO {addr:#x}");
+                    }
+                }
+                VcpuExit::Interrupted => {}
+                VcpuExit::Halt => {
+                    // The backend leaves the wait to us: nothing can wake a
+                    // halted vCPU but an interrupt, which the backend checks
+                    // on its next run.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                VcpuExit::SystemPowerOff => {
+                    let _ = self.exits.send(VmExit::PowerOff);
+                    return;
+                }
+                VcpuExit::SystemReset => {
+                    let _ = self.exits.send(VmExit::Reset);
+                    return;
+                }
+                VcpuExit::Shutdown => {
+                    let detail = describe_cpu(vcpu.as_ref());
+                    let _ = self.exits.send(VmExit::TripleFault {
+                        vcpu: index,
+                        detail,
+                    });
+                    return;
+                }
+                VcpuExit::InternalError(e) => {
+                    let _ = self.exits.send(VmExit::InternalError {
+                        vcpu: index,
+                        detail: e.to_string(),
+                    });
+                    return;
+                }
+                VcpuExit::Unknown(what) => {
+                    let _ = self.exits.send(VmExit::Error(format!(
+                        "vCPU {index}: unexpected exit from the backend: {what}"
+                    )));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn describe_cpu(vcpu: &dyn Vcpu) -> String {
+    match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) => format!(
+            "RIP {:#x} RSP {:#x} RFLAGS {:#x} CS {:#x} CR0 {:#x} CR3 {:#x} CR4 {:#x} EFER {:#x} IDT {:#x}/{:#x}",
+            r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit
+        ),
+        _ => "registers unavailable".into(),
+    }
+}

@@ -1,0 +1,287 @@
+//! `vireo bench`: Vireo's figures beside a peer (QEMU) measured in the same run.
+//!
+//! `startup`: wall time from spawning the VMM process to the first byte a
+//! tiny guest writes to its serial port (its first instructions), and the
+//! VMM's resident memory beyond guest RAM while that guest idles. The guest
+//! is a PVH ELF made here, so both VMMs load the same file.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Which benchmark: startup
+    #[arg(default_value = "startup")]
+    which: String,
+    /// Runs per VMM (the median is printed).
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+    /// Peer binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: String,
+}
+
+const GUEST_MEM_MIB: u64 = 64;
+const LOAD: u64 = 0x10_0000;
+
+/// A minimal ELF64 with a PVH note whose 32-bit entry writes '!' to COM1 and halts.
+fn tiny_pvh_elf() -> Vec<u8> {
+    // mov dx,0x3f8 ; mov al,'!' ; out dx,al ; 1: hlt ; jmp 1b
+    let code: &[u8] = &[0x66, 0xba, 0xf8, 0x03, 0xb0, b'!', 0xee, 0xf4, 0xeb, 0xfd];
+    // Note: namesz 4 "Xen\0", descsz 4, type 18 (XEN_ELFNOTE_PHYS32_ENTRY).
+    let mut note = Vec::new();
+    note.extend_from_slice(&4u32.to_le_bytes());
+    note.extend_from_slice(&4u32.to_le_bytes());
+    note.extend_from_slice(&18u32.to_le_bytes());
+    note.extend_from_slice(b"Xen\0");
+    note.extend_from_slice(&(LOAD as u32).to_le_bytes());
+
+    let ehdr = 64u64;
+    let phdr = 56u64;
+    let code_off = 0x1000u64;
+    let note_off = ehdr + 2 * phdr;
+    let mut f = vec![0u8; (code_off as usize) + code.len()];
+    // ELF header
+    f[0..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2; // 64-bit
+    f[5] = 1; // little endian
+    f[6] = 1; // version
+    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    f[20..24].copy_from_slice(&1u32.to_le_bytes());
+    f[24..32].copy_from_slice(&LOAD.to_le_bytes()); // e_entry
+    f[32..40].copy_from_slice(&ehdr.to_le_bytes()); // e_phoff
+    f[52..54].copy_from_slice(&(ehdr as u16).to_le_bytes());
+    f[54..56].copy_from_slice(&(phdr as u16).to_le_bytes());
+    f[56..58].copy_from_slice(&2u16.to_le_bytes()); // e_phnum
+    let mut ph = |i: u64, ty: u32, flags: u32, off: u64, addr: u64, size: u64, align: u64| {
+        let b = (ehdr + i * phdr) as usize;
+        f[b..b + 4].copy_from_slice(&ty.to_le_bytes());
+        f[b + 4..b + 8].copy_from_slice(&flags.to_le_bytes());
+        f[b + 8..b + 16].copy_from_slice(&off.to_le_bytes());
+        f[b + 16..b + 24].copy_from_slice(&addr.to_le_bytes());
+        f[b + 24..b + 32].copy_from_slice(&addr.to_le_bytes());
+        f[b + 32..b + 40].copy_from_slice(&size.to_le_bytes());
+        f[b + 40..b + 48].copy_from_slice(&size.to_le_bytes());
+        f[b + 48..b + 56].copy_from_slice(&align.to_le_bytes());
+    };
+    ph(0, 1, 5, code_off, LOAD, code.len() as u64, 0x1000); // PT_LOAD r-x
+    ph(1, 4, 4, note_off, 0, note.len() as u64, 4); // PT_NOTE
+    f[note_off as usize..note_off as usize + note.len()].copy_from_slice(&note);
+    f[code_off as usize..].copy_from_slice(code);
+    f
+}
+
+struct Sample {
+    first_byte: Duration,
+    rss_beyond_guest_kib: u64,
+}
+
+/// Resident memory of `pid` outside mappings the size of guest RAM.
+fn rss_beyond_guest_kib(pid: u32, guest_bytes: u64) -> Result<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .with_context(|| format!("reading /proc/{pid}/smaps"))?;
+    let mut total = 0u64;
+    let mut in_guest = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping header: "start-end perms ...".
+            let mut it = first.split('-');
+            let a = u64::from_str_radix(it.next().unwrap_or("0"), 16).unwrap_or(0);
+            let b = u64::from_str_radix(it.next().unwrap_or("0"), 16).unwrap_or(0);
+            let size = b.saturating_sub(a);
+            // Guest RAM: one mapping of the guest's size (QEMU may round it
+            // up to its alignment).
+            in_guest = size >= guest_bytes && size <= guest_bytes + (4 << 20);
+        } else if let Some(v) = line.strip_prefix("Rss:") {
+            if !in_guest {
+                total += v
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0);
+            }
+        }
+    }
+    Ok(total)
+}
+
+fn measure_once(mut cmd: Command) -> Result<Sample> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child: Child = cmd.spawn().context("spawning the VMM")?;
+    let mut out = child.stdout.take().context("no stdout")?;
+    let mut byte = [0u8; 1];
+    let got = loop {
+        match out.read(&mut byte) {
+            Ok(0) => break false,
+            Ok(_) if byte[0] == b'!' => break true,
+            Ok(_) => continue,
+            Err(e) => {
+                let _ = child.kill();
+                return Err(e.into());
+            }
+        }
+    };
+    let first_byte = start.elapsed();
+    if !got {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let line = err
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no output");
+        bail!("{line}");
+    }
+    // Let the VMM settle into its idle state before reading its memory.
+    std::thread::sleep(Duration::from_millis(100));
+    let rss = rss_beyond_guest_kib(child.id(), GUEST_MEM_MIB << 20);
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(Sample {
+        first_byte,
+        rss_beyond_guest_kib: rss?,
+    })
+}
+
+fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn series(name: &str, runs: usize, make: &dyn Fn() -> Command) -> String {
+    let mut times = Vec::new();
+    let mut rss = Vec::new();
+    for _ in 0..runs {
+        match measure_once(make()) {
+            Ok(s) => {
+                times.push(s.first_byte);
+                rss.push(s.rss_beyond_guest_kib);
+            }
+            Err(e) => return format!("{name:<44} failed: {e}"),
+        }
+    }
+    let t = median(times.clone());
+    let min = times.iter().min().copied().unwrap_or(t);
+    format!(
+        "{name:<44} {:>9.2} ms (min {:.2}) {:>9.1} MiB",
+        t.as_secs_f64() * 1e3,
+        min.as_secs_f64() * 1e3,
+        median(rss) as f64 / 1024.0
+    )
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if args.which != "startup" {
+        bail!("unknown benchmark '{}' (available: startup)", args.which);
+    }
+    if args.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let dir = std::env::temp_dir().join(format!("vireo-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let elf = dir.join("tiny-pvh.elf");
+    std::fs::write(&elf, tiny_pvh_elf())?;
+    let vireo: PathBuf = std::env::current_exe()?;
+    let mem = format!("{GUEST_MEM_MIB}M");
+
+    println!(
+        "startup: spawn -> first guest serial byte (median of {} runs), VMM RSS beyond {GUEST_MEM_MIB} MiB guest RAM",
+        args.runs
+    );
+    println!(
+        "{:<44} {:>12} {:>20}",
+        "VMM", "first byte", "RSS beyond guest"
+    );
+    let vireo_cmd = |accel: &'static str| {
+        let (vireo, elf, mem) = (vireo.clone(), elf.clone(), mem.clone());
+        move || {
+            let mut c = Command::new(&vireo);
+            c.args([
+                "run", "--accel", accel, "--boot", "pvh", "--memory", &mem, "--kernel",
+            ])
+            .arg(&elf);
+            c
+        }
+    };
+    println!(
+        "{}",
+        series("vireo --accel kvm", args.runs, &vireo_cmd("kvm"))
+    );
+    for accel in ["kvm", "tcg"] {
+        let name = format!("qemu -M microvm -accel {accel}");
+        if !has_binary(&args.qemu) {
+            println!("{name:<44} not installed ({})", args.qemu);
+            continue;
+        }
+        let q = qemu_cmd(&args.qemu, accel, &elf, &mem);
+        println!("{}", series(&name, args.runs, &q));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn qemu_cmd(qemu: &str, accel: &'static str, elf: &Path, mem: &str) -> impl Fn() -> Command {
+    let (qemu, elf, mem) = (qemu.to_string(), elf.to_path_buf(), mem.to_string());
+    move || {
+        let mut c = Command::new(&qemu);
+        c.args([
+            "-M",
+            "microvm,isa-serial=on,rtc=off,pic=off,pit=off",
+            "-accel",
+            accel,
+            "-m",
+            &mem,
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-kernel",
+        ])
+        .arg(&elf);
+        c
+    }
+}
+
+fn has_binary(name: &str) -> bool {
+    Command::new(name)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiny_elf_is_well_formed() {
+        let f = tiny_pvh_elf();
+        assert_eq!(&f[..4], b"\x7fELF");
+        assert_eq!(u64::from_le_bytes(f[24..32].try_into().unwrap()), LOAD);
+        // The note carries the entry point.
+        let note = 64 + 2 * 56;
+        assert_eq!(&f[note + 12..note + 16], b"Xen\0");
+        assert_eq!(
+            u32::from_le_bytes(f[note + 16..note + 20].try_into().unwrap()) as u64,
+            LOAD
+        );
+    }
+}

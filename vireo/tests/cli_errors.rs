@@ -1,0 +1,135 @@
+//! Bad input gets one clear line on stderr and a non-zero exit, never a panic.
+
+mod common;
+
+use common::*;
+use std::process::Output;
+
+fn run(args: &[&str]) -> Output {
+    vireo().args(args).output().expect("vireo runs")
+}
+
+fn one_line_error(out: &Output, code: i32, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {err}");
+    assert!(
+        lines[0].contains(needle),
+        "expected '{needle}' in: {}",
+        lines[0]
+    );
+}
+
+#[test]
+fn help_reads_like_a_real_tool() {
+    let out = run(&["run", "--help"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for opt in [
+        "--kernel",
+        "--initrd",
+        "--cmdline",
+        "--memory",
+        "--cpus",
+        "--accel",
+        "--serial",
+        "--config",
+        "Exit status",
+        "Ctrl-A X",
+    ] {
+        assert!(text.contains(opt), "help lacks {opt}:\n{text}");
+    }
+}
+
+#[test]
+fn missing_kernel_file() {
+    let out = run(&["run", "--kernel", "/nonexistent/vmlinux", "--accel", "kvm"]);
+    if !kvm_usable() {
+        return;
+    }
+    one_line_error(&out, 1, "cannot open kernel /nonexistent/vmlinux");
+}
+
+#[test]
+fn kernel_that_is_neither_elf_nor_bzimage() {
+    if !kvm_usable() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("vireo-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bogus = dir.join("notakernel");
+    std::fs::write(&bogus, vec![0x5au8; 8192]).unwrap();
+    let out = run(&["run", "--kernel", bogus.to_str().unwrap(), "--accel", "kvm"]);
+    one_line_error(&out, 1, "neither");
+    std::fs::write(&bogus, b"").unwrap();
+    let out = run(&["run", "--kernel", bogus.to_str().unwrap(), "--accel", "kvm"]);
+    one_line_error(&out, 1, "kernel file is empty");
+    // An ELF header cut short.
+    std::fs::write(&bogus, &b"\x7fELF\x02\x01\x01"[..]).unwrap();
+    let out = run(&["run", "--kernel", bogus.to_str().unwrap(), "--accel", "kvm"]);
+    one_line_error(&out, 1, "kernel");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn zero_cpus_is_refused() {
+    let out = run(&["run", "--kernel", "/k", "--cpus", "0"]);
+    one_line_error(&out, 1, "--cpus");
+}
+
+#[test]
+fn bad_memory_size_is_a_usage_error() {
+    let out = run(&["run", "--kernel", "/k", "--memory", "lots"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad memory size"));
+}
+
+#[test]
+fn unknown_accelerator_is_a_usage_error() {
+    let out = run(&["run", "--kernel", "/k", "--accel", "xen"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown accelerator"));
+}
+
+#[test]
+fn missing_kvm_device_names_the_way_out() {
+    let out = vireo()
+        .env("VIREO_KVM_DEVICE", "/nonexistent/kvm")
+        .args(["run", "--kernel", "/k", "--accel", "kvm"])
+        .output()
+        .unwrap();
+    one_line_error(&out, 1, "--accel emu");
+}
+
+#[test]
+fn memory_too_small_for_kernel_and_initramfs() {
+    if !kvm_usable() {
+        return;
+    }
+    let g = guest_dir();
+    let out = run(&[
+        "run",
+        "--accel",
+        "kvm",
+        "--kernel",
+        g.join("vmlinuz").to_str().unwrap(),
+        "--initrd",
+        g.join("initramfs.cpio.gz").to_str().unwrap(),
+        "--memory",
+        "16M",
+    ]);
+    one_line_error(&out, 1, "too small");
+}
+
+#[test]
+fn bad_config_file_is_named() {
+    let dir = std::env::temp_dir().join(format!("vireo-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("vm.toml");
+    std::fs::write(&cfg, "kernel = \"/k\"\ncpu = 2\n").unwrap();
+    let out = run(&["run", "--config", cfg.to_str().unwrap()]);
+    one_line_error(&out, 1, "bad config file");
+    let _ = std::fs::remove_dir_all(&dir);
+}
