@@ -16,6 +16,9 @@
 //! - [`pvclock`]: kvmclock structures (`pvclock_vcpu_time_info`,
 //!   `pvclock_wall_clock`).
 //! - [`platform::Platform`]: all of the above wired together for N vCPUs.
+//! - [`shared::SharedPlatform`]: the platform behind a mutex with lock-free
+//!   "nothing pending" fast paths and a [`shared::GuestClock`], shaped like
+//!   the engine's `InterruptController` trait.
 //!
 //! Guest-controlled input never panics: invalid accesses are ignored or read
 //! as zero/all-ones, as the hardware would do.
@@ -53,6 +56,7 @@ pub mod pic;
 pub mod pit;
 pub mod platform;
 pub mod pvclock;
+pub mod shared;
 
 pub use ioapic::{Delivery, IoApic};
 pub use lapic::{IpiRequest, Lapic, LapicEvent};
@@ -60,6 +64,7 @@ pub use pic::Pic;
 pub use pit::Pit;
 pub use platform::{Platform, PlatformConfig};
 pub use pvclock::{PvClock, PvClockVcpuTimeInfo, PvClockWallClock};
+pub use shared::{GuestClock, ManualClock, SharedPlatform};
 
 use serde::{Deserialize, Serialize};
 

@@ -153,6 +153,34 @@ impl Platform {
         }
     }
 
+    /// The ISA IRQ (PIC input) behind GSI `gsi`, if any: GSIs 0-15 are the
+    /// ISA IRQs, except that with the IRQ0 override GSI 2 is IRQ0 and GSI 0
+    /// has no ISA line; without it GSI 2 is the PIC cascade.
+    fn isa_irq_for_gsi(&self, gsi: u32) -> Option<u8> {
+        match gsi {
+            16.. => None,
+            0 if self.config.irq0_to_gsi2 => None,
+            2 if self.config.irq0_to_gsi2 => Some(0),
+            2 => None,
+            g => Some(g as u8),
+        }
+    }
+
+    /// Sets the level of GSI `gsi` as a device sees it: ISA GSIs also drive
+    /// the PIC, higher GSIs only the I/O APIC.
+    pub fn set_gsi_level(&mut self, gsi: u32, level: bool) {
+        match self.isa_irq_for_gsi(gsi) {
+            Some(irq) => self.set_isa_irq(irq, level),
+            None => self.set_gsi(gsi, level),
+        }
+    }
+
+    /// An edge on GSI `gsi` (raise then lower), e.g. a serial port interrupt.
+    pub fn pulse_gsi(&mut self, gsi: u32) {
+        self.set_gsi_level(gsi, true);
+        self.set_gsi_level(gsi, false);
+    }
+
     /// Raises and lowers an edge-triggered ISA IRQ.
     pub fn pulse_isa_irq(&mut self, irq: u8) {
         self.set_isa_irq(irq, true);

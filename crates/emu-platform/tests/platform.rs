@@ -339,3 +339,26 @@ fn platform_state_round_trips_through_serde() {
     back.tick(2000);
     assert_eq!(back.pending_vector(1), Some(0x40));
 }
+
+#[test]
+fn gsi_helpers_map_isa_lines() {
+    let mut p = platform(1);
+    enable_all(&mut p);
+    init_pic(&mut p);
+    // Unmask IRQ4 on the PIC as well; LINT0 still in virtual wire.
+    p.pio_write(0x21, &[0xea], 0);
+    // GSI 4 -> PIC IRQ4 and I/O APIC pin 4 (masked there).
+    p.pulse_gsi(4);
+    assert_eq!(take(&mut p, 0), Some(0x34));
+    p.pio_write(0x20, &[0x20], 0);
+    // GSI 2 is ISA IRQ0 with the override.
+    p.pulse_gsi(2);
+    assert_eq!(take(&mut p, 0), Some(0x30));
+    p.pio_write(0x20, &[0x20], 0);
+    // GSI 17 only reaches the I/O APIC.
+    apic_wr(&mut p, 0, APIC_LVT_LINT0, LVT_MASKED, 0);
+    ioapic_wr(&mut p, 0x10 + 34 + 1, 0);
+    ioapic_wr(&mut p, 0x10 + 34, 0x71 | (1 << 15));
+    p.set_gsi_level(17, true);
+    assert_eq!(take(&mut p, 0), Some(0x71));
+}

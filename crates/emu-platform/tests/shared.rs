@@ -1,0 +1,114 @@
+//! SharedPlatform: locking wrapper with a clock.
+
+use std::sync::Arc;
+
+use emu_platform::lapic::*;
+use emu_platform::{ManualClock, Platform, PlatformConfig, SharedPlatform};
+
+const APIC: u64 = 0xfee0_0000;
+
+fn setup(n: usize) -> (Arc<ManualClock>, SharedPlatform) {
+    let clock = Arc::new(ManualClock::new(2_000_000_000));
+    let p = Platform::new(PlatformConfig {
+        num_vcpus: n,
+        tsc_hz: 2_000_000_000,
+        ..PlatformConfig::default()
+    });
+    let s = SharedPlatform::new(p, clock.clone());
+    (clock, s)
+}
+
+fn wr(s: &SharedPlatform, vcpu: u32, reg: u32, val: u32) {
+    assert!(s.mmio_write(vcpu, APIC + reg as u64, &val.to_le_bytes()));
+}
+
+#[test]
+fn timer_fires_when_the_clock_passes_the_deadline() {
+    let (clock, s) = setup(1);
+    wr(&s, 0, APIC_SVR, 0x1ff);
+    wr(&s, 0, APIC_TDCR, 0xb);
+    wr(&s, 0, APIC_LVT_TIMER, 0xec);
+    clock.set_ns(1000);
+    wr(&s, 0, APIC_TMICT, 5000);
+    assert_eq!(s.next_deadline_ns(), Some(6000));
+    clock.set_ns(5999);
+    assert_eq!(s.pending_vector(0), None);
+    assert!(!s.has_pending(0));
+    clock.set_ns(6000);
+    assert!(s.has_pending(0));
+    assert_eq!(s.pending_vector(0), Some(0xec));
+    assert_eq!(s.ack_pending(0), Some(0xec));
+    assert_eq!(s.pending_vector(0), None);
+    assert_eq!(s.next_deadline_ns(), None);
+}
+
+#[test]
+fn tsc_deadline_uses_the_clock_tsc() {
+    let (clock, s) = setup(1);
+    wr(&s, 0, APIC_SVR, 0x1ff);
+    wr(&s, 0, APIC_LVT_TIMER, 0x40000 | 0xed);
+    clock.set_ns(1000); // TSC 2000
+    assert_eq!(s.wrmsr(0, MSR_IA32_TSC_DEADLINE, 6000), Some(Ok(())));
+    assert_eq!(s.next_deadline_ns(), Some(3000));
+    clock.set_ns(3000);
+    assert_eq!(s.ack_pending(0), Some(0xed));
+}
+
+#[test]
+fn ipis_between_threads_and_tpr() {
+    let (_clock, s) = setup(2);
+    let s = Arc::new(s);
+    wr(&s, 0, APIC_SVR, 0x1ff);
+    wr(&s, 1, APIC_SVR, 0x1ff);
+    let t = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            wr(&s, 0, APIC_ICR_HI, 1 << 24);
+            wr(&s, 0, APIC_ICR_LO, 0x4055);
+        })
+    };
+    t.join().unwrap();
+    assert!(s.has_pending(1));
+    // TPR above the vector's class blocks it.
+    s.set_tpr(1, 6);
+    assert_eq!(s.tpr(1), 6);
+    assert_eq!(s.pending_vector(1), None);
+    s.set_tpr(1, 0);
+    assert_eq!(s.pending_vector(1), Some(0x55));
+    s.ack(1, 0x55);
+    assert_eq!(s.pending_vector(1), None);
+    // INIT/SIPI and NMI through the wrapper.
+    wr(&s, 0, APIC_ICR_LO, 0xc500);
+    assert!(s.take_init(1));
+    wr(&s, 0, APIC_ICR_LO, 0x0610);
+    assert_eq!(s.take_startup(1), Some(0x10));
+    wr(&s, 1, APIC_ICR_HI, 0);
+    wr(&s, 1, APIC_ICR_LO, 0x4400);
+    assert!(s.take_nmi(0));
+    assert!(!s.take_nmi(0));
+}
+
+#[test]
+fn devices_trigger_gsis() {
+    let (clock, s) = setup(1);
+    wr(&s, 0, APIC_SVR, 0x1ff);
+    // I/O APIC pin 4 -> vector 0x24.
+    s.mmio_write(0, 0xfec0_0000, &0x18u32.to_le_bytes());
+    s.mmio_write(0, 0xfec0_0010, &0x24u32.to_le_bytes());
+    s.trigger_gsi(4);
+    assert_eq!(s.ack_pending(0), Some(0x24));
+    // PIT through port I/O and the clock.
+    let mut b = [0u8];
+    assert!(s.pio_read(0x61, &mut b));
+    s.pio_write(0x61, &[1]);
+    s.pio_write(0x43, &[0xb0]);
+    s.pio_write(0x42, &[100]);
+    s.pio_write(0x42, &[0]);
+    s.pio_read(0x61, &mut b);
+    assert_eq!(b[0] & 0x20, 0);
+    clock.advance_ns(100_000);
+    s.pio_read(0x61, &mut b);
+    assert_eq!(b[0] & 0x20, 0x20);
+    let snap = s.snapshot();
+    assert!(snap.lapic(0).is_some());
+}
