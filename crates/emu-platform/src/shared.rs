@@ -61,10 +61,15 @@ impl GuestClock for ManualClock {
     }
 }
 
+/// Called with a vCPU index when that vCPU received something (interrupt,
+/// NMI, INIT, SIPI), so a halted vCPU thread can be woken.
+pub type KickFn = dyn Fn(usize) + Send + Sync;
+
 /// [`Platform`] behind a mutex, with lock-free fast paths.
 pub struct SharedPlatform {
     inner: Mutex<Platform>,
     clock: Arc<dyn GuestClock>,
+    kick: Mutex<Option<Arc<KickFn>>>,
     /// Per vCPU: something may be pending (interrupt, NMI, INIT, SIPI).
     hints: Vec<AtomicBool>,
     /// Earliest timer deadline (u64::MAX = none).
@@ -79,6 +84,7 @@ impl SharedPlatform {
         let s = SharedPlatform {
             inner: Mutex::new(platform),
             clock,
+            kick: Mutex::new(None),
             hints,
             deadline: AtomicU64::new(u64::MAX),
         };
@@ -90,6 +96,12 @@ impl SharedPlatform {
 
     pub fn clock(&self) -> &Arc<dyn GuestClock> {
         &self.clock
+    }
+
+    /// Installs the function that wakes vCPU threads. It is called outside
+    /// the platform lock, once per vCPU that got new work.
+    pub fn set_kick(&self, kick: Arc<KickFn>) {
+        *self.kick.lock().unwrap_or_else(|e| e.into_inner()) = Some(kick);
     }
 
     fn lock(&self) -> MutexGuard<'_, Platform> {
@@ -115,6 +127,18 @@ impl SharedPlatform {
         g.tick(now);
         let r = f(&mut g, now);
         self.publish(&g);
+        let kicks = g.take_kicks();
+        drop(g);
+        if kicks != 0 {
+            let kick = self.kick.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(kick) = kick {
+                for i in 0..64 {
+                    if kicks & (1 << i) != 0 {
+                        kick(i);
+                    }
+                }
+            }
+        }
         r
     }
 

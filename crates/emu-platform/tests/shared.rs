@@ -60,6 +60,11 @@ fn ipis_between_threads_and_tpr() {
     let s = Arc::new(s);
     wr(&s, 0, APIC_SVR, 0x1ff);
     wr(&s, 1, APIC_SVR, 0x1ff);
+    let kicked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let kicked = kicked.clone();
+        s.set_kick(Arc::new(move |v| kicked.lock().unwrap().push(v)));
+    }
     let t = {
         let s = s.clone();
         std::thread::spawn(move || {
@@ -68,6 +73,7 @@ fn ipis_between_threads_and_tpr() {
         })
     };
     t.join().unwrap();
+    assert_eq!(*kicked.lock().unwrap(), vec![1]);
     assert!(s.has_pending(1));
     // TPR above the vector's class blocks it.
     s.set_tpr(1, 6);
