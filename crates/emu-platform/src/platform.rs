@@ -86,6 +86,12 @@ impl Platform {
         }
     }
 
+    /// System reset (reset port, triple fault): every device back to its
+    /// power-on state, same configuration.
+    pub fn reset(&mut self) {
+        *self = Platform::new(self.config.clone());
+    }
+
     pub fn config(&self) -> &PlatformConfig {
         &self.config
     }

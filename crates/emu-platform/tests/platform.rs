@@ -362,3 +362,16 @@ fn gsi_helpers_map_isa_lines() {
     p.set_gsi_level(17, true);
     assert_eq!(take(&mut p, 0), Some(0x71));
 }
+
+#[test]
+fn reset_returns_to_power_on_state() {
+    let mut p = platform(2);
+    enable_all(&mut p);
+    init_pic(&mut p);
+    send_ipi(&mut p, 0, 1, 0x4040);
+    p.reset();
+    assert_eq!(p.pending_vector(1), None);
+    assert_eq!(apic_rd(&mut p, 1, APIC_SVR, 0), 0xff);
+    assert_eq!(p.pic().masks(), (0, 0));
+    assert_eq!(p.num_vcpus(), 2);
+}
