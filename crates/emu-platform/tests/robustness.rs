@@ -30,7 +30,7 @@ fn random_guest_accesses_do_not_panic() {
     for i in 0..200_000u32 {
         let r = rng.next();
         now = now.wrapping_add(r % 50_000);
-        if r % 997 == 0 {
+        if r.is_multiple_of(997) {
             // Extreme and non-monotonic times must not overflow either.
             now = now.wrapping_add(rng.next());
         }
@@ -77,7 +77,7 @@ fn random_guest_accesses_do_not_panic() {
                 }
             }
         }
-        if i % 50_000 == 0 {
+        if i.is_multiple_of(50_000) {
             // Periodically re-enable things so the stress reaches deeper
             // states than "everything disabled".
             for v in 0..3 {
