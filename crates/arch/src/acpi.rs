@@ -58,18 +58,79 @@ pub fn dsdt_aml() -> Vec<u8> {
     bytes
 }
 
+/// First GSI used for PCI INTx: the IOAPIC pins above the 16 ISA ones.
+pub const PCI_INTX_GSI_BASE: u32 = 16;
+/// How many GSIs PCI INTx lines are spread over (IOAPIC pins 16-23).
+pub const PCI_INTX_GSI_COUNT: u32 = 8;
+
+/// The GSI the DSDT's `_PRT` gives to INTx `pin` (0 = INTA .. 3 = INTD) of
+/// PCI device `slot` on bus 0: the usual swizzle, spread over GSIs 16-23.
+/// PCI interrupts are level-triggered, active-low (the ACPI default for a
+/// `_PRT` entry with a GSI); the device model must raise the same GSI.
+pub fn pci_intx_gsi(slot: u8, pin: u8) -> u32 {
+    PCI_INTX_GSI_BASE + (slot as u32 + pin as u32) % PCI_INTX_GSI_COUNT
+}
+
+/// `\_SB.PCI0`: a PCI host bridge (PNP0A03) on bus 0 with configuration
+/// mechanism #1 at 0xcf8, I/O windows around it, a 32-bit MMIO window from
+/// the start of the MMIO hole up to the IOAPIC, and a `_PRT` routing INTx
+/// of slots 1-31 by [`pci_intx_gsi`]. Without such a device a Linux
+/// kernel that uses ACPI never scans PCI bus 0.
+pub fn pci_host_bridge_aml() -> Vec<u8> {
+    use aml::{AddressSpace, AddressSpaceCacheable, Name, Package, ResourceTemplate, IO};
+    let hid = Name::new("_HID".into(), &aml::EISAName::new("PNP0A03"));
+    let adr = Name::new("_ADR".into(), &aml::ZERO);
+    let seg = Name::new("_SEG".into(), &aml::ZERO);
+    let uid = Name::new("_UID".into(), &aml::ZERO);
+    let bbn = Name::new("_BBN".into(), &aml::ZERO);
+    let bus = AddressSpace::new_bus_number(0u16, 0xffu16);
+    let cfg_io = IO::new(0xcf8, 0xcf8, 1, 8);
+    let io_low = AddressSpace::new_io(0u16, 0xcf7u16, None);
+    let io_high = AddressSpace::new_io(0xd00u16, 0xffffu16, None);
+    let mmio = AddressSpace::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        MMIO_HOLE_START as u32,
+        (IOAPIC_ADDR - 1) as u32,
+        None,
+    );
+    let crs = Name::new(
+        "_CRS".into(),
+        &ResourceTemplate::new(vec![&bus, &cfg_io, &io_low, &io_high, &mmio]),
+    );
+    let routes: Vec<(u32, u8, u32)> = (1u8..32)
+        .flat_map(|slot| {
+            (0u8..4).map(move |pin| ((slot as u32) << 16 | 0xffff, pin, pci_intx_gsi(slot, pin)))
+        })
+        .collect();
+    let entries: Vec<Package> = routes
+        .iter()
+        .map(|(addr, pin, gsi)| Package::new(vec![addr, pin, &aml::ZERO, gsi]))
+        .collect();
+    let prt = Name::new(
+        "_PRT".into(),
+        &Package::new(entries.iter().map(|p| p as &dyn Aml).collect()),
+    );
+    let pci0 = aml::Device::new(
+        "PCI0".into(),
+        vec![&hid, &adr, &seg, &uid, &bbn, &crs, &prt],
+    );
+    to_bytes(&aml::Scope::new("\\_SB_".into(), vec![&pci0]))
+}
+
 fn to_bytes(table: &dyn Aml) -> Vec<u8> {
     let mut v = Vec::new();
     table.to_aml_bytes(&mut v);
     v
 }
 
-/// The DSDT: Vireo's objects followed by `extra_aml` (devices defined by
-/// the VMM).
+/// The DSDT: `_S5_`, the PCI host bridge, then `extra_aml` (devices
+/// defined by the VMM).
 pub fn build_dsdt(extra_aml: &[u8]) -> Vec<u8> {
     // Revision 2: integers in this table's AML are 64-bit.
     let mut dsdt = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     dsdt.append_slice(&dsdt_aml());
+    dsdt.append_slice(&pci_host_bridge_aml());
     dsdt.append_slice(extra_aml);
     dsdt.as_slice().to_vec()
 }
@@ -130,8 +191,8 @@ pub fn build_fadt(dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
         .flag(Flags::SlpButton)
         // No RTC wake status in PM1.
         .flag(Flags::FixRtc)
-        // The PM timer is 32 bits wide.
-        .flag(Flags::TmrValExt)
+        // No TMR_VAL_EXT: the PM timer (devices::acpi) is 24 bits wide, and
+        // Linux masks its clocksource by this flag.
         .flag(Flags::ResetRegSup);
     fadt.dsdt = (dsdt_addr as u32).into();
     fadt.x_dsdt = dsdt_addr.into();

@@ -99,7 +99,8 @@ pub const ACPI_PM1_EVT_LEN: u8 = 4;
 /// PM1a_CNT_BLK: 2 bytes at +4 (SCI_EN, SLP_TYP, SLP_EN).
 pub const ACPI_PM1_CNT_BLK: u16 = ACPI_PM_BASE + 4;
 pub const ACPI_PM1_CNT_LEN: u8 = 2;
-/// PM_TMR_BLK: 4 bytes at +8, a 32-bit 3.579545 MHz counter (FADT TMR_VAL_EXT).
+/// PM_TMR_BLK: 4 bytes at +8, a 24-bit 3.579545 MHz counter (the FADT does
+/// not set TMR_VAL_EXT).
 pub const ACPI_PM_TMR_BLK: u16 = ACPI_PM_BASE + 8;
 pub const ACPI_PM_TMR_LEN: u8 = 4;
 /// The ACPI SCI is ISA IRQ 9, level-triggered active-high (MADT override).

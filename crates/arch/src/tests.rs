@@ -889,7 +889,11 @@ fn fadt_describes_legacy_pm_hardware() {
     let flags = u32at(112);
     assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
     assert_eq!(flags & (1 << 20), 0, "not HW_REDUCED_ACPI");
-    assert_ne!(flags & (1 << 8), 0, "TMR_VAL_EXT: 32-bit PM timer");
+    assert_eq!(
+        flags & (1 << 8),
+        0,
+        "no TMR_VAL_EXT: the PM timer is 24-bit"
+    );
     // RESET_REG: GAS at 116, system I/O, 8 bits, port 0xcf9; value 6.
     assert_eq!(f[116], 1);
     assert_eq!(f[117], 8);

@@ -112,6 +112,7 @@ fn iasl_disassembles_every_table_cleanly() {
                         "Reset Register Supported (V2) : 1",
                         "Hardware Reduced (V5) : 0",
                         "Value to cause reset : 06",
+                        "32-bit PM Timer (V1) : 0",
                     ] {
                         let squeezed: String = dsl.split_whitespace().collect::<Vec<_>>().join(" ");
                         assert!(squeezed.contains(want), "FADT lacks '{want}':\n{dsl}");
@@ -127,7 +128,20 @@ fn iasl_disassembles_every_table_cleanly() {
                     assert!(dsl.contains("PC-AT Compatibility : 1"), "{dsl}");
                     assert_eq!(dsl.matches("[Interrupt Source Override]").count(), 2);
                 }
-                "dsdt" => assert!(dsl.contains("Name (_S5, Package (0x04)"), "{dsl}"),
+                "dsdt" => {
+                    assert!(dsl.contains("Name (_S5, Package (0x04)"), "{dsl}");
+                    assert!(dsl.contains("Device (PCI0)"), "{dsl}");
+                    assert!(dsl.contains("EisaId (\"PNP0A03\")"), "{dsl}");
+                    assert!(dsl.contains("Name (_PRT, Package (0x7C)"), "{dsl}");
+                    assert!(
+                        dsl.contains("0xC0000000,         // Range Minimum"),
+                        "{dsl}"
+                    );
+                    assert!(
+                        dsl.contains("0xFEBFFFFF,         // Range Maximum"),
+                        "{dsl}"
+                    );
+                }
                 _ => {}
             }
         }
@@ -156,5 +170,17 @@ fn acpiexec_evaluates_s5() {
     assert!(log.contains("[Package] Contains 4 Elements"), "{log}");
     assert!(log.contains("[Integer] = 0000000000000005"), "{log}");
     assert!(!log.contains("AE_"), "{log}");
+
+    // The PCI routing table: 31 slots x 4 pins; slot 1 INTA -> GSI 17.
+    let out = Command::new("acpiexec")
+        .args(["-b", "evaluate \\_SB.PCI0._PRT"])
+        .arg(dsdt)
+        .output()
+        .unwrap();
+    let log =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("[Package] Contains 124 Elements"), "{log}");
+    assert!(!log.contains("AE_"), "{log}");
+    assert_eq!(arch::acpi::pci_intx_gsi(1, 0), 17);
     let _ = std::fs::remove_dir_all(&dir);
 }
