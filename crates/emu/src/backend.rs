@@ -1,0 +1,321 @@
+//! The `hypervisor` seam for the engine: `EmuHypervisor`, `EmuVm`, `EmuVcpu`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use hypervisor::{
+    AccelKind, Hypervisor, HypervisorError, InternalError, IrqLine, Result, SpecialRegs,
+    StandardRegs, Vcpu, VcpuExit, VcpuKicker, Vm,
+};
+
+use crate::core::{Core, ExitReq, ReadResponse, RunExit};
+use crate::cpu::*;
+use crate::irq::{InterruptController, QueueInterruptController};
+use crate::mem::{MemView, PhysMem};
+
+/// The software CPU engine as a hypervisor backend.
+#[derive(Default)]
+pub struct EmuHypervisor;
+
+impl EmuHypervisor {
+    pub fn new() -> Self {
+        EmuHypervisor
+    }
+}
+
+impl Hypervisor for EmuHypervisor {
+    fn kind(&self) -> AccelKind {
+        AccelKind::Emu
+    }
+
+    fn create_vm(&self) -> Result<Arc<dyn Vm>> {
+        Ok(Arc::new(EmuVm::new()))
+    }
+}
+
+pub struct EmuVm {
+    mem: Arc<PhysMem>,
+    intc: RwLock<Arc<dyn InterruptController>>,
+}
+
+impl Default for EmuVm {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EmuVm {
+    /// A VM with the stand-in queue controller (GSI n -> vector 0x20 + n).
+    pub fn new() -> Self {
+        EmuVm {
+            mem: PhysMem::new(),
+            intc: RwLock::new(Arc::new(QueueInterruptController::new(0x20))),
+        }
+    }
+
+    /// Plug in the platform's interrupt controllers. Must happen before the
+    /// vCPUs are created: each vCPU keeps the controller it was made with.
+    pub fn set_interrupt_controller(&self, intc: Arc<dyn InterruptController>) {
+        *self.intc.write().unwrap_or_else(|e| e.into_inner()) = intc;
+    }
+
+    pub fn interrupt_controller(&self) -> Arc<dyn InterruptController> {
+        self.intc.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn phys_mem(&self) -> &Arc<PhysMem> {
+        &self.mem
+    }
+
+    /// Make a vCPU with its concrete type (tests and the lead's wiring).
+    pub fn create_emu_vcpu(&self, index: u32) -> EmuVcpu {
+        let core = Core::new(
+            index,
+            MemView::new(self.mem.clone()),
+            self.interrupt_controller(),
+        );
+        EmuVcpu {
+            core,
+            buf: [0; 8],
+            pending_read: None,
+        }
+    }
+}
+
+impl Vm for EmuVm {
+    unsafe fn map_memory(
+        &self,
+        _slot: u32,
+        guest_addr: u64,
+        size: u64,
+        host_addr: u64,
+    ) -> Result<()> {
+        if size == 0 || guest_addr.checked_add(size).is_none() {
+            return Err(HypervisorError::Other(format!(
+                "bad memory region {guest_addr:#x}+{size:#x}"
+            )));
+        }
+        // SAFETY: forwarded from the caller's `map_memory` contract.
+        unsafe { self.mem.map(guest_addr, size, host_addr as *mut u8) };
+        Ok(())
+    }
+
+    fn create_vcpu(&self, index: u32, _count: u32) -> Result<Box<dyn Vcpu>> {
+        Ok(Box::new(self.create_emu_vcpu(index)))
+    }
+
+    fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>> {
+        Ok(Arc::new(EmuIrqLine {
+            intc: self.interrupt_controller(),
+            gsi,
+        }))
+    }
+}
+
+struct EmuIrqLine {
+    intc: Arc<dyn InterruptController>,
+    gsi: u32,
+}
+
+impl IrqLine for EmuIrqLine {
+    fn trigger(&self) -> Result<()> {
+        self.intc.trigger_gsi(self.gsi);
+        Ok(())
+    }
+}
+
+struct EmuKicker(Arc<AtomicBool>);
+
+impl VcpuKicker for EmuKicker {
+    fn kick(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+pub struct EmuVcpu {
+    core: Core,
+    /// Data of the current I/O or MMIO exit.
+    buf: [u8; 8],
+    /// A read exit whose data the VMM fills in `buf` before the next run.
+    pending_read: Option<ExitReq>,
+}
+
+impl EmuVcpu {
+    pub fn core(&self) -> &Core {
+        &self.core
+    }
+
+    pub fn core_mut(&mut self) -> &mut Core {
+        &mut self.core
+    }
+
+    fn internal_error(&mut self, reason: String, rip: u64) -> Box<InternalError> {
+        let lin = self.core.rip_lin();
+        let mut insn = Vec::new();
+        for i in 0..15 {
+            match self.core.read_lin(lin.wrapping_add(i), 1, false) {
+                Ok(b) => insn.push(b as u8),
+                Err(_) => break,
+            }
+        }
+        self.core.io.request = None;
+        Box::new(InternalError {
+            reason,
+            rip,
+            insn,
+            regs: self.get_regs().ok(),
+            sregs: self.get_sregs().ok(),
+        })
+    }
+}
+
+impl Vcpu for EmuVcpu {
+    fn index(&self) -> u32 {
+        self.core.index
+    }
+
+    fn run(&mut self) -> Result<VcpuExit<'_>> {
+        if let Some(req) = self.pending_read.take() {
+            let (is_io, addr, size) = match req {
+                ExitReq::IoIn { port, size } => (true, port as u64, size),
+                ExitReq::MmioRead { addr, size } => (false, addr, size),
+                _ => (false, u64::MAX, 0),
+            };
+            self.core.io.response = Some(ReadResponse {
+                is_io,
+                addr,
+                size,
+                data: u64::from_le_bytes(self.buf),
+            });
+        }
+        match self.core.run() {
+            RunExit::Io(req) => {
+                self.buf = [0; 8];
+                match req {
+                    ExitReq::IoIn { port, size } => {
+                        self.pending_read = Some(req);
+                        Ok(VcpuExit::IoIn {
+                            port,
+                            data: &mut self.buf[..size as usize],
+                        })
+                    }
+                    ExitReq::IoOut { port, size, data } => {
+                        self.buf = data.to_le_bytes();
+                        Ok(VcpuExit::IoOut {
+                            port,
+                            data: &self.buf[..size as usize],
+                        })
+                    }
+                    ExitReq::MmioRead { addr, size } => {
+                        self.pending_read = Some(req);
+                        Ok(VcpuExit::MmioRead {
+                            addr,
+                            data: &mut self.buf[..size as usize],
+                        })
+                    }
+                    ExitReq::MmioWrite { addr, size, data } => {
+                        self.buf = data.to_le_bytes();
+                        Ok(VcpuExit::MmioWrite {
+                            addr,
+                            data: &self.buf[..size as usize],
+                        })
+                    }
+                }
+            }
+            RunExit::Halt => Ok(VcpuExit::Halt),
+            RunExit::Shutdown => Ok(VcpuExit::Shutdown),
+            RunExit::Interrupted => Ok(VcpuExit::Interrupted),
+            RunExit::Internal { reason, rip } => {
+                Ok(VcpuExit::InternalError(self.internal_error(reason, rip)))
+            }
+        }
+    }
+
+    fn get_regs(&self) -> Result<StandardRegs> {
+        let g = &self.core.st.gpr;
+        Ok(StandardRegs {
+            rax: g[0],
+            rcx: g[1],
+            rdx: g[2],
+            rbx: g[3],
+            rsp: g[4],
+            rbp: g[5],
+            rsi: g[6],
+            rdi: g[7],
+            r8: g[8],
+            r9: g[9],
+            r10: g[10],
+            r11: g[11],
+            r12: g[12],
+            r13: g[13],
+            r14: g[14],
+            r15: g[15],
+            rip: self.core.st.rip,
+            rflags: self.core.st.get_rflags(),
+        })
+    }
+
+    fn set_regs(&mut self, r: &StandardRegs) -> Result<()> {
+        self.core.st.gpr = [
+            r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15,
+        ];
+        self.core.st.rip = r.rip;
+        self.core.st.set_rflags(r.rflags);
+        Ok(())
+    }
+
+    fn get_sregs(&self) -> Result<SpecialRegs> {
+        let st = &self.core.st;
+        Ok(SpecialRegs {
+            cs: st.seg[CS],
+            ds: st.seg[DS],
+            es: st.seg[ES],
+            fs: st.seg[FS],
+            gs: st.seg[GS],
+            ss: st.seg[SS],
+            tr: st.tr,
+            ldt: st.ldt,
+            gdt: st.gdt,
+            idt: st.idt,
+            cr0: st.cr0,
+            cr2: st.cr2,
+            cr3: st.cr3,
+            cr4: st.cr4,
+            cr8: st.cr8,
+            efer: st.efer,
+            apic_base: st.msr.apic_base,
+        })
+    }
+
+    fn set_sregs(&mut self, s: &SpecialRegs) -> Result<()> {
+        let st = &mut self.core.st;
+        st.seg[CS] = s.cs;
+        st.seg[DS] = s.ds;
+        st.seg[ES] = s.es;
+        st.seg[FS] = s.fs;
+        st.seg[GS] = s.gs;
+        st.seg[SS] = s.ss;
+        st.tr = s.tr;
+        st.ldt = s.ldt;
+        st.gdt = s.gdt;
+        st.idt = s.idt;
+        st.cr0 = s.cr0 | CR0_ET;
+        st.cr2 = s.cr2;
+        st.cr3 = s.cr3;
+        st.cr4 = s.cr4;
+        st.cr8 = s.cr8;
+        st.efer = s.efer;
+        if s.apic_base != 0 {
+            st.msr.apic_base = s.apic_base;
+        }
+        // In long mode CS.dpl is the CPL; a boot state may leave it zero, which
+        // is what we want for ring 0 entry.
+        self.core.tlb.flush_all();
+        Ok(())
+    }
+
+    fn kicker(&self) -> Arc<dyn VcpuKicker> {
+        Arc::new(EmuKicker(self.core.kick.clone()))
+    }
+}

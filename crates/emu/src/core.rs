@@ -1,0 +1,513 @@
+//! One vCPU's engine: state + TLB + block cache, memory access through
+//! segments and paging, and the run loop.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::cpu::{CpuState, CR0_WP, CS, FLAG_IF, SS};
+use crate::decode::BlockCache;
+use crate::irq::InterruptController;
+use crate::mem::{cas, load, store, MemView};
+use crate::mmu::{tlb_allows, walk, Access, Tlb, TlbEntry};
+
+/// Why an instruction did not complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exc {
+    /// An architectural exception, delivered through the IDT.
+    Fault { vector: u8, error: Option<u32> },
+    /// A page fault at `addr` (CR2) with its error code.
+    PageFault { addr: u64, error: u32 },
+    /// The instruction needs data from the VMM (IN, MMIO read): it is
+    /// restarted once the data is there. The request is in `Core::io`.
+    Exit,
+    /// Something the engine does not implement.
+    Unimplemented(String),
+    /// Triple fault.
+    Shutdown,
+}
+
+pub type R<T = ()> = Result<T, Exc>;
+
+#[inline]
+pub fn gp(error: u32) -> Exc {
+    Exc::Fault {
+        vector: 13,
+        error: Some(error),
+    }
+}
+
+#[inline]
+pub fn ud() -> Exc {
+    Exc::Fault {
+        vector: 6,
+        error: None,
+    }
+}
+
+#[inline]
+pub fn fault(vector: u8, error: Option<u32>) -> Exc {
+    Exc::Fault { vector, error }
+}
+
+/// A request for the VMM, produced while executing an instruction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReq {
+    IoIn { port: u16, size: u8 },
+    IoOut { port: u16, size: u8, data: u64 },
+    MmioRead { addr: u64, size: u8 },
+    MmioWrite { addr: u64, size: u8, data: u64 },
+}
+
+/// Data the VMM supplied for a read exit, consumed when the instruction reruns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadResponse {
+    pub is_io: bool,
+    pub addr: u64,
+    pub size: u8,
+    pub data: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct IoExchange {
+    pub request: Option<ExitReq>,
+    pub response: Option<ReadResponse>,
+}
+
+/// What the run loop hands back to the backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunExit {
+    Io(ExitReq),
+    Halt,
+    Shutdown,
+    Interrupted,
+    Internal { reason: String, rip: u64 },
+}
+
+pub struct Core {
+    pub st: CpuState,
+    pub mem: MemView,
+    pub tlb: Tlb,
+    pub blocks: BlockCache,
+    pub index: u32,
+    pub intc: Arc<dyn InterruptController>,
+    pub kick: Arc<AtomicBool>,
+    pub io: IoExchange,
+    /// RIP after the current instruction; branches overwrite it.
+    pub next_rip: u64,
+    /// Stop the current block after this instruction (mode change, SMC, ...).
+    pub end_block: bool,
+    /// Interrupts are inhibited for one instruction (after STI, MOV SS).
+    pub int_shadow: bool,
+    pub halted: bool,
+    /// Instructions retired, for tests and statistics.
+    pub icount: u64,
+    /// Exception currently being delivered (for #DF / triple-fault rules).
+    pub delivering: Option<u8>,
+}
+
+impl Core {
+    pub fn new(index: u32, mem: MemView, intc: Arc<dyn InterruptController>) -> Core {
+        Core {
+            st: CpuState::reset(),
+            mem,
+            tlb: Tlb::default(),
+            blocks: BlockCache::default(),
+            index,
+            intc,
+            kick: Arc::new(AtomicBool::new(false)),
+            io: IoExchange::default(),
+            next_rip: 0,
+            end_block: false,
+            int_shadow: false,
+            halted: false,
+            icount: 0,
+            delivering: None,
+        }
+    }
+
+    // ---------------------------------------------------------------- paging
+
+    #[inline(always)]
+    pub fn user(&self) -> bool {
+        self.st.cpl() == 3
+    }
+
+    #[inline(always)]
+    fn tlb_entry(&mut self, lin: u64, acc: Access, user: bool) -> R<TlbEntry> {
+        if let Some(e) = self.tlb.lookup(lin) {
+            if tlb_allows(e.perm, acc, user, self.st.cr0 & CR0_WP != 0) {
+                return Ok(*e);
+            }
+        }
+        self.tlb_fill(lin, acc, user)
+    }
+
+    #[cold]
+    fn tlb_fill(&mut self, lin: u64, acc: Access, user: bool) -> R<TlbEntry> {
+        match walk(&self.st, &self.mem, lin, acc, user) {
+            Ok(t) => {
+                let e = TlbEntry {
+                    tag: (lin & !0xfff) | 1,
+                    phys: t.page,
+                    host: self
+                        .mem
+                        .ram_ptr(t.page, 4096)
+                        .unwrap_or(std::ptr::null_mut()),
+                    code: self.mem.code_flag(t.page),
+                    perm: t.perm,
+                };
+                self.tlb.entries[Tlb::index(lin)] = e;
+                Ok(e)
+            }
+            Err(error) => Err(Exc::PageFault { addr: lin, error }),
+        }
+    }
+
+    /// Translate a linear address to physical without side effects on the TLB.
+    pub fn translate(&mut self, lin: u64, acc: Access, user: bool) -> R<u64> {
+        Ok(self.tlb_entry(lin, acc, user)?.phys | (lin & 0xfff))
+    }
+
+    /// Host pointer to the page of `lin` for code fetch, or the physical page.
+    pub fn fetch_entry(&mut self, lin: u64) -> R<TlbEntry> {
+        let user = self.user();
+        self.tlb_entry(lin, Access::Exec, user)
+    }
+
+    // ---------------------------------------------------------- linear access
+
+    pub fn read_lin(&mut self, lin: u64, size: u8, user: bool) -> R<u64> {
+        if (lin & 0xfff) + size as u64 > 0x1000 {
+            return self.read_split(lin, size, user);
+        }
+        let e = self.tlb_entry(lin, Access::Read, user)?;
+        if !e.host.is_null() {
+            // SAFETY: the entry's host page is 4 KiB of mapped RAM and the
+            // access does not cross it.
+            Ok(unsafe { load(e.host.add((lin & 0xfff) as usize), size) })
+        } else {
+            self.mmio_read(e.phys | (lin & 0xfff), size)
+        }
+    }
+
+    #[cold]
+    fn read_split(&mut self, lin: u64, size: u8, user: bool) -> R<u64> {
+        let mut v = 0u64;
+        for i in 0..size as u64 {
+            v |= self.read_lin(lin.wrapping_add(i), 1, user)? << (8 * i);
+        }
+        Ok(v)
+    }
+
+    pub fn write_lin(&mut self, lin: u64, size: u8, val: u64, user: bool) -> R {
+        if (lin & 0xfff) + size as u64 > 0x1000 {
+            return self.write_split(lin, size, val, user);
+        }
+        let e = self.tlb_entry(lin, Access::Write, user)?;
+        if !e.host.is_null() {
+            // SAFETY: as in `read_lin`.
+            unsafe {
+                store(e.host.add((lin & 0xfff) as usize), size, val);
+                if (*e.code).load(Ordering::Relaxed) != 0 {
+                    self.code_written(e.phys | (lin & 0xfff), size as u64);
+                }
+            }
+            Ok(())
+        } else {
+            self.mmio_write(e.phys | (lin & 0xfff), size, val)
+        }
+    }
+
+    #[cold]
+    fn write_split(&mut self, lin: u64, size: u8, val: u64, user: bool) -> R {
+        // Check both pages before writing anything: no partial writes on #PF.
+        let last = lin.wrapping_add(size as u64 - 1);
+        self.tlb_entry(lin, Access::Write, user)?;
+        self.tlb_entry(last, Access::Write, user)?;
+        for i in 0..size as u64 {
+            self.write_lin(lin.wrapping_add(i), 1, val >> (8 * i), user)?;
+        }
+        Ok(())
+    }
+
+    #[cold]
+    fn code_written(&mut self, gpa: u64, len: u64) {
+        if self.mem.note_write_gpa(gpa, len) {
+            // The running block may be the one just modified.
+            self.end_block = true;
+        }
+    }
+
+    /// Read-modify-write; with `locked` the update is one atomic operation
+    /// on guest RAM, so other vCPU threads see LOCK semantics. `f` may run
+    /// more than once. Returns the old value.
+    pub fn rmw_lin(
+        &mut self,
+        lin: u64,
+        size: u8,
+        locked: bool,
+        user: bool,
+        f: &mut dyn FnMut(u64) -> u64,
+    ) -> R<u64> {
+        let aligned = lin & (size as u64 - 1) == 0;
+        if (lin & 0xfff) + size as u64 <= 0x1000 {
+            let e = self.tlb_entry(lin, Access::Write, user)?;
+            if !e.host.is_null() {
+                // SAFETY: inside one mapped RAM page; CAS only when aligned.
+                let p = unsafe { e.host.add((lin & 0xfff) as usize) };
+                let old = unsafe {
+                    if locked && aligned {
+                        let mut old = load(p, size);
+                        loop {
+                            let found = cas(p, size, old, f(old));
+                            if found == old {
+                                break old;
+                            }
+                            old = found;
+                        }
+                    } else {
+                        let old = load(p, size);
+                        store(p, size, f(old));
+                        old
+                    }
+                };
+                // SAFETY: the code flag pointer comes from the same region.
+                if unsafe { (*e.code).load(Ordering::Relaxed) } != 0 {
+                    self.code_written(e.phys | (lin & 0xfff), size as u64);
+                }
+                return Ok(old);
+            }
+        }
+        // Split or MMIO: not atomic (a split-locked access is rare and slow on
+        // real hardware too).
+        self.tlb_entry(lin, Access::Write, user)?;
+        let old = self.read_lin(lin, size, user)?;
+        self.write_lin(lin, size, f(old), user)?;
+        Ok(old)
+    }
+
+    // --------------------------------------------------------- segmented access
+
+    /// Linear address of `seg:off`; #GP/#SS on a non-canonical 64-bit address.
+    #[inline(always)]
+    pub fn lin(&self, seg: usize, off: u64) -> R<u64> {
+        if self.st.mode64() {
+            let a = if seg >= 4 {
+                off.wrapping_add(self.st.seg[seg].base)
+            } else {
+                off
+            };
+            if ((a << 16) as i64 >> 16) as u64 != a {
+                return Err(if seg == SS { fault(12, Some(0)) } else { gp(0) });
+            }
+            Ok(a)
+        } else {
+            Ok(self.st.seg[seg].base.wrapping_add(off) & 0xffff_ffff)
+        }
+    }
+
+    #[inline]
+    pub fn read_mem(&mut self, seg: usize, off: u64, size: u8) -> R<u64> {
+        let lin = self.lin(seg, off)?;
+        let user = self.user();
+        self.read_lin(lin, size, user)
+    }
+
+    #[inline]
+    pub fn write_mem(&mut self, seg: usize, off: u64, size: u8, val: u64) -> R {
+        let lin = self.lin(seg, off)?;
+        let user = self.user();
+        self.write_lin(lin, size, val, user)
+    }
+
+    /// Implicit supervisor-mode read (descriptor tables, TSS, IDT).
+    pub fn read_sys(&mut self, lin: u64, size: u8) -> R<u64> {
+        self.read_lin(lin, size, false)
+    }
+
+    pub fn write_sys(&mut self, lin: u64, size: u8, val: u64) -> R {
+        self.write_lin(lin, size, val, false)
+    }
+
+    // ------------------------------------------------------------- MMIO / IO
+
+    fn take_response(&mut self, is_io: bool, addr: u64, size: u8) -> Option<u64> {
+        match self.io.response {
+            Some(r) if r.is_io == is_io && r.addr == addr && r.size == size => {
+                self.io.response = None;
+                Some(r.data)
+            }
+            _ => None,
+        }
+    }
+
+    fn mmio_read(&mut self, addr: u64, size: u8) -> R<u64> {
+        if let Some(v) = self.take_response(false, addr, size) {
+            return Ok(v);
+        }
+        self.io.request = Some(ExitReq::MmioRead { addr, size });
+        Err(Exc::Exit)
+    }
+
+    fn mmio_write(&mut self, addr: u64, size: u8, data: u64) -> R {
+        if self.io.request.is_some() {
+            return Err(Exc::Unimplemented(
+                "more than one MMIO access in one instruction".into(),
+            ));
+        }
+        self.io.request = Some(ExitReq::MmioWrite { addr, size, data });
+        Ok(())
+    }
+
+    pub fn io_in(&mut self, port: u16, size: u8) -> R<u64> {
+        if let Some(v) = self.take_response(true, port as u64, size) {
+            return Ok(v);
+        }
+        self.io.request = Some(ExitReq::IoIn { port, size });
+        Err(Exc::Exit)
+    }
+
+    pub fn io_out(&mut self, port: u16, size: u8, data: u64) -> R {
+        if self.io.request.is_some() {
+            return Err(Exc::Unimplemented(
+                "more than one port access in one instruction".into(),
+            ));
+        }
+        self.io.request = Some(ExitReq::IoOut { port, size, data });
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ run
+
+    /// Flush everything derived from memory contents or mappings.
+    pub fn flush_all_caches(&mut self) {
+        self.tlb.flush_all();
+        self.blocks.clear();
+    }
+
+    /// Run until something needs the VMM.
+    pub fn run(&mut self) -> RunExit {
+        if self.mem.refresh() {
+            self.flush_all_caches();
+        }
+        loop {
+            if self.kick.swap(false, Ordering::AcqRel) {
+                return RunExit::Interrupted;
+            }
+            if !self.int_shadow {
+                if let Some(exit) = self.check_interrupts() {
+                    return exit;
+                }
+            }
+            if self.halted {
+                return RunExit::Halt;
+            }
+            let limit = if self.int_shadow { 1 } else { usize::MAX };
+            self.int_shadow = false;
+            if let Some(exit) = self.run_block(limit) {
+                return exit;
+            }
+        }
+    }
+
+    /// Accept a pending NMI or external interrupt if the CPU can take it.
+    fn check_interrupts(&mut self) -> Option<RunExit> {
+        if self.intc.take_nmi(self.index) {
+            self.halted = false;
+            return self.deliver_and_check(2, None, crate::exception::Kind::External);
+        }
+        if self.st.rflags & FLAG_IF == 0 {
+            return None;
+        }
+        let v = self.intc.pending_vector(self.index)?;
+        self.intc.ack(self.index, v);
+        self.halted = false;
+        self.deliver_and_check(v, None, crate::exception::Kind::External)
+    }
+
+    fn deliver_and_check(
+        &mut self,
+        vector: u8,
+        error: Option<u32>,
+        kind: crate::exception::Kind,
+    ) -> Option<RunExit> {
+        match crate::exception::deliver(self, vector, error, kind) {
+            Ok(()) => None,
+            Err(Exc::Shutdown) => Some(RunExit::Shutdown),
+            Err(Exc::Unimplemented(reason)) => Some(RunExit::Internal {
+                reason,
+                rip: self.st.rip,
+            }),
+            Err(e) => Some(RunExit::Internal {
+                reason: format!("unexpected {e:?} while delivering vector {vector}"),
+                rip: self.st.rip,
+            }),
+        }
+    }
+
+    /// Execute (part of) one basic block. Returns an exit if one is due.
+    fn run_block(&mut self, limit: usize) -> Option<RunExit> {
+        let block = match crate::decode::fetch_block(self) {
+            Ok(b) => b,
+            Err(e) => return self.handle_exc(e),
+        };
+        self.end_block = false;
+        for insn in block.insns.iter().take(limit) {
+            let next = insn.next_ip();
+            self.next_rip = next;
+            match crate::exec::execute(self, insn) {
+                Ok(()) => {
+                    self.icount += 1;
+                    self.st.rip = self.next_rip;
+                    if let Some(req) = self.io.request.take() {
+                        return Some(RunExit::Io(req));
+                    }
+                    if self.next_rip != next || self.end_block {
+                        break;
+                    }
+                }
+                Err(e) => return self.handle_exc(e),
+            }
+        }
+        None
+    }
+
+    fn handle_exc(&mut self, e: Exc) -> Option<RunExit> {
+        use crate::exception::Kind;
+        match e {
+            Exc::Fault { vector, error } => {
+                self.io.request = None;
+                self.deliver_and_check(vector, error, Kind::Fault)
+            }
+            Exc::PageFault { addr, error } => {
+                self.io.request = None;
+                self.st.cr2 = addr;
+                self.deliver_and_check(14, Some(error), Kind::Fault)
+            }
+            Exc::Exit => match self.io.request.take() {
+                Some(req) => Some(RunExit::Io(req)),
+                None => Some(RunExit::Internal {
+                    reason: "exit requested without a request".into(),
+                    rip: self.st.rip,
+                }),
+            },
+            Exc::Unimplemented(reason) => {
+                self.io.request = None;
+                Some(RunExit::Internal {
+                    reason,
+                    rip: self.st.rip,
+                })
+            }
+            Exc::Shutdown => Some(RunExit::Shutdown),
+        }
+    }
+
+    /// Linear address of the current instruction.
+    pub fn rip_lin(&self) -> u64 {
+        if self.st.mode64() {
+            self.st.rip
+        } else {
+            self.st.seg[CS].base.wrapping_add(self.st.rip) & 0xffff_ffff
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! CPUID: advertise exactly what the engine implements.
+//!
+//! The vendor is AuthenticAMD so Linux does not enable page-table isolation
+//! (a CR3 switch per kernel entry). The feature set is the minimum a 64-bit
+//! Linux kernel requires (fpu msr pae cx8 cmov fxsr sse sse2 lm syscall)
+//! plus cheap extras the engine implements (tsc, pge, pse, nx, cx16,
+//! popcnt, lahf_lm, clflush).
+
+/// Leaf 1 EDX.
+pub const FEAT_FPU: u32 = 1 << 0;
+pub const FEAT_PSE: u32 = 1 << 3;
+pub const FEAT_TSC: u32 = 1 << 4;
+pub const FEAT_MSR: u32 = 1 << 5;
+pub const FEAT_PAE: u32 = 1 << 6;
+pub const FEAT_CX8: u32 = 1 << 8;
+pub const FEAT_PGE: u32 = 1 << 13;
+pub const FEAT_CMOV: u32 = 1 << 15;
+pub const FEAT_CLFLUSH: u32 = 1 << 19;
+pub const FEAT_FXSR: u32 = 1 << 24;
+pub const FEAT_SSE: u32 = 1 << 25;
+pub const FEAT_SSE2: u32 = 1 << 26;
+/// Leaf 1 ECX.
+pub const FEAT_CX16: u32 = 1 << 13;
+pub const FEAT_POPCNT: u32 = 1 << 23;
+pub const FEAT_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 0x80000001 EDX / ECX.
+pub const EXT_SYSCALL: u32 = 1 << 11;
+pub const EXT_NX: u32 = 1 << 20;
+pub const EXT_LM: u32 = 1 << 29;
+pub const EXT_LAHF_LM: u32 = 1 << 0;
+
+const LEAF1_EDX: u32 = FEAT_FPU
+    | FEAT_PSE
+    | FEAT_TSC
+    | FEAT_MSR
+    | FEAT_PAE
+    | FEAT_CX8
+    | FEAT_PGE
+    | FEAT_CMOV
+    | FEAT_CLFLUSH
+    | FEAT_FXSR
+    | FEAT_SSE
+    | FEAT_SSE2;
+const LEAF1_ECX: u32 = FEAT_CX16 | FEAT_POPCNT | FEAT_HYPERVISOR;
+
+fn regs(s: &[u8; 12]) -> [u32; 3] {
+    let w = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
+    [w(0), w(4), w(8)]
+}
+
+/// CPUID leaf `leaf`, subleaf `sub`, for vCPU `index`: [EAX, EBX, ECX, EDX].
+pub fn cpuid(index: u32, leaf: u32, _sub: u32) -> [u32; 4] {
+    match leaf {
+        0 => {
+            // "AuthenticAMD" is returned in EBX, EDX, ECX order.
+            let [b, d, c] = regs(b"AuthenticAMD");
+            [1, b, c, d]
+        }
+        1 => {
+            // Family 0xf + 0x8 = 0x17 (Zen), model 1, stepping 1.
+            let eax = 0x0080_0f11;
+            let ebx = (index << 24) | (1 << 16) | (8 << 8);
+            [eax, ebx, LEAF1_ECX, LEAF1_EDX]
+        }
+        0x4000_0000 => {
+            // Hypervisor leaf range present, no known signature (yet).
+            let [b, c, d] = regs(b"VireoEmuVire");
+            [0x4000_0000, b, c, d]
+        }
+        0x8000_0000 => {
+            let [b, d, c] = regs(b"AuthenticAMD");
+            [0x8000_0008, b, c, d]
+        }
+        0x8000_0001 => [
+            0x0080_0f11,
+            0,
+            EXT_LAHF_LM,
+            LEAF1_EDX & 0x0183_f3ff | EXT_SYSCALL | EXT_NX | EXT_LM,
+        ],
+        0x8000_0002..=0x8000_0004 => {
+            let name = *b"Vireo software x86-64 CPU\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+            let i = (leaf - 0x8000_0002) as usize * 16;
+            let w = |k: usize| {
+                u32::from_le_bytes([
+                    name[i + k],
+                    name[i + k + 1],
+                    name[i + k + 2],
+                    name[i + k + 3],
+                ])
+            };
+            [w(0), w(4), w(8), w(12)]
+        }
+        0x8000_0008 => [(48 << 8) | crate::mmu::MAX_PHYS_BITS, 0, 0, 0],
+        _ => [0; 4],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vendor_and_required_features() {
+        let r = cpuid(0, 0, 0);
+        let mut v = Vec::new();
+        for x in [r[1], r[3], r[2]] {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        assert_eq!(&v, b"AuthenticAMD");
+        let f = cpuid(0, 1, 0);
+        for bit in [
+            FEAT_FPU, FEAT_MSR, FEAT_PAE, FEAT_CX8, FEAT_CMOV, FEAT_FXSR, FEAT_SSE, FEAT_SSE2,
+        ] {
+            assert_ne!(f[3] & bit, 0);
+        }
+        let e = cpuid(0, 0x8000_0001, 0);
+        assert_ne!(e[3] & EXT_LM, 0);
+        assert_ne!(e[3] & EXT_SYSCALL, 0);
+        // No XSAVE/AVX, no APERFMPERF leaf.
+        assert_eq!(f[2] & (1 << 26), 0);
+        assert_eq!(cpuid(0, 6, 0), [0; 4]);
+    }
+}

@@ -1,0 +1,204 @@
+//! Basic-block decode cache.
+//!
+//! A block is decoded once and kept keyed by the physical address of its
+//! first byte. It remembers the RIP and code size it was decoded for (branch
+//! targets are absolute) and the code generation of the physical pages it
+//! covers: a write to one of those pages bumps the generation and the block
+//! is decoded again on its next use.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic};
+
+use crate::core::{Core, Exc, R};
+use crate::mem::load;
+
+/// Longest block, in instructions.
+const MAX_INSNS: usize = 64;
+/// Cached blocks before the cache is dropped wholesale.
+const MAX_BLOCKS: usize = 1 << 16;
+
+pub struct Block {
+    pub rip: u64,
+    pub bits: u32,
+    pub insns: Vec<Instruction>,
+    /// (physical page, generation) for the one or two pages covered.
+    pages: [(u64, u32); 2],
+    npages: usize,
+}
+
+/// Multiplicative hash for physical addresses (std's SipHash is slow here).
+#[derive(Default)]
+pub struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ *b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+#[derive(Default)]
+pub struct BlockCache {
+    map: HashMap<u64, Arc<Block>, BuildHasherDefault<AddrHasher>>,
+    pub decoded: u64,
+}
+
+impl BlockCache {
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// Instructions after which decoding stops even though control falls
+/// through: they change how the following bytes must be decoded or run.
+fn ends_block(insn: &Instruction) -> bool {
+    if insn.flow_control() != FlowControl::Next {
+        return true;
+    }
+    matches!(
+        insn.mnemonic(),
+        Mnemonic::Mov
+            if insn.op0_register().is_cr() || insn.op0_register().is_segment_register()
+    ) || matches!(
+        insn.mnemonic(),
+        Mnemonic::Wrmsr
+            | Mnemonic::Sti
+            | Mnemonic::Cli
+            | Mnemonic::Popf
+            | Mnemonic::Popfd
+            | Mnemonic::Popfq
+            | Mnemonic::Hlt
+            | Mnemonic::Lmsw
+            | Mnemonic::Invlpg
+            | Mnemonic::In
+            | Mnemonic::Out
+    )
+}
+
+/// The block starting at the current RIP, decoding it if needed.
+pub fn fetch_block(core: &mut Core) -> R<Arc<Block>> {
+    let rip = core.st.rip;
+    let bits = core.st.code_bits();
+    let lin = core.rip_lin();
+    let entry = core.fetch_entry(lin)?;
+    let phys = entry.phys | (lin & 0xfff);
+    if let Some(b) = core.blocks.map.get(&phys) {
+        if b.rip == rip && b.bits == bits && valid(core, b) {
+            return Ok(b.clone());
+        }
+    }
+    let b = Arc::new(decode_block(core, lin, rip, bits, entry.phys, entry.host)?);
+    if core.blocks.map.len() >= MAX_BLOCKS {
+        core.blocks.map.clear();
+    }
+    core.blocks.decoded += 1;
+    core.blocks.map.insert(phys, b.clone());
+    Ok(b)
+}
+
+fn valid(core: &Core, b: &Block) -> bool {
+    b.pages[..b.npages]
+        .iter()
+        .all(|&(p, g)| core.mem.code_gen(p) == Some(g))
+}
+
+fn decode_block(
+    core: &mut Core,
+    lin: u64,
+    rip: u64,
+    bits: u32,
+    page: u64,
+    host: *mut u8,
+) -> R<Block> {
+    if host.is_null() {
+        return Err(Exc::Unimplemented(format!(
+            "executing from MMIO at physical {:#x}",
+            page | (lin & 0xfff)
+        )));
+    }
+    let Some(gen) = core.mem.mark_code(page) else {
+        return Err(Exc::Unimplemented("code page vanished".into()));
+    };
+    let off = (lin & 0xfff) as usize;
+    let in_page = 4096 - off;
+    let mut bytes = Vec::with_capacity(in_page + 15);
+    for i in 0..in_page {
+        // SAFETY: `host` is a whole mapped RAM page.
+        bytes.push(unsafe { load(host.add(off + i), 1) } as u8);
+    }
+    let mut pages = [(page, gen), (0, 0)];
+    let mut npages = 1;
+    // Bytes of the next page, for an instruction that straddles the boundary.
+    let mut next_fault = None;
+    let next_lin = (lin & !0xfff).wrapping_add(0x1000);
+    let next_lin = if bits == 64 {
+        next_lin
+    } else {
+        next_lin & 0xffff_ffff
+    };
+    match core.fetch_entry(next_lin) {
+        Ok(e) if !e.host.is_null() => {
+            if let Some(g2) = core.mem.mark_code(e.phys) {
+                for i in 0..15 {
+                    // SAFETY: as above.
+                    bytes.push(unsafe { load(e.host.add(i), 1) } as u8);
+                }
+                pages[1] = (e.phys, g2);
+            }
+        }
+        Ok(_) => {}
+        Err(e) => next_fault = Some(e),
+    }
+    let mut dec = Decoder::with_ip(bits, &bytes, rip, DecoderOptions::NONE);
+    let mut insns = Vec::with_capacity(16);
+    let mut insn = Instruction::default();
+    while insns.len() < MAX_INSNS && (dec.position() < in_page) {
+        dec.decode_out(&mut insn);
+        let end = dec.position();
+        if insn.is_invalid() && dec.last_error() == iced_x86::DecoderError::NoMoreBytes {
+            // Truncated at the page end: the next page is not executable.
+            if insns.is_empty() {
+                return Err(
+                    next_fault.unwrap_or(Exc::Unimplemented("instruction fetch failed".into()))
+                );
+            }
+            break;
+        }
+        if end > in_page {
+            npages = 2;
+        }
+        let stop = insn.is_invalid() || ends_block(&insn);
+        insns.push(insn);
+        if stop {
+            break;
+        }
+    }
+    if npages == 2 && pages[1].0 == 0 && next_fault.is_none() {
+        npages = 1;
+    }
+    Ok(Block {
+        rip,
+        bits,
+        insns,
+        pages,
+        npages,
+    })
+}

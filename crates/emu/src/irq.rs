@@ -1,0 +1,78 @@
+//! The interface between the CPU and an interrupt-controller model.
+//!
+//! The CPU side (IF, the STI/MOV SS shadow, IDT delivery) lives in the engine;
+//! which vector is pending and how it is acknowledged belongs to the
+//! controller (LAPIC/IOAPIC/PIC in `emu-platform`). The engine polls
+//! [`InterruptController::pending_vector`] between blocks and calls
+//! [`InterruptController::ack`] when it actually delivers the vector.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+pub trait InterruptController: Send + Sync {
+    /// A device raised an edge on a global system interrupt line.
+    fn trigger_gsi(&self, gsi: u32);
+    /// Highest-priority vector ready for `vcpu`, not yet acknowledged.
+    /// Called between blocks only when the vCPU can take it (IF=1, no shadow).
+    fn pending_vector(&self, vcpu: u32) -> Option<u8>;
+    /// The vCPU accepted `vector` (for a LAPIC: IRR -> ISR).
+    fn ack(&self, vcpu: u32, vector: u8);
+    /// Take a pending NMI for `vcpu`, if any.
+    fn take_nmi(&self, _vcpu: u32) -> bool {
+        false
+    }
+    /// Cheap check whether anything could wake a halted vCPU.
+    fn has_pending(&self, vcpu: u32) -> bool {
+        self.pending_vector(vcpu).is_some()
+    }
+    /// The guest wrote CR8 (task priority, bits 3:0 = TPR[7:4]).
+    fn set_tpr(&self, _vcpu: u32, _cr8: u8) {}
+}
+
+/// A stand-in controller until the platform models plug in: GSI `n` raises
+/// vector `base + n`, delivered FIFO to any vCPU.
+pub struct QueueInterruptController {
+    base: u8,
+    queue: Mutex<VecDeque<u8>>,
+    any: AtomicBool,
+}
+
+impl QueueInterruptController {
+    pub fn new(base: u8) -> Self {
+        QueueInterruptController {
+            base,
+            queue: Mutex::new(VecDeque::new()),
+            any: AtomicBool::new(false),
+        }
+    }
+
+    /// Queue a vector directly.
+    pub fn inject(&self, vector: u8) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.push_back(vector);
+        self.any.store(true, Ordering::SeqCst);
+    }
+}
+
+impl InterruptController for QueueInterruptController {
+    fn trigger_gsi(&self, gsi: u32) {
+        self.inject(self.base.wrapping_add(gsi as u8));
+    }
+
+    fn pending_vector(&self, _vcpu: u32) -> Option<u8> {
+        if !self.any.load(Ordering::Relaxed) {
+            return None;
+        }
+        let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.front().copied()
+    }
+
+    fn ack(&self, _vcpu: u32, vector: u8) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if q.front() == Some(&vector) {
+            q.pop_front();
+        }
+        self.any.store(!q.is_empty(), Ordering::SeqCst);
+    }
+}

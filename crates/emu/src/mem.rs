@@ -1,0 +1,313 @@
+//! Guest-physical memory as the engine sees it.
+//!
+//! RAM is a set of host-mapped regions (from `Vm::map_memory`); everything else
+//! is MMIO and turns into an exit. Each RAM page has a code generation counter:
+//! decoding a block marks its pages as code, and a write to a marked page bumps
+//! the counter so every vCPU's cached blocks for that page become stale.
+
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, RwLock};
+
+pub const PAGE_SIZE: u64 = 4096;
+pub const PAGE_SHIFT: u32 = 12;
+
+/// One host-mapped RAM region.
+pub struct Region {
+    pub gpa: u64,
+    pub size: u64,
+    host: *mut u8,
+    /// Per 4 KiB page: bumped whenever a page marked as code is written.
+    code_gen: Box<[AtomicU32]>,
+    /// Per page: non-zero while some decoded block depends on the page.
+    has_code: Box<[AtomicU8]>,
+}
+
+// SAFETY: the host range is guaranteed valid for the VM's lifetime by the
+// `Vm::map_memory` contract; concurrent guest access is the guest's business
+// and goes through atomics or plain loads/stores of at most 8 bytes.
+unsafe impl Send for Region {}
+unsafe impl Sync for Region {}
+
+impl Region {
+    /// # Safety
+    /// `host..host+size` must stay mapped and writable while the region lives.
+    pub unsafe fn new(gpa: u64, size: u64, host: *mut u8) -> Region {
+        let pages = size.div_ceil(PAGE_SIZE) as usize;
+        Region {
+            gpa,
+            size,
+            host,
+            code_gen: (0..pages).map(|_| AtomicU32::new(0)).collect(),
+            has_code: (0..pages).map(|_| AtomicU8::new(0)).collect(),
+        }
+    }
+
+    #[inline]
+    pub fn contains(&self, gpa: u64) -> bool {
+        gpa.wrapping_sub(self.gpa) < self.size
+    }
+
+    /// Host pointer of `gpa`, which must be inside the region.
+    #[inline]
+    pub fn host_ptr(&self, gpa: u64) -> *mut u8 {
+        // SAFETY (of later dereferences): offset < size, checked by callers via `contains`.
+        self.host.wrapping_add((gpa - self.gpa) as usize)
+    }
+
+    #[inline]
+    fn page_index(&self, gpa: u64) -> usize {
+        ((gpa - self.gpa) >> PAGE_SHIFT) as usize
+    }
+}
+
+/// The VM's physical address space, shared by all its vCPUs.
+#[derive(Default)]
+pub struct PhysMem {
+    regions: RwLock<Arc<Vec<Arc<Region>>>>,
+    /// Bumped on every map change, so vCPUs refresh their snapshot.
+    pub generation: AtomicU64,
+}
+
+impl PhysMem {
+    pub fn new() -> Arc<PhysMem> {
+        Arc::new(PhysMem::default())
+    }
+
+    /// # Safety
+    /// See [`Region::new`].
+    pub unsafe fn map(&self, gpa: u64, size: u64, host: *mut u8) {
+        let region = Arc::new(Region::new(gpa, size, host));
+        let mut g = self.regions.write().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<Arc<Region>> = g.iter().filter(|r| r.gpa != gpa).cloned().collect();
+        v.push(region);
+        v.sort_by_key(|r| r.gpa);
+        *g = Arc::new(v);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn snapshot(&self) -> Arc<Vec<Arc<Region>>> {
+        self.regions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// A vCPU's view of physical memory: a snapshot of the region list.
+#[derive(Clone)]
+pub struct MemView {
+    pub phys: Arc<PhysMem>,
+    regions: Arc<Vec<Arc<Region>>>,
+    seen_gen: u64,
+}
+
+/// Where a physical address lives.
+pub enum Loc<'a> {
+    Ram(&'a Region),
+    Mmio,
+}
+
+impl MemView {
+    pub fn new(phys: Arc<PhysMem>) -> MemView {
+        let seen_gen = phys.generation.load(Ordering::SeqCst);
+        let regions = phys.snapshot();
+        MemView {
+            phys,
+            regions,
+            seen_gen,
+        }
+    }
+
+    /// Pick up map changes; returns true if something changed.
+    pub fn refresh(&mut self) -> bool {
+        let g = self.phys.generation.load(Ordering::SeqCst);
+        if g != self.seen_gen {
+            self.regions = self.phys.snapshot();
+            self.seen_gen = g;
+            true
+        } else {
+            false
+        }
+    }
+
+    #[inline]
+    pub fn region(&self, gpa: u64) -> Option<&Region> {
+        self.regions.iter().find(|r| r.contains(gpa)).map(|r| &**r)
+    }
+
+    /// Host pointer to RAM at `gpa` valid for `len` bytes, or None for MMIO.
+    #[inline]
+    pub fn ram_ptr(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+        let r = self.region(gpa)?;
+        if gpa - r.gpa + len <= r.size {
+            Some(r.host_ptr(gpa))
+        } else {
+            None
+        }
+    }
+
+    /// Read up to 8 bytes of RAM. None if any part is not RAM.
+    pub fn read_phys(&self, gpa: u64, size: u8) -> Option<u64> {
+        let p = self.ram_ptr(gpa, size as u64)?;
+        // SAFETY: p..p+size is inside a mapped region.
+        Some(unsafe { load(p, size) })
+    }
+
+    /// Write up to 8 bytes of RAM, with code-page tracking. False if not RAM.
+    pub fn write_phys(&self, gpa: u64, size: u8, val: u64) -> bool {
+        let Some(r) = self.region(gpa) else {
+            return false;
+        };
+        if gpa - r.gpa + size as u64 > r.size {
+            return false;
+        }
+        // SAFETY: inside the region.
+        unsafe { store(r.host_ptr(gpa), size, val) };
+        self.note_write(r, gpa, size as u64);
+        true
+    }
+
+    /// Atomically OR bits into an aligned 8-byte RAM word (page-table A/D bits).
+    pub fn fetch_or_phys_u64(&self, gpa: u64, bits: u64) -> bool {
+        let Some(r) = self.region(gpa) else {
+            return false;
+        };
+        if gpa & 7 != 0 || gpa - r.gpa + 8 > r.size {
+            return false;
+        }
+        // SAFETY: aligned and inside the region.
+        unsafe { (*(r.host_ptr(gpa) as *const AtomicU64)).fetch_or(bits, Ordering::SeqCst) };
+        self.note_write(r, gpa, 8);
+        true
+    }
+
+    /// Same for a 4-byte word (32-bit paging).
+    pub fn fetch_or_phys_u32(&self, gpa: u64, bits: u32) -> bool {
+        let Some(r) = self.region(gpa) else {
+            return false;
+        };
+        if gpa & 3 != 0 || gpa - r.gpa + 4 > r.size {
+            return false;
+        }
+        // SAFETY: aligned and inside the region.
+        unsafe { (*(r.host_ptr(gpa) as *const AtomicU32)).fetch_or(bits, Ordering::SeqCst) };
+        self.note_write(r, gpa, 4);
+        true
+    }
+
+    /// Invalidate decoded code on the pages `[gpa, gpa+len)` touch.
+    #[inline]
+    pub fn note_write(&self, r: &Region, gpa: u64, len: u64) {
+        let first = r.page_index(gpa);
+        let last = r.page_index(gpa + len.max(1) - 1);
+        for p in first..=last.min(r.has_code.len() - 1) {
+            if r.has_code[p].load(Ordering::Relaxed) != 0 {
+                r.has_code[p].store(0, Ordering::SeqCst);
+                r.code_gen[p].fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// True if a write to this physical page must go through `note_write`.
+    #[inline]
+    pub fn page_has_code(&self, gpa: u64) -> bool {
+        match self.region(gpa) {
+            Some(r) => r.has_code[r.page_index(gpa)].load(Ordering::Relaxed) != 0,
+            None => false,
+        }
+    }
+
+    /// Mark a page as holding decoded code and return its current generation.
+    /// The mark comes before the caller reads the bytes, so a racing write
+    /// either lands before the read or bumps the generation after it.
+    pub fn mark_code(&self, gpa: u64) -> Option<u32> {
+        let r = self.region(gpa)?;
+        let p = r.page_index(gpa);
+        r.has_code[p].store(1, Ordering::SeqCst);
+        Some(r.code_gen[p].load(Ordering::SeqCst))
+    }
+
+    /// The page's code flag, for the TLB to check on the write fast path.
+    pub fn code_flag(&self, gpa: u64) -> *const AtomicU8 {
+        match self.region(gpa) {
+            Some(r) => &r.has_code[r.page_index(gpa)] as *const AtomicU8,
+            None => std::ptr::null(),
+        }
+    }
+
+    /// `note_write` by physical address; true if decoded code was invalidated.
+    pub fn note_write_gpa(&self, gpa: u64, len: u64) -> bool {
+        match self.region(gpa) {
+            Some(r) => {
+                let had = self.page_has_code(gpa) || self.page_has_code(gpa + len.max(1) - 1);
+                self.note_write(r, gpa, len);
+                had
+            }
+            None => false,
+        }
+    }
+
+    pub fn code_gen(&self, gpa: u64) -> Option<u32> {
+        let r = self.region(gpa)?;
+        Some(r.code_gen[r.page_index(gpa)].load(Ordering::SeqCst))
+    }
+}
+
+/// Load `size` bytes little-endian from a host pointer.
+///
+/// # Safety
+/// `p..p+size` must be valid for reads.
+#[inline(always)]
+pub unsafe fn load(p: *const u8, size: u8) -> u64 {
+    match size {
+        1 => *p as u64,
+        2 => (p as *const u16).read_unaligned() as u64,
+        4 => (p as *const u32).read_unaligned() as u64,
+        _ => (p as *const u64).read_unaligned(),
+    }
+}
+
+/// Store `size` bytes little-endian to a host pointer.
+///
+/// # Safety
+/// `p..p+size` must be valid for writes.
+#[inline(always)]
+pub unsafe fn store(p: *mut u8, size: u8, v: u64) {
+    match size {
+        1 => *p = v as u8,
+        2 => (p as *mut u16).write_unaligned(v as u16),
+        4 => (p as *mut u32).write_unaligned(v as u32),
+        _ => (p as *mut u64).write_unaligned(v),
+    }
+}
+
+/// Atomic compare-and-swap of `size` bytes at an aligned host pointer.
+/// Returns the value found (equal to `old` on success).
+///
+/// # Safety
+/// `p` must be valid and aligned to `size`.
+pub unsafe fn cas(p: *mut u8, size: u8, old: u64, new: u64) -> u64 {
+    let r = match size {
+        1 => (*(p as *const AtomicU8))
+            .compare_exchange(old as u8, new as u8, Ordering::SeqCst, Ordering::SeqCst)
+            .map(|v| v as u64)
+            .map_err(|v| v as u64),
+        2 => (*(p as *const AtomicU16))
+            .compare_exchange(old as u16, new as u16, Ordering::SeqCst, Ordering::SeqCst)
+            .map(|v| v as u64)
+            .map_err(|v| v as u64),
+        4 => (*(p as *const AtomicU32))
+            .compare_exchange(old as u32, new as u32, Ordering::SeqCst, Ordering::SeqCst)
+            .map(|v| v as u64)
+            .map_err(|v| v as u64),
+        _ => (*(p as *const AtomicU64)).compare_exchange(
+            old,
+            new,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        ),
+    };
+    match r {
+        Ok(v) | Err(v) => v,
+    }
+}

@@ -1,0 +1,117 @@
+//! Model-specific registers.
+
+use crate::core::Core;
+use crate::cpu::*;
+
+pub const IA32_TSC: u32 = 0x10;
+pub const IA32_APIC_BASE: u32 = 0x1b;
+pub const IA32_SYSENTER_CS: u32 = 0x174;
+pub const IA32_SYSENTER_ESP: u32 = 0x175;
+pub const IA32_SYSENTER_EIP: u32 = 0x176;
+pub const IA32_PAT: u32 = 0x277;
+pub const EFER: u32 = 0xc000_0080;
+pub const STAR: u32 = 0xc000_0081;
+pub const LSTAR: u32 = 0xc000_0082;
+pub const CSTAR: u32 = 0xc000_0083;
+pub const SFMASK: u32 = 0xc000_0084;
+pub const FS_BASE: u32 = 0xc000_0100;
+pub const GS_BASE: u32 = 0xc000_0101;
+pub const KERNEL_GS_BASE: u32 = 0xc000_0102;
+pub const TSC_AUX: u32 = 0xc000_0103;
+
+fn host_tsc() -> u64 {
+    // SAFETY: RDTSC has no memory effects; x86-64 hosts always have it.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+pub fn guest_tsc(core: &Core) -> u64 {
+    host_tsc().wrapping_add(core.st.msr.tsc_offset)
+}
+
+fn canonical(v: u64) -> bool {
+    ((v << 16) as i64 >> 16) as u64 == v
+}
+
+/// RDMSR; None raises #GP.
+pub fn read(core: &Core, idx: u32) -> Option<u64> {
+    let m = &core.st.msr;
+    Some(match idx {
+        IA32_TSC => guest_tsc(core),
+        IA32_APIC_BASE => m.apic_base | if core.index == 0 { 1 << 8 } else { 0 },
+        IA32_SYSENTER_CS => m.sysenter_cs,
+        IA32_SYSENTER_ESP => m.sysenter_esp,
+        IA32_SYSENTER_EIP => m.sysenter_eip,
+        IA32_PAT => m.pat,
+        EFER => core.st.efer,
+        STAR => m.star,
+        LSTAR => m.lstar,
+        CSTAR => m.cstar,
+        SFMASK => m.sfmask,
+        FS_BASE => core.st.seg[FS].base,
+        GS_BASE => core.st.seg[GS].base,
+        KERNEL_GS_BASE => m.kernel_gs_base,
+        TSC_AUX => m.tsc_aux,
+        _ => return None,
+    })
+}
+
+/// A WRMSR the CPU refuses (#GP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MsrFault;
+
+/// WRMSR; Err raises #GP.
+pub fn write(core: &mut Core, idx: u32, v: u64) -> Result<(), MsrFault> {
+    match idx {
+        IA32_TSC => core.st.msr.tsc_offset = v.wrapping_sub(host_tsc()),
+        IA32_APIC_BASE => core.st.msr.apic_base = v & !(1 << 8),
+        IA32_SYSENTER_CS => core.st.msr.sysenter_cs = v & 0xffff,
+        IA32_SYSENTER_ESP => core.st.msr.sysenter_esp = v,
+        IA32_SYSENTER_EIP => core.st.msr.sysenter_eip = v,
+        IA32_PAT => {
+            // Each byte must be a valid memory type (0, 1, 4, 5, 6, 7).
+            if (0..8).any(|i| matches!((v >> (i * 8)) & 0xff, 2 | 3 | 8..=255)) {
+                return Err(MsrFault);
+            }
+            core.st.msr.pat = v;
+        }
+        EFER => {
+            if v & !(EFER_WRITABLE | EFER_LMA) != 0 {
+                return Err(MsrFault);
+            }
+            let old = core.st.efer;
+            // LME cannot change while paging is on.
+            if core.st.cr0 & CR0_PG != 0 && (old ^ v) & EFER_LME != 0 {
+                return Err(MsrFault);
+            }
+            core.st.efer = (v & EFER_WRITABLE) | (old & EFER_LMA);
+            if (old ^ v) & EFER_NXE != 0 {
+                core.tlb.flush_all();
+            }
+        }
+        STAR => core.st.msr.star = v,
+        LSTAR | CSTAR => {
+            if !canonical(v) {
+                return Err(MsrFault);
+            }
+            if idx == LSTAR {
+                core.st.msr.lstar = v;
+            } else {
+                core.st.msr.cstar = v;
+            }
+        }
+        SFMASK => core.st.msr.sfmask = v & 0xffff_ffff,
+        FS_BASE | GS_BASE | KERNEL_GS_BASE => {
+            if !canonical(v) {
+                return Err(MsrFault);
+            }
+            match idx {
+                FS_BASE => core.st.seg[FS].base = v,
+                GS_BASE => core.st.seg[GS].base = v,
+                _ => core.st.msr.kernel_gs_base = v,
+            }
+        }
+        TSC_AUX => core.st.msr.tsc_aux = v & 0xffff_ffff,
+        _ => return Err(MsrFault),
+    }
+    Ok(())
+}

@@ -1,0 +1,465 @@
+//! 64-bit integer core: programs run on the engine, results checked.
+
+mod common;
+
+use common::*;
+use hypervisor::Vcpu;
+use iced_x86::code_asm::*;
+
+fn guest() -> Guest {
+    let mut g = Guest::new(16 << 20);
+    g.long_mode();
+    g
+}
+
+#[test]
+fn sum_loop_and_call() {
+    let mut g = guest();
+    let code = asm64!(|a| {
+        let mut lp = a.create_label();
+        let mut f = a.create_label();
+        a.xor(eax, eax)?;
+        a.mov(ecx, 100)?;
+        a.set_label(&mut lp)?;
+        a.add(rax, rcx)?;
+        a.dec(ecx)?;
+        a.jnz(lp)?;
+        a.call(f)?;
+        a.hlt()?;
+        a.set_label(&mut f)?;
+        a.mov(rbx, 0x1122_3344_5566_7788u64)?;
+        a.ret()?;
+    });
+    g.load_code(&code);
+    g.run_to_halt();
+    let r = g.regs();
+    assert_eq!(r.rax, 5050);
+    assert_eq!(r.rcx, 0);
+    assert_eq!(r.rbx, 0x1122_3344_5566_7788);
+    assert_eq!(r.rsp, STACK_TOP);
+}
+
+#[test]
+fn partial_register_writes() {
+    let mut g = guest();
+    let code = asm64!(|a| {
+        a.mov(rax, -1i64)?;
+        a.mov(al, 0x12)?;
+        a.mov(ah, 0x34)?;
+        a.mov(rbx, -1i64)?;
+        a.mov(bx, 0x5678)?;
+        a.mov(rcx, -1i64)?;
+        a.mov(ecx, 0x9abc)?;
+        a.mov(rsi, -1i64)?;
+        a.mov(sil, 0)?;
+        a.hlt()?;
+    });
+    g.load_code(&code);
+    g.run_to_halt();
+    let r = g.regs();
+    assert_eq!(r.rax, 0xffff_ffff_ffff_3412);
+    assert_eq!(r.rbx, 0xffff_ffff_ffff_5678);
+    assert_eq!(r.rcx, 0x9abc);
+    assert_eq!(r.rsi, 0xffff_ffff_ffff_ff00);
+}
+
+#[test]
+fn memory_and_string_ops() {
+    let mut g = guest();
+    for i in 0..64u8 {
+        g.write(DATA + i as u64, &[i]);
+    }
+    let code = asm64!(|a| {
+        a.cld()?;
+        a.mov(rsi, DATA)?;
+        a.mov(rdi, DATA + 0x1000)?;
+        a.mov(ecx, 64)?;
+        a.rep().movsb()?;
+        a.mov(rdi, DATA + 0x2000)?;
+        a.mov(rax, 0x0101_0101_0101_0101u64)?;
+        a.mov(ecx, 4)?;
+        a.rep().stosq()?;
+        // Find byte 0x20 in the copy.
+        a.mov(rdi, DATA + 0x1000)?;
+        a.mov(al, 0x20)?;
+        a.mov(ecx, 64)?;
+        a.repne().scasb()?;
+        a.mov(rdx, rdi)?;
+        a.hlt()?;
+    });
+    g.load_code(&code);
+    g.run_to_halt();
+    for i in 0..64u8 {
+        assert_eq!(g.r8(DATA + 0x1000 + i as u64), i);
+    }
+    for i in 0..4 {
+        assert_eq!(g.r64(DATA + 0x2000 + i * 8), 0x0101_0101_0101_0101);
+    }
+    assert_eq!(g.r64(DATA + 0x2020), 0);
+    let r = g.regs();
+    assert_eq!(r.rdx, DATA + 0x1000 + 0x21);
+    assert_eq!(r.rcx, 64 - 0x21);
+}
+
+#[test]
+fn mul_div_and_divide_error() {
+    let mut g = guest();
+    let code = asm64!(|a| {
+        a.mov(rax, 0xffff_ffff_ffff_ffffu64)?;
+        a.mov(rbx, 2u64)?;
+        a.mul(rbx)?;
+        a.mov(r8, rax)?;
+        a.mov(r9, rdx)?;
+        a.mov(rax, 100u64)?;
+        a.xor(edx, edx)?;
+        a.mov(rcx, 7u64)?;
+        a.div(rcx)?;
+        a.mov(r10, rax)?;
+        a.mov(r11, rdx)?;
+        a.xor(ecx, ecx)?;
+        a.div(rcx)?;
+        a.hlt()?;
+    });
+    g.load_code(&code);
+    g.run_to_halt();
+    let r = g.regs();
+    assert_eq!(r.r8, 0xffff_ffff_ffff_fffe);
+    assert_eq!(r.r9, 1);
+    assert_eq!(r.r10, 14);
+    assert_eq!(r.r11, 2);
+    // #DE went to the vector-0 stub; the frame's RIP is the DIV.
+    assert_eq!(r.rax, 0);
+    assert_eq!(r.rip, STUBS + 6);
+    let frame_rip = g.r64(r.rsp);
+    assert_eq!(g.r8(frame_rip), 0x48, "points at the faulting div");
+}
+
+#[test]
+fn ud2_and_gp_go_through_idt() {
+    let mut g = guest();
+    g.load_code(&asm64!(|a| {
+        a.ud2()?;
+    }));
+    g.run_to_halt();
+    assert_eq!(g.regs().rax, 6);
+    assert_eq!(g.r64(g.regs().rsp), CODE);
+
+    let mut g = guest();
+    // Non-canonical access: #GP(0) with an error code on the stack.
+    g.load_code(&asm64!(|a| {
+        a.mov(rbx, 0x8000_0000_0000_0000u64)?;
+        a.mov(rax, qword_ptr(rbx))?;
+    }));
+    g.run_to_halt();
+    let r = g.regs();
+    assert_eq!(r.rax, 13);
+    assert_eq!(g.r64(r.rsp), 0, "error code");
+    assert_eq!(g.r64(r.rsp + 8), CODE + 10, "RIP of the faulting mov");
+    assert_eq!(g.r64(r.rsp + 16), SEL_CODE64 as u64);
+}
+
+#[test]
+fn port_io_exits() {
+    let mut g = guest();
+    g.load_code(&asm64!(|a| {
+        a.mov(al, 0x41)?;
+        a.out(0xe9, al)?;
+        a.mov(dx, 0x3f8)?;
+        a.mov(eax, 0x1234_5678)?;
+        a.out(dx, eax)?;
+        a.in_(al, dx)?;
+        a.mov(ebx, eax)?;
+        a.hlt()?;
+    }));
+    assert_eq!(g.run(), Ex::IoOut(0xe9, vec![0x41]));
+    assert_eq!(g.run(), Ex::IoOut(0x3f8, vec![0x78, 0x56, 0x34, 0x12]));
+    assert_eq!(g.run_io(0x99), Ex::IoIn(0x3f8, 1));
+    assert_eq!(g.run(), Ex::Halt);
+    assert_eq!(g.regs().rbx, 0x1234_5699);
+}
+
+#[test]
+fn mmio_exits_for_unmapped_physical_memory() {
+    let mut g = guest();
+    // 0xd0000000 is outside RAM; map it through the 1 GiB region? Use a
+    // 4 KiB PTE pointing at a physical address beyond RAM instead.
+    g.w64(PT + 8 * 5, 0xfee0_0000 | 3);
+    g.load_code(&asm64!(|a| {
+        a.mov(rbx, 0x405000u64)?;
+        a.mov(dword_ptr(rbx + 0x30), 0xabcd)?;
+        a.mov(eax, dword_ptr(rbx + 0x20))?;
+        a.add(dword_ptr(rbx + 0x40), 1)?;
+        a.hlt()?;
+    }));
+    assert_eq!(g.run(), Ex::MmioWrite(0xfee0_0030, vec![0xcd, 0xab, 0, 0]));
+    assert_eq!(g.run_io(0x55), Ex::MmioRead(0xfee0_0020, 4));
+    // Read-modify-write: a read exit, then the write of the result.
+    assert_eq!(g.run_io(41), Ex::MmioRead(0xfee0_0040, 4));
+    assert_eq!(g.run(), Ex::MmioWrite(0xfee0_0040, vec![42, 0, 0, 0]));
+    assert_eq!(g.run(), Ex::Halt);
+    assert_eq!(g.regs().rax, 0x55);
+}
+
+#[test]
+fn page_fault_error_codes_and_cr2() {
+    // Not present, read.
+    let mut g = guest();
+    g.w64(PT + 8 * 7, 0);
+    g.load_code(&asm64!(|a| {
+        a.mov(rbx, 0x407008u64)?;
+        a.mov(rax, qword_ptr(rbx))?;
+    }));
+    g.run_to_halt();
+    assert_eq!(g.regs().rax, 14);
+    assert_eq!(g.sregs().cr2, 0x407008);
+    assert_eq!(g.r64(g.regs().rsp), 0);
+
+    // Present, read-only, write with CR0.WP=1: P|W.
+    let mut g = guest();
+    g.w64(PT + 8 * 7, 0x407000 | 5);
+    g.load_code(&asm64!(|a| {
+        a.mov(rbx, 0x407010u64)?;
+        a.mov(qword_ptr(rbx), rax)?;
+    }));
+    g.run_to_halt();
+    assert_eq!(g.regs().rax, 14);
+    assert_eq!(g.sregs().cr2, 0x407010);
+    assert_eq!(g.r64(g.regs().rsp), 3);
+
+    // NX: fetch from a no-execute page: P|I.
+    let mut g = guest();
+    g.w64(PT + 8 * 8, 0x408000 | 3 | (1 << 63));
+    g.write(0x408000, &[0x90]);
+    g.load_code(&asm64!(|a| {
+        a.mov(rax, 0x408000u64)?;
+        a.jmp(rax)?;
+    }));
+    g.run_to_halt();
+    assert_eq!(g.regs().rax, 14);
+    assert_eq!(g.sregs().cr2, 0x408000);
+    assert_eq!(g.r64(g.regs().rsp), 0x11);
+    assert_eq!(g.r64(g.regs().rsp + 8), 0x408000);
+}
+
+#[test]
+fn accessed_and_dirty_bits() {
+    let mut g = guest();
+    g.w64(PT + 8 * 9, 0x409000 | 3);
+    g.w64(PT + 8 * 10, 0x40a000 | 3);
+    g.load_code(&asm64!(|a| {
+        a.mov(rbx, 0x409000u64)?;
+        a.mov(rax, qword_ptr(rbx))?;
+        a.mov(rbx, 0x40a000u64)?;
+        a.mov(qword_ptr(rbx), rax)?;
+        a.hlt()?;
+    }));
+    g.run_to_halt();
+    let a = 1 << 5;
+    let d = 1 << 6;
+    assert_eq!(g.r64(PT + 8 * 9) & (a | d), a);
+    assert_eq!(g.r64(PT + 8 * 10) & (a | d), a | d);
+    assert_ne!(g.r64(PD + 16) & a, 0);
+    assert_ne!(g.r64(PML4) & a, 0);
+}
+
+#[test]
+fn tlb_honours_invlpg_and_cr3() {
+    let mut g = guest();
+    g.w64(PT + 8 * 11, 0x40b000 | 3);
+    g.w64(0x40b000, 111);
+    g.w64(0x40c000, 222);
+    g.load_code(&asm64!(|a| {
+        a.mov(rbx, 0x40b000u64)?;
+        a.mov(rax, qword_ptr(rbx))?;
+        // Remap the page to 0x40c000 in the page table.
+        a.mov(rcx, PT + 8 * 11)?;
+        a.mov(rdx, 0x40c003u64)?;
+        a.mov(qword_ptr(rcx), rdx)?;
+        // Stale TLB entry still used (as on hardware without a flush).
+        a.mov(rsi, qword_ptr(rbx))?;
+        a.invlpg(byte_ptr(rbx))?;
+        a.mov(rdi, qword_ptr(rbx))?;
+        a.hlt()?;
+    }));
+    g.run_to_halt();
+    let r = g.regs();
+    assert_eq!(r.rax, 111);
+    assert_eq!(r.rsi, 111);
+    assert_eq!(r.rdi, 222);
+}
+
+#[test]
+fn user_mode_syscall_round_trip() {
+    let mut g = guest();
+    // Kernel entry at CODE+0x800: record RCX/R11 and SYSRET back.
+    let entry = CODE + 0x800;
+    let kcode = {
+        use iced_x86::code_asm::*;
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.mov(r12, rcx).unwrap();
+        a.mov(r13, r11).unwrap();
+        a.add(r14, 1).unwrap();
+        a.sysretq().unwrap();
+        a.assemble(entry).unwrap()
+    };
+    g.write(entry, &kcode);
+    // User code page (U=1 via the 2 MiB mappings which have U set).
+    let user = 0x300000u64;
+    let ucode = {
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.mov(eax, 60).unwrap();
+        a.syscall().unwrap();
+        a.mov(r15, 0x77u64).unwrap();
+        // A privileged instruction in ring 3 faults (#GP -> stub 13).
+        a.hlt().unwrap();
+        a.assemble(user).unwrap()
+    };
+    g.write(user, &ucode);
+    g.load_code(&asm64!(|a| {
+        // STAR: kernel CS 0x08 (SS 0x10); user base 0x18 -> CS 0x2b, SS 0x23.
+        a.mov(ecx, 0xc000_0081u32)?;
+        a.mov(edx, 0x0018_0008u32)?;
+        a.xor(eax, eax)?;
+        a.wrmsr()?;
+        a.mov(ecx, 0xc000_0082u32)?;
+        a.mov(eax, entry as u32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        // IRETQ to ring 3.
+        a.push(SEL_UDATA as i32)?;
+        a.push(0x50000)?;
+        a.push(0x202)?;
+        a.push(SEL_UCODE64 as i32)?;
+        a.push(user as i32)?;
+        a.iretq()?;
+    }));
+    // GDT: STAR user base 0x18: CS = 0x18+16 = 0x28|3, SS = 0x18+8 = 0x20|3.
+    g.run_to_halt();
+    let r = g.regs();
+    assert_eq!(r.r14, 1);
+    assert_eq!(r.r12, user + 7, "RCX = return RIP");
+    assert_eq!(r.r13 & 0x200, 0x200, "R11 = user RFLAGS");
+    assert_eq!(r.r15, 0x77);
+    assert_eq!(r.rax, 13, "HLT in ring 3 raised #GP");
+    // The #GP frame came from ring 3: SS:RSP pushed, RSP from TSS.RSP0.
+    assert_eq!(g.r64(r.rsp + 8), user + 7 + 10, "RIP of the HLT");
+    assert_eq!(g.r64(r.rsp + 16), SEL_UCODE64 as u64);
+    assert_eq!(g.r64(r.rsp + 32), 0x50000);
+    assert_eq!(g.r64(r.rsp + 40), SEL_UDATA as u64);
+    assert_eq!(r.rsp, 0x70000 - 48);
+}
+
+#[test]
+fn triple_fault_shuts_down() {
+    let mut g = guest();
+    let mut s = g.sregs();
+    s.idt.limit = 0;
+    g.vcpu.set_sregs(&s).unwrap();
+    g.load_code(&asm64!(|a| {
+        a.ud2()?;
+    }));
+    assert_eq!(g.run(), Ex::Shutdown);
+}
+
+#[test]
+fn double_fault_on_fault_during_pf_delivery() {
+    let mut g = guest();
+    // Vector 14's gate is not present: #PF -> #NP while delivering -> #DF.
+    g.w64(IDT + 14 * 16, 0);
+    g.w64(PT + 8 * 3, 0);
+    g.load_code(&asm64!(|a| {
+        a.mov(rbx, 0x403000u64)?;
+        a.mov(rax, qword_ptr(rbx))?;
+    }));
+    g.run_to_halt();
+    assert_eq!(g.regs().rax, 8);
+    assert_eq!(g.r64(g.regs().rsp), 0, "#DF error code is 0");
+}
+
+#[test]
+fn unimplemented_instruction_is_an_internal_error() {
+    let mut g = guest();
+    // AESENC is not implemented.
+    g.load_code(&[0x66, 0x0f, 0x38, 0xdc, 0xc1, 0xf4]);
+    match g.run() {
+        Ex::Internal(s) => {
+            assert!(s.contains("66 0f 38 dc c1"), "{s}");
+        }
+        e => panic!("{e:?}"),
+    }
+}
+
+#[test]
+fn external_interrupt_respects_if_and_sti_shadow() {
+    let mut g = guest();
+    let intc = g.vm.interrupt_controller();
+    g.load_code(&asm64!(|a| {
+        a.mov(ebx, 1)?;
+        a.sti()?;
+        a.mov(ebx, 2)?;
+        a.mov(ebx, 3)?;
+        a.hlt()?;
+    }));
+    intc.trigger_gsi(0);
+    // IF=0: the interrupt waits; after STI one more instruction runs.
+    g.run_to_halt();
+    let r = g.regs();
+    assert_eq!(r.rax, 0x20, "vector 0x20 delivered");
+    assert_eq!(r.rbx, 2, "the instruction after STI ran first");
+    assert_eq!(g.r64(r.rsp), CODE + 5 + 1 + 5);
+}
+
+#[test]
+fn self_modifying_code_is_seen() {
+    let mut g = guest();
+    g.load_code(&asm64!(|a| {
+        let mut patch = a.create_label();
+        a.mov(ecx, 2)?;
+        let mut lp = a.create_label();
+        a.set_label(&mut lp)?;
+        a.lea(rbx, ptr(patch))?;
+        a.set_label(&mut patch)?;
+        a.mov(eax, 1)?;
+        // Patch the immediate of the MOV above to 7, then run it again.
+        a.mov(dword_ptr(rbx + 1), 7)?;
+        a.dec(ecx)?;
+        a.jnz(lp)?;
+        a.hlt()?;
+    }));
+    g.run_to_halt();
+    assert_eq!(g.regs().rax, 7);
+}
+
+#[test]
+fn lock_xadd_is_atomic_across_vcpu_threads() {
+    let mut g = guest();
+    let code = asm64!(|a| {
+        let mut lp = a.create_label();
+        a.mov(rbx, DATA)?;
+        a.mov(ecx, 20000)?;
+        a.set_label(&mut lp)?;
+        a.mov(eax, 1)?;
+        a.lock().xadd(dword_ptr(rbx), eax)?;
+        a.lock().inc(qword_ptr(rbx + 8))?;
+        a.dec(ecx)?;
+        a.jnz(lp)?;
+        a.hlt()?;
+    });
+    g.load_code(&code);
+    let mut second = g.vm.create_emu_vcpu(1);
+
+    second.set_sregs(&g.sregs()).unwrap();
+    let mut r = g.regs();
+    r.rsp = 0x40000;
+    second.set_regs(&r).unwrap();
+    std::thread::scope(|s| {
+        let h = s.spawn(move || {
+            let e = second.run().map(|e| format!("{e:?}")).unwrap();
+            assert_eq!(e, "Halt");
+        });
+        g.run_to_halt();
+        h.join().unwrap();
+    });
+    assert_eq!(g.r32(DATA), 40000);
+    assert_eq!(g.r64(DATA + 8), 40000);
+}
