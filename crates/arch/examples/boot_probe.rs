@@ -122,6 +122,14 @@ fn run() -> Result<(), String> {
 
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.timeout);
+    // A guest busy without exits (a bzImage decompressing) never returns
+    // from run(): kick it at the deadline.
+    let kicker = vcpu.kicker();
+    let timeout = args.timeout;
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(timeout));
+        kicker.kick();
+    });
     let mut line = Vec::new();
     let mut stdout = std::io::stdout();
     let mut cmos_index = 0u8;

@@ -12,7 +12,7 @@ use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
-    Address, ByteValued, GuestAddress, GuestMemoryMmap, ReadVolatile, VolatileMemoryError,
+    Address, ByteValued, Bytes, GuestAddress, GuestMemoryMmap, ReadVolatile, VolatileMemoryError,
     VolatileSlice,
 };
 
@@ -190,6 +190,9 @@ fn load_elf<F: Read + Seek>(
     let ram_end = low_ram_end(mem)?;
     let mut end = 0u64;
     let mut loadable = 0;
+    let mut entry_loaded = false;
+    // (start, end) of each segment's bss, which the loader does not write.
+    let mut bss: Vec<(u64, u64)> = Vec::new();
     for ph in phdrs.chunks_exact(ELF64_PHDR_SIZE) {
         let (p_type, offset, paddr, filesz, memsz) = (
             le32(ph, 0),
@@ -218,13 +221,17 @@ fn load_elf<F: Read + Seek>(
             return Err(too_big(mem, seg_end));
         }
         end = end.max(seg_end);
+        entry_loaded |= (paddr..paddr + filesz).contains(&entry);
+        if memsz > filesz {
+            bss.push((paddr + filesz, seg_end));
+        }
     }
     if loadable == 0 {
         return Err(ArchError::BadElf("no loadable segments".into()));
     }
-    if entry < HIMEM_START {
+    if !entry_loaded {
         return Err(ArchError::BadElf(format!(
-            "entry point {entry:#x} is below 1 MiB"
+            "entry point {entry:#x} is not inside a loaded segment"
         )));
     }
 
@@ -234,6 +241,10 @@ fn load_elf<F: Read + Seek>(
     };
     let result = Elf::load(mem, None, &mut reader, Some(GuestAddress(HIMEM_START)))
         .map_err(|e| ArchError::BadElf(e.to_string()))?;
+    // Zero the bss: on a reboot guest memory still holds the last run.
+    for (start, stop) in bss {
+        zero_guest(mem, start, stop)?;
+    }
     let pvh_entry = match result.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(addr) => Some(addr),
         _ => None,
@@ -245,6 +256,21 @@ fn load_elf<F: Read + Seek>(
         setup_header: None,
         end: GuestAddress(end.max(result.kernel_end)),
     })
+}
+
+fn zero_guest(mem: &GuestMemoryMmap, start: u64, stop: u64) -> Result<(), ArchError> {
+    const ZEROS: [u8; 4096] = [0; 4096];
+    let mut at = start;
+    while at < stop {
+        let n = (stop - at).min(ZEROS.len() as u64) as usize;
+        mem.write_slice(&ZEROS[..n], GuestAddress(at))
+            .map_err(|_| ArchError::GuestWrite {
+                what: "kernel bss",
+                addr: at,
+            })?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 fn load_bzimage<F: Read + Seek>(

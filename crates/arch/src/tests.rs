@@ -534,6 +534,28 @@ fn elf_with_pvh_note_loads() {
     assert_eq!(read(&m, ELF_LOAD, ELF_CODE.len()), ELF_CODE);
 }
 
+#[test]
+fn elf_bss_is_zeroed_on_reload() {
+    let m = mem(64 * MIB);
+    // Leftovers from an earlier run where the bss will be.
+    m.write_slice(&[0xee; 64], GuestAddress(ELF_LOAD + 0x1000))
+        .unwrap();
+    load_kernel(&m, &mut Cursor::new(synthetic_elf(false))).unwrap();
+    assert_eq!(read(&m, ELF_LOAD + 0x1000, 64), vec![0; 64]);
+}
+
+#[test]
+fn elf_entry_outside_its_segments_is_rejected() {
+    let m = mem(64 * MIB);
+    let mut elf = synthetic_elf(false);
+    elf[24..32].copy_from_slice(&0x300_0000u64.to_le_bytes());
+    let err = load_kernel(&m, &mut Cursor::new(&elf)).unwrap_err();
+    assert!(
+        err.to_string().contains("not inside a loaded segment"),
+        "{err}"
+    );
+}
+
 /// A reader that hands out at most 4 KiB per `read`, like a pipe or a
 /// network file system would.
 struct Trickle(Cursor<Vec<u8>>);
