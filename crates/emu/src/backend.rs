@@ -262,6 +262,12 @@ impl Vcpu for EmuVcpu {
         ];
         self.core.st.rip = r.rip;
         self.core.st.set_rflags(r.rflags);
+        // Loading registers means "continue from here": a halted vCPU (or
+        // one that was waiting for I/O data) starts afresh.
+        self.core.halted = false;
+        self.core.int_shadow = false;
+        self.pending_read = None;
+        self.core.io = Default::default();
         Ok(())
     }
 

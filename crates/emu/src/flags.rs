@@ -61,7 +61,8 @@ impl Flags {
 
     #[inline(always)]
     fn sign_bit(&self) -> u32 {
-        self.size as u32 * 8 - 1
+        // Only meaningful with a pending op; wraps harmlessly for `None`.
+        (self.size as u32 * 8).wrapping_sub(1) & 63
     }
 
     #[inline]

@@ -413,10 +413,7 @@ pub fn shift(core: &mut Core, insn: &Instruction) -> R {
     let cmask = if size == 8 { 0x3f } else { 0x1f };
     let count = (read_op(core, insn, 1, 1)? & cmask) as u32;
     if count == 0 {
-        // No write-back and no flag change for a zero count; reading the
-        // destination still faults as on hardware.
-        read_op(core, insn, 0, size)?;
-        return Ok(());
+        return zero_count(core, insn, size);
     }
     let m = mask(size);
     let mn = insn.mnemonic();
@@ -442,28 +439,8 @@ pub fn shift(core: &mut Core, insn: &Instruction) -> R {
                     (d >> c) | (d << (bits - c))
                 }
             }
-            Mnemonic::Rcl => {
-                let c = count % (bits + 1);
-                let t = (d as u128) | ((cin as u128) << bits);
-                let tm = (1u128 << (bits + 1)) - 1;
-                let r = if c == 0 {
-                    t
-                } else {
-                    ((t << c) | (t >> (bits + 1 - c))) & tm
-                };
-                r as u64
-            }
-            _ => {
-                let c = count % (bits + 1);
-                let t = (d as u128) | ((cin as u128) << bits);
-                let tm = (1u128 << (bits + 1)) - 1;
-                let r = if c == 0 {
-                    t
-                } else {
-                    ((t >> c) | (t << (bits + 1 - c))) & tm
-                };
-                r as u64
-            }
+            Mnemonic::Rcl => rotate_carry(d, cin, count, bits, true).0,
+            _ => rotate_carry(d, cin, count, bits, false).0,
         }
     };
     let d = rmw_op(core, insn, 0, size, insn.has_lock_prefix(), &mut { f })?;
@@ -480,11 +457,11 @@ pub fn shift(core: &mut Core, insn: &Instruction) -> R {
                 Mnemonic::Rol => (res & 1 != 0, msb(res) != (res & 1 != 0)),
                 Mnemonic::Ror => (msb(res), msb(res) != ((res >> (bits - 2)) & 1 != 0)),
                 Mnemonic::Rcl => {
-                    let cf = (f(d) >> bits) & 1 != 0;
+                    let cf = rotate_carry(d, cin, count, bits, true).1;
                     (cf, msb(res) != cf)
                 }
                 _ => {
-                    let cf = (f(d) >> bits) & 1 != 0;
+                    let cf = rotate_carry(d, cin, count, bits, false).1;
                     (cf, msb(res) != ((res >> (bits - 2)) & 1 != 0))
                 }
             };
@@ -502,6 +479,32 @@ pub fn shift(core: &mut Core, insn: &Instruction) -> R {
     Ok(())
 }
 
+/// RCL/RCR: rotate the (bits+1)-wide value CF:d; returns (result, new CF).
+fn rotate_carry(d: u64, cin: u64, count: u32, bits: u32, left: bool) -> (u64, bool) {
+    let c = count % (bits + 1);
+    let t = (d as u128 & ((1u128 << bits) - 1)) | ((cin as u128 & 1) << bits);
+    let tm = (1u128 << (bits + 1)) - 1;
+    let r = if c == 0 {
+        t
+    } else if left {
+        ((t << c) | (t >> (bits + 1 - c))) & tm
+    } else {
+        ((t >> c) | (t << (bits + 1 - c))) & tm
+    };
+    (r as u64, (r >> bits) & 1 != 0)
+}
+
+/// A shift by zero changes no flags and no value, but a 32-bit register
+/// destination is still written (and so zero-extended), and a memory
+/// destination is still read (and may fault).
+fn zero_count(core: &mut Core, insn: &Instruction, size: u8) -> R {
+    let v = read_op(core, insn, 0, size)?;
+    if size == 4 && insn.op0_kind() == OpKind::Register {
+        reg_write(&mut core.st, insn.op0_register(), v);
+    }
+    Ok(())
+}
+
 pub fn shiftd(core: &mut Core, insn: &Instruction) -> R {
     let size = op_size(insn, 0);
     let bits = size as u32 * 8;
@@ -509,8 +512,7 @@ pub fn shiftd(core: &mut Core, insn: &Instruction) -> R {
     let count = (read_op(core, insn, 2, 1)? & cmask) as u32;
     let src = reg_read(&core.st, insn.op1_register()) & mask(size);
     if count == 0 {
-        read_op(core, insn, 0, size)?;
-        return Ok(());
+        return zero_count(core, insn, size);
     }
     let left = insn.mnemonic() == Mnemonic::Shld;
     let f = move |d: u64| -> u64 {

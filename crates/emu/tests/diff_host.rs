@@ -1,0 +1,818 @@
+//! Differential tests against the host CPU.
+//!
+//! Each case is one ring-3-safe instruction with chosen register, flag and
+//! memory inputs. It runs natively (in an executable page, wrapped in a stub
+//! that loads and saves all registers and RFLAGS) and on the engine in
+//! 64-bit mode; registers, the architecturally defined flags and a 256-byte
+//! memory buffer must match.
+
+mod common;
+
+use common::*;
+use hypervisor::StandardRegs;
+
+const CF: u64 = 1;
+const PF: u64 = 4;
+const AF: u64 = 0x10;
+const ZF: u64 = 0x40;
+const SF: u64 = 0x80;
+const OF: u64 = 0x800;
+const ARITH: u64 = CF | PF | AF | ZF | SF | OF;
+
+/// Register file for a case: rax..r15 (index 4, RSP, is not used) + RFLAGS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+struct HostState {
+    gpr: [u64; 16],
+    rflags: u64,
+}
+
+struct Case {
+    bytes: Vec<u8>,
+    input: HostState,
+    /// Flags the architecture leaves undefined for this input.
+    undefined: u64,
+    mem: [u8; 256],
+    /// RBX points at the memory buffer.
+    uses_mem: bool,
+    /// RSI/RDI point into the buffer too (compared relative to it).
+    si_di_rel: bool,
+    name: String,
+}
+
+/// Runs instruction bytes natively.
+struct HostRunner {
+    page: *mut u8,
+}
+
+impl HostRunner {
+    fn new() -> HostRunner {
+        // SAFETY: anonymous private mapping, checked for failure.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                8192,
+                libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "mmap RWX failed");
+        HostRunner { page: p as *mut u8 }
+    }
+
+    fn run(&self, case: &Case, mem: &mut [u8; 256]) -> HostState {
+        use iced_x86::code_asm::*;
+        let base = self.page as u64;
+        let mut a = CodeAssembler::new(64).unwrap();
+        let mut saved_ptr = a.create_label();
+        let mut saved_rax = a.create_label();
+        let order = [
+            (rax, 0),
+            (rcx, 1),
+            (rdx, 2),
+            (rbx, 3),
+            (rbp, 5),
+            (rsi, 6),
+            (r8, 8),
+            (r9, 9),
+            (r10, 10),
+            (r11, 11),
+            (r12, 12),
+            (r13, 13),
+            (r14, 14),
+            (r15, 15),
+        ];
+        (|| -> Result<(), IcedError> {
+            for r in [rbx, rbp, r12, r13, r14, r15] {
+                a.push(r)?;
+            }
+            a.mov(qword_ptr(saved_ptr), rdi)?;
+            a.push(qword_ptr(rdi + 128))?;
+            a.popfq()?;
+            for (r, i) in order {
+                a.mov(r, qword_ptr(rdi + i * 8))?;
+            }
+            a.mov(rdi, qword_ptr(rdi + 7 * 8))?;
+            a.db(&case.bytes)?;
+            a.pushfq()?;
+            a.cld()?;
+            a.mov(qword_ptr(saved_rax), rax)?;
+            a.mov(rax, qword_ptr(saved_ptr))?;
+            for (r, i) in order.iter().skip(1) {
+                a.mov(qword_ptr(rax + *i * 8), *r)?;
+            }
+            a.mov(qword_ptr(rax + 7 * 8), rdi)?;
+            a.pop(qword_ptr(rax + 128))?;
+            a.mov(rcx, qword_ptr(saved_rax))?;
+            a.mov(qword_ptr(rax), rcx)?;
+            for r in [r15, r14, r13, r12, rbp, rbx] {
+                a.pop(r)?;
+            }
+            a.ret()?;
+            a.set_label(&mut saved_ptr)?;
+            a.dq(&[0])?;
+            a.set_label(&mut saved_rax)?;
+            a.dq(&[0])?;
+            Ok(())
+        })()
+        .unwrap();
+        let code = a.assemble(base).unwrap();
+        assert!(code.len() <= 8192);
+        // SAFETY: the page is ours and RWX; the stub follows the SysV ABI
+        // (callee-saved registers restored, DF cleared, RSP untouched).
+        unsafe {
+            std::ptr::copy_nonoverlapping(code.as_ptr(), self.page, code.len());
+            let f: extern "sysv64" fn(*mut HostState) = std::mem::transmute(self.page);
+            let mut st = case.input;
+            if case.uses_mem {
+                st.gpr[3] = mem.as_mut_ptr() as u64;
+            }
+            f(&mut st);
+            if case.uses_mem {
+                let base = mem.as_mut_ptr() as u64;
+                st.gpr[3] = st.gpr[3].wrapping_sub(base);
+                if case.si_di_rel {
+                    st.gpr[6] = st.gpr[6].wrapping_sub(base);
+                    st.gpr[7] = st.gpr[7].wrapping_sub(base);
+                }
+            }
+            st
+        }
+    }
+}
+
+struct EngineRunner {
+    g: Guest,
+}
+
+impl EngineRunner {
+    fn new() -> EngineRunner {
+        let mut g = Guest::new(4 << 20);
+        g.long_mode();
+        EngineRunner { g }
+    }
+
+    fn run(&mut self, case: &Case, mem: &mut [u8; 256]) -> HostState {
+        let mut code = case.bytes.clone();
+        code.push(0xf4);
+        self.g.write(CODE, &code);
+        self.g.write(DATA, mem);
+        self.g.vcpu.core_mut().flush_all_caches();
+        let i = &case.input;
+        let mut gpr = i.gpr;
+        if case.uses_mem {
+            gpr[3] = DATA;
+        }
+        let r = StandardRegs {
+            rax: gpr[0],
+            rcx: gpr[1],
+            rdx: gpr[2],
+            rbx: gpr[3],
+            rsp: STACK_TOP,
+            rbp: gpr[5],
+            rsi: gpr[6],
+            rdi: gpr[7],
+            r8: gpr[8],
+            r9: gpr[9],
+            r10: gpr[10],
+            r11: gpr[11],
+            r12: gpr[12],
+            r13: gpr[13],
+            r14: gpr[14],
+            r15: gpr[15],
+            rip: CODE,
+            rflags: i.rflags,
+        };
+        self.g.set_regs(&r);
+        let e = self.g.run();
+        assert_eq!(e, Ex::Halt, "case {}: engine exit", case.name);
+        let o = self.g.regs();
+        assert_eq!(o.rip, CODE + code.len() as u64, "case {}: rip", case.name);
+        mem.copy_from_slice(&self.g.ram[DATA as usize..DATA as usize + 256]);
+        let mut out = HostState {
+            gpr: [
+                o.rax, o.rcx, o.rdx, o.rbx, i.gpr[4], o.rbp, o.rsi, o.rdi, o.r8, o.r9, o.r10,
+                o.r11, o.r12, o.r13, o.r14, o.r15,
+            ],
+            rflags: o.rflags,
+        };
+        if case.uses_mem {
+            out.gpr[3] = out.gpr[3].wrapping_sub(DATA);
+            if case.si_di_rel {
+                out.gpr[6] = out.gpr[6].wrapping_sub(DATA);
+                out.gpr[7] = out.gpr[7].wrapping_sub(DATA);
+            }
+        }
+        out
+    }
+}
+
+struct Harness {
+    host: HostRunner,
+    eng: EngineRunner,
+    rng: u64,
+    count: usize,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        Harness {
+            host: HostRunner::new(),
+            eng: EngineRunner::new(),
+            rng: 0x2545_f491_4f6c_dd1d,
+            count: 0,
+        }
+    }
+
+    fn rand(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    /// Random registers and arithmetic flags.
+    fn state(&mut self) -> HostState {
+        let mut gpr = [0u64; 16];
+        for g in gpr.iter_mut() {
+            *g = self.rand();
+        }
+        gpr[4] = 0;
+        let rflags = 2 | (self.rand() & ARITH);
+        HostState { gpr, rflags }
+    }
+
+    fn check(&mut self, case: Case) {
+        let mut hmem = case.mem;
+        let mut emem = case.mem;
+        let h = self.host.run(&case, &mut hmem);
+        let e = self.eng.run(&case, &mut emem);
+        let fmask = (ARITH | 0x400) & !case.undefined;
+        for i in 0..16 {
+            assert_eq!(
+                h.gpr[i], e.gpr[i],
+                "{}: gpr {i} host {:#x} engine {:#x} (input {:x?})",
+                case.name, h.gpr[i], e.gpr[i], case.input
+            );
+        }
+        assert_eq!(
+            h.rflags & fmask,
+            e.rflags & fmask,
+            "{}: flags host {:#x} engine {:#x} (input {:x?})",
+            case.name,
+            h.rflags,
+            e.rflags,
+            case.input
+        );
+        assert_eq!(hmem, emem, "{}: memory", case.name);
+        self.count += 1;
+    }
+}
+
+const EDGES: [u64; 16] = [
+    0,
+    1,
+    2,
+    0x7f,
+    0x80,
+    0xff,
+    0x7fff,
+    0x8000,
+    0xffff,
+    0x7fff_ffff,
+    0x8000_0000,
+    0xffff_ffff,
+    0x7fff_ffff_ffff_ffff,
+    0x8000_0000_0000_0000,
+    0xffff_ffff_ffff_ffff,
+    0x1234_5678_9abc_def0,
+];
+
+/// Encode `op` with operand-size prefix for `size` (1, 2, 4, 8). For 8-bit
+/// the opcode is `op8`; otherwise `op8 + 1` (the x86 "w" bit) unless
+/// `fixed` is set.
+fn enc(size: u8, prefix: &[u8], opcode: &[u8], modrm: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(prefix);
+    if size == 2 {
+        v.push(0x66);
+    }
+    if size == 8 {
+        v.push(0x48);
+    }
+    v.extend_from_slice(opcode);
+    v.extend_from_slice(modrm);
+    v
+}
+
+fn wbit(size: u8, op: u8) -> u8 {
+    if size == 1 {
+        op
+    } else {
+        op + 1
+    }
+}
+
+const SIZES: [u8; 4] = [1, 2, 4, 8];
+
+#[test]
+fn alu_binary_ops_match_host() {
+    let mut h = Harness::new();
+    let ops = [
+        (0x00, "add"),
+        (0x08, "or"),
+        (0x10, "adc"),
+        (0x18, "sbb"),
+        (0x20, "and"),
+        (0x28, "sub"),
+        (0x30, "xor"),
+        (0x38, "cmp"),
+        (0x84, "test"),
+    ];
+    for &(op, name) in &ops {
+        let logic = matches!(name, "or" | "and" | "xor" | "test");
+        for size in SIZES {
+            for &a in &EDGES {
+                for &b in &EDGES {
+                    // rcx op= rdx
+                    let mut input = h.state();
+                    input.gpr[1] = a;
+                    input.gpr[2] = b;
+                    h.check(Case {
+                        bytes: enc(size, &[], &[wbit(size, op)], &[0xd1]),
+                        input,
+                        undefined: if logic { AF } else { 0 },
+                        mem: [0; 256],
+                        uses_mem: false,
+                        si_di_rel: false,
+                        name: format!("{name}{size} {a:#x},{b:#x}"),
+                    });
+                }
+            }
+            // Memory destination, optionally locked: [rbx+8] op= rdx.
+            for &a in &EDGES[..8] {
+                for lock in [false, true] {
+                    // CMP/TEST do not write: LOCK would be #UD.
+                    if lock && (name == "cmp" || name == "test") {
+                        continue;
+                    }
+                    let mut input = h.state();
+                    input.gpr[2] = h.rand();
+                    let mut mem = [0u8; 256];
+                    mem[8..16]
+                        .copy_from_slice(&a.wrapping_mul(0x0101_0101_0101_0101).to_le_bytes());
+                    let prefix: &[u8] = if lock { &[0xf0] } else { &[] };
+                    h.check(Case {
+                        bytes: enc(size, prefix, &[wbit(size, op)], &[0x53, 0x08]),
+                        input,
+                        undefined: if logic { AF } else { 0 },
+                        mem,
+                        uses_mem: true,
+                        si_di_rel: false,
+                        name: format!("{name}{size} [mem] lock={lock}"),
+                    });
+                }
+            }
+        }
+    }
+    // Immediate forms: 80/81/83 /n with rcx.
+    for n in 0..8u8 {
+        let logic = matches!(n, 1 | 4 | 6);
+        for size in SIZES {
+            for &a in &EDGES {
+                for imm in [0u8, 1, 0x7f, 0x80, 0xff] {
+                    let mut input = h.state();
+                    input.gpr[1] = a;
+                    let (op, tail) = if size == 1 {
+                        (0x80, vec![0xc1 | (n << 3), imm])
+                    } else {
+                        (0x83, vec![0xc1 | (n << 3), imm])
+                    };
+                    h.check(Case {
+                        bytes: enc(size, &[], &[op], &tail),
+                        input,
+                        undefined: if logic { AF } else { 0 },
+                        mem: [0; 256],
+                        uses_mem: false,
+                        si_di_rel: false,
+                        name: format!("grp1/{n} size {size} {a:#x},{imm:#x}"),
+                    });
+                }
+            }
+        }
+    }
+    eprintln!("alu binary: {} cases", h.count);
+    assert!(h.count > 10_000);
+}
+
+#[test]
+fn unary_and_multiply_divide_match_host() {
+    let mut h = Harness::new();
+    for size in SIZES {
+        for &a in &EDGES {
+            // INC/DEC: FE/FF /0 /1; NOT/NEG: F6/F7 /2 /3 on rcx.
+            for (op, n, name) in [
+                (0xfe, 0, "inc"),
+                (0xfe, 1, "dec"),
+                (0xf6, 2, "not"),
+                (0xf6, 3, "neg"),
+            ] {
+                let mut input = h.state();
+                input.gpr[1] = a;
+                h.check(Case {
+                    bytes: enc(size, &[], &[wbit(size, op)], &[0xc1 | (n << 3)]),
+                    input,
+                    undefined: 0,
+                    mem: [0; 256],
+                    uses_mem: false,
+                    si_di_rel: false,
+                    name: format!("{name}{size} {a:#x}"),
+                });
+            }
+            for &b in &EDGES {
+                // MUL/IMUL rcx (one operand): rax * rcx.
+                for (n, name) in [(4u8, "mul"), (5, "imul")] {
+                    let mut input = h.state();
+                    input.gpr[0] = a;
+                    input.gpr[1] = b;
+                    h.check(Case {
+                        bytes: enc(size, &[], &[wbit(size, 0xf6)], &[0xc1 | (n << 3)]),
+                        input,
+                        undefined: SF | ZF | AF | PF,
+                        mem: [0; 256],
+                        uses_mem: false,
+                        si_di_rel: false,
+                        name: format!("{name}{size} {a:#x}*{b:#x}"),
+                    });
+                }
+                if size > 1 {
+                    // IMUL rdx, rcx (0F AF) and IMUL rdx, rcx, imm8 (6B).
+                    let mut input = h.state();
+                    input.gpr[1] = a;
+                    input.gpr[2] = b;
+                    h.check(Case {
+                        bytes: enc(size, &[], &[0x0f, 0xaf], &[0xd1]),
+                        input,
+                        undefined: SF | ZF | AF | PF,
+                        mem: [0; 256],
+                        uses_mem: false,
+                        si_di_rel: false,
+                        name: format!("imul2 {size} {a:#x}*{b:#x}"),
+                    });
+                    h.check(Case {
+                        bytes: enc(size, &[], &[0x6b], &[0xd1, b as u8]),
+                        input,
+                        undefined: SF | ZF | AF | PF,
+                        mem: [0; 256],
+                        uses_mem: false,
+                        si_di_rel: false,
+                        name: format!("imul3 {size} {a:#x}*{:#x}", b as u8),
+                    });
+                }
+                // DIV/IDIV rcx with rdx:rax = (b small):a; skip #DE cases.
+                for (n, signed) in [(6u8, false), (7, true)] {
+                    for hi in [0u64, 1, u64::MAX] {
+                        let divisor = b;
+                        if !div_ok(size, a, hi, divisor, signed) {
+                            continue;
+                        }
+                        let mut input = h.state();
+                        input.gpr[0] = a;
+                        input.gpr[2] = hi;
+                        input.gpr[1] = divisor;
+                        h.check(Case {
+                            bytes: enc(size, &[], &[wbit(size, 0xf6)], &[0xc1 | (n << 3)]),
+                            input,
+                            undefined: ARITH,
+                            mem: [0; 256],
+                            uses_mem: false,
+                            si_di_rel: false,
+                            name: format!("div{} {size} {hi:#x}:{a:#x}/{divisor:#x}", signed as u8),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("unary/mul/div: {} cases", h.count);
+    assert!(h.count > 2_000);
+}
+
+fn mask(size: u8) -> u64 {
+    if size == 8 {
+        u64::MAX
+    } else {
+        (1 << (size * 8)) - 1
+    }
+}
+
+fn sext(v: u64, size: u8) -> i128 {
+    let sh = 64 - size as u32 * 8;
+    (((v << sh) as i64) >> sh) as i128
+}
+
+/// Would this division complete without #DE?
+fn div_ok(size: u8, lo: u64, hi: u64, d: u64, signed: bool) -> bool {
+    let m = mask(size);
+    let bits = size as u32 * 8;
+    let d = d & m;
+    if d == 0 {
+        return false;
+    }
+    let (lo, hi) = if size == 1 {
+        (lo & 0xff, (lo >> 8) & 0xff)
+    } else {
+        (lo & m, hi & m)
+    };
+    let n = ((hi as u128) << bits) | lo as u128;
+    if signed {
+        let sh = 128 - 2 * bits;
+        let n = ((n << sh) as i128) >> sh;
+        let q = n / sext(d, size);
+        q >= -(1i128 << (bits - 1)) && q < (1i128 << (bits - 1))
+    } else {
+        n / (d as u128) <= m as u128
+    }
+}
+
+#[test]
+fn shifts_and_rotates_match_host() {
+    let mut h = Harness::new();
+    let counts = [0u64, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63];
+    for n in [0u8, 1, 2, 3, 4, 5, 7] {
+        for size in SIZES {
+            for &a in &EDGES {
+                for &c in &counts {
+                    let masked = c & if size == 8 { 63 } else { 31 };
+                    let mut undefined = 0;
+                    if masked != 0 {
+                        if n >= 4 {
+                            undefined |= AF;
+                        }
+                        if masked != 1 {
+                            undefined |= OF;
+                        }
+                        // Shifts by at least the width leave CF undefined.
+                        if n >= 4 && masked >= size as u64 * 8 {
+                            undefined |= CF;
+                        }
+                    }
+                    let mut input = h.state();
+                    input.gpr[2] = a;
+                    input.gpr[1] = c;
+                    // D2/D3 /n with CL, destination rdx.
+                    h.check(Case {
+                        bytes: enc(size, &[], &[wbit(size, 0xd2)], &[0xc2 | (n << 3)]),
+                        input,
+                        undefined,
+                        mem: [0; 256],
+                        uses_mem: false,
+                        si_di_rel: false,
+                        name: format!("grp2/{n} size {size} {a:#x} by {c}"),
+                    });
+                }
+            }
+        }
+    }
+    // SHLD/SHRD rdx, rbx, cl.
+    for (op, name) in [(0xa5u8, "shld"), (0xad, "shrd")] {
+        for size in [2u8, 4, 8] {
+            for &a in &EDGES {
+                for &b in &EDGES[..8] {
+                    for &c in &counts {
+                        let masked = c & if size == 8 { 63 } else { 31 };
+                        if masked > size as u64 * 8 {
+                            continue; // result undefined
+                        }
+                        let mut undefined = AF;
+                        if masked != 1 {
+                            undefined |= OF;
+                        }
+                        if masked == size as u64 * 8 {
+                            undefined |= CF | OF | SF | ZF | PF;
+                        }
+                        let mut input = h.state();
+                        input.gpr[2] = a;
+                        input.gpr[3] = b.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                        input.gpr[1] = c;
+                        if masked == size as u64 * 8 {
+                            continue;
+                        }
+                        h.check(Case {
+                            bytes: enc(size, &[], &[0x0f, op], &[0xda]),
+                            input,
+                            undefined,
+                            mem: [0; 256],
+                            uses_mem: false,
+                            si_di_rel: false,
+                            name: format!("{name}{size} {a:#x} by {c}"),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("shifts/rotates: {} cases", h.count);
+    assert!(h.count > 5_000);
+}
+
+#[test]
+fn bit_ops_moves_and_conditions_match_host() {
+    let mut h = Harness::new();
+    for size in [2u8, 4, 8] {
+        for &a in &EDGES {
+            for &b in &[0u64, 1, 5, 15, 16, 31, 32, 63, 64, 100] {
+                // BT/BTS/BTR/BTC rcx, rdx (register forms mask the offset).
+                for op in [0xa3u8, 0xab, 0xb3, 0xbb] {
+                    let mut input = h.state();
+                    input.gpr[1] = a;
+                    input.gpr[2] = b;
+                    h.check(Case {
+                        bytes: enc(size, &[], &[0x0f, op], &[0xd1]),
+                        input,
+                        undefined: OF | SF | AF | PF,
+                        mem: [0; 256],
+                        uses_mem: false,
+                        si_di_rel: false,
+                        name: format!("bt{op:#x} {size} {a:#x},{b}"),
+                    });
+                }
+            }
+            // BSF/BSR rdx, rcx (nonzero source); POPCNT.
+            if a & mask(size) != 0 {
+                for op in [0xbcu8, 0xbd] {
+                    let mut input = h.state();
+                    input.gpr[1] = a;
+                    h.check(Case {
+                        bytes: enc(size, &[], &[0x0f, op], &[0xd1]),
+                        input,
+                        undefined: CF | OF | SF | AF | PF,
+                        mem: [0; 256],
+                        uses_mem: false,
+                        si_di_rel: false,
+                        name: format!("bs{op:#x} {size} {a:#x}"),
+                    });
+                }
+            }
+            let mut input = h.state();
+            input.gpr[1] = a;
+            h.check(Case {
+                bytes: enc(size, &[0xf3], &[0x0f, 0xb8], &[0xd1]),
+                input,
+                undefined: 0,
+                mem: [0; 256],
+                uses_mem: false,
+                si_di_rel: false,
+                name: format!("popcnt {size} {a:#x}"),
+            });
+            // XADD rcx, rdx; CMPXCHG rcx, rdx with rax equal or not.
+            for eq in [false, true] {
+                let mut input = h.state();
+                input.gpr[1] = a;
+                if eq {
+                    input.gpr[0] = a;
+                }
+                h.check(Case {
+                    bytes: enc(size, &[], &[0x0f, 0xb1], &[0xd1]),
+                    input,
+                    undefined: 0,
+                    mem: [0; 256],
+                    uses_mem: false,
+                    si_di_rel: false,
+                    name: format!("cmpxchg {size} {a:#x} eq={eq}"),
+                });
+            }
+            let mut input = h.state();
+            input.gpr[1] = a;
+            h.check(Case {
+                bytes: enc(size, &[], &[0x0f, 0xc1], &[0xd1]),
+                input,
+                undefined: 0,
+                mem: [0; 256],
+                uses_mem: false,
+                si_di_rel: false,
+                name: format!("xadd {size} {a:#x}"),
+            });
+        }
+    }
+    // MOVZX/MOVSX/MOVSXD, BSWAP, CBW family, SETcc/CMOVcc with random flags.
+    for &a in &EDGES {
+        for (bytes, name) in [
+            (vec![0x48, 0x0f, 0xb6, 0xd1], "movzx r64,r8"),
+            (vec![0x0f, 0xb7, 0xd1], "movzx r32,r16"),
+            (vec![0x48, 0x0f, 0xbe, 0xd1], "movsx r64,r8"),
+            (vec![0x66, 0x0f, 0xbe, 0xd1], "movsx r16,r8"),
+            (vec![0x48, 0x63, 0xd1], "movsxd"),
+            (vec![0x0f, 0xc9], "bswap ecx"),
+            (vec![0x48, 0x0f, 0xc9], "bswap rcx"),
+            (vec![0x66, 0x98], "cbw"),
+            (vec![0x98], "cwde"),
+            (vec![0x48, 0x98], "cdqe"),
+            (vec![0x66, 0x99], "cwd"),
+            (vec![0x99], "cdq"),
+            (vec![0x48, 0x99], "cqo"),
+            (vec![0x9f], "lahf"),
+            (vec![0x9e], "sahf"),
+            (vec![0x86, 0xf1], "xchg dh,cl"),
+        ] {
+            let mut input = h.state();
+            input.gpr[1] = a;
+            input.gpr[0] = a.rotate_left(13);
+            h.check(Case {
+                bytes,
+                input,
+                undefined: 0,
+                mem: [0; 256],
+                uses_mem: false,
+                si_di_rel: false,
+                name: name.to_string(),
+            });
+        }
+    }
+    for cc in 0..16u8 {
+        for _ in 0..24 {
+            let input = h.state();
+            h.check(Case {
+                bytes: vec![0x0f, 0x90 + cc, 0xc1],
+                input,
+                undefined: 0,
+                mem: [0; 256],
+                uses_mem: false,
+                si_di_rel: false,
+                name: format!("setcc {cc}"),
+            });
+            h.check(Case {
+                bytes: vec![0x0f, 0x40 + cc, 0xd1],
+                input,
+                undefined: 0,
+                mem: [0; 256],
+                uses_mem: false,
+                si_di_rel: false,
+                name: format!("cmovcc32 {cc}"),
+            });
+            h.check(Case {
+                bytes: vec![0x48, 0x0f, 0x40 + cc, 0xd1],
+                input,
+                undefined: 0,
+                mem: [0; 256],
+                uses_mem: false,
+                si_di_rel: false,
+                name: format!("cmovcc64 {cc}"),
+            });
+        }
+    }
+    eprintln!("bit ops/moves/conditions: {} cases", h.count);
+    assert!(h.count > 1_000);
+}
+
+#[test]
+fn string_ops_match_host() {
+    let mut h = Harness::new();
+    // rsi/rdi point into the buffer (through rbx-relative setup: lea).
+    // lea rsi,[rbx+a]; lea rdi,[rbx+b]; then the string op.
+    let ops: [(&[u8], &str); 10] = [
+        (&[0xa4], "movsb"),
+        (&[0x48, 0xa5], "movsq"),
+        (&[0xf3, 0xa4], "rep movsb"),
+        (&[0xf3, 0xa5], "rep movsd"),
+        (&[0xf3, 0xaa], "rep stosb"),
+        (&[0xf3, 0x48, 0xab], "rep stosq"),
+        (&[0xf3, 0xa6], "repe cmpsb"),
+        (&[0xf2, 0xae], "repne scasb"),
+        (&[0xf3, 0x66, 0xaf], "repe scasw"),
+        (&[0xac], "lodsb"),
+    ];
+    for (op, name) in ops {
+        for dir in [false, true] {
+            for count in [0u64, 1, 3, 5] {
+                let mut bytes = vec![0x48, 0x8d, 0x73, 0x60, 0x48, 0x8d, 0xbb, 0x90, 0, 0, 0];
+                if dir {
+                    bytes.push(0xfd);
+                }
+                bytes.extend_from_slice(op);
+                if dir {
+                    bytes.push(0xfc);
+                }
+                let mut input = h.state();
+                input.gpr[1] = count;
+                input.gpr[0] = 0x4142_4344_4546_4748;
+                let mut mem = [0u8; 256];
+                for (i, m) in mem.iter_mut().enumerate() {
+                    *m = (i as u8).wrapping_mul(7) & 0x1f;
+                }
+                h.check(Case {
+                    bytes,
+                    input,
+                    undefined: 0,
+                    mem,
+                    uses_mem: true,
+                    si_di_rel: true,
+                    name: format!("{name} df={dir} count={count}"),
+                });
+            }
+        }
+    }
+    eprintln!("string ops: {} cases", h.count);
+}
