@@ -194,6 +194,7 @@ impl crate::Vm for KvmVm {
         let mut vcpu = KvmVcpu {
             fd,
             index,
+            flavor: self.flavor,
             memory: self.memory.clone(),
             kicker: Arc::new(KvmKicker {
                 thread: AtomicU64::new(0),
@@ -290,6 +291,7 @@ impl VcpuKicker for KvmKicker {
 pub struct KvmVcpu {
     fd: VcpuFd,
     index: u32,
+    flavor: KvmFlavor,
     memory: Arc<Mutex<Vec<MemSlot>>>,
     kicker: Arc<KvmKicker>,
 }
@@ -407,6 +409,24 @@ impl KvmVcpu {
             .map_err(ioctl_err("KVM_SET_LAPIC"))
     }
 
+    /// Deliver #BP as if the INT3 at RIP had run: RIP past it, exception injected.
+    fn inject_breakpoint(&mut self) -> Result<()> {
+        let mut regs = self.fd.get_regs().map_err(ioctl_err("KVM_GET_REGS"))?;
+        regs.rip = regs.rip.wrapping_add(1);
+        self.fd.set_regs(&regs).map_err(ioctl_err("KVM_SET_REGS"))?;
+        let mut events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(ioctl_err("KVM_GET_VCPU_EVENTS"))?;
+        events.exception.injected = 1;
+        events.exception.nr = 3;
+        events.exception.has_error_code = 0;
+        events.exception.pending = 0;
+        self.fd
+            .set_vcpu_events(&events)
+            .map_err(ioctl_err("KVM_SET_VCPU_EVENTS"))
+    }
+
     /// Read up to 15 bytes at a guest virtual address through KVM_TRANSLATE.
     fn read_guest_bytes(&self, gva: u64) -> Vec<u8> {
         let mut out = Vec::new();
@@ -467,12 +487,13 @@ fn describe_internal_error(suberror: u32, data: &[u64]) -> (String, Vec<u8>) {
     tracing::debug!("KVM internal error suberror {suberror}, data {data:x?}");
     match suberror {
         KVM_INTERNAL_ERROR_EMULATION => {
+            // struct emulation_failure: data[0] = flags, then 16 bytes
+            // (data[1], data[2]) holding insn_size (u8) and insn_bytes[15].
             let mut insn = Vec::new();
-            // data[0] = flags, data[1] = length, data[2..4] = up to 16 bytes.
-            if data.len() >= 4 && data[0] & FLAG_INSTRUCTION_BYTES != 0 {
-                let len = (data[1] as u32).min(15) as usize;
-                let bytes: Vec<u8> = data[2..4].iter().flat_map(|w| w.to_le_bytes()).collect();
-                insn.extend_from_slice(&bytes[..len]);
+            if data.len() >= 3 && data[0] & FLAG_INSTRUCTION_BYTES != 0 {
+                let raw: Vec<u8> = data[1..3].iter().flat_map(|w| w.to_le_bytes()).collect();
+                let len = (raw[0] as usize).min(15);
+                insn.extend_from_slice(&raw[1..1 + len]);
             }
             (
                 "KVM internal error: the host's instruction emulator failed (suberror 1)".into(),
@@ -586,7 +607,16 @@ impl Vcpu for KvmVcpu {
             }
             Err(e) => return Err(ioctl_err("KVM_RUN")(e)),
         };
-        Ok(VcpuExit::InternalError(self.internal_error(reason, insn)))
+        let err = self.internal_error(reason, insn);
+        if self.flavor == KvmFlavor::Pvm && err.insn.first() == Some(&0xcc) {
+            // The nested host's emulator cannot run INT3 in guest ring 0
+            // (Linux's alternatives self-test uses it), but it can deliver
+            // an injected #BP: do what the CPU would, a trap past the INT3.
+            if self.inject_breakpoint().is_ok() {
+                return Ok(VcpuExit::Interrupted);
+            }
+        }
+        Ok(VcpuExit::InternalError(err))
     }
 
     fn get_regs(&self) -> Result<StandardRegs> {
@@ -744,20 +774,23 @@ mod tests {
 
     #[test]
     fn emulation_failure_payload_yields_instruction_bytes() {
-        // lock cmpxchg16b [rdi]: f0 48 0f c7 0f
+        // insn_size 5, then lock cmpxchg16b [rdi]: f0 48 0f c7 0f
         let bytes: [u8; 16] = [
-            0xf0, 0x48, 0x0f, 0xc7, 0x0f, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            5, 0xf0, 0x48, 0x0f, 0xc7, 0x0f, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
         ];
         let w0 = u64::from_le_bytes(bytes[..8].try_into().unwrap());
         let w1 = u64::from_le_bytes(bytes[8..].try_into().unwrap());
-        let (reason, insn) = describe_internal_error(1, &[1, 5, w0, w1]);
+        let (reason, insn) = describe_internal_error(1, &[1, w0, w1]);
         assert!(reason.contains("emulator"));
         assert_eq!(insn, vec![0xf0, 0x48, 0x0f, 0xc7, 0x0f]);
     }
 
     #[test]
     fn emulation_failure_without_bytes_flag_has_none() {
-        let (_, insn) = describe_internal_error(1, &[0, 5, 0, 0]);
+        let (_, insn) = describe_internal_error(1, &[0, 5, 0]);
+        assert!(insn.is_empty());
+        // A truncated payload is not trusted either.
+        let (_, insn) = describe_internal_error(1, &[1, 5]);
         assert!(insn.is_empty());
         let (reason, _) = describe_internal_error(3, &[]);
         assert!(reason.contains("delivery"));
