@@ -17,6 +17,7 @@ Exit status:
   3  the guest rebooted (keyboard controller or ACPI reset; also after a guest panic with panic=N)
   4  a vCPU triple-faulted
   5  a vCPU hit an instruction its accelerator cannot run (the report names the bytes and RIP)
+  128+N  killed by signal N (the terminal is restored)
 
 Console: the guest's serial port is your terminal. Ctrl-A X quits, Ctrl-A Ctrl-A sends Ctrl-A.";
 

@@ -72,6 +72,38 @@ struct RawMode {
     saved: libc::termios,
 }
 
+/// The settings to restore if a signal ends the process while in raw mode.
+static SAVED_TERMIOS: std::sync::OnceLock<libc::termios> = std::sync::OnceLock::new();
+
+extern "C" fn restore_and_exit(sig: libc::c_int) {
+    // Only async-signal-safe calls here: tcsetattr, write, _exit.
+    if let Some(t) = SAVED_TERMIOS.get() {
+        // SAFETY: restoring saved settings on fd 0.
+        unsafe {
+            libc::tcsetattr(0, libc::TCSANOW, t);
+        }
+    }
+    let msg = b"\r\nvireo: killed by a signal\n";
+    // SAFETY: write and _exit are async-signal-safe.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::_exit(128 + sig);
+    }
+}
+
+/// A VMM killed with SIGTERM or SIGHUP must not leave the terminal raw.
+fn restore_terminal_on_signals(saved: libc::termios) {
+    if SAVED_TERMIOS.set(saved).is_err() {
+        return; // already installed
+    }
+    for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+        // SAFETY: installing a handler that only makes async-signal-safe calls.
+        unsafe {
+            libc::signal(sig, restore_and_exit as *const () as libc::sighandler_t);
+        }
+    }
+}
+
 impl RawMode {
     fn enter() -> Option<Self> {
         // SAFETY: isatty/tcgetattr/tcsetattr on fd 0 with valid pointers.
@@ -87,6 +119,7 @@ impl RawMode {
             libc::cfmakeraw(&mut t);
             // Keep output post-processing so host-side messages stay readable.
             t.c_oflag |= libc::OPOST;
+            restore_terminal_on_signals(saved);
             if libc::tcsetattr(0, libc::TCSANOW, &t) != 0 {
                 return None;
             }
