@@ -391,7 +391,7 @@ impl Core {
             self.flush_all_caches();
         }
         loop {
-            if self.kick.swap(false, Ordering::AcqRel) {
+            if self.kick.load(Ordering::Relaxed) && self.kick.swap(false, Ordering::AcqRel) {
                 return RunExit::Interrupted;
             }
             if !self.int_shadow {
@@ -452,10 +452,10 @@ impl Core {
             Err(e) => return self.handle_exc(e),
         };
         self.end_block = false;
-        for insn in block.insns.iter().take(limit) {
-            let next = insn.next_ip();
+        for u in block.uops.iter().take(limit) {
+            let next = u.next_ip;
             self.next_rip = next;
-            match crate::exec::execute(self, insn) {
+            match (u.handler)(self, u) {
                 Ok(()) => {
                     self.icount += 1;
                     self.st.rip = self.next_rip;

@@ -14,6 +14,8 @@ use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic};
 
 use crate::core::{Core, Exc, R};
 use crate::mem::load;
+use crate::uop::{build, Uop};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Longest block, in instructions.
 const MAX_INSNS: usize = 64;
@@ -23,11 +25,23 @@ const MAX_BLOCKS: usize = 1 << 16;
 pub struct Block {
     pub rip: u64,
     pub bits: u32,
-    pub insns: Vec<Instruction>,
-    /// (physical page, generation) for the one or two pages covered.
-    pages: [(u64, u32); 2],
+    /// Physical address of the first byte.
+    pub phys: u64,
+    pub uops: Vec<Uop>,
+    /// Generation counters (and the values seen at decode) of the one or two
+    /// physical pages covered.
+    gens: [(*const AtomicU32, u32); 2],
     npages: usize,
 }
+
+// SAFETY: the generation pointers point into RAM regions kept alive by the
+// owning vCPU's memory snapshot; the cache is flushed whenever the snapshot
+// changes, and the counters are atomics.
+unsafe impl Send for Block {}
+unsafe impl Sync for Block {}
+
+/// Direct-mapped cache from RIP to block, in front of the hash map.
+const JMP_CACHE: usize = 4096;
 
 /// Multiplicative hash for physical addresses (std's SipHash is slow here).
 #[derive(Default)]
@@ -47,15 +61,26 @@ impl Hasher for AddrHasher {
     }
 }
 
-#[derive(Default)]
 pub struct BlockCache {
     map: HashMap<u64, Arc<Block>, BuildHasherDefault<AddrHasher>>,
+    jmp: Vec<Option<Arc<Block>>>,
     pub decoded: u64,
+}
+
+impl Default for BlockCache {
+    fn default() -> Self {
+        BlockCache {
+            map: HashMap::default(),
+            jmp: vec![None; JMP_CACHE],
+            decoded: 0,
+        }
+    }
 }
 
 impl BlockCache {
     pub fn clear(&mut self) {
         self.map.clear();
+        self.jmp.iter_mut().for_each(|e| *e = None);
     }
 
     pub fn len(&self) -> usize {
@@ -100,24 +125,35 @@ pub fn fetch_block(core: &mut Core) -> R<Arc<Block>> {
     let lin = core.rip_lin();
     let entry = core.fetch_entry(lin)?;
     let phys = entry.phys | (lin & 0xfff);
-    if let Some(b) = core.blocks.map.get(&phys) {
-        if b.rip == rip && b.bits == bits && valid(core, b) {
+    let slot = ((rip ^ (rip >> 12)) as usize) & (JMP_CACHE - 1);
+    if let Some(b) = &core.blocks.jmp[slot] {
+        if b.rip == rip && b.phys == phys && b.bits == bits && valid(b) {
             return Ok(b.clone());
+        }
+    }
+    if let Some(b) = core.blocks.map.get(&phys) {
+        if b.rip == rip && b.bits == bits && valid(b) {
+            let b = b.clone();
+            core.blocks.jmp[slot] = Some(b.clone());
+            return Ok(b);
         }
     }
     let b = Arc::new(decode_block(core, lin, rip, bits, entry.phys, entry.host)?);
     if core.blocks.map.len() >= MAX_BLOCKS {
-        core.blocks.map.clear();
+        core.blocks.clear();
     }
     core.blocks.decoded += 1;
     core.blocks.map.insert(phys, b.clone());
+    core.blocks.jmp[slot] = Some(b.clone());
     Ok(b)
 }
 
-fn valid(core: &Core, b: &Block) -> bool {
-    b.pages[..b.npages]
-        .iter()
-        .all(|&(p, g)| core.mem.code_gen(p) == Some(g))
+#[inline]
+fn valid(b: &Block) -> bool {
+    b.gens[..b.npages].iter().all(|&(p, g)| {
+        // SAFETY: see `Block`'s Send/Sync note.
+        !p.is_null() && unsafe { (*p).load(Ordering::Acquire) } == g
+    })
 }
 
 fn decode_block(
@@ -144,7 +180,8 @@ fn decode_block(
         // SAFETY: `host` is a whole mapped RAM page.
         bytes.push(unsafe { load(host.add(off + i), 1) } as u8);
     }
-    let mut pages = [(page, gen), (0, 0)];
+    let mut gens = [(core.mem.code_gen_ptr(page), gen), (std::ptr::null(), 0)];
+    let mut have_next = false;
     let mut npages = 1;
     // Bytes of the next page, for an instruction that straddles the boundary.
     let mut next_fault = None;
@@ -161,21 +198,22 @@ fn decode_block(
                     // SAFETY: as above.
                     bytes.push(unsafe { load(e.host.add(i), 1) } as u8);
                 }
-                pages[1] = (e.phys, g2);
+                gens[1] = (core.mem.code_gen_ptr(e.phys), g2);
+                have_next = true;
             }
         }
         Ok(_) => {}
         Err(e) => next_fault = Some(e),
     }
     let mut dec = Decoder::with_ip(bits, &bytes, rip, DecoderOptions::NONE);
-    let mut insns = Vec::with_capacity(16);
+    let mut uops = Vec::with_capacity(16);
     let mut insn = Instruction::default();
-    while insns.len() < MAX_INSNS && (dec.position() < in_page) {
+    while uops.len() < MAX_INSNS && (dec.position() < in_page) {
         dec.decode_out(&mut insn);
         let end = dec.position();
         if insn.is_invalid() && dec.last_error() == iced_x86::DecoderError::NoMoreBytes {
             // Truncated at the page end: the next page is not executable.
-            if insns.is_empty() {
+            if uops.is_empty() {
                 return Err(
                     next_fault.unwrap_or(Exc::Unimplemented("instruction fetch failed".into()))
                 );
@@ -186,19 +224,20 @@ fn decode_block(
             npages = 2;
         }
         let stop = insn.is_invalid() || ends_block(&insn);
-        insns.push(insn);
+        uops.push(build(&insn));
         if stop {
             break;
         }
     }
-    if npages == 2 && pages[1].0 == 0 && next_fault.is_none() {
+    if !have_next {
         npages = 1;
     }
     Ok(Block {
         rip,
         bits,
-        insns,
-        pages,
+        phys: page | (lin & 0xfff),
+        uops,
+        gens,
         npages,
     })
 }

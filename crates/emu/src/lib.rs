@@ -9,6 +9,8 @@
 //! - [`mmu`]: linear-to-physical translation (paging walks, A/D bits, permission
 //!   checks) behind a software TLB.
 //! - [`decode`]: the per-basic-block decode cache keyed by physical address.
+//! - [`uop`]: the compact cached instruction form with pre-resolved operands
+//!   and a handler per hot instruction form.
 //! - [`exec`]: the interpreter, split by instruction family.
 //! - [`exception`]: exception and interrupt delivery through the IVT/IDT.
 //! - [`seg`]: segment register loads and descriptor-table access.
@@ -30,6 +32,7 @@ pub mod mem;
 pub mod mmu;
 pub mod msr;
 pub mod seg;
+pub mod uop;
 
 pub use backend::{EmuHypervisor, EmuVcpu, EmuVm};
 pub use irq::{InterruptController, QueueInterruptController};

@@ -247,6 +247,15 @@ impl MemView {
         }
     }
 
+    /// The page's generation counter, for blocks to check cheaply. Valid
+    /// while this view's region snapshot lives.
+    pub fn code_gen_ptr(&self, gpa: u64) -> *const AtomicU32 {
+        match self.region(gpa) {
+            Some(r) => &r.code_gen[r.page_index(gpa)] as *const AtomicU32,
+            None => std::ptr::null(),
+        }
+    }
+
     pub fn code_gen(&self, gpa: u64) -> Option<u32> {
         let r = self.region(gpa)?;
         Some(r.code_gen[r.page_index(gpa)].load(Ordering::SeqCst))
