@@ -135,7 +135,11 @@ fn run() -> Result<(), String> {
     let mut cmos_index = 0u8;
     loop {
         if Instant::now() > deadline {
-            eprintln!("\nboot_probe: timeout after {} s", args.timeout);
+            let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+            eprintln!(
+                "\nboot_probe: timeout after {} s (RIP {rip:#x})",
+                args.timeout
+            );
             return Ok(());
         }
         match vcpu.run().map_err(|e| e.to_string())? {
