@@ -229,6 +229,8 @@ pub fn build_fadt(dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
     fadt.iapc_boot_arch =
         (IAPC_BOOT_ARCH_LEGACY_DEVICES | IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_VGA_NOT_PRESENT)
             .into();
+    // The CMOS RTC (devices::rtc) keeps the century in register 0x32.
+    fadt.century = RTC_CENTURY_INDEX;
     fadt.reset_reg = io_gas(RESET_PORT, 8, AccessSize::ByteAccess);
     fadt.reset_value = RESET_VALUE;
     to_bytes(&fadt.finalize())

@@ -111,6 +111,8 @@ pub const RESET_VALUE: u8 = 0x06;
 /// SLP_TYP value the DSDT's `_S5_` object gives for soft-off: the guest
 /// writes `(ACPI_S5_SLP_TYP << 10) | SLP_EN (1 << 13)` to PM1a_CNT.
 pub const ACPI_S5_SLP_TYP: u8 = 5;
+/// CMOS register holding the BCD century (FADT CENTURY).
+pub const RTC_CENTURY_INDEX: u8 = 0x32;
 /// PM1 control register bits.
 pub const ACPI_PM1_CNT_SCI_EN: u16 = 1 << 0;
 pub const ACPI_PM1_CNT_SLP_EN: u16 = 1 << 13;

@@ -921,6 +921,7 @@ fn fadt_describes_legacy_pm_hardware() {
     assert_eq!(f[117], 8);
     assert_eq!(u64at(120), 0xcf9);
     assert_eq!(f[128], 6, "RESET_VALUE");
+    assert_eq!(f[108], 0x32, "CENTURY: CMOS register 0x32");
     // X_ blocks (GAS: space, width, offset, access size, address).
     for (off, port, bits) in [(148, 0x600u64, 32u8), (172, 0x604, 16), (208, 0x608, 32)] {
         assert_eq!(f[off], 1, "system I/O at {off}");
