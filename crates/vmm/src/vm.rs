@@ -77,10 +77,7 @@ pub fn open_hypervisor(accel: Accel) -> Result<Arc<dyn Hypervisor>, VmmError> {
         Accel::Auto if hypervisor::kvm::kvm_available() => {
             Ok(Arc::new(hypervisor::kvm::KvmHypervisor::new()?))
         }
-        Accel::Emu | Accel::Auto => Err(VmmError::Config(
-            "the software CPU engine (--accel emu) cannot run guests in this build yet; use --accel kvm"
-                .into(),
-        )),
+        Accel::Emu | Accel::Auto => Ok(Arc::new(emu::EmuHypervisor::new())),
     }
 }
 
