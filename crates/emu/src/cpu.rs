@@ -148,6 +148,46 @@ pub struct CpuState {
     pub xcr0: u64,
     pub msr: Msrs,
     pub mxcsr: u32,
+    pub xmm: [u128; 16],
+    pub fpu: Fpu,
+}
+
+/// x87 state. Registers hold 80-bit extended values (low 80 bits of each
+/// slot), indexed physically; ST(i) is `st[(top + i) & 7]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fpu {
+    pub fcw: u16,
+    /// Status word without TOP (bits 13:11 come from `top`).
+    pub fsw: u16,
+    pub top: u8,
+    /// Abridged tag word: bit i set = physical register i holds a value.
+    pub tag: u8,
+    pub st: [u128; 8],
+    pub fop: u16,
+    pub fip: u64,
+    pub fdp: u64,
+}
+
+impl Default for Fpu {
+    fn default() -> Self {
+        Fpu {
+            fcw: 0x37f,
+            fsw: 0,
+            top: 0,
+            tag: 0,
+            st: [0; 8],
+            fop: 0,
+            fip: 0,
+            fdp: 0,
+        }
+    }
+}
+
+impl Fpu {
+    /// FSW as software sees it (TOP folded in).
+    pub fn status(&self) -> u16 {
+        (self.fsw & !0x3800) | ((self.top as u16 & 7) << 11)
+    }
 }
 
 impl Default for CpuState {
@@ -198,6 +238,8 @@ impl CpuState {
                 ..Default::default()
             },
             mxcsr: 0x1f80,
+            xmm: [0; 16],
+            fpu: Fpu::default(),
         }
     }
 

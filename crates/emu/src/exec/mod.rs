@@ -3,7 +3,9 @@
 
 pub mod alu;
 pub mod control;
+pub mod fpu;
 pub mod operand;
+pub mod sse;
 pub mod string;
 pub mod system;
 

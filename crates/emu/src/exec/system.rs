@@ -387,7 +387,7 @@ pub fn execute_system(core: &mut Core, insn: &Instruction) -> R {
             Err(ud())
         }
         M::Clac | M::Stac => Err(ud()),
-        _ => Err(super::unimplemented(insn)),
+        _ => super::sse::execute(core, insn),
     }
 }
 

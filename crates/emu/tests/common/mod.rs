@@ -175,7 +175,8 @@ impl Guest {
             },
             cr0: 0x8000_0011 | (1 << 16),
             cr3: PML4,
-            cr4: 1 << 5,
+            // PAE, OSFXSR, OSXMMEXCPT.
+            cr4: (1 << 5) | (1 << 9) | (1 << 10),
             efer: (1 << 8) | (1 << 10) | (1 << 11) | 1,
             ..Default::default()
         };
