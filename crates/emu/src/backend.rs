@@ -104,6 +104,11 @@ impl Vm for EmuVm {
         Ok(Box::new(self.create_emu_vcpu(index)))
     }
 
+    fn signal_msi(&self, addr: u64, data: u32) -> Result<()> {
+        self.interrupt_controller().signal_msi(addr, data);
+        Ok(())
+    }
+
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>> {
         Ok(Arc::new(EmuIrqLine {
             intc: self.interrupt_controller(),

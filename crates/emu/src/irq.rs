@@ -28,6 +28,9 @@ pub trait InterruptController: Send + Sync {
     }
     /// The guest wrote CR8 (task priority, bits 3:0 = TPR[7:4]).
     fn set_tpr(&self, _vcpu: u32, _cr8: u8) {}
+    /// A device sent a message-signalled interrupt (address 0xfeeXXXXX,
+    /// data with the vector in bits 7:0). Controllers without LAPICs drop it.
+    fn signal_msi(&self, _addr: u64, _data: u32) {}
 }
 
 /// A stand-in controller until the platform models plug in: GSI `n` raises
@@ -58,6 +61,10 @@ impl QueueInterruptController {
 impl InterruptController for QueueInterruptController {
     fn trigger_gsi(&self, gsi: u32) {
         self.inject(self.base.wrapping_add(gsi as u8));
+    }
+
+    fn signal_msi(&self, _addr: u64, data: u32) {
+        self.inject(data as u8);
     }
 
     fn pending_vector(&self, _vcpu: u32) -> Option<u8> {

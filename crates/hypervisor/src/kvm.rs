@@ -208,6 +208,19 @@ impl crate::Vm for KvmVm {
         Ok(Box::new(vcpu))
     }
 
+    fn signal_msi(&self, addr: u64, data: u32) -> Result<()> {
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: addr as u32,
+            address_hi: (addr >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        match self.fd.signal_msi(msi) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(ioctl_err("KVM_SIGNAL_MSI")(e)),
+        }
+    }
+
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>> {
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| HypervisorError::Ioctl {
             op: "eventfd",

@@ -154,6 +154,9 @@ pub trait Vm: Send + Sync {
     fn create_vcpu(&self, index: u32, count: u32) -> Result<Box<dyn Vcpu>>;
     /// An edge-triggered interrupt line for a GSI (0-23 are the IOAPIC pins).
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>>;
+    /// Deliver a message-signalled interrupt (what a PCI device's MSI or
+    /// MSI-X table entry says: the address 0xfeeXXXXX and the data word).
+    fn signal_msi(&self, addr: u64, data: u32) -> Result<()>;
 }
 
 /// A way to make a vCPU's [`Vcpu::run`] return `Interrupted` from another thread.
