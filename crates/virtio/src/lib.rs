@@ -1,0 +1,1 @@
+//! virtio (work in progress)
