@@ -103,6 +103,8 @@ pub struct Core {
     pub icount: u64,
     /// Exception currently being delivered (for #DF / triple-fault rules).
     pub delivering: Option<u8>,
+    /// An NMI handler is running: further NMIs wait for its IRET.
+    pub nmi_blocked: bool,
 }
 
 impl Core {
@@ -122,6 +124,7 @@ impl Core {
             halted: false,
             icount: 0,
             delivering: None,
+            nmi_blocked: false,
         }
     }
 
@@ -412,8 +415,9 @@ impl Core {
 
     /// Accept a pending NMI or external interrupt if the CPU can take it.
     fn check_interrupts(&mut self) -> Option<RunExit> {
-        if self.intc.take_nmi(self.index) {
+        if !self.nmi_blocked && self.intc.take_nmi(self.index) {
             self.halted = false;
+            self.nmi_blocked = true;
             return self.deliver_and_check(2, None, crate::exception::Kind::External);
         }
         if self.st.rflags & FLAG_IF == 0 {

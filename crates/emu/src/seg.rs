@@ -459,3 +459,42 @@ pub fn gate_target(core: &mut Core, sel: u16, ext: u32) -> R<Segment> {
     }
     Ok(s)
 }
+
+/// What LAR/LSL/VERR/VERW ask about a selector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    Lar,
+    Lsl,
+    Verr,
+    Verw,
+}
+
+/// The descriptor for `sel` if the probe instruction may see it (ZF=1), or
+/// None (ZF=0). Faults reading the descriptor table still propagate.
+pub fn probe(core: &mut Core, sel: u16, kind: Probe) -> R<Option<u64>> {
+    if sel & !3 == 0 {
+        return Ok(None);
+    }
+    let desc = match read_desc(core, sel) {
+        Ok(d) => d,
+        Err(Exc::Fault { vector: 13, .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let s = desc & (1 << 44) != 0;
+    let ty = ((desc >> 40) & 0xf) as u8;
+    let code = s && ty & 8 != 0;
+    let conforming = code && ty & 4 != 0;
+    let dpl = dpl_of(desc);
+    let rpl = (sel & 3) as u8;
+    let privileged_ok = conforming || dpl >= core.st.cpl().max(rpl);
+    let type_ok = match kind {
+        Probe::Lsl => s || matches!(ty, 1 | 2 | 3 | 9 | 11),
+        Probe::Lar => s || matches!(ty, 1 | 2 | 3 | 4 | 5 | 9 | 11 | 12),
+        Probe::Verr => s && (!code || ty & 2 != 0),
+        Probe::Verw => s && !code && ty & 2 != 0,
+    };
+    if !type_ok || !privileged_ok {
+        return Ok(None);
+    }
+    Ok(Some(desc))
+}

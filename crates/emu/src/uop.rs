@@ -138,6 +138,9 @@ pub fn build(insn: &Instruction) -> Uop {
         Mnemonic::Or if two => h_or,
         Mnemonic::Xor if two => h_xor,
         Mnemonic::Cmp if two => h_cmp,
+        Mnemonic::Adc if two => h_adc,
+        Mnemonic::Sbb if two => h_sbb,
+        Mnemonic::Mul if o0 != Opnd::None && u.size == 8 => h_mul64,
         Mnemonic::Test if two => h_test,
         Mnemonic::Inc => h_inc,
         Mnemonic::Dec => h_dec,
@@ -287,8 +290,15 @@ fn alu(core: &mut Core, u: &Uop, op: Bin) -> R {
     let size = u.size;
     let src = read(core, u, u.ops[1], size)?;
     let dst = read(core, u, u.ops[0], size)?;
+    let cin = if matches!(op, Bin::Adc | Bin::Sbb) {
+        exec::carry(core) as u64
+    } else {
+        0
+    };
     let (res, fop) = match op {
         Bin::Add => (dst.wrapping_add(src), FlagOp::Add),
+        Bin::Adc => (dst.wrapping_add(src).wrapping_add(cin), FlagOp::Adc),
+        Bin::Sbb => (dst.wrapping_sub(src).wrapping_sub(cin), FlagOp::Sbb),
         Bin::Sub | Bin::Cmp => (dst.wrapping_sub(src), FlagOp::Sub),
         Bin::And | Bin::Test => (dst & src, FlagOp::Logic),
         Bin::Or => (dst | src, FlagOp::Logic),
@@ -297,7 +307,35 @@ fn alu(core: &mut Core, u: &Uop, op: Bin) -> R {
     if op != Bin::Cmp && op != Bin::Test {
         write(core, u, u.ops[0], size, res)?;
     }
-    core.st.flags = Flags::set(fop, size, dst, src, res);
+    let mut fl = Flags::set(fop, size, dst, src, res);
+    fl.aux = cin;
+    core.st.flags = fl;
+    Ok(())
+}
+
+fn h_adc(core: &mut Core, u: &Uop) -> R {
+    alu(core, u, Bin::Adc)
+}
+fn h_sbb(core: &mut Core, u: &Uop) -> R {
+    alu(core, u, Bin::Sbb)
+}
+
+/// 64-bit MUL (the inner loop of multi-precision arithmetic).
+fn h_mul64(core: &mut Core, u: &Uop) -> R {
+    let src = read(core, u, u.ops[0], 8)?;
+    let p = (core.st.gpr[0] as u128) * (src as u128);
+    let lo = p as u64;
+    let hi = (p >> 64) as u64;
+    core.st.gpr[0] = lo;
+    core.st.gpr[2] = hi;
+    // CF=OF=(high half non-zero); SF/ZF/PF follow the low half like the
+    // generic path, AF is cleared.
+    let mut f = Flags::set(FlagOp::Logic, 8, lo, 0, lo).materialize(core.st.rflags);
+    f &= !(crate::cpu::FLAG_CF | crate::cpu::FLAG_OF);
+    if hi != 0 {
+        f |= crate::cpu::FLAG_CF | crate::cpu::FLAG_OF;
+    }
+    core.st.set_rflags(f);
     Ok(())
 }
 

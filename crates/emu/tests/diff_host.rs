@@ -1083,3 +1083,71 @@ fn sse_float_ops_match_host() {
     eprintln!("sse float: {} cases", h.count);
     assert!(h.count > 1_000);
 }
+
+#[test]
+fn x87_sequences_match_host() {
+    let mut h = Harness::new();
+    // Inputs at [rbx]: i32 a, i32 b, f64 c at +16, f64 d at +24.
+    let seqs: &[(&[u8], &str)] = &[
+        // fninit; fild [rbx]; fild [rbx+4]; fmulp; fistp qword [rbx+8]; fnstsw ax
+        (
+            &[
+                0xdb, 0xe3, 0xdb, 0x03, 0xdb, 0x43, 0x04, 0xde, 0xc9, 0xdf, 0x7b, 0x08, 0xdf, 0xe0,
+            ],
+            "imul",
+        ),
+        // fninit; fld qword [rbx+16]; fadd qword [rbx+24]; fstp qword [rbx+32]; fnstcw [rbx+40]
+        (
+            &[
+                0xdb, 0xe3, 0xdd, 0x43, 0x10, 0xdc, 0x43, 0x18, 0xdd, 0x5b, 0x20, 0xd9, 0x7b, 0x28,
+            ],
+            "fadd",
+        ),
+        // fninit; fld qword [rbx+16]; fld qword [rbx+24]; fsubp; fstp dword [rbx+32]
+        (
+            &[
+                0xdb, 0xe3, 0xdd, 0x43, 0x10, 0xdd, 0x43, 0x18, 0xde, 0xe9, 0xd9, 0x5b, 0x20,
+            ],
+            "fsubp",
+        ),
+        // fninit; fild [rbx]; fld qword [rbx+24]; fcomip st, st1; fstp st0
+        (
+            &[
+                0xdb, 0xe3, 0xdb, 0x03, 0xdd, 0x43, 0x18, 0xdf, 0xf1, 0xdd, 0xd8,
+            ],
+            "fcomip",
+        ),
+        // fninit; fld qword [rbx+16]; fistp dword [rbx+32] (round to nearest even)
+        (&[0xdb, 0xe3, 0xdd, 0x43, 0x10, 0xdb, 0x5b, 0x20], "fistp"),
+        // fninit; fld1; fldz; fxch; fstp qword [rbx+32]; fstp qword [rbx+40]
+        (
+            &[
+                0xdb, 0xe3, 0xd9, 0xe8, 0xd9, 0xee, 0xd9, 0xc9, 0xdd, 0x5b, 0x20, 0xdd, 0x5b, 0x28,
+            ],
+            "fxch",
+        ),
+    ];
+    // x87 arithmetic is computed in f64: keep products within 53 bits.
+    let ints = [0i32, 1, -1, 7, -300, 65536, 1 << 20, -(1 << 20)];
+    let floats = [0.0f64, -0.0, 0.5, 1.5, 2.5, -2.5, 1e10, -3.25, 1e300, 7.0];
+    for (bytes, name) in seqs {
+        for k in 0..64usize {
+            let mut mem = [0u8; 256];
+            mem[0..4].copy_from_slice(&ints[k % 8].to_le_bytes());
+            mem[4..8].copy_from_slice(&ints[(k / 8) % 8].to_le_bytes());
+            mem[16..24].copy_from_slice(&floats[k % 10].to_le_bytes());
+            mem[24..32].copy_from_slice(&floats[(k / 3) % 10].to_le_bytes());
+            let input = h.state();
+            h.check(Case {
+                bytes: bytes.to_vec(),
+                input,
+                undefined: 0,
+                mem,
+                uses_mem: true,
+                si_di_rel: false,
+                name: format!("x87 {name} #{k}"),
+            });
+        }
+    }
+    eprintln!("x87: {} cases", h.count);
+}

@@ -463,3 +463,96 @@ fn lock_xadd_is_atomic_across_vcpu_threads() {
     assert_eq!(g.r32(DATA), 40000);
     assert_eq!(g.r64(DATA + 8), 40000);
 }
+
+#[test]
+fn lar_lsl_verr() {
+    let mut g = guest();
+    g.load_code(&asm64!(|a| {
+        a.mov(ecx, SEL_DATA as u32)?;
+        a.lsl(eax, ecx)?;
+        a.setz(r8b)?;
+        a.mov(ecx, SEL_CODE64 as u32)?;
+        a.lar(ebx, ecx)?;
+        a.setz(r9b)?;
+        a.xor(ecx, ecx)?;
+        a.mov(edx, 0x5555)?;
+        a.lsl(edx, ecx)?;
+        a.setz(r10b)?;
+        a.mov(ecx, SEL_CODE64 as u32)?;
+        a.verw(cx)?;
+        a.setz(r11b)?;
+        a.hlt()?;
+    }));
+    g.run_to_halt();
+    let r = g.regs();
+    assert_eq!(r.rax, 0xffff_ffff);
+    assert_eq!(r.r8 & 0xff, 1);
+    assert_eq!(r.rbx, 0x00af_9b00);
+    assert_eq!(r.r9 & 0xff, 1);
+    assert_eq!(r.rdx, 0x5555, "null selector: destination unchanged");
+    assert_eq!(r.r10 & 0xff, 0);
+    assert_eq!(r.r11 & 0xff, 0, "code segments are not writable");
+}
+
+#[test]
+fn fxsave_fxrstor_round_trip() {
+    let mut g = guest();
+    g.load_code(&asm64!(|a| {
+        a.mov(rax, 0x1111_2222_3333_4444u64)?;
+        a.movq(xmm3, rax)?;
+        a.mov(rax, 0x5555u64)?;
+        a.movq(xmm15, rax)?;
+        a.fninit()?;
+        a.fld1()?;
+        a.mov(rbx, DATA)?;
+        a.fxsave64(ptr(rbx))?;
+        a.pxor(xmm3, xmm3)?;
+        a.pxor(xmm15, xmm15)?;
+        a.fninit()?;
+        a.fxrstor64(ptr(rbx))?;
+        a.movq(rcx, xmm3)?;
+        a.movq(rdx, xmm15)?;
+        a.fnstsw(ax)?;
+        // Misaligned FXSAVE raises #GP.
+        a.fxsave64(ptr(rbx + 8))?;
+    }));
+    g.run_to_halt();
+    let r = g.regs();
+    assert_eq!(r.rcx, 0x1111_2222_3333_4444);
+    assert_eq!(r.rdx, 0x5555);
+    assert_eq!(r.rax, 13, "#GP from the misaligned FXSAVE");
+    assert_eq!(g.r32(DATA) & 0xffff, 0x37f, "FCW");
+    assert_eq!(
+        (g.r32(DATA) >> 16) & 0x3800,
+        7 << 11,
+        "TOP = 7 after one push"
+    );
+    assert_eq!(g.r8(DATA + 4), 0x80, "abridged tag: register 7 valid");
+    assert_eq!(g.r32(DATA + 24), 0x1f80, "MXCSR");
+    assert_eq!(g.r64(DATA + 32), 1 << 63, "ST0 = 1.0 (mantissa)");
+    assert_eq!(g.r32(DATA + 40) & 0xffff, 0x3fff, "ST0 = 1.0 (exponent)");
+    assert_eq!(g.r64(DATA + 160 + 3 * 16), 0x1111_2222_3333_4444);
+}
+
+#[test]
+fn sse_requires_osfxsr_and_ts_raises_nm() {
+    let mut g = guest();
+    let mut s = g.sregs();
+    s.cr4 &= !(1 << 9);
+    g.vcpu.set_sregs(&s).unwrap();
+    g.load_code(&asm64!(|a| {
+        a.pxor(xmm0, xmm0)?;
+    }));
+    g.run_to_halt();
+    assert_eq!(g.regs().rax, 6, "#UD without CR4.OSFXSR");
+
+    let mut g = guest();
+    let mut s = g.sregs();
+    s.cr0 |= 1 << 3;
+    g.vcpu.set_sregs(&s).unwrap();
+    g.load_code(&asm64!(|a| {
+        a.fninit()?;
+    }));
+    g.run_to_halt();
+    assert_eq!(g.regs().rax, 7, "#NM with CR0.TS");
+}

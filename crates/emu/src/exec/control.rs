@@ -393,6 +393,8 @@ pub fn int(core: &mut Core, insn: &Instruction) -> R {
 }
 
 pub fn iret(core: &mut Core, insn: &Instruction) -> R {
+    // IRET ends NMI blocking (even if it then faults, like hardware).
+    core.nmi_blocked = false;
     let osz: u8 = match insn.code() {
         Code::Iretw => 2,
         Code::Iretd => 4,

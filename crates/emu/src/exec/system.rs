@@ -382,6 +382,38 @@ pub fn execute_system(core: &mut Core, insn: &Instruction) -> R {
             reg_write(&mut core.st, insn.op0_register(), o);
             Ok(())
         }
+        M::Lar | M::Lsl | M::Verr | M::Verw => {
+            if !core.st.protected() || core.st.v86() {
+                return Err(ud());
+            }
+            let mn = insn.mnemonic();
+            let n = if matches!(mn, M::Lar | M::Lsl) { 1 } else { 0 };
+            let sel = read_op(core, insn, n, 2)? as u16;
+            let kind = match mn {
+                M::Lar => seg::Probe::Lar,
+                M::Lsl => seg::Probe::Lsl,
+                M::Verr => seg::Probe::Verr,
+                _ => seg::Probe::Verw,
+            };
+            let found = seg::probe(core, sel, kind)?;
+            core.st.settle_flags();
+            match found {
+                Some(desc) => {
+                    core.st.rflags |= FLAG_ZF;
+                    if n == 1 {
+                        let size = op_size(insn, 0);
+                        let v = if mn == M::Lar {
+                            (desc >> 32) & if size == 2 { 0xff00 } else { 0x00ff_ff00 }
+                        } else {
+                            hypervisor::Segment::from_gdt_entry(sel, desc).limit as u64
+                        };
+                        reg_write(&mut core.st, insn.op0_register(), v & mask(size));
+                    }
+                }
+                None => core.st.rflags &= !FLAG_ZF,
+            }
+            Ok(())
+        }
         // Not advertised in CPUID: behave like a CPU without them.
         M::Xgetbv | M::Xsetbv | M::Rdpid | M::Rdrand | M::Rdseed | M::Monitor | M::Mwait => {
             Err(ud())
