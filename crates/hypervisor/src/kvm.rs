@@ -422,11 +422,30 @@ impl KvmVcpu {
             .map_err(ioctl_err("KVM_SET_LAPIC"))
     }
 
-    /// Deliver #BP as if the INT3 at RIP had run: RIP past it, exception injected.
-    fn inject_breakpoint(&mut self) -> Result<()> {
+    /// The nested host's emulator refuses a few simple instructions in guest
+    /// ring 0 that Linux runs at boot (shared/HOST.md). Complete the ones
+    /// whose effect is exactly known, as the CPU would; true if done.
+    fn complete_refused_instruction(&mut self, insn: &[u8]) -> bool {
+        match insn {
+            // INT3 (Linux's alternatives self-test): a trap, so #BP is
+            // delivered with RIP past the instruction.
+            [0xcc, ..] => self.skip(1).and_then(|_| self.inject_breakpoint()).is_ok(),
+            // FWAIT not fused with an x87 instruction: with no unmasked x87
+            // exception pending (Linux runs with a clean x87 state here)
+            // it does nothing.
+            [0x9b, next, ..] if !(0xd8..=0xdf).contains(next) => self.skip(1).is_ok(),
+            _ => false,
+        }
+    }
+
+    fn skip(&mut self, len: u64) -> Result<()> {
         let mut regs = self.fd.get_regs().map_err(ioctl_err("KVM_GET_REGS"))?;
-        regs.rip = regs.rip.wrapping_add(1);
-        self.fd.set_regs(&regs).map_err(ioctl_err("KVM_SET_REGS"))?;
+        regs.rip = regs.rip.wrapping_add(len);
+        self.fd.set_regs(&regs).map_err(ioctl_err("KVM_SET_REGS"))
+    }
+
+    /// Deliver #BP to the guest (after RIP was moved past the INT3).
+    fn inject_breakpoint(&mut self) -> Result<()> {
         let mut events = self
             .fd
             .get_vcpu_events()
@@ -621,13 +640,8 @@ impl Vcpu for KvmVcpu {
             Err(e) => return Err(ioctl_err("KVM_RUN")(e)),
         };
         let err = self.internal_error(reason, insn);
-        if self.flavor == KvmFlavor::Pvm && err.insn.first() == Some(&0xcc) {
-            // The nested host's emulator cannot run INT3 in guest ring 0
-            // (Linux's alternatives self-test uses it), but it can deliver
-            // an injected #BP: do what the CPU would, a trap past the INT3.
-            if self.inject_breakpoint().is_ok() {
-                return Ok(VcpuExit::Interrupted);
-            }
+        if self.flavor == KvmFlavor::Pvm && self.complete_refused_instruction(&err.insn) {
+            return Ok(VcpuExit::Interrupted);
         }
         Ok(VcpuExit::InternalError(err))
     }
