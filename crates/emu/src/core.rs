@@ -105,6 +105,46 @@ pub struct Core {
     pub delivering: Option<u8>,
     /// An NMI handler is running: further NMIs wait for its IRET.
     pub nmi_blocked: bool,
+    /// Recent events for post-mortem debugging (block starts and
+    /// exceptions), oldest overwritten first.
+    pub history: History,
+    /// Debugging: print every block start to stderr (set by the embedder).
+    pub trace: bool,
+}
+
+/// A small ring of recent block start RIPs and exceptions.
+#[derive(Debug, Clone)]
+pub struct History {
+    pub entries: [(u64, u32); 64],
+    pub next: usize,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        History {
+            entries: [(0, 0); 64],
+            next: 0,
+        }
+    }
+}
+
+/// History tag for a block start (other values: 0x100 + exception vector).
+pub const HIST_BLOCK: u32 = 0;
+
+impl History {
+    #[inline(always)]
+    pub fn push(&mut self, rip: u64, tag: u32) {
+        self.entries[self.next & 63] = (rip, tag);
+        self.next = self.next.wrapping_add(1);
+    }
+
+    /// Entries oldest first.
+    pub fn recent(&self) -> Vec<(u64, u32)> {
+        (0..64)
+            .map(|i| self.entries[(self.next + i) & 63])
+            .filter(|e| *e != (0, 0))
+            .collect()
+    }
 }
 
 impl Core {
@@ -125,6 +165,8 @@ impl Core {
             icount: 0,
             delivering: None,
             nmi_blocked: false,
+            history: History::default(),
+            trace: false,
         }
     }
 
@@ -435,6 +477,10 @@ impl Core {
         error: Option<u32>,
         kind: crate::exception::Kind,
     ) -> Option<RunExit> {
+        self.history.push(
+            self.st.rip,
+            0x100 + vector as u32 + ((error.unwrap_or(0) & 0xffff) << 16),
+        );
         match crate::exception::deliver(self, vector, error, kind) {
             Ok(()) => None,
             Err(Exc::Shutdown) => Some(RunExit::Shutdown),
@@ -451,6 +497,13 @@ impl Core {
 
     /// Execute (part of) one basic block. Returns an exit if one is due.
     fn run_block(&mut self, limit: usize) -> Option<RunExit> {
+        self.history.push(self.st.rip, HIST_BLOCK);
+        if self.trace {
+            eprintln!(
+                "emu: block {:#x} rax={:#x} rsp={:#x}",
+                self.st.rip, self.st.gpr[0], self.st.gpr[4]
+            );
+        }
         let block = match crate::decode::fetch_block(self) {
             Ok(b) => b,
             Err(e) => return self.handle_exc(e),

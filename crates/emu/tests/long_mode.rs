@@ -556,3 +556,29 @@ fn sse_requires_osfxsr_and_ts_raises_nm() {
     g.run_to_halt();
     assert_eq!(g.regs().rax, 7, "#NM with CR0.TS");
 }
+
+#[test]
+fn enter_and_leave_frames() {
+    let mut g = guest();
+    g.load_code(&asm64!(|a| {
+        a.mov(rbp, 0x1234u64)?;
+        a.push(rbp)?;
+        a.mov(rbp, rsp)?;
+        a.sub(rsp, 0x20)?;
+        a.leave()?;
+        a.mov(r8, rsp)?;
+        a.mov(r9, rbp)?;
+        a.enter(0x10, 0)?;
+        a.mov(r10, rsp)?;
+        a.leave()?;
+        a.mov(r11, rsp)?;
+        a.hlt()?;
+    }));
+    g.run_to_halt();
+    let r = g.regs();
+    assert_eq!(r.r8, STACK_TOP);
+    assert_eq!(r.r9, 0x1234);
+    assert_eq!(r.r10, STACK_TOP - 8 - 0x10);
+    assert_eq!(r.r11, STACK_TOP);
+    assert_eq!(r.rbp, 0x1234);
+}

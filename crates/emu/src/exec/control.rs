@@ -304,8 +304,11 @@ pub fn popa(core: &mut Core, insn: &Instruction) -> R {
 }
 
 pub fn leave(core: &mut Core, insn: &Instruction) -> R {
-    let size = stack_op_size(insn).max(2);
-    let size = if size > 8 { 8 } else { size };
+    let size: u8 = match insn.code() {
+        Code::Leavew => 2,
+        Code::Leaved => 4,
+        _ => 8,
+    };
     let old_sp = core.st.gpr[RSP];
     let ss = core.st.stack_size();
     set_sp(core, core.st.gpr[RBP] & mask(ss));

@@ -1,0 +1,192 @@
+//! Boots a kernel on the software engine with `arch`'s loader and tables,
+//! printing the serial console, to see how far a real kernel gets and which
+//! instruction stops it. Not a VMM: no devices beyond a write-only UART stub
+//! and no interrupt sources.
+//!
+//! ```text
+//! cargo run --release -p emu --example boot_emu -- VMLINUX [--pvh] [--mem MIB]
+//!     [--initrd FILE] [--timeout SECS] [--append "ARGS"]
+//! ```
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use hypervisor::{Vcpu, VcpuExit, Vm};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("boot_emu: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), String> {
+    let mut args = std::env::args().skip(1);
+    let mut kernel_path = String::new();
+    let (mut pvh, mut mem_mib, mut timeout) = (false, 256u64, 60u64);
+    let mut initrd_path = None;
+    let mut append = String::new();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--pvh" => pvh = true,
+            "--mem" => {
+                mem_mib = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--mem MIB")?
+            }
+            "--timeout" => {
+                timeout = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--timeout SECS")?
+            }
+            "--initrd" => initrd_path = Some(args.next().ok_or("--initrd FILE")?),
+            "--append" => append = args.next().ok_or("--append ARGS")?,
+            k if kernel_path.is_empty() && !k.starts_with("--") => kernel_path = k.to_string(),
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if kernel_path.is_empty() {
+        return Err("usage: boot_emu VMLINUX [--pvh] [--mem MIB] [--initrd FILE] [--timeout SECS] [--append ARGS]".into());
+    }
+    let mem = GuestMemoryMmap::from_ranges(&arch::ram_regions(mem_mib << 20))
+        .map_err(|e| e.to_string())?;
+    let mut kf = std::fs::File::open(&kernel_path).map_err(|e| format!("{kernel_path}: {e}"))?;
+    let kernel = arch::load_kernel(&mem, &mut kf).map_err(|e| e.to_string())?;
+    let initrd = match &initrd_path {
+        Some(p) => Some(std::fs::read(p).map_err(|e| format!("{p}: {e}"))?),
+        None => None,
+    };
+    let cmdline = format!("console=ttyS0 earlyprintk=serial,ttyS0 keep_bootcon {append}");
+    let cfg = arch::BootConfig {
+        cmdline: cmdline.trim(),
+        initrd: initrd.as_deref(),
+        num_cpus: 1,
+        protocol: if pvh {
+            arch::EntryProtocol::Pvh
+        } else {
+            arch::EntryProtocol::Linux64
+        },
+    };
+    let state = arch::configure_system(&mem, &kernel, &cfg).map_err(|e| e.to_string())?;
+    eprintln!(
+        "boot_emu: entry {:#x}, cmdline {:?}",
+        state.regs.rip, cfg.cmdline
+    );
+
+    let vm = emu::EmuVm::new();
+    for (slot, region) in mem.iter().enumerate() {
+        // SAFETY: `mem` lives until the end of this function, after the VM.
+        unsafe {
+            vm.map_memory(
+                slot as u32,
+                region.start_addr().0,
+                region.len(),
+                region.as_ptr() as u64,
+            )
+        }
+        .map_err(|e| e.to_string())?;
+    }
+    let mut vcpu = vm.create_emu_vcpu(0);
+    vcpu.core_mut().trace = std::env::var_os("EMU_TRACE").is_some();
+    vcpu.set_boot_state(&state).map_err(|e| e.to_string())?;
+
+    let start = Instant::now();
+    let kicker = vcpu.kicker();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(timeout));
+        kicker.kick();
+    });
+    let mut line = Vec::new();
+    let mut stdout = std::io::stdout();
+    let mut cmos_index = 0u8;
+    let mut halts = 0u64;
+    loop {
+        let exit = vcpu.run().map_err(|e| e.to_string())?;
+        if !matches!(exit, VcpuExit::Halt) {
+            halts = 0;
+        }
+        match exit {
+            VcpuExit::IoOut { port: 0x3f8, data } => {
+                for &b in data.iter() {
+                    line.push(b);
+                    if b == b'\n' {
+                        let text = String::from_utf8_lossy(&line);
+                        let _ = write!(stdout, "[{:7.3}] {text}", start.elapsed().as_secs_f64());
+                        let _ = stdout.flush();
+                        line.clear();
+                    }
+                }
+            }
+            VcpuExit::IoOut { port: 0x70, data } => cmos_index = data[0] & 0x7f,
+            VcpuExit::IoOut { port, data } => {
+                if port == 0xcf9 && data[0] == 6
+                    || port == 0x604 && data.len() == 2 && data[1] & 0x20 != 0
+                {
+                    eprintln!("\nboot_emu: guest asked for reset/poweroff (port {port:#x})");
+                    break;
+                }
+            }
+            VcpuExit::IoIn { port, data } => {
+                let v = match port {
+                    0x3fd => 0x60,
+                    0x71 => match cmos_index {
+                        0x0b => 0x02,
+                        0x0d => 0x80,
+                        _ => 0,
+                    },
+                    _ => 0xff,
+                };
+                data.fill(v);
+            }
+            VcpuExit::MmioRead { data, .. } => data.fill(0xff),
+            VcpuExit::MmioWrite { .. } => {}
+            VcpuExit::Halt => {
+                halts += 1;
+                if halts > 1_000_000 {
+                    eprintln!("\nboot_emu: halted with nothing to wake it");
+                    break;
+                }
+            }
+            VcpuExit::Interrupted => {
+                eprintln!("\nboot_emu: timeout after {timeout} s");
+                break;
+            }
+            other => {
+                eprintln!("\nboot_emu: stopped on {other}", other = describe(&other));
+                break;
+            }
+        }
+    }
+    let r = vcpu.get_regs().map_err(|e| e.to_string())?;
+    if std::env::var_os("EMU_HISTORY").is_some() {
+        for (rip, tag) in vcpu.core().history.recent() {
+            if tag == emu::core::HIST_BLOCK {
+                eprintln!("  block {rip:#x}");
+            } else {
+                eprintln!(
+                    "  exception {} (error {:#x}) at {rip:#x}",
+                    (tag & 0xffff) - 0x100,
+                    tag >> 16
+                );
+            }
+        }
+        eprintln!("  sregs {:x?}", vcpu.get_sregs());
+    }
+    eprintln!(
+        "boot_emu: {:.1} s, RIP {:#x} RSP {:#x}",
+        start.elapsed().as_secs_f64(),
+        r.rip,
+        r.rsp
+    );
+    Ok(())
+}
+
+fn describe(e: &VcpuExit) -> String {
+    match e {
+        VcpuExit::InternalError(ie) => ie.to_string(),
+        other => format!("{other:?}"),
+    }
+}
