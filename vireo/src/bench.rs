@@ -220,6 +220,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "{}",
         series("vireo --accel kvm", args.runs, &vireo_cmd("kvm"))
     );
+    println!(
+        "{}",
+        series("vireo --accel emu", args.runs, &vireo_cmd("emu"))
+    );
     for accel in ["kvm", "tcg"] {
         let name = format!("qemu -M microvm -accel {accel}");
         if !has_binary(&args.qemu) {
