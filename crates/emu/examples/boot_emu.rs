@@ -1,17 +1,75 @@
 //! Boots a kernel on the software engine with `arch`'s loader and tables,
 //! printing the serial console, to see how far a real kernel gets and which
-//! instruction stops it. Not a VMM: no devices beyond a write-only UART stub
-//! and no interrupt sources.
+//! instruction stops it. Not a VMM: no devices beyond a write-only UART stub;
+//! with `--platform` the `emu-platform` interrupt controllers and timers
+//! (LAPIC, IOAPIC, PIC, PIT) are plugged in on a wall clock.
 //!
 //! ```text
 //! cargo run --release -p emu --example boot_emu -- VMLINUX [--pvh] [--mem MIB]
-//!     [--initrd FILE] [--timeout SECS] [--append "ARGS"]
+//!     [--initrd FILE] [--timeout SECS] [--append "ARGS"] [--platform]
 //! ```
+//!
+//! `EMU_TRACE=1` prints every block start; `EMU_HISTORY=1` prints the last
+//! blocks and exceptions when the run ends.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use emu::irq::{InterruptController, MsrFault};
+use emu_platform::{GuestClock, Platform, PlatformConfig, SharedPlatform};
 use hypervisor::{Vcpu, VcpuExit, Vm};
+
+/// Guest time = host wall time since start; the TSC runs at 1 GHz.
+struct WallClock(Instant);
+
+impl GuestClock for WallClock {
+    fn now_ns(&self) -> u64 {
+        self.0.elapsed().as_nanos() as u64
+    }
+    fn tsc(&self) -> u64 {
+        self.now_ns()
+    }
+}
+
+/// The platform models as the engine's interrupt controller.
+struct PlatformIrq(Arc<SharedPlatform>);
+
+impl InterruptController for PlatformIrq {
+    fn trigger_gsi(&self, gsi: u32) {
+        self.0.trigger_gsi(gsi)
+    }
+    fn pending_vector(&self, vcpu: u32) -> Option<u8> {
+        self.0.pending_vector(vcpu)
+    }
+    fn ack(&self, vcpu: u32, vector: u8) -> Option<u8> {
+        self.0.ack(vcpu, vector)
+    }
+    fn take_nmi(&self, vcpu: u32) -> bool {
+        self.0.take_nmi(vcpu)
+    }
+    fn has_pending(&self, vcpu: u32) -> bool {
+        self.0.has_pending(vcpu)
+    }
+    fn set_tpr(&self, vcpu: u32, cr8: u8) {
+        self.0.set_tpr(vcpu, cr8)
+    }
+    fn tpr(&self, vcpu: u32) -> Option<u8> {
+        Some(self.0.tpr(vcpu))
+    }
+    fn rdmsr(&self, vcpu: u32, msr: u32) -> Option<Result<u64, MsrFault>> {
+        self.0.rdmsr(vcpu, msr).map(|r| r.map_err(|_| MsrFault))
+    }
+    fn wrmsr(&self, vcpu: u32, msr: u32, value: u64) -> Option<Result<(), MsrFault>> {
+        self.0
+            .wrmsr(vcpu, msr, value)
+            .map(|r| r.map_err(|_| MsrFault))
+    }
+    fn guest_tsc(&self) -> Option<u64> {
+        Some(self.0.clock().tsc())
+    }
+}
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 fn main() {
@@ -24,12 +82,13 @@ fn main() {
 fn run() -> Result<(), String> {
     let mut args = std::env::args().skip(1);
     let mut kernel_path = String::new();
-    let (mut pvh, mut mem_mib, mut timeout) = (false, 256u64, 60u64);
+    let (mut pvh, mut mem_mib, mut timeout, mut with_platform) = (false, 256u64, 60u64, false);
     let mut initrd_path = None;
     let mut append = String::new();
     while let Some(a) = args.next() {
         match a.as_str() {
             "--pvh" => pvh = true,
+            "--platform" => with_platform = true,
             "--mem" => {
                 mem_mib = args
                     .next()
@@ -77,6 +136,21 @@ fn run() -> Result<(), String> {
     );
 
     let vm = emu::EmuVm::new();
+    let platform = with_platform.then(|| {
+        let clock: Arc<dyn GuestClock> = Arc::new(WallClock(Instant::now()));
+        Arc::new(SharedPlatform::new(
+            Platform::new(PlatformConfig::default()),
+            clock,
+        ))
+    });
+    if let Some(p) = &platform {
+        vm.set_interrupt_controller(Arc::new(PlatformIrq(p.clone())));
+        vm.set_cpuid_config(emu::cpuid::CpuidConfig {
+            apic: true,
+            tsc_deadline: true,
+            x2apic: false,
+        });
+    }
     for (slot, region) in mem.iter().enumerate() {
         // SAFETY: `mem` lives until the end of this function, after the VM.
         unsafe {
@@ -120,6 +194,12 @@ fn run() -> Result<(), String> {
                     }
                 }
             }
+            VcpuExit::IoOut { port, data }
+                if platform.as_ref().is_some_and(|p| p.pio_write(port, data)) => {}
+            VcpuExit::MmioWrite { addr, data }
+                if platform
+                    .as_ref()
+                    .is_some_and(|p| p.mmio_write(0, addr, data)) => {}
             VcpuExit::IoOut { port: 0x70, data } => cmos_index = data[0] & 0x7f,
             VcpuExit::IoOut { port, data } => {
                 if port == 0xcf9 && data[0] == 6
@@ -130,6 +210,12 @@ fn run() -> Result<(), String> {
                 }
             }
             VcpuExit::IoIn { port, data } => {
+                if platform
+                    .as_ref()
+                    .is_some_and(|p| p.pio_read(port, &mut data[..]))
+                {
+                    continue;
+                }
                 let v = match port {
                     0x3fd => 0x60,
                     0x71 => match cmos_index {
@@ -141,13 +227,32 @@ fn run() -> Result<(), String> {
                 };
                 data.fill(v);
             }
-            VcpuExit::MmioRead { data, .. } => data.fill(0xff),
+            VcpuExit::MmioRead { addr, data } => {
+                if !platform
+                    .as_ref()
+                    .is_some_and(|p| p.mmio_read(0, addr, &mut data[..]))
+                {
+                    data.fill(0xff);
+                }
+            }
             VcpuExit::MmioWrite { .. } => {}
             VcpuExit::Halt => {
                 halts += 1;
-                if halts > 1_000_000 {
-                    eprintln!("\nboot_emu: halted with nothing to wake it");
-                    break;
+                match &platform {
+                    // Sleep until the next timer deadline (at most 10 ms).
+                    Some(p) if !p.has_pending(0) => {
+                        let now = p.clock().now_ns();
+                        let until = p.next_deadline_ns().unwrap_or(now + 10_000_000);
+                        let ns = until.saturating_sub(now).min(10_000_000);
+                        std::thread::sleep(Duration::from_nanos(ns));
+                        p.tick();
+                    }
+                    Some(_) => {}
+                    None if halts > 1_000_000 => {
+                        eprintln!("\nboot_emu: halted with nothing to wake it");
+                        break;
+                    }
+                    None => {}
                 }
             }
             VcpuExit::Interrupted => {

@@ -36,6 +36,7 @@ impl Hypervisor for EmuHypervisor {
 pub struct EmuVm {
     mem: Arc<PhysMem>,
     intc: RwLock<Arc<dyn InterruptController>>,
+    cpuid: RwLock<crate::cpuid::CpuidConfig>,
 }
 
 impl Default for EmuVm {
@@ -50,7 +51,14 @@ impl EmuVm {
         EmuVm {
             mem: PhysMem::new(),
             intc: RwLock::new(Arc::new(QueueInterruptController::new(0x20))),
+            cpuid: RwLock::new(Default::default()),
         }
+    }
+
+    /// What CPUID advertises for hardware the embedder provides (APIC, ...).
+    /// Like the controller, set it before creating vCPUs.
+    pub fn set_cpuid_config(&self, cfg: crate::cpuid::CpuidConfig) {
+        *self.cpuid.write().unwrap_or_else(|e| e.into_inner()) = cfg;
     }
 
     /// Plug in the platform's interrupt controllers. Must happen before the

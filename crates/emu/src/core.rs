@@ -110,6 +110,8 @@ pub struct Core {
     pub history: History,
     /// Debugging: print every block start to stderr (set by the embedder).
     pub trace: bool,
+    /// What CPUID advertises beyond the fixed base set.
+    pub cpuid: crate::cpuid::CpuidConfig,
 }
 
 /// A small ring of recent block start RIPs and exceptions.
@@ -149,6 +151,15 @@ impl History {
 
 impl Core {
     pub fn new(index: u32, mem: MemView, intc: Arc<dyn InterruptController>) -> Core {
+        Self::with_cpuid(index, mem, intc, crate::cpuid::CpuidConfig::default())
+    }
+
+    pub fn with_cpuid(
+        index: u32,
+        mem: MemView,
+        intc: Arc<dyn InterruptController>,
+        cpuid: crate::cpuid::CpuidConfig,
+    ) -> Core {
         Core {
             st: CpuState::reset(),
             mem,
@@ -167,6 +178,7 @@ impl Core {
             nmi_blocked: false,
             history: History::default(),
             trace: false,
+            cpuid,
         }
     }
 
@@ -466,7 +478,7 @@ impl Core {
             return None;
         }
         let v = self.intc.pending_vector(self.index)?;
-        self.intc.ack(self.index, v);
+        let v = self.intc.ack(self.index, v)?;
         self.halted = false;
         self.deliver_and_check(v, None, crate::exception::Kind::External)
     }

@@ -25,15 +25,21 @@ fn host_tsc() -> u64 {
 }
 
 pub fn guest_tsc(core: &Core) -> u64 {
-    host_tsc().wrapping_add(core.st.msr.tsc_offset)
+    match core.intc.guest_tsc() {
+        Some(t) => t.wrapping_add(core.st.msr.tsc_offset),
+        None => host_tsc().wrapping_add(core.st.msr.tsc_offset),
+    }
 }
 
 fn canonical(v: u64) -> bool {
     ((v << 16) as i64 >> 16) as u64 == v
 }
 
-/// RDMSR; None raises #GP.
+/// RDMSR; None raises #GP. MSRs the interrupt controller owns go to it.
 pub fn read(core: &Core, idx: u32) -> Option<u64> {
+    if let Some(r) = core.intc.rdmsr(core.index, idx) {
+        return r.ok();
+    }
     let m = &core.st.msr;
     Some(match idx {
         IA32_TSC => guest_tsc(core),
@@ -61,8 +67,17 @@ pub struct MsrFault;
 
 /// WRMSR; Err raises #GP.
 pub fn write(core: &mut Core, idx: u32, v: u64) -> Result<(), MsrFault> {
+    if let Some(r) = core.intc.wrmsr(core.index, idx, v) {
+        if idx == IA32_APIC_BASE && r.is_ok() {
+            core.st.msr.apic_base = v;
+        }
+        return r;
+    }
     match idx {
-        IA32_TSC => core.st.msr.tsc_offset = v.wrapping_sub(host_tsc()),
+        IA32_TSC => {
+            let base = core.intc.guest_tsc().unwrap_or_else(host_tsc);
+            core.st.msr.tsc_offset = v.wrapping_sub(base);
+        }
         IA32_APIC_BASE => core.st.msr.apic_base = v & !(1 << 8),
         IA32_SYSENTER_CS => core.st.msr.sysenter_cs = v & 0xffff,
         IA32_SYSENTER_ESP => core.st.msr.sysenter_esp = v,

@@ -83,7 +83,11 @@ fn read_cr(core: &Core, r: Register) -> R<u64> {
         2 => core.st.cr2,
         3 => core.st.cr3,
         4 => core.st.cr4,
-        8 => core.st.cr8,
+        8 => core
+            .intc
+            .tpr(core.index)
+            .map(|t| t as u64)
+            .unwrap_or(core.st.cr8),
         _ => return Err(ud()),
     })
 }
@@ -238,8 +242,12 @@ pub fn execute_system(core: &mut Core, insn: &Instruction) -> R {
             Ok(())
         }
         M::Cpuid => {
-            let r =
-                crate::cpuid::cpuid(core.index, core.st.gpr[RAX] as u32, core.st.gpr[RCX] as u32);
+            let r = crate::cpuid::cpuid(
+                &core.cpuid,
+                core.index,
+                core.st.gpr[RAX] as u32,
+                core.st.gpr[RCX] as u32,
+            );
             core.st.gpr[RAX] = r[0] as u64;
             core.st.gpr[RBX] = r[1] as u64;
             core.st.gpr[RCX] = r[2] as u64;
