@@ -2,7 +2,6 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,6 +11,7 @@ use hypervisor::{CpuState, Hypervisor, Vcpu, VcpuExit, VcpuKicker};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::config::{Accel, BootProtocol, VmConfig};
+use crate::control::VmControl;
 use crate::{VmExit, VmmError};
 
 /// How a raw test image is entered (tiny hand-assembled guests).
@@ -86,6 +86,25 @@ struct VcpuHandle {
     thread: std::thread::JoinHandle<()>,
 }
 
+/// What a running VM reports about itself (the API's `vm.info`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VmInfo {
+    pub state: crate::control::RunState,
+    pub accel: hypervisor::AccelKind,
+    pub memory_bytes: u64,
+    pub vcpus: u32,
+    pub devices: Vec<DeviceInfo>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceInfo {
+    pub name: &'static str,
+    /// "pio" or "mmio".
+    pub bus: &'static str,
+    pub base: u64,
+    pub len: u64,
+}
+
 pub struct Vm {
     #[allow(dead_code)]
     hv: Arc<dyn Hypervisor>,
@@ -98,6 +117,9 @@ pub struct Vm {
     vcpus: Vec<Box<dyn Vcpu>>,
     exit_tx: Sender<VmExit>,
     exit_rx: Receiver<VmExit>,
+    control: Arc<VmControl>,
+    info: VmInfo,
+    acpi_pm: Arc<Mutex<devices::acpi::AcpiPm>>,
 }
 
 const COM1_BASE: u64 = 0x3f8;
@@ -164,51 +186,50 @@ impl Vm {
         };
 
         let pio = Bus::new();
+        let mut devices = Vec::new();
+        let mut add = |name: &'static str, base: u64, len: u64, dev: Arc<Mutex<dyn BusDevice>>| {
+            pio.insert(base, len, dev)
+                .map_err(|e| VmmError::Device(format!("{name} at port {base:#x}: {e}")))?;
+            devices.push(DeviceInfo {
+                name,
+                bus: "pio",
+                base,
+                len,
+            });
+            Ok::<(), VmmError>(())
+        };
         let serial = Arc::new(Mutex::new(devices::serial::Serial::new(
             vm.irq_line(COM1_IRQ)?,
             serial_out,
         )));
-        insert(&pio, COM1_BASE, 8, serial.clone())?;
-        insert(
-            &pio,
-            0x60,
-            5,
-            Arc::new(Mutex::new(devices::i8042::I8042::new(
-                events.clone(),
-                Some(vm.irq_line(1)?),
-            ))),
-        )?;
+        add("serial (COM1)", COM1_BASE, 8, serial.clone())?;
+        let i8042 = devices::i8042::I8042::new(events.clone(), Some(vm.irq_line(1)?));
+        add("i8042", 0x60, 5, Arc::new(Mutex::new(i8042)))?;
         let below_4g = spec.memory.min(arch::layout::MMIO_HOLE_START);
         let cmos = devices::rtc::CmosMemory {
             below_4g,
             above_4g: spec.memory - below_4g,
         };
-        insert(
-            &pio,
-            0x70,
-            2,
-            Arc::new(Mutex::new(devices::rtc::CmosRtc::new(Some(cmos)))),
-        )?;
-        insert(
-            &pio,
-            arch::layout::ACPI_PM_BASE as u64,
-            12,
-            Arc::new(Mutex::new(devices::acpi::AcpiPm::new(
-                events.clone(),
-                Some(vm.irq_line(arch::layout::ACPI_SCI_IRQ as u32)?),
-            ))),
-        )?;
-        insert(
-            &pio,
+        let rtc = devices::rtc::CmosRtc::new(Some(cmos));
+        add("cmos-rtc", 0x70, 2, Arc::new(Mutex::new(rtc)))?;
+        let sci = vm.irq_line(arch::layout::ACPI_SCI_IRQ as u32)?;
+        let pm = Arc::new(Mutex::new(devices::acpi::AcpiPm::new(
+            events.clone(),
+            Some(sci),
+        )));
+        add("acpi-pm", arch::layout::ACPI_PM_BASE as u64, 12, pm.clone())?;
+        let reset = devices::acpi::ResetControl::new(events.clone());
+        add(
+            "reset-control",
             arch::layout::RESET_PORT as u64,
             1,
-            Arc::new(Mutex::new(devices::acpi::ResetControl::new(events.clone()))),
+            Arc::new(Mutex::new(reset)),
         )?;
         // Ports Linux pokes with nothing behind them: the POST/delay ports,
         // DMA page registers and the other COM ports.
         let sink: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(devices::sink::Ignored::new()));
         for (base, len) in [(0x80, 0x10), (0xed, 1), (0x2f8, 8), (0x3e8, 8), (0x2e8, 8)] {
-            insert_dyn(&pio, base, len, sink.clone())?;
+            add("ignored", base, len, sink.clone())?;
         }
         let mmio = Bus::new();
 
@@ -222,7 +243,17 @@ impl Vm {
             vcpus.push(vcpu);
         }
 
+        let info = VmInfo {
+            state: crate::control::RunState::Running,
+            accel: hv.kind(),
+            memory_bytes: spec.memory,
+            vcpus: spec.cpus,
+            devices,
+        };
         Ok(Vm {
+            acpi_pm: pm,
+            control: VmControl::new(),
+            info,
             hv,
             vm,
             memory,
@@ -233,6 +264,30 @@ impl Vm {
             exit_tx,
             exit_rx,
         })
+    }
+
+    /// Pause/resume/stop for this VM, usable from any thread.
+    pub fn control(&self) -> Arc<VmControl> {
+        self.control.clone()
+    }
+
+    /// What the management API needs to serve this VM.
+    pub fn api_context(&self, config: Option<VmConfig>) -> crate::api::ApiContext {
+        crate::api::ApiContext {
+            control: self.control.clone(),
+            info: self.info.clone(),
+            config,
+            exits: self.exit_tx.clone(),
+            power_button: self.acpi_pm.clone(),
+        }
+    }
+
+    /// A snapshot of the VM's state and make-up.
+    pub fn info(&self) -> VmInfo {
+        VmInfo {
+            state: self.control.state(),
+            ..self.info.clone()
+        }
     }
 
     pub fn serial(&self) -> Arc<Mutex<devices::serial::Serial>> {
@@ -259,23 +314,26 @@ impl Vm {
 
     /// Run every vCPU on a thread of its own until the first reason to stop.
     pub fn run(mut self) -> VmExit {
-        let stop = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::new();
         for vcpu in self.vcpus.drain(..) {
             let kicker = vcpu.kicker();
+            self.control.add_vcpu(kicker.clone());
             let ctx = VcpuContext {
                 pio: self.pio.clone(),
                 mmio: self.mmio.clone(),
                 exits: self.exit_tx.clone(),
-                stop: stop.clone(),
+                control: self.control.clone(),
             };
             let index = vcpu.index();
             match std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || ctx.run(vcpu))
-            {
+                .spawn(move || {
+                    ctx.run(vcpu);
+                    ctx.control.vcpu_exited();
+                }) {
                 Ok(thread) => handles.push(VcpuHandle { kicker, thread }),
                 Err(e) => {
+                    self.control.vcpu_exited();
                     let _ = self.exit_tx.send(VmExit::Error(format!(
                         "cannot start vCPU {index} thread: {e}"
                     )));
@@ -287,10 +345,7 @@ impl Vm {
             .exit_rx
             .recv()
             .unwrap_or_else(|_| VmExit::Error("every vCPU thread ended".into()));
-        stop.store(true, Ordering::SeqCst);
-        for h in &handles {
-            h.kicker.kick();
-        }
+        self.control.request_stop();
         // Give the threads a moment to leave the guest; a vCPU stuck in a
         // host call is left behind rather than hanging the VMM.
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
@@ -305,25 +360,6 @@ impl Vm {
         }
         exit
     }
-}
-
-fn insert<D: BusDevice + 'static>(
-    bus: &Bus,
-    base: u64,
-    len: u64,
-    dev: Arc<Mutex<D>>,
-) -> Result<(), VmmError> {
-    insert_dyn(bus, base, len, dev)
-}
-
-fn insert_dyn(
-    bus: &Bus,
-    base: u64,
-    len: u64,
-    dev: Arc<Mutex<dyn BusDevice>>,
-) -> Result<(), VmmError> {
-    bus.insert(base, len, dev)
-        .map_err(|e| VmmError::Device(format!("device at {base:#x}: {e}")))
 }
 
 /// Put the boot image into guest memory and return the boot vCPU's state.
@@ -384,13 +420,13 @@ struct VcpuContext {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     exits: Sender<VmExit>,
-    stop: Arc<AtomicBool>,
+    control: Arc<VmControl>,
 }
 
 impl VcpuContext {
-    fn run(self, mut vcpu: Box<dyn Vcpu>) {
+    fn run(&self, mut vcpu: Box<dyn Vcpu>) {
         let index = vcpu.index();
-        while !self.stop.load(Ordering::Acquire) {
+        while self.control.checkpoint() {
             let exit = match vcpu.run() {
                 Ok(e) => e,
                 Err(e) => {
