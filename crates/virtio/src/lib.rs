@@ -10,6 +10,9 @@
 //!   eventfd per queue, so vCPU threads only flip an eventfd on a notify.
 //! - [`rng::Rng`]: virtio-entropy fed from the host's `getrandom`.
 
+pub mod console;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod queue;
 pub mod rng;
 pub mod transport;
@@ -17,6 +20,7 @@ pub mod transport;
 use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 pub use queue::{DescChain, Descriptor, QueueConfig, QueueError, VirtQueue};
 pub use transport::{VirtioPciDevice, VirtioPciError};
@@ -81,6 +85,17 @@ pub trait QueueWorker: Send {
         queue: &mut VirtQueue,
         mem: &GuestMemoryMmap,
     ) -> Result<Processed, QueueError>;
+
+    /// An eventfd the worker thread also waits on, for work that arrives
+    /// from the host side (console input). `None` for most devices.
+    fn host_event(&self) -> Option<&EventFd> {
+        None
+    }
+
+    /// The queues to service when [`QueueWorker::host_event`] fires.
+    fn host_event_queues(&self) -> Vec<usize> {
+        Vec::new()
+    }
 }
 
 /// A virtio device model, independent of the transport.

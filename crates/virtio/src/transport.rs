@@ -784,14 +784,17 @@ impl WorkerContext {
                 return self.park();
             }
         }
-        let mut fds: Vec<libc::pollfd> = std::iter::once(&self.kill)
-            .chain(self.notify.iter())
-            .map(|e| libc::pollfd {
-                fd: e.as_raw_fd(),
+        let host_fd = self.worker.host_event().map(|e| e.as_raw_fd());
+        let mut fds: Vec<libc::pollfd> = std::iter::once(self.kill.as_raw_fd())
+            .chain(self.notify.iter().map(|e| e.as_raw_fd()))
+            .chain(host_fd)
+            .map(|fd| libc::pollfd {
+                fd,
                 events: libc::POLLIN,
                 revents: 0,
             })
             .collect();
+        let nq = self.notify.len();
         loop {
             // SAFETY: `fds` is a valid array of pollfd for its length.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
@@ -808,13 +811,23 @@ impl WorkerContext {
             if fds[0].revents != 0 {
                 return;
             }
-            for i in 0..self.notify.len() {
+            for i in 0..nq {
                 if fds[i + 1].revents == 0 {
                     continue;
                 }
                 let _ = self.notify[i].read();
                 if !self.service(i) {
                     return self.park();
+                }
+            }
+            if host_fd.is_some() && fds[nq + 1].revents != 0 {
+                if let Some(e) = self.worker.host_event() {
+                    let _ = e.read();
+                }
+                for i in self.worker.host_event_queues() {
+                    if !self.service(i) {
+                        return self.park();
+                    }
                 }
             }
         }
