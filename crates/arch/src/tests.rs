@@ -877,9 +877,33 @@ fn acpi_tables_walk_and_checksum() {
         assert_eq!(acpi.rsdp, rsdp.0);
         assert_eq!(acpi.rsdp, RSDP_START);
         let sigs: Vec<&[u8]> = acpi.tables.iter().map(|t| &t.bytes[0..4]).collect();
-        assert_eq!(sigs, vec![b"FACP" as &[u8], b"APIC"]);
+        assert_eq!(sigs, vec![b"FACP" as &[u8], b"APIC", b"MCFG"]);
         assert!(acpi.facs_addr > 0);
     }
+}
+
+#[test]
+fn mcfg_describes_ecam_for_bus_0_to_255() {
+    let m = mem(64 * MIB);
+    acpi::create_acpi_tables(&m, 1, &[]).unwrap();
+    let acpi = parse_acpi(&m);
+    let t = &acpi.get(b"MCFG").bytes;
+    // Header (36) + reserved (8), then one 16-byte allocation entry.
+    assert_eq!(t.len(), 36 + 8 + 16);
+    let e = &t[44..60];
+    assert_eq!(
+        u64::from_le_bytes(e[0..8].try_into().unwrap()),
+        PCI_ECAM_BASE
+    );
+    assert_eq!(
+        u16::from_le_bytes(e[8..10].try_into().unwrap()),
+        0,
+        "segment"
+    );
+    assert_eq!((e[10], e[11]), (0, 255), "buses");
+    // ECAM lies in the MMIO hole, after the BAR window, before the IOAPIC.
+    assert_eq!(PCI_MMIO32_END, PCI_ECAM_BASE);
+    assert!(PCI_ECAM_BASE + PCI_ECAM_SIZE <= IOAPIC_ADDR);
 }
 
 #[test]
