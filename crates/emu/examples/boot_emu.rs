@@ -165,6 +165,14 @@ fn run() -> Result<(), String> {
     }
     let mut vcpu = vm.create_emu_vcpu(0);
     vcpu.core_mut().trace = std::env::var_os("EMU_TRACE").is_some();
+    if let Some(p) = &platform {
+        // Interrupts raised from outside the vCPU (none in this single-
+        // threaded probe, but this is the wiring a VMM needs).
+        let attention = vcpu.irq_attention();
+        p.set_kick(Arc::new(move |_cpu| {
+            attention.store(true, std::sync::atomic::Ordering::SeqCst)
+        }));
+    }
     vcpu.set_boot_state(&state).map_err(|e| e.to_string())?;
 
     let start = Instant::now();
@@ -177,6 +185,7 @@ fn run() -> Result<(), String> {
     let mut stdout = std::io::stdout();
     let mut cmos_index = 0u8;
     let mut halts = 0u64;
+    let mut slept = Duration::ZERO;
     loop {
         let exit = vcpu.run().map_err(|e| e.to_string())?;
         if !matches!(exit, VcpuExit::Halt) {
@@ -245,6 +254,7 @@ fn run() -> Result<(), String> {
                         let until = p.next_deadline_ns().unwrap_or(now + 10_000_000);
                         let ns = until.saturating_sub(now).min(10_000_000);
                         std::thread::sleep(Duration::from_nanos(ns));
+                        slept += Duration::from_nanos(ns);
                         p.tick();
                     }
                     Some(_) => {}

@@ -162,6 +162,13 @@ impl EmuVcpu {
         &mut self.core
     }
 
+    /// Set this flag (from any thread) after making an interrupt pending
+    /// for this vCPU: it polls its controller at the next block boundary
+    /// instead of within `POLL_INTERVAL` blocks. It does not end `run`.
+    pub fn irq_attention(&self) -> Arc<AtomicBool> {
+        self.core.attention.clone()
+    }
+
     fn internal_error(&mut self, reason: String, rip: u64) -> Box<InternalError> {
         let lin = self.core.rip_lin();
         let mut insn = Vec::new();

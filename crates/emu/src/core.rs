@@ -83,6 +83,10 @@ pub enum RunExit {
     Internal { reason: String, rip: u64 },
 }
 
+/// Blocks run between interrupt-controller polls when nothing asked for one
+/// (a timer interrupt can be this late by a few microseconds).
+pub const POLL_INTERVAL: u32 = 64;
+
 pub struct Core {
     pub st: CpuState,
     pub mem: MemView,
@@ -112,6 +116,13 @@ pub struct Core {
     pub trace: bool,
     /// What CPUID advertises beyond the fixed base set.
     pub cpuid: crate::cpuid::CpuidConfig,
+    /// Set (from any thread) after making an interrupt pending for this
+    /// vCPU: it polls the controller at its next block boundary.
+    pub attention: Arc<AtomicBool>,
+    /// Poll the controller before the next block (IF may have become 1,
+    /// the TPR or an EOI may have changed what is deliverable).
+    pub poll_now: bool,
+    poll_countdown: u32,
 }
 
 /// A small ring of recent block start RIPs and exceptions.
@@ -179,6 +190,9 @@ impl Core {
             history: History::default(),
             trace: false,
             cpuid,
+            attention: Arc::new(AtomicBool::new(false)),
+            poll_now: true,
+            poll_countdown: 0,
         }
     }
 
@@ -447,13 +461,27 @@ impl Core {
         if self.mem.refresh() {
             self.flush_all_caches();
         }
+        // Whatever the VMM did while we were out may have raised an interrupt.
+        self.poll_now = true;
         loop {
             if self.kick.load(Ordering::Relaxed) && self.kick.swap(false, Ordering::AcqRel) {
                 return RunExit::Interrupted;
             }
             if !self.int_shadow {
-                if let Some(exit) = self.check_interrupts() {
-                    return exit;
+                // Asking the controller costs (a platform reads its clock):
+                // poll when something asked for it, else every few blocks.
+                let asked = self.attention.load(Ordering::Relaxed);
+                if self.poll_now || asked || self.poll_countdown == 0 {
+                    if asked {
+                        self.attention.store(false, Ordering::SeqCst);
+                    }
+                    self.poll_now = false;
+                    self.poll_countdown = POLL_INTERVAL;
+                    if let Some(exit) = self.check_interrupts() {
+                        return exit;
+                    }
+                } else {
+                    self.poll_countdown -= 1;
                 }
             }
             if self.halted {
