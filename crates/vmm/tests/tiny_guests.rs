@@ -192,34 +192,57 @@ fn real_mode_guest_prints_and_powers_off() {
     }
 }
 
-#[test]
-fn protected_mode_guest_prints_and_powers_off() {
+/// A flat guest in `bits`-bit code entered with `mode` prints and powers off.
+fn hello(bits: u32, mode: RawMode, name: &str) {
     for accel in accels() {
-        let msgs = ["hello from protected mode\n"];
-        let code = assemble(32, |a| {
-            print(a, 32, LOAD + msg_at(&msgs, 0));
+        let text = format!("hello from {name} mode\n");
+        let msgs = [text.as_str()];
+        let code = assemble(bits, |a| {
+            print(a, bits, LOAD + msg_at(&msgs, 0));
             power_off(a);
         });
-        let image = with_messages(code, &msgs);
-        let (exit, out, _) = run_raw(accel, image, RawMode::Protected { entry: LOAD });
-        assert_eq!(out, "hello from protected mode\n", "{accel:?}");
+        let (exit, out, _) = run_raw(accel, with_messages(code, &msgs), mode);
+        assert_eq!(out, text, "{accel:?}");
         assert_eq!(exit, VmExit::PowerOff, "{accel:?}");
     }
 }
 
 #[test]
+fn protected_mode_guest_prints_and_powers_off() {
+    hello(32, RawMode::Protected { entry: LOAD }, "protected");
+}
+
+#[test]
 fn long_mode_guest_prints_and_powers_off() {
-    for accel in accels() {
-        let msgs = ["hello from long mode\n"];
-        let code = assemble(64, |a| {
-            print(a, 64, LOAD + msg_at(&msgs, 0));
-            power_off(a);
-        });
-        let image = with_messages(code, &msgs);
-        let (exit, out, _) = run_raw(accel, image, RawMode::Long { entry: LOAD });
-        assert_eq!(out, "hello from long mode\n", "{accel:?}");
-        assert_eq!(exit, VmExit::PowerOff, "{accel:?}");
-    }
+    hello(64, RawMode::Long { entry: LOAD }, "long");
+}
+
+/// A 64-bit guest that runs `checks` (which jump to the label they are
+/// given on failure), prints "<name> ok" or "<name> bad", and powers off;
+/// returns what the guest printed and the MMIO probe.
+fn run_checks(
+    accel: Accel,
+    name: &str,
+    checks: impl FnOnce(&mut CodeAssembler, CodeLabel),
+) -> (VmExit, String, Vm2) {
+    let (ok, bad) = (format!("{name} ok\n"), format!("{name} bad\n"));
+    let msgs = [ok.as_str(), bad.as_str()];
+    let code = assemble(64, |a| {
+        let mut fail = a.create_label();
+        let mut end = a.create_label();
+        checks(a, fail);
+        print(a, 64, LOAD + msg_at(&msgs, 0));
+        a.jmp(end).unwrap();
+        a.set_label(&mut fail).unwrap();
+        print(a, 64, LOAD + msg_at(&msgs, 1));
+        a.set_label(&mut end).unwrap();
+        power_off(a);
+    });
+    run_raw(
+        accel,
+        with_messages(code, &msgs),
+        RawMode::Long { entry: LOAD },
+    )
 }
 
 /// Port reads reach real devices: CMOS register D says "valid" (0x80) and
@@ -227,10 +250,7 @@ fn long_mode_guest_prints_and_powers_off() {
 #[test]
 fn port_reads_reach_devices() {
     for accel in accels() {
-        let msgs = ["ports ok\n", "ports bad\n"];
-        let code = assemble(64, |a| {
-            let mut fail = a.create_label();
-            let mut end = a.create_label();
+        let (exit, out, _) = run_checks(accel, "ports", |a, fail| {
             a.mov(al, 0x0du32).unwrap();
             a.out(0x70, al).unwrap();
             a.in_(al, 0x71).unwrap();
@@ -240,15 +260,7 @@ fn port_reads_reach_devices() {
             a.in_(al, dx).unwrap();
             a.cmp(al, 0xff).unwrap();
             a.jne(fail).unwrap();
-            print(a, 64, LOAD + msg_at(&msgs, 0));
-            a.jmp(end).unwrap();
-            a.set_label(&mut fail).unwrap();
-            print(a, 64, LOAD + msg_at(&msgs, 1));
-            a.set_label(&mut end).unwrap();
-            power_off(a);
         });
-        let image = with_messages(code, &msgs);
-        let (exit, out, _) = run_raw(accel, image, RawMode::Long { entry: LOAD });
         assert_eq!(out, "ports ok\n", "{accel:?}");
         assert_eq!(exit, VmExit::PowerOff);
     }
@@ -259,29 +271,18 @@ fn port_reads_reach_devices() {
 #[test]
 fn mmio_exits_reach_the_mmio_bus() {
     for accel in accels() {
-        let msgs = ["mmio ok\n", "mmio bad\n"];
-        let code = assemble(64, |a| {
-            let mut fail = a.create_label();
-            let mut end = a.create_label();
+        let (exit, out, vm) = run_checks(accel, "mmio", |a, fail| {
             a.mov(rbx, MMIO_PROBE).unwrap();
             a.mov(eax, dword_ptr(rbx + 0x10)).unwrap();
             a.cmp(eax, 0x9abc_df00u32 as i32).unwrap();
             a.jne(fail).unwrap();
             a.mov(dword_ptr(rbx + 0x20), 0xcafe_f00du32 as i32).unwrap();
             a.mov(word_ptr(rbx + 0x30), 0x4242).unwrap();
-            a.mov(rbx, 0xe000_0000u64).unwrap(); // unclaimed
+            a.mov(rbx, 0xfe00_0000u64).unwrap(); // unclaimed: past ECAM, below the IOAPIC
             a.mov(eax, dword_ptr(rbx)).unwrap();
             a.cmp(eax, -1).unwrap();
             a.jne(fail).unwrap();
-            print(a, 64, LOAD + msg_at(&msgs, 0));
-            a.jmp(end).unwrap();
-            a.set_label(&mut fail).unwrap();
-            print(a, 64, LOAD + msg_at(&msgs, 1));
-            a.set_label(&mut end).unwrap();
-            power_off(a);
         });
-        let image = with_messages(code, &msgs);
-        let (exit, out, vm) = run_raw(accel, image, RawMode::Long { entry: LOAD });
         assert_eq!(out, "mmio ok\n", "{accel:?}");
         assert_eq!(exit, VmExit::PowerOff);
         let writes = vm.probe.lock().unwrap().writes.clone();
