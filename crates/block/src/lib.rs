@@ -275,6 +275,16 @@ fn lock_file(file: &File, path: &Path, read_only: bool) -> Result<(), BlockError
     }
 }
 
+/// Release the lock taken by [`lock_file`]. Done explicitly before close
+/// because a child forked by another thread may briefly share the open file
+/// description (until its exec), which would keep an flock alive.
+pub(crate) fn unlock_file(file: &File) {
+    // SAFETY: flock on a valid, owned descriptor; no memory is passed.
+    unsafe {
+        libc::flock(file.as_raw_fd(), libc::LOCK_UN);
+    }
+}
+
 /// Read exactly `buf.len()` bytes at `offset`; bytes past the end of the
 /// file read as zeros.
 pub(crate) fn pread_zero_fill(

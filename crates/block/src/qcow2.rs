@@ -1213,6 +1213,7 @@ impl Drop for Qcow2Image {
         if let Err(e) = self.flush() {
             tracing::error!("{e}");
         }
+        crate::unlock_file(&self.file);
     }
 }
 

@@ -5,7 +5,8 @@ use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use crate::{
-    check_range, pread_zero_fill, punch_hole, pwrite_all, BlockError, DiskImage, ImageFormat,
+    check_range, pread_zero_fill, punch_hole, pwrite_all, unlock_file, BlockError, DiskImage,
+    ImageFormat,
 };
 
 pub struct RawImage {
@@ -115,5 +116,11 @@ impl DiskImage for RawImage {
 
     fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+impl Drop for RawImage {
+    fn drop(&mut self) {
+        unlock_file(&self.file);
     }
 }
