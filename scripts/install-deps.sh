@@ -17,6 +17,8 @@ PACKAGES=(
     e2fsprogs       # mkfs.ext4 for disk images built by tests
     file            # identifies the extracted vmlinux as an ELF64
     gzip            # compresses the initramfs
+    iproute2        # ip netns/link/addr for the network tests (crates/net)
+    iputils-ping    # ping from a test network namespace (crates/net)
     kmod            # depmod writes the modules.dep that busybox modprobe reads
     lz4             # the Debian cloud kernel is LZ4-compressed; vmlinux extraction
     perl-base       # deterministic test data generator (essential; listed for clarity)
