@@ -30,17 +30,15 @@ pub const CONFIG_ADDRESS_PORT: u64 = 0xcf8;
 pub const CONFIG_DATA_PORT: u64 = 0xcfc;
 pub const CONFIG_DATA_LEN: u64 = 4;
 
-/// Proposed ECAM (MMCONFIG) window: arch::layout has none yet. 256 buses x
-/// 32 devices x 8 functions x 4 KiB = 256 MiB at 0xe000_0000, inside the
-/// 32-bit MMIO hole and below the IOAPIC. The MCFG table must describe it
-/// (segment 0, buses 0-255) and it must not overlap the DSDT's `_CRS`
-/// memory window (which therefore ends at 0xdfff_ffff).
-pub const ECAM_BASE: u64 = 0xe000_0000;
-pub const ECAM_SIZE: u64 = 0x1000_0000;
+/// The ECAM (MMCONFIG) window the MCFG table announces: 256 buses x 32
+/// devices x 8 functions x 4 KiB. Insert [`PciConfigMmio`] here.
+pub const ECAM_BASE: u64 = arch::layout::PCI_ECAM_BASE;
+pub const ECAM_SIZE: u64 = arch::layout::PCI_ECAM_SIZE;
 
-/// Where BARs go: the part of the 32-bit MMIO hole below ECAM.
-pub const MMIO32_WINDOW_START: u64 = 0xc000_0000;
-pub const MMIO32_WINDOW_END: u64 = ECAM_BASE;
+/// Where 32-bit memory BARs go: the DSDT's `_CRS` memory window, the MMIO
+/// hole below ECAM.
+pub const MMIO32_WINDOW_START: u64 = arch::layout::PCI_MMIO32_START;
+pub const MMIO32_WINDOW_END: u64 = arch::layout::PCI_MMIO32_END;
 /// I/O-space BARs: inside the DSDT's 0xd00-0xffff I/O window.
 pub const IO_WINDOW_START: u64 = 0xc000;
 pub const IO_WINDOW_END: u64 = 0x1_0000;
