@@ -22,6 +22,10 @@ pub enum PciError {
     NoSpace(u64),
 }
 
+/// Called as `(slot, bar, address, mapped)` each time a BAR is inserted
+/// on (`mapped`) or taken off a bus, e.g. to move KVM ioeventfds along.
+pub type BarHook = Arc<dyn Fn(u8, usize, u64, bool) + Send + Sync>;
+
 /// A shared PCI device.
 pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
 
@@ -48,6 +52,7 @@ struct Mapping {
 pub struct PciBus {
     slots: RwLock<Vec<Option<SharedPciDevice>>>,
     mappings: Mutex<Vec<Mapping>>,
+    bar_hook: RwLock<Option<BarHook>>,
     mmio: Arc<Bus>,
     pio: Arc<Bus>,
 }
@@ -61,8 +66,50 @@ impl PciBus {
         PciBus {
             slots: RwLock::new(slots),
             mappings: Mutex::new(Vec::new()),
+            bar_hook: RwLock::new(None),
             mmio,
             pio,
+        }
+    }
+
+    /// A bus with its configuration access already on the VMM's buses:
+    /// [`PciConfigAddress`] at 0xcf8 (length 1, since 0xcf9 is the reset
+    /// register), [`PciConfigData`] at 0xcfc (length 4) and
+    /// [`PciConfigMmio`] over ECAM.
+    pub fn install(mmio: Arc<Bus>, pio: Arc<Bus>) -> Result<Arc<PciBus>, devices::BusError> {
+        let pci = Arc::new(PciBus::new(mmio.clone(), pio.clone()));
+        let cio = PciConfigIo::new(pci.clone());
+        pio.insert(
+            crate::CONFIG_ADDRESS_PORT,
+            1,
+            Arc::new(Mutex::new(cio.address_port())),
+        )?;
+        pio.insert(
+            crate::CONFIG_DATA_PORT,
+            crate::CONFIG_DATA_LEN,
+            Arc::new(Mutex::new(cio.data_port())),
+        )?;
+        mmio.insert(
+            crate::ECAM_BASE,
+            crate::ECAM_SIZE,
+            Arc::new(Mutex::new(PciConfigMmio::new(pci.clone()))),
+        )?;
+        Ok(pci)
+    }
+
+    /// Be told about every BAR (un)mapping from now on.
+    pub fn set_bar_hook(&self, hook: BarHook) {
+        *self.bar_hook.write().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    fn bar_event(&self, m: &Mapping, mapped: bool) {
+        let hook = self
+            .bar_hook
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(h) = hook {
+            h(m.slot, m.bar, m.addr, mapped);
         }
     }
 
@@ -162,14 +209,19 @@ impl PciBus {
         };
         let mut maps = self.mappings.lock().unwrap_or_else(|e| e.into_inner());
         // Take down what moved or stopped decoding.
+        let mut gone = Vec::new();
         maps.retain(|m| {
             if m.slot != slot || wanted.contains(m) {
                 return true;
             }
             let bus = if m.io { &self.pio } else { &self.mmio };
             bus.remove(m.addr);
+            gone.push(*m);
             false
         });
+        for m in &gone {
+            self.bar_event(m, false);
+        }
         for w in wanted {
             if maps.contains(&w) {
                 continue;
@@ -181,7 +233,10 @@ impl PciBus {
                 bar: w.bar,
             }));
             match bus.insert(w.addr, size, handler) {
-                Ok(()) => maps.push(w),
+                Ok(()) => {
+                    maps.push(w);
+                    self.bar_event(&w, true);
+                }
                 // The guest put a BAR over something else (or over another
                 // BAR): it stays unreachable until moved, as on hardware
                 // where such decoding is undefined.
@@ -458,24 +513,12 @@ mod tests {
     fn rig() -> Rig {
         let mmio = Arc::new(Bus::new());
         let pio = Arc::new(Bus::new());
-        let pci = Arc::new(PciBus::new(mmio.clone(), pio.clone()));
-        let cio = PciConfigIo::new(pci.clone());
+        let pci = PciBus::install(mmio.clone(), pio.clone()).unwrap();
+        // 0xcf9 stays free for the reset register.
         pio.insert(
-            crate::CONFIG_ADDRESS_PORT,
+            0xcf9,
             1,
-            Arc::new(Mutex::new(cio.address_port())),
-        )
-        .unwrap();
-        pio.insert(
-            crate::CONFIG_DATA_PORT,
-            4,
-            Arc::new(Mutex::new(cio.data_port())),
-        )
-        .unwrap();
-        mmio.insert(
-            crate::ECAM_BASE,
-            crate::ECAM_SIZE,
-            Arc::new(Mutex::new(PciConfigMmio::new(pci.clone()))),
+            Arc::new(Mutex::new(devices::sink::Ignored::new())),
         )
         .unwrap();
         Rig { pci, mmio, pio }
@@ -556,8 +599,21 @@ mod tests {
         assert_eq!(r.pci.bar_mapping(slot, 0), Some(crate::MMIO32_WINDOW_START));
         assert!(r.mmio.write(crate::MMIO32_WINDOW_START + 0x10, &[0xab]));
         assert_eq!(dev.lock().unwrap().mem[0x10], 0xab);
-        // Move it; the old address stops answering, the new one does.
+        // Move it; the old address stops answering, the new one does, and
+        // the hook hears about both.
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let ev = events.clone();
+        r.pci.set_bar_hook(Arc::new(move |s, b, a, m| {
+            ev.lock().unwrap().push((s, b, a, m))
+        }));
         r.cf8_write32(slot, BAR0 as u8, 0xd000_0000);
+        assert_eq!(
+            *events.lock().unwrap(),
+            vec![
+                (slot, 0, crate::MMIO32_WINDOW_START, false),
+                (slot, 0, 0xd000_0000, true)
+            ]
+        );
         assert_eq!(r.pci.bar_mapping(slot, 0), Some(0xd000_0000));
         assert!(!r.mmio.write(crate::MMIO32_WINDOW_START + 0x10, &[1]));
         let mut b = [0u8; 1];

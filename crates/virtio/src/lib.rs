@@ -54,8 +54,12 @@ pub mod device_type {
 pub trait VirtioInterrupt: Send + Sync {
     /// Used buffers were added to queue `queue`.
     fn signal_queue(&self, queue: u16);
-    /// The configuration space or the device status changed.
+    /// The device status changed (NEEDS_RESET): a configuration interrupt
+    /// without a new configuration generation.
     fn signal_config(&self);
+    /// The device-specific configuration changed: bump config_generation
+    /// (so the driver rereads consistently) and interrupt.
+    fn config_changed(&self);
 }
 
 /// Why activation failed (the transport then sets DEVICE_NEEDS_RESET).

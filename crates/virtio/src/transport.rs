@@ -94,6 +94,7 @@ pub type IntxSink = Arc<dyn Fn() + Send + Sync>;
 /// Interrupt state shared by the transport (vCPU threads) and the worker.
 struct Interrupts {
     isr: AtomicU8,
+    generation: AtomicU8,
     config_vector: AtomicU16,
     queue_vectors: Vec<AtomicU16>,
     msix: Arc<Mutex<MsixTable>>,
@@ -134,6 +135,11 @@ impl VirtioInterrupt for Interrupts {
 
     fn signal_config(&self) {
         self.raise(2, self.config_vector.load(Ordering::SeqCst));
+    }
+
+    fn config_changed(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.signal_config();
     }
 }
 
@@ -190,7 +196,6 @@ pub struct VirtioPciDevice {
     driver_feature_select: u32,
     driver_features: u64,
     status: u8,
-    config_generation: u8,
     queue_select: u16,
     queues: Vec<QueueRegs>,
 }
@@ -288,6 +293,7 @@ impl VirtioPciDevice {
             .map_err(|e| VirtioPciError::EventFd(e.to_string()))?;
         let irq = Arc::new(Interrupts {
             isr: AtomicU8::new(0),
+            generation: AtomicU8::new(0),
             config_vector: AtomicU16::new(VIRTIO_MSI_NO_VECTOR),
             queue_vectors: (0..nq)
                 .map(|_| AtomicU16::new(VIRTIO_MSI_NO_VECTOR))
@@ -314,7 +320,6 @@ impl VirtioPciDevice {
             driver_feature_select: 0,
             driver_features: 0,
             status: 0,
-            config_generation: 0,
             queue_select: 0,
             queues: max_sizes
                 .iter()
@@ -536,7 +541,10 @@ impl VirtioPciDevice {
             &(self.queues.len() as u16).to_le_bytes(),
         );
         put(common::DEVICE_STATUS, &[self.status()]);
-        put(common::CONFIG_GENERATION, &[self.config_generation]);
+        put(
+            common::CONFIG_GENERATION,
+            &[self.irq.generation.load(Ordering::SeqCst)],
+        );
         put(common::QUEUE_SELECT, &self.queue_select.to_le_bytes());
         let qs = self.queue_select as usize;
         if let Some(q) = self.queues.get(qs) {
