@@ -491,7 +491,19 @@ impl VirtioPciDevice {
             };
             let thread = std::thread::Builder::new()
                 .name(format!("virtio-{}", self.device.device_type()))
-                .spawn(move || ctx.run())?;
+                .spawn(move || {
+                    let health = ctx.health.clone();
+                    let irq = ctx.irq.clone();
+                    // A bug in a device model must not take the VMM down
+                    // with it: the device just stops, asking for a reset.
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.run())).is_err()
+                    {
+                        tracing::error!("virtio worker panicked; device needs reset");
+                        health.errors.fetch_add(1, Ordering::SeqCst);
+                        health.needs_reset.store(true, Ordering::SeqCst);
+                        irq.signal_config();
+                    }
+                })?;
             Ok(Worker {
                 kill,
                 thread: Some(thread),

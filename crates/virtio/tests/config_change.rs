@@ -90,3 +90,59 @@ fn config_change_bumps_generation_and_interrupts() {
     assert_eq!(d.r(dev_cfg, 4), 200);
     assert_eq!(msis(&m), vec![(MSI_ADDR, CONFIG_DATA)]);
 }
+
+struct Panicky;
+
+struct Boom;
+
+impl QueueWorker for Boom {
+    fn process_queue(
+        &mut self,
+        _: usize,
+        q: &mut VirtQueue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Processed, QueueError> {
+        if q.pop(mem)?.is_some() {
+            panic!("device model bug");
+        }
+        Ok(Processed::default())
+    }
+}
+
+impl VirtioDevice for Panicky {
+    fn device_type(&self) -> u32 {
+        4
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![256]
+    }
+    fn features(&self) -> u64 {
+        0
+    }
+    fn activate(
+        &mut self,
+        _: u64,
+        _: GuestMemoryMmap,
+        _: Arc<dyn VirtioInterrupt>,
+    ) -> Result<Box<dyn QueueWorker>, ActivateError> {
+        Ok(Box::new(Boom))
+    }
+}
+
+#[test]
+fn a_panicking_worker_leaves_the_device_needing_reset() {
+    let m = machine_with(Box::new(Panicky));
+    let d = Driver::probe(&m);
+    d.enable_msix();
+    d.init(VIRTIO_F_VERSION_1);
+    d.desc(DESC, 0, BUF, 8, 2, 0);
+    d.submit(0);
+    wait(
+        || d.status() & virtio::status::DEVICE_NEEDS_RESET != 0,
+        "NEEDS_RESET",
+    );
+    wait(|| msis(&m) == vec![(MSI_ADDR, CONFIG_DATA)], "config MSI");
+    // Reset joins the dead worker cleanly and the device can start again.
+    d.init(VIRTIO_F_VERSION_1);
+    assert!(m.dev.lock().unwrap().is_active());
+}
