@@ -11,7 +11,15 @@ pub struct TempDir(pub PathBuf);
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
+        // tmpfs when available: the tests fsync a lot and only need
+        // correctness, not durability.
+        let shm = Path::new("/dev/shm");
+        let base = if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        let p = base.join(format!(
             "vireo-block-{}-{}-{}",
             tag,
             std::process::id(),
