@@ -97,6 +97,9 @@ struct RunArgs {
     /// Entry protocol for an ELF vmlinux: linux (64-bit boot protocol) or pvh [default: linux].
     #[arg(long, value_name = "linux|pvh")]
     boot: Option<BootProtocol>,
+    /// Give the guest a virtio-rng device (entropy from the host's getrandom).
+    #[arg(long)]
+    rng: bool,
     /// Serve the management API (HTTP + JSON, see docs/openapi.json) on this Unix socket.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
@@ -139,6 +142,9 @@ impl RunArgs {
         }
         if let Some(b) = self.boot {
             cfg.boot = b;
+        }
+        if self.rng {
+            cfg.rng = true;
         }
         Ok(cfg)
     }

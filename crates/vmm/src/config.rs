@@ -199,6 +199,9 @@ pub struct VmConfig {
     pub serial: SerialMode,
     #[serde(default)]
     pub boot: BootProtocol,
+    /// A virtio-rng device fed from the host's getrandom.
+    #[serde(default)]
+    pub rng: bool,
 }
 
 /// Memory the guest must have at least: page tables, tables and a kernel.
@@ -217,6 +220,7 @@ impl VmConfig {
             accel: Accel::Auto,
             serial: SerialMode::Stdio,
             boot: BootProtocol::Linux,
+            rng: false,
         }
     }
 

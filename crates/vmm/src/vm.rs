@@ -51,6 +51,8 @@ pub struct VmSpec {
     pub memory: u64,
     pub cpus: u32,
     pub boot: Boot,
+    /// A virtio-rng device on PCI.
+    pub rng: bool,
 }
 
 impl VmSpec {
@@ -60,6 +62,7 @@ impl VmSpec {
             accel: c.accel,
             memory: c.memory.0,
             cpus: c.cpus,
+            rng: c.rng,
             boot: Boot::Linux {
                 kernel: c.kernel.clone(),
                 initrd: c.initrd.clone(),
@@ -185,18 +188,13 @@ impl Vm {
             })
         };
 
-        let pio = Bus::new();
-        let mut devices = Vec::new();
+        let mut map = DeviceMap {
+            pio: Arc::new(Bus::new()),
+            mmio: Arc::new(Bus::new()),
+            list: Vec::new(),
+        };
         let mut add = |name: &'static str, base: u64, len: u64, dev: Arc<Mutex<dyn BusDevice>>| {
-            pio.insert(base, len, dev)
-                .map_err(|e| VmmError::Device(format!("{name} at port {base:#x}: {e}")))?;
-            devices.push(DeviceInfo {
-                name,
-                bus: "pio",
-                base,
-                len,
-            });
-            Ok::<(), VmmError>(())
+            map.add(BusKind::Pio, name, base, len, dev)
         };
         let serial = Arc::new(Mutex::new(devices::serial::Serial::new(
             vm.irq_line(COM1_IRQ)?,
@@ -231,7 +229,7 @@ impl Vm {
         for (base, len) in [(0x80, 0x10), (0xed, 1), (0x2f8, 8), (0x3e8, 8), (0x2e8, 8)] {
             add("ignored", base, len, sink.clone())?;
         }
-        let mmio = Bus::new();
+        setup_pci(&mut map, vm.clone(), &memory, &spec)?;
 
         let bsp_state = load_boot(&memory, &boot, spec.cpus)?;
         let mut vcpus = Vec::with_capacity(spec.cpus as usize);
@@ -248,7 +246,7 @@ impl Vm {
             accel: hv.kind(),
             memory_bytes: spec.memory,
             vcpus: spec.cpus,
-            devices,
+            devices: map.list,
         };
         Ok(Vm {
             acpi_pm: pm,
@@ -257,8 +255,8 @@ impl Vm {
             hv,
             vm,
             memory,
-            pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
+            pio: map.pio,
+            mmio: map.mmio,
             serial,
             vcpus,
             exit_tx,
@@ -360,6 +358,101 @@ impl Vm {
         }
         exit
     }
+}
+
+#[derive(Clone, Copy)]
+enum BusKind {
+    Pio,
+    Mmio,
+}
+
+/// The VM's two buses and what was put on them (for `vm.info`).
+struct DeviceMap {
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    list: Vec<DeviceInfo>,
+}
+
+impl DeviceMap {
+    fn add(
+        &mut self,
+        kind: BusKind,
+        name: &'static str,
+        base: u64,
+        len: u64,
+        dev: Arc<Mutex<dyn BusDevice>>,
+    ) -> Result<(), VmmError> {
+        let (bus, label) = match kind {
+            BusKind::Pio => (&self.pio, "pio"),
+            BusKind::Mmio => (&self.mmio, "mmio"),
+        };
+        bus.insert(base, len, dev)
+            .map_err(|e| VmmError::Device(format!("{name} at {label} {base:#x}: {e}")))?;
+        self.list.push(DeviceInfo {
+            name,
+            bus: label,
+            base,
+            len,
+        });
+        Ok(())
+    }
+}
+
+/// PCI bus 0 (host bridge, configuration through 0xcf8/0xcfc and ECAM) and
+/// the virtio devices the VM asked for, with MSI-X through the backend.
+fn setup_pci(
+    map: &mut DeviceMap,
+    vm: Arc<dyn hypervisor::Vm>,
+    memory: &GuestMemoryMmap,
+    spec: &VmSpec,
+) -> Result<(), VmmError> {
+    use arch::layout::{PCI_ECAM_BASE, PCI_ECAM_SIZE, PCI_MMIO32_END, PCI_MMIO32_START};
+    let bus = Arc::new(pci::PciBus::new(map.mmio.clone(), map.pio.clone()));
+    let cfg = pci::PciConfigIo::new(bus.clone());
+    // 0xcf9 is the reset register: the address port is 0xcf8 alone.
+    let address = Arc::new(Mutex::new(cfg.address_port()));
+    map.add(
+        BusKind::Pio,
+        "pci-config-address",
+        pci::CONFIG_ADDRESS_PORT,
+        1,
+        address,
+    )?;
+    let data = Arc::new(Mutex::new(cfg.data_port()));
+    let (port, len) = (pci::CONFIG_DATA_PORT, pci::CONFIG_DATA_LEN);
+    map.add(BusKind::Pio, "pci-config-data", port, len, data)?;
+    let ecam = Arc::new(Mutex::new(pci::PciConfigMmio::new(bus.clone())));
+    map.add(
+        BusKind::Mmio,
+        "pci-ecam",
+        PCI_ECAM_BASE,
+        PCI_ECAM_SIZE,
+        ecam,
+    )?;
+
+    let mut bars = pci::BarAllocator::new(
+        pci::AddressWindow::new(PCI_MMIO32_START, PCI_MMIO32_END),
+        None,
+        pci::AddressWindow::new(pci::IO_WINDOW_START, pci::IO_WINDOW_END),
+    );
+    let msi: pci::MsiSink = Arc::new(move |addr, data| {
+        if let Err(e) = vm.signal_msi(addr, data) {
+            tracing::warn!("MSI {addr:#x}/{data:#x} not delivered: {e}");
+        }
+    });
+    if spec.rng {
+        let dev = virtio::VirtioPciDevice::new(
+            Box::new(virtio::rng::Rng::new()),
+            memory.clone(),
+            msi.clone(),
+        )
+        .map_err(|e| VmmError::Device(format!("virtio-rng: {e}")))?;
+        let slot = bus
+            .add_device(Arc::new(Mutex::new(dev)), &mut bars)
+            .map_err(|e| VmmError::Device(format!("virtio-rng on PCI: {e}")))?;
+        tracing::info!("virtio-rng at PCI 00:{slot:02x}.0");
+    }
+    Ok(())
 }
 
 /// Put the boot image into guest memory and return the boot vCPU's state.

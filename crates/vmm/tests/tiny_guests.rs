@@ -114,11 +114,16 @@ fn power_off(a: &mut CodeAssembler) {
 }
 
 fn run_raw(accel: Accel, image: Vec<u8>, mode: RawMode) -> (VmExit, String, Vm2) {
+    run_raw_with(accel, image, mode, false)
+}
+
+fn run_raw_with(accel: Accel, image: Vec<u8>, mode: RawMode, rng: bool) -> (VmExit, String, Vm2) {
     let cap = Capture::default();
     let spec = VmSpec {
         accel,
         memory: 64 << 20,
         cpus: 1,
+        rng,
         boot: Boot::Raw(RawBoot {
             load_addr: LOAD,
             image,
@@ -225,6 +230,15 @@ fn run_checks(
     name: &str,
     checks: impl FnOnce(&mut CodeAssembler, CodeLabel),
 ) -> (VmExit, String, Vm2) {
+    run_checks_with(accel, name, false, checks)
+}
+
+fn run_checks_with(
+    accel: Accel,
+    name: &str,
+    rng: bool,
+    checks: impl FnOnce(&mut CodeAssembler, CodeLabel),
+) -> (VmExit, String, Vm2) {
     let (ok, bad) = (format!("{name} ok\n"), format!("{name} bad\n"));
     let msgs = [ok.as_str(), bad.as_str()];
     let code = assemble(64, |a| {
@@ -238,10 +252,11 @@ fn run_checks(
         a.set_label(&mut end).unwrap();
         power_off(a);
     });
-    run_raw(
+    run_raw_with(
         accel,
         with_messages(code, &msgs),
         RawMode::Long { entry: LOAD },
+        rng,
     )
 }
 
@@ -293,6 +308,40 @@ fn mmio_exits_reach_the_mmio_bus() {
                 (0x30, 0x4242u16.to_le_bytes().to_vec())
             ]
         );
+    }
+}
+
+/// PCI configuration space through both mechanisms: 0xcf8/0xcfc and ECAM
+/// see the host bridge in slot 0 and virtio-rng (1af4:1044) in slot 1; an
+/// empty slot reads all-ones.
+#[test]
+fn pci_config_space_shows_the_host_bridge_and_virtio_rng() {
+    for accel in accels() {
+        let (exit, out, _) = run_checks_with(accel, "pci", true, |a, fail| {
+            let cf8 = |a: &mut CodeAssembler, slot: u32| {
+                a.mov(eax, 0x8000_0000u32 | (slot << 11)).unwrap();
+                a.mov(dx, 0xcf8u32).unwrap();
+                a.out(dx, eax).unwrap();
+                a.mov(dx, 0xcfcu32).unwrap();
+                a.in_(eax, dx).unwrap();
+            };
+            cf8(a, 1);
+            a.cmp(eax, 0x1044_1af4).unwrap();
+            a.jne(fail).unwrap();
+            cf8(a, 0);
+            a.cmp(ax, 0x8086).unwrap(); // host bridge vendor
+            a.jne(fail).unwrap();
+            cf8(a, 7);
+            a.cmp(eax, -1).unwrap();
+            a.jne(fail).unwrap();
+            // ECAM: bus 0, device 1, function 0 at base + (1 << 15).
+            a.mov(rbx, arch::layout::PCI_ECAM_BASE + (1 << 15)).unwrap();
+            a.mov(eax, dword_ptr(rbx)).unwrap();
+            a.cmp(eax, 0x1044_1af4).unwrap();
+            a.jne(fail).unwrap();
+        });
+        assert_eq!(out, "pci ok\n", "{accel:?}");
+        assert_eq!(exit, VmExit::PowerOff);
     }
 }
 
