@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use std::sync::Arc;
 
 use emu::irq::{InterruptController, MsrFault};
-use emu_platform::{GuestClock, Platform, PlatformConfig, SharedPlatform};
+use emu_platform::{
+    GuestClock, Platform, PlatformConfig, PvClock, PvClockWallClock, SharedPlatform,
+};
 use hypervisor::{Vcpu, VcpuExit, Vm};
 
 /// Guest time = host wall time since start; the TSC runs at 1 GHz.
@@ -68,6 +70,18 @@ impl InterruptController for PlatformIrq {
     }
     fn guest_tsc(&self) -> Option<u64> {
         Some(self.0.clock().tsc())
+    }
+    fn pvclock_time_info(&self, _vcpu: u32) -> Option<[u8; 32]> {
+        let clock = self.0.clock();
+        let pv = PvClock::new(1_000_000_000)?;
+        Some(pv.time_info(2, clock.tsc(), clock.now_ns()).to_bytes())
+    }
+    fn pvclock_wall_clock(&self) -> Option<[u8; 12]> {
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_nanos() as u64;
+        Some(PvClockWallClock::new(2, unix, self.0.clock().now_ns()).to_bytes())
     }
 }
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -149,6 +163,9 @@ fn run() -> Result<(), String> {
             apic: true,
             tsc_deadline: true,
             x2apic: false,
+            kvm_clock: std::env::var_os("EMU_NO_KVMCLOCK").is_none(),
+            tsc_khz: 1_000_000,
+            apic_bus_khz: 1_000_000,
         });
     }
     for (slot, region) in mem.iter().enumerate() {
@@ -291,8 +308,10 @@ fn run() -> Result<(), String> {
         eprintln!("  sregs {:x?}", vcpu.get_sregs());
     }
     eprintln!(
-        "boot_emu: {:.1} s, RIP {:#x} RSP {:#x}",
+        "boot_emu: {:.1} s ({:.1} s halted), {} instructions, RIP {:#x} RSP {:#x}",
         start.elapsed().as_secs_f64(),
+        slept.as_secs_f64(),
+        vcpu.core().icount,
         r.rip,
         r.rsp
     );

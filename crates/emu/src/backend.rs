@@ -77,10 +77,12 @@ impl EmuVm {
 
     /// Make a vCPU with its concrete type (tests and the lead's wiring).
     pub fn create_emu_vcpu(&self, index: u32) -> EmuVcpu {
-        let core = Core::new(
+        let cpuid = *self.cpuid.read().unwrap_or_else(|e| e.into_inner());
+        let core = Core::with_cpuid(
             index,
             MemView::new(self.mem.clone()),
             self.interrupt_controller(),
+            cpuid,
         );
         EmuVcpu {
             core,

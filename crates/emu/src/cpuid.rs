@@ -52,7 +52,18 @@ pub struct CpuidConfig {
     pub tsc_deadline: bool,
     /// x2APIC MSRs are implemented (leaf 1 ECX bit 21).
     pub x2apic: bool,
+    /// Advertise the KVM signature with kvmclock (the interrupt controller
+    /// supplies the pvclock data) and the TSC and APIC bus frequencies.
+    pub kvm_clock: bool,
+    /// Guest TSC frequency in kHz (leaf 0x40000010 EAX).
+    pub tsc_khz: u32,
+    /// APIC bus frequency in kHz (leaf 0x40000010 EBX).
+    pub apic_bus_khz: u32,
 }
+
+/// KVM paravirtual feature bits (leaf 0x40000001 EAX).
+pub const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
+pub const KVM_FEATURE_CLOCKSOURCE_STABLE_BIT: u32 = 1 << 24;
 
 pub const FEAT_APIC: u32 = 1 << 9;
 pub const FEAT_X2APIC: u32 = 1 << 21;
@@ -88,11 +99,22 @@ pub fn cpuid(cfg: &CpuidConfig, index: u32, leaf: u32, _sub: u32) -> [u32; 4] {
             }
             [eax, ebx, ecx, edx]
         }
+        0x4000_0000 if cfg.kvm_clock => {
+            let [b, c, d] = regs(b"KVMKVMKVM\0\0\0");
+            [0x4000_0010, b, c, d]
+        }
         0x4000_0000 => {
-            // Hypervisor leaf range present, no known signature (yet).
+            // Hypervisor leaf range present, no known signature.
             let [b, c, d] = regs(b"VireoEmuVire");
             [0x4000_0000, b, c, d]
         }
+        0x4000_0001 if cfg.kvm_clock => [
+            KVM_FEATURE_CLOCKSOURCE2 | KVM_FEATURE_CLOCKSOURCE_STABLE_BIT,
+            0,
+            0,
+            0,
+        ],
+        0x4000_0010 if cfg.kvm_clock => [cfg.tsc_khz, cfg.apic_bus_khz, 0, 0],
         0x8000_0000 => {
             let [b, d, c] = regs(b"AuthenticAMD");
             [0x8000_0008, b, c, d]
@@ -150,10 +172,23 @@ mod tests {
         let on = CpuidConfig {
             apic: true,
             tsc_deadline: true,
-            x2apic: false,
+            kvm_clock: true,
+            tsc_khz: 1_000_000,
+            ..Default::default()
         };
         let f = cpuid(&on, 0, 1, 0);
         assert_ne!(f[3] & FEAT_APIC, 0);
         assert_ne!(f[2] & FEAT_TSC_DEADLINE, 0);
+        let sig = cpuid(&on, 0, 0x4000_0000, 0);
+        let mut v = Vec::new();
+        for x in [sig[1], sig[2], sig[3]] {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        assert_eq!(&v, b"KVMKVMKVM\0\0\0");
+        assert_ne!(
+            cpuid(&on, 0, 0x4000_0001, 0)[0] & KVM_FEATURE_CLOCKSOURCE2,
+            0
+        );
+        assert_eq!(cpuid(&on, 0, 0x4000_0010, 0)[0], 1_000_000);
     }
 }

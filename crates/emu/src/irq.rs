@@ -52,6 +52,16 @@ pub trait InterruptController: Send + Sync {
     fn guest_tsc(&self) -> Option<u64> {
         None
     }
+    /// kvmclock: the `pvclock_vcpu_time_info` (32 bytes) for `vcpu` as of
+    /// now, written to guest memory when the guest enables its clock. None:
+    /// no kvmclock (the MSR write raises #GP).
+    fn pvclock_time_info(&self, _vcpu: u32) -> Option<[u8; 32]> {
+        None
+    }
+    /// kvmclock: the `pvclock_wall_clock` (12 bytes) as of now.
+    fn pvclock_wall_clock(&self) -> Option<[u8; 12]> {
+        None
+    }
 }
 
 /// A stand-in controller until the platform models plug in: GSI `n` raises

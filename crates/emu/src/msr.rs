@@ -18,6 +18,8 @@ pub const FS_BASE: u32 = 0xc000_0100;
 pub const GS_BASE: u32 = 0xc000_0101;
 pub const KERNEL_GS_BASE: u32 = 0xc000_0102;
 pub const TSC_AUX: u32 = 0xc000_0103;
+pub const MSR_KVM_WALL_CLOCK_NEW: u32 = 0x4b56_4d00;
+pub const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
 
 fn host_tsc() -> u64 {
     // SAFETY: RDTSC has no memory effects; x86-64 hosts always have it.
@@ -57,6 +59,8 @@ pub fn read(core: &Core, idx: u32) -> Option<u64> {
         GS_BASE => core.st.seg[GS].base,
         KERNEL_GS_BASE => m.kernel_gs_base,
         TSC_AUX => m.tsc_aux,
+        MSR_KVM_SYSTEM_TIME_NEW if core.cpuid.kvm_clock => m.kvm_system_time,
+        MSR_KVM_WALL_CLOCK_NEW if core.cpuid.kvm_clock => m.kvm_wall_clock,
         _ => return None,
     })
 }
@@ -126,7 +130,33 @@ pub fn write(core: &mut Core, idx: u32, v: u64) -> Result<(), MsrFault> {
             }
         }
         TSC_AUX => core.st.msr.tsc_aux = v & 0xffff_ffff,
+        MSR_KVM_SYSTEM_TIME_NEW if core.cpuid.kvm_clock => {
+            if v & 1 != 0 {
+                let info = core.intc.pvclock_time_info(core.index).ok_or(MsrFault)?;
+                write_guest_bytes(core, v & !1, &info)?;
+            }
+            core.st.msr.kvm_system_time = v;
+        }
+        MSR_KVM_WALL_CLOCK_NEW if core.cpuid.kvm_clock => {
+            let wc = core.intc.pvclock_wall_clock().ok_or(MsrFault)?;
+            write_guest_bytes(core, v, &wc)?;
+            core.st.msr.kvm_wall_clock = v;
+        }
         _ => return Err(MsrFault),
+    }
+    Ok(())
+}
+
+/// Write a paravirtual structure to guest-physical RAM (kvmclock pages);
+/// #GP if it is not RAM.
+fn write_guest_bytes(core: &Core, gpa: u64, bytes: &[u8]) -> Result<(), MsrFault> {
+    for (i, b) in bytes.iter().enumerate() {
+        if !core
+            .mem
+            .write_phys(gpa.wrapping_add(i as u64), 1, *b as u64)
+        {
+            return Err(MsrFault);
+        }
     }
     Ok(())
 }
