@@ -219,9 +219,7 @@ impl PciBus {
             gone.push(*m);
             false
         });
-        for m in &gone {
-            self.bar_event(m, false);
-        }
+        let mut events: Vec<(Mapping, bool)> = gone.into_iter().map(|m| (m, false)).collect();
         for w in wanted {
             if maps.contains(&w) {
                 continue;
@@ -235,13 +233,18 @@ impl PciBus {
             match bus.insert(w.addr, size, handler) {
                 Ok(()) => {
                     maps.push(w);
-                    self.bar_event(&w, true);
+                    events.push((w, true));
                 }
                 // The guest put a BAR over something else (or over another
                 // BAR): it stays unreachable until moved, as on hardware
                 // where such decoding is undefined.
                 Err(e) => tracing::warn!(slot, bar = w.bar, "PCI BAR not mapped: {e}"),
             }
+        }
+        // Outside the lock, so a hook may look at the bus again.
+        drop(maps);
+        for (m, mapped) in events {
+            self.bar_event(&m, mapped);
         }
     }
 

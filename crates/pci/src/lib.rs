@@ -8,6 +8,21 @@
 //! device's decoded BARs inserted on the [`devices::Bus`]es at whatever
 //! address the guest last programmed, so MMIO exits reach the device without
 //! going through a shared window lock.
+//!
+//! Wiring into a VMM (the buses must be `Arc`s shared with the vCPU exit
+//! handlers; port 0xcf9 stays with the reset register):
+//!
+//! ```text
+//! let pci = pci::PciBus::install(mmio.clone(), pio.clone())?; // 0xcf8+1, 0xcfc+4, ECAM
+//! let vm2 = vm.clone();                                       // Arc<dyn hypervisor::Vm>
+//! let msi: pci::MsiSink = Arc::new(move |addr, data| {
+//!     if let Err(e) = vm2.signal_msi(addr, data) { tracing::warn!("MSI: {e}") }
+//! });
+//! let mut alloc = pci::BarAllocator::default();
+//! let dev = Arc::new(Mutex::new(virtio::VirtioPciDevice::new(
+//!     Box::new(virtio::rng::Rng::new()), memory.clone(), msi.clone())?));
+//! let slot = pci.add_device(dev.clone(), &mut alloc)?;
+//! ```
 
 pub mod alloc;
 pub mod bus;
