@@ -10,6 +10,7 @@
 //!   eventfd per queue, so vCPU threads only flip an eventfd on a notify.
 //! - [`rng::Rng`]: virtio-entropy fed from the host's `getrandom`.
 
+pub mod block;
 pub mod console;
 #[doc(hidden)]
 pub mod fuzzing;
