@@ -97,6 +97,9 @@ struct RunArgs {
     /// Entry protocol for an ELF vmlinux: linux (64-bit boot protocol) or pvh [default: linux].
     #[arg(long, value_name = "linux|pvh")]
     boot: Option<BootProtocol>,
+    /// A virtio-blk disk: path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID]; repeatable.
+    #[arg(long, value_name = "path=FILE,...")]
+    disk: Vec<vmm::config::DiskConfig>,
     /// Give the guest a virtio-rng device (entropy from the host's getrandom).
     #[arg(long)]
     rng: bool,
@@ -146,6 +149,7 @@ impl RunArgs {
         if self.rng {
             cfg.rng = true;
         }
+        cfg.disks.extend(self.disk);
         Ok(cfg)
     }
 }

@@ -53,6 +53,8 @@ pub struct VmSpec {
     pub boot: Boot,
     /// A virtio-rng device on PCI.
     pub rng: bool,
+    /// virtio-blk disks on PCI.
+    pub disks: Vec<crate::config::DiskConfig>,
 }
 
 impl VmSpec {
@@ -63,6 +65,7 @@ impl VmSpec {
             memory: c.memory.0,
             cpus: c.cpus,
             rng: c.rng,
+            disks: c.disks.clone(),
             boot: Boot::Linux {
                 kernel: c.kernel.clone(),
                 initrd: c.initrd.clone(),
@@ -440,17 +443,28 @@ fn setup_pci(
             tracing::warn!("MSI {addr:#x}/{data:#x} not delivered: {e}");
         }
     });
-    if spec.rng {
-        let dev = virtio::VirtioPciDevice::new(
-            Box::new(virtio::rng::Rng::new()),
-            memory.clone(),
-            msi.clone(),
-        )
-        .map_err(|e| VmmError::Device(format!("virtio-rng: {e}")))?;
+    let mut add_virtio = |name: String, dev: Box<dyn virtio::VirtioDevice>| {
+        let dev = virtio::VirtioPciDevice::new(dev, memory.clone(), msi.clone())
+            .map_err(|e| VmmError::Device(format!("{name}: {e}")))?;
         let slot = bus
             .add_device(Arc::new(Mutex::new(dev)), &mut bars)
-            .map_err(|e| VmmError::Device(format!("virtio-rng on PCI: {e}")))?;
-        tracing::info!("virtio-rng at PCI 00:{slot:02x}.0");
+            .map_err(|e| VmmError::Device(format!("{name} on PCI: {e}")))?;
+        tracing::info!("{name} at PCI 00:{slot:02x}.0");
+        Ok::<(), VmmError>(())
+    };
+    for (i, d) in spec.disks.iter().enumerate() {
+        let format = match &d.format {
+            Some(f) => Some(f.parse::<block::ImageFormat>().map_err(VmmError::Config)?),
+            None => None,
+        };
+        let image = block::open(&d.path, format, d.readonly)
+            .map_err(|e| VmmError::Config(format!("disk {}: {e}", d.path.display())))?;
+        let serial = d.serial.clone().unwrap_or_else(|| format!("vireo-disk{i}"));
+        let blk = virtio::block::Block::new(image, &serial);
+        add_virtio(format!("virtio-blk {}", d.path.display()), Box::new(blk))?;
+    }
+    if spec.rng {
+        add_virtio("virtio-rng".into(), Box::new(virtio::rng::Rng::new()))?;
     }
     Ok(())
 }

@@ -124,6 +124,7 @@ fn run_raw_with(accel: Accel, image: Vec<u8>, mode: RawMode, rng: bool) -> (VmEx
         memory: 64 << 20,
         cpus: 1,
         rng,
+        disks: Vec::new(),
         boot: Boot::Raw(RawBoot {
             load_addr: LOAD,
             image,
