@@ -20,13 +20,20 @@ pub enum Exc {
     /// The instruction needs data from the VMM (IN, MMIO read): it is
     /// restarted once the data is there. The request is in `Core::io`.
     Exit,
-    /// Something the engine does not implement.
-    Unimplemented(String),
+    /// Something the engine does not implement. Boxed so `Result<(), Exc>`
+    /// stays two registers wide on the hot path.
+    Unimplemented(Box<String>),
     /// Triple fault.
     Shutdown,
 }
 
 pub type R<T = ()> = Result<T, Exc>;
+
+impl Exc {
+    pub fn unimplemented(reason: impl Into<String>) -> Exc {
+        Exc::Unimplemented(Box::new(reason.into()))
+    }
+}
 
 #[inline]
 pub fn gp(error: u32) -> Exc {
@@ -422,8 +429,8 @@ impl Core {
 
     fn mmio_write(&mut self, addr: u64, size: u8, data: u64) -> R {
         if self.io.request.is_some() {
-            return Err(Exc::Unimplemented(
-                "more than one MMIO access in one instruction".into(),
+            return Err(Exc::unimplemented(
+                "more than one MMIO access in one instruction",
             ));
         }
         self.io.request = Some(ExitReq::MmioWrite { addr, size, data });
@@ -440,8 +447,8 @@ impl Core {
 
     pub fn io_out(&mut self, port: u16, size: u8, data: u64) -> R {
         if self.io.request.is_some() {
-            return Err(Exc::Unimplemented(
-                "more than one port access in one instruction".into(),
+            return Err(Exc::unimplemented(
+                "more than one port access in one instruction",
             ));
         }
         self.io.request = Some(ExitReq::IoOut { port, size, data });
@@ -525,7 +532,7 @@ impl Core {
             Ok(()) => None,
             Err(Exc::Shutdown) => Some(RunExit::Shutdown),
             Err(Exc::Unimplemented(reason)) => Some(RunExit::Internal {
-                reason,
+                reason: *reason,
                 rip: self.st.rip,
             }),
             Err(e) => Some(RunExit::Internal {
@@ -545,7 +552,9 @@ impl Core {
             );
         }
         let block = match crate::decode::fetch_block(self) {
-            Ok(b) => b,
+            // SAFETY: see `fetch_block`: the cache is not modified while the
+            // block runs (handlers never fetch blocks or flush the cache).
+            Ok(b) => unsafe { &*b },
             Err(e) => return self.handle_exc(e),
         };
         self.end_block = false;
@@ -591,7 +600,7 @@ impl Core {
             Exc::Unimplemented(reason) => {
                 self.io.request = None;
                 Some(RunExit::Internal {
-                    reason,
+                    reason: *reason,
                     rip: self.st.rip,
                 })
             }
@@ -606,5 +615,14 @@ impl Core {
         } else {
             self.st.seg[CS].base.wrapping_add(self.st.rip) & 0xffff_ffff
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The interpreter returns `R` from every handler: keep it in registers.
+    #[test]
+    fn result_fits_two_registers() {
+        assert!(std::mem::size_of::<super::R>() <= 16);
     }
 }

@@ -420,13 +420,13 @@ pub fn iret(core: &mut Core, insn: &Instruction) -> R {
         return Ok(());
     }
     if core.st.v86() {
-        return Err(Exc::Unimplemented("IRET in virtual-8086 mode".into()));
+        return Err(Exc::unimplemented("IRET in virtual-8086 mode"));
     }
     if core.st.rflags & FLAG_NT != 0 && !core.st.long_mode() {
-        return Err(Exc::Unimplemented("IRET with NT set (task return)".into()));
+        return Err(Exc::unimplemented("IRET with NT set (task return)"));
     }
     if !core.st.long_mode() && fl & FLAG_VM != 0 && core.st.cpl() == 0 && osz == 4 {
-        return Err(Exc::Unimplemented("IRET to virtual-8086 mode".into()));
+        return Err(Exc::unimplemented("IRET to virtual-8086 mode"));
     }
     let cpl = core.st.cpl();
     let rpl = (cs & 3) as u8;
@@ -473,7 +473,7 @@ pub fn syscall(core: &mut Core) -> R {
         return Err(ud());
     }
     if !core.st.long_mode() {
-        return Err(Exc::Unimplemented("SYSCALL outside long mode".into()));
+        return Err(Exc::unimplemented("SYSCALL outside long mode"));
     }
     let f = core.st.get_rflags();
     core.st.gpr[RCX] = core.next_rip;
