@@ -128,6 +128,11 @@ pub trait DiskImage: Send {
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), BlockError>;
     /// The range reads as zeros afterwards, preferably without writing data.
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), BlockError>;
+    /// The unit in which [`DiskImage::discard`] can release space (qcow2:
+    /// the cluster size); smaller or unaligned parts are ignored.
+    fn discard_granularity(&self) -> u64 {
+        512
+    }
     fn read_only(&self) -> bool;
     fn format(&self) -> ImageFormat;
     fn path(&self) -> &Path;
