@@ -173,6 +173,46 @@ fn reads_through_backing_chains() {
     let mut d = open(&top, None, true).expect("open chain");
     assert!(read_all(d.as_mut()) == expect, "chain contents differ");
 
+    // A backing loop ends in an error, not a stack overflow.
+    let la = dir.join("loop-a.qcow2");
+    let lb = dir.join("loop-b.qcow2");
+    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&la), "1M"]);
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "loop-a.qcow2",
+            "-F",
+            "qcow2",
+            p(&lb),
+            "1M",
+        ],
+    );
+    run_ok(
+        "qemu-img",
+        &[
+            "rebase",
+            "-q",
+            "-u",
+            "-b",
+            "loop-b.qcow2",
+            "-F",
+            "qcow2",
+            p(&la),
+        ],
+    );
+    let err = open(&la, None, true).err().expect("loop");
+    assert!(
+        matches!(err, BlockError::BackingChainTooDeep { .. }),
+        "{err}"
+    );
+    assert!(open(&la, None, false).is_err());
+
     // A missing backing file is reported with its name and directory.
     let lonely = dir.join("lonely.qcow2");
     run_ok(
