@@ -164,6 +164,13 @@ impl EmuVcpu {
         &mut self.core
     }
 
+    /// Park this vCPU in wait-for-SIPI (application processors at power-on):
+    /// `run` returns `Halt` until the interrupt controller delivers INIT and
+    /// a start-up IPI.
+    pub fn set_wait_for_sipi(&mut self, wait: bool) {
+        self.core.wait_for_sipi = wait;
+    }
+
     /// Set this flag (from any thread) after making an interrupt pending
     /// for this vCPU: it polls its controller at the next block boundary
     /// instead of within `POLL_INTERVAL` blocks. It does not end `run`.

@@ -25,6 +25,14 @@ pub trait InterruptController: Send + Sync {
     fn take_nmi(&self, _vcpu: u32) -> bool {
         false
     }
+    /// Take a pending INIT for `vcpu` (the CPU resets and waits for SIPI).
+    fn take_init(&self, _vcpu: u32) -> bool {
+        false
+    }
+    /// Take a pending start-up IPI vector for a vCPU waiting for SIPI.
+    fn take_startup(&self, _vcpu: u32) -> Option<u8> {
+        None
+    }
     /// Cheap check whether anything could wake a halted vCPU.
     fn has_pending(&self, vcpu: u32) -> bool {
         self.pending_vector(vcpu).is_some()
