@@ -18,6 +18,31 @@
 //! - [`core`]: the run loop that ties the above together for one vCPU.
 //! - [`backend`]: `EmuHypervisor` / `EmuVm` / `EmuVcpu`, the `hypervisor` seam.
 //! - [`irq`]: the interface an interrupt-controller model plugs into.
+//!
+//! # Wiring it into a VMM
+//!
+//! - Make an [`EmuVm`], then before creating vCPUs: plug the platform in
+//!   with [`EmuVm::set_interrupt_controller`] (an adapter from
+//!   `emu_platform::SharedPlatform` to [`InterruptController`] is a one-line
+//!   forward per method: see `examples/boot_emu.rs`) and say what it provides
+//!   with [`EmuVm::set_cpuid_config`] (APIC, TSC-deadline, kvmclock).
+//! - Route `IoIn`/`IoOut` and `MmioRead`/`MmioWrite` exits to the devices
+//!   (the platform decodes PIC/PIT ports and the LAPIC/IOAPIC pages); read
+//!   exits are completed by filling the buffer and calling `run` again.
+//! - `Halt` means "nothing to do until an interrupt": sleep until the
+//!   platform's next deadline or a kick, then `run` again.
+//! - Hand each vCPU's [`EmuVcpu::irq_attention`] flag to the platform's kick
+//!   function; APs start with [`EmuVcpu::set_wait_for_sipi`].
+//!
+//! # Status
+//!
+//! Debian's 6.1 cloud kernel boots to its initramfs and powers off, with one
+//! or two vCPUs (`examples/boot_emu.rs`), at roughly 50 M guest instructions
+//! per CPU-second: an interpreter, not yet a translator. Not implemented:
+//! TF single-step and debug-register breakpoints, segment limit checks,
+//! hardware task switches and call gates, virtual-8086 mode, the TSS I/O
+//! bitmap, MMX, SSE3 and later, 80-bit x87 arithmetic (computed in f64),
+//! MXCSR exception flags.
 
 pub mod backend;
 pub mod core;
