@@ -959,6 +959,38 @@ impl Qcow2Image {
             Mapping::Zero { host } => host,
             Mapping::Unallocated => 0,
         };
+        // A preallocated zero cluster we own outright can be reused.
+        let reuse = matches!(m, Mapping::Zero { host } if host != 0 && e & OFLAG_COPIED != 0);
+        let backing_size = self.backing.as_ref().map_or(0, |b| b.size());
+        let zero_based = match m {
+            Mapping::Zero { .. } => true,
+            Mapping::Unallocated => cstart >= backing_size,
+            _ => false,
+        };
+        if zero_based && !reuse && data.len() as u64 != cs {
+            // Fast path for a partial write into a cluster that reads as
+            // zeros: a freshly allocated cluster lies past the end of the
+            // file (allocation only appends and never reuses space), so it
+            // already reads as zeros and only the new bytes need writing.
+            // The file is extended to cover the whole cluster, as QEMU does.
+            let host = self.alloc_cluster()?;
+            if host < self.file_len {
+                return Err(self.corrupt(format!(
+                    "refcount table: cluster {host:#x} inside the file was free for allocation"
+                )));
+            }
+            pwrite_all(&self.file, &self.path, data, host + in_off as u64)?;
+            self.file
+                .set_len(host + cs)
+                .map_err(|e| BlockError::io(&self.path, "extending", e))?;
+            self.file_len = host + cs;
+            self.data_dirty = true;
+            self.set_l2_entry(l2off, l2i, host | OFLAG_COPIED)?;
+            if old_host != 0 {
+                self.pending_frees.push(old_host);
+            }
+            return Ok(());
+        }
         // A new (or copied) cluster: build its full contents.
         let mut owned;
         let content: &[u8] = if data.len() as u64 == cs {
@@ -975,8 +1007,6 @@ impl Qcow2Image {
             owned[in_off..in_off + data.len()].copy_from_slice(data);
             &owned
         };
-        // A preallocated zero cluster we own outright can be reused.
-        let reuse = matches!(m, Mapping::Zero { host } if host != 0 && e & OFLAG_COPIED != 0);
         let host = if reuse {
             old_host
         } else {
