@@ -57,6 +57,36 @@ enum Command {
     PowerButton(ApiArgs),
     /// Stop a VM at once (its VMM exits 0).
     Stop(ApiArgs),
+    /// Write a running VM's snapshot to a new directory (pauses it meanwhile).
+    Snapshot(SnapshotArgs),
+    /// Start a VM from a snapshot directory in this process.
+    #[command(after_help = EXIT_CODES)]
+    Restore(RestoreArgs),
+}
+
+#[derive(Args)]
+struct SnapshotArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Directory to create for the snapshot.
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// Leave the VM paused afterwards (default: resume it if it was running).
+    #[arg(long)]
+    stay_paused: bool,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// The snapshot directory (`vireo snapshot --dir`).
+    #[arg(long, value_name = "DIR")]
+    from: PathBuf,
+    /// Serial console: stdio, file:PATH or none [default: stdio].
+    #[arg(long, value_name = "stdio|file:PATH|none")]
+    serial: Option<SerialMode>,
+    /// Serve the management API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -193,6 +223,11 @@ fn main() -> ExitCode {
         Command::Resume(a) => api_call(&a, "PUT", "/api/v1/vm.resume"),
         Command::PowerButton(a) => api_call(&a, "PUT", "/api/v1/vm.power-button"),
         Command::Stop(a) => api_call(&a, "PUT", "/api/v1/vm.stop"),
+        Command::Snapshot(a) => snapshot(&a),
+        Command::Restore(a) => {
+            let serial = a.serial.unwrap_or_default();
+            finish(vmm::restore(&a.from, &serial, a.api_socket.as_deref()))
+        }
     };
     ExitCode::from(code as u8)
 }
@@ -221,16 +256,63 @@ fn api_call(args: &ApiArgs, method: &str, path: &str) -> i32 {
     }
 }
 
-fn run(args: RunArgs) -> i32 {
-    let api_socket = args.api_socket.clone();
-    let cfg = match args.into_config() {
-        Ok(c) => c,
+/// Pause (if running), snapshot, resume (if it was running and not told otherwise).
+fn snapshot(a: &SnapshotArgs) -> i32 {
+    use vmm::api::client::{request, request_with_body};
+    let sock = &a.api.api_socket;
+    let state = match request(sock, "GET", "/api/v1/vm.info") {
+        Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["state"].as_str().map(String::from))
+            .unwrap_or_default(),
+        Ok((status, body)) => {
+            eprintln!("vireo: error: cannot read the VM's state (HTTP {status}): {body}");
+            return exit_code::VMM_ERROR;
+        }
         Err(e) => {
             eprintln!("vireo: error: {e}");
             return exit_code::VMM_ERROR;
         }
     };
-    match vmm::run(&cfg, api_socket.as_deref()) {
+    let was_running = state == "running";
+    if was_running {
+        let code = api_call(&a.api, "PUT", "/api/v1/vm.pause");
+        if code != 0 {
+            return code;
+        }
+    }
+    let body = serde_json::json!({ "destination": a.dir }).to_string();
+    let result = request_with_body(sock, "PUT", "/api/v1/vm.snapshot", &body);
+    let code = match result {
+        Ok((204, _)) => {
+            println!("snapshot written to {}", a.dir.display());
+            0
+        }
+        Ok((status, body)) => {
+            let msg = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(String::from))
+                .unwrap_or(body);
+            eprintln!("vireo: error: {msg} (HTTP {status})");
+            exit_code::VMM_ERROR
+        }
+        Err(e) => {
+            eprintln!("vireo: error: {e}");
+            exit_code::VMM_ERROR
+        }
+    };
+    if was_running && !a.stay_paused {
+        let resumed = api_call(&a.api, "PUT", "/api/v1/vm.resume");
+        if code == 0 {
+            return resumed;
+        }
+    }
+    code
+}
+
+/// Report how a VM ended and turn it into the process exit code.
+fn finish(result: Result<vmm::VmExit, vmm::VmmError>) -> i32 {
+    match result {
         Ok(exit) => {
             eprintln!("\r\nvireo: {exit}");
             exit.code()
@@ -240,4 +322,16 @@ fn run(args: RunArgs) -> i32 {
             exit_code::VMM_ERROR
         }
     }
+}
+
+fn run(args: RunArgs) -> i32 {
+    let api_socket = args.api_socket.clone();
+    let cfg = match args.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vireo: error: {e}");
+            return exit_code::VMM_ERROR;
+        }
+    };
+    finish(vmm::run(&cfg, api_socket.as_deref()))
 }

@@ -5,8 +5,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once};
 
 use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_segment, kvm_sregs,
-    kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_segment, kvm_sregs,
+    kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -122,11 +125,18 @@ impl crate::Hypervisor for KvmHypervisor {
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(ioctl_err("KVM_GET_SUPPORTED_CPUID"))?;
+        // The MSRs this KVM can save and restore, for snapshots.
+        let msr_index_list = self
+            .kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_default();
         Ok(Arc::new(KvmVm {
             fd,
             cpuid,
             flavor: self.flavor,
             memory: Arc::new(Mutex::new(Vec::new())),
+            msr_index_list: Arc::new(msr_index_list),
         }))
     }
 
@@ -154,6 +164,7 @@ pub struct KvmVm {
     flavor: KvmFlavor,
     /// Guest RAM as mapped, to read instruction bytes for error reports.
     memory: Arc<Mutex<Vec<MemSlot>>>,
+    msr_index_list: Arc<Vec<u32>>,
 }
 
 impl crate::Vm for KvmVm {
@@ -194,6 +205,7 @@ impl crate::Vm for KvmVm {
         let mut vcpu = KvmVcpu {
             fd,
             index,
+            msr_index_list: self.msr_index_list.clone(),
             flavor: self.flavor,
             memory: self.memory.clone(),
             kicker: Arc::new(KvmKicker {
@@ -206,6 +218,50 @@ impl crate::Vm for KvmVm {
         vcpu.setup_fpu()?;
         vcpu.setup_lapic()?;
         Ok(Box::new(vcpu))
+    }
+
+    fn save_state(&self) -> Result<crate::VmSnapshot> {
+        let mut chips = Vec::new();
+        for chip_id in [
+            KVM_IRQCHIP_PIC_MASTER,
+            KVM_IRQCHIP_PIC_SLAVE,
+            KVM_IRQCHIP_IOAPIC,
+        ] {
+            let mut c = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map_err(ioctl_err("KVM_GET_IRQCHIP"))?;
+            chips.push(c);
+        }
+        let pit = self.fd.get_pit2().map_err(ioctl_err("KVM_GET_PIT2"))?;
+        let clock = self.fd.get_clock().map_err(ioctl_err("KVM_GET_CLOCK"))?;
+        Ok(crate::VmSnapshot::Kvm(Box::new(KvmVmState {
+            irqchips: chips,
+            pit,
+            clock,
+        })))
+    }
+
+    fn restore_state(&self, state: &crate::VmSnapshot) -> Result<()> {
+        let crate::VmSnapshot::Kvm(s) = state;
+        self.fd
+            .set_pit2(&s.pit)
+            .map_err(ioctl_err("KVM_SET_PIT2"))?;
+        let mut clock = s.clock;
+        // Only the time itself may be set; the flags describe the host.
+        clock.flags = 0;
+        self.fd
+            .set_clock(&clock)
+            .map_err(ioctl_err("KVM_SET_CLOCK"))?;
+        for c in &s.irqchips {
+            self.fd
+                .set_irqchip(c)
+                .map_err(ioctl_err("KVM_SET_IRQCHIP"))?;
+        }
+        Ok(())
     }
 
     fn signal_msi(&self, addr: u64, data: u32) -> Result<()> {
@@ -304,6 +360,7 @@ impl VcpuKicker for KvmKicker {
 pub struct KvmVcpu {
     fd: VcpuFd,
     index: u32,
+    msr_index_list: Arc<Vec<u32>>,
     flavor: KvmFlavor,
     memory: Arc<Mutex<Vec<MemSlot>>>,
     kicker: Arc<KvmKicker>,
@@ -554,6 +611,108 @@ impl Drop for KvmVcpu {
     }
 }
 
+/// A KVM vCPU's whole state, in the order KVM wants it back.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct KvmVcpuState {
+    mp_state: kvm_mp_state,
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    /// kvm_fpu and kvm_xsave as raw bytes: kvm-bindings gives them no serde.
+    fpu: Vec<u8>,
+    xsave: Option<Vec<u8>>,
+    xcrs: Option<kvm_xcrs>,
+    debugregs: kvm_debugregs,
+    lapic: kvm_lapic_state,
+    /// (index, value) of every MSR this KVM could read.
+    msrs: Vec<(u32, u64)>,
+    events: kvm_vcpu_events,
+}
+
+impl std::fmt::Debug for KvmVcpuState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "KvmVcpuState {{ rip: {:#x}, {} MSRs }}",
+            self.regs.rip,
+            self.msrs.len()
+        )
+    }
+}
+
+/// KVM's in-kernel PIC, IOAPIC, PIT and clock.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct KvmVmState {
+    irqchips: Vec<kvm_irqchip>,
+    pit: kvm_pit_state2,
+    clock: kvm_clock_data,
+}
+
+impl std::fmt::Debug for KvmVmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KvmVmState {{ clock: {} }}", self.clock.clock)
+    }
+}
+
+/// The bytes of a plain-old-data kernel struct.
+fn pod_bytes<T>(v: &T) -> Vec<u8> {
+    // SAFETY: T is a C struct of integers from kvm-bindings; every byte is
+    // initialised (KVM filled it, or Default zeroed it).
+    unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
+        .to_vec()
+}
+
+/// A kernel struct back from [`pod_bytes`]; the size must match exactly.
+fn pod_from<T: Default>(b: &[u8], what: &str) -> Result<T> {
+    if b.len() != std::mem::size_of::<T>() {
+        return Err(HypervisorError::Other(format!(
+            "snapshot {what} state is {} bytes, this KVM expects {}",
+            b.len(),
+            std::mem::size_of::<T>()
+        )));
+    }
+    let mut v = T::default();
+    // SAFETY: sizes match and T is plain data valid for any bit pattern.
+    unsafe {
+        std::ptr::copy_nonoverlapping(b.as_ptr(), &mut v as *mut T as *mut u8, b.len());
+    }
+    Ok(v)
+}
+
+impl KvmVcpu {
+    fn read_msrs(&self) -> Vec<(u32, u64)> {
+        // One at a time: a host may refuse some listed MSRs (HOST.md), and
+        // one refusal must not lose the others.
+        let mut out = Vec::with_capacity(self.msr_index_list.len());
+        for &index in self.msr_index_list.iter() {
+            let Ok(mut msrs) = Msrs::from_entries(&[kvm_msr_entry {
+                index,
+                ..Default::default()
+            }]) else {
+                continue;
+            };
+            if let Ok(1) = self.fd.get_msrs(&mut msrs) {
+                out.push((index, msrs.as_slice()[0].data));
+            }
+        }
+        out
+    }
+
+    fn write_msrs(&self, msrs: &[(u32, u64)]) {
+        for &(index, data) in msrs {
+            let Ok(m) = Msrs::from_entries(&[kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            }]) else {
+                continue;
+            };
+            if !matches!(self.fd.set_msrs(&m), Ok(1)) {
+                tracing::warn!("vCPU {}: MSR {index:#x} could not be restored", self.index);
+            }
+        }
+    }
+}
+
 fn seg_to_kvm(s: &Segment) -> kvm_segment {
     kvm_segment {
         base: s.base,
@@ -778,6 +937,73 @@ impl Vcpu for KvmVcpu {
 
     fn kicker(&self) -> Arc<dyn VcpuKicker> {
         self.kicker.clone()
+    }
+
+    fn complete_pending_io(&mut self) -> Result<()> {
+        // KVM finishes a pending PIO/MMIO at the next KVM_RUN, then sees
+        // immediate_exit and returns EINTR without running the guest.
+        self.fd.set_kvm_immediate_exit(1);
+        let r = self.fd.run();
+        let outcome = match r {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Err(e) => Err(ioctl_err("KVM_RUN")(e)),
+            Ok(_) => Ok(()),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        outcome
+    }
+
+    fn save_state(&self) -> Result<crate::VcpuSnapshot> {
+        let fd = &self.fd;
+        let state = KvmVcpuState {
+            mp_state: fd.get_mp_state().map_err(ioctl_err("KVM_GET_MP_STATE"))?,
+            regs: fd.get_regs().map_err(ioctl_err("KVM_GET_REGS"))?,
+            sregs: fd.get_sregs().map_err(ioctl_err("KVM_GET_SREGS"))?,
+            fpu: pod_bytes(&fd.get_fpu().map_err(ioctl_err("KVM_GET_FPU"))?),
+            // Not every host has XSAVE for guests (nested PVM does not).
+            xsave: fd.get_xsave().ok().map(|x| pod_bytes(&x)),
+            xcrs: fd.get_xcrs().ok(),
+            debugregs: fd
+                .get_debug_regs()
+                .map_err(ioctl_err("KVM_GET_DEBUGREGS"))?,
+            lapic: fd.get_lapic().map_err(ioctl_err("KVM_GET_LAPIC"))?,
+            msrs: self.read_msrs(),
+            events: fd
+                .get_vcpu_events()
+                .map_err(ioctl_err("KVM_GET_VCPU_EVENTS"))?,
+        };
+        Ok(crate::VcpuSnapshot::Kvm(Box::new(state)))
+    }
+
+    fn restore_state(&mut self, state: &crate::VcpuSnapshot) -> Result<()> {
+        let crate::VcpuSnapshot::Kvm(s) = state;
+        let fd = &self.fd;
+        fd.set_mp_state(s.mp_state)
+            .map_err(ioctl_err("KVM_SET_MP_STATE"))?;
+        fd.set_regs(&s.regs).map_err(ioctl_err("KVM_SET_REGS"))?;
+        fd.set_sregs(&s.sregs).map_err(ioctl_err("KVM_SET_SREGS"))?;
+        match &s.xsave {
+            Some(x) => {
+                let xsave: kvm_xsave = pod_from(x, "xsave")?;
+                // SAFETY: a whole kvm_xsave, as KVM_GET_XSAVE returned it.
+                unsafe { fd.set_xsave(&xsave) }.map_err(ioctl_err("KVM_SET_XSAVE"))?
+            }
+            None => {
+                let fpu: kvm_fpu = pod_from(&s.fpu, "fpu")?;
+                fd.set_fpu(&fpu).map_err(ioctl_err("KVM_SET_FPU"))?
+            }
+        }
+        if let Some(x) = &s.xcrs {
+            fd.set_xcrs(x).map_err(ioctl_err("KVM_SET_XCRS"))?;
+        }
+        fd.set_debug_regs(&s.debugregs)
+            .map_err(ioctl_err("KVM_SET_DEBUGREGS"))?;
+        fd.set_lapic(&s.lapic).map_err(ioctl_err("KVM_SET_LAPIC"))?;
+        self.write_msrs(&s.msrs);
+        self.fd
+            .set_vcpu_events(&s.events)
+            .map_err(ioctl_err("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
     }
 }
 

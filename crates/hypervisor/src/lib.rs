@@ -125,6 +125,28 @@ pub trait IrqLine: Send + Sync {
     fn trigger(&self) -> Result<()>;
 }
 
+/// A vCPU's complete state, as its backend keeps it (for snapshots and
+/// migration). Restoring needs the same backend kind.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "backend", rename_all = "lowercase")]
+pub enum VcpuSnapshot {
+    Kvm(Box<kvm::KvmVcpuState>),
+}
+
+/// A VM's backend-held state beyond its vCPUs (interrupt controllers,
+/// timers, clock).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "backend", rename_all = "lowercase")]
+pub enum VmSnapshot {
+    Kvm(Box<kvm::KvmVmState>),
+}
+
+fn no_snapshots<T>(what: &str) -> Result<T> {
+    Err(HypervisorError::Other(format!(
+        "{what}: snapshots are not supported by this accelerator yet"
+    )))
+}
+
 /// A vCPU backend family (KVM, the software engine).
 pub trait Hypervisor: Send + Sync {
     fn kind(&self) -> AccelKind;
@@ -157,6 +179,14 @@ pub trait Vm: Send + Sync {
     /// Deliver a message-signalled interrupt (what a PCI device's MSI or
     /// MSI-X table entry says: the address 0xfeeXXXXX and the data word).
     fn signal_msi(&self, addr: u64, data: u32) -> Result<()>;
+    /// The interrupt controllers', timers' and clock's state (VM paused).
+    fn save_state(&self) -> Result<VmSnapshot> {
+        no_snapshots("VM state")
+    }
+    /// Load what [`Vm::save_state`] returned, after the vCPUs exist.
+    fn restore_state(&self, _state: &VmSnapshot) -> Result<()> {
+        no_snapshots("VM state")
+    }
 }
 
 /// A way to make a vCPU's [`Vcpu::run`] return `Interrupted` from another thread.
@@ -181,4 +211,16 @@ pub trait Vcpu: Send {
     }
     /// Something another thread can use to interrupt `run`.
     fn kicker(&self) -> Arc<dyn VcpuKicker>;
+    /// Finish an instruction whose I/O exit the VMM has answered, without
+    /// running further guest code: needed before reading a consistent state.
+    fn complete_pending_io(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Everything about this vCPU, while it is not running.
+    fn save_state(&self) -> Result<VcpuSnapshot> {
+        no_snapshots("vCPU state")
+    }
+    fn restore_state(&mut self, _state: &VcpuSnapshot) -> Result<()> {
+        no_snapshots("vCPU state")
+    }
 }

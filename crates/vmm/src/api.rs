@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde::Serialize;
 use tiny_http::{Header, Method, Request, Response, Server};
@@ -40,6 +40,11 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
         "/api/v1/vm.stop",
         "Stop the VM at once (the VMM exits 0)",
     ),
+    (
+        "PUT",
+        "/api/v1/vm.snapshot",
+        "Write a paused VM to a new directory",
+    ),
 ];
 
 /// What the API needs from a VM, gathered before the VM starts running.
@@ -49,7 +54,13 @@ pub struct ApiContext {
     pub info: VmInfo,
     pub config: Option<crate::VmConfig>,
     pub exits: Sender<VmExit>,
-    pub power_button: Arc<Mutex<devices::acpi::AcpiPm>>,
+    pub vm: Arc<crate::VmHandle>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotRequest {
+    destination: PathBuf,
 }
 
 #[derive(Serialize)]
@@ -135,7 +146,12 @@ fn control_error(e: ControlError) -> Response<std::io::Cursor<Vec<u8>>> {
 }
 
 /// Answer one request. A request that fails changes nothing.
-pub fn route(ctx: &ApiContext, method: &str, path: &str) -> Response<std::io::Cursor<Vec<u8>>> {
+pub fn route(
+    ctx: &ApiContext,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Response<std::io::Cursor<Vec<u8>>> {
     let path = path.split('?').next().unwrap_or(path);
     let Some(&(want, _, _)) = ROUTES.iter().find(|(_, p, _)| *p == path) else {
         return error(404, format!("no such endpoint: {path}"));
@@ -176,12 +192,19 @@ pub fn route(ctx: &ApiContext, method: &str, path: &str) -> Response<std::io::Cu
             if ctx.control.state() == crate::RunState::Paused {
                 return error(409, "the VM is paused: resume it first");
             }
-            match ctx.power_button.lock() {
-                Ok(mut pm) => {
-                    pm.press_power_button();
-                    no_content()
-                }
-                Err(_) => error(500, "the ACPI device is unusable"),
+            ctx.vm.press_power_button();
+            no_content()
+        }
+        "/api/v1/vm.snapshot" => {
+            let req: SnapshotRequest = match serde_json::from_str(body) {
+                Ok(r) => r,
+                Err(e) => return error(400, format!("bad snapshot request: {e}")),
+            };
+            match ctx.vm.snapshot(&req.destination, ctx.config.clone()) {
+                Ok(()) => no_content(),
+                Err(e @ crate::VmmError::Conflict(_)) => error(409, e.to_string()),
+                Err(e @ crate::VmmError::Config(_)) => error(400, e.to_string()),
+                Err(e) => error(500, e.to_string()),
             }
         }
         "/api/v1/vm.stop" => {
@@ -192,7 +215,10 @@ pub fn route(ctx: &ApiContext, method: &str, path: &str) -> Response<std::io::Cu
     }
 }
 
-fn handle(ctx: &ApiContext, req: Request) {
+/// Request bodies are small JSON documents; refuse anything bigger.
+const MAX_BODY: u64 = 64 * 1024;
+
+fn handle(ctx: &ApiContext, mut req: Request) {
     let method = match req.method() {
         Method::Get => "GET",
         Method::Put => "PUT",
@@ -202,7 +228,19 @@ fn handle(ctx: &ApiContext, req: Request) {
         Method::Head => "HEAD",
         _ => "OTHER",
     };
-    let resp = route(ctx, method, req.url());
+    let mut body = String::new();
+    let too_big = req.body_length().is_some_and(|n| n as u64 > MAX_BODY);
+    let read = std::io::Read::read_to_string(
+        &mut std::io::Read::take(req.as_reader(), MAX_BODY),
+        &mut body,
+    );
+    let resp = if too_big {
+        error(413, "request body too large")
+    } else if read.is_err() {
+        error(400, "request body is not UTF-8 text")
+    } else {
+        route(ctx, method, req.url(), &body)
+    };
     if let Err(e) = req.respond(resp) {
         tracing::debug!("API client went away: {e}");
     }
@@ -216,10 +254,21 @@ pub mod client {
 
     /// The HTTP status and body of a response.
     pub fn request(socket: &Path, method: &str, path: &str) -> Result<(u16, String), String> {
+        request_with_body(socket, method, path, "")
+    }
+
+    /// The same with a JSON body.
+    pub fn request_with_body(
+        socket: &Path,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> Result<(u16, String), String> {
         let mut s = UnixStream::connect(socket)
             .map_err(|e| format!("cannot connect to API socket {}: {e}", socket.display()))?;
         let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
         );
         s.write_all(req.as_bytes())
             .map_err(|e| format!("API request failed: {e}"))?;

@@ -167,15 +167,20 @@ impl VmControl {
         Ok(())
     }
 
-    /// Called by a vCPU thread between runs: parks while the VM is paused.
+    /// Called by a vCPU thread between runs: parks while the VM is paused,
+    /// after `before_park` (which brings the vCPU to a consistent state).
     /// Returns false when the vCPU must stop.
-    pub(crate) fn checkpoint(&self) -> bool {
+    pub(crate) fn checkpoint(&self, before_park: impl FnOnce()) -> bool {
         if self.stopping() {
             return false;
         }
+        if !self.gate().pause {
+            return true;
+        }
+        before_park();
         let mut g = self.gate();
         if !g.pause {
-            return true;
+            return !self.stopping();
         }
         g.parked += 1;
         self.cv.notify_all();
@@ -205,7 +210,7 @@ mod tests {
             ctl.add_vcpu(Arc::new(NoKick));
             let (c, r) = (ctl.clone(), ran.clone());
             threads.push(std::thread::spawn(move || {
-                while c.checkpoint() {
+                while c.checkpoint(|| ()) {
                     r.fetch_add(1, Ordering::SeqCst);
                     std::thread::sleep(Duration::from_millis(1));
                 }

@@ -6,11 +6,12 @@ pub mod api;
 pub mod config;
 pub mod console;
 pub mod control;
+pub mod snapshot;
 mod vm;
 
 pub use config::{Accel, BootProtocol, MemSize, SerialMode, VmConfig};
 pub use control::{ControlError, RunState, VmControl};
-pub use vm::{Boot, DeviceInfo, RawBoot, RawMode, Vm, VmInfo, VmSpec};
+pub use vm::{Boot, DeviceInfo, RawBoot, RawMode, SnapshotSource, Vm, VmHandle, VmInfo, VmSpec};
 
 /// Why a VM stopped. Each reason has a documented process exit code.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,13 +90,14 @@ pub enum VmmError {
     Io(String),
     #[error("{0}")]
     Device(String),
+    /// The request does not fit the VM's current state (HTTP 409).
+    #[error("{0}")]
+    Conflict(String),
 }
 
-/// Build the VM a configuration describes, run it to the end, and say why
-/// it stopped. With `api_socket`, serve the management API there meanwhile.
-pub fn run(config: &VmConfig, api_socket: Option<&std::path::Path>) -> Result<VmExit, VmmError> {
-    config.validate()?;
-    let (out, input): (Box<dyn std::io::Write + Send>, bool) = match &config.serial {
+/// Where the serial console goes and whether the terminal feeds it.
+fn serial_output(mode: &SerialMode) -> Result<(Box<dyn std::io::Write + Send>, bool), VmmError> {
+    Ok(match mode {
         SerialMode::Stdio => (Box::new(console::RawStdout), true),
         SerialMode::File(p) => {
             let f = std::fs::OpenOptions::new()
@@ -108,14 +110,20 @@ pub fn run(config: &VmConfig, api_socket: Option<&std::path::Path>) -> Result<Vm
             (Box::new(f), false)
         }
         SerialMode::None => (Box::new(std::io::sink()), false),
-    };
-    let spec = VmSpec::from_config(config)?;
-    let vm = Vm::new(spec, out)?;
+    })
+}
+
+/// Run a built VM with its console and (optionally) the API, to the end.
+fn run_vm(
+    vm: Vm,
+    input: bool,
+    config: Option<VmConfig>,
+    api_socket: Option<&std::path::Path>,
+) -> Result<VmExit, VmmError> {
     let _api = match api_socket {
-        Some(path) => Some(
-            api::ApiServer::start(path, vm.api_context(Some(config.clone())))
-                .map_err(VmmError::Io)?,
-        ),
+        Some(path) => {
+            Some(api::ApiServer::start(path, vm.api_context(config)).map_err(VmmError::Io)?)
+        }
         None => None,
     };
     let _console = if input {
@@ -127,4 +135,41 @@ pub fn run(config: &VmConfig, api_socket: Option<&std::path::Path>) -> Result<Vm
         None
     };
     Ok(vm.run())
+}
+
+/// Build the VM a configuration describes, run it to the end, and say why
+/// it stopped. With `api_socket`, serve the management API there meanwhile.
+pub fn run(config: &VmConfig, api_socket: Option<&std::path::Path>) -> Result<VmExit, VmmError> {
+    config.validate()?;
+    let (out, input) = serial_output(&config.serial)?;
+    let vm = Vm::new(VmSpec::from_config(config)?, out)?;
+    run_vm(vm, input, Some(config.clone()), api_socket)
+}
+
+/// Start a VM from a snapshot directory in this process and run it.
+pub fn restore(
+    dir: &std::path::Path,
+    serial: &SerialMode,
+    api_socket: Option<&std::path::Path>,
+) -> Result<VmExit, VmmError> {
+    let manifest = snapshot::read_manifest(dir)?;
+    let accel = match manifest.accel {
+        hypervisor::AccelKind::Kvm => Accel::Kvm,
+        hypervisor::AccelKind::Emu => Accel::Emu,
+    };
+    let spec = VmSpec {
+        accel,
+        memory: manifest.memory_bytes,
+        cpus: manifest.vcpus,
+        boot: Boot::Snapshot(Box::new(SnapshotSource {
+            dir: dir.to_path_buf(),
+            manifest: manifest.clone(),
+        })),
+        rng: false,
+        disks: Vec::new(),
+        nets: Vec::new(),
+    };
+    let (out, input) = serial_output(serial)?;
+    let vm = Vm::new(spec, out)?;
+    run_vm(vm, input, manifest.config, api_socket)
 }

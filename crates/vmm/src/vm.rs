@@ -42,6 +42,14 @@ pub enum Boot {
         protocol: BootProtocol,
     },
     Raw(RawBoot),
+    /// Resume a snapshot: memory from its file, state from its manifest.
+    Snapshot(Box<SnapshotSource>),
+}
+
+#[derive(Debug, Clone)]
+pub struct SnapshotSource {
+    pub dir: std::path::PathBuf,
+    pub manifest: crate::snapshot::Manifest,
 }
 
 /// Everything needed to build a VM, after the user's input has been checked.
@@ -114,21 +122,121 @@ pub struct DeviceInfo {
     pub len: u64,
 }
 
-pub struct Vm {
-    #[allow(dead_code)]
-    hv: Arc<dyn Hypervisor>,
-    #[allow(dead_code)]
+/// A vCPU shared between its thread (which holds the lock while the guest
+/// runs) and whoever reads its state while the VM is paused.
+pub type SharedVcpu = Arc<Mutex<Box<dyn Vcpu>>>;
+
+/// The parts of a VM that outlive `Vm::run` and are shared with the API:
+/// what a snapshot reads and the power button.
+pub struct VmHandle {
     vm: Arc<dyn hypervisor::Vm>,
+    accel: hypervisor::AccelKind,
     memory: GuestMemoryMmap,
+    memory_bytes: u64,
+    vcpus: Vec<SharedVcpu>,
+    serial: Arc<Mutex<devices::serial::Serial>>,
+    i8042: Arc<Mutex<devices::i8042::I8042>>,
+    rtc: Arc<Mutex<devices::rtc::CmosRtc>>,
+    acpi_pm: Arc<Mutex<devices::acpi::AcpiPm>>,
+    control: Arc<VmControl>,
+    /// Devices whose state snapshots do not capture yet.
+    unsnapshottable: Vec<String>,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl VmHandle {
+    pub fn press_power_button(&self) {
+        lock(&self.acpi_pm).press_power_button();
+    }
+
+    /// Write a paused VM to `dir` (a new directory).
+    pub fn snapshot(
+        &self,
+        dir: &std::path::Path,
+        config: Option<VmConfig>,
+    ) -> Result<(), VmmError> {
+        use crate::snapshot::*;
+        if self.control.state() != crate::RunState::Paused {
+            return Err(VmmError::Conflict(
+                "pause the VM before taking a snapshot".into(),
+            ));
+        }
+        if !self.unsnapshottable.is_empty() {
+            return Err(VmmError::Conflict(format!(
+                "snapshots do not cover {} yet",
+                self.unsnapshottable.join(", ")
+            )));
+        }
+        // Read everything before writing anything, so a backend that cannot
+        // snapshot leaves no half-written directory behind.
+        let vcpu_states = self
+            .vcpus
+            .iter()
+            .map(|v| lock(v).save_state())
+            .collect::<Result<Vec<_>, _>>()?;
+        let vm_state = self.vm.save_state()?;
+        let devices = DeviceStates {
+            serial: lock(&self.serial).state(),
+            i8042: lock(&self.i8042).state(),
+            rtc: lock(&self.rtc).state(),
+            acpi_pm: lock(&self.acpi_pm).state(),
+        };
+        let dir = prepare_dir(dir)?;
+        let memory = write_memory(&self.memory, &dir)?;
+        write_manifest(
+            &dir,
+            &Manifest {
+                version: SNAPSHOT_VERSION,
+                vireo: env!("CARGO_PKG_VERSION").into(),
+                accel: self.accel,
+                memory_bytes: self.memory_bytes,
+                vcpus: self.vcpus.len() as u32,
+                config,
+                memory,
+                vcpu_states,
+                vm_state,
+                devices,
+            },
+        )
+    }
+
+    /// Load a snapshot's vCPU, backend and device state into this new VM.
+    fn restore(&self, m: &crate::snapshot::Manifest) -> Result<(), VmmError> {
+        if m.vcpu_states.len() != self.vcpus.len() {
+            return Err(VmmError::Config(
+                "snapshot vCPU count does not match".into(),
+            ));
+        }
+        for (v, st) in self.vcpus.iter().zip(&m.vcpu_states) {
+            lock(v).restore_state(st)?;
+        }
+        self.vm.restore_state(&m.vm_state)?;
+        let bad =
+            |what: &str, e: devices::StateError| VmmError::Config(format!("snapshot {what}: {e}"));
+        lock(&self.serial)
+            .restore(&m.devices.serial)
+            .map_err(|e| bad("serial", e))?;
+        lock(&self.i8042)
+            .restore(&m.devices.i8042)
+            .map_err(|e| bad("i8042", e))?;
+        lock(&self.rtc)
+            .restore(&m.devices.rtc)
+            .map_err(|e| bad("rtc", e))?;
+        lock(&self.acpi_pm).restore(&m.devices.acpi_pm);
+        Ok(())
+    }
+}
+
+pub struct Vm {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
-    serial: Arc<Mutex<devices::serial::Serial>>,
-    vcpus: Vec<Box<dyn Vcpu>>,
+    handle: Arc<VmHandle>,
     exit_tx: Sender<VmExit>,
     exit_rx: Receiver<VmExit>,
-    control: Arc<VmControl>,
     info: VmInfo,
-    acpi_pm: Arc<Mutex<devices::acpi::AcpiPm>>,
 }
 
 const COM1_BASE: u64 = 0x3f8;
@@ -157,13 +265,18 @@ impl Vm {
         }
         let vm = hv.create_vm()?;
 
-        let regions = arch::ram_regions(spec.memory);
-        let memory = GuestMemoryMmap::<()>::from_ranges(&regions).map_err(|e| {
-            VmmError::Io(format!(
-                "cannot allocate {} MiB of guest memory: {e}",
-                spec.memory >> 20
-            ))
-        })?;
+        let memory = match &boot {
+            Boot::Snapshot(snap) => crate::snapshot::map_memory(&snap.dir, &snap.manifest.memory)?,
+            _ => {
+                let regions = arch::ram_regions(spec.memory);
+                GuestMemoryMmap::<()>::from_ranges(&regions).map_err(|e| {
+                    VmmError::Io(format!(
+                        "cannot allocate {} MiB of guest memory: {e}",
+                        spec.memory >> 20
+                    ))
+                })?
+            }
+        };
         for (slot, region) in memory.iter().enumerate() {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -207,15 +320,18 @@ impl Vm {
             serial_out,
         )));
         add("serial (COM1)", COM1_BASE, 8, serial.clone())?;
-        let i8042 = devices::i8042::I8042::new(events.clone(), Some(vm.irq_line(1)?));
-        add("i8042", 0x60, 5, Arc::new(Mutex::new(i8042)))?;
+        let i8042 = Arc::new(Mutex::new(devices::i8042::I8042::new(
+            events.clone(),
+            Some(vm.irq_line(1)?),
+        )));
+        add("i8042", 0x60, 5, i8042.clone())?;
         let below_4g = spec.memory.min(arch::layout::MMIO_HOLE_START);
         let cmos = devices::rtc::CmosMemory {
             below_4g,
             above_4g: spec.memory - below_4g,
         };
-        let rtc = devices::rtc::CmosRtc::new(Some(cmos));
-        add("cmos-rtc", 0x70, 2, Arc::new(Mutex::new(rtc)))?;
+        let rtc = Arc::new(Mutex::new(devices::rtc::CmosRtc::new(Some(cmos))));
+        add("cmos-rtc", 0x70, 2, rtc.clone())?;
         let sci = vm.irq_line(arch::layout::ACPI_SCI_IRQ as u32)?;
         let pm = Arc::new(Mutex::new(devices::acpi::AcpiPm::new(
             events.clone(),
@@ -237,14 +353,43 @@ impl Vm {
         }
         setup_pci(&mut map, vm.clone(), &memory, &spec)?;
 
-        let bsp_state = load_boot(&memory, &boot, spec.cpus)?;
+        // A restored VM's memory already holds everything: no boot image.
+        let bsp_state = match &boot {
+            Boot::Snapshot(_) => None,
+            _ => Some(load_boot(&memory, &boot, spec.cpus)?),
+        };
         let mut vcpus = Vec::with_capacity(spec.cpus as usize);
         for i in 0..spec.cpus {
             let mut vcpu = vm.create_vcpu(i, spec.cpus)?;
-            if i == 0 {
-                vcpu.set_boot_state(&bsp_state)?;
+            if let (0, Some(state)) = (i, &bsp_state) {
+                vcpu.set_boot_state(state)?;
             }
-            vcpus.push(vcpu);
+            vcpus.push(Arc::new(Mutex::new(vcpu)));
+        }
+        let mut unsnapshottable: Vec<String> = spec
+            .disks
+            .iter()
+            .map(|d| format!("virtio-blk {}", d.path.display()))
+            .collect();
+        unsnapshottable.extend(spec.nets.iter().map(|n| format!("virtio-net {}", n.tap)));
+        if spec.rng {
+            unsnapshottable.push("virtio-rng".into());
+        }
+        let handle = Arc::new(VmHandle {
+            vm: vm.clone(),
+            accel: hv.kind(),
+            memory,
+            memory_bytes: spec.memory,
+            vcpus,
+            serial,
+            i8042,
+            rtc,
+            acpi_pm: pm,
+            control: VmControl::new(),
+            unsnapshottable,
+        });
+        if let Boot::Snapshot(snap) = &boot {
+            handle.restore(&snap.manifest)?;
         }
 
         let info = VmInfo {
@@ -255,16 +400,10 @@ impl Vm {
             devices: map.list,
         };
         Ok(Vm {
-            acpi_pm: pm,
-            control: VmControl::new(),
             info,
-            hv,
-            vm,
-            memory,
+            handle,
             pio: map.pio,
             mmio: map.mmio,
-            serial,
-            vcpus,
             exit_tx,
             exit_rx,
         })
@@ -272,30 +411,35 @@ impl Vm {
 
     /// Pause/resume/stop for this VM, usable from any thread.
     pub fn control(&self) -> Arc<VmControl> {
-        self.control.clone()
+        self.handle.control.clone()
+    }
+
+    /// What outlives `run` and is shared with the API.
+    pub fn handle(&self) -> Arc<VmHandle> {
+        self.handle.clone()
     }
 
     /// What the management API needs to serve this VM.
     pub fn api_context(&self, config: Option<VmConfig>) -> crate::api::ApiContext {
         crate::api::ApiContext {
-            control: self.control.clone(),
+            control: self.handle.control.clone(),
             info: self.info.clone(),
             config,
             exits: self.exit_tx.clone(),
-            power_button: self.acpi_pm.clone(),
+            vm: self.handle.clone(),
         }
     }
 
     /// A snapshot of the VM's state and make-up.
     pub fn info(&self) -> VmInfo {
         VmInfo {
-            state: self.control.state(),
+            state: self.handle.control.state(),
             ..self.info.clone()
         }
     }
 
     pub fn serial(&self) -> Arc<Mutex<devices::serial::Serial>> {
-        self.serial.clone()
+        self.handle.serial.clone()
     }
 
     pub fn exit_sender(&self) -> Sender<VmExit> {
@@ -313,22 +457,25 @@ impl Vm {
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {
-        &self.memory
+        &self.handle.memory
     }
 
     /// Run every vCPU on a thread of its own until the first reason to stop.
-    pub fn run(mut self) -> VmExit {
+    pub fn run(self) -> VmExit {
+        let control = self.handle.control.clone();
         let mut handles = Vec::new();
-        for vcpu in self.vcpus.drain(..) {
-            let kicker = vcpu.kicker();
-            self.control.add_vcpu(kicker.clone());
+        for vcpu in self.handle.vcpus.iter().cloned() {
+            let (kicker, index) = {
+                let v = lock(&vcpu);
+                (v.kicker(), v.index())
+            };
+            control.add_vcpu(kicker.clone());
             let ctx = VcpuContext {
                 pio: self.pio.clone(),
                 mmio: self.mmio.clone(),
                 exits: self.exit_tx.clone(),
-                control: self.control.clone(),
+                control: control.clone(),
             };
-            let index = vcpu.index();
             match std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
@@ -337,7 +484,7 @@ impl Vm {
                 }) {
                 Ok(thread) => handles.push(VcpuHandle { kicker, thread }),
                 Err(e) => {
-                    self.control.vcpu_exited();
+                    control.vcpu_exited();
                     let _ = self.exit_tx.send(VmExit::Error(format!(
                         "cannot start vCPU {index} thread: {e}"
                     )));
@@ -349,7 +496,7 @@ impl Vm {
             .exit_rx
             .recv()
             .unwrap_or_else(|_| VmExit::Error("every vCPU thread ended".into()));
-        self.control.request_stop();
+        control.request_stop();
         // Give the threads a moment to leave the guest; a vCPU stuck in a
         // host call is left behind rather than hanging the VMM.
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
@@ -519,6 +666,9 @@ fn load_boot(mem: &GuestMemoryMmap, boot: &Boot, cpus: u32) -> Result<CpuState, 
             };
             Ok(arch::configure_system(mem, &image, &cfg)?)
         }
+        Boot::Snapshot(_) => Err(VmmError::Config(
+            "a snapshot has no boot image to load".into(),
+        )),
         Boot::Raw(raw) => {
             mem.write_slice(&raw.image, GuestAddress(raw.load_addr))
                 .map_err(|e| {
@@ -542,9 +692,16 @@ struct VcpuContext {
 }
 
 impl VcpuContext {
-    fn run(&self, mut vcpu: Box<dyn Vcpu>) {
-        let index = vcpu.index();
-        while self.control.checkpoint() {
+    fn run(&self, shared: SharedVcpu) {
+        let index = lock(&shared).index();
+        let settle = || {
+            if let Err(e) = lock(&shared).complete_pending_io() {
+                tracing::warn!("vCPU {index}: cannot complete pending I/O before pausing: {e}");
+            }
+        };
+        while self.control.checkpoint(settle) {
+            // Held while the guest runs; released while paused (checkpoint).
+            let mut vcpu = lock(&shared);
             let exit = match vcpu.run() {
                 Ok(e) => e,
                 Err(e) => {
