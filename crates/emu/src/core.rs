@@ -90,6 +90,20 @@ pub enum RunExit {
     Internal { reason: String, rip: u64 },
 }
 
+/// The block that just ended normally (no exception, no mode or privilege
+/// change), for chaining; only ever dereferenced by the owning vCPU while
+/// its block cache holds the block.
+#[derive(Clone, Copy)]
+pub struct BlockPtr(pub *const crate::decode::Block);
+
+impl BlockPtr {
+    pub const NONE: BlockPtr = BlockPtr(std::ptr::null());
+}
+
+// SAFETY: the pointer is only dereferenced on the thread running the vCPU,
+// into that vCPU's own block cache.
+unsafe impl Send for BlockPtr {}
+
 /// Blocks run between interrupt-controller polls when nothing asked for one
 /// (a timer interrupt can be this late by a few microseconds).
 pub const POLL_INTERVAL: u32 = 64;
@@ -118,6 +132,8 @@ pub struct Core {
     pub nmi_blocked: bool,
     /// In wait-for-SIPI state (an AP before start-up, or after INIT).
     pub wait_for_sipi: bool,
+    /// Chaining: the previous block, if it ended normally.
+    pub prev_block: BlockPtr,
     /// Recent events for post-mortem debugging (block starts and
     /// exceptions), oldest overwritten first.
     pub history: History,
@@ -197,6 +213,7 @@ impl Core {
             delivering: None,
             nmi_blocked: false,
             wait_for_sipi: false,
+            prev_block: BlockPtr::NONE,
             history: History::default(),
             trace: false,
             cpuid,
@@ -464,6 +481,7 @@ impl Core {
     pub fn flush_all_caches(&mut self) {
         self.tlb.flush_all();
         self.blocks.clear();
+        self.prev_block = BlockPtr::NONE;
     }
 
     /// Run until something needs the VMM.
@@ -471,8 +489,10 @@ impl Core {
         if self.mem.refresh() {
             self.flush_all_caches();
         }
-        // Whatever the VMM did while we were out may have raised an interrupt.
+        // Whatever the VMM did while we were out may have raised an interrupt
+        // or changed registers: poll, and do not chain across it.
         self.poll_now = true;
+        self.prev_block = BlockPtr::NONE;
         loop {
             if self.kick.load(Ordering::Relaxed) && self.kick.swap(false, Ordering::AcqRel) {
                 return RunExit::Interrupted;
@@ -565,6 +585,8 @@ impl Core {
             self.st.rip,
             0x100 + vector as u32 + ((error.unwrap_or(0) & 0xffff) << 16),
         );
+        // Delivery changes RIP, maybe CPL and stack: never chain across it.
+        self.prev_block = BlockPtr::NONE;
         match crate::exception::deliver(self, vector, error, kind) {
             Ok(()) => None,
             Err(Exc::Shutdown) => Some(RunExit::Shutdown),
@@ -588,12 +610,38 @@ impl Core {
                 self.st.rip, self.st.gpr[0], self.st.gpr[4]
             );
         }
-        let block = match crate::decode::fetch_block(self) {
-            // SAFETY: see `fetch_block`: the cache is not modified while the
-            // block runs (handlers never fetch blocks or flush the cache).
-            Ok(b) => unsafe { &*b },
-            Err(e) => return self.handle_exc(e),
+        let prev = std::mem::replace(&mut self.prev_block, BlockPtr::NONE).0;
+        let rip = self.st.rip;
+        let epoch = self.tlb.epoch;
+        let cache_gen = self.blocks.generation;
+        // SAFETY: a non-null `prev` is in this vCPU's block arena (links are
+        // reset whenever the cache is cleared).
+        let chained = if prev.is_null() {
+            None
+        } else {
+            crate::decode::chained(unsafe { &*prev }, rip, epoch)
         };
+        let block = match chained {
+            Some(b) => b,
+            None => match crate::decode::fetch_block(self) {
+                Ok(b) => {
+                    // Link only if fetching neither flushed the TLB nor
+                    // cleared the cache (which would have freed `prev`).
+                    if !prev.is_null()
+                        && self.tlb.epoch == epoch
+                        && self.blocks.generation == cache_gen
+                    {
+                        // SAFETY: `prev` is still in the arena (no clear).
+                        crate::decode::link(unsafe { &*prev }, rip, b, epoch);
+                    }
+                    b
+                }
+                Err(e) => return self.handle_exc(e),
+            },
+        };
+        // SAFETY: see `fetch_block`: the cache is not modified while the
+        // block runs (handlers never fetch blocks or flush the cache).
+        let block = unsafe { &*block };
         self.end_block = false;
         for u in block.uops.iter().take(limit) {
             let next = u.next_ip;
@@ -611,6 +659,9 @@ impl Core {
                 }
                 Err(e) => return self.handle_exc(e),
             }
+        }
+        if !self.end_block {
+            self.prev_block = BlockPtr(block);
         }
         None
     }

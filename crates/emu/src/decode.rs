@@ -6,6 +6,7 @@
 //! covers: a write to one of those pages bumps the generation and the block
 //! is decoded again on its next use.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
@@ -32,6 +33,9 @@ pub struct Block {
     /// physical pages covered.
     gens: [(*const AtomicU32, u32); 2],
     npages: usize,
+    /// The block that last followed this one: (its RIP, the block, the TLB
+    /// epoch at link time).
+    succ: Cell<(u64, *const Block, u64)>,
 }
 
 // SAFETY: the generation pointers point into RAM regions kept alive by the
@@ -64,7 +68,12 @@ impl Hasher for AddrHasher {
 pub struct BlockCache {
     map: HashMap<u64, Arc<Block>, BuildHasherDefault<AddrHasher>>,
     jmp: Vec<Option<Arc<Block>>>,
+    /// Every block decoded since the last clear, so a block is never freed
+    /// while another block's successor link may point at it.
+    arena: Vec<Arc<Block>>,
     pub decoded: u64,
+    /// Bumped by every clear (blocks freed).
+    pub generation: u64,
 }
 
 impl Default for BlockCache {
@@ -72,14 +81,18 @@ impl Default for BlockCache {
         BlockCache {
             map: HashMap::default(),
             jmp: vec![None; JMP_CACHE],
+            arena: Vec::new(),
             decoded: 0,
+            generation: 0,
         }
     }
 }
 
 impl BlockCache {
     pub fn clear(&mut self) {
+        self.generation += 1;
         self.map.clear();
+        self.arena.clear();
         self.jmp.iter_mut().for_each(|e| *e = None);
     }
 
@@ -145,14 +158,38 @@ pub fn fetch_block(core: &mut Core) -> R<*const Block> {
         }
     }
     let b = Arc::new(decode_block(core, lin, rip, bits, entry.phys, entry.host)?);
-    if core.blocks.map.len() >= MAX_BLOCKS {
+    if core.blocks.arena.len() >= MAX_BLOCKS {
         core.blocks.clear();
+        core.prev_block = crate::core::BlockPtr::NONE;
     }
+    core.blocks.arena.push(b.clone());
     core.blocks.decoded += 1;
     core.blocks.map.insert(phys, b.clone());
     let p = Arc::as_ptr(&b);
     core.blocks.jmp[slot] = Some(b);
     Ok(p)
+}
+
+/// The block linked as `prev`'s successor at `rip`, if the link is still
+/// good: same TLB epoch (no flush since) and the code pages unchanged.
+/// Callers only ask when `prev` ended without a mode, privilege or
+/// control-register change, so the fetch translation and permission check
+/// done at link time still hold.
+#[inline]
+pub fn chained(prev: &Block, rip: u64, epoch: u64) -> Option<*const Block> {
+    let (r, b, e) = prev.succ.get();
+    // SAFETY: `b` is kept alive by the arena until the cache is cleared,
+    // which also drops `prev` and resets the caller's link.
+    if r == rip && e == epoch && !b.is_null() && valid(unsafe { &*b }) {
+        Some(b)
+    } else {
+        None
+    }
+}
+
+/// Remember `next` as the block that followed `prev` at `rip`.
+pub fn link(prev: &Block, rip: u64, next: *const Block, epoch: u64) {
+    prev.succ.set((rip, next, epoch));
 }
 
 #[inline]
@@ -244,5 +281,6 @@ fn decode_block(
         uops,
         gens,
         npages,
+        succ: Cell::new((0, std::ptr::null(), 0)),
     })
 }

@@ -81,6 +81,9 @@ impl Default for TlbEntry {
 
 pub struct Tlb {
     pub entries: Box<[TlbEntry]>,
+    /// Bumped by every flush: chained blocks skip the fetch translation only
+    /// while the TLB they were linked under is unchanged.
+    pub epoch: u64,
 }
 
 // SAFETY: the raw pointers point into RAM regions the VM keeps alive; the TLB
@@ -91,6 +94,7 @@ impl Default for Tlb {
     fn default() -> Self {
         Tlb {
             entries: vec![TlbEntry::default(); TLB_SIZE].into_boxed_slice(),
+            epoch: 0,
         }
     }
 }
@@ -112,6 +116,7 @@ impl Tlb {
     }
 
     pub fn flush_all(&mut self) {
+        self.epoch += 1;
         for e in self.entries.iter_mut() {
             e.tag = 0;
         }
@@ -119,6 +124,7 @@ impl Tlb {
 
     /// CR3 load: global pages survive when CR4.PGE is on.
     pub fn flush_nonglobal(&mut self) {
+        self.epoch += 1;
         for e in self.entries.iter_mut() {
             if e.perm & PERM_GLOBAL == 0 {
                 e.tag = 0;
@@ -127,6 +133,7 @@ impl Tlb {
     }
 
     pub fn flush_page(&mut self, lin: u64) {
+        self.epoch += 1;
         let e = &mut self.entries[Self::index(lin)];
         if e.tag == (lin & !0xfff) | 1 {
             e.tag = 0;
