@@ -56,7 +56,10 @@ const INCOMPAT_CORRUPT: u64 = 1 << 1;
 const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 const INCOMPAT_EXTL2: u64 = 1 << 4;
-const INCOMPAT_KNOWN: u64 = 0x1f;
+/// Bits this implementation understands (compression type only changes how
+/// compressed clusters are encoded, and those are refused when met).
+const INCOMPAT_KNOWN: u64 =
+    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 
 const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
@@ -1411,9 +1414,6 @@ pub fn parse_header(file: &File, path: &Path, file_len: u64) -> Result<Header, B
             ),
         ));
     }
-    // INCOMPAT_COMPRESSION only changes how compressed clusters are
-    // encoded, and those are refused when met anyway.
-    let _ = INCOMPAT_COMPRESSION;
     if h.refcount_order > 6 {
         return Err(corrupt(
             path,
