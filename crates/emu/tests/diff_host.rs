@@ -1126,6 +1126,14 @@ fn x87_sequences_match_host() {
             ],
             "fxch",
         ),
+        // fninit; fld1; fldz; fld qword [rbx+16]; fxch st2; fstp [rbx+32]; fstp [rbx+40]; fstp [rbx+48]
+        (
+            &[
+                0xdb, 0xe3, 0xd9, 0xe8, 0xd9, 0xee, 0xdd, 0x43, 0x10, 0xd9, 0xca, 0xdd, 0x5b, 0x20,
+                0xdd, 0x5b, 0x28, 0xdd, 0x5b, 0x30,
+            ],
+            "fxch st2",
+        ),
     ];
     // x87 arithmetic is computed in f64: keep products within 53 bits.
     let ints = [0i32, 1, -1, 7, -300, 65536, 1 << 20, -(1 << 20)];

@@ -351,7 +351,8 @@ fn x87(core: &mut Core, insn: &Instruction) -> R {
             }
         }
         M::Fxch => {
-            let i = st_index(insn.op0_register().max(Register::ST1));
+            // FXCH ST(0), ST(i): the register operand is the last one.
+            let i = st_index(insn.op_register(insn.op_count().saturating_sub(1)));
             let a = st_get(core, 0);
             let b = st_get(core, i);
             st_set(core, 0, b);
