@@ -105,6 +105,9 @@ pub struct Core {
     pub delivering: Option<u8>,
     /// An NMI handler is running: further NMIs wait for its IRET.
     pub nmi_blocked: bool,
+    /// The PC platform (LAPIC, IOAPIC, PIC, PIT, kvmclock) this vCPU is
+    /// wired to; `None` for a bare CPU whose devices are all in the VMM.
+    pub pc: Option<Box<crate::pc::PcVcpu>>,
 }
 
 impl Core {
@@ -125,6 +128,7 @@ impl Core {
             icount: 0,
             delivering: None,
             nmi_blocked: false,
+            pc: None,
         }
     }
 
@@ -345,6 +349,11 @@ impl Core {
     }
 
     fn mmio_read(&mut self, addr: u64, size: u8) -> R<u64> {
+        if self.pc.is_some() {
+            if let Some(v) = crate::pc::mmio_read(self, addr, size) {
+                return Ok(v);
+            }
+        }
         if let Some(v) = self.take_response(false, addr, size) {
             return Ok(v);
         }
@@ -353,6 +362,9 @@ impl Core {
     }
 
     fn mmio_write(&mut self, addr: u64, size: u8, data: u64) -> R {
+        if self.pc.is_some() && crate::pc::mmio_write(self, addr, size, data) {
+            return Ok(());
+        }
         if self.io.request.is_some() {
             return Err(Exc::Unimplemented(
                 "more than one MMIO access in one instruction".into(),
@@ -363,6 +375,11 @@ impl Core {
     }
 
     pub fn io_in(&mut self, port: u16, size: u8) -> R<u64> {
+        if self.pc.is_some() {
+            if let Some(v) = crate::pc::pio_in(self, port, size) {
+                return Ok(v);
+            }
+        }
         if let Some(v) = self.take_response(true, port as u64, size) {
             return Ok(v);
         }
@@ -371,6 +388,9 @@ impl Core {
     }
 
     pub fn io_out(&mut self, port: u16, size: u8, data: u64) -> R {
+        if self.pc.is_some() && crate::pc::pio_out(self, port, size, data) {
+            return Ok(());
+        }
         if self.io.request.is_some() {
             return Err(Exc::Unimplemented(
                 "more than one port access in one instruction".into(),
@@ -397,13 +417,20 @@ impl Core {
             if self.kick.load(Ordering::Relaxed) && self.kick.swap(false, Ordering::AcqRel) {
                 return RunExit::Interrupted;
             }
-            if !self.int_shadow {
-                if let Some(exit) = self.check_interrupts() {
+            if self.pc.is_some() {
+                // The platform's interrupts, timers, HLT sleep and INIT/SIPI.
+                if let Some(exit) = crate::pc::before_block(self) {
                     return exit;
                 }
-            }
-            if self.halted {
-                return RunExit::Halt;
+            } else {
+                if !self.int_shadow {
+                    if let Some(exit) = self.check_interrupts() {
+                        return exit;
+                    }
+                }
+                if self.halted {
+                    return RunExit::Halt;
+                }
             }
             let limit = if self.int_shadow { 1 } else { usize::MAX };
             self.int_shadow = false;
@@ -423,13 +450,12 @@ impl Core {
         if self.st.rflags & FLAG_IF == 0 {
             return None;
         }
-        let v = self.intc.pending_vector(self.index)?;
-        self.intc.ack(self.index, v);
+        let v = self.intc.take_pending(self.index)?;
         self.halted = false;
         self.deliver_and_check(v, None, crate::exception::Kind::External)
     }
 
-    fn deliver_and_check(
+    pub(crate) fn deliver_and_check(
         &mut self,
         vector: u8,
         error: Option<u32>,

@@ -18,6 +18,15 @@ pub trait InterruptController: Send + Sync {
     fn pending_vector(&self, vcpu: u32) -> Option<u8>;
     /// The vCPU accepted `vector` (for a LAPIC: IRR -> ISR).
     fn ack(&self, vcpu: u32, vector: u8);
+    /// Pick the pending vector and acknowledge it as one step, returning the
+    /// vector to deliver. Controllers shared between threads override this
+    /// so nothing changes between the pick and the acknowledge (and so a
+    /// PIC can answer with its spurious vector).
+    fn take_pending(&self, vcpu: u32) -> Option<u8> {
+        let v = self.pending_vector(vcpu)?;
+        self.ack(vcpu, v);
+        Some(v)
+    }
     /// Take a pending NMI for `vcpu`, if any.
     fn take_nmi(&self, _vcpu: u32) -> bool {
         false

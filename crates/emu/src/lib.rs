@@ -18,6 +18,9 @@
 //! - [`core`]: the run loop that ties the above together for one vCPU.
 //! - [`backend`]: `EmuHypervisor` / `EmuVm` / `EmuVcpu`, the `hypervisor` seam.
 //! - [`irq`]: the interface an interrupt-controller model plugs into.
+//! - [`pc`]: the PC platform inside the engine (LAPIC, IOAPIC, PIC, PIT,
+//!   kvmclock from `emu-platform`): device access, interrupt polling, HLT
+//!   sleep, INIT/SIPI.
 
 pub mod backend;
 pub mod core;
@@ -31,8 +34,10 @@ pub mod irq;
 pub mod mem;
 pub mod mmu;
 pub mod msr;
+pub mod pc;
 pub mod seg;
 pub mod uop;
 
 pub use backend::{EmuHypervisor, EmuVcpu, EmuVm};
 pub use irq::{InterruptController, QueueInterruptController};
+pub use pc::{Pc, PcBoard};

@@ -25,6 +25,9 @@ fn host_tsc() -> u64 {
 }
 
 pub fn guest_tsc(core: &Core) -> u64 {
+    if let Some(t) = crate::pc::guest_tsc(core) {
+        return t;
+    }
     host_tsc().wrapping_add(core.st.msr.tsc_offset)
 }
 
@@ -34,6 +37,9 @@ fn canonical(v: u64) -> bool {
 
 /// RDMSR; None raises #GP.
 pub fn read(core: &Core, idx: u32) -> Option<u64> {
+    if let Some(r) = crate::pc::rdmsr(core, idx) {
+        return r;
+    }
     let m = &core.st.msr;
     Some(match idx {
         IA32_TSC => guest_tsc(core),
@@ -61,6 +67,9 @@ pub struct MsrFault;
 
 /// WRMSR; Err raises #GP.
 pub fn write(core: &mut Core, idx: u32, v: u64) -> Result<(), MsrFault> {
+    if let Some(r) = crate::pc::wrmsr(core, idx, v) {
+        return r;
+    }
     match idx {
         IA32_TSC => core.st.msr.tsc_offset = v.wrapping_sub(host_tsc()),
         IA32_APIC_BASE => core.st.msr.apic_base = v & !(1 << 8),

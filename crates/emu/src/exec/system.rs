@@ -238,8 +238,7 @@ pub fn execute_system(core: &mut Core, insn: &Instruction) -> R {
             Ok(())
         }
         M::Cpuid => {
-            let r =
-                crate::cpuid::cpuid(core.index, core.st.gpr[RAX] as u32, core.st.gpr[RCX] as u32);
+            let r = crate::pc::cpuid(core, core.st.gpr[RAX] as u32, core.st.gpr[RCX] as u32);
             core.st.gpr[RAX] = r[0] as u64;
             core.st.gpr[RBX] = r[1] as u64;
             core.st.gpr[RCX] = r[2] as u64;
