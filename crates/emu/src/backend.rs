@@ -92,7 +92,13 @@ impl EmuVm {
                 pc.num_vcpus()
             ))
         })?;
-        let mut core = Core::new(index, MemView::new(self.mem.clone()), pc);
+        let mut core = Core::new(index, MemView::new(self.mem.clone()), pc.clone());
+        // The engine's copy of IA32_APIC_BASE (the LAPIC page it decodes,
+        // what get_sregs reports) starts as the platform's: BSP bit on
+        // vCPU 0 only.
+        if let Some(Ok(base)) = pc.shared().rdmsr(index, crate::msr::IA32_APIC_BASE) {
+            core.st.msr.apic_base = base;
+        }
         core.pc = Some(Box::new(link));
         Ok(EmuVcpu {
             core,

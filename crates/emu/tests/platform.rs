@@ -508,6 +508,7 @@ fn application_processor_waits_for_sipi() {
     let kicker = ap.kicker();
     let h = std::thread::spawn(move || {
         let e = ap.run().map(|e| format!("{e:?}")).unwrap();
+        assert_eq!(ap.get_sregs().unwrap().apic_base, 0xfee0_0800, "AP");
         (e, ap.core().icount)
     });
     std::thread::sleep(Duration::from_millis(50));
@@ -515,6 +516,7 @@ fn application_processor_waits_for_sipi() {
     let (e, icount) = h.join().unwrap();
     assert_eq!(e, "Interrupted");
     assert_eq!(icount, 0, "the AP ran before any SIPI");
+    assert_eq!(g.sregs().apic_base, 0xfee0_0900, "BSP");
     // There is no third APIC.
     assert!(g.vm.create_pc_vcpu(2, 2).is_err());
 }
