@@ -9,6 +9,7 @@ set -euo pipefail
 # guest payload, which guest/build.sh fetches with `apt-get download` and
 # unpacks without installing them on the host.
 PACKAGES=(
+    acpica-tools    # iasl/acpiexec check the ACPI tables Vireo builds (crates/arch/tests/acpica.rs)
     ca-certificates # apt over https mirrors
     coreutils       # sha256sum, md5sum, head, od
     cpio            # packs the initramfs (newc format)
@@ -16,11 +17,14 @@ PACKAGES=(
     e2fsprogs       # mkfs.ext4 for disk images built by tests
     file            # identifies the extracted vmlinux as an ELF64
     gzip            # compresses the initramfs
+    iproute2        # ip netns/link/addr for the network tests (crates/net)
+    iputils-ping    # ping from a test network namespace (crates/net)
     kmod            # depmod writes the modules.dep that busybox modprobe reads
     lz4             # the Debian cloud kernel is LZ4-compressed; vmlinux extraction
     perl-base       # deterministic test data generator (essential; listed for clarity)
     qemu-system-x86 # the reference/benchmark VMM, also used to check the images
-    qemu-utils      # qemu-img for disk images
+    qemu-utils      # qemu-img and qemu-io for disk images (crates/block tests)
+    strace          # diagnosing the VMM's host calls (startup analysis)
 )
 
 if [ "$(id -u)" -eq 0 ]; then

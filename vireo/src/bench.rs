@@ -28,52 +28,11 @@ pub struct BenchArgs {
 const GUEST_MEM_MIB: u64 = 64;
 const LOAD: u64 = 0x10_0000;
 
-/// A minimal ELF64 with a PVH note whose 32-bit entry writes '!' to COM1 and halts.
+/// A PVH kernel whose 32-bit entry writes '!' to COM1 and halts.
 fn tiny_pvh_elf() -> Vec<u8> {
     // mov dx,0x3f8 ; mov al,'!' ; out dx,al ; 1: hlt ; jmp 1b
     let code: &[u8] = &[0x66, 0xba, 0xf8, 0x03, 0xb0, b'!', 0xee, 0xf4, 0xeb, 0xfd];
-    // Note: namesz 4 "Xen\0", descsz 4, type 18 (XEN_ELFNOTE_PHYS32_ENTRY).
-    let mut note = Vec::new();
-    note.extend_from_slice(&4u32.to_le_bytes());
-    note.extend_from_slice(&4u32.to_le_bytes());
-    note.extend_from_slice(&18u32.to_le_bytes());
-    note.extend_from_slice(b"Xen\0");
-    note.extend_from_slice(&(LOAD as u32).to_le_bytes());
-
-    let ehdr = 64u64;
-    let phdr = 56u64;
-    let code_off = 0x1000u64;
-    let note_off = ehdr + 2 * phdr;
-    let mut f = vec![0u8; (code_off as usize) + code.len()];
-    // ELF header
-    f[0..4].copy_from_slice(b"\x7fELF");
-    f[4] = 2; // 64-bit
-    f[5] = 1; // little endian
-    f[6] = 1; // version
-    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    f[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
-    f[20..24].copy_from_slice(&1u32.to_le_bytes());
-    f[24..32].copy_from_slice(&LOAD.to_le_bytes()); // e_entry
-    f[32..40].copy_from_slice(&ehdr.to_le_bytes()); // e_phoff
-    f[52..54].copy_from_slice(&(ehdr as u16).to_le_bytes());
-    f[54..56].copy_from_slice(&(phdr as u16).to_le_bytes());
-    f[56..58].copy_from_slice(&2u16.to_le_bytes()); // e_phnum
-    let mut ph = |i: u64, ty: u32, flags: u32, off: u64, addr: u64, size: u64, align: u64| {
-        let b = (ehdr + i * phdr) as usize;
-        f[b..b + 4].copy_from_slice(&ty.to_le_bytes());
-        f[b + 4..b + 8].copy_from_slice(&flags.to_le_bytes());
-        f[b + 8..b + 16].copy_from_slice(&off.to_le_bytes());
-        f[b + 16..b + 24].copy_from_slice(&addr.to_le_bytes());
-        f[b + 24..b + 32].copy_from_slice(&addr.to_le_bytes());
-        f[b + 32..b + 40].copy_from_slice(&size.to_le_bytes());
-        f[b + 40..b + 48].copy_from_slice(&size.to_le_bytes());
-        f[b + 48..b + 56].copy_from_slice(&align.to_le_bytes());
-    };
-    ph(0, 1, 5, code_off, LOAD, code.len() as u64, 0x1000); // PT_LOAD r-x
-    ph(1, 4, 4, note_off, 0, note.len() as u64, 4); // PT_NOTE
-    f[note_off as usize..note_off as usize + note.len()].copy_from_slice(&note);
-    f[code_off as usize..].copy_from_slice(code);
-    f
+    arch::tiny_elf::pvh_elf(LOAD as u32, code)
 }
 
 struct Sample {
@@ -219,6 +178,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     println!(
         "{}",
         series("vireo --accel kvm", args.runs, &vireo_cmd("kvm"))
+    );
+    println!(
+        "{}",
+        series("vireo --accel emu", args.runs, &vireo_cmd("emu"))
     );
     for accel in ["kvm", "tcg"] {
         let name = format!("qemu -M microvm -accel {accel}");

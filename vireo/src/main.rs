@@ -45,6 +45,25 @@ enum Command {
     Run(RunArgs),
     /// Measure Vireo beside QEMU and print the figures side by side.
     Bench(bench::BenchArgs),
+    /// Check that a running VMM's API answers (prints its version).
+    Ping(ApiArgs),
+    /// Print a running VM's state, configuration, vCPUs and devices (JSON).
+    Info(ApiArgs),
+    /// Pause a running VM: every vCPU stops outside the guest.
+    Pause(ApiArgs),
+    /// Resume a paused VM.
+    Resume(ApiArgs),
+    /// Press the VM's ACPI power button: the guest shuts itself down.
+    PowerButton(ApiArgs),
+    /// Stop a VM at once (its VMM exits 0).
+    Stop(ApiArgs),
+}
+
+#[derive(Args)]
+struct ApiArgs {
+    /// The API socket the VMM was started with (`vireo run --api-socket PATH`).
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
 }
 
 #[derive(Args)]
@@ -78,6 +97,15 @@ struct RunArgs {
     /// Entry protocol for an ELF vmlinux: linux (64-bit boot protocol) or pvh [default: linux].
     #[arg(long, value_name = "linux|pvh")]
     boot: Option<BootProtocol>,
+    /// A virtio-blk disk: path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID]; repeatable.
+    #[arg(long, value_name = "path=FILE,...")]
+    disk: Vec<vmm::config::DiskConfig>,
+    /// Give the guest a virtio-rng device (entropy from the host's getrandom).
+    #[arg(long)]
+    rng: bool,
+    /// Serve the management API (HTTP + JSON, see docs/openapi.json) on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -118,6 +146,10 @@ impl RunArgs {
         if let Some(b) = self.boot {
             cfg.boot = b;
         }
+        if self.rng {
+            cfg.rng = true;
+        }
+        cfg.disks.extend(self.disk);
         Ok(cfg)
     }
 }
@@ -150,11 +182,42 @@ fn main() -> ExitCode {
                 exit_code::VMM_ERROR
             }
         },
+        Command::Ping(a) => api_call(&a, "GET", "/api/v1/vmm.ping"),
+        Command::Info(a) => api_call(&a, "GET", "/api/v1/vm.info"),
+        Command::Pause(a) => api_call(&a, "PUT", "/api/v1/vm.pause"),
+        Command::Resume(a) => api_call(&a, "PUT", "/api/v1/vm.resume"),
+        Command::PowerButton(a) => api_call(&a, "PUT", "/api/v1/vm.power-button"),
+        Command::Stop(a) => api_call(&a, "PUT", "/api/v1/vm.stop"),
     };
     ExitCode::from(code as u8)
 }
 
+/// One API request; prints a JSON answer, or the error it carries.
+fn api_call(args: &ApiArgs, method: &str, path: &str) -> i32 {
+    match vmm::api::client::request(&args.api_socket, method, path) {
+        Ok((status, body)) if (200..300).contains(&status) => {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or(body));
+            }
+            0
+        }
+        Ok((status, body)) => {
+            let msg = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
+                .unwrap_or(body);
+            eprintln!("vireo: error: {msg} (HTTP {status})");
+            exit_code::VMM_ERROR
+        }
+        Err(e) => {
+            eprintln!("vireo: error: {e}");
+            exit_code::VMM_ERROR
+        }
+    }
+}
+
 fn run(args: RunArgs) -> i32 {
+    let api_socket = args.api_socket.clone();
     let cfg = match args.into_config() {
         Ok(c) => c,
         Err(e) => {
@@ -162,7 +225,7 @@ fn run(args: RunArgs) -> i32 {
             return exit_code::VMM_ERROR;
         }
     };
-    match vmm::run(&cfg) {
+    match vmm::run(&cfg, api_socket.as_deref()) {
         Ok(exit) => {
             eprintln!("\r\nvireo: {exit}");
             exit.code()

@@ -133,3 +133,66 @@ fn bad_config_file_is_named() {
     one_line_error(&out, 1, "bad config file");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn disk_that_cannot_be_opened_is_named() {
+    if !kvm_usable() {
+        return;
+    }
+    let g = guest_dir();
+    let out = run(&[
+        "run",
+        "--accel",
+        "kvm",
+        "--kernel",
+        g.join("vmlinux").to_str().unwrap(),
+        "--disk",
+        "path=/nonexistent/disk.qcow2",
+    ]);
+    one_line_error(&out, 1, "disk /nonexistent/disk.qcow2");
+}
+
+#[test]
+fn disk_option_errors_are_usage_errors() {
+    let out = run(&["run", "--kernel", "/k", "--disk", "path=/d,format=vmdk"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("vmdk"));
+    let out = run(&["run", "--kernel", "/k", "--disk", "readonly=on"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no path"));
+}
+
+/// A qcow2 file given as format=raw would expose its metadata to the guest.
+#[test]
+fn qcow2_image_given_as_raw_is_refused() {
+    if !kvm_usable()
+        || std::process::Command::new("qemu-img")
+            .arg("--version")
+            .output()
+            .is_err()
+    {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("vireo-qcow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("d.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("16M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let g = guest_dir();
+    let out = run(&[
+        "run",
+        "--accel",
+        "kvm",
+        "--kernel",
+        g.join("vmlinux").to_str().unwrap(),
+        "--disk",
+        &format!("path={},format=raw", img.display()),
+    ]);
+    one_line_error(&out, 1, "qcow2");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -101,3 +101,40 @@ fn full_boot_runs_userspace_or_reports_the_failing_instruction() {
         other => panic!("unexpected exit {other:?}\nconsole:\n{out}\nstderr:\n{err}"),
     }
 }
+
+/// `--cpus 2` from a TOML config file: the guest finds both vCPUs in the
+/// ACPI tables Vireo built (the MADT) and plans to bring both up.
+#[test]
+fn two_vcpus_from_a_config_file_are_seen_by_the_guest() {
+    if !kvm_usable() {
+        return;
+    }
+    let g = guest_dir();
+    let dir = std::env::temp_dir().join(format!("vireo-smp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("vm.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "kernel = {:?}\ninitrd = {:?}\ncpus = 2\nmemory = \"512M\"\naccel = \"kvm\"\n\
+             cmdline = \"console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=1\"\n",
+            g.join("vmlinux"),
+            g.join("initramfs.cpio.gz")
+        ),
+    )
+    .unwrap();
+    let mut cmd = vireo();
+    cmd.args(["run", "--config"]).arg(&cfg);
+    let mut vm = Running::spawn(cmd);
+    let limit = Duration::from_secs(480);
+    let seen = vm.wait_for("smpboot: Allowing 2 CPUs", limit);
+    let out = vm.stdout_text();
+    let err = vm.stderr_text();
+    vm.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        seen,
+        "the guest did not report 2 CPUs within {limit:?}\n--- console:\n{out}\n--- stderr:\n{err}"
+    );
+    assert!(out.contains("IOAPIC[0]: apic_id 2"), "{out}");
+}

@@ -73,7 +73,7 @@ pub fn pci_intx_gsi(slot: u8, pin: u8) -> u32 {
 
 /// `\_SB.PCI0`: a PCI host bridge (PNP0A03) on bus 0 with configuration
 /// mechanism #1 at 0xcf8, I/O windows around it, a 32-bit MMIO window from
-/// the start of the MMIO hole up to the IOAPIC, and a `_PRT` routing INTx
+/// the start of the MMIO hole up to ECAM, and a `_PRT` routing INTx
 /// of slots 1-31 by [`pci_intx_gsi`]. Without such a device a Linux
 /// kernel that uses ACPI never scans PCI bus 0.
 pub fn pci_host_bridge_aml() -> Vec<u8> {
@@ -87,11 +87,12 @@ pub fn pci_host_bridge_aml() -> Vec<u8> {
     let cfg_io = IO::new(0xcf8, 0xcf8, 1, 8);
     let io_low = AddressSpace::new_io(0u16, 0xcf7u16, None);
     let io_high = AddressSpace::new_io(0xd00u16, 0xffffu16, None);
+    // The BAR window stops where ECAM starts (ECAM is claimed by MCFG).
     let mmio = AddressSpace::new_memory(
         AddressSpaceCacheable::NotCacheable,
         true,
-        MMIO_HOLE_START as u32,
-        (IOAPIC_ADDR - 1) as u32,
+        PCI_MMIO32_START as u32,
+        (PCI_MMIO32_END - 1) as u32,
         None,
     );
     let crs = Name::new(
@@ -122,6 +123,14 @@ fn to_bytes(table: &dyn Aml) -> Vec<u8> {
     let mut v = Vec::new();
     table.to_aml_bytes(&mut v);
     v
+}
+
+/// The MCFG: ECAM for segment 0, buses 0-255, at PCI_ECAM_BASE.
+pub fn build_mcfg() -> Vec<u8> {
+    let mut mcfg = acpi_tables::mcfg::MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    let last_bus = (PCI_ECAM_SIZE >> 20).saturating_sub(1).min(255) as u8;
+    mcfg.add_ecam(PCI_ECAM_BASE, 0, 0, last_bus);
+    to_bytes(&mcfg)
 }
 
 /// The DSDT: `_S5_`, the PCI host bridge, then `extra_aml` (devices
@@ -277,18 +286,21 @@ pub fn create_acpi_tables(
 
     let mut placer = Placer { next: RSDP_START };
     let rsdp_addr = placer.place(Rsdp::len(), 16, "RSDP")?;
-    let xsdt_len = 36 + 2 * 8;
+    let xsdt_len = 36 + 3 * 8;
     let xsdt_addr = placer.place(xsdt_len, 16, "XSDT")?;
     let fadt_addr = placer.place(acpi_tables::fadt::FADT::len(), 16, "FADT")?;
     // The FACS must be 64-byte aligned.
     let facs_addr = placer.place(facs.len(), 64, "FACS")?;
     let dsdt_addr = placer.place(dsdt.len(), 16, "DSDT")?;
     let madt_addr = placer.place(madt.len(), 16, "MADT")?;
+    let mcfg = build_mcfg();
+    let mcfg_addr = placer.place(mcfg.len(), 16, "MCFG")?;
 
     let fadt = build_fadt(dsdt_addr, facs_addr);
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    xsdt.add_entry(mcfg_addr);
     let xsdt = to_bytes(&xsdt);
     debug_assert_eq!(xsdt.len(), xsdt_len);
     let rsdp = to_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
@@ -297,6 +309,7 @@ pub fn create_acpi_tables(
     write_bytes(mem, facs_addr, &facs, "ACPI FACS")?;
     write_bytes(mem, dsdt_addr, &dsdt, "ACPI DSDT")?;
     write_bytes(mem, madt_addr, &madt, "ACPI MADT")?;
+    write_bytes(mem, mcfg_addr, &mcfg, "ACPI MCFG")?;
     write_bytes(mem, xsdt_addr, &xsdt, "ACPI XSDT")?;
     write_bytes(mem, rsdp_addr, &rsdp, "ACPI RSDP")?;
     Ok(GuestAddress(rsdp_addr))

@@ -89,6 +89,13 @@ pub fn e820_table(mem: &GuestMemoryMmap) -> Result<Vec<E820Entry>, ArchError> {
     if !saw_low {
         return Err(ArchError::NoLowMemory);
     }
+    // Linux uses the MCFG's ECAM window only if the firmware reserved it.
+    table.push(E820Entry {
+        addr: PCI_ECAM_BASE,
+        size: PCI_ECAM_SIZE,
+        type_: E820_RESERVED,
+    });
+    table.sort_by_key(|e| e.addr);
     Ok(table)
 }
 

@@ -29,6 +29,18 @@ pub const MMIO_HOLE_END: u64 = 1 << 32;
 
 /// The IOAPIC's MMIO window.
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+
+/// PCI Express enhanced configuration space (ECAM / MMCONFIG): 256 buses x
+/// 32 devices x 8 functions x 4 KiB, described to the guest by the MCFG
+/// table. PCI BARs go in the 32-bit window below it.
+pub const PCI_ECAM_BASE: u64 = 0xe000_0000;
+pub const PCI_ECAM_SIZE: u64 = 0x1000_0000;
+/// Where 32-bit PCI memory BARs live: the MMIO hole up to ECAM.
+pub const PCI_MMIO32_START: u64 = MMIO_HOLE_START;
+pub const PCI_MMIO32_END: u64 = PCI_ECAM_BASE;
+// ECAM lies in the MMIO hole, after the BAR window, before the IOAPIC.
+const _: () =
+    assert!(PCI_ECAM_BASE >= MMIO_HOLE_START && PCI_ECAM_BASE + PCI_ECAM_SIZE <= IOAPIC_ADDR);
 /// The local APIC's MMIO window (same for every vCPU).
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 

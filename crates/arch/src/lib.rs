@@ -17,6 +17,7 @@ mod cpu;
 pub mod layout;
 mod loader;
 pub mod mptable;
+pub mod tiny_elf;
 
 pub use bootparams::{e820_table, E820Entry, E820_RAM, E820_RESERVED};
 pub use cpu::{

@@ -431,6 +431,11 @@ fn e820_for_small_memory() {
                 size: 63 * MIB,
                 type_: E820_RAM
             },
+            E820Entry {
+                addr: PCI_ECAM_BASE,
+                size: PCI_ECAM_SIZE,
+                type_: E820_RESERVED
+            },
         ]
     );
 }
@@ -440,19 +445,23 @@ fn e820_with_memory_above_4gib() {
     // Mappings are lazy: 5 GiB of address space costs nothing here.
     let m = mem(5 << 30);
     let e = e820_table(&m).unwrap();
-    assert_eq!(e.len(), 4);
+    assert_eq!(e.len(), 5);
     assert_eq!(
         (e[2].addr, e[2].addr + e[2].size),
         (HIMEM_START, MMIO_HOLE_START)
     );
     assert_eq!(
         (e[3].addr, e[3].size, e[3].type_),
+        (PCI_ECAM_BASE, PCI_ECAM_SIZE, E820_RESERVED)
+    );
+    assert_eq!(
+        (e[4].addr, e[4].size, e[4].type_),
         (1 << 32, 2 << 30, E820_RAM)
     );
-    // Nothing claims the hole.
-    assert!(e
-        .iter()
-        .all(|x| x.addr + x.size <= MMIO_HOLE_START || x.addr >= MMIO_HOLE_END));
+    // No RAM in the hole; only ECAM is reserved there.
+    assert!(e.iter().all(|x| x.type_ != E820_RAM
+        || x.addr + x.size <= MMIO_HOLE_START
+        || x.addr >= MMIO_HOLE_END));
 }
 
 #[test]
@@ -715,7 +724,8 @@ fn linux64_boot_of_an_elf_writes_zero_page_and_long_mode_state() {
         vec![
             (0, 0x9fc00, 1),
             (0x9fc00, 0x60400, 2),
-            (0x100000, 127 * MIB, 1)
+            (0x100000, 127 * MIB, 1),
+            (PCI_ECAM_BASE, PCI_ECAM_SIZE, 2)
         ]
     );
 
@@ -858,7 +868,8 @@ fn pvh_boot_writes_start_info_and_32bit_state() {
         vec![
             (0, 0x9fc00, 1),
             (0x9fc00, 0x60400, 2),
-            (0x100000, 63 * MIB, 1)
+            (0x100000, 63 * MIB, 1),
+            (PCI_ECAM_BASE, PCI_ECAM_SIZE, 2)
         ]
     );
     // The MP table is there for PVH too.
@@ -877,9 +888,30 @@ fn acpi_tables_walk_and_checksum() {
         assert_eq!(acpi.rsdp, rsdp.0);
         assert_eq!(acpi.rsdp, RSDP_START);
         let sigs: Vec<&[u8]> = acpi.tables.iter().map(|t| &t.bytes[0..4]).collect();
-        assert_eq!(sigs, vec![b"FACP" as &[u8], b"APIC"]);
+        assert_eq!(sigs, vec![b"FACP" as &[u8], b"APIC", b"MCFG"]);
         assert!(acpi.facs_addr > 0);
     }
+}
+
+#[test]
+fn mcfg_describes_ecam_for_bus_0_to_255() {
+    let m = mem(64 * MIB);
+    acpi::create_acpi_tables(&m, 1, &[]).unwrap();
+    let acpi = parse_acpi(&m);
+    let t = &acpi.get(b"MCFG").bytes;
+    // Header (36) + reserved (8), then one 16-byte allocation entry.
+    assert_eq!(t.len(), 36 + 8 + 16);
+    let e = &t[44..60];
+    assert_eq!(
+        u64::from_le_bytes(e[0..8].try_into().unwrap()),
+        PCI_ECAM_BASE
+    );
+    assert_eq!(
+        u16::from_le_bytes(e[8..10].try_into().unwrap()),
+        0,
+        "segment"
+    );
+    assert_eq!((e[10], e[11]), (0, 255), "buses");
 }
 
 #[test]

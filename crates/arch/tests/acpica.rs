@@ -128,6 +128,10 @@ fn iasl_disassembles_every_table_cleanly() {
                     assert!(dsl.contains("PC-AT Compatibility : 1"), "{dsl}");
                     assert_eq!(dsl.matches("[Interrupt Source Override]").count(), 2);
                 }
+                "mcfg" => {
+                    assert!(dsl.contains("Base Address : 00000000E0000000"), "{dsl}");
+                    assert!(dsl.contains("End Bus Number : FF"), "{dsl}");
+                }
                 "dsdt" => {
                     assert!(dsl.contains("Name (_S5, Package (0x04)"), "{dsl}");
                     assert!(dsl.contains("Device (PCI0)"), "{dsl}");
@@ -138,7 +142,7 @@ fn iasl_disassembles_every_table_cleanly() {
                         "{dsl}"
                     );
                     assert!(
-                        dsl.contains("0xFEBFFFFF,         // Range Maximum"),
+                        dsl.contains("0xDFFFFFFF,         // Range Maximum"),
                         "{dsl}"
                     );
                 }

@@ -1,1 +1,337 @@
-//! block (work in progress)
+//! Disk images for Vireo: the layer below virtio-blk.
+//!
+//! Synchronous positional I/O on image files, with no knowledge of guests or
+//! devices. Two formats: raw files (or block devices) and qcow2 (version 2
+//! read-only, version 3 read/write, backing-file chains).
+//!
+//! Every value read from an image file is treated as hostile: a corrupt or
+//! crafted image yields a [`BlockError`], never a panic or an allocation
+//! larger than the file's own metadata limits.
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+pub mod qcow2;
+pub mod raw;
+
+pub use qcow2::create_qcow2_overlay;
+
+/// How deep a backing chain may be before we assume a loop.
+pub const MAX_BACKING_DEPTH: usize = 32;
+
+/// Image file formats Vireo understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ImageFormat {
+    Raw,
+    Qcow2,
+}
+
+impl ImageFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+impl fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for ImageFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "raw" => Ok(ImageFormat::Raw),
+            "qcow2" => Ok(ImageFormat::Qcow2),
+            other => Err(format!(
+                "unknown disk image format '{other}' (expected raw or qcow2)"
+            )),
+        }
+    }
+}
+
+/// Everything that can go wrong with a disk image. Messages are one line and
+/// name the file concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("{}: {op}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: io::Error,
+    },
+    #[error("{} is a {actual} image but format={given} was given", path.display())]
+    FormatMismatch {
+        path: PathBuf,
+        actual: ImageFormat,
+        given: ImageFormat,
+    },
+    #[error("qcow2: {what} (image {})", path.display())]
+    Unsupported { path: PathBuf, what: String },
+    #[error("qcow2: corrupt {what} (image {})", path.display())]
+    Corrupt { path: PathBuf, what: String },
+    #[error("qcow2: image has internal snapshots; Vireo refuses to write to it (image {})", path.display())]
+    HasSnapshots { path: PathBuf },
+    #[error("backing file {name} not found (relative to {})", dir.display())]
+    BackingNotFound { name: String, dir: PathBuf },
+    #[error("backing chain of {} is deeper than {MAX_BACKING_DEPTH} images (a loop?)", path.display())]
+    BackingChainTooDeep { path: PathBuf },
+    #[error("request beyond the end of the disk: offset {offset} length {len}, disk size {size} (image {})", path.display())]
+    OutOfRange {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    #[error("{} is opened read-only", path.display())]
+    ReadOnly { path: PathBuf },
+    #[error("{} is in use by another process (lock held)", path.display())]
+    Locked { path: PathBuf },
+    #[error("{}: {what}", path.display())]
+    Invalid { path: PathBuf, what: String },
+}
+
+impl BlockError {
+    pub(crate) fn io(path: &Path, op: &'static str, source: io::Error) -> Self {
+        BlockError::Io {
+            path: path.to_path_buf(),
+            op,
+            source,
+        }
+    }
+}
+
+/// A disk image: a fixed-size array of bytes with positional access.
+///
+/// All methods are synchronous. `read_at`/`write_at` either transfer the
+/// whole buffer or fail; ranges beyond [`DiskImage::size`] are refused.
+pub trait DiskImage: Send {
+    /// Virtual size in bytes, as the guest sees it.
+    fn size(&self) -> u64;
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), BlockError>;
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), BlockError>;
+    /// Make every completed write durable (metadata included).
+    fn flush(&mut self) -> Result<(), BlockError>;
+    /// Advisory: the range's contents are no longer needed. Space may be
+    /// released; afterwards the range reads as zeros or (qcow2 v2 over a
+    /// backing file) as the backing file's data. Parts that cannot be
+    /// released (e.g. partial qcow2 clusters) are left untouched.
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), BlockError>;
+    /// The range reads as zeros afterwards, preferably without writing data.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), BlockError>;
+    fn read_only(&self) -> bool;
+    fn format(&self) -> ImageFormat;
+    fn path(&self) -> &Path;
+}
+
+/// Check that `[offset, offset+len)` lies within a disk of `size` bytes.
+pub(crate) fn check_range(path: &Path, size: u64, offset: u64, len: u64) -> Result<(), BlockError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(BlockError::OutOfRange {
+            path: path.to_path_buf(),
+            offset,
+            len,
+            size,
+        }),
+    }
+}
+
+/// Options for [`open_with`].
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// `None`: probe. An explicit format that contradicts the file is refused.
+    pub format: Option<ImageFormat>,
+    pub read_only: bool,
+    /// Open qcow2 backing files. When false an image with a backing file is
+    /// refused (used by the fuzzer so hostile images cannot name host files).
+    pub follow_backing: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            format: None,
+            read_only: false,
+            follow_backing: true,
+        }
+    }
+}
+
+fn format_of_file(file: &File, path: &Path) -> Result<ImageFormat, BlockError> {
+    let mut magic = [0u8; 4];
+    let mut got = 0;
+    while got < magic.len() {
+        match file.read_at(&mut magic[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(BlockError::io(path, "reading the header", e)),
+        }
+    }
+    if got == 4 && magic == qcow2::MAGIC.to_be_bytes() {
+        Ok(ImageFormat::Qcow2)
+    } else {
+        Ok(ImageFormat::Raw)
+    }
+}
+
+/// Guess an image's format from its contents: qcow2 magic "QFI\xfb", else raw.
+pub fn probe_format(path: &Path) -> Result<ImageFormat, BlockError> {
+    let file = File::open(path).map_err(|e| BlockError::io(path, "opening", e))?;
+    format_of_file(&file, path)
+}
+
+/// Open a disk image. `format == None` probes the contents; an explicit
+/// format that contradicts the file is refused (a qcow2 file opened as raw
+/// would expose its metadata to the guest).
+pub fn open(
+    path: &Path,
+    format: Option<ImageFormat>,
+    read_only: bool,
+) -> Result<Box<dyn DiskImage>, BlockError> {
+    open_with(
+        path,
+        &OpenOptions {
+            format,
+            read_only,
+            follow_backing: true,
+        },
+    )
+}
+
+/// [`open`] with every option.
+pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Box<dyn DiskImage>, BlockError> {
+    open_depth(path, opts, 0)
+}
+
+pub(crate) fn open_depth(
+    path: &Path,
+    opts: &OpenOptions,
+    depth: usize,
+) -> Result<Box<dyn DiskImage>, BlockError> {
+    if depth > MAX_BACKING_DEPTH {
+        return Err(BlockError::BackingChainTooDeep {
+            path: path.to_path_buf(),
+        });
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!opts.read_only)
+        .open(path)
+        .map_err(|e| BlockError::io(path, "opening", e))?;
+    lock_file(&file, path, opts.read_only)?;
+    let actual = format_of_file(&file, path)?;
+    if let Some(given) = opts.format {
+        if given != actual {
+            return Err(BlockError::FormatMismatch {
+                path: path.to_path_buf(),
+                actual,
+                given,
+            });
+        }
+    }
+    match actual {
+        ImageFormat::Raw => Ok(Box::new(raw::RawImage::from_file(
+            file,
+            path,
+            opts.read_only,
+        )?)),
+        ImageFormat::Qcow2 => Ok(Box::new(qcow2::Qcow2Image::from_file(
+            file, path, opts, depth,
+        )?)),
+    }
+}
+
+/// Advisory whole-file lock so two Vireo processes cannot write one image
+/// (or write an image another uses as a backing file). Shared for read-only.
+fn lock_file(file: &File, path: &Path, read_only: bool) -> Result<(), BlockError> {
+    let op = if read_only {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    } | libc::LOCK_NB;
+    // SAFETY: flock on a valid, owned descriptor; no memory is passed.
+    let r = unsafe { libc::flock(file.as_raw_fd(), op) };
+    if r == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Err(BlockError::Locked {
+            path: path.to_path_buf(),
+        })
+    } else {
+        Err(BlockError::io(path, "locking", err))
+    }
+}
+
+/// Release the lock taken by [`lock_file`]. Done explicitly before close
+/// because a child forked by another thread may briefly share the open file
+/// description (until its exec), which would keep an flock alive.
+pub(crate) fn unlock_file(file: &File) {
+    // SAFETY: flock on a valid, owned descriptor; no memory is passed.
+    unsafe {
+        libc::flock(file.as_raw_fd(), libc::LOCK_UN);
+    }
+}
+
+/// Read exactly `buf.len()` bytes at `offset`; bytes past the end of the
+/// file read as zeros.
+pub(crate) fn pread_zero_fill(
+    file: &File,
+    path: &Path,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<(), BlockError> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                return Ok(());
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(BlockError::io(path, "reading", e)),
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn pwrite_all(
+    file: &File,
+    path: &Path,
+    buf: &[u8],
+    offset: u64,
+) -> Result<(), BlockError> {
+    file.write_all_at(buf, offset)
+        .map_err(|e| BlockError::io(path, "writing", e))
+}
+
+/// Deallocate a byte range of a regular file (reads back as zeros).
+/// Returns false when the filesystem cannot do it.
+pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> bool {
+    let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return false;
+    };
+    // SAFETY: fallocate on a valid, owned descriptor; no memory is passed.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        )
+    };
+    r == 0
+}

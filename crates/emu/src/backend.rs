@@ -37,6 +37,7 @@ impl Hypervisor for EmuHypervisor {
 pub struct EmuVm {
     mem: Arc<PhysMem>,
     intc: RwLock<Arc<dyn InterruptController>>,
+    cpuid: RwLock<crate::cpuid::CpuidConfig>,
     /// The PC platform (a PC-mode VM, see [`EmuVm::new_pc`]).
     pc: Option<Arc<PcBoard>>,
 }
@@ -49,12 +50,11 @@ impl Default for EmuVm {
 
 impl EmuVm {
     /// A VM with the stand-in queue controller (GSI n -> vector 0x20 + n).
-    /// A bare CPU for tests of single instructions: every port and MMIO
-    /// access exits to the caller and HLT returns `Halt`.
     pub fn new() -> Self {
         EmuVm {
             mem: PhysMem::new(),
             intc: RwLock::new(Arc::new(QueueInterruptController::new(0x20))),
+            cpuid: RwLock::new(Default::default()),
             pc: None,
         }
     }
@@ -68,6 +68,7 @@ impl EmuVm {
         EmuVm {
             mem: PhysMem::new(),
             intc: RwLock::new(board.clone()),
+            cpuid: RwLock::new(crate::pc::cpuid_config()),
             pc: Some(board),
         }
     }
@@ -92,19 +93,28 @@ impl EmuVm {
                 pc.num_vcpus()
             ))
         })?;
-        let mut core = Core::new(index, MemView::new(self.mem.clone()), pc.clone());
+        let cpuid = *self.cpuid.read().unwrap_or_else(|e| e.into_inner());
+        let mut core = Core::with_cpuid(index, MemView::new(self.mem.clone()), pc.clone(), cpuid);
         // The engine's copy of IA32_APIC_BASE (the LAPIC page it decodes,
         // what get_sregs reports) starts as the platform's: BSP bit on
         // vCPU 0 only.
         if let Some(Ok(base)) = pc.shared().rdmsr(index, crate::msr::IA32_APIC_BASE) {
             core.st.msr.apic_base = base;
         }
+        // The platform's kicks set the flag the run loop polls on.
+        core.attention = link.signal.attention().clone();
         core.pc = Some(Box::new(link));
         Ok(EmuVcpu {
             core,
             buf: [0; 8],
             pending_read: None,
         })
+    }
+
+    /// What CPUID advertises for hardware the embedder provides (APIC, ...).
+    /// Like the controller, set it before creating vCPUs.
+    pub fn set_cpuid_config(&self, cfg: crate::cpuid::CpuidConfig) {
+        *self.cpuid.write().unwrap_or_else(|e| e.into_inner()) = cfg;
     }
 
     /// Plug in the platform's interrupt controllers. Must happen before the
@@ -123,10 +133,12 @@ impl EmuVm {
 
     /// Make a vCPU with its concrete type (tests and the lead's wiring).
     pub fn create_emu_vcpu(&self, index: u32) -> EmuVcpu {
-        let core = Core::new(
+        let cpuid = *self.cpuid.read().unwrap_or_else(|e| e.into_inner());
+        let core = Core::with_cpuid(
             index,
             MemView::new(self.mem.clone()),
             self.interrupt_controller(),
+            cpuid,
         );
         EmuVcpu {
             core,
@@ -216,6 +228,13 @@ impl EmuVcpu {
 
     pub fn core_mut(&mut self) -> &mut Core {
         &mut self.core
+    }
+
+    /// Set this flag (from any thread) after making an interrupt pending
+    /// for this vCPU: it polls its controller at the next block boundary
+    /// instead of within `POLL_INTERVAL` blocks. It does not end `run`.
+    pub fn irq_attention(&self) -> Arc<AtomicBool> {
+        self.core.attention.clone()
     }
 
     fn internal_error(&mut self, reason: String, rip: u64) -> Box<InternalError> {

@@ -20,13 +20,20 @@ pub enum Exc {
     /// The instruction needs data from the VMM (IN, MMIO read): it is
     /// restarted once the data is there. The request is in `Core::io`.
     Exit,
-    /// Something the engine does not implement.
-    Unimplemented(String),
+    /// Something the engine does not implement. Boxed so `Result<(), Exc>`
+    /// stays two registers wide on the hot path.
+    Unimplemented(Box<String>),
     /// Triple fault.
     Shutdown,
 }
 
 pub type R<T = ()> = Result<T, Exc>;
+
+impl Exc {
+    pub fn unimplemented(reason: impl Into<String>) -> Exc {
+        Exc::Unimplemented(Box::new(reason.into()))
+    }
+}
 
 #[inline]
 pub fn gp(error: u32) -> Exc {
@@ -83,6 +90,10 @@ pub enum RunExit {
     Internal { reason: String, rip: u64 },
 }
 
+/// Blocks run between interrupt-controller polls when nothing asked for one
+/// (a timer interrupt can be this late by a few microseconds).
+pub const POLL_INTERVAL: u32 = 64;
+
 pub struct Core {
     pub st: CpuState,
     pub mem: MemView,
@@ -105,13 +116,71 @@ pub struct Core {
     pub delivering: Option<u8>,
     /// An NMI handler is running: further NMIs wait for its IRET.
     pub nmi_blocked: bool,
+    /// Recent events for post-mortem debugging (block starts and
+    /// exceptions), oldest overwritten first.
+    pub history: History,
+    /// Debugging: print every block start to stderr (set by the embedder).
+    pub trace: bool,
+    /// What CPUID advertises beyond the fixed base set.
+    pub cpuid: crate::cpuid::CpuidConfig,
+    /// Set (from any thread) after making an interrupt pending for this
+    /// vCPU: it polls the controller at its next block boundary.
+    pub attention: Arc<AtomicBool>,
+    /// Poll the controller before the next block (IF may have become 1,
+    /// the TPR or an EOI may have changed what is deliverable).
+    pub poll_now: bool,
+    poll_countdown: u32,
     /// The PC platform (LAPIC, IOAPIC, PIC, PIT, kvmclock) this vCPU is
     /// wired to; `None` for a bare CPU whose devices are all in the VMM.
     pub pc: Option<Box<crate::pc::PcVcpu>>,
 }
 
+/// A small ring of recent block start RIPs and exceptions.
+#[derive(Debug, Clone)]
+pub struct History {
+    pub entries: [(u64, u32); 64],
+    pub next: usize,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        History {
+            entries: [(0, 0); 64],
+            next: 0,
+        }
+    }
+}
+
+/// History tag for a block start (other values: 0x100 + exception vector).
+pub const HIST_BLOCK: u32 = 0;
+
+impl History {
+    #[inline(always)]
+    pub fn push(&mut self, rip: u64, tag: u32) {
+        self.entries[self.next & 63] = (rip, tag);
+        self.next = self.next.wrapping_add(1);
+    }
+
+    /// Entries oldest first.
+    pub fn recent(&self) -> Vec<(u64, u32)> {
+        (0..64)
+            .map(|i| self.entries[(self.next + i) & 63])
+            .filter(|e| *e != (0, 0))
+            .collect()
+    }
+}
+
 impl Core {
     pub fn new(index: u32, mem: MemView, intc: Arc<dyn InterruptController>) -> Core {
+        Self::with_cpuid(index, mem, intc, crate::cpuid::CpuidConfig::default())
+    }
+
+    pub fn with_cpuid(
+        index: u32,
+        mem: MemView,
+        intc: Arc<dyn InterruptController>,
+        cpuid: crate::cpuid::CpuidConfig,
+    ) -> Core {
         Core {
             st: CpuState::reset(),
             mem,
@@ -128,6 +197,12 @@ impl Core {
             icount: 0,
             delivering: None,
             nmi_blocked: false,
+            history: History::default(),
+            trace: false,
+            cpuid,
+            attention: Arc::new(AtomicBool::new(false)),
+            poll_now: true,
+            poll_countdown: 0,
             pc: None,
         }
     }
@@ -366,8 +441,8 @@ impl Core {
             return Ok(());
         }
         if self.io.request.is_some() {
-            return Err(Exc::Unimplemented(
-                "more than one MMIO access in one instruction".into(),
+            return Err(Exc::unimplemented(
+                "more than one MMIO access in one instruction",
             ));
         }
         self.io.request = Some(ExitReq::MmioWrite { addr, size, data });
@@ -392,8 +467,8 @@ impl Core {
             return Ok(());
         }
         if self.io.request.is_some() {
-            return Err(Exc::Unimplemented(
-                "more than one port access in one instruction".into(),
+            return Err(Exc::unimplemented(
+                "more than one port access in one instruction",
             ));
         }
         self.io.request = Some(ExitReq::IoOut { port, size, data });
@@ -413,24 +488,41 @@ impl Core {
         if self.mem.refresh() {
             self.flush_all_caches();
         }
+        // Whatever the VMM did while we were out may have raised an interrupt.
+        self.poll_now = true;
         loop {
             if self.kick.load(Ordering::Relaxed) && self.kick.swap(false, Ordering::AcqRel) {
                 return RunExit::Interrupted;
             }
-            if self.pc.is_some() {
-                // The platform's interrupts, timers, HLT sleep and INIT/SIPI.
-                if let Some(exit) = crate::pc::before_block(self) {
-                    return exit;
-                }
-            } else {
-                if !self.int_shadow {
+            if !self.int_shadow {
+                // Asking the controller costs (a platform reads its clock):
+                // poll when something asked for it, else every few blocks.
+                let asked = self.attention.load(Ordering::Relaxed);
+                if self.poll_now || asked || self.poll_countdown == 0 {
+                    if asked {
+                        self.attention.store(false, Ordering::SeqCst);
+                    }
+                    self.poll_now = false;
+                    self.poll_countdown = POLL_INTERVAL;
                     if let Some(exit) = self.check_interrupts() {
                         return exit;
                     }
+                } else {
+                    self.poll_countdown -= 1;
                 }
-                if self.halted {
-                    return RunExit::Halt;
+            }
+            if self.pc.is_some() {
+                // Halted or waiting for SIPI: sleep until the platform has
+                // something for this vCPU (then poll), or leave.
+                if self.halted || self.pc.as_ref().is_some_and(|p| p.wait_sipi) {
+                    if let Some(exit) = crate::pc::idle(self) {
+                        return exit;
+                    }
+                    self.poll_now = true;
+                    continue;
                 }
+            } else if self.halted {
+                return RunExit::Halt;
             }
             let limit = if self.int_shadow { 1 } else { usize::MAX };
             self.int_shadow = false;
@@ -442,6 +534,10 @@ impl Core {
 
     /// Accept a pending NMI or external interrupt if the CPU can take it.
     fn check_interrupts(&mut self) -> Option<RunExit> {
+        if self.pc.is_some() {
+            // INIT/SIPI, NMI and interrupts in one platform look.
+            return crate::pc::poll(self);
+        }
         if !self.nmi_blocked && self.intc.take_nmi(self.index) {
             self.halted = false;
             self.nmi_blocked = true;
@@ -450,7 +546,8 @@ impl Core {
         if self.st.rflags & FLAG_IF == 0 {
             return None;
         }
-        let v = self.intc.take_pending(self.index)?;
+        let v = self.intc.pending_vector(self.index)?;
+        let v = self.intc.ack(self.index, v)?;
         self.halted = false;
         self.deliver_and_check(v, None, crate::exception::Kind::External)
     }
@@ -461,11 +558,15 @@ impl Core {
         error: Option<u32>,
         kind: crate::exception::Kind,
     ) -> Option<RunExit> {
+        self.history.push(
+            self.st.rip,
+            0x100 + vector as u32 + ((error.unwrap_or(0) & 0xffff) << 16),
+        );
         match crate::exception::deliver(self, vector, error, kind) {
             Ok(()) => None,
             Err(Exc::Shutdown) => Some(RunExit::Shutdown),
             Err(Exc::Unimplemented(reason)) => Some(RunExit::Internal {
-                reason,
+                reason: *reason,
                 rip: self.st.rip,
             }),
             Err(e) => Some(RunExit::Internal {
@@ -477,8 +578,17 @@ impl Core {
 
     /// Execute (part of) one basic block. Returns an exit if one is due.
     fn run_block(&mut self, limit: usize) -> Option<RunExit> {
+        self.history.push(self.st.rip, HIST_BLOCK);
+        if self.trace {
+            eprintln!(
+                "emu: block {:#x} rax={:#x} rsp={:#x}",
+                self.st.rip, self.st.gpr[0], self.st.gpr[4]
+            );
+        }
         let block = match crate::decode::fetch_block(self) {
-            Ok(b) => b,
+            // SAFETY: see `fetch_block`: the cache is not modified while the
+            // block runs (handlers never fetch blocks or flush the cache).
+            Ok(b) => unsafe { &*b },
             Err(e) => return self.handle_exc(e),
         };
         self.end_block = false;
@@ -524,7 +634,7 @@ impl Core {
             Exc::Unimplemented(reason) => {
                 self.io.request = None;
                 Some(RunExit::Internal {
-                    reason,
+                    reason: *reason,
                     rip: self.st.rip,
                 })
             }
@@ -539,5 +649,14 @@ impl Core {
         } else {
             self.st.seg[CS].base.wrapping_add(self.st.rip) & 0xffff_ffff
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The interpreter returns `R` from every handler: keep it in registers.
+    #[test]
+    fn result_fits_two_registers() {
+        assert!(std::mem::size_of::<super::R>() <= 16);
     }
 }

@@ -123,6 +123,9 @@ pub struct Msrs {
     pub sysenter_eip: u64,
     /// Added to the host TSC to form the guest's.
     pub tsc_offset: u64,
+    /// kvmclock MSR values (guest-physical address | enable bit).
+    pub kvm_system_time: u64,
+    pub kvm_wall_clock: u64,
 }
 
 /// All architectural registers of one vCPU.

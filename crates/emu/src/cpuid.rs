@@ -43,13 +43,39 @@ const LEAF1_EDX: u32 = FEAT_FPU
     | FEAT_SSE2;
 const LEAF1_ECX: u32 = FEAT_CX16 | FEAT_POPCNT | FEAT_HYPERVISOR;
 
+/// Features the embedder turns on when it provides the hardware behind them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuidConfig {
+    /// A local APIC is present (leaf 1 EDX.APIC).
+    pub apic: bool,
+    /// The APIC timer has TSC-deadline mode (leaf 1 ECX bit 24).
+    pub tsc_deadline: bool,
+    /// x2APIC MSRs are implemented (leaf 1 ECX bit 21).
+    pub x2apic: bool,
+    /// Advertise the KVM signature with kvmclock (the interrupt controller
+    /// supplies the pvclock data) and the TSC and APIC bus frequencies.
+    pub kvm_clock: bool,
+    /// Guest TSC frequency in kHz (leaf 0x40000010 EAX).
+    pub tsc_khz: u32,
+    /// APIC bus frequency in kHz (leaf 0x40000010 EBX).
+    pub apic_bus_khz: u32,
+}
+
+/// KVM paravirtual feature bits (leaf 0x40000001 EAX).
+pub const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
+pub const KVM_FEATURE_CLOCKSOURCE_STABLE_BIT: u32 = 1 << 24;
+
+pub const FEAT_APIC: u32 = 1 << 9;
+pub const FEAT_X2APIC: u32 = 1 << 21;
+pub const FEAT_TSC_DEADLINE: u32 = 1 << 24;
+
 fn regs(s: &[u8; 12]) -> [u32; 3] {
     let w = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
     [w(0), w(4), w(8)]
 }
 
 /// CPUID leaf `leaf`, subleaf `sub`, for vCPU `index`: [EAX, EBX, ECX, EDX].
-pub fn cpuid(index: u32, leaf: u32, _sub: u32) -> [u32; 4] {
+pub fn cpuid(cfg: &CpuidConfig, index: u32, leaf: u32, _sub: u32) -> [u32; 4] {
     match leaf {
         0 => {
             // "AuthenticAMD" is returned in EBX, EDX, ECX order.
@@ -60,13 +86,35 @@ pub fn cpuid(index: u32, leaf: u32, _sub: u32) -> [u32; 4] {
             // Family 0xf + 0x8 = 0x17 (Zen), model 1, stepping 1.
             let eax = 0x0080_0f11;
             let ebx = (index << 24) | (1 << 16) | (8 << 8);
-            [eax, ebx, LEAF1_ECX, LEAF1_EDX]
+            let mut ecx = LEAF1_ECX;
+            let mut edx = LEAF1_EDX;
+            if cfg.apic {
+                edx |= FEAT_APIC;
+                if cfg.tsc_deadline {
+                    ecx |= FEAT_TSC_DEADLINE;
+                }
+                if cfg.x2apic {
+                    ecx |= FEAT_X2APIC;
+                }
+            }
+            [eax, ebx, ecx, edx]
+        }
+        0x4000_0000 if cfg.kvm_clock => {
+            let [b, c, d] = regs(b"KVMKVMKVM\0\0\0");
+            [0x4000_0010, b, c, d]
         }
         0x4000_0000 => {
-            // Hypervisor leaf range present, no known signature (yet).
+            // Hypervisor leaf range present, no known signature.
             let [b, c, d] = regs(b"VireoEmuVire");
             [0x4000_0000, b, c, d]
         }
+        0x4000_0001 if cfg.kvm_clock => [
+            KVM_FEATURE_CLOCKSOURCE2 | KVM_FEATURE_CLOCKSOURCE_STABLE_BIT,
+            0,
+            0,
+            0,
+        ],
+        0x4000_0010 if cfg.kvm_clock => [cfg.tsc_khz, cfg.apic_bus_khz, 0, 0],
         0x8000_0000 => {
             let [b, d, c] = regs(b"AuthenticAMD");
             [0x8000_0008, b, c, d]
@@ -90,6 +138,9 @@ pub fn cpuid(index: u32, leaf: u32, _sub: u32) -> [u32; 4] {
             };
             [w(0), w(4), w(8), w(12)]
         }
+        // Invariant TSC: the embedder states a fixed TSC rate (the PC-mode
+        // engine derives its TSC from the host's monotonic clock).
+        0x8000_0007 if cfg.tsc_khz != 0 => [0, 0, 0, 1 << 8],
         0x8000_0008 => [(48 << 8) | crate::mmu::MAX_PHYS_BITS, 0, 0, 0],
         _ => [0; 4],
     }
@@ -101,23 +152,46 @@ mod tests {
 
     #[test]
     fn vendor_and_required_features() {
-        let r = cpuid(0, 0, 0);
+        let c = CpuidConfig::default();
+        let r = cpuid(&c, 0, 0, 0);
         let mut v = Vec::new();
         for x in [r[1], r[3], r[2]] {
             v.extend_from_slice(&x.to_le_bytes());
         }
         assert_eq!(&v, b"AuthenticAMD");
-        let f = cpuid(0, 1, 0);
+        let f = cpuid(&c, 0, 1, 0);
         for bit in [
             FEAT_FPU, FEAT_MSR, FEAT_PAE, FEAT_CX8, FEAT_CMOV, FEAT_FXSR, FEAT_SSE, FEAT_SSE2,
         ] {
             assert_ne!(f[3] & bit, 0);
         }
-        let e = cpuid(0, 0x8000_0001, 0);
+        let e = cpuid(&c, 0, 0x8000_0001, 0);
         assert_ne!(e[3] & EXT_LM, 0);
         assert_ne!(e[3] & EXT_SYSCALL, 0);
         // No XSAVE/AVX, no APERFMPERF leaf.
         assert_eq!(f[2] & (1 << 26), 0);
-        assert_eq!(cpuid(0, 6, 0), [0; 4]);
+        assert_eq!(cpuid(&c, 0, 6, 0), [0; 4]);
+        assert_eq!(f[3] & FEAT_APIC, 0, "no APIC unless configured");
+        let on = CpuidConfig {
+            apic: true,
+            tsc_deadline: true,
+            kvm_clock: true,
+            tsc_khz: 1_000_000,
+            ..Default::default()
+        };
+        let f = cpuid(&on, 0, 1, 0);
+        assert_ne!(f[3] & FEAT_APIC, 0);
+        assert_ne!(f[2] & FEAT_TSC_DEADLINE, 0);
+        let sig = cpuid(&on, 0, 0x4000_0000, 0);
+        let mut v = Vec::new();
+        for x in [sig[1], sig[2], sig[3]] {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        assert_eq!(&v, b"KVMKVMKVM\0\0\0");
+        assert_ne!(
+            cpuid(&on, 0, 0x4000_0001, 0)[0] & KVM_FEATURE_CLOCKSOURCE2,
+            0
+        );
+        assert_eq!(cpuid(&on, 0, 0x4000_0010, 0)[0], 1_000_000);
     }
 }

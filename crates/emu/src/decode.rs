@@ -119,7 +119,12 @@ fn ends_block(insn: &Instruction) -> bool {
 }
 
 /// The block starting at the current RIP, decoding it if needed.
-pub fn fetch_block(core: &mut Core) -> R<Arc<Block>> {
+///
+/// The pointer stays valid until the block cache is next modified, which
+/// only happens in `fetch_block` itself and in `Core::flush_all_caches`,
+/// never while a block executes; handing out a pointer instead of an `Arc`
+/// clone saves two atomic operations per block.
+pub fn fetch_block(core: &mut Core) -> R<*const Block> {
     let rip = core.st.rip;
     let bits = core.st.code_bits();
     let lin = core.rip_lin();
@@ -128,14 +133,15 @@ pub fn fetch_block(core: &mut Core) -> R<Arc<Block>> {
     let slot = ((rip ^ (rip >> 12)) as usize) & (JMP_CACHE - 1);
     if let Some(b) = &core.blocks.jmp[slot] {
         if b.rip == rip && b.phys == phys && b.bits == bits && valid(b) {
-            return Ok(b.clone());
+            return Ok(Arc::as_ptr(b));
         }
     }
     if let Some(b) = core.blocks.map.get(&phys) {
         if b.rip == rip && b.bits == bits && valid(b) {
             let b = b.clone();
-            core.blocks.jmp[slot] = Some(b.clone());
-            return Ok(b);
+            let p = Arc::as_ptr(&b);
+            core.blocks.jmp[slot] = Some(b);
+            return Ok(p);
         }
     }
     let b = Arc::new(decode_block(core, lin, rip, bits, entry.phys, entry.host)?);
@@ -144,8 +150,9 @@ pub fn fetch_block(core: &mut Core) -> R<Arc<Block>> {
     }
     core.blocks.decoded += 1;
     core.blocks.map.insert(phys, b.clone());
-    core.blocks.jmp[slot] = Some(b.clone());
-    Ok(b)
+    let p = Arc::as_ptr(&b);
+    core.blocks.jmp[slot] = Some(b);
+    Ok(p)
 }
 
 #[inline]
@@ -165,13 +172,13 @@ fn decode_block(
     host: *mut u8,
 ) -> R<Block> {
     if host.is_null() {
-        return Err(Exc::Unimplemented(format!(
+        return Err(Exc::unimplemented(format!(
             "executing from MMIO at physical {:#x}",
             page | (lin & 0xfff)
         )));
     }
     let Some(gen) = core.mem.mark_code(page) else {
-        return Err(Exc::Unimplemented("code page vanished".into()));
+        return Err(Exc::unimplemented("code page vanished"));
     };
     let off = (lin & 0xfff) as usize;
     let in_page = 4096 - off;
@@ -214,9 +221,7 @@ fn decode_block(
         if insn.is_invalid() && dec.last_error() == iced_x86::DecoderError::NoMoreBytes {
             // Truncated at the page end: the next page is not executable.
             if uops.is_empty() {
-                return Err(
-                    next_fault.unwrap_or(Exc::Unimplemented("instruction fetch failed".into()))
-                );
+                return Err(next_fault.unwrap_or(Exc::unimplemented("instruction fetch failed")));
             }
             break;
         }

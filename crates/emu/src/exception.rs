@@ -87,7 +87,7 @@ fn deliver_once(core: &mut Core, vector: u8, error: Option<u32>, kind: Kind) -> 
         return deliver_real(core, vector, ret);
     }
     if core.st.v86() {
-        return Err(Exc::Unimplemented("interrupt in virtual-8086 mode".into()));
+        return Err(Exc::unimplemented("interrupt in virtual-8086 mode"));
     }
     let error = if kind == Kind::Fault && has_error_code(vector) {
         Some(error.unwrap_or(0))
@@ -238,7 +238,7 @@ fn deliver_prot(
         0x0f => (true, true),
         0x06 => (false, false),
         0x07 => (false, true),
-        0x05 => return Err(Exc::Unimplemented("task gate in the IDT".into())),
+        0x05 => return Err(Exc::unimplemented("task gate in the IDT")),
         _ => return Err(gp(idt_err)),
     };
     gate_check(

@@ -18,6 +18,8 @@ pub const FS_BASE: u32 = 0xc000_0100;
 pub const GS_BASE: u32 = 0xc000_0101;
 pub const KERNEL_GS_BASE: u32 = 0xc000_0102;
 pub const TSC_AUX: u32 = 0xc000_0103;
+pub const MSR_KVM_WALL_CLOCK_NEW: u32 = 0x4b56_4d00;
+pub const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
 
 fn host_tsc() -> u64 {
     // SAFETY: RDTSC has no memory effects; x86-64 hosts always have it.
@@ -25,20 +27,20 @@ fn host_tsc() -> u64 {
 }
 
 pub fn guest_tsc(core: &Core) -> u64 {
-    if let Some(t) = crate::pc::guest_tsc(core) {
-        return t;
+    match core.intc.guest_tsc() {
+        Some(t) => t.wrapping_add(core.st.msr.tsc_offset),
+        None => host_tsc().wrapping_add(core.st.msr.tsc_offset),
     }
-    host_tsc().wrapping_add(core.st.msr.tsc_offset)
 }
 
 fn canonical(v: u64) -> bool {
     ((v << 16) as i64 >> 16) as u64 == v
 }
 
-/// RDMSR; None raises #GP.
+/// RDMSR; None raises #GP. MSRs the interrupt controller owns go to it.
 pub fn read(core: &Core, idx: u32) -> Option<u64> {
-    if let Some(r) = crate::pc::rdmsr(core, idx) {
-        return r;
+    if let Some(r) = core.intc.rdmsr(core.index, idx) {
+        return r.ok();
     }
     let m = &core.st.msr;
     Some(match idx {
@@ -57,6 +59,8 @@ pub fn read(core: &Core, idx: u32) -> Option<u64> {
         GS_BASE => core.st.seg[GS].base,
         KERNEL_GS_BASE => m.kernel_gs_base,
         TSC_AUX => m.tsc_aux,
+        MSR_KVM_SYSTEM_TIME_NEW if core.cpuid.kvm_clock => m.kvm_system_time,
+        MSR_KVM_WALL_CLOCK_NEW if core.cpuid.kvm_clock => m.kvm_wall_clock,
         _ => return None,
     })
 }
@@ -67,11 +71,17 @@ pub struct MsrFault;
 
 /// WRMSR; Err raises #GP.
 pub fn write(core: &mut Core, idx: u32, v: u64) -> Result<(), MsrFault> {
-    if let Some(r) = crate::pc::wrmsr(core, idx, v) {
+    if let Some(r) = core.intc.wrmsr(core.index, idx, v) {
+        if idx == IA32_APIC_BASE && r.is_ok() {
+            core.st.msr.apic_base = v;
+        }
         return r;
     }
     match idx {
-        IA32_TSC => core.st.msr.tsc_offset = v.wrapping_sub(host_tsc()),
+        IA32_TSC => {
+            let base = core.intc.guest_tsc().unwrap_or_else(host_tsc);
+            core.st.msr.tsc_offset = v.wrapping_sub(base);
+        }
         IA32_APIC_BASE => core.st.msr.apic_base = v & !(1 << 8),
         IA32_SYSENTER_CS => core.st.msr.sysenter_cs = v & 0xffff,
         IA32_SYSENTER_ESP => core.st.msr.sysenter_esp = v,
@@ -120,7 +130,33 @@ pub fn write(core: &mut Core, idx: u32, v: u64) -> Result<(), MsrFault> {
             }
         }
         TSC_AUX => core.st.msr.tsc_aux = v & 0xffff_ffff,
+        MSR_KVM_SYSTEM_TIME_NEW if core.cpuid.kvm_clock => {
+            if v & 1 != 0 {
+                let info = core.intc.pvclock_time_info(core.index).ok_or(MsrFault)?;
+                write_guest_bytes(core, v & !1, &info)?;
+            }
+            core.st.msr.kvm_system_time = v;
+        }
+        MSR_KVM_WALL_CLOCK_NEW if core.cpuid.kvm_clock => {
+            let wc = core.intc.pvclock_wall_clock().ok_or(MsrFault)?;
+            write_guest_bytes(core, v, &wc)?;
+            core.st.msr.kvm_wall_clock = v;
+        }
         _ => return Err(MsrFault),
+    }
+    Ok(())
+}
+
+/// Write a paravirtual structure to guest-physical RAM (kvmclock pages);
+/// #GP if it is not RAM.
+fn write_guest_bytes(core: &Core, gpa: u64, bytes: &[u8]) -> Result<(), MsrFault> {
+    for (i, b) in bytes.iter().enumerate() {
+        if !core
+            .mem
+            .write_phys(gpa.wrapping_add(i as u64), 1, *b as u64)
+        {
+            return Err(MsrFault);
+        }
     }
     Ok(())
 }

@@ -176,7 +176,7 @@ fn code_target(core: &mut Core, sel: u16, new_cpl: u8, for_return: bool) -> R<Se
     if desc & (1 << 44) == 0 {
         let ty = (desc >> 40) & 0xf;
         if ty == 0x4 || ty == 0xc || ty == 0x5 || ty == 0x9 || ty == 0x1 {
-            return Err(Exc::Unimplemented(format!(
+            return Err(Exc::unimplemented(format!(
                 "far transfer through system descriptor type {ty:#x}"
             )));
         }

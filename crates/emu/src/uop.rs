@@ -141,6 +141,10 @@ pub fn build(insn: &Instruction) -> Uop {
         Mnemonic::Adc if two => h_adc,
         Mnemonic::Sbb if two => h_sbb,
         Mnemonic::Mul if o0 != Opnd::None && u.size == 8 => h_mul64,
+        Mnemonic::Imul if insn.op_count() >= 2 => h_imul,
+        Mnemonic::Shl | Mnemonic::Sal if two => h_shl,
+        Mnemonic::Shr if two => h_shr,
+        Mnemonic::Sar if two => h_sar,
         Mnemonic::Test if two => h_test,
         Mnemonic::Inc => h_inc,
         Mnemonic::Dec => h_dec,
@@ -435,4 +439,63 @@ fn h_push64(core: &mut Core, u: &Uop) -> R {
 fn h_pop64(core: &mut Core, u: &Uop) -> R {
     let v = exec::pop(core, 8)?;
     write(core, u, u.ops[0], 8, v)
+}
+
+/// IMUL r, r/m and IMUL r, r/m, imm.
+fn h_imul(core: &mut Core, u: &Uop) -> R {
+    let size = u.size;
+    let (a, b) = if u.ops[2] == Opnd::None {
+        (
+            read(core, u, u.ops[0], size)?,
+            read(core, u, u.ops[1], size)?,
+        )
+    } else {
+        (
+            read(core, u, u.ops[1], size)?,
+            read(core, u, u.ops[2], size)?,
+        )
+    };
+    let p = (sext(a, size) as i64 as i128) * (sext(b, size) as i64 as i128);
+    let lo = (p as u64) & mask(size);
+    write(core, u, u.ops[0], size, lo)?;
+    let mut f = Flags::set(FlagOp::Logic, size, lo, 0, lo).materialize(core.st.rflags);
+    f &= !(crate::cpu::FLAG_CF | crate::cpu::FLAG_OF);
+    if sext(lo, size) as i64 as i128 != p {
+        f |= crate::cpu::FLAG_CF | crate::cpu::FLAG_OF;
+    }
+    core.st.set_rflags(f);
+    Ok(())
+}
+
+#[inline(always)]
+fn shift_fast(core: &mut Core, u: &Uop, op: FlagOp) -> R {
+    let size = u.size;
+    let cmask = if size == 8 { 63 } else { 31 };
+    let count = (read(core, u, u.ops[1], 1)? & cmask) as u32;
+    let d = read(core, u, u.ops[0], size)?;
+    if count == 0 {
+        // No flag change; a 32-bit register destination is still written.
+        if size == 4 && matches!(u.ops[0], Opnd::Reg { .. }) {
+            write(core, u, u.ops[0], size, d)?;
+        }
+        return Ok(());
+    }
+    let res = match op {
+        FlagOp::Shl => ((d as u128) << count) as u64,
+        FlagOp::Shr => d >> count,
+        _ => ((sext(d, size) as i64) >> count) as u64,
+    };
+    write(core, u, u.ops[0], size, res)?;
+    core.st.flags = Flags::set(op, size, d, count as u64, res);
+    Ok(())
+}
+
+fn h_shl(core: &mut Core, u: &Uop) -> R {
+    shift_fast(core, u, FlagOp::Shl)
+}
+fn h_shr(core: &mut Core, u: &Uop) -> R {
+    shift_fast(core, u, FlagOp::Shr)
+}
+fn h_sar(core: &mut Core, u: &Uop) -> R {
+    shift_fast(core, u, FlagOp::Sar)
 }

@@ -556,3 +556,103 @@ fn sse_requires_osfxsr_and_ts_raises_nm() {
     g.run_to_halt();
     assert_eq!(g.regs().rax, 7, "#NM with CR0.TS");
 }
+
+#[test]
+fn enter_and_leave_frames() {
+    let mut g = guest();
+    g.load_code(&asm64!(|a| {
+        a.mov(rbp, 0x1234u64)?;
+        a.push(rbp)?;
+        a.mov(rbp, rsp)?;
+        a.sub(rsp, 0x20)?;
+        a.leave()?;
+        a.mov(r8, rsp)?;
+        a.mov(r9, rbp)?;
+        a.enter(0x10, 0)?;
+        a.mov(r10, rsp)?;
+        a.leave()?;
+        a.mov(r11, rsp)?;
+        a.hlt()?;
+    }));
+    g.run_to_halt();
+    let r = g.regs();
+    assert_eq!(r.r8, STACK_TOP);
+    assert_eq!(r.r9, 0x1234);
+    assert_eq!(r.r10, STACK_TOP - 8 - 0x10);
+    assert_eq!(r.r11, STACK_TOP);
+    assert_eq!(r.rbp, 0x1234);
+}
+
+/// A controller that owns an APIC-like MSR, a fixed guest TSC and kvmclock.
+struct MockPlatform;
+
+impl emu::InterruptController for MockPlatform {
+    fn trigger_gsi(&self, _gsi: u32) {}
+    fn pending_vector(&self, _vcpu: u32) -> Option<u8> {
+        None
+    }
+    fn ack(&self, _vcpu: u32, _vector: u8) -> Option<u8> {
+        None
+    }
+    fn rdmsr(&self, _vcpu: u32, msr: u32) -> Option<Result<u64, emu::irq::MsrFault>> {
+        match msr {
+            0x6e0 => Some(Ok(0x6e06e0)),
+            0x8ff => Some(Err(emu::irq::MsrFault)),
+            _ => None,
+        }
+    }
+    fn guest_tsc(&self) -> Option<u64> {
+        Some(0x1234_5678_9abc)
+    }
+    fn pvclock_time_info(&self, _vcpu: u32) -> Option<[u8; 32]> {
+        let mut b = [0u8; 32];
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = i as u8 + 1;
+        }
+        Some(b)
+    }
+}
+
+#[test]
+fn platform_msrs_tsc_and_kvmclock() {
+    let cfg = emu::cpuid::CpuidConfig {
+        apic: true,
+        kvm_clock: true,
+        tsc_khz: 1_000_000,
+        ..Default::default()
+    };
+    let mut g = Guest::with_platform(16 << 20, Some(std::sync::Arc::new(MockPlatform)), cfg);
+    g.long_mode();
+    g.load_code(&asm64!(|a| {
+        a.mov(ecx, 0x6e0)?;
+        a.rdmsr()?;
+        a.mov(r8, rax)?;
+        a.rdtsc()?;
+        a.shl(rdx, 32)?;
+        a.or(rax, rdx)?;
+        a.mov(r9, rax)?;
+        // Enable kvmclock at DATA.
+        a.mov(ecx, 0x4b56_4d01)?;
+        a.mov(eax, (DATA | 1) as u32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.mov(eax, 0x4000_0000)?;
+        a.cpuid()?;
+        a.mov(r10, rbx)?;
+        // An MSR the platform refuses: #GP.
+        a.mov(ecx, 0x8ff)?;
+        a.rdmsr()?;
+    }));
+    g.run_to_halt();
+    let r = g.regs();
+    assert_eq!(r.r8, 0x6e06e0);
+    assert_eq!(r.r9, 0x1234_5678_9abc);
+    assert_eq!(
+        r.r10,
+        u32::from_le_bytes(*b"KVMK") as u64,
+        "CPUID 0x40000000 EBX"
+    );
+    assert_eq!(g.r8(DATA), 1);
+    assert_eq!(g.r8(DATA + 31), 32);
+    assert_eq!(r.rax, 13);
+}

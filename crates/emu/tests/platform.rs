@@ -468,26 +468,41 @@ fn kvmclock_writes_an_advancing_pvclock_structure() {
 
 #[test]
 fn cpuid_advertises_the_platform() {
-    let g = pc_guest(1);
-    let c = g.vcpu.core();
-    let l1 = emu::pc::cpuid(c, 1, 0);
+    // What the guest sees: leaves 1, 0x40000000/1/10 and 0x80000007.
+    const R: u64 = OUT;
+    let mut g = pc_guest(1);
+    g.load_code(&asm_at(CODE, |a| {
+        a.mov(rdi, R)?;
+        for leaf in [1u32, 0x4000_0000, 0x4000_0001, 0x4000_0010, 0x8000_0007] {
+            a.mov(eax, leaf)?;
+            a.xor(ecx, ecx)?;
+            a.cpuid()?;
+            a.mov(dword_ptr(rdi), eax)?;
+            a.mov(dword_ptr(rdi + 4), ebx)?;
+            a.mov(dword_ptr(rdi + 8), ecx)?;
+            a.mov(dword_ptr(rdi + 12), edx)?;
+            a.add(rdi, 16)?;
+        }
+        a.hlt()?;
+        Ok(())
+    }));
+    run_to_halt(&mut g);
+    let leaf = |i: u64| [0, 4, 8, 12].map(|o| g.r32(R + i * 16 + o));
+    let l1 = leaf(0);
     assert_ne!(l1[3] & (1 << 9), 0, "APIC");
     assert_ne!(l1[2] & (1 << 24), 0, "TSC-deadline");
-    let h = emu::pc::cpuid(c, 0x4000_0000, 0);
+    let h = leaf(1);
     let mut sig = Vec::new();
     for r in &h[1..] {
         sig.extend_from_slice(&r.to_le_bytes());
     }
     assert_eq!(&sig, b"KVMKVMKVM\0\0\0");
     assert!(h[0] >= 0x4000_0001);
-    let f = emu::pc::cpuid(c, 0x4000_0001, 0);
+    let f = leaf(2);
     assert_ne!(f[0] & (1 << 3), 0, "CLOCKSOURCE2");
     assert_ne!(f[0] & (1 << 24), 0, "CLOCKSOURCE_STABLE_BIT");
-    assert_ne!(emu::pc::cpuid(c, 0x8000_0007, 0)[3] & (1 << 8), 0);
-    // A bare CPU has none of it.
-    let bare = Guest::new(1 << 20);
-    let b1 = emu::pc::cpuid(bare.vcpu.core(), 1, 0);
-    assert_eq!(b1[3] & (1 << 9), 0);
+    assert_eq!(leaf(3)[0], 1_000_000, "TSC kHz: 1 GHz");
+    assert_ne!(leaf(4)[3] & (1 << 8), 0, "invariant TSC");
 }
 
 fn run_ap_until_halt(ap: &mut EmuVcpu, stop: &AtomicBool) -> String {

@@ -1,1 +1,138 @@
-//! virtio (work in progress)
+//! Virtio 1.x devices for Vireo over the modern PCI transport.
+//!
+//! - [`transport::VirtioPciDevice`]: a [`pci::PciDevice`] exposing the
+//!   virtio vendor capabilities (common, notify, ISR, device config) and
+//!   MSI-X in BAR 0, the device status state machine and feature
+//!   negotiation.
+//! - [`queue`]: split virtqueues with strict descriptor-chain validation.
+//! - [`VirtioDevice`] / [`QueueWorker`]: what a device implements. Queue
+//!   processing runs on a worker thread per device, woken through one
+//!   eventfd per queue, so vCPU threads only flip an eventfd on a notify.
+//! - [`rng::Rng`]: virtio-entropy fed from the host's `getrandom`.
+
+pub mod block;
+pub mod console;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod queue;
+pub mod rng;
+pub mod transport;
+
+use std::sync::Arc;
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use queue::{DescChain, Descriptor, QueueConfig, QueueError, VirtQueue};
+pub use transport::{VirtioPciDevice, VirtioPciError};
+
+/// Device status bits (virtio 1.x 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u8 = 1;
+    pub const DRIVER: u8 = 2;
+    pub const DRIVER_OK: u8 = 4;
+    pub const FEATURES_OK: u8 = 8;
+    pub const DEVICE_NEEDS_RESET: u8 = 0x40;
+    pub const FAILED: u8 = 0x80;
+}
+
+/// Transport feature bits.
+pub mod features {
+    pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+    pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+    pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+}
+
+/// Device type IDs.
+pub mod device_type {
+    pub const NET: u32 = 1;
+    pub const BLOCK: u32 = 2;
+    pub const CONSOLE: u32 = 3;
+    pub const RNG: u32 = 4;
+}
+
+/// How a device (or its worker) interrupts the driver.
+pub trait VirtioInterrupt: Send + Sync {
+    /// Used buffers were added to queue `queue`.
+    fn signal_queue(&self, queue: u16);
+    /// The device status changed (NEEDS_RESET): a configuration interrupt
+    /// without a new configuration generation.
+    fn signal_config(&self);
+    /// The device-specific configuration changed: bump config_generation
+    /// (so the driver rereads consistently) and interrupt.
+    fn config_changed(&self);
+}
+
+/// Why activation failed (the transport then sets DEVICE_NEEDS_RESET).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ActivateError {
+    #[error("device activation failed: {0}")]
+    Failed(String),
+}
+
+/// What [`QueueWorker::process_queue`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Processed {
+    /// Something was added to the used ring (an interrupt may be due).
+    pub used: bool,
+    /// Chains remain available that the device cannot consume yet (e.g.
+    /// receive buffers with no input): do not spin on them.
+    pub stalled: bool,
+}
+
+/// The part of a device that runs on its worker thread after DRIVER_OK.
+pub trait QueueWorker: Send {
+    /// Consume what queue `index` has available. An error marks the device
+    /// DEVICE_NEEDS_RESET and stops all processing until reset.
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut VirtQueue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Processed, QueueError>;
+
+    /// An eventfd the worker thread also waits on, for work that arrives
+    /// from the host side (console input). `None` for most devices.
+    fn host_event(&self) -> Option<&EventFd> {
+        None
+    }
+
+    /// The queues to service when [`QueueWorker::host_event`] fires.
+    fn host_event_queues(&self) -> Vec<usize> {
+        Vec::new()
+    }
+}
+
+/// A virtio device model, independent of the transport.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// One entry per queue: its maximum size (a power of two).
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Device feature bits offered; the transport adds VERSION_1,
+    /// INDIRECT_DESC and EVENT_IDX.
+    fn features(&self) -> u64;
+    /// PCI class code (0xCCSSPP).
+    fn pci_class(&self) -> u32 {
+        0xff_00_00
+    }
+    /// Bytes of device-specific configuration space.
+    fn config_len(&self) -> usize {
+        0
+    }
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0)
+    }
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// DRIVER_OK: `features` are the negotiated ones. Returns the worker
+    /// that processes the queues; it gets each live queue and guest memory
+    /// on every call, and `interrupt` is for events outside queue
+    /// processing (the transport raises queue interrupts itself).
+    fn activate(
+        &mut self,
+        features: u64,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Result<Box<dyn QueueWorker>, ActivateError>;
+    /// Device reset (status 0): forget everything the driver set up.
+    fn reset(&mut self) {}
+}

@@ -172,6 +172,64 @@ impl Default for MemSize {
     }
 }
 
+/// One virtio-blk disk: `path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    /// raw or qcow2; probed from the file when absent.
+    #[serde(default)]
+    pub format: Option<String>,
+    #[serde(default)]
+    pub readonly: bool,
+    /// What the guest reads as the disk's serial (at most 20 bytes).
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
+fn on_off(key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{key}={v}: expected on or off")),
+    }
+}
+
+impl FromStr for DiskConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut d = DiskConfig {
+            path: PathBuf::new(),
+            format: None,
+            readonly: false,
+            serial: None,
+        };
+        for part in s.split(',') {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("bad disk option '{part}' in '{s}' (expected key=value)"))?;
+            match k {
+                "path" => d.path = PathBuf::from(v),
+                "format" => {
+                    v.parse::<block::ImageFormat>()?;
+                    d.format = Some(v.to_string());
+                }
+                "readonly" | "ro" => d.readonly = on_off(k, v)?,
+                "serial" => d.serial = Some(v.to_string()),
+                _ => {
+                    return Err(format!(
+                        "unknown disk option '{k}' (expected path, format, readonly, serial)"
+                    ))
+                }
+            }
+        }
+        if d.path.as_os_str().is_empty() {
+            return Err(format!("disk '{s}' has no path=FILE"));
+        }
+        Ok(d)
+    }
+}
+
 fn default_cpus() -> u32 {
     1
 }
@@ -199,6 +257,12 @@ pub struct VmConfig {
     pub serial: SerialMode,
     #[serde(default)]
     pub boot: BootProtocol,
+    /// A virtio-rng device fed from the host's getrandom.
+    #[serde(default)]
+    pub rng: bool,
+    /// virtio-blk disks, in PCI slot order.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
 }
 
 /// Memory the guest must have at least: page tables, tables and a kernel.
@@ -217,6 +281,8 @@ impl VmConfig {
             accel: Accel::Auto,
             serial: SerialMode::Stdio,
             boot: BootProtocol::Linux,
+            rng: false,
+            disks: Vec::new(),
         }
     }
 
@@ -308,6 +374,35 @@ mod tests {
         assert_eq!(t, j);
         assert_eq!(t.cmdline, DEFAULT_CMDLINE);
         assert!(toml::from_str::<VmConfig>("kernel = \"/k\"\nbogus = 1\n").is_err());
+    }
+
+    #[test]
+    fn disk_options_parse() {
+        let d: DiskConfig = "path=/d.qcow2,format=qcow2,readonly=on,serial=abc"
+            .parse()
+            .unwrap();
+        assert_eq!(d.path, PathBuf::from("/d.qcow2"));
+        assert_eq!(d.format.as_deref(), Some("qcow2"));
+        assert!(d.readonly);
+        assert_eq!(d.serial.as_deref(), Some("abc"));
+        assert!("format=raw"
+            .parse::<DiskConfig>()
+            .unwrap_err()
+            .contains("no path"));
+        assert!("path=/d,format=vmdk"
+            .parse::<DiskConfig>()
+            .unwrap_err()
+            .contains("vmdk"));
+        assert!("path=/d,readonly=maybe".parse::<DiskConfig>().is_err());
+        assert!("path=/d,cache=none"
+            .parse::<DiskConfig>()
+            .unwrap_err()
+            .contains("cache"));
+        let t: VmConfig =
+            toml::from_str("kernel = \"/k\"\n[[disks]]\npath = \"/a.img\"\nreadonly = true\n")
+                .unwrap();
+        assert_eq!(t.disks.len(), 1);
+        assert!(t.disks[0].readonly);
     }
 
     #[test]

@@ -2,12 +2,15 @@
 //! the loop that answers their exits. Backend-neutral: it talks to KVM and to
 //! the software engine only through the `hypervisor` traits.
 
+pub mod api;
 pub mod config;
 pub mod console;
+pub mod control;
 mod vm;
 
 pub use config::{Accel, BootProtocol, MemSize, SerialMode, VmConfig};
-pub use vm::{Boot, RawBoot, RawMode, Vm, VmSpec};
+pub use control::{ControlError, RunState, VmControl};
+pub use vm::{Boot, DeviceInfo, RawBoot, RawMode, Vm, VmInfo, VmSpec};
 
 /// Why a VM stopped. Each reason has a documented process exit code.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +25,8 @@ pub enum VmExit {
     InternalError { vcpu: u32, detail: String },
     /// The user quit from the console (Ctrl-A X).
     UserQuit,
+    /// Stopped through the management API.
+    Stopped,
     /// The VMM itself failed while the guest ran.
     Error(String),
 }
@@ -36,6 +41,7 @@ pub mod exit_code {
     pub const TRIPLE_FAULT: i32 = 4;
     pub const INTERNAL_ERROR: i32 = 5;
     pub const USER_QUIT: i32 = 0;
+    pub const STOPPED: i32 = 0;
 }
 
 impl VmExit {
@@ -46,6 +52,7 @@ impl VmExit {
             VmExit::TripleFault { .. } => exit_code::TRIPLE_FAULT,
             VmExit::InternalError { .. } => exit_code::INTERNAL_ERROR,
             VmExit::UserQuit => exit_code::USER_QUIT,
+            VmExit::Stopped => exit_code::STOPPED,
             VmExit::Error(_) => exit_code::VMM_ERROR,
         }
     }
@@ -64,6 +71,7 @@ impl std::fmt::Display for VmExit {
             }
             VmExit::InternalError { vcpu, detail } => write!(f, "vCPU {vcpu} stopped: {detail}"),
             VmExit::UserQuit => write!(f, "stopped by the user (Ctrl-A X)"),
+            VmExit::Stopped => write!(f, "stopped through the API"),
             VmExit::Error(e) => write!(f, "VMM error: {e}"),
         }
     }
@@ -83,8 +91,9 @@ pub enum VmmError {
     Device(String),
 }
 
-/// Build the VM a configuration describes, run it to the end, and say why it stopped.
-pub fn run(config: &VmConfig) -> Result<VmExit, VmmError> {
+/// Build the VM a configuration describes, run it to the end, and say why
+/// it stopped. With `api_socket`, serve the management API there meanwhile.
+pub fn run(config: &VmConfig, api_socket: Option<&std::path::Path>) -> Result<VmExit, VmmError> {
     config.validate()?;
     let (out, input): (Box<dyn std::io::Write + Send>, bool) = match &config.serial {
         SerialMode::Stdio => (Box::new(console::RawStdout), true),
@@ -102,6 +111,13 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmmError> {
     };
     let spec = VmSpec::from_config(config)?;
     let vm = Vm::new(spec, out)?;
+    let _api = match api_socket {
+        Some(path) => Some(
+            api::ApiServer::start(path, vm.api_context(Some(config.clone())))
+                .map_err(VmmError::Io)?,
+        ),
+        None => None,
+    };
     let _console = if input {
         Some(console::StdinForwarder::start(
             vm.serial(),

@@ -2,7 +2,6 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,6 +11,7 @@ use hypervisor::{CpuState, Hypervisor, Vcpu, VcpuExit, VcpuKicker};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::config::{Accel, BootProtocol, VmConfig};
+use crate::control::VmControl;
 use crate::{VmExit, VmmError};
 
 /// How a raw test image is entered (tiny hand-assembled guests).
@@ -51,6 +51,10 @@ pub struct VmSpec {
     pub memory: u64,
     pub cpus: u32,
     pub boot: Boot,
+    /// A virtio-rng device on PCI.
+    pub rng: bool,
+    /// virtio-blk disks on PCI.
+    pub disks: Vec<crate::config::DiskConfig>,
 }
 
 impl VmSpec {
@@ -60,6 +64,8 @@ impl VmSpec {
             accel: c.accel,
             memory: c.memory.0,
             cpus: c.cpus,
+            rng: c.rng,
+            disks: c.disks.clone(),
             boot: Boot::Linux {
                 kernel: c.kernel.clone(),
                 initrd: c.initrd.clone(),
@@ -86,6 +92,25 @@ struct VcpuHandle {
     thread: std::thread::JoinHandle<()>,
 }
 
+/// What a running VM reports about itself (the API's `vm.info`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VmInfo {
+    pub state: crate::control::RunState,
+    pub accel: hypervisor::AccelKind,
+    pub memory_bytes: u64,
+    pub vcpus: u32,
+    pub devices: Vec<DeviceInfo>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceInfo {
+    pub name: &'static str,
+    /// "pio" or "mmio".
+    pub bus: &'static str,
+    pub base: u64,
+    pub len: u64,
+}
+
 pub struct Vm {
     #[allow(dead_code)]
     hv: Arc<dyn Hypervisor>,
@@ -98,6 +123,9 @@ pub struct Vm {
     vcpus: Vec<Box<dyn Vcpu>>,
     exit_tx: Sender<VmExit>,
     exit_rx: Receiver<VmExit>,
+    control: Arc<VmControl>,
+    info: VmInfo,
+    acpi_pm: Arc<Mutex<devices::acpi::AcpiPm>>,
 }
 
 const COM1_BASE: u64 = 0x3f8;
@@ -163,54 +191,48 @@ impl Vm {
             })
         };
 
-        let pio = Bus::new();
+        let mut map = DeviceMap {
+            pio: Arc::new(Bus::new()),
+            mmio: Arc::new(Bus::new()),
+            list: Vec::new(),
+        };
+        let mut add = |name: &'static str, base: u64, len: u64, dev: Arc<Mutex<dyn BusDevice>>| {
+            map.add(BusKind::Pio, name, base, len, dev)
+        };
         let serial = Arc::new(Mutex::new(devices::serial::Serial::new(
             vm.irq_line(COM1_IRQ)?,
             serial_out,
         )));
-        insert(&pio, COM1_BASE, 8, serial.clone())?;
-        insert(
-            &pio,
-            0x60,
-            5,
-            Arc::new(Mutex::new(devices::i8042::I8042::new(
-                events.clone(),
-                Some(vm.irq_line(1)?),
-            ))),
-        )?;
+        add("serial (COM1)", COM1_BASE, 8, serial.clone())?;
+        let i8042 = devices::i8042::I8042::new(events.clone(), Some(vm.irq_line(1)?));
+        add("i8042", 0x60, 5, Arc::new(Mutex::new(i8042)))?;
         let below_4g = spec.memory.min(arch::layout::MMIO_HOLE_START);
         let cmos = devices::rtc::CmosMemory {
             below_4g,
             above_4g: spec.memory - below_4g,
         };
-        insert(
-            &pio,
-            0x70,
-            2,
-            Arc::new(Mutex::new(devices::rtc::CmosRtc::new(Some(cmos)))),
-        )?;
-        insert(
-            &pio,
-            arch::layout::ACPI_PM_BASE as u64,
-            12,
-            Arc::new(Mutex::new(devices::acpi::AcpiPm::new(
-                events.clone(),
-                Some(vm.irq_line(arch::layout::ACPI_SCI_IRQ as u32)?),
-            ))),
-        )?;
-        insert(
-            &pio,
+        let rtc = devices::rtc::CmosRtc::new(Some(cmos));
+        add("cmos-rtc", 0x70, 2, Arc::new(Mutex::new(rtc)))?;
+        let sci = vm.irq_line(arch::layout::ACPI_SCI_IRQ as u32)?;
+        let pm = Arc::new(Mutex::new(devices::acpi::AcpiPm::new(
+            events.clone(),
+            Some(sci),
+        )));
+        add("acpi-pm", arch::layout::ACPI_PM_BASE as u64, 12, pm.clone())?;
+        let reset = devices::acpi::ResetControl::new(events.clone());
+        add(
+            "reset-control",
             arch::layout::RESET_PORT as u64,
             1,
-            Arc::new(Mutex::new(devices::acpi::ResetControl::new(events.clone()))),
+            Arc::new(Mutex::new(reset)),
         )?;
         // Ports Linux pokes with nothing behind them: the POST/delay ports,
         // DMA page registers and the other COM ports.
         let sink: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(devices::sink::Ignored::new()));
         for (base, len) in [(0x80, 0x10), (0xed, 1), (0x2f8, 8), (0x3e8, 8), (0x2e8, 8)] {
-            insert_dyn(&pio, base, len, sink.clone())?;
+            add("ignored", base, len, sink.clone())?;
         }
-        let mmio = Bus::new();
+        setup_pci(&mut map, vm.clone(), &memory, &spec)?;
 
         let bsp_state = load_boot(&memory, &boot, spec.cpus)?;
         let mut vcpus = Vec::with_capacity(spec.cpus as usize);
@@ -222,17 +244,51 @@ impl Vm {
             vcpus.push(vcpu);
         }
 
+        let info = VmInfo {
+            state: crate::control::RunState::Running,
+            accel: hv.kind(),
+            memory_bytes: spec.memory,
+            vcpus: spec.cpus,
+            devices: map.list,
+        };
         Ok(Vm {
+            acpi_pm: pm,
+            control: VmControl::new(),
+            info,
             hv,
             vm,
             memory,
-            pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
+            pio: map.pio,
+            mmio: map.mmio,
             serial,
             vcpus,
             exit_tx,
             exit_rx,
         })
+    }
+
+    /// Pause/resume/stop for this VM, usable from any thread.
+    pub fn control(&self) -> Arc<VmControl> {
+        self.control.clone()
+    }
+
+    /// What the management API needs to serve this VM.
+    pub fn api_context(&self, config: Option<VmConfig>) -> crate::api::ApiContext {
+        crate::api::ApiContext {
+            control: self.control.clone(),
+            info: self.info.clone(),
+            config,
+            exits: self.exit_tx.clone(),
+            power_button: self.acpi_pm.clone(),
+        }
+    }
+
+    /// A snapshot of the VM's state and make-up.
+    pub fn info(&self) -> VmInfo {
+        VmInfo {
+            state: self.control.state(),
+            ..self.info.clone()
+        }
     }
 
     pub fn serial(&self) -> Arc<Mutex<devices::serial::Serial>> {
@@ -259,23 +315,26 @@ impl Vm {
 
     /// Run every vCPU on a thread of its own until the first reason to stop.
     pub fn run(mut self) -> VmExit {
-        let stop = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::new();
         for vcpu in self.vcpus.drain(..) {
             let kicker = vcpu.kicker();
+            self.control.add_vcpu(kicker.clone());
             let ctx = VcpuContext {
                 pio: self.pio.clone(),
                 mmio: self.mmio.clone(),
                 exits: self.exit_tx.clone(),
-                stop: stop.clone(),
+                control: self.control.clone(),
             };
             let index = vcpu.index();
             match std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || ctx.run(vcpu))
-            {
+                .spawn(move || {
+                    ctx.run(vcpu);
+                    ctx.control.vcpu_exited();
+                }) {
                 Ok(thread) => handles.push(VcpuHandle { kicker, thread }),
                 Err(e) => {
+                    self.control.vcpu_exited();
                     let _ = self.exit_tx.send(VmExit::Error(format!(
                         "cannot start vCPU {index} thread: {e}"
                     )));
@@ -287,10 +346,7 @@ impl Vm {
             .exit_rx
             .recv()
             .unwrap_or_else(|_| VmExit::Error("every vCPU thread ended".into()));
-        stop.store(true, Ordering::SeqCst);
-        for h in &handles {
-            h.kicker.kick();
-        }
+        self.control.request_stop();
         // Give the threads a moment to leave the guest; a vCPU stuck in a
         // host call is left behind rather than hanging the VMM.
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
@@ -307,23 +363,110 @@ impl Vm {
     }
 }
 
-fn insert<D: BusDevice + 'static>(
-    bus: &Bus,
-    base: u64,
-    len: u64,
-    dev: Arc<Mutex<D>>,
-) -> Result<(), VmmError> {
-    insert_dyn(bus, base, len, dev)
+#[derive(Clone, Copy)]
+enum BusKind {
+    Pio,
+    Mmio,
 }
 
-fn insert_dyn(
-    bus: &Bus,
-    base: u64,
-    len: u64,
-    dev: Arc<Mutex<dyn BusDevice>>,
+/// The VM's two buses and what was put on them (for `vm.info`).
+struct DeviceMap {
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    list: Vec<DeviceInfo>,
+}
+
+impl DeviceMap {
+    fn add(
+        &mut self,
+        kind: BusKind,
+        name: &'static str,
+        base: u64,
+        len: u64,
+        dev: Arc<Mutex<dyn BusDevice>>,
+    ) -> Result<(), VmmError> {
+        let (bus, label) = match kind {
+            BusKind::Pio => (&self.pio, "pio"),
+            BusKind::Mmio => (&self.mmio, "mmio"),
+        };
+        bus.insert(base, len, dev)
+            .map_err(|e| VmmError::Device(format!("{name} at {label} {base:#x}: {e}")))?;
+        self.list.push(DeviceInfo {
+            name,
+            bus: label,
+            base,
+            len,
+        });
+        Ok(())
+    }
+}
+
+/// PCI bus 0 (host bridge, configuration through 0xcf8/0xcfc and ECAM) and
+/// the virtio devices the VM asked for, with MSI-X through the backend.
+fn setup_pci(
+    map: &mut DeviceMap,
+    vm: Arc<dyn hypervisor::Vm>,
+    memory: &GuestMemoryMmap,
+    spec: &VmSpec,
 ) -> Result<(), VmmError> {
-    bus.insert(base, len, dev)
-        .map_err(|e| VmmError::Device(format!("device at {base:#x}: {e}")))
+    use arch::layout::{PCI_ECAM_BASE, PCI_ECAM_SIZE, PCI_MMIO32_END, PCI_MMIO32_START};
+    let bus = Arc::new(pci::PciBus::new(map.mmio.clone(), map.pio.clone()));
+    let cfg = pci::PciConfigIo::new(bus.clone());
+    // 0xcf9 is the reset register: the address port is 0xcf8 alone.
+    let address = Arc::new(Mutex::new(cfg.address_port()));
+    map.add(
+        BusKind::Pio,
+        "pci-config-address",
+        pci::CONFIG_ADDRESS_PORT,
+        1,
+        address,
+    )?;
+    let data = Arc::new(Mutex::new(cfg.data_port()));
+    let (port, len) = (pci::CONFIG_DATA_PORT, pci::CONFIG_DATA_LEN);
+    map.add(BusKind::Pio, "pci-config-data", port, len, data)?;
+    let ecam = Arc::new(Mutex::new(pci::PciConfigMmio::new(bus.clone())));
+    map.add(
+        BusKind::Mmio,
+        "pci-ecam",
+        PCI_ECAM_BASE,
+        PCI_ECAM_SIZE,
+        ecam,
+    )?;
+
+    let mut bars = pci::BarAllocator::new(
+        pci::AddressWindow::new(PCI_MMIO32_START, PCI_MMIO32_END),
+        None,
+        pci::AddressWindow::new(pci::IO_WINDOW_START, pci::IO_WINDOW_END),
+    );
+    let msi: pci::MsiSink = Arc::new(move |addr, data| {
+        if let Err(e) = vm.signal_msi(addr, data) {
+            tracing::warn!("MSI {addr:#x}/{data:#x} not delivered: {e}");
+        }
+    });
+    let mut add_virtio = |name: String, dev: Box<dyn virtio::VirtioDevice>| {
+        let dev = virtio::VirtioPciDevice::new(dev, memory.clone(), msi.clone())
+            .map_err(|e| VmmError::Device(format!("{name}: {e}")))?;
+        let slot = bus
+            .add_device(Arc::new(Mutex::new(dev)), &mut bars)
+            .map_err(|e| VmmError::Device(format!("{name} on PCI: {e}")))?;
+        tracing::info!("{name} at PCI 00:{slot:02x}.0");
+        Ok::<(), VmmError>(())
+    };
+    for (i, d) in spec.disks.iter().enumerate() {
+        let format = match &d.format {
+            Some(f) => Some(f.parse::<block::ImageFormat>().map_err(VmmError::Config)?),
+            None => None,
+        };
+        let image = block::open(&d.path, format, d.readonly)
+            .map_err(|e| VmmError::Config(format!("disk {}: {e}", d.path.display())))?;
+        let serial = d.serial.clone().unwrap_or_else(|| format!("vireo-disk{i}"));
+        let blk = virtio::block::Block::new(image, &serial);
+        add_virtio(format!("virtio-blk {}", d.path.display()), Box::new(blk))?;
+    }
+    if spec.rng {
+        add_virtio("virtio-rng".into(), Box::new(virtio::rng::Rng::new()))?;
+    }
+    Ok(())
 }
 
 /// Put the boot image into guest memory and return the boot vCPU's state.
@@ -384,13 +527,13 @@ struct VcpuContext {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     exits: Sender<VmExit>,
-    stop: Arc<AtomicBool>,
+    control: Arc<VmControl>,
 }
 
 impl VcpuContext {
-    fn run(self, mut vcpu: Box<dyn Vcpu>) {
+    fn run(&self, mut vcpu: Box<dyn Vcpu>) {
         let index = vcpu.index();
-        while !self.stop.load(Ordering::Acquire) {
+        while self.control.checkpoint() {
             let exit = match vcpu.run() {
                 Ok(e) => e,
                 Err(e) => {

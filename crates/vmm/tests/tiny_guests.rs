@@ -114,11 +114,17 @@ fn power_off(a: &mut CodeAssembler) {
 }
 
 fn run_raw(accel: Accel, image: Vec<u8>, mode: RawMode) -> (VmExit, String, Vm2) {
+    run_raw_with(accel, image, mode, false)
+}
+
+fn run_raw_with(accel: Accel, image: Vec<u8>, mode: RawMode, rng: bool) -> (VmExit, String, Vm2) {
     let cap = Capture::default();
     let spec = VmSpec {
         accel,
         memory: 64 << 20,
         cpus: 1,
+        rng,
+        disks: Vec::new(),
         boot: Boot::Raw(RawBoot {
             load_addr: LOAD,
             image,
@@ -192,34 +198,67 @@ fn real_mode_guest_prints_and_powers_off() {
     }
 }
 
-#[test]
-fn protected_mode_guest_prints_and_powers_off() {
+/// A flat guest in `bits`-bit code entered with `mode` prints and powers off.
+fn hello(bits: u32, mode: RawMode, name: &str) {
     for accel in accels() {
-        let msgs = ["hello from protected mode\n"];
-        let code = assemble(32, |a| {
-            print(a, 32, LOAD + msg_at(&msgs, 0));
+        let text = format!("hello from {name} mode\n");
+        let msgs = [text.as_str()];
+        let code = assemble(bits, |a| {
+            print(a, bits, LOAD + msg_at(&msgs, 0));
             power_off(a);
         });
-        let image = with_messages(code, &msgs);
-        let (exit, out, _) = run_raw(accel, image, RawMode::Protected { entry: LOAD });
-        assert_eq!(out, "hello from protected mode\n", "{accel:?}");
+        let (exit, out, _) = run_raw(accel, with_messages(code, &msgs), mode);
+        assert_eq!(out, text, "{accel:?}");
         assert_eq!(exit, VmExit::PowerOff, "{accel:?}");
     }
 }
 
 #[test]
+fn protected_mode_guest_prints_and_powers_off() {
+    hello(32, RawMode::Protected { entry: LOAD }, "protected");
+}
+
+#[test]
 fn long_mode_guest_prints_and_powers_off() {
-    for accel in accels() {
-        let msgs = ["hello from long mode\n"];
-        let code = assemble(64, |a| {
-            print(a, 64, LOAD + msg_at(&msgs, 0));
-            power_off(a);
-        });
-        let image = with_messages(code, &msgs);
-        let (exit, out, _) = run_raw(accel, image, RawMode::Long { entry: LOAD });
-        assert_eq!(out, "hello from long mode\n", "{accel:?}");
-        assert_eq!(exit, VmExit::PowerOff, "{accel:?}");
-    }
+    hello(64, RawMode::Long { entry: LOAD }, "long");
+}
+
+/// A 64-bit guest that runs `checks` (which jump to the label they are
+/// given on failure), prints "<name> ok" or "<name> bad", and powers off;
+/// returns what the guest printed and the MMIO probe.
+fn run_checks(
+    accel: Accel,
+    name: &str,
+    checks: impl FnOnce(&mut CodeAssembler, CodeLabel),
+) -> (VmExit, String, Vm2) {
+    run_checks_with(accel, name, false, checks)
+}
+
+fn run_checks_with(
+    accel: Accel,
+    name: &str,
+    rng: bool,
+    checks: impl FnOnce(&mut CodeAssembler, CodeLabel),
+) -> (VmExit, String, Vm2) {
+    let (ok, bad) = (format!("{name} ok\n"), format!("{name} bad\n"));
+    let msgs = [ok.as_str(), bad.as_str()];
+    let code = assemble(64, |a| {
+        let mut fail = a.create_label();
+        let mut end = a.create_label();
+        checks(a, fail);
+        print(a, 64, LOAD + msg_at(&msgs, 0));
+        a.jmp(end).unwrap();
+        a.set_label(&mut fail).unwrap();
+        print(a, 64, LOAD + msg_at(&msgs, 1));
+        a.set_label(&mut end).unwrap();
+        power_off(a);
+    });
+    run_raw_with(
+        accel,
+        with_messages(code, &msgs),
+        RawMode::Long { entry: LOAD },
+        rng,
+    )
 }
 
 /// Port reads reach real devices: CMOS register D says "valid" (0x80) and
@@ -227,10 +266,7 @@ fn long_mode_guest_prints_and_powers_off() {
 #[test]
 fn port_reads_reach_devices() {
     for accel in accels() {
-        let msgs = ["ports ok\n", "ports bad\n"];
-        let code = assemble(64, |a| {
-            let mut fail = a.create_label();
-            let mut end = a.create_label();
+        let (exit, out, _) = run_checks(accel, "ports", |a, fail| {
             a.mov(al, 0x0du32).unwrap();
             a.out(0x70, al).unwrap();
             a.in_(al, 0x71).unwrap();
@@ -240,15 +276,7 @@ fn port_reads_reach_devices() {
             a.in_(al, dx).unwrap();
             a.cmp(al, 0xff).unwrap();
             a.jne(fail).unwrap();
-            print(a, 64, LOAD + msg_at(&msgs, 0));
-            a.jmp(end).unwrap();
-            a.set_label(&mut fail).unwrap();
-            print(a, 64, LOAD + msg_at(&msgs, 1));
-            a.set_label(&mut end).unwrap();
-            power_off(a);
         });
-        let image = with_messages(code, &msgs);
-        let (exit, out, _) = run_raw(accel, image, RawMode::Long { entry: LOAD });
         assert_eq!(out, "ports ok\n", "{accel:?}");
         assert_eq!(exit, VmExit::PowerOff);
     }
@@ -259,29 +287,18 @@ fn port_reads_reach_devices() {
 #[test]
 fn mmio_exits_reach_the_mmio_bus() {
     for accel in accels() {
-        let msgs = ["mmio ok\n", "mmio bad\n"];
-        let code = assemble(64, |a| {
-            let mut fail = a.create_label();
-            let mut end = a.create_label();
+        let (exit, out, vm) = run_checks(accel, "mmio", |a, fail| {
             a.mov(rbx, MMIO_PROBE).unwrap();
             a.mov(eax, dword_ptr(rbx + 0x10)).unwrap();
             a.cmp(eax, 0x9abc_df00u32 as i32).unwrap();
             a.jne(fail).unwrap();
             a.mov(dword_ptr(rbx + 0x20), 0xcafe_f00du32 as i32).unwrap();
             a.mov(word_ptr(rbx + 0x30), 0x4242).unwrap();
-            a.mov(rbx, 0xe000_0000u64).unwrap(); // unclaimed
+            a.mov(rbx, 0xfe00_0000u64).unwrap(); // unclaimed: past ECAM, below the IOAPIC
             a.mov(eax, dword_ptr(rbx)).unwrap();
             a.cmp(eax, -1).unwrap();
             a.jne(fail).unwrap();
-            print(a, 64, LOAD + msg_at(&msgs, 0));
-            a.jmp(end).unwrap();
-            a.set_label(&mut fail).unwrap();
-            print(a, 64, LOAD + msg_at(&msgs, 1));
-            a.set_label(&mut end).unwrap();
-            power_off(a);
         });
-        let image = with_messages(code, &msgs);
-        let (exit, out, vm) = run_raw(accel, image, RawMode::Long { entry: LOAD });
         assert_eq!(out, "mmio ok\n", "{accel:?}");
         assert_eq!(exit, VmExit::PowerOff);
         let writes = vm.probe.lock().unwrap().writes.clone();
@@ -292,6 +309,40 @@ fn mmio_exits_reach_the_mmio_bus() {
                 (0x30, 0x4242u16.to_le_bytes().to_vec())
             ]
         );
+    }
+}
+
+/// PCI configuration space through both mechanisms: 0xcf8/0xcfc and ECAM
+/// see the host bridge in slot 0 and virtio-rng (1af4:1044) in slot 1; an
+/// empty slot reads all-ones.
+#[test]
+fn pci_config_space_shows_the_host_bridge_and_virtio_rng() {
+    for accel in accels() {
+        let (exit, out, _) = run_checks_with(accel, "pci", true, |a, fail| {
+            let cf8 = |a: &mut CodeAssembler, slot: u32| {
+                a.mov(eax, 0x8000_0000u32 | (slot << 11)).unwrap();
+                a.mov(dx, 0xcf8u32).unwrap();
+                a.out(dx, eax).unwrap();
+                a.mov(dx, 0xcfcu32).unwrap();
+                a.in_(eax, dx).unwrap();
+            };
+            cf8(a, 1);
+            a.cmp(eax, 0x1044_1af4).unwrap();
+            a.jne(fail).unwrap();
+            cf8(a, 0);
+            a.cmp(ax, 0x8086).unwrap(); // host bridge vendor
+            a.jne(fail).unwrap();
+            cf8(a, 7);
+            a.cmp(eax, -1).unwrap();
+            a.jne(fail).unwrap();
+            // ECAM: bus 0, device 1, function 0 at base + (1 << 15).
+            a.mov(rbx, arch::layout::PCI_ECAM_BASE + (1 << 15)).unwrap();
+            a.mov(eax, dword_ptr(rbx)).unwrap();
+            a.cmp(eax, 0x1044_1af4).unwrap();
+            a.jne(fail).unwrap();
+        });
+        assert_eq!(out, "pci ok\n", "{accel:?}");
+        assert_eq!(exit, VmExit::PowerOff);
     }
 }
 

@@ -223,7 +223,7 @@ pub fn cmpxchg_double(core: &mut Core, insn: &Instruction) -> R {
                 hi = h;
                 equal = ok;
             }
-            _ => return Err(crate::core::Exc::Unimplemented("CMPXCHG16B on MMIO".into())),
+            _ => return Err(crate::core::Exc::unimplemented("CMPXCHG16B on MMIO")),
         }
     } else {
         let expected = eax | (edx << 32);

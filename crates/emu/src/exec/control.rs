@@ -250,6 +250,7 @@ pub fn popf(core: &mut Core, insn: &Instruction) -> R {
     let v = pop(core, size)?;
     write_flags(core, v, size);
     // IF may have changed: let the run loop look at interrupts.
+    core.poll_now = true;
     core.end_block = true;
     Ok(())
 }
@@ -304,8 +305,11 @@ pub fn popa(core: &mut Core, insn: &Instruction) -> R {
 }
 
 pub fn leave(core: &mut Core, insn: &Instruction) -> R {
-    let size = stack_op_size(insn).max(2);
-    let size = if size > 8 { 8 } else { size };
+    let size: u8 = match insn.code() {
+        Code::Leavew => 2,
+        Code::Leaved => 4,
+        _ => 8,
+    };
     let old_sp = core.st.gpr[RSP];
     let ss = core.st.stack_size();
     set_sp(core, core.st.gpr[RBP] & mask(ss));
@@ -410,18 +414,19 @@ pub fn iret(core: &mut Core, insn: &Instruction) -> R {
         seg::far_transfer_cs(core, cs, rip)?;
         set_sp(core, sp.wrapping_add(3 * o));
         write_flags(core, fl, osz);
+        core.poll_now = true;
         core.end_block = true;
         core.next_rip = core.st.rip;
         return Ok(());
     }
     if core.st.v86() {
-        return Err(Exc::Unimplemented("IRET in virtual-8086 mode".into()));
+        return Err(Exc::unimplemented("IRET in virtual-8086 mode"));
     }
     if core.st.rflags & FLAG_NT != 0 && !core.st.long_mode() {
-        return Err(Exc::Unimplemented("IRET with NT set (task return)".into()));
+        return Err(Exc::unimplemented("IRET with NT set (task return)"));
     }
     if !core.st.long_mode() && fl & FLAG_VM != 0 && core.st.cpl() == 0 && osz == 4 {
-        return Err(Exc::Unimplemented("IRET to virtual-8086 mode".into()));
+        return Err(Exc::unimplemented("IRET to virtual-8086 mode"));
     }
     let cpl = core.st.cpl();
     let rpl = (cs & 3) as u8;
@@ -446,6 +451,7 @@ pub fn iret(core: &mut Core, insn: &Instruction) -> R {
     // Flags are written with the privilege of the IRET itself (CPL before).
     write_flags_with_cpl(core, fl, osz, cpl);
     core.next_rip = core.st.rip;
+    core.poll_now = true;
     core.end_block = true;
     Ok(())
 }
@@ -467,7 +473,7 @@ pub fn syscall(core: &mut Core) -> R {
         return Err(ud());
     }
     if !core.st.long_mode() {
-        return Err(Exc::Unimplemented("SYSCALL outside long mode".into()));
+        return Err(Exc::unimplemented("SYSCALL outside long mode"));
     }
     let f = core.st.get_rflags();
     core.st.gpr[RCX] = core.next_rip;

@@ -270,7 +270,7 @@ pub fn stack_op_size(insn: &Instruction) -> u8 {
 }
 
 pub fn unimplemented(insn: &Instruction) -> Exc {
-    Exc::Unimplemented(format!(
+    Exc::unimplemented(format!(
         "instruction {:?} ({:?}) not implemented",
         insn.mnemonic(),
         insn.code()

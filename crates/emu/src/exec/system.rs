@@ -83,7 +83,11 @@ fn read_cr(core: &Core, r: Register) -> R<u64> {
         2 => core.st.cr2,
         3 => core.st.cr3,
         4 => core.st.cr4,
-        8 => core.st.cr8,
+        8 => core
+            .intc
+            .tpr(core.index)
+            .map(|t| t as u64)
+            .unwrap_or(core.st.cr8),
         _ => return Err(ud()),
     })
 }
@@ -114,6 +118,7 @@ fn mov_to_cr(core: &mut Core, insn: &Instruction, r: Register) -> R {
             }
             core.st.cr8 = v;
             core.intc.set_tpr(core.index, v as u8);
+            core.poll_now = true;
         }
         _ => return Err(ud()),
     }
@@ -219,6 +224,7 @@ pub fn execute_system(core: &mut Core, insn: &Instruction) -> R {
         M::Hlt => {
             need_cpl0(core)?;
             core.halted = true;
+            core.poll_now = true;
             core.end_block = true;
             Ok(())
         }
@@ -233,12 +239,18 @@ pub fn execute_system(core: &mut Core, insn: &Instruction) -> R {
                     core.int_shadow = true;
                 }
                 core.st.rflags |= FLAG_IF;
+                core.poll_now = true;
             }
             core.end_block = true;
             Ok(())
         }
         M::Cpuid => {
-            let r = crate::pc::cpuid(core, core.st.gpr[RAX] as u32, core.st.gpr[RCX] as u32);
+            let r = crate::cpuid::cpuid(
+                &core.cpuid,
+                core.index,
+                core.st.gpr[RAX] as u32,
+                core.st.gpr[RCX] as u32,
+            );
             core.st.gpr[RAX] = r[0] as u64;
             core.st.gpr[RBX] = r[1] as u64;
             core.st.gpr[RCX] = r[2] as u64;
@@ -268,6 +280,8 @@ pub fn execute_system(core: &mut Core, insn: &Instruction) -> R {
             need_cpl0(core)?;
             let v = (core.st.gpr[RAX] & 0xffff_ffff) | (core.st.gpr[RDX] << 32);
             crate::msr::write(core, core.st.gpr[RCX] as u32, v).map_err(|_| gp(0))?;
+            // An x2APIC EOI or TPR write can unmask the next interrupt.
+            core.poll_now = true;
             core.end_block = true;
             Ok(())
         }

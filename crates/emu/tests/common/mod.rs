@@ -48,8 +48,21 @@ pub struct Guest {
 
 impl Guest {
     pub fn new(size: usize) -> Guest {
+        Self::with_platform(size, None, Default::default())
+    }
+
+    /// A guest whose VM has `intc` as interrupt controller and `cpuid`.
+    pub fn with_platform(
+        size: usize,
+        intc: Option<std::sync::Arc<dyn emu::InterruptController>>,
+        cpuid: emu::cpuid::CpuidConfig,
+    ) -> Guest {
         let mut ram = vec![0u8; size].into_boxed_slice();
         let vm = EmuVm::new();
+        if let Some(i) = intc {
+            vm.set_interrupt_controller(i);
+        }
+        vm.set_cpuid_config(cpuid);
         // SAFETY: `ram` lives as long as the Guest and is dropped last.
         unsafe {
             vm.map_memory(0, 0, size as u64, ram.as_mut_ptr() as u64)

@@ -1,0 +1,83 @@
+//! Raw images and the format-independent entry points.
+
+mod common;
+
+use block::{open, probe_format, BlockError, ImageFormat};
+use common::*;
+
+#[test]
+fn raw_read_write_discard_zeroes() {
+    let dir = TempDir::new("raw");
+    let path = dir.join("disk.img");
+    let mut init = vec![0u8; 1 << 20];
+    Rng(5).fill(&mut init);
+    std::fs::write(&path, &init).unwrap();
+    assert_eq!(probe_format(&path).unwrap(), ImageFormat::Raw);
+
+    let mut d = open(&path, None, false).unwrap();
+    assert_eq!(d.format(), ImageFormat::Raw);
+    assert_eq!(d.size(), 1 << 20);
+    let mut buf = vec![0u8; 10000];
+    d.read_at(&mut buf, 12345).unwrap();
+    assert_eq!(&buf[..], &init[12345..22345]);
+
+    d.write_at(&[7u8; 5000], 4000).unwrap();
+    d.write_zeroes(65536, 65536 + 100).unwrap();
+    d.discard(0, 4096).unwrap(); // advisory: contents unspecified
+    d.flush().unwrap();
+    let mut b = vec![0u8; 5000];
+    d.read_at(&mut b, 4096).unwrap();
+    assert!(b[..3904].iter().all(|&x| x == 7));
+    let mut z = vec![1u8; 65636];
+    d.read_at(&mut z, 65536).unwrap();
+    assert!(z.iter().all(|&x| x == 0));
+
+    // Out of range, in every way.
+    for (off, len) in [(1u64 << 20, 1usize), ((1 << 20) - 1, 2), (u64::MAX, 1)] {
+        let mut b = vec![0u8; len];
+        let err = d.read_at(&mut b, off).expect_err("beyond end");
+        assert!(matches!(err, BlockError::OutOfRange { .. }));
+        assert!(
+            err.to_string()
+                .starts_with("request beyond the end of the disk"),
+            "{err}"
+        );
+        assert!(d.write_at(&b, off).is_err());
+    }
+    assert!(d.discard(u64::MAX - 1, 10).is_err());
+    drop(d);
+
+    // Read-only handles refuse every modification.
+    let mut r = open(&path, Some(ImageFormat::Raw), true).unwrap();
+    assert!(r.read_only());
+    assert!(matches!(
+        r.write_at(&[1], 0),
+        Err(BlockError::ReadOnly { .. })
+    ));
+    assert!(r.write_zeroes(0, 1).is_err());
+    assert!(r.discard(0, 4096).is_err());
+    r.flush().unwrap();
+}
+
+#[test]
+fn tiny_and_missing_files() {
+    let dir = TempDir::new("tiny");
+    let path = dir.join("t.img");
+    std::fs::write(&path, b"QF").unwrap();
+    // Too short for a magic: raw.
+    assert_eq!(probe_format(&path).unwrap(), ImageFormat::Raw);
+    let mut d = open(&path, None, true).unwrap();
+    assert_eq!(d.size(), 2);
+    let mut b = [0u8; 2];
+    d.read_at(&mut b, 0).unwrap();
+    assert_eq!(&b, b"QF");
+    let err = open(&dir.join("nope.img"), None, true)
+        .err()
+        .expect("missing");
+    assert!(err.to_string().contains("nope.img"), "{err}");
+    // A bare qcow2 magic in a raw-sized file is refused as raw and as qcow2.
+    std::fs::write(&path, b"QFI\xfb").unwrap();
+    assert!(open(&path, Some(ImageFormat::Raw), true).is_err());
+    let err = open(&path, None, true).err().expect("truncated qcow2");
+    assert!(err.to_string().contains("truncated"), "{err}");
+}

@@ -1,0 +1,537 @@
+//! virtio-blk (type 2): one request queue over a [`block::DiskImage`].
+//!
+//! A request is a chain: a 16-byte header (type, reserved, sector) and, for
+//! writes, the data in device-readable buffers; then, device-writable, the
+//! data for reads (or the 20-byte id) and one status byte last. Requests
+//! outside the disk, or writes to a read-only disk, complete with IOERR;
+//! a chain with no room for the status byte is a driver bug that marks the
+//! device broken (DEVICE_NEEDS_RESET).
+
+use std::sync::{Arc, Mutex};
+
+use block::{BlockError, DiskImage};
+use vm_memory::GuestMemoryMmap;
+
+use crate::{
+    device_type, ActivateError, DescChain, Processed, QueueError, QueueWorker, VirtQueue,
+    VirtioDevice, VirtioInterrupt,
+};
+
+pub const QUEUE_SIZE: u16 = 256;
+pub const SECTOR_SIZE: u64 = 512;
+/// Length of the id a GET_ID request returns.
+pub const ID_LEN: usize = 20;
+
+pub const VIRTIO_BLK_F_SIZE_MAX: u64 = 1 << 1;
+pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
+pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+pub const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
+pub const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
+
+pub const VIRTIO_BLK_T_IN: u32 = 0;
+pub const VIRTIO_BLK_T_OUT: u32 = 1;
+pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
+pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
+
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+
+/// Largest single data buffer and request the device announces and accepts.
+const SIZE_MAX: u32 = 1 << 20;
+const MAX_REQUEST_BYTES: u64 = 4 << 20;
+/// Discard / write-zeroes: one segment per request, up to 4 GiB - 512.
+const MAX_DISCARD_SECTORS: u32 = u32::MAX >> 9;
+
+type SharedDisk = Arc<Mutex<Box<dyn DiskImage>>>;
+
+/// The block device: a disk image and the id the guest reads as its serial.
+pub struct Block {
+    disk: SharedDisk,
+    capacity_sectors: u64,
+    read_only: bool,
+    id: [u8; ID_LEN],
+}
+
+impl Block {
+    /// `serial` is cut to 20 bytes (the driver's /sys/block/vdX/serial).
+    pub fn new(disk: Box<dyn DiskImage>, serial: &str) -> Self {
+        let capacity_sectors = disk.size() / SECTOR_SIZE;
+        let read_only = disk.read_only();
+        let mut id = [0u8; ID_LEN];
+        let s = serial.as_bytes();
+        let n = s.len().min(ID_LEN);
+        id[..n].copy_from_slice(&s[..n]);
+        Block {
+            disk: Arc::new(Mutex::new(disk)),
+            capacity_sectors,
+            read_only,
+            id,
+        }
+    }
+
+    fn config_bytes(&self) -> [u8; 60] {
+        let mut c = [0u8; 60];
+        c[0..8].copy_from_slice(&self.capacity_sectors.to_le_bytes());
+        c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes()); // size_max
+        c[12..16].copy_from_slice(&(QUEUE_SIZE as u32 - 2).to_le_bytes()); // seg_max
+        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+        c[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
+        c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes()); // max_discard_sectors
+        c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
+        c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
+        c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+        c[52..56].copy_from_slice(&1u32.to_le_bytes()); // max_write_zeroes_seg
+        c[56] = 1; // write_zeroes_may_unmap
+        c
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        device_type::BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = VIRTIO_BLK_F_SIZE_MAX
+            | VIRTIO_BLK_F_SEG_MAX
+            | VIRTIO_BLK_F_BLK_SIZE
+            | VIRTIO_BLK_F_FLUSH;
+        if self.read_only {
+            f |= VIRTIO_BLK_F_RO;
+        } else {
+            f |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        f
+    }
+
+    fn pci_class(&self) -> u32 {
+        0x01_80_00 // mass storage, other
+    }
+
+    fn config_len(&self) -> usize {
+        60
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let c = self.config_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = c.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn activate(
+        &mut self,
+        _features: u64,
+        _mem: GuestMemoryMmap,
+        _interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Result<Box<dyn QueueWorker>, ActivateError> {
+        Ok(Box::new(self.worker()))
+    }
+}
+
+impl Block {
+    /// The queue side; it shares the disk, which outlives device resets.
+    fn worker(&self) -> BlockWorker {
+        BlockWorker {
+            disk: self.disk.clone(),
+            capacity_sectors: self.capacity_sectors,
+            read_only: self.read_only,
+            id: self.id,
+        }
+    }
+}
+
+struct BlockWorker {
+    disk: SharedDisk,
+    capacity_sectors: u64,
+    read_only: bool,
+    id: [u8; ID_LEN],
+}
+
+/// A request's outcome: the status byte and the data to hand back before it.
+struct Outcome {
+    status: u8,
+    data: Vec<u8>,
+}
+
+impl Outcome {
+    fn status(status: u8) -> Self {
+        Outcome {
+            status,
+            data: Vec::new(),
+        }
+    }
+}
+
+impl BlockWorker {
+    /// Byte range of `sectors` sectors at `sector`, if it lies on the disk.
+    fn range(&self, sector: u64, bytes: u64) -> Option<u64> {
+        let end = sector.checked_mul(SECTOR_SIZE)?.checked_add(bytes)?;
+        (end <= self.capacity_sectors * SECTOR_SIZE).then_some(sector * SECTOR_SIZE)
+    }
+
+    fn io<T>(&self, what: &str, f: impl FnOnce(&mut dyn DiskImage) -> Result<T, BlockError>) -> u8 {
+        let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+        match f(disk.as_mut()) {
+            Ok(_) => VIRTIO_BLK_S_OK,
+            Err(e) => {
+                tracing::warn!("virtio-blk: {what} failed: {e}");
+                VIRTIO_BLK_S_IOERR
+            }
+        }
+    }
+
+    fn execute(&self, kind: u32, sector: u64, payload: &[u8], data_len: u64) -> Outcome {
+        match kind {
+            VIRTIO_BLK_T_IN => {
+                if data_len > MAX_REQUEST_BYTES {
+                    return Outcome::status(VIRTIO_BLK_S_IOERR);
+                }
+                let Some(offset) = self.range(sector, data_len) else {
+                    return Outcome::status(VIRTIO_BLK_S_IOERR);
+                };
+                let mut data = vec![0u8; data_len as usize];
+                let status = self.io("read", |d| d.read_at(&mut data, offset));
+                Outcome { status, data }
+            }
+            VIRTIO_BLK_T_OUT => {
+                if self.read_only {
+                    return Outcome::status(VIRTIO_BLK_S_IOERR);
+                }
+                let Some(offset) = self.range(sector, payload.len() as u64) else {
+                    return Outcome::status(VIRTIO_BLK_S_IOERR);
+                };
+                Outcome::status(self.io("write", |d| d.write_at(payload, offset)))
+            }
+            VIRTIO_BLK_T_FLUSH => Outcome::status(self.io("flush", |d| d.flush())),
+            VIRTIO_BLK_T_GET_ID => Outcome {
+                status: VIRTIO_BLK_S_OK,
+                data: self.id.to_vec(),
+            },
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                if self.read_only {
+                    return Outcome::status(VIRTIO_BLK_S_IOERR);
+                }
+                // One 16-byte segment: sector, num_sectors, flags.
+                if payload.len() != 16 {
+                    return Outcome::status(VIRTIO_BLK_S_UNSUPP);
+                }
+                let seg_sector = u64::from_le_bytes(payload[0..8].try_into().unwrap_or([0; 8]));
+                let sectors = u32::from_le_bytes(payload[8..12].try_into().unwrap_or([0; 4]));
+                let flags = u32::from_le_bytes(payload[12..16].try_into().unwrap_or([0; 4]));
+                let len = sectors as u64 * SECTOR_SIZE;
+                let Some(offset) = self.range(seg_sector, len) else {
+                    return Outcome::status(VIRTIO_BLK_S_IOERR);
+                };
+                if kind == VIRTIO_BLK_T_DISCARD {
+                    if flags != 0 {
+                        return Outcome::status(VIRTIO_BLK_S_UNSUPP);
+                    }
+                    Outcome::status(self.io("discard", |d| d.discard(offset, len)))
+                } else {
+                    Outcome::status(self.io("write zeroes", |d| d.write_zeroes(offset, len)))
+                }
+            }
+            _ => Outcome::status(VIRTIO_BLK_S_UNSUPP),
+        }
+    }
+
+    /// Serve one chain; returns how many bytes were written back.
+    fn handle(&self, chain: &DescChain, mem: &GuestMemoryMmap) -> Result<u32, QueueError> {
+        let writable = chain.writable_len();
+        if writable == 0 {
+            return Err(QueueError::Config(format!(
+                "virtio-blk request {} has no status byte",
+                chain.head
+            )));
+        }
+        let readable = chain.read_all(mem)?;
+        if readable.len() < 16 {
+            return Err(QueueError::Config(format!(
+                "virtio-blk request {} has a {}-byte header (needs 16)",
+                chain.head,
+                readable.len()
+            )));
+        }
+        let kind = u32::from_le_bytes(readable[0..4].try_into().unwrap_or([0; 4]));
+        let sector = u64::from_le_bytes(readable[8..16].try_into().unwrap_or([0; 8]));
+        let data_len = (writable - 1) as u64;
+        let out = self.execute(kind, sector, &readable[16..], data_len);
+        // Data first, then the status byte as the last byte of the chain.
+        let mut reply = out.data;
+        reply.truncate(data_len as usize);
+        reply.resize(data_len as usize, 0);
+        reply.push(out.status);
+        let used = if kind == VIRTIO_BLK_T_IN || kind == VIRTIO_BLK_T_GET_ID {
+            writable
+        } else {
+            1
+        };
+        chain.write_all(mem, &reply)?;
+        Ok(used)
+    }
+}
+
+impl QueueWorker for BlockWorker {
+    fn process_queue(
+        &mut self,
+        _index: usize,
+        queue: &mut VirtQueue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Processed, QueueError> {
+        let mut done = Processed::default();
+        while let Some(chain) = queue.pop(mem)? {
+            let used = self.handle(&chain, mem)?;
+            queue.add_used(mem, chain.head, used)?;
+            done.used = true;
+        }
+        Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Descriptor;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// An in-memory disk that records what happened to it.
+    struct MemDisk {
+        data: Vec<u8>,
+        ro: bool,
+        flushes: usize,
+    }
+
+    impl DiskImage for MemDisk {
+        fn size(&self) -> u64 {
+            self.data.len() as u64
+        }
+        fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), BlockError> {
+            let o = offset as usize;
+            buf.copy_from_slice(&self.data[o..o + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), BlockError> {
+            let o = offset as usize;
+            self.data[o..o + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+        fn flush(&mut self) -> Result<(), BlockError> {
+            self.flushes += 1;
+            Ok(())
+        }
+        fn discard(&mut self, offset: u64, len: u64) -> Result<(), BlockError> {
+            self.write_zeroes(offset, len)
+        }
+        fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), BlockError> {
+            self.data[offset as usize..(offset + len) as usize].fill(0);
+            Ok(())
+        }
+        fn read_only(&self) -> bool {
+            self.ro
+        }
+        fn format(&self) -> block::ImageFormat {
+            block::ImageFormat::Raw
+        }
+        fn path(&self) -> &std::path::Path {
+            std::path::Path::new("memdisk")
+        }
+    }
+
+    fn device(ro: bool) -> Block {
+        let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let disk = MemDisk {
+            data,
+            ro,
+            flushes: 0,
+        };
+        Block::new(Box::new(disk), "vireo-disk-serial-number-too-long")
+    }
+
+    fn worker(ro: bool) -> (BlockWorker, SharedDisk) {
+        let dev = device(ro);
+        (dev.worker(), dev.disk.clone())
+    }
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    const HDR: u64 = 0x1000;
+    const DATA: u64 = 0x2000;
+    const STATUS: u64 = 0x9000;
+
+    /// header (readable), optional write payload (readable), data (writable), status.
+    fn chain(m: &GuestMemoryMmap, kind: u32, sector: u64, out: &[u8], in_len: u32) -> DescChain {
+        let mut hdr = [0u8; 16];
+        hdr[0..4].copy_from_slice(&kind.to_le_bytes());
+        hdr[8..16].copy_from_slice(&sector.to_le_bytes());
+        m.write_slice(&hdr, GuestAddress(HDR)).unwrap();
+        let mut descs = vec![Descriptor {
+            addr: GuestAddress(HDR),
+            len: 16,
+            writable: false,
+        }];
+        if !out.is_empty() {
+            m.write_slice(out, GuestAddress(DATA)).unwrap();
+            descs.push(Descriptor {
+                addr: GuestAddress(DATA),
+                len: out.len() as u32,
+                writable: false,
+            });
+        }
+        if in_len > 0 {
+            descs.push(Descriptor {
+                addr: GuestAddress(DATA),
+                len: in_len,
+                writable: true,
+            });
+        }
+        m.write_slice(&[0xee], GuestAddress(STATUS)).unwrap();
+        descs.push(Descriptor {
+            addr: GuestAddress(STATUS),
+            len: 1,
+            writable: true,
+        });
+        DescChain { head: 0, descs }
+    }
+
+    fn status(m: &GuestMemoryMmap) -> u8 {
+        let mut s = [0u8];
+        m.read_slice(&mut s, GuestAddress(STATUS)).unwrap();
+        s[0]
+    }
+
+    #[test]
+    fn read_write_flush_and_id() {
+        let (w, disk) = worker(false);
+        let m = mem();
+        // Read sectors 2-3.
+        let used = w
+            .handle(&chain(&m, VIRTIO_BLK_T_IN, 2, &[], 1024), &m)
+            .unwrap();
+        assert_eq!((used, status(&m)), (1025, VIRTIO_BLK_S_OK));
+        let mut got = vec![0u8; 1024];
+        m.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        let want: Vec<u8> = (1024..2048u32).map(|i| (i % 251) as u8).collect();
+        assert_eq!(got, want);
+        // Write sector 5.
+        let payload = vec![0x5a; 512];
+        let used = w
+            .handle(&chain(&m, VIRTIO_BLK_T_OUT, 5, &payload, 0), &m)
+            .unwrap();
+        assert_eq!((used, status(&m)), (1, VIRTIO_BLK_S_OK));
+        assert!(disk.lock().unwrap().size() > 0);
+        let mut back = vec![0u8; 512];
+        disk.lock().unwrap().read_at(&mut back, 5 * 512).unwrap();
+        assert_eq!(back, payload);
+        // Flush and GET_ID.
+        w.handle(&chain(&m, VIRTIO_BLK_T_FLUSH, 0, &[], 0), &m)
+            .unwrap();
+        assert_eq!(status(&m), VIRTIO_BLK_S_OK);
+        w.handle(&chain(&m, VIRTIO_BLK_T_GET_ID, 0, &[], 20), &m)
+            .unwrap();
+        let mut id = [0u8; 20];
+        m.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id, b"vireo-disk-serial-nu");
+    }
+
+    #[test]
+    fn requests_past_the_end_fail_without_touching_the_disk() {
+        let (w, disk) = worker(false);
+        let m = mem();
+        let sectors = 64 * 1024 / 512;
+        w.handle(&chain(&m, VIRTIO_BLK_T_IN, sectors - 1, &[], 1024), &m)
+            .unwrap();
+        assert_eq!(status(&m), VIRTIO_BLK_S_IOERR);
+        w.handle(&chain(&m, VIRTIO_BLK_T_OUT, sectors, &[1; 512], 0), &m)
+            .unwrap();
+        assert_eq!(status(&m), VIRTIO_BLK_S_IOERR);
+        // A sector number whose byte offset overflows.
+        w.handle(&chain(&m, VIRTIO_BLK_T_IN, u64::MAX / 256, &[], 512), &m)
+            .unwrap();
+        assert_eq!(status(&m), VIRTIO_BLK_S_IOERR);
+        let mut last = vec![0u8; 512];
+        disk.lock()
+            .unwrap()
+            .read_at(&mut last, (sectors - 1) * 512)
+            .unwrap();
+        assert!(last.iter().any(|&b| b != 1), "the disk was written");
+    }
+
+    #[test]
+    fn read_only_disks_refuse_writes_and_discards() {
+        let (w, _) = worker(true);
+        let m = mem();
+        w.handle(&chain(&m, VIRTIO_BLK_T_OUT, 0, &[1; 512], 0), &m)
+            .unwrap();
+        assert_eq!(status(&m), VIRTIO_BLK_S_IOERR);
+        let mut seg = [0u8; 16];
+        seg[8..12].copy_from_slice(&1u32.to_le_bytes());
+        w.handle(&chain(&m, VIRTIO_BLK_T_DISCARD, 0, &seg, 0), &m)
+            .unwrap();
+        assert_eq!(status(&m), VIRTIO_BLK_S_IOERR);
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_clear_the_range() {
+        let (w, disk) = worker(false);
+        let m = mem();
+        let mut seg = [0u8; 16];
+        seg[0..8].copy_from_slice(&4u64.to_le_bytes());
+        seg[8..12].copy_from_slice(&2u32.to_le_bytes());
+        w.handle(&chain(&m, VIRTIO_BLK_T_WRITE_ZEROES, 0, &seg, 0), &m)
+            .unwrap();
+        assert_eq!(status(&m), VIRTIO_BLK_S_OK);
+        let mut z = vec![1u8; 1024];
+        disk.lock().unwrap().read_at(&mut z, 4 * 512).unwrap();
+        assert!(z.iter().all(|&b| b == 0));
+        // Unknown request types are refused, not guessed at.
+        w.handle(&chain(&m, 99, 0, &[], 0), &m).unwrap();
+        assert_eq!(status(&m), VIRTIO_BLK_S_UNSUPP);
+    }
+
+    #[test]
+    fn malformed_chains_are_driver_errors() {
+        let (w, _) = worker(false);
+        let m = mem();
+        let mut c = chain(&m, VIRTIO_BLK_T_IN, 0, &[], 0);
+        c.descs.pop(); // no status byte
+        assert!(matches!(w.handle(&c, &m), Err(QueueError::Config(_))));
+        let c = DescChain {
+            head: 3,
+            descs: vec![Descriptor {
+                addr: GuestAddress(STATUS),
+                len: 1,
+                writable: true,
+            }],
+        };
+        assert!(matches!(w.handle(&c, &m), Err(QueueError::Config(_))));
+    }
+
+    #[test]
+    fn config_space_reports_capacity_and_limits() {
+        let dev = device(false);
+        let mut cap = [0u8; 8];
+        dev.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 128);
+        let mut bs = [0u8; 4];
+        dev.read_config(20, &mut bs);
+        assert_eq!(u32::from_le_bytes(bs), 512);
+        let mut past = [0xffu8; 4];
+        dev.read_config(58, &mut past);
+        assert_eq!(past, [0, 0, 0, 0], "reads past the config read zeros");
+        assert_ne!(dev.features() & VIRTIO_BLK_F_FLUSH, 0);
+        assert_eq!(dev.features() & VIRTIO_BLK_F_RO, 0);
+        assert_ne!(device(true).features() & VIRTIO_BLK_F_RO, 0);
+    }
+}

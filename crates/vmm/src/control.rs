@@ -1,0 +1,235 @@
+//! Run control shared by the vCPU threads and whoever manages the VM (the
+//! API server, the console): pause, resume, stop, and what state the VM is in.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use hypervisor::VcpuKicker;
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    Running,
+    Paused,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ControlError {
+    #[error("the VM is already paused")]
+    AlreadyPaused,
+    #[error("the VM is not paused")]
+    NotPaused,
+    #[error("the VM is stopping")]
+    Stopping,
+    #[error("vCPUs did not stop within {0:?}")]
+    Timeout(Duration),
+}
+
+#[derive(Default)]
+struct Gate {
+    /// The vCPUs must park as soon as they are out of the guest.
+    pause: bool,
+    /// How many vCPU threads are parked.
+    parked: usize,
+}
+
+/// Pause/resume/stop for one VM's vCPU threads.
+pub struct VmControl {
+    gate: Mutex<Gate>,
+    cv: Condvar,
+    stop: AtomicBool,
+    live_vcpus: AtomicUsize,
+    kickers: Mutex<Vec<Arc<dyn VcpuKicker>>>,
+    /// Serialises pause/resume requests from several API clients.
+    requests: Mutex<()>,
+}
+
+impl Default for VmControl {
+    fn default() -> Self {
+        VmControl {
+            gate: Mutex::new(Gate::default()),
+            cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+            live_vcpus: AtomicUsize::new(0),
+            kickers: Mutex::new(Vec::new()),
+            requests: Mutex::new(()),
+        }
+    }
+}
+
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl VmControl {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn gate(&self) -> std::sync::MutexGuard<'_, Gate> {
+        self.gate.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn add_vcpu(&self, kicker: Arc<dyn VcpuKicker>) {
+        self.live_vcpus.fetch_add(1, Ordering::SeqCst);
+        self.kickers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(kicker);
+    }
+
+    /// A vCPU thread ends (its guest stopped it, or the VM stops).
+    pub(crate) fn vcpu_exited(&self) {
+        self.live_vcpus.fetch_sub(1, Ordering::SeqCst);
+        // A pause waiting for this vCPU to park must not wait for it forever.
+        let _g = self.gate();
+        self.cv.notify_all();
+    }
+
+    fn kick_all(&self) {
+        for k in self
+            .kickers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            k.kick();
+        }
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Ask every vCPU to leave the guest for good.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        {
+            let _g = self.gate();
+            self.cv.notify_all();
+        }
+        self.kick_all();
+    }
+
+    pub fn state(&self) -> RunState {
+        if self.gate().pause {
+            RunState::Paused
+        } else {
+            RunState::Running
+        }
+    }
+
+    /// Stop every vCPU outside the guest; returns once all are parked.
+    pub fn pause(&self) -> Result<(), ControlError> {
+        let _req = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        if self.stopping() {
+            return Err(ControlError::Stopping);
+        }
+        {
+            let mut g = self.gate();
+            if g.pause {
+                return Err(ControlError::AlreadyPaused);
+            }
+            g.pause = true;
+        }
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let mut g = self.gate();
+        while g.parked < self.live_vcpus.load(Ordering::SeqCst) && !self.stopping() {
+            drop(g);
+            // Kick again while waiting: a vCPU may have been between its
+            // pause check and entering the guest when the first kick came.
+            self.kick_all();
+            g = self.gate();
+            let now = Instant::now();
+            if now >= deadline {
+                g.pause = false;
+                self.cv.notify_all();
+                return Err(ControlError::Timeout(PAUSE_TIMEOUT));
+            }
+            let wait = (deadline - now).min(Duration::from_millis(20));
+            g = self
+                .cv
+                .wait_timeout(g, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    pub fn resume(&self) -> Result<(), ControlError> {
+        let _req = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.gate();
+        if !g.pause {
+            return Err(ControlError::NotPaused);
+        }
+        g.pause = false;
+        self.cv.notify_all();
+        Ok(())
+    }
+
+    /// Called by a vCPU thread between runs: parks while the VM is paused.
+    /// Returns false when the vCPU must stop.
+    pub(crate) fn checkpoint(&self) -> bool {
+        if self.stopping() {
+            return false;
+        }
+        let mut g = self.gate();
+        if !g.pause {
+            return true;
+        }
+        g.parked += 1;
+        self.cv.notify_all();
+        while g.pause && !self.stopping() {
+            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        g.parked -= 1;
+        !self.stopping()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoKick;
+    impl VcpuKicker for NoKick {
+        fn kick(&self) {}
+    }
+
+    #[test]
+    fn pause_waits_for_every_vcpu_and_resume_releases_them() {
+        let ctl = VmControl::new();
+        let ran = Arc::new(AtomicUsize::new(0));
+        let mut threads = Vec::new();
+        for _ in 0..2 {
+            ctl.add_vcpu(Arc::new(NoKick));
+            let (c, r) = (ctl.clone(), ran.clone());
+            threads.push(std::thread::spawn(move || {
+                while c.checkpoint() {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                c.vcpu_exited();
+            }));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        ctl.pause().unwrap();
+        assert_eq!(ctl.state(), RunState::Paused);
+        assert_eq!(ctl.pause(), Err(ControlError::AlreadyPaused));
+        let frozen = ran.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(ran.load(Ordering::SeqCst), frozen, "a paused vCPU ran");
+        ctl.resume().unwrap();
+        assert_eq!(ctl.resume(), Err(ControlError::NotPaused));
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(
+            ran.load(Ordering::SeqCst) > frozen,
+            "resume did not release"
+        );
+        ctl.request_stop();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(ctl.pause(), Err(ControlError::Stopping));
+    }
+}

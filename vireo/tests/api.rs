@@ -1,0 +1,169 @@
+//! The management API, end to end: a counting guest under `vireo run
+//! --api-socket`, driven with the `vireo` client subcommands, on every
+//! backend; and docs/openapi.json held against the server's routes.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// 32-bit PVH guest: print '.' on COM1, spin a while, forever.
+fn counting_guest(dir: &Path) -> PathBuf {
+    let delay: u32 = 20_000;
+    let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    code.extend_from_slice(&[0xb0, b'.', 0xee]); // top: mov al, '.'; out dx, al
+    code.push(0xb9); // mov ecx, delay
+    code.extend_from_slice(&delay.to_le_bytes());
+    code.extend_from_slice(&[0x49, 0x75, 0xfd]); // 1: dec ecx; jnz 1b
+    code.extend_from_slice(&[0xeb, 0xf3]); // jmp top
+    let path = dir.join("counter.elf");
+    std::fs::write(&path, arch::tiny_elf::pvh_elf(0x10_0000, &code)).unwrap();
+    path
+}
+
+fn client(sock: &Path, cmd: &str) -> std::process::Output {
+    vireo()
+        .args([cmd, "--api-socket"])
+        .arg(sock)
+        .output()
+        .expect("vireo client runs")
+}
+
+fn dots(vm: &Running) -> usize {
+    vm.stdout_text().matches('.').count()
+}
+
+fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn accels() -> Vec<&'static str> {
+    let mut v = vec!["emu"];
+    if kvm_usable() {
+        v.push("kvm");
+    }
+    v
+}
+
+#[test]
+fn pause_resume_info_stop_through_the_api() {
+    for accel in accels() {
+        let dir = std::env::temp_dir().join(format!("vireo-api-{accel}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("api.sock");
+        let kernel = counting_guest(&dir);
+        let mut cmd = vireo();
+        cmd.args([
+            "run", "--accel", accel, "--boot", "pvh", "--memory", "64M", "--kernel",
+        ])
+        .arg(&kernel)
+        .arg("--api-socket")
+        .arg(&sock);
+        let mut vm = Running::spawn(cmd);
+        assert!(
+            wait_until(Duration::from_secs(60), || dots(&vm) >= 3),
+            "{accel}: the guest did not count: {}",
+            vm.stderr_text()
+        );
+
+        let ping = client(&sock, "ping");
+        assert!(ping.status.success(), "{accel}: ping: {ping:?}");
+        assert!(String::from_utf8_lossy(&ping.stdout).contains("\"version\""));
+
+        let out = client(&sock, "pause");
+        assert!(out.status.success(), "{accel}: pause: {out:?}");
+        let frozen = dots(&vm);
+        std::thread::sleep(Duration::from_millis(400));
+        assert_eq!(dots(&vm), frozen, "{accel}: the guest ran while paused");
+
+        let info = client(&sock, "info");
+        assert!(info.status.success());
+        let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(v["state"], "paused", "{v}");
+        assert_eq!(v["accel"], accel);
+        assert_eq!(v["vcpus"], 1);
+        assert_eq!(v["memory_bytes"], 64 << 20);
+        assert_eq!(v["config"]["kernel"], kernel.to_str().unwrap());
+        assert!(v["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["name"] == "serial (COM1)" && d["base"] == 0x3f8));
+
+        // A second pause is refused and changes nothing.
+        let again = client(&sock, "pause");
+        assert_eq!(again.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&again.stderr);
+        assert!(
+            err.contains("already paused") && err.contains("409"),
+            "{err}"
+        );
+        assert_eq!(dots(&vm), frozen);
+
+        let out = client(&sock, "resume");
+        assert!(out.status.success(), "{accel}: resume: {out:?}");
+        assert!(
+            wait_until(Duration::from_secs(30), || dots(&vm) > frozen),
+            "{accel}: the guest did not run again after resume"
+        );
+        let info: serde_json::Value =
+            serde_json::from_slice(&client(&sock, "info").stdout).unwrap();
+        assert_eq!(info["state"], "running");
+        let out = client(&sock, "resume");
+        assert_eq!(out.status.code(), Some(1), "resume of a running VM");
+
+        // Wrong method and unknown endpoint: JSON errors, right status.
+        let (status, body) = vmm::api::client::request(&sock, "GET", "/api/v1/vm.pause").unwrap();
+        assert_eq!(status, 405, "{body}");
+        assert!(body.contains("\"error\""));
+        let (status, _) = vmm::api::client::request(&sock, "GET", "/api/v1/nope").unwrap();
+        assert_eq!(status, 404);
+        assert!(dots(&vm) > frozen);
+
+        let out = client(&sock, "stop");
+        assert!(out.status.success(), "{accel}: stop: {out:?}");
+        let code = vm.wait_exit(Duration::from_secs(10));
+        assert_eq!(code, Some(0), "{accel}: {}", vm.stderr_text());
+        assert!(vm.stderr_text().contains("stopped through the API"));
+        assert!(!sock.exists(), "the API socket is removed on exit");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+fn client_without_a_server_says_so() {
+    let out = client(Path::new("/nonexistent/api.sock"), "info");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot connect to API socket"), "{err}");
+}
+
+/// docs/openapi.json documents exactly the routes the server answers.
+#[test]
+fn openapi_document_matches_the_server() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let mut documented = BTreeSet::new();
+    for (p, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            documented.insert((method.to_uppercase(), p.clone()));
+            assert!(op["responses"].as_object().is_some_and(|r| !r.is_empty()));
+        }
+    }
+    let served: BTreeSet<(String, String)> = vmm::api::ROUTES
+        .iter()
+        .map(|(m, p, _)| (m.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(documented, served);
+}
