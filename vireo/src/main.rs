@@ -100,6 +100,10 @@ struct RunArgs {
     /// A virtio-blk disk: path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID]; repeatable.
     #[arg(long, value_name = "path=FILE,...")]
     disk: Vec<vmm::config::DiskConfig>,
+    /// A virtio-net NIC on a tap: tap=NAME[,mac=52:54:00:12:34:56] (NAME may
+    /// contain %d; the tap is created if missing); repeatable.
+    #[arg(long, value_name = "tap=NAME,...")]
+    net: Vec<vmm::config::NetConfig>,
     /// Give the guest a virtio-rng device (entropy from the host's getrandom).
     #[arg(long)]
     rng: bool,
@@ -150,6 +154,7 @@ impl RunArgs {
             cfg.rng = true;
         }
         cfg.disks.extend(self.disk);
+        cfg.nets.extend(self.net);
         Ok(cfg)
     }
 }

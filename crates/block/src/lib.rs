@@ -128,6 +128,11 @@ pub trait DiskImage: Send {
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), BlockError>;
     /// The range reads as zeros afterwards, preferably without writing data.
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), BlockError>;
+    /// The unit in which [`DiskImage::discard`] can release space (qcow2:
+    /// the cluster size); smaller or unaligned parts are ignored.
+    fn discard_granularity(&self) -> u64 {
+        512
+    }
     fn read_only(&self) -> bool;
     fn format(&self) -> ImageFormat;
     fn path(&self) -> &Path;
@@ -229,6 +234,19 @@ pub(crate) fn open_depth(
         .write(!opts.read_only)
         .open(path)
         .map_err(|e| BlockError::io(path, "opening", e))?;
+    let ft = file
+        .metadata()
+        .map_err(|e| BlockError::io(path, "stat", e))?
+        .file_type();
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if !ft.is_file() && !ft.is_block_device() {
+            return Err(BlockError::Invalid {
+                path: path.to_path_buf(),
+                what: "not a regular file or block device".into(),
+            });
+        }
+    }
     lock_file(&file, path, opts.read_only)?;
     let actual = format_of_file(&file, path)?;
     if let Some(given) = opts.format {

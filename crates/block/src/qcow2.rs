@@ -1185,7 +1185,10 @@ impl DiskImage for Qcow2Image {
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), BlockError> {
         self.check_writable()?;
         check_range(&self.path, self.size, offset, len)?;
-        let parts = self.whole_clusters(offset, len, |s, c| s.unmap_cluster(c, true))?;
+        // Without a backing file an unallocated cluster already reads as
+        // zeros, and needs no L2 table.
+        let make_zero = self.backing.is_some();
+        let parts = self.whole_clusters(offset, len, |s, c| s.unmap_cluster(c, make_zero))?;
         for (off, n) in parts {
             if n > 0 {
                 let zeros = vec![0u8; n as usize];
@@ -1193,6 +1196,10 @@ impl DiskImage for Qcow2Image {
             }
         }
         Ok(())
+    }
+
+    fn discard_granularity(&self) -> u64 {
+        self.cluster_size
     }
 
     fn read_only(&self) -> bool {

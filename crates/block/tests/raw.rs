@@ -75,6 +75,12 @@ fn tiny_and_missing_files() {
         .err()
         .expect("missing");
     assert!(err.to_string().contains("nope.img"), "{err}");
+    let err = open(&dir.0, None, true).err().expect("directory");
+    assert!(
+        err.to_string()
+            .contains("not a regular file or block device"),
+        "{err}"
+    );
     // A bare qcow2 magic in a raw-sized file is refused as raw and as qcow2.
     std::fs::write(&path, b"QFI\xfb").unwrap();
     assert!(open(&path, Some(ImageFormat::Raw), true).is_err());

@@ -339,6 +339,9 @@ pub fn mask(size: u8) -> u64 {
 /// Sign-extend the low `size` bytes of `v` to 64 bits.
 #[inline(always)]
 pub fn sext(v: u64, size: u8) -> u64 {
+    if size == 0 || size >= 8 {
+        return v;
+    }
     let sh = 64 - size as u32 * 8;
     (((v << sh) as i64) >> sh) as u64
 }

@@ -14,6 +14,7 @@ pub mod block;
 pub mod console;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod net;
 pub mod queue;
 pub mod rng;
 pub mod transport;

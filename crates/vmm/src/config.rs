@@ -230,6 +230,43 @@ impl FromStr for DiskConfig {
     }
 }
 
+/// One virtio-net NIC on a tap: `tap=NAME[,mac=52:54:00:12:34:56]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The tap to attach to or create; "vireo%d" lets the kernel number it.
+    #[serde(default = "default_tap")]
+    pub tap: String,
+    /// The guest NIC's address; a random local one when absent.
+    #[serde(default)]
+    pub mac: Option<net::MacAddr>,
+}
+
+fn default_tap() -> String {
+    "vireo%d".into()
+}
+
+impl FromStr for NetConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut n = NetConfig {
+            tap: default_tap(),
+            mac: None,
+        };
+        for part in s.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("bad net option '{part}' in '{s}' (expected key=value)"))?;
+            match k {
+                "tap" => n.tap = v.to_string(),
+                "mac" => n.mac = Some(v.parse()?),
+                _ => return Err(format!("unknown net option '{k}' (expected tap, mac)")),
+            }
+        }
+        Ok(n)
+    }
+}
+
 fn default_cpus() -> u32 {
     1
 }
@@ -263,6 +300,9 @@ pub struct VmConfig {
     /// virtio-blk disks, in PCI slot order.
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// virtio-net NICs, after the disks.
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
 }
 
 /// Memory the guest must have at least: page tables, tables and a kernel.
@@ -283,6 +323,7 @@ impl VmConfig {
             boot: BootProtocol::Linux,
             rng: false,
             disks: Vec::new(),
+            nets: Vec::new(),
         }
     }
 
@@ -403,6 +444,19 @@ mod tests {
                 .unwrap();
         assert_eq!(t.disks.len(), 1);
         assert!(t.disks[0].readonly);
+    }
+
+    #[test]
+    fn net_options_parse() {
+        let n: NetConfig = "tap=tap0,mac=52:54:00:12:34:56".parse().unwrap();
+        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.mac.unwrap().to_string(), "52:54:00:12:34:56");
+        assert_eq!("".parse::<NetConfig>().unwrap().tap, "vireo%d");
+        assert!("mac=01:00:5e:00:00:01".parse::<NetConfig>().is_err());
+        assert!("bridge=br0"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("bridge"));
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub struct VmSpec {
     pub rng: bool,
     /// virtio-blk disks on PCI.
     pub disks: Vec<crate::config::DiskConfig>,
+    /// virtio-net NICs on PCI.
+    pub nets: Vec<crate::config::NetConfig>,
 }
 
 impl VmSpec {
@@ -66,6 +68,7 @@ impl VmSpec {
             cpus: c.cpus,
             rng: c.rng,
             disks: c.disks.clone(),
+            nets: c.nets.clone(),
             boot: Boot::Linux {
                 kernel: c.kernel.clone(),
                 initrd: c.initrd.clone(),
@@ -462,6 +465,14 @@ fn setup_pci(
         let serial = d.serial.clone().unwrap_or_else(|| format!("vireo-disk{i}"));
         let blk = virtio::block::Block::new(image, &serial);
         add_virtio(format!("virtio-blk {}", d.path.display()), Box::new(blk))?;
+    }
+    for n in &spec.nets {
+        let tap = net::Tap::open(&n.tap).map_err(|e| VmmError::Config(e.to_string()))?;
+        tap.set_up().map_err(|e| VmmError::Config(e.to_string()))?;
+        let mac = n.mac.unwrap_or_else(net::MacAddr::random);
+        let name = format!("virtio-net {} ({mac})", tap.name());
+        let dev = virtio::net::Net::new(Arc::new(tap), mac);
+        add_virtio(name, Box::new(dev))?;
     }
     if spec.rng {
         add_virtio("virtio-rng".into(), Box::new(virtio::rng::Rng::new()))?;

@@ -125,6 +125,7 @@ fn run_raw_with(accel: Accel, image: Vec<u8>, mode: RawMode, rng: bool) -> (VmEx
         cpus: 1,
         rng,
         disks: Vec::new(),
+        nets: Vec::new(),
         boot: Boot::Raw(RawBoot {
             load_addr: LOAD,
             image,

@@ -101,7 +101,7 @@ pub fn f80_to_f64(v: u128) -> f64 {
 // ------------------------------------------------------------- the stack
 
 fn st_index(r: Register) -> u8 {
-    (r as usize - Register::ST0 as usize) as u8
+    ((r as usize).wrapping_sub(Register::ST0 as usize) & 7) as u8
 }
 
 fn st_get(core: &Core, i: u8) -> u128 {

@@ -74,7 +74,7 @@ pub fn mov(core: &mut Core, insn: &Instruction) -> R {
 }
 
 fn cr_number(r: Register) -> usize {
-    r as usize - Register::CR0 as usize
+    (r as usize).wrapping_sub(Register::CR0 as usize)
 }
 
 fn read_cr(core: &Core, r: Register) -> R<u64> {
@@ -176,7 +176,7 @@ pub fn write_cr4(core: &mut Core, v: u64) -> R {
 }
 
 fn dr_index(core: &Core, r: Register) -> R<usize> {
-    let n = r as usize - Register::DR0 as usize;
+    let n = (r as usize).wrapping_sub(Register::DR0 as usize);
     match n {
         0..=3 | 6 | 7 => Ok(n),
         4 | 5 if core.st.cr4 & CR4_DE == 0 => Ok(n + 2),
