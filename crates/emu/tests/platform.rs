@@ -597,3 +597,85 @@ fn init_sipi_sipi_starts_the_ap_in_real_mode() {
     assert_eq!(g.r32(MARKER) >> 16, 0x0800, "AP CS = vector << 8");
     assert_eq!(ap_cs, 0x0800);
 }
+
+#[test]
+fn fixed_ipi_wakes_a_halted_vcpu_on_another_thread() {
+    const AP_CODE: u64 = CODE + 0x1000;
+    const READY: u64 = OUT + 0x40;
+    let mut g = pc_guest(2);
+    install_counter(&mut g, 0x50, 0, Eoi::Lapic);
+    // Bounded wait until dword [addr] == value; falls through on timeout.
+    let wait_for = |a: &mut CodeAssembler, addr: u64, value: i32| -> Result<(), IcedError> {
+        let mut lp = a.create_label();
+        let mut done = a.create_label();
+        a.mov(ecx, 200_000_000)?;
+        a.set_label(&mut lp)?;
+        a.cmp(dword_ptr(addr as i32), value)?;
+        a.je(done)?;
+        a.pause()?;
+        a.dec(ecx)?;
+        a.jnz(lp)?;
+        a.set_label(&mut done)?;
+        Ok(())
+    };
+    g.load_code(&asm_at(CODE, |a| {
+        a.mov(rdi, APIC)?;
+        a.mov(dword_ptr(rdi + 0xf0), 0x1ff)?;
+        wait_for(a, READY, 1)?;
+        // Give the AP time to fall asleep in HLT.
+        let mut spin = a.create_label();
+        a.mov(ecx, 200_000)?;
+        a.set_label(&mut spin)?;
+        a.dec(ecx)?;
+        a.jnz(spin)?;
+        a.mov(dword_ptr(rdi + 0x310), 1u32 << 24)?;
+        a.mov(dword_ptr(rdi + 0x300), 0x4050)?; // fixed, vector 0x50
+        wait_for(a, COUNTS, 1)?;
+        a.hlt()?;
+        Ok(())
+    }));
+    g.write(
+        AP_CODE,
+        &asm_at(AP_CODE, |a| {
+            a.mov(rdi, APIC)?;
+            a.mov(dword_ptr(rdi + 0xf0), 0x1ff)?;
+            a.mov(rsi, COUNTS)?;
+            a.xor(edx, edx)?;
+            a.mov(dword_ptr(READY as i32), 1)?;
+            a.sti()?;
+            wait_for_count(a, 0)?;
+            a.cli()?;
+            a.hlt()
+        }),
+    );
+    // Start the AP directly in long mode (INIT/SIPI has its own test).
+    let mut ap = g.vm.create_pc_vcpu(1, 2).unwrap();
+    let mut s = g.sregs();
+    s.apic_base = 0xfee0_0800;
+    ap.set_sregs(&s).unwrap();
+    let mut r = g.regs();
+    r.rip = AP_CODE;
+    r.rsp = 0x40000;
+    ap.set_regs(&r).unwrap();
+    ap.core_mut().pc.as_mut().unwrap().wait_sipi = false;
+    let kicker = ap.kicker();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let h = std::thread::spawn(move || {
+        let e = run_ap_until_halt(&mut ap, &stop2);
+        (e, ap.core().pc.as_ref().unwrap().sleeps)
+    });
+    run_to_halt(&mut g);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !h.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    stop.store(true, Ordering::SeqCst);
+    kicker.kick();
+    let (e, sleeps) = h.join().unwrap();
+    assert_eq!(e, "Halt");
+    assert_eq!(g.r64(COUNTS), 1, "the AP took the IPI");
+    // It slept (in 100 ms slices at most, with no timer armed) and did not
+    // spin: a spinning vCPU would count millions.
+    assert!((1..200).contains(&sleeps), "{sleeps} sleeps");
+}
