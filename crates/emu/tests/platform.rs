@@ -679,3 +679,47 @@ fn fixed_ipi_wakes_a_halted_vcpu_on_another_thread() {
     // spin: a spinning vCPU would count millions.
     assert!((1..200).contains(&sleeps), "{sleeps} sleeps");
 }
+
+#[test]
+fn other_ports_and_mmio_still_exit_to_the_vmm() {
+    let mut g = pc_guest(1);
+    g.load_code(&asm_at(CODE, |a| {
+        a.mov(al, 0x41)?;
+        a.mov(dx, 0x3f8)?;
+        a.out(dx, al)?;
+        a.in_(al, 0x60)?;
+        a.mov(rbx, 0xfed0_0000u64)?;
+        a.mov(eax, dword_ptr(rbx))?;
+        // The LAPIC page of this vCPU is the platform's: no exit.
+        a.mov(rbx, APIC)?;
+        a.mov(eax, dword_ptr(rbx + 0x30))?;
+        a.mov(dword_ptr(OUT as i32), eax)?;
+        a.hlt()?;
+        Ok(())
+    }));
+    assert_eq!(g.run(), Ex::IoOut(0x3f8, vec![0x41]));
+    assert_eq!(g.run(), Ex::IoIn(0x60, 1));
+    assert_eq!(g.run(), Ex::MmioRead(0xfed0_0000, 4));
+    run_to_halt(&mut g);
+    assert_eq!(g.r32(OUT) & 0xff, 0x14, "LAPIC version register");
+}
+
+#[test]
+fn msi_messages_decode_like_the_apic_bus() {
+    use emu::pc::msi_delivery;
+    use emu_platform::{DeliveryMode, DestMode, Trigger};
+    let d = msi_delivery(0xfee0_300c, 0x8000 | (4 << 8) | 0x61).unwrap();
+    assert_eq!(d.dest, 3);
+    assert_eq!(d.dest_mode, DestMode::Logical);
+    assert_eq!(d.vector, 0x61);
+    assert_eq!(d.delivery_mode, DeliveryMode::Nmi);
+    assert_eq!(d.trigger, Trigger::Level);
+    let d = msi_delivery(0xfee0_1000, 0x41).unwrap();
+    assert_eq!(
+        (d.dest, d.dest_mode, d.trigger),
+        (1, DestMode::Physical, Trigger::Edge)
+    );
+    // Not the interrupt window: a plain memory write, no interrupt.
+    assert!(msi_delivery(0xfed0_0000, 0x41).is_none());
+    assert!(msi_delivery(0, 0).is_none());
+}
