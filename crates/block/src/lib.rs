@@ -7,6 +7,15 @@
 //! Every value read from an image file is treated as hostile: a corrupt or
 //! crafted image yields a [`BlockError`], never a panic or an allocation
 //! larger than the file's own metadata limits.
+//!
+//! Images are locked with `flock` (exclusive for writers, shared for readers
+//! and backing files) so two Vireo processes cannot corrupt one image.
+//!
+//! Tests: `tests/qemu_interop.rs` checks against qemu-img/qemu-io (package
+//! qemu-utils; those tests print SKIPPED and pass without it),
+//! `tests/corrupt.rs` feeds corrupt and randomly mutated images. Fuzzing:
+//! `cd crates/block/fuzz && cargo +nightly fuzz run qcow2_open`. Baseline
+//! throughput: `cargo run --release -p block --example image_bench`.
 
 use std::fmt;
 use std::fs::File;

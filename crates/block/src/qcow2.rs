@@ -610,10 +610,10 @@ impl Qcow2Image {
             b.last_use = tick;
             return Ok(());
         }
-        if off & (self.cluster_size - 1) != 0
-            || off < self.cluster_size
-            || off + self.cluster_size > self.file_len
-        {
+        let inside = off
+            .checked_add(self.cluster_size)
+            .is_some_and(|end| end <= self.file_len);
+        if off & (self.cluster_size - 1) != 0 || off < self.cluster_size || !inside {
             return Err(self.corrupt(format!(
                 "refcount table: refcount block offset {off:#x} is unaligned or outside the file"
             )));

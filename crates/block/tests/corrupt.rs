@@ -407,3 +407,22 @@ fn random_mutations_never_panic() {
         assert!(errors > 150, "only {errors} mutated images failed to read");
     }
 }
+
+/// Inputs the fuzzer (crates/block/fuzz) once crashed on, replayed through
+/// the same operations as the fuzz target.
+#[test]
+fn fuzz_regressions() {
+    let dir = TempDir::new("fuzzreg");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-regressions");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        let path = dir.join("f.qcow2");
+        let _ = std::fs::remove_file(&path);
+        std::fs::copy(entry.path(), &path).unwrap();
+        let _ = try_read(&path);
+        let _ = try_write(&path);
+        n += 1;
+    }
+    assert!(n > 0);
+}

@@ -2,26 +2,29 @@
 //! printing the serial console, to see how far a real kernel gets and which
 //! instruction stops it. Not a VMM: no devices beyond a write-only UART stub;
 //! with `--platform` the `emu-platform` interrupt controllers and timers
-//! (LAPIC, IOAPIC, PIC, PIT) are plugged in on a wall clock.
+//! (LAPIC, IOAPIC, PIC, PIT, kvmclock) are plugged in on a wall clock, and
+//! `--cpus N` runs N vCPU threads (APs start in wait-for-SIPI).
 //!
 //! ```text
 //! cargo run --release -p emu --example boot_emu -- VMLINUX [--pvh] [--mem MIB]
-//!     [--initrd FILE] [--timeout SECS] [--append "ARGS"] [--platform]
+//!     [--initrd FILE] [--timeout SECS] [--append "ARGS"] [--platform] [--cpus N]
 //! ```
 //!
 //! `EMU_TRACE=1` prints every block start; `EMU_HISTORY=1` prints the last
 //! blocks and exceptions when the run ends.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use std::sync::Arc;
-
 use emu::irq::{InterruptController, MsrFault};
+use emu::EmuVcpu;
 use emu_platform::{
     GuestClock, Platform, PlatformConfig, PvClock, PvClockWallClock, SharedPlatform,
 };
-use hypervisor::{Vcpu, VcpuExit, Vm};
+use hypervisor::{Vcpu, VcpuExit, VcpuKicker, Vm};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Guest time = host wall time since start; the TSC runs at 1 GHz.
 struct WallClock(Instant);
@@ -50,6 +53,12 @@ impl InterruptController for PlatformIrq {
     }
     fn take_nmi(&self, vcpu: u32) -> bool {
         self.0.take_nmi(vcpu)
+    }
+    fn take_init(&self, vcpu: u32) -> bool {
+        self.0.take_init(vcpu)
+    }
+    fn take_startup(&self, vcpu: u32) -> Option<u8> {
+        self.0.take_startup(vcpu)
     }
     fn has_pending(&self, vcpu: u32) -> bool {
         self.0.has_pending(vcpu)
@@ -84,7 +93,56 @@ impl InterruptController for PlatformIrq {
         Some(PvClockWallClock::new(2, unix, self.0.clock().now_ns()).to_bytes())
     }
 }
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+struct Args {
+    kernel: String,
+    pvh: bool,
+    mem_mib: u64,
+    timeout: u64,
+    platform: bool,
+    cpus: u32,
+    initrd: Option<String>,
+    append: String,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut it = std::env::args().skip(1);
+    let mut a = Args {
+        kernel: String::new(),
+        pvh: false,
+        mem_mib: 256,
+        timeout: 60,
+        platform: false,
+        cpus: 1,
+        initrd: None,
+        append: String::new(),
+    };
+    while let Some(arg) = it.next() {
+        let mut val = |n: &str| it.next().ok_or(format!("{n} needs a value"));
+        match arg.as_str() {
+            "--pvh" => a.pvh = true,
+            "--platform" => a.platform = true,
+            "--mem" => a.mem_mib = val("--mem")?.parse().map_err(|e| format!("--mem: {e}"))?,
+            "--cpus" => a.cpus = val("--cpus")?.parse().map_err(|e| format!("--cpus: {e}"))?,
+            "--timeout" => {
+                a.timeout = val("--timeout")?
+                    .parse()
+                    .map_err(|e| format!("--timeout: {e}"))?
+            }
+            "--initrd" => a.initrd = Some(val("--initrd")?),
+            "--append" => a.append = val("--append")?,
+            k if a.kernel.is_empty() && !k.starts_with("--") => a.kernel = k.to_string(),
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if a.kernel.is_empty() {
+        return Err("usage: boot_emu VMLINUX [--pvh] [--mem MIB] [--initrd FILE] [--timeout SECS] [--append ARGS] [--platform] [--cpus N]".into());
+    }
+    if a.cpus > 1 && !a.platform {
+        return Err("--cpus > 1 needs --platform (APs are started by INIT/SIPI)".into());
+    }
+    Ok(a)
+}
 
 fn main() {
     if let Err(e) = run() {
@@ -93,51 +151,63 @@ fn main() {
     }
 }
 
-fn run() -> Result<(), String> {
-    let mut args = std::env::args().skip(1);
-    let mut kernel_path = String::new();
-    let (mut pvh, mut mem_mib, mut timeout, mut with_platform) = (false, 256u64, 60u64, false);
-    let mut initrd_path = None;
-    let mut append = String::new();
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--pvh" => pvh = true,
-            "--platform" => with_platform = true,
-            "--mem" => {
-                mem_mib = args
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .ok_or("--mem MIB")?
-            }
-            "--timeout" => {
-                timeout = args
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .ok_or("--timeout SECS")?
-            }
-            "--initrd" => initrd_path = Some(args.next().ok_or("--initrd FILE")?),
-            "--append" => append = args.next().ok_or("--append ARGS")?,
-            k if kernel_path.is_empty() && !k.starts_with("--") => kernel_path = k.to_string(),
-            other => return Err(format!("unknown argument {other}")),
+/// State the vCPU threads share.
+struct Shared {
+    platform: Option<Arc<SharedPlatform>>,
+    line: Mutex<Vec<u8>>,
+    cmos_index: AtomicU8,
+    stop: AtomicBool,
+    start: Instant,
+    kickers: Mutex<Vec<Arc<dyn VcpuKicker>>>,
+}
+
+impl Shared {
+    fn stop_all(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for k in self
+            .kickers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            k.kick();
         }
     }
-    if kernel_path.is_empty() {
-        return Err("usage: boot_emu VMLINUX [--pvh] [--mem MIB] [--initrd FILE] [--timeout SECS] [--append ARGS]".into());
+
+    fn serial(&self, data: &[u8]) {
+        let mut line = self.line.lock().unwrap_or_else(|e| e.into_inner());
+        for &b in data {
+            line.push(b);
+            if b == b'\n' {
+                let text = String::from_utf8_lossy(&line);
+                let mut out = std::io::stdout();
+                let _ = write!(out, "[{:7.3}] {text}", self.start.elapsed().as_secs_f64());
+                let _ = out.flush();
+                line.clear();
+            }
+        }
     }
-    let mem = GuestMemoryMmap::from_ranges(&arch::ram_regions(mem_mib << 20))
+}
+
+fn run() -> Result<(), String> {
+    let args = parse_args()?;
+    let mem = GuestMemoryMmap::from_ranges(&arch::ram_regions(args.mem_mib << 20))
         .map_err(|e| e.to_string())?;
-    let mut kf = std::fs::File::open(&kernel_path).map_err(|e| format!("{kernel_path}: {e}"))?;
+    let mut kf = std::fs::File::open(&args.kernel).map_err(|e| format!("{}: {e}", args.kernel))?;
     let kernel = arch::load_kernel(&mem, &mut kf).map_err(|e| e.to_string())?;
-    let initrd = match &initrd_path {
+    let initrd = match &args.initrd {
         Some(p) => Some(std::fs::read(p).map_err(|e| format!("{p}: {e}"))?),
         None => None,
     };
-    let cmdline = format!("console=ttyS0 earlyprintk=serial,ttyS0 keep_bootcon {append}");
+    let cmdline = format!(
+        "console=ttyS0 earlyprintk=serial,ttyS0 keep_bootcon {}",
+        args.append
+    );
     let cfg = arch::BootConfig {
         cmdline: cmdline.trim(),
         initrd: initrd.as_deref(),
-        num_cpus: 1,
-        protocol: if pvh {
+        num_cpus: args.cpus,
+        protocol: if args.pvh {
             arch::EntryProtocol::Pvh
         } else {
             arch::EntryProtocol::Linux64
@@ -145,17 +215,18 @@ fn run() -> Result<(), String> {
     };
     let state = arch::configure_system(&mem, &kernel, &cfg).map_err(|e| e.to_string())?;
     eprintln!(
-        "boot_emu: entry {:#x}, cmdline {:?}",
-        state.regs.rip, cfg.cmdline
+        "boot_emu: entry {:#x}, {} vCPU(s), cmdline {:?}",
+        state.regs.rip, args.cpus, cfg.cmdline
     );
 
     let vm = emu::EmuVm::new();
-    let platform = with_platform.then(|| {
+    let platform = args.platform.then(|| {
         let clock: Arc<dyn GuestClock> = Arc::new(WallClock(Instant::now()));
-        Arc::new(SharedPlatform::new(
-            Platform::new(PlatformConfig::default()),
-            clock,
-        ))
+        let pc = PlatformConfig {
+            num_vcpus: args.cpus as usize,
+            ..PlatformConfig::default()
+        };
+        Arc::new(SharedPlatform::new(Platform::new(pc), clock))
     });
     if let Some(p) = &platform {
         vm.set_interrupt_controller(Arc::new(PlatformIrq(p.clone())));
@@ -169,7 +240,8 @@ fn run() -> Result<(), String> {
         });
     }
     for (slot, region) in mem.iter().enumerate() {
-        // SAFETY: `mem` lives until the end of this function, after the VM.
+        // SAFETY: `mem` lives until the end of this function, after the VM
+        // and every vCPU thread (joined in the scope below).
         unsafe {
             vm.map_memory(
                 slot as u32,
@@ -180,71 +252,104 @@ fn run() -> Result<(), String> {
         }
         .map_err(|e| e.to_string())?;
     }
-    let mut vcpu = vm.create_emu_vcpu(0);
-    vcpu.core_mut().trace = std::env::var_os("EMU_TRACE").is_some();
+    let mut vcpus = Vec::new();
+    for i in 0..args.cpus {
+        let mut v = vm.create_emu_vcpu(i);
+        v.core_mut().trace = std::env::var_os("EMU_TRACE").is_some();
+        if i == 0 {
+            v.set_boot_state(&state).map_err(|e| e.to_string())?;
+        } else {
+            v.set_wait_for_sipi(true);
+        }
+        vcpus.push(v);
+    }
+    let shared = Arc::new(Shared {
+        platform: platform.clone(),
+        line: Mutex::new(Vec::new()),
+        cmos_index: AtomicU8::new(0),
+        stop: AtomicBool::new(false),
+        start: Instant::now(),
+        kickers: Mutex::new(vcpus.iter().map(|v| v.kicker()).collect()),
+    });
     if let Some(p) = &platform {
-        // Interrupts raised from outside the vCPU (none in this single-
-        // threaded probe, but this is the wiring a VMM needs).
-        let attention = vcpu.irq_attention();
-        p.set_kick(Arc::new(move |_cpu| {
-            attention.store(true, std::sync::atomic::Ordering::SeqCst)
+        // A vCPU that got an interrupt, INIT or SIPI polls its controller at
+        // its next block boundary (or wakes from its HLT sleep below).
+        let flags: Vec<_> = vcpus.iter().map(|v| v.irq_attention()).collect();
+        p.set_kick(Arc::new(move |cpu| {
+            if let Some(f) = flags.get(cpu) {
+                f.store(true, Ordering::SeqCst);
+            }
         }));
     }
-    vcpu.set_boot_state(&state).map_err(|e| e.to_string())?;
-
-    let start = Instant::now();
-    let kicker = vcpu.kicker();
+    let timer = shared.clone();
+    let timeout = args.timeout;
     std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(timeout));
-        kicker.kick();
+        eprintln!("\nboot_emu: timeout after {timeout} s");
+        timer.stop_all();
     });
-    let mut line = Vec::new();
-    let mut stdout = std::io::stdout();
-    let mut cmos_index = 0u8;
-    let mut halts = 0u64;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = vcpus
+            .into_iter()
+            .map(|v| {
+                let sh = shared.clone();
+                s.spawn(move || vcpu_thread(v, sh))
+            })
+            .collect();
+        for h in handles {
+            match h.join() {
+                Ok(msg) => eprintln!("{msg}"),
+                Err(_) => eprintln!("boot_emu: a vCPU thread panicked"),
+            }
+        }
+    });
+    Ok(())
+}
+
+fn vcpu_thread(mut vcpu: EmuVcpu, sh: Arc<Shared>) -> String {
+    let idx = vcpu.index();
     let mut slept = Duration::ZERO;
-    loop {
-        let exit = vcpu.run().map_err(|e| e.to_string())?;
+    let mut halts = 0u64;
+    let end = loop {
+        if sh.stop.load(Ordering::SeqCst) {
+            break "stopped".to_string();
+        }
+        let exit = match vcpu.run() {
+            Ok(e) => e,
+            Err(e) => break format!("run failed: {e}"),
+        };
         if !matches!(exit, VcpuExit::Halt) {
             halts = 0;
         }
         match exit {
-            VcpuExit::IoOut { port: 0x3f8, data } => {
-                for &b in data.iter() {
-                    line.push(b);
-                    if b == b'\n' {
-                        let text = String::from_utf8_lossy(&line);
-                        let _ = write!(stdout, "[{:7.3}] {text}", start.elapsed().as_secs_f64());
-                        let _ = stdout.flush();
-                        line.clear();
-                    }
-                }
-            }
+            VcpuExit::IoOut { port: 0x3f8, data } => sh.serial(data),
             VcpuExit::IoOut { port, data }
-                if platform.as_ref().is_some_and(|p| p.pio_write(port, data)) => {}
-            VcpuExit::MmioWrite { addr, data }
-                if platform
+                if sh
+                    .platform
                     .as_ref()
-                    .is_some_and(|p| p.mmio_write(0, addr, data)) => {}
-            VcpuExit::IoOut { port: 0x70, data } => cmos_index = data[0] & 0x7f,
+                    .is_some_and(|p| p.pio_write(port, data)) => {}
+            VcpuExit::IoOut { port: 0x70, data } => {
+                sh.cmos_index.store(data[0] & 0x7f, Ordering::SeqCst)
+            }
             VcpuExit::IoOut { port, data } => {
                 if port == 0xcf9 && data[0] == 6
                     || port == 0x604 && data.len() == 2 && data[1] & 0x20 != 0
                 {
-                    eprintln!("\nboot_emu: guest asked for reset/poweroff (port {port:#x})");
-                    break;
+                    sh.stop_all();
+                    break format!("guest asked for reset/poweroff (port {port:#x})");
                 }
             }
             VcpuExit::IoIn { port, data } => {
-                if platform
+                if sh
+                    .platform
                     .as_ref()
                     .is_some_and(|p| p.pio_read(port, &mut data[..]))
                 {
                     continue;
                 }
                 let v = match port {
-                    0x3fd => 0x60,
-                    0x71 => match cmos_index {
+                    0x3fd => 0x60, // LSR: transmitter empty
+                    0x71 => match sh.cmos_index.load(Ordering::SeqCst) {
                         0x0b => 0x02,
                         0x0d => 0x80,
                         _ => 0,
@@ -254,19 +359,24 @@ fn run() -> Result<(), String> {
                 data.fill(v);
             }
             VcpuExit::MmioRead { addr, data } => {
-                if !platform
+                if !sh
+                    .platform
                     .as_ref()
-                    .is_some_and(|p| p.mmio_read(0, addr, &mut data[..]))
+                    .is_some_and(|p| p.mmio_read(idx, addr, &mut data[..]))
                 {
                     data.fill(0xff);
                 }
             }
-            VcpuExit::MmioWrite { .. } => {}
+            VcpuExit::MmioWrite { addr, data } => {
+                if let Some(p) = &sh.platform {
+                    p.mmio_write(idx, addr, data);
+                }
+            }
             VcpuExit::Halt => {
                 halts += 1;
-                match &platform {
+                match &sh.platform {
                     // Sleep until the next timer deadline (at most 10 ms).
-                    Some(p) if !p.has_pending(0) => {
+                    Some(p) if !p.has_pending(idx) => {
                         let now = p.clock().now_ns();
                         let until = p.next_deadline_ns().unwrap_or(now + 10_000_000);
                         let ns = until.saturating_sub(now).min(10_000_000);
@@ -275,52 +385,41 @@ fn run() -> Result<(), String> {
                         p.tick();
                     }
                     Some(_) => {}
-                    None if halts > 1_000_000 => {
-                        eprintln!("\nboot_emu: halted with nothing to wake it");
-                        break;
-                    }
+                    None if halts > 1_000_000 => break "halted with nothing to wake it".into(),
                     None => {}
                 }
             }
-            VcpuExit::Interrupted => {
-                eprintln!("\nboot_emu: timeout after {timeout} s");
-                break;
+            VcpuExit::Interrupted => {}
+            VcpuExit::InternalError(ie) => {
+                sh.stop_all();
+                break format!("stopped on {ie}");
             }
             other => {
-                eprintln!("\nboot_emu: stopped on {other}", other = describe(&other));
-                break;
+                sh.stop_all();
+                break format!("stopped on {other:?}");
             }
         }
-    }
-    let r = vcpu.get_regs().map_err(|e| e.to_string())?;
+    };
+    let r = vcpu.get_regs().unwrap_or_default();
     if std::env::var_os("EMU_HISTORY").is_some() {
         for (rip, tag) in vcpu.core().history.recent() {
             if tag == emu::core::HIST_BLOCK {
-                eprintln!("  block {rip:#x}");
+                eprintln!("  cpu{idx} block {rip:#x}");
             } else {
                 eprintln!(
-                    "  exception {} (error {:#x}) at {rip:#x}",
+                    "  cpu{idx} exception {} (error {:#x}) at {rip:#x}",
                     (tag & 0xffff) - 0x100,
                     tag >> 16
                 );
             }
         }
-        eprintln!("  sregs {:x?}", vcpu.get_sregs());
+        eprintln!("  cpu{idx} sregs {:x?}", vcpu.get_sregs());
     }
-    eprintln!(
-        "boot_emu: {:.1} s ({:.1} s halted), {} instructions, RIP {:#x} RSP {:#x}",
-        start.elapsed().as_secs_f64(),
+    format!(
+        "boot_emu: cpu{idx}: {end}; {:.1} s ({:.1} s halted), {} instructions, RIP {:#x}",
+        sh.start.elapsed().as_secs_f64(),
         slept.as_secs_f64(),
         vcpu.core().icount,
-        r.rip,
-        r.rsp
-    );
-    Ok(())
-}
-
-fn describe(e: &VcpuExit) -> String {
-    match e {
-        VcpuExit::InternalError(ie) => ie.to_string(),
-        other => format!("{other:?}"),
-    }
+        r.rip
+    )
 }

@@ -103,6 +103,8 @@ impl EmuVm {
         }
         // The platform's kicks set the flag the run loop polls on.
         core.attention = link.signal.attention().clone();
+        // Application processors do not run before INIT and SIPI.
+        core.wait_for_sipi = index != 0;
         core.pc = Some(Box::new(link));
         Ok(EmuVcpu {
             core,
@@ -228,6 +230,13 @@ impl EmuVcpu {
 
     pub fn core_mut(&mut self) -> &mut Core {
         &mut self.core
+    }
+
+    /// Park this vCPU in wait-for-SIPI (application processors at power-on):
+    /// `run` returns `Halt` until the interrupt controller delivers INIT and
+    /// a start-up IPI.
+    pub fn set_wait_for_sipi(&mut self, wait: bool) {
+        self.core.wait_for_sipi = wait;
     }
 
     /// Set this flag (from any thread) after making an interrupt pending

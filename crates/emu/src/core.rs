@@ -116,6 +116,8 @@ pub struct Core {
     pub delivering: Option<u8>,
     /// An NMI handler is running: further NMIs wait for its IRET.
     pub nmi_blocked: bool,
+    /// In wait-for-SIPI state (an AP before start-up, or after INIT).
+    pub wait_for_sipi: bool,
     /// Recent events for post-mortem debugging (block starts and
     /// exceptions), oldest overwritten first.
     pub history: History,
@@ -197,6 +199,7 @@ impl Core {
             icount: 0,
             delivering: None,
             nmi_blocked: false,
+            wait_for_sipi: false,
             history: History::default(),
             trace: false,
             cpuid,
@@ -514,7 +517,7 @@ impl Core {
             if self.pc.is_some() {
                 // Halted or waiting for SIPI: sleep until the platform has
                 // something for this vCPU (then poll), or leave.
-                if self.halted || self.pc.as_ref().is_some_and(|p| p.wait_sipi) {
+                if self.halted || self.wait_for_sipi {
                     if let Some(exit) = crate::pc::idle(self) {
                         return exit;
                     }
@@ -532,11 +535,45 @@ impl Core {
         }
     }
 
+    /// INIT: architectural state as after RESET (real mode at F000:FFF0),
+    /// then wait for a start-up IPI. Caches that depend on the old paging
+    /// state are dropped.
+    pub fn init_reset(&mut self) {
+        let keep_apic_base = self.st.msr.apic_base;
+        self.st = CpuState::reset();
+        self.st.msr.apic_base = keep_apic_base;
+        self.tlb.flush_all();
+        self.halted = false;
+        self.int_shadow = false;
+        self.nmi_blocked = false;
+        self.io = IoExchange::default();
+        self.wait_for_sipi = true;
+    }
+
+    /// SIPI with vector `v`: start in real mode at `v`00:0000.
+    pub fn start_up(&mut self, v: u8) {
+        let sel = (v as u16) << 8;
+        self.st.seg[CS].selector = sel;
+        self.st.seg[CS].base = (sel as u64) << 4;
+        self.st.rip = 0;
+        self.wait_for_sipi = false;
+        self.halted = false;
+    }
+
     /// Accept a pending NMI or external interrupt if the CPU can take it.
     fn check_interrupts(&mut self) -> Option<RunExit> {
         if self.pc.is_some() {
             // INIT/SIPI, NMI and interrupts in one platform look.
             return crate::pc::poll(self);
+        }
+        if self.intc.take_init(self.index) {
+            self.init_reset();
+        }
+        if self.wait_for_sipi {
+            match self.intc.take_startup(self.index) {
+                Some(v) => self.start_up(v),
+                None => return Some(RunExit::Halt),
+            }
         }
         if !self.nmi_blocked && self.intc.take_nmi(self.index) {
             self.halted = false;

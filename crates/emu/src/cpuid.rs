@@ -69,6 +69,12 @@ pub const FEAT_APIC: u32 = 1 << 9;
 pub const FEAT_X2APIC: u32 = 1 << 21;
 pub const FEAT_TSC_DEADLINE: u32 = 1 << 24;
 
+/// Family 0xf, model 0x6b, stepping 1: the signature of QEMU's default
+/// `qemu64` CPU. An old AMD family keeps Linux off the Zen-specific paths
+/// (RETBleed/SRSO return thunks, Zen errata MSRs) that cost instructions on
+/// every return and touch MSRs the engine does not model.
+pub const SIGNATURE: u32 = 0x0006_0fb1;
+
 fn regs(s: &[u8; 12]) -> [u32; 3] {
     let w = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
     [w(0), w(4), w(8)]
@@ -83,8 +89,7 @@ pub fn cpuid(cfg: &CpuidConfig, index: u32, leaf: u32, _sub: u32) -> [u32; 4] {
             [1, b, c, d]
         }
         1 => {
-            // Family 0xf + 0x8 = 0x17 (Zen), model 1, stepping 1.
-            let eax = 0x0080_0f11;
+            let eax = SIGNATURE;
             let ebx = (index << 24) | (1 << 16) | (8 << 8);
             let mut ecx = LEAF1_ECX;
             let mut edx = LEAF1_EDX;
@@ -120,7 +125,7 @@ pub fn cpuid(cfg: &CpuidConfig, index: u32, leaf: u32, _sub: u32) -> [u32; 4] {
             [0x8000_0008, b, c, d]
         }
         0x8000_0001 => [
-            0x0080_0f11,
+            SIGNATURE,
             0,
             EXT_LAHF_LM,
             LEAF1_EDX & 0x0183_f3ff | EXT_SYSCALL | EXT_NX | EXT_LM,

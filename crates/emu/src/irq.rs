@@ -25,11 +25,19 @@ pub trait InterruptController: Send + Sync {
     fn take_nmi(&self, _vcpu: u32) -> bool {
         false
     }
+    /// Take a pending INIT for `vcpu` (the CPU resets and waits for SIPI).
+    fn take_init(&self, _vcpu: u32) -> bool {
+        false
+    }
+    /// Take a pending start-up IPI vector for a vCPU waiting for SIPI.
+    fn take_startup(&self, _vcpu: u32) -> Option<u8> {
+        None
+    }
     /// Cheap check whether anything could wake a halted vCPU.
     fn has_pending(&self, vcpu: u32) -> bool {
         self.pending_vector(vcpu).is_some()
     }
-    /// The guest wrote CR8 (task priority, bits 3:0 = TPR[7:4]).
+    /// The guest wrote CR8 (task priority, bits 3:0 = TPR bits 7:4).
     fn set_tpr(&self, _vcpu: u32, _cr8: u8) {}
     /// A device sent a message-signalled interrupt (address 0xfeeXXXXX,
     /// data with the vector in bits 7:0). Controllers without LAPICs drop it.

@@ -21,6 +21,38 @@
 //! - [`pc`]: the PC platform inside the engine (LAPIC, IOAPIC, PIC, PIT,
 //!   kvmclock from `emu-platform`): device access, interrupt polling, HLT
 //!   sleep, INIT/SIPI.
+//!
+//! # Wiring it into a VMM
+//!
+//! [`EmuHypervisor`] makes PC-mode VMs ([`EmuVm::new_pc`]): the platform
+//! ([`pc`]) is inside the engine, ports and MMIO of the PIC, PIT, IOAPIC
+//! and LAPIC never exit, HLT with IF=1 sleeps in `run`, APs wait for SIPI,
+//! and `irq_line`/`signal_msi` reach the APICs. Only the VMM's own devices
+//! see exits, and `Halt` comes only from HLT with IF=0. The rest of this
+//! section is for a bare [`EmuVm::new`] with an embedder's controller:
+//!
+//! - Make an [`EmuVm`], then before creating vCPUs: plug the platform in
+//!   with [`EmuVm::set_interrupt_controller`] (an adapter from
+//!   `emu_platform::SharedPlatform` to [`InterruptController`] is a one-line
+//!   forward per method: see `examples/boot_emu.rs`) and say what it provides
+//!   with [`EmuVm::set_cpuid_config`] (APIC, TSC-deadline, kvmclock).
+//! - Route `IoIn`/`IoOut` and `MmioRead`/`MmioWrite` exits to the devices
+//!   (the platform decodes PIC/PIT ports and the LAPIC/IOAPIC pages); read
+//!   exits are completed by filling the buffer and calling `run` again.
+//! - `Halt` means "nothing to do until an interrupt": sleep until the
+//!   platform's next deadline or a kick, then `run` again.
+//! - Hand each vCPU's [`EmuVcpu::irq_attention`] flag to the platform's kick
+//!   function; APs start with [`EmuVcpu::set_wait_for_sipi`].
+//!
+//! # Status
+//!
+//! Debian's 6.1 cloud kernel boots to its initramfs and powers off, with one
+//! or two vCPUs (`examples/boot_emu.rs`), at roughly 50 M guest instructions
+//! per CPU-second: an interpreter, not yet a translator. Not implemented:
+//! TF single-step and debug-register breakpoints, segment limit checks,
+//! hardware task switches and call gates, virtual-8086 mode, the TSS I/O
+//! bitmap, MMX, SSE3 and later, 80-bit x87 arithmetic (computed in f64),
+//! MXCSR exception flags.
 
 pub mod backend;
 pub mod core;

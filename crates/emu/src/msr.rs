@@ -18,6 +18,10 @@ pub const FS_BASE: u32 = 0xc000_0100;
 pub const GS_BASE: u32 = 0xc000_0101;
 pub const KERNEL_GS_BASE: u32 = 0xc000_0102;
 pub const TSC_AUX: u32 = 0xc000_0103;
+/// AMD K8 "interrupt pending message" (C1E detection): reads as zero.
+pub const MSR_K8_INT_PENDING_MSG: u32 = 0xc001_0055;
+/// AMD northbridge configuration: reads as zero, writes ignored.
+pub const MSR_AMD64_NB_CFG: u32 = 0xc001_001f;
 pub const MSR_KVM_WALL_CLOCK_NEW: u32 = 0x4b56_4d00;
 pub const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
 
@@ -59,6 +63,8 @@ pub fn read(core: &Core, idx: u32) -> Option<u64> {
         GS_BASE => core.st.seg[GS].base,
         KERNEL_GS_BASE => m.kernel_gs_base,
         TSC_AUX => m.tsc_aux,
+        // AMD model-specific registers Linux reads unguarded on this family.
+        MSR_K8_INT_PENDING_MSG | MSR_AMD64_NB_CFG => 0,
         MSR_KVM_SYSTEM_TIME_NEW if core.cpuid.kvm_clock => m.kvm_system_time,
         MSR_KVM_WALL_CLOCK_NEW if core.cpuid.kvm_clock => m.kvm_wall_clock,
         _ => return None,
@@ -130,6 +136,7 @@ pub fn write(core: &mut Core, idx: u32, v: u64) -> Result<(), MsrFault> {
             }
         }
         TSC_AUX => core.st.msr.tsc_aux = v & 0xffff_ffff,
+        MSR_K8_INT_PENDING_MSG | MSR_AMD64_NB_CFG => {}
         MSR_KVM_SYSTEM_TIME_NEW if core.cpuid.kvm_clock => {
             if v & 1 != 0 {
                 let info = core.intc.pvclock_time_info(core.index).ok_or(MsrFault)?;

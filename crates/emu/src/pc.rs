@@ -37,10 +37,9 @@ use emu_platform::pvclock::{PvClock, PvClockWallClock};
 use emu_platform::{
     Delivery, DeliveryMode, DestMode, GuestClock, Platform, PlatformConfig, SharedPlatform, Trigger,
 };
-use hypervisor::Segment;
 
 use crate::core::{Core, RunExit};
-use crate::cpu::{CpuState, CS, FLAG_IF};
+use crate::cpu::FLAG_IF;
 use crate::cpuid::CpuidConfig;
 use crate::irq::{InterruptController, MsrFault};
 
@@ -272,6 +271,14 @@ impl InterruptController for SharedPlatform {
         SharedPlatform::take_nmi(self, vcpu)
     }
 
+    fn take_init(&self, vcpu: u32) -> bool {
+        SharedPlatform::take_init(self, vcpu)
+    }
+
+    fn take_startup(&self, vcpu: u32) -> Option<u8> {
+        SharedPlatform::take_startup(self, vcpu)
+    }
+
     fn has_pending(&self, vcpu: u32) -> bool {
         SharedPlatform::has_pending(self, vcpu)
     }
@@ -321,6 +328,14 @@ impl InterruptController for Pc {
 
     fn take_nmi(&self, vcpu: u32) -> bool {
         self.shared.take_nmi(vcpu)
+    }
+
+    fn take_init(&self, vcpu: u32) -> bool {
+        self.shared.take_init(vcpu)
+    }
+
+    fn take_startup(&self, vcpu: u32) -> Option<u8> {
+        self.shared.take_startup(vcpu)
     }
 
     fn has_pending(&self, vcpu: u32) -> bool {
@@ -443,8 +458,6 @@ impl InterruptController for PcBoard {
 pub struct PcVcpu {
     pub pc: Arc<Pc>,
     pub signal: Arc<VcpuSignal>,
-    /// An application processor before its start-up IPI: it does not run.
-    pub wait_sipi: bool,
     /// Times this vCPU slept in HLT or wait-for-SIPI (statistics; a vCPU
     /// that spun instead of sleeping would count thousands per millisecond).
     pub sleeps: u64,
@@ -452,13 +465,11 @@ pub struct PcVcpu {
 
 impl PcVcpu {
     /// The link for vCPU `index`; `None` if the platform has no APIC for it.
-    /// Application processors start in wait-for-SIPI.
     pub fn new(pc: Arc<Pc>, index: u32) -> Option<PcVcpu> {
         let signal = pc.signal(index)?.clone();
         Some(PcVcpu {
             pc,
             signal,
-            wait_sipi: index != 0,
             sleeps: 0,
         })
     }
@@ -481,13 +492,13 @@ pub(crate) fn poll(core: &mut Core) -> Option<RunExit> {
     let idx = core.index;
     let if_set = core.st.rflags & FLAG_IF != 0;
     let nmi_ok = !core.nmi_blocked;
+    let wait_sipi = core.wait_for_sipi;
     let p = core.pc.as_ref()?;
     // Lock-free unless something is hinted for this vCPU or a timer is due
     // (then it advances the timers and kicks whoever they interrupt).
     if !p.pc.shared.has_pending(idx) {
         return None;
     }
-    let wait_sipi = p.wait_sipi;
     let ev = p.pc.shared.with(|pl, _| {
         let i = idx as usize;
         if pl.take_init(i) {
@@ -519,7 +530,8 @@ pub(crate) fn poll(core: &mut Core) -> Option<RunExit> {
             None
         }
         Event::Sipi(v) => {
-            start_cpu(core, v);
+            core.start_up(v);
+            core.end_block = true;
             None
         }
         Event::Nmi => {
@@ -548,8 +560,8 @@ pub(crate) fn idle(core: &mut Core) -> Option<RunExit> {
         let idx = core.index;
         let if_set = core.st.rflags & FLAG_IF != 0;
         let nmi_ok = !core.nmi_blocked;
+        let wait_sipi = core.wait_for_sipi;
         let p = core.pc.as_mut()?;
-        let wait_sipi = p.wait_sipi;
         // One locked look: timers advanced to now, the wake-up reasons, and
         // when to look again. The PIT counts for every vCPU because its
         // interrupt may be routed to any of them and somebody must advance
@@ -585,34 +597,16 @@ pub(crate) fn idle(core: &mut Core) -> Option<RunExit> {
     }
 }
 
-/// INIT: the CPU's power-on register state; MSRs (and so the TSC offset)
-/// survive as on hardware, except kvmclock, which KVM turns off on a vCPU
-/// reset too. An AP then waits for SIPI; the BSP runs from the reset vector.
+/// INIT: the core's power-on state and wait-for-SIPI, with kvmclock off
+/// (KVM turns it off on a vCPU reset too). The BSP instead runs from the
+/// reset vector, as KVM makes it (an INIT is a reset for the BSP).
 fn init_cpu(core: &mut Core) {
-    let mut msr = std::mem::take(&mut core.st.msr);
-    msr.kvm_system_time = 0;
-    core.st = CpuState::reset();
-    core.st.msr = msr;
+    core.init_reset();
     core.flush_all_caches();
-    core.halted = false;
-    core.int_shadow = false;
-    core.nmi_blocked = false;
+    core.st.msr.kvm_system_time = 0;
     core.delivering = None;
-    core.io = Default::default();
-    let index = core.index;
-    if let Some(p) = core.pc.as_mut() {
-        p.wait_sipi = index != 0;
-    }
-}
-
-/// Start-up IPI: real mode at CS = vector << 8, IP = 0.
-fn start_cpu(core: &mut Core, vector: u8) {
-    core.st.seg[CS] = Segment::real_mode((vector as u16) << 8, true);
-    core.st.rip = 0;
-    core.halted = false;
-    core.end_block = true;
-    if let Some(p) = core.pc.as_mut() {
-        p.wait_sipi = false;
+    if core.index == 0 {
+        core.wait_for_sipi = false;
     }
 }
 

@@ -297,3 +297,57 @@ fn pae_paging_without_long_mode() {
     g.run_to_halt();
     assert_eq!(g.regs().rbx, 0xfeed_f00d);
 }
+
+/// A controller that holds one INIT and one SIPI for vCPU 1 once armed.
+struct SipiController {
+    armed: std::sync::atomic::AtomicBool,
+    init_taken: std::sync::atomic::AtomicBool,
+}
+
+impl emu::InterruptController for SipiController {
+    fn trigger_gsi(&self, _gsi: u32) {}
+    fn pending_vector(&self, _vcpu: u32) -> Option<u8> {
+        None
+    }
+    fn ack(&self, _vcpu: u32, _vector: u8) -> Option<u8> {
+        None
+    }
+    fn take_init(&self, vcpu: u32) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        vcpu == 1 && self.armed.load(SeqCst) && !self.init_taken.swap(true, SeqCst)
+    }
+    fn take_startup(&self, vcpu: u32) -> Option<u8> {
+        use std::sync::atomic::Ordering::SeqCst;
+        (vcpu == 1 && self.init_taken.load(SeqCst) && self.armed.swap(false, SeqCst))
+            .then_some(0x10)
+    }
+}
+
+#[test]
+fn application_processor_waits_for_init_and_sipi() {
+    let intc = std::sync::Arc::new(SipiController {
+        armed: false.into(),
+        init_taken: false.into(),
+    });
+    let mut g = Guest::with_platform(16 << 20, Some(intc.clone()), Default::default());
+    let mut ap = g.vm.create_emu_vcpu(1);
+    ap.set_wait_for_sipi(true);
+    // The AP's trampoline at 0x10000 (SIPI vector 0x10).
+    let code = assemble(16, 0, |a| {
+        a.mov(ax, 0x1234)?;
+        a.mov(bx, cs)?;
+        a.hlt()
+    });
+    g.write(0x10000, &code);
+    assert_eq!(
+        format!("{:?}", ap.run().unwrap()),
+        "Halt",
+        "parked before SIPI"
+    );
+    intc.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(format!("{:?}", ap.run().unwrap()), "Halt");
+    let r = ap.get_regs().unwrap();
+    assert_eq!(r.rax & 0xffff, 0x1234, "trampoline ran");
+    assert_eq!(r.rbx & 0xffff, 0x1000, "CS = vector << 8");
+    assert_eq!(r.rip, code.len() as u64);
+}

@@ -657,7 +657,7 @@ fn fixed_ipi_wakes_a_halted_vcpu_on_another_thread() {
     r.rip = AP_CODE;
     r.rsp = 0x40000;
     ap.set_regs(&r).unwrap();
-    ap.core_mut().pc.as_mut().unwrap().wait_sipi = false;
+    ap.set_wait_for_sipi(false);
     let kicker = ap.kicker();
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
