@@ -12,6 +12,7 @@ use crate::core::{Core, ExitReq, ReadResponse, RunExit};
 use crate::cpu::*;
 use crate::irq::{InterruptController, QueueInterruptController};
 use crate::mem::{MemView, PhysMem};
+use crate::pc::{Pc, PcBoard, PcVcpu, VcpuSignal};
 
 /// The software CPU engine as a hypervisor backend.
 #[derive(Default)]
@@ -29,7 +30,7 @@ impl Hypervisor for EmuHypervisor {
     }
 
     fn create_vm(&self) -> Result<Arc<dyn Vm>> {
-        Ok(Arc::new(EmuVm::new()))
+        Ok(Arc::new(EmuVm::new_pc()))
     }
 }
 
@@ -37,6 +38,8 @@ pub struct EmuVm {
     mem: Arc<PhysMem>,
     intc: RwLock<Arc<dyn InterruptController>>,
     cpuid: RwLock<crate::cpuid::CpuidConfig>,
+    /// The PC platform (a PC-mode VM, see [`EmuVm::new_pc`]).
+    pc: Option<Arc<PcBoard>>,
 }
 
 impl Default for EmuVm {
@@ -52,7 +55,62 @@ impl EmuVm {
             mem: PhysMem::new(),
             intc: RwLock::new(Arc::new(QueueInterruptController::new(0x20))),
             cpuid: RwLock::new(Default::default()),
+            pc: None,
         }
+    }
+
+    /// A PC: LAPIC per vCPU, IOAPIC, 8259 pair, 8254 PIT and kvmclock inside
+    /// the engine (see [`crate::pc`]); what `EmuHypervisor` makes. The
+    /// platform is sized when the first vCPU is made
+    /// ([`EmuVm::create_pc_vcpu`] / `Vm::create_vcpu`).
+    pub fn new_pc() -> Self {
+        let board = Arc::new(PcBoard::new());
+        EmuVm {
+            mem: PhysMem::new(),
+            intc: RwLock::new(board.clone()),
+            cpuid: RwLock::new(crate::pc::cpuid_config()),
+            pc: Some(board),
+        }
+    }
+
+    /// The platform of a PC-mode VM, once its first vCPU exists.
+    pub fn platform(&self) -> Option<Arc<Pc>> {
+        self.pc.as_ref()?.get().cloned()
+    }
+
+    /// Make vCPU `index` of `count` in a PC-mode VM; the first call creates
+    /// the platform with `count` local APICs. Application processors start
+    /// in wait-for-SIPI.
+    pub fn create_pc_vcpu(&self, index: u32, count: u32) -> Result<EmuVcpu> {
+        let board = self
+            .pc
+            .as_ref()
+            .ok_or_else(|| HypervisorError::Other("not a PC-mode VM".into()))?;
+        let pc = board.get_or_create(count);
+        let link = PcVcpu::new(pc.clone(), index).ok_or_else(|| {
+            HypervisorError::Other(format!(
+                "vCPU {index} does not exist: the platform has {} local APICs",
+                pc.num_vcpus()
+            ))
+        })?;
+        let cpuid = *self.cpuid.read().unwrap_or_else(|e| e.into_inner());
+        let mut core = Core::with_cpuid(index, MemView::new(self.mem.clone()), pc.clone(), cpuid);
+        // The engine's copy of IA32_APIC_BASE (the LAPIC page it decodes,
+        // what get_sregs reports) starts as the platform's: BSP bit on
+        // vCPU 0 only.
+        if let Some(Ok(base)) = pc.shared().rdmsr(index, crate::msr::IA32_APIC_BASE) {
+            core.st.msr.apic_base = base;
+        }
+        // The platform's kicks set the flag the run loop polls on.
+        core.attention = link.signal.attention().clone();
+        // Application processors do not run before INIT and SIPI.
+        core.wait_for_sipi = index != 0;
+        core.pc = Some(Box::new(link));
+        Ok(EmuVcpu {
+            core,
+            buf: [0; 8],
+            pending_read: None,
+        })
     }
 
     /// What CPUID advertises for hardware the embedder provides (APIC, ...).
@@ -110,7 +168,10 @@ impl Vm for EmuVm {
         Ok(())
     }
 
-    fn create_vcpu(&self, index: u32, _count: u32) -> Result<Box<dyn Vcpu>> {
+    fn create_vcpu(&self, index: u32, count: u32) -> Result<Box<dyn Vcpu>> {
+        if self.pc.is_some() {
+            return Ok(Box::new(self.create_pc_vcpu(index, count)?));
+        }
         Ok(Box::new(self.create_emu_vcpu(index)))
     }
 
@@ -139,11 +200,18 @@ impl IrqLine for EmuIrqLine {
     }
 }
 
-struct EmuKicker(Arc<AtomicBool>);
+struct EmuKicker {
+    flag: Arc<AtomicBool>,
+    /// Wakes the vCPU from a sleep in HLT (PC mode).
+    signal: Option<Arc<VcpuSignal>>,
+}
 
 impl VcpuKicker for EmuKicker {
     fn kick(&self) {
-        self.0.store(true, Ordering::Release);
+        self.flag.store(true, Ordering::Release);
+        if let Some(s) = &self.signal {
+            s.notify();
+        }
     }
 }
 
@@ -343,6 +411,7 @@ impl Vcpu for EmuVcpu {
         st.efer = s.efer;
         if s.apic_base != 0 {
             st.msr.apic_base = s.apic_base;
+            crate::pc::set_apic_base(&mut self.core, s.apic_base);
         }
         // In long mode CS.dpl is the CPL; a boot state may leave it zero, which
         // is what we want for ring 0 entry.
@@ -351,6 +420,9 @@ impl Vcpu for EmuVcpu {
     }
 
     fn kicker(&self) -> Arc<dyn VcpuKicker> {
-        Arc::new(EmuKicker(self.core.kick.clone()))
+        Arc::new(EmuKicker {
+            flag: self.core.kick.clone(),
+            signal: self.core.pc.as_ref().map(|p| p.signal.clone()),
+        })
     }
 }

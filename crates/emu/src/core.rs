@@ -148,6 +148,9 @@ pub struct Core {
     /// the TPR or an EOI may have changed what is deliverable).
     pub poll_now: bool,
     poll_countdown: u32,
+    /// The PC platform (LAPIC, IOAPIC, PIC, PIT, kvmclock) this vCPU is
+    /// wired to; `None` for a bare CPU whose devices are all in the VMM.
+    pub pc: Option<Box<crate::pc::PcVcpu>>,
 }
 
 /// A small ring of recent block start RIPs and exceptions.
@@ -220,6 +223,7 @@ impl Core {
             attention: Arc::new(AtomicBool::new(false)),
             poll_now: true,
             poll_countdown: 0,
+            pc: None,
         }
     }
 
@@ -440,6 +444,11 @@ impl Core {
     }
 
     fn mmio_read(&mut self, addr: u64, size: u8) -> R<u64> {
+        if self.pc.is_some() {
+            if let Some(v) = crate::pc::mmio_read(self, addr, size) {
+                return Ok(v);
+            }
+        }
         if let Some(v) = self.take_response(false, addr, size) {
             return Ok(v);
         }
@@ -448,6 +457,9 @@ impl Core {
     }
 
     fn mmio_write(&mut self, addr: u64, size: u8, data: u64) -> R {
+        if self.pc.is_some() && crate::pc::mmio_write(self, addr, size, data) {
+            return Ok(());
+        }
         if self.io.request.is_some() {
             return Err(Exc::unimplemented(
                 "more than one MMIO access in one instruction",
@@ -458,6 +470,11 @@ impl Core {
     }
 
     pub fn io_in(&mut self, port: u16, size: u8) -> R<u64> {
+        if self.pc.is_some() {
+            if let Some(v) = crate::pc::pio_in(self, port, size) {
+                return Ok(v);
+            }
+        }
         if let Some(v) = self.take_response(true, port as u64, size) {
             return Ok(v);
         }
@@ -466,6 +483,9 @@ impl Core {
     }
 
     pub fn io_out(&mut self, port: u16, size: u8, data: u64) -> R {
+        if self.pc.is_some() && crate::pc::pio_out(self, port, size, data) {
+            return Ok(());
+        }
         if self.io.request.is_some() {
             return Err(Exc::unimplemented(
                 "more than one port access in one instruction",
@@ -514,7 +534,17 @@ impl Core {
                     self.poll_countdown -= 1;
                 }
             }
-            if self.halted {
+            if self.pc.is_some() {
+                // Halted or waiting for SIPI: sleep until the platform has
+                // something for this vCPU (then poll), or leave.
+                if self.halted || self.wait_for_sipi {
+                    if let Some(exit) = crate::pc::idle(self) {
+                        return exit;
+                    }
+                    self.poll_now = true;
+                    continue;
+                }
+            } else if self.halted {
                 return RunExit::Halt;
             }
             let limit = if self.int_shadow { 1 } else { usize::MAX };
@@ -552,6 +582,10 @@ impl Core {
 
     /// Accept a pending NMI or external interrupt if the CPU can take it.
     fn check_interrupts(&mut self) -> Option<RunExit> {
+        if self.pc.is_some() {
+            // INIT/SIPI, NMI and interrupts in one platform look.
+            return crate::pc::poll(self);
+        }
         if self.intc.take_init(self.index) {
             self.init_reset();
         }
@@ -575,7 +609,7 @@ impl Core {
         self.deliver_and_check(v, None, crate::exception::Kind::External)
     }
 
-    fn deliver_and_check(
+    pub(crate) fn deliver_and_check(
         &mut self,
         vector: u8,
         error: Option<u32>,

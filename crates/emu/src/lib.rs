@@ -18,8 +18,18 @@
 //! - [`core`]: the run loop that ties the above together for one vCPU.
 //! - [`backend`]: `EmuHypervisor` / `EmuVm` / `EmuVcpu`, the `hypervisor` seam.
 //! - [`irq`]: the interface an interrupt-controller model plugs into.
+//! - [`pc`]: the PC platform inside the engine (LAPIC, IOAPIC, PIC, PIT,
+//!   kvmclock from `emu-platform`): device access, interrupt polling, HLT
+//!   sleep, INIT/SIPI.
 //!
 //! # Wiring it into a VMM
+//!
+//! [`EmuHypervisor`] makes PC-mode VMs ([`EmuVm::new_pc`]): the platform
+//! ([`pc`]) is inside the engine, ports and MMIO of the PIC, PIT, IOAPIC
+//! and LAPIC never exit, HLT with IF=1 sleeps in `run`, APs wait for SIPI,
+//! and `irq_line`/`signal_msi` reach the APICs. Only the VMM's own devices
+//! see exits, and `Halt` comes only from HLT with IF=0. The rest of this
+//! section is for a bare [`EmuVm::new`] with an embedder's controller:
 //!
 //! - Make an [`EmuVm`], then before creating vCPUs: plug the platform in
 //!   with [`EmuVm::set_interrupt_controller`] (an adapter from
@@ -56,8 +66,10 @@ pub mod irq;
 pub mod mem;
 pub mod mmu;
 pub mod msr;
+pub mod pc;
 pub mod seg;
 pub mod uop;
 
 pub use backend::{EmuHypervisor, EmuVcpu, EmuVm};
 pub use irq::{InterruptController, QueueInterruptController};
+pub use pc::{Pc, PcBoard};

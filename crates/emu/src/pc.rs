@@ -1,0 +1,709 @@
+//! The PC's interrupt controllers and timers inside the engine, as KVM has
+//! them in the kernel: the `emu-platform` models (LAPIC per vCPU, IOAPIC,
+//! 8259 pair, 8254 PIT, port 0x61, kvmclock) behind a [`SharedPlatform`],
+//! plus what only the engine can do with them:
+//!
+//! - serve port I/O and MMIO to those devices without leaving the vCPU
+//!   thread (every other access still exits to the VMM); their MSRs and
+//!   kvmclock come through the [`InterruptController`] hooks;
+//! - take INIT/SIPI/NMI/interrupts in one platform look when the core
+//!   polls (its attention flag, which the platform's kicks set, STI/IRET/
+//!   EOI, or every few blocks so timer deadlines are noticed while the
+//!   guest computes);
+//! - sleep in HLT (IF=1) and in wait-for-SIPI until the next timer deadline
+//!   or a wake-up ([`VcpuSignal`]: a mutex + condvar per vCPU that the
+//!   platform's kicks, IPIs, device interrupts and the VMM's kicker notify);
+//! - application processors start in wait-for-SIPI.
+//!
+//! # Time
+//!
+//! Guest time is the host's monotonic clock since the platform was made
+//! ([`EngineClock`]), and the guest TSC is that time in nanoseconds (plus
+//! the vCPU's IA32_TSC offset): a constant 1 GHz TSC, the same on every
+//! vCPU. So the engine advertises an invariant TSC, kvmclock's scale is
+//! exact (mul 2^31, shift 1) and a kvmclock structure written once stays
+//! correct, and TSC-deadline values convert to platform time without drift.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use emu_platform::lapic::{
+    APIC_BASE_EXTD, DEFAULT_BUS_HZ, MSR_IA32_APIC_BASE, MSR_X2APIC_FIRST, MSR_X2APIC_LAST,
+};
+use emu_platform::pic::Pic;
+use emu_platform::pit::Pit;
+use emu_platform::pvclock::{PvClock, PvClockWallClock};
+use emu_platform::{
+    Delivery, DeliveryMode, DestMode, GuestClock, Platform, PlatformConfig, SharedPlatform, Trigger,
+};
+
+use crate::core::{Core, RunExit};
+use crate::cpu::FLAG_IF;
+use crate::cpuid::CpuidConfig;
+use crate::irq::{InterruptController, MsrFault};
+
+/// The guest TSC rate (see the module notes on time).
+pub const TSC_HZ: u64 = 1_000_000_000;
+
+/// Whether CPUID advertises x2APIC. The platform implements it, but xAPIC
+/// is what the engine's Linux boots have been checked with; with this off,
+/// x2APIC MSRs and IA32_APIC_BASE.EXTD raise #GP like on a CPU without it.
+pub const ADVERTISE_X2APIC: bool = false;
+
+/// Upper bound of one sleep in HLT: a safety net, never needed for
+/// correctness (every wake-up source notifies the vCPU's signal).
+const MAX_SLEEP: Duration = Duration::from_millis(100);
+
+const IOAPIC_BASE: u64 = 0xfec0_0000;
+
+/// What CPUID advertises on a PC-mode vCPU: the LAPIC with TSC-deadline,
+/// kvmclock with the TSC and APIC bus rates, and (through the fixed TSC
+/// rate) an invariant TSC.
+pub fn cpuid_config() -> CpuidConfig {
+    CpuidConfig {
+        apic: true,
+        tsc_deadline: true,
+        x2apic: ADVERTISE_X2APIC,
+        kvm_clock: true,
+        tsc_khz: (TSC_HZ / 1000) as u32,
+        apic_bus_khz: (DEFAULT_BUS_HZ / 1000) as u32,
+    }
+}
+
+/// Guest time: the host's monotonic clock since the platform was made.
+pub struct EngineClock {
+    epoch: Instant,
+}
+
+impl EngineClock {
+    pub fn new() -> Self {
+        EngineClock {
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Default for EngineClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GuestClock for EngineClock {
+    fn now_ns(&self) -> u64 {
+        // u64 nanoseconds last 584 years.
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn tsc(&self) -> u64 {
+        // TSC_HZ is 1 GHz: one tick per nanosecond.
+        self.now_ns()
+    }
+}
+
+/// Wakes one vCPU thread: sets its attention flag (the core's, so it polls
+/// the platform before its next block) and ends a sleep in HLT or
+/// wait-for-SIPI.
+#[derive(Default)]
+pub struct VcpuSignal {
+    attention: Arc<AtomicBool>,
+    /// Set by `notify`, consumed by `wait`: a wake-up that arrives between
+    /// the vCPU's last check and its sleep is not lost.
+    woken: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl VcpuSignal {
+    pub fn notify(&self) {
+        self.attention.store(true, Ordering::SeqCst);
+        let mut w = self.woken.lock().unwrap_or_else(|e| e.into_inner());
+        *w = true;
+        self.cv.notify_all();
+    }
+
+    /// The flag the core polls on (shared with `Core::attention`).
+    pub fn attention(&self) -> &Arc<AtomicBool> {
+        &self.attention
+    }
+
+    /// Sleep until notified or until guest time `deadline_ns`.
+    fn wait(&self, clock: &EngineClock, deadline_ns: Option<u64>) {
+        let w = self.woken.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = w;
+        if *w {
+            *w = false;
+            return;
+        }
+        let timeout = match deadline_ns {
+            Some(d) => {
+                let now = clock.now_ns();
+                if now >= d {
+                    return;
+                }
+                Duration::from_nanos(d - now).min(MAX_SLEEP)
+            }
+            None => MAX_SLEEP,
+        };
+        let (mut w, _) = self
+            .cv
+            .wait_timeout(w, timeout)
+            .unwrap_or_else(|e| e.into_inner());
+        *w = false;
+    }
+}
+
+/// The interrupt controllers and timers of one VM, with a wake-up signal per
+/// vCPU.
+pub struct Pc {
+    shared: Arc<SharedPlatform>,
+    clock: Arc<EngineClock>,
+    signals: Vec<Arc<VcpuSignal>>,
+    pvclock: PvClock,
+    /// kvmclock structure versions handed out (even, increasing), so a
+    /// re-registered structure is visibly new.
+    pvclock_version: AtomicU32,
+}
+
+impl Pc {
+    /// A platform for `num_vcpus` vCPUs (clamped to 1..=255, the xAPIC
+    /// limit), its clock starting now.
+    pub fn new(num_vcpus: u32) -> Arc<Pc> {
+        let n = (num_vcpus as usize).clamp(1, 255);
+        let clock = Arc::new(EngineClock::new());
+        let platform = Platform::new(PlatformConfig {
+            num_vcpus: n,
+            tsc_hz: TSC_HZ,
+            apic_bus_hz: DEFAULT_BUS_HZ,
+            ..PlatformConfig::default()
+        });
+        let shared = Arc::new(SharedPlatform::new(platform, clock.clone()));
+        let signals: Vec<Arc<VcpuSignal>> = (0..n).map(|_| Arc::default()).collect();
+        let wake = signals.clone();
+        shared.set_kick(Arc::new(move |i: usize| {
+            if let Some(s) = wake.get(i) {
+                s.notify();
+            }
+        }));
+        Arc::new(Pc {
+            shared,
+            clock,
+            signals,
+            // 1 GHz is exactly representable (mul 2^31, shift 1).
+            pvclock: PvClock::new(TSC_HZ).unwrap_or(PvClock {
+                tsc_hz: TSC_HZ,
+                tsc_to_system_mul: 1 << 31,
+                tsc_shift: 1,
+            }),
+            pvclock_version: AtomicU32::new(0),
+        })
+    }
+
+    pub fn shared(&self) -> &Arc<SharedPlatform> {
+        &self.shared
+    }
+
+    pub fn clock(&self) -> &Arc<EngineClock> {
+        &self.clock
+    }
+
+    pub fn num_vcpus(&self) -> u32 {
+        self.signals.len() as u32
+    }
+
+    pub fn signal(&self, vcpu: u32) -> Option<&Arc<VcpuSignal>> {
+        self.signals.get(vcpu as usize)
+    }
+
+    /// Guest nanoseconds now.
+    pub fn now_ns(&self) -> u64 {
+        self.clock.now_ns()
+    }
+
+    fn next_pvclock_version(&self) -> u32 {
+        self.pvclock_version
+            .fetch_add(2, Ordering::Relaxed)
+            .wrapping_add(2)
+    }
+}
+
+/// The MSI message a PCI device sends (address 0xfeeXXXXX, data word) as the
+/// interrupt message the local APICs accept; `None` for an address outside
+/// the interrupt window (the write would go to memory, not to an APIC).
+pub fn msi_delivery(addr: u64, data: u32) -> Option<Delivery> {
+    if addr & 0xfff0_0000 != 0xfee0_0000 {
+        return None;
+    }
+    Some(Delivery {
+        dest: ((addr >> 12) & 0xff) as u32,
+        dest_mode: if addr & (1 << 2) != 0 {
+            DestMode::Logical
+        } else {
+            DestMode::Physical
+        },
+        vector: data as u8,
+        delivery_mode: DeliveryMode::from_bits(data >> 8),
+        trigger: if data & (1 << 15) != 0 {
+            Trigger::Level
+        } else {
+            Trigger::Edge
+        },
+    })
+}
+
+/// The platform as the engine's interrupt controller: one forward per
+/// method. `ack` picks the vector again under the platform lock, so what it
+/// returns is what the CPU must deliver.
+impl InterruptController for SharedPlatform {
+    fn trigger_gsi(&self, gsi: u32) {
+        SharedPlatform::trigger_gsi(self, gsi);
+    }
+
+    fn pending_vector(&self, vcpu: u32) -> Option<u8> {
+        SharedPlatform::pending_vector(self, vcpu)
+    }
+
+    fn ack(&self, vcpu: u32, vector: u8) -> Option<u8> {
+        SharedPlatform::ack(self, vcpu, vector)
+    }
+
+    fn take_nmi(&self, vcpu: u32) -> bool {
+        SharedPlatform::take_nmi(self, vcpu)
+    }
+
+    fn take_init(&self, vcpu: u32) -> bool {
+        SharedPlatform::take_init(self, vcpu)
+    }
+
+    fn take_startup(&self, vcpu: u32) -> Option<u8> {
+        SharedPlatform::take_startup(self, vcpu)
+    }
+
+    fn has_pending(&self, vcpu: u32) -> bool {
+        SharedPlatform::has_pending(self, vcpu)
+    }
+
+    fn set_tpr(&self, vcpu: u32, cr8: u8) {
+        SharedPlatform::set_tpr(self, vcpu, cr8);
+    }
+
+    fn tpr(&self, vcpu: u32) -> Option<u8> {
+        Some(SharedPlatform::tpr(self, vcpu))
+    }
+
+    fn signal_msi(&self, addr: u64, data: u32) {
+        match msi_delivery(addr, data) {
+            Some(d) => self.with(|p, _| p.route_delivery(d)),
+            None => tracing::debug!("MSI to {addr:#x} (data {data:#x}) is not an APIC message"),
+        }
+    }
+
+    fn rdmsr(&self, vcpu: u32, msr: u32) -> Option<Result<u64, MsrFault>> {
+        SharedPlatform::rdmsr(self, vcpu, msr).map(|r| r.map_err(|_| MsrFault))
+    }
+
+    fn wrmsr(&self, vcpu: u32, msr: u32, value: u64) -> Option<Result<(), MsrFault>> {
+        SharedPlatform::wrmsr(self, vcpu, msr, value).map(|r| r.map_err(|_| MsrFault))
+    }
+
+    fn guest_tsc(&self) -> Option<u64> {
+        Some(self.clock().tsc())
+    }
+}
+
+/// What the vCPUs of a PC-mode VM use: the platform, with x2APIC refused
+/// unless advertised, and kvmclock data on the engine's clock.
+impl InterruptController for Pc {
+    fn trigger_gsi(&self, gsi: u32) {
+        self.shared.trigger_gsi(gsi);
+    }
+
+    fn pending_vector(&self, vcpu: u32) -> Option<u8> {
+        self.shared.pending_vector(vcpu)
+    }
+
+    fn ack(&self, vcpu: u32, vector: u8) -> Option<u8> {
+        self.shared.ack(vcpu, vector)
+    }
+
+    fn take_nmi(&self, vcpu: u32) -> bool {
+        self.shared.take_nmi(vcpu)
+    }
+
+    fn take_init(&self, vcpu: u32) -> bool {
+        self.shared.take_init(vcpu)
+    }
+
+    fn take_startup(&self, vcpu: u32) -> Option<u8> {
+        self.shared.take_startup(vcpu)
+    }
+
+    fn has_pending(&self, vcpu: u32) -> bool {
+        self.shared.has_pending(vcpu)
+    }
+
+    fn set_tpr(&self, vcpu: u32, cr8: u8) {
+        self.shared.set_tpr(vcpu, cr8);
+    }
+
+    fn tpr(&self, vcpu: u32) -> Option<u8> {
+        Some(self.shared.tpr(vcpu))
+    }
+
+    fn signal_msi(&self, addr: u64, data: u32) {
+        InterruptController::signal_msi(&*self.shared, addr, data);
+    }
+
+    fn rdmsr(&self, vcpu: u32, msr: u32) -> Option<Result<u64, MsrFault>> {
+        if !ADVERTISE_X2APIC && (MSR_X2APIC_FIRST..=MSR_X2APIC_LAST).contains(&msr) {
+            return None;
+        }
+        InterruptController::rdmsr(&*self.shared, vcpu, msr)
+    }
+
+    fn wrmsr(&self, vcpu: u32, msr: u32, value: u64) -> Option<Result<(), MsrFault>> {
+        if !ADVERTISE_X2APIC {
+            if (MSR_X2APIC_FIRST..=MSR_X2APIC_LAST).contains(&msr) {
+                return None;
+            }
+            if msr == MSR_IA32_APIC_BASE && value & APIC_BASE_EXTD != 0 {
+                return Some(Err(MsrFault));
+            }
+        }
+        InterruptController::wrmsr(&*self.shared, vcpu, msr, value)
+    }
+
+    fn guest_tsc(&self) -> Option<u64> {
+        Some(self.clock.tsc())
+    }
+
+    fn pvclock_time_info(&self, _vcpu: u32) -> Option<[u8; 32]> {
+        // Guest TSC = guest ns at the same instant (1 GHz, offset 0 unless
+        // the guest wrote IA32_TSC, which Linux does not).
+        let now = self.clock.now_ns();
+        let info = self
+            .pvclock
+            .time_info(self.next_pvclock_version(), now, now);
+        Some(info.to_bytes())
+    }
+
+    fn pvclock_wall_clock(&self) -> Option<[u8; 12]> {
+        let unix_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let wc = PvClockWallClock::new(self.next_pvclock_version(), unix_ns, self.now_ns());
+        Some(wc.to_bytes())
+    }
+}
+
+/// The VM's platform slot. The vCPU count, and so the number of local
+/// APICs, is known only when the first vCPU is made, but devices ask for
+/// their interrupt lines before that: they get this slot, which forwards to
+/// the platform once it exists (an edge raised earlier reaches no CPU and
+/// is dropped).
+#[derive(Default)]
+pub struct PcBoard {
+    pc: OnceLock<Arc<Pc>>,
+}
+
+impl PcBoard {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The platform, made for `num_vcpus` if it does not exist yet.
+    pub fn get_or_create(&self, num_vcpus: u32) -> Arc<Pc> {
+        self.pc.get_or_init(|| Pc::new(num_vcpus)).clone()
+    }
+
+    pub fn get(&self) -> Option<&Arc<Pc>> {
+        self.pc.get()
+    }
+}
+
+/// Only what devices and the VMM use before and after the vCPUs exist
+/// (the vCPUs talk to their [`Pc`] directly).
+impl InterruptController for PcBoard {
+    fn trigger_gsi(&self, gsi: u32) {
+        match self.get() {
+            Some(pc) => pc.trigger_gsi(gsi),
+            None => tracing::debug!("GSI {gsi} raised before any vCPU exists; dropped"),
+        }
+    }
+
+    fn pending_vector(&self, vcpu: u32) -> Option<u8> {
+        self.get()?.pending_vector(vcpu)
+    }
+
+    fn ack(&self, vcpu: u32, vector: u8) -> Option<u8> {
+        self.get()?.ack(vcpu, vector)
+    }
+
+    fn take_nmi(&self, vcpu: u32) -> bool {
+        self.get().is_some_and(|pc| pc.take_nmi(vcpu))
+    }
+
+    fn has_pending(&self, vcpu: u32) -> bool {
+        self.get().is_some_and(|pc| pc.has_pending(vcpu))
+    }
+
+    fn signal_msi(&self, addr: u64, data: u32) {
+        if let Some(pc) = self.get() {
+            pc.signal_msi(addr, data);
+        }
+    }
+}
+
+/// One vCPU's link to the platform and its engine-side state.
+pub struct PcVcpu {
+    pub pc: Arc<Pc>,
+    pub signal: Arc<VcpuSignal>,
+    /// Times this vCPU slept in HLT or wait-for-SIPI (statistics; a vCPU
+    /// that spun instead of sleeping would count thousands per millisecond).
+    pub sleeps: u64,
+}
+
+impl PcVcpu {
+    /// The link for vCPU `index`; `None` if the platform has no APIC for it.
+    pub fn new(pc: Arc<Pc>, index: u32) -> Option<PcVcpu> {
+        let signal = pc.signal(index)?.clone();
+        Some(PcVcpu {
+            pc,
+            signal,
+            sleeps: 0,
+        })
+    }
+}
+
+// ------------------------------------------------------------------ run loop
+
+enum Event {
+    None,
+    Init,
+    Sipi(u8),
+    Nmi,
+    Irq(u8),
+}
+
+/// The run loop's interrupt check in platform mode (called when the core
+/// decides to poll: attention flag, STI/IRET/EOI, every few blocks): take
+/// the most urgent thing the platform has for this vCPU, under one lock.
+pub(crate) fn poll(core: &mut Core) -> Option<RunExit> {
+    let idx = core.index;
+    let if_set = core.st.rflags & FLAG_IF != 0;
+    let nmi_ok = !core.nmi_blocked;
+    let wait_sipi = core.wait_for_sipi;
+    let p = core.pc.as_ref()?;
+    // Lock-free unless something is hinted for this vCPU or a timer is due
+    // (then it advances the timers and kicks whoever they interrupt).
+    if !p.pc.shared.has_pending(idx) {
+        return None;
+    }
+    let ev = p.pc.shared.with(|pl, _| {
+        let i = idx as usize;
+        if pl.take_init(i) {
+            Event::Init
+        } else if wait_sipi {
+            pl.take_startup(i).map_or(Event::None, Event::Sipi)
+        } else if nmi_ok && pl.take_nmi(i) {
+            Event::Nmi
+        } else if if_set {
+            // `ack` picks again under this lock and returns what to deliver
+            // (the PIC's spurious vector if the request went away).
+            match pl.pending_vector(i) {
+                Some(v) => pl.ack(i, v).map_or(Event::None, Event::Irq),
+                None => Event::None,
+            }
+        } else {
+            Event::None
+        }
+    });
+    if !matches!(ev, Event::None) {
+        // More may be queued behind it (a SIPI after INIT, an interrupt
+        // after an NMI): look again before the next block.
+        core.poll_now = true;
+    }
+    match ev {
+        Event::None => None,
+        Event::Init => {
+            init_cpu(core);
+            None
+        }
+        Event::Sipi(v) => {
+            core.start_up(v);
+            core.end_block = true;
+            None
+        }
+        Event::Nmi => {
+            core.halted = false;
+            core.nmi_blocked = true;
+            core.deliver_and_check(2, None, crate::exception::Kind::External)
+        }
+        Event::Irq(v) => {
+            core.halted = false;
+            core.deliver_and_check(v, None, crate::exception::Kind::External)
+        }
+    }
+}
+
+/// Sleep while halted (IF=1) or waiting for SIPI, until something can wake
+/// the CPU, the next timer deadline (to advance the timers), or a kick.
+/// `None`: something is there to take (the caller polls); HLT with IF=0
+/// returns `Halt` to the VMM.
+pub(crate) fn idle(core: &mut Core) -> Option<RunExit> {
+    // A halted CPU has no interrupt shadow left.
+    core.int_shadow = false;
+    loop {
+        if core.kick.load(Ordering::Relaxed) && core.kick.swap(false, Ordering::AcqRel) {
+            return Some(RunExit::Interrupted);
+        }
+        let idx = core.index;
+        let if_set = core.st.rflags & FLAG_IF != 0;
+        let nmi_ok = !core.nmi_blocked;
+        let wait_sipi = core.wait_for_sipi;
+        let p = core.pc.as_mut()?;
+        // One locked look: timers advanced to now, the wake-up reasons, and
+        // when to look again. The PIT counts for every vCPU because its
+        // interrupt may be routed to any of them and somebody must advance
+        // it when all are asleep.
+        let (wake, deadline) = p.pc.shared.with(|pl, _| {
+            let i = idx as usize;
+            let Some(l) = pl.lapic(i) else {
+                return (false, None);
+            };
+            let wake = if wait_sipi {
+                l.init_pending() || l.startup_pending()
+            } else {
+                l.init_pending()
+                    || (nmi_ok && l.nmi_pending())
+                    || (if_set && pl.pending_vector(i).is_some())
+            };
+            let deadline = match (pl.next_lapic_deadline_ns(i), pl.pit().next_event_ns()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            (wake, deadline)
+        });
+        if wake {
+            return None;
+        }
+        if !wait_sipi && !if_set {
+            // HLT with interrupts off: only an NMI, INIT or SIPI could wake
+            // it; the VMM waits and runs the vCPU again, which looks again.
+            return Some(RunExit::Halt);
+        }
+        p.sleeps += 1;
+        p.signal.wait(&p.pc.clock, deadline);
+    }
+}
+
+/// INIT: the core's power-on state and wait-for-SIPI, with kvmclock off
+/// (KVM turns it off on a vCPU reset too). The BSP instead runs from the
+/// reset vector, as KVM makes it (an INIT is a reset for the BSP).
+fn init_cpu(core: &mut Core) {
+    core.init_reset();
+    core.flush_all_caches();
+    core.st.msr.kvm_system_time = 0;
+    core.delivering = None;
+    if core.index == 0 {
+        core.wait_for_sipi = false;
+    }
+}
+
+// ------------------------------------------------------------ device access
+
+/// Port read served by the platform (PIC, ELCR, PIT, port 0x61); `None` for
+/// ports the VMM serves.
+pub(crate) fn pio_in(core: &mut Core, port: u16, size: u8) -> Option<u64> {
+    let p = core.pc.as_ref()?;
+    if !(Pic::handles_port(port) || Pit::handles_port(port)) {
+        return None;
+    }
+    let mut buf = [0u8; 8];
+    let n = (size as usize).min(8);
+    if !p.pc.shared.pio_read(port, &mut buf[..n]) {
+        return None;
+    }
+    // Reading the PIC can acknowledge (poll mode): look again.
+    if Pic::handles_port(port) {
+        core.poll_now = true;
+    }
+    Some(u64::from_le_bytes(buf))
+}
+
+/// Port write served by the platform; false for ports the VMM serves.
+pub(crate) fn pio_out(core: &mut Core, port: u16, size: u8, data: u64) -> bool {
+    let Some(p) = core.pc.as_ref() else {
+        return false;
+    };
+    if !(Pic::handles_port(port) || Pit::handles_port(port)) {
+        return false;
+    }
+    let bytes = data.to_le_bytes();
+    let n = (size as usize).min(8);
+    if !p.pc.shared.pio_write(port, &bytes[..n]) {
+        return false;
+    }
+    // An EOI or an unmask may have made an interrupt deliverable.
+    core.poll_now = true;
+    true
+}
+
+/// Whether `addr` may belong to this vCPU's LAPIC page or the IOAPIC: a
+/// cheap filter before taking the platform lock.
+#[inline]
+fn platform_mmio(core: &Core, addr: u64) -> bool {
+    let page = addr & !0xfff;
+    page == IOAPIC_BASE || page == core.st.msr.apic_base & 0x000f_ffff_ffff_f000
+}
+
+/// MMIO read served by the platform; `None` to exit to the VMM.
+pub(crate) fn mmio_read(core: &mut Core, addr: u64, size: u8) -> Option<u64> {
+    if !platform_mmio(core, addr) {
+        return None;
+    }
+    let p = core.pc.as_ref()?;
+    let mut buf = [0u8; 8];
+    let n = (size as usize).min(8);
+    if !p.pc.shared.mmio_read(core.index, addr, &mut buf[..n]) {
+        return None;
+    }
+    Some(u64::from_le_bytes(buf))
+}
+
+/// MMIO write served by the platform; false to exit to the VMM.
+pub(crate) fn mmio_write(core: &mut Core, addr: u64, size: u8, data: u64) -> bool {
+    if !platform_mmio(core, addr) {
+        return false;
+    }
+    let Some(p) = core.pc.as_ref() else {
+        return false;
+    };
+    let bytes = data.to_le_bytes();
+    let n = (size as usize).min(8);
+    if !p.pc.shared.mmio_write(core.index, addr, &bytes[..n]) {
+        return false;
+    }
+    // EOI, TPR, or an IPI to self.
+    core.poll_now = true;
+    true
+}
+
+// ------------------------------------------------------------- special regs
+
+/// The VMM loaded IA32_APIC_BASE through the special registers.
+pub(crate) fn set_apic_base(core: &mut Core, v: u64) {
+    let Some(p) = core.pc.as_ref() else {
+        return;
+    };
+    let shared = p.pc.shared.clone();
+    let i = core.index;
+    if shared.rdmsr(i, MSR_IA32_APIC_BASE) == Some(Ok(v)) {
+        return;
+    }
+    if let Some(Ok(())) = shared.wrmsr(i, MSR_IA32_APIC_BASE, v) {
+        if let Some(Ok(base)) = shared.rdmsr(i, MSR_IA32_APIC_BASE) {
+            core.st.msr.apic_base = base;
+        }
+    }
+}

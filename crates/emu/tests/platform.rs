@@ -1,0 +1,725 @@
+//! The PC platform inside the engine: tiny guests program the PIC, PIT,
+//! IOAPIC, LAPIC timer, kvmclock and INIT/SIPI themselves, count their
+//! interrupts and report through memory. No port or MMIO access of theirs
+//! may reach the VMM (any such exit fails the test).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use emu::{EmuVcpu, EmuVm};
+use hypervisor::{Vcpu, VcpuExit, Vm};
+use iced_x86::code_asm::*;
+
+const RAM: usize = 8 << 20;
+const APIC: u64 = 0xfee0_0000;
+const IOAPIC: u64 = 0xfec0_0000;
+/// Page directory for 3..4 GiB (the APIC pages).
+const PD_HIGH: u64 = 0x14000;
+/// Interrupt handlers, 0x80 bytes each.
+const HANDLERS: u64 = 0x18_0000;
+/// Counters, one qword per handler slot.
+const COUNTS: u64 = DATA;
+/// Values the guests report.
+const OUT: u64 = DATA + 0x100;
+
+fn pc_guest(cpus: u32) -> Guest {
+    let mut ram = vec![0u8; RAM].into_boxed_slice();
+    let vm = EmuVm::new_pc();
+    // SAFETY: `ram` is moved into the Guest, which drops it last; the heap
+    // buffer does not move.
+    unsafe {
+        vm.map_memory(0, 0, RAM as u64, ram.as_mut_ptr() as u64)
+            .unwrap()
+    };
+    let vcpu = vm.create_pc_vcpu(0, cpus).unwrap();
+    let mut g = Guest { vcpu, vm, ram };
+    g.long_mode();
+    // Identity-map 3..4 GiB (LAPIC, IOAPIC) with uncached 2 MiB pages.
+    g.w64(PDPT + 3 * 8, PD_HIGH | 7);
+    for i in 0..512u64 {
+        g.w64(PD_HIGH + i * 8, ((3u64 << 30) + (i << 21)) | 0x9f);
+    }
+    g
+}
+
+fn asm_at(addr: u64, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    f(&mut a).unwrap();
+    a.assemble(addr).unwrap()
+}
+
+fn asm16_at(addr: u64, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
+    let mut a = CodeAssembler::new(16).unwrap();
+    f(&mut a).unwrap();
+    a.assemble(addr).unwrap()
+}
+
+#[derive(Clone, Copy)]
+enum Eoi {
+    Pic,
+    Lapic,
+}
+
+/// Vector `vector` increments counter `slot`, sends its EOI and returns.
+fn install_counter(g: &mut Guest, vector: u8, slot: u64, eoi: Eoi) {
+    let addr = HANDLERS + vector as u64 * 0x80;
+    let code = asm_at(addr, |a| {
+        a.push(rax)?;
+        a.mov(rax, COUNTS + slot * 8)?;
+        a.lock().inc(qword_ptr(rax))?;
+        match eoi {
+            Eoi::Pic => {
+                a.mov(al, 0x20)?;
+                a.out(0x20, al)?;
+            }
+            Eoi::Lapic => {
+                a.mov(rax, APIC + 0xb0)?;
+                a.mov(dword_ptr(rax), 0)?;
+            }
+        }
+        a.pop(rax)?;
+        a.iretq()
+    });
+    assert!(code.len() <= 0x80);
+    g.write(addr, &code);
+    let lo = (addr & 0xffff)
+        | ((SEL_CODE64 as u64) << 16)
+        | (0x8eu64 << 40)
+        | (((addr >> 16) & 0xffff) << 48);
+    g.w64(IDT + vector as u64 * 16, lo);
+    g.w64(IDT + vector as u64 * 16 + 8, addr >> 32);
+}
+
+/// Run to the guest's final `cli; hlt`; any other exit fails.
+fn run_to_halt(g: &mut Guest) {
+    let e = g.run();
+    assert_eq!(e, Ex::Halt, "regs {:x?}", g.regs());
+    assert_eq!(g.regs().rflags & 0x200, 0, "stopped by HLT with IF=0");
+}
+
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `hlt` until counter `slot` differs from `edx` (one interrupt taken),
+/// then reload `edx`. Uses rsi = COUNTS.
+fn wait_for_count(a: &mut CodeAssembler, slot: u64) -> Result<(), IcedError> {
+    let mut w = a.create_label();
+    a.set_label(&mut w)?;
+    a.hlt()?;
+    a.cmp(dword_ptr(rsi + (slot * 8) as i32), edx)?;
+    a.je(w)?;
+    a.mov(edx, dword_ptr(rsi + (slot * 8) as i32))
+}
+
+/// PIT channel 0, mode 2 (rate generator), period `count` ticks of 1.193 MHz.
+fn program_pit(a: &mut CodeAssembler, count: u16) -> Result<(), IcedError> {
+    a.mov(al, 0x34)?;
+    a.out(0x43, al)?;
+    a.mov(al, count as u32 & 0xff)?;
+    a.out(0x40, al)?;
+    a.mov(al, (count as u32) >> 8)?;
+    a.out(0x40, al)
+}
+
+/// The common tail: count to `n` interrupts on `slot` with HLT, then stop.
+fn hlt_until_count(a: &mut CodeAssembler, slot: u64, n: u32) -> Result<(), IcedError> {
+    let mut lp = a.create_label();
+    a.mov(rbx, COUNTS + slot * 8)?;
+    a.sti()?;
+    a.set_label(&mut lp)?;
+    a.hlt()?;
+    a.cmp(qword_ptr(rbx), n as i32)?;
+    a.jb(lp)?;
+    a.cli()?;
+    a.hlt()
+}
+
+#[test]
+fn pit_periodic_irq0_through_the_pic() {
+    let mut g = pc_guest(1);
+    install_counter(&mut g, 0x20, 0, Eoi::Pic);
+    g.load_code(&asm_at(CODE, |a| {
+        // ICW1-4: edge, cascade, vectors 0x20/0x28, 8086 mode.
+        a.mov(al, 0x11)?;
+        a.out(0x20, al)?;
+        a.out(0xa0, al)?;
+        a.mov(al, 0x20)?;
+        a.out(0x21, al)?;
+        a.mov(al, 0x28)?;
+        a.out(0xa1, al)?;
+        a.mov(al, 4)?;
+        a.out(0x21, al)?;
+        a.mov(al, 2)?;
+        a.out(0xa1, al)?;
+        a.mov(al, 1)?;
+        a.out(0x21, al)?;
+        a.out(0xa1, al)?;
+        // Only IRQ0.
+        a.mov(al, 0xfe)?;
+        a.out(0x21, al)?;
+        a.mov(al, 0xff)?;
+        a.out(0xa1, al)?;
+        // ELCR and port 0x61 are the platform's too.
+        a.mov(dx, 0x4d0)?;
+        a.in_(al, dx)?;
+        a.mov(byte_ptr(OUT as i32), al)?;
+        a.in_(al, 0x61)?;
+        a.mov(byte_ptr(OUT as i32 + 1), al)?;
+        program_pit(a, 1193)?; // 1 ms
+        hlt_until_count(a, 0, 10)?;
+        Ok(())
+    }));
+    let t = Instant::now();
+    let cpu = thread_cpu_ns();
+    run_to_halt(&mut g);
+    let wall = t.elapsed();
+    let cpu = thread_cpu_ns() - cpu;
+    let n = g.r64(COUNTS);
+    assert!(n >= 10, "{n} interrupts");
+    // Ten 1 ms periods: the first edge comes a period after programming.
+    assert!(wall >= Duration::from_millis(5), "{wall:?}");
+    // HLT slept: a few instructions per interrupt, not a spin.
+    let icount = g.vcpu.core().icount;
+    assert!(icount < 2_000, "{icount} instructions retired");
+    assert!(
+        cpu < wall.as_nanos() as u64 / 2 + 2_000_000,
+        "cpu {cpu} ns over {wall:?}"
+    );
+    let sleeps = g.vcpu.core().pc.as_ref().unwrap().sleeps;
+    assert!(sleeps < 100, "{sleeps} sleeps for 10 timer periods");
+    assert_eq!(g.r8(OUT), 0, "ELCR reads back edge-triggered");
+}
+
+/// LAPIC on with LINT0 masked, PIC masked: IRQ0 reaches the CPU only
+/// through IOAPIC pin 2 (the ISA override) as vector 0x30.
+fn lapic_and_ioapic_setup(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.mov(rdi, APIC)?;
+    a.mov(dword_ptr(rdi + 0xf0), 0x1ff)?;
+    a.mov(dword_ptr(rdi + 0x350), 0x1_0000)?;
+    a.mov(al, 0xff)?;
+    a.out(0x21, al)?;
+    a.out(0xa1, al)?;
+    a.mov(rcx, IOAPIC)?;
+    a.mov(dword_ptr(rcx), 0x14)?;
+    a.mov(dword_ptr(rcx + 0x10), 0x30)?;
+    a.mov(dword_ptr(rcx), 0x15)?;
+    a.mov(dword_ptr(rcx + 0x10), 0)
+}
+
+#[test]
+fn pit_periodic_through_ioapic_and_lapic() {
+    let mut g = pc_guest(1);
+    install_counter(&mut g, 0x30, 0, Eoi::Lapic);
+    g.load_code(&asm_at(CODE, |a| {
+        lapic_and_ioapic_setup(a)?;
+        // The IOAPIC version register: 24 pins.
+        a.mov(dword_ptr(rcx), 1)?;
+        a.mov(eax, dword_ptr(rcx + 0x10))?;
+        a.mov(dword_ptr(OUT as i32), eax)?;
+        program_pit(a, 1193)?;
+        hlt_until_count(a, 0, 10)?;
+        Ok(())
+    }));
+    let t = Instant::now();
+    run_to_halt(&mut g);
+    assert!(g.r64(COUNTS) >= 10);
+    assert!(t.elapsed() >= Duration::from_millis(5));
+    assert_eq!(g.r32(OUT) >> 16 & 0xff, 23, "IOAPIC max redirection entry");
+    assert!(g.vcpu.core().icount < 2_000);
+}
+
+#[test]
+fn lapic_timer_one_shot_and_tsc_deadline() {
+    let mut g = pc_guest(1);
+    install_counter(&mut g, 0x40, 0, Eoi::Lapic);
+    install_counter(&mut g, 0x41, 1, Eoi::Lapic);
+    g.load_code(&asm_at(CODE, |a| {
+        a.mov(rdi, APIC)?;
+        a.mov(rsi, COUNTS)?;
+        a.xor(edx, edx)?;
+        a.mov(dword_ptr(rdi + 0xf0), 0x1ff)?;
+        a.mov(dword_ptr(rdi + 0x3e0), 0xb)?; // divide by 1
+        a.mov(dword_ptr(rdi + 0x320), 0x40)?; // one-shot, vector 0x40
+        a.sti()?;
+        for _ in 0..3 {
+            a.mov(dword_ptr(rdi + 0x380), 500_000)?; // 0.5 ms at 1 GHz
+            wait_for_count(a, 0)?;
+        }
+        // An expired one-shot timer reads 0.
+        a.mov(eax, dword_ptr(rdi + 0x390))?;
+        a.mov(dword_ptr(OUT as i32), eax)?;
+        // TSC-deadline mode, vector 0x41.
+        a.mov(dword_ptr(rdi + 0x320), 0x41 | (2 << 17))?;
+        a.xor(edx, edx)?;
+        for _ in 0..3 {
+            a.rdtsc()?;
+            a.shl(rdx, 32)?;
+            a.or(rax, rdx)?;
+            a.add(rax, 500_000)?;
+            a.mov(rdx, rax)?;
+            a.shr(rdx, 32)?;
+            a.mov(ecx, 0x6e0)?;
+            a.wrmsr()?;
+            a.mov(edx, dword_ptr(rsi + 8))?;
+            wait_for_count(a, 1)?;
+        }
+        // A fired deadline reads 0.
+        a.mov(ecx, 0x6e0)?;
+        a.rdmsr()?;
+        a.mov(dword_ptr(OUT as i32 + 4), eax)?;
+        a.cli()?;
+        a.hlt()?;
+        Ok(())
+    }));
+    let t = Instant::now();
+    run_to_halt(&mut g);
+    assert_eq!(g.r64(COUNTS), 3, "one-shot fired once per arming");
+    assert_eq!(g.r64(COUNTS + 8), 3);
+    assert_eq!(g.r32(OUT), 0);
+    assert_eq!(g.r32(OUT + 4), 0);
+    // Six 0.5 ms timers, each armed after the previous one fired.
+    assert!(t.elapsed() >= Duration::from_millis(2), "{:?}", t.elapsed());
+}
+
+#[test]
+fn hlt_sleeps_until_the_timer_without_burning_cpu() {
+    let mut g = pc_guest(1);
+    install_counter(&mut g, 0x40, 0, Eoi::Lapic);
+    g.load_code(&asm_at(CODE, |a| {
+        a.mov(rdi, APIC)?;
+        a.mov(dword_ptr(rdi + 0xf0), 0x1ff)?;
+        a.mov(dword_ptr(rdi + 0x3e0), 0xb)?;
+        a.mov(dword_ptr(rdi + 0x320), 0x40)?;
+        a.mov(dword_ptr(rdi + 0x380), 100_000_000)?; // 100 ms
+        hlt_until_count(a, 0, 1)?;
+        Ok(())
+    }));
+    let t = Instant::now();
+    let cpu = thread_cpu_ns();
+    run_to_halt(&mut g);
+    let wall = t.elapsed();
+    let cpu = thread_cpu_ns() - cpu;
+    assert_eq!(g.r64(COUNTS), 1);
+    assert!(wall >= Duration::from_millis(50), "woke early: {wall:?}");
+    assert!(
+        cpu < wall.as_nanos() as u64 / 2,
+        "HLT burnt {cpu} ns of CPU in {wall:?}"
+    );
+    assert!(g.vcpu.core().icount < 100);
+    // One sleep to the deadline (plus at most a few early wake-ups).
+    let sleeps = g.vcpu.core().pc.as_ref().unwrap().sleeps;
+    assert!((1..10).contains(&sleeps), "{sleeps} sleeps");
+}
+
+#[test]
+fn device_interrupt_msi_and_kick_wake_a_halted_vcpu() {
+    let mut g = pc_guest(1);
+    install_counter(&mut g, 0x34, 0, Eoi::Lapic);
+    install_counter(&mut g, 0x51, 1, Eoi::Lapic);
+    g.load_code(&asm_at(CODE, |a| {
+        lapic_and_ioapic_setup(a)?;
+        // IOAPIC pin 4 (COM1) -> vector 0x34 on APIC 0.
+        a.mov(dword_ptr(rcx), 0x18)?;
+        a.mov(dword_ptr(rcx + 0x10), 0x34)?;
+        a.mov(dword_ptr(rcx), 0x19)?;
+        a.mov(dword_ptr(rcx + 0x10), 0)?;
+        a.mov(rsi, COUNTS)?;
+        a.xor(edx, edx)?;
+        a.sti()?;
+        wait_for_count(a, 0)?;
+        a.xor(edx, edx)?;
+        wait_for_count(a, 1)?;
+        a.cli()?;
+        a.hlt()?;
+        Ok(())
+    }));
+    let line = g.vm.irq_line(4).unwrap();
+    let kicker = g.vcpu.kicker();
+    let vm = &g.vm;
+    let vcpu = &mut g.vcpu;
+    std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(20));
+            kicker.kick();
+            std::thread::sleep(Duration::from_millis(20));
+            line.trigger().unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            vm.signal_msi(APIC, 0x51).unwrap();
+        });
+        // The kick ends the sleep with Interrupted; running again resumes
+        // the HLT.
+        let e = vcpu.run().map(|e| format!("{e:?}")).unwrap();
+        assert_eq!(e, "Interrupted");
+        let e = vcpu.run().map(|e| format!("{e:?}")).unwrap();
+        assert_eq!(e, "Halt");
+        h.join().unwrap();
+    });
+    assert_eq!(g.r64(COUNTS), 1);
+    assert_eq!(g.r64(COUNTS + 8), 1);
+}
+
+#[test]
+fn kvmclock_writes_an_advancing_pvclock_structure() {
+    use emu_platform::pvclock::PvClockVcpuTimeInfo;
+    const INFO: u64 = DATA + 0x400;
+    const COPY: u64 = DATA + 0x440;
+    const WALL: u64 = DATA + 0x480;
+    let mut g = pc_guest(1);
+    g.load_code(&asm_at(CODE, |a| {
+        a.mov(ecx, 0x4b56_4d01)?;
+        a.mov(eax, (INFO | 1) as u32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        // Keep a copy of the first structure.
+        a.mov(rsi, INFO)?;
+        a.mov(rdi, COPY)?;
+        a.mov(ecx, 32)?;
+        a.rep().movsb()?;
+        a.rdtsc()?;
+        a.mov(dword_ptr(OUT as i32), eax)?;
+        a.mov(dword_ptr(OUT as i32 + 4), edx)?;
+        a.mov(ecx, 0x4b56_4d00)?;
+        a.mov(eax, WALL as u32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        let mut lp = a.create_label();
+        a.mov(ecx, 200_000)?;
+        a.set_label(&mut lp)?;
+        a.dec(ecx)?;
+        a.jnz(lp)?;
+        a.rdtsc()?;
+        a.mov(dword_ptr(OUT as i32 + 8), eax)?;
+        a.mov(dword_ptr(OUT as i32 + 12), edx)?;
+        // Re-register: the structure is rewritten with a later time.
+        a.mov(ecx, 0x4b56_4d01)?;
+        a.mov(eax, (INFO | 1) as u32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.rdmsr()?;
+        a.mov(dword_ptr(OUT as i32 + 16), eax)?;
+        a.hlt()?;
+        Ok(())
+    }));
+    run_to_halt(&mut g);
+    let read = |g: &Guest, at: u64| {
+        let mut b = [0u8; 32];
+        b.copy_from_slice(&g.ram[at as usize..at as usize + 32]);
+        PvClockVcpuTimeInfo::from_bytes(&b)
+    };
+    let first = read(&g, COPY);
+    let second = read(&g, INFO);
+    let tsc1 = g.r64(OUT);
+    let tsc2 = g.r64(OUT + 8);
+    assert_eq!(g.r32(OUT + 16) as u64, INFO | 1, "MSR reads back");
+    for i in [first, second] {
+        assert!(i.version != 0 && i.version.is_multiple_of(2), "{i:?}");
+        assert_eq!(i.flags & 1, 1, "TSC stable");
+        // 1 GHz TSC: the scale is the identity.
+        assert_eq!(
+            i.guest_time_ns(i.tsc_timestamp + 1_000_000_000),
+            i.system_time + 1_000_000_000
+        );
+    }
+    assert!(second.version > first.version);
+    assert!(second.system_time > first.system_time);
+    assert!(second.tsc_timestamp > first.tsc_timestamp);
+    let t1 = first.guest_time_ns(tsc1);
+    let t2 = first.guest_time_ns(tsc2);
+    assert!(t1 >= first.system_time && t2 > t1, "{t1} {t2}");
+    // Both structures describe the same clock.
+    let later = second.tsc_timestamp + 12_345;
+    assert!(
+        second
+            .guest_time_ns(later)
+            .abs_diff(first.guest_time_ns(later))
+            < 1_000
+    );
+    // The platform's clock agrees with what the guest computes.
+    let now = g.vm.platform().unwrap().now_ns();
+    assert!(now >= t2);
+    // Wall clock: boot time in Unix seconds, close to the host's view.
+    let version = g.r32(WALL);
+    let sec = g.r32(WALL + 4) as u64;
+    let nsec = g.r32(WALL + 8) as u64;
+    assert!(version != 0 && version.is_multiple_of(2));
+    assert!(nsec < 1_000_000_000);
+    let host_boot = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        - now;
+    let guest_boot = sec * 1_000_000_000 + nsec;
+    assert!(
+        host_boot.abs_diff(guest_boot) < 2_000_000_000,
+        "{host_boot} vs {guest_boot}"
+    );
+}
+
+#[test]
+fn cpuid_advertises_the_platform() {
+    // What the guest sees: leaves 1, 0x40000000/1/10 and 0x80000007.
+    const R: u64 = OUT;
+    let mut g = pc_guest(1);
+    g.load_code(&asm_at(CODE, |a| {
+        a.mov(rdi, R)?;
+        for leaf in [1u32, 0x4000_0000, 0x4000_0001, 0x4000_0010, 0x8000_0007] {
+            a.mov(eax, leaf)?;
+            a.xor(ecx, ecx)?;
+            a.cpuid()?;
+            a.mov(dword_ptr(rdi), eax)?;
+            a.mov(dword_ptr(rdi + 4), ebx)?;
+            a.mov(dword_ptr(rdi + 8), ecx)?;
+            a.mov(dword_ptr(rdi + 12), edx)?;
+            a.add(rdi, 16)?;
+        }
+        a.hlt()?;
+        Ok(())
+    }));
+    run_to_halt(&mut g);
+    let leaf = |i: u64| [0, 4, 8, 12].map(|o| g.r32(R + i * 16 + o));
+    let l1 = leaf(0);
+    assert_ne!(l1[3] & (1 << 9), 0, "APIC");
+    assert_ne!(l1[2] & (1 << 24), 0, "TSC-deadline");
+    let h = leaf(1);
+    let mut sig = Vec::new();
+    for r in &h[1..] {
+        sig.extend_from_slice(&r.to_le_bytes());
+    }
+    assert_eq!(&sig, b"KVMKVMKVM\0\0\0");
+    assert!(h[0] >= 0x4000_0001);
+    let f = leaf(2);
+    assert_ne!(f[0] & (1 << 3), 0, "CLOCKSOURCE2");
+    assert_ne!(f[0] & (1 << 24), 0, "CLOCKSOURCE_STABLE_BIT");
+    assert_eq!(leaf(3)[0], 1_000_000, "TSC kHz: 1 GHz");
+    assert_ne!(leaf(4)[3] & (1 << 8), 0, "invariant TSC");
+}
+
+fn run_ap_until_halt(ap: &mut EmuVcpu, stop: &AtomicBool) -> String {
+    loop {
+        match ap.run() {
+            Ok(VcpuExit::Halt) => return "Halt".into(),
+            Ok(VcpuExit::Interrupted) if !stop.load(Ordering::SeqCst) => continue,
+            Ok(e) => return format!("{e:?}"),
+            Err(e) => return format!("error {e}"),
+        }
+    }
+}
+
+#[test]
+fn application_processor_waits_for_sipi() {
+    let g = pc_guest(2);
+    let mut ap = g.vm.create_pc_vcpu(1, 2).unwrap();
+    let kicker = ap.kicker();
+    let h = std::thread::spawn(move || {
+        let e = ap.run().map(|e| format!("{e:?}")).unwrap();
+        assert_eq!(ap.get_sregs().unwrap().apic_base, 0xfee0_0800, "AP");
+        (e, ap.core().icount)
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    kicker.kick();
+    let (e, icount) = h.join().unwrap();
+    assert_eq!(e, "Interrupted");
+    assert_eq!(icount, 0, "the AP ran before any SIPI");
+    assert_eq!(g.sregs().apic_base, 0xfee0_0900, "BSP");
+    // There is no third APIC.
+    assert!(g.vm.create_pc_vcpu(2, 2).is_err());
+}
+
+#[test]
+fn init_sipi_sipi_starts_the_ap_in_real_mode() {
+    const TRAMPOLINE: u64 = 0x8000;
+    const MARKER: u64 = 0x7000;
+    let mut g = pc_guest(2);
+    let tramp = asm16_at(0, |a| {
+        a.mov(word_ptr(MARKER as u32), 0x5a5a)?;
+        a.mov(ax, cs)?;
+        a.mov(word_ptr(MARKER as u32 + 2), ax)?;
+        a.cli()?;
+        a.hlt()
+    });
+    g.write(TRAMPOLINE, &tramp);
+    let icr = |a: &mut CodeAssembler, lo: u32| -> Result<(), IcedError> {
+        a.mov(dword_ptr(rdi + 0x310), 1u32 << 24)?;
+        a.mov(dword_ptr(rdi + 0x300), lo)
+    };
+    g.load_code(&asm_at(CODE, |a| {
+        a.mov(rdi, APIC)?;
+        a.mov(dword_ptr(rdi + 0xf0), 0x1ff)?;
+        icr(a, 0xc500)?; // INIT, level, assert
+        icr(a, 0x8500)?; // INIT de-assert
+        let sipi = 0x4600 | (TRAMPOLINE >> 12) as u32;
+        icr(a, sipi)?;
+        icr(a, sipi)?;
+        // Wait (bounded) for the AP's marker.
+        let mut lp = a.create_label();
+        let mut done = a.create_label();
+        a.mov(ecx, 100_000_000)?;
+        a.set_label(&mut lp)?;
+        a.cmp(word_ptr(MARKER as i32), 0x5a5a)?;
+        a.je(done)?;
+        a.pause()?;
+        a.dec(ecx)?;
+        a.jnz(lp)?;
+        a.set_label(&mut done)?;
+        a.hlt()?;
+        Ok(())
+    }));
+    let mut ap = g.vm.create_pc_vcpu(1, 2).unwrap();
+    let kicker = ap.kicker();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let h = std::thread::spawn(move || {
+        let e = run_ap_until_halt(&mut ap, &stop2);
+        (e, ap.get_sregs().unwrap().cs.selector)
+    });
+    run_to_halt(&mut g);
+    // If the AP never started, do not hang: stop it and report.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !h.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    stop.store(true, Ordering::SeqCst);
+    kicker.kick();
+    let (e, ap_cs) = h.join().unwrap();
+    assert_eq!(e, "Halt");
+    assert_eq!(g.r32(MARKER) & 0xffff, 0x5a5a, "AP marker");
+    assert_eq!(g.r32(MARKER) >> 16, 0x0800, "AP CS = vector << 8");
+    assert_eq!(ap_cs, 0x0800);
+}
+
+#[test]
+fn fixed_ipi_wakes_a_halted_vcpu_on_another_thread() {
+    const AP_CODE: u64 = CODE + 0x1000;
+    const READY: u64 = OUT + 0x40;
+    let mut g = pc_guest(2);
+    install_counter(&mut g, 0x50, 0, Eoi::Lapic);
+    // Bounded wait until dword [addr] == value; falls through on timeout.
+    let wait_for = |a: &mut CodeAssembler, addr: u64, value: i32| -> Result<(), IcedError> {
+        let mut lp = a.create_label();
+        let mut done = a.create_label();
+        a.mov(ecx, 200_000_000)?;
+        a.set_label(&mut lp)?;
+        a.cmp(dword_ptr(addr as i32), value)?;
+        a.je(done)?;
+        a.pause()?;
+        a.dec(ecx)?;
+        a.jnz(lp)?;
+        a.set_label(&mut done)?;
+        Ok(())
+    };
+    g.load_code(&asm_at(CODE, |a| {
+        a.mov(rdi, APIC)?;
+        a.mov(dword_ptr(rdi + 0xf0), 0x1ff)?;
+        wait_for(a, READY, 1)?;
+        // Give the AP time to fall asleep in HLT.
+        let mut spin = a.create_label();
+        a.mov(ecx, 200_000)?;
+        a.set_label(&mut spin)?;
+        a.dec(ecx)?;
+        a.jnz(spin)?;
+        a.mov(dword_ptr(rdi + 0x310), 1u32 << 24)?;
+        a.mov(dword_ptr(rdi + 0x300), 0x4050)?; // fixed, vector 0x50
+        wait_for(a, COUNTS, 1)?;
+        a.hlt()?;
+        Ok(())
+    }));
+    g.write(
+        AP_CODE,
+        &asm_at(AP_CODE, |a| {
+            a.mov(rdi, APIC)?;
+            a.mov(dword_ptr(rdi + 0xf0), 0x1ff)?;
+            a.mov(rsi, COUNTS)?;
+            a.xor(edx, edx)?;
+            a.mov(dword_ptr(READY as i32), 1)?;
+            a.sti()?;
+            wait_for_count(a, 0)?;
+            a.cli()?;
+            a.hlt()
+        }),
+    );
+    // Start the AP directly in long mode (INIT/SIPI has its own test).
+    let mut ap = g.vm.create_pc_vcpu(1, 2).unwrap();
+    let mut s = g.sregs();
+    s.apic_base = 0xfee0_0800;
+    ap.set_sregs(&s).unwrap();
+    let mut r = g.regs();
+    r.rip = AP_CODE;
+    r.rsp = 0x40000;
+    ap.set_regs(&r).unwrap();
+    ap.set_wait_for_sipi(false);
+    let kicker = ap.kicker();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let h = std::thread::spawn(move || {
+        let e = run_ap_until_halt(&mut ap, &stop2);
+        (e, ap.core().pc.as_ref().unwrap().sleeps)
+    });
+    run_to_halt(&mut g);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !h.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    stop.store(true, Ordering::SeqCst);
+    kicker.kick();
+    let (e, sleeps) = h.join().unwrap();
+    assert_eq!(e, "Halt");
+    assert_eq!(g.r64(COUNTS), 1, "the AP took the IPI");
+    // It slept (in 100 ms slices at most, with no timer armed) and did not
+    // spin: a spinning vCPU would count millions.
+    assert!((1..200).contains(&sleeps), "{sleeps} sleeps");
+}
+
+#[test]
+fn other_ports_and_mmio_still_exit_to_the_vmm() {
+    let mut g = pc_guest(1);
+    g.load_code(&asm_at(CODE, |a| {
+        a.mov(al, 0x41)?;
+        a.mov(dx, 0x3f8)?;
+        a.out(dx, al)?;
+        a.in_(al, 0x60)?;
+        a.mov(rbx, 0xfed0_0000u64)?;
+        a.mov(eax, dword_ptr(rbx))?;
+        // The LAPIC page of this vCPU is the platform's: no exit.
+        a.mov(rbx, APIC)?;
+        a.mov(eax, dword_ptr(rbx + 0x30))?;
+        a.mov(dword_ptr(OUT as i32), eax)?;
+        a.hlt()?;
+        Ok(())
+    }));
+    assert_eq!(g.run(), Ex::IoOut(0x3f8, vec![0x41]));
+    assert_eq!(g.run(), Ex::IoIn(0x60, 1));
+    assert_eq!(g.run(), Ex::MmioRead(0xfed0_0000, 4));
+    run_to_halt(&mut g);
+    assert_eq!(g.r32(OUT) & 0xff, 0x14, "LAPIC version register");
+}
+
+#[test]
+fn msi_messages_decode_like_the_apic_bus() {
+    use emu::pc::msi_delivery;
+    use emu_platform::{DeliveryMode, DestMode, Trigger};
+    let d = msi_delivery(0xfee0_300c, 0x8000 | (4 << 8) | 0x61).unwrap();
+    assert_eq!(d.dest, 3);
+    assert_eq!(d.dest_mode, DestMode::Logical);
+    assert_eq!(d.vector, 0x61);
+    assert_eq!(d.delivery_mode, DeliveryMode::Nmi);
+    assert_eq!(d.trigger, Trigger::Level);
+    let d = msi_delivery(0xfee0_1000, 0x41).unwrap();
+    assert_eq!(
+        (d.dest, d.dest_mode, d.trigger),
+        (1, DestMode::Physical, Trigger::Edge)
+    );
+    // Not the interrupt window: a plain memory write, no interrupt.
+    assert!(msi_delivery(0xfed0_0000, 0x41).is_none());
+    assert!(msi_delivery(0, 0).is_none());
+}
