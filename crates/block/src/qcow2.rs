@@ -1720,7 +1720,15 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), BlockError> {
         file.set_len(total * cs)
             .map_err(|e| BlockError::io(path, "sizing", e))?;
         file.sync_all()
-            .map_err(|e| BlockError::io(path, "fsync", e))
+            .map_err(|e| BlockError::io(path, "fsync", e))?;
+        // Make the new directory entry durable too.
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| BlockError::io(dir, "fsync of the directory", e))
     })();
     if res.is_err() {
         let _ = std::fs::remove_file(path);
