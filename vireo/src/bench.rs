@@ -14,7 +14,8 @@ use anyhow::{bail, Context, Result};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Which benchmark: startup
+    /// Which benchmark: startup (VMM start and overhead beside QEMU) or
+    /// snapshot (snapshot and restore times for 256 MiB and 2 GiB guests).
     #[arg(default_value = "startup")]
     which: String,
     /// Runs per VMM (the median is printed).
@@ -143,12 +144,116 @@ fn series(name: &str, runs: usize, make: &dyn Fn() -> Command) -> String {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    if args.which != "startup" {
-        bail!("unknown benchmark '{}' (available: startup)", args.which);
-    }
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }
+    match args.which.as_str() {
+        "startup" => startup(&args),
+        "snapshot" => snapshot(&args),
+        other => bail!("unknown benchmark '{other}' (available: startup, snapshot)"),
+    }
+}
+
+/// Wait until the child's stdout has produced `n` more bytes; the time it took.
+fn read_bytes(out: &mut impl Read, n: usize) -> Result<()> {
+    let mut buf = vec![0u8; n];
+    out.read_exact(&mut buf)
+        .context("the guest stopped talking")?;
+    Ok(())
+}
+
+fn api(sock: &Path, method: &str, path: &str, body: &str) -> Result<Duration> {
+    let start = Instant::now();
+    let (status, text) = vmm::api::client::request_with_body(sock, method, path, body)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    if !(200..300).contains(&status) {
+        bail!("{path}: HTTP {status}: {text}");
+    }
+    Ok(start.elapsed())
+}
+
+fn wait_socket(sock: &Path) -> Result<()> {
+    let start = Instant::now();
+    while !sock.exists() {
+        if start.elapsed() > Duration::from_secs(20) {
+            bail!("the VMM never opened its API socket");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
+/// Snapshot creation and restore time for a small and a large guest, under
+/// KVM: snapshot = the API call on a paused VM (memory written out);
+/// restore = spawning `vireo restore` to the restored guest's first letter.
+fn snapshot(args: &BenchArgs) -> Result<()> {
+    let vireo: PathBuf = std::env::current_exe()?;
+    let dir = std::env::temp_dir().join(format!("vireo-bench-snap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let elf = dir.join("letters.elf");
+    std::fs::write(&elf, arch::tiny_elf::letters_guest(2_000))?;
+    println!(
+        "snapshot/restore under KVM (median of {} runs); restore = spawn to the restored guest's first serial byte",
+        args.runs
+    );
+    println!(
+        "{:<12} {:>14} {:>14} {:>12}",
+        "guest RAM", "snapshot", "restore", "RSS after"
+    );
+    for mib in [256u64, 2048] {
+        let (mut snaps, mut restores, mut rss) = (Vec::new(), Vec::new(), Vec::new());
+        for run in 0..args.runs {
+            let sock = dir.join(format!("s{mib}-{run}.sock"));
+            let snap = dir.join(format!("snap{mib}-{run}"));
+            let mut src = Command::new(&vireo)
+                .args(["run", "--accel", "kvm", "--boot", "pvh", "--memory"])
+                .arg(format!("{mib}M"))
+                .arg("--kernel")
+                .arg(&elf)
+                .arg("--api-socket")
+                .arg(&sock)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let mut out = src.stdout.take().context("no stdout")?;
+            read_bytes(&mut out, 3)?;
+            wait_socket(&sock)?;
+            api(&sock, "PUT", "/api/v1/vm.pause", "")?;
+            let body = serde_json::json!({ "destination": snap }).to_string();
+            snaps.push(api(&sock, "PUT", "/api/v1/vm.snapshot", &body)?);
+            let _ = src.kill();
+            let _ = src.wait();
+
+            let start = Instant::now();
+            let mut dst = Command::new(&vireo)
+                .args(["restore", "--from"])
+                .arg(&snap)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let mut out = dst.stdout.take().context("no stdout")?;
+            read_bytes(&mut out, 1)?;
+            restores.push(start.elapsed());
+            rss.push(rss_beyond_guest_kib(dst.id(), 0).unwrap_or(0));
+            let _ = dst.kill();
+            let _ = dst.wait();
+            let _ = std::fs::remove_dir_all(&snap);
+        }
+        println!(
+            "{:<12} {:>11.1} ms {:>11.2} ms {:>8.1} MiB",
+            format!("{mib} MiB"),
+            median(snaps).as_secs_f64() * 1e3,
+            median(restores).as_secs_f64() * 1e3,
+            median(rss) as f64 / 1024.0
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn startup(args: &BenchArgs) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("vireo-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let elf = dir.join("tiny-pvh.elf");

@@ -60,6 +60,27 @@ pub fn pvh_elf(load_addr: u32, code: &[u8]) -> Vec<u8> {
     f
 }
 
+/// A PVH kernel that counts a..z on COM1 forever: the letter lives in guest
+/// memory at 0x5000, a delay loop of `delay` iterations runs in ECX between
+/// letters. Snapshot, migration and pause tests check that the count goes on
+/// unbroken; benchmarks time how soon a restored guest speaks.
+pub fn letters_guest(delay: u32) -> Vec<u8> {
+    let mut code = vec![0xc6, 0x05, 0x00, 0x50, 0x00, 0x00, b'a']; // mov byte [0x5000], 'a'
+    code.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
+    code.extend_from_slice(&[0xa0, 0x00, 0x50, 0x00, 0x00]); // top: mov al, [0x5000]
+    code.push(0xee); // out dx, al
+    code.extend_from_slice(&[0xfe, 0xc0]); // inc al
+    code.extend_from_slice(&[0x3c, b'z' + 1]); // cmp al, 'z' + 1
+    code.extend_from_slice(&[0x75, 0x02]); // jne skip
+    code.extend_from_slice(&[0xb0, b'a']); // mov al, 'a'
+    code.extend_from_slice(&[0xa2, 0x00, 0x50, 0x00, 0x00]); // skip: mov [0x5000], al
+    code.push(0xb9); // mov ecx, delay
+    code.extend_from_slice(&delay.max(1).to_le_bytes());
+    code.extend_from_slice(&[0x49, 0x75, 0xfd]); // 1: dec ecx; jnz 1b
+    code.extend_from_slice(&[0xeb, 0xe3]); // jmp top
+    pvh_elf(0x10_0000, &code)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
