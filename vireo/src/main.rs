@@ -118,7 +118,8 @@ struct RunArgs {
     /// Number of vCPUs [default: 1].
     #[arg(long, value_name = "N")]
     cpus: Option<u32>,
-    /// How guest code runs: kvm (hardware), emu (Vireo's CPU engine), auto [default: auto].
+    /// How guest code runs: kvm (hardware), emu (Vireo's CPU engine), or auto:
+    /// KVM on VT-x/AMD-V hosts, the engine without KVM or on nested PVM KVM [default: auto].
     #[arg(long, value_name = "kvm|emu|auto")]
     accel: Option<Accel>,
     /// Serial console: stdio, file:PATH or none [default: stdio].

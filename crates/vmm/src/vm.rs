@@ -91,8 +91,20 @@ impl VmSpec {
 pub fn open_hypervisor(accel: Accel) -> Result<Arc<dyn Hypervisor>, VmmError> {
     match accel {
         Accel::Kvm => Ok(Arc::new(hypervisor::kvm::KvmHypervisor::new()?)),
-        Accel::Auto if hypervisor::kvm::kvm_available() => {
+        // KVM when it is usable and fast: on a nested PVM host it runs guest
+        // kernels in an instruction emulator (shared/HOST.md), slower than
+        // Vireo's engine, so auto takes the engine there.
+        Accel::Auto
+            if hypervisor::kvm::kvm_available()
+                && hypervisor::kvm::KvmFlavor::detect() == hypervisor::kvm::KvmFlavor::Hardware =>
+        {
             Ok(Arc::new(hypervisor::kvm::KvmHypervisor::new()?))
+        }
+        Accel::Auto if hypervisor::kvm::kvm_available() => {
+            tracing::info!(
+                "this host's KVM is nested (kvm_pvm) and slow for guest kernels: using Vireo's CPU engine; --accel kvm forces KVM"
+            );
+            Ok(Arc::new(emu::EmuHypervisor::new()))
         }
         Accel::Emu | Accel::Auto => Ok(Arc::new(emu::EmuHypervisor::new())),
     }
