@@ -24,6 +24,9 @@ pub struct BenchArgs {
     /// Peer binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: String,
+    /// Guest images for `boot` (guest/build.sh output) [default: $VIREO_GUEST_DIR or guest/out].
+    #[arg(long, value_name = "DIR")]
+    guest_dir: Option<PathBuf>,
 }
 
 const GUEST_MEM_MIB: u64 = 64;
@@ -150,7 +153,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     match args.which.as_str() {
         "startup" => startup(&args),
         "snapshot" => snapshot(&args),
-        other => bail!("unknown benchmark '{other}' (available: startup, snapshot)"),
+        "boot" => boot(&args),
+        other => bail!("unknown benchmark '{other}' (available: startup, snapshot, boot)"),
     }
 }
 
@@ -250,6 +254,129 @@ fn snapshot(args: &BenchArgs) -> Result<()> {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The guest command for `bench boot`: a CPU-bound shell loop timed by
+/// the guest's own clock.
+const WORKLOAD: &str = "a=$(cut -d. -f1,2 /proc/uptime | cut -d' ' -f1); i=0; \
+while [ $i -lt 20000 ]; do i=$((i+1)); done; \
+b=$(cut -d' ' -f1 /proc/uptime); echo VIREO-WORK $a $b";
+
+struct BootSample {
+    wall: Duration,
+    work: f64,
+}
+
+fn boot_once(mut cmd: Command) -> Result<BootSample> {
+    let start = Instant::now();
+    let out = cmd
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .context("running the VMM")?;
+    let wall = start.elapsed();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("VIREO-WORK"))
+        .with_context(|| {
+            format!(
+                "the guest did not finish its workload (exit {:?})",
+                out.status.code()
+            )
+        })?;
+    let nums: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    if nums.len() != 2 {
+        bail!("bad workload line: {line}");
+    }
+    Ok(BootSample {
+        wall,
+        work: nums[1] - nums[0],
+    })
+}
+
+fn boot_series(name: &str, runs: usize, make: &dyn Fn() -> Command) -> String {
+    let mut walls = Vec::new();
+    let mut works = Vec::new();
+    for _ in 0..runs {
+        match boot_once(make()) {
+            Ok(s) => {
+                walls.push(s.wall);
+                works.push((s.work * 1000.0) as u64);
+            }
+            Err(e) => return format!("{name:<36} failed: {e:#}"),
+        }
+    }
+    format!(
+        "{name:<36} {:>9.2} s {:>14.2} s",
+        median(walls).as_secs_f64(),
+        median(works) as f64 / 1000.0
+    )
+}
+
+/// Boot Debian's bzImage with the test initramfs to power-off, and time a
+/// CPU-bound shell loop inside, on Vireo's engine and on QEMU's TCG.
+fn boot(args: &BenchArgs) -> Result<()> {
+    let g = args
+        .guest_dir
+        .clone()
+        .or_else(|| std::env::var_os("VIREO_GUEST_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("guest/out"));
+    let (kernel, initrd) = (g.join("vmlinuz"), g.join("initramfs.cpio.gz"));
+    if !kernel.exists() || !initrd.exists() {
+        bail!("no guest images in {} (run guest/build.sh)", g.display());
+    }
+    let append = format!("console=ttyS0 quiet reboot=k panic=-1 vireo.cmd=\"{WORKLOAD}\"");
+    let vireo: PathBuf = std::env::current_exe()?;
+    println!(
+        "boot: Debian bzImage + initramfs to power-off (wall) and a 20k-iteration shell loop (guest clock), median of {} runs",
+        args.runs
+    );
+    println!("{:<36} {:>11} {:>16}", "VMM", "boot+off", "shell loop");
+    let v = || {
+        let mut c = Command::new(&vireo);
+        c.args(["run", "--accel", "emu", "--memory", "512M", "--kernel"])
+            .arg(&kernel)
+            .arg("--initrd")
+            .arg(&initrd)
+            .arg("--cmdline")
+            .arg(&append);
+        c
+    };
+    println!("{}", boot_series("vireo --accel emu", args.runs, &v));
+    if has_binary(&args.qemu) {
+        let q = || {
+            let mut c = Command::new(&args.qemu);
+            c.args([
+                "-accel",
+                "tcg",
+                "-M",
+                "pc",
+                "-m",
+                "512",
+                "-nographic",
+                "-no-reboot",
+            ])
+            .arg("-kernel")
+            .arg(&kernel)
+            .arg("-initrd")
+            .arg(&initrd)
+            .arg("-append")
+            .arg(&append);
+            c
+        };
+        println!("{}", boot_series("qemu -M pc -accel tcg", args.runs, &q));
+    } else {
+        println!(
+            "{:<36} not installed ({})",
+            "qemu -M pc -accel tcg", args.qemu
+        );
+    }
     Ok(())
 }
 
