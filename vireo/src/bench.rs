@@ -201,8 +201,8 @@ fn snapshot(args: &BenchArgs) -> Result<()> {
         args.runs
     );
     println!(
-        "{:<12} {:>14} {:>14} {:>12}",
-        "guest RAM", "snapshot", "restore", "RSS after"
+        "{:<12} {:>14} {:>14} {:>18}",
+        "guest RAM", "snapshot", "restore", "RSS beyond guest"
     );
     for mib in [256u64, 2048] {
         let (mut snaps, mut restores, mut rss) = (Vec::new(), Vec::new(), Vec::new());
@@ -240,13 +240,13 @@ fn snapshot(args: &BenchArgs) -> Result<()> {
             let mut out = dst.stdout.take().context("no stdout")?;
             read_bytes(&mut out, 1)?;
             restores.push(start.elapsed());
-            rss.push(rss_beyond_guest_kib(dst.id(), 0).unwrap_or(0));
+            rss.push(rss_beyond_guest_kib(dst.id(), mib << 20).unwrap_or(0));
             let _ = dst.kill();
             let _ = dst.wait();
             let _ = std::fs::remove_dir_all(&snap);
         }
         println!(
-            "{:<12} {:>11.1} ms {:>11.2} ms {:>8.1} MiB",
+            "{:<12} {:>11.1} ms {:>11.2} ms {:>14.1} MiB",
             format!("{mib} MiB"),
             median(snaps).as_secs_f64() * 1e3,
             median(restores).as_secs_f64() * 1e3,
