@@ -187,3 +187,160 @@ fn virtio_blk_qcow2_overlay_keeps_the_base_intact() {
     assert_eq!(written.trim(), "written-by-the-guest");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A network namespace made by the test, removed on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(name: String) -> Self {
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        sh(&format!(
+            "ip netns add {name} && ip -n {name} link set lo up"
+        ));
+        Netns(name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Serve, from inside namespace `ns`: on port 5555 receive `len` bytes (the
+/// guest's upload) into a file; on port 5556 send `data` (the download).
+fn tcp_peer(
+    ns: &str,
+    addr: &str,
+    len: usize,
+    data: Vec<u8>,
+    upload: PathBuf,
+) -> std::thread::JoinHandle<Result<(), String>> {
+    let (ns, addr) = (ns.to_string(), addr.to_string());
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let f = std::fs::File::open(format!("/run/netns/{ns}")).map_err(|e| e.to_string())?;
+        // SAFETY: setns on this thread only, with a namespace fd we opened.
+        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("setns: {}", std::io::Error::last_os_error()));
+        }
+        let bind = |port: u16| {
+            let l =
+                std::net::TcpListener::bind((addr.as_str(), port)).map_err(|e| e.to_string())?;
+            l.set_nonblocking(true).map_err(|e| e.to_string())?;
+            Ok::<_, String>(l)
+        };
+        let accept = |l: &std::net::TcpListener| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(600);
+            loop {
+                match l.accept() {
+                    Ok((s, _)) => {
+                        s.set_nonblocking(false).map_err(|e| e.to_string())?;
+                        s.set_read_timeout(Some(Duration::from_secs(120)))
+                            .map_err(|e| e.to_string())?;
+                        return Ok::<_, String>(s);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if std::time::Instant::now() > deadline {
+                            return Err("the guest never connected".into());
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        };
+        let (up, down) = (bind(5555)?, bind(5556)?);
+        let mut s = accept(&up)?;
+        let mut got = vec![0u8; len];
+        s.read_exact(&mut got).map_err(|e| format!("upload: {e}"))?;
+        std::fs::write(&upload, &got).map_err(|e| e.to_string())?;
+        drop(s);
+        let mut s = accept(&down)?;
+        s.write_all(&data).map_err(|e| format!("download: {e}"))?;
+        Ok(())
+    })
+}
+
+/// virtio-net on a tap that Vireo creates inside a namespace made by the
+/// test: the guest configures eth0, pings the host side, uploads a 1 MiB
+/// file over TCP and downloads it back; both checksums must match the
+/// host's. Needs root (namespaces, taps); says so and skips otherwise.
+#[test]
+#[ignore = "known bug: frames from the host reach the guest, but the guest's transmissions never reach the tap yet (tx queue not serviced); see the issue 4 note"]
+fn virtio_net_ping_and_tcp_both_ways_through_a_tap() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
+        eprintln!("note: needs root and /dev/net/tun; network test skipped");
+        return;
+    }
+    let g = guest_dir();
+    let data = std::fs::read(g.join("data.bin")).unwrap();
+    let md5 = std::fs::read_to_string(g.join("data.bin.md5")).unwrap();
+    let md5 = md5.split_whitespace().next().unwrap().to_string();
+    let dir = scratch("net");
+    let ns = Netns::new(format!("vireo-nt{}", std::process::id()));
+    let tap = format!("vt{}", std::process::id() % 100_000);
+    let (host_ip, guest_ip) = ("10.213.1.1", "10.213.1.2");
+
+    let cmd = format!(
+        "ip link set eth0 up && ip addr add {guest_ip}/24 dev eth0 && \
+         ping -c 3 -W 10 {host_ip} && nc {host_ip} 5555 < /vireo/data.bin; \
+         nc {host_ip} 5556 | md5sum"
+    );
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.0])
+        .arg(env!("CARGO_BIN_EXE_vireo"))
+        .args(["run", "--accel", "emu", "--memory", "512M", "--kernel"])
+        .arg(g.join("vmlinux"))
+        .arg("--initrd")
+        .arg(g.join("initramfs.cpio.gz"))
+        .arg("--net")
+        .arg(format!("tap={tap},mac=52:54:00:12:34:56"))
+        .arg("--cmdline")
+        .arg(format!(
+            "console=ttyS0 reboot=k panic=1 vireo.cmd=\"{cmd}\""
+        ));
+    let mut vm = Running::spawn(c);
+    // Vireo made the tap inside the namespace and brought it up; give the
+    // host side its address, then listen.
+    let start = std::time::Instant::now();
+    while Command::new("ip")
+        .args(["-n", &ns.0, "link", "show", &tap])
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no tap {tap}: {}",
+            vm.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sh(&format!("ip -n {} addr add {host_ip}/24 dev {tap}", ns.0));
+    let upload = dir.join("upload.bin");
+    let peer = tcp_peer(&ns.0, host_ip, data.len(), data.clone(), upload.clone());
+
+    let code = vm.wait_exit(Duration::from_secs(300));
+    let out = vm.stdout_text();
+    assert_eq!(code, Some(0), "exit {code:?}\n{out}\n{}", vm.stderr_text());
+    peer.join().unwrap().expect("the host side of the transfer");
+    let lines = command_output(&out);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("3 packets transmitted, 3 packets received")),
+        "ping failed: {lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with(&md5)),
+        "download md5 {md5} not in {lines:?}"
+    );
+    assert_eq!(
+        std::fs::read(&upload).unwrap(),
+        data,
+        "the upload arrived changed"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
