@@ -124,6 +124,17 @@ impl Tap {
             file,
             name: req.name(),
         };
+        // Reads must never block the device thread: set O_NONBLOCK on the
+        // open file explicitly (seen: the flag given to open(2) did not hold
+        // for the attached tap).
+        // SAFETY: fcntl on our own descriptor.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        tap.check(flags, "F_GETFL")?;
+        // SAFETY: as above.
+        tap.check(
+            unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) },
+            "F_SETFL O_NONBLOCK",
+        )?;
         let hdr = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads an int.
         tap.check(

@@ -155,6 +155,30 @@ fn ping_through_a_tap_in_a_test_namespace() {
     assert!(status.success(), "ping got no reply through the tap");
 }
 
+/// An idle tap must answer "nothing yet", never block its reader.
+#[test]
+fn reading_an_idle_tap_does_not_block() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("note: needs root and /dev/net/tun; tap test skipped");
+        return;
+    }
+    let tap = Tap::open("vidle%d").expect("tap opens");
+    tap.set_up().unwrap();
+    let mut buf = [0u8; 2048];
+    // Drain whatever the kernel sent when the link came up, then expect WouldBlock.
+    let start = Instant::now();
+    loop {
+        match tap.read_frame(&mut buf) {
+            Ok(_) => assert!(start.elapsed() < Duration::from_secs(5)),
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+                break;
+            }
+        }
+    }
+}
+
 #[test]
 fn checksum_matches_a_known_ipv4_header() {
     // A textbook header whose checksum is 0xb861.
