@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// 32-bit PVH guest: print '.' on COM1, spin a while, forever.
 fn counting_guest(dir: &Path) -> PathBuf {
@@ -23,27 +23,8 @@ fn counting_guest(dir: &Path) -> PathBuf {
     path
 }
 
-fn client(sock: &Path, cmd: &str) -> std::process::Output {
-    vireo()
-        .args([cmd, "--api-socket"])
-        .arg(sock)
-        .output()
-        .expect("vireo client runs")
-}
-
 fn dots(vm: &Running) -> usize {
     vm.stdout_text().matches('.').count()
-}
-
-fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 fn accels() -> Vec<&'static str> {
@@ -75,17 +56,17 @@ fn pause_resume_info_stop_through_the_api() {
             vm.stderr_text()
         );
 
-        let ping = client(&sock, "ping");
+        let ping = client(&["ping"], &sock);
         assert!(ping.status.success(), "{accel}: ping: {ping:?}");
         assert!(String::from_utf8_lossy(&ping.stdout).contains("\"version\""));
 
-        let out = client(&sock, "pause");
+        let out = client(&["pause"], &sock);
         assert!(out.status.success(), "{accel}: pause: {out:?}");
         let frozen = dots(&vm);
         std::thread::sleep(Duration::from_millis(400));
         assert_eq!(dots(&vm), frozen, "{accel}: the guest ran while paused");
 
-        let info = client(&sock, "info");
+        let info = client(&["info"], &sock);
         assert!(info.status.success());
         let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
         assert_eq!(v["state"], "paused", "{v}");
@@ -100,7 +81,7 @@ fn pause_resume_info_stop_through_the_api() {
             .any(|d| d["name"] == "serial (COM1)" && d["base"] == 0x3f8));
 
         // A second pause is refused and changes nothing.
-        let again = client(&sock, "pause");
+        let again = client(&["pause"], &sock);
         assert_eq!(again.status.code(), Some(1));
         let err = String::from_utf8_lossy(&again.stderr);
         assert!(
@@ -109,16 +90,16 @@ fn pause_resume_info_stop_through_the_api() {
         );
         assert_eq!(dots(&vm), frozen);
 
-        let out = client(&sock, "resume");
+        let out = client(&["resume"], &sock);
         assert!(out.status.success(), "{accel}: resume: {out:?}");
         assert!(
             wait_until(Duration::from_secs(30), || dots(&vm) > frozen),
             "{accel}: the guest did not run again after resume"
         );
         let info: serde_json::Value =
-            serde_json::from_slice(&client(&sock, "info").stdout).unwrap();
+            serde_json::from_slice(&client(&["info"], &sock).stdout).unwrap();
         assert_eq!(info["state"], "running");
-        let out = client(&sock, "resume");
+        let out = client(&["resume"], &sock);
         assert_eq!(out.status.code(), Some(1), "resume of a running VM");
 
         // Wrong method and unknown endpoint: JSON errors, right status.
@@ -129,7 +110,7 @@ fn pause_resume_info_stop_through_the_api() {
         assert_eq!(status, 404);
         assert!(dots(&vm) > frozen);
 
-        let out = client(&sock, "stop");
+        let out = client(&["stop"], &sock);
         assert!(out.status.success(), "{accel}: stop: {out:?}");
         let code = vm.wait_exit(Duration::from_secs(10));
         assert_eq!(code, Some(0), "{accel}: {}", vm.stderr_text());
@@ -141,7 +122,7 @@ fn pause_resume_info_stop_through_the_api() {
 
 #[test]
 fn client_without_a_server_says_so() {
-    let out = client(Path::new("/nonexistent/api.sock"), "info");
+    let out = client(&["info"], Path::new("/nonexistent/api.sock"));
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot connect to API socket"), "{err}");

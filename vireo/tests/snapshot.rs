@@ -17,17 +17,6 @@ fn counting_guest(dir: &Path) -> PathBuf {
     path
 }
 
-fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
-
 fn assert_unbroken_cycle(text: &str) {
     let letters: Vec<u8> = text.bytes().filter(|b| b.is_ascii_lowercase()).collect();
     assert!(!letters.is_empty());
@@ -42,15 +31,6 @@ fn assert_unbroken_cycle(text: &str) {
             String::from_utf8_lossy(&letters[i.saturating_sub(10)..(i + 10).min(letters.len())])
         );
     }
-}
-
-fn client(args: &[&str], sock: &Path) -> std::process::Output {
-    vireo()
-        .args(args)
-        .arg("--api-socket")
-        .arg(sock)
-        .output()
-        .expect("vireo client runs")
 }
 
 #[test]

@@ -52,6 +52,19 @@ pub mod device_type {
     pub const RNG: u32 = 4;
 }
 
+/// Serve a driver's read of `data.len()` bytes at `offset` from a device's
+/// configuration image; bytes past its end read as zero.
+pub fn read_config_image(image: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| image.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// How a device (or its worker) interrupts the driver.
 pub trait VirtioInterrupt: Send + Sync {
     /// Used buffers were added to queue `queue`.

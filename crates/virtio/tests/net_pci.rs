@@ -48,7 +48,14 @@ fn run(features: u64) {
     frame.extend_from_slice(b"an ethernet frame from the guest........");
     m.mem.write_slice(&frame, GuestAddress(BUF)).unwrap();
     d.desc(tx_desc, 0, BUF, HDR_LEN as u32, 1, 1);
-    d.desc(tx_desc, 1, BUF + HDR_LEN as u64, (frame.len() - HDR_LEN) as u32, 0, 0);
+    d.desc(
+        tx_desc,
+        1,
+        BUF + HDR_LEN as u64,
+        (frame.len() - HDR_LEN) as u32,
+        0,
+        0,
+    );
     d.submit_q(tx, 0);
     d.wait_used_q(tx, 1);
     let mut got = vec![0u8; 256];

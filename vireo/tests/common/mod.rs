@@ -28,6 +28,28 @@ pub fn guest_dir() -> PathBuf {
     dir
 }
 
+/// Poll `f` every 20 ms until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// `vireo <args> --api-socket <sock>`, run to completion.
+pub fn client(args: &[&str], sock: &std::path::Path) -> std::process::Output {
+    vireo()
+        .args(args)
+        .arg("--api-socket")
+        .arg(sock)
+        .output()
+        .expect("vireo client runs")
+}
+
 pub fn kvm_usable() -> bool {
     let ok = std::fs::OpenOptions::new()
         .read(true)
