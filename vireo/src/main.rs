@@ -233,6 +233,16 @@ fn main() -> ExitCode {
     ExitCode::from(code as u8)
 }
 
+/// Report a failed API request: the JSON error's message, else the body.
+fn api_error(status: u16, body: String) -> i32 {
+    let msg = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(String::from))
+        .unwrap_or(body);
+    eprintln!("vireo: error: {msg} (HTTP {status})");
+    exit_code::VMM_ERROR
+}
+
 /// One API request; prints a JSON answer, or the error it carries.
 fn api_call(args: &ApiArgs, method: &str, path: &str) -> i32 {
     match vmm::api::client::request(&args.api_socket, method, path) {
@@ -242,14 +252,7 @@ fn api_call(args: &ApiArgs, method: &str, path: &str) -> i32 {
             }
             0
         }
-        Ok((status, body)) => {
-            let msg = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
-                .unwrap_or(body);
-            eprintln!("vireo: error: {msg} (HTTP {status})");
-            exit_code::VMM_ERROR
-        }
+        Ok((status, body)) => api_error(status, body),
         Err(e) => {
             eprintln!("vireo: error: {e}");
             exit_code::VMM_ERROR
@@ -289,14 +292,7 @@ fn snapshot(a: &SnapshotArgs) -> i32 {
             println!("snapshot written to {}", a.dir.display());
             0
         }
-        Ok((status, body)) => {
-            let msg = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(String::from))
-                .unwrap_or(body);
-            eprintln!("vireo: error: {msg} (HTTP {status})");
-            exit_code::VMM_ERROR
-        }
+        Ok((status, body)) => api_error(status, body),
         Err(e) => {
             eprintln!("vireo: error: {e}");
             exit_code::VMM_ERROR
