@@ -43,6 +43,12 @@ fn run(features: u64) {
     let (rx_desc, _, _) = ring(rx);
     let (tx_desc, _, _) = ring(tx);
 
+    // Receive buffers first, as Linux posts them at probe: with nothing
+    // from the host yet they stay available, and the device must still
+    // serve the transmit queue (it once spun on them instead).
+    d.desc(rx_desc, 0, BUF + 0x1000, 2048, 2, 0);
+    d.submit_q(rx, 0);
+
     // Transmit: header and frame in two descriptors, as Linux may send them.
     let mut frame = vec![0u8; HDR_LEN];
     frame.extend_from_slice(b"an ethernet frame from the guest........");
@@ -62,9 +68,7 @@ fn run(features: u64) {
     let n = host.recv(&mut got).expect("the frame reached the host");
     assert_eq!(&got[..n], &frame[..]);
 
-    // Receive: a frame from the host lands in the guest's buffer.
-    d.desc(rx_desc, 0, BUF + 0x1000, 2048, 2, 0);
-    d.submit_q(rx, 0);
+    // Receive: a frame from the host lands in the buffer posted earlier.
     let mut reply = vec![0u8; HDR_LEN];
     reply.extend_from_slice(b"a frame from the host");
     host.send(&reply).unwrap();
