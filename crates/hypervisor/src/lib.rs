@@ -6,11 +6,14 @@
 //! ever see exits and [`IrqLine`]s, never the backend behind them.
 
 pub mod kvm;
+mod kvm_irq;
 mod regs;
 
 pub use regs::*;
 
 use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
 
 /// Errors of a vCPU backend.
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +182,17 @@ pub trait Vm: Send + Sync {
     /// Deliver a message-signalled interrupt (what a PCI device's MSI or
     /// MSI-X table entry says: the address 0xfeeXXXXX and the data word).
     fn signal_msi(&self, addr: u64, data: u32) -> Result<()>;
+    /// Have guest writes of any size to the MMIO address `addr` signal
+    /// `event` without leaving the vCPU (KVM's ioeventfd). `Ok(false)` when
+    /// the backend has no such path (the engine): writes then reach the
+    /// device as ordinary MMIO exits.
+    fn register_mmio_notify(&self, _addr: u64, _event: &EventFd) -> Result<bool> {
+        Ok(false)
+    }
+    /// Undo [`Vm::register_mmio_notify`] (the BAR moved or went away).
+    fn unregister_mmio_notify(&self, _addr: u64, _event: &EventFd) -> Result<()> {
+        Ok(())
+    }
     /// The interrupt controllers', timers' and clock's state (VM paused).
     fn save_state(&self) -> Result<VmSnapshot> {
         no_snapshots("VM state")

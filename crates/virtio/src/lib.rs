@@ -25,7 +25,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use queue::{DescChain, Descriptor, QueueConfig, QueueError, VirtQueue};
-pub use transport::{VirtioPciDevice, VirtioPciError};
+pub use transport::{VirtioPciDevice, VirtioPciError, BAR_INDEX};
 
 /// Device status bits (virtio 1.x 2.1).
 pub mod status {

@@ -1,5 +1,6 @@
 //! One running VM: memory, buses, devices, vCPU threads.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -9,6 +10,7 @@ use std::time::Duration;
 use devices::{Bus, BusDevice, EventSink, VmEvent};
 use hypervisor::{CpuState, Hypervisor, Vcpu, VcpuExit, VcpuKicker};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{Accel, BootProtocol, VmConfig};
 use crate::control::VmControl;
@@ -600,6 +602,7 @@ fn setup_pci(
         None,
         pci::AddressWindow::new(pci::IO_WINDOW_START, pci::IO_WINDOW_END),
     );
+    let notifiers = queue_notifiers(&bus, vm.clone());
     let msi: pci::MsiSink = Arc::new(move |addr, data| {
         if let Err(e) = vm.signal_msi(addr, data) {
             tracing::warn!("MSI {addr:#x}/{data:#x} not delivered: {e}");
@@ -608,9 +611,16 @@ fn setup_pci(
     let mut add_virtio = |name: String, dev: Box<dyn virtio::VirtioDevice>| {
         let dev = virtio::VirtioPciDevice::new(dev, memory.clone(), msi.clone())
             .map_err(|e| VmmError::Device(format!("{name}: {e}")))?;
+        let events = dev
+            .notify_eventfds()
+            .into_iter()
+            .map(|(off, e)| e.try_clone().map(|e| (off, e)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| VmmError::Device(format!("{name}: {e}")))?;
         let slot = bus
             .add_device(Arc::new(Mutex::new(dev)), &mut bars)
             .map_err(|e| VmmError::Device(format!("{name} on PCI: {e}")))?;
+        lock(&notifiers).insert(slot, events);
         tracing::info!("{name} at PCI 00:{slot:02x}.0");
         Ok::<(), VmmError>(())
     };
@@ -637,6 +647,37 @@ fn setup_pci(
         add_virtio("virtio-rng".into(), Box::new(virtio::rng::Rng::new()))?;
     }
     Ok(())
+}
+
+/// Queue notification eventfds per PCI slot (offsets inside BAR 0), moved
+/// along with the BAR: where the backend can (KVM's ioeventfd), a guest's
+/// notify write signals the device's worker without a vCPU exit.
+type SlotNotifiers = Arc<Mutex<HashMap<u8, Vec<(u64, EventFd)>>>>;
+
+fn queue_notifiers(bus: &pci::PciBus, vm: Arc<dyn hypervisor::Vm>) -> SlotNotifiers {
+    let notifiers: SlotNotifiers = Arc::default();
+    let n = notifiers.clone();
+    bus.set_bar_hook(Arc::new(move |slot, bar, addr, mapped| {
+        if bar != virtio::BAR_INDEX {
+            return;
+        }
+        let n = lock(&n);
+        let Some(events) = n.get(&slot) else {
+            return;
+        };
+        for (off, e) in events {
+            let r = if mapped {
+                vm.register_mmio_notify(addr + off, e).map(|_| ())
+            } else {
+                vm.unregister_mmio_notify(addr + off, e)
+            };
+            if let Err(e) = r {
+                // The write still reaches the device as MMIO: slower, not wrong.
+                tracing::warn!("PCI 00:{slot:02x}.0 notify at {:#x}: {e}", addr + off);
+            }
+        }
+    }));
+    notifiers
 }
 
 /// Put the boot image into guest memory and return the boot vCPU's state.
