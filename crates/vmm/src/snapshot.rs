@@ -226,7 +226,7 @@ pub fn write_memory(mem: &GuestMemoryMmap, dir: &Path) -> Result<MemoryWritten, 
         let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
         // A region mapped from an earlier snapshot's file has data in pages
         // this process never touched: only anonymous memory can skip them.
-        let touched = if region.file_offset().is_none() && (host as usize) % PAGE == 0 {
+        let touched = if region.file_offset().is_none() && (host as usize).is_multiple_of(PAGE) {
             touched_pages(host as usize, len)
         } else {
             None
@@ -387,4 +387,69 @@ pub fn prepare_dir(dir: &Path) -> Result<PathBuf, VmmError> {
     }
     std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create", dir, e))?;
     Ok(dir.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+    use vm_memory::Bytes;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("vireo-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn memory_is_written_sparsely_and_maps_back_the_same_twice_over() {
+        let dir = scratch("sparse");
+        let size = 64usize << 20;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+        // A few pages with data, one written with zeros, the rest untouched.
+        mem.write_slice(b"first page", GuestAddress(0)).unwrap();
+        mem.write_slice(&[0xaa; 8192], GuestAddress(0x10_0ffc))
+            .unwrap();
+        mem.write_slice(&[0u8; 4096], GuestAddress(0x20_0000))
+            .unwrap();
+        mem.write_slice(b"last", GuestAddress(size as u64 - 4))
+            .unwrap();
+        let w = write_memory(&mem, &dir).unwrap();
+        assert_eq!(w.file_bytes, size as u64);
+        // Data pages only: page 0, the 3 pages the 0xaa run touches, the last.
+        assert_eq!(w.data_bytes, 5 * 4096);
+        let meta = std::fs::metadata(dir.join(MEMORY_FILE)).unwrap();
+        assert_eq!(meta.len(), size as u64);
+        assert!(meta.blocks() * 512 < 1 << 20, "{} blocks", meta.blocks());
+
+        let check = |m: &GuestMemoryMmap| {
+            let mut all = vec![0u8; size];
+            m.read_slice(&mut all, GuestAddress(0)).unwrap();
+            let mut want = vec![0u8; size];
+            want[..10].copy_from_slice(b"first page");
+            want[0x10_0ffc..0x10_2ffc].fill(0xaa);
+            want[size - 4..].copy_from_slice(b"last");
+            assert!(all == want, "memory differs after the round trip");
+        };
+        let back = map_memory(&dir, &w.ranges, w.file_bytes).unwrap();
+        check(&back);
+        // A restored VM's memory (mapped from the file) written again: pages
+        // this process never touched still carry the file's data.
+        let dir2 = scratch("sparse2");
+        let w2 = write_memory(&back, &dir2).unwrap();
+        assert_eq!(w2.data_bytes, 5 * 4096);
+        check(&map_memory(&dir2, &w2.ranges, w2.file_bytes).unwrap());
+        let e = map_memory(&dir2, &w2.ranges, w2.file_bytes + 4096).unwrap_err();
+        assert!(e.to_string().contains("its manifest says"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&dir2);
+    }
+
+    #[test]
+    fn fnv1a64_matches_the_reference_values() {
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+    }
 }
