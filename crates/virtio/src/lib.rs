@@ -35,6 +35,7 @@ pub enum DeviceState {
     Block(block::BlockState),
     Net(net::NetState),
     Rng,
+    Console(console::ConsoleState),
 }
 
 impl DeviceState {
@@ -43,6 +44,7 @@ impl DeviceState {
             DeviceState::Block(_) => "virtio-blk",
             DeviceState::Net(_) => "virtio-net",
             DeviceState::Rng => "virtio-rng",
+            DeviceState::Console(_) => "virtio-console",
         }
     }
 }
