@@ -56,11 +56,17 @@ fn letters_continue_across_snapshot(accel: &str) {
     let sock = dir.join("a.sock");
     let snap = dir.join("snap");
 
+    // Devices the guest never drives still go through the snapshot.
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let mut cmd = vireo();
     cmd.args([
         "run", "--accel", accel, "--boot", "pvh", "--memory", "64M", "--kernel",
     ])
     .arg(&kernel)
+    .arg("--disk")
+    .arg(format!("path={},format=raw", disk.display()))
+    .arg("--rng")
     .arg("--api-socket")
     .arg(&sock);
     let mut src = Running::spawn(cmd);
@@ -111,6 +117,7 @@ fn letters_continue_across_snapshot(accel: &str) {
     assert_eq!(v["state"], "running");
     assert_eq!(v["accel"], accel);
     assert_eq!(v["config"]["kernel"], kernel.to_str().unwrap());
+    assert_eq!(v["config"]["rng"], true);
     assert!(client(&["stop"], &sock2).status.success());
     assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
     let after = dst.stdout_text();
