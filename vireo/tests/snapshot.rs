@@ -322,17 +322,26 @@ fn damaged_or_mismatched_snapshots_are_refused_clearly() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Every `COUNT:<n>:` the guest printed, in order.
-fn counts(console: &str) -> Vec<u64> {
+/// Every `COUNT:<n>:<uptime>:` the guest printed, in order.
+fn count_lines(console: &str) -> Vec<(u64, f64)> {
     console
         .split("COUNT:")
         .skip(1)
-        .filter_map(|rest| rest.split(':').next()?.parse().ok())
+        .filter_map(|rest| {
+            let mut f = rest.split(':');
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })
         .collect()
+}
+
+fn counts(console: &str) -> Vec<u64> {
+    count_lines(console).into_iter().map(|(n, _)| n).collect()
 }
 
 /// The last count the guest loop reaches before it unmounts and powers off.
 const LAST_COUNT: u64 = 40;
+/// Host time between stopping the snapshotted VM and restoring it.
+const DOWNTIME: Duration = Duration::from_secs(8);
 
 /// Debian on the engine with a raw ext4 disk, counting: every ~0.2 s it
 /// prints the next number and appends it to a file on the disk with sync.
@@ -356,7 +365,8 @@ fn debian_counting_to_console_and_disk_continues_across_an_engine_snapshot() {
     assert!(mkfs.status.success(), "{mkfs:?}");
     let script = format!(
         "mount /dev/vda /mnt && i=0 && while [ $i -lt {LAST_COUNT} ]; do i=$((i+1)); \
-         echo COUNT:$i:; echo $i >> /mnt/count.txt; sync; sleep 0.2; done; umount /mnt"
+         echo COUNT:$i:$(cut -d' ' -f1 /proc/uptime):; echo $i >> /mnt/count.txt; sync; sleep 0.2; \
+         done; umount /mnt"
     );
     let sock = dir.join("a.sock");
     let snap = dir.join("snap");
@@ -397,6 +407,7 @@ fn debian_counting_to_console_and_disk_continues_across_an_engine_snapshot() {
     let counted = counts(&before);
     assert!(counted.len() >= 5, "{before}");
 
+    std::thread::sleep(DOWNTIME);
     let mut cmd = vireo();
     cmd.args(["restore", "--from"]).arg(&snap);
     let mut dst = Running::spawn(cmd);
@@ -416,8 +427,25 @@ fn debian_counting_to_console_and_disk_continues_across_an_engine_snapshot() {
     let want: Vec<u64> = (1..=LAST_COUNT).collect();
     assert_eq!(all, want, "before:\n{before}\nafter:\n{after}");
     assert!(counted.len() + resumed.len() >= want.len() - 1);
+    // Guest time never goes back, and the time the VM spent stopped does
+    // not pass for it: the step across the cut is one count's (~0.2 s
+    // plus a sync), not the downtime.
+    let times: Vec<f64> = count_lines(&format!("{before}{after}"))
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[1] >= w[0]),
+        "guest uptime went back: {times:?}"
+    );
+    let cut = counted.len();
+    let step = times[cut] - times[cut - 1];
+    assert!(
+        step < DOWNTIME.as_secs_f64(),
+        "the guest's clock counted the downtime: {step} s across the snapshot"
+    );
     eprintln!(
-        "counted to {} before the snapshot, from {} after",
+        "counted to {} before the snapshot, from {} after; guest clock step across it {step:.2} s",
         counted.last().unwrap(),
         resumed[0]
     );
