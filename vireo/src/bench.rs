@@ -27,6 +27,9 @@ pub struct BenchArgs {
     /// Guest images for `boot` (guest/build.sh output) [default: $VIREO_GUEST_DIR or guest/out].
     #[arg(long, value_name = "DIR")]
     guest_dir: Option<PathBuf>,
+    /// Accelerator for `snapshot`: kvm or emu [default: kvm].
+    #[arg(long, value_name = "kvm|emu")]
+    accel: Option<String>,
 }
 
 const GUEST_MEM_MIB: u64 = 64;
@@ -188,29 +191,35 @@ fn wait_socket(sock: &Path) -> Result<()> {
 }
 
 /// Snapshot creation and restore time for a small and a large guest, under
-/// KVM: snapshot = the API call on a paused VM (memory written out);
-/// restore = spawning `vireo restore` to the restored guest's first letter.
+/// KVM or the engine: snapshot = the API call on a paused VM (memory
+/// written out, sparsely); restore = spawning `vireo restore` to the
+/// restored guest's first letter.
 fn snapshot(args: &BenchArgs) -> Result<()> {
+    let accel = args.accel.as_deref().unwrap_or("kvm");
+    if !matches!(accel, "kvm" | "emu") {
+        bail!("--accel {accel}: the snapshot benchmark runs under kvm or emu");
+    }
     let vireo: PathBuf = std::env::current_exe()?;
     let dir = std::env::temp_dir().join(format!("vireo-bench-snap-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let elf = dir.join("letters.elf");
     std::fs::write(&elf, arch::tiny_elf::letters_guest(2_000))?;
     println!(
-        "snapshot/restore under KVM (median of {} runs); restore = spawn to the restored guest's first serial byte",
+        "snapshot/restore under --accel {accel} (median of {} runs); restore = spawn to the restored guest's first serial byte",
         args.runs
     );
     println!(
-        "{:<12} {:>14} {:>14} {:>18}",
-        "guest RAM", "snapshot", "restore", "RSS beyond guest"
+        "{:<12} {:>14} {:>14} {:>18} {:>18}",
+        "guest RAM", "snapshot", "restore", "RSS beyond guest", "memory.bin data"
     );
     for mib in [256u64, 2048] {
-        let (mut snaps, mut restores, mut rss) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut snaps, mut restores, mut rss, mut data) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for run in 0..args.runs {
             let sock = dir.join(format!("s{mib}-{run}.sock"));
             let snap = dir.join(format!("snap{mib}-{run}"));
             let mut src = Command::new(&vireo)
-                .args(["run", "--accel", "kvm", "--boot", "pvh", "--memory"])
+                .args(["run", "--accel", accel, "--boot", "pvh", "--memory"])
                 .arg(format!("{mib}M"))
                 .arg("--kernel")
                 .arg(&elf)
@@ -228,6 +237,7 @@ fn snapshot(args: &BenchArgs) -> Result<()> {
             snaps.push(api(&sock, "PUT", "/api/v1/vm.snapshot", &body)?);
             let _ = src.kill();
             let _ = src.wait();
+            data.push(allocated_kib(&snap.join("memory.bin")));
 
             let start = Instant::now();
             let mut dst = Command::new(&vireo)
@@ -246,15 +256,22 @@ fn snapshot(args: &BenchArgs) -> Result<()> {
             let _ = std::fs::remove_dir_all(&snap);
         }
         println!(
-            "{:<12} {:>11.1} ms {:>11.2} ms {:>14.1} MiB",
+            "{:<12} {:>11.1} ms {:>11.2} ms {:>14.1} MiB {:>14.1} MiB",
             format!("{mib} MiB"),
             median(snaps).as_secs_f64() * 1e3,
             median(restores).as_secs_f64() * 1e3,
-            median(rss) as f64 / 1024.0
+            median(rss) as f64 / 1024.0,
+            median(data) as f64 / 1024.0
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Disk space a (sparse) file really uses, in KiB.
+fn allocated_kib(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map_or(0, |m| m.blocks() / 2)
 }
 
 /// The guest command for `bench boot`: a CPU-bound shell loop timed by

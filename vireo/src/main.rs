@@ -87,6 +87,10 @@ struct RestoreArgs {
     /// Serve the management API on this Unix socket.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// The accelerator to restore under; it must be the one the snapshot
+    /// was made with [default: that one].
+    #[arg(long, value_name = "kvm|emu")]
+    accel: Option<Accel>,
 }
 
 #[derive(Args)]
@@ -227,7 +231,12 @@ fn main() -> ExitCode {
         Command::Snapshot(a) => snapshot(&a),
         Command::Restore(a) => {
             let serial = a.serial.unwrap_or_default();
-            finish(vmm::restore(&a.from, &serial, a.api_socket.as_deref()))
+            finish(vmm::restore(
+                &a.from,
+                a.accel,
+                &serial,
+                a.api_socket.as_deref(),
+            ))
         }
     };
     ExitCode::from(code as u8)

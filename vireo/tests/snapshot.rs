@@ -38,18 +38,35 @@ fn snapshot_then_restore_in_a_new_process_continues_the_count() {
     if !kvm_usable() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("vireo-snap-{}", std::process::id()));
+    letters_continue_across_snapshot("kvm");
+}
+
+#[test]
+fn engine_snapshot_then_restore_in_a_new_process_continues_the_count() {
+    letters_continue_across_snapshot("emu");
+}
+
+/// The letters guest under `accel`, snapshotted, stopped, and restored in
+/// a new process: one unbroken a..z cycle across both.
+fn letters_continue_across_snapshot(accel: &str) {
+    let dir = std::env::temp_dir().join(format!("vireo-snap-{accel}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let kernel = counting_guest(&dir);
     let sock = dir.join("a.sock");
     let snap = dir.join("snap");
 
+    // Devices the guest never drives still go through the snapshot.
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let mut cmd = vireo();
     cmd.args([
-        "run", "--accel", "kvm", "--boot", "pvh", "--memory", "64M", "--kernel",
+        "run", "--accel", accel, "--boot", "pvh", "--memory", "64M", "--kernel",
     ])
     .arg(&kernel)
+    .arg("--disk")
+    .arg(format!("path={},format=raw", disk.display()))
+    .arg("--rng")
     .arg("--api-socket")
     .arg(&sock);
     let mut src = Running::spawn(cmd);
@@ -98,7 +115,9 @@ fn snapshot_then_restore_in_a_new_process_continues_the_count() {
     let info = client(&["info"], &sock2);
     let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(v["state"], "running");
+    assert_eq!(v["accel"], accel);
     assert_eq!(v["config"]["kernel"], kernel.to_str().unwrap());
+    assert_eq!(v["config"]["rng"], true);
     assert!(client(&["stop"], &sock2).status.success());
     assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
     let after = dst.stdout_text();
@@ -149,13 +168,300 @@ fn snapshot_needs_a_paused_vm_and_restore_needs_a_snapshot() {
         vmm::api::client::request_with_body(&sock, "PUT", "/api/v1/vm.snapshot", "{}").unwrap();
     assert_eq!(status, 400);
     assert!(!dir.join("s").exists());
-    // The engine cannot snapshot yet: a clear error, no directory left.
+    // Paused, it can.
     assert!(client(&["pause"], &sock).status.success());
     let (status, text) =
         vmm::api::client::request_with_body(&sock, "PUT", "/api/v1/vm.snapshot", &body).unwrap();
-    assert_eq!(status, 500, "{text}");
-    assert!(text.contains("not supported"), "{text}");
-    assert!(!dir.join("s").join("manifest.json").exists());
+    assert_eq!(status, 204, "{text}");
+    assert!(dir.join("s").join("manifest.json").exists());
     vm.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `vireo restore --from <snap> <extra>`, run to completion; (exit code, stderr).
+fn restore_output(snap: &Path, extra: &[&str]) -> (Option<i32>, String) {
+    let out = vireo()
+        .args(["restore", "--serial", "none", "--from"])
+        .arg(snap)
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// A snapshot that does not fit what restoring it would use is refused
+/// with one clear line: tampered manifests (version, checksum, a memory
+/// file of another size, a configuration edited to contradict the state),
+/// another accelerator, and a disk that changed since.
+#[test]
+fn damaged_or_mismatched_snapshots_are_refused_clearly() {
+    let dir = std::env::temp_dir().join(format!("vireo-snap3-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernel = counting_guest(&dir);
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.join("a.sock");
+    let snap = dir.join("snap");
+    let mut cmd = vireo();
+    cmd.args([
+        "run", "--accel", "emu", "--boot", "pvh", "--memory", "64M", "--kernel",
+    ])
+    .arg(&kernel)
+    .arg("--disk")
+    .arg(format!("path={},format=raw", disk.display()))
+    .arg("--rng")
+    .arg("--api-socket")
+    .arg(&sock);
+    let mut src = Running::spawn(cmd);
+    assert!(
+        wait_until(Duration::from_secs(60), || src.stdout_text().len() >= 5),
+        "the guest did not count: {}",
+        src.stderr_text()
+    );
+    let out = vireo()
+        .args(["snapshot", "--stay-paused", "--api-socket"])
+        .arg(&sock)
+        .arg("--dir")
+        .arg(&snap)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "snapshot: {out:?}");
+    assert!(client(&["stop"], &sock).status.success());
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+
+    // Each case works on a copy of the good snapshot.
+    let case = |name: &str| {
+        let d = dir.join(name);
+        copy_dir(&snap, &d);
+        d
+    };
+    let manifest = |d: &Path| std::fs::read_to_string(d.join("manifest.json")).unwrap();
+
+    let d = case("version");
+    let m = manifest(&d).replacen("\"version\":2", "\"version\":3", 1);
+    std::fs::write(d.join("manifest.json"), m).unwrap();
+    let (code, err) = restore_output(&d, &[]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("has version 3; this Vireo reads version 2"),
+        "{err}"
+    );
+
+    let d = case("checksum");
+    let m = manifest(&d).replacen("\"vcpus\":1", "\"vcpus\":2", 1);
+    std::fs::write(d.join("manifest.json"), m).unwrap();
+    let (code, err) = restore_output(&d, &[]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("damaged or was edited"), "{err}");
+
+    let d = case("size");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("memory.bin"))
+        .unwrap();
+    f.set_len(32 << 20).unwrap();
+    let (code, err) = restore_output(&d, &[]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("its manifest says 67108864"), "{err}");
+
+    // Edited consistently (checksum recomputed): the configuration no
+    // longer matches the saved state.
+    let d = case("config");
+    let mut m = vmm::snapshot::read_manifest(&d).unwrap();
+    m.config.as_mut().unwrap().cpus = 2;
+    std::fs::remove_file(d.join("manifest.json")).unwrap();
+    vmm::snapshot::write_manifest(&d, &m).unwrap();
+    let (code, err) = restore_output(&d, &[]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("its configuration says 64 MiB and 2 vCPUs"),
+        "{err}"
+    );
+
+    let d = case("devices");
+    let mut m = vmm::snapshot::read_manifest(&d).unwrap();
+    m.config.as_mut().unwrap().rng = false;
+    std::fs::remove_file(d.join("manifest.json")).unwrap();
+    vmm::snapshot::write_manifest(&d, &m).unwrap();
+    let (code, err) = restore_output(&d, &[]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("2 virtio devices, its configuration makes 1"),
+        "{err}"
+    );
+
+    let (code, err) = restore_output(&snap, &["--accel", "kvm"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("made under --accel emu; restoring it under --accel kvm is not supported"),
+        "{err}"
+    );
+
+    // The disk changed after the snapshot: refused, nothing runs.
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&disk, vec![1u8; 1 << 20]).unwrap();
+    let (code, err) = restore_output(&snap, &[]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("changed since the snapshot"), "{err}");
+    std::fs::remove_file(&disk).unwrap();
+    let (code, err) = restore_output(&snap, &[]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("disk.img"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every `COUNT:<n>:<uptime>:` the guest printed, in order.
+fn count_lines(console: &str) -> Vec<(u64, f64)> {
+    console
+        .split("COUNT:")
+        .skip(1)
+        .filter_map(|rest| {
+            let mut f = rest.split(':');
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+fn counts(console: &str) -> Vec<u64> {
+    count_lines(console).into_iter().map(|(n, _)| n).collect()
+}
+
+/// The last count the guest loop reaches before it unmounts and powers off.
+const LAST_COUNT: u64 = 40;
+/// Host time between stopping the snapshotted VM and restoring it.
+const DOWNTIME: Duration = Duration::from_secs(8);
+
+/// Debian on the engine with a raw ext4 disk, counting: every ~0.2 s it
+/// prints the next number and appends it to a file on the disk with sync.
+/// Snapshotted mid-count (the VM stops), restored in a new process, where
+/// it counts on to the end, unmounts and powers off. The console counts
+/// of both processes form one unbroken sequence, and so does the file on
+/// the disk. The snapshot then no longer restores over the changed disk.
+#[test]
+fn debian_counting_to_console_and_disk_continues_across_an_engine_snapshot() {
+    let g = guest_dir();
+    let dir = std::env::temp_dir().join(format!("vireo-snap-linux-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk.img");
+    let mkfs = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&disk)
+        .arg("32M")
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success(), "{mkfs:?}");
+    let script = format!(
+        "mount /dev/vda /mnt && i=0 && while [ $i -lt {LAST_COUNT} ]; do i=$((i+1)); \
+         echo COUNT:$i:$(cut -d' ' -f1 /proc/uptime):; echo $i >> /mnt/count.txt; sync; sleep 0.2; \
+         done; umount /mnt"
+    );
+    let sock = dir.join("a.sock");
+    let snap = dir.join("snap");
+    let mut cmd = vireo();
+    cmd.args(["run", "--accel", "emu", "--memory", "256M", "--kernel"])
+        .arg(g.join("vmlinux"))
+        .arg("--initrd")
+        .arg(g.join("initramfs.cpio.gz"))
+        .arg("--cmdline")
+        .arg(format!(
+            "console=ttyS0 reboot=k panic=1 quiet vireo.cmd=\"{script}\""
+        ))
+        .arg("--disk")
+        .arg(format!("path={},format=raw", disk.display()))
+        .arg("--rng")
+        .arg("--api-socket")
+        .arg(&sock);
+    let mut src = Running::spawn(cmd);
+    assert!(
+        src.wait_for("COUNT:5:", Duration::from_secs(900)),
+        "the guest did not count:\n{}\n{}",
+        src.stdout_text(),
+        src.stderr_text()
+    );
+    let start = Instant::now();
+    let out = vireo()
+        .args(["snapshot", "--stay-paused", "--api-socket"])
+        .arg(&sock)
+        .arg("--dir")
+        .arg(&snap)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "snapshot: {out:?}");
+    eprintln!("snapshot took {:?}", start.elapsed());
+    assert!(client(&["stop"], &sock).status.success());
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    let before = src.stdout_text();
+    let counted = counts(&before);
+    assert!(counted.len() >= 5, "{before}");
+
+    std::thread::sleep(DOWNTIME);
+    let mut cmd = vireo();
+    cmd.args(["restore", "--from"]).arg(&snap);
+    let mut dst = Running::spawn(cmd);
+    let code = dst.wait_exit(Duration::from_secs(900));
+    let after = dst.stdout_text();
+    assert_eq!(
+        code,
+        Some(0),
+        "the restored guest did not finish:\n{after}\n{}",
+        dst.stderr_text()
+    );
+    assert!(after.contains("VIREO-CMD-END rc=0"), "{after}");
+    let resumed = counts(&after);
+    assert!(!resumed.is_empty(), "{after}");
+    // One sequence across both consoles (a line may straddle the cut).
+    let all = counts(&format!("{before}{after}"));
+    let want: Vec<u64> = (1..=LAST_COUNT).collect();
+    assert_eq!(all, want, "before:\n{before}\nafter:\n{after}");
+    assert!(counted.len() + resumed.len() >= want.len() - 1);
+    // Guest time never goes back, and the time the VM spent stopped does
+    // not pass for it: the step across the cut is one count's (~0.2 s
+    // plus a sync), not the downtime.
+    let times: Vec<f64> = count_lines(&format!("{before}{after}"))
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[1] >= w[0]),
+        "guest uptime went back: {times:?}"
+    );
+    let cut = counted.len();
+    let step = times[cut] - times[cut - 1];
+    assert!(
+        step < DOWNTIME.as_secs_f64(),
+        "the guest's clock counted the downtime: {step} s across the snapshot"
+    );
+    eprintln!(
+        "counted to {} before the snapshot, from {} after; guest clock step across it {step:.2} s",
+        counted.last().unwrap(),
+        resumed[0]
+    );
+
+    // The file on the disk: every count once, in order.
+    let cat = std::process::Command::new("debugfs")
+        .args(["-R", "cat /count.txt"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&cat.stdout);
+    let on_disk: Vec<u64> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    assert_eq!(on_disk, want, "{text}");
+
+    let (code, err) = restore_output(&snap, &[]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("changed since the snapshot"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }

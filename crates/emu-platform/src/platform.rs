@@ -96,6 +96,23 @@ impl Platform {
         &self.config
     }
 
+    /// Checks a state that came from outside (a snapshot file) before it
+    /// replaces the state of a platform made for `num_vcpus` vCPUs: one
+    /// local APIC per vCPU and clock rates that can divide.
+    pub fn check_restorable(&self, num_vcpus: usize) -> Result<(), String> {
+        if self.lapics.len() != num_vcpus || self.config.num_vcpus != num_vcpus {
+            return Err(format!(
+                "the saved platform has {} local APICs (configured for {}), this VM has {num_vcpus} vCPUs",
+                self.lapics.len(),
+                self.config.num_vcpus
+            ));
+        }
+        if self.config.tsc_hz == 0 || self.config.apic_bus_hz == 0 {
+            return Err("the saved platform has a zero TSC or APIC bus rate".into());
+        }
+        Ok(())
+    }
+
     pub fn num_vcpus(&self) -> usize {
         self.lapics.len()
     }

@@ -273,4 +273,31 @@ impl SharedPlatform {
     pub fn snapshot(&self) -> Platform {
         self.lock().clone()
     }
+
+    /// The whole state with the timers advanced to now, and that guest
+    /// time: what a snapshot records (timer deadlines are absolute guest
+    /// times, so they stay right on a clock that resumes from it).
+    pub fn save(&self) -> (Platform, u64) {
+        self.with(|p, now| (p.clone(), now))
+    }
+
+    /// Replace the whole state with a saved one (see
+    /// [`Platform::check_restorable`]); every vCPU is kicked so a sleeping
+    /// one looks at what it now has pending. The clock must already read
+    /// the saved guest time or later.
+    pub fn restore(&self, saved: Platform) -> Result<(), String> {
+        saved.check_restorable(self.hints.len())?;
+        let mut g = self.lock();
+        *g = saved;
+        g.take_kicks();
+        self.publish(&g);
+        drop(g);
+        let kick = self.kick.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(kick) = kick {
+            for i in 0..self.hints.len() {
+                kick(i);
+            }
+        }
+        Ok(())
+    }
 }

@@ -4,8 +4,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use hypervisor::{
-    AccelKind, Hypervisor, HypervisorError, InternalError, IrqLine, Result, SpecialRegs,
-    StandardRegs, Vcpu, VcpuExit, VcpuKicker, Vm,
+    AccelKind, EmuFpuState, EmuMsrs, EmuPendingRead, EmuVcpuState, Hypervisor, HypervisorError,
+    InternalError, IrqLine, Result, SpecialRegs, StandardRegs, Vcpu, VcpuExit, VcpuKicker,
+    VcpuSnapshot, Vm, VmSnapshot,
 };
 
 use crate::core::{Core, ExitReq, ReadResponse, RunExit};
@@ -186,6 +187,35 @@ impl Vm for EmuVm {
             gsi,
         }))
     }
+
+    fn save_state(&self) -> Result<VmSnapshot> {
+        let pc = self.platform().ok_or_else(|| {
+            HypervisorError::Other(
+                "VM state: only a PC-mode VM with its vCPUs made can be saved".into(),
+            )
+        })?;
+        Ok(VmSnapshot::Emu(Box::new(pc.save())))
+    }
+
+    fn restore_state(&self, state: &VmSnapshot) -> Result<()> {
+        let s = match state {
+            VmSnapshot::Emu(s) => s,
+            other => return hypervisor::wrong_accel("VM state", other.accel(), AccelKind::Emu),
+        };
+        let pc = self.platform().ok_or_else(|| {
+            HypervisorError::Other("VM state: make the vCPUs before restoring the platform".into())
+        })?;
+        pc.restore(s)
+            .map_err(|e| HypervisorError::Other(format!("snapshot platform state: {e}")))
+    }
+}
+
+fn split128(v: u128) -> [u64; 2] {
+    [v as u64, (v >> 64) as u64]
+}
+
+fn join128(v: [u64; 2]) -> u128 {
+    v[0] as u128 | (v[1] as u128) << 64
 }
 
 struct EmuIrqLine {
@@ -416,6 +446,163 @@ impl Vcpu for EmuVcpu {
         // In long mode CS.dpl is the CPL; a boot state may leave it zero, which
         // is what we want for ring 0 entry.
         self.core.tlb.flush_all();
+        Ok(())
+    }
+
+    fn save_state(&self) -> Result<VcpuSnapshot> {
+        let st = &self.core.st;
+        let m = &st.msr;
+        let pending_read = self.pending_read.map(|req| {
+            let data = u64::from_le_bytes(self.buf);
+            match req {
+                ExitReq::IoIn { port, size } => EmuPendingRead::Io { port, size, data },
+                ExitReq::MmioRead { addr, size } => EmuPendingRead::Mmio { addr, size, data },
+                // Only reads are ever pending.
+                ExitReq::IoOut { port, size, .. } => EmuPendingRead::Io { port, size, data },
+                ExitReq::MmioWrite { addr, size, .. } => EmuPendingRead::Mmio { addr, size, data },
+            }
+        });
+        // A read answered but not yet consumed by the rerun instruction (the
+        // run was interrupted first) is the same thing seen a step later.
+        let pending_read = pending_read.or_else(|| {
+            self.core.io.response.map(|r| {
+                if r.is_io {
+                    EmuPendingRead::Io {
+                        port: r.addr as u16,
+                        size: r.size,
+                        data: r.data,
+                    }
+                } else {
+                    EmuPendingRead::Mmio {
+                        addr: r.addr,
+                        size: r.size,
+                        data: r.data,
+                    }
+                }
+            })
+        });
+        Ok(VcpuSnapshot::Emu(Box::new(EmuVcpuState {
+            regs: self.get_regs()?,
+            sregs: self.get_sregs()?,
+            dr: st.dr,
+            xcr0: st.xcr0,
+            msrs: EmuMsrs {
+                star: m.star,
+                lstar: m.lstar,
+                cstar: m.cstar,
+                sfmask: m.sfmask,
+                kernel_gs_base: m.kernel_gs_base,
+                tsc_aux: m.tsc_aux,
+                pat: m.pat,
+                sysenter_cs: m.sysenter_cs,
+                sysenter_esp: m.sysenter_esp,
+                sysenter_eip: m.sysenter_eip,
+                tsc_offset: m.tsc_offset,
+                kvm_system_time: m.kvm_system_time,
+                kvm_wall_clock: m.kvm_wall_clock,
+            },
+            fpu: EmuFpuState {
+                fcw: st.fpu.fcw,
+                fsw: st.fpu.status(),
+                ftw: st.fpu.tag,
+                st: st.fpu.st.map(split128),
+                fop: st.fpu.fop,
+                fip: st.fpu.fip,
+                fdp: st.fpu.fdp,
+                mxcsr: st.mxcsr,
+                xmm: st.xmm.map(split128),
+            },
+            halted: self.core.halted,
+            int_shadow: self.core.int_shadow,
+            nmi_blocked: self.core.nmi_blocked,
+            wait_for_sipi: self.core.wait_for_sipi,
+            pending_read,
+            icount: self.core.icount,
+        })))
+    }
+
+    fn restore_state(&mut self, state: &VcpuSnapshot) -> Result<()> {
+        let s = match state {
+            VcpuSnapshot::Emu(s) => s,
+            other => return hypervisor::wrong_accel("vCPU state", other.accel(), AccelKind::Emu),
+        };
+        // What the guest itself could never load (WRMSR and MOV CR refuse it).
+        if s.sregs.cr4 & !CR4_SUPPORTED != 0 || s.sregs.efer & !(EFER_WRITABLE | EFER_LMA) != 0 {
+            return Err(HypervisorError::Other(format!(
+                "snapshot vCPU state: CR4 {:#x} / EFER {:#x} has bits the engine does not support",
+                s.sregs.cr4, s.sregs.efer
+            )));
+        }
+        self.set_regs(&s.regs)?;
+        let apic_base = self.core.st.msr.apic_base;
+        // The platform's copy of IA32_APIC_BASE comes with its own state;
+        // only the engine's mirror is loaded here.
+        let mut sregs = s.sregs;
+        sregs.apic_base = 0;
+        self.set_sregs(&sregs)?;
+        let st = &mut self.core.st;
+        st.msr.apic_base = if s.sregs.apic_base != 0 {
+            s.sregs.apic_base
+        } else {
+            apic_base
+        };
+        st.dr = s.dr;
+        st.xcr0 = s.xcr0;
+        let m = &s.msrs;
+        st.msr.star = m.star;
+        st.msr.lstar = m.lstar;
+        st.msr.cstar = m.cstar;
+        st.msr.sfmask = m.sfmask;
+        st.msr.kernel_gs_base = m.kernel_gs_base;
+        st.msr.tsc_aux = m.tsc_aux;
+        st.msr.pat = m.pat;
+        st.msr.sysenter_cs = m.sysenter_cs;
+        st.msr.sysenter_esp = m.sysenter_esp;
+        st.msr.sysenter_eip = m.sysenter_eip;
+        st.msr.tsc_offset = m.tsc_offset;
+        st.msr.kvm_system_time = m.kvm_system_time;
+        st.msr.kvm_wall_clock = m.kvm_wall_clock;
+        let f = &s.fpu;
+        st.fpu.fcw = f.fcw;
+        st.fpu.fsw = f.fsw & !0x3800;
+        st.fpu.top = ((f.fsw >> 11) & 7) as u8;
+        st.fpu.tag = f.ftw;
+        st.fpu.st = f.st.map(join128);
+        st.fpu.fop = f.fop;
+        st.fpu.fip = f.fip;
+        st.fpu.fdp = f.fdp;
+        st.mxcsr = f.mxcsr;
+        st.xmm = f.xmm.map(join128);
+        // set_regs cleared these; they are part of the saved state.
+        self.core.halted = s.halted;
+        self.core.int_shadow = s.int_shadow;
+        self.core.nmi_blocked = s.nmi_blocked;
+        self.core.wait_for_sipi = s.wait_for_sipi;
+        self.core.icount = s.icount;
+        self.core.delivering = None;
+        self.core.io = Default::default();
+        self.pending_read = None;
+        if let Some(p) = s.pending_read {
+            // The instruction reruns and takes the answer.
+            let (req, data) = match p {
+                EmuPendingRead::Io { port, size, data } => (ExitReq::IoIn { port, size }, data),
+                EmuPendingRead::Mmio { addr, size, data } => {
+                    (ExitReq::MmioRead { addr, size }, data)
+                }
+            };
+            let size = match req {
+                ExitReq::IoIn { size, .. } | ExitReq::MmioRead { size, .. } => size,
+                _ => 0,
+            };
+            if !matches!(size, 1 | 2 | 4 | 8) {
+                return Err(HypervisorError::Other(format!(
+                    "snapshot vCPU state: a pending read of {size} bytes"
+                )));
+            }
+            self.pending_read = Some(req);
+            self.buf = data.to_le_bytes();
+        }
+        self.core.flush_all_caches();
         Ok(())
     }
 

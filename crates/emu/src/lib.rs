@@ -44,6 +44,16 @@
 //! - Hand each vCPU's [`EmuVcpu::irq_attention`] flag to the platform's kick
 //!   function; APs start with [`EmuVcpu::set_wait_for_sipi`].
 //!
+//! # Snapshots
+//!
+//! `EmuVcpu` and `EmuVm` implement the `hypervisor` snapshot calls: every
+//! architectural register (with hidden segment parts, MSRs, x87/SSE), the
+//! halt/interrupt-shadow/NMI/SIPI state and a read the VMM had answered,
+//! as `hypervisor::EmuVcpuState`; the platform with its timers in guest
+//! nanoseconds as `hypervisor::EmuVmState`. A restored VM's clock resumes
+//! at the saved guest time, so the TSC, kvmclock and timers go on from
+//! there.
+//!
 //! # Status
 //!
 //! Debian's 6.1 cloud kernel boots to its initramfs and powers off, with one

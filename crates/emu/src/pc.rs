@@ -24,7 +24,7 @@
 //! exact (mul 2^31, shift 1) and a kvmclock structure written once stays
 //! correct, and TSC-deadline values convert to platform time without drift.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -71,16 +71,28 @@ pub fn cpuid_config() -> CpuidConfig {
     }
 }
 
-/// Guest time: the host's monotonic clock since the platform was made.
+/// Guest time: the host's monotonic clock since the platform was made,
+/// plus an offset that a restored VM sets so its time resumes where the
+/// snapshot left it.
 pub struct EngineClock {
     epoch: Instant,
+    offset: AtomicU64,
 }
 
 impl EngineClock {
     pub fn new() -> Self {
         EngineClock {
             epoch: Instant::now(),
+            offset: AtomicU64::new(0),
         }
+    }
+
+    /// From now on the clock reads `guest_ns` plus the host time elapsed
+    /// since this call (restoring a snapshot taken at `guest_ns`).
+    pub fn resume_at(&self, guest_ns: u64) {
+        let elapsed = self.epoch.elapsed().as_nanos() as u64;
+        self.offset
+            .store(guest_ns.wrapping_sub(elapsed), Ordering::SeqCst);
     }
 }
 
@@ -93,7 +105,7 @@ impl Default for EngineClock {
 impl GuestClock for EngineClock {
     fn now_ns(&self) -> u64 {
         // u64 nanoseconds last 584 years.
-        self.epoch.elapsed().as_nanos() as u64
+        (self.epoch.elapsed().as_nanos() as u64).wrapping_add(self.offset.load(Ordering::Relaxed))
     }
 
     fn tsc(&self) -> u64 {
@@ -218,6 +230,26 @@ impl Pc {
     /// Guest nanoseconds now.
     pub fn now_ns(&self) -> u64 {
         self.clock.now_ns()
+    }
+
+    /// The platform's state and guest time, for a snapshot (vCPUs stopped).
+    pub fn save(&self) -> hypervisor::EmuVmState {
+        let (platform, guest_ns) = self.shared.save();
+        hypervisor::EmuVmState {
+            guest_ns,
+            pvclock_version: self.pvclock_version.load(Ordering::SeqCst),
+            platform,
+        }
+    }
+
+    /// Load a snapshot's platform, with guest time resuming at the
+    /// snapshot's (before any vCPU runs).
+    pub fn restore(&self, s: &hypervisor::EmuVmState) -> Result<(), String> {
+        s.platform.check_restorable(self.signals.len())?;
+        self.clock.resume_at(s.guest_ns);
+        self.pvclock_version
+            .store(s.pvclock_version & !1, Ordering::SeqCst);
+        self.shared.restore(s.platform.clone())
     }
 
     fn next_pvclock_version(&self) -> u32 {

@@ -723,3 +723,100 @@ fn msi_messages_decode_like_the_apic_bus() {
     assert!(msi_delivery(0xfed0_0000, 0x41).is_none());
     assert!(msi_delivery(0, 0).is_none());
 }
+
+/// `rdtsc` into rax (64 bits), clobbering rdx.
+fn rdtsc64(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)
+}
+
+#[test]
+fn snapshot_of_a_sleeping_vcpu_resumes_its_timer_and_clock_in_a_new_vm() {
+    let mut g = pc_guest(1);
+    install_counter(&mut g, 0x40, 0, Eoi::Lapic);
+    g.load_code(&asm_at(CODE, |a| {
+        a.mov(rax, 0x1234_5678_9abc_def0u64)?;
+        a.movq(xmm3, rax)?;
+        a.mov(rdi, APIC)?;
+        a.mov(dword_ptr(rdi + 0xf0), 0x1ff)?;
+        a.mov(dword_ptr(rdi + 0x3e0), 0xb)?; // divide by 1
+        a.mov(dword_ptr(rdi + 0x320), 0x40)?; // one-shot, vector 0x40
+        rdtsc64(a)?;
+        a.mov(qword_ptr(OUT as i32), rax)?;
+        a.mov(dword_ptr(rdi + 0x380), 200_000_000)?; // 200 ms at 1 GHz
+        let mut lp = a.create_label();
+        a.mov(rbx, COUNTS)?;
+        a.sti()?;
+        a.set_label(&mut lp)?;
+        a.hlt()?;
+        a.cmp(qword_ptr(rbx), 1)?;
+        a.jb(lp)?;
+        a.cli()?;
+        rdtsc64(a)?;
+        a.mov(qword_ptr(OUT as i32 + 8), rax)?;
+        a.movq(rax, xmm3)?;
+        a.mov(qword_ptr(OUT as i32 + 16), rax)?;
+        a.hlt()
+    }));
+    // Stop the vCPU while it sleeps in HLT, 50 ms into the timer.
+    let kicker = g.vcpu.kicker();
+    let k = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        kicker.kick();
+    });
+    assert_eq!(g.run(), Ex::Interrupted);
+    k.join().unwrap();
+    assert_eq!(g.r64(COUNTS), 0, "the timer fired before the snapshot");
+    let vcpu = g.vcpu.save_state().unwrap();
+    let vm = g.vm.save_state().unwrap();
+    // Through JSON, as the manifest stores them.
+    let vcpu: hypervisor::VcpuSnapshot =
+        serde_json::from_str(&serde_json::to_string(&vcpu).unwrap()).unwrap();
+    let vm: hypervisor::VmSnapshot =
+        serde_json::from_str(&serde_json::to_string(&vm).unwrap()).unwrap();
+    let hypervisor::VcpuSnapshot::Emu(saved) = &vcpu else {
+        panic!("not an engine snapshot")
+    };
+    assert!(saved.halted);
+    let hypervisor::VmSnapshot::Emu(saved_vm) = &vm else {
+        panic!("not an engine snapshot")
+    };
+    assert!(saved_vm.guest_ns >= 50_000_000);
+
+    // A new VM (its own clock started at zero), some host time later.
+    std::thread::sleep(Duration::from_millis(100));
+    let mut h = pc_guest(1);
+    h.ram.copy_from_slice(&g.ram);
+    drop(g);
+    h.vcpu.restore_state(&vcpu).unwrap();
+    h.vm.restore_state(&vm).unwrap();
+    match h.vcpu.save_state().unwrap() {
+        hypervisor::VcpuSnapshot::Emu(again) => assert_eq!(**saved, *again),
+        _ => unreachable!(),
+    }
+    let restored = Instant::now();
+    run_to_halt(&mut h);
+    let ran = restored.elapsed();
+    assert_eq!(h.r64(COUNTS), 1);
+    let (t0, t1) = (h.r64(OUT), h.r64(OUT + 8));
+    assert!(t1 > t0, "the TSC went back: {t0} then {t1}");
+    // The guest saw its 200 ms (1 GHz TSC), not the 100 ms of downtime.
+    let guest_ms = (t1 - t0) / 1_000_000;
+    assert!(
+        (200..200 + 100 + ran.as_millis() as u64).contains(&guest_ms),
+        "guest waited {guest_ms} ms"
+    );
+    assert!(ran >= Duration::from_millis(100), "timer early: {ran:?}");
+    assert_eq!(h.r64(OUT + 16), 0x1234_5678_9abc_def0, "xmm3 lost");
+}
+
+#[test]
+fn a_platform_saved_for_one_vcpu_does_not_restore_into_two() {
+    let g = pc_guest(1);
+    let vm = g.vm.save_state().unwrap();
+    // A platform saved with one vCPU does not fit a VM with two.
+    let two = pc_guest(2);
+    let e = two.vm.restore_state(&vm).unwrap_err().to_string();
+    assert!(e.contains("local APICs"), "{e}");
+}

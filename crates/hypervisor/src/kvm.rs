@@ -255,7 +255,10 @@ impl crate::Vm for KvmVm {
     }
 
     fn restore_state(&self, state: &crate::VmSnapshot) -> Result<()> {
-        let crate::VmSnapshot::Kvm(s) = state;
+        let s = match state {
+            crate::VmSnapshot::Kvm(s) => s,
+            other => return crate::wrong_accel("VM state", other.accel(), crate::AccelKind::Kvm),
+        };
         self.fd
             .set_pit2(&s.pit)
             .map_err(ioctl_err("KVM_SET_PIT2"))?;
@@ -1020,7 +1023,10 @@ impl Vcpu for KvmVcpu {
     }
 
     fn restore_state(&mut self, state: &crate::VcpuSnapshot) -> Result<()> {
-        let crate::VcpuSnapshot::Kvm(s) = state;
+        let s = match state {
+            crate::VcpuSnapshot::Kvm(s) => s,
+            other => return crate::wrong_accel("vCPU state", other.accel(), crate::AccelKind::Kvm),
+        };
         let fd = &self.fd;
         fd.set_mp_state(s.mp_state)
             .map_err(ioctl_err("KVM_SET_MP_STATE"))?;

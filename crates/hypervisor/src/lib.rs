@@ -5,10 +5,12 @@
 //! something only the VMM can answer and returns a [`VcpuExit`]. Devices only
 //! ever see exits and [`IrqLine`]s, never the backend behind them.
 
+pub mod emu_state;
 pub mod kvm;
 mod kvm_irq;
 mod regs;
 
+pub use emu_state::{EmuFpuState, EmuMsrs, EmuPendingRead, EmuVcpuState, EmuVmState};
 pub use regs::*;
 
 use std::sync::Arc;
@@ -128,12 +130,32 @@ pub trait IrqLine: Send + Sync {
     fn trigger(&self) -> Result<()>;
 }
 
+impl std::fmt::Display for AccelKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AccelKind::Kvm => "kvm",
+            AccelKind::Emu => "emu",
+        })
+    }
+}
+
 /// A vCPU's complete state, as its backend keeps it (for snapshots and
 /// migration). Restoring needs the same backend kind.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "backend", rename_all = "lowercase")]
 pub enum VcpuSnapshot {
     Kvm(Box<kvm::KvmVcpuState>),
+    Emu(Box<EmuVcpuState>),
+}
+
+impl VcpuSnapshot {
+    /// The accelerator that made it.
+    pub fn accel(&self) -> AccelKind {
+        match self {
+            VcpuSnapshot::Kvm(_) => AccelKind::Kvm,
+            VcpuSnapshot::Emu(_) => AccelKind::Emu,
+        }
+    }
 }
 
 /// A VM's backend-held state beyond its vCPUs (interrupt controllers,
@@ -142,6 +164,24 @@ pub enum VcpuSnapshot {
 #[serde(tag = "backend", rename_all = "lowercase")]
 pub enum VmSnapshot {
     Kvm(Box<kvm::KvmVmState>),
+    Emu(Box<EmuVmState>),
+}
+
+impl VmSnapshot {
+    /// The accelerator that made it.
+    pub fn accel(&self) -> AccelKind {
+        match self {
+            VmSnapshot::Kvm(_) => AccelKind::Kvm,
+            VmSnapshot::Emu(_) => AccelKind::Emu,
+        }
+    }
+}
+
+/// The error for state made by another accelerator than the one restoring it.
+pub fn wrong_accel<T>(what: &str, made_by: AccelKind, here: AccelKind) -> Result<T> {
+    Err(HypervisorError::Other(format!(
+        "snapshot {what} was made under --accel {made_by}; it cannot be restored under --accel {here}"
+    )))
 }
 
 fn no_snapshots<T>(what: &str) -> Result<T> {

@@ -248,6 +248,14 @@ impl PciBus {
         }
     }
 
+    /// Make the buses match every device's BARs (after restoring their
+    /// configuration spaces from a snapshot).
+    pub fn refresh_routing(&self) {
+        for slot in 0..NUM_SLOTS as u8 {
+            self.update_routing(slot);
+        }
+    }
+
     /// Where `slot`'s BAR `bar` is inserted on a bus right now (for tests
     /// and for re-registering ioeventfds after the guest moves a BAR).
     pub fn bar_mapping(&self, slot: u8, bar: usize) -> Option<u64> {
@@ -321,6 +329,16 @@ impl PciConfigIo {
             bus,
             address: Arc::new(AtomicU32::new(0)),
         }
+    }
+
+    /// CONFIG_ADDRESS as the guest last wrote it (a snapshot may fall
+    /// between its write and the data access).
+    pub fn address_latch(&self) -> u32 {
+        self.address.load(Ordering::SeqCst)
+    }
+
+    pub fn set_address_latch(&self, v: u32) {
+        self.address.store(v, Ordering::SeqCst);
     }
 
     /// Insert at [`crate::CONFIG_ADDRESS_PORT`], length 1.

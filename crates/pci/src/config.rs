@@ -260,6 +260,36 @@ impl PciConfig {
         Ok(off)
     }
 
+    /// The whole configuration space as the guest sees it (for snapshots).
+    pub fn state(&self) -> Vec<u8> {
+        self.data.clone()
+    }
+
+    /// Load a space [`PciConfig::state`] returned. Every bit the guest
+    /// cannot write (identity, BAR kinds, capability layout) must match this
+    /// function's own: a saved space only fits the same kind of device.
+    pub fn restore_state(&mut self, saved: &[u8]) -> Result<(), String> {
+        if saved.len() != self.data.len() {
+            return Err(format!(
+                "configuration space of {} bytes, this device has {}",
+                saved.len(),
+                self.data.len()
+            ));
+        }
+        let fixed = |o: usize| !(self.wmask[o] | self.w1c[o]);
+        if let Some(o) = (0..saved.len()).find(|&o| (saved[o] ^ self.data[o]) & fixed(o) != 0) {
+            return Err(format!(
+                "read-only configuration byte {o:#x} is {:#04x}, this device has {:#04x} (vendor {:#06x} device {:#06x}): not the same kind of device",
+                saved[o],
+                self.data[o],
+                self.read_u16(VENDOR_ID),
+                self.read_u16(DEVICE_ID)
+            ));
+        }
+        self.data.copy_from_slice(saved);
+        Ok(())
+    }
+
     /// A guest read at `offset`: bytes past the end of the space read as
     /// zero (an absent extended capability list).
     pub fn read(&self, offset: usize, data: &mut [u8]) {

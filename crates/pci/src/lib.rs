@@ -34,7 +34,7 @@ pub use bus::{
     PciBus, PciConfigAddress, PciConfigData, PciConfigIo, PciConfigMmio, PciError, PciRoot,
 };
 pub use config::{PciConfig, PciIds};
-pub use msix::{MsiSink, MsixTable};
+pub use msix::{MsiSink, MsixState, MsixTable};
 
 /// Ports of configuration mechanism #1. The address register is 0xcf8
 /// (32-bit accesses only); 0xcf9 belongs to the ACPI reset register, so the

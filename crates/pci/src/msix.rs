@@ -19,6 +19,17 @@ pub const MSIX_ENTRY_SIZE: usize = 16;
 pub const MSIX_MAX_VECTORS: usize = 2048;
 const VECTOR_CTRL_MASKED: u32 = 1;
 
+/// What a snapshot keeps of an MSI-X table.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsixState {
+    /// Entries as the guest wrote them (16 bytes each).
+    pub table: Vec<u8>,
+    /// Pending bits, one per vector.
+    pub pending: Vec<u64>,
+    pub enabled: bool,
+    pub function_masked: bool,
+}
+
 /// One function's MSI-X state.
 pub struct MsixTable {
     /// Entries as the guest sees them (address low/high, data, control).
@@ -103,6 +114,32 @@ impl MsixTable {
 
     pub fn enabled(&self) -> bool {
         self.enabled
+    }
+
+    pub fn state(&self) -> MsixState {
+        MsixState {
+            table: self.table.clone(),
+            pending: self.pending.clone(),
+            enabled: self.enabled,
+            function_masked: self.function_masked,
+        }
+    }
+
+    /// Load a table [`MsixTable::state`] returned, without delivering
+    /// anything (what was pending stays pending until unmasked).
+    pub fn restore_state(&mut self, s: &MsixState) -> Result<(), String> {
+        if s.table.len() != self.table.len() || s.pending.len() != self.pending.len() {
+            return Err(format!(
+                "an MSI-X table of {} vectors, this device has {}",
+                s.table.len() / MSIX_ENTRY_SIZE,
+                self.num_vectors()
+            ));
+        }
+        self.table.copy_from_slice(&s.table);
+        self.pending.copy_from_slice(&s.pending);
+        self.enabled = s.enabled;
+        self.function_masked = s.function_masked;
+        Ok(())
     }
 
     pub fn function_masked(&self) -> bool {

@@ -49,6 +49,40 @@ const MAX_DISCARD_SECTORS: u32 = u32::MAX >> 9;
 
 type SharedDisk = Arc<Mutex<Box<dyn DiskImage>>>;
 
+/// What a snapshot keeps of a disk: which file, and enough about it to
+/// refuse a restore once the file has changed. A snapshot holds the
+/// guest's memory, whose page cache and filesystem state match the disk
+/// as it was; resuming over a modified disk would corrupt it. So the disk
+/// must be the same file, unchanged (same size and modification time)
+/// since the snapshot; the restored guest then writes it, and the snapshot
+/// cannot be restored again over that disk (copy the disk beside the
+/// snapshot to restore it more than once).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlockState {
+    /// The image file, absolute.
+    pub path: std::path::PathBuf,
+    pub format: String,
+    pub capacity_sectors: u64,
+    pub read_only: bool,
+    /// The id the guest reads (GET_ID), up to 20 bytes.
+    pub serial: Vec<u8>,
+    /// The file's size and modification time (ns since the epoch) after
+    /// the device's writes were flushed.
+    pub file_size: u64,
+    pub file_mtime_ns: u64,
+}
+
+/// Size and modification time of `path`.
+fn file_identity(path: &std::path::Path) -> Result<(u64, u64), String> {
+    let m = std::fs::metadata(path).map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
+    let mtime = m
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as u64);
+    Ok((m.len(), mtime))
+}
+
 /// The block device: a disk image and the id the guest reads as its serial.
 pub struct Block {
     disk: SharedDisk,
@@ -132,6 +166,63 @@ impl VirtioDevice for Block {
         _interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<Box<dyn QueueWorker>, ActivateError> {
         Ok(Box::new(self.worker()))
+    }
+
+    /// Flushes the image first, so the file is what the snapshot expects.
+    fn save_state(&self) -> Result<crate::DeviceState, String> {
+        let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+        disk.flush()
+            .map_err(|e| format!("cannot flush {}: {e}", disk.path().display()))?;
+        let path = std::fs::canonicalize(disk.path())
+            .map_err(|e| format!("disk {}: {e}", disk.path().display()))?;
+        let (file_size, file_mtime_ns) = file_identity(&path)?;
+        Ok(crate::DeviceState::Block(BlockState {
+            path,
+            format: disk.format().name().into(),
+            capacity_sectors: self.capacity_sectors,
+            read_only: self.read_only,
+            serial: self.id.to_vec(),
+            file_size,
+            file_mtime_ns,
+        }))
+    }
+
+    fn restore_state(&mut self, state: &crate::DeviceState) -> Result<(), String> {
+        let s = match state {
+            crate::DeviceState::Block(s) => s,
+            other => return Err(format!("a {} state for a virtio-blk device", other.name())),
+        };
+        let disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+        let path = std::fs::canonicalize(disk.path())
+            .map_err(|e| format!("disk {}: {e}", disk.path().display()))?;
+        if path != s.path {
+            return Err(format!(
+                "the snapshot's disk is {}, this VM opened {}",
+                s.path.display(),
+                path.display()
+            ));
+        }
+        if disk.format().name() != s.format
+            || self.capacity_sectors != s.capacity_sectors
+            || self.read_only != s.read_only
+            || self.id.as_slice() != s.serial.as_slice()
+        {
+            return Err(format!(
+                "disk {}: format, size, read-only flag or serial differ from the snapshot's",
+                path.display()
+            ));
+        }
+        let (size, mtime) = file_identity(&path)?;
+        if (size, mtime) != (s.file_size, s.file_mtime_ns) {
+            return Err(format!(
+                "disk {} changed since the snapshot (size {} then, {size} now; modified at {} ns then, {mtime} ns now): \
+                 a snapshot resumes only over the disk file it was taken with, unchanged",
+                path.display(),
+                s.file_size,
+                s.file_mtime_ns
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -530,5 +621,49 @@ mod tests {
         assert_ne!(dev.features() & VIRTIO_BLK_F_FLUSH, 0);
         assert_eq!(dev.features() & VIRTIO_BLK_F_RO, 0);
         assert_ne!(device(true).features() & VIRTIO_BLK_F_RO, 0);
+    }
+
+    #[test]
+    fn saved_state_names_the_file_and_is_refused_once_the_file_changed() {
+        let dir = std::env::temp_dir().join(format!("vireo-blkstate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("d.img");
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let open = |p: &std::path::Path, serial: &str| {
+            Block::new(
+                block::open(p, Some(block::ImageFormat::Raw), false).unwrap(),
+                serial,
+            )
+        };
+        let a = open(&path, "s1");
+        let st = a.save_state().unwrap();
+        drop(a);
+        match &st {
+            crate::DeviceState::Block(b) => {
+                assert!(b.path.is_absolute());
+                assert_eq!(b.file_size, 1 << 20);
+            }
+            other => panic!("{other:?}"),
+        }
+        open(&path, "s1").restore_state(&st).unwrap();
+        let e = open(&path, "s2").restore_state(&st).unwrap_err();
+        assert!(e.contains("serial"), "{e}");
+        let e = open(&path, "s1")
+            .restore_state(&crate::DeviceState::Rng)
+            .unwrap_err();
+        assert!(e.contains("virtio-rng state"), "{e}");
+        let other = dir.join("e.img");
+        std::fs::copy(&path, &other).unwrap();
+        let e = open(&other, "s1").restore_state(&st).unwrap_err();
+        assert!(e.contains("the snapshot's disk is"), "{e}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"x"))
+            .unwrap();
+        let e = open(&path, "s1").restore_state(&st).unwrap_err();
+        assert!(e.contains("changed since the snapshot"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

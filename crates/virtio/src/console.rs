@@ -62,6 +62,13 @@ impl ConsoleInput {
     }
 }
 
+/// What a snapshot keeps of the console: host input the guest has not
+/// taken yet.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConsoleState {
+    pub pending_input: Vec<u8>,
+}
+
 /// The console device.
 pub struct Console {
     output: ConsoleOutput,
@@ -115,6 +122,28 @@ impl VirtioDevice for Console {
         cfg[4..8].copy_from_slice(&1u32.to_le_bytes());
         for (i, d) in data.iter_mut().enumerate() {
             *d = cfg.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn save_state(&self) -> Result<crate::DeviceState, String> {
+        Ok(crate::DeviceState::Console(ConsoleState {
+            pending_input: self.input.buf().iter().copied().collect(),
+        }))
+    }
+
+    fn restore_state(&mut self, state: &crate::DeviceState) -> Result<(), String> {
+        match state {
+            crate::DeviceState::Console(s) => {
+                let mut b = self.input.buf();
+                b.clear();
+                let keep = s.pending_input.len().saturating_sub(INPUT_BUFFER_MAX);
+                b.extend(&s.pending_input[keep..]);
+                Ok(())
+            }
+            other => Err(format!(
+                "a {} state for a virtio-console device",
+                other.name()
+            )),
         }
     }
 
@@ -226,5 +255,16 @@ mod tests {
         let b = c.input.buf();
         assert_eq!(b.back(), Some(&3));
         assert_eq!(b.front(), Some(&1));
+    }
+
+    #[test]
+    fn pending_input_survives_a_snapshot() {
+        let c = Console::new(Arc::new(|_| {})).unwrap();
+        c.input().push(b"typed ahead");
+        let st = c.save_state().unwrap();
+        let mut d = Console::new(Arc::new(|_| {})).unwrap();
+        d.restore_state(&st).unwrap();
+        assert_eq!(d.input().pending(), 11);
+        assert!(d.restore_state(&crate::DeviceState::Rng).is_err());
     }
 }

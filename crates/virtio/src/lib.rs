@@ -25,7 +25,29 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use queue::{DescChain, Descriptor, QueueConfig, QueueError, VirtQueue};
-pub use transport::{VirtioPciDevice, VirtioPciError, BAR_INDEX};
+pub use transport::{QueueSnapshot, VirtioPciDevice, VirtioPciError, VirtioPciState, BAR_INDEX};
+
+/// A device model's own part of a snapshot (the transport keeps the
+/// queues, features and interrupts).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum DeviceState {
+    Block(block::BlockState),
+    Net(net::NetState),
+    Rng,
+    Console(console::ConsoleState),
+}
+
+impl DeviceState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            DeviceState::Block(_) => "virtio-blk",
+            DeviceState::Net(_) => "virtio-net",
+            DeviceState::Rng => "virtio-rng",
+            DeviceState::Console(_) => "virtio-console",
+        }
+    }
+}
 
 /// Device status bits (virtio 1.x 2.1).
 pub mod status {
@@ -149,4 +171,20 @@ pub trait VirtioDevice: Send {
     ) -> Result<Box<dyn QueueWorker>, ActivateError>;
     /// Device reset (status 0): forget everything the driver set up.
     fn reset(&mut self) {}
+    /// This device's own state for a snapshot, taken while its queues are
+    /// not being processed. Devices without one cannot be snapshotted.
+    fn save_state(&self) -> Result<DeviceState, String> {
+        Err(format!(
+            "virtio device type {} does not support snapshots yet",
+            self.device_type()
+        ))
+    }
+    /// Load what [`VirtioDevice::save_state`] returned, before the driver
+    /// runs again; refuse state that does not fit this device.
+    fn restore_state(&mut self, _state: &DeviceState) -> Result<(), String> {
+        Err(format!(
+            "virtio device type {} does not support snapshots yet",
+            self.device_type()
+        ))
+    }
 }

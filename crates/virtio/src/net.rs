@@ -71,6 +71,14 @@ impl NetBackend for net::Tap {
     }
 }
 
+/// What a snapshot keeps of a NIC beyond its queues: the MAC the guest
+/// knows (a random one must stay the same). A received frame still waiting
+/// for a guest buffer is not kept: the network lost it, as networks do.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetState {
+    pub mac: net::MacAddr,
+}
+
 /// The network device: a backend and the guest's MAC address.
 pub struct Net {
     backend: Arc<dyn NetBackend>,
@@ -123,6 +131,20 @@ impl VirtioDevice for Net {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         crate::read_config_image(&self.config_bytes(), offset, data);
+    }
+
+    fn save_state(&self) -> Result<crate::DeviceState, String> {
+        Ok(crate::DeviceState::Net(NetState { mac: self.mac }))
+    }
+
+    fn restore_state(&mut self, state: &crate::DeviceState) -> Result<(), String> {
+        match state {
+            crate::DeviceState::Net(s) => {
+                self.mac = s.mac;
+                Ok(())
+            }
+            other => Err(format!("a {} state for a virtio-net device", other.name())),
+        }
     }
 
     fn activate(

@@ -238,6 +238,14 @@ pub struct QueueConfig {
     pub used_ring: u64,
 }
 
+/// Where the device is in a live queue: the next available entry it will
+/// take and the next used entry it will fill (free-running 16-bit indices).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct QueuePosition {
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
 /// A split virtqueue the device side uses after DRIVER_OK.
 #[derive(Debug)]
 pub struct VirtQueue {
@@ -278,6 +286,19 @@ impl VirtQueue {
 
     pub fn size(&self) -> u16 {
         self.inner.size()
+    }
+
+    pub fn position(&self) -> QueuePosition {
+        QueuePosition {
+            next_avail: self.inner.next_avail(),
+            next_used: self.inner.next_used(),
+        }
+    }
+
+    /// Continue from where a snapshot left the queue.
+    pub fn set_position(&mut self, p: QueuePosition) {
+        self.inner.set_next_avail(p.next_avail);
+        self.inner.set_next_used(p.next_used);
     }
 
     /// The next available chain, validated; `Ok(None)` when the driver has

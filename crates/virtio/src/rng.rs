@@ -47,6 +47,17 @@ impl VirtioDevice for Rng {
     ) -> Result<Box<dyn QueueWorker>, ActivateError> {
         Ok(Box::new(RngWorker))
     }
+
+    fn save_state(&self) -> Result<crate::DeviceState, String> {
+        Ok(crate::DeviceState::Rng)
+    }
+
+    fn restore_state(&mut self, state: &crate::DeviceState) -> Result<(), String> {
+        match state {
+            crate::DeviceState::Rng => Ok(()),
+            other => Err(format!("a {} state for a virtio-rng device", other.name())),
+        }
+    }
 }
 
 struct RngWorker;

@@ -26,7 +26,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::features::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use crate::queue::{QueueConfig, VirtQueue};
+use crate::queue::{QueueConfig, QueuePosition, VirtQueue};
 use crate::status::*;
 use crate::{QueueWorker, VirtioDevice, VirtioInterrupt};
 
@@ -158,20 +158,63 @@ struct QueueRegs {
     enabled: bool,
 }
 
+/// Each queue's position when a worker stopped (`None`: not live).
+type Positions = Vec<Option<QueuePosition>>;
+
 struct Worker {
     kill: EventFd,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Option<Positions>>>,
 }
 
 impl Worker {
-    fn stop(&mut self) {
+    /// Stop the thread once it has finished what it was doing; where it
+    /// left each queue (`None` if it panicked).
+    fn stop(&mut self) -> Option<Positions> {
         let _ = self.kill.write(1);
-        if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
+        match self.thread.take()?.join() {
+            Ok(p) => p,
+            Err(_) => {
                 tracing::error!("virtio worker thread panicked");
+                None
             }
         }
     }
+}
+
+/// Per-queue registers and position in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub size: u16,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub enabled: bool,
+    pub msix_vector: u16,
+    /// Where the device was in the live queue (after DRIVER_OK).
+    pub position: Option<QueuePosition>,
+}
+
+/// A virtio PCI function in a snapshot: configuration space, MSI-X, the
+/// common configuration registers, interrupt status, queues, and the
+/// device model's own state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VirtioPciState {
+    pub device_type: u32,
+    pub pci_config: Vec<u8>,
+    pub msix: pci::MsixState,
+    pub device_features: u64,
+    pub device_feature_select: u32,
+    pub driver_feature_select: u32,
+    pub driver_features: u64,
+    pub status: u8,
+    pub needs_reset: bool,
+    pub queue_select: u16,
+    pub isr: u8,
+    pub config_generation: u8,
+    pub config_msix_vector: u16,
+    pub queues: Vec<QueueSnapshot>,
+    pub device: crate::DeviceState,
 }
 
 impl Drop for Worker {
@@ -191,6 +234,9 @@ pub struct VirtioPciDevice {
     health: Arc<Health>,
     notify: Vec<EventFd>,
     worker: Option<Worker>,
+    /// Queue positions of a worker stopped for a snapshot (or loaded from
+    /// one), until [`VirtioPciDevice::resume`] starts it again.
+    parked: Option<Positions>,
     device_features: u64,
     device_feature_select: u32,
     driver_feature_select: u32,
@@ -315,6 +361,7 @@ impl VirtioPciDevice {
             health: Arc::new(Health::default()),
             notify,
             worker: None,
+            parked: None,
             device_features,
             device_feature_select: 0,
             driver_feature_select: 0,
@@ -379,6 +426,7 @@ impl VirtioPciDevice {
         if let Some(mut w) = self.worker.take() {
             w.stop();
         }
+        self.parked = None;
         self.device.reset();
         for e in &self.notify {
             let _ = e.read();
@@ -452,7 +500,12 @@ impl VirtioPciDevice {
         self.status = new;
     }
 
-    fn activate(&mut self) {
+    /// The live queues as the driver set them up, at `positions` if given
+    /// (a snapshot's) or at the start.
+    fn live_queues(
+        &self,
+        positions: Option<&[Option<QueuePosition>]>,
+    ) -> Result<Vec<Option<VirtQueue>>, String> {
         let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
         let indirect = self.driver_features & VIRTIO_RING_F_INDIRECT_DESC != 0;
         let mut queues = Vec::with_capacity(self.queues.len());
@@ -461,11 +514,26 @@ impl VirtioPciDevice {
                 queues.push(None);
                 continue;
             }
-            match VirtQueue::new(&self.mem, q.max_size, q.cfg, event_idx, indirect) {
-                Ok(vq) => queues.push(Some(vq)),
-                Err(e) => return self.fail(&format!("queue {i}: {e}")),
+            let mut vq = VirtQueue::new(&self.mem, q.max_size, q.cfg, event_idx, indirect)
+                .map_err(|e| format!("queue {i}: {e}"))?;
+            if let Some(p) = positions.and_then(|p| p.get(i).copied().flatten()) {
+                vq.set_position(p);
             }
+            queues.push(Some(vq));
         }
+        Ok(queues)
+    }
+
+    fn activate(&mut self) {
+        self.activate_at(None)
+    }
+
+    /// Start the worker (DRIVER_OK, or resuming after a snapshot).
+    fn activate_at(&mut self, positions: Option<Positions>) {
+        let queues = match self.live_queues(positions.as_deref()) {
+            Ok(q) => q,
+            Err(e) => return self.fail(&e),
+        };
         let irq: Arc<dyn VirtioInterrupt> = self.irq.clone();
         let worker = match self
             .device
@@ -496,12 +564,15 @@ impl VirtioPciDevice {
                     let irq = ctx.irq.clone();
                     // A bug in a device model must not take the VMM down
                     // with it: the device just stops, asking for a reset.
-                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.run())).is_err()
-                    {
-                        tracing::error!("virtio worker panicked; device needs reset");
-                        health.errors.fetch_add(1, Ordering::SeqCst);
-                        health.needs_reset.store(true, Ordering::SeqCst);
-                        irq.signal_config();
+                    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.run())) {
+                        Ok(positions) => Some(positions),
+                        Err(_) => {
+                            tracing::error!("virtio worker panicked; device needs reset");
+                            health.errors.fetch_add(1, Ordering::SeqCst);
+                            health.needs_reset.store(true, Ordering::SeqCst);
+                            irq.signal_config();
+                            None
+                        }
                     }
                 })?;
             Ok(Worker {
@@ -513,6 +584,144 @@ impl VirtioPciDevice {
             Ok(w) => self.worker = Some(w),
             Err(e) => self.fail(&format!("cannot start worker: {e}")),
         }
+    }
+
+    /// Stop queue processing (before a snapshot): the worker finishes what
+    /// it was doing and stops; its queue positions are kept for
+    /// [`VirtioPciDevice::save_state`] and [`VirtioPciDevice::resume`].
+    pub fn quiesce(&mut self) {
+        if let Some(mut w) = self.worker.take() {
+            // A worker that panicked left no positions: the device already
+            // asked for a reset; it is not restarted.
+            self.parked = w.stop();
+        }
+    }
+
+    /// Restart queue processing stopped by [`VirtioPciDevice::quiesce`] or
+    /// set up by [`VirtioPciDevice::restore_state`].
+    pub fn resume(&mut self) {
+        if let Some(p) = self.parked.take() {
+            if self.worker.is_none() {
+                self.activate_at(Some(p));
+            }
+        }
+    }
+
+    /// This function's state for a snapshot. Queue processing must be
+    /// stopped ([`VirtioPciDevice::quiesce`]) so nothing moves meanwhile.
+    pub fn save_state(&self) -> Result<VirtioPciState, String> {
+        if self.worker.is_some() {
+            return Err("queue processing is running (quiesce the device first)".into());
+        }
+        let device = self.device.save_state()?;
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| QueueSnapshot {
+                max_size: q.max_size,
+                size: q.cfg.size,
+                desc_table: q.cfg.desc_table,
+                avail_ring: q.cfg.avail_ring,
+                used_ring: q.cfg.used_ring,
+                enabled: q.enabled,
+                msix_vector: self.irq.queue_vectors[i].load(Ordering::SeqCst),
+                position: self
+                    .parked
+                    .as_ref()
+                    .and_then(|p| p.get(i).copied().flatten()),
+            })
+            .collect();
+        Ok(VirtioPciState {
+            device_type: self.device.device_type(),
+            pci_config: self.config.state(),
+            msix: self.msix().state(),
+            device_features: self.device_features,
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            status: self.status,
+            needs_reset: self.health.needs_reset.load(Ordering::SeqCst),
+            queue_select: self.queue_select,
+            isr: self.irq.isr.load(Ordering::SeqCst),
+            config_generation: self.irq.generation.load(Ordering::SeqCst),
+            config_msix_vector: self.irq.config_vector.load(Ordering::SeqCst),
+            queues,
+            device,
+        })
+    }
+
+    /// Load a snapshot's state into this (new, never activated) function.
+    /// Queue processing starts at [`VirtioPciDevice::resume`]. The PCI bus
+    /// must then re-map the BARs the restored configuration decodes.
+    pub fn restore_state(&mut self, s: &VirtioPciState) -> Result<(), String> {
+        let ty = self.device.device_type();
+        if s.device_type != ty {
+            return Err(format!(
+                "the snapshot has a virtio device of type {} here, this VM a type {ty}",
+                s.device_type
+            ));
+        }
+        if s.device_features != self.device_features {
+            return Err(format!(
+                "the device offered features {:#x} when saved, {:#x} now",
+                s.device_features, self.device_features
+            ));
+        }
+        if s.queues.len() != self.queues.len()
+            || s.queues
+                .iter()
+                .zip(&self.queues)
+                .any(|(a, b)| a.max_size != b.max_size)
+        {
+            return Err("the snapshot's queues do not match this device's".into());
+        }
+        let nvec = self.msix().num_vectors();
+        let vector_ok = |v: u16| v == VIRTIO_MSI_NO_VECTOR || (v as usize) < nvec;
+        if !vector_ok(s.config_msix_vector) || s.queues.iter().any(|q| !vector_ok(q.msix_vector)) {
+            return Err("an MSI-X vector beyond the device's table".into());
+        }
+        if self.worker.is_some() {
+            return Err("the device is already running".into());
+        }
+        self.config.restore_state(&s.pci_config)?;
+        self.msix().restore_state(&s.msix)?;
+        self.device.restore_state(&s.device)?;
+        self.device_feature_select = s.device_feature_select;
+        self.driver_feature_select = s.driver_feature_select;
+        self.driver_features = s.driver_features & self.device_features;
+        self.status = s.status & !DEVICE_NEEDS_RESET;
+        self.health
+            .needs_reset
+            .store(s.needs_reset, Ordering::SeqCst);
+        self.queue_select = s.queue_select;
+        self.irq.isr.store(s.isr, Ordering::SeqCst);
+        self.irq
+            .generation
+            .store(s.config_generation, Ordering::SeqCst);
+        self.irq
+            .config_vector
+            .store(s.config_msix_vector, Ordering::SeqCst);
+        for (i, q) in s.queues.iter().enumerate() {
+            self.queues[i].cfg = QueueConfig {
+                size: q.size,
+                desc_table: q.desc_table,
+                avail_ring: q.avail_ring,
+                used_ring: q.used_ring,
+            };
+            self.queues[i].enabled = q.enabled;
+            self.irq.queue_vectors[i].store(q.msix_vector, Ordering::SeqCst);
+        }
+        self.parked = None;
+        if self.status & DRIVER_OK != 0 && !s.needs_reset {
+            let positions: Positions = s.queues.iter().map(|q| q.position).collect();
+            // Refuse queues the driver could never have had live, now
+            // rather than as a device failure once the guest runs.
+            self.live_queues(Some(&positions))
+                .map_err(|e| format!("snapshot virtio queues: {e}"))?;
+            self.parked = Some(positions);
+        }
+        Ok(())
     }
 
     fn selected(&mut self) -> Option<&mut QueueRegs> {
@@ -796,9 +1005,24 @@ struct WorkerContext {
 }
 
 impl WorkerContext {
-    fn run(mut self) {
+    /// Where each queue is (for a snapshot or a later restart).
+    fn positions(&self) -> Positions {
+        self.queues
+            .iter()
+            .map(|q| q.as_ref().map(|q| q.position()))
+            .collect()
+    }
+
+    /// Serve the queues until told to stop; where it left them.
+    fn run(mut self) -> Positions {
+        self.serve();
+        self.positions()
+    }
+
+    fn serve(&mut self) {
         // Buffers made available before DRIVER_OK (or while a notify was
-        // lost to a previous reset) are served without waiting for a kick.
+        // lost to a previous reset or a snapshot) are served without
+        // waiting for a kick.
         for i in 0..self.queues.len() {
             if !self.service(i) {
                 return self.park();

@@ -147,17 +147,66 @@ pub fn run(config: &VmConfig, api_socket: Option<&std::path::Path>) -> Result<Vm
 }
 
 /// Start a VM from a snapshot directory in this process and run it.
+/// `accel`, if given, must be the accelerator the snapshot was made with.
 pub fn restore(
     dir: &std::path::Path,
+    accel: Option<Accel>,
     serial: &SerialMode,
     api_socket: Option<&std::path::Path>,
 ) -> Result<VmExit, VmmError> {
     let manifest = snapshot::read_manifest(dir)?;
-    let accel = match manifest.accel {
+    let made_with = match manifest.accel {
         hypervisor::AccelKind::Kvm => Accel::Kvm,
         hypervisor::AccelKind::Emu => Accel::Emu,
     };
-    let spec = VmSpec {
+    if let Some(a) = accel.filter(|&a| a != Accel::Auto && a != made_with) {
+        let asked = if a == Accel::Kvm { "kvm" } else { "emu" };
+        return Err(VmmError::Config(format!(
+            "snapshot {} was made under --accel {}; restoring it under --accel {asked} is not supported",
+            dir.display(),
+            manifest.accel,
+        )));
+    }
+    let spec = restore_spec(dir, &manifest, made_with)?;
+    let (out, input) = serial_output(serial)?;
+    let vm = Vm::new(spec, out)?;
+    run_vm(vm, input, manifest.config, api_socket)
+}
+
+/// The VM a snapshot needs: its memory and vCPUs, and the devices its
+/// configuration makes (disks at the files the snapshot names).
+fn restore_spec(
+    dir: &std::path::Path,
+    manifest: &snapshot::Manifest,
+    accel: Accel,
+) -> Result<VmSpec, VmmError> {
+    let (rng, mut disks, nets) = match &manifest.config {
+        Some(c) => (c.rng, c.disks.clone(), c.nets.clone()),
+        None => (false, Vec::new(), Vec::new()),
+    };
+    // The files the snapshot's disks were taken with, absolute (the
+    // configuration may hold paths relative to another directory).
+    let files: Vec<&std::path::Path> = manifest
+        .devices
+        .virtio
+        .iter()
+        .filter_map(|v| match &v.state.device {
+            virtio::DeviceState::Block(b) => Some(b.path.as_path()),
+            _ => None,
+        })
+        .collect();
+    if files.len() != disks.len() {
+        return Err(VmmError::Config(format!(
+            "snapshot {}: {} disk states for {} configured disks",
+            dir.display(),
+            files.len(),
+            disks.len()
+        )));
+    }
+    for (d, f) in disks.iter_mut().zip(files) {
+        d.path = f.to_path_buf();
+    }
+    Ok(VmSpec {
         accel,
         memory: manifest.memory_bytes,
         cpus: manifest.vcpus,
@@ -165,11 +214,8 @@ pub fn restore(
             dir: dir.to_path_buf(),
             manifest: manifest.clone(),
         })),
-        rng: false,
-        disks: Vec::new(),
-        nets: Vec::new(),
-    };
-    let (out, input) = serial_output(serial)?;
-    let vm = Vm::new(spec, out)?;
-    run_vm(vm, input, manifest.config, api_socket)
+        rng,
+        disks,
+        nets,
+    })
 }

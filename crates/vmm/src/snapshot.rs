@@ -1,10 +1,22 @@
 //! Snapshots: a paused VM's vCPUs, backend state, devices and memory in a
-//! directory with a versioned manifest; and restoring one in a new process,
-//! with guest memory mapped copy-on-write from the snapshot's file (so
-//! restore time does not grow with memory size, and clones share pages).
+//! directory with a versioned, checksummed manifest; and restoring one in a
+//! new process, with guest memory mapped copy-on-write from the snapshot's
+//! file (so restore time does not grow with memory size, and clones share
+//! pages).
+//!
+//! `memory.bin` is sparse: pages that are zero (or that the guest never
+//! touched) are holes, so a large, mostly idle guest writes little.
+//!
+//! `manifest.json` is `{"version": N, "checksum": "fnv1a64:...",
+//! "manifest": {...}}`; the checksum covers the bytes of the inner object
+//! exactly as stored, so a damaged or hand-edited manifest is refused (it
+//! detects accidents, it is not a signature). Disks are not copied: a
+//! snapshot names its disk files and only resumes over the same files,
+//! unchanged since (see `virtio::block::BlockState`).
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -16,7 +28,8 @@ use vm_memory::{
 use crate::VmmError;
 
 /// Bumped whenever the manifest's meaning changes; restore refuses others.
-pub const SNAPSHOT_VERSION: u32 = 1;
+/// 2: checksummed envelope, the engine's state, virtio devices, sparse memory.
+pub const SNAPSHOT_VERSION: u32 = 2;
 pub const MANIFEST: &str = "manifest.json";
 pub const MEMORY_FILE: &str = "memory.bin";
 
@@ -34,45 +47,214 @@ pub struct DeviceStates {
     pub i8042: devices::i8042::I8042State,
     pub rtc: devices::rtc::CmosState,
     pub acpi_pm: devices::acpi::AcpiPmState,
+    /// CONFIG_ADDRESS (port 0xcf8) as the guest last wrote it.
+    pub pci_config_address: u32,
+    /// The virtio functions on PCI, in the order the VM adds them.
+    pub virtio: Vec<VirtioSnapshot>,
 }
 
-/// What `manifest.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VirtioSnapshot {
+    /// What the VM called it (informational).
+    pub name: String,
+    pub state: virtio::VirtioPciState,
+}
+
+/// The manifest proper (inside the checksummed envelope).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
-    pub version: u32,
     /// The Vireo that wrote it (informational).
     pub vireo: String,
+    /// The accelerator that made the snapshot, and the only one that can
+    /// restore it.
     pub accel: hypervisor::AccelKind,
     pub memory_bytes: u64,
     pub vcpus: u32,
     /// The settings the VM was started with, when known.
     pub config: Option<crate::VmConfig>,
     pub memory: Vec<MemoryRange>,
+    /// Exact size of `memory.bin`.
+    pub memory_file_bytes: u64,
     pub vcpu_states: Vec<hypervisor::VcpuSnapshot>,
     pub vm_state: hypervisor::VmSnapshot,
     pub devices: DeviceStates,
+}
+
+impl Manifest {
+    /// Refuse a manifest whose parts contradict each other (or the
+    /// configuration it carries) before anything is built from it.
+    pub fn check(&self) -> Result<(), VmmError> {
+        let bad = |what: String| Err(VmmError::Config(format!("snapshot manifest: {what}")));
+        if self.vcpu_states.len() != self.vcpus as usize || self.vcpus == 0 {
+            return bad(format!(
+                "{} vCPU states for {} vCPUs",
+                self.vcpu_states.len(),
+                self.vcpus
+            ));
+        }
+        if let Some(s) = self.vcpu_states.iter().find(|s| s.accel() != self.accel) {
+            return bad(format!(
+                "a vCPU state from --accel {} in a --accel {} snapshot",
+                s.accel(),
+                self.accel
+            ));
+        }
+        if self.vm_state.accel() != self.accel {
+            return bad(format!(
+                "VM state from --accel {} in a --accel {} snapshot",
+                self.vm_state.accel(),
+                self.accel
+            ));
+        }
+        let mut offset = 0u64;
+        let want = arch::ram_regions(self.memory_bytes);
+        let same_layout = want.len() == self.memory.len()
+            && want.iter().zip(&self.memory).all(|((gpa, len), r)| {
+                let ok = r.gpa == gpa.0 && r.len == *len as u64 && r.file_offset == offset;
+                offset = offset.saturating_add(r.len);
+                ok
+            });
+        if !same_layout || offset != self.memory_file_bytes {
+            return bad(format!(
+                "its memory ranges do not lay out {} MiB of RAM in a {}-byte file",
+                self.memory_bytes >> 20,
+                self.memory_file_bytes
+            ));
+        }
+        if let Some(c) = &self.config {
+            if c.memory.0 != self.memory_bytes || c.cpus != self.vcpus {
+                return bad(format!(
+                    "its configuration says {} MiB and {} vCPUs, its state {} MiB and {} vCPUs",
+                    c.memory.0 >> 20,
+                    c.cpus,
+                    self.memory_bytes >> 20,
+                    self.vcpus
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What `manifest.json` holds: the version, a checksum of the manifest's
+/// bytes, and the manifest.
+#[derive(Serialize, Deserialize)]
+struct Envelope<'a> {
+    version: u32,
+    checksum: String,
+    #[serde(borrow)]
+    manifest: &'a serde_json::value::RawValue,
+}
+
+/// 64-bit FNV-1a: enough to catch accidental damage and edits.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+fn checksum(bytes: &[u8]) -> String {
+    format!("fnv1a64:{:016x}", fnv1a64(bytes))
 }
 
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> VmmError {
     VmmError::Io(format!("{what} {}: {e}", path.display()))
 }
 
-/// Write guest memory to `dir/memory.bin`; the ranges it wrote.
-pub fn write_memory(mem: &GuestMemoryMmap, dir: &Path) -> Result<Vec<MemoryRange>, VmmError> {
+const PAGE: usize = 4096;
+
+/// Which pages of `[host, host + len)` were ever touched: per page, false
+/// only if /proc/self/pagemap says neither present nor swapped (an
+/// anonymous page never written reads as zero). `None` if pagemap cannot
+/// be read.
+fn touched_pages(host: usize, len: usize) -> Option<Vec<bool>> {
+    let f = File::open("/proc/self/pagemap").ok()?;
+    let pages = len / PAGE;
+    let mut touched = Vec::with_capacity(pages);
+    let mut buf = vec![0u8; 8 * 65536];
+    let mut done = 0;
+    while done < pages {
+        let n = (pages - done).min(65536);
+        let at = ((host / PAGE + done) * 8) as u64;
+        f.read_exact_at(&mut buf[..n * 8], at).ok()?;
+        touched.extend(buf[..n * 8].chunks_exact(8).map(|e| {
+            let v = u64::from_le_bytes(e.try_into().unwrap_or([0xff; 8]));
+            // Bit 63: present, bit 62: swapped.
+            v & (3 << 62) != 0
+        }));
+        done += n;
+    }
+    Some(touched)
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // SAFETY: any byte pattern is a valid u64.
+    let (pre, mid, post) = unsafe { page.align_to::<u64>() };
+    pre.iter().all(|&b| b == 0)
+        && post.iter().all(|&b| b == 0)
+        && mid.iter().fold(0u64, |a, &w| a | w) == 0
+}
+
+/// What [`write_memory`] did.
+pub struct MemoryWritten {
+    pub ranges: Vec<MemoryRange>,
+    /// Size of the file (all of guest RAM).
+    pub file_bytes: u64,
+    /// Bytes of data actually written (the rest are holes).
+    pub data_bytes: u64,
+}
+
+/// Write guest memory to `dir/memory.bin`, sparsely: zero pages, and pages
+/// of anonymous memory the guest never touched, are left as holes.
+pub fn write_memory(mem: &GuestMemoryMmap, dir: &Path) -> Result<MemoryWritten, VmmError> {
     let path = dir.join(MEMORY_FILE);
-    let mut f = File::create(&path).map_err(|e| io_err("cannot create", &path, e))?;
+    let f = File::create(&path).map_err(|e| io_err("cannot create", &path, e))?;
     let mut ranges = Vec::new();
     let mut offset = 0u64;
+    let mut data_bytes = 0u64;
     for region in mem.iter() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
             .map_err(|e| VmmError::Io(format!("guest memory: {e}")))?;
+        let len = region.len() as usize;
         // SAFETY: the region maps `len` bytes at `host` for the VM's
-        // lifetime; the vCPUs are paused, so nothing writes it meanwhile
-        // (device workers may, which a paused guest does not ask for).
-        let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, region.len() as usize) };
-        f.write_all(bytes)
-            .map_err(|e| io_err("cannot write", &path, e))?;
+        // lifetime; the vCPUs are paused and the device workers stopped,
+        // so nothing writes it meanwhile.
+        let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
+        // A region mapped from an earlier snapshot's file has data in pages
+        // this process never touched: only anonymous memory can skip them.
+        let touched = if region.file_offset().is_none() && (host as usize).is_multiple_of(PAGE) {
+            touched_pages(host as usize, len)
+        } else {
+            None
+        };
+        let mut run: Option<usize> = None;
+        let mut flush = |start: usize, end: usize| -> Result<(), VmmError> {
+            f.write_all_at(&bytes[start..end], offset + start as u64)
+                .map_err(|e| io_err("cannot write", &path, e))?;
+            data_bytes += (end - start) as u64;
+            Ok(())
+        };
+        for (i, page) in bytes.chunks(PAGE).enumerate() {
+            let skip = touched
+                .as_ref()
+                .is_some_and(|t| !t.get(i).copied().unwrap_or(true))
+                || is_zero(page);
+            match (skip, run) {
+                (false, None) => run = Some(i * PAGE),
+                (true, Some(start)) => {
+                    flush(start, i * PAGE)?;
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(start) = run {
+            flush(start, len)?;
+        }
         ranges.push(MemoryRange {
             gpa: region.start_addr().0,
             len: region.len(),
@@ -80,18 +262,34 @@ pub fn write_memory(mem: &GuestMemoryMmap, dir: &Path) -> Result<Vec<MemoryRange
         });
         offset += region.len();
     }
+    f.set_len(offset)
+        .map_err(|e| io_err("cannot size", &path, e))?;
     f.sync_all().map_err(|e| io_err("cannot sync", &path, e))?;
-    Ok(ranges)
+    Ok(MemoryWritten {
+        ranges,
+        file_bytes: offset,
+        data_bytes,
+    })
 }
 
 /// Guest memory mapped privately (copy-on-write) from a snapshot's file.
-pub fn map_memory(dir: &Path, ranges: &[MemoryRange]) -> Result<GuestMemoryMmap, VmmError> {
+pub fn map_memory(
+    dir: &Path,
+    ranges: &[MemoryRange],
+    file_bytes: u64,
+) -> Result<GuestMemoryMmap, VmmError> {
     let path = dir.join(MEMORY_FILE);
     let file = File::open(&path).map_err(|e| io_err("cannot open", &path, e))?;
     let file_len = file
         .metadata()
         .map_err(|e| io_err("cannot stat", &path, e))?
         .len();
+    if file_len != file_bytes {
+        return Err(VmmError::Config(format!(
+            "snapshot memory file {} is {file_len} bytes, its manifest says {file_bytes}",
+            path.display()
+        )));
+    }
     let mut regions = Vec::new();
     for r in ranges {
         if r.file_offset
@@ -125,7 +323,15 @@ pub fn map_memory(dir: &Path, ranges: &[MemoryRange]) -> Result<GuestMemoryMmap,
 
 pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), VmmError> {
     let path = dir.join(MANIFEST);
-    let text = serde_json::to_vec(m).map_err(|e| VmmError::Io(format!("manifest: {e}")))?;
+    let body = serde_json::to_string(m).map_err(|e| VmmError::Io(format!("manifest: {e}")))?;
+    let raw = serde_json::value::RawValue::from_string(body)
+        .map_err(|e| VmmError::Io(format!("manifest: {e}")))?;
+    let text = serde_json::to_vec(&Envelope {
+        version: SNAPSHOT_VERSION,
+        checksum: checksum(raw.get().as_bytes()),
+        manifest: &raw,
+    })
+    .map_err(|e| VmmError::Io(format!("manifest: {e}")))?;
     let mut f = File::create(&path).map_err(|e| io_err("cannot create", &path, e))?;
     f.write_all(&text)
         .and_then(|_| f.sync_all())
@@ -155,8 +361,20 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, VmmError> {
             )))
         }
     }
-    serde_json::from_slice(&text)
-        .map_err(|e| VmmError::Config(format!("bad snapshot manifest {}: {e}", path.display())))
+    let env: Envelope = serde_json::from_slice(&text)
+        .map_err(|e| VmmError::Config(format!("bad snapshot manifest {}: {e}", path.display())))?;
+    let sum = checksum(env.manifest.get().as_bytes());
+    if env.checksum != sum {
+        return Err(VmmError::Config(format!(
+            "snapshot manifest {} is damaged or was edited: checksum {} recorded, {sum} computed",
+            path.display(),
+            env.checksum
+        )));
+    }
+    let m: Manifest = serde_json::from_str(env.manifest.get())
+        .map_err(|e| VmmError::Config(format!("bad snapshot manifest {}: {e}", path.display())))?;
+    m.check()?;
+    Ok(m)
 }
 
 /// A new, empty snapshot directory (refuses to overwrite one).
@@ -169,4 +387,69 @@ pub fn prepare_dir(dir: &Path) -> Result<PathBuf, VmmError> {
     }
     std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create", dir, e))?;
     Ok(dir.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+    use vm_memory::Bytes;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("vireo-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn memory_is_written_sparsely_and_maps_back_the_same_twice_over() {
+        let dir = scratch("sparse");
+        let size = 64usize << 20;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+        // A few pages with data, one written with zeros, the rest untouched.
+        mem.write_slice(b"first page", GuestAddress(0)).unwrap();
+        mem.write_slice(&[0xaa; 8192], GuestAddress(0x10_0ffc))
+            .unwrap();
+        mem.write_slice(&[0u8; 4096], GuestAddress(0x20_0000))
+            .unwrap();
+        mem.write_slice(b"last", GuestAddress(size as u64 - 4))
+            .unwrap();
+        let w = write_memory(&mem, &dir).unwrap();
+        assert_eq!(w.file_bytes, size as u64);
+        // Data pages only: page 0, the 3 pages the 0xaa run touches, the last.
+        assert_eq!(w.data_bytes, 5 * 4096);
+        let meta = std::fs::metadata(dir.join(MEMORY_FILE)).unwrap();
+        assert_eq!(meta.len(), size as u64);
+        assert!(meta.blocks() * 512 < 1 << 20, "{} blocks", meta.blocks());
+
+        let check = |m: &GuestMemoryMmap| {
+            let mut all = vec![0u8; size];
+            m.read_slice(&mut all, GuestAddress(0)).unwrap();
+            let mut want = vec![0u8; size];
+            want[..10].copy_from_slice(b"first page");
+            want[0x10_0ffc..0x10_2ffc].fill(0xaa);
+            want[size - 4..].copy_from_slice(b"last");
+            assert!(all == want, "memory differs after the round trip");
+        };
+        let back = map_memory(&dir, &w.ranges, w.file_bytes).unwrap();
+        check(&back);
+        // A restored VM's memory (mapped from the file) written again: pages
+        // this process never touched still carry the file's data.
+        let dir2 = scratch("sparse2");
+        let w2 = write_memory(&back, &dir2).unwrap();
+        assert_eq!(w2.data_bytes, 5 * 4096);
+        check(&map_memory(&dir2, &w2.ranges, w2.file_bytes).unwrap());
+        let e = map_memory(&dir2, &w2.ranges, w2.file_bytes + 4096).unwrap_err();
+        assert!(e.to_string().contains("its manifest says"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&dir2);
+    }
+
+    #[test]
+    fn fnv1a64_matches_the_reference_values() {
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+    }
 }

@@ -153,8 +153,18 @@ pub struct VmHandle {
     rtc: Arc<Mutex<devices::rtc::CmosRtc>>,
     acpi_pm: Arc<Mutex<devices::acpi::AcpiPm>>,
     control: Arc<VmControl>,
-    /// Devices whose state snapshots do not capture yet.
-    unsnapshottable: Vec<String>,
+    pci: PciSetup,
+}
+
+/// A virtio function on PCI, named for messages.
+type VirtioFunction = (String, Arc<Mutex<virtio::VirtioPciDevice>>);
+
+/// What a snapshot needs of the PCI side.
+struct PciSetup {
+    bus: Arc<pci::PciBus>,
+    config_io: pci::PciConfigIo,
+    /// Every virtio function, in the order they were added.
+    virtio: Vec<VirtioFunction>,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -172,44 +182,76 @@ impl VmHandle {
         dir: &std::path::Path,
         config: Option<VmConfig>,
     ) -> Result<(), VmmError> {
-        use crate::snapshot::*;
         if self.control.state() != crate::RunState::Paused {
             return Err(VmmError::Conflict(
                 "pause the VM before taking a snapshot".into(),
             ));
         }
-        if !self.unsnapshottable.is_empty() {
-            return Err(VmmError::Conflict(format!(
-                "snapshots do not cover {} yet",
-                self.unsnapshottable.join(", ")
-            )));
+        // Device queue workers finish what they are doing and stop, so
+        // neither guest memory nor device state moves until they restart.
+        for (_, d) in &self.pci.virtio {
+            lock(d).quiesce();
         }
-        // Read everything before writing anything, so a backend that cannot
-        // snapshot leaves no half-written directory behind.
+        let result = self.write_snapshot(dir, config);
+        for (_, d) in &self.pci.virtio {
+            lock(d).resume();
+        }
+        result
+    }
+
+    fn write_snapshot(
+        &self,
+        dir: &std::path::Path,
+        config: Option<VmConfig>,
+    ) -> Result<(), VmmError> {
+        use crate::snapshot::*;
+        // Read everything before writing anything, so a backend or device
+        // that cannot snapshot leaves no half-written directory behind.
         let vcpu_states = self
             .vcpus
             .iter()
             .map(|v| lock(v).save_state())
             .collect::<Result<Vec<_>, _>>()?;
         let vm_state = self.vm.save_state()?;
+        let virtio = self
+            .pci
+            .virtio
+            .iter()
+            .map(|(name, d)| {
+                let state = lock(d)
+                    .save_state()
+                    .map_err(|e| VmmError::Conflict(format!("{name}: {e}")))?;
+                Ok(VirtioSnapshot {
+                    name: name.clone(),
+                    state,
+                })
+            })
+            .collect::<Result<Vec<_>, VmmError>>()?;
         let devices = DeviceStates {
             serial: lock(&self.serial).state(),
             i8042: lock(&self.i8042).state(),
             rtc: lock(&self.rtc).state(),
             acpi_pm: lock(&self.acpi_pm).state(),
+            pci_config_address: self.pci.config_io.address_latch(),
+            virtio,
         };
         let dir = prepare_dir(dir)?;
         let memory = write_memory(&self.memory, &dir)?;
+        tracing::info!(
+            "snapshot: {} MiB of guest memory, {} MiB of it written",
+            memory.file_bytes >> 20,
+            memory.data_bytes >> 20
+        );
         write_manifest(
             &dir,
             &Manifest {
-                version: SNAPSHOT_VERSION,
                 vireo: env!("CARGO_PKG_VERSION").into(),
                 accel: self.accel,
                 memory_bytes: self.memory_bytes,
                 vcpus: self.vcpus.len() as u32,
                 config,
-                memory,
+                memory: memory.ranges,
+                memory_file_bytes: memory.file_bytes,
                 vcpu_states,
                 vm_state,
                 devices,
@@ -240,6 +282,26 @@ impl VmHandle {
             .restore(&m.devices.rtc)
             .map_err(|e| bad("rtc", e))?;
         lock(&self.acpi_pm).restore(&m.devices.acpi_pm);
+        let saved = &m.devices.virtio;
+        if saved.len() != self.pci.virtio.len() {
+            return Err(VmmError::Config(format!(
+                "the snapshot has {} virtio devices, its configuration makes {}",
+                saved.len(),
+                self.pci.virtio.len()
+            )));
+        }
+        for (s, (name, d)) in saved.iter().zip(&self.pci.virtio) {
+            lock(d)
+                .restore_state(&s.state)
+                .map_err(|e| VmmError::Config(format!("snapshot {name}: {e}")))?;
+        }
+        self.pci
+            .config_io
+            .set_address_latch(m.devices.pci_config_address);
+        self.pci.bus.refresh_routing();
+        for (_, d) in &self.pci.virtio {
+            lock(d).resume();
+        }
         Ok(())
     }
 }
@@ -280,7 +342,11 @@ impl Vm {
         let vm = hv.create_vm()?;
 
         let memory = match &boot {
-            Boot::Snapshot(snap) => crate::snapshot::map_memory(&snap.dir, &snap.manifest.memory)?,
+            Boot::Snapshot(snap) => crate::snapshot::map_memory(
+                &snap.dir,
+                &snap.manifest.memory,
+                snap.manifest.memory_file_bytes,
+            )?,
             _ => {
                 let regions = arch::ram_regions(spec.memory);
                 GuestMemoryMmap::<()>::from_ranges(&regions).map_err(|e| {
@@ -365,7 +431,7 @@ impl Vm {
         for (base, len) in [(0x80, 0x10), (0xed, 1), (0x2f8, 8), (0x3e8, 8), (0x2e8, 8)] {
             add("ignored", base, len, sink.clone())?;
         }
-        setup_pci(&mut map, vm.clone(), &memory, &spec)?;
+        let pci = setup_pci(&mut map, vm.clone(), &memory, &spec)?;
 
         // A restored VM's memory already holds everything: no boot image.
         let bsp_state = match &boot {
@@ -380,15 +446,6 @@ impl Vm {
             }
             vcpus.push(Arc::new(Mutex::new(vcpu)));
         }
-        let mut unsnapshottable: Vec<String> = spec
-            .disks
-            .iter()
-            .map(|d| format!("virtio-blk {}", d.path.display()))
-            .collect();
-        unsnapshottable.extend(spec.nets.iter().map(|n| format!("virtio-net {}", n.tap)));
-        if spec.rng {
-            unsnapshottable.push("virtio-rng".into());
-        }
         let handle = Arc::new(VmHandle {
             vm: vm.clone(),
             accel: hv.kind(),
@@ -400,7 +457,7 @@ impl Vm {
             rtc,
             acpi_pm: pm,
             control: VmControl::new(),
-            unsnapshottable,
+            pci,
         });
         if let Boot::Snapshot(snap) = &boot {
             handle.restore(&snap.manifest)?;
@@ -572,7 +629,7 @@ fn setup_pci(
     vm: Arc<dyn hypervisor::Vm>,
     memory: &GuestMemoryMmap,
     spec: &VmSpec,
-) -> Result<(), VmmError> {
+) -> Result<PciSetup, VmmError> {
     use arch::layout::{PCI_ECAM_BASE, PCI_ECAM_SIZE, PCI_MMIO32_END, PCI_MMIO32_START};
     let bus = Arc::new(pci::PciBus::new(map.mmio.clone(), map.pio.clone()));
     let cfg = pci::PciConfigIo::new(bus.clone());
@@ -608,6 +665,7 @@ fn setup_pci(
             tracing::warn!("MSI {addr:#x}/{data:#x} not delivered: {e}");
         }
     });
+    let mut functions: Vec<VirtioFunction> = Vec::new();
     let mut add_virtio = |name: String, dev: Box<dyn virtio::VirtioDevice>| {
         let dev = virtio::VirtioPciDevice::new(dev, memory.clone(), msi.clone())
             .map_err(|e| VmmError::Device(format!("{name}: {e}")))?;
@@ -617,11 +675,13 @@ fn setup_pci(
             .map(|(off, e)| e.try_clone().map(|e| (off, e)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| VmmError::Device(format!("{name}: {e}")))?;
+        let dev = Arc::new(Mutex::new(dev));
         let slot = bus
-            .add_device(Arc::new(Mutex::new(dev)), &mut bars)
+            .add_device(dev.clone(), &mut bars)
             .map_err(|e| VmmError::Device(format!("{name} on PCI: {e}")))?;
         lock(&notifiers).insert(slot, events);
         tracing::info!("{name} at PCI 00:{slot:02x}.0");
+        functions.push((name, dev));
         Ok::<(), VmmError>(())
     };
     for (i, d) in spec.disks.iter().enumerate() {
@@ -646,7 +706,11 @@ fn setup_pci(
     if spec.rng {
         add_virtio("virtio-rng".into(), Box::new(virtio::rng::Rng::new()))?;
     }
-    Ok(())
+    Ok(PciSetup {
+        bus,
+        config_io: cfg,
+        virtio: functions,
+    })
 }
 
 /// Queue notification eventfds per PCI slot (offsets inside BAR 0), moved

@@ -38,6 +38,7 @@ pub struct Machine {
     pub mmio: Arc<Bus>,
     pub msis: Msis,
     pub dev: Arc<Mutex<VirtioPciDevice>>,
+    pub pci: Arc<PciBus>,
     pub device_id: u16,
 }
 
@@ -70,6 +71,7 @@ pub fn machine_with(device: Box<dyn VirtioDevice>) -> Machine {
         mmio,
         msis,
         dev,
+        pci,
         device_id,
     }
 }
