@@ -9,7 +9,7 @@ pub mod control;
 pub mod snapshot;
 mod vm;
 
-pub use config::{Accel, BootProtocol, MemSize, SerialMode, VmConfig};
+pub use config::{Accel, BootProtocol, ConsoleKind, MemSize, SerialMode, VmConfig};
 pub use control::{ControlError, RunState, VmControl};
 pub use vm::{Boot, DeviceInfo, RawBoot, RawMode, SnapshotSource, Vm, VmHandle, VmInfo, VmSpec};
 
@@ -95,7 +95,7 @@ pub enum VmmError {
     Conflict(String),
 }
 
-/// Where the serial console goes and whether the terminal feeds it.
+/// Where the console (serial or virtio) goes and whether the terminal feeds it.
 fn serial_output(mode: &SerialMode) -> Result<(Box<dyn std::io::Write + Send>, bool), VmmError> {
     Ok(match mode {
         SerialMode::Stdio => (Box::new(console::RawStdout), true),
@@ -128,7 +128,7 @@ fn run_vm(
     };
     let _console = if input {
         Some(console::StdinForwarder::start(
-            vm.serial(),
+            vm.console_input(),
             vm.exit_sender(),
         ))
     } else {
@@ -168,6 +168,8 @@ pub fn restore(
         rng: false,
         disks: Vec::new(),
         nets: Vec::new(),
+        balloon: None,
+        console: ConsoleKind::Serial,
     };
     let (out, input) = serial_output(serial)?;
     let vm = Vm::new(spec, out)?;

@@ -10,7 +10,7 @@ use devices::{Bus, BusDevice, EventSink, VmEvent};
 use hypervisor::{CpuState, Hypervisor, Vcpu, VcpuExit, VcpuKicker};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::config::{Accel, BootProtocol, VmConfig};
+use crate::config::{Accel, BootProtocol, ConsoleKind, VmConfig};
 use crate::control::VmControl;
 use crate::{VmExit, VmmError};
 
@@ -65,6 +65,10 @@ pub struct VmSpec {
     pub disks: Vec<crate::config::DiskConfig>,
     /// virtio-net NICs on PCI.
     pub nets: Vec<crate::config::NetConfig>,
+    /// A virtio-balloon on PCI.
+    pub balloon: Option<crate::config::BalloonConfig>,
+    /// Which device gets the console output (and input).
+    pub console: ConsoleKind,
 }
 
 impl VmSpec {
@@ -77,10 +81,12 @@ impl VmSpec {
             rng: c.rng,
             disks: c.disks.clone(),
             nets: c.nets.clone(),
+            balloon: c.balloon,
+            console: c.console,
             boot: Boot::Linux {
                 kernel: c.kernel.clone(),
                 initrd: c.initrd.clone(),
-                cmdline: c.cmdline.clone(),
+                cmdline: c.effective_cmdline(),
                 protocol: c.boot,
             },
         })
@@ -153,6 +159,7 @@ pub struct VmHandle {
     control: Arc<VmControl>,
     /// Devices whose state snapshots do not capture yet.
     unsnapshottable: Vec<String>,
+    balloon: Option<virtio::balloon::BalloonHandle>,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -162,6 +169,11 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl VmHandle {
     pub fn press_power_button(&self) {
         lock(&self.acpi_pm).press_power_button();
+    }
+
+    /// The virtio-balloon's host side, if the VM has one.
+    pub fn balloon(&self) -> Option<&virtio::balloon::BalloonHandle> {
+        self.balloon.as_ref()
     }
 
     /// Write a paused VM to `dir` (a new directory).
@@ -249,6 +261,7 @@ pub struct Vm {
     exit_tx: Sender<VmExit>,
     exit_rx: Receiver<VmExit>,
     info: VmInfo,
+    console_input: Option<virtio::console::ConsoleInput>,
 }
 
 const COM1_BASE: u64 = 0x3f8;
@@ -276,6 +289,14 @@ impl Vm {
             }
         }
         let vm = hv.create_vm()?;
+        // A virtio console takes the host side; COM1 is then disconnected.
+        let (serial_out, console_out) = match spec.console {
+            ConsoleKind::Serial => (serial_out, None),
+            ConsoleKind::Virtio => (
+                Box::new(std::io::sink()) as Box<dyn Write + Send>,
+                Some(serial_out),
+            ),
+        };
 
         let memory = match &boot {
             Boot::Snapshot(snap) => crate::snapshot::map_memory(&snap.dir, &snap.manifest.memory)?,
@@ -363,7 +384,7 @@ impl Vm {
         for (base, len) in [(0x80, 0x10), (0xed, 1), (0x2f8, 8), (0x3e8, 8), (0x2e8, 8)] {
             add("ignored", base, len, sink.clone())?;
         }
-        setup_pci(&mut map, vm.clone(), &memory, &spec)?;
+        let extras = setup_pci(&mut map, vm.clone(), &memory, &spec, console_out)?;
 
         // A restored VM's memory already holds everything: no boot image.
         let bsp_state = match &boot {
@@ -387,6 +408,12 @@ impl Vm {
         if spec.rng {
             unsnapshottable.push("virtio-rng".into());
         }
+        if extras.balloon.is_some() {
+            unsnapshottable.push("virtio-balloon".into());
+        }
+        if extras.console_input.is_some() {
+            unsnapshottable.push("virtio-console".into());
+        }
         let handle = Arc::new(VmHandle {
             vm: vm.clone(),
             accel: hv.kind(),
@@ -399,6 +426,7 @@ impl Vm {
             acpi_pm: pm,
             control: VmControl::new(),
             unsnapshottable,
+            balloon: extras.balloon,
         });
         if let Boot::Snapshot(snap) = &boot {
             handle.restore(&snap.manifest)?;
@@ -418,6 +446,7 @@ impl Vm {
             mmio: map.mmio,
             exit_tx,
             exit_rx,
+            console_input: extras.console_input,
         })
     }
 
@@ -452,6 +481,15 @@ impl Vm {
 
     pub fn serial(&self) -> Arc<Mutex<devices::serial::Serial>> {
         self.handle.serial.clone()
+    }
+
+    /// Where console input goes: the virtio console when it is the
+    /// console, else COM1.
+    pub fn console_input(&self) -> crate::console::ConsoleTarget {
+        match &self.console_input {
+            Some(i) => crate::console::ConsoleTarget::Virtio(i.clone()),
+            None => crate::console::ConsoleTarget::Serial(self.serial()),
+        }
     }
 
     pub fn exit_sender(&self) -> Sender<VmExit> {
@@ -563,14 +601,23 @@ impl DeviceMap {
     }
 }
 
+/// The host sides of PCI devices that outlive setup.
+#[derive(Default)]
+struct PciExtras {
+    console_input: Option<virtio::console::ConsoleInput>,
+    balloon: Option<virtio::balloon::BalloonHandle>,
+}
+
 /// PCI bus 0 (host bridge, configuration through 0xcf8/0xcfc and ECAM) and
 /// the virtio devices the VM asked for, with MSI-X through the backend.
+/// `console_out` is the console output when the console is virtio.
 fn setup_pci(
     map: &mut DeviceMap,
     vm: Arc<dyn hypervisor::Vm>,
     memory: &GuestMemoryMmap,
     spec: &VmSpec,
-) -> Result<(), VmmError> {
+    console_out: Option<Box<dyn Write + Send>>,
+) -> Result<PciExtras, VmmError> {
     use arch::layout::{PCI_ECAM_BASE, PCI_ECAM_SIZE, PCI_MMIO32_END, PCI_MMIO32_START};
     let bus = Arc::new(pci::PciBus::new(map.mmio.clone(), map.pio.clone()));
     let cfg = pci::PciConfigIo::new(bus.clone());
@@ -636,7 +683,28 @@ fn setup_pci(
     if spec.rng {
         add_virtio("virtio-rng".into(), Box::new(virtio::rng::Rng::new()))?;
     }
-    Ok(())
+    let mut extras = PciExtras::default();
+    if let Some(out) = console_out {
+        let out = Mutex::new(out);
+        let output: virtio::console::ConsoleOutput = Arc::new(move |b: &[u8]| {
+            let mut o = lock(&out);
+            let _ = o.write_all(b).and_then(|()| o.flush());
+        });
+        let dev = virtio::console::Console::new(output)
+            .map_err(|e| VmmError::Device(format!("virtio-console: {e}")))?;
+        extras.console_input = Some(dev.input());
+        add_virtio("virtio-console".into(), Box::new(dev))?;
+    }
+    if let Some(b) = &spec.balloon {
+        let dev = virtio::balloon::Balloon::new(virtio::balloon::BalloonOptions {
+            deflate_on_oom: b.deflate_on_oom,
+            stats: b.stats,
+        })
+        .map_err(|e| VmmError::Device(format!("virtio-balloon: {e}")))?;
+        extras.balloon = Some(dev.handle());
+        add_virtio("virtio-balloon".into(), Box::new(dev))?;
+    }
+    Ok(extras)
 }
 
 /// Put the boot image into guest memory and return the boot vCPU's state.
