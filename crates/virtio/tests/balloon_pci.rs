@@ -49,6 +49,7 @@ fn target_change_interrupts_and_inflate_releases_pages() {
     let gen0 = d.r(d.common + common::CONFIG_GENERATION, 1);
     h.set_target_pages(6);
     assert_eq!(d.r(cfg, 4), 6, "num_pages");
+    assert_ne!(d.r(d.isr, 1) & 2, 0, "ISR bit 1: configuration change");
     assert_eq!(
         d.r(d.common + common::CONFIG_GENERATION, 1),
         (gen0 + 1) & 0xff
