@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use vmm::config::{Accel, BootProtocol, MemSize, SerialMode, VmConfig};
+use vmm::config::{Accel, BootProtocol, ConsoleKind, MemSize, SerialMode, VmConfig};
 use vmm::exit_code;
 
 const EXIT_CODES: &str = "\
@@ -19,7 +19,7 @@ Exit status:
   5  a vCPU hit an instruction its accelerator cannot run (the report names the bytes and RIP)
   128+N  killed by signal N (the terminal is restored)
 
-Console: the guest's serial port is your terminal. Ctrl-A X quits, Ctrl-A Ctrl-A sends Ctrl-A.";
+Console: the guest's console (COM1, or hvc0 with --console virtio) is your terminal. Ctrl-A X quits, Ctrl-A Ctrl-A sends Ctrl-A.";
 
 #[derive(Parser)]
 #[command(
@@ -59,6 +59,9 @@ enum Command {
     Stop(ApiArgs),
     /// Write a running VM's snapshot to a new directory (pauses it meanwhile).
     Snapshot(SnapshotArgs),
+    /// Set the balloon's target: memory the guest is asked to give back
+    /// (`vireo info` shows how much it gave and its memory statistics).
+    Balloon(BalloonArgs),
     /// Start a VM from a snapshot directory in this process.
     #[command(after_help = EXIT_CODES)]
     Restore(RestoreArgs),
@@ -74,6 +77,15 @@ struct SnapshotArgs {
     /// Leave the VM paused afterwards (default: resume it if it was running).
     #[arg(long)]
     stay_paused: bool,
+}
+
+#[derive(Args)]
+struct BalloonArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Balloon size in MiB (0 gives everything back; at most the guest's RAM).
+    #[arg(long, value_name = "N")]
+    target_mib: u64,
 }
 
 #[derive(Args)]
@@ -103,7 +115,8 @@ struct ApiArgs {
 #[derive(Args)]
 struct RunArgs {
     /// Read the VM's settings from a TOML or JSON file (same names as the
-    /// options: kernel, initrd, cmdline, memory, cpus, accel, serial, boot);
+    /// options: kernel, initrd, cmdline, memory, cpus, accel, serial, console, boot, rng,
+    /// disks, nets, balloon);
     /// options given here override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -126,9 +139,14 @@ struct RunArgs {
     /// KVM on VT-x/AMD-V hosts, the engine without KVM or on nested PVM KVM [default: auto].
     #[arg(long, value_name = "kvm|emu|auto")]
     accel: Option<Accel>,
-    /// Serial console: stdio, file:PATH or none [default: stdio].
+    /// Where the console goes: stdio, file:PATH or none [default: stdio].
     #[arg(long, value_name = "stdio|file:PATH|none")]
     serial: Option<SerialMode>,
+    /// The console device: serial (COM1, the guest's ttyS0) or virtio
+    /// (virtio-console, hvc0; COM1 is then disconnected and the default
+    /// command line says console=hvc0) [default: serial].
+    #[arg(long, value_name = "serial|virtio")]
+    console: Option<ConsoleKind>,
     /// Entry protocol for an ELF vmlinux: linux (64-bit boot protocol) or pvh [default: linux].
     #[arg(long, value_name = "linux|pvh")]
     boot: Option<BootProtocol>,
@@ -142,6 +160,10 @@ struct RunArgs {
     /// Give the guest a virtio-rng device (entropy from the host's getrandom).
     #[arg(long)]
     rng: bool,
+    /// Give the guest a virtio-balloon, optionally [deflate_on_oom=on|off][,stats=on|off]
+    /// (both on by default); `vireo balloon` sets its size.
+    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
+    balloon: Option<vmm::config::BalloonConfig>,
     /// Serve the management API (HTTP + JSON, see docs/openapi.json) on this Unix socket.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
@@ -184,6 +206,12 @@ impl RunArgs {
         }
         if let Some(b) = self.boot {
             cfg.boot = b;
+        }
+        if let Some(c) = self.console {
+            cfg.console = c;
+        }
+        if let Some(b) = self.balloon {
+            cfg.balloon = Some(b);
         }
         if self.rng {
             cfg.rng = true;
@@ -229,6 +257,7 @@ fn main() -> ExitCode {
         Command::PowerButton(a) => api_call(&a, "PUT", "/api/v1/vm.power-button"),
         Command::Stop(a) => api_call(&a, "PUT", "/api/v1/vm.stop"),
         Command::Snapshot(a) => snapshot(&a),
+        Command::Balloon(a) => balloon(&a),
         Command::Restore(a) => {
             let serial = a.serial.unwrap_or_default();
             finish(vmm::restore(
@@ -314,6 +343,23 @@ fn snapshot(a: &SnapshotArgs) -> i32 {
         }
     }
     code
+}
+
+/// Set the balloon's target size.
+fn balloon(a: &BalloonArgs) -> i32 {
+    let body = serde_json::json!({ "target_mib": a.target_mib }).to_string();
+    match vmm::api::client::request_with_body(&a.api.api_socket, "PUT", "/api/v1/vm.balloon", &body)
+    {
+        Ok((status, _)) if (200..300).contains(&status) => {
+            println!("balloon target set to {} MiB", a.target_mib);
+            0
+        }
+        Ok((status, body)) => api_error(status, body),
+        Err(e) => {
+            eprintln!("vireo: error: {e}");
+            exit_code::VMM_ERROR
+        }
+    }
 }
 
 /// Report how a VM ended and turn it into the process exit code.

@@ -148,3 +148,90 @@ fn openapi_document_matches_the_server() {
         .collect();
     assert_eq!(documented, served);
 }
+
+fn info_json(sock: &Path) -> serde_json::Value {
+    let out = client(&["info"], sock);
+    assert!(out.status.success(), "info: {out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The balloon API on a guest with no balloon driver: the target is kept
+/// and shown, bad targets are refused with the right status and change
+/// nothing, and a VM without a balloon says so.
+#[test]
+fn balloon_target_through_the_api() {
+    let dir = std::env::temp_dir().join(format!("vireo-api-balloon-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernel = counting_guest(&dir);
+    let start = |sock: &Path, extra: &[&str]| {
+        let mut cmd = vireo();
+        cmd.args([
+            "run", "--accel", "emu", "--boot", "pvh", "--memory", "64M", "--kernel",
+        ])
+        .arg(&kernel)
+        .args(extra)
+        .arg("--api-socket")
+        .arg(sock);
+        let vm = Running::spawn(cmd);
+        assert!(
+            wait_until(Duration::from_secs(60), || sock.exists() && dots(&vm) >= 1),
+            "the VM did not start: {}",
+            vm.stderr_text()
+        );
+        vm
+    };
+
+    let sock = dir.join("b.sock");
+    let mut vm = start(&sock, &["--balloon", "deflate_on_oom=off"]);
+    let b = &info_json(&sock)["balloon"];
+    assert_eq!(b["target_mib"], 0, "{b}");
+    assert_eq!(b["actual_mib"], 0);
+    assert_eq!(b["options"]["deflate_on_oom"], false);
+    assert_eq!(b["options"]["stats"], true);
+    assert_eq!(
+        info_json(&sock)["config"]["balloon"]["deflate_on_oom"],
+        false
+    );
+
+    let out = client(&["balloon", "--target-mib", "16"], &sock);
+    assert!(out.status.success(), "{out:?}");
+    let b = &info_json(&sock)["balloon"];
+    assert_eq!(
+        (b["target_mib"].as_u64(), b["num_pages"].as_u64()),
+        (Some(16), Some(4096))
+    );
+    assert_eq!(b["actual_mib"], 0, "no driver, nothing given");
+
+    let out = client(&["balloon", "--target-mib", "65"], &sock);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("more than the guest's 64 MiB") && err.contains("400"),
+        "{err}"
+    );
+    for body in [r#"{"target":1}"#, r#"{"target_mib":-1}"#, "nonsense"] {
+        let (status, text) =
+            vmm::api::client::request_with_body(&sock, "PUT", "/api/v1/vm.balloon", body).unwrap();
+        assert_eq!(status, 400, "{body}: {text}");
+        assert!(text.contains("\"error\""));
+    }
+    let (status, _) = vmm::api::client::request(&sock, "GET", "/api/v1/vm.balloon").unwrap();
+    assert_eq!(status, 405);
+    assert_eq!(info_json(&sock)["balloon"]["target_mib"], 16, "unchanged");
+    assert!(client(&["stop"], &sock).status.success());
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
+
+    let sock = dir.join("nb.sock");
+    let mut vm = start(&sock, &[]);
+    assert!(info_json(&sock)["balloon"].is_null());
+    let out = client(&["balloon", "--target-mib", "1"], &sock);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no balloon device") && err.contains("409"),
+        "{err}"
+    );
+    assert!(client(&["stop"], &sock).status.success());
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -196,3 +196,26 @@ fn qcow2_image_given_as_raw_is_refused() {
     one_line_error(&out, 1, "qcow2");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn balloon_and_console_option_errors_are_usage_errors() {
+    let out = run(&["run", "--kernel", "/k", "--balloon", "size=64"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown balloon option 'size'"));
+    let out = run(&["run", "--kernel", "/k", "--balloon", "stats=maybe"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stats=maybe"));
+    let out = run(&["run", "--kernel", "/k", "--console", "hvc"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected serial or virtio"));
+    let out = run(&["balloon", "--api-socket", "/nonexistent/s"]);
+    assert_eq!(out.status.code(), Some(2), "--target-mib is required");
+    let out = run(&[
+        "balloon",
+        "--api-socket",
+        "/nonexistent/s",
+        "--target-mib",
+        "8",
+    ]);
+    one_line_error(&out, 1, "cannot connect to API socket");
+}

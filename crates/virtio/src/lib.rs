@@ -9,7 +9,10 @@
 //!   processing runs on a worker thread per device, woken through one
 //!   eventfd per queue, so vCPU threads only flip an eventfd on a notify.
 //! - [`rng::Rng`]: virtio-entropy fed from the host's `getrandom`.
+//! - [`balloon::Balloon`]: the memory balloon (inflate/deflate, statistics).
+//! - [`console::Console`]: virtio-console with one port (the guest's hvc0).
 
+pub mod balloon;
 pub mod block;
 pub mod console;
 #[doc(hidden)]
@@ -72,6 +75,7 @@ pub mod device_type {
     pub const BLOCK: u32 = 2;
     pub const CONSOLE: u32 = 3;
     pub const RNG: u32 = 4;
+    pub const BALLOON: u32 = 5;
 }
 
 /// Serve a driver's read of `data.len()` bytes at `offset` from a device's

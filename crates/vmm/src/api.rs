@@ -45,6 +45,11 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
         "/api/v1/vm.snapshot",
         "Write a paused VM to a new directory",
     ),
+    (
+        "PUT",
+        "/api/v1/vm.balloon",
+        "Set the balloon's target size: memory the guest is asked to give back",
+    ),
 ];
 
 /// What the API needs from a VM, gathered before the VM starts running.
@@ -63,11 +68,50 @@ struct SnapshotRequest {
     destination: PathBuf,
 }
 
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BalloonRequest {
+    target_mib: u64,
+}
+
+/// The balloon as `vm.info` shows it.
+#[derive(Serialize)]
+struct BalloonInfo {
+    /// The target: memory the guest is asked to give back.
+    target_mib: u64,
+    /// What the guest says the balloon holds.
+    actual_mib: u64,
+    options: virtio::balloon::BalloonOptions,
+    #[serde(flatten)]
+    state: virtio::balloon::BalloonState,
+    /// How old `stats` are (each `vm.info` asks the guest for new ones).
+    stats_age_ms: Option<u64>,
+}
+
+impl BalloonInfo {
+    fn of(b: &virtio::balloon::BalloonHandle) -> Self {
+        let state = b.state();
+        BalloonInfo {
+            target_mib: pages_to_mib(state.num_pages),
+            actual_mib: pages_to_mib(state.actual),
+            options: b.options(),
+            stats_age_ms: b.stats_age().map(|d| d.as_millis() as u64),
+            state,
+        }
+    }
+}
+
+fn pages_to_mib(pages: u32) -> u64 {
+    (pages as u64 * virtio::balloon::PAGE_SIZE) >> 20
+}
+
 #[derive(Serialize)]
 struct InfoBody<'a> {
     #[serde(flatten)]
     info: VmInfo,
     config: &'a Option<crate::VmConfig>,
+    /// Null without a balloon device.
+    balloon: Option<BalloonInfo>,
 }
 
 #[derive(Serialize)]
@@ -172,13 +216,46 @@ pub fn route(
                 state: ctx.control.state(),
                 ..ctx.info.clone()
             };
-            json(
-                200,
-                &InfoBody {
-                    info,
-                    config: &ctx.config,
-                },
-            )
+            let balloon = ctx.vm.balloon();
+            let body = InfoBody {
+                info,
+                config: &ctx.config,
+                balloon: balloon.map(BalloonInfo::of),
+            };
+            // Fresh statistics for the next look.
+            if let Some(b) = balloon {
+                b.request_stats();
+            }
+            json(200, &body)
+        }
+        "/api/v1/vm.balloon" => {
+            let req: BalloonRequest = match serde_json::from_str(body) {
+                Ok(r) => r,
+                Err(e) => return error(400, format!("bad balloon request: {e}")),
+            };
+            let Some(b) = ctx.vm.balloon() else {
+                return error(
+                    409,
+                    "this VM has no balloon device (start it with --balloon)",
+                );
+            };
+            let ram_mib = ctx.info.memory_bytes >> 20;
+            if req.target_mib > ram_mib {
+                return error(
+                    400,
+                    format!(
+                        "balloon target {} MiB is more than the guest's {ram_mib} MiB of RAM",
+                        req.target_mib
+                    ),
+                );
+            }
+            // At most 1 TiB of RAM: 2^28 pages fit the 32-bit num_pages.
+            let pages = req.target_mib << (20 - virtio::balloon::PFN_SHIFT);
+            match u32::try_from(pages) {
+                Ok(p) => b.set_target_pages(p),
+                Err(_) => return error(400, "balloon target too large"),
+            }
+            no_content()
         }
         "/api/v1/vm.pause" => ctx
             .control

@@ -11,6 +11,8 @@ use crate::VmmError;
 /// Default kernel command line: serial console, reboot through the keyboard
 /// controller, reboot one second after a panic (exit code 3).
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+/// The same for `--console virtio`: the console is hvc0.
+pub const DEFAULT_CMDLINE_VIRTIO_CONSOLE: &str = "console=hvc0 reboot=k panic=1";
 pub const DEFAULT_MEMORY: u64 = 512 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -85,6 +87,30 @@ impl<'de> Deserialize<'de> for SerialMode {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Which device is the guest's console, connected to the host side that
+/// `serial` names (terminal, file or nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsoleKind {
+    /// The COM1 UART (the guest's ttyS0).
+    #[default]
+    Serial,
+    /// A virtio-console on PCI (the guest's hvc0); COM1 is then
+    /// disconnected (its output discarded).
+    Virtio,
+}
+
+impl FromStr for ConsoleKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "serial" => Ok(ConsoleKind::Serial),
+            "virtio" => Ok(ConsoleKind::Virtio),
+            _ => Err(format!("unknown console '{s}' (expected serial or virtio)")),
+        }
     }
 }
 
@@ -267,6 +293,57 @@ impl FromStr for NetConfig {
     }
 }
 
+fn yes() -> bool {
+    true
+}
+
+/// The virtio-balloon: `[deflate_on_oom=on|off][,stats=on|off]`, both on
+/// unless turned off. The balloon starts empty; its target is set through
+/// the API (`vireo balloon`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonConfig {
+    /// Offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM: the guest may take pages back
+    /// from the balloon when it runs out of memory (it then counts
+    /// ballooned memory as used rather than removing it from MemTotal).
+    #[serde(default = "yes")]
+    pub deflate_on_oom: bool,
+    /// Offer VIRTIO_BALLOON_F_STATS_VQ: the guest reports memory statistics.
+    #[serde(default = "yes")]
+    pub stats: bool,
+}
+
+impl Default for BalloonConfig {
+    fn default() -> Self {
+        BalloonConfig {
+            deflate_on_oom: true,
+            stats: true,
+        }
+    }
+}
+
+impl FromStr for BalloonConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut b = BalloonConfig::default();
+        for part in s.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = part.split_once('=').ok_or_else(|| {
+                format!("bad balloon option '{part}' in '{s}' (expected key=value)")
+            })?;
+            match k {
+                "deflate_on_oom" => b.deflate_on_oom = on_off(k, v)?,
+                "stats" => b.stats = on_off(k, v)?,
+                _ => {
+                    return Err(format!(
+                        "unknown balloon option '{k}' (expected deflate_on_oom, stats)"
+                    ))
+                }
+            }
+        }
+        Ok(b)
+    }
+}
+
 fn default_cpus() -> u32 {
     1
 }
@@ -303,6 +380,12 @@ pub struct VmConfig {
     /// virtio-net NICs, after the disks.
     #[serde(default)]
     pub nets: Vec<NetConfig>,
+    /// A virtio-balloon device.
+    #[serde(default)]
+    pub balloon: Option<BalloonConfig>,
+    /// Which device is the console: serial (ttyS0) or virtio (hvc0).
+    #[serde(default)]
+    pub console: ConsoleKind,
 }
 
 /// Memory the guest must have at least: page tables, tables and a kernel.
@@ -324,6 +407,19 @@ impl VmConfig {
             rng: false,
             disks: Vec::new(),
             nets: Vec::new(),
+            balloon: None,
+            console: ConsoleKind::Serial,
+        }
+    }
+
+    /// The kernel command line to boot with: Vireo's default one names the
+    /// console device chosen (hvc0 for `--console virtio`); one the user
+    /// wrote is kept as it is.
+    pub fn effective_cmdline(&self) -> String {
+        if self.console == ConsoleKind::Virtio && self.cmdline == DEFAULT_CMDLINE {
+            DEFAULT_CMDLINE_VIRTIO_CONSOLE.to_string()
+        } else {
+            self.cmdline.clone()
         }
     }
 
@@ -457,6 +553,43 @@ mod tests {
             .parse::<NetConfig>()
             .unwrap_err()
             .contains("bridge"));
+    }
+
+    #[test]
+    fn balloon_options_parse() {
+        assert_eq!(
+            "".parse::<BalloonConfig>().unwrap(),
+            BalloonConfig::default()
+        );
+        let b: BalloonConfig = "deflate_on_oom=off,stats=on".parse().unwrap();
+        assert!(!b.deflate_on_oom && b.stats);
+        assert!("stats=maybe".parse::<BalloonConfig>().is_err());
+        assert!("size=64"
+            .parse::<BalloonConfig>()
+            .unwrap_err()
+            .contains("size"));
+        let t: VmConfig = toml::from_str("kernel = \"/k\"\n[balloon]\nstats = false\n").unwrap();
+        assert_eq!(
+            t.balloon,
+            Some(BalloonConfig {
+                deflate_on_oom: true,
+                stats: false
+            })
+        );
+        assert!(VmConfig::new("/k".into()).balloon.is_none());
+    }
+
+    #[test]
+    fn virtio_console_switches_only_the_default_cmdline() {
+        let mut c = VmConfig::new("/k".into());
+        assert_eq!(c.effective_cmdline(), DEFAULT_CMDLINE);
+        c.console = "virtio".parse().unwrap();
+        assert_eq!(c.effective_cmdline(), DEFAULT_CMDLINE_VIRTIO_CONSOLE);
+        c.cmdline = "console=ttyS0 console=hvc0".into();
+        assert_eq!(c.effective_cmdline(), "console=ttyS0 console=hvc0");
+        assert!("hvc".parse::<ConsoleKind>().is_err());
+        let j: VmConfig = serde_json::from_str(r#"{"kernel":"/k","console":"virtio"}"#).unwrap();
+        assert_eq!(j.console, ConsoleKind::Virtio);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The host terminal as the guest's serial console: raw mode, input
-//! forwarding, and the Ctrl-A escape (Ctrl-A X quits, Ctrl-A Ctrl-A sends Ctrl-A).
+//! The host terminal as the guest's console (COM1 or virtio-console): raw
+//! mode, input forwarding, and the Ctrl-A escape (Ctrl-A X quits, Ctrl-A
+//! Ctrl-A sends Ctrl-A).
 
 use std::io::Write;
 use std::sync::mpsc::Sender;
@@ -137,18 +138,37 @@ impl Drop for RawMode {
     }
 }
 
-/// Forwards stdin to the guest's serial port from a thread of its own.
+/// The device console input goes to.
+#[derive(Clone)]
+pub enum ConsoleTarget {
+    /// COM1's receive FIFO (input waits while it is full).
+    Serial(Arc<Mutex<Serial>>),
+    /// The virtio console's receive buffer (bounded; see
+    /// [`virtio::console::INPUT_BUFFER_MAX`]).
+    Virtio(virtio::console::ConsoleInput),
+}
+
+impl ConsoleTarget {
+    fn send(&self, bytes: &[u8]) {
+        match self {
+            ConsoleTarget::Serial(s) => send_all(s, bytes),
+            ConsoleTarget::Virtio(i) => i.push(bytes),
+        }
+    }
+}
+
+/// Forwards stdin to the guest's console from a thread of its own.
 /// Dropping it restores the terminal.
 pub struct StdinForwarder {
     _raw: Option<RawMode>,
 }
 
 impl StdinForwarder {
-    pub fn start(serial: Arc<Mutex<Serial>>, exits: Sender<VmExit>) -> Self {
+    pub fn start(target: ConsoleTarget, exits: Sender<VmExit>) -> Self {
         let raw = RawMode::enter();
         let spawned = std::thread::Builder::new()
             .name("stdin".into())
-            .spawn(move || forward(serial, exits));
+            .spawn(move || forward(target, exits));
         if let Err(e) = spawned {
             tracing::warn!("no console input: cannot start the stdin thread: {e}");
         }
@@ -156,7 +176,7 @@ impl StdinForwarder {
     }
 }
 
-fn forward(serial: Arc<Mutex<Serial>>, exits: Sender<VmExit>) {
+fn forward(target: ConsoleTarget, exits: Sender<VmExit>) {
     let mut esc = Escape::default();
     let mut buf = [0u8; 256];
     loop {
@@ -177,7 +197,7 @@ fn forward(serial: Arc<Mutex<Serial>>, exits: Sender<VmExit>) {
                     let _ = exits.send(VmExit::UserQuit);
                     return;
                 }
-                Key::Send(bytes) => send_all(&serial, &bytes),
+                Key::Send(bytes) => target.send(&bytes),
                 Key::None => {}
             }
         }

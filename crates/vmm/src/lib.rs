@@ -9,7 +9,7 @@ pub mod control;
 pub mod snapshot;
 mod vm;
 
-pub use config::{Accel, BootProtocol, MemSize, SerialMode, VmConfig};
+pub use config::{Accel, BootProtocol, ConsoleKind, MemSize, SerialMode, VmConfig};
 pub use control::{ControlError, RunState, VmControl};
 pub use vm::{Boot, DeviceInfo, RawBoot, RawMode, SnapshotSource, Vm, VmHandle, VmInfo, VmSpec};
 
@@ -95,7 +95,7 @@ pub enum VmmError {
     Conflict(String),
 }
 
-/// Where the serial console goes and whether the terminal feeds it.
+/// Where the console (serial or virtio) goes and whether the terminal feeds it.
 fn serial_output(mode: &SerialMode) -> Result<(Box<dyn std::io::Write + Send>, bool), VmmError> {
     Ok(match mode {
         SerialMode::Stdio => (Box::new(console::RawStdout), true),
@@ -128,7 +128,7 @@ fn run_vm(
     };
     let _console = if input {
         Some(console::StdinForwarder::start(
-            vm.serial(),
+            vm.console_input(),
             vm.exit_sender(),
         ))
     } else {
@@ -180,9 +180,15 @@ fn restore_spec(
     manifest: &snapshot::Manifest,
     accel: Accel,
 ) -> Result<VmSpec, VmmError> {
-    let (rng, mut disks, nets) = match &manifest.config {
-        Some(c) => (c.rng, c.disks.clone(), c.nets.clone()),
-        None => (false, Vec::new(), Vec::new()),
+    let (rng, mut disks, nets, balloon, console) = match &manifest.config {
+        Some(c) => (
+            c.rng,
+            c.disks.clone(),
+            c.nets.clone(),
+            c.balloon.clone(),
+            c.console,
+        ),
+        None => (false, Vec::new(), Vec::new(), None, ConsoleKind::Serial),
     };
     // The files the snapshot's disks were taken with, absolute (the
     // configuration may hold paths relative to another directory).
@@ -217,5 +223,7 @@ fn restore_spec(
         rng,
         disks,
         nets,
+        balloon,
+        console,
     })
 }

@@ -12,7 +12,7 @@ use hypervisor::{CpuState, Hypervisor, Vcpu, VcpuExit, VcpuKicker};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{Accel, BootProtocol, VmConfig};
+use crate::config::{Accel, BootProtocol, ConsoleKind, VmConfig};
 use crate::control::VmControl;
 use crate::{VmExit, VmmError};
 
@@ -67,6 +67,10 @@ pub struct VmSpec {
     pub disks: Vec<crate::config::DiskConfig>,
     /// virtio-net NICs on PCI.
     pub nets: Vec<crate::config::NetConfig>,
+    /// A virtio-balloon on PCI.
+    pub balloon: Option<crate::config::BalloonConfig>,
+    /// Which device gets the console output (and input).
+    pub console: ConsoleKind,
 }
 
 impl VmSpec {
@@ -79,10 +83,12 @@ impl VmSpec {
             rng: c.rng,
             disks: c.disks.clone(),
             nets: c.nets.clone(),
+            balloon: c.balloon,
+            console: c.console,
             boot: Boot::Linux {
                 kernel: c.kernel.clone(),
                 initrd: c.initrd.clone(),
-                cmdline: c.cmdline.clone(),
+                cmdline: c.effective_cmdline(),
                 protocol: c.boot,
             },
         })
@@ -159,12 +165,14 @@ pub struct VmHandle {
 /// A virtio function on PCI, named for messages.
 type VirtioFunction = (String, Arc<Mutex<virtio::VirtioPciDevice>>);
 
-/// What a snapshot needs of the PCI side.
+/// What a snapshot and the VMM need of the PCI side.
 struct PciSetup {
     bus: Arc<pci::PciBus>,
     config_io: pci::PciConfigIo,
     /// Every virtio function, in the order they were added.
     virtio: Vec<VirtioFunction>,
+    console_input: Option<virtio::console::ConsoleInput>,
+    balloon: Option<virtio::balloon::BalloonHandle>,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -174,6 +182,11 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl VmHandle {
     pub fn press_power_button(&self) {
         lock(&self.acpi_pm).press_power_button();
+    }
+
+    /// The virtio-balloon's host side, if the VM has one.
+    pub fn balloon(&self) -> Option<&virtio::balloon::BalloonHandle> {
+        self.pci.balloon.as_ref()
     }
 
     /// Write a paused VM to `dir` (a new directory).
@@ -313,6 +326,7 @@ pub struct Vm {
     exit_tx: Sender<VmExit>,
     exit_rx: Receiver<VmExit>,
     info: VmInfo,
+    console_input: Option<virtio::console::ConsoleInput>,
 }
 
 const COM1_BASE: u64 = 0x3f8;
@@ -340,6 +354,14 @@ impl Vm {
             }
         }
         let vm = hv.create_vm()?;
+        // A virtio console takes the host side; COM1 is then disconnected.
+        let (serial_out, console_out) = match spec.console {
+            ConsoleKind::Serial => (serial_out, None),
+            ConsoleKind::Virtio => (
+                Box::new(std::io::sink()) as Box<dyn Write + Send>,
+                Some(serial_out),
+            ),
+        };
 
         let memory = match &boot {
             Boot::Snapshot(snap) => crate::snapshot::map_memory(
@@ -431,7 +453,8 @@ impl Vm {
         for (base, len) in [(0x80, 0x10), (0xed, 1), (0x2f8, 8), (0x3e8, 8), (0x2e8, 8)] {
             add("ignored", base, len, sink.clone())?;
         }
-        let pci = setup_pci(&mut map, vm.clone(), &memory, &spec)?;
+        let mut pci = setup_pci(&mut map, vm.clone(), &memory, &spec, console_out)?;
+        let console_input = pci.console_input.take();
 
         // A restored VM's memory already holds everything: no boot image.
         let bsp_state = match &boot {
@@ -477,6 +500,7 @@ impl Vm {
             mmio: map.mmio,
             exit_tx,
             exit_rx,
+            console_input,
         })
     }
 
@@ -511,6 +535,15 @@ impl Vm {
 
     pub fn serial(&self) -> Arc<Mutex<devices::serial::Serial>> {
         self.handle.serial.clone()
+    }
+
+    /// Where console input goes: the virtio console when it is the
+    /// console, else COM1.
+    pub fn console_input(&self) -> crate::console::ConsoleTarget {
+        match &self.console_input {
+            Some(i) => crate::console::ConsoleTarget::Virtio(i.clone()),
+            None => crate::console::ConsoleTarget::Serial(self.serial()),
+        }
     }
 
     pub fn exit_sender(&self) -> Sender<VmExit> {
@@ -624,11 +657,13 @@ impl DeviceMap {
 
 /// PCI bus 0 (host bridge, configuration through 0xcf8/0xcfc and ECAM) and
 /// the virtio devices the VM asked for, with MSI-X through the backend.
+/// `console_out` is the console output when the console is virtio.
 fn setup_pci(
     map: &mut DeviceMap,
     vm: Arc<dyn hypervisor::Vm>,
     memory: &GuestMemoryMmap,
     spec: &VmSpec,
+    console_out: Option<Box<dyn Write + Send>>,
 ) -> Result<PciSetup, VmmError> {
     use arch::layout::{PCI_ECAM_BASE, PCI_ECAM_SIZE, PCI_MMIO32_END, PCI_MMIO32_START};
     let bus = Arc::new(pci::PciBus::new(map.mmio.clone(), map.pio.clone()));
@@ -706,10 +741,33 @@ fn setup_pci(
     if spec.rng {
         add_virtio("virtio-rng".into(), Box::new(virtio::rng::Rng::new()))?;
     }
+    let (mut console_input, mut balloon) = (None, None);
+    if let Some(out) = console_out {
+        let out = Mutex::new(out);
+        let output: virtio::console::ConsoleOutput = Arc::new(move |b: &[u8]| {
+            let mut o = lock(&out);
+            let _ = o.write_all(b).and_then(|()| o.flush());
+        });
+        let dev = virtio::console::Console::new(output)
+            .map_err(|e| VmmError::Device(format!("virtio-console: {e}")))?;
+        console_input = Some(dev.input());
+        add_virtio("virtio-console".into(), Box::new(dev))?;
+    }
+    if let Some(b) = &spec.balloon {
+        let dev = virtio::balloon::Balloon::new(virtio::balloon::BalloonOptions {
+            deflate_on_oom: b.deflate_on_oom,
+            stats: b.stats,
+        })
+        .map_err(|e| VmmError::Device(format!("virtio-balloon: {e}")))?;
+        balloon = Some(dev.handle());
+        add_virtio("virtio-balloon".into(), Box::new(dev))?;
+    }
     Ok(PciSetup {
         bus,
         config_io: cfg,
         virtio: functions,
+        console_input,
+        balloon,
     })
 }
 

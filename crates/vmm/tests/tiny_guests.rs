@@ -126,6 +126,8 @@ fn run_raw_with(accel: Accel, image: Vec<u8>, mode: RawMode, rng: bool) -> (VmEx
         rng,
         disks: Vec::new(),
         nets: Vec::new(),
+        balloon: None,
+        console: vmm::ConsoleKind::Serial,
         boot: Boot::Raw(RawBoot {
             load_addr: LOAD,
             image,

@@ -4,7 +4,7 @@
 
 use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -85,9 +85,20 @@ fn collect(mut r: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
 }
 
 impl Running {
-    pub fn spawn(mut cmd: Command) -> Self {
+    pub fn spawn(cmd: Command) -> Self {
+        Self::start(cmd, Stdio::null())
+    }
+
+    /// Like [`Running::spawn`], with stdin a pipe the caller writes to.
+    pub fn spawn_with_stdin(cmd: Command) -> (Self, ChildStdin) {
+        let mut r = Self::start(cmd, Stdio::piped());
+        let stdin = r.child.stdin.take().unwrap();
+        (r, stdin)
+    }
+
+    fn start(mut cmd: Command, stdin: Stdio) -> Self {
         let mut child = cmd
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
