@@ -181,13 +181,7 @@ fn restore_spec(
     accel: Accel,
 ) -> Result<VmSpec, VmmError> {
     let (rng, mut disks, nets, balloon, console) = match &manifest.config {
-        Some(c) => (
-            c.rng,
-            c.disks.clone(),
-            c.nets.clone(),
-            c.balloon.clone(),
-            c.console,
-        ),
+        Some(c) => (c.rng, c.disks.clone(), c.nets.clone(), c.balloon, c.console),
         None => (false, Vec::new(), Vec::new(), None, ConsoleKind::Serial),
     };
     // The files the snapshot's disks were taken with, absolute (the
