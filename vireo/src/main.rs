@@ -103,6 +103,13 @@ struct RestoreArgs {
     /// was made with [default: that one].
     #[arg(long, value_name = "kvm|emu")]
     accel: Option<Accel>,
+    /// Clone: create this qcow2 overlay over the snapshot's disk and run on
+    /// it, leaving the snapshot's disk unchanged (once per disk, in order).
+    #[arg(long, value_name = "PATH")]
+    overlay: Vec<PathBuf>,
+    /// Clone: use this tap for the snapshot's next NIC instead of its own.
+    #[arg(long, value_name = "NAME")]
+    tap: Vec<String>,
 }
 
 #[derive(Args)]
@@ -260,9 +267,14 @@ fn main() -> ExitCode {
         Command::Balloon(a) => balloon(&a),
         Command::Restore(a) => {
             let serial = a.serial.unwrap_or_default();
+            let clone = vmm::CloneOptions {
+                overlays: a.overlay,
+                taps: a.tap,
+            };
             finish(vmm::restore(
                 &a.from,
                 a.accel,
+                &clone,
                 &serial,
                 a.api_socket.as_deref(),
             ))

@@ -407,6 +407,65 @@ fn debian_counting_to_console_and_disk_continues_across_an_engine_snapshot() {
     let counted = counts(&before);
     assert!(counted.len() >= 5, "{before}");
 
+    // Clones first: two at once from the same snapshot, each on its own
+    // qcow2 overlay over the snapshot's disk. Each carries on the count on
+    // its own disk; the snapshot's disk stays as it was (the in-place
+    // restore below would refuse it otherwise).
+    let base_before = std::fs::read(&disk).unwrap();
+    let overlays = [dir.join("clone-a.qcow2"), dir.join("clone-b.qcow2")];
+    let mut clones: Vec<Running> = overlays
+        .iter()
+        .map(|o| {
+            let mut cmd = vireo();
+            cmd.args(["restore", "--from"])
+                .arg(&snap)
+                .arg("--overlay")
+                .arg(o);
+            Running::spawn(cmd)
+        })
+        .collect();
+    for (c, o) in clones.iter_mut().zip(&overlays) {
+        let code = c.wait_exit(Duration::from_secs(900));
+        let out = c.stdout_text();
+        assert_eq!(
+            code,
+            Some(0),
+            "clone {}:\n{out}\n{}",
+            o.display(),
+            c.stderr_text()
+        );
+        let all = counts(&format!("{before}{out}"));
+        assert_eq!(all, (1..=LAST_COUNT).collect::<Vec<_>>(), "clone:\n{out}");
+        let raw = o.with_extension("raw");
+        let conv = std::process::Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(o)
+            .arg(&raw)
+            .output()
+            .unwrap();
+        assert!(conv.status.success(), "{conv:?}");
+        let cat = std::process::Command::new("debugfs")
+            .args(["-R", "cat /count.txt"])
+            .arg(&raw)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&cat.stdout);
+        let on_disk: Vec<u64> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        assert_eq!(
+            on_disk,
+            (1..=LAST_COUNT).collect::<Vec<_>>(),
+            "clone disk: {text}"
+        );
+    }
+    assert!(
+        std::fs::read(&disk).unwrap() == base_before,
+        "a clone wrote to the snapshot's disk"
+    );
+    // A clone needs a new overlay, not an existing file.
+    let (code, err) = restore_output(&snap, &["--overlay", overlays[0].to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("already exists"), "{err}");
+
     std::thread::sleep(DOWNTIME);
     let mut cmd = vireo();
     cmd.args(["restore", "--from"]).arg(&snap);

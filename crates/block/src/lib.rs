@@ -145,6 +145,10 @@ pub trait DiskImage: Send {
     fn read_only(&self) -> bool;
     fn format(&self) -> ImageFormat;
     fn path(&self) -> &Path;
+    /// The image this one's unallocated parts read from (a qcow2 backing file).
+    fn backing(&self) -> Option<&dyn DiskImage> {
+        None
+    }
 }
 
 /// Check that `[offset, offset+len)` lies within a disk of `size` bytes.

@@ -1094,6 +1094,10 @@ impl DiskImage for Qcow2Image {
         self.size
     }
 
+    fn backing(&self) -> Option<&dyn DiskImage> {
+        self.backing.as_deref()
+    }
+
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), BlockError> {
         check_range(&self.path, self.size, offset, buf.len() as u64)?;
         let cs = self.cluster_size;

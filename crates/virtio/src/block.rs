@@ -193,16 +193,26 @@ impl VirtioDevice for Block {
             other => return Err(format!("a {} state for a virtio-blk device", other.name())),
         };
         let disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
-        let path = std::fs::canonicalize(disk.path())
+        let opened = std::fs::canonicalize(disk.path())
             .map_err(|e| format!("disk {}: {e}", disk.path().display()))?;
-        if path != s.path {
-            return Err(format!(
-                "the snapshot's disk is {}, this VM opened {}",
+        // The snapshot's own disk, or a clone's overlay straight over it
+        // (then the base is what must be unchanged).
+        let base_of_overlay = disk
+            .backing()
+            .filter(|_| opened != s.path)
+            .filter(|b| std::fs::canonicalize(b.path()).is_ok_and(|p| p == s.path));
+        let (path, format) = match base_of_overlay {
+            Some(b) => (s.path.clone(), b.format().name()),
+            None if opened == s.path => (opened, disk.format().name()),
+            None => {
+                return Err(format!(
+                "the snapshot's disk is {}, this VM opened {} (neither it nor an overlay over it)",
                 s.path.display(),
-                path.display()
-            ));
-        }
-        if disk.format().name() != s.format
+                opened.display()
+            ))
+            }
+        };
+        if format != s.format
             || self.capacity_sectors != s.capacity_sectors
             || self.read_only != s.read_only
             || self.id.as_slice() != s.serial.as_slice()
@@ -656,6 +666,21 @@ mod tests {
         std::fs::copy(&path, &other).unwrap();
         let e = open(&other, "s1").restore_state(&st).unwrap_err();
         assert!(e.contains("the snapshot's disk is"), "{e}");
+        // A clone: a qcow2 overlay straight over the snapshot's disk is
+        // accepted; one over another file is not.
+        let overlay = dir.join("clone.qcow2");
+        block::create_qcow2_overlay(&overlay, &path).unwrap();
+        let clone = |p: &std::path::Path| {
+            Block::new(
+                block::open(p, Some(block::ImageFormat::Qcow2), false).unwrap(),
+                "s1",
+            )
+        };
+        clone(&overlay).restore_state(&st).unwrap();
+        let stray = dir.join("stray.qcow2");
+        block::create_qcow2_overlay(&stray, &other).unwrap();
+        let e = clone(&stray).restore_state(&st).unwrap_err();
+        assert!(e.contains("neither it nor an overlay over it"), "{e}");
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::OpenOptions::new()
             .write(true)
@@ -663,6 +688,9 @@ mod tests {
             .and_then(|mut f| std::io::Write::write_all(&mut f, b"x"))
             .unwrap();
         let e = open(&path, "s1").restore_state(&st).unwrap_err();
+        assert!(e.contains("changed since the snapshot"), "{e}");
+        // ... and a clone over the changed base is refused as well.
+        let e = clone(&overlay).restore_state(&st).unwrap_err();
         assert!(e.contains("changed since the snapshot"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }

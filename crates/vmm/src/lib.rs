@@ -148,9 +148,20 @@ pub fn run(config: &VmConfig, api_socket: Option<&std::path::Path>) -> Result<Vm
 
 /// Start a VM from a snapshot directory in this process and run it.
 /// `accel`, if given, must be the accelerator the snapshot was made with.
+/// What makes a restored VM a clone: its own disk overlays and taps.
+#[derive(Debug, Clone, Default)]
+pub struct CloneOptions {
+    /// One new qcow2 overlay per disk, in the snapshot's disk order, over
+    /// the snapshot's disk (which then stays unchanged and shareable).
+    pub overlays: Vec<std::path::PathBuf>,
+    /// Taps for the snapshot's NICs, in order (missing ones keep theirs).
+    pub taps: Vec<String>,
+}
+
 pub fn restore(
     dir: &std::path::Path,
     accel: Option<Accel>,
+    clone: &CloneOptions,
     serial: &SerialMode,
     api_socket: Option<&std::path::Path>,
 ) -> Result<VmExit, VmmError> {
@@ -167,10 +178,50 @@ pub fn restore(
             manifest.accel,
         )));
     }
-    let spec = restore_spec(dir, &manifest, made_with)?;
+    let mut spec = restore_spec(dir, &manifest, made_with)?;
+    make_clone(&mut spec, clone)?;
     let (out, input) = serial_output(serial)?;
     let vm = Vm::new(spec, out)?;
     run_vm(vm, input, manifest.config, api_socket)
+}
+
+/// Point a restored VM's disks at new overlays and its NICs at other taps.
+fn make_clone(spec: &mut VmSpec, clone: &CloneOptions) -> Result<(), VmmError> {
+    if !clone.overlays.is_empty() && clone.overlays.len() != spec.disks.len() {
+        return Err(VmmError::Config(format!(
+            "{} overlays for a snapshot with {} disks: give one per disk, in order",
+            clone.overlays.len(),
+            spec.disks.len()
+        )));
+    }
+    if clone.taps.len() > spec.nets.len() {
+        return Err(VmmError::Config(format!(
+            "{} taps for a snapshot with {} NICs",
+            clone.taps.len(),
+            spec.nets.len()
+        )));
+    }
+    for (d, overlay) in spec.disks.iter_mut().zip(&clone.overlays) {
+        if overlay.exists() {
+            return Err(VmmError::Config(format!(
+                "overlay {} already exists: a clone starts from a new one",
+                overlay.display()
+            )));
+        }
+        block::qcow2::create_qcow2_overlay(overlay, &d.path).map_err(|e| {
+            VmmError::Config(format!(
+                "overlay {} over {}: {e}",
+                overlay.display(),
+                d.path.display()
+            ))
+        })?;
+        d.path = overlay.clone();
+        d.format = Some("qcow2".into());
+    }
+    for (n, tap) in spec.nets.iter_mut().zip(&clone.taps) {
+        n.tap = tap.clone();
+    }
+    Ok(())
 }
 
 /// The VM a snapshot needs: its memory and vCPUs, and the devices its
