@@ -13,6 +13,9 @@ use anyhow::{bail, Context, Result};
 /// The MAC both VMMs give the guest's NIC.
 pub const GUEST_MAC: &str = "52:54:00:12:34:56";
 
+/// How long a VMM may take to exit after the guest says it powers off.
+pub const EXIT_GRACE: Duration = Duration::from_secs(30);
+
 /// How guest code runs: Vireo's engine beside QEMU's TCG, or KVM in both.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 pub enum Accel {
@@ -160,21 +163,23 @@ pub struct Finished {
     pub start: Instant,
     /// When the VMM exited (or was killed).
     pub end: Instant,
-    /// None: killed after the time limit.
     pub status: Option<ExitStatus>,
+    /// Why the VMM was killed, if it was.
+    pub hung: Option<String>,
     pub stderr: String,
 }
 
 impl Finished {
     /// Why the run did not end with the guest powering off, if it did not.
     pub fn failure(&self) -> Option<String> {
-        let why = match self.status {
-            None => "timed out (killed)".to_string(),
-            Some(s) if s.success() => return None,
-            Some(s) => format!(
+        let why = match (&self.hung, self.status) {
+            (Some(h), _) => h.clone(),
+            (None, Some(s)) if s.success() => return None,
+            (None, Some(s)) => format!(
                 "exit {}",
                 s.code().map_or("by signal".into(), |c| c.to_string())
             ),
+            (None, None) => "its exit status was lost".into(),
         };
         let err = self
             .stderr
@@ -241,30 +246,44 @@ impl Console {
     }
 
     /// Collect the console until the VMM closes it, at most `limit` after
-    /// the start (then kill the VMM).
+    /// the start, and at most [`EXIT_GRACE`] after the guest said it powers
+    /// off (then kill the VMM).
     pub fn finish(mut self, limit: Duration) -> Finished {
-        let deadline = self.start + limit;
-        let mut lines = Vec::new();
-        let mut killed = false;
+        let mut deadline = self.start + limit;
+        let mut lines: Vec<(Instant, String)> = Vec::new();
+        let mut hung = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(l) => lines.push(l),
+                Ok(l) => {
+                    if l.1.contains("VIREO-INIT: poweroff") || l.1.contains("VIREO-INIT: reboot") {
+                        deadline = deadline.min(l.0 + EXIT_GRACE);
+                    }
+                    lines.push(l);
+                }
                 Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {
                     let _ = self.child.kill();
-                    killed = true;
+                    hung = Some(if deadline < self.start + limit {
+                        format!(
+                            "the VMM did not exit within {} s of the guest's poweroff (killed)",
+                            EXIT_GRACE.as_secs()
+                        )
+                    } else {
+                        format!("timed out after {} s (killed)", limit.as_secs())
+                    });
                     break;
                 }
             }
         }
-        let status = self.child.wait().ok().filter(|_| !killed);
+        let status = self.child.wait().ok();
         let end = Instant::now();
         Finished {
             lines,
             start: self.start,
             end,
             status,
+            hung,
             stderr: self.stderr.join().unwrap_or_default(),
         }
     }

@@ -257,13 +257,16 @@ fn measure(
     cols
 }
 
-/// The console's report; an error if the VM failed and reported nothing.
+/// The console's report (with the VMM's failure, if any, as an error named
+/// `vmm`); an error if the VM failed and reported nothing.
 fn report_of(f: &Finished) -> Result<IoReport> {
-    let report = parse_io(&f.lines);
+    let mut report = parse_io(&f.lines);
     if let Some(why) = f.failure() {
         if report.figures.is_empty() && report.errors.is_empty() {
             bail!("{why}");
         }
+        // The figures stand; say what went wrong after them.
+        report.errors.push(("vmm".into(), why));
     }
     if report.figures.is_empty() && report.errors.is_empty() {
         bail!(
