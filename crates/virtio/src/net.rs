@@ -257,6 +257,7 @@ impl NetWorker {
                     Ok(_) => continue, // runt from the backend: skip it
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         let _ = self.rearm.write(1);
+                        done.stalled = true;
                         return Ok(done);
                     }
                     Err(e) => {
@@ -446,6 +447,20 @@ mod tests {
         assert_eq!(ring.used(&m, 0), (0, 0));
     }
 
+    /// Receive buffers posted and nothing to receive: the worker must not
+    /// spin on the queue (it did, starving the transmit queue and never
+    /// seeing a reset: guest TX never reached the tap and the VMM hung at
+    /// the guest's poweroff).
+    #[test]
+    fn idle_receive_with_buffers_posted_stalls() {
+        let (mut w, _host, m) = setup();
+        let mut ring = Ring::new(0x1000);
+        let mut q = VirtQueue::new(&m, QUEUE_SIZE, ring.cfg(), false, false).unwrap();
+        ring.add(&m, 0x8000, 2048, true);
+        let done = w.process_queue(RX_QUEUE, &mut q, &m).unwrap();
+        assert!(done.stalled && !done.used);
+    }
+
     #[test]
     fn receive_waits_for_buffers_and_keeps_the_frame() {
         let (mut w, host, m) = setup();
@@ -465,7 +480,8 @@ mod tests {
         // A buffer arrives: the kept frame goes in, with num_buffers = 1.
         ring.add(&m, 0x8000, 2048, true);
         let done = w.process_queue(RX_QUEUE, &mut q, &m).unwrap();
-        assert!(done.used && !done.stalled);
+        // ... and the backend is empty: stalled until the relay wakes us.
+        assert!(done.used && done.stalled);
         assert_eq!(ring.used(&m, 0), (0, f.len() as u32));
         let mut got = vec![0u8; f.len()];
         m.read_slice(&mut got, GuestAddress(0x8000)).unwrap();
