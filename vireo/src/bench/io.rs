@@ -184,10 +184,12 @@ impl Column {
         let mut out: Vec<String> = self.failures.clone();
         for r in &self.runs {
             for (n, m) in &r.errors {
-                out.push(format!("{n}: {m}"));
+                let note = format!("{n}: {m}");
+                if !out.contains(&note) {
+                    out.push(note);
+                }
             }
         }
-        out.dedup();
         out.into_iter()
             .map(|m| format!("{}: {m}", self.title))
             .collect()
@@ -452,15 +454,6 @@ impl Drop for Netns {
     }
 }
 
-/// The host's ends of the two transfers.
-#[derive(Default)]
-struct Peer {
-    /// What the host received from the guest (first byte to EOF).
-    received: Option<Sample>,
-    /// What the host sent to the guest (accept to close).
-    sent: Option<Sample>,
-}
-
 /// Accept one connection on `l`, or give up when `stop` is set.
 fn accept(l: &TcpListener, stop: &AtomicBool) -> Result<Option<TcpStream>> {
     loop {
@@ -482,71 +475,87 @@ fn accept(l: &TcpListener, stop: &AtomicBool) -> Result<Option<TcpStream>> {
     }
 }
 
-/// Serve one guest from inside namespace `ns`: take its upload on
-/// UP_PORT, then send to it for `secs` on DOWN_PORT.
-fn peer(ns: &str, secs: u64, stop: Arc<AtomicBool>) -> Result<Peer> {
-    let f = std::fs::File::open(format!("/run/netns/{ns}"))?;
-    // SAFETY: setns on this thread only, with a namespace fd we opened.
-    if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
-        bail!("setns: {}", std::io::Error::last_os_error());
-    }
-    let bind = |port: u16| -> Result<TcpListener> {
-        let l = TcpListener::bind(("0.0.0.0", port))?;
-        l.set_nonblocking(true)?;
-        Ok(l)
+/// The guest's upload: what arrives on one connection on `l`, timed from
+/// its first byte to EOF (then the close tells the guest it all arrived).
+fn take_upload(l: TcpListener, stop: &AtomicBool) -> Result<Option<Sample>> {
+    let Some(mut s) = accept(&l, stop)? else {
+        return Ok(None);
     };
-    let (up, down) = (bind(UP_PORT)?, bind(DOWN_PORT)?);
-    let mut peer = Peer::default();
     let mut buf = vec![0u8; 128 << 10];
-    if let Some(mut s) = accept(&up, &stop)? {
-        let (mut bytes, mut ops, mut first) = (0u64, 0u64, None);
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    first.get_or_insert_with(Instant::now);
-                    bytes += n as u64;
-                    ops += 1;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => bail!("receiving from the guest: {e}"),
+    let (mut bytes, mut ops, mut first) = (0u64, 0u64, None);
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                first.get_or_insert_with(Instant::now);
+                bytes += n as u64;
+                ops += 1;
             }
-        }
-        if let Some(t) = first {
-            peer.received = Some(Sample {
-                ops,
-                bytes,
-                time: t.elapsed(),
-            });
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => bail!("receiving from the guest: {e}"),
         }
     }
-    buf.fill(0x5a);
-    if let Some(mut s) = accept(&down, &stop)? {
-        let start = Instant::now();
-        let (mut bytes, mut ops) = (0u64, 0u64);
-        while start.elapsed() < Duration::from_secs(secs) {
-            match s.write(&buf) {
-                Ok(n) => {
-                    bytes += n as u64;
-                    ops += 1;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => bail!("sending to the guest: {e}"),
+    Ok(first.map(|t| Sample {
+        ops,
+        bytes,
+        time: t.elapsed(),
+    }))
+}
+
+/// The guest's download: send on one connection on `l` for `secs`, then
+/// close, timed from accept to close.
+fn give_download(l: TcpListener, secs: u64, stop: &AtomicBool) -> Result<Option<Sample>> {
+    let Some(mut s) = accept(&l, stop)? else {
+        return Ok(None);
+    };
+    let buf = vec![0x5au8; 128 << 10];
+    let start = Instant::now();
+    let (mut bytes, mut ops) = (0u64, 0u64);
+    while start.elapsed() < Duration::from_secs(secs) {
+        match s.write(&buf) {
+            Ok(n) => {
+                bytes += n as u64;
+                ops += 1;
             }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => bail!("sending to the guest: {e}"),
         }
-        drop(s);
-        peer.sent = Some(Sample {
-            ops,
-            bytes,
-            time: start.elapsed(),
-        });
     }
-    Ok(peer)
+    drop(s);
+    Ok(Some(Sample {
+        ops,
+        bytes,
+        time: start.elapsed(),
+    }))
+}
+
+/// Listen on UP_PORT and DOWN_PORT inside namespace `ns` (the sockets stay
+/// in it whichever thread serves them).
+fn listen_in(ns: &str) -> Result<(TcpListener, TcpListener)> {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/run/netns/{ns}"))?;
+        // SAFETY: setns on this short-lived thread only, with a namespace
+        // fd we opened.
+        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns: {}", std::io::Error::last_os_error());
+        }
+        let bind = |port: u16| -> Result<TcpListener> {
+            let l = TcpListener::bind(("0.0.0.0", port))
+                .with_context(|| format!("listening on port {port} in {ns}"))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        };
+        Ok((bind(UP_PORT)?, bind(DOWN_PORT)?))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the listening thread panicked"))?
 }
 
 /// One guest on a tap in `ns`: give the host side its address once the
 /// VMM has made the tap, serve the transfers, collect the figures.
 fn net_once(ns: &Netns, tap: &str, cmd: Command, secs: u64, limit: Duration) -> Result<IoReport> {
+    let (up, down) = listen_in(&ns.0)?;
     let mut vm = Console::spawn(ns.wrap(&cmd))?;
     let start = Instant::now();
     let tap_up = loop {
@@ -561,33 +570,40 @@ fn net_once(ns: &Netns, tap: &str, cmd: Command, secs: u64, limit: Duration) -> 
         std::thread::sleep(Duration::from_millis(50));
     };
     let stop = Arc::new(AtomicBool::new(false));
-    let server = {
-        let (ns, stop) = (ns.0.clone(), stop.clone());
-        std::thread::spawn(move || peer(&ns, secs, stop))
+    let upload = {
+        let stop = stop.clone();
+        std::thread::spawn(move || take_upload(up, &stop))
+    };
+    let download = {
+        let stop = stop.clone();
+        std::thread::spawn(move || give_download(down, secs, &stop))
     };
     if tap_up.is_err() {
         vm.kill();
     }
     let finished = vm.finish(limit);
     stop.store(true, Ordering::Relaxed);
-    let served = server
-        .join()
-        .map_err(|_| anyhow::anyhow!("the host side panicked"))?;
+    let served = |t: std::thread::JoinHandle<Result<Option<Sample>>>| {
+        t.join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the host side panicked")))
+    };
+    let (upload, download) = (served(upload), served(download));
     if let Err(e) = tap_up {
         let why = finished.failure().unwrap_or_default();
         bail!("{e:#} {why}");
     }
     let mut report = report_of(&finished)?;
-    match served {
-        Ok(p) => {
-            if let Some(f) = report.figure_mut("tcp-send") {
-                f.host = p.received;
+    for (name, host) in [("tcp-send", upload), ("tcp-recv", download)] {
+        match host {
+            Ok(sample) => {
+                if let Some(f) = report.figure_mut(name) {
+                    f.host = sample;
+                }
             }
-            if let Some(f) = report.figure_mut("tcp-recv") {
-                f.host = p.sent;
-            }
+            Err(e) => report
+                .errors
+                .push((name.into(), format!("host side: {e:#}"))),
         }
-        Err(e) => report.errors.push(("host".into(), format!("{e:#}"))),
     }
     Ok(report)
 }
