@@ -16,9 +16,11 @@ PACKAGES=(
     dpkg            # dpkg -x unpacks the downloaded .debs
     e2fsprogs       # mkfs.ext4 for disk images built by tests
     file            # identifies the extracted vmlinux as an ELF64
+    gcc             # builds guest/vireo-io.c (static) into the initramfs
     gzip            # compresses the initramfs
     iproute2        # ip netns/link/addr for the network tests (crates/net)
     iputils-ping    # ping from a test network namespace (crates/net)
+    libc6-dev       # static libc for guest/vireo-io.c
     kmod            # depmod writes the modules.dep that busybox modprobe reads
     lz4             # the Debian cloud kernel is LZ4-compressed; vmlinux extraction
     perl-base       # deterministic test data generator (essential; listed for clarity)

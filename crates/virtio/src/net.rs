@@ -472,6 +472,20 @@ mod tests {
         assert_eq!(ring.used(&m, 0), (0, 0));
     }
 
+    /// Receive buffers posted and nothing to receive: the worker must not
+    /// spin on the queue (it did, starving the transmit queue and never
+    /// seeing a reset: guest TX never reached the tap and the VMM hung at
+    /// the guest's poweroff).
+    #[test]
+    fn idle_receive_with_buffers_posted_stalls() {
+        let (mut w, _host, m) = setup();
+        let mut ring = Ring::new(0x1000);
+        let mut q = VirtQueue::new(&m, QUEUE_SIZE, ring.cfg(), false, false).unwrap();
+        ring.add(&m, 0x8000, 2048, true);
+        let done = w.process_queue(RX_QUEUE, &mut q, &m).unwrap();
+        assert!(done.stalled && !done.used);
+    }
+
     #[test]
     fn receive_waits_for_buffers_and_keeps_the_frame() {
         let (mut w, host, m) = setup();

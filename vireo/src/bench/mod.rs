@@ -4,6 +4,13 @@
 //! tiny guest writes to its serial port (its first instructions), and the
 //! VMM's resident memory beyond guest RAM while that guest idles. The guest
 //! is a PVH ELF made here, so both VMMs load the same file.
+//!
+//! `boot`, `blk` and `net` run the Debian test guest (guest/build.sh) under
+//! both VMMs with the same kernel, initramfs and accelerator kind (see
+//! `guest`); `blk` and `net` are in `io`.
+
+mod guest;
+mod io;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -14,22 +21,33 @@ use anyhow::{bail, Context, Result};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Which benchmark: startup (VMM start and overhead beside QEMU) or
-    /// snapshot (snapshot and restore times for 256 MiB and 2 GiB guests).
+    /// Which benchmark: startup (VMM start and overhead), snapshot (snapshot
+    /// and restore times for 256 MiB and 2 GiB guests), boot (Debian boot and
+    /// a shell loop), blk (virtio-blk throughput and IOPS in the guest) or
+    /// net (virtio-net TCP throughput both ways through a tap; needs root).
     #[arg(default_value = "startup")]
     which: String,
-    /// Runs per VMM (the median is printed).
-    #[arg(long, default_value_t = 20)]
-    runs: usize,
+    /// Runs per VMM (the median is printed) [default: 20; blk and net: 3].
+    #[arg(long)]
+    runs: Option<usize>,
     /// Peer binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: String,
-    /// Guest images for `boot` (guest/build.sh output) [default: $VIREO_GUEST_DIR or guest/out].
+    /// Guest images for boot, blk and net (guest/build.sh output) [default: $VIREO_GUEST_DIR or guest/out].
     #[arg(long, value_name = "DIR")]
     guest_dir: Option<PathBuf>,
-    /// Accelerator for `snapshot`: kvm or emu [default: kvm].
-    #[arg(long, value_name = "kvm|emu")]
-    accel: Option<String>,
+    /// boot, blk and net: emu (Vireo's engine beside QEMU TCG) or kvm (both on KVM).
+    #[arg(long, value_enum, default_value = "emu")]
+    accel: guest::Accel,
+    /// blk: the disk image format, raw or qcow2 (the same image for both VMMs).
+    #[arg(long, default_value = "raw")]
+    format: String,
+    /// blk and net: seconds per test, on the guest's clock.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// boot, blk and net: seconds before a VM that has not finished is killed.
+    #[arg(long, default_value_t = 900)]
+    timeout: u64,
 }
 
 const GUEST_MEM_MIB: u64 = 64;
@@ -122,7 +140,7 @@ fn measure_once(mut cmd: Command) -> Result<Sample> {
     })
 }
 
-fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
+pub(super) fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
     v.sort();
     v[v.len() / 2]
 }
@@ -150,14 +168,29 @@ fn series(name: &str, runs: usize, make: &dyn Fn() -> Command) -> String {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    if args.runs == 0 {
-        bail!("--runs must be at least 1");
+    let runs = match (args.runs, args.which.as_str()) {
+        (Some(0), _) => bail!("--runs must be at least 1"),
+        (Some(n), _) => n,
+        (None, "blk" | "net") => 3,
+        (None, _) => 20,
+    };
+    if !(1..=3600).contains(&args.seconds) {
+        bail!("--seconds must be 1 to 3600");
+    }
+    if cfg!(debug_assertions) && args.which != "snapshot" {
+        eprintln!(
+            "note: a debug build of vireo; build with --release for figures that mean something"
+        );
     }
     match args.which.as_str() {
-        "startup" => startup(&args),
-        "snapshot" => snapshot(&args),
-        "boot" => boot(&args),
-        other => bail!("unknown benchmark '{other}' (available: startup, snapshot, boot)"),
+        "startup" => startup(&args, runs),
+        "snapshot" => snapshot(&args, runs),
+        "boot" => boot(&args, runs),
+        "blk" => io::blk(&args, runs),
+        "net" => io::net(&args, runs),
+        other => {
+            bail!("unknown benchmark '{other}' (available: startup, snapshot, boot, blk, net)")
+        }
     }
 }
 
@@ -194,19 +227,15 @@ fn wait_socket(sock: &Path) -> Result<()> {
 /// KVM or the engine: snapshot = the API call on a paused VM (memory
 /// written out, sparsely); restore = spawning `vireo restore` to the
 /// restored guest's first letter.
-fn snapshot(args: &BenchArgs) -> Result<()> {
-    let accel = args.accel.as_deref().unwrap_or("kvm");
-    if !matches!(accel, "kvm" | "emu") {
-        bail!("--accel {accel}: the snapshot benchmark runs under kvm or emu");
-    }
+fn snapshot(args: &BenchArgs, runs: usize) -> Result<()> {
+    let accel = args.accel.vireo();
     let vireo: PathBuf = std::env::current_exe()?;
     let dir = std::env::temp_dir().join(format!("vireo-bench-snap-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let elf = dir.join("letters.elf");
     std::fs::write(&elf, arch::tiny_elf::letters_guest(2_000))?;
     println!(
-        "snapshot/restore under --accel {accel} (median of {} runs); restore = spawn to the restored guest's first serial byte",
-        args.runs
+        "snapshot/restore under --accel {accel} (median of {runs} runs); restore = spawn to the restored guest's first serial byte",
     );
     println!(
         "{:<12} {:>14} {:>14} {:>18} {:>18}",
@@ -215,7 +244,7 @@ fn snapshot(args: &BenchArgs) -> Result<()> {
     for mib in [256u64, 2048] {
         let (mut snaps, mut restores, mut rss, mut data) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for run in 0..args.runs {
+        for run in 0..runs {
             let sock = dir.join(format!("s{mib}-{run}.sock"));
             let snap = dir.join(format!("snap{mib}-{run}"));
             let mut src = Command::new(&vireo)
@@ -285,22 +314,18 @@ struct BootSample {
     work: f64,
 }
 
-fn boot_once(mut cmd: Command) -> Result<BootSample> {
-    let start = Instant::now();
-    let out = cmd
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .context("running the VMM")?;
-    let wall = start.elapsed();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
+fn boot_once(cmd: Command, limit: Duration) -> Result<BootSample> {
+    let f = guest::Console::spawn(cmd)?.finish(limit);
+    let wall = f.end - f.start;
+    let line = f
+        .lines
+        .iter()
+        .map(|(_, l)| l)
         .find(|l| l.starts_with("VIREO-WORK"))
         .with_context(|| {
             format!(
-                "the guest did not finish its workload (exit {:?})",
-                out.status.code()
+                "the guest did not finish its workload ({})",
+                f.failure().unwrap_or_else(|| "exit 0".into())
             )
         })?;
     let nums: Vec<f64> = line
@@ -317,11 +342,16 @@ fn boot_once(mut cmd: Command) -> Result<BootSample> {
     })
 }
 
-fn boot_series(name: &str, runs: usize, make: &dyn Fn() -> Command) -> String {
+fn boot_series(
+    name: &str,
+    runs: usize,
+    make: &dyn Fn() -> Result<Command>,
+    limit: Duration,
+) -> String {
     let mut walls = Vec::new();
     let mut works = Vec::new();
     for _ in 0..runs {
-        match boot_once(make()) {
+        match make().and_then(|c| boot_once(c, limit)) {
             Ok(s) => {
                 walls.push(s.wall);
                 works.push((s.work * 1000.0) as u64);
@@ -337,67 +367,30 @@ fn boot_series(name: &str, runs: usize, make: &dyn Fn() -> Command) -> String {
 }
 
 /// Boot Debian's bzImage with the test initramfs to power-off, and time a
-/// CPU-bound shell loop inside, on Vireo's engine and on QEMU's TCG.
-fn boot(args: &BenchArgs) -> Result<()> {
-    let g = args
-        .guest_dir
-        .clone()
-        .or_else(|| std::env::var_os("VIREO_GUEST_DIR").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("guest/out"));
-    let (kernel, initrd) = (g.join("vmlinuz"), g.join("initramfs.cpio.gz"));
-    if !kernel.exists() || !initrd.exists() {
-        bail!("no guest images in {} (run guest/build.sh)", g.display());
-    }
-    let append = format!("console=ttyS0 quiet reboot=k panic=-1 vireo.cmd=\"{WORKLOAD}\"");
-    let vireo: PathBuf = std::env::current_exe()?;
+/// CPU-bound shell loop inside, on Vireo and on QEMU (engine beside TCG,
+/// or both on KVM).
+fn boot(args: &BenchArgs, runs: usize) -> Result<()> {
+    let g = guest::Guest::new(args.guest_dir.as_deref(), WORKLOAD)?;
+    let limit = Duration::from_secs(args.timeout);
     println!(
-        "boot: Debian bzImage + initramfs to power-off (wall) and a 20k-iteration shell loop (guest clock), median of {} runs",
-        args.runs
+        "boot: Debian bzImage + initramfs to power-off (wall) and a 20k-iteration shell loop (guest clock), median of {runs} runs"
     );
     println!("{:<36} {:>11} {:>16}", "VMM", "boot+off", "shell loop");
-    let v = || {
-        let mut c = Command::new(&vireo);
-        c.args(["run", "--accel", "emu", "--memory", "512M", "--kernel"])
-            .arg(&kernel)
-            .arg("--initrd")
-            .arg(&initrd)
-            .arg("--cmdline")
-            .arg(&append);
-        c
-    };
-    println!("{}", boot_series("vireo --accel emu", args.runs, &v));
-    if has_binary(&args.qemu) {
-        let q = || {
-            let mut c = Command::new(&args.qemu);
-            c.args([
-                "-accel",
-                "tcg",
-                "-M",
-                "pc",
-                "-m",
-                "512",
-                "-nographic",
-                "-no-reboot",
-            ])
-            .arg("-kernel")
-            .arg(&kernel)
-            .arg("-initrd")
-            .arg(&initrd)
-            .arg("-append")
-            .arg(&append);
-            c
-        };
-        println!("{}", boot_series("qemu -M pc -accel tcg", args.runs, &q));
+    let [vname, qname] = args.accel.names();
+    println!(
+        "{}",
+        boot_series(&vname, runs, &|| g.vireo(args.accel), limit)
+    );
+    if guest::has_binary(&args.qemu) {
+        let q = || Ok(g.qemu(&args.qemu, args.accel));
+        println!("{}", boot_series(&qname, runs, &q, limit));
     } else {
-        println!(
-            "{:<36} not installed ({})",
-            "qemu -M pc -accel tcg", args.qemu
-        );
+        println!("{qname:<36} not installed ({})", args.qemu);
     }
     Ok(())
 }
 
-fn startup(args: &BenchArgs) -> Result<()> {
+fn startup(args: &BenchArgs, runs: usize) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("vireo-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let elf = dir.join("tiny-pvh.elf");
@@ -407,7 +400,7 @@ fn startup(args: &BenchArgs) -> Result<()> {
 
     println!(
         "startup: spawn -> first guest serial byte (median of {} runs), VMM RSS beyond {GUEST_MEM_MIB} MiB guest RAM",
-        args.runs
+        runs
     );
     println!(
         "{:<44} {:>12} {:>20}",
@@ -424,22 +417,16 @@ fn startup(args: &BenchArgs) -> Result<()> {
             c
         }
     };
-    println!(
-        "{}",
-        series("vireo --accel kvm", args.runs, &vireo_cmd("kvm"))
-    );
-    println!(
-        "{}",
-        series("vireo --accel emu", args.runs, &vireo_cmd("emu"))
-    );
+    println!("{}", series("vireo --accel kvm", runs, &vireo_cmd("kvm")));
+    println!("{}", series("vireo --accel emu", runs, &vireo_cmd("emu")));
     for accel in ["kvm", "tcg"] {
         let name = format!("qemu -M microvm -accel {accel}");
-        if !has_binary(&args.qemu) {
+        if !guest::has_binary(&args.qemu) {
             println!("{name:<44} not installed ({})", args.qemu);
             continue;
         }
         let q = qemu_cmd(&args.qemu, accel, &elf, &mem);
-        println!("{}", series(&name, args.runs, &q));
+        println!("{}", series(&name, runs, &q));
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
@@ -467,16 +454,6 @@ fn qemu_cmd(qemu: &str, accel: &'static str, elf: &Path, mem: &str) -> impl Fn()
         .arg(&elf);
         c
     }
-}
-
-fn has_binary(name: &str) -> bool {
-    Command::new(name)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
 }
 
 #[cfg(test)]

@@ -1,0 +1,349 @@
+/*
+ * vireo-io: the guest side of `vireo bench blk` and `vireo bench net`.
+ * Built static by guest/build.sh into the initramfs as /bin/vireo-io.
+ *
+ *   vireo-io blk DEV read|write|randread|randwrite BS QD SECONDS
+ *       O_DIRECT I/O on DEV for SECONDS (guest clock) with QD requests in
+ *       flight (Linux native AIO), BS bytes each; sequential modes wrap at
+ *       the end of DEV, random ones pick BS-aligned offsets uniformly.
+ *   vireo-io tcp-send IP PORT SECONDS
+ *       connect, send for SECONDS, shut down the write side and wait for the
+ *       peer to close (so the time covers delivery).
+ *   vireo-io tcp-recv IP PORT
+ *       connect and read until the peer closes.
+ *
+ * Output, one line each, on stdout:
+ *   VIREO-IO-BEGIN NAME                     when the measured phase starts
+ *   VIREO-IO NAME ops=N bytes=N ns=N        when it ends (guest clock)
+ *   VIREO-IO-ERROR NAME message             on failure (exit status 1)
+ * NAME is the mode (read, randwrite, tcp-send...). The host times the
+ * BEGIN and result lines as they arrive on the console, for a wall-clock
+ * figure beside the guest's own.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/aio_abi.h>
+#include <linux/fs.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_QD 256
+#define NET_BUF (128 * 1024)
+/* How long to keep trying to connect (the host may still be setting up). */
+#define CONNECT_SECONDS 30
+
+static const char *name = "?";
+
+static void fail(const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    printf("VIREO-IO-ERROR %s %s\n", name, msg);
+    fflush(stdout);
+    exit(1);
+}
+
+static void on_alarm(int sig)
+{
+    (void)sig;
+    char msg[160];
+    int n = snprintf(msg, sizeof msg, "VIREO-IO-ERROR %s timed out (no progress)\n", name);
+    if (n > 0)
+        (void)!write(1, msg, (size_t)n);
+    _exit(1);
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t parse_u64(const char *s, const char *what)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 0);
+    if (errno || end == s)
+        fail("bad %s '%s'", what, s);
+    switch (*end) {
+    case 'k': case 'K': v <<= 10; end++; break;
+    case 'm': case 'M': v <<= 20; end++; break;
+    }
+    if (*end)
+        fail("bad %s '%s'", what, s);
+    return v;
+}
+
+static void begin(void)
+{
+    printf("VIREO-IO-BEGIN %s\n", name);
+    fflush(stdout);
+}
+
+static void result(uint64_t ops, uint64_t bytes, uint64_t ns)
+{
+    printf("VIREO-IO %s ops=%llu bytes=%llu ns=%llu\n", name, (unsigned long long)ops,
+           (unsigned long long)bytes, (unsigned long long)ns);
+    fflush(stdout);
+}
+
+/* ---- block ---------------------------------------------------------------- */
+
+static uint64_t rng_state = 0x5649524f494f3031ull;
+static uint64_t xorshift(void)
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return rng_state;
+}
+
+static int blk(int argc, char **argv)
+{
+    if (argc != 7)
+        fail("usage: vireo-io blk DEV read|write|randread|randwrite BS QD SECONDS");
+    const char *dev = argv[2];
+    name = argv[3];
+    int write_mode = !strcmp(name, "write") || !strcmp(name, "randwrite");
+    int random = !strcmp(name, "randread") || !strcmp(name, "randwrite");
+    if (!write_mode && !random && strcmp(name, "read"))
+        fail("unknown mode (read, write, randread, randwrite)");
+    uint64_t bs = parse_u64(argv[4], "block size");
+    uint64_t qd = parse_u64(argv[5], "queue depth");
+    uint64_t secs = parse_u64(argv[6], "seconds");
+    if (bs < 512 || bs % 512 || bs > (64 << 20))
+        fail("block size %llu: a multiple of 512 up to 64M", (unsigned long long)bs);
+    if (qd < 1 || qd > MAX_QD)
+        fail("queue depth %llu: 1 to %d", (unsigned long long)qd, MAX_QD);
+    if (secs < 1 || secs > 3600)
+        fail("seconds %llu: 1 to 3600", (unsigned long long)secs);
+
+    int fd = open(dev, (write_mode ? O_RDWR : O_RDONLY) | O_DIRECT);
+    if (fd < 0)
+        fail("open %s: %s", dev, strerror(errno));
+    uint64_t size = 0;
+    struct stat st;
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode))
+        size = (uint64_t)st.st_size;
+    else if (ioctl(fd, BLKGETSIZE64, &size) != 0)
+        fail("size of %s: %s", dev, strerror(errno));
+    uint64_t blocks = size / bs;
+    if (blocks < qd)
+        fail("%s is too small (%llu bytes) for %llu requests of %llu bytes", dev,
+             (unsigned long long)size, (unsigned long long)qd, (unsigned long long)bs);
+
+    aio_context_t ctx = 0;
+    if (syscall(SYS_io_setup, (unsigned)qd, &ctx) != 0)
+        fail("io_setup: %s", strerror(errno));
+    static struct iocb cbs[MAX_QD];
+    struct iocb *ptrs[MAX_QD];
+    struct io_event events[MAX_QD];
+    uint64_t next = 0;
+    for (uint64_t i = 0; i < qd; i++) {
+        void *buf;
+        if (posix_memalign(&buf, 4096, bs))
+            fail("out of memory");
+        memset(buf, write_mode ? 0x5a ^ (int)i : 0, bs);
+        memset(&cbs[i], 0, sizeof cbs[i]);
+        cbs[i].aio_fildes = (uint32_t)fd;
+        cbs[i].aio_lio_opcode = write_mode ? IOCB_CMD_PWRITE : IOCB_CMD_PREAD;
+        cbs[i].aio_buf = (uint64_t)(uintptr_t)buf;
+        cbs[i].aio_nbytes = bs;
+        cbs[i].aio_data = i;
+        ptrs[i] = &cbs[i];
+    }
+#define PLACE(cb)                                                                          \
+    do {                                                                                   \
+        if (random) {                                                                      \
+            (cb)->aio_offset = (int64_t)((xorshift() % blocks) * bs);                      \
+        } else {                                                                           \
+            (cb)->aio_offset = (int64_t)(next * bs);                                       \
+            next = (next + 1) % blocks;                                                    \
+        }                                                                                  \
+    } while (0)
+
+    signal(SIGALRM, on_alarm);
+    alarm((unsigned)secs + 60);
+    begin();
+    uint64_t start = now_ns(), deadline = start + secs * 1000000000ull, end = start;
+    for (uint64_t i = 0; i < qd; i++)
+        PLACE(&cbs[i]);
+    long n = syscall(SYS_io_submit, ctx, (long)qd, ptrs);
+    if (n != (long)qd)
+        fail("io_submit: %s", n < 0 ? strerror(errno) : "short submit");
+    uint64_t inflight = qd, ops = 0;
+    while (inflight) {
+        long got = syscall(SYS_io_getevents, ctx, 1L, (long)qd, events, NULL);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            fail("io_getevents: %s", strerror(errno));
+        }
+        end = now_ns();
+        long again = 0;
+        for (long e = 0; e < got; e++) {
+            struct iocb *cb = &cbs[events[e].data];
+            if (events[e].res != (int64_t)bs)
+                fail("%s at %lld: %s", write_mode ? "write" : "read", (long long)cb->aio_offset,
+                     events[e].res < 0 ? strerror((int)-events[e].res) : "short transfer");
+            ops++;
+            if (end < deadline) {
+                PLACE(cb);
+                ptrs[again++] = cb;
+            } else {
+                inflight--;
+            }
+        }
+        if (again && syscall(SYS_io_submit, ctx, again, ptrs) != again)
+            fail("io_submit: %s", strerror(errno));
+    }
+    alarm(0);
+    result(ops, ops * bs, end - start);
+    return 0;
+}
+
+/* ---- TCP ------------------------------------------------------------------ */
+
+/* Connect to IP:PORT, retrying refusals and unreachable routes until
+ * CONNECT_SECONDS have passed. */
+static int tcp_connect(const char *ip, const char *port_s)
+{
+    struct sockaddr_in sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sin_family = AF_INET;
+    uint64_t port = parse_u64(port_s, "port");
+    if (port < 1 || port > 65535)
+        fail("bad port %s", port_s);
+    sa.sin_port = htons((uint16_t)port);
+    if (inet_pton(AF_INET, ip, &sa.sin_addr) != 1)
+        fail("bad IPv4 address '%s'", ip);
+    uint64_t deadline = now_ns() + CONNECT_SECONDS * 1000000000ull;
+    for (;;) {
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+        if (fd < 0)
+            fail("socket: %s", strerror(errno));
+        int err = 0;
+        if (connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
+            err = errno;
+            if (err == EINPROGRESS) {
+                uint64_t now = now_ns();
+                int ms = now < deadline ? (int)((deadline - now) / 1000000) : 0;
+                struct pollfd p = {.fd = fd, .events = POLLOUT};
+                int r = poll(&p, 1, ms);
+                socklen_t len = sizeof err;
+                if (r == 0)
+                    err = ETIMEDOUT;
+                else if (r < 0 || getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0)
+                    err = errno;
+            }
+        }
+        if (!err) {
+            int flags = fcntl(fd, F_GETFL);
+            fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+            return fd;
+        }
+        close(fd);
+        if (now_ns() >= deadline || err == ETIMEDOUT)
+            fail("connect to %s:%s: %s (for %d s)", ip, port_s, strerror(err), CONNECT_SECONDS);
+        usleep(200 * 1000);
+    }
+}
+
+static int tcp_send(int argc, char **argv)
+{
+    name = "tcp-send";
+    if (argc != 5)
+        fail("usage: vireo-io tcp-send IP PORT SECONDS");
+    uint64_t secs = parse_u64(argv[4], "seconds");
+    if (secs < 1 || secs > 3600)
+        fail("seconds: 1 to 3600");
+    signal(SIGALRM, on_alarm);
+    alarm(CONNECT_SECONDS + 10);
+    int fd = tcp_connect(argv[2], argv[3]);
+    static char buf[NET_BUF];
+    memset(buf, 0x5a, sizeof buf);
+    alarm((unsigned)secs + 60);
+    begin();
+    uint64_t start = now_ns(), deadline = start + secs * 1000000000ull, bytes = 0, ops = 0;
+    while (now_ns() < deadline) {
+        ssize_t n = write(fd, buf, sizeof buf);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            fail("send: %s", strerror(errno));
+        }
+        bytes += (uint64_t)n;
+        ops++;
+    }
+    /* Wait for the peer to have read everything (it closes on our EOF). */
+    shutdown(fd, SHUT_WR);
+    while (read(fd, buf, sizeof buf) > 0) {
+    }
+    uint64_t end = now_ns();
+    alarm(0);
+    result(ops, bytes, end - start);
+    return 0;
+}
+
+static int tcp_recv(int argc, char **argv)
+{
+    name = "tcp-recv";
+    if (argc != 4)
+        fail("usage: vireo-io tcp-recv IP PORT");
+    signal(SIGALRM, on_alarm);
+    alarm(CONNECT_SECONDS + 10);
+    int fd = tcp_connect(argv[2], argv[3]);
+    static char buf[NET_BUF];
+    begin();
+    uint64_t start = now_ns(), bytes = 0, ops = 0;
+    for (;;) {
+        /* Each read re-arms the guard: only a stalled transfer times out. */
+        alarm(60);
+        ssize_t n = read(fd, buf, sizeof buf);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            fail("recv: %s", strerror(errno));
+        }
+        if (n == 0)
+            break;
+        bytes += (uint64_t)n;
+        ops++;
+    }
+    uint64_t end = now_ns();
+    alarm(0);
+    result(ops, bytes, end - start);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc >= 2 && !strcmp(argv[1], "blk"))
+        return blk(argc, argv);
+    if (argc >= 2 && !strcmp(argv[1], "tcp-send"))
+        return tcp_send(argc, argv);
+    if (argc >= 2 && !strcmp(argv[1], "tcp-recv"))
+        return tcp_recv(argc, argv);
+    fail("usage: vireo-io blk|tcp-send|tcp-recv ...");
+    return 1;
+}

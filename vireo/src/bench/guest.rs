@@ -1,0 +1,301 @@
+//! The Debian test guest (guest/build.sh) under Vireo and under QEMU with
+//! the same kernel, initramfs, command line and devices, and its serial
+//! console read line by line with the time each line reached the host.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// The MAC both VMMs give the guest's NIC.
+pub const GUEST_MAC: &str = "52:54:00:12:34:56";
+
+/// How long a VMM may take to exit after the guest says it powers off.
+pub const EXIT_GRACE: Duration = Duration::from_secs(30);
+
+/// How guest code runs: Vireo's engine beside QEMU's TCG, or KVM in both.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Accel {
+    /// `vireo --accel emu` beside `qemu -accel tcg`.
+    Emu,
+    /// `vireo --accel kvm` beside `qemu -accel kvm`.
+    Kvm,
+}
+
+impl Accel {
+    pub fn vireo(self) -> &'static str {
+        match self {
+            Accel::Emu => "emu",
+            Accel::Kvm => "kvm",
+        }
+    }
+    fn qemu(self) -> &'static str {
+        match self {
+            Accel::Emu => "tcg",
+            Accel::Kvm => "kvm",
+        }
+    }
+    /// Column titles for the two VMMs.
+    pub fn names(self) -> [String; 2] {
+        [
+            format!("vireo --accel {}", self.vireo()),
+            format!("qemu -accel {}", self.qemu()),
+        ]
+    }
+}
+
+/// A disk image for the guest's virtio-blk device.
+#[derive(Clone)]
+pub struct Disk {
+    pub path: PathBuf,
+    /// raw or qcow2.
+    pub format: &'static str,
+}
+
+/// One guest: the images, the kernel command line and the devices.
+#[derive(Clone)]
+pub struct Guest {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub append: String,
+    pub disk: Option<Disk>,
+    /// A virtio-net NIC on this tap (created by the VMM).
+    pub tap: Option<String>,
+}
+
+impl Guest {
+    /// The guest images in `dir` (or $VIREO_GUEST_DIR, or guest/out) running
+    /// `cmd` in the initramfs (`vireo.cmd=`; no double quotes inside).
+    pub fn new(dir: Option<&Path>, cmd: &str) -> Result<Guest> {
+        let g = dir
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("VIREO_GUEST_DIR").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("guest/out"));
+        let (kernel, initrd) = (g.join("vmlinuz"), g.join("initramfs.cpio.gz"));
+        if !kernel.exists() || !initrd.exists() {
+            bail!("no guest images in {} (run guest/build.sh)", g.display());
+        }
+        Ok(Guest {
+            kernel,
+            initrd,
+            append: format!("console=ttyS0 quiet reboot=k panic=-1 vireo.cmd=\"{cmd}\""),
+            disk: None,
+            tap: None,
+        })
+    }
+
+    /// `vireo run` for this guest.
+    pub fn vireo(&self, accel: Accel) -> Result<Command> {
+        let mut c = Command::new(std::env::current_exe()?);
+        c.args([
+            "run",
+            "--accel",
+            accel.vireo(),
+            "--memory",
+            "512M",
+            "--kernel",
+        ])
+        .arg(&self.kernel)
+        .arg("--initrd")
+        .arg(&self.initrd)
+        .arg("--cmdline")
+        .arg(&self.append);
+        if let Some(d) = &self.disk {
+            c.arg("--disk")
+                .arg(format!("path={},format={}", d.path.display(), d.format));
+        }
+        if let Some(tap) = &self.tap {
+            c.arg("--net").arg(format!("tap={tap},mac={GUEST_MAC}"));
+        }
+        Ok(c)
+    }
+
+    /// The same guest under QEMU's PC machine: no default NIC, the disk on
+    /// virtio-blk-pci with QEMU's default host cache (writeback, like
+    /// Vireo's buffered image I/O), the NIC on virtio-net-pci with vhost off
+    /// (the device in QEMU's userspace, as Vireo's is).
+    pub fn qemu(&self, qemu: &str, accel: Accel) -> Command {
+        let mut c = Command::new(qemu);
+        c.args(["-accel", accel.qemu(), "-M", "pc", "-m", "512"])
+            .args(["-nographic", "-no-reboot", "-nic", "none"])
+            .arg("-kernel")
+            .arg(&self.kernel)
+            .arg("-initrd")
+            .arg(&self.initrd)
+            .arg("-append")
+            .arg(&self.append);
+        if let Some(d) = &self.disk {
+            c.arg("-drive")
+                .arg(format!(
+                    "file={},if=none,format={},id=d0",
+                    d.path.display(),
+                    d.format
+                ))
+                .args(["-device", "virtio-blk-pci,drive=d0"]);
+        }
+        if let Some(tap) = &self.tap {
+            c.arg("-netdev")
+                .arg(format!(
+                    "tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"
+                ))
+                .arg("-device")
+                .arg(format!("virtio-net-pci,netdev=n0,mac={GUEST_MAC}"));
+        }
+        c
+    }
+}
+
+/// A VMM running a guest, its console lines arriving in the background.
+pub struct Console {
+    child: Child,
+    lines: Receiver<(Instant, String)>,
+    stderr: std::thread::JoinHandle<String>,
+    pub start: Instant,
+}
+
+/// What a guest printed, and how its VMM ended.
+pub struct Finished {
+    /// Console lines without line ends, each with the time it arrived.
+    pub lines: Vec<(Instant, String)>,
+    pub start: Instant,
+    /// When the VMM exited (or was killed).
+    pub end: Instant,
+    pub status: Option<ExitStatus>,
+    /// Why the VMM was killed, if it was.
+    pub hung: Option<String>,
+    pub stderr: String,
+}
+
+impl Finished {
+    /// Why the run did not end with the guest powering off, if it did not.
+    pub fn failure(&self) -> Option<String> {
+        let why = match (&self.hung, self.status) {
+            (Some(h), _) => h.clone(),
+            (None, Some(s)) if s.success() => return None,
+            (None, Some(s)) => format!(
+                "exit {}",
+                s.code().map_or("by signal".into(), |c| c.to_string())
+            ),
+            (None, None) => "its exit status was lost".into(),
+        };
+        let err = self
+            .stderr
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim();
+        Some(if err.is_empty() {
+            why
+        } else {
+            format!("{why}: {err}")
+        })
+    }
+}
+
+impl Console {
+    pub fn spawn(mut cmd: Command) -> Result<Console> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let start = Instant::now();
+        let mut child = cmd.spawn().context("spawning the VMM")?;
+        let out = child.stdout.take().context("no stdout")?;
+        let mut err = child.stderr.take().context("no stderr")?;
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(out);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match r.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let at = Instant::now();
+                        let text = String::from_utf8_lossy(&buf);
+                        let line = text.trim_end_matches(['\r', '\n']).to_string();
+                        if tx.send((at, line)).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = err.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        });
+        Ok(Console {
+            child,
+            lines,
+            stderr,
+            start,
+        })
+    }
+
+    /// Whether the VMM has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+    }
+
+    /// Collect the console until the VMM closes it, at most `limit` after
+    /// the start, and at most [`EXIT_GRACE`] after the guest said it powers
+    /// off (then kill the VMM).
+    pub fn finish(mut self, limit: Duration) -> Finished {
+        let mut deadline = self.start + limit;
+        let mut lines: Vec<(Instant, String)> = Vec::new();
+        let mut hung = None;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    if l.1.contains("VIREO-INIT: poweroff") || l.1.contains("VIREO-INIT: reboot") {
+                        deadline = deadline.min(l.0 + EXIT_GRACE);
+                    }
+                    lines.push(l);
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = self.child.kill();
+                    hung = Some(if deadline < self.start + limit {
+                        format!(
+                            "the VMM did not exit within {} s of the guest's poweroff (killed)",
+                            EXIT_GRACE.as_secs()
+                        )
+                    } else {
+                        format!("timed out after {} s (killed)", limit.as_secs())
+                    });
+                    break;
+                }
+            }
+        }
+        let status = self.child.wait().ok();
+        let end = Instant::now();
+        Finished {
+            lines,
+            start: self.start,
+            end,
+            status,
+            hung,
+            stderr: self.stderr.join().unwrap_or_default(),
+        }
+    }
+}
+
+/// Whether `name --version` runs.
+pub fn has_binary(name: &str) -> bool {
+    Command::new(name)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
