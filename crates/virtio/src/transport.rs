@@ -993,6 +993,10 @@ impl Drop for VirtioPciDevice {
     }
 }
 
+/// Rounds over a queue with available buffers and no progress before the
+/// worker goes back to waiting.
+const MAX_IDLE_ROUNDS: u32 = 1024;
+
 /// What the worker thread owns.
 struct WorkerContext {
     worker: Box<dyn QueueWorker>,
@@ -1095,6 +1099,7 @@ impl WorkerContext {
             return true;
         };
         let mem = &self.mem;
+        let mut idle_rounds = 0u32;
         let result = (|| loop {
             q.disable_notification(mem)?;
             let done = self.worker.process_queue(i, q, mem)?;
@@ -1102,6 +1107,14 @@ impl WorkerContext {
                 self.irq.signal_queue(i as u16);
             }
             if !q.enable_notification(mem)? || done.stalled {
+                return Ok(());
+            }
+            // Buffers stay available yet the device consumed none: a device
+            // model that forgot to say `stalled`. Go back to waiting rather
+            // than spin (a spinning worker never sees its stop request).
+            idle_rounds = if done.used { 0 } else { idle_rounds + 1 };
+            if idle_rounds >= MAX_IDLE_ROUNDS {
+                tracing::warn!("virtio queue {i}: no progress on available buffers; waiting for the next notify");
                 return Ok(());
             }
         })();
