@@ -215,6 +215,7 @@ pub fn migrate_receive(
     });
     let vm = match built {
         Ok(vm) => {
+            tracing::info!("{from}: the VM is built");
             migration::answer(&mut got.stream, &Ok(()))?;
             vm
         }

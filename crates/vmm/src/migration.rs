@@ -11,9 +11,13 @@
 //! "VIREOMIG" u32 version u32 len  hello (JSON, len bytes)
 //! then messages, each starting with a tag byte:
 //!   'P' u32 count, count x (u64 gpa | ZERO_PAGE, [4096 bytes unless ZERO_PAGE])
+//!   'Q' the destination answers 'R' once it has read everything before
 //!   'S' u32 len, the snapshot manifest (JSON): the last message
 //! the destination answers 'A' (the VM is built and will run) or
 //!   'N' u32 len, its error message.
+//!
+//! The source sends 'Q' before it pauses the guest, so the downtime does
+//! not include the destination catching up on pre-copy data.
 //! ```
 //!
 //! Device writes to guest memory: virtio queue workers write guest buffers
@@ -272,6 +276,21 @@ fn send_inner(
         }
     }
 
+    // Let the destination catch up before the guest stops.
+    let mut reader = reader;
+    out.write_all(b"Q").map_err(io("send"))?;
+    out.flush().map_err(io("send"))?;
+    let mut tag = [0u8; 1];
+    reader
+        .read_exact(&mut tag)
+        .map_err(|e| VmmError::Io(format!("migration: the destination stopped answering: {e}")))?;
+    if tag[0] != b'R' {
+        return Err(VmmError::Io(format!(
+            "migration: the destination answered {:#x}, not 'R'",
+            tag[0]
+        )));
+    }
+
     // Stop-and-copy.
     if was_running {
         vm.control()
@@ -286,6 +305,7 @@ fn send_inner(
     } else if was_running {
         merge(&mut dirty, collect(vm)?);
     }
+    tracing::info!("migration: paused; {} pages left to send", count(&dirty));
     let final_pages = send_pages(&mut out, mem, &dirty)?;
     pages += final_pages;
     rounds += 1;
@@ -320,9 +340,11 @@ fn send_inner(
         .map_err(io("send"))?;
     out.write_all(&body).map_err(io("send"))?;
     out.flush().map_err(io("send"))?;
+    tracing::info!(
+        "migration: state sent ({} bytes), waiting for the destination",
+        body.len()
+    );
 
-    let mut reader = reader;
-    let mut tag = [0u8; 1];
     reader.read_exact(&mut tag).map_err(|e| {
         VmmError::Io(format!(
             "migration: the destination did not acknowledge: {e}"
@@ -405,7 +427,8 @@ pub fn receive(listen: &str) -> Result<Received, VmmError> {
         .set_read_timeout(Some(Duration::from_secs(120)))
         .map_err(io("socket"))?;
     let mut r = BufReader::with_capacity(1 << 20, stream.try_clone().map_err(io("socket"))?);
-    let (manifest, memory) = read_stream(&mut r)?;
+    let mut w = stream.try_clone().map_err(io("socket"))?;
+    let (manifest, memory) = read_stream(&mut r, &mut w)?;
     Ok(Received {
         manifest,
         memory,
@@ -415,7 +438,10 @@ pub fn receive(listen: &str) -> Result<Received, VmmError> {
 }
 
 /// Parse a migration stream: header, memory, state.
-pub fn read_stream<R: Read>(r: &mut R) -> Result<(Manifest, GuestMemoryMmap), VmmError> {
+pub fn read_stream<R: Read, W: Write>(
+    r: &mut R,
+    w: &mut W,
+) -> Result<(Manifest, GuestMemoryMmap), VmmError> {
     let mut magic = [0u8; 8];
     r.read_exact(&mut magic).map_err(cut)?;
     if &magic != MAGIC {
@@ -448,7 +474,6 @@ pub fn read_stream<R: Read>(r: &mut R) -> Result<(Manifest, GuestMemoryMmap), Vm
                 hello.memory_bytes >> 20
             ))
         })?;
-    let mut page = vec![0u8; PAGE as usize];
     loop {
         let mut tag = [0u8; 1];
         r.read_exact(&mut tag).map_err(cut)?;
@@ -465,19 +490,36 @@ pub fn read_stream<R: Read>(r: &mut R) -> Result<(Manifest, GuestMemoryMmap), Vm
                             "migration stream: bad page address {a:#x}"
                         )));
                     }
-                    if a & ZERO_PAGE != 0 {
-                        page.fill(0);
-                    } else {
-                        r.read_exact(&mut page).map_err(cut)?;
-                    }
-                    memory.write_slice(&page, GuestAddress(gpa)).map_err(|_| {
+                    let outside = || {
                         VmmError::Config(format!(
                             "migration stream: page {gpa:#x} is outside guest RAM"
                         ))
-                    })?;
+                    };
+                    // The whole page inside one region (pages never straddle).
+                    memory
+                        .get_slice(GuestAddress(gpa), PAGE as usize)
+                        .map_err(|_| outside())?;
+                    let host = memory
+                        .get_host_address(GuestAddress(gpa))
+                        .map_err(|_| outside())?;
+                    // SAFETY: 4 KiB of this process's anonymous guest
+                    // memory, checked above to lie inside one region; no VM
+                    // runs on it yet, so nothing else accesses it.
+                    let page = unsafe { std::slice::from_raw_parts_mut(host, PAGE as usize) };
+                    if a & ZERO_PAGE == 0 {
+                        r.read_exact(page).map_err(cut)?;
+                    } else if !is_zero(page) {
+                        page.fill(0);
+                    }
                 }
             }
+            b'Q' => {
+                w.write_all(b"R")
+                    .and_then(|()| w.flush())
+                    .map_err(|e| VmmError::Io(format!("migration stream: {e}")))?;
+            }
             b'S' => {
+                tracing::info!("migration: memory received, reading the VM's state");
                 let body = read_json_bytes(r, MAX_JSON)?;
                 let manifest: Manifest = serde_json::from_slice(&body).map_err(|e| {
                     VmmError::Config(format!("migration stream: bad VM state: {e}"))
@@ -521,14 +563,14 @@ mod tests {
 
     #[test]
     fn a_bad_header_is_refused_clearly() {
-        let e = read_stream(&mut &b"GET / HTTP/1.1\r\n\r\n"[..])
+        let e = read_stream(&mut &b"GET / HTTP/1.1\r\n\r\n"[..], &mut Vec::new())
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(e.contains("not a Vireo migration stream"), "{e}");
         let mut s = MAGIC.to_vec();
         s.extend_from_slice(&7u32.to_le_bytes());
-        let e = read_stream(&mut &s[..])
+        let e = read_stream(&mut &s[..], &mut Vec::new())
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
@@ -547,7 +589,7 @@ mod tests {
         s.extend_from_slice(&(0x1000u64 | ZERO_PAGE).to_le_bytes());
         s.extend_from_slice(&0x2000u64.to_le_bytes());
         s.extend_from_slice(&[7u8; 100]);
-        let e = read_stream(&mut &s[..])
+        let e = read_stream(&mut &s[..], &mut Vec::new())
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
