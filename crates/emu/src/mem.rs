@@ -371,3 +371,80 @@ pub unsafe fn cas(p: *mut u8, size: u8, old: u64, new: u64) -> u64 {
         Ok(v) | Err(v) => v,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the vCPU write fast path does: store, then the slow path only
+    /// if the page's flag says so.
+    fn fast_write(view: &MemView, gpa: u64, val: u8) {
+        let p = view.ram_ptr(gpa, 1).unwrap();
+        // SAFETY: inside the test's RAM.
+        unsafe { store(p, 1, val as u64) };
+        let flag = view.code_flag(gpa);
+        // SAFETY: the flag lives as long as the view's regions.
+        if unsafe { (*flag).load(Ordering::Relaxed) } != 0 {
+            view.note_write_gpa(gpa, 1);
+        }
+    }
+
+    fn ram(pages: usize) -> (Vec<u8>, Arc<PhysMem>, MemView, Arc<Region>) {
+        let mut ram = vec![0u8; pages * PAGE_SIZE as usize];
+        let phys = PhysMem::new();
+        // SAFETY: the Vec outlives every use in the test (returned with it).
+        unsafe { phys.map(0, ram.len() as u64, ram.as_mut_ptr()) };
+        let view = MemView::new(phys.clone());
+        let r = phys.snapshot()[0].clone();
+        (ram, phys, view, r)
+    }
+
+    #[test]
+    fn the_dirty_log_names_the_pages_written_since_the_last_collection() {
+        let (_ram, _phys, view, r) = ram(16);
+        r.collect_dirty(); // logging starts
+        fast_write(&view, 3 * 4096 + 8, 1);
+        fast_write(&view, 3 * 4096 + 9, 2);
+        assert!(view.write_phys(9 * 4096, 1, 1));
+        assert_eq!(r.collect_dirty(), vec![(1 << 3) | (1 << 9)]);
+        assert_eq!(r.collect_dirty(), vec![0]);
+        fast_write(&view, 3 * 4096, 3);
+        assert_eq!(r.collect_dirty(), vec![1 << 3]);
+        // A code page stays a code page: a write is both logged and
+        // invalidates its decoded blocks.
+        let gen = view.mark_code(5 * 4096).unwrap();
+        fast_write(&view, 5 * 4096, 1);
+        assert_eq!(view.code_gen(5 * 4096), Some(gen + 1));
+        assert_eq!(r.collect_dirty(), vec![1 << 5]);
+        assert!(!view.page_has_code(5 * 4096));
+        // Stopped: writes are fast and unlogged again.
+        r.stop_tracking();
+        fast_write(&view, 7 * 4096, 1);
+        assert!(!view.code_flag(7 * 4096).is_null());
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { (*view.code_flag(7 * 4096)).load(Ordering::SeqCst) },
+            0
+        );
+        assert_eq!(r.collect_dirty(), vec![0]);
+    }
+
+    #[test]
+    fn a_write_racing_with_a_collection_is_never_lost() {
+        let (_ram, _phys, view, r) = ram(1);
+        r.collect_dirty();
+        for i in 0..2000u32 {
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let (b, v) = (barrier.clone(), view.clone());
+            let writer = std::thread::spawn(move || {
+                b.wait();
+                fast_write(&v, 64, i as u8);
+            });
+            barrier.wait();
+            let during = r.collect_dirty()[0];
+            writer.join().unwrap();
+            let after = r.collect_dirty()[0];
+            assert_eq!(during | after, 1, "round {i}: the write was lost");
+        }
+    }
+}
