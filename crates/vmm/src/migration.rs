@@ -26,6 +26,11 @@
 //! resends every page: correct, at the price of downtime that grows with
 //! memory size. A VM without virtio devices (only vCPU writes) sends just
 //! the pages the log names.
+//!
+//! Disks are not copied: both sides must see the same files (one host, or
+//! shared storage). The source flushes them and gives up its file locks
+//! just before it sends the state, and takes them back if the migration
+//! fails.
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -199,9 +204,27 @@ pub fn send(
 ) -> Result<MigrationReport, VmmError> {
     let control = vm.control();
     let was_running = control.state() == crate::RunState::Running;
-    let mut paused = false;
-    let result = send_inner(vm, destination, config, was_running, &mut paused);
+    let (mut paused, mut unlocked) = (false, false);
+    let result = send_inner(
+        vm,
+        destination,
+        config,
+        was_running,
+        &mut paused,
+        &mut unlocked,
+    );
     let _ = vm.backend().stop_dirty_log();
+    if result.is_err() && unlocked {
+        // The destination may still be letting go of the disks.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Err(e) = vm.set_disk_locks(true) {
+            if Instant::now() >= deadline {
+                tracing::warn!("migration failed and a disk lock cannot be taken back: {e}");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     if result.is_err() && paused {
         vm.quiesce_devices(false);
         if was_running {
@@ -219,6 +242,7 @@ fn send_inner(
     config: Option<crate::VmConfig>,
     was_running: bool,
     paused: &mut bool,
+    unlocked: &mut bool,
 ) -> Result<MigrationReport, VmmError> {
     let start = Instant::now();
     let addr = destination
@@ -335,6 +359,10 @@ fn send_inner(
     };
     let body =
         serde_json::to_vec(&manifest).map_err(|e| VmmError::Io(format!("migration: {e}")))?;
+    // Both processes may be on this host: let the destination open the
+    // disks (their data is flushed; the queue workers are stopped).
+    *unlocked = true;
+    vm.set_disk_locks(false)?;
     out.write_all(b"S").map_err(io("send"))?;
     out.write_all(&(body.len() as u32).to_le_bytes())
         .map_err(io("send"))?;

@@ -322,6 +322,17 @@ impl VmHandle {
         !self.pci.virtio.is_empty()
     }
 
+    /// Let another process on this host open the disks (`false`), or take
+    /// them back (`true`).
+    pub(crate) fn set_disk_locks(&self, held: bool) -> Result<(), VmmError> {
+        for (name, d) in &self.pci.virtio {
+            lock(d)
+                .set_host_locks(held)
+                .map_err(|e| VmmError::Device(format!("{name}: {e}")))?;
+        }
+        Ok(())
+    }
+
     /// Stop (or restart) the virtio queue workers.
     pub(crate) fn quiesce_devices(&self, stop: bool) {
         for (_, d) in &self.pci.virtio {
