@@ -357,3 +357,107 @@ fn a_destination_refuses_a_stream_that_is_not_a_migration() {
     let err = dst.stderr_text();
     assert!(err.contains("ended before"), "{err}");
 }
+
+/// Every `COUNT:<n>:<uptime>:` the guest printed, in order.
+fn count_lines(console: &str) -> Vec<(u64, f64)> {
+    console
+        .split("COUNT:")
+        .skip(1)
+        .filter_map(|rest| {
+            let mut f = rest.split(':');
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+const LAST_COUNT: u64 = 40;
+
+/// Debian on the engine with a raw ext4 disk (the same file for both
+/// processes, on this host) and virtio-rng, counting to the console and
+/// to a file on the disk, migrated mid-count while it runs: the
+/// destination counts on to the end and powers off; both consoles form one
+/// unbroken sequence, and so does the file.
+#[test]
+fn debian_counting_to_console_and_disk_continues_across_an_engine_migration() {
+    let g = guest_dir();
+    let dir = scratch("linux");
+    let disk = dir.join("disk.img");
+    let mkfs = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&disk)
+        .arg("32M")
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success(), "{mkfs:?}");
+    let script = format!(
+        "mount /dev/vda /mnt && i=0 && while [ $i -lt {LAST_COUNT} ]; do i=$((i+1)); \
+         echo COUNT:$i:$(cut -d' ' -f1 /proc/uptime):; echo $i >> /mnt/count.txt; sync; sleep 0.2; \
+         done; umount /mnt"
+    );
+    let sock = dir.join("a.sock");
+    let mut cmd = vireo();
+    cmd.args(["run", "--accel", "emu", "--memory", "256M", "--kernel"])
+        .arg(g.join("vmlinux"))
+        .arg("--initrd")
+        .arg(g.join("initramfs.cpio.gz"))
+        .arg("--cmdline")
+        .arg(format!(
+            "console=ttyS0 reboot=k panic=1 quiet vireo.cmd=\"{script}\""
+        ))
+        .arg("--disk")
+        .arg(format!("path={},format=raw", disk.display()))
+        .arg("--rng")
+        .arg("--api-socket")
+        .arg(&sock);
+    let mut src = Running::spawn(cmd);
+    assert!(
+        src.wait_for("COUNT:5:", Duration::from_secs(900)),
+        "the guest did not count:\n{}\n{}",
+        src.stdout_text(),
+        src.stderr_text()
+    );
+    let port = free_port();
+    let mut dst = destination(port, None);
+    let out = vireo()
+        .args(["migrate", "--api-socket"])
+        .arg(&sock)
+        .arg("--to")
+        .arg(format!("127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "migrate: {out:?}\n{}",
+        dst.stderr_text()
+    );
+    eprintln!("debian: {}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    let before = src.stdout_text();
+    let code = dst.wait_exit(Duration::from_secs(900));
+    let after = dst.stdout_text();
+    assert_eq!(
+        code,
+        Some(0),
+        "the migrated guest did not finish:\n{after}\n{}",
+        dst.stderr_text()
+    );
+    assert!(after.contains("VIREO-CMD-END rc=0"), "{after}");
+    let all: Vec<u64> = count_lines(&format!("{before}{after}"))
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(
+        all,
+        (1..=LAST_COUNT).collect::<Vec<_>>(),
+        "before:\n{before}\nafter:\n{after}"
+    );
+    let cat = std::process::Command::new("debugfs")
+        .args(["-R", "cat /count.txt"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&cat.stdout);
+    let on_disk: Vec<u64> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    assert_eq!(on_disk, (1..=LAST_COUNT).collect::<Vec<_>>(), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
