@@ -400,8 +400,12 @@ fn migrate(a: &MigrateArgs) -> i32 {
         Ok((200, body)) => {
             match serde_json::from_str::<serde_json::Value>(&body) {
                 Ok(v) => println!(
-                    "migrated to {}: total {} ms, downtime {} ms, {} bytes, {} iterations",
-                    a.to, v["total_ms"], v["downtime_ms"], v["bytes"], v["iterations"]
+                    "migrated to {}: total {} ms, downtime {:.1} ms, {} bytes, {} iterations",
+                    a.to,
+                    v["total_ms"],
+                    v["downtime_us"].as_f64().unwrap_or(0.0) / 1000.0,
+                    v["bytes"],
+                    v["iterations"]
                 ),
                 Err(_) => println!("migrated to {}: {body}", a.to),
             }

@@ -75,6 +75,8 @@ pub struct MigrationReport {
     pub total_ms: u64,
     /// From pausing the guest to the destination's acknowledgment.
     pub downtime_ms: u64,
+    /// The same in microseconds.
+    pub downtime_us: u64,
     /// Bytes sent on the stream.
     pub bytes: u64,
     /// Memory rounds, the final (paused) one included.
@@ -398,6 +400,7 @@ fn send_inner(
         destination: destination.to_string(),
         total_ms: start.elapsed().as_millis() as u64,
         downtime_ms: down.elapsed().as_millis() as u64,
+        downtime_us: down.elapsed().as_micros() as u64,
         bytes: out.bytes,
         iterations: rounds,
         pages,
