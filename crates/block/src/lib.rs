@@ -143,6 +143,12 @@ pub trait DiskImage: Send {
         512
     }
     fn read_only(&self) -> bool;
+    /// Give up (`false`) or take back (`true`) this image's file lock, so
+    /// another process on this host can open it for a while (a live
+    /// migration's destination). Taking it back fails if someone holds it.
+    fn set_lock(&mut self, _held: bool) -> Result<(), BlockError> {
+        Ok(())
+    }
     fn format(&self) -> ImageFormat;
     fn path(&self) -> &Path;
     /// The image this one's unallocated parts read from (a qcow2 backing file).
@@ -285,7 +291,7 @@ pub(crate) fn open_depth(
 
 /// Advisory whole-file lock so two Vireo processes cannot write one image
 /// (or write an image another uses as a backing file). Shared for read-only.
-fn lock_file(file: &File, path: &Path, read_only: bool) -> Result<(), BlockError> {
+pub(crate) fn lock_file(file: &File, path: &Path, read_only: bool) -> Result<(), BlockError> {
     let op = if read_only {
         libc::LOCK_SH
     } else {

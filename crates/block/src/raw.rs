@@ -117,6 +117,15 @@ impl DiskImage for RawImage {
     fn path(&self) -> &Path {
         &self.path
     }
+
+    fn set_lock(&mut self, held: bool) -> Result<(), BlockError> {
+        if held {
+            crate::lock_file(&self.file, &self.path, self.read_only)
+        } else {
+            crate::unlock_file(&self.file);
+            Ok(())
+        }
+    }
 }
 
 impl Drop for RawImage {

@@ -41,6 +41,8 @@ pub struct EmuVm {
     cpuid: RwLock<crate::cpuid::CpuidConfig>,
     /// The PC platform (a PC-mode VM, see [`EmuVm::new_pc`]).
     pc: Option<Arc<PcBoard>>,
+    /// Memory slot number -> guest address of its region (dirty logs).
+    slots: std::sync::Mutex<Vec<(u32, u64)>>,
 }
 
 impl Default for EmuVm {
@@ -57,6 +59,7 @@ impl EmuVm {
             intc: RwLock::new(Arc::new(QueueInterruptController::new(0x20))),
             cpuid: RwLock::new(Default::default()),
             pc: None,
+            slots: Default::default(),
         }
     }
 
@@ -71,6 +74,7 @@ impl EmuVm {
             intc: RwLock::new(board.clone()),
             cpuid: RwLock::new(crate::pc::cpuid_config()),
             pc: Some(board),
+            slots: Default::default(),
         }
     }
 
@@ -154,7 +158,7 @@ impl EmuVm {
 impl Vm for EmuVm {
     unsafe fn map_memory(
         &self,
-        _slot: u32,
+        slot: u32,
         guest_addr: u64,
         size: u64,
         host_addr: u64,
@@ -166,6 +170,40 @@ impl Vm for EmuVm {
         }
         // SAFETY: forwarded from the caller's `map_memory` contract.
         unsafe { self.mem.map(guest_addr, size, host_addr as *mut u8) };
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.retain(|&(s, _)| s != slot);
+        slots.push((slot, guest_addr));
+        Ok(())
+    }
+
+    fn start_dirty_log(&self) -> Result<()> {
+        for r in self.mem.snapshot().iter() {
+            r.collect_dirty();
+        }
+        Ok(())
+    }
+
+    fn dirty_log(&self, slot: u32) -> Result<Vec<u64>> {
+        let gpa = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|&&(s, _)| s == slot)
+            .map(|&(_, g)| g)
+            .ok_or_else(|| HypervisorError::Other(format!("no memory slot {slot}")))?;
+        self.mem
+            .snapshot()
+            .iter()
+            .find(|r| r.gpa == gpa)
+            .map(|r| r.collect_dirty())
+            .ok_or_else(|| HypervisorError::Other(format!("no memory slot {slot}")))
+    }
+
+    fn stop_dirty_log(&self) -> Result<()> {
+        for r in self.mem.snapshot().iter() {
+            r.stop_tracking();
+        }
         Ok(())
     }
 

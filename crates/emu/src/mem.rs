@@ -4,6 +4,13 @@
 //! is MMIO and turns into an exit. Each RAM page has a code generation counter:
 //! decoding a block marks its pages as code, and a write to a marked page bumps
 //! the counter so every vCPU's cached blocks for that page become stale.
+//!
+//! Dirty logging (live migration) rides on the same per-page flag the write
+//! fast path already checks: while logging, every page carries
+//! [`FLAG_TRACK`]; the first write to it takes the slow path, which sets the
+//! page's dirty bit and clears the flag, so later writes to it are fast
+//! again until the log is collected (which re-arms every page). No TLB flush
+//! is needed: TLB entries point at the flag, they do not copy it.
 
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
@@ -18,9 +25,18 @@ pub struct Region {
     host: *mut u8,
     /// Per 4 KiB page: bumped whenever a page marked as code is written.
     code_gen: Box<[AtomicU32]>,
-    /// Per page: non-zero while some decoded block depends on the page.
+    /// Per page: [`FLAG_CODE`] while some decoded block depends on the
+    /// page, [`FLAG_TRACK`] while dirty logging waits for its first write.
     has_code: Box<[AtomicU8]>,
+    /// Dirty log: one bit per page.
+    dirty: Box<[AtomicU64]>,
 }
+
+/// A decoded block depends on the page.
+pub const FLAG_CODE: u8 = 1;
+/// Dirty logging is on and the page has not been written since the log
+/// was last collected.
+pub const FLAG_TRACK: u8 = 2;
 
 // SAFETY: the host range is guaranteed valid for the VM's lifetime by the
 // `Vm::map_memory` contract; concurrent guest access is the guest's business
@@ -39,6 +55,34 @@ impl Region {
             host,
             code_gen: (0..pages).map(|_| AtomicU32::new(0)).collect(),
             has_code: (0..pages).map(|_| AtomicU8::new(0)).collect(),
+            dirty: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Take (and clear) the dirty bits, then re-arm tracking on every page.
+    /// A write's slow path clears the flag and, only if it was the one to
+    /// clear it, sets the bit afterwards; so a page written since the last
+    /// collection always ends with its flag armed or its bit set (never
+    /// neither): a racing write lands in the bits taken now or the next.
+    pub fn collect_dirty(&self) -> Vec<u64> {
+        let taken = self
+            .dirty
+            .iter()
+            .map(|w| w.swap(0, Ordering::SeqCst))
+            .collect();
+        for f in self.has_code.iter() {
+            f.fetch_or(FLAG_TRACK, Ordering::SeqCst);
+        }
+        taken
+    }
+
+    /// Stop tracking: clear every page's track flag and dirty bit.
+    pub fn stop_tracking(&self) {
+        for f in self.has_code.iter() {
+            f.fetch_and(!FLAG_TRACK, Ordering::SeqCst);
+        }
+        for w in self.dirty.iter() {
+            w.store(0, Ordering::SeqCst);
         }
     }
 
@@ -201,8 +245,15 @@ impl MemView {
         let first = r.page_index(gpa);
         let last = r.page_index(gpa + len.max(1) - 1);
         for p in first..=last.min(r.has_code.len() - 1) {
-            if r.has_code[p].load(Ordering::Relaxed) != 0 {
-                r.has_code[p].store(0, Ordering::SeqCst);
+            let flags = r.has_code[p].load(Ordering::Relaxed);
+            if flags & FLAG_TRACK != 0
+                && r.has_code[p].fetch_and(!FLAG_TRACK, Ordering::SeqCst) & FLAG_TRACK != 0
+            {
+                // See `Region::collect_dirty` for the order.
+                r.dirty[p / 64].fetch_or(1 << (p % 64), Ordering::SeqCst);
+            }
+            if flags & FLAG_CODE != 0 {
+                r.has_code[p].fetch_and(!FLAG_CODE, Ordering::SeqCst);
                 r.code_gen[p].fetch_add(1, Ordering::SeqCst);
             }
         }
@@ -212,7 +263,7 @@ impl MemView {
     #[inline]
     pub fn page_has_code(&self, gpa: u64) -> bool {
         match self.region(gpa) {
-            Some(r) => r.has_code[r.page_index(gpa)].load(Ordering::Relaxed) != 0,
+            Some(r) => r.has_code[r.page_index(gpa)].load(Ordering::Relaxed) & FLAG_CODE != 0,
             None => false,
         }
     }
@@ -223,7 +274,7 @@ impl MemView {
     pub fn mark_code(&self, gpa: u64) -> Option<u32> {
         let r = self.region(gpa)?;
         let p = r.page_index(gpa);
-        r.has_code[p].store(1, Ordering::SeqCst);
+        r.has_code[p].fetch_or(FLAG_CODE, Ordering::SeqCst);
         Some(r.code_gen[p].load(Ordering::SeqCst))
     }
 
@@ -318,5 +369,82 @@ pub unsafe fn cas(p: *mut u8, size: u8, old: u64, new: u64) -> u64 {
     };
     match r {
         Ok(v) | Err(v) => v,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the vCPU write fast path does: store, then the slow path only
+    /// if the page's flag says so.
+    fn fast_write(view: &MemView, gpa: u64, val: u8) {
+        let p = view.ram_ptr(gpa, 1).unwrap();
+        // SAFETY: inside the test's RAM.
+        unsafe { store(p, 1, val as u64) };
+        let flag = view.code_flag(gpa);
+        // SAFETY: the flag lives as long as the view's regions.
+        if unsafe { (*flag).load(Ordering::Relaxed) } != 0 {
+            view.note_write_gpa(gpa, 1);
+        }
+    }
+
+    fn ram(pages: usize) -> (Vec<u8>, Arc<PhysMem>, MemView, Arc<Region>) {
+        let mut ram = vec![0u8; pages * PAGE_SIZE as usize];
+        let phys = PhysMem::new();
+        // SAFETY: the Vec outlives every use in the test (returned with it).
+        unsafe { phys.map(0, ram.len() as u64, ram.as_mut_ptr()) };
+        let view = MemView::new(phys.clone());
+        let r = phys.snapshot()[0].clone();
+        (ram, phys, view, r)
+    }
+
+    #[test]
+    fn the_dirty_log_names_the_pages_written_since_the_last_collection() {
+        let (_ram, _phys, view, r) = ram(16);
+        r.collect_dirty(); // logging starts
+        fast_write(&view, 3 * 4096 + 8, 1);
+        fast_write(&view, 3 * 4096 + 9, 2);
+        assert!(view.write_phys(9 * 4096, 1, 1));
+        assert_eq!(r.collect_dirty(), vec![(1 << 3) | (1 << 9)]);
+        assert_eq!(r.collect_dirty(), vec![0]);
+        fast_write(&view, 3 * 4096, 3);
+        assert_eq!(r.collect_dirty(), vec![1 << 3]);
+        // A code page stays a code page: a write is both logged and
+        // invalidates its decoded blocks.
+        let gen = view.mark_code(5 * 4096).unwrap();
+        fast_write(&view, 5 * 4096, 1);
+        assert_eq!(view.code_gen(5 * 4096), Some(gen + 1));
+        assert_eq!(r.collect_dirty(), vec![1 << 5]);
+        assert!(!view.page_has_code(5 * 4096));
+        // Stopped: writes are fast and unlogged again.
+        r.stop_tracking();
+        fast_write(&view, 7 * 4096, 1);
+        assert!(!view.code_flag(7 * 4096).is_null());
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { (*view.code_flag(7 * 4096)).load(Ordering::SeqCst) },
+            0
+        );
+        assert_eq!(r.collect_dirty(), vec![0]);
+    }
+
+    #[test]
+    fn a_write_racing_with_a_collection_is_never_lost() {
+        let (_ram, _phys, view, r) = ram(1);
+        r.collect_dirty();
+        for i in 0..2000u32 {
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let (b, v) = (barrier.clone(), view.clone());
+            let writer = std::thread::spawn(move || {
+                b.wait();
+                fast_write(&v, 64, i as u8);
+            });
+            barrier.wait();
+            let during = r.collect_dirty()[0];
+            writer.join().unwrap();
+            let after = r.collect_dirty()[0];
+            assert_eq!(during | after, 1, "round {i}: the write was lost");
+        }
     }
 }

@@ -158,8 +158,38 @@ impl KvmHypervisor {
     }
 }
 
+impl KvmVm {
+    /// Set or clear KVM_MEM_LOG_DIRTY_PAGES on every memory slot.
+    fn set_dirty_logging(&self, on: bool) -> Result<()> {
+        let slots = self
+            .memory
+            .lock()
+            .map_err(|_| HypervisorError::Other("memory slots lock poisoned".into()))?
+            .clone();
+        for m in slots {
+            let region = kvm_userspace_memory_region {
+                slot: m.slot,
+                flags: if on {
+                    kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
+                guest_phys_addr: m.guest,
+                memory_size: m.size,
+                userspace_addr: m.host,
+            };
+            // SAFETY: the same host range `map_memory` was given, still
+            // mapped by its contract; only the flags change.
+            unsafe { self.fd.set_user_memory_region(region) }
+                .map_err(ioctl_err("KVM_SET_USER_MEMORY_REGION (dirty log)"))?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Copy)]
 struct MemSlot {
+    slot: u32,
     guest: u64,
     size: u64,
     host: u64,
@@ -196,12 +226,35 @@ impl crate::Vm for KvmVm {
             .map_err(ioctl_err("KVM_SET_USER_MEMORY_REGION"))?;
         if let Ok(mut m) = self.memory.lock() {
             m.push(MemSlot {
+                slot,
                 guest: guest_addr,
                 size,
                 host: host_addr,
             });
         }
         Ok(())
+    }
+
+    fn start_dirty_log(&self) -> Result<()> {
+        self.set_dirty_logging(true)
+    }
+
+    fn dirty_log(&self, slot: u32) -> Result<Vec<u64>> {
+        let size = self
+            .memory
+            .lock()
+            .map_err(|_| HypervisorError::Other("memory slots lock poisoned".into()))?
+            .iter()
+            .find(|m| m.slot == slot)
+            .map(|m| m.size)
+            .ok_or_else(|| HypervisorError::Other(format!("no memory slot {slot}")))?;
+        self.fd
+            .get_dirty_log(slot, size as usize)
+            .map_err(ioctl_err("KVM_GET_DIRTY_LOG"))
+    }
+
+    fn stop_dirty_log(&self) -> Result<()> {
+        self.set_dirty_logging(false)
     }
 
     fn create_vcpu(&self, index: u32, count: u32) -> Result<Box<dyn Vcpu>> {

@@ -241,6 +241,25 @@ pub trait Vm: Send + Sync {
     fn restore_state(&self, _state: &VmSnapshot) -> Result<()> {
         no_snapshots("VM state")
     }
+    /// Start recording which 4 KiB guest pages the vCPUs write (live
+    /// migration). Writes by the VMM's own threads (devices) are not seen.
+    fn start_dirty_log(&self) -> Result<()> {
+        Err(HypervisorError::Other(
+            "dirty page tracking is not supported by this accelerator".into(),
+        ))
+    }
+    /// The pages of memory slot `slot` (as given to [`Vm::map_memory`])
+    /// written since dirty logging started or since the last call, which
+    /// resets them: bit `i % 64` of word `i / 64` is page `i` of the slot.
+    fn dirty_log(&self, _slot: u32) -> Result<Vec<u64>> {
+        Err(HypervisorError::Other(
+            "dirty page tracking is not supported by this accelerator".into(),
+        ))
+    }
+    /// Stop recording written pages.
+    fn stop_dirty_log(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A way to make a vCPU's [`Vcpu::run`] return `Interrupted` from another thread.

@@ -187,6 +187,11 @@ impl VirtioDevice for Block {
         }))
     }
 
+    fn set_host_locks(&mut self, held: bool) -> Result<(), String> {
+        let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+        disk.set_lock(held).map_err(|e| e.to_string())
+    }
+
     fn restore_state(&mut self, state: &crate::DeviceState) -> Result<(), String> {
         let s = match state {
             crate::DeviceState::Block(s) => s,

@@ -183,6 +183,11 @@ pub trait VirtioDevice: Send {
             self.device_type()
         ))
     }
+    /// Give up (`false`) or take back (`true`) host resources another
+    /// process needs to take this device over (a disk's file lock).
+    fn set_host_locks(&mut self, _held: bool) -> Result<(), String> {
+        Ok(())
+    }
     /// Load what [`VirtioDevice::save_state`] returned, before the driver
     /// runs again; refuse state that does not fit this device.
     fn restore_state(&mut self, _state: &DeviceState) -> Result<(), String> {

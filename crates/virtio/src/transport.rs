@@ -607,6 +607,11 @@ impl VirtioPciDevice {
         }
     }
 
+    /// See [`VirtioDevice::set_host_locks`].
+    pub fn set_host_locks(&mut self, held: bool) -> Result<(), String> {
+        self.device.set_host_locks(held)
+    }
+
     /// This function's state for a snapshot. Queue processing must be
     /// stopped ([`VirtioPciDevice::quiesce`]) so nothing moves meanwhile.
     pub fn save_state(&self) -> Result<VirtioPciState, String> {

@@ -47,6 +47,11 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
     ),
     (
         "PUT",
+        "/api/v1/vm.migrate-send",
+        "Live-migrate the VM to a `vireo migrate-receive` over TCP (this VMM then exits 0)",
+    ),
+    (
+        "PUT",
         "/api/v1/vm.balloon",
         "Set the balloon's target size: memory the guest is asked to give back",
     ),
@@ -66,6 +71,13 @@ pub struct ApiContext {
 #[serde(deny_unknown_fields)]
 struct SnapshotRequest {
     destination: PathBuf,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateRequest {
+    /// HOST:PORT of the receiving Vireo.
+    destination: String,
 }
 
 #[derive(serde::Deserialize)]
@@ -284,6 +296,18 @@ pub fn route(
                 Err(e) => error(500, e.to_string()),
             }
         }
+        "/api/v1/vm.migrate-send" => {
+            let req: MigrateRequest = match serde_json::from_str(body) {
+                Ok(r) => r,
+                Err(e) => return error(400, format!("bad migration request: {e}")),
+            };
+            match crate::migration::send(&ctx.vm, &req.destination, ctx.config.clone()) {
+                Ok(report) => json(200, &report),
+                Err(e @ crate::VmmError::Conflict(_)) => error(409, e.to_string()),
+                Err(e @ crate::VmmError::Config(_)) => error(400, e.to_string()),
+                Err(e) => error(500, e.to_string()),
+            }
+        }
         "/api/v1/vm.stop" => {
             let _ = ctx.exits.send(VmExit::Stopped);
             no_content()
@@ -318,8 +342,17 @@ fn handle(ctx: &ApiContext, mut req: Request) {
     } else {
         route(ctx, method, req.url(), &body)
     };
+    // A VM that migrated ends here, after its answer is out.
+    let migrated = resp.status_code().0 == 200
+        && req.url().split('?').next() == Some("/api/v1/vm.migrate-send");
+    let to = serde_json::from_str::<MigrateRequest>(&body).map(|r| r.destination);
     if let Err(e) = req.respond(resp) {
         tracing::debug!("API client went away: {e}");
+    }
+    if migrated {
+        let _ = ctx.exits.send(VmExit::Migrated(
+            to.unwrap_or_else(|_| "another Vireo".into()),
+        ));
     }
 }
 

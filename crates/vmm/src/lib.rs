@@ -6,6 +6,7 @@ pub mod api;
 pub mod config;
 pub mod console;
 pub mod control;
+pub mod migration;
 pub mod snapshot;
 mod vm;
 
@@ -30,6 +31,8 @@ pub enum VmExit {
     Stopped,
     /// The VMM itself failed while the guest ran.
     Error(String),
+    /// The VM was handed over to another Vireo (live migration).
+    Migrated(String),
 }
 
 /// Process exit codes, for scripts. Documented in the README and `vireo --help`.
@@ -55,6 +58,7 @@ impl VmExit {
             VmExit::UserQuit => exit_code::USER_QUIT,
             VmExit::Stopped => exit_code::STOPPED,
             VmExit::Error(_) => exit_code::VMM_ERROR,
+            VmExit::Migrated(_) => exit_code::STOPPED,
         }
     }
 }
@@ -74,6 +78,7 @@ impl std::fmt::Display for VmExit {
             VmExit::UserQuit => write!(f, "stopped by the user (Ctrl-A X)"),
             VmExit::Stopped => write!(f, "stopped through the API"),
             VmExit::Error(e) => write!(f, "VMM error: {e}"),
+            VmExit::Migrated(to) => write!(f, "the VM migrated to {to}"),
         }
     }
 }
@@ -185,6 +190,44 @@ pub fn restore(
     run_vm(vm, input, manifest.config, api_socket)
 }
 
+/// Wait on `listen` (ADDR:PORT) for a live migration from another Vireo
+/// (`vm.migrate-send`), build the VM it carries the way `restore` does and
+/// run it to the end. A stream that is cut or is not a migration is an
+/// error, and nothing runs.
+pub fn migrate_receive(
+    listen: &str,
+    serial: &SerialMode,
+    api_socket: Option<&std::path::Path>,
+) -> Result<VmExit, VmmError> {
+    let (out, input) = serial_output(serial)?;
+    let mut got = migration::receive(listen)?;
+    let manifest = got.manifest;
+    let accel = match manifest.accel {
+        hypervisor::AccelKind::Kvm => Accel::Kvm,
+        hypervisor::AccelKind::Emu => Accel::Emu,
+    };
+    let from = format!("migration from {}", got.peer);
+    let built = restore_spec(std::path::Path::new(&from), &manifest, accel).and_then(|mut spec| {
+        if let Boot::Snapshot(s) = &mut spec.boot {
+            s.memory = Some(got.memory);
+        }
+        Vm::new(spec, out)
+    });
+    let vm = match built {
+        Ok(vm) => {
+            tracing::info!("{from}: the VM is built");
+            migration::answer(&mut got.stream, &Ok(()))?;
+            vm
+        }
+        Err(e) => {
+            let _ = migration::answer(&mut got.stream, &Err(VmmError::Config(e.to_string())));
+            return Err(e);
+        }
+    };
+    tracing::info!("{from}: running");
+    run_vm(vm, input, manifest.config, api_socket)
+}
+
 /// Point a restored VM's disks at new overlays and its NICs at other taps.
 fn make_clone(spec: &mut VmSpec, clone: &CloneOptions) -> Result<(), VmmError> {
     if !clone.overlays.is_empty() && clone.overlays.len() != spec.disks.len() {
@@ -264,6 +307,7 @@ fn restore_spec(
         boot: Boot::Snapshot(Box::new(SnapshotSource {
             dir: dir.to_path_buf(),
             manifest: manifest.clone(),
+            memory: None,
         })),
         rng,
         disks,

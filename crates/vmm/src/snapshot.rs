@@ -190,7 +190,7 @@ fn touched_pages(host: usize, len: usize) -> Option<Vec<bool>> {
     Some(touched)
 }
 
-fn is_zero(page: &[u8]) -> bool {
+pub(crate) fn is_zero(page: &[u8]) -> bool {
     // SAFETY: any byte pattern is a valid u64.
     let (pre, mid, post) = unsafe { page.align_to::<u64>() };
     pre.iter().all(|&b| b == 0)

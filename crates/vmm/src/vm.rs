@@ -52,6 +52,9 @@ pub enum Boot {
 pub struct SnapshotSource {
     pub dir: std::path::PathBuf,
     pub manifest: crate::snapshot::Manifest,
+    /// Guest memory already filled (a live migration's destination);
+    /// `None` maps the snapshot directory's memory file.
+    pub memory: Option<GuestMemoryMmap>,
 }
 
 /// Everything needed to build a VM, after the user's input has been checked.
@@ -220,6 +223,44 @@ impl VmHandle {
         use crate::snapshot::*;
         // Read everything before writing anything, so a backend or device
         // that cannot snapshot leaves no half-written directory behind.
+        let (vcpu_states, vm_state, devices) = self.save_states()?;
+        let dir = prepare_dir(dir)?;
+        let memory = write_memory(&self.memory, &dir)?;
+        tracing::info!(
+            "snapshot: {} MiB of guest memory, {} MiB of it written",
+            memory.file_bytes >> 20,
+            memory.data_bytes >> 20
+        );
+        write_manifest(
+            &dir,
+            &Manifest {
+                vireo: env!("CARGO_PKG_VERSION").into(),
+                accel: self.accel,
+                memory_bytes: self.memory_bytes,
+                vcpus: self.vcpus.len() as u32,
+                config,
+                memory: memory.ranges,
+                memory_file_bytes: memory.file_bytes,
+                vcpu_states,
+                vm_state,
+                devices,
+            },
+        )
+    }
+
+    /// The paused VM's vCPU, backend and device state (devices quiesced).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn save_states(
+        &self,
+    ) -> Result<
+        (
+            Vec<hypervisor::VcpuSnapshot>,
+            hypervisor::VmSnapshot,
+            crate::snapshot::DeviceStates,
+        ),
+        VmmError,
+    > {
+        use crate::snapshot::*;
         let vcpu_states = self
             .vcpus
             .iter()
@@ -248,28 +289,59 @@ impl VmHandle {
             pci_config_address: self.pci.config_io.address_latch(),
             virtio,
         };
-        let dir = prepare_dir(dir)?;
-        let memory = write_memory(&self.memory, &dir)?;
-        tracing::info!(
-            "snapshot: {} MiB of guest memory, {} MiB of it written",
-            memory.file_bytes >> 20,
-            memory.data_bytes >> 20
-        );
-        write_manifest(
-            &dir,
-            &Manifest {
-                vireo: env!("CARGO_PKG_VERSION").into(),
-                accel: self.accel,
-                memory_bytes: self.memory_bytes,
-                vcpus: self.vcpus.len() as u32,
-                config,
-                memory: memory.ranges,
-                memory_file_bytes: memory.file_bytes,
-                vcpu_states,
-                vm_state,
-                devices,
-            },
-        )
+        Ok((vcpu_states, vm_state, devices))
+    }
+
+    /// What a live migration needs of the VM (see `migration.rs`).
+    pub(crate) fn backend(&self) -> &Arc<dyn hypervisor::Vm> {
+        &self.vm
+    }
+
+    pub(crate) fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    pub(crate) fn control(&self) -> &Arc<VmControl> {
+        &self.control
+    }
+
+    pub(crate) fn accel(&self) -> hypervisor::AccelKind {
+        self.accel
+    }
+
+    pub(crate) fn memory_bytes(&self) -> u64 {
+        self.memory_bytes
+    }
+
+    pub(crate) fn vcpu_count(&self) -> u32 {
+        self.vcpus.len() as u32
+    }
+
+    /// True if virtio devices may write guest memory behind the dirty log.
+    pub(crate) fn has_virtio(&self) -> bool {
+        !self.pci.virtio.is_empty()
+    }
+
+    /// Let another process on this host open the disks (`false`), or take
+    /// them back (`true`).
+    pub(crate) fn set_disk_locks(&self, held: bool) -> Result<(), VmmError> {
+        for (name, d) in &self.pci.virtio {
+            lock(d)
+                .set_host_locks(held)
+                .map_err(|e| VmmError::Device(format!("{name}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Stop (or restart) the virtio queue workers.
+    pub(crate) fn quiesce_devices(&self, stop: bool) {
+        for (_, d) in &self.pci.virtio {
+            if stop {
+                lock(d).quiesce();
+            } else {
+                lock(d).resume();
+            }
+        }
     }
 
     /// Load a snapshot's vCPU, backend and device state into this new VM.
@@ -364,6 +436,9 @@ impl Vm {
         };
 
         let memory = match &boot {
+            Boot::Snapshot(snap) if snap.memory.is_some() => {
+                snap.memory.clone().unwrap_or_default()
+            }
             Boot::Snapshot(snap) => crate::snapshot::map_memory(
                 &snap.dir,
                 &snap.manifest.memory,

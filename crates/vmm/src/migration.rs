@@ -1,0 +1,641 @@
+//! Live migration over TCP: the source copies guest memory while the guest
+//! runs (pre-copy, following the backend's dirty page log), then pauses it,
+//! sends the pages written since plus the snapshot manifest (vCPU, VM and
+//! device state, configuration), and waits for the destination to say it
+//! has built the VM. The destination builds it the way `vireo restore`
+//! does, with memory filled from the stream instead of mapped from a file.
+//!
+//! The stream (all integers little-endian):
+//!
+//! ```text
+//! "VIREOMIG" u32 version u32 len  hello (JSON, len bytes)
+//! then messages, each starting with a tag byte:
+//!   'P' u32 count, count x (u64 gpa | ZERO_PAGE, [4096 bytes unless ZERO_PAGE])
+//!   'Q' the destination answers 'R' once it has read everything before
+//!   'S' u32 len, the snapshot manifest (JSON): the last message
+//! the destination answers 'A' (the VM is built and will run) or
+//!   'N' u32 len, its error message.
+//!
+//! The source sends 'Q' before it pauses the guest, so the downtime does
+//! not include the destination catching up on pre-copy data.
+//! ```
+//!
+//! Device writes to guest memory: virtio queue workers write guest buffers
+//! through vm-memory, which the backend's dirty log does not see. So when
+//! the VM has virtio devices, the final (paused, devices quiesced) round
+//! resends every page: correct, at the price of downtime that grows with
+//! memory size. A VM without virtio devices (only vCPU writes) sends just
+//! the pages the log names.
+//!
+//! Disks are not copied: both sides must see the same files (one host, or
+//! shared storage). The source flushes them and gives up its file locks
+//! just before it sends the state, and takes them back if the migration
+//! fails.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::snapshot::{is_zero, Manifest, MemoryRange};
+use crate::{VmHandle, VmmError};
+
+pub const MAGIC: &[u8; 8] = b"VIREOMIG";
+pub const VERSION: u32 = 1;
+const PAGE: u64 = 4096;
+/// Set in a page's address: the page is all zeros and no bytes follow.
+const ZERO_PAGE: u64 = 1;
+/// Pre-copy stops when fewer pages than this are dirty...
+const SMALL_REMAINDER: usize = 256;
+/// ...or after this many rounds (the first sends everything).
+const MAX_ROUNDS: u32 = 30;
+/// Pages per 'P' message.
+const BATCH: usize = 1024;
+/// The most guest memory a stream may announce (1 TiB).
+const MAX_MEMORY: u64 = 1 << 40;
+/// The largest JSON part the destination accepts.
+const MAX_JSON: u32 = 64 << 20;
+
+/// What the source tells the destination first.
+#[derive(Debug, Serialize, Deserialize)]
+struct Hello {
+    vireo: String,
+    accel: hypervisor::AccelKind,
+    memory_bytes: u64,
+    vcpus: u32,
+}
+
+/// How a migration went (the answer to `vm.migrate-send`).
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationReport {
+    pub destination: String,
+    /// From connecting to the destination's acknowledgment.
+    pub total_ms: u64,
+    /// From pausing the guest to the destination's acknowledgment.
+    pub downtime_ms: u64,
+    /// The same in microseconds.
+    pub downtime_us: u64,
+    /// Bytes sent on the stream.
+    pub bytes: u64,
+    /// Memory rounds, the final (paused) one included.
+    pub iterations: u32,
+    /// Pages sent in all rounds, and in the final one.
+    pub pages: u64,
+    pub final_pages: u64,
+}
+
+fn io(what: &str) -> impl Fn(std::io::Error) -> VmmError + '_ {
+    move |e| VmmError::Io(format!("migration: {what}: {e}"))
+}
+
+/// A writer that counts bytes.
+struct Counted<W> {
+    inner: W,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(b)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// One bitmap per memory slot (region, in order).
+type Dirty = Vec<Vec<u64>>;
+
+fn all_pages(mem: &GuestMemoryMmap) -> Dirty {
+    mem.iter()
+        .map(|r| {
+            let pages = r.len().div_ceil(PAGE) as usize;
+            let mut v = vec![u64::MAX; pages.div_ceil(64)];
+            if !pages.is_multiple_of(64) {
+                if let Some(last) = v.last_mut() {
+                    *last = (1u64 << (pages % 64)) - 1;
+                }
+            }
+            v
+        })
+        .collect()
+}
+
+fn count(d: &Dirty) -> usize {
+    d.iter().flatten().map(|w| w.count_ones() as usize).sum()
+}
+
+fn collect(vm: &VmHandle) -> Result<Dirty, VmmError> {
+    (0..vm.guest_memory().num_regions() as u32)
+        .map(|slot| Ok(vm.backend().dirty_log(slot)?))
+        .collect()
+}
+
+fn merge(into: &mut Dirty, from: Dirty) {
+    for (a, b) in into.iter_mut().zip(from) {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x |= y;
+        }
+    }
+}
+
+/// Send the pages a dirty set names; returns how many.
+fn send_pages<W: Write>(out: &mut W, mem: &GuestMemoryMmap, d: &Dirty) -> Result<u64, VmmError> {
+    let mut batch: Vec<u64> = Vec::with_capacity(BATCH);
+    let mut sent = 0u64;
+    let mut buf = vec![0u8; PAGE as usize];
+    let mut flush = |out: &mut W, batch: &mut Vec<u64>| -> Result<(), VmmError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        out.write_all(b"P").map_err(io("send"))?;
+        out.write_all(&(batch.len() as u32).to_le_bytes())
+            .map_err(io("send"))?;
+        for &gpa in batch.iter() {
+            // The guest may be writing it right now: a torn copy is fine,
+            // the write marks the page dirty for a later round.
+            mem.read_slice(&mut buf, GuestAddress(gpa))
+                .map_err(|e| VmmError::Io(format!("migration: guest page {gpa:#x}: {e}")))?;
+            if is_zero(&buf) {
+                out.write_all(&(gpa | ZERO_PAGE).to_le_bytes())
+                    .map_err(io("send"))?;
+            } else {
+                out.write_all(&gpa.to_le_bytes()).map_err(io("send"))?;
+                out.write_all(&buf).map_err(io("send"))?;
+            }
+        }
+        batch.clear();
+        Ok(())
+    };
+    for (region, bits) in mem.iter().zip(d) {
+        let base = region.start_addr().0;
+        let pages = region.len().div_ceil(PAGE);
+        for (w, &word) in bits.iter().enumerate() {
+            let mut word = word;
+            while word != 0 {
+                let b = word.trailing_zeros() as u64;
+                word &= word - 1;
+                let page = w as u64 * 64 + b;
+                if page >= pages {
+                    break;
+                }
+                batch.push(base + page * PAGE);
+                sent += 1;
+                if batch.len() == BATCH {
+                    flush(out, &mut batch)?;
+                }
+            }
+        }
+    }
+    flush(out, &mut batch)?;
+    Ok(sent)
+}
+
+/// Migrate a running (or paused) VM to a `vireo migrate-receive` at
+/// `destination`. On success the VM stays paused here and the caller ends
+/// this VMM; on failure the VM runs again (if it was running) and nothing
+/// else changed.
+pub fn send(
+    vm: &VmHandle,
+    destination: &str,
+    config: Option<crate::VmConfig>,
+) -> Result<MigrationReport, VmmError> {
+    let control = vm.control();
+    let was_running = control.state() == crate::RunState::Running;
+    let (mut paused, mut unlocked) = (false, false);
+    let result = send_inner(
+        vm,
+        destination,
+        config,
+        was_running,
+        &mut paused,
+        &mut unlocked,
+    );
+    let _ = vm.backend().stop_dirty_log();
+    if result.is_err() && unlocked {
+        // The destination may still be letting go of the disks.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Err(e) = vm.set_disk_locks(true) {
+            if Instant::now() >= deadline {
+                tracing::warn!("migration failed and a disk lock cannot be taken back: {e}");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    if result.is_err() && paused {
+        vm.quiesce_devices(false);
+        if was_running {
+            if let Err(e) = control.resume() {
+                tracing::warn!("migration failed and the VM cannot resume: {e}");
+            }
+        }
+    }
+    result
+}
+
+fn send_inner(
+    vm: &VmHandle,
+    destination: &str,
+    config: Option<crate::VmConfig>,
+    was_running: bool,
+    paused: &mut bool,
+    unlocked: &mut bool,
+) -> Result<MigrationReport, VmmError> {
+    let start = Instant::now();
+    let addr = destination
+        .to_socket_addrs()
+        .map_err(|e| VmmError::Config(format!("migration destination {destination}: {e}")))?
+        .next()
+        .ok_or_else(|| {
+            VmmError::Config(format!("migration destination {destination}: no address"))
+        })?;
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|e| VmmError::Io(format!("cannot connect to {destination}: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    stream
+        .set_write_timeout(Some(Duration::from_secs(60)))
+        .map_err(io("socket"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .map_err(io("socket"))?;
+    let reader = stream.try_clone().map_err(io("socket"))?;
+    let mut out = Counted {
+        inner: BufWriter::with_capacity(1 << 20, stream),
+        bytes: 0,
+    };
+    let mem = vm.guest_memory();
+
+    let hello = serde_json::to_vec(&Hello {
+        vireo: env!("CARGO_PKG_VERSION").into(),
+        accel: vm.accel(),
+        memory_bytes: vm.memory_bytes(),
+        vcpus: vm.vcpu_count(),
+    })
+    .map_err(|e| VmmError::Io(format!("migration: {e}")))?;
+    out.write_all(MAGIC).map_err(io("send"))?;
+    out.write_all(&VERSION.to_le_bytes()).map_err(io("send"))?;
+    out.write_all(&(hello.len() as u32).to_le_bytes())
+        .map_err(io("send"))?;
+    out.write_all(&hello).map_err(io("send"))?;
+
+    // Pre-copy: everything, then what the guest wrote meanwhile.
+    vm.backend().start_dirty_log()?;
+    let mut pages = 0u64;
+    let mut rounds = 0u32;
+    let mut dirty = all_pages(mem);
+    if was_running {
+        loop {
+            pages += send_pages(&mut out, mem, &dirty)?;
+            rounds += 1;
+            out.flush().map_err(io("send"))?;
+            dirty = collect(vm)?;
+            let left = count(&dirty);
+            tracing::info!("migration round {rounds}: {left} pages dirty");
+            if left < SMALL_REMAINDER || rounds + 1 >= MAX_ROUNDS {
+                break;
+            }
+        }
+    }
+
+    // Let the destination catch up before the guest stops.
+    let mut reader = reader;
+    out.write_all(b"Q").map_err(io("send"))?;
+    out.flush().map_err(io("send"))?;
+    let mut tag = [0u8; 1];
+    reader
+        .read_exact(&mut tag)
+        .map_err(|e| VmmError::Io(format!("migration: the destination stopped answering: {e}")))?;
+    if tag[0] != b'R' {
+        return Err(VmmError::Io(format!(
+            "migration: the destination answered {:#x}, not 'R'",
+            tag[0]
+        )));
+    }
+
+    // Stop-and-copy.
+    if was_running {
+        vm.control()
+            .pause()
+            .map_err(|e| VmmError::Conflict(format!("cannot pause the VM: {e}")))?;
+    }
+    *paused = true;
+    let down = Instant::now();
+    vm.quiesce_devices(true);
+    if vm.has_virtio() {
+        dirty = all_pages(mem);
+    } else if was_running {
+        merge(&mut dirty, collect(vm)?);
+    }
+    tracing::info!("migration: paused; {} pages left to send", count(&dirty));
+    let final_pages = send_pages(&mut out, mem, &dirty)?;
+    pages += final_pages;
+    rounds += 1;
+
+    let (vcpu_states, vm_state, devices) = vm.save_states()?;
+    let mut ranges = Vec::new();
+    let mut offset = 0;
+    for r in mem.iter() {
+        ranges.push(MemoryRange {
+            gpa: r.start_addr().0,
+            len: r.len(),
+            file_offset: offset,
+        });
+        offset += r.len();
+    }
+    let manifest = Manifest {
+        vireo: env!("CARGO_PKG_VERSION").into(),
+        accel: vm.accel(),
+        memory_bytes: vm.memory_bytes(),
+        vcpus: vm.vcpu_count(),
+        config,
+        memory: ranges,
+        memory_file_bytes: offset,
+        vcpu_states,
+        vm_state,
+        devices,
+    };
+    let body =
+        serde_json::to_vec(&manifest).map_err(|e| VmmError::Io(format!("migration: {e}")))?;
+    // Both processes may be on this host: let the destination open the
+    // disks (their data is flushed; the queue workers are stopped).
+    *unlocked = true;
+    vm.set_disk_locks(false)?;
+    out.write_all(b"S").map_err(io("send"))?;
+    out.write_all(&(body.len() as u32).to_le_bytes())
+        .map_err(io("send"))?;
+    out.write_all(&body).map_err(io("send"))?;
+    out.flush().map_err(io("send"))?;
+    tracing::info!(
+        "migration: state sent ({} bytes), waiting for the destination",
+        body.len()
+    );
+
+    reader.read_exact(&mut tag).map_err(|e| {
+        VmmError::Io(format!(
+            "migration: the destination did not acknowledge: {e}"
+        ))
+    })?;
+    match tag[0] {
+        b'A' => {}
+        b'N' => {
+            let msg = read_json_bytes(&mut reader, 64 << 10)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_else(|e| e.to_string());
+            return Err(VmmError::Io(format!(
+                "migration: the destination refused the VM: {msg}"
+            )));
+        }
+        t => {
+            return Err(VmmError::Io(format!(
+                "migration: the destination answered {t:#x}, not an acknowledgment"
+            )))
+        }
+    }
+    let report = MigrationReport {
+        destination: destination.to_string(),
+        total_ms: start.elapsed().as_millis() as u64,
+        downtime_ms: down.elapsed().as_millis() as u64,
+        downtime_us: down.elapsed().as_micros() as u64,
+        bytes: out.bytes,
+        iterations: rounds,
+        pages,
+        final_pages,
+    };
+    tracing::info!("migration done: {report:?}");
+    Ok(report)
+}
+
+fn read_u32<R: Read>(r: &mut R) -> std::io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_le_bytes(b))
+}
+
+fn read_json_bytes<R: Read>(r: &mut R, max: u32) -> Result<Vec<u8>, VmmError> {
+    let len = read_u32(r).map_err(cut)?;
+    if len > max {
+        return Err(VmmError::Config(format!(
+            "migration stream: a {len}-byte message (at most {max})"
+        )));
+    }
+    let mut b = vec![0u8; len as usize];
+    r.read_exact(&mut b).map_err(cut)?;
+    Ok(b)
+}
+
+fn cut(e: std::io::Error) -> VmmError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        VmmError::Io("the migration stream ended before the VM's state arrived (the source stopped or the connection was cut)".into())
+    } else {
+        VmmError::Io(format!("migration stream: {e}"))
+    }
+}
+
+/// What the destination received: the manifest and the filled memory.
+pub struct Received {
+    pub manifest: Manifest,
+    pub memory: GuestMemoryMmap,
+    pub peer: String,
+    /// To acknowledge (or refuse) once the VM is built.
+    pub stream: TcpStream,
+}
+
+/// Wait on `listen` for one migration and read it to the end.
+pub fn receive(listen: &str) -> Result<Received, VmmError> {
+    let listener = TcpListener::bind(listen)
+        .map_err(|e| VmmError::Io(format!("cannot listen on {listen}: {e}")))?;
+    tracing::info!("waiting for a migration on {listen}");
+    let (stream, peer) = listener
+        .accept()
+        .map_err(|e| VmmError::Io(format!("migration: accept on {listen}: {e}")))?;
+    drop(listener);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .map_err(io("socket"))?;
+    let mut r = BufReader::with_capacity(1 << 20, stream.try_clone().map_err(io("socket"))?);
+    let mut w = stream.try_clone().map_err(io("socket"))?;
+    let (manifest, memory) = read_stream(&mut r, &mut w)?;
+    Ok(Received {
+        manifest,
+        memory,
+        peer: peer.to_string(),
+        stream,
+    })
+}
+
+/// Parse a migration stream: header, memory, state.
+pub fn read_stream<R: Read, W: Write>(
+    r: &mut R,
+    w: &mut W,
+) -> Result<(Manifest, GuestMemoryMmap), VmmError> {
+    let mut magic = [0u8; 8];
+    r.read_exact(&mut magic).map_err(cut)?;
+    if &magic != MAGIC {
+        return Err(VmmError::Config(format!(
+            "not a Vireo migration stream: it starts with {:02x?}, not \"VIREOMIG\"",
+            magic
+        )));
+    }
+    let version = read_u32(r).map_err(cut)?;
+    if version != VERSION {
+        return Err(VmmError::Config(format!(
+            "migration stream version {version}; this Vireo reads version {VERSION}"
+        )));
+    }
+    let hello: Hello = serde_json::from_slice(&read_json_bytes(r, 64 << 10)?)
+        .map_err(|e| VmmError::Config(format!("migration stream: bad header: {e}")))?;
+    if hello.memory_bytes == 0
+        || !hello.memory_bytes.is_multiple_of(PAGE)
+        || hello.memory_bytes > MAX_MEMORY
+    {
+        return Err(VmmError::Config(format!(
+            "migration stream: {} bytes of guest memory is not a size Vireo runs",
+            hello.memory_bytes
+        )));
+    }
+    let memory = GuestMemoryMmap::<()>::from_ranges(&arch::ram_regions(hello.memory_bytes))
+        .map_err(|e| {
+            VmmError::Io(format!(
+                "cannot allocate {} MiB of guest memory: {e}",
+                hello.memory_bytes >> 20
+            ))
+        })?;
+    loop {
+        let mut tag = [0u8; 1];
+        r.read_exact(&mut tag).map_err(cut)?;
+        match tag[0] {
+            b'P' => {
+                let n = read_u32(r).map_err(cut)?;
+                for _ in 0..n {
+                    let mut a = [0u8; 8];
+                    r.read_exact(&mut a).map_err(cut)?;
+                    let a = u64::from_le_bytes(a);
+                    let gpa = a & !(PAGE - 1);
+                    if a & (PAGE - 1) & !ZERO_PAGE != 0 {
+                        return Err(VmmError::Config(format!(
+                            "migration stream: bad page address {a:#x}"
+                        )));
+                    }
+                    let outside = || {
+                        VmmError::Config(format!(
+                            "migration stream: page {gpa:#x} is outside guest RAM"
+                        ))
+                    };
+                    // The whole page inside one region (pages never straddle).
+                    memory
+                        .get_slice(GuestAddress(gpa), PAGE as usize)
+                        .map_err(|_| outside())?;
+                    let host = memory
+                        .get_host_address(GuestAddress(gpa))
+                        .map_err(|_| outside())?;
+                    // SAFETY: 4 KiB of this process's anonymous guest
+                    // memory, checked above to lie inside one region; no VM
+                    // runs on it yet, so nothing else accesses it.
+                    let page = unsafe { std::slice::from_raw_parts_mut(host, PAGE as usize) };
+                    if a & ZERO_PAGE == 0 {
+                        r.read_exact(page).map_err(cut)?;
+                    } else if !is_zero(page) {
+                        page.fill(0);
+                    }
+                }
+            }
+            b'Q' => {
+                w.write_all(b"R")
+                    .and_then(|()| w.flush())
+                    .map_err(|e| VmmError::Io(format!("migration stream: {e}")))?;
+            }
+            b'S' => {
+                tracing::info!("migration: memory received, reading the VM's state");
+                let body = read_json_bytes(r, MAX_JSON)?;
+                let manifest: Manifest = serde_json::from_slice(&body).map_err(|e| {
+                    VmmError::Config(format!("migration stream: bad VM state: {e}"))
+                })?;
+                manifest.check()?;
+                if manifest.memory_bytes != hello.memory_bytes || manifest.accel != hello.accel {
+                    return Err(VmmError::Config(
+                        "migration stream: the VM state contradicts its header".into(),
+                    ));
+                }
+                return Ok((manifest, memory));
+            }
+            t => {
+                return Err(VmmError::Config(format!(
+                    "migration stream: unknown message {t:#04x}"
+                )))
+            }
+        }
+    }
+}
+
+/// Tell the source how building the VM went.
+pub fn answer(stream: &mut TcpStream, result: &Result<(), VmmError>) -> Result<(), VmmError> {
+    match result {
+        Ok(()) => stream.write_all(b"A"),
+        Err(e) => {
+            let msg = e.to_string();
+            let mut b = vec![b'N'];
+            b.extend_from_slice(&(msg.len() as u32).to_le_bytes());
+            b.extend_from_slice(msg.as_bytes());
+            stream.write_all(&b)
+        }
+    }
+    .and_then(|()| stream.flush())
+    .map_err(io("acknowledge"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_header_is_refused_clearly() {
+        let e = read_stream(&mut &b"GET / HTTP/1.1\r\n\r\n"[..], &mut Vec::new())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("not a Vireo migration stream"), "{e}");
+        let mut s = MAGIC.to_vec();
+        s.extend_from_slice(&7u32.to_le_bytes());
+        let e = read_stream(&mut &s[..], &mut Vec::new())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("version 7"), "{e}");
+    }
+
+    #[test]
+    fn a_cut_stream_is_an_error() {
+        let mut s = MAGIC.to_vec();
+        s.extend_from_slice(&VERSION.to_le_bytes());
+        let hello = br#"{"vireo":"x","accel":"emu","memory_bytes":1048576,"vcpus":1}"#;
+        s.extend_from_slice(&(hello.len() as u32).to_le_bytes());
+        s.extend_from_slice(hello);
+        s.extend_from_slice(b"P");
+        s.extend_from_slice(&2u32.to_le_bytes());
+        s.extend_from_slice(&(0x1000u64 | ZERO_PAGE).to_le_bytes());
+        s.extend_from_slice(&0x2000u64.to_le_bytes());
+        s.extend_from_slice(&[7u8; 100]);
+        let e = read_stream(&mut &s[..], &mut Vec::new())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("ended before"), "{e}");
+    }
+
+    #[test]
+    fn dirty_sets_cover_exactly_the_pages() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 70 * 4096)]).unwrap();
+        let d = all_pages(&mem);
+        assert_eq!(count(&d), 70);
+        let mut out = Vec::new();
+        mem.write_slice(&[1u8], GuestAddress(5 * 4096)).unwrap();
+        assert_eq!(send_pages(&mut out, &mem, &d).unwrap(), 70);
+        // 69 zero pages (8 bytes each), one full page, one 'P' header.
+        assert_eq!(out.len(), 5 + 70 * 8 + 4096);
+    }
+}

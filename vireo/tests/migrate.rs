@@ -1,0 +1,463 @@
+//! Live migration between two Vireo processes on this host: the a..z
+//! counting guest (its counter in guest memory) keeps running while its
+//! memory is copied, and the destination's letters continue the source's
+//! with nothing repeated and nothing skipped. A cut stream leaves the source
+//! running; a stream that is not a migration is refused.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn counting_guest(dir: &Path) -> PathBuf {
+    let path = dir.join("letters.elf");
+    std::fs::write(&path, arch::tiny_elf::letters_guest(20_000)).unwrap();
+    path
+}
+
+fn assert_unbroken_cycle(text: &str) {
+    let letters: Vec<u8> = text.bytes().filter(|b| b.is_ascii_lowercase()).collect();
+    assert!(!letters.is_empty());
+    assert_eq!(letters[0], b'a', "the count starts at a");
+    for (i, w) in letters.windows(2).enumerate() {
+        let want = if w[0] == b'z' { b'a' } else { w[0] + 1 };
+        assert_eq!(
+            w[1],
+            want,
+            "letter {} breaks the count: ...{}",
+            i + 1,
+            String::from_utf8_lossy(&letters[i.saturating_sub(10)..(i + 10).min(letters.len())])
+        );
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vireo-mig-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A TCP port nobody listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The letters guest, running and counting, with its API on `sock`.
+fn source(accel: &str, memory: &str, dir: &Path, devices: bool, sock: &Path) -> Running {
+    let kernel = counting_guest(dir);
+    let mut cmd = vireo();
+    cmd.args([
+        "run", "--accel", accel, "--boot", "pvh", "--memory", memory, "--kernel",
+    ])
+    .arg(&kernel)
+    .arg("--api-socket")
+    .arg(sock);
+    if devices {
+        // One host: both processes use the same disk file, in turn.
+        let disk = dir.join("disk.img");
+        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        cmd.arg("--disk")
+            .arg(format!("path={},format=raw", disk.display()))
+            .arg("--rng");
+    }
+    let src = Running::spawn(cmd);
+    assert!(
+        wait_until(Duration::from_secs(60), || src.stdout_text().len() >= 30),
+        "the guest did not count: {}",
+        src.stderr_text()
+    );
+    src
+}
+
+/// `vireo migrate-receive` on `port`, once it listens.
+fn destination(port: u16, sock: Option<&Path>) -> Running {
+    let mut cmd = vireo();
+    cmd.args(["-v", "migrate-receive", "--listen"])
+        .arg(format!("127.0.0.1:{port}"));
+    if let Some(s) = sock {
+        cmd.arg("--api-socket").arg(s);
+    }
+    let dst = Running::spawn(cmd);
+    assert!(
+        wait_until(Duration::from_secs(20), || dst
+            .stderr_text()
+            .contains("waiting for a migration")),
+        "the destination does not listen: {}",
+        dst.stderr_text()
+    );
+    dst
+}
+
+fn letters_migrate(accel: &str, memory: &str, devices: bool) {
+    let dir = scratch(&format!("{accel}-{memory}"));
+    let (sock, sock2) = (dir.join("a.sock"), dir.join("b.sock"));
+    let mut src = source(accel, memory, &dir, devices, &sock);
+    let port = free_port();
+    let mut dst = destination(port, Some(&sock2));
+    let out = vireo()
+        .args(["migrate", "--api-socket"])
+        .arg(&sock)
+        .arg("--to")
+        .arg(format!("127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "migrate: {out:?}\n{}",
+        dst.stderr_text()
+    );
+    eprintln!("{accel} {memory} devices={devices}: {said}");
+    assert!(
+        said.contains("downtime") && said.contains("iterations"),
+        "{said}"
+    );
+    // The source hands over and ends well.
+    assert_eq!(
+        src.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        src.stderr_text()
+    );
+    assert!(
+        src.stderr_text().contains("migrated to"),
+        "{}",
+        src.stderr_text()
+    );
+    let before = src.stdout_text();
+    assert!(
+        wait_until(Duration::from_secs(60), || dst.stdout_text().len() >= 60),
+        "the migrated guest did not count on: {}",
+        dst.stderr_text()
+    );
+    let info = client(&["info"], &sock2);
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["state"], "running");
+    assert_eq!(v["accel"], accel);
+    assert_eq!(v["config"]["rng"], devices);
+    assert!(client(&["stop"], &sock2).status.success());
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
+    let after = dst.stdout_text();
+    assert_unbroken_cycle(&format!("{before}{after}"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn engine_letters_guest_migrates_while_running_and_counts_on() {
+    letters_migrate("emu", "256M", false);
+}
+
+#[test]
+fn engine_guest_with_virtio_devices_migrates() {
+    letters_migrate("emu", "64M", true);
+}
+
+#[test]
+fn kvm_letters_guest_migrates_while_running_and_counts_on() {
+    if !kvm_usable() {
+        return;
+    }
+    letters_migrate("kvm", "256M", false);
+}
+
+/// A destination that reads the whole migration and then refuses the VM
+/// (as `vireo migrate-receive` does when it cannot build it): the source
+/// takes its disk back and runs on.
+#[test]
+fn a_destination_that_refuses_leaves_the_source_running() {
+    let dir = scratch("refused");
+    let sock = dir.join("a.sock");
+    let mut src = source("emu", "64M", &dir, true, &sock);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+        let mut w = s.try_clone().unwrap();
+        let got = vmm::migration::read_stream(&mut r, &mut w).map(|(m, _)| m.vcpus);
+        let no = vmm::VmmError::Config("no room here".into());
+        vmm::migration::answer(&mut s, &Err(no)).unwrap();
+        got.unwrap()
+    });
+    let out = vireo()
+        .args(["migrate", "--api-socket"])
+        .arg(&sock)
+        .arg("--to")
+        .arg(format!("127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert_eq!(fake.join().unwrap(), 1, "the whole VM arrived");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the destination refused the VM: no room here"),
+        "{err}"
+    );
+    let info = client(&["info"], &sock);
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["state"], "running");
+    let n = src.stdout_text().len();
+    assert!(wait_until(Duration::from_secs(30), || src
+        .stdout_text()
+        .len()
+        >= n + 20));
+    // The source holds its disk again.
+    let other = vireo()
+        .args(["run", "--accel", "emu", "--kernel"])
+        .arg(dir.join("letters.elf"))
+        .arg("--disk")
+        .arg(format!(
+            "path={},format=raw",
+            dir.join("disk.img").display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(other.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&other.stderr).contains("lock held"));
+    assert!(client(&["stop"], &sock).status.success());
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    assert_unbroken_cycle(&src.stdout_text());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A device that cannot migrate (the balloon has no saved state yet) is
+/// found after pre-copy, with the guest paused: it runs on.
+#[test]
+fn a_device_that_cannot_migrate_leaves_the_source_running() {
+    let dir = scratch("balloon");
+    let sock = dir.join("a.sock");
+    let kernel = counting_guest(&dir);
+    let mut cmd = vireo();
+    cmd.args([
+        "run",
+        "--accel",
+        "emu",
+        "--boot",
+        "pvh",
+        "--memory",
+        "64M",
+        "--balloon",
+        "--kernel",
+    ])
+    .arg(&kernel)
+    .arg("--api-socket")
+    .arg(&sock);
+    let mut src = Running::spawn(cmd);
+    assert!(wait_until(Duration::from_secs(60), || src
+        .stdout_text()
+        .len()
+        >= 30));
+    let port = free_port();
+    let mut dst = destination(port, None);
+    let out = vireo()
+        .args(["migrate", "--api-socket"])
+        .arg(&sock)
+        .arg("--to")
+        .arg(format!("127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("virtio-balloon"));
+    // The destination saw the stream end before the state: a clear error.
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(1));
+    assert!(
+        dst.stderr_text().contains("ended before"),
+        "{}",
+        dst.stderr_text()
+    );
+    let n = src.stdout_text().len();
+    assert!(wait_until(Duration::from_secs(30), || src
+        .stdout_text()
+        .len()
+        >= n + 20));
+    assert!(client(&["stop"], &sock).status.success());
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    assert_unbroken_cycle(&src.stdout_text());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_cut_stream_leaves_the_source_running() {
+    let dir = scratch("cut");
+    let sock = dir.join("a.sock");
+    let mut src = source("emu", "64M", &dir, false, &sock);
+    // A fake destination: takes some of the stream, then hangs up.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 100_000];
+        let _ = s.read_exact(&mut buf);
+        drop(s);
+        buf
+    });
+    let out = vireo()
+        .args(["migrate", "--api-socket"])
+        .arg(&sock)
+        .arg("--to")
+        .arg(format!("127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    let got = fake.join().unwrap();
+    assert_eq!(&got[..8], b"VIREOMIG");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("migration"), "{err}");
+    // The guest runs on here.
+    let info = client(&["info"], &sock);
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["state"], "running");
+    let n = src.stdout_text().len();
+    assert!(
+        wait_until(Duration::from_secs(30), || src.stdout_text().len()
+            >= n + 20),
+        "the source stopped counting after a failed migration"
+    );
+    // Nothing listens at all: refused at once, still running.
+    let out = vireo()
+        .args(["migrate", "--api-socket"])
+        .arg(&sock)
+        .arg("--to")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
+    assert!(client(&["stop"], &sock).status.success());
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    assert_unbroken_cycle(&src.stdout_text());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_destination_refuses_a_stream_that_is_not_a_migration() {
+    let port = free_port();
+    let mut dst = destination(port, None);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(1));
+    let err = dst.stderr_text();
+    assert!(err.contains("not a Vireo migration stream"), "{err}");
+
+    // A stream cut after a good header: a clear error too.
+    let port = free_port();
+    let mut dst = destination(port, None);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"VIREOMIG\x01\x00\x00\x00").unwrap();
+    drop(s);
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(1));
+    let err = dst.stderr_text();
+    assert!(err.contains("ended before"), "{err}");
+}
+
+/// Every `COUNT:<n>:<uptime>:` the guest printed, in order.
+fn count_lines(console: &str) -> Vec<(u64, f64)> {
+    console
+        .split("COUNT:")
+        .skip(1)
+        .filter_map(|rest| {
+            let mut f = rest.split(':');
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+const LAST_COUNT: u64 = 40;
+
+/// Debian on the engine with a raw ext4 disk (the same file for both
+/// processes, on this host) and virtio-rng, counting to the console and
+/// to a file on the disk, migrated mid-count while it runs: the
+/// destination counts on to the end and powers off; both consoles form one
+/// unbroken sequence, and so does the file.
+#[test]
+fn debian_counting_to_console_and_disk_continues_across_an_engine_migration() {
+    let g = guest_dir();
+    let dir = scratch("linux");
+    let disk = dir.join("disk.img");
+    let mkfs = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&disk)
+        .arg("32M")
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success(), "{mkfs:?}");
+    let script = format!(
+        "mount /dev/vda /mnt && i=0 && while [ $i -lt {LAST_COUNT} ]; do i=$((i+1)); \
+         echo COUNT:$i:$(cut -d' ' -f1 /proc/uptime):; echo $i >> /mnt/count.txt; sync; sleep 0.2; \
+         done; umount /mnt"
+    );
+    let sock = dir.join("a.sock");
+    let mut cmd = vireo();
+    cmd.args(["run", "--accel", "emu", "--memory", "256M", "--kernel"])
+        .arg(g.join("vmlinux"))
+        .arg("--initrd")
+        .arg(g.join("initramfs.cpio.gz"))
+        .arg("--cmdline")
+        .arg(format!(
+            "console=ttyS0 reboot=k panic=1 quiet vireo.cmd=\"{script}\""
+        ))
+        .arg("--disk")
+        .arg(format!("path={},format=raw", disk.display()))
+        .arg("--rng")
+        .arg("--api-socket")
+        .arg(&sock);
+    let mut src = Running::spawn(cmd);
+    assert!(
+        src.wait_for("COUNT:5:", Duration::from_secs(900)),
+        "the guest did not count:\n{}\n{}",
+        src.stdout_text(),
+        src.stderr_text()
+    );
+    let port = free_port();
+    let mut dst = destination(port, None);
+    let out = vireo()
+        .args(["migrate", "--api-socket"])
+        .arg(&sock)
+        .arg("--to")
+        .arg(format!("127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "migrate: {out:?}\n{}",
+        dst.stderr_text()
+    );
+    eprintln!("debian: {}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    let before = src.stdout_text();
+    let code = dst.wait_exit(Duration::from_secs(900));
+    let after = dst.stdout_text();
+    assert_eq!(
+        code,
+        Some(0),
+        "the migrated guest did not finish:\n{after}\n{}",
+        dst.stderr_text()
+    );
+    assert!(after.contains("VIREO-CMD-END rc=0"), "{after}");
+    let all: Vec<u64> = count_lines(&format!("{before}{after}"))
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(
+        all,
+        (1..=LAST_COUNT).collect::<Vec<_>>(),
+        "before:\n{before}\nafter:\n{after}"
+    );
+    let cat = std::process::Command::new("debugfs")
+        .args(["-R", "cat /count.txt"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&cat.stdout);
+    let on_disk: Vec<u64> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    assert_eq!(on_disk, (1..=LAST_COUNT).collect::<Vec<_>>(), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
