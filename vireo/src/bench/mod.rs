@@ -185,11 +185,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     match args.which.as_str() {
         "startup" => startup(&args, runs),
         "snapshot" => snapshot(&args, runs),
+        "migrate" => migrate(&args, runs),
         "boot" => boot(&args, runs),
         "blk" => io::blk(&args, runs),
         "net" => io::net(&args, runs),
         other => {
-            bail!("unknown benchmark '{other}' (available: startup, snapshot, boot, blk, net)")
+            bail!("unknown benchmark '{other}' (available: startup, snapshot, migrate, boot, blk, net)")
         }
     }
 }
@@ -293,6 +294,146 @@ fn snapshot(args: &BenchArgs, runs: usize) -> Result<()> {
             median(data) as f64 / 1024.0
         );
     }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Live migration between two processes on this host (a letters guest
+/// running throughout), for a small and a large guest: the source's own
+/// report of total time and downtime; then the API's request latency
+/// (`GET vm.info` on a running VM).
+fn migrate(args: &BenchArgs, runs: usize) -> Result<()> {
+    let accel = args.accel.vireo();
+    let vireo: PathBuf = std::env::current_exe()?;
+    let dir = std::env::temp_dir().join(format!("vireo-bench-mig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let elf = dir.join("letters.elf");
+    std::fs::write(&elf, arch::tiny_elf::letters_guest(2_000))?;
+    let spawn_source = |mib: u64, sock: &Path| -> Result<std::process::Child> {
+        let mut src = Command::new(&vireo)
+            .args(["run", "--accel", accel, "--boot", "pvh", "--memory"])
+            .arg(format!("{mib}M"))
+            .arg("--kernel")
+            .arg(&elf)
+            .arg("--api-socket")
+            .arg(sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut out = src.stdout.take().context("no stdout")?;
+        read_bytes(&mut out, 3)?;
+        // Keep draining the console so the guest never blocks on it.
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        wait_socket(sock)?;
+        Ok(src)
+    };
+    println!(
+        "live migration under --accel {accel}, localhost TCP, guest running (median of {runs} runs)"
+    );
+    println!(
+        "{:<12} {:>12} {:>12} {:>12} {:>11}",
+        "guest RAM", "total", "downtime", "sent", "iterations"
+    );
+    for mib in [256u64, 2048] {
+        let (mut total, mut down, mut bytes, mut iters) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for run in 0..runs {
+            let sock = dir.join(format!("m{mib}-{run}.sock"));
+            let mut src = spawn_source(mib, &sock)?;
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let addr = listener.local_addr()?.to_string();
+            drop(listener);
+            let mut dst = Command::new(&vireo)
+                .args(["migrate-receive", "--serial", "none", "--listen", &addr])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            // Until the destination listens, a migration fails to connect
+            // and the source runs on: retry.
+            let body = serde_json::json!({ "destination": addr }).to_string();
+            let start = Instant::now();
+            let text = loop {
+                let (status, text) = vmm::api::client::request_with_body(
+                    &sock,
+                    "PUT",
+                    "/api/v1/vm.migrate-send",
+                    &body,
+                )
+                .map_err(|e| anyhow::anyhow!(e))?;
+                if status == 200 {
+                    break text;
+                }
+                if start.elapsed() > Duration::from_secs(20) {
+                    let _ = src.kill();
+                    let _ = dst.kill();
+                    bail!("migration: HTTP {status}: {text}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            let r: serde_json::Value = serde_json::from_str(&text)?;
+            let num = |k: &str| r.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+            total.push(Duration::from_millis(num("total_ms")));
+            down.push(Duration::from_micros(num("downtime_us")));
+            bytes.push(num("bytes"));
+            iters.push(num("iterations"));
+            let _ = src.wait();
+            let _ = dst.kill();
+            let _ = dst.wait();
+        }
+        println!(
+            "{:<12} {:>9.0} ms {:>9.2} ms {:>8.1} MiB {:>11}   vireo --accel {accel}",
+            format!("{mib} MiB"),
+            median(total).as_secs_f64() * 1e3,
+            median(down).as_secs_f64() * 1e3,
+            median(bytes) as f64 / (1 << 20) as f64,
+            median(iters)
+        );
+    }
+
+    let qemu_accel = if accel == "kvm" { "kvm" } else { "tcg" };
+    if guest::has_binary(&args.qemu) {
+        for mib in [256u64, 2048] {
+            let mut samples = Vec::new();
+            for run in 0..runs {
+                samples.push(qemu_migrate_once(
+                    &args.qemu,
+                    qemu_accel,
+                    &elf,
+                    mib,
+                    &dir.join(format!("q{mib}-{run}")),
+                )?);
+            }
+            let pick = |f: fn(&(u64, u64, u64)) -> u64| median(samples.iter().map(f).collect());
+            println!(
+                "{:<12} {:>9} ms {:>9} ms {:>8.1} MiB {:>11}   qemu -M microvm -accel {qemu_accel}",
+                format!("{mib} MiB"),
+                pick(|s| s.0),
+                pick(|s| s.1),
+                pick(|s| s.2) as f64 / (1 << 20) as f64,
+                "-"
+            );
+        }
+    } else {
+        println!("qemu: not installed ({})", args.qemu);
+    }
+
+    // API latency: GET vm.info, one connection per request as the CLI does.
+    let sock = dir.join("api.sock");
+    let mut src = spawn_source(64, &sock)?;
+    let mut lat = Vec::new();
+    for _ in 0..200 {
+        lat.push(api(&sock, "GET", "/api/v1/vm.info", "")?);
+    }
+    let _ = src.kill();
+    let _ = src.wait();
+    lat.sort();
+    println!(
+        "API GET vm.info: median {:.3} ms, p99 {:.3} ms (200 requests)",
+        lat[lat.len() / 2].as_secs_f64() * 1e3,
+        lat[lat.len() * 99 / 100].as_secs_f64() * 1e3
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
@@ -430,6 +571,93 @@ fn startup(args: &BenchArgs, runs: usize) -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// One QEMU live migration of the letters guest between two processes on
+/// this host, driven over QMP: (total ms, downtime ms, bytes sent), as
+/// QEMU itself reports them.
+fn qemu_migrate_once(
+    qemu: &str,
+    accel: &'static str,
+    elf: &Path,
+    mib: u64,
+    base: &Path,
+) -> Result<(u64, u64, u64)> {
+    use std::io::{BufRead, BufReader, Write};
+    let mem = format!("{mib}M");
+    let qmp = base.with_extension("qmp");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut dst = qemu_cmd(qemu, accel, elf, &mem)();
+    dst.args(["-incoming", &format!("tcp:127.0.0.1:{port}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut dst = dst.spawn()?;
+    let mut src = qemu_cmd(qemu, accel, elf, &mem)();
+    src.arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut src = src.spawn()?;
+    let result = (|| -> Result<(u64, u64, u64)> {
+        let mut out = src.stdout.take().context("no stdout")?;
+        read_bytes(&mut out, 3)?;
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        wait_socket(&qmp)?;
+        let stream = std::os::unix::net::UnixStream::connect(&qmp)?;
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let mut w = stream.try_clone()?;
+        let mut r = BufReader::new(stream);
+        // Answers to commands only (events are skipped).
+        let mut call = |cmd: serde_json::Value| -> Result<serde_json::Value> {
+            writeln!(w, "{cmd}")?;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line)? == 0 {
+                    bail!("QMP closed");
+                }
+                let v: serde_json::Value = serde_json::from_str(&line)?;
+                if let Some(e) = v.get("error") {
+                    bail!("QMP {cmd}: {e}");
+                }
+                if let Some(ret) = v.get("return") {
+                    return Ok(ret.clone());
+                }
+            }
+        };
+        call(serde_json::json!({"execute": "qmp_capabilities"}))?;
+        std::thread::sleep(Duration::from_millis(200)); // the destination listens
+        call(serde_json::json!({"execute": "migrate",
+            "arguments": {"uri": format!("tcp:127.0.0.1:{port}")}}))?;
+        let start = Instant::now();
+        loop {
+            let st = call(serde_json::json!({"execute": "query-migrate"}))?;
+            match st.get("status").and_then(|s| s.as_str()) {
+                Some("completed") => {
+                    let n = |v: Option<&serde_json::Value>| v.and_then(|x| x.as_u64()).unwrap_or(0);
+                    return Ok((
+                        n(st.get("total-time")),
+                        n(st.get("downtime")),
+                        n(st.get("ram").and_then(|r| r.get("transferred"))),
+                    ));
+                }
+                Some("failed") | Some("cancelled") => bail!("QEMU migration failed: {st}"),
+                _ if start.elapsed() > Duration::from_secs(120) => {
+                    bail!("QEMU migration did not complete: {st}")
+                }
+                _ => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    })();
+    for c in [&mut src, &mut dst] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let _ = std::fs::remove_file(&qmp);
+    result
 }
 
 fn qemu_cmd(qemu: &str, accel: &'static str, elf: &Path, mem: &str) -> impl Fn() -> Command {
