@@ -52,8 +52,31 @@ fn free_port() -> u16 {
 
 /// The letters guest, running and counting, with its API on `sock`.
 fn source(accel: &str, memory: &str, dir: &Path, devices: bool, sock: &Path) -> Running {
+    source_in(None, accel, memory, dir, devices, sock)
+}
+
+/// `vireo` to run inside network namespace `ns`, or here.
+fn vireo_in(ns: Option<&str>) -> std::process::Command {
+    match ns {
+        Some(ns) => {
+            let mut c = std::process::Command::new("ip");
+            c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_vireo")]);
+            c
+        }
+        None => vireo(),
+    }
+}
+
+fn source_in(
+    ns: Option<&str>,
+    accel: &str,
+    memory: &str,
+    dir: &Path,
+    devices: bool,
+    sock: &Path,
+) -> Running {
     let kernel = counting_guest(dir);
-    let mut cmd = vireo();
+    let mut cmd = vireo_in(ns);
     cmd.args([
         "run", "--accel", accel, "--boot", "pvh", "--memory", memory, "--kernel",
     ])
@@ -79,9 +102,13 @@ fn source(accel: &str, memory: &str, dir: &Path, devices: bool, sock: &Path) -> 
 
 /// `vireo migrate-receive` on `port`, once it listens.
 fn destination(port: u16, sock: Option<&Path>) -> Running {
-    let mut cmd = vireo();
+    destination_in(None, "127.0.0.1", port, sock)
+}
+
+fn destination_in(ns: Option<&str>, ip: &str, port: u16, sock: Option<&Path>) -> Running {
+    let mut cmd = vireo_in(ns);
     cmd.args(["-v", "migrate-receive", "--listen"])
-        .arg(format!("127.0.0.1:{port}"));
+        .arg(format!("{ip}:{port}"));
     if let Some(s) = sock {
         cmd.arg("--api-socket").arg(s);
     }
@@ -96,17 +123,35 @@ fn destination(port: u16, sock: Option<&Path>) -> Running {
     dst
 }
 
+/// Where the two processes run: namespaces for each and the destination's
+/// address, or both here on localhost.
+struct Placement<'a> {
+    src_ns: Option<&'a str>,
+    dst_ns: Option<&'a str>,
+    dst_ip: &'a str,
+}
+
+const HERE: Placement<'static> = Placement {
+    src_ns: None,
+    dst_ns: None,
+    dst_ip: "127.0.0.1",
+};
+
 fn letters_migrate(accel: &str, memory: &str, devices: bool) {
+    letters_migrate_between(accel, memory, devices, &HERE)
+}
+
+fn letters_migrate_between(accel: &str, memory: &str, devices: bool, at: &Placement) {
     let dir = scratch(&format!("{accel}-{memory}"));
     let (sock, sock2) = (dir.join("a.sock"), dir.join("b.sock"));
-    let mut src = source(accel, memory, &dir, devices, &sock);
+    let mut src = source_in(at.src_ns, accel, memory, &dir, devices, &sock);
     let port = free_port();
-    let mut dst = destination(port, Some(&sock2));
+    let mut dst = destination_in(at.dst_ns, at.dst_ip, port, Some(&sock2));
     let out = vireo()
         .args(["migrate", "--api-socket"])
         .arg(&sock)
         .arg("--to")
-        .arg(format!("127.0.0.1:{port}"))
+        .arg(format!("{}:{port}", at.dst_ip))
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -153,6 +198,70 @@ fn letters_migrate(accel: &str, memory: &str, devices: bool) {
 #[test]
 fn engine_letters_guest_migrates_while_running_and_counts_on() {
     letters_migrate("emu", "256M", false);
+}
+
+/// Two network namespaces joined by a veth pair, removed on drop.
+struct NsPair {
+    a: String,
+    b: String,
+}
+
+impl NsPair {
+    fn new() -> Self {
+        let id = std::process::id() % 100_000;
+        let (a, b) = (format!("vireo-ma{id}"), format!("vireo-mb{id}"));
+        let sh = |c: String| {
+            let st = std::process::Command::new("sh")
+                .args(["-c", &c])
+                .status()
+                .unwrap();
+            assert!(st.success(), "{c}");
+        };
+        for n in [&a, &b] {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", n])
+                .output();
+            sh(format!("ip netns add {n} && ip -n {n} link set lo up"));
+        }
+        sh(format!(
+            "ip link add vma{id} netns {a} type veth peer name vmb{id} netns {b} && \
+             ip -n {a} addr add 10.214.0.1/24 dev vma{id} && ip -n {a} link set vma{id} up && \
+             ip -n {b} addr add 10.214.0.2/24 dev vmb{id} && ip -n {b} link set vmb{id} up"
+        ));
+        NsPair { a, b }
+    }
+}
+
+impl Drop for NsPair {
+    fn drop(&mut self) {
+        for n in [&self.a, &self.b] {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", n])
+                .output();
+        }
+    }
+}
+
+/// The source in one network namespace, the destination in another: the
+/// stream crosses a veth pair, as between two hosts.
+#[test]
+fn engine_guest_migrates_between_two_network_namespaces() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("note: needs root (network namespaces); test skipped");
+        return;
+    }
+    let ns = NsPair::new();
+    letters_migrate_between(
+        "emu",
+        "256M",
+        false,
+        &Placement {
+            src_ns: Some(&ns.a),
+            dst_ns: Some(&ns.b),
+            dst_ip: "10.214.0.2",
+        },
+    );
 }
 
 #[test]
