@@ -125,6 +125,33 @@ fn all_pages(mem: &GuestMemoryMmap) -> Dirty {
         .collect()
 }
 
+/// Drop from `d` the pages of anonymous guest memory this process never
+/// touched: they are zero here and on the destination, whose memory starts
+/// zeroed. (Memory mapped from a snapshot's file is left alone: its
+/// untouched pages hold the file's data.) Dirty logging must already be on,
+/// so a page first touched after this look is still caught.
+fn drop_untouched(mem: &GuestMemoryMmap, d: &mut Dirty) {
+    for (region, bits) in mem.iter().zip(d.iter_mut()) {
+        let Ok(host) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) else {
+            continue;
+        };
+        if region.file_offset().is_some() || !(host as usize).is_multiple_of(PAGE as usize) {
+            continue;
+        }
+        let Some(touched) = crate::snapshot::touched_pages(host as usize, region.len() as usize)
+        else {
+            continue;
+        };
+        for (i, t) in touched.iter().enumerate() {
+            if !t {
+                if let Some(w) = bits.get_mut(i / 64) {
+                    *w &= !(1u64 << (i % 64));
+                }
+            }
+        }
+    }
+}
+
 fn count(d: &Dirty) -> usize {
     d.iter().flatten().map(|w| w.count_ones() as usize).sum()
 }
@@ -288,6 +315,7 @@ fn send_inner(
     let mut pages = 0u64;
     let mut rounds = 0u32;
     let mut dirty = all_pages(mem);
+    drop_untouched(mem, &mut dirty);
     if was_running {
         loop {
             pages += send_pages(&mut out, mem, &dirty)?;
@@ -328,6 +356,7 @@ fn send_inner(
     vm.quiesce_devices(true);
     if vm.has_virtio() {
         dirty = all_pages(mem);
+        drop_untouched(mem, &mut dirty);
     } else if was_running {
         merge(&mut dirty, collect(vm)?);
     }

@@ -170,7 +170,7 @@ const PAGE: usize = 4096;
 /// only if /proc/self/pagemap says neither present nor swapped (an
 /// anonymous page never written reads as zero). `None` if pagemap cannot
 /// be read.
-fn touched_pages(host: usize, len: usize) -> Option<Vec<bool>> {
+pub(crate) fn touched_pages(host: usize, len: usize) -> Option<Vec<bool>> {
     let f = File::open("/proc/self/pagemap").ok()?;
     let pages = len / PAGE;
     let mut touched = Vec::with_capacity(pages);
