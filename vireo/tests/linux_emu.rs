@@ -39,20 +39,6 @@ fn boot(kernel: &str, extra: &[&str], cmd: &str) -> (Option<i32>, String, String
     (code, vm.stdout_text(), vm.stderr_text())
 }
 
-/// The lines the guest's command printed (between the init's markers).
-fn command_output(console: &str) -> Vec<String> {
-    let start = console
-        .find("VIREO-CMD-BEGIN")
-        .expect("the command started");
-    console[start..]
-        .lines()
-        .skip(1)
-        .take_while(|l| !l.starts_with("VIREO-CMD-END"))
-        .filter(|l| !l.starts_with('['))
-        .map(|l| l.trim_end_matches('\r').to_string())
-        .collect()
-}
-
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("vireo-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);

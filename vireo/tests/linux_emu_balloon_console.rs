@@ -29,21 +29,6 @@ fn vireo_run(memory: &str, cmdline: &str, extra: &[&str]) -> Command {
     c
 }
 
-/// The lines the guest's command printed (between the init's markers),
-/// kernel messages left out.
-fn command_output(console: &str) -> Vec<String> {
-    let start = console
-        .find("VIREO-CMD-BEGIN")
-        .expect("the command started");
-    console[start..]
-        .lines()
-        .skip(1)
-        .take_while(|l| !l.starts_with("VIREO-CMD-END"))
-        .filter(|l| !l.starts_with('['))
-        .map(|l| l.trim_end_matches('\r').to_string())
-        .collect()
-}
-
 /// The number after `key ` on the line that starts with it.
 fn value(lines: &[String], key: &str) -> u64 {
     lines

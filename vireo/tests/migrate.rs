@@ -12,28 +12,6 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-fn counting_guest(dir: &Path) -> PathBuf {
-    let path = dir.join("letters.elf");
-    std::fs::write(&path, arch::tiny_elf::letters_guest(20_000)).unwrap();
-    path
-}
-
-fn assert_unbroken_cycle(text: &str) {
-    let letters: Vec<u8> = text.bytes().filter(|b| b.is_ascii_lowercase()).collect();
-    assert!(!letters.is_empty());
-    assert_eq!(letters[0], b'a', "the count starts at a");
-    for (i, w) in letters.windows(2).enumerate() {
-        let want = if w[0] == b'z' { b'a' } else { w[0] + 1 };
-        assert_eq!(
-            w[1],
-            want,
-            "letter {} breaks the count: ...{}",
-            i + 1,
-            String::from_utf8_lossy(&letters[i.saturating_sub(10)..(i + 10).min(letters.len())])
-        );
-    }
-}
-
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("vireo-mig-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -465,18 +443,6 @@ fn a_destination_refuses_a_stream_that_is_not_a_migration() {
     assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(1));
     let err = dst.stderr_text();
     assert!(err.contains("ended before"), "{err}");
-}
-
-/// Every `COUNT:<n>:<uptime>:` the guest printed, in order.
-fn count_lines(console: &str) -> Vec<(u64, f64)> {
-    console
-        .split("COUNT:")
-        .skip(1)
-        .filter_map(|rest| {
-            let mut f = rest.split(':');
-            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
-        })
-        .collect()
 }
 
 const LAST_COUNT: u64 = 40;

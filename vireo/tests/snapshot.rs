@@ -7,31 +7,8 @@
 mod common;
 
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
-
-/// The a..z counting guest (arch::tiny_elf::letters_guest).
-fn counting_guest(dir: &Path) -> PathBuf {
-    let path = dir.join("letters.elf");
-    std::fs::write(&path, arch::tiny_elf::letters_guest(20_000)).unwrap();
-    path
-}
-
-fn assert_unbroken_cycle(text: &str) {
-    let letters: Vec<u8> = text.bytes().filter(|b| b.is_ascii_lowercase()).collect();
-    assert!(!letters.is_empty());
-    assert_eq!(letters[0], b'a', "the count starts at a");
-    for (i, w) in letters.windows(2).enumerate() {
-        let want = if w[0] == b'z' { b'a' } else { w[0] + 1 };
-        assert_eq!(
-            w[1],
-            want,
-            "letter {} breaks the count: ...{}",
-            i + 1,
-            String::from_utf8_lossy(&letters[i.saturating_sub(10)..(i + 10).min(letters.len())])
-        );
-    }
-}
 
 #[test]
 fn snapshot_then_restore_in_a_new_process_continues_the_count() {
@@ -320,22 +297,6 @@ fn damaged_or_mismatched_snapshots_are_refused_clearly() {
     assert_eq!(code, Some(1));
     assert!(err.contains("disk.img"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Every `COUNT:<n>:<uptime>:` the guest printed, in order.
-fn count_lines(console: &str) -> Vec<(u64, f64)> {
-    console
-        .split("COUNT:")
-        .skip(1)
-        .filter_map(|rest| {
-            let mut f = rest.split(':');
-            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
-        })
-        .collect()
-}
-
-fn counts(console: &str) -> Vec<u64> {
-    count_lines(console).into_iter().map(|(n, _)| n).collect()
 }
 
 /// The last count the guest loop reaches before it unmounts and powers off.

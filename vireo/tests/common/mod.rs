@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -160,4 +160,58 @@ impl Drop for Running {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The lines the guest's command printed (between the init's markers),
+/// kernel messages left out.
+pub fn command_output(console: &str) -> Vec<String> {
+    let start = console
+        .find("VIREO-CMD-BEGIN")
+        .expect("the command started");
+    console[start..]
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.starts_with("VIREO-CMD-END"))
+        .filter(|l| !l.starts_with('['))
+        .map(|l| l.trim_end_matches('\r').to_string())
+        .collect()
+}
+
+/// The tiny a..z counting guest (arch::tiny_elf::letters_guest), as a file in `dir`.
+pub fn counting_guest(dir: &Path) -> PathBuf {
+    let path = dir.join("letters.elf");
+    std::fs::write(&path, arch::tiny_elf::letters_guest(20_000)).unwrap();
+    path
+}
+
+pub fn assert_unbroken_cycle(text: &str) {
+    let letters: Vec<u8> = text.bytes().filter(|b| b.is_ascii_lowercase()).collect();
+    assert!(!letters.is_empty());
+    assert_eq!(letters[0], b'a', "the count starts at a");
+    for (i, w) in letters.windows(2).enumerate() {
+        let want = if w[0] == b'z' { b'a' } else { w[0] + 1 };
+        assert_eq!(
+            w[1],
+            want,
+            "letter {} breaks the count: ...{}",
+            i + 1,
+            String::from_utf8_lossy(&letters[i.saturating_sub(10)..(i + 10).min(letters.len())])
+        );
+    }
+}
+
+/// Every `COUNT:<n>:<uptime>:` the guest printed, in order.
+pub fn count_lines(console: &str) -> Vec<(u64, f64)> {
+    console
+        .split("COUNT:")
+        .skip(1)
+        .filter_map(|rest| {
+            let mut f = rest.split(':');
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+pub fn counts(console: &str) -> Vec<u64> {
+    count_lines(console).into_iter().map(|(n, _)| n).collect()
 }
