@@ -224,6 +224,32 @@ fn wait_socket(sock: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `vireo run` of the letters guest with its API on `sock`, once it prints
+/// and serves: the process and its console.
+fn spawn_letters(
+    vireo: &Path,
+    accel: &str,
+    mib: u64,
+    elf: &Path,
+    sock: &Path,
+) -> Result<(std::process::Child, std::process::ChildStdout)> {
+    let mut src = Command::new(vireo)
+        .args(["run", "--accel", accel, "--boot", "pvh", "--memory"])
+        .arg(format!("{mib}M"))
+        .arg("--kernel")
+        .arg(elf)
+        .arg("--api-socket")
+        .arg(sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut out = src.stdout.take().context("no stdout")?;
+    read_bytes(&mut out, 3)?;
+    wait_socket(sock)?;
+    Ok((src, out))
+}
+
 /// Snapshot creation and restore time for a small and a large guest, under
 /// KVM or the engine: snapshot = the API call on a paused VM (memory
 /// written out, sparsely); restore = spawning `vireo restore` to the
@@ -248,20 +274,7 @@ fn snapshot(args: &BenchArgs, runs: usize) -> Result<()> {
         for run in 0..runs {
             let sock = dir.join(format!("s{mib}-{run}.sock"));
             let snap = dir.join(format!("snap{mib}-{run}"));
-            let mut src = Command::new(&vireo)
-                .args(["run", "--accel", accel, "--boot", "pvh", "--memory"])
-                .arg(format!("{mib}M"))
-                .arg("--kernel")
-                .arg(&elf)
-                .arg("--api-socket")
-                .arg(&sock)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()?;
-            let mut out = src.stdout.take().context("no stdout")?;
-            read_bytes(&mut out, 3)?;
-            wait_socket(&sock)?;
+            let (mut src, _out) = spawn_letters(&vireo, accel, mib, &elf, &sock)?;
             api(&sock, "PUT", "/api/v1/vm.pause", "")?;
             let body = serde_json::json!({ "destination": snap }).to_string();
             snaps.push(api(&sock, "PUT", "/api/v1/vm.snapshot", &body)?);
@@ -310,22 +323,9 @@ fn migrate(args: &BenchArgs, runs: usize) -> Result<()> {
     let elf = dir.join("letters.elf");
     std::fs::write(&elf, arch::tiny_elf::letters_guest(2_000))?;
     let spawn_source = |mib: u64, sock: &Path| -> Result<std::process::Child> {
-        let mut src = Command::new(&vireo)
-            .args(["run", "--accel", accel, "--boot", "pvh", "--memory"])
-            .arg(format!("{mib}M"))
-            .arg("--kernel")
-            .arg(&elf)
-            .arg("--api-socket")
-            .arg(sock)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let mut out = src.stdout.take().context("no stdout")?;
-        read_bytes(&mut out, 3)?;
+        let (src, mut out) = spawn_letters(&vireo, accel, mib, &elf, sock)?;
         // Keep draining the console so the guest never blocks on it.
         std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-        wait_socket(sock)?;
         Ok(src)
     };
     println!(
