@@ -2,7 +2,7 @@
 
 mod bench;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -72,6 +72,15 @@ enum Command {
     /// Wait for one live migration on a TCP address and run the VM it brings.
     #[command(after_help = EXIT_CODES)]
     MigrateReceive(MigrateReceiveArgs),
+    /// Give an empty VMM (`vireo run --api-socket PATH` alone) a VM
+    /// configuration, from the same options as `vireo run`.
+    Create(CreateArgs),
+    /// Boot the VM `vireo create` gave an empty VMM.
+    Boot(ApiArgs),
+    /// Drop the configuration `vireo create` gave (before `vireo boot`).
+    Delete(ApiArgs),
+    /// Stop the VMM process, with its VM if one runs.
+    Shutdown(ApiArgs),
 }
 
 #[derive(Args)]
@@ -92,8 +101,12 @@ struct MigrateReceiveArgs {
     #[arg(long, value_name = "stdio|file:PATH|none")]
     serial: Option<SerialMode>,
     /// Serve the management API on this Unix socket once the VM runs.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "into")]
     api_socket: Option<PathBuf>,
+    /// Receive inside the empty VMM serving the API at PATH instead of in
+    /// this process (answers once the VM runs there).
+    #[arg(long, value_name = "PATH")]
+    into: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -126,8 +139,12 @@ struct RestoreArgs {
     #[arg(long, value_name = "stdio|file:PATH|none")]
     serial: Option<SerialMode>,
     /// Serve the management API on this Unix socket.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "into")]
     api_socket: Option<PathBuf>,
+    /// Restore inside the empty VMM serving the API at PATH (`vireo run
+    /// --api-socket PATH` alone) instead of in this process.
+    #[arg(long, value_name = "PATH")]
+    into: Option<PathBuf>,
     /// The accelerator to restore under; it must be the one the snapshot
     /// was made with [default: that one].
     #[arg(long, value_name = "kvm|emu")]
@@ -150,6 +167,27 @@ struct ApiArgs {
 
 #[derive(Args)]
 struct RunArgs {
+    #[command(flatten)]
+    vm: VmOptions,
+    /// Serve the management API (HTTP + JSON, see docs/openapi.json) on this
+    /// Unix socket. Given alone (no --kernel or --config), the VMM starts
+    /// empty and waits for `vireo create` + `vireo boot`, `vireo restore
+    /// --into` or `vireo migrate-receive --into`.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct CreateArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    #[command(flatten)]
+    vm: VmOptions,
+}
+
+/// Everything that describes a VM (for `run` and `create`).
+#[derive(Args)]
+struct VmOptions {
     /// Read the VM's settings from a TOML or JSON file (same names as the
     /// options: kernel, initrd, cmdline, memory, cpus, accel, serial, console, boot, rng,
     /// disks, nets, balloon);
@@ -200,12 +238,27 @@ struct RunArgs {
     /// (both on by default); `vireo balloon` sets its size.
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
     balloon: Option<vmm::config::BalloonConfig>,
-    /// Serve the management API (HTTP + JSON, see docs/openapi.json) on this Unix socket.
-    #[arg(long, value_name = "PATH")]
-    api_socket: Option<PathBuf>,
 }
 
-impl RunArgs {
+impl VmOptions {
+    /// No option at all: `vireo run --api-socket PATH` alone.
+    fn is_empty(&self) -> bool {
+        self.config.is_none()
+            && self.kernel.is_none()
+            && self.initrd.is_none()
+            && self.cmdline.is_none()
+            && self.memory.is_none()
+            && self.cpus.is_none()
+            && self.accel.is_none()
+            && self.serial.is_none()
+            && self.console.is_none()
+            && self.boot.is_none()
+            && self.disk.is_empty()
+            && self.net.is_empty()
+            && !self.rng
+            && self.balloon.is_none()
+    }
+
     /// The config file (if any) with every option given on the command line on top.
     fn into_config(self) -> Result<VmConfig, String> {
         let mut cfg = match &self.config {
@@ -295,11 +348,54 @@ fn main() -> ExitCode {
         Command::Snapshot(a) => snapshot(&a),
         Command::Balloon(a) => balloon(&a),
         Command::Migrate(a) => migrate(&a),
-        Command::MigrateReceive(a) => finish(vmm::migrate_receive(
-            &a.listen,
-            &a.serial.unwrap_or_default(),
-            a.api_socket.as_deref(),
-        )),
+        Command::MigrateReceive(a) => match &a.into {
+            Some(sock) => {
+                let mut body = serde_json::json!({ "listen": a.listen });
+                if let Some(serial) = &a.serial {
+                    body["serial"] = serial.to_string().into();
+                }
+                api_put(sock, "/api/v1/vm.migrate-receive", &body)
+            }
+            None => finish(vmm::migrate_receive(
+                &a.listen,
+                &a.serial.unwrap_or_default(),
+                a.api_socket.as_deref(),
+            )),
+        },
+        Command::Create(a) => match a.vm.into_config() {
+            Ok(cfg) => match serde_json::to_value(&cfg) {
+                Ok(body) => api_put(&a.api.api_socket, "/api/v1/vm.create", &body),
+                Err(e) => {
+                    eprintln!("vireo: error: {e}");
+                    exit_code::VMM_ERROR
+                }
+            },
+            Err(e) => {
+                eprintln!("vireo: error: {e}");
+                exit_code::VMM_ERROR
+            }
+        },
+        Command::Boot(a) => api_call(&a, "PUT", "/api/v1/vm.boot"),
+        Command::Delete(a) => api_call(&a, "PUT", "/api/v1/vm.delete"),
+        Command::Shutdown(a) => api_call(&a, "PUT", "/api/v1/vmm.shutdown"),
+        Command::Restore(a) if a.into.is_some() => {
+            let mut body = serde_json::json!({
+                "source": a.from,
+                "overlays": a.overlay,
+                "taps": a.tap,
+            });
+            if let Some(accel) = a.accel {
+                body["accel"] = serde_json::to_value(accel).unwrap_or_default();
+            }
+            if let Some(serial) = &a.serial {
+                body["serial"] = serial.to_string().into();
+            }
+            api_put(
+                a.into.as_deref().unwrap_or(Path::new("")),
+                "/api/v1/vm.restore",
+                &body,
+            )
+        }
         Command::Restore(a) => {
             let serial = a.serial.unwrap_or_default();
             let clone = vmm::CloneOptions {
@@ -337,6 +433,18 @@ fn api_call(args: &ApiArgs, method: &str, path: &str) -> i32 {
             }
             0
         }
+        Ok((status, body)) => api_error(status, body),
+        Err(e) => {
+            eprintln!("vireo: error: {e}");
+            exit_code::VMM_ERROR
+        }
+    }
+}
+
+/// PUT a JSON body; a success answer says nothing (204).
+fn api_put(sock: &Path, path: &str, body: &serde_json::Value) -> i32 {
+    match vmm::api::client::request_with_body(sock, "PUT", path, &body.to_string()) {
+        Ok((status, _)) if (200..300).contains(&status) => 0,
         Ok((status, body)) => api_error(status, body),
         Err(e) => {
             eprintln!("vireo: error: {e}");
@@ -452,7 +560,10 @@ fn finish(result: Result<vmm::VmExit, vmm::VmmError>) -> i32 {
 
 fn run(args: RunArgs) -> i32 {
     let api_socket = args.api_socket.clone();
-    let cfg = match args.into_config() {
+    if let (Some(sock), true) = (&api_socket, args.vm.is_empty()) {
+        return finish(vmm::serve(sock));
+    }
+    let cfg = match args.vm.into_config() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vireo: error: {e}");

@@ -120,6 +120,143 @@ fn pause_resume_info_stop_through_the_api() {
     }
 }
 
+/// Exit code and stderr of a client call expected to fail.
+fn refused(args: &[&str], sock: &Path) -> (Option<i32>, String) {
+    let out = client(args, sock);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn state(sock: &Path) -> serde_json::Value {
+    let out = client(&["info"], sock);
+    assert!(out.status.success(), "info: {out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `vireo run --api-socket` alone starts an empty VMM; `vireo create` and
+/// `vireo boot` give it a VM. Requests that do not fit the state are
+/// refused and change nothing.
+#[test]
+fn an_empty_vmm_creates_and_boots_a_vm_through_the_api() {
+    let dir = std::env::temp_dir().join(format!("vireo-api-create-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("api.sock");
+    let kernel = counting_guest(&dir);
+    let mut cmd = vireo();
+    cmd.arg("run").arg("--api-socket").arg(&sock);
+    let mut vm = Running::spawn(cmd);
+    assert!(
+        wait_until(Duration::from_secs(10), || client(&["ping"], &sock)
+            .status
+            .success()),
+        "the empty VMM did not answer: {}",
+        vm.stderr_text()
+    );
+    let v = state(&sock);
+    assert_eq!(v["state"], "not-created", "{v}");
+    assert!(v["config"].is_null());
+
+    // Nothing to pause or boot yet.
+    let (code, err) = refused(&["pause"], &sock);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no VM runs") && err.contains("409"), "{err}");
+    let (code, err) = refused(&["boot"], &sock);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("no VM is created") && err.contains("409"),
+        "{err}"
+    );
+
+    // A configuration naming a missing kernel, or too little memory, is refused.
+    let missing = dir.join("no-such-kernel");
+    let (code, err) = refused(&["create", "--kernel", missing.to_str().unwrap()], &sock);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("does not exist") && err.contains("400"),
+        "{err}"
+    );
+    let k = kernel.to_str().unwrap();
+    let (code, err) = refused(&["create", "--kernel", k, "--memory", "1M"], &sock);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("too small") && err.contains("400"), "{err}");
+    // A body that is not a configuration.
+    let (status, body) =
+        vmm::api::client::request_with_body(&sock, "PUT", "/api/v1/vm.create", "{\"cpus\": 1}")
+            .unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(state(&sock)["state"], "not-created");
+
+    let create = [
+        "create", "--accel", "emu", "--boot", "pvh", "--memory", "64M", "--kernel", k,
+    ];
+    let out = client(&create, &sock);
+    assert!(out.status.success(), "create: {out:?}");
+    let v = state(&sock);
+    assert_eq!(v["state"], "created", "{v}");
+    assert_eq!(v["config"]["kernel"], k);
+    let (code, err) = refused(&create, &sock);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("already created"), "{err}");
+    // Delete and create again.
+    assert!(client(&["delete"], &sock).status.success());
+    assert_eq!(state(&sock)["state"], "not-created");
+    assert!(client(&create, &sock).status.success());
+    assert_eq!(dots(&vm), 0, "nothing runs before boot");
+
+    let out = client(&["boot"], &sock);
+    assert!(out.status.success(), "boot: {out:?}");
+    assert!(
+        wait_until(Duration::from_secs(60), || dots(&vm) >= 3),
+        "the booted guest did not count: {}",
+        vm.stderr_text()
+    );
+    let v = state(&sock);
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["accel"], "emu");
+    assert_eq!(v["memory_bytes"], 64 << 20);
+    assert_eq!(v["config"]["kernel"], k);
+    // One VM per VMM.
+    let (code, err) = refused(&create, &sock);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("already runs") && err.contains("409"), "{err}");
+    let (code, _) = refused(&["boot"], &sock);
+    assert_eq!(code, Some(1));
+    let out = client(&["pause"], &sock);
+    assert!(out.status.success(), "pause: {out:?}");
+    assert_eq!(state(&sock)["state"], "paused");
+
+    let out = client(&["shutdown"], &sock);
+    assert!(out.status.success(), "shutdown: {out:?}");
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(!sock.exists(), "the API socket is removed on exit");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `vmm.shutdown` ends an empty VMM too.
+#[test]
+fn an_empty_vmm_shuts_down_through_the_api() {
+    let dir = std::env::temp_dir().join(format!("vireo-api-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("api.sock");
+    let mut cmd = vireo();
+    cmd.arg("run").arg("--api-socket").arg(&sock);
+    let mut vm = Running::spawn(cmd);
+    assert!(wait_until(Duration::from_secs(10), || client(
+        &["ping"],
+        &sock
+    )
+    .status
+    .success()));
+    let out = client(&["shutdown"], &sock);
+    assert!(out.status.success(), "shutdown: {out:?}");
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(vm.stderr_text().contains("stopped through the API"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn client_without_a_server_says_so() {
     let out = client(&["info"], Path::new("/nonexistent/api.sock"));

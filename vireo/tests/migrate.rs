@@ -107,24 +107,65 @@ struct Placement<'a> {
     src_ns: Option<&'a str>,
     dst_ns: Option<&'a str>,
     dst_ip: &'a str,
+    /// The destination is an empty VMM (`vireo run --api-socket` alone)
+    /// told to receive through its API (`vireo migrate-receive --into`).
+    via_api: bool,
 }
 
 const HERE: Placement<'static> = Placement {
     src_ns: None,
     dst_ns: None,
     dst_ip: "127.0.0.1",
+    via_api: false,
 };
+
+/// An empty VMM serving `sock`, told through its API to wait for a
+/// migration on `port`; (the VMM, the waiting `migrate-receive --into`).
+fn destination_via_api(port: u16, sock: &Path) -> (Running, Running) {
+    let mut cmd = vireo();
+    cmd.args(["-v", "run", "--api-socket"]).arg(sock);
+    let vmm = Running::spawn(cmd);
+    assert!(wait_until(Duration::from_secs(10), || client(
+        &["ping"],
+        sock
+    )
+    .status
+    .success()));
+    let mut cmd = vireo();
+    cmd.args(["migrate-receive", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--into")
+        .arg(sock);
+    let request = Running::spawn(cmd);
+    assert!(
+        wait_until(Duration::from_secs(20), || vmm
+            .stderr_text()
+            .contains("waiting for a migration")),
+        "the empty VMM does not listen: {}",
+        vmm.stderr_text()
+    );
+    (vmm, request)
+}
 
 fn letters_migrate(accel: &str, memory: &str, devices: bool) {
     letters_migrate_between(accel, memory, devices, &HERE)
 }
 
 fn letters_migrate_between(accel: &str, memory: &str, devices: bool, at: &Placement) {
-    let dir = scratch(&format!("{accel}-{memory}"));
+    let api = if at.via_api { "-api" } else { "" };
+    let dir = scratch(&format!("{accel}-{memory}{api}"));
     let (sock, sock2) = (dir.join("a.sock"), dir.join("b.sock"));
     let mut src = source_in(at.src_ns, accel, memory, &dir, devices, &sock);
     let port = free_port();
-    let mut dst = destination_in(at.dst_ns, at.dst_ip, port, Some(&sock2));
+    let (mut dst, mut request) = if at.via_api {
+        let (vmm, request) = destination_via_api(port, &sock2);
+        (vmm, Some(request))
+    } else {
+        (
+            destination_in(at.dst_ns, at.dst_ip, port, Some(&sock2)),
+            None,
+        )
+    };
     let out = vireo()
         .args(["migrate", "--api-socket"])
         .arg(&sock)
@@ -155,6 +196,15 @@ fn letters_migrate_between(accel: &str, memory: &str, devices: bool, at: &Placem
         "{}",
         src.stderr_text()
     );
+    if let Some(r) = &mut request {
+        // `migrate-receive --into` answers once the VM runs in the VMM.
+        assert_eq!(
+            r.wait_exit(Duration::from_secs(20)),
+            Some(0),
+            "{}",
+            r.stderr_text()
+        );
+    }
     let before = src.stdout_text();
     assert!(
         wait_until(Duration::from_secs(60), || dst.stdout_text().len() >= 60),
@@ -176,6 +226,19 @@ fn letters_migrate_between(accel: &str, memory: &str, devices: bool, at: &Placem
 #[test]
 fn engine_letters_guest_migrates_while_running_and_counts_on() {
     letters_migrate("emu", "256M", false);
+}
+
+#[test]
+fn engine_letters_guest_migrates_into_an_empty_vmm_through_its_api() {
+    letters_migrate_between(
+        "emu",
+        "256M",
+        false,
+        &Placement {
+            via_api: true,
+            ..HERE
+        },
+    );
 }
 
 /// Two network namespaces joined by a veth pair, removed on drop.
@@ -238,6 +301,7 @@ fn engine_guest_migrates_between_two_network_namespaces() {
             src_ns: Some(&ns.a),
             dst_ns: Some(&ns.b),
             dst_ip: "10.214.0.2",
+            via_api: false,
         },
     );
 }

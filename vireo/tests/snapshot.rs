@@ -76,13 +76,49 @@ fn letters_continue_across_snapshot(accel: &str) {
     let before = src.stdout_text();
 
     let sock2 = dir.join("b.sock");
-    let mut cmd = vireo();
-    cmd.args(["restore", "--from"])
-        .arg(&snap)
-        .arg("--api-socket")
-        .arg(&sock2);
     let start = Instant::now();
-    let mut dst = Running::spawn(cmd);
+    let mut dst = if accel == "emu" {
+        // Through the API: an empty VMM, then `vireo restore --into`.
+        let mut cmd = vireo();
+        cmd.arg("run").arg("--api-socket").arg(&sock2);
+        let dst = Running::spawn(cmd);
+        assert!(wait_until(Duration::from_secs(10), || client(
+            &["ping"],
+            &sock2
+        )
+        .status
+        .success()));
+        // A directory that is not a snapshot is refused; the VMM stays empty.
+        let out = vireo()
+            .args(["restore", "--from"])
+            .arg(&dir)
+            .arg("--into")
+            .arg(&sock2)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("manifest") && err.contains("400"), "{err}");
+        let info = client(&["info"], &sock2);
+        let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(v["state"], "not-created", "{v}");
+        let out = vireo()
+            .args(["restore", "--from"])
+            .arg(&snap)
+            .arg("--into")
+            .arg(&sock2)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "restore --into: {out:?}");
+        dst
+    } else {
+        let mut cmd = vireo();
+        cmd.args(["restore", "--from"])
+            .arg(&snap)
+            .arg("--api-socket")
+            .arg(&sock2);
+        Running::spawn(cmd)
+    };
     assert!(
         wait_until(Duration::from_secs(60), || dst.stdout_text().len() >= 30),
         "the restored guest did not count: {}",

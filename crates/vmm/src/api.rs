@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::Serialize;
 use tiny_http::{Header, Method, Request, Response, Server};
@@ -55,6 +55,32 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
         "/api/v1/vm.balloon",
         "Set the balloon's target size: memory the guest is asked to give back",
     ),
+    (
+        "PUT",
+        "/api/v1/vm.create",
+        "Store a VM configuration in an empty VMM (boot it with vm.boot)",
+    ),
+    (
+        "PUT",
+        "/api/v1/vm.delete",
+        "Drop the configuration vm.create stored (before vm.boot)",
+    ),
+    ("PUT", "/api/v1/vm.boot", "Build and start the created VM"),
+    (
+        "PUT",
+        "/api/v1/vm.restore",
+        "Start a VM in an empty VMM from a snapshot directory",
+    ),
+    (
+        "PUT",
+        "/api/v1/vm.migrate-receive",
+        "Wait on a TCP address for a live migration and run the VM it brings",
+    ),
+    (
+        "PUT",
+        "/api/v1/vmm.shutdown",
+        "Stop the VMM process (and its VM, if one runs)",
+    ),
 ];
 
 /// What the API needs from a VM, gathered before the VM starts running.
@@ -65,6 +91,94 @@ pub struct ApiContext {
     pub config: Option<crate::VmConfig>,
     pub exits: Sender<VmExit>,
     pub vm: Arc<crate::VmHandle>,
+}
+
+/// What the server answers for: the running VM once there is one; before
+/// that (a VMM started with only `--api-socket`) the configuration
+/// `vm.create` stored and the way to ask the VMM's main thread for a VM.
+pub struct ApiShared {
+    vm: RwLock<Option<ApiContext>>,
+    created: Mutex<Option<crate::VmConfig>>,
+    /// None when the VMM was started with its VM (`vireo run --kernel`).
+    launcher: Option<Mutex<Sender<crate::LaunchRequest>>>,
+}
+
+impl ApiShared {
+    /// A server for a VMM that already runs its VM.
+    pub fn with_vm(ctx: ApiContext) -> Arc<Self> {
+        Arc::new(ApiShared {
+            vm: RwLock::new(Some(ctx)),
+            created: Mutex::new(None),
+            launcher: None,
+        })
+    }
+
+    /// A server for an empty VMM whose main thread takes launches on `tx`.
+    pub(crate) fn empty(tx: Sender<crate::LaunchRequest>) -> Arc<Self> {
+        Arc::new(ApiShared {
+            vm: RwLock::new(None),
+            created: Mutex::new(None),
+            launcher: Some(Mutex::new(tx)),
+        })
+    }
+
+    /// The VM is built: from now on requests go to it.
+    pub(crate) fn set_vm(&self, ctx: ApiContext) {
+        // `created` is not touched here: vm.boot holds its lock meanwhile.
+        *self.vm.write().unwrap_or_else(|e| e.into_inner()) = Some(ctx);
+    }
+
+    fn vm(&self) -> Option<ApiContext> {
+        self.vm.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Hand a launch to the main thread and wait for its outcome.
+    fn launch(&self, launch: crate::Launch) -> Result<(), crate::VmmError> {
+        let Some(tx) = &self.launcher else {
+            return Err(crate::VmmError::Conflict(
+                "this VMM was started with its VM; it runs one VM only".into(),
+            ));
+        };
+        let (reply, outcome) = std::sync::mpsc::channel();
+        lock(tx)
+            .send(crate::LaunchRequest { launch, reply })
+            .map_err(|_| crate::VmmError::Io("the VMM is shutting down".into()))?;
+        outcome
+            .recv()
+            .map_err(|_| crate::VmmError::Io("the VMM stopped before answering".into()))?
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreRequest {
+    /// The snapshot directory.
+    source: PathBuf,
+    /// Must be the accelerator the snapshot was made with, if given.
+    #[serde(default)]
+    accel: Option<crate::Accel>,
+    /// New qcow2 overlays, one per disk (makes the VM a clone).
+    #[serde(default)]
+    overlays: Vec<PathBuf>,
+    /// Taps for the snapshot's NICs, in order.
+    #[serde(default)]
+    taps: Vec<String>,
+    /// Where the console goes [default: stdio of the VMM].
+    #[serde(default)]
+    serial: Option<crate::SerialMode>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateReceiveRequest {
+    /// ADDR:PORT to wait on.
+    listen: String,
+    #[serde(default)]
+    serial: Option<crate::SerialMode>,
 }
 
 #[derive(serde::Deserialize)]
@@ -139,7 +253,7 @@ pub struct ApiServer {
 
 impl ApiServer {
     /// Bind the socket and serve requests on a thread of its own.
-    pub fn start(path: &Path, ctx: ApiContext) -> Result<Self, String> {
+    pub fn start(path: &Path, shared: Arc<ApiShared>) -> Result<Self, String> {
         if path.exists() {
             // A stale socket from a VMM that died: refuse if someone listens.
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -158,7 +272,7 @@ impl ApiServer {
             .name("api".into())
             .spawn(move || {
                 for req in s.incoming_requests() {
-                    handle(&ctx, req);
+                    handle(&shared, req);
                 }
             })
             .map_err(|e| format!("cannot start the API thread: {e}"))?;
@@ -201,13 +315,28 @@ fn control_error(e: ControlError) -> Response<std::io::Cursor<Vec<u8>>> {
     error(status, e.to_string())
 }
 
+type Answer = Response<std::io::Cursor<Vec<u8>>>;
+
+/// The HTTP status for a VMM error.
+fn vmm_error(e: crate::VmmError) -> Answer {
+    let status = match e {
+        crate::VmmError::Conflict(_) => 409,
+        // Bad settings or a kernel that cannot be loaded: the client's input.
+        crate::VmmError::Config(_) | crate::VmmError::Arch(_) => 400,
+        _ => 500,
+    };
+    error(status, e.to_string())
+}
+
+fn parse<'a, T: serde::Deserialize<'a>>(what: &str, body: &'a str) -> Result<T, Answer> {
+    serde_json::from_str(body).map_err(|e| error(400, format!("bad {what} request: {e}")))
+}
+
+const NO_VM: &str =
+    "no VM runs in this VMM: create one (vm.create, then vm.boot), or use vm.restore or vm.migrate-receive";
+
 /// Answer one request. A request that fails changes nothing.
-pub fn route(
-    ctx: &ApiContext,
-    method: &str,
-    path: &str,
-    body: &str,
-) -> Response<std::io::Cursor<Vec<u8>>> {
+pub fn route(shared: &ApiShared, method: &str, path: &str, body: &str) -> Answer {
     let path = path.split('?').next().unwrap_or(path);
     let Some(&(want, _, _)) = ROUTES.iter().find(|(_, p, _)| *p == path) else {
         return error(404, format!("no such endpoint: {path}"));
@@ -218,11 +347,129 @@ pub fn route(
             format!("{method} is not allowed on {path} (use {want})"),
         );
     }
-    match path {
-        "/api/v1/vmm.ping" => json(
+    let vm = shared.vm();
+    match (path, vm) {
+        ("/api/v1/vmm.ping", _) => json(
             200,
             &serde_json::json!({ "version": env!("CARGO_PKG_VERSION") }),
         ),
+        // The VMM stops once the answer is out (see `handle`).
+        ("/api/v1/vmm.shutdown", _) => no_content(),
+        (
+            "/api/v1/vm.create"
+            | "/api/v1/vm.delete"
+            | "/api/v1/vm.boot"
+            | "/api/v1/vm.restore"
+            | "/api/v1/vm.migrate-receive",
+            Some(_),
+        ) => error(
+            409,
+            "a VM already runs in this VMM (one VM per VMM process)",
+        ),
+        ("/api/v1/vm.info", None) => {
+            let created = lock(&shared.created).clone();
+            let state = if created.is_some() {
+                "created"
+            } else {
+                "not-created"
+            };
+            json(
+                200,
+                &serde_json::json!({ "state": state, "config": created }),
+            )
+        }
+        ("/api/v1/vm.create", None) => {
+            let config: crate::VmConfig = match parse("create", body) {
+                Ok(c) => c,
+                Err(e) => return e,
+            };
+            if shared.launcher.is_none() {
+                return error(409, "this VMM was started with its VM");
+            }
+            let mut created = lock(&shared.created);
+            if created.is_some() {
+                return error(
+                    409,
+                    "a VM is already created: boot it (vm.boot) or delete it (vm.delete) first",
+                );
+            }
+            if let Err(e) = config
+                .validate()
+                .and_then(|_| config.check_files())
+                .and_then(|_| crate::VmSpec::from_config(&config).map(|_| ()))
+            {
+                return error(400, format!("bad VM configuration: {e}"));
+            }
+            *created = Some(config);
+            no_content()
+        }
+        ("/api/v1/vm.delete", None) => match lock(&shared.created).take() {
+            Some(_) => no_content(),
+            None => error(409, "no VM is created"),
+        },
+        ("/api/v1/vm.boot", None) => {
+            // Held across the launch: a concurrent create or delete waits.
+            let mut created = lock(&shared.created);
+            let Some(config) = created.clone() else {
+                return error(409, "no VM is created: PUT /api/v1/vm.create first");
+            };
+            match shared.launch(crate::Launch::Boot(config)) {
+                Ok(()) => {
+                    *created = None;
+                    no_content()
+                }
+                Err(e) => vmm_error(e),
+            }
+        }
+        ("/api/v1/vm.restore", None) => {
+            let req: RestoreRequest = match parse("restore", body) {
+                Ok(r) => r,
+                Err(e) => return e,
+            };
+            if lock(&shared.created).is_some() {
+                return error(
+                    409,
+                    "a VM is created: delete it (vm.delete) to restore instead",
+                );
+            }
+            shared
+                .launch(crate::Launch::Restore {
+                    dir: req.source,
+                    accel: req.accel,
+                    clone: crate::CloneOptions {
+                        overlays: req.overlays,
+                        taps: req.taps,
+                    },
+                    serial: req.serial.unwrap_or(crate::SerialMode::Stdio),
+                })
+                .map_or_else(vmm_error, |_| no_content())
+        }
+        ("/api/v1/vm.migrate-receive", None) => {
+            let req: MigrateReceiveRequest = match parse("migrate-receive", body) {
+                Ok(r) => r,
+                Err(e) => return e,
+            };
+            if lock(&shared.created).is_some() {
+                return error(
+                    409,
+                    "a VM is created: delete it (vm.delete) to receive one instead",
+                );
+            }
+            shared
+                .launch(crate::Launch::MigrateReceive {
+                    listen: req.listen,
+                    serial: req.serial.unwrap_or(crate::SerialMode::Stdio),
+                })
+                .map_or_else(vmm_error, |_| no_content())
+        }
+        (_, None) => error(409, NO_VM),
+        (path, Some(ctx)) => vm_route(&ctx, path, body),
+    }
+}
+
+/// The operations on a running VM.
+fn vm_route(ctx: &ApiContext, path: &str, body: &str) -> Answer {
+    match path {
         "/api/v1/vm.info" => {
             let info = VmInfo {
                 state: ctx.control.state(),
@@ -289,24 +536,17 @@ pub fn route(
                 Ok(r) => r,
                 Err(e) => return error(400, format!("bad snapshot request: {e}")),
             };
-            match ctx.vm.snapshot(&req.destination, ctx.config.clone()) {
-                Ok(()) => no_content(),
-                Err(e @ crate::VmmError::Conflict(_)) => error(409, e.to_string()),
-                Err(e @ crate::VmmError::Config(_)) => error(400, e.to_string()),
-                Err(e) => error(500, e.to_string()),
-            }
+            ctx.vm
+                .snapshot(&req.destination, ctx.config.clone())
+                .map_or_else(vmm_error, |_| no_content())
         }
         "/api/v1/vm.migrate-send" => {
             let req: MigrateRequest = match serde_json::from_str(body) {
                 Ok(r) => r,
                 Err(e) => return error(400, format!("bad migration request: {e}")),
             };
-            match crate::migration::send(&ctx.vm, &req.destination, ctx.config.clone()) {
-                Ok(report) => json(200, &report),
-                Err(e @ crate::VmmError::Conflict(_)) => error(409, e.to_string()),
-                Err(e @ crate::VmmError::Config(_)) => error(400, e.to_string()),
-                Err(e) => error(500, e.to_string()),
-            }
+            crate::migration::send(&ctx.vm, &req.destination, ctx.config.clone())
+                .map_or_else(vmm_error, |report| json(200, &report))
         }
         "/api/v1/vm.stop" => {
             let _ = ctx.exits.send(VmExit::Stopped);
@@ -319,7 +559,7 @@ pub fn route(
 /// Request bodies are small JSON documents; refuse anything bigger.
 const MAX_BODY: u64 = 64 * 1024;
 
-fn handle(ctx: &ApiContext, mut req: Request) {
+fn handle(shared: &ApiShared, mut req: Request) {
     let method = match req.method() {
         Method::Get => "GET",
         Method::Put => "PUT",
@@ -340,19 +580,31 @@ fn handle(ctx: &ApiContext, mut req: Request) {
     } else if read.is_err() {
         error(400, "request body is not UTF-8 text")
     } else {
-        route(ctx, method, req.url(), &body)
+        route(shared, method, req.url(), &body)
     };
     // A VM that migrated ends here, after its answer is out.
     let migrated = resp.status_code().0 == 200
         && req.url().split('?').next() == Some("/api/v1/vm.migrate-send");
     let to = serde_json::from_str::<MigrateRequest>(&body).map(|r| r.destination);
+    let shutdown =
+        resp.status_code().0 == 204 && req.url().split('?').next() == Some("/api/v1/vmm.shutdown");
     if let Err(e) = req.respond(resp) {
         tracing::debug!("API client went away: {e}");
     }
-    if migrated {
+    if let (true, Some(ctx)) = (migrated, shared.vm()) {
         let _ = ctx.exits.send(VmExit::Migrated(
             to.unwrap_or_else(|_| "another Vireo".into()),
         ));
+    }
+    if shutdown {
+        match shared.vm() {
+            Some(ctx) => {
+                let _ = ctx.exits.send(VmExit::Stopped);
+            }
+            None => {
+                let _ = shared.launch(crate::Launch::Shutdown);
+            }
+        }
     }
 }
 

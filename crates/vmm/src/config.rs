@@ -469,6 +469,23 @@ impl VmConfig {
         }
         Ok(())
     }
+
+    /// The kernel, initrd and disk files exist (checked before anything
+    /// is built, so that a request naming a missing file changes nothing).
+    pub fn check_files(&self) -> Result<(), VmmError> {
+        let files = std::iter::once(("kernel", &self.kernel))
+            .chain(self.initrd.iter().map(|i| ("initrd", i)))
+            .chain(self.disks.iter().map(|d| ("disk", &d.path)));
+        for (what, path) in files {
+            if !path.is_file() {
+                return Err(VmmError::Config(format!(
+                    "{what} {} does not exist or is not a file",
+                    path.display()
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

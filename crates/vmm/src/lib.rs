@@ -126,11 +126,17 @@ fn run_vm(
     api_socket: Option<&std::path::Path>,
 ) -> Result<VmExit, VmmError> {
     let _api = match api_socket {
-        Some(path) => {
-            Some(api::ApiServer::start(path, vm.api_context(config)).map_err(VmmError::Io)?)
-        }
+        Some(path) => Some(
+            api::ApiServer::start(path, api::ApiShared::with_vm(vm.api_context(config)))
+                .map_err(VmmError::Io)?,
+        ),
         None => None,
     };
+    Ok(run_with_console(vm, input))
+}
+
+/// Run a VM to the end, with the terminal feeding its console if `input`.
+fn run_with_console(vm: Vm, input: bool) -> VmExit {
     let _console = if input {
         Some(console::StdinForwarder::start(
             vm.console_input(),
@@ -139,20 +145,101 @@ fn run_vm(
     } else {
         None
     };
-    Ok(vm.run())
+    vm.run()
+}
+
+/// A VM built and ready to run: the VM, whether the terminal feeds its
+/// console, and the configuration it reports.
+struct Built {
+    vm: Vm,
+    input: bool,
+    config: Option<VmConfig>,
+}
+
+fn build_from_config(config: &VmConfig) -> Result<Built, VmmError> {
+    config.validate()?;
+    let (out, input) = serial_output(&config.serial)?;
+    let vm = Vm::new(VmSpec::from_config(config)?, out)?;
+    Ok(Built {
+        vm,
+        input,
+        config: Some(config.clone()),
+    })
 }
 
 /// Build the VM a configuration describes, run it to the end, and say why
 /// it stopped. With `api_socket`, serve the management API there meanwhile.
 pub fn run(config: &VmConfig, api_socket: Option<&std::path::Path>) -> Result<VmExit, VmmError> {
-    config.validate()?;
-    let (out, input) = serial_output(&config.serial)?;
-    let vm = Vm::new(VmSpec::from_config(config)?, out)?;
-    run_vm(vm, input, Some(config.clone()), api_socket)
+    let b = build_from_config(config)?;
+    run_vm(b.vm, b.input, b.config, api_socket)
 }
 
-/// Start a VM from a snapshot directory in this process and run it.
-/// `accel`, if given, must be the accelerator the snapshot was made with.
+/// What an empty VMM (`vireo run --api-socket PATH` without a kernel) is
+/// asked to start through its API.
+#[derive(Debug, Clone)]
+pub enum Launch {
+    /// `vm.boot` of the configuration `vm.create` stored.
+    Boot(VmConfig),
+    /// `vm.restore` from a snapshot directory.
+    Restore {
+        dir: std::path::PathBuf,
+        accel: Option<Accel>,
+        clone: CloneOptions,
+        serial: SerialMode,
+    },
+    /// `vm.migrate-receive`: wait on ADDR:PORT for a live migration.
+    MigrateReceive { listen: String, serial: SerialMode },
+    /// `vmm.shutdown` before any VM ran: the VMM exits.
+    Shutdown,
+}
+
+/// A launch and where its outcome goes (the API thread waits on it).
+pub(crate) struct LaunchRequest {
+    pub launch: Launch,
+    pub reply: std::sync::mpsc::Sender<Result<(), VmmError>>,
+}
+
+/// Serve the management API on `api_socket` with no VM yet: wait for
+/// `vm.create` + `vm.boot`, `vm.restore` or `vm.migrate-receive`, then run
+/// that VM to the end (one VM per VMM process, as with `vireo run`). A
+/// launch that fails is answered with its error and the VMM stays empty.
+pub fn serve(api_socket: &std::path::Path) -> Result<VmExit, VmmError> {
+    let (tx, rx) = std::sync::mpsc::channel::<LaunchRequest>();
+    let shared = api::ApiShared::empty(tx);
+    let _api = api::ApiServer::start(api_socket, shared.clone()).map_err(VmmError::Io)?;
+    tracing::info!("API on {}: no VM yet", api_socket.display());
+    loop {
+        let Ok(req) = rx.recv() else {
+            return Err(VmmError::Io("the API server stopped".into()));
+        };
+        let built = match req.launch {
+            Launch::Shutdown => {
+                let _ = req.reply.send(Ok(()));
+                return Ok(VmExit::Stopped);
+            }
+            Launch::Boot(config) => build_from_config(&config),
+            Launch::Restore {
+                dir,
+                accel,
+                clone,
+                serial,
+            } => build_restore(&dir, accel, &clone, &serial),
+            Launch::MigrateReceive { listen, serial } => build_migrate_receive(&listen, &serial),
+        };
+        match built {
+            Ok(b) => {
+                shared.set_vm(b.vm.api_context(b.config));
+                let _ = req.reply.send(Ok(()));
+                return Ok(run_with_console(b.vm, b.input));
+            }
+            Err(e) => {
+                tracing::warn!("launch through the API failed: {e}");
+                let _ = req.reply.send(Err(e));
+            }
+        }
+    }
+}
+
 /// What makes a restored VM a clone: its own disk overlays and taps.
 #[derive(Debug, Clone, Default)]
 pub struct CloneOptions {
@@ -163,6 +250,8 @@ pub struct CloneOptions {
     pub taps: Vec<String>,
 }
 
+/// Start a VM from a snapshot directory in this process and run it.
+/// `accel`, if given, must be the accelerator the snapshot was made with.
 pub fn restore(
     dir: &std::path::Path,
     accel: Option<Accel>,
@@ -170,6 +259,16 @@ pub fn restore(
     serial: &SerialMode,
     api_socket: Option<&std::path::Path>,
 ) -> Result<VmExit, VmmError> {
+    let b = build_restore(dir, accel, clone, serial)?;
+    run_vm(b.vm, b.input, b.config, api_socket)
+}
+
+fn build_restore(
+    dir: &std::path::Path,
+    accel: Option<Accel>,
+    clone: &CloneOptions,
+    serial: &SerialMode,
+) -> Result<Built, VmmError> {
     let manifest = snapshot::read_manifest(dir)?;
     let made_with = match manifest.accel {
         hypervisor::AccelKind::Kvm => Accel::Kvm,
@@ -187,7 +286,11 @@ pub fn restore(
     make_clone(&mut spec, clone)?;
     let (out, input) = serial_output(serial)?;
     let vm = Vm::new(spec, out)?;
-    run_vm(vm, input, manifest.config, api_socket)
+    Ok(Built {
+        vm,
+        input,
+        config: manifest.config,
+    })
 }
 
 /// Wait on `listen` (ADDR:PORT) for a live migration from another Vireo
@@ -199,6 +302,11 @@ pub fn migrate_receive(
     serial: &SerialMode,
     api_socket: Option<&std::path::Path>,
 ) -> Result<VmExit, VmmError> {
+    let b = build_migrate_receive(listen, serial)?;
+    run_vm(b.vm, b.input, b.config, api_socket)
+}
+
+fn build_migrate_receive(listen: &str, serial: &SerialMode) -> Result<Built, VmmError> {
     let (out, input) = serial_output(serial)?;
     let mut got = migration::receive(listen)?;
     let manifest = got.manifest;
@@ -225,7 +333,11 @@ pub fn migrate_receive(
         }
     };
     tracing::info!("{from}: running");
-    run_vm(vm, input, manifest.config, api_socket)
+    Ok(Built {
+        vm,
+        input,
+        config: manifest.config,
+    })
 }
 
 /// Point a restored VM's disks at new overlays and its NICs at other taps.

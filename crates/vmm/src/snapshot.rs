@@ -340,7 +340,15 @@ pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), VmmError> {
 
 pub fn read_manifest(dir: &Path) -> Result<Manifest, VmmError> {
     let path = dir.join(MANIFEST);
-    let text = std::fs::read(&path).map_err(|e| io_err("cannot read snapshot", &path, e))?;
+    // A missing or unreadable manifest means DIR is not a snapshot: the
+    // caller's input, not a host failure.
+    let text = std::fs::read(&path).map_err(|e| {
+        VmmError::Config(format!(
+            "{} is not a snapshot: cannot read {}: {e}",
+            dir.display(),
+            path.display()
+        ))
+    })?;
     // Look at the version first, so an old or new snapshot gets a clear
     // message rather than a field-level parse error.
     let version = serde_json::from_slice::<serde_json::Value>(&text)
