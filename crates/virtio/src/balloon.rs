@@ -762,6 +762,30 @@ mod tests {
     }
 
     #[test]
+    fn released_pages_are_marked_written() {
+        let mem = GuestRam::from_ranges(&[
+            (GuestAddress(0), 64 * 4096),
+            (GuestAddress(1 << 20), 64 * 4096),
+        ])
+        .unwrap();
+        let (region, host) = locate(&mem, (1 << 20 >> PFN_SHIFT) + 3).unwrap();
+        assert_eq!(region, GuestAddress(1 << 20));
+        let run = Run {
+            region,
+            host,
+            len: 2 * PAGE_SIZE as usize,
+        };
+        mark_written(&mem, &run);
+        let bits: Vec<Vec<u64>> = mem
+            .iter()
+            .map(|r| r.deref().bitmap().get_and_reset())
+            .collect();
+        assert_eq!(bits, vec![vec![0], vec![0b11 << 3]]);
+        // A frame number outside RAM has no place.
+        assert!(locate(&mem, 64).is_none());
+    }
+
+    #[test]
     fn features_follow_the_options() {
         let b = Balloon::new(BalloonOptions::default()).unwrap();
         assert_eq!(
