@@ -508,12 +508,15 @@ fn migrate(a: &MigrateArgs) -> i32 {
         Ok((200, body)) => {
             match serde_json::from_str::<serde_json::Value>(&body) {
                 Ok(v) => println!(
-                    "migrated to {}: total {} ms, downtime {:.1} ms, {} bytes, {} iterations",
+                    "migrated to {}: total {} ms, downtime {:.1} ms, {} bytes, {} iterations; \
+                     paused: {} pages, {} bytes",
                     a.to,
                     v["total_ms"],
                     v["downtime_us"].as_f64().unwrap_or(0.0) / 1000.0,
                     v["bytes"],
-                    v["iterations"]
+                    v["iterations"],
+                    v["final_pages"],
+                    v["final_bytes"]
                 ),
                 Err(_) => println!("migrated to {}: {body}", a.to),
             }

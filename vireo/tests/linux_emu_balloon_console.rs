@@ -208,3 +208,178 @@ fn virtio_console_is_the_guests_console_both_ways() {
     assert!(!out.contains("COM1-ttyS0"), "COM1 output leaked: {out}");
     assert!(vm.stderr_text().contains("guest powered off"));
 }
+
+/// `vireo migrate-receive` on a free port with its API on `sock`, once it
+/// listens; returns it and its address.
+fn migration_destination(sock: &std::path::Path) -> (Running, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut c = vireo();
+    c.args(["-v", "migrate-receive", "--listen"])
+        .arg(&addr)
+        .arg("--api-socket")
+        .arg(sock);
+    let dst = Running::spawn(c);
+    assert!(
+        wait_until(Duration::from_secs(20), || dst
+            .stderr_text()
+            .contains("waiting for a migration")),
+        "the destination does not listen: {}",
+        dst.stderr_text()
+    );
+    (dst, addr)
+}
+
+/// The VM behind `sock` answers and runs.
+fn running(sock: &std::path::Path) -> bool {
+    let out = client(&["info"], sock);
+    out.status.success()
+        && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .is_ok_and(|v| v["state"] == "running")
+}
+
+/// The guest's console lines (carriage returns dropped).
+fn console_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| l.trim_end_matches('\r').to_string())
+        .collect()
+}
+
+/// An inflated balloon goes through a snapshot and a live migration: the
+/// guest inflates 64 MiB, is snapshotted, restored in a new process
+/// (balloon still 64 MiB, the guest's MemTotal still 64 MiB short), that
+/// one migrates to a third process, whose balloon is still inflated, whose
+/// guest still sends fresh statistics (the statistics buffer the device
+/// held came along), and which deflates it through the API: the guest gets
+/// its memory back.
+#[test]
+fn an_inflated_balloon_survives_snapshot_restore_and_migration() {
+    let dir = std::env::temp_dir().join(format!("vireo-balloon-snap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (sa, sb, sc) = (dir.join("a.sock"), dir.join("b.sock"), dir.join("c.sock"));
+    let snap = dir.join("snap");
+    let cmd = "p=BALLOON; mt() { awk '/MemTotal/{print $2}' /proc/meminfo; }; \
+        t0=$(mt); echo MEMTOTAL0 $t0; echo $p-READY; \
+        i=0; while [ $(mt) -gt $((t0-65536)) ] && [ $i -lt 600 ]; do sleep 1; i=$((i+1)); done; \
+        echo $p-INFLATED $(mt); \
+        i=0; while [ $(mt) -lt $t0 ] && [ $i -lt 900 ]; do sleep 1; i=$((i+1)); done; \
+        echo $p-DEFLATED $(mt)";
+    let mut c = vireo_run(
+        "256M",
+        &format!("console=ttyS0 reboot=k panic=1 vireo.cmd=\"{cmd}\""),
+        &["--balloon", "deflate_on_oom=off"],
+    );
+    c.arg("--api-socket").arg(&sa);
+    let mut a = Running::spawn(c);
+    assert!(
+        a.wait_for("BALLOON-READY", BOOT_LIMIT),
+        "the guest did not get ready:\n{}\n{}",
+        a.stdout_text(),
+        a.stderr_text()
+    );
+    let t0 = value(&command_output(&a.stdout_text()), "MEMTOTAL0");
+    assert!(client(&["balloon", "--target-mib", "64"], &sa)
+        .status
+        .success());
+    assert!(
+        a.wait_for("BALLOON-INFLATED", BOOT_LIMIT),
+        "the balloon did not inflate: {}",
+        info(&sa)["balloon"]
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || info(&sa)["balloon"]
+            ["actual_mib"]
+            == 64),
+        "{}",
+        info(&sa)["balloon"]
+    );
+    assert_eq!(
+        value(&console_lines(&a.stdout_text()), "BALLOON-INFLATED"),
+        t0 - 65536
+    );
+
+    // Snapshot, then restore in a new process.
+    let out = vireo()
+        .args(["snapshot", "--stay-paused", "--api-socket"])
+        .arg(&sa)
+        .arg("--dir")
+        .arg(&snap)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "snapshot: {out:?}");
+    assert!(client(&["stop"], &sa).status.success());
+    assert_eq!(a.wait_exit(Duration::from_secs(10)), Some(0));
+    let mut c = vireo();
+    c.args(["restore", "--from"])
+        .arg(&snap)
+        .arg("--api-socket")
+        .arg(&sb);
+    let mut b = Running::spawn(c);
+    assert!(
+        wait_until(Duration::from_secs(30), || running(&sb)),
+        "the restored VM does not run: {}",
+        b.stderr_text()
+    );
+    let bb = info(&sb)["balloon"].clone();
+    assert_eq!(bb["target_mib"], 64, "{bb}");
+    assert_eq!(bb["actual_mib"], 64, "{bb}");
+    assert_eq!(bb["inflated_pages"], 16384, "{bb}");
+    // The restored guest still misses the ballooned memory.
+    assert!(
+        wait_until(Duration::from_secs(120), || info(&sb)["balloon"]["stats"]
+            ["total_memory"]
+            .as_u64()
+            == Some((t0 - 65536) * 1024)
+            && info(&sb)["balloon"]["stats_age_ms"].is_u64()),
+        "no fresh statistics after restore: {}",
+        info(&sb)["balloon"]
+    );
+
+    // Live migration of the restored VM.
+    let (mut c3, addr) = migration_destination(&sc);
+    let out = vireo()
+        .args(["migrate", "--api-socket"])
+        .arg(&sb)
+        .arg("--to")
+        .arg(&addr)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "migrate: {out:?}\n{}",
+        c3.stderr_text()
+    );
+    assert_eq!(b.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(
+        wait_until(Duration::from_secs(30), || running(&sc)),
+        "the migrated VM does not run: {}",
+        c3.stderr_text()
+    );
+    let cb = info(&sc)["balloon"].clone();
+    assert_eq!(cb["target_mib"], 64, "{cb}");
+    assert_eq!(cb["actual_mib"], 64, "{cb}");
+    let updates = cb["stats_updates"].as_u64().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(120), || info(&sc)["balloon"]
+            ["stats_updates"]
+            .as_u64()
+            > Some(updates)),
+        "the migrated guest sends no fresh statistics: {}",
+        info(&sc)["balloon"]
+    );
+
+    // Deflate on the destination: the guest gets its memory back.
+    assert!(client(&["balloon", "--target-mib", "0"], &sc)
+        .status
+        .success());
+    let code = c3.wait_exit(BOOT_LIMIT);
+    let console = c3.stdout_text();
+    assert_eq!(code, Some(0), "{console}\n{}", c3.stderr_text());
+    assert_eq!(value(&console_lines(&console), "BALLOON-DEFLATED"), t0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

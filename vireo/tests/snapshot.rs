@@ -33,7 +33,8 @@ fn letters_continue_across_snapshot(accel: &str) {
     let sock = dir.join("a.sock");
     let snap = dir.join("snap");
 
-    // Devices the guest never drives still go through the snapshot.
+    // Devices the guest never drives (disk, rng, balloon) still go through
+    // the snapshot.
     let disk = dir.join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let mut cmd = vireo();
@@ -44,6 +45,7 @@ fn letters_continue_across_snapshot(accel: &str) {
     .arg("--disk")
     .arg(format!("path={},format=raw", disk.display()))
     .arg("--rng")
+    .args(["--balloon", "stats=off"])
     .arg("--api-socket")
     .arg(&sock);
     let mut src = Running::spawn(cmd);
@@ -52,6 +54,9 @@ fn letters_continue_across_snapshot(accel: &str) {
         "the guest did not count: {}",
         src.stderr_text()
     );
+    assert!(client(&["balloon", "--target-mib", "4"], &sock)
+        .status
+        .success());
     let out = vireo()
         .args(["snapshot", "--stay-paused", "--api-socket"])
         .arg(&sock)
@@ -131,6 +136,9 @@ fn letters_continue_across_snapshot(accel: &str) {
     assert_eq!(v["accel"], accel);
     assert_eq!(v["config"]["kernel"], kernel.to_str().unwrap());
     assert_eq!(v["config"]["rng"], true);
+    // The balloon's target (never acted on: no driver) came along.
+    assert_eq!(v["balloon"]["target_mib"], 4, "{v}");
+    assert_eq!(v["balloon"]["options"]["stats"], false, "{v}");
     assert!(client(&["stop"], &sock2).status.success());
     assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
     let after = dst.stdout_text();

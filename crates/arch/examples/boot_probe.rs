@@ -12,8 +12,9 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use hypervisor::kvm::KvmHypervisor;
+use hypervisor::GuestRam;
 use hypervisor::{Hypervisor, VcpuExit};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 struct Args {
     kernel: String,
@@ -72,8 +73,8 @@ fn main() {
 fn run() -> Result<(), String> {
     let args = parse_args()?;
     let hv = KvmHypervisor::new().map_err(|e| e.to_string())?;
-    let mem = GuestMemoryMmap::from_ranges(&arch::ram_regions(args.mem_mib << 20))
-        .map_err(|e| e.to_string())?;
+    let mem =
+        GuestRam::from_ranges(&arch::ram_regions(args.mem_mib << 20)).map_err(|e| e.to_string())?;
     let mut kf = std::fs::File::open(&args.kernel).map_err(|e| format!("{}: {e}", args.kernel))?;
     let kernel = arch::load_kernel(&mem, &mut kf).map_err(|e| e.to_string())?;
     let initrd = match &args.initrd {

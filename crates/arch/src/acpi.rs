@@ -21,7 +21,8 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use hypervisor::GuestRam;
+use vm_memory::GuestAddress;
 
 use crate::layout::*;
 use crate::{write_bytes, ArchError};
@@ -276,7 +277,7 @@ impl Placer {
 /// Builds all tables, writes them to guest memory and returns the RSDP's
 /// address.
 pub fn create_acpi_tables(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     num_cpus: u32,
     extra_dsdt_aml: &[u8],
 ) -> Result<GuestAddress, ArchError> {

@@ -1,13 +1,12 @@
 //! What a kernel reads at entry: the e820 memory map, Linux's `boot_params`
 //! (zero page) for the 64-bit boot protocol, and `hvm_start_info` for PVH.
 
+use hypervisor::GuestRam;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::layout::*;
 use crate::{ArchError, KernelImage};
@@ -50,7 +49,7 @@ pub struct E820Entry {
 /// the EBDA to 1 MiB (EBDA, MP table, ACPI tables live there), RAM from
 /// 1 MiB to the end of the first region (at most the MMIO hole), and every
 /// other region (RAM above 4 GiB) as RAM.
-pub fn e820_table(mem: &GuestMemoryMmap) -> Result<Vec<E820Entry>, ArchError> {
+pub fn e820_table(mem: &GuestRam) -> Result<Vec<E820Entry>, ArchError> {
     let mut table = Vec::new();
     let mut saw_low = false;
     for region in mem.iter() {
@@ -102,7 +101,7 @@ pub fn e820_table(mem: &GuestMemoryMmap) -> Result<Vec<E820Entry>, ArchError> {
 /// The BIOS data area fields Linux reads to find the EBDA and the size of
 /// base memory; with them it reserves 0x9fc00..1 MiB itself, where the MP
 /// floating pointer lives.
-pub(crate) fn write_bda(mem: &GuestMemoryMmap) -> Result<(), ArchError> {
+pub(crate) fn write_bda(mem: &GuestRam) -> Result<(), ArchError> {
     let ebda_segment = (EBDA_START >> 4) as u16;
     let base_kib = (EBDA_START >> 10) as u16;
     mem.write_obj(ebda_segment, GuestAddress(BDA_EBDA_SEGMENT))
@@ -131,7 +130,7 @@ fn synthesized_setup_header() -> setup_header {
 
 /// Writes `boot_params` at [`ZERO_PAGE_START`].
 pub(crate) fn write_zero_page(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     kernel: &KernelImage,
     cmdline_len: usize,
     initrd: Option<(u64, u64)>,
@@ -187,7 +186,7 @@ pub(crate) fn write_zero_page(
 /// Writes `hvm_start_info` at [`PVH_INFO_START`], with the memory map and
 /// (if there is an initramfs) a one-entry module list.
 pub(crate) fn write_pvh_start_info(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     e820: &[E820Entry],
     initrd: Option<(u64, u64)>,
     rsdp: GuestAddress,

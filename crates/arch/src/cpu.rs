@@ -1,11 +1,12 @@
 //! Entry CPU states: real mode, flat 32-bit protected mode, and 64-bit long
 //! mode with an identity map, plus the GDT and page tables they rely on.
 
+use hypervisor::GuestRam;
 use hypervisor::{
     CpuState, DescriptorTable, Segment, SpecialRegs, StandardRegs, CR0_ET, CR0_NE, CR0_PE, CR0_PG,
     CR4_PAE, EFER_LMA, EFER_LME,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::*;
 use crate::ArchError;
@@ -39,19 +40,14 @@ const PTE_PRESENT: u64 = 1 << 0;
 const PTE_WRITABLE: u64 = 1 << 1;
 const PTE_HUGE: u64 = 1 << 7;
 
-fn write_u64(
-    mem: &GuestMemoryMmap,
-    addr: u64,
-    val: u64,
-    what: &'static str,
-) -> Result<(), ArchError> {
+fn write_u64(mem: &GuestRam, addr: u64, val: u64, what: &'static str) -> Result<(), ArchError> {
     mem.write_obj(val, GuestAddress(addr))
         .map_err(|_| ArchError::GuestWrite { what, addr })
 }
 
 /// Writes the boot GDT at [`BOOT_GDT_START`] and a null IDT at
 /// [`BOOT_IDT_START`]. Returns the GDT and IDT registers.
-pub fn setup_gdt(mem: &GuestMemoryMmap) -> Result<(DescriptorTable, DescriptorTable), ArchError> {
+pub fn setup_gdt(mem: &GuestRam) -> Result<(DescriptorTable, DescriptorTable), ArchError> {
     for (i, entry) in BOOT_GDT.iter().enumerate() {
         write_u64(mem, BOOT_GDT_START + (i as u64) * 8, *entry, "GDT")?;
     }
@@ -70,7 +66,7 @@ pub fn setup_gdt(mem: &GuestMemoryMmap) -> Result<(DescriptorTable, DescriptorTa
 /// Writes page tables identity-mapping `[0, up_to)` (rounded up to 1 GiB)
 /// with 2 MiB pages, which every x86-64 CPU supports (1 GiB pages need
 /// PDPE1GB). Returns the value for CR3.
-pub fn setup_identity_paging(mem: &GuestMemoryMmap, up_to: u64) -> Result<u64, ArchError> {
+pub fn setup_identity_paging(mem: &GuestRam, up_to: u64) -> Result<u64, ArchError> {
     if up_to > IDENTITY_MAP_MAX {
         return Err(ArchError::IdentityMapTooLarge {
             requested: up_to,
@@ -183,7 +179,7 @@ pub fn real_mode_state(cs: u16, ip: u16) -> CpuState {
 /// Flat 32-bit protected mode, paging off, at `entry`: CS 0x08, data 0x18,
 /// the boot GDT written to guest memory, interrupts off. This is the PVH
 /// entry state.
-pub fn protected_mode_state(mem: &GuestMemoryMmap, entry: u64) -> Result<CpuState, ArchError> {
+pub fn protected_mode_state(mem: &GuestRam, entry: u64) -> Result<CpuState, ArchError> {
     if entry > u32::MAX as u64 {
         return Err(ArchError::EntryNotIn32Bits(entry));
     }
@@ -203,7 +199,7 @@ pub fn protected_mode_state(mem: &GuestMemoryMmap, entry: u64) -> Result<CpuStat
 /// 64-bit long mode at `entry`: paging on with the first 4 GiB
 /// identity-mapped, CS 0x10 (64-bit), data 0x18, a stack at
 /// [`BOOT_STACK_POINTER`], interrupts off.
-pub fn long_mode_state(mem: &GuestMemoryMmap, entry: u64) -> Result<CpuState, ArchError> {
+pub fn long_mode_state(mem: &GuestRam, entry: u64) -> Result<CpuState, ArchError> {
     let (gdt, idt) = setup_gdt(mem)?;
     let cr3 = setup_identity_paging(mem, IDENTITY_MAP_MAX)?;
     let mut sregs = flat_sregs(GDT_CODE64_SELECTOR, gdt, idt);
@@ -228,13 +224,13 @@ mod tests {
     use super::*;
     use vm_memory::GuestMemoryBackend;
 
-    fn mem(size: usize) -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap()
+    fn mem(size: usize) -> GuestRam {
+        GuestRam::from_ranges(&[(GuestAddress(0), size)]).unwrap()
     }
 
     /// Walks the guest page tables the way the MMU does (4-level, 2 MiB or
     /// 4 KiB leaves) and returns the physical address for `virt`.
-    fn translate(mem: &GuestMemoryMmap, cr3: u64, virt: u64) -> Option<u64> {
+    fn translate(mem: &GuestRam, cr3: u64, virt: u64) -> Option<u64> {
         let pml4e: u64 = mem
             .read_obj(GuestAddress(cr3 + ((virt >> 39) & 511) * 8))
             .ok()?;

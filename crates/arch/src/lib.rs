@@ -28,7 +28,8 @@ pub use cpu::{
 pub use loader::load_kernel;
 
 use hypervisor::CpuState;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use hypervisor::GuestRam;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use layout::*;
 
@@ -150,13 +151,13 @@ pub fn ram_regions(mem_size: u64) -> Vec<(GuestAddress, usize)> {
 }
 
 /// Total guest RAM in MiB (rounded down), for messages.
-fn mem_mib(mem: &GuestMemoryMmap) -> u64 {
+fn mem_mib(mem: &GuestRam) -> u64 {
     mem.iter().map(|r| r.len()).sum::<u64>() / MIB
 }
 
 /// End of the RAM region that starts at 0, capped at the MMIO hole: the
 /// kernel, command line and initramfs must all fit below it.
-fn low_ram_end(mem: &GuestMemoryMmap) -> Result<u64, ArchError> {
+fn low_ram_end(mem: &GuestRam) -> Result<u64, ArchError> {
     let region = mem
         .find_region(GuestAddress(0))
         .ok_or(ArchError::NoLowMemory)?;
@@ -174,7 +175,7 @@ fn align_up(v: u64, a: u64) -> u64 {
 /// Where the initramfs goes: page-aligned, as high as allowed (below
 /// `addr_max`, the MMIO hole and the end of low RAM), above the kernel.
 pub fn initrd_load_addr(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     kernel_end: u64,
     initrd_size: u64,
     addr_max: u64,
@@ -226,7 +227,7 @@ fn cmdline_max(kernel: &KernelImage) -> usize {
 /// Writes the command line, initramfs, e820/PVH memory map, zero page or
 /// start info, MP table and ACPI tables, and returns the boot vCPU's state.
 pub fn configure_system(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     kernel: &KernelImage,
     cfg: &BootConfig,
 ) -> Result<CpuState, ArchError> {
@@ -236,7 +237,7 @@ pub fn configure_system(
 /// [`configure_system`], with extra AML (device objects, `_PRT`, ...)
 /// appended to the DSDT after Vireo's own objects.
 pub fn configure_system_with_dsdt(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     kernel: &KernelImage,
     cfg: &BootConfig,
     extra_dsdt_aml: &[u8],
@@ -312,7 +313,7 @@ pub fn configure_system_with_dsdt(
 }
 
 pub(crate) fn write_bytes(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     addr: u64,
     data: &[u8],
     what: &'static str,

@@ -8,12 +8,12 @@
 
 use std::io::{Read, Seek, SeekFrom};
 
+use hypervisor::GuestRam;
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
-    Address, ByteValued, Bytes, GuestAddress, GuestMemoryMmap, ReadVolatile, VolatileMemoryError,
-    VolatileSlice,
+    Address, ByteValued, Bytes, GuestAddress, ReadVolatile, VolatileMemoryError, VolatileSlice,
 };
 
 use crate::layout::HIMEM_START;
@@ -107,7 +107,7 @@ fn le64(b: &[u8], off: usize) -> u64 {
 
 /// Loads a kernel (ELF vmlinux or bzImage) into guest memory.
 pub fn load_kernel<F: Read + Seek>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     kernel: &mut F,
 ) -> Result<KernelImage, ArchError> {
     let file_len = kernel
@@ -128,7 +128,7 @@ pub fn load_kernel<F: Read + Seek>(
     }
 }
 
-fn too_big(mem: &GuestMemoryMmap, end: u64) -> ArchError {
+fn too_big(mem: &GuestRam, end: u64) -> ArchError {
     ArchError::KernelTooBig {
         mem_mib: mem_mib(mem),
         need_mib: end.div_ceil(MIB),
@@ -136,7 +136,7 @@ fn too_big(mem: &GuestMemoryMmap, end: u64) -> ArchError {
 }
 
 fn load_elf<F: Read + Seek>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     kernel: &mut F,
     head: &[u8],
     file_len: u64,
@@ -258,7 +258,7 @@ fn load_elf<F: Read + Seek>(
     })
 }
 
-fn zero_guest(mem: &GuestMemoryMmap, start: u64, stop: u64) -> Result<(), ArchError> {
+fn zero_guest(mem: &GuestRam, start: u64, stop: u64) -> Result<(), ArchError> {
     const ZEROS: [u8; 4096] = [0; 4096];
     let mut at = start;
     while at < stop {
@@ -274,7 +274,7 @@ fn zero_guest(mem: &GuestMemoryMmap, start: u64, stop: u64) -> Result<(), ArchEr
 }
 
 fn load_bzimage<F: Read + Seek>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     kernel: &mut F,
     head: &[u8],
     file_len: u64,

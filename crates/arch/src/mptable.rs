@@ -6,7 +6,7 @@
 //! table in the F segment ([`MPTABLE_CONFIG_START`]), which has room for
 //! 255 processor entries.
 
-use vm_memory::GuestMemoryMmap;
+use hypervisor::GuestRam;
 
 use crate::layout::*;
 use crate::{write_bytes, ArchError};
@@ -138,7 +138,7 @@ pub fn build_floating_pointer(config_addr: u32) -> [u8; MPF_SIZE] {
 }
 
 /// Writes the MP floating pointer and configuration table to guest memory.
-pub fn setup_mptable(mem: &GuestMemoryMmap, num_cpus: u32) -> Result<(), ArchError> {
+pub fn setup_mptable(mem: &GuestRam, num_cpus: u32) -> Result<(), ArchError> {
     let table = build_config_table(num_cpus)?;
     let room = (MPTABLE_CONFIG_END - MPTABLE_CONFIG_START) as usize;
     if table.len() > room {

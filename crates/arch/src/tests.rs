@@ -5,33 +5,34 @@
 
 use std::io::Cursor;
 
+use hypervisor::GuestRam;
 use hypervisor::{CR0_PE, CR0_PG, EFER_LMA};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::*;
 use crate::*;
 
 const MIB: u64 = 1 << 20;
 
-fn mem(size: u64) -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&ram_regions(size)).unwrap()
+fn mem(size: u64) -> GuestRam {
+    GuestRam::from_ranges(&ram_regions(size)).unwrap()
 }
 
-fn read(m: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+fn read(m: &GuestRam, addr: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     m.read_slice(&mut v, GuestAddress(addr)).unwrap();
     v
 }
-fn r8(m: &GuestMemoryMmap, a: u64) -> u8 {
+fn r8(m: &GuestRam, a: u64) -> u8 {
     m.read_obj(GuestAddress(a)).unwrap()
 }
-fn r16(m: &GuestMemoryMmap, a: u64) -> u16 {
+fn r16(m: &GuestRam, a: u64) -> u16 {
     m.read_obj(GuestAddress(a)).unwrap()
 }
-fn r32(m: &GuestMemoryMmap, a: u64) -> u32 {
+fn r32(m: &GuestRam, a: u64) -> u32 {
     m.read_obj(GuestAddress(a)).unwrap()
 }
-fn r64(m: &GuestMemoryMmap, a: u64) -> u64 {
+fn r64(m: &GuestRam, a: u64) -> u64 {
     m.read_obj(GuestAddress(a)).unwrap()
 }
 fn sum(b: &[u8]) -> u8 {
@@ -156,7 +157,7 @@ struct Table {
 }
 
 /// Reads an ACPI SDT at `addr`, checking its length and checksum.
-fn read_sdt(m: &GuestMemoryMmap, addr: u64, sig: &[u8; 4]) -> Table {
+fn read_sdt(m: &GuestRam, addr: u64, sig: &[u8; 4]) -> Table {
     let head = read(m, addr, 36);
     assert_eq!(&head[0..4], sig, "signature at {addr:#x}");
     let len = u32::from_le_bytes(head[4..8].try_into().unwrap()) as usize;
@@ -189,7 +190,7 @@ impl Acpi {
 
 /// Finds the RSDP the way Linux does without a hint (16-byte steps in
 /// 0xe0000..0xfffff), then walks XSDT -> tables, FADT -> DSDT and FACS.
-fn parse_acpi(m: &GuestMemoryMmap) -> Acpi {
+fn parse_acpi(m: &GuestRam) -> Acpi {
     let rsdp = (0xe0000u64..0x100000)
         .step_by(16)
         .find(|&a| read(m, a, 8) == b"RSD PTR ")
@@ -312,7 +313,7 @@ struct MpTable {
 
 /// Finds the MP floating pointer where Linux looks (first KiB of the EBDA,
 /// the last KiB of base memory, the F segment) and walks the config table.
-fn parse_mptable(m: &GuestMemoryMmap) -> MpTable {
+fn parse_mptable(m: &GuestRam) -> MpTable {
     let ebda = (r16(m, 0x40e) as u64) << 4;
     let candidates = [(ebda, 1024u64), (639 * 1024, 1024), (0xf0000, 0x10000)];
     let mpf = candidates
@@ -377,7 +378,7 @@ fn parse_mptable(m: &GuestMemoryMmap) -> MpTable {
 }
 
 /// e820 entries from a zero page at `zp`, read by Linux's offsets.
-fn zero_page_e820(m: &GuestMemoryMmap, zp: u64) -> Vec<(u64, u64, u32)> {
+fn zero_page_e820(m: &GuestRam, zp: u64) -> Vec<(u64, u64, u32)> {
     let n = r8(m, zp + 0x1e8) as u64;
     (0..n)
         .map(|i| {
@@ -466,7 +467,7 @@ fn e820_with_memory_above_4gib() {
 
 #[test]
 fn memory_must_cover_the_first_mib() {
-    let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x80000)]).unwrap();
+    let m = GuestRam::from_ranges(&[(GuestAddress(0), 0x80000)]).unwrap();
     assert!(matches!(e820_table(&m), Err(ArchError::NoLowMemory)));
 }
 

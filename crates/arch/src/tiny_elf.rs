@@ -84,13 +84,14 @@ pub fn letters_guest(delay: u32) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use hypervisor::GuestRam;
+    use vm_memory::GuestAddress;
 
     #[test]
     fn the_loader_finds_the_code_and_the_pvh_entry() {
         let code = [0xf4u8, 0xeb, 0xfd]; // hlt; jmp $-1
         let elf = pvh_elf(0x20_0000, &code);
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         let img = crate::load_kernel(&mem, &mut std::io::Cursor::new(elf)).unwrap();
         assert_eq!(img.pvh_entry, Some(GuestAddress(0x20_0000)));
         let mut got = [0u8; 3];

@@ -7,7 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use hypervisor::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 
 fn have(tool: &str) -> bool {
     let found = Command::new(tool).arg("-v").output().is_ok();
@@ -17,13 +18,13 @@ fn have(tool: &str) -> bool {
     found
 }
 
-fn read(m: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+fn read(m: &GuestRam, addr: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     m.read_slice(&mut v, GuestAddress(addr)).unwrap();
     v
 }
 
-fn sdt(m: &GuestMemoryMmap, addr: u64) -> Vec<u8> {
+fn sdt(m: &GuestRam, addr: u64) -> Vec<u8> {
     let len = u32::from_le_bytes(read(m, addr + 4, 4).try_into().unwrap()) as usize;
     read(m, addr, len)
 }
@@ -31,7 +32,7 @@ fn sdt(m: &GuestMemoryMmap, addr: u64) -> Vec<u8> {
 /// Writes RSDP, XSDT, FACP, APIC, DSDT and FACS from guest memory as
 /// `<sig>.dat` files in `dir`.
 fn dump_tables(num_cpus: u32, dir: &Path) -> Vec<PathBuf> {
-    let m = GuestMemoryMmap::from_ranges(&arch::ram_regions(64 << 20)).unwrap();
+    let m = GuestRam::from_ranges(&arch::ram_regions(64 << 20)).unwrap();
     let rsdp_addr = arch::acpi::create_acpi_tables(&m, num_cpus, &[]).unwrap().0;
     let rsdp = read(&m, rsdp_addr, 36);
     let xsdt_addr = u64::from_le_bytes(rsdp[24..32].try_into().unwrap());

@@ -6,8 +6,9 @@
 use std::io::Cursor;
 
 use hypervisor::kvm::{kvm_available, KvmHypervisor};
+use hypervisor::GuestRam;
 use hypervisor::{CpuState, Hypervisor, VcpuExit};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 const SERIAL: u16 = 0x3f8;
 const DONE: u16 = 0x501;
@@ -28,7 +29,7 @@ fn kvm() -> Option<KvmHypervisor> {
 
 /// Runs one vCPU from `state` and returns every (port, bytes) written until
 /// the guest writes to port DONE.
-fn run(h: &KvmHypervisor, mem: &GuestMemoryMmap, state: &CpuState) -> Vec<(u16, Vec<u8>)> {
+fn run(h: &KvmHypervisor, mem: &GuestRam, state: &CpuState) -> Vec<(u16, Vec<u8>)> {
     let vm = h.create_vm().unwrap();
     for (slot, region) in mem.iter().enumerate() {
         // SAFETY: `mem` outlives the VM, which is dropped at the end of this function.
@@ -55,8 +56,8 @@ fn run(h: &KvmHypervisor, mem: &GuestMemoryMmap, state: &CpuState) -> Vec<(u16, 
     panic!("guest never finished; output {out:?}");
 }
 
-fn mem() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&arch::ram_regions(64 << 20)).unwrap()
+fn mem() -> GuestRam {
+    GuestRam::from_ranges(&arch::ram_regions(64 << 20)).unwrap()
 }
 
 // mov dx, 0x501 ; out dx, al  (32/64-bit encodings)

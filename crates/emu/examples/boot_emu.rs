@@ -23,8 +23,9 @@ use emu::EmuVcpu;
 use emu_platform::{
     GuestClock, Platform, PlatformConfig, PvClock, PvClockWallClock, SharedPlatform,
 };
+use hypervisor::GuestRam;
 use hypervisor::{Vcpu, VcpuExit, VcpuKicker, Vm};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// Guest time = host wall time since start; the TSC runs at 1 GHz.
 struct WallClock(Instant);
@@ -191,8 +192,8 @@ impl Shared {
 
 fn run() -> Result<(), String> {
     let args = parse_args()?;
-    let mem = GuestMemoryMmap::from_ranges(&arch::ram_regions(args.mem_mib << 20))
-        .map_err(|e| e.to_string())?;
+    let mem =
+        GuestRam::from_ranges(&arch::ram_regions(args.mem_mib << 20)).map_err(|e| e.to_string())?;
     let mut kf = std::fs::File::open(&args.kernel).map_err(|e| format!("{}: {e}", args.kernel))?;
     let kernel = arch::load_kernel(&mem, &mut kf).map_err(|e| e.to_string())?;
     let initrd = match &args.initrd {

@@ -17,6 +17,13 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
+/// Guest RAM as the VMM and its devices access it: vm-memory's mmap backend
+/// with a page bitmap that every write through vm-memory marks (virtio
+/// used rings, block reads, net RX, ...). Live migration reads and resets
+/// it to learn which pages devices wrote; vCPU writes go to the backend's
+/// own dirty log ([`Vm::dirty_log`]), which does not see device writes.
+pub type GuestRam = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
 /// Errors of a vCPU backend.
 #[derive(Debug, thiserror::Error)]
 pub enum HypervisorError {

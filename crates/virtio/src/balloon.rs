@@ -25,15 +25,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use hypervisor::GuestRam;
 use serde::{Deserialize, Serialize};
+use std::ops::Deref;
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{
-    device_type, ActivateError, Descriptor, Processed, QueueError, QueueWorker, VirtQueue,
-    VirtioDevice, VirtioInterrupt,
+    device_type, ActivateError, Descriptor, DeviceState, Processed, QueueError, QueueWorker,
+    VirtQueue, VirtioDevice, VirtioInterrupt,
 };
 
 pub const VIRTIO_BALLOON_F_MUST_TELL_HOST: u64 = 1 << 0;
@@ -168,11 +171,26 @@ pub struct BalloonState {
     pub stats_updates: u64,
 }
 
+/// The balloon in a snapshot: what the host asked, what the guest holds,
+/// and the statistics buffer the device keeps (its queue positions are the
+/// transport's). The inflated pages themselves are zero in guest memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonSnapshot {
+    pub options: BalloonOptions,
+    pub state: BalloonState,
+    /// Head of the statistics buffer the device holds until it wants fresh
+    /// numbers (the guest waits for it to come back).
+    pub held_stats: Option<u16>,
+}
+
 struct Inner {
     state: BalloonState,
     stats_at: Option<Instant>,
     irq: Option<Arc<dyn VirtioInterrupt>>,
     stats_negotiated: bool,
+    /// See [`BalloonSnapshot::held_stats`]; kept here, not in the worker,
+    /// so it outlives a worker stopped for a snapshot.
+    held_stats: Option<u16>,
 }
 
 struct Shared {
@@ -251,6 +269,7 @@ impl Balloon {
                     stats_at: None,
                     irq: None,
                     stats_negotiated: false,
+                    held_stats: None,
                 }),
                 stats_wanted: AtomicBool::new(false),
                 wake: EventFd::new(EFD_NONBLOCK)?,
@@ -323,7 +342,7 @@ impl VirtioDevice for Balloon {
     fn activate(
         &mut self,
         features: u64,
-        _mem: GuestMemoryMmap,
+        _mem: GuestRam,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<Box<dyn QueueWorker>, ActivateError> {
         let wake = self
@@ -341,7 +360,6 @@ impl VirtioDevice for Balloon {
             shared: self.shared.clone(),
             wake,
             stats,
-            held_stats: None,
             refusals_logged: 0,
         }))
     }
@@ -350,8 +368,46 @@ impl VirtioDevice for Balloon {
         let mut i = self.shared.lock();
         i.irq = None;
         i.stats_negotiated = false;
+        i.held_stats = None;
         // A reset device's balloon is empty; the host's target stands.
         i.state.actual = 0;
+    }
+
+    fn save_state(&self) -> Result<DeviceState, String> {
+        let i = self.shared.lock();
+        Ok(DeviceState::Balloon(BalloonSnapshot {
+            options: self.options,
+            state: i.state.clone(),
+            held_stats: i.held_stats,
+        }))
+    }
+
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), String> {
+        let DeviceState::Balloon(s) = state else {
+            return Err(format!(
+                "the snapshot has a {} here, this VM a virtio-balloon",
+                state.name()
+            ));
+        };
+        if s.options != self.options {
+            return Err(format!(
+                "the balloon had options {:?} when saved, {:?} now",
+                s.options, self.options
+            ));
+        }
+        if s.held_stats.is_some() && !s.options.stats {
+            return Err("a held statistics buffer without a statistics queue".into());
+        }
+        if let Some(h) = s.held_stats {
+            if h >= QUEUE_SIZE {
+                return Err(format!("held statistics buffer {h} beyond the queue"));
+            }
+        }
+        let mut i = self.shared.lock();
+        i.state = s.state.clone();
+        i.held_stats = s.held_stats;
+        i.stats_at = None;
+        Ok(())
     }
 }
 
@@ -374,14 +430,12 @@ struct BalloonWorker {
     shared: Arc<Shared>,
     wake: EventFd,
     stats: bool,
-    /// The statistics buffer the device holds until it wants new numbers.
-    held_stats: Option<u16>,
     refusals_logged: u64,
 }
 
 /// Where page `pfn` lives in host memory: (its region's start, host
 /// address), if the whole page is guest RAM.
-fn locate(mem: &GuestMemoryMmap, pfn: u32) -> Option<(GuestAddress, usize)> {
+fn locate(mem: &GuestRam, pfn: u32) -> Option<(GuestAddress, usize)> {
     let gpa = GuestAddress(u64::from(pfn) << PFN_SHIFT);
     let region = mem.find_region(gpa)?;
     let at = region.to_region_addr(gpa)?;
@@ -392,6 +446,19 @@ fn locate(mem: &GuestMemoryMmap, pfn: u32) -> Option<(GuestAddress, usize)> {
     Some((region.start_addr(), host))
 }
 
+/// Mark `run`'s pages in guest memory's write bitmap.
+fn mark_written(mem: &GuestRam, run: &Run) {
+    let Some(region) = mem.find_region(run.region) else {
+        return;
+    };
+    let Ok(base) = region.get_host_address(MemoryRegionAddress(0)) else {
+        return;
+    };
+    if let Some(offset) = run.host.checked_sub(base as usize) {
+        region.deref().bitmap().mark_dirty(offset, run.len);
+    }
+}
+
 /// Give the host memory behind `run` back to the kernel.
 fn release(run: &Run) -> std::io::Result<()> {
     // madvise needs a host-page-aligned start.
@@ -399,7 +466,7 @@ fn release(run: &Run) -> std::io::Result<()> {
         return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
     }
     // SAFETY: [host, host + len) lies inside one guest RAM mapping that the
-    // GuestMemoryMmap this worker holds keeps mapped (checked by `locate`).
+    // GuestRam this worker holds keeps mapped (checked by `locate`).
     // MADV_DONTNEED only drops the contents of pages the guest gave up; the
     // mapping stays valid and refaults zero-filled.
     let r = unsafe { libc::madvise(run.host as *mut libc::c_void, run.len, libc::MADV_DONTNEED) };
@@ -410,8 +477,11 @@ fn release(run: &Run) -> std::io::Result<()> {
 }
 
 impl BalloonWorker {
-    fn flush(run: &mut Option<Run>, tally: &mut Tally) {
+    fn flush(mem: &GuestRam, run: &mut Option<Run>, tally: &mut Tally) {
         if let Some(r) = run.take() {
+            // The pages now read as zero: a change live migration must
+            // see, like any write by the device.
+            mark_written(mem, &r);
             if let Err(e) = release(&r) {
                 tracing::warn!(
                     "virtio-balloon: cannot release {} KiB at host {:#x}: {e}",
@@ -443,7 +513,7 @@ impl BalloonWorker {
     /// queue.
     fn page(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         pfn: u32,
         inflate: bool,
         run: &mut Option<Run>,
@@ -464,7 +534,7 @@ impl BalloonWorker {
                 return;
             }
         }
-        Self::flush(run, tally);
+        Self::flush(mem, run, tally);
         *run = Some(Run {
             region,
             host,
@@ -475,7 +545,7 @@ impl BalloonWorker {
     /// Every frame number in the device-readable buffers of a chain.
     fn pages_of(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         descs: &[Descriptor],
         inflate: bool,
     ) -> Result<Tally, QueueError> {
@@ -503,14 +573,14 @@ impl BalloonWorker {
                 off += n;
             }
         }
-        Self::flush(&mut run, &mut tally);
+        Self::flush(mem, &mut run, &mut tally);
         Ok(tally)
     }
 
     fn pages(
         &mut self,
         queue: &mut VirtQueue,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         inflate: bool,
     ) -> Result<Processed, QueueError> {
         let mut done = Processed::default();
@@ -533,16 +603,13 @@ impl BalloonWorker {
         Ok(done)
     }
 
-    fn stats(
-        &mut self,
-        queue: &mut VirtQueue,
-        mem: &GuestMemoryMmap,
-    ) -> Result<Processed, QueueError> {
+    fn stats(&mut self, queue: &mut VirtQueue, mem: &GuestRam) -> Result<Processed, QueueError> {
         let mut done = Processed::default();
         // Give the held buffer back: the guest refills and reposts it. With
         // none held the guest is refilling already.
         if self.shared.stats_wanted.swap(false, Ordering::SeqCst) {
-            if let Some(head) = self.held_stats.take() {
+            let held = self.shared.lock().held_stats.take();
+            if let Some(head) = held {
                 queue.add_used(mem, head, 0)?;
                 done.used = true;
             }
@@ -563,15 +630,16 @@ impl BalloonWorker {
                     break;
                 }
             }
-            {
+            // The driver keeps one buffer in flight; should it post another,
+            // the older one goes back.
+            let old = {
                 let mut i = self.shared.lock();
                 i.state.stats = Some(BalloonStats::parse(&buf));
                 i.state.stats_updates += 1;
                 i.stats_at = Some(Instant::now());
-            }
-            // The driver keeps one buffer in flight; should it post another,
-            // the older one goes back.
-            if let Some(old) = self.held_stats.replace(chain.head) {
+                i.held_stats.replace(chain.head)
+            };
+            if let Some(old) = old {
                 queue.add_used(mem, old, 0)?;
                 done.used = true;
             }
@@ -585,7 +653,7 @@ impl QueueWorker for BalloonWorker {
         &mut self,
         index: usize,
         queue: &mut VirtQueue,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
     ) -> Result<Processed, QueueError> {
         match index {
             INFLATEQ => self.pages(queue, mem, true),
@@ -652,6 +720,69 @@ mod tests {
         b.reset();
         assert_eq!(h.state().actual, 0);
         assert_eq!(h.state().num_pages, 0x1234);
+    }
+
+    #[test]
+    fn state_survives_save_and_restore() {
+        let b = Balloon::new(BalloonOptions::default()).unwrap();
+        let h = b.handle();
+        h.set_target_pages(300);
+        {
+            let mut i = b.shared.lock();
+            i.state.actual = 300;
+            i.state.inflated_pages = 300;
+            i.held_stats = Some(7);
+        }
+        let saved = b.save_state().unwrap();
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: DeviceState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, saved);
+        let mut c = Balloon::new(BalloonOptions::default()).unwrap();
+        c.restore_state(&back).unwrap();
+        let s = c.handle().state();
+        assert_eq!((s.num_pages, s.actual, s.inflated_pages), (300, 300, 300));
+        assert_eq!(c.shared.lock().held_stats, Some(7));
+        let mut cfg = [0u8; 8];
+        c.read_config(0, &mut cfg);
+        assert_eq!(u32::from_le_bytes(cfg[4..8].try_into().unwrap()), 300);
+        // Other options, another device or a held buffer beyond the queue:
+        // refused.
+        let mut d = Balloon::new(BalloonOptions {
+            deflate_on_oom: true,
+            stats: false,
+        })
+        .unwrap();
+        assert!(d.restore_state(&back).unwrap_err().contains("options"));
+        assert!(c.restore_state(&DeviceState::Rng).is_err());
+        let DeviceState::Balloon(mut bad) = back else {
+            unreachable!()
+        };
+        bad.held_stats = Some(QUEUE_SIZE);
+        assert!(c.restore_state(&DeviceState::Balloon(bad)).is_err());
+    }
+
+    #[test]
+    fn released_pages_are_marked_written() {
+        let mem = GuestRam::from_ranges(&[
+            (GuestAddress(0), 64 * 4096),
+            (GuestAddress(1 << 20), 64 * 4096),
+        ])
+        .unwrap();
+        let (region, host) = locate(&mem, (1 << 20 >> PFN_SHIFT) + 3).unwrap();
+        assert_eq!(region, GuestAddress(1 << 20));
+        let run = Run {
+            region,
+            host,
+            len: 2 * PAGE_SIZE as usize,
+        };
+        mark_written(&mem, &run);
+        let bits: Vec<Vec<u64>> = mem
+            .iter()
+            .map(|r| r.deref().bitmap().get_and_reset())
+            .collect();
+        assert_eq!(bits, vec![vec![0], vec![0b11 << 3]]);
+        // A frame number outside RAM has no place.
+        assert!(locate(&mem, 64).is_none());
     }
 
     #[test]

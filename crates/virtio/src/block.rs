@@ -10,7 +10,7 @@
 use std::sync::{Arc, Mutex};
 
 use block::{BlockError, DiskImage};
-use vm_memory::GuestMemoryMmap;
+use hypervisor::GuestRam;
 
 use crate::{
     device_type, ActivateError, DescChain, Processed, QueueError, QueueWorker, VirtQueue,
@@ -162,7 +162,7 @@ impl VirtioDevice for Block {
     fn activate(
         &mut self,
         _features: u64,
-        _mem: GuestMemoryMmap,
+        _mem: GuestRam,
         _interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<Box<dyn QueueWorker>, ActivateError> {
         Ok(Box::new(self.worker()))
@@ -349,7 +349,7 @@ impl BlockWorker {
     }
 
     /// Serve one chain; returns how many bytes were written back.
-    fn handle(&self, chain: &DescChain, mem: &GuestMemoryMmap) -> Result<u32, QueueError> {
+    fn handle(&self, chain: &DescChain, mem: &GuestRam) -> Result<u32, QueueError> {
         let writable = chain.writable_len();
         if writable == 0 {
             return Err(QueueError::Config(format!(
@@ -389,7 +389,7 @@ impl QueueWorker for BlockWorker {
         &mut self,
         _index: usize,
         queue: &mut VirtQueue,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
     ) -> Result<Processed, QueueError> {
         let mut done = Processed::default();
         while let Some(chain) = queue.pop(mem)? {
@@ -465,8 +465,8 @@ mod tests {
         (dev.worker(), dev.disk.clone())
     }
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    fn mem() -> GuestRam {
+        GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
     }
 
     const HDR: u64 = 0x1000;
@@ -474,7 +474,7 @@ mod tests {
     const STATUS: u64 = 0x9000;
 
     /// header (readable), optional write payload (readable), data (writable), status.
-    fn chain(m: &GuestMemoryMmap, kind: u32, sector: u64, out: &[u8], in_len: u32) -> DescChain {
+    fn chain(m: &GuestRam, kind: u32, sector: u64, out: &[u8], in_len: u32) -> DescChain {
         let mut hdr = [0u8; 16];
         hdr[0..4].copy_from_slice(&kind.to_le_bytes());
         hdr[8..16].copy_from_slice(&sector.to_le_bytes());
@@ -508,7 +508,7 @@ mod tests {
         DescChain { head: 0, descs }
     }
 
-    fn status(m: &GuestMemoryMmap) -> u8 {
+    fn status(m: &GuestRam) -> u8 {
         let mut s = [0u8];
         m.read_slice(&mut s, GuestAddress(STATUS)).unwrap();
         s[0]

@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use vm_memory::GuestMemoryMmap;
+use hypervisor::GuestRam;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{
@@ -150,7 +150,7 @@ impl VirtioDevice for Console {
     fn activate(
         &mut self,
         _features: u64,
-        _mem: GuestMemoryMmap,
+        _mem: GuestRam,
         _interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<Box<dyn QueueWorker>, ActivateError> {
         let wake = self
@@ -173,11 +173,7 @@ struct ConsoleWorker {
 }
 
 impl ConsoleWorker {
-    fn receive(
-        &mut self,
-        queue: &mut VirtQueue,
-        mem: &GuestMemoryMmap,
-    ) -> Result<Processed, QueueError> {
+    fn receive(&mut self, queue: &mut VirtQueue, mem: &GuestRam) -> Result<Processed, QueueError> {
         let mut done = Processed::default();
         loop {
             // Leave buffers available while there is nothing to put in them.
@@ -200,11 +196,7 @@ impl ConsoleWorker {
         }
     }
 
-    fn transmit(
-        &mut self,
-        queue: &mut VirtQueue,
-        mem: &GuestMemoryMmap,
-    ) -> Result<Processed, QueueError> {
+    fn transmit(&mut self, queue: &mut VirtQueue, mem: &GuestRam) -> Result<Processed, QueueError> {
         let mut done = Processed::default();
         while let Some(chain) = queue.pop(mem)? {
             let data = chain.read_all(mem)?;
@@ -223,7 +215,7 @@ impl QueueWorker for ConsoleWorker {
         &mut self,
         index: usize,
         queue: &mut VirtQueue,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
     ) -> Result<Processed, QueueError> {
         match index {
             RECEIVEQ => self.receive(queue, mem),

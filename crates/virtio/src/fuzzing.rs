@@ -2,7 +2,8 @@
 //! (`crates/virtio/fuzz`) and the randomized test, so CI exercises the same
 //! code the fuzzer does.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use hypervisor::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::queue::{walk_chain, QueueConfig, VirtQueue};
 
@@ -15,7 +16,7 @@ pub const FUZZ_MEM_SIZE: usize = 0x1_0000;
 /// refused, complete each one, and walk arbitrary heads directly. Must
 /// never panic, hang, or touch memory outside the guest's.
 pub fn fuzz_queue(data: &[u8]) {
-    let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), FUZZ_MEM_SIZE)]) else {
+    let Ok(mem) = GuestRam::from_ranges(&[(GuestAddress(0), FUZZ_MEM_SIZE)]) else {
         return;
     };
     let n = data.len().min(FUZZ_MEM_SIZE);

@@ -24,7 +24,7 @@ pub mod transport;
 
 use std::sync::Arc;
 
-use vm_memory::GuestMemoryMmap;
+use hypervisor::GuestRam;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use queue::{DescChain, Descriptor, QueueConfig, QueueError, VirtQueue};
@@ -39,6 +39,7 @@ pub enum DeviceState {
     Net(net::NetState),
     Rng,
     Console(console::ConsoleState),
+    Balloon(balloon::BalloonSnapshot),
 }
 
 impl DeviceState {
@@ -48,6 +49,7 @@ impl DeviceState {
             DeviceState::Net(_) => "virtio-net",
             DeviceState::Rng => "virtio-rng",
             DeviceState::Console(_) => "virtio-console",
+            DeviceState::Balloon(_) => "virtio-balloon",
         }
     }
 }
@@ -128,7 +130,7 @@ pub trait QueueWorker: Send {
         &mut self,
         index: usize,
         queue: &mut VirtQueue,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
     ) -> Result<Processed, QueueError>;
 
     /// An eventfd the worker thread also waits on, for work that arrives
@@ -170,7 +172,7 @@ pub trait VirtioDevice: Send {
     fn activate(
         &mut self,
         features: u64,
-        mem: GuestMemoryMmap,
+        mem: GuestRam,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<Box<dyn QueueWorker>, ActivateError>;
     /// Device reset (status 0): forget everything the driver set up.

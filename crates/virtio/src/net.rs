@@ -13,7 +13,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
-use vm_memory::GuestMemoryMmap;
+use hypervisor::GuestRam;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{
@@ -150,7 +150,7 @@ impl VirtioDevice for Net {
     fn activate(
         &mut self,
         features: u64,
-        _mem: GuestMemoryMmap,
+        _mem: GuestRam,
         _interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<Box<dyn QueueWorker>, ActivateError> {
         let offloads = net::Offloads {
@@ -265,11 +265,7 @@ impl NetWorker {
     }
 
     /// Move received frames into receive buffers.
-    fn receive(
-        &mut self,
-        q: &mut VirtQueue,
-        mem: &GuestMemoryMmap,
-    ) -> Result<Processed, QueueError> {
+    fn receive(&mut self, q: &mut VirtQueue, mem: &GuestRam) -> Result<Processed, QueueError> {
         let mut done = Processed::default();
         loop {
             let frame = match self.pending.take() {
@@ -321,11 +317,7 @@ impl NetWorker {
     }
 
     /// Send what the guest queued for transmission.
-    fn transmit(
-        &mut self,
-        q: &mut VirtQueue,
-        mem: &GuestMemoryMmap,
-    ) -> Result<Processed, QueueError> {
+    fn transmit(&mut self, q: &mut VirtQueue, mem: &GuestRam) -> Result<Processed, QueueError> {
         let mut done = Processed::default();
         while let Some(chain) = q.pop(mem)? {
             let frame = chain.read_all(mem)?;
@@ -348,7 +340,7 @@ impl QueueWorker for NetWorker {
         &mut self,
         index: usize,
         queue: &mut VirtQueue,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
     ) -> Result<Processed, QueueError> {
         match index {
             RX_QUEUE => self.receive(queue, mem),
@@ -415,7 +407,7 @@ mod tests {
             }
         }
         /// One-descriptor chain at `addr`.
-        fn add(&mut self, m: &GuestMemoryMmap, addr: u64, len: u32, writable: bool) {
+        fn add(&mut self, m: &GuestRam, addr: u64, len: u32, writable: bool) {
             let i = self.next_desc;
             self.next_desc = (i + 1) % self.size;
             let d = self.base + 16 * i as u64;
@@ -430,7 +422,7 @@ mod tests {
                 .unwrap();
         }
         /// (id, len) of used entry `n`.
-        fn used(&self, m: &GuestMemoryMmap, n: u16) -> (u32, u32) {
+        fn used(&self, m: &GuestRam, n: u16) -> (u32, u32) {
             let e = self.base + 0x200 + 4 + 8 * n as u64;
             (
                 m.read_obj(GuestAddress(e)).unwrap(),
@@ -439,14 +431,14 @@ mod tests {
         }
     }
 
-    fn setup() -> (NetWorker, UnixDatagram, GuestMemoryMmap) {
+    fn setup() -> (NetWorker, UnixDatagram, GuestRam) {
         let (dev_end, host_end) = UnixDatagram::pair().unwrap();
         dev_end.set_nonblocking(true).unwrap();
         host_end
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
         let w = NetWorker::new(Arc::new(SockBackend(dev_end))).unwrap();
-        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let m = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         (w, host_end, m)
     }
 

@@ -11,9 +11,10 @@
 
 use std::mem::size_of;
 
+use hypervisor::GuestRam;
 use virtio_queue::desc::split::Descriptor as RawDescriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 pub const VIRTQ_DESC_F_NEXT: u16 = 1;
 pub const VIRTQ_DESC_F_WRITE: u16 = 2;
@@ -91,7 +92,7 @@ impl DescChain {
     }
 
     /// Copy all readable bytes out of guest memory.
-    pub fn read_all(&self, mem: &GuestMemoryMmap) -> Result<Vec<u8>, QueueError> {
+    pub fn read_all(&self, mem: &GuestRam) -> Result<Vec<u8>, QueueError> {
         let mut out = Vec::with_capacity(self.readable_len() as usize);
         for d in self.readable() {
             let start = out.len();
@@ -108,7 +109,7 @@ impl DescChain {
 
     /// Fill the writable buffers front to back with `data`; returns how
     /// many bytes were written (at most `writable_len`).
-    pub fn write_all(&self, mem: &GuestMemoryMmap, mut data: &[u8]) -> Result<u32, QueueError> {
+    pub fn write_all(&self, mem: &GuestRam, mut data: &[u8]) -> Result<u32, QueueError> {
         let mut written = 0u32;
         for d in self.writable() {
             if data.is_empty() {
@@ -130,7 +131,7 @@ impl DescChain {
 /// Walk the chain starting at `head` in the descriptor table at
 /// `desc_table` of a queue of `queue_size`, refusing anything malformed.
 pub fn walk_chain(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     desc_table: GuestAddress,
     queue_size: u16,
     head: u16,
@@ -224,7 +225,7 @@ pub fn walk_chain(
     Ok(DescChain { head, descs })
 }
 
-fn in_memory(mem: &GuestMemoryMmap, addr: GuestAddress, len: u32) -> bool {
+fn in_memory(mem: &GuestRam, addr: GuestAddress, len: u32) -> bool {
     addr.checked_add(len as u64).is_some()
         && (len == 0 || GuestMemory::check_range(mem, addr, len as usize, Permissions::ReadWrite))
 }
@@ -258,7 +259,7 @@ impl VirtQueue {
     /// not a power of two up to `max_size`, misaligned rings and rings
     /// outside guest memory.
     pub fn new(
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         max_size: u16,
         cfg: QueueConfig,
         event_idx: bool,
@@ -303,7 +304,7 @@ impl VirtQueue {
 
     /// The next available chain, validated; `Ok(None)` when the driver has
     /// made nothing more available.
-    pub fn pop(&mut self, mem: &GuestMemoryMmap) -> Result<Option<DescChain>, QueueError> {
+    pub fn pop(&mut self, mem: &GuestRam) -> Result<Option<DescChain>, QueueError> {
         let desc_table = GuestAddress(self.inner.desc_table());
         let size = self.inner.size();
         let next = self.inner.next_avail();
@@ -326,12 +327,7 @@ impl VirtQueue {
     }
 
     /// Return chain `head` to the driver with `len` bytes written.
-    pub fn add_used(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        head: u16,
-        len: u32,
-    ) -> Result<(), QueueError> {
+    pub fn add_used(&mut self, mem: &GuestRam, head: u16, len: u32) -> Result<(), QueueError> {
         self.inner
             .add_used(mem, head, len)
             .map_err(|e| QueueError::UsedRing(e.to_string()))
@@ -339,7 +335,7 @@ impl VirtQueue {
 
     /// Whether the driver wants an interrupt for what was added since the
     /// last call (always true without EVENT_IDX).
-    pub fn needs_notification(&mut self, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
+    pub fn needs_notification(&mut self, mem: &GuestRam) -> Result<bool, QueueError> {
         self.inner
             .needs_notification(mem)
             .map_err(|e| QueueError::UsedRing(e.to_string()))
@@ -347,13 +343,13 @@ impl VirtQueue {
 
     /// Ask the driver for notifications again (with EVENT_IDX: publish
     /// `avail_event`); true if more chains arrived meanwhile.
-    pub fn enable_notification(&mut self, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
+    pub fn enable_notification(&mut self, mem: &GuestRam) -> Result<bool, QueueError> {
         self.inner
             .enable_notification(mem)
             .map_err(|e| QueueError::UsedRing(e.to_string()))
     }
 
-    pub fn disable_notification(&mut self, mem: &GuestMemoryMmap) -> Result<(), QueueError> {
+    pub fn disable_notification(&mut self, mem: &GuestRam) -> Result<(), QueueError> {
         self.inner
             .disable_notification(mem)
             .map_err(|e| QueueError::UsedRing(e.to_string()))
@@ -369,11 +365,11 @@ mod tests {
     const USED: u64 = 0x3000;
     const MEM_SIZE: usize = 0x10_0000;
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+    fn mem() -> GuestRam {
+        GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
     }
 
-    fn desc(m: &GuestMemoryMmap, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+    fn desc(m: &GuestRam, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let a = GuestAddress(table + 16 * i as u64);
         m.write_obj(addr, a).unwrap();
         m.write_obj(len, a.unchecked_add(8)).unwrap();
@@ -381,7 +377,7 @@ mod tests {
         m.write_obj(next, a.unchecked_add(14)).unwrap();
     }
 
-    fn walk(m: &GuestMemoryMmap, head: u16, indirect: bool) -> Result<DescChain, QueueError> {
+    fn walk(m: &GuestRam, head: u16, indirect: bool) -> Result<DescChain, QueueError> {
         walk_chain(m, GuestAddress(TABLE), 16, head, indirect)
     }
 

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use vm_memory::GuestMemoryMmap;
+use hypervisor::GuestRam;
 
 use crate::{
     device_type, ActivateError, Processed, QueueError, QueueWorker, VirtQueue, VirtioDevice,
@@ -42,7 +42,7 @@ impl VirtioDevice for Rng {
     fn activate(
         &mut self,
         _features: u64,
-        _mem: GuestMemoryMmap,
+        _mem: GuestRam,
         _interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<Box<dyn QueueWorker>, ActivateError> {
         Ok(Box::new(RngWorker))
@@ -67,7 +67,7 @@ impl QueueWorker for RngWorker {
         &mut self,
         _index: usize,
         queue: &mut VirtQueue,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
     ) -> Result<Processed, QueueError> {
         let mut done = Processed::default();
         while let Some(chain) = queue.pop(mem)? {

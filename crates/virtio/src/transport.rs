@@ -20,9 +20,9 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+use hypervisor::GuestRam;
 use pci::config::{PciConfig, PciIds};
 use pci::{BarKind, MsiSink, MsixTable, PciDevice};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::features::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -227,7 +227,7 @@ impl Drop for Worker {
 pub struct VirtioPciDevice {
     config: PciConfig,
     device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     msix_cap: usize,
     pci_cfg_cap: usize,
     irq: Arc<Interrupts>,
@@ -267,7 +267,7 @@ impl VirtioPciDevice {
     /// Wrap `device`; `mem` is guest memory, `msi` where MSI-X messages go.
     pub fn new(
         device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryMmap,
+        mem: GuestRam,
         msi: MsiSink,
     ) -> Result<Self, VirtioPciError> {
         let max_sizes = device.queue_max_sizes();
@@ -1006,7 +1006,7 @@ const MAX_IDLE_ROUNDS: u32 = 1024;
 struct WorkerContext {
     worker: Box<dyn QueueWorker>,
     queues: Vec<Option<VirtQueue>>,
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     irq: Arc<dyn VirtioInterrupt>,
     health: Arc<Health>,
     kill: EventFd,

@@ -7,12 +7,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use harness::*;
+use hypervisor::GuestRam;
 use virtio::features::VIRTIO_F_VERSION_1;
 use virtio::transport::{common, DEVICE_CFG_OFFSET};
 use virtio::{
     ActivateError, Processed, QueueError, QueueWorker, VirtQueue, VirtioDevice, VirtioInterrupt,
 };
-use vm_memory::GuestMemoryMmap;
 
 type Slot = Arc<Mutex<Option<Arc<dyn VirtioInterrupt>>>>;
 
@@ -28,7 +28,7 @@ impl QueueWorker for Idle {
         &mut self,
         _: usize,
         _: &mut VirtQueue,
-        _: &GuestMemoryMmap,
+        _: &GuestRam,
     ) -> Result<Processed, QueueError> {
         Ok(Processed::default())
     }
@@ -56,7 +56,7 @@ impl VirtioDevice for Capacity {
     fn activate(
         &mut self,
         _: u64,
-        _: GuestMemoryMmap,
+        _: GuestRam,
         irq: Arc<dyn VirtioInterrupt>,
     ) -> Result<Box<dyn QueueWorker>, ActivateError> {
         *self.irq.lock().unwrap() = Some(irq);
@@ -100,7 +100,7 @@ impl QueueWorker for Boom {
         &mut self,
         _: usize,
         q: &mut VirtQueue,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
     ) -> Result<Processed, QueueError> {
         if q.pop(mem)?.is_some() {
             panic!("device model bug");
@@ -122,7 +122,7 @@ impl VirtioDevice for Panicky {
     fn activate(
         &mut self,
         _: u64,
-        _: GuestMemoryMmap,
+        _: GuestRam,
         _: Arc<dyn VirtioInterrupt>,
     ) -> Result<Box<dyn QueueWorker>, ActivateError> {
         Ok(Box::new(Boom))

@@ -20,12 +20,12 @@
 //! not include the destination catching up on pre-copy data.
 //! ```
 //!
-//! Device writes to guest memory: virtio queue workers write guest buffers
-//! through vm-memory, which the backend's dirty log does not see. So when
-//! the VM has virtio devices, the final (paused, devices quiesced) round
-//! resends every page: correct, at the price of downtime that grows with
-//! memory size. A VM without virtio devices (only vCPU writes) sends just
-//! the pages the log names.
+//! Which pages changed: vCPU writes are in the backend's dirty log (KVM's,
+//! or the engine's per-page write flags); device writes (virtio used rings,
+//! block reads, net RX, ...) go through vm-memory, whose per-region bitmap
+//! ([`hypervisor::GuestRam`]) marks them. Each round takes and clears both
+//! and sends their union; the final (paused, devices quiesced) round does
+//! the same, so it sends only what was written since the last round.
 //!
 //! Disks are not copied: both sides must see the same files (one host, or
 //! shared storage). The source flushes them and gives up its file locks
@@ -34,10 +34,12 @@
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::ops::Deref;
 use std::time::{Duration, Instant};
 
+use hypervisor::GuestRam;
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::snapshot::{is_zero, Manifest, MemoryRange};
 use crate::{VmHandle, VmmError};
@@ -84,6 +86,8 @@ pub struct MigrationReport {
     /// Pages sent in all rounds, and in the final one.
     pub pages: u64,
     pub final_pages: u64,
+    /// Bytes sent while the guest was paused (final pages and the state).
+    pub final_bytes: u64,
 }
 
 fn io(what: &str) -> impl Fn(std::io::Error) -> VmmError + '_ {
@@ -110,7 +114,7 @@ impl<W: Write> Write for Counted<W> {
 /// One bitmap per memory slot (region, in order).
 type Dirty = Vec<Vec<u64>>;
 
-fn all_pages(mem: &GuestMemoryMmap) -> Dirty {
+fn all_pages(mem: &GuestRam) -> Dirty {
     mem.iter()
         .map(|r| {
             let pages = r.len().div_ceil(PAGE) as usize;
@@ -130,7 +134,7 @@ fn all_pages(mem: &GuestMemoryMmap) -> Dirty {
 /// zeroed. (Memory mapped from a snapshot's file is left alone: its
 /// untouched pages hold the file's data.) Dirty logging must already be on,
 /// so a page first touched after this look is still caught.
-fn drop_untouched(mem: &GuestMemoryMmap, d: &mut Dirty) {
+fn drop_untouched(mem: &GuestRam, d: &mut Dirty) {
     for (region, bits) in mem.iter().zip(d.iter_mut()) {
         let Ok(host) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) else {
             continue;
@@ -162,6 +166,21 @@ fn collect(vm: &VmHandle) -> Result<Dirty, VmmError> {
         .collect()
 }
 
+/// The pages written through vm-memory (by devices) since the last call;
+/// clears the marks.
+fn device_dirty(mem: &GuestRam) -> Dirty {
+    mem.iter()
+        .map(|r| r.deref().bitmap().get_and_reset())
+        .collect()
+}
+
+/// What the backend's log and the devices' bitmap name since the last call.
+fn collect_all(vm: &VmHandle) -> Result<Dirty, VmmError> {
+    let mut d = collect(vm)?;
+    merge(&mut d, device_dirty(vm.guest_memory()));
+    Ok(d)
+}
+
 fn merge(into: &mut Dirty, from: Dirty) {
     for (a, b) in into.iter_mut().zip(from) {
         for (x, y) in a.iter_mut().zip(b) {
@@ -171,7 +190,7 @@ fn merge(into: &mut Dirty, from: Dirty) {
 }
 
 /// Send the pages a dirty set names; returns how many.
-fn send_pages<W: Write>(out: &mut W, mem: &GuestMemoryMmap, d: &Dirty) -> Result<u64, VmmError> {
+fn send_pages<W: Write>(out: &mut W, mem: &GuestRam, d: &Dirty) -> Result<u64, VmmError> {
     let mut batch: Vec<u64> = Vec::with_capacity(BATCH);
     let mut sent = 0u64;
     let mut buf = vec![0u8; PAGE as usize];
@@ -312,6 +331,8 @@ fn send_inner(
 
     // Pre-copy: everything, then what the guest wrote meanwhile.
     vm.backend().start_dirty_log()?;
+    // Device writes from now on; the first round sends everything anyway.
+    drop(device_dirty(mem));
     let mut pages = 0u64;
     let mut rounds = 0u32;
     let mut dirty = all_pages(mem);
@@ -321,7 +342,7 @@ fn send_inner(
             pages += send_pages(&mut out, mem, &dirty)?;
             rounds += 1;
             out.flush().map_err(io("send"))?;
-            dirty = collect(vm)?;
+            dirty = collect_all(vm)?;
             let left = count(&dirty);
             tracing::info!("migration round {rounds}: {left} pages dirty");
             if left < SMALL_REMAINDER || rounds + 1 >= MAX_ROUNDS {
@@ -353,13 +374,10 @@ fn send_inner(
     }
     *paused = true;
     let down = Instant::now();
+    let bytes_before_pause = out.bytes;
     vm.quiesce_devices(true);
-    if vm.has_virtio() {
-        dirty = all_pages(mem);
-        drop_untouched(mem, &mut dirty);
-    } else if was_running {
-        merge(&mut dirty, collect(vm)?);
-    }
+    // The devices are stopped: their writes up to here are in the bitmap.
+    merge(&mut dirty, collect_all(vm)?);
     tracing::info!("migration: paused; {} pages left to send", count(&dirty));
     let final_pages = send_pages(&mut out, mem, &dirty)?;
     pages += final_pages;
@@ -434,6 +452,7 @@ fn send_inner(
         iterations: rounds,
         pages,
         final_pages,
+        final_bytes: out.bytes - bytes_before_pause,
     };
     tracing::info!("migration done: {report:?}");
     Ok(report)
@@ -468,7 +487,7 @@ fn cut(e: std::io::Error) -> VmmError {
 /// What the destination received: the manifest and the filled memory.
 pub struct Received {
     pub manifest: Manifest,
-    pub memory: GuestMemoryMmap,
+    pub memory: GuestRam,
     pub peer: String,
     /// To acknowledge (or refuse) once the VM is built.
     pub stream: TcpStream,
@@ -501,7 +520,7 @@ pub fn receive(listen: &str) -> Result<Received, VmmError> {
 pub fn read_stream<R: Read, W: Write>(
     r: &mut R,
     w: &mut W,
-) -> Result<(Manifest, GuestMemoryMmap), VmmError> {
+) -> Result<(Manifest, GuestRam), VmmError> {
     let mut magic = [0u8; 8];
     r.read_exact(&mut magic).map_err(cut)?;
     if &magic != MAGIC {
@@ -527,13 +546,12 @@ pub fn read_stream<R: Read, W: Write>(
             hello.memory_bytes
         )));
     }
-    let memory = GuestMemoryMmap::<()>::from_ranges(&arch::ram_regions(hello.memory_bytes))
-        .map_err(|e| {
-            VmmError::Io(format!(
-                "cannot allocate {} MiB of guest memory: {e}",
-                hello.memory_bytes >> 20
-            ))
-        })?;
+    let memory = GuestRam::from_ranges(&arch::ram_regions(hello.memory_bytes)).map_err(|e| {
+        VmmError::Io(format!(
+            "cannot allocate {} MiB of guest memory: {e}",
+            hello.memory_bytes >> 20
+        ))
+    })?;
     loop {
         let mut tag = [0u8; 1];
         r.read_exact(&mut tag).map_err(cut)?;
@@ -657,8 +675,29 @@ mod tests {
     }
 
     #[test]
+    fn device_writes_through_vm_memory_are_in_the_bitmap() {
+        let mem = GuestRam::from_ranges(&[
+            (GuestAddress(0), 70 * 4096),
+            (GuestAddress(1 << 20), 8 * 4096),
+        ])
+        .unwrap();
+        drop(device_dirty(&mem));
+        mem.write_slice(&[1u8; 2], GuestAddress(5 * 4096 + 4095))
+            .unwrap();
+        mem.write_obj(7u16, GuestAddress(69 * 4096)).unwrap();
+        mem.write_obj(7u32, GuestAddress((1 << 20) + 3 * 4096))
+            .unwrap();
+        let d = device_dirty(&mem);
+        assert_eq!(d[0], vec![(1 << 5) | (1 << 6), 1 << (69 - 64)]);
+        assert_eq!(d[1], vec![1 << 3]);
+        // Taking the marks clears them; reads mark nothing.
+        let _: u64 = mem.read_obj(GuestAddress(0)).unwrap();
+        assert_eq!(count(&device_dirty(&mem)), 0);
+    }
+
+    #[test]
     fn dirty_sets_cover_exactly_the_pages() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 70 * 4096)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 70 * 4096)]).unwrap();
         let d = all_pages(&mem);
         assert_eq!(count(&d), 70);
         let mut out = Vec::new();

@@ -19,10 +19,11 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use hypervisor::GuestRam;
 use serde::{Deserialize, Serialize};
+use vm_memory::bitmap::NewBitmap;
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap, MmapRegion,
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
 };
 
 use crate::VmmError;
@@ -209,7 +210,7 @@ pub struct MemoryWritten {
 
 /// Write guest memory to `dir/memory.bin`, sparsely: zero pages, and pages
 /// of anonymous memory the guest never touched, are left as holes.
-pub fn write_memory(mem: &GuestMemoryMmap, dir: &Path) -> Result<MemoryWritten, VmmError> {
+pub fn write_memory(mem: &GuestRam, dir: &Path) -> Result<MemoryWritten, VmmError> {
     let path = dir.join(MEMORY_FILE);
     let f = File::create(&path).map_err(|e| io_err("cannot create", &path, e))?;
     let mut ranges = Vec::new();
@@ -277,7 +278,7 @@ pub fn map_memory(
     dir: &Path,
     ranges: &[MemoryRange],
     file_bytes: u64,
-) -> Result<GuestMemoryMmap, VmmError> {
+) -> Result<GuestRam, VmmError> {
     let path = dir.join(MEMORY_FILE);
     let file = File::open(&path).map_err(|e| io_err("cannot open", &path, e))?;
     let file_len = file
@@ -306,18 +307,23 @@ pub fn map_memory(
                 .map_err(|e| io_err("cannot open", &path, e))?,
             r.file_offset,
         );
-        let mmap = vm_memory::mmap::MmapRegionBuilder::new(r.len as usize)
-            .with_file_offset(fo)
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-            .build()
-            .map_err(|e| VmmError::Io(format!("cannot map {}: {e}", path.display())))?;
-        let region: MmapRegion = mmap;
+        // The bitmap sized to the region: device writes mark it (see
+        // `hypervisor::GuestRam`); a default bitmap would track nothing.
+        let mmap = vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(
+            r.len as usize,
+            vm_memory::bitmap::AtomicBitmap::with_len(r.len as usize),
+        )
+        .with_file_offset(fo)
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+        .build()
+        .map_err(|e| VmmError::Io(format!("cannot map {}: {e}", path.display())))?;
+        let region: MmapRegion<vm_memory::bitmap::AtomicBitmap> = mmap;
         let region = GuestRegionMmap::new(region, GuestAddress(r.gpa))
             .ok_or_else(|| VmmError::Config(format!("bad memory range {:#x}", r.gpa)))?;
         regions.push(region);
     }
-    GuestMemoryMmap::from_regions(regions)
+    GuestRam::from_regions(regions)
         .map_err(|e| VmmError::Config(format!("snapshot memory ranges: {e}")))
 }
 
@@ -414,7 +420,7 @@ mod tests {
     fn memory_is_written_sparsely_and_maps_back_the_same_twice_over() {
         let dir = scratch("sparse");
         let size = 64usize << 20;
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), size)]).unwrap();
         // A few pages with data, one written with zeros, the rest untouched.
         mem.write_slice(b"first page", GuestAddress(0)).unwrap();
         mem.write_slice(&[0xaa; 8192], GuestAddress(0x10_0ffc))
@@ -431,7 +437,7 @@ mod tests {
         assert_eq!(meta.len(), size as u64);
         assert!(meta.blocks() * 512 < 1 << 20, "{} blocks", meta.blocks());
 
-        let check = |m: &GuestMemoryMmap| {
+        let check = |m: &GuestRam| {
             let mut all = vec![0u8; size];
             m.read_slice(&mut all, GuestAddress(0)).unwrap();
             let mut want = vec![0u8; size];

@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devices::{Bus, BusDevice, EventSink, VmEvent};
+use hypervisor::GuestRam;
 use hypervisor::{CpuState, Hypervisor, Vcpu, VcpuExit, VcpuKicker};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{Accel, BootProtocol, ConsoleKind, VmConfig};
@@ -54,7 +55,7 @@ pub struct SnapshotSource {
     pub manifest: crate::snapshot::Manifest,
     /// Guest memory already filled (a live migration's destination);
     /// `None` maps the snapshot directory's memory file.
-    pub memory: Option<GuestMemoryMmap>,
+    pub memory: Option<GuestRam>,
 }
 
 /// Everything needed to build a VM, after the user's input has been checked.
@@ -154,7 +155,7 @@ pub type SharedVcpu = Arc<Mutex<Box<dyn Vcpu>>>;
 pub struct VmHandle {
     vm: Arc<dyn hypervisor::Vm>,
     accel: hypervisor::AccelKind,
-    memory: GuestMemoryMmap,
+    memory: GuestRam,
     memory_bytes: u64,
     vcpus: Vec<SharedVcpu>,
     serial: Arc<Mutex<devices::serial::Serial>>,
@@ -297,7 +298,7 @@ impl VmHandle {
         &self.vm
     }
 
-    pub(crate) fn guest_memory(&self) -> &GuestMemoryMmap {
+    pub(crate) fn guest_memory(&self) -> &GuestRam {
         &self.memory
     }
 
@@ -315,11 +316,6 @@ impl VmHandle {
 
     pub(crate) fn vcpu_count(&self) -> u32 {
         self.vcpus.len() as u32
-    }
-
-    /// True if virtio devices may write guest memory behind the dirty log.
-    pub(crate) fn has_virtio(&self) -> bool {
-        !self.pci.virtio.is_empty()
     }
 
     /// Let another process on this host open the disks (`false`), or take
@@ -446,7 +442,7 @@ impl Vm {
             )?,
             _ => {
                 let regions = arch::ram_regions(spec.memory);
-                GuestMemoryMmap::<()>::from_ranges(&regions).map_err(|e| {
+                GuestRam::from_ranges(&regions).map_err(|e| {
                     VmmError::Io(format!(
                         "cannot allocate {} MiB of guest memory: {e}",
                         spec.memory >> 20
@@ -635,7 +631,7 @@ impl Vm {
         &self.mmio
     }
 
-    pub fn memory(&self) -> &GuestMemoryMmap {
+    pub fn memory(&self) -> &GuestRam {
         &self.handle.memory
     }
 
@@ -736,7 +732,7 @@ impl DeviceMap {
 fn setup_pci(
     map: &mut DeviceMap,
     vm: Arc<dyn hypervisor::Vm>,
-    memory: &GuestMemoryMmap,
+    memory: &GuestRam,
     spec: &VmSpec,
     console_out: Option<Box<dyn Write + Send>>,
 ) -> Result<PciSetup, VmmError> {
@@ -878,7 +874,7 @@ fn queue_notifiers(bus: &pci::PciBus, vm: Arc<dyn hypervisor::Vm>) -> SlotNotifi
 }
 
 /// Put the boot image into guest memory and return the boot vCPU's state.
-fn load_boot(mem: &GuestMemoryMmap, boot: &Boot, cpus: u32) -> Result<CpuState, VmmError> {
+fn load_boot(mem: &GuestRam, boot: &Boot, cpus: u32) -> Result<CpuState, VmmError> {
     match boot {
         Boot::Linux {
             kernel,

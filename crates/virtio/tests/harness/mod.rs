@@ -7,12 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::Bus;
+use hypervisor::GuestRam;
 use pci::{BarAllocator, PciBus, PciConfigIo};
 use virtio::features::*;
 use virtio::status::*;
 use virtio::transport::common;
 use virtio::{VirtioDevice, VirtioPciDevice};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 pub const MEM_SIZE: usize = 16 << 20;
 pub const DESC: u64 = 0x10_0000;
@@ -33,7 +34,7 @@ pub const QUEUE_DATA: u32 = 0x31;
 pub type Msis = Arc<Mutex<Vec<(u64, u32)>>>;
 
 pub struct Machine {
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestRam,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub msis: Msis,
@@ -48,7 +49,7 @@ pub fn machine() -> Machine {
 
 pub fn machine_with(device: Box<dyn VirtioDevice>) -> Machine {
     let device_id = 0x1040 + device.device_type() as u16;
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mem = GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let mmio = Arc::new(Bus::new());
     let pio = Arc::new(Bus::new());
     let pci = Arc::new(PciBus::new(mmio.clone(), pio.clone()));
