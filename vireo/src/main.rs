@@ -69,6 +69,9 @@ enum Command {
     /// runs while its memory is copied; its VMM exits 0 once handed over).
     /// Prints the total time, the downtime, the bytes and the rounds.
     Migrate(MigrateArgs),
+    /// Give up the live migration a `vireo migrate` started (the VM runs on
+    /// here; the destination drops what it received).
+    MigrateCancel(ApiArgs),
     /// Wait for one live migration on a TCP address and run the VM it brings.
     #[command(after_help = EXIT_CODES)]
     MigrateReceive(MigrateReceiveArgs),
@@ -90,6 +93,10 @@ struct MigrateArgs {
     /// Where `vireo migrate-receive --listen` waits (HOST:PORT).
     #[arg(long, value_name = "HOST:PORT")]
     to: String,
+    /// Cap the copy while the guest runs at N MiB/s (the short paused
+    /// round is not capped) [default: no cap].
+    #[arg(long, value_name = "N")]
+    max_bandwidth_mib: Option<u64>,
 }
 
 #[derive(Args)]
@@ -375,6 +382,7 @@ fn main() -> ExitCode {
                 exit_code::VMM_ERROR
             }
         },
+        Command::MigrateCancel(a) => api_call(&a, "PUT", "/api/v1/vm.migrate-cancel"),
         Command::Boot(a) => api_call(&a, "PUT", "/api/v1/vm.boot"),
         Command::Delete(a) => api_call(&a, "PUT", "/api/v1/vm.delete"),
         Command::Shutdown(a) => api_call(&a, "PUT", "/api/v1/vmm.shutdown"),
@@ -502,7 +510,11 @@ fn snapshot(a: &SnapshotArgs) -> i32 {
 
 /// Migrate through the API and print how it went.
 fn migrate(a: &MigrateArgs) -> i32 {
-    let body = serde_json::json!({ "destination": a.to }).to_string();
+    let mut body = serde_json::json!({ "destination": a.to });
+    if let Some(m) = a.max_bandwidth_mib {
+        body["max_bandwidth_mib"] = m.into();
+    }
+    let body = body.to_string();
     let path = "/api/v1/vm.migrate-send";
     match vmm::api::client::request_with_body(&a.api.api_socket, "PUT", path, &body) {
         Ok((200, body)) => {

@@ -319,6 +319,72 @@ fn kvm_letters_guest_migrates_while_running_and_counts_on() {
     letters_migrate("kvm", "256M", false);
 }
 
+/// A destination that takes the stream but never says it caught up: the
+/// source waits; meanwhile the API still answers (requests run
+/// concurrently), pausing is refused, and `vireo migrate-cancel` gives the
+/// migration up: the source runs on.
+#[test]
+fn a_cancelled_migration_leaves_the_source_running() {
+    let dir = scratch("cancel");
+    let sock = dir.join("a.sock");
+    let mut src = source("emu", "64M", &dir, true, &sock);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (accepted_tx, accepted) = std::sync::mpsc::channel();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        accepted_tx.send(()).unwrap();
+        // Drain until the source cuts the stream; never answer.
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut sink);
+        sink.len()
+    });
+    let mut cmd = vireo();
+    cmd.args(["migrate", "--max-bandwidth-mib", "64", "--api-socket"])
+        .arg(&sock)
+        .arg("--to")
+        .arg(format!("127.0.0.1:{port}"));
+    let mut mig = Running::spawn(cmd);
+    accepted.recv_timeout(Duration::from_secs(20)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let info = client(&["info"], &sock);
+    assert!(info.status.success(), "info during a migration: {info:?}");
+    let out = client(&["pause"], &sock);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("migration is in progress"), "{err}");
+
+    let out = client(&["migrate-cancel"], &sock);
+    assert!(out.status.success(), "migrate-cancel: {out:?}");
+    assert_eq!(mig.wait_exit(Duration::from_secs(20)), Some(1));
+    let err = mig.stderr_text();
+    assert!(
+        err.contains("the migration was cancelled") && err.contains("409"),
+        "{err}"
+    );
+    assert!(
+        fake.join().unwrap() > 0,
+        "the destination got the start of the stream"
+    );
+    let out = client(&["migrate-cancel"], &sock);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no migration is in progress"));
+
+    let info = client(&["info"], &sock);
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["state"], "running");
+    let n = src.stdout_text().len();
+    assert!(
+        wait_until(Duration::from_secs(30), || src.stdout_text().len()
+            >= n + 20),
+        "the source did not run on after the cancel"
+    );
+    assert!(client(&["stop"], &sock).status.success());
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    assert_unbroken_cycle(&src.stdout_text());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A destination that reads the whole migration and then refuses the VM
 /// (as `vireo migrate-receive` does when it cannot build it): the source
 /// takes its disk back and runs on.

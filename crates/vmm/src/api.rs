@@ -52,6 +52,11 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
     ),
     (
         "PUT",
+        "/api/v1/vm.migrate-cancel",
+        "Give up the live migration in progress (the VM runs on here)",
+    ),
+    (
+        "PUT",
         "/api/v1/vm.balloon",
         "Set the balloon's target size: memory the guest is asked to give back",
     ),
@@ -101,6 +106,8 @@ pub struct ApiShared {
     created: Mutex<Option<crate::VmConfig>>,
     /// None when the VMM was started with its VM (`vireo run --kernel`).
     launcher: Option<Mutex<Sender<crate::LaunchRequest>>>,
+    /// The cancel flag of the migration in progress, if one is.
+    migrating: Mutex<Option<crate::migration::Cancel>>,
 }
 
 impl ApiShared {
@@ -110,6 +117,7 @@ impl ApiShared {
             vm: RwLock::new(Some(ctx)),
             created: Mutex::new(None),
             launcher: None,
+            migrating: Mutex::new(None),
         })
     }
 
@@ -119,6 +127,7 @@ impl ApiShared {
             vm: RwLock::new(None),
             created: Mutex::new(None),
             launcher: Some(Mutex::new(tx)),
+            migrating: Mutex::new(None),
         })
     }
 
@@ -192,6 +201,9 @@ struct SnapshotRequest {
 struct MigrateRequest {
     /// HOST:PORT of the receiving Vireo.
     destination: String,
+    /// Pre-copy bandwidth cap in MiB/s (the paused final round is not capped).
+    #[serde(default)]
+    max_bandwidth_mib: Option<u64>,
 }
 
 #[derive(serde::Deserialize)]
@@ -271,8 +283,16 @@ impl ApiServer {
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                // A thread per request: a migration or a restore takes a
+                // while, and info or migrate-cancel must answer meanwhile.
                 for req in s.incoming_requests() {
-                    handle(&shared, req);
+                    let shared = shared.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("api-request".into())
+                        .spawn(move || handle(&shared, req));
+                    if let Err(e) = spawned {
+                        tracing::warn!("API: cannot start a request thread: {e}");
+                    }
                 }
             })
             .map_err(|e| format!("cannot start the API thread: {e}"))?;
@@ -463,13 +483,35 @@ pub fn route(shared: &ApiShared, method: &str, path: &str, body: &str) -> Answer
                 .map_or_else(vmm_error, |_| no_content())
         }
         (_, None) => error(409, NO_VM),
-        (path, Some(ctx)) => vm_route(&ctx, path, body),
+        (path, Some(ctx)) => vm_route(shared, &ctx, path, body),
     }
 }
 
 /// The operations on a running VM.
-fn vm_route(ctx: &ApiContext, path: &str, body: &str) -> Answer {
+fn vm_route(shared: &ApiShared, ctx: &ApiContext, path: &str, body: &str) -> Answer {
+    let migrating = lock(&shared.migrating).clone();
+    if migrating.is_some()
+        && matches!(
+            path,
+            "/api/v1/vm.pause"
+                | "/api/v1/vm.resume"
+                | "/api/v1/vm.snapshot"
+                | "/api/v1/vm.migrate-send"
+        )
+    {
+        return error(
+            409,
+            "a migration is in progress (vm.migrate-cancel gives it up)",
+        );
+    }
     match path {
+        "/api/v1/vm.migrate-cancel" => match migrating {
+            Some(cancel) => {
+                cancel.cancel();
+                no_content()
+            }
+            None => error(409, "no migration is in progress"),
+        },
         "/api/v1/vm.info" => {
             let info = VmInfo {
                 state: ctx.control.state(),
@@ -545,8 +587,21 @@ fn vm_route(ctx: &ApiContext, path: &str, body: &str) -> Answer {
                 Ok(r) => r,
                 Err(e) => return error(400, format!("bad migration request: {e}")),
             };
-            crate::migration::send(&ctx.vm, &req.destination, ctx.config.clone())
-                .map_or_else(vmm_error, |report| json(200, &report))
+            let opts = crate::migration::SendOptions {
+                max_bandwidth: req.max_bandwidth_mib.map(|m| m.saturating_mul(1 << 20)),
+                cancel: crate::migration::Cancel::default(),
+            };
+            {
+                let mut m = lock(&shared.migrating);
+                if m.is_some() {
+                    return error(409, "a migration is in progress");
+                }
+                *m = Some(opts.cancel.clone());
+            }
+            let result =
+                crate::migration::send(&ctx.vm, &req.destination, ctx.config.clone(), &opts);
+            *lock(&shared.migrating) = None;
+            result.map_or_else(vmm_error, |report| json(200, &report))
         }
         "/api/v1/vm.stop" => {
             let _ = ctx.exits.send(VmExit::Stopped);

@@ -35,6 +35,8 @@
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hypervisor::GuestRam;
@@ -94,16 +96,97 @@ fn io(what: &str) -> impl Fn(std::io::Error) -> VmmError + '_ {
     move |e| VmmError::Io(format!("migration: {what}: {e}"))
 }
 
-/// A writer that counts bytes.
+/// How a migration is sent.
+#[derive(Debug, Clone, Default)]
+pub struct SendOptions {
+    /// At most this many bytes a second while the guest runs (pre-copy).
+    /// The paused final round is never held back: downtime matters more.
+    pub max_bandwidth: Option<u64>,
+    /// Given up from another thread (`vm.migrate-cancel`).
+    pub cancel: Cancel,
+}
+
+/// Cancels a migration from another thread: honoured until the source
+/// sends the VM's state (after that the destination may already run it,
+/// and the source must not run it too). Cancelling also shuts the stream,
+/// so a source blocked on a slow destination notices at once.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel {
+    flag: Arc<AtomicBool>,
+    stage: Arc<Mutex<Stage>>,
+}
+
+#[derive(Debug, Default)]
+enum Stage {
+    /// Not connected yet: a cancel is seen at the first check.
+    #[default]
+    Starting,
+    /// The stream, to cut on cancel.
+    Sending(TcpStream),
+    /// The state is (being) sent: too late.
+    Committed,
+}
+
+impl Cancel {
+    pub fn cancel(&self) {
+        let stage = self.stage.lock().unwrap_or_else(|e| e.into_inner());
+        match &*stage {
+            Stage::Starting => self.flag.store(true, Ordering::SeqCst),
+            Stage::Sending(s) => {
+                self.flag.store(true, Ordering::SeqCst);
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            Stage::Committed => {}
+        }
+    }
+
+    fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    fn arm(&self, stream: &TcpStream) -> Result<(), VmmError> {
+        let clone = stream.try_clone().map_err(io("socket"))?;
+        *self.stage.lock().unwrap_or_else(|e| e.into_inner()) = Stage::Sending(clone);
+        cancelled(self)
+    }
+
+    /// Past this point a cancel changes nothing; fails if one came first.
+    fn commit(&self) -> Result<(), VmmError> {
+        *self.stage.lock().unwrap_or_else(|e| e.into_inner()) = Stage::Committed;
+        cancelled(self)
+    }
+}
+
+/// A writer that counts bytes and, with a limit, paces them.
 struct Counted<W> {
     inner: W,
     bytes: u64,
+    /// (bytes per second, when pacing began, bytes then).
+    limit: Option<(u64, Instant, u64)>,
+}
+
+impl<W: Write> Counted<W> {
+    fn new(inner: W, max_bandwidth: Option<u64>) -> Self {
+        Counted {
+            inner,
+            bytes: 0,
+            limit: max_bandwidth.map(|b| (b.max(1), Instant::now(), 0)),
+        }
+    }
 }
 
 impl<W: Write> Write for Counted<W> {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(b)?;
         self.bytes += n as u64;
+        if let Some((rate, since, at)) = self.limit {
+            // Sleep until the bytes so far fit the rate.
+            let due = Duration::from_secs_f64((self.bytes - at) as f64 / rate as f64);
+            let spent = since.elapsed();
+            if due > spent + Duration::from_millis(1) {
+                std::thread::sleep(due - spent);
+            }
+        }
         Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -190,7 +273,19 @@ fn merge(into: &mut Dirty, from: Dirty) {
 }
 
 /// Send the pages a dirty set names; returns how many.
-fn send_pages<W: Write>(out: &mut W, mem: &GuestRam, d: &Dirty) -> Result<u64, VmmError> {
+fn cancelled(cancel: &Cancel) -> Result<(), VmmError> {
+    if cancel.is_set() {
+        return Err(VmmError::Conflict("the migration was cancelled".into()));
+    }
+    Ok(())
+}
+
+fn send_pages<W: Write>(
+    out: &mut W,
+    mem: &GuestRam,
+    d: &Dirty,
+    cancel: &Cancel,
+) -> Result<u64, VmmError> {
     let mut batch: Vec<u64> = Vec::with_capacity(BATCH);
     let mut sent = 0u64;
     let mut buf = vec![0u8; PAGE as usize];
@@ -198,6 +293,7 @@ fn send_pages<W: Write>(out: &mut W, mem: &GuestRam, d: &Dirty) -> Result<u64, V
         if batch.is_empty() {
             return Ok(());
         }
+        cancelled(cancel)?;
         out.write_all(b"P").map_err(io("send"))?;
         out.write_all(&(batch.len() as u32).to_le_bytes())
             .map_err(io("send"))?;
@@ -249,6 +345,7 @@ pub fn send(
     vm: &VmHandle,
     destination: &str,
     config: Option<crate::VmConfig>,
+    opts: &SendOptions,
 ) -> Result<MigrationReport, VmmError> {
     let control = vm.control();
     let was_running = control.state() == crate::RunState::Running;
@@ -257,10 +354,16 @@ pub fn send(
         vm,
         destination,
         config,
+        opts,
         was_running,
         &mut paused,
         &mut unlocked,
-    );
+    )
+    .map_err(|e| match opts.cancel.is_set() {
+        // The cut stream's own error says less.
+        true => VmmError::Conflict("the migration was cancelled".into()),
+        false => e,
+    });
     let _ = vm.backend().stop_dirty_log();
     if result.is_err() && unlocked {
         // The destination may still be letting go of the disks.
@@ -288,6 +391,7 @@ fn send_inner(
     vm: &VmHandle,
     destination: &str,
     config: Option<crate::VmConfig>,
+    opts: &SendOptions,
     was_running: bool,
     paused: &mut bool,
     unlocked: &mut bool,
@@ -310,10 +414,14 @@ fn send_inner(
         .set_read_timeout(Some(Duration::from_secs(120)))
         .map_err(io("socket"))?;
     let reader = stream.try_clone().map_err(io("socket"))?;
-    let mut out = Counted {
-        inner: BufWriter::with_capacity(1 << 20, stream),
-        bytes: 0,
+    opts.cancel.arm(&stream)?;
+    // A small buffer under a limit, so that pacing is smooth.
+    let buffer = if opts.max_bandwidth.is_some() {
+        64 << 10
+    } else {
+        1 << 20
     };
+    let mut out = Counted::new(BufWriter::with_capacity(buffer, stream), opts.max_bandwidth);
     let mem = vm.guest_memory();
 
     let hello = serde_json::to_vec(&Hello {
@@ -339,7 +447,7 @@ fn send_inner(
     drop_untouched(mem, &mut dirty);
     if was_running {
         loop {
-            pages += send_pages(&mut out, mem, &dirty)?;
+            pages += send_pages(&mut out, mem, &dirty, &opts.cancel)?;
             rounds += 1;
             out.flush().map_err(io("send"))?;
             dirty = collect_all(vm)?;
@@ -366,7 +474,9 @@ fn send_inner(
         )));
     }
 
-    // Stop-and-copy.
+    // Stop-and-copy, at full speed.
+    cancelled(&opts.cancel)?;
+    out.limit = None;
     if was_running {
         vm.control()
             .pause()
@@ -379,7 +489,7 @@ fn send_inner(
     // The devices are stopped: their writes up to here are in the bitmap.
     merge(&mut dirty, collect_all(vm)?);
     tracing::info!("migration: paused; {} pages left to send", count(&dirty));
-    let final_pages = send_pages(&mut out, mem, &dirty)?;
+    let final_pages = send_pages(&mut out, mem, &dirty, &opts.cancel)?;
     pages += final_pages;
     rounds += 1;
 
@@ -410,6 +520,7 @@ fn send_inner(
         serde_json::to_vec(&manifest).map_err(|e| VmmError::Io(format!("migration: {e}")))?;
     // Both processes may be on this host: let the destination open the
     // disks (their data is flushed; the queue workers are stopped).
+    opts.cancel.commit()?;
     *unlocked = true;
     vm.set_disk_locks(false)?;
     out.write_all(b"S").map_err(io("send"))?;
@@ -640,6 +751,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_bandwidth_cap_paces_the_stream() {
+        let start = Instant::now();
+        let mut out = Counted::new(std::io::sink(), Some(8 << 20));
+        for _ in 0..32 {
+            out.write_all(&[0u8; 64 << 10]).unwrap();
+        }
+        // 2 MiB at 8 MiB/s: at least a quarter of a second.
+        assert_eq!(out.bytes, 2 << 20);
+        assert!(
+            start.elapsed() >= Duration::from_millis(245),
+            "{:?}",
+            start.elapsed()
+        );
+        let start = Instant::now();
+        let mut free = Counted::new(std::io::sink(), None);
+        free.write_all(&[0u8; 1 << 20]).unwrap();
+        assert!(start.elapsed() < Duration::from_millis(200));
+    }
+
+    #[test]
+    fn a_cancel_after_commit_changes_nothing() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let c = Cancel::default();
+        c.arm(&s).unwrap();
+        c.commit().unwrap();
+        c.cancel();
+        assert!(!c.is_set());
+        let c = Cancel::default();
+        c.arm(&s).unwrap();
+        c.cancel();
+        assert!(c.is_set());
+        assert!(c.commit().is_err());
+    }
+
+    #[test]
     fn a_bad_header_is_refused_clearly() {
         let e = read_stream(&mut &b"GET / HTTP/1.1\r\n\r\n"[..], &mut Vec::new())
             .err()
@@ -702,7 +849,10 @@ mod tests {
         assert_eq!(count(&d), 70);
         let mut out = Vec::new();
         mem.write_slice(&[1u8], GuestAddress(5 * 4096)).unwrap();
-        assert_eq!(send_pages(&mut out, &mem, &d).unwrap(), 70);
+        assert_eq!(
+            send_pages(&mut out, &mem, &d, &Cancel::default()).unwrap(),
+            70
+        );
         // 69 zero pages (8 bytes each), one full page, one 'P' header.
         assert_eq!(out.len(), 5 + 70 * 8 + 4096);
     }
