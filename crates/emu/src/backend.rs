@@ -33,6 +33,13 @@ impl Hypervisor for EmuHypervisor {
     fn create_vm(&self) -> Result<Arc<dyn Vm>> {
         Ok(Arc::new(EmuVm::new_pc()))
     }
+
+    fn supported_cpuid(&self) -> Result<Vec<hypervisor::CpuidEntry>> {
+        let cfg = crate::pc::cpuid_config();
+        Ok(hypervisor::cpuid::recorded(|leaf, sub| {
+            Some(crate::cpuid::cpuid(&cfg, 0, leaf, sub))
+        }))
+    }
 }
 
 pub struct EmuVm {
@@ -115,6 +122,7 @@ impl EmuVm {
             core,
             buf: [0; 8],
             pending_read: None,
+            republish_pvclock: false,
         })
     }
 
@@ -151,6 +159,7 @@ impl EmuVm {
             core,
             buf: [0; 8],
             pending_read: None,
+            republish_pvclock: false,
         }
     }
 }
@@ -289,6 +298,10 @@ pub struct EmuVcpu {
     buf: [u8; 8],
     /// A read exit whose data the VMM fills in `buf` before the next run.
     pending_read: Option<ExitReq>,
+    /// A restored guest's kvmclock structure is written afresh before it
+    /// runs again (as KVM does after KVM_SET_CLOCK): it may come from
+    /// another accelerator, with another TSC rate.
+    republish_pvclock: bool,
 }
 
 impl EmuVcpu {
@@ -340,6 +353,16 @@ impl Vcpu for EmuVcpu {
     }
 
     fn run(&mut self) -> Result<VcpuExit<'_>> {
+        if std::mem::take(&mut self.republish_pvclock) {
+            let v = self.core.st.msr.kvm_system_time;
+            if crate::msr::write(&mut self.core, crate::msr::MSR_KVM_SYSTEM_TIME_NEW, v).is_err() {
+                tracing::warn!(
+                    "vCPU {}: kvmclock structure at {:#x} could not be rewritten",
+                    self.core.index,
+                    v & !1
+                );
+            }
+        }
         if let Some(req) = self.pending_read.take() {
             let (is_io, addr, size) = match req {
                 ExitReq::IoIn { port, size } => (true, port as u64, size),
@@ -641,7 +664,20 @@ impl Vcpu for EmuVcpu {
             self.buf = data.to_le_bytes();
         }
         self.core.flush_all_caches();
+        self.republish_pvclock = s.msrs.kvm_system_time & 1 != 0;
         Ok(())
+    }
+
+    fn guest_cpuid(&self) -> Result<Vec<hypervisor::CpuidEntry>> {
+        let cfg = self.core.cpuid;
+        let index = self.core.index;
+        Ok(hypervisor::cpuid::recorded(|leaf, sub| {
+            Some(crate::cpuid::cpuid(&cfg, index, leaf, sub))
+        }))
+    }
+
+    fn tsc_khz(&self) -> Option<u32> {
+        (self.core.cpuid.tsc_khz != 0).then_some(self.core.cpuid.tsc_khz)
     }
 
     fn kicker(&self) -> Arc<dyn VcpuKicker> {
