@@ -94,6 +94,15 @@ struct MigrateReceiveArgs {
     /// Serve the management API on this Unix socket once the VM runs.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// The accelerator to run the VM under [default: the source's]. The
+    /// other one than the source's works if the guest's CPU features are
+    /// all offered here (see `vireo restore --help`).
+    #[arg(long, value_name = "kvm|emu")]
+    accel: Option<Accel>,
+    /// Under the other accelerator, accept a guest TSC that runs at
+    /// another rate than before (its value stays continuous).
+    #[arg(long)]
+    allow_tsc_change: bool,
 }
 
 #[derive(Args)]
@@ -128,10 +137,19 @@ struct RestoreArgs {
     /// Serve the management API on this Unix socket.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
-    /// The accelerator to restore under; it must be the one the snapshot
-    /// was made with [default: that one].
+    /// The accelerator to restore under [default: the one that made the
+    /// snapshot]. The other one works when every CPU feature the guest saw
+    /// (CPUID leaves 1, 7, 0xd, 0x80000001, 0x80000007/8 and the KVM leaves,
+    /// recorded in the snapshot) is offered here, and the guest's TSC rate
+    /// can be kept (or --allow-tsc-change); KVM guests started with
+    /// --cpu-model portable fit the engine.
     #[arg(long, value_name = "kvm|emu")]
     accel: Option<Accel>,
+    /// Under the other accelerator, accept a guest TSC that runs at
+    /// another rate than before (its value stays continuous; a guest that
+    /// keeps time by the TSC sees its clock run faster or slower).
+    #[arg(long)]
+    allow_tsc_change: bool,
     /// Clone: create this qcow2 overlay over the snapshot's disk and run on
     /// it, leaving the snapshot's disk unchanged (once per disk, in order).
     #[arg(long, value_name = "PATH")]
@@ -151,7 +169,7 @@ struct ApiArgs {
 #[derive(Args)]
 struct RunArgs {
     /// Read the VM's settings from a TOML or JSON file (same names as the
-    /// options: kernel, initrd, cmdline, memory, cpus, accel, serial, console, boot, rng,
+    /// options: kernel, initrd, cmdline, memory, cpus, accel, cpu_model, serial, console, boot, rng,
     /// disks, nets, balloon);
     /// options given here override it.
     #[arg(long, value_name = "FILE")]
@@ -175,6 +193,11 @@ struct RunArgs {
     /// KVM on VT-x/AMD-V hosts, the engine without KVM or on nested PVM KVM [default: auto].
     #[arg(long, value_name = "kvm|emu|auto")]
     accel: Option<Accel>,
+    /// The CPU a KVM guest is shown: host (everything this KVM offers) or
+    /// portable (only what Vireo's CPU engine implements, so the VM's
+    /// snapshots and migrations also restore under --accel emu) [default: host].
+    #[arg(long, value_name = "host|portable")]
+    cpu_model: Option<hypervisor::CpuModel>,
     /// Where the console goes: stdio, file:PATH or none [default: stdio].
     #[arg(long, value_name = "stdio|file:PATH|none")]
     serial: Option<SerialMode>,
@@ -237,6 +260,9 @@ impl RunArgs {
         if let Some(a) = self.accel {
             cfg.accel = a;
         }
+        if let Some(m) = self.cpu_model {
+            cfg.cpu_model = m;
+        }
         if let Some(s) = self.serial {
             cfg.serial = s;
         }
@@ -297,6 +323,10 @@ fn main() -> ExitCode {
         Command::Migrate(a) => migrate(&a),
         Command::MigrateReceive(a) => finish(vmm::migrate_receive(
             &a.listen,
+            vmm::RestoreOptions {
+                accel: a.accel,
+                allow_tsc_change: a.allow_tsc_change,
+            },
             &a.serial.unwrap_or_default(),
             a.api_socket.as_deref(),
         )),
@@ -308,7 +338,10 @@ fn main() -> ExitCode {
             };
             finish(vmm::restore(
                 &a.from,
-                a.accel,
+                vmm::RestoreOptions {
+                    accel: a.accel,
+                    allow_tsc_change: a.allow_tsc_change,
+                },
                 &clone,
                 &serial,
                 a.api_socket.as_deref(),

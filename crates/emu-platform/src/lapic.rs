@@ -631,15 +631,23 @@ impl Lapic {
     ) -> Result<(), String> {
         let reserved = !(0x000f_ffff_ffff_f000 | APIC_BASE_BSP | APIC_BASE_EXTD | APIC_BASE_ENABLE);
         if apic_base & reserved != 0 {
-            return Err(format!("IA32_APIC_BASE {apic_base:#x} has reserved bits set"));
+            return Err(format!(
+                "IA32_APIC_BASE {apic_base:#x} has reserved bits set"
+            ));
         }
-        let r = |reg: usize| u32::from_le_bytes([page[reg], page[reg + 1], page[reg + 2], page[reg + 3]]);
+        let r = |reg: usize| {
+            u32::from_le_bytes([page[reg], page[reg + 1], page[reg + 2], page[reg + 3]])
+        };
         self.apic_base = apic_base;
         let x2 = self.x2apic_mode();
         self.apic_id = if x2 { r(0x20) } else { r(0x20) >> 24 };
         self.tpr = r(0x80) & 0xff;
         self.ldr = if x2 { r(0xd0) } else { r(0xd0) & 0xff00_0000 };
-        self.dfr = if x2 { 0xffff_ffff } else { r(0xe0) | 0x0fff_ffff };
+        self.dfr = if x2 {
+            0xffff_ffff
+        } else {
+            r(0xe0) | 0x0fff_ffff
+        };
         self.svr = r(0xf0) & 0x3ff;
         for i in 0..8 {
             self.isr[i] = r(0x100 + 16 * i);
@@ -657,9 +665,7 @@ impl Lapic {
         self.timer = TimerState::default();
         let initial = r(0x380);
         match self.timer_mode() {
-            TimerMode::TscDeadline => {
-                self.set_tsc_deadline(tsc_deadline, now_ns, now_tsc, tsc_hz)
-            }
+            TimerMode::TscDeadline => self.set_tsc_deadline(tsc_deadline, now_ns, now_tsc, tsc_hz),
             mode if initial != 0 => {
                 let current = r(0x390).min(initial);
                 self.timer.initial = initial;

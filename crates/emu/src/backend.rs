@@ -235,6 +235,31 @@ impl Vm for EmuVm {
         }))
     }
 
+    fn set_guest_cpuid(&self, entries: &[hypervisor::CpuidEntry]) -> Result<()> {
+        // The engine cannot show what it lacks; it hides what the guest
+        // is not to see.
+        let mut cfg = *self.cpuid.read().unwrap_or_else(|e| e.into_inner());
+        cfg.hidden = Default::default();
+        let reg = |leaf: u32| {
+            let full = crate::cpuid::cpuid(&cfg, 0, leaf, 0);
+            let given = entries
+                .iter()
+                .find(|e| e.function == leaf && e.index == 0)
+                .map_or([0; 4], |e| [e.eax, e.ebx, e.ecx, e.edx]);
+            (full[2] & !given[2], full[3] & !given[3])
+        };
+        let (leaf1_ecx, leaf1_edx) = reg(1);
+        let (ext1_ecx, ext1_edx) = reg(0x8000_0001);
+        cfg.hidden = crate::cpuid::Hidden {
+            leaf1_ecx,
+            leaf1_edx,
+            ext1_ecx,
+            ext1_edx,
+        };
+        *self.cpuid.write().unwrap_or_else(|e| e.into_inner()) = cfg;
+        Ok(())
+    }
+
     fn save_state(&self) -> Result<VmSnapshot> {
         let pc = self.platform().ok_or_else(|| {
             HypervisorError::Other(

@@ -546,9 +546,8 @@ pub fn kvm_to_emu(
                 ));
             }
         }
-        let sregs = sregs_from_kvm(&k.sregs).map_err(|e| {
-            HypervisorError::Other(format!("vCPU {i}: {}", e.to_string().trim()))
-        })?;
+        let sregs = sregs_from_kvm(&k.sregs)
+            .map_err(|e| HypervisorError::Other(format!("vCPU {i}: {}", e.to_string().trim())))?;
         let fpu: kvm_fpu = pod_from(&k.fpu, "fpu")?;
         let tsc = msr(&k.msrs, MSR_IA32_TSC);
         let wait_for_sipi = matches!(
@@ -868,7 +867,11 @@ mod tests {
         assert_eq!(msr(&kvm[0].msrs, MSR_IA32_TSC), now + 12_345);
         assert_eq!(kvm_vm.clock.clock, now);
         assert_eq!(kvm[1].mp_state.mp_state, MP_HALTED);
-        let tmcct = u32::from_le_bytes(lapic_from_kvm(&kvm[0].lapic)[0x390..0x394].try_into().unwrap());
+        let tmcct = u32::from_le_bytes(
+            lapic_from_kvm(&kvm[0].lapic)[0x390..0x394]
+                .try_into()
+                .unwrap(),
+        );
         assert!(tmcct > 0 && tmcct < 1_000_000, "current count {tmcct}");
         // Through serde, as a snapshot stores it.
         let json = serde_json::to_string(&(&kvm, &kvm_vm)).unwrap();
@@ -884,8 +887,14 @@ mod tests {
             assert_eq!(la.apic_base(), lb.apic_base());
             // The timers go on from where they were (to within one count:
             // the register page keeps whole counts).
-            let (da, db) = (la.next_timer_deadline().unwrap(), lb.next_timer_deadline().unwrap());
-            assert!(da.abs_diff(db) < la.timer_divisor(), "LAPIC {cpu}: {da} vs {db}");
+            let (da, db) = (
+                la.next_timer_deadline().unwrap(),
+                lb.next_timer_deadline().unwrap(),
+            );
+            assert!(
+                da.abs_diff(db) < la.timer_divisor(),
+                "LAPIC {cpu}: {da} vs {db}"
+            );
             assert_eq!(
                 la.register_page(now + 777_777),
                 lb.register_page(now + 777_777)

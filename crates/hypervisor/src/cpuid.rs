@@ -187,7 +187,11 @@ pub fn vendor(entries: &[CpuidEntry]) -> Option<String> {
     for r in [e.ebx, e.edx, e.ecx] {
         v.extend_from_slice(&r.to_le_bytes());
     }
-    Some(String::from_utf8_lossy(&v).trim_end_matches('\0').to_string())
+    Some(
+        String::from_utf8_lossy(&v)
+            .trim_end_matches('\0')
+            .to_string(),
+    )
 }
 
 /// The features the guest saw (`seen`) that `offered` lacks, by name
@@ -240,7 +244,10 @@ pub fn missing_features(seen: &[CpuidEntry], offered: &[CpuidEntry]) -> Vec<Stri
 
 /// `entries` with every feature bit `supported` lacks cleared (the bits
 /// that are not features kept), and the names of what was cleared.
-pub fn restrict(entries: &[CpuidEntry], supported: &[CpuidEntry]) -> (Vec<CpuidEntry>, Vec<String>) {
+pub fn restrict(
+    entries: &[CpuidEntry],
+    supported: &[CpuidEntry],
+) -> (Vec<CpuidEntry>, Vec<String>) {
     let dropped = missing_features(entries, supported)
         .into_iter()
         .filter(|m| !m.starts_with("vendor "))
@@ -315,7 +322,11 @@ mod tests {
     fn missing_features_are_named() {
         let seen = [
             e(0, 0, [7, 0x6874_7541, 0x444d_4163, 0x6974_6e65]),
-            e(1, 0, [0, 0, (1 << 28) | (1 << 27) | (1 << 31), 1 | (1 << 28)]),
+            e(
+                1,
+                0,
+                [0, 0, (1 << 28) | (1 << 27) | (1 << 31), 1 | (1 << 28)],
+            ),
             e(7, 0, [0, 1 << 5, 0, 0]),
         ];
         let offered = [

@@ -115,7 +115,14 @@ impl crate::Hypervisor for KvmHypervisor {
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(ioctl_err("KVM_GET_SUPPORTED_CPUID"))?;
-        Ok(recorded_leaves(&cpuid))
+        let mut entries = recorded_leaves(&cpuid);
+        if self.flavor == KvmFlavor::Pvm {
+            // What setup_cpuid hides on this host (its emulator lacks it).
+            for e in entries.iter_mut().filter(|e| e.function == 1) {
+                e.ecx &= !(1 << 13);
+            }
+        }
+        Ok(entries)
     }
 
     fn guest_workarounds(&self) -> Vec<String> {

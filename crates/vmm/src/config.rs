@@ -367,6 +367,12 @@ pub struct VmConfig {
     pub cpus: u32,
     #[serde(default)]
     pub accel: Accel,
+    /// The CPU a KVM guest is shown: host (all KVM offers) or portable
+    /// (only what the software engine implements, so its snapshots and
+    /// migrations also restore under --accel emu). The engine always shows
+    /// its own CPU.
+    #[serde(default)]
+    pub cpu_model: hypervisor::CpuModel,
     #[serde(default)]
     pub serial: SerialMode,
     #[serde(default)]
@@ -402,6 +408,7 @@ impl VmConfig {
             memory: MemSize::default(),
             cpus: 1,
             accel: Accel::Auto,
+            cpu_model: hypervisor::CpuModel::Host,
             serial: SerialMode::Stdio,
             boot: BootProtocol::Linux,
             rng: false,
