@@ -226,6 +226,10 @@ pub fn missing_features(seen: &[CpuidEntry], offered: &[CpuidEntry]) -> Vec<Stri
         for bit in 0..32 {
             if lack & (1 << bit) != 0 {
                 let name = fr.names[bit];
+                // AMD repeats leaf 1's EDX bits in 0x80000001: name each once.
+                if !name.is_empty() && missing.iter().any(|m| m == name) {
+                    continue;
+                }
                 missing.push(if name.is_empty() {
                     format!(
                         "CPUID.{:#x}.{}.{}[{bit}]",

@@ -1198,9 +1198,10 @@ impl Vcpu for KvmVcpu {
             .map_err(ioctl_err("KVM_SET_MP_STATE"))?;
         fd.set_regs(&s.regs).map_err(ioctl_err("KVM_SET_REGS"))?;
         let mut sregs = s.sregs;
-        // State from the engine may hold a never-loaded (zero) TR or LDT,
-        // which VM entry refuses: give them the after-reset values.
-        if sregs.tr.type_ == 0 {
+        // State from the engine may hold a never-loaded (all-zero, not
+        // marked unusable) TR or LDT, which VM entry refuses: give them the
+        // after-reset values. KVM's own state never has such segments.
+        if sregs.tr.type_ == 0 && sregs.tr.unusable == 0 {
             sregs.tr = seg_to_kvm(&Segment {
                 limit: 0xffff,
                 type_: 0xb,
@@ -1208,7 +1209,7 @@ impl Vcpu for KvmVcpu {
                 ..Default::default()
             });
         }
-        if sregs.ldt.type_ == 0 {
+        if sregs.ldt.type_ == 0 && sregs.ldt.unusable == 0 {
             sregs.ldt = seg_to_kvm(&Segment {
                 limit: 0xffff,
                 type_: 0x2,

@@ -518,6 +518,11 @@ mod tests {
         assert_eq!(t, j);
         assert_eq!(t.cmdline, DEFAULT_CMDLINE);
         assert!(toml::from_str::<VmConfig>("kernel = \"/k\"\nbogus = 1\n").is_err());
+        assert_eq!(t.cpu_model, hypervisor::CpuModel::Host);
+        let p: VmConfig = toml::from_str("kernel = \"/k\"\ncpu_model = \"portable\"\n").unwrap();
+        assert_eq!(p.cpu_model, hypervisor::CpuModel::Portable);
+        assert!(toml::from_str::<VmConfig>("kernel = \"/k\"\ncpu_model = \"max\"\n").is_err());
+        assert_eq!("portable".parse(), Ok(hypervisor::CpuModel::Portable));
     }
 
     #[test]
