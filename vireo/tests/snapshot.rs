@@ -387,6 +387,16 @@ fn damaged_or_mismatched_snapshots_are_refused_clearly() {
         ),
         "{err}"
     );
+    // ... where it still restores and counts on.
+    let mut cmd = vireo();
+    cmd.args(["restore", "--from"]).arg(&d);
+    let mut old = Running::spawn(cmd);
+    assert!(
+        wait_until(Duration::from_secs(60), || old.stdout_text().len() >= 5),
+        "a snapshot without the CPUID record did not restore: {}",
+        old.stderr_text()
+    );
+    old.kill();
 
     // The disk changed after the snapshot: refused, nothing runs.
     std::thread::sleep(Duration::from_millis(20));
