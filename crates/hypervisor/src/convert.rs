@@ -464,7 +464,7 @@ pub fn emu_to_kvm(
     sl.chip.pic = pic_to_kvm(&slave);
     let io = p.ioapic().export();
     let mut ioc = chip(KVM_IRQCHIP_IOAPIC);
-    // SAFETY (union write of plain data): the IOAPIC member, as chip_id says.
+    // The IOAPIC member of the union, as chip_id says.
     ioc.chip.ioapic = kvm_bindings::kvm_ioapic_state {
         base_address: 0xfec0_0000,
         ioregsel: io.ioregsel,
@@ -614,15 +614,18 @@ pub fn kvm_to_emu(
         });
     }
     for c in &vm.irqchips {
-        // SAFETY (union reads of plain data): the member chip_id names.
         match c.chip_id {
             KVM_IRQCHIP_PIC_MASTER | KVM_IRQCHIP_PIC_SLAVE => {}
             KVM_IRQCHIP_IOAPIC => {
+                // SAFETY: chip_id says the union holds the IOAPIC's state
+                // (plain integers, valid for any bytes).
                 let io = unsafe { c.chip.ioapic };
                 platform.ioapic_mut().import(&IoApicRegs {
                     id: io.id,
                     ioregsel: io.ioregsel,
                     irr: io.irr,
+                    // SAFETY: both members of the entry union are the same
+                    // 64 bits of plain data.
                     redirection: io.redirtbl.map(|r| unsafe { r.bits }),
                 });
             }
@@ -633,6 +636,8 @@ pub fn kvm_to_emu(
         vm.irqchips
             .iter()
             .find(|c| c.chip_id == id)
+            // SAFETY: chip_id says the union holds a PIC's state (plain
+            // bytes, valid for any value).
             .map(|c| pic_from_kvm(unsafe { &c.chip.pic }))
             .ok_or_else(|| HypervisorError::Other(format!("the KVM snapshot lacks PIC {id}")))
     };
