@@ -317,6 +317,23 @@ impl VcpuKicker for EmuKicker {
     }
 }
 
+impl EmuVcpu {
+    /// The VMM's answer to read `req`, as the core takes it.
+    fn response(&self, req: ExitReq) -> ReadResponse {
+        let (is_io, addr, size) = match req {
+            ExitReq::IoIn { port, size } => (true, port as u64, size),
+            ExitReq::MmioRead { addr, size } => (false, addr, size),
+            _ => (false, u64::MAX, 0),
+        };
+        ReadResponse {
+            is_io,
+            addr,
+            size,
+            data: u64::from_le_bytes(self.buf),
+        }
+    }
+}
+
 pub struct EmuVcpu {
     core: Core,
     /// Data of the current I/O or MMIO exit.
@@ -389,17 +406,7 @@ impl Vcpu for EmuVcpu {
             }
         }
         if let Some(req) = self.pending_read.take() {
-            let (is_io, addr, size) = match req {
-                ExitReq::IoIn { port, size } => (true, port as u64, size),
-                ExitReq::MmioRead { addr, size } => (false, addr, size),
-                _ => (false, u64::MAX, 0),
-            };
-            self.core.io.response = Some(ReadResponse {
-                is_io,
-                addr,
-                size,
-                data: u64::from_le_bytes(self.buf),
-            });
+            self.core.io.response = Some(self.response(req));
         }
         match self.core.run() {
             RunExit::Io(req) => {
@@ -690,6 +697,36 @@ impl Vcpu for EmuVcpu {
         }
         self.core.flush_all_caches();
         self.republish_pvclock = s.msrs.kvm_system_time & 1 != 0;
+        Ok(())
+    }
+
+    fn complete_pending_io(&mut self) -> Result<()> {
+        let Some(req) = self.pending_read else {
+            return Ok(());
+        };
+        // Finish the instruction that waits for the answer, so a snapshot
+        // holds no read in flight (another accelerator could not take it
+        // over). If it does not finish cleanly in one step (a write or
+        // another read follows), put everything back: run() finishes it.
+        let st = self.core.st.clone();
+        let (icount, halted, int_shadow, nmi_blocked) = (
+            self.core.icount,
+            self.core.halted,
+            self.core.int_shadow,
+            self.core.nmi_blocked,
+        );
+        self.core.io.response = Some(self.response(req));
+        let exit = self.core.step();
+        if exit.is_none() && self.core.io.response.is_none() && self.core.io.request.is_none() {
+            self.pending_read = None;
+            return Ok(());
+        }
+        self.core.st = st;
+        self.core.icount = icount;
+        self.core.halted = halted;
+        self.core.int_shadow = int_shadow;
+        self.core.nmi_blocked = nmi_blocked;
+        self.core.io = Default::default();
         Ok(())
     }
 
