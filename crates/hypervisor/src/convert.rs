@@ -14,8 +14,9 @@
 //! the destination's: see `vmm`'s TSC check).
 //!
 //! What one side has and the other cannot hold is refused with a clear
-//! error rather than dropped: an event KVM was injecting, a port read the
-//! engine was in the middle of, XSAVE state beyond SSE.
+//! error rather than dropped: an event KVM was injecting, a read the
+//! engine could not finish before parking (its instruction also writes
+//! device memory), XSAVE state beyond SSE.
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
