@@ -114,6 +114,15 @@ struct MigrateReceiveArgs {
     /// this process (answers once the VM runs there).
     #[arg(long, value_name = "PATH")]
     into: Option<PathBuf>,
+    /// The accelerator to run the VM under [default: the source's]. The
+    /// other one than the source's works if the guest's CPU features are
+    /// all offered here (see `vireo restore --help`).
+    #[arg(long, value_name = "kvm|emu")]
+    accel: Option<Accel>,
+    /// Under the other accelerator, accept a guest TSC that runs at
+    /// another rate than before (its value stays continuous).
+    #[arg(long)]
+    allow_tsc_change: bool,
 }
 
 #[derive(Args)]
@@ -152,10 +161,19 @@ struct RestoreArgs {
     /// --api-socket PATH` alone) instead of in this process.
     #[arg(long, value_name = "PATH")]
     into: Option<PathBuf>,
-    /// The accelerator to restore under; it must be the one the snapshot
-    /// was made with [default: that one].
+    /// The accelerator to restore under [default: the one that made the
+    /// snapshot]. The other one works when every CPU feature the guest saw
+    /// (CPUID leaves 1, 7, 0xd, 0x80000001, 0x80000007/8 and the KVM leaves,
+    /// recorded in the snapshot) is offered here, and the guest's TSC rate
+    /// can be kept (or --allow-tsc-change); KVM guests started with
+    /// --cpu-model portable fit the engine.
     #[arg(long, value_name = "kvm|emu")]
     accel: Option<Accel>,
+    /// Under the other accelerator, accept a guest TSC that runs at
+    /// another rate than before (its value stays continuous; a guest that
+    /// keeps time by the TSC sees its clock run faster or slower).
+    #[arg(long)]
+    allow_tsc_change: bool,
     /// Clone: create this qcow2 overlay over the snapshot's disk and run on
     /// it, leaving the snapshot's disk unchanged (once per disk, in order).
     #[arg(long, value_name = "PATH")]
@@ -196,7 +214,7 @@ struct CreateArgs {
 #[derive(Args)]
 struct VmOptions {
     /// Read the VM's settings from a TOML or JSON file (same names as the
-    /// options: kernel, initrd, cmdline, memory, cpus, accel, serial, console, boot, rng,
+    /// options: kernel, initrd, cmdline, memory, cpus, accel, cpu_model, serial, console, boot, rng,
     /// disks, nets, balloon);
     /// options given here override it.
     #[arg(long, value_name = "FILE")]
@@ -220,6 +238,11 @@ struct VmOptions {
     /// KVM on VT-x/AMD-V hosts, the engine without KVM or on nested PVM KVM [default: auto].
     #[arg(long, value_name = "kvm|emu|auto")]
     accel: Option<Accel>,
+    /// The CPU a KVM guest is shown: host (everything this KVM offers) or
+    /// portable (only what Vireo's CPU engine implements, so the VM's
+    /// snapshots and migrations also restore under --accel emu) [default: host].
+    #[arg(long, value_name = "host|portable")]
+    cpu_model: Option<hypervisor::CpuModel>,
     /// Where the console goes: stdio, file:PATH or none [default: stdio].
     #[arg(long, value_name = "stdio|file:PATH|none")]
     serial: Option<SerialMode>,
@@ -297,6 +320,9 @@ impl VmOptions {
         if let Some(a) = self.accel {
             cfg.accel = a;
         }
+        if let Some(m) = self.cpu_model {
+            cfg.cpu_model = m;
+        }
         if let Some(s) = self.serial {
             cfg.serial = s;
         }
@@ -357,7 +383,13 @@ fn main() -> ExitCode {
         Command::Migrate(a) => migrate(&a),
         Command::MigrateReceive(a) => match &a.into {
             Some(sock) => {
-                let mut body = serde_json::json!({ "listen": a.listen });
+                let mut body = serde_json::json!({
+                    "listen": a.listen,
+                    "allow_tsc_change": a.allow_tsc_change,
+                });
+                if let Some(accel) = a.accel {
+                    body["accel"] = serde_json::to_value(accel).unwrap_or_default();
+                }
                 if let Some(serial) = &a.serial {
                     body["serial"] = serial.to_string().into();
                 }
@@ -365,6 +397,10 @@ fn main() -> ExitCode {
             }
             None => finish(vmm::migrate_receive(
                 &a.listen,
+                vmm::RestoreOptions {
+                    accel: a.accel,
+                    allow_tsc_change: a.allow_tsc_change,
+                },
                 &a.serial.unwrap_or_default(),
                 a.api_socket.as_deref(),
             )),
@@ -391,6 +427,7 @@ fn main() -> ExitCode {
                 "source": a.from,
                 "overlays": a.overlay,
                 "taps": a.tap,
+                "allow_tsc_change": a.allow_tsc_change,
             });
             if let Some(accel) = a.accel {
                 body["accel"] = serde_json::to_value(accel).unwrap_or_default();
@@ -412,7 +449,10 @@ fn main() -> ExitCode {
             };
             finish(vmm::restore(
                 &a.from,
-                a.accel,
+                vmm::RestoreOptions {
+                    accel: a.accel,
+                    allow_tsc_change: a.allow_tsc_change,
+                },
                 &clone,
                 &serial,
                 a.api_socket.as_deref(),

@@ -26,7 +26,43 @@ fn engine_snapshot_then_restore_in_a_new_process_continues_the_count() {
 /// The letters guest under `accel`, snapshotted, stopped, and restored in
 /// a new process: one unbroken a..z cycle across both.
 fn letters_continue_across_snapshot(accel: &str) {
-    let dir = std::env::temp_dir().join(format!("vireo-snap-{accel}-{}", std::process::id()));
+    letters_continue_across_accels(accel, &[], accel, &[]);
+}
+
+#[test]
+fn engine_snapshot_restores_under_kvm_and_counts_on() {
+    if !kvm_usable() {
+        return;
+    }
+    // Portable: the engine hides what this host's KVM cannot offer (on
+    // nested PVM: cx16, popcnt). KVM runs the TSC at the host's rate, not
+    // the engine's 1 GHz; the letters guest does not read it.
+    letters_continue_across_accels(
+        "emu",
+        &["--cpu-model", "portable"],
+        "kvm",
+        &["--allow-tsc-change"],
+    );
+}
+
+#[test]
+fn portable_kvm_snapshot_restores_under_the_engine_and_counts_on() {
+    if !kvm_usable() {
+        return;
+    }
+    letters_continue_across_accels(
+        "kvm",
+        &["--cpu-model", "portable"],
+        "emu",
+        &["--allow-tsc-change"],
+    );
+}
+
+/// The letters guest run under `accel` (with `run_args`), snapshotted,
+/// stopped, and restored under `to` (with `restore_args`) in a new
+/// process: one unbroken a..z cycle across both.
+fn letters_continue_across_accels(accel: &str, run_args: &[&str], to: &str, restore_args: &[&str]) {
+    let dir = std::env::temp_dir().join(format!("vireo-snap-{accel}-{to}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let kernel = counting_guest(&dir);
@@ -46,6 +82,7 @@ fn letters_continue_across_snapshot(accel: &str) {
     .arg(format!("path={},format=raw", disk.display()))
     .arg("--rng")
     .args(["--balloon", "stats=off"])
+    .args(run_args)
     .arg("--api-socket")
     .arg(&sock);
     let mut src = Running::spawn(cmd);
@@ -110,6 +147,8 @@ fn letters_continue_across_snapshot(accel: &str) {
         let out = vireo()
             .args(["restore", "--from"])
             .arg(&snap)
+            .args(["--accel", to])
+            .args(restore_args)
             .arg("--into")
             .arg(&sock2)
             .output()
@@ -120,6 +159,8 @@ fn letters_continue_across_snapshot(accel: &str) {
         let mut cmd = vireo();
         cmd.args(["restore", "--from"])
             .arg(&snap)
+            .args(["--accel", to])
+            .args(restore_args)
             .arg("--api-socket")
             .arg(&sock2);
         Running::spawn(cmd)
@@ -133,7 +174,8 @@ fn letters_continue_across_snapshot(accel: &str) {
     let info = client(&["info"], &sock2);
     let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(v["state"], "running");
-    assert_eq!(v["accel"], accel);
+    assert_eq!(v["accel"], to);
+    assert_eq!(v["config"]["accel"], to);
     assert_eq!(v["config"]["kernel"], kernel.to_str().unwrap());
     assert_eq!(v["config"]["rng"], true);
     // The balloon's target (never acted on: no driver) came along.
@@ -143,6 +185,58 @@ fn letters_continue_across_snapshot(accel: &str) {
     assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
     let after = dst.stdout_text();
     assert_unbroken_cycle(&format!("{before}{after}"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A KVM guest shown everything this KVM offers (the default host CPU
+/// model) saw features the engine lacks: refused, with them named.
+#[test]
+fn host_model_kvm_snapshot_is_refused_under_the_engine_naming_what_is_missing() {
+    if !kvm_usable() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("vireo-snap-host-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernel = counting_guest(&dir);
+    let sock = dir.join("a.sock");
+    let snap = dir.join("snap");
+    let mut cmd = vireo();
+    cmd.args([
+        "run", "--accel", "kvm", "--boot", "pvh", "--memory", "64M", "--kernel",
+    ])
+    .arg(&kernel)
+    .arg("--api-socket")
+    .arg(&sock);
+    let mut src = Running::spawn(cmd);
+    assert!(
+        wait_until(Duration::from_secs(60), || src.stdout_text().len() >= 3),
+        "the guest did not count: {}",
+        src.stderr_text()
+    );
+    let out = vireo()
+        .args(["snapshot", "--stay-paused", "--api-socket"])
+        .arg(&sock)
+        .arg("--dir")
+        .arg(&snap)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "snapshot: {out:?}");
+    assert!(client(&["stop"], &sock).status.success());
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    let m = vmm::snapshot::read_manifest(&snap).unwrap();
+    let cpuid = m.cpuid.expect("the CPUID the guest saw is recorded");
+    assert!(cpuid.iter().any(|e| e.function == 7));
+    let (code, err) = restore_output(&snap, &["--accel", "emu"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("cannot be restored under --accel emu: its guest saw CPU features --accel emu does not offer:"),
+        "{err}"
+    );
+    // KVM's paravirtual features beyond kvmclock at least: every KVM
+    // offers them, the engine none.
+    assert!(err.contains("kvm.nop_io_delay"), "{err}");
+    assert!(err.contains("--cpu-model portable"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -323,12 +417,32 @@ fn damaged_or_mismatched_snapshots_are_refused_clearly() {
         "{err}"
     );
 
-    let (code, err) = restore_output(&snap, &["--accel", "kvm"]);
+    // A snapshot without the record of the CPU its guest saw (an older
+    // Vireo's) restores only under its own accelerator.
+    let d = case("no-cpuid");
+    let mut m = vmm::snapshot::read_manifest(&d).unwrap();
+    assert!(m.cpuid.is_some() && m.tsc_khz == Some(1_000_000));
+    m.cpuid = None;
+    std::fs::remove_file(d.join("manifest.json")).unwrap();
+    vmm::snapshot::write_manifest(&d, &m).unwrap();
+    let (code, err) = restore_output(&d, &["--accel", "kvm"]);
     assert_eq!(code, Some(1));
     assert!(
-        err.contains("made under --accel emu; restoring it under --accel kvm is not supported"),
+        err.contains(
+            "did not record the CPU features its guest saw; it restores only under --accel emu"
+        ),
         "{err}"
     );
+    // ... where it still restores and counts on.
+    let mut cmd = vireo();
+    cmd.args(["restore", "--from"]).arg(&d);
+    let mut old = Running::spawn(cmd);
+    assert!(
+        wait_until(Duration::from_secs(60), || old.stdout_text().len() >= 5),
+        "a snapshot without the CPUID record did not restore: {}",
+        old.stderr_text()
+    );
+    old.kill();
 
     // The disk changed after the snapshot: refused, nothing runs.
     std::thread::sleep(Duration::from_millis(20));

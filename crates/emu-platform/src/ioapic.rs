@@ -74,6 +74,24 @@ impl IoApic {
         }
     }
 
+    /// The registers in the form another accelerator keeps them.
+    pub fn export(&self) -> crate::IoApicRegs {
+        crate::IoApicRegs {
+            id: self.id,
+            ioregsel: self.ioregsel,
+            irr: self.pin_level,
+            redirection: self.redirection,
+        }
+    }
+
+    /// Load [`IoApic::export`]'s form.
+    pub fn import(&mut self, r: &crate::IoApicRegs) {
+        self.id = r.id & 0xf;
+        self.ioregsel = r.ioregsel & 0xff;
+        self.pin_level = r.irr & ((1 << IOAPIC_NUM_PINS) - 1);
+        self.redirection = r.redirection;
+    }
+
     /// The redirection entry of `pin` (for tests and debugging).
     pub fn redirection_entry(&self, pin: usize) -> Option<u64> {
         self.redirection.get(pin).copied()

@@ -599,6 +599,98 @@ impl Lapic {
         ((self.tpr >> 4) & 0xf) as u64
     }
 
+    // ----- another accelerator's form -------------------------------------------
+
+    /// The register page as KVM_GET_LAPIC lays it out (the xAPIC MMIO page's
+    /// first KiB, TMCCT as at `now_ns`). The TSC deadline is an MSR:
+    /// [`Lapic::tsc_deadline`].
+    pub fn register_page(&self, now_ns: u64) -> [u8; 1024] {
+        let mut page = [0u8; 1024];
+        for reg in (0x20u32..0x400).step_by(16) {
+            if let Some(v) = self.read_reg(reg, now_ns) {
+                let at = reg as usize;
+                page[at..at + 4].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        page
+    }
+
+    /// Load a register page of [`Lapic::register_page`]'s form with
+    /// IA32_APIC_BASE and IA32_TSC_DEADLINE: the timer goes on from the
+    /// page's current count (TMCCT) or the deadline, from guest time
+    /// `now_ns` (guest TSC `now_tsc` at `tsc_hz`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn load_register_page(
+        &mut self,
+        page: &[u8; 1024],
+        apic_base: u64,
+        tsc_deadline: u64,
+        now_ns: u64,
+        now_tsc: u64,
+        tsc_hz: u64,
+    ) -> Result<(), String> {
+        let reserved = !(0x000f_ffff_ffff_f000 | APIC_BASE_BSP | APIC_BASE_EXTD | APIC_BASE_ENABLE);
+        if apic_base & reserved != 0 {
+            return Err(format!(
+                "IA32_APIC_BASE {apic_base:#x} has reserved bits set"
+            ));
+        }
+        let r = |reg: usize| {
+            u32::from_le_bytes([page[reg], page[reg + 1], page[reg + 2], page[reg + 3]])
+        };
+        self.apic_base = apic_base;
+        let x2 = self.x2apic_mode();
+        self.apic_id = if x2 { r(0x20) } else { r(0x20) >> 24 };
+        self.tpr = r(0x80) & 0xff;
+        self.ldr = if x2 { r(0xd0) } else { r(0xd0) & 0xff00_0000 };
+        self.dfr = if x2 {
+            0xffff_ffff
+        } else {
+            r(0xe0) | 0x0fff_ffff
+        };
+        self.svr = r(0xf0) & 0x3ff;
+        for i in 0..8 {
+            self.isr[i] = r(0x100 + 16 * i);
+            self.tmr[i] = r(0x180 + 16 * i);
+            self.irr[i] = r(0x200 + 16 * i);
+        }
+        self.esr = r(0x280);
+        self.esr_pending = 0;
+        self.icr_lo = r(0x300) & !(1 << 12);
+        self.icr_hi = r(0x310);
+        for (i, lvt) in self.lvt.iter_mut().enumerate() {
+            *lvt = r(0x320 + 16 * i) & LVT_WRITE_MASK[i];
+        }
+        self.tdcr = r(0x3e0) & 0xb;
+        self.timer = TimerState::default();
+        let initial = r(0x380);
+        match self.timer_mode() {
+            TimerMode::TscDeadline => self.set_tsc_deadline(tsc_deadline, now_ns, now_tsc, tsc_hz),
+            mode if initial != 0 => {
+                let current = r(0x390).min(initial);
+                self.timer.initial = initial;
+                self.timer.start_ns = now_ns;
+                if current == 0 && mode != TimerMode::Periodic {
+                    // A one-shot that ran out.
+                    self.timer.fired = 1;
+                } else {
+                    self.timer.armed = true;
+                    self.timer.base_counts = (initial - current) as u64;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Another accelerator's pending NMI, INIT and wait-for-SIPI state.
+    pub fn set_pending_events(&mut self, nmi: bool, wait_for_sipi: bool) {
+        self.nmi_pending = nmi;
+        self.init_pending = false;
+        self.wait_for_sipi = wait_for_sipi;
+        self.sipi_vector = None;
+    }
+
     // ----- timer ---------------------------------------------------------------
 
     /// The timer's divisor from TDCR bits 0, 1 and 3.

@@ -171,3 +171,65 @@ pub(crate) fn get_le(data: &[u8]) -> u64 {
     }
     v
 }
+
+/// One 8259 as KVM_GET_IRQCHIP lays it out (`struct kvm_pic_state`): the
+/// form in which the engine's PIC moves to and from another accelerator.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PicChipRegs {
+    pub last_irr: u8,
+    pub irr: u8,
+    pub imr: u8,
+    pub isr: u8,
+    pub priority_add: u8,
+    pub irq_base: u8,
+    pub read_reg_select: bool,
+    pub poll: bool,
+    pub special_mask: bool,
+    pub init_state: u8,
+    pub auto_eoi: bool,
+    pub rotate_on_auto_eoi: bool,
+    pub special_fully_nested_mode: bool,
+    pub init4: bool,
+    pub elcr: u8,
+    pub elcr_mask: u8,
+}
+
+/// The I/O APIC as `struct kvm_ioapic_state` has it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoApicRegs {
+    pub id: u32,
+    pub ioregsel: u32,
+    /// Input pins asserted.
+    pub irr: u32,
+    pub redirection: [u64; ioapic::IOAPIC_NUM_PINS],
+}
+
+/// One 8254 channel as `struct kvm_pit_channel_state` has it. `mode` 0xff:
+/// never programmed. The count restarts from `count` when loaded (KVM does
+/// the same on KVM_SET_PIT2).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PitChannelRegs {
+    /// Initial count, 1..=0x10000.
+    pub count: u32,
+    pub latched_count: u16,
+    /// 0: no count latched; else the read state of the latched count.
+    pub count_latched: u8,
+    pub status_latched: bool,
+    pub status: u8,
+    /// 1 LSB, 2 MSB, 3 LSB next of a word, 4 MSB next of a word.
+    pub read_state: u8,
+    pub write_state: u8,
+    pub write_latch: u8,
+    /// 1 LSB, 2 MSB, 3 word.
+    pub rw_mode: u8,
+    pub mode: u8,
+    pub bcd: bool,
+    pub gate: bool,
+}
+
+/// The PIT and port 0x61 (bit 0 gate 2, bit 1 speaker data).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PitRegs {
+    pub channels: [PitChannelRegs; 3],
+    pub port_b: u8,
+}

@@ -96,6 +96,49 @@ impl PicChip {
         }
     }
 
+    fn export(&self) -> crate::PicChipRegs {
+        crate::PicChipRegs {
+            last_irr: self.last_level,
+            irr: self.irr,
+            imr: self.imr,
+            isr: self.isr,
+            priority_add: self.priority_add,
+            irq_base: self.irq_base,
+            read_reg_select: self.read_isr,
+            poll: self.poll,
+            special_mask: self.special_mask,
+            init_state: self.init_state,
+            auto_eoi: self.auto_eoi,
+            rotate_on_auto_eoi: self.rotate_on_auto_eoi,
+            special_fully_nested_mode: self.special_fully_nested,
+            init4: self.expect_icw4,
+            elcr: self.elcr,
+            elcr_mask: self.elcr_mask,
+        }
+    }
+
+    fn import(&mut self, r: &crate::PicChipRegs) {
+        self.last_level = r.last_irr;
+        self.irr = r.irr;
+        self.imr = r.imr;
+        self.isr = r.isr;
+        self.priority_add = r.priority_add & 7;
+        self.irq_base = r.irq_base & 0xf8;
+        self.read_isr = r.read_reg_select;
+        self.poll = r.poll;
+        self.special_mask = r.special_mask;
+        self.init_state = r.init_state.min(3);
+        self.expect_icw4 = r.init4;
+        self.single_mode = false;
+        self.auto_eoi = r.auto_eoi;
+        self.rotate_on_auto_eoi = r.rotate_on_auto_eoi;
+        self.special_fully_nested = r.special_fully_nested_mode;
+        self.ltim = false;
+        self.elcr = r.elcr & self.elcr_mask;
+        // A vector base was programmed: the OS went through ICW1-ICW4.
+        self.initialized = self.irq_base != 0 && self.init_state == 0;
+    }
+
     fn level_triggered(&self, irq: u8) -> bool {
         self.ltim || self.elcr & (1 << irq) != 0
     }
@@ -277,6 +320,17 @@ impl Default for Pic {
 }
 
 impl Pic {
+    /// Master and slave in the form another accelerator keeps them.
+    pub fn export(&self) -> [crate::PicChipRegs; 2] {
+        [self.master.export(), self.slave.export()]
+    }
+
+    /// Load [`Pic::export`]'s form.
+    pub fn import(&mut self, r: &[crate::PicChipRegs; 2]) {
+        self.master.import(&r[0]);
+        self.slave.import(&r[1]);
+    }
+
     /// Power-on state: uninitialised chips, nothing masked, vector bases 0
     /// until the guest's ICW2.
     pub fn new() -> Self {

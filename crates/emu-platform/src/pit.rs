@@ -393,6 +393,89 @@ impl Default for Pit {
 }
 
 impl Pit {
+    /// The channels in the form another accelerator keeps them; counts
+    /// restart from their initial value when loaded back.
+    pub fn export(&self) -> crate::PitRegs {
+        let ch = |c: &Channel| {
+            let rw = match c.access {
+                Access::Lsb => 1,
+                Access::Msb => 2,
+                Access::LsbMsb => 3,
+            };
+            let word_state = |msb_next: bool| {
+                if rw != 3 {
+                    rw
+                } else if msb_next {
+                    4
+                } else {
+                    3
+                }
+            };
+            crate::PitChannelRegs {
+                count: if c.reload == 0 {
+                    0x1_0000
+                } else {
+                    c.reload as u32
+                },
+                latched_count: c.latched_count.unwrap_or(0),
+                count_latched: if c.latched_count.is_some() {
+                    word_state(c.latched_msb_next)
+                } else {
+                    0
+                },
+                status_latched: c.latched_status.is_some(),
+                status: c.latched_status.unwrap_or(0),
+                read_state: word_state(c.read_msb_next),
+                write_state: word_state(c.write_msb_next),
+                write_latch: c.write_lsb,
+                rw_mode: rw,
+                mode: if c.loaded { c.mode } else { 0xff },
+                bcd: c.bcd,
+                gate: c.gate,
+            }
+        };
+        crate::PitRegs {
+            channels: [
+                ch(&self.channels[0]),
+                ch(&self.channels[1]),
+                ch(&self.channels[2]),
+            ],
+            port_b: self.port_b,
+        }
+    }
+
+    /// Load [`Pit::export`]'s form at guest time `now_ns`: programmed
+    /// channels count from their initial value from now.
+    pub fn import(&mut self, r: &crate::PitRegs, now_ns: u64) {
+        let t = ns_to_ticks(now_ns);
+        for (c, r) in self.channels.iter_mut().zip(&r.channels) {
+            let loaded = r.mode <= 7;
+            *c = Channel {
+                mode: if loaded { r.mode } else { 0 },
+                access: match r.rw_mode {
+                    1 => Access::Lsb,
+                    2 => Access::Msb,
+                    _ => Access::LsbMsb,
+                },
+                bcd: r.bcd,
+                reload: r.count as u16,
+                loaded,
+                start_tick: t,
+                gate: r.gate,
+                gate_low_since: if r.gate { None } else { Some(t) },
+                triggered: loaded,
+                write_msb_next: r.write_state == 4,
+                write_lsb: r.write_latch,
+                read_msb_next: r.read_state == 4,
+                latched_count: (r.count_latched != 0).then_some(r.latched_count),
+                latched_msb_next: r.count_latched == 4,
+                latched_status: r.status_latched.then_some(r.status),
+                edges_seen_until: 0,
+            };
+        }
+        self.port_b = (r.port_b & 0x0e) | r.channels[2].gate as u8;
+    }
+
     /// Power-on state: channel 0 and 1 gates tied high, channel 2 gate low.
     pub fn new() -> Self {
         Pit {

@@ -137,6 +137,18 @@ impl Platform {
         &self.pit
     }
 
+    pub fn ioapic_mut(&mut self) -> &mut IoApic {
+        &mut self.ioapic
+    }
+
+    pub fn pic_mut(&mut self) -> &mut Pic {
+        &mut self.pic
+    }
+
+    pub fn pit_mut(&mut self) -> &mut Pit {
+        &mut self.pit
+    }
+
     /// Bitmask of vCPUs that got new work since the last call (bit i =
     /// vCPU i, first 64 vCPUs), for waking halted vCPU threads.
     pub fn take_kicks(&mut self) -> u64 {

@@ -238,6 +238,7 @@ fn run() -> Result<(), String> {
             kvm_clock: std::env::var_os("EMU_NO_KVMCLOCK").is_none(),
             tsc_khz: 1_000_000,
             apic_bus_khz: 1_000_000,
+            hidden: Default::default(),
         });
     }
     for (slot, region) in mem.iter().enumerate() {

@@ -33,6 +33,13 @@ impl Hypervisor for EmuHypervisor {
     fn create_vm(&self) -> Result<Arc<dyn Vm>> {
         Ok(Arc::new(EmuVm::new_pc()))
     }
+
+    fn supported_cpuid(&self) -> Result<Vec<hypervisor::CpuidEntry>> {
+        let cfg = crate::pc::cpuid_config();
+        Ok(hypervisor::cpuid::recorded(|leaf, sub| {
+            Some(crate::cpuid::cpuid(&cfg, 0, leaf, sub))
+        }))
+    }
 }
 
 pub struct EmuVm {
@@ -115,6 +122,7 @@ impl EmuVm {
             core,
             buf: [0; 8],
             pending_read: None,
+            republish_pvclock: false,
         })
     }
 
@@ -151,6 +159,7 @@ impl EmuVm {
             core,
             buf: [0; 8],
             pending_read: None,
+            republish_pvclock: false,
         }
     }
 }
@@ -226,6 +235,31 @@ impl Vm for EmuVm {
         }))
     }
 
+    fn set_guest_cpuid(&self, entries: &[hypervisor::CpuidEntry]) -> Result<()> {
+        // The engine cannot show what it lacks; it hides what the guest
+        // is not to see.
+        let mut cfg = *self.cpuid.read().unwrap_or_else(|e| e.into_inner());
+        cfg.hidden = Default::default();
+        let reg = |leaf: u32| {
+            let full = crate::cpuid::cpuid(&cfg, 0, leaf, 0);
+            let given = entries
+                .iter()
+                .find(|e| e.function == leaf && e.index == 0)
+                .map_or([0; 4], |e| [e.eax, e.ebx, e.ecx, e.edx]);
+            (full[2] & !given[2], full[3] & !given[3])
+        };
+        let (leaf1_ecx, leaf1_edx) = reg(1);
+        let (ext1_ecx, ext1_edx) = reg(0x8000_0001);
+        cfg.hidden = crate::cpuid::Hidden {
+            leaf1_ecx,
+            leaf1_edx,
+            ext1_ecx,
+            ext1_edx,
+        };
+        *self.cpuid.write().unwrap_or_else(|e| e.into_inner()) = cfg;
+        Ok(())
+    }
+
     fn save_state(&self) -> Result<VmSnapshot> {
         let pc = self.platform().ok_or_else(|| {
             HypervisorError::Other(
@@ -283,12 +317,33 @@ impl VcpuKicker for EmuKicker {
     }
 }
 
+impl EmuVcpu {
+    /// The VMM's answer to read `req`, as the core takes it.
+    fn response(&self, req: ExitReq) -> ReadResponse {
+        let (is_io, addr, size) = match req {
+            ExitReq::IoIn { port, size } => (true, port as u64, size),
+            ExitReq::MmioRead { addr, size } => (false, addr, size),
+            _ => (false, u64::MAX, 0),
+        };
+        ReadResponse {
+            is_io,
+            addr,
+            size,
+            data: u64::from_le_bytes(self.buf),
+        }
+    }
+}
+
 pub struct EmuVcpu {
     core: Core,
     /// Data of the current I/O or MMIO exit.
     buf: [u8; 8],
     /// A read exit whose data the VMM fills in `buf` before the next run.
     pending_read: Option<ExitReq>,
+    /// A restored guest's kvmclock structure is written afresh before it
+    /// runs again (as KVM does after KVM_SET_CLOCK): it may come from
+    /// another accelerator, with another TSC rate.
+    republish_pvclock: bool,
 }
 
 impl EmuVcpu {
@@ -340,18 +395,18 @@ impl Vcpu for EmuVcpu {
     }
 
     fn run(&mut self) -> Result<VcpuExit<'_>> {
+        if std::mem::take(&mut self.republish_pvclock) {
+            let v = self.core.st.msr.kvm_system_time;
+            if crate::msr::write(&mut self.core, crate::msr::MSR_KVM_SYSTEM_TIME_NEW, v).is_err() {
+                tracing::warn!(
+                    "vCPU {}: kvmclock structure at {:#x} could not be rewritten",
+                    self.core.index,
+                    v & !1
+                );
+            }
+        }
         if let Some(req) = self.pending_read.take() {
-            let (is_io, addr, size) = match req {
-                ExitReq::IoIn { port, size } => (true, port as u64, size),
-                ExitReq::MmioRead { addr, size } => (false, addr, size),
-                _ => (false, u64::MAX, 0),
-            };
-            self.core.io.response = Some(ReadResponse {
-                is_io,
-                addr,
-                size,
-                data: u64::from_le_bytes(self.buf),
-            });
+            self.core.io.response = Some(self.response(req));
         }
         match self.core.run() {
             RunExit::Io(req) => {
@@ -641,7 +696,50 @@ impl Vcpu for EmuVcpu {
             self.buf = data.to_le_bytes();
         }
         self.core.flush_all_caches();
+        self.republish_pvclock = s.msrs.kvm_system_time & 1 != 0;
         Ok(())
+    }
+
+    fn complete_pending_io(&mut self) -> Result<()> {
+        let Some(req) = self.pending_read else {
+            return Ok(());
+        };
+        // Finish the instruction that waits for the answer, so a snapshot
+        // holds no read in flight (another accelerator could not take it
+        // over). If it does not finish cleanly in one step (a write or
+        // another read follows), put everything back: run() finishes it.
+        let st = self.core.st.clone();
+        let (icount, halted, int_shadow, nmi_blocked) = (
+            self.core.icount,
+            self.core.halted,
+            self.core.int_shadow,
+            self.core.nmi_blocked,
+        );
+        self.core.io.response = Some(self.response(req));
+        let exit = self.core.step();
+        if exit.is_none() && self.core.io.response.is_none() && self.core.io.request.is_none() {
+            self.pending_read = None;
+            return Ok(());
+        }
+        self.core.st = st;
+        self.core.icount = icount;
+        self.core.halted = halted;
+        self.core.int_shadow = int_shadow;
+        self.core.nmi_blocked = nmi_blocked;
+        self.core.io = Default::default();
+        Ok(())
+    }
+
+    fn guest_cpuid(&self) -> Result<Vec<hypervisor::CpuidEntry>> {
+        let cfg = self.core.cpuid;
+        let index = self.core.index;
+        Ok(hypervisor::cpuid::recorded(|leaf, sub| {
+            Some(crate::cpuid::cpuid(&cfg, index, leaf, sub))
+        }))
+    }
+
+    fn tsc_khz(&self) -> Option<u32> {
+        (self.core.cpuid.tsc_khz != 0).then_some(self.core.cpuid.tsc_khz)
     }
 
     fn kicker(&self) -> Arc<dyn VcpuKicker> {

@@ -555,6 +555,19 @@ impl Core {
         }
     }
 
+    /// Run exactly one instruction, without looking for interrupts: how a
+    /// read the VMM answered is finished before the vCPU is paused. What it
+    /// exits with, if anything.
+    pub fn step(&mut self) -> Option<RunExit> {
+        if self.mem.refresh() {
+            self.flush_all_caches();
+        }
+        self.prev_block = BlockPtr::NONE;
+        let exit = self.run_block(1);
+        self.prev_block = BlockPtr::NONE;
+        exit
+    }
+
     /// INIT: architectural state as after RESET (real mode at F000:FFF0),
     /// then wait for a start-up IPI. Caches that depend on the old paging
     /// state are dropped.

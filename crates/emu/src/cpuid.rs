@@ -59,6 +59,18 @@ pub struct CpuidConfig {
     pub tsc_khz: u32,
     /// APIC bus frequency in kHz (leaf 0x40000010 EBX).
     pub apic_bus_khz: u32,
+    /// Feature bits not to advertise (`--cpu-model portable`, a guest
+    /// restored from KVM that never saw them).
+    pub hidden: Hidden,
+}
+
+/// Feature bits CPUID leaves out: leaf 1 ECX/EDX, leaf 0x80000001 ECX/EDX.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Hidden {
+    pub leaf1_ecx: u32,
+    pub leaf1_edx: u32,
+    pub ext1_ecx: u32,
+    pub ext1_edx: u32,
 }
 
 /// KVM paravirtual feature bits (leaf 0x40000001 EAX).
@@ -102,7 +114,13 @@ pub fn cpuid(cfg: &CpuidConfig, index: u32, leaf: u32, _sub: u32) -> [u32; 4] {
                     ecx |= FEAT_X2APIC;
                 }
             }
-            [eax, ebx, ecx, edx]
+            // The hypervisor bit stays: the guest runs under one.
+            [
+                eax,
+                ebx,
+                ecx & !(cfg.hidden.leaf1_ecx & !FEAT_HYPERVISOR),
+                edx & !cfg.hidden.leaf1_edx,
+            ]
         }
         0x4000_0000 if cfg.kvm_clock => {
             let [b, c, d] = regs(b"KVMKVMKVM\0\0\0");
@@ -127,8 +145,8 @@ pub fn cpuid(cfg: &CpuidConfig, index: u32, leaf: u32, _sub: u32) -> [u32; 4] {
         0x8000_0001 => [
             SIGNATURE,
             0,
-            EXT_LAHF_LM,
-            LEAF1_EDX & 0x0183_f3ff | EXT_SYSCALL | EXT_NX | EXT_LM,
+            EXT_LAHF_LM & !cfg.hidden.ext1_ecx,
+            (LEAF1_EDX & 0x0183_f3ff | EXT_SYSCALL | EXT_NX | EXT_LM) & !cfg.hidden.ext1_edx,
         ],
         0x8000_0002..=0x8000_0004 => {
             let name = *b"Vireo software x86-64 CPU\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";

@@ -139,7 +139,12 @@ pub fn write(core: &mut Core, idx: u32, v: u64) -> Result<(), MsrFault> {
         MSR_K8_INT_PENDING_MSG | MSR_AMD64_NB_CFG => {}
         MSR_KVM_SYSTEM_TIME_NEW if core.cpuid.kvm_clock => {
             if v & 1 != 0 {
-                let info = core.intc.pvclock_time_info(core.index).ok_or(MsrFault)?;
+                let mut info = core.intc.pvclock_time_info(core.index).ok_or(MsrFault)?;
+                // The structure pairs guest time with the guest's TSC,
+                // which IA32_TSC writes (or a restore from KVM) offset.
+                let stamp = u64::from_le_bytes(info[8..16].try_into().unwrap_or_default())
+                    .wrapping_add(core.st.msr.tsc_offset);
+                info[8..16].copy_from_slice(&stamp.to_le_bytes());
                 write_guest_bytes(core, v & !1, &info)?;
             }
             core.st.msr.kvm_system_time = v;

@@ -68,6 +68,7 @@ pub fn cpuid_config() -> CpuidConfig {
         kvm_clock: true,
         tsc_khz: (TSC_HZ / 1000) as u32,
         apic_bus_khz: (DEFAULT_BUS_HZ / 1000) as u32,
+        hidden: Default::default(),
     }
 }
 

@@ -820,3 +820,43 @@ fn a_platform_saved_for_one_vcpu_does_not_restore_into_two() {
     let e = two.vm.restore_state(&vm).unwrap_err().to_string();
     assert!(e.contains("local APICs"), "{e}");
 }
+
+#[test]
+fn an_answered_read_is_finished_before_a_snapshot() {
+    let mut g = pc_guest(1);
+    g.load_code(&asm_at(CODE, |a| {
+        a.mov(dx, 0x3fd)?;
+        a.in_(al, dx)?;
+        a.mov(byte_ptr(OUT as i32), al)?;
+        // A read-modify-write of device memory: its write must still reach
+        // the VMM, so it is not finished early.
+        a.mov(rbx, 0xfed0_0000u64)?;
+        a.add(dword_ptr(rbx), 1)?;
+        a.hlt()?;
+        Ok(())
+    }));
+    assert_eq!(g.run_io(0x60), Ex::IoIn(0x3fd, 1));
+    let rip = g.regs().rip;
+    g.vcpu.complete_pending_io().unwrap();
+    let after = g.regs();
+    assert!(after.rip > rip, "the IN finished");
+    assert_eq!(after.rax & 0xff, 0x60);
+    match g.vcpu.save_state().unwrap() {
+        hypervisor::VcpuSnapshot::Emu(s) => assert_eq!(s.pending_read, None),
+        _ => unreachable!(),
+    }
+    assert_eq!(g.run_io(41), Ex::MmioRead(0xfed0_0000, 4));
+    let rip = g.regs().rip;
+    g.vcpu.complete_pending_io().unwrap();
+    assert_eq!(g.regs().rip, rip, "left for run, with its write");
+    match g.vcpu.save_state().unwrap() {
+        hypervisor::VcpuSnapshot::Emu(s) => assert!(s.pending_read.is_some()),
+        _ => unreachable!(),
+    }
+    assert_eq!(
+        g.run(),
+        Ex::MmioWrite(0xfed0_0000, 42u32.to_le_bytes().to_vec())
+    );
+    run_to_halt(&mut g);
+    assert_eq!(g.ram[OUT as usize], 0x60);
+}

@@ -110,6 +110,21 @@ impl crate::Hypervisor for KvmHypervisor {
         Ok(Arc::new(self.create_kvm_vm()?))
     }
 
+    fn supported_cpuid(&self) -> Result<Vec<crate::CpuidEntry>> {
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut entries = recorded_leaves(&cpuid);
+        if self.flavor == KvmFlavor::Pvm {
+            // What setup_cpuid hides on this host (its emulator lacks it).
+            for e in entries.iter_mut().filter(|e| e.function == 1) {
+                e.ecx &= !(1 << 13);
+            }
+        }
+        Ok(entries)
+    }
+
     fn guest_workarounds(&self) -> Vec<String> {
         match self.flavor {
             KvmFlavor::Hardware => Vec::new(),
@@ -154,6 +169,7 @@ impl KvmHypervisor {
             memory: Arc::new(Mutex::new(Vec::new())),
             msr_index_list: Arc::new(msr_index_list),
             msi_routes: Mutex::new(Default::default()),
+            guest_cpuid: Mutex::new(None),
         })
     }
 }
@@ -198,6 +214,9 @@ struct MemSlot {
 pub struct KvmVm {
     fd: VmFd,
     cpuid: CpuId,
+    /// The CPUID the guest is shown instead of everything KVM supports
+    /// (`--cpu-model portable`, or a restored guest's own).
+    guest_cpuid: Mutex<Option<Vec<crate::CpuidEntry>>>,
     flavor: KvmFlavor,
     /// Guest RAM as mapped, to read instruction bytes for error reports.
     memory: Arc<Mutex<Vec<MemSlot>>>,
@@ -274,12 +293,63 @@ impl crate::Vm for KvmVm {
                 thread: AtomicU64::new(0),
                 run_page: Mutex::new(Some(run_page)),
             }),
+            cpuid: CpuId::new(0).map_err(|e| HypervisorError::Other(format!("CPUID: {e:?}")))?,
         };
-        vcpu.setup_cpuid(&self.cpuid, count, self.flavor)?;
+        let chosen = self
+            .guest_cpuid
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let table = match chosen {
+            None => self.cpuid.clone(),
+            Some(entries) => {
+                let (entries, dropped) =
+                    crate::cpuid::restrict(&entries, &recorded_leaves(&self.cpuid));
+                if !dropped.is_empty() && index == 0 {
+                    tracing::warn!(
+                        "this KVM lacks CPU features the chosen CPU model has: {}",
+                        dropped.join(" ")
+                    );
+                }
+                let mut t: Vec<kvm_bindings::kvm_cpuid_entry2> = entries
+                    .iter()
+                    .map(|e| kvm_bindings::kvm_cpuid_entry2 {
+                        function: e.function,
+                        index: e.index,
+                        flags: if matches!(e.function, 7 | 0xd) {
+                            kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+                        } else {
+                            0
+                        },
+                        eax: e.eax,
+                        ebx: e.ebx,
+                        ecx: e.ecx,
+                        edx: e.edx,
+                        ..Default::default()
+                    })
+                    .collect();
+                // The guest is told the TSC rate its vCPU really runs at.
+                if let (Some(e), Ok(khz)) = (
+                    t.iter_mut().find(|e| e.function == 0x4000_0010),
+                    vcpu.fd.get_tsc_khz(),
+                ) {
+                    e.eax = khz;
+                }
+                t.sort_by_key(|e| (e.function, e.index));
+                CpuId::from_entries(&t)
+                    .map_err(|e| HypervisorError::Other(format!("CPUID: {e:?}")))?
+            }
+        };
+        vcpu.setup_cpuid(&table, count, self.flavor)?;
         vcpu.setup_msrs();
         vcpu.setup_fpu()?;
         vcpu.setup_lapic()?;
         Ok(Box::new(vcpu))
+    }
+
+    fn set_guest_cpuid(&self, entries: &[crate::CpuidEntry]) -> Result<()> {
+        *self.guest_cpuid.lock().unwrap_or_else(|e| e.into_inner()) = Some(entries.to_vec());
+        Ok(())
     }
 
     fn save_state(&self) -> Result<crate::VmSnapshot> {
@@ -464,6 +534,22 @@ pub struct KvmVcpu {
     flavor: KvmFlavor,
     memory: Arc<Mutex<Vec<MemSlot>>>,
     kicker: Arc<KvmKicker>,
+    /// The CPUID table this vCPU was given.
+    cpuid: CpuId,
+}
+
+/// The leaves of [`crate::cpuid::RECORDED_LEAVES`] in a KVM CPUID table.
+fn recorded_leaves(cpuid: &CpuId) -> Vec<crate::CpuidEntry> {
+    let all = cpuid.as_slice();
+    crate::cpuid::recorded(|function, index| {
+        all.iter()
+            .find(|e| {
+                e.function == function
+                    && (e.index == index
+                        || e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0)
+            })
+            .map(|e| [e.eax, e.ebx, e.ecx, e.edx])
+    })
 }
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
@@ -509,7 +595,9 @@ impl KvmVcpu {
         }
         self.fd
             .set_cpuid2(&cpuid)
-            .map_err(ioctl_err("KVM_SET_CPUID2"))
+            .map_err(ioctl_err("KVM_SET_CPUID2"))?;
+        self.cpuid = cpuid;
+        Ok(())
     }
 
     /// MSRs as a CPU has them after reset. A host may refuse some of them
@@ -714,18 +802,18 @@ impl Drop for KvmVcpu {
 /// A KVM vCPU's whole state, in the order KVM wants it back.
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct KvmVcpuState {
-    mp_state: kvm_mp_state,
-    regs: kvm_regs,
-    sregs: kvm_sregs,
+    pub(crate) mp_state: kvm_mp_state,
+    pub(crate) regs: kvm_regs,
+    pub(crate) sregs: kvm_sregs,
     /// kvm_fpu and kvm_xsave as raw bytes: kvm-bindings gives them no serde.
-    fpu: Vec<u8>,
-    xsave: Option<Vec<u8>>,
-    xcrs: Option<kvm_xcrs>,
-    debugregs: kvm_debugregs,
-    lapic: kvm_lapic_state,
+    pub(crate) fpu: Vec<u8>,
+    pub(crate) xsave: Option<Vec<u8>>,
+    pub(crate) xcrs: Option<kvm_xcrs>,
+    pub(crate) debugregs: kvm_debugregs,
+    pub(crate) lapic: kvm_lapic_state,
     /// (index, value) of every MSR this KVM could read.
-    msrs: Vec<(u32, u64)>,
-    events: kvm_vcpu_events,
+    pub(crate) msrs: Vec<(u32, u64)>,
+    pub(crate) events: kvm_vcpu_events,
 }
 
 impl std::fmt::Debug for KvmVcpuState {
@@ -742,9 +830,9 @@ impl std::fmt::Debug for KvmVcpuState {
 /// KVM's in-kernel PIC, IOAPIC, PIT and clock.
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct KvmVmState {
-    irqchips: Vec<kvm_irqchip>,
-    pit: kvm_pit_state2,
-    clock: kvm_clock_data,
+    pub(crate) irqchips: Vec<kvm_irqchip>,
+    pub(crate) pit: kvm_pit_state2,
+    pub(crate) clock: kvm_clock_data,
 }
 
 impl std::fmt::Debug for KvmVmState {
@@ -754,7 +842,7 @@ impl std::fmt::Debug for KvmVmState {
 }
 
 /// The bytes of a plain-old-data kernel struct.
-fn pod_bytes<T>(v: &T) -> Vec<u8> {
+pub(crate) fn pod_bytes<T>(v: &T) -> Vec<u8> {
     // SAFETY: T is a C struct of integers from kvm-bindings; every byte is
     // initialised (KVM filled it, or Default zeroed it).
     unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
@@ -762,7 +850,7 @@ fn pod_bytes<T>(v: &T) -> Vec<u8> {
 }
 
 /// A kernel struct back from [`pod_bytes`]; the size must match exactly.
-fn pod_from<T: Default>(b: &[u8], what: &str) -> Result<T> {
+pub(crate) fn pod_from<T: Default>(b: &[u8], what: &str) -> Result<T> {
     if b.len() != std::mem::size_of::<T>() {
         return Err(HypervisorError::Other(format!(
             "snapshot {what} state is {} bytes, this KVM expects {}",
@@ -813,7 +901,7 @@ impl KvmVcpu {
     }
 }
 
-fn seg_to_kvm(s: &Segment) -> kvm_segment {
+pub(crate) fn seg_to_kvm(s: &Segment) -> kvm_segment {
     kvm_segment {
         base: s.base,
         limit: s.limit,
@@ -831,7 +919,7 @@ fn seg_to_kvm(s: &Segment) -> kvm_segment {
     }
 }
 
-fn seg_from_kvm(s: &kvm_segment) -> Segment {
+pub(crate) fn seg_from_kvm(s: &kvm_segment) -> Segment {
     Segment {
         base: s.base,
         limit: s.limit,
@@ -1075,6 +1163,31 @@ impl Vcpu for KvmVcpu {
         Ok(crate::VcpuSnapshot::Kvm(Box::new(state)))
     }
 
+    fn guest_cpuid(&self) -> Result<Vec<crate::CpuidEntry>> {
+        Ok(recorded_leaves(&self.cpuid))
+    }
+
+    fn tsc_khz(&self) -> Option<u32> {
+        self.fd.get_tsc_khz().ok()
+    }
+
+    fn set_tsc_khz(&mut self, khz: u32) -> Result<()> {
+        self.fd
+            .set_tsc_khz(khz)
+            .map_err(ioctl_err("KVM_SET_TSC_KHZ"))?;
+        let mut cpuid = self.cpuid.clone();
+        for e in cpuid.as_mut_slice() {
+            if e.function == 0x4000_0010 {
+                e.eax = khz;
+            }
+        }
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(ioctl_err("KVM_SET_CPUID2"))?;
+        self.cpuid = cpuid;
+        Ok(())
+    }
+
     fn restore_state(&mut self, state: &crate::VcpuSnapshot) -> Result<()> {
         let s = match state {
             crate::VcpuSnapshot::Kvm(s) => s,
@@ -1084,7 +1197,27 @@ impl Vcpu for KvmVcpu {
         fd.set_mp_state(s.mp_state)
             .map_err(ioctl_err("KVM_SET_MP_STATE"))?;
         fd.set_regs(&s.regs).map_err(ioctl_err("KVM_SET_REGS"))?;
-        fd.set_sregs(&s.sregs).map_err(ioctl_err("KVM_SET_SREGS"))?;
+        let mut sregs = s.sregs;
+        // State from the engine may hold a never-loaded (all-zero, not
+        // marked unusable) TR or LDT, which VM entry refuses: give them the
+        // after-reset values. KVM's own state never has such segments.
+        if sregs.tr.type_ == 0 && sregs.tr.unusable == 0 {
+            sregs.tr = seg_to_kvm(&Segment {
+                limit: 0xffff,
+                type_: 0xb,
+                present: true,
+                ..Default::default()
+            });
+        }
+        if sregs.ldt.type_ == 0 && sregs.ldt.unusable == 0 {
+            sregs.ldt = seg_to_kvm(&Segment {
+                limit: 0xffff,
+                type_: 0x2,
+                present: true,
+                ..Default::default()
+            });
+        }
+        fd.set_sregs(&sregs).map_err(ioctl_err("KVM_SET_SREGS"))?;
         match &s.xsave {
             Some(x) => {
                 let xsave: kvm_xsave = pod_from(x, "xsave")?;

@@ -5,11 +5,14 @@
 //! something only the VMM can answer and returns a [`VcpuExit`]. Devices only
 //! ever see exits and [`IrqLine`]s, never the backend behind them.
 
+pub mod convert;
+pub mod cpuid;
 pub mod emu_state;
 pub mod kvm;
 mod kvm_irq;
 mod regs;
 
+pub use cpuid::{CpuModel, CpuidEntry};
 pub use emu_state::{EmuFpuState, EmuMsrs, EmuPendingRead, EmuVcpuState, EmuVmState};
 pub use regs::*;
 
@@ -207,6 +210,10 @@ pub trait Hypervisor: Send + Sync {
     fn guest_workarounds(&self) -> Vec<String> {
         Vec::new()
     }
+    /// Every CPUID feature this accelerator can offer a guest (the leaves
+    /// of [`cpuid::RECORDED_LEAVES`]): what a restored guest's features
+    /// are checked against.
+    fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>>;
 }
 
 /// A virtual machine: memory, interrupt controllers, vCPUs.
@@ -267,6 +274,14 @@ pub trait Vm: Send + Sync {
     fn stop_dirty_log(&self) -> Result<()> {
         Ok(())
     }
+    /// Show the vCPUs made from now on exactly this CPUID (features cut to
+    /// what the accelerator supports; per-vCPU fields such as APIC IDs
+    /// still set per vCPU). Backends that show one fixed CPU refuse.
+    fn set_guest_cpuid(&self, _entries: &[CpuidEntry]) -> Result<()> {
+        Err(HypervisorError::Other(
+            "this accelerator shows one fixed CPUID".into(),
+        ))
+    }
 }
 
 /// A way to make a vCPU's [`Vcpu::run`] return `Interrupted` from another thread.
@@ -302,5 +317,17 @@ pub trait Vcpu: Send {
     }
     fn restore_state(&mut self, _state: &VcpuSnapshot) -> Result<()> {
         no_snapshots("vCPU state")
+    }
+    /// The CPUID leaves of [`cpuid::RECORDED_LEAVES`] as this vCPU shows them.
+    fn guest_cpuid(&self) -> Result<Vec<CpuidEntry>>;
+    /// The rate of the guest's TSC, in kHz, if known.
+    fn tsc_khz(&self) -> Option<u32> {
+        None
+    }
+    /// Run the guest's TSC at `khz` (refused where the rate is fixed).
+    fn set_tsc_khz(&mut self, khz: u32) -> Result<()> {
+        Err(HypervisorError::Other(format!(
+            "this accelerator cannot run the guest TSC at {khz} kHz"
+        )))
     }
 }

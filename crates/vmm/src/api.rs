@@ -167,9 +167,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct RestoreRequest {
     /// The snapshot directory.
     source: PathBuf,
-    /// Must be the accelerator the snapshot was made with, if given.
+    /// The accelerator to restore under [default: the snapshot's].
     #[serde(default)]
     accel: Option<crate::Accel>,
+    /// Under the other accelerator, accept a TSC at another rate.
+    #[serde(default)]
+    allow_tsc_change: bool,
     /// New qcow2 overlays, one per disk (makes the VM a clone).
     #[serde(default)]
     overlays: Vec<PathBuf>,
@@ -186,6 +189,11 @@ struct RestoreRequest {
 struct MigrateReceiveRequest {
     /// ADDR:PORT to wait on.
     listen: String,
+    /// The accelerator to run it under [default: the source's].
+    #[serde(default)]
+    accel: Option<crate::Accel>,
+    #[serde(default)]
+    allow_tsc_change: bool,
     #[serde(default)]
     serial: Option<crate::SerialMode>,
 }
@@ -455,7 +463,10 @@ pub fn route(shared: &ApiShared, method: &str, path: &str, body: &str) -> Answer
             shared
                 .launch(crate::Launch::Restore {
                     dir: req.source,
-                    accel: req.accel,
+                    opts: crate::RestoreOptions {
+                        accel: req.accel,
+                        allow_tsc_change: req.allow_tsc_change,
+                    },
                     clone: crate::CloneOptions {
                         overlays: req.overlays,
                         taps: req.taps,
@@ -478,6 +489,10 @@ pub fn route(shared: &ApiShared, method: &str, path: &str, body: &str) -> Answer
             shared
                 .launch(crate::Launch::MigrateReceive {
                     listen: req.listen,
+                    opts: crate::RestoreOptions {
+                        accel: req.accel,
+                        allow_tsc_change: req.allow_tsc_change,
+                    },
                     serial: req.serial.unwrap_or(crate::SerialMode::Stdio),
                 })
                 .map_or_else(vmm_error, |_| no_content())

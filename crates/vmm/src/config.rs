@@ -367,6 +367,12 @@ pub struct VmConfig {
     pub cpus: u32,
     #[serde(default)]
     pub accel: Accel,
+    /// The CPU a KVM guest is shown: host (all KVM offers) or portable
+    /// (only what the software engine implements, so its snapshots and
+    /// migrations also restore under --accel emu). The engine always shows
+    /// its own CPU.
+    #[serde(default)]
+    pub cpu_model: hypervisor::CpuModel,
     #[serde(default)]
     pub serial: SerialMode,
     #[serde(default)]
@@ -402,6 +408,7 @@ impl VmConfig {
             memory: MemSize::default(),
             cpus: 1,
             accel: Accel::Auto,
+            cpu_model: hypervisor::CpuModel::Host,
             serial: SerialMode::Stdio,
             boot: BootProtocol::Linux,
             rng: false,
@@ -528,6 +535,11 @@ mod tests {
         assert_eq!(t, j);
         assert_eq!(t.cmdline, DEFAULT_CMDLINE);
         assert!(toml::from_str::<VmConfig>("kernel = \"/k\"\nbogus = 1\n").is_err());
+        assert_eq!(t.cpu_model, hypervisor::CpuModel::Host);
+        let p: VmConfig = toml::from_str("kernel = \"/k\"\ncpu_model = \"portable\"\n").unwrap();
+        assert_eq!(p.cpu_model, hypervisor::CpuModel::Portable);
+        assert!(toml::from_str::<VmConfig>("kernel = \"/k\"\ncpu_model = \"max\"\n").is_err());
+        assert_eq!("portable".parse(), Ok(hypervisor::CpuModel::Portable));
     }
 
     #[test]

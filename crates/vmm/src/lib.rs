@@ -12,7 +12,9 @@ mod vm;
 
 pub use config::{Accel, BootProtocol, ConsoleKind, MemSize, SerialMode, VmConfig};
 pub use control::{ControlError, RunState, VmControl};
-pub use vm::{Boot, DeviceInfo, RawBoot, RawMode, SnapshotSource, Vm, VmHandle, VmInfo, VmSpec};
+pub use vm::{
+    Boot, CrossRestore, DeviceInfo, RawBoot, RawMode, SnapshotSource, Vm, VmHandle, VmInfo, VmSpec,
+};
 
 /// Why a VM stopped. Each reason has a documented process exit code.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,12 +185,16 @@ pub enum Launch {
     /// `vm.restore` from a snapshot directory.
     Restore {
         dir: std::path::PathBuf,
-        accel: Option<Accel>,
+        opts: RestoreOptions,
         clone: CloneOptions,
         serial: SerialMode,
     },
     /// `vm.migrate-receive`: wait on ADDR:PORT for a live migration.
-    MigrateReceive { listen: String, serial: SerialMode },
+    MigrateReceive {
+        listen: String,
+        opts: RestoreOptions,
+        serial: SerialMode,
+    },
     /// `vmm.shutdown` before any VM ran: the VMM exits.
     Shutdown,
 }
@@ -220,11 +226,15 @@ pub fn serve(api_socket: &std::path::Path) -> Result<VmExit, VmmError> {
             Launch::Boot(config) => build_from_config(&config),
             Launch::Restore {
                 dir,
-                accel,
+                opts,
                 clone,
                 serial,
-            } => build_restore(&dir, accel, &clone, &serial),
-            Launch::MigrateReceive { listen, serial } => build_migrate_receive(&listen, &serial),
+            } => build_restore(&dir, opts, &clone, &serial),
+            Launch::MigrateReceive {
+                listen,
+                opts,
+                serial,
+            } => build_migrate_receive(&listen, opts, &serial),
         };
         match built {
             Ok(b) => {
@@ -250,39 +260,41 @@ pub struct CloneOptions {
     pub taps: Vec<String>,
 }
 
-/// Start a VM from a snapshot directory in this process and run it.
-/// `accel`, if given, must be the accelerator the snapshot was made with.
+/// How a snapshot or migrated VM is to be restored.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RestoreOptions {
+    /// The accelerator to run it under (`None`/auto: the one that made it).
+    pub accel: Option<Accel>,
+    /// Under another accelerator, accept a TSC that runs at another rate.
+    pub allow_tsc_change: bool,
+}
+
+/// Start a VM from a snapshot directory in this process and run it,
+/// under the accelerator that made it or (`opts.accel`) the other one.
 pub fn restore(
     dir: &std::path::Path,
-    accel: Option<Accel>,
+    opts: RestoreOptions,
     clone: &CloneOptions,
     serial: &SerialMode,
     api_socket: Option<&std::path::Path>,
 ) -> Result<VmExit, VmmError> {
-    let b = build_restore(dir, accel, clone, serial)?;
+    let b = build_restore(dir, opts, clone, serial)?;
     run_vm(b.vm, b.input, b.config, api_socket)
 }
 
 fn build_restore(
     dir: &std::path::Path,
-    accel: Option<Accel>,
+    opts: RestoreOptions,
     clone: &CloneOptions,
     serial: &SerialMode,
 ) -> Result<Built, VmmError> {
-    let manifest = snapshot::read_manifest(dir)?;
-    let made_with = match manifest.accel {
-        hypervisor::AccelKind::Kvm => Accel::Kvm,
-        hypervisor::AccelKind::Emu => Accel::Emu,
-    };
-    if let Some(a) = accel.filter(|&a| a != Accel::Auto && a != made_with) {
-        let asked = if a == Accel::Kvm { "kvm" } else { "emu" };
-        return Err(VmmError::Config(format!(
-            "snapshot {} was made under --accel {}; restoring it under --accel {asked} is not supported",
-            dir.display(),
-            manifest.accel,
-        )));
+    let mut manifest = snapshot::read_manifest(dir)?;
+    let what = format!("snapshot {}", dir.display());
+    let (accel, cross) = prepare_accel(&what, &mut manifest, opts)?;
+    let mut spec = restore_spec(dir, &manifest, accel)?;
+    if let Boot::Snapshot(s) = &mut spec.boot {
+        s.cross = cross;
     }
-    let mut spec = restore_spec(dir, &manifest, made_with)?;
     make_clone(&mut spec, clone)?;
     let (out, input) = serial_output(serial)?;
     let vm = Vm::new(spec, out)?;
@@ -293,34 +305,103 @@ fn build_restore(
     })
 }
 
+fn accel_of(k: hypervisor::AccelKind) -> Accel {
+    match k {
+        hypervisor::AccelKind::Kvm => Accel::Kvm,
+        hypervisor::AccelKind::Emu => Accel::Emu,
+    }
+}
+
+/// The accelerator a snapshot (or migration) `what` restores under; under
+/// the other one than made it, check that the guest's CPU features are all
+/// offered there and convert its state (in `manifest`).
+fn prepare_accel(
+    what: &str,
+    manifest: &mut snapshot::Manifest,
+    opts: RestoreOptions,
+) -> Result<(Accel, Option<vm::CrossRestore>), VmmError> {
+    let made_with = manifest.accel;
+    let to = match opts.accel {
+        Some(Accel::Kvm) => hypervisor::AccelKind::Kvm,
+        Some(Accel::Emu) => hypervisor::AccelKind::Emu,
+        _ => made_with,
+    };
+    if to == made_with {
+        return Ok((accel_of(made_with), None));
+    }
+    let Some(seen) = manifest.cpuid.clone() else {
+        return Err(VmmError::Config(format!(
+            "{what} was made under --accel {made_with} by a Vireo that did not record the CPU \
+             features its guest saw; it restores only under --accel {made_with}"
+        )));
+    };
+    let hv = vm::open_hypervisor(accel_of(to))?;
+    let offered = hv.supported_cpuid()?;
+    let missing = hypervisor::cpuid::missing_features(&seen, &offered);
+    if !missing.is_empty() {
+        let hint = if made_with == hypervisor::AccelKind::Kvm {
+            " (start KVM guests with --cpu-model portable to move them to the engine)"
+        } else {
+            ""
+        };
+        return Err(VmmError::Config(format!(
+            "{what} cannot be restored under --accel {to}: its guest saw CPU features \
+             --accel {to} does not offer: {}{hint}",
+            missing.join(" ")
+        )));
+    }
+    let (vcpus, vm_state) =
+        hypervisor::convert::convert(&manifest.vcpu_states, &manifest.vm_state, to)
+            .map_err(|e| VmmError::Config(format!("{what} under --accel {to}: {e}")))?;
+    tracing::info!("{what}: made under --accel {made_with}, restored under --accel {to}");
+    manifest.vcpu_states = vcpus;
+    manifest.vm_state = vm_state;
+    manifest.accel = to;
+    if let Some(c) = &mut manifest.config {
+        c.accel = accel_of(to);
+    }
+    Ok((
+        accel_of(to),
+        Some(vm::CrossRestore {
+            tsc_khz: manifest.tsc_khz,
+            allow_tsc_change: opts.allow_tsc_change,
+        }),
+    ))
+}
+
 /// Wait on `listen` (ADDR:PORT) for a live migration from another Vireo
 /// (`vm.migrate-send`), build the VM it carries the way `restore` does and
 /// run it to the end. A stream that is cut or is not a migration is an
 /// error, and nothing runs.
 pub fn migrate_receive(
     listen: &str,
+    opts: RestoreOptions,
     serial: &SerialMode,
     api_socket: Option<&std::path::Path>,
 ) -> Result<VmExit, VmmError> {
-    let b = build_migrate_receive(listen, serial)?;
+    let b = build_migrate_receive(listen, opts, serial)?;
     run_vm(b.vm, b.input, b.config, api_socket)
 }
 
-fn build_migrate_receive(listen: &str, serial: &SerialMode) -> Result<Built, VmmError> {
+fn build_migrate_receive(
+    listen: &str,
+    opts: RestoreOptions,
+    serial: &SerialMode,
+) -> Result<Built, VmmError> {
     let (out, input) = serial_output(serial)?;
     let mut got = migration::receive(listen)?;
-    let manifest = got.manifest;
-    let accel = match manifest.accel {
-        hypervisor::AccelKind::Kvm => Accel::Kvm,
-        hypervisor::AccelKind::Emu => Accel::Emu,
-    };
+    let mut manifest = got.manifest;
     let from = format!("migration from {}", got.peer);
-    let built = restore_spec(std::path::Path::new(&from), &manifest, accel).and_then(|mut spec| {
-        if let Boot::Snapshot(s) = &mut spec.boot {
-            s.memory = Some(got.memory);
-        }
-        Vm::new(spec, out)
-    });
+    let built = prepare_accel(&from, &mut manifest, opts)
+        .and_then(|(accel, cross)| {
+            let mut spec = restore_spec(std::path::Path::new(&from), &manifest, accel)?;
+            if let Boot::Snapshot(s) = &mut spec.boot {
+                s.memory = Some(got.memory);
+                s.cross = cross;
+            }
+            Ok(spec)
+        })
+        .and_then(|spec| Vm::new(spec, out));
     let vm = match built {
         Ok(vm) => {
             tracing::info!("{from}: the VM is built");
@@ -414,12 +495,18 @@ fn restore_spec(
     }
     Ok(VmSpec {
         accel,
+        cpu_model: manifest
+            .config
+            .as_ref()
+            .map(|c| c.cpu_model)
+            .unwrap_or_default(),
         memory: manifest.memory_bytes,
         cpus: manifest.vcpus,
         boot: Boot::Snapshot(Box::new(SnapshotSource {
             dir: dir.to_path_buf(),
             manifest: manifest.clone(),
             memory: None,
+            cross: None,
         })),
         rng,
         disks,

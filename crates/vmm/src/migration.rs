@@ -504,6 +504,7 @@ fn send_inner(
         });
         offset += r.len();
     }
+    let (cpuid, tsc_khz) = vm.cpu_record();
     let manifest = Manifest {
         vireo: env!("CARGO_PKG_VERSION").into(),
         accel: vm.accel(),
@@ -515,6 +516,8 @@ fn send_inner(
         vcpu_states,
         vm_state,
         devices,
+        cpuid,
+        tsc_khz,
     };
     let body =
         serde_json::to_vec(&manifest).map_err(|e| VmmError::Io(format!("migration: {e}")))?;

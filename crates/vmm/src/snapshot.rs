@@ -66,8 +66,8 @@ pub struct VirtioSnapshot {
 pub struct Manifest {
     /// The Vireo that wrote it (informational).
     pub vireo: String,
-    /// The accelerator that made the snapshot, and the only one that can
-    /// restore it.
+    /// The accelerator that made the snapshot. Another restores it if the
+    /// CPU features (`cpuid`) and TSC rate (`tsc_khz`) allow.
     pub accel: hypervisor::AccelKind,
     pub memory_bytes: u64,
     pub vcpus: u32,
@@ -79,6 +79,13 @@ pub struct Manifest {
     pub vcpu_states: Vec<hypervisor::VcpuSnapshot>,
     pub vm_state: hypervisor::VmSnapshot,
     pub devices: DeviceStates,
+    /// The CPUID leaves the guest saw (vCPU 0; absent in snapshots of
+    /// older Vireos, which then restore only under their own accelerator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpuid: Option<Vec<hypervisor::CpuidEntry>>,
+    /// The rate the guest's TSC ran at, in kHz.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tsc_khz: Option<u32>,
 }
 
 impl Manifest {

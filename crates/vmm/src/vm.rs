@@ -56,12 +56,26 @@ pub struct SnapshotSource {
     /// Guest memory already filled (a live migration's destination);
     /// `None` maps the snapshot directory's memory file.
     pub memory: Option<GuestRam>,
+    /// Set when the state was converted from the other accelerator's.
+    pub cross: Option<CrossRestore>,
+}
+
+/// What a restore under another accelerator than the snapshot's needs
+/// (the guest is shown the CPUID the manifest records).
+#[derive(Debug, Clone)]
+pub struct CrossRestore {
+    /// The rate the guest's TSC ran at (kHz), if recorded.
+    pub tsc_khz: Option<u32>,
+    /// Restore even if the destination runs the TSC at another rate.
+    pub allow_tsc_change: bool,
 }
 
 /// Everything needed to build a VM, after the user's input has been checked.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
     pub accel: Accel,
+    /// The CPU a KVM guest is shown (the engine always shows its own).
+    pub cpu_model: hypervisor::CpuModel,
     pub memory: u64,
     pub cpus: u32,
     pub boot: Boot,
@@ -82,6 +96,7 @@ impl VmSpec {
         c.validate()?;
         Ok(VmSpec {
             accel: c.accel,
+            cpu_model: c.cpu_model,
             memory: c.memory.0,
             cpus: c.cpus,
             rng: c.rng,
@@ -97,6 +112,19 @@ impl VmSpec {
             },
         })
     }
+}
+
+/// The CPUID of `cpu_model = "portable"`: the software engine's, less
+/// what this host's KVM (if it has a usable one) cannot offer.
+pub fn portable_cpuid() -> Result<Vec<hypervisor::CpuidEntry>, VmmError> {
+    let engine = emu::EmuHypervisor::new().supported_cpuid()?;
+    let Some(kvm) = hypervisor::kvm::KvmHypervisor::new()
+        .ok()
+        .and_then(|k| k.supported_cpuid().ok())
+    else {
+        return Ok(engine);
+    };
+    Ok(hypervisor::cpuid::restrict(&engine, &kvm).0)
 }
 
 /// Pick and open the backend the user asked for.
@@ -225,6 +253,7 @@ impl VmHandle {
         // Read everything before writing anything, so a backend or device
         // that cannot snapshot leaves no half-written directory behind.
         let (vcpu_states, vm_state, devices) = self.save_states()?;
+        let (cpuid, tsc_khz) = self.cpu_record();
         let dir = prepare_dir(dir)?;
         let memory = write_memory(&self.memory, &dir)?;
         tracing::info!(
@@ -245,8 +274,22 @@ impl VmHandle {
                 vcpu_states,
                 vm_state,
                 devices,
+                cpuid,
+                tsc_khz,
             },
         )
+    }
+
+    /// The CPUID the guest sees and its TSC rate (vCPU 0's), for the
+    /// manifest: what a restore under the other accelerator checks.
+    pub(crate) fn cpu_record(&self) -> (Option<Vec<hypervisor::CpuidEntry>>, Option<u32>) {
+        match self.vcpus.first() {
+            Some(v) => {
+                let v = lock(v);
+                (v.guest_cpuid().ok(), v.tsc_khz())
+            }
+            None => (None, None),
+        }
     }
 
     /// The paused VM's vCPU, backend and device state (devices quiesced).
@@ -341,11 +384,20 @@ impl VmHandle {
     }
 
     /// Load a snapshot's vCPU, backend and device state into this new VM.
-    fn restore(&self, m: &crate::snapshot::Manifest) -> Result<(), VmmError> {
+    fn restore(
+        &self,
+        m: &crate::snapshot::Manifest,
+        cross: Option<&CrossRestore>,
+    ) -> Result<(), VmmError> {
         if m.vcpu_states.len() != self.vcpus.len() {
             return Err(VmmError::Config(
                 "snapshot vCPU count does not match".into(),
             ));
+        }
+        if let Some(c) = cross {
+            for v in &self.vcpus {
+                check_tsc_rate(lock(v).as_mut(), c)?;
+            }
         }
         for (v, st) in self.vcpus.iter().zip(&m.vcpu_states) {
             lock(v).restore_state(st)?;
@@ -387,6 +439,41 @@ impl VmHandle {
     }
 }
 
+/// Two TSC rates closer than this (parts per million) are the same: KVM
+/// itself tolerates 250 ppm before it scales.
+const TSC_TOLERANCE_PPM: u64 = 250;
+
+/// The guest's TSC must keep the rate it ran at (the guest may keep time
+/// by it, at the rate it calibrated or was told): run the destination vCPU
+/// at that rate, or refuse unless the user allowed the change.
+fn check_tsc_rate(vcpu: &mut dyn Vcpu, c: &CrossRestore) -> Result<(), VmmError> {
+    let Some(want) = c.tsc_khz else {
+        return Ok(());
+    };
+    let have = vcpu.tsc_khz();
+    let close =
+        |h: u32| (h as u64).abs_diff(want as u64) * 1_000_000 <= want as u64 * TSC_TOLERANCE_PPM;
+    if have.is_some_and(close) {
+        return Ok(());
+    }
+    let why = match vcpu.set_tsc_khz(want) {
+        Ok(()) => return Ok(()),
+        Err(e) => e.to_string(),
+    };
+    let have = have.map_or("an unknown rate".to_string(), |h| format!("{h} kHz"));
+    if c.allow_tsc_change {
+        tracing::warn!(
+            "the guest's TSC ran at {want} kHz and now runs at {have} ({why}); its value goes on from where it was"
+        );
+        return Ok(());
+    }
+    Err(VmmError::Config(format!(
+        "the guest's TSC ran at {want} kHz; this accelerator runs it at {have} and cannot change that ({why}). \
+         A guest that keeps time by the TSC would see its clock run at the wrong speed; \
+         --allow-tsc-change restores anyway (the TSC value stays continuous)"
+    )))
+}
+
 pub struct Vm {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
@@ -422,6 +509,20 @@ impl Vm {
             }
         }
         let vm = hv.create_vm()?;
+        // The CPUID the guest is shown, unless the accelerator's own: a
+        // guest restored under another accelerator, or a portable VM
+        // restored, sees what it saw before; a new portable VM sees what
+        // both accelerators offer.
+        let portable = spec.cpu_model == hypervisor::CpuModel::Portable;
+        let shown = match &boot {
+            Boot::Snapshot(s) if s.cross.is_some() || portable => s.manifest.cpuid.clone(),
+            Boot::Snapshot(_) => None,
+            _ if portable => Some(portable_cpuid()?),
+            _ => None,
+        };
+        if let Some(c) = shown {
+            vm.set_guest_cpuid(&c)?;
+        }
         // A virtio console takes the host side; COM1 is then disconnected.
         let (serial_out, console_out) = match spec.console {
             ConsoleKind::Serial => (serial_out, None),
@@ -554,7 +655,7 @@ impl Vm {
             pci,
         });
         if let Boot::Snapshot(snap) = &boot {
-            handle.restore(&snap.manifest)?;
+            handle.restore(&snap.manifest, snap.cross.as_ref())?;
         }
 
         let info = VmInfo {

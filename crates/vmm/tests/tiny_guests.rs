@@ -121,6 +121,7 @@ fn run_raw_with(accel: Accel, image: Vec<u8>, mode: RawMode, rng: bool) -> (VmEx
     let cap = Capture::default();
     let spec = VmSpec {
         accel,
+        cpu_model: Default::default(),
         memory: 64 << 20,
         cpus: 1,
         rng,
