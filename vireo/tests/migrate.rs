@@ -101,6 +101,17 @@ fn destination_in(ns: Option<&str>, ip: &str, port: u16, sock: Option<&Path>) ->
     dst
 }
 
+/// `vireo migrate --api-socket <sock> --to <to>`, run to completion.
+fn migrate_to(sock: &Path, to: &str) -> std::process::Output {
+    vireo()
+        .args(["migrate", "--api-socket"])
+        .arg(sock)
+        .arg("--to")
+        .arg(to)
+        .output()
+        .unwrap()
+}
+
 /// Where the two processes run: namespaces for each and the destination's
 /// address, or both here on localhost.
 struct Placement<'a> {
@@ -166,13 +177,7 @@ fn letters_migrate_between(accel: &str, memory: &str, devices: bool, at: &Placem
             None,
         )
     };
-    let out = vireo()
-        .args(["migrate", "--api-socket"])
-        .arg(&sock)
-        .arg("--to")
-        .arg(format!("{}:{port}", at.dst_ip))
-        .output()
-        .unwrap();
+    let out = migrate_to(&sock, &format!("{}:{port}", at.dst_ip));
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -404,13 +409,7 @@ fn a_destination_that_refuses_leaves_the_source_running() {
         vmm::migration::answer(&mut s, &Err(no)).unwrap();
         got.unwrap()
     });
-    let out = vireo()
-        .args(["migrate", "--api-socket"])
-        .arg(&sock)
-        .arg("--to")
-        .arg(format!("127.0.0.1:{port}"))
-        .output()
-        .unwrap();
+    let out = migrate_to(&sock, &format!("127.0.0.1:{port}"));
     assert_eq!(fake.join().unwrap(), 1, "the whole VM arrived");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -482,13 +481,7 @@ fn a_vm_with_a_balloon_migrates() {
         .success());
     let port = free_port();
     let mut dst = destination(port, Some(&sock2));
-    let out = vireo()
-        .args(["migrate", "--api-socket"])
-        .arg(&sock)
-        .arg("--to")
-        .arg(format!("127.0.0.1:{port}"))
-        .output()
-        .unwrap();
+    let out = migrate_to(&sock, &format!("127.0.0.1:{port}"));
     assert!(
         out.status.success(),
         "migrate: {out:?}\n{}",
@@ -534,13 +527,7 @@ fn a_cut_stream_leaves_the_source_running() {
         drop(s);
         buf
     });
-    let out = vireo()
-        .args(["migrate", "--api-socket"])
-        .arg(&sock)
-        .arg("--to")
-        .arg(format!("127.0.0.1:{port}"))
-        .output()
-        .unwrap();
+    let out = migrate_to(&sock, &format!("127.0.0.1:{port}"));
     let got = fake.join().unwrap();
     assert_eq!(&got[..8], b"VIREOMIG");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
@@ -557,13 +544,7 @@ fn a_cut_stream_leaves_the_source_running() {
         "the source stopped counting after a failed migration"
     );
     // Nothing listens at all: refused at once, still running.
-    let out = vireo()
-        .args(["migrate", "--api-socket"])
-        .arg(&sock)
-        .arg("--to")
-        .arg(format!("127.0.0.1:{}", free_port()))
-        .output()
-        .unwrap();
+    let out = migrate_to(&sock, &format!("127.0.0.1:{}", free_port()));
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
     assert!(client(&["stop"], &sock).status.success());
@@ -641,13 +622,7 @@ fn debian_counting_to_console_and_disk_continues_across_an_engine_migration() {
     );
     let port = free_port();
     let mut dst = destination(port, None);
-    let out = vireo()
-        .args(["migrate", "--api-socket"])
-        .arg(&sock)
-        .arg("--to")
-        .arg(format!("127.0.0.1:{port}"))
-        .output()
-        .unwrap();
+    let out = migrate_to(&sock, &format!("127.0.0.1:{port}"));
     assert!(
         out.status.success(),
         "migrate: {out:?}\n{}",
@@ -726,13 +701,7 @@ fn letters_migrate_across(from: &str, to: &str) {
     assert!(wait_until(Duration::from_secs(20), || dst
         .stderr_text()
         .contains("waiting for a migration")));
-    let out = vireo()
-        .args(["migrate", "--api-socket"])
-        .arg(&sock)
-        .arg("--to")
-        .arg(format!("127.0.0.1:{port}"))
-        .output()
-        .unwrap();
+    let out = migrate_to(&sock, &format!("127.0.0.1:{port}"));
     assert!(
         out.status.success(),
         "migrate: {out:?}\n{}",

@@ -24,10 +24,10 @@ use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 
-use crate::kvm::{pod_bytes, pod_from, seg_from_kvm, seg_to_kvm, KvmVcpuState, KvmVmState};
+use crate::kvm::{pod_bytes, pod_from, seg_to_kvm, KvmVcpuState, KvmVmState};
 use crate::{
-    AccelKind, DescriptorTable, EmuFpuState, EmuMsrs, EmuVcpuState, EmuVmState, HypervisorError,
-    Result, SpecialRegs, StandardRegs, VcpuSnapshot, VmSnapshot,
+    AccelKind, EmuFpuState, EmuMsrs, EmuVcpuState, EmuVmState, HypervisorError, Result,
+    SpecialRegs, StandardRegs, VcpuSnapshot, VmSnapshot,
 };
 use emu_platform::{IoApicRegs, PicChipRegs, PitChannelRegs, PitRegs, Platform, PlatformConfig};
 
@@ -185,31 +185,7 @@ fn sregs_from_kvm(s: &kvm_sregs) -> Result<SpecialRegs> {
     if s.interrupt_bitmap.iter().any(|&w| w != 0) {
         return err("a vCPU was delivering an interrupt when the snapshot was taken".into());
     }
-    Ok(SpecialRegs {
-        cs: seg_from_kvm(&s.cs),
-        ds: seg_from_kvm(&s.ds),
-        es: seg_from_kvm(&s.es),
-        fs: seg_from_kvm(&s.fs),
-        gs: seg_from_kvm(&s.gs),
-        ss: seg_from_kvm(&s.ss),
-        tr: seg_from_kvm(&s.tr),
-        ldt: seg_from_kvm(&s.ldt),
-        gdt: DescriptorTable {
-            base: s.gdt.base,
-            limit: s.gdt.limit,
-        },
-        idt: DescriptorTable {
-            base: s.idt.base,
-            limit: s.idt.limit,
-        },
-        cr0: s.cr0,
-        cr2: s.cr2,
-        cr3: s.cr3,
-        cr4: s.cr4,
-        cr8: s.cr8,
-        efer: s.efer,
-        apic_base: s.apic_base,
-    })
+    Ok(crate::kvm::sregs_from_kvm(s))
 }
 
 fn bytes16(v: [u64; 2]) -> [u8; 16] {
@@ -670,7 +646,7 @@ pub fn kvm_to_emu(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Segment;
+    use crate::{DescriptorTable, Segment};
 
     fn seg(selector: u16, type_: u8, l: bool, db: bool) -> Segment {
         Segment {

@@ -919,6 +919,34 @@ pub(crate) fn seg_to_kvm(s: &Segment) -> kvm_segment {
     }
 }
 
+pub(crate) fn sregs_from_kvm(s: &kvm_sregs) -> SpecialRegs {
+    SpecialRegs {
+        cs: seg_from_kvm(&s.cs),
+        ds: seg_from_kvm(&s.ds),
+        es: seg_from_kvm(&s.es),
+        fs: seg_from_kvm(&s.fs),
+        gs: seg_from_kvm(&s.gs),
+        ss: seg_from_kvm(&s.ss),
+        tr: seg_from_kvm(&s.tr),
+        ldt: seg_from_kvm(&s.ldt),
+        gdt: DescriptorTable {
+            base: s.gdt.base,
+            limit: s.gdt.limit,
+        },
+        idt: DescriptorTable {
+            base: s.idt.base,
+            limit: s.idt.limit,
+        },
+        cr0: s.cr0,
+        cr2: s.cr2,
+        cr3: s.cr3,
+        cr4: s.cr4,
+        cr8: s.cr8,
+        efer: s.efer,
+        apic_base: s.apic_base,
+    }
+}
+
 pub(crate) fn seg_from_kvm(s: &kvm_segment) -> Segment {
     Segment {
         base: s.base,
@@ -1044,31 +1072,7 @@ impl Vcpu for KvmVcpu {
 
     fn get_sregs(&self) -> Result<SpecialRegs> {
         let s = self.fd.get_sregs().map_err(ioctl_err("KVM_GET_SREGS"))?;
-        Ok(SpecialRegs {
-            cs: seg_from_kvm(&s.cs),
-            ds: seg_from_kvm(&s.ds),
-            es: seg_from_kvm(&s.es),
-            fs: seg_from_kvm(&s.fs),
-            gs: seg_from_kvm(&s.gs),
-            ss: seg_from_kvm(&s.ss),
-            tr: seg_from_kvm(&s.tr),
-            ldt: seg_from_kvm(&s.ldt),
-            gdt: DescriptorTable {
-                base: s.gdt.base,
-                limit: s.gdt.limit,
-            },
-            idt: DescriptorTable {
-                base: s.idt.base,
-                limit: s.idt.limit,
-            },
-            cr0: s.cr0,
-            cr2: s.cr2,
-            cr3: s.cr3,
-            cr4: s.cr4,
-            cr8: s.cr8,
-            efer: s.efer,
-            apic_base: s.apic_base,
-        })
+        Ok(sregs_from_kvm(&s))
     }
 
     fn set_sregs(&mut self, n: &SpecialRegs) -> Result<()> {
