@@ -151,6 +151,8 @@ pub struct Core {
     /// The PC platform (LAPIC, IOAPIC, PIC, PIT, kvmclock) this vCPU is
     /// wired to; `None` for a bare CPU whose devices are all in the VMM.
     pub pc: Option<Box<crate::pc::PcVcpu>>,
+    /// The translating tier (hot 64-bit blocks compiled to host code).
+    pub jit: crate::jit::Jit,
 }
 
 /// A small ring of recent block start RIPs and exceptions.
@@ -224,6 +226,7 @@ impl Core {
             poll_now: true,
             poll_countdown: 0,
             pc: None,
+            jit: crate::jit::Jit::default(),
         }
     }
 
@@ -247,6 +250,20 @@ impl Core {
     #[cold]
     fn tlb_fill(&mut self, lin: u64, acc: Access, user: bool) -> R<TlbEntry> {
         match walk(&self.st, &self.mem, lin, acc, user) {
+            Ok(t) if self.st.long_mode() && ((lin << 16) as i64 >> 16) as u64 != lin => {
+                // Not cached: the translated code's inline TLB lookup relies
+                // on never finding a non-canonical address there.
+                Ok(TlbEntry {
+                    tag: 0,
+                    phys: t.page,
+                    host: self
+                        .mem
+                        .ram_ptr(t.page, 4096)
+                        .unwrap_or(std::ptr::null_mut()),
+                    code: self.mem.code_flag(t.page),
+                    perm: t.perm,
+                })
+            }
             Ok(t) => {
                 let e = TlbEntry {
                     tag: (lin & !0xfff) | 1,
@@ -501,6 +518,7 @@ impl Core {
     pub fn flush_all_caches(&mut self) {
         self.tlb.flush_all();
         self.blocks.clear();
+        self.jit.reset();
         self.prev_block = BlockPtr::NONE;
     }
 
@@ -677,6 +695,11 @@ impl Core {
         // block runs (handlers never fetch blocks or flush the cache).
         let block = unsafe { &*block };
         self.end_block = false;
+        if limit == usize::MAX && block.bits == 64 {
+            if let Some(f) = crate::jit::code_for(self, block) {
+                return self.run_jit(block, f);
+            }
+        }
         for u in block.uops.iter().take(limit) {
             let next = u.next_ip;
             self.next_rip = next;
@@ -693,6 +716,29 @@ impl Core {
                 }
                 Err(e) => return self.handle_exc(e),
             }
+        }
+        if !self.end_block {
+            self.prev_block = BlockPtr(block);
+        }
+        None
+    }
+
+    /// Run a block's compiled code (see [`crate::jit`]).
+    fn run_jit(&mut self, block: &crate::decode::Block, f: crate::jit::JitFn) -> Option<RunExit> {
+        if self.st.flags.op != crate::flags::FlagOp::None {
+            self.st.settle_flags();
+        }
+        crate::jit::prepare(self);
+        // SAFETY: `f` was compiled for `block`, which is alive (it is in the
+        // cache's arena), from the arena generation still current; the
+        // code only touches this core through the pointer.
+        let r = unsafe { f(self as *mut Core) };
+        self.icount += r as u32 as u64;
+        if let Some(e) = self.jit.exc.take() {
+            return self.handle_exc(e);
+        }
+        if let Some(req) = self.io.request.take() {
+            return Some(RunExit::Io(req));
         }
         if !self.end_block {
             self.prev_block = BlockPtr(block);

@@ -36,6 +36,8 @@ pub struct Block {
     /// The block that last followed this one: (its RIP, the block, the TLB
     /// epoch at link time).
     succ: Cell<(u64, *const Block, u64)>,
+    /// Execution count / compiled code (see [`crate::jit`]).
+    pub jit: Cell<crate::jit::JitState>,
 }
 
 // SAFETY: the generation pointers point into RAM regions kept alive by the
@@ -160,6 +162,7 @@ pub fn fetch_block(core: &mut Core) -> R<*const Block> {
     let b = Arc::new(decode_block(core, lin, rip, bits, entry.phys, entry.host)?);
     if core.blocks.arena.len() >= MAX_BLOCKS {
         core.blocks.clear();
+        core.jit.reset();
         core.prev_block = crate::core::BlockPtr::NONE;
     }
     core.blocks.arena.push(b.clone());
@@ -282,5 +285,6 @@ fn decode_block(
         gens,
         npages,
         succ: Cell::new((0, std::ptr::null(), 0)),
+        jit: Cell::new(crate::jit::JitState::Cold),
     })
 }

@@ -73,6 +73,7 @@ pub mod exception;
 pub mod exec;
 pub mod flags;
 pub mod irq;
+pub mod jit;
 pub mod mem;
 pub mod mmu;
 pub mod msr;
