@@ -829,13 +829,17 @@ fn insn(cg: &mut Cg, u: &Uop, i: usize, n: usize) -> Option<Done> {
     let m = insn.mnemonic();
     let size = u.size;
     let [o0, o1, o2] = u.ops;
-    if u.lock || !matches!(size, 1 | 2 | 4 | 8) {
+    if u.lock {
+        return None;
+    }
+    let branch = matches!(m, M::Call | M::Ret | M::Jmp) || is_jcc(m);
+    if !branch && !matches!(size, 1 | 2 | 4 | 8) {
         return None;
     }
     // Operands must be resolved (the uop builder leaves them None if an
     // operand is not a GPR, memory or immediate).
     let nops = insn.op_count() as usize;
-    if u.ops[..nops.min(3)].contains(&Opnd::None) {
+    if !branch && u.ops[..nops.min(3)].contains(&Opnd::None) {
         return None;
     }
     let has_mem = o0 == Opnd::Mem || o1 == Opnd::Mem || o2 == Opnd::Mem;
@@ -1125,7 +1129,7 @@ fn insn(cg: &mut Cg, u: &Uop, i: usize, n: usize) -> Option<Done> {
                 ; mov QWORD [rbx + gpr_off(4)], r8
             );
             cg.flush();
-            cg.set_rip(u.target);
+            cg.set_rip(insn.near_branch_target());
             cg.exit(i + 1);
             Some(Done::Exited)
         }
@@ -1145,7 +1149,7 @@ fn insn(cg: &mut Cg, u: &Uop, i: usize, n: usize) -> Option<Done> {
         }
         M::Jmp if matches!(insn.code(), Code::Jmp_rel8_64 | Code::Jmp_rel32_64) && i + 1 == n => {
             cg.flush();
-            cg.set_rip(u.target);
+            cg.set_rip(insn.near_branch_target());
             cg.exit(i + 1);
             Some(Done::Exited)
         }
@@ -1165,7 +1169,7 @@ fn insn(cg: &mut Cg, u: &Uop, i: usize, n: usize) -> Option<Done> {
                 ; and rdx, !ARITH
                 ; or rdx, rax
                 ; mov QWORD [rbx + OFF_RFLAGS], rdx
-                ; mov rax, QWORD u.target as i64
+                ; mov rax, QWORD insn.near_branch_target() as i64
                 ; mov rdx, QWORD u.next_ip as i64
                 ; test cl, cl
                 ; cmovz rax, rdx
