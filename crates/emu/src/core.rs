@@ -147,7 +147,7 @@ pub struct Core {
     /// Poll the controller before the next block (IF may have become 1,
     /// the TPR or an EOI may have changed what is deliverable).
     pub poll_now: bool,
-    poll_countdown: u32,
+    pub(crate) poll_countdown: u32,
     /// The PC platform (LAPIC, IOAPIC, PIC, PIT, kvmclock) this vCPU is
     /// wired to; `None` for a bare CPU whose devices are all in the VMM.
     pub pc: Option<Box<crate::pc::PcVcpu>>,
@@ -673,6 +673,9 @@ impl Core {
         } else {
             crate::decode::chained(unsafe { &*prev }, rip, epoch)
         };
+        // The previous block may be linked to this one (same TLB epoch,
+        // cache not cleared since).
+        let mut linkable = !prev.is_null();
         let block = match chained {
             Some(b) => b,
             None => match crate::decode::fetch_block(self) {
@@ -685,6 +688,8 @@ impl Core {
                     {
                         // SAFETY: `prev` is still in the arena (no clear).
                         crate::decode::link(unsafe { &*prev }, rip, b, epoch);
+                    } else {
+                        linkable = false;
                     }
                     b
                 }
@@ -695,8 +700,14 @@ impl Core {
         // block runs (handlers never fetch blocks or flush the cache).
         let block = unsafe { &*block };
         self.end_block = false;
+        let cell = std::mem::take(&mut self.jit.ctx.last_cell);
         if limit == usize::MAX && block.bits == 64 {
+            let epoch = self.tlb.epoch;
             if let Some(f) = crate::jit::code_for(self, block) {
+                if cell != 0 && linkable && self.tlb.epoch == epoch && !self.trace {
+                    // SAFETY: the cell is in `prev`, still in the arena.
+                    unsafe { crate::jit::link(cell, block, epoch) };
+                }
                 return self.run_jit(block, f);
             }
         }
@@ -729,6 +740,7 @@ impl Core {
             self.st.settle_flags();
         }
         crate::jit::prepare(self);
+        self.jit.ctx.cur_block = block as *const crate::decode::Block as usize;
         // SAFETY: `f` was compiled for `block`, which is alive (it is in the
         // cache's arena), from the arena generation still current; the
         // code only touches this core through the pointer.
@@ -741,7 +753,8 @@ impl Core {
             return Some(RunExit::Io(req));
         }
         if !self.end_block {
-            self.prev_block = BlockPtr(block);
+            // The block that ran last (chained code may have gone on).
+            self.prev_block = BlockPtr(self.jit.ctx.cur_block as *const crate::decode::Block);
         }
         None
     }

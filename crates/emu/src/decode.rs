@@ -38,6 +38,9 @@ pub struct Block {
     succ: Cell<(u64, *const Block, u64)>,
     /// Execution count / compiled code (see [`crate::jit`]).
     pub jit: Cell<crate::jit::JitState>,
+    /// Direct links of the compiled code to its successors' code (branch
+    /// target, fall-through), read by the generated code.
+    pub links: [crate::jit::LinkCell; 2],
 }
 
 // SAFETY: the generation pointers point into RAM regions kept alive by the
@@ -163,6 +166,7 @@ pub fn fetch_block(core: &mut Core) -> R<*const Block> {
     if core.blocks.arena.len() >= MAX_BLOCKS {
         core.blocks.clear();
         core.jit.reset();
+        core.tlb.flush_all();
         core.prev_block = crate::core::BlockPtr::NONE;
     }
     core.blocks.arena.push(b.clone());
@@ -193,6 +197,14 @@ pub fn chained(prev: &Block, rip: u64, epoch: u64) -> Option<*const Block> {
 /// Remember `next` as the block that followed `prev` at `rip`.
 pub fn link(prev: &Block, rip: u64, next: *const Block, epoch: u64) {
     prev.succ.set((rip, next, epoch));
+}
+
+impl Block {
+    /// The code generation counters of the pages the block covers and the
+    /// values they had when it was decoded.
+    pub fn page_gens(&self) -> &[(*const AtomicU32, u32)] {
+        &self.gens[..self.npages]
+    }
 }
 
 #[inline]
@@ -286,5 +298,6 @@ fn decode_block(
         npages,
         succ: Cell::new((0, std::ptr::null(), 0)),
         jit: Cell::new(crate::jit::JitState::Cold),
+        links: Default::default(),
     })
 }

@@ -26,6 +26,7 @@
 //! Return value: the number of guest instructions completed; an exception
 //! raised by an interpreted instruction is left in [`Jit::exc`].
 
+use std::cell::Cell;
 use std::mem::{offset_of, size_of};
 use std::sync::OnceLock;
 
@@ -49,8 +50,9 @@ pub enum JitState {
     #[default]
     Cold,
     Counting(u32),
-    /// Code and the arena generation it was written in.
-    Code(JitFn, u64),
+    /// Code, the arena generation it was written in, and the entry point
+    /// for chained code (checks the block's pages first).
+    Code(JitFn, u64, usize),
     /// Not worth translating (nothing the translator handles).
     Failed,
 }
@@ -66,6 +68,14 @@ pub struct JitCtx {
     pub wmask: u64,
     /// Saved host RFLAGS (guest arithmetic flags).
     pub fl: u64,
+    /// `Core::kick` and `Core::attention` (AtomicBool addresses).
+    pub kick: usize,
+    pub attention: usize,
+    /// The block whose code runs (chained code updates it).
+    pub cur_block: usize,
+    /// The link cell of the exit taken when following it was not possible,
+    /// for the dispatcher to link.
+    pub last_cell: usize,
 }
 
 /// Size of the executable arena; when full it is reset and every block
@@ -201,7 +211,7 @@ impl Jit {
 pub fn code_for(core: &mut Core, block: &Block) -> Option<JitFn> {
     let threshold = core.jit.threshold?;
     match block.jit.get() {
-        JitState::Code(f, g) if g == core.jit.arena.gen => Some(f),
+        JitState::Code(f, g, _) if g == core.jit.arena.gen => Some(f),
         JitState::Failed => None,
         JitState::Counting(n) if n + 1 < threshold => {
             block.jit.set(JitState::Counting(n + 1));
@@ -214,23 +224,69 @@ pub fn code_for(core: &mut Core, block: &Block) -> Option<JitFn> {
         _ => {
             let r = compile(core, block);
             block.jit.set(match r {
-                Some(f) => JitState::Code(f, core.jit.arena.gen),
+                Some((f, chain)) => JitState::Code(f, core.jit.arena.gen, chain),
                 None => JitState::Failed,
             });
-            r
+            r.map(|(f, _)| f)
         }
     }
 }
 
-fn compile(core: &mut Core, block: &Block) -> Option<JitFn> {
+fn compile(core: &mut Core, block: &Block) -> Option<(JitFn, usize)> {
     if block.bits != 64 {
         return None;
     }
-    let code = gen_block(block)?;
+    for l in &block.links {
+        l.epoch.set(u64::MAX);
+    }
+    let (code, chain) = gen_block(block)?;
+    let gen = core.jit.arena.gen;
     let p = core.jit.arena.put(&code)?;
+    if core.jit.arena.gen != gen {
+        // The arena was recycled: links into it must not be followed.
+        core.tlb.flush_all();
+    }
     core.jit.compiled += 1;
     // SAFETY: `p` is the start of the function just written.
-    Some(unsafe { std::mem::transmute::<*const u8, JitFn>(p) })
+    let f = unsafe { std::mem::transmute::<*const u8, JitFn>(p) };
+    Some((f, p as usize + chain))
+}
+
+/// A direct link from compiled code to the compiled code of a successor
+/// block, followed while the TLB epoch it was made under holds.
+#[repr(C)]
+pub struct LinkCell {
+    pub epoch: Cell<u64>,
+    /// The successor's chained entry point.
+    pub code: Cell<usize>,
+    /// The successor's RIP (fixed at compile time).
+    pub target: Cell<u64>,
+}
+
+impl Default for LinkCell {
+    fn default() -> Self {
+        LinkCell {
+            epoch: Cell::new(u64::MAX),
+            code: Cell::new(0),
+            target: Cell::new(u64::MAX),
+        }
+    }
+}
+
+/// Link the exit whose cell is `cell` to `block`'s compiled code, valid
+/// under TLB epoch `epoch`.
+///
+/// # Safety
+/// `cell` must point to a [`LinkCell`] of a live block.
+pub unsafe fn link(cell: usize, block: &Block, epoch: u64) {
+    // SAFETY: per the contract.
+    let cell = unsafe { &*(cell as *const LinkCell) };
+    if let JitState::Code(_, _, chain) = block.jit.get() {
+        if cell.target.get() == block.rip {
+            cell.code.set(chain);
+            cell.epoch.set(epoch);
+        }
+    }
 }
 
 /// Run one instruction through the interpreter for the generated code.
@@ -272,6 +328,18 @@ const OFF_FL: i32 = offset_of!(Core, jit.ctx.fl) as i32;
 const OFF_TLB: i32 = offset_of!(Core, jit.ctx.tlb) as i32;
 const OFF_RMASK: i32 = offset_of!(Core, jit.ctx.rmask) as i32;
 const OFF_WMASK: i32 = offset_of!(Core, jit.ctx.wmask) as i32;
+const OFF_KICK: i32 = offset_of!(Core, jit.ctx.kick) as i32;
+const OFF_ATTENTION: i32 = offset_of!(Core, jit.ctx.attention) as i32;
+const OFF_CUR_BLOCK: i32 = offset_of!(Core, jit.ctx.cur_block) as i32;
+const OFF_LAST_CELL: i32 = offset_of!(Core, jit.ctx.last_cell) as i32;
+const OFF_EPOCH: i32 = offset_of!(Core, tlb.epoch) as i32;
+const OFF_ICOUNT: i32 = offset_of!(Core, icount) as i32;
+const OFF_COUNTDOWN: i32 = offset_of!(Core, poll_countdown) as i32;
+const OFF_POLL_NOW: i32 = offset_of!(Core, poll_now) as i32;
+const OFF_INT_SHADOW: i32 = offset_of!(Core, int_shadow) as i32;
+const OFF_HALTED: i32 = offset_of!(Core, halted) as i32;
+const CELL_EPOCH: i32 = offset_of!(LinkCell, epoch) as i32;
+const CELL_CODE: i32 = offset_of!(LinkCell, code) as i32;
 const fn segbase_off(s: usize) -> i32 {
     (offset_of!(Core, st.seg) + s * size_of::<Segment>() + offset_of!(Segment, base)) as i32
 }
@@ -290,6 +358,8 @@ pub fn prepare(core: &mut Core) {
     let u = if user { PERM_USER as u64 } else { 0 };
     core.jit.ctx.rmask = u;
     core.jit.ctx.wmask = u | (PERM_WRITE | PERM_DIRTY) as u64;
+    core.jit.ctx.kick = std::sync::Arc::as_ptr(&core.kick) as usize;
+    core.jit.ctx.attention = std::sync::Arc::as_ptr(&core.attention) as usize;
 }
 
 // ------------------------------------------------------------------ codegen
@@ -698,6 +768,47 @@ impl Cg {
         );
     }
 
+    /// Exit to the successor whose link cell is in rdx: `rip` stored,
+    /// flags flushed. Follows the link when the dispatcher would go
+    /// straight on to that block (same TLB epoch, nothing pending, no
+    /// interrupt-controller poll due), else returns with the cell noted.
+    fn chain_exit(&mut self, count: usize) {
+        let e = self.epilogue;
+        let nolink = self.a.new_dynamic_label();
+        a!(self
+            ; mov rax, QWORD [rbx + OFF_EPOCH]
+            ; cmp rax, QWORD [rdx + CELL_EPOCH]
+            ; jne =>nolink
+            ; cmp BYTE [rbx + OFF_INT_SHADOW], 0
+            ; jne =>nolink
+            ; cmp BYTE [rbx + OFF_HALTED], 0
+            ; jne =>nolink
+            ; cmp BYTE [rbx + OFF_POLL_NOW], 0
+            ; jne =>nolink
+            ; mov rax, QWORD [rbx + OFF_KICK]
+            ; cmp BYTE [rax], 0
+            ; jne =>nolink
+            ; mov rax, QWORD [rbx + OFF_ATTENTION]
+            ; cmp BYTE [rax], 0
+            ; jne =>nolink
+            ; cmp DWORD [rbx + OFF_COUNTDOWN], 0
+            ; je =>nolink
+            ; dec DWORD [rbx + OFF_COUNTDOWN]
+            ; add QWORD [rbx + OFF_ICOUNT], count as i32
+            ; jmp QWORD [rdx + CELL_CODE]
+            ; =>nolink
+            ; mov QWORD [rbx + OFF_LAST_CELL], rdx
+            ; mov eax, count as i32
+            ; jmp =>e
+        );
+    }
+
+    fn cell(&mut self, block: &Block, k: usize, target: u64) {
+        block.links[k].target.set(target);
+        let p = &block.links[k] as *const LinkCell as i64;
+        a!(self; mov rdx, QWORD p);
+    }
+
     fn set_rip(&mut self, rip: u64) {
         a!(self
             ; mov rax, QWORD rip as i64
@@ -732,11 +843,31 @@ impl Cg {
     }
 }
 
-fn gen_block(block: &Block) -> Option<Vec<u8>> {
+/// The code and the offset of the chained entry point.
+fn gen_block(block: &Block) -> Option<(Vec<u8>, usize)> {
     let mut cg = Cg::new();
+    let body = cg.a.new_dynamic_label();
+    let chain = cg.a.new_dynamic_label();
+    let stale = cg.a.new_dynamic_label();
     a!(cg
         ; push rbx
         ; mov rbx, rdi
+        ; jmp =>body
+        ; =>chain
+    );
+    // Entered from another block's code: the code pages must be unchanged
+    // (the dispatcher's block lookup checks the same).
+    for &(p, g) in block.page_gens() {
+        a!(cg
+            ; mov rax, QWORD p as i64
+            ; cmp DWORD [rax], g as i32
+            ; jne =>stale
+        );
+    }
+    a!(cg
+        ; =>body
+        ; mov rax, QWORD block as *const Block as i64
+        ; mov QWORD [rbx + OFF_CUR_BLOCK], rax
     );
     let n = block.uops.len();
     let mut translated = 0;
@@ -749,7 +880,7 @@ fn gen_block(block: &Block) -> Option<Vec<u8>> {
         };
         cg.cur_stub = None;
         let before = cg.loc;
-        match insn(&mut cg, u, i, n) {
+        match insn(&mut cg, block, u, i, n) {
             Some(Done::Next) => translated += 1,
             Some(Done::Exited) => {
                 translated += 1;
@@ -790,13 +921,20 @@ fn gen_block(block: &Block) -> Option<Vec<u8>> {
         cg.flush();
         let next = block.uops.last().map(|u| u.next_ip).unwrap_or(block.rip);
         cg.set_rip(next);
-        cg.exit(n);
+        cg.cell(block, 1, next);
+        cg.chain_exit(n);
     }
     let e = cg.epilogue;
     a!(cg
         ; =>e
         ; pop rbx
         ; ret
+        ; =>stale
+        // Back to the dispatcher, which decodes the block again; the link
+        // is made again to the new translation.
+        ; mov QWORD [rbx + OFF_LAST_CELL], rdx
+        ; xor eax, eax
+        ; jmp =>e
     );
     for s in std::mem::take(&mut cg.stubs) {
         a!(cg; =>s.label);
@@ -808,7 +946,8 @@ fn gen_block(block: &Block) -> Option<Vec<u8>> {
         let r = s.resume;
         a!(cg; jmp =>r);
     }
-    cg.a.finalize().ok()
+    let chain = cg.a.labels().resolve_dynamic(chain).ok()?.0;
+    Some((cg.a.finalize().ok()?, chain))
 }
 
 enum Done {
@@ -823,7 +962,7 @@ fn is_gpr_or_imm(o: Opnd) -> bool {
 }
 
 /// Translate one instruction, or None (nothing emitted) to interpret it.
-fn insn(cg: &mut Cg, u: &Uop, i: usize, n: usize) -> Option<Done> {
+fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done> {
     use Mnemonic as M;
     let insn = &u.insn;
     let m = insn.mnemonic();
@@ -1129,8 +1268,10 @@ fn insn(cg: &mut Cg, u: &Uop, i: usize, n: usize) -> Option<Done> {
                 ; mov QWORD [rbx + gpr_off(4)], r8
             );
             cg.flush();
-            cg.set_rip(insn.near_branch_target());
-            cg.exit(i + 1);
+            let t = insn.near_branch_target();
+            cg.set_rip(t);
+            cg.cell(block, 0, t);
+            cg.chain_exit(i + 1);
             Some(Done::Exited)
         }
         M::Ret if insn.code() == Code::Retnq && i + 1 == n => {
@@ -1149,8 +1290,10 @@ fn insn(cg: &mut Cg, u: &Uop, i: usize, n: usize) -> Option<Done> {
         }
         M::Jmp if matches!(insn.code(), Code::Jmp_rel8_64 | Code::Jmp_rel32_64) && i + 1 == n => {
             cg.flush();
-            cg.set_rip(insn.near_branch_target());
-            cg.exit(i + 1);
+            let t = insn.near_branch_target();
+            cg.set_rip(t);
+            cg.cell(block, 0, t);
+            cg.chain_exit(i + 1);
             Some(Done::Exited)
         }
         _ if is_jcc(m)
@@ -1175,12 +1318,22 @@ fn insn(cg: &mut Cg, u: &Uop, i: usize, n: usize) -> Option<Done> {
                 ; cmovz rax, rdx
                 ; mov QWORD [rbx + OFF_RIP], rax
             );
+            block.links[0].target.set(insn.near_branch_target());
+            block.links[1].target.set(u.next_ip);
+            let taken = &block.links[0] as *const LinkCell as i64;
+            let fall = &block.links[1] as *const LinkCell as i64;
+            a!(cg
+                ; mov rdx, QWORD fall
+                ; mov rsi, QWORD taken
+                ; test cl, cl
+                ; cmovnz rdx, rsi
+            );
             cg.loc = Loc {
                 host: false,
                 slot: false,
                 st: true,
             };
-            cg.exit(i + 1);
+            cg.chain_exit(i + 1);
             Some(Done::Exited)
         }
         _ => None,
