@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// Longest block, in instructions.
 const MAX_INSNS: usize = 64;
 /// Cached blocks before the cache is dropped wholesale.
-const MAX_BLOCKS: usize = 1 << 16;
+const MAX_BLOCKS: usize = 1 << 17;
 
 pub struct Block {
     pub rip: u64,
@@ -234,11 +234,18 @@ fn decode_block(
     };
     let off = (lin & 0xfff) as usize;
     let in_page = 4096 - off;
-    let mut bytes = Vec::with_capacity(in_page + 15);
-    for i in 0..in_page {
-        // SAFETY: `host` is a whole mapped RAM page.
-        bytes.push(unsafe { load(host.add(off + i), 1) } as u8);
+    // MAX_INSNS instructions never need more than 15 bytes each: copy only
+    // that much (the rest of the page when the block may reach its end).
+    let take = in_page.min(MAX_INSNS * 15);
+    let mut bytes = Vec::with_capacity(take + 15);
+    // SAFETY: `host` is a whole mapped RAM page and off + take <= 4096.
+    // Another vCPU may write the page meanwhile: it marks it dirty after
+    // writing (see `mark_code`), so the block is then decoded again.
+    unsafe {
+        std::ptr::copy_nonoverlapping(host.add(off), bytes.as_mut_ptr(), take);
+        bytes.set_len(take);
     }
+    let in_page_full = take == in_page;
     let mut gens = [(core.mem.code_gen_ptr(page), gen), (std::ptr::null(), 0)];
     let mut have_next = false;
     let mut npages = 1;
@@ -251,6 +258,7 @@ fn decode_block(
         next_lin & 0xffff_ffff
     };
     match core.fetch_entry(next_lin) {
+        _ if !in_page_full => {}
         Ok(e) if !e.host.is_null() => {
             if let Some(g2) = core.mem.mark_code(e.phys) {
                 for i in 0..15 {

@@ -259,8 +259,10 @@ pub struct LinkCell {
     pub epoch: Cell<u64>,
     /// The successor's chained entry point.
     pub code: Cell<usize>,
-    /// The successor's RIP (fixed at compile time).
+    /// The successor's RIP (fixed at compile time unless `dynamic`).
     pub target: Cell<u64>,
+    /// The exit's target is computed (RET): linking sets `target`.
+    pub dynamic: Cell<bool>,
 }
 
 impl Default for LinkCell {
@@ -269,6 +271,7 @@ impl Default for LinkCell {
             epoch: Cell::new(u64::MAX),
             code: Cell::new(0),
             target: Cell::new(u64::MAX),
+            dynamic: Cell::new(false),
         }
     }
 }
@@ -282,6 +285,11 @@ pub unsafe fn link(cell: usize, block: &Block, epoch: u64) {
     // SAFETY: per the contract.
     let cell = unsafe { &*(cell as *const LinkCell) };
     if let JitState::Code(_, _, chain) = block.jit.get() {
+        if cell.dynamic.get() {
+            // Not followed until complete: epoch first invalidates it.
+            cell.epoch.set(u64::MAX);
+            cell.target.set(block.rip);
+        }
         if cell.target.get() == block.rip {
             cell.code.set(chain);
             cell.epoch.set(epoch);
@@ -340,6 +348,7 @@ const OFF_INT_SHADOW: i32 = offset_of!(Core, int_shadow) as i32;
 const OFF_HALTED: i32 = offset_of!(Core, halted) as i32;
 const CELL_EPOCH: i32 = offset_of!(LinkCell, epoch) as i32;
 const CELL_CODE: i32 = offset_of!(LinkCell, code) as i32;
+const CELL_TARGET: i32 = offset_of!(LinkCell, target) as i32;
 const fn segbase_off(s: usize) -> i32 {
     (offset_of!(Core, st.seg) + s * size_of::<Segment>() + offset_of!(Segment, base)) as i32
 }
@@ -757,15 +766,6 @@ impl Cg {
             },
             _ => {}
         }
-    }
-
-    /// Exit: `rip` already stored, flags flushed.
-    fn exit(&mut self, count: usize) {
-        let e = self.epilogue;
-        a!(self
-            ; mov eax, count as i32
-            ; jmp =>e
-        );
     }
 
     /// Exit to the successor whose link cell is in rdx: `rip` stored,
@@ -1285,7 +1285,22 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
                 ; mov QWORD [rbx + OFF_RIP], r8
             );
             cg.flush();
-            cg.exit(i + 1);
+            // The link goes to the return address seen last (relinked by
+            // the dispatcher when it changes).
+            block.links[0].dynamic.set(true);
+            let p = &block.links[0] as *const LinkCell as i64;
+            let e = cg.epilogue;
+            a!(cg
+                ; mov rdx, QWORD p
+                ; mov rax, QWORD [rbx + OFF_RIP]
+                ; cmp rax, QWORD [rdx + CELL_TARGET]
+                ; je >same
+                ; mov QWORD [rbx + OFF_LAST_CELL], rdx
+                ; mov eax, (i + 1) as i32
+                ; jmp =>e
+                ; same:
+            );
+            cg.chain_exit(i + 1);
             Some(Done::Exited)
         }
         M::Jmp if matches!(insn.code(), Code::Jmp_rel8_64 | Code::Jmp_rel32_64) && i + 1 == n => {
