@@ -668,10 +668,13 @@ impl Core {
         let cache_gen = self.blocks.generation;
         // SAFETY: a non-null `prev` is in this vCPU's block arena (links are
         // reset whenever the cache is cleared).
+        let cell = std::mem::take(&mut self.jit.ctx.last_cell);
         let chained = if prev.is_null() {
             None
         } else {
             crate::decode::chained(unsafe { &*prev }, rip, epoch)
+                // SAFETY: a cell noted by the code of `prev` (a live block).
+                .or_else(|| unsafe { crate::jit::linked_block(cell, rip, epoch) })
         };
         // The previous block may be linked to this one (same TLB epoch,
         // cache not cleared since).
@@ -700,7 +703,6 @@ impl Core {
         // block runs (handlers never fetch blocks or flush the cache).
         let block = unsafe { &*block };
         self.end_block = false;
-        let cell = std::mem::take(&mut self.jit.ctx.last_cell);
         if limit == usize::MAX && block.bits == 64 {
             let epoch = self.tlb.epoch;
             if let Some(f) = crate::jit::code_for(self, block) {

@@ -207,6 +207,12 @@ impl Block {
     }
 }
 
+/// The block's code pages are unchanged since it was decoded.
+#[inline]
+pub fn is_valid(b: &Block) -> bool {
+    valid(b)
+}
+
 #[inline]
 fn valid(b: &Block) -> bool {
     b.gens[..b.npages].iter().all(|&(p, g)| {

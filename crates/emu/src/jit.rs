@@ -263,6 +263,8 @@ pub struct LinkCell {
     pub target: Cell<u64>,
     /// The exit's target is computed (RET): linking sets `target`.
     pub dynamic: Cell<bool>,
+    /// The successor block (for the dispatcher).
+    pub block: Cell<*const Block>,
 }
 
 impl Default for LinkCell {
@@ -272,7 +274,29 @@ impl Default for LinkCell {
             code: Cell::new(0),
             target: Cell::new(u64::MAX),
             dynamic: Cell::new(false),
+            block: Cell::new(std::ptr::null()),
         }
+    }
+}
+
+/// The block an exit's link cell leads to, if the link holds for `rip`
+/// under TLB epoch `epoch` and the block's pages are unchanged.
+///
+/// # Safety
+/// `cell` must be 0 or point to a [`LinkCell`] of a live block.
+pub unsafe fn linked_block(cell: usize, rip: u64, epoch: u64) -> Option<*const Block> {
+    if cell == 0 {
+        return None;
+    }
+    // SAFETY: per the contract.
+    let cell = unsafe { &*(cell as *const LinkCell) };
+    let b = cell.block.get();
+    // SAFETY: a linked cell's block is alive while its epoch holds (a cache
+    // clear flushes the TLB).
+    if cell.epoch.get() == epoch && cell.target.get() == rip && !b.is_null() && unsafe { crate::decode::is_valid(&*b) } {
+        Some(b)
+    } else {
+        None
     }
 }
 
@@ -291,6 +315,7 @@ pub unsafe fn link(cell: usize, block: &Block, epoch: u64) {
             cell.target.set(block.rip);
         }
         if cell.target.get() == block.rip {
+            cell.block.set(block);
             cell.code.set(chain);
             cell.epoch.set(epoch);
         }
@@ -537,6 +562,16 @@ impl Cg {
             );
         }
         self.loc.host = true;
+    }
+
+    /// Only the guest CF must be in the host (the next instruction writes
+    /// every other flag): BT from the saved image instead of POPFQ.
+    fn need_cf(&mut self) {
+        if self.loc.host {
+            return;
+        }
+        let at = if self.loc.slot { OFF_FL } else { OFF_RFLAGS };
+        a!(self; bt DWORD [rbx + at], 0);
     }
 
     /// An instruction just wrote all six flags in the host.
@@ -1015,7 +1050,7 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             cg.ld(0, size, o0);
             cg.ld(1, size, o1);
             match m {
-                M::Adc | M::Sbb => cg.need_host(),
+                M::Adc | M::Sbb => cg.need_cf(),
                 _ => {}
             }
             match m {
@@ -1042,12 +1077,12 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             cg.ld(0, size, o0);
             match m {
                 M::Inc => {
-                    cg.need_host();
+                    cg.need_cf();
                     op1!(cg, size, inc);
                     cg.wrote_flags();
                 }
                 M::Dec => {
-                    cg.need_host();
+                    cg.need_cf();
                     op1!(cg, size, dec);
                     cg.wrote_flags();
                 }
@@ -1316,43 +1351,56 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             && i + 1 == n =>
         {
             let cc = cc_code(u.cc)?;
-            cg.need_host();
-            // cl = condition; then the flags go back to rflags.
-            cg.a.extend([0x0f, 0x90 | cc, 0xc1]);
-            a!(cg
-                ; pushfq
-                ; pop rax
-                ; and eax, ARITH
-                ; mov rdx, QWORD [rbx + OFF_RFLAGS]
-                ; and rdx, !ARITH
-                ; or rdx, rax
-                ; mov QWORD [rbx + OFF_RFLAGS], rdx
-                ; mov rax, QWORD insn.near_branch_target() as i64
-                ; mov rdx, QWORD u.next_ip as i64
-                ; test cl, cl
-                ; cmovz rax, rdx
-                ; mov QWORD [rbx + OFF_RIP], rax
-            );
+            // r8b = condition, then the flags go back to rflags.
+            let simple = simple_cc(cc);
+            match simple {
+                Some((bit, set)) if !cg.loc.host => {
+                    // Test the saved image instead of reloading RFLAGS.
+                    let at = if cg.loc.slot { OFF_FL } else { OFF_RFLAGS };
+                    a!(cg; test DWORD [rbx + at], bit);
+                    cg.a.extend([0x41, 0x0f, if set { 0x95 } else { 0x94 }, 0xc0]);
+                }
+                _ => {
+                    cg.need_host();
+                    cg.a.extend([0x41, 0x0f, 0x90 | cc, 0xc0]);
+                }
+            }
+            cg.flush();
             block.links[0].target.set(insn.near_branch_target());
             block.links[1].target.set(u.next_ip);
             let taken = &block.links[0] as *const LinkCell as i64;
             let fall = &block.links[1] as *const LinkCell as i64;
             a!(cg
+                ; mov rax, QWORD insn.near_branch_target() as i64
+                ; mov rdx, QWORD u.next_ip as i64
+                ; test r8b, r8b
+                ; cmovz rax, rdx
+                ; mov QWORD [rbx + OFF_RIP], rax
                 ; mov rdx, QWORD fall
                 ; mov rsi, QWORD taken
-                ; test cl, cl
+                ; test r8b, r8b
                 ; cmovnz rdx, rsi
             );
-            cg.loc = Loc {
-                host: false,
-                slot: false,
-                st: true,
-            };
             cg.chain_exit(i + 1);
             Some(Done::Exited)
         }
         _ => None,
     }
+}
+
+/// Conditions that test one flag mask of a saved RFLAGS image: (mask,
+/// true if the condition holds when a masked bit is set).
+fn simple_cc(cc: u8) -> Option<(i32, bool)> {
+    let mask = match cc >> 1 {
+        0 => 0x800,
+        1 => 0x1,
+        2 => 0x40,
+        3 => 0x41,
+        4 => 0x80,
+        5 => 0x4,
+        _ => return None,
+    };
+    Some((mask, cc & 1 == 0))
 }
 
 fn is_cmov(m: Mnemonic) -> bool {
