@@ -76,7 +76,12 @@ pub struct JitCtx {
     /// The link cell of the exit taken when following it was not possible,
     /// for the dispatcher to link.
     pub last_cell: usize,
+    /// `Jit::ret_links` base.
+    pub ret_links: usize,
 }
+
+/// Entries of the return-address link table.
+const RET_LINKS: usize = 1024;
 
 /// Size of the executable arena; when full it is reset and every block
 /// translated before is translated again when hot.
@@ -169,6 +174,8 @@ pub struct Jit {
     arena: Arena,
     /// Blocks compiled (statistics).
     pub compiled: u64,
+    /// Links for RET, indexed by a hash of the return address.
+    ret_links: Box<[LinkCell]>,
 }
 
 /// Default threshold, or `VIREO_JIT=off|N` from the environment.
@@ -191,6 +198,13 @@ impl Default for Jit {
             exc: None,
             arena: Arena::default(),
             compiled: 0,
+            ret_links: (0..RET_LINKS)
+                .map(|_| {
+                    let c = LinkCell::default();
+                    c.dynamic.set(true);
+                    c
+                })
+                .collect(),
         }
     }
 }
@@ -283,7 +297,8 @@ impl Default for LinkCell {
 /// under TLB epoch `epoch` and the block's pages are unchanged.
 ///
 /// # Safety
-/// `cell` must be 0 or point to a [`LinkCell`] of a live block.
+/// `cell` must be 0 or point to a [`LinkCell`] of a live block or of the
+/// core's return-address table.
 pub unsafe fn linked_block(cell: usize, rip: u64, epoch: u64) -> Option<*const Block> {
     if cell == 0 {
         return None;
@@ -293,7 +308,11 @@ pub unsafe fn linked_block(cell: usize, rip: u64, epoch: u64) -> Option<*const B
     let b = cell.block.get();
     // SAFETY: a linked cell's block is alive while its epoch holds (a cache
     // clear flushes the TLB).
-    if cell.epoch.get() == epoch && cell.target.get() == rip && !b.is_null() && unsafe { crate::decode::is_valid(&*b) } {
+    if cell.epoch.get() == epoch
+        && cell.target.get() == rip
+        && !b.is_null()
+        && unsafe { crate::decode::is_valid(&*b) }
+    {
         Some(b)
     } else {
         None
@@ -304,7 +323,8 @@ pub unsafe fn linked_block(cell: usize, rip: u64, epoch: u64) -> Option<*const B
 /// under TLB epoch `epoch`.
 ///
 /// # Safety
-/// `cell` must point to a [`LinkCell`] of a live block.
+/// `cell` must point to a [`LinkCell`] of a live block or of the core's
+/// return-address table.
 pub unsafe fn link(cell: usize, block: &Block, epoch: u64) {
     // SAFETY: per the contract.
     let cell = unsafe { &*(cell as *const LinkCell) };
@@ -365,6 +385,7 @@ const OFF_KICK: i32 = offset_of!(Core, jit.ctx.kick) as i32;
 const OFF_ATTENTION: i32 = offset_of!(Core, jit.ctx.attention) as i32;
 const OFF_CUR_BLOCK: i32 = offset_of!(Core, jit.ctx.cur_block) as i32;
 const OFF_LAST_CELL: i32 = offset_of!(Core, jit.ctx.last_cell) as i32;
+const OFF_RET_LINKS: i32 = offset_of!(Core, jit.ctx.ret_links) as i32;
 const OFF_EPOCH: i32 = offset_of!(Core, tlb.epoch) as i32;
 const OFF_ICOUNT: i32 = offset_of!(Core, icount) as i32;
 const OFF_COUNTDOWN: i32 = offset_of!(Core, poll_countdown) as i32;
@@ -392,6 +413,7 @@ pub fn prepare(core: &mut Core) {
     let u = if user { PERM_USER as u64 } else { 0 };
     core.jit.ctx.rmask = u;
     core.jit.ctx.wmask = u | (PERM_WRITE | PERM_DIRTY) as u64;
+    core.jit.ctx.ret_links = core.jit.ret_links.as_ptr() as usize;
     core.jit.ctx.kick = std::sync::Arc::as_ptr(&core.kick) as usize;
     core.jit.ctx.attention = std::sync::Arc::as_ptr(&core.attention) as usize;
 }
@@ -1320,14 +1342,18 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
                 ; mov QWORD [rbx + OFF_RIP], r8
             );
             cg.flush();
-            // The link goes to the return address seen last (relinked by
-            // the dispatcher when it changes).
-            block.links[0].dynamic.set(true);
-            let p = &block.links[0] as *const LinkCell as i64;
+            // Indirect: look the return address up in the core's table of
+            // links (filled by the dispatcher, like any link).
             let e = cg.epilogue;
             a!(cg
-                ; mov rdx, QWORD p
                 ; mov rax, QWORD [rbx + OFF_RIP]
+                ; mov rcx, rax
+                ; shr rcx, 12
+                ; xor rcx, rax
+                ; and ecx, (RET_LINKS - 1) as i32
+                ; imul ecx, ecx, size_of::<LinkCell>() as i32
+                ; mov rdx, QWORD [rbx + OFF_RET_LINKS]
+                ; add rdx, rcx
                 ; cmp rax, QWORD [rdx + CELL_TARGET]
                 ; je >same
                 ; mov QWORD [rbx + OFF_LAST_CELL], rdx
