@@ -282,6 +282,26 @@ impl Core {
         }
     }
 
+    /// Host address of `lin` if it is in RAM and the access is allowed,
+    /// with whether writes there must go through code/dirty tracking;
+    /// None on a fault or MMIO (the caller takes its slow path, which
+    /// raises the fault).
+    pub(crate) fn ram_ptr_lin(
+        &mut self,
+        lin: u64,
+        acc: Access,
+        user: bool,
+    ) -> Option<(*mut u8, bool)> {
+        let e = self.tlb_entry(lin, acc, user).ok()?;
+        if e.host.is_null() {
+            return None;
+        }
+        // SAFETY: RAM entries have their page's flag (see `tlb_fill`).
+        let tracked = unsafe { (*e.code).load(Ordering::Relaxed) } != 0;
+        // SAFETY: inside the entry's 4 KiB page.
+        Some((unsafe { e.host.add((lin & 0xfff) as usize) }, tracked))
+    }
+
     /// Translate a linear address to physical without side effects on the TLB.
     pub fn translate(&mut self, lin: u64, acc: Access, user: bool) -> R<u64> {
         Ok(self.tlb_entry(lin, acc, user)?.phys | (lin & 0xfff))

@@ -752,3 +752,37 @@ fn translated_code_matches_the_interpreter() {
     assert_eq!(format!("{ri:x?}"), format!("{rj:x?}"), "registers");
     assert_eq!(ri.r12, 51 + 49 * 1000, "the patched loop ran the new code");
 }
+
+/// REP MOVSB whose destination starts inside its source replicates the
+/// first bytes (element order), and REP STOSQ across a page boundary fills
+/// both pages, with the page-at-a-time copy as with single elements.
+#[test]
+fn rep_movs_and_stos_keep_element_semantics_across_pages() {
+    let mut g = guest();
+    for i in 0..0x2000u64 {
+        g.ram[(DATA + i) as usize] = (i * 7) as u8;
+    }
+    g.load_code(&asm64!(|a| {
+        a.mov(rsi, DATA)?;
+        a.lea(rdi, qword_ptr(rsi + 3))?;
+        a.mov(ecx, 0x1800)?;
+        a.rep().movsb()?;
+        a.mov(rdi, DATA + 0x3f04)?;
+        a.mov(rax, 0x1122_3344_5566_7788u64)?;
+        a.mov(ecx, 0x40)?;
+        a.rep().stosq()?;
+        a.hlt()?;
+    }));
+    g.run_to_halt();
+    let r = g.regs();
+    for i in 0..0x1803u64 {
+        assert_eq!(g.r8(DATA + i), ((i % 3) * 7) as u8, "byte {i:#x}");
+    }
+    assert_eq!(g.r8(DATA + 0x1803), (0x1803u64 * 7) as u8);
+    for i in 0..0x40u64 {
+        assert_eq!(g.r64(DATA + 0x3f04 + i * 8), 0x1122_3344_5566_7788);
+    }
+    assert_eq!(r.rsi, DATA + 0x1800);
+    assert_eq!(r.rdi, DATA + 0x3f04 + 0x200);
+    assert_eq!(r.rcx, 0);
+}
