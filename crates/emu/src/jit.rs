@@ -13,7 +13,7 @@
 //! permissions, page crossing, RAM, and for writes the page's code/dirty
 //! tracking flag). Anything else, and every instruction the translator does
 //! not handle, runs through the interpreter's own handler for that one
-//! instruction ([`jit_interp`]), called from the generated code: exceptions,
+//! instruction (`jit_interp`), called from the generated code: exceptions,
 //! MMIO, self-modifying code and mode changes are therefore exactly the
 //! interpreter's, and correctness never depends on coverage.
 //!
@@ -23,8 +23,25 @@
 //! (POPFQ) only when an instruction reads them. Every exit writes them back
 //! to `rflags` with no pending lazy operation.
 //!
-//! Return value: the number of guest instructions completed; an exception
-//! raised by an interpreted instruction is left in [`Jit::exc`].
+//! Chaining: every exit with a known target (JMP, both sides of Jcc, CALL,
+//! fall-through) has a [`LinkCell`] in its block; RET looks the return
+//! address up in a per-core table of cells. The dispatcher fills a cell
+//! when the exit's successor is compiled; the code follows it (straight
+//! into the successor's code) only under the TLB epoch it was made in and
+//! when the run loop would have gone on to that block anyway: no kick,
+//! no attention, no poll due (the 64-block countdown is kept), no
+//! interrupt shadow, not halted. The successor re-checks its code pages on
+//! entry. So interrupts are taken at the same block boundaries as in the
+//! interpreter, and instruction counts are the same.
+//!
+//! Return value: the number of guest instructions completed by the last
+//! block (chained blocks add theirs to `Core::icount` as they go); an
+//! exception raised by an interpreted instruction is left in [`Jit::exc`].
+//!
+//! Not translated (interpreted from the generated code): LOCK-prefixed
+//! instructions, XCHG with memory, DIV/IDIV, 8/16-bit one-operand MUL/IMUL,
+//! string instructions, BT*, indirect JMP/CALL, anything non-integer, and
+//! every block that is not 64-bit code.
 
 use std::cell::Cell;
 use std::mem::{offset_of, size_of};
@@ -182,7 +199,7 @@ pub struct Jit {
 pub fn default_threshold() -> Option<u32> {
     static T: OnceLock<Option<u32>> = OnceLock::new();
     *T.get_or_init(|| match std::env::var("VIREO_JIT") {
-        Ok(v) if v == "off" || v == "0ff" || v == "no" => None,
+        Ok(v) if v == "off" || v == "no" => None,
         Ok(v) => v.parse().ok().or(Some(DEFAULT_THRESHOLD)),
         Err(_) => Some(DEFAULT_THRESHOLD),
     })
