@@ -207,6 +207,12 @@ pub fn default_threshold() -> Option<u32> {
 
 pub const DEFAULT_THRESHOLD: u32 = 32;
 
+/// `VIREO_JIT_PERFMAP=1`: write /tmp/perf-PID.map for `perf report`.
+fn perf_map() -> bool {
+    static P: OnceLock<bool> = OnceLock::new();
+    *P.get_or_init(|| std::env::var_os("VIREO_JIT_PERFMAP").is_some())
+}
+
 impl Default for Jit {
     fn default() -> Self {
         Jit {
@@ -278,6 +284,18 @@ fn compile(core: &mut Core, block: &Block) -> Option<(JitFn, usize)> {
         core.tlb.flush_all();
     }
     core.jit.compiled += 1;
+    if perf_map() {
+        // perf's JIT symbol map: `perf report` names samples by guest RIP.
+        use std::io::Write;
+        let path = format!("/tmp/perf-{}.map", std::process::id());
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{:x} {:x} guest_{:x}", p as usize, code.len(), block.rip);
+        }
+    }
     // SAFETY: `p` is the start of the function just written.
     let f = unsafe { std::mem::transmute::<*const u8, JitFn>(p) };
     Some((f, p as usize + chain))
@@ -752,10 +770,17 @@ impl Cg {
             ; or rcx, 1
             ; cmp QWORD [rax + TLB_TAG], rcx
             ; jne =>stub
-            ; mov ecx, esi
-            ; and ecx, 0xfff
-            ; cmp ecx, 0x1000 - size as i32
-            ; ja =>stub
+        );
+        if size > 1 {
+            // Accesses that cross into the next page take the slow path.
+            a!(self
+                ; mov ecx, esi
+                ; and ecx, 0xfff
+                ; cmp ecx, 0x1000 - size as i32
+                ; ja =>stub
+            );
+        }
+        a!(self
             ; mov cl, BYTE [rax + TLB_PERM]
             ; and cl, BYTE [rbx + mask]
             ; cmp cl, BYTE [rbx + mask]
@@ -1149,8 +1174,16 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
                 Opnd::Imm(c) => a!(cg; mov cl, c as u8 as i8),
                 _ => a!(cg; mov cl, BYTE [rbx + gpr_off(1)]),
             }
-            // A zero count changes no flag: start from the guest's.
-            cg.need_host();
+            // A zero count changes no flag, rotates keep SF/ZF/PF/AF: start
+            // from the guest's. A non-zero immediate SHL/SHR/SAR count sets
+            // every defined flag from the operands alone (AF, and OF beyond
+            // a count of 1, are undefined).
+            let cmask = if size == 8 { 63 } else { 31 };
+            let fresh = matches!(o1, Opnd::Imm(c) if c & cmask != 0)
+                && matches!(m, M::Shl | M::Sal | M::Shr | M::Sar);
+            if !fresh {
+                cg.need_host();
+            }
             match m {
                 M::Shl | M::Sal => shift!(cg, size, shl),
                 M::Shr => shift!(cg, size, shr),
