@@ -418,10 +418,13 @@ fn vcpu_thread(mut vcpu: EmuVcpu, sh: Arc<Shared>) -> String {
         eprintln!("  cpu{idx} sregs {:x?}", vcpu.get_sregs());
     }
     format!(
-        "boot_emu: cpu{idx}: {end}; {:.1} s ({:.1} s halted), {} instructions, RIP {:#x}",
+        "boot_emu: cpu{idx}: {end}; {:.1} s ({:.1} s halted), {} instructions ({:.0} MIPS), {} blocks decoded, {} compiled, RIP {:#x}",
         sh.start.elapsed().as_secs_f64(),
         slept.as_secs_f64(),
         vcpu.core().icount,
+        vcpu.core().icount as f64 / (sh.start.elapsed() - slept).as_secs_f64().max(1e-9) / 1e6,
+        vcpu.core().blocks.decoded,
+        vcpu.core().jit.compiled,
         r.rip
     )
 }

@@ -147,10 +147,12 @@ pub struct Core {
     /// Poll the controller before the next block (IF may have become 1,
     /// the TPR or an EOI may have changed what is deliverable).
     pub poll_now: bool,
-    poll_countdown: u32,
+    pub(crate) poll_countdown: u32,
     /// The PC platform (LAPIC, IOAPIC, PIC, PIT, kvmclock) this vCPU is
     /// wired to; `None` for a bare CPU whose devices are all in the VMM.
     pub pc: Option<Box<crate::pc::PcVcpu>>,
+    /// The translating tier (hot 64-bit blocks compiled to host code).
+    pub jit: crate::jit::Jit,
 }
 
 /// A small ring of recent block start RIPs and exceptions.
@@ -224,6 +226,7 @@ impl Core {
             poll_now: true,
             poll_countdown: 0,
             pc: None,
+            jit: crate::jit::Jit::default(),
         }
     }
 
@@ -247,6 +250,20 @@ impl Core {
     #[cold]
     fn tlb_fill(&mut self, lin: u64, acc: Access, user: bool) -> R<TlbEntry> {
         match walk(&self.st, &self.mem, lin, acc, user) {
+            Ok(t) if self.st.long_mode() && ((lin << 16) as i64 >> 16) as u64 != lin => {
+                // Not cached: the translated code's inline TLB lookup relies
+                // on never finding a non-canonical address there.
+                Ok(TlbEntry {
+                    tag: 0,
+                    phys: t.page,
+                    host: self
+                        .mem
+                        .ram_ptr(t.page, 4096)
+                        .unwrap_or(std::ptr::null_mut()),
+                    code: self.mem.code_flag(t.page),
+                    perm: t.perm,
+                })
+            }
             Ok(t) => {
                 let e = TlbEntry {
                     tag: (lin & !0xfff) | 1,
@@ -263,6 +280,26 @@ impl Core {
             }
             Err(error) => Err(Exc::PageFault { addr: lin, error }),
         }
+    }
+
+    /// Host address of `lin` if it is in RAM and the access is allowed,
+    /// with whether writes there must go through code/dirty tracking;
+    /// None on a fault or MMIO (the caller takes its slow path, which
+    /// raises the fault).
+    pub(crate) fn ram_ptr_lin(
+        &mut self,
+        lin: u64,
+        acc: Access,
+        user: bool,
+    ) -> Option<(*mut u8, bool)> {
+        let e = self.tlb_entry(lin, acc, user).ok()?;
+        if e.host.is_null() {
+            return None;
+        }
+        // SAFETY: RAM entries have their page's flag (see `tlb_fill`).
+        let tracked = unsafe { (*e.code).load(Ordering::Relaxed) } != 0;
+        // SAFETY: inside the entry's 4 KiB page.
+        Some((unsafe { e.host.add((lin & 0xfff) as usize) }, tracked))
     }
 
     /// Translate a linear address to physical without side effects on the TLB.
@@ -501,6 +538,7 @@ impl Core {
     pub fn flush_all_caches(&mut self) {
         self.tlb.flush_all();
         self.blocks.clear();
+        self.jit.reset();
         self.prev_block = BlockPtr::NONE;
     }
 
@@ -663,11 +701,17 @@ impl Core {
         let cache_gen = self.blocks.generation;
         // SAFETY: a non-null `prev` is in this vCPU's block arena (links are
         // reset whenever the cache is cleared).
+        let cell = std::mem::take(&mut self.jit.ctx.last_cell);
         let chained = if prev.is_null() {
             None
         } else {
             crate::decode::chained(unsafe { &*prev }, rip, epoch)
+                // SAFETY: a cell noted by the code of `prev` (a live block).
+                .or_else(|| unsafe { crate::jit::linked_block(cell, rip, epoch) })
         };
+        // The previous block may be linked to this one (same TLB epoch,
+        // cache not cleared since).
+        let mut linkable = !prev.is_null();
         let block = match chained {
             Some(b) => b,
             None => match crate::decode::fetch_block(self) {
@@ -680,6 +724,8 @@ impl Core {
                     {
                         // SAFETY: `prev` is still in the arena (no clear).
                         crate::decode::link(unsafe { &*prev }, rip, b, epoch);
+                    } else {
+                        linkable = false;
                     }
                     b
                 }
@@ -690,6 +736,16 @@ impl Core {
         // block runs (handlers never fetch blocks or flush the cache).
         let block = unsafe { &*block };
         self.end_block = false;
+        if limit == usize::MAX && block.bits == 64 {
+            let epoch = self.tlb.epoch;
+            if let Some(f) = crate::jit::code_for(self, block) {
+                if cell != 0 && linkable && self.tlb.epoch == epoch && !self.trace {
+                    // SAFETY: the cell is in `prev`, still in the arena.
+                    unsafe { crate::jit::link(cell, block, epoch) };
+                }
+                return self.run_jit(block, f);
+            }
+        }
         for u in block.uops.iter().take(limit) {
             let next = u.next_ip;
             self.next_rip = next;
@@ -709,6 +765,31 @@ impl Core {
         }
         if !self.end_block {
             self.prev_block = BlockPtr(block);
+        }
+        None
+    }
+
+    /// Run a block's compiled code (see [`crate::jit`]).
+    fn run_jit(&mut self, block: &crate::decode::Block, f: crate::jit::JitFn) -> Option<RunExit> {
+        if self.st.flags.op != crate::flags::FlagOp::None {
+            self.st.settle_flags();
+        }
+        crate::jit::prepare(self);
+        self.jit.ctx.cur_block = block as *const crate::decode::Block as usize;
+        // SAFETY: `f` was compiled for `block`, which is alive (it is in the
+        // cache's arena), from the arena generation still current; the
+        // code only touches this core through the pointer.
+        let r = unsafe { f(self as *mut Core) };
+        self.icount += r as u32 as u64;
+        if let Some(e) = self.jit.exc.take() {
+            return self.handle_exc(e);
+        }
+        if let Some(req) = self.io.request.take() {
+            return Some(RunExit::Io(req));
+        }
+        if !self.end_block {
+            // The block that ran last (chained code may have gone on).
+            self.prev_block = BlockPtr(self.jit.ctx.cur_block as *const crate::decode::Block);
         }
         None
     }

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// Longest block, in instructions.
 const MAX_INSNS: usize = 64;
 /// Cached blocks before the cache is dropped wholesale.
-const MAX_BLOCKS: usize = 1 << 16;
+const MAX_BLOCKS: usize = 1 << 17;
 
 pub struct Block {
     pub rip: u64,
@@ -36,6 +36,11 @@ pub struct Block {
     /// The block that last followed this one: (its RIP, the block, the TLB
     /// epoch at link time).
     succ: Cell<(u64, *const Block, u64)>,
+    /// Execution count / compiled code (see [`crate::jit`]).
+    pub jit: Cell<crate::jit::JitState>,
+    /// Direct links of the compiled code to its successors' code (branch
+    /// target, fall-through), read by the generated code.
+    pub links: [crate::jit::LinkCell; 2],
 }
 
 // SAFETY: the generation pointers point into RAM regions kept alive by the
@@ -160,6 +165,8 @@ pub fn fetch_block(core: &mut Core) -> R<*const Block> {
     let b = Arc::new(decode_block(core, lin, rip, bits, entry.phys, entry.host)?);
     if core.blocks.arena.len() >= MAX_BLOCKS {
         core.blocks.clear();
+        core.jit.reset();
+        core.tlb.flush_all();
         core.prev_block = crate::core::BlockPtr::NONE;
     }
     core.blocks.arena.push(b.clone());
@@ -192,6 +199,20 @@ pub fn link(prev: &Block, rip: u64, next: *const Block, epoch: u64) {
     prev.succ.set((rip, next, epoch));
 }
 
+impl Block {
+    /// The code generation counters of the pages the block covers and the
+    /// values they had when it was decoded.
+    pub fn page_gens(&self) -> &[(*const AtomicU32, u32)] {
+        &self.gens[..self.npages]
+    }
+}
+
+/// The block's code pages are unchanged since it was decoded.
+#[inline]
+pub fn is_valid(b: &Block) -> bool {
+    valid(b)
+}
+
 #[inline]
 fn valid(b: &Block) -> bool {
     b.gens[..b.npages].iter().all(|&(p, g)| {
@@ -219,11 +240,18 @@ fn decode_block(
     };
     let off = (lin & 0xfff) as usize;
     let in_page = 4096 - off;
-    let mut bytes = Vec::with_capacity(in_page + 15);
-    for i in 0..in_page {
-        // SAFETY: `host` is a whole mapped RAM page.
-        bytes.push(unsafe { load(host.add(off + i), 1) } as u8);
+    // MAX_INSNS instructions never need more than 15 bytes each: copy only
+    // that much (the rest of the page when the block may reach its end).
+    let take = in_page.min(MAX_INSNS * 15);
+    let mut bytes = Vec::with_capacity(take + 15);
+    // SAFETY: `host` is a whole mapped RAM page and off + take <= 4096.
+    // Another vCPU may write the page meanwhile: it marks it dirty after
+    // writing (see `mark_code`), so the block is then decoded again.
+    unsafe {
+        std::ptr::copy_nonoverlapping(host.add(off), bytes.as_mut_ptr(), take);
+        bytes.set_len(take);
     }
+    let in_page_full = take == in_page;
     let mut gens = [(core.mem.code_gen_ptr(page), gen), (std::ptr::null(), 0)];
     let mut have_next = false;
     let mut npages = 1;
@@ -236,6 +264,7 @@ fn decode_block(
         next_lin & 0xffff_ffff
     };
     match core.fetch_entry(next_lin) {
+        _ if !in_page_full => {}
         Ok(e) if !e.host.is_null() => {
             if let Some(g2) = core.mem.mark_code(e.phys) {
                 for i in 0..15 {
@@ -282,5 +311,7 @@ fn decode_block(
         gens,
         npages,
         succ: Cell::new((0, std::ptr::null(), 0)),
+        jit: Cell::new(crate::jit::JitState::Cold),
+        links: Default::default(),
     })
 }

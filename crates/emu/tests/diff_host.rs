@@ -167,13 +167,17 @@ const XMMS: [iced_x86::code_asm::AsmRegisterXmm; 16] = {
 
 struct EngineRunner {
     g: Guest,
+    /// Blocks the translating tier compiled (summed over cases).
+    compiled: u64,
 }
 
 impl EngineRunner {
-    fn new() -> EngineRunner {
+    /// `jit`: translate every block on its first run; else interpret only.
+    fn new(jit: bool) -> EngineRunner {
         let mut g = Guest::new(4 << 20);
         g.long_mode();
-        EngineRunner { g }
+        g.vcpu.core_mut().jit.threshold = if jit { Some(0) } else { None };
+        EngineRunner { g, compiled: 0 }
     }
 
     fn run(&mut self, case: &Case, mem: &mut [u8; 256]) -> HostState {
@@ -181,7 +185,9 @@ impl EngineRunner {
         code.push(0xf4);
         self.g.write(CODE, &code);
         self.g.write(DATA, mem);
+        self.compiled += self.g.vcpu.core().jit.compiled;
         self.g.vcpu.core_mut().flush_all_caches();
+        self.g.vcpu.core_mut().jit.compiled = 0;
         let i = &case.input;
         let mut gpr = i.gpr;
         if case.uses_mem {
@@ -233,18 +239,36 @@ impl EngineRunner {
     }
 }
 
+/// Every case runs natively, on the interpreter and on the translating tier.
 struct Harness {
     host: HostRunner,
     eng: EngineRunner,
+    jit: EngineRunner,
     rng: u64,
     count: usize,
+    /// The cases include instructions the translator compiles (SSE and x87
+    /// sequences run through the interpreter in both engines).
+    expect_jit: bool,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if self.expect_jit && self.count > 0 && !std::thread::panicking() {
+            assert!(
+                self.jit.compiled + self.jit.g.vcpu.core().jit.compiled > 0,
+                "no case went through the translating tier"
+            );
+        }
+    }
 }
 
 impl Harness {
     fn new() -> Harness {
         Harness {
             host: HostRunner::new(),
-            eng: EngineRunner::new(),
+            eng: EngineRunner::new(false),
+            jit: EngineRunner::new(true),
+            expect_jit: true,
             rng: 0x2545_f491_4f6c_dd1d,
             count: 0,
         }
@@ -274,22 +298,43 @@ impl Harness {
 
     fn check(&mut self, case: Case) {
         let mut hmem = case.mem;
-        let mut emem = case.mem;
         let h = self.host.run(&case, &mut hmem);
-        let e = self.eng.run(&case, &mut emem);
+        for jit in [false, true] {
+            let mut emem = case.mem;
+            let e = if jit {
+                self.jit.run(&case, &mut emem)
+            } else {
+                self.eng.run(&case, &mut emem)
+            };
+            self.compare(&case, jit, &h, &hmem, &e, &emem);
+        }
+        self.count += 1;
+    }
+
+    fn compare(
+        &self,
+        case: &Case,
+        jit: bool,
+        h: &HostState,
+        hmem: &[u8; 256],
+        e: &HostState,
+        emem: &[u8; 256],
+    ) {
+        let tier = if jit { "jit" } else { "interp" };
+        let name = format!("{} ({tier})", case.name);
         let fmask = (ARITH | 0x400) & !case.undefined;
         for i in 0..16 {
             assert_eq!(
                 h.gpr[i], e.gpr[i],
                 "{}: gpr {i} host {:#x} engine {:#x} (input {:x?})",
-                case.name, h.gpr[i], e.gpr[i], case.input
+                name, h.gpr[i], e.gpr[i], case.input
             );
         }
         assert_eq!(
             h.rflags & fmask,
             e.rflags & fmask,
             "{}: flags host {:#x} engine {:#x} (input {:x?})",
-            case.name,
+            name,
             h.rflags,
             e.rflags,
             case.input
@@ -298,11 +343,10 @@ impl Harness {
             assert_eq!(
                 h.xmm[i], e.xmm[i],
                 "{}: xmm{i} host {:#034x} engine {:#034x} (input {:x?})",
-                case.name, h.xmm[i], e.xmm[i], case.input.xmm
+                name, h.xmm[i], e.xmm[i], case.input.xmm
             );
         }
-        assert_eq!(hmem, emem, "{}: memory", case.name);
-        self.count += 1;
+        assert_eq!(hmem, emem, "{}: memory", name);
     }
 }
 
@@ -915,6 +959,7 @@ fn float_value(h: &mut Harness, double: bool) -> u128 {
 #[test]
 fn sse_integer_ops_match_host() {
     let mut h = Harness::new();
+    h.expect_jit = false;
     // 66 0F op /r with xmm1, xmm2.
     let ops: &[u8] = &[
         0xef, 0xeb, 0xdb, 0xdf, 0xfc, 0xfd, 0xfe, 0xd4, 0xf8, 0xf9, 0xfa, 0xfb, 0xdc, 0xdd, 0xd8,
@@ -1036,6 +1081,7 @@ fn sse_integer_ops_match_host() {
 #[test]
 fn sse_float_ops_match_host() {
     let mut h = Harness::new();
+    h.expect_jit = false;
     // (prefix, opcode, double?)
     let mut ops: Vec<(Vec<u8>, bool)> = Vec::new();
     for op in [
@@ -1087,6 +1133,7 @@ fn sse_float_ops_match_host() {
 #[test]
 fn x87_sequences_match_host() {
     let mut h = Harness::new();
+    h.expect_jit = false;
     // Inputs at [rbx]: i32 a, i32 b, f64 c at +16, f64 d at +24.
     let seqs: &[(&[u8], &str)] = &[
         // fninit; fild [rbx]; fild [rbx+4]; fmulp; fistp qword [rbx+8]; fnstsw ax

@@ -656,3 +656,133 @@ fn platform_msrs_tsc_and_kvmclock() {
     assert_eq!(g.r8(DATA + 31), 32);
     assert_eq!(r.rax, 13);
 }
+
+/// A program with the shapes the translating tier compiles (a multi-limb
+/// multiply-subtract loop with carries through memory, calls and returns,
+/// PUSH/POP, SETcc/CMOVcc, shifts, a store into code that is hot) gives the same registers and memory
+/// with every block translated on its first run as interpreted.
+#[test]
+fn translated_code_matches_the_interpreter() {
+    const N: u64 = 48;
+    let code = asm64!(|a| {
+        let mut lp = a.create_label();
+        let mut f = a.create_label();
+        let mut calls = a.create_label();
+        let mut smc = a.create_label();
+        let mut skip = a.create_label();
+        // rdi -= rsi * r8 over N limbs (mpihelp_submul_1's shape).
+        a.mov(rsi, DATA)?;
+        a.mov(rdi, DATA + 0x1000)?;
+        a.mov(r8, 0x9e37_79b9_7f4a_7c15u64)?;
+        a.xor(r9d, r9d)?;
+        a.mov(rcx, -(N as i64))?;
+        a.lea(rsi, qword_ptr(rsi + N * 8))?;
+        a.lea(rdi, qword_ptr(rdi + N * 8))?;
+        a.set_label(&mut lp)?;
+        a.mov(rax, qword_ptr(rsi + rcx * 8))?;
+        a.mul(r8)?;
+        a.add(rax, r9)?;
+        a.adc(rdx, 0)?;
+        a.mov(r10, qword_ptr(rdi + rcx * 8))?;
+        a.sub(r10, rax)?;
+        a.adc(rdx, 0)?;
+        a.mov(qword_ptr(rdi + rcx * 8), r10)?;
+        a.mov(r9, rdx)?;
+        a.inc(rcx)?;
+        a.jnz(lp)?;
+        // 200 calls: flags across PUSH/POP, SETcc, CMOVcc, shifts.
+        a.mov(ebx, 200)?;
+        a.xor(r11d, r11d)?;
+        a.set_label(&mut calls)?;
+        a.call(f)?;
+        a.dec(ebx)?;
+        a.jnz(calls)?;
+        // A hot loop whose own immediate is patched halfway.
+        a.mov(ecx, 100)?;
+        a.xor(r12d, r12d)?;
+        a.set_label(&mut smc)?;
+        a.mov(eax, 1)?;
+        a.add(r12, rax)?;
+        a.cmp(ecx, 50)?;
+        a.jne(skip)?;
+        a.lea(rdx, ptr(smc))?;
+        a.mov(dword_ptr(rdx + 1), 1000)?;
+        a.set_label(&mut skip)?;
+        a.dec(ecx)?;
+        a.jnz(smc)?;
+        a.hlt()?;
+        a.set_label(&mut f)?;
+        a.push(rbx)?;
+        a.mov(rax, rbx)?;
+        a.imul_3(rax, rax, 0x1234_5679)?;
+        a.shl(rax, 7)?;
+        a.sar(rax, 3)?;
+        a.xor(rax, r11)?;
+        a.test(al, 0x10)?;
+        a.setnz(dl)?;
+        a.movzx(edx, dl)?;
+        a.cmovs(r11, rax)?;
+        a.add(r11, rdx)?;
+        a.sub(r11d, ebx)?;
+        a.sbb(r11, 3)?;
+        a.neg(r11)?;
+        a.pop(rbx)?;
+        a.ret()?;
+    });
+    let run = |jit: Option<u32>| {
+        let mut g = guest();
+        g.vcpu.core_mut().jit.threshold = jit;
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for i in 0..2 * N {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let base = if i < N { DATA } else { DATA + 0x1000 - N * 8 };
+            g.w64(base + i * 8, x);
+        }
+        g.load_code(&code);
+        g.run_to_halt();
+        let mem: Vec<u64> = (0..N).map(|i| g.r64(DATA + 0x1000 + i * 8)).collect();
+        (g.regs(), mem, g.vcpu.core().jit.compiled)
+    };
+    let (ri, mi, _) = run(None);
+    let (rj, mj, compiled) = run(Some(0));
+    assert!(compiled > 5, "{compiled} blocks translated");
+    assert_eq!(mi, mj, "limbs");
+    assert_eq!(format!("{ri:x?}"), format!("{rj:x?}"), "registers");
+    assert_eq!(ri.r12, 51 + 49 * 1000, "the patched loop ran the new code");
+}
+
+/// REP MOVSB whose destination starts inside its source replicates the
+/// first bytes (element order), and REP STOSQ across a page boundary fills
+/// both pages, with the page-at-a-time copy as with single elements.
+#[test]
+fn rep_movs_and_stos_keep_element_semantics_across_pages() {
+    let mut g = guest();
+    for i in 0..0x2000u64 {
+        g.ram[(DATA + i) as usize] = (i * 7) as u8;
+    }
+    g.load_code(&asm64!(|a| {
+        a.mov(rsi, DATA)?;
+        a.lea(rdi, qword_ptr(rsi + 3))?;
+        a.mov(ecx, 0x1800)?;
+        a.rep().movsb()?;
+        a.mov(rdi, DATA + 0x3f04)?;
+        a.mov(rax, 0x1122_3344_5566_7788u64)?;
+        a.mov(ecx, 0x40)?;
+        a.rep().stosq()?;
+        a.hlt()?;
+    }));
+    g.run_to_halt();
+    let r = g.regs();
+    for i in 0..0x1803u64 {
+        assert_eq!(g.r8(DATA + i), ((i % 3) * 7) as u8, "byte {i:#x}");
+    }
+    assert_eq!(g.r8(DATA + 0x1803), (0x1803u64 * 7) as u8);
+    for i in 0..0x40u64 {
+        assert_eq!(g.r64(DATA + 0x3f04 + i * 8), 0x1122_3344_5566_7788);
+    }
+    assert_eq!(r.rsi, DATA + 0x1800);
+    assert_eq!(r.rdi, DATA + 0x3f04 + 0x200);
+    assert_eq!(r.rcx, 0);
+}

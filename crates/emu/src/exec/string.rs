@@ -58,6 +58,74 @@ fn acc_reg(size: u8) -> Register {
     }
 }
 
+/// REP MOVS/STOS forwards with 64-bit addresses: copy or fill as many
+/// elements as fit in the current source and destination pages at once,
+/// when both are plain RAM (no MMIO, no code or dirty tracking on the
+/// destination). Returns the elements done (0: take the element path).
+fn bulk_chunk(core: &mut Core, stos: bool, seg: usize, size: u8, budget: u32) -> u64 {
+    let sz = size as u64;
+    let count = core.st.gpr[RCX];
+    let di = core.st.gpr[RDI];
+    let si = core.st.gpr[RSI];
+    let room = |a: u64| (0x1000 - (a & 0xfff)) / sz;
+    let mut n = count.min(budget as u64).min(room(di));
+    if !stos {
+        n = n.min(room(si));
+    }
+    if n == 0 {
+        return 0;
+    }
+    let user = core.user();
+    let Ok(dlin) = core.lin(ES, di) else {
+        return 0;
+    };
+    let Some((dst, tracked)) = core.ram_ptr_lin(dlin, Access::Write, user) else {
+        return 0;
+    };
+    if tracked {
+        return 0;
+    }
+    let len = (n * sz) as usize;
+    if stos {
+        let v = core.st.gpr[0];
+        // SAFETY: `dst..dst+len` stays inside one RAM page (see `room`).
+        unsafe {
+            if size == 1 {
+                std::ptr::write_bytes(dst, v as u8, len);
+            } else {
+                for i in 0..n as usize {
+                    crate::mem::store(dst.add(i * size as usize), size, v);
+                }
+            }
+        }
+    } else {
+        let Ok(slin) = core.lin(seg, si) else {
+            return 0;
+        };
+        let Some((src, _)) = core.ram_ptr_lin(slin, Access::Read, user) else {
+            return 0;
+        };
+        let (s0, d0) = (src as usize, dst as usize);
+        // SAFETY: both ranges stay inside one RAM page each. Forward
+        // element order matters only when the destination starts inside
+        // the source: copy element by element then.
+        unsafe {
+            if d0 > s0 && d0 < s0 + len {
+                for i in 0..n as usize {
+                    let o = i * size as usize;
+                    crate::mem::store(dst.add(o), size, crate::mem::load(src.add(o), size));
+                }
+            } else {
+                std::ptr::copy(src, dst, len);
+            }
+        }
+        core.st.gpr[RSI] = si.wrapping_add(n * sz);
+    }
+    core.st.gpr[RDI] = di.wrapping_add(n * sz);
+    core.st.gpr[RCX] = count - n;
+    n
+}
+
 pub fn string_op(core: &mut Core, insn: &Instruction) -> R {
     let mn = insn.mnemonic();
     let size = insn.memory_size().size() as u8;
@@ -77,9 +145,37 @@ pub fn string_op(core: &mut Core, insn: &Instruction) -> R {
     };
     let port = (core.st.gpr[2] & 0xffff) as u16;
     let mut budget = BUDGET;
+    let bulk = rep
+        && asz == 8
+        && step == size as u64
+        && matches!(
+            mn,
+            M::Movsb | M::Movsw | M::Movsd | M::Movsq | M::Stosb | M::Stosw | M::Stosd | M::Stosq
+        );
     loop {
         if rep && core.st.gpr[RCX] & am == 0 {
             return Ok(());
+        }
+        if bulk {
+            let n = bulk_chunk(
+                core,
+                mn == M::Stosb || mn == M::Stosw || mn == M::Stosd || mn == M::Stosq,
+                seg,
+                size,
+                budget,
+            );
+            if n > 0 {
+                budget -= n as u32;
+                if core.st.gpr[RCX] == 0 {
+                    return Ok(());
+                }
+                if budget == 0 {
+                    core.next_rip = core.st.rip;
+                    core.end_block = true;
+                    return Ok(());
+                }
+                continue;
+            }
         }
         let si = core.st.gpr[RSI] & am;
         let di = core.st.gpr[RDI] & am;

@@ -1,0 +1,1549 @@
+//! The translating tier: hot 64-bit blocks compiled to host x86-64 code.
+//!
+//! A block that has run [`Jit::threshold`] times is compiled with dynasm-rs
+//! into a function `extern "sysv64" fn(*mut Core) -> u64`. The generated
+//! code works on the guest register file in `Core::st` (no register
+//! allocation across instructions: between two guest instructions every
+//! guest register is in memory) and runs the common integer instructions
+//! (MOV/MOVZX/MOVSX/LEA, the ALU group, INC/DEC/NEG/NOT, shifts and
+//! rotates, MUL/IMUL, CMOVcc/SETcc, PUSH/POP, CALL/RET/JMP/Jcc) with the
+//! same host instruction, so results and flags are the host CPU's.
+//!
+//! Memory operands go through an inline lookup of the soft TLB (tag,
+//! permissions, page crossing, RAM, and for writes the page's code/dirty
+//! tracking flag). Anything else, and every instruction the translator does
+//! not handle, runs through the interpreter's own handler for that one
+//! instruction (`jit_interp`), called from the generated code: exceptions,
+//! MMIO, self-modifying code and mode changes are therefore exactly the
+//! interpreter's, and correctness never depends on coverage.
+//!
+//! Flags: at entry the lazy flags are settled (`CpuState::rflags` holds
+//! them); translated instructions leave them in the host RFLAGS, which are
+//! saved (PUSHFQ) to a slot before code that clobbers them and reloaded
+//! (POPFQ) only when an instruction reads them. Every exit writes them back
+//! to `rflags` with no pending lazy operation.
+//!
+//! Chaining: every exit with a known target (JMP, both sides of Jcc, CALL,
+//! fall-through) has a [`LinkCell`] in its block; RET looks the return
+//! address up in a per-core table of cells. The dispatcher fills a cell
+//! when the exit's successor is compiled; the code follows it (straight
+//! into the successor's code) only under the TLB epoch it was made in and
+//! when the run loop would have gone on to that block anyway: no kick,
+//! no attention, no poll due (the 64-block countdown is kept), no
+//! interrupt shadow, not halted. The successor re-checks its code pages on
+//! entry. So interrupts are taken at the same block boundaries as in the
+//! interpreter, and instruction counts are the same.
+//!
+//! Return value: the number of guest instructions completed by the last
+//! block (chained blocks add theirs to `Core::icount` as they go); an
+//! exception raised by an interpreted instruction is left in [`Jit::exc`].
+//!
+//! Not translated (interpreted from the generated code): LOCK-prefixed
+//! instructions, XCHG with memory, DIV/IDIV, 8/16-bit one-operand MUL/IMUL,
+//! string instructions, BT*, indirect JMP/CALL, anything non-integer, and
+//! every block that is not 64-bit code.
+
+use std::cell::Cell;
+use std::mem::{offset_of, size_of};
+use std::sync::OnceLock;
+
+use dynasmrt::x64::X64Relocation;
+use dynasmrt::{dynasm, DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
+use hypervisor::Segment;
+use iced_x86::{Code, ConditionCode, Mnemonic};
+
+use crate::core::{Core, Exc};
+use crate::decode::Block;
+use crate::mmu::{TlbEntry, PERM_DIRTY, PERM_USER, PERM_WRITE};
+use crate::uop::{Opnd, Uop};
+
+/// Compiled code of one block.
+pub type JitFn = unsafe extern "sysv64" fn(*mut Core) -> u64;
+
+/// A block's translation state.
+#[derive(Clone, Copy, Default)]
+pub enum JitState {
+    /// Executions so far.
+    #[default]
+    Cold,
+    Counting(u32),
+    /// Code, the arena generation it was written in, and the entry point
+    /// for chained code (checks the block's pages first).
+    Code(JitFn, u64, usize),
+    /// Not worth translating (nothing the translator handles).
+    Failed,
+}
+
+/// Values the generated code reads at run time.
+#[derive(Default)]
+#[repr(C)]
+pub struct JitCtx {
+    /// `Core::tlb.entries` base.
+    pub tlb: usize,
+    /// Permission bits a TLB entry needs for the inline read/write path.
+    pub rmask: u64,
+    pub wmask: u64,
+    /// Saved host RFLAGS (guest arithmetic flags).
+    pub fl: u64,
+    /// `Core::kick` and `Core::attention` (AtomicBool addresses).
+    pub kick: usize,
+    pub attention: usize,
+    /// The block whose code runs (chained code updates it).
+    pub cur_block: usize,
+    /// The link cell of the exit taken when following it was not possible,
+    /// for the dispatcher to link.
+    pub last_cell: usize,
+    /// `Jit::ret_links` base.
+    pub ret_links: usize,
+}
+
+/// Entries of the return-address link table.
+const RET_LINKS: usize = 1024;
+
+/// Size of the executable arena; when full it is reset and every block
+/// translated before is translated again when hot.
+const ARENA_SIZE: usize = 32 << 20;
+
+/// Executable memory for translations: one mapping, read+execute except
+/// for the pages a new translation is being written to (W^X), bump
+/// allocated.
+struct Arena {
+    base: *mut u8,
+    used: usize,
+    gen: u64,
+}
+
+impl Default for Arena {
+    fn default() -> Self {
+        Arena {
+            base: std::ptr::null_mut(),
+            used: 0,
+            gen: 0,
+        }
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        if !self.base.is_null() {
+            // SAFETY: our own mapping; no code from it runs any more (the
+            // owning core is being dropped).
+            unsafe { libc::munmap(self.base as *mut libc::c_void, ARENA_SIZE) };
+        }
+    }
+}
+
+impl Arena {
+    /// Copy `code` into executable memory; None if that failed.
+    fn put(&mut self, code: &[u8]) -> Option<*const u8> {
+        if code.len() > ARENA_SIZE {
+            return None;
+        }
+        if self.base.is_null() {
+            // SAFETY: a fresh private anonymous mapping.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    ARENA_SIZE,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return None;
+            }
+            self.base = p as *mut u8;
+        }
+        if self.used + code.len() > ARENA_SIZE {
+            // Every older translation becomes stale (blocks check `gen`).
+            self.gen += 1;
+            self.used = 0;
+        }
+        let at = self.used;
+        let first = at & !4095;
+        let end = (at + code.len() + 4095) & !4095;
+        // SAFETY: [first, end) is inside the mapping; no translated code
+        // runs while this vCPU compiles, and only this vCPU uses the arena.
+        unsafe {
+            let page = self.base.add(first) as *mut libc::c_void;
+            if libc::mprotect(page, end - first, libc::PROT_READ | libc::PROT_WRITE) != 0 {
+                return None;
+            }
+            std::ptr::copy_nonoverlapping(code.as_ptr(), self.base.add(at), code.len());
+            if libc::mprotect(page, end - first, libc::PROT_READ | libc::PROT_EXEC) != 0 {
+                return None;
+            }
+        }
+        // Keep entry points 16-byte aligned.
+        self.used = (at + code.len() + 15) & !15;
+        Some(self.base.wrapping_add(at) as *const u8)
+    }
+}
+
+pub struct Jit {
+    pub ctx: JitCtx,
+    /// Executions before a block is compiled; None disables the tier.
+    pub threshold: Option<u32>,
+    /// An exception from an instruction run through the interpreter.
+    pub exc: Option<Exc>,
+    arena: Arena,
+    /// Blocks compiled (statistics).
+    pub compiled: u64,
+    /// Links for RET, indexed by a hash of the return address.
+    ret_links: Box<[LinkCell]>,
+}
+
+/// Default threshold, or `VIREO_JIT=off|N` from the environment.
+pub fn default_threshold() -> Option<u32> {
+    static T: OnceLock<Option<u32>> = OnceLock::new();
+    *T.get_or_init(|| match std::env::var("VIREO_JIT") {
+        Ok(v) if v == "off" || v == "no" => None,
+        Ok(v) => v.parse().ok().or(Some(DEFAULT_THRESHOLD)),
+        Err(_) => Some(DEFAULT_THRESHOLD),
+    })
+}
+
+pub const DEFAULT_THRESHOLD: u32 = 32;
+
+/// `VIREO_JIT_PERFMAP=1`: write /tmp/perf-PID.map for `perf report`.
+fn perf_map() -> bool {
+    static P: OnceLock<bool> = OnceLock::new();
+    *P.get_or_init(|| std::env::var_os("VIREO_JIT_PERFMAP").is_some())
+}
+
+impl Default for Jit {
+    fn default() -> Self {
+        Jit {
+            ctx: JitCtx::default(),
+            threshold: default_threshold(),
+            exc: None,
+            arena: Arena::default(),
+            compiled: 0,
+            ret_links: (0..RET_LINKS)
+                .map(|_| {
+                    let c = LinkCell::default();
+                    c.dynamic.set(true);
+                    c
+                })
+                .collect(),
+        }
+    }
+}
+
+// SAFETY: the arena is only used by the vCPU that owns it.
+unsafe impl Send for Jit {}
+
+impl Jit {
+    /// Forget all translations (the block cache was cleared).
+    pub fn reset(&mut self) {
+        self.arena.gen += 1;
+        self.arena.used = 0;
+    }
+}
+
+/// The compiled code for `block`, compiling it once it is hot.
+#[inline]
+pub fn code_for(core: &mut Core, block: &Block) -> Option<JitFn> {
+    let threshold = core.jit.threshold?;
+    match block.jit.get() {
+        JitState::Code(f, g, _) if g == core.jit.arena.gen => Some(f),
+        JitState::Failed => None,
+        JitState::Counting(n) if n + 1 < threshold => {
+            block.jit.set(JitState::Counting(n + 1));
+            None
+        }
+        JitState::Cold if threshold > 1 => {
+            block.jit.set(JitState::Counting(1));
+            None
+        }
+        _ => {
+            let r = compile(core, block);
+            block.jit.set(match r {
+                Some((f, chain)) => JitState::Code(f, core.jit.arena.gen, chain),
+                None => JitState::Failed,
+            });
+            r.map(|(f, _)| f)
+        }
+    }
+}
+
+fn compile(core: &mut Core, block: &Block) -> Option<(JitFn, usize)> {
+    if block.bits != 64 {
+        return None;
+    }
+    for l in &block.links {
+        l.epoch.set(u64::MAX);
+    }
+    let (code, chain) = gen_block(block)?;
+    let gen = core.jit.arena.gen;
+    let p = core.jit.arena.put(&code)?;
+    if core.jit.arena.gen != gen {
+        // The arena was recycled: links into it must not be followed.
+        core.tlb.flush_all();
+    }
+    core.jit.compiled += 1;
+    if perf_map() {
+        // perf's JIT symbol map: `perf report` names samples by guest RIP.
+        use std::io::Write;
+        let path = format!("/tmp/perf-{}.map", std::process::id());
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{:x} {:x} guest_{:x}", p as usize, code.len(), block.rip);
+        }
+    }
+    // SAFETY: `p` is the start of the function just written.
+    let f = unsafe { std::mem::transmute::<*const u8, JitFn>(p) };
+    Some((f, p as usize + chain))
+}
+
+/// A direct link from compiled code to the compiled code of a successor
+/// block, followed while the TLB epoch it was made under holds.
+#[repr(C)]
+pub struct LinkCell {
+    pub epoch: Cell<u64>,
+    /// The successor's chained entry point.
+    pub code: Cell<usize>,
+    /// The successor's RIP (fixed at compile time unless `dynamic`).
+    pub target: Cell<u64>,
+    /// The exit's target is computed (RET): linking sets `target`.
+    pub dynamic: Cell<bool>,
+    /// The successor block (for the dispatcher).
+    pub block: Cell<*const Block>,
+}
+
+impl Default for LinkCell {
+    fn default() -> Self {
+        LinkCell {
+            epoch: Cell::new(u64::MAX),
+            code: Cell::new(0),
+            target: Cell::new(u64::MAX),
+            dynamic: Cell::new(false),
+            block: Cell::new(std::ptr::null()),
+        }
+    }
+}
+
+/// The block an exit's link cell leads to, if the link holds for `rip`
+/// under TLB epoch `epoch` and the block's pages are unchanged.
+///
+/// # Safety
+/// `cell` must be 0 or point to a [`LinkCell`] of a live block or of the
+/// core's return-address table.
+pub unsafe fn linked_block(cell: usize, rip: u64, epoch: u64) -> Option<*const Block> {
+    if cell == 0 {
+        return None;
+    }
+    // SAFETY: per the contract.
+    let cell = unsafe { &*(cell as *const LinkCell) };
+    let b = cell.block.get();
+    // SAFETY: a linked cell's block is alive while its epoch holds (a cache
+    // clear flushes the TLB).
+    if cell.epoch.get() == epoch
+        && cell.target.get() == rip
+        && !b.is_null()
+        && unsafe { crate::decode::is_valid(&*b) }
+    {
+        Some(b)
+    } else {
+        None
+    }
+}
+
+/// Link the exit whose cell is `cell` to `block`'s compiled code, valid
+/// under TLB epoch `epoch`.
+///
+/// # Safety
+/// `cell` must point to a [`LinkCell`] of a live block or of the core's
+/// return-address table.
+pub unsafe fn link(cell: usize, block: &Block, epoch: u64) {
+    // SAFETY: per the contract.
+    let cell = unsafe { &*(cell as *const LinkCell) };
+    if let JitState::Code(_, _, chain) = block.jit.get() {
+        if cell.dynamic.get() {
+            // Not followed until complete: epoch first invalidates it.
+            cell.epoch.set(u64::MAX);
+            cell.target.set(block.rip);
+        }
+        if cell.target.get() == block.rip {
+            cell.block.set(block);
+            cell.code.set(chain);
+            cell.epoch.set(epoch);
+        }
+    }
+}
+
+/// Run one instruction through the interpreter for the generated code.
+/// Returns 0 to continue with the next instruction, else the exit value
+/// (completed count | 1 << 32).
+unsafe extern "sysv64" fn jit_interp(core: *mut Core, u: *const Uop, index: u64) -> u64 {
+    // SAFETY: called from a block's code with the core that runs it and a
+    // uop of that block, which outlives the call.
+    let (core, u) = unsafe { (&mut *core, &*u) };
+    let next = u.next_ip;
+    core.next_rip = next;
+    match (u.handler)(core, u) {
+        Ok(()) => {
+            core.st.rip = core.next_rip;
+            if core.st.flags.op != crate::flags::FlagOp::None {
+                core.st.settle_flags();
+            }
+            if core.io.request.is_some() || core.next_rip != next || core.end_block {
+                (index + 1) | 1 << 32
+            } else {
+                0
+            }
+        }
+        Err(e) => {
+            core.jit.exc = Some(e);
+            index | 1 << 32
+        }
+    }
+}
+
+// ------------------------------------------------------------------ layout
+
+const fn gpr_off(i: u8) -> i32 {
+    (offset_of!(Core, st.gpr) + 8 * i as usize) as i32
+}
+const OFF_RIP: i32 = offset_of!(Core, st.rip) as i32;
+const OFF_RFLAGS: i32 = offset_of!(Core, st.rflags) as i32;
+const OFF_FL: i32 = offset_of!(Core, jit.ctx.fl) as i32;
+const OFF_TLB: i32 = offset_of!(Core, jit.ctx.tlb) as i32;
+const OFF_RMASK: i32 = offset_of!(Core, jit.ctx.rmask) as i32;
+const OFF_WMASK: i32 = offset_of!(Core, jit.ctx.wmask) as i32;
+const OFF_KICK: i32 = offset_of!(Core, jit.ctx.kick) as i32;
+const OFF_ATTENTION: i32 = offset_of!(Core, jit.ctx.attention) as i32;
+const OFF_CUR_BLOCK: i32 = offset_of!(Core, jit.ctx.cur_block) as i32;
+const OFF_LAST_CELL: i32 = offset_of!(Core, jit.ctx.last_cell) as i32;
+const OFF_RET_LINKS: i32 = offset_of!(Core, jit.ctx.ret_links) as i32;
+const OFF_EPOCH: i32 = offset_of!(Core, tlb.epoch) as i32;
+const OFF_ICOUNT: i32 = offset_of!(Core, icount) as i32;
+const OFF_COUNTDOWN: i32 = offset_of!(Core, poll_countdown) as i32;
+const OFF_POLL_NOW: i32 = offset_of!(Core, poll_now) as i32;
+const OFF_INT_SHADOW: i32 = offset_of!(Core, int_shadow) as i32;
+const OFF_HALTED: i32 = offset_of!(Core, halted) as i32;
+const CELL_EPOCH: i32 = offset_of!(LinkCell, epoch) as i32;
+const CELL_CODE: i32 = offset_of!(LinkCell, code) as i32;
+const CELL_TARGET: i32 = offset_of!(LinkCell, target) as i32;
+const fn segbase_off(s: usize) -> i32 {
+    (offset_of!(Core, st.seg) + s * size_of::<Segment>() + offset_of!(Segment, base)) as i32
+}
+const TLB_TAG: i32 = offset_of!(TlbEntry, tag) as i32;
+const TLB_HOST: i32 = offset_of!(TlbEntry, host) as i32;
+const TLB_CODE: i32 = offset_of!(TlbEntry, code) as i32;
+const TLB_PERM: i32 = offset_of!(TlbEntry, perm) as i32;
+const TLBE_SIZE: i32 = size_of::<TlbEntry>() as i32;
+/// CF PF AF ZF SF OF.
+const ARITH: i32 = 0x8d5;
+
+/// Set the masks the inline TLB path compares against, before entry.
+pub fn prepare(core: &mut Core) {
+    let user = core.user();
+    core.jit.ctx.tlb = core.tlb.entries.as_ptr() as usize;
+    let u = if user { PERM_USER as u64 } else { 0 };
+    core.jit.ctx.rmask = u;
+    core.jit.ctx.wmask = u | (PERM_WRITE | PERM_DIRTY) as u64;
+    core.jit.ctx.ret_links = core.jit.ret_links.as_ptr() as usize;
+    core.jit.ctx.kick = std::sync::Arc::as_ptr(&core.kick) as usize;
+    core.jit.ctx.attention = std::sync::Arc::as_ptr(&core.attention) as usize;
+}
+
+// ------------------------------------------------------------------ codegen
+
+type Asm = VecAssembler<X64Relocation>;
+
+/// Where the guest's arithmetic flags are valid.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Loc {
+    host: bool,
+    slot: bool,
+    st: bool,
+}
+
+/// Out-of-line code: the instruction's memory access missed the inline
+/// path, so it runs through the interpreter instead.
+struct Stub {
+    label: DynamicLabel,
+    uop: *const Uop,
+    index: usize,
+    rip: u64,
+    /// Flags when the stub is entered (saved, never only in the host).
+    entry: Loc,
+    /// Flags the fast path has at `resume`.
+    after: Loc,
+    resume: DynamicLabel,
+}
+
+struct Cg {
+    a: Asm,
+    loc: Loc,
+    stubs: Vec<Stub>,
+    epilogue: DynamicLabel,
+    /// The stub of the instruction being translated, once it has a memory
+    /// access.
+    cur_stub: Option<DynamicLabel>,
+    cur_entry: Loc,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Acc {
+    Read,
+    Write,
+}
+
+macro_rules! a {
+    ($cg:expr; $($t:tt)*) => {
+        dynasm!($cg.a ; .arch x64 ; $($t)*)
+    };
+}
+
+/// `op` on al/ax/eax/rax with cl/cx/ecx/rcx.
+macro_rules! op2 {
+    ($cg:expr, $size:expr, $op:ident) => {
+        match $size {
+            1 => a!($cg; $op al, cl),
+            2 => a!($cg; $op ax, cx),
+            4 => a!($cg; $op eax, ecx),
+            _ => a!($cg; $op rax, rcx),
+        }
+    };
+}
+
+/// `op` on al/ax/eax/rax.
+macro_rules! op1 {
+    ($cg:expr, $size:expr, $op:ident) => {
+        match $size {
+            1 => a!($cg; $op al),
+            2 => a!($cg; $op ax),
+            4 => a!($cg; $op eax),
+            _ => a!($cg; $op rax),
+        }
+    };
+}
+
+/// Shift/rotate al/ax/eax/rax by cl.
+macro_rules! shift {
+    ($cg:expr, $size:expr, $op:ident) => {
+        match $size {
+            1 => a!($cg; $op al, cl),
+            2 => a!($cg; $op ax, cl),
+            4 => a!($cg; $op eax, cl),
+            _ => a!($cg; $op rax, cl),
+        }
+    };
+}
+
+fn cc_code(cc: ConditionCode) -> Option<u8> {
+    use ConditionCode as C;
+    Some(match cc {
+        C::o => 0,
+        C::no => 1,
+        C::b => 2,
+        C::ae => 3,
+        C::e => 4,
+        C::ne => 5,
+        C::be => 6,
+        C::a => 7,
+        C::s => 8,
+        C::ns => 9,
+        C::p => 10,
+        C::np => 11,
+        C::l => 12,
+        C::ge => 13,
+        C::le => 14,
+        C::g => 15,
+        _ => return None,
+    })
+}
+
+fn reg_off(o: Opnd) -> i32 {
+    match o {
+        Opnd::Reg { idx, hi } => gpr_off(idx) + hi as i32,
+        _ => 0,
+    }
+}
+
+impl Cg {
+    fn new() -> Cg {
+        let mut a = Asm::new(0);
+        let epilogue = a.new_dynamic_label();
+        Cg {
+            a,
+            loc: Loc {
+                host: false,
+                slot: false,
+                st: true,
+            },
+            stubs: Vec::new(),
+            epilogue,
+            cur_stub: None,
+            cur_entry: Loc {
+                host: false,
+                slot: false,
+                st: true,
+            },
+        }
+    }
+
+    // -------------------------------------------------------------- flags
+
+    /// Host flags are about to be clobbered: keep the guest's elsewhere.
+    fn clobber(&mut self) {
+        if self.loc.host && !self.loc.slot && !self.loc.st {
+            a!(self; pushfq ; pop QWORD [rbx + OFF_FL]);
+            self.loc.slot = true;
+        }
+        self.loc.host = false;
+    }
+
+    /// The guest flags must be in the host RFLAGS (an instruction reads
+    /// them or only changes some of them).
+    fn need_host(&mut self) {
+        if self.loc.host {
+            return;
+        }
+        if self.loc.slot {
+            a!(self; push QWORD [rbx + OFF_FL] ; popfq);
+        } else {
+            a!(self
+                ; mov r11, QWORD [rbx + OFF_RFLAGS]
+                ; and r11d, ARITH
+                ; or r11d, 0x202
+                ; push r11
+                ; popfq
+            );
+        }
+        self.loc.host = true;
+    }
+
+    /// Only the guest CF must be in the host (the next instruction writes
+    /// every other flag): BT from the saved image instead of POPFQ.
+    fn need_cf(&mut self) {
+        if self.loc.host {
+            return;
+        }
+        let at = if self.loc.slot { OFF_FL } else { OFF_RFLAGS };
+        a!(self; bt DWORD [rbx + at], 0);
+    }
+
+    /// An instruction just wrote all six flags in the host.
+    fn wrote_flags(&mut self) {
+        self.loc = Loc {
+            host: true,
+            slot: false,
+            st: false,
+        };
+    }
+
+    /// Emit code that makes `rflags` hold the flags (clobbers rax, rcx and
+    /// the host flags), given they are at `loc`.
+    fn flush_code(&mut self, loc: Loc) {
+        if loc.st {
+            return;
+        }
+        if loc.host {
+            a!(self; pushfq ; pop rax);
+        } else {
+            a!(self; mov rax, QWORD [rbx + OFF_FL]);
+        }
+        a!(self
+            ; and eax, ARITH
+            ; mov rcx, QWORD [rbx + OFF_RFLAGS]
+            ; and rcx, !ARITH
+            ; or rcx, rax
+            ; mov QWORD [rbx + OFF_RFLAGS], rcx
+        );
+    }
+
+    fn flush(&mut self) {
+        let loc = self.loc;
+        self.flush_code(loc);
+        self.loc = Loc {
+            host: false,
+            slot: loc.slot,
+            st: true,
+        };
+    }
+
+    /// Code that recreates `want` from flags in `rflags` (after the
+    /// interpreter ran an instruction).
+    fn restore_code(&mut self, want: Loc) {
+        if want.st && !want.host && !want.slot {
+            return;
+        }
+        if want.slot || want.host {
+            a!(self
+                ; mov rax, QWORD [rbx + OFF_RFLAGS]
+                ; and eax, ARITH
+                ; or eax, 0x202
+            );
+        }
+        if want.slot {
+            a!(self; mov QWORD [rbx + OFF_FL], rax);
+        }
+        if want.host {
+            a!(self; push rax ; popfq);
+        }
+    }
+
+    // ------------------------------------------------------------ memory
+
+    /// Effective address of the memory operand into rsi (clobbers rax; no
+    /// flags). `seg`: add the FS/GS base.
+    fn ea(&mut self, u: &Uop, seg: bool) {
+        let m = &u.mem;
+        let disp = m.disp as i64;
+        let small = disp == disp as i32 as i64;
+        if m.base != 0xff {
+            a!(self; mov rsi, QWORD [rbx + gpr_off(m.base)]);
+        } else if small {
+            a!(self; mov rsi, disp as i32);
+        } else {
+            a!(self; mov rsi, QWORD disp);
+        }
+        if m.index != 0xff {
+            a!(self; mov rax, QWORD [rbx + gpr_off(m.index)]);
+            match m.scale {
+                1 => a!(self; lea rsi, [rsi + rax]),
+                2 => a!(self; lea rsi, [rsi + rax * 2]),
+                4 => a!(self; lea rsi, [rsi + rax * 4]),
+                _ => a!(self; lea rsi, [rsi + rax * 8]),
+            }
+        }
+        if m.base != 0xff {
+            if small {
+                if disp != 0 {
+                    a!(self; lea rsi, [rsi + disp as i32]);
+                }
+            } else {
+                a!(self; mov rax, QWORD disp ; lea rsi, [rsi + rax]);
+            }
+        }
+        if m.amask == 0xffff_ffff {
+            a!(self; mov esi, esi);
+        } else if m.amask == 0xffff {
+            a!(self; movzx esi, si);
+        }
+        if seg && (m.seg == 4 || m.seg == 5) {
+            a!(self; mov rax, QWORD [rbx + segbase_off(m.seg as usize)] ; lea rsi, [rsi + rax]);
+        }
+    }
+
+    /// The stub label of the current instruction, creating it.
+    fn stub_label(&mut self) -> DynamicLabel {
+        if let Some(l) = self.cur_stub {
+            return l;
+        }
+        let l = self.a.new_dynamic_label();
+        self.cur_stub = Some(l);
+        l
+    }
+
+    /// Translate the linear address in rsi to a host pointer in rsi, or
+    /// go to the instruction's stub. Clobbers rax, rcx, rdx and flags.
+    fn translate(&mut self, size: u8, acc: Acc) {
+        if self.cur_stub.is_none() {
+            self.clobber();
+            self.cur_entry = self.loc;
+        } else {
+            self.loc.host = false;
+        }
+        let stub = self.stub_label();
+        let mask = if acc == Acc::Write {
+            OFF_WMASK
+        } else {
+            OFF_RMASK
+        };
+        a!(self
+            ; mov rax, rsi
+            ; shr rax, 12
+            ; and eax, (crate::mmu::TLB_SIZE - 1) as i32
+            ; imul eax, eax, TLBE_SIZE
+            ; add rax, QWORD [rbx + OFF_TLB]
+            ; mov rcx, rsi
+            ; and rcx, -4096
+            ; or rcx, 1
+            ; cmp QWORD [rax + TLB_TAG], rcx
+            ; jne =>stub
+        );
+        if size > 1 {
+            // Accesses that cross into the next page take the slow path.
+            a!(self
+                ; mov ecx, esi
+                ; and ecx, 0xfff
+                ; cmp ecx, 0x1000 - size as i32
+                ; ja =>stub
+            );
+        }
+        a!(self
+            ; mov cl, BYTE [rax + TLB_PERM]
+            ; and cl, BYTE [rbx + mask]
+            ; cmp cl, BYTE [rbx + mask]
+            ; jne =>stub
+            ; mov rdx, QWORD [rax + TLB_HOST]
+            ; test rdx, rdx
+            ; jz =>stub
+        );
+        if acc == Acc::Write {
+            a!(self
+                ; mov rcx, QWORD [rax + TLB_CODE]
+                ; cmp BYTE [rcx], 0
+                ; jne =>stub
+            );
+        }
+        a!(self
+            ; and esi, 0xfff
+            ; add rsi, rdx
+        );
+    }
+
+    /// Address + translate for the instruction's memory operand.
+    fn mem(&mut self, u: &Uop, size: u8, acc: Acc) {
+        self.ea(u, true);
+        self.translate(size, acc);
+    }
+
+    // ------------------------------------------------------ operand moves
+
+    /// Load operand `o` (`size` bytes) into host register `r`.
+    fn ld(&mut self, r: u8, size: u8, o: Opnd) {
+        match o {
+            Opnd::Reg { .. } => {
+                let d = reg_off(o);
+                match size {
+                    1 => a!(self; mov Rb(r), BYTE [rbx + d]),
+                    2 => a!(self; mov Rw(r), WORD [rbx + d]),
+                    4 => a!(self; mov Rd(r), DWORD [rbx + d]),
+                    _ => a!(self; mov Rq(r), QWORD [rbx + d]),
+                }
+            }
+            Opnd::Mem => match size {
+                1 => a!(self; mov Rb(r), BYTE [rsi]),
+                2 => a!(self; mov Rw(r), WORD [rsi]),
+                4 => a!(self; mov Rd(r), DWORD [rsi]),
+                _ => a!(self; mov Rq(r), QWORD [rsi]),
+            },
+            Opnd::Imm(v) => {
+                let v = v & crate::cpu::mask(size);
+                if size == 8 && v as i64 != v as i32 as i64 {
+                    a!(self; mov Rq(r), QWORD v as i64);
+                } else if size == 8 {
+                    a!(self; mov Rq(r), v as i32);
+                } else {
+                    a!(self; mov Rd(r), v as u32 as i32);
+                }
+            }
+            Opnd::None => a!(self; xor Rd(r), Rd(r)),
+        }
+    }
+
+    /// Store host register `r` to operand `o`.
+    fn st(&mut self, r: u8, size: u8, o: Opnd) {
+        match o {
+            Opnd::Reg { .. } => {
+                let d = reg_off(o);
+                match size {
+                    1 => a!(self; mov BYTE [rbx + d], Rb(r)),
+                    2 => a!(self; mov WORD [rbx + d], Rw(r)),
+                    4 => a!(self
+                        ; mov DWORD [rbx + d], Rd(r)
+                        ; mov DWORD [rbx + d + 4], 0
+                    ),
+                    _ => a!(self; mov QWORD [rbx + d], Rq(r)),
+                }
+            }
+            Opnd::Mem => match size {
+                1 => a!(self; mov BYTE [rsi], Rb(r)),
+                2 => a!(self; mov WORD [rsi], Rw(r)),
+                4 => a!(self; mov DWORD [rsi], Rd(r)),
+                _ => a!(self; mov QWORD [rsi], Rq(r)),
+            },
+            _ => {}
+        }
+    }
+
+    /// Exit to the successor whose link cell is in rdx: `rip` stored,
+    /// flags flushed. Follows the link when the dispatcher would go
+    /// straight on to that block (same TLB epoch, nothing pending, no
+    /// interrupt-controller poll due), else returns with the cell noted.
+    fn chain_exit(&mut self, count: usize) {
+        let e = self.epilogue;
+        let nolink = self.a.new_dynamic_label();
+        a!(self
+            ; mov rax, QWORD [rbx + OFF_EPOCH]
+            ; cmp rax, QWORD [rdx + CELL_EPOCH]
+            ; jne =>nolink
+            ; cmp BYTE [rbx + OFF_INT_SHADOW], 0
+            ; jne =>nolink
+            ; cmp BYTE [rbx + OFF_HALTED], 0
+            ; jne =>nolink
+            ; cmp BYTE [rbx + OFF_POLL_NOW], 0
+            ; jne =>nolink
+            ; mov rax, QWORD [rbx + OFF_KICK]
+            ; cmp BYTE [rax], 0
+            ; jne =>nolink
+            ; mov rax, QWORD [rbx + OFF_ATTENTION]
+            ; cmp BYTE [rax], 0
+            ; jne =>nolink
+            ; cmp DWORD [rbx + OFF_COUNTDOWN], 0
+            ; je =>nolink
+            ; dec DWORD [rbx + OFF_COUNTDOWN]
+            ; add QWORD [rbx + OFF_ICOUNT], count as i32
+            ; jmp QWORD [rdx + CELL_CODE]
+            ; =>nolink
+            ; mov QWORD [rbx + OFF_LAST_CELL], rdx
+            ; mov eax, count as i32
+            ; jmp =>e
+        );
+    }
+
+    fn cell(&mut self, block: &Block, k: usize, target: u64) {
+        block.links[k].target.set(target);
+        let p = &block.links[k] as *const LinkCell as i64;
+        a!(self; mov rdx, QWORD p);
+    }
+
+    fn set_rip(&mut self, rip: u64) {
+        a!(self
+            ; mov rax, QWORD rip as i64
+            ; mov QWORD [rbx + OFF_RIP], rax
+        );
+    }
+
+    /// Run uop `index` through the interpreter, inline.
+    fn interp(&mut self, u: &Uop, index: usize, rip: u64) {
+        self.flush();
+        self.call_interp(u, index, rip);
+        self.loc = Loc {
+            host: false,
+            slot: false,
+            st: true,
+        };
+    }
+
+    /// Call `jit_interp`; returns through the epilogue on an exit.
+    fn call_interp(&mut self, u: &Uop, index: usize, rip: u64) {
+        let e = self.epilogue;
+        self.set_rip(rip);
+        a!(self
+            ; mov rdi, rbx
+            ; mov rsi, QWORD u as *const Uop as i64
+            ; mov edx, index as i32
+            ; mov rax, QWORD jit_interp as *const () as i64
+            ; call rax
+            ; test rax, rax
+            ; jnz =>e
+        );
+    }
+}
+
+/// The code and the offset of the chained entry point.
+fn gen_block(block: &Block) -> Option<(Vec<u8>, usize)> {
+    let mut cg = Cg::new();
+    let body = cg.a.new_dynamic_label();
+    let chain = cg.a.new_dynamic_label();
+    let stale = cg.a.new_dynamic_label();
+    a!(cg
+        ; push rbx
+        ; mov rbx, rdi
+        ; jmp =>body
+        ; =>chain
+    );
+    // Entered from another block's code: the code pages must be unchanged
+    // (the dispatcher's block lookup checks the same).
+    for &(p, g) in block.page_gens() {
+        a!(cg
+            ; mov rax, QWORD p as i64
+            ; cmp DWORD [rax], g as i32
+            ; jne =>stale
+        );
+    }
+    a!(cg
+        ; =>body
+        ; mov rax, QWORD block as *const Block as i64
+        ; mov QWORD [rbx + OFF_CUR_BLOCK], rax
+    );
+    let n = block.uops.len();
+    let mut translated = 0;
+    let mut ended = false;
+    for (i, u) in block.uops.iter().enumerate() {
+        let rip = if i == 0 {
+            block.rip
+        } else {
+            block.uops[i - 1].next_ip
+        };
+        cg.cur_stub = None;
+        let before = cg.loc;
+        match insn(&mut cg, block, u, i, n) {
+            Some(Done::Next) => translated += 1,
+            Some(Done::Exited) => {
+                translated += 1;
+                ended = true;
+            }
+            None => {
+                if cg.cur_stub.is_some() || cg.loc != before {
+                    // A translator bailed after emitting code: cannot happen
+                    // by construction, but never run half an instruction.
+                    return None;
+                }
+                cg.interp(u, i, rip);
+            }
+        }
+        if let Some(label) = cg.cur_stub.take() {
+            let resume = cg.a.new_dynamic_label();
+            a!(cg; =>resume);
+            cg.stubs.push(Stub {
+                label,
+                uop: u,
+                index: i,
+                rip,
+                entry: cg.cur_entry,
+                after: cg.loc,
+                resume,
+            });
+        }
+        if ended {
+            break;
+        }
+    }
+    if translated == 0 {
+        return None;
+    }
+    if !ended {
+        // Fell off the end (the block stopped at an instruction that falls
+        // through, or an interpreted one that let it continue).
+        cg.flush();
+        let next = block.uops.last().map(|u| u.next_ip).unwrap_or(block.rip);
+        cg.set_rip(next);
+        cg.cell(block, 1, next);
+        cg.chain_exit(n);
+    }
+    let e = cg.epilogue;
+    a!(cg
+        ; =>e
+        ; pop rbx
+        ; ret
+        ; =>stale
+        // Back to the dispatcher, which decodes the block again; the link
+        // is made again to the new translation.
+        ; mov QWORD [rbx + OFF_LAST_CELL], rdx
+        ; xor eax, eax
+        ; jmp =>e
+    );
+    for s in std::mem::take(&mut cg.stubs) {
+        a!(cg; =>s.label);
+        cg.flush_code(s.entry);
+        // SAFETY: the uop lives in the block, which outlives its code.
+        let u = unsafe { &*s.uop };
+        cg.call_interp(u, s.index, s.rip);
+        cg.restore_code(s.after);
+        let r = s.resume;
+        a!(cg; jmp =>r);
+    }
+    let chain = cg.a.labels().resolve_dynamic(chain).ok()?.0;
+    Some((cg.a.finalize().ok()?, chain))
+}
+
+enum Done {
+    /// Continue with the next instruction.
+    Next,
+    /// The code exits (branch at the block end).
+    Exited,
+}
+
+fn is_gpr_or_imm(o: Opnd) -> bool {
+    matches!(o, Opnd::Reg { .. } | Opnd::Imm(_))
+}
+
+/// Translate one instruction, or None (nothing emitted) to interpret it.
+fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done> {
+    use Mnemonic as M;
+    let insn = &u.insn;
+    let m = insn.mnemonic();
+    let size = u.size;
+    let [o0, o1, o2] = u.ops;
+    if u.lock {
+        return None;
+    }
+    let branch = matches!(m, M::Call | M::Ret | M::Jmp) || is_jcc(m);
+    if !branch && !matches!(size, 1 | 2 | 4 | 8) {
+        return None;
+    }
+    // Operands must be resolved (the uop builder leaves them None if an
+    // operand is not a GPR, memory or immediate).
+    let nops = insn.op_count() as usize;
+    if !branch && u.ops[..nops.min(3)].contains(&Opnd::None) {
+        return None;
+    }
+    let has_mem = o0 == Opnd::Mem || o1 == Opnd::Mem || o2 == Opnd::Mem;
+    match m {
+        M::Nop | M::Endbr64 | M::Pause if !has_mem || m == M::Nop => Some(Done::Next),
+        M::Mov if nops == 2 => {
+            if has_mem {
+                cg.mem(
+                    u,
+                    size,
+                    if o0 == Opnd::Mem {
+                        Acc::Write
+                    } else {
+                        Acc::Read
+                    },
+                );
+            }
+            cg.ld(0, size, o1);
+            cg.st(0, size, o0);
+            Some(Done::Next)
+        }
+        M::Add | M::Or | M::Adc | M::Sbb | M::And | M::Sub | M::Xor | M::Cmp | M::Test
+            if nops == 2 =>
+        {
+            let writes = !matches!(m, M::Cmp | M::Test);
+            if has_mem {
+                let acc = if writes && o0 == Opnd::Mem {
+                    Acc::Write
+                } else {
+                    Acc::Read
+                };
+                cg.mem(u, size, acc);
+            }
+            cg.ld(0, size, o0);
+            cg.ld(1, size, o1);
+            match m {
+                M::Adc | M::Sbb => cg.need_cf(),
+                _ => {}
+            }
+            match m {
+                M::Add => op2!(cg, size, add),
+                M::Or => op2!(cg, size, or),
+                M::Adc => op2!(cg, size, adc),
+                M::Sbb => op2!(cg, size, sbb),
+                M::And => op2!(cg, size, and),
+                M::Sub => op2!(cg, size, sub),
+                M::Xor => op2!(cg, size, xor),
+                M::Cmp => op2!(cg, size, cmp),
+                _ => op2!(cg, size, test),
+            }
+            cg.wrote_flags();
+            if writes {
+                cg.st(0, size, o0);
+            }
+            Some(Done::Next)
+        }
+        M::Inc | M::Dec | M::Neg | M::Not if nops == 1 => {
+            if has_mem {
+                cg.mem(u, size, Acc::Write);
+            }
+            cg.ld(0, size, o0);
+            match m {
+                M::Inc => {
+                    cg.need_cf();
+                    op1!(cg, size, inc);
+                    cg.wrote_flags();
+                }
+                M::Dec => {
+                    cg.need_cf();
+                    op1!(cg, size, dec);
+                    cg.wrote_flags();
+                }
+                M::Neg => {
+                    op1!(cg, size, neg);
+                    cg.wrote_flags();
+                }
+                _ => op1!(cg, size, not),
+            }
+            cg.st(0, size, o0);
+            Some(Done::Next)
+        }
+        M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror | M::Rcl | M::Rcr if nops == 2 => {
+            // Count: an immediate or CL.
+            match o1 {
+                Opnd::Imm(_) => {}
+                Opnd::Reg { idx: 1, hi: false } => {}
+                _ => return None,
+            }
+            if has_mem {
+                cg.mem(u, size, Acc::Write);
+            }
+            cg.ld(0, size, o0);
+            match o1 {
+                Opnd::Imm(c) => a!(cg; mov cl, c as u8 as i8),
+                _ => a!(cg; mov cl, BYTE [rbx + gpr_off(1)]),
+            }
+            // A zero count changes no flag, rotates keep SF/ZF/PF/AF: start
+            // from the guest's. A non-zero immediate SHL/SHR/SAR count sets
+            // every defined flag from the operands alone (AF, and OF beyond
+            // a count of 1, are undefined).
+            let cmask = if size == 8 { 63 } else { 31 };
+            let fresh = matches!(o1, Opnd::Imm(c) if c & cmask != 0)
+                && matches!(m, M::Shl | M::Sal | M::Shr | M::Sar);
+            if !fresh {
+                cg.need_host();
+            }
+            match m {
+                M::Shl | M::Sal => shift!(cg, size, shl),
+                M::Shr => shift!(cg, size, shr),
+                M::Sar => shift!(cg, size, sar),
+                M::Rol => shift!(cg, size, rol),
+                M::Ror => shift!(cg, size, ror),
+                M::Rcl => shift!(cg, size, rcl),
+                _ => shift!(cg, size, rcr),
+            }
+            cg.wrote_flags();
+            cg.st(0, size, o0);
+            Some(Done::Next)
+        }
+        M::Lea if matches!(o0, Opnd::Reg { .. }) && size >= 2 => {
+            cg.ea(u, false);
+            cg.st(6, size, o0);
+            Some(Done::Next)
+        }
+        M::Movzx | M::Movsx | M::Movsxd if matches!(o0, Opnd::Reg { .. }) && nops == 2 => {
+            let ss = u.target as u8;
+            if !matches!(ss, 1 | 2 | 4) || size < 2 {
+                return None;
+            }
+            if has_mem {
+                cg.mem(u, ss, Acc::Read);
+            }
+            let d = reg_off(o1);
+            let sx = m != M::Movzx;
+            match (o1, ss, sx) {
+                (Opnd::Mem, 1, false) => a!(cg; movzx eax, BYTE [rsi]),
+                (Opnd::Mem, 2, false) => a!(cg; movzx eax, WORD [rsi]),
+                (Opnd::Mem, 1, true) => a!(cg; movsx rax, BYTE [rsi]),
+                (Opnd::Mem, 2, true) => a!(cg; movsx rax, WORD [rsi]),
+                (Opnd::Mem, _, true) => a!(cg; movsxd rax, DWORD [rsi]),
+                (_, 1, false) => a!(cg; movzx eax, BYTE [rbx + d]),
+                (_, 2, false) => a!(cg; movzx eax, WORD [rbx + d]),
+                (_, 1, true) => a!(cg; movsx rax, BYTE [rbx + d]),
+                (_, 2, true) => a!(cg; movsx rax, WORD [rbx + d]),
+                (_, _, true) => a!(cg; movsxd rax, DWORD [rbx + d]),
+                _ => {
+                    // MOVZX has no 32-bit source; undo nothing emitted.
+                    return None;
+                }
+            }
+            cg.st(0, size, o0);
+            Some(Done::Next)
+        }
+        M::Mul | M::Imul if nops == 1 && size >= 4 => {
+            if has_mem {
+                cg.mem(u, size, Acc::Read);
+            }
+            cg.ld(1, size, o0);
+            if size == 8 {
+                a!(cg; mov rax, QWORD [rbx + gpr_off(0)]);
+                if m == M::Mul {
+                    a!(cg; mul rcx);
+                } else {
+                    a!(cg; imul rcx);
+                }
+            } else {
+                a!(cg; mov eax, DWORD [rbx + gpr_off(0)]);
+                if m == M::Mul {
+                    a!(cg; mul ecx);
+                } else {
+                    a!(cg; imul ecx);
+                }
+            }
+            cg.wrote_flags();
+            cg.st(0, size, Opnd::Reg { idx: 0, hi: false });
+            cg.st(2, size, Opnd::Reg { idx: 2, hi: false });
+            Some(Done::Next)
+        }
+        M::Imul if (nops == 2 || nops == 3) && size >= 2 && matches!(o0, Opnd::Reg { .. }) => {
+            if has_mem {
+                cg.mem(u, size, Acc::Read);
+            }
+            if nops == 2 {
+                cg.ld(0, size, o0);
+                cg.ld(1, size, o1);
+            } else {
+                cg.ld(0, size, o1);
+                cg.ld(1, size, o2);
+            }
+            match size {
+                2 => a!(cg; imul ax, cx),
+                4 => a!(cg; imul eax, ecx),
+                _ => a!(cg; imul rax, rcx),
+            }
+            cg.wrote_flags();
+            cg.st(0, size, o0);
+            Some(Done::Next)
+        }
+        _ if is_cmov(m) && nops == 2 && size >= 2 && matches!(o0, Opnd::Reg { .. }) => {
+            let cc = cc_code(u.cc)?;
+            if has_mem {
+                cg.mem(u, size, Acc::Read);
+            }
+            cg.ld(0, size, o0);
+            cg.ld(1, size, o1);
+            cg.need_host();
+            if size == 2 {
+                cg.a.push(0x66);
+            }
+            if size == 8 {
+                cg.a.push(0x48);
+            }
+            cg.a.extend([0x0f, 0x40 | cc, 0xc1]);
+            cg.st(0, size, o0);
+            Some(Done::Next)
+        }
+        _ if is_setcc(m) && nops == 1 => {
+            let cc = cc_code(u.cc)?;
+            if has_mem {
+                cg.mem(u, 1, Acc::Write);
+            }
+            cg.need_host();
+            cg.a.extend([0x0f, 0x90 | cc, 0xc0]);
+            cg.st(0, 1, o0);
+            Some(Done::Next)
+        }
+        M::Xchg if nops == 2 && !has_mem => {
+            cg.ld(0, size, o0);
+            cg.ld(1, size, o1);
+            cg.st(0, size, o1);
+            cg.st(1, size, o0);
+            Some(Done::Next)
+        }
+        M::Cdqe => {
+            a!(cg
+                ; movsxd rax, DWORD [rbx + gpr_off(0)]
+                ; mov QWORD [rbx + gpr_off(0)], rax
+            );
+            Some(Done::Next)
+        }
+        M::Cqo => {
+            a!(cg
+                ; mov rax, QWORD [rbx + gpr_off(0)]
+                ; cqo
+                ; mov QWORD [rbx + gpr_off(2)], rdx
+            );
+            Some(Done::Next)
+        }
+        M::Push
+            if matches!(
+                insn.code(),
+                Code::Push_r64 | Code::Pushq_imm32 | Code::Pushq_imm8
+            ) && is_gpr_or_imm(o0) =>
+        {
+            a!(cg
+                ; mov rsi, QWORD [rbx + gpr_off(4)]
+                ; lea rsi, [rsi - 8]
+            );
+            cg.translate(8, Acc::Write);
+            match o0 {
+                Opnd::Imm(v) => a!(cg; mov r8, v as i64 as i32),
+                _ => a!(cg; mov r8, QWORD [rbx + reg_off(o0)]),
+            }
+            a!(cg
+                ; mov QWORD [rsi], r8
+                ; mov r8, QWORD [rbx + gpr_off(4)]
+                ; lea r8, [r8 - 8]
+                ; mov QWORD [rbx + gpr_off(4)], r8
+            );
+            Some(Done::Next)
+        }
+        M::Pop if insn.code() == Code::Pop_r64 => {
+            a!(cg; mov rsi, QWORD [rbx + gpr_off(4)]);
+            cg.translate(8, Acc::Read);
+            a!(cg
+                ; mov r8, QWORD [rsi]
+                ; mov r9, QWORD [rbx + gpr_off(4)]
+                ; lea r9, [r9 + 8]
+                ; mov QWORD [rbx + gpr_off(4)], r9
+                ; mov QWORD [rbx + reg_off(o0)], r8
+            );
+            Some(Done::Next)
+        }
+        M::Call if insn.code() == Code::Call_rel32_64 && i + 1 == n => {
+            a!(cg
+                ; mov rsi, QWORD [rbx + gpr_off(4)]
+                ; lea rsi, [rsi - 8]
+            );
+            cg.translate(8, Acc::Write);
+            a!(cg
+                ; mov r8, QWORD u.next_ip as i64
+                ; mov QWORD [rsi], r8
+                ; mov r8, QWORD [rbx + gpr_off(4)]
+                ; lea r8, [r8 - 8]
+                ; mov QWORD [rbx + gpr_off(4)], r8
+            );
+            cg.flush();
+            let t = insn.near_branch_target();
+            cg.set_rip(t);
+            cg.cell(block, 0, t);
+            cg.chain_exit(i + 1);
+            Some(Done::Exited)
+        }
+        M::Ret if insn.code() == Code::Retnq && i + 1 == n => {
+            a!(cg; mov rsi, QWORD [rbx + gpr_off(4)]);
+            cg.translate(8, Acc::Read);
+            a!(cg
+                ; mov r8, QWORD [rsi]
+                ; mov r9, QWORD [rbx + gpr_off(4)]
+                ; lea r9, [r9 + 8]
+                ; mov QWORD [rbx + gpr_off(4)], r9
+                ; mov QWORD [rbx + OFF_RIP], r8
+            );
+            cg.flush();
+            // Indirect: look the return address up in the core's table of
+            // links (filled by the dispatcher, like any link).
+            let e = cg.epilogue;
+            a!(cg
+                ; mov rax, QWORD [rbx + OFF_RIP]
+                ; mov rcx, rax
+                ; shr rcx, 12
+                ; xor rcx, rax
+                ; and ecx, (RET_LINKS - 1) as i32
+                ; imul ecx, ecx, size_of::<LinkCell>() as i32
+                ; mov rdx, QWORD [rbx + OFF_RET_LINKS]
+                ; add rdx, rcx
+                ; cmp rax, QWORD [rdx + CELL_TARGET]
+                ; je >same
+                ; mov QWORD [rbx + OFF_LAST_CELL], rdx
+                ; mov eax, (i + 1) as i32
+                ; jmp =>e
+                ; same:
+            );
+            cg.chain_exit(i + 1);
+            Some(Done::Exited)
+        }
+        M::Jmp if matches!(insn.code(), Code::Jmp_rel8_64 | Code::Jmp_rel32_64) && i + 1 == n => {
+            cg.flush();
+            let t = insn.near_branch_target();
+            cg.set_rip(t);
+            cg.cell(block, 0, t);
+            cg.chain_exit(i + 1);
+            Some(Done::Exited)
+        }
+        _ if is_jcc(m)
+            && matches!(insn.op0_kind(), iced_x86::OpKind::NearBranch64)
+            && i + 1 == n =>
+        {
+            let cc = cc_code(u.cc)?;
+            // r8b = condition, then the flags go back to rflags.
+            let simple = simple_cc(cc);
+            match simple {
+                Some((bit, set)) if !cg.loc.host => {
+                    // Test the saved image instead of reloading RFLAGS.
+                    let at = if cg.loc.slot { OFF_FL } else { OFF_RFLAGS };
+                    a!(cg; test DWORD [rbx + at], bit);
+                    cg.a.extend([0x41, 0x0f, if set { 0x95 } else { 0x94 }, 0xc0]);
+                }
+                _ => {
+                    cg.need_host();
+                    cg.a.extend([0x41, 0x0f, 0x90 | cc, 0xc0]);
+                }
+            }
+            cg.flush();
+            block.links[0].target.set(insn.near_branch_target());
+            block.links[1].target.set(u.next_ip);
+            let taken = &block.links[0] as *const LinkCell as i64;
+            let fall = &block.links[1] as *const LinkCell as i64;
+            a!(cg
+                ; mov rax, QWORD insn.near_branch_target() as i64
+                ; mov rdx, QWORD u.next_ip as i64
+                ; test r8b, r8b
+                ; cmovz rax, rdx
+                ; mov QWORD [rbx + OFF_RIP], rax
+                ; mov rdx, QWORD fall
+                ; mov rsi, QWORD taken
+                ; test r8b, r8b
+                ; cmovnz rdx, rsi
+            );
+            cg.chain_exit(i + 1);
+            Some(Done::Exited)
+        }
+        _ => None,
+    }
+}
+
+/// Conditions that test one flag mask of a saved RFLAGS image: (mask,
+/// true if the condition holds when a masked bit is set).
+fn simple_cc(cc: u8) -> Option<(i32, bool)> {
+    let mask = match cc >> 1 {
+        0 => 0x800,
+        1 => 0x1,
+        2 => 0x40,
+        3 => 0x41,
+        4 => 0x80,
+        5 => 0x4,
+        _ => return None,
+    };
+    Some((mask, cc & 1 == 0))
+}
+
+fn is_cmov(m: Mnemonic) -> bool {
+    use Mnemonic as M;
+    matches!(
+        m,
+        M::Cmova
+            | M::Cmovae
+            | M::Cmovb
+            | M::Cmovbe
+            | M::Cmove
+            | M::Cmovg
+            | M::Cmovge
+            | M::Cmovl
+            | M::Cmovle
+            | M::Cmovne
+            | M::Cmovno
+            | M::Cmovnp
+            | M::Cmovns
+            | M::Cmovo
+            | M::Cmovp
+            | M::Cmovs
+    )
+}
+
+fn is_setcc(m: Mnemonic) -> bool {
+    use Mnemonic as M;
+    matches!(
+        m,
+        M::Seta
+            | M::Setae
+            | M::Setb
+            | M::Setbe
+            | M::Sete
+            | M::Setg
+            | M::Setge
+            | M::Setl
+            | M::Setle
+            | M::Setne
+            | M::Setno
+            | M::Setnp
+            | M::Setns
+            | M::Seto
+            | M::Setp
+            | M::Sets
+    )
+}
+
+fn is_jcc(m: Mnemonic) -> bool {
+    use Mnemonic as M;
+    matches!(
+        m,
+        M::Ja
+            | M::Jae
+            | M::Jb
+            | M::Jbe
+            | M::Je
+            | M::Jg
+            | M::Jge
+            | M::Jl
+            | M::Jle
+            | M::Jne
+            | M::Jno
+            | M::Jnp
+            | M::Jns
+            | M::Jo
+            | M::Jp
+            | M::Js
+    )
+}
