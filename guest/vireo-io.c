@@ -336,6 +336,39 @@ static int tcp_recv(int argc, char **argv)
     return 0;
 }
 
+/* A CPU-bound loop of exactly 10 integer instructions per iteration (ALU,
+ * multiply, shift, a store and a load, LEA, the loop branch), so that
+ * instructions per second follow from the guest clock alone (no PMU is
+ * needed, in the guest or on the host). Prints
+ * "VIREO-CPU <instructions> <ns> <checksum>". */
+static int cpu(int argc, char **argv)
+{
+    uint64_t iters = argc >= 3 ? strtoull(argv[2], 0, 10) : 0;
+    if (!iters)
+        fail("usage: vireo-io cpu ITERATIONS");
+    uint64_t buf[2] = {1, 2};
+    uint64_t a = 1, b = 2, d = 3, n = iters;
+    uint64_t start = now_ns();
+    __asm__ volatile("1:\n\t"
+                     "add %[a], %[b]\n\t"
+                     "xor %[b], %[d]\n\t"
+                     "imul %[d], %[a]\n\t"
+                     "shl $3, %[b]\n\t"
+                     "mov %[a], (%[p])\n\t"
+                     "mov 8(%[p]), %%r8\n\t"
+                     "add %%r8, %[a]\n\t"
+                     "lea 1(%[a],%[b]), %[b]\n\t"
+                     "dec %[n]\n\t"
+                     "jnz 1b\n\t"
+                     : [a] "+r"(a), [b] "+r"(b), [d] "+r"(d), [n] "+r"(n)
+                     : [p] "r"(buf)
+                     : "r8", "memory", "cc");
+    uint64_t end = now_ns();
+    printf("VIREO-CPU %llu %llu %llu\n", (unsigned long long)(iters * 10),
+           (unsigned long long)(end - start), (unsigned long long)(a ^ b ^ d));
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc >= 2 && !strcmp(argv[1], "blk"))
@@ -344,6 +377,8 @@ int main(int argc, char **argv)
         return tcp_send(argc, argv);
     if (argc >= 2 && !strcmp(argv[1], "tcp-recv"))
         return tcp_recv(argc, argv);
-    fail("usage: vireo-io blk|tcp-send|tcp-recv ...");
+    if (argc >= 2 && !strcmp(argv[1], "cpu"))
+        return cpu(argc, argv);
+    fail("usage: vireo-io blk|tcp-send|tcp-recv|cpu ...");
     return 1;
 }

@@ -445,14 +445,26 @@ fn allocated_kib(path: &Path) -> u64 {
 }
 
 /// The guest command for `bench boot`: a CPU-bound shell loop timed by
-/// the guest's own clock.
+/// the guest's own clock, then `vireo-io cpu` (guest/vireo-io.c): a loop
+/// of exactly 10 integer instructions an iteration, timed by the guest's
+/// clock, which gives guest instructions per second without a PMU.
 const WORKLOAD: &str = "a=$(cut -d. -f1,2 /proc/uptime | cut -d' ' -f1); i=0; \
 while [ $i -lt 20000 ]; do i=$((i+1)); done; \
-b=$(cut -d' ' -f1 /proc/uptime); echo VIREO-WORK $a $b";
+b=$(cut -d' ' -f1 /proc/uptime); echo VIREO-WORK $a $b; vireo-io cpu 30000000";
 
 struct BootSample {
     wall: Duration,
     work: f64,
+    /// Guest instructions per second (millions) in `vireo-io cpu`.
+    mips: f64,
+}
+
+/// MIPS from a `VIREO-CPU <instructions> <ns> <checksum>` line.
+fn cpu_mips(line: &str) -> Option<f64> {
+    let mut w = line.split_whitespace().skip(1);
+    let instructions: f64 = w.next()?.parse().ok()?;
+    let ns: f64 = w.next()?.parse().ok()?;
+    (ns > 0.0).then(|| instructions / ns * 1000.0)
 }
 
 fn boot_once(cmd: Command, limit: Duration) -> Result<BootSample> {
@@ -477,9 +489,16 @@ fn boot_once(cmd: Command, limit: Duration) -> Result<BootSample> {
     if nums.len() != 2 {
         bail!("bad workload line: {line}");
     }
+    let mips = f
+        .lines
+        .iter()
+        .find_map(|(_, l)| l.strip_prefix("VIREO-CPU").map(|_| l))
+        .and_then(|l| cpu_mips(l))
+        .context("the guest printed no VIREO-CPU line (is vireo-io in its initramfs? run guest/build.sh)")?;
     Ok(BootSample {
         wall,
         work: nums[1] - nums[0],
+        mips,
     })
 }
 
@@ -491,19 +510,22 @@ fn boot_series(
 ) -> String {
     let mut walls = Vec::new();
     let mut works = Vec::new();
+    let mut mips = Vec::new();
     for _ in 0..runs {
         match make().and_then(|c| boot_once(c, limit)) {
             Ok(s) => {
                 walls.push(s.wall);
                 works.push((s.work * 1000.0) as u64);
+                mips.push((s.mips * 10.0) as u64);
             }
             Err(e) => return format!("{name:<36} failed: {e:#}"),
         }
     }
     format!(
-        "{name:<36} {:>9.2} s {:>14.2} s",
+        "{name:<36} {:>9.2} s {:>14.2} s {:>12.1}",
         median(walls).as_secs_f64(),
-        median(works) as f64 / 1000.0
+        median(works) as f64 / 1000.0,
+        median(mips) as f64 / 10.0
     )
 }
 
@@ -514,9 +536,13 @@ fn boot(args: &BenchArgs, runs: usize) -> Result<()> {
     let g = guest::Guest::new(args.guest_dir.as_deref(), WORKLOAD)?;
     let limit = Duration::from_secs(args.timeout);
     println!(
-        "boot: Debian bzImage + initramfs to power-off (wall) and a 20k-iteration shell loop (guest clock), median of {runs} runs"
+        "boot: Debian bzImage + initramfs to power-off (wall), a 20k-iteration shell loop and \
+         guest MIPS in a 300M-instruction integer loop (both by the guest clock), median of {runs} runs"
     );
-    println!("{:<36} {:>11} {:>16}", "VMM", "boot+off", "shell loop");
+    println!(
+        "{:<36} {:>11} {:>16} {:>12}",
+        "VMM", "boot+off", "shell loop", "guest MIPS"
+    );
     let [vname, qname] = args.accel.names();
     println!(
         "{}",
@@ -687,6 +713,14 @@ fn qemu_cmd(qemu: &str, accel: &'static str, elf: &Path, mem: &str) -> impl Fn()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mips_come_from_the_cpu_line() {
+        let m = cpu_mips("VIREO-CPU 300000000 1500000000 42").unwrap();
+        assert!((m - 200.0).abs() < 1e-9, "{m}");
+        assert!(cpu_mips("VIREO-CPU 1 0 0").is_none());
+        assert!(cpu_mips("VIREO-CPU x").is_none());
+    }
 
     #[test]
     fn tiny_elf_is_well_formed() {
