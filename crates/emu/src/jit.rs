@@ -55,7 +55,7 @@ use iced_x86::{Code, ConditionCode, Mnemonic};
 use crate::core::{Core, Exc};
 use crate::decode::Block;
 use crate::mmu::{TlbEntry, PERM_DIRTY, PERM_USER, PERM_WRITE};
-use crate::uop::{Opnd, Uop};
+use crate::uop::{is_jcc, Opnd, Uop};
 
 /// Compiled code of one block.
 pub type JitFn = unsafe extern "sysv64" fn(*mut Core) -> u64;
@@ -1522,28 +1522,5 @@ fn is_setcc(m: Mnemonic) -> bool {
             | M::Seto
             | M::Setp
             | M::Sets
-    )
-}
-
-fn is_jcc(m: Mnemonic) -> bool {
-    use Mnemonic as M;
-    matches!(
-        m,
-        M::Ja
-            | M::Jae
-            | M::Jb
-            | M::Jbe
-            | M::Je
-            | M::Jg
-            | M::Jge
-            | M::Jl
-            | M::Jle
-            | M::Jne
-            | M::Jno
-            | M::Jnp
-            | M::Jns
-            | M::Jo
-            | M::Jp
-            | M::Js
     )
 }

@@ -184,7 +184,7 @@ pub fn build(insn: &Instruction) -> Uop {
     u
 }
 
-fn is_jcc(m: Mnemonic) -> bool {
+pub(crate) fn is_jcc(m: Mnemonic) -> bool {
     use Mnemonic as M;
     matches!(
         m,

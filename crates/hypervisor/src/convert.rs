@@ -20,14 +20,16 @@
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
-    kvm_pit_channel_state, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    kvm_pit_channel_state, kvm_pit_state2, kvm_sregs, kvm_vcpu_events, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 
-use crate::kvm::{pod_bytes, pod_from, seg_to_kvm, KvmVcpuState, KvmVmState};
+use crate::kvm::{
+    pod_bytes, pod_from, regs_from_kvm, regs_to_kvm, seg_to_kvm, KvmVcpuState, KvmVmState,
+};
 use crate::{
     AccelKind, EmuFpuState, EmuMsrs, EmuVcpuState, EmuVmState, HypervisorError, Result,
-    SpecialRegs, StandardRegs, VcpuSnapshot, VmSnapshot,
+    SpecialRegs, VcpuSnapshot, VmSnapshot,
 };
 use emu_platform::{IoApicRegs, PicChipRegs, PitChannelRegs, PitRegs, Platform, PlatformConfig};
 
@@ -105,52 +107,6 @@ pub fn convert(
             ))
         }
         _ => Ok((vcpus.to_vec(), vm.clone())),
-    }
-}
-
-fn regs_to_kvm(r: &StandardRegs) -> kvm_regs {
-    kvm_regs {
-        rax: r.rax,
-        rbx: r.rbx,
-        rcx: r.rcx,
-        rdx: r.rdx,
-        rsi: r.rsi,
-        rdi: r.rdi,
-        rsp: r.rsp,
-        rbp: r.rbp,
-        r8: r.r8,
-        r9: r.r9,
-        r10: r.r10,
-        r11: r.r11,
-        r12: r.r12,
-        r13: r.r13,
-        r14: r.r14,
-        r15: r.r15,
-        rip: r.rip,
-        rflags: r.rflags,
-    }
-}
-
-fn regs_from_kvm(r: &kvm_regs) -> StandardRegs {
-    StandardRegs {
-        rax: r.rax,
-        rbx: r.rbx,
-        rcx: r.rcx,
-        rdx: r.rdx,
-        rsi: r.rsi,
-        rdi: r.rdi,
-        rsp: r.rsp,
-        rbp: r.rbp,
-        r8: r.r8,
-        r9: r.r9,
-        r10: r.r10,
-        r11: r.r11,
-        r12: r.r12,
-        r13: r.r13,
-        r14: r.r14,
-        r15: r.r15,
-        rip: r.rip,
-        rflags: r.rflags,
     }
 }
 
@@ -646,7 +602,7 @@ pub fn kvm_to_emu(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DescriptorTable, Segment};
+    use crate::{DescriptorTable, Segment, StandardRegs};
 
     fn seg(selector: u16, type_: u8, l: bool, db: bool) -> Segment {
         Segment {

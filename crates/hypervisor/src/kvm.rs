@@ -919,6 +919,52 @@ pub(crate) fn seg_to_kvm(s: &Segment) -> kvm_segment {
     }
 }
 
+pub(crate) fn regs_to_kvm(r: &StandardRegs) -> kvm_regs {
+    kvm_regs {
+        rax: r.rax,
+        rbx: r.rbx,
+        rcx: r.rcx,
+        rdx: r.rdx,
+        rsi: r.rsi,
+        rdi: r.rdi,
+        rsp: r.rsp,
+        rbp: r.rbp,
+        r8: r.r8,
+        r9: r.r9,
+        r10: r.r10,
+        r11: r.r11,
+        r12: r.r12,
+        r13: r.r13,
+        r14: r.r14,
+        r15: r.r15,
+        rip: r.rip,
+        rflags: r.rflags,
+    }
+}
+
+pub(crate) fn regs_from_kvm(r: &kvm_regs) -> StandardRegs {
+    StandardRegs {
+        rax: r.rax,
+        rbx: r.rbx,
+        rcx: r.rcx,
+        rdx: r.rdx,
+        rsi: r.rsi,
+        rdi: r.rdi,
+        rsp: r.rsp,
+        rbp: r.rbp,
+        r8: r.r8,
+        r9: r.r9,
+        r10: r.r10,
+        r11: r.r11,
+        r12: r.r12,
+        r13: r.r13,
+        r14: r.r14,
+        r15: r.r15,
+        rip: r.rip,
+        rflags: r.rflags,
+    }
+}
+
 pub(crate) fn sregs_from_kvm(s: &kvm_sregs) -> SpecialRegs {
     SpecialRegs {
         cs: seg_from_kvm(&s.cs),
@@ -1023,50 +1069,13 @@ impl Vcpu for KvmVcpu {
 
     fn get_regs(&self) -> Result<StandardRegs> {
         let r = self.fd.get_regs().map_err(ioctl_err("KVM_GET_REGS"))?;
-        Ok(StandardRegs {
-            rax: r.rax,
-            rbx: r.rbx,
-            rcx: r.rcx,
-            rdx: r.rdx,
-            rsi: r.rsi,
-            rdi: r.rdi,
-            rsp: r.rsp,
-            rbp: r.rbp,
-            r8: r.r8,
-            r9: r.r9,
-            r10: r.r10,
-            r11: r.r11,
-            r12: r.r12,
-            r13: r.r13,
-            r14: r.r14,
-            r15: r.r15,
-            rip: r.rip,
-            rflags: r.rflags,
-        })
+        Ok(regs_from_kvm(&r))
     }
 
     fn set_regs(&mut self, r: &StandardRegs) -> Result<()> {
-        let k = kvm_regs {
-            rax: r.rax,
-            rbx: r.rbx,
-            rcx: r.rcx,
-            rdx: r.rdx,
-            rsi: r.rsi,
-            rdi: r.rdi,
-            rsp: r.rsp,
-            rbp: r.rbp,
-            r8: r.r8,
-            r9: r.r9,
-            r10: r.r10,
-            r11: r.r11,
-            r12: r.r12,
-            r13: r.r13,
-            r14: r.r14,
-            r15: r.r15,
-            rip: r.rip,
-            // Bit 1 of RFLAGS is reserved and always set.
-            rflags: r.rflags | 2,
-        };
+        let mut k = regs_to_kvm(r);
+        // Bit 1 of RFLAGS is reserved and always set.
+        k.rflags |= 2;
         self.fd.set_regs(&k).map_err(ioctl_err("KVM_SET_REGS"))
     }
 
