@@ -477,23 +477,29 @@ fn send_inner(
     // Stop-and-copy, at full speed.
     cancelled(&opts.cancel)?;
     out.limit = None;
+    // Downtime counts from asking the vCPUs to stop.
+    let down = Instant::now();
     if was_running {
         vm.control()
             .pause()
             .map_err(|e| VmmError::Conflict(format!("cannot pause the VM: {e}")))?;
     }
     *paused = true;
-    let down = Instant::now();
     let bytes_before_pause = out.bytes;
+    tracing::debug!("migration: paused in {:?}", down.elapsed());
     vm.quiesce_devices(true);
+    tracing::debug!("migration: devices quiesced at {:?}", down.elapsed());
     // The devices are stopped: their writes up to here are in the bitmap.
     merge(&mut dirty, collect_all(vm)?);
     tracing::info!("migration: paused; {} pages left to send", count(&dirty));
+    tracing::debug!("migration: dirty pages collected at {:?}", down.elapsed());
     let final_pages = send_pages(&mut out, mem, &dirty, &opts.cancel)?;
+    tracing::debug!("migration: final pages sent at {:?}", down.elapsed());
     pages += final_pages;
     rounds += 1;
 
     let (vcpu_states, vm_state, devices) = vm.save_states()?;
+    tracing::debug!("migration: state saved at {:?}", down.elapsed());
     let mut ranges = Vec::new();
     let mut offset = 0;
     for r in mem.iter() {
@@ -531,6 +537,7 @@ fn send_inner(
         .map_err(io("send"))?;
     out.write_all(&body).map_err(io("send"))?;
     out.flush().map_err(io("send"))?;
+    tracing::debug!("migration: state sent at {:?}", down.elapsed());
     tracing::info!(
         "migration: state sent ({} bytes), waiting for the destination",
         body.len()
