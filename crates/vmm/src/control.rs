@@ -134,12 +134,19 @@ impl VmControl {
         }
         let deadline = Instant::now() + PAUSE_TIMEOUT;
         let mut g = self.gate();
-        while g.parked < self.live_vcpus.load(Ordering::SeqCst) && !self.stopping() {
+        let all_parked =
+            |g: &Gate| g.parked >= self.live_vcpus.load(Ordering::SeqCst) || self.stopping();
+        while !all_parked(&g) {
             drop(g);
             // Kick again while waiting: a vCPU may have been between its
             // pause check and entering the guest when the first kick came.
             self.kick_all();
             g = self.gate();
+            // The vCPUs may have parked (and notified) while the gate was
+            // not held here: look before waiting, or that wake-up is lost.
+            if all_parked(&g) {
+                break;
+            }
             let now = Instant::now();
             if now >= deadline {
                 g.pause = false;

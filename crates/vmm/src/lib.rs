@@ -389,7 +389,23 @@ fn build_migrate_receive(
     serial: &SerialMode,
 ) -> Result<Built, VmmError> {
     let (out, input) = serial_output(serial)?;
-    let mut got = migration::receive(listen)?;
+    // Make the backend VM and map its memory while the pages stream in:
+    // on a nested KVM host that alone takes several milliseconds, which
+    // would otherwise fall into the downtime. A failure here is not final:
+    // the VM is then made the usual way once the state is in.
+    let mut prepared: Option<(hypervisor::AccelKind, vm::PreparedVm)> = None;
+    let mut on_hello = |made_with: hypervisor::AccelKind, memory: &hypervisor::GuestRam| {
+        let to = match opts.accel {
+            Some(Accel::Kvm) => hypervisor::AccelKind::Kvm,
+            Some(Accel::Emu) => hypervisor::AccelKind::Emu,
+            _ => made_with,
+        };
+        match vm::PreparedVm::new(accel_of(to), memory) {
+            Ok(p) => prepared = Some((to, p)),
+            Err(e) => tracing::info!("migration: cannot prepare the VM early: {e}"),
+        }
+    };
+    let mut got = migration::receive(listen, &mut on_hello)?;
     let mut manifest = got.manifest;
     let from = format!("migration from {}", got.peer);
     let built = prepare_accel(&from, &mut manifest, opts)
@@ -398,6 +414,10 @@ fn build_migrate_receive(
             if let Boot::Snapshot(s) = &mut spec.boot {
                 s.memory = Some(got.memory);
                 s.cross = cross;
+                s.prepared = prepared
+                    .take()
+                    .filter(|(to, _)| accel_of(*to) == accel)
+                    .map(|(_, p)| p);
             }
             Ok(spec)
         })
@@ -507,6 +527,7 @@ fn restore_spec(
             manifest: manifest.clone(),
             memory: None,
             cross: None,
+            prepared: None,
         })),
         rng,
         disks,

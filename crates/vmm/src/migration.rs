@@ -614,8 +614,12 @@ pub struct Received {
     pub stream: TcpStream,
 }
 
+/// Called once the stream's header has said which accelerator made the
+/// VM and its memory is allocated, while the pages still stream in.
+pub type OnHello<'a> = &'a mut dyn FnMut(hypervisor::AccelKind, &GuestRam);
+
 /// Wait on `listen` for one migration and read it to the end.
-pub fn receive(listen: &str) -> Result<Received, VmmError> {
+pub fn receive(listen: &str, on_hello: OnHello) -> Result<Received, VmmError> {
     let listener = TcpListener::bind(listen)
         .map_err(|e| VmmError::Io(format!("cannot listen on {listen}: {e}")))?;
     tracing::info!("waiting for a migration on {listen}");
@@ -628,7 +632,7 @@ pub fn receive(listen: &str) -> Result<Received, VmmError> {
         .map_err(io("socket"))?;
     let mut r = BufReader::with_capacity(1 << 20, stream.try_clone().map_err(io("socket"))?);
     let mut w = stream.try_clone().map_err(io("socket"))?;
-    let (manifest, memory) = read_stream(&mut r, &mut w)?;
+    let (manifest, memory) = read_stream_with(&mut r, &mut w, on_hello)?;
     Ok(Received {
         manifest,
         memory,
@@ -641,6 +645,15 @@ pub fn receive(listen: &str) -> Result<Received, VmmError> {
 pub fn read_stream<R: Read, W: Write>(
     r: &mut R,
     w: &mut W,
+) -> Result<(Manifest, GuestRam), VmmError> {
+    read_stream_with(r, w, &mut |_, _| {})
+}
+
+/// The same, calling `on_hello` once memory is allocated.
+fn read_stream_with<R: Read, W: Write>(
+    r: &mut R,
+    w: &mut W,
+    on_hello: OnHello,
 ) -> Result<(Manifest, GuestRam), VmmError> {
     let mut magic = [0u8; 8];
     r.read_exact(&mut magic).map_err(cut)?;
@@ -673,6 +686,7 @@ pub fn read_stream<R: Read, W: Write>(
             hello.memory_bytes >> 20
         ))
     })?;
+    on_hello(hello.accel, &memory);
     loop {
         let mut tag = [0u8; 1];
         r.read_exact(&mut tag).map_err(cut)?;

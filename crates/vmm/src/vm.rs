@@ -58,6 +58,53 @@ pub struct SnapshotSource {
     pub memory: Option<GuestRam>,
     /// Set when the state was converted from the other accelerator's.
     pub cross: Option<CrossRestore>,
+    /// A backend VM already made with `memory` mapped into it (a live
+    /// migration's destination makes it while pages stream in, so that
+    /// the downtime does not include creating it).
+    pub prepared: Option<PreparedVm>,
+}
+
+/// A backend VM created ahead of the rest, with guest memory mapped.
+#[derive(Clone)]
+pub struct PreparedVm {
+    pub hv: Arc<dyn Hypervisor>,
+    pub vm: Arc<dyn hypervisor::Vm>,
+}
+
+impl std::fmt::Debug for PreparedVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PreparedVm({})", self.hv.kind())
+    }
+}
+
+impl PreparedVm {
+    /// Create a VM under `accel` and map `memory` into it.
+    pub fn new(accel: Accel, memory: &GuestRam) -> Result<Self, VmmError> {
+        let hv = open_hypervisor(accel)?;
+        let vm = hv.create_vm()?;
+        map_guest_memory(vm.as_ref(), memory)?;
+        Ok(PreparedVm { hv, vm })
+    }
+}
+
+/// Map every region of `memory` into the backend VM, slot by slot.
+fn map_guest_memory(vm: &dyn hypervisor::Vm, memory: &GuestRam) -> Result<(), VmmError> {
+    for (slot, region) in memory.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| VmmError::Io(format!("guest memory region: {e}")))?;
+        // SAFETY: the mapping is owned by `memory`, which the Vm keeps
+        // for as long as the backend VM exists.
+        unsafe {
+            vm.map_memory(
+                slot as u32,
+                region.start_addr().0,
+                region.len(),
+                host as u64,
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// What a restore under another accelerator than the snapshot's needs
@@ -493,7 +540,14 @@ impl Vm {
         if spec.cpus == 0 {
             return Err(VmmError::Config("--cpus must be at least 1".into()));
         }
-        let hv = open_hypervisor(spec.accel)?;
+        let prepared = match &spec.boot {
+            Boot::Snapshot(s) => s.prepared.clone(),
+            _ => None,
+        };
+        let hv = match &prepared {
+            Some(p) => p.hv.clone(),
+            None => open_hypervisor(spec.accel)?,
+        };
         let mut boot = spec.boot.clone();
         if let Boot::Linux { cmdline, .. } = &mut boot {
             for arg in hv.guest_workarounds() {
@@ -508,7 +562,10 @@ impl Vm {
                 }
             }
         }
-        let vm = hv.create_vm()?;
+        let vm = match &prepared {
+            Some(p) => p.vm.clone(),
+            None => hv.create_vm()?,
+        };
         // The CPUID the guest is shown, unless the accelerator's own: a
         // guest restored under another accelerator, or a portable VM
         // restored, sees what it saw before; a new portable VM sees what
@@ -551,20 +608,8 @@ impl Vm {
                 })?
             }
         };
-        for (slot, region) in memory.iter().enumerate() {
-            let host = region
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|e| VmmError::Io(format!("guest memory region: {e}")))?;
-            // SAFETY: the mapping is owned by `memory`, which the Vm keeps
-            // for as long as the backend VM exists.
-            unsafe {
-                vm.map_memory(
-                    slot as u32,
-                    region.start_addr().0,
-                    region.len(),
-                    host as u64,
-                )?;
-            }
+        if prepared.is_none() {
+            map_guest_memory(vm.as_ref(), &memory)?;
         }
 
         let (exit_tx, exit_rx) = channel();
