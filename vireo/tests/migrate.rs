@@ -112,6 +112,52 @@ fn migrate_to(sock: &Path, to: &str) -> std::process::Output {
         .unwrap()
 }
 
+/// Migrate the letters guest at `sock` to `to` and check the handover:
+/// `vireo migrate` succeeds and reports its figures, the source exits 0
+/// saying where the VM went, and the destination counts on to at least
+/// `letters` letters. (What `vireo migrate` printed, the source's letters,
+/// the destination's `vm.info`.)
+fn hand_over(
+    src: &mut Running,
+    sock: &Path,
+    to: &str,
+    dst: &Running,
+    sock2: &Path,
+    letters: usize,
+) -> (String, String, serde_json::Value) {
+    let out = migrate_to(sock, to);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "migrate: {out:?}\n{}",
+        dst.stderr_text()
+    );
+    assert!(
+        said.contains("downtime") && said.contains("iterations"),
+        "{said}"
+    );
+    assert_eq!(
+        src.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        src.stderr_text()
+    );
+    assert!(
+        src.stderr_text().contains("migrated to"),
+        "{}",
+        src.stderr_text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || dst.stdout_text().len()
+            >= letters),
+        "the migrated guest did not count on: {}",
+        dst.stderr_text()
+    );
+    let info = client(&["info"], sock2);
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    (said, src.stdout_text(), v)
+}
+
 /// Where the two processes run: namespaces for each and the destination's
 /// address, or both here on localhost.
 struct Placement<'a> {
@@ -177,32 +223,17 @@ fn letters_migrate_between(accel: &str, memory: &str, devices: bool, at: &Placem
             None,
         )
     };
-    let out = migrate_to(&sock, &format!("{}:{port}", at.dst_ip));
-    let said = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "migrate: {out:?}\n{}",
-        dst.stderr_text()
+    let (said, before, v) = hand_over(
+        &mut src,
+        &sock,
+        &format!("{}:{port}", at.dst_ip),
+        &dst,
+        &sock2,
+        60,
     );
     eprintln!("{accel} {memory} devices={devices}: {said}");
-    assert!(
-        said.contains("downtime") && said.contains("iterations"),
-        "{said}"
-    );
-    // The source hands over and ends well.
-    assert_eq!(
-        src.wait_exit(Duration::from_secs(10)),
-        Some(0),
-        "{}",
-        src.stderr_text()
-    );
-    assert!(
-        src.stderr_text().contains("migrated to"),
-        "{}",
-        src.stderr_text()
-    );
     if let Some(r) = &mut request {
-        // `migrate-receive --into` answers once the VM runs in the VMM.
+        // `migrate-receive --into` answered once the VM ran in the VMM.
         assert_eq!(
             r.wait_exit(Duration::from_secs(20)),
             Some(0),
@@ -210,14 +241,6 @@ fn letters_migrate_between(accel: &str, memory: &str, devices: bool, at: &Placem
             r.stderr_text()
         );
     }
-    let before = src.stdout_text();
-    assert!(
-        wait_until(Duration::from_secs(60), || dst.stdout_text().len() >= 60),
-        "the migrated guest did not count on: {}",
-        dst.stderr_text()
-    );
-    let info = client(&["info"], &sock2);
-    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(v["state"], "running");
     assert_eq!(v["accel"], accel);
     assert_eq!(v["config"]["rng"], devices);
@@ -481,26 +504,8 @@ fn a_vm_with_a_balloon_migrates() {
         .success());
     let port = free_port();
     let mut dst = destination(port, Some(&sock2));
-    let out = migrate_to(&sock, &format!("127.0.0.1:{port}"));
-    assert!(
-        out.status.success(),
-        "migrate: {out:?}\n{}",
-        dst.stderr_text()
-    );
-    assert_eq!(
-        src.wait_exit(Duration::from_secs(10)),
-        Some(0),
-        "{}",
-        src.stderr_text()
-    );
-    let before = src.stdout_text();
-    assert!(
-        wait_until(Duration::from_secs(60), || dst.stdout_text().len() >= 60),
-        "the migrated guest did not count on: {}",
-        dst.stderr_text()
-    );
-    let info = client(&["info"], &sock2);
-    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let to = format!("127.0.0.1:{port}");
+    let (_, before, v) = hand_over(&mut src, &sock, &to, &dst, &sock2, 60);
     assert_eq!(v["state"], "running");
     assert_eq!(v["balloon"]["target_mib"], 8, "{v}");
     assert_eq!(v["balloon"]["actual_mib"], 0, "{v}");
@@ -574,8 +579,6 @@ fn a_destination_refuses_a_stream_that_is_not_a_migration() {
     assert!(err.contains("ended before"), "{err}");
 }
 
-const LAST_COUNT: u64 = 40;
-
 /// Debian on the engine with a raw ext4 disk (the same file for both
 /// processes, on this host) and virtio-rng, counting to the console and
 /// to a file on the disk, migrated mid-count while it runs: the
@@ -583,43 +586,8 @@ const LAST_COUNT: u64 = 40;
 /// unbroken sequence, and so does the file.
 #[test]
 fn debian_counting_to_console_and_disk_continues_across_an_engine_migration() {
-    let g = guest_dir();
     let dir = scratch("linux");
-    let disk = dir.join("disk.img");
-    let mkfs = std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F"])
-        .arg(&disk)
-        .arg("32M")
-        .output()
-        .unwrap();
-    assert!(mkfs.status.success(), "{mkfs:?}");
-    let script = format!(
-        "mount /dev/vda /mnt && i=0 && while [ $i -lt {LAST_COUNT} ]; do i=$((i+1)); \
-         echo COUNT:$i:$(cut -d' ' -f1 /proc/uptime):; echo $i >> /mnt/count.txt; sync; sleep 0.2; \
-         done; umount /mnt"
-    );
-    let sock = dir.join("a.sock");
-    let mut cmd = vireo();
-    cmd.args(["run", "--accel", "emu", "--memory", "256M", "--kernel"])
-        .arg(g.join("vmlinux"))
-        .arg("--initrd")
-        .arg(g.join("initramfs.cpio.gz"))
-        .arg("--cmdline")
-        .arg(format!(
-            "console=ttyS0 reboot=k panic=1 quiet vireo.cmd=\"{script}\""
-        ))
-        .arg("--disk")
-        .arg(format!("path={},format=raw", disk.display()))
-        .arg("--rng")
-        .arg("--api-socket")
-        .arg(&sock);
-    let mut src = Running::spawn(cmd);
-    assert!(
-        src.wait_for("COUNT:5:", Duration::from_secs(900)),
-        "the guest did not count:\n{}\n{}",
-        src.stdout_text(),
-        src.stderr_text()
-    );
+    let (mut src, disk, sock) = spawn_debian_counter(&dir);
     let port = free_port();
     let mut dst = destination(port, None);
     let out = migrate_to(&sock, &format!("127.0.0.1:{port}"));
@@ -649,13 +617,7 @@ fn debian_counting_to_console_and_disk_continues_across_an_engine_migration() {
         (1..=LAST_COUNT).collect::<Vec<_>>(),
         "before:\n{before}\nafter:\n{after}"
     );
-    let cat = std::process::Command::new("debugfs")
-        .args(["-R", "cat /count.txt"])
-        .arg(&disk)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&cat.stdout);
-    let on_disk: Vec<u64> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    let (on_disk, text) = counts_on_disk(&disk);
     assert_eq!(on_disk, (1..=LAST_COUNT).collect::<Vec<_>>(), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -701,21 +663,8 @@ fn letters_migrate_across(from: &str, to: &str) {
     assert!(wait_until(Duration::from_secs(20), || dst
         .stderr_text()
         .contains("waiting for a migration")));
-    let out = migrate_to(&sock, &format!("127.0.0.1:{port}"));
-    assert!(
-        out.status.success(),
-        "migrate: {out:?}\n{}",
-        dst.stderr_text()
-    );
-    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
-    let before = src.stdout_text();
-    assert!(
-        wait_until(Duration::from_secs(60), || dst.stdout_text().len() >= 30),
-        "the migrated guest did not count on: {}",
-        dst.stderr_text()
-    );
-    let info = client(&["info"], &sock2);
-    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let dest = format!("127.0.0.1:{port}");
+    let (_, before, v) = hand_over(&mut src, &sock, &dest, &dst, &sock2, 30);
     assert_eq!(v["accel"], to);
     assert!(client(&["stop"], &sock2).status.success());
     assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));

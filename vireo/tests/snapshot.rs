@@ -458,7 +458,6 @@ fn damaged_or_mismatched_snapshots_are_refused_clearly() {
 }
 
 /// The last count the guest loop reaches before it unmounts and powers off.
-const LAST_COUNT: u64 = 40;
 /// Host time between stopping the snapshotted VM and restoring it.
 const DOWNTIME: Duration = Duration::from_secs(8);
 
@@ -470,46 +469,11 @@ const DOWNTIME: Duration = Duration::from_secs(8);
 /// the disk. The snapshot then no longer restores over the changed disk.
 #[test]
 fn debian_counting_to_console_and_disk_continues_across_an_engine_snapshot() {
-    let g = guest_dir();
     let dir = std::env::temp_dir().join(format!("vireo-snap-linux-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let disk = dir.join("disk.img");
-    let mkfs = std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F"])
-        .arg(&disk)
-        .arg("32M")
-        .output()
-        .unwrap();
-    assert!(mkfs.status.success(), "{mkfs:?}");
-    let script = format!(
-        "mount /dev/vda /mnt && i=0 && while [ $i -lt {LAST_COUNT} ]; do i=$((i+1)); \
-         echo COUNT:$i:$(cut -d' ' -f1 /proc/uptime):; echo $i >> /mnt/count.txt; sync; sleep 0.2; \
-         done; umount /mnt"
-    );
-    let sock = dir.join("a.sock");
+    let (mut src, disk, sock) = spawn_debian_counter(&dir);
     let snap = dir.join("snap");
-    let mut cmd = vireo();
-    cmd.args(["run", "--accel", "emu", "--memory", "256M", "--kernel"])
-        .arg(g.join("vmlinux"))
-        .arg("--initrd")
-        .arg(g.join("initramfs.cpio.gz"))
-        .arg("--cmdline")
-        .arg(format!(
-            "console=ttyS0 reboot=k panic=1 quiet vireo.cmd=\"{script}\""
-        ))
-        .arg("--disk")
-        .arg(format!("path={},format=raw", disk.display()))
-        .arg("--rng")
-        .arg("--api-socket")
-        .arg(&sock);
-    let mut src = Running::spawn(cmd);
-    assert!(
-        src.wait_for("COUNT:5:", Duration::from_secs(900)),
-        "the guest did not count:\n{}\n{}",
-        src.stdout_text(),
-        src.stderr_text()
-    );
     let start = Instant::now();
     let out = vireo()
         .args(["snapshot", "--stay-paused", "--api-socket"])
@@ -563,13 +527,7 @@ fn debian_counting_to_console_and_disk_continues_across_an_engine_snapshot() {
             .output()
             .unwrap();
         assert!(conv.status.success(), "{conv:?}");
-        let cat = std::process::Command::new("debugfs")
-            .args(["-R", "cat /count.txt"])
-            .arg(&raw)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&cat.stdout);
-        let on_disk: Vec<u64> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        let (on_disk, text) = counts_on_disk(&raw);
         assert_eq!(
             on_disk,
             (1..=LAST_COUNT).collect::<Vec<_>>(),
@@ -629,13 +587,7 @@ fn debian_counting_to_console_and_disk_continues_across_an_engine_snapshot() {
     );
 
     // The file on the disk: every count once, in order.
-    let cat = std::process::Command::new("debugfs")
-        .args(["-R", "cat /count.txt"])
-        .arg(&disk)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&cat.stdout);
-    let on_disk: Vec<u64> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    let (on_disk, text) = counts_on_disk(&disk);
     assert_eq!(on_disk, want, "{text}");
 
     let (code, err) = restore_output(&snap, &[]);

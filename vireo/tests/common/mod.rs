@@ -215,3 +215,64 @@ pub fn count_lines(console: &str) -> Vec<(u64, f64)> {
 pub fn counts(console: &str) -> Vec<u64> {
     count_lines(console).into_iter().map(|(n, _)| n).collect()
 }
+
+/// How far the Debian counting guest counts.
+pub const LAST_COUNT: u64 = 40;
+
+/// Debian on the engine (256 MiB, virtio-rng, a fresh 32 MiB ext4 disk at
+/// `dir`/disk.img, the API on `dir`/a.sock) counting every 0.2 s to its
+/// console (`COUNT:n:uptime:`) and to /count.txt on the disk, with a sync
+/// after each, up to [`LAST_COUNT`]; returned once it has counted to 5.
+/// (The VM, its disk, its API socket.)
+pub fn spawn_debian_counter(dir: &Path) -> (Running, PathBuf, PathBuf) {
+    let g = guest_dir();
+    let disk = dir.join("disk.img");
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&disk)
+        .arg("32M")
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success(), "{mkfs:?}");
+    let script = format!(
+        "mount /dev/vda /mnt && i=0 && while [ $i -lt {LAST_COUNT} ]; do i=$((i+1)); \
+         echo COUNT:$i:$(cut -d' ' -f1 /proc/uptime):; echo $i >> /mnt/count.txt; sync; sleep 0.2; \
+         done; umount /mnt"
+    );
+    let sock = dir.join("a.sock");
+    let mut cmd = vireo();
+    cmd.args(["run", "--accel", "emu", "--memory", "256M", "--kernel"])
+        .arg(g.join("vmlinux"))
+        .arg("--initrd")
+        .arg(g.join("initramfs.cpio.gz"))
+        .arg("--cmdline")
+        .arg(format!(
+            "console=ttyS0 reboot=k panic=1 quiet vireo.cmd=\"{script}\""
+        ))
+        .arg("--disk")
+        .arg(format!("path={},format=raw", disk.display()))
+        .arg("--rng")
+        .arg("--api-socket")
+        .arg(&sock);
+    let mut vm = Running::spawn(cmd);
+    assert!(
+        vm.wait_for("COUNT:5:", Duration::from_secs(900)),
+        "the guest did not count:\n{}\n{}",
+        vm.stdout_text(),
+        vm.stderr_text()
+    );
+    (vm, disk, sock)
+}
+
+/// The numbers in /count.txt on a raw ext4 image (read with debugfs), and
+/// the text they came from.
+pub fn counts_on_disk(image: &Path) -> (Vec<u64>, String) {
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /count.txt"])
+        .arg(image)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&cat.stdout).into_owned();
+    let n = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    (n, text)
+}
