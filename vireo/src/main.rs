@@ -104,25 +104,58 @@ struct MigrateReceiveArgs {
     /// The TCP address to wait on (ADDR:PORT).
     #[arg(long, value_name = "ADDR:PORT")]
     listen: String,
+    #[command(flatten)]
+    start: StartArgs,
+}
+
+/// How a VM that comes from elsewhere (a snapshot, a migration) starts.
+#[derive(Args)]
+struct StartArgs {
     /// Serial console: stdio, file:PATH or none [default: stdio].
     #[arg(long, value_name = "stdio|file:PATH|none")]
     serial: Option<SerialMode>,
     /// Serve the management API on this Unix socket once the VM runs.
     #[arg(long, value_name = "PATH", conflicts_with = "into")]
     api_socket: Option<PathBuf>,
-    /// Receive inside the empty VMM serving the API at PATH instead of in
-    /// this process (answers once the VM runs there).
+    /// Start it inside the empty VMM serving the API at PATH (`vireo run
+    /// --api-socket PATH` alone) instead of in this process (answers once
+    /// the VM runs there).
     #[arg(long, value_name = "PATH")]
     into: Option<PathBuf>,
-    /// The accelerator to run the VM under [default: the source's]. The
-    /// other one than the source's works if the guest's CPU features are
-    /// all offered here (see `vireo restore --help`).
+    /// The accelerator to run it under [default: the one that made the
+    /// snapshot or ran the source]. The other one works when every CPU
+    /// feature the guest saw (CPUID leaves 1, 7, 0xd, 0x80000001,
+    /// 0x80000007/8 and the KVM leaves, recorded in the VM's state) is
+    /// offered here, and the guest's TSC rate can be kept (or
+    /// --allow-tsc-change); KVM guests started with --cpu-model portable fit
+    /// the engine.
     #[arg(long, value_name = "kvm|emu")]
     accel: Option<Accel>,
     /// Under the other accelerator, accept a guest TSC that runs at
-    /// another rate than before (its value stays continuous).
+    /// another rate than before (its value stays continuous; a guest that
+    /// keeps time by the TSC sees its clock run faster or slower).
     #[arg(long)]
     allow_tsc_change: bool,
+}
+
+impl StartArgs {
+    fn options(&self) -> vmm::RestoreOptions {
+        vmm::RestoreOptions {
+            accel: self.accel,
+            allow_tsc_change: self.allow_tsc_change,
+        }
+    }
+
+    /// The same settings in an API request body (`--into`).
+    fn add_to(&self, body: &mut serde_json::Value) {
+        body["allow_tsc_change"] = self.allow_tsc_change.into();
+        if let Some(accel) = self.accel {
+            body["accel"] = serde_json::to_value(accel).unwrap_or_default();
+        }
+        if let Some(serial) = &self.serial {
+            body["serial"] = serial.to_string().into();
+        }
+    }
 }
 
 #[derive(Args)]
@@ -151,29 +184,8 @@ struct RestoreArgs {
     /// The snapshot directory (`vireo snapshot --dir`).
     #[arg(long, value_name = "DIR")]
     from: PathBuf,
-    /// Serial console: stdio, file:PATH or none [default: stdio].
-    #[arg(long, value_name = "stdio|file:PATH|none")]
-    serial: Option<SerialMode>,
-    /// Serve the management API on this Unix socket.
-    #[arg(long, value_name = "PATH", conflicts_with = "into")]
-    api_socket: Option<PathBuf>,
-    /// Restore inside the empty VMM serving the API at PATH (`vireo run
-    /// --api-socket PATH` alone) instead of in this process.
-    #[arg(long, value_name = "PATH")]
-    into: Option<PathBuf>,
-    /// The accelerator to restore under [default: the one that made the
-    /// snapshot]. The other one works when every CPU feature the guest saw
-    /// (CPUID leaves 1, 7, 0xd, 0x80000001, 0x80000007/8 and the KVM leaves,
-    /// recorded in the snapshot) is offered here, and the guest's TSC rate
-    /// can be kept (or --allow-tsc-change); KVM guests started with
-    /// --cpu-model portable fit the engine.
-    #[arg(long, value_name = "kvm|emu")]
-    accel: Option<Accel>,
-    /// Under the other accelerator, accept a guest TSC that runs at
-    /// another rate than before (its value stays continuous; a guest that
-    /// keeps time by the TSC sees its clock run faster or slower).
-    #[arg(long)]
-    allow_tsc_change: bool,
+    #[command(flatten)]
+    start: StartArgs,
     /// Clone: create this qcow2 overlay over the snapshot's disk and run on
     /// it, leaving the snapshot's disk unchanged (once per disk, in order).
     #[arg(long, value_name = "PATH")]
@@ -381,28 +393,17 @@ fn main() -> ExitCode {
         Command::Snapshot(a) => snapshot(&a),
         Command::Balloon(a) => balloon(&a),
         Command::Migrate(a) => migrate(&a),
-        Command::MigrateReceive(a) => match &a.into {
+        Command::MigrateReceive(a) => match &a.start.into {
             Some(sock) => {
-                let mut body = serde_json::json!({
-                    "listen": a.listen,
-                    "allow_tsc_change": a.allow_tsc_change,
-                });
-                if let Some(accel) = a.accel {
-                    body["accel"] = serde_json::to_value(accel).unwrap_or_default();
-                }
-                if let Some(serial) = &a.serial {
-                    body["serial"] = serial.to_string().into();
-                }
+                let mut body = serde_json::json!({ "listen": a.listen });
+                a.start.add_to(&mut body);
                 api_put(sock, "/api/v1/vm.migrate-receive", &body)
             }
             None => finish(vmm::migrate_receive(
                 &a.listen,
-                vmm::RestoreOptions {
-                    accel: a.accel,
-                    allow_tsc_change: a.allow_tsc_change,
-                },
-                &a.serial.unwrap_or_default(),
-                a.api_socket.as_deref(),
+                a.start.options(),
+                &a.start.serial.clone().unwrap_or_default(),
+                a.start.api_socket.as_deref(),
             )),
         },
         Command::Create(a) => match a.vm.into_config() {
@@ -422,42 +423,30 @@ fn main() -> ExitCode {
         Command::Boot(a) => api_call(&a, "PUT", "/api/v1/vm.boot"),
         Command::Delete(a) => api_call(&a, "PUT", "/api/v1/vm.delete"),
         Command::Shutdown(a) => api_call(&a, "PUT", "/api/v1/vmm.shutdown"),
-        Command::Restore(a) if a.into.is_some() => {
-            let mut body = serde_json::json!({
-                "source": a.from,
-                "overlays": a.overlay,
-                "taps": a.tap,
-                "allow_tsc_change": a.allow_tsc_change,
-            });
-            if let Some(accel) = a.accel {
-                body["accel"] = serde_json::to_value(accel).unwrap_or_default();
+        Command::Restore(a) => match &a.start.into {
+            Some(sock) => {
+                let mut body = serde_json::json!({
+                    "source": a.from,
+                    "overlays": a.overlay,
+                    "taps": a.tap,
+                });
+                a.start.add_to(&mut body);
+                api_put(sock, "/api/v1/vm.restore", &body)
             }
-            if let Some(serial) = &a.serial {
-                body["serial"] = serial.to_string().into();
+            None => {
+                let clone = vmm::CloneOptions {
+                    overlays: a.overlay,
+                    taps: a.tap,
+                };
+                finish(vmm::restore(
+                    &a.from,
+                    a.start.options(),
+                    &clone,
+                    &a.start.serial.clone().unwrap_or_default(),
+                    a.start.api_socket.as_deref(),
+                ))
             }
-            api_put(
-                a.into.as_deref().unwrap_or(Path::new("")),
-                "/api/v1/vm.restore",
-                &body,
-            )
-        }
-        Command::Restore(a) => {
-            let serial = a.serial.unwrap_or_default();
-            let clone = vmm::CloneOptions {
-                overlays: a.overlay,
-                taps: a.tap,
-            };
-            finish(vmm::restore(
-                &a.from,
-                vmm::RestoreOptions {
-                    accel: a.accel,
-                    allow_tsc_change: a.allow_tsc_change,
-                },
-                &clone,
-                &serial,
-                a.api_socket.as_deref(),
-            ))
-        }
+        },
     };
     ExitCode::from(code as u8)
 }

@@ -545,9 +545,9 @@ fn vm_route(shared: &ApiShared, ctx: &ApiContext, path: &str, body: &str) -> Ans
             json(200, &body)
         }
         "/api/v1/vm.balloon" => {
-            let req: BalloonRequest = match serde_json::from_str(body) {
+            let req: BalloonRequest = match parse("balloon", body) {
                 Ok(r) => r,
-                Err(e) => return error(400, format!("bad balloon request: {e}")),
+                Err(e) => return e,
             };
             let Some(b) = ctx.vm.balloon() else {
                 return error(
@@ -589,18 +589,18 @@ fn vm_route(shared: &ApiShared, ctx: &ApiContext, path: &str, body: &str) -> Ans
             no_content()
         }
         "/api/v1/vm.snapshot" => {
-            let req: SnapshotRequest = match serde_json::from_str(body) {
+            let req: SnapshotRequest = match parse("snapshot", body) {
                 Ok(r) => r,
-                Err(e) => return error(400, format!("bad snapshot request: {e}")),
+                Err(e) => return e,
             };
             ctx.vm
                 .snapshot(&req.destination, ctx.config.clone())
                 .map_or_else(vmm_error, |_| no_content())
         }
         "/api/v1/vm.migrate-send" => {
-            let req: MigrateRequest = match serde_json::from_str(body) {
+            let req: MigrateRequest = match parse("migration", body) {
                 Ok(r) => r,
-                Err(e) => return error(400, format!("bad migration request: {e}")),
+                Err(e) => return e,
             };
             let opts = crate::migration::SendOptions {
                 max_bandwidth: req.max_bandwidth_mib.map(|m| m.saturating_mul(1 << 20)),

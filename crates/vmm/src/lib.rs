@@ -269,6 +269,17 @@ pub struct RestoreOptions {
     pub allow_tsc_change: bool,
 }
 
+impl RestoreOptions {
+    /// The accelerator to run a VM that `made_with` made.
+    fn target(&self, made_with: hypervisor::AccelKind) -> hypervisor::AccelKind {
+        match self.accel {
+            Some(Accel::Kvm) => hypervisor::AccelKind::Kvm,
+            Some(Accel::Emu) => hypervisor::AccelKind::Emu,
+            _ => made_with,
+        }
+    }
+}
+
 /// Start a VM from a snapshot directory in this process and run it,
 /// under the accelerator that made it or (`opts.accel`) the other one.
 pub fn restore(
@@ -321,11 +332,7 @@ fn prepare_accel(
     opts: RestoreOptions,
 ) -> Result<(Accel, Option<vm::CrossRestore>), VmmError> {
     let made_with = manifest.accel;
-    let to = match opts.accel {
-        Some(Accel::Kvm) => hypervisor::AccelKind::Kvm,
-        Some(Accel::Emu) => hypervisor::AccelKind::Emu,
-        _ => made_with,
-    };
+    let to = opts.target(made_with);
     if to == made_with {
         return Ok((accel_of(made_with), None));
     }
@@ -395,11 +402,7 @@ fn build_migrate_receive(
     // the VM is then made the usual way once the state is in.
     let mut prepared: Option<(hypervisor::AccelKind, vm::PreparedVm)> = None;
     let mut on_hello = |made_with: hypervisor::AccelKind, memory: &hypervisor::GuestRam| {
-        let to = match opts.accel {
-            Some(Accel::Kvm) => hypervisor::AccelKind::Kvm,
-            Some(Accel::Emu) => hypervisor::AccelKind::Emu,
-            _ => made_with,
-        };
+        let to = opts.target(made_with);
         match vm::PreparedVm::new(accel_of(to), memory) {
             Ok(p) => prepared = Some((to, p)),
             Err(e) => tracing::info!("migration: cannot prepare the VM early: {e}"),
