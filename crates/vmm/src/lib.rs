@@ -475,7 +475,7 @@ fn make_clone(spec: &mut VmSpec, clone: &CloneOptions) -> Result<(), VmmError> {
             ))
         })?;
         d.path = overlay.clone();
-        d.format = Some("qcow2".into());
+        d.format = Some(block::ImageFormat::Qcow2);
     }
     for (n, tap) in spec.nets.iter_mut().zip(&clone.taps) {
         n.tap = tap.clone();

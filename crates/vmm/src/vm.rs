@@ -937,11 +937,7 @@ fn setup_pci(
         Ok::<(), VmmError>(())
     };
     for (i, d) in spec.disks.iter().enumerate() {
-        let format = match &d.format {
-            Some(f) => Some(f.parse::<block::ImageFormat>().map_err(VmmError::Config)?),
-            None => None,
-        };
-        let image = block::open(&d.path, format, d.readonly)
+        let image = block::open(&d.path, d.format, d.readonly)
             .map_err(|e| VmmError::Config(format!("disk {}: {e}", d.path.display())))?;
         let serial = d.serial.clone().unwrap_or_else(|| format!("vireo-disk{i}"));
         let blk = virtio::block::Block::new(image, &serial);
