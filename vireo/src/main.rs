@@ -6,6 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use vmm::api::client::{ApiClient, ClientError};
+use vmm::api::{
+    ApiAction, ApiReply, BalloonRequest, MigrateReceiveRequest, MigrateRequest, RestoreRequest,
+    SnapshotRequest, VmState,
+};
 use vmm::config::{Accel, BootProtocol, ConsoleKind, MemSize, SerialMode, VmConfig};
 use vmm::exit_code;
 
@@ -143,17 +148,6 @@ impl StartArgs {
         vmm::RestoreOptions {
             accel: self.accel,
             allow_tsc_change: self.allow_tsc_change,
-        }
-    }
-
-    /// The same settings in an API request body (`--into`).
-    fn add_to(&self, body: &mut serde_json::Value) {
-        body["allow_tsc_change"] = self.allow_tsc_change.into();
-        if let Some(accel) = self.accel {
-            body["accel"] = serde_json::to_value(accel).unwrap_or_default();
-        }
-        if let Some(serial) = &self.serial {
-            body["serial"] = serial.to_string().into();
         }
     }
 }
@@ -384,20 +378,24 @@ fn main() -> ExitCode {
                 exit_code::VMM_ERROR
             }
         },
-        Command::Ping(a) => api_call(&a, "GET", "/api/v1/vmm.ping"),
-        Command::Info(a) => api_call(&a, "GET", "/api/v1/vm.info"),
-        Command::Pause(a) => api_call(&a, "PUT", "/api/v1/vm.pause"),
-        Command::Resume(a) => api_call(&a, "PUT", "/api/v1/vm.resume"),
-        Command::PowerButton(a) => api_call(&a, "PUT", "/api/v1/vm.power-button"),
-        Command::Stop(a) => api_call(&a, "PUT", "/api/v1/vm.stop"),
-        Command::Snapshot(a) => snapshot(&a),
-        Command::Balloon(a) => balloon(&a),
-        Command::Migrate(a) => migrate(&a),
+        Command::Ping(a) => api_call(&a.api_socket, ApiAction::VmmPing),
+        Command::Info(a) => api_call(&a.api_socket, ApiAction::VmInfo),
+        Command::Pause(a) => api_call(&a.api_socket, ApiAction::VmPause),
+        Command::Resume(a) => api_call(&a.api_socket, ApiAction::VmResume),
+        Command::PowerButton(a) => api_call(&a.api_socket, ApiAction::VmPowerButton),
+        Command::Stop(a) => api_call(&a.api_socket, ApiAction::VmStop),
+        Command::Snapshot(a) => report(snapshot(&a)),
+        Command::Balloon(a) => report(balloon(&a)),
+        Command::Migrate(a) => report(migrate(&a)),
         Command::MigrateReceive(a) => match &a.start.into {
             Some(sock) => {
-                let mut body = serde_json::json!({ "listen": a.listen });
-                a.start.add_to(&mut body);
-                api_put(sock, "/api/v1/vm.migrate-receive", &body)
+                let req = MigrateReceiveRequest {
+                    listen: a.listen.clone(),
+                    accel: a.start.accel,
+                    allow_tsc_change: a.start.allow_tsc_change,
+                    serial: a.start.serial.clone(),
+                };
+                api_call(sock, ApiAction::VmMigrateReceive(req))
             }
             None => finish(vmm::migrate_receive(
                 &a.listen,
@@ -407,31 +405,27 @@ fn main() -> ExitCode {
             )),
         },
         Command::Create(a) => match a.vm.into_config() {
-            Ok(cfg) => match serde_json::to_value(&cfg) {
-                Ok(body) => api_put(&a.api.api_socket, "/api/v1/vm.create", &body),
-                Err(e) => {
-                    eprintln!("vireo: error: {e}");
-                    exit_code::VMM_ERROR
-                }
-            },
+            Ok(cfg) => api_call(&a.api.api_socket, ApiAction::VmCreate(Box::new(cfg))),
             Err(e) => {
                 eprintln!("vireo: error: {e}");
                 exit_code::VMM_ERROR
             }
         },
-        Command::MigrateCancel(a) => api_call(&a, "PUT", "/api/v1/vm.migrate-cancel"),
-        Command::Boot(a) => api_call(&a, "PUT", "/api/v1/vm.boot"),
-        Command::Delete(a) => api_call(&a, "PUT", "/api/v1/vm.delete"),
-        Command::Shutdown(a) => api_call(&a, "PUT", "/api/v1/vmm.shutdown"),
+        Command::MigrateCancel(a) => api_call(&a.api_socket, ApiAction::VmMigrateCancel),
+        Command::Boot(a) => api_call(&a.api_socket, ApiAction::VmBoot),
+        Command::Delete(a) => api_call(&a.api_socket, ApiAction::VmDelete),
+        Command::Shutdown(a) => api_call(&a.api_socket, ApiAction::VmmShutdown),
         Command::Restore(a) => match &a.start.into {
             Some(sock) => {
-                let mut body = serde_json::json!({
-                    "source": a.from,
-                    "overlays": a.overlay,
-                    "taps": a.tap,
-                });
-                a.start.add_to(&mut body);
-                api_put(sock, "/api/v1/vm.restore", &body)
+                let req = RestoreRequest {
+                    source: a.from.clone(),
+                    accel: a.start.accel,
+                    allow_tsc_change: a.start.allow_tsc_change,
+                    overlays: a.overlay.clone(),
+                    taps: a.tap.clone(),
+                    serial: a.start.serial.clone(),
+                };
+                api_call(sock, ApiAction::VmRestore(req))
             }
             None => {
                 let clone = vmm::CloneOptions {
@@ -451,26 +445,10 @@ fn main() -> ExitCode {
     ExitCode::from(code as u8)
 }
 
-/// Report a failed API request: the JSON error's message, else the body.
-fn api_error(status: u16, body: String) -> i32 {
-    let msg = serde_json::from_str::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v["error"].as_str().map(String::from))
-        .unwrap_or(body);
-    eprintln!("vireo: error: {msg} (HTTP {status})");
-    exit_code::VMM_ERROR
-}
-
-/// One API request; prints a JSON answer, or the error it carries.
-fn api_call(args: &ApiArgs, method: &str, path: &str) -> i32 {
-    match vmm::api::client::request(&args.api_socket, method, path) {
-        Ok((status, body)) if (200..300).contains(&status) => {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or(body));
-            }
-            0
-        }
-        Ok((status, body)) => api_error(status, body),
+/// The exit code of a client command; a failure is one line on stderr.
+fn report(result: Result<(), ClientError>) -> i32 {
+    match result {
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("vireo: error: {e}");
             exit_code::VMM_ERROR
@@ -478,114 +456,69 @@ fn api_call(args: &ApiArgs, method: &str, path: &str) -> i32 {
     }
 }
 
-/// PUT a JSON body; a success answer says nothing (204).
-fn api_put(sock: &Path, path: &str, body: &serde_json::Value) -> i32 {
-    match vmm::api::client::request_with_body(sock, "PUT", path, &body.to_string()) {
-        Ok((status, _)) if (200..300).contains(&status) => 0,
-        Ok((status, body)) => api_error(status, body),
-        Err(e) => {
-            eprintln!("vireo: error: {e}");
-            exit_code::VMM_ERROR
+/// One API request; prints the JSON answer, if there is one.
+fn api_call(sock: &Path, action: ApiAction) -> i32 {
+    report(ApiClient::new(sock).call(&action).map(|reply| {
+        let text = match &reply {
+            ApiReply::Empty => return,
+            ApiReply::Ping(p) => serde_json::to_string_pretty(p),
+            ApiReply::Info(i) => serde_json::to_string_pretty(i),
+            ApiReply::Migrated(m) => serde_json::to_string_pretty(m),
+        };
+        if let Ok(text) = text {
+            println!("{text}");
         }
-    }
+    }))
 }
 
 /// Pause (if running), snapshot, resume (if it was running and not told otherwise).
-fn snapshot(a: &SnapshotArgs) -> i32 {
-    use vmm::api::client::{request, request_with_body};
-    let sock = &a.api.api_socket;
-    let state = match request(sock, "GET", "/api/v1/vm.info") {
-        Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["state"].as_str().map(String::from))
-            .unwrap_or_default(),
-        Ok((status, body)) => {
-            eprintln!("vireo: error: cannot read the VM's state (HTTP {status}): {body}");
-            return exit_code::VMM_ERROR;
-        }
-        Err(e) => {
-            eprintln!("vireo: error: {e}");
-            return exit_code::VMM_ERROR;
-        }
-    };
-    let was_running = state == "running";
+fn snapshot(a: &SnapshotArgs) -> Result<(), ClientError> {
+    let client = ApiClient::new(&a.api.api_socket);
+    let was_running = client.info()?.state == VmState::Running;
     if was_running {
-        let code = api_call(&a.api, "PUT", "/api/v1/vm.pause");
-        if code != 0 {
-            return code;
-        }
+        client.pause()?;
     }
-    let body = serde_json::json!({ "destination": a.dir }).to_string();
-    let result = request_with_body(sock, "PUT", "/api/v1/vm.snapshot", &body);
-    let code = match result {
-        Ok((204, _)) => {
-            println!("snapshot written to {}", a.dir.display());
-            0
-        }
-        Ok((status, body)) => api_error(status, body),
-        Err(e) => {
-            eprintln!("vireo: error: {e}");
-            exit_code::VMM_ERROR
-        }
-    };
+    let written = client.snapshot(SnapshotRequest {
+        destination: a.dir.clone(),
+    });
+    if written.is_ok() {
+        println!("snapshot written to {}", a.dir.display());
+    }
     if was_running && !a.stay_paused {
-        let resumed = api_call(&a.api, "PUT", "/api/v1/vm.resume");
-        if code == 0 {
-            return resumed;
-        }
+        let resumed = client.resume();
+        // The snapshot's own error matters more than the resume's.
+        return written.and(resumed);
     }
-    code
+    written
 }
 
 /// Migrate through the API and print how it went.
-fn migrate(a: &MigrateArgs) -> i32 {
-    let mut body = serde_json::json!({ "destination": a.to });
-    if let Some(m) = a.max_bandwidth_mib {
-        body["max_bandwidth_mib"] = m.into();
-    }
-    let body = body.to_string();
-    let path = "/api/v1/vm.migrate-send";
-    match vmm::api::client::request_with_body(&a.api.api_socket, "PUT", path, &body) {
-        Ok((200, body)) => {
-            match serde_json::from_str::<serde_json::Value>(&body) {
-                Ok(v) => println!(
-                    "migrated to {}: total {} ms, downtime {:.1} ms, {} bytes, {} iterations; \
-                     paused: {} pages, {} bytes",
-                    a.to,
-                    v["total_ms"],
-                    v["downtime_us"].as_f64().unwrap_or(0.0) / 1000.0,
-                    v["bytes"],
-                    v["iterations"],
-                    v["final_pages"],
-                    v["final_bytes"]
-                ),
-                Err(_) => println!("migrated to {}: {body}", a.to),
-            }
-            0
-        }
-        Ok((status, body)) => api_error(status, body),
-        Err(e) => {
-            eprintln!("vireo: error: {e}");
-            exit_code::VMM_ERROR
-        }
-    }
+fn migrate(a: &MigrateArgs) -> Result<(), ClientError> {
+    let r = ApiClient::new(&a.api.api_socket).migrate_send(MigrateRequest {
+        destination: a.to.clone(),
+        max_bandwidth_mib: a.max_bandwidth_mib,
+    })?;
+    println!(
+        "migrated to {}: total {} ms, downtime {:.1} ms, {} bytes, {} iterations; \
+         paused: {} pages, {} bytes",
+        a.to,
+        r.total_ms,
+        r.downtime_us as f64 / 1000.0,
+        r.bytes,
+        r.iterations,
+        r.final_pages,
+        r.final_bytes
+    );
+    Ok(())
 }
 
 /// Set the balloon's target size.
-fn balloon(a: &BalloonArgs) -> i32 {
-    let body = serde_json::json!({ "target_mib": a.target_mib }).to_string();
-    match vmm::api::client::request_with_body(&a.api.api_socket, "PUT", "/api/v1/vm.balloon", &body)
-    {
-        Ok((status, _)) if (200..300).contains(&status) => {
-            println!("balloon target set to {} MiB", a.target_mib);
-            0
-        }
-        Ok((status, body)) => api_error(status, body),
-        Err(e) => {
-            eprintln!("vireo: error: {e}");
-            exit_code::VMM_ERROR
-        }
-    }
+fn balloon(a: &BalloonArgs) -> Result<(), ClientError> {
+    ApiClient::new(&a.api.api_socket).balloon(BalloonRequest {
+        target_mib: a.target_mib,
+    })?;
+    println!("balloon target set to {} MiB", a.target_mib);
+    Ok(())
 }
 
 /// Report how a VM ended and turn it into the process exit code.

@@ -72,7 +72,7 @@ struct Hello {
 }
 
 /// How a migration went (the answer to `vm.migrate-send`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationReport {
     pub destination: String,
     /// From connecting to the destination's acknowledgment.
