@@ -175,3 +175,111 @@ fn handle(handler: &dyn RequestHandler, mut req: Request) {
         handler.after_reply(&action, &r);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::*;
+    use super::*;
+
+    /// A VMM whose VM is always paused and whose migrations always work.
+    struct Paused;
+
+    impl RequestHandler for Paused {
+        fn vm_info(&self) -> Result<VmInfoReply, ApiError> {
+            Err(ApiError::NoVm)
+        }
+        fn vm_pause(&self) -> Result<(), ApiError> {
+            Err(ControlError::AlreadyPaused.into())
+        }
+        fn vm_resume(&self) -> Result<(), ApiError> {
+            Ok(())
+        }
+        fn vm_power_button(&self) -> Result<(), ApiError> {
+            Err(ApiError::Paused)
+        }
+        fn vm_stop(&self) -> Result<(), ApiError> {
+            Ok(())
+        }
+        fn vm_snapshot(&self, _: &SnapshotRequest) -> Result<(), ApiError> {
+            Err(VmmError::Io("disk full".into()).into())
+        }
+        fn vm_migrate_send(&self, r: &MigrateRequest) -> Result<MigrationReport, ApiError> {
+            Ok(MigrationReport {
+                destination: r.destination.clone(),
+                total_ms: 1,
+                downtime_ms: 0,
+                downtime_us: 2,
+                bytes: 3,
+                iterations: 1,
+                pages: 4,
+                final_pages: 0,
+                final_bytes: 5,
+            })
+        }
+        fn vm_migrate_cancel(&self) -> Result<(), ApiError> {
+            Err(ApiError::NotMigrating)
+        }
+        fn vm_balloon(&self, r: &BalloonRequest) -> Result<(), ApiError> {
+            Err(ApiError::BalloonTooLarge {
+                target_mib: r.target_mib,
+                ram_mib: 1,
+            })
+        }
+        fn vm_create(&self, _: &VmConfig) -> Result<(), ApiError> {
+            Err(ApiError::VmRuns)
+        }
+        fn vm_delete(&self) -> Result<(), ApiError> {
+            Err(ApiError::VmRuns)
+        }
+        fn vm_boot(&self) -> Result<(), ApiError> {
+            Err(ApiError::VmRuns)
+        }
+        fn vm_restore(&self, _: &RestoreRequest) -> Result<(), ApiError> {
+            Err(ApiError::VmRuns)
+        }
+        fn vm_migrate_receive(&self, _: &MigrateReceiveRequest) -> Result<(), ApiError> {
+            Err(ApiError::VmRuns)
+        }
+        fn vmm_shutdown(&self) -> Result<(), ApiError> {
+            Ok(())
+        }
+        fn after_reply(&self, _: &ApiAction, _: &ApiReply) {}
+    }
+
+    fn status(method: &str, url: &str, body: &str) -> (u16, bool) {
+        let (answer, done) = route(&Paused, method, url, body);
+        (answer.status_code().0, done.is_some())
+    }
+
+    #[test]
+    fn routing_gives_each_outcome_its_status() {
+        assert_eq!(status("GET", "/api/v1/nope", ""), (404, false));
+        assert_eq!(status("GET", "/api/v1/vm.pause", ""), (405, false));
+        assert_eq!(status("GET", "/api/v1/vmm.ping?x=1", ""), (200, true));
+        assert_eq!(status("PUT", "/api/v1/vm.resume", ""), (204, true));
+        assert_eq!(status("PUT", "/api/v1/vm.pause", ""), (409, false));
+        assert_eq!(
+            status("PUT", "/api/v1/vm.balloon", "nonsense"),
+            (400, false)
+        );
+        assert_eq!(
+            status("PUT", "/api/v1/vm.balloon", r#"{"target_mib":9}"#),
+            (400, false)
+        );
+        assert_eq!(
+            status("PUT", "/api/v1/vm.snapshot", r#"{"destination":"/s"}"#),
+            (500, false)
+        );
+        let (answer, done) = route(
+            &Paused,
+            "PUT",
+            "/api/v1/vm.migrate-send",
+            r#"{"destination":"h:7"}"#,
+        );
+        assert_eq!(answer.status_code().0, 200);
+        let Some((ApiAction::VmMigrateSend(req), ApiReply::Migrated(report))) = done else {
+            panic!("the migration's action and report");
+        };
+        assert_eq!((req.destination.as_str(), report.bytes), ("h:7", 3));
+    }
+}

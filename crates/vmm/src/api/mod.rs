@@ -12,6 +12,11 @@
 //! Invariants: a body is parsed once, into its action, before anything is
 //! done; the server learns what happened from the typed reply, never from
 //! the body again; a request that fails changes nothing.
+//!
+//! A new operation is a variant in [`Endpoint`] (its route) and in
+//! [`ApiAction`] (its body, parsed and written), a [`RequestHandler`]
+//! method, and its paths and schemas in docs/openapi.json: the tests here
+//! and in vireo/tests/api.rs hold the document to the routes and types.
 
 pub mod client;
 mod handler;
@@ -573,6 +578,7 @@ pub trait RequestHandler: Send + Sync {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ImageFormat;
 
     #[test]
     fn every_endpoint_has_its_own_path_and_action() {
@@ -671,5 +677,139 @@ mod tests {
         let back: VmInfoReply =
             serde_json::from_str(r#"{"state":"created","config":null}"#).unwrap();
         assert!(back.vm.is_none());
+    }
+
+    /// The property names of `schema` in docs/openapi.json.
+    fn documented(doc: &serde_json::Value, schema: &str) -> Vec<String> {
+        let props = doc["components"]["schemas"][schema]["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("docs/openapi.json has no schema {schema}"));
+        let mut keys: Vec<String> = props.keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    /// The field names a value serializes with (every field set).
+    fn fields<T: Serialize>(v: &T) -> Vec<String> {
+        let v = serde_json::to_value(v).unwrap();
+        let mut keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    /// docs/openapi.json describes the bodies as the types (de)serialize them.
+    #[test]
+    fn openapi_schemas_match_the_types() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json");
+        let doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let balloon = BalloonInfo {
+            target_mib: 1,
+            actual_mib: 0,
+            options: Default::default(),
+            state: Default::default(),
+            stats_age_ms: Some(3),
+        };
+        let device = Device {
+            name: "serial (COM1)".into(),
+            bus: "pio".into(),
+            base: 0x3f8,
+            len: 8,
+        };
+        let mut config = VmConfig::new("/k".into());
+        config
+            .disks
+            .push("path=/d,format=raw,serial=s".parse().unwrap());
+        config
+            .nets
+            .push("tap=t0,mac=52:54:00:12:34:56".parse().unwrap());
+        config.balloon = Some(Default::default());
+        let info = VmInfoReply {
+            state: VmState::Running,
+            config: Some(config.clone()),
+            vm: Some(RunningVmInfo {
+                accel: hypervisor::AccelKind::Kvm,
+                memory_bytes: 1,
+                vcpus: 1,
+                devices: vec![device.clone()],
+                balloon: Some(balloon.clone()),
+            }),
+        };
+        let report = MigrationReport {
+            destination: "h:1".into(),
+            total_ms: 1,
+            downtime_ms: 1,
+            downtime_us: 1,
+            bytes: 1,
+            iterations: 1,
+            pages: 1,
+            final_pages: 1,
+            final_bytes: 1,
+        };
+        let restore = RestoreRequest {
+            source: "/s".into(),
+            accel: Some(Accel::Kvm),
+            allow_tsc_change: true,
+            overlays: vec![],
+            taps: vec![],
+            serial: Some(SerialMode::Stdio),
+        };
+        let receive = MigrateReceiveRequest {
+            listen: "0.0.0.0:1".into(),
+            accel: Some(Accel::Emu),
+            allow_tsc_change: true,
+            serial: Some(SerialMode::None),
+        };
+        let migrate = MigrateRequest {
+            destination: "h:1".into(),
+            max_bandwidth_mib: Some(1),
+        };
+        let pairs = [
+            (
+                "Ping",
+                fields(&PingReply {
+                    version: "0".into(),
+                }),
+            ),
+            ("Error", fields(&ErrorBody { error: "e".into() })),
+            ("Device", fields(&device)),
+            ("Balloon", fields(&balloon)),
+            ("VmInfo", fields(&info)),
+            ("MigrationReport", fields(&report)),
+            (
+                "SnapshotRequest",
+                fields(&SnapshotRequest {
+                    destination: "/s".into(),
+                }),
+            ),
+            ("BalloonRequest", fields(&BalloonRequest { target_mib: 1 })),
+            ("MigrateRequest", fields(&migrate)),
+            ("RestoreRequest", fields(&restore)),
+            ("MigrateReceiveRequest", fields(&receive)),
+            ("VmConfig", fields(&config)),
+            ("DiskConfig", fields(&config.disks[0])),
+            ("NetConfig", fields(&config.nets[0])),
+            ("BalloonConfig", fields(&config.balloon)),
+        ];
+        for (schema, fields) in pairs {
+            assert_eq!(documented(&doc, schema), fields, "schema {schema}");
+        }
+        let states: Vec<_> = [
+            VmState::NotCreated,
+            VmState::Created,
+            VmState::Running,
+            VmState::Paused,
+        ]
+        .iter()
+        .map(|s| serde_json::to_value(s).unwrap())
+        .collect();
+        let schema = &doc["components"]["schemas"]["VmInfo"]["properties"];
+        assert_eq!(schema["state"]["enum"].as_array().unwrap(), &states);
+        let formats: Vec<_> = [ImageFormat::Raw, ImageFormat::Qcow2]
+            .iter()
+            .map(|f| serde_json::to_value(f).unwrap())
+            .collect();
+        let schema = &doc["components"]["schemas"]["DiskConfig"]["properties"];
+        assert_eq!(schema["format"]["enum"].as_array().unwrap(), &formats);
     }
 }
