@@ -150,6 +150,33 @@ impl StartArgs {
             allow_tsc_change: self.allow_tsc_change,
         }
     }
+
+    /// The same settings as an API request (`restore --into`).
+    fn restore_request(
+        &self,
+        source: &Path,
+        overlays: &[PathBuf],
+        taps: &[String],
+    ) -> RestoreRequest {
+        RestoreRequest {
+            source: source.to_path_buf(),
+            accel: self.accel,
+            allow_tsc_change: self.allow_tsc_change,
+            overlays: overlays.to_vec(),
+            taps: taps.to_vec(),
+            serial: self.serial.clone(),
+        }
+    }
+
+    /// The same settings as an API request (`migrate-receive --into`).
+    fn receive_request(&self, listen: &str) -> MigrateReceiveRequest {
+        MigrateReceiveRequest {
+            listen: listen.into(),
+            accel: self.accel,
+            allow_tsc_change: self.allow_tsc_change,
+            serial: self.serial.clone(),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -388,15 +415,10 @@ fn main() -> ExitCode {
         Command::Balloon(a) => report(balloon(&a)),
         Command::Migrate(a) => report(migrate(&a)),
         Command::MigrateReceive(a) => match &a.start.into {
-            Some(sock) => {
-                let req = MigrateReceiveRequest {
-                    listen: a.listen.clone(),
-                    accel: a.start.accel,
-                    allow_tsc_change: a.start.allow_tsc_change,
-                    serial: a.start.serial.clone(),
-                };
-                api_call(sock, ApiAction::VmMigrateReceive(req))
-            }
+            Some(sock) => api_call(
+                sock,
+                ApiAction::VmMigrateReceive(a.start.receive_request(&a.listen)),
+            ),
             None => finish(vmm::migrate_receive(
                 &a.listen,
                 a.start.options(),
@@ -417,14 +439,7 @@ fn main() -> ExitCode {
         Command::Shutdown(a) => api_call(&a.api_socket, ApiAction::VmmShutdown),
         Command::Restore(a) => match &a.start.into {
             Some(sock) => {
-                let req = RestoreRequest {
-                    source: a.from.clone(),
-                    accel: a.start.accel,
-                    allow_tsc_change: a.start.allow_tsc_change,
-                    overlays: a.overlay.clone(),
-                    taps: a.tap.clone(),
-                    serial: a.start.serial.clone(),
-                };
+                let req = a.start.restore_request(&a.from, &a.overlay, &a.tap);
                 api_call(sock, ApiAction::VmRestore(req))
             }
             None => {
