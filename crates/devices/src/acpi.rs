@@ -149,7 +149,6 @@ impl AcpiPm {
         regs[8..12].copy_from_slice(&self.timer().to_le_bytes());
         regs
     }
-
 }
 
 impl Persist for AcpiPm {
@@ -245,7 +244,6 @@ impl ResetControl {
     pub fn new(events: EventSink) -> Self {
         ResetControl { value: 0, events }
     }
-
 }
 
 impl Persist for ResetControl {

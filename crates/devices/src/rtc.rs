@@ -229,8 +229,6 @@ impl CmosRtc {
             _ => self.ram[index as usize] = value,
         }
     }
-
-
 }
 
 impl Persist for CmosRtc {

@@ -124,8 +124,6 @@ impl Serial {
     pub fn fifo_capacity(&self) -> usize {
         self.uart.fifo_capacity()
     }
-
-
 }
 
 impl Persist for Serial {

@@ -410,7 +410,8 @@ impl BusDevice for PciConfigAddress {
             let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
             // Enable, bus, device, function, dword register; bits 1:0 and
             // the reserved 30:24 read as zero.
-            self.address.store(v & CONFIG_ADDRESS_MASK, Ordering::SeqCst);
+            self.address
+                .store(v & CONFIG_ADDRESS_MASK, Ordering::SeqCst);
         }
     }
 }

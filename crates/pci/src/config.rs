@@ -442,7 +442,11 @@ mod tests {
         let err = e.restore(&other).unwrap_err();
         assert!(matches!(err, PersistError::Mismatch { .. }), "{err:?}");
         assert!(err.to_string().contains("not the same kind of device"));
-        assert_eq!(e.read_u8(INTERRUPT_LINE), 0, "a refused space changes nothing");
+        assert_eq!(
+            e.read_u8(INTERRUPT_LINE),
+            0,
+            "a refused space changes nothing"
+        );
         let short = ConfigSpaceState {
             bytes: saved.bytes[..64].to_vec(),
         };

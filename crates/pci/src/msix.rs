@@ -324,7 +324,10 @@ mod tests {
         let (mut u, _) = table(3);
         u.restore(&saved).unwrap();
         assert_eq!(u.save().unwrap(), saved);
-        assert!(seen.lock().unwrap().is_empty(), "restoring delivers nothing");
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "restoring delivers nothing"
+        );
         // Another size of table, or pending bits of vectors 3..63.
         let (mut big, _) = table(4);
         assert!(matches!(

@@ -771,7 +771,11 @@ mod tests {
             stats: false,
         })
         .unwrap();
-        assert!(d.restore_state(&back).unwrap_err().to_string().contains("options"));
+        assert!(d
+            .restore_state(&back)
+            .unwrap_err()
+            .to_string()
+            .contains("options"));
         assert!(c.restore_state(&DeviceState::Rng).is_err());
         let DeviceState::Balloon(mut bad) = back else {
             unreachable!()

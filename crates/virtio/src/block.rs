@@ -136,10 +136,14 @@ impl Persist for Block {
     fn save(&self) -> Result<BlockState, PersistError> {
         let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
         disk.flush().map_err(|e| {
-            PersistError::host(DEVICE, format!("cannot flush {}: {e}", disk.path().display()))
+            PersistError::host(
+                DEVICE,
+                format!("cannot flush {}: {e}", disk.path().display()),
+            )
         })?;
-        let path = std::fs::canonicalize(disk.path())
-            .map_err(|e| PersistError::host(DEVICE, format!("disk {}: {e}", disk.path().display())))?;
+        let path = std::fs::canonicalize(disk.path()).map_err(|e| {
+            PersistError::host(DEVICE, format!("disk {}: {e}", disk.path().display()))
+        })?;
         let (file_size, file_mtime_ns) = file_identity(&path)?;
         Ok(BlockState {
             path,
@@ -156,8 +160,9 @@ impl Persist for Block {
     /// checks that it is the snapshot's disk and that it is unchanged.
     fn restore(&mut self, s: &BlockState) -> Result<(), PersistError> {
         let disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
-        let opened = std::fs::canonicalize(disk.path())
-            .map_err(|e| PersistError::host(DEVICE, format!("disk {}: {e}", disk.path().display())))?;
+        let opened = std::fs::canonicalize(disk.path()).map_err(|e| {
+            PersistError::host(DEVICE, format!("disk {}: {e}", disk.path().display()))
+        })?;
         // The snapshot's own disk, or a clone's overlay straight over it
         // (then the base is what must be unchanged).
         let base_of_overlay = disk
@@ -685,7 +690,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         open(&path, "s1").restore_state(&st).unwrap();
-        let e = open(&path, "s2").restore_state(&st).unwrap_err().to_string();
+        let e = open(&path, "s2")
+            .restore_state(&st)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("serial"), "{e}");
         let e = open(&path, "s1")
             .restore_state(&crate::DeviceState::Rng)
@@ -694,7 +702,10 @@ mod tests {
         assert!(e.contains("virtio-rng state"), "{e}");
         let other = dir.join("e.img");
         std::fs::copy(&path, &other).unwrap();
-        let e = open(&other, "s1").restore_state(&st).unwrap_err().to_string();
+        let e = open(&other, "s1")
+            .restore_state(&st)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("the snapshot's disk is"), "{e}");
         // A clone: a qcow2 overlay straight over the snapshot's disk is
         // accepted; one over another file is not.
@@ -717,7 +728,10 @@ mod tests {
             .open(&path)
             .and_then(|mut f| std::io::Write::write_all(&mut f, b"x"))
             .unwrap();
-        let e = open(&path, "s1").restore_state(&st).unwrap_err().to_string();
+        let e = open(&path, "s1")
+            .restore_state(&st)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("changed since the snapshot"), "{e}");
         // ... and a clone over the changed base is refused as well.
         let e = clone(&overlay).restore_state(&st).unwrap_err().to_string();

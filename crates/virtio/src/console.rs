@@ -278,10 +278,7 @@ mod tests {
         let big = ConsoleState {
             pending_input: vec![0; INPUT_BUFFER_MAX + 1],
         };
-        assert!(matches!(
-            d.restore(&big),
-            Err(PersistError::Invalid { .. })
-        ));
+        assert!(matches!(d.restore(&big), Err(PersistError::Invalid { .. })));
         assert_eq!(d.input().pending(), 11);
     }
 }

@@ -964,9 +964,8 @@ impl Persist for VirtioPciDevice {
             let positions: Positions = s.queues.iter().map(|q| q.position).collect();
             // Refuse queues the driver could never have had live, now
             // rather than as a device failure once the guest runs.
-            live_queues(&self.mem, driver_features, &queues, Some(&positions)).map_err(|e| {
-                PersistError::invalid(name, format!("snapshot virtio queues: {e}"))
-            })?;
+            live_queues(&self.mem, driver_features, &queues, Some(&positions))
+                .map_err(|e| PersistError::invalid(name, format!("snapshot virtio queues: {e}")))?;
             Some(positions)
         } else {
             None

@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use harness::*;
-use virtio::{Persist, PersistError};
 use virtio::features::*;
 use virtio::status::*;
 use virtio::transport::common;
+use virtio::{Persist, PersistError};
 use vm_memory::{Bytes, GuestAddress};
 
 #[test]

@@ -19,6 +19,9 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use std::sync::{Arc, Mutex};
+
+use devices::{Persist, PersistError};
 use hypervisor::GuestRam;
 use serde::{Deserialize, Serialize};
 use vm_memory::bitmap::NewBitmap;
@@ -30,7 +33,8 @@ use crate::VmmError;
 
 /// Bumped whenever the manifest's meaning changes; restore refuses others.
 /// 2: checksummed envelope, the engine's state, virtio devices, sparse memory.
-pub const SNAPSHOT_VERSION: u32 = 2;
+/// 3: devices saved as one list walked in order, each tagged with its kind.
+pub const SNAPSHOT_VERSION: u32 = 3;
 pub const MANIFEST: &str = "manifest.json";
 pub const MEMORY_FILE: &str = "memory.bin";
 
@@ -42,23 +46,195 @@ pub struct MemoryRange {
     pub file_offset: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeviceStates {
-    pub serial: devices::serial::SerialState,
-    pub i8042: devices::i8042::I8042State,
-    pub rtc: devices::rtc::CmosState,
-    pub acpi_pm: devices::acpi::AcpiPmState,
-    /// CONFIG_ADDRESS (port 0xcf8) as the guest last wrote it.
-    pub pci_config_address: u32,
-    /// The virtio functions on PCI, in the order the VM adds them.
-    pub virtio: Vec<VirtioSnapshot>,
+/// Every device's saved state, in the order the VM walks its devices
+/// ([`DeviceList`]): legacy devices first, then the PCI functions.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DeviceStates(pub Vec<SavedDevice>);
+
+impl DeviceStates {
+    /// The virtio functions' states, in the order the VM adds them.
+    pub fn virtio(&self) -> impl Iterator<Item = &virtio::VirtioPciState> {
+        self.0.iter().filter_map(|d| match &d.state {
+            DeviceState::Virtio(v) => Some(v),
+            _ => None,
+        })
+    }
 }
 
+/// One device in a snapshot.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VirtioSnapshot {
-    /// What the VM called it (informational).
+pub struct SavedDevice {
+    /// What the VM called it (informational, and named in errors).
     pub name: String,
-    pub state: virtio::VirtioPciState,
+    pub state: DeviceState,
+}
+
+/// Declares [`DeviceState`], one variant per kind of device the VMM
+/// saves, and ties each device type to its variant through [`Kind`].
+macro_rules! device_kinds {
+    ($($variant:ident($ty:ty) = $kind:literal),* $(,)?) => {
+        /// A device's [`Persist`] state, tagged with its kind.
+        #[derive(Debug, Clone, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum DeviceState {
+            $($variant(<$ty as Persist>::State),)*
+        }
+
+        impl DeviceState {
+            /// The kind of device this state is for.
+            pub fn kind(&self) -> &'static str {
+                match self {
+                    $(DeviceState::$variant(_) => $kind,)*
+                }
+            }
+        }
+
+        $(impl Kind for $ty {
+            const KIND: &'static str = $kind;
+            fn wrap(state: Self::State) -> DeviceState {
+                DeviceState::$variant(state)
+            }
+            fn pick(state: &DeviceState) -> Option<&Self::State> {
+                match state {
+                    DeviceState::$variant(s) => Some(s),
+                    #[allow(unreachable_patterns)]
+                    _ => None,
+                }
+            }
+        })*
+    };
+}
+
+device_kinds! {
+    Serial(devices::serial::Serial) = "serial",
+    I8042(devices::i8042::I8042) = "i8042",
+    Rtc(devices::rtc::CmosRtc) = "rtc",
+    AcpiPm(devices::acpi::AcpiPm) = "acpi-pm",
+    ResetControl(devices::acpi::ResetControl) = "reset-control",
+    PciConfigIo(pci::PciConfigIo) = "pci-config-io",
+    Virtio(virtio::VirtioPciDevice) = "virtio",
+}
+
+/// A device type the VMM can save: its [`Persist`] state is one
+/// [`DeviceState`] variant.
+pub trait Kind: Persist {
+    /// What errors and [`DeviceState::kind`] call this kind of device.
+    const KIND: &'static str;
+    fn wrap(state: Self::State) -> DeviceState;
+    fn pick(state: &DeviceState) -> Option<&Self::State>;
+}
+
+/// The object-safe face of a shared [`Persist`] device, so that devices of
+/// every type sit in one [`DeviceList`].
+trait SharedDevice: Send + Sync {
+    fn save(&self) -> Result<DeviceState, PersistError>;
+    /// `None` when `state` is another kind's.
+    fn restore(&self, state: &DeviceState) -> Option<Result<(), PersistError>>;
+}
+
+impl<T: Kind + Send> SharedDevice for Mutex<T> {
+    fn save(&self) -> Result<DeviceState, PersistError> {
+        lock(self).save().map(T::wrap)
+    }
+
+    fn restore(&self, state: &DeviceState) -> Option<Result<(), PersistError>> {
+        T::pick(state).map(|s| lock(self).restore(s))
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Every device a VM saves, in a fixed order: saving and restoring walk it
+/// rather than naming devices one by one, so a device added to the list is
+/// in every snapshot and migration.
+#[derive(Default)]
+pub struct DeviceList {
+    devices: Vec<ListedDevice>,
+}
+
+struct ListedDevice {
+    name: String,
+    kind: &'static str,
+    dev: Arc<dyn SharedDevice>,
+}
+
+impl DeviceList {
+    pub fn push<T: Kind + Send + 'static>(&mut self, name: impl Into<String>, dev: Arc<Mutex<T>>) {
+        self.devices.push(ListedDevice {
+            name: name.into(),
+            kind: T::KIND,
+            dev,
+        });
+    }
+
+    /// Every device's state; devices must be quiesced (virtio queue
+    /// processing stopped), or their save refuses.
+    pub fn save(&self) -> Result<DeviceStates, VmmError> {
+        self.devices
+            .iter()
+            .map(|ListedDevice { name, dev, .. }| {
+                let state = dev.save().map_err(|e| match e {
+                    PersistError::Host { .. } => VmmError::Device(format!("{name}: {e}")),
+                    _ => VmmError::Conflict(format!("{name}: {e}")),
+                })?;
+                Ok(SavedDevice {
+                    name: name.clone(),
+                    state,
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map(DeviceStates)
+    }
+
+    /// Load `saved` into this VM's devices. The snapshot must hold the
+    /// same devices, of the same kinds in the same order, as this VM's
+    /// configuration makes; each device validates its own state. A refusal
+    /// leaves the devices before it restored: the caller discards the VM.
+    pub fn restore(&self, saved: &DeviceStates) -> Result<(), VmmError> {
+        // Kinds are counted first, so that a snapshot of a VM configured
+        // otherwise says which kind of device differs.
+        let mut kinds: Vec<&'static str> = Vec::new();
+        let all = saved
+            .0
+            .iter()
+            .map(|d| d.state.kind())
+            .chain(self.devices.iter().map(|e| e.kind));
+        for kind in all {
+            if !kinds.contains(&kind) {
+                kinds.push(kind);
+            }
+        }
+        for kind in kinds {
+            let has = saved.0.iter().filter(|d| d.state.kind() == kind).count();
+            let makes = self.devices.iter().filter(|e| e.kind == kind).count();
+            if has != makes {
+                return Err(VmmError::Config(format!(
+                    "the snapshot has {has} {kind} devices, its configuration makes {makes}"
+                )));
+            }
+        }
+        for (i, (s, e)) in saved.0.iter().zip(&self.devices).enumerate() {
+            match e.dev.restore(&s.state) {
+                Some(Ok(())) => {}
+                Some(Err(err)) => {
+                    return Err(VmmError::Config(format!("snapshot {}: {err}", e.name)))
+                }
+                None => {
+                    return Err(VmmError::Config(format!(
+                        "snapshot device {i} is a {} ({}), this VM has a {} ({}) there",
+                        s.state.kind(),
+                        s.name,
+                        e.kind,
+                        e.name
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The manifest proper (inside the checksummed envelope).
