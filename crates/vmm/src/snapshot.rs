@@ -13,6 +13,14 @@
 //! detects accidents, it is not a signature). Disks are not copied: a
 //! snapshot names its disk files and only resumes over the same files,
 //! unchanged since (see `virtio::block::BlockState`).
+//!
+//! Devices are saved by walking a [`DeviceList`]: every device with state,
+//! in the order the VM builds them, each through `devices::Persist` (one
+//! state type per device). The manifest keeps them as one ordered list of
+//! kind-tagged states ([`DeviceState`]); a restore walks the new VM's list
+//! against it, so a device added to the list is saved and restored with no
+//! further code, and a snapshot of a VM with other devices is refused
+//! naming the kind that differs.
 
 use std::fs::File;
 use std::io::Write;
@@ -594,6 +602,74 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
     use vm_memory::Bytes;
+
+    /// Two devices that need no host resources, as a VM lists them.
+    fn legacy_list() -> (
+        DeviceList,
+        Arc<Mutex<devices::i8042::I8042>>,
+        Arc<Mutex<devices::acpi::ResetControl>>,
+    ) {
+        let events: devices::EventSink = Arc::new(|_| {});
+        let kbd = Arc::new(Mutex::new(devices::i8042::I8042::new(events.clone(), None)));
+        let reset = Arc::new(Mutex::new(devices::acpi::ResetControl::new(events)));
+        let mut list = DeviceList::default();
+        list.push("i8042", kbd.clone());
+        list.push("reset-control", reset.clone());
+        (list, kbd, reset)
+    }
+
+    #[test]
+    fn device_list_round_trips_through_json_in_order() {
+        let (list, kbd, reset) = legacy_list();
+        devices::BusDevice::write(&mut *kbd.lock().unwrap(), 0, &[0xf4]);
+        devices::BusDevice::write(&mut *reset.lock().unwrap(), 0, &[0x02]);
+        let saved = list.save().unwrap();
+        let kinds: Vec<_> = saved.0.iter().map(|d| d.state.kind()).collect();
+        assert_eq!(kinds, ["i8042", "reset-control"]);
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: DeviceStates = serde_json::from_str(&json).unwrap();
+        let (other, kbd2, reset2) = legacy_list();
+        other.restore(&back).unwrap();
+        assert_eq!(
+            kbd2.lock().unwrap().save().unwrap(),
+            kbd.lock().unwrap().save().unwrap()
+        );
+        assert_eq!(reset2.lock().unwrap().save().unwrap().value, 0x02);
+    }
+
+    #[test]
+    fn device_list_refuses_other_devices_and_bad_states() {
+        let (list, _, _) = legacy_list();
+        let saved = list.save().unwrap();
+        // One device fewer: the kind that differs is named.
+        let fewer = DeviceStates(saved.0[..1].to_vec());
+        let e = list.restore(&fewer).unwrap_err().to_string();
+        assert!(
+            e.contains("the snapshot has 0 reset-control devices, its configuration makes 1"),
+            "{e}"
+        );
+        // The same kinds in another order.
+        let swapped = DeviceStates(vec![saved.0[1].clone(), saved.0[0].clone()]);
+        let e = list.restore(&swapped).unwrap_err().to_string();
+        assert!(
+            e.contains("snapshot device 0 is a reset-control (reset-control), this VM has a i8042 (i8042) there"),
+            "{e}"
+        );
+        // A state the device refuses: the device and the reason are named.
+        let mut bad = saved.clone();
+        if let DeviceState::I8042(s) = &mut bad.0[0].state {
+            s.kbd_queue = (0..10_000)
+                .map(|_| devices::i8042::OutputByte {
+                    value: 0,
+                    aux: false,
+                    timeout: false,
+                    from_kbd: true,
+                })
+                .collect();
+        }
+        let e = list.restore(&bad).unwrap_err().to_string();
+        assert!(e.contains("snapshot i8042: invalid i8042 state"), "{e}");
+    }
 
     fn scratch(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("vireo-{name}-{}", std::process::id()));
