@@ -11,6 +11,11 @@
 //! - [`rng::Rng`]: virtio-entropy fed from the host's `getrandom`.
 //! - [`balloon::Balloon`]: the memory balloon (inflate/deflate, statistics).
 //! - [`console::Console`]: virtio-console with one port (the guest's hvc0).
+//! - Snapshots: [`VirtioPciDevice`] and every device model implement
+//!   [`Persist`] (`devices::Persist`); through `dyn VirtioDevice` a model's
+//!   state travels as its [`DeviceState`] variant ([`save_as`],
+//!   [`restore_from`]). A restore checks the whole saved function before it
+//!   changes anything.
 
 pub mod balloon;
 pub mod block;
