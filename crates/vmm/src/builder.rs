@@ -101,7 +101,10 @@ fn map_guest_memory(vm: &dyn hypervisor::Vm, memory: &GuestRam) -> Result<(), Vm
     for (slot, region) in memory.iter().enumerate() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|e| VmmError::Io(format!("guest memory region: {e}")))?;
+            .map_err(|e| VmmError::GuestMemory {
+                what: "guest memory region".into(),
+                source: Box::new(e),
+            })?;
         // SAFETY: the mapping is owned by `memory`, which the Vm keeps
         // for as long as the backend VM exists.
         unsafe {
@@ -339,11 +342,9 @@ fn guest_memory(boot: &Boot, bytes: u64) -> Result<GuestRam, VmmError> {
         },
         _ => {
             let regions = arch::ram_regions(bytes);
-            GuestRam::from_ranges(&regions).map_err(|e| {
-                VmmError::Io(format!(
-                    "cannot allocate {} MiB of guest memory: {e}",
-                    bytes >> 20
-                ))
+            GuestRam::from_ranges(&regions).map_err(|e| VmmError::GuestMemory {
+                what: format!("cannot allocate {} MiB of guest memory", bytes >> 20),
+                source: Box::new(e),
             })
         }
     }
@@ -358,13 +359,17 @@ fn load_boot(mem: &GuestRam, boot: &Boot, cpus: u32) -> Result<CpuState, VmmErro
             cmdline,
             protocol,
         } => {
-            let mut kf = File::open(kernel).map_err(|e| {
-                VmmError::Io(format!("cannot open kernel {}: {e}", kernel.display()))
+            let mut kf = File::open(kernel).map_err(|source| VmmError::File {
+                op: "cannot open kernel",
+                path: kernel.clone(),
+                source,
             })?;
             let image = arch::load_kernel(mem, &mut kf)?;
             let initrd_data = match initrd {
-                Some(p) => Some(std::fs::read(p).map_err(|e| {
-                    VmmError::Io(format!("cannot read initramfs {}: {e}", p.display()))
+                Some(p) => Some(std::fs::read(p).map_err(|source| VmmError::File {
+                    op: "cannot read initramfs",
+                    path: p.clone(),
+                    source,
                 })?),
                 None => None,
             };
@@ -422,8 +427,10 @@ fn console_output(mode: &SerialMode) -> Result<(Box<dyn Write + Send>, bool), Vm
                 .create(true)
                 .append(true)
                 .open(p)
-                .map_err(|e| {
-                    VmmError::Io(format!("cannot open serial file {}: {e}", p.display()))
+                .map_err(|source| VmmError::File {
+                    op: "cannot open serial file",
+                    path: p.clone(),
+                    source,
                 })?;
             (Box::new(f), false)
         }
@@ -548,12 +555,12 @@ fn make_clone(spec: &mut VmSpec, clone: &CloneOptions) -> Result<(), VmmError> {
                 overlay.display()
             )));
         }
-        block::qcow2::create_qcow2_overlay(overlay, &d.path).map_err(|e| {
-            VmmError::Config(format!(
-                "overlay {} over {}: {e}",
-                overlay.display(),
-                d.path.display()
-            ))
+        block::qcow2::create_qcow2_overlay(overlay, &d.path).map_err(|source| {
+            VmmError::Overlay {
+                overlay: overlay.clone(),
+                backing: d.path.clone(),
+                source,
+            }
         })?;
         d.path = overlay.clone();
         d.format = Some("qcow2".into());

@@ -163,7 +163,10 @@ impl DeviceManager {
         for (name, d) in &self.pci.virtio {
             lock(d)
                 .set_host_locks(held)
-                .map_err(|e| VmmError::Device(format!("{name}: {e}")))?;
+                .map_err(|reason| VmmError::DeviceHost {
+                    device: name.clone(),
+                    reason,
+                })?;
         }
         Ok(())
     }
@@ -177,7 +180,10 @@ impl DeviceManager {
             .map(|(name, d)| {
                 let state = lock(d)
                     .save_state()
-                    .map_err(|e| VmmError::Conflict(format!("{name}: {e}")))?;
+                    .map_err(|reason| VmmError::DeviceSave {
+                        device: name.clone(),
+                        reason,
+                    })?;
                 Ok(VirtioSnapshot {
                     name: name.clone(),
                     state,
@@ -197,8 +203,10 @@ impl DeviceManager {
     /// Load saved device states into these (new) devices, then start the
     /// virtio workers.
     pub fn restore(&self, saved: &DeviceStates) -> Result<(), VmmError> {
-        let bad =
-            |what: &str, e: devices::StateError| VmmError::Config(format!("snapshot {what}: {e}"));
+        let bad = |device: &'static str, source: devices::StateError| VmmError::DeviceState {
+            device,
+            source,
+        };
         let legacy = &self.legacy;
         lock(&legacy.serial)
             .restore(&saved.serial)
@@ -211,7 +219,7 @@ impl DeviceManager {
             .map_err(|e| bad("rtc", e))?;
         lock(&legacy.acpi_pm).restore(&saved.acpi_pm);
         if saved.virtio.len() != self.pci.virtio.len() {
-            return Err(VmmError::Config(format!(
+            return Err(VmmError::Snapshot(format!(
                 "the snapshot has {} virtio devices, its configuration makes {}",
                 saved.virtio.len(),
                 self.pci.virtio.len()
@@ -220,7 +228,10 @@ impl DeviceManager {
         for (s, (name, d)) in saved.virtio.iter().zip(&self.pci.virtio) {
             lock(d)
                 .restore_state(&s.state)
-                .map_err(|e| VmmError::Config(format!("snapshot {name}: {e}")))?;
+                .map_err(|reason| VmmError::DeviceRestore {
+                    device: name.clone(),
+                    reason,
+                })?;
         }
         self.pci
             .config_io
@@ -251,8 +262,12 @@ impl Buses {
             BusKind::Pio => (&self.pio, "pio"),
             BusKind::Mmio => (&self.mmio, "mmio"),
         };
-        bus.insert(base, len, dev)
-            .map_err(|e| VmmError::Device(format!("{name} at {label} {base:#x}: {e}")))?;
+        bus.insert(base, len, dev).map_err(|source| VmmError::Bus {
+            device: name,
+            bus: label,
+            base,
+            source,
+        })?;
         self.list.push(DeviceInfo {
             name,
             bus: label,
@@ -370,18 +385,29 @@ fn setup_pci(
     });
     let mut functions: Vec<VirtioFunction> = Vec::new();
     let mut add_virtio = |name: String, dev: Box<dyn virtio::VirtioDevice>| {
-        let dev = virtio::VirtioPciDevice::new(dev, memory.clone(), msi.clone())
-            .map_err(|e| VmmError::Device(format!("{name}: {e}")))?;
+        let dev =
+            virtio::VirtioPciDevice::new(dev, memory.clone(), msi.clone()).map_err(|source| {
+                VmmError::Virtio {
+                    device: name.clone(),
+                    source,
+                }
+            })?;
         let events = dev
             .notify_eventfds()
             .into_iter()
             .map(|(off, e)| e.try_clone().map(|e| (off, e)))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| VmmError::Device(format!("{name}: {e}")))?;
+            .map_err(|source| VmmError::DeviceIo {
+                device: name.clone(),
+                source,
+            })?;
         let dev = Arc::new(Mutex::new(dev));
         let slot = bus
             .add_device(dev.clone(), &mut bars)
-            .map_err(|e| VmmError::Device(format!("{name} on PCI: {e}")))?;
+            .map_err(|source| VmmError::Pci {
+                device: name.clone(),
+                source,
+            })?;
         lock(&notifiers).insert(slot, events);
         tracing::info!("{name} at PCI 00:{slot:02x}.0");
         functions.push((name, dev));
@@ -392,15 +418,17 @@ fn setup_pci(
             Some(f) => Some(f.parse::<block::ImageFormat>().map_err(VmmError::Config)?),
             None => None,
         };
-        let image = block::open(&d.path, format, d.readonly)
-            .map_err(|e| VmmError::Config(format!("disk {}: {e}", d.path.display())))?;
+        let image = block::open(&d.path, format, d.readonly).map_err(|source| VmmError::Disk {
+            path: d.path.clone(),
+            source,
+        })?;
         let serial = d.serial.clone().unwrap_or_else(|| format!("vireo-disk{i}"));
         let blk = virtio::block::Block::new(image, &serial);
         add_virtio(format!("virtio-blk {}", d.path.display()), Box::new(blk))?;
     }
     for n in &spec.nets {
-        let tap = net::Tap::open(&n.tap).map_err(|e| VmmError::Config(e.to_string()))?;
-        tap.set_up().map_err(|e| VmmError::Config(e.to_string()))?;
+        let tap = net::Tap::open(&n.tap)?;
+        tap.set_up()?;
         let mac = n.mac.unwrap_or_else(net::MacAddr::random);
         let name = format!("virtio-net {} ({mac})", tap.name());
         let dev = virtio::net::Net::new(Arc::new(tap), mac);
@@ -416,8 +444,10 @@ fn setup_pci(
             let mut o = lock(&out);
             let _ = o.write_all(b).and_then(|()| o.flush());
         });
-        let dev = virtio::console::Console::new(output)
-            .map_err(|e| VmmError::Device(format!("virtio-console: {e}")))?;
+        let dev = virtio::console::Console::new(output).map_err(|source| VmmError::DeviceIo {
+            device: "virtio-console".into(),
+            source,
+        })?;
         console_input = Some(dev.input());
         add_virtio("virtio-console".into(), Box::new(dev))?;
     }
@@ -426,7 +456,10 @@ fn setup_pci(
             deflate_on_oom: b.deflate_on_oom,
             stats: b.stats,
         })
-        .map_err(|e| VmmError::Device(format!("virtio-balloon: {e}")))?;
+        .map_err(|source| VmmError::DeviceIo {
+            device: "virtio-balloon".into(),
+            source,
+        })?;
         balloon = Some(dev.handle());
         add_virtio("virtio-balloon".into(), Box::new(dev))?;
     }

@@ -78,11 +78,11 @@ pub(crate) struct LaunchRequest {
 pub fn serve(api_socket: &Path) -> Result<VmExit, VmmError> {
     let (tx, rx) = std::sync::mpsc::channel::<LaunchRequest>();
     let shared = api::ApiShared::empty(tx);
-    let _api = api::ApiServer::start(api_socket, shared.clone()).map_err(VmmError::Io)?;
+    let _api = api::ApiServer::start(api_socket, shared.clone()).map_err(VmmError::ApiServer)?;
     tracing::info!("API on {}: no VM yet", api_socket.display());
     loop {
         let Ok(req) = rx.recv() else {
-            return Err(VmmError::Io("the API server stopped".into()));
+            return Err(VmmError::ApiServer("the API server stopped".into()));
         };
         let built = match req.launch {
             Launch::Shutdown => {
@@ -151,7 +151,7 @@ fn run_built(b: Built, api_socket: Option<&Path>) -> Result<VmExit, VmmError> {
     let _api = match api_socket {
         Some(path) => Some(
             api::ApiServer::start(path, api::ApiShared::with_vm(b.vm.api_context(b.config)))
-                .map_err(VmmError::Io)?,
+                .map_err(VmmError::ApiServer)?,
         ),
         None => None,
     };

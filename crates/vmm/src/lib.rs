@@ -15,6 +15,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 mod device_manager;
+mod error;
 mod exit;
 mod launch;
 pub mod migration;
@@ -27,24 +28,8 @@ pub use builder::{Boot, CrossRestore, RawBoot, RawMode, SnapshotSource, VmSpec};
 pub use config::{Accel, BootProtocol, ConsoleKind, MemSize, SerialMode, VmConfig};
 pub use control::{ControlError, RunState, VmControl};
 pub use device_manager::DeviceInfo;
+pub use error::VmmError;
 pub use exit::{exit_code, VmExit};
 pub(crate) use launch::LaunchRequest;
 pub use launch::{migrate_receive, restore, run, serve, CloneOptions, Launch, RestoreOptions};
 pub use vm::{Vm, VmHandle, VmInfo};
-
-#[derive(Debug, thiserror::Error)]
-pub enum VmmError {
-    #[error("{0}")]
-    Config(String),
-    #[error(transparent)]
-    Hypervisor(#[from] hypervisor::HypervisorError),
-    #[error(transparent)]
-    Arch(#[from] arch::ArchError),
-    #[error("{0}")]
-    Io(String),
-    #[error("{0}")]
-    Device(String),
-    /// The request does not fit the VM's current state (HTTP 409).
-    #[error("{0}")]
-    Conflict(String),
-}

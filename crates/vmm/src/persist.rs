@@ -113,7 +113,7 @@ impl VmHandle {
         cross: Option<&CrossRestore>,
     ) -> Result<(), VmmError> {
         if m.vcpu_states.len() != self.vcpus.len() {
-            return Err(VmmError::Config(
+            return Err(VmmError::Snapshot(
                 "snapshot vCPU count does not match".into(),
             ));
         }
@@ -158,7 +158,7 @@ fn check_tsc_rate(vcpu: &mut dyn hypervisor::Vcpu, c: &CrossRestore) -> Result<(
         );
         return Ok(());
     }
-    Err(VmmError::Config(format!(
+    Err(VmmError::Snapshot(format!(
         "the guest's TSC ran at {want} kHz; this accelerator runs it at {have} and cannot change that ({why}). \
          A guest that keeps time by the TSC would see its clock run at the wrong speed; \
          --allow-tsc-change restores anyway (the TSC value stays continuous)"
@@ -186,7 +186,7 @@ pub(crate) fn prepare_accel(
         return Ok((accel_of(made_with), None));
     }
     let Some(seen) = manifest.cpuid.clone() else {
-        return Err(VmmError::Config(format!(
+        return Err(VmmError::Snapshot(format!(
             "{what} was made under --accel {made_with} by a Vireo that did not record the CPU \
              features its guest saw; it restores only under --accel {made_with}"
         )));
@@ -200,7 +200,7 @@ pub(crate) fn prepare_accel(
         } else {
             ""
         };
-        return Err(VmmError::Config(format!(
+        return Err(VmmError::Snapshot(format!(
             "{what} cannot be restored under --accel {to}: its guest saw CPU features \
              --accel {to} does not offer: {}{hint}",
             missing.join(" ")
@@ -208,7 +208,7 @@ pub(crate) fn prepare_accel(
     }
     let (vcpus, vm_state) =
         hypervisor::convert::convert(&manifest.vcpu_states, &manifest.vm_state, to)
-            .map_err(|e| VmmError::Config(format!("{what} under --accel {to}: {e}")))?;
+            .map_err(|e| VmmError::Snapshot(format!("{what} under --accel {to}: {e}")))?;
     tracing::info!("{what}: made under --accel {made_with}, restored under --accel {to}");
     manifest.vcpu_states = vcpus;
     manifest.vm_state = vm_state;
@@ -248,7 +248,7 @@ pub(crate) fn restore_spec(
         })
         .collect();
     if files.len() != disks.len() {
-        return Err(VmmError::Config(format!(
+        return Err(VmmError::Snapshot(format!(
             "snapshot {}: {} disk states for {} configured disks",
             dir.display(),
             files.len(),
