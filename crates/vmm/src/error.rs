@@ -154,6 +154,9 @@ pub enum VmmError {
     /// The request does not fit the VM's current state.
     #[error("{0}")]
     Conflict(String),
+    /// The VM could not be paused for a step that needs it still.
+    #[error("cannot pause the VM: {0}")]
+    Pause(#[source] crate::ControlError),
     /// The management API server cannot start or went away.
     #[error("{0}")]
     ApiServer(String),
@@ -195,6 +198,7 @@ impl VmmError {
             | Destination(_)
             | MigrationCancelled
             | Conflict(_)
+            | Pause(_)
             | ApiServer(_)
             | VmmStopped(_) => exit_code::VMM_ERROR,
         }
@@ -219,6 +223,10 @@ impl VmmError {
             | DeviceRestore { .. }
             | MigrationStream(_) => 400,
             Conflict(_) | DeviceSave { .. } | MigrationCancelled => 409,
+            // Already paused or stopping: the VM's state; vCPUs that do
+            // not stop in time: the VMM's failure.
+            Pause(crate::ControlError::Timeout(_)) => 500,
+            Pause(_) => 409,
             File { .. }
             | Serialize { .. }
             | Hypervisor(_)
@@ -263,6 +271,14 @@ mod tests {
         assert_eq!(VmmError::Conflict("x".into()).http_status(), 409);
         assert_eq!(VmmError::MigrationCancelled.http_status(), 409);
         assert_eq!(VmmError::MigrationCut.http_status(), 500);
+        let stopping = VmmError::Pause(crate::ControlError::Stopping);
+        assert_eq!(stopping.http_status(), 409);
+        assert_eq!(
+            stopping.to_string(),
+            "cannot pause the VM: the VM is stopping"
+        );
+        let slow = crate::ControlError::Timeout(std::time::Duration::from_secs(1));
+        assert_eq!(VmmError::Pause(slow).http_status(), 500);
         let disk = VmmError::Disk {
             path: "/d.qcow2".into(),
             source: block::BlockError::ReadOnly {

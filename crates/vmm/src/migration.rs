@@ -496,9 +496,7 @@ fn send_inner(
     // Downtime counts from asking the vCPUs to stop.
     let down = Instant::now();
     if was_running {
-        vm.control()
-            .pause()
-            .map_err(|e| VmmError::Conflict(format!("cannot pause the VM: {e}")))?;
+        vm.control().pause().map_err(VmmError::Pause)?;
     }
     *paused = true;
     let bytes_before_pause = out.bytes;
