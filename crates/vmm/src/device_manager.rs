@@ -4,11 +4,13 @@
 //! route into the backend and their queue-notify eventfds.
 //!
 //! Invariants: every device sits on one bus range, and `DeviceInfo` lists
-//! exactly what was inserted (what `vm.info` reports). The virtio functions
-//! are kept in the order they were added, which follows the VM's
-//! configuration (disks, NICs, rng, console, balloon); a snapshot stores
-//! their states in that order and a restore, building the devices from the
-//! same configuration, matches them by position.
+//! exactly what was inserted (what `vm.info` reports). Every device with
+//! state is in one `DeviceList` (legacy devices first, then the PCI
+//! configuration latch and the virtio functions in the order the VM's
+//! configuration adds them: disks, NICs, rng, console, balloon); saving and
+//! restoring walk that list through `devices::Persist`, so a snapshot stores
+//! states in that order and a restore, building the devices from the same
+//! configuration, matches them by position and kind.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -19,7 +21,7 @@ use hypervisor::GuestRam;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::builder::VmSpec;
-use crate::snapshot::{DeviceStates, VirtioSnapshot};
+use crate::snapshot::{DeviceList, DeviceStates};
 use crate::vm::lock;
 use crate::VmmError;
 
@@ -46,18 +48,16 @@ enum BusKind {
 /// A virtio function on PCI, named for messages.
 type VirtioFunction = (String, Arc<Mutex<virtio::VirtioPciDevice>>);
 
-/// The fixed PC devices whose state a snapshot carries.
+/// The fixed PC devices the VMM itself talks to (the console's input, the
+/// power button); all of them are in the `DeviceList` too.
 struct LegacyDevices {
     serial: Arc<Mutex<devices::serial::Serial>>,
-    i8042: Arc<Mutex<devices::i8042::I8042>>,
-    rtc: Arc<Mutex<devices::rtc::CmosRtc>>,
     acpi_pm: Arc<Mutex<devices::acpi::AcpiPm>>,
 }
 
 /// What a snapshot and the VMM need of the PCI side.
 struct PciDevices {
     bus: Arc<pci::PciBus>,
-    config_io: pci::PciConfigIo,
     /// Every virtio function, in the order they were added.
     virtio: Vec<VirtioFunction>,
     console_input: Option<virtio::console::ConsoleInput>,
@@ -71,6 +71,8 @@ pub struct DeviceManager {
     list: Vec<DeviceInfo>,
     legacy: LegacyDevices,
     pci: PciDevices,
+    /// Every device with state, in the order snapshots hold them.
+    saved: DeviceList,
 }
 
 /// Where the devices' output and machine-wide requests go.
@@ -97,20 +99,30 @@ impl DeviceManager {
             mmio: Arc::new(Bus::new()),
             list: Vec::new(),
         };
+        let mut saved = DeviceList::default();
         let legacy = setup_legacy(
             &mut buses,
+            &mut saved,
             vm.as_ref(),
             spec.memory,
             out.serial,
             &out.events,
         )?;
-        let pci = setup_pci(&mut buses, vm.clone(), memory, spec, out.virtio_console)?;
+        let pci = setup_pci(
+            &mut buses,
+            &mut saved,
+            vm.clone(),
+            memory,
+            spec,
+            out.virtio_console,
+        )?;
         Ok(DeviceManager {
             pio: buses.pio,
             mmio: buses.mmio,
             list: buses.list,
             legacy,
             pci,
+            saved,
         })
     }
 
@@ -171,71 +183,17 @@ impl DeviceManager {
         Ok(())
     }
 
-    /// Every device's state (the virtio workers quiesced).
+    /// Every device's state (the virtio workers quiesced), walked in the
+    /// list's order.
     pub fn save(&self) -> Result<DeviceStates, VmmError> {
-        let virtio = self
-            .pci
-            .virtio
-            .iter()
-            .map(|(name, d)| {
-                let state = lock(d)
-                    .save_state()
-                    .map_err(|reason| VmmError::DeviceSave {
-                        device: name.clone(),
-                        reason,
-                    })?;
-                Ok(VirtioSnapshot {
-                    name: name.clone(),
-                    state,
-                })
-            })
-            .collect::<Result<Vec<_>, VmmError>>()?;
-        Ok(DeviceStates {
-            serial: lock(&self.legacy.serial).state(),
-            i8042: lock(&self.legacy.i8042).state(),
-            rtc: lock(&self.legacy.rtc).state(),
-            acpi_pm: lock(&self.legacy.acpi_pm).state(),
-            pci_config_address: self.pci.config_io.address_latch(),
-            virtio,
-        })
+        self.saved.save()
     }
 
-    /// Load saved device states into these (new) devices, then start the
+    /// Load saved device states into these (new) devices, then let the
+    /// bus map what the restored configuration spaces decode and start the
     /// virtio workers.
     pub fn restore(&self, saved: &DeviceStates) -> Result<(), VmmError> {
-        let bad = |device: &'static str, source: devices::StateError| VmmError::DeviceState {
-            device,
-            source,
-        };
-        let legacy = &self.legacy;
-        lock(&legacy.serial)
-            .restore(&saved.serial)
-            .map_err(|e| bad("serial", e))?;
-        lock(&legacy.i8042)
-            .restore(&saved.i8042)
-            .map_err(|e| bad("i8042", e))?;
-        lock(&legacy.rtc)
-            .restore(&saved.rtc)
-            .map_err(|e| bad("rtc", e))?;
-        lock(&legacy.acpi_pm).restore(&saved.acpi_pm);
-        if saved.virtio.len() != self.pci.virtio.len() {
-            return Err(VmmError::Snapshot(format!(
-                "the snapshot has {} virtio devices, its configuration makes {}",
-                saved.virtio.len(),
-                self.pci.virtio.len()
-            )));
-        }
-        for (s, (name, d)) in saved.virtio.iter().zip(&self.pci.virtio) {
-            lock(d)
-                .restore_state(&s.state)
-                .map_err(|reason| VmmError::DeviceRestore {
-                    device: name.clone(),
-                    reason,
-                })?;
-        }
-        self.pci
-            .config_io
-            .set_address_latch(saved.pci_config_address);
+        self.saved.restore(saved)?;
         self.pci.bus.refresh_routing();
         self.quiesce(false);
         Ok(())
@@ -278,9 +236,11 @@ impl Buses {
     }
 }
 
-/// The PC devices on the port bus, with their ISA interrupt lines.
+/// The PC devices on the port bus, with their ISA interrupt lines; those
+/// with state go on `saved`.
 fn setup_legacy(
     buses: &mut Buses,
+    saved: &mut DeviceList,
     vm: &dyn hypervisor::Vm,
     memory_bytes: u64,
     serial_out: Box<dyn Write + Send>,
@@ -317,12 +277,12 @@ fn setup_legacy(
         12,
         acpi_pm.clone(),
     )?;
-    let reset = devices::acpi::ResetControl::new(events.clone());
+    let reset = Arc::new(Mutex::new(devices::acpi::ResetControl::new(events.clone())));
     add(
         "reset-control",
         arch::layout::RESET_PORT as u64,
         1,
-        Arc::new(Mutex::new(reset)),
+        reset.clone(),
     )?;
     // Ports Linux pokes with nothing behind them: the POST/delay ports,
     // DMA page registers and the other COM ports.
@@ -330,19 +290,22 @@ fn setup_legacy(
     for (base, len) in [(0x80, 0x10), (0xed, 1), (0x2f8, 8), (0x3e8, 8), (0x2e8, 8)] {
         add("ignored", base, len, sink.clone())?;
     }
-    Ok(LegacyDevices {
-        serial,
-        i8042,
-        rtc,
-        acpi_pm,
-    })
+    // The order is the snapshot format's: devices are restored in it.
+    saved.push("serial (COM1)", serial.clone());
+    saved.push("i8042", i8042);
+    saved.push("cmos-rtc", rtc);
+    saved.push("acpi-pm", acpi_pm.clone());
+    saved.push("reset-control", reset);
+    Ok(LegacyDevices { serial, acpi_pm })
 }
 
 /// PCI bus 0 (host bridge, configuration through 0xcf8/0xcfc and ECAM) and
 /// the virtio devices the VM asked for, with MSI-X through the backend.
-/// `console_out` is the console output when the console is virtio.
+/// `console_out` is the console output when the console is virtio. The
+/// configuration latch and the functions go on `saved`, in that order.
 fn setup_pci(
     buses: &mut Buses,
+    saved: &mut DeviceList,
     vm: Arc<dyn hypervisor::Vm>,
     memory: &GuestRam,
     spec: &VmSpec,
@@ -463,9 +426,12 @@ fn setup_pci(
         balloon = Some(dev.handle());
         add_virtio("virtio-balloon".into(), Box::new(dev))?;
     }
+    saved.push("pci config-io", Arc::new(Mutex::new(cfg)));
+    for (name, d) in &functions {
+        saved.push(name.clone(), d.clone());
+    }
     Ok(PciDevices {
         bus,
-        config_io: cfg,
         virtio: functions,
         console_input,
         balloon,

@@ -119,19 +119,21 @@ pub enum VmmError {
     /// A device refused a host-side change (its disk locks).
     #[error("{device}: {reason}")]
     DeviceHost { device: String, reason: String },
-    /// A device whose state cannot be saved as it is now.
-    #[error("{device}: {reason}")]
-    DeviceSave { device: String, reason: String },
-    /// A legacy device refused the state a snapshot holds for it.
-    #[error("snapshot {device}: {source}")]
-    DeviceState {
-        device: &'static str,
+    /// A device whose state cannot be saved: busy as it is now, or a host
+    /// resource it describes cannot be read.
+    #[error("{device}: {source}")]
+    DeviceSave {
+        device: String,
         #[source]
-        source: devices::StateError,
+        source: devices::PersistError,
     },
-    /// A virtio device refused the state a snapshot holds for it.
-    #[error("snapshot {device}: {reason}")]
-    DeviceRestore { device: String, reason: String },
+    /// A device refused the state a snapshot holds for it.
+    #[error("snapshot {device}: {source}")]
+    DeviceRestore {
+        device: String,
+        #[source]
+        source: devices::PersistError,
+    },
     /// The migration's connection failed: the step, and the socket error.
     #[error("{what}: {source}")]
     Migration {
@@ -190,7 +192,6 @@ impl VmmError {
             | DeviceIo { .. }
             | DeviceHost { .. }
             | DeviceSave { .. }
-            | DeviceState { .. }
             | DeviceRestore { .. }
             | Migration { .. }
             | MigrationCut
@@ -219,9 +220,14 @@ impl VmmError {
             | Overlay { .. }
             | Tap(_)
             | Arch(_)
-            | DeviceState { .. }
             | DeviceRestore { .. }
             | MigrationStream(_) => 400,
+            // A host resource the saved state names cannot be read: the
+            // host's failure; otherwise the device is busy as it is now.
+            DeviceSave {
+                source: devices::PersistError::Host { .. },
+                ..
+            } => 500,
             Conflict(_) | DeviceSave { .. } | MigrationCancelled => 409,
             // Already paused or stopping: the VM's state; vCPUs that do
             // not stop in time: the VMM's failure.
