@@ -107,10 +107,10 @@ impl ApiShared {
         let (reply, outcome) = std::sync::mpsc::channel();
         lock(tx)
             .send(crate::LaunchRequest { launch, reply })
-            .map_err(|_| crate::VmmError::Io("the VMM is shutting down".into()))?;
+            .map_err(|_| crate::VmmError::VmmStopped("the VMM is shutting down"))?;
         Ok(outcome
             .recv()
-            .map_err(|_| crate::VmmError::Io("the VMM stopped before answering".into()))??)
+            .map_err(|_| crate::VmmError::VmmStopped("the VMM stopped before answering"))??)
     }
 
     /// A restore or a migration into this VMM: only while nothing is created.

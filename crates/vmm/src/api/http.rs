@@ -12,7 +12,6 @@ use tiny_http::{Header, Method, Request, Response, Server};
 
 use super::{ApiAction, ApiError, ApiReply, Endpoint, ErrorBody, RequestHandler};
 use crate::control::ControlError;
-use crate::VmmError;
 
 /// Request bodies are small JSON documents; refuse anything bigger.
 pub const MAX_BODY: u64 = 64 * 1024;
@@ -35,13 +34,8 @@ pub fn status_of(e: &ApiError) -> u16 {
             ControlError::AlreadyPaused | ControlError::NotPaused | ControlError::Stopping => 409,
             ControlError::Timeout(_) => 500,
         },
-        ApiError::Vmm(v) => match v {
-            // The request does not fit the VM's state.
-            VmmError::Conflict(_) => 409,
-            // Bad settings or a kernel that cannot be loaded: the client's input.
-            VmmError::Config(_) | VmmError::Arch(_) => 400,
-            _ => 500,
-        },
+        // Each VMM error's variant says its status.
+        ApiError::Vmm(v) => v.http_status(),
     }
 }
 
@@ -180,6 +174,7 @@ fn handle(handler: &dyn RequestHandler, mut req: Request) {
 mod tests {
     use super::super::*;
     use super::*;
+    use crate::VmmError;
 
     /// A VMM whose VM is always paused and whose migrations always work.
     struct Paused;
@@ -201,7 +196,7 @@ mod tests {
             Ok(())
         }
         fn vm_snapshot(&self, _: &SnapshotRequest) -> Result<(), ApiError> {
-            Err(VmmError::Io("disk full".into()).into())
+            Err(VmmError::VmmStopped("the VMM is shutting down").into())
         }
         fn vm_migrate_send(&self, r: &MigrateRequest) -> Result<MigrationReport, ApiError> {
             Ok(MigrationReport {
