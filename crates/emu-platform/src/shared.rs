@@ -285,7 +285,7 @@ impl SharedPlatform {
     /// [`Platform::check_restorable`]); every vCPU is kicked so a sleeping
     /// one looks at what it now has pending. The clock must already read
     /// the saved guest time or later.
-    pub fn restore(&self, saved: Platform) -> Result<(), String> {
+    pub fn restore(&self, saved: Platform) -> Result<(), crate::platform::RestoreError> {
         saved.check_restorable(self.hints.len())?;
         let mut g = self.lock();
         *g = saved;

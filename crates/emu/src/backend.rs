@@ -4,9 +4,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use hypervisor::{
-    AccelKind, EmuFpuState, EmuMsrs, EmuPendingRead, EmuVcpuState, Hypervisor, HypervisorError,
-    InternalError, IrqLine, Result, SpecialRegs, StandardRegs, Vcpu, VcpuExit, VcpuKicker,
-    VcpuSnapshot, Vm, VmSnapshot,
+    AccelKind, Hypervisor, HypervisorError, InternalError, IrqLine, Result, SpecialRegs,
+    StandardRegs, Vcpu, VcpuExit, VcpuKicker, VcpuSnapshot, Vm, VmSnapshot,
 };
 
 use crate::core::{Core, ExitReq, ReadResponse, RunExit};
@@ -14,6 +13,7 @@ use crate::cpu::*;
 use crate::irq::{InterruptController, QueueInterruptController};
 use crate::mem::{MemView, PhysMem};
 use crate::pc::{Pc, PcBoard, PcVcpu, VcpuSignal};
+use crate::state::{EmuFpuState, EmuMsrs, EmuPendingRead, EmuVcpuState, EmuVmState};
 
 /// The software CPU engine as a hypervisor backend.
 #[derive(Default)]
@@ -266,19 +266,16 @@ impl Vm for EmuVm {
                 "VM state: only a PC-mode VM with its vCPUs made can be saved".into(),
             )
         })?;
-        Ok(VmSnapshot::Emu(Box::new(pc.save())))
+        Ok(pc.save().to_snapshot()?)
     }
 
     fn restore_state(&self, state: &VmSnapshot) -> Result<()> {
-        let s = match state {
-            VmSnapshot::Emu(s) => s,
-            other => return hypervisor::wrong_accel("VM state", other.accel(), AccelKind::Emu),
-        };
+        let s = EmuVmState::try_from(state)?;
         let pc = self.platform().ok_or_else(|| {
             HypervisorError::Other("VM state: make the vCPUs before restoring the platform".into())
         })?;
-        pc.restore(s)
-            .map_err(|e| HypervisorError::Other(format!("snapshot platform state: {e}")))
+        pc.restore(s).map_err(VmSnapshot::invalid)?;
+        Ok(())
     }
 }
 
@@ -574,7 +571,7 @@ impl Vcpu for EmuVcpu {
                 }
             })
         });
-        Ok(VcpuSnapshot::Emu(Box::new(EmuVcpuState {
+        Ok(EmuVcpuState {
             regs: self.get_regs()?,
             sregs: self.get_sregs()?,
             dr: st.dr,
@@ -611,21 +608,14 @@ impl Vcpu for EmuVcpu {
             wait_for_sipi: self.core.wait_for_sipi,
             pending_read,
             icount: self.core.icount,
-        })))
+        }
+        .to_snapshot()?)
     }
 
     fn restore_state(&mut self, state: &VcpuSnapshot) -> Result<()> {
-        let s = match state {
-            VcpuSnapshot::Emu(s) => s,
-            other => return hypervisor::wrong_accel("vCPU state", other.accel(), AccelKind::Emu),
-        };
-        // What the guest itself could never load (WRMSR and MOV CR refuse it).
-        if s.sregs.cr4 & !CR4_SUPPORTED != 0 || s.sregs.efer & !(EFER_WRITABLE | EFER_LMA) != 0 {
-            return Err(HypervisorError::Other(format!(
-                "snapshot vCPU state: CR4 {:#x} / EFER {:#x} has bits the engine does not support",
-                s.sregs.cr4, s.sregs.efer
-            )));
-        }
+        // Decoded and checked (control bits, read size) before any of it
+        // reaches the vCPU.
+        let s = EmuVcpuState::try_from(state)?;
         self.set_regs(&s.regs)?;
         let apic_base = self.core.st.msr.apic_base;
         // The platform's copy of IA32_APIC_BASE comes with its own state;
@@ -683,15 +673,6 @@ impl Vcpu for EmuVcpu {
                     (ExitReq::MmioRead { addr, size }, data)
                 }
             };
-            let size = match req {
-                ExitReq::IoIn { size, .. } | ExitReq::MmioRead { size, .. } => size,
-                _ => 0,
-            };
-            if !matches!(size, 1 | 2 | 4 | 8) {
-                return Err(HypervisorError::Other(format!(
-                    "snapshot vCPU state: a pending read of {size} bytes"
-                )));
-            }
             self.pending_read = Some(req);
             self.buf = data.to_le_bytes();
         }

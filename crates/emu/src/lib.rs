@@ -19,6 +19,8 @@
 //! - [`cpuid`], [`msr`]: what the engine advertises and its model-specific registers.
 //! - [`core`]: the run loop that ties the above together for one vCPU.
 //! - [`backend`]: `EmuHypervisor` / `EmuVm` / `EmuVcpu`, the `hypervisor` seam.
+//! - [`state`]: the engine's saved vCPU and platform state and its checks.
+//! - [`convert`]: that state to KVM's form and back.
 //! - [`irq`]: the interface an interrupt-controller model plugs into.
 //! - [`pc`]: the PC platform inside the engine (LAPIC, IOAPIC, PIC, PIT,
 //!   kvmclock from `emu-platform`): device access, interrupt polling, HLT
@@ -51,10 +53,13 @@
 //! `EmuVcpu` and `EmuVm` implement the `hypervisor` snapshot calls: every
 //! architectural register (with hidden segment parts, MSRs, x87/SSE), the
 //! halt/interrupt-shadow/NMI/SIPI state and a read the VMM had answered,
-//! as `hypervisor::EmuVcpuState`; the platform with its timers in guest
-//! nanoseconds as `hypervisor::EmuVmState`. A restored VM's clock resumes
-//! at the saved guest time, so the TSC, kvmclock and timers go on from
-//! there.
+//! as [`state::EmuVcpuState`]; the platform with its timers in guest
+//! nanoseconds as [`state::EmuVmState`]. The seam carries them opaquely
+//! (`hypervisor::VcpuSnapshot` / `VmSnapshot`); they are decoded and checked
+//! once ([`state`]) before they reach a live vCPU. A restored VM's clock
+//! resumes at the saved guest time, so the TSC, kvmclock and timers go on
+//! from there. [`convert`] turns them into KVM's form and back
+//! (cross-accelerator restore and migration).
 //!
 //! # Status
 //!
@@ -72,6 +77,7 @@
 //! MXCSR exception flags.
 
 pub mod backend;
+pub mod convert;
 pub mod core;
 pub mod cpu;
 pub mod cpuid;
@@ -86,6 +92,7 @@ pub mod mmu;
 pub mod msr;
 pub mod pc;
 pub mod seg;
+pub mod state;
 pub mod uop;
 
 pub use backend::{EmuHypervisor, EmuVcpu, EmuVm};

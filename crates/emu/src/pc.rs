@@ -234,9 +234,9 @@ impl Pc {
     }
 
     /// The platform's state and guest time, for a snapshot (vCPUs stopped).
-    pub fn save(&self) -> hypervisor::EmuVmState {
+    pub fn save(&self) -> crate::state::EmuVmState {
         let (platform, guest_ns) = self.shared.save();
-        hypervisor::EmuVmState {
+        crate::state::EmuVmState {
             guest_ns,
             pvclock_version: self.pvclock_version.load(Ordering::SeqCst),
             platform,
@@ -245,12 +245,12 @@ impl Pc {
 
     /// Load a snapshot's platform, with guest time resuming at the
     /// snapshot's (before any vCPU runs).
-    pub fn restore(&self, s: &hypervisor::EmuVmState) -> Result<(), String> {
-        s.platform.check_restorable(self.signals.len())?;
+    pub fn restore(&self, s: crate::state::EmuVmState) -> Result<(), crate::state::EmuStateError> {
+        s.check(self.signals.len())?;
         self.clock.resume_at(s.guest_ns);
         self.pvclock_version
             .store(s.pvclock_version & !1, Ordering::SeqCst);
-        self.shared.restore(s.platform.clone())
+        Ok(self.shared.restore(s.platform)?)
     }
 
     fn next_pvclock_version(&self) -> u32 {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use emu::state::{EmuVcpuState, EmuVmState};
 use emu::{EmuVcpu, EmuVm};
 use hypervisor::{Vcpu, VcpuExit, Vm};
 use iced_x86::code_asm::*;
@@ -775,13 +776,9 @@ fn snapshot_of_a_sleeping_vcpu_resumes_its_timer_and_clock_in_a_new_vm() {
         serde_json::from_str(&serde_json::to_string(&vcpu).unwrap()).unwrap();
     let vm: hypervisor::VmSnapshot =
         serde_json::from_str(&serde_json::to_string(&vm).unwrap()).unwrap();
-    let hypervisor::VcpuSnapshot::Emu(saved) = &vcpu else {
-        panic!("not an engine snapshot")
-    };
+    let saved = EmuVcpuState::try_from(&vcpu).expect("an engine snapshot");
     assert!(saved.halted);
-    let hypervisor::VmSnapshot::Emu(saved_vm) = &vm else {
-        panic!("not an engine snapshot")
-    };
+    let saved_vm = EmuVmState::try_from(&vm).expect("an engine snapshot");
     assert!(saved_vm.guest_ns >= 50_000_000);
 
     // A new VM (its own clock started at zero), some host time later.
@@ -791,10 +788,8 @@ fn snapshot_of_a_sleeping_vcpu_resumes_its_timer_and_clock_in_a_new_vm() {
     drop(g);
     h.vcpu.restore_state(&vcpu).unwrap();
     h.vm.restore_state(&vm).unwrap();
-    match h.vcpu.save_state().unwrap() {
-        hypervisor::VcpuSnapshot::Emu(again) => assert_eq!(**saved, *again),
-        _ => unreachable!(),
-    }
+    let again = EmuVcpuState::try_from(&h.vcpu.save_state().unwrap()).unwrap();
+    assert_eq!(saved, again);
     let restored = Instant::now();
     run_to_halt(&mut h);
     let ran = restored.elapsed();
@@ -841,18 +836,14 @@ fn an_answered_read_is_finished_before_a_snapshot() {
     let after = g.regs();
     assert!(after.rip > rip, "the IN finished");
     assert_eq!(after.rax & 0xff, 0x60);
-    match g.vcpu.save_state().unwrap() {
-        hypervisor::VcpuSnapshot::Emu(s) => assert_eq!(s.pending_read, None),
-        _ => unreachable!(),
-    }
+    let s = EmuVcpuState::try_from(&g.vcpu.save_state().unwrap()).unwrap();
+    assert_eq!(s.pending_read, None);
     assert_eq!(g.run_io(41), Ex::MmioRead(0xfed0_0000, 4));
     let rip = g.regs().rip;
     g.vcpu.complete_pending_io().unwrap();
     assert_eq!(g.regs().rip, rip, "left for run, with its write");
-    match g.vcpu.save_state().unwrap() {
-        hypervisor::VcpuSnapshot::Emu(s) => assert!(s.pending_read.is_some()),
-        _ => unreachable!(),
-    }
+    let s = EmuVcpuState::try_from(&g.vcpu.save_state().unwrap()).unwrap();
+    assert!(s.pending_read.is_some());
     assert_eq!(
         g.run(),
         Ex::MmioWrite(0xfed0_0000, 42u32.to_le_bytes().to_vec())

@@ -370,18 +370,18 @@ impl crate::Vm for KvmVm {
         }
         let pit = self.fd.get_pit2().map_err(ioctl_err("KVM_GET_PIT2"))?;
         let clock = self.fd.get_clock().map_err(ioctl_err("KVM_GET_CLOCK"))?;
-        Ok(crate::VmSnapshot::Kvm(Box::new(KvmVmState {
-            irqchips: chips,
-            pit,
-            clock,
-        })))
+        Ok(crate::VmSnapshot::new(
+            AccelKind::Kvm,
+            &KvmVmState {
+                irqchips: chips,
+                pit,
+                clock,
+            },
+        )?)
     }
 
     fn restore_state(&self, state: &crate::VmSnapshot) -> Result<()> {
-        let s = match state {
-            crate::VmSnapshot::Kvm(s) => s,
-            other => return crate::wrong_accel("VM state", other.accel(), crate::AccelKind::Kvm),
-        };
+        let s: KvmVmState = state.decode(AccelKind::Kvm)?;
         self.fd
             .set_pit2(&s.pit)
             .map_err(ioctl_err("KVM_SET_PIT2"))?;
@@ -802,18 +802,18 @@ impl Drop for KvmVcpu {
 /// A KVM vCPU's whole state, in the order KVM wants it back.
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct KvmVcpuState {
-    pub(crate) mp_state: kvm_mp_state,
-    pub(crate) regs: kvm_regs,
-    pub(crate) sregs: kvm_sregs,
+    pub mp_state: kvm_mp_state,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
     /// kvm_fpu and kvm_xsave as raw bytes: kvm-bindings gives them no serde.
-    pub(crate) fpu: Vec<u8>,
-    pub(crate) xsave: Option<Vec<u8>>,
-    pub(crate) xcrs: Option<kvm_xcrs>,
-    pub(crate) debugregs: kvm_debugregs,
-    pub(crate) lapic: kvm_lapic_state,
+    pub fpu: Vec<u8>,
+    pub xsave: Option<Vec<u8>>,
+    pub xcrs: Option<kvm_xcrs>,
+    pub debugregs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
     /// (index, value) of every MSR this KVM could read.
-    pub(crate) msrs: Vec<(u32, u64)>,
-    pub(crate) events: kvm_vcpu_events,
+    pub msrs: Vec<(u32, u64)>,
+    pub events: kvm_vcpu_events,
 }
 
 impl std::fmt::Debug for KvmVcpuState {
@@ -830,9 +830,9 @@ impl std::fmt::Debug for KvmVcpuState {
 /// KVM's in-kernel PIC, IOAPIC, PIT and clock.
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct KvmVmState {
-    pub(crate) irqchips: Vec<kvm_irqchip>,
-    pub(crate) pit: kvm_pit_state2,
-    pub(crate) clock: kvm_clock_data,
+    pub irqchips: Vec<kvm_irqchip>,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
 }
 
 impl std::fmt::Debug for KvmVmState {
@@ -842,7 +842,7 @@ impl std::fmt::Debug for KvmVmState {
 }
 
 /// The bytes of a plain-old-data kernel struct.
-pub(crate) fn pod_bytes<T>(v: &T) -> Vec<u8> {
+pub fn pod_bytes<T>(v: &T) -> Vec<u8> {
     // SAFETY: T is a C struct of integers from kvm-bindings; every byte is
     // initialised (KVM filled it, or Default zeroed it).
     unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
@@ -850,7 +850,7 @@ pub(crate) fn pod_bytes<T>(v: &T) -> Vec<u8> {
 }
 
 /// A kernel struct back from [`pod_bytes`]; the size must match exactly.
-pub(crate) fn pod_from<T: Default>(b: &[u8], what: &str) -> Result<T> {
+pub fn pod_from<T: Default>(b: &[u8], what: &str) -> Result<T> {
     if b.len() != std::mem::size_of::<T>() {
         return Err(HypervisorError::Other(format!(
             "snapshot {what} state is {} bytes, this KVM expects {}",
@@ -901,7 +901,7 @@ impl KvmVcpu {
     }
 }
 
-pub(crate) fn seg_to_kvm(s: &Segment) -> kvm_segment {
+pub fn seg_to_kvm(s: &Segment) -> kvm_segment {
     kvm_segment {
         base: s.base,
         limit: s.limit,
@@ -919,7 +919,7 @@ pub(crate) fn seg_to_kvm(s: &Segment) -> kvm_segment {
     }
 }
 
-pub(crate) fn regs_to_kvm(r: &StandardRegs) -> kvm_regs {
+pub fn regs_to_kvm(r: &StandardRegs) -> kvm_regs {
     kvm_regs {
         rax: r.rax,
         rbx: r.rbx,
@@ -942,7 +942,7 @@ pub(crate) fn regs_to_kvm(r: &StandardRegs) -> kvm_regs {
     }
 }
 
-pub(crate) fn regs_from_kvm(r: &kvm_regs) -> StandardRegs {
+pub fn regs_from_kvm(r: &kvm_regs) -> StandardRegs {
     StandardRegs {
         rax: r.rax,
         rbx: r.rbx,
@@ -965,7 +965,7 @@ pub(crate) fn regs_from_kvm(r: &kvm_regs) -> StandardRegs {
     }
 }
 
-pub(crate) fn sregs_from_kvm(s: &kvm_sregs) -> SpecialRegs {
+pub fn sregs_from_kvm(s: &kvm_sregs) -> SpecialRegs {
     SpecialRegs {
         cs: seg_from_kvm(&s.cs),
         ds: seg_from_kvm(&s.ds),
@@ -993,7 +993,7 @@ pub(crate) fn sregs_from_kvm(s: &kvm_sregs) -> SpecialRegs {
     }
 }
 
-pub(crate) fn seg_from_kvm(s: &kvm_segment) -> Segment {
+pub fn seg_from_kvm(s: &kvm_segment) -> Segment {
     Segment {
         base: s.base,
         limit: s.limit,
@@ -1173,7 +1173,7 @@ impl Vcpu for KvmVcpu {
                 .get_vcpu_events()
                 .map_err(ioctl_err("KVM_GET_VCPU_EVENTS"))?,
         };
-        Ok(crate::VcpuSnapshot::Kvm(Box::new(state)))
+        Ok(crate::VcpuSnapshot::new(AccelKind::Kvm, &state)?)
     }
 
     fn guest_cpuid(&self) -> Result<Vec<crate::CpuidEntry>> {
@@ -1202,10 +1202,7 @@ impl Vcpu for KvmVcpu {
     }
 
     fn restore_state(&mut self, state: &crate::VcpuSnapshot) -> Result<()> {
-        let s = match state {
-            crate::VcpuSnapshot::Kvm(s) => s,
-            other => return crate::wrong_accel("vCPU state", other.accel(), crate::AccelKind::Kvm),
-        };
+        let s: KvmVcpuState = state.decode(AccelKind::Kvm)?;
         let fd = &self.fd;
         fd.set_mp_state(s.mp_state)
             .map_err(ioctl_err("KVM_SET_MP_STATE"))?;
