@@ -12,8 +12,9 @@ use crate::core::{Core, ExitReq, ReadResponse, RunExit};
 use crate::cpu::*;
 use crate::irq::{InterruptController, QueueInterruptController};
 use crate::mem::{MemView, PhysMem};
-use crate::pc::{Pc, PcBoard, PcVcpu, VcpuSignal};
+use crate::pc::{Pc, PcBoard, PcVcpu};
 use crate::state::{EmuFpuState, EmuMsrs, EmuPendingRead, EmuVcpuState, EmuVmState};
+use crate::vcpu_platform::ControllerLink;
 
 /// The software CPU engine as a hypervisor backend.
 #[derive(Default)]
@@ -106,7 +107,9 @@ impl EmuVm {
             ))
         })?;
         let cpuid = *self.cpuid.read().unwrap_or_else(|e| e.into_inner());
-        let mut core = Core::with_cpuid(index, MemView::new(self.mem.clone()), pc.clone(), cpuid);
+        let attention = link.signal.attention().clone();
+        let mut core =
+            Core::with_platform(index, MemView::new(self.mem.clone()), Box::new(link), cpuid);
         // The engine's copy of IA32_APIC_BASE (the LAPIC page it decodes,
         // what get_sregs reports) starts as the platform's: BSP bit on
         // vCPU 0 only.
@@ -114,10 +117,9 @@ impl EmuVm {
             core.st.msr.apic_base = base;
         }
         // The platform's kicks set the flag the run loop polls on.
-        core.attention = link.signal.attention().clone();
+        core.attention = attention;
         // Application processors do not run before INIT and SIPI.
         core.wait_for_sipi = index != 0;
-        core.pc = Some(Box::new(link));
         Ok(EmuVcpu {
             core,
             buf: [0; 8],
@@ -149,10 +151,10 @@ impl EmuVm {
     /// Make a vCPU with its concrete type (tests and the lead's wiring).
     pub fn create_emu_vcpu(&self, index: u32) -> EmuVcpu {
         let cpuid = *self.cpuid.read().unwrap_or_else(|e| e.into_inner());
-        let core = Core::with_cpuid(
+        let core = Core::with_platform(
             index,
             MemView::new(self.mem.clone()),
-            self.interrupt_controller(),
+            Box::new(ControllerLink::new(self.interrupt_controller())),
             cpuid,
         );
         EmuVcpu {
@@ -301,15 +303,15 @@ impl IrqLine for EmuIrqLine {
 
 struct EmuKicker {
     flag: Arc<AtomicBool>,
-    /// Wakes the vCPU from a sleep in HLT (PC mode).
-    signal: Option<Arc<VcpuSignal>>,
+    /// Wakes the vCPU from a sleep in HLT (a platform that sleeps there).
+    waker: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl VcpuKicker for EmuKicker {
     fn kick(&self) {
         self.flag.store(true, Ordering::Release);
-        if let Some(s) = &self.signal {
-            s.notify();
+        if let Some(w) = &self.waker {
+            w();
         }
     }
 }
@@ -531,7 +533,7 @@ impl Vcpu for EmuVcpu {
         st.efer = s.efer;
         if s.apic_base != 0 {
             st.msr.apic_base = s.apic_base;
-            crate::pc::set_apic_base(&mut self.core, s.apic_base);
+            self.core.load_apic_base(s.apic_base);
         }
         // In long mode CS.dpl is the CPL; a boot state may leave it zero, which
         // is what we want for ring 0 entry.
@@ -726,7 +728,7 @@ impl Vcpu for EmuVcpu {
     fn kicker(&self) -> Arc<dyn VcpuKicker> {
         Arc::new(EmuKicker {
             flag: self.core.kick.clone(),
-            signal: self.core.pc.as_ref().map(|p| p.signal.clone()),
+            waker: self.core.platform.waker(),
         })
     }
 }

@@ -4,11 +4,12 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::cpu::{CpuState, CR0_WP, CS, FLAG_IF, SS};
+use crate::cpu::{ArchRegs, CR0_WP, CS, FLAG_IF, SS};
 use crate::decode::BlockCache;
 use crate::irq::InterruptController;
 use crate::mem::{cas, load, store, MemView};
 use crate::mmu::{tlb_allows, walk, Access, Tlb, TlbEntry};
+use crate::vcpu_platform::{ControllerLink, CpuView, Event, Idle, VcpuPlatform};
 
 /// Why an instruction did not complete.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,12 +110,14 @@ unsafe impl Send for BlockPtr {}
 pub const POLL_INTERVAL: u32 = 64;
 
 pub struct Core {
-    pub st: CpuState,
+    pub st: ArchRegs,
     pub mem: MemView,
     pub tlb: Tlb,
     pub blocks: BlockCache,
     pub index: u32,
-    pub intc: Arc<dyn InterruptController>,
+    /// The machine around the CPU: interrupts, the devices it serves
+    /// without an exit, HLT sleep, CR8/MSRs it owns, time.
+    pub platform: Box<dyn VcpuPlatform>,
     pub kick: Arc<AtomicBool>,
     pub io: IoExchange,
     /// RIP after the current instruction; branches overwrite it.
@@ -148,9 +151,6 @@ pub struct Core {
     /// the TPR or an EOI may have changed what is deliverable).
     pub poll_now: bool,
     pub(crate) poll_countdown: u32,
-    /// The PC platform (LAPIC, IOAPIC, PIC, PIT, kvmclock) this vCPU is
-    /// wired to; `None` for a bare CPU whose devices are all in the VMM.
-    pub pc: Option<Box<crate::pc::PcVcpu>>,
     /// The translating tier (hot 64-bit blocks compiled to host code).
     pub jit: crate::jit::Jit,
 }
@@ -191,23 +191,30 @@ impl History {
 }
 
 impl Core {
+    /// A CPU wired to an embedder's interrupt controller (see
+    /// [`ControllerLink`]).
     pub fn new(index: u32, mem: MemView, intc: Arc<dyn InterruptController>) -> Core {
-        Self::with_cpuid(index, mem, intc, crate::cpuid::CpuidConfig::default())
+        Self::with_platform(
+            index,
+            mem,
+            Box::new(ControllerLink::new(intc)),
+            crate::cpuid::CpuidConfig::default(),
+        )
     }
 
-    pub fn with_cpuid(
+    pub fn with_platform(
         index: u32,
         mem: MemView,
-        intc: Arc<dyn InterruptController>,
+        platform: Box<dyn VcpuPlatform>,
         cpuid: crate::cpuid::CpuidConfig,
     ) -> Core {
         Core {
-            st: CpuState::reset(),
+            st: ArchRegs::reset(),
             mem,
             tlb: Tlb::default(),
             blocks: BlockCache::default(),
             index,
-            intc,
+            platform,
             kick: Arc::new(AtomicBool::new(false)),
             io: IoExchange::default(),
             next_rip: 0,
@@ -225,7 +232,6 @@ impl Core {
             attention: Arc::new(AtomicBool::new(false)),
             poll_now: true,
             poll_countdown: 0,
-            pc: None,
             jit: crate::jit::Jit::default(),
         }
     }
@@ -481,10 +487,9 @@ impl Core {
     }
 
     fn mmio_read(&mut self, addr: u64, size: u8) -> R<u64> {
-        if self.pc.is_some() {
-            if let Some(v) = crate::pc::mmio_read(self, addr, size) {
-                return Ok(v);
-            }
+        let base = self.st.msr.apic_base;
+        if let Some(v) = self.platform.mmio_read(self.index, base, addr, size) {
+            return Ok(v);
         }
         if let Some(v) = self.take_response(false, addr, size) {
             return Ok(v);
@@ -494,7 +499,10 @@ impl Core {
     }
 
     fn mmio_write(&mut self, addr: u64, size: u8, data: u64) -> R {
-        if self.pc.is_some() && crate::pc::mmio_write(self, addr, size, data) {
+        let base = self.st.msr.apic_base;
+        if self.platform.mmio_write(self.index, base, addr, size, data) {
+            // EOI, TPR, or an IPI to self.
+            self.poll_now = true;
             return Ok(());
         }
         if self.io.request.is_some() {
@@ -507,10 +515,9 @@ impl Core {
     }
 
     pub fn io_in(&mut self, port: u16, size: u8) -> R<u64> {
-        if self.pc.is_some() {
-            if let Some(v) = crate::pc::pio_in(self, port, size) {
-                return Ok(v);
-            }
+        if let Some((v, repoll)) = self.platform.pio_in(port, size) {
+            self.poll_now |= repoll;
+            return Ok(v);
         }
         if let Some(v) = self.take_response(true, port as u64, size) {
             return Ok(v);
@@ -520,7 +527,9 @@ impl Core {
     }
 
     pub fn io_out(&mut self, port: u16, size: u8, data: u64) -> R {
-        if self.pc.is_some() && crate::pc::pio_out(self, port, size, data) {
+        if self.platform.pio_out(port, size, data) {
+            // An EOI or an unmask may have made an interrupt deliverable.
+            self.poll_now = true;
             return Ok(());
         }
         if self.io.request.is_some() {
@@ -572,18 +581,19 @@ impl Core {
                     self.poll_countdown -= 1;
                 }
             }
-            if self.pc.is_some() {
-                // Halted or waiting for SIPI: sleep until the platform has
-                // something for this vCPU (then poll), or leave.
-                if self.halted || self.wait_for_sipi {
-                    if let Some(exit) = crate::pc::idle(self) {
-                        return exit;
+            if self.halted || self.wait_for_sipi {
+                // Sleep until the platform has something for this vCPU
+                // (then poll), or leave.
+                // A halted CPU has no interrupt shadow left.
+                self.int_shadow = false;
+                match self.platform.idle(self.cpu_view(), &self.kick) {
+                    Idle::Wake => {
+                        self.poll_now = true;
+                        continue;
                     }
-                    self.poll_now = true;
-                    continue;
+                    Idle::Halt => return RunExit::Halt,
+                    Idle::Interrupted => return RunExit::Interrupted,
                 }
-            } else if self.halted {
-                return RunExit::Halt;
             }
             let limit = if self.int_shadow { 1 } else { usize::MAX };
             self.int_shadow = false;
@@ -611,7 +621,7 @@ impl Core {
     /// state are dropped.
     pub fn init_reset(&mut self) {
         let keep_apic_base = self.st.msr.apic_base;
-        self.st = CpuState::reset();
+        self.st = ArchRegs::reset();
         self.st.msr.apic_base = keep_apic_base;
         self.tlb.flush_all();
         self.halted = false;
@@ -631,33 +641,67 @@ impl Core {
         self.halted = false;
     }
 
-    /// Accept a pending NMI or external interrupt if the CPU can take it.
+    fn cpu_view(&self) -> CpuView {
+        CpuView {
+            vcpu: self.index,
+            if_set: self.st.rflags & FLAG_IF != 0,
+            nmi_ok: !self.nmi_blocked,
+            wait_for_sipi: self.wait_for_sipi,
+        }
+    }
+
+    /// INIT as the platform asked for it: the power-on state with kvmclock
+    /// off (KVM turns it off on a vCPU reset too), then wait for a start-up
+    /// IPI unless `restart` (run from the reset vector).
+    fn init_cpu(&mut self, restart: bool) {
+        self.init_reset();
+        self.flush_all_caches();
+        self.st.msr.kvm_system_time = 0;
+        self.delivering = None;
+        if restart {
+            self.wait_for_sipi = false;
+        }
+    }
+
+    /// Take what the platform has for this CPU: INIT, start-up, NMI or an
+    /// interrupt it can accept now.
     fn check_interrupts(&mut self) -> Option<RunExit> {
-        if self.pc.is_some() {
-            // INIT/SIPI, NMI and interrupts in one platform look.
-            return crate::pc::poll(self);
+        let ev = self.platform.poll(self.cpu_view());
+        if ev != Event::None {
+            // More may be queued behind it (a SIPI after INIT, an interrupt
+            // after an NMI): look again before the next block.
+            self.poll_now = true;
         }
-        if self.intc.take_init(self.index) {
-            self.init_reset();
-        }
-        if self.wait_for_sipi {
-            match self.intc.take_startup(self.index) {
-                Some(v) => self.start_up(v),
-                None => return Some(RunExit::Halt),
+        match ev {
+            Event::None => None,
+            Event::Init { restart } => {
+                self.init_cpu(restart);
+                // A start-up IPI may already wait behind the INIT.
+                self.check_interrupts()
+            }
+            Event::Sipi(v) => {
+                self.start_up(v);
+                self.end_block = true;
+                None
+            }
+            Event::Nmi => {
+                self.halted = false;
+                self.nmi_blocked = true;
+                self.deliver_and_check(2, None, crate::exception::Kind::External)
+            }
+            Event::Irq(v) => {
+                self.halted = false;
+                self.deliver_and_check(v, None, crate::exception::Kind::External)
             }
         }
-        if !self.nmi_blocked && self.intc.take_nmi(self.index) {
-            self.halted = false;
-            self.nmi_blocked = true;
-            return self.deliver_and_check(2, None, crate::exception::Kind::External);
+    }
+
+    /// The VMM loaded IA32_APIC_BASE (special registers): the platform
+    /// takes it, and the core's copy (the LAPIC page it decodes) follows.
+    pub(crate) fn load_apic_base(&mut self, v: u64) {
+        if let Some(base) = self.platform.load_apic_base(self.index, v) {
+            self.st.msr.apic_base = base;
         }
-        if self.st.rflags & FLAG_IF == 0 {
-            return None;
-        }
-        let v = self.intc.pending_vector(self.index)?;
-        let v = self.intc.ack(self.index, v)?;
-        self.halted = false;
-        self.deliver_and_check(v, None, crate::exception::Kind::External)
     }
 
     pub(crate) fn deliver_and_check(

@@ -94,7 +94,9 @@ pub mod pc;
 pub mod seg;
 pub mod state;
 pub mod uop;
+pub mod vcpu_platform;
 
 pub use backend::{EmuHypervisor, EmuVcpu, EmuVm};
 pub use irq::{InterruptController, QueueInterruptController};
 pub use pc::{Pc, PcBoard};
+pub use vcpu_platform::{ControllerLink, VcpuPlatform};

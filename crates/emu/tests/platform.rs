@@ -197,7 +197,7 @@ fn pit_periodic_irq0_through_the_pic() {
         cpu < wall.as_nanos() as u64 / 2 + 2_000_000,
         "cpu {cpu} ns over {wall:?}"
     );
-    let sleeps = g.vcpu.core().pc.as_ref().unwrap().sleeps;
+    let sleeps = g.vcpu.core().platform.sleeps();
     assert!(sleeps < 100, "{sleeps} sleeps for 10 timer periods");
     assert_eq!(g.r8(OUT), 0, "ELCR reads back edge-triggered");
 }
@@ -319,7 +319,7 @@ fn hlt_sleeps_until_the_timer_without_burning_cpu() {
     );
     assert!(g.vcpu.core().icount < 100);
     // One sleep to the deadline (plus at most a few early wake-ups).
-    let sleeps = g.vcpu.core().pc.as_ref().unwrap().sleeps;
+    let sleeps = g.vcpu.core().platform.sleeps();
     assert!((1..10).contains(&sleeps), "{sleeps} sleeps");
 }
 
@@ -664,7 +664,7 @@ fn fixed_ipi_wakes_a_halted_vcpu_on_another_thread() {
     let stop2 = stop.clone();
     let h = std::thread::spawn(move || {
         let e = run_ap_until_halt(&mut ap, &stop2);
-        (e, ap.core().pc.as_ref().unwrap().sleeps)
+        (e, ap.core().platform.sleeps())
     });
     run_to_halt(&mut g);
     let deadline = Instant::now() + Duration::from_secs(10);

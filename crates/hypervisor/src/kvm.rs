@@ -53,10 +53,16 @@ pub struct KvmHypervisor {
 }
 
 impl KvmHypervisor {
-    /// Open /dev/kvm (or the node named by `VIREO_KVM_DEVICE`), turning the
-    /// usual failures into errors that say what to do.
+    /// Open [`DEFAULT_KVM_DEVICE`].
     pub fn new() -> Result<Self> {
-        let path = kvm_device_path();
+        Self::open(DEFAULT_KVM_DEVICE)
+    }
+
+    /// Open the KVM device node `path` (the caller decides which: the
+    /// `vireo` binary takes it from `VIREO_KVM_DEVICE`), turning the usual
+    /// failures into errors that say what to do.
+    pub fn open(path: &str) -> Result<Self> {
+        let path = path.to_string();
         if let Err(e) = std::fs::metadata(&path) {
             return Err(HypervisorError::KvmMissing(path, e));
         }
@@ -130,7 +136,7 @@ impl crate::Hypervisor for KvmHypervisor {
             KvmFlavor::Hardware => Vec::new(),
             // This KVM re-adds XSAVE to CPUID whatever the VMM says, and its
             // emulator cannot run XRSTOR, POPCNT, CLAC in guest ring 0: have
-            // the kernel avoid them (shared/HOST.md).
+            // the kernel avoid them (README.md, "This machine's KVM").
             KvmFlavor::Pvm => vec!["noxsave".into(), "clearcpuid=cx16,popcnt,smap".into()],
         }
     }
@@ -575,7 +581,8 @@ impl KvmVcpu {
                     e.ebx = (e.ebx & 0x0000_ffff) | (index << 24) | (count.min(255) << 16);
                     e.ecx |= 1 << 31; // running under a hypervisor
                     if flavor == KvmFlavor::Pvm {
-                        // The host's emulator has no CMPXCHG16B (HOST.md).
+                        // The host's emulator has no CMPXCHG16B (README.md,
+                        // "This machine's KVM").
                         e.ecx &= !(1 << 13);
                     }
                     if count > 1 {
@@ -601,7 +608,8 @@ impl KvmVcpu {
     }
 
     /// MSRs as a CPU has them after reset. A host may refuse some of them
-    /// (HOST.md: nested KVM); that is logged, not fatal.
+    /// (nested KVM: README.md, "This machine's KVM"); that is logged, not
+    /// fatal.
     fn setup_msrs(&mut self) {
         let entries = [
             (MSR_IA32_SYSENTER_CS, 0),
@@ -668,7 +676,8 @@ impl KvmVcpu {
     }
 
     /// The nested host's emulator refuses a few simple instructions in guest
-    /// ring 0 that Linux runs at boot (shared/HOST.md). Complete the ones
+    /// ring 0 that Linux runs at boot (README.md, "This machine's KVM").
+    /// Complete the ones
     /// whose effect is exactly known, as the CPU would; true if done.
     fn complete_refused_instruction(&mut self, insn: &[u8]) -> bool {
         match insn {
@@ -868,7 +877,8 @@ pub fn pod_from<T: Default>(b: &[u8], what: &str) -> Result<T> {
 
 impl KvmVcpu {
     fn read_msrs(&self) -> Vec<(u32, u64)> {
-        // One at a time: a host may refuse some listed MSRs (HOST.md), and
+        // One at a time: a host may refuse some listed MSRs (README.md,
+        // "This machine's KVM"), and
         // one refusal must not lose the others.
         let mut out = Vec::with_capacity(self.msr_index_list.len());
         for &index in self.msr_index_list.iter() {
@@ -1253,17 +1263,21 @@ impl Vcpu for KvmVcpu {
     }
 }
 
-/// The KVM device node: /dev/kvm unless `VIREO_KVM_DEVICE` names another.
-pub fn kvm_device_path() -> String {
-    std::env::var("VIREO_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".into())
+/// The KVM device node unless the embedder names another.
+pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
+
+/// Whether [`DEFAULT_KVM_DEVICE`] is usable at all.
+pub fn kvm_available() -> bool {
+    kvm_available_at(DEFAULT_KVM_DEVICE)
 }
 
-/// Whether the host has a usable KVM device at all (for `--accel auto`).
-pub fn kvm_available() -> bool {
+/// Whether the KVM device node `path` can be opened for reading and
+/// writing (for `--accel auto`).
+pub fn kvm_available_at(path: &str) -> bool {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(kvm_device_path())
+        .open(path)
         .is_ok()
 }
 

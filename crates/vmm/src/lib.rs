@@ -13,7 +13,8 @@ mod vm;
 pub use config::{Accel, BootProtocol, ConsoleKind, MemSize, SerialMode, VmConfig};
 pub use control::{ControlError, RunState, VmControl};
 pub use vm::{
-    Boot, CrossRestore, DeviceInfo, RawBoot, RawMode, SnapshotSource, Vm, VmHandle, VmInfo, VmSpec,
+    kvm_device, set_kvm_device, Boot, CrossRestore, DeviceInfo, RawBoot, RawMode, SnapshotSource,
+    Vm, VmHandle, VmInfo, VmSpec,
 };
 
 /// Why a VM stopped. Each reason has a documented process exit code.
