@@ -8,7 +8,7 @@
 //! only locks when a hint is set or the deadline has passed.
 //!
 //! The method names and signatures follow the engine's
-//! `emu::irq::InterruptController` trait (`trigger_gsi`, `pending_vector`,
+//! `emu::platform::irq::InterruptController` trait (`trigger_gsi`, `pending_vector`,
 //! `ack`, `take_nmi`, `has_pending`, `set_tpr`), so implementing that trait
 //! for this type is a one-line forward per method.
 

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use emu::irq::{InterruptController, MsrFault};
+use emu::platform::irq::{InterruptController, MsrFault};
 use emu::EmuVcpu;
 use emu_platform::{
     GuestClock, Platform, PlatformConfig, PvClock, PvClockWallClock, SharedPlatform,

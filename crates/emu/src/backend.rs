@@ -10,11 +10,11 @@ use hypervisor::{
 
 use crate::core::{Core, ExitReq, ReadResponse, RunExit};
 use crate::cpu::*;
-use crate::irq::{InterruptController, QueueInterruptController};
-use crate::mem::{MemView, PhysMem};
-use crate::pc::{Pc, PcBoard, PcVcpu};
+use crate::memory::mem::{MemView, PhysMem};
+use crate::platform::irq::{InterruptController, QueueInterruptController};
+use crate::platform::pc::{Pc, PcBoard, PcVcpu};
+use crate::platform::ControllerLink;
 use crate::state::{EmuFpuState, EmuMsrs, EmuPendingRead, EmuVcpuState, EmuVmState};
-use crate::vcpu_platform::ControllerLink;
 
 /// The software CPU engine as a hypervisor backend.
 #[derive(Default)]
@@ -36,7 +36,7 @@ impl Hypervisor for EmuHypervisor {
     }
 
     fn supported_cpuid(&self) -> Result<Vec<hypervisor::CpuidEntry>> {
-        let cfg = crate::pc::cpuid_config();
+        let cfg = crate::platform::pc::cpuid_config();
         Ok(hypervisor::cpuid::recorded(|leaf, sub| {
             Some(crate::cpuid::cpuid(&cfg, 0, leaf, sub))
         }))
@@ -72,7 +72,7 @@ impl EmuVm {
     }
 
     /// A PC: LAPIC per vCPU, IOAPIC, 8259 pair, 8254 PIT and kvmclock inside
-    /// the engine (see [`crate::pc`]); what `EmuHypervisor` makes. The
+    /// the engine (see [`crate::platform::pc`]); what `EmuHypervisor` makes. The
     /// platform is sized when the first vCPU is made
     /// ([`EmuVm::create_pc_vcpu`] / `Vm::create_vcpu`).
     pub fn new_pc() -> Self {
@@ -80,7 +80,7 @@ impl EmuVm {
         EmuVm {
             mem: PhysMem::new(),
             intc: RwLock::new(board.clone()),
-            cpuid: RwLock::new(crate::pc::cpuid_config()),
+            cpuid: RwLock::new(crate::platform::pc::cpuid_config()),
             pc: Some(board),
             slots: Default::default(),
         }

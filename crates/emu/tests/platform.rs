@@ -707,7 +707,7 @@ fn other_ports_and_mmio_still_exit_to_the_vmm() {
 
 #[test]
 fn msi_messages_decode_like_the_apic_bus() {
-    use emu::pc::msi_delivery;
+    use emu::platform::pc::msi_delivery;
     use emu_platform::{DeliveryMode, DestMode, Trigger};
     let d = msi_delivery(0xfee0_300c, 0x8000 | (4 << 8) | 0x61).unwrap();
     assert_eq!(d.dest, 3);

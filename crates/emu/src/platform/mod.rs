@@ -1,4 +1,4 @@
-//! The one interface between a vCPU's core and the machine around it.
+//! The machine around the CPU, and the one interface the core has to it.
 //!
 //! The core ([`crate::core::Core`]) owns one `Box<dyn VcpuPlatform>` and
 //! never asks which platform it has. It calls it:
@@ -14,7 +14,7 @@
 //! - for CR8, the MSRs the platform owns (APIC base, x2APIC, TSC deadline)
 //!   and time (the guest TSC, kvmclock structures).
 //!
-//! Two implementations: the PC platform ([`crate::pc::PcVcpu`]: LAPIC,
+//! Two implementations: the PC platform ([`crate::platform::pc::PcVcpu`]: LAPIC,
 //! IOAPIC, PIC, PIT and kvmclock from `emu-platform`, which is what
 //! `EmuHypervisor` makes) and [`ControllerLink`], a plain adapter over an
 //! embedder's [`InterruptController`] (the tests' queue controller), whose
@@ -23,10 +23,13 @@
 //! Cost: one indirect call per poll, per platform-claimed device access and
 //! per MSR/CR8/RDTSC; nothing per ordinary instruction.
 
+pub mod irq;
+pub mod pc;
+
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use crate::irq::{InterruptController, MsrFault};
+use irq::{InterruptController, MsrFault};
 
 /// What the core's interrupt state allows at a poll.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -39,8 +39,8 @@ use emu_platform::{
 };
 
 use crate::cpuid::CpuidConfig;
-use crate::irq::{InterruptController, MsrFault};
-use crate::vcpu_platform::{CpuView, Event, Idle, VcpuPlatform};
+use crate::platform::irq::{InterruptController, MsrFault};
+use crate::platform::{CpuView, Event, Idle, VcpuPlatform};
 
 /// The guest TSC rate (see the module notes on time).
 pub const TSC_HZ: u64 = 1_000_000_000;

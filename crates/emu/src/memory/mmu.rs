@@ -8,7 +8,7 @@
 use std::sync::atomic::AtomicU8;
 
 use crate::cpu::{ArchRegs, CR0_PG, CR0_WP, CR4_PAE, CR4_PGE, CR4_PSE, EFER_NXE};
-use crate::mem::MemView;
+use crate::memory::mem::MemView;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
