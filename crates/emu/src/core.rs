@@ -247,6 +247,14 @@ impl Core {
         self.prev_block = BlockPtr::NONE;
     }
 
+    /// The VMM loaded IA32_APIC_BASE (special registers): the platform
+    /// takes it, and the core's copy (the LAPIC page it decodes) follows.
+    pub(crate) fn load_apic_base(&mut self, v: u64) {
+        if let Some(base) = self.platform.load_apic_base(self.index, v) {
+            self.st.msr.apic_base = base;
+        }
+    }
+
     /// Linear address of the current instruction.
     pub fn rip_lin(&self) -> u64 {
         if self.st.mode64() {

@@ -156,14 +156,6 @@ impl Core {
         }
     }
 
-    /// The VMM loaded IA32_APIC_BASE (special registers): the platform
-    /// takes it, and the core's copy (the LAPIC page it decodes) follows.
-    pub(crate) fn load_apic_base(&mut self, v: u64) {
-        if let Some(base) = self.platform.load_apic_base(self.index, v) {
-            self.st.msr.apic_base = base;
-        }
-    }
-
     pub(crate) fn deliver_and_check(
         &mut self,
         vector: u8,
