@@ -176,6 +176,8 @@ impl Core {
             if !e.host.is_null() {
                 // SAFETY: inside one mapped RAM page; CAS only when aligned.
                 let p = unsafe { e.host.add((lin & 0xfff) as usize) };
+                // SAFETY: `p` is in that page with `size` bytes after it; the
+                // CAS only when aligned.
                 let old = unsafe {
                     if locked && aligned {
                         let mut old = load(p, size);
