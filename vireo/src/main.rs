@@ -298,15 +298,15 @@ impl VmOptions {
     }
 
     /// The config file (if any) with every option given on the command line on top.
-    fn into_config(self) -> Result<VmConfig, String> {
+    fn into_config(self) -> Result<VmConfig, vmm::VmmError> {
         let mut cfg = match &self.config {
-            Some(path) => VmConfig::from_file(path).map_err(|e| e.to_string())?,
+            Some(path) => VmConfig::from_file(path)?,
             None => match &self.kernel {
                 Some(k) => VmConfig::new(k.clone()),
                 None => {
-                    return Err(
+                    return Err(vmm::VmmError::Config(
                         "--kernel PATH is required (or --config FILE naming a kernel)".into(),
-                    )
+                    ))
                 }
             },
         };
@@ -410,7 +410,7 @@ fn main() -> ExitCode {
             },
             Err(e) => {
                 eprintln!("vireo: error: {e}");
-                exit_code::VMM_ERROR
+                e.exit_code()
             }
         },
         Command::MigrateCancel(a) => api_call(&a, "PUT", "/api/v1/vm.migrate-cancel"),
@@ -591,7 +591,7 @@ fn finish(result: Result<vmm::VmExit, vmm::VmmError>) -> i32 {
         }
         Err(e) => {
             eprintln!("vireo: error: {e}");
-            exit_code::VMM_ERROR
+            e.exit_code()
         }
     }
 }
@@ -605,7 +605,7 @@ fn run(args: RunArgs) -> i32 {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vireo: error: {e}");
-            return exit_code::VMM_ERROR;
+            return e.exit_code();
         }
     };
     finish(vmm::run(&cfg, api_socket.as_deref()))

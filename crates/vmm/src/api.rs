@@ -151,10 +151,10 @@ impl ApiShared {
         let (reply, outcome) = std::sync::mpsc::channel();
         lock(tx)
             .send(crate::LaunchRequest { launch, reply })
-            .map_err(|_| crate::VmmError::Io("the VMM is shutting down".into()))?;
+            .map_err(|_| crate::VmmError::VmmStopped("the VMM is shutting down"))?;
         outcome
             .recv()
-            .map_err(|_| crate::VmmError::Io("the VMM stopped before answering".into()))?
+            .map_err(|_| crate::VmmError::VmmStopped("the VMM stopped before answering"))?
     }
 }
 
@@ -345,15 +345,9 @@ fn control_error(e: ControlError) -> Response<std::io::Cursor<Vec<u8>>> {
 
 type Answer = Response<std::io::Cursor<Vec<u8>>>;
 
-/// The HTTP status for a VMM error.
+/// A VMM error as an answer, with the status its variant maps to.
 fn vmm_error(e: crate::VmmError) -> Answer {
-    let status = match e {
-        crate::VmmError::Conflict(_) => 409,
-        // Bad settings or a kernel that cannot be loaded: the client's input.
-        crate::VmmError::Config(_) | crate::VmmError::Arch(_) => 400,
-        _ => 500,
-    };
-    error(status, e.to_string())
+    error(e.http_status(), e.to_string())
 }
 
 fn parse<'a, T: serde::Deserialize<'a>>(what: &str, body: &'a str) -> Result<T, Answer> {
