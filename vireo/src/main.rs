@@ -392,6 +392,11 @@ fn init_logging(verbose: u8) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    // The environment is read here, in the binary; the library crates take
+    // the KVM device node as a parameter.
+    if let Some(dev) = std::env::var_os("VIREO_KVM_DEVICE") {
+        vmm::set_kvm_device(dev.to_string_lossy().into_owned());
+    }
     let code = match cli.command {
         Command::Run(args) => run(args),
         Command::Ping(a) => api_call(&a.api_socket, ApiAction::VmmPing),

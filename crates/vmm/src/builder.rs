@@ -177,29 +177,49 @@ impl VmSpec {
 /// what this host's KVM (if it has a usable one) cannot offer.
 pub fn portable_cpuid() -> Result<Vec<hypervisor::CpuidEntry>, VmmError> {
     let engine = emu::EmuHypervisor::new().supported_cpuid()?;
-    let Some(kvm) = hypervisor::kvm::KvmHypervisor::new()
-        .ok()
-        .and_then(|k| k.supported_cpuid().ok())
-    else {
+    let Some(kvm) = open_kvm().ok().and_then(|k| k.supported_cpuid().ok()) else {
         return Ok(engine);
     };
     Ok(hypervisor::cpuid::restrict(&engine, &kvm).0)
 }
 
+/// The KVM device node set by [`set_kvm_device`].
+static KVM_DEVICE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Have every VM of this process open `path` instead of
+/// [`hypervisor::kvm::DEFAULT_KVM_DEVICE`]: the embedder's choice (the
+/// `vireo` binary's `VIREO_KVM_DEVICE`), made once before any VM exists.
+/// False if a device was already set (the first one stays).
+pub fn set_kvm_device(path: String) -> bool {
+    KVM_DEVICE.set(path).is_ok()
+}
+
+/// The KVM device node this process uses.
+pub fn kvm_device() -> &'static str {
+    KVM_DEVICE
+        .get()
+        .map_or(hypervisor::kvm::DEFAULT_KVM_DEVICE, String::as_str)
+}
+
+fn open_kvm() -> Result<hypervisor::kvm::KvmHypervisor, hypervisor::HypervisorError> {
+    hypervisor::kvm::KvmHypervisor::open(kvm_device())
+}
+
 /// Pick and open the backend the user asked for.
 pub fn open_hypervisor(accel: Accel) -> Result<Arc<dyn Hypervisor>, VmmError> {
+    let kvm_available = || hypervisor::kvm::kvm_available_at(kvm_device());
     match accel {
-        Accel::Kvm => Ok(Arc::new(hypervisor::kvm::KvmHypervisor::new()?)),
+        Accel::Kvm => Ok(Arc::new(open_kvm()?)),
         // KVM when it is usable and fast: on a nested PVM host it runs guest
-        // kernels in an instruction emulator (shared/HOST.md), slower than
-        // Vireo's engine, so auto takes the engine there.
+        // kernels in an instruction emulator (README.md, "This machine's
+        // KVM"), slower than Vireo's engine, so auto takes the engine there.
         Accel::Auto
-            if hypervisor::kvm::kvm_available()
+            if kvm_available()
                 && hypervisor::kvm::KvmFlavor::detect() == hypervisor::kvm::KvmFlavor::Hardware =>
         {
-            Ok(Arc::new(hypervisor::kvm::KvmHypervisor::new()?))
+            Ok(Arc::new(open_kvm()?))
         }
-        Accel::Auto if hypervisor::kvm::kvm_available() => {
+        Accel::Auto if kvm_available() => {
             tracing::info!(
                 "this host's KVM is nested (kvm_pvm) and slow for guest kernels: using Vireo's CPU engine; --accel kvm forces KVM"
             );

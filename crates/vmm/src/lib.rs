@@ -24,7 +24,9 @@ pub mod snapshot;
 mod vcpu;
 mod vm;
 
-pub use builder::{Boot, CrossRestore, RawBoot, RawMode, SnapshotSource, VmSpec};
+pub use builder::{
+    kvm_device, set_kvm_device, Boot, CrossRestore, RawBoot, RawMode, SnapshotSource, VmSpec,
+};
 pub use config::{Accel, BootProtocol, ConsoleKind, MemSize, SerialMode, VmConfig};
 pub use control::{ControlError, RunState, VmControl};
 pub use device_manager::DeviceInfo;

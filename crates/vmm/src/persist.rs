@@ -206,9 +206,8 @@ pub(crate) fn prepare_accel(
             missing.join(" ")
         )));
     }
-    let (vcpus, vm_state) =
-        hypervisor::convert::convert(&manifest.vcpu_states, &manifest.vm_state, to)
-            .map_err(|e| VmmError::Snapshot(format!("{what} under --accel {to}: {e}")))?;
+    let (vcpus, vm_state) = emu::convert::convert(&manifest.vcpu_states, &manifest.vm_state, to)
+        .map_err(|e| VmmError::Snapshot(format!("{what} under --accel {to}: {e}")))?;
     tracing::info!("{what}: made under --accel {made_with}, restored under --accel {to}");
     manifest.vcpu_states = vcpus;
     manifest.vm_state = vm_state;
