@@ -12,9 +12,11 @@ use crate::core::{Core, ExitReq, ReadResponse, RunExit};
 use crate::cpu::*;
 use crate::memory::mem::{MemView, PhysMem};
 use crate::platform::irq::{InterruptController, QueueInterruptController};
+use crate::platform::notify::NotifyTable;
 use crate::platform::pc::{Pc, PcBoard, PcVcpu};
 use crate::platform::ControllerLink;
 use crate::state::{EmuFpuState, EmuMsrs, EmuPendingRead, EmuVcpuState, EmuVmState};
+use vmm_sys_util::eventfd::EventFd;
 
 /// The software CPU engine as a hypervisor backend.
 #[derive(Default)]
@@ -51,6 +53,9 @@ pub struct EmuVm {
     pc: Option<Arc<PcBoard>>,
     /// Memory slot number -> guest address of its region (dirty logs).
     slots: std::sync::Mutex<Vec<(u32, u64)>>,
+    /// Doorbell addresses every vCPU signals without an exit
+    /// (`register_mmio_notify`).
+    notify: Arc<NotifyTable>,
 }
 
 impl Default for EmuVm {
@@ -68,6 +73,7 @@ impl EmuVm {
             cpuid: RwLock::new(Default::default()),
             pc: None,
             slots: Default::default(),
+            notify: Default::default(),
         }
     }
 
@@ -83,6 +89,7 @@ impl EmuVm {
             cpuid: RwLock::new(crate::platform::pc::cpuid_config()),
             pc: Some(board),
             slots: Default::default(),
+            notify: Default::default(),
         }
     }
 
@@ -100,12 +107,13 @@ impl EmuVm {
             .as_ref()
             .ok_or_else(|| HypervisorError::Other("not a PC-mode VM".into()))?;
         let pc = board.get_or_create(count);
-        let link = PcVcpu::new(pc.clone(), index).ok_or_else(|| {
+        let mut link = PcVcpu::new(pc.clone(), index).ok_or_else(|| {
             HypervisorError::Other(format!(
                 "vCPU {index} does not exist: the platform has {} local APICs",
                 pc.num_vcpus()
             ))
         })?;
+        link.notify = self.notify.clone();
         let cpuid = *self.cpuid.read().unwrap_or_else(|e| e.into_inner());
         let attention = link.signal.attention().clone();
         let mut core =
@@ -154,7 +162,10 @@ impl EmuVm {
         let core = Core::with_platform(
             index,
             MemView::new(self.mem.clone()),
-            Box::new(ControllerLink::new(self.interrupt_controller())),
+            Box::new(ControllerLink::with_notify(
+                self.interrupt_controller(),
+                self.notify.clone(),
+            )),
             cpuid,
         );
         EmuVcpu {
@@ -227,6 +238,22 @@ impl Vm for EmuVm {
 
     fn signal_msi(&self, addr: u64, data: u32) -> Result<()> {
         self.interrupt_controller().signal_msi(addr, data);
+        Ok(())
+    }
+
+    /// Doorbells are signalled on the vCPU thread (see
+    /// [`crate::platform::notify`]), for vCPUs made before or after.
+    fn register_mmio_notify(&self, addr: u64, event: &EventFd) -> Result<bool> {
+        self.notify
+            .register(addr, event)
+            .map_err(|e| HypervisorError::Other(e.to_string()))?;
+        Ok(true)
+    }
+
+    fn unregister_mmio_notify(&self, addr: u64, _event: &EventFd) -> Result<()> {
+        // One eventfd per address (register refuses a second), so the
+        // address names the registration.
+        self.notify.unregister(addr);
         Ok(())
     }
 

@@ -10,7 +10,9 @@
 //!   [`VcpuPlatform::idle`] sleeps until something can wake it, or says the
 //!   VMM must wait instead;
 //! - for port I/O and MMIO before they exit to the VMM: what the platform
-//!   claims (its interrupt controllers and timers) never leaves the vCPU;
+//!   claims (its interrupt controllers and timers) never leaves the vCPU,
+//!   and a write to a registered doorbell ([`notify::NotifyTable`]) signals
+//!   its eventfd on the vCPU thread;
 //! - for CR8, the MSRs the platform owns (APIC base, x2APIC, TSC deadline)
 //!   and time (the guest TSC, kvmclock structures).
 //!
@@ -24,12 +26,14 @@
 //! per MSR/CR8/RDTSC; nothing per ordinary instruction.
 
 pub mod irq;
+pub mod notify;
 pub mod pc;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use irq::{InterruptController, MsrFault};
+use notify::NotifyTable;
 
 /// What the core's interrupt state allows at a poll.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,11 +158,19 @@ pub trait VcpuPlatform: Send {
 /// a halted CPU returns to the VMM unless an interrupt is already there.
 pub struct ControllerLink {
     intc: Arc<dyn InterruptController>,
+    /// The VM's doorbells (empty unless the VMM registered some).
+    notify: Arc<NotifyTable>,
 }
 
 impl ControllerLink {
     pub fn new(intc: Arc<dyn InterruptController>) -> Self {
-        ControllerLink { intc }
+        Self::with_notify(intc, Arc::default())
+    }
+
+    /// A link whose MMIO writes to `notify`'s addresses signal their
+    /// eventfds instead of exiting.
+    pub fn with_notify(intc: Arc<dyn InterruptController>, notify: Arc<NotifyTable>) -> Self {
+        ControllerLink { intc, notify }
     }
 }
 
@@ -187,6 +199,17 @@ impl VcpuPlatform for ControllerLink {
         // The poll just before found nothing to take: the VMM waits for
         // its devices and runs the vCPU again.
         Idle::Halt
+    }
+
+    fn mmio_write(
+        &mut self,
+        _vcpu: u32,
+        _apic_base: u64,
+        addr: u64,
+        _size: u8,
+        _data: u64,
+    ) -> bool {
+        self.notify.signal(addr)
     }
 
     fn set_tpr(&self, vcpu: u32, cr8: u8) {

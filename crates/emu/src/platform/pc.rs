@@ -40,6 +40,7 @@ use emu_platform::{
 
 use crate::cpuid::CpuidConfig;
 use crate::platform::irq::{InterruptController, MsrFault};
+use crate::platform::notify::NotifyTable;
 use crate::platform::{CpuView, Event, Idle, VcpuPlatform};
 
 /// The guest TSC rate (see the module notes on time).
@@ -120,6 +121,17 @@ impl GuestClock for EngineClock {
 #[derive(Default)]
 pub struct VcpuSignal {
     attention: Arc<AtomicBool>,
+    /// The vCPU is in (or about to enter) [`VcpuPlatform::idle`]: only then
+    /// does `notify` need the lock and the condvar. A running vCPU sees the
+    /// attention flag at its next block boundary, so an interrupt for it
+    /// costs two atomic operations and no system call.
+    ///
+    /// Lost wake-ups are excluded Dekker-style: the vCPU sets this, then
+    /// (after a SeqCst fence) looks at its kick flag and the platform; a
+    /// notifier publishes its event (attention, kick flag or platform
+    /// state), then (after a SeqCst fence) reads this. One of the two sees
+    /// the other's store.
+    idle: AtomicBool,
     /// Set by `notify`, consumed by `wait`: a wake-up that arrives between
     /// the vCPU's last check and its sleep is not lost.
     woken: Mutex<bool>,
@@ -129,6 +141,10 @@ pub struct VcpuSignal {
 impl VcpuSignal {
     pub fn notify(&self) {
         self.attention.store(true, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if !self.idle.load(Ordering::SeqCst) {
+            return;
+        }
         let mut w = self.woken.lock().unwrap_or_else(|e| e.into_inner());
         *w = true;
         self.cv.notify_all();
@@ -137,6 +153,18 @@ impl VcpuSignal {
     /// The flag the core polls on (shared with `Core::attention`).
     pub fn attention(&self) -> &Arc<AtomicBool> {
         &self.attention
+    }
+
+    /// The vCPU is about to look for wake-up reasons and maybe sleep: from
+    /// now on `notify` takes the slow path.
+    fn enter_idle(&self) {
+        self.idle.store(true, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+
+    /// The vCPU runs again: notifications only set the attention flag.
+    fn leave_idle(&self) {
+        self.idle.store(false, Ordering::SeqCst);
     }
 
     /// Sleep until notified or until guest time `deadline_ns`.
@@ -493,6 +521,9 @@ pub struct PcVcpu {
     /// Times this vCPU slept in HLT or wait-for-SIPI (statistics; a vCPU
     /// that spun instead of sleeping would count thousands per millisecond).
     pub sleeps: u64,
+    /// The VM's doorbells: MMIO writes the platform does not claim look
+    /// here before they exit.
+    pub notify: Arc<NotifyTable>,
 }
 
 impl PcVcpu {
@@ -503,7 +534,50 @@ impl PcVcpu {
             pc,
             signal,
             sleeps: 0,
+            notify: Arc::default(),
         })
+    }
+
+    /// [`VcpuPlatform::idle`] with the signal marked idle.
+    fn idle_loop(&mut self, cpu: CpuView, kick: &AtomicBool) -> Idle {
+        loop {
+            if kick.load(Ordering::Relaxed) && kick.swap(false, Ordering::AcqRel) {
+                return Idle::Interrupted;
+            }
+            // One locked look: timers advanced to now, the wake-up reasons,
+            // and when to look again. The PIT counts for every vCPU because
+            // its interrupt may be routed to any of them and somebody must
+            // advance it when all are asleep.
+            let (wake, deadline) = self.pc.shared.with(|pl, _| {
+                let i = cpu.vcpu as usize;
+                let Some(l) = pl.lapic(i) else {
+                    return (false, None);
+                };
+                let wake = if cpu.wait_for_sipi {
+                    l.init_pending() || l.startup_pending()
+                } else {
+                    l.init_pending()
+                        || (cpu.nmi_ok && l.nmi_pending())
+                        || (cpu.if_set && pl.pending_vector(i).is_some())
+                };
+                let deadline = match (pl.next_lapic_deadline_ns(i), pl.pit().next_event_ns()) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                (wake, deadline)
+            });
+            if wake {
+                return Idle::Wake;
+            }
+            if !cpu.wait_for_sipi && !cpu.if_set {
+                // HLT with interrupts off: only an NMI, INIT or SIPI could
+                // wake it; the VMM waits and runs the vCPU again, which
+                // looks again.
+                return Idle::Halt;
+            }
+            self.sleeps += 1;
+            self.signal.wait(&self.pc.clock, deadline);
+        }
     }
 }
 
@@ -546,44 +620,10 @@ impl VcpuPlatform for PcVcpu {
     /// wake the CPU, the next timer deadline (to advance the timers), or a
     /// kick. HLT with IF=0 goes to the VMM.
     fn idle(&mut self, cpu: CpuView, kick: &AtomicBool) -> Idle {
-        loop {
-            if kick.load(Ordering::Relaxed) && kick.swap(false, Ordering::AcqRel) {
-                return Idle::Interrupted;
-            }
-            // One locked look: timers advanced to now, the wake-up reasons,
-            // and when to look again. The PIT counts for every vCPU because
-            // its interrupt may be routed to any of them and somebody must
-            // advance it when all are asleep.
-            let (wake, deadline) = self.pc.shared.with(|pl, _| {
-                let i = cpu.vcpu as usize;
-                let Some(l) = pl.lapic(i) else {
-                    return (false, None);
-                };
-                let wake = if cpu.wait_for_sipi {
-                    l.init_pending() || l.startup_pending()
-                } else {
-                    l.init_pending()
-                        || (cpu.nmi_ok && l.nmi_pending())
-                        || (cpu.if_set && pl.pending_vector(i).is_some())
-                };
-                let deadline = match (pl.next_lapic_deadline_ns(i), pl.pit().next_event_ns()) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-                (wake, deadline)
-            });
-            if wake {
-                return Idle::Wake;
-            }
-            if !cpu.wait_for_sipi && !cpu.if_set {
-                // HLT with interrupts off: only an NMI, INIT or SIPI could
-                // wake it; the VMM waits and runs the vCPU again, which
-                // looks again.
-                return Idle::Halt;
-            }
-            self.sleeps += 1;
-            self.signal.wait(&self.pc.clock, deadline);
-        }
+        self.signal.enter_idle();
+        let r = self.idle_loop(cpu, kick);
+        self.signal.leave_idle();
+        r
     }
 
     /// The PIC, ELCR, PIT and port 0x61.
@@ -622,9 +662,10 @@ impl VcpuPlatform for PcVcpu {
         Some(u64::from_le_bytes(buf))
     }
 
+    /// This vCPU's LAPIC page and the IOAPIC, then the VM's doorbells.
     fn mmio_write(&mut self, vcpu: u32, apic_base: u64, addr: u64, size: u8, data: u64) -> bool {
         if !platform_mmio(apic_base, addr) {
-            return false;
+            return self.notify.signal(addr);
         }
         let bytes = data.to_le_bytes();
         let n = (size as usize).min(8);
