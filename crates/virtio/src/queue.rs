@@ -93,7 +93,16 @@ impl DescChain {
 
     /// Copy all readable bytes out of guest memory.
     pub fn read_all(&self, mem: &GuestRam) -> Result<Vec<u8>, QueueError> {
-        let mut out = Vec::with_capacity(self.readable_len() as usize);
+        let mut out = Vec::new();
+        self.read_all_into(mem, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`DescChain::read_all`] into `out` (cleared first), so a device can
+    /// keep one buffer for all its requests.
+    pub fn read_all_into(&self, mem: &GuestRam, out: &mut Vec<u8>) -> Result<(), QueueError> {
+        out.clear();
+        out.reserve(self.readable_len() as usize);
         for d in self.readable() {
             let start = out.len();
             out.resize(start + d.len as usize, 0);
@@ -104,7 +113,7 @@ impl DescChain {
                 }
             })?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Fill the writable buffers front to back with `data`; returns how
