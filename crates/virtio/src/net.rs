@@ -253,9 +253,13 @@ struct NetWorker {
     backend: Arc<dyn NetBackend>,
     wake: Arc<EventFd>,
     rearm: Arc<EventFd>,
-    /// A received frame waiting for a guest buffer.
-    pending: Option<Vec<u8>>,
+    /// The length of a received frame waiting in `buf` for a guest buffer.
+    pending: Option<usize>,
+    /// Receive buffer: a frame stays here until it is copied to the guest
+    /// (no allocation per frame).
     buf: Vec<u8>,
+    /// Transmit buffer, kept between chains for the same reason.
+    tx: Vec<u8>,
     dropped: u64,
     _relay: Relay,
 }
@@ -271,6 +275,7 @@ impl NetWorker {
             rearm,
             pending: None,
             buf: vec![0; MAX_FRAME],
+            tx: Vec::with_capacity(MAX_FRAME),
             dropped: 0,
             _relay: relay,
         })
@@ -280,10 +285,10 @@ impl NetWorker {
     fn receive(&mut self, q: &mut VirtQueue, mem: &GuestRam) -> Result<Processed, QueueError> {
         let mut done = Processed::default();
         loop {
-            let frame = match self.pending.take() {
-                Some(f) => f,
+            let len = match self.pending.take() {
+                Some(n) => n,
                 None => match self.backend.recv(&mut self.buf) {
-                    Ok(n) if n >= HDR_LEN => self.buf[..n].to_vec(),
+                    Ok(n) if n >= HDR_LEN => n,
                     Ok(_) => continue, // runt from the backend: skip it
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         // Buffers stay available with nothing to put in
@@ -303,15 +308,15 @@ impl NetWorker {
             };
             let Some(chain) = q.pop(mem)? else {
                 // No room in the guest: keep the frame, wait for buffers.
-                self.pending = Some(frame);
+                self.pending = Some(len);
                 done.stalled = true;
                 return Ok(done);
             };
+            let frame = &mut self.buf[..len];
             if chain.writable_len() as usize >= frame.len() {
-                let mut frame = frame;
                 // num_buffers = 1: the frame fits in this one chain.
                 frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-                let n = chain.write_all(mem, &frame)?;
+                let n = chain.write_all(mem, frame)?;
                 q.add_used(mem, chain.head, n)?;
             } else {
                 // A frame bigger than the guest's buffers (offloads it did
@@ -332,11 +337,23 @@ impl NetWorker {
     fn transmit(&mut self, q: &mut VirtQueue, mem: &GuestRam) -> Result<Processed, QueueError> {
         let mut done = Processed::default();
         while let Some(chain) = q.pop(mem)? {
-            let frame = chain.read_all(mem)?;
+            if chain.readable_len() as usize > MAX_FRAME {
+                // Not copied at all: the guest cannot make the buffer grow.
+                self.dropped += 1;
+                tracing::debug!(
+                    "virtio-net: dropped a {}-byte transmit chain",
+                    chain.readable_len()
+                );
+                q.add_used(mem, chain.head, 0)?;
+                done.used = true;
+                continue;
+            }
+            chain.read_all_into(mem, &mut self.tx)?;
+            let frame = &self.tx;
             if frame.len() < HDR_LEN || frame.len() > MAX_FRAME {
                 self.dropped += 1;
                 tracing::debug!("virtio-net: dropped a {}-byte transmit chain", frame.len());
-            } else if let Err(e) = self.backend.send(&frame) {
+            } else if let Err(e) = self.backend.send(frame) {
                 self.dropped += 1;
                 tracing::debug!("virtio-net: backend write failed: {e}");
             }
