@@ -1,6 +1,7 @@
 //! KVM's fast path for virtio queue notifications, checked on the
 //! hypervisor seam itself: a guest write to a registered notify address
-//! signals the eventfd without leaving the vCPU (ioeventfd).
+//! signals the eventfd without leaving the vCPU (ioeventfd), and the same
+//! through the engine's doorbell table.
 
 use std::sync::Arc;
 
@@ -74,6 +75,46 @@ fn notify_write_signals_the_eventfd_without_an_exit() {
         .set_boot_state(&arch::real_mode_state(0, CODE as u16))
         .unwrap();
     match vcpu2.run().expect("runs") {
+        VcpuExit::MmioWrite { addr, .. } => assert_eq!(addr, NOTIFY),
+        other => panic!("expected the MMIO write, got {other:?}"),
+    }
+    assert!(evt.read().is_err(), "no signal after unregistering");
+}
+
+/// The engine's counterpart (its doorbell table): the same guest, the same
+/// promise, on any host.
+#[test]
+fn engine_notify_write_signals_the_eventfd_without_an_exit() {
+    let hv = emu::EmuHypervisor::new();
+    let vm = hv.create_vm().expect("VM");
+    let mut ram = vec![0u8; RAM];
+    ram[CODE as usize..CODE as usize + GUEST.len()].copy_from_slice(GUEST);
+    let host = ram.leak().as_mut_ptr();
+    // SAFETY: the leaked buffer lives as long as the test process.
+    unsafe { vm.map_memory(0, 0, RAM as u64, host as u64) }.expect("memory");
+    let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+    assert!(
+        vm.register_mmio_notify(NOTIFY, &evt).expect("registers"),
+        "the engine has a notify fast path"
+    );
+    assert!(
+        vm.register_mmio_notify(NOTIFY, &evt).is_err(),
+        "one eventfd per address"
+    );
+    let mut vcpu = vm.create_vcpu(0, 1).expect("vCPU");
+    vcpu.set_boot_state(&arch::real_mode_state(0, CODE as u16))
+        .unwrap();
+    match vcpu.run().expect("runs") {
+        VcpuExit::IoOut { port: 0x80, .. } => {}
+        other => panic!("the notify write left the vCPU: {other:?}"),
+    }
+    assert_eq!(evt.read().expect("the eventfd was signalled"), 1);
+
+    // Unregistered, the same address is an ordinary MMIO exit again.
+    vm.unregister_mmio_notify(NOTIFY, &evt).unwrap();
+    vcpu.set_boot_state(&arch::real_mode_state(0, CODE as u16))
+        .unwrap();
+    match vcpu.run().expect("runs") {
         VcpuExit::MmioWrite { addr, .. } => assert_eq!(addr, NOTIFY),
         other => panic!("expected the MMIO write, got {other:?}"),
     }
