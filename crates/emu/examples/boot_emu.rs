@@ -221,6 +221,13 @@ fn run() -> Result<(), String> {
     );
 
     let vm = emu::EmuVm::new();
+    // The process reads the translator knobs; the engine is given them.
+    vm.set_jit_config(emu::jit::JitConfig {
+        threshold: std::env::var("VIREO_JIT")
+            .map(|v| emu::jit::JitConfig::parse_threshold(&v))
+            .unwrap_or(Some(emu::jit::DEFAULT_THRESHOLD)),
+        perf_map: std::env::var_os("VIREO_JIT_PERFMAP").is_some(),
+    });
     let platform = args.platform.then(|| {
         let clock: Arc<dyn GuestClock> = Arc::new(WallClock(Instant::now()));
         let pc = PlatformConfig {

@@ -12,16 +12,25 @@ use hypervisor::{
 use crate::core::{Core, ExitReq, ReadResponse, RunExit};
 use crate::cpu::*;
 use crate::irq::{InterruptController, QueueInterruptController};
+use crate::jit::JitConfig;
 use crate::mem::{MemView, PhysMem};
 use crate::pc::{Pc, PcBoard, PcVcpu, VcpuSignal};
 
 /// The software CPU engine as a hypervisor backend.
 #[derive(Default)]
-pub struct EmuHypervisor;
+pub struct EmuHypervisor {
+    jit: JitConfig,
+}
 
 impl EmuHypervisor {
+    /// The engine with the translator's default settings.
     pub fn new() -> Self {
-        EmuHypervisor
+        Self::default()
+    }
+
+    /// The engine with the given translator settings for every VM it makes.
+    pub fn with_jit(jit: JitConfig) -> Self {
+        EmuHypervisor { jit }
     }
 }
 
@@ -31,7 +40,9 @@ impl Hypervisor for EmuHypervisor {
     }
 
     fn create_vm(&self) -> Result<Arc<dyn Vm>> {
-        Ok(Arc::new(EmuVm::new_pc()))
+        let vm = EmuVm::new_pc();
+        vm.set_jit_config(self.jit);
+        Ok(Arc::new(vm))
     }
 
     fn supported_cpuid(&self) -> Result<Vec<hypervisor::CpuidEntry>> {
@@ -50,6 +61,8 @@ pub struct EmuVm {
     pc: Option<Arc<PcBoard>>,
     /// Memory slot number -> guest address of its region (dirty logs).
     slots: std::sync::Mutex<Vec<(u32, u64)>>,
+    /// Translator settings for the vCPUs made from now on.
+    jit: RwLock<JitConfig>,
 }
 
 impl Default for EmuVm {
@@ -67,6 +80,7 @@ impl EmuVm {
             cpuid: RwLock::new(Default::default()),
             pc: None,
             slots: Default::default(),
+            jit: Default::default(),
         }
     }
 
@@ -82,6 +96,7 @@ impl EmuVm {
             cpuid: RwLock::new(crate::pc::cpuid_config()),
             pc: Some(board),
             slots: Default::default(),
+            jit: Default::default(),
         }
     }
 
@@ -118,6 +133,7 @@ impl EmuVm {
         // Application processors do not run before INIT and SIPI.
         core.wait_for_sipi = index != 0;
         core.pc = Some(Box::new(link));
+        core.jit.configure(self.jit_config());
         Ok(EmuVcpu {
             core,
             buf: [0; 8],
@@ -130,6 +146,16 @@ impl EmuVm {
     /// Like the controller, set it before creating vCPUs.
     pub fn set_cpuid_config(&self, cfg: crate::cpuid::CpuidConfig) {
         *self.cpuid.write().unwrap_or_else(|e| e.into_inner()) = cfg;
+    }
+
+    /// Translator settings (threshold, perf map) for vCPUs created after
+    /// this call.
+    pub fn set_jit_config(&self, cfg: JitConfig) {
+        *self.jit.write().unwrap_or_else(|e| e.into_inner()) = cfg;
+    }
+
+    pub fn jit_config(&self) -> JitConfig {
+        *self.jit.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Plug in the platform's interrupt controllers. Must happen before the
@@ -149,12 +175,13 @@ impl EmuVm {
     /// Make a vCPU with its concrete type (tests and the lead's wiring).
     pub fn create_emu_vcpu(&self, index: u32) -> EmuVcpu {
         let cpuid = *self.cpuid.read().unwrap_or_else(|e| e.into_inner());
-        let core = Core::with_cpuid(
+        let mut core = Core::with_cpuid(
             index,
             MemView::new(self.mem.clone()),
             self.interrupt_controller(),
             cpuid,
         );
+        core.jit.configure(self.jit_config());
         EmuVcpu {
             core,
             buf: [0; 8],

@@ -25,6 +25,19 @@ pub enum Accel {
     Auto,
 }
 
+/// The software engine's translator settings from the environment:
+/// `VIREO_JIT=off|N` (no translation, or compile a block on its N-th run)
+/// and `VIREO_JIT_PERFMAP=1` (write /tmp/perf-PID.map for `perf`). Read
+/// here, by the process, and handed to the engine as a plain value.
+pub fn engine_jit_from_env() -> emu::jit::JitConfig {
+    let mut cfg = emu::jit::JitConfig::default();
+    if let Ok(v) = std::env::var("VIREO_JIT") {
+        cfg.threshold = emu::jit::JitConfig::parse_threshold(&v);
+    }
+    cfg.perf_map = std::env::var_os("VIREO_JIT_PERFMAP").is_some();
+    cfg
+}
+
 impl FromStr for Accel {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

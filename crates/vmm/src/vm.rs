@@ -191,9 +191,13 @@ pub fn open_hypervisor(accel: Accel) -> Result<Arc<dyn Hypervisor>, VmmError> {
             tracing::info!(
                 "this host's KVM is nested (kvm_pvm) and slow for guest kernels: using Vireo's CPU engine; --accel kvm forces KVM"
             );
-            Ok(Arc::new(emu::EmuHypervisor::new()))
+            Ok(Arc::new(emu::EmuHypervisor::with_jit(
+                crate::config::engine_jit_from_env(),
+            )))
         }
-        Accel::Emu | Accel::Auto => Ok(Arc::new(emu::EmuHypervisor::new())),
+        Accel::Emu | Accel::Auto => Ok(Arc::new(emu::EmuHypervisor::with_jit(
+            crate::config::engine_jit_from_env(),
+        ))),
     }
 }
 

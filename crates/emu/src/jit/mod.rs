@@ -1,0 +1,115 @@
+//! The translating tier: hot 64-bit blocks compiled to host x86-64 code.
+//!
+//! A block that has run [`Jit::threshold`] times is compiled with dynasm-rs
+//! into a function `extern "sysv64" fn(*mut Core) -> u64`. The generated
+//! code works on the guest register file in `Core::st` (no register
+//! allocation across instructions: between two guest instructions every
+//! guest register is in memory) and runs the common integer instructions
+//! (MOV/MOVZX/MOVSX/LEA, the ALU group, INC/DEC/NEG/NOT, shifts and
+//! rotates, MUL/IMUL, CMOVcc/SETcc, PUSH/POP, CALL/RET/JMP/Jcc) with the
+//! same host instruction, so results and flags are the host CPU's.
+//!
+//! Memory operands go through an inline lookup of the soft TLB (tag,
+//! permissions, page crossing, RAM, and for writes the page's code/dirty
+//! tracking flag). Anything else, and every instruction the translator does
+//! not handle, runs through the interpreter's own handler for that one
+//! instruction (`jit_interp`), called from the generated code: exceptions,
+//! MMIO, self-modifying code and mode changes are therefore exactly the
+//! interpreter's, and correctness never depends on coverage.
+//!
+//! Flags: at entry the lazy flags are settled (`CpuState::rflags` holds
+//! them); translated instructions leave them in the host RFLAGS, which are
+//! saved (PUSHFQ) to a slot before code that clobbers them and reloaded
+//! (POPFQ) only when an instruction reads them. Every exit writes them back
+//! to `rflags` with no pending lazy operation.
+//!
+//! Chaining: every exit with a known target (JMP, both sides of Jcc, CALL,
+//! fall-through) has a [`LinkCell`] in its block; RET looks the return
+//! address up in a per-core table of cells. The dispatcher fills a cell
+//! when the exit's successor is compiled; the code follows it (straight
+//! into the successor's code) only under the TLB epoch it was made in and
+//! when the run loop would have gone on to that block anyway: no kick,
+//! no attention, no poll due (the 64-block countdown is kept), no
+//! interrupt shadow, not halted. The successor re-checks its code pages on
+//! entry. So interrupts are taken at the same block boundaries as in the
+//! interpreter, and instruction counts are the same.
+//!
+//! Return value: the number of guest instructions completed by the last
+//! block (chained blocks add theirs to `Core::icount` as they go); an
+//! exception raised by an interpreted instruction is left in [`Jit::exc`].
+//!
+//! Not translated (interpreted from the generated code): LOCK-prefixed
+//! instructions, XCHG with memory, DIV/IDIV, 8/16-bit one-operand MUL/IMUL,
+//! string instructions, BT*, indirect JMP/CALL, anything non-integer, and
+//! every block that is not 64-bit code.
+//!
+//! # Layout
+//!
+//! - [`runtime`]: what lives while translations run: the per-core [`Jit`]
+//!   state and its executable arena, the hot-block counter
+//!   ([`code_for`]), link cells and linking, the interpreter helper the
+//!   generated code calls, and the per-entry context ([`prepare`]).
+//! - `codegen`: the dynasm emission of one block, uop by uop, with the
+//!   `Core` field offsets the generated code addresses through `rbx`.
+//!
+//! Configuration ([`JitConfig`]) is a plain value given by the embedder
+//! (the `vireo` binary reads `VIREO_JIT` / `VIREO_JIT_PERFMAP`); the
+//! library never reads the environment.
+
+mod codegen;
+pub mod runtime;
+
+pub use runtime::{code_for, link, linked_block, prepare, Jit, JitCtx, LinkCell};
+
+use crate::core::Core;
+
+/// Compiled code of one block.
+pub type JitFn = unsafe extern "sysv64" fn(*mut Core) -> u64;
+
+/// A block's translation state.
+#[derive(Clone, Copy, Default)]
+pub enum JitState {
+    /// Executions so far.
+    #[default]
+    Cold,
+    Counting(u32),
+    /// Code, the arena generation it was written in, and the entry point
+    /// for chained code (checks the block's pages first).
+    Code(JitFn, u64, usize),
+    /// Not worth translating (nothing the translator handles).
+    Failed,
+}
+
+/// Executions before a block is compiled, by default.
+pub const DEFAULT_THRESHOLD: u32 = 32;
+
+/// How the translating tier runs, given by the embedder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JitConfig {
+    /// A block is compiled on its N-th execution (0 and 1: on its first);
+    /// `None` keeps everything in the interpreter.
+    pub threshold: Option<u32>,
+    /// Append every translation to /tmp/perf-PID.map so `perf report`
+    /// names samples in translated code by guest RIP.
+    pub perf_map: bool,
+}
+
+impl Default for JitConfig {
+    fn default() -> Self {
+        JitConfig {
+            threshold: Some(DEFAULT_THRESHOLD),
+            perf_map: false,
+        }
+    }
+}
+
+impl JitConfig {
+    /// The threshold a `VIREO_JIT`-style setting names: `off`/`no` for
+    /// none, a number, or (anything else) the default.
+    pub fn parse_threshold(s: &str) -> Option<u32> {
+        match s.trim() {
+            "off" | "no" => None,
+            v => v.parse().ok().or(Some(DEFAULT_THRESHOLD)),
+        }
+    }
+}
