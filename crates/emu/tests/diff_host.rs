@@ -1339,3 +1339,86 @@ fn memory_operand_forms_match_host() {
     eprintln!("memory forms: {} cases", h.count);
     assert!(h.count > 1_000);
 }
+
+/// Indirect JMP/CALL through a register and through memory (the stack),
+/// position independent so that host and engine agree: targets are made
+/// with RIP-relative LEA, return addresses are compared relative to the
+/// target (`lea rdx, [rip]; sub rcx, rdx`). Each form crosses into a new
+/// block, which the translator reaches through its dynamic link table.
+#[test]
+fn indirect_branches_match_host() {
+    let mut h = Harness::new();
+    // lea REG, [rip+d]: the target, d bytes past the LEA.
+    let lea = |rex: u8, modrm: u8, d: u8| vec![rex, 0x8d, modrm, d, 0, 0, 0];
+    // lea rdx, [rip+0]; sub rcx, rdx: the return address relative to it;
+    // then the absolute addresses are cleared (xor: AF undefined).
+    let rel_rcx: &[u8] = &[0x48, 0x8d, 0x15, 0, 0, 0, 0, 0x48, 0x29, 0xd1, 0x31, 0xd2];
+    let clear_rax: &[u8] = &[0x31, 0xc0];
+    let ud2: &[u8] = &[0x0f, 0x0b];
+    let forms: Vec<(Vec<u8>, &str)> = vec![
+        (
+            [&lea(0x48, 0x05, 4)[..], &[0xff, 0xe0], ud2, clear_rax].concat(),
+            "jmp rax",
+        ),
+        (
+            [
+                &lea(0x4c, 0x1d, 5)[..],
+                &[0x41, 0xff, 0xe3],
+                ud2,
+                &[0x4d, 0x31, 0xdb],
+            ]
+            .concat(),
+            "jmp r11",
+        ),
+        (
+            [
+                &lea(0x48, 0x05, 4)[..],
+                &[0xff, 0xd0],
+                ud2,
+                &[0x59],
+                rel_rcx,
+                clear_rax,
+            ]
+            .concat(),
+            "call rax; pop rcx",
+        ),
+        (
+            [
+                &lea(0x48, 0x05, 6)[..],
+                &[0x50, 0xff, 0x24, 0x24],
+                ud2,
+                &[0x58],
+                clear_rax,
+            ]
+            .concat(),
+            "push rax; jmp [rsp]; pop rax",
+        ),
+        (
+            [
+                &lea(0x48, 0x05, 6)[..],
+                &[0x50, 0xff, 0x14, 0x24],
+                ud2,
+                &[0x59, 0x58],
+                rel_rcx,
+                clear_rax,
+            ]
+            .concat(),
+            "push rax; call [rsp]; pop rcx; pop rax",
+        ),
+    ];
+    for (bytes, name) in &forms {
+        for k in 0..8u64 {
+            let input = h.state();
+            h.check(Case {
+                bytes: bytes.clone(),
+                input,
+                undefined: AF,
+                mem: [0; 256],
+                uses_mem: false,
+                si_di_rel: false,
+                name: format!("{name} #{k}"),
+            });
+        }
+    }
+    eprintln!("indirect branches: {} cases", h.count);
+}

@@ -505,6 +505,31 @@ impl Cg {
         );
     }
 
+    /// Exit to the computed target in `rip` (RET, indirect JMP/CALL),
+    /// flags flushed: the target is looked up in the core's table of
+    /// dynamic link cells (filled by the dispatcher, like any link) and
+    /// followed like a direct link when the cell holds that target.
+    fn dynamic_exit(&mut self, count: usize) {
+        let e = self.epilogue;
+        a!(self
+            ; mov rax, QWORD [rbx + OFF_RIP]
+            ; mov rcx, rax
+            ; shr rcx, 12
+            ; xor rcx, rax
+            ; and ecx, (RET_LINKS - 1) as i32
+            ; imul ecx, ecx, size_of::<LinkCell>() as i32
+            ; mov rdx, QWORD [rbx + OFF_RET_LINKS]
+            ; add rdx, rcx
+            ; cmp rax, QWORD [rdx + CELL_TARGET]
+            ; je >same
+            ; mov QWORD [rbx + OFF_LAST_CELL], rdx
+            ; mov eax, count as i32
+            ; jmp =>e
+            ; same:
+        );
+        self.chain_exit(count);
+    }
+
     fn cell(&mut self, block: &Block, k: usize, target: u64) {
         block.links[k].target.set(target);
         let p = &block.links[k] as *const LinkCell as i64;
@@ -673,6 +698,11 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
     if u.lock {
         return None;
     }
+    if matches!(m, M::Nop | M::Endbr64 | M::Pause) {
+        // No operand is accessed (a multi-byte NOP's memory operand is
+        // never read).
+        return Some(Done::Next);
+    }
     let branch = matches!(m, M::Call | M::Ret | M::Jmp) || is_jcc(m);
     if !branch && !matches!(size, 1 | 2 | 4 | 8) {
         return None;
@@ -685,7 +715,6 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
     }
     let has_mem = o0 == Opnd::Mem || o1 == Opnd::Mem || o2 == Opnd::Mem;
     match m {
-        M::Nop | M::Endbr64 | M::Pause if !has_mem || m == M::Nop => Some(Done::Next),
         M::Mov if nops == 2 => {
             if has_mem {
                 cg.mem(
@@ -995,26 +1024,40 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
                 ; mov QWORD [rbx + OFF_RIP], r8
             );
             cg.flush();
-            // Indirect: look the return address up in the core's table of
-            // links (filled by the dispatcher, like any link).
-            let e = cg.epilogue;
-            a!(cg
-                ; mov rax, QWORD [rbx + OFF_RIP]
-                ; mov rcx, rax
-                ; shr rcx, 12
-                ; xor rcx, rax
-                ; and ecx, (RET_LINKS - 1) as i32
-                ; imul ecx, ecx, size_of::<LinkCell>() as i32
-                ; mov rdx, QWORD [rbx + OFF_RET_LINKS]
-                ; add rdx, rcx
-                ; cmp rax, QWORD [rdx + CELL_TARGET]
-                ; je >same
-                ; mov QWORD [rbx + OFF_LAST_CELL], rdx
-                ; mov eax, (i + 1) as i32
-                ; jmp =>e
-                ; same:
-            );
-            cg.chain_exit(i + 1);
+            cg.dynamic_exit(i + 1);
+            Some(Done::Exited)
+        }
+        M::Jmp | M::Call
+            if matches!(insn.code(), Code::Jmp_rm64 | Code::Call_rm64)
+                && i + 1 == n
+                && matches!(o0, Opnd::Reg { hi: false, .. } | Opnd::Mem) =>
+        {
+            // The target first (the operand may be RSP or on the stack);
+            // nothing is written before every access has translated, so a
+            // miss still runs the whole instruction through the interpreter.
+            if o0 == Opnd::Mem {
+                cg.mem(u, 8, Acc::Read);
+                a!(cg; mov r8, QWORD [rsi]);
+            } else {
+                a!(cg; mov r8, QWORD [rbx + reg_off(o0)]);
+            }
+            if m == M::Call {
+                a!(cg
+                    ; mov rsi, QWORD [rbx + gpr_off(4)]
+                    ; lea rsi, [rsi - 8]
+                );
+                cg.translate(8, Acc::Write);
+                a!(cg
+                    ; mov r9, QWORD u.next_ip as i64
+                    ; mov QWORD [rsi], r9
+                    ; mov r9, QWORD [rbx + gpr_off(4)]
+                    ; lea r9, [r9 - 8]
+                    ; mov QWORD [rbx + gpr_off(4)], r9
+                );
+            }
+            a!(cg; mov QWORD [rbx + OFF_RIP], r8);
+            cg.flush();
+            cg.dynamic_exit(i + 1);
             Some(Done::Exited)
         }
         M::Jmp if matches!(insn.code(), Code::Jmp_rel8_64 | Code::Jmp_rel32_64) && i + 1 == n => {

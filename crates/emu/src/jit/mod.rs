@@ -24,8 +24,10 @@
 //! to `rflags` with no pending lazy operation.
 //!
 //! Chaining: every exit with a known target (JMP, both sides of Jcc, CALL,
-//! fall-through) has a [`LinkCell`] in its block; RET looks the return
-//! address up in a per-core table of cells. The dispatcher fills a cell
+//! fall-through) has a [`LinkCell`] in its block; RET and indirect
+//! JMP/CALL (register or memory operand) look their computed target up in
+//! a per-core table of dynamic cells, hashed by target RIP (TCG's
+//! lookup_and_goto_ptr in a few instructions). The dispatcher fills a cell
 //! when the exit's successor is compiled; the code follows it (straight
 //! into the successor's code) only under the TLB epoch it was made in and
 //! when the run loop would have gone on to that block anyway: no kick,
@@ -40,7 +42,7 @@
 //!
 //! Not translated (interpreted from the generated code): LOCK-prefixed
 //! instructions, XCHG with memory, DIV/IDIV, 8/16-bit one-operand MUL/IMUL,
-//! string instructions, BT*, indirect JMP/CALL, anything non-integer, and
+//! string instructions, BT*, anything non-integer, and
 //! every block that is not 64-bit code.
 //!
 //! # Layout
