@@ -2,8 +2,14 @@
 //! dynasm-rs, uop by uop.
 //!
 //! Invariants of the generated code: `rbx` holds the `*mut Core` for the
-//! whole block; between two guest instructions every guest register is in
-//! `Core::st`; the guest's arithmetic flags are where `Loc` says (host
+//! whole block; a guest GPR in `Cg::map` lives in its host register
+//! (r12-r15, r10: callee-saved or never scratch, so only calls need care)
+//! and is newer than `Core::st` exactly when its bit is in `Cg::dirty`;
+//! every other guest register is in `Core::st`; whenever control can leave
+//! the generated code (exits, `jit_interp` calls, stubs) `Core::st` is
+//! complete, and after the interpreter ran the cache is reloaded. Every
+//! block pushes the same callee-saved registers, so chained blocks share
+//! the frame of the block the dispatcher called. The guest's arithmetic flags are where `Loc` says (host
 //! RFLAGS, the `JitCtx::fl` slot, or `CpuState::rflags`) and every exit
 //! leaves them in `rflags`. An instruction either is translated whole or
 //! emits nothing and runs through the interpreter (`jit_interp`).
@@ -79,8 +85,14 @@ struct Stub {
     entry: Loc,
     /// Flags the fast path has at `resume`.
     after: Loc,
+    /// Cached guest registers not yet written back when the stub is entered.
+    dirty: u16,
     resume: DynamicLabel,
 }
+
+/// Host registers that hold guest GPRs inside a block (REX registers
+/// only, so byte forms never alias AH..BH; none is used as scratch).
+const CACHE_REGS: [u8; 5] = [12, 13, 14, 15, 10];
 
 struct Cg {
     a: Asm,
@@ -91,6 +103,11 @@ struct Cg {
     /// access.
     cur_stub: Option<DynamicLabel>,
     cur_entry: Loc,
+    /// Guest GPR -> host register holding it for the whole block.
+    map: [Option<u8>; 16],
+    /// Cached guest GPRs whose host register is newer than `Core::st`.
+    dirty: u16,
+    cur_dirty: u16,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -190,6 +207,67 @@ impl Cg {
                 slot: false,
                 st: true,
             },
+            map: [None; 16],
+            dirty: 0,
+            cur_dirty: 0,
+        }
+    }
+
+    // ---------------------------------------------------- register cache
+
+    /// Load every cached guest register from `Core::st` (block entry, and
+    /// after the interpreter ran an instruction).
+    fn reload(&mut self) {
+        for g in 0..16u8 {
+            if let Some(h) = self.map[g as usize] {
+                a!(self; mov Rq(h), QWORD [rbx + gpr_off(g)]);
+            }
+        }
+    }
+
+    /// Store the cached registers in `dirty` back to `Core::st` (no flags).
+    fn writeback_code(&mut self, dirty: u16) {
+        for g in 0..16u8 {
+            if dirty & (1 << g) != 0 {
+                if let Some(h) = self.map[g as usize] {
+                    a!(self; mov QWORD [rbx + gpr_off(g)], Rq(h));
+                }
+            }
+        }
+    }
+
+    /// Make `Core::st` hold every guest register (before an exit or a call
+    /// into the interpreter).
+    fn writeback(&mut self) {
+        let d = self.dirty;
+        self.writeback_code(d);
+        self.dirty = 0;
+    }
+
+    /// Guest register `g` (64 bits) into host register `r`.
+    fn gq(&mut self, r: u8, g: u8) {
+        match self.map[g as usize] {
+            Some(h) => a!(self; mov Rq(r), Rq(h)),
+            None => a!(self; mov Rq(r), QWORD [rbx + gpr_off(g)]),
+        }
+    }
+
+    /// Host register `r` (64 bits) into guest register `g`.
+    fn sq(&mut self, g: u8, r: u8) {
+        match self.map[g as usize] {
+            Some(h) => {
+                a!(self; mov Rq(h), Rq(r));
+                self.dirty |= 1 << g;
+            }
+            None => a!(self; mov QWORD [rbx + gpr_off(g)], Rq(r)),
+        }
+    }
+
+    /// The host register caching a register operand, if any.
+    fn cached(&self, o: Opnd) -> Option<u8> {
+        match o {
+            Opnd::Reg { idx, hi: false } => self.map[idx as usize],
+            _ => None,
         }
     }
 
@@ -303,14 +381,14 @@ impl Cg {
         let disp = m.disp as i64;
         let small = disp == disp as i32 as i64;
         if m.base != 0xff {
-            a!(self; mov rsi, QWORD [rbx + gpr_off(m.base)]);
+            self.gq(6, m.base);
         } else if small {
             a!(self; mov rsi, disp as i32);
         } else {
             a!(self; mov rsi, QWORD disp);
         }
         if m.index != 0xff {
-            a!(self; mov rax, QWORD [rbx + gpr_off(m.index)]);
+            self.gq(0, m.index);
             match m.scale {
                 1 => a!(self; lea rsi, [rsi + rax]),
                 2 => a!(self; lea rsi, [rsi + rax * 2]),
@@ -353,6 +431,7 @@ impl Cg {
         if self.cur_stub.is_none() {
             self.clobber();
             self.cur_entry = self.loc;
+            self.cur_dirty = self.dirty;
         } else {
             self.loc.host = false;
         }
@@ -416,6 +495,15 @@ impl Cg {
     /// Load operand `o` (`size` bytes) into host register `r`.
     fn ld(&mut self, r: u8, size: u8, o: Opnd) {
         match o {
+            Opnd::Reg { .. } if self.cached(o).is_some() => {
+                let h = self.cached(o).unwrap_or(0);
+                match size {
+                    1 => a!(self; mov Rb(r), Rb(h)),
+                    2 => a!(self; mov Rw(r), Rw(h)),
+                    4 => a!(self; mov Rd(r), Rd(h)),
+                    _ => a!(self; mov Rq(r), Rq(h)),
+                }
+            }
             Opnd::Reg { .. } => {
                 let d = reg_off(o);
                 match size {
@@ -448,6 +536,17 @@ impl Cg {
     /// Store host register `r` to operand `o`.
     fn st(&mut self, r: u8, size: u8, o: Opnd) {
         match o {
+            Opnd::Reg { idx, .. } if self.cached(o).is_some() => {
+                let h = self.cached(o).unwrap_or(0);
+                // A 32-bit write zero-extends, as in the guest.
+                match size {
+                    1 => a!(self; mov Rb(h), Rb(r)),
+                    2 => a!(self; mov Rw(h), Rw(r)),
+                    4 => a!(self; mov Rd(h), Rd(r)),
+                    _ => a!(self; mov Rq(h), Rq(r)),
+                }
+                self.dirty |= 1 << idx;
+            }
             Opnd::Reg { .. } => {
                 let d = reg_off(o);
                 match size {
@@ -475,6 +574,7 @@ impl Cg {
     /// straight on to that block (same TLB epoch, nothing pending, no
     /// interrupt-controller poll due), else returns with the cell noted.
     fn chain_exit(&mut self, count: usize) {
+        self.writeback();
         let e = self.epilogue;
         let nolink = self.a.new_dynamic_label();
         a!(self
@@ -510,6 +610,7 @@ impl Cg {
     /// dynamic link cells (filled by the dispatcher, like any link) and
     /// followed like a direct link when the cell holds that target.
     fn dynamic_exit(&mut self, count: usize) {
+        self.writeback();
         let e = self.epilogue;
         a!(self
             ; mov rax, QWORD [rbx + OFF_RIP]
@@ -546,7 +647,9 @@ impl Cg {
     /// Run uop `index` through the interpreter, inline.
     fn interp(&mut self, u: &Uop, index: usize, rip: u64) {
         self.flush();
+        self.writeback();
         self.call_interp(u, index, rip);
+        self.reload();
         self.loc = Loc {
             host: false,
             slot: false,
@@ -571,13 +674,57 @@ impl Cg {
 }
 
 /// The code and the offset of the chained entry point.
+/// Which guest GPRs the block keeps in host registers: the most used
+/// ones, never one that some instruction addresses as AH/CH/DH/BH (those
+/// bytes are only reachable in `Core::st`).
+fn allocate(block: &Block) -> [Option<u8>; 16] {
+    let mut uses = [0u32; 16];
+    let mut banned = [false; 16];
+    for u in &block.uops {
+        for o in u.ops {
+            match o {
+                Opnd::Reg { idx, hi: true } => banned[idx as usize & 15] = true,
+                Opnd::Reg { idx, hi: false } => uses[idx as usize & 15] += 1,
+                Opnd::Mem => {
+                    for r in [u.mem.base, u.mem.index] {
+                        if r < 16 {
+                            uses[r as usize] += 1;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        use Mnemonic as M;
+        match u.insn.mnemonic() {
+            M::Push | M::Pop | M::Call | M::Ret => uses[4] += 2,
+            M::Mul | M::Cqo | M::Cdqe => uses[0] += 1,
+            _ => {}
+        }
+    }
+    let mut order: Vec<usize> = (0..16).filter(|&g| uses[g] > 0 && !banned[g]).collect();
+    order.sort_by_key(|&g| std::cmp::Reverse(uses[g]));
+    let mut map = [None; 16];
+    for (&g, &h) in order.iter().zip(CACHE_REGS.iter()) {
+        map[g] = Some(h);
+    }
+    map
+}
+
 pub(super) fn gen_block(block: &Block) -> Option<(Vec<u8>, usize)> {
     let mut cg = Cg::new();
+    cg.map = allocate(block);
     let body = cg.a.new_dynamic_label();
     let chain = cg.a.new_dynamic_label();
     let stale = cg.a.new_dynamic_label();
+    // Every block saves the same registers, so chained code (which jumps
+    // past this) shares the frame of the block the dispatcher called.
     a!(cg
         ; push rbx
+        ; push r12
+        ; push r13
+        ; push r14
+        ; push r15
         ; mov rbx, rdi
         ; jmp =>body
         ; =>chain
@@ -596,6 +743,7 @@ pub(super) fn gen_block(block: &Block) -> Option<(Vec<u8>, usize)> {
         ; mov rax, QWORD block as *const Block as i64
         ; mov QWORD [rbx + OFF_CUR_BLOCK], rax
     );
+    cg.reload();
     let n = block.uops.len();
     let mut translated = 0;
     let mut ended = false;
@@ -606,7 +754,7 @@ pub(super) fn gen_block(block: &Block) -> Option<(Vec<u8>, usize)> {
             block.uops[i - 1].next_ip
         };
         cg.cur_stub = None;
-        let before = cg.loc;
+        let before = cg.a.offset();
         match insn(&mut cg, block, u, i, n) {
             Some(Done::Next) => translated += 1,
             Some(Done::Exited) => {
@@ -614,7 +762,7 @@ pub(super) fn gen_block(block: &Block) -> Option<(Vec<u8>, usize)> {
                 ended = true;
             }
             None => {
-                if cg.cur_stub.is_some() || cg.loc != before {
+                if cg.cur_stub.is_some() || cg.a.offset() != before {
                     // A translator bailed after emitting code: cannot happen
                     // by construction, but never run half an instruction.
                     return None;
@@ -632,6 +780,7 @@ pub(super) fn gen_block(block: &Block) -> Option<(Vec<u8>, usize)> {
                 rip,
                 entry: cg.cur_entry,
                 after: cg.loc,
+                dirty: cg.cur_dirty,
                 resume,
             });
         }
@@ -654,6 +803,10 @@ pub(super) fn gen_block(block: &Block) -> Option<(Vec<u8>, usize)> {
     let e = cg.epilogue;
     a!(cg
         ; =>e
+        ; pop r15
+        ; pop r14
+        ; pop r13
+        ; pop r12
         ; pop rbx
         ; ret
         ; =>stale
@@ -666,9 +819,13 @@ pub(super) fn gen_block(block: &Block) -> Option<(Vec<u8>, usize)> {
     for s in std::mem::take(&mut cg.stubs) {
         a!(cg; =>s.label);
         cg.flush_code(s.entry);
+        cg.writeback_code(s.dirty);
         // SAFETY: the uop lives in the block, which outlives its code.
         let u = unsafe { &*s.uop };
         cg.call_interp(u, s.index, s.rip);
+        // The interpreter may have changed any register; the fast path
+        // goes on from `resume` with the cached ones in host registers.
+        cg.reload();
         cg.restore_code(s.after);
         let r = s.resume;
         a!(cg; jmp =>r);
@@ -804,7 +961,10 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             cg.ld(0, size, o0);
             match o1 {
                 Opnd::Imm(c) => a!(cg; mov cl, c as u8 as i8),
-                _ => a!(cg; mov cl, BYTE [rbx + gpr_off(1)]),
+                _ => match cg.map[1] {
+                    Some(h) => a!(cg; mov cl, Rb(h)),
+                    None => a!(cg; mov cl, BYTE [rbx + gpr_off(1)]),
+                },
             }
             // A zero count changes no flag, rotates keep SF/ZF/PF/AF: start
             // from the guest's. A non-zero immediate SHL/SHR/SAR count sets
@@ -836,29 +996,22 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
         }
         M::Movzx | M::Movsx | M::Movsxd if matches!(o0, Opnd::Reg { .. }) && nops == 2 => {
             let ss = u.target as u8;
-            if !matches!(ss, 1 | 2 | 4) || size < 2 {
+            let sx = m != M::Movzx;
+            // MOVZX has no 32-bit source.
+            if !matches!(ss, 1 | 2 | 4) || size < 2 || (ss == 4 && !sx) {
                 return None;
             }
             if has_mem {
                 cg.mem(u, ss, Acc::Read);
             }
-            let d = reg_off(o1);
-            let sx = m != M::Movzx;
-            match (o1, ss, sx) {
-                (Opnd::Mem, 1, false) => a!(cg; movzx eax, BYTE [rsi]),
-                (Opnd::Mem, 2, false) => a!(cg; movzx eax, WORD [rsi]),
-                (Opnd::Mem, 1, true) => a!(cg; movsx rax, BYTE [rsi]),
-                (Opnd::Mem, 2, true) => a!(cg; movsx rax, WORD [rsi]),
-                (Opnd::Mem, _, true) => a!(cg; movsxd rax, DWORD [rsi]),
-                (_, 1, false) => a!(cg; movzx eax, BYTE [rbx + d]),
-                (_, 2, false) => a!(cg; movzx eax, WORD [rbx + d]),
-                (_, 1, true) => a!(cg; movsx rax, BYTE [rbx + d]),
-                (_, 2, true) => a!(cg; movsx rax, WORD [rbx + d]),
-                (_, _, true) => a!(cg; movsxd rax, DWORD [rbx + d]),
-                _ => {
-                    // MOVZX has no 32-bit source; undo nothing emitted.
-                    return None;
-                }
+            // The source into al/ax/eax, then extended in place.
+            cg.ld(0, ss, o1);
+            match (ss, sx) {
+                (1, false) => a!(cg; movzx eax, al),
+                (2, false) => a!(cg; movzx eax, ax),
+                (1, true) => a!(cg; movsx rax, al),
+                (2, true) => a!(cg; movsx rax, ax),
+                _ => a!(cg; movsxd rax, eax),
             }
             cg.st(0, size, o0);
             Some(Done::Next)
@@ -868,15 +1021,14 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
                 cg.mem(u, size, Acc::Read);
             }
             cg.ld(1, size, o0);
+            cg.gq(0, 0);
             if size == 8 {
-                a!(cg; mov rax, QWORD [rbx + gpr_off(0)]);
                 if m == M::Mul {
                     a!(cg; mul rcx);
                 } else {
                     a!(cg; imul rcx);
                 }
             } else {
-                a!(cg; mov eax, DWORD [rbx + gpr_off(0)]);
                 if m == M::Mul {
                     a!(cg; mul ecx);
                 } else {
@@ -944,18 +1096,15 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             Some(Done::Next)
         }
         M::Cdqe => {
-            a!(cg
-                ; movsxd rax, DWORD [rbx + gpr_off(0)]
-                ; mov QWORD [rbx + gpr_off(0)], rax
-            );
+            cg.gq(0, 0);
+            a!(cg; movsxd rax, eax);
+            cg.sq(0, 0);
             Some(Done::Next)
         }
         M::Cqo => {
-            a!(cg
-                ; mov rax, QWORD [rbx + gpr_off(0)]
-                ; cqo
-                ; mov QWORD [rbx + gpr_off(2)], rdx
-            );
+            cg.gq(0, 0);
+            a!(cg; cqo);
+            cg.sq(2, 2);
             Some(Done::Next)
         }
         M::Push
@@ -964,48 +1113,41 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
                 Code::Push_r64 | Code::Pushq_imm32 | Code::Pushq_imm8
             ) && is_gpr_or_imm(o0) =>
         {
-            a!(cg
-                ; mov rsi, QWORD [rbx + gpr_off(4)]
-                ; lea rsi, [rsi - 8]
-            );
+            cg.gq(6, 4);
+            a!(cg; lea rsi, [rsi - 8]);
             cg.translate(8, Acc::Write);
             match o0 {
                 Opnd::Imm(v) => a!(cg; mov r8, v as i64 as i32),
-                _ => a!(cg; mov r8, QWORD [rbx + reg_off(o0)]),
+                _ => cg.ld(8, 8, o0),
             }
-            a!(cg
-                ; mov QWORD [rsi], r8
-                ; mov r8, QWORD [rbx + gpr_off(4)]
-                ; lea r8, [r8 - 8]
-                ; mov QWORD [rbx + gpr_off(4)], r8
-            );
+            a!(cg; mov QWORD [rsi], r8);
+            cg.gq(8, 4);
+            a!(cg; lea r8, [r8 - 8]);
+            cg.sq(4, 8);
             Some(Done::Next)
         }
         M::Pop if insn.code() == Code::Pop_r64 => {
-            a!(cg; mov rsi, QWORD [rbx + gpr_off(4)]);
+            cg.gq(6, 4);
             cg.translate(8, Acc::Read);
-            a!(cg
-                ; mov r8, QWORD [rsi]
-                ; mov r9, QWORD [rbx + gpr_off(4)]
-                ; lea r9, [r9 + 8]
-                ; mov QWORD [rbx + gpr_off(4)], r9
-                ; mov QWORD [rbx + reg_off(o0)], r8
-            );
+            a!(cg; mov r8, QWORD [rsi]);
+            cg.gq(9, 4);
+            a!(cg; lea r9, [r9 + 8]);
+            cg.sq(4, 9);
+            // POP RSP: the popped value wins.
+            cg.st(8, 8, o0);
             Some(Done::Next)
         }
         M::Call if insn.code() == Code::Call_rel32_64 && i + 1 == n => {
-            a!(cg
-                ; mov rsi, QWORD [rbx + gpr_off(4)]
-                ; lea rsi, [rsi - 8]
-            );
+            cg.gq(6, 4);
+            a!(cg; lea rsi, [rsi - 8]);
             cg.translate(8, Acc::Write);
             a!(cg
                 ; mov r8, QWORD u.next_ip as i64
                 ; mov QWORD [rsi], r8
-                ; mov r8, QWORD [rbx + gpr_off(4)]
-                ; lea r8, [r8 - 8]
-                ; mov QWORD [rbx + gpr_off(4)], r8
             );
+            cg.gq(8, 4);
+            a!(cg; lea r8, [r8 - 8]);
+            cg.sq(4, 8);
             cg.flush();
             let t = insn.near_branch_target();
             cg.set_rip(t);
@@ -1014,15 +1156,13 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             Some(Done::Exited)
         }
         M::Ret if insn.code() == Code::Retnq && i + 1 == n => {
-            a!(cg; mov rsi, QWORD [rbx + gpr_off(4)]);
+            cg.gq(6, 4);
             cg.translate(8, Acc::Read);
-            a!(cg
-                ; mov r8, QWORD [rsi]
-                ; mov r9, QWORD [rbx + gpr_off(4)]
-                ; lea r9, [r9 + 8]
-                ; mov QWORD [rbx + gpr_off(4)], r9
-                ; mov QWORD [rbx + OFF_RIP], r8
-            );
+            a!(cg; mov r8, QWORD [rsi]);
+            cg.gq(9, 4);
+            a!(cg; lea r9, [r9 + 8]);
+            cg.sq(4, 9);
+            a!(cg; mov QWORD [rbx + OFF_RIP], r8);
             cg.flush();
             cg.dynamic_exit(i + 1);
             Some(Done::Exited)
@@ -1039,21 +1179,19 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
                 cg.mem(u, 8, Acc::Read);
                 a!(cg; mov r8, QWORD [rsi]);
             } else {
-                a!(cg; mov r8, QWORD [rbx + reg_off(o0)]);
+                cg.ld(8, 8, o0);
             }
             if m == M::Call {
-                a!(cg
-                    ; mov rsi, QWORD [rbx + gpr_off(4)]
-                    ; lea rsi, [rsi - 8]
-                );
+                cg.gq(6, 4);
+                a!(cg; lea rsi, [rsi - 8]);
                 cg.translate(8, Acc::Write);
                 a!(cg
                     ; mov r9, QWORD u.next_ip as i64
                     ; mov QWORD [rsi], r9
-                    ; mov r9, QWORD [rbx + gpr_off(4)]
-                    ; lea r9, [r9 - 8]
-                    ; mov QWORD [rbx + gpr_off(4)], r9
                 );
+                cg.gq(9, 4);
+                a!(cg; lea r9, [r9 - 8]);
+                cg.sq(4, 9);
             }
             a!(cg; mov QWORD [rbx + OFF_RIP], r8);
             cg.flush();

@@ -2,9 +2,11 @@
 //!
 //! A block that has run [`Jit::threshold`] times is compiled with dynasm-rs
 //! into a function `extern "sysv64" fn(*mut Core) -> u64`. The generated
-//! code works on the guest register file in `Core::st` (no register
-//! allocation across instructions: between two guest instructions every
-//! guest register is in memory) and runs the common integer instructions
+//! code keeps up to five of the block's most used guest GPRs in host
+//! registers (r12-r15, r10) from block entry to its exits, writing the
+//! changed ones back to `Core::st` before every exit, every call into the
+//! interpreter and every slow-path stub, and reloading them after the
+//! interpreter ran; the rest stay in `Core::st`. It runs the common integer instructions
 //! (MOV/MOVZX/MOVSX/LEA, the ALU group, INC/DEC/NEG/NOT, shifts and
 //! rotates, MUL/IMUL, CMOVcc/SETcc, PUSH/POP, CALL/RET/JMP/Jcc) with the
 //! same host instruction, so results and flags are the host CPU's.
