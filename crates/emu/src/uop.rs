@@ -57,7 +57,7 @@ pub struct Uop {
     pub insn: Instruction,
 }
 
-fn gpr(r: Register) -> Option<(u8, bool)> {
+pub(crate) fn gpr(r: Register) -> Option<(u8, bool)> {
     let n = r as usize;
     match n {
         1..=4 => Some(((n - 1) as u8, false)),
@@ -89,7 +89,7 @@ fn opnd(insn: &Instruction, n: u32) -> Option<Opnd> {
     }
 }
 
-fn memop(insn: &Instruction) -> MemOp {
+pub(crate) fn memop(insn: &Instruction) -> MemOp {
     let idx = |r: Register| match r {
         Register::None | Register::RIP | Register::EIP => 0xff,
         r => gpr(r).map(|(i, _)| i).unwrap_or(0xff),

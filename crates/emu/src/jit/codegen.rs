@@ -23,9 +23,10 @@ use iced_x86::{Code, ConditionCode, Mnemonic};
 
 use super::runtime::{jit_interp, LinkCell, RET_LINKS};
 use crate::core::Core;
+use crate::cpu::{CR0_EM, CR0_TS, CR4_OSFXSR};
 use crate::decode::Block;
 use crate::mmu::TlbEntry;
-use crate::uop::{is_jcc, Opnd, Uop};
+use crate::uop::{is_jcc, MemOp, Opnd, Uop};
 
 // ------------------------------------------------------------------ layout
 
@@ -34,6 +35,11 @@ const fn gpr_off(i: u8) -> i32 {
 }
 const OFF_RIP: i32 = offset_of!(Core, st.rip) as i32;
 const OFF_RFLAGS: i32 = offset_of!(Core, st.rflags) as i32;
+const OFF_CR0: i32 = offset_of!(Core, st.cr0) as i32;
+const OFF_CR4: i32 = offset_of!(Core, st.cr4) as i32;
+const fn xmm_off(i: u8) -> i32 {
+    (offset_of!(Core, st.xmm) + 16 * i as usize) as i32
+}
 const OFF_FL: i32 = offset_of!(Core, jit.ctx.fl) as i32;
 const OFF_TLB: i32 = offset_of!(Core, jit.ctx.tlb) as i32;
 const OFF_RMASK: i32 = offset_of!(Core, jit.ctx.rmask) as i32;
@@ -108,6 +114,8 @@ struct Cg {
     /// Cached guest GPRs whose host register is newer than `Core::st`.
     dirty: u16,
     cur_dirty: u16,
+    /// The SSE guard ran earlier in this block.
+    sse_ok: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -210,6 +218,7 @@ impl Cg {
             map: [None; 16],
             dirty: 0,
             cur_dirty: 0,
+            sse_ok: false,
         }
     }
 
@@ -376,8 +385,7 @@ impl Cg {
 
     /// Effective address of the memory operand into rsi (clobbers rax; no
     /// flags). `seg`: add the FS/GS base.
-    fn ea(&mut self, u: &Uop, seg: bool) {
-        let m = &u.mem;
+    fn ea(&mut self, m: &MemOp, seg: bool) {
         let disp = m.disp as i64;
         let small = disp == disp as i32 as i64;
         if m.base != 0xff {
@@ -428,13 +436,7 @@ impl Cg {
     /// Translate the linear address in rsi to a host pointer in rsi, or
     /// go to the instruction's stub. Clobbers rax, rcx, rdx and flags.
     fn translate(&mut self, size: u8, acc: Acc) {
-        if self.cur_stub.is_none() {
-            self.clobber();
-            self.cur_entry = self.loc;
-            self.cur_dirty = self.dirty;
-        } else {
-            self.loc.host = false;
-        }
+        self.begin_access();
         let stub = self.stub_label();
         let mask = if acc == Acc::Write {
             OFF_WMASK
@@ -486,8 +488,38 @@ impl Cg {
 
     /// Address + translate for the instruction's memory operand.
     fn mem(&mut self, u: &Uop, size: u8, acc: Acc) {
-        self.ea(u, true);
+        self.ea(&u.mem, true);
         self.translate(size, acc);
+    }
+
+    /// Host flags may be clobbered from here on and the instruction may
+    /// leave for its stub: note the state the stub starts from.
+    fn begin_access(&mut self) {
+        if self.cur_stub.is_none() {
+            self.clobber();
+            self.cur_entry = self.loc;
+            self.cur_dirty = self.dirty;
+        } else {
+            self.loc.host = false;
+        }
+    }
+
+    /// SSE may run (CR0.EM/TS clear, CR4.OSFXSR set), else the stub lets
+    /// the interpreter raise #UD/#NM. Checked once per block: inside a
+    /// block CR0 and CR4 only change through instructions that end it.
+    fn sse_guard(&mut self) {
+        if self.sse_ok {
+            return;
+        }
+        self.begin_access();
+        let stub = self.stub_label();
+        a!(self
+            ; test DWORD [rbx + OFF_CR0], (CR0_EM | CR0_TS) as i32
+            ; jnz =>stub
+            ; test DWORD [rbx + OFF_CR4], CR4_OSFXSR as i32
+            ; jz =>stub
+        );
+        self.sse_ok = true;
     }
 
     // ------------------------------------------------------ operand moves
@@ -855,6 +887,9 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
     if u.lock {
         return None;
     }
+    if let Some(done) = sse(cg, u) {
+        return Some(done);
+    }
     if matches!(m, M::Nop | M::Endbr64 | M::Pause) {
         // No operand is accessed (a multi-byte NOP's memory operand is
         // never read).
@@ -990,7 +1025,7 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             Some(Done::Next)
         }
         M::Lea if matches!(o0, Opnd::Reg { .. }) && size >= 2 => {
-            cg.ea(u, false);
+            cg.ea(&u.mem, false);
             cg.st(6, size, o0);
             Some(Done::Next)
         }
@@ -1307,4 +1342,160 @@ fn is_setcc(m: Mnemonic) -> bool {
             | M::Setp
             | M::Sets
     )
+}
+
+/// XMM register number of operand `n`, if it is one.
+fn xmm_of(insn: &iced_x86::Instruction, n: u32) -> Option<u8> {
+    if insn.op_kind(n) != iced_x86::OpKind::Register {
+        return None;
+    }
+    let r = insn.op_register(n) as usize;
+    let x = r.wrapping_sub(iced_x86::Register::XMM0 as usize);
+    (x < 16).then_some(x as u8)
+}
+
+/// `op xmm0, xmm1` or `op xmm0, [rsi]`.
+macro_rules! sse2 {
+    ($cg:expr, $mem:expr, $op:ident) => {
+        if $mem {
+            a!($cg; $op xmm0, [rsi])
+        } else {
+            a!($cg; $op xmm0, xmm1)
+        }
+    };
+}
+
+/// SSE2 data movement and packed-integer forms the host runs as they are
+/// (legacy encoding only: nothing beyond what the engine implements).
+/// 128-bit memory operands go through the inline TLB path; the aligned
+/// forms check alignment there and leave a misaligned one to the
+/// interpreter's #GP. None: not one of these (nothing emitted).
+fn sse(cg: &mut Cg, u: &Uop) -> Option<Done> {
+    use Mnemonic as M;
+    let insn = &u.insn;
+    let m = insn.mnemonic();
+    let moves = matches!(m, M::Movaps | M::Movups | M::Movdqa | M::Movdqu);
+    let binary = matches!(
+        m,
+        M::Pxor
+            | M::Por
+            | M::Pand
+            | M::Pandn
+            | M::Pcmpeqb
+            | M::Pcmpeqw
+            | M::Pcmpeqd
+            | M::Pcmpgtb
+            | M::Paddb
+            | M::Paddw
+            | M::Paddd
+            | M::Paddq
+            | M::Psubb
+            | M::Psubw
+            | M::Psubd
+            | M::Psubq
+            | M::Pminub
+            | M::Pmaxub
+            | M::Punpcklbw
+            | M::Punpcklwd
+            | M::Punpckldq
+            | M::Punpcklqdq
+            | M::Pshufd
+    );
+    let movmsk = m == M::Pmovmskb;
+    if !(moves || binary || movmsk)
+        || insn.encoding() != iced_x86::EncodingKind::Legacy
+        || u.lock
+        || insn.op_count() != 2 + (m == M::Pshufd) as u32
+    {
+        return None;
+    }
+    let (x0, x1) = (xmm_of(insn, 0), xmm_of(insn, 1));
+    let mem0 = insn.op_kind(0) == iced_x86::OpKind::Memory;
+    let mem1 = insn.op_kind(1) == iced_x86::OpKind::Memory;
+    let aligned = !matches!(m, M::Movups | M::Movdqu);
+    // The operand shapes first, so that nothing is emitted for others.
+    let dst_gpr = if movmsk {
+        match (crate::uop::gpr(insn.op0_register()), x1) {
+            (Some((idx, false)), Some(_)) => Some(idx),
+            _ => return None,
+        }
+    } else {
+        None
+    };
+    match (x0, x1, mem0, mem1) {
+        (Some(_), Some(_), false, false) => {}
+        (Some(_), None, false, true) if !movmsk => {}
+        (None, Some(_), true, false) if moves => {}
+        (None, Some(_), false, false) if movmsk => {}
+        _ => return None,
+    }
+    cg.sse_guard();
+    let has_mem = mem0 || mem1;
+    if has_mem {
+        let mo = crate::uop::memop(insn);
+        cg.ea(&mo, true);
+        cg.translate(16, if mem0 { Acc::Write } else { Acc::Read });
+        if aligned {
+            let stub = cg.stub_label();
+            a!(cg; test sil, 15 ; jnz =>stub);
+        }
+    }
+    if let Some(s) = x1 {
+        a!(cg; movdqu xmm1, [rbx + xmm_off(s)]);
+    }
+    if moves {
+        match (x0, mem0) {
+            (Some(d), false) => {
+                if mem1 {
+                    a!(cg; movdqu xmm1, [rsi]);
+                }
+                a!(cg; movdqu [rbx + xmm_off(d)], xmm1);
+            }
+            _ => a!(cg; movdqu [rsi], xmm1),
+        }
+        return Some(Done::Next);
+    }
+    if let Some(g) = dst_gpr {
+        a!(cg; pmovmskb eax, xmm1);
+        cg.st(0, 4, Opnd::Reg { idx: g, hi: false });
+        return Some(Done::Next);
+    }
+    let d = x0?;
+    if m == M::Pshufd {
+        let imm = insn.immediate8() as i8;
+        if mem1 {
+            a!(cg; pshufd xmm0, [rsi], imm);
+        } else {
+            a!(cg; pshufd xmm0, xmm1, imm);
+        }
+        a!(cg; movdqu [rbx + xmm_off(d)], xmm0);
+        return Some(Done::Next);
+    }
+    a!(cg; movdqu xmm0, [rbx + xmm_off(d)]);
+    match m {
+        M::Pxor => sse2!(cg, mem1, pxor),
+        M::Por => sse2!(cg, mem1, por),
+        M::Pand => sse2!(cg, mem1, pand),
+        M::Pandn => sse2!(cg, mem1, pandn),
+        M::Pcmpeqb => sse2!(cg, mem1, pcmpeqb),
+        M::Pcmpeqw => sse2!(cg, mem1, pcmpeqw),
+        M::Pcmpeqd => sse2!(cg, mem1, pcmpeqd),
+        M::Pcmpgtb => sse2!(cg, mem1, pcmpgtb),
+        M::Paddb => sse2!(cg, mem1, paddb),
+        M::Paddw => sse2!(cg, mem1, paddw),
+        M::Paddd => sse2!(cg, mem1, paddd),
+        M::Paddq => sse2!(cg, mem1, paddq),
+        M::Psubb => sse2!(cg, mem1, psubb),
+        M::Psubw => sse2!(cg, mem1, psubw),
+        M::Psubd => sse2!(cg, mem1, psubd),
+        M::Psubq => sse2!(cg, mem1, psubq),
+        M::Pminub => sse2!(cg, mem1, pminub),
+        M::Pmaxub => sse2!(cg, mem1, pmaxub),
+        M::Punpcklbw => sse2!(cg, mem1, punpcklbw),
+        M::Punpcklwd => sse2!(cg, mem1, punpcklwd),
+        M::Punpckldq => sse2!(cg, mem1, punpckldq),
+        _ => sse2!(cg, mem1, punpcklqdq),
+    }
+    a!(cg; movdqu [rbx + xmm_off(d)], xmm0);
+    Some(Done::Next)
 }

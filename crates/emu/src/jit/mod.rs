@@ -11,6 +11,14 @@
 //! rotates, MUL/IMUL, CMOVcc/SETcc, PUSH/POP, CALL/RET/JMP/Jcc) with the
 //! same host instruction, so results and flags are the host CPU's.
 //!
+//! SSE2 moves (MOVAPS/MOVUPS/MOVDQA/MOVDQU), the common packed-integer
+//! operations (PXOR/POR/PAND/PANDN, PCMPEQ*/PCMPGTB, PADD*/PSUB*,
+//! PMINUB/PMAXUB, PUNPCKL*, PSHUFD) and PMOVMSKB run as the same host
+//! instruction on xmm0/xmm1 loaded from `CpuState::xmm`, behind a
+//! once-per-block CR0.EM/TS and CR4.OSFXSR guard and an alignment check
+//! for the aligned forms (failing either runs the interpreter, which
+//! raises the fault).
+//!
 //! Memory operands go through an inline lookup of the soft TLB (tag,
 //! permissions, page crossing, RAM, and for writes the page's code/dirty
 //! tracking flag). Anything else, and every instruction the translator does
@@ -44,7 +52,8 @@
 //!
 //! Not translated (interpreted from the generated code): LOCK-prefixed
 //! instructions, XCHG with memory, DIV/IDIV, 8/16-bit one-operand MUL/IMUL,
-//! string instructions, BT*, anything non-integer, and
+//! string instructions, BT*, floating point and the SSE forms not listed
+//! next, and
 //! every block that is not 64-bit code.
 //!
 //! # Layout
