@@ -896,7 +896,8 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
         return Some(Done::Next);
     }
     let branch = matches!(m, M::Call | M::Ret | M::Jmp) || is_jcc(m);
-    if !branch && !matches!(size, 1 | 2 | 4 | 8) {
+    // CDQE/CQO have no explicit operand (no operand size in the uop).
+    if !branch && !matches!(m, M::Cdqe | M::Cqo) && !matches!(size, 1 | 2 | 4 | 8) {
         return None;
     }
     // Operands must be resolved (the uop builder leaves them None if an
