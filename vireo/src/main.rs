@@ -1,7 +1,5 @@
 //! `vireo`: the command line of the Vireo virtual machine monitor.
 
-mod bench;
-
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -43,8 +41,6 @@ enum Command {
     /// Boot a VM and attach its serial console to this terminal.
     #[command(after_help = EXIT_CODES)]
     Run(RunArgs),
-    /// Measure Vireo beside QEMU and print the figures side by side.
-    Bench(bench::BenchArgs),
     /// Check that a running VMM's API answers (prints its version).
     Ping(ApiArgs),
     /// Print a running VM's state, configuration, vCPUs and devices (JSON).
@@ -377,13 +373,6 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     let code = match cli.command {
         Command::Run(args) => run(args),
-        Command::Bench(args) => match bench::run(args) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("vireo: error: {e:#}");
-                exit_code::VMM_ERROR
-            }
-        },
         Command::Ping(a) => api_call(&a, "GET", "/api/v1/vmm.ping"),
         Command::Info(a) => api_call(&a, "GET", "/api/v1/vm.info"),
         Command::Pause(a) => api_call(&a, "PUT", "/api/v1/vm.pause"),

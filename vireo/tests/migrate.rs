@@ -572,7 +572,7 @@ fn a_destination_refuses_a_stream_that_is_not_a_migration() {
     let port = free_port();
     let mut dst = destination(port, None);
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"VIREOMIG\x01\x00\x00\x00").unwrap();
+    s.write_all(b"VIREOMIG\x02\x00\x00\x00").unwrap();
     drop(s);
     assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(1));
     let err = dst.stderr_text();

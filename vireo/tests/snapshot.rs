@@ -365,12 +365,12 @@ fn damaged_or_mismatched_snapshots_are_refused_clearly() {
     let manifest = |d: &Path| std::fs::read_to_string(d.join("manifest.json")).unwrap();
 
     let d = case("version");
-    let m = manifest(&d).replacen("\"version\":2", "\"version\":3", 1);
+    let m = manifest(&d).replacen("\"version\":3", "\"version\":4", 1);
     std::fs::write(d.join("manifest.json"), m).unwrap();
     let (code, err) = restore_output(&d, &[]);
     assert_eq!(code, Some(1));
     assert!(
-        err.contains("has version 3; this Vireo reads version 2"),
+        err.contains("has version 4; this Vireo reads version 3"),
         "{err}"
     );
 

@@ -18,7 +18,7 @@ use std::time::Instant;
 use hypervisor::IrqLine;
 use serde::{Deserialize, Serialize};
 
-use crate::{BusDevice, EventSink, VmEvent};
+use crate::{BusDevice, EventSink, Persist, PersistError, VmEvent};
 
 /// Where the PM registers live in port space, and how many ports they take.
 pub const PM_BASE: u16 = 0x600;
@@ -149,24 +149,31 @@ impl AcpiPm {
         regs[8..12].copy_from_slice(&self.timer().to_le_bytes());
         regs
     }
+}
 
-    pub fn state(&self) -> AcpiPmState {
-        AcpiPmState {
+impl Persist for AcpiPm {
+    type State = AcpiPmState;
+
+    fn save(&self) -> Result<AcpiPmState, PersistError> {
+        Ok(AcpiPmState {
             pm1_status: self.status,
             pm1_enable: self.enable,
             pm1_control: self.control,
             timer: self.timer(),
-        }
+        })
     }
 
     /// Load a saved state; the timer resumes counting from the saved value.
-    pub fn restore(&mut self, state: &AcpiPmState) {
+    /// Every value is acceptable: bits the guest cannot set (SLP_EN, timer
+    /// bits above 23) are dropped, SCI_EN forced on, as a guest write would.
+    fn restore(&mut self, state: &AcpiPmState) -> Result<(), PersistError> {
         self.status = state.pm1_status;
         self.enable = state.pm1_enable;
         self.control = (state.pm1_control & !CNT_SLP_EN) | CNT_SCI_EN;
         self.timer_start = Instant::now();
         self.timer_base = state.timer & TMR_MASK;
         self.timer_msb_seen = (self.timer_base >> 23) as u64;
+        Ok(())
     }
 }
 
@@ -237,13 +244,20 @@ impl ResetControl {
     pub fn new(events: EventSink) -> Self {
         ResetControl { value: 0, events }
     }
+}
 
-    pub fn state(&self) -> ResetControlState {
-        ResetControlState { value: self.value }
+impl Persist for ResetControl {
+    type State = ResetControlState;
+
+    fn save(&self) -> Result<ResetControlState, PersistError> {
+        Ok(ResetControlState { value: self.value })
     }
 
-    pub fn restore(&mut self, state: &ResetControlState) {
+    /// RST_CPU is an action, not a stored bit: a saved one never resets
+    /// the restored machine.
+    fn restore(&mut self, state: &ResetControlState) -> Result<(), PersistError> {
         self.value = state.value & !RST_CPU;
+        Ok(())
     }
 }
 
@@ -375,9 +389,9 @@ mod tests {
     #[test]
     fn pm_timer_wraps_at_24_bits_and_sets_tmr_sts() {
         let (bus, pm, _) = rig();
-        let mut state = pm.lock().unwrap().state();
+        let mut state = pm.lock().unwrap().save().unwrap();
         state.timer = TMR_MASK - 1000; // 1000 ticks is ~0.28 ms before the wrap
-        pm.lock().unwrap().restore(&state);
+        pm.lock().unwrap().restore(&state).unwrap();
         std::thread::sleep(Duration::from_millis(5));
         let t = inl(&bus, BASE + 8);
         assert!(t < 1_000_000, "wrapped to {t:#x}");
@@ -418,12 +432,12 @@ mod tests {
         let (bus, pm, _) = rig();
         outw(&bus, BASE + 2, 0x0100);
         outw(&bus, BASE + 4, 2 << 10);
-        let state = pm.lock().unwrap().state();
+        let state = pm.lock().unwrap().save().unwrap();
         let json = serde_json::to_string(&state).unwrap();
         let back: AcpiPmState = serde_json::from_str(&json).unwrap();
         assert_eq!(back, state);
         let (bus2, pm2, _) = rig();
-        pm2.lock().unwrap().restore(&back);
+        pm2.lock().unwrap().restore(&back).unwrap();
         assert_eq!(inw(&bus2, BASE + 2), 0x0100);
         assert_eq!(inw(&bus2, BASE + 4), 2 << 10 | 1);
         let t = inl(&bus2, BASE + 8);
@@ -447,7 +461,7 @@ mod tests {
         assert_eq!(d[0], 0x02);
         assert!(bus.write(RESET_PORT as u64, &[0x06]));
         assert_eq!(*events.lock().unwrap(), vec![VmEvent::Reset]);
-        let json = serde_json::to_string(&rc.lock().unwrap().state()).unwrap();
+        let json = serde_json::to_string(&rc.lock().unwrap().save().unwrap()).unwrap();
         let back: ResetControlState = serde_json::from_str(&json).unwrap();
         assert_eq!(back, ResetControlState { value: 0x02 });
         // A wide write still decodes byte 0.

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use hypervisor::IrqLine;
 use serde::{Deserialize, Serialize};
 
-use crate::{BusDevice, EventSink, StateError, VmEvent};
+use crate::{BusDevice, EventSink, Persist, PersistError, VmEvent};
 
 /// The controller's bus range starting at port 0x60: 0x60 data, 0x64 command.
 pub const I8042_BASE: u16 = 0x60;
@@ -130,28 +130,6 @@ impl I8042 {
             events,
             kbd_irq,
         }
-    }
-
-    pub fn state(&self) -> I8042State {
-        self.state.clone()
-    }
-
-    pub fn restore(&mut self, state: &I8042State) -> Result<(), StateError> {
-        if state.kbd_queue.len() > KBD_QUEUE_MAX {
-            return Err(StateError::Invalid {
-                device: "i8042",
-                reason: format!(
-                    "{} bytes queued on the keyboard side, at most {KBD_QUEUE_MAX}",
-                    state.kbd_queue.len()
-                ),
-            });
-        }
-        self.state = state.clone();
-        // An edge lost in the snapshot would leave the guest waiting for it.
-        if self.state.output.is_some() {
-            self.raise_irq_if_enabled();
-        }
-        Ok(())
     }
 
     /// Bytes from the keyboard (scancodes), e.g. for injecting key presses.
@@ -359,6 +337,32 @@ impl I8042 {
             // nothing relies on it.
             None => 0x00,
         }
+    }
+}
+
+impl Persist for I8042 {
+    type State = I8042State;
+
+    fn save(&self) -> Result<I8042State, PersistError> {
+        Ok(self.state.clone())
+    }
+
+    fn restore(&mut self, state: &I8042State) -> Result<(), PersistError> {
+        if state.kbd_queue.len() > KBD_QUEUE_MAX {
+            return Err(PersistError::Invalid {
+                device: "i8042",
+                reason: format!(
+                    "{} bytes queued on the keyboard side, at most {KBD_QUEUE_MAX}",
+                    state.kbd_queue.len()
+                ),
+            });
+        }
+        self.state = state.clone();
+        // An edge lost in the snapshot would leave the guest waiting for it.
+        if self.state.output.is_some() {
+            self.raise_irq_if_enabled();
+        }
+        Ok(())
     }
 }
 
@@ -601,14 +605,14 @@ mod tests {
         r.dev.lock().unwrap().queue_keyboard_bytes(&[1, 2, 3]);
         r.outb(CMD, 0xae);
         r.outb(CMD, 0xd1); // pending data byte
-        let state = r.dev.lock().unwrap().state();
+        let state = r.dev.lock().unwrap().save().unwrap();
         let json = serde_json::to_string(&state).unwrap();
         let back: I8042State = serde_json::from_str(&json).unwrap();
         assert_eq!(back, state);
 
         let r2 = rig();
         r2.dev.lock().unwrap().restore(&back).unwrap();
-        assert_eq!(r2.dev.lock().unwrap().state(), state);
+        assert_eq!(r2.dev.lock().unwrap().save().unwrap(), state);
         assert_eq!(r2.irq.count(), 1, "the waiting byte is signalled again");
         r2.outb(DATA, 0x03); // completes the 0xd1 without reset
         assert!(r2.events.lock().unwrap().is_empty());

@@ -5,15 +5,19 @@
 //! [`hypervisor::IrqLine`], and report machine-wide requests (power off,
 //! reset) through an [`EventSink`].
 //!
-//! Every device keeps its guest-visible state in a plain serde struct with
-//! `state()` / `restore()` so that snapshots are a matter of saving and
-//! loading those structs.
+//! Every device keeps its guest-visible state in a plain serde struct and
+//! implements [`persist::Persist`] (the one persistence trait every device
+//! crate uses), so that snapshots are a matter of saving and loading those
+//! structs.
 
 pub mod acpi;
 pub mod i8042;
+pub mod persist;
 pub mod rtc;
 pub mod serial;
 pub mod sink;
+
+pub use persist::{Persist, PersistError};
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -41,16 +45,6 @@ pub enum BusError {
         len: u64,
         other_base: u64,
         other_len: u64,
-    },
-}
-
-/// Why a saved device state was refused by `restore`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StateError {
-    #[error("invalid {device} state: {reason}")]
-    Invalid {
-        device: &'static str,
-        reason: String,
     },
 }
 

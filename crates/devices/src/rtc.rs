@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{BusDevice, StateError};
+use crate::{BusDevice, Persist, PersistError};
 
 pub const RTC_BASE: u16 = 0x70;
 pub const RTC_LEN: u64 = 2;
@@ -229,23 +229,27 @@ impl CmosRtc {
             _ => self.ram[index as usize] = value,
         }
     }
+}
 
-    pub fn state(&self) -> CmosState {
-        CmosState {
+impl Persist for CmosRtc {
+    type State = CmosState;
+
+    fn save(&self) -> Result<CmosState, PersistError> {
+        Ok(CmosState {
             index: self.index,
             ram: self.ram.to_vec(),
             offset_secs: self.offset_secs,
             last_update_seen: self.last_update_seen,
-        }
+        })
     }
 
-    pub fn restore(&mut self, state: &CmosState) -> Result<(), StateError> {
+    fn restore(&mut self, state: &CmosState) -> Result<(), PersistError> {
         let ram: [u8; CMOS_SIZE] =
             state
                 .ram
                 .as_slice()
                 .try_into()
-                .map_err(|_| StateError::Invalid {
+                .map_err(|_| PersistError::Invalid {
                     device: "cmos rtc",
                     reason: format!("{} bytes of CMOS, expected {CMOS_SIZE}", state.ram.len()),
                 })?;
@@ -575,12 +579,12 @@ mod tests {
             [0x01, 0x00, 0x00, 0x07, 0x01, 0x01, 0x00, 0x20]
         );
         // The offset survives a snapshot.
-        let json = serde_json::to_string(&dev.lock().unwrap().state()).unwrap();
+        let json = serde_json::to_string(&dev.lock().unwrap().save().unwrap()).unwrap();
         let state: CmosState = serde_json::from_str(&json).unwrap();
         let (clock2, _) = manual_clock(ns.load(Ordering::SeqCst));
         let (bus2, dev2) = on_bus(CmosRtc::with_clock(None, clock2));
         dev2.lock().unwrap().restore(&state).unwrap();
-        assert_eq!(dev2.lock().unwrap().state(), state);
+        assert_eq!(dev2.lock().unwrap().save().unwrap(), state);
         assert_eq!(guest_reads_time(&bus2)[6], 0x00);
         assert_eq!(cmos_read(&bus2, CENTURY_INDEX), 0x20);
     }
@@ -663,7 +667,7 @@ mod tests {
         dev.lock().unwrap().write(7, &d);
         dev.lock().unwrap().write(0, &[]);
         // A snapshot with an absurd offset still reads as some date.
-        let mut state = dev.lock().unwrap().state();
+        let mut state = dev.lock().unwrap().save().unwrap();
         state.offset_secs = i64::MAX;
         dev.lock().unwrap().restore(&state).unwrap();
         guest_reads_time(&bus);

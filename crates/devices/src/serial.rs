@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use vm_superio::serial::{Error as SerialError, NoEvents};
 use vm_superio::Trigger;
 
-use crate::{BusDevice, StateError};
+use crate::{BusDevice, Persist, PersistError};
 
 /// Number of registers a UART decodes (offsets 0-7).
 const REGISTER_COUNT: u64 = 8;
@@ -124,19 +124,23 @@ impl Serial {
     pub fn fifo_capacity(&self) -> usize {
         self.uart.fifo_capacity()
     }
+}
 
-    pub fn state(&self) -> SerialState {
-        self.uart.state().into()
+impl Persist for Serial {
+    type State = SerialState;
+
+    fn save(&self) -> Result<SerialState, PersistError> {
+        Ok(self.uart.state().into())
     }
 
     /// Load a saved state. The output stream and interrupt line stay those
     /// given to [`Serial::new`]; an interrupt pending in the saved state is
     /// raised again.
-    pub fn restore(&mut self, state: &SerialState) -> Result<(), StateError> {
+    fn restore(&mut self, state: &SerialState) -> Result<(), PersistError> {
         // The FIFO size is private to vm-superio: an empty FIFO's capacity is it.
         let fifo_size = self.uart.fifo_capacity() + self.uart.state().in_buffer.len();
         if state.in_buffer.len() > fifo_size {
-            return Err(StateError::Invalid {
+            return Err(PersistError::Invalid {
                 device: "serial",
                 reason: format!(
                     "{} bytes in the receive FIFO, it holds {fifo_size}",
@@ -156,7 +160,7 @@ impl Serial {
             }
             // Unreachable after the size check above (the trigger cannot
             // fail), but the stream would be lost with the error: say so.
-            Err(e) => Err(StateError::Invalid {
+            Err(e) => Err(PersistError::Invalid {
                 device: "serial",
                 reason: format!("{e}; console output is lost"),
             }),
@@ -360,14 +364,14 @@ mod tests {
         outb(&r.bus, COM1 + SCR, 0x42);
         outb(&r.bus, COM1 + IER, 0x01);
         r.serial.lock().unwrap().enqueue_input(b"pending");
-        let state = r.serial.lock().unwrap().state();
+        let state = r.serial.lock().unwrap().save().unwrap();
         let json = serde_json::to_string(&state).unwrap();
         let back: SerialState = serde_json::from_str(&json).unwrap();
         assert_eq!(back, state);
 
         let r2 = rig();
         r2.serial.lock().unwrap().restore(&back).unwrap();
-        assert_eq!(r2.serial.lock().unwrap().state(), state);
+        assert_eq!(r2.serial.lock().unwrap().save().unwrap(), state);
         assert_eq!(r2.irq.count(), 1, "pending RX interrupt raised again");
         assert_eq!(inb(&r2.bus, COM1 + SCR), 0x42);
         assert_eq!(inb(&r2.bus, COM1 + THR), b'p');
@@ -380,7 +384,7 @@ mod tests {
     fn oversized_fifo_in_a_snapshot_is_refused() {
         let r = rig();
         outb(&r.bus, COM1 + SCR, 0x11);
-        let mut state = r.serial.lock().unwrap().state();
+        let mut state = r.serial.lock().unwrap().save().unwrap();
         state.in_buffer = vec![0; 1000];
         state.scratch = 0x22;
         assert!(r.serial.lock().unwrap().restore(&state).is_err());

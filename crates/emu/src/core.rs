@@ -394,6 +394,8 @@ impl Core {
             if !e.host.is_null() {
                 // SAFETY: inside one mapped RAM page; CAS only when aligned.
                 let p = unsafe { e.host.add((lin & 0xfff) as usize) };
+                // SAFETY: `p` is in that page with `size` bytes after it; the
+                // CAS only when aligned.
                 let old = unsafe {
                     if locked && aligned {
                         let mut old = load(p, size);
@@ -699,12 +701,12 @@ impl Core {
         let rip = self.st.rip;
         let epoch = self.tlb.epoch;
         let cache_gen = self.blocks.generation;
-        // SAFETY: a non-null `prev` is in this vCPU's block arena (links are
-        // reset whenever the cache is cleared).
         let cell = std::mem::take(&mut self.jit.ctx.last_cell);
         let chained = if prev.is_null() {
             None
         } else {
+            // SAFETY: a non-null `prev` is in this vCPU's block arena (links are
+            // reset whenever the cache is cleared).
             crate::decode::chained(unsafe { &*prev }, rip, epoch)
                 // SAFETY: a cell noted by the code of `prev` (a live block).
                 .or_else(|| unsafe { crate::jit::linked_block(cell, rip, epoch) })

@@ -47,6 +47,9 @@ pub struct Block {
 // owning vCPU's memory snapshot; the cache is flushed whenever the snapshot
 // changes, and the counters are atomics.
 unsafe impl Send for Block {}
+// SAFETY: needed because the cache keeps blocks in `Arc`s and moves with its
+// vCPU to the vCPU's thread; the `Cell`s are only touched by the vCPU that
+// owns the cache, never by two threads at once.
 unsafe impl Sync for Block {}
 
 /// Direct-mapped cache from RIP to block, in front of the hash map.

@@ -36,7 +36,7 @@
 //! - Make an [`EmuVm`], then before creating vCPUs: plug the platform in
 //!   with [`EmuVm::set_interrupt_controller`] (an adapter from
 //!   `emu_platform::SharedPlatform` to [`InterruptController`] is a one-line
-//!   forward per method: see `examples/boot_emu.rs`) and say what it provides
+//!   forward per method: see the one in `pc.rs`) and say what it provides
 //!   with [`EmuVm::set_cpuid_config`] (APIC, TSC-deadline, kvmclock).
 //! - Route `IoIn`/`IoOut` and `MmioRead`/`MmioWrite` exits to the devices
 //!   (the platform decodes PIC/PIT ports and the LAPIC/IOAPIC pages); read
@@ -59,7 +59,7 @@
 //! # Status
 //!
 //! Debian's 6.1 cloud kernel boots to its initramfs and powers off, with one
-//! or two vCPUs (`examples/boot_emu.rs`). Blocks run through the uop
+//! or two vCPUs (`vireo run --accel emu`; vireo/tests/linux_emu.rs). Blocks run through the uop
 //! interpreter until they are hot; hot 64-bit blocks are then compiled to
 //! host code by the translating tier ([`jit`]), which runs a boot at about
 //! 150-200 M guest instructions per CPU-second. `VIREO_JIT=off` keeps

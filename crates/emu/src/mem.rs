@@ -42,6 +42,10 @@ pub const FLAG_TRACK: u8 = 2;
 // `Vm::map_memory` contract; concurrent guest access is the guest's business
 // and goes through atomics or plain loads/stores of at most 8 bytes.
 unsafe impl Send for Region {}
+// SAFETY: as for Send: the range stays valid, and threads sharing a region
+// only read its bounds, update its flags, generations and dirty bits
+// atomically, and reach guest RAM through atomics or plain accesses of at
+// most 8 bytes.
 unsafe impl Sync for Region {}
 
 impl Region {
@@ -421,8 +425,8 @@ mod tests {
         r.stop_tracking();
         fast_write(&view, 7 * 4096, 1);
         assert!(!view.code_flag(7 * 4096).is_null());
-        // SAFETY: as above.
         assert_eq!(
+            // SAFETY: the flag lives as long as the view's regions.
             unsafe { (*view.code_flag(7 * 4096)).load(Ordering::SeqCst) },
             0
         );

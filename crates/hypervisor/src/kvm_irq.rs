@@ -132,7 +132,7 @@ mod tests {
         let e = default_entries();
         // 16 PIC pins and 24 IOAPIC pins.
         assert_eq!(e.len(), 40);
-        // SAFETY (union reads): every entry is of the irqchip kind.
+        // SAFETY: reading the union as irqchip: every entry is of that kind.
         let pins: Vec<(u32, u32, u32)> = e
             .iter()
             .map(|x| unsafe { (x.gsi, x.u.irqchip.irqchip, x.u.irqchip.pin) })

@@ -130,14 +130,14 @@ impl Tap {
         // SAFETY: fcntl on our own descriptor.
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
         tap.check(flags, "F_GETFL")?;
-        // SAFETY: as above.
         tap.check(
+            // SAFETY: fcntl on our own descriptor, as above.
             unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) },
             "F_SETFL O_NONBLOCK",
         )?;
         let hdr = VNET_HDR_LEN as libc::c_int;
-        // SAFETY: TUNSETVNETHDRSZ reads an int.
         tap.check(
+            // SAFETY: TUNSETVNETHDRSZ reads an int, and `hdr` is one.
             unsafe { libc::ioctl(fd, TUNSETVNETHDRSZ, &hdr) },
             "TUNSETVNETHDRSZ",
         )?;
@@ -188,13 +188,14 @@ impl Tap {
         // SAFETY: s is ours; closed when this guard drops.
         let sock = unsafe { File::from_raw_fd(s) };
         let mut req = IfReq::new(&self.name)?;
-        // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read/write a struct ifreq.
         self.check(
+            // SAFETY: SIOCGIFFLAGS writes a struct ifreq, which `req` is.
             unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) },
             "SIOCGIFFLAGS",
         )?;
         req.set_flags(req.flags() | libc::IFF_UP as libc::c_short);
         self.check(
+            // SAFETY: SIOCSIFFLAGS reads a struct ifreq, which `req` is.
             unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req) },
             "SIOCSIFFLAGS",
         )

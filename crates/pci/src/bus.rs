@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use devices::{Bus, BusDevice};
+use devices::{Bus, BusDevice, Persist, PersistError};
 
 use crate::config::{PciConfig, PciIds};
 use crate::{BarAllocator, PciDevice};
@@ -337,10 +337,6 @@ impl PciConfigIo {
         self.address.load(Ordering::SeqCst)
     }
 
-    pub fn set_address_latch(&self, v: u32) {
-        self.address.store(v, Ordering::SeqCst);
-    }
-
     /// Insert at [`crate::CONFIG_ADDRESS_PORT`], length 1.
     pub fn address_port(&self) -> PciConfigAddress {
         PciConfigAddress {
@@ -354,6 +350,42 @@ impl PciConfigIo {
             bus: self.bus.clone(),
             address: self.address.clone(),
         }
+    }
+}
+
+/// CONFIG_ADDRESS bits a guest can set: enable, bus, device, function,
+/// dword register (bits 1:0 and the reserved 30:24 read as zero).
+const CONFIG_ADDRESS_MASK: u32 = 0x80ff_fffc;
+
+/// Configuration mechanism #1's state: CONFIG_ADDRESS as the guest last
+/// wrote it (a snapshot may fall between that write and the data access).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct ConfigIoState {
+    pub address: u32,
+}
+
+impl Persist for PciConfigIo {
+    type State = ConfigIoState;
+
+    fn save(&self) -> Result<ConfigIoState, PersistError> {
+        Ok(ConfigIoState {
+            address: self.address_latch(),
+        })
+    }
+
+    fn restore(&mut self, s: &ConfigIoState) -> Result<(), PersistError> {
+        if s.address & !CONFIG_ADDRESS_MASK != 0 {
+            return Err(PersistError::invalid(
+                "pci config address",
+                format!(
+                    "CONFIG_ADDRESS {:#010x} has bits set no guest can write",
+                    s.address
+                ),
+            ));
+        }
+        self.address.store(s.address, Ordering::SeqCst);
+        Ok(())
     }
 }
 
@@ -378,7 +410,8 @@ impl BusDevice for PciConfigAddress {
             let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
             // Enable, bus, device, function, dword register; bits 1:0 and
             // the reserved 30:24 read as zero.
-            self.address.store(v & 0x80ff_fffc, Ordering::SeqCst);
+            self.address
+                .store(v & CONFIG_ADDRESS_MASK, Ordering::SeqCst);
         }
     }
 }
@@ -469,6 +502,25 @@ mod tests {
     use super::*;
     use crate::config::{BAR0, COMMAND, COMMAND_MEMORY};
     use crate::BarKind;
+
+    #[test]
+    fn config_address_latch_round_trips_and_refuses_reserved_bits() {
+        let bus = Arc::new(PciBus::new(Arc::new(Bus::new()), Arc::new(Bus::new())));
+        let io = PciConfigIo::new(bus.clone());
+        io.address_port().write(0, &0x8000_0810u32.to_le_bytes());
+        let saved = io.save().unwrap();
+        assert_eq!(saved.address, 0x8000_0810);
+        let mut other = PciConfigIo::new(bus);
+        other.restore(&saved).unwrap();
+        assert_eq!(other.address_latch(), 0x8000_0810);
+        let err = other
+            .restore(&ConfigIoState {
+                address: 0x0100_0003,
+            })
+            .unwrap_err();
+        assert!(matches!(err, PersistError::Invalid { .. }), "{err:?}");
+        assert_eq!(other.address_latch(), 0x8000_0810);
+    }
 
     /// A device with a 4 KiB memory BAR that remembers writes.
     struct Scratch {

@@ -2,6 +2,8 @@
 //! masks so that each device only declares what it has and guest writes to
 //! read-only bits are dropped without device code.
 
+use devices::{Persist, PersistError};
+
 use crate::{BarKind, BarRegion};
 
 /// Size of the conventional configuration space (what 0xcf8/0xcfc reach).
@@ -260,33 +262,33 @@ impl PciConfig {
         Ok(off)
     }
 
-    /// The whole configuration space as the guest sees it (for snapshots).
-    pub fn state(&self) -> Vec<u8> {
-        self.data.clone()
-    }
-
-    /// Load a space [`PciConfig::state`] returned. Every bit the guest
-    /// cannot write (identity, BAR kinds, capability layout) must match this
+    /// Load a space [`Persist::save`] returned. Every bit the guest cannot
+    /// write (identity, BAR kinds, capability layout) must match this
     /// function's own: a saved space only fits the same kind of device.
-    pub fn restore_state(&mut self, saved: &[u8]) -> Result<(), String> {
+    fn check_saved(&self, saved: &[u8]) -> Result<(), PersistError> {
         if saved.len() != self.data.len() {
-            return Err(format!(
-                "configuration space of {} bytes, this device has {}",
-                saved.len(),
-                self.data.len()
+            return Err(PersistError::invalid(
+                DEVICE,
+                format!(
+                    "configuration space of {} bytes, this device has {}",
+                    saved.len(),
+                    self.data.len()
+                ),
             ));
         }
         let fixed = |o: usize| !(self.wmask[o] | self.w1c[o]);
         if let Some(o) = (0..saved.len()).find(|&o| (saved[o] ^ self.data[o]) & fixed(o) != 0) {
-            return Err(format!(
-                "read-only configuration byte {o:#x} is {:#04x}, this device has {:#04x} (vendor {:#06x} device {:#06x}): not the same kind of device",
-                saved[o],
-                self.data[o],
-                self.read_u16(VENDOR_ID),
-                self.read_u16(DEVICE_ID)
+            return Err(PersistError::mismatch(
+                DEVICE,
+                format!(
+                    "read-only configuration byte {o:#x} is {:#04x}, this device has {:#04x} (vendor {:#06x} device {:#06x}): not the same kind of device",
+                    saved[o],
+                    self.data[o],
+                    self.read_u16(VENDOR_ID),
+                    self.read_u16(DEVICE_ID)
+                ),
             ));
         }
-        self.data.copy_from_slice(saved);
         Ok(())
     }
 
@@ -378,6 +380,32 @@ impl PciConfig {
     }
 }
 
+const DEVICE: &str = "pci configuration space";
+
+/// A function's whole configuration space as the guest sees it (256 bytes,
+/// or 4 KiB for a function with an extended space).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct ConfigSpaceState {
+    pub bytes: Vec<u8>,
+}
+
+impl Persist for PciConfig {
+    type State = ConfigSpaceState;
+
+    fn save(&self) -> Result<ConfigSpaceState, PersistError> {
+        Ok(ConfigSpaceState {
+            bytes: self.data.clone(),
+        })
+    }
+
+    fn restore(&mut self, saved: &ConfigSpaceState) -> Result<(), PersistError> {
+        self.check_saved(&saved.bytes)?;
+        self.data.copy_from_slice(&saved.bytes);
+        Ok(())
+    }
+}
+
 fn flag_bits(kind: BarKind) -> u32 {
     match kind {
         BarKind::Io => 0x3,
@@ -398,6 +426,34 @@ mod tests {
             subsystem_vendor: 0x1af4,
             subsystem: 0x1100,
         }
+    }
+
+    #[test]
+    fn saved_space_fits_only_the_same_kind_of_device() {
+        let mut c = PciConfig::new(ids());
+        c.write(INTERRUPT_LINE, &[0x0b]);
+        let saved = c.save().unwrap();
+        let mut d = PciConfig::new(ids());
+        d.restore(&saved).unwrap();
+        assert_eq!(d.read_u8(INTERRUPT_LINE), 0x0b);
+        let mut other = saved.clone();
+        other.bytes[2] ^= 1; // device ID
+        let mut e = PciConfig::new(ids());
+        let err = e.restore(&other).unwrap_err();
+        assert!(matches!(err, PersistError::Mismatch { .. }), "{err:?}");
+        assert!(err.to_string().contains("not the same kind of device"));
+        assert_eq!(
+            e.read_u8(INTERRUPT_LINE),
+            0,
+            "a refused space changes nothing"
+        );
+        let short = ConfigSpaceState {
+            bytes: saved.bytes[..64].to_vec(),
+        };
+        assert!(matches!(
+            e.restore(&short),
+            Err(PersistError::Invalid { .. })
+        ));
     }
 
     #[test]

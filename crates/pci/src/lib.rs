@@ -9,6 +9,11 @@
 //! address the guest last programmed, so MMIO exits reach the device without
 //! going through a shared window lock.
 //!
+//! Snapshots: [`PciConfig`], [`MsixTable`] and [`PciConfigIo`] (the
+//! CONFIG_ADDRESS latch) implement [`devices::Persist`]. After restoring
+//! functions' configuration spaces, call [`PciBus::refresh_routing`] so the
+//! BARs they decode are mapped again.
+//!
 //! Wiring into a VMM (the buses must be `Arc`s shared with the vCPU exit
 //! handlers; port 0xcf9 stays with the reset register):
 //!
@@ -31,9 +36,11 @@ pub mod msix;
 
 pub use alloc::{AddressWindow, BarAllocator};
 pub use bus::{
-    PciBus, PciConfigAddress, PciConfigData, PciConfigIo, PciConfigMmio, PciError, PciRoot,
+    ConfigIoState, PciBus, PciConfigAddress, PciConfigData, PciConfigIo, PciConfigMmio, PciError,
+    PciRoot,
 };
-pub use config::{PciConfig, PciIds};
+pub use config::{ConfigSpaceState, PciConfig, PciIds};
+pub use devices::{Persist, PersistError};
 pub use msix::{MsiSink, MsixState, MsixTable};
 
 /// Ports of configuration mechanism #1. The address register is 0xcf8

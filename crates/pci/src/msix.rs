@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use devices::{Persist, PersistError};
+
 /// Where MSI messages go: (address, data). The VMM connects this to
 /// `hypervisor::Vm::signal_msi`.
 pub type MsiSink = Arc<dyn Fn(u64, u32) + Send + Sync>;
@@ -114,32 +116,6 @@ impl MsixTable {
 
     pub fn enabled(&self) -> bool {
         self.enabled
-    }
-
-    pub fn state(&self) -> MsixState {
-        MsixState {
-            table: self.table.clone(),
-            pending: self.pending.clone(),
-            enabled: self.enabled,
-            function_masked: self.function_masked,
-        }
-    }
-
-    /// Load a table [`MsixTable::state`] returned, without delivering
-    /// anything (what was pending stays pending until unmasked).
-    pub fn restore_state(&mut self, s: &MsixState) -> Result<(), String> {
-        if s.table.len() != self.table.len() || s.pending.len() != self.pending.len() {
-            return Err(format!(
-                "an MSI-X table of {} vectors, this device has {}",
-                s.table.len() / MSIX_ENTRY_SIZE,
-                self.num_vectors()
-            ));
-        }
-        self.table.copy_from_slice(&s.table);
-        self.pending.copy_from_slice(&s.pending);
-        self.enabled = s.enabled;
-        self.function_masked = s.function_masked;
-        Ok(())
     }
 
     pub fn function_masked(&self) -> bool {
@@ -275,6 +251,51 @@ impl MsixTable {
     }
 }
 
+impl Persist for MsixTable {
+    type State = MsixState;
+
+    fn save(&self) -> Result<MsixState, PersistError> {
+        Ok(MsixState {
+            table: self.table.clone(),
+            pending: self.pending.clone(),
+            enabled: self.enabled,
+            function_masked: self.function_masked,
+        })
+    }
+
+    /// Load a saved table without delivering anything (what was pending
+    /// stays pending until unmasked).
+    fn restore(&mut self, s: &MsixState) -> Result<(), PersistError> {
+        if s.table.len() != self.table.len() || s.pending.len() != self.pending.len() {
+            return Err(PersistError::mismatch(
+                "msi-x table",
+                format!(
+                    "an MSI-X table of {} bytes and {} pending words, this device has {} vectors",
+                    s.table.len(),
+                    s.pending.len(),
+                    self.num_vectors()
+                ),
+            ));
+        }
+        // Pending bits past the last vector name vectors that do not exist.
+        let n = self.num_vectors();
+        if let Some(&last) = s.pending.last() {
+            let used = n - (s.pending.len() - 1) * 64;
+            if used < 64 && last >> used != 0 {
+                return Err(PersistError::invalid(
+                    "msi-x table",
+                    format!("pending bits {last:#x} beyond vector {}", n - 1),
+                ));
+            }
+        }
+        self.table.copy_from_slice(&s.table);
+        self.pending.copy_from_slice(&s.pending);
+        self.enabled = s.enabled;
+        self.function_masked = s.function_masked;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,6 +313,38 @@ mod tests {
     fn program(t: &mut MsixTable, v: u64, addr: u64, data: u32) {
         t.write_table(v * 16, &addr.to_le_bytes());
         t.write_table(v * 16 + 8, &data.to_le_bytes());
+    }
+
+    #[test]
+    fn saved_table_round_trips_and_bad_ones_change_nothing() {
+        let (mut t, seen) = table(3);
+        program(&mut t, 1, 0xfee0_0000, 0x41);
+        t.set_control(MSIX_ENABLE);
+        let saved = t.save().unwrap();
+        let (mut u, _) = table(3);
+        u.restore(&saved).unwrap();
+        assert_eq!(u.save().unwrap(), saved);
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "restoring delivers nothing"
+        );
+        // Another size of table, or pending bits of vectors 3..63.
+        let (mut big, _) = table(4);
+        assert!(matches!(
+            big.restore(&saved),
+            Err(PersistError::Mismatch { .. })
+        ));
+        let mut bad = saved.clone();
+        bad.pending[0] = 1 << 3;
+        let (mut v, _) = table(3);
+        let before = v.save().unwrap();
+        assert!(matches!(v.restore(&bad), Err(PersistError::Invalid { .. })));
+        assert_eq!(v.save().unwrap(), before);
+        // All 64 vectors of a word in use: every pending bit is valid.
+        let (mut w, _) = table(64);
+        let mut full = w.save().unwrap();
+        full.pending[0] = u64::MAX;
+        w.restore(&full).unwrap();
     }
 
     #[test]

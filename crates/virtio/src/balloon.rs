@@ -35,8 +35,8 @@ use vm_memory::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{
-    device_type, ActivateError, Descriptor, DeviceState, Processed, QueueError, QueueWorker,
-    VirtQueue, VirtioDevice, VirtioInterrupt,
+    device_type, ActivateError, Descriptor, DeviceState, Persist, PersistError, Processed,
+    QueueError, QueueWorker, VirtQueue, VirtioDevice, VirtioInterrupt,
 };
 
 pub const VIRTIO_BALLOON_F_MUST_TELL_HOST: u64 = 1 << 0;
@@ -373,34 +373,53 @@ impl VirtioDevice for Balloon {
         i.state.actual = 0;
     }
 
-    fn save_state(&self) -> Result<DeviceState, String> {
+    fn save_state(&self) -> Result<DeviceState, PersistError> {
+        crate::save_as(self, DeviceState::Balloon)
+    }
+
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), PersistError> {
+        crate::restore_from(self, "virtio-balloon", state, |s| match s {
+            DeviceState::Balloon(s) => Some(s),
+            _ => None,
+        })
+    }
+}
+
+impl Persist for Balloon {
+    type State = BalloonSnapshot;
+
+    fn save(&self) -> Result<BalloonSnapshot, PersistError> {
         let i = self.shared.lock();
-        Ok(DeviceState::Balloon(BalloonSnapshot {
+        Ok(BalloonSnapshot {
             options: self.options,
             state: i.state.clone(),
             held_stats: i.held_stats,
-        }))
+        })
     }
 
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), String> {
-        let DeviceState::Balloon(s) = state else {
-            return Err(format!(
-                "the snapshot has a {} here, this VM a virtio-balloon",
-                state.name()
-            ));
-        };
+    fn restore(&mut self, s: &BalloonSnapshot) -> Result<(), PersistError> {
+        const DEVICE: &str = "virtio-balloon";
         if s.options != self.options {
-            return Err(format!(
-                "the balloon had options {:?} when saved, {:?} now",
-                s.options, self.options
+            return Err(PersistError::mismatch(
+                DEVICE,
+                format!(
+                    "the balloon had options {:?} when saved, {:?} now",
+                    s.options, self.options
+                ),
             ));
         }
         if s.held_stats.is_some() && !s.options.stats {
-            return Err("a held statistics buffer without a statistics queue".into());
+            return Err(PersistError::invalid(
+                DEVICE,
+                "a held statistics buffer without a statistics queue",
+            ));
         }
         if let Some(h) = s.held_stats {
             if h >= QUEUE_SIZE {
-                return Err(format!("held statistics buffer {h} beyond the queue"));
+                return Err(PersistError::invalid(
+                    DEVICE,
+                    format!("held statistics buffer {h} beyond the queue"),
+                ));
             }
         }
         let mut i = self.shared.lock();
@@ -752,7 +771,11 @@ mod tests {
             stats: false,
         })
         .unwrap();
-        assert!(d.restore_state(&back).unwrap_err().contains("options"));
+        assert!(d
+            .restore_state(&back)
+            .unwrap_err()
+            .to_string()
+            .contains("options"));
         assert!(c.restore_state(&DeviceState::Rng).is_err());
         let DeviceState::Balloon(mut bad) = back else {
             unreachable!()

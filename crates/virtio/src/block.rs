@@ -13,11 +13,14 @@ use block::{BlockError, DiskImage};
 use hypervisor::GuestRam;
 
 use crate::{
-    device_type, ActivateError, DescChain, Processed, QueueError, QueueWorker, VirtQueue,
-    VirtioDevice, VirtioInterrupt,
+    device_type, ActivateError, DescChain, Persist, PersistError, Processed, QueueError,
+    QueueWorker, VirtQueue, VirtioDevice, VirtioInterrupt,
 };
 
 pub const QUEUE_SIZE: u16 = 256;
+
+/// How this device names itself in errors.
+const DEVICE: &str = "virtio-blk";
 pub const SECTOR_SIZE: u64 = 512;
 /// Length of the id a GET_ID request returns.
 pub const ID_LEN: usize = 20;
@@ -73,8 +76,9 @@ pub struct BlockState {
 }
 
 /// Size and modification time of `path`.
-fn file_identity(path: &std::path::Path) -> Result<(u64, u64), String> {
-    let m = std::fs::metadata(path).map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
+fn file_identity(path: &std::path::Path) -> Result<(u64, u64), PersistError> {
+    let m = std::fs::metadata(path)
+        .map_err(|e| PersistError::host(DEVICE, format!("cannot stat {}: {e}", path.display())))?;
     let mtime = m
         .modified()
         .ok()
@@ -125,6 +129,87 @@ impl Block {
     }
 }
 
+impl Persist for Block {
+    type State = BlockState;
+
+    /// Flushes the image first, so the file is what the snapshot expects.
+    fn save(&self) -> Result<BlockState, PersistError> {
+        let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+        disk.flush().map_err(|e| {
+            PersistError::host(
+                DEVICE,
+                format!("cannot flush {}: {e}", disk.path().display()),
+            )
+        })?;
+        let path = std::fs::canonicalize(disk.path()).map_err(|e| {
+            PersistError::host(DEVICE, format!("disk {}: {e}", disk.path().display()))
+        })?;
+        let (file_size, file_mtime_ns) = file_identity(&path)?;
+        Ok(BlockState {
+            path,
+            format: disk.format().name().into(),
+            capacity_sectors: self.capacity_sectors,
+            read_only: self.read_only,
+            serial: self.id.to_vec(),
+            file_size,
+            file_mtime_ns,
+        })
+    }
+
+    /// Changes nothing: the device was opened over the same disk; this
+    /// checks that it is the snapshot's disk and that it is unchanged.
+    fn restore(&mut self, s: &BlockState) -> Result<(), PersistError> {
+        let disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+        let opened = std::fs::canonicalize(disk.path()).map_err(|e| {
+            PersistError::host(DEVICE, format!("disk {}: {e}", disk.path().display()))
+        })?;
+        // The snapshot's own disk, or a clone's overlay straight over it
+        // (then the base is what must be unchanged).
+        let base_of_overlay = disk
+            .backing()
+            .filter(|_| opened != s.path)
+            .filter(|b| std::fs::canonicalize(b.path()).is_ok_and(|p| p == s.path));
+        let (path, format) = match base_of_overlay {
+            Some(b) => (s.path.clone(), b.format().name()),
+            None if opened == s.path => (opened, disk.format().name()),
+            None => {
+                return Err(PersistError::mismatch(
+                    DEVICE,
+                    format!(
+                        "the snapshot's disk is {}, this VM opened {} (neither it nor an overlay over it)",
+                        s.path.display(),
+                        opened.display()
+                    ),
+                ))
+            }
+        };
+        if format != s.format
+            || self.capacity_sectors != s.capacity_sectors
+            || self.read_only != s.read_only
+            || self.id.as_slice() != s.serial.as_slice()
+        {
+            return Err(PersistError::mismatch(
+                DEVICE,
+                format!(
+                    "disk {}: format, size, read-only flag or serial differ from the snapshot's",
+                    path.display()
+                ),
+            ));
+        }
+        let (size, mtime) = file_identity(&path)?;
+        if (size, mtime) != (s.file_size, s.file_mtime_ns) {
+            return Err(PersistError::host(DEVICE, format!(
+                "disk {} changed since the snapshot (size {} then, {size} now; modified at {} ns then, {mtime} ns now): \
+                 a snapshot resumes only over the disk file it was taken with, unchanged",
+                path.display(),
+                s.file_size,
+                s.file_mtime_ns
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
         device_type::BLOCK
@@ -168,23 +253,8 @@ impl VirtioDevice for Block {
         Ok(Box::new(self.worker()))
     }
 
-    /// Flushes the image first, so the file is what the snapshot expects.
-    fn save_state(&self) -> Result<crate::DeviceState, String> {
-        let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
-        disk.flush()
-            .map_err(|e| format!("cannot flush {}: {e}", disk.path().display()))?;
-        let path = std::fs::canonicalize(disk.path())
-            .map_err(|e| format!("disk {}: {e}", disk.path().display()))?;
-        let (file_size, file_mtime_ns) = file_identity(&path)?;
-        Ok(crate::DeviceState::Block(BlockState {
-            path,
-            format: disk.format().name().into(),
-            capacity_sectors: self.capacity_sectors,
-            read_only: self.read_only,
-            serial: self.id.to_vec(),
-            file_size,
-            file_mtime_ns,
-        }))
+    fn save_state(&self) -> Result<crate::DeviceState, PersistError> {
+        crate::save_as(self, crate::DeviceState::Block)
     }
 
     fn set_host_locks(&mut self, held: bool) -> Result<(), String> {
@@ -192,52 +262,11 @@ impl VirtioDevice for Block {
         disk.set_lock(held).map_err(|e| e.to_string())
     }
 
-    fn restore_state(&mut self, state: &crate::DeviceState) -> Result<(), String> {
-        let s = match state {
-            crate::DeviceState::Block(s) => s,
-            other => return Err(format!("a {} state for a virtio-blk device", other.name())),
-        };
-        let disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
-        let opened = std::fs::canonicalize(disk.path())
-            .map_err(|e| format!("disk {}: {e}", disk.path().display()))?;
-        // The snapshot's own disk, or a clone's overlay straight over it
-        // (then the base is what must be unchanged).
-        let base_of_overlay = disk
-            .backing()
-            .filter(|_| opened != s.path)
-            .filter(|b| std::fs::canonicalize(b.path()).is_ok_and(|p| p == s.path));
-        let (path, format) = match base_of_overlay {
-            Some(b) => (s.path.clone(), b.format().name()),
-            None if opened == s.path => (opened, disk.format().name()),
-            None => {
-                return Err(format!(
-                "the snapshot's disk is {}, this VM opened {} (neither it nor an overlay over it)",
-                s.path.display(),
-                opened.display()
-            ))
-            }
-        };
-        if format != s.format
-            || self.capacity_sectors != s.capacity_sectors
-            || self.read_only != s.read_only
-            || self.id.as_slice() != s.serial.as_slice()
-        {
-            return Err(format!(
-                "disk {}: format, size, read-only flag or serial differ from the snapshot's",
-                path.display()
-            ));
-        }
-        let (size, mtime) = file_identity(&path)?;
-        if (size, mtime) != (s.file_size, s.file_mtime_ns) {
-            return Err(format!(
-                "disk {} changed since the snapshot (size {} then, {size} now; modified at {} ns then, {mtime} ns now): \
-                 a snapshot resumes only over the disk file it was taken with, unchanged",
-                path.display(),
-                s.file_size,
-                s.file_mtime_ns
-            ));
-        }
-        Ok(())
+    fn restore_state(&mut self, state: &crate::DeviceState) -> Result<(), PersistError> {
+        crate::restore_from(self, DEVICE, state, |s| match s {
+            crate::DeviceState::Block(s) => Some(s),
+            _ => None,
+        })
     }
 }
 
@@ -661,15 +690,22 @@ mod tests {
             other => panic!("{other:?}"),
         }
         open(&path, "s1").restore_state(&st).unwrap();
-        let e = open(&path, "s2").restore_state(&st).unwrap_err();
+        let e = open(&path, "s2")
+            .restore_state(&st)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("serial"), "{e}");
         let e = open(&path, "s1")
             .restore_state(&crate::DeviceState::Rng)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("virtio-rng state"), "{e}");
         let other = dir.join("e.img");
         std::fs::copy(&path, &other).unwrap();
-        let e = open(&other, "s1").restore_state(&st).unwrap_err();
+        let e = open(&other, "s1")
+            .restore_state(&st)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("the snapshot's disk is"), "{e}");
         // A clone: a qcow2 overlay straight over the snapshot's disk is
         // accepted; one over another file is not.
@@ -684,7 +720,7 @@ mod tests {
         clone(&overlay).restore_state(&st).unwrap();
         let stray = dir.join("stray.qcow2");
         block::create_qcow2_overlay(&stray, &other).unwrap();
-        let e = clone(&stray).restore_state(&st).unwrap_err();
+        let e = clone(&stray).restore_state(&st).unwrap_err().to_string();
         assert!(e.contains("neither it nor an overlay over it"), "{e}");
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::OpenOptions::new()
@@ -692,10 +728,13 @@ mod tests {
             .open(&path)
             .and_then(|mut f| std::io::Write::write_all(&mut f, b"x"))
             .unwrap();
-        let e = open(&path, "s1").restore_state(&st).unwrap_err();
+        let e = open(&path, "s1")
+            .restore_state(&st)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("changed since the snapshot"), "{e}");
         // ... and a clone over the changed base is refused as well.
-        let e = clone(&overlay).restore_state(&st).unwrap_err();
+        let e = clone(&overlay).restore_state(&st).unwrap_err().to_string();
         assert!(e.contains("changed since the snapshot"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }

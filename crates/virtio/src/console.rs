@@ -13,8 +13,8 @@ use hypervisor::GuestRam;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{
-    device_type, ActivateError, Processed, QueueError, QueueWorker, VirtQueue, VirtioDevice,
-    VirtioInterrupt,
+    device_type, ActivateError, Persist, PersistError, Processed, QueueError, QueueWorker,
+    VirtQueue, VirtioDevice, VirtioInterrupt,
 };
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -93,6 +93,32 @@ impl Console {
     }
 }
 
+impl Persist for Console {
+    type State = ConsoleState;
+
+    fn save(&self) -> Result<ConsoleState, PersistError> {
+        Ok(ConsoleState {
+            pending_input: self.input.buf().iter().copied().collect(),
+        })
+    }
+
+    fn restore(&mut self, s: &ConsoleState) -> Result<(), PersistError> {
+        if s.pending_input.len() > INPUT_BUFFER_MAX {
+            return Err(PersistError::invalid(
+                "virtio-console",
+                format!(
+                    "{} bytes of pending input, the device holds at most {INPUT_BUFFER_MAX}",
+                    s.pending_input.len()
+                ),
+            ));
+        }
+        let mut b = self.input.buf();
+        b.clear();
+        b.extend(&s.pending_input);
+        Ok(())
+    }
+}
+
 impl VirtioDevice for Console {
     fn device_type(&self) -> u32 {
         device_type::CONSOLE
@@ -125,26 +151,15 @@ impl VirtioDevice for Console {
         }
     }
 
-    fn save_state(&self) -> Result<crate::DeviceState, String> {
-        Ok(crate::DeviceState::Console(ConsoleState {
-            pending_input: self.input.buf().iter().copied().collect(),
-        }))
+    fn save_state(&self) -> Result<crate::DeviceState, PersistError> {
+        crate::save_as(self, crate::DeviceState::Console)
     }
 
-    fn restore_state(&mut self, state: &crate::DeviceState) -> Result<(), String> {
-        match state {
-            crate::DeviceState::Console(s) => {
-                let mut b = self.input.buf();
-                b.clear();
-                let keep = s.pending_input.len().saturating_sub(INPUT_BUFFER_MAX);
-                b.extend(&s.pending_input[keep..]);
-                Ok(())
-            }
-            other => Err(format!(
-                "a {} state for a virtio-console device",
-                other.name()
-            )),
-        }
+    fn restore_state(&mut self, state: &crate::DeviceState) -> Result<(), PersistError> {
+        crate::restore_from(self, "virtio-console", state, |s| match s {
+            crate::DeviceState::Console(s) => Some(s),
+            _ => None,
+        })
     }
 
     fn activate(
@@ -258,5 +273,12 @@ mod tests {
         d.restore_state(&st).unwrap();
         assert_eq!(d.input().pending(), 11);
         assert!(d.restore_state(&crate::DeviceState::Rng).is_err());
+        // More input than the device ever holds is refused, and the input
+        // already there stays.
+        let big = ConsoleState {
+            pending_input: vec![0; INPUT_BUFFER_MAX + 1],
+        };
+        assert!(matches!(d.restore(&big), Err(PersistError::Invalid { .. })));
+        assert_eq!(d.input().pending(), 11);
     }
 }

@@ -11,6 +11,11 @@
 //! - [`rng::Rng`]: virtio-entropy fed from the host's `getrandom`.
 //! - [`balloon::Balloon`]: the memory balloon (inflate/deflate, statistics).
 //! - [`console::Console`]: virtio-console with one port (the guest's hvc0).
+//! - Snapshots: [`VirtioPciDevice`] and every device model implement
+//!   [`Persist`] (`devices::Persist`); through `dyn VirtioDevice` a model's
+//!   state travels as its [`DeviceState`] variant ([`save_as`],
+//!   [`restore_from`]). A restore checks the whole saved function before it
+//!   changes anything.
 
 pub mod balloon;
 pub mod block;
@@ -27,6 +32,7 @@ use std::sync::Arc;
 use hypervisor::GuestRam;
 use vmm_sys_util::eventfd::EventFd;
 
+pub use pci::{Persist, PersistError};
 pub use queue::{DescChain, Descriptor, QueueConfig, QueueError, VirtQueue};
 pub use transport::{QueueSnapshot, VirtioPciDevice, VirtioPciError, VirtioPciState, BAR_INDEX};
 
@@ -40,6 +46,33 @@ pub enum DeviceState {
     Rng,
     Console(console::ConsoleState),
     Balloon(balloon::BalloonSnapshot),
+}
+
+/// Save a device model through its [`Persist`] impl as its [`DeviceState`]
+/// variant (`wrap`): what [`VirtioDevice::save_state`] does for each model.
+pub fn save_as<D: Persist>(
+    dev: &D,
+    wrap: fn(D::State) -> DeviceState,
+) -> Result<DeviceState, PersistError> {
+    dev.save().map(wrap)
+}
+
+/// Restore a device model through its [`Persist`] impl from the variant
+/// `pick` finds in `state`; any other variant is refused as a mismatch
+/// naming both kinds.
+pub fn restore_from<D: Persist>(
+    dev: &mut D,
+    device: &'static str,
+    state: &DeviceState,
+    pick: fn(&DeviceState) -> Option<&D::State>,
+) -> Result<(), PersistError> {
+    match pick(state) {
+        Some(s) => dev.restore(s),
+        None => Err(PersistError::mismatch(
+            device,
+            format!("a {} state for a {device} device", state.name()),
+        )),
+    }
 }
 
 impl DeviceState {
@@ -178,12 +211,12 @@ pub trait VirtioDevice: Send {
     /// Device reset (status 0): forget everything the driver set up.
     fn reset(&mut self) {}
     /// This device's own state for a snapshot, taken while its queues are
-    /// not being processed. Devices without one cannot be snapshotted.
-    fn save_state(&self) -> Result<DeviceState, String> {
-        Err(format!(
-            "virtio device type {} does not support snapshots yet",
-            self.device_type()
-        ))
+    /// not being processed: its [`Persist`] state as a [`DeviceState`]
+    /// (see [`save_as`]). Devices without one cannot be snapshotted.
+    fn save_state(&self) -> Result<DeviceState, PersistError> {
+        Err(PersistError::Unsupported {
+            device: format!("virtio device type {}", self.device_type()),
+        })
     }
     /// Give up (`false`) or take back (`true`) host resources another
     /// process needs to take this device over (a disk's file lock).
@@ -191,11 +224,11 @@ pub trait VirtioDevice: Send {
         Ok(())
     }
     /// Load what [`VirtioDevice::save_state`] returned, before the driver
-    /// runs again; refuse state that does not fit this device.
-    fn restore_state(&mut self, _state: &DeviceState) -> Result<(), String> {
-        Err(format!(
-            "virtio device type {} does not support snapshots yet",
-            self.device_type()
-        ))
+    /// runs again; refuse state that does not fit this device (see
+    /// [`restore_from`]), changing nothing then.
+    fn restore_state(&mut self, _state: &DeviceState) -> Result<(), PersistError> {
+        Err(PersistError::Unsupported {
+            device: format!("virtio device type {}", self.device_type()),
+        })
     }
 }

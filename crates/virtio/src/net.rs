@@ -17,8 +17,8 @@ use hypervisor::GuestRam;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{
-    device_type, ActivateError, Processed, QueueError, QueueWorker, VirtQueue, VirtioDevice,
-    VirtioInterrupt,
+    device_type, ActivateError, Persist, PersistError, Processed, QueueError, QueueWorker,
+    VirtQueue, VirtioDevice, VirtioInterrupt,
 };
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -99,6 +99,21 @@ impl Net {
     }
 }
 
+impl Persist for Net {
+    type State = NetState;
+
+    fn save(&self) -> Result<NetState, PersistError> {
+        Ok(NetState { mac: self.mac })
+    }
+
+    /// The MAC is the guest's: it moves with it (a clone may be given a new
+    /// tap, never a new address under a running driver).
+    fn restore(&mut self, s: &NetState) -> Result<(), PersistError> {
+        self.mac = s.mac;
+        Ok(())
+    }
+}
+
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         device_type::NET
@@ -133,18 +148,15 @@ impl VirtioDevice for Net {
         crate::read_config_image(&self.config_bytes(), offset, data);
     }
 
-    fn save_state(&self) -> Result<crate::DeviceState, String> {
-        Ok(crate::DeviceState::Net(NetState { mac: self.mac }))
+    fn save_state(&self) -> Result<crate::DeviceState, PersistError> {
+        crate::save_as(self, crate::DeviceState::Net)
     }
 
-    fn restore_state(&mut self, state: &crate::DeviceState) -> Result<(), String> {
-        match state {
-            crate::DeviceState::Net(s) => {
-                self.mac = s.mac;
-                Ok(())
-            }
-            other => Err(format!("a {} state for a virtio-net device", other.name())),
-        }
+    fn restore_state(&mut self, state: &crate::DeviceState) -> Result<(), PersistError> {
+        crate::restore_from(self, "virtio-net", state, |s| match s {
+            crate::DeviceState::Net(s) => Some(s),
+            _ => None,
+        })
     }
 
     fn activate(

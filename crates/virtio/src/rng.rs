@@ -6,8 +6,8 @@ use std::sync::Arc;
 use hypervisor::GuestRam;
 
 use crate::{
-    device_type, ActivateError, Processed, QueueError, QueueWorker, VirtQueue, VirtioDevice,
-    VirtioInterrupt,
+    device_type, ActivateError, Persist, PersistError, Processed, QueueError, QueueWorker,
+    VirtQueue, VirtioDevice, VirtioInterrupt,
 };
 
 /// Queue size offered.
@@ -48,15 +48,27 @@ impl VirtioDevice for Rng {
         Ok(Box::new(RngWorker))
     }
 
-    fn save_state(&self) -> Result<crate::DeviceState, String> {
-        Ok(crate::DeviceState::Rng)
+    fn save_state(&self) -> Result<crate::DeviceState, PersistError> {
+        crate::save_as(self, |()| crate::DeviceState::Rng)
     }
 
-    fn restore_state(&mut self, state: &crate::DeviceState) -> Result<(), String> {
-        match state {
-            crate::DeviceState::Rng => Ok(()),
-            other => Err(format!("a {} state for a virtio-rng device", other.name())),
-        }
+    fn restore_state(&mut self, state: &crate::DeviceState) -> Result<(), PersistError> {
+        crate::restore_from(self, "virtio-rng", state, |s| {
+            matches!(s, crate::DeviceState::Rng).then_some(&())
+        })
+    }
+}
+
+/// The entropy device keeps nothing between requests.
+impl Persist for Rng {
+    type State = ();
+
+    fn save(&self) -> Result<(), PersistError> {
+        Ok(())
+    }
+
+    fn restore(&mut self, _state: &()) -> Result<(), PersistError> {
+        Ok(())
     }
 }
 

@@ -23,6 +23,8 @@ use std::thread::JoinHandle;
 use hypervisor::GuestRam;
 use pci::config::{PciConfig, PciIds};
 use pci::{BarKind, MsiSink, MsixTable, PciDevice};
+
+use crate::{Persist, PersistError};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::features::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -201,7 +203,7 @@ pub struct QueueSnapshot {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VirtioPciState {
     pub device_type: u32,
-    pub pci_config: Vec<u8>,
+    pub pci_config: pci::ConfigSpaceState,
     pub msix: pci::MsixState,
     pub device_features: u64,
     pub device_feature_select: u32,
@@ -215,6 +217,45 @@ pub struct VirtioPciState {
     pub config_msix_vector: u16,
     pub queues: Vec<QueueSnapshot>,
     pub device: crate::DeviceState,
+}
+
+/// The live queues `queues` describe under `driver_features`, at
+/// `positions` if given (a snapshot's) or at the start; an error names the
+/// queue the driver could never have had live.
+fn live_queues(
+    mem: &GuestRam,
+    driver_features: u64,
+    queues: &[QueueRegs],
+    positions: Option<&[Option<QueuePosition>]>,
+) -> Result<Vec<Option<VirtQueue>>, String> {
+    let event_idx = driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+    let indirect = driver_features & VIRTIO_RING_F_INDIRECT_DESC != 0;
+    let mut live = Vec::with_capacity(queues.len());
+    for (i, q) in queues.iter().enumerate() {
+        if !q.enabled {
+            live.push(None);
+            continue;
+        }
+        let mut vq = VirtQueue::new(mem, q.max_size, q.cfg, event_idx, indirect)
+            .map_err(|e| format!("queue {i}: {e}"))?;
+        if let Some(p) = positions.and_then(|p| p.get(i).copied().flatten()) {
+            vq.set_position(p);
+        }
+        live.push(Some(vq));
+    }
+    Ok(live)
+}
+
+/// How a virtio function names itself in persistence errors.
+fn type_name(device_type: u32) -> &'static str {
+    match device_type {
+        crate::device_type::NET => "virtio-net",
+        crate::device_type::BLOCK => "virtio-blk",
+        crate::device_type::CONSOLE => "virtio-console",
+        crate::device_type::RNG => "virtio-rng",
+        crate::device_type::BALLOON => "virtio-balloon",
+        _ => "virtio",
+    }
 }
 
 impl Drop for Worker {
@@ -506,22 +547,7 @@ impl VirtioPciDevice {
         &self,
         positions: Option<&[Option<QueuePosition>]>,
     ) -> Result<Vec<Option<VirtQueue>>, String> {
-        let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
-        let indirect = self.driver_features & VIRTIO_RING_F_INDIRECT_DESC != 0;
-        let mut queues = Vec::with_capacity(self.queues.len());
-        for (i, q) in self.queues.iter().enumerate() {
-            if !q.enabled {
-                queues.push(None);
-                continue;
-            }
-            let mut vq = VirtQueue::new(&self.mem, q.max_size, q.cfg, event_idx, indirect)
-                .map_err(|e| format!("queue {i}: {e}"))?;
-            if let Some(p) = positions.and_then(|p| p.get(i).copied().flatten()) {
-                vq.set_position(p);
-            }
-            queues.push(Some(vq));
-        }
-        Ok(queues)
+        live_queues(&self.mem, self.driver_features, &self.queues, positions)
     }
 
     fn activate(&mut self) {
@@ -588,7 +614,7 @@ impl VirtioPciDevice {
 
     /// Stop queue processing (before a snapshot): the worker finishes what
     /// it was doing and stops; its queue positions are kept for
-    /// [`VirtioPciDevice::save_state`] and [`VirtioPciDevice::resume`].
+    /// [`Persist::save`] and [`VirtioPciDevice::resume`].
     pub fn quiesce(&mut self) {
         if let Some(mut w) = self.worker.take() {
             // A worker that panicked left no positions: the device already
@@ -598,7 +624,7 @@ impl VirtioPciDevice {
     }
 
     /// Restart queue processing stopped by [`VirtioPciDevice::quiesce`] or
-    /// set up by [`VirtioPciDevice::restore_state`].
+    /// set up by [`Persist::restore`].
     pub fn resume(&mut self) {
         if let Some(p) = self.parked.take() {
             if self.worker.is_none() {
@@ -610,123 +636,6 @@ impl VirtioPciDevice {
     /// See [`VirtioDevice::set_host_locks`].
     pub fn set_host_locks(&mut self, held: bool) -> Result<(), String> {
         self.device.set_host_locks(held)
-    }
-
-    /// This function's state for a snapshot. Queue processing must be
-    /// stopped ([`VirtioPciDevice::quiesce`]) so nothing moves meanwhile.
-    pub fn save_state(&self) -> Result<VirtioPciState, String> {
-        if self.worker.is_some() {
-            return Err("queue processing is running (quiesce the device first)".into());
-        }
-        let device = self.device.save_state()?;
-        let queues = self
-            .queues
-            .iter()
-            .enumerate()
-            .map(|(i, q)| QueueSnapshot {
-                max_size: q.max_size,
-                size: q.cfg.size,
-                desc_table: q.cfg.desc_table,
-                avail_ring: q.cfg.avail_ring,
-                used_ring: q.cfg.used_ring,
-                enabled: q.enabled,
-                msix_vector: self.irq.queue_vectors[i].load(Ordering::SeqCst),
-                position: self
-                    .parked
-                    .as_ref()
-                    .and_then(|p| p.get(i).copied().flatten()),
-            })
-            .collect();
-        Ok(VirtioPciState {
-            device_type: self.device.device_type(),
-            pci_config: self.config.state(),
-            msix: self.msix().state(),
-            device_features: self.device_features,
-            device_feature_select: self.device_feature_select,
-            driver_feature_select: self.driver_feature_select,
-            driver_features: self.driver_features,
-            status: self.status,
-            needs_reset: self.health.needs_reset.load(Ordering::SeqCst),
-            queue_select: self.queue_select,
-            isr: self.irq.isr.load(Ordering::SeqCst),
-            config_generation: self.irq.generation.load(Ordering::SeqCst),
-            config_msix_vector: self.irq.config_vector.load(Ordering::SeqCst),
-            queues,
-            device,
-        })
-    }
-
-    /// Load a snapshot's state into this (new, never activated) function.
-    /// Queue processing starts at [`VirtioPciDevice::resume`]. The PCI bus
-    /// must then re-map the BARs the restored configuration decodes.
-    pub fn restore_state(&mut self, s: &VirtioPciState) -> Result<(), String> {
-        let ty = self.device.device_type();
-        if s.device_type != ty {
-            return Err(format!(
-                "the snapshot has a virtio device of type {} here, this VM a type {ty}",
-                s.device_type
-            ));
-        }
-        if s.device_features != self.device_features {
-            return Err(format!(
-                "the device offered features {:#x} when saved, {:#x} now",
-                s.device_features, self.device_features
-            ));
-        }
-        if s.queues.len() != self.queues.len()
-            || s.queues
-                .iter()
-                .zip(&self.queues)
-                .any(|(a, b)| a.max_size != b.max_size)
-        {
-            return Err("the snapshot's queues do not match this device's".into());
-        }
-        let nvec = self.msix().num_vectors();
-        let vector_ok = |v: u16| v == VIRTIO_MSI_NO_VECTOR || (v as usize) < nvec;
-        if !vector_ok(s.config_msix_vector) || s.queues.iter().any(|q| !vector_ok(q.msix_vector)) {
-            return Err("an MSI-X vector beyond the device's table".into());
-        }
-        if self.worker.is_some() {
-            return Err("the device is already running".into());
-        }
-        self.config.restore_state(&s.pci_config)?;
-        self.msix().restore_state(&s.msix)?;
-        self.device.restore_state(&s.device)?;
-        self.device_feature_select = s.device_feature_select;
-        self.driver_feature_select = s.driver_feature_select;
-        self.driver_features = s.driver_features & self.device_features;
-        self.status = s.status & !DEVICE_NEEDS_RESET;
-        self.health
-            .needs_reset
-            .store(s.needs_reset, Ordering::SeqCst);
-        self.queue_select = s.queue_select;
-        self.irq.isr.store(s.isr, Ordering::SeqCst);
-        self.irq
-            .generation
-            .store(s.config_generation, Ordering::SeqCst);
-        self.irq
-            .config_vector
-            .store(s.config_msix_vector, Ordering::SeqCst);
-        for (i, q) in s.queues.iter().enumerate() {
-            self.queues[i].cfg = QueueConfig {
-                size: q.size,
-                desc_table: q.desc_table,
-                avail_ring: q.avail_ring,
-                used_ring: q.used_ring,
-            };
-            self.queues[i].enabled = q.enabled;
-            self.irq.queue_vectors[i].store(q.msix_vector, Ordering::SeqCst);
-        }
-        self.parked = None;
-        if self.status & DRIVER_OK != 0 && !s.needs_reset {
-            let positions: Positions = s.queues.iter().map(|q| q.position).collect();
-            // Refuse queues the driver could never have had live, now
-            // rather than as a device failure once the guest runs.
-            self.live_queues(Some(&positions))
-                .map_err(|e| format!("snapshot virtio queues: {e}"))?;
-            self.parked = Some(positions);
-        }
-        Ok(())
     }
 
     fn selected(&mut self) -> Option<&mut QueueRegs> {
@@ -930,6 +839,173 @@ impl VirtioPciDevice {
         let len = self.config.read_u32(c + 12) as usize;
         (bar == BAR_INDEX as u8 && matches!(len, 1 | 2 | 4) && off + len as u64 <= BAR_SIZE)
             .then_some((off, len))
+    }
+}
+
+impl Persist for VirtioPciDevice {
+    type State = VirtioPciState;
+
+    /// This function's state for a snapshot. Queue processing must be
+    /// stopped ([`VirtioPciDevice::quiesce`]) so nothing moves meanwhile.
+    fn save(&self) -> Result<VirtioPciState, PersistError> {
+        let name = type_name(self.device.device_type());
+        if self.worker.is_some() {
+            return Err(PersistError::busy(
+                name,
+                "queue processing is running (quiesce the device first)",
+            ));
+        }
+        let device = self.device.save_state()?;
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| QueueSnapshot {
+                max_size: q.max_size,
+                size: q.cfg.size,
+                desc_table: q.cfg.desc_table,
+                avail_ring: q.cfg.avail_ring,
+                used_ring: q.cfg.used_ring,
+                enabled: q.enabled,
+                msix_vector: self.irq.queue_vectors[i].load(Ordering::SeqCst),
+                position: self
+                    .parked
+                    .as_ref()
+                    .and_then(|p| p.get(i).copied().flatten()),
+            })
+            .collect();
+        Ok(VirtioPciState {
+            device_type: self.device.device_type(),
+            pci_config: self.config.save()?,
+            msix: self.msix().save()?,
+            device_features: self.device_features,
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            status: self.status,
+            needs_reset: self.health.needs_reset.load(Ordering::SeqCst),
+            queue_select: self.queue_select,
+            isr: self.irq.isr.load(Ordering::SeqCst),
+            config_generation: self.irq.generation.load(Ordering::SeqCst),
+            config_msix_vector: self.irq.config_vector.load(Ordering::SeqCst),
+            queues,
+            device,
+        })
+    }
+
+    /// Load a snapshot's state into this (new, never activated) function.
+    /// Queue processing starts at [`VirtioPciDevice::resume`]. The PCI bus
+    /// must then re-map the BARs the restored configuration decodes.
+    ///
+    /// Everything is checked before anything changes: the transport's own
+    /// registers first, then the parts (configuration space, MSI-X, the
+    /// device model), each all or nothing, the earlier ones put back if a
+    /// later one refuses.
+    fn restore(&mut self, s: &VirtioPciState) -> Result<(), PersistError> {
+        let ty = self.device.device_type();
+        let name = type_name(ty);
+        if s.device_type != ty {
+            return Err(PersistError::mismatch(
+                name,
+                format!(
+                    "the snapshot has a virtio device of type {} here, this VM a type {ty}",
+                    s.device_type
+                ),
+            ));
+        }
+        if s.device_features != self.device_features {
+            return Err(PersistError::mismatch(
+                name,
+                format!(
+                    "the device offered features {:#x} when saved, {:#x} now",
+                    s.device_features, self.device_features
+                ),
+            ));
+        }
+        if s.queues.len() != self.queues.len()
+            || s.queues
+                .iter()
+                .zip(&self.queues)
+                .any(|(a, b)| a.max_size != b.max_size)
+        {
+            return Err(PersistError::mismatch(
+                name,
+                "the snapshot's queues do not match this device's",
+            ));
+        }
+        let nvec = self.msix().num_vectors();
+        let vector_ok = |v: u16| v == VIRTIO_MSI_NO_VECTOR || (v as usize) < nvec;
+        if !vector_ok(s.config_msix_vector) || s.queues.iter().any(|q| !vector_ok(q.msix_vector)) {
+            return Err(PersistError::invalid(
+                name,
+                "an MSI-X vector beyond the device's table",
+            ));
+        }
+        if self.worker.is_some() {
+            return Err(PersistError::busy(name, "the device is already running"));
+        }
+        let driver_features = s.driver_features & self.device_features;
+        let queues: Vec<QueueRegs> = s
+            .queues
+            .iter()
+            .map(|q| QueueRegs {
+                max_size: q.max_size,
+                cfg: QueueConfig {
+                    size: q.size,
+                    desc_table: q.desc_table,
+                    avail_ring: q.avail_ring,
+                    used_ring: q.used_ring,
+                },
+                enabled: q.enabled,
+            })
+            .collect();
+        let status = s.status & !DEVICE_NEEDS_RESET;
+        let parked = if status & DRIVER_OK != 0 && !s.needs_reset {
+            let positions: Positions = s.queues.iter().map(|q| q.position).collect();
+            // Refuse queues the driver could never have had live, now
+            // rather than as a device failure once the guest runs.
+            live_queues(&self.mem, driver_features, &queues, Some(&positions))
+                .map_err(|e| PersistError::invalid(name, format!("snapshot virtio queues: {e}")))?;
+            Some(positions)
+        } else {
+            None
+        };
+
+        let old_config = self.config.save()?;
+        let old_msix = self.msix().save()?;
+        let parts = self
+            .config
+            .restore(&s.pci_config)
+            .and_then(|()| self.msix().restore(&s.msix))
+            .and_then(|()| self.device.restore_state(&s.device));
+        if let Err(e) = parts {
+            // Each part takes back what it saved itself.
+            let _ = self.config.restore(&old_config);
+            let _ = self.msix().restore(&old_msix);
+            return Err(e);
+        }
+
+        self.device_feature_select = s.device_feature_select;
+        self.driver_feature_select = s.driver_feature_select;
+        self.driver_features = driver_features;
+        self.status = status;
+        self.health
+            .needs_reset
+            .store(s.needs_reset, Ordering::SeqCst);
+        self.queue_select = s.queue_select;
+        self.irq.isr.store(s.isr, Ordering::SeqCst);
+        self.irq
+            .generation
+            .store(s.config_generation, Ordering::SeqCst);
+        self.irq
+            .config_vector
+            .store(s.config_msix_vector, Ordering::SeqCst);
+        for (i, q) in s.queues.iter().enumerate() {
+            self.irq.queue_vectors[i].store(q.msix_vector, Ordering::SeqCst);
+        }
+        self.queues = queues;
+        self.parked = parked;
+        Ok(())
     }
 }
 

@@ -13,6 +13,7 @@ use harness::*;
 use virtio::features::*;
 use virtio::status::*;
 use virtio::transport::common;
+use virtio::{Persist, PersistError};
 use vm_memory::{Bytes, GuestAddress};
 
 #[test]
@@ -294,7 +295,7 @@ fn snapshot_into_new_machine(m: &Machine) -> Machine {
     let state = {
         let mut dev = m.dev.lock().unwrap();
         dev.quiesce();
-        dev.save_state().unwrap()
+        dev.save().unwrap()
     };
     let state: virtio::VirtioPciState =
         serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
@@ -302,7 +303,7 @@ fn snapshot_into_new_machine(m: &Machine) -> Machine {
     let mut ram = vec![0u8; MEM_SIZE];
     m.mem.read_slice(&mut ram, GuestAddress(0)).unwrap();
     n.mem.write_slice(&ram, GuestAddress(0)).unwrap();
-    n.dev.lock().unwrap().restore_state(&state).unwrap();
+    n.dev.lock().unwrap().restore(&state).unwrap();
     n.pci.refresh_routing();
     n.dev.lock().unwrap().resume();
     n
@@ -367,23 +368,34 @@ fn a_saved_state_only_fits_the_same_kind_of_device() {
     let state = {
         let mut dev = m.dev.lock().unwrap();
         dev.quiesce();
-        dev.save_state().unwrap()
+        dev.save().unwrap()
     };
     let n = machine();
     let mut other = state.clone();
     other.device_type = 2;
-    let e = n.dev.lock().unwrap().restore_state(&other).unwrap_err();
+    let e = n.dev.lock().unwrap().restore(&other).unwrap_err();
+    assert!(matches!(e, PersistError::Mismatch { .. }), "{e:?}");
+    let e = e.to_string();
     assert!(e.contains("type 2"), "{e}");
     let mut other = state.clone();
-    other.pci_config[2] ^= 1; // device ID
-    let e = n.dev.lock().unwrap().restore_state(&other).unwrap_err();
+    other.pci_config.bytes[2] ^= 1; // device ID
+    let e = n.dev.lock().unwrap().restore(&other).unwrap_err();
+    assert!(matches!(e, PersistError::Mismatch { .. }), "{e:?}");
+    let e = e.to_string();
     assert!(e.contains("not the same kind of device"), "{e}");
     let mut other = state.clone();
     other.queues[0].desc_table = 0xffff_ffff_0000;
-    let e = n.dev.lock().unwrap().restore_state(&other).unwrap_err();
+    let e = n.dev.lock().unwrap().restore(&other).unwrap_err();
+    assert!(matches!(e, PersistError::Invalid { .. }), "{e:?}");
+    let e = e.to_string();
     assert!(e.contains("queue 0"), "{e}");
-    let mut other = state;
+    let mut other = state.clone();
     other.queues[0].msix_vector = 7;
-    let e = n.dev.lock().unwrap().restore_state(&other).unwrap_err();
+    let e = n.dev.lock().unwrap().restore(&other).unwrap_err();
+    assert!(matches!(e, PersistError::Invalid { .. }), "{e:?}");
+    let e = e.to_string();
     assert!(e.contains("MSI-X vector"), "{e}");
+    // A refused state changed nothing: the good one still restores.
+    n.dev.lock().unwrap().restore(&state).unwrap();
+    assert_eq!(n.dev.lock().unwrap().save().unwrap(), state);
 }

@@ -498,9 +498,8 @@ fn restore_spec(
     // configuration may hold paths relative to another directory).
     let files: Vec<&std::path::Path> = manifest
         .devices
-        .virtio
-        .iter()
-        .filter_map(|v| match &v.state.device {
+        .virtio()
+        .filter_map(|v| match &v.device {
             virtio::DeviceState::Block(b) => Some(b.path.as_path()),
             _ => None,
         })

@@ -47,7 +47,9 @@ use crate::snapshot::{is_zero, Manifest, MemoryRange};
 use crate::{VmHandle, VmmError};
 
 pub const MAGIC: &[u8; 8] = b"VIREOMIG";
-pub const VERSION: u32 = 1;
+/// 2: the state message carries the version-3 snapshot manifest (devices as one
+/// list walked in order).
+pub const VERSION: u32 = 2;
 const PAGE: u64 = 4096;
 /// Set in a page's address: the page is all zeros and no bytes follow.
 const ZERO_PAGE: u64 = 1;

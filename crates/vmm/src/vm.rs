@@ -238,9 +238,9 @@ pub struct VmHandle {
     memory_bytes: u64,
     vcpus: Vec<SharedVcpu>,
     serial: Arc<Mutex<devices::serial::Serial>>,
-    i8042: Arc<Mutex<devices::i8042::I8042>>,
-    rtc: Arc<Mutex<devices::rtc::CmosRtc>>,
     acpi_pm: Arc<Mutex<devices::acpi::AcpiPm>>,
+    /// Every device with state, walked by snapshots and migrations.
+    devices: crate::snapshot::DeviceList,
     control: Arc<VmControl>,
     pci: PciSetup,
 }
@@ -251,7 +251,7 @@ type VirtioFunction = (String, Arc<Mutex<virtio::VirtioPciDevice>>);
 /// What a snapshot and the VMM need of the PCI side.
 struct PciSetup {
     bus: Arc<pci::PciBus>,
-    config_io: pci::PciConfigIo,
+    config_io: Arc<Mutex<pci::PciConfigIo>>,
     /// Every virtio function, in the order they were added.
     virtio: Vec<VirtioFunction>,
     console_input: Option<virtio::console::ConsoleInput>,
@@ -355,35 +355,13 @@ impl VmHandle {
         ),
         VmmError,
     > {
-        use crate::snapshot::*;
         let vcpu_states = self
             .vcpus
             .iter()
             .map(|v| lock(v).save_state())
             .collect::<Result<Vec<_>, _>>()?;
         let vm_state = self.vm.save_state()?;
-        let virtio = self
-            .pci
-            .virtio
-            .iter()
-            .map(|(name, d)| {
-                let state = lock(d)
-                    .save_state()
-                    .map_err(|e| VmmError::Conflict(format!("{name}: {e}")))?;
-                Ok(VirtioSnapshot {
-                    name: name.clone(),
-                    state,
-                })
-            })
-            .collect::<Result<Vec<_>, VmmError>>()?;
-        let devices = DeviceStates {
-            serial: lock(&self.serial).state(),
-            i8042: lock(&self.i8042).state(),
-            rtc: lock(&self.rtc).state(),
-            acpi_pm: lock(&self.acpi_pm).state(),
-            pci_config_address: self.pci.config_io.address_latch(),
-            virtio,
-        };
+        let devices = self.devices.save()?;
         Ok((vcpu_states, vm_state, devices))
     }
 
@@ -454,34 +432,8 @@ impl VmHandle {
             lock(v).restore_state(st)?;
         }
         self.vm.restore_state(&m.vm_state)?;
-        let bad =
-            |what: &str, e: devices::StateError| VmmError::Config(format!("snapshot {what}: {e}"));
-        lock(&self.serial)
-            .restore(&m.devices.serial)
-            .map_err(|e| bad("serial", e))?;
-        lock(&self.i8042)
-            .restore(&m.devices.i8042)
-            .map_err(|e| bad("i8042", e))?;
-        lock(&self.rtc)
-            .restore(&m.devices.rtc)
-            .map_err(|e| bad("rtc", e))?;
-        lock(&self.acpi_pm).restore(&m.devices.acpi_pm);
-        let saved = &m.devices.virtio;
-        if saved.len() != self.pci.virtio.len() {
-            return Err(VmmError::Config(format!(
-                "the snapshot has {} virtio devices, its configuration makes {}",
-                saved.len(),
-                self.pci.virtio.len()
-            )));
-        }
-        for (s, (name, d)) in saved.iter().zip(&self.pci.virtio) {
-            lock(d)
-                .restore_state(&s.state)
-                .map_err(|e| VmmError::Config(format!("snapshot {name}: {e}")))?;
-        }
-        self.pci
-            .config_io
-            .set_address_latch(m.devices.pci_config_address);
+        self.devices.restore(&m.devices)?;
+        // The restored configuration spaces decode BARs the bus must map.
         self.pci.bus.refresh_routing();
         for (_, d) in &self.pci.virtio {
             lock(d).resume();
@@ -661,12 +613,12 @@ impl Vm {
             Some(sci),
         )));
         add("acpi-pm", arch::layout::ACPI_PM_BASE as u64, 12, pm.clone())?;
-        let reset = devices::acpi::ResetControl::new(events.clone());
+        let reset = Arc::new(Mutex::new(devices::acpi::ResetControl::new(events.clone())));
         add(
             "reset-control",
             arch::layout::RESET_PORT as u64,
             1,
-            Arc::new(Mutex::new(reset)),
+            reset.clone(),
         )?;
         // Ports Linux pokes with nothing behind them: the POST/delay ports,
         // DMA page registers and the other COM ports.
@@ -690,6 +642,17 @@ impl Vm {
             }
             vcpus.push(Arc::new(Mutex::new(vcpu)));
         }
+        // The order is the snapshot format's: devices are restored in it.
+        let mut saved = crate::snapshot::DeviceList::default();
+        saved.push("serial (COM1)", serial.clone());
+        saved.push("i8042", i8042);
+        saved.push("cmos-rtc", rtc);
+        saved.push("acpi-pm", pm.clone());
+        saved.push("reset-control", reset);
+        saved.push("pci config-io", pci.config_io.clone());
+        for (name, d) in &pci.virtio {
+            saved.push(name.clone(), d.clone());
+        }
         let handle = Arc::new(VmHandle {
             vm: vm.clone(),
             accel: hv.kind(),
@@ -697,9 +660,8 @@ impl Vm {
             memory_bytes: spec.memory,
             vcpus,
             serial,
-            i8042,
-            rtc,
             acpi_pm: pm,
+            devices: saved,
             control: VmControl::new(),
             pci,
         });
@@ -985,7 +947,7 @@ fn setup_pci(
     }
     Ok(PciSetup {
         bus,
-        config_io: cfg,
+        config_io: Arc::new(Mutex::new(cfg)),
         virtio: functions,
         console_input,
         balloon,

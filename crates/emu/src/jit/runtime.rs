@@ -281,11 +281,11 @@ pub unsafe fn linked_block(cell: usize, rip: u64, epoch: u64) -> Option<*const B
     // SAFETY: per the contract.
     let cell = unsafe { &*(cell as *const LinkCell) };
     let b = cell.block.get();
-    // SAFETY: a linked cell's block is alive while its epoch holds (a cache
-    // clear flushes the TLB).
     if cell.epoch.get() == epoch
         && cell.target.get() == rip
         && !b.is_null()
+        // SAFETY: a linked cell's block is alive while its epoch holds (a
+        // cache clear flushes the TLB).
         && unsafe { crate::decode::is_valid(&*b) }
     {
         Some(b)

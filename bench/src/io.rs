@@ -246,7 +246,7 @@ fn measure(
             n += 1;
             let g = guest(n);
             let cmd = if i == 0 {
-                g.vireo(args.accel)
+                Ok(g.vireo(args.vireo(), args.accel))
             } else {
                 Ok(g.qemu(&args.qemu, args.accel))
             };

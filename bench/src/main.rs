@@ -1,4 +1,10 @@
-//! `vireo bench`: Vireo's figures beside a peer (QEMU) measured in the same run.
+//! `vireo-bench`: Vireo's figures beside a peer (QEMU) measured in the same run.
+//!
+//! A tool of its own, outside the product binary: it drives QEMU over QMP,
+//! makes network namespaces and disk images, and runs the `vireo` binary it
+//! measures as a separate process, the one built beside it in the same
+//! target directory (or `--vireo PATH`), so what it times is exactly what a
+//! user runs.
 //!
 //! `startup`: wall time from spawning the VMM process to the first byte a
 //! tiny guest writes to its serial port (its first instructions), and the
@@ -18,12 +24,19 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use clap::Parser;
 
-#[derive(clap::Args)]
+#[derive(Parser)]
+#[command(
+    name = "vireo-bench",
+    version,
+    about = "Measure Vireo beside QEMU and print the figures side by side"
+)]
 pub struct BenchArgs {
     /// Which benchmark: startup (VMM start and overhead), snapshot (snapshot
-    /// and restore times for 256 MiB and 2 GiB guests), boot (Debian boot and
-    /// a shell loop), blk (virtio-blk throughput and IOPS in the guest) or
+    /// and restore times for 256 MiB and 2 GiB guests), migrate (live
+    /// migration and API latency), boot (Debian boot, a shell loop and guest
+    /// MIPS), blk (virtio-blk throughput and IOPS in the guest) or
     /// net (virtio-net TCP throughput both ways through a tap; needs root).
     #[arg(default_value = "startup")]
     which: String,
@@ -48,6 +61,37 @@ pub struct BenchArgs {
     /// boot, blk and net: seconds before a VM that has not finished is killed.
     #[arg(long, default_value_t = 900)]
     timeout: u64,
+    /// The vireo binary to measure [default: `vireo` beside this program,
+    /// i.e. built in the same target directory and profile].
+    #[arg(long, value_name = "PATH")]
+    vireo: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    /// The vireo binary to measure (resolved in `run`).
+    fn vireo(&self) -> &Path {
+        self.vireo.as_deref().unwrap_or(Path::new("vireo"))
+    }
+}
+
+/// `vireo` next to this executable: cargo puts both binaries of the
+/// workspace in the same target directory.
+fn vireo_beside_me() -> Result<PathBuf> {
+    let me = std::env::current_exe().context("finding this program's path")?;
+    let dir = me
+        .parent()
+        .with_context(|| format!("{} has no directory", me.display()))?;
+    Ok(dir.join("vireo"))
+}
+
+fn main() -> std::process::ExitCode {
+    match run(BenchArgs::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vireo-bench: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 const GUEST_MEM_MIB: u64 = 64;
@@ -140,7 +184,7 @@ fn measure_once(mut cmd: Command) -> Result<Sample> {
     })
 }
 
-pub(super) fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
+pub(crate) fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
     v.sort();
     v[v.len() / 2]
 }
@@ -167,7 +211,7 @@ fn series(name: &str, runs: usize, make: &dyn Fn() -> Command) -> String {
     )
 }
 
-pub fn run(args: BenchArgs) -> Result<()> {
+fn run(mut args: BenchArgs) -> Result<()> {
     let runs = match (args.runs, args.which.as_str()) {
         (Some(0), _) => bail!("--runs must be at least 1"),
         (Some(n), _) => n,
@@ -177,6 +221,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if !(1..=3600).contains(&args.seconds) {
         bail!("--seconds must be 1 to 3600");
     }
+    let vireo = match args.vireo.take() {
+        Some(path) => path,
+        None => vireo_beside_me()?,
+    };
+    if !vireo.is_file() {
+        bail!(
+            "no vireo binary at {} (build it: cargo build --release -p vireo, or give --vireo PATH)",
+            vireo.display()
+        );
+    }
+    args.vireo = Some(vireo);
     if cfg!(debug_assertions) && args.which != "snapshot" {
         eprintln!(
             "note: a debug build of vireo; build with --release for figures that mean something"
@@ -256,7 +311,7 @@ fn spawn_letters(
 /// restored guest's first letter.
 fn snapshot(args: &BenchArgs, runs: usize) -> Result<()> {
     let accel = args.accel.vireo();
-    let vireo: PathBuf = std::env::current_exe()?;
+    let vireo = args.vireo();
     let dir = std::env::temp_dir().join(format!("vireo-bench-snap-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let elf = dir.join("letters.elf");
@@ -274,7 +329,7 @@ fn snapshot(args: &BenchArgs, runs: usize) -> Result<()> {
         for run in 0..runs {
             let sock = dir.join(format!("s{mib}-{run}.sock"));
             let snap = dir.join(format!("snap{mib}-{run}"));
-            let (mut src, _out) = spawn_letters(&vireo, accel, mib, &elf, &sock)?;
+            let (mut src, _out) = spawn_letters(vireo, accel, mib, &elf, &sock)?;
             api(&sock, "PUT", "/api/v1/vm.pause", "")?;
             let body = serde_json::json!({ "destination": snap }).to_string();
             snaps.push(api(&sock, "PUT", "/api/v1/vm.snapshot", &body)?);
@@ -283,7 +338,7 @@ fn snapshot(args: &BenchArgs, runs: usize) -> Result<()> {
             data.push(allocated_kib(&snap.join("memory.bin")));
 
             let start = Instant::now();
-            let mut dst = Command::new(&vireo)
+            let mut dst = Command::new(vireo)
                 .args(["restore", "--from"])
                 .arg(&snap)
                 .stdin(Stdio::null())
@@ -317,13 +372,13 @@ fn snapshot(args: &BenchArgs, runs: usize) -> Result<()> {
 /// (`GET vm.info` on a running VM).
 fn migrate(args: &BenchArgs, runs: usize) -> Result<()> {
     let accel = args.accel.vireo();
-    let vireo: PathBuf = std::env::current_exe()?;
+    let vireo = args.vireo();
     let dir = std::env::temp_dir().join(format!("vireo-bench-mig-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let elf = dir.join("letters.elf");
     std::fs::write(&elf, arch::tiny_elf::letters_guest(2_000))?;
     let spawn_source = |mib: u64, sock: &Path| -> Result<std::process::Child> {
-        let (src, mut out) = spawn_letters(&vireo, accel, mib, &elf, sock)?;
+        let (src, mut out) = spawn_letters(vireo, accel, mib, &elf, sock)?;
         // Keep draining the console so the guest never blocks on it.
         std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
         Ok(src)
@@ -344,7 +399,7 @@ fn migrate(args: &BenchArgs, runs: usize) -> Result<()> {
             let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
             let addr = listener.local_addr()?.to_string();
             drop(listener);
-            let mut dst = Command::new(&vireo)
+            let mut dst = Command::new(vireo)
                 .args(["migrate-receive", "--serial", "none", "--listen", &addr])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -546,7 +601,12 @@ fn boot(args: &BenchArgs, runs: usize) -> Result<()> {
     let [vname, qname] = args.accel.names();
     println!(
         "{}",
-        boot_series(&vname, runs, &|| g.vireo(args.accel), limit)
+        boot_series(
+            &vname,
+            runs,
+            &|| Ok(g.vireo(args.vireo(), args.accel)),
+            limit
+        )
     );
     if guest::has_binary(&args.qemu) {
         let q = || Ok(g.qemu(&args.qemu, args.accel));
@@ -562,7 +622,7 @@ fn startup(args: &BenchArgs, runs: usize) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let elf = dir.join("tiny-pvh.elf");
     std::fs::write(&elf, tiny_pvh_elf())?;
-    let vireo: PathBuf = std::env::current_exe()?;
+    let vireo = args.vireo();
     let mem = format!("{GUEST_MEM_MIB}M");
 
     println!(
@@ -574,7 +634,7 @@ fn startup(args: &BenchArgs, runs: usize) -> Result<()> {
         "VMM", "first byte", "RSS beyond guest"
     );
     let vireo_cmd = |accel: &'static str| {
-        let (vireo, elf, mem) = (vireo.clone(), elf.clone(), mem.clone());
+        let (vireo, elf, mem) = (vireo.to_path_buf(), elf.clone(), mem.clone());
         move || {
             let mut c = Command::new(&vireo);
             c.args([

@@ -87,9 +87,9 @@ impl Guest {
         })
     }
 
-    /// `vireo run` for this guest.
-    pub fn vireo(&self, accel: Accel) -> Result<Command> {
-        let mut c = Command::new(std::env::current_exe()?);
+    /// `vireo run` of the binary `vireo` for this guest.
+    pub fn vireo(&self, vireo: &Path, accel: Accel) -> Command {
+        let mut c = Command::new(vireo);
         c.args([
             "run",
             "--accel",
@@ -110,7 +110,7 @@ impl Guest {
         if let Some(tap) = &self.tap {
             c.arg("--net").arg(format!("tap={tap},mac={GUEST_MAC}"));
         }
-        Ok(c)
+        c
     }
 
     /// The same guest under QEMU's PC machine: no default NIC, the disk on
