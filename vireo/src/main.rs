@@ -4,6 +4,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use vmm::api::client::{ApiClient, ClientError};
+use vmm::api::{
+    ApiAction, ApiReply, BalloonRequest, MigrateReceiveRequest, MigrateRequest, RestoreRequest,
+    SnapshotRequest, VmState,
+};
 use vmm::config::{Accel, BootProtocol, ConsoleKind, MemSize, SerialMode, VmConfig};
 use vmm::exit_code;
 
@@ -142,14 +147,30 @@ impl StartArgs {
         }
     }
 
-    /// The same settings in an API request body (`--into`).
-    fn add_to(&self, body: &mut serde_json::Value) {
-        body["allow_tsc_change"] = self.allow_tsc_change.into();
-        if let Some(accel) = self.accel {
-            body["accel"] = serde_json::to_value(accel).unwrap_or_default();
+    /// The same settings as an API request (`restore --into`).
+    fn restore_request(
+        &self,
+        source: &Path,
+        overlays: &[PathBuf],
+        taps: &[String],
+    ) -> RestoreRequest {
+        RestoreRequest {
+            source: source.to_path_buf(),
+            accel: self.accel,
+            allow_tsc_change: self.allow_tsc_change,
+            overlays: overlays.to_vec(),
+            taps: taps.to_vec(),
+            serial: self.serial.clone(),
         }
-        if let Some(serial) = &self.serial {
-            body["serial"] = serial.to_string().into();
+    }
+
+    /// The same settings as an API request (`migrate-receive --into`).
+    fn receive_request(&self, listen: &str) -> MigrateReceiveRequest {
+        MigrateReceiveRequest {
+            listen: listen.into(),
+            accel: self.accel,
+            allow_tsc_change: self.allow_tsc_change,
+            serial: self.serial.clone(),
         }
     }
 }
@@ -298,15 +319,15 @@ impl VmOptions {
     }
 
     /// The config file (if any) with every option given on the command line on top.
-    fn into_config(self) -> Result<VmConfig, String> {
+    fn into_config(self) -> Result<VmConfig, vmm::VmmError> {
         let mut cfg = match &self.config {
-            Some(path) => VmConfig::from_file(path).map_err(|e| e.to_string())?,
+            Some(path) => VmConfig::from_file(path)?,
             None => match &self.kernel {
                 Some(k) => VmConfig::new(k.clone()),
                 None => {
-                    return Err(
+                    return Err(vmm::VmmError::Config(
                         "--kernel PATH is required (or --config FILE naming a kernel)".into(),
-                    )
+                    ))
                 }
             },
         };
@@ -371,23 +392,27 @@ fn init_logging(verbose: u8) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    // The environment is read here, in the binary; the library crates take
+    // the KVM device node as a parameter.
+    if let Some(dev) = std::env::var_os("VIREO_KVM_DEVICE") {
+        vmm::set_kvm_device(dev.to_string_lossy().into_owned());
+    }
     let code = match cli.command {
         Command::Run(args) => run(args),
-        Command::Ping(a) => api_call(&a, "GET", "/api/v1/vmm.ping"),
-        Command::Info(a) => api_call(&a, "GET", "/api/v1/vm.info"),
-        Command::Pause(a) => api_call(&a, "PUT", "/api/v1/vm.pause"),
-        Command::Resume(a) => api_call(&a, "PUT", "/api/v1/vm.resume"),
-        Command::PowerButton(a) => api_call(&a, "PUT", "/api/v1/vm.power-button"),
-        Command::Stop(a) => api_call(&a, "PUT", "/api/v1/vm.stop"),
-        Command::Snapshot(a) => snapshot(&a),
-        Command::Balloon(a) => balloon(&a),
-        Command::Migrate(a) => migrate(&a),
+        Command::Ping(a) => api_call(&a.api_socket, ApiAction::VmmPing),
+        Command::Info(a) => api_call(&a.api_socket, ApiAction::VmInfo),
+        Command::Pause(a) => api_call(&a.api_socket, ApiAction::VmPause),
+        Command::Resume(a) => api_call(&a.api_socket, ApiAction::VmResume),
+        Command::PowerButton(a) => api_call(&a.api_socket, ApiAction::VmPowerButton),
+        Command::Stop(a) => api_call(&a.api_socket, ApiAction::VmStop),
+        Command::Snapshot(a) => report(snapshot(&a)),
+        Command::Balloon(a) => report(balloon(&a)),
+        Command::Migrate(a) => report(migrate(&a)),
         Command::MigrateReceive(a) => match &a.start.into {
-            Some(sock) => {
-                let mut body = serde_json::json!({ "listen": a.listen });
-                a.start.add_to(&mut body);
-                api_put(sock, "/api/v1/vm.migrate-receive", &body)
-            }
+            Some(sock) => api_call(
+                sock,
+                ApiAction::VmMigrateReceive(a.start.receive_request(&a.listen)),
+            ),
             None => finish(vmm::migrate_receive(
                 &a.listen,
                 a.start.options(),
@@ -396,31 +421,20 @@ fn main() -> ExitCode {
             )),
         },
         Command::Create(a) => match a.vm.into_config() {
-            Ok(cfg) => match serde_json::to_value(&cfg) {
-                Ok(body) => api_put(&a.api.api_socket, "/api/v1/vm.create", &body),
-                Err(e) => {
-                    eprintln!("vireo: error: {e}");
-                    exit_code::VMM_ERROR
-                }
-            },
+            Ok(cfg) => api_call(&a.api.api_socket, ApiAction::VmCreate(Box::new(cfg))),
             Err(e) => {
                 eprintln!("vireo: error: {e}");
-                exit_code::VMM_ERROR
+                e.exit_code()
             }
         },
-        Command::MigrateCancel(a) => api_call(&a, "PUT", "/api/v1/vm.migrate-cancel"),
-        Command::Boot(a) => api_call(&a, "PUT", "/api/v1/vm.boot"),
-        Command::Delete(a) => api_call(&a, "PUT", "/api/v1/vm.delete"),
-        Command::Shutdown(a) => api_call(&a, "PUT", "/api/v1/vmm.shutdown"),
+        Command::MigrateCancel(a) => api_call(&a.api_socket, ApiAction::VmMigrateCancel),
+        Command::Boot(a) => api_call(&a.api_socket, ApiAction::VmBoot),
+        Command::Delete(a) => api_call(&a.api_socket, ApiAction::VmDelete),
+        Command::Shutdown(a) => api_call(&a.api_socket, ApiAction::VmmShutdown),
         Command::Restore(a) => match &a.start.into {
             Some(sock) => {
-                let mut body = serde_json::json!({
-                    "source": a.from,
-                    "overlays": a.overlay,
-                    "taps": a.tap,
-                });
-                a.start.add_to(&mut body);
-                api_put(sock, "/api/v1/vm.restore", &body)
+                let req = a.start.restore_request(&a.from, &a.overlay, &a.tap);
+                api_call(sock, ApiAction::VmRestore(req))
             }
             None => {
                 let clone = vmm::CloneOptions {
@@ -440,26 +454,10 @@ fn main() -> ExitCode {
     ExitCode::from(code as u8)
 }
 
-/// Report a failed API request: the JSON error's message, else the body.
-fn api_error(status: u16, body: String) -> i32 {
-    let msg = serde_json::from_str::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v["error"].as_str().map(String::from))
-        .unwrap_or(body);
-    eprintln!("vireo: error: {msg} (HTTP {status})");
-    exit_code::VMM_ERROR
-}
-
-/// One API request; prints a JSON answer, or the error it carries.
-fn api_call(args: &ApiArgs, method: &str, path: &str) -> i32 {
-    match vmm::api::client::request(&args.api_socket, method, path) {
-        Ok((status, body)) if (200..300).contains(&status) => {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or(body));
-            }
-            0
-        }
-        Ok((status, body)) => api_error(status, body),
+/// The exit code of a client command; a failure is one line on stderr.
+fn report(result: Result<(), ClientError>) -> i32 {
+    match result {
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("vireo: error: {e}");
             exit_code::VMM_ERROR
@@ -467,114 +465,69 @@ fn api_call(args: &ApiArgs, method: &str, path: &str) -> i32 {
     }
 }
 
-/// PUT a JSON body; a success answer says nothing (204).
-fn api_put(sock: &Path, path: &str, body: &serde_json::Value) -> i32 {
-    match vmm::api::client::request_with_body(sock, "PUT", path, &body.to_string()) {
-        Ok((status, _)) if (200..300).contains(&status) => 0,
-        Ok((status, body)) => api_error(status, body),
-        Err(e) => {
-            eprintln!("vireo: error: {e}");
-            exit_code::VMM_ERROR
+/// One API request; prints the JSON answer, if there is one.
+fn api_call(sock: &Path, action: ApiAction) -> i32 {
+    report(ApiClient::new(sock).call(&action).map(|reply| {
+        let text = match &reply {
+            ApiReply::Empty => return,
+            ApiReply::Ping(p) => serde_json::to_string_pretty(p),
+            ApiReply::Info(i) => serde_json::to_string_pretty(i),
+            ApiReply::Migrated(m) => serde_json::to_string_pretty(m),
+        };
+        if let Ok(text) = text {
+            println!("{text}");
         }
-    }
+    }))
 }
 
 /// Pause (if running), snapshot, resume (if it was running and not told otherwise).
-fn snapshot(a: &SnapshotArgs) -> i32 {
-    use vmm::api::client::{request, request_with_body};
-    let sock = &a.api.api_socket;
-    let state = match request(sock, "GET", "/api/v1/vm.info") {
-        Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["state"].as_str().map(String::from))
-            .unwrap_or_default(),
-        Ok((status, body)) => {
-            eprintln!("vireo: error: cannot read the VM's state (HTTP {status}): {body}");
-            return exit_code::VMM_ERROR;
-        }
-        Err(e) => {
-            eprintln!("vireo: error: {e}");
-            return exit_code::VMM_ERROR;
-        }
-    };
-    let was_running = state == "running";
+fn snapshot(a: &SnapshotArgs) -> Result<(), ClientError> {
+    let client = ApiClient::new(&a.api.api_socket);
+    let was_running = client.info()?.state == VmState::Running;
     if was_running {
-        let code = api_call(&a.api, "PUT", "/api/v1/vm.pause");
-        if code != 0 {
-            return code;
-        }
+        client.pause()?;
     }
-    let body = serde_json::json!({ "destination": a.dir }).to_string();
-    let result = request_with_body(sock, "PUT", "/api/v1/vm.snapshot", &body);
-    let code = match result {
-        Ok((204, _)) => {
-            println!("snapshot written to {}", a.dir.display());
-            0
-        }
-        Ok((status, body)) => api_error(status, body),
-        Err(e) => {
-            eprintln!("vireo: error: {e}");
-            exit_code::VMM_ERROR
-        }
-    };
+    let written = client.snapshot(SnapshotRequest {
+        destination: a.dir.clone(),
+    });
+    if written.is_ok() {
+        println!("snapshot written to {}", a.dir.display());
+    }
     if was_running && !a.stay_paused {
-        let resumed = api_call(&a.api, "PUT", "/api/v1/vm.resume");
-        if code == 0 {
-            return resumed;
-        }
+        let resumed = client.resume();
+        // The snapshot's own error matters more than the resume's.
+        return written.and(resumed);
     }
-    code
+    written
 }
 
 /// Migrate through the API and print how it went.
-fn migrate(a: &MigrateArgs) -> i32 {
-    let mut body = serde_json::json!({ "destination": a.to });
-    if let Some(m) = a.max_bandwidth_mib {
-        body["max_bandwidth_mib"] = m.into();
-    }
-    let body = body.to_string();
-    let path = "/api/v1/vm.migrate-send";
-    match vmm::api::client::request_with_body(&a.api.api_socket, "PUT", path, &body) {
-        Ok((200, body)) => {
-            match serde_json::from_str::<serde_json::Value>(&body) {
-                Ok(v) => println!(
-                    "migrated to {}: total {} ms, downtime {:.1} ms, {} bytes, {} iterations; \
-                     paused: {} pages, {} bytes",
-                    a.to,
-                    v["total_ms"],
-                    v["downtime_us"].as_f64().unwrap_or(0.0) / 1000.0,
-                    v["bytes"],
-                    v["iterations"],
-                    v["final_pages"],
-                    v["final_bytes"]
-                ),
-                Err(_) => println!("migrated to {}: {body}", a.to),
-            }
-            0
-        }
-        Ok((status, body)) => api_error(status, body),
-        Err(e) => {
-            eprintln!("vireo: error: {e}");
-            exit_code::VMM_ERROR
-        }
-    }
+fn migrate(a: &MigrateArgs) -> Result<(), ClientError> {
+    let r = ApiClient::new(&a.api.api_socket).migrate_send(MigrateRequest {
+        destination: a.to.clone(),
+        max_bandwidth_mib: a.max_bandwidth_mib,
+    })?;
+    println!(
+        "migrated to {}: total {} ms, downtime {:.1} ms, {} bytes, {} iterations; \
+         paused: {} pages, {} bytes",
+        a.to,
+        r.total_ms,
+        r.downtime_us as f64 / 1000.0,
+        r.bytes,
+        r.iterations,
+        r.final_pages,
+        r.final_bytes
+    );
+    Ok(())
 }
 
 /// Set the balloon's target size.
-fn balloon(a: &BalloonArgs) -> i32 {
-    let body = serde_json::json!({ "target_mib": a.target_mib }).to_string();
-    match vmm::api::client::request_with_body(&a.api.api_socket, "PUT", "/api/v1/vm.balloon", &body)
-    {
-        Ok((status, _)) if (200..300).contains(&status) => {
-            println!("balloon target set to {} MiB", a.target_mib);
-            0
-        }
-        Ok((status, body)) => api_error(status, body),
-        Err(e) => {
-            eprintln!("vireo: error: {e}");
-            exit_code::VMM_ERROR
-        }
-    }
+fn balloon(a: &BalloonArgs) -> Result<(), ClientError> {
+    ApiClient::new(&a.api.api_socket).balloon(BalloonRequest {
+        target_mib: a.target_mib,
+    })?;
+    println!("balloon target set to {} MiB", a.target_mib);
+    Ok(())
 }
 
 /// Report how a VM ended and turn it into the process exit code.
@@ -586,7 +539,7 @@ fn finish(result: Result<vmm::VmExit, vmm::VmmError>) -> i32 {
         }
         Err(e) => {
             eprintln!("vireo: error: {e}");
-            exit_code::VMM_ERROR
+            e.exit_code()
         }
     }
 }
@@ -600,7 +553,7 @@ fn run(args: RunArgs) -> i32 {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vireo: error: {e}");
-            return exit_code::VMM_ERROR;
+            return e.exit_code();
         }
     };
     finish(vmm::run(&cfg, api_socket.as_deref()))

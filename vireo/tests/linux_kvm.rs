@@ -4,7 +4,8 @@
 //! the serial console, from the vmlinux (64-bit entry and PVH entry) and from
 //! the bzImage, and that it finds every vCPU in Vireo's ACPI tables. The whole boot to userspace is in the opt-in slow target
 //! (`scripts/test.sh --slow`): on hosts where KVM runs guest ring 0 in an
-//! instruction emulator (nested PVM, see shared/HOST.md) it crawls and the
+//! instruction emulator (nested PVM, see the README's "This machine's KVM")
+//! it crawls and the
 //! emulator stops it partway, which Vireo must report cleanly.
 
 mod common;

@@ -33,8 +33,10 @@ pub use qcow2::create_qcow2_overlay;
 /// How deep a backing chain may be before we assume a loop.
 pub const MAX_BACKING_DEPTH: usize = 32;
 
-/// Image file formats Vireo understands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Image file formats Vireo understands (named `raw` and `qcow2` in
+/// options, configuration files and the API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ImageFormat {
     Raw,
     Qcow2,

@@ -62,7 +62,7 @@ pub use ioapic::{Delivery, IoApic};
 pub use lapic::{IpiRequest, Lapic, LapicEvent};
 pub use pic::Pic;
 pub use pit::Pit;
-pub use platform::{Platform, PlatformConfig};
+pub use platform::{Platform, PlatformConfig, RestoreError};
 pub use pvclock::{PvClock, PvClockVcpuTimeInfo, PvClockWallClock};
 pub use shared::{GuestClock, ManualClock, SharedPlatform};
 

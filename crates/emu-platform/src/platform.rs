@@ -53,6 +53,40 @@ impl Default for PlatformConfig {
     }
 }
 
+/// Why a saved platform cannot replace a live one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreError {
+    /// Not one local APIC per vCPU of the VM it is loaded into.
+    ApicCount {
+        lapics: usize,
+        configured: usize,
+        vcpus: usize,
+    },
+    /// A zero TSC or APIC bus rate (timers divide by them).
+    ZeroRate,
+}
+
+impl std::fmt::Display for RestoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RestoreError::ApicCount {
+                lapics,
+                configured,
+                vcpus,
+            } => write!(
+                f,
+                "the saved platform has {lapics} local APICs (configured for {configured}), \
+                 this VM has {vcpus} vCPUs"
+            ),
+            RestoreError::ZeroRate => {
+                f.write_str("the saved platform has a zero TSC or APIC bus rate")
+            }
+        }
+    }
+}
+
+impl std::error::Error for RestoreError {}
+
 /// Interrupt controllers and timers of one VM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Platform {
@@ -99,16 +133,16 @@ impl Platform {
     /// Checks a state that came from outside (a snapshot file) before it
     /// replaces the state of a platform made for `num_vcpus` vCPUs: one
     /// local APIC per vCPU and clock rates that can divide.
-    pub fn check_restorable(&self, num_vcpus: usize) -> Result<(), String> {
+    pub fn check_restorable(&self, num_vcpus: usize) -> Result<(), RestoreError> {
         if self.lapics.len() != num_vcpus || self.config.num_vcpus != num_vcpus {
-            return Err(format!(
-                "the saved platform has {} local APICs (configured for {}), this VM has {num_vcpus} vCPUs",
-                self.lapics.len(),
-                self.config.num_vcpus
-            ));
+            return Err(RestoreError::ApicCount {
+                lapics: self.lapics.len(),
+                configured: self.config.num_vcpus,
+                vcpus: num_vcpus,
+            });
         }
         if self.config.tsc_hz == 0 || self.config.apic_bus_hz == 0 {
-            return Err("the saved platform has a zero TSC or APIC bus rate".into());
+            return Err(RestoreError::ZeroRate);
         }
         Ok(())
     }

@@ -8,7 +8,7 @@
 //! only locks when a hint is set or the deadline has passed.
 //!
 //! The method names and signatures follow the engine's
-//! `emu::irq::InterruptController` trait (`trigger_gsi`, `pending_vector`,
+//! `emu::platform::irq::InterruptController` trait (`trigger_gsi`, `pending_vector`,
 //! `ack`, `take_nmi`, `has_pending`, `set_tpr`), so implementing that trait
 //! for this type is a one-line forward per method.
 
@@ -285,7 +285,7 @@ impl SharedPlatform {
     /// [`Platform::check_restorable`]); every vCPU is kicked so a sleeping
     /// one looks at what it now has pending. The clock must already read
     /// the saved guest time or later.
-    pub fn restore(&self, saved: Platform) -> Result<(), String> {
+    pub fn restore(&self, saved: Platform) -> Result<(), crate::platform::RestoreError> {
         saved.check_restorable(self.hints.len())?;
         let mut g = self.lock();
         *g = saved;

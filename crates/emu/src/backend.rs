@@ -4,17 +4,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use hypervisor::{
-    AccelKind, EmuFpuState, EmuMsrs, EmuPendingRead, EmuVcpuState, Hypervisor, HypervisorError,
-    InternalError, IrqLine, Result, SpecialRegs, StandardRegs, Vcpu, VcpuExit, VcpuKicker,
-    VcpuSnapshot, Vm, VmSnapshot,
+    AccelKind, Hypervisor, HypervisorError, InternalError, IrqLine, Result, SpecialRegs,
+    StandardRegs, Vcpu, VcpuExit, VcpuKicker, VcpuSnapshot, Vm, VmSnapshot,
 };
 
 use crate::core::{Core, ExitReq, ReadResponse, RunExit};
 use crate::cpu::*;
-use crate::irq::{InterruptController, QueueInterruptController};
 use crate::jit::JitConfig;
-use crate::mem::{MemView, PhysMem};
-use crate::pc::{Pc, PcBoard, PcVcpu, VcpuSignal};
+use crate::memory::mem::{MemView, PhysMem};
+use crate::platform::irq::{InterruptController, QueueInterruptController};
+use crate::platform::pc::{Pc, PcBoard, PcVcpu};
+use crate::platform::ControllerLink;
+use crate::state::{EmuFpuState, EmuMsrs, EmuPendingRead, EmuVcpuState, EmuVmState};
 
 /// The software CPU engine as a hypervisor backend.
 #[derive(Default)]
@@ -46,7 +47,7 @@ impl Hypervisor for EmuHypervisor {
     }
 
     fn supported_cpuid(&self) -> Result<Vec<hypervisor::CpuidEntry>> {
-        let cfg = crate::pc::cpuid_config();
+        let cfg = crate::platform::pc::cpuid_config();
         Ok(hypervisor::cpuid::recorded(|leaf, sub| {
             Some(crate::cpuid::cpuid(&cfg, 0, leaf, sub))
         }))
@@ -85,7 +86,7 @@ impl EmuVm {
     }
 
     /// A PC: LAPIC per vCPU, IOAPIC, 8259 pair, 8254 PIT and kvmclock inside
-    /// the engine (see [`crate::pc`]); what `EmuHypervisor` makes. The
+    /// the engine (see [`crate::platform::pc`]); what `EmuHypervisor` makes. The
     /// platform is sized when the first vCPU is made
     /// ([`EmuVm::create_pc_vcpu`] / `Vm::create_vcpu`).
     pub fn new_pc() -> Self {
@@ -93,7 +94,7 @@ impl EmuVm {
         EmuVm {
             mem: PhysMem::new(),
             intc: RwLock::new(board.clone()),
-            cpuid: RwLock::new(crate::pc::cpuid_config()),
+            cpuid: RwLock::new(crate::platform::pc::cpuid_config()),
             pc: Some(board),
             slots: Default::default(),
             jit: Default::default(),
@@ -121,7 +122,9 @@ impl EmuVm {
             ))
         })?;
         let cpuid = *self.cpuid.read().unwrap_or_else(|e| e.into_inner());
-        let mut core = Core::with_cpuid(index, MemView::new(self.mem.clone()), pc.clone(), cpuid);
+        let attention = link.signal.attention().clone();
+        let mut core =
+            Core::with_platform(index, MemView::new(self.mem.clone()), Box::new(link), cpuid);
         // The engine's copy of IA32_APIC_BASE (the LAPIC page it decodes,
         // what get_sregs reports) starts as the platform's: BSP bit on
         // vCPU 0 only.
@@ -129,10 +132,9 @@ impl EmuVm {
             core.st.msr.apic_base = base;
         }
         // The platform's kicks set the flag the run loop polls on.
-        core.attention = link.signal.attention().clone();
+        core.attention = attention;
         // Application processors do not run before INIT and SIPI.
         core.wait_for_sipi = index != 0;
-        core.pc = Some(Box::new(link));
         core.jit.configure(self.jit_config());
         Ok(EmuVcpu {
             core,
@@ -175,10 +177,10 @@ impl EmuVm {
     /// Make a vCPU with its concrete type (tests and the lead's wiring).
     pub fn create_emu_vcpu(&self, index: u32) -> EmuVcpu {
         let cpuid = *self.cpuid.read().unwrap_or_else(|e| e.into_inner());
-        let mut core = Core::with_cpuid(
+        let mut core = Core::with_platform(
             index,
             MemView::new(self.mem.clone()),
-            self.interrupt_controller(),
+            Box::new(ControllerLink::new(self.interrupt_controller())),
             cpuid,
         );
         core.jit.configure(self.jit_config());
@@ -293,19 +295,16 @@ impl Vm for EmuVm {
                 "VM state: only a PC-mode VM with its vCPUs made can be saved".into(),
             )
         })?;
-        Ok(VmSnapshot::Emu(Box::new(pc.save())))
+        Ok(pc.save().to_snapshot()?)
     }
 
     fn restore_state(&self, state: &VmSnapshot) -> Result<()> {
-        let s = match state {
-            VmSnapshot::Emu(s) => s,
-            other => return hypervisor::wrong_accel("VM state", other.accel(), AccelKind::Emu),
-        };
+        let s = EmuVmState::try_from(state)?;
         let pc = self.platform().ok_or_else(|| {
             HypervisorError::Other("VM state: make the vCPUs before restoring the platform".into())
         })?;
-        pc.restore(s)
-            .map_err(|e| HypervisorError::Other(format!("snapshot platform state: {e}")))
+        pc.restore(s).map_err(VmSnapshot::invalid)?;
+        Ok(())
     }
 }
 
@@ -331,15 +330,15 @@ impl IrqLine for EmuIrqLine {
 
 struct EmuKicker {
     flag: Arc<AtomicBool>,
-    /// Wakes the vCPU from a sleep in HLT (PC mode).
-    signal: Option<Arc<VcpuSignal>>,
+    /// Wakes the vCPU from a sleep in HLT (a platform that sleeps there).
+    waker: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl VcpuKicker for EmuKicker {
     fn kick(&self) {
         self.flag.store(true, Ordering::Release);
-        if let Some(s) = &self.signal {
-            s.notify();
+        if let Some(w) = &self.waker {
+            w();
         }
     }
 }
@@ -561,7 +560,7 @@ impl Vcpu for EmuVcpu {
         st.efer = s.efer;
         if s.apic_base != 0 {
             st.msr.apic_base = s.apic_base;
-            crate::pc::set_apic_base(&mut self.core, s.apic_base);
+            self.core.load_apic_base(s.apic_base);
         }
         // In long mode CS.dpl is the CPL; a boot state may leave it zero, which
         // is what we want for ring 0 entry.
@@ -601,7 +600,7 @@ impl Vcpu for EmuVcpu {
                 }
             })
         });
-        Ok(VcpuSnapshot::Emu(Box::new(EmuVcpuState {
+        Ok(EmuVcpuState {
             regs: self.get_regs()?,
             sregs: self.get_sregs()?,
             dr: st.dr,
@@ -638,21 +637,14 @@ impl Vcpu for EmuVcpu {
             wait_for_sipi: self.core.wait_for_sipi,
             pending_read,
             icount: self.core.icount,
-        })))
+        }
+        .to_snapshot()?)
     }
 
     fn restore_state(&mut self, state: &VcpuSnapshot) -> Result<()> {
-        let s = match state {
-            VcpuSnapshot::Emu(s) => s,
-            other => return hypervisor::wrong_accel("vCPU state", other.accel(), AccelKind::Emu),
-        };
-        // What the guest itself could never load (WRMSR and MOV CR refuse it).
-        if s.sregs.cr4 & !CR4_SUPPORTED != 0 || s.sregs.efer & !(EFER_WRITABLE | EFER_LMA) != 0 {
-            return Err(HypervisorError::Other(format!(
-                "snapshot vCPU state: CR4 {:#x} / EFER {:#x} has bits the engine does not support",
-                s.sregs.cr4, s.sregs.efer
-            )));
-        }
+        // Decoded and checked (control bits, read size) before any of it
+        // reaches the vCPU.
+        let s = EmuVcpuState::try_from(state)?;
         self.set_regs(&s.regs)?;
         let apic_base = self.core.st.msr.apic_base;
         // The platform's copy of IA32_APIC_BASE comes with its own state;
@@ -710,15 +702,6 @@ impl Vcpu for EmuVcpu {
                     (ExitReq::MmioRead { addr, size }, data)
                 }
             };
-            let size = match req {
-                ExitReq::IoIn { size, .. } | ExitReq::MmioRead { size, .. } => size,
-                _ => 0,
-            };
-            if !matches!(size, 1 | 2 | 4 | 8) {
-                return Err(HypervisorError::Other(format!(
-                    "snapshot vCPU state: a pending read of {size} bytes"
-                )));
-            }
             self.pending_read = Some(req);
             self.buf = data.to_le_bytes();
         }
@@ -772,7 +755,7 @@ impl Vcpu for EmuVcpu {
     fn kicker(&self) -> Arc<dyn VcpuKicker> {
         Arc::new(EmuKicker {
             flag: self.core.kick.clone(),
-            signal: self.core.pc.as_ref().map(|p| p.signal.clone()),
+            waker: self.core.platform.waker(),
         })
     }
 }

@@ -130,7 +130,7 @@ pub struct Msrs {
 
 /// All architectural registers of one vCPU.
 #[derive(Debug, Clone)]
-pub struct CpuState {
+pub struct ArchRegs {
     pub gpr: [u64; 16],
     pub rip: u64,
     /// RFLAGS; the arithmetic bits are stale while `flags` holds a pending op.
@@ -193,13 +193,13 @@ impl Fpu {
     }
 }
 
-impl Default for CpuState {
+impl Default for ArchRegs {
     fn default() -> Self {
         Self::reset()
     }
 }
 
-impl CpuState {
+impl ArchRegs {
     /// The state of a CPU just out of RESET (real mode at F000:FFF0).
     pub fn reset() -> Self {
         let mut seg = [Segment::real_mode(0, false); 6];
@@ -211,7 +211,7 @@ impl CpuState {
         let mut ldt = Segment::real_mode(0, false);
         ldt.type_ = 0x2;
         ldt.s = false;
-        CpuState {
+        ArchRegs {
             gpr: [0; 16],
             rip: 0xfff0,
             rflags: FLAG_FIXED1,

@@ -164,7 +164,7 @@ pub fn cpuid(cfg: &CpuidConfig, index: u32, leaf: u32, _sub: u32) -> [u32; 4] {
         // Invariant TSC: the embedder states a fixed TSC rate (the PC-mode
         // engine derives its TSC from the host's monotonic clock).
         0x8000_0007 if cfg.tsc_khz != 0 => [0, 0, 0, 1 << 8],
-        0x8000_0008 => [(48 << 8) | crate::mmu::MAX_PHYS_BITS, 0, 0, 0],
+        0x8000_0008 => [(48 << 8) | crate::memory::mmu::MAX_PHYS_BITS, 0, 0, 0],
         _ => [0; 4],
     }
 }

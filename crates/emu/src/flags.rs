@@ -4,7 +4,7 @@
 //! so a flag-setting instruction only records its operation, operands and
 //! result; CF/PF/AF/ZF/SF/OF are computed when a Jcc, SETcc, PUSHF, an
 //! interrupt or anything else asks. While `op` is [`FlagOp::None`] the bits in
-//! `CpuState::rflags` are authoritative.
+//! `ArchRegs::rflags` are authoritative.
 
 use crate::cpu::{mask, FLAGS_ARITH, FLAG_AF, FLAG_CF, FLAG_OF, FLAG_PF, FLAG_SF, FLAG_ZF};
 

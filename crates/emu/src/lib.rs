@@ -1,33 +1,37 @@
 //! Vireo's software x86-64 CPU engine (`--accel emu`).
 //!
-//! Module map:
-//! - [`cpu`]: architectural register state (GPRs, segments, control registers, MSRs).
-//! - [`flags`]: lazy arithmetic flags (the last flag-setting operation is recorded,
-//!   individual flags are computed only when something reads them).
-//! - [`mem`]: guest-physical memory: host-mapped RAM regions, MMIO holes and
-//!   per-page code tracking for self-modifying code.
-//! - [`mmu`]: linear-to-physical translation (paging walks, A/D bits, permission
-//!   checks) behind a software TLB.
-//! - [`decode`]: the per-basic-block decode cache keyed by physical address.
-//! - [`uop`]: the compact cached instruction form with pre-resolved operands
-//!   and a handler per hot instruction form.
+//! Module map, from the top:
+//! - [`backend`]: `EmuHypervisor` / `EmuVm` / `EmuVcpu`, the `hypervisor` seam;
+//!   [`state`]: the engine's saved vCPU and platform state and its checks;
+//!   [`convert`]: that state to KVM's form and back.
+//! - [`cpu_exec`]: the run loop of one vCPU (interrupt polls, HLT, block
+//!   dispatch to the translator or the interpreter, exits).
+//! - [`core`]: the vCPU ([`core::Core`]) and the types its parts share.
+//! - CPU state: [`cpu`] (architectural registers, [`cpu::ArchRegs`]),
+//!   [`flags`] (lazy arithmetic flags: the last flag-setting operation is
+//!   recorded, flags are computed when read), [`seg`] (segment loads,
+//!   descriptor tables), [`msr`], [`cpuid`], [`exception`] (delivery
+//!   through the IVT/IDT).
+//! - [`memory`]: the memory path: guest-physical memory ([`memory::mem`]),
+//!   paging and the software TLB ([`memory::mmu`]), one vCPU's linear,
+//!   segmented, MMIO and port accesses ([`memory::access`]).
+//! - [`frontend`]: guest code to blocks ([`frontend::decode`]) of compact
+//!   uops with pre-resolved operands ([`frontend::uop`]).
 //! - [`exec`]: the interpreter, split by instruction family.
 //! - [`jit`]: the translating tier (hot 64-bit blocks to host x86-64 code
-//!   with dynasm-rs, chained block to block).
-//! - [`exception`]: exception and interrupt delivery through the IVT/IDT.
-//! - [`seg`]: segment register loads and descriptor-table access.
-//! - [`cpuid`], [`msr`]: what the engine advertises and its model-specific registers.
-//! - [`core`]: the run loop that ties the above together for one vCPU.
-//! - [`backend`]: `EmuHypervisor` / `EmuVm` / `EmuVcpu`, the `hypervisor` seam.
-//! - [`irq`]: the interface an interrupt-controller model plugs into.
-//! - [`pc`]: the PC platform inside the engine (LAPIC, IOAPIC, PIC, PIT,
-//!   kvmclock from `emu-platform`): device access, interrupt polling, HLT
-//!   sleep, INIT/SIPI.
+//!   with dynasm-rs, chained block to block: [`jit::runtime`] and its code
+//!   generator).
+//! - [`platform`]: the one trait the core calls for everything outside the
+//!   CPU ([`platform::VcpuPlatform`]: interrupt polls, HLT sleep, INIT/SIPI,
+//!   the ports and MMIO the platform serves, its MSRs, time), with the PC
+//!   platform ([`platform::pc`]: LAPIC, IOAPIC, PIC, PIT, kvmclock from
+//!   `emu-platform`) and an adapter over an embedder's interrupt controller
+//!   ([`platform::irq`], [`platform::ControllerLink`]).
 //!
 //! # Wiring it into a VMM
 //!
 //! [`EmuHypervisor`] makes PC-mode VMs ([`EmuVm::new_pc`]): the platform
-//! ([`pc`]) is inside the engine, ports and MMIO of the PIC, PIT, IOAPIC
+//! ([`platform::pc`]) is inside the engine, ports and MMIO of the PIC, PIT, IOAPIC
 //! and LAPIC never exit, HLT with IF=1 sleeps in `run`, APs wait for SIPI,
 //! and `irq_line`/`signal_msi` reach the APICs. Only the VMM's own devices
 //! see exits, and `Halt` comes only from HLT with IF=0. The rest of this
@@ -36,7 +40,7 @@
 //! - Make an [`EmuVm`], then before creating vCPUs: plug the platform in
 //!   with [`EmuVm::set_interrupt_controller`] (an adapter from
 //!   `emu_platform::SharedPlatform` to [`InterruptController`] is a one-line
-//!   forward per method: see the one in `pc.rs`) and say what it provides
+//!   forward per method: see the one in `platform/pc.rs`) and say what it provides
 //!   with [`EmuVm::set_cpuid_config`] (APIC, TSC-deadline, kvmclock).
 //! - Route `IoIn`/`IoOut` and `MmioRead`/`MmioWrite` exits to the devices
 //!   (the platform decodes PIC/PIT ports and the LAPIC/IOAPIC pages); read
@@ -51,10 +55,13 @@
 //! `EmuVcpu` and `EmuVm` implement the `hypervisor` snapshot calls: every
 //! architectural register (with hidden segment parts, MSRs, x87/SSE), the
 //! halt/interrupt-shadow/NMI/SIPI state and a read the VMM had answered,
-//! as `hypervisor::EmuVcpuState`; the platform with its timers in guest
-//! nanoseconds as `hypervisor::EmuVmState`. A restored VM's clock resumes
-//! at the saved guest time, so the TSC, kvmclock and timers go on from
-//! there.
+//! as [`state::EmuVcpuState`]; the platform with its timers in guest
+//! nanoseconds as [`state::EmuVmState`]. The seam carries them opaquely
+//! (`hypervisor::VcpuSnapshot` / `VmSnapshot`); they are decoded and checked
+//! once ([`state`]) before they reach a live vCPU. A restored VM's clock
+//! resumes at the saved guest time, so the TSC, kvmclock and timers go on
+//! from there. [`convert`] turns them into KVM's form and back
+//! (cross-accelerator restore and migration).
 //!
 //! # Status
 //!
@@ -72,22 +79,23 @@
 //! MXCSR exception flags.
 
 pub mod backend;
+pub mod convert;
 pub mod core;
 pub mod cpu;
+pub mod cpu_exec;
 pub mod cpuid;
-pub mod decode;
 pub mod exception;
 pub mod exec;
 pub mod flags;
-pub mod irq;
+pub mod frontend;
 pub mod jit;
-pub mod mem;
-pub mod mmu;
+pub mod memory;
 pub mod msr;
-pub mod pc;
+pub mod platform;
 pub mod seg;
-pub mod uop;
+pub mod state;
 
 pub use backend::{EmuHypervisor, EmuVcpu, EmuVm};
-pub use irq::{InterruptController, QueueInterruptController};
-pub use pc::{Pc, PcBoard};
+pub use platform::irq::{InterruptController, QueueInterruptController};
+pub use platform::pc::{Pc, PcBoard};
+pub use platform::{ControllerLink, VcpuPlatform};

@@ -31,7 +31,7 @@ fn host_tsc() -> u64 {
 }
 
 pub fn guest_tsc(core: &Core) -> u64 {
-    match core.intc.guest_tsc() {
+    match core.platform.guest_tsc() {
         Some(t) => t.wrapping_add(core.st.msr.tsc_offset),
         None => host_tsc().wrapping_add(core.st.msr.tsc_offset),
     }
@@ -43,7 +43,7 @@ fn canonical(v: u64) -> bool {
 
 /// RDMSR; None raises #GP. MSRs the interrupt controller owns go to it.
 pub fn read(core: &Core, idx: u32) -> Option<u64> {
-    if let Some(r) = core.intc.rdmsr(core.index, idx) {
+    if let Some(r) = core.platform.rdmsr(core.index, idx) {
         return r.ok();
     }
     let m = &core.st.msr;
@@ -77,7 +77,7 @@ pub struct MsrFault;
 
 /// WRMSR; Err raises #GP.
 pub fn write(core: &mut Core, idx: u32, v: u64) -> Result<(), MsrFault> {
-    if let Some(r) = core.intc.wrmsr(core.index, idx, v) {
+    if let Some(r) = core.platform.wrmsr(core.index, idx, v) {
         if idx == IA32_APIC_BASE && r.is_ok() {
             core.st.msr.apic_base = v;
         }
@@ -85,7 +85,7 @@ pub fn write(core: &mut Core, idx: u32, v: u64) -> Result<(), MsrFault> {
     }
     match idx {
         IA32_TSC => {
-            let base = core.intc.guest_tsc().unwrap_or_else(host_tsc);
+            let base = core.platform.guest_tsc().unwrap_or_else(host_tsc);
             core.st.msr.tsc_offset = v.wrapping_sub(base);
         }
         IA32_APIC_BASE => core.st.msr.apic_base = v & !(1 << 8),
@@ -139,7 +139,10 @@ pub fn write(core: &mut Core, idx: u32, v: u64) -> Result<(), MsrFault> {
         MSR_K8_INT_PENDING_MSG | MSR_AMD64_NB_CFG => {}
         MSR_KVM_SYSTEM_TIME_NEW if core.cpuid.kvm_clock => {
             if v & 1 != 0 {
-                let mut info = core.intc.pvclock_time_info(core.index).ok_or(MsrFault)?;
+                let mut info = core
+                    .platform
+                    .pvclock_time_info(core.index)
+                    .ok_or(MsrFault)?;
                 // The structure pairs guest time with the guest's TSC,
                 // which IA32_TSC writes (or a restore from KVM) offset.
                 let stamp = u64::from_le_bytes(info[8..16].try_into().unwrap_or_default())
@@ -150,7 +153,7 @@ pub fn write(core: &mut Core, idx: u32, v: u64) -> Result<(), MsrFault> {
             core.st.msr.kvm_system_time = v;
         }
         MSR_KVM_WALL_CLOCK_NEW if core.cpuid.kvm_clock => {
-            let wc = core.intc.pvclock_wall_clock().ok_or(MsrFault)?;
+            let wc = core.platform.pvclock_wall_clock().ok_or(MsrFault)?;
             write_guest_bytes(core, v, &wc)?;
             core.st.msr.kvm_wall_clock = v;
         }

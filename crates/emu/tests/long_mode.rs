@@ -628,10 +628,10 @@ impl emu::InterruptController for MockPlatform {
     fn ack(&self, _vcpu: u32, _vector: u8) -> Option<u8> {
         None
     }
-    fn rdmsr(&self, _vcpu: u32, msr: u32) -> Option<Result<u64, emu::irq::MsrFault>> {
+    fn rdmsr(&self, _vcpu: u32, msr: u32) -> Option<Result<u64, emu::platform::irq::MsrFault>> {
         match msr {
             0x6e0 => Some(Ok(0x6e06e0)),
-            0x8ff => Some(Err(emu::irq::MsrFault)),
+            0x8ff => Some(Err(emu::platform::irq::MsrFault)),
             _ => None,
         }
     }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use emu::state::{EmuVcpuState, EmuVmState};
 use emu::{EmuVcpu, EmuVm};
 use hypervisor::{Vcpu, VcpuExit, Vm};
 use iced_x86::code_asm::*;
@@ -196,7 +197,7 @@ fn pit_periodic_irq0_through_the_pic() {
         cpu < wall.as_nanos() as u64 / 2 + 2_000_000,
         "cpu {cpu} ns over {wall:?}"
     );
-    let sleeps = g.vcpu.core().pc.as_ref().unwrap().sleeps;
+    let sleeps = g.vcpu.core().platform.sleeps();
     assert!(sleeps < 100, "{sleeps} sleeps for 10 timer periods");
     assert_eq!(g.r8(OUT), 0, "ELCR reads back edge-triggered");
 }
@@ -318,7 +319,7 @@ fn hlt_sleeps_until_the_timer_without_burning_cpu() {
     );
     assert!(g.vcpu.core().icount < 100);
     // One sleep to the deadline (plus at most a few early wake-ups).
-    let sleeps = g.vcpu.core().pc.as_ref().unwrap().sleeps;
+    let sleeps = g.vcpu.core().platform.sleeps();
     assert!((1..10).contains(&sleeps), "{sleeps} sleeps");
 }
 
@@ -663,7 +664,7 @@ fn fixed_ipi_wakes_a_halted_vcpu_on_another_thread() {
     let stop2 = stop.clone();
     let h = std::thread::spawn(move || {
         let e = run_ap_until_halt(&mut ap, &stop2);
-        (e, ap.core().pc.as_ref().unwrap().sleeps)
+        (e, ap.core().platform.sleeps())
     });
     run_to_halt(&mut g);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -706,7 +707,7 @@ fn other_ports_and_mmio_still_exit_to_the_vmm() {
 
 #[test]
 fn msi_messages_decode_like_the_apic_bus() {
-    use emu::pc::msi_delivery;
+    use emu::platform::pc::msi_delivery;
     use emu_platform::{DeliveryMode, DestMode, Trigger};
     let d = msi_delivery(0xfee0_300c, 0x8000 | (4 << 8) | 0x61).unwrap();
     assert_eq!(d.dest, 3);
@@ -775,13 +776,9 @@ fn snapshot_of_a_sleeping_vcpu_resumes_its_timer_and_clock_in_a_new_vm() {
         serde_json::from_str(&serde_json::to_string(&vcpu).unwrap()).unwrap();
     let vm: hypervisor::VmSnapshot =
         serde_json::from_str(&serde_json::to_string(&vm).unwrap()).unwrap();
-    let hypervisor::VcpuSnapshot::Emu(saved) = &vcpu else {
-        panic!("not an engine snapshot")
-    };
+    let saved = EmuVcpuState::try_from(&vcpu).expect("an engine snapshot");
     assert!(saved.halted);
-    let hypervisor::VmSnapshot::Emu(saved_vm) = &vm else {
-        panic!("not an engine snapshot")
-    };
+    let saved_vm = EmuVmState::try_from(&vm).expect("an engine snapshot");
     assert!(saved_vm.guest_ns >= 50_000_000);
 
     // A new VM (its own clock started at zero), some host time later.
@@ -791,10 +788,8 @@ fn snapshot_of_a_sleeping_vcpu_resumes_its_timer_and_clock_in_a_new_vm() {
     drop(g);
     h.vcpu.restore_state(&vcpu).unwrap();
     h.vm.restore_state(&vm).unwrap();
-    match h.vcpu.save_state().unwrap() {
-        hypervisor::VcpuSnapshot::Emu(again) => assert_eq!(**saved, *again),
-        _ => unreachable!(),
-    }
+    let again = EmuVcpuState::try_from(&h.vcpu.save_state().unwrap()).unwrap();
+    assert_eq!(saved, again);
     let restored = Instant::now();
     run_to_halt(&mut h);
     let ran = restored.elapsed();
@@ -841,18 +836,14 @@ fn an_answered_read_is_finished_before_a_snapshot() {
     let after = g.regs();
     assert!(after.rip > rip, "the IN finished");
     assert_eq!(after.rax & 0xff, 0x60);
-    match g.vcpu.save_state().unwrap() {
-        hypervisor::VcpuSnapshot::Emu(s) => assert_eq!(s.pending_read, None),
-        _ => unreachable!(),
-    }
+    let s = EmuVcpuState::try_from(&g.vcpu.save_state().unwrap()).unwrap();
+    assert_eq!(s.pending_read, None);
     assert_eq!(g.run_io(41), Ex::MmioRead(0xfed0_0000, 4));
     let rip = g.regs().rip;
     g.vcpu.complete_pending_io().unwrap();
     assert_eq!(g.regs().rip, rip, "left for run, with its write");
-    match g.vcpu.save_state().unwrap() {
-        hypervisor::VcpuSnapshot::Emu(s) => assert!(s.pending_read.is_some()),
-        _ => unreachable!(),
-    }
+    let s = EmuVcpuState::try_from(&g.vcpu.save_state().unwrap()).unwrap();
+    assert!(s.pending_read.is_some());
     assert_eq!(
         g.run(),
         Ex::MmioWrite(0xfed0_0000, 42u32.to_le_bytes().to_vec())

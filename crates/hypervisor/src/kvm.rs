@@ -53,10 +53,16 @@ pub struct KvmHypervisor {
 }
 
 impl KvmHypervisor {
-    /// Open /dev/kvm (or the node named by `VIREO_KVM_DEVICE`), turning the
-    /// usual failures into errors that say what to do.
+    /// Open [`DEFAULT_KVM_DEVICE`].
     pub fn new() -> Result<Self> {
-        let path = kvm_device_path();
+        Self::open(DEFAULT_KVM_DEVICE)
+    }
+
+    /// Open the KVM device node `path` (the caller decides which: the
+    /// `vireo` binary takes it from `VIREO_KVM_DEVICE`), turning the usual
+    /// failures into errors that say what to do.
+    pub fn open(path: &str) -> Result<Self> {
+        let path = path.to_string();
         if let Err(e) = std::fs::metadata(&path) {
             return Err(HypervisorError::KvmMissing(path, e));
         }
@@ -130,7 +136,7 @@ impl crate::Hypervisor for KvmHypervisor {
             KvmFlavor::Hardware => Vec::new(),
             // This KVM re-adds XSAVE to CPUID whatever the VMM says, and its
             // emulator cannot run XRSTOR, POPCNT, CLAC in guest ring 0: have
-            // the kernel avoid them (shared/HOST.md).
+            // the kernel avoid them (README.md, "This machine's KVM").
             KvmFlavor::Pvm => vec!["noxsave".into(), "clearcpuid=cx16,popcnt,smap".into()],
         }
     }
@@ -370,18 +376,18 @@ impl crate::Vm for KvmVm {
         }
         let pit = self.fd.get_pit2().map_err(ioctl_err("KVM_GET_PIT2"))?;
         let clock = self.fd.get_clock().map_err(ioctl_err("KVM_GET_CLOCK"))?;
-        Ok(crate::VmSnapshot::Kvm(Box::new(KvmVmState {
-            irqchips: chips,
-            pit,
-            clock,
-        })))
+        Ok(crate::VmSnapshot::new(
+            AccelKind::Kvm,
+            &KvmVmState {
+                irqchips: chips,
+                pit,
+                clock,
+            },
+        )?)
     }
 
     fn restore_state(&self, state: &crate::VmSnapshot) -> Result<()> {
-        let s = match state {
-            crate::VmSnapshot::Kvm(s) => s,
-            other => return crate::wrong_accel("VM state", other.accel(), crate::AccelKind::Kvm),
-        };
+        let s: KvmVmState = state.decode(AccelKind::Kvm)?;
         self.fd
             .set_pit2(&s.pit)
             .map_err(ioctl_err("KVM_SET_PIT2"))?;
@@ -575,7 +581,8 @@ impl KvmVcpu {
                     e.ebx = (e.ebx & 0x0000_ffff) | (index << 24) | (count.min(255) << 16);
                     e.ecx |= 1 << 31; // running under a hypervisor
                     if flavor == KvmFlavor::Pvm {
-                        // The host's emulator has no CMPXCHG16B (HOST.md).
+                        // The host's emulator has no CMPXCHG16B (README.md,
+                        // "This machine's KVM").
                         e.ecx &= !(1 << 13);
                     }
                     if count > 1 {
@@ -601,7 +608,8 @@ impl KvmVcpu {
     }
 
     /// MSRs as a CPU has them after reset. A host may refuse some of them
-    /// (HOST.md: nested KVM); that is logged, not fatal.
+    /// (nested KVM: README.md, "This machine's KVM"); that is logged, not
+    /// fatal.
     fn setup_msrs(&mut self) {
         let entries = [
             (MSR_IA32_SYSENTER_CS, 0),
@@ -668,7 +676,8 @@ impl KvmVcpu {
     }
 
     /// The nested host's emulator refuses a few simple instructions in guest
-    /// ring 0 that Linux runs at boot (shared/HOST.md). Complete the ones
+    /// ring 0 that Linux runs at boot (README.md, "This machine's KVM").
+    /// Complete the ones
     /// whose effect is exactly known, as the CPU would; true if done.
     fn complete_refused_instruction(&mut self, insn: &[u8]) -> bool {
         match insn {
@@ -802,18 +811,18 @@ impl Drop for KvmVcpu {
 /// A KVM vCPU's whole state, in the order KVM wants it back.
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct KvmVcpuState {
-    pub(crate) mp_state: kvm_mp_state,
-    pub(crate) regs: kvm_regs,
-    pub(crate) sregs: kvm_sregs,
+    pub mp_state: kvm_mp_state,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
     /// kvm_fpu and kvm_xsave as raw bytes: kvm-bindings gives them no serde.
-    pub(crate) fpu: Vec<u8>,
-    pub(crate) xsave: Option<Vec<u8>>,
-    pub(crate) xcrs: Option<kvm_xcrs>,
-    pub(crate) debugregs: kvm_debugregs,
-    pub(crate) lapic: kvm_lapic_state,
+    pub fpu: Vec<u8>,
+    pub xsave: Option<Vec<u8>>,
+    pub xcrs: Option<kvm_xcrs>,
+    pub debugregs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
     /// (index, value) of every MSR this KVM could read.
-    pub(crate) msrs: Vec<(u32, u64)>,
-    pub(crate) events: kvm_vcpu_events,
+    pub msrs: Vec<(u32, u64)>,
+    pub events: kvm_vcpu_events,
 }
 
 impl std::fmt::Debug for KvmVcpuState {
@@ -830,9 +839,9 @@ impl std::fmt::Debug for KvmVcpuState {
 /// KVM's in-kernel PIC, IOAPIC, PIT and clock.
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct KvmVmState {
-    pub(crate) irqchips: Vec<kvm_irqchip>,
-    pub(crate) pit: kvm_pit_state2,
-    pub(crate) clock: kvm_clock_data,
+    pub irqchips: Vec<kvm_irqchip>,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
 }
 
 impl std::fmt::Debug for KvmVmState {
@@ -842,7 +851,7 @@ impl std::fmt::Debug for KvmVmState {
 }
 
 /// The bytes of a plain-old-data kernel struct.
-pub(crate) fn pod_bytes<T>(v: &T) -> Vec<u8> {
+pub fn pod_bytes<T>(v: &T) -> Vec<u8> {
     // SAFETY: T is a C struct of integers from kvm-bindings; every byte is
     // initialised (KVM filled it, or Default zeroed it).
     unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
@@ -850,7 +859,7 @@ pub(crate) fn pod_bytes<T>(v: &T) -> Vec<u8> {
 }
 
 /// A kernel struct back from [`pod_bytes`]; the size must match exactly.
-pub(crate) fn pod_from<T: Default>(b: &[u8], what: &str) -> Result<T> {
+pub fn pod_from<T: Default>(b: &[u8], what: &str) -> Result<T> {
     if b.len() != std::mem::size_of::<T>() {
         return Err(HypervisorError::Other(format!(
             "snapshot {what} state is {} bytes, this KVM expects {}",
@@ -868,7 +877,8 @@ pub(crate) fn pod_from<T: Default>(b: &[u8], what: &str) -> Result<T> {
 
 impl KvmVcpu {
     fn read_msrs(&self) -> Vec<(u32, u64)> {
-        // One at a time: a host may refuse some listed MSRs (HOST.md), and
+        // One at a time: a host may refuse some listed MSRs (README.md,
+        // "This machine's KVM"), and
         // one refusal must not lose the others.
         let mut out = Vec::with_capacity(self.msr_index_list.len());
         for &index in self.msr_index_list.iter() {
@@ -901,7 +911,7 @@ impl KvmVcpu {
     }
 }
 
-pub(crate) fn seg_to_kvm(s: &Segment) -> kvm_segment {
+pub fn seg_to_kvm(s: &Segment) -> kvm_segment {
     kvm_segment {
         base: s.base,
         limit: s.limit,
@@ -919,7 +929,7 @@ pub(crate) fn seg_to_kvm(s: &Segment) -> kvm_segment {
     }
 }
 
-pub(crate) fn regs_to_kvm(r: &StandardRegs) -> kvm_regs {
+pub fn regs_to_kvm(r: &StandardRegs) -> kvm_regs {
     kvm_regs {
         rax: r.rax,
         rbx: r.rbx,
@@ -942,7 +952,7 @@ pub(crate) fn regs_to_kvm(r: &StandardRegs) -> kvm_regs {
     }
 }
 
-pub(crate) fn regs_from_kvm(r: &kvm_regs) -> StandardRegs {
+pub fn regs_from_kvm(r: &kvm_regs) -> StandardRegs {
     StandardRegs {
         rax: r.rax,
         rbx: r.rbx,
@@ -965,7 +975,7 @@ pub(crate) fn regs_from_kvm(r: &kvm_regs) -> StandardRegs {
     }
 }
 
-pub(crate) fn sregs_from_kvm(s: &kvm_sregs) -> SpecialRegs {
+pub fn sregs_from_kvm(s: &kvm_sregs) -> SpecialRegs {
     SpecialRegs {
         cs: seg_from_kvm(&s.cs),
         ds: seg_from_kvm(&s.ds),
@@ -993,7 +1003,7 @@ pub(crate) fn sregs_from_kvm(s: &kvm_sregs) -> SpecialRegs {
     }
 }
 
-pub(crate) fn seg_from_kvm(s: &kvm_segment) -> Segment {
+pub fn seg_from_kvm(s: &kvm_segment) -> Segment {
     Segment {
         base: s.base,
         limit: s.limit,
@@ -1173,7 +1183,7 @@ impl Vcpu for KvmVcpu {
                 .get_vcpu_events()
                 .map_err(ioctl_err("KVM_GET_VCPU_EVENTS"))?,
         };
-        Ok(crate::VcpuSnapshot::Kvm(Box::new(state)))
+        Ok(crate::VcpuSnapshot::new(AccelKind::Kvm, &state)?)
     }
 
     fn guest_cpuid(&self) -> Result<Vec<crate::CpuidEntry>> {
@@ -1202,10 +1212,7 @@ impl Vcpu for KvmVcpu {
     }
 
     fn restore_state(&mut self, state: &crate::VcpuSnapshot) -> Result<()> {
-        let s = match state {
-            crate::VcpuSnapshot::Kvm(s) => s,
-            other => return crate::wrong_accel("vCPU state", other.accel(), crate::AccelKind::Kvm),
-        };
+        let s: KvmVcpuState = state.decode(AccelKind::Kvm)?;
         let fd = &self.fd;
         fd.set_mp_state(s.mp_state)
             .map_err(ioctl_err("KVM_SET_MP_STATE"))?;
@@ -1256,17 +1263,21 @@ impl Vcpu for KvmVcpu {
     }
 }
 
-/// The KVM device node: /dev/kvm unless `VIREO_KVM_DEVICE` names another.
-pub fn kvm_device_path() -> String {
-    std::env::var("VIREO_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".into())
+/// The KVM device node unless the embedder names another.
+pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
+
+/// Whether [`DEFAULT_KVM_DEVICE`] is usable at all.
+pub fn kvm_available() -> bool {
+    kvm_available_at(DEFAULT_KVM_DEVICE)
 }
 
-/// Whether the host has a usable KVM device at all (for `--accel auto`).
-pub fn kvm_available() -> bool {
+/// Whether the KVM device node `path` can be opened for reading and
+/// writing (for `--accel auto`).
+pub fn kvm_available_at(path: &str) -> bool {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(kvm_device_path())
+        .open(path)
         .is_ok()
 }
 

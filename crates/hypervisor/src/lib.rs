@@ -5,16 +5,15 @@
 //! something only the VMM can answer and returns a [`VcpuExit`]. Devices only
 //! ever see exits and [`IrqLine`]s, never the backend behind them.
 
-pub mod convert;
 pub mod cpuid;
-pub mod emu_state;
 pub mod kvm;
 mod kvm_irq;
 mod regs;
+mod snapshot;
 
 pub use cpuid::{CpuModel, CpuidEntry};
-pub use emu_state::{EmuFpuState, EmuMsrs, EmuPendingRead, EmuVcpuState, EmuVmState};
 pub use regs::*;
+pub use snapshot::{StateError, VcpuSnapshot, VmSnapshot};
 
 use std::sync::Arc;
 
@@ -48,6 +47,10 @@ pub enum HypervisorError {
         #[source]
         source: std::io::Error,
     },
+    /// Saved backend state that cannot be restored here (made by another
+    /// accelerator, malformed, or contradicting the VM it is loaded into).
+    #[error(transparent)]
+    State(#[from] StateError),
     #[error("{0}")]
     Other(String),
 }
@@ -147,51 +150,6 @@ impl std::fmt::Display for AccelKind {
             AccelKind::Emu => "emu",
         })
     }
-}
-
-/// A vCPU's complete state, as its backend keeps it (for snapshots and
-/// migration). Restoring needs the same backend kind.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "backend", rename_all = "lowercase")]
-pub enum VcpuSnapshot {
-    Kvm(Box<kvm::KvmVcpuState>),
-    Emu(Box<EmuVcpuState>),
-}
-
-impl VcpuSnapshot {
-    /// The accelerator that made it.
-    pub fn accel(&self) -> AccelKind {
-        match self {
-            VcpuSnapshot::Kvm(_) => AccelKind::Kvm,
-            VcpuSnapshot::Emu(_) => AccelKind::Emu,
-        }
-    }
-}
-
-/// A VM's backend-held state beyond its vCPUs (interrupt controllers,
-/// timers, clock).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "backend", rename_all = "lowercase")]
-pub enum VmSnapshot {
-    Kvm(Box<kvm::KvmVmState>),
-    Emu(Box<EmuVmState>),
-}
-
-impl VmSnapshot {
-    /// The accelerator that made it.
-    pub fn accel(&self) -> AccelKind {
-        match self {
-            VmSnapshot::Kvm(_) => AccelKind::Kvm,
-            VmSnapshot::Emu(_) => AccelKind::Emu,
-        }
-    }
-}
-
-/// The error for state made by another accelerator than the one restoring it.
-pub fn wrong_accel<T>(what: &str, made_by: AccelKind, here: AccelKind) -> Result<T> {
-    Err(HypervisorError::Other(format!(
-        "snapshot {what} was made under --accel {made_by}; it cannot be restored under --accel {here}"
-    )))
 }
 
 fn no_snapshots<T>(what: &str) -> Result<T> {

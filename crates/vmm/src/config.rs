@@ -4,9 +4,13 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
+pub use block::ImageFormat;
 use serde::{Deserialize, Serialize};
 
 use crate::VmmError;
+use options::{OptionError, Options};
+
+pub mod options;
 
 /// Default kernel command line: serial console, reboot through the keyboard
 /// controller, reboot one second after a panic (exit code 3).
@@ -216,9 +220,9 @@ impl Default for MemSize {
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     pub path: PathBuf,
-    /// raw or qcow2; probed from the file when absent.
+    /// The image format; probed from the file when absent.
     #[serde(default)]
-    pub format: Option<String>,
+    pub format: Option<ImageFormat>,
     #[serde(default)]
     pub readonly: bool,
     /// What the guest reads as the disk's serial (at most 20 bytes).
@@ -226,46 +230,25 @@ pub struct DiskConfig {
     pub serial: Option<String>,
 }
 
-fn on_off(key: &str, v: &str) -> Result<bool, String> {
-    match v {
-        "on" | "true" | "yes" => Ok(true),
-        "off" | "false" | "no" => Ok(false),
-        _ => Err(format!("{key}={v}: expected on or off")),
-    }
-}
-
 impl FromStr for DiskConfig {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let mut d = DiskConfig {
-            path: PathBuf::new(),
-            format: None,
-            readonly: false,
-            serial: None,
-        };
-        for part in s.split(',') {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("bad disk option '{part}' in '{s}' (expected key=value)"))?;
-            match k {
-                "path" => d.path = PathBuf::from(v),
-                "format" => {
-                    v.parse::<block::ImageFormat>()?;
-                    d.format = Some(v.to_string());
-                }
-                "readonly" | "ro" => d.readonly = on_off(k, v)?,
-                "serial" => d.serial = Some(v.to_string()),
-                _ => {
-                    return Err(format!(
-                        "unknown disk option '{k}' (expected path, format, readonly, serial)"
-                    ))
-                }
-            }
+    type Err = OptionError;
+    fn from_str(s: &str) -> Result<Self, OptionError> {
+        const KEYS: &[&str] = &["path", "format", "readonly", "ro", "serial"];
+        let o = Options::parse("disk", s, KEYS)?;
+        let path: PathBuf = o.required("path")?;
+        if path.as_os_str().is_empty() {
+            return Err(OptionError::Missing {
+                option: "disk",
+                key: "path",
+                text: s.into(),
+            });
         }
-        if d.path.as_os_str().is_empty() {
-            return Err(format!("disk '{s}' has no path=FILE"));
-        }
-        Ok(d)
+        Ok(DiskConfig {
+            path,
+            format: o.value("format")?,
+            readonly: o.toggle("readonly")?.or(o.toggle("ro")?).unwrap_or(false),
+            serial: o.value("serial")?,
+        })
     }
 }
 
@@ -286,23 +269,13 @@ fn default_tap() -> String {
 }
 
 impl FromStr for NetConfig {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let mut n = NetConfig {
-            tap: default_tap(),
-            mac: None,
-        };
-        for part in s.split(',').filter(|p| !p.is_empty()) {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("bad net option '{part}' in '{s}' (expected key=value)"))?;
-            match k {
-                "tap" => n.tap = v.to_string(),
-                "mac" => n.mac = Some(v.parse()?),
-                _ => return Err(format!("unknown net option '{k}' (expected tap, mac)")),
-            }
-        }
-        Ok(n)
+    type Err = OptionError;
+    fn from_str(s: &str) -> Result<Self, OptionError> {
+        let o = Options::parse("net", s, &["tap", "mac"])?;
+        Ok(NetConfig {
+            tap: o.value("tap")?.unwrap_or_else(default_tap),
+            mac: o.value("mac")?,
+        })
     }
 }
 
@@ -336,24 +309,14 @@ impl Default for BalloonConfig {
 }
 
 impl FromStr for BalloonConfig {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let mut b = BalloonConfig::default();
-        for part in s.split(',').filter(|p| !p.is_empty()) {
-            let (k, v) = part.split_once('=').ok_or_else(|| {
-                format!("bad balloon option '{part}' in '{s}' (expected key=value)")
-            })?;
-            match k {
-                "deflate_on_oom" => b.deflate_on_oom = on_off(k, v)?,
-                "stats" => b.stats = on_off(k, v)?,
-                _ => {
-                    return Err(format!(
-                        "unknown balloon option '{k}' (expected deflate_on_oom, stats)"
-                    ))
-                }
-            }
-        }
-        Ok(b)
+    type Err = OptionError;
+    fn from_str(s: &str) -> Result<Self, OptionError> {
+        let o = Options::parse("balloon", s, &["deflate_on_oom", "stats"])?;
+        let d = BalloonConfig::default();
+        Ok(BalloonConfig {
+            deflate_on_oom: o.toggle("deflate_on_oom")?.unwrap_or(d.deflate_on_oom),
+            stats: o.toggle("stats")?.unwrap_or(d.stats),
+        })
     }
 }
 
@@ -561,27 +524,30 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(d.path, PathBuf::from("/d.qcow2"));
-        assert_eq!(d.format.as_deref(), Some("qcow2"));
+        assert_eq!(d.format, Some(ImageFormat::Qcow2));
         assert!(d.readonly);
         assert_eq!(d.serial.as_deref(), Some("abc"));
-        assert!("format=raw"
-            .parse::<DiskConfig>()
-            .unwrap_err()
-            .contains("no path"));
-        assert!("path=/d,format=vmdk"
-            .parse::<DiskConfig>()
-            .unwrap_err()
-            .contains("vmdk"));
-        assert!("path=/d,readonly=maybe".parse::<DiskConfig>().is_err());
-        assert!("path=/d,cache=none"
-            .parse::<DiskConfig>()
-            .unwrap_err()
-            .contains("cache"));
+        let err = |s: &str| s.parse::<DiskConfig>().unwrap_err().to_string();
+        assert!(err("format=raw").contains("no path"));
+        assert!(err("path=,format=raw").contains("no path"));
+        assert!(err("path=/d,format=vmdk").contains("vmdk"));
+        assert!(err("path=/d,readonly=maybe").contains("readonly=maybe"));
+        assert!(err("path=/d,cache=none").contains("cache"));
+        assert!(err("path=/d,path=/e").contains("twice"));
+        assert!("path=/d,ro=on".parse::<DiskConfig>().unwrap().readonly);
         let t: VmConfig =
             toml::from_str("kernel = \"/k\"\n[[disks]]\npath = \"/a.img\"\nreadonly = true\n")
                 .unwrap();
         assert_eq!(t.disks.len(), 1);
         assert!(t.disks[0].readonly);
+        let j: VmConfig =
+            serde_json::from_str(r#"{"kernel":"/k","disks":[{"path":"/a","format":"qcow2"}]}"#)
+                .unwrap();
+        assert_eq!(j.disks[0].format, Some(ImageFormat::Qcow2));
+        assert!(serde_json::from_str::<VmConfig>(
+            r#"{"kernel":"/k","disks":[{"path":"/a","format":"vmdk"}]}"#
+        )
+        .is_err());
     }
 
     #[test]
@@ -594,6 +560,7 @@ mod tests {
         assert!("bridge=br0"
             .parse::<NetConfig>()
             .unwrap_err()
+            .to_string()
             .contains("bridge"));
     }
 
@@ -609,6 +576,7 @@ mod tests {
         assert!("size=64"
             .parse::<BalloonConfig>()
             .unwrap_err()
+            .to_string()
             .contains("size"));
         let t: VmConfig = toml::from_str("kernel = \"/k\"\n[balloon]\nstats = false\n").unwrap();
         assert_eq!(

@@ -74,7 +74,7 @@ struct Hello {
 }
 
 /// How a migration went (the answer to `vm.migrate-send`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationReport {
     pub destination: String,
     /// From connecting to the destination's acknowledgment.
@@ -95,7 +95,10 @@ pub struct MigrationReport {
 }
 
 fn io(what: &str) -> impl Fn(std::io::Error) -> VmmError + '_ {
-    move |e| VmmError::Io(format!("migration: {what}: {e}"))
+    move |source| VmmError::Migration {
+        what: format!("migration: {what}"),
+        source,
+    }
 }
 
 /// How a migration is sent.
@@ -277,7 +280,7 @@ fn merge(into: &mut Dirty, from: Dirty) {
 /// Send the pages a dirty set names; returns how many.
 fn cancelled(cancel: &Cancel) -> Result<(), VmmError> {
     if cancel.is_set() {
-        return Err(VmmError::Conflict("the migration was cancelled".into()));
+        return Err(VmmError::MigrationCancelled);
     }
     Ok(())
 }
@@ -303,7 +306,10 @@ fn send_pages<W: Write>(
             // The guest may be writing it right now: a torn copy is fine,
             // the write marks the page dirty for a later round.
             mem.read_slice(&mut buf, GuestAddress(gpa))
-                .map_err(|e| VmmError::Io(format!("migration: guest page {gpa:#x}: {e}")))?;
+                .map_err(|e| VmmError::GuestMemory {
+                    what: format!("migration: guest page {gpa:#x}"),
+                    source: Box::new(e),
+                })?;
             if is_zero(&buf) {
                 out.write_all(&(gpa | ZERO_PAGE).to_le_bytes())
                     .map_err(io("send"))?;
@@ -363,7 +369,7 @@ pub fn send(
     )
     .map_err(|e| match opts.cancel.is_set() {
         // The cut stream's own error says less.
-        true => VmmError::Conflict("the migration was cancelled".into()),
+        true => VmmError::MigrationCancelled,
         false => e,
     });
     let _ = vm.backend().stop_dirty_log();
@@ -406,8 +412,12 @@ fn send_inner(
         .ok_or_else(|| {
             VmmError::Config(format!("migration destination {destination}: no address"))
         })?;
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-        .map_err(|e| VmmError::Io(format!("cannot connect to {destination}: {e}")))?;
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|source| {
+        VmmError::Migration {
+            what: format!("cannot connect to {destination}"),
+            source,
+        }
+    })?;
     let _ = stream.set_nodelay(true);
     stream
         .set_write_timeout(Some(Duration::from_secs(60)))
@@ -432,7 +442,10 @@ fn send_inner(
         memory_bytes: vm.memory_bytes(),
         vcpus: vm.vcpu_count(),
     })
-    .map_err(|e| VmmError::Io(format!("migration: {e}")))?;
+    .map_err(|source| VmmError::Serialize {
+        what: "migration".into(),
+        source,
+    })?;
     out.write_all(MAGIC).map_err(io("send"))?;
     out.write_all(&VERSION.to_le_bytes()).map_err(io("send"))?;
     out.write_all(&(hello.len() as u32).to_le_bytes())
@@ -468,9 +481,12 @@ fn send_inner(
     let mut tag = [0u8; 1];
     reader
         .read_exact(&mut tag)
-        .map_err(|e| VmmError::Io(format!("migration: the destination stopped answering: {e}")))?;
+        .map_err(|source| VmmError::Migration {
+            what: "migration: the destination stopped answering".into(),
+            source,
+        })?;
     if tag[0] != b'R' {
-        return Err(VmmError::Io(format!(
+        return Err(VmmError::Destination(format!(
             "migration: the destination answered {:#x}, not 'R'",
             tag[0]
         )));
@@ -482,9 +498,7 @@ fn send_inner(
     // Downtime counts from asking the vCPUs to stop.
     let down = Instant::now();
     if was_running {
-        vm.control()
-            .pause()
-            .map_err(|e| VmmError::Conflict(format!("cannot pause the VM: {e}")))?;
+        vm.control().pause().map_err(VmmError::Pause)?;
     }
     *paused = true;
     let bytes_before_pause = out.bytes;
@@ -527,8 +541,10 @@ fn send_inner(
         cpuid,
         tsc_khz,
     };
-    let body =
-        serde_json::to_vec(&manifest).map_err(|e| VmmError::Io(format!("migration: {e}")))?;
+    let body = serde_json::to_vec(&manifest).map_err(|source| VmmError::Serialize {
+        what: "migration".into(),
+        source,
+    })?;
     // Both processes may be on this host: let the destination open the
     // disks (their data is flushed; the queue workers are stopped).
     opts.cancel.commit()?;
@@ -545,23 +561,24 @@ fn send_inner(
         body.len()
     );
 
-    reader.read_exact(&mut tag).map_err(|e| {
-        VmmError::Io(format!(
-            "migration: the destination did not acknowledge: {e}"
-        ))
-    })?;
+    reader
+        .read_exact(&mut tag)
+        .map_err(|source| VmmError::Migration {
+            what: "migration: the destination did not acknowledge".into(),
+            source,
+        })?;
     match tag[0] {
         b'A' => {}
         b'N' => {
             let msg = read_json_bytes(&mut reader, 64 << 10)
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
                 .unwrap_or_else(|e| e.to_string());
-            return Err(VmmError::Io(format!(
+            return Err(VmmError::Destination(format!(
                 "migration: the destination refused the VM: {msg}"
             )));
         }
         t => {
-            return Err(VmmError::Io(format!(
+            return Err(VmmError::Destination(format!(
                 "migration: the destination answered {t:#x}, not an acknowledgment"
             )))
         }
@@ -590,7 +607,7 @@ fn read_u32<R: Read>(r: &mut R) -> std::io::Result<u32> {
 fn read_json_bytes<R: Read>(r: &mut R, max: u32) -> Result<Vec<u8>, VmmError> {
     let len = read_u32(r).map_err(cut)?;
     if len > max {
-        return Err(VmmError::Config(format!(
+        return Err(VmmError::MigrationStream(format!(
             "migration stream: a {len}-byte message (at most {max})"
         )));
     }
@@ -601,9 +618,12 @@ fn read_json_bytes<R: Read>(r: &mut R, max: u32) -> Result<Vec<u8>, VmmError> {
 
 fn cut(e: std::io::Error) -> VmmError {
     if e.kind() == std::io::ErrorKind::UnexpectedEof {
-        VmmError::Io("the migration stream ended before the VM's state arrived (the source stopped or the connection was cut)".into())
+        VmmError::MigrationCut
     } else {
-        VmmError::Io(format!("migration stream: {e}"))
+        VmmError::Migration {
+            what: "migration stream".into(),
+            source: e,
+        }
     }
 }
 
@@ -622,12 +642,15 @@ pub type OnHello<'a> = &'a mut dyn FnMut(hypervisor::AccelKind, &GuestRam);
 
 /// Wait on `listen` for one migration and read it to the end.
 pub fn receive(listen: &str, on_hello: OnHello) -> Result<Received, VmmError> {
-    let listener = TcpListener::bind(listen)
-        .map_err(|e| VmmError::Io(format!("cannot listen on {listen}: {e}")))?;
+    let listener = TcpListener::bind(listen).map_err(|source| VmmError::Migration {
+        what: format!("cannot listen on {listen}"),
+        source,
+    })?;
     tracing::info!("waiting for a migration on {listen}");
-    let (stream, peer) = listener
-        .accept()
-        .map_err(|e| VmmError::Io(format!("migration: accept on {listen}: {e}")))?;
+    let (stream, peer) = listener.accept().map_err(|source| VmmError::Migration {
+        what: format!("migration: accept on {listen}"),
+        source,
+    })?;
     drop(listener);
     stream
         .set_read_timeout(Some(Duration::from_secs(120)))
@@ -660,33 +683,41 @@ fn read_stream_with<R: Read, W: Write>(
     let mut magic = [0u8; 8];
     r.read_exact(&mut magic).map_err(cut)?;
     if &magic != MAGIC {
-        return Err(VmmError::Config(format!(
+        return Err(VmmError::MigrationStream(format!(
             "not a Vireo migration stream: it starts with {:02x?}, not \"VIREOMIG\"",
             magic
         )));
     }
     let version = read_u32(r).map_err(cut)?;
     if version != VERSION {
-        return Err(VmmError::Config(format!(
+        return Err(VmmError::MigrationStream(format!(
             "migration stream version {version}; this Vireo reads version {VERSION}"
         )));
     }
-    let hello: Hello = serde_json::from_slice(&read_json_bytes(r, 64 << 10)?)
-        .map_err(|e| VmmError::Config(format!("migration stream: bad header: {e}")))?;
+    let hello: Hello =
+        serde_json::from_slice(&read_json_bytes(r, 64 << 10)?).map_err(|source| {
+            VmmError::BadState {
+                what: "migration stream: bad header".into(),
+                source,
+            }
+        })?;
     if hello.memory_bytes == 0
         || !hello.memory_bytes.is_multiple_of(PAGE)
         || hello.memory_bytes > MAX_MEMORY
     {
-        return Err(VmmError::Config(format!(
+        return Err(VmmError::MigrationStream(format!(
             "migration stream: {} bytes of guest memory is not a size Vireo runs",
             hello.memory_bytes
         )));
     }
     let memory = GuestRam::from_ranges(&arch::ram_regions(hello.memory_bytes)).map_err(|e| {
-        VmmError::Io(format!(
-            "cannot allocate {} MiB of guest memory: {e}",
-            hello.memory_bytes >> 20
-        ))
+        VmmError::GuestMemory {
+            what: format!(
+                "cannot allocate {} MiB of guest memory",
+                hello.memory_bytes >> 20
+            ),
+            source: Box::new(e),
+        }
     })?;
     on_hello(hello.accel, &memory);
     loop {
@@ -701,12 +732,12 @@ fn read_stream_with<R: Read, W: Write>(
                     let a = u64::from_le_bytes(a);
                     let gpa = a & !(PAGE - 1);
                     if a & (PAGE - 1) & !ZERO_PAGE != 0 {
-                        return Err(VmmError::Config(format!(
+                        return Err(VmmError::MigrationStream(format!(
                             "migration stream: bad page address {a:#x}"
                         )));
                     }
                     let outside = || {
-                        VmmError::Config(format!(
+                        VmmError::MigrationStream(format!(
                             "migration stream: page {gpa:#x} is outside guest RAM"
                         ))
                     };
@@ -731,24 +762,29 @@ fn read_stream_with<R: Read, W: Write>(
             b'Q' => {
                 w.write_all(b"R")
                     .and_then(|()| w.flush())
-                    .map_err(|e| VmmError::Io(format!("migration stream: {e}")))?;
+                    .map_err(|source| VmmError::Migration {
+                        what: "migration stream".into(),
+                        source,
+                    })?;
             }
             b'S' => {
                 tracing::info!("migration: memory received, reading the VM's state");
                 let body = read_json_bytes(r, MAX_JSON)?;
-                let manifest: Manifest = serde_json::from_slice(&body).map_err(|e| {
-                    VmmError::Config(format!("migration stream: bad VM state: {e}"))
-                })?;
+                let manifest: Manifest =
+                    serde_json::from_slice(&body).map_err(|source| VmmError::BadState {
+                        what: "migration stream: bad VM state".into(),
+                        source,
+                    })?;
                 manifest.check()?;
                 if manifest.memory_bytes != hello.memory_bytes || manifest.accel != hello.accel {
-                    return Err(VmmError::Config(
+                    return Err(VmmError::MigrationStream(
                         "migration stream: the VM state contradicts its header".into(),
                     ));
                 }
                 return Ok((manifest, memory));
             }
             t => {
-                return Err(VmmError::Config(format!(
+                return Err(VmmError::MigrationStream(format!(
                     "migration stream: unknown message {t:#04x}"
                 )))
             }

@@ -187,9 +187,9 @@ impl DeviceList {
         self.devices
             .iter()
             .map(|ListedDevice { name, dev, .. }| {
-                let state = dev.save().map_err(|e| match e {
-                    PersistError::Host { .. } => VmmError::Device(format!("{name}: {e}")),
-                    _ => VmmError::Conflict(format!("{name}: {e}")),
+                let state = dev.save().map_err(|source| VmmError::DeviceSave {
+                    device: name.clone(),
+                    source,
                 })?;
                 Ok(SavedDevice {
                     name: name.clone(),
@@ -222,7 +222,7 @@ impl DeviceList {
             let has = saved.0.iter().filter(|d| d.state.kind() == kind).count();
             let makes = self.devices.iter().filter(|e| e.kind == kind).count();
             if has != makes {
-                return Err(VmmError::Config(format!(
+                return Err(VmmError::Snapshot(format!(
                     "the snapshot has {has} {kind} devices, its configuration makes {makes}"
                 )));
             }
@@ -230,11 +230,14 @@ impl DeviceList {
         for (i, (s, e)) in saved.0.iter().zip(&self.devices).enumerate() {
             match e.dev.restore(&s.state) {
                 Some(Ok(())) => {}
-                Some(Err(err)) => {
-                    return Err(VmmError::Config(format!("snapshot {}: {err}", e.name)))
+                Some(Err(source)) => {
+                    return Err(VmmError::DeviceRestore {
+                        device: e.name.clone(),
+                        source,
+                    })
                 }
                 None => {
-                    return Err(VmmError::Config(format!(
+                    return Err(VmmError::Snapshot(format!(
                         "snapshot device {i} is a {} ({}), this VM has a {} ({}) there",
                         s.state.kind(),
                         s.name,
@@ -279,7 +282,7 @@ impl Manifest {
     /// Refuse a manifest whose parts contradict each other (or the
     /// configuration it carries) before anything is built from it.
     pub fn check(&self) -> Result<(), VmmError> {
-        let bad = |what: String| Err(VmmError::Config(format!("snapshot manifest: {what}")));
+        let bad = |what: String| Err(VmmError::Snapshot(format!("snapshot manifest: {what}")));
         if self.vcpu_states.len() != self.vcpus as usize || self.vcpus == 0 {
             return bad(format!(
                 "{} vCPU states for {} vCPUs",
@@ -355,8 +358,12 @@ fn checksum(bytes: &[u8]) -> String {
     format!("fnv1a64:{:016x}", fnv1a64(bytes))
 }
 
-fn io_err(what: &str, path: &Path, e: std::io::Error) -> VmmError {
-    VmmError::Io(format!("{what} {}: {e}", path.display()))
+fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> VmmError {
+    VmmError::File {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 const PAGE: usize = 4096;
@@ -413,7 +420,10 @@ pub fn write_memory(mem: &GuestRam, dir: &Path) -> Result<MemoryWritten, VmmErro
     for region in mem.iter() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|e| VmmError::Io(format!("guest memory: {e}")))?;
+            .map_err(|e| VmmError::GuestMemory {
+                what: "guest memory".into(),
+                source: Box::new(e),
+            })?;
         let len = region.len() as usize;
         // SAFETY: the region maps `len` bytes at `host` for the VM's
         // lifetime; the vCPUs are paused and the device workers stopped,
@@ -480,7 +490,7 @@ pub fn map_memory(
         .map_err(|e| io_err("cannot stat", &path, e))?
         .len();
     if file_len != file_bytes {
-        return Err(VmmError::Config(format!(
+        return Err(VmmError::Snapshot(format!(
             "snapshot memory file {} is {file_len} bytes, its manifest says {file_bytes}",
             path.display()
         )));
@@ -491,7 +501,7 @@ pub fn map_memory(
             .checked_add(r.len)
             .is_none_or(|end| end > file_len)
         {
-            return Err(VmmError::Config(format!(
+            return Err(VmmError::Snapshot(format!(
                 "snapshot memory file {} is shorter than its manifest says",
                 path.display()
             )));
@@ -511,27 +521,33 @@ pub fn map_memory(
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
         .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
         .build()
-        .map_err(|e| VmmError::Io(format!("cannot map {}: {e}", path.display())))?;
+        .map_err(|e| VmmError::GuestMemory {
+            what: format!("cannot map {}", path.display()),
+            source: Box::new(e),
+        })?;
         let region: MmapRegion<vm_memory::bitmap::AtomicBitmap> = mmap;
         let region = GuestRegionMmap::new(region, GuestAddress(r.gpa))
-            .ok_or_else(|| VmmError::Config(format!("bad memory range {:#x}", r.gpa)))?;
+            .ok_or_else(|| VmmError::Snapshot(format!("bad memory range {:#x}", r.gpa)))?;
         regions.push(region);
     }
     GuestRam::from_regions(regions)
-        .map_err(|e| VmmError::Config(format!("snapshot memory ranges: {e}")))
+        .map_err(|e| VmmError::Snapshot(format!("snapshot memory ranges: {e}")))
 }
 
 pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), VmmError> {
     let path = dir.join(MANIFEST);
-    let body = serde_json::to_string(m).map_err(|e| VmmError::Io(format!("manifest: {e}")))?;
-    let raw = serde_json::value::RawValue::from_string(body)
-        .map_err(|e| VmmError::Io(format!("manifest: {e}")))?;
+    let unwritable = |source| VmmError::Serialize {
+        what: "manifest".into(),
+        source,
+    };
+    let body = serde_json::to_string(m).map_err(unwritable)?;
+    let raw = serde_json::value::RawValue::from_string(body).map_err(unwritable)?;
     let text = serde_json::to_vec(&Envelope {
         version: SNAPSHOT_VERSION,
         checksum: checksum(raw.get().as_bytes()),
         manifest: &raw,
     })
-    .map_err(|e| VmmError::Io(format!("manifest: {e}")))?;
+    .map_err(unwritable)?;
     let mut f = File::create(&path).map_err(|e| io_err("cannot create", &path, e))?;
     f.write_all(&text)
         .and_then(|_| f.sync_all())
@@ -542,12 +558,10 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, VmmError> {
     let path = dir.join(MANIFEST);
     // A missing or unreadable manifest means DIR is not a snapshot: the
     // caller's input, not a host failure.
-    let text = std::fs::read(&path).map_err(|e| {
-        VmmError::Config(format!(
-            "{} is not a snapshot: cannot read {}: {e}",
-            dir.display(),
-            path.display()
-        ))
+    let text = std::fs::read(&path).map_err(|source| VmmError::NotASnapshot {
+        dir: dir.to_path_buf(),
+        manifest: path.clone(),
+        source,
     })?;
     // Look at the version first, so an old or new snapshot gets a clear
     // message rather than a field-level parse error.
@@ -557,30 +571,35 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, VmmError> {
     match version {
         Some(v) if v == SNAPSHOT_VERSION as u64 => {}
         Some(v) => {
-            return Err(VmmError::Config(format!(
+            return Err(VmmError::Snapshot(format!(
                 "snapshot {} has version {v}; this Vireo reads version {SNAPSHOT_VERSION}",
                 dir.display()
             )))
         }
         None => {
-            return Err(VmmError::Config(format!(
+            return Err(VmmError::Snapshot(format!(
                 "{} is not a Vireo snapshot manifest",
                 path.display()
             )))
         }
     }
-    let env: Envelope = serde_json::from_slice(&text)
-        .map_err(|e| VmmError::Config(format!("bad snapshot manifest {}: {e}", path.display())))?;
+    let env: Envelope = serde_json::from_slice(&text).map_err(|source| VmmError::BadState {
+        what: format!("bad snapshot manifest {}", path.display()),
+        source,
+    })?;
     let sum = checksum(env.manifest.get().as_bytes());
     if env.checksum != sum {
-        return Err(VmmError::Config(format!(
+        return Err(VmmError::Snapshot(format!(
             "snapshot manifest {} is damaged or was edited: checksum {} recorded, {sum} computed",
             path.display(),
             env.checksum
         )));
     }
-    let m: Manifest = serde_json::from_str(env.manifest.get())
-        .map_err(|e| VmmError::Config(format!("bad snapshot manifest {}: {e}", path.display())))?;
+    let m: Manifest =
+        serde_json::from_str(env.manifest.get()).map_err(|source| VmmError::BadState {
+            what: format!("bad snapshot manifest {}", path.display()),
+            source,
+        })?;
     m.check()?;
     Ok(m)
 }

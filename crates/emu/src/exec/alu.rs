@@ -213,7 +213,7 @@ pub fn cmpxchg_double(core: &mut Core, insn: &Instruction) -> R {
     let user = core.user();
     let (lo, hi, equal);
     if wide {
-        let p = core.translate(lin, crate::mmu::Access::Write, user)?;
+        let p = core.translate(lin, crate::memory::mmu::Access::Write, user)?;
         match core.mem.ram_ptr(p, 16) {
             Some(host) if lin & 0xfff <= 0xff0 => {
                 // SAFETY: 16 aligned bytes of mapped RAM inside one page.

@@ -3,22 +3,46 @@
 use iced_x86::{Instruction, OpKind, Register};
 
 use crate::core::{Core, R};
-use crate::cpu::{mask, CpuState};
+use crate::cpu::{mask, ArchRegs};
+
+// iced-x86 numbers its registers in runs (AL..BL, AH..BH, SPL..R15L,
+// AX..R15W, EAX..R15D, RAX..R15, EIP, RIP, ES..GS), each run in the
+// architectural order of `ArchRegs::gpr`. The hot accessors below index
+// those runs by iced's own discriminants: constants, so each arm is one
+// subtraction, as fast as hand-written numbers.
+const AL: usize = Register::AL as usize;
+const BL: usize = Register::BL as usize;
+const AH: usize = Register::AH as usize;
+const BH: usize = Register::BH as usize;
+const SPL: usize = Register::SPL as usize;
+const R15L: usize = Register::R15L as usize;
+const AX: usize = Register::AX as usize;
+const R15W: usize = Register::R15W as usize;
+const EAX: usize = Register::EAX as usize;
+const R15D: usize = Register::R15D as usize;
+const RAX: usize = Register::RAX as usize;
+const R15: usize = Register::R15 as usize;
+const EIP: usize = Register::EIP as usize;
+const RIP: usize = Register::RIP as usize;
+const ES: usize = Register::ES as usize;
+const GS: usize = Register::GS as usize;
+/// SPL is GPR 4: the byte registers after AH..BH continue at RSP.
+const SPL_GPR: usize = 4;
 
 /// Read a general-purpose register (any width, incl. AH..BH).
 #[inline(always)]
-pub fn reg_read(st: &CpuState, r: Register) -> u64 {
+pub fn reg_read(st: &ArchRegs, r: Register) -> u64 {
     let n = r as usize;
     match n {
-        1..=4 => st.gpr[n - 1] & 0xff,
-        5..=8 => (st.gpr[n - 5] >> 8) & 0xff,
-        9..=20 => st.gpr[n - 5] & 0xff,
-        21..=36 => st.gpr[n - 21] & 0xffff,
-        37..=52 => st.gpr[n - 37] & 0xffff_ffff,
-        53..=68 => st.gpr[n - 53],
-        69 => st.rip & 0xffff_ffff,
-        70 => st.rip,
-        71..=76 => st.seg[n - 71].selector as u64,
+        AL..=BL => st.gpr[n - AL] & 0xff,
+        AH..=BH => (st.gpr[n - AH] >> 8) & 0xff,
+        SPL..=R15L => st.gpr[n - SPL + SPL_GPR] & 0xff,
+        AX..=R15W => st.gpr[n - AX] & 0xffff,
+        EAX..=R15D => st.gpr[n - EAX] & 0xffff_ffff,
+        RAX..=R15 => st.gpr[n - RAX],
+        EIP => st.rip & 0xffff_ffff,
+        RIP => st.rip,
+        ES..=GS => st.seg[n - ES].selector as u64,
         _ => 0,
     }
 }
@@ -26,15 +50,18 @@ pub fn reg_read(st: &CpuState, r: Register) -> u64 {
 /// Write a general-purpose register with x86 width rules: 8/16-bit writes
 /// merge, 32-bit writes zero-extend.
 #[inline(always)]
-pub fn reg_write(st: &mut CpuState, r: Register, v: u64) {
+pub fn reg_write(st: &mut ArchRegs, r: Register, v: u64) {
     let n = r as usize;
     match n {
-        1..=4 => st.gpr[n - 1] = (st.gpr[n - 1] & !0xff) | (v & 0xff),
-        5..=8 => st.gpr[n - 5] = (st.gpr[n - 5] & !0xff00) | ((v & 0xff) << 8),
-        9..=20 => st.gpr[n - 5] = (st.gpr[n - 5] & !0xff) | (v & 0xff),
-        21..=36 => st.gpr[n - 21] = (st.gpr[n - 21] & !0xffff) | (v & 0xffff),
-        37..=52 => st.gpr[n - 37] = v & 0xffff_ffff,
-        53..=68 => st.gpr[n - 53] = v,
+        AL..=BL => st.gpr[n - AL] = (st.gpr[n - AL] & !0xff) | (v & 0xff),
+        AH..=BH => st.gpr[n - AH] = (st.gpr[n - AH] & !0xff00) | ((v & 0xff) << 8),
+        SPL..=R15L => {
+            let i = n - SPL + SPL_GPR;
+            st.gpr[i] = (st.gpr[i] & !0xff) | (v & 0xff)
+        }
+        AX..=R15W => st.gpr[n - AX] = (st.gpr[n - AX] & !0xffff) | (v & 0xffff),
+        EAX..=R15D => st.gpr[n - EAX] = v & 0xffff_ffff,
+        RAX..=R15 => st.gpr[n - RAX] = v,
         _ => {}
     }
 }
@@ -69,7 +96,7 @@ pub fn addr_size(insn: &Instruction) -> u8 {
 
 /// Effective address (segment offset) of the memory operand.
 #[inline]
-pub fn ea(st: &CpuState, insn: &Instruction) -> u64 {
+pub fn ea(st: &ArchRegs, insn: &Instruction) -> u64 {
     let mut a = insn.memory_displacement64();
     let b = insn.memory_base();
     if b != Register::None && b != Register::RIP && b != Register::EIP {

@@ -10,7 +10,7 @@ use super::operand::{reg_write, sreg_index};
 use crate::core::{Core, R};
 use crate::cpu::{mask, ES, FLAG_DF, RCX, RDI, RSI};
 use crate::flags::{FlagOp, Flags};
-use crate::mmu::Access;
+use crate::memory::mmu::Access;
 
 /// Iterations per execution before the instruction yields.
 const BUDGET: u32 = 4096;
@@ -94,7 +94,7 @@ fn bulk_chunk(core: &mut Core, stos: bool, seg: usize, size: u8, budget: u32) ->
                 std::ptr::write_bytes(dst, v as u8, len);
             } else {
                 for i in 0..n as usize {
-                    crate::mem::store(dst.add(i * size as usize), size, v);
+                    crate::memory::mem::store(dst.add(i * size as usize), size, v);
                 }
             }
         }
@@ -113,7 +113,11 @@ fn bulk_chunk(core: &mut Core, stos: bool, seg: usize, size: u8, budget: u32) ->
             if d0 > s0 && d0 < s0 + len {
                 for i in 0..n as usize {
                     let o = i * size as usize;
-                    crate::mem::store(dst.add(o), size, crate::mem::load(src.add(o), size));
+                    crate::memory::mem::store(
+                        dst.add(o),
+                        size,
+                        crate::memory::mem::load(src.add(o), size),
+                    );
                 }
             } else {
                 std::ptr::copy(src, dst, len);

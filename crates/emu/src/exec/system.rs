@@ -84,7 +84,7 @@ fn read_cr(core: &Core, r: Register) -> R<u64> {
         3 => core.st.cr3,
         4 => core.st.cr4,
         8 => core
-            .intc
+            .platform
             .tpr(core.index)
             .map(|t| t as u64)
             .unwrap_or(core.st.cr8),
@@ -117,7 +117,7 @@ fn mov_to_cr(core: &mut Core, insn: &Instruction, r: Register) -> R {
                 return Err(gp(0));
             }
             core.st.cr8 = v;
-            core.intc.set_tpr(core.index, v as u8);
+            core.platform.set_tpr(core.index, v as u8);
             core.poll_now = true;
         }
         _ => return Err(ud()),

@@ -24,9 +24,9 @@ use iced_x86::{Code, ConditionCode, Mnemonic};
 use super::runtime::{jit_interp, LinkCell, RET_LINKS};
 use crate::core::Core;
 use crate::cpu::{CR0_EM, CR0_TS, CR4_OSFXSR};
-use crate::decode::Block;
-use crate::mmu::TlbEntry;
-use crate::uop::{is_jcc, MemOp, Opnd, Uop};
+use crate::frontend::decode::Block;
+use crate::frontend::uop::{is_jcc, MemOp, Opnd, Uop};
+use crate::memory::mmu::TlbEntry;
 
 // ------------------------------------------------------------------ layout
 
@@ -446,7 +446,7 @@ impl Cg {
         a!(self
             ; mov rax, rsi
             ; shr rax, 12
-            ; and eax, (crate::mmu::TLB_SIZE - 1) as i32
+            ; and eax, (crate::memory::mmu::TLB_SIZE - 1) as i32
             ; imul eax, eax, TLBE_SIZE
             ; add rax, QWORD [rbx + OFF_TLB]
             ; mov rcx, rsi
@@ -1416,7 +1416,7 @@ fn sse(cg: &mut Cg, u: &Uop) -> Option<Done> {
     let aligned = !matches!(m, M::Movups | M::Movdqu);
     // The operand shapes first, so that nothing is emitted for others.
     let dst_gpr = if movmsk {
-        match (crate::uop::gpr(insn.op0_register()), x1) {
+        match (crate::frontend::uop::gpr(insn.op0_register()), x1) {
             (Some((idx, false)), Some(_)) => Some(idx),
             _ => return None,
         }
@@ -1433,7 +1433,7 @@ fn sse(cg: &mut Cg, u: &Uop) -> Option<Done> {
     cg.sse_guard();
     let has_mem = mem0 || mem1;
     if has_mem {
-        let mo = crate::uop::memop(insn);
+        let mo = crate::frontend::uop::memop(insn);
         cg.ea(&mo, true);
         cg.translate(16, if mem0 { Acc::Write } else { Acc::Read });
         if aligned {

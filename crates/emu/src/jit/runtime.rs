@@ -11,9 +11,9 @@
 use std::cell::Cell;
 
 use crate::core::{Core, Exc};
-use crate::decode::Block;
-use crate::mmu::{PERM_DIRTY, PERM_USER, PERM_WRITE};
-use crate::uop::Uop;
+use crate::frontend::decode::Block;
+use crate::frontend::uop::Uop;
+use crate::memory::mmu::{PERM_DIRTY, PERM_USER, PERM_WRITE};
 
 use super::{JitConfig, JitFn, JitState};
 
@@ -286,7 +286,7 @@ pub unsafe fn linked_block(cell: usize, rip: u64, epoch: u64) -> Option<*const B
         && !b.is_null()
         // SAFETY: a linked cell's block is alive while its epoch holds (a
         // cache clear flushes the TLB).
-        && unsafe { crate::decode::is_valid(&*b) }
+        && unsafe { crate::frontend::decode::is_valid(&*b) }
     {
         Some(b)
     } else {

@@ -57,17 +57,14 @@ pub struct Uop {
     pub insn: Instruction,
 }
 
+/// A general-purpose register operand as (index into `ArchRegs::gpr`,
+/// AH..BH), from iced's register information (decode time only).
 pub(crate) fn gpr(r: Register) -> Option<(u8, bool)> {
-    let n = r as usize;
-    match n {
-        1..=4 => Some(((n - 1) as u8, false)),
-        5..=8 => Some(((n - 5) as u8, true)),
-        9..=20 => Some(((n - 5) as u8, false)),
-        21..=36 => Some(((n - 21) as u8, false)),
-        37..=52 => Some(((n - 37) as u8, false)),
-        53..=68 => Some(((n - 53) as u8, false)),
-        _ => None,
+    if !r.is_gpr() {
+        return None;
     }
+    let hi = matches!(r, Register::AH | Register::CH | Register::DH | Register::BH);
+    Some((r.full_register().number() as u8, hi))
 }
 
 fn opnd(insn: &Instruction, n: u32) -> Option<Opnd> {

@@ -17,6 +17,12 @@
 //! error rather than dropped: an event KVM was injecting, a read the
 //! engine could not finish before parking (its instruction also writes
 //! device memory), XSAVE state beyond SSE.
+//!
+//! It lives beside the engine because it is the one place that knows both
+//! forms: the `hypervisor` seam carries each backend's state opaquely. Both
+//! sides are decoded (and the engine's checked, see [`crate::state`]) before
+//! anything is converted, and the engine state made from KVM's is checked
+//! the same way before it is handed on.
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
@@ -24,14 +30,13 @@ use kvm_bindings::{
     KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 
-use crate::kvm::{
+use emu_platform::{IoApicRegs, PicChipRegs, PitChannelRegs, PitRegs, Platform, PlatformConfig};
+use hypervisor::kvm::{
     pod_bytes, pod_from, regs_from_kvm, regs_to_kvm, seg_to_kvm, KvmVcpuState, KvmVmState,
 };
-use crate::{
-    AccelKind, EmuFpuState, EmuMsrs, EmuVcpuState, EmuVmState, HypervisorError, Result,
-    SpecialRegs, VcpuSnapshot, VmSnapshot,
-};
-use emu_platform::{IoApicRegs, PicChipRegs, PitChannelRegs, PitRegs, Platform, PlatformConfig};
+use hypervisor::{AccelKind, HypervisorError, Result, SpecialRegs, VcpuSnapshot, VmSnapshot};
+
+use crate::state::{EmuFpuState, EmuMsrs, EmuVcpuState, EmuVmState};
 
 /// The engine's TSC and APIC bus rates (and KVM's APIC bus).
 pub const EMU_TSC_HZ: u64 = 1_000_000_000;
@@ -73,37 +78,35 @@ pub fn convert(
     vm: &VmSnapshot,
     to: AccelKind,
 ) -> Result<(Vec<VcpuSnapshot>, VmSnapshot)> {
-    match (vm, to) {
-        (VmSnapshot::Emu(v), AccelKind::Kvm) => {
-            let emu: Vec<&EmuVcpuState> = vcpus
+    match (vm.accel(), to) {
+        (AccelKind::Emu, AccelKind::Kvm) => {
+            let emu = vcpus
                 .iter()
-                .map(|s| match s {
-                    VcpuSnapshot::Emu(e) => Ok(e.as_ref()),
-                    _ => err("a KVM vCPU state in an engine snapshot".into()),
-                })
-                .collect::<Result<_>>()?;
-            let (k, kvm) = emu_to_kvm(&emu, v)?;
+                .map(EmuVcpuState::try_from)
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let emu_vm = EmuVmState::try_from(vm)?;
+            let refs: Vec<&EmuVcpuState> = emu.iter().collect();
+            let (k, kvm) = emu_to_kvm(&refs, &emu_vm)?;
             Ok((
-                k.into_iter()
-                    .map(|s| VcpuSnapshot::Kvm(Box::new(s)))
-                    .collect(),
-                VmSnapshot::Kvm(Box::new(kvm)),
+                k.iter()
+                    .map(|s| VcpuSnapshot::new(AccelKind::Kvm, s))
+                    .collect::<std::result::Result<_, _>>()?,
+                VmSnapshot::new(AccelKind::Kvm, &kvm)?,
             ))
         }
-        (VmSnapshot::Kvm(v), AccelKind::Emu) => {
-            let kvm: Vec<&KvmVcpuState> = vcpus
+        (AccelKind::Kvm, AccelKind::Emu) => {
+            let kvm = vcpus
                 .iter()
-                .map(|s| match s {
-                    VcpuSnapshot::Kvm(k) => Ok(k.as_ref()),
-                    _ => err("an engine vCPU state in a KVM snapshot".into()),
-                })
-                .collect::<Result<_>>()?;
-            let (e, emu) = kvm_to_emu(&kvm, v)?;
+                .map(|s| s.decode::<KvmVcpuState>(AccelKind::Kvm))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let kvm_vm: KvmVmState = vm.decode(AccelKind::Kvm)?;
+            let refs: Vec<&KvmVcpuState> = kvm.iter().collect();
+            let (e, emu) = kvm_to_emu(&refs, &kvm_vm)?;
             Ok((
-                e.into_iter()
-                    .map(|s| VcpuSnapshot::Emu(Box::new(s)))
-                    .collect(),
-                VmSnapshot::Emu(Box::new(emu)),
+                e.iter()
+                    .map(|s| s.to_snapshot())
+                    .collect::<std::result::Result<_, _>>()?,
+                emu.to_snapshot()?,
             ))
         }
         _ => Ok((vcpus.to_vec(), vm.clone())),
@@ -141,7 +144,7 @@ fn sregs_from_kvm(s: &kvm_sregs) -> Result<SpecialRegs> {
     if s.interrupt_bitmap.iter().any(|&w| w != 0) {
         return err("a vCPU was delivering an interrupt when the snapshot was taken".into());
     }
-    Ok(crate::kvm::sregs_from_kvm(s))
+    Ok(hypervisor::kvm::sregs_from_kvm(s))
 }
 
 fn bytes16(v: [u64; 2]) -> [u8; 16] {
@@ -589,20 +592,26 @@ pub fn kvm_to_emu(
         },
         now,
     );
-    Ok((
-        out,
-        EmuVmState {
-            guest_ns: now,
-            pvclock_version: 0,
-            platform,
-        },
-    ))
+    let emu = EmuVmState {
+        guest_ns: now,
+        pvclock_version: 0,
+        platform,
+    };
+    // What KVM held but the engine cannot (CR4 bits it lacks, say) is
+    // refused here, as the engine's own restore would refuse it.
+    for (i, s) in out.iter().enumerate() {
+        s.check()
+            .map_err(|e| HypervisorError::Other(format!("vCPU {i}: {e}")))?;
+    }
+    emu.check(n)
+        .map_err(|e| HypervisorError::Other(e.to_string()))?;
+    Ok((out, emu))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DescriptorTable, Segment, StandardRegs};
+    use hypervisor::{DescriptorTable, Segment, StandardRegs};
 
     fn seg(selector: u16, type_: u8, l: bool, db: bool) -> Segment {
         Segment {
@@ -847,7 +856,7 @@ mod tests {
     #[test]
     fn what_the_other_side_cannot_hold_is_refused() {
         let mut v = vcpu(0);
-        v.pending_read = Some(crate::EmuPendingRead::Io {
+        v.pending_read = Some(crate::state::EmuPendingRead::Io {
             port: 0x3fd,
             size: 1,
             data: 0x60,

@@ -38,10 +38,9 @@ use emu_platform::{
     Delivery, DeliveryMode, DestMode, GuestClock, Platform, PlatformConfig, SharedPlatform, Trigger,
 };
 
-use crate::core::{Core, RunExit};
-use crate::cpu::FLAG_IF;
 use crate::cpuid::CpuidConfig;
-use crate::irq::{InterruptController, MsrFault};
+use crate::platform::irq::{InterruptController, MsrFault};
+use crate::platform::{CpuView, Event, Idle, VcpuPlatform};
 
 /// The guest TSC rate (see the module notes on time).
 pub const TSC_HZ: u64 = 1_000_000_000;
@@ -234,9 +233,9 @@ impl Pc {
     }
 
     /// The platform's state and guest time, for a snapshot (vCPUs stopped).
-    pub fn save(&self) -> hypervisor::EmuVmState {
+    pub fn save(&self) -> crate::state::EmuVmState {
         let (platform, guest_ns) = self.shared.save();
-        hypervisor::EmuVmState {
+        crate::state::EmuVmState {
             guest_ns,
             pvclock_version: self.pvclock_version.load(Ordering::SeqCst),
             platform,
@@ -245,12 +244,12 @@ impl Pc {
 
     /// Load a snapshot's platform, with guest time resuming at the
     /// snapshot's (before any vCPU runs).
-    pub fn restore(&self, s: &hypervisor::EmuVmState) -> Result<(), String> {
-        s.platform.check_restorable(self.signals.len())?;
+    pub fn restore(&self, s: crate::state::EmuVmState) -> Result<(), crate::state::EmuStateError> {
+        s.check(self.signals.len())?;
         self.clock.resume_at(s.guest_ns);
         self.pvclock_version
             .store(s.pvclock_version & !1, Ordering::SeqCst);
-        self.shared.restore(s.platform.clone())
+        Ok(self.shared.restore(s.platform)?)
     }
 
     fn next_pvclock_version(&self) -> u32 {
@@ -508,235 +507,188 @@ impl PcVcpu {
     }
 }
 
-// ------------------------------------------------------------------ run loop
+// ------------------------------------------------------------ the vCPU's view
 
-enum Event {
-    None,
-    Init,
-    Sipi(u8),
-    Nmi,
-    Irq(u8),
-}
-
-/// The run loop's interrupt check in platform mode (called when the core
-/// decides to poll: attention flag, STI/IRET/EOI, every few blocks): take
-/// the most urgent thing the platform has for this vCPU, under one lock.
-pub(crate) fn poll(core: &mut Core) -> Option<RunExit> {
-    let idx = core.index;
-    let if_set = core.st.rflags & FLAG_IF != 0;
-    let nmi_ok = !core.nmi_blocked;
-    let wait_sipi = core.wait_for_sipi;
-    let p = core.pc.as_ref()?;
-    // Lock-free unless something is hinted for this vCPU or a timer is due
-    // (then it advances the timers and kicks whoever they interrupt).
-    if !p.pc.shared.has_pending(idx) {
-        return None;
-    }
-    let ev = p.pc.shared.with(|pl, _| {
-        let i = idx as usize;
-        if pl.take_init(i) {
-            Event::Init
-        } else if wait_sipi {
-            pl.take_startup(i).map_or(Event::None, Event::Sipi)
-        } else if nmi_ok && pl.take_nmi(i) {
-            Event::Nmi
-        } else if if_set {
-            // `ack` picks again under this lock and returns what to deliver
-            // (the PIC's spurious vector if the request went away).
-            match pl.pending_vector(i) {
-                Some(v) => pl.ack(i, v).map_or(Event::None, Event::Irq),
-                None => Event::None,
-            }
-        } else {
-            Event::None
+impl VcpuPlatform for PcVcpu {
+    /// The interrupt check (called when the core decides to poll: attention
+    /// flag, STI/IRET/EOI, every few blocks): take the most urgent thing the
+    /// platform has for this vCPU, under one lock.
+    fn poll(&mut self, cpu: CpuView) -> Event {
+        let idx = cpu.vcpu;
+        // Lock-free unless something is hinted for this vCPU or a timer is
+        // due (then it advances the timers and kicks whoever they interrupt).
+        if !self.pc.shared.has_pending(idx) {
+            return Event::None;
         }
-    });
-    if !matches!(ev, Event::None) {
-        // More may be queued behind it (a SIPI after INIT, an interrupt
-        // after an NMI): look again before the next block.
-        core.poll_now = true;
-    }
-    match ev {
-        Event::None => None,
-        Event::Init => {
-            init_cpu(core);
-            None
-        }
-        Event::Sipi(v) => {
-            core.start_up(v);
-            core.end_block = true;
-            None
-        }
-        Event::Nmi => {
-            core.halted = false;
-            core.nmi_blocked = true;
-            core.deliver_and_check(2, None, crate::exception::Kind::External)
-        }
-        Event::Irq(v) => {
-            core.halted = false;
-            core.deliver_and_check(v, None, crate::exception::Kind::External)
-        }
-    }
-}
-
-/// Sleep while halted (IF=1) or waiting for SIPI, until something can wake
-/// the CPU, the next timer deadline (to advance the timers), or a kick.
-/// `None`: something is there to take (the caller polls); HLT with IF=0
-/// returns `Halt` to the VMM.
-pub(crate) fn idle(core: &mut Core) -> Option<RunExit> {
-    // A halted CPU has no interrupt shadow left.
-    core.int_shadow = false;
-    loop {
-        if core.kick.load(Ordering::Relaxed) && core.kick.swap(false, Ordering::AcqRel) {
-            return Some(RunExit::Interrupted);
-        }
-        let idx = core.index;
-        let if_set = core.st.rflags & FLAG_IF != 0;
-        let nmi_ok = !core.nmi_blocked;
-        let wait_sipi = core.wait_for_sipi;
-        let p = core.pc.as_mut()?;
-        // One locked look: timers advanced to now, the wake-up reasons, and
-        // when to look again. The PIT counts for every vCPU because its
-        // interrupt may be routed to any of them and somebody must advance
-        // it when all are asleep.
-        let (wake, deadline) = p.pc.shared.with(|pl, _| {
+        self.pc.shared.with(|pl, _| {
             let i = idx as usize;
-            let Some(l) = pl.lapic(i) else {
-                return (false, None);
-            };
-            let wake = if wait_sipi {
-                l.init_pending() || l.startup_pending()
+            if pl.take_init(i) {
+                // KVM restarts the BSP on INIT (an INIT is a reset for it).
+                Event::Init { restart: i == 0 }
+            } else if cpu.wait_for_sipi {
+                pl.take_startup(i).map_or(Event::None, Event::Sipi)
+            } else if cpu.nmi_ok && pl.take_nmi(i) {
+                Event::Nmi
+            } else if cpu.if_set {
+                // `ack` picks again under this lock and returns what to
+                // deliver (the PIC's spurious vector if the request went away).
+                match pl.pending_vector(i) {
+                    Some(v) => pl.ack(i, v).map_or(Event::None, Event::Irq),
+                    None => Event::None,
+                }
             } else {
-                l.init_pending()
-                    || (nmi_ok && l.nmi_pending())
-                    || (if_set && pl.pending_vector(i).is_some())
-            };
-            let deadline = match (pl.next_lapic_deadline_ns(i), pl.pit().next_event_ns()) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            (wake, deadline)
-        });
-        if wake {
+                Event::None
+            }
+        })
+    }
+
+    /// Sleep while halted (IF=1) or waiting for SIPI, until something can
+    /// wake the CPU, the next timer deadline (to advance the timers), or a
+    /// kick. HLT with IF=0 goes to the VMM.
+    fn idle(&mut self, cpu: CpuView, kick: &AtomicBool) -> Idle {
+        loop {
+            if kick.load(Ordering::Relaxed) && kick.swap(false, Ordering::AcqRel) {
+                return Idle::Interrupted;
+            }
+            // One locked look: timers advanced to now, the wake-up reasons,
+            // and when to look again. The PIT counts for every vCPU because
+            // its interrupt may be routed to any of them and somebody must
+            // advance it when all are asleep.
+            let (wake, deadline) = self.pc.shared.with(|pl, _| {
+                let i = cpu.vcpu as usize;
+                let Some(l) = pl.lapic(i) else {
+                    return (false, None);
+                };
+                let wake = if cpu.wait_for_sipi {
+                    l.init_pending() || l.startup_pending()
+                } else {
+                    l.init_pending()
+                        || (cpu.nmi_ok && l.nmi_pending())
+                        || (cpu.if_set && pl.pending_vector(i).is_some())
+                };
+                let deadline = match (pl.next_lapic_deadline_ns(i), pl.pit().next_event_ns()) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                (wake, deadline)
+            });
+            if wake {
+                return Idle::Wake;
+            }
+            if !cpu.wait_for_sipi && !cpu.if_set {
+                // HLT with interrupts off: only an NMI, INIT or SIPI could
+                // wake it; the VMM waits and runs the vCPU again, which
+                // looks again.
+                return Idle::Halt;
+            }
+            self.sleeps += 1;
+            self.signal.wait(&self.pc.clock, deadline);
+        }
+    }
+
+    /// The PIC, ELCR, PIT and port 0x61.
+    fn pio_in(&mut self, port: u16, size: u8) -> Option<(u64, bool)> {
+        if !(Pic::handles_port(port) || Pit::handles_port(port)) {
             return None;
         }
-        if !wait_sipi && !if_set {
-            // HLT with interrupts off: only an NMI, INIT or SIPI could wake
-            // it; the VMM waits and runs the vCPU again, which looks again.
-            return Some(RunExit::Halt);
+        let mut buf = [0u8; 8];
+        let n = (size as usize).min(8);
+        if !self.pc.shared.pio_read(port, &mut buf[..n]) {
+            return None;
         }
-        p.sleeps += 1;
-        p.signal.wait(&p.pc.clock, deadline);
+        // Reading the PIC can acknowledge (poll mode): look again.
+        Some((u64::from_le_bytes(buf), Pic::handles_port(port)))
+    }
+
+    fn pio_out(&mut self, port: u16, size: u8, data: u64) -> bool {
+        if !(Pic::handles_port(port) || Pit::handles_port(port)) {
+            return false;
+        }
+        let bytes = data.to_le_bytes();
+        let n = (size as usize).min(8);
+        self.pc.shared.pio_write(port, &bytes[..n])
+    }
+
+    /// This vCPU's LAPIC page and the IOAPIC.
+    fn mmio_read(&mut self, vcpu: u32, apic_base: u64, addr: u64, size: u8) -> Option<u64> {
+        if !platform_mmio(apic_base, addr) {
+            return None;
+        }
+        let mut buf = [0u8; 8];
+        let n = (size as usize).min(8);
+        if !self.pc.shared.mmio_read(vcpu, addr, &mut buf[..n]) {
+            return None;
+        }
+        Some(u64::from_le_bytes(buf))
+    }
+
+    fn mmio_write(&mut self, vcpu: u32, apic_base: u64, addr: u64, size: u8, data: u64) -> bool {
+        if !platform_mmio(apic_base, addr) {
+            return false;
+        }
+        let bytes = data.to_le_bytes();
+        let n = (size as usize).min(8);
+        self.pc.shared.mmio_write(vcpu, addr, &bytes[..n])
+    }
+
+    fn set_tpr(&self, vcpu: u32, cr8: u8) {
+        InterruptController::set_tpr(&*self.pc, vcpu, cr8)
+    }
+
+    fn tpr(&self, vcpu: u32) -> Option<u8> {
+        InterruptController::tpr(&*self.pc, vcpu)
+    }
+
+    fn rdmsr(&self, vcpu: u32, msr: u32) -> Option<Result<u64, MsrFault>> {
+        InterruptController::rdmsr(&*self.pc, vcpu, msr)
+    }
+
+    fn wrmsr(&self, vcpu: u32, msr: u32, value: u64) -> Option<Result<(), MsrFault>> {
+        InterruptController::wrmsr(&*self.pc, vcpu, msr, value)
+    }
+
+    fn guest_tsc(&self) -> Option<u64> {
+        InterruptController::guest_tsc(&*self.pc)
+    }
+
+    fn pvclock_time_info(&self, vcpu: u32) -> Option<[u8; 32]> {
+        InterruptController::pvclock_time_info(&*self.pc, vcpu)
+    }
+
+    fn pvclock_wall_clock(&self) -> Option<[u8; 12]> {
+        InterruptController::pvclock_wall_clock(&*self.pc)
+    }
+
+    /// The VMM loaded IA32_APIC_BASE through the special registers: the
+    /// platform takes it as it is (x2APIC included, unlike a guest WRMSR).
+    fn load_apic_base(&mut self, vcpu: u32, v: u64) -> Option<u64> {
+        let shared = &self.pc.shared;
+        if shared.rdmsr(vcpu, MSR_IA32_APIC_BASE) == Some(Ok(v)) {
+            return None;
+        }
+        match shared.wrmsr(vcpu, MSR_IA32_APIC_BASE, v) {
+            Some(Ok(())) => match shared.rdmsr(vcpu, MSR_IA32_APIC_BASE) {
+                Some(Ok(base)) => Some(base),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    fn waker(&self) -> Option<Arc<dyn Fn() + Send + Sync>> {
+        let signal = self.signal.clone();
+        Some(Arc::new(move || signal.notify()))
+    }
+
+    fn sleeps(&self) -> u64 {
+        self.sleeps
     }
 }
 
-/// INIT: the core's power-on state and wait-for-SIPI, with kvmclock off
-/// (KVM turns it off on a vCPU reset too). The BSP instead runs from the
-/// reset vector, as KVM makes it (an INIT is a reset for the BSP).
-fn init_cpu(core: &mut Core) {
-    core.init_reset();
-    core.flush_all_caches();
-    core.st.msr.kvm_system_time = 0;
-    core.delivering = None;
-    if core.index == 0 {
-        core.wait_for_sipi = false;
-    }
-}
-
-// ------------------------------------------------------------ device access
-
-/// Port read served by the platform (PIC, ELCR, PIT, port 0x61); `None` for
-/// ports the VMM serves.
-pub(crate) fn pio_in(core: &mut Core, port: u16, size: u8) -> Option<u64> {
-    let p = core.pc.as_ref()?;
-    if !(Pic::handles_port(port) || Pit::handles_port(port)) {
-        return None;
-    }
-    let mut buf = [0u8; 8];
-    let n = (size as usize).min(8);
-    if !p.pc.shared.pio_read(port, &mut buf[..n]) {
-        return None;
-    }
-    // Reading the PIC can acknowledge (poll mode): look again.
-    if Pic::handles_port(port) {
-        core.poll_now = true;
-    }
-    Some(u64::from_le_bytes(buf))
-}
-
-/// Port write served by the platform; false for ports the VMM serves.
-pub(crate) fn pio_out(core: &mut Core, port: u16, size: u8, data: u64) -> bool {
-    let Some(p) = core.pc.as_ref() else {
-        return false;
-    };
-    if !(Pic::handles_port(port) || Pit::handles_port(port)) {
-        return false;
-    }
-    let bytes = data.to_le_bytes();
-    let n = (size as usize).min(8);
-    if !p.pc.shared.pio_write(port, &bytes[..n]) {
-        return false;
-    }
-    // An EOI or an unmask may have made an interrupt deliverable.
-    core.poll_now = true;
-    true
-}
-
-/// Whether `addr` may belong to this vCPU's LAPIC page or the IOAPIC: a
-/// cheap filter before taking the platform lock.
+/// Whether `addr` may belong to the LAPIC page at `apic_base` or the
+/// IOAPIC: a cheap filter before taking the platform lock.
 #[inline]
-fn platform_mmio(core: &Core, addr: u64) -> bool {
+fn platform_mmio(apic_base: u64, addr: u64) -> bool {
     let page = addr & !0xfff;
-    page == IOAPIC_BASE || page == core.st.msr.apic_base & 0x000f_ffff_ffff_f000
-}
-
-/// MMIO read served by the platform; `None` to exit to the VMM.
-pub(crate) fn mmio_read(core: &mut Core, addr: u64, size: u8) -> Option<u64> {
-    if !platform_mmio(core, addr) {
-        return None;
-    }
-    let p = core.pc.as_ref()?;
-    let mut buf = [0u8; 8];
-    let n = (size as usize).min(8);
-    if !p.pc.shared.mmio_read(core.index, addr, &mut buf[..n]) {
-        return None;
-    }
-    Some(u64::from_le_bytes(buf))
-}
-
-/// MMIO write served by the platform; false to exit to the VMM.
-pub(crate) fn mmio_write(core: &mut Core, addr: u64, size: u8, data: u64) -> bool {
-    if !platform_mmio(core, addr) {
-        return false;
-    }
-    let Some(p) = core.pc.as_ref() else {
-        return false;
-    };
-    let bytes = data.to_le_bytes();
-    let n = (size as usize).min(8);
-    if !p.pc.shared.mmio_write(core.index, addr, &bytes[..n]) {
-        return false;
-    }
-    // EOI, TPR, or an IPI to self.
-    core.poll_now = true;
-    true
-}
-
-// ------------------------------------------------------------- special regs
-
-/// The VMM loaded IA32_APIC_BASE through the special registers.
-pub(crate) fn set_apic_base(core: &mut Core, v: u64) {
-    let Some(p) = core.pc.as_ref() else {
-        return;
-    };
-    let shared = p.pc.shared.clone();
-    let i = core.index;
-    if shared.rdmsr(i, MSR_IA32_APIC_BASE) == Some(Ok(v)) {
-        return;
-    }
-    if let Some(Ok(())) = shared.wrmsr(i, MSR_IA32_APIC_BASE, v) {
-        if let Some(Ok(base)) = shared.rdmsr(i, MSR_IA32_APIC_BASE) {
-            core.st.msr.apic_base = base;
-        }
-    }
+    page == IOAPIC_BASE || page == apic_base & 0x000f_ffff_ffff_f000
 }

@@ -7,8 +7,8 @@
 
 use std::sync::atomic::AtomicU8;
 
-use crate::cpu::{CpuState, CR0_PG, CR0_WP, CR4_PAE, CR4_PGE, CR4_PSE, EFER_NXE};
-use crate::mem::MemView;
+use crate::cpu::{ArchRegs, CR0_PG, CR0_WP, CR4_PAE, CR4_PGE, CR4_PSE, EFER_NXE};
+use crate::memory::mem::MemView;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
@@ -143,7 +143,7 @@ impl Tlb {
 
 /// Page-table walk for `lin`. On failure returns the #PF error code.
 pub fn walk(
-    st: &CpuState,
+    st: &ArchRegs,
     mem: &MemView,
     lin: u64,
     acc: Access,

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic};
 
 use crate::core::{Core, Exc, R};
-use crate::mem::load;
-use crate::uop::{build, Uop};
+use crate::frontend::uop::{build, Uop};
+use crate::memory::mem::load;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Longest block, in instructions.

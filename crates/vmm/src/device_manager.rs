@@ -1,0 +1,467 @@
+//! The VM's devices and their wiring: the legacy PC devices on the port
+//! bus (COM1, i8042, CMOS RTC, ACPI PM, reset control), PCI bus 0 with its
+//! configuration mechanisms, and the virtio functions on it with their MSI-X
+//! route into the backend and their queue-notify eventfds.
+//!
+//! Invariants: every device sits on one bus range, and `DeviceInfo` lists
+//! exactly what was inserted (what `vm.info` reports). Every device with
+//! state is in one `DeviceList` (legacy devices first, then the PCI
+//! configuration latch and the virtio functions in the order the VM's
+//! configuration adds them: disks, NICs, rng, console, balloon); saving and
+//! restoring walk that list through `devices::Persist`, so a snapshot stores
+//! states in that order and a restore, building the devices from the same
+//! configuration, matches them by position and kind.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use devices::{Bus, BusDevice, EventSink};
+use hypervisor::GuestRam;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::builder::VmSpec;
+use crate::snapshot::{DeviceList, DeviceStates};
+use crate::vm::lock;
+use crate::VmmError;
+
+const COM1_BASE: u64 = 0x3f8;
+const COM1_IRQ: u32 = 4;
+const I8042_IRQ: u32 = 1;
+
+/// One device range on a bus, as `vm.info` reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceInfo {
+    pub name: &'static str,
+    /// "pio" or "mmio".
+    pub bus: &'static str,
+    pub base: u64,
+    pub len: u64,
+}
+
+#[derive(Clone, Copy)]
+enum BusKind {
+    Pio,
+    Mmio,
+}
+
+/// A virtio function on PCI, named for messages.
+type VirtioFunction = (String, Arc<Mutex<virtio::VirtioPciDevice>>);
+
+/// The fixed PC devices the VMM itself talks to (the console's input, the
+/// power button); all of them are in the `DeviceList` too.
+struct LegacyDevices {
+    serial: Arc<Mutex<devices::serial::Serial>>,
+    acpi_pm: Arc<Mutex<devices::acpi::AcpiPm>>,
+}
+
+/// What a snapshot and the VMM need of the PCI side.
+struct PciDevices {
+    bus: Arc<pci::PciBus>,
+    /// Every virtio function, in the order they were added.
+    virtio: Vec<VirtioFunction>,
+    console_input: Option<virtio::console::ConsoleInput>,
+    balloon: Option<virtio::balloon::BalloonHandle>,
+}
+
+/// Every device of one VM, the two buses they sit on, and what was put where.
+pub struct DeviceManager {
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    list: Vec<DeviceInfo>,
+    legacy: LegacyDevices,
+    pci: PciDevices,
+    /// Every device with state, in the order snapshots hold them.
+    saved: DeviceList,
+}
+
+/// Where the devices' output and machine-wide requests go.
+pub(crate) struct DeviceOutputs {
+    /// COM1's output (a sink when the console is virtio).
+    pub serial: Box<dyn Write + Send>,
+    /// The virtio console's output, when the console is virtio.
+    pub virtio_console: Option<Box<dyn Write + Send>>,
+    /// Power-off and reset requests from the guest.
+    pub events: EventSink,
+}
+
+impl DeviceManager {
+    /// Make the devices `spec` asks for, put them on the buses and wire
+    /// their interrupts and notifiers into the backend VM `vm`.
+    pub(crate) fn new(
+        vm: &Arc<dyn hypervisor::Vm>,
+        memory: &GuestRam,
+        spec: &VmSpec,
+        out: DeviceOutputs,
+    ) -> Result<Self, VmmError> {
+        let mut buses = Buses {
+            pio: Arc::new(Bus::new()),
+            mmio: Arc::new(Bus::new()),
+            list: Vec::new(),
+        };
+        let mut saved = DeviceList::default();
+        let legacy = setup_legacy(
+            &mut buses,
+            &mut saved,
+            vm.as_ref(),
+            spec.memory,
+            out.serial,
+            &out.events,
+        )?;
+        let pci = setup_pci(
+            &mut buses,
+            &mut saved,
+            vm.clone(),
+            memory,
+            spec,
+            out.virtio_console,
+        )?;
+        Ok(DeviceManager {
+            pio: buses.pio,
+            mmio: buses.mmio,
+            list: buses.list,
+            legacy,
+            pci,
+            saved,
+        })
+    }
+
+    pub fn pio_bus(&self) -> &Arc<Bus> {
+        &self.pio
+    }
+
+    pub fn mmio_bus(&self) -> &Arc<Bus> {
+        &self.mmio
+    }
+
+    /// What sits where, in the order it was inserted.
+    pub fn info(&self) -> &[DeviceInfo] {
+        &self.list
+    }
+
+    pub fn serial(&self) -> Arc<Mutex<devices::serial::Serial>> {
+        self.legacy.serial.clone()
+    }
+
+    /// The virtio console's input, when the console is virtio.
+    pub fn virtio_console_input(&self) -> Option<virtio::console::ConsoleInput> {
+        self.pci.console_input.clone()
+    }
+
+    /// The virtio-balloon's host side, if the VM has one.
+    pub fn balloon(&self) -> Option<&virtio::balloon::BalloonHandle> {
+        self.pci.balloon.as_ref()
+    }
+
+    pub fn press_power_button(&self) {
+        lock(&self.legacy.acpi_pm).press_power_button();
+    }
+
+    /// Stop (`true`) or restart the virtio queue workers: stopped, they
+    /// touch neither guest memory nor their own state.
+    pub fn quiesce(&self, stop: bool) {
+        for (_, d) in &self.pci.virtio {
+            if stop {
+                lock(d).quiesce();
+            } else {
+                lock(d).resume();
+            }
+        }
+    }
+
+    /// Let another process on this host open the disks (`false`), or take
+    /// them back (`true`).
+    pub fn set_disk_locks(&self, held: bool) -> Result<(), VmmError> {
+        for (name, d) in &self.pci.virtio {
+            lock(d)
+                .set_host_locks(held)
+                .map_err(|reason| VmmError::DeviceHost {
+                    device: name.clone(),
+                    reason,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Every device's state (the virtio workers quiesced), walked in the
+    /// list's order.
+    pub fn save(&self) -> Result<DeviceStates, VmmError> {
+        self.saved.save()
+    }
+
+    /// Load saved device states into these (new) devices, then let the
+    /// bus map what the restored configuration spaces decode and start the
+    /// virtio workers.
+    pub fn restore(&self, saved: &DeviceStates) -> Result<(), VmmError> {
+        self.saved.restore(saved)?;
+        self.pci.bus.refresh_routing();
+        self.quiesce(false);
+        Ok(())
+    }
+}
+
+/// The buses being filled and what was put on them.
+struct Buses {
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    list: Vec<DeviceInfo>,
+}
+
+impl Buses {
+    fn add(
+        &mut self,
+        kind: BusKind,
+        name: &'static str,
+        base: u64,
+        len: u64,
+        dev: Arc<Mutex<dyn BusDevice>>,
+    ) -> Result<(), VmmError> {
+        let (bus, label) = match kind {
+            BusKind::Pio => (&self.pio, "pio"),
+            BusKind::Mmio => (&self.mmio, "mmio"),
+        };
+        bus.insert(base, len, dev).map_err(|source| VmmError::Bus {
+            device: name,
+            bus: label,
+            base,
+            source,
+        })?;
+        self.list.push(DeviceInfo {
+            name,
+            bus: label,
+            base,
+            len,
+        });
+        Ok(())
+    }
+}
+
+/// The PC devices on the port bus, with their ISA interrupt lines; those
+/// with state go on `saved`.
+fn setup_legacy(
+    buses: &mut Buses,
+    saved: &mut DeviceList,
+    vm: &dyn hypervisor::Vm,
+    memory_bytes: u64,
+    serial_out: Box<dyn Write + Send>,
+    events: &EventSink,
+) -> Result<LegacyDevices, VmmError> {
+    let mut add = |name: &'static str, base: u64, len: u64, dev: Arc<Mutex<dyn BusDevice>>| {
+        buses.add(BusKind::Pio, name, base, len, dev)
+    };
+    let serial = Arc::new(Mutex::new(devices::serial::Serial::new(
+        vm.irq_line(COM1_IRQ)?,
+        serial_out,
+    )));
+    add("serial (COM1)", COM1_BASE, 8, serial.clone())?;
+    let i8042 = Arc::new(Mutex::new(devices::i8042::I8042::new(
+        events.clone(),
+        Some(vm.irq_line(I8042_IRQ)?),
+    )));
+    add("i8042", 0x60, 5, i8042.clone())?;
+    let below_4g = memory_bytes.min(arch::layout::MMIO_HOLE_START);
+    let cmos = devices::rtc::CmosMemory {
+        below_4g,
+        above_4g: memory_bytes - below_4g,
+    };
+    let rtc = Arc::new(Mutex::new(devices::rtc::CmosRtc::new(Some(cmos))));
+    add("cmos-rtc", 0x70, 2, rtc.clone())?;
+    let sci = vm.irq_line(arch::layout::ACPI_SCI_IRQ as u32)?;
+    let acpi_pm = Arc::new(Mutex::new(devices::acpi::AcpiPm::new(
+        events.clone(),
+        Some(sci),
+    )));
+    add(
+        "acpi-pm",
+        arch::layout::ACPI_PM_BASE as u64,
+        12,
+        acpi_pm.clone(),
+    )?;
+    let reset = Arc::new(Mutex::new(devices::acpi::ResetControl::new(events.clone())));
+    add(
+        "reset-control",
+        arch::layout::RESET_PORT as u64,
+        1,
+        reset.clone(),
+    )?;
+    // Ports Linux pokes with nothing behind them: the POST/delay ports,
+    // DMA page registers and the other COM ports.
+    let sink: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(devices::sink::Ignored::new()));
+    for (base, len) in [(0x80, 0x10), (0xed, 1), (0x2f8, 8), (0x3e8, 8), (0x2e8, 8)] {
+        add("ignored", base, len, sink.clone())?;
+    }
+    // The order is the snapshot format's: devices are restored in it.
+    saved.push("serial (COM1)", serial.clone());
+    saved.push("i8042", i8042);
+    saved.push("cmos-rtc", rtc);
+    saved.push("acpi-pm", acpi_pm.clone());
+    saved.push("reset-control", reset);
+    Ok(LegacyDevices { serial, acpi_pm })
+}
+
+/// PCI bus 0 (host bridge, configuration through 0xcf8/0xcfc and ECAM) and
+/// the virtio devices the VM asked for, with MSI-X through the backend.
+/// `console_out` is the console output when the console is virtio. The
+/// configuration latch and the functions go on `saved`, in that order.
+fn setup_pci(
+    buses: &mut Buses,
+    saved: &mut DeviceList,
+    vm: Arc<dyn hypervisor::Vm>,
+    memory: &GuestRam,
+    spec: &VmSpec,
+    console_out: Option<Box<dyn Write + Send>>,
+) -> Result<PciDevices, VmmError> {
+    use arch::layout::{PCI_ECAM_BASE, PCI_ECAM_SIZE, PCI_MMIO32_END, PCI_MMIO32_START};
+    let bus = Arc::new(pci::PciBus::new(buses.mmio.clone(), buses.pio.clone()));
+    let cfg = pci::PciConfigIo::new(bus.clone());
+    // 0xcf9 is the reset register: the address port is 0xcf8 alone.
+    let address = Arc::new(Mutex::new(cfg.address_port()));
+    buses.add(
+        BusKind::Pio,
+        "pci-config-address",
+        pci::CONFIG_ADDRESS_PORT,
+        1,
+        address,
+    )?;
+    let data = Arc::new(Mutex::new(cfg.data_port()));
+    let (port, len) = (pci::CONFIG_DATA_PORT, pci::CONFIG_DATA_LEN);
+    buses.add(BusKind::Pio, "pci-config-data", port, len, data)?;
+    let ecam = Arc::new(Mutex::new(pci::PciConfigMmio::new(bus.clone())));
+    buses.add(
+        BusKind::Mmio,
+        "pci-ecam",
+        PCI_ECAM_BASE,
+        PCI_ECAM_SIZE,
+        ecam,
+    )?;
+
+    let mut bars = pci::BarAllocator::new(
+        pci::AddressWindow::new(PCI_MMIO32_START, PCI_MMIO32_END),
+        None,
+        pci::AddressWindow::new(pci::IO_WINDOW_START, pci::IO_WINDOW_END),
+    );
+    let notifiers = queue_notifiers(&bus, vm.clone());
+    let msi: pci::MsiSink = Arc::new(move |addr, data| {
+        if let Err(e) = vm.signal_msi(addr, data) {
+            tracing::warn!("MSI {addr:#x}/{data:#x} not delivered: {e}");
+        }
+    });
+    let mut functions: Vec<VirtioFunction> = Vec::new();
+    let mut add_virtio = |name: String, dev: Box<dyn virtio::VirtioDevice>| {
+        let dev =
+            virtio::VirtioPciDevice::new(dev, memory.clone(), msi.clone()).map_err(|source| {
+                VmmError::Virtio {
+                    device: name.clone(),
+                    source,
+                }
+            })?;
+        let events = dev
+            .notify_eventfds()
+            .into_iter()
+            .map(|(off, e)| e.try_clone().map(|e| (off, e)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| VmmError::DeviceIo {
+                device: name.clone(),
+                source,
+            })?;
+        let dev = Arc::new(Mutex::new(dev));
+        let slot = bus
+            .add_device(dev.clone(), &mut bars)
+            .map_err(|source| VmmError::Pci {
+                device: name.clone(),
+                source,
+            })?;
+        lock(&notifiers).insert(slot, events);
+        tracing::info!("{name} at PCI 00:{slot:02x}.0");
+        functions.push((name, dev));
+        Ok::<(), VmmError>(())
+    };
+    for (i, d) in spec.disks.iter().enumerate() {
+        let image =
+            block::open(&d.path, d.format, d.readonly).map_err(|source| VmmError::Disk {
+                path: d.path.clone(),
+                source,
+            })?;
+        let serial = d.serial.clone().unwrap_or_else(|| format!("vireo-disk{i}"));
+        let blk = virtio::block::Block::new(image, &serial);
+        add_virtio(format!("virtio-blk {}", d.path.display()), Box::new(blk))?;
+    }
+    for n in &spec.nets {
+        let tap = net::Tap::open(&n.tap)?;
+        tap.set_up()?;
+        let mac = n.mac.unwrap_or_else(net::MacAddr::random);
+        let name = format!("virtio-net {} ({mac})", tap.name());
+        let dev = virtio::net::Net::new(Arc::new(tap), mac);
+        add_virtio(name, Box::new(dev))?;
+    }
+    if spec.rng {
+        add_virtio("virtio-rng".into(), Box::new(virtio::rng::Rng::new()))?;
+    }
+    let (mut console_input, mut balloon) = (None, None);
+    if let Some(out) = console_out {
+        let out = Mutex::new(out);
+        let output: virtio::console::ConsoleOutput = Arc::new(move |b: &[u8]| {
+            let mut o = lock(&out);
+            let _ = o.write_all(b).and_then(|()| o.flush());
+        });
+        let dev = virtio::console::Console::new(output).map_err(|source| VmmError::DeviceIo {
+            device: "virtio-console".into(),
+            source,
+        })?;
+        console_input = Some(dev.input());
+        add_virtio("virtio-console".into(), Box::new(dev))?;
+    }
+    if let Some(b) = &spec.balloon {
+        let dev = virtio::balloon::Balloon::new(virtio::balloon::BalloonOptions {
+            deflate_on_oom: b.deflate_on_oom,
+            stats: b.stats,
+        })
+        .map_err(|source| VmmError::DeviceIo {
+            device: "virtio-balloon".into(),
+            source,
+        })?;
+        balloon = Some(dev.handle());
+        add_virtio("virtio-balloon".into(), Box::new(dev))?;
+    }
+    saved.push("pci config-io", Arc::new(Mutex::new(cfg)));
+    for (name, d) in &functions {
+        saved.push(name.clone(), d.clone());
+    }
+    Ok(PciDevices {
+        bus,
+        virtio: functions,
+        console_input,
+        balloon,
+    })
+}
+
+/// Queue notification eventfds per PCI slot (offsets inside BAR 0), moved
+/// along with the BAR: where the backend can (KVM's ioeventfd), a guest's
+/// notify write signals the device's worker without a vCPU exit.
+type SlotNotifiers = Arc<Mutex<HashMap<u8, Vec<(u64, EventFd)>>>>;
+
+fn queue_notifiers(bus: &pci::PciBus, vm: Arc<dyn hypervisor::Vm>) -> SlotNotifiers {
+    let notifiers: SlotNotifiers = Arc::default();
+    let n = notifiers.clone();
+    bus.set_bar_hook(Arc::new(move |slot, bar, addr, mapped| {
+        if bar != virtio::BAR_INDEX {
+            return;
+        }
+        let n = lock(&n);
+        let Some(events) = n.get(&slot) else {
+            return;
+        };
+        for (off, e) in events {
+            let r = if mapped {
+                vm.register_mmio_notify(addr + off, e).map(|_| ())
+            } else {
+                vm.unregister_mmio_notify(addr + off, e)
+            };
+            if let Err(e) = r {
+                // The write still reaches the device as MMIO: slower, not wrong.
+                tracing::warn!("PCI 00:{slot:02x}.0 notify at {:#x}: {e}", addr + off);
+            }
+        }
+    }));
+    notifiers
+}
