@@ -69,10 +69,11 @@
 //! or two vCPUs (`vireo run --accel emu`; vireo/tests/linux_emu.rs). Blocks run through the uop
 //! interpreter until they are hot; hot 64-bit blocks are then compiled to
 //! host code by the translating tier ([`jit`]), which runs a boot at about
-//! 150-200 M guest instructions per CPU-second. `VIREO_JIT=off` keeps
-//! everything interpreted, `VIREO_JIT=N` compiles a block on its N-th run
-//! (0: on its first, which the tests use to force every block through the
-//! translator). Not implemented:
+//! 150-200 M guest instructions per CPU-second. The embedder sets
+//! the threshold with [`jit::JitConfig`] (the `vireo` binary reads
+//! `VIREO_JIT`: `off` keeps everything interpreted, `N` compiles a block on
+//! its N-th run; 0 compiles on the first, which the tests use to force
+//! every block through the translator). Not implemented:
 //! TF single-step and debug-register breakpoints, segment limit checks,
 //! hardware task switches and call gates, virtual-8086 mode, the TSS I/O
 //! bitmap, MMX, SSE3 and later, 80-bit x87 arithmetic (computed in f64),
