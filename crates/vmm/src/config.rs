@@ -29,16 +29,17 @@ pub enum Accel {
     Auto,
 }
 
-/// The software engine's translator settings from the environment:
-/// `VIREO_JIT=off|N` (no translation, or compile a block on its N-th run)
-/// and `VIREO_JIT_PERFMAP=1` (write /tmp/perf-PID.map for `perf`). Read
-/// here, by the process, and handed to the engine as a plain value.
-pub fn engine_jit_from_env() -> emu::jit::JitConfig {
+/// The software engine's translator settings as the environment states
+/// them: `VIREO_JIT=off|N` (no translation, or compile a block on its N-th
+/// run) and `VIREO_JIT_PERFMAP` set (write /tmp/perf-PID.map for `perf`).
+/// The `vireo` binary passes the two values here and hands the result to
+/// [`crate::set_engine_jit`]; the library itself reads no environment.
+pub fn engine_jit(threshold: Option<&str>, perf_map: bool) -> emu::jit::JitConfig {
     let mut cfg = emu::jit::JitConfig::default();
-    if let Ok(v) = std::env::var("VIREO_JIT") {
-        cfg.threshold = emu::jit::JitConfig::parse_threshold(&v);
+    if let Some(v) = threshold {
+        cfg.threshold = emu::jit::JitConfig::parse_threshold(v);
     }
-    cfg.perf_map = std::env::var_os("VIREO_JIT_PERFMAP").is_some();
+    cfg.perf_map = perf_map;
     cfg
 }
 
