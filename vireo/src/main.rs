@@ -393,10 +393,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     // The environment is read here, in the binary; the library crates take
-    // the KVM device node as a parameter.
+    // the KVM device node and the translator settings as parameters.
     if let Some(dev) = std::env::var_os("VIREO_KVM_DEVICE") {
         vmm::set_kvm_device(dev.to_string_lossy().into_owned());
     }
+    vmm::set_engine_jit(vmm::config::engine_jit(
+        std::env::var("VIREO_JIT").ok().as_deref(),
+        std::env::var_os("VIREO_JIT_PERFMAP").is_some(),
+    ));
     let code = match cli.command {
         Command::Run(args) => run(args),
         Command::Ping(a) => api_call(&a.api_socket, ApiAction::VmmPing),

@@ -11,6 +11,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let size = 8usize << 20;
     let mut ram = vec![0u8; size].into_boxed_slice();
     let vm = EmuVm::new();
+    // The process reads the translator knobs; the engine is given them.
+    vm.set_jit_config(emu::jit::JitConfig {
+        threshold: std::env::var("VIREO_JIT")
+            .map(|v| emu::jit::JitConfig::parse_threshold(&v))
+            .unwrap_or(Some(emu::jit::DEFAULT_THRESHOLD)),
+        perf_map: std::env::var_os("VIREO_JIT_PERFMAP").is_some(),
+    });
     // SAFETY: `ram` outlives the vCPU (dropped at the end of main).
     unsafe { vm.map_memory(0, 0, size as u64, ram.as_mut_ptr() as u64)? };
     // Identity map the first 1 GiB with 2 MiB pages.

@@ -10,6 +10,7 @@ use hypervisor::{
 
 use crate::core::{Core, ExitReq, ReadResponse, RunExit};
 use crate::cpu::*;
+use crate::jit::JitConfig;
 use crate::memory::mem::{MemView, PhysMem};
 use crate::platform::irq::{InterruptController, QueueInterruptController};
 use crate::platform::notify::NotifyTable;
@@ -20,11 +21,19 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// The software CPU engine as a hypervisor backend.
 #[derive(Default)]
-pub struct EmuHypervisor;
+pub struct EmuHypervisor {
+    jit: JitConfig,
+}
 
 impl EmuHypervisor {
+    /// The engine with the translator's default settings.
     pub fn new() -> Self {
-        EmuHypervisor
+        Self::default()
+    }
+
+    /// The engine with the given translator settings for every VM it makes.
+    pub fn with_jit(jit: JitConfig) -> Self {
+        EmuHypervisor { jit }
     }
 }
 
@@ -34,7 +43,9 @@ impl Hypervisor for EmuHypervisor {
     }
 
     fn create_vm(&self) -> Result<Arc<dyn Vm>> {
-        Ok(Arc::new(EmuVm::new_pc()))
+        let vm = EmuVm::new_pc();
+        vm.set_jit_config(self.jit);
+        Ok(Arc::new(vm))
     }
 
     fn supported_cpuid(&self) -> Result<Vec<hypervisor::CpuidEntry>> {
@@ -56,6 +67,8 @@ pub struct EmuVm {
     /// Doorbell addresses every vCPU signals without an exit
     /// (`register_mmio_notify`).
     notify: Arc<NotifyTable>,
+    /// Translator settings for the vCPUs made from now on.
+    jit: RwLock<JitConfig>,
 }
 
 impl Default for EmuVm {
@@ -74,6 +87,7 @@ impl EmuVm {
             pc: None,
             slots: Default::default(),
             notify: Default::default(),
+            jit: Default::default(),
         }
     }
 
@@ -90,6 +104,7 @@ impl EmuVm {
             pc: Some(board),
             slots: Default::default(),
             notify: Default::default(),
+            jit: Default::default(),
         }
     }
 
@@ -128,6 +143,7 @@ impl EmuVm {
         core.attention = attention;
         // Application processors do not run before INIT and SIPI.
         core.wait_for_sipi = index != 0;
+        core.jit.configure(self.jit_config());
         Ok(EmuVcpu {
             core,
             buf: [0; 8],
@@ -140,6 +156,16 @@ impl EmuVm {
     /// Like the controller, set it before creating vCPUs.
     pub fn set_cpuid_config(&self, cfg: crate::cpuid::CpuidConfig) {
         *self.cpuid.write().unwrap_or_else(|e| e.into_inner()) = cfg;
+    }
+
+    /// Translator settings (threshold, perf map) for vCPUs created after
+    /// this call.
+    pub fn set_jit_config(&self, cfg: JitConfig) {
+        *self.jit.write().unwrap_or_else(|e| e.into_inner()) = cfg;
+    }
+
+    pub fn jit_config(&self) -> JitConfig {
+        *self.jit.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Plug in the platform's interrupt controllers. Must happen before the
@@ -159,7 +185,7 @@ impl EmuVm {
     /// Make a vCPU with its concrete type (tests and the lead's wiring).
     pub fn create_emu_vcpu(&self, index: u32) -> EmuVcpu {
         let cpuid = *self.cpuid.read().unwrap_or_else(|e| e.into_inner());
-        let core = Core::with_platform(
+        let mut core = Core::with_platform(
             index,
             MemView::new(self.mem.clone()),
             Box::new(ControllerLink::with_notify(
@@ -168,6 +194,7 @@ impl EmuVm {
             )),
             cpuid,
         );
+        core.jit.configure(self.jit_config());
         EmuVcpu {
             core,
             buf: [0; 8],

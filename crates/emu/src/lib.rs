@@ -19,7 +19,8 @@
 //!   uops with pre-resolved operands ([`frontend::uop`]).
 //! - [`exec`]: the interpreter, split by instruction family.
 //! - [`jit`]: the translating tier (hot 64-bit blocks to host x86-64 code
-//!   with dynasm-rs, chained block to block).
+//!   with dynasm-rs, chained block to block: [`jit::runtime`] and its code
+//!   generator).
 //! - [`platform`]: the one trait the core calls for everything outside the
 //!   CPU ([`platform::VcpuPlatform`]: interrupt polls, HLT sleep, INIT/SIPI,
 //!   the ports and MMIO the platform serves, its MSRs, time), with the PC
@@ -68,10 +69,11 @@
 //! or two vCPUs (`vireo run --accel emu`; vireo/tests/linux_emu.rs). Blocks run through the uop
 //! interpreter until they are hot; hot 64-bit blocks are then compiled to
 //! host code by the translating tier ([`jit`]), which runs a boot at about
-//! 150-200 M guest instructions per CPU-second. `VIREO_JIT=off` keeps
-//! everything interpreted, `VIREO_JIT=N` compiles a block on its N-th run
-//! (0: on its first, which the tests use to force every block through the
-//! translator). Not implemented:
+//! 150-200 M guest instructions per CPU-second. The embedder sets
+//! the threshold with [`jit::JitConfig`] (the `vireo` binary reads
+//! `VIREO_JIT`: `off` keeps everything interpreted, `N` compiles a block on
+//! its N-th run; 0 compiles on the first, which the tests use to force
+//! every block through the translator). Not implemented:
 //! TF single-step and debug-register breakpoints, segment limit checks,
 //! hardware task switches and call gates, virtual-8086 mode, the TSS I/O
 //! bitmap, MMX, SSE3 and later, 80-bit x87 arithmetic (computed in f64),
@@ -93,11 +95,6 @@ pub mod msr;
 pub mod platform;
 pub mod seg;
 pub mod state;
-
-// The translator (jit.rs) still names these by their paths before the
-// front end and the memory path got directories of their own.
-pub(crate) use frontend::{decode, uop};
-pub(crate) use memory::mmu;
 
 pub use backend::{EmuHypervisor, EmuVcpu, EmuVm};
 pub use platform::irq::{InterruptController, QueueInterruptController};

@@ -557,6 +557,40 @@ fn sse_requires_osfxsr_and_ts_raises_nm() {
     assert_eq!(g.regs().rax, 7, "#NM with CR0.TS");
 }
 
+/// The same SSE faults from translated code (threshold 0: the translator
+/// runs PXOR/MOVDQA inline behind a once-per-block CR0/CR4 guard and an
+/// alignment check, reached with the TLB entry already filled): #UD without CR4.OSFXSR, #NM with CR0.TS, #GP for a
+/// misaligned MOVDQA, and the aligned one completes.
+#[test]
+fn translated_sse_raises_ud_nm_and_gp() {
+    for jit in [None, Some(0)] {
+        let run = |cr0_or: u64, cr4_clear: u64, addr: u64| {
+            let mut g = guest();
+            g.vcpu.core_mut().jit.threshold = jit;
+            let mut s = g.sregs();
+            s.cr0 |= cr0_or;
+            s.cr4 &= !cr4_clear;
+            g.vcpu.set_sregs(&s).unwrap();
+            g.load_code(&asm64!(|a| {
+                a.mov(rax, 0x55u64)?;
+                a.mov(rsi, addr)?;
+                // Fill the TLB entry so that MOVDQA takes the inline path.
+                a.mov(rcx, qword_ptr(rsi))?;
+                a.pxor(xmm1, xmm1)?;
+                a.movdqa(xmm1, xmmword_ptr(rsi))?;
+                a.mov(eax, 0x99)?;
+                a.hlt()?;
+            }));
+            g.run_to_halt();
+            g.regs().rax
+        };
+        assert_eq!(run(0, 1 << 9, DATA), 6, "#UD without CR4.OSFXSR ({jit:?})");
+        assert_eq!(run(1 << 3, 0, DATA), 7, "#NM with CR0.TS ({jit:?})");
+        assert_eq!(run(0, 0, DATA + 8), 13, "#GP misaligned ({jit:?})");
+        assert_eq!(run(0, 0, DATA + 16), 0x99, "aligned completes ({jit:?})");
+    }
+}
+
 #[test]
 fn enter_and_leave_frames() {
     let mut g = guest();

@@ -201,6 +201,22 @@ pub fn kvm_device() -> &'static str {
         .map_or(hypervisor::kvm::DEFAULT_KVM_DEVICE, String::as_str)
 }
 
+/// The engine's translator settings set by [`set_engine_jit`].
+static ENGINE_JIT: std::sync::OnceLock<emu::jit::JitConfig> = std::sync::OnceLock::new();
+
+/// Have every engine VM of this process translate with `cfg` instead of
+/// the default: the embedder's choice (the `vireo` binary's `VIREO_JIT` and
+/// `VIREO_JIT_PERFMAP`), made once before any VM exists. False if settings
+/// were already given (the first stay).
+pub fn set_engine_jit(cfg: emu::jit::JitConfig) -> bool {
+    ENGINE_JIT.set(cfg).is_ok()
+}
+
+/// The translator settings this process's engine VMs use.
+fn engine_jit() -> emu::jit::JitConfig {
+    ENGINE_JIT.get().copied().unwrap_or_default()
+}
+
 fn open_kvm() -> Result<hypervisor::kvm::KvmHypervisor, hypervisor::HypervisorError> {
     hypervisor::kvm::KvmHypervisor::open(kvm_device())
 }
@@ -223,9 +239,9 @@ pub fn open_hypervisor(accel: Accel) -> Result<Arc<dyn Hypervisor>, VmmError> {
             tracing::info!(
                 "this host's KVM is nested (kvm_pvm) and slow for guest kernels: using Vireo's CPU engine; --accel kvm forces KVM"
             );
-            Ok(Arc::new(emu::EmuHypervisor::new()))
+            Ok(Arc::new(emu::EmuHypervisor::with_jit(engine_jit())))
         }
-        Accel::Emu | Accel::Auto => Ok(Arc::new(emu::EmuHypervisor::new())),
+        Accel::Emu | Accel::Auto => Ok(Arc::new(emu::EmuHypervisor::with_jit(engine_jit()))),
     }
 }
 

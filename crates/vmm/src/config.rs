@@ -29,6 +29,20 @@ pub enum Accel {
     Auto,
 }
 
+/// The software engine's translator settings as the environment states
+/// them: `VIREO_JIT=off|N` (no translation, or compile a block on its N-th
+/// run) and `VIREO_JIT_PERFMAP` set (write /tmp/perf-PID.map for `perf`).
+/// The `vireo` binary passes the two values here and hands the result to
+/// [`crate::set_engine_jit`]; the library itself reads no environment.
+pub fn engine_jit(threshold: Option<&str>, perf_map: bool) -> emu::jit::JitConfig {
+    let mut cfg = emu::jit::JitConfig::default();
+    if let Some(v) = threshold {
+        cfg.threshold = emu::jit::JitConfig::parse_threshold(v);
+    }
+    cfg.perf_map = perf_map;
+    cfg
+}
+
 impl FromStr for Accel {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -25,7 +25,8 @@ mod vcpu;
 mod vm;
 
 pub use builder::{
-    kvm_device, set_kvm_device, Boot, CrossRestore, RawBoot, RawMode, SnapshotSource, VmSpec,
+    kvm_device, set_engine_jit, set_kvm_device, Boot, CrossRestore, RawBoot, RawMode,
+    SnapshotSource, VmSpec,
 };
 pub use config::{Accel, BootProtocol, ConsoleKind, MemSize, SerialMode, VmConfig};
 pub use control::{ControlError, RunState, VmControl};

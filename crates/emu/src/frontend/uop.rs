@@ -59,7 +59,7 @@ pub struct Uop {
 
 /// A general-purpose register operand as (index into `ArchRegs::gpr`,
 /// AH..BH), from iced's register information (decode time only).
-fn gpr(r: Register) -> Option<(u8, bool)> {
+pub(crate) fn gpr(r: Register) -> Option<(u8, bool)> {
     if !r.is_gpr() {
         return None;
     }
@@ -86,7 +86,7 @@ fn opnd(insn: &Instruction, n: u32) -> Option<Opnd> {
     }
 }
 
-fn memop(insn: &Instruction) -> MemOp {
+pub(crate) fn memop(insn: &Instruction) -> MemOp {
     let idx = |r: Register| match r {
         Register::None | Register::RIP | Register::EIP => 0xff,
         r => gpr(r).map(|(i, _)| i).unwrap_or(0xff),

@@ -1,409 +1,32 @@
-//! The translating tier: hot 64-bit blocks compiled to host x86-64 code.
+//! The code generator: one decoded block to host x86-64 code with
+//! dynasm-rs, uop by uop.
 //!
-//! A block that has run [`Jit::threshold`] times is compiled with dynasm-rs
-//! into a function `extern "sysv64" fn(*mut Core) -> u64`. The generated
-//! code works on the guest register file in `Core::st` (no register
-//! allocation across instructions: between two guest instructions every
-//! guest register is in memory) and runs the common integer instructions
-//! (MOV/MOVZX/MOVSX/LEA, the ALU group, INC/DEC/NEG/NOT, shifts and
-//! rotates, MUL/IMUL, CMOVcc/SETcc, PUSH/POP, CALL/RET/JMP/Jcc) with the
-//! same host instruction, so results and flags are the host CPU's.
-//!
-//! Memory operands go through an inline lookup of the soft TLB (tag,
-//! permissions, page crossing, RAM, and for writes the page's code/dirty
-//! tracking flag). Anything else, and every instruction the translator does
-//! not handle, runs through the interpreter's own handler for that one
-//! instruction (`jit_interp`), called from the generated code: exceptions,
-//! MMIO, self-modifying code and mode changes are therefore exactly the
-//! interpreter's, and correctness never depends on coverage.
-//!
-//! Flags: at entry the lazy flags are settled (`CpuState::rflags` holds
-//! them); translated instructions leave them in the host RFLAGS, which are
-//! saved (PUSHFQ) to a slot before code that clobbers them and reloaded
-//! (POPFQ) only when an instruction reads them. Every exit writes them back
-//! to `rflags` with no pending lazy operation.
-//!
-//! Chaining: every exit with a known target (JMP, both sides of Jcc, CALL,
-//! fall-through) has a [`LinkCell`] in its block; RET looks the return
-//! address up in a per-core table of cells. The dispatcher fills a cell
-//! when the exit's successor is compiled; the code follows it (straight
-//! into the successor's code) only under the TLB epoch it was made in and
-//! when the run loop would have gone on to that block anyway: no kick,
-//! no attention, no poll due (the 64-block countdown is kept), no
-//! interrupt shadow, not halted. The successor re-checks its code pages on
-//! entry. So interrupts are taken at the same block boundaries as in the
-//! interpreter, and instruction counts are the same.
-//!
-//! Return value: the number of guest instructions completed by the last
-//! block (chained blocks add theirs to `Core::icount` as they go); an
-//! exception raised by an interpreted instruction is left in [`Jit::exc`].
-//!
-//! Not translated (interpreted from the generated code): LOCK-prefixed
-//! instructions, XCHG with memory, DIV/IDIV, 8/16-bit one-operand MUL/IMUL,
-//! string instructions, BT*, indirect JMP/CALL, anything non-integer, and
-//! every block that is not 64-bit code.
+//! Invariants of the generated code: `rbx` holds the `*mut Core` for the
+//! whole block; a guest GPR in `Cg::map` lives in its host register
+//! (r12-r15, r10: callee-saved or never scratch, so only calls need care)
+//! and is newer than `Core::st` exactly when its bit is in `Cg::dirty`;
+//! every other guest register is in `Core::st`; whenever control can leave
+//! the generated code (exits, `jit_interp` calls, stubs) `Core::st` is
+//! complete, and after the interpreter ran the cache is reloaded. Every
+//! block pushes the same callee-saved registers, so chained blocks share
+//! the frame of the block the dispatcher called. The guest's arithmetic flags are where `Loc` says (host
+//! RFLAGS, the `JitCtx::fl` slot, or `CpuState::rflags`) and every exit
+//! leaves them in `rflags`. An instruction either is translated whole or
+//! emits nothing and runs through the interpreter (`jit_interp`).
 
-use std::cell::Cell;
 use std::mem::{offset_of, size_of};
-use std::sync::OnceLock;
 
 use dynasmrt::x64::X64Relocation;
 use dynasmrt::{dynasm, DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
 use hypervisor::Segment;
 use iced_x86::{Code, ConditionCode, Mnemonic};
 
-use crate::core::{Core, Exc};
-use crate::decode::Block;
-use crate::mmu::{TlbEntry, PERM_DIRTY, PERM_USER, PERM_WRITE};
-use crate::uop::{is_jcc, Opnd, Uop};
-
-/// Compiled code of one block.
-pub type JitFn = unsafe extern "sysv64" fn(*mut Core) -> u64;
-
-/// A block's translation state.
-#[derive(Clone, Copy, Default)]
-pub enum JitState {
-    /// Executions so far.
-    #[default]
-    Cold,
-    Counting(u32),
-    /// Code, the arena generation it was written in, and the entry point
-    /// for chained code (checks the block's pages first).
-    Code(JitFn, u64, usize),
-    /// Not worth translating (nothing the translator handles).
-    Failed,
-}
-
-/// Values the generated code reads at run time.
-#[derive(Default)]
-#[repr(C)]
-pub struct JitCtx {
-    /// `Core::tlb.entries` base.
-    pub tlb: usize,
-    /// Permission bits a TLB entry needs for the inline read/write path.
-    pub rmask: u64,
-    pub wmask: u64,
-    /// Saved host RFLAGS (guest arithmetic flags).
-    pub fl: u64,
-    /// `Core::kick` and `Core::attention` (AtomicBool addresses).
-    pub kick: usize,
-    pub attention: usize,
-    /// The block whose code runs (chained code updates it).
-    pub cur_block: usize,
-    /// The link cell of the exit taken when following it was not possible,
-    /// for the dispatcher to link.
-    pub last_cell: usize,
-    /// `Jit::ret_links` base.
-    pub ret_links: usize,
-}
-
-/// Entries of the return-address link table.
-const RET_LINKS: usize = 1024;
-
-/// Size of the executable arena; when full it is reset and every block
-/// translated before is translated again when hot.
-const ARENA_SIZE: usize = 32 << 20;
-
-/// Executable memory for translations: one mapping, read+execute except
-/// for the pages a new translation is being written to (W^X), bump
-/// allocated.
-struct Arena {
-    base: *mut u8,
-    used: usize,
-    gen: u64,
-}
-
-impl Default for Arena {
-    fn default() -> Self {
-        Arena {
-            base: std::ptr::null_mut(),
-            used: 0,
-            gen: 0,
-        }
-    }
-}
-
-impl Drop for Arena {
-    fn drop(&mut self) {
-        if !self.base.is_null() {
-            // SAFETY: our own mapping; no code from it runs any more (the
-            // owning core is being dropped).
-            unsafe { libc::munmap(self.base as *mut libc::c_void, ARENA_SIZE) };
-        }
-    }
-}
-
-impl Arena {
-    /// Copy `code` into executable memory; None if that failed.
-    fn put(&mut self, code: &[u8]) -> Option<*const u8> {
-        if code.len() > ARENA_SIZE {
-            return None;
-        }
-        if self.base.is_null() {
-            // SAFETY: a fresh private anonymous mapping.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    ARENA_SIZE,
-                    libc::PROT_READ | libc::PROT_EXEC,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                    -1,
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                return None;
-            }
-            self.base = p as *mut u8;
-        }
-        if self.used + code.len() > ARENA_SIZE {
-            // Every older translation becomes stale (blocks check `gen`).
-            self.gen += 1;
-            self.used = 0;
-        }
-        let at = self.used;
-        let first = at & !4095;
-        let end = (at + code.len() + 4095) & !4095;
-        // SAFETY: [first, end) is inside the mapping; no translated code
-        // runs while this vCPU compiles, and only this vCPU uses the arena.
-        unsafe {
-            let page = self.base.add(first) as *mut libc::c_void;
-            if libc::mprotect(page, end - first, libc::PROT_READ | libc::PROT_WRITE) != 0 {
-                return None;
-            }
-            std::ptr::copy_nonoverlapping(code.as_ptr(), self.base.add(at), code.len());
-            if libc::mprotect(page, end - first, libc::PROT_READ | libc::PROT_EXEC) != 0 {
-                return None;
-            }
-        }
-        // Keep entry points 16-byte aligned.
-        self.used = (at + code.len() + 15) & !15;
-        Some(self.base.wrapping_add(at) as *const u8)
-    }
-}
-
-pub struct Jit {
-    pub ctx: JitCtx,
-    /// Executions before a block is compiled; None disables the tier.
-    pub threshold: Option<u32>,
-    /// An exception from an instruction run through the interpreter.
-    pub exc: Option<Exc>,
-    arena: Arena,
-    /// Blocks compiled (statistics).
-    pub compiled: u64,
-    /// Links for RET, indexed by a hash of the return address.
-    ret_links: Box<[LinkCell]>,
-}
-
-/// Default threshold, or `VIREO_JIT=off|N` from the environment.
-pub fn default_threshold() -> Option<u32> {
-    static T: OnceLock<Option<u32>> = OnceLock::new();
-    *T.get_or_init(|| match std::env::var("VIREO_JIT") {
-        Ok(v) if v == "off" || v == "no" => None,
-        Ok(v) => v.parse().ok().or(Some(DEFAULT_THRESHOLD)),
-        Err(_) => Some(DEFAULT_THRESHOLD),
-    })
-}
-
-pub const DEFAULT_THRESHOLD: u32 = 32;
-
-/// `VIREO_JIT_PERFMAP=1`: write /tmp/perf-PID.map for `perf report`.
-fn perf_map() -> bool {
-    static P: OnceLock<bool> = OnceLock::new();
-    *P.get_or_init(|| std::env::var_os("VIREO_JIT_PERFMAP").is_some())
-}
-
-impl Default for Jit {
-    fn default() -> Self {
-        Jit {
-            ctx: JitCtx::default(),
-            threshold: default_threshold(),
-            exc: None,
-            arena: Arena::default(),
-            compiled: 0,
-            ret_links: (0..RET_LINKS)
-                .map(|_| {
-                    let c = LinkCell::default();
-                    c.dynamic.set(true);
-                    c
-                })
-                .collect(),
-        }
-    }
-}
-
-// SAFETY: the arena is only used by the vCPU that owns it.
-unsafe impl Send for Jit {}
-
-impl Jit {
-    /// Forget all translations (the block cache was cleared).
-    pub fn reset(&mut self) {
-        self.arena.gen += 1;
-        self.arena.used = 0;
-    }
-}
-
-/// The compiled code for `block`, compiling it once it is hot.
-#[inline]
-pub fn code_for(core: &mut Core, block: &Block) -> Option<JitFn> {
-    let threshold = core.jit.threshold?;
-    match block.jit.get() {
-        JitState::Code(f, g, _) if g == core.jit.arena.gen => Some(f),
-        JitState::Failed => None,
-        JitState::Counting(n) if n + 1 < threshold => {
-            block.jit.set(JitState::Counting(n + 1));
-            None
-        }
-        JitState::Cold if threshold > 1 => {
-            block.jit.set(JitState::Counting(1));
-            None
-        }
-        _ => {
-            let r = compile(core, block);
-            block.jit.set(match r {
-                Some((f, chain)) => JitState::Code(f, core.jit.arena.gen, chain),
-                None => JitState::Failed,
-            });
-            r.map(|(f, _)| f)
-        }
-    }
-}
-
-fn compile(core: &mut Core, block: &Block) -> Option<(JitFn, usize)> {
-    if block.bits != 64 {
-        return None;
-    }
-    for l in &block.links {
-        l.epoch.set(u64::MAX);
-    }
-    let (code, chain) = gen_block(block)?;
-    let gen = core.jit.arena.gen;
-    let p = core.jit.arena.put(&code)?;
-    if core.jit.arena.gen != gen {
-        // The arena was recycled: links into it must not be followed.
-        core.tlb.flush_all();
-    }
-    core.jit.compiled += 1;
-    if perf_map() {
-        // perf's JIT symbol map: `perf report` names samples by guest RIP.
-        use std::io::Write;
-        let path = format!("/tmp/perf-{}.map", std::process::id());
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
-            let _ = writeln!(f, "{:x} {:x} guest_{:x}", p as usize, code.len(), block.rip);
-        }
-    }
-    // SAFETY: `p` is the start of the function just written.
-    let f = unsafe { std::mem::transmute::<*const u8, JitFn>(p) };
-    Some((f, p as usize + chain))
-}
-
-/// A direct link from compiled code to the compiled code of a successor
-/// block, followed while the TLB epoch it was made under holds.
-#[repr(C)]
-pub struct LinkCell {
-    pub epoch: Cell<u64>,
-    /// The successor's chained entry point.
-    pub code: Cell<usize>,
-    /// The successor's RIP (fixed at compile time unless `dynamic`).
-    pub target: Cell<u64>,
-    /// The exit's target is computed (RET): linking sets `target`.
-    pub dynamic: Cell<bool>,
-    /// The successor block (for the dispatcher).
-    pub block: Cell<*const Block>,
-}
-
-impl Default for LinkCell {
-    fn default() -> Self {
-        LinkCell {
-            epoch: Cell::new(u64::MAX),
-            code: Cell::new(0),
-            target: Cell::new(u64::MAX),
-            dynamic: Cell::new(false),
-            block: Cell::new(std::ptr::null()),
-        }
-    }
-}
-
-/// The block an exit's link cell leads to, if the link holds for `rip`
-/// under TLB epoch `epoch` and the block's pages are unchanged.
-///
-/// # Safety
-/// `cell` must be 0 or point to a [`LinkCell`] of a live block or of the
-/// core's return-address table.
-pub unsafe fn linked_block(cell: usize, rip: u64, epoch: u64) -> Option<*const Block> {
-    if cell == 0 {
-        return None;
-    }
-    // SAFETY: per the contract.
-    let cell = unsafe { &*(cell as *const LinkCell) };
-    let b = cell.block.get();
-    if cell.epoch.get() == epoch
-        && cell.target.get() == rip
-        && !b.is_null()
-        // SAFETY: a linked cell's block is alive while its epoch holds (a
-        // cache clear flushes the TLB).
-        && unsafe { crate::decode::is_valid(&*b) }
-    {
-        Some(b)
-    } else {
-        None
-    }
-}
-
-/// Link the exit whose cell is `cell` to `block`'s compiled code, valid
-/// under TLB epoch `epoch`.
-///
-/// # Safety
-/// `cell` must point to a [`LinkCell`] of a live block or of the core's
-/// return-address table.
-pub unsafe fn link(cell: usize, block: &Block, epoch: u64) {
-    // SAFETY: per the contract.
-    let cell = unsafe { &*(cell as *const LinkCell) };
-    if let JitState::Code(_, _, chain) = block.jit.get() {
-        if cell.dynamic.get() {
-            // Not followed until complete: epoch first invalidates it.
-            cell.epoch.set(u64::MAX);
-            cell.target.set(block.rip);
-        }
-        if cell.target.get() == block.rip {
-            cell.block.set(block);
-            cell.code.set(chain);
-            cell.epoch.set(epoch);
-        }
-    }
-}
-
-/// Run one instruction through the interpreter for the generated code.
-/// Returns 0 to continue with the next instruction, else the exit value
-/// (completed count | 1 << 32).
-unsafe extern "sysv64" fn jit_interp(core: *mut Core, u: *const Uop, index: u64) -> u64 {
-    // SAFETY: called from a block's code with the core that runs it and a
-    // uop of that block, which outlives the call.
-    let (core, u) = unsafe { (&mut *core, &*u) };
-    let next = u.next_ip;
-    core.next_rip = next;
-    match (u.handler)(core, u) {
-        Ok(()) => {
-            core.st.rip = core.next_rip;
-            if core.st.flags.op != crate::flags::FlagOp::None {
-                core.st.settle_flags();
-            }
-            if core.io.request.is_some() || core.next_rip != next || core.end_block {
-                (index + 1) | 1 << 32
-            } else {
-                0
-            }
-        }
-        Err(e) => {
-            core.jit.exc = Some(e);
-            index | 1 << 32
-        }
-    }
-}
+use super::runtime::{jit_interp, LinkCell, RET_LINKS};
+use crate::core::Core;
+use crate::cpu::{CR0_EM, CR0_TS, CR4_OSFXSR};
+use crate::frontend::decode::Block;
+use crate::frontend::uop::{is_jcc, MemOp, Opnd, Uop};
+use crate::memory::mmu::TlbEntry;
 
 // ------------------------------------------------------------------ layout
 
@@ -412,6 +35,11 @@ const fn gpr_off(i: u8) -> i32 {
 }
 const OFF_RIP: i32 = offset_of!(Core, st.rip) as i32;
 const OFF_RFLAGS: i32 = offset_of!(Core, st.rflags) as i32;
+const OFF_CR0: i32 = offset_of!(Core, st.cr0) as i32;
+const OFF_CR4: i32 = offset_of!(Core, st.cr4) as i32;
+const fn xmm_off(i: u8) -> i32 {
+    (offset_of!(Core, st.xmm) + 16 * i as usize) as i32
+}
 const OFF_FL: i32 = offset_of!(Core, jit.ctx.fl) as i32;
 const OFF_TLB: i32 = offset_of!(Core, jit.ctx.tlb) as i32;
 const OFF_RMASK: i32 = offset_of!(Core, jit.ctx.rmask) as i32;
@@ -440,19 +68,6 @@ const TLB_PERM: i32 = offset_of!(TlbEntry, perm) as i32;
 const TLBE_SIZE: i32 = size_of::<TlbEntry>() as i32;
 /// CF PF AF ZF SF OF.
 const ARITH: i32 = 0x8d5;
-
-/// Set the masks the inline TLB path compares against, before entry.
-pub fn prepare(core: &mut Core) {
-    let user = core.user();
-    core.jit.ctx.tlb = core.tlb.entries.as_ptr() as usize;
-    let u = if user { PERM_USER as u64 } else { 0 };
-    core.jit.ctx.rmask = u;
-    core.jit.ctx.wmask = u | (PERM_WRITE | PERM_DIRTY) as u64;
-    core.jit.ctx.ret_links = core.jit.ret_links.as_ptr() as usize;
-    core.jit.ctx.kick = std::sync::Arc::as_ptr(&core.kick) as usize;
-    core.jit.ctx.attention = std::sync::Arc::as_ptr(&core.attention) as usize;
-}
-
 // ------------------------------------------------------------------ codegen
 
 type Asm = VecAssembler<X64Relocation>;
@@ -476,8 +91,14 @@ struct Stub {
     entry: Loc,
     /// Flags the fast path has at `resume`.
     after: Loc,
+    /// Cached guest registers not yet written back when the stub is entered.
+    dirty: u16,
     resume: DynamicLabel,
 }
+
+/// Host registers that hold guest GPRs inside a block (REX registers
+/// only, so byte forms never alias AH..BH; none is used as scratch).
+const CACHE_REGS: [u8; 5] = [12, 13, 14, 15, 10];
 
 struct Cg {
     a: Asm,
@@ -488,6 +109,13 @@ struct Cg {
     /// access.
     cur_stub: Option<DynamicLabel>,
     cur_entry: Loc,
+    /// Guest GPR -> host register holding it for the whole block.
+    map: [Option<u8>; 16],
+    /// Cached guest GPRs whose host register is newer than `Core::st`.
+    dirty: u16,
+    cur_dirty: u16,
+    /// The SSE guard ran earlier in this block.
+    sse_ok: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -587,6 +215,68 @@ impl Cg {
                 slot: false,
                 st: true,
             },
+            map: [None; 16],
+            dirty: 0,
+            cur_dirty: 0,
+            sse_ok: false,
+        }
+    }
+
+    // ---------------------------------------------------- register cache
+
+    /// Load every cached guest register from `Core::st` (block entry, and
+    /// after the interpreter ran an instruction).
+    fn reload(&mut self) {
+        for g in 0..16u8 {
+            if let Some(h) = self.map[g as usize] {
+                a!(self; mov Rq(h), QWORD [rbx + gpr_off(g)]);
+            }
+        }
+    }
+
+    /// Store the cached registers in `dirty` back to `Core::st` (no flags).
+    fn writeback_code(&mut self, dirty: u16) {
+        for g in 0..16u8 {
+            if dirty & (1 << g) != 0 {
+                if let Some(h) = self.map[g as usize] {
+                    a!(self; mov QWORD [rbx + gpr_off(g)], Rq(h));
+                }
+            }
+        }
+    }
+
+    /// Make `Core::st` hold every guest register (before an exit or a call
+    /// into the interpreter).
+    fn writeback(&mut self) {
+        let d = self.dirty;
+        self.writeback_code(d);
+        self.dirty = 0;
+    }
+
+    /// Guest register `g` (64 bits) into host register `r`.
+    fn gq(&mut self, r: u8, g: u8) {
+        match self.map[g as usize] {
+            Some(h) => a!(self; mov Rq(r), Rq(h)),
+            None => a!(self; mov Rq(r), QWORD [rbx + gpr_off(g)]),
+        }
+    }
+
+    /// Host register `r` (64 bits) into guest register `g`.
+    fn sq(&mut self, g: u8, r: u8) {
+        match self.map[g as usize] {
+            Some(h) => {
+                a!(self; mov Rq(h), Rq(r));
+                self.dirty |= 1 << g;
+            }
+            None => a!(self; mov QWORD [rbx + gpr_off(g)], Rq(r)),
+        }
+    }
+
+    /// The host register caching a register operand, if any.
+    fn cached(&self, o: Opnd) -> Option<u8> {
+        match o {
+            Opnd::Reg { idx, hi: false } => self.map[idx as usize],
+            _ => None,
         }
     }
 
@@ -695,19 +385,18 @@ impl Cg {
 
     /// Effective address of the memory operand into rsi (clobbers rax; no
     /// flags). `seg`: add the FS/GS base.
-    fn ea(&mut self, u: &Uop, seg: bool) {
-        let m = &u.mem;
+    fn ea(&mut self, m: &MemOp, seg: bool) {
         let disp = m.disp as i64;
         let small = disp == disp as i32 as i64;
         if m.base != 0xff {
-            a!(self; mov rsi, QWORD [rbx + gpr_off(m.base)]);
+            self.gq(6, m.base);
         } else if small {
             a!(self; mov rsi, disp as i32);
         } else {
             a!(self; mov rsi, QWORD disp);
         }
         if m.index != 0xff {
-            a!(self; mov rax, QWORD [rbx + gpr_off(m.index)]);
+            self.gq(0, m.index);
             match m.scale {
                 1 => a!(self; lea rsi, [rsi + rax]),
                 2 => a!(self; lea rsi, [rsi + rax * 2]),
@@ -747,12 +436,7 @@ impl Cg {
     /// Translate the linear address in rsi to a host pointer in rsi, or
     /// go to the instruction's stub. Clobbers rax, rcx, rdx and flags.
     fn translate(&mut self, size: u8, acc: Acc) {
-        if self.cur_stub.is_none() {
-            self.clobber();
-            self.cur_entry = self.loc;
-        } else {
-            self.loc.host = false;
-        }
+        self.begin_access();
         let stub = self.stub_label();
         let mask = if acc == Acc::Write {
             OFF_WMASK
@@ -762,7 +446,7 @@ impl Cg {
         a!(self
             ; mov rax, rsi
             ; shr rax, 12
-            ; and eax, (crate::mmu::TLB_SIZE - 1) as i32
+            ; and eax, (crate::memory::mmu::TLB_SIZE - 1) as i32
             ; imul eax, eax, TLBE_SIZE
             ; add rax, QWORD [rbx + OFF_TLB]
             ; mov rcx, rsi
@@ -804,8 +488,38 @@ impl Cg {
 
     /// Address + translate for the instruction's memory operand.
     fn mem(&mut self, u: &Uop, size: u8, acc: Acc) {
-        self.ea(u, true);
+        self.ea(&u.mem, true);
         self.translate(size, acc);
+    }
+
+    /// Host flags may be clobbered from here on and the instruction may
+    /// leave for its stub: note the state the stub starts from.
+    fn begin_access(&mut self) {
+        if self.cur_stub.is_none() {
+            self.clobber();
+            self.cur_entry = self.loc;
+            self.cur_dirty = self.dirty;
+        } else {
+            self.loc.host = false;
+        }
+    }
+
+    /// SSE may run (CR0.EM/TS clear, CR4.OSFXSR set), else the stub lets
+    /// the interpreter raise #UD/#NM. Checked once per block: inside a
+    /// block CR0 and CR4 only change through instructions that end it.
+    fn sse_guard(&mut self) {
+        if self.sse_ok {
+            return;
+        }
+        self.begin_access();
+        let stub = self.stub_label();
+        a!(self
+            ; test DWORD [rbx + OFF_CR0], (CR0_EM | CR0_TS) as i32
+            ; jnz =>stub
+            ; test DWORD [rbx + OFF_CR4], CR4_OSFXSR as i32
+            ; jz =>stub
+        );
+        self.sse_ok = true;
     }
 
     // ------------------------------------------------------ operand moves
@@ -813,6 +527,15 @@ impl Cg {
     /// Load operand `o` (`size` bytes) into host register `r`.
     fn ld(&mut self, r: u8, size: u8, o: Opnd) {
         match o {
+            Opnd::Reg { .. } if self.cached(o).is_some() => {
+                let h = self.cached(o).unwrap_or(0);
+                match size {
+                    1 => a!(self; mov Rb(r), Rb(h)),
+                    2 => a!(self; mov Rw(r), Rw(h)),
+                    4 => a!(self; mov Rd(r), Rd(h)),
+                    _ => a!(self; mov Rq(r), Rq(h)),
+                }
+            }
             Opnd::Reg { .. } => {
                 let d = reg_off(o);
                 match size {
@@ -845,6 +568,17 @@ impl Cg {
     /// Store host register `r` to operand `o`.
     fn st(&mut self, r: u8, size: u8, o: Opnd) {
         match o {
+            Opnd::Reg { idx, .. } if self.cached(o).is_some() => {
+                let h = self.cached(o).unwrap_or(0);
+                // A 32-bit write zero-extends, as in the guest.
+                match size {
+                    1 => a!(self; mov Rb(h), Rb(r)),
+                    2 => a!(self; mov Rw(h), Rw(r)),
+                    4 => a!(self; mov Rd(h), Rd(r)),
+                    _ => a!(self; mov Rq(h), Rq(r)),
+                }
+                self.dirty |= 1 << idx;
+            }
             Opnd::Reg { .. } => {
                 let d = reg_off(o);
                 match size {
@@ -872,6 +606,7 @@ impl Cg {
     /// straight on to that block (same TLB epoch, nothing pending, no
     /// interrupt-controller poll due), else returns with the cell noted.
     fn chain_exit(&mut self, count: usize) {
+        self.writeback();
         let e = self.epilogue;
         let nolink = self.a.new_dynamic_label();
         a!(self
@@ -902,6 +637,32 @@ impl Cg {
         );
     }
 
+    /// Exit to the computed target in `rip` (RET, indirect JMP/CALL),
+    /// flags flushed: the target is looked up in the core's table of
+    /// dynamic link cells (filled by the dispatcher, like any link) and
+    /// followed like a direct link when the cell holds that target.
+    fn dynamic_exit(&mut self, count: usize) {
+        self.writeback();
+        let e = self.epilogue;
+        a!(self
+            ; mov rax, QWORD [rbx + OFF_RIP]
+            ; mov rcx, rax
+            ; shr rcx, 12
+            ; xor rcx, rax
+            ; and ecx, (RET_LINKS - 1) as i32
+            ; imul ecx, ecx, size_of::<LinkCell>() as i32
+            ; mov rdx, QWORD [rbx + OFF_RET_LINKS]
+            ; add rdx, rcx
+            ; cmp rax, QWORD [rdx + CELL_TARGET]
+            ; je >same
+            ; mov QWORD [rbx + OFF_LAST_CELL], rdx
+            ; mov eax, count as i32
+            ; jmp =>e
+            ; same:
+        );
+        self.chain_exit(count);
+    }
+
     fn cell(&mut self, block: &Block, k: usize, target: u64) {
         block.links[k].target.set(target);
         let p = &block.links[k] as *const LinkCell as i64;
@@ -918,7 +679,9 @@ impl Cg {
     /// Run uop `index` through the interpreter, inline.
     fn interp(&mut self, u: &Uop, index: usize, rip: u64) {
         self.flush();
+        self.writeback();
         self.call_interp(u, index, rip);
+        self.reload();
         self.loc = Loc {
             host: false,
             slot: false,
@@ -943,13 +706,57 @@ impl Cg {
 }
 
 /// The code and the offset of the chained entry point.
-fn gen_block(block: &Block) -> Option<(Vec<u8>, usize)> {
+/// Which guest GPRs the block keeps in host registers: the most used
+/// ones, never one that some instruction addresses as AH/CH/DH/BH (those
+/// bytes are only reachable in `Core::st`).
+fn allocate(block: &Block) -> [Option<u8>; 16] {
+    let mut uses = [0u32; 16];
+    let mut banned = [false; 16];
+    for u in &block.uops {
+        for o in u.ops {
+            match o {
+                Opnd::Reg { idx, hi: true } => banned[idx as usize & 15] = true,
+                Opnd::Reg { idx, hi: false } => uses[idx as usize & 15] += 1,
+                Opnd::Mem => {
+                    for r in [u.mem.base, u.mem.index] {
+                        if r < 16 {
+                            uses[r as usize] += 1;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        use Mnemonic as M;
+        match u.insn.mnemonic() {
+            M::Push | M::Pop | M::Call | M::Ret => uses[4] += 2,
+            M::Mul | M::Cqo | M::Cdqe => uses[0] += 1,
+            _ => {}
+        }
+    }
+    let mut order: Vec<usize> = (0..16).filter(|&g| uses[g] > 0 && !banned[g]).collect();
+    order.sort_by_key(|&g| std::cmp::Reverse(uses[g]));
+    let mut map = [None; 16];
+    for (&g, &h) in order.iter().zip(CACHE_REGS.iter()) {
+        map[g] = Some(h);
+    }
+    map
+}
+
+pub(super) fn gen_block(block: &Block) -> Option<(Vec<u8>, usize)> {
     let mut cg = Cg::new();
+    cg.map = allocate(block);
     let body = cg.a.new_dynamic_label();
     let chain = cg.a.new_dynamic_label();
     let stale = cg.a.new_dynamic_label();
+    // Every block saves the same registers, so chained code (which jumps
+    // past this) shares the frame of the block the dispatcher called.
     a!(cg
         ; push rbx
+        ; push r12
+        ; push r13
+        ; push r14
+        ; push r15
         ; mov rbx, rdi
         ; jmp =>body
         ; =>chain
@@ -968,6 +775,7 @@ fn gen_block(block: &Block) -> Option<(Vec<u8>, usize)> {
         ; mov rax, QWORD block as *const Block as i64
         ; mov QWORD [rbx + OFF_CUR_BLOCK], rax
     );
+    cg.reload();
     let n = block.uops.len();
     let mut translated = 0;
     let mut ended = false;
@@ -978,7 +786,7 @@ fn gen_block(block: &Block) -> Option<(Vec<u8>, usize)> {
             block.uops[i - 1].next_ip
         };
         cg.cur_stub = None;
-        let before = cg.loc;
+        let before = cg.a.offset();
         match insn(&mut cg, block, u, i, n) {
             Some(Done::Next) => translated += 1,
             Some(Done::Exited) => {
@@ -986,7 +794,7 @@ fn gen_block(block: &Block) -> Option<(Vec<u8>, usize)> {
                 ended = true;
             }
             None => {
-                if cg.cur_stub.is_some() || cg.loc != before {
+                if cg.cur_stub.is_some() || cg.a.offset() != before {
                     // A translator bailed after emitting code: cannot happen
                     // by construction, but never run half an instruction.
                     return None;
@@ -1004,6 +812,7 @@ fn gen_block(block: &Block) -> Option<(Vec<u8>, usize)> {
                 rip,
                 entry: cg.cur_entry,
                 after: cg.loc,
+                dirty: cg.cur_dirty,
                 resume,
             });
         }
@@ -1026,6 +835,10 @@ fn gen_block(block: &Block) -> Option<(Vec<u8>, usize)> {
     let e = cg.epilogue;
     a!(cg
         ; =>e
+        ; pop r15
+        ; pop r14
+        ; pop r13
+        ; pop r12
         ; pop rbx
         ; ret
         ; =>stale
@@ -1038,9 +851,13 @@ fn gen_block(block: &Block) -> Option<(Vec<u8>, usize)> {
     for s in std::mem::take(&mut cg.stubs) {
         a!(cg; =>s.label);
         cg.flush_code(s.entry);
+        cg.writeback_code(s.dirty);
         // SAFETY: the uop lives in the block, which outlives its code.
         let u = unsafe { &*s.uop };
         cg.call_interp(u, s.index, s.rip);
+        // The interpreter may have changed any register; the fast path
+        // goes on from `resume` with the cached ones in host registers.
+        cg.reload();
         cg.restore_code(s.after);
         let r = s.resume;
         a!(cg; jmp =>r);
@@ -1070,8 +887,17 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
     if u.lock {
         return None;
     }
+    if let Some(done) = sse(cg, u) {
+        return Some(done);
+    }
+    if matches!(m, M::Nop | M::Endbr64 | M::Pause) {
+        // No operand is accessed (a multi-byte NOP's memory operand is
+        // never read).
+        return Some(Done::Next);
+    }
     let branch = matches!(m, M::Call | M::Ret | M::Jmp) || is_jcc(m);
-    if !branch && !matches!(size, 1 | 2 | 4 | 8) {
+    // CDQE/CQO have no explicit operand (no operand size in the uop).
+    if !branch && !matches!(m, M::Cdqe | M::Cqo) && !matches!(size, 1 | 2 | 4 | 8) {
         return None;
     }
     // Operands must be resolved (the uop builder leaves them None if an
@@ -1082,7 +908,6 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
     }
     let has_mem = o0 == Opnd::Mem || o1 == Opnd::Mem || o2 == Opnd::Mem;
     match m {
-        M::Nop | M::Endbr64 | M::Pause if !has_mem || m == M::Nop => Some(Done::Next),
         M::Mov if nops == 2 => {
             if has_mem {
                 cg.mem(
@@ -1172,7 +997,10 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             cg.ld(0, size, o0);
             match o1 {
                 Opnd::Imm(c) => a!(cg; mov cl, c as u8 as i8),
-                _ => a!(cg; mov cl, BYTE [rbx + gpr_off(1)]),
+                _ => match cg.map[1] {
+                    Some(h) => a!(cg; mov cl, Rb(h)),
+                    None => a!(cg; mov cl, BYTE [rbx + gpr_off(1)]),
+                },
             }
             // A zero count changes no flag, rotates keep SF/ZF/PF/AF: start
             // from the guest's. A non-zero immediate SHL/SHR/SAR count sets
@@ -1198,35 +1026,28 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             Some(Done::Next)
         }
         M::Lea if matches!(o0, Opnd::Reg { .. }) && size >= 2 => {
-            cg.ea(u, false);
+            cg.ea(&u.mem, false);
             cg.st(6, size, o0);
             Some(Done::Next)
         }
         M::Movzx | M::Movsx | M::Movsxd if matches!(o0, Opnd::Reg { .. }) && nops == 2 => {
             let ss = u.target as u8;
-            if !matches!(ss, 1 | 2 | 4) || size < 2 {
+            let sx = m != M::Movzx;
+            // MOVZX has no 32-bit source.
+            if !matches!(ss, 1 | 2 | 4) || size < 2 || (ss == 4 && !sx) {
                 return None;
             }
             if has_mem {
                 cg.mem(u, ss, Acc::Read);
             }
-            let d = reg_off(o1);
-            let sx = m != M::Movzx;
-            match (o1, ss, sx) {
-                (Opnd::Mem, 1, false) => a!(cg; movzx eax, BYTE [rsi]),
-                (Opnd::Mem, 2, false) => a!(cg; movzx eax, WORD [rsi]),
-                (Opnd::Mem, 1, true) => a!(cg; movsx rax, BYTE [rsi]),
-                (Opnd::Mem, 2, true) => a!(cg; movsx rax, WORD [rsi]),
-                (Opnd::Mem, _, true) => a!(cg; movsxd rax, DWORD [rsi]),
-                (_, 1, false) => a!(cg; movzx eax, BYTE [rbx + d]),
-                (_, 2, false) => a!(cg; movzx eax, WORD [rbx + d]),
-                (_, 1, true) => a!(cg; movsx rax, BYTE [rbx + d]),
-                (_, 2, true) => a!(cg; movsx rax, WORD [rbx + d]),
-                (_, _, true) => a!(cg; movsxd rax, DWORD [rbx + d]),
-                _ => {
-                    // MOVZX has no 32-bit source; undo nothing emitted.
-                    return None;
-                }
+            // The source into al/ax/eax, then extended in place.
+            cg.ld(0, ss, o1);
+            match (ss, sx) {
+                (1, false) => a!(cg; movzx eax, al),
+                (2, false) => a!(cg; movzx eax, ax),
+                (1, true) => a!(cg; movsx rax, al),
+                (2, true) => a!(cg; movsx rax, ax),
+                _ => a!(cg; movsxd rax, eax),
             }
             cg.st(0, size, o0);
             Some(Done::Next)
@@ -1236,15 +1057,14 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
                 cg.mem(u, size, Acc::Read);
             }
             cg.ld(1, size, o0);
+            cg.gq(0, 0);
             if size == 8 {
-                a!(cg; mov rax, QWORD [rbx + gpr_off(0)]);
                 if m == M::Mul {
                     a!(cg; mul rcx);
                 } else {
                     a!(cg; imul rcx);
                 }
             } else {
-                a!(cg; mov eax, DWORD [rbx + gpr_off(0)]);
                 if m == M::Mul {
                     a!(cg; mul ecx);
                 } else {
@@ -1312,18 +1132,15 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             Some(Done::Next)
         }
         M::Cdqe => {
-            a!(cg
-                ; movsxd rax, DWORD [rbx + gpr_off(0)]
-                ; mov QWORD [rbx + gpr_off(0)], rax
-            );
+            cg.gq(0, 0);
+            a!(cg; movsxd rax, eax);
+            cg.sq(0, 0);
             Some(Done::Next)
         }
         M::Cqo => {
-            a!(cg
-                ; mov rax, QWORD [rbx + gpr_off(0)]
-                ; cqo
-                ; mov QWORD [rbx + gpr_off(2)], rdx
-            );
+            cg.gq(0, 0);
+            a!(cg; cqo);
+            cg.sq(2, 2);
             Some(Done::Next)
         }
         M::Push
@@ -1332,48 +1149,41 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
                 Code::Push_r64 | Code::Pushq_imm32 | Code::Pushq_imm8
             ) && is_gpr_or_imm(o0) =>
         {
-            a!(cg
-                ; mov rsi, QWORD [rbx + gpr_off(4)]
-                ; lea rsi, [rsi - 8]
-            );
+            cg.gq(6, 4);
+            a!(cg; lea rsi, [rsi - 8]);
             cg.translate(8, Acc::Write);
             match o0 {
                 Opnd::Imm(v) => a!(cg; mov r8, v as i64 as i32),
-                _ => a!(cg; mov r8, QWORD [rbx + reg_off(o0)]),
+                _ => cg.ld(8, 8, o0),
             }
-            a!(cg
-                ; mov QWORD [rsi], r8
-                ; mov r8, QWORD [rbx + gpr_off(4)]
-                ; lea r8, [r8 - 8]
-                ; mov QWORD [rbx + gpr_off(4)], r8
-            );
+            a!(cg; mov QWORD [rsi], r8);
+            cg.gq(8, 4);
+            a!(cg; lea r8, [r8 - 8]);
+            cg.sq(4, 8);
             Some(Done::Next)
         }
         M::Pop if insn.code() == Code::Pop_r64 => {
-            a!(cg; mov rsi, QWORD [rbx + gpr_off(4)]);
+            cg.gq(6, 4);
             cg.translate(8, Acc::Read);
-            a!(cg
-                ; mov r8, QWORD [rsi]
-                ; mov r9, QWORD [rbx + gpr_off(4)]
-                ; lea r9, [r9 + 8]
-                ; mov QWORD [rbx + gpr_off(4)], r9
-                ; mov QWORD [rbx + reg_off(o0)], r8
-            );
+            a!(cg; mov r8, QWORD [rsi]);
+            cg.gq(9, 4);
+            a!(cg; lea r9, [r9 + 8]);
+            cg.sq(4, 9);
+            // POP RSP: the popped value wins.
+            cg.st(8, 8, o0);
             Some(Done::Next)
         }
         M::Call if insn.code() == Code::Call_rel32_64 && i + 1 == n => {
-            a!(cg
-                ; mov rsi, QWORD [rbx + gpr_off(4)]
-                ; lea rsi, [rsi - 8]
-            );
+            cg.gq(6, 4);
+            a!(cg; lea rsi, [rsi - 8]);
             cg.translate(8, Acc::Write);
             a!(cg
                 ; mov r8, QWORD u.next_ip as i64
                 ; mov QWORD [rsi], r8
-                ; mov r8, QWORD [rbx + gpr_off(4)]
-                ; lea r8, [r8 - 8]
-                ; mov QWORD [rbx + gpr_off(4)], r8
             );
+            cg.gq(8, 4);
+            a!(cg; lea r8, [r8 - 8]);
+            cg.sq(4, 8);
             cg.flush();
             let t = insn.near_branch_target();
             cg.set_rip(t);
@@ -1382,36 +1192,46 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             Some(Done::Exited)
         }
         M::Ret if insn.code() == Code::Retnq && i + 1 == n => {
-            a!(cg; mov rsi, QWORD [rbx + gpr_off(4)]);
+            cg.gq(6, 4);
             cg.translate(8, Acc::Read);
-            a!(cg
-                ; mov r8, QWORD [rsi]
-                ; mov r9, QWORD [rbx + gpr_off(4)]
-                ; lea r9, [r9 + 8]
-                ; mov QWORD [rbx + gpr_off(4)], r9
-                ; mov QWORD [rbx + OFF_RIP], r8
-            );
+            a!(cg; mov r8, QWORD [rsi]);
+            cg.gq(9, 4);
+            a!(cg; lea r9, [r9 + 8]);
+            cg.sq(4, 9);
+            a!(cg; mov QWORD [rbx + OFF_RIP], r8);
             cg.flush();
-            // Indirect: look the return address up in the core's table of
-            // links (filled by the dispatcher, like any link).
-            let e = cg.epilogue;
-            a!(cg
-                ; mov rax, QWORD [rbx + OFF_RIP]
-                ; mov rcx, rax
-                ; shr rcx, 12
-                ; xor rcx, rax
-                ; and ecx, (RET_LINKS - 1) as i32
-                ; imul ecx, ecx, size_of::<LinkCell>() as i32
-                ; mov rdx, QWORD [rbx + OFF_RET_LINKS]
-                ; add rdx, rcx
-                ; cmp rax, QWORD [rdx + CELL_TARGET]
-                ; je >same
-                ; mov QWORD [rbx + OFF_LAST_CELL], rdx
-                ; mov eax, (i + 1) as i32
-                ; jmp =>e
-                ; same:
-            );
-            cg.chain_exit(i + 1);
+            cg.dynamic_exit(i + 1);
+            Some(Done::Exited)
+        }
+        M::Jmp | M::Call
+            if matches!(insn.code(), Code::Jmp_rm64 | Code::Call_rm64)
+                && i + 1 == n
+                && matches!(o0, Opnd::Reg { hi: false, .. } | Opnd::Mem) =>
+        {
+            // The target first (the operand may be RSP or on the stack);
+            // nothing is written before every access has translated, so a
+            // miss still runs the whole instruction through the interpreter.
+            if o0 == Opnd::Mem {
+                cg.mem(u, 8, Acc::Read);
+                a!(cg; mov r8, QWORD [rsi]);
+            } else {
+                cg.ld(8, 8, o0);
+            }
+            if m == M::Call {
+                cg.gq(6, 4);
+                a!(cg; lea rsi, [rsi - 8]);
+                cg.translate(8, Acc::Write);
+                a!(cg
+                    ; mov r9, QWORD u.next_ip as i64
+                    ; mov QWORD [rsi], r9
+                );
+                cg.gq(9, 4);
+                a!(cg; lea r9, [r9 - 8]);
+                cg.sq(4, 9);
+            }
+            a!(cg; mov QWORD [rbx + OFF_RIP], r8);
+            cg.flush();
+            cg.dynamic_exit(i + 1);
             Some(Done::Exited)
         }
         M::Jmp if matches!(insn.code(), Code::Jmp_rel8_64 | Code::Jmp_rel32_64) && i + 1 == n => {
@@ -1523,4 +1343,160 @@ fn is_setcc(m: Mnemonic) -> bool {
             | M::Setp
             | M::Sets
     )
+}
+
+/// XMM register number of operand `n`, if it is one.
+fn xmm_of(insn: &iced_x86::Instruction, n: u32) -> Option<u8> {
+    if insn.op_kind(n) != iced_x86::OpKind::Register {
+        return None;
+    }
+    let r = insn.op_register(n) as usize;
+    let x = r.wrapping_sub(iced_x86::Register::XMM0 as usize);
+    (x < 16).then_some(x as u8)
+}
+
+/// `op xmm0, xmm1` or `op xmm0, [rsi]`.
+macro_rules! sse2 {
+    ($cg:expr, $mem:expr, $op:ident) => {
+        if $mem {
+            a!($cg; $op xmm0, [rsi])
+        } else {
+            a!($cg; $op xmm0, xmm1)
+        }
+    };
+}
+
+/// SSE2 data movement and packed-integer forms the host runs as they are
+/// (legacy encoding only: nothing beyond what the engine implements).
+/// 128-bit memory operands go through the inline TLB path; the aligned
+/// forms check alignment there and leave a misaligned one to the
+/// interpreter's #GP. None: not one of these (nothing emitted).
+fn sse(cg: &mut Cg, u: &Uop) -> Option<Done> {
+    use Mnemonic as M;
+    let insn = &u.insn;
+    let m = insn.mnemonic();
+    let moves = matches!(m, M::Movaps | M::Movups | M::Movdqa | M::Movdqu);
+    let binary = matches!(
+        m,
+        M::Pxor
+            | M::Por
+            | M::Pand
+            | M::Pandn
+            | M::Pcmpeqb
+            | M::Pcmpeqw
+            | M::Pcmpeqd
+            | M::Pcmpgtb
+            | M::Paddb
+            | M::Paddw
+            | M::Paddd
+            | M::Paddq
+            | M::Psubb
+            | M::Psubw
+            | M::Psubd
+            | M::Psubq
+            | M::Pminub
+            | M::Pmaxub
+            | M::Punpcklbw
+            | M::Punpcklwd
+            | M::Punpckldq
+            | M::Punpcklqdq
+            | M::Pshufd
+    );
+    let movmsk = m == M::Pmovmskb;
+    if !(moves || binary || movmsk)
+        || insn.encoding() != iced_x86::EncodingKind::Legacy
+        || u.lock
+        || insn.op_count() != 2 + (m == M::Pshufd) as u32
+    {
+        return None;
+    }
+    let (x0, x1) = (xmm_of(insn, 0), xmm_of(insn, 1));
+    let mem0 = insn.op_kind(0) == iced_x86::OpKind::Memory;
+    let mem1 = insn.op_kind(1) == iced_x86::OpKind::Memory;
+    let aligned = !matches!(m, M::Movups | M::Movdqu);
+    // The operand shapes first, so that nothing is emitted for others.
+    let dst_gpr = if movmsk {
+        match (crate::frontend::uop::gpr(insn.op0_register()), x1) {
+            (Some((idx, false)), Some(_)) => Some(idx),
+            _ => return None,
+        }
+    } else {
+        None
+    };
+    match (x0, x1, mem0, mem1) {
+        (Some(_), Some(_), false, false) => {}
+        (Some(_), None, false, true) if !movmsk => {}
+        (None, Some(_), true, false) if moves => {}
+        (None, Some(_), false, false) if movmsk => {}
+        _ => return None,
+    }
+    cg.sse_guard();
+    let has_mem = mem0 || mem1;
+    if has_mem {
+        let mo = crate::frontend::uop::memop(insn);
+        cg.ea(&mo, true);
+        cg.translate(16, if mem0 { Acc::Write } else { Acc::Read });
+        if aligned {
+            let stub = cg.stub_label();
+            a!(cg; test sil, 15 ; jnz =>stub);
+        }
+    }
+    if let Some(s) = x1 {
+        a!(cg; movdqu xmm1, [rbx + xmm_off(s)]);
+    }
+    if moves {
+        match (x0, mem0) {
+            (Some(d), false) => {
+                if mem1 {
+                    a!(cg; movdqu xmm1, [rsi]);
+                }
+                a!(cg; movdqu [rbx + xmm_off(d)], xmm1);
+            }
+            _ => a!(cg; movdqu [rsi], xmm1),
+        }
+        return Some(Done::Next);
+    }
+    if let Some(g) = dst_gpr {
+        a!(cg; pmovmskb eax, xmm1);
+        cg.st(0, 4, Opnd::Reg { idx: g, hi: false });
+        return Some(Done::Next);
+    }
+    let d = x0?;
+    if m == M::Pshufd {
+        let imm = insn.immediate8() as i8;
+        if mem1 {
+            a!(cg; pshufd xmm0, [rsi], imm);
+        } else {
+            a!(cg; pshufd xmm0, xmm1, imm);
+        }
+        a!(cg; movdqu [rbx + xmm_off(d)], xmm0);
+        return Some(Done::Next);
+    }
+    a!(cg; movdqu xmm0, [rbx + xmm_off(d)]);
+    match m {
+        M::Pxor => sse2!(cg, mem1, pxor),
+        M::Por => sse2!(cg, mem1, por),
+        M::Pand => sse2!(cg, mem1, pand),
+        M::Pandn => sse2!(cg, mem1, pandn),
+        M::Pcmpeqb => sse2!(cg, mem1, pcmpeqb),
+        M::Pcmpeqw => sse2!(cg, mem1, pcmpeqw),
+        M::Pcmpeqd => sse2!(cg, mem1, pcmpeqd),
+        M::Pcmpgtb => sse2!(cg, mem1, pcmpgtb),
+        M::Paddb => sse2!(cg, mem1, paddb),
+        M::Paddw => sse2!(cg, mem1, paddw),
+        M::Paddd => sse2!(cg, mem1, paddd),
+        M::Paddq => sse2!(cg, mem1, paddq),
+        M::Psubb => sse2!(cg, mem1, psubb),
+        M::Psubw => sse2!(cg, mem1, psubw),
+        M::Psubd => sse2!(cg, mem1, psubd),
+        M::Psubq => sse2!(cg, mem1, psubq),
+        M::Pminub => sse2!(cg, mem1, pminub),
+        M::Pmaxub => sse2!(cg, mem1, pmaxub),
+        M::Punpcklbw => sse2!(cg, mem1, punpcklbw),
+        M::Punpcklwd => sse2!(cg, mem1, punpcklwd),
+        M::Punpckldq => sse2!(cg, mem1, punpckldq),
+        _ => sse2!(cg, mem1, punpcklqdq),
+    }
+    a!(cg; movdqu [rbx + xmm_off(d)], xmm0);
+    Some(Done::Next)
 }

@@ -1,0 +1,128 @@
+//! The translating tier: hot 64-bit blocks compiled to host x86-64 code.
+//!
+//! A block that has run [`Jit::threshold`] times is compiled with dynasm-rs
+//! into a function `extern "sysv64" fn(*mut Core) -> u64`. The generated
+//! code keeps up to five of the block's most used guest GPRs in host
+//! registers (r12-r15, r10) from block entry to its exits, writing the
+//! changed ones back to `Core::st` before every exit, every call into the
+//! interpreter and every slow-path stub, and reloading them after the
+//! interpreter ran; the rest stay in `Core::st`. It runs the common integer instructions
+//! (MOV/MOVZX/MOVSX/LEA, the ALU group, INC/DEC/NEG/NOT, shifts and
+//! rotates, MUL/IMUL, CMOVcc/SETcc, PUSH/POP, CALL/RET/JMP/Jcc) with the
+//! same host instruction, so results and flags are the host CPU's.
+//!
+//! SSE2 moves (MOVAPS/MOVUPS/MOVDQA/MOVDQU), the common packed-integer
+//! operations (PXOR/POR/PAND/PANDN, PCMPEQ*/PCMPGTB, PADD*/PSUB*,
+//! PMINUB/PMAXUB, PUNPCKL*, PSHUFD) and PMOVMSKB run as the same host
+//! instruction on xmm0/xmm1 loaded from `CpuState::xmm`, behind a
+//! once-per-block CR0.EM/TS and CR4.OSFXSR guard and an alignment check
+//! for the aligned forms (failing either runs the interpreter, which
+//! raises the fault).
+//!
+//! Memory operands go through an inline lookup of the soft TLB (tag,
+//! permissions, page crossing, RAM, and for writes the page's code/dirty
+//! tracking flag). Anything else, and every instruction the translator does
+//! not handle, runs through the interpreter's own handler for that one
+//! instruction (`jit_interp`), called from the generated code: exceptions,
+//! MMIO, self-modifying code and mode changes are therefore exactly the
+//! interpreter's, and correctness never depends on coverage.
+//!
+//! Flags: at entry the lazy flags are settled (`CpuState::rflags` holds
+//! them); translated instructions leave them in the host RFLAGS, which are
+//! saved (PUSHFQ) to a slot before code that clobbers them and reloaded
+//! (POPFQ) only when an instruction reads them. Every exit writes them back
+//! to `rflags` with no pending lazy operation.
+//!
+//! Chaining: every exit with a known target (JMP, both sides of Jcc, CALL,
+//! fall-through) has a [`LinkCell`] in its block; RET and indirect
+//! JMP/CALL (register or memory operand) look their computed target up in
+//! a per-core table of dynamic cells, hashed by target RIP (TCG's
+//! lookup_and_goto_ptr in a few instructions). The dispatcher fills a cell
+//! when the exit's successor is compiled; the code follows it (straight
+//! into the successor's code) only under the TLB epoch it was made in and
+//! when the run loop would have gone on to that block anyway: no kick,
+//! no attention, no poll due (the 64-block countdown is kept), no
+//! interrupt shadow, not halted. The successor re-checks its code pages on
+//! entry. So interrupts are taken at the same block boundaries as in the
+//! interpreter, and instruction counts are the same.
+//!
+//! Return value: the number of guest instructions completed by the last
+//! block (chained blocks add theirs to `Core::icount` as they go); an
+//! exception raised by an interpreted instruction is left in [`Jit::exc`].
+//!
+//! Not translated (interpreted from the generated code): LOCK-prefixed
+//! instructions, XCHG with memory, DIV/IDIV, 8/16-bit one-operand MUL/IMUL,
+//! string instructions, BT*, floating point and the SSE forms not listed
+//! next, and
+//! every block that is not 64-bit code.
+//!
+//! # Layout
+//!
+//! - [`runtime`]: what lives while translations run: the per-core [`Jit`]
+//!   state and its executable arena, the hot-block counter
+//!   ([`code_for`]), link cells and linking, the interpreter helper the
+//!   generated code calls, and the per-entry context ([`prepare`]).
+//! - `codegen`: the dynasm emission of one block, uop by uop, with the
+//!   `Core` field offsets the generated code addresses through `rbx`.
+//!
+//! Configuration ([`JitConfig`]) is a plain value given by the embedder
+//! (the `vireo` binary reads `VIREO_JIT` / `VIREO_JIT_PERFMAP`); the
+//! library never reads the environment.
+
+mod codegen;
+pub mod runtime;
+
+pub use runtime::{code_for, link, linked_block, prepare, Jit, JitCtx, LinkCell};
+
+use crate::core::Core;
+
+/// Compiled code of one block.
+pub type JitFn = unsafe extern "sysv64" fn(*mut Core) -> u64;
+
+/// A block's translation state.
+#[derive(Clone, Copy, Default)]
+pub enum JitState {
+    /// Executions so far.
+    #[default]
+    Cold,
+    Counting(u32),
+    /// Code, the arena generation it was written in, and the entry point
+    /// for chained code (checks the block's pages first).
+    Code(JitFn, u64, usize),
+    /// Not worth translating (nothing the translator handles).
+    Failed,
+}
+
+/// Executions before a block is compiled, by default.
+pub const DEFAULT_THRESHOLD: u32 = 32;
+
+/// How the translating tier runs, given by the embedder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JitConfig {
+    /// A block is compiled on its N-th execution (0 and 1: on its first);
+    /// `None` keeps everything in the interpreter.
+    pub threshold: Option<u32>,
+    /// Append every translation to /tmp/perf-PID.map so `perf report`
+    /// names samples in translated code by guest RIP.
+    pub perf_map: bool,
+}
+
+impl Default for JitConfig {
+    fn default() -> Self {
+        JitConfig {
+            threshold: Some(DEFAULT_THRESHOLD),
+            perf_map: false,
+        }
+    }
+}
+
+impl JitConfig {
+    /// The threshold a `VIREO_JIT`-style setting names: `off`/`no` for
+    /// none, a number, or (anything else) the default.
+    pub fn parse_threshold(s: &str) -> Option<u32> {
+        match s.trim() {
+            "off" | "no" => None,
+            v => v.parse().ok().or(Some(DEFAULT_THRESHOLD)),
+        }
+    }
+}
