@@ -164,6 +164,9 @@ pub struct Finished {
     /// When the VMM exited (or was killed).
     pub end: Instant,
     pub status: Option<ExitStatus>,
+    /// The VMM's peak resident set (KiB), from the kernel's accounting of
+    /// the reaped process (`wait4`'s `ru_maxrss`); None if it was not reaped.
+    pub peak_rss_kib: Option<u64>,
     /// Why the VMM was killed, if it was.
     pub hung: Option<String>,
     pub stderr: String,
@@ -276,16 +279,42 @@ impl Console {
                 }
             }
         }
-        let status = self.child.wait().ok();
+        let (status, peak_rss_kib) = match reap(self.child.id()) {
+            Some((st, rss)) => (Some(st), Some(rss)),
+            None => (self.child.wait().ok(), None),
+        };
         let end = Instant::now();
         Finished {
             lines,
             start: self.start,
             end,
             status,
+            peak_rss_kib,
             hung,
             stderr: self.stderr.join().unwrap_or_default(),
         }
+    }
+}
+
+/// Wait for child `pid` with `wait4`, which also returns the peak resident
+/// set of the process (`ru_maxrss`, KiB) that `Child::wait` cannot see.
+/// None if the wait failed (the caller then waits the ordinary way).
+fn reap(pid: u32) -> Option<(ExitStatus, u64)> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut status: libc::c_int = 0;
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: status and usage are valid, writable locals for the call;
+        // pid is our own child, not yet reaped (Child::wait was not called).
+        let r = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
+        if r == pid as libc::pid_t {
+            return Some((ExitStatus::from_raw(status), usage.ru_maxrss.max(0) as u64));
+        }
+        if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        return None;
     }
 }
 

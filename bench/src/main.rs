@@ -512,6 +512,8 @@ struct BootSample {
     work: f64,
     /// Guest instructions per second (millions) in `vireo-io cpu`.
     mips: f64,
+    /// The VMM's peak resident set over the whole run (KiB).
+    peak_rss_kib: u64,
 }
 
 /// MIPS from a `VIREO-CPU <instructions> <ns> <checksum>` line.
@@ -554,6 +556,7 @@ fn boot_once(cmd: Command, limit: Duration) -> Result<BootSample> {
         wall,
         work: nums[1] - nums[0],
         mips,
+        peak_rss_kib: f.peak_rss_kib.unwrap_or(0),
     })
 }
 
@@ -566,21 +569,24 @@ fn boot_series(
     let mut walls = Vec::new();
     let mut works = Vec::new();
     let mut mips = Vec::new();
+    let mut rss = Vec::new();
     for _ in 0..runs {
         match make().and_then(|c| boot_once(c, limit)) {
             Ok(s) => {
                 walls.push(s.wall);
                 works.push((s.work * 1000.0) as u64);
                 mips.push((s.mips * 10.0) as u64);
+                rss.push(s.peak_rss_kib);
             }
             Err(e) => return format!("{name:<36} failed: {e:#}"),
         }
     }
     format!(
-        "{name:<36} {:>9.2} s {:>14.2} s {:>12.1}",
+        "{name:<36} {:>9.2} s {:>14.2} s {:>12.1} {:>10.0} MiB",
         median(walls).as_secs_f64(),
         median(works) as f64 / 1000.0,
-        median(mips) as f64 / 10.0
+        median(mips) as f64 / 10.0,
+        median(rss) as f64 / 1024.0
     )
 }
 
@@ -592,11 +598,12 @@ fn boot(args: &BenchArgs, runs: usize) -> Result<()> {
     let limit = Duration::from_secs(args.timeout);
     println!(
         "boot: Debian bzImage + initramfs to power-off (wall), a 20k-iteration shell loop and \
-         guest MIPS in a 300M-instruction integer loop (both by the guest clock), median of {runs} runs"
+         guest MIPS in a 300M-instruction integer loop (both by the guest clock), and the VMM's peak \
+         RSS, median of {runs} runs"
     );
     println!(
-        "{:<36} {:>11} {:>16} {:>12}",
-        "VMM", "boot+off", "shell loop", "guest MIPS"
+        "{:<36} {:>11} {:>16} {:>12} {:>14}",
+        "VMM", "boot+off", "shell loop", "guest MIPS", "peak RSS"
     );
     let [vname, qname] = args.accel.names();
     println!(
