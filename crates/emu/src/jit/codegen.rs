@@ -261,6 +261,23 @@ impl Cg {
         }
     }
 
+    /// CALL's push of its return address `next_ip`: RSP-8 translated for a
+    /// write (a miss goes to the stub before anything is written), the
+    /// address stored, RSP lowered. Uses rsi and r9 (and what `translate`
+    /// clobbers); r8 survives, so an indirect CALL keeps its target there.
+    fn push_ret_addr(&mut self, next_ip: u64) {
+        self.gq(6, 4);
+        a!(self; lea rsi, [rsi - 8]);
+        self.translate(8, Acc::Write);
+        a!(self
+            ; mov r9, QWORD next_ip as i64
+            ; mov QWORD [rsi], r9
+        );
+        self.gq(9, 4);
+        a!(self; lea r9, [r9 - 8]);
+        self.sq(4, 9);
+    }
+
     /// Host register `r` (64 bits) into guest register `g`.
     fn sq(&mut self, g: u8, r: u8) {
         match self.map[g as usize] {
@@ -1174,16 +1191,7 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             Some(Done::Next)
         }
         M::Call if insn.code() == Code::Call_rel32_64 && i + 1 == n => {
-            cg.gq(6, 4);
-            a!(cg; lea rsi, [rsi - 8]);
-            cg.translate(8, Acc::Write);
-            a!(cg
-                ; mov r8, QWORD u.next_ip as i64
-                ; mov QWORD [rsi], r8
-            );
-            cg.gq(8, 4);
-            a!(cg; lea r8, [r8 - 8]);
-            cg.sq(4, 8);
+            cg.push_ret_addr(u.next_ip);
             cg.flush();
             let t = insn.near_branch_target();
             cg.set_rip(t);
@@ -1218,16 +1226,7 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
                 cg.ld(8, 8, o0);
             }
             if m == M::Call {
-                cg.gq(6, 4);
-                a!(cg; lea rsi, [rsi - 8]);
-                cg.translate(8, Acc::Write);
-                a!(cg
-                    ; mov r9, QWORD u.next_ip as i64
-                    ; mov QWORD [rsi], r9
-                );
-                cg.gq(9, 4);
-                a!(cg; lea r9, [r9 - 8]);
-                cg.sq(4, 9);
+                cg.push_ret_addr(u.next_ip);
             }
             a!(cg; mov QWORD [rbx + OFF_RIP], r8);
             cg.flush();
