@@ -55,7 +55,13 @@ const OFF_COUNTDOWN: i32 = offset_of!(Core, poll_countdown) as i32;
 const OFF_POLL_NOW: i32 = offset_of!(Core, poll_now) as i32;
 const OFF_INT_SHADOW: i32 = offset_of!(Core, int_shadow) as i32;
 const OFF_HALTED: i32 = offset_of!(Core, halted) as i32;
-const CELL_EPOCH: i32 = offset_of!(LinkCell, epoch) as i32;
+const CELL_KEY: i32 = offset_of!(LinkCell, key) as i32;
+const CELL_GEN: i32 = offset_of!(LinkCell, gen) as i32;
+const CELL_PHYS: i32 = offset_of!(LinkCell, phys) as i32;
+const OFF_USER_KEY: i32 = offset_of!(Core, jit.ctx.user_key) as i32;
+const OFF_GEN: i32 = offset_of!(Core, jit.ctx.gen) as i32;
+const OFF_XMASK: i32 = offset_of!(Core, jit.ctx.xmask) as i32;
+const OFF_XWANT: i32 = offset_of!(Core, jit.ctx.xwant) as i32;
 const CELL_CODE: i32 = offset_of!(LinkCell, code) as i32;
 const CELL_TARGET: i32 = offset_of!(LinkCell, target) as i32;
 const fn segbase_off(s: usize) -> i32 {
@@ -63,6 +69,7 @@ const fn segbase_off(s: usize) -> i32 {
 }
 const TLB_TAG: i32 = offset_of!(TlbEntry, tag) as i32;
 const TLB_HOST: i32 = offset_of!(TlbEntry, host) as i32;
+const TLB_PHYS: i32 = offset_of!(TlbEntry, phys) as i32;
 const TLB_CODE: i32 = offset_of!(TlbEntry, code) as i32;
 const TLB_PERM: i32 = offset_of!(TlbEntry, perm) as i32;
 const TLBE_SIZE: i32 = size_of::<TlbEntry>() as i32;
@@ -116,6 +123,9 @@ struct Cg {
     cur_dirty: u16,
     /// The SSE guard ran earlier in this block.
     sse_ok: bool,
+    /// Out-of-line revalidations of links made under an older link key:
+    /// (entry, back to the chaining checks, the exit's no-link path).
+    revals: Vec<(DynamicLabel, DynamicLabel, DynamicLabel)>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -219,6 +229,7 @@ impl Cg {
             dirty: 0,
             cur_dirty: 0,
             sse_ok: false,
+            revals: Vec::new(),
         }
     }
 
@@ -619,17 +630,23 @@ impl Cg {
     }
 
     /// Exit to the successor whose link cell is in rdx: `rip` stored,
-    /// flags flushed. Follows the link when the dispatcher would go
-    /// straight on to that block (same TLB epoch, nothing pending, no
+    /// flags flushed. Follows the link when it holds (same link key, or
+    /// revalidated against the TLB out of line, see `jit::runtime`) and the
+    /// dispatcher would go straight on to that block (nothing pending, no
     /// interrupt-controller poll due), else returns with the cell noted.
     fn chain_exit(&mut self, count: usize) {
         self.writeback();
         let e = self.epilogue;
         let nolink = self.a.new_dynamic_label();
+        let reval = self.a.new_dynamic_label();
+        let ok = self.a.new_dynamic_label();
+        self.revals.push((reval, ok, nolink));
         a!(self
             ; mov rax, QWORD [rbx + OFF_EPOCH]
-            ; cmp rax, QWORD [rdx + CELL_EPOCH]
-            ; jne =>nolink
+            ; or rax, QWORD [rbx + OFF_USER_KEY]
+            ; cmp rax, QWORD [rdx + CELL_KEY]
+            ; jne =>reval
+            ; =>ok
             ; cmp BYTE [rbx + OFF_INT_SHADOW], 0
             ; jne =>nolink
             ; cmp BYTE [rbx + OFF_HALTED], 0
@@ -652,6 +669,41 @@ impl Cg {
             ; mov eax, count as i32
             ; jmp =>e
         );
+    }
+
+    /// The out-of-line revalidations of `chain_exit`: the cell in rdx was
+    /// made under another link key (rax holds the current one). It holds if
+    /// its code is from the current arena generation and the TLB entry of
+    /// the target page (RIP is stored) maps the recorded physical page with
+    /// execute permission at this CPL; then it takes the current key.
+    fn emit_revals(&mut self) {
+        for (reval, ok, nolink) in std::mem::take(&mut self.revals) {
+            a!(self
+                ; =>reval
+                ; mov rcx, QWORD [rbx + OFF_GEN]
+                ; cmp rcx, QWORD [rdx + CELL_GEN]
+                ; jne =>nolink
+                ; mov rcx, QWORD [rbx + OFF_RIP]
+                ; mov rsi, rcx
+                ; shr rsi, 12
+                ; and esi, (crate::memory::mmu::TLB_SIZE - 1) as i32
+                ; imul esi, esi, TLBE_SIZE
+                ; add rsi, QWORD [rbx + OFF_TLB]
+                ; and rcx, -4096
+                ; or rcx, 1
+                ; cmp QWORD [rsi + TLB_TAG], rcx
+                ; jne =>nolink
+                ; mov rcx, QWORD [rsi + TLB_PHYS]
+                ; cmp rcx, QWORD [rdx + CELL_PHYS]
+                ; jne =>nolink
+                ; mov cl, BYTE [rsi + TLB_PERM]
+                ; and cl, BYTE [rbx + OFF_XMASK]
+                ; cmp cl, BYTE [rbx + OFF_XWANT]
+                ; jne =>nolink
+                ; mov QWORD [rdx + CELL_KEY], rax
+                ; jmp =>ok
+            );
+        }
     }
 
     /// Exit to the computed target in `rip` (RET, indirect JMP/CALL),
@@ -865,6 +917,7 @@ pub(super) fn gen_block(block: &Block) -> Option<(Vec<u8>, usize)> {
         ; xor eax, eax
         ; jmp =>e
     );
+    cg.emit_revals();
     for s in std::mem::take(&mut cg.stubs) {
         a!(cg; =>s.label);
         cg.flush_code(s.entry);

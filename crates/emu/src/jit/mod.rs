@@ -39,7 +39,11 @@
 //! a per-core table of dynamic cells, hashed by target RIP (TCG's
 //! lookup_and_goto_ptr in a few instructions). The dispatcher fills a cell
 //! when the exit's successor is compiled; the code follows it (straight
-//! into the successor's code) only under the TLB epoch it was made in and
+//! into the successor's code) only while the link holds (the same TLB
+//! epoch and CPL as when it was made, or else a TLB entry that still maps
+//! the target's page to the successor's physical page: see [`runtime`];
+//! blocks are keyed by physical address, so an address-space switch does
+//! not unlink them) and
 //! when the run loop would have gone on to that block anyway: no kick,
 //! no attention, no poll due (the 64-block countdown is kept), no
 //! interrupt shadow, not halted. The successor re-checks its code pages on
