@@ -249,8 +249,19 @@ pub fn code_for(core: &mut Core, block: &Block) -> Option<JitFn> {
     }
 }
 
+/// The host runs LAHF/SAHF in 64-bit mode (CPUID 8000_0001h ECX bit 0),
+/// which generated code uses to hand the guest flags on between blocks.
+/// Every x86-64 CPU since 2006 has it; without it nothing is translated.
+fn host_has_lahf() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        let max = std::arch::x86_64::__cpuid(0x8000_0000).eax;
+        max >= 0x8000_0001 && std::arch::x86_64::__cpuid(0x8000_0001).ecx & 1 != 0
+    })
+}
+
 fn compile(core: &mut Core, block: &Block) -> Option<(JitFn, usize)> {
-    if block.bits != 64 {
+    if block.bits != 64 || !host_has_lahf() {
         return None;
     }
     for l in &block.links {
