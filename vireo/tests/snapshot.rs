@@ -683,3 +683,96 @@ fn snapshot_refuses_a_directory_with_planted_links() {
     vm.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `vm.resume` asked again and again while a snapshot is written is
+/// refused (409, naming the snapshot) until the snapshot is done: the
+/// guest never runs while its memory is written, and the snapshot restores
+/// into an unbroken count. (The race the issue found: pause, snapshot, and
+/// a resume 30 ms later both answered 204 and the restored guest died.)
+#[test]
+fn a_resume_cannot_race_a_snapshot() {
+    let dir = std::env::temp_dir().join(format!("vireo-snap-race-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (mut vm, sock) = letters_vm(&dir);
+    assert!(wait_until(Duration::from_secs(30), || vm
+        .stdout_text()
+        .contains("m")));
+    let mut refused = 0;
+    let mut snap = None;
+    for round in 0..10 {
+        assert!(client(&["pause"], &sock).status.success());
+        let dest = dir.join(format!("snap{round}"));
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spam = {
+            let (sock, done) = (sock.clone(), done.clone());
+            std::thread::spawn(move || {
+                let (mut refused, mut resumed) = (0, 0);
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    let (status, text) =
+                        vmm::api::client::request(&sock, "PUT", "/api/v1/vm.resume").unwrap();
+                    match status {
+                        409 if text.contains("snapshot") => refused += 1,
+                        204 => resumed += 1,
+                        _ => {}
+                    }
+                    if resumed > 0 {
+                        break;
+                    }
+                }
+                (refused, resumed)
+            })
+        };
+        let body = serde_json::json!({ "destination": dest }).to_string();
+        let (status, text) =
+            vmm::api::client::request_with_body(&sock, "PUT", "/api/v1/vm.snapshot", &body)
+                .unwrap();
+        done.store(true, std::sync::atomic::Ordering::Release);
+        let (r, _) = spam.join().unwrap();
+        refused += r;
+        // The spam may resume before the snapshot starts (then it is
+        // refused for a running VM) or after it ends: both are fine.
+        assert!(status == 204 || status == 409, "{status} {text}");
+        if status == 204 && snap.is_none() {
+            snap = Some(dest);
+        }
+        let _ = client(&["resume"], &sock);
+        if refused > 0 && snap.is_some() {
+            break;
+        }
+    }
+    assert!(
+        refused > 0,
+        "no resume was refused while a snapshot was written"
+    );
+    let snap = snap.expect("a snapshot was written");
+    vm.kill();
+    let before = vm.stdout_text();
+    // The restored guest counts on from the snapshot, unbroken: its state
+    // and memory are of one instant.
+    let mut cmd = vireo();
+    cmd.args(["restore", "--from"]).arg(&snap);
+    let restored = Running::spawn(cmd);
+    assert!(
+        wait_until(Duration::from_secs(30), || restored
+            .stdout_text()
+            .bytes()
+            .filter(|b| b.is_ascii_lowercase())
+            .count()
+            > 60),
+        "the restored guest did not count: {}",
+        restored.stderr_text()
+    );
+    // Unbroken from wherever the snapshot left the count.
+    let letters: Vec<u8> = restored
+        .stdout_text()
+        .bytes()
+        .filter(|b| b.is_ascii_lowercase())
+        .collect();
+    for w in letters.windows(2) {
+        let want = if w[0] == b'z' { b'a' } else { w[0] + 1 };
+        assert_eq!(w[1], want, "the restored count breaks: {letters:?}");
+    }
+    assert!(!before.is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}

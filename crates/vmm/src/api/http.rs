@@ -89,7 +89,10 @@ pub fn status_of(e: &ApiError) -> u16 {
         | ApiError::NoBalloon
         | ApiError::Paused => 409,
         ApiError::Control(c) => match c {
-            ControlError::AlreadyPaused | ControlError::NotPaused | ControlError::Stopping => 409,
+            ControlError::AlreadyPaused
+            | ControlError::NotPaused
+            | ControlError::Stopping
+            | ControlError::Held(_) => 409,
             ControlError::Timeout(_) => 500,
         },
         // Each VMM error's variant says its status.
