@@ -1,0 +1,258 @@
+//! Conformance: the engine behaves as a CPU of its advertised model where
+//! Linux does not look (found by running a standard x86 test suite).
+//! Each test runs a tiny guest; an exception lands in the harness's IDT
+//! stub for its vector (`mov eax, vector; hlt`), so RAX names it.
+
+mod common;
+
+use common::*;
+use emu::cpuid::CpuidConfig;
+use iced_x86::code_asm::*;
+
+/// Marker a guest leaves in RBX when it got through without an exception.
+const DONE: u64 = 0xd0e;
+
+fn guest() -> Guest {
+    let mut g = Guest::new(16 << 20);
+    g.long_mode();
+    g
+}
+
+fn kvm_guest() -> Guest {
+    let mut g = Guest::with_platform(
+        16 << 20,
+        None,
+        CpuidConfig {
+            kvm_clock: true,
+            ..Default::default()
+        },
+    );
+    g.long_mode();
+    g
+}
+
+fn asm_at(
+    bits: u32,
+    addr: u64,
+    f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Vec<u8> {
+    let mut a = CodeAssembler::new(bits).unwrap();
+    f(&mut a).unwrap();
+    a.assemble(addr).unwrap()
+}
+
+/// Run `f` at CODE to HLT; RAX is 0xffff_ffff unless an exception
+/// stub ran (then it is the vector).
+fn run(g: &mut Guest, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> (u64, u64) {
+    let code = asm_at(64, CODE, |a| {
+        a.mov(eax, 0xffff_ffffu32)?;
+        f(a)?;
+        a.mov(ebx, DONE as u32)?;
+        a.hlt()
+    });
+    g.load_code(&code);
+    g.run_to_halt();
+    let r = g.regs();
+    (r.rax, r.rbx)
+}
+
+fn vector_of(g: &mut Guest, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> u64 {
+    let (vector, done) = run(g, f);
+    assert_ne!(done, DONE, "no exception; rax {vector:#x}");
+    vector
+}
+
+#[test]
+fn amd_legacy_pmu_and_family_msrs_exist() {
+    let mut g = guest();
+    let (_, done) = run(&mut g, |a| {
+        // PerfEvtSel0-3 and PerfCtr0-3: writes accepted, reads succeed.
+        for msr in 0xc001_0000u32..=0xc001_0007 {
+            a.mov(ecx, msr)?;
+            a.xor(eax, eax)?;
+            a.xor(edx, edx)?;
+            a.wrmsr()?;
+            a.rdmsr()?;
+        }
+        // HWCR, SYSCFG, TOP_MEM, TOP_MEM2, patch level, MCG_CAP/STATUS.
+        for msr in [
+            0xc001_0015u32,
+            0xc001_0010,
+            0xc001_001a,
+            0xc001_001d,
+            0x8b,
+            0x179,
+            0x17a,
+        ] {
+            a.mov(ecx, msr)?;
+            a.rdmsr()?;
+        }
+        // RDPMC reads the (idle) legacy counters.
+        a.mov(ecx, 3)?;
+        a.rdpmc()?;
+        a.mov(eax, 0xffff_ffffu32)?;
+        Ok(())
+    });
+    assert_eq!(done, DONE);
+    // RDPMC beyond the four counters, and MCG_CAP writes, still #GP.
+    let mut g = guest();
+    assert_eq!(
+        vector_of(&mut g, |a| {
+            a.mov(ecx, 4)?;
+            a.rdpmc()
+        }),
+        13
+    );
+    let mut g = guest();
+    assert_eq!(
+        vector_of(&mut g, |a| {
+            a.mov(ecx, 0x179)?;
+            a.xor(eax, eax)?;
+            a.xor(edx, edx)?;
+            a.wrmsr()
+        }),
+        13
+    );
+}
+
+#[test]
+fn syscall_from_compatibility_mode_enters_through_cstar() {
+    const C32: u64 = CODE + 0x1000;
+    const LSTAR_AT: u64 = CODE + 0x2000;
+    const CSTAR_AT: u64 = CODE + 0x3000;
+    let mut g = guest();
+    g.write(
+        LSTAR_AT,
+        &asm_at(64, LSTAR_AT, |a| {
+            a.mov(ebx, 64)?;
+            a.hlt()
+        }),
+    );
+    g.write(
+        CSTAR_AT,
+        &asm_at(64, CSTAR_AT, |a| {
+            a.mov(ebx, 32)?;
+            a.hlt()
+        }),
+    );
+    // In compatibility mode: SYSCALL.
+    g.write(
+        C32,
+        &asm_at(32, C32, |a| {
+            a.mov(esp, STACK_TOP as u32)?;
+            a.syscall()?;
+            a.hlt()
+        }),
+    );
+    let code = asm_at(64, CODE, |a| {
+        let wr = |a: &mut CodeAssembler, msr: u32, v: u64| -> Result<(), IcedError> {
+            a.mov(ecx, msr)?;
+            a.mov(eax, v as u32)?;
+            a.mov(edx, (v >> 32) as u32)?;
+            a.wrmsr()
+        };
+        wr(a, 0xc000_0081, (SEL_CODE64 as u64) << 32)?;
+        wr(a, 0xc000_0082, LSTAR_AT)?;
+        wr(a, 0xc000_0083, CSTAR_AT)?;
+        // Far return into the 32-bit code segment.
+        a.push(SEL_CODE32 as i32)?;
+        a.push(C32 as i32)?;
+        a.db(&[0x48, 0xcb])
+    });
+    g.load_code(&code);
+    g.run_to_halt();
+    let r = g.regs();
+    assert_eq!(
+        r.rbx, 32,
+        "compatibility-mode SYSCALL took the 64-bit entry"
+    );
+    assert!(r.rcx > C32 && r.rcx < C32 + 16, "RCX {:#x}", r.rcx);
+    assert_eq!(g.sregs().cs.selector, SEL_CODE64);
+    assert!(g.sregs().cs.l);
+}
+
+#[test]
+fn instructions_the_advertised_cpu_lacks_raise_ud() {
+    // Without a KVM signature: VMCALL, VMMCALL; never advertised: INVPCID,
+    // RDPRU, and the instructions of other extensions (AES, BMI, MOVBE).
+    type Emit = Box<dyn Fn(&mut CodeAssembler) -> Result<(), IcedError>>;
+    let cases: Vec<(&str, Emit)> = vec![
+        ("aesenc", Box::new(|a| a.aesenc(xmm0, xmm1))),
+        ("vmcall", Box::new(|a| a.vmcall())),
+        ("vmmcall", Box::new(|a| a.vmmcall())),
+        (
+            "invpcid",
+            Box::new(|a| a.invpcid(rax, xmmword_ptr(DATA as i32))),
+        ),
+        ("rdpru", Box::new(|a| a.rdpru())),
+        ("andn", Box::new(|a| a.andn(eax, ebx, ecx))),
+        ("movbe", Box::new(|a| a.movbe(eax, dword_ptr(DATA as i32)))),
+    ];
+    for (name, f) in cases {
+        let mut g = guest();
+        assert_eq!(vector_of(&mut g, |a| f(a)), 6, "{name}");
+    }
+}
+
+#[test]
+fn vmcall_and_vmmcall_follow_the_kvm_hypercall_abi_when_advertised() {
+    let mut g = kvm_guest();
+    let (_, done) = run(&mut g, |a| {
+        a.mov(eax, 1)?; // KVM_HC_VAPIC_POLL_IRQ: a no-op returning 0.
+        a.vmmcall()?;
+        a.mov(rsi, rax)?;
+        a.mov(eax, 99)?; // Unknown: -KVM_ENOSYS.
+        a.vmcall()?;
+        a.mov(rdi, rax)?;
+        a.mov(eax, 0xffff_ffffu32)
+    });
+    assert_eq!(done, DONE);
+    let r = g.regs();
+    assert_eq!(r.rsi, 0);
+    assert_eq!(r.rdi, (-1000i64) as u64);
+}
+
+#[test]
+fn descriptor_table_bases_must_be_canonical() {
+    const NONCANON: u64 = 0x0000_8000_0000_0000;
+    // LGDT and LIDT with a non-canonical base: #GP.
+    for lidt in [false, true] {
+        let mut g = guest();
+        g.write(DATA, &0xfffu16.to_le_bytes());
+        g.w64(DATA + 2, NONCANON);
+        let v = vector_of(&mut g, |a| {
+            if lidt {
+                a.lidt(ptr(DATA as i32))
+            } else {
+                a.lgdt(ptr(DATA as i32))
+            }
+        });
+        assert_eq!(v, 13, "lidt={lidt}");
+        let s = g.sregs();
+        assert_eq!(s.gdt.base, GDT, "GDTR unchanged");
+        assert_eq!(s.idt.base, IDT, "IDTR unchanged");
+    }
+    // LTR with a TSS descriptor whose 64-bit base is not canonical.
+    let mut g = guest();
+    let lo = g.r64(GDT + 0x30);
+    g.w64(GDT + 0x30, lo & !(0xf << 40) | (0x9 << 40));
+    g.w64(GDT + 0x38, NONCANON >> 32);
+    assert_eq!(
+        vector_of(&mut g, |a| {
+            a.mov(ax, SEL_TSS as u32)?;
+            a.ltr(ax)
+        }),
+        13
+    );
+    // MSRs that hold addresses: SYSENTER_ESP/EIP refuse non-canonical ones.
+    for msr in [0x175u32, 0x176] {
+        let mut g = guest();
+        let v = vector_of(&mut g, |a| {
+            a.mov(ecx, msr)?;
+            a.xor(eax, eax)?;
+            a.mov(edx, (NONCANON >> 32) as u32)?;
+            a.wrmsr()
+        });
+        assert_eq!(v, 13, "msr {msr:#x}");
+    }
+}
