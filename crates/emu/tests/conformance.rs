@@ -256,3 +256,167 @@ fn descriptor_table_bases_must_be_canonical() {
         assert_eq!(v, 13, "msr {msr:#x}");
     }
 }
+
+// ------------------------------------------------------------------ debug
+
+/// Counters and values the #DB / #UD handlers record.
+const DBG_COUNT: u64 = DATA + 0x100;
+const DBG_RIP: u64 = DATA + 0x108;
+const DBG_DR6: u64 = DATA + 0x110;
+const DBG_FLAGS: u64 = DATA + 0x118;
+const HANDLER_AT: u64 = CODE + 0x4000;
+
+/// Point vector `v`'s interrupt gate at code assembled at `at`.
+fn install(g: &mut Guest, v: u64, at: u64, code: &[u8]) {
+    g.write(at, code);
+    let lo = (at & 0xffff)
+        | ((SEL_CODE64 as u64) << 16)
+        | (0x8eu64 << 40)
+        | (((at >> 16) & 0xffff) << 48);
+    g.w64(IDT + v * 16, lo);
+    g.w64(IDT + v * 16 + 8, at >> 32);
+}
+
+/// #DB handler: count, record the return RIP, DR6 (then clear it) and the
+/// saved RFLAGS; set RF in the frame (to step over an instruction
+/// breakpoint) and return.
+fn install_db_handler(g: &mut Guest) {
+    let code = asm_at(64, HANDLER_AT, |a| {
+        a.push(rax)?;
+        a.inc(qword_ptr(DBG_COUNT as i32))?;
+        a.mov(rax, qword_ptr(rsp + 8))?;
+        a.mov(qword_ptr(DBG_RIP as i32), rax)?;
+        a.mov(rax, dr6)?;
+        a.mov(qword_ptr(DBG_DR6 as i32), rax)?;
+        a.xor(eax, eax)?;
+        a.mov(dr6, rax)?;
+        a.mov(rax, qword_ptr(rsp + 24))?;
+        a.mov(qword_ptr(DBG_FLAGS as i32), rax)?;
+        a.or(qword_ptr(rsp + 24), 0x10000)?;
+        a.pop(rax)?;
+        a.iretq()
+    });
+    install(g, 1, HANDLER_AT, &code);
+}
+
+#[test]
+fn tf_single_steps_each_instruction() {
+    let mut g = guest();
+    install_db_handler(&mut g);
+    let (_, done) = run(&mut g, |a| {
+        a.pushfq()?;
+        a.or(qword_ptr(rsp), 0x100)?;
+        a.popfq()?;
+        // Traps after each of these six (the POPF clearing TF included).
+        a.nop()?;
+        a.nop()?;
+        a.inc(rsi)?;
+        a.pushfq()?;
+        a.and(qword_ptr(rsp), !0x100i32)?;
+        a.popfq()?;
+        a.inc(rsi)
+    });
+    assert_eq!(done, DONE);
+    assert_eq!(g.r64(DBG_COUNT), 6);
+    assert_ne!(g.r64(DBG_DR6) & (1 << 14), 0, "DR6.BS");
+    assert_eq!(g.regs().rsi, 2);
+    assert_eq!(g.regs().rflags & 0x100, 0);
+}
+
+#[test]
+fn hardware_instruction_breakpoint_faults_once_and_rf_resumes() {
+    let mut g = guest();
+    install_db_handler(&mut g);
+    // The breakpoint is on the second INC; the guest notes its address.
+    let code = asm_at(64, CODE, |a| {
+        let mut brk = a.create_label();
+        a.mov(eax, 0xffff_ffffu32)?;
+        a.lea(rax, ptr(brk))?;
+        a.mov(qword_ptr(DATA as i32 + 0x120), rax)?;
+        a.mov(dr0, rax)?;
+        a.mov(eax, 1)?; // L0, execute, length 1.
+        a.mov(dr7, rax)?;
+        a.inc(rsi)?;
+        a.set_label(&mut brk)?;
+        a.inc(rsi)?;
+        a.inc(rsi)?;
+        a.xor(eax, eax)?;
+        a.mov(dr7, rax)?;
+        a.mov(ebx, DONE as u32)?;
+        a.hlt()
+    });
+    g.load_code(&code);
+    g.run_to_halt();
+    assert_eq!(g.regs().rbx, DONE);
+    assert_eq!(g.regs().rsi, 3, "the instruction ran exactly once");
+    assert_eq!(g.r64(DBG_COUNT), 1);
+    assert_eq!(
+        g.r64(DBG_RIP),
+        g.r64(DATA + 0x120),
+        "#DB is a fault on the instruction"
+    );
+    assert_eq!(g.r64(DBG_DR6) & 0xf, 1, "DR6.B0");
+    assert_eq!(g.r64(DBG_FLAGS) & 0x10000, 0, "no RF in a breakpoint frame");
+}
+
+#[test]
+fn data_watchpoint_traps_after_the_write() {
+    let mut g = guest();
+    install_db_handler(&mut g);
+    let (_, done) = run(&mut g, |a| {
+        a.mov(rax, DATA + 8)?;
+        a.mov(dr1, rax)?;
+        // L1, R/W1 = write, LEN1 = 4 bytes.
+        a.mov(eax, (1 << 2) | (1 << 20) | (3 << 22))?;
+        a.mov(dr7, rax)?;
+        a.mov(ecx, dword_ptr(DATA as i32 + 8))?; // A read: no hit.
+        a.mov(word_ptr(DATA as i32 + 10), 7)?; // A write inside: hit.
+        a.nop()?;
+        a.xor(eax, eax)?;
+        a.mov(dr7, rax)?;
+        a.mov(eax, 0xffff_ffffu32)
+    });
+    assert_eq!(done, DONE);
+    assert_eq!(g.r64(DBG_COUNT), 1);
+    assert_eq!(g.r64(DBG_DR6) & 0xf, 2, "DR6.B1");
+    // The trap returns after the store: to the NOP.
+    let nop_at = g.r64(DBG_RIP);
+    assert_eq!(g.r8(nop_at), 0x90);
+}
+
+#[test]
+fn icebp_raises_db_after_the_instruction() {
+    let mut g = guest();
+    install_db_handler(&mut g);
+    let (_, done) = run(&mut g, |a| {
+        a.int1()?;
+        a.nop()
+    });
+    assert_eq!(done, DONE);
+    assert_eq!(g.r64(DBG_COUNT), 1);
+    assert_eq!(g.r8(g.r64(DBG_RIP)), 0x90, "returns past ICEBP");
+}
+
+#[test]
+fn faults_save_rflags_with_rf_set() {
+    let mut g = guest();
+    // #UD handler: record the saved RFLAGS, skip the 2-byte UD2.
+    let code = asm_at(64, HANDLER_AT, |a| {
+        a.push(rax)?;
+        a.mov(rax, qword_ptr(rsp + 24))?;
+        a.mov(qword_ptr(DBG_FLAGS as i32), rax)?;
+        a.add(qword_ptr(rsp + 8), 2)?;
+        a.pop(rax)?;
+        a.iretq()
+    });
+    install(&mut g, 6, HANDLER_AT, &code);
+    let (_, done) = run(&mut g, |a| {
+        a.ud2()?;
+        // RF is gone once an instruction completed.
+        a.pushfq()?;
+        a.pop(rdi)
+    });
+    assert_eq!(done, DONE);
+    assert_ne!(g.r64(DBG_FLAGS) & 0x10000, 0, "RF in the #UD frame");
+    assert_eq!(g.regs().rdi & 0x10000, 0);
+}

@@ -391,6 +391,8 @@ pub fn int(core: &mut Core, insn: &Instruction) -> R {
         return Err(gp(0));
     }
     deliver(core, vector, None, kind)?;
+    // The gate cleared TF: no single-step trap after a software interrupt.
+    core.debug.no_step = true;
     core.next_rip = core.st.rip;
     core.end_block = true;
     Ok(())

@@ -191,8 +191,15 @@ fn mov_to_dr(core: &mut Core, insn: &Instruction, r: Register) -> R {
     if (n == 6 || n == 7) && v >> 32 != 0 {
         return Err(gp(0));
     }
-    // Breakpoints are recorded but not yet acted on.
-    core.st.dr[n] = v;
+    // DR6 and DR7 keep their fixed bits; DR7 (and DR0-3 while armed) can
+    // arm or move a breakpoint: the run loop looks again before the next
+    // instruction (crate::debug).
+    core.st.dr[n] = match n {
+        6 => (v & 0xe00f) | crate::debug::DR6_FIXED1,
+        7 => (v & 0xffff_23ff) | 0x400,
+        _ => v,
+    };
+    core.end_block = true;
     Ok(())
 }
 
