@@ -100,6 +100,11 @@ pub struct MsrFault;
 
 /// WRMSR; Err raises #GP.
 pub fn write(core: &mut Core, idx: u32, v: u64) -> Result<(), MsrFault> {
+    // The APIC base is a physical address: bits at or above MAXPHYADDR
+    // (CPUID 0x80000008) are reserved.
+    if idx == IA32_APIC_BASE && v >> crate::memory::mmu::MAX_PHYS_BITS != 0 {
+        return Err(MsrFault);
+    }
     if let Some(r) = core.platform.wrmsr(core.index, idx, v) {
         if idx == IA32_APIC_BASE && r.is_ok() {
             core.st.msr.apic_base = v;

@@ -420,3 +420,59 @@ fn faults_save_rflags_with_rf_set() {
     assert_ne!(g.r64(DBG_FLAGS) & 0x10000, 0, "RF in the #UD frame");
     assert_eq!(g.regs().rdi & 0x10000, 0);
 }
+
+// ------------------------------------------------------------------- APIC
+
+fn pc_guest() -> Guest {
+    let mut ram = vec![0u8; 16 << 20].into_boxed_slice();
+    let vm = emu::EmuVm::new_pc();
+    // SAFETY: `ram` moves into the Guest, which drops it last; the heap
+    // buffer does not move.
+    unsafe {
+        hypervisor::Vm::map_memory(&vm, 0, 0, ram.len() as u64, ram.as_mut_ptr() as u64).unwrap()
+    };
+    let vcpu = vm.create_pc_vcpu(0, 1).unwrap();
+    let mut g = Guest { vcpu, vm, ram };
+    g.long_mode();
+    g
+}
+
+#[test]
+fn cpuid_apic_bit_follows_the_apic_global_enable() {
+    let mut g = pc_guest();
+    let (_, done) = run(&mut g, |a| {
+        a.mov(eax, 1)?;
+        a.cpuid()?;
+        a.mov(esi, edx)?;
+        a.mov(ecx, 0x1b)?;
+        a.rdmsr()?;
+        a.mov(r8d, eax)?;
+        a.and(eax, !(1i32 << 11))?;
+        a.wrmsr()?;
+        a.mov(eax, 1)?;
+        a.cpuid()?;
+        a.mov(edi, edx)?;
+        a.mov(ecx, 0x1b)?;
+        a.mov(eax, r8d)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.mov(eax, 1)?;
+        a.cpuid()?;
+        a.mov(r9d, edx)?;
+        a.mov(eax, 0xffff_ffffu32)
+    });
+    assert_eq!(done, DONE);
+    let r = g.regs();
+    assert_ne!(r.rsi & (1 << 9), 0, "APIC advertised while enabled");
+    assert_eq!(r.rdi & (1 << 9), 0, "and not while globally disabled");
+    assert_ne!(r.r9 & (1 << 9), 0, "and again once re-enabled");
+    // A base with a bit at or above MAXPHYADDR (40) is reserved: #GP.
+    let mut g = pc_guest();
+    let v = vector_of(&mut g, |a| {
+        a.mov(ecx, 0x1b)?;
+        a.mov(eax, 0xfee0_0900u32)?;
+        a.mov(edx, 1 << 8)?;
+        a.wrmsr()
+    });
+    assert_eq!(v, 13);
+}
