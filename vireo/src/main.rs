@@ -12,6 +12,8 @@ use vmm::api::{
 use vmm::config::{Accel, BootProtocol, ConsoleKind, MemSize, SerialMode, VmConfig};
 use vmm::exit_code;
 
+mod top;
+
 const EXIT_CODES: &str = "\
 Exit status:
   0  the guest powered off (or you quit with Ctrl-A X)
@@ -85,6 +87,22 @@ enum Command {
     Delete(ApiArgs),
     /// Stop the VMM process, with its VM if one runs.
     Shutdown(ApiArgs),
+    /// Print a running VM's counters: vCPU exits and time, engine, disks,
+    /// NICs, virtio notifications and interrupts, memory (JSON).
+    Counters(CountersArgs),
+    /// A live view of running VMMs: state, CPU per vCPU, memory, disk,
+    /// network and exit rates, refreshed every second (q quits; 1-9 or
+    /// Tab pick the sort column).
+    Top(top::TopArgs),
+}
+
+#[derive(Args)]
+struct CountersArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Print the Prometheus text of GET /metrics instead of JSON.
+    #[arg(long)]
+    prometheus: bool,
 }
 
 #[derive(Args)]
@@ -118,6 +136,10 @@ struct StartArgs {
     /// Serve the management API on this Unix socket once the VM runs.
     #[arg(long, value_name = "PATH", conflicts_with = "into")]
     api_socket: Option<PathBuf>,
+    /// Serve GET /metrics (Prometheus text) and GET /api/v1/vm.counters on
+    /// this TCP address once the VM runs.
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with = "into")]
+    metrics: Option<std::net::SocketAddr>,
     /// Start it inside the empty VMM serving the API at PATH (`vireo run
     /// --api-socket PATH` alone) instead of in this process (answers once
     /// the VM runs there).
@@ -140,6 +162,13 @@ struct StartArgs {
 }
 
 impl StartArgs {
+    fn servers(&self) -> vmm::Servers {
+        vmm::Servers {
+            api_socket: self.api_socket.clone(),
+            metrics: self.metrics,
+        }
+    }
+
     fn options(&self) -> vmm::RestoreOptions {
         vmm::RestoreOptions {
             accel: self.accel,
@@ -229,6 +258,11 @@ struct RunArgs {
     /// --into` or `vireo migrate-receive --into`.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Serve GET /metrics (Prometheus text, for a Prometheus server to
+    /// scrape) and GET /api/v1/vm.counters on this TCP address, e.g.
+    /// 127.0.0.1:9100. Only these reads are served there.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args)]
@@ -421,7 +455,7 @@ fn main() -> ExitCode {
                 &a.listen,
                 a.start.options(),
                 &a.start.serial.clone().unwrap_or_default(),
-                a.start.api_socket.as_deref(),
+                &a.start.servers(),
             )),
         },
         Command::Create(a) => match a.vm.into_config() {
@@ -435,6 +469,11 @@ fn main() -> ExitCode {
         Command::Boot(a) => api_call(&a.api_socket, ApiAction::VmBoot),
         Command::Delete(a) => api_call(&a.api_socket, ApiAction::VmDelete),
         Command::Shutdown(a) => api_call(&a.api_socket, ApiAction::VmmShutdown),
+        Command::Counters(a) => match a.prometheus {
+            true => api_call(&a.api.api_socket, ApiAction::Metrics),
+            false => api_call(&a.api.api_socket, ApiAction::VmCounters),
+        },
+        Command::Top(a) => top::run(&a),
         Command::Restore(a) => match &a.start.into {
             Some(sock) => {
                 let req = a.start.restore_request(&a.from, &a.overlay, &a.tap);
@@ -450,7 +489,7 @@ fn main() -> ExitCode {
                     a.start.options(),
                     &clone,
                     &a.start.serial.clone().unwrap_or_default(),
-                    a.start.api_socket.as_deref(),
+                    &a.start.servers(),
                 ))
             }
         },
@@ -477,6 +516,11 @@ fn api_call(sock: &Path, action: ApiAction) -> i32 {
             ApiReply::Ping(p) => serde_json::to_string_pretty(p),
             ApiReply::Info(i) => serde_json::to_string_pretty(i),
             ApiReply::Migrated(m) => serde_json::to_string_pretty(m),
+            ApiReply::Counters(c) => serde_json::to_string_pretty(c),
+            ApiReply::Metrics(t) => {
+                print!("{t}");
+                return;
+            }
         };
         if let Ok(text) = text {
             println!("{text}");
@@ -549,9 +593,12 @@ fn finish(result: Result<vmm::VmExit, vmm::VmmError>) -> i32 {
 }
 
 fn run(args: RunArgs) -> i32 {
-    let api_socket = args.api_socket.clone();
-    if let (Some(sock), true) = (&api_socket, args.vm.is_empty()) {
-        return finish(vmm::serve(sock));
+    let servers = vmm::Servers {
+        api_socket: args.api_socket.clone(),
+        metrics: args.metrics,
+    };
+    if let (Some(sock), true) = (&servers.api_socket, args.vm.is_empty()) {
+        return finish(vmm::serve(sock, servers.metrics));
     }
     let cfg = match args.vm.into_config() {
         Ok(c) => c,
@@ -560,5 +607,5 @@ fn run(args: RunArgs) -> i32 {
             return e.exit_code();
         }
     };
-    finish(vmm::run(&cfg, api_socket.as_deref()))
+    finish(vmm::run(&cfg, &servers))
 }

@@ -290,10 +290,21 @@ mod tests {
         h.observe(20);
         e.histogram("vireo_y_seconds", &[("d", "0")], &h.snapshot(), 1e6);
         let t = e.finish();
-        assert!(t.starts_with("# HELP vireo_x_total A \\\\ help\\nline\n# TYPE vireo_x_total counter\n"));
-        assert!(t.contains("vireo_x_total{device=\"a\\\"b\\\\c\\nd\"} 3\n"), "{t}");
-        assert!(t.contains("vireo_y_seconds_bucket{d=\"0\",le=\"0.00001\"} 0\n"), "{t}");
-        assert!(t.contains("vireo_y_seconds_bucket{d=\"0\",le=\"+Inf\"} 1\n"), "{t}");
+        assert!(t.starts_with(
+            "# HELP vireo_x_total A \\\\ help\\nline\n# TYPE vireo_x_total counter\n"
+        ));
+        assert!(
+            t.contains("vireo_x_total{device=\"a\\\"b\\\\c\\nd\"} 3\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("vireo_y_seconds_bucket{d=\"0\",le=\"0.00001\"} 0\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("vireo_y_seconds_bucket{d=\"0\",le=\"+Inf\"} 1\n"),
+            "{t}"
+        );
         assert!(t.contains("vireo_y_seconds_count{d=\"0\"} 1\n"), "{t}");
     }
 }

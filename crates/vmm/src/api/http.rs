@@ -110,6 +110,12 @@ fn error(status: u16, msg: String) -> Answer {
 fn reply(r: &ApiReply) -> Answer {
     match r.to_json() {
         None => Response::from_data(Vec::new()).with_status_code(204),
+        Some(Ok(body)) if r.text().is_some() => {
+            let ct = r.text().unwrap_or_default();
+            let ct = Header::from_bytes(&b"Content-Type"[..], ct.as_bytes())
+                .expect("static header is valid");
+            Response::from_data(body).with_header(ct)
+        }
         Some(Ok(body)) => json_answer(200, body),
         Some(Err(e)) => error(500, format!("cannot encode the answer: {e}")),
     }
@@ -237,6 +243,9 @@ mod tests {
         }
         fn vmm_shutdown(&self) -> Result<(), ApiError> {
             Ok(())
+        }
+        fn vm_counters(&self) -> Result<VmCounters, ApiError> {
+            Err(ApiError::NoVm)
         }
         fn after_reply(&self, _: &ApiAction, _: &ApiReply) {}
     }

