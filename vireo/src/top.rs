@@ -38,7 +38,7 @@ pub struct TopArgs {
 
 /// The columns, in display order; the sort keys are their numbers.
 const COLUMNS: [&str; 10] = [
-    "VM", "STATE", "CPU%", "MEM", "BALLOON", "DISK-RD", "DISK-WR", "NET-RX", "NET-TX", "EXITS/s",
+    "VM", "STATE", "CPU%", "MEM", "BALLN", "DSK-RD", "DSK-WR", "NET-RX", "NET-TX", "EXIT/s",
 ];
 
 /// One VMM as last seen.
@@ -187,9 +187,9 @@ fn render(
     width: usize,
     height: usize,
 ) -> Vec<String> {
-    // Fixed columns take 62 characters with their separators; the VM name
-    // gets the rest (at least 10).
-    let name_w = width.saturating_sub(63).clamp(10, 40);
+    // Fixed columns take 64 characters with their separators (state 7,
+    // eight figures of 6); the VM name gets the rest (at least 10).
+    let name_w = width.saturating_sub(64).clamp(10, 40);
     let mut lines = Vec::new();
     let mut title = format!(
         "vireo top - {} VMM(s), sorted by {}{} - q quits, 1-0/Tab sort, r reverse",
@@ -202,8 +202,15 @@ fn render(
     let mut head = format!("{:<name_w$}", COLUMNS[0]);
     for (i, c) in COLUMNS.iter().enumerate().skip(1) {
         let w = if i == 1 { 7 } else { 6 };
-        let mark = if i == sort { "*" } else { "" };
-        head.push_str(&format!(" {:>w$}", format!("{mark}{c}")));
+        // The sort column is marked by a `*` in place of its padding
+        // (or of its first letter, for a full-width name).
+        let label = if i == sort {
+            let c = if c.len() >= w { &c[1..] } else { c };
+            format!("*{c}")
+        } else {
+            c.to_string()
+        };
+        head.push_str(&format!(" {label:>w$}"));
     }
     lines.push(cut(&head, width));
     for r in rows {
@@ -503,5 +510,12 @@ mod tests {
             assert!(l.chars().count() <= 80, "{l}");
         }
         assert!(lines[1].contains("*CPU%"), "{}", lines[1]);
+        let header_w = lines[1].chars().count();
+        assert!(
+            lines[2].chars().count() == header_w,
+            "{}\n{}",
+            lines[1],
+            lines[2]
+        );
     }
 }

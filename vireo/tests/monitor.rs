@@ -38,7 +38,16 @@ fn exits(c: &serde_json::Value) -> u64 {
 /// The letters guest (one COM1 write per letter: an exit each) under
 /// `accel`, with the API on `dir`/api.sock and metrics on a TCP port.
 fn letters_vm(dir: &Path, accel: &str, metrics: Option<&str>) -> (Running, PathBuf) {
-    let sock = dir.join("api.sock");
+    letters_vm_at(dir, "api.sock", accel, metrics)
+}
+
+fn letters_vm_at(
+    dir: &Path,
+    sock_name: &str,
+    accel: &str,
+    metrics: Option<&str>,
+) -> (Running, PathBuf) {
+    let sock = dir.join(sock_name);
     let kernel = counting_guest(dir);
     let mut cmd = vireo();
     cmd.args(["run", "--accel", accel, "--boot", "pvh", "--memory", "32M"])
@@ -64,7 +73,10 @@ fn letters_vm(dir: &Path, accel: &str, metrics: Option<&str>) -> (Running, PathB
 /// (scripts/install-deps.sh installs python3-prometheus-client).
 fn parse_with_prometheus_client(
     text: &str,
-) -> Option<(BTreeMap<(String, BTreeMap<String, String>), f64>, BTreeMap<String, String>)> {
+) -> Option<(
+    BTreeMap<(String, BTreeMap<String, String>), f64>,
+    BTreeMap<String, String>,
+)> {
     let script = r#"
 import json, sys
 from prometheus_client.parser import text_string_to_metric_families
@@ -176,8 +188,13 @@ fn exit_counters_grow_while_running_and_stop_while_paused() {
         let a = counters(&sock);
         assert_eq!(a["state"], "running");
         assert_eq!(a["accel"], accel);
-        assert!(a["vcpus"][0]["exits"]["io_out"].as_u64().unwrap() > 0, "{a}");
-        assert!(wait_until(Duration::from_secs(20), || exits(&counters(&sock)) > exits(&a)));
+        assert!(
+            a["vcpus"][0]["exits"]["io_out"].as_u64().unwrap() > 0,
+            "{a}"
+        );
+        assert!(wait_until(Duration::from_secs(20), || exits(&counters(
+            &sock
+        )) > exits(&a)));
         let b = counters(&sock);
         assert!(b["vcpus"][0]["guest_ns"].as_u64() > a["vcpus"][0]["guest_ns"].as_u64());
         assert!(b["uptime_ms"].as_u64() >= a["uptime_ms"].as_u64());
@@ -219,7 +236,8 @@ fn exit_counters_grow_while_running_and_stop_while_paused() {
             assert!(t.contains("# TYPE vireo_vcpu_exits_total counter\n"), "{t}");
             assert!(t.contains("vireo_vm_state{state=\"paused\"} 1\n"), "{t}");
             for (reason, n) in p2["vcpus"][0]["exits"].as_object().unwrap() {
-                let line = format!("vireo_vcpu_exits_total{{vcpu=\"0\",reason=\"{reason}\"}} {n}\n");
+                let line =
+                    format!("vireo_vcpu_exits_total{{vcpu=\"0\",reason=\"{reason}\"}} {n}\n");
                 assert!(t.contains(&line), "{line} not in\n{t}");
             }
         }
@@ -230,7 +248,10 @@ fn exit_counters_grow_while_running_and_stop_while_paused() {
                 "vireo_vcpu_exits_total".to_string(),
                 labels(&[("vcpu", "0"), ("reason", "io_out")]),
             )];
-            assert_eq!(io_out as u64, p2["vcpus"][0]["exits"]["io_out"].as_u64().unwrap());
+            assert_eq!(
+                io_out as u64,
+                p2["vcpus"][0]["exits"]["io_out"].as_u64().unwrap()
+            );
             let guest = samples[&(
                 "vireo_vcpu_guest_seconds_total".to_string(),
                 labels(&[("vcpu", "0")]),
@@ -251,7 +272,8 @@ fn exit_counters_grow_while_running_and_stop_while_paused() {
         let out = client(&["resume"], &sock);
         assert!(out.status.success(), "{out:?}");
         assert!(
-            wait_until(Duration::from_secs(20), || exits(&counters(&sock)) > exits(&p2)),
+            wait_until(Duration::from_secs(20), || exits(&counters(&sock))
+                > exits(&p2)),
             "{accel}: exits did not grow again after resume"
         );
         let out = client(&["stop"], &sock);
@@ -274,4 +296,138 @@ impl TapCpu for serde_json::Value {
         }
         self
     }
+}
+
+/// A pseudo-terminal: (master, slave) descriptors.
+fn openpty(cols: u16, rows: u16) -> (std::fs::File, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (0, 0);
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two descriptors we then own.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &ws,
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors are fresh and ours.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::os::fd::OwnedFd::from_raw_fd(slave),
+        )
+    }
+}
+
+/// `vireo top` in an 80x24 pseudo-terminal, watching a directory with two
+/// running VMs: both are listed with their state and a non-zero exit
+/// rate, the table fits the terminal, and `q` ends it with status 0 and
+/// the terminal restored (alternate screen left, cursor shown).
+#[test]
+fn top_shows_two_vms_in_a_terminal_and_quits_on_q() {
+    let dir = scratch("top");
+    let (mut a, _) = letters_vm_at(&dir, "alpha.sock", "emu", None);
+    let (mut b, _) = letters_vm_at(&dir, "beta.sock", "emu", None);
+    let (mut master, slave) = openpty(80, 24);
+    let slave_out = slave.try_clone().unwrap();
+    let slave_err = slave.try_clone().unwrap();
+    let mut top = vireo()
+        .args(["top", "--dir"])
+        .arg(&dir)
+        .stdin(std::process::Stdio::from(slave))
+        .stdout(std::process::Stdio::from(slave_out))
+        .stderr(std::process::Stdio::from(slave_err))
+        .spawn()
+        .unwrap();
+    // The screen, read as it comes (a thread: reads block).
+    let screen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let mut reader = master.try_clone().unwrap();
+    let s = screen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            s.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    // The last whole frame: after the last clear, up to the next one.
+    let frame = || {
+        let text = String::from_utf8_lossy(&screen.lock().unwrap()).into_owned();
+        let frames: Vec<&str> = text.split("\x1b[H\x1b[2J").collect();
+        // The final piece may still be arriving: take the one before it.
+        frames
+            .len()
+            .checked_sub(2)
+            .map(|i| frames[i].to_string())
+            .unwrap_or_default()
+    };
+    let exit_rate = |f: &str, name: &str| -> Option<String> {
+        let line = f.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().last().map(str::to_string)
+    };
+    let shown = wait_until(Duration::from_secs(30), || {
+        let f = frame();
+        ["alpha", "beta"].iter().all(|n| {
+            exit_rate(&f, n).is_some_and(|r| r != "0")
+                && f.lines().any(|l| l.starts_with(n) && l.contains("running"))
+        })
+    });
+    let f = frame();
+    assert!(shown, "top did not show both VMs with exit rates:\n{f}");
+    for line in f.lines() {
+        let line = line.trim_end_matches('\r');
+        assert!(
+            line.chars().count() <= 80,
+            "wider than the terminal: {line:?}"
+        );
+    }
+    assert!(f.lines().count() <= 24, "taller than the terminal:\n{f}");
+    assert!(f.contains("EXIT/s") && f.contains("CPU%"), "{f}");
+
+    // Pause one: its state follows.
+    let out = client(&["pause"], &dir.join("beta.sock"));
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        wait_until(Duration::from_secs(10), || frame()
+            .lines()
+            .any(|l| l.starts_with("beta") && l.contains("paused"))),
+        "the paused VM is not shown paused:\n{}",
+        frame()
+    );
+
+    master.write_all(b"q").unwrap();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = top.try_wait().unwrap() {
+            break Some(st);
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = top.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let status = status.expect("vireo top did not quit on q");
+    assert!(status.success(), "{status:?}");
+    std::thread::sleep(Duration::from_millis(100));
+    let all = String::from_utf8_lossy(&screen.lock().unwrap()).into_owned();
+    assert!(
+        all.ends_with("\x1b[?25h\x1b[?1049l"),
+        "the terminal was not restored: {:?}",
+        &all[all.len().saturating_sub(40)..]
+    );
+    a.kill();
+    b.kill();
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -592,3 +592,88 @@ fn block_ops(s: &BlockStats) -> [(&'static str, virtio::stats::OpStats); 4] {
         ("discard", s.discard),
     ]
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Counters with every optional part present (one of each device).
+    pub(crate) fn full_counters() -> VmCounters {
+        let blk = BlockCounters::default();
+        blk.record(0, &[], 512, 0, Duration::from_micros(20));
+        let exits = ExitReason::ALL
+            .iter()
+            .map(|r| (r.name().to_string(), 1))
+            .collect();
+        VmCounters {
+            state: VmState::Running,
+            accel: hypervisor::AccelKind::Emu,
+            uptime_ms: 1500,
+            memory: MemoryReport {
+                guest_bytes: 64 << 20,
+                resident_bytes: Some(1 << 20),
+                balloon_bytes: Some(4096),
+            },
+            vcpus: vec![VcpuReport {
+                index: 0,
+                exits,
+                guest_ns: 2_000_000_000,
+                vmm_ns: 5,
+                cpu_ns: Some(7),
+                engine: Some(EngineStats {
+                    instructions: 9,
+                    ..Default::default()
+                }),
+            }],
+            disks: vec![DiskReport {
+                id: "disk0".into(),
+                path: "/d".into(),
+                stats: blk.snapshot(),
+            }],
+            nets: vec![NetReport {
+                id: "net0".into(),
+                tap: "t\"0".into(),
+                mac: "52:54:00:12:34:56".into(),
+                stats: NetStats {
+                    tx_bytes: 3,
+                    ..Default::default()
+                },
+            }],
+            virtio: vec![VirtioReport {
+                id: "disk0".into(),
+                kind: "blk".into(),
+                stats: TransportStats {
+                    notifications: 1,
+                    interrupts: 2,
+                },
+            }],
+        }
+    }
+
+    #[test]
+    fn the_exposition_carries_every_family_with_its_labels() {
+        let t = render_prometheus(&full_counters());
+        for line in [
+            "# TYPE vireo_vcpu_exits_total counter\n",
+            "vireo_vcpu_exits_total{vcpu=\"0\",reason=\"mmio_write\"} 1\n",
+            "vireo_vcpu_guest_seconds_total{vcpu=\"0\"} 2\n",
+            "vireo_engine_instructions_total{vcpu=\"0\"} 9\n",
+            "# TYPE vireo_engine_code_cache_bytes gauge\n",
+            "vireo_block_bytes_total{device=\"disk0\",op=\"read\"} 512\n",
+            "# TYPE vireo_block_request_duration_seconds histogram\n",
+            "vireo_block_request_duration_seconds_bucket{device=\"disk0\",le=\"0.000025\"} 1\n",
+            "vireo_block_request_duration_seconds_count{device=\"disk0\"} 1\n",
+            "vireo_net_bytes_total{device=\"net0\",direction=\"tx\"} 3\n",
+            "vireo_virtio_interrupts_total{device=\"disk0\",kind=\"blk\"} 2\n",
+            "vireo_vm_balloon_bytes 4096\n",
+            "vireo_vm_uptime_seconds 1.5\n",
+            "vireo_vm_state{state=\"running\"} 1\n",
+        ] {
+            assert!(t.contains(line), "{line:?} not in\n{t}");
+        }
+        // Each family is announced once, before its samples.
+        let types: Vec<&str> = t.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+        let unique: std::collections::BTreeSet<_> = types.iter().collect();
+        assert_eq!(types.len(), unique.len());
+    }
+}

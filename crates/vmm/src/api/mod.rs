@@ -821,6 +821,7 @@ mod tests {
             destination: "h:1".into(),
             max_bandwidth_mib: Some(1),
         };
+        let counters = crate::counters::tests::full_counters();
         let pairs = [
             (
                 "Ping",
@@ -847,6 +848,15 @@ mod tests {
             ("DiskConfig", fields(&config.disks[0])),
             ("NetConfig", fields(&config.nets[0])),
             ("BalloonConfig", fields(&config.balloon)),
+            ("VmCounters", fields(&counters)),
+            ("MemoryCounters", fields(&counters.memory)),
+            ("VcpuCounters", fields(&counters.vcpus[0])),
+            ("EngineCounters", fields(&counters.vcpus[0].engine)),
+            ("DiskCounters", fields(&counters.disks[0])),
+            ("OpCounters", fields(&counters.disks[0].stats.read)),
+            ("Histogram", fields(&counters.disks[0].stats.latency_us)),
+            ("NetCounters", fields(&counters.nets[0])),
+            ("VirtioCounters", fields(&counters.virtio[0])),
         ];
         for (schema, fields) in pairs {
             assert_eq!(documented(&doc, schema), fields, "schema {schema}");
