@@ -71,12 +71,13 @@ fn letters_vm_at(
 /// it: (sample name, labels) -> value; with the family types by name.
 /// None (with a note) where python3 or the package is missing
 /// (scripts/install-deps.sh installs python3-prometheus-client).
-fn parse_with_prometheus_client(
-    text: &str,
-) -> Option<(
+/// Samples by (name, labels), and family types by family name.
+type Parsed = (
     BTreeMap<(String, BTreeMap<String, String>), f64>,
     BTreeMap<String, String>,
-)> {
+);
+
+fn parse_with_prometheus_client(text: &str) -> Option<Parsed> {
     let script = r#"
 import json, sys
 from prometheus_client.parser import text_string_to_metric_families
