@@ -12,6 +12,7 @@ use vmm::api::{
 use vmm::config::{Accel, BootProtocol, ConsoleKind, MemSize, SerialMode, VmConfig};
 use vmm::exit_code;
 
+mod logfmt;
 mod top;
 
 const EXIT_CODES: &str = "\
@@ -39,6 +40,11 @@ struct Cli {
     /// More log output on stderr (-v: info, -vv: debug, -vvv: trace); VIREO_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Log lines as text, or as one JSON object each (with -v, the VMM's
+    /// events: boot, pause, resume, snapshot, migration-start/end,
+    /// device-reset, exit; see docs/monitoring.md).
+    #[arg(long, value_name = "text|json", default_value = "text", global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -407,7 +413,13 @@ impl VmOptions {
     }
 }
 
-fn init_logging(verbose: u8) {
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(verbose: u8, format: LogFormat) {
     let default = match verbose {
         0 => "warn",
         1 => "info",
@@ -416,16 +428,19 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("VIREO_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Text => fmt.try_init(),
+        LogFormat::Json => fmt.event_format(logfmt::JsonLines).try_init(),
+    };
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, cli.log_format);
     // The environment is read here, in the binary; the library crates take
     // the KVM device node and the translator settings as parameters.
     if let Some(dev) = std::env::var_os("VIREO_KVM_DEVICE") {

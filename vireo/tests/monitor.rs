@@ -603,3 +603,65 @@ fn debian_disk_and_net_bytes_show_in_the_counters_and_metrics() {
     vm.wait_exit(Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `-v --log-format json`: the VMM's state changes come out on stderr as
+/// one JSON object per line, with an `event` field and their details.
+#[test]
+fn state_changes_are_json_event_lines() {
+    let dir = scratch("events");
+    let sock = dir.join("api.sock");
+    let kernel = counting_guest(&dir);
+    let mut cmd = vireo();
+    cmd.args(["-v", "--log-format", "json", "run", "--accel", "emu"])
+        .args(["--boot", "pvh", "--memory", "32M", "--kernel"])
+        .arg(&kernel)
+        .arg("--api-socket")
+        .arg(&sock);
+    let mut vm = Running::spawn(cmd);
+    assert!(
+        vm.wait_for("abc", Duration::from_secs(60)),
+        "{}",
+        vm.stderr_text()
+    );
+    let snap = dir.join("snap");
+    let out = vireo()
+        .args(["snapshot", "--api-socket"])
+        .arg(&sock)
+        .arg("--dir")
+        .arg(&snap)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(client(&["stop"], &sock).status.success());
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
+    let lines: Vec<serde_json::Value> = vm
+        .stderr_text()
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let events: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["target"] == "vireo::event")
+        .collect();
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["boot", "pause", "snapshot", "resume", "exit"],
+        "{events:#?}"
+    );
+    assert_eq!(events[0]["how"], "boot");
+    assert_eq!(events[0]["accel"], "emu");
+    assert_eq!(events[0]["vcpus"], 1);
+    assert_eq!(events[2]["dir"], snap.to_str().unwrap());
+    assert_eq!(events[4]["reason"], "stopped");
+    for e in &events {
+        assert_eq!(e["level"], "INFO");
+        assert!(e["ts"].as_f64().unwrap() > 1.6e9, "{e}");
+        assert!(e["message"].is_string(), "{e}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

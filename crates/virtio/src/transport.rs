@@ -514,6 +514,17 @@ impl VirtioPciDevice {
 
     fn write_status(&mut self, v: u8) {
         if v == 0 {
+            if self.status & crate::status::DRIVER_OK != 0 {
+                // A working device reset by its driver (unload, recovery):
+                // an event a supervisor may want (see vmm's events.rs).
+                tracing::info!(
+                    target: "vireo::event",
+                    event = "device-reset",
+                    device_type = self.device.device_type(),
+                    "the guest reset virtio device type {}",
+                    self.device.device_type()
+                );
+            }
             self.reset();
             return;
         }

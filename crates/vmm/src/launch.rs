@@ -54,7 +54,7 @@ struct Running {
 /// Build the VM a configuration describes, run it to the end, and say why
 /// it stopped, serving the API and metrics meanwhile as `servers` asks.
 pub fn run(config: &VmConfig, servers: &Servers) -> Result<VmExit, VmmError> {
-    run_built(builder::for_config(config)?, servers)
+    run_built(builder::for_config(config)?, servers, "boot")
 }
 
 /// Start a VM from a snapshot directory in this process and run it,
@@ -66,7 +66,11 @@ pub fn restore(
     serial: &SerialMode,
     servers: &Servers,
 ) -> Result<VmExit, VmmError> {
-    run_built(builder::for_snapshot(dir, opts, clone, serial)?, servers)
+    run_built(
+        builder::for_snapshot(dir, opts, clone, serial)?,
+        servers,
+        "restore",
+    )
 }
 
 /// Wait on `listen` (ADDR:PORT) for a live migration from another Vireo
@@ -79,7 +83,11 @@ pub fn migrate_receive(
     serial: &SerialMode,
     servers: &Servers,
 ) -> Result<VmExit, VmmError> {
-    run_built(builder::for_migration(listen, opts, serial)?, servers)
+    run_built(
+        builder::for_migration(listen, opts, serial)?,
+        servers,
+        "migration",
+    )
 }
 
 /// What an empty VMM (`vireo run --api-socket PATH` without a kernel) is
@@ -130,29 +138,32 @@ pub fn serve(api_socket: &Path, metrics: Option<SocketAddr>) -> Result<VmExit, V
         let Ok(req) = rx.recv() else {
             return Err(VmmError::ApiServer("the API server stopped".into()));
         };
-        let built = match req.launch {
+        let (built, how) = match req.launch {
             Launch::Shutdown => {
                 let _ = req.reply.send(Ok(()));
                 return Ok(VmExit::Stopped);
             }
-            Launch::Boot(config) => builder::for_config(&config),
+            Launch::Boot(config) => (builder::for_config(&config), "boot"),
             Launch::Restore {
                 dir,
                 opts,
                 clone,
                 serial,
-            } => builder::for_snapshot(&dir, opts, &clone, &serial),
+            } => (
+                builder::for_snapshot(&dir, opts, &clone, &serial),
+                "restore",
+            ),
             Launch::MigrateReceive {
                 listen,
                 opts,
                 serial,
-            } => builder::for_migration(&listen, opts, &serial),
+            } => (builder::for_migration(&listen, opts, &serial), "migration"),
         };
         match built {
             Ok(b) => {
                 shared.set_vm(b.vm.api_context(b.config));
                 let _ = req.reply.send(Ok(()));
-                return Ok(run_with_console(b.vm, b.input));
+                return Ok(run_with_console(b.vm, b.input, how));
             }
             Err(e) => {
                 tracing::warn!("launch through the API failed: {e}");
@@ -193,14 +204,18 @@ impl RestoreOptions {
 }
 
 /// Run a built VM with its console and (optionally) the API, to the end.
-fn run_built(b: Built, servers: &Servers) -> Result<VmExit, VmmError> {
+fn run_built(b: Built, servers: &Servers, how: &str) -> Result<VmExit, VmmError> {
     let shared = api::ApiShared::with_vm(b.vm.api_context(b.config));
     let _running = servers.start(&shared)?;
-    Ok(run_with_console(b.vm, b.input))
+    Ok(run_with_console(b.vm, b.input, how))
 }
 
 /// Run a VM to the end, with the terminal feeding its console if `input`.
-fn run_with_console(vm: Vm, input: bool) -> VmExit {
+/// `how` says where the VM came from (boot, restore, migration) for its
+/// start event.
+fn run_with_console(vm: Vm, input: bool, how: &str) -> VmExit {
+    let info = vm.info();
+    crate::events::started(how, info.accel, info.vcpus, info.memory_bytes);
     let _console = if input {
         Some(console::StdinForwarder::start(
             vm.console_input(),
@@ -209,5 +224,7 @@ fn run_with_console(vm: Vm, input: bool) -> VmExit {
     } else {
         None
     };
-    vm.run()
+    let exit = vm.run();
+    crate::events::exited(&exit);
+    exit
 }

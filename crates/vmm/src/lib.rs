@@ -17,6 +17,7 @@ pub mod control;
 pub mod counters;
 mod device_manager;
 mod error;
+pub mod events;
 mod exit;
 mod launch;
 pub mod migration;
