@@ -216,6 +216,11 @@ impl Jit {
         self.arena.gen
     }
 
+    /// Bytes of host code in the arena now (statistics).
+    pub fn code_bytes(&self) -> usize {
+        self.arena.used
+    }
+
     /// Forget all translations (the block cache was cleared).
     pub fn reset(&mut self) {
         self.arena.gen += 1;

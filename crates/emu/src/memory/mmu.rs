@@ -87,6 +87,8 @@ pub struct Tlb {
     /// is checked against the TLB entry of its target's page first (see
     /// [`crate::jit::runtime`]).
     pub epoch: u64,
+    /// Whole-TLB flushes (all entries, or all but global ones): statistics.
+    pub flushes: u64,
 }
 
 // SAFETY: the raw pointers point into RAM regions the VM keeps alive; the TLB
@@ -98,6 +100,7 @@ impl Default for Tlb {
         Tlb {
             entries: vec![TlbEntry::default(); TLB_SIZE].into_boxed_slice(),
             epoch: 0,
+            flushes: 0,
         }
     }
 }
@@ -120,6 +123,7 @@ impl Tlb {
 
     pub fn flush_all(&mut self) {
         self.epoch += 2;
+        self.flushes += 1;
         for e in self.entries.iter_mut() {
             e.tag = 0;
         }
@@ -128,6 +132,7 @@ impl Tlb {
     /// CR3 load: global pages survive when CR4.PGE is on.
     pub fn flush_nonglobal(&mut self) {
         self.epoch += 2;
+        self.flushes += 1;
         for e in self.entries.iter_mut() {
             if e.perm & PERM_GLOBAL == 0 {
                 e.tag = 0;
