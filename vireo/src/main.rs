@@ -37,6 +37,17 @@ struct Cli {
     /// More log output on stderr (-v: info, -vv: debug, -vvv: trace); VIREO_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// A VMM's live-migration key: a file (mode 0600, at least 16 bytes)
+    /// holding the same secret on both hosts. A migrate-receive then takes
+    /// only a source that proves it holds the key, and a migrating VMM
+    /// answers the destination's challenge with it. (For the VMM commands:
+    /// run, restore, migrate-receive.)
+    #[arg(long, global = true, value_name = "FILE")]
+    migration_key_file: Option<PathBuf>,
+    /// A migration being received must arrive whole within this many
+    /// seconds of its source being accepted.
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 3600)]
+    migration_timeout: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -401,6 +412,22 @@ fn main() -> ExitCode {
         std::env::var("VIREO_JIT").ok().as_deref(),
         std::env::var_os("VIREO_JIT_PERFMAP").is_some(),
     ));
+    let key = match cli
+        .migration_key_file
+        .as_deref()
+        .map(vmm::auth::Key::from_file)
+    {
+        None => None,
+        Some(Ok(k)) => Some(k),
+        Some(Err(e)) => {
+            eprintln!("vireo: error: {e}");
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
+    vmm::migration::set_migration_settings(vmm::migration::MigrationSettings {
+        key,
+        receive_deadline: std::time::Duration::from_secs(cli.migration_timeout.max(1)),
+    });
     let code = match cli.command {
         Command::Run(args) => run(args),
         Command::Ping(a) => api_call(&a.api_socket, ApiAction::VmmPing),

@@ -283,6 +283,15 @@ impl Manifest {
     /// configuration it carries) before anything is built from it.
     pub fn check(&self) -> Result<(), VmmError> {
         let bad = |what: String| Err(VmmError::Snapshot(format!("snapshot manifest: {what}")));
+        // The limits `vm.create` holds a new VM to hold a restored or
+        // received one too (a sparse 8 TiB memory file costs nothing to
+        // forge).
+        crate::config::check_size(self.memory_bytes, self.vcpus)
+            .map_err(|e| VmmError::Snapshot(format!("snapshot manifest: {e}")))?;
+        if let Some(c) = &self.config {
+            c.validate()
+                .map_err(|e| VmmError::Snapshot(format!("snapshot manifest: {e}")))?;
+        }
         if self.vcpu_states.len() != self.vcpus as usize || self.vcpus == 0 {
             return bad(format!(
                 "{} vCPU states for {} vCPUs",
