@@ -48,6 +48,12 @@ struct Cli {
     /// seconds of its source being accepted.
     #[arg(long, global = true, value_name = "SECS", default_value_t = 3600)]
     migration_timeout: u64,
+    /// The key a VMM signs its snapshots with and checks them against when
+    /// restoring (made, 0600, if missing) [default:
+    /// ~/.config/vireo/snapshot.key]. A snapshot it does not verify may not
+    /// name host files as disks: `vireo restore --disk` names them instead.
+    #[arg(long, global = true, value_name = "FILE")]
+    snapshot_key_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -164,6 +170,7 @@ impl StartArgs {
         source: &Path,
         overlays: &[PathBuf],
         taps: &[String],
+        disks: &[PathBuf],
     ) -> RestoreRequest {
         RestoreRequest {
             source: source.to_path_buf(),
@@ -171,6 +178,7 @@ impl StartArgs {
             allow_tsc_change: self.allow_tsc_change,
             overlays: overlays.to_vec(),
             taps: taps.to_vec(),
+            disks: disks.to_vec(),
             serial: self.serial.clone(),
         }
     }
@@ -221,6 +229,12 @@ struct RestoreArgs {
     /// Clone: use this tap for the snapshot's next NIC instead of its own.
     #[arg(long, value_name = "NAME")]
     tap: Vec<String>,
+    /// The snapshot's next disk file, named by you (once per disk, in
+    /// order): needed to restore a snapshot not signed with your snapshot
+    /// key (another user's, or edited), which may not name host files on
+    /// its own.
+    #[arg(long, value_name = "PATH")]
+    disk: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -428,6 +442,12 @@ fn main() -> ExitCode {
         key,
         receive_deadline: std::time::Duration::from_secs(cli.migration_timeout.max(1)),
     });
+    if matches!(
+        cli.command,
+        Command::Run(_) | Command::Restore(_) | Command::MigrateReceive(_)
+    ) {
+        vmm::snapshot::set_snapshot_key(snapshot_key(cli.snapshot_key_file.as_deref()));
+    }
     let code = match cli.command {
         Command::Run(args) => run(args),
         Command::Ping(a) => api_call(&a.api_socket, ApiAction::VmmPing),
@@ -464,13 +484,16 @@ fn main() -> ExitCode {
         Command::Shutdown(a) => api_call(&a.api_socket, ApiAction::VmmShutdown),
         Command::Restore(a) => match &a.start.into {
             Some(sock) => {
-                let req = a.start.restore_request(&a.from, &a.overlay, &a.tap);
+                let req = a
+                    .start
+                    .restore_request(&a.from, &a.overlay, &a.tap, &a.disk);
                 api_call(sock, ApiAction::VmRestore(req))
             }
             None => {
                 let clone = vmm::CloneOptions {
                     overlays: a.overlay,
                     taps: a.tap,
+                    disks: a.disk,
                 };
                 finish(vmm::restore(
                     &a.from,
@@ -483,6 +506,29 @@ fn main() -> ExitCode {
         },
     };
     ExitCode::from(code as u8)
+}
+
+/// The VMM's snapshot key: the file given, else the user's default one
+/// (made on first use). Without one (no home directory, an unusable file)
+/// snapshots are written unsigned and restored only over disks the
+/// restorer names; said once on stderr.
+fn snapshot_key(given: Option<&Path>) -> Option<vmm::auth::Key> {
+    let path = match given {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let base = std::env::var_os("XDG_CONFIG_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+            base.join("vireo").join("snapshot.key")
+        }
+    };
+    match vmm::auth::Key::load_or_create(&path) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            tracing::warn!("no snapshot key ({e}): snapshots are written unsigned");
+            None
+        }
+    }
 }
 
 /// Print one line of a client command's answer. A reader that went away

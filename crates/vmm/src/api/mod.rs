@@ -227,6 +227,10 @@ pub struct RestoreRequest {
     /// Taps for the snapshot's NICs, in order.
     #[serde(default)]
     pub taps: Vec<String>,
+    /// The snapshot's disk files, in order: required when the snapshot is
+    /// not signed with this VMM's snapshot key.
+    #[serde(default)]
+    pub disks: Vec<PathBuf>,
     /// Where the console goes [default: stdio of the VMM].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<SerialMode>,
@@ -616,6 +620,7 @@ mod tests {
                 allow_tsc_change: true,
                 overlays: vec!["/o".into()],
                 taps: vec!["t0".into()],
+                disks: vec!["/d".into()],
                 serial: Some(SerialMode::None),
             }),
             ApiAction::VmMigrateReceive(MigrateReceiveRequest {
@@ -752,6 +757,7 @@ mod tests {
             allow_tsc_change: true,
             overlays: vec![],
             taps: vec![],
+            disks: vec![],
             serial: Some(SerialMode::Stdio),
         };
         let receive = MigrateReceiveRequest {
