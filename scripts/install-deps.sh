@@ -19,6 +19,7 @@ PACKAGES=(
     gcc             # builds guest/vireo-io.c (static) into the initramfs
     gzip            # compresses the initramfs
     iproute2        # ip netns/link/addr for the network tests (crates/net)
+    python3-prometheus-client # parses /metrics in the monitoring test (vireo/tests/monitor.rs)
     iputils-ping    # ping from a test network namespace (crates/net)
     libc6-dev       # static libc for guest/vireo-io.c
     kmod            # depmod writes the modules.dep that busybox modprobe reads

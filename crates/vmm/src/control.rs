@@ -166,6 +166,8 @@ impl VmControl {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+        drop(g);
+        crate::events::paused();
         Ok(())
     }
 
@@ -180,6 +182,8 @@ impl VmControl {
         }
         g.pause = false;
         self.cv.notify_all();
+        drop(g);
+        crate::events::resumed();
         Ok(())
     }
 

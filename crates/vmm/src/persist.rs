@@ -38,8 +38,13 @@ impl VmHandle {
         // Device queue workers finish what they are doing and stop, so
         // neither guest memory nor device state moves until they restart.
         self.devices.quiesce(true);
+        let started = std::time::Instant::now();
         let result = self.write_snapshot(dir, config);
         self.devices.quiesce(false);
+        if result.is_ok() {
+            let ms = started.elapsed().as_millis() as u64;
+            crate::events::snapshot_written(dir, self.memory_bytes, ms);
+        }
         result
     }
 

@@ -60,6 +60,10 @@ pub struct Limits {
     pub request_deadline: Duration,
     /// For the answer to be taken by the client.
     pub write_timeout: Duration,
+    /// Serve only the endpoints that read ([`Endpoint::is_monitoring`]):
+    /// set for a TCP listener, which has no file permissions to say who may
+    /// control the VM.
+    pub monitoring_only: bool,
 }
 
 impl Default for Limits {
@@ -70,6 +74,7 @@ impl Default for Limits {
             max_connections: 32,
             request_deadline: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
+            monitoring_only: false,
         }
     }
 }
@@ -170,9 +175,21 @@ fn reason(status: u16) -> &'static str {
 fn reply(r: &ApiReply) -> Answer {
     match r.to_json() {
         None => Answer::no_content(),
-        Some(Ok(body)) => Answer::json(200, body),
+        Some(Ok(body)) => match r.text() {
+            Some(content_type) => Answer {
+                status: 200,
+                content_type,
+                body,
+            },
+            None => Answer::json(200, body),
+        },
         Some(Err(e)) => Answer::error(500, format!("cannot encode the answer: {e}")),
     }
+}
+
+fn is_monitoring(url: &str) -> bool {
+    let path = url.split('?').next().unwrap_or(url);
+    Endpoint::from_path(path).is_some_and(Endpoint::is_monitoring)
 }
 
 /// Answer one request; with the action and its reply when it succeeded.
@@ -446,6 +463,10 @@ fn serve_connection<C: Conn>(
 ) {
     let (answer, done) = match read_request(&mut conn, limits, start) {
         Ok(req) => match std::str::from_utf8(&req.body) {
+            Ok(_) if limits.monitoring_only && !is_monitoring(&req.head.target) => {
+                let msg = format!("no such endpoint here: {} (try /metrics)", req.head.target);
+                (Answer::error(404, msg), None)
+            }
             Ok(body) => route(handler, &req.head.method, &req.head.target, body),
             Err(_) => (
                 Answer::error(400, "request body is not UTF-8 text".into()),
@@ -817,6 +838,9 @@ mod tests {
         fn vmm_shutdown(&self) -> Result<(), ApiError> {
             Ok(())
         }
+        fn vm_counters(&self) -> Result<VmCounters, ApiError> {
+            Err(ApiError::NoVm)
+        }
         fn after_reply(&self, _: &ApiAction, _: &ApiReply) {}
     }
 
@@ -926,6 +950,7 @@ mod tests {
             max_connections: 4,
             request_deadline: Duration::from_millis(400),
             write_timeout: Duration::from_millis(400),
+            monitoring_only: false,
         };
         let server = ApiServer::start_with(&sock, Arc::new(Paused), limits).unwrap();
         assert_eq!(ping(&sock), Some(200));
