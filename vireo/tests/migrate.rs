@@ -361,6 +361,7 @@ fn a_cancelled_migration_leaves_the_source_running() {
     let (accepted_tx, accepted) = std::sync::mpsc::channel();
     let fake = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
+        s.write_all(&greeting(false)).unwrap();
         accepted_tx.send(()).unwrap();
         // Drain until the source cuts the stream; never answer.
         let mut sink = Vec::new();
@@ -425,6 +426,7 @@ fn a_destination_that_refuses_leaves_the_source_running() {
     let port = listener.local_addr().unwrap().port();
     let fake = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
+        s.write_all(&greeting(false)).unwrap();
         let mut r = std::io::BufReader::new(s.try_clone().unwrap());
         let mut w = s.try_clone().unwrap();
         let got = vmm::migration::read_stream(&mut r, &mut w).map(|(m, _)| m.vcpus);

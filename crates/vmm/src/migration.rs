@@ -527,8 +527,13 @@ fn send_inner(
         .set_read_timeout(Some(Duration::from_secs(120)))
         .map_err(io("socket"))?;
     let mut reader = stream.try_clone().map_err(io("socket"))?;
-    let tag = answer_greeting(&mut reader, destination)?;
+    // Armed first: a cancel also cuts a wait for a silent destination.
     opts.cancel.arm(&stream)?;
+    reader
+        .set_read_timeout(Some(HANDSHAKE))
+        .map_err(io("socket"))?;
+    let tag = answer_greeting(&mut reader, destination)?;
+    reader.set_read_timeout(Some(IDLE)).map_err(io("socket"))?;
     // A small buffer under a limit, so that pacing is smooth.
     let buffer = if opts.max_bandwidth.is_some() {
         64 << 10
