@@ -513,6 +513,27 @@ fn main() -> ExitCode {
     ExitCode::from(code as u8)
 }
 
+/// Print one line of a client command's answer. A reader that went away
+/// (`vireo info | head -c 10`) is not an error of ours: the request was
+/// carried out, so the rest of the answer is dropped and nothing is said
+/// (println! would panic on the broken pipe). Any other failure to write
+/// is one line on stderr.
+fn out(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = writeln!(stdout, "{line}").and_then(|_| stdout.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(e) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "vireo: error: cannot write the answer: {e}"
+            );
+        }
+    }
+}
+
 /// The exit code of a client command; a failure is one line on stderr.
 fn report(result: Result<(), ClientError>) -> i32 {
     match result {
@@ -539,7 +560,7 @@ fn api_call(sock: &Path, action: ApiAction) -> i32 {
             }
         };
         if let Ok(text) = text {
-            println!("{text}");
+            out(format_args!("{text}"));
         }
     }))
 }
@@ -558,7 +579,7 @@ fn snapshot(a: &SnapshotArgs) -> Result<(), ClientError> {
         })
     };
     if written.is_ok() {
-        println!("snapshot written to {}", a.dir.display());
+        out(format_args!("snapshot written to {}", a.dir.display()));
     }
     if was_running && !a.stay_paused {
         let resumed = client.resume();
@@ -577,7 +598,7 @@ fn migrate(a: &MigrateArgs) -> Result<(), ClientError> {
             max_bandwidth_mib: a.max_bandwidth_mib,
         })?
     };
-    println!(
+    out(format_args!(
         "migrated to {}: total {} ms, downtime {:.1} ms, {} bytes, {} iterations; \
          paused: {} pages, {} bytes",
         a.to,
@@ -587,7 +608,7 @@ fn migrate(a: &MigrateArgs) -> Result<(), ClientError> {
         r.iterations,
         r.final_pages,
         r.final_bytes
-    );
+    ));
     Ok(())
 }
 
@@ -596,7 +617,7 @@ fn balloon(a: &BalloonArgs) -> Result<(), ClientError> {
     ApiClient::new(&a.api.api_socket).balloon(BalloonRequest {
         target_mib: a.target_mib,
     })?;
-    println!("balloon target set to {} MiB", a.target_mib);
+    out(format_args!("balloon target set to {} MiB", a.target_mib));
     Ok(())
 }
 

@@ -156,6 +156,8 @@ pub struct Core {
     pub(crate) poll_countdown: u32,
     /// The translating tier (hot 64-bit blocks compiled to host code).
     pub jit: crate::jit::Jit,
+    /// Debug-exception bookkeeping of the current instruction.
+    pub debug: crate::debug::DebugState,
     /// External interrupts and NMIs delivered (statistics).
     pub interrupts: u64,
     /// Where the statistics above are published for monitoring, at the
@@ -241,6 +243,7 @@ impl Core {
             poll_now: true,
             poll_countdown: 0,
             jit: crate::jit::Jit::default(),
+            debug: Default::default(),
             interrupts: 0,
             stats: Arc::default(),
         }
