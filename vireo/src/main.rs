@@ -13,6 +13,7 @@ use vmm::config::{Accel, BootProtocol, ConsoleKind, MemSize, SerialMode, VmConfi
 use vmm::exit_code;
 
 mod logfmt;
+mod progress;
 mod top;
 
 const EXIT_CODES: &str = "\
@@ -651,9 +652,12 @@ fn snapshot(a: &SnapshotArgs) -> Result<(), ClientError> {
     if was_running {
         client.pause()?;
     }
-    let written = client.snapshot(SnapshotRequest {
-        destination: a.dir.clone(),
-    });
+    let written = {
+        let _progress = progress::Progress::start(a.api.api_socket.clone());
+        client.snapshot(SnapshotRequest {
+            destination: a.dir.clone(),
+        })
+    };
     if written.is_ok() {
         out(format_args!("snapshot written to {}", a.dir.display()));
     }
@@ -667,10 +671,13 @@ fn snapshot(a: &SnapshotArgs) -> Result<(), ClientError> {
 
 /// Migrate through the API and print how it went.
 fn migrate(a: &MigrateArgs) -> Result<(), ClientError> {
-    let r = ApiClient::new(&a.api.api_socket).migrate_send(MigrateRequest {
-        destination: a.to.clone(),
-        max_bandwidth_mib: a.max_bandwidth_mib,
-    })?;
+    let r = {
+        let _progress = progress::Progress::start(a.api.api_socket.clone());
+        ApiClient::new(&a.api.api_socket).migrate_send(MigrateRequest {
+            destination: a.to.clone(),
+            max_bandwidth_mib: a.max_bandwidth_mib,
+        })?
+    };
     out(format_args!(
         "migrated to {}: total {} ms, downtime {:.1} ms, {} bytes, {} iterations; \
          paused: {} pages, {} bytes",

@@ -346,6 +346,7 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
             started: std::time::Instant::now(),
             vcpus: vcpu_counters,
             devices: devices.take_monitored(),
+            progress: Default::default(),
         },
         devices,
     });

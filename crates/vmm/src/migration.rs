@@ -45,6 +45,7 @@
 //! just before it sends the state, and takes them back if the migration
 //! fails.
 
+use crate::counters::Phase;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::ops::Deref;
@@ -382,15 +383,16 @@ fn cancelled(cancel: &Cancel) -> Result<(), VmmError> {
 }
 
 fn send_pages<W: Write>(
-    out: &mut W,
+    out: &mut Counted<W>,
     mem: &GuestRam,
     d: &Dirty,
     cancel: &Cancel,
+    progress: &crate::counters::Progress,
 ) -> Result<u64, VmmError> {
     let mut batch: Vec<u64> = Vec::with_capacity(BATCH);
     let mut sent = 0u64;
     let mut buf = vec![0u8; PAGE as usize];
-    let mut flush = |out: &mut W, batch: &mut Vec<u64>| -> Result<(), VmmError> {
+    let mut flush = |out: &mut Counted<W>, batch: &mut Vec<u64>| -> Result<(), VmmError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -414,6 +416,7 @@ fn send_pages<W: Write>(
                 out.write_all(&buf).map_err(io("send"))?;
             }
         }
+        progress.advance(batch.len() as u64 * PAGE, out.bytes);
         batch.clear();
         Ok(())
     };
@@ -489,6 +492,7 @@ pub fn send(
             }
         }
     }
+    vm.progress().0.end();
     match &result {
         Ok(r) => crate::events::migration_ended(destination, None, r.bytes, r.total_ms),
         Err(e) => crate::events::migration_ended(destination, Some(&e.to_string()), 0, 0),
@@ -570,13 +574,21 @@ fn send_inner(
     let mut rounds = 0u32;
     let mut dirty = all_pages(mem);
     drop_untouched(mem, &mut dirty);
+    let (progress, started) = vm.progress();
+    let to_send = count(&dirty) as u64 * PAGE;
+    progress.begin(started, crate::counters::Operation::Migration, to_send);
     if was_running {
+        let mut round_start = Instant::now();
         loop {
-            pages += send_pages(&mut out, mem, &dirty, &opts.cancel)?;
+            pages += send_pages(&mut out, mem, &dirty, &opts.cancel, progress)?;
             rounds += 1;
             out.flush().map_err(io("send"))?;
             dirty = collect_all(vm)?;
             let left = count(&dirty);
+            let secs = round_start.elapsed().as_secs_f64().max(1e-3);
+            round_start = Instant::now();
+            let per_s = (left as f64 / secs) as u64;
+            progress.round(Phase::Copy, left as u64 * PAGE, left as u64, per_s);
             tracing::info!("migration round {rounds}: {left} pages dirty");
             if left < SMALL_REMAINDER || rounds + 1 >= MAX_ROUNDS {
                 break;
@@ -617,9 +629,11 @@ fn send_inner(
     tracing::debug!("migration: devices quiesced at {:?}", down.elapsed());
     // The devices are stopped: their writes up to here are in the bitmap.
     merge(&mut dirty, collect_all(vm)?);
-    tracing::info!("migration: paused; {} pages left to send", count(&dirty));
+    let left = count(&dirty) as u64;
+    progress.round(Phase::StopAndCopy, left * PAGE, left, 0);
+    tracing::info!("migration: paused; {left} pages left to send");
     tracing::debug!("migration: dirty pages collected at {:?}", down.elapsed());
-    let final_pages = send_pages(&mut out, mem, &dirty, &opts.cancel)?;
+    let final_pages = send_pages(&mut out, mem, &dirty, &opts.cancel, progress)?;
     tracing::debug!("migration: final pages sent at {:?}", down.elapsed());
     pages += final_pages;
     rounds += 1;
@@ -1120,13 +1134,15 @@ mod tests {
         let mem = GuestRam::from_ranges(&[(GuestAddress(0), 70 * 4096)]).unwrap();
         let d = all_pages(&mem);
         assert_eq!(count(&d), 70);
-        let mut out = Vec::new();
+        let mut out = Counted::new(Vec::new(), None);
         mem.write_slice(&[1u8], GuestAddress(5 * 4096)).unwrap();
+        let progress = crate::counters::Progress::default();
         assert_eq!(
-            send_pages(&mut out, &mem, &d, &Cancel::default()).unwrap(),
+            send_pages(&mut out, &mem, &d, &Cancel::default(), &progress).unwrap(),
             70
         );
         // 69 zero pages (8 bytes each), one full page, one 'P' header.
-        assert_eq!(out.len(), 5 + 70 * 8 + 4096);
+        assert_eq!(out.inner.len(), 5 + 70 * 8 + 4096);
+        assert_eq!(progress.done(), (70 * 4096, out.bytes));
     }
 }

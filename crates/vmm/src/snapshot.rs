@@ -435,11 +435,22 @@ pub struct MemoryWritten {
 /// Write guest memory to `dir/memory.bin`, sparsely: zero pages, and pages
 /// of anonymous memory the guest never touched, are left as holes.
 pub fn write_memory(mem: &GuestRam, dir: &SnapshotDir) -> Result<MemoryWritten, VmmError> {
+    write_memory_with(mem, dir, &mut |_, _| {})
+}
+
+/// [`write_memory`], telling `progress` (memory covered, bytes written)
+/// every 16 MiB of guest memory.
+pub fn write_memory_with(
+    mem: &GuestRam,
+    dir: &SnapshotDir,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<MemoryWritten, VmmError> {
     let path = dir.path().join(MEMORY_FILE);
     let f = dir.new_file(MEMORY_FILE)?;
     let mut ranges = Vec::new();
     let mut offset = 0u64;
-    let mut data_bytes = 0u64;
+    // A cell: the flush closure adds to it while the loop reads it.
+    let data_bytes = std::cell::Cell::new(0u64);
     for region in mem.iter() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -460,13 +471,16 @@ pub fn write_memory(mem: &GuestRam, dir: &SnapshotDir) -> Result<MemoryWritten, 
             None
         };
         let mut run: Option<usize> = None;
-        let mut flush = |start: usize, end: usize| -> Result<(), VmmError> {
+        let flush = |start: usize, end: usize| -> Result<(), VmmError> {
             f.write_all_at(&bytes[start..end], offset + start as u64)
                 .map_err(|e| io_err("cannot write", &path, e))?;
-            data_bytes += (end - start) as u64;
+            data_bytes.set(data_bytes.get() + (end - start) as u64);
             Ok(())
         };
         for (i, page) in bytes.chunks(PAGE).enumerate() {
+            if i % 4096 == 4095 {
+                progress(4096 * PAGE as u64, data_bytes.get());
+            }
             let skip = touched
                 .as_ref()
                 .is_some_and(|t| !t.get(i).copied().unwrap_or(true))
@@ -496,7 +510,7 @@ pub fn write_memory(mem: &GuestRam, dir: &SnapshotDir) -> Result<MemoryWritten, 
     Ok(MemoryWritten {
         ranges,
         file_bytes: offset,
-        data_bytes,
+        data_bytes: data_bytes.get(),
     })
 }
 

@@ -863,6 +863,7 @@ mod tests {
             ("Histogram", fields(&counters.disks[0].stats.latency_us)),
             ("NetCounters", fields(&counters.nets[0])),
             ("VirtioCounters", fields(&counters.virtio[0])),
+            ("OperationProgress", fields(&counters.operation)),
         ];
         for (schema, fields) in pairs {
             assert_eq!(documented(&doc, schema), fields, "schema {schema}");
