@@ -148,6 +148,8 @@ pub struct VmSpec {
     pub balloon: Option<crate::config::BalloonConfig>,
     /// Which device gets the console output (and input).
     pub console: ConsoleKind,
+    /// The exit device for test kernels, if asked for.
+    pub exit_device: Option<crate::config::ExitDeviceConfig>,
 }
 
 impl VmSpec {
@@ -163,6 +165,7 @@ impl VmSpec {
             nets: c.nets.clone(),
             balloon: c.balloon,
             console: c.console,
+            exit_device: c.exit_device,
             boot: Boot::Linux {
                 kernel: c.kernel.clone(),
                 initrd: c.initrd.clone(),
@@ -294,6 +297,7 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
             let exit = match e {
                 VmEvent::PowerOff => VmExit::PowerOff,
                 VmEvent::Reset => VmExit::Reset,
+                VmEvent::GuestExit(value) => VmExit::GuestExit { value },
             };
             if let Ok(tx) = tx.lock() {
                 let _ = tx.send(exit);

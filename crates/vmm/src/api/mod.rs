@@ -724,6 +724,7 @@ mod tests {
             .nets
             .push("tap=t0,mac=52:54:00:12:34:56".parse().unwrap());
         config.balloon = Some(Default::default());
+        config.exit_device = Some(Default::default());
         let info = VmInfoReply {
             state: VmState::Running,
             config: Some(config.clone()),
@@ -790,6 +791,7 @@ mod tests {
             ("DiskConfig", fields(&config.disks[0])),
             ("NetConfig", fields(&config.nets[0])),
             ("BalloonConfig", fields(&config.balloon)),
+            ("ExitDeviceConfig", fields(&config.exit_device)),
         ];
         for (schema, fields) in pairs {
             assert_eq!(documented(&doc, schema), fields, "schema {schema}");
