@@ -250,7 +250,8 @@ struct VmOptions {
     /// options given here override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Kernel to boot: an uncompressed ELF vmlinux or a bzImage.
+    /// Kernel to boot: an uncompressed ELF vmlinux, a bzImage, or a multiboot
+    /// (v1) kernel (the initrd is then its module).
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
     /// Initial ramdisk (initramfs) to hand to the kernel.
