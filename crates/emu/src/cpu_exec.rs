@@ -34,6 +34,7 @@ impl Core {
                     }
                     self.poll_now = false;
                     self.poll_countdown = POLL_INTERVAL;
+                    self.publish_stats();
                     if let Some(exit) = self.check_interrupts() {
                         return exit;
                     }
@@ -169,11 +170,13 @@ impl Core {
                 None
             }
             Event::Nmi => {
+                self.interrupts += 1;
                 self.halted = false;
                 self.nmi_blocked = true;
                 self.deliver_and_check(2, None, crate::exception::Kind::External)
             }
             Event::Irq(v) => {
+                self.interrupts += 1;
                 self.halted = false;
                 self.deliver_and_check(v, None, crate::exception::Kind::External)
             }
