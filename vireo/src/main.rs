@@ -24,6 +24,8 @@ Exit status:
   3  the guest rebooted (keyboard controller or ACPI reset; also after a guest panic with panic=N)
   4  a vCPU triple-faulted
   5  a vCPU hit an instruction its accelerator cannot run (the report names the bytes and RIP)
+  (V<<1)|1  with --exit-device: the guest wrote V to the exit device (the last line on stderr
+         says so; this can equal 1, 3 or 5, which that line tells apart)
   128+N  killed by signal N (the terminal is restored)
 
 Console: the guest's console (COM1, or hvc0 with --console virtio) is your terminal. Ctrl-A X quits, Ctrl-A Ctrl-A sends Ctrl-A.";
@@ -310,11 +312,12 @@ struct CreateArgs {
 struct VmOptions {
     /// Read the VM's settings from a TOML or JSON file (same names as the
     /// options: kernel, initrd, cmdline, memory, cpus, accel, cpu_model, serial, console, boot, rng,
-    /// disks, nets, balloon);
+    /// disks, nets, balloon, exit_device);
     /// options given here override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Kernel to boot: an uncompressed ELF vmlinux or a bzImage.
+    /// Kernel to boot: an uncompressed ELF vmlinux, a bzImage, or a multiboot
+    /// (v1) kernel (the initrd is then its module).
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
     /// Initial ramdisk (initramfs) to hand to the kernel.
@@ -363,6 +366,11 @@ struct VmOptions {
     /// (both on by default); `vireo balloon` sets its size.
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
     balloon: Option<vmm::config::BalloonConfig>,
+    /// An exit device for test kernels (QEMU's isa-debug-exit), optionally
+    /// [port=N][,size=1|2|4] (port 0xf4, 4 bytes by default): writing V
+    /// there ends the VM with exit status (V << 1) | 1.
+    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
+    exit_device: Option<vmm::config::ExitDeviceConfig>,
 }
 
 impl VmOptions {
@@ -382,6 +390,7 @@ impl VmOptions {
             && self.net.is_empty()
             && !self.rng
             && self.balloon.is_none()
+            && self.exit_device.is_none()
     }
 
     /// The config file (if any) with every option given on the command line on top.
@@ -432,6 +441,9 @@ impl VmOptions {
         }
         if self.rng {
             cfg.rng = true;
+        }
+        if let Some(x) = self.exit_device {
+            cfg.exit_device = Some(x);
         }
         cfg.disks.extend(self.disk);
         cfg.nets.extend(self.net);

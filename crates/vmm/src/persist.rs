@@ -299,5 +299,6 @@ pub(crate) fn restore_spec(
         nets,
         balloon,
         console,
+        exit_device: manifest.config.as_ref().and_then(|c| c.exit_device),
     })
 }

@@ -786,6 +786,7 @@ mod tests {
             .nets
             .push("tap=t0,mac=52:54:00:12:34:56".parse().unwrap());
         config.balloon = Some(Default::default());
+        config.exit_device = Some(Default::default());
         let info = VmInfoReply {
             state: VmState::Running,
             config: Some(config.clone()),
@@ -854,6 +855,7 @@ mod tests {
             ("DiskConfig", fields(&config.disks[0])),
             ("NetConfig", fields(&config.nets[0])),
             ("BalloonConfig", fields(&config.balloon)),
+            ("ExitDeviceConfig", fields(&config.exit_device)),
             ("VmCounters", fields(&counters)),
             ("MemoryCounters", fields(&counters.memory)),
             ("VcpuCounters", fields(&counters.vcpus[0])),
