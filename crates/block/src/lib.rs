@@ -178,6 +178,28 @@ impl IoBuf {
     }
 }
 
+/// The byte range `[start, start + len)` of the stream `bufs` form, as
+/// buffers (appended to `out`, which is cleared first).
+pub(crate) fn iobufs_range(bufs: &[IoBuf], start: usize, len: usize, out: &mut Vec<IoBuf>) {
+    out.clear();
+    let end = start + len;
+    let mut pos = 0usize;
+    for b in bufs {
+        let (s, e) = (pos, pos + b.len);
+        pos = e;
+        if e <= start || b.len == 0 {
+            continue;
+        }
+        if s >= end {
+            break;
+        }
+        let from = start.max(s) - s;
+        let to = end.min(e) - s;
+        // SAFETY: a sub-range of `b`, so within memory its invariant covers.
+        out.push(unsafe { IoBuf::new(b.ptr.add(from), to - from) });
+    }
+}
+
 /// Total length of `bufs`, or None if it overflows.
 pub fn iobufs_len(bufs: &[IoBuf]) -> Option<u64> {
     bufs.iter()
