@@ -14,7 +14,11 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
+use block::IoBuf;
 use hypervisor::GuestRam;
+use vm_memory::bitmap::Bitmap;
+
+use crate::queue::GuestSlice;
 
 use crate::{
     device_type, ActivateError, Persist, PersistError, Processed, QueueError, QueueWorker,
@@ -50,6 +54,33 @@ pub trait NetBackend: Send + Sync {
     fn recv(&self, buf: &mut [u8]) -> io::Result<usize>;
     /// One frame, virtio-net header first.
     fn send(&self, frame: &[u8]) -> io::Result<usize>;
+    /// One frame from pieces of guest memory, header first, in one call.
+    /// The default gathers them into `scratch` and calls `send`.
+    fn send_parts(&self, parts: &[IoBuf], scratch: &mut Vec<u8>) -> io::Result<usize> {
+        scratch.clear();
+        for p in parts {
+            let at = scratch.len();
+            scratch.resize(at + p.len(), 0);
+            p.copy_to(&mut scratch[at..]);
+        }
+        self.send(scratch)
+    }
+    /// One frame into pieces of guest memory (at least [`MAX_FRAME`] bytes
+    /// in all, so any frame fits), header first; `WouldBlock` when none
+    /// waits. The default reads into `scratch` and copies.
+    fn recv_parts(&self, parts: &[IoBuf], scratch: &mut [u8]) -> io::Result<usize> {
+        let n = self.recv(scratch)?;
+        let mut at = 0;
+        for p in parts {
+            if at >= n {
+                break;
+            }
+            let k = p.len().min(n - at);
+            p.copy_from(&scratch[at..at + k]);
+            at += k;
+        }
+        Ok(at)
+    }
     /// The offloads the guest accepts on received frames.
     fn set_offloads(&self, _offloads: net::Offloads) -> io::Result<()> {
         Ok(())
@@ -66,8 +97,69 @@ impl NetBackend for net::Tap {
     fn send(&self, frame: &[u8]) -> io::Result<usize> {
         self.write_frame(&[frame])
     }
+    /// One `writev` straight from guest memory.
+    fn send_parts(&self, parts: &[IoBuf], _scratch: &mut Vec<u8>) -> io::Result<usize> {
+        let iov = iovecs(parts);
+        // SAFETY: the iovecs describe IoBufs, valid for reads (their invariant).
+        let n = unsafe { libc::writev(self.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+    /// One `readv` straight into guest memory.
+    fn recv_parts(&self, parts: &[IoBuf], _scratch: &mut [u8]) -> io::Result<usize> {
+        let iov = iovecs(parts);
+        // SAFETY: the iovecs describe IoBufs, valid for writes (their invariant).
+        let n = unsafe { libc::readv(self.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
     fn set_offloads(&self, o: net::Offloads) -> io::Result<()> {
         net::Tap::set_offloads(self, o).map_err(io::Error::other)
+    }
+}
+
+/// `parts` as iovecs for one system call, at most IOV_MAX of them (only a
+/// chain of over a thousand tiny buffers, which no driver makes, has more:
+/// its frame is cut short, the guest's own loss).
+fn iovecs(parts: &[IoBuf]) -> Vec<libc::iovec> {
+    parts
+        .iter()
+        .take(1024)
+        .map(|p| libc::iovec {
+            iov_base: p.as_ptr().cast(),
+            iov_len: p.len(),
+        })
+        .collect()
+}
+
+/// `s` as an [`IoBuf`].
+fn iobuf(s: &GuestSlice<'_>) -> IoBuf {
+    // SAFETY: `s` lies inside one region of guest RAM, mapped for as long
+    // as the `GuestRam` it borrows from, which outlives the frame's transfer.
+    unsafe { IoBuf::new(s.ptr_guard_mut().as_ptr(), s.len()) }
+}
+
+/// Write `data` at byte `at` of the stream `slices` form.
+fn write_stream(slices: &[GuestSlice<'_>], mut at: usize, mut data: &[u8]) {
+    for s in slices {
+        if data.is_empty() {
+            return;
+        }
+        if at >= s.len() {
+            at -= s.len();
+            continue;
+        }
+        let n = (s.len() - at).min(data.len());
+        let b = iobuf(s);
+        // SAFETY: `at + n` is within the slice (guest RAM, see `iobuf`).
+        let piece = unsafe { IoBuf::new(b.as_ptr().add(at), n) };
+        piece.copy_from(&data[..n]);
+        data = &data[n..];
+        at = 0;
     }
 }
 
@@ -186,8 +278,6 @@ struct NetWorker {
     /// Poll the backend for frames (false while the guest has no receive
     /// buffer for the frame in hand, or after the backend failed).
     armed: bool,
-    /// The length of a received frame waiting in `buf` for a guest buffer.
-    pending: Option<usize>,
     /// Receive buffer: a frame stays here until it is copied to the guest
     /// (no allocation per frame).
     buf: Vec<u8>,
@@ -201,62 +291,85 @@ impl NetWorker {
         Ok(NetWorker {
             backend,
             armed: true,
-            pending: None,
             buf: vec![0; MAX_FRAME],
             tx: Vec::with_capacity(MAX_FRAME),
             dropped: 0,
         })
     }
 
-    /// Move received frames into receive buffers.
+    /// Move received frames into receive buffers. A chain is taken
+    /// before the backend is read (and put back if nothing waits), so a
+    /// frame leaves the backend only when the guest has room for it:
+    /// straight into a chain of at least [`MAX_FRAME`] bytes (the guest's
+    /// big-packet buffers), through `buf` into a smaller one (which a
+    /// frame may not fit: it is dropped then, never truncated).
     fn receive(&mut self, q: &mut VirtQueue, mem: &GuestRam) -> Result<Processed, QueueError> {
         let mut done = Processed::default();
+        let mut slices = Vec::new();
+        let mut iov = Vec::new();
         loop {
-            let len = match self.pending.take() {
-                Some(n) => n,
-                None => match self.backend.recv(&mut self.buf) {
-                    Ok(n) if n >= HDR_LEN => n,
-                    Ok(_) => continue, // runt from the backend: skip it
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        // Buffers stay available with nothing to put in
-                        // them: stalled, or the worker would spin on them
-                        // and never get to the transmit queue.
-                        self.armed = true;
-                        done.stalled = true;
-                        return Ok(done);
-                    }
-                    Err(e) => {
-                        // Not re-armed: a backend that keeps failing (the
-                        // tap went away) must not spin this thread.
-                        tracing::warn!("virtio-net: backend read failed, receive stops: {e}");
-                        self.armed = false;
-                        return Ok(done);
-                    }
-                },
-            };
             let Some(chain) = q.pop(mem)? else {
-                // No room in the guest: keep the frame, wait for buffers
-                // (the guest's notify), not for the backend.
-                self.pending = Some(len);
+                // No room in the guest: leave frames in the backend and
+                // wait for the guest's notify, not for the backend.
                 self.armed = false;
                 done.stalled = true;
                 return Ok(done);
             };
-            let frame = &mut self.buf[..len];
-            if chain.writable_len() as usize >= frame.len() {
-                // num_buffers = 1: the frame fits in this one chain.
-                frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+            let room = chain.writable_len() as usize;
+            let direct = room >= MAX_FRAME;
+            let got = if direct {
+                slices.clear();
+                chain.guest_slices(mem, true, 0, room as u64, &mut slices)?;
+                iov.clear();
+                iov.extend(slices.iter().map(iobuf));
+                self.backend.recv_parts(&iov, &mut self.buf)
+            } else {
+                self.backend.recv(&mut self.buf)
+            };
+            let len = match got {
+                Ok(n) if n >= HDR_LEN => n,
+                Ok(_) => {
+                    // Runt from the backend: skip it, keep the chain.
+                    q.undo_pop();
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Buffers stay available with nothing to put in them:
+                    // stalled, or the worker would spin on them and never
+                    // get to the transmit queue. Wait for the backend.
+                    q.undo_pop();
+                    self.armed = true;
+                    done.stalled = true;
+                    return Ok(done);
+                }
+                Err(e) => {
+                    // Not re-armed: a backend that keeps failing (the tap
+                    // went away) must not spin this thread.
+                    q.undo_pop();
+                    tracing::warn!("virtio-net: backend read failed, receive stops: {e}");
+                    self.armed = false;
+                    return Ok(done);
+                }
+            };
+            // num_buffers = 1: the frame is in this one chain.
+            let one = 1u16.to_le_bytes();
+            if direct {
+                write_stream(&slices, 10, &one);
+                // Written behind the guest's back: tell dirty logging, after.
+                for s in &slices {
+                    s.bitmap().mark_dirty(0, s.len());
+                }
+                q.add_used(mem, chain.head, len as u32)?;
+            } else if room >= len {
+                let frame = &mut self.buf[..len];
+                frame[10..12].copy_from_slice(&one);
                 let n = chain.write_all(mem, frame)?;
                 q.add_used(mem, chain.head, n)?;
             } else {
                 // A frame bigger than the guest's buffers (offloads it did
                 // not negotiate): drop it, give the buffer back empty.
                 self.dropped += 1;
-                tracing::debug!(
-                    "virtio-net: dropped a {}-byte frame for a {}-byte buffer",
-                    frame.len(),
-                    chain.writable_len()
-                );
+                tracing::debug!("virtio-net: dropped a {len}-byte frame for a {room}-byte buffer");
                 q.add_used(mem, chain.head, 0)?;
             }
             done.used = true;
@@ -278,12 +391,14 @@ impl NetWorker {
                 done.used = true;
                 continue;
             }
-            chain.read_all_into(mem, &mut self.tx)?;
-            let frame = &self.tx;
-            if frame.len() < HDR_LEN || frame.len() > MAX_FRAME {
+            let len = chain.readable_len() as usize;
+            let mut slices = Vec::new();
+            chain.guest_slices(mem, false, 0, len as u64, &mut slices)?;
+            let parts: Vec<IoBuf> = slices.iter().map(iobuf).collect();
+            if len < HDR_LEN {
                 self.dropped += 1;
-                tracing::debug!("virtio-net: dropped a {}-byte transmit chain", frame.len());
-            } else if let Err(e) = self.backend.send(frame) {
+                tracing::debug!("virtio-net: dropped a {len}-byte transmit chain");
+            } else if let Err(e) = self.backend.send_parts(&parts, &mut self.tx) {
                 self.dropped += 1;
                 tracing::debug!("virtio-net: backend write failed: {e}");
             }
@@ -396,6 +511,26 @@ mod tests {
             m.write_obj(self.avail_idx, GuestAddress(self.base + 0x102))
                 .unwrap();
         }
+        /// One chain of several buffers.
+        fn add_chain(&mut self, m: &GuestRam, bufs: &[(u64, u32)], writable: bool) {
+            let head = self.next_desc;
+            for (k, &(addr, len)) in bufs.iter().enumerate() {
+                let i = self.next_desc;
+                self.next_desc = (i + 1) % self.size;
+                let d = self.base + 16 * i as u64;
+                let last = k + 1 == bufs.len();
+                let flags = if writable { 2u16 } else { 0 } | if last { 0 } else { 1 };
+                m.write_obj(addr, GuestAddress(d)).unwrap();
+                m.write_obj(len, GuestAddress(d + 8)).unwrap();
+                m.write_obj(flags, GuestAddress(d + 12)).unwrap();
+                m.write_obj(self.next_desc, GuestAddress(d + 14)).unwrap();
+            }
+            let slot = self.base + 0x100 + 4 + 2 * (self.avail_idx % self.size) as u64;
+            m.write_obj(head, GuestAddress(slot)).unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            m.write_obj(self.avail_idx, GuestAddress(self.base + 0x102))
+                .unwrap();
+        }
         /// (id, len) of used entry `n`.
         fn used(&self, m: &GuestRam, n: u16) -> (u32, u32) {
             let e = self.base + 0x200 + 4 + 8 * n as u64;
@@ -474,15 +609,48 @@ mod tests {
         // A buffer arrives: the kept frame goes in, with num_buffers = 1.
         ring.add(&m, 0x8000, 2048, true);
         let done = w.process_queue(RX_QUEUE, &mut q, &m).unwrap();
-        // Used, and stalled again: the backend is empty, so the worker must
-        // poll the backend rather than loop on the queue.
+        // Used, and stalled again: no buffer left, so the worker waits for
+        // the guest (not the backend) rather than loop on the queue.
         assert!(done.used && done.stalled);
-        assert!(w.host_fd_armed());
+        assert!(!w.host_fd_armed());
         assert_eq!(ring.used(&m, 0), (0, f.len() as u32));
         let mut got = vec![0u8; f.len()];
         m.read_slice(&mut got, GuestAddress(0x8000)).unwrap();
         assert_eq!(&got[HDR_LEN..], &f[HDR_LEN..]);
         assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1);
+        // Another buffer and an empty backend: stalled, the buffer stays
+        // available, and now the worker polls the backend.
+        ring.add(&m, 0x9000, 2048, true);
+        let done = w.process_queue(RX_QUEUE, &mut q, &m).unwrap();
+        assert!(done.stalled && !done.used);
+        assert!(w.host_fd_armed());
+        // The next frame lands in that same buffer.
+        let g = frame(4, 60);
+        host.send(&g).unwrap();
+        let done = w.process_queue(RX_QUEUE, &mut q, &m).unwrap();
+        assert!(done.used);
+        assert_eq!(ring.used(&m, 1), (1, g.len() as u32));
+    }
+
+    #[test]
+    fn big_buffers_receive_frames_in_place_across_descriptors() {
+        let (mut w, host, m) = setup();
+        let mut ring = Ring::new(0x1000);
+        let mut q = VirtQueue::new(&m, QUEUE_SIZE, ring.cfg(), false, false).unwrap();
+        // One chain of MAX_FRAME bytes in two pieces (the guest's
+        // big-packet buffers): the header and data split at byte 8.
+        ring.add_chain(&m, &[(0x10000, 8), (0x20000, MAX_FRAME as u32 - 8)], true);
+        let f = frame(9, 40_000);
+        host.send(&f).unwrap();
+        let done = w.process_queue(RX_QUEUE, &mut q, &m).unwrap();
+        assert!(done.used);
+        assert_eq!(ring.used(&m, 0), (0, f.len() as u32));
+        let mut got = vec![0u8; f.len()];
+        m.read_slice(&mut got[..8], GuestAddress(0x10000)).unwrap();
+        m.read_slice(&mut got[8..], GuestAddress(0x20000)).unwrap();
+        assert_eq!(&got[HDR_LEN..], &f[HDR_LEN..]);
+        assert_eq!(&got[..10], &f[..10]);
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
     }
 
     #[test]

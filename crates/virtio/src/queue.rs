@@ -399,6 +399,13 @@ impl VirtQueue {
         }
     }
 
+    /// Put back the chain [`VirtQueue::pop`] just returned (the device
+    /// cannot use it yet): the next `pop` returns it again.
+    pub fn undo_pop(&mut self) {
+        let next = self.inner.next_avail().wrapping_sub(1);
+        self.inner.set_next_avail(next);
+    }
+
     /// Return chain `head` to the driver with `len` bytes written.
     pub fn add_used(&mut self, mem: &GuestRam, head: u16, len: u32) -> Result<(), QueueError> {
         self.inner
