@@ -12,6 +12,9 @@ use vmm::api::{
 use vmm::config::{Accel, BootProtocol, ConsoleKind, MemSize, SerialMode, VmConfig};
 use vmm::exit_code;
 
+mod logfmt;
+mod top;
+
 const EXIT_CODES: &str = "\
 Exit status:
   0  the guest powered off (or you quit with Ctrl-A X)
@@ -37,6 +40,11 @@ struct Cli {
     /// More log output on stderr (-v: info, -vv: debug, -vvv: trace); VIREO_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Log lines as text, or as one JSON object each (with -v, the VMM's
+    /// events: boot, pause, resume, snapshot, migration-start/end,
+    /// device-reset, exit; see docs/monitoring.md).
+    #[arg(long, value_name = "text|json", default_value = "text", global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -85,6 +93,22 @@ enum Command {
     Delete(ApiArgs),
     /// Stop the VMM process, with its VM if one runs.
     Shutdown(ApiArgs),
+    /// Print a running VM's counters: vCPU exits and time, engine, disks,
+    /// NICs, virtio notifications and interrupts, memory (JSON).
+    Counters(CountersArgs),
+    /// A live view of running VMMs: state, CPU per vCPU, memory, disk,
+    /// network and exit rates, refreshed every second (q quits; 1-9 or
+    /// Tab pick the sort column).
+    Top(top::TopArgs),
+}
+
+#[derive(Args)]
+struct CountersArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Print the Prometheus text of GET /metrics instead of JSON.
+    #[arg(long)]
+    prometheus: bool,
 }
 
 #[derive(Args)]
@@ -118,6 +142,10 @@ struct StartArgs {
     /// Serve the management API on this Unix socket once the VM runs.
     #[arg(long, value_name = "PATH", conflicts_with = "into")]
     api_socket: Option<PathBuf>,
+    /// Serve GET /metrics (Prometheus text) and GET /api/v1/vm.counters on
+    /// this TCP address once the VM runs.
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with = "into")]
+    metrics: Option<std::net::SocketAddr>,
     /// Start it inside the empty VMM serving the API at PATH (`vireo run
     /// --api-socket PATH` alone) instead of in this process (answers once
     /// the VM runs there).
@@ -140,6 +168,13 @@ struct StartArgs {
 }
 
 impl StartArgs {
+    fn servers(&self) -> vmm::Servers {
+        vmm::Servers {
+            api_socket: self.api_socket.clone(),
+            metrics: self.metrics,
+        }
+    }
+
     fn options(&self) -> vmm::RestoreOptions {
         vmm::RestoreOptions {
             accel: self.accel,
@@ -229,6 +264,11 @@ struct RunArgs {
     /// --into` or `vireo migrate-receive --into`.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Serve GET /metrics (Prometheus text, for a Prometheus server to
+    /// scrape) and GET /api/v1/vm.counters on this TCP address, e.g.
+    /// 127.0.0.1:9100. Only these reads are served there.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args)]
@@ -373,7 +413,13 @@ impl VmOptions {
     }
 }
 
-fn init_logging(verbose: u8) {
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(verbose: u8, format: LogFormat) {
     let default = match verbose {
         0 => "warn",
         1 => "info",
@@ -382,16 +428,19 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("VIREO_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Text => fmt.try_init(),
+        LogFormat::Json => fmt.event_format(logfmt::JsonLines).try_init(),
+    };
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, cli.log_format);
     // The environment is read here, in the binary; the library crates take
     // the KVM device node and the translator settings as parameters.
     if let Some(dev) = std::env::var_os("VIREO_KVM_DEVICE") {
@@ -421,7 +470,7 @@ fn main() -> ExitCode {
                 &a.listen,
                 a.start.options(),
                 &a.start.serial.clone().unwrap_or_default(),
-                a.start.api_socket.as_deref(),
+                &a.start.servers(),
             )),
         },
         Command::Create(a) => match a.vm.into_config() {
@@ -435,6 +484,11 @@ fn main() -> ExitCode {
         Command::Boot(a) => api_call(&a.api_socket, ApiAction::VmBoot),
         Command::Delete(a) => api_call(&a.api_socket, ApiAction::VmDelete),
         Command::Shutdown(a) => api_call(&a.api_socket, ApiAction::VmmShutdown),
+        Command::Counters(a) => match a.prometheus {
+            true => api_call(&a.api.api_socket, ApiAction::Metrics),
+            false => api_call(&a.api.api_socket, ApiAction::VmCounters),
+        },
+        Command::Top(a) => top::run(&a),
         Command::Restore(a) => match &a.start.into {
             Some(sock) => {
                 let req = a.start.restore_request(&a.from, &a.overlay, &a.tap);
@@ -450,12 +504,33 @@ fn main() -> ExitCode {
                     a.start.options(),
                     &clone,
                     &a.start.serial.clone().unwrap_or_default(),
-                    a.start.api_socket.as_deref(),
+                    &a.start.servers(),
                 ))
             }
         },
     };
     ExitCode::from(code as u8)
+}
+
+/// Print one line of a client command's answer. A reader that went away
+/// (`vireo info | head -c 10`) is not an error of ours: the request was
+/// carried out, so the rest of the answer is dropped and nothing is said
+/// (println! would panic on the broken pipe). Any other failure to write
+/// is one line on stderr.
+fn out(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = writeln!(stdout, "{line}").and_then(|_| stdout.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(e) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "vireo: error: cannot write the answer: {e}"
+            );
+        }
+    }
 }
 
 /// The exit code of a client command; a failure is one line on stderr.
@@ -477,9 +552,14 @@ fn api_call(sock: &Path, action: ApiAction) -> i32 {
             ApiReply::Ping(p) => serde_json::to_string_pretty(p),
             ApiReply::Info(i) => serde_json::to_string_pretty(i),
             ApiReply::Migrated(m) => serde_json::to_string_pretty(m),
+            ApiReply::Counters(c) => serde_json::to_string_pretty(c),
+            ApiReply::Metrics(t) => {
+                print!("{t}");
+                return;
+            }
         };
         if let Ok(text) = text {
-            println!("{text}");
+            out(format_args!("{text}"));
         }
     }))
 }
@@ -495,7 +575,7 @@ fn snapshot(a: &SnapshotArgs) -> Result<(), ClientError> {
         destination: a.dir.clone(),
     });
     if written.is_ok() {
-        println!("snapshot written to {}", a.dir.display());
+        out(format_args!("snapshot written to {}", a.dir.display()));
     }
     if was_running && !a.stay_paused {
         let resumed = client.resume();
@@ -511,7 +591,7 @@ fn migrate(a: &MigrateArgs) -> Result<(), ClientError> {
         destination: a.to.clone(),
         max_bandwidth_mib: a.max_bandwidth_mib,
     })?;
-    println!(
+    out(format_args!(
         "migrated to {}: total {} ms, downtime {:.1} ms, {} bytes, {} iterations; \
          paused: {} pages, {} bytes",
         a.to,
@@ -521,7 +601,7 @@ fn migrate(a: &MigrateArgs) -> Result<(), ClientError> {
         r.iterations,
         r.final_pages,
         r.final_bytes
-    );
+    ));
     Ok(())
 }
 
@@ -530,7 +610,7 @@ fn balloon(a: &BalloonArgs) -> Result<(), ClientError> {
     ApiClient::new(&a.api.api_socket).balloon(BalloonRequest {
         target_mib: a.target_mib,
     })?;
-    println!("balloon target set to {} MiB", a.target_mib);
+    out(format_args!("balloon target set to {} MiB", a.target_mib));
     Ok(())
 }
 
@@ -549,9 +629,12 @@ fn finish(result: Result<vmm::VmExit, vmm::VmmError>) -> i32 {
 }
 
 fn run(args: RunArgs) -> i32 {
-    let api_socket = args.api_socket.clone();
-    if let (Some(sock), true) = (&api_socket, args.vm.is_empty()) {
-        return finish(vmm::serve(sock));
+    let servers = vmm::Servers {
+        api_socket: args.api_socket.clone(),
+        metrics: args.metrics,
+    };
+    if let (Some(sock), true) = (&servers.api_socket, args.vm.is_empty()) {
+        return finish(vmm::serve(sock, servers.metrics));
     }
     let cfg = match args.vm.into_config() {
         Ok(c) => c,
@@ -560,5 +643,5 @@ fn run(args: RunArgs) -> i32 {
             return e.exit_code();
         }
     };
-    finish(vmm::run(&cfg, api_socket.as_deref()))
+    finish(vmm::run(&cfg, &servers))
 }

@@ -397,7 +397,7 @@ fn damaged_or_mismatched_snapshots_are_refused_clearly() {
     let mut m = vmm::snapshot::read_manifest(&d).unwrap();
     m.config.as_mut().unwrap().cpus = 2;
     std::fs::remove_file(d.join("manifest.json")).unwrap();
-    vmm::snapshot::write_manifest(&d, &m).unwrap();
+    vmm::snapshot::rewrite_manifest(&d, &m).unwrap();
     let (code, err) = restore_output(&d, &[]);
     assert_eq!(code, Some(1));
     assert!(
@@ -409,7 +409,7 @@ fn damaged_or_mismatched_snapshots_are_refused_clearly() {
     let mut m = vmm::snapshot::read_manifest(&d).unwrap();
     m.config.as_mut().unwrap().rng = false;
     std::fs::remove_file(d.join("manifest.json")).unwrap();
-    vmm::snapshot::write_manifest(&d, &m).unwrap();
+    vmm::snapshot::rewrite_manifest(&d, &m).unwrap();
     let (code, err) = restore_output(&d, &[]);
     assert_eq!(code, Some(1));
     assert!(
@@ -424,7 +424,7 @@ fn damaged_or_mismatched_snapshots_are_refused_clearly() {
     assert!(m.cpuid.is_some() && m.tsc_khz == Some(1_000_000));
     m.cpuid = None;
     std::fs::remove_file(d.join("manifest.json")).unwrap();
-    vmm::snapshot::write_manifest(&d, &m).unwrap();
+    vmm::snapshot::rewrite_manifest(&d, &m).unwrap();
     let (code, err) = restore_output(&d, &["--accel", "kvm"]);
     assert_eq!(code, Some(1));
     assert!(
@@ -593,5 +593,186 @@ fn debian_counting_to_console_and_disk_continues_across_an_engine_snapshot() {
     let (code, err) = restore_output(&snap, &[]);
     assert_eq!(code, Some(1));
     assert!(err.contains("changed since the snapshot"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The letters guest on the engine with its API at `dir`/api.sock.
+fn letters_vm(dir: &Path) -> (Running, std::path::PathBuf) {
+    let kernel = counting_guest(dir);
+    let sock = dir.join("api.sock");
+    let mut cmd = vireo();
+    cmd.args([
+        "run", "--accel", "emu", "--boot", "pvh", "--memory", "64M", "--kernel",
+    ])
+    .arg(&kernel)
+    .arg("--api-socket")
+    .arg(&sock);
+    let vm = Running::spawn(cmd);
+    assert!(
+        wait_until(Duration::from_secs(30), || client(&["ping"], &sock)
+            .status
+            .success()),
+        "the VM did not start: {}",
+        vm.stderr_text()
+    );
+    (vm, sock)
+}
+
+/// Another user plants `memory.bin` and `manifest.json` links in a
+/// directory of theirs and has root snapshot into it: root refuses, and
+/// neither the victim file nor the link's target is touched. A snapshot
+/// root writes is 0700/0600 (guest RAM is secret).
+#[test]
+fn snapshot_refuses_a_directory_with_planted_links() {
+    let dir = std::env::temp_dir().join(format!("vireo-snap-planted-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (mut vm, sock) = letters_vm(&dir);
+    // Root's own snapshot: private.
+    let own = dir.join("own");
+    let out = client(&["snapshot", "--dir", own.to_str().unwrap()], &sock);
+    assert!(out.status.success(), "{out:?}");
+    let mode = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode(&own), 0o700);
+    assert_eq!(mode(&own.join("memory.bin")), 0o600);
+    assert_eq!(mode(&own.join("manifest.json")), 0o600);
+
+    let Some(user) = unprivileged_user() else {
+        vm.kill();
+        return;
+    };
+    // The attacker's directory: world-readable so they can reach it.
+    let open = dir.join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(
+        &open,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o1777),
+    )
+    .unwrap();
+    let victim = dir.join("victim");
+    std::fs::write(&victim, b"root's data").unwrap();
+    let created = dir.join("created-by-root");
+    let trap = open.join("trap");
+    as_user(
+        user,
+        &format!(
+            "mkdir {t} && ln -s {v} {t}/memory.bin && ln -s {c} {t}/manifest.json",
+            t = trap.display(),
+            v = victim.display(),
+            c = created.display()
+        ),
+    );
+    let out = client(&["snapshot", "--dir", trap.to_str().unwrap()], &sock);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("snapshot directory"), "{err}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"root's data");
+    assert!(!created.exists(), "root created the link's target");
+    // An empty directory of theirs is refused too: they could plant later.
+    let empty = open.join("empty");
+    as_user(user, &format!("mkdir {}", empty.display()));
+    let out = client(&["snapshot", "--dir", empty.to_str().unwrap()], &sock);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is owned by user"), "{err}");
+    // The VM still runs after the refusals.
+    let v: serde_json::Value = serde_json::from_slice(&client(&["info"], &sock).stdout).unwrap();
+    assert_eq!(v["state"], "running", "{v}");
+    vm.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `vm.resume` asked again and again while a snapshot is written is
+/// refused (409, naming the snapshot) until the snapshot is done: the
+/// guest never runs while its memory is written, and the snapshot restores
+/// into an unbroken count. (The race the issue found: pause, snapshot, and
+/// a resume 30 ms later both answered 204 and the restored guest died.)
+#[test]
+fn a_resume_cannot_race_a_snapshot() {
+    let dir = std::env::temp_dir().join(format!("vireo-snap-race-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (mut vm, sock) = letters_vm(&dir);
+    assert!(wait_until(Duration::from_secs(30), || vm
+        .stdout_text()
+        .contains("m")));
+    let mut refused = 0;
+    let mut snap = None;
+    for round in 0..10 {
+        assert!(client(&["pause"], &sock).status.success());
+        let dest = dir.join(format!("snap{round}"));
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spam = {
+            let (sock, done) = (sock.clone(), done.clone());
+            std::thread::spawn(move || {
+                let (mut refused, mut resumed) = (0, 0);
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    let (status, text) =
+                        vmm::api::client::request(&sock, "PUT", "/api/v1/vm.resume").unwrap();
+                    match status {
+                        409 if text.contains("snapshot") => refused += 1,
+                        204 => resumed += 1,
+                        _ => {}
+                    }
+                    if resumed > 0 {
+                        break;
+                    }
+                }
+                (refused, resumed)
+            })
+        };
+        let body = serde_json::json!({ "destination": dest }).to_string();
+        let (status, text) =
+            vmm::api::client::request_with_body(&sock, "PUT", "/api/v1/vm.snapshot", &body)
+                .unwrap();
+        done.store(true, std::sync::atomic::Ordering::Release);
+        let (r, _) = spam.join().unwrap();
+        refused += r;
+        // The spam may resume before the snapshot starts (then it is
+        // refused for a running VM) or after it ends: both are fine.
+        assert!(status == 204 || status == 409, "{status} {text}");
+        if status == 204 && snap.is_none() {
+            snap = Some(dest);
+        }
+        let _ = client(&["resume"], &sock);
+        if refused > 0 && snap.is_some() {
+            break;
+        }
+    }
+    assert!(
+        refused > 0,
+        "no resume was refused while a snapshot was written"
+    );
+    let snap = snap.expect("a snapshot was written");
+    vm.kill();
+    let before = vm.stdout_text();
+    // The restored guest counts on from the snapshot, unbroken: its state
+    // and memory are of one instant.
+    let mut cmd = vireo();
+    cmd.args(["restore", "--from"]).arg(&snap);
+    let restored = Running::spawn(cmd);
+    assert!(
+        wait_until(Duration::from_secs(30), || restored
+            .stdout_text()
+            .bytes()
+            .filter(|b| b.is_ascii_lowercase())
+            .count()
+            > 60),
+        "the restored guest did not count: {}",
+        restored.stderr_text()
+    );
+    // Unbroken from wherever the snapshot left the count.
+    let letters: Vec<u8> = restored
+        .stdout_text()
+        .bytes()
+        .filter(|b| b.is_ascii_lowercase())
+        .collect();
+    for w in letters.windows(2) {
+        let want = if w[0] == b'z' { b'a' } else { w[0] + 1 };
+        assert_eq!(w[1], want, "the restored count breaks: {letters:?}");
+    }
+    assert!(!before.is_empty());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -97,6 +97,7 @@ pub struct Block {
     capacity_sectors: u64,
     read_only: bool,
     id: [u8; ID_LEN],
+    counters: Arc<crate::stats::BlockCounters>,
 }
 
 impl Block {
@@ -113,7 +114,13 @@ impl Block {
             capacity_sectors,
             read_only,
             id,
+            counters: Arc::default(),
         }
+    }
+
+    /// What this device counts (it outlives resets and snapshots).
+    pub fn counters(&self) -> Arc<crate::stats::BlockCounters> {
+        self.counters.clone()
     }
 
     fn config_bytes(&self) -> [u8; 60] {
@@ -282,6 +289,7 @@ impl Block {
             capacity_sectors: self.capacity_sectors,
             read_only: self.read_only,
             id: self.id,
+            counters: self.counters.clone(),
             iov: Vec::new(),
         }
     }
@@ -300,6 +308,7 @@ struct BlockWorker {
     capacity_sectors: u64,
     read_only: bool,
     id: [u8; ID_LEN],
+    counters: Arc<crate::stats::BlockCounters>,
     /// Kept from request to request (capacity only).
     iov: Vec<IoBuf>,
 }
@@ -445,6 +454,7 @@ impl BlockWorker {
         if kind == VIRTIO_BLK_T_OUT {
             chain.guest_slices(mem, false, 16, payload_len, &mut payload)?;
         }
+        let started = std::time::Instant::now();
         let out = self.execute(&Request {
             kind,
             sector,
@@ -454,6 +464,15 @@ impl BlockWorker {
             data: &data,
             data_len,
         });
+        let took = started.elapsed();
+        self.counters.record_sized(
+            kind,
+            payload_len,
+            &head[16..got],
+            data_len,
+            out.status,
+            took,
+        );
         // The data area: what the request filled, zeros after it (the old
         // contents of guest buffers never pass for disk data).
         let mut at = 0u64;

@@ -25,6 +25,7 @@ pub mod fuzzing;
 pub mod net;
 pub mod queue;
 pub mod rng;
+pub mod stats;
 pub mod transport;
 
 use std::os::fd::RawFd;

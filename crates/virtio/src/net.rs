@@ -175,11 +175,21 @@ pub struct NetState {
 pub struct Net {
     backend: Arc<dyn NetBackend>,
     mac: net::MacAddr,
+    counters: Arc<crate::stats::NetCounters>,
 }
 
 impl Net {
     pub fn new(backend: Arc<dyn NetBackend>, mac: net::MacAddr) -> Self {
-        Net { backend, mac }
+        Net {
+            backend,
+            mac,
+            counters: Arc::default(),
+        }
+    }
+
+    /// What this device counts (it outlives resets and snapshots).
+    pub fn counters(&self) -> Arc<crate::stats::NetCounters> {
+        self.counters.clone()
     }
 
     fn config_bytes(&self) -> [u8; 10] {
@@ -267,8 +277,9 @@ impl VirtioDevice for Net {
         self.backend
             .set_offloads(offloads)
             .map_err(|e| ActivateError::Failed(format!("virtio-net offloads: {e}")))?;
-        let worker = NetWorker::new(self.backend.clone())
+        let mut worker = NetWorker::new(self.backend.clone())
             .map_err(|e| ActivateError::Failed(format!("virtio-net: {e}")))?;
+        worker.counters = self.counters.clone();
         Ok(Box::new(worker))
     }
 }
@@ -284,6 +295,7 @@ struct NetWorker {
     /// Transmit buffer, kept between chains for the same reason.
     tx: Vec<u8>,
     dropped: u64,
+    counters: Arc<crate::stats::NetCounters>,
 }
 
 impl NetWorker {
@@ -294,6 +306,7 @@ impl NetWorker {
             buf: vec![0; MAX_FRAME],
             tx: Vec::with_capacity(MAX_FRAME),
             dropped: 0,
+            counters: Arc::default(),
         })
     }
 
@@ -347,6 +360,7 @@ impl NetWorker {
                     // went away) must not spin this thread.
                     q.undo_pop();
                     tracing::warn!("virtio-net: backend read failed, receive stops: {e}");
+                    self.counters.errors.inc();
                     self.armed = false;
                     return Ok(done);
                 }
@@ -360,15 +374,20 @@ impl NetWorker {
                     s.bitmap().mark_dirty(0, s.len());
                 }
                 q.add_used(mem, chain.head, len as u32)?;
+                self.counters.rx_packets.inc();
+                self.counters.rx_bytes.add((len - HDR_LEN) as u64);
             } else if room >= len {
                 let frame = &mut self.buf[..len];
                 frame[10..12].copy_from_slice(&one);
                 let n = chain.write_all(mem, frame)?;
                 q.add_used(mem, chain.head, n)?;
+                self.counters.rx_packets.inc();
+                self.counters.rx_bytes.add((len - HDR_LEN) as u64);
             } else {
                 // A frame bigger than the guest's buffers (offloads it did
                 // not negotiate): drop it, give the buffer back empty.
                 self.dropped += 1;
+                self.counters.rx_dropped.inc();
                 tracing::debug!("virtio-net: dropped a {len}-byte frame for a {room}-byte buffer");
                 q.add_used(mem, chain.head, 0)?;
             }
@@ -383,6 +402,7 @@ impl NetWorker {
             if chain.readable_len() as usize > MAX_FRAME {
                 // Not copied at all: the guest cannot make the buffer grow.
                 self.dropped += 1;
+                self.counters.tx_dropped.inc();
                 tracing::debug!(
                     "virtio-net: dropped a {}-byte transmit chain",
                     chain.readable_len()
@@ -397,10 +417,15 @@ impl NetWorker {
             let parts: Vec<IoBuf> = slices.iter().map(iobuf).collect();
             if len < HDR_LEN {
                 self.dropped += 1;
+                self.counters.tx_dropped.inc();
                 tracing::debug!("virtio-net: dropped a {len}-byte transmit chain");
             } else if let Err(e) = self.backend.send_parts(&parts, &mut self.tx) {
                 self.dropped += 1;
+                self.counters.errors.inc();
                 tracing::debug!("virtio-net: backend write failed: {e}");
+            } else {
+                self.counters.tx_packets.inc();
+                self.counters.tx_bytes.add((len - HDR_LEN) as u64);
             }
             q.add_used(mem, chain.head, 0)?;
             done.used = true;

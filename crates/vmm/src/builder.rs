@@ -313,7 +313,7 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
             events,
         },
     };
-    let devices = DeviceManager::new(&vm, &memory, &spec, out)?;
+    let mut devices = DeviceManager::new(&vm, &memory, &spec, out)?;
 
     // A restored VM's memory already holds everything: no boot image.
     let bsp_state = match &boot {
@@ -321,6 +321,13 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
         _ => Some(load_boot(&memory, &boot, spec.cpus)?),
     };
     let vcpus = crate::vcpu::create_vcpus(vm.as_ref(), spec.cpus, bsp_state.as_ref())?;
+    let vcpu_counters = vcpus
+        .iter()
+        .map(|v| {
+            let engine = crate::vm::lock(v).engine_counters();
+            Arc::new(crate::counters::VcpuCounters::new(engine))
+        })
+        .collect();
     let info = VmInfo {
         state: crate::control::RunState::Running,
         accel: hv.kind(),
@@ -335,6 +342,11 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
         memory_bytes: spec.memory,
         vcpus,
         control: VmControl::new(),
+        monitor: crate::counters::VmMonitor {
+            started: std::time::Instant::now(),
+            vcpus: vcpu_counters,
+            devices: devices.take_monitored(),
+        },
         devices,
     });
     if let Boot::Snapshot(snap) = &boot {

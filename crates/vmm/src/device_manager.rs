@@ -62,6 +62,8 @@ struct PciDevices {
     virtio: Vec<VirtioFunction>,
     console_input: Option<virtio::console::ConsoleInput>,
     balloon: Option<virtio::balloon::BalloonHandle>,
+    /// Every virtio function's counters, in the order they were added.
+    monitored: Vec<crate::counters::MonitoredDevice>,
 }
 
 /// Every device of one VM, the two buses they sit on, and what was put where.
@@ -155,6 +157,11 @@ impl DeviceManager {
 
     pub fn press_power_button(&self) {
         lock(&self.legacy.acpi_pm).press_power_button();
+    }
+
+    /// Take the devices' counters (once, for the VM's monitor).
+    pub(crate) fn take_monitored(&mut self) -> Vec<crate::counters::MonitoredDevice> {
+        std::mem::take(&mut self.pci.monitored)
     }
 
     /// Stop (`true`) or restart the virtio queue workers: stopped, they
@@ -346,36 +353,43 @@ fn setup_pci(
             tracing::warn!("MSI {addr:#x}/{data:#x} not delivered: {e}");
         }
     });
+    use crate::counters::{DeviceKind, MonitoredDevice};
     let mut functions: Vec<VirtioFunction> = Vec::new();
-    let mut add_virtio = |name: String, dev: Box<dyn virtio::VirtioDevice>| {
-        let dev =
-            virtio::VirtioPciDevice::new(dev, memory.clone(), msi.clone()).map_err(|source| {
-                VmmError::Virtio {
+    let mut monitored: Vec<MonitoredDevice> = Vec::new();
+    let mut add_virtio =
+        |name: String, id: String, kind: DeviceKind, dev: Box<dyn virtio::VirtioDevice>| {
+            let dev = virtio::VirtioPciDevice::new(dev, memory.clone(), msi.clone()).map_err(
+                |source| VmmError::Virtio {
                     device: name.clone(),
                     source,
-                }
-            })?;
-        let events = dev
-            .notify_eventfds()
-            .into_iter()
-            .map(|(off, e)| e.try_clone().map(|e| (off, e)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| VmmError::DeviceIo {
-                device: name.clone(),
-                source,
-            })?;
-        let dev = Arc::new(Mutex::new(dev));
-        let slot = bus
-            .add_device(dev.clone(), &mut bars)
-            .map_err(|source| VmmError::Pci {
-                device: name.clone(),
-                source,
-            })?;
-        lock(&notifiers).insert(slot, events);
-        tracing::info!("{name} at PCI 00:{slot:02x}.0");
-        functions.push((name, dev));
-        Ok::<(), VmmError>(())
-    };
+                },
+            )?;
+            let events = dev
+                .notify_eventfds()
+                .into_iter()
+                .map(|(off, e)| e.try_clone().map(|e| (off, e)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|source| VmmError::DeviceIo {
+                    device: name.clone(),
+                    source,
+                })?;
+            monitored.push(MonitoredDevice {
+                id,
+                transport: dev.counters(),
+                kind,
+            });
+            let dev = Arc::new(Mutex::new(dev));
+            let slot = bus
+                .add_device(dev.clone(), &mut bars)
+                .map_err(|source| VmmError::Pci {
+                    device: name.clone(),
+                    source,
+                })?;
+            lock(&notifiers).insert(slot, events);
+            tracing::info!("{name} at PCI 00:{slot:02x}.0");
+            functions.push((name, dev));
+            Ok::<(), VmmError>(())
+        };
     for (i, d) in spec.disks.iter().enumerate() {
         let image =
             block::open(&d.path, d.format, d.readonly).map_err(|source| VmmError::Disk {
@@ -384,18 +398,35 @@ fn setup_pci(
             })?;
         let serial = d.serial.clone().unwrap_or_else(|| format!("vireo-disk{i}"));
         let blk = virtio::block::Block::new(image, &serial);
-        add_virtio(format!("virtio-blk {}", d.path.display()), Box::new(blk))?;
+        let kind = DeviceKind::Block {
+            path: d.path.clone(),
+            counters: blk.counters(),
+        };
+        let name = format!("virtio-blk {}", d.path.display());
+        add_virtio(name, format!("disk{i}"), kind, Box::new(blk))?;
     }
-    for n in &spec.nets {
+    for (i, n) in spec.nets.iter().enumerate() {
         let tap = net::Tap::open(&n.tap)?;
         tap.set_up()?;
         let mac = n.mac.unwrap_or_else(net::MacAddr::random);
-        let name = format!("virtio-net {} ({mac})", tap.name());
+        let tap_name = tap.name().to_string();
+        let name = format!("virtio-net {tap_name} ({mac})");
         let dev = virtio::net::Net::new(Arc::new(tap), mac);
-        add_virtio(name, Box::new(dev))?;
+        let kind = DeviceKind::Net {
+            tap: tap_name,
+            mac: mac.to_string(),
+            counters: dev.counters(),
+        };
+        add_virtio(name, format!("net{i}"), kind, Box::new(dev))?;
     }
     if spec.rng {
-        add_virtio("virtio-rng".into(), Box::new(virtio::rng::Rng::new()))?;
+        let (id, kind) = ("rng0".into(), DeviceKind::Plain("rng"));
+        add_virtio(
+            "virtio-rng".into(),
+            id,
+            kind,
+            Box::new(virtio::rng::Rng::new()),
+        )?;
     }
     let (mut console_input, mut balloon) = (None, None);
     if let Some(out) = console_out {
@@ -409,7 +440,8 @@ fn setup_pci(
             source,
         })?;
         console_input = Some(dev.input());
-        add_virtio("virtio-console".into(), Box::new(dev))?;
+        let (id, kind) = ("console0".into(), DeviceKind::Plain("console"));
+        add_virtio("virtio-console".into(), id, kind, Box::new(dev))?;
     }
     if let Some(b) = &spec.balloon {
         let dev = virtio::balloon::Balloon::new(virtio::balloon::BalloonOptions {
@@ -421,7 +453,8 @@ fn setup_pci(
             source,
         })?;
         balloon = Some(dev.handle());
-        add_virtio("virtio-balloon".into(), Box::new(dev))?;
+        let (id, kind) = ("balloon0".into(), DeviceKind::Plain("balloon"));
+        add_virtio("virtio-balloon".into(), id, kind, Box::new(dev))?;
     }
     saved.push("pci config-io", Arc::new(Mutex::new(cfg)));
     for (name, d) in &functions {
@@ -432,6 +465,7 @@ fn setup_pci(
         virtio: functions,
         console_input,
         balloon,
+        monitored,
     })
 }
 

@@ -358,6 +358,7 @@ pub fn send(
     let control = vm.control();
     let was_running = control.state() == crate::RunState::Running;
     let (mut paused, mut unlocked) = (false, false);
+    crate::events::migration_started(destination);
     let result = send_inner(
         vm,
         destination,
@@ -391,6 +392,10 @@ pub fn send(
                 tracing::warn!("migration failed and the VM cannot resume: {e}");
             }
         }
+    }
+    match &result {
+        Ok(r) => crate::events::migration_ended(destination, None, r.bytes, r.total_ms),
+        Err(e) => crate::events::migration_ended(destination, Some(&e.to_string()), 0, 0),
     }
     result
 }

@@ -411,9 +411,9 @@ pub struct MemoryWritten {
 
 /// Write guest memory to `dir/memory.bin`, sparsely: zero pages, and pages
 /// of anonymous memory the guest never touched, are left as holes.
-pub fn write_memory(mem: &GuestRam, dir: &Path) -> Result<MemoryWritten, VmmError> {
-    let path = dir.join(MEMORY_FILE);
-    let f = File::create(&path).map_err(|e| io_err("cannot create", &path, e))?;
+pub fn write_memory(mem: &GuestRam, dir: &SnapshotDir) -> Result<MemoryWritten, VmmError> {
+    let path = dir.path().join(MEMORY_FILE);
+    let f = dir.new_file(MEMORY_FILE)?;
     let mut ranges = Vec::new();
     let mut offset = 0u64;
     let mut data_bytes = 0u64;
@@ -534,24 +534,48 @@ pub fn map_memory(
         .map_err(|e| VmmError::Snapshot(format!("snapshot memory ranges: {e}")))
 }
 
-pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), VmmError> {
+/// Write the manifest into a new snapshot directory.
+pub fn write_manifest(dir: &SnapshotDir, m: &Manifest) -> Result<(), VmmError> {
+    let text = manifest_bytes(m)?;
+    let path = dir.path().join(MANIFEST);
+    let mut f = dir.new_file(MANIFEST)?;
+    f.write_all(&text)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| io_err("cannot write", &path, e))
+}
+
+/// Write a manifest at `dir/manifest.json` where there is none, the same
+/// way (exclusive, no links, 0600) but without the directory's checks: for
+/// tools and tests that edit a snapshot.
+pub fn rewrite_manifest(dir: &Path, m: &Manifest) -> Result<(), VmmError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let text = manifest_bytes(m)?;
     let path = dir.join(MANIFEST);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|e| io_err("cannot create", &path, e))?;
+    f.write_all(&text)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| io_err("cannot write", &path, e))
+}
+
+fn manifest_bytes(m: &Manifest) -> Result<Vec<u8>, VmmError> {
     let unwritable = |source| VmmError::Serialize {
         what: "manifest".into(),
         source,
     };
     let body = serde_json::to_string(m).map_err(unwritable)?;
     let raw = serde_json::value::RawValue::from_string(body).map_err(unwritable)?;
-    let text = serde_json::to_vec(&Envelope {
+    serde_json::to_vec(&Envelope {
         version: SNAPSHOT_VERSION,
         checksum: checksum(raw.get().as_bytes()),
         manifest: &raw,
     })
-    .map_err(unwritable)?;
-    let mut f = File::create(&path).map_err(|e| io_err("cannot create", &path, e))?;
-    f.write_all(&text)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| io_err("cannot write", &path, e))
+    .map_err(unwritable)
 }
 
 pub fn read_manifest(dir: &Path) -> Result<Manifest, VmmError> {
@@ -604,16 +628,120 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, VmmError> {
     Ok(m)
 }
 
-/// A new, empty snapshot directory (refuses to overwrite one).
-pub fn prepare_dir(dir: &Path) -> Result<PathBuf, VmmError> {
-    if dir.join(MANIFEST).exists() {
-        return Err(VmmError::Config(format!(
-            "{} already holds a snapshot",
-            dir.display()
-        )));
+/// A directory a snapshot is being written into: new (made 0700 by us) or
+/// empty, owned by this user and writable by nobody else. Files are made
+/// through the directory's descriptor, exclusively (O_EXCL), without
+/// following links (O_NOFOLLOW) and 0600 (guest RAM is secret), so a link
+/// or file planted in the directory makes the snapshot fail rather than
+/// write through it, and a directory renamed away meanwhile is not
+/// followed either.
+pub struct SnapshotDir {
+    path: PathBuf,
+    dir: File,
+}
+
+/// open(2) flags for a snapshot file made inside a [`SnapshotDir`].
+const NEW_FILE_FLAGS: libc::c_int =
+    libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+
+impl SnapshotDir {
+    /// Make `dir` ready for a snapshot, or say why it cannot hold one.
+    pub fn create(dir: &Path) -> Result<Self, VmmError> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+        let refuse =
+            |why: String| VmmError::Config(format!("snapshot directory {}: {why}", dir.display()));
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| io_err("cannot create", parent, e))?;
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err("cannot create", dir, e)),
+        }
+        let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dir.as_os_str()))
+            .map_err(|_| refuse("the path holds a NUL byte".into()))?;
+        // SAFETY: c is a valid NUL-terminated path; the result is checked.
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::ENOTDIR) {
+                return Err(refuse("is not a directory (a symbolic link?)".into()));
+            }
+            return Err(io_err("cannot open", dir, e));
+        }
+        // SAFETY: fd is a new descriptor nobody else owns.
+        let file = unsafe { <File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
+        let m = file.metadata().map_err(|e| io_err("cannot stat", dir, e))?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if m.uid() != me {
+            return Err(refuse(format!(
+                "is owned by user {}, not by the user writing the snapshot ({me})",
+                m.uid()
+            )));
+        }
+        if m.mode() & 0o022 != 0 {
+            return Err(refuse(format!(
+                "is writable by other users (mode {:o})",
+                m.mode() & 0o777
+            )));
+        }
+        let mut entries = std::fs::read_dir(dir).map_err(|e| io_err("cannot read", dir, e))?;
+        if dir
+            .join(MANIFEST)
+            .symlink_metadata()
+            .is_ok_and(|m| m.is_file())
+        {
+            return Err(VmmError::Config(format!(
+                "{} already holds a snapshot",
+                dir.display()
+            )));
+        }
+        if let Some(entry) = entries.next() {
+            let name = entry
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .unwrap_or_default();
+            return Err(refuse(format!("is not empty (it holds {name})")));
+        }
+        Ok(SnapshotDir {
+            path: dir.to_path_buf(),
+            dir: file,
+        })
     }
-    std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create", dir, e))?;
-    Ok(dir.to_path_buf())
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A new file `name` in the directory: exclusive, no links, 0600.
+    pub fn new_file(&self, name: &str) -> Result<File, VmmError> {
+        use std::os::unix::io::{AsRawFd, FromRawFd};
+        let path = self.path.join(name);
+        let c = std::ffi::CString::new(name)
+            .map_err(|_| VmmError::Config(format!("bad snapshot file name {name:?}")))?;
+        // SAFETY: the directory descriptor is open for self's lifetime and
+        // c is a valid NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::openat(self.dir.as_raw_fd(), c.as_ptr(), NEW_FILE_FLAGS, 0o600) };
+        if fd < 0 {
+            return Err(io_err(
+                "cannot create",
+                &path,
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: fd is a new descriptor nobody else owns.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+}
+
+/// A new snapshot directory (see [`SnapshotDir`]).
+pub fn prepare_dir(dir: &Path) -> Result<SnapshotDir, VmmError> {
+    SnapshotDir::create(dir)
 }
 
 #[cfg(test)]
@@ -710,7 +838,7 @@ mod tests {
             .unwrap();
         mem.write_slice(b"last", GuestAddress(size as u64 - 4))
             .unwrap();
-        let w = write_memory(&mem, &dir).unwrap();
+        let w = write_memory(&mem, &SnapshotDir::create(&dir).unwrap()).unwrap();
         assert_eq!(w.file_bytes, size as u64);
         // Data pages only: page 0, the 3 pages the 0xaa run touches, the last.
         assert_eq!(w.data_bytes, 5 * 4096);
@@ -732,7 +860,7 @@ mod tests {
         // A restored VM's memory (mapped from the file) written again: pages
         // this process never touched still carry the file's data.
         let dir2 = scratch("sparse2");
-        let w2 = write_memory(&back, &dir2).unwrap();
+        let w2 = write_memory(&back, &SnapshotDir::create(&dir2).unwrap()).unwrap();
         assert_eq!(w2.data_bytes, 5 * 4096);
         check(&map_memory(&dir2, &w2.ranges, w2.file_bytes).unwrap());
         let e = map_memory(&dir2, &w2.ranges, w2.file_bytes + 4096).unwrap_err();
@@ -746,5 +874,71 @@ mod tests {
         assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    /// Snapshot files are made 0600 in a directory we made 0700 or that
+    /// is empty and ours; planted links, leftovers, a directory of another
+    /// user or one others may write are refused and nothing is written
+    /// through them.
+    #[test]
+    fn snapshot_files_are_private_and_never_follow_planted_links() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = scratch("snapdir");
+        let new = base.join("new");
+        let d = SnapshotDir::create(&new).unwrap();
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o777;
+        assert_eq!(mode(&new), 0o700);
+        drop(d.new_file(MEMORY_FILE).unwrap());
+        assert_eq!(mode(&new.join(MEMORY_FILE)), 0o600);
+        // A second snapshot into the same directory is refused.
+        let e = SnapshotDir::create(&new).err().unwrap();
+        assert!(e.to_string().contains("not empty"), "{e}");
+        drop(d.new_file(MANIFEST).unwrap());
+        let e = SnapshotDir::create(&new).err().unwrap();
+        assert!(e.to_string().contains("already holds a snapshot"), "{e}");
+
+        // Links planted before: the directory is not empty.
+        let victim = base.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let planted = base.join("planted");
+        std::fs::create_dir(&planted).unwrap();
+        std::os::unix::fs::symlink(&victim, planted.join(MEMORY_FILE)).unwrap();
+        let e = SnapshotDir::create(&planted).err().unwrap();
+        assert!(e.to_string().contains("not empty"), "{e}");
+        // Planted after the checks: the file is not made through the link.
+        let empty = base.join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        let d = SnapshotDir::create(&empty).unwrap();
+        std::os::unix::fs::symlink(&victim, empty.join(MEMORY_FILE)).unwrap();
+        let e = d.new_file(MEMORY_FILE).unwrap_err();
+        assert!(e.to_string().contains("cannot create"), "{e}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+
+        // The directory itself a link: refused.
+        let link = base.join("link");
+        std::os::unix::fs::symlink(&new, &link).unwrap();
+        let e = SnapshotDir::create(&link).err().unwrap();
+        assert!(e.to_string().contains("not a directory"), "{e}");
+
+        // Writable by others (a shared /tmp-like directory): refused.
+        let open = base.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = SnapshotDir::create(&open).err().unwrap();
+        assert!(e.to_string().contains("writable by other users"), "{e}");
+
+        // Another user's empty directory: refused (only root can make one
+        // for this test).
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let theirs = base.join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            let e = SnapshotDir::create(&theirs).err().unwrap();
+            assert!(e.to_string().contains("is owned by user 65534"), "{e}");
+        } else {
+            eprintln!("SKIPPED: the other-user case needs root to chown a directory");
+        }
+        let _ = std::fs::remove_dir_all(&base);
     }
 }

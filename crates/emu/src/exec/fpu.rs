@@ -419,7 +419,7 @@ fn x87(core: &mut Core, insn: &Instruction) -> R {
                 pop(core);
             }
         }
-        _ => return Err(super::unimplemented(insn)),
+        _ => return Err(super::not_executed(core, insn)),
     }
     Ok(())
 }

@@ -616,7 +616,7 @@ pub fn execute(core: &mut Core, insn: &Instruction) -> R {
                         .map(|i| ((a >> (8 * i)) as u8).abs_diff((b >> (8 * i)) as u8) as u64)
                         .sum()
                 }),
-                _ => return Err(super::unimplemented(insn)),
+                _ => return Err(super::not_executed(core, insn)),
             };
             set_x(core, insn, 0, r);
             Ok(())

@@ -302,6 +302,10 @@ impl RequestHandler for ApiShared {
         Ok(())
     }
 
+    fn vm_counters(&self) -> Result<crate::counters::VmCounters, ApiError> {
+        Ok(self.running()?.vm.counters())
+    }
+
     fn after_reply(&self, action: &ApiAction, _reply: &ApiReply) {
         match action {
             // A VM that migrated ends here, after its answer is out.
