@@ -10,6 +10,7 @@ set -euo pipefail
 # unpacks without installing them on the host.
 PACKAGES=(
     acpica-tools    # iasl/acpiexec check the ACPI tables Vireo builds (crates/arch/tests/acpica.rs)
+    binutils        # as/ld assemble the multiboot test kernel (vireo/tests/multiboot.rs)
     ca-certificates # apt over https mirrors
     coreutils       # sha256sum, md5sum, head, od
     cpio            # packs the initramfs (newc format)

@@ -185,6 +185,13 @@ fn instructions_the_advertised_cpu_lacks_raise_ud() {
             Box::new(|a| a.invpcid(rax, xmmword_ptr(DATA as i32))),
         ),
         ("rdpru", Box::new(|a| a.rdpru())),
+        // Implemented but beyond the advertised CPU (no RDTSCP, no SSE3).
+        ("rdtscp", Box::new(|a| a.rdtscp())),
+        ("fisttp", Box::new(|a| a.fisttp(dword_ptr(DATA as i32)))),
+        (
+            "lddqu",
+            Box::new(|a| a.lddqu(xmm0, xmmword_ptr(DATA as i32))),
+        ),
         ("andn", Box::new(|a| a.andn(eax, ebx, ecx))),
         ("movbe", Box::new(|a| a.movbe(eax, dword_ptr(DATA as i32)))),
     ];

@@ -11,7 +11,7 @@
 //! nothing runs until `Vm::run`.
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 
@@ -148,6 +148,8 @@ pub struct VmSpec {
     pub balloon: Option<crate::config::BalloonConfig>,
     /// Which device gets the console output (and input).
     pub console: ConsoleKind,
+    /// The exit device for test kernels, if asked for.
+    pub exit_device: Option<crate::config::ExitDeviceConfig>,
 }
 
 impl VmSpec {
@@ -163,6 +165,7 @@ impl VmSpec {
             nets: c.nets.clone(),
             balloon: c.balloon,
             console: c.console,
+            exit_device: c.exit_device,
             boot: Boot::Linux {
                 kernel: c.kernel.clone(),
                 initrd: c.initrd.clone(),
@@ -294,6 +297,7 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
             let exit = match e {
                 VmEvent::PowerOff => VmExit::PowerOff,
                 VmEvent::Reset => VmExit::Reset,
+                VmEvent::GuestExit(value) => VmExit::GuestExit { value },
             };
             if let Ok(tx) = tx.lock() {
                 let _ = tx.send(exit);
@@ -346,6 +350,7 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
             started: std::time::Instant::now(),
             vcpus: vcpu_counters,
             devices: devices.take_monitored(),
+            progress: Default::default(),
         },
         devices,
     });
@@ -412,7 +417,6 @@ fn load_boot(mem: &GuestRam, boot: &Boot, cpus: u32) -> Result<CpuState, VmmErro
                 path: kernel.clone(),
                 source,
             })?;
-            let image = arch::load_kernel(mem, &mut kf)?;
             let initrd_data = match initrd {
                 Some(p) => Some(std::fs::read(p).map_err(|source| VmmError::File {
                     op: "cannot read initramfs",
@@ -421,6 +425,40 @@ fn load_boot(mem: &GuestRam, boot: &Boot, cpus: u32) -> Result<CpuState, VmmErro
                 })?),
                 None => None,
             };
+            // A multiboot (v1) kernel boots as QEMU's -kernel boots it,
+            // the initramfs becoming its one module.
+            let mut head = Vec::with_capacity(8192);
+            (&mut kf)
+                .take(8192)
+                .read_to_end(&mut head)
+                .map_err(|source| VmmError::File {
+                    op: "cannot read kernel",
+                    path: kernel.clone(),
+                    source,
+                })?;
+            if let Some(h) = arch::multiboot::find_header(&head) {
+                let file = std::fs::read(kernel).map_err(|source| VmmError::File {
+                    op: "cannot read kernel",
+                    path: kernel.clone(),
+                    source,
+                })?;
+                let name = initrd
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                let modules: Vec<_> = initrd_data
+                    .as_deref()
+                    .map(|data| arch::multiboot::Module {
+                        data,
+                        cmdline: &name,
+                    })
+                    .into_iter()
+                    .collect();
+                return Ok(arch::multiboot::load(
+                    mem, &file, &h, cmdline, &modules, cpus,
+                )?);
+            }
+            let image = arch::load_kernel(mem, &mut kf)?;
             let protocol = match protocol {
                 BootProtocol::Linux => arch::EntryProtocol::Linux64,
                 BootProtocol::Pvh => {
@@ -506,7 +544,9 @@ pub(crate) fn for_snapshot(
     clone: &CloneOptions,
     serial: &SerialMode,
 ) -> Result<Built, VmmError> {
-    let mut manifest = crate::snapshot::read_manifest(dir)?;
+    let (mut manifest, signed) = crate::snapshot::read_signed_manifest(dir)?;
+    // Before any host file the manifest names is opened.
+    crate::snapshot::check_disks_named(dir, &manifest, signed, &clone.disks)?;
     let what = format!("snapshot {}", dir.display());
     let (accel, cross) = prepare_accel(&what, &mut manifest, opts)?;
     let mut spec = restore_spec(dir, &manifest, accel)?;

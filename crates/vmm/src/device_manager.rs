@@ -110,6 +110,19 @@ impl DeviceManager {
             out.serial,
             &out.events,
         )?;
+        if let Some(x) = &spec.exit_device {
+            // Stateless: not on the saved-device list.
+            let dev = Arc::new(Mutex::new(devices::debug_exit::DebugExit::new(
+                out.events.clone(),
+            )));
+            buses.add(
+                BusKind::Pio,
+                "exit-device",
+                x.port as u64,
+                x.size as u64,
+                dev,
+            )?;
+        }
         let pci = setup_pci(
             &mut buses,
             &mut saved,

@@ -90,6 +90,7 @@ pub(crate) fn exited(exit: &crate::VmExit) {
         crate::VmExit::Stopped => "stopped",
         crate::VmExit::Error(_) => "error",
         crate::VmExit::Migrated(_) => "migrated",
+        crate::VmExit::GuestExit { .. } => "guest-exit",
     };
     tracing::info!(
         target: TARGET,

@@ -247,6 +247,9 @@ pub fn execute(core: &mut Core, insn: &Instruction) -> R {
             dst(core, insn, 0, v, false)
         }
         M::Movups | M::Movupd | M::Movdqu | M::Lddqu => {
+            if mn == M::Lddqu {
+                super::require(core, iced_x86::CpuidFeature::SSE3)?;
+            }
             let v = src(core, insn, 1, true)?;
             dst(core, insn, 0, v, true)
         }

@@ -271,6 +271,9 @@ pub fn execute_system(core: &mut Core, insn: &Instruction) -> R {
             Ok(())
         }
         M::Rdtsc | M::Rdtscp => {
+            if insn.mnemonic() == M::Rdtscp {
+                super::require(core, iced_x86::CpuidFeature::RDTSCP)?;
+            }
             if core.st.cr4 & CR4_TSD != 0 && core.st.cpl() != 0 {
                 return Err(gp(0));
             }
