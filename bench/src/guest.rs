@@ -64,6 +64,8 @@ pub struct Guest {
     pub disk: Option<Disk>,
     /// A virtio-net NIC on this tap (created by the VMM).
     pub tap: Option<String>,
+    /// vCPUs (QEMU: `-smp`, which under TCG runs one host thread per vCPU).
+    pub cpus: u32,
 }
 
 impl Guest {
@@ -84,6 +86,7 @@ impl Guest {
             append: format!("console=ttyS0 quiet reboot=k panic=-1 vireo.cmd=\"{cmd}\""),
             disk: None,
             tap: None,
+            cpus: 1,
         })
     }
 
@@ -103,6 +106,9 @@ impl Guest {
         .arg(&self.initrd)
         .arg("--cmdline")
         .arg(&self.append);
+        if self.cpus > 1 {
+            c.arg("--cpus").arg(self.cpus.to_string());
+        }
         if let Some(d) = &self.disk {
             c.arg("--disk")
                 .arg(format!("path={},format={}", d.path.display(), d.format));
@@ -127,6 +133,9 @@ impl Guest {
             .arg(&self.initrd)
             .arg("-append")
             .arg(&self.append);
+        if self.cpus > 1 {
+            c.arg("-smp").arg(self.cpus.to_string());
+        }
         if let Some(d) = &self.disk {
             c.arg("-drive")
                 .arg(format!(

@@ -507,6 +507,64 @@ const WORKLOAD: &str = "a=$(cut -d. -f1,2 /proc/uptime | cut -d' ' -f1); i=0; \
 while [ $i -lt 20000 ]; do i=$((i+1)); done; \
 b=$(cut -d' ' -f1 /proc/uptime); echo VIREO-WORK $a $b; vireo-io cpu 30000000";
 
+/// The guest command for the SMP figure of `bench boot` (on 2 vCPUs): one
+/// `vireo-io cpu` alone, then two at once.
+const SMP_WORKLOAD: &str =
+    "vireo-io cpu 30000000; vireo-io cpu 30000000 & vireo-io cpu 30000000; wait";
+
+/// `(instructions, ns)` of every `VIREO-CPU` line, in console order.
+fn cpu_lines(f: &guest::Finished) -> Vec<(f64, f64)> {
+    f.lines
+        .iter()
+        .filter_map(|(_, l)| {
+            let mut w = l.strip_prefix("VIREO-CPU")?.split_whitespace();
+            Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// One SMP boot: (MIPS of one process alone, aggregate MIPS of two at
+/// once = their instructions over the longer of their times).
+fn smp_once(cmd: Command, limit: Duration) -> Result<(f64, f64)> {
+    let f = guest::Console::spawn(cmd)?.finish(limit);
+    let cpu = cpu_lines(&f);
+    let [(i0, t0), (i1, t1), (i2, t2)] = cpu[..] else {
+        bail!(
+            "the guest printed {} VIREO-CPU lines, not 3 ({})",
+            cpu.len(),
+            f.failure().unwrap_or_else(|| "exit 0".into())
+        );
+    };
+    if t0 <= 0.0 || t1.max(t2) <= 0.0 {
+        bail!("zero time in a VIREO-CPU line");
+    }
+    Ok((i0 / t0 * 1000.0, (i1 + i2) / t1.max(t2) * 1000.0))
+}
+
+fn smp_series(
+    name: &str,
+    runs: usize,
+    make: &dyn Fn() -> Result<Command>,
+    limit: Duration,
+) -> String {
+    let mut one = Vec::new();
+    let mut two = Vec::new();
+    for _ in 0..runs {
+        match make().and_then(|c| smp_once(c, limit)) {
+            Ok((a, b)) => {
+                one.push((a * 10.0) as u64);
+                two.push((b * 10.0) as u64);
+            }
+            Err(e) => return format!("{name:<36} failed: {e:#}"),
+        }
+    }
+    let (a, b) = (median(one) as f64 / 10.0, median(two) as f64 / 10.0);
+    format!(
+        "{name:<36} {a:>12.1} {b:>14.1} {:>10.2}x",
+        if a > 0.0 { b / a } else { 0.0 }
+    )
+}
+
 struct BootSample {
     wall: Duration,
     work: f64,
@@ -615,11 +673,37 @@ fn boot(args: &BenchArgs, runs: usize) -> Result<()> {
             limit
         )
     );
-    if guest::has_binary(&args.qemu) {
+    let have_qemu = guest::has_binary(&args.qemu);
+    if have_qemu {
         let q = || Ok(g.qemu(&args.qemu, args.accel));
         println!("{}", boot_series(&qname, runs, &q, limit));
     } else {
         println!("{qname:<36} not installed ({})", args.qemu);
+    }
+    // SMP: does a second vCPU double the guest's throughput?
+    let mut g2 = guest::Guest::new(args.guest_dir.as_deref(), SMP_WORKLOAD)?;
+    g2.cpus = 2;
+    println!();
+    println!(
+        "smp: 2 vCPUs; one `vireo-io cpu` process alone, then two at once (aggregate = both \
+         processes' instructions over the longer time), guest MIPS, median of {runs} runs"
+    );
+    println!(
+        "{:<36} {:>12} {:>14} {:>11}",
+        "VMM (2 vCPUs)", "1 process", "2 processes", "scaling"
+    );
+    println!(
+        "{}",
+        smp_series(
+            &vname,
+            runs,
+            &|| Ok(g2.vireo(args.vireo(), args.accel)),
+            limit
+        )
+    );
+    if have_qemu {
+        let q = || Ok(g2.qemu(&args.qemu, args.accel));
+        println!("{}", smp_series(&qname, runs, &q, limit));
     }
     Ok(())
 }

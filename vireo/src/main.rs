@@ -13,6 +13,7 @@ use vmm::config::{Accel, BootProtocol, ConsoleKind, MemSize, SerialMode, VmConfi
 use vmm::exit_code;
 
 mod logfmt;
+mod progress;
 mod top;
 
 const EXIT_CODES: &str = "\
@@ -42,6 +43,23 @@ struct Cli {
     /// More log output on stderr (-v: info, -vv: debug, -vvv: trace); VIREO_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// A VMM's live-migration key: a file (mode 0600, at least 16 bytes)
+    /// holding the same secret on both hosts. A migrate-receive then takes
+    /// only a source that proves it holds the key, and a migrating VMM
+    /// answers the destination's challenge with it. (For the VMM commands:
+    /// run, restore, migrate-receive.)
+    #[arg(long, global = true, value_name = "FILE")]
+    migration_key_file: Option<PathBuf>,
+    /// A migration being received must arrive whole within this many
+    /// seconds of its source being accepted.
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 3600)]
+    migration_timeout: u64,
+    /// The key a VMM signs its snapshots with and checks them against when
+    /// restoring (made, 0600, if missing) [default:
+    /// ~/.config/vireo/snapshot.key]. A snapshot it does not verify may not
+    /// name host files as disks: `vireo restore --disk` names them instead.
+    #[arg(long, global = true, value_name = "FILE")]
+    snapshot_key_file: Option<PathBuf>,
     /// Log lines as text, or as one JSON object each (with -v, the VMM's
     /// events: boot, pause, resume, snapshot, migration-start/end,
     /// device-reset, exit; see docs/monitoring.md).
@@ -190,6 +208,7 @@ impl StartArgs {
         source: &Path,
         overlays: &[PathBuf],
         taps: &[String],
+        disks: &[PathBuf],
     ) -> RestoreRequest {
         RestoreRequest {
             source: source.to_path_buf(),
@@ -197,6 +216,7 @@ impl StartArgs {
             allow_tsc_change: self.allow_tsc_change,
             overlays: overlays.to_vec(),
             taps: taps.to_vec(),
+            disks: disks.to_vec(),
             serial: self.serial.clone(),
         }
     }
@@ -247,6 +267,12 @@ struct RestoreArgs {
     /// Clone: use this tap for the snapshot's next NIC instead of its own.
     #[arg(long, value_name = "NAME")]
     tap: Vec<String>,
+    /// The snapshot's next disk file, named by you (once per disk, in
+    /// order): needed to restore a snapshot not signed with your snapshot
+    /// key (another user's, or edited), which may not name host files on
+    /// its own.
+    #[arg(long, value_name = "PATH")]
+    disk: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -462,6 +488,28 @@ fn main() -> ExitCode {
         std::env::var("VIREO_JIT").ok().as_deref(),
         std::env::var_os("VIREO_JIT_PERFMAP").is_some(),
     ));
+    let key = match cli
+        .migration_key_file
+        .as_deref()
+        .map(vmm::auth::Key::from_file)
+    {
+        None => None,
+        Some(Ok(k)) => Some(k),
+        Some(Err(e)) => {
+            eprintln!("vireo: error: {e}");
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
+    vmm::migration::set_migration_settings(vmm::migration::MigrationSettings {
+        key,
+        receive_deadline: std::time::Duration::from_secs(cli.migration_timeout.max(1)),
+    });
+    if matches!(
+        cli.command,
+        Command::Run(_) | Command::Restore(_) | Command::MigrateReceive(_)
+    ) {
+        vmm::snapshot::set_snapshot_key(snapshot_key(cli.snapshot_key_file.as_deref()));
+    }
     let code = match cli.command {
         Command::Run(args) => run(args),
         Command::Ping(a) => api_call(&a.api_socket, ApiAction::VmmPing),
@@ -503,13 +551,16 @@ fn main() -> ExitCode {
         Command::Top(a) => top::run(&a),
         Command::Restore(a) => match &a.start.into {
             Some(sock) => {
-                let req = a.start.restore_request(&a.from, &a.overlay, &a.tap);
+                let req = a
+                    .start
+                    .restore_request(&a.from, &a.overlay, &a.tap, &a.disk);
                 api_call(sock, ApiAction::VmRestore(req))
             }
             None => {
                 let clone = vmm::CloneOptions {
                     overlays: a.overlay,
                     taps: a.tap,
+                    disks: a.disk,
                 };
                 finish(vmm::restore(
                     &a.from,
@@ -524,15 +575,45 @@ fn main() -> ExitCode {
     ExitCode::from(code as u8)
 }
 
+/// The VMM's snapshot key: the file given, else the user's default one
+/// (made on first use). Without one (no home directory, an unusable file)
+/// snapshots are written unsigned and restored only over disks the
+/// restorer names; said once on stderr.
+fn snapshot_key(given: Option<&Path>) -> Option<vmm::auth::Key> {
+    let path = match given {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let base = std::env::var_os("XDG_CONFIG_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+            base.join("vireo").join("snapshot.key")
+        }
+    };
+    match vmm::auth::Key::load_or_create(&path) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            tracing::warn!("no snapshot key ({e}): snapshots are written unsigned");
+            None
+        }
+    }
+}
+
 /// Print one line of a client command's answer. A reader that went away
 /// (`vireo info | head -c 10`) is not an error of ours: the request was
 /// carried out, so the rest of the answer is dropped and nothing is said
 /// (println! would panic on the broken pipe). Any other failure to write
 /// is one line on stderr.
 fn out(line: std::fmt::Arguments) {
+    write_out(&format!("{line}\n"));
+}
+
+/// [`out`] for text that brings its own line ends.
+fn write_out(text: &str) {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
-    let written = writeln!(stdout, "{line}").and_then(|_| stdout.flush());
+    let written = stdout
+        .write_all(text.as_bytes())
+        .and_then(|_| stdout.flush());
     match written {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
@@ -566,7 +647,7 @@ fn api_call(sock: &Path, action: ApiAction) -> i32 {
             ApiReply::Migrated(m) => serde_json::to_string_pretty(m),
             ApiReply::Counters(c) => serde_json::to_string_pretty(c),
             ApiReply::Metrics(t) => {
-                print!("{t}");
+                write_out(t);
                 return;
             }
         };
@@ -583,9 +664,12 @@ fn snapshot(a: &SnapshotArgs) -> Result<(), ClientError> {
     if was_running {
         client.pause()?;
     }
-    let written = client.snapshot(SnapshotRequest {
-        destination: a.dir.clone(),
-    });
+    let written = {
+        let _progress = progress::Progress::start(a.api.api_socket.clone());
+        client.snapshot(SnapshotRequest {
+            destination: a.dir.clone(),
+        })
+    };
     if written.is_ok() {
         out(format_args!("snapshot written to {}", a.dir.display()));
     }
@@ -599,10 +683,13 @@ fn snapshot(a: &SnapshotArgs) -> Result<(), ClientError> {
 
 /// Migrate through the API and print how it went.
 fn migrate(a: &MigrateArgs) -> Result<(), ClientError> {
-    let r = ApiClient::new(&a.api.api_socket).migrate_send(MigrateRequest {
-        destination: a.to.clone(),
-        max_bandwidth_mib: a.max_bandwidth_mib,
-    })?;
+    let r = {
+        let _progress = progress::Progress::start(a.api.api_socket.clone());
+        ApiClient::new(&a.api.api_socket).migrate_send(MigrateRequest {
+            destination: a.to.clone(),
+            max_bandwidth_mib: a.max_bandwidth_mib,
+        })?
+    };
     out(format_args!(
         "migrated to {}: total {} ms, downtime {:.1} ms, {} bytes, {} iterations; \
          paused: {} pages, {} bytes",

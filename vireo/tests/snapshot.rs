@@ -410,7 +410,9 @@ fn damaged_or_mismatched_snapshots_are_refused_clearly() {
     m.config.as_mut().unwrap().rng = false;
     std::fs::remove_file(d.join("manifest.json")).unwrap();
     vmm::snapshot::rewrite_manifest(&d, &m).unwrap();
-    let (code, err) = restore_output(&d, &[]);
+    // Edited, so no longer signed: its restorer names its disk.
+    let named = ["--disk", disk.to_str().unwrap()];
+    let (code, err) = restore_output(&d, &named);
     assert_eq!(code, Some(1));
     assert!(
         err.contains("2 virtio devices, its configuration makes 1"),
@@ -425,7 +427,7 @@ fn damaged_or_mismatched_snapshots_are_refused_clearly() {
     m.cpuid = None;
     std::fs::remove_file(d.join("manifest.json")).unwrap();
     vmm::snapshot::rewrite_manifest(&d, &m).unwrap();
-    let (code, err) = restore_output(&d, &["--accel", "kvm"]);
+    let (code, err) = restore_output(&d, &["--accel", "kvm", named[0], named[1]]);
     assert_eq!(code, Some(1));
     assert!(
         err.contains(
@@ -435,7 +437,7 @@ fn damaged_or_mismatched_snapshots_are_refused_clearly() {
     );
     // ... where it still restores and counts on.
     let mut cmd = vireo();
-    cmd.args(["restore", "--from"]).arg(&d);
+    cmd.args(["restore", "--from"]).arg(&d).args(named);
     let mut old = Running::spawn(cmd);
     assert!(
         wait_until(Duration::from_secs(60), || old.stdout_text().len() >= 5),
@@ -774,5 +776,136 @@ fn a_resume_cannot_race_a_snapshot() {
         assert_eq!(w[1], want, "the restored count breaks: {letters:?}");
     }
     assert!(!before.is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Replace every string `from` in a JSON value with `to`; the block
+/// state's file size and mtime with those of `to`.
+fn forge(v: &mut serde_json::Value, from: &str, to: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    match v {
+        serde_json::Value::String(s) if s == from => *s = to.display().to_string(),
+        serde_json::Value::Array(a) => a.iter_mut().for_each(|x| forge(x, from, to)),
+        serde_json::Value::Object(o) => {
+            if o.contains_key("file_mtime_ns") {
+                let m = std::fs::metadata(to).unwrap();
+                o.insert("file_size".into(), m.len().into());
+                let ns = m.mtime() as u64 * 1_000_000_000 + m.mtime_nsec() as u64;
+                o.insert("file_mtime_ns".into(), ns.into());
+            }
+            o.values_mut().for_each(|x| forge(x, from, to));
+        }
+        _ => {}
+    }
+}
+
+/// A forged snapshot cannot give the guest a host file as its disk: a
+/// local user copies a snapshot, points its disk at a root-only file
+/// (size and mtime matched, checksum recomputed) and has root restore it.
+/// The manifest does not verify under root's snapshot key, so restore
+/// refuses to open the file unless root names it; the file is untouched.
+/// Root's own snapshot restores as before, and a forged 8 TiB memory claim
+/// is held to vm.create's limit.
+#[test]
+fn a_forged_snapshot_cannot_name_a_host_file_as_its_disk() {
+    let dir = std::env::temp_dir().join(format!("vireo-snap-forged-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernel = counting_guest(&dir);
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.join("a.sock");
+    let snap = dir.join("snap");
+    let mut cmd = vireo();
+    cmd.args([
+        "run", "--accel", "emu", "--boot", "pvh", "--memory", "64M", "--kernel",
+    ])
+    .arg(&kernel)
+    .arg("--disk")
+    .arg(format!("path={},format=raw", disk.display()))
+    .arg("--api-socket")
+    .arg(&sock);
+    let mut src = Running::spawn(cmd);
+    assert!(wait_until(Duration::from_secs(60), || src
+        .stdout_text()
+        .len()
+        >= 5));
+    let out = client(&["snapshot", "--dir", snap.to_str().unwrap()], &sock);
+    assert!(out.status.success(), "{out:?}");
+    assert!(client(&["stop"], &sock).status.success());
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+
+    // A root-only file the attacker can stat but not read.
+    let secret = dir.join("secret.img");
+    std::fs::write(&secret, vec![0x5au8; 1 << 20]).unwrap();
+    std::fs::set_permissions(
+        &secret,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap();
+    let mut m = serde_json::to_value(vmm::snapshot::read_manifest(&snap).unwrap()).unwrap();
+    forge(&mut m, disk.to_str().unwrap(), &secret);
+    let m: vmm::snapshot::Manifest = serde_json::from_value(m).unwrap();
+    let staged = dir.join("staged");
+    std::fs::create_dir(&staged).unwrap();
+    vmm::snapshot::rewrite_manifest(&staged, &m).unwrap();
+    std::fs::copy(snap.join("memory.bin"), staged.join("memory.bin")).unwrap();
+    // The forged directory is the attacker's own where one exists.
+    let shared = dir.join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let forged = shared.join("forged");
+    match unprivileged_user() {
+        Some(user) => {
+            let open = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode;
+            std::fs::set_permissions(&dir, open(0o755)).unwrap();
+            std::fs::set_permissions(&shared, open(0o1777)).unwrap();
+            for f in ["manifest.json", "memory.bin"] {
+                std::fs::set_permissions(staged.join(f), open(0o644)).unwrap();
+            }
+            as_user(
+                user,
+                &format!(
+                    "mkdir {f} && cp {s}/manifest.json {s}/memory.bin {f}/",
+                    f = forged.display(),
+                    s = staged.display()
+                ),
+            );
+        }
+        None => std::fs::rename(&staged, &forged).unwrap(),
+    }
+    let (code, err) = restore_output(&forged, &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("is not signed") && err.contains("secret.img"),
+        "{err}"
+    );
+    // Naming another disk than it names does not help either.
+    let (code, err) = restore_output(&forged, &["--disk", disk.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not the ones it was taken with"), "{err}");
+    assert_eq!(std::fs::read(&secret).unwrap(), vec![0x5au8; 1 << 20]);
+
+    // 8 TiB of memory, however consistently claimed: refused.
+    let mut big = vmm::snapshot::read_manifest(&snap).unwrap();
+    big.memory_bytes = 8 << 40;
+    big.config.as_mut().unwrap().memory = vmm::config::MemSize(8 << 40);
+    let huge = dir.join("huge");
+    std::fs::create_dir(&huge).unwrap();
+    vmm::snapshot::rewrite_manifest(&huge, &big).unwrap();
+    let (code, err) = restore_output(&huge, &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("1 TiB"), "{err}");
+
+    // Root's own, signed snapshot restores over its disk unnamed.
+    let mut cmd = vireo();
+    cmd.args(["restore", "--from"]).arg(&snap);
+    let restored = Running::spawn(cmd);
+    assert!(
+        wait_until(Duration::from_secs(30), || restored.stdout_text().len()
+            >= 5),
+        "the signed snapshot did not restore: {}",
+        restored.stderr_text()
+    );
+    drop(restored);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -123,15 +123,134 @@ impl BlockError {
     }
 }
 
+/// One piece of a vectored transfer: `len` bytes at `ptr`, typically guest
+/// RAM that a device hands straight to the image (no bounce buffer).
+///
+/// Invariant (promised by [`IoBuf::new`]'s caller): the whole range stays
+/// mapped, readable and writable for as long as the `IoBuf` is used. Other
+/// threads (the guest's vCPUs) may read or write it meanwhile, so it is
+/// never turned into a Rust reference: only the kernel (`preadv`/`pwritev`)
+/// or a raw byte copy touches it, and a guest racing with its own I/O sees
+/// torn data, as on real hardware, but never makes the VMM misbehave.
+#[derive(Debug, Clone, Copy)]
+pub struct IoBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: an IoBuf is an address range, not a borrow; the constructor's
+// caller promised the range outlives its use on whichever thread.
+unsafe impl Send for IoBuf {}
+// SAFETY: as for Send: sharing the address range hands out no reference.
+unsafe impl Sync for IoBuf {}
+
+impl IoBuf {
+    /// # Safety
+    /// `ptr..ptr+len` must be valid for reads and writes (mapped memory,
+    /// not owned by a Rust reference) for as long as this value is used.
+    pub unsafe fn new(ptr: *mut u8, len: usize) -> Self {
+        IoBuf { ptr, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Copy `src` (at most `len` bytes) to the start of the buffer.
+    pub fn copy_from(&self, src: &[u8]) {
+        let n = src.len().min(self.len);
+        // SAFETY: the type's invariant makes `ptr..ptr+len` writable; `src`
+        // is a Rust slice, so the two cannot overlap.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr, n) }
+    }
+
+    /// Copy the start of the buffer into `dst` (at most `len` bytes).
+    pub fn copy_to(&self, dst: &mut [u8]) {
+        let n = dst.len().min(self.len);
+        // SAFETY: as in `copy_from`, readable instead of writable.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr, dst.as_mut_ptr(), n) }
+    }
+}
+
+/// The byte range `[start, start + len)` of the stream `bufs` form, as
+/// buffers (appended to `out`, which is cleared first).
+pub(crate) fn iobufs_range(bufs: &[IoBuf], start: usize, len: usize, out: &mut Vec<IoBuf>) {
+    out.clear();
+    let end = start + len;
+    let mut pos = 0usize;
+    for b in bufs {
+        let (s, e) = (pos, pos + b.len);
+        pos = e;
+        if e <= start || b.len == 0 {
+            continue;
+        }
+        if s >= end {
+            break;
+        }
+        let from = start.max(s) - s;
+        let to = end.min(e) - s;
+        // SAFETY: a sub-range of `b`, so within memory its invariant covers.
+        out.push(unsafe { IoBuf::new(b.ptr.add(from), to - from) });
+    }
+}
+
+/// Total length of `bufs`, or None if it overflows.
+pub fn iobufs_len(bufs: &[IoBuf]) -> Option<u64> {
+    bufs.iter()
+        .try_fold(0u64, |acc, b| acc.checked_add(b.len as u64))
+}
+
 /// A disk image: a fixed-size array of bytes with positional access.
 ///
-/// All methods are synchronous. `read_at`/`write_at` either transfer the
-/// whole buffer or fail; ranges beyond [`DiskImage::size`] are refused.
+/// All methods are synchronous. `read_at`/`write_at` (and their vectored
+/// forms) either transfer the whole buffer or fail; ranges beyond
+/// [`DiskImage::size`] are refused before anything is transferred.
 pub trait DiskImage: Send {
     /// Virtual size in bytes, as the guest sees it.
     fn size(&self) -> u64;
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), BlockError>;
     fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), BlockError>;
+    /// Read `[offset, offset + total length)` into `bufs`, front to back.
+    /// The default goes through a bounce buffer and [`DiskImage::read_at`];
+    /// raw images override it with `preadv` straight into the buffers. On
+    /// failure the buffers' contents are unspecified.
+    fn read_vectored(&mut self, bufs: &[IoBuf], offset: u64) -> Result<(), BlockError> {
+        let total = self.vectored_len(bufs, offset)?;
+        let mut tmp = vec![0u8; total as usize];
+        self.read_at(&mut tmp, offset)?;
+        let mut done = 0;
+        for b in bufs {
+            b.copy_from(&tmp[done..done + b.len()]);
+            done += b.len();
+        }
+        Ok(())
+    }
+    /// Write `bufs`, front to back, at `offset` (see [`DiskImage::read_vectored`]).
+    fn write_vectored(&mut self, bufs: &[IoBuf], offset: u64) -> Result<(), BlockError> {
+        let total = self.vectored_len(bufs, offset)?;
+        let mut tmp = vec![0u8; total as usize];
+        let mut done = 0;
+        for b in bufs {
+            b.copy_to(&mut tmp[done..done + b.len()]);
+            done += b.len();
+        }
+        self.write_at(&tmp, offset)
+    }
+    /// The total length of `bufs`, checked to lie on the disk at `offset`.
+    fn vectored_len(&self, bufs: &[IoBuf], offset: u64) -> Result<u64, BlockError> {
+        let size = self.size();
+        let len = iobufs_len(bufs).unwrap_or(u64::MAX);
+        check_range(self.path(), size, offset, len)?;
+        Ok(len)
+    }
     /// Make every completed write durable (metadata included).
     fn flush(&mut self) -> Result<(), BlockError>;
     /// Advisory: the range's contents are no longer needed. Space may be
@@ -459,6 +578,92 @@ pub(crate) fn pread_zero_fill(
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(BlockError::io(path, "reading", e)),
+        }
+    }
+    Ok(())
+}
+
+/// Largest number of buffers one `preadv`/`pwritev` takes (IOV_MAX).
+const IOV_MAX: usize = 1024;
+
+/// Read or write (`write`) all of `bufs` at `offset` with `preadv` /
+/// `pwritev`, resuming after short transfers. A read that meets the end of
+/// the file fills the rest with zeros (as [`pread_zero_fill`]).
+pub(crate) fn transfer_vectored(
+    file: &File,
+    path: &Path,
+    bufs: &[IoBuf],
+    offset: u64,
+    write: bool,
+) -> Result<(), BlockError> {
+    let mut iov: Vec<libc::iovec> = bufs
+        .iter()
+        .filter(|b| !b.is_empty())
+        .map(|b| libc::iovec {
+            iov_base: b.as_ptr().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
+    let mut first = 0;
+    let mut pos = offset;
+    while first < iov.len() {
+        let n = (iov.len() - first).min(IOV_MAX);
+        let Ok(off) = libc::off_t::try_from(pos) else {
+            return Err(BlockError::io(
+                path,
+                if write { "writing" } else { "reading" },
+                io::Error::from_raw_os_error(libc::EOVERFLOW),
+            ));
+        };
+        // SAFETY: `iov[first..first + n]` describes buffers that IoBuf's
+        // invariant keeps valid for reads and writes during this call.
+        let r = unsafe {
+            if write {
+                libc::pwritev(file.as_raw_fd(), iov[first..].as_ptr(), n as i32, off)
+            } else {
+                libc::preadv(file.as_raw_fd(), iov[first..].as_ptr(), n as i32, off)
+            }
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(BlockError::io(
+                path,
+                if write { "writing" } else { "reading" },
+                e,
+            ));
+        }
+        let mut done = r as usize;
+        if done == 0 {
+            if write {
+                return Err(BlockError::io(
+                    path,
+                    "writing",
+                    io::Error::from(io::ErrorKind::WriteZero),
+                ));
+            }
+            // End of file: the rest reads as zeros.
+            for v in &iov[first..] {
+                // SAFETY: as above; the buffer is writable for its length.
+                unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+            }
+            return Ok(());
+        }
+        pos += done as u64;
+        // Skip the buffers done; shorten a partly done one.
+        while done > 0 && first < iov.len() {
+            let v = &mut iov[first];
+            if done >= v.iov_len {
+                done -= v.iov_len;
+                first += 1;
+            } else {
+                // SAFETY: advancing within the same buffer.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(done).cast() };
+                v.iov_len -= done;
+                done = 0;
+            }
         }
     }
     Ok(())

@@ -5,8 +5,8 @@ use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use crate::{
-    check_range, pread_zero_fill, punch_hole, pwrite_all, unlock_file, BlockError, DiskImage,
-    ImageFormat,
+    check_range, pread_zero_fill, punch_hole, pwrite_all, transfer_vectored, unlock_file,
+    BlockError, DiskImage, ImageFormat, IoBuf,
 };
 
 pub struct RawImage {
@@ -66,6 +66,18 @@ impl DiskImage for RawImage {
         self.check_writable()?;
         check_range(&self.path, self.size, offset, buf.len() as u64)?;
         pwrite_all(&self.file, &self.path, buf, offset)
+    }
+
+    /// One `preadv` straight into the buffers (guest memory): no bounce.
+    fn read_vectored(&mut self, bufs: &[IoBuf], offset: u64) -> Result<(), BlockError> {
+        self.vectored_len(bufs, offset)?;
+        transfer_vectored(&self.file, &self.path, bufs, offset, false)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoBuf], offset: u64) -> Result<(), BlockError> {
+        self.check_writable()?;
+        self.vectored_len(bufs, offset)?;
+        transfer_vectored(&self.file, &self.path, bufs, offset, true)
     }
 
     fn flush(&mut self) -> Result<(), BlockError> {

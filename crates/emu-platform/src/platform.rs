@@ -302,6 +302,25 @@ impl Platform {
         self.deliver_to(&targets, d.delivery_mode, d.vector, d.trigger);
     }
 
+    /// vCPU `vcpu`'s xAPIC ID while its APIC is enabled in xAPIC mode
+    /// (what a physical-mode MSI matches), else None.
+    pub fn xapic_physical_id(&self, vcpu: usize) -> Option<u8> {
+        let l = self.lapics.get(vcpu)?;
+        (l.hw_enabled() && !l.x2apic_mode()).then_some(l.apic_id() as u8)
+    }
+
+    /// A fixed, edge-triggered interrupt message already routed to `vcpu`
+    /// alone (an MSI that a device posted without the platform lock, see
+    /// `SharedPlatform::signal_msi`): the APIC accepts it as
+    /// [`Platform::route_delivery`] would have.
+    pub fn accept_posted(&mut self, vcpu: usize, vector: u8) {
+        if let Some(l) = self.lapics.get_mut(vcpu) {
+            if l.deliver(DeliveryMode::Fixed, vector, Trigger::Edge) {
+                self.kick(vcpu);
+            }
+        }
+    }
+
     /// Routes an IPI sent by vCPU `source`.
     pub fn route_ipi(&mut self, source: usize, ipi: IpiRequest) {
         let n = self.lapics.len();

@@ -7,16 +7,31 @@
 //! timer deadline are republished in atomics; [`SharedPlatform::pending_vector`]
 //! only locks when a hint is set or the deadline has passed.
 //!
+//! Device interrupts (MSIs) do not take the lock either when they can be
+//! routed from the published state alone: a fixed, edge-triggered message
+//! to one physical xAPIC ID that exactly one enabled APIC has. The sender
+//! sets the vector's bit in that vCPU's posted set (atomic), raises its
+//! "posted" flag and kicks it; whoever takes the lock next (normally that
+//! vCPU, whose interrupt check sees the flag) first moves every posted
+//! vector into its APIC's IRR, exactly as the locked path would have.
+//! Nothing reads an IRR without the lock, so no observer can tell a posted
+//! MSI from one delivered under the lock at the moment it was posted, and
+//! an MSI is neither lost (the flag is raised after the bit and cleared
+//! before the bits are taken) nor delivered twice (each bit is taken by one
+//! atomic swap). Every other message (logical or broadcast destination,
+//! level trigger, NMI/INIT/SMI, an x2APIC target) takes the lock.
+//!
 //! The method names and signatures follow the engine's
 //! `emu::platform::irq::InterruptController` trait (`trigger_gsi`, `pending_vector`,
 //! `ack`, `take_nmi`, `has_pending`, `set_tpr`), so implementing that trait
 //! for this type is a one-line forward per method.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
+use crate::ioapic::Delivery;
 use crate::lapic::GpFault;
-use crate::{Platform, NS_PER_SEC};
+use crate::{DeliveryMode, DestMode, Platform, Trigger, NS_PER_SEC};
 
 /// The guest's notion of time.
 pub trait GuestClock: Send + Sync {
@@ -65,15 +80,34 @@ impl GuestClock for ManualClock {
 /// NMI, INIT, SIPI), so a halted vCPU thread can be woken.
 pub type KickFn = dyn Fn(usize) + Send + Sync;
 
+/// MSIs posted to one vCPU without the lock, not yet in its APIC's IRR.
+#[derive(Default)]
+struct Posted {
+    /// Raised (after the bit) by every post, cleared by the drain before it
+    /// takes the bits: while a bit waits, this is set.
+    any: AtomicBool,
+    /// One bit per vector.
+    bits: [AtomicU64; 4],
+}
+
+/// `routes` entry: the APIC is enabled in xAPIC mode, with the ID in bits 7:0.
+const ROUTE_VALID: u32 = 1 << 31;
+
 /// [`Platform`] behind a mutex, with lock-free fast paths.
 pub struct SharedPlatform {
     inner: Mutex<Platform>,
     clock: Arc<dyn GuestClock>,
-    kick: Mutex<Option<Arc<KickFn>>>,
+    /// Set once; read without a lock on every kick.
+    kick: OnceLock<Arc<KickFn>>,
     /// Per vCPU: something may be pending (interrupt, NMI, INIT, SIPI).
     hints: Vec<AtomicBool>,
     /// Earliest timer deadline (u64::MAX = none).
     deadline: AtomicU64,
+    /// Per vCPU: what a physical-mode MSI matches (`ROUTE_VALID | id`), or
+    /// 0; republished with the hints after every locked operation.
+    routes: Vec<AtomicU32>,
+    /// Per vCPU: MSIs posted without the lock.
+    posted: Vec<Posted>,
 }
 
 impl SharedPlatform {
@@ -81,12 +115,15 @@ impl SharedPlatform {
         let hints = (0..platform.num_vcpus())
             .map(|_| AtomicBool::new(false))
             .collect();
+        let n = platform.num_vcpus();
         let s = SharedPlatform {
             inner: Mutex::new(platform),
             clock,
-            kick: Mutex::new(None),
+            kick: OnceLock::new(),
             hints,
             deadline: AtomicU64::new(u64::MAX),
+            routes: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            posted: (0..n).map(|_| Posted::default()).collect(),
         };
         let g = s.lock();
         s.publish(&g);
@@ -99,21 +136,59 @@ impl SharedPlatform {
     }
 
     /// Installs the function that wakes vCPU threads. It is called outside
-    /// the platform lock, once per vCPU that got new work.
+    /// the platform lock, once per vCPU that got new work. Only the first
+    /// function installed counts (it is read without a lock).
     pub fn set_kick(&self, kick: Arc<KickFn>) {
-        *self.kick.lock().unwrap_or_else(|e| e.into_inner()) = Some(kick);
+        // A second function is ignored: kicks already in flight read the
+        // first without a lock, so it cannot be swapped safely.
+        let _ = self.kick.set(kick);
     }
 
+    fn kick(&self, vcpu: usize) {
+        if let Some(k) = self.kick.get() {
+            k(vcpu);
+        }
+    }
+
+    /// The platform, locked, with every posted MSI moved into its APIC.
     fn lock(&self) -> MutexGuard<'_, Platform> {
         // A panic while holding the lock cannot leave the models in a state
         // that is unsafe to keep using (they have no invariants spanning
         // several fields that a panic could break halfway), so recover.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        self.drain_posted(&mut g);
+        g
+    }
+
+    /// Moves the lock-free posted MSIs into the APICs (under the lock).
+    fn drain_posted(&self, p: &mut Platform) {
+        for (i, q) in self.posted.iter().enumerate() {
+            if !q.any.load(Ordering::Acquire) {
+                continue;
+            }
+            // Clear the flag before taking the bits: a post that lands
+            // after our swap of its word raises the flag again.
+            q.any.store(false, Ordering::SeqCst);
+            for (w, word) in q.bits.iter().enumerate() {
+                let mut bits = word.swap(0, Ordering::SeqCst);
+                while bits != 0 {
+                    let b = bits.trailing_zeros();
+                    bits &= bits - 1;
+                    p.accept_posted(i, (w as u32 * 64 + b) as u8);
+                }
+            }
+        }
     }
 
     fn publish(&self, p: &Platform) {
         for (i, h) in self.hints.iter().enumerate() {
             h.store(p.has_event(i), Ordering::SeqCst);
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let route = p
+                .xapic_physical_id(i)
+                .map_or(0, |id| ROUTE_VALID | id as u32);
+            r.store(route, Ordering::SeqCst);
         }
         self.deadline
             .store(p.next_deadline_ns().unwrap_or(u64::MAX), Ordering::SeqCst);
@@ -129,17 +204,51 @@ impl SharedPlatform {
         self.publish(&g);
         let kicks = g.take_kicks();
         drop(g);
-        if kicks != 0 {
-            let kick = self.kick.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            if let Some(kick) = kick {
-                for i in 0..64 {
-                    if kicks & (1 << i) != 0 {
-                        kick(i);
-                    }
-                }
-            }
+        let mut kicks = kicks;
+        while kicks != 0 {
+            let i = kicks.trailing_zeros() as usize;
+            kicks &= kicks - 1;
+            self.kick(i);
         }
         r
+    }
+
+    /// A device's message-signalled interrupt. Posted without the lock
+    /// when the published routes name exactly one target (see the module
+    /// notes), else routed under the lock like an I/O APIC message.
+    pub fn signal_msi(&self, d: Delivery) {
+        if let Some(i) = self.lock_free_target(&d) {
+            let q = &self.posted[i];
+            q.bits[(d.vector >> 6) as usize].fetch_or(1 << (d.vector & 63), Ordering::SeqCst);
+            q.any.store(true, Ordering::SeqCst);
+            self.kick(i);
+            return;
+        }
+        self.with(|p, _| p.route_delivery(d));
+    }
+
+    /// The one vCPU a message can be posted to without the lock, if any.
+    fn lock_free_target(&self, d: &Delivery) -> Option<usize> {
+        let simple = matches!(
+            d.delivery_mode,
+            DeliveryMode::Fixed | DeliveryMode::LowestPriority
+        ) && d.trigger == Trigger::Edge
+            && d.dest_mode == DestMode::Physical
+            && d.dest < 0xff;
+        if !simple {
+            return None;
+        }
+        let want = ROUTE_VALID | d.dest;
+        let mut found = None;
+        for (i, r) in self.routes.iter().enumerate() {
+            if r.load(Ordering::SeqCst) == want {
+                if found.is_some() {
+                    return None; // two APICs with one ID: both get it, locked
+                }
+                found = Some(i);
+            }
+        }
+        found
     }
 
     /// Whether the lock-free state says nothing can be pending for `vcpu`.
@@ -147,7 +256,9 @@ impl SharedPlatform {
         let Some(h) = self.hints.get(vcpu as usize) else {
             return true;
         };
-        !h.load(Ordering::SeqCst) && self.clock.now_ns() < self.deadline.load(Ordering::SeqCst)
+        !h.load(Ordering::SeqCst)
+            && !self.posted[vcpu as usize].any.load(Ordering::SeqCst)
+            && self.clock.now_ns() < self.deadline.load(Ordering::SeqCst)
     }
 
     /// Advances the timers to now.
@@ -289,14 +400,19 @@ impl SharedPlatform {
         saved.check_restorable(self.hints.len())?;
         let mut g = self.lock();
         *g = saved;
+        // MSIs posted since the lock was taken belonged to the state just
+        // replaced (the locked path would have put them in its IRRs).
+        for q in &self.posted {
+            q.any.store(false, Ordering::SeqCst);
+            for w in &q.bits {
+                w.store(0, Ordering::SeqCst);
+            }
+        }
         g.take_kicks();
         self.publish(&g);
         drop(g);
-        let kick = self.kick.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(kick) = kick {
-            for i in 0..self.hints.len() {
-                kick(i);
-            }
+        for i in 0..self.hints.len() {
+            self.kick(i);
         }
         Ok(())
     }

@@ -9,8 +9,12 @@
 
 use std::sync::{Arc, Mutex};
 
-use block::{BlockError, DiskImage};
+use block::{BlockError, DiskImage, IoBuf};
 use hypervisor::GuestRam;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::Bytes;
+
+use crate::queue::GuestSlice;
 
 use crate::{
     device_type, ActivateError, DescChain, Persist, PersistError, Processed, QueueError,
@@ -286,41 +290,31 @@ impl Block {
             read_only: self.read_only,
             id: self.id,
             counters: self.counters.clone(),
-            request: Vec::new(),
-            reply: Vec::new(),
+            iov: Vec::new(),
         }
     }
 }
 
+/// The queue side of the device. Data moves between the image and guest
+/// memory with no copy in between: the request's buffers become an
+/// [`IoBuf`] list that the image reads into or writes from (`preadv` /
+/// `pwritev` for raw images). The descriptor walk has checked every buffer
+/// against guest RAM, and each piece handed to the image lies inside one
+/// memory region, so a hostile chain cannot make the VMM touch memory
+/// outside the guest; a chain that points outside RAM is refused with a
+/// [`QueueError`] as before.
 struct BlockWorker {
     disk: SharedDisk,
     capacity_sectors: u64,
     read_only: bool,
     id: [u8; ID_LEN],
     counters: Arc<crate::stats::BlockCounters>,
-    /// The device-readable bytes of the request being served, and the
-    /// bytes written back (data, then the status byte). Kept from request
-    /// to request: a 1 MiB buffer made afresh each time costs an mmap, 256
-    /// page faults and a munmap, more than the copy itself. Capacity beyond
-    /// [`KEEP_BUFFER_BYTES`] is given back after the request.
-    request: Vec<u8>,
-    reply: Vec<u8>,
+    /// Kept from request to request (capacity only).
+    iov: Vec<IoBuf>,
 }
 
-/// What the worker's buffers keep between requests: the largest read or
-/// write it serves, its header and status byte.
-const KEEP_BUFFER_BYTES: usize = MAX_REQUEST_BYTES as usize + 64;
-
-/// The status of a request; its data, if any, is in the worker's `reply`.
-struct Outcome {
-    status: u8,
-}
-
-impl Outcome {
-    fn status(status: u8) -> Self {
-        Outcome { status }
-    }
-}
+/// Header (16 bytes) and the one discard / write-zeroes segment (16).
+const HEADER_AND_SEGMENT: usize = 32;
 
 impl BlockWorker {
     /// Byte range of `sectors` sectors at `sector`, if it lies on the disk.
@@ -340,15 +334,18 @@ impl BlockWorker {
         }
     }
 
-    /// Run one request; data to hand back goes to `data` (empty on entry).
-    fn execute(
-        &self,
-        kind: u32,
-        sector: u64,
-        payload: &[u8],
-        data_len: u64,
-        data: &mut Vec<u8>,
-    ) -> Outcome {
+    /// Run one request. What it hands back goes into its data area here;
+    /// the caller zeroes whatever part `Outcome::filled` does not cover.
+    fn execute(&mut self, req: &Request<'_, '_>) -> Outcome {
+        let Request {
+            kind,
+            sector,
+            segment,
+            payload,
+            payload_len,
+            data,
+            data_len,
+        } = *req;
         match kind {
             VIRTIO_BLK_T_IN => {
                 if data_len > MAX_REQUEST_BYTES {
@@ -357,41 +354,61 @@ impl BlockWorker {
                 let Some(offset) = self.range(sector, data_len) else {
                     return Outcome::status(VIRTIO_BLK_S_IOERR);
                 };
-                // Room for the status byte too: no reallocation after.
-                data.reserve(data_len as usize + 1);
-                data.resize(data_len as usize, 0);
-                let status = self.io("read", |d| d.read_at(data, offset));
-                if status != VIRTIO_BLK_S_OK {
-                    // Nothing of a failed read reaches the guest.
-                    data.fill(0);
+                let mut iov = std::mem::take(&mut self.iov);
+                let status = self.io("read", |d| d.read_vectored(iobufs(&mut iov, data), offset));
+                self.iov = iov;
+                // Nothing of a failed read reaches the guest: the caller
+                // zeroes the data area.
+                Outcome {
+                    status,
+                    filled: if status == VIRTIO_BLK_S_OK {
+                        data_len
+                    } else {
+                        0
+                    },
                 }
-                Outcome { status }
             }
             VIRTIO_BLK_T_OUT => {
                 if self.read_only {
                     return Outcome::status(VIRTIO_BLK_S_IOERR);
                 }
-                let Some(offset) = self.range(sector, payload.len() as u64) else {
+                let Some(offset) = self.range(sector, payload_len) else {
                     return Outcome::status(VIRTIO_BLK_S_IOERR);
                 };
-                Outcome::status(self.io("write", |d| d.write_at(payload, offset)))
+                let mut iov = std::mem::take(&mut self.iov);
+                let status = self.io("write", |d| {
+                    d.write_vectored(iobufs(&mut iov, payload), offset)
+                });
+                self.iov = iov;
+                Outcome::status(status)
             }
             VIRTIO_BLK_T_FLUSH => Outcome::status(self.io("flush", |d| d.flush())),
             VIRTIO_BLK_T_GET_ID => {
-                data.extend_from_slice(&self.id);
-                Outcome::status(VIRTIO_BLK_S_OK)
+                let mut at = 0;
+                for s in data {
+                    if at == ID_LEN {
+                        break;
+                    }
+                    let n = s.len().min(ID_LEN - at);
+                    iobuf(s).copy_from(&self.id[at..at + n]);
+                    at += n;
+                }
+                Outcome {
+                    status: VIRTIO_BLK_S_OK,
+                    filled: at as u64,
+                }
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
                 if self.read_only {
                     return Outcome::status(VIRTIO_BLK_S_IOERR);
                 }
                 // One 16-byte segment: sector, num_sectors, flags.
-                if payload.len() != 16 {
+                if payload_len != 16 || segment.len() != 16 {
                     return Outcome::status(VIRTIO_BLK_S_UNSUPP);
                 }
-                let seg_sector = u64::from_le_bytes(payload[0..8].try_into().unwrap_or([0; 8]));
-                let sectors = u32::from_le_bytes(payload[8..12].try_into().unwrap_or([0; 4]));
-                let flags = u32::from_le_bytes(payload[12..16].try_into().unwrap_or([0; 4]));
+                let seg_sector = u64::from_le_bytes(segment[0..8].try_into().unwrap_or([0; 8]));
+                let sectors = u32::from_le_bytes(segment[8..12].try_into().unwrap_or([0; 4]));
+                let flags = u32::from_le_bytes(segment[12..16].try_into().unwrap_or([0; 4]));
                 let len = sectors as u64 * SECTOR_SIZE;
                 let Some(offset) = self.range(seg_sector, len) else {
                     return Outcome::status(VIRTIO_BLK_S_IOERR);
@@ -411,27 +428,6 @@ impl BlockWorker {
 
     /// Serve one chain; returns how many bytes were written back.
     fn handle(&mut self, chain: &DescChain, mem: &GuestRam) -> Result<u32, QueueError> {
-        let mut request = std::mem::take(&mut self.request);
-        let mut reply = std::mem::take(&mut self.reply);
-        let r = self.serve(chain, mem, &mut request, &mut reply);
-        for buf in [&mut request, &mut reply] {
-            buf.clear();
-            if buf.capacity() > KEEP_BUFFER_BYTES {
-                *buf = Vec::new();
-            }
-        }
-        self.request = request;
-        self.reply = reply;
-        r
-    }
-
-    fn serve(
-        &self,
-        chain: &DescChain,
-        mem: &GuestRam,
-        readable: &mut Vec<u8>,
-        reply: &mut Vec<u8>,
-    ) -> Result<u32, QueueError> {
         let writable = chain.writable_len();
         if writable == 0 {
             return Err(QueueError::Config(format!(
@@ -439,34 +435,120 @@ impl BlockWorker {
                 chain.head
             )));
         }
-        chain.read_all_into(mem, readable)?;
-        if readable.len() < 16 {
+        let readable = chain.readable_len();
+        let mut head = [0u8; HEADER_AND_SEGMENT];
+        let got = chain.read_prefix(mem, &mut head)?;
+        if got < 16 {
             return Err(QueueError::Config(format!(
-                "virtio-blk request {} has a {}-byte header (needs 16)",
+                "virtio-blk request {} has a {readable}-byte header (needs 16)",
                 chain.head,
-                readable.len()
             )));
         }
-        let kind = u32::from_le_bytes(readable[0..4].try_into().unwrap_or([0; 4]));
-        let sector = u64::from_le_bytes(readable[8..16].try_into().unwrap_or([0; 8]));
+        let kind = u32::from_le_bytes(head[0..4].try_into().unwrap_or([0; 4]));
+        let sector = u64::from_le_bytes(head[8..16].try_into().unwrap_or([0; 8]));
         let data_len = (writable - 1) as u64;
+        let payload_len = readable as u64 - 16;
+        let mut data = Vec::new();
+        chain.guest_slices(mem, true, 0, data_len, &mut data)?;
+        let mut payload = Vec::new();
+        if kind == VIRTIO_BLK_T_OUT {
+            chain.guest_slices(mem, false, 16, payload_len, &mut payload)?;
+        }
         let started = std::time::Instant::now();
-        let out = self.execute(kind, sector, &readable[16..], data_len, reply);
+        let out = self.execute(&Request {
+            kind,
+            sector,
+            segment: &head[16..got],
+            payload: &payload,
+            payload_len,
+            data: &data,
+            data_len,
+        });
         let took = started.elapsed();
-        self.counters
-            .record(kind, &readable[16..], data_len, out.status, took);
-        // Data first, then the status byte as the last byte of the chain.
-        reply.truncate(data_len as usize);
-        reply.resize(data_len as usize, 0);
-        reply.push(out.status);
+        self.counters.record_sized(
+            kind,
+            payload_len,
+            &head[16..got],
+            data_len,
+            out.status,
+            took,
+        );
+        // The data area: what the request filled, zeros after it (the old
+        // contents of guest buffers never pass for disk data).
+        let mut at = 0u64;
+        for s in &data {
+            let len = s.len() as u64;
+            if at + len > out.filled {
+                let skip = out.filled.saturating_sub(at) as usize;
+                let b = iobuf(s);
+                // SAFETY: within the slice, which is guest RAM (see `iobuf`).
+                unsafe { std::ptr::write_bytes(b.as_ptr().add(skip), 0, b.len() - skip) };
+            }
+            // Written through a raw pointer: tell dirty logging, after the
+            // write, as `write_slice` does.
+            s.bitmap().mark_dirty(0, s.len());
+            at += len;
+        }
+        // The status byte is the chain's last writable byte.
+        let mut status = Vec::with_capacity(1);
+        chain.guest_slices(mem, true, data_len, 1, &mut status)?;
+        let Some(st) = status.first() else {
+            return Err(QueueError::Config(format!(
+                "virtio-blk request {} has no status byte",
+                chain.head
+            )));
+        };
+        st.write_obj(out.status, 0)
+            .map_err(|e| QueueError::UsedRing(format!("virtio-blk status byte: {e}")))?;
         let used = if kind == VIRTIO_BLK_T_IN || kind == VIRTIO_BLK_T_GET_ID {
             writable
         } else {
             1
         };
-        chain.write_all(mem, reply)?;
         Ok(used)
     }
+}
+
+/// One request as [`BlockWorker::execute`] sees it.
+#[derive(Clone, Copy)]
+struct Request<'a, 'm> {
+    kind: u32,
+    sector: u64,
+    /// The readable bytes after the header, up to 16 (a discard segment).
+    segment: &'a [u8],
+    /// All readable bytes after the header (writes only; else empty).
+    payload: &'a [GuestSlice<'m>],
+    payload_len: u64,
+    /// The device-writable data area: all writable bytes but the status.
+    data: &'a [GuestSlice<'m>],
+    data_len: u64,
+}
+
+/// The status of a request, and how many bytes of the data area it filled.
+struct Outcome {
+    status: u8,
+    filled: u64,
+}
+
+impl Outcome {
+    fn status(status: u8) -> Self {
+        Outcome { status, filled: 0 }
+    }
+}
+
+/// `s` as an [`IoBuf`] for the disk image.
+fn iobuf(s: &GuestSlice<'_>) -> IoBuf {
+    // SAFETY: `s` lies inside one region of guest RAM (mapped, readable
+    // and writable); the `GuestRam` it borrows from keeps that mapping
+    // alive for at least as long as the request is served.
+    unsafe { IoBuf::new(s.ptr_guard_mut().as_ptr(), s.len()) }
+}
+
+/// Fill `iov` (kept for its capacity) with `slices` as IoBufs.
+fn iobufs<'v>(iov: &'v mut Vec<IoBuf>, slices: &[GuestSlice<'_>]) -> &'v [IoBuf] {
+    iov.clear();
+    iov.extend(slices.iter().map(iobuf));
+    iov
 }
 
 impl QueueWorker for BlockWorker {
@@ -490,7 +572,7 @@ impl QueueWorker for BlockWorker {
 mod tests {
     use super::*;
     use crate::Descriptor;
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
     /// An in-memory disk that records what happened to it.
     struct MemDisk {
@@ -704,6 +786,91 @@ mod tests {
             }],
         };
         assert!(matches!(w.handle(&c, &m), Err(QueueError::Config(_))));
+    }
+
+    #[test]
+    fn zero_copy_reads_span_regions_mark_dirty_and_refuse_foreign_memory() {
+        let (mut w, _) = worker(false);
+        // Two adjacent regions: the data buffer straddles their boundary.
+        let m = GuestRam::from_ranges(&[(GuestAddress(0), 0x3000), (GuestAddress(0x3000), 0x7000)])
+            .unwrap();
+        let mut c = chain(&m, VIRTIO_BLK_T_IN, 1, &[], 0);
+        c.descs.insert(
+            1,
+            Descriptor {
+                addr: GuestAddress(0x2e00),
+                len: 1024,
+                writable: true,
+            },
+        );
+        // Clear the dirty log left by setting the chain up.
+        for r in m.iter() {
+            std::ops::Deref::deref(r).bitmap().reset();
+        }
+        let used = w.handle(&c, &m).unwrap();
+        assert_eq!((used, status(&m)), (1025, VIRTIO_BLK_S_OK));
+        let mut got = vec![0u8; 1024];
+        m.read_slice(&mut got, GuestAddress(0x2e00)).unwrap();
+        let want: Vec<u8> = (512..1536u32).map(|i| (i % 251) as u8).collect();
+        assert_eq!(got, want);
+        // Both pages the device wrote behind the guest's back are dirty.
+        let dirty = |a: u64| {
+            let (r, off) = m.to_region_addr(GuestAddress(a)).unwrap();
+            r.bitmap().dirty_at(off.0 as usize)
+        };
+        assert!(dirty(0x2e00) && dirty(0x3000), "device writes not logged");
+        // A data buffer outside guest RAM: refused as a queue error, the
+        // status byte untouched and nothing written.
+        let mut c = chain(&m, VIRTIO_BLK_T_IN, 0, &[], 0);
+        c.descs.insert(
+            1,
+            Descriptor {
+                addr: GuestAddress(0x9f00),
+                len: 0x200,
+                writable: true,
+            },
+        );
+        assert!(matches!(
+            w.handle(&c, &m),
+            Err(QueueError::BufferOutOfMemory { .. })
+        ));
+        assert_eq!(status(&m), 0xee);
+        // Same for a write whose payload lies outside RAM.
+        let mut c = chain(&m, VIRTIO_BLK_T_OUT, 0, &[], 0);
+        c.descs.insert(
+            1,
+            Descriptor {
+                addr: GuestAddress(u64::MAX - 0x100),
+                len: 0x200,
+                writable: false,
+            },
+        );
+        assert!(matches!(
+            w.handle(&c, &m),
+            Err(QueueError::BufferOutOfMemory { .. })
+        ));
+    }
+
+    #[test]
+    fn failed_reads_leave_zeros_not_old_guest_data() {
+        let (mut w, _) = worker(false);
+        let m = mem();
+        m.write_slice(&[0xab; 1024], GuestAddress(DATA)).unwrap();
+        // Past the end of the 64 KiB disk.
+        w.handle(&chain(&m, VIRTIO_BLK_T_IN, 127, &[], 1024), &m)
+            .unwrap();
+        assert_eq!(status(&m), VIRTIO_BLK_S_IOERR);
+        let mut got = vec![1u8; 1024];
+        m.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert!(got.iter().all(|&b| b == 0));
+        // GET_ID into a 32-byte area: the id, then zeros.
+        m.write_slice(&[0xab; 32], GuestAddress(DATA)).unwrap();
+        w.handle(&chain(&m, VIRTIO_BLK_T_GET_ID, 0, &[], 32), &m)
+            .unwrap();
+        let mut id = [1u8; 32];
+        m.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id[..20], b"vireo-disk-serial-nu");
+        assert_eq!(&id[20..], &[0; 12]);
     }
 
     #[test]

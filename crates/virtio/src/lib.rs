@@ -28,6 +28,7 @@ pub mod rng;
 pub mod stats;
 pub mod transport;
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use hypervisor::GuestRam;
@@ -173,9 +174,24 @@ pub trait QueueWorker: Send {
         None
     }
 
-    /// The queues to service when [`QueueWorker::host_event`] fires.
+    /// The queues to service when [`QueueWorker::host_event`] fires or
+    /// [`QueueWorker::host_fd`] polls readable.
     fn host_event_queues(&self) -> Vec<usize> {
         Vec::new()
+    }
+
+    /// A host descriptor the worker thread polls itself (a tap: readable
+    /// while a frame waits), whenever [`QueueWorker::host_fd_armed`] says
+    /// so. Level-triggered, so a device disarms it while it cannot take
+    /// input (no guest buffers), or the thread would spin.
+    fn host_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    /// Whether [`QueueWorker::host_fd`] is to be polled now (asked before
+    /// every wait).
+    fn host_fd_armed(&self) -> bool {
+        false
     }
 }
 

@@ -14,7 +14,10 @@ use std::mem::size_of;
 use hypervisor::GuestRam;
 use virtio_queue::desc::split::Descriptor as RawDescriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, Permissions};
+
+/// A piece of guest memory inside one region (see [`DescChain::guest_slices`]).
+pub type GuestSlice<'m> = vm_memory::VolatileSlice<'m, vm_memory::bitmap::MS<'m, GuestRam>>;
 
 pub const VIRTQ_DESC_F_NEXT: u16 = 1;
 pub const VIRTQ_DESC_F_WRITE: u16 = 2;
@@ -114,6 +117,67 @@ impl DescChain {
             })?;
         }
         Ok(())
+    }
+
+    /// Copy the first `out.len()` readable bytes out of guest memory;
+    /// returns how many there were (fewer if the chain is shorter).
+    pub fn read_prefix(&self, mem: &GuestRam, out: &mut [u8]) -> Result<usize, QueueError> {
+        let mut done = 0;
+        for d in self.readable() {
+            if done == out.len() {
+                break;
+            }
+            let n = (out.len() - done).min(d.len as usize);
+            mem.read_slice(&mut out[done..done + n], d.addr)
+                .map_err(|_| QueueError::BufferOutOfMemory {
+                    addr: d.addr.0,
+                    len: d.len,
+                })?;
+            done += n;
+        }
+        Ok(done)
+    }
+
+    /// Bytes `[skip, skip + len)` of the chain's device-readable buffers
+    /// (or, with `writable`, its device-writable ones) as slices of guest
+    /// memory, in chain order, each inside one memory region, appended to
+    /// `out`; returns how many bytes they cover (less than `len` when the
+    /// chain is shorter). A device hands these to the host kernel without a
+    /// bounce buffer; after writing through them it must mark them dirty
+    /// (`bitmap().mark_dirty`), which `write_slice` would have done.
+    pub fn guest_slices<'m>(
+        &self,
+        mem: &'m GuestRam,
+        writable: bool,
+        skip: u64,
+        len: u64,
+        out: &mut Vec<GuestSlice<'m>>,
+    ) -> Result<u64, QueueError> {
+        let mut pos = 0u64; // start of `d` in the stream of buffers
+        let end = skip.saturating_add(len);
+        let mut covered = 0u64;
+        for d in self.descs.iter().filter(|d| d.writable == writable) {
+            let (start, stop) = (pos, pos + d.len as u64);
+            pos = stop;
+            if stop <= skip || d.len == 0 {
+                continue;
+            }
+            if start >= end {
+                break;
+            }
+            let from = skip.max(start) - start;
+            let to = end.min(stop) - start;
+            let bad = || QueueError::BufferOutOfMemory {
+                addr: d.addr.0,
+                len: d.len,
+            };
+            let addr = d.addr.checked_add(from).ok_or_else(bad)?;
+            for piece in GuestMemoryBackend::get_slices(mem, addr, (to - from) as usize) {
+                out.push(piece.map_err(|_| bad())?);
+            }
+            covered += to - from;
+        }
+        Ok(covered)
     }
 
     /// Fill the writable buffers front to back with `data`; returns how
@@ -333,6 +397,13 @@ impl VirtQueue {
             None => Ok(None),
             Some(h) => walk_chain(mem, desc_table, size, h, self.indirect).map(Some),
         }
+    }
+
+    /// Put back the chain [`VirtQueue::pop`] just returned (the device
+    /// cannot use it yet): the next `pop` returns it again.
+    pub fn undo_pop(&mut self) {
+        let next = self.inner.next_avail().wrapping_sub(1);
+        self.inner.set_next_avail(next);
     }
 
     /// Return chain `head` to the driver with `len` bytes written.

@@ -113,12 +113,27 @@ impl BlockCounters {
     /// data of a write, the segment of a discard), the bytes a read asked
     /// for, its status and how long it took.
     pub fn record(&self, kind: u32, payload: &[u8], read_len: u64, status: u8, took: Duration) {
+        self.record_sized(kind, payload.len() as u64, payload, read_len, status, took);
+    }
+
+    /// [`BlockCounters::record`] for a device that does not hold the
+    /// payload (zero-copy writes): its length, and its first bytes
+    /// (`segment`: at least the 16 of a discard segment, when there is one).
+    pub fn record_sized(
+        &self,
+        kind: u32,
+        payload_len: u64,
+        segment: &[u8],
+        read_len: u64,
+        status: u8,
+        took: Duration,
+    ) {
         let (op, bytes) = match kind {
             VIRTIO_BLK_T_IN => (&self.read, read_len),
-            VIRTIO_BLK_T_OUT => (&self.write, payload.len() as u64),
+            VIRTIO_BLK_T_OUT => (&self.write, payload_len),
             VIRTIO_BLK_T_FLUSH => (&self.flush, 0),
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-                let sectors = payload
+                let sectors = segment
                     .get(8..12)
                     .and_then(|b| b.try_into().ok())
                     .map_or(0, u32::from_le_bytes);

@@ -1136,9 +1136,12 @@ impl WorkerContext {
             }
         }
         let host_fd = self.worker.host_event().map(|e| e.as_raw_fd());
+        // Polled directly, and only while the device arms it (the last entry).
+        let direct_fd = self.worker.host_fd();
         let mut fds: Vec<libc::pollfd> = std::iter::once(self.kill.as_raw_fd())
             .chain(self.notify.iter().map(|e| e.as_raw_fd()))
             .chain(host_fd)
+            .chain(direct_fd)
             .map(|fd| libc::pollfd {
                 fd,
                 events: libc::POLLIN,
@@ -1147,6 +1150,10 @@ impl WorkerContext {
             .collect();
         let nq = self.notify.len();
         loop {
+            if let (Some(fd), Some(last)) = (direct_fd, fds.last_mut()) {
+                // A negative descriptor is skipped by poll.
+                last.fd = if self.worker.host_fd_armed() { fd } else { -1 };
+            }
             // SAFETY: `fds` is a valid array of pollfd for its length.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
             if n < 0 {
@@ -1178,6 +1185,13 @@ impl WorkerContext {
                 if let Some(e) = self.worker.host_event() {
                     let _ = e.read();
                 }
+                for i in self.worker.host_event_queues() {
+                    if !self.service(i) {
+                        return self.park();
+                    }
+                }
+            }
+            if direct_fd.is_some() && fds.last().is_some_and(|f| f.fd >= 0 && f.revents != 0) {
                 for i in self.worker.host_event_queues() {
                     if !self.service(i) {
                         return self.park();

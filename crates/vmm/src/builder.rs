@@ -350,6 +350,7 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
             started: std::time::Instant::now(),
             vcpus: vcpu_counters,
             devices: devices.take_monitored(),
+            progress: Default::default(),
         },
         devices,
     });
@@ -543,7 +544,9 @@ pub(crate) fn for_snapshot(
     clone: &CloneOptions,
     serial: &SerialMode,
 ) -> Result<Built, VmmError> {
-    let mut manifest = crate::snapshot::read_manifest(dir)?;
+    let (mut manifest, signed) = crate::snapshot::read_signed_manifest(dir)?;
+    // Before any host file the manifest names is opened.
+    crate::snapshot::check_disks_named(dir, &manifest, signed, &clone.disks)?;
     let what = format!("snapshot {}", dir.display());
     let (accel, cross) = prepare_accel(&what, &mut manifest, opts)?;
     let mut spec = restore_spec(dir, &manifest, accel)?;

@@ -435,6 +435,37 @@ pub const MIN_MEMORY: u64 = 16 << 20;
 /// Most vCPUs the boot tables describe (one IOAPIC id after them).
 pub const MAX_CPUS: u32 = 254;
 
+/// The most guest memory Vireo runs (1 TiB).
+pub const MAX_MEMORY: u64 = 1 << 40;
+
+/// The limits every VM is held to, however it is made: `vm.create` and
+/// `vireo run` check its configuration, a restore and a migration the
+/// memory and vCPUs their manifest claims.
+pub fn check_size(memory: u64, cpus: u32) -> Result<(), VmmError> {
+    if cpus == 0 {
+        return Err(VmmError::Config("--cpus must be at least 1".into()));
+    }
+    if cpus > MAX_CPUS {
+        return Err(VmmError::Config(format!(
+            "--cpus {cpus} is more than the {MAX_CPUS} Vireo supports"
+        )));
+    }
+    if memory < MIN_MEMORY {
+        return Err(VmmError::Config(format!(
+            "--memory {} MiB is too small (at least {} MiB)",
+            memory >> 20,
+            MIN_MEMORY >> 20
+        )));
+    }
+    if memory > MAX_MEMORY {
+        return Err(VmmError::Config(format!(
+            "--memory {} GiB is more than Vireo supports (1 TiB)",
+            memory >> 30
+        )));
+    }
+    Ok(())
+}
+
 impl VmConfig {
     pub fn new(kernel: PathBuf) -> Self {
         VmConfig {
@@ -489,29 +520,7 @@ impl VmConfig {
 
     /// Check what can be checked before touching the host.
     pub fn validate(&self) -> Result<(), VmmError> {
-        if self.cpus == 0 {
-            return Err(VmmError::Config("--cpus must be at least 1".into()));
-        }
-        if self.cpus > MAX_CPUS {
-            return Err(VmmError::Config(format!(
-                "--cpus {} is more than the {MAX_CPUS} Vireo supports",
-                self.cpus
-            )));
-        }
-        if self.memory.0 < MIN_MEMORY {
-            return Err(VmmError::Config(format!(
-                "--memory {} MiB is too small (at least {} MiB)",
-                self.memory.0 >> 20,
-                MIN_MEMORY >> 20
-            )));
-        }
-        if self.memory.0 > (1u64 << 40) {
-            return Err(VmmError::Config(format!(
-                "--memory {} GiB is more than Vireo supports (1 TiB)",
-                self.memory.0 >> 30
-            )));
-        }
-        Ok(())
+        check_size(self.memory.0, self.cpus)
     }
 
     /// The kernel, initrd and disk files exist (checked before anything

@@ -182,6 +182,155 @@ pub(crate) struct VmMonitor {
     pub started: Instant,
     pub vcpus: Vec<Arc<VcpuCounters>>,
     pub devices: Vec<MonitoredDevice>,
+    /// The long operation in progress, if any.
+    pub progress: Progress,
+}
+
+/// What a long operation has done so far (a snapshot's memory written, a
+/// migration's pages sent), for `vm.counters` and the CLI's progress.
+/// Written by the one thread doing the operation; `op` 0 means none.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    op: std::sync::atomic::AtomicU8,
+    phase: std::sync::atomic::AtomicU8,
+    /// Nanoseconds after the monitor's start when the operation began.
+    began_ns: Counter,
+    /// Guest memory covered so far (a migration's pages x 4 KiB).
+    done_bytes: Counter,
+    /// What the whole (snapshot) or this round (migration) covers.
+    total_bytes: Counter,
+    /// Of this round, done (the migration's rounds restart it).
+    round_done_bytes: Counter,
+    /// Bytes that went on the wire or to the file.
+    sent_bytes: Counter,
+    round: Counter,
+    /// Pages the guest dirtied during the last round, and how fast.
+    dirty_pages: Counter,
+    dirty_pages_per_s: Counter,
+}
+
+/// Which long operation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Operation {
+    Snapshot = 1,
+    Migration = 2,
+}
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Writing memory (a snapshot) or copying it while the guest runs.
+    Copy = 1,
+    /// The guest is paused; the last dirty pages and the state go over.
+    StopAndCopy = 2,
+}
+
+impl Progress {
+    pub(crate) fn begin(&self, started: Instant, op: Operation, total_bytes: u64) {
+        self.began_ns.publish(started.elapsed().as_nanos() as u64);
+        for c in [
+            &self.done_bytes,
+            &self.round_done_bytes,
+            &self.sent_bytes,
+            &self.round,
+            &self.dirty_pages,
+            &self.dirty_pages_per_s,
+        ] {
+            c.publish(0);
+        }
+        self.total_bytes.publish(total_bytes);
+        self.phase.store(Phase::Copy as u8, Ordering::Relaxed);
+        self.op.store(op as u8, Ordering::Release);
+    }
+
+    /// (memory covered, bytes sent) so far.
+    #[cfg(test)]
+    pub(crate) fn done(&self) -> (u64, u64) {
+        (self.done_bytes.get(), self.sent_bytes.get())
+    }
+
+    pub(crate) fn end(&self) {
+        self.op.store(0, Ordering::Release);
+    }
+
+    /// `bytes` more of guest memory are done; `sent` is the running total
+    /// that went out.
+    pub(crate) fn advance(&self, bytes: u64, sent: u64) {
+        self.done_bytes.add(bytes);
+        self.round_done_bytes.add(bytes);
+        self.sent_bytes.publish(sent);
+    }
+
+    /// A new round (migration) over `total_bytes` of dirty memory; the
+    /// last one left `dirty_pages`, dirtied at `per_s` pages a second.
+    pub(crate) fn round(&self, phase: Phase, total_bytes: u64, dirty_pages: u64, per_s: u64) {
+        self.round.inc();
+        self.round_done_bytes.publish(0);
+        self.total_bytes.publish(total_bytes);
+        self.dirty_pages.publish(dirty_pages);
+        self.dirty_pages_per_s.publish(per_s);
+        self.phase.store(phase as u8, Ordering::Relaxed);
+    }
+
+    fn report(&self, started: Instant) -> Option<OperationReport> {
+        let op = match self.op.load(Ordering::Acquire) {
+            1 => "snapshot",
+            2 => "migration",
+            _ => return None,
+        };
+        let phase = match self.phase.load(Ordering::Relaxed) {
+            2 => "stop-and-copy",
+            _ => "copy",
+        };
+        let now = started.elapsed().as_nanos() as u64;
+        let elapsed_ns = now.saturating_sub(self.began_ns.get()).max(1);
+        let done = self.done_bytes.get();
+        let rate = (done as u128 * 1_000_000_000 / elapsed_ns as u128) as u64;
+        let dirty = self.dirty_pages.get();
+        Some(OperationReport {
+            kind: op.into(),
+            phase: phase.into(),
+            elapsed_ms: elapsed_ns / 1_000_000,
+            done_bytes: done,
+            round_done_bytes: self.round_done_bytes.get(),
+            round_total_bytes: self.total_bytes.get(),
+            sent_bytes: self.sent_bytes.get(),
+            rate_bytes_per_s: rate,
+            round: self.round.get(),
+            dirty_pages: dirty,
+            dirty_pages_per_s: self.dirty_pages_per_s.get(),
+            expected_downtime_ms: (op == "migration" && rate > 0)
+                .then(|| dirty * 4096 * 1000 / rate),
+        })
+    }
+}
+
+/// A long operation as `vm.counters` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OperationReport {
+    /// snapshot or migration.
+    pub kind: String,
+    /// copy (memory goes out; a migrating guest runs) or stop-and-copy
+    /// (the migrating guest is paused for the last pages and its state).
+    pub phase: String,
+    pub elapsed_ms: u64,
+    /// Guest memory covered since the start (every round together).
+    pub done_bytes: u64,
+    /// Of the current round (a snapshot has one).
+    pub round_done_bytes: u64,
+    pub round_total_bytes: u64,
+    /// What went to the file or the wire (zero pages cost little).
+    pub sent_bytes: u64,
+    /// Memory covered per second since the start.
+    pub rate_bytes_per_s: u64,
+    /// A migration's pre-copy round (0 for a snapshot).
+    pub round: u64,
+    /// Pages the guest dirtied during the last round, and how fast.
+    pub dirty_pages: u64,
+    pub dirty_pages_per_s: u64,
+    /// A migration's downtime if it stopped the guest now: the dirty
+    /// pages at the rate so far.
+    pub expected_downtime_ms: Option<u64>,
 }
 
 /// `GET /api/v1/vm.counters`: the VM's counters now.
@@ -197,6 +346,8 @@ pub struct VmCounters {
     pub nets: Vec<NetReport>,
     /// Every virtio function, disks and NICs included.
     pub virtio: Vec<VirtioReport>,
+    /// A snapshot or migration in progress (null when none runs).
+    pub operation: Option<OperationReport>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -308,7 +459,13 @@ impl crate::VmHandle {
             disks,
             nets,
             virtio,
+            operation: m.progress.report(m.started),
         }
+    }
+
+    /// The progress of the operation this VM runs (see [`Progress`]).
+    pub(crate) fn progress(&self) -> (&Progress, Instant) {
+        (&self.monitor.progress, self.monitor.started)
     }
 }
 
@@ -647,6 +804,20 @@ pub(crate) mod tests {
                     interrupts: 2,
                 },
             }],
+            operation: Some(OperationReport {
+                kind: "migration".into(),
+                phase: "copy".into(),
+                elapsed_ms: 1,
+                done_bytes: 4096,
+                round_done_bytes: 4096,
+                round_total_bytes: 8192,
+                sent_bytes: 4104,
+                rate_bytes_per_s: 4096000,
+                round: 1,
+                dirty_pages: 2,
+                dirty_pages_per_s: 3,
+                expected_downtime_ms: Some(2),
+            }),
         }
     }
 

@@ -181,6 +181,10 @@ pub struct CloneOptions {
     pub overlays: Vec<std::path::PathBuf>,
     /// Taps for the snapshot's NICs, in order (missing ones keep theirs).
     pub taps: Vec<String>,
+    /// The snapshot's disks as the person restoring names them: needed
+    /// when the snapshot is not signed with this VMM's snapshot key
+    /// (`snapshot::check_disks_named`).
+    pub disks: Vec<std::path::PathBuf>,
 }
 
 /// How a snapshot or migrated VM is to be restored.

@@ -10,6 +10,7 @@
 //! `migration`'s stream; `api` and `control` serve and steer it.
 
 pub mod api;
+pub mod auth;
 mod builder;
 pub mod config;
 pub mod console;

@@ -59,7 +59,17 @@ impl VmHandle {
         let (vcpu_states, vm_state, devices) = self.save_states()?;
         let (cpuid, tsc_khz) = self.cpu_record();
         let dir = prepare_dir(dir)?;
-        let memory = write_memory(&self.memory, &dir)?;
+        let (progress, started) = self.progress();
+        progress.begin(
+            started,
+            crate::counters::Operation::Snapshot,
+            self.memory_bytes,
+        );
+        let memory = write_memory_with(&self.memory, &dir, &mut |covered, written| {
+            progress.advance(covered, written)
+        });
+        progress.end();
+        let memory = memory?;
         tracing::info!(
             "snapshot: {} MiB of guest memory, {} MiB of it written",
             memory.file_bytes >> 20,

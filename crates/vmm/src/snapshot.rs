@@ -14,6 +14,17 @@
 //! snapshot names its disk files and only resumes over the same files,
 //! unchanged since (see `virtio::block::BlockState`).
 //!
+//! A snapshot directory is data, not authority: anyone can write one that
+//! names any host file as a disk. So a manifest also carries `"mac":
+//! "hmac-sha256:..."` under the snapshot key of the VMM that wrote it (the
+//! user's, `--snapshot-key-file`, by default made once at
+//! `~/.config/vireo/snapshot.key`), and a restore opens the disks a
+//! manifest names only if the manifest verifies under the restoring VMM's
+//! key, or if the person restoring names those same disks themselves
+//! (`vireo restore --disk PATH`, `disks` in `vm.restore`). A snapshot made
+//! by another user, under another key, or edited, thus restores only over
+//! disks its restorer chose ([`check_disks_named`]).
+//!
 //! Devices are saved by walking a [`DeviceList`]: every device with state,
 //! in the order the VM builds them, each through `devices::Persist` (one
 //! state type per device). The manifest keeps them as one ordered list of
@@ -283,6 +294,15 @@ impl Manifest {
     /// configuration it carries) before anything is built from it.
     pub fn check(&self) -> Result<(), VmmError> {
         let bad = |what: String| Err(VmmError::Snapshot(format!("snapshot manifest: {what}")));
+        // The limits `vm.create` holds a new VM to hold a restored or
+        // received one too (a sparse 8 TiB memory file costs nothing to
+        // forge).
+        crate::config::check_size(self.memory_bytes, self.vcpus)
+            .map_err(|e| VmmError::Snapshot(format!("snapshot manifest: {e}")))?;
+        if let Some(c) = &self.config {
+            c.validate()
+                .map_err(|e| VmmError::Snapshot(format!("snapshot manifest: {e}")))?;
+        }
         if self.vcpu_states.len() != self.vcpus as usize || self.vcpus == 0 {
             return bad(format!(
                 "{} vCPU states for {} vCPUs",
@@ -335,11 +355,14 @@ impl Manifest {
 }
 
 /// What `manifest.json` holds: the version, a checksum of the manifest's
-/// bytes, and the manifest.
+/// bytes, their MAC under the writer's snapshot key (if it had one), and
+/// the manifest.
 #[derive(Serialize, Deserialize)]
 struct Envelope<'a> {
     version: u32,
     checksum: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mac: Option<String>,
     #[serde(borrow)]
     manifest: &'a serde_json::value::RawValue,
 }
@@ -412,11 +435,22 @@ pub struct MemoryWritten {
 /// Write guest memory to `dir/memory.bin`, sparsely: zero pages, and pages
 /// of anonymous memory the guest never touched, are left as holes.
 pub fn write_memory(mem: &GuestRam, dir: &SnapshotDir) -> Result<MemoryWritten, VmmError> {
+    write_memory_with(mem, dir, &mut |_, _| {})
+}
+
+/// [`write_memory`], telling `progress` (memory covered, bytes written)
+/// every 16 MiB of guest memory.
+pub fn write_memory_with(
+    mem: &GuestRam,
+    dir: &SnapshotDir,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<MemoryWritten, VmmError> {
     let path = dir.path().join(MEMORY_FILE);
     let f = dir.new_file(MEMORY_FILE)?;
     let mut ranges = Vec::new();
     let mut offset = 0u64;
-    let mut data_bytes = 0u64;
+    // A cell: the flush closure adds to it while the loop reads it.
+    let data_bytes = std::cell::Cell::new(0u64);
     for region in mem.iter() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -437,13 +471,16 @@ pub fn write_memory(mem: &GuestRam, dir: &SnapshotDir) -> Result<MemoryWritten, 
             None
         };
         let mut run: Option<usize> = None;
-        let mut flush = |start: usize, end: usize| -> Result<(), VmmError> {
+        let flush = |start: usize, end: usize| -> Result<(), VmmError> {
             f.write_all_at(&bytes[start..end], offset + start as u64)
                 .map_err(|e| io_err("cannot write", &path, e))?;
-            data_bytes += (end - start) as u64;
+            data_bytes.set(data_bytes.get() + (end - start) as u64);
             Ok(())
         };
         for (i, page) in bytes.chunks(PAGE).enumerate() {
+            if i % 4096 == 4095 {
+                progress(4096 * PAGE as u64, data_bytes.get());
+            }
             let skip = touched
                 .as_ref()
                 .is_some_and(|t| !t.get(i).copied().unwrap_or(true))
@@ -473,7 +510,7 @@ pub fn write_memory(mem: &GuestRam, dir: &SnapshotDir) -> Result<MemoryWritten, 
     Ok(MemoryWritten {
         ranges,
         file_bytes: offset,
-        data_bytes,
+        data_bytes: data_bytes.get(),
     })
 }
 
@@ -563,6 +600,31 @@ pub fn rewrite_manifest(dir: &Path, m: &Manifest) -> Result<(), VmmError> {
         .map_err(|e| io_err("cannot write", &path, e))
 }
 
+/// What a manifest's MAC is computed over, with its bytes.
+const MAC_CONTEXT: &[u8] = b"vireo snapshot manifest v3";
+
+static SNAPSHOT_KEY: std::sync::RwLock<Option<crate::auth::Key>> = std::sync::RwLock::new(None);
+
+/// The key this process signs the snapshots it writes with, and verifies
+/// the ones it restores under (set once by the binary).
+pub fn set_snapshot_key(key: Option<crate::auth::Key>) {
+    *SNAPSHOT_KEY.write().unwrap_or_else(|e| e.into_inner()) = key;
+}
+
+fn snapshot_key() -> Option<crate::auth::Key> {
+    SNAPSHOT_KEY
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
+
+fn mac_of(key: &crate::auth::Key, raw: &str) -> String {
+    format!(
+        "hmac-sha256:{}",
+        crate::auth::hex(&key.tag(&[MAC_CONTEXT, raw.as_bytes()]))
+    )
+}
+
 fn manifest_bytes(m: &Manifest) -> Result<Vec<u8>, VmmError> {
     let unwritable = |source| VmmError::Serialize {
         what: "manifest".into(),
@@ -573,12 +635,19 @@ fn manifest_bytes(m: &Manifest) -> Result<Vec<u8>, VmmError> {
     serde_json::to_vec(&Envelope {
         version: SNAPSHOT_VERSION,
         checksum: checksum(raw.get().as_bytes()),
+        mac: snapshot_key().map(|k| mac_of(&k, raw.get())),
         manifest: &raw,
     })
     .map_err(unwritable)
 }
 
 pub fn read_manifest(dir: &Path) -> Result<Manifest, VmmError> {
+    read_signed_manifest(dir).map(|(m, _)| m)
+}
+
+/// The manifest, and whether it verifies under this process's snapshot
+/// key (it was written by a VMM holding that key, and not edited since).
+pub fn read_signed_manifest(dir: &Path) -> Result<(Manifest, bool), VmmError> {
     let path = dir.join(MANIFEST);
     // A missing or unreadable manifest means DIR is not a snapshot: the
     // caller's input, not a host failure.
@@ -625,7 +694,69 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, VmmError> {
             source,
         })?;
     m.check()?;
-    Ok(m)
+    let signed = match (snapshot_key(), &env.mac) {
+        (Some(k), Some(mac)) => {
+            let tag = mac
+                .strip_prefix("hmac-sha256:")
+                .and_then(crate::auth::unhex)
+                .unwrap_or_default();
+            k.verify(&[MAC_CONTEXT, env.manifest.get().as_bytes()], &tag)
+        }
+        _ => false,
+    };
+    Ok((m, signed))
+}
+
+/// The disk files a manifest names, in order.
+pub fn disk_files(m: &Manifest) -> Vec<PathBuf> {
+    m.devices
+        .virtio()
+        .filter_map(|v| match &v.device {
+            virtio::DeviceState::Block(b) => Some(b.path.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A restore may open the host files a snapshot names as disks only if the
+/// snapshot is `signed` under the restorer's key, or if the restorer
+/// `named` the same files, in order. Refused otherwise, naming them.
+pub fn check_disks_named(
+    dir: &Path,
+    m: &Manifest,
+    signed: bool,
+    named: &[PathBuf],
+) -> Result<(), VmmError> {
+    let disks = disk_files(m);
+    if signed && named.is_empty() {
+        return Ok(());
+    }
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if named.len() == disks.len() && disks.iter().zip(named).all(|(d, n)| same(d, n)) {
+        return Ok(());
+    }
+    let list = disks
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if !named.is_empty() {
+        return Err(VmmError::Snapshot(format!(
+            "snapshot {}: the disks named to restore it are not the ones it was taken with ({list}), in order",
+            dir.display()
+        )));
+    }
+    if disks.is_empty() {
+        return Ok(());
+    }
+    Err(VmmError::Snapshot(format!(
+        "snapshot {} is not signed with this VMM's snapshot key (another user's or key's snapshot, or edited) \
+         and names host files as its disks: {list}. If you trust it, name them to restore it: --disk PATH for each, in order",
+        dir.display()
+    )))
 }
 
 /// A directory a snapshot is being written into: new (made 0700 by us) or

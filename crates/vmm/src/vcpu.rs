@@ -145,7 +145,8 @@ impl VcpuContext {
             let left = Instant::now();
             self.counters
                 .exited(ExitReason::of(&exit), left.duration_since(entered));
-            // Every arm that goes on falls through to count its time.
+            // Every arm that goes on (but a halt's sleep) falls through to
+            // count its time.
             match exit {
                 VcpuExit::IoIn { port, data } => {
                     if !self.pio.read(port as u64, data) {
@@ -175,6 +176,8 @@ impl VcpuContext {
                     // halted vCPU but an interrupt, which the backend checks
                     // on its next run.
                     std::thread::sleep(Duration::from_millis(1));
+                    // Sleeping is not answering an exit: not counted.
+                    continue;
                 }
                 VcpuExit::SystemPowerOff => {
                     let _ = self.exits.send(VmExit::PowerOff);

@@ -353,7 +353,7 @@ impl InterruptController for SharedPlatform {
 
     fn signal_msi(&self, addr: u64, data: u32) {
         match msi_delivery(addr, data) {
-            Some(d) => self.with(|p, _| p.route_delivery(d)),
+            Some(d) => SharedPlatform::signal_msi(self, d),
             None => tracing::debug!("MSI to {addr:#x} (data {data:#x}) is not an APIC message"),
         }
     }

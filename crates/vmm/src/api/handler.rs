@@ -283,6 +283,7 @@ impl RequestHandler for ApiShared {
             clone: crate::CloneOptions {
                 overlays: req.overlays.clone(),
                 taps: req.taps.clone(),
+                disks: req.disks.clone(),
             },
             serial: req.serial.clone().unwrap_or_default(),
         };

@@ -252,6 +252,10 @@ pub struct RestoreRequest {
     /// Taps for the snapshot's NICs, in order.
     #[serde(default)]
     pub taps: Vec<String>,
+    /// The snapshot's disk files, in order: required when the snapshot is
+    /// not signed with this VMM's snapshot key.
+    #[serde(default)]
+    pub disks: Vec<PathBuf>,
     /// Where the console goes [default: stdio of the VMM].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<SerialMode>,
@@ -673,6 +677,7 @@ mod tests {
                 allow_tsc_change: true,
                 overlays: vec!["/o".into()],
                 taps: vec!["t0".into()],
+                disks: vec!["/d".into()],
                 serial: Some(SerialMode::None),
             }),
             ApiAction::VmMigrateReceive(MigrateReceiveRequest {
@@ -810,6 +815,7 @@ mod tests {
             allow_tsc_change: true,
             overlays: vec![],
             taps: vec![],
+            disks: vec![],
             serial: Some(SerialMode::Stdio),
         };
         let receive = MigrateReceiveRequest {
@@ -859,6 +865,7 @@ mod tests {
             ("Histogram", fields(&counters.disks[0].stats.latency_us)),
             ("NetCounters", fields(&counters.nets[0])),
             ("VirtioCounters", fields(&counters.virtio[0])),
+            ("OperationProgress", fields(&counters.operation)),
         ];
         for (schema, fields) in pairs {
             assert_eq!(documented(&doc, schema), fields, "schema {schema}");
