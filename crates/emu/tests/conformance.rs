@@ -483,3 +483,71 @@ fn cpuid_apic_bit_follows_the_apic_global_enable() {
     });
     assert_eq!(v, 13);
 }
+
+#[test]
+fn legacy_mode_syscall_and_sysret() {
+    // Flat 32-bit protected mode, paging off, EFER.SCE: SYSCALL enters at
+    // STAR[31:0] with STAR[47:32] as CS, SYSRET returns to ring 3 at ECX
+    // with STAR[63:48] | 3; the user code comes back once more.
+    const ENTRY: u64 = CODE + 0x1000;
+    const USER: u64 = CODE + 0x2000;
+    const COUNT: u64 = DATA;
+    const MARK: u64 = DATA + 8;
+    let mut g = guest();
+    let mut s = g.sregs();
+    let code32 = hypervisor::Segment::from_gdt_entry(SEL_CODE32, 0x00cf_9b00_0000_ffff);
+    let data = hypervisor::Segment::from_gdt_entry(SEL_DATA, 0x00cf_9300_0000_ffff);
+    s.cs = code32;
+    s.ds = data;
+    s.es = data;
+    s.ss = data;
+    s.cr0 = 0x11;
+    s.cr3 = 0;
+    s.cr4 = 0;
+    s.efer = 1;
+    hypervisor::Vcpu::set_sregs(&mut g.vcpu, &s).unwrap();
+    g.write(
+        ENTRY,
+        &asm_at(32, ENTRY, |a| {
+            let mut done = a.create_label();
+            a.inc(dword_ptr(COUNT as u32))?;
+            a.cmp(dword_ptr(COUNT as u32), 2)?;
+            a.je(done)?;
+            a.mov(edi, ecx)?; // the return address of the first SYSCALL
+            a.mov(ecx, USER as u32)?;
+            a.sysret()?;
+            a.set_label(&mut done)?;
+            a.hlt()
+        }),
+    );
+    g.write(
+        USER,
+        &asm_at(32, USER, |a| {
+            a.mov(dword_ptr(MARK as u32), 0x55)?;
+            a.syscall()
+        }),
+    );
+    let code = asm_at(32, CODE, |a| {
+        a.mov(ecx, 0xc000_0081u32)?;
+        a.mov(eax, ENTRY as u32)?;
+        // SYSCALL CS 0x18 (SS 0x20); SYSRET CS 0x20 | 3 (SS 0x28 | 3).
+        a.mov(edx, (0x20u32 << 16) | SEL_CODE32 as u32)?;
+        a.wrmsr()?;
+        a.sti()?;
+        a.syscall()
+    });
+    g.load_code(&code);
+    let mut r = g.regs();
+    r.rsp = STACK_TOP;
+    g.set_regs(&r);
+    g.run_to_halt();
+    let r = g.regs();
+    assert_eq!(g.r32(COUNT), 2, "entered twice");
+    assert_eq!(g.r32(MARK), 0x55, "ring-3 code ran after SYSRET");
+    assert!(r.rdi > CODE && r.rdi < CODE + 0x40, "ECX = return EIP");
+    assert!(r.rcx > USER && r.rcx < USER + 0x20);
+    let s = g.sregs();
+    assert_eq!(s.cs.selector, SEL_CODE32);
+    assert!(s.cs.db && !s.cs.l);
+    assert_eq!(r.rflags & 0x200, 0, "IF cleared on entry");
+}
