@@ -361,7 +361,7 @@ fn a_cancelled_migration_leaves_the_source_running() {
     let (accepted_tx, accepted) = std::sync::mpsc::channel();
     let fake = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
-        s.write_all(&greeting(false)).unwrap();
+        s.write_all(&migration_greeting(false)).unwrap();
         accepted_tx.send(()).unwrap();
         // Drain until the source cuts the stream; never answer.
         let mut sink = Vec::new();
@@ -426,7 +426,7 @@ fn a_destination_that_refuses_leaves_the_source_running() {
     let port = listener.local_addr().unwrap().port();
     let fake = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
-        s.write_all(&greeting(false)).unwrap();
+        s.write_all(&migration_greeting(false)).unwrap();
         let mut r = std::io::BufReader::new(s.try_clone().unwrap());
         let mut w = s.try_clone().unwrap();
         let got = vmm::migration::read_stream(&mut r, &mut w).map(|(m, _)| m.vcpus);
@@ -530,7 +530,7 @@ fn a_cut_stream_leaves_the_source_running() {
     let fake = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
         // Greet as a destination that needs no key.
-        s.write_all(&greeting(false)).unwrap();
+        s.write_all(&migration_greeting(false)).unwrap();
         let mut buf = vec![0u8; 100_000];
         let _ = s.read_exact(&mut buf);
         drop(s);
@@ -560,15 +560,6 @@ fn a_cut_stream_leaves_the_source_running() {
     assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
     assert_unbroken_cycle(&src.stdout_text());
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// What a destination says first: "VIREODST", whether it needs a key, a
-/// nonce (zeros here).
-fn greeting(key: bool) -> Vec<u8> {
-    let mut g = b"VIREODST".to_vec();
-    g.push(key as u8);
-    g.extend_from_slice(&[0u8; 32]);
-    g
 }
 
 /// Connect to a destination and read its greeting; the connection and

@@ -667,7 +667,7 @@ fn state_changes_are_json_event_lines() {
 }
 
 /// A live migration's progress: while a capped migration of a Debian guest
-/// copies its memory (to a destination that only drains the stream),
+/// copies its memory (to a destination that greets, then only drains the stream),
 /// vm.counters shows the operation growing at about the cap, and
 /// `vireo migrate` prints progress lines on its (non-terminal) stderr;
 /// once cancelled, no operation is shown.
@@ -696,6 +696,7 @@ fn migration_progress_shows_in_the_counters_and_the_cli() {
     let port = listener.local_addr().unwrap().port();
     let drain = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
+        s.write_all(&migration_greeting(false)).unwrap();
         let mut sink = Vec::new();
         let _ = s.read_to_end(&mut sink);
     });
