@@ -421,7 +421,9 @@ fn top_shows_two_vms_in_a_terminal_and_quits_on_q() {
     };
     let status = status.expect("vireo top did not quit on q");
     assert!(status.success(), "{status:?}");
-    std::thread::sleep(Duration::from_millis(100));
+    // The last bytes may still be on their way through the pty.
+    let restored = || screen.lock().unwrap().ends_with(b"\x1b[?25h\x1b[?1049l");
+    wait_until(Duration::from_secs(5), restored);
     let all = String::from_utf8_lossy(&screen.lock().unwrap()).into_owned();
     assert!(
         all.ends_with("\x1b[?25h\x1b[?1049l"),
@@ -666,6 +668,15 @@ fn state_changes_are_json_event_lines() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// What a destination says first: `vmm::migration::GREETING`, whether it
+/// needs a key (no), a nonce (zeros).
+fn vireo_migration_greeting() -> Vec<u8> {
+    let mut g = vmm::migration::GREETING.to_vec();
+    g.push(0);
+    g.extend_from_slice(&[0u8; 32]);
+    g
+}
+
 /// A live migration's progress: while a capped migration of a Debian guest
 /// copies its memory (to a destination that only drains the stream),
 /// vm.counters shows the operation growing at about the cap, and
@@ -696,6 +707,9 @@ fn migration_progress_shows_in_the_counters_and_the_cli() {
     let port = listener.local_addr().unwrap().port();
     let drain = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
+        // Greet as a destination that needs no key ("VIREODST", no key, a
+        // zero nonce), then only drain.
+        s.write_all(&vireo_migration_greeting()).unwrap();
         let mut sink = Vec::new();
         let _ = s.read_to_end(&mut sink);
     });
