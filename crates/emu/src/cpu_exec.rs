@@ -220,7 +220,9 @@ impl Core {
         }
         let prev = std::mem::replace(&mut self.prev_block, BlockPtr::NONE).0;
         let rip = self.st.rip;
-        let epoch = self.tlb.epoch;
+        // Links hold under the TLB epoch and CPL they were made under (see
+        // `crate::jit::runtime`); older ones are fetched again here.
+        let key = self.tlb.epoch | self.user() as u64;
         let cache_gen = self.blocks.generation;
         let cell = std::mem::take(&mut self.jit.ctx.last_cell);
         let chained = if prev.is_null() {
@@ -228,11 +230,11 @@ impl Core {
         } else {
             // SAFETY: a non-null `prev` is in this vCPU's block arena (links are
             // reset whenever the cache is cleared).
-            crate::frontend::decode::chained(unsafe { &*prev }, rip, epoch)
+            crate::frontend::decode::chained(unsafe { &*prev }, rip, key)
                 // SAFETY: a cell noted by the code of `prev` (a live block).
-                .or_else(|| unsafe { crate::jit::linked_block(cell, rip, epoch) })
+                .or_else(|| unsafe { crate::jit::linked_block(cell, rip, key) })
         };
-        // The previous block may be linked to this one (same TLB epoch,
+        // The previous block may be linked to this one (same link key,
         // cache not cleared since).
         let mut linkable = !prev.is_null();
         let block = match chained {
@@ -242,11 +244,11 @@ impl Core {
                     // Link only if fetching neither flushed the TLB nor
                     // cleared the cache (which would have freed `prev`).
                     if !prev.is_null()
-                        && self.tlb.epoch == epoch
+                        && self.tlb.epoch | self.user() as u64 == key
                         && self.blocks.generation == cache_gen
                     {
                         // SAFETY: `prev` is still in the arena (no clear).
-                        crate::frontend::decode::link(unsafe { &*prev }, rip, b, epoch);
+                        crate::frontend::decode::link(unsafe { &*prev }, rip, b, key);
                     } else {
                         linkable = false;
                     }
@@ -260,11 +262,15 @@ impl Core {
         let block = unsafe { &*block };
         self.end_block = false;
         if limit == usize::MAX && block.bits == 64 {
-            let epoch = self.tlb.epoch;
             if let Some(f) = crate::jit::code_for(self, block) {
-                if cell != 0 && linkable && self.tlb.epoch == epoch && !self.trace {
+                // Compiling may recycle the arena (which flushes the TLB).
+                if cell != 0
+                    && linkable
+                    && self.tlb.epoch | self.user() as u64 == key
+                    && !self.trace
+                {
                     // SAFETY: the cell is in `prev`, still in the arena.
-                    unsafe { crate::jit::link(cell, block, epoch) };
+                    unsafe { crate::jit::link(cell, block, key, self.jit.gen()) };
                 }
                 return self.run_jit(block, f);
             }

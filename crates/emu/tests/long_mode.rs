@@ -822,3 +822,147 @@ fn rep_movs_and_stos_keep_element_semantics_across_pages() {
     assert_eq!(r.rdi, DATA + 0x3f04 + 0x200);
     assert_eq!(r.rcx, 0);
 }
+
+/// Two address spaces that map the same virtual code page to different
+/// physical code, switched by CR3 at every iteration, with a page shared by
+/// both (global, so its TLB entry survives the switch) and a hot block
+/// patched through an alias while the other space runs: translated at
+/// threshold 0 the results equal the interpreter's, so no link (static,
+/// CALL/RET, or across pages) leads into the other space's code or into
+/// code that was overwritten.
+#[test]
+fn links_follow_cr3_switches_and_code_writes() {
+    // Space A is the harness's; space B is a copy whose page table maps
+    // V to X2 instead of X1 and has an alias of X1 at ALIAS.
+    const PML4_B: u64 = 0x14000;
+    const PDPT_B: u64 = 0x15000;
+    const PD_B: u64 = 0x16000;
+    const PT_B: u64 = 0x17000;
+    const V: u64 = 0x405000;
+    const X2: u64 = 0x406000;
+    const SHARED: u64 = 0x407000;
+    const ALIAS: u64 = 0x408000;
+    const IMM_A: u32 = 0x1_0001;
+    const IMM_A2: u32 = 0x7_0007;
+    const IMM_B: u32 = 0x30_0003;
+    // `add r12, imm32` then `jmp SHARED`, assembled at V.
+    let at_v = |imm: u32| {
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.add(r12, imm as i32).unwrap();
+        a.jmp(SHARED).unwrap();
+        let b = a.assemble(V).unwrap();
+        assert_eq!(&b[..3], &[0x49, 0x81, 0xc4], "add r12, imm32");
+        b
+    };
+    let shared = {
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.add(r13, r12).unwrap();
+        a.ret().unwrap();
+        a.assemble(SHARED).unwrap()
+    };
+    let code = asm64!(|a| {
+        let mut lp = a.create_label();
+        let mut no_patch = a.create_label();
+        a.mov(ecx, 64)?;
+        a.set_label(&mut lp)?;
+        // Odd iterations in space B, even ones in A.
+        a.mov(rax, PML4)?;
+        a.mov(rdx, PML4_B)?;
+        a.test(ecx, 1)?;
+        a.cmovnz(rax, rdx)?;
+        a.mov(cr3, rax)?;
+        // A data read of V fills its TLB entry for this space first.
+        a.mov(rdx, qword_ptr(V))?;
+        a.add(r14, rdx)?;
+        a.cmp(ecx, 41)?;
+        a.jne(no_patch)?;
+        // In space B: patch space A's code at V through the alias.
+        a.mov(dword_ptr(ALIAS + 3), IMM_A2)?;
+        a.set_label(&mut no_patch)?;
+        a.call(V)?;
+        a.dec(ecx)?;
+        a.jnz(lp)?;
+        a.hlt()?;
+    });
+    let run = |jit: Option<u32>| {
+        let mut g = guest();
+        g.vcpu.core_mut().jit.threshold = jit;
+        // The first 2 MiB (code, stack, tables) global in both spaces.
+        g.w64(PD, g.r64(PD) | 0x100);
+        for i in 0..512u64 {
+            g.w64(PD_B + i * 8, g.r64(PD + i * 8));
+            g.w64(PT_B + i * 8, g.r64(PT + i * 8));
+        }
+        g.w64(PML4_B, PDPT_B | 7);
+        g.w64(PDPT_B, PD_B | 7);
+        g.w64(PD_B + 2 * 8, PT_B | 7);
+        g.w64(PT_B + 8 * ((V - 0x400000) >> 12), X2 | 7);
+        g.w64(PT_B + 8 * ((ALIAS - 0x400000) >> 12), V | 7);
+        g.write(V, &at_v(IMM_A));
+        g.write(X2, &at_v(IMM_B));
+        g.write(SHARED, &shared);
+        let mut s = g.sregs();
+        s.cr4 |= 1 << 7; // PGE
+        g.vcpu.set_sregs(&s).unwrap();
+        g.load_code(&code);
+        g.run_to_halt();
+        (g.regs(), g.vcpu.core().jit.compiled)
+    };
+    let (ri, _) = run(None);
+    let (rj, compiled) = run(Some(0));
+    assert!(compiled >= 4, "{compiled} blocks translated");
+    assert_eq!(format!("{ri:x?}"), format!("{rj:x?}"), "registers");
+    // A runs at even counts: 64..42 with the old immediate, 40..2 with the
+    // patched one; B at the 32 odd counts.
+    let want = 12 * IMM_A as u64 + 20 * IMM_A2 as u64 + 32 * IMM_B as u64;
+    assert_eq!(
+        ri.r12, want,
+        "each space ran its own code, the patch was seen"
+    );
+}
+
+/// INVLPG of the page a hot loop calls into, after remapping it to other
+/// code, takes effect at the next call in translated code as in the
+/// interpreter (a link made before the INVLPG is not followed into the
+/// old page's code).
+#[test]
+fn links_follow_invlpg_remaps() {
+    const V: u64 = 0x405000;
+    const X2: u64 = 0x406000;
+    let at = |base: u64, imm: i32| {
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.add(r12, imm).unwrap();
+        a.ret().unwrap();
+        a.assemble(base).unwrap()
+    };
+    let pte = PT + 8 * ((V - 0x400000) >> 12);
+    let code = asm64!(|a| {
+        let mut lp = a.create_label();
+        let mut same = a.create_label();
+        a.mov(ecx, 40)?;
+        a.set_label(&mut lp)?;
+        a.cmp(ecx, 20)?;
+        a.jne(same)?;
+        a.mov(rax, X2 | 3)?;
+        a.mov(qword_ptr(pte), rax)?;
+        a.invlpg(byte_ptr(V))?;
+        a.set_label(&mut same)?;
+        a.call(V)?;
+        a.dec(ecx)?;
+        a.jnz(lp)?;
+        a.hlt()?;
+    });
+    let run = |jit: Option<u32>| {
+        let mut g = guest();
+        g.vcpu.core_mut().jit.threshold = jit;
+        g.write(V, &at(V, 0x100));
+        g.write(X2, &at(V, 0x10000));
+        g.load_code(&code);
+        g.run_to_halt();
+        g.regs()
+    };
+    let ri = run(None);
+    let rj = run(Some(0));
+    assert_eq!(format!("{ri:x?}"), format!("{rj:x?}"), "registers");
+    assert_eq!(ri.r12, 20 * 0x100 + 20 * 0x10000);
+}

@@ -33,8 +33,8 @@ pub struct Block {
     /// physical pages covered.
     gens: [(*const AtomicU32, u32); 2],
     npages: usize,
-    /// The block that last followed this one: (its RIP, the block, the TLB
-    /// epoch at link time).
+    /// The block that last followed this one: (its RIP, the block, the link
+    /// key, TLB epoch | user bit, at link time).
     succ: Cell<(u64, *const Block, u64)>,
     /// Execution count / compiled code (see [`crate::jit`]).
     pub jit: Cell<crate::jit::JitState>,
@@ -181,16 +181,17 @@ pub fn fetch_block(core: &mut Core) -> R<*const Block> {
 }
 
 /// The block linked as `prev`'s successor at `rip`, if the link is still
-/// good: same TLB epoch (no flush since) and the code pages unchanged.
+/// good: same link key (no TLB flush and no CPL change since) and the code
+/// pages unchanged.
 /// Callers only ask when `prev` ended without a mode, privilege or
 /// control-register change, so the fetch translation and permission check
 /// done at link time still hold.
 #[inline]
-pub fn chained(prev: &Block, rip: u64, epoch: u64) -> Option<*const Block> {
+pub fn chained(prev: &Block, rip: u64, key: u64) -> Option<*const Block> {
     let (r, b, e) = prev.succ.get();
     // SAFETY: `b` is kept alive by the arena until the cache is cleared,
     // which also drops `prev` and resets the caller's link.
-    if r == rip && e == epoch && !b.is_null() && valid(unsafe { &*b }) {
+    if r == rip && e == key && !b.is_null() && valid(unsafe { &*b }) {
         Some(b)
     } else {
         None
@@ -198,8 +199,8 @@ pub fn chained(prev: &Block, rip: u64, epoch: u64) -> Option<*const Block> {
 }
 
 /// Remember `next` as the block that followed `prev` at `rip`.
-pub fn link(prev: &Block, rip: u64, next: *const Block, epoch: u64) {
-    prev.succ.set((rip, next, epoch));
+pub fn link(prev: &Block, rip: u64, next: *const Block, key: u64) {
+    prev.succ.set((rip, next, key));
 }
 
 impl Block {

@@ -53,9 +53,13 @@ const OFF_EPOCH: i32 = offset_of!(Core, tlb.epoch) as i32;
 const OFF_ICOUNT: i32 = offset_of!(Core, icount) as i32;
 const OFF_COUNTDOWN: i32 = offset_of!(Core, poll_countdown) as i32;
 const OFF_POLL_NOW: i32 = offset_of!(Core, poll_now) as i32;
-const OFF_INT_SHADOW: i32 = offset_of!(Core, int_shadow) as i32;
-const OFF_HALTED: i32 = offset_of!(Core, halted) as i32;
-const CELL_EPOCH: i32 = offset_of!(LinkCell, epoch) as i32;
+const CELL_KEY: i32 = offset_of!(LinkCell, key) as i32;
+const CELL_GEN: i32 = offset_of!(LinkCell, gen) as i32;
+const CELL_PHYS: i32 = offset_of!(LinkCell, phys) as i32;
+const OFF_USER_KEY: i32 = offset_of!(Core, jit.ctx.user_key) as i32;
+const OFF_GEN: i32 = offset_of!(Core, jit.ctx.gen) as i32;
+const OFF_XMASK: i32 = offset_of!(Core, jit.ctx.xmask) as i32;
+const OFF_XWANT: i32 = offset_of!(Core, jit.ctx.xwant) as i32;
 const CELL_CODE: i32 = offset_of!(LinkCell, code) as i32;
 const CELL_TARGET: i32 = offset_of!(LinkCell, target) as i32;
 const fn segbase_off(s: usize) -> i32 {
@@ -63,6 +67,7 @@ const fn segbase_off(s: usize) -> i32 {
 }
 const TLB_TAG: i32 = offset_of!(TlbEntry, tag) as i32;
 const TLB_HOST: i32 = offset_of!(TlbEntry, host) as i32;
+const TLB_PHYS: i32 = offset_of!(TlbEntry, phys) as i32;
 const TLB_CODE: i32 = offset_of!(TlbEntry, code) as i32;
 const TLB_PERM: i32 = offset_of!(TlbEntry, perm) as i32;
 const TLBE_SIZE: i32 = size_of::<TlbEntry>() as i32;
@@ -78,6 +83,33 @@ struct Loc {
     host: bool,
     slot: bool,
     st: bool,
+    /// r11 holds them as a LAHF/SETO image: AH's flag bits in bits 15:8,
+    /// OF in bit 0 (how chained blocks hand the flags on, see
+    /// `Cg::capture`).
+    img: bool,
+}
+
+/// Flags only in the r11 image: block entry (both the dispatcher's and a
+/// chained one).
+const AT_ENTRY: Loc = Loc {
+    host: false,
+    slot: false,
+    st: false,
+    img: true,
+};
+
+/// Flags only in `rflags`.
+const IN_ST: Loc = Loc {
+    host: false,
+    slot: false,
+    st: true,
+    img: false,
+};
+
+/// The r11-image bits of RFLAGS bits `m` (CF PF AF ZF SF move up 8, OF to
+/// bit 0).
+const fn img_mask(m: i32) -> i32 {
+    ((m & 0xff) << 8) | ((m >> 11) & 1)
 }
 
 /// Out-of-line code: the instruction's memory access missed the inline
@@ -116,6 +148,9 @@ struct Cg {
     cur_dirty: u16,
     /// The SSE guard ran earlier in this block.
     sse_ok: bool,
+    /// Out-of-line revalidations of links made under an older link key:
+    /// (entry, back to the chaining checks, the exit's no-link path).
+    revals: Vec<(DynamicLabel, DynamicLabel, DynamicLabel)>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -202,23 +237,16 @@ impl Cg {
         let epilogue = a.new_dynamic_label();
         Cg {
             a,
-            loc: Loc {
-                host: false,
-                slot: false,
-                st: true,
-            },
+            loc: AT_ENTRY,
             stubs: Vec::new(),
             epilogue,
             cur_stub: None,
-            cur_entry: Loc {
-                host: false,
-                slot: false,
-                st: true,
-            },
+            cur_entry: AT_ENTRY,
             map: [None; 16],
             dirty: 0,
             cur_dirty: 0,
             sse_ok: false,
+            revals: Vec::new(),
         }
     }
 
@@ -301,7 +329,7 @@ impl Cg {
 
     /// Host flags are about to be clobbered: keep the guest's elsewhere.
     fn clobber(&mut self) {
-        if self.loc.host && !self.loc.slot && !self.loc.st {
+        if self.loc.host && !self.loc.slot && !self.loc.st && !self.loc.img {
             a!(self; pushfq ; pop QWORD [rbx + OFF_FL]);
             self.loc.slot = true;
         }
@@ -314,7 +342,17 @@ impl Cg {
         if self.loc.host {
             return;
         }
-        if self.loc.slot {
+        if self.loc.img {
+            // SAHF sets SF ZF AF PF CF; 0x7f + OF overflows exactly when
+            // OF is 1. RAX may hold an operand: kept.
+            a!(self
+                ; push rax
+                ; mov eax, r11d
+                ; add al, 0x7f
+                ; sahf
+                ; pop rax
+            );
+        } else if self.loc.slot {
             a!(self; push QWORD [rbx + OFF_FL] ; popfq);
         } else {
             a!(self
@@ -334,6 +372,10 @@ impl Cg {
         if self.loc.host {
             return;
         }
+        if self.loc.img {
+            a!(self; bt r11d, 8);
+            return;
+        }
         let at = if self.loc.slot { OFF_FL } else { OFF_RFLAGS };
         a!(self; bt DWORD [rbx + at], 0);
     }
@@ -344,6 +386,7 @@ impl Cg {
             host: true,
             slot: false,
             st: false,
+            img: false,
         };
     }
 
@@ -351,6 +394,10 @@ impl Cg {
     /// the host flags), given they are at `loc`.
     fn flush_code(&mut self, loc: Loc) {
         if loc.st {
+            return;
+        }
+        if loc.img {
+            self.img_to_st();
             return;
         }
         if loc.host {
@@ -374,14 +421,70 @@ impl Cg {
             host: false,
             slot: loc.slot,
             st: true,
+            img: loc.img,
         };
+    }
+
+    /// `rflags` from the r11 image (clobbers rax, rcx and the host flags).
+    fn img_to_st(&mut self) {
+        a!(self
+            ; mov rax, QWORD [rbx + OFF_RFLAGS]
+            ; and rax, !ARITH
+            ; mov ecx, r11d
+            ; shr ecx, 8
+            ; and ecx, 0xd5
+            ; or rax, rcx
+            ; mov ecx, r11d
+            ; and ecx, 1
+            ; shl ecx, 11
+            ; or rax, rcx
+            ; mov QWORD [rbx + OFF_RFLAGS], rax
+        );
+    }
+
+    /// The r11 image from an RFLAGS image at `[rbx + at]` (clobbers rax
+    /// and the host flags).
+    fn img_from(&mut self, at: i32) {
+        a!(self
+            ; mov r11, QWORD [rbx + at]
+            ; mov eax, r11d
+            ; and eax, 0xd5
+            ; shl eax, 8
+            ; shr r11d, 11
+            ; and r11d, 1
+            ; or r11d, eax
+        );
+    }
+
+    /// Put the flags in the r11 image, where an exit hands them on: a
+    /// chained successor starts from it, the no-link path writes it to
+    /// `rflags`. Clobbers rax; the host flags stay.
+    fn capture(&mut self) {
+        if self.loc.img {
+            return;
+        }
+        if self.loc.host {
+            a!(self
+                ; lahf
+                ; seto al
+                ; movzx r11d, ax
+            );
+        } else {
+            let at = if self.loc.slot { OFF_FL } else { OFF_RFLAGS };
+            self.img_from(at);
+        }
+        self.loc.img = true;
     }
 
     /// Code that recreates `want` from flags in `rflags` (after the
     /// interpreter ran an instruction).
     fn restore_code(&mut self, want: Loc) {
-        if want.st && !want.host && !want.slot {
+        if want.st && !want.host && !want.slot && !want.img {
             return;
+        }
+        if want.img {
+            // r11 did not survive the call.
+            self.img_from(OFF_RFLAGS);
         }
         if want.slot || want.host {
             a!(self
@@ -619,21 +722,28 @@ impl Cg {
     }
 
     /// Exit to the successor whose link cell is in rdx: `rip` stored,
-    /// flags flushed. Follows the link when the dispatcher would go
-    /// straight on to that block (same TLB epoch, nothing pending, no
-    /// interrupt-controller poll due), else returns with the cell noted.
+    /// flags captured in r11 (`capture`). Follows the link when it holds
+    /// (same link key, or revalidated against the TLB out of line, see
+    /// `jit::runtime`) and the dispatcher would go straight on to that
+    /// block (nothing pending, no interrupt-controller poll due), handing
+    /// the successor the flags in r11; else writes them to `rflags` and
+    /// returns with the cell noted.
+    ///
+    /// An interrupt shadow or HLT cannot be pending here: the instructions
+    /// that set them end the block through the interpreter's exit.
     fn chain_exit(&mut self, count: usize) {
         self.writeback();
         let e = self.epilogue;
         let nolink = self.a.new_dynamic_label();
+        let reval = self.a.new_dynamic_label();
+        let ok = self.a.new_dynamic_label();
+        self.revals.push((reval, ok, nolink));
         a!(self
             ; mov rax, QWORD [rbx + OFF_EPOCH]
-            ; cmp rax, QWORD [rdx + CELL_EPOCH]
-            ; jne =>nolink
-            ; cmp BYTE [rbx + OFF_INT_SHADOW], 0
-            ; jne =>nolink
-            ; cmp BYTE [rbx + OFF_HALTED], 0
-            ; jne =>nolink
+            ; or rax, QWORD [rbx + OFF_USER_KEY]
+            ; cmp rax, QWORD [rdx + CELL_KEY]
+            ; jne =>reval
+            ; =>ok
             ; cmp BYTE [rbx + OFF_POLL_NOW], 0
             ; jne =>nolink
             ; mov rax, QWORD [rbx + OFF_KICK]
@@ -648,14 +758,52 @@ impl Cg {
             ; add QWORD [rbx + OFF_ICOUNT], count as i32
             ; jmp QWORD [rdx + CELL_CODE]
             ; =>nolink
+        );
+        self.img_to_st();
+        a!(self
             ; mov QWORD [rbx + OFF_LAST_CELL], rdx
             ; mov eax, count as i32
             ; jmp =>e
         );
     }
 
+    /// The out-of-line revalidations of `chain_exit`: the cell in rdx was
+    /// made under another link key (rax holds the current one). It holds if
+    /// its code is from the current arena generation and the TLB entry of
+    /// the target page (RIP is stored) maps the recorded physical page with
+    /// execute permission at this CPL; then it takes the current key.
+    fn emit_revals(&mut self) {
+        for (reval, ok, nolink) in std::mem::take(&mut self.revals) {
+            a!(self
+                ; =>reval
+                ; mov rcx, QWORD [rbx + OFF_GEN]
+                ; cmp rcx, QWORD [rdx + CELL_GEN]
+                ; jne =>nolink
+                ; mov rcx, QWORD [rbx + OFF_RIP]
+                ; mov rsi, rcx
+                ; shr rsi, 12
+                ; and esi, (crate::memory::mmu::TLB_SIZE - 1) as i32
+                ; imul esi, esi, TLBE_SIZE
+                ; add rsi, QWORD [rbx + OFF_TLB]
+                ; and rcx, -4096
+                ; or rcx, 1
+                ; cmp QWORD [rsi + TLB_TAG], rcx
+                ; jne =>nolink
+                ; mov rcx, QWORD [rsi + TLB_PHYS]
+                ; cmp rcx, QWORD [rdx + CELL_PHYS]
+                ; jne =>nolink
+                ; mov cl, BYTE [rsi + TLB_PERM]
+                ; and cl, BYTE [rbx + OFF_XMASK]
+                ; cmp cl, BYTE [rbx + OFF_XWANT]
+                ; jne =>nolink
+                ; mov QWORD [rdx + CELL_KEY], rax
+                ; jmp =>ok
+            );
+        }
+    }
+
     /// Exit to the computed target in `rip` (RET, indirect JMP/CALL),
-    /// flags flushed: the target is looked up in the core's table of
+    /// flags captured: the target is looked up in the core's table of
     /// dynamic link cells (filled by the dispatcher, like any link) and
     /// followed like a direct link when the cell holds that target.
     fn dynamic_exit(&mut self, count: usize) {
@@ -672,6 +820,9 @@ impl Cg {
             ; add rdx, rcx
             ; cmp rax, QWORD [rdx + CELL_TARGET]
             ; je >same
+        );
+        self.img_to_st();
+        a!(self
             ; mov QWORD [rbx + OFF_LAST_CELL], rdx
             ; mov eax, count as i32
             ; jmp =>e
@@ -699,11 +850,7 @@ impl Cg {
         self.writeback();
         self.call_interp(u, index, rip);
         self.reload();
-        self.loc = Loc {
-            host: false,
-            slot: false,
-            st: true,
-        };
+        self.loc = IN_ST;
     }
 
     /// Call `jit_interp`; returns through the epilogue on an exit.
@@ -775,6 +922,11 @@ pub(super) fn gen_block(block: &Block) -> Option<(Vec<u8>, usize)> {
         ; push r14
         ; push r15
         ; mov rbx, rdi
+    );
+    // The dispatcher settled the flags in `rflags`; chained code passes
+    // them in r11 (see `Cg::capture`): start from the same image.
+    cg.img_from(OFF_RFLAGS);
+    a!(cg
         ; jmp =>body
         ; =>chain
     );
@@ -843,7 +995,7 @@ pub(super) fn gen_block(block: &Block) -> Option<(Vec<u8>, usize)> {
     if !ended {
         // Fell off the end (the block stopped at an instruction that falls
         // through, or an interpreted one that let it continue).
-        cg.flush();
+        cg.capture();
         let next = block.uops.last().map(|u| u.next_ip).unwrap_or(block.rip);
         cg.set_rip(next);
         cg.cell(block, 1, next);
@@ -859,12 +1011,16 @@ pub(super) fn gen_block(block: &Block) -> Option<(Vec<u8>, usize)> {
         ; pop rbx
         ; ret
         ; =>stale
-        // Back to the dispatcher, which decodes the block again; the link
-        // is made again to the new translation.
+    );
+    // Back to the dispatcher, which decodes the block again; the link is
+    // made again to the new translation.
+    cg.img_to_st();
+    a!(cg
         ; mov QWORD [rbx + OFF_LAST_CELL], rdx
         ; xor eax, eax
         ; jmp =>e
     );
+    cg.emit_revals();
     for s in std::mem::take(&mut cg.stubs) {
         a!(cg; =>s.label);
         cg.flush_code(s.entry);
@@ -1192,7 +1348,7 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
         }
         M::Call if insn.code() == Code::Call_rel32_64 && i + 1 == n => {
             cg.push_ret_addr(u.next_ip);
-            cg.flush();
+            cg.capture();
             let t = insn.near_branch_target();
             cg.set_rip(t);
             cg.cell(block, 0, t);
@@ -1207,7 +1363,7 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             a!(cg; lea r9, [r9 + 8]);
             cg.sq(4, 9);
             a!(cg; mov QWORD [rbx + OFF_RIP], r8);
-            cg.flush();
+            cg.capture();
             cg.dynamic_exit(i + 1);
             Some(Done::Exited)
         }
@@ -1229,12 +1385,12 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
                 cg.push_ret_addr(u.next_ip);
             }
             a!(cg; mov QWORD [rbx + OFF_RIP], r8);
-            cg.flush();
+            cg.capture();
             cg.dynamic_exit(i + 1);
             Some(Done::Exited)
         }
         M::Jmp if matches!(insn.code(), Code::Jmp_rel8_64 | Code::Jmp_rel32_64) && i + 1 == n => {
-            cg.flush();
+            cg.capture();
             let t = insn.near_branch_target();
             cg.set_rip(t);
             cg.cell(block, 0, t);
@@ -1251,8 +1407,12 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             match simple {
                 Some((bit, set)) if !cg.loc.host => {
                     // Test the saved image instead of reloading RFLAGS.
-                    let at = if cg.loc.slot { OFF_FL } else { OFF_RFLAGS };
-                    a!(cg; test DWORD [rbx + at], bit);
+                    if cg.loc.img {
+                        a!(cg; test r11d, img_mask(bit));
+                    } else {
+                        let at = if cg.loc.slot { OFF_FL } else { OFF_RFLAGS };
+                        a!(cg; test DWORD [rbx + at], bit);
+                    }
                     cg.a.extend([0x41, 0x0f, if set { 0x95 } else { 0x94 }, 0xc0]);
                 }
                 _ => {
@@ -1260,7 +1420,7 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
                     cg.a.extend([0x41, 0x0f, 0x90 | cc, 0xc0]);
                 }
             }
-            cg.flush();
+            cg.capture();
             block.links[0].target.set(insn.near_branch_target());
             block.links[1].target.set(u.next_ip);
             let taken = &block.links[0] as *const LinkCell as i64;

@@ -27,11 +27,15 @@
 //! MMIO, self-modifying code and mode changes are therefore exactly the
 //! interpreter's, and correctness never depends on coverage.
 //!
-//! Flags: at entry the lazy flags are settled (`CpuState::rflags` holds
-//! them); translated instructions leave them in the host RFLAGS, which are
-//! saved (PUSHFQ) to a slot before code that clobbers them and reloaded
-//! (POPFQ) only when an instruction reads them. Every exit writes them back
-//! to `rflags` with no pending lazy operation.
+//! Flags: the dispatcher settles the lazy flags (`CpuState::rflags` holds
+//! them) and a block's code starts from them as a LAHF/SETO image in r11;
+//! translated instructions leave them in the host RFLAGS, which are saved
+//! (PUSHFQ) to a slot before code that clobbers them unless the r11 image
+//! is still current, and put back in the host (SAHF from the image, POPFQ
+//! from a slot) only when an instruction reads them. A chained exit hands
+//! them to its successor in r11 (LAHF/SETO, no PUSHFQ and no write to
+//! `rflags`); every path back to the dispatcher, the interpreter or a
+//! fault writes them to `rflags` with no pending lazy operation.
 //!
 //! Chaining: every exit with a known target (JMP, both sides of Jcc, CALL,
 //! fall-through) has a [`LinkCell`] in its block; RET and indirect
@@ -39,10 +43,15 @@
 //! a per-core table of dynamic cells, hashed by target RIP (TCG's
 //! lookup_and_goto_ptr in a few instructions). The dispatcher fills a cell
 //! when the exit's successor is compiled; the code follows it (straight
-//! into the successor's code) only under the TLB epoch it was made in and
+//! into the successor's code) only while the link holds (the same TLB
+//! epoch and CPL as when it was made, or else a TLB entry that still maps
+//! the target's page to the successor's physical page: see [`runtime`];
+//! blocks are keyed by physical address, so an address-space switch does
+//! not unlink them) and
 //! when the run loop would have gone on to that block anyway: no kick,
-//! no attention, no poll due (the 64-block countdown is kept), no
-//! interrupt shadow, not halted. The successor re-checks its code pages on
+//! no attention, no poll due (the 64-block countdown is kept); an
+//! interrupt shadow or HLT always ends the block through the interpreter,
+//! so they need no check there. The successor re-checks its code pages on
 //! entry. So interrupts are taken at the same block boundaries as in the
 //! interpreter, and instruction counts are the same.
 //!

@@ -3,17 +3,44 @@
 //! the helper generated code calls to interpret one instruction.
 //!
 //! Invariants: a block's code is only run while its arena generation is
-//! current ([`JitState::Code`] carries it); a link cell is only followed
-//! under the TLB epoch it was made in (every arena recycle and block-cache
-//! clear flushes the TLB, which bumps the epoch); the arena is written only
-//! while no translated code of this vCPU runs.
+//! current ([`JitState::Code`] carries it); the arena is written only while
+//! no translated code of this vCPU runs.
+//!
+//! # When a link may be followed
+//!
+//! A [`LinkCell`] leads from an exit of one block to the compiled code of
+//! the block at the exit's target RIP. Blocks are keyed by the physical
+//! address of their code (and the RIP and code size), so a link stays
+//! right as long as (a) the successor block and its code are alive, (b) the
+//! target's virtual page still maps to the physical page the successor was
+//! decoded from, with execute permission at the current CPL, and (c) the
+//! successor's code pages are unchanged. A cell records the *link key*
+//! (TLB epoch | user bit of the CPL) it was made or last checked under, the
+//! arena generation, and the physical page of the target:
+//!
+//! - key equal: no TLB flush and no CPL change since the mapping was
+//!   checked, so (b) holds (stale TLB contents are what the architecture
+//!   allows until the guest invalidates them); the cache was not cleared
+//!   (a clear flushes the TLB), so (a) holds;
+//! - key different (a CR3 write, INVLPG or a CPL change since): followed
+//!   only if the arena generation is the current one (a) and the TLB entry
+//!   of the target's page is present, maps to the recorded physical page
+//!   and allows execution at the current CPL (b); then the cell takes the
+//!   current key. A missing entry sends the exit to the dispatcher, whose
+//!   fetch walks the page tables and links the cell again.
+//!
+//! (c) is checked at every chained entry (the code-page generations), so
+//! self-modifying code invalidates links whatever the key says. A CR3
+//! switch therefore no longer unlinks every block: kernel pages (global,
+//! kept across the switch) revalidate in a few instructions, and a user
+//! page's links come back after one dispatcher trip per page.
 
 use std::cell::Cell;
 
 use crate::core::{Core, Exc};
 use crate::frontend::decode::Block;
 use crate::frontend::uop::Uop;
-use crate::memory::mmu::{PERM_DIRTY, PERM_USER, PERM_WRITE};
+use crate::memory::mmu::{PERM_DIRTY, PERM_NX, PERM_USER, PERM_WRITE};
 
 use super::{JitConfig, JitFn, JitState};
 
@@ -38,6 +65,14 @@ pub struct JitCtx {
     pub last_cell: usize,
     /// `Jit::ret_links` base.
     pub ret_links: usize,
+    /// 1 at CPL 3, else 0: or-ed into the TLB epoch to make the link key.
+    pub user_key: u64,
+    /// The arena generation (links made in an older one are dead).
+    pub gen: u64,
+    /// Permission bits a TLB entry is masked with for execution, and the
+    /// value the masked bits must have (no NX; user at CPL 3).
+    pub xmask: u64,
+    pub xwant: u64,
 }
 
 /// Entries of the return-address link table.
@@ -176,6 +211,11 @@ impl Jit {
         self.perf_map = cfg.perf_map;
     }
 
+    /// The arena generation: code and links of older ones are dead.
+    pub fn gen(&self) -> u64 {
+        self.arena.gen
+    }
+
     /// Bytes of host code in the arena now (statistics).
     pub fn code_bytes(&self) -> usize {
         self.arena.used
@@ -214,12 +254,24 @@ pub fn code_for(core: &mut Core, block: &Block) -> Option<JitFn> {
     }
 }
 
+/// The host runs LAHF/SAHF in 64-bit mode (CPUID 8000_0001h ECX bit 0),
+/// which generated code uses to hand the guest flags on between blocks.
+/// Every x86-64 CPU since 2006 has it; without it nothing is translated.
+fn host_has_lahf() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        let max = std::arch::x86_64::__cpuid(0x8000_0000).eax;
+        max >= 0x8000_0001 && std::arch::x86_64::__cpuid(0x8000_0001).ecx & 1 != 0
+    })
+}
+
 fn compile(core: &mut Core, block: &Block) -> Option<(JitFn, usize)> {
-    if block.bits != 64 {
+    if block.bits != 64 || !host_has_lahf() {
         return None;
     }
     for l in &block.links {
-        l.epoch.set(u64::MAX);
+        l.key.set(u64::MAX);
+        l.gen.set(u64::MAX);
     }
     let (code, chain) = super::codegen::gen_block(block)?;
     let gen = core.jit.arena.gen;
@@ -247,10 +299,16 @@ fn compile(core: &mut Core, block: &Block) -> Option<(JitFn, usize)> {
 }
 
 /// A direct link from compiled code to the compiled code of a successor
-/// block, followed while the TLB epoch it was made under holds.
+/// block (see the module notes for when it is followed).
 #[repr(C)]
 pub struct LinkCell {
-    pub epoch: Cell<u64>,
+    /// The link key (TLB epoch | user bit) the link was made or last
+    /// checked under; u64::MAX: not linked.
+    pub key: Cell<u64>,
+    /// The arena generation of `code`.
+    pub gen: Cell<u64>,
+    /// The physical page the target's virtual page mapped to.
+    pub phys: Cell<u64>,
     /// The successor's chained entry point.
     pub code: Cell<usize>,
     /// The successor's RIP (fixed at compile time unless `dynamic`).
@@ -264,7 +322,9 @@ pub struct LinkCell {
 impl Default for LinkCell {
     fn default() -> Self {
         LinkCell {
-            epoch: Cell::new(u64::MAX),
+            key: Cell::new(u64::MAX),
+            gen: Cell::new(u64::MAX),
+            phys: Cell::new(0),
             code: Cell::new(0),
             target: Cell::new(u64::MAX),
             dynamic: Cell::new(false),
@@ -274,22 +334,23 @@ impl Default for LinkCell {
 }
 
 /// The block an exit's link cell leads to, if the link holds for `rip`
-/// under TLB epoch `epoch` and the block's pages are unchanged.
+/// under link key `key` and the block's pages are unchanged (the
+/// dispatcher's check; a cell from an older key is fetched again).
 ///
 /// # Safety
 /// `cell` must be 0 or point to a [`LinkCell`] of a live block or of the
 /// core's return-address table.
-pub unsafe fn linked_block(cell: usize, rip: u64, epoch: u64) -> Option<*const Block> {
+pub unsafe fn linked_block(cell: usize, rip: u64, key: u64) -> Option<*const Block> {
     if cell == 0 {
         return None;
     }
     // SAFETY: per the contract.
     let cell = unsafe { &*(cell as *const LinkCell) };
     let b = cell.block.get();
-    if cell.epoch.get() == epoch
+    if cell.key.get() == key
         && cell.target.get() == rip
         && !b.is_null()
-        // SAFETY: a linked cell's block is alive while its epoch holds (a
+        // SAFETY: a linked cell's block is alive while its key holds (a
         // cache clear flushes the TLB).
         && unsafe { crate::frontend::decode::is_valid(&*b) }
     {
@@ -299,25 +360,31 @@ pub unsafe fn linked_block(cell: usize, rip: u64, epoch: u64) -> Option<*const B
     }
 }
 
-/// Link the exit whose cell is `cell` to `block`'s compiled code, valid
-/// under TLB epoch `epoch`.
+/// Link the exit whose cell is `cell` to `block`'s compiled code, just
+/// fetched under link key `key` (its page's translation checked) in arena
+/// generation `gen`.
 ///
 /// # Safety
 /// `cell` must point to a [`LinkCell`] of a live block or of the core's
 /// return-address table.
-pub unsafe fn link(cell: usize, block: &Block, epoch: u64) {
+pub unsafe fn link(cell: usize, block: &Block, key: u64, gen: u64) {
     // SAFETY: per the contract.
     let cell = unsafe { &*(cell as *const LinkCell) };
-    if let JitState::Code(_, _, chain) = block.jit.get() {
+    if let JitState::Code(_, g, chain) = block.jit.get() {
+        if g != gen {
+            return;
+        }
         if cell.dynamic.get() {
-            // Not followed until complete: epoch first invalidates it.
-            cell.epoch.set(u64::MAX);
+            // Not followed until complete: the key first invalidates it.
+            cell.key.set(u64::MAX);
             cell.target.set(block.rip);
         }
         if cell.target.get() == block.rip {
             cell.block.set(block);
             cell.code.set(chain);
-            cell.epoch.set(epoch);
+            cell.phys.set(block.phys & !0xfff);
+            cell.gen.set(gen);
+            cell.key.set(key);
         }
     }
 }
@@ -358,6 +425,10 @@ pub fn prepare(core: &mut Core) {
     core.jit.ctx.rmask = u;
     core.jit.ctx.wmask = u | (PERM_WRITE | PERM_DIRTY) as u64;
     core.jit.ctx.ret_links = core.jit.ret_links.as_ptr() as usize;
+    core.jit.ctx.user_key = user as u64;
+    core.jit.ctx.gen = core.jit.arena.gen;
+    core.jit.ctx.xmask = (PERM_NX | u as u8) as u64;
+    core.jit.ctx.xwant = u;
     core.jit.ctx.kick = std::sync::Arc::as_ptr(&core.kick) as usize;
     core.jit.ctx.attention = std::sync::Arc::as_ptr(&core.attention) as usize;
 }

@@ -81,8 +81,11 @@ impl Default for TlbEntry {
 
 pub struct Tlb {
     pub entries: Box<[TlbEntry]>,
-    /// Bumped by every flush: chained blocks skip the fetch translation only
-    /// while the TLB they were linked under is unchanged.
+    /// Advanced by 2 at every flush (the low bit stays clear: link keys put
+    /// the CPL's user bit there). A link made under the current epoch is
+    /// followed without looking at the TLB; one made under an older epoch
+    /// is checked against the TLB entry of its target's page first (see
+    /// [`crate::jit::runtime`]).
     pub epoch: u64,
     /// Whole-TLB flushes (all entries, or all but global ones): statistics.
     pub flushes: u64,
@@ -119,7 +122,7 @@ impl Tlb {
     }
 
     pub fn flush_all(&mut self) {
-        self.epoch += 1;
+        self.epoch += 2;
         self.flushes += 1;
         for e in self.entries.iter_mut() {
             e.tag = 0;
@@ -128,7 +131,7 @@ impl Tlb {
 
     /// CR3 load: global pages survive when CR4.PGE is on.
     pub fn flush_nonglobal(&mut self) {
-        self.epoch += 1;
+        self.epoch += 2;
         self.flushes += 1;
         for e in self.entries.iter_mut() {
             if e.perm & PERM_GLOBAL == 0 {
@@ -138,7 +141,7 @@ impl Tlb {
     }
 
     pub fn flush_page(&mut self, lin: u64) {
-        self.epoch += 1;
+        self.epoch += 2;
         let e = &mut self.entries[Self::index(lin)];
         if e.tag == (lin & !0xfff) | 1 {
             e.tag = 0;
