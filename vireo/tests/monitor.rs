@@ -421,7 +421,9 @@ fn top_shows_two_vms_in_a_terminal_and_quits_on_q() {
     };
     let status = status.expect("vireo top did not quit on q");
     assert!(status.success(), "{status:?}");
-    std::thread::sleep(Duration::from_millis(100));
+    // The last bytes may still be on their way through the pty.
+    let restored = || screen.lock().unwrap().ends_with(b"\x1b[?25h\x1b[?1049l");
+    wait_until(Duration::from_secs(5), restored);
     let all = String::from_utf8_lossy(&screen.lock().unwrap()).into_owned();
     assert!(
         all.ends_with("\x1b[?25h\x1b[?1049l"),

@@ -322,11 +322,11 @@ pub fn as_user(user: &str, script: &str) {
     assert!(out.status.success(), "as {user}: {script}: {out:?}");
 }
 
-/// What a migration destination says first: "VIREODST", whether it needs a
-/// key, a nonce (zeros here). Fake destinations in tests send it so that a
+/// What a migration destination says first: `vmm::migration::GREETING`,
+/// whether it needs a key, a nonce (zeros here). Fake destinations in tests send it so that a
 /// source gets as far as sending.
 pub fn migration_greeting(key: bool) -> Vec<u8> {
-    let mut g = b"VIREODST".to_vec();
+    let mut g = vmm::migration::GREETING.to_vec();
     g.push(key as u8);
     g.extend_from_slice(&[0u8; 32]);
     g
