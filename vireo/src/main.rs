@@ -287,8 +287,10 @@ struct VmOptions {
     #[arg(long, value_name = "path=FILE,...")]
     disk: Vec<vmm::config::DiskConfig>,
     /// A virtio-net NIC on a tap: tap=NAME[,mac=52:54:00:12:34:56] (NAME may
-    /// contain %d; the tap is created if missing); repeatable.
-    #[arg(long, value_name = "tap=NAME,...")]
+    /// contain %d; the tap is created if missing), or user-mode networking
+    /// without privileges through passt: user[,hostfwd=tcp:127.0.0.1:2222-:22]...
+    /// (the guest gets its address by DHCP); repeatable.
+    #[arg(long, value_name = "tap=NAME|user,...")]
     net: Vec<vmm::config::NetConfig>,
     /// Give the guest a virtio-rng device (entropy from the host's getrandom).
     #[arg(long)]

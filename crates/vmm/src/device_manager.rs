@@ -387,11 +387,27 @@ fn setup_pci(
         add_virtio(format!("virtio-blk {}", d.path.display()), Box::new(blk))?;
     }
     for n in &spec.nets {
-        let tap = net::Tap::open(&n.tap)?;
-        tap.set_up()?;
         let mac = n.mac.unwrap_or_else(net::MacAddr::random);
-        let name = format!("virtio-net {} ({mac})", tap.name());
-        let dev = virtio::net::Net::new(Arc::new(tap), mac);
+        let (name, backend): (String, Arc<dyn virtio::net::NetBackend>) = match n.backend {
+            crate::config::NetBackendKind::Tap => {
+                let tap = net::Tap::open(&n.tap)?;
+                tap.set_up()?;
+                (format!("virtio-net {} ({mac})", tap.name()), Arc::new(tap))
+            }
+            crate::config::NetBackendKind::User => {
+                // A new passt for every VM built, restored ones included:
+                // the old one's connections are gone with its process.
+                let passt = net::Passt::start(&net::PasstOptions {
+                    hostfwd: n.hostfwd.clone(),
+                    ..Default::default()
+                })?;
+                (
+                    format!("virtio-net user/passt pid {} ({mac})", passt.pid()),
+                    Arc::new(passt),
+                )
+            }
+        };
+        let dev = virtio::net::Net::new(backend, mac);
         add_virtio(name, Box::new(dev))?;
     }
     if spec.rng {
