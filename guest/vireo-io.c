@@ -18,6 +18,7 @@
  *       (a restored VM's guest sees its transport reset that way).
  *   vireo-io vsock-listen PORT
  *       accept one vsock connection on PORT, then relay as above.
+ *       "VSOCK-LISTEN PORT" goes to stderr once it listens.
  *   vireo-io vsock-echo PORT N
  *       accept N connections on PORT and echo each (a process per
  *       connection, all at once) until its peer shuts its write side;
@@ -470,8 +471,8 @@ static int vsock_listen_fd(const char *port)
         fail("bind %s: %s", port, strerror(errno));
     if (listen(fd, 128) < 0)
         fail("listen: %s", strerror(errno));
-    printf("VSOCK-LISTEN %s\n", port);
-    fflush(stdout);
+    /* On stderr: stdout is the stream's. */
+    fprintf(stderr, "VSOCK-LISTEN %s\n", port);
     return fd;
 }
 

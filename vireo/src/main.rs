@@ -299,6 +299,11 @@ struct VmOptions {
     /// (both on by default); `vireo balloon` sets its size.
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
     balloon: Option<vmm::config::BalloonConfig>,
+    /// A virtio-vsock device: cid=N,socket=PATH. Host programs connect to
+    /// PATH and write "CONNECT <port>\n"; guest connections to CID 2 port P
+    /// reach the Unix socket PATH_P (the Firecracker convention).
+    #[arg(long, value_name = "cid=N,socket=PATH")]
+    vsock: Option<vmm::config::VsockConfig>,
 }
 
 impl VmOptions {
@@ -318,6 +323,7 @@ impl VmOptions {
             && self.net.is_empty()
             && !self.rng
             && self.balloon.is_none()
+            && self.vsock.is_none()
     }
 
     /// The config file (if any) with every option given on the command line on top.
@@ -365,6 +371,9 @@ impl VmOptions {
         }
         if let Some(b) = self.balloon {
             cfg.balloon = Some(b);
+        }
+        if let Some(v) = self.vsock {
+            cfg.vsock = Some(v);
         }
         if self.rng {
             cfg.rng = true;

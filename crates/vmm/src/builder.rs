@@ -146,6 +146,8 @@ pub struct VmSpec {
     pub nets: Vec<crate::config::NetConfig>,
     /// A virtio-balloon on PCI.
     pub balloon: Option<crate::config::BalloonConfig>,
+    /// A virtio-vsock on PCI.
+    pub vsock: Option<crate::config::VsockConfig>,
     /// Which device gets the console output (and input).
     pub console: ConsoleKind,
 }
@@ -162,6 +164,7 @@ impl VmSpec {
             disks: c.disks.clone(),
             nets: c.nets.clone(),
             balloon: c.balloon,
+            vsock: c.vsock.clone(),
             console: c.console,
             boot: Boot::Linux {
                 kernel: c.kernel.clone(),

@@ -347,6 +347,52 @@ impl FromStr for NetConfig {
     }
 }
 
+/// The virtio-vsock device: `cid=N,socket=PATH`. Host programs connect
+/// to PATH and write `CONNECT <port>\n`; guest connections to the host
+/// (CID 2) port P reach the Unix socket `PATH_P`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id: 3 or more (0-2 are reserved), below 2^32-1.
+    pub cid: u64,
+    /// The Unix socket Vireo listens on for host-initiated connections.
+    pub socket: PathBuf,
+}
+
+impl VsockConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.cid < 3 || self.cid >= u32::MAX as u64 {
+            return Err(format!(
+                "cid {} is reserved or too large (3 to {})",
+                self.cid,
+                u32::MAX - 1
+            ));
+        }
+        if self.socket.as_os_str().is_empty() {
+            return Err("socket= is empty".into());
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for VsockConfig {
+    type Err = OptionError;
+    fn from_str(s: &str) -> Result<Self, OptionError> {
+        let o = Options::parse("vsock", s, &["cid", "socket"])?;
+        let v = VsockConfig {
+            cid: o.required("cid")?,
+            socket: o.required("socket")?,
+        };
+        v.validate().map_err(|reason| OptionError::BadValue {
+            option: "vsock",
+            key: "cid",
+            value: v.cid.to_string(),
+            reason,
+        })?;
+        Ok(v)
+    }
+}
+
 fn yes() -> bool {
     true
 }
@@ -433,6 +479,9 @@ pub struct VmConfig {
     /// A virtio-balloon device.
     #[serde(default)]
     pub balloon: Option<BalloonConfig>,
+    /// A virtio-vsock device.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
     /// Which device is the console: serial (ttyS0) or virtio (hvc0).
     #[serde(default)]
     pub console: ConsoleKind,
@@ -459,6 +508,7 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             balloon: None,
+            vsock: None,
             console: ConsoleKind::Serial,
         }
     }
@@ -521,6 +571,10 @@ impl VmConfig {
         for n in &self.nets {
             // A config file skips the option parser: check the same here.
             n.validate().map_err(VmmError::Config)?;
+        }
+        if let Some(v) = &self.vsock {
+            v.validate()
+                .map_err(|e| VmmError::Config(format!("vsock: {e}")))?;
         }
         Ok(())
     }

@@ -439,6 +439,15 @@ fn setup_pci(
         balloon = Some(dev.handle());
         add_virtio("virtio-balloon".into(), Box::new(dev))?;
     }
+    if let Some(v) = &spec.vsock {
+        let name = format!("virtio-vsock cid {}", v.cid);
+        let dev =
+            virtio::vsock::Vsock::new(v.cid, &v.socket).map_err(|source| VmmError::DeviceIo {
+                device: name.clone(),
+                source,
+            })?;
+        add_virtio(format!("{name} ({})", v.socket.display()), Box::new(dev))?;
+    }
     saved.push("pci config-io", Arc::new(Mutex::new(cfg)));
     for (name, d) in &functions {
         saved.push(name.clone(), d.clone());

@@ -128,6 +128,7 @@ fn run_raw_with(accel: Accel, image: Vec<u8>, mode: RawMode, rng: bool) -> (VmEx
         disks: Vec::new(),
         nets: Vec::new(),
         balloon: None,
+        vsock: None,
         console: vmm::ConsoleKind::Serial,
         boot: Boot::Raw(RawBoot {
             load_addr: LOAD,
