@@ -170,3 +170,69 @@ fn vsock_streams_both_ways_and_fifty_connections_at_once() {
     assert!(lines.iter().any(|l| l == "VSOCK-ECHO 50"), "{lines:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A snapshot taken with a guest connection open, restored in a new
+/// process: the guest is told its transport was reset (its open connection
+/// fails with a reset), and a new connection then works.
+#[test]
+fn vsock_restore_resets_open_connections_and_new_ones_work() {
+    let g = guest_dir();
+    let dir = scratch("vsock-snap");
+    let vs = dir.join("v.sock");
+    let api = dir.join("a.sock");
+    let first = UnixListener::bind(format!("{}_5000", vs.display())).unwrap();
+    let second = UnixListener::bind(format!("{}_5001", vs.display())).unwrap();
+    let cmd = "vireo-io vsock-connect 2 5000; echo FIRST-ENDED rc=$?; \
+               echo after-restore | vireo-io vsock-connect 2 5001 && echo SECOND-DONE";
+    let mut c = vireo();
+    c.args(["run", "--accel", "emu", "--memory", "256M", "--kernel"])
+        .arg(g.join("vmlinux"))
+        .arg("--initrd")
+        .arg(g.join("initramfs.cpio.gz"))
+        .arg("--vsock")
+        .arg(format!("cid=3,socket={}", vs.display()))
+        .arg("--api-socket")
+        .arg(&api)
+        .arg("--cmdline")
+        .arg(format!(
+            "console=ttyS0 reboot=k panic=1 quiet vireo.cmd=\"{cmd}\""
+        ));
+    let mut src = Running::spawn(c);
+    let (mut s, _) = first.accept().unwrap();
+    s.write_all(b"LIVE-BEFORE-SNAPSHOT\n").unwrap();
+    assert!(
+        src.wait_for("LIVE-BEFORE-SNAPSHOT", Duration::from_secs(60)),
+        "{}",
+        src.stdout_text()
+    );
+    let snap = dir.join("snap");
+    let out = vireo()
+        .args(["snapshot", "--stay-paused", "--api-socket"])
+        .arg(&api)
+        .arg("--dir")
+        .arg(&snap)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "snapshot: {out:?}");
+    assert!(client(&["stop"], &api).status.success());
+    assert_eq!(src.wait_exit(Duration::from_secs(30)), Some(0));
+    drop(s);
+
+    let mut cmd = vireo();
+    cmd.args(["restore", "--from"]).arg(&snap);
+    let mut dst = Running::spawn(cmd);
+    let (mut s2, _) = second.accept().unwrap();
+    let mut got = String::new();
+    s2.read_to_string(&mut got).unwrap();
+    assert_eq!(got, "after-restore\n");
+    drop(s2);
+    let code = dst.wait_exit(Duration::from_secs(120));
+    let out = dst.stdout_text();
+    assert_eq!(code, Some(0), "{out}\n{}", dst.stderr_text());
+    assert!(
+        out.contains("VIREO-IO-ERROR vsock-connect recv:") && out.contains("FIRST-ENDED rc=1"),
+        "the open connection did not see the reset:\n{out}"
+    );
+    assert!(out.contains("SECOND-DONE"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
