@@ -64,6 +64,10 @@ pub struct Guest {
     pub disk: Option<Disk>,
     /// A virtio-net NIC on this tap (created by the VMM).
     pub tap: Option<String>,
+    /// A virtio-net NIC on passt: Vireo's `--net user` (which starts its
+    /// own passt), QEMU's `-netdev stream` on descriptor 3, which the
+    /// caller connects to a passt it starts.
+    pub user_net: bool,
 }
 
 impl Guest {
@@ -84,6 +88,7 @@ impl Guest {
             append: format!("console=ttyS0 quiet reboot=k panic=-1 vireo.cmd=\"{cmd}\""),
             disk: None,
             tap: None,
+            user_net: false,
         })
     }
 
@@ -109,6 +114,9 @@ impl Guest {
         }
         if let Some(tap) = &self.tap {
             c.arg("--net").arg(format!("tap={tap},mac={GUEST_MAC}"));
+        }
+        if self.user_net {
+            c.arg("--net").arg(format!("user,mac={GUEST_MAC}"));
         }
         c
     }
@@ -141,6 +149,12 @@ impl Guest {
                 .arg(format!(
                     "tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"
                 ))
+                .arg("-device")
+                .arg(format!("virtio-net-pci,netdev=n0,mac={GUEST_MAC}"));
+        }
+        if self.user_net {
+            c.arg("-netdev")
+                .arg("stream,id=n0,server=off,addr.type=fd,addr.str=3")
                 .arg("-device")
                 .arg(format!("virtio-net-pci,netdev=n0,mac={GUEST_MAC}"));
         }

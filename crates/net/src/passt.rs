@@ -10,10 +10,12 @@
 //! the guest no offload that would need the header to mean something.
 //!
 //! Invariants:
-//! - the socket end Vireo keeps is non-blocking; a receive never blocks,
-//!   and a send blocks at most [`SEND_STALL`] before the link is declared
-//!   broken (a half-written frame would desynchronise the stream, so a send
-//!   that started is finished or the stream is abandoned);
+//! - the socket end Vireo keeps is non-blocking; neither receive nor send
+//!   blocks the device thread: sends queue frames (at most [`TX_BACKLOG`]
+//!   bytes, then frames are dropped) for a writer thread, which waits for a
+//!   full socket at most [`SEND_STALL`] without progress before the link is
+//!   declared broken (a half-written frame would desynchronise the stream,
+//!   so the stream is written whole or abandoned);
 //! - passt is considered started only once it has written its pid file,
 //!   which it does after binding the forwarded ports, so a port that cannot
 //!   be bound is an error at VM start, not a silent missing forward;
@@ -34,7 +36,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::VNET_HDR_LEN;
@@ -42,8 +44,11 @@ use crate::VNET_HDR_LEN;
 /// Longest frame passt sends or takes: its 65520-byte MTU plus the Ethernet
 /// header, rounded up. A longer length prefix means the stream is corrupt.
 pub const MAX_PASST_FRAME: usize = 65_536 + 14;
-/// How long a started send may wait for passt to drain the socket.
+/// How long the writer waits for passt to take any data before the link
+/// is declared broken.
 pub const SEND_STALL: Duration = Duration::from_secs(5);
+/// Bytes queued for passt at most; beyond that frames are dropped.
+pub const TX_BACKLOG: usize = 1 << 20;
 /// How long passt may take to start (bind its ports, write its pid file).
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// The descriptor number passt finds its end of the socket pair at.
@@ -249,7 +254,8 @@ struct Rx {
 pub struct Passt {
     sock: UnixStream,
     rx: Mutex<Rx>,
-    tx: Mutex<()>,
+    tx: Arc<Tx>,
+    writer: Option<std::thread::JoinHandle<()>>,
     shared: Arc<Shared>,
     monitor: Option<std::thread::JoinHandle<()>>,
 }
@@ -263,6 +269,23 @@ impl Passt {
     pub fn start(opts: &PasstOptions) -> Result<Self, PasstError> {
         let (ours, theirs) = UnixStream::pair().map_err(PasstError::Socket)?;
         ours.set_nonblocking(true).map_err(PasstError::Socket)?;
+        // Room in the socket for bursts both ways (best effort, up to the
+        // host's wmem_max): passt gives up on a guest connection whose
+        // frames it cannot hand over for a while, and an engine guest
+        // takes frames slower than passt makes them.
+        for fd in [ours.as_raw_fd(), theirs.as_raw_fd()] {
+            let size: libc::c_int = 4 << 20;
+            // SAFETY: setsockopt with a valid int on our own socket.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDBUF,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+        }
         let pidfile = pidfile_path();
         let _ = std::fs::remove_file(&pidfile);
         let mut cmd = Command::new(&opts.program);
@@ -407,6 +430,18 @@ impl Passt {
                 s.link_down(&why);
             })
             .map_err(PasstError::Spawn)?;
+        let tx = Arc::new(Tx {
+            q: Mutex::new(TxQueue {
+                bytes: VecDeque::new(),
+                closed: false,
+            }),
+            cv: Condvar::new(),
+        });
+        let (t, s, fd) = (tx.clone(), shared.clone(), ours.as_raw_fd());
+        let writer = std::thread::Builder::new()
+            .name("passt-tx".into())
+            .spawn(move || writer(fd, &t, &s))
+            .map_err(PasstError::Spawn)?;
         Ok(Passt {
             sock: ours,
             rx: Mutex::new(Rx {
@@ -414,7 +449,8 @@ impl Passt {
                 start: 0,
                 end: 0,
             }),
-            tx: Mutex::new(()),
+            tx,
+            writer: Some(writer),
             shared,
             monitor: Some(monitor),
         })
@@ -516,9 +552,11 @@ impl Passt {
         }
     }
 
-    /// Send one frame given with its virtio-net header (which passt does
-    /// not take: it is dropped). `WouldBlock` when passt's socket is full
-    /// before any byte went (the frame is then lost, as on a busy wire).
+    /// Queue one frame given with its virtio-net header (which passt does
+    /// not take: it is dropped) for the writer thread. `WouldBlock` when
+    /// [`TX_BACKLOG`] bytes wait already: the frame is lost, as on a busy
+    /// wire (the device thread must never wait for passt, which may itself
+    /// be waiting for that thread to take the frames it sends).
     pub fn send_frame(&self, frame: &[u8]) -> io::Result<usize> {
         let eth = frame.get(VNET_HDR_LEN..).unwrap_or(&[]);
         if eth.is_empty() || eth.len() > MAX_PASST_FRAME {
@@ -530,34 +568,55 @@ impl Passt {
         if !self.link_up() {
             return Err(broken("the link is down"));
         }
-        let _tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        let len = (eth.len() as u32).to_be_bytes();
-        let total = 4 + eth.len();
-        let mut sent = 0usize;
+        let mut q = self.tx.q.lock().unwrap_or_else(|e| e.into_inner());
+        if q.bytes.len() + 4 + eth.len() > TX_BACKLOG {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        q.bytes.extend((eth.len() as u32).to_be_bytes());
+        q.bytes.extend(eth);
+        drop(q);
+        self.tx.cv.notify_one();
+        Ok(frame.len())
+    }
+}
+
+/// Frames on their way to passt, and the writer thread's stop flag.
+struct TxQueue {
+    bytes: VecDeque<u8>,
+    closed: bool,
+}
+
+struct Tx {
+    q: Mutex<TxQueue>,
+    cv: Condvar,
+}
+
+/// The writer thread: moves queued bytes into the socket, waiting for it
+/// to drain as long as passt takes something every [`SEND_STALL`].
+fn writer(fd: RawFd, tx: &Tx, shared: &Shared) {
+    let mut chunk: Vec<u8> = Vec::with_capacity(256 * 1024);
+    loop {
+        {
+            let mut q = tx.q.lock().unwrap_or_else(|e| e.into_inner());
+            while q.bytes.is_empty() && !q.closed {
+                q = tx.cv.wait(q).unwrap_or_else(|e| e.into_inner());
+            }
+            if q.closed {
+                return;
+            }
+            let n = q.bytes.len().min(chunk.capacity());
+            chunk.clear();
+            chunk.extend(q.bytes.drain(..n));
+        }
+        let mut sent = 0;
         let mut last_progress = Instant::now();
-        while sent < total {
-            let parts: [&[u8]; 2] = if sent < 4 {
-                [&len[sent..], eth]
-            } else {
-                [&[], &eth[sent - 4..]]
-            };
-            let iov: Vec<libc::iovec> = parts
-                .iter()
-                .filter(|p| !p.is_empty())
-                .map(|p| libc::iovec {
-                    iov_base: p.as_ptr() as *mut libc::c_void,
-                    iov_len: p.len(),
-                })
-                .collect();
-            // SAFETY: a zeroed msghdr pointing at live iovecs.
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
-            msg.msg_iovlen = iov.len();
-            // SAFETY: sendmsg reads the buffers the iovecs describe.
+        while sent < chunk.len() {
+            // SAFETY: sending from a live buffer on our own socket.
             let n = unsafe {
-                libc::sendmsg(
-                    self.sock.as_raw_fd(),
-                    &msg,
+                libc::send(
+                    fd,
+                    chunk[sent..].as_ptr().cast(),
+                    chunk.len() - sent,
                     libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
                 )
             };
@@ -568,26 +627,23 @@ impl Passt {
             }
             let e = io::Error::last_os_error();
             match e.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock if sent == 0 => return Err(e),
+                io::ErrorKind::Interrupted => {}
                 io::ErrorKind::WouldBlock => {
-                    // Mid-frame: finish it or give the stream up.
                     if last_progress.elapsed() > SEND_STALL {
-                        self.shared.link_down(&format!(
-                            "took no data for {} s in the middle of a frame",
-                            SEND_STALL.as_secs()
-                        ));
-                        return Err(broken("stalled mid-frame"));
+                        shared.link_down(&format!("took no data for {} s", SEND_STALL.as_secs()));
+                        return;
                     }
-                    wait_writable(self.sock.as_raw_fd(), 100);
+                    if tx.q.lock().unwrap_or_else(|e| e.into_inner()).closed {
+                        return;
+                    }
+                    wait_writable(fd, 100);
                 }
                 _ => {
-                    self.shared.link_down(&format!("send failed: {e}"));
-                    return Err(e);
+                    shared.link_down(&format!("send failed: {e}"));
+                    return;
                 }
             }
         }
-        Ok(frame.len())
     }
 }
 
@@ -627,6 +683,11 @@ impl Drop for Passt {
             .unwrap_or_else(|e| e.into_inner()) = None;
         // The link is going away on purpose: no error for it.
         self.shared.up.store(false, Ordering::SeqCst);
+        self.tx.q.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.tx.cv.notify_all();
+        if let Some(t) = self.writer.take() {
+            let _ = t.join();
+        }
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
         {
             let reaped = self.shared.reaped.lock().unwrap_or_else(|e| e.into_inner());
