@@ -10,6 +10,7 @@ set -euo pipefail
 # unpacks without installing them on the host.
 PACKAGES=(
     acpica-tools    # iasl/acpiexec check the ACPI tables Vireo builds (crates/arch/tests/acpica.rs)
+    binutils        # as/ld assemble the multiboot test kernel (vireo/tests/multiboot.rs)
     ca-certificates # apt over https mirrors
     coreutils       # sha256sum, md5sum, head, od
     cpio            # packs the initramfs (newc format)
@@ -19,6 +20,7 @@ PACKAGES=(
     gcc             # builds guest/vireo-io.c (static) into the initramfs
     gzip            # compresses the initramfs
     iproute2        # ip netns/link/addr for the network tests (crates/net)
+    python3-prometheus-client # parses /metrics in the monitoring test (vireo/tests/monitor.rs)
     iputils-ping    # ping from a test network namespace (crates/net)
     libc6-dev       # static libc for guest/vireo-io.c
     kmod            # depmod writes the modules.dep that busybox modprobe reads
@@ -28,6 +30,8 @@ PACKAGES=(
     qemu-system-x86 # the reference/benchmark VMM, also used to check the images
     qemu-utils      # qemu-img and qemu-io for disk images (crates/block tests)
     strace          # diagnosing the VMM's host calls (startup analysis)
+    util-linux      # runuser: the security tests act as an unprivileged user
+    passwd          # useradd makes that user
 )
 
 if [ "$(id -u)" -eq 0 ]; then
@@ -63,6 +67,14 @@ apt_quiet() {
         exit 1
     fi
 }
+
+# The unprivileged account the security tests act as a hostile local user
+# with (vireo/tests/common/mod.rs TEST_USER: planted links, forged
+# snapshots); they say SKIPPED without it.
+if ! id vireo-test >/dev/null 2>&1; then
+    "${SUDO[@]}" useradd --system --no-create-home --shell /usr/sbin/nologin vireo-test ||
+        echo "install-deps.sh: could not create user vireo-test; its tests will be skipped" >&2
+fi
 
 mapfile -t missing < <(list_missing)
 if [ "${#missing[@]}" -eq 0 ]; then

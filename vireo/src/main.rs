@@ -12,6 +12,10 @@ use vmm::api::{
 use vmm::config::{Accel, BootProtocol, ConsoleKind, MemSize, SerialMode, VmConfig};
 use vmm::exit_code;
 
+mod logfmt;
+mod progress;
+mod top;
+
 const EXIT_CODES: &str = "\
 Exit status:
   0  the guest powered off (or you quit with Ctrl-A X)
@@ -20,6 +24,8 @@ Exit status:
   3  the guest rebooted (keyboard controller or ACPI reset; also after a guest panic with panic=N)
   4  a vCPU triple-faulted
   5  a vCPU hit an instruction its accelerator cannot run (the report names the bytes and RIP)
+  (V<<1)|1  with --exit-device: the guest wrote V to the exit device (the last line on stderr
+         says so; this can equal 1, 3 or 5, which that line tells apart)
   128+N  killed by signal N (the terminal is restored)
 
 Console: the guest's console (COM1, or hvc0 with --console virtio) is your terminal. Ctrl-A X quits, Ctrl-A Ctrl-A sends Ctrl-A.";
@@ -37,6 +43,28 @@ struct Cli {
     /// More log output on stderr (-v: info, -vv: debug, -vvv: trace); VIREO_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// A VMM's live-migration key: a file (mode 0600, at least 16 bytes)
+    /// holding the same secret on both hosts. A migrate-receive then takes
+    /// only a source that proves it holds the key, and a migrating VMM
+    /// answers the destination's challenge with it. (For the VMM commands:
+    /// run, restore, migrate-receive.)
+    #[arg(long, global = true, value_name = "FILE")]
+    migration_key_file: Option<PathBuf>,
+    /// A migration being received must arrive whole within this many
+    /// seconds of its source being accepted.
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 3600)]
+    migration_timeout: u64,
+    /// The key a VMM signs its snapshots with and checks them against when
+    /// restoring (made, 0600, if missing) [default:
+    /// ~/.config/vireo/snapshot.key]. A snapshot it does not verify may not
+    /// name host files as disks: `vireo restore --disk` names them instead.
+    #[arg(long, global = true, value_name = "FILE")]
+    snapshot_key_file: Option<PathBuf>,
+    /// Log lines as text, or as one JSON object each (with -v, the VMM's
+    /// events: boot, pause, resume, snapshot, migration-start/end,
+    /// device-reset, exit; see docs/monitoring.md).
+    #[arg(long, value_name = "text|json", default_value = "text", global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -85,6 +113,22 @@ enum Command {
     Delete(ApiArgs),
     /// Stop the VMM process, with its VM if one runs.
     Shutdown(ApiArgs),
+    /// Print a running VM's counters: vCPU exits and time, engine, disks,
+    /// NICs, virtio notifications and interrupts, memory (JSON).
+    Counters(CountersArgs),
+    /// A live view of running VMMs: state, CPU per vCPU, memory, disk,
+    /// network and exit rates, refreshed every second (q quits; 1-9 or
+    /// Tab pick the sort column).
+    Top(top::TopArgs),
+}
+
+#[derive(Args)]
+struct CountersArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Print the Prometheus text of GET /metrics instead of JSON.
+    #[arg(long)]
+    prometheus: bool,
 }
 
 #[derive(Args)]
@@ -118,6 +162,10 @@ struct StartArgs {
     /// Serve the management API on this Unix socket once the VM runs.
     #[arg(long, value_name = "PATH", conflicts_with = "into")]
     api_socket: Option<PathBuf>,
+    /// Serve GET /metrics (Prometheus text) and GET /api/v1/vm.counters on
+    /// this TCP address once the VM runs.
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with = "into")]
+    metrics: Option<std::net::SocketAddr>,
     /// Start it inside the empty VMM serving the API at PATH (`vireo run
     /// --api-socket PATH` alone) instead of in this process (answers once
     /// the VM runs there).
@@ -140,6 +188,13 @@ struct StartArgs {
 }
 
 impl StartArgs {
+    fn servers(&self) -> vmm::Servers {
+        vmm::Servers {
+            api_socket: self.api_socket.clone(),
+            metrics: self.metrics,
+        }
+    }
+
     fn options(&self) -> vmm::RestoreOptions {
         vmm::RestoreOptions {
             accel: self.accel,
@@ -153,6 +208,7 @@ impl StartArgs {
         source: &Path,
         overlays: &[PathBuf],
         taps: &[String],
+        disks: &[PathBuf],
     ) -> RestoreRequest {
         RestoreRequest {
             source: source.to_path_buf(),
@@ -160,6 +216,7 @@ impl StartArgs {
             allow_tsc_change: self.allow_tsc_change,
             overlays: overlays.to_vec(),
             taps: taps.to_vec(),
+            disks: disks.to_vec(),
             serial: self.serial.clone(),
         }
     }
@@ -210,6 +267,12 @@ struct RestoreArgs {
     /// Clone: use this tap for the snapshot's next NIC instead of its own.
     #[arg(long, value_name = "NAME")]
     tap: Vec<String>,
+    /// The snapshot's next disk file, named by you (once per disk, in
+    /// order): needed to restore a snapshot not signed with your snapshot
+    /// key (another user's, or edited), which may not name host files on
+    /// its own.
+    #[arg(long, value_name = "PATH")]
+    disk: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -229,6 +292,11 @@ struct RunArgs {
     /// --into` or `vireo migrate-receive --into`.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Serve GET /metrics (Prometheus text, for a Prometheus server to
+    /// scrape) and GET /api/v1/vm.counters on this TCP address, e.g.
+    /// 127.0.0.1:9100. Only these reads are served there.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args)]
@@ -244,11 +312,12 @@ struct CreateArgs {
 struct VmOptions {
     /// Read the VM's settings from a TOML or JSON file (same names as the
     /// options: kernel, initrd, cmdline, memory, cpus, accel, cpu_model, serial, console, boot, rng,
-    /// disks, nets, balloon);
+    /// disks, nets, balloon, exit_device);
     /// options given here override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Kernel to boot: an uncompressed ELF vmlinux or a bzImage.
+    /// Kernel to boot: an uncompressed ELF vmlinux, a bzImage, or a multiboot
+    /// (v1) kernel (the initrd is then its module).
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
     /// Initial ramdisk (initramfs) to hand to the kernel.
@@ -304,6 +373,11 @@ struct VmOptions {
     /// reach the Unix socket PATH_P (the Firecracker convention).
     #[arg(long, value_name = "cid=N,socket=PATH")]
     vsock: Option<vmm::config::VsockConfig>,
+    /// An exit device for test kernels (QEMU's isa-debug-exit), optionally
+    /// [port=N][,size=1|2|4] (port 0xf4, 4 bytes by default): writing V
+    /// there ends the VM with exit status (V << 1) | 1.
+    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
+    exit_device: Option<vmm::config::ExitDeviceConfig>,
 }
 
 impl VmOptions {
@@ -324,6 +398,7 @@ impl VmOptions {
             && !self.rng
             && self.balloon.is_none()
             && self.vsock.is_none()
+            && self.exit_device.is_none()
     }
 
     /// The config file (if any) with every option given on the command line on top.
@@ -378,13 +453,22 @@ impl VmOptions {
         if self.rng {
             cfg.rng = true;
         }
+        if let Some(x) = self.exit_device {
+            cfg.exit_device = Some(x);
+        }
         cfg.disks.extend(self.disk);
         cfg.nets.extend(self.net);
         Ok(cfg)
     }
 }
 
-fn init_logging(verbose: u8) {
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(verbose: u8, format: LogFormat) {
     let default = match verbose {
         0 => "warn",
         1 => "info",
@@ -393,16 +477,19 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("VIREO_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Text => fmt.try_init(),
+        LogFormat::Json => fmt.event_format(logfmt::JsonLines).try_init(),
+    };
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, cli.log_format);
     // The environment is read here, in the binary; the library crates take
     // the KVM device node and the translator settings as parameters.
     if let Some(dev) = std::env::var_os("VIREO_KVM_DEVICE") {
@@ -412,6 +499,28 @@ fn main() -> ExitCode {
         std::env::var("VIREO_JIT").ok().as_deref(),
         std::env::var_os("VIREO_JIT_PERFMAP").is_some(),
     ));
+    let key = match cli
+        .migration_key_file
+        .as_deref()
+        .map(vmm::auth::Key::from_file)
+    {
+        None => None,
+        Some(Ok(k)) => Some(k),
+        Some(Err(e)) => {
+            eprintln!("vireo: error: {e}");
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
+    vmm::migration::set_migration_settings(vmm::migration::MigrationSettings {
+        key,
+        receive_deadline: std::time::Duration::from_secs(cli.migration_timeout.max(1)),
+    });
+    if matches!(
+        cli.command,
+        Command::Run(_) | Command::Restore(_) | Command::MigrateReceive(_)
+    ) {
+        vmm::snapshot::set_snapshot_key(snapshot_key(cli.snapshot_key_file.as_deref()));
+    }
     let code = match cli.command {
         Command::Run(args) => run(args),
         Command::Ping(a) => api_call(&a.api_socket, ApiAction::VmmPing),
@@ -432,7 +541,7 @@ fn main() -> ExitCode {
                 &a.listen,
                 a.start.options(),
                 &a.start.serial.clone().unwrap_or_default(),
-                a.start.api_socket.as_deref(),
+                &a.start.servers(),
             )),
         },
         Command::Create(a) => match a.vm.into_config() {
@@ -446,27 +555,86 @@ fn main() -> ExitCode {
         Command::Boot(a) => api_call(&a.api_socket, ApiAction::VmBoot),
         Command::Delete(a) => api_call(&a.api_socket, ApiAction::VmDelete),
         Command::Shutdown(a) => api_call(&a.api_socket, ApiAction::VmmShutdown),
+        Command::Counters(a) => match a.prometheus {
+            true => api_call(&a.api.api_socket, ApiAction::Metrics),
+            false => api_call(&a.api.api_socket, ApiAction::VmCounters),
+        },
+        Command::Top(a) => top::run(&a),
         Command::Restore(a) => match &a.start.into {
             Some(sock) => {
-                let req = a.start.restore_request(&a.from, &a.overlay, &a.tap);
+                let req = a
+                    .start
+                    .restore_request(&a.from, &a.overlay, &a.tap, &a.disk);
                 api_call(sock, ApiAction::VmRestore(req))
             }
             None => {
                 let clone = vmm::CloneOptions {
                     overlays: a.overlay,
                     taps: a.tap,
+                    disks: a.disk,
                 };
                 finish(vmm::restore(
                     &a.from,
                     a.start.options(),
                     &clone,
                     &a.start.serial.clone().unwrap_or_default(),
-                    a.start.api_socket.as_deref(),
+                    &a.start.servers(),
                 ))
             }
         },
     };
     ExitCode::from(code as u8)
+}
+
+/// The VMM's snapshot key: the file given, else the user's default one
+/// (made on first use). Without one (no home directory, an unusable file)
+/// snapshots are written unsigned and restored only over disks the
+/// restorer names; said once on stderr.
+fn snapshot_key(given: Option<&Path>) -> Option<vmm::auth::Key> {
+    let path = match given {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let base = std::env::var_os("XDG_CONFIG_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+            base.join("vireo").join("snapshot.key")
+        }
+    };
+    match vmm::auth::Key::load_or_create(&path) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            tracing::warn!("no snapshot key ({e}): snapshots are written unsigned");
+            None
+        }
+    }
+}
+
+/// Print one line of a client command's answer. A reader that went away
+/// (`vireo info | head -c 10`) is not an error of ours: the request was
+/// carried out, so the rest of the answer is dropped and nothing is said
+/// (println! would panic on the broken pipe). Any other failure to write
+/// is one line on stderr.
+fn out(line: std::fmt::Arguments) {
+    write_out(&format!("{line}\n"));
+}
+
+/// [`out`] for text that brings its own line ends.
+fn write_out(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_all(text.as_bytes())
+        .and_then(|_| stdout.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(e) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "vireo: error: cannot write the answer: {e}"
+            );
+        }
+    }
 }
 
 /// The exit code of a client command; a failure is one line on stderr.
@@ -488,9 +656,14 @@ fn api_call(sock: &Path, action: ApiAction) -> i32 {
             ApiReply::Ping(p) => serde_json::to_string_pretty(p),
             ApiReply::Info(i) => serde_json::to_string_pretty(i),
             ApiReply::Migrated(m) => serde_json::to_string_pretty(m),
+            ApiReply::Counters(c) => serde_json::to_string_pretty(c),
+            ApiReply::Metrics(t) => {
+                write_out(t);
+                return;
+            }
         };
         if let Ok(text) = text {
-            println!("{text}");
+            out(format_args!("{text}"));
         }
     }))
 }
@@ -502,11 +675,14 @@ fn snapshot(a: &SnapshotArgs) -> Result<(), ClientError> {
     if was_running {
         client.pause()?;
     }
-    let written = client.snapshot(SnapshotRequest {
-        destination: a.dir.clone(),
-    });
+    let written = {
+        let _progress = progress::Progress::start(a.api.api_socket.clone());
+        client.snapshot(SnapshotRequest {
+            destination: a.dir.clone(),
+        })
+    };
     if written.is_ok() {
-        println!("snapshot written to {}", a.dir.display());
+        out(format_args!("snapshot written to {}", a.dir.display()));
     }
     if was_running && !a.stay_paused {
         let resumed = client.resume();
@@ -518,11 +694,14 @@ fn snapshot(a: &SnapshotArgs) -> Result<(), ClientError> {
 
 /// Migrate through the API and print how it went.
 fn migrate(a: &MigrateArgs) -> Result<(), ClientError> {
-    let r = ApiClient::new(&a.api.api_socket).migrate_send(MigrateRequest {
-        destination: a.to.clone(),
-        max_bandwidth_mib: a.max_bandwidth_mib,
-    })?;
-    println!(
+    let r = {
+        let _progress = progress::Progress::start(a.api.api_socket.clone());
+        ApiClient::new(&a.api.api_socket).migrate_send(MigrateRequest {
+            destination: a.to.clone(),
+            max_bandwidth_mib: a.max_bandwidth_mib,
+        })?
+    };
+    out(format_args!(
         "migrated to {}: total {} ms, downtime {:.1} ms, {} bytes, {} iterations; \
          paused: {} pages, {} bytes",
         a.to,
@@ -532,7 +711,7 @@ fn migrate(a: &MigrateArgs) -> Result<(), ClientError> {
         r.iterations,
         r.final_pages,
         r.final_bytes
-    );
+    ));
     Ok(())
 }
 
@@ -541,7 +720,7 @@ fn balloon(a: &BalloonArgs) -> Result<(), ClientError> {
     ApiClient::new(&a.api.api_socket).balloon(BalloonRequest {
         target_mib: a.target_mib,
     })?;
-    println!("balloon target set to {} MiB", a.target_mib);
+    out(format_args!("balloon target set to {} MiB", a.target_mib));
     Ok(())
 }
 
@@ -560,9 +739,12 @@ fn finish(result: Result<vmm::VmExit, vmm::VmmError>) -> i32 {
 }
 
 fn run(args: RunArgs) -> i32 {
-    let api_socket = args.api_socket.clone();
-    if let (Some(sock), true) = (&api_socket, args.vm.is_empty()) {
-        return finish(vmm::serve(sock));
+    let servers = vmm::Servers {
+        api_socket: args.api_socket.clone(),
+        metrics: args.metrics,
+    };
+    if let (Some(sock), true) = (&servers.api_socket, args.vm.is_empty()) {
+        return finish(vmm::serve(sock, servers.metrics));
     }
     let cfg = match args.vm.into_config() {
         Ok(c) => c,
@@ -571,5 +753,5 @@ fn run(args: RunArgs) -> i32 {
             return e.exit_code();
         }
     };
-    finish(vmm::run(&cfg, api_socket.as_deref()))
+    finish(vmm::run(&cfg, &servers))
 }

@@ -372,3 +372,127 @@ fn balloon_target_through_the_api() {
     assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An empty VMM started by `sh -c "<prefix>; exec vireo run --api-socket
+/// SOCK"` (a umask, a file limit), answering pings.
+fn empty_vmm_under(prefix: &str, sock: &Path) -> Running {
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!("{prefix}; exec \"$0\" run --api-socket \"$1\""))
+        .arg(env!("CARGO_BIN_EXE_vireo"))
+        .arg(sock);
+    let vm = Running::spawn(cmd);
+    assert!(
+        wait_until(Duration::from_secs(10), || client(&["ping"], sock)
+            .status
+            .success()),
+        "the empty VMM did not answer: {}",
+        vm.stderr_text()
+    );
+    vm
+}
+
+/// The API socket is 0600 even under umask 000 (another user must not
+/// pause or snapshot the VM), and a path holding a file that is not a
+/// stale socket is refused and left alone, at start and at exit.
+#[test]
+fn the_api_socket_is_private_and_replaces_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("vireo-api-sockmode-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("api.sock");
+    let mut vm = empty_vmm_under("umask 000", &sock);
+    let mode = std::fs::symlink_metadata(&sock)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "the API socket's mode");
+    assert!(client(&["shutdown"], &sock).status.success());
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
+
+    std::fs::write(&sock, b"not a socket").unwrap();
+    let out = vireo()
+        .arg("run")
+        .arg("--api-socket")
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not a socket"), "{err}");
+    assert_eq!(std::fs::read(&sock).unwrap(), b"not a socket");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Past the open-file limit the API refuses connections for a while but
+/// never loses its listener: once the clients go, it answers again.
+#[test]
+fn the_api_survives_running_out_of_file_descriptors() {
+    let dir = std::env::temp_dir().join(format!("vireo-api-nofile-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("api.sock");
+    let vm = empty_vmm_under("ulimit -n 24", &sock);
+    // More idle clients than the VMM has descriptors left.
+    let flood: Vec<std::os::unix::net::UnixStream> = (0..100)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(&sock).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    drop(flood);
+    assert!(
+        wait_until(Duration::from_secs(30), || client(&["ping"], &sock)
+            .status
+            .success()),
+        "the API did not come back: {}",
+        vm.stderr_text()
+    );
+    let err = vm.stderr_text();
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("Too many open files"),
+        "the flood did not reach the file limit: {err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A 1 GiB header line does not grow the VMM: it is refused at the head
+/// limit, and the VMM's resident memory stays put.
+#[test]
+fn a_huge_header_is_refused_without_being_read() {
+    use std::io::{Read, Write};
+    let dir = std::env::temp_dir().join(format!("vireo-api-bighead-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("api.sock");
+    let vm = empty_vmm_under("true", &sock);
+    let rss = |pid: u32| -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    };
+    let before = rss(vm.child.id());
+    let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    c.write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\nX-Big: ")
+        .unwrap();
+    let chunk = vec![b'a'; 1 << 20];
+    // The server answers and closes long before 1 GiB; writing then fails.
+    for _ in 0..1024 {
+        if c.write_all(&chunk).is_err() {
+            break;
+        }
+    }
+    let mut answer = String::new();
+    let _ = c.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    let after = rss(vm.child.id());
+    assert!(
+        after < before + 16 * 1024,
+        "RSS grew from {before} kB to {after} kB"
+    );
+    assert!(client(&["ping"], &sock).status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -219,3 +219,51 @@ fn balloon_and_console_option_errors_are_usage_errors() {
     ]);
     one_line_error(&out, 1, "cannot connect to API socket");
 }
+
+/// An empty VMM (`vireo run --api-socket` alone) in a fresh directory: the
+/// directory, the socket and the running VMM.
+fn empty_vmm(name: &str) -> (std::path::PathBuf, std::path::PathBuf, Running) {
+    let dir = std::env::temp_dir().join(format!("vireo-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("api.sock");
+    let mut cmd = vireo();
+    cmd.arg("run").arg("--api-socket").arg(&sock);
+    let vm = Running::spawn(cmd);
+    assert!(
+        wait_until(std::time::Duration::from_secs(10), || client(
+            &["ping"],
+            &sock
+        )
+        .status
+        .success()),
+        "the empty VMM did not answer: {}",
+        vm.stderr_text()
+    );
+    (dir, sock, vm)
+}
+
+/// `vireo info | head -c 10`: a reader that goes away is no error of ours;
+/// the client exits quietly instead of panicking on the broken pipe.
+#[test]
+fn a_closed_stdout_ends_the_client_quietly() {
+    let (dir, sock, _vm) = empty_vmm("pipe");
+    for cmd in ["info", "ping"] {
+        let mut child = vireo()
+            .arg(cmd)
+            .arg("--api-socket")
+            .arg(&sock)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Close the read end before the client writes: its write gets EPIPE.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{cmd}: {err}");
+        assert!(err.trim().is_empty(), "{cmd}: stderr says: {err}");
+        assert_eq!(out.status.code(), Some(0), "{cmd}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

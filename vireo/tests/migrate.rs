@@ -361,6 +361,7 @@ fn a_cancelled_migration_leaves_the_source_running() {
     let (accepted_tx, accepted) = std::sync::mpsc::channel();
     let fake = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
+        s.write_all(&greeting(false)).unwrap();
         accepted_tx.send(()).unwrap();
         // Drain until the source cuts the stream; never answer.
         let mut sink = Vec::new();
@@ -425,6 +426,7 @@ fn a_destination_that_refuses_leaves_the_source_running() {
     let port = listener.local_addr().unwrap().port();
     let fake = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
+        s.write_all(&greeting(false)).unwrap();
         let mut r = std::io::BufReader::new(s.try_clone().unwrap());
         let mut w = s.try_clone().unwrap();
         let got = vmm::migration::read_stream(&mut r, &mut w).map(|(m, _)| m.vcpus);
@@ -527,6 +529,8 @@ fn a_cut_stream_leaves_the_source_running() {
     let port = listener.local_addr().unwrap().port();
     let fake = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
+        // Greet as a destination that needs no key.
+        s.write_all(&greeting(false)).unwrap();
         let mut buf = vec![0u8; 100_000];
         let _ = s.read_exact(&mut buf);
         drop(s);
@@ -558,25 +562,184 @@ fn a_cut_stream_leaves_the_source_running() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn a_destination_refuses_a_stream_that_is_not_a_migration() {
-    let port = free_port();
-    let mut dst = destination(port, None);
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(1));
-    let err = dst.stderr_text();
-    assert!(err.contains("not a Vireo migration stream"), "{err}");
+/// What a destination says first: "VIREODST", whether it needs a key, a
+/// nonce (zeros here).
+fn greeting(key: bool) -> Vec<u8> {
+    let mut g = b"VIREODST".to_vec();
+    g.push(key as u8);
+    g.extend_from_slice(&[0u8; 32]);
+    g
+}
 
-    // A stream cut after a good header: a clear error too.
+/// Connect to a destination and read its greeting; the connection and
+/// whether it demands a key.
+fn greeted(port: u16) -> (std::net::TcpStream, bool) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut g = [0u8; 41];
+    s.read_exact(&mut g).unwrap();
+    assert_eq!(&g[..8], b"VIREODST");
+    (s, g[8] == 1)
+}
+
+/// The answer a turned-away connection gets: 'N' and the message.
+fn turned_away(s: &mut std::net::TcpStream) -> String {
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert_eq!(rest.first(), Some(&b'N'), "{rest:?}");
+    String::from_utf8_lossy(&rest[5.min(rest.len())..]).into_owned()
+}
+
+/// Streams that are not migrations, cut headers, a port scan and absurd
+/// VMs are each turned away with a clear message, and the destination
+/// keeps waiting: none of them ends a planned receive.
+#[test]
+fn a_destination_turns_away_what_is_not_a_migration_and_waits_on() {
     let port = free_port();
     let mut dst = destination(port, None);
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"VIREOMIG\x02\x00\x00\x00").unwrap();
-    drop(s);
-    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(1));
+    let (mut s, key) = greeted(port);
+    assert!(!key);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let said = turned_away(&mut s);
+    assert!(said.contains("not a Vireo migration stream"), "{said}");
+    // A stream cut after a good header.
+    let (mut s, _) = greeted(port);
+    s.write_all(b"VIREOMIG\x03\x00\x00\x00").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let said = turned_away(&mut s);
+    assert!(said.contains("ended before"), "{said}");
+    // A port scan: connect and go.
+    drop(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
+    // 8 TiB of memory: more than vm.create allows.
+    let (mut s, _) = greeted(port);
+    let hello = br#"{"vireo":"x","accel":"emu","memory_bytes":8796093022208,"vcpus":1}"#;
+    s.write_all(b"VIREOMIG\x03\x00\x00\x00").unwrap();
+    s.write_all(&(hello.len() as u32).to_le_bytes()).unwrap();
+    s.write_all(hello).unwrap();
+    let said = turned_away(&mut s);
+    assert!(said.contains("not a VM Vireo runs"), "{said}");
+    // Still waiting.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        dst.child.try_wait().unwrap().is_none(),
+        "{}",
+        dst.stderr_text()
+    );
+    let (_s, _) = greeted(port);
     let err = dst.stderr_text();
-    assert!(err.contains("ended before"), "{err}");
+    assert!(err.matches("turned away").count() >= 4, "{err}");
+    dst.kill();
+}
+
+/// Once a source is accepted its whole stream must arrive within
+/// --migration-timeout: a byte now and then does not keep the destination
+/// waiting, and the message says which limit passed.
+#[test]
+fn a_trickling_source_is_cut_off_by_the_overall_deadline() {
+    let port = free_port();
+    let mut cmd = vireo();
+    cmd.args([
+        "-v",
+        "--migration-timeout",
+        "3",
+        "migrate-receive",
+        "--listen",
+    ])
+    .arg(format!("127.0.0.1:{port}"));
+    let mut dst = Running::spawn(cmd);
+    assert!(wait_until(Duration::from_secs(20), || dst
+        .stderr_text()
+        .contains("waiting for a migration")));
+    let (mut s, _) = greeted(port);
+    let hello = br#"{"vireo":"x","accel":"emu","memory_bytes":67108864,"vcpus":1}"#;
+    s.write_all(b"VIREOMIG\x03\x00\x00\x00").unwrap();
+    s.write_all(&(hello.len() as u32).to_le_bytes()).unwrap();
+    s.write_all(hello).unwrap();
+    let start = std::time::Instant::now();
+    // One page announced, then its bytes one a second.
+    s.write_all(b"P\x01\x00\x00\x00").unwrap();
+    for _ in 0..20 {
+        if s.write_all(&[0]).is_err() || dst.child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(1));
+    assert!(start.elapsed() < Duration::from_secs(10));
+    let err = dst.stderr_text();
+    assert!(err.contains("did not complete within 3 s"), "{err}");
+}
+
+/// With a migration key only a source holding it is taken: an impostor
+/// with a wrong answer and a source with no key are turned away (the
+/// destination waits on), then the keyed source migrates.
+#[test]
+fn a_keyed_destination_takes_only_the_source_with_the_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("keyed");
+    let key = dir.join("mig.key");
+    std::fs::write(&key, "a shared secret of enough length\n").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (sock, sock2) = (dir.join("a.sock"), dir.join("b.sock"));
+    // A source without the key.
+    let mut plain = source("emu", "64M", &dir, false, &sock);
+    let port = free_port();
+    let mut cmd = vireo();
+    cmd.args(["-v", "migrate-receive", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--api-socket")
+        .arg(&sock2)
+        .arg("--migration-key-file")
+        .arg(&key);
+    let dst = Running::spawn(cmd);
+    assert!(wait_until(Duration::from_secs(20), || dst
+        .stderr_text()
+        .contains("waiting for a migration")));
+    // An impostor answering the challenge with the wrong tag.
+    let (mut s, needs_key) = greeted(port);
+    assert!(needs_key);
+    s.write_all(b"VIREOMIG\x03\x00\x00\x00").unwrap();
+    s.write_all(&[7u8; 32]).unwrap();
+    let said = turned_away(&mut s);
+    assert!(said.contains("wrong migration key"), "{said}");
+    // The keyless source is refused and runs on.
+    let out = migrate_to(&sock, &format!("127.0.0.1:{port}"));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("requires a migration key"), "{err}");
+    assert!(client(&["stop"], &sock).status.success());
+    assert_eq!(plain.wait_exit(Duration::from_secs(10)), Some(0));
+
+    // The source with the key.
+    let kernel = counting_guest(&dir);
+    let mut cmd = vireo();
+    cmd.args([
+        "run", "--accel", "emu", "--boot", "pvh", "--memory", "64M", "--kernel",
+    ])
+    .arg(&kernel)
+    .arg("--api-socket")
+    .arg(&sock)
+    .arg("--migration-key-file")
+    .arg(&key);
+    let mut src = Running::spawn(cmd);
+    assert!(wait_until(Duration::from_secs(60), || src
+        .stdout_text()
+        .len()
+        >= 30));
+    let (_, before, v) = hand_over(
+        &mut src,
+        &sock,
+        &format!("127.0.0.1:{port}"),
+        &dst,
+        &sock2,
+        60,
+    );
+    assert_eq!(v["state"], "running");
+    assert!(client(&["stop"], &sock2).status.success());
+    let mut dst = dst;
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
+    assert_unbroken_cycle(&format!("{before}{}", dst.stdout_text()));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Debian on the engine with a raw ext4 disk (the same file for both

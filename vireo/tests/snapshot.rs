@@ -397,7 +397,7 @@ fn damaged_or_mismatched_snapshots_are_refused_clearly() {
     let mut m = vmm::snapshot::read_manifest(&d).unwrap();
     m.config.as_mut().unwrap().cpus = 2;
     std::fs::remove_file(d.join("manifest.json")).unwrap();
-    vmm::snapshot::write_manifest(&d, &m).unwrap();
+    vmm::snapshot::rewrite_manifest(&d, &m).unwrap();
     let (code, err) = restore_output(&d, &[]);
     assert_eq!(code, Some(1));
     assert!(
@@ -409,8 +409,10 @@ fn damaged_or_mismatched_snapshots_are_refused_clearly() {
     let mut m = vmm::snapshot::read_manifest(&d).unwrap();
     m.config.as_mut().unwrap().rng = false;
     std::fs::remove_file(d.join("manifest.json")).unwrap();
-    vmm::snapshot::write_manifest(&d, &m).unwrap();
-    let (code, err) = restore_output(&d, &[]);
+    vmm::snapshot::rewrite_manifest(&d, &m).unwrap();
+    // Edited, so no longer signed: its restorer names its disk.
+    let named = ["--disk", disk.to_str().unwrap()];
+    let (code, err) = restore_output(&d, &named);
     assert_eq!(code, Some(1));
     assert!(
         err.contains("2 virtio devices, its configuration makes 1"),
@@ -424,8 +426,8 @@ fn damaged_or_mismatched_snapshots_are_refused_clearly() {
     assert!(m.cpuid.is_some() && m.tsc_khz == Some(1_000_000));
     m.cpuid = None;
     std::fs::remove_file(d.join("manifest.json")).unwrap();
-    vmm::snapshot::write_manifest(&d, &m).unwrap();
-    let (code, err) = restore_output(&d, &["--accel", "kvm"]);
+    vmm::snapshot::rewrite_manifest(&d, &m).unwrap();
+    let (code, err) = restore_output(&d, &["--accel", "kvm", named[0], named[1]]);
     assert_eq!(code, Some(1));
     assert!(
         err.contains(
@@ -435,7 +437,7 @@ fn damaged_or_mismatched_snapshots_are_refused_clearly() {
     );
     // ... where it still restores and counts on.
     let mut cmd = vireo();
-    cmd.args(["restore", "--from"]).arg(&d);
+    cmd.args(["restore", "--from"]).arg(&d).args(named);
     let mut old = Running::spawn(cmd);
     assert!(
         wait_until(Duration::from_secs(60), || old.stdout_text().len() >= 5),
@@ -593,5 +595,317 @@ fn debian_counting_to_console_and_disk_continues_across_an_engine_snapshot() {
     let (code, err) = restore_output(&snap, &[]);
     assert_eq!(code, Some(1));
     assert!(err.contains("changed since the snapshot"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The letters guest on the engine with its API at `dir`/api.sock.
+fn letters_vm(dir: &Path) -> (Running, std::path::PathBuf) {
+    let kernel = counting_guest(dir);
+    let sock = dir.join("api.sock");
+    let mut cmd = vireo();
+    cmd.args([
+        "run", "--accel", "emu", "--boot", "pvh", "--memory", "64M", "--kernel",
+    ])
+    .arg(&kernel)
+    .arg("--api-socket")
+    .arg(&sock);
+    let vm = Running::spawn(cmd);
+    assert!(
+        wait_until(Duration::from_secs(30), || client(&["ping"], &sock)
+            .status
+            .success()),
+        "the VM did not start: {}",
+        vm.stderr_text()
+    );
+    (vm, sock)
+}
+
+/// Another user plants `memory.bin` and `manifest.json` links in a
+/// directory of theirs and has root snapshot into it: root refuses, and
+/// neither the victim file nor the link's target is touched. A snapshot
+/// root writes is 0700/0600 (guest RAM is secret).
+#[test]
+fn snapshot_refuses_a_directory_with_planted_links() {
+    let dir = std::env::temp_dir().join(format!("vireo-snap-planted-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (mut vm, sock) = letters_vm(&dir);
+    // Root's own snapshot: private.
+    let own = dir.join("own");
+    let out = client(&["snapshot", "--dir", own.to_str().unwrap()], &sock);
+    assert!(out.status.success(), "{out:?}");
+    let mode = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode(&own), 0o700);
+    assert_eq!(mode(&own.join("memory.bin")), 0o600);
+    assert_eq!(mode(&own.join("manifest.json")), 0o600);
+
+    let Some(user) = unprivileged_user() else {
+        vm.kill();
+        return;
+    };
+    // The attacker's directory: world-readable so they can reach it.
+    let open = dir.join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(
+        &open,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o1777),
+    )
+    .unwrap();
+    let victim = dir.join("victim");
+    std::fs::write(&victim, b"root's data").unwrap();
+    let created = dir.join("created-by-root");
+    let trap = open.join("trap");
+    as_user(
+        user,
+        &format!(
+            "mkdir {t} && ln -s {v} {t}/memory.bin && ln -s {c} {t}/manifest.json",
+            t = trap.display(),
+            v = victim.display(),
+            c = created.display()
+        ),
+    );
+    let out = client(&["snapshot", "--dir", trap.to_str().unwrap()], &sock);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("snapshot directory"), "{err}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"root's data");
+    assert!(!created.exists(), "root created the link's target");
+    // An empty directory of theirs is refused too: they could plant later.
+    let empty = open.join("empty");
+    as_user(user, &format!("mkdir {}", empty.display()));
+    let out = client(&["snapshot", "--dir", empty.to_str().unwrap()], &sock);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is owned by user"), "{err}");
+    // The VM still runs after the refusals.
+    let v: serde_json::Value = serde_json::from_slice(&client(&["info"], &sock).stdout).unwrap();
+    assert_eq!(v["state"], "running", "{v}");
+    vm.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `vm.resume` asked again and again while a snapshot is written is
+/// refused (409, naming the snapshot) until the snapshot is done: the
+/// guest never runs while its memory is written, and the snapshot restores
+/// into an unbroken count. (The race the issue found: pause, snapshot, and
+/// a resume 30 ms later both answered 204 and the restored guest died.)
+#[test]
+fn a_resume_cannot_race_a_snapshot() {
+    let dir = std::env::temp_dir().join(format!("vireo-snap-race-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (mut vm, sock) = letters_vm(&dir);
+    assert!(wait_until(Duration::from_secs(30), || vm
+        .stdout_text()
+        .contains("m")));
+    let mut refused = 0;
+    let mut snap = None;
+    for round in 0..10 {
+        assert!(client(&["pause"], &sock).status.success());
+        let dest = dir.join(format!("snap{round}"));
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spam = {
+            let (sock, done) = (sock.clone(), done.clone());
+            std::thread::spawn(move || {
+                let (mut refused, mut resumed) = (0, 0);
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    let (status, text) =
+                        vmm::api::client::request(&sock, "PUT", "/api/v1/vm.resume").unwrap();
+                    match status {
+                        409 if text.contains("snapshot") => refused += 1,
+                        204 => resumed += 1,
+                        _ => {}
+                    }
+                    if resumed > 0 {
+                        break;
+                    }
+                }
+                (refused, resumed)
+            })
+        };
+        let body = serde_json::json!({ "destination": dest }).to_string();
+        let (status, text) =
+            vmm::api::client::request_with_body(&sock, "PUT", "/api/v1/vm.snapshot", &body)
+                .unwrap();
+        done.store(true, std::sync::atomic::Ordering::Release);
+        let (r, _) = spam.join().unwrap();
+        refused += r;
+        // The spam may resume before the snapshot starts (then it is
+        // refused for a running VM) or after it ends: both are fine.
+        assert!(status == 204 || status == 409, "{status} {text}");
+        if status == 204 && snap.is_none() {
+            snap = Some(dest);
+        }
+        let _ = client(&["resume"], &sock);
+        if refused > 0 && snap.is_some() {
+            break;
+        }
+    }
+    assert!(
+        refused > 0,
+        "no resume was refused while a snapshot was written"
+    );
+    let snap = snap.expect("a snapshot was written");
+    vm.kill();
+    let before = vm.stdout_text();
+    // The restored guest counts on from the snapshot, unbroken: its state
+    // and memory are of one instant.
+    let mut cmd = vireo();
+    cmd.args(["restore", "--from"]).arg(&snap);
+    let restored = Running::spawn(cmd);
+    assert!(
+        wait_until(Duration::from_secs(30), || restored
+            .stdout_text()
+            .bytes()
+            .filter(|b| b.is_ascii_lowercase())
+            .count()
+            > 60),
+        "the restored guest did not count: {}",
+        restored.stderr_text()
+    );
+    // Unbroken from wherever the snapshot left the count.
+    let letters: Vec<u8> = restored
+        .stdout_text()
+        .bytes()
+        .filter(|b| b.is_ascii_lowercase())
+        .collect();
+    for w in letters.windows(2) {
+        let want = if w[0] == b'z' { b'a' } else { w[0] + 1 };
+        assert_eq!(w[1], want, "the restored count breaks: {letters:?}");
+    }
+    assert!(!before.is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Replace every string `from` in a JSON value with `to`; the block
+/// state's file size and mtime with those of `to`.
+fn forge(v: &mut serde_json::Value, from: &str, to: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    match v {
+        serde_json::Value::String(s) if s == from => *s = to.display().to_string(),
+        serde_json::Value::Array(a) => a.iter_mut().for_each(|x| forge(x, from, to)),
+        serde_json::Value::Object(o) => {
+            if o.contains_key("file_mtime_ns") {
+                let m = std::fs::metadata(to).unwrap();
+                o.insert("file_size".into(), m.len().into());
+                let ns = m.mtime() as u64 * 1_000_000_000 + m.mtime_nsec() as u64;
+                o.insert("file_mtime_ns".into(), ns.into());
+            }
+            o.values_mut().for_each(|x| forge(x, from, to));
+        }
+        _ => {}
+    }
+}
+
+/// A forged snapshot cannot give the guest a host file as its disk: a
+/// local user copies a snapshot, points its disk at a root-only file
+/// (size and mtime matched, checksum recomputed) and has root restore it.
+/// The manifest does not verify under root's snapshot key, so restore
+/// refuses to open the file unless root names it; the file is untouched.
+/// Root's own snapshot restores as before, and a forged 8 TiB memory claim
+/// is held to vm.create's limit.
+#[test]
+fn a_forged_snapshot_cannot_name_a_host_file_as_its_disk() {
+    let dir = std::env::temp_dir().join(format!("vireo-snap-forged-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernel = counting_guest(&dir);
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.join("a.sock");
+    let snap = dir.join("snap");
+    let mut cmd = vireo();
+    cmd.args([
+        "run", "--accel", "emu", "--boot", "pvh", "--memory", "64M", "--kernel",
+    ])
+    .arg(&kernel)
+    .arg("--disk")
+    .arg(format!("path={},format=raw", disk.display()))
+    .arg("--api-socket")
+    .arg(&sock);
+    let mut src = Running::spawn(cmd);
+    assert!(wait_until(Duration::from_secs(60), || src
+        .stdout_text()
+        .len()
+        >= 5));
+    let out = client(&["snapshot", "--dir", snap.to_str().unwrap()], &sock);
+    assert!(out.status.success(), "{out:?}");
+    assert!(client(&["stop"], &sock).status.success());
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+
+    // A root-only file the attacker can stat but not read.
+    let secret = dir.join("secret.img");
+    std::fs::write(&secret, vec![0x5au8; 1 << 20]).unwrap();
+    std::fs::set_permissions(
+        &secret,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap();
+    let mut m = serde_json::to_value(vmm::snapshot::read_manifest(&snap).unwrap()).unwrap();
+    forge(&mut m, disk.to_str().unwrap(), &secret);
+    let m: vmm::snapshot::Manifest = serde_json::from_value(m).unwrap();
+    let staged = dir.join("staged");
+    std::fs::create_dir(&staged).unwrap();
+    vmm::snapshot::rewrite_manifest(&staged, &m).unwrap();
+    std::fs::copy(snap.join("memory.bin"), staged.join("memory.bin")).unwrap();
+    // The forged directory is the attacker's own where one exists.
+    let shared = dir.join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let forged = shared.join("forged");
+    match unprivileged_user() {
+        Some(user) => {
+            let open = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode;
+            std::fs::set_permissions(&dir, open(0o755)).unwrap();
+            std::fs::set_permissions(&shared, open(0o1777)).unwrap();
+            for f in ["manifest.json", "memory.bin"] {
+                std::fs::set_permissions(staged.join(f), open(0o644)).unwrap();
+            }
+            as_user(
+                user,
+                &format!(
+                    "mkdir {f} && cp {s}/manifest.json {s}/memory.bin {f}/",
+                    f = forged.display(),
+                    s = staged.display()
+                ),
+            );
+        }
+        None => std::fs::rename(&staged, &forged).unwrap(),
+    }
+    let (code, err) = restore_output(&forged, &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("is not signed") && err.contains("secret.img"),
+        "{err}"
+    );
+    // Naming another disk than it names does not help either.
+    let (code, err) = restore_output(&forged, &["--disk", disk.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not the ones it was taken with"), "{err}");
+    assert_eq!(std::fs::read(&secret).unwrap(), vec![0x5au8; 1 << 20]);
+
+    // 8 TiB of memory, however consistently claimed: refused.
+    let mut big = vmm::snapshot::read_manifest(&snap).unwrap();
+    big.memory_bytes = 8 << 40;
+    big.config.as_mut().unwrap().memory = vmm::config::MemSize(8 << 40);
+    let huge = dir.join("huge");
+    std::fs::create_dir(&huge).unwrap();
+    vmm::snapshot::rewrite_manifest(&huge, &big).unwrap();
+    let (code, err) = restore_output(&huge, &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("1 TiB"), "{err}");
+
+    // Root's own, signed snapshot restores over its disk unnamed.
+    let mut cmd = vireo();
+    cmd.args(["restore", "--from"]).arg(&snap);
+    let restored = Running::spawn(cmd);
+    assert!(
+        wait_until(Duration::from_secs(30), || restored.stdout_text().len()
+            >= 5),
+        "the signed snapshot did not restore: {}",
+        restored.stderr_text()
+    );
+    drop(restored);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -206,7 +206,11 @@ pub fn build_fadt(dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
         .flag(Flags::ResetRegSup);
     fadt.dsdt = (dsdt_addr as u32).into();
     fadt.x_dsdt = dsdt_addr.into();
-    fadt.x_firmware_ctrl = facs_addr.into();
+    // The FACS is below 4 GiB: its address goes in the 32-bit
+    // FIRMWARE_CTRL (X_FIRMWARE_CTRL must then be zero), where firmware
+    // and test kernels that only read the ACPI 1.0 fields look for it.
+    fadt.firmware_ctrl = (facs_addr as u32).into();
+    fadt.x_firmware_ctrl = 0.into();
     fadt.sci_int = (ACPI_SCI_IRQ as u16).into();
     // SMI_CMD = 0: no SMM handshake; ACPI is always enabled.
     fadt.smi_cmd = 0.into();

@@ -17,6 +17,7 @@ mod cpu;
 pub mod layout;
 mod loader;
 pub mod mptable;
+pub mod multiboot;
 pub mod tiny_elf;
 
 pub use bootparams::{e820_table, E820Entry, E820_RAM, E820_RESERVED};
@@ -42,6 +43,8 @@ pub enum ArchError {
     NotAKernel,
     #[error("kernel file is empty")]
     EmptyKernel,
+    #[error("multiboot kernel: {0}")]
+    Multiboot(String),
     #[error("cannot read the kernel: {0}")]
     KernelRead(#[source] std::io::Error),
     #[error("kernel is an ELF file but not a 64-bit little-endian x86 one (class {class}, data {data}, machine {machine})")]

@@ -220,7 +220,12 @@ fn parse_acpi(m: &GuestRam) -> Acpi {
     assert_ne!(x_dsdt, 0);
     assert!(dsdt32 == 0 || dsdt32 == x_dsdt, "DSDT and X_DSDT agree");
     let dsdt = read_sdt(m, x_dsdt, b"DSDT");
-    let facs_addr = u64::from_le_bytes(fadt.bytes[132..140].try_into().unwrap());
+    // The FACS is below 4 GiB: FIRMWARE_CTRL holds it, X_FIRMWARE_CTRL is 0.
+    let facs_addr = u32::from_le_bytes(fadt.bytes[36..40].try_into().unwrap()) as u64;
+    assert_eq!(
+        u64::from_le_bytes(fadt.bytes[132..140].try_into().unwrap()),
+        0
+    );
     assert_eq!(facs_addr % 64, 0, "FACS 64-byte aligned");
     assert_eq!(read(m, facs_addr, 4), b"FACS");
     assert_eq!(r32(m, facs_addr + 4), 64);
@@ -962,7 +967,14 @@ fn fadt_describes_legacy_pm_hardware() {
         assert_eq!(u64at(off + 4), port);
     }
     assert_eq!(u64at(140), acpi.dsdt.addr, "X_DSDT");
-    assert_eq!(u64at(132), acpi.facs_addr, "X_FIRMWARE_CTRL");
+    // The FACS is found through the 32-bit FIRMWARE_CTRL (it is below
+    // 4 GiB), and X_FIRMWARE_CTRL is then zero.
+    assert_eq!(
+        u32::from_le_bytes(f[36..40].try_into().unwrap()) as u64,
+        acpi.facs_addr,
+        "FIRMWARE_CTRL"
+    );
+    assert_eq!(u64at(132), 0, "X_FIRMWARE_CTRL");
 }
 
 #[test]

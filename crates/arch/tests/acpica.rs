@@ -29,6 +29,15 @@ fn sdt(m: &GuestRam, addr: u64) -> Vec<u8> {
     read(m, addr, len)
 }
 
+/// The FACS address from a FADT: X_FIRMWARE_CTRL, or the 32-bit
+/// FIRMWARE_CTRL when that is zero.
+fn facs_addr(fadt: &[u8]) -> u64 {
+    match u64::from_le_bytes(fadt[132..140].try_into().unwrap()) {
+        0 => u32::from_le_bytes(fadt[36..40].try_into().unwrap()) as u64,
+        x => x,
+    }
+}
+
 /// Writes RSDP, XSDT, FACP, APIC, DSDT and FACS from guest memory as
 /// `<sig>.dat` files in `dir`.
 fn dump_tables(num_cpus: u32, dir: &Path) -> Vec<PathBuf> {
@@ -46,7 +55,7 @@ fn dump_tables(num_cpus: u32, dir: &Path) -> Vec<PathBuf> {
         let sig = String::from_utf8_lossy(&t[0..4]).to_lowercase();
         if sig == "facp" {
             let dsdt = u64::from_le_bytes(t[140..148].try_into().unwrap());
-            let facs = u64::from_le_bytes(t[132..140].try_into().unwrap());
+            let facs = facs_addr(&t);
             tables.push(("dsdt".into(), sdt(&m, dsdt)));
             tables.push(("facs".into(), read(&m, facs, 64)));
         }
@@ -188,4 +197,28 @@ fn acpiexec_evaluates_s5() {
     assert!(!log.contains("AE_"), "{log}");
     assert_eq!(arch::acpi::pci_intx_gsi(1, 0), 17);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn fadt_firmware_ctrl_points_at_the_facs() {
+    // Guests that read only the ACPI 1.0 fields (test kernels' S3 code)
+    // find the FACS through the 32-bit FIRMWARE_CTRL.
+    let m = GuestRam::from_ranges(&arch::ram_regions(64 << 20)).unwrap();
+    let rsdp_addr = arch::acpi::create_acpi_tables(&m, 1, &[]).unwrap().0;
+    let rsdp = read(&m, rsdp_addr, 36);
+    let xsdt = sdt(&m, u64::from_le_bytes(rsdp[24..32].try_into().unwrap()));
+    let fadt = xsdt[36..]
+        .chunks_exact(8)
+        .map(|e| sdt(&m, u64::from_le_bytes(e.try_into().unwrap())))
+        .find(|t| &t[0..4] == b"FACP")
+        .expect("FADT");
+    let facs = u32::from_le_bytes(fadt[36..40].try_into().unwrap()) as u64;
+    assert_ne!(facs, 0, "FIRMWARE_CTRL");
+    assert_eq!(facs % 64, 0, "FACS 64-byte aligned");
+    assert_eq!(&read(&m, facs, 4), b"FACS");
+    assert_eq!(
+        u64::from_le_bytes(fadt[132..140].try_into().unwrap()),
+        0,
+        "X_FIRMWARE_CTRL is zero when FIRMWARE_CTRL is set"
+    );
 }

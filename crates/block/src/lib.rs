@@ -9,7 +9,9 @@
 //! larger than the file's own metadata limits.
 //!
 //! Images are locked with `flock` (exclusive for writers, shared for readers
-//! and backing files) so two Vireo processes cannot corrupt one image.
+//! and backing files) so two Vireo processes cannot corrupt one image, and
+//! with QEMU's open-file-description byte locks, so Vireo and QEMU (or
+//! qemu-img, qemu-io) refuse each other's open images too.
 //!
 //! Tests: `tests/qemu_interop.rs` checks against qemu-img/qemu-io (package
 //! qemu-utils; those tests print SKIPPED and pass without it),
@@ -291,8 +293,11 @@ pub(crate) fn open_depth(
     }
 }
 
-/// Advisory whole-file lock so two Vireo processes cannot write one image
-/// (or write an image another uses as a backing file). Shared for read-only.
+/// Lock an image against other users, Vireo's and QEMU's alike: an
+/// advisory whole-file `flock` (what earlier Vireos take: exclusive for
+/// writers, shared for readers and backing files), and QEMU's
+/// open-file-description byte locks ([`qemu_lock`]), so each refuses
+/// images the other has open.
 pub(crate) fn lock_file(file: &File, path: &Path, read_only: bool) -> Result<(), BlockError> {
     let op = if read_only {
         libc::LOCK_SH
@@ -301,26 +306,138 @@ pub(crate) fn lock_file(file: &File, path: &Path, read_only: bool) -> Result<(),
     } | libc::LOCK_NB;
     // SAFETY: flock on a valid, owned descriptor; no memory is passed.
     let r = unsafe { libc::flock(file.as_raw_fd(), op) };
-    if r == 0 {
-        return Ok(());
+    if r != 0 {
+        let err = io::Error::last_os_error();
+        return if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            Err(BlockError::Locked {
+                path: path.to_path_buf(),
+            })
+        } else {
+            Err(BlockError::io(path, "locking", err))
+        };
     }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Err(BlockError::Locked {
-            path: path.to_path_buf(),
-        })
-    } else {
-        Err(BlockError::io(path, "locking", err))
+    if let Err(e) = qemu_lock::take(file, path, read_only) {
+        unlock_file(file);
+        return Err(e);
     }
+    Ok(())
 }
 
-/// Release the lock taken by [`lock_file`]. Done explicitly before close
+/// Release the locks taken by [`lock_file`]. Done explicitly before close
 /// because a child forked by another thread may briefly share the open file
-/// description (until its exec), which would keep an flock alive.
+/// description (until its exec), which would keep the locks alive.
 pub(crate) fn unlock_file(file: &File) {
+    qemu_lock::release(file);
     // SAFETY: flock on a valid, owned descriptor; no memory is passed.
     unsafe {
         libc::flock(file.as_raw_fd(), libc::LOCK_UN);
+    }
+}
+
+/// QEMU's image locking (its file-posix driver), which Vireo takes part
+/// in. QEMU describes what an opener does with an image as permissions,
+/// numbered 0 consistent-read, 1 write, 2 write-unchanged, 3 resize, and
+/// takes a shared open-file-description (`F_OFD_SETLK`) read lock on byte
+/// 100 + n for each permission n it holds and on byte 200 + n for each it
+/// does not let others have. An opener conflicts with another when it
+/// wants a permission whose byte 200 + n someone holds, or refuses one
+/// whose byte 100 + n someone holds; it finds out by asking (`F_OFD_GETLK`)
+/// whether a write lock on that byte would be granted. Locking first and
+/// checking after, as QEMU does, means two openers racing each other see
+/// at least one conflict.
+///
+/// Vireo holds consistent-read, and write when the image is writable; it
+/// shares neither write nor resize (a reader of a backing file must not
+/// see it change), as QEMU's own writers and readers do by default.
+mod qemu_lock {
+    use super::*;
+
+    const PERM_BASE: i64 = 100;
+    const SHARED_BASE: i64 = 200;
+    const CONSISTENT_READ: i64 = 0;
+    const WRITE: i64 = 1;
+    const RESIZE: i64 = 3;
+    /// Every byte either side may lock (QEMU knows up to 5 permissions).
+    const SPAN: i64 = SHARED_BASE + 8 - PERM_BASE;
+
+    fn flock_of(kind: libc::c_int, start: i64, len: i64) -> libc::flock {
+        // SAFETY: an all-zero flock is valid; l_pid must be 0 for OFD locks.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = kind as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_start = start;
+        fl.l_len = len;
+        fl
+    }
+
+    fn fcntl(file: &File, cmd: libc::c_int, fl: &mut libc::flock) -> io::Result<()> {
+        // SAFETY: fl is a valid flock the kernel reads (and for GETLK
+        // writes) during the call; the descriptor is open.
+        let r = unsafe { libc::fcntl(file.as_raw_fd(), cmd, fl as *mut libc::flock) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Whether another open file description holds a lock on `byte`.
+    fn held_elsewhere(file: &File, byte: i64) -> io::Result<bool> {
+        let mut fl = flock_of(libc::F_WRLCK, byte, 1);
+        fcntl(file, libc::F_OFD_GETLK, &mut fl)?;
+        Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+    }
+
+    pub(super) fn take(file: &File, path: &Path, read_only: bool) -> Result<(), BlockError> {
+        let held: &[i64] = if read_only {
+            &[CONSISTENT_READ]
+        } else {
+            &[CONSISTENT_READ, WRITE]
+        };
+        let not_shared: &[i64] = &[WRITE, RESIZE];
+        let bytes = held
+            .iter()
+            .map(|n| PERM_BASE + n)
+            .chain(not_shared.iter().map(|n| SHARED_BASE + n));
+        for byte in bytes {
+            let mut fl = flock_of(libc::F_RDLCK, byte, 1);
+            if let Err(e) = fcntl(file, libc::F_OFD_SETLK, &mut fl) {
+                release(file);
+                return Err(match e.raw_os_error() {
+                    // A write lock on the byte: nobody takes those on
+                    // QEMU's bytes, but it is a refusal all the same.
+                    Some(libc::EAGAIN) | Some(libc::EACCES) => BlockError::Locked {
+                        path: path.to_path_buf(),
+                    },
+                    _ => BlockError::io(path, "locking", e),
+                });
+            }
+        }
+        let conflicts = held
+            .iter()
+            .map(|n| SHARED_BASE + n)
+            .chain(not_shared.iter().map(|n| PERM_BASE + n));
+        for byte in conflicts {
+            match held_elsewhere(file, byte) {
+                Ok(false) => {}
+                Ok(true) => {
+                    release(file);
+                    return Err(BlockError::Locked {
+                        path: path.to_path_buf(),
+                    });
+                }
+                Err(e) => {
+                    release(file);
+                    return Err(BlockError::io(path, "checking locks", e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn release(file: &File) {
+        let mut fl = flock_of(libc::F_UNLCK, PERM_BASE, SPAN);
+        let _ = fcntl(file, libc::F_OFD_SETLK, &mut fl);
     }
 }
 

@@ -259,7 +259,9 @@ fn random_io_unchecked(dir: &TempDir, img: &Path, mirror: &Path, seed: u64, ops:
         .open(mirror)
         .expect("mirror");
     let cs = {
-        let info = run_ok("qemu-img", &["info", "--output=json", p(img)]);
+        // -U: the image is open here, and Vireo's lock (like QEMU's)
+        // admits only readers that say they accept a writer.
+        let info = run_ok("qemu-img", &["info", "-U", "--output=json", p(img)]);
         let i = info.find("\"cluster-size\": ").expect("cluster-size") + 16;
         info[i..]
             .split(|c: char| !c.is_ascii_digit())
@@ -698,7 +700,9 @@ fn unflushed_state_is_consistent() {
     }
     // Simulate a crash: no flush, no destructor.
     std::mem::forget(d);
-    let out = run("qemu-img", &["check", p(&img)]);
+    // -U: the forgotten image still holds its locks, as a crashed process's
+    // would not; the check only reads.
+    let out = run("qemu-img", &["check", "-U", p(&img)]);
     let code = out.status.code();
     // 0 = clean, 3 = leaked clusters only; 2 would be corruption.
     assert!(
@@ -765,4 +769,80 @@ fn copy_on_write_of_shared_clusters() {
     run("qemu-img", &["check", "-q", "-r", "leaks", p(&img)]);
     assert_check_clean(&img);
     assert_same(&img, "qcow2", &mirror, "raw");
+}
+
+/// qemu-io's answer to one write on `img` (format `fmt`), and whether it
+/// was refused for a lock.
+fn qemu_io_write_refused(img: &Path, fmt: &str) -> (bool, String) {
+    let out = run("qemu-io", &["-f", fmt, "-c", "write 0 512", p(img)]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (text.contains("lock"), text)
+}
+
+/// Vireo and QEMU see each other's locks: an image Vireo has open (for
+/// writing, or read-only as a backing file is) cannot be written by
+/// qemu-io, and an image qemu-io holds open cannot be opened by Vireo. The
+/// same open-file-description byte locks QEMU takes (bytes 100+ for the
+/// permissions held, 200+ for those not shared).
+#[test]
+fn vireo_and_qemu_refuse_each_others_images() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = TempDir::new("qemulock");
+    for fmt in ["raw", "qcow2"] {
+        let img = dir.join(&format!("disk.{fmt}"));
+        run_ok("qemu-img", &["create", "-q", "-f", fmt, p(&img), "4M"]);
+        // Free: qemu-io writes.
+        let (refused, text) = qemu_io_write_refused(&img, fmt);
+        assert!(!refused, "{fmt}: qemu-io refused a free image: {text}");
+
+        let held = open(&img, None, false).unwrap();
+        let (refused, text) = qemu_io_write_refused(&img, fmt);
+        assert!(
+            refused,
+            "{fmt}: qemu-io wrote an image Vireo writes: {text}"
+        );
+        drop(held);
+        let held = open(&img, None, true).unwrap();
+        let (refused, text) = qemu_io_write_refused(&img, fmt);
+        assert!(refused, "{fmt}: qemu-io wrote an image Vireo reads: {text}");
+        drop(held);
+        let (refused, text) = qemu_io_write_refused(&img, fmt);
+        assert!(!refused, "{fmt}: the lock outlived the image: {text}");
+
+        // qemu-io holds the image open (waiting at its prompt).
+        let mut qemu = std::process::Command::new("qemu-io")
+            .args(["-f", fmt, p(&img)])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        let mut refused = false;
+        while start.elapsed() < std::time::Duration::from_secs(10) {
+            match open(&img, None, false) {
+                Err(BlockError::Locked { .. }) => {
+                    refused = true;
+                    break;
+                }
+                Ok(d) => drop(d),
+                Err(e) => panic!("{fmt}: {e}"),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(refused, "{fmt}: Vireo opened an image qemu-io holds");
+        assert!(
+            matches!(open(&img, None, true), Err(BlockError::Locked { .. })),
+            "{fmt}: Vireo read an image qemu-io writes"
+        );
+        drop(qemu.stdin.take());
+        let _ = qemu.wait();
+        drop(open(&img, None, false).expect("free again once qemu-io quit"));
+    }
 }

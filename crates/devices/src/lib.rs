@@ -11,6 +11,7 @@
 //! structs.
 
 pub mod acpi;
+pub mod debug_exit;
 pub mod i8042;
 pub mod persist;
 pub mod rtc;
@@ -53,6 +54,8 @@ pub enum BusError {
 pub enum VmEvent {
     PowerOff,
     Reset,
+    /// The guest wrote this value to the exit device ([`debug_exit`]).
+    GuestExit(u32),
 }
 
 /// Where devices send [`VmEvent`]s; the VMM decides what to do with them.

@@ -170,6 +170,12 @@ pub struct GpFault;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Lapic {
     apic_id: u32,
+    /// The ID the hardware assigned (CPUID's initial APIC ID): the x2APIC
+    /// ID, and what the xAPIC ID returns to when the APIC is enabled again
+    /// or enters x2APIC mode. None in states saved before it was kept
+    /// (then `apic_id` is it).
+    #[serde(default)]
+    hw_id: Option<u32>,
     apic_base: u64,
     bus_hz: u64,
     tpr: u32,
@@ -189,6 +195,10 @@ pub struct Lapic {
     tdcr: u32,
     timer: TimerState,
     nmi_pending: bool,
+    /// A second NMI arrived while one was pending: as KVM does, one NMI
+    /// can be pending behind another, so two NMIs sent at once both run.
+    #[serde(default)]
+    nmi_second: bool,
     /// INIT was received and not yet taken by the CPU.
     init_pending: bool,
     /// INIT received, a SIPI will be accepted.
@@ -229,6 +239,7 @@ impl Lapic {
         }
         let mut l = Lapic {
             apic_id,
+            hw_id: Some(apic_id),
             apic_base,
             bus_hz: if bus_hz == 0 { DEFAULT_BUS_HZ } else { bus_hz },
             tpr: 0,
@@ -246,6 +257,7 @@ impl Lapic {
             tdcr: 0,
             timer: TimerState::default(),
             nmi_pending: false,
+            nmi_second: false,
             init_pending: false,
             wait_for_sipi: false,
             sipi_vector: None,
@@ -277,6 +289,7 @@ impl Lapic {
         self.tdcr = 0;
         self.timer = TimerState::default();
         self.nmi_pending = false;
+        self.nmi_second = false;
         if self.x2apic_mode() {
             self.ldr = x2apic_ldr(self.apic_id);
         }
@@ -288,6 +301,11 @@ impl Lapic {
     /// guest can rewrite the ID register; this reflects that.
     pub fn apic_id(&self) -> u32 {
         self.apic_id
+    }
+
+    /// The hardware-assigned (initial) APIC ID.
+    pub fn hw_id(&self) -> u32 {
+        self.hw_id.unwrap_or(self.apic_id)
     }
 
     /// IA32_APIC_BASE value.
@@ -349,6 +367,11 @@ impl Lapic {
             // registers (SDM 11.4.3); only the ID survives.
             self.reset_registers();
         }
+        // Enabling it again, or entering x2APIC mode (whose ID is
+        // read-only), brings back the hardware-assigned ID, as KVM does.
+        if (!old_en && new_en) || (!old_x2 && self.x2apic_mode()) {
+            self.apic_id = self.hw_id();
+        }
         if !old_x2 && self.x2apic_mode() {
             self.ldr = x2apic_ldr(self.apic_id);
         }
@@ -389,6 +412,9 @@ impl Lapic {
                 self.accept_interrupt(vector, trigger)
             }
             DeliveryMode::Nmi => {
+                if self.nmi_pending {
+                    self.nmi_second = true;
+                }
                 self.nmi_pending = true;
                 true
             }
@@ -451,7 +477,9 @@ impl Lapic {
 
     /// Takes a pending NMI.
     pub fn take_nmi(&mut self) -> bool {
-        std::mem::take(&mut self.nmi_pending)
+        let taken = self.nmi_pending;
+        self.nmi_pending = std::mem::take(&mut self.nmi_second);
+        taken
     }
 
     /// An NMI is pending (without taking it).
@@ -820,6 +848,25 @@ impl Lapic {
         }
     }
 
+    /// One-shot <-> periodic: the count goes on from where it is (it is
+    /// not reloaded); a one-shot that already expired stays at zero.
+    fn rebase_timer_for_mode_change(&mut self, now_ns: u64) {
+        if !self.timer.armed {
+            return;
+        }
+        let cur = self.timer_current_count(now_ns);
+        if cur == 0 {
+            // Expired, or due and not yet ticked (then it still fires).
+            if self.timer.fired > 0 {
+                self.timer.armed = false;
+            }
+            return;
+        }
+        self.timer.base_counts = (self.timer.initial - cur) as u64;
+        self.timer.start_ns = now_ns;
+        self.timer.fired = 0;
+    }
+
     fn load_timer(&mut self, initial: u32, now_ns: u64) {
         self.timer.initial = initial;
         self.timer.start_ns = now_ns;
@@ -934,6 +981,12 @@ impl Lapic {
                 if idx == LVT_IDX_TIMER {
                     let old_mode = self.timer_mode();
                     let new_mode = TimerMode::from_lvt(v);
+                    if old_mode != new_mode
+                        && old_mode != TimerMode::TscDeadline
+                        && new_mode != TimerMode::TscDeadline
+                    {
+                        self.rebase_timer_for_mode_change(now_ns);
+                    }
                     // Switching to or from TSC-deadline mode disarms the
                     // timer (SDM 11.5.4.1).
                     if (old_mode == TimerMode::TscDeadline) != (new_mode == TimerMode::TscDeadline)

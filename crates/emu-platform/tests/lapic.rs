@@ -469,3 +469,62 @@ fn state_round_trips_through_serde() {
     assert_eq!(back.tmr(), l.tmr());
     assert_eq!(rd(&back, APIC_TMCCT, 20_000), rd(&l, APIC_TMCCT, 20_000));
 }
+
+#[test]
+fn timer_mode_change_keeps_the_current_count() {
+    // Periodic, divide by 1 (one count per ns), 1000 counts; 2.6 periods in.
+    let mut l = enabled();
+    arm_timer(&mut l, 0x20040, 0xb, 1000, 0);
+    assert_eq!(rd(&l, APIC_TMCCT, 2600), 400);
+    // To one-shot: the count goes on from 400, then stays at zero.
+    wr(&mut l, APIC_LVT_TIMER, 0x40, 2600);
+    assert_eq!(rd(&l, APIC_TMCCT, 2600), 400);
+    assert_eq!(rd(&l, APIC_TMCCT, 2900), 100);
+    assert_eq!(l.next_timer_deadline(), Some(3000));
+    assert!(l.tick(3000));
+    assert_eq!(rd(&l, APIC_TMCCT, 3500), 0);
+    // Expired one-shot to periodic: it stays at zero.
+    wr(&mut l, APIC_LVT_TIMER, 0x20040, 3500);
+    assert_eq!(rd(&l, APIC_TMCCT, 3600), 0);
+    // One-shot mid-count to periodic: goes on, then reloads TMICT.
+    wr(&mut l, APIC_LVT_TIMER, 0x40, 4000);
+    wr(&mut l, APIC_TMICT, 1000, 4000);
+    wr(&mut l, APIC_LVT_TIMER, 0x20040, 4700);
+    assert_eq!(rd(&l, APIC_TMCCT, 4700), 300);
+    assert_eq!(rd(&l, APIC_TMCCT, 5100), 900);
+}
+
+#[test]
+fn two_nmis_at_once_are_both_delivered() {
+    let mut l = enabled();
+    assert!(l.deliver(DeliveryMode::Nmi, 0, Trigger::Edge));
+    assert!(l.deliver(DeliveryMode::Nmi, 0, Trigger::Edge));
+    assert!(l.deliver(DeliveryMode::Nmi, 0, Trigger::Edge));
+    // One in service and one pending behind it; more collapse.
+    assert!(l.take_nmi());
+    assert!(l.nmi_pending());
+    assert!(l.take_nmi());
+    assert!(!l.take_nmi());
+}
+
+#[test]
+fn xapic_id_returns_to_the_hardware_id_when_reenabled() {
+    let mut l = enabled();
+    wr(&mut l, APIC_ID, 7 << 24, 0);
+    assert_eq!(rd(&l, APIC_ID, 0), 7 << 24);
+    // Disable and enable again (what a test kernel's reset_apic does).
+    let base = l.apic_base();
+    l.write_apic_base(base & !APIC_BASE_ENABLE).unwrap();
+    l.write_apic_base(base).unwrap();
+    assert_eq!(rd(&l, APIC_ID, 0), 1 << 24);
+    // x2APIC mode reports the hardware ID, whatever the xAPIC ID was.
+    wr(&mut l, APIC_ID, 9 << 24, 0);
+    l.write_apic_base(base | APIC_BASE_EXTD).unwrap();
+    assert_eq!(l.read_msr(0x802, 0), Ok(1));
+    // Reserved low bits of IA32_APIC_BASE (bit 9, bits 0-7) raise #GP.
+    assert_eq!(
+        l.write_apic_base(base | APIC_BASE_EXTD | (1 << 9)),
+        Err(GpFault)
+    );
+    assert_eq!(l.write_apic_base(base | APIC_BASE_EXTD | 1), Err(GpFault));
+}

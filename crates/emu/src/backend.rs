@@ -461,7 +461,9 @@ impl Vcpu for EmuVcpu {
         if let Some(req) = self.pending_read.take() {
             self.core.io.response = Some(self.response(req));
         }
-        match self.core.run() {
+        let exit = self.core.run();
+        self.core.publish_stats();
+        match exit {
             RunExit::Io(req) => {
                 self.buf = [0; 8];
                 match req {
@@ -777,6 +779,10 @@ impl Vcpu for EmuVcpu {
 
     fn tsc_khz(&self) -> Option<u32> {
         (self.core.cpuid.tsc_khz != 0).then_some(self.core.cpuid.tsc_khz)
+    }
+
+    fn engine_counters(&self) -> Option<Arc<hypervisor::stats::EngineCounters>> {
+        Some(self.core.stats.clone())
     }
 
     fn kicker(&self) -> Arc<dyn VcpuKicker> {

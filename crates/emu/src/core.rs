@@ -156,6 +156,13 @@ pub struct Core {
     pub(crate) poll_countdown: u32,
     /// The translating tier (hot 64-bit blocks compiled to host code).
     pub jit: crate::jit::Jit,
+    /// Debug-exception bookkeeping of the current instruction.
+    pub debug: crate::debug::DebugState,
+    /// External interrupts and NMIs delivered (statistics).
+    pub interrupts: u64,
+    /// Where the statistics above are published for monitoring, at the
+    /// interrupt poll and on every return to the VMM ([`Core::publish_stats`]).
+    pub stats: Arc<hypervisor::stats::EngineCounters>,
 }
 
 /// A small ring of recent block start RIPs and exceptions.
@@ -236,7 +243,22 @@ impl Core {
             poll_now: true,
             poll_countdown: 0,
             jit: crate::jit::Jit::default(),
+            debug: Default::default(),
+            interrupts: 0,
+            stats: Arc::default(),
         }
+    }
+
+    /// Copy this vCPU's private counts to its shared counters: plain
+    /// relaxed stores, done where the run loop already stops to poll.
+    pub fn publish_stats(&self) {
+        let s = &self.stats;
+        s.instructions.publish(self.icount);
+        s.blocks_translated.publish(self.jit.compiled);
+        s.code_cache_bytes.publish(self.jit.code_bytes() as u64);
+        s.cache_flushes.publish(self.blocks.generation);
+        s.tlb_flushes.publish(self.tlb.flushes);
+        s.interrupts.publish(self.interrupts);
     }
 
     /// Flush everything derived from memory contents or mappings.

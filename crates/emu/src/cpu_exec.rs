@@ -34,6 +34,7 @@ impl Core {
                     }
                     self.poll_now = false;
                     self.poll_countdown = POLL_INTERVAL;
+                    self.publish_stats();
                     if let Some(exit) = self.check_interrupts() {
                         return exit;
                     }
@@ -55,6 +56,30 @@ impl Core {
                     Idle::Interrupted => return RunExit::Interrupted,
                 }
             }
+            if self.debug_armed() {
+                // One interpreted instruction with #DB checks around it
+                // (crate::debug).
+                self.int_shadow = false;
+                if let Some(delivered) = self.debug_before() {
+                    match delivered {
+                        Some(exit) => return exit,
+                        None => continue,
+                    }
+                }
+                let tf = self.st.rflags & crate::cpu::FLAG_TF != 0;
+                let retired = self.icount;
+                let exit = self.run_block(1);
+                if let Some(e) = self.debug_after(tf, self.icount != retired) {
+                    return e;
+                }
+                if let Some(exit) = exit {
+                    return exit;
+                }
+                continue;
+            }
+            // RF only suppresses instruction breakpoints, none are armed:
+            // it is clear once the next instruction completes.
+            self.st.rflags &= !crate::cpu::FLAG_RF;
             let limit = if self.int_shadow { 1 } else { usize::MAX };
             self.int_shadow = false;
             if let Some(exit) = self.run_block(limit) {
@@ -145,11 +170,13 @@ impl Core {
                 None
             }
             Event::Nmi => {
+                self.interrupts += 1;
                 self.halted = false;
                 self.nmi_blocked = true;
                 self.deliver_and_check(2, None, crate::exception::Kind::External)
             }
             Event::Irq(v) => {
+                self.interrupts += 1;
                 self.halted = false;
                 self.deliver_and_check(v, None, crate::exception::Kind::External)
             }

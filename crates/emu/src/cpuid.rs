@@ -169,6 +169,54 @@ pub fn cpuid(cfg: &CpuidConfig, index: u32, leaf: u32, _sub: u32) -> [u32; 4] {
     }
 }
 
+/// Does the CPU CPUID describes have `f` (iced's name for the CPUID bit
+/// an instruction needs)? Decides between #UD (the advertised CPU lacks
+/// the instruction) and an internal error (a real CPU of this model would
+/// execute it and the engine cannot).
+pub fn has_feature(cfg: &CpuidConfig, f: iced_x86::CpuidFeature) -> bool {
+    use iced_x86::CpuidFeature as F;
+    let l1 = cpuid(cfg, 0, 1, 0);
+    let e1 = cpuid(cfg, 0, 0x8000_0001, 0);
+    match f {
+        // The base architecture every x86-64 CPU has.
+        F::INTEL8086
+        | F::INTEL186
+        | F::INTEL286
+        | F::INTEL386
+        | F::INTEL486
+        | F::X64
+        | F::CPUID
+        | F::FPU287
+        | F::FPU387
+        | F::MULTIBYTENOP
+        | F::PAUSE
+        // Every AMD CPU since the K7 has RDPMC (no CPUID bit of its own).
+        | F::RDPMC => true,
+        F::FPU => l1[3] & FEAT_FPU != 0,
+        F::TSC => l1[3] & FEAT_TSC != 0,
+        F::MSR => l1[3] & FEAT_MSR != 0,
+        F::CX8 => l1[3] & FEAT_CX8 != 0,
+        F::CMOV => l1[3] & FEAT_CMOV != 0,
+        F::CLFSH => l1[3] & FEAT_CLFLUSH != 0,
+        F::FXSR => l1[3] & FEAT_FXSR != 0,
+        F::SSE => l1[3] & FEAT_SSE != 0,
+        F::SSE2 => l1[3] & FEAT_SSE2 != 0,
+        F::MMX => l1[3] & (1 << 23) != 0,
+        F::SSE3 => l1[2] & 1 != 0,
+        F::SSSE3 => l1[2] & (1 << 9) != 0,
+        F::SSE4_1 => l1[2] & (1 << 19) != 0,
+        F::SSE4_2 => l1[2] & (1 << 20) != 0,
+        F::CMPXCHG16B => l1[2] & FEAT_CX16 != 0,
+        F::POPCNT => l1[2] & FEAT_POPCNT != 0,
+        F::SYSCALL => e1[3] & EXT_SYSCALL != 0,
+        F::RDTSCP => e1[3] & (1 << 27) != 0,
+        F::LZCNT => e1[2] & (1 << 5) != 0,
+        // Everything else (AVX, BMI, VMX/SVM, INVPCID, RDPRU, ...) is
+        // never advertised.
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -78,6 +78,9 @@ fn deliver_once(core: &mut Core, vector: u8, error: Option<u32>, kind: Kind) -> 
         Kind::Software | Kind::Icebp => core.next_rip,
         _ => core.st.rip,
     };
+    // A fault saves RFLAGS with RF set, so that returning to the faulting
+    // instruction does not hit its instruction breakpoint again.
+    let rf = if kind == Kind::Fault { FLAG_RF } else { 0 };
     let ext = if matches!(kind, Kind::External | Kind::Fault) {
         1
     } else {
@@ -95,9 +98,9 @@ fn deliver_once(core: &mut Core, vector: u8, error: Option<u32>, kind: Kind) -> 
         None
     };
     if core.st.long_mode() {
-        deliver_long(core, vector, error, kind, ret, ext)
+        deliver_long(core, vector, error, kind, ret, ext, rf)
     } else {
-        deliver_prot(core, vector, error, kind, ret, ext)
+        deliver_prot(core, vector, error, kind, ret, ext, rf)
     }
 }
 
@@ -147,6 +150,7 @@ fn deliver_long(
     kind: Kind,
     ret: u64,
     ext: u32,
+    rf: u64,
 ) -> R {
     let idt_err = vector as u32 * 8 + 2 + ext;
     let off = vector as u64 * 16;
@@ -185,7 +189,13 @@ fn deliver_long(
     };
     rsp &= !0xf;
     let flags = core.st.get_rflags();
-    let mut frame = vec![old_ss, old_rsp, flags, core.st.seg[CS].selector as u64, ret];
+    let mut frame = vec![
+        old_ss,
+        old_rsp,
+        flags | rf,
+        core.st.seg[CS].selector as u64,
+        ret,
+    ];
     if let Some(e) = error {
         frame.push(e as u64);
     }
@@ -225,6 +235,7 @@ fn deliver_prot(
     kind: Kind,
     ret: u64,
     ext: u32,
+    rf: u64,
 ) -> R {
     let idt_err = vector as u32 * 8 + 2 + ext;
     let off = vector as u64 * 8;
@@ -269,7 +280,7 @@ fn deliver_prot(
     } else {
         (old_ss, old_sp)
     };
-    frame.extend([flags, core.st.seg[CS].selector as u64, ret]);
+    frame.extend([flags | rf, core.st.seg[CS].selector as u64, ret]);
     if let Some(e) = error {
         frame.push(e as u64);
     }

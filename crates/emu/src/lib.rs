@@ -85,6 +85,7 @@ pub mod core;
 pub mod cpu;
 pub mod cpu_exec;
 pub mod cpuid;
+pub mod debug;
 pub mod exception;
 pub mod exec;
 pub mod flags;

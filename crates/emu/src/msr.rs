@@ -22,6 +22,24 @@ pub const TSC_AUX: u32 = 0xc000_0103;
 pub const MSR_K8_INT_PENDING_MSG: u32 = 0xc001_0055;
 /// AMD northbridge configuration: reads as zero, writes ignored.
 pub const MSR_AMD64_NB_CFG: u32 = 0xc001_001f;
+/// Microcode patch level (IA32_BIOS_SIGN_ID / MSR_AMD64_PATCH_LEVEL):
+/// reads as zero (no patch loaded), writes ignored.
+pub const MSR_PATCH_LEVEL: u32 = 0x8b;
+/// Machine-check global capability and status. MCE/MCA are not advertised,
+/// but every CPU of the family has the registers: no banks, nothing logged.
+pub const IA32_MCG_CAP: u32 = 0x179;
+pub const IA32_MCG_STATUS: u32 = 0x17a;
+/// The four legacy AMD performance counters (PerfEvtSel0-3 at
+/// 0xc0010000-3, PerfCtr0-3 at 0xc0010004-7) every AMD CPU since the K7
+/// has, with or without the PerfCtrExtCore CPUID bit.
+pub const MSR_K7_EVNTSEL0: u32 = 0xc001_0000;
+pub const MSR_K7_PERFCTR3: u32 = 0xc001_0007;
+/// System configuration, hardware configuration, top of memory, top of
+/// memory 2: K8 MSRs the firmware owns.
+pub const MSR_K8_SYSCFG: u32 = 0xc001_0010;
+pub const MSR_K7_HWCR: u32 = 0xc001_0015;
+pub const MSR_K8_TOP_MEM1: u32 = 0xc001_001a;
+pub const MSR_K8_TOP_MEM2: u32 = 0xc001_001d;
 pub const MSR_KVM_WALL_CLOCK_NEW: u32 = 0x4b56_4d00;
 pub const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
 
@@ -37,7 +55,7 @@ pub fn guest_tsc(core: &Core) -> u64 {
     }
 }
 
-fn canonical(v: u64) -> bool {
+pub fn canonical(v: u64) -> bool {
     ((v << 16) as i64 >> 16) as u64 == v
 }
 
@@ -65,6 +83,11 @@ pub fn read(core: &Core, idx: u32) -> Option<u64> {
         TSC_AUX => m.tsc_aux,
         // AMD model-specific registers Linux reads unguarded on this family.
         MSR_K8_INT_PENDING_MSG | MSR_AMD64_NB_CFG => 0,
+        // A CPU whose PMU counts nothing (as KVM without a PMU): selects
+        // and counters read as zero.
+        MSR_K7_EVNTSEL0..=MSR_K7_PERFCTR3 => 0,
+        MSR_K8_SYSCFG | MSR_K7_HWCR | MSR_K8_TOP_MEM1 | MSR_K8_TOP_MEM2 => 0,
+        MSR_PATCH_LEVEL | IA32_MCG_CAP | IA32_MCG_STATUS => 0,
         MSR_KVM_SYSTEM_TIME_NEW if core.cpuid.kvm_clock => m.kvm_system_time,
         MSR_KVM_WALL_CLOCK_NEW if core.cpuid.kvm_clock => m.kvm_wall_clock,
         _ => return None,
@@ -77,6 +100,11 @@ pub struct MsrFault;
 
 /// WRMSR; Err raises #GP.
 pub fn write(core: &mut Core, idx: u32, v: u64) -> Result<(), MsrFault> {
+    // The APIC base is a physical address: bits at or above MAXPHYADDR
+    // (CPUID 0x80000008) are reserved.
+    if idx == IA32_APIC_BASE && v >> crate::memory::mmu::MAX_PHYS_BITS != 0 {
+        return Err(MsrFault);
+    }
     if let Some(r) = core.platform.wrmsr(core.index, idx, v) {
         if idx == IA32_APIC_BASE && r.is_ok() {
             core.st.msr.apic_base = v;
@@ -90,6 +118,8 @@ pub fn write(core: &mut Core, idx: u32, v: u64) -> Result<(), MsrFault> {
         }
         IA32_APIC_BASE => core.st.msr.apic_base = v & !(1 << 8),
         IA32_SYSENTER_CS => core.st.msr.sysenter_cs = v & 0xffff,
+        // Addresses: #GP unless canonical (as KVM checks them).
+        IA32_SYSENTER_ESP | IA32_SYSENTER_EIP if !canonical(v) => return Err(MsrFault),
         IA32_SYSENTER_ESP => core.st.msr.sysenter_esp = v,
         IA32_SYSENTER_EIP => core.st.msr.sysenter_eip = v,
         IA32_PAT => {
@@ -137,6 +167,13 @@ pub fn write(core: &mut Core, idx: u32, v: u64) -> Result<(), MsrFault> {
         }
         TSC_AUX => core.st.msr.tsc_aux = v & 0xffff_ffff,
         MSR_K8_INT_PENDING_MSG | MSR_AMD64_NB_CFG => {}
+        // Writes to a PMU that counts nothing, and to firmware-owned
+        // configuration, are accepted and have no effect.
+        MSR_K7_EVNTSEL0..=MSR_K7_PERFCTR3 => {}
+        MSR_K8_SYSCFG | MSR_K7_HWCR | MSR_K8_TOP_MEM1 | MSR_K8_TOP_MEM2 => {}
+        MSR_PATCH_LEVEL => {}
+        // MCG_CAP is read-only; MCG_STATUS takes only zero (nothing logged).
+        IA32_MCG_STATUS if v == 0 => {}
         MSR_KVM_SYSTEM_TIME_NEW if core.cpuid.kvm_clock => {
             if v & 1 != 0 {
                 let mut info = core

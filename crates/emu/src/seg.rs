@@ -328,9 +328,23 @@ fn system_desc(core: &mut Core, sel: u16) -> R<Segment> {
             return Err(gp(sel as u32 & !3));
         }
         let hi = core.read_sys(a + 8, 8)?;
+        // The upper half's type field must be zero (it is not a
+        // descriptor of its own).
+        if (hi >> 40) & 0x1f != 0 {
+            return Err(gp(sel as u32 & !3));
+        }
         s.base |= (hi & 0xffff_ffff) << 32;
     }
     Ok(s)
+}
+
+/// A 64-bit system descriptor's base must be canonical (#GP(selector)),
+/// checked once the descriptor is otherwise valid and present.
+fn check_system_base(core: &Core, sel: u16, s: &Segment) -> R {
+    if core.st.long_mode() && !crate::msr::canonical(s.base) {
+        return Err(gp(sel as u32 & !3));
+    }
+    Ok(())
 }
 
 pub fn ltr(core: &mut Core, sel: u16) -> R {
@@ -349,6 +363,7 @@ pub fn ltr(core: &mut Core, sel: u16) -> R {
     if !s.present {
         return Err(fault(11, Some(sel as u32 & !3)));
     }
+    check_system_base(core, sel, &s)?;
     // Mark the TSS busy in the GDT.
     let a = desc_addr(core, sel)? + 5;
     let b = core.read_sys(a, 1)?;
@@ -371,6 +386,7 @@ pub fn lldt(core: &mut Core, sel: u16) -> R {
     if !s.present {
         return Err(fault(11, Some(sel as u32 & !3)));
     }
+    check_system_base(core, sel, &s)?;
     core.st.ldt = s;
     Ok(())
 }

@@ -10,6 +10,7 @@ pub mod kvm;
 mod kvm_irq;
 mod regs;
 mod snapshot;
+pub mod stats;
 
 pub use cpuid::{CpuModel, CpuidEntry};
 pub use regs::*;
@@ -280,6 +281,11 @@ pub trait Vcpu: Send {
     fn guest_cpuid(&self) -> Result<Vec<CpuidEntry>>;
     /// The rate of the guest's TSC, in kHz, if known.
     fn tsc_khz(&self) -> Option<u32> {
+        None
+    }
+    /// The counters a software accelerator keeps for this vCPU, readable
+    /// while it runs (see [`stats`]); None where the hardware keeps them.
+    fn engine_counters(&self) -> Option<Arc<stats::EngineCounters>> {
         None
     }
     /// Run the guest's TSC at `khz` (refused where the rate is fixed).

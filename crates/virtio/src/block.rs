@@ -93,6 +93,7 @@ pub struct Block {
     capacity_sectors: u64,
     read_only: bool,
     id: [u8; ID_LEN],
+    counters: Arc<crate::stats::BlockCounters>,
 }
 
 impl Block {
@@ -109,7 +110,13 @@ impl Block {
             capacity_sectors,
             read_only,
             id,
+            counters: Arc::default(),
         }
+    }
+
+    /// What this device counts (it outlives resets and snapshots).
+    pub fn counters(&self) -> Arc<crate::stats::BlockCounters> {
+        self.counters.clone()
     }
 
     fn config_bytes(&self) -> [u8; 60] {
@@ -278,6 +285,7 @@ impl Block {
             capacity_sectors: self.capacity_sectors,
             read_only: self.read_only,
             id: self.id,
+            counters: self.counters.clone(),
             request: Vec::new(),
             reply: Vec::new(),
         }
@@ -289,6 +297,7 @@ struct BlockWorker {
     capacity_sectors: u64,
     read_only: bool,
     id: [u8; ID_LEN],
+    counters: Arc<crate::stats::BlockCounters>,
     /// The device-readable bytes of the request being served, and the
     /// bytes written back (data, then the status byte). Kept from request
     /// to request: a 1 MiB buffer made afresh each time costs an mmap, 256
@@ -441,7 +450,11 @@ impl BlockWorker {
         let kind = u32::from_le_bytes(readable[0..4].try_into().unwrap_or([0; 4]));
         let sector = u64::from_le_bytes(readable[8..16].try_into().unwrap_or([0; 8]));
         let data_len = (writable - 1) as u64;
+        let started = std::time::Instant::now();
         let out = self.execute(kind, sector, &readable[16..], data_len, reply);
+        let took = started.elapsed();
+        self.counters
+            .record(kind, &readable[16..], data_len, out.status, took);
         // Data first, then the status byte as the last byte of the chain.
         reply.truncate(data_len as usize);
         reply.resize(data_len as usize, 0);

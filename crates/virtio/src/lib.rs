@@ -26,6 +26,7 @@ pub mod fuzzing;
 pub mod net;
 pub mod queue;
 pub mod rng;
+pub mod stats;
 pub mod transport;
 pub mod vsock;
 

@@ -137,11 +137,21 @@ pub struct NetState {
 pub struct Net {
     backend: Arc<dyn NetBackend>,
     mac: net::MacAddr,
+    counters: Arc<crate::stats::NetCounters>,
 }
 
 impl Net {
     pub fn new(backend: Arc<dyn NetBackend>, mac: net::MacAddr) -> Self {
-        Net { backend, mac }
+        Net {
+            backend,
+            mac,
+            counters: Arc::default(),
+        }
+    }
+
+    /// What this device counts (it outlives resets and snapshots).
+    pub fn counters(&self) -> Arc<crate::stats::NetCounters> {
+        self.counters.clone()
     }
 
     fn config_bytes(&self) -> [u8; 10] {
@@ -229,8 +239,9 @@ impl VirtioDevice for Net {
         self.backend
             .set_offloads(offloads)
             .map_err(|e| ActivateError::Failed(format!("virtio-net offloads: {e}")))?;
-        let worker = NetWorker::new(self.backend.clone())
+        let mut worker = NetWorker::new(self.backend.clone())
             .map_err(|e| ActivateError::Failed(format!("virtio-net: {e}")))?;
+        worker.counters = self.counters.clone();
         Ok(Box::new(worker))
     }
 }
@@ -315,6 +326,7 @@ struct NetWorker {
     /// Transmit buffer, kept between chains for the same reason.
     tx: Vec<u8>,
     dropped: u64,
+    counters: Arc<crate::stats::NetCounters>,
     _relay: Relay,
 }
 
@@ -331,6 +343,7 @@ impl NetWorker {
             buf: vec![0; MAX_FRAME],
             tx: Vec::with_capacity(MAX_FRAME),
             dropped: 0,
+            counters: Arc::default(),
             _relay: relay,
         })
     }
@@ -356,6 +369,7 @@ impl NetWorker {
                         // Not re-armed: a backend that keeps failing (the
                         // tap went away) must not spin this thread.
                         tracing::warn!("virtio-net: backend read failed, receive stops: {e}");
+                        self.counters.errors.inc();
                         return Ok(done);
                     }
                 },
@@ -372,10 +386,13 @@ impl NetWorker {
                 frame[10..12].copy_from_slice(&1u16.to_le_bytes());
                 let n = chain.write_all(mem, frame)?;
                 q.add_used(mem, chain.head, n)?;
+                self.counters.rx_packets.inc();
+                self.counters.rx_bytes.add((len - HDR_LEN) as u64);
             } else {
                 // A frame bigger than the guest's buffers (offloads it did
                 // not negotiate): drop it, give the buffer back empty.
                 self.dropped += 1;
+                self.counters.rx_dropped.inc();
                 tracing::debug!(
                     "virtio-net: dropped a {}-byte frame for a {}-byte buffer",
                     frame.len(),
@@ -394,6 +411,7 @@ impl NetWorker {
             if chain.readable_len() as usize > MAX_FRAME {
                 // Not copied at all: the guest cannot make the buffer grow.
                 self.dropped += 1;
+                self.counters.tx_dropped.inc();
                 tracing::debug!(
                     "virtio-net: dropped a {}-byte transmit chain",
                     chain.readable_len()
@@ -406,10 +424,15 @@ impl NetWorker {
             let frame = &self.tx;
             if frame.len() < HDR_LEN || frame.len() > MAX_FRAME {
                 self.dropped += 1;
+                self.counters.tx_dropped.inc();
                 tracing::debug!("virtio-net: dropped a {}-byte transmit chain", frame.len());
             } else if let Err(e) = self.backend.send(frame) {
                 self.dropped += 1;
+                self.counters.errors.inc();
                 tracing::debug!("virtio-net: backend write failed: {e}");
+            } else {
+                self.counters.tx_packets.inc();
+                self.counters.tx_bytes.add((frame.len() - HDR_LEN) as u64);
             }
             q.add_used(mem, chain.head, 0)?;
             done.used = true;

@@ -101,6 +101,7 @@ struct Interrupts {
     queue_vectors: Vec<AtomicU16>,
     msix: Arc<Mutex<MsixTable>>,
     intx: Mutex<Option<IntxSink>>,
+    counters: Arc<crate::stats::TransportCounters>,
 }
 
 impl Interrupts {
@@ -115,6 +116,7 @@ impl Interrupts {
             // With MSI-X on, NO_VECTOR means "no interrupt for this event".
             if vector != VIRTIO_MSI_NO_VECTOR {
                 msix.notify(vector);
+                self.counters.interrupts.inc();
             }
             return;
         }
@@ -122,6 +124,7 @@ impl Interrupts {
         let intx = self.intx.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if let Some(f) = intx {
             f();
+            self.counters.interrupts.inc();
         }
     }
 }
@@ -388,6 +391,7 @@ impl VirtioPciDevice {
                 .collect(),
             msix: Arc::new(Mutex::new(msix)),
             intx: Mutex::new(None),
+            counters: Arc::default(),
         });
         let device_features = device.features()
             | VIRTIO_F_VERSION_1
@@ -511,6 +515,17 @@ impl VirtioPciDevice {
 
     fn write_status(&mut self, v: u8) {
         if v == 0 {
+            if self.status & crate::status::DRIVER_OK != 0 {
+                // A working device reset by its driver (unload, recovery):
+                // an event a supervisor may want (see vmm's events.rs).
+                tracing::info!(
+                    target: "vireo::event",
+                    event = "device-reset",
+                    device_type = self.device.device_type(),
+                    "the guest reset virtio device type {}",
+                    self.device.device_type()
+                );
+            }
             self.reset();
             return;
         }
@@ -577,6 +592,7 @@ impl VirtioPciDevice {
                 mem: self.mem.clone(),
                 irq,
                 health: self.health.clone(),
+                counters: self.irq.counters.clone(),
                 kill: kill.try_clone()?,
                 notify: self
                     .notify
@@ -632,6 +648,11 @@ impl VirtioPciDevice {
                 self.activate_at(Some(p));
             }
         }
+    }
+
+    /// The notifications and interrupts this function counts.
+    pub fn counters(&self) -> Arc<crate::stats::TransportCounters> {
+        self.irq.counters.clone()
     }
 
     /// See [`VirtioDevice::set_host_locks`].
@@ -1086,6 +1107,7 @@ struct WorkerContext {
     mem: GuestRam,
     irq: Arc<dyn VirtioInterrupt>,
     health: Arc<Health>,
+    counters: Arc<crate::stats::TransportCounters>,
     kill: EventFd,
     notify: Vec<EventFd>,
 }
@@ -1145,7 +1167,10 @@ impl WorkerContext {
                 if fds[i + 1].revents == 0 {
                     continue;
                 }
-                let _ = self.notify[i].read();
+                // The eventfd's value is how many notifies it gathered.
+                if let Ok(n) = self.notify[i].read() {
+                    self.counters.notifications.add(n);
+                }
                 if !self.service(i) {
                     return self.park();
                 }

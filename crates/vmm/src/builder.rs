@@ -11,7 +11,7 @@
 //! nothing runs until `Vm::run`.
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 
@@ -150,6 +150,8 @@ pub struct VmSpec {
     pub vsock: Option<crate::config::VsockConfig>,
     /// Which device gets the console output (and input).
     pub console: ConsoleKind,
+    /// The exit device for test kernels, if asked for.
+    pub exit_device: Option<crate::config::ExitDeviceConfig>,
 }
 
 impl VmSpec {
@@ -166,6 +168,7 @@ impl VmSpec {
             balloon: c.balloon,
             vsock: c.vsock.clone(),
             console: c.console,
+            exit_device: c.exit_device,
             boot: Boot::Linux {
                 kernel: c.kernel.clone(),
                 initrd: c.initrd.clone(),
@@ -297,6 +300,7 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
             let exit = match e {
                 VmEvent::PowerOff => VmExit::PowerOff,
                 VmEvent::Reset => VmExit::Reset,
+                VmEvent::GuestExit(value) => VmExit::GuestExit { value },
             };
             if let Ok(tx) = tx.lock() {
                 let _ = tx.send(exit);
@@ -316,7 +320,7 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
             events,
         },
     };
-    let devices = DeviceManager::new(&vm, &memory, &spec, out)?;
+    let mut devices = DeviceManager::new(&vm, &memory, &spec, out)?;
 
     // A restored VM's memory already holds everything: no boot image.
     let bsp_state = match &boot {
@@ -324,6 +328,13 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
         _ => Some(load_boot(&memory, &boot, spec.cpus)?),
     };
     let vcpus = crate::vcpu::create_vcpus(vm.as_ref(), spec.cpus, bsp_state.as_ref())?;
+    let vcpu_counters = vcpus
+        .iter()
+        .map(|v| {
+            let engine = crate::vm::lock(v).engine_counters();
+            Arc::new(crate::counters::VcpuCounters::new(engine))
+        })
+        .collect();
     let info = VmInfo {
         state: crate::control::RunState::Running,
         accel: hv.kind(),
@@ -338,6 +349,12 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
         memory_bytes: spec.memory,
         vcpus,
         control: VmControl::new(),
+        monitor: crate::counters::VmMonitor {
+            started: std::time::Instant::now(),
+            vcpus: vcpu_counters,
+            devices: devices.take_monitored(),
+            progress: Default::default(),
+        },
         devices,
     });
     if let Boot::Snapshot(snap) = &boot {
@@ -403,7 +420,6 @@ fn load_boot(mem: &GuestRam, boot: &Boot, cpus: u32) -> Result<CpuState, VmmErro
                 path: kernel.clone(),
                 source,
             })?;
-            let image = arch::load_kernel(mem, &mut kf)?;
             let initrd_data = match initrd {
                 Some(p) => Some(std::fs::read(p).map_err(|source| VmmError::File {
                     op: "cannot read initramfs",
@@ -412,6 +428,40 @@ fn load_boot(mem: &GuestRam, boot: &Boot, cpus: u32) -> Result<CpuState, VmmErro
                 })?),
                 None => None,
             };
+            // A multiboot (v1) kernel boots as QEMU's -kernel boots it,
+            // the initramfs becoming its one module.
+            let mut head = Vec::with_capacity(8192);
+            (&mut kf)
+                .take(8192)
+                .read_to_end(&mut head)
+                .map_err(|source| VmmError::File {
+                    op: "cannot read kernel",
+                    path: kernel.clone(),
+                    source,
+                })?;
+            if let Some(h) = arch::multiboot::find_header(&head) {
+                let file = std::fs::read(kernel).map_err(|source| VmmError::File {
+                    op: "cannot read kernel",
+                    path: kernel.clone(),
+                    source,
+                })?;
+                let name = initrd
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                let modules: Vec<_> = initrd_data
+                    .as_deref()
+                    .map(|data| arch::multiboot::Module {
+                        data,
+                        cmdline: &name,
+                    })
+                    .into_iter()
+                    .collect();
+                return Ok(arch::multiboot::load(
+                    mem, &file, &h, cmdline, &modules, cpus,
+                )?);
+            }
+            let image = arch::load_kernel(mem, &mut kf)?;
             let protocol = match protocol {
                 BootProtocol::Linux => arch::EntryProtocol::Linux64,
                 BootProtocol::Pvh => {
@@ -497,7 +547,9 @@ pub(crate) fn for_snapshot(
     clone: &CloneOptions,
     serial: &SerialMode,
 ) -> Result<Built, VmmError> {
-    let mut manifest = crate::snapshot::read_manifest(dir)?;
+    let (mut manifest, signed) = crate::snapshot::read_signed_manifest(dir)?;
+    // Before any host file the manifest names is opened.
+    crate::snapshot::check_disks_named(dir, &manifest, signed, &clone.disks)?;
     let what = format!("snapshot {}", dir.display());
     let (accel, cross) = prepare_accel(&what, &mut manifest, opts)?;
     let mut spec = restore_spec(dir, &manifest, accel)?;

@@ -434,6 +434,62 @@ impl FromStr for BalloonConfig {
     }
 }
 
+/// The exit device (QEMU's isa-debug-exit, for test kernels):
+/// `[port=N][,size=1|2|4]`, port 0xf4 and 4 bytes unless given. A write of
+/// V there ends the VM with process status `(V << 1) | 1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExitDeviceConfig {
+    #[serde(default = "default_exit_port")]
+    pub port: u16,
+    #[serde(default = "default_exit_size")]
+    pub size: u8,
+}
+
+fn default_exit_port() -> u16 {
+    0xf4
+}
+
+fn default_exit_size() -> u8 {
+    4
+}
+
+impl Default for ExitDeviceConfig {
+    fn default() -> Self {
+        ExitDeviceConfig {
+            port: default_exit_port(),
+            size: default_exit_size(),
+        }
+    }
+}
+
+/// A port number in decimal or 0x-prefixed hexadecimal.
+fn parse_port(s: &str) -> Result<u16, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u16::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|e| format!("not a port number (0-0xffff): {e}"))
+}
+
+impl FromStr for ExitDeviceConfig {
+    type Err = OptionError;
+    fn from_str(s: &str) -> Result<Self, OptionError> {
+        let o = Options::parse("exit-device", s, &["port", "size"])?;
+        let d = ExitDeviceConfig::default();
+        let port = match o.get("port") {
+            Some(p) => parse_port(p).map_err(|e| o.bad("port", p, e))?,
+            None => d.port,
+        };
+        let size = match o.value::<u8>("size")? {
+            Some(n @ (1 | 2 | 4)) => n,
+            Some(n) => return Err(o.bad("size", &n.to_string(), "must be 1, 2 or 4")),
+            None => d.size,
+        };
+        Ok(ExitDeviceConfig { port, size })
+    }
+}
+
 fn default_cpus() -> u32 {
     1
 }
@@ -485,12 +541,46 @@ pub struct VmConfig {
     /// Which device is the console: serial (ttyS0) or virtio (hvc0).
     #[serde(default)]
     pub console: ConsoleKind,
+    /// The exit device for test kernels (off unless asked for).
+    #[serde(default)]
+    pub exit_device: Option<ExitDeviceConfig>,
 }
 
 /// Memory the guest must have at least: page tables, tables and a kernel.
 pub const MIN_MEMORY: u64 = 16 << 20;
 /// Most vCPUs the boot tables describe (one IOAPIC id after them).
 pub const MAX_CPUS: u32 = 254;
+
+/// The most guest memory Vireo runs (1 TiB).
+pub const MAX_MEMORY: u64 = 1 << 40;
+
+/// The limits every VM is held to, however it is made: `vm.create` and
+/// `vireo run` check its configuration, a restore and a migration the
+/// memory and vCPUs their manifest claims.
+pub fn check_size(memory: u64, cpus: u32) -> Result<(), VmmError> {
+    if cpus == 0 {
+        return Err(VmmError::Config("--cpus must be at least 1".into()));
+    }
+    if cpus > MAX_CPUS {
+        return Err(VmmError::Config(format!(
+            "--cpus {cpus} is more than the {MAX_CPUS} Vireo supports"
+        )));
+    }
+    if memory < MIN_MEMORY {
+        return Err(VmmError::Config(format!(
+            "--memory {} MiB is too small (at least {} MiB)",
+            memory >> 20,
+            MIN_MEMORY >> 20
+        )));
+    }
+    if memory > MAX_MEMORY {
+        return Err(VmmError::Config(format!(
+            "--memory {} GiB is more than Vireo supports (1 TiB)",
+            memory >> 30
+        )));
+    }
+    Ok(())
+}
 
 impl VmConfig {
     pub fn new(kernel: PathBuf) -> Self {
@@ -510,6 +600,7 @@ impl VmConfig {
             balloon: None,
             vsock: None,
             console: ConsoleKind::Serial,
+            exit_device: None,
         }
     }
 
@@ -546,28 +637,7 @@ impl VmConfig {
 
     /// Check what can be checked before touching the host.
     pub fn validate(&self) -> Result<(), VmmError> {
-        if self.cpus == 0 {
-            return Err(VmmError::Config("--cpus must be at least 1".into()));
-        }
-        if self.cpus > MAX_CPUS {
-            return Err(VmmError::Config(format!(
-                "--cpus {} is more than the {MAX_CPUS} Vireo supports",
-                self.cpus
-            )));
-        }
-        if self.memory.0 < MIN_MEMORY {
-            return Err(VmmError::Config(format!(
-                "--memory {} MiB is too small (at least {} MiB)",
-                self.memory.0 >> 20,
-                MIN_MEMORY >> 20
-            )));
-        }
-        if self.memory.0 > (1u64 << 40) {
-            return Err(VmmError::Config(format!(
-                "--memory {} GiB is more than Vireo supports (1 TiB)",
-                self.memory.0 >> 30
-            )));
-        }
+        check_size(self.memory.0, self.cpus)?;
         for n in &self.nets {
             // A config file skips the option parser: check the same here.
             n.validate().map_err(VmmError::Config)?;
@@ -727,6 +797,19 @@ mod tests {
         let mut bad = t.clone();
         bad.nets[1].hostfwd = t.nets[0].hostfwd.clone();
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn exit_device_options_parse() {
+        let d: ExitDeviceConfig = "".parse().unwrap();
+        assert_eq!((d.port, d.size), (0xf4, 4));
+        let d: ExitDeviceConfig = "port=0x501,size=2".parse().unwrap();
+        assert_eq!((d.port, d.size), (0x501, 2));
+        let d: ExitDeviceConfig = "port=244".parse().unwrap();
+        assert_eq!(d.port, 0xf4);
+        assert!("size=3".parse::<ExitDeviceConfig>().is_err());
+        assert!("port=0x10000".parse::<ExitDeviceConfig>().is_err());
+        assert!("iobase=1".parse::<ExitDeviceConfig>().is_err());
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub enum ControlError {
     Stopping,
     #[error("vCPUs did not stop within {0:?}")]
     Timeout(Duration),
+    /// Something holds the VM paused ([`VmControl::hold`]).
+    #[error("the VM stays paused while {0}")]
+    Held(&'static str),
 }
 
 #[derive(Default)]
@@ -33,6 +36,9 @@ struct Gate {
     pause: bool,
     /// How many vCPU threads are parked.
     parked: usize,
+    /// Why the VM must stay paused, while something (a snapshot being
+    /// written) needs it still: resume is refused meanwhile.
+    held: Option<&'static str>,
 }
 
 /// Pause/resume/stop for one VM's vCPU threads.
@@ -160,6 +166,8 @@ impl VmControl {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+        drop(g);
+        crate::events::paused();
         Ok(())
     }
 
@@ -169,9 +177,31 @@ impl VmControl {
         if !g.pause {
             return Err(ControlError::NotPaused);
         }
+        if let Some(why) = g.held {
+            return Err(ControlError::Held(why));
+        }
         g.pause = false;
         self.cv.notify_all();
+        drop(g);
+        crate::events::resumed();
         Ok(())
+    }
+
+    /// Keep the paused VM paused until the returned guard is dropped:
+    /// [`VmControl::resume`] answers [`ControlError::Held`] with `why`
+    /// meanwhile. Taken and checked under the same locks as pause and
+    /// resume, so no resume slips in between "is it paused?" and the hold.
+    pub fn hold(&self, why: &'static str) -> Result<Hold<'_>, ControlError> {
+        let _req = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.gate();
+        if !g.pause {
+            return Err(ControlError::NotPaused);
+        }
+        if let Some(other) = g.held {
+            return Err(ControlError::Held(other));
+        }
+        g.held = Some(why);
+        Ok(Hold(self))
     }
 
     /// Called by a vCPU thread between runs: parks while the VM is paused,
@@ -196,6 +226,15 @@ impl VmControl {
         }
         g.parked -= 1;
         !self.stopping()
+    }
+}
+
+/// The VM held paused; released on drop.
+pub struct Hold<'a>(&'a VmControl);
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        self.0.gate().held = None;
     }
 }
 
@@ -231,8 +270,24 @@ mod tests {
         let frozen = ran.load(Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(30));
         assert_eq!(ran.load(Ordering::SeqCst), frozen, "a paused vCPU ran");
+        // Held (a snapshot being written): resume is refused until the
+        // hold ends, and nothing runs meanwhile.
+        let hold = ctl.hold("a snapshot is written").unwrap();
+        assert_eq!(
+            ctl.resume(),
+            Err(ControlError::Held("a snapshot is written"))
+        );
+        assert!(ctl.hold("again").is_err(), "one hold at a time");
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(ran.load(Ordering::SeqCst), frozen, "a held vCPU ran");
+        drop(hold);
         ctl.resume().unwrap();
         assert_eq!(ctl.resume(), Err(ControlError::NotPaused));
+        assert_eq!(
+            ctl.hold("x").err(),
+            Some(ControlError::NotPaused),
+            "only a paused VM is held"
+        );
         std::thread::sleep(Duration::from_millis(30));
         assert!(
             ran.load(Ordering::SeqCst) > frozen,

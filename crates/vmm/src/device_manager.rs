@@ -62,6 +62,8 @@ struct PciDevices {
     virtio: Vec<VirtioFunction>,
     console_input: Option<virtio::console::ConsoleInput>,
     balloon: Option<virtio::balloon::BalloonHandle>,
+    /// Every virtio function's counters, in the order they were added.
+    monitored: Vec<crate::counters::MonitoredDevice>,
 }
 
 /// Every device of one VM, the two buses they sit on, and what was put where.
@@ -108,6 +110,19 @@ impl DeviceManager {
             out.serial,
             &out.events,
         )?;
+        if let Some(x) = &spec.exit_device {
+            // Stateless: not on the saved-device list.
+            let dev = Arc::new(Mutex::new(devices::debug_exit::DebugExit::new(
+                out.events.clone(),
+            )));
+            buses.add(
+                BusKind::Pio,
+                "exit-device",
+                x.port as u64,
+                x.size as u64,
+                dev,
+            )?;
+        }
         let pci = setup_pci(
             &mut buses,
             &mut saved,
@@ -155,6 +170,11 @@ impl DeviceManager {
 
     pub fn press_power_button(&self) {
         lock(&self.legacy.acpi_pm).press_power_button();
+    }
+
+    /// Take the devices' counters (once, for the VM's monitor).
+    pub(crate) fn take_monitored(&mut self) -> Vec<crate::counters::MonitoredDevice> {
+        std::mem::take(&mut self.pci.monitored)
     }
 
     /// Stop (`true`) or restart the virtio queue workers: stopped, they
@@ -346,36 +366,43 @@ fn setup_pci(
             tracing::warn!("MSI {addr:#x}/{data:#x} not delivered: {e}");
         }
     });
+    use crate::counters::{DeviceKind, MonitoredDevice};
     let mut functions: Vec<VirtioFunction> = Vec::new();
-    let mut add_virtio = |name: String, dev: Box<dyn virtio::VirtioDevice>| {
-        let dev =
-            virtio::VirtioPciDevice::new(dev, memory.clone(), msi.clone()).map_err(|source| {
-                VmmError::Virtio {
+    let mut monitored: Vec<MonitoredDevice> = Vec::new();
+    let mut add_virtio =
+        |name: String, id: String, kind: DeviceKind, dev: Box<dyn virtio::VirtioDevice>| {
+            let dev = virtio::VirtioPciDevice::new(dev, memory.clone(), msi.clone()).map_err(
+                |source| VmmError::Virtio {
                     device: name.clone(),
                     source,
-                }
-            })?;
-        let events = dev
-            .notify_eventfds()
-            .into_iter()
-            .map(|(off, e)| e.try_clone().map(|e| (off, e)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| VmmError::DeviceIo {
-                device: name.clone(),
-                source,
-            })?;
-        let dev = Arc::new(Mutex::new(dev));
-        let slot = bus
-            .add_device(dev.clone(), &mut bars)
-            .map_err(|source| VmmError::Pci {
-                device: name.clone(),
-                source,
-            })?;
-        lock(&notifiers).insert(slot, events);
-        tracing::info!("{name} at PCI 00:{slot:02x}.0");
-        functions.push((name, dev));
-        Ok::<(), VmmError>(())
-    };
+                },
+            )?;
+            let events = dev
+                .notify_eventfds()
+                .into_iter()
+                .map(|(off, e)| e.try_clone().map(|e| (off, e)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|source| VmmError::DeviceIo {
+                    device: name.clone(),
+                    source,
+                })?;
+            monitored.push(MonitoredDevice {
+                id,
+                transport: dev.counters(),
+                kind,
+            });
+            let dev = Arc::new(Mutex::new(dev));
+            let slot = bus
+                .add_device(dev.clone(), &mut bars)
+                .map_err(|source| VmmError::Pci {
+                    device: name.clone(),
+                    source,
+                })?;
+            lock(&notifiers).insert(slot, events);
+            tracing::info!("{name} at PCI 00:{slot:02x}.0");
+            functions.push((name, dev));
+            Ok::<(), VmmError>(())
+        };
     for (i, d) in spec.disks.iter().enumerate() {
         let image =
             block::open(&d.path, d.format, d.readonly).map_err(|source| VmmError::Disk {
@@ -384,34 +411,58 @@ fn setup_pci(
             })?;
         let serial = d.serial.clone().unwrap_or_else(|| format!("vireo-disk{i}"));
         let blk = virtio::block::Block::new(image, &serial);
-        add_virtio(format!("virtio-blk {}", d.path.display()), Box::new(blk))?;
-    }
-    for n in &spec.nets {
-        let mac = n.mac.unwrap_or_else(net::MacAddr::random);
-        let (name, backend): (String, Arc<dyn virtio::net::NetBackend>) = match n.backend {
-            crate::config::NetBackendKind::Tap => {
-                let tap = net::Tap::open(&n.tap)?;
-                tap.set_up()?;
-                (format!("virtio-net {} ({mac})", tap.name()), Arc::new(tap))
-            }
-            crate::config::NetBackendKind::User => {
-                // A new passt for every VM built, restored ones included:
-                // the old one's connections are gone with its process.
-                let passt = net::Passt::start(&net::PasstOptions {
-                    hostfwd: n.hostfwd.clone(),
-                    ..Default::default()
-                })?;
-                (
-                    format!("virtio-net user/passt pid {} ({mac})", passt.pid()),
-                    Arc::new(passt),
-                )
-            }
+        let kind = DeviceKind::Block {
+            path: d.path.clone(),
+            counters: blk.counters(),
         };
+        let name = format!("virtio-blk {}", d.path.display());
+        add_virtio(name, format!("disk{i}"), kind, Box::new(blk))?;
+    }
+    for (i, n) in spec.nets.iter().enumerate() {
+        let mac = n.mac.unwrap_or_else(net::MacAddr::random);
+        let (name, host, backend): (String, String, Arc<dyn virtio::net::NetBackend>) =
+            match n.backend {
+                crate::config::NetBackendKind::Tap => {
+                    let tap = net::Tap::open(&n.tap)?;
+                    tap.set_up()?;
+                    let tap_name = tap.name().to_string();
+                    (
+                        format!("virtio-net {tap_name} ({mac})"),
+                        tap_name,
+                        Arc::new(tap),
+                    )
+                }
+                crate::config::NetBackendKind::User => {
+                    // A new passt for every VM built, restored ones
+                    // included: the old one's connections are gone with
+                    // its process.
+                    let passt = net::Passt::start(&net::PasstOptions {
+                        hostfwd: n.hostfwd.clone(),
+                        ..Default::default()
+                    })?;
+                    (
+                        format!("virtio-net user/passt pid {} ({mac})", passt.pid()),
+                        "user".to_string(),
+                        Arc::new(passt),
+                    )
+                }
+            };
         let dev = virtio::net::Net::new(backend, mac);
-        add_virtio(name, Box::new(dev))?;
+        let kind = DeviceKind::Net {
+            tap: host,
+            mac: mac.to_string(),
+            counters: dev.counters(),
+        };
+        add_virtio(name, format!("net{i}"), kind, Box::new(dev))?;
     }
     if spec.rng {
-        add_virtio("virtio-rng".into(), Box::new(virtio::rng::Rng::new()))?;
+        let (id, kind) = ("rng0".into(), DeviceKind::Plain("rng"));
+        add_virtio(
+            "virtio-rng".into(),
+            id,
+            kind,
+            Box::new(virtio::rng::Rng::new()),
+        )?;
     }
     let (mut console_input, mut balloon) = (None, None);
     if let Some(out) = console_out {
@@ -425,7 +476,8 @@ fn setup_pci(
             source,
         })?;
         console_input = Some(dev.input());
-        add_virtio("virtio-console".into(), Box::new(dev))?;
+        let (id, kind) = ("console0".into(), DeviceKind::Plain("console"));
+        add_virtio("virtio-console".into(), id, kind, Box::new(dev))?;
     }
     if let Some(b) = &spec.balloon {
         let dev = virtio::balloon::Balloon::new(virtio::balloon::BalloonOptions {
@@ -437,7 +489,8 @@ fn setup_pci(
             source,
         })?;
         balloon = Some(dev.handle());
-        add_virtio("virtio-balloon".into(), Box::new(dev))?;
+        let (id, kind) = ("balloon0".into(), DeviceKind::Plain("balloon"));
+        add_virtio("virtio-balloon".into(), id, kind, Box::new(dev))?;
     }
     if let Some(v) = &spec.vsock {
         let name = format!("virtio-vsock cid {}", v.cid);
@@ -446,7 +499,13 @@ fn setup_pci(
                 device: name.clone(),
                 source,
             })?;
-        add_virtio(format!("{name} ({})", v.socket.display()), Box::new(dev))?;
+        let (id, kind) = ("vsock0".into(), DeviceKind::Plain("vsock"));
+        add_virtio(
+            format!("{name} ({})", v.socket.display()),
+            id,
+            kind,
+            Box::new(dev),
+        )?;
     }
     saved.push("pci config-io", Arc::new(Mutex::new(cfg)));
     for (name, d) in &functions {
@@ -457,6 +516,7 @@ fn setup_pci(
         virtio: functions,
         console_input,
         balloon,
+        monitored,
     })
 }
 

@@ -20,6 +20,9 @@ pub enum VmExit {
     Error(String),
     /// The VM was handed over to another Vireo (live migration).
     Migrated(String),
+    /// The guest wrote `value` to the exit device (`--exit-device`); the
+    /// process exits with `(value << 1) | 1`, as QEMU's isa-debug-exit.
+    GuestExit { value: u32 },
 }
 
 /// Process exit codes, for scripts. Documented in the README and `vireo --help`.
@@ -46,6 +49,7 @@ impl VmExit {
             VmExit::Stopped => exit_code::STOPPED,
             VmExit::Error(_) => exit_code::VMM_ERROR,
             VmExit::Migrated(_) => exit_code::STOPPED,
+            VmExit::GuestExit { value } => devices::debug_exit::exit_status(*value),
         }
     }
 }
@@ -66,6 +70,11 @@ impl std::fmt::Display for VmExit {
             VmExit::Stopped => write!(f, "stopped through the API"),
             VmExit::Error(e) => write!(f, "VMM error: {e}"),
             VmExit::Migrated(to) => write!(f, "the VM migrated to {to}"),
+            VmExit::GuestExit { value } => write!(
+                f,
+                "the guest wrote {value:#x} to the exit device (exit status {})",
+                devices::debug_exit::exit_status(*value)
+            ),
         }
     }
 }

@@ -4,17 +4,57 @@
 //! (an empty VMM that waits for one of those through its API). One VM per
 //! VMM process: each runs its VM to the end and says why it stopped.
 
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
 use crate::builder::{self, Built};
 use crate::config::{Accel, SerialMode, VmConfig};
 use crate::vm::Vm;
+use std::sync::Arc;
+
 use crate::{api, console, VmExit, VmmError};
 
+/// What a VMM serves besides its VM.
+#[derive(Debug, Clone, Default)]
+pub struct Servers {
+    /// The management API on this Unix socket.
+    pub api_socket: Option<PathBuf>,
+    /// `GET /metrics` and `vm.counters` on this TCP address.
+    pub metrics: Option<SocketAddr>,
+}
+
+impl Servers {
+    /// Start what is asked for, answering for `shared`.
+    fn start(&self, shared: &Arc<api::ApiShared>) -> Result<Running, VmmError> {
+        let api = match &self.api_socket {
+            Some(path) => {
+                Some(api::ApiServer::start(path, shared.clone()).map_err(VmmError::ApiServer)?)
+            }
+            None => None,
+        };
+        let metrics = match self.metrics {
+            Some(addr) => {
+                Some(api::MetricsServer::start(addr, shared.clone()).map_err(VmmError::ApiServer)?)
+            }
+            None => None,
+        };
+        Ok(Running {
+            _api: api,
+            _metrics: metrics,
+        })
+    }
+}
+
+/// The servers of a running VMM; dropping it stops them.
+struct Running {
+    _api: Option<api::ApiServer>,
+    _metrics: Option<api::MetricsServer>,
+}
+
 /// Build the VM a configuration describes, run it to the end, and say why
-/// it stopped. With `api_socket`, serve the management API there meanwhile.
-pub fn run(config: &VmConfig, api_socket: Option<&Path>) -> Result<VmExit, VmmError> {
-    run_built(builder::for_config(config)?, api_socket)
+/// it stopped, serving the API and metrics meanwhile as `servers` asks.
+pub fn run(config: &VmConfig, servers: &Servers) -> Result<VmExit, VmmError> {
+    run_built(builder::for_config(config)?, servers, "boot")
 }
 
 /// Start a VM from a snapshot directory in this process and run it,
@@ -24,9 +64,13 @@ pub fn restore(
     opts: RestoreOptions,
     clone: &CloneOptions,
     serial: &SerialMode,
-    api_socket: Option<&Path>,
+    servers: &Servers,
 ) -> Result<VmExit, VmmError> {
-    run_built(builder::for_snapshot(dir, opts, clone, serial)?, api_socket)
+    run_built(
+        builder::for_snapshot(dir, opts, clone, serial)?,
+        servers,
+        "restore",
+    )
 }
 
 /// Wait on `listen` (ADDR:PORT) for a live migration from another Vireo
@@ -37,9 +81,13 @@ pub fn migrate_receive(
     listen: &str,
     opts: RestoreOptions,
     serial: &SerialMode,
-    api_socket: Option<&Path>,
+    servers: &Servers,
 ) -> Result<VmExit, VmmError> {
-    run_built(builder::for_migration(listen, opts, serial)?, api_socket)
+    run_built(
+        builder::for_migration(listen, opts, serial)?,
+        servers,
+        "migration",
+    )
 }
 
 /// What an empty VMM (`vireo run --api-socket PATH` without a kernel) is
@@ -75,38 +123,47 @@ pub(crate) struct LaunchRequest {
 /// `vm.create` + `vm.boot`, `vm.restore` or `vm.migrate-receive`, then run
 /// that VM to the end (one VM per VMM process, as with `vireo run`). A
 /// launch that fails is answered with its error and the VMM stays empty.
-pub fn serve(api_socket: &Path) -> Result<VmExit, VmmError> {
+/// With `metrics`, the monitoring endpoints are on TCP too (they answer
+/// 409 until a VM runs).
+pub fn serve(api_socket: &Path, metrics: Option<SocketAddr>) -> Result<VmExit, VmmError> {
     let (tx, rx) = std::sync::mpsc::channel::<LaunchRequest>();
     let shared = api::ApiShared::empty(tx);
-    let _api = api::ApiServer::start(api_socket, shared.clone()).map_err(VmmError::ApiServer)?;
+    let servers = Servers {
+        api_socket: Some(api_socket.to_path_buf()),
+        metrics,
+    };
+    let _running = servers.start(&shared)?;
     tracing::info!("API on {}: no VM yet", api_socket.display());
     loop {
         let Ok(req) = rx.recv() else {
             return Err(VmmError::ApiServer("the API server stopped".into()));
         };
-        let built = match req.launch {
+        let (built, how) = match req.launch {
             Launch::Shutdown => {
                 let _ = req.reply.send(Ok(()));
                 return Ok(VmExit::Stopped);
             }
-            Launch::Boot(config) => builder::for_config(&config),
+            Launch::Boot(config) => (builder::for_config(&config), "boot"),
             Launch::Restore {
                 dir,
                 opts,
                 clone,
                 serial,
-            } => builder::for_snapshot(&dir, opts, &clone, &serial),
+            } => (
+                builder::for_snapshot(&dir, opts, &clone, &serial),
+                "restore",
+            ),
             Launch::MigrateReceive {
                 listen,
                 opts,
                 serial,
-            } => builder::for_migration(&listen, opts, &serial),
+            } => (builder::for_migration(&listen, opts, &serial), "migration"),
         };
         match built {
             Ok(b) => {
                 shared.set_vm(b.vm.api_context(b.config));
                 let _ = req.reply.send(Ok(()));
-                return Ok(run_with_console(b.vm, b.input));
+                return Ok(run_with_console(b.vm, b.input, how));
             }
             Err(e) => {
                 tracing::warn!("launch through the API failed: {e}");
@@ -124,6 +181,10 @@ pub struct CloneOptions {
     pub overlays: Vec<std::path::PathBuf>,
     /// Taps for the snapshot's NICs, in order (missing ones keep theirs).
     pub taps: Vec<String>,
+    /// The snapshot's disks as the person restoring names them: needed
+    /// when the snapshot is not signed with this VMM's snapshot key
+    /// (`snapshot::check_disks_named`).
+    pub disks: Vec<std::path::PathBuf>,
 }
 
 /// How a snapshot or migrated VM is to be restored.
@@ -147,19 +208,18 @@ impl RestoreOptions {
 }
 
 /// Run a built VM with its console and (optionally) the API, to the end.
-fn run_built(b: Built, api_socket: Option<&Path>) -> Result<VmExit, VmmError> {
-    let _api = match api_socket {
-        Some(path) => Some(
-            api::ApiServer::start(path, api::ApiShared::with_vm(b.vm.api_context(b.config)))
-                .map_err(VmmError::ApiServer)?,
-        ),
-        None => None,
-    };
-    Ok(run_with_console(b.vm, b.input))
+fn run_built(b: Built, servers: &Servers, how: &str) -> Result<VmExit, VmmError> {
+    let shared = api::ApiShared::with_vm(b.vm.api_context(b.config));
+    let _running = servers.start(&shared)?;
+    Ok(run_with_console(b.vm, b.input, how))
 }
 
 /// Run a VM to the end, with the terminal feeding its console if `input`.
-fn run_with_console(vm: Vm, input: bool) -> VmExit {
+/// `how` says where the VM came from (boot, restore, migration) for its
+/// start event.
+fn run_with_console(vm: Vm, input: bool, how: &str) -> VmExit {
+    let info = vm.info();
+    crate::events::started(how, info.accel, info.vcpus, info.memory_bytes);
     let _console = if input {
         Some(console::StdinForwarder::start(
             vm.console_input(),
@@ -168,5 +228,7 @@ fn run_with_console(vm: Vm, input: bool) -> VmExit {
     } else {
         None
     };
-    vm.run()
+    let exit = vm.run();
+    crate::events::exited(&exit);
+    exit
 }

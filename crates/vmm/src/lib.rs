@@ -10,12 +10,15 @@
 //! `migration`'s stream; `api` and `control` serve and steer it.
 
 pub mod api;
+pub mod auth;
 mod builder;
 pub mod config;
 pub mod console;
 pub mod control;
+pub mod counters;
 mod device_manager;
 mod error;
+pub mod events;
 mod exit;
 mod launch;
 pub mod migration;
@@ -34,5 +37,7 @@ pub use device_manager::DeviceInfo;
 pub use error::VmmError;
 pub use exit::{exit_code, VmExit};
 pub(crate) use launch::LaunchRequest;
-pub use launch::{migrate_receive, restore, run, serve, CloneOptions, Launch, RestoreOptions};
+pub use launch::{
+    migrate_receive, restore, run, serve, CloneOptions, Launch, RestoreOptions, Servers,
+};
 pub use vm::{Vm, VmHandle, VmInfo};

@@ -8,7 +8,8 @@
 //! The stream (all integers little-endian):
 //!
 //! ```text
-//! "VIREOMIG" u32 version u32 len  hello (JSON, len bytes)
+//! the destination speaks first: "VIREODST" u8 key_required, 32-byte nonce
+//! "VIREOMIG" u32 version [32-byte tag if key_required] u32 len hello (JSON)
 //! then messages, each starting with a tag byte:
 //!   'P' u32 count, count x (u64 gpa | ZERO_PAGE, [4096 bytes unless ZERO_PAGE])
 //!   'Q' the destination answers 'R' once it has read everything before
@@ -19,6 +20,18 @@
 //! The source sends 'Q' before it pauses the guest, so the downtime does
 //! not include the destination catching up on pre-copy data.
 //! ```
+//!
+//! Authentication: with a shared key (`--migration-key-file`, the same
+//! file on both hosts) the destination demands the tag HMAC-SHA256(key,
+//! nonce) of a nonce it drew for this connection, so only a source holding
+//! the key is accepted (the stream is not encrypted: use a trusted
+//! network, or a tunnel). Until a connection has passed the greeting, the
+//! tag and a well-formed hello (within [`HANDSHAKE`]), it is only turned
+//! away (logged, answered 'N') and the destination waits on: a port scan
+//! or an impostor cannot end a planned receive. After that, the whole
+//! stream must arrive within the receive deadline (`--migration-timeout`,
+//! an overall limit, not a per-read one) and no read may wait longer than
+//! [`IDLE`].
 //!
 //! Which pages changed: vCPU writes are in the backend's dirty log (KVM's,
 //! or the engine's per-page write flags); device writes (virtio used rings,
@@ -32,6 +45,7 @@
 //! just before it sends the state, and takes them back if the migration
 //! fails.
 
+use crate::counters::Phase;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::ops::Deref;
@@ -47,9 +61,18 @@ use crate::snapshot::{is_zero, Manifest, MemoryRange};
 use crate::{VmHandle, VmmError};
 
 pub const MAGIC: &[u8; 8] = b"VIREOMIG";
+/// What the destination sends first.
+pub const GREETING: &[u8; 8] = b"VIREODST";
 /// 2: the state message carries the version-3 snapshot manifest (devices as one
 /// list walked in order).
-pub const VERSION: u32 = 2;
+/// 3: the destination greets first with a nonce; a keyed source answers it.
+pub const VERSION: u32 = 3;
+/// From accept to a well-formed hello: longer and the connection is turned away.
+pub const HANDSHAKE: Duration = Duration::from_secs(10);
+/// The longest a read of the stream may wait for a byte.
+pub const IDLE: Duration = Duration::from_secs(120);
+/// What the tag of a nonce is computed over, with the nonce.
+const TAG_CONTEXT: &[u8] = b"vireo migration source v3";
 const PAGE: u64 = 4096;
 /// Set in a page's address: the page is all zeros and no bytes follow.
 const ZERO_PAGE: u64 = 1;
@@ -59,8 +82,6 @@ const SMALL_REMAINDER: usize = 256;
 const MAX_ROUNDS: u32 = 30;
 /// Pages per 'P' message.
 const BATCH: usize = 1024;
-/// The most guest memory a stream may announce (1 TiB).
-const MAX_MEMORY: u64 = 1 << 40;
 /// The largest JSON part the destination accepts.
 const MAX_JSON: u32 = 64 << 20;
 
@@ -92,6 +113,82 @@ pub struct MigrationReport {
     pub final_pages: u64,
     /// Bytes sent while the guest was paused (final pages and the state).
     pub final_bytes: u64,
+}
+
+/// How this VMM authenticates migrations and how long a receive may take
+/// (set once by the binary from its command line).
+#[derive(Debug, Clone)]
+pub struct MigrationSettings {
+    /// The shared key both ends hold; None: any source is accepted.
+    pub key: Option<crate::auth::Key>,
+    /// The whole stream must arrive within this, once accepted.
+    pub receive_deadline: Duration,
+}
+
+impl Default for MigrationSettings {
+    fn default() -> Self {
+        MigrationSettings {
+            key: None,
+            receive_deadline: Duration::from_secs(3600),
+        }
+    }
+}
+
+static SETTINGS: std::sync::RwLock<Option<MigrationSettings>> = std::sync::RwLock::new(None);
+
+/// Set how migrations are authenticated and bounded in this process.
+pub fn set_migration_settings(s: MigrationSettings) {
+    *SETTINGS.write().unwrap_or_else(|e| e.into_inner()) = Some(s);
+}
+
+fn settings() -> MigrationSettings {
+    SETTINGS
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or_default()
+}
+
+/// A stream read under an overall deadline and a per-read idle limit; a
+/// timeout is an error that says which limit passed.
+struct Deadline {
+    stream: TcpStream,
+    start: Instant,
+    limit: Duration,
+    idle: Duration,
+}
+
+impl Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::io::{Error, ErrorKind};
+        let overall = || {
+            Error::new(
+                ErrorKind::TimedOut,
+                format!(
+                    "the migration did not complete within {} s",
+                    self.limit.as_secs()
+                ),
+            )
+        };
+        let left = self.limit.saturating_sub(self.start.elapsed());
+        if left.is_zero() {
+            return Err(overall());
+        }
+        self.stream.set_read_timeout(Some(left.min(self.idle)))?;
+        match self.stream.read(buf) {
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                if self.start.elapsed() >= self.limit {
+                    Err(overall())
+                } else {
+                    Err(Error::new(
+                        ErrorKind::TimedOut,
+                        format!("the source sent nothing for {} s", self.idle.as_secs()),
+                    ))
+                }
+            }
+            r => r,
+        }
+    }
 }
 
 fn io(what: &str) -> impl Fn(std::io::Error) -> VmmError + '_ {
@@ -286,15 +383,16 @@ fn cancelled(cancel: &Cancel) -> Result<(), VmmError> {
 }
 
 fn send_pages<W: Write>(
-    out: &mut W,
+    out: &mut Counted<W>,
     mem: &GuestRam,
     d: &Dirty,
     cancel: &Cancel,
+    progress: &crate::counters::Progress,
 ) -> Result<u64, VmmError> {
     let mut batch: Vec<u64> = Vec::with_capacity(BATCH);
     let mut sent = 0u64;
     let mut buf = vec![0u8; PAGE as usize];
-    let mut flush = |out: &mut W, batch: &mut Vec<u64>| -> Result<(), VmmError> {
+    let mut flush = |out: &mut Counted<W>, batch: &mut Vec<u64>| -> Result<(), VmmError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -318,6 +416,7 @@ fn send_pages<W: Write>(
                 out.write_all(&buf).map_err(io("send"))?;
             }
         }
+        progress.advance(batch.len() as u64 * PAGE, out.bytes);
         batch.clear();
         Ok(())
     };
@@ -358,6 +457,7 @@ pub fn send(
     let control = vm.control();
     let was_running = control.state() == crate::RunState::Running;
     let (mut paused, mut unlocked) = (false, false);
+    crate::events::migration_started(destination);
     let result = send_inner(
         vm,
         destination,
@@ -392,6 +492,11 @@ pub fn send(
             }
         }
     }
+    vm.progress().0.end();
+    match &result {
+        Ok(r) => crate::events::migration_ended(destination, None, r.bytes, r.total_ms),
+        Err(e) => crate::events::migration_ended(destination, Some(&e.to_string()), 0, 0),
+    }
     result
 }
 
@@ -425,8 +530,14 @@ fn send_inner(
     stream
         .set_read_timeout(Some(Duration::from_secs(120)))
         .map_err(io("socket"))?;
-    let reader = stream.try_clone().map_err(io("socket"))?;
+    let mut reader = stream.try_clone().map_err(io("socket"))?;
+    // Armed first: a cancel also cuts a wait for a silent destination.
     opts.cancel.arm(&stream)?;
+    reader
+        .set_read_timeout(Some(HANDSHAKE))
+        .map_err(io("socket"))?;
+    let tag = answer_greeting(&mut reader, destination)?;
+    reader.set_read_timeout(Some(IDLE)).map_err(io("socket"))?;
     // A small buffer under a limit, so that pacing is smooth.
     let buffer = if opts.max_bandwidth.is_some() {
         64 << 10
@@ -448,6 +559,9 @@ fn send_inner(
     })?;
     out.write_all(MAGIC).map_err(io("send"))?;
     out.write_all(&VERSION.to_le_bytes()).map_err(io("send"))?;
+    if let Some(tag) = tag {
+        out.write_all(&tag).map_err(io("send"))?;
+    }
     out.write_all(&(hello.len() as u32).to_le_bytes())
         .map_err(io("send"))?;
     out.write_all(&hello).map_err(io("send"))?;
@@ -460,13 +574,21 @@ fn send_inner(
     let mut rounds = 0u32;
     let mut dirty = all_pages(mem);
     drop_untouched(mem, &mut dirty);
+    let (progress, started) = vm.progress();
+    let to_send = count(&dirty) as u64 * PAGE;
+    progress.begin(started, crate::counters::Operation::Migration, to_send);
     if was_running {
+        let mut round_start = Instant::now();
         loop {
-            pages += send_pages(&mut out, mem, &dirty, &opts.cancel)?;
+            pages += send_pages(&mut out, mem, &dirty, &opts.cancel, progress)?;
             rounds += 1;
             out.flush().map_err(io("send"))?;
             dirty = collect_all(vm)?;
             let left = count(&dirty);
+            let secs = round_start.elapsed().as_secs_f64().max(1e-3);
+            round_start = Instant::now();
+            let per_s = (left as f64 / secs) as u64;
+            progress.round(Phase::Copy, left as u64 * PAGE, left as u64, per_s);
             tracing::info!("migration round {rounds}: {left} pages dirty");
             if left < SMALL_REMAINDER || rounds + 1 >= MAX_ROUNDS {
                 break;
@@ -507,9 +629,11 @@ fn send_inner(
     tracing::debug!("migration: devices quiesced at {:?}", down.elapsed());
     // The devices are stopped: their writes up to here are in the bitmap.
     merge(&mut dirty, collect_all(vm)?);
-    tracing::info!("migration: paused; {} pages left to send", count(&dirty));
+    let left = count(&dirty) as u64;
+    progress.round(Phase::StopAndCopy, left * PAGE, left, 0);
+    tracing::info!("migration: paused; {left} pages left to send");
     tracing::debug!("migration: dirty pages collected at {:?}", down.elapsed());
-    let final_pages = send_pages(&mut out, mem, &dirty, &opts.cancel)?;
+    let final_pages = send_pages(&mut out, mem, &dirty, &opts.cancel, progress)?;
     tracing::debug!("migration: final pages sent at {:?}", down.elapsed());
     pages += final_pages;
     rounds += 1;
@@ -619,6 +743,9 @@ fn read_json_bytes<R: Read>(r: &mut R, max: u32) -> Result<Vec<u8>, VmmError> {
 fn cut(e: std::io::Error) -> VmmError {
     if e.kind() == std::io::ErrorKind::UnexpectedEof {
         VmmError::MigrationCut
+    } else if e.kind() == std::io::ErrorKind::TimedOut {
+        // Deadline's own message says which limit passed.
+        VmmError::MigrationStream(format!("migration stream: {e}"))
     } else {
         VmmError::Migration {
             what: "migration stream".into(),
@@ -640,24 +767,79 @@ pub struct Received {
 /// VM and its memory is allocated, while the pages still stream in.
 pub type OnHello<'a> = &'a mut dyn FnMut(hypervisor::AccelKind, &GuestRam);
 
+/// Read the destination's greeting; the tag that answers its nonce when
+/// it demands one.
+fn answer_greeting(
+    reader: &mut TcpStream,
+    destination: &str,
+) -> Result<Option<[u8; crate::auth::TAG]>, VmmError> {
+    let mut g = [0u8; 8 + 1 + 32];
+    reader.read_exact(&mut g).map_err(|e| {
+        VmmError::MigrationStream(format!(
+            "{destination} did not greet as a Vireo migrate-receive of this version ({e})"
+        ))
+    })?;
+    if &g[..8] != GREETING {
+        return Err(VmmError::MigrationStream(format!(
+            "{destination} is not a Vireo migrate-receive of this version"
+        )));
+    }
+    if g[8] == 0 {
+        return Ok(None);
+    }
+    let Some(key) = settings().key else {
+        return Err(VmmError::Config(format!(
+            "the destination {destination} requires a migration key: start this VMM with \
+             --migration-key-file (the destination's key)"
+        )));
+    };
+    Ok(Some(key.tag(&[TAG_CONTEXT, &g[9..]])))
+}
+
 /// Wait on `listen` for one migration and read it to the end.
 pub fn receive(listen: &str, on_hello: OnHello) -> Result<Received, VmmError> {
     let listener = TcpListener::bind(listen).map_err(|source| VmmError::Migration {
         what: format!("cannot listen on {listen}"),
         source,
     })?;
+    let settings = settings();
+    if settings.key.is_none() {
+        tracing::warn!(
+            "migration receive without --migration-key-file: any host that reaches {listen} can send a VM"
+        );
+    }
     tracing::info!("waiting for a migration on {listen}");
-    let (stream, peer) = listener.accept().map_err(|source| VmmError::Migration {
-        what: format!("migration: accept on {listen}"),
-        source,
-    })?;
+    let (stream, peer, hello) = loop {
+        let (stream, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors and the like: wait, and go on waiting.
+                tracing::warn!("migration: accept on {listen}: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        match handshake(&stream, settings.key.as_ref()) {
+            Ok(hello) => break (stream, peer, hello),
+            Err(e) => {
+                tracing::warn!("migration: turned away {peer}: {e}");
+                let mut s = stream;
+                let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+                let _ = answer(&mut s, &Err(e));
+            }
+        }
+    };
     drop(listener);
-    stream
-        .set_read_timeout(Some(Duration::from_secs(120)))
-        .map_err(io("socket"))?;
-    let mut r = BufReader::with_capacity(1 << 20, stream.try_clone().map_err(io("socket"))?);
+    tracing::info!("migration from {peer}: accepted");
+    let timed = Deadline {
+        stream: stream.try_clone().map_err(io("socket"))?,
+        start: Instant::now(),
+        limit: settings.receive_deadline,
+        idle: IDLE,
+    };
+    let mut r = BufReader::with_capacity(1 << 20, timed);
     let mut w = stream.try_clone().map_err(io("socket"))?;
-    let (manifest, memory) = read_stream_with(&mut r, &mut w, on_hello)?;
+    let (manifest, memory) = read_body(&mut r, &mut w, hello, on_hello)?;
     Ok(Received {
         manifest,
         memory,
@@ -666,20 +848,48 @@ pub fn receive(listen: &str, on_hello: OnHello) -> Result<Received, VmmError> {
     })
 }
 
-/// Parse a migration stream: header, memory, state.
+/// Greet a new connection and read its header, tag and hello, all within
+/// [`HANDSHAKE`]: what a connection must get right to be taken for the
+/// migration (anything else only turns it away).
+fn handshake(stream: &TcpStream, key: Option<&crate::auth::Key>) -> Result<Hello, VmmError> {
+    let nonce = crate::auth::random::<32>();
+    let mut greeting = GREETING.to_vec();
+    greeting.push(key.is_some() as u8);
+    greeting.extend_from_slice(&nonce);
+    let mut w = stream.try_clone().map_err(io("socket"))?;
+    w.set_write_timeout(Some(HANDSHAKE)).map_err(io("socket"))?;
+    w.write_all(&greeting).map_err(io("greeting"))?;
+    let mut r = Deadline {
+        stream: stream.try_clone().map_err(io("socket"))?,
+        start: Instant::now(),
+        limit: HANDSHAKE,
+        idle: HANDSHAKE,
+    };
+    read_header(&mut r)?;
+    if let Some(key) = key {
+        let mut tag = [0u8; crate::auth::TAG];
+        r.read_exact(&mut tag).map_err(cut)?;
+        if !key.verify(&[TAG_CONTEXT, &nonce], &tag) {
+            return Err(VmmError::MigrationStream(
+                "wrong migration key: the source's answer to the challenge does not match".into(),
+            ));
+        }
+    }
+    read_hello(&mut r)
+}
+
+/// Parse a migration stream: header, memory, state (with no greeting or
+/// key: the part of the protocol that comes from the source).
 pub fn read_stream<R: Read, W: Write>(
     r: &mut R,
     w: &mut W,
 ) -> Result<(Manifest, GuestRam), VmmError> {
-    read_stream_with(r, w, &mut |_, _| {})
+    read_header(r)?;
+    let hello = read_hello(r)?;
+    read_body(r, w, hello, &mut |_, _| {})
 }
 
-/// The same, calling `on_hello` once memory is allocated.
-fn read_stream_with<R: Read, W: Write>(
-    r: &mut R,
-    w: &mut W,
-    on_hello: OnHello,
-) -> Result<(Manifest, GuestRam), VmmError> {
+fn read_header<R: Read>(r: &mut R) -> Result<(), VmmError> {
     let mut magic = [0u8; 8];
     r.read_exact(&mut magic).map_err(cut)?;
     if &magic != MAGIC {
@@ -694,6 +904,10 @@ fn read_stream_with<R: Read, W: Write>(
             "migration stream version {version}; this Vireo reads version {VERSION}"
         )));
     }
+    Ok(())
+}
+
+fn read_hello<R: Read>(r: &mut R) -> Result<Hello, VmmError> {
     let hello: Hello =
         serde_json::from_slice(&read_json_bytes(r, 64 << 10)?).map_err(|source| {
             VmmError::BadState {
@@ -701,15 +915,26 @@ fn read_stream_with<R: Read, W: Write>(
                 source,
             }
         })?;
-    if hello.memory_bytes == 0
-        || !hello.memory_bytes.is_multiple_of(PAGE)
-        || hello.memory_bytes > MAX_MEMORY
+    // The limits a new VM is held to (vm.create's).
+    if !hello.memory_bytes.is_multiple_of(PAGE)
+        || crate::config::check_size(hello.memory_bytes, hello.vcpus).is_err()
     {
         return Err(VmmError::MigrationStream(format!(
-            "migration stream: {} bytes of guest memory is not a size Vireo runs",
-            hello.memory_bytes
+            "migration stream: {} bytes of guest memory and {} vCPUs is not a VM Vireo runs",
+            hello.memory_bytes, hello.vcpus
         )));
     }
+    Ok(hello)
+}
+
+/// Memory and state, after the hello: allocates the memory the hello
+/// announced and calls `on_hello` once it is.
+fn read_body<R: Read, W: Write>(
+    r: &mut R,
+    w: &mut W,
+    hello: Hello,
+    on_hello: OnHello,
+) -> Result<(Manifest, GuestRam), VmmError> {
     let memory = GuestRam::from_ranges(&arch::ram_regions(hello.memory_bytes)).map_err(|e| {
         VmmError::GuestMemory {
             what: format!(
@@ -868,7 +1093,7 @@ mod tests {
     fn a_cut_stream_is_an_error() {
         let mut s = MAGIC.to_vec();
         s.extend_from_slice(&VERSION.to_le_bytes());
-        let hello = br#"{"vireo":"x","accel":"emu","memory_bytes":1048576,"vcpus":1}"#;
+        let hello = br#"{"vireo":"x","accel":"emu","memory_bytes":16777216,"vcpus":1}"#;
         s.extend_from_slice(&(hello.len() as u32).to_le_bytes());
         s.extend_from_slice(hello);
         s.extend_from_slice(b"P");
@@ -909,13 +1134,15 @@ mod tests {
         let mem = GuestRam::from_ranges(&[(GuestAddress(0), 70 * 4096)]).unwrap();
         let d = all_pages(&mem);
         assert_eq!(count(&d), 70);
-        let mut out = Vec::new();
+        let mut out = Counted::new(Vec::new(), None);
         mem.write_slice(&[1u8], GuestAddress(5 * 4096)).unwrap();
+        let progress = crate::counters::Progress::default();
         assert_eq!(
-            send_pages(&mut out, &mem, &d, &Cancel::default()).unwrap(),
+            send_pages(&mut out, &mem, &d, &Cancel::default(), &progress).unwrap(),
             70
         );
         // 69 zero pages (8 bytes each), one full page, one 'P' header.
-        assert_eq!(out.len(), 5 + 70 * 8 + 4096);
+        assert_eq!(out.inner.len(), 5 + 70 * 8 + 4096);
+        assert_eq!(progress.done(), (70 * 4096, out.bytes));
     }
 }

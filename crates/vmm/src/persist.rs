@@ -4,8 +4,9 @@
 //! format (manifest, memory file) is `snapshot.rs`; the live stream is
 //! `migration.rs`.
 //!
-//! Invariants: a snapshot is taken only of a paused VM with its device
-//! workers quiesced, and everything is read before anything is written, so
+//! Invariants: a snapshot is taken only of a paused VM, held paused from
+//! its first byte to its last (`VmControl::hold`: a resume asked meanwhile
+//! is refused with 409), with its device workers quiesced, and everything is read before anything is written, so
 //! a state that cannot be saved leaves no half-written directory. A restore
 //! loads vCPUs, then the backend VM, then the devices, and starts the
 //! device workers last.
@@ -23,16 +24,27 @@ impl VmHandle {
         dir: &std::path::Path,
         config: Option<VmConfig>,
     ) -> Result<(), VmmError> {
-        if self.control.state() != crate::RunState::Paused {
-            return Err(VmmError::Conflict(
-                "pause the VM before taking a snapshot".into(),
-            ));
-        }
+        // Held from the first byte to the last: a resume asked meanwhile
+        // is refused, not let run a guest whose memory is being written.
+        let _hold = self
+            .control
+            .hold("a snapshot is written")
+            .map_err(|e| match e {
+                crate::ControlError::NotPaused => {
+                    VmmError::Conflict("pause the VM before taking a snapshot".into())
+                }
+                other => VmmError::Conflict(format!("cannot take a snapshot now: {other}")),
+            })?;
         // Device queue workers finish what they are doing and stop, so
         // neither guest memory nor device state moves until they restart.
         self.devices.quiesce(true);
+        let started = std::time::Instant::now();
         let result = self.write_snapshot(dir, config);
         self.devices.quiesce(false);
+        if result.is_ok() {
+            let ms = started.elapsed().as_millis() as u64;
+            crate::events::snapshot_written(dir, self.memory_bytes, ms);
+        }
         result
     }
 
@@ -47,7 +59,17 @@ impl VmHandle {
         let (vcpu_states, vm_state, devices) = self.save_states()?;
         let (cpuid, tsc_khz) = self.cpu_record();
         let dir = prepare_dir(dir)?;
-        let memory = write_memory(&self.memory, &dir)?;
+        let (progress, started) = self.progress();
+        progress.begin(
+            started,
+            crate::counters::Operation::Snapshot,
+            self.memory_bytes,
+        );
+        let memory = write_memory_with(&self.memory, &dir, &mut |covered, written| {
+            progress.advance(covered, written)
+        });
+        progress.end();
+        let memory = memory?;
         tracing::info!(
             "snapshot: {} MiB of guest memory, {} MiB of it written",
             memory.file_bytes >> 20,
@@ -278,5 +300,6 @@ pub(crate) fn restore_spec(
         balloon,
         vsock: manifest.config.as_ref().and_then(|c| c.vsock.clone()),
         console,
+        exit_device: manifest.config.as_ref().and_then(|c| c.exit_device),
     })
 }

@@ -14,6 +14,17 @@
 //! snapshot names its disk files and only resumes over the same files,
 //! unchanged since (see `virtio::block::BlockState`).
 //!
+//! A snapshot directory is data, not authority: anyone can write one that
+//! names any host file as a disk. So a manifest also carries `"mac":
+//! "hmac-sha256:..."` under the snapshot key of the VMM that wrote it (the
+//! user's, `--snapshot-key-file`, by default made once at
+//! `~/.config/vireo/snapshot.key`), and a restore opens the disks a
+//! manifest names only if the manifest verifies under the restoring VMM's
+//! key, or if the person restoring names those same disks themselves
+//! (`vireo restore --disk PATH`, `disks` in `vm.restore`). A snapshot made
+//! by another user, under another key, or edited, thus restores only over
+//! disks its restorer chose ([`check_disks_named`]).
+//!
 //! Devices are saved by walking a [`DeviceList`]: every device with state,
 //! in the order the VM builds them, each through `devices::Persist` (one
 //! state type per device). The manifest keeps them as one ordered list of
@@ -283,6 +294,15 @@ impl Manifest {
     /// configuration it carries) before anything is built from it.
     pub fn check(&self) -> Result<(), VmmError> {
         let bad = |what: String| Err(VmmError::Snapshot(format!("snapshot manifest: {what}")));
+        // The limits `vm.create` holds a new VM to hold a restored or
+        // received one too (a sparse 8 TiB memory file costs nothing to
+        // forge).
+        crate::config::check_size(self.memory_bytes, self.vcpus)
+            .map_err(|e| VmmError::Snapshot(format!("snapshot manifest: {e}")))?;
+        if let Some(c) = &self.config {
+            c.validate()
+                .map_err(|e| VmmError::Snapshot(format!("snapshot manifest: {e}")))?;
+        }
         if self.vcpu_states.len() != self.vcpus as usize || self.vcpus == 0 {
             return bad(format!(
                 "{} vCPU states for {} vCPUs",
@@ -335,11 +355,14 @@ impl Manifest {
 }
 
 /// What `manifest.json` holds: the version, a checksum of the manifest's
-/// bytes, and the manifest.
+/// bytes, their MAC under the writer's snapshot key (if it had one), and
+/// the manifest.
 #[derive(Serialize, Deserialize)]
 struct Envelope<'a> {
     version: u32,
     checksum: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mac: Option<String>,
     #[serde(borrow)]
     manifest: &'a serde_json::value::RawValue,
 }
@@ -411,12 +434,23 @@ pub struct MemoryWritten {
 
 /// Write guest memory to `dir/memory.bin`, sparsely: zero pages, and pages
 /// of anonymous memory the guest never touched, are left as holes.
-pub fn write_memory(mem: &GuestRam, dir: &Path) -> Result<MemoryWritten, VmmError> {
-    let path = dir.join(MEMORY_FILE);
-    let f = File::create(&path).map_err(|e| io_err("cannot create", &path, e))?;
+pub fn write_memory(mem: &GuestRam, dir: &SnapshotDir) -> Result<MemoryWritten, VmmError> {
+    write_memory_with(mem, dir, &mut |_, _| {})
+}
+
+/// [`write_memory`], telling `progress` (memory covered, bytes written)
+/// every 16 MiB of guest memory.
+pub fn write_memory_with(
+    mem: &GuestRam,
+    dir: &SnapshotDir,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<MemoryWritten, VmmError> {
+    let path = dir.path().join(MEMORY_FILE);
+    let f = dir.new_file(MEMORY_FILE)?;
     let mut ranges = Vec::new();
     let mut offset = 0u64;
-    let mut data_bytes = 0u64;
+    // A cell: the flush closure adds to it while the loop reads it.
+    let data_bytes = std::cell::Cell::new(0u64);
     for region in mem.iter() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -437,13 +471,16 @@ pub fn write_memory(mem: &GuestRam, dir: &Path) -> Result<MemoryWritten, VmmErro
             None
         };
         let mut run: Option<usize> = None;
-        let mut flush = |start: usize, end: usize| -> Result<(), VmmError> {
+        let flush = |start: usize, end: usize| -> Result<(), VmmError> {
             f.write_all_at(&bytes[start..end], offset + start as u64)
                 .map_err(|e| io_err("cannot write", &path, e))?;
-            data_bytes += (end - start) as u64;
+            data_bytes.set(data_bytes.get() + (end - start) as u64);
             Ok(())
         };
         for (i, page) in bytes.chunks(PAGE).enumerate() {
+            if i % 4096 == 4095 {
+                progress(4096 * PAGE as u64, data_bytes.get());
+            }
             let skip = touched
                 .as_ref()
                 .is_some_and(|t| !t.get(i).copied().unwrap_or(true))
@@ -473,7 +510,7 @@ pub fn write_memory(mem: &GuestRam, dir: &Path) -> Result<MemoryWritten, VmmErro
     Ok(MemoryWritten {
         ranges,
         file_bytes: offset,
-        data_bytes,
+        data_bytes: data_bytes.get(),
     })
 }
 
@@ -534,27 +571,83 @@ pub fn map_memory(
         .map_err(|e| VmmError::Snapshot(format!("snapshot memory ranges: {e}")))
 }
 
-pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), VmmError> {
+/// Write the manifest into a new snapshot directory.
+pub fn write_manifest(dir: &SnapshotDir, m: &Manifest) -> Result<(), VmmError> {
+    let text = manifest_bytes(m)?;
+    let path = dir.path().join(MANIFEST);
+    let mut f = dir.new_file(MANIFEST)?;
+    f.write_all(&text)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| io_err("cannot write", &path, e))
+}
+
+/// Write a manifest at `dir/manifest.json` where there is none, the same
+/// way (exclusive, no links, 0600) but without the directory's checks: for
+/// tools and tests that edit a snapshot.
+pub fn rewrite_manifest(dir: &Path, m: &Manifest) -> Result<(), VmmError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let text = manifest_bytes(m)?;
     let path = dir.join(MANIFEST);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|e| io_err("cannot create", &path, e))?;
+    f.write_all(&text)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| io_err("cannot write", &path, e))
+}
+
+/// What a manifest's MAC is computed over, with its bytes.
+const MAC_CONTEXT: &[u8] = b"vireo snapshot manifest v3";
+
+static SNAPSHOT_KEY: std::sync::RwLock<Option<crate::auth::Key>> = std::sync::RwLock::new(None);
+
+/// The key this process signs the snapshots it writes with, and verifies
+/// the ones it restores under (set once by the binary).
+pub fn set_snapshot_key(key: Option<crate::auth::Key>) {
+    *SNAPSHOT_KEY.write().unwrap_or_else(|e| e.into_inner()) = key;
+}
+
+fn snapshot_key() -> Option<crate::auth::Key> {
+    SNAPSHOT_KEY
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
+
+fn mac_of(key: &crate::auth::Key, raw: &str) -> String {
+    format!(
+        "hmac-sha256:{}",
+        crate::auth::hex(&key.tag(&[MAC_CONTEXT, raw.as_bytes()]))
+    )
+}
+
+fn manifest_bytes(m: &Manifest) -> Result<Vec<u8>, VmmError> {
     let unwritable = |source| VmmError::Serialize {
         what: "manifest".into(),
         source,
     };
     let body = serde_json::to_string(m).map_err(unwritable)?;
     let raw = serde_json::value::RawValue::from_string(body).map_err(unwritable)?;
-    let text = serde_json::to_vec(&Envelope {
+    serde_json::to_vec(&Envelope {
         version: SNAPSHOT_VERSION,
         checksum: checksum(raw.get().as_bytes()),
+        mac: snapshot_key().map(|k| mac_of(&k, raw.get())),
         manifest: &raw,
     })
-    .map_err(unwritable)?;
-    let mut f = File::create(&path).map_err(|e| io_err("cannot create", &path, e))?;
-    f.write_all(&text)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| io_err("cannot write", &path, e))
+    .map_err(unwritable)
 }
 
 pub fn read_manifest(dir: &Path) -> Result<Manifest, VmmError> {
+    read_signed_manifest(dir).map(|(m, _)| m)
+}
+
+/// The manifest, and whether it verifies under this process's snapshot
+/// key (it was written by a VMM holding that key, and not edited since).
+pub fn read_signed_manifest(dir: &Path) -> Result<(Manifest, bool), VmmError> {
     let path = dir.join(MANIFEST);
     // A missing or unreadable manifest means DIR is not a snapshot: the
     // caller's input, not a host failure.
@@ -601,19 +694,185 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, VmmError> {
             source,
         })?;
     m.check()?;
-    Ok(m)
+    let signed = match (snapshot_key(), &env.mac) {
+        (Some(k), Some(mac)) => {
+            let tag = mac
+                .strip_prefix("hmac-sha256:")
+                .and_then(crate::auth::unhex)
+                .unwrap_or_default();
+            k.verify(&[MAC_CONTEXT, env.manifest.get().as_bytes()], &tag)
+        }
+        _ => false,
+    };
+    Ok((m, signed))
 }
 
-/// A new, empty snapshot directory (refuses to overwrite one).
-pub fn prepare_dir(dir: &Path) -> Result<PathBuf, VmmError> {
-    if dir.join(MANIFEST).exists() {
-        return Err(VmmError::Config(format!(
-            "{} already holds a snapshot",
+/// The disk files a manifest names, in order.
+pub fn disk_files(m: &Manifest) -> Vec<PathBuf> {
+    m.devices
+        .virtio()
+        .filter_map(|v| match &v.device {
+            virtio::DeviceState::Block(b) => Some(b.path.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A restore may open the host files a snapshot names as disks only if the
+/// snapshot is `signed` under the restorer's key, or if the restorer
+/// `named` the same files, in order. Refused otherwise, naming them.
+pub fn check_disks_named(
+    dir: &Path,
+    m: &Manifest,
+    signed: bool,
+    named: &[PathBuf],
+) -> Result<(), VmmError> {
+    let disks = disk_files(m);
+    if signed && named.is_empty() {
+        return Ok(());
+    }
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if named.len() == disks.len() && disks.iter().zip(named).all(|(d, n)| same(d, n)) {
+        return Ok(());
+    }
+    let list = disks
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if !named.is_empty() {
+        return Err(VmmError::Snapshot(format!(
+            "snapshot {}: the disks named to restore it are not the ones it was taken with ({list}), in order",
             dir.display()
         )));
     }
-    std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create", dir, e))?;
-    Ok(dir.to_path_buf())
+    if disks.is_empty() {
+        return Ok(());
+    }
+    Err(VmmError::Snapshot(format!(
+        "snapshot {} is not signed with this VMM's snapshot key (another user's or key's snapshot, or edited) \
+         and names host files as its disks: {list}. If you trust it, name them to restore it: --disk PATH for each, in order",
+        dir.display()
+    )))
+}
+
+/// A directory a snapshot is being written into: new (made 0700 by us) or
+/// empty, owned by this user and writable by nobody else. Files are made
+/// through the directory's descriptor, exclusively (O_EXCL), without
+/// following links (O_NOFOLLOW) and 0600 (guest RAM is secret), so a link
+/// or file planted in the directory makes the snapshot fail rather than
+/// write through it, and a directory renamed away meanwhile is not
+/// followed either.
+pub struct SnapshotDir {
+    path: PathBuf,
+    dir: File,
+}
+
+/// open(2) flags for a snapshot file made inside a [`SnapshotDir`].
+const NEW_FILE_FLAGS: libc::c_int =
+    libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+
+impl SnapshotDir {
+    /// Make `dir` ready for a snapshot, or say why it cannot hold one.
+    pub fn create(dir: &Path) -> Result<Self, VmmError> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+        let refuse =
+            |why: String| VmmError::Config(format!("snapshot directory {}: {why}", dir.display()));
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| io_err("cannot create", parent, e))?;
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err("cannot create", dir, e)),
+        }
+        let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dir.as_os_str()))
+            .map_err(|_| refuse("the path holds a NUL byte".into()))?;
+        // SAFETY: c is a valid NUL-terminated path; the result is checked.
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::ENOTDIR) {
+                return Err(refuse("is not a directory (a symbolic link?)".into()));
+            }
+            return Err(io_err("cannot open", dir, e));
+        }
+        // SAFETY: fd is a new descriptor nobody else owns.
+        let file = unsafe { <File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
+        let m = file.metadata().map_err(|e| io_err("cannot stat", dir, e))?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if m.uid() != me {
+            return Err(refuse(format!(
+                "is owned by user {}, not by the user writing the snapshot ({me})",
+                m.uid()
+            )));
+        }
+        if m.mode() & 0o022 != 0 {
+            return Err(refuse(format!(
+                "is writable by other users (mode {:o})",
+                m.mode() & 0o777
+            )));
+        }
+        let mut entries = std::fs::read_dir(dir).map_err(|e| io_err("cannot read", dir, e))?;
+        if dir
+            .join(MANIFEST)
+            .symlink_metadata()
+            .is_ok_and(|m| m.is_file())
+        {
+            return Err(VmmError::Config(format!(
+                "{} already holds a snapshot",
+                dir.display()
+            )));
+        }
+        if let Some(entry) = entries.next() {
+            let name = entry
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .unwrap_or_default();
+            return Err(refuse(format!("is not empty (it holds {name})")));
+        }
+        Ok(SnapshotDir {
+            path: dir.to_path_buf(),
+            dir: file,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A new file `name` in the directory: exclusive, no links, 0600.
+    pub fn new_file(&self, name: &str) -> Result<File, VmmError> {
+        use std::os::unix::io::{AsRawFd, FromRawFd};
+        let path = self.path.join(name);
+        let c = std::ffi::CString::new(name)
+            .map_err(|_| VmmError::Config(format!("bad snapshot file name {name:?}")))?;
+        // SAFETY: the directory descriptor is open for self's lifetime and
+        // c is a valid NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::openat(self.dir.as_raw_fd(), c.as_ptr(), NEW_FILE_FLAGS, 0o600) };
+        if fd < 0 {
+            return Err(io_err(
+                "cannot create",
+                &path,
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: fd is a new descriptor nobody else owns.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+}
+
+/// A new snapshot directory (see [`SnapshotDir`]).
+pub fn prepare_dir(dir: &Path) -> Result<SnapshotDir, VmmError> {
+    SnapshotDir::create(dir)
 }
 
 #[cfg(test)]
@@ -710,7 +969,7 @@ mod tests {
             .unwrap();
         mem.write_slice(b"last", GuestAddress(size as u64 - 4))
             .unwrap();
-        let w = write_memory(&mem, &dir).unwrap();
+        let w = write_memory(&mem, &SnapshotDir::create(&dir).unwrap()).unwrap();
         assert_eq!(w.file_bytes, size as u64);
         // Data pages only: page 0, the 3 pages the 0xaa run touches, the last.
         assert_eq!(w.data_bytes, 5 * 4096);
@@ -732,7 +991,7 @@ mod tests {
         // A restored VM's memory (mapped from the file) written again: pages
         // this process never touched still carry the file's data.
         let dir2 = scratch("sparse2");
-        let w2 = write_memory(&back, &dir2).unwrap();
+        let w2 = write_memory(&back, &SnapshotDir::create(&dir2).unwrap()).unwrap();
         assert_eq!(w2.data_bytes, 5 * 4096);
         check(&map_memory(&dir2, &w2.ranges, w2.file_bytes).unwrap());
         let e = map_memory(&dir2, &w2.ranges, w2.file_bytes + 4096).unwrap_err();
@@ -746,5 +1005,71 @@ mod tests {
         assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    /// Snapshot files are made 0600 in a directory we made 0700 or that
+    /// is empty and ours; planted links, leftovers, a directory of another
+    /// user or one others may write are refused and nothing is written
+    /// through them.
+    #[test]
+    fn snapshot_files_are_private_and_never_follow_planted_links() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = scratch("snapdir");
+        let new = base.join("new");
+        let d = SnapshotDir::create(&new).unwrap();
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o777;
+        assert_eq!(mode(&new), 0o700);
+        drop(d.new_file(MEMORY_FILE).unwrap());
+        assert_eq!(mode(&new.join(MEMORY_FILE)), 0o600);
+        // A second snapshot into the same directory is refused.
+        let e = SnapshotDir::create(&new).err().unwrap();
+        assert!(e.to_string().contains("not empty"), "{e}");
+        drop(d.new_file(MANIFEST).unwrap());
+        let e = SnapshotDir::create(&new).err().unwrap();
+        assert!(e.to_string().contains("already holds a snapshot"), "{e}");
+
+        // Links planted before: the directory is not empty.
+        let victim = base.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let planted = base.join("planted");
+        std::fs::create_dir(&planted).unwrap();
+        std::os::unix::fs::symlink(&victim, planted.join(MEMORY_FILE)).unwrap();
+        let e = SnapshotDir::create(&planted).err().unwrap();
+        assert!(e.to_string().contains("not empty"), "{e}");
+        // Planted after the checks: the file is not made through the link.
+        let empty = base.join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        let d = SnapshotDir::create(&empty).unwrap();
+        std::os::unix::fs::symlink(&victim, empty.join(MEMORY_FILE)).unwrap();
+        let e = d.new_file(MEMORY_FILE).unwrap_err();
+        assert!(e.to_string().contains("cannot create"), "{e}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+
+        // The directory itself a link: refused.
+        let link = base.join("link");
+        std::os::unix::fs::symlink(&new, &link).unwrap();
+        let e = SnapshotDir::create(&link).err().unwrap();
+        assert!(e.to_string().contains("not a directory"), "{e}");
+
+        // Writable by others (a shared /tmp-like directory): refused.
+        let open = base.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = SnapshotDir::create(&open).err().unwrap();
+        assert!(e.to_string().contains("writable by other users"), "{e}");
+
+        // Another user's empty directory: refused (only root can make one
+        // for this test).
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let theirs = base.join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            let e = SnapshotDir::create(&theirs).err().unwrap();
+            assert!(e.to_string().contains("is owned by user 65534"), "{e}");
+        } else {
+            eprintln!("SKIPPED: the other-user case needs root to chown a directory");
+        }
+        let _ = std::fs::remove_dir_all(&base);
     }
 }

@@ -10,12 +10,13 @@
 
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use devices::Bus;
 use hypervisor::{Vcpu, VcpuExit, VcpuKicker};
 
 use crate::control::VmControl;
+use crate::counters::{ExitReason, VcpuCounters};
 use crate::vm::lock;
 use crate::VmExit;
 
@@ -59,9 +60,10 @@ pub(crate) fn start(
     mmio: &Arc<Bus>,
     exits: &Sender<VmExit>,
     control: &Arc<VmControl>,
+    counters: &[Arc<VcpuCounters>],
 ) -> VcpuThreads {
     let mut handles = Vec::new();
-    for vcpu in vcpus.iter().cloned() {
+    for (vcpu, counters) in vcpus.iter().cloned().zip(counters.iter().cloned()) {
         let (kicker, index) = {
             let v = lock(&vcpu);
             (v.kicker(), v.index())
@@ -72,6 +74,7 @@ pub(crate) fn start(
             mmio: mmio.clone(),
             exits: exits.clone(),
             control: control.clone(),
+            counters,
         };
         match std::thread::Builder::new()
             .name(format!("vcpu{index}"))
@@ -116,6 +119,7 @@ struct VcpuContext {
     mmio: Arc<Bus>,
     exits: Sender<VmExit>,
     control: Arc<VmControl>,
+    counters: Arc<VcpuCounters>,
 }
 
 impl VcpuContext {
@@ -126,9 +130,11 @@ impl VcpuContext {
                 tracing::warn!("vCPU {index}: cannot complete pending I/O before pausing: {e}");
             }
         };
+        self.counters.thread_started();
         while self.control.checkpoint(settle) {
             // Held while the guest runs; released while paused (checkpoint).
             let mut vcpu = lock(&shared);
+            let entered = Instant::now();
             let exit = match vcpu.run() {
                 Ok(e) => e,
                 Err(e) => {
@@ -136,6 +142,11 @@ impl VcpuContext {
                     return;
                 }
             };
+            let left = Instant::now();
+            self.counters
+                .exited(ExitReason::of(&exit), left.duration_since(entered));
+            // Every arm that goes on (but a halt's sleep) falls through to
+            // count its time.
             match exit {
                 VcpuExit::IoIn { port, data } => {
                     if !self.pio.read(port as u64, data) {
@@ -165,6 +176,8 @@ impl VcpuContext {
                     // halted vCPU but an interrupt, which the backend checks
                     // on its next run.
                     std::thread::sleep(Duration::from_millis(1));
+                    // Sleeping is not answering an exit: not counted.
+                    continue;
                 }
                 VcpuExit::SystemPowerOff => {
                     let _ = self.exits.send(VmExit::PowerOff);
@@ -196,6 +209,7 @@ impl VcpuContext {
                     return;
                 }
             }
+            self.counters.answered(left.elapsed());
         }
     }
 }

@@ -36,6 +36,8 @@ pub struct VmHandle {
     pub(crate) vcpus: Vec<SharedVcpu>,
     pub(crate) control: Arc<VmControl>,
     pub(crate) devices: DeviceManager,
+    /// What monitoring reads (see `counters.rs`).
+    pub(crate) monitor: crate::counters::VmMonitor,
 }
 
 /// Lock a mutex even if a thread panicked while holding it: the VMM keeps
@@ -179,6 +181,7 @@ impl Vm {
             devices.mmio_bus(),
             &self.exit_tx,
             &control,
+            &self.handle.monitor.vcpus,
         );
         let exit = self
             .exit_rx

@@ -130,6 +130,8 @@ fn run_raw_with(accel: Accel, image: Vec<u8>, mode: RawMode, rng: bool) -> (VmEx
         balloon: None,
         vsock: None,
         console: vmm::ConsoleKind::Serial,
+        // Every tiny guest has the exit device at port 0xf4 (4 bytes).
+        exit_device: Some(Default::default()),
         boot: Boot::Raw(RawBoot {
             load_addr: LOAD,
             image,
@@ -215,6 +217,20 @@ fn hello(bits: u32, mode: RawMode, name: &str) {
         let (exit, out, _) = run_raw(accel, with_messages(code, &msgs), mode);
         assert_eq!(out, text, "{accel:?}");
         assert_eq!(exit, VmExit::PowerOff, "{accel:?}");
+    }
+}
+
+#[test]
+fn exit_device_ends_the_vm_with_the_guest_value() {
+    for accel in accels() {
+        let code = assemble(32, |a| {
+            a.mov(eax, 0x2au32).unwrap();
+            a.out(0xf4, eax).unwrap();
+            a.hlt().unwrap();
+        });
+        let (exit, _, _) = run_raw(accel, code, RawMode::Protected { entry: LOAD });
+        assert_eq!(exit, VmExit::GuestExit { value: 0x2a }, "{accel:?}");
+        assert_eq!(exit.code(), 0x55, "QEMU's (V << 1) | 1");
     }
 }
 

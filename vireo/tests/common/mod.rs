@@ -276,3 +276,48 @@ pub fn counts_on_disk(image: &Path) -> (Vec<u64>, String) {
     let n = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
     (n, text)
 }
+
+/// The unprivileged account tests use to play a hostile local user
+/// (scripts/install-deps.sh makes it; made here too when missing). None,
+/// with the reason printed, when the tests do not run as root or it cannot
+/// be made: the caller then says SKIPPED.
+pub const TEST_USER: &str = "vireo-test";
+
+pub fn unprivileged_user() -> Option<&'static str> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: acting as another user needs root (to run as {TEST_USER})");
+        return None;
+    }
+    let exists = |u: &str| {
+        Command::new("id")
+            .arg(u)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !exists(TEST_USER) {
+        let _ = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+            ])
+            .arg(TEST_USER)
+            .output();
+    }
+    if !exists(TEST_USER) {
+        eprintln!("SKIPPED: no user {TEST_USER} and useradd could not make one");
+        return None;
+    }
+    Some(TEST_USER)
+}
+
+/// `sh -c script` run as `user`; panics with its output if it fails.
+pub fn as_user(user: &str, script: &str) {
+    let out = Command::new("runuser")
+        .args(["-u", user, "--", "sh", "-c", script])
+        .output()
+        .expect("runuser runs");
+    assert!(out.status.success(), "as {user}: {script}: {out:?}");
+}

@@ -391,6 +391,8 @@ pub fn int(core: &mut Core, insn: &Instruction) -> R {
         return Err(gp(0));
     }
     deliver(core, vector, None, kind)?;
+    // The gate cleared TF: no single-step trap after a software interrupt.
+    core.debug.no_step = true;
     core.next_rip = core.st.rip;
     core.end_block = true;
     Ok(())
@@ -472,23 +474,33 @@ pub fn syscall(core: &mut Core) -> R {
     if core.st.efer & EFER_SCE == 0 {
         return Err(ud());
     }
-    if !core.st.long_mode() {
-        return Err(Exc::unimplemented("SYSCALL outside long mode"));
-    }
     let f = core.st.get_rflags();
+    let star_cs = ((core.st.msr.star >> 32) & 0xfffc) as u16;
+    if !core.st.long_mode() {
+        // Legacy-mode SYSCALL (AMD): ECX = return EIP, EIP from STAR[31:0],
+        // a flat 32-bit ring-0 CS; IF, VM and RF cleared, R11 untouched.
+        core.st.gpr[RCX] = core.next_rip & 0xffff_ffff;
+        core.st.seg[CS] = seg::flat_code32(star_cs, 0);
+        core.st.seg[SS] = seg::flat_data(star_cs.wrapping_add(8), 0);
+        core.st.set_rflags(f & !(FLAG_IF | FLAG_VM | FLAG_RF));
+        core.next_rip = core.st.msr.star & 0xffff_ffff;
+        core.end_block = true;
+        return Ok(());
+    }
+    // Which entry point is decided by the caller's mode, before CS changes:
+    // 64-bit callers enter through LSTAR, compatibility-mode ones
+    // through CSTAR.
+    let from64 = core.st.mode64();
     core.st.gpr[RCX] = core.next_rip;
     core.st.gpr[11] = f & !FLAG_RF;
-    let star_cs = ((core.st.msr.star >> 32) & 0xfffc) as u16;
     core.st.seg[CS] = seg::flat_code64(star_cs, 0);
-    core.st.seg[SS] = seg::flat_data(star_cs + 8, 0);
+    core.st.seg[SS] = seg::flat_data(star_cs.wrapping_add(8), 0);
     core.st.set_rflags(f & !core.st.msr.sfmask & !FLAG_RF);
-    core.next_rip = if core.st.seg[CS].l && core.st.mode64() {
+    core.next_rip = if from64 {
         core.st.msr.lstar
     } else {
         core.st.msr.cstar
     };
-    // The caller was in 64-bit mode if it used LSTAR; compatibility-mode
-    // callers enter through CSTAR.
     core.end_block = true;
     Ok(())
 }
@@ -497,23 +509,34 @@ pub fn sysret(core: &mut Core, insn: &Instruction) -> R {
     if core.st.efer & EFER_SCE == 0 {
         return Err(ud());
     }
-    if !core.st.long_mode() || core.st.cpl() != 0 {
+    if !core.st.protected() || core.st.cpl() != 0 {
         return Err(gp(0));
     }
     let base = ((core.st.msr.star >> 48) & 0xffff) as u16;
+    if !core.st.long_mode() {
+        // Legacy-mode SYSRET (AMD): flat 32-bit ring 3 at ECX, IF set.
+        core.st.seg[CS] = seg::flat_code32(base | 3, 3);
+        core.st.seg[SS] = seg::flat_data(base.wrapping_add(8) | 3, 3);
+        core.next_rip = core.st.gpr[RCX] & 0xffff_ffff;
+        let f = core.st.get_rflags();
+        core.st.set_rflags(f | FLAG_IF);
+        core.poll_now = true;
+        core.end_block = true;
+        return Ok(());
+    }
     let to64 = insn.mnemonic() == Mnemonic::Sysretq;
     let rcx = core.st.gpr[RCX];
     if to64 {
         if ((rcx << 16) as i64 >> 16) as u64 != rcx {
             return Err(gp(0));
         }
-        core.st.seg[CS] = seg::flat_code64((base + 16) | 3, 3);
+        core.st.seg[CS] = seg::flat_code64(base.wrapping_add(16) | 3, 3);
         core.next_rip = rcx;
     } else {
         core.st.seg[CS] = seg::flat_code32(base | 3, 3);
         core.next_rip = rcx & 0xffff_ffff;
     }
-    core.st.seg[SS] = seg::flat_data((base + 8) | 3, 3);
+    core.st.seg[SS] = seg::flat_data(base.wrapping_add(8) | 3, 3);
     let r11 = core.st.gpr[11];
     core.st
         .set_rflags((r11 & !(FLAG_RF | FLAG_VM)) | FLAG_FIXED1);

@@ -335,6 +335,9 @@ fn x87(core: &mut Core, insn: &Instruction) -> R {
             }
         }
         M::Fist | M::Fistp | M::Fisttp => {
+            if mn == M::Fisttp {
+                super::require(core, iced_x86::CpuidFeature::SSE3)?;
+            }
             let size = insn.memory_size().size() as u8;
             let v = round_int(core, f80_to_f64(st_get(core, 0)), mn == M::Fisttp);
             let bits = size as u32 * 8;
@@ -419,7 +422,7 @@ fn x87(core: &mut Core, insn: &Instruction) -> R {
                 pop(core);
             }
         }
-        _ => return Err(super::unimplemented(insn)),
+        _ => return Err(super::not_executed(core, insn)),
     }
     Ok(())
 }

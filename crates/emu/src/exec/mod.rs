@@ -269,6 +269,32 @@ pub fn stack_op_size(insn: &Instruction) -> u8 {
     inc.unsigned_abs() as u8
 }
 
+/// #UD unless the advertised CPU has `f`: for the few instructions the
+/// interpreter implements beyond what CPUID shows (RDTSCP, FISTTP, LDDQU).
+pub fn require(core: &Core, f: iced_x86::CpuidFeature) -> R {
+    if crate::cpuid::has_feature(&core.cpuid, f) {
+        Ok(())
+    } else {
+        Err(crate::core::ud())
+    }
+}
+
+/// An instruction the interpreter has no handler for: #UD when the
+/// advertised CPU lacks it (one of the CPUID features it needs is not
+/// advertised, or the encoding is invalid in this mode), otherwise an
+/// internal error naming it, since a real CPU of this model would execute it.
+pub fn not_executed(core: &Core, insn: &Instruction) -> Exc {
+    let lacks = insn
+        .cpuid_features()
+        .iter()
+        .any(|f| !crate::cpuid::has_feature(&core.cpuid, *f));
+    if lacks {
+        crate::core::ud()
+    } else {
+        unimplemented(insn)
+    }
+}
+
 pub fn unimplemented(insn: &Instruction) -> Exc {
     Exc::unimplemented(format!(
         "instruction {:?} ({:?}) not implemented",

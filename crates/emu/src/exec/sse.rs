@@ -247,6 +247,9 @@ pub fn execute(core: &mut Core, insn: &Instruction) -> R {
             dst(core, insn, 0, v, false)
         }
         M::Movups | M::Movupd | M::Movdqu | M::Lddqu => {
+            if mn == M::Lddqu {
+                super::require(core, iced_x86::CpuidFeature::SSE3)?;
+            }
             let v = src(core, insn, 1, true)?;
             dst(core, insn, 0, v, true)
         }
@@ -616,7 +619,7 @@ pub fn execute(core: &mut Core, insn: &Instruction) -> R {
                         .map(|i| ((a >> (8 * i)) as u8).abs_diff((b >> (8 * i)) as u8) as u64)
                         .sum()
                 }),
-                _ => return Err(super::unimplemented(insn)),
+                _ => return Err(super::not_executed(core, insn)),
             };
             set_x(core, insn, 0, r);
             Ok(())

@@ -229,7 +229,7 @@ pub fn string_op(core: &mut Core, insn: &Instruction) -> R {
                 core.io_out(port, size, v)?;
                 upd(core, RSI, si.wrapping_add(step), asz);
             }
-            _ => return Err(super::unimplemented(insn)),
+            _ => return Err(super::not_executed(core, insn)),
         }
         if !rep {
             return Ok(());

@@ -191,8 +191,15 @@ fn mov_to_dr(core: &mut Core, insn: &Instruction, r: Register) -> R {
     if (n == 6 || n == 7) && v >> 32 != 0 {
         return Err(gp(0));
     }
-    // Breakpoints are recorded but not yet acted on.
-    core.st.dr[n] = v;
+    // DR6 and DR7 keep their fixed bits; DR7 (and DR0-3 while armed) can
+    // arm or move a breakpoint: the run loop looks again before the next
+    // instruction (crate::debug).
+    core.st.dr[n] = match n {
+        6 => (v & 0xe00f) | crate::debug::DR6_FIXED1,
+        7 => (v & 0xffff_23ff) | 0x400,
+        _ => v,
+    };
+    core.end_block = true;
     Ok(())
 }
 
@@ -251,6 +258,12 @@ pub fn execute_system(core: &mut Core, insn: &Instruction) -> R {
                 core.st.gpr[RAX] as u32,
                 core.st.gpr[RCX] as u32,
             );
+            let mut r = r;
+            // A globally disabled local APIC (IA32_APIC_BASE.EN clear)
+            // drops out of CPUID, as on hardware.
+            if core.st.gpr[RAX] as u32 == 1 && core.st.msr.apic_base & (1 << 11) == 0 {
+                r[3] &= !crate::cpuid::FEAT_APIC;
+            }
             core.st.gpr[RAX] = r[0] as u64;
             core.st.gpr[RBX] = r[1] as u64;
             core.st.gpr[RCX] = r[2] as u64;
@@ -258,6 +271,9 @@ pub fn execute_system(core: &mut Core, insn: &Instruction) -> R {
             Ok(())
         }
         M::Rdtsc | M::Rdtscp => {
+            if insn.mnemonic() == M::Rdtscp {
+                super::require(core, iced_x86::CpuidFeature::RDTSCP)?;
+            }
             if core.st.cr4 & CR4_TSD != 0 && core.st.cpl() != 0 {
                 return Err(gp(0));
             }
@@ -301,6 +317,10 @@ pub fn execute_system(core: &mut Core, insn: &Instruction) -> R {
                     b
                 }
             };
+            // A 64-bit base must be canonical.
+            if core.st.mode64() && !crate::msr::canonical(base) {
+                return Err(gp(0));
+            }
             let t = hypervisor::DescriptorTable { base, limit };
             if insn.mnemonic() == M::Lgdt {
                 core.st.gdt = t;
@@ -432,8 +452,54 @@ pub fn execute_system(core: &mut Core, insn: &Instruction) -> R {
             Err(ud())
         }
         M::Clac | M::Stac => Err(ud()),
+        M::Vmcall | M::Vmmcall => hypercall(core),
+        M::Rdpmc => {
+            // The four legacy AMD counters exist and count nothing.
+            if core.st.cr4 & CR4_PCE == 0 && core.st.protected() && core.st.cpl() != 0 {
+                return Err(gp(0));
+            }
+            if core.st.gpr[RCX] & 0xffff_ffff > 3 {
+                return Err(gp(0));
+            }
+            core.st.gpr[RAX] = 0;
+            core.st.gpr[RDX] = 0;
+            Ok(())
+        }
         _ => super::sse::execute(core, insn),
     }
+}
+
+/// KVM hypercall numbers and return codes (linux/kvm_para.h).
+const KVM_HC_VAPIC_POLL_IRQ: u64 = 1;
+const KVM_ENOSYS: u64 = 1000;
+const KVM_EPERM: u64 = 1;
+
+/// VMCALL / VMMCALL. With the KVM signature advertised they follow KVM's
+/// hypercall ABI (number in RAX, result in RAX; KVM accepts either
+/// instruction on either vendor): the engine offers no paravirtual
+/// feature bit that needs a hypercall, so every number but the no-op
+/// VAPIC poll answers -KVM_ENOSYS, and user mode gets -KVM_EPERM. Without
+/// the signature no hypervisor interface is promised: #UD, as on a CPU
+/// without virtualisation extensions.
+fn hypercall(core: &mut Core) -> R {
+    if !core.cpuid.kvm_clock {
+        return Err(ud());
+    }
+    let long = core.st.mode64();
+    let nr = if long {
+        core.st.gpr[RAX]
+    } else {
+        core.st.gpr[RAX] & 0xffff_ffff
+    };
+    let ret = if core.st.protected() && core.st.cpl() != 0 {
+        KVM_EPERM.wrapping_neg()
+    } else if nr == KVM_HC_VAPIC_POLL_IRQ {
+        0
+    } else {
+        KVM_ENOSYS.wrapping_neg()
+    };
+    core.st.gpr[RAX] = if long { ret } else { ret & 0xffff_ffff };
+    Ok(())
 }
 
 fn port_of(core: &Core, insn: &Instruction, n: u32) -> u16 {

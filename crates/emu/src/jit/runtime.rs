@@ -176,6 +176,11 @@ impl Jit {
         self.perf_map = cfg.perf_map;
     }
 
+    /// Bytes of host code in the arena now (statistics).
+    pub fn code_bytes(&self) -> usize {
+        self.arena.used
+    }
+
     /// Forget all translations (the block cache was cleared).
     pub fn reset(&mut self) {
         self.arena.gen += 1;

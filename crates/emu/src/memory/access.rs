@@ -74,6 +74,10 @@ impl Core {
         acc: Access,
         user: bool,
     ) -> Option<(*mut u8, bool)> {
+        // Armed watchpoints: every access takes the checked slow path.
+        if self.st.dr[7] & 0xff != 0 {
+            return None;
+        }
         let e = self.tlb_entry(lin, acc, user).ok()?;
         if e.host.is_null() {
             return None;
@@ -98,6 +102,9 @@ impl Core {
     // ---------------------------------------------------------- linear access
 
     pub fn read_lin(&mut self, lin: u64, size: u8, user: bool) -> R<u64> {
+        if self.st.dr[7] & 0xff != 0 {
+            self.watch(lin, size, false);
+        }
         if (lin & 0xfff) + size as u64 > 0x1000 {
             return self.read_split(lin, size, user);
         }
@@ -121,6 +128,9 @@ impl Core {
     }
 
     pub fn write_lin(&mut self, lin: u64, size: u8, val: u64, user: bool) -> R {
+        if self.st.dr[7] & 0xff != 0 {
+            self.watch(lin, size, true);
+        }
         if (lin & 0xfff) + size as u64 > 0x1000 {
             return self.write_split(lin, size, val, user);
         }
@@ -171,6 +181,9 @@ impl Core {
         f: &mut dyn FnMut(u64) -> u64,
     ) -> R<u64> {
         let aligned = lin & (size as u64 - 1) == 0;
+        if self.st.dr[7] & 0xff != 0 {
+            self.watch(lin, size, true);
+        }
         if (lin & 0xfff) + size as u64 <= 0x1000 {
             let e = self.tlb_entry(lin, Access::Write, user)?;
             if !e.host.is_null() {

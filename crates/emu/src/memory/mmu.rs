@@ -84,6 +84,8 @@ pub struct Tlb {
     /// Bumped by every flush: chained blocks skip the fetch translation only
     /// while the TLB they were linked under is unchanged.
     pub epoch: u64,
+    /// Whole-TLB flushes (all entries, or all but global ones): statistics.
+    pub flushes: u64,
 }
 
 // SAFETY: the raw pointers point into RAM regions the VM keeps alive; the TLB
@@ -95,6 +97,7 @@ impl Default for Tlb {
         Tlb {
             entries: vec![TlbEntry::default(); TLB_SIZE].into_boxed_slice(),
             epoch: 0,
+            flushes: 0,
         }
     }
 }
@@ -117,6 +120,7 @@ impl Tlb {
 
     pub fn flush_all(&mut self) {
         self.epoch += 1;
+        self.flushes += 1;
         for e in self.entries.iter_mut() {
             e.tag = 0;
         }
@@ -125,6 +129,7 @@ impl Tlb {
     /// CR3 load: global pages survive when CR4.PGE is on.
     pub fn flush_nonglobal(&mut self) {
         self.epoch += 1;
+        self.flushes += 1;
         for e in self.entries.iter_mut() {
             if e.perm & PERM_GLOBAL == 0 {
                 e.tag = 0;

@@ -137,6 +137,21 @@ impl ApiClient {
         self.call(&ApiAction::VmBalloon(req)).map(drop)
     }
 
+    pub fn counters(&self) -> Result<super::VmCounters, ClientError> {
+        match self.call(&ApiAction::VmCounters)? {
+            ApiReply::Counters(c) => Ok(*c),
+            r => Err(Self::unexpected(Endpoint::VmCounters, r)),
+        }
+    }
+
+    /// The Prometheus text of `GET /metrics`.
+    pub fn metrics(&self) -> Result<String, ClientError> {
+        match self.call(&ApiAction::Metrics)? {
+            ApiReply::Metrics(t) => Ok(t),
+            r => Err(Self::unexpected(Endpoint::Metrics, r)),
+        }
+    }
+
     pub fn migrate_send(&self, req: MigrateRequest) -> Result<MigrationReport, ClientError> {
         match self.call(&ApiAction::VmMigrateSend(req))? {
             ApiReply::Migrated(m) => Ok(m),

@@ -283,6 +283,7 @@ impl RequestHandler for ApiShared {
             clone: crate::CloneOptions {
                 overlays: req.overlays.clone(),
                 taps: req.taps.clone(),
+                disks: req.disks.clone(),
             },
             serial: req.serial.clone().unwrap_or_default(),
         };
@@ -300,6 +301,10 @@ impl RequestHandler for ApiShared {
 
     fn vmm_shutdown(&self) -> Result<(), ApiError> {
         Ok(())
+    }
+
+    fn vm_counters(&self) -> Result<crate::counters::VmCounters, ApiError> {
+        Ok(self.running()?.vm.counters())
     }
 
     fn after_reply(&self, action: &ApiAction, _reply: &ApiReply) {

@@ -21,17 +21,20 @@
 pub mod client;
 mod handler;
 pub mod http;
+pub mod tcp;
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 use crate::control::{ControlError, RunState};
+pub use crate::counters::VmCounters;
 use crate::migration::MigrationReport;
 use crate::{Accel, SerialMode, VmConfig, VmmError};
 
 pub use handler::{ApiContext, ApiShared};
 pub use http::ApiServer;
+pub use tcp::MetricsServer;
 
 /// One operation of the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -52,11 +55,13 @@ pub enum Endpoint {
     VmRestore,
     VmMigrateReceive,
     VmmShutdown,
+    VmCounters,
+    Metrics,
 }
 
 impl Endpoint {
     /// Every endpoint, in the order docs/openapi.json lists them.
-    pub const ALL: [Endpoint; 16] = [
+    pub const ALL: [Endpoint; 18] = [
         Endpoint::VmmPing,
         Endpoint::VmInfo,
         Endpoint::VmPause,
@@ -73,6 +78,8 @@ impl Endpoint {
         Endpoint::VmRestore,
         Endpoint::VmMigrateReceive,
         Endpoint::VmmShutdown,
+        Endpoint::VmCounters,
+        Endpoint::Metrics,
     ];
 
     /// (method, path, summary).
@@ -150,6 +157,16 @@ impl Endpoint {
                 "/api/v1/vmm.shutdown",
                 "Stop the VMM process (and its VM, if one runs)",
             ),
+            Endpoint::VmCounters => (
+                "GET",
+                "/api/v1/vm.counters",
+                "The VM's counters: vCPU exits and time, engine, disks, NICs, virtio, memory",
+            ),
+            Endpoint::Metrics => (
+                "GET",
+                "/metrics",
+                "The same counters in the Prometheus text exposition format",
+            ),
         }
     }
 
@@ -161,9 +178,17 @@ impl Endpoint {
         self.route().1
     }
 
-    /// The operation's name (`vm.pause`) for messages.
+    /// The operation's name (`vm.pause`, `metrics`) for messages.
     pub fn name(self) -> &'static str {
-        self.path().trim_start_matches("/api/v1/")
+        self.path()
+            .trim_start_matches("/api/v1/")
+            .trim_start_matches('/')
+    }
+
+    /// Reads only: safe to serve where the API's control is not offered
+    /// (the `--metrics` TCP listener).
+    pub fn is_monitoring(self) -> bool {
+        matches!(self, Endpoint::VmCounters | Endpoint::Metrics)
     }
 
     /// The endpoint served at `path` (without a query string).
@@ -227,6 +252,10 @@ pub struct RestoreRequest {
     /// Taps for the snapshot's NICs, in order.
     #[serde(default)]
     pub taps: Vec<String>,
+    /// The snapshot's disk files, in order: required when the snapshot is
+    /// not signed with this VMM's snapshot key.
+    #[serde(default)]
+    pub disks: Vec<PathBuf>,
     /// Where the console goes [default: stdio of the VMM].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<SerialMode>,
@@ -374,6 +403,8 @@ pub enum ApiAction {
     VmRestore(RestoreRequest),
     VmMigrateReceive(MigrateReceiveRequest),
     VmmShutdown,
+    VmCounters,
+    Metrics,
 }
 
 impl ApiAction {
@@ -395,6 +426,8 @@ impl ApiAction {
             ApiAction::VmRestore(_) => Endpoint::VmRestore,
             ApiAction::VmMigrateReceive(_) => Endpoint::VmMigrateReceive,
             ApiAction::VmmShutdown => Endpoint::VmmShutdown,
+            ApiAction::VmCounters => Endpoint::VmCounters,
+            ApiAction::Metrics => Endpoint::Metrics,
         }
     }
 
@@ -425,6 +458,8 @@ impl ApiAction {
             Endpoint::VmRestore => ApiAction::VmRestore(de(e, body)?),
             Endpoint::VmMigrateReceive => ApiAction::VmMigrateReceive(de(e, body)?),
             Endpoint::VmmShutdown => ApiAction::VmmShutdown,
+            Endpoint::VmCounters => ApiAction::VmCounters,
+            Endpoint::Metrics => ApiAction::Metrics,
         })
     }
 
@@ -461,6 +496,10 @@ impl ApiAction {
             ApiAction::VmRestore(r) => done(handler.vm_restore(r)),
             ApiAction::VmMigrateReceive(r) => done(handler.vm_migrate_receive(r)),
             ApiAction::VmmShutdown => done(handler.vmm_shutdown()),
+            ApiAction::VmCounters => handler
+                .vm_counters()
+                .map(|c| ApiReply::Counters(Box::new(c))),
+            ApiAction::Metrics => handler.metrics().map(ApiReply::Metrics),
         }
     }
 }
@@ -474,6 +513,9 @@ pub enum ApiReply {
     Info(Box<VmInfoReply>),
     /// The VM is on the destination now.
     Migrated(MigrationReport),
+    Counters(Box<VmCounters>),
+    /// Prometheus text (not JSON: see [`ApiReply::text`]).
+    Metrics(String),
 }
 
 impl ApiReply {
@@ -484,6 +526,16 @@ impl ApiReply {
             ApiReply::Ping(p) => Some(serde_json::to_vec(p)),
             ApiReply::Info(i) => Some(serde_json::to_vec(i)),
             ApiReply::Migrated(m) => Some(serde_json::to_vec(m)),
+            ApiReply::Counters(c) => Some(serde_json::to_vec(c)),
+            ApiReply::Metrics(t) => Some(Ok(t.clone().into_bytes())),
+        }
+    }
+
+    /// The content type of a reply that is not JSON.
+    pub fn text(&self) -> Option<&'static str> {
+        match self {
+            ApiReply::Metrics(_) => Some(metrics::CONTENT_TYPE),
+            _ => None,
         }
     }
 
@@ -493,6 +545,8 @@ impl ApiReply {
             Endpoint::VmmPing => ApiReply::Ping(serde_json::from_str(body)?),
             Endpoint::VmInfo => ApiReply::Info(serde_json::from_str(body)?),
             Endpoint::VmMigrateSend => ApiReply::Migrated(serde_json::from_str(body)?),
+            Endpoint::VmCounters => ApiReply::Counters(serde_json::from_str(body)?),
+            Endpoint::Metrics => ApiReply::Metrics(body.to_string()),
             _ => ApiReply::Empty,
         })
     }
@@ -569,6 +623,13 @@ pub trait RequestHandler: Send + Sync {
     fn vm_migrate_receive(&self, req: &MigrateReceiveRequest) -> Result<(), ApiError>;
     /// The VMM stops once the answer is out ([`RequestHandler::after_reply`]).
     fn vmm_shutdown(&self) -> Result<(), ApiError>;
+    /// The running VM's counters.
+    fn vm_counters(&self) -> Result<VmCounters, ApiError>;
+    /// The same counters as Prometheus text.
+    fn metrics(&self) -> Result<String, ApiError> {
+        self.vm_counters()
+            .map(|c| crate::counters::render_prometheus(&c))
+    }
     /// Called once the successful answer to `action` has been sent: what
     /// must not happen before the client has its answer (the VMM ending
     /// after a migration or a shutdown) happens here.
@@ -616,6 +677,7 @@ mod tests {
                 allow_tsc_change: true,
                 overlays: vec!["/o".into()],
                 taps: vec!["t0".into()],
+                disks: vec!["/d".into()],
                 serial: Some(SerialMode::None),
             }),
             ApiAction::VmMigrateReceive(MigrateReceiveRequest {
@@ -724,6 +786,7 @@ mod tests {
             .nets
             .push("tap=t0,mac=52:54:00:12:34:56".parse().unwrap());
         config.balloon = Some(Default::default());
+        config.exit_device = Some(Default::default());
         let info = VmInfoReply {
             state: VmState::Running,
             config: Some(config.clone()),
@@ -752,6 +815,7 @@ mod tests {
             allow_tsc_change: true,
             overlays: vec![],
             taps: vec![],
+            disks: vec![],
             serial: Some(SerialMode::Stdio),
         };
         let receive = MigrateReceiveRequest {
@@ -764,6 +828,7 @@ mod tests {
             destination: "h:1".into(),
             max_bandwidth_mib: Some(1),
         };
+        let counters = crate::counters::tests::full_counters();
         let pairs = [
             (
                 "Ping",
@@ -790,6 +855,17 @@ mod tests {
             ("DiskConfig", fields(&config.disks[0])),
             ("NetConfig", fields(&config.nets[0])),
             ("BalloonConfig", fields(&config.balloon)),
+            ("ExitDeviceConfig", fields(&config.exit_device)),
+            ("VmCounters", fields(&counters)),
+            ("MemoryCounters", fields(&counters.memory)),
+            ("VcpuCounters", fields(&counters.vcpus[0])),
+            ("EngineCounters", fields(&counters.vcpus[0].engine)),
+            ("DiskCounters", fields(&counters.disks[0])),
+            ("OpCounters", fields(&counters.disks[0].stats.read)),
+            ("Histogram", fields(&counters.disks[0].stats.latency_us)),
+            ("NetCounters", fields(&counters.nets[0])),
+            ("VirtioCounters", fields(&counters.virtio[0])),
+            ("OperationProgress", fields(&counters.operation)),
         ];
         for (schema, fields) in pairs {
             assert_eq!(documented(&doc, schema), fields, "schema {schema}");

@@ -205,7 +205,7 @@ impl<'a> Options<'a> {
             .transpose()
     }
 
-    fn bad(&self, key: &'static str, value: &str, reason: impl Display) -> OptionError {
+    pub fn bad(&self, key: &'static str, value: &str, reason: impl Display) -> OptionError {
         OptionError::BadValue {
             option: self.option,
             key,

@@ -1,0 +1,148 @@
+//! Debug exceptions (#DB): the single-step trap (RFLAGS.TF), the four
+//! hardware breakpoints DR0-DR3 as DR7 enables them (instruction
+//! breakpoints as faults, data watchpoints as traps), DR6 status and
+//! RFLAGS.RF.
+//!
+//! Invariants:
+//! - Debugging is *armed* while TF is set or DR7 enables a breakpoint
+//!   (any L0-L3/G0-G3 bit). Only then does the run loop go one
+//!   interpreted instruction at a time ([`Core::debug_armed`]); the
+//!   translator never runs armed code, so its inline memory paths need no
+//!   watchpoint checks. Unarmed, the cost is one test per block.
+//! - Watchpoint hits are collected by the interpreter's linear accesses
+//!   ([`Core::watch`]) into `DebugState::hits` and turned into one #DB
+//!   trap after the instruction completes, together with a single-step
+//!   trap if TF was set when it started.
+//! - An instruction breakpoint is checked before the instruction runs and
+//!   is suppressed by RF; RF is cleared once an instruction that started
+//!   with it completes.
+//!   Faults save RFLAGS with RF set (see [`crate::exception`]) so that
+//!   returning to the faulting instruction does not hit its breakpoint again.
+
+use crate::core::{Core, RunExit};
+use crate::cpu::{FLAG_RF, FLAG_TF};
+use crate::exception::Kind;
+
+/// DR6 bits.
+pub const DR6_BS: u64 = 1 << 14;
+/// DR6 bits that always read as one (the reserved ones).
+pub const DR6_FIXED1: u64 = 0xffff_0ff0;
+
+/// Per-vCPU debug bookkeeping between two instructions.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DebugState {
+    /// DR6.B0-B3 bits of data watchpoints hit by the current instruction.
+    pub hits: u64,
+    /// The current instruction delivered a software interrupt (INT n,
+    /// INT3, INTO, INT1): no single-step trap after it, since the gate
+    /// cleared TF on the way in.
+    pub no_step: bool,
+    /// RF was set when the instruction started: it is cleared once the
+    /// instruction completes (an IRET or POPF that loads RF keeps it).
+    pub rf: bool,
+}
+
+/// DR7 R/W field of breakpoint `i`: 0 instruction, 1 write, 2 I/O, 3
+/// read or write.
+fn rw(dr7: u64, i: usize) -> u64 {
+    (dr7 >> (16 + 4 * i)) & 3
+}
+
+/// Length in bytes of breakpoint `i` (DR7 LEN: 1, 2, 8, 4).
+fn len(dr7: u64, i: usize) -> u64 {
+    match (dr7 >> (18 + 4 * i)) & 3 {
+        0 => 1,
+        1 => 2,
+        2 => 8,
+        _ => 4,
+    }
+}
+
+fn enabled(dr7: u64, i: usize) -> bool {
+    dr7 & (3 << (2 * i)) != 0
+}
+
+impl Core {
+    /// Is anything armed that the run loop must look at per instruction?
+    #[inline(always)]
+    pub fn debug_armed(&self) -> bool {
+        self.st.rflags & FLAG_TF != 0 || self.st.dr[7] & 0xff != 0
+    }
+
+    /// A data access of `size` bytes at linear `lin` (`write`: a store):
+    /// note the watchpoints it hits. Called by the interpreter's memory
+    /// path only while DR7 enables a breakpoint.
+    #[cold]
+    pub fn watch(&mut self, lin: u64, size: u8, write: bool) {
+        let dr7 = self.st.dr[7];
+        for i in 0..4 {
+            if !enabled(dr7, i) {
+                continue;
+            }
+            let kind = rw(dr7, i);
+            if kind == 0 || kind == 2 || (kind == 1 && !write) {
+                continue;
+            }
+            let l = len(dr7, i);
+            // The breakpoint covers its length-aligned range.
+            let start = self.st.dr[i] & !(l - 1);
+            let end = start.wrapping_add(l);
+            let a_end = lin.wrapping_add(size as u64);
+            if lin < end && start < a_end {
+                self.debug.hits |= 1 << i;
+            }
+        }
+    }
+
+    /// Before the instruction at RIP runs (armed): an enabled instruction
+    /// breakpoint on its linear address raises #DB as a fault, unless RF
+    /// is set. What delivery exits with, if anything, in `Some`.
+    pub(crate) fn debug_before(&mut self) -> Option<Option<RunExit>> {
+        let dr7 = self.st.dr[7];
+        self.debug = DebugState {
+            rf: self.st.rflags & FLAG_RF != 0,
+            ..Default::default()
+        };
+        if dr7 & 0xff == 0 || self.debug.rf {
+            return None;
+        }
+        let lin = self.rip_lin();
+        let mut hit = 0;
+        for i in 0..4 {
+            if enabled(dr7, i) && rw(dr7, i) == 0 && self.st.dr[i] == lin {
+                hit |= 1 << i;
+            }
+        }
+        if hit == 0 {
+            return None;
+        }
+        self.st.dr[6] = (self.st.dr[6] & !0xf) | hit | DR6_FIXED1;
+        // Delivered like an external event: the frame returns to this
+        // instruction, and RF is not set in it (the handler sets RF to
+        // continue).
+        Some(self.deliver_and_check(1, None, Kind::External))
+    }
+
+    /// After one instruction ran (armed): `completed` if it retired.
+    /// Raises the #DB trap for a single step (TF set when it started)
+    /// and data watchpoints hit, and clears RF.
+    pub(crate) fn debug_after(&mut self, tf_before: bool, completed: bool) -> Option<RunExit> {
+        if !completed {
+            self.debug = DebugState::default();
+            return None;
+        }
+        if self.debug.rf {
+            self.st.rflags &= !FLAG_RF;
+        }
+        let mut status = self.debug.hits;
+        if tf_before && !self.debug.no_step {
+            status |= DR6_BS;
+        }
+        self.debug = DebugState::default();
+        if status == 0 {
+            return None;
+        }
+        self.st.dr[6] = (self.st.dr[6] & !0xf) | status | DR6_FIXED1;
+        self.deliver_and_check(1, None, Kind::External)
+    }
+}

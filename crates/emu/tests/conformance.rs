@@ -1,0 +1,485 @@
+//! Conformance: the engine behaves as a CPU of its advertised model where
+//! Linux does not look (found by running a standard x86 test suite).
+//! Each test runs a tiny guest; an exception lands in the harness's IDT
+//! stub for its vector (`mov eax, vector; hlt`), so RAX names it.
+
+mod common;
+
+use common::*;
+use emu::cpuid::CpuidConfig;
+use iced_x86::code_asm::*;
+
+/// Marker a guest leaves in RBX when it got through without an exception.
+const DONE: u64 = 0xd0e;
+
+fn guest() -> Guest {
+    let mut g = Guest::new(16 << 20);
+    g.long_mode();
+    g
+}
+
+fn kvm_guest() -> Guest {
+    let mut g = Guest::with_platform(
+        16 << 20,
+        None,
+        CpuidConfig {
+            kvm_clock: true,
+            ..Default::default()
+        },
+    );
+    g.long_mode();
+    g
+}
+
+fn asm_at(
+    bits: u32,
+    addr: u64,
+    f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Vec<u8> {
+    let mut a = CodeAssembler::new(bits).unwrap();
+    f(&mut a).unwrap();
+    a.assemble(addr).unwrap()
+}
+
+/// Run `f` at CODE to HLT; RAX is 0xffff_ffff unless an exception
+/// stub ran (then it is the vector).
+fn run(g: &mut Guest, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> (u64, u64) {
+    let code = asm_at(64, CODE, |a| {
+        a.mov(eax, 0xffff_ffffu32)?;
+        f(a)?;
+        a.mov(ebx, DONE as u32)?;
+        a.hlt()
+    });
+    g.load_code(&code);
+    g.run_to_halt();
+    let r = g.regs();
+    (r.rax, r.rbx)
+}
+
+fn vector_of(g: &mut Guest, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> u64 {
+    let (vector, done) = run(g, f);
+    assert_ne!(done, DONE, "no exception; rax {vector:#x}");
+    vector
+}
+
+#[test]
+fn amd_legacy_pmu_and_family_msrs_exist() {
+    let mut g = guest();
+    let (_, done) = run(&mut g, |a| {
+        // PerfEvtSel0-3 and PerfCtr0-3: writes accepted, reads succeed.
+        for msr in 0xc001_0000u32..=0xc001_0007 {
+            a.mov(ecx, msr)?;
+            a.xor(eax, eax)?;
+            a.xor(edx, edx)?;
+            a.wrmsr()?;
+            a.rdmsr()?;
+        }
+        // HWCR, SYSCFG, TOP_MEM, TOP_MEM2, patch level, MCG_CAP/STATUS.
+        for msr in [
+            0xc001_0015u32,
+            0xc001_0010,
+            0xc001_001a,
+            0xc001_001d,
+            0x8b,
+            0x179,
+            0x17a,
+        ] {
+            a.mov(ecx, msr)?;
+            a.rdmsr()?;
+        }
+        // RDPMC reads the (idle) legacy counters.
+        a.mov(ecx, 3)?;
+        a.rdpmc()?;
+        a.mov(eax, 0xffff_ffffu32)?;
+        Ok(())
+    });
+    assert_eq!(done, DONE);
+    // RDPMC beyond the four counters, and MCG_CAP writes, still #GP.
+    let mut g = guest();
+    assert_eq!(
+        vector_of(&mut g, |a| {
+            a.mov(ecx, 4)?;
+            a.rdpmc()
+        }),
+        13
+    );
+    let mut g = guest();
+    assert_eq!(
+        vector_of(&mut g, |a| {
+            a.mov(ecx, 0x179)?;
+            a.xor(eax, eax)?;
+            a.xor(edx, edx)?;
+            a.wrmsr()
+        }),
+        13
+    );
+}
+
+#[test]
+fn syscall_from_compatibility_mode_enters_through_cstar() {
+    const C32: u64 = CODE + 0x1000;
+    const LSTAR_AT: u64 = CODE + 0x2000;
+    const CSTAR_AT: u64 = CODE + 0x3000;
+    let mut g = guest();
+    g.write(
+        LSTAR_AT,
+        &asm_at(64, LSTAR_AT, |a| {
+            a.mov(ebx, 64)?;
+            a.hlt()
+        }),
+    );
+    g.write(
+        CSTAR_AT,
+        &asm_at(64, CSTAR_AT, |a| {
+            a.mov(ebx, 32)?;
+            a.hlt()
+        }),
+    );
+    // In compatibility mode: SYSCALL.
+    g.write(
+        C32,
+        &asm_at(32, C32, |a| {
+            a.mov(esp, STACK_TOP as u32)?;
+            a.syscall()?;
+            a.hlt()
+        }),
+    );
+    let code = asm_at(64, CODE, |a| {
+        let wr = |a: &mut CodeAssembler, msr: u32, v: u64| -> Result<(), IcedError> {
+            a.mov(ecx, msr)?;
+            a.mov(eax, v as u32)?;
+            a.mov(edx, (v >> 32) as u32)?;
+            a.wrmsr()
+        };
+        wr(a, 0xc000_0081, (SEL_CODE64 as u64) << 32)?;
+        wr(a, 0xc000_0082, LSTAR_AT)?;
+        wr(a, 0xc000_0083, CSTAR_AT)?;
+        // Far return into the 32-bit code segment.
+        a.push(SEL_CODE32 as i32)?;
+        a.push(C32 as i32)?;
+        a.db(&[0x48, 0xcb])
+    });
+    g.load_code(&code);
+    g.run_to_halt();
+    let r = g.regs();
+    assert_eq!(
+        r.rbx, 32,
+        "compatibility-mode SYSCALL took the 64-bit entry"
+    );
+    assert!(r.rcx > C32 && r.rcx < C32 + 16, "RCX {:#x}", r.rcx);
+    assert_eq!(g.sregs().cs.selector, SEL_CODE64);
+    assert!(g.sregs().cs.l);
+}
+
+#[test]
+fn instructions_the_advertised_cpu_lacks_raise_ud() {
+    // Without a KVM signature: VMCALL, VMMCALL; never advertised: INVPCID,
+    // RDPRU, and the instructions of other extensions (AES, BMI, MOVBE).
+    type Emit = Box<dyn Fn(&mut CodeAssembler) -> Result<(), IcedError>>;
+    let cases: Vec<(&str, Emit)> = vec![
+        ("aesenc", Box::new(|a| a.aesenc(xmm0, xmm1))),
+        ("vmcall", Box::new(|a| a.vmcall())),
+        ("vmmcall", Box::new(|a| a.vmmcall())),
+        (
+            "invpcid",
+            Box::new(|a| a.invpcid(rax, xmmword_ptr(DATA as i32))),
+        ),
+        ("rdpru", Box::new(|a| a.rdpru())),
+        // Implemented but beyond the advertised CPU (no RDTSCP, no SSE3).
+        ("rdtscp", Box::new(|a| a.rdtscp())),
+        ("fisttp", Box::new(|a| a.fisttp(dword_ptr(DATA as i32)))),
+        (
+            "lddqu",
+            Box::new(|a| a.lddqu(xmm0, xmmword_ptr(DATA as i32))),
+        ),
+        ("andn", Box::new(|a| a.andn(eax, ebx, ecx))),
+        ("movbe", Box::new(|a| a.movbe(eax, dword_ptr(DATA as i32)))),
+    ];
+    for (name, f) in cases {
+        let mut g = guest();
+        assert_eq!(vector_of(&mut g, |a| f(a)), 6, "{name}");
+    }
+}
+
+#[test]
+fn vmcall_and_vmmcall_follow_the_kvm_hypercall_abi_when_advertised() {
+    let mut g = kvm_guest();
+    let (_, done) = run(&mut g, |a| {
+        a.mov(eax, 1)?; // KVM_HC_VAPIC_POLL_IRQ: a no-op returning 0.
+        a.vmmcall()?;
+        a.mov(rsi, rax)?;
+        a.mov(eax, 99)?; // Unknown: -KVM_ENOSYS.
+        a.vmcall()?;
+        a.mov(rdi, rax)?;
+        a.mov(eax, 0xffff_ffffu32)
+    });
+    assert_eq!(done, DONE);
+    let r = g.regs();
+    assert_eq!(r.rsi, 0);
+    assert_eq!(r.rdi, (-1000i64) as u64);
+}
+
+#[test]
+fn descriptor_table_bases_must_be_canonical() {
+    const NONCANON: u64 = 0x0000_8000_0000_0000;
+    // LGDT and LIDT with a non-canonical base: #GP.
+    for lidt in [false, true] {
+        let mut g = guest();
+        g.write(DATA, &0xfffu16.to_le_bytes());
+        g.w64(DATA + 2, NONCANON);
+        let v = vector_of(&mut g, |a| {
+            if lidt {
+                a.lidt(ptr(DATA as i32))
+            } else {
+                a.lgdt(ptr(DATA as i32))
+            }
+        });
+        assert_eq!(v, 13, "lidt={lidt}");
+        let s = g.sregs();
+        assert_eq!(s.gdt.base, GDT, "GDTR unchanged");
+        assert_eq!(s.idt.base, IDT, "IDTR unchanged");
+    }
+    // LTR with a TSS descriptor whose 64-bit base is not canonical.
+    let mut g = guest();
+    let lo = g.r64(GDT + 0x30);
+    g.w64(GDT + 0x30, lo & !(0xf << 40) | (0x9 << 40));
+    g.w64(GDT + 0x38, NONCANON >> 32);
+    assert_eq!(
+        vector_of(&mut g, |a| {
+            a.mov(ax, SEL_TSS as u32)?;
+            a.ltr(ax)
+        }),
+        13
+    );
+    // MSRs that hold addresses: SYSENTER_ESP/EIP refuse non-canonical ones.
+    for msr in [0x175u32, 0x176] {
+        let mut g = guest();
+        let v = vector_of(&mut g, |a| {
+            a.mov(ecx, msr)?;
+            a.xor(eax, eax)?;
+            a.mov(edx, (NONCANON >> 32) as u32)?;
+            a.wrmsr()
+        });
+        assert_eq!(v, 13, "msr {msr:#x}");
+    }
+}
+
+// ------------------------------------------------------------------ debug
+
+/// Counters and values the #DB / #UD handlers record.
+const DBG_COUNT: u64 = DATA + 0x100;
+const DBG_RIP: u64 = DATA + 0x108;
+const DBG_DR6: u64 = DATA + 0x110;
+const DBG_FLAGS: u64 = DATA + 0x118;
+const HANDLER_AT: u64 = CODE + 0x4000;
+
+/// Point vector `v`'s interrupt gate at code assembled at `at`.
+fn install(g: &mut Guest, v: u64, at: u64, code: &[u8]) {
+    g.write(at, code);
+    let lo = (at & 0xffff)
+        | ((SEL_CODE64 as u64) << 16)
+        | (0x8eu64 << 40)
+        | (((at >> 16) & 0xffff) << 48);
+    g.w64(IDT + v * 16, lo);
+    g.w64(IDT + v * 16 + 8, at >> 32);
+}
+
+/// #DB handler: count, record the return RIP, DR6 (then clear it) and the
+/// saved RFLAGS; set RF in the frame (to step over an instruction
+/// breakpoint) and return.
+fn install_db_handler(g: &mut Guest) {
+    let code = asm_at(64, HANDLER_AT, |a| {
+        a.push(rax)?;
+        a.inc(qword_ptr(DBG_COUNT as i32))?;
+        a.mov(rax, qword_ptr(rsp + 8))?;
+        a.mov(qword_ptr(DBG_RIP as i32), rax)?;
+        a.mov(rax, dr6)?;
+        a.mov(qword_ptr(DBG_DR6 as i32), rax)?;
+        a.xor(eax, eax)?;
+        a.mov(dr6, rax)?;
+        a.mov(rax, qword_ptr(rsp + 24))?;
+        a.mov(qword_ptr(DBG_FLAGS as i32), rax)?;
+        a.or(qword_ptr(rsp + 24), 0x10000)?;
+        a.pop(rax)?;
+        a.iretq()
+    });
+    install(g, 1, HANDLER_AT, &code);
+}
+
+#[test]
+fn tf_single_steps_each_instruction() {
+    let mut g = guest();
+    install_db_handler(&mut g);
+    let (_, done) = run(&mut g, |a| {
+        a.pushfq()?;
+        a.or(qword_ptr(rsp), 0x100)?;
+        a.popfq()?;
+        // Traps after each of these six (the POPF clearing TF included).
+        a.nop()?;
+        a.nop()?;
+        a.inc(rsi)?;
+        a.pushfq()?;
+        a.and(qword_ptr(rsp), !0x100i32)?;
+        a.popfq()?;
+        a.inc(rsi)
+    });
+    assert_eq!(done, DONE);
+    assert_eq!(g.r64(DBG_COUNT), 6);
+    assert_ne!(g.r64(DBG_DR6) & (1 << 14), 0, "DR6.BS");
+    assert_eq!(g.regs().rsi, 2);
+    assert_eq!(g.regs().rflags & 0x100, 0);
+}
+
+#[test]
+fn hardware_instruction_breakpoint_faults_once_and_rf_resumes() {
+    let mut g = guest();
+    install_db_handler(&mut g);
+    // The breakpoint is on the second INC; the guest notes its address.
+    let code = asm_at(64, CODE, |a| {
+        let mut brk = a.create_label();
+        a.mov(eax, 0xffff_ffffu32)?;
+        a.lea(rax, ptr(brk))?;
+        a.mov(qword_ptr(DATA as i32 + 0x120), rax)?;
+        a.mov(dr0, rax)?;
+        a.mov(eax, 1)?; // L0, execute, length 1.
+        a.mov(dr7, rax)?;
+        a.inc(rsi)?;
+        a.set_label(&mut brk)?;
+        a.inc(rsi)?;
+        a.inc(rsi)?;
+        a.xor(eax, eax)?;
+        a.mov(dr7, rax)?;
+        a.mov(ebx, DONE as u32)?;
+        a.hlt()
+    });
+    g.load_code(&code);
+    g.run_to_halt();
+    assert_eq!(g.regs().rbx, DONE);
+    assert_eq!(g.regs().rsi, 3, "the instruction ran exactly once");
+    assert_eq!(g.r64(DBG_COUNT), 1);
+    assert_eq!(
+        g.r64(DBG_RIP),
+        g.r64(DATA + 0x120),
+        "#DB is a fault on the instruction"
+    );
+    assert_eq!(g.r64(DBG_DR6) & 0xf, 1, "DR6.B0");
+    assert_eq!(g.r64(DBG_FLAGS) & 0x10000, 0, "no RF in a breakpoint frame");
+}
+
+#[test]
+fn data_watchpoint_traps_after_the_write() {
+    let mut g = guest();
+    install_db_handler(&mut g);
+    let (_, done) = run(&mut g, |a| {
+        a.mov(rax, DATA + 8)?;
+        a.mov(dr1, rax)?;
+        // L1, R/W1 = write, LEN1 = 4 bytes.
+        a.mov(eax, (1 << 2) | (1 << 20) | (3 << 22))?;
+        a.mov(dr7, rax)?;
+        a.mov(ecx, dword_ptr(DATA as i32 + 8))?; // A read: no hit.
+        a.mov(word_ptr(DATA as i32 + 10), 7)?; // A write inside: hit.
+        a.nop()?;
+        a.xor(eax, eax)?;
+        a.mov(dr7, rax)?;
+        a.mov(eax, 0xffff_ffffu32)
+    });
+    assert_eq!(done, DONE);
+    assert_eq!(g.r64(DBG_COUNT), 1);
+    assert_eq!(g.r64(DBG_DR6) & 0xf, 2, "DR6.B1");
+    // The trap returns after the store: to the NOP.
+    let nop_at = g.r64(DBG_RIP);
+    assert_eq!(g.r8(nop_at), 0x90);
+}
+
+#[test]
+fn icebp_raises_db_after_the_instruction() {
+    let mut g = guest();
+    install_db_handler(&mut g);
+    let (_, done) = run(&mut g, |a| {
+        a.int1()?;
+        a.nop()
+    });
+    assert_eq!(done, DONE);
+    assert_eq!(g.r64(DBG_COUNT), 1);
+    assert_eq!(g.r8(g.r64(DBG_RIP)), 0x90, "returns past ICEBP");
+}
+
+#[test]
+fn faults_save_rflags_with_rf_set() {
+    let mut g = guest();
+    // #UD handler: record the saved RFLAGS, skip the 2-byte UD2.
+    let code = asm_at(64, HANDLER_AT, |a| {
+        a.push(rax)?;
+        a.mov(rax, qword_ptr(rsp + 24))?;
+        a.mov(qword_ptr(DBG_FLAGS as i32), rax)?;
+        a.add(qword_ptr(rsp + 8), 2)?;
+        a.pop(rax)?;
+        a.iretq()
+    });
+    install(&mut g, 6, HANDLER_AT, &code);
+    let (_, done) = run(&mut g, |a| {
+        a.ud2()?;
+        // RF is gone once an instruction completed.
+        a.pushfq()?;
+        a.pop(rdi)
+    });
+    assert_eq!(done, DONE);
+    assert_ne!(g.r64(DBG_FLAGS) & 0x10000, 0, "RF in the #UD frame");
+    assert_eq!(g.regs().rdi & 0x10000, 0);
+}
+
+// ------------------------------------------------------------------- APIC
+
+fn pc_guest() -> Guest {
+    let mut ram = vec![0u8; 16 << 20].into_boxed_slice();
+    let vm = emu::EmuVm::new_pc();
+    // SAFETY: `ram` moves into the Guest, which drops it last; the heap
+    // buffer does not move.
+    unsafe {
+        hypervisor::Vm::map_memory(&vm, 0, 0, ram.len() as u64, ram.as_mut_ptr() as u64).unwrap()
+    };
+    let vcpu = vm.create_pc_vcpu(0, 1).unwrap();
+    let mut g = Guest { vcpu, vm, ram };
+    g.long_mode();
+    g
+}
+
+#[test]
+fn cpuid_apic_bit_follows_the_apic_global_enable() {
+    let mut g = pc_guest();
+    let (_, done) = run(&mut g, |a| {
+        a.mov(eax, 1)?;
+        a.cpuid()?;
+        a.mov(esi, edx)?;
+        a.mov(ecx, 0x1b)?;
+        a.rdmsr()?;
+        a.mov(r8d, eax)?;
+        a.and(eax, !(1i32 << 11))?;
+        a.wrmsr()?;
+        a.mov(eax, 1)?;
+        a.cpuid()?;
+        a.mov(edi, edx)?;
+        a.mov(ecx, 0x1b)?;
+        a.mov(eax, r8d)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.mov(eax, 1)?;
+        a.cpuid()?;
+        a.mov(r9d, edx)?;
+        a.mov(eax, 0xffff_ffffu32)
+    });
+    assert_eq!(done, DONE);
+    let r = g.regs();
+    assert_ne!(r.rsi & (1 << 9), 0, "APIC advertised while enabled");
+    assert_eq!(r.rdi & (1 << 9), 0, "and not while globally disabled");
+    assert_ne!(r.r9 & (1 << 9), 0, "and again once re-enabled");
+    // A base with a bit at or above MAXPHYADDR (40) is reserved: #GP.
+    let mut g = pc_guest();
+    let v = vector_of(&mut g, |a| {
+        a.mov(ecx, 0x1b)?;
+        a.mov(eax, 0xfee0_0900u32)?;
+        a.mov(edx, 1 << 8)?;
+        a.wrmsr()
+    });
+    assert_eq!(v, 13);
+}
