@@ -23,6 +23,7 @@ WANTED_MODULES=(
     virtio_rng
     virtio_balloon
     vmw_vsock_virtio_transport
+    virtiofs
     rng_core
     ext4
 )
@@ -79,7 +80,7 @@ resolve_packages() {
         }' META="$KERNEL_META"
 }
 
-script_hash=$(cat "$here/build.sh" "$here/init" "$here/vireo-io.c" | sha256sum | cut -d' ' -f1)
+script_hash=$(cat "$here/build.sh" "$here/init" "$here/vireo-io.c" "$here/udhcpc.script" | sha256sum | cut -d' ' -f1)
 
 outputs_exist() {
     local f
@@ -218,6 +219,9 @@ for applet in $("$root/bin/busybox" --list-full); do
 done
 [ -L "$root/bin/sh" ] || die "busybox has no sh applet"
 install -m 0755 "$here/init" "$root/init"
+# udhcpc applies a lease only through its event script (user networking's
+# guest gets its address from passt's DHCP).
+install -D -m 0755 "$here/udhcpc.script" "$root/etc/udhcpc/default.script"
 # The guest side of `vireo bench blk|net` (O_DIRECT AIO, TCP), static so it
 # needs nothing from the initramfs.
 gcc -static -O2 -s -Wall -o "$root/bin/vireo-io" "$here/vireo-io.c" ||

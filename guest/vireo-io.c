@@ -11,6 +11,18 @@
  *       peer to close (so the time covers delivery).
  *   vireo-io tcp-recv IP PORT
  *       connect and read until the peer closes.
+ *   vireo-io vsock-connect CID PORT
+ *       connect to a vsock port and relay: stdin to the socket (then shut
+ *       its write side), the socket to stdout, until the peer closes. A
+ *       reset connection fails with "VIREO-IO-ERROR vsock-connect recv: ..."
+ *       (a restored VM's guest sees its transport reset that way).
+ *   vireo-io vsock-listen PORT
+ *       accept one vsock connection on PORT, then relay as above.
+ *       "VSOCK-LISTEN PORT" goes to stderr once it listens.
+ *   vireo-io vsock-echo PORT N
+ *       accept N connections on PORT and echo each (a process per
+ *       connection, all at once) until its peer shuts its write side;
+ *       prints "VSOCK-ECHO N" when all are done.
  *
  * Output, one line each, on stdout:
  *   VIREO-IO-BEGIN NAME                     when the measured phase starts
@@ -39,6 +51,8 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
+#include <linux/vm_sockets.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -369,6 +383,153 @@ static int cpu(int argc, char **argv)
     return 0;
 }
 
+
+/* Relay between stdin/stdout and a connected socket until the peer closes. */
+static int relay(int fd)
+{
+    static char buf[NET_BUF];
+    int in_open = 1;
+    for (;;) {
+        struct pollfd p[2] = {{fd, POLLIN, 0}, {0, POLLIN, 0}};
+        if (poll(p, in_open ? 2 : 1, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            fail("poll: %s", strerror(errno));
+        }
+        if (p[0].revents) {
+            ssize_t n = read(fd, buf, sizeof buf);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                fail("recv: %s", strerror(errno));
+            }
+            if (n == 0)
+                return 0;
+            for (ssize_t off = 0; off < n;) {
+                ssize_t w = write(1, buf + off, (size_t)(n - off));
+                if (w < 0)
+                    fail("stdout: %s", strerror(errno));
+                off += w;
+            }
+        }
+        if (in_open && p[1].revents) {
+            ssize_t n = read(0, buf, sizeof buf);
+            if (n <= 0) {
+                in_open = 0;
+                shutdown(fd, SHUT_WR);
+                continue;
+            }
+            for (ssize_t off = 0; off < n;) {
+                ssize_t w = write(fd, buf + off, (size_t)(n - off));
+                if (w < 0) {
+                    if (errno == EINTR)
+                        continue;
+                    fail("send: %s", strerror(errno));
+                }
+                off += w;
+            }
+        }
+    }
+}
+
+static int vsock_socket(void)
+{
+    int fd = socket(AF_VSOCK, SOCK_STREAM, 0);
+    if (fd < 0)
+        fail("socket(AF_VSOCK): %s (is the vsock module loaded?)", strerror(errno));
+    return fd;
+}
+
+static int vsock_connect(int argc, char **argv)
+{
+    name = "vsock-connect";
+    if (argc != 4)
+        fail("usage: vireo-io vsock-connect CID PORT");
+    struct sockaddr_vm a = {.svm_family = AF_VSOCK,
+                            .svm_cid = (unsigned)parse_u64(argv[2], "cid"),
+                            .svm_port = (unsigned)parse_u64(argv[3], "port")};
+    uint64_t deadline = now_ns() + CONNECT_SECONDS * 1000000000ull;
+    for (;;) {
+        int fd = vsock_socket();
+        if (connect(fd, (struct sockaddr *)&a, sizeof a) == 0)
+            return relay(fd);
+        int err = errno;
+        close(fd);
+        if (now_ns() >= deadline)
+            fail("connect to %s:%s: %s", argv[2], argv[3], strerror(err));
+        usleep(200 * 1000);
+    }
+}
+
+static int vsock_listen_fd(const char *port)
+{
+    int fd = vsock_socket();
+    struct sockaddr_vm a = {.svm_family = AF_VSOCK,
+                            .svm_cid = VMADDR_CID_ANY,
+                            .svm_port = (unsigned)parse_u64(port, "port")};
+    if (bind(fd, (struct sockaddr *)&a, sizeof a) < 0)
+        fail("bind %s: %s", port, strerror(errno));
+    if (listen(fd, 128) < 0)
+        fail("listen: %s", strerror(errno));
+    /* On stderr: stdout is the stream's. */
+    fprintf(stderr, "VSOCK-LISTEN %s\n", port);
+    return fd;
+}
+
+static int vsock_listen(int argc, char **argv)
+{
+    name = "vsock-listen";
+    if (argc != 3)
+        fail("usage: vireo-io vsock-listen PORT");
+    int l = vsock_listen_fd(argv[2]);
+    int fd = accept(l, 0, 0);
+    if (fd < 0)
+        fail("accept: %s", strerror(errno));
+    close(l);
+    return relay(fd);
+}
+
+static int vsock_echo(int argc, char **argv)
+{
+    name = "vsock-echo";
+    if (argc != 4)
+        fail("usage: vireo-io vsock-echo PORT N");
+    uint64_t n = parse_u64(argv[3], "connections");
+    int l = vsock_listen_fd(argv[2]);
+    for (uint64_t i = 0; i < n; i++) {
+        int fd = accept(l, 0, 0);
+        if (fd < 0)
+            fail("accept: %s", strerror(errno));
+        pid_t pid = fork();
+        if (pid < 0)
+            fail("fork: %s", strerror(errno));
+        if (pid == 0) {
+            static char buf[NET_BUF];
+            for (;;) {
+                ssize_t r = read(fd, buf, sizeof buf);
+                if (r < 0 && errno == EINTR)
+                    continue;
+                if (r <= 0)
+                    _exit(r < 0);
+                for (ssize_t off = 0; off < r;) {
+                    ssize_t w = write(fd, buf + off, (size_t)(r - off));
+                    if (w < 0)
+                        _exit(1);
+                    off += w;
+                }
+            }
+        }
+        close(fd);
+    }
+    int bad = 0, st;
+    while (wait(&st) > 0)
+        bad += !(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    if (bad)
+        fail("%d connections failed", bad);
+    printf("VSOCK-ECHO %llu\n", (unsigned long long)n);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc >= 2 && !strcmp(argv[1], "blk"))
@@ -379,6 +540,12 @@ int main(int argc, char **argv)
         return tcp_recv(argc, argv);
     if (argc >= 2 && !strcmp(argv[1], "cpu"))
         return cpu(argc, argv);
-    fail("usage: vireo-io blk|tcp-send|tcp-recv|cpu ...");
+    if (argc >= 2 && !strcmp(argv[1], "vsock-connect"))
+        return vsock_connect(argc, argv);
+    if (argc >= 2 && !strcmp(argv[1], "vsock-listen"))
+        return vsock_listen(argc, argv);
+    if (argc >= 2 && !strcmp(argv[1], "vsock-echo"))
+        return vsock_echo(argc, argv);
+    fail("usage: vireo-io blk|tcp-send|tcp-recv|cpu|vsock-connect|vsock-listen|vsock-echo ...");
     return 1;
 }

@@ -24,6 +24,7 @@ PACKAGES=(
     iputils-ping    # ping from a test network namespace (crates/net)
     libc6-dev       # static libc for guest/vireo-io.c
     kmod            # depmod writes the modules.dep that busybox modprobe reads
+    passt           # user-mode networking (--net user): Vireo starts it per NIC (crates/net/src/passt.rs)
     lz4             # the Debian cloud kernel is LZ4-compressed; vmlinux extraction
     perl-base       # deterministic test data generator (essential; listed for clarity)
     qemu-system-x86 # the reference/benchmark VMM, also used to check the images

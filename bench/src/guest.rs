@@ -66,6 +66,10 @@ pub struct Guest {
     pub tap: Option<String>,
     /// vCPUs (QEMU: `-smp`, which under TCG runs one host thread per vCPU).
     pub cpus: u32,
+    /// A virtio-net NIC on passt: Vireo's `--net user` (which starts its
+    /// own passt), QEMU's `-netdev stream` on descriptor 3, which the
+    /// caller connects to a passt it starts.
+    pub user_net: bool,
 }
 
 impl Guest {
@@ -87,6 +91,7 @@ impl Guest {
             disk: None,
             tap: None,
             cpus: 1,
+            user_net: false,
         })
     }
 
@@ -115,6 +120,9 @@ impl Guest {
         }
         if let Some(tap) = &self.tap {
             c.arg("--net").arg(format!("tap={tap},mac={GUEST_MAC}"));
+        }
+        if self.user_net {
+            c.arg("--net").arg(format!("user,mac={GUEST_MAC}"));
         }
         c
     }
@@ -150,6 +158,12 @@ impl Guest {
                 .arg(format!(
                     "tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"
                 ))
+                .arg("-device")
+                .arg(format!("virtio-net-pci,netdev=n0,mac={GUEST_MAC}"));
+        }
+        if self.user_net {
+            c.arg("-netdev")
+                .arg("stream,id=n0,server=off,addr.type=fd,addr.str=3")
                 .arg("-device")
                 .arg(format!("virtio-net-pci,netdev=n0,mac={GUEST_MAC}"));
         }

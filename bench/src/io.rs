@@ -608,6 +608,173 @@ fn net_once(ns: &Netns, tap: &str, cmd: Command, secs: u64, limit: Duration) -> 
     Ok(report)
 }
 
+/// passt on one end of a socket pair for one QEMU, started as Vireo
+/// starts its own (foreground, MTU 1500, `--fd`); QEMU gets the other end
+/// as descriptor 3 (`-netdev stream,addr.type=fd`). passt exits when QEMU
+/// closes its end.
+struct QemuPasst(std::process::Child);
+
+/// Make `fd` the child's descriptor 3 (close-on-exec cleared).
+fn as_fd3(cmd: &mut Command, fd: std::os::fd::RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only dup2/fcntl between fork and exec, on descriptors that
+    // exist in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rc = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+impl QemuPasst {
+    /// passt on a new pair; the end for QEMU.
+    fn start() -> Result<(QemuPasst, std::os::unix::net::UnixStream)> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        // The socket buffers Vireo gives its own passt (crates/net's
+        // passt.rs), so both VMMs see the same passt and the same pair.
+        for fd in [
+            std::os::fd::AsRawFd::as_raw_fd(&ours),
+            std::os::fd::AsRawFd::as_raw_fd(&theirs),
+        ] {
+            let size: libc::c_int = 4 << 20;
+            // SAFETY: setsockopt with a valid int on a socket we own.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDBUF,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+        }
+        let mut c = Command::new("passt");
+        c.args(["--foreground", "--quiet", "--mtu", "1500", "--fd", "3"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        as_fd3(&mut c, std::os::fd::AsRawFd::as_raw_fd(&theirs));
+        let child = c
+            .spawn()
+            .context("starting passt (install Debian's passt)")?;
+        Ok((QemuPasst(child), ours))
+    }
+}
+
+impl Drop for QemuPasst {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One guest on passt: the host ends listen on loopback (passt maps the
+/// guest's gateway address to it).
+fn net_user_once(mut cmd: Command, qemu: &str, secs: u64, limit: Duration) -> Result<IoReport> {
+    let bind = |port: u16| -> Result<TcpListener> {
+        let l = TcpListener::bind(("127.0.0.1", port))
+            .with_context(|| format!("listening on 127.0.0.1:{port}"))?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    };
+    let (up, down) = (bind(UP_PORT)?, bind(DOWN_PORT)?);
+    // Vireo starts its own passt; QEMU is given one.
+    let passt = if cmd.get_program() == qemu {
+        let (p, end) = QemuPasst::start()?;
+        as_fd3(&mut cmd, std::os::fd::AsRawFd::as_raw_fd(&end));
+        Some((p, end))
+    } else {
+        None
+    };
+    let vm = Console::spawn(cmd)?;
+    // QEMU has its end now: ours must close, or passt never sees it go.
+    let _passt = passt.map(|(p, _)| p);
+    let stop = Arc::new(AtomicBool::new(false));
+    let upload = {
+        let stop = stop.clone();
+        std::thread::spawn(move || take_upload(up, &stop))
+    };
+    let download = {
+        let stop = stop.clone();
+        std::thread::spawn(move || give_download(down, secs, &stop))
+    };
+    let finished = vm.finish(limit);
+    stop.store(true, Ordering::Relaxed);
+    let served = |t: std::thread::JoinHandle<Result<Option<Sample>>>| {
+        t.join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the host side panicked")))
+    };
+    let (upload, download) = (served(upload), served(download));
+    let mut report = report_of(&finished)?;
+    for (name, host) in [("tcp-send", upload), ("tcp-recv", download)] {
+        match host {
+            Ok(sample) => {
+                if let Some(f) = report.figure_mut(name) {
+                    f.host = sample;
+                }
+            }
+            Err(e) => report
+                .errors
+                .push((name.into(), format!("host side: {e:#}"))),
+        }
+    }
+    Ok(report)
+}
+
+/// `bench net --backend user`: TCP both ways through passt, Vireo's
+/// `--net user` beside QEMU's `-netdev stream` on the same passt binary
+/// and options, in the same run. Needs no privileges.
+pub fn net_user(args: &BenchArgs, runs: usize) -> Result<()> {
+    let secs = args.seconds;
+    let cmd = format!(
+        "timeout 60 udhcpc -i eth0 -n -q -t 10 >/dev/null && \
+         gw=$(ip route | grep default | cut -d' ' -f3) && \
+         vireo-io tcp-send $gw {UP_PORT} {secs}; vireo-io tcp-recv $gw {DOWN_PORT}"
+    );
+    let template = Guest::new(args.guest_dir.as_deref(), &cmd)?;
+    println!(
+        "net --backend user: TCP through passt (virtio-net-pci; Vireo's --net user, QEMU's -netdev stream \
+on a passt started here the same way), {secs} s per direction; MiB/s, median of {runs} runs"
+    );
+    println!(
+        "     guest = vireo-io's figure on the guest's clock; host = the host's end of the connection (loopback)"
+    );
+    let limit = Duration::from_secs(args.timeout);
+    let qemu = args.qemu.clone();
+    let cols = measure(
+        args,
+        runs,
+        &mut |_| {
+            let mut g = template.clone();
+            g.user_net = true;
+            g
+        },
+        &mut |_, cmd| net_user_once(cmd, &qemu, secs, limit),
+    );
+    let tests = [
+        Test {
+            name: "tcp-send",
+            label: "guest -> host MiB/s (TCP)",
+            unit: Unit::MibPerSec,
+        },
+        Test {
+            name: "tcp-recv",
+            label: "host -> guest MiB/s (TCP)",
+            unit: Unit::MibPerSec,
+        },
+    ];
+    print_table(&tests, &cols, "host");
+    Ok(())
+}
+
 pub fn net(args: &BenchArgs, runs: usize) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {

@@ -61,6 +61,10 @@ pub struct BenchArgs {
     /// boot, blk and net: seconds before a VM that has not finished is killed.
     #[arg(long, default_value_t = 900)]
     timeout: u64,
+    /// net: tap (a tap in a namespace; needs root) or user (passt, beside
+    /// QEMU's -netdev stream on the same passt; no privileges).
+    #[arg(long, default_value = "tap")]
+    backend: String,
     /// The vireo binary to measure [default: `vireo` beside this program,
     /// i.e. built in the same target directory and profile].
     #[arg(long, value_name = "PATH")]
@@ -243,7 +247,9 @@ fn run(mut args: BenchArgs) -> Result<()> {
         "migrate" => migrate(&args, runs),
         "boot" => boot(&args, runs),
         "blk" => io::blk(&args, runs),
-        "net" => io::net(&args, runs),
+        "net" if args.backend == "user" => io::net_user(&args, runs),
+        "net" if args.backend == "tap" => io::net(&args, runs),
+        "net" => bail!("unknown net backend '{}' (tap or user)", args.backend),
         other => {
             bail!("unknown benchmark '{other}' (available: startup, snapshot, migrate, boot, blk, net)")
         }

@@ -356,8 +356,10 @@ struct VmOptions {
     #[arg(long, value_name = "path=FILE,...")]
     disk: Vec<vmm::config::DiskConfig>,
     /// A virtio-net NIC on a tap: tap=NAME[,mac=52:54:00:12:34:56] (NAME may
-    /// contain %d; the tap is created if missing); repeatable.
-    #[arg(long, value_name = "tap=NAME,...")]
+    /// contain %d; the tap is created if missing), or user-mode networking
+    /// without privileges through passt: user[,hostfwd=tcp:127.0.0.1:2222-:22]...
+    /// (the guest gets its address by DHCP); repeatable.
+    #[arg(long, value_name = "tap=NAME|user,...")]
     net: Vec<vmm::config::NetConfig>,
     /// Give the guest a virtio-rng device (entropy from the host's getrandom).
     #[arg(long)]
@@ -366,6 +368,11 @@ struct VmOptions {
     /// (both on by default); `vireo balloon` sets its size.
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
     balloon: Option<vmm::config::BalloonConfig>,
+    /// A virtio-vsock device: cid=N,socket=PATH. Host programs connect to
+    /// PATH and write "CONNECT <port>\n"; guest connections to CID 2 port P
+    /// reach the Unix socket PATH_P (the Firecracker convention).
+    #[arg(long, value_name = "cid=N,socket=PATH")]
+    vsock: Option<vmm::config::VsockConfig>,
     /// An exit device for test kernels (QEMU's isa-debug-exit), optionally
     /// [port=N][,size=1|2|4] (port 0xf4, 4 bytes by default): writing V
     /// there ends the VM with exit status (V << 1) | 1.
@@ -390,6 +397,7 @@ impl VmOptions {
             && self.net.is_empty()
             && !self.rng
             && self.balloon.is_none()
+            && self.vsock.is_none()
             && self.exit_device.is_none()
     }
 
@@ -438,6 +446,9 @@ impl VmOptions {
         }
         if let Some(b) = self.balloon {
             cfg.balloon = Some(b);
+        }
+        if let Some(v) = self.vsock {
+            cfg.vsock = Some(v);
         }
         if self.rng {
             cfg.rng = true;

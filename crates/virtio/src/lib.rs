@@ -11,6 +11,7 @@
 //! - [`rng::Rng`]: virtio-entropy fed from the host's `getrandom`.
 //! - [`balloon::Balloon`]: the memory balloon (inflate/deflate, statistics).
 //! - [`console::Console`]: virtio-console with one port (the guest's hvc0).
+//! - [`vsock::Vsock`]: virtio-vsock with the host side as Unix sockets.
 //! - Snapshots: [`VirtioPciDevice`] and every device model implement
 //!   [`Persist`] (`devices::Persist`); through `dyn VirtioDevice` a model's
 //!   state travels as its [`DeviceState`] variant ([`save_as`],
@@ -27,6 +28,7 @@ pub mod queue;
 pub mod rng;
 pub mod stats;
 pub mod transport;
+pub mod vsock;
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -48,6 +50,7 @@ pub enum DeviceState {
     Rng,
     Console(console::ConsoleState),
     Balloon(balloon::BalloonSnapshot),
+    Vsock(vsock::VsockState),
 }
 
 /// Save a device model through its [`Persist`] impl as its [`DeviceState`]
@@ -85,6 +88,7 @@ impl DeviceState {
             DeviceState::Rng => "virtio-rng",
             DeviceState::Console(_) => "virtio-console",
             DeviceState::Balloon(_) => "virtio-balloon",
+            DeviceState::Vsock(_) => "virtio-vsock",
         }
     }
 }
@@ -113,6 +117,7 @@ pub mod device_type {
     pub const CONSOLE: u32 = 3;
     pub const RNG: u32 = 4;
     pub const BALLOON: u32 = 5;
+    pub const VSOCK: u32 = 19;
 }
 
 /// Serve a driver's read of `data.len()` bytes at `offset` from a device's

@@ -1,7 +1,16 @@
 //! virtio-net (type 1): a receive and a transmit queue over a host backend
-//! (a tap, see the `net` crate). Frames cross in both directions with the
-//! 12-byte virtio-net header in front, so checksum and segmentation offloads
-//! negotiated by the guest pass through to the tap untouched.
+//! (a tap or passt, see the `net` crate). Frames cross the backend trait in
+//! both directions with the 12-byte virtio-net header in front. A tap takes
+//! the header, so checksum and segmentation offloads negotiated by the
+//! guest pass through to it untouched; a backend that cannot honour them
+//! (passt has no header) says so in [`NetBackend::offload_features`], and
+//! the device then offers the guest none of them: the header it sees on
+//! receive is all zero and the one it writes on transmit asks for nothing.
+//!
+//! Link state: a backend that can go away (passt exits) reports it through
+//! [`NetBackend::link_up`] and a change callback; the device then clears
+//! VIRTIO_NET_S_LINK_UP and raises a configuration interrupt, so the guest
+//! sees its carrier drop instead of the VMM hanging on a dead peer.
 //!
 //! Receive flow: the device worker thread polls the backend itself (no
 //! relay thread, so a frame costs no extra thread wake-ups); it moves
@@ -46,6 +55,16 @@ pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
 
 const VIRTIO_NET_S_LINK_UP: u16 = 1;
 
+/// The offload features a tap honours (it takes the virtio-net header).
+pub const TAP_OFFLOADS: u64 = VIRTIO_NET_F_CSUM
+    | VIRTIO_NET_F_GUEST_CSUM
+    | VIRTIO_NET_F_HOST_TSO4
+    | VIRTIO_NET_F_HOST_TSO6
+    | VIRTIO_NET_F_HOST_ECN
+    | VIRTIO_NET_F_GUEST_TSO4
+    | VIRTIO_NET_F_GUEST_TSO6
+    | VIRTIO_NET_F_GUEST_ECN;
+
 /// Where frames go and come from on the host.
 pub trait NetBackend: Send + Sync {
     /// A descriptor that polls readable when a frame waits.
@@ -85,6 +104,18 @@ pub trait NetBackend: Send + Sync {
     fn set_offloads(&self, _offloads: net::Offloads) -> io::Result<()> {
         Ok(())
     }
+    /// The offload feature bits (of [`TAP_OFFLOADS`]) this backend can
+    /// honour; the device offers the guest no others.
+    fn offload_features(&self) -> u64 {
+        TAP_OFFLOADS
+    }
+    /// False once the backend is gone for good (the guest sees no carrier).
+    fn link_up(&self) -> bool {
+        true
+    }
+    /// Run `f` when [`NetBackend::link_up`] changes; a backend whose link
+    /// never changes ignores it.
+    fn on_link_change(&self, _f: Box<dyn Fn() + Send + Sync>) {}
 }
 
 impl NetBackend for net::Tap {
@@ -163,6 +194,29 @@ fn write_stream(slices: &[GuestSlice<'_>], mut at: usize, mut data: &[u8]) {
     }
 }
 
+/// passt: no virtio-net header on its stream (the backend adds and drops
+/// it) and no offloads; its link goes down when the process exits.
+impl NetBackend for net::Passt {
+    fn poll_fd(&self) -> RawFd {
+        self.as_raw_fd()
+    }
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.recv_frame(buf)
+    }
+    fn send(&self, frame: &[u8]) -> io::Result<usize> {
+        self.send_frame(frame)
+    }
+    fn offload_features(&self) -> u64 {
+        0
+    }
+    fn link_up(&self) -> bool {
+        net::Passt::link_up(self)
+    }
+    fn on_link_change(&self, f: Box<dyn Fn() + Send + Sync>) {
+        net::Passt::on_link_change(self, f)
+    }
+}
+
 /// What a snapshot keeps of a NIC beyond its queues: the MAC the guest
 /// knows (a random one must stay the same). A received frame still waiting
 /// for a guest buffer is not kept: the network lost it, as networks do.
@@ -195,7 +249,12 @@ impl Net {
     fn config_bytes(&self) -> [u8; 10] {
         let mut c = [0u8; 10];
         c[0..6].copy_from_slice(&self.mac.0);
-        c[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+        let status = if self.backend.link_up() {
+            VIRTIO_NET_S_LINK_UP
+        } else {
+            0
+        };
+        c[6..8].copy_from_slice(&status.to_le_bytes());
         c[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
         c
     }
@@ -226,16 +285,7 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_NET_F_MAC
-            | VIRTIO_NET_F_STATUS
-            | VIRTIO_NET_F_CSUM
-            | VIRTIO_NET_F_GUEST_CSUM
-            | VIRTIO_NET_F_HOST_TSO4
-            | VIRTIO_NET_F_HOST_TSO6
-            | VIRTIO_NET_F_HOST_ECN
-            | VIRTIO_NET_F_GUEST_TSO4
-            | VIRTIO_NET_F_GUEST_TSO6
-            | VIRTIO_NET_F_GUEST_ECN
+        VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | (self.backend.offload_features() & TAP_OFFLOADS)
     }
 
     fn pci_class(&self) -> u32 {
@@ -265,8 +315,12 @@ impl VirtioDevice for Net {
         &mut self,
         features: u64,
         _mem: GuestRam,
-        _interrupt: Arc<dyn VirtioInterrupt>,
+        interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<Box<dyn QueueWorker>, ActivateError> {
+        // The status field is device configuration: a change bumps the
+        // generation and interrupts, and the driver rereads the carrier.
+        self.backend
+            .on_link_change(Box::new(move || interrupt.config_changed()));
         let offloads = net::Offloads {
             csum: features & VIRTIO_NET_F_GUEST_CSUM != 0,
             tso4: features & VIRTIO_NET_F_GUEST_TSO4 != 0,
@@ -716,5 +770,48 @@ mod tests {
         assert_eq!(&c[..6], &mac.0);
         assert_eq!(u16::from_le_bytes([c[6], c[7]]), VIRTIO_NET_S_LINK_UP);
         assert_ne!(n.features() & VIRTIO_NET_F_MAC, 0);
+    }
+
+    /// A backend without the header's offloads whose link can drop.
+    struct Headerless {
+        sock: UnixDatagram,
+        up: std::sync::atomic::AtomicBool,
+    }
+
+    impl NetBackend for Headerless {
+        fn poll_fd(&self) -> RawFd {
+            self.sock.as_raw_fd()
+        }
+        fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+            self.sock.recv(buf)
+        }
+        fn send(&self, frame: &[u8]) -> io::Result<usize> {
+            self.sock.send(frame)
+        }
+        fn offload_features(&self) -> u64 {
+            0
+        }
+        fn link_up(&self) -> bool {
+            self.up.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    #[test]
+    fn a_backend_without_offloads_is_offered_none_and_reports_its_link() {
+        let (sock, _host) = UnixDatagram::pair().unwrap();
+        let b = Arc::new(Headerless {
+            sock,
+            up: true.into(),
+        });
+        let n = Net::new(b.clone(), "52:54:00:01:02:03".parse().unwrap());
+        assert_eq!(n.features(), VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS);
+        let status = |n: &Net| {
+            let mut c = [0u8; 2];
+            n.read_config(6, &mut c);
+            u16::from_le_bytes(c)
+        };
+        assert_eq!(status(&n), VIRTIO_NET_S_LINK_UP);
+        b.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(status(&n), 0, "the guest sees the carrier drop");
     }
 }

@@ -257,6 +257,7 @@ fn type_name(device_type: u32) -> &'static str {
         crate::device_type::CONSOLE => "virtio-console",
         crate::device_type::RNG => "virtio-rng",
         crate::device_type::BALLOON => "virtio-balloon",
+        crate::device_type::VSOCK => "virtio-vsock",
         _ => "virtio",
     }
 }

@@ -146,6 +146,8 @@ pub struct VmSpec {
     pub nets: Vec<crate::config::NetConfig>,
     /// A virtio-balloon on PCI.
     pub balloon: Option<crate::config::BalloonConfig>,
+    /// A virtio-vsock on PCI.
+    pub vsock: Option<crate::config::VsockConfig>,
     /// Which device gets the console output (and input).
     pub console: ConsoleKind,
     /// The exit device for test kernels, if asked for.
@@ -164,6 +166,7 @@ impl VmSpec {
             disks: c.disks.clone(),
             nets: c.nets.clone(),
             balloon: c.balloon,
+            vsock: c.vsock.clone(),
             console: c.console,
             exit_device: c.exit_device,
             boot: Boot::Linux {

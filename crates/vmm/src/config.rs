@@ -253,30 +253,143 @@ impl FromStr for DiskConfig {
     }
 }
 
-/// One virtio-net NIC on a tap: `tap=NAME[,mac=52:54:00:12:34:56]`.
+/// Where a NIC's frames go on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetBackendKind {
+    /// A tap interface (needs root or CAP_NET_ADMIN).
+    #[default]
+    Tap,
+    /// User-mode networking through passt, started by Vireo: no privileges.
+    User,
+}
+
+/// One virtio-net NIC: on a tap, `[tap,]tap=NAME[,mac=52:54:00:12:34:56]`,
+/// or user-mode through passt,
+/// `user[,hostfwd=tcp:127.0.0.1:2222-:22]...[,mac=...]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
+    /// Tap or user (passt); tap when absent, as before user networking.
+    #[serde(default)]
+    pub backend: NetBackendKind,
     /// The tap to attach to or create; "vireo%d" lets the kernel number it.
     #[serde(default = "default_tap")]
     pub tap: String,
     /// The guest NIC's address; a random local one when absent.
     #[serde(default)]
     pub mac: Option<net::MacAddr>,
+    /// Host ports forwarded to the guest (user networking only).
+    #[serde(default)]
+    pub hostfwd: Vec<net::HostFwd>,
 }
 
 fn default_tap() -> String {
     "vireo%d".into()
 }
 
+impl NetConfig {
+    /// A tap NIC: what `--net tap=NAME` gives.
+    pub fn tap(name: &str) -> Self {
+        NetConfig {
+            backend: NetBackendKind::Tap,
+            tap: name.into(),
+            mac: None,
+            hostfwd: Vec::new(),
+        }
+    }
+
+    /// Settings that only one backend takes, given to the other.
+    pub fn validate(&self) -> Result<(), String> {
+        match self.backend {
+            NetBackendKind::Tap if !self.hostfwd.is_empty() => Err(
+                "hostfwd= needs user networking (--net user,hostfwd=...); a tap NIC is reached on its own address"
+                    .into(),
+            ),
+            NetBackendKind::User if self.tap != default_tap() => {
+                Err("tap= names a tap; user networking (--net user) has none".into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 impl FromStr for NetConfig {
     type Err = OptionError;
     fn from_str(s: &str) -> Result<Self, OptionError> {
-        let o = Options::parse("net", s, &["tap", "mac"])?;
-        Ok(NetConfig {
+        const SPEC: options::Spec = options::Spec {
+            known: &["tap", "mac", "hostfwd"],
+            kinds: &["tap", "user"],
+            repeatable: &["hostfwd"],
+        };
+        let o = Options::parse_spec("net", s, SPEC)?;
+        let backend = match o.kind() {
+            Some("user") => NetBackendKind::User,
+            _ => NetBackendKind::Tap,
+        };
+        let n = NetConfig {
+            backend,
             tap: o.value("tap")?.unwrap_or_else(default_tap),
             mac: o.value("mac")?,
-        })
+            hostfwd: o.all("hostfwd")?,
+        };
+        n.validate().map_err(|reason| OptionError::BadValue {
+            option: "net",
+            key: if backend == NetBackendKind::User {
+                "tap"
+            } else {
+                "hostfwd"
+            },
+            value: s.into(),
+            reason,
+        })?;
+        Ok(n)
+    }
+}
+
+/// The virtio-vsock device: `cid=N,socket=PATH`. Host programs connect
+/// to PATH and write `CONNECT <port>\n`; guest connections to the host
+/// (CID 2) port P reach the Unix socket `PATH_P`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id: 3 or more (0-2 are reserved), below 2^32-1.
+    pub cid: u64,
+    /// The Unix socket Vireo listens on for host-initiated connections.
+    pub socket: PathBuf,
+}
+
+impl VsockConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.cid < 3 || self.cid >= u32::MAX as u64 {
+            return Err(format!(
+                "cid {} is reserved or too large (3 to {})",
+                self.cid,
+                u32::MAX - 1
+            ));
+        }
+        if self.socket.as_os_str().is_empty() {
+            return Err("socket= is empty".into());
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for VsockConfig {
+    type Err = OptionError;
+    fn from_str(s: &str) -> Result<Self, OptionError> {
+        let o = Options::parse("vsock", s, &["cid", "socket"])?;
+        let v = VsockConfig {
+            cid: o.required("cid")?,
+            socket: o.required("socket")?,
+        };
+        v.validate().map_err(|reason| OptionError::BadValue {
+            option: "vsock",
+            key: "cid",
+            value: v.cid.to_string(),
+            reason,
+        })?;
+        Ok(v)
     }
 }
 
@@ -422,6 +535,9 @@ pub struct VmConfig {
     /// A virtio-balloon device.
     #[serde(default)]
     pub balloon: Option<BalloonConfig>,
+    /// A virtio-vsock device.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
     /// Which device is the console: serial (ttyS0) or virtio (hvc0).
     #[serde(default)]
     pub console: ConsoleKind,
@@ -482,6 +598,7 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             balloon: None,
+            vsock: None,
             console: ConsoleKind::Serial,
             exit_device: None,
         }
@@ -520,7 +637,16 @@ impl VmConfig {
 
     /// Check what can be checked before touching the host.
     pub fn validate(&self) -> Result<(), VmmError> {
-        check_size(self.memory.0, self.cpus)
+        check_size(self.memory.0, self.cpus)?;
+        for n in &self.nets {
+            // A config file skips the option parser: check the same here.
+            n.validate().map_err(VmmError::Config)?;
+        }
+        if let Some(v) = &self.vsock {
+            v.validate()
+                .map_err(|e| VmmError::Config(format!("vsock: {e}")))?;
+        }
+        Ok(())
     }
 
     /// The kernel, initrd and disk files exist (checked before anything
@@ -632,6 +758,45 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("bridge"));
+    }
+
+    #[test]
+    fn user_net_options_parse() {
+        let n: NetConfig = "user,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=udp::5353-:53"
+            .parse()
+            .unwrap();
+        assert_eq!(n.backend, NetBackendKind::User);
+        assert_eq!(n.hostfwd.len(), 2);
+        assert_eq!(n.hostfwd[0].to_string(), "tcp:127.0.0.1:2222-:22");
+        assert_eq!(
+            "user".parse::<NetConfig>().unwrap().backend,
+            NetBackendKind::User
+        );
+        assert_eq!(
+            "tap,tap=t0".parse::<NetConfig>().unwrap(),
+            NetConfig::tap("t0")
+        );
+        let e = "tap=t0,hostfwd=tcp::1-:2".parse::<NetConfig>().unwrap_err();
+        assert!(e.to_string().contains("needs user networking"), "{e}");
+        let e = "user,tap=t0".parse::<NetConfig>().unwrap_err();
+        assert!(e.to_string().contains("has none"), "{e}");
+        let e = "user,hostfwd=tcp::2222-10.0.0.2:22"
+            .parse::<NetConfig>()
+            .unwrap_err();
+        assert!(e.to_string().contains("guest address empty"), "{e}");
+        // A config file says the same in TOML, and old files (no backend) mean a tap.
+        let t: VmConfig = toml::from_str(
+            "kernel = \"/k\"\n[[nets]]\nbackend = \"user\"\nhostfwd = [\"tcp::8080-:80\"]\n[[nets]]\ntap = \"t1\"\n",
+        )
+        .unwrap();
+        assert_eq!(t.nets[0].backend, NetBackendKind::User);
+        assert_eq!(t.nets[0].hostfwd[0].host_port, 8080);
+        assert_eq!(t.nets[1], NetConfig::tap("t1"));
+        let round: VmConfig = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+        assert_eq!(round, t);
+        let mut bad = t.clone();
+        bad.nets[1].hostfwd = t.nets[0].hostfwd.clone();
+        assert!(bad.validate().is_err());
     }
 
     #[test]

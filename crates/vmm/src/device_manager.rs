@@ -419,14 +419,37 @@ fn setup_pci(
         add_virtio(name, format!("disk{i}"), kind, Box::new(blk))?;
     }
     for (i, n) in spec.nets.iter().enumerate() {
-        let tap = net::Tap::open(&n.tap)?;
-        tap.set_up()?;
         let mac = n.mac.unwrap_or_else(net::MacAddr::random);
-        let tap_name = tap.name().to_string();
-        let name = format!("virtio-net {tap_name} ({mac})");
-        let dev = virtio::net::Net::new(Arc::new(tap), mac);
+        let (name, host, backend): (String, String, Arc<dyn virtio::net::NetBackend>) =
+            match n.backend {
+                crate::config::NetBackendKind::Tap => {
+                    let tap = net::Tap::open(&n.tap)?;
+                    tap.set_up()?;
+                    let tap_name = tap.name().to_string();
+                    (
+                        format!("virtio-net {tap_name} ({mac})"),
+                        tap_name,
+                        Arc::new(tap),
+                    )
+                }
+                crate::config::NetBackendKind::User => {
+                    // A new passt for every VM built, restored ones
+                    // included: the old one's connections are gone with
+                    // its process.
+                    let passt = net::Passt::start(&net::PasstOptions {
+                        hostfwd: n.hostfwd.clone(),
+                        ..Default::default()
+                    })?;
+                    (
+                        format!("virtio-net user/passt pid {} ({mac})", passt.pid()),
+                        "user".to_string(),
+                        Arc::new(passt),
+                    )
+                }
+            };
+        let dev = virtio::net::Net::new(backend, mac);
         let kind = DeviceKind::Net {
-            tap: tap_name,
+            tap: host,
             mac: mac.to_string(),
             counters: dev.counters(),
         };
@@ -468,6 +491,21 @@ fn setup_pci(
         balloon = Some(dev.handle());
         let (id, kind) = ("balloon0".into(), DeviceKind::Plain("balloon"));
         add_virtio("virtio-balloon".into(), id, kind, Box::new(dev))?;
+    }
+    if let Some(v) = &spec.vsock {
+        let name = format!("virtio-vsock cid {}", v.cid);
+        let dev =
+            virtio::vsock::Vsock::new(v.cid, &v.socket).map_err(|source| VmmError::DeviceIo {
+                device: name.clone(),
+                source,
+            })?;
+        let (id, kind) = ("vsock0".into(), DeviceKind::Plain("vsock"));
+        add_virtio(
+            format!("{name} ({})", v.socket.display()),
+            id,
+            kind,
+            Box::new(dev),
+        )?;
     }
     saved.push("pci config-io", Arc::new(Mutex::new(cfg)));
     for (name, d) in &functions {

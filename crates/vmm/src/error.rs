@@ -72,6 +72,9 @@ pub enum VmmError {
     /// A NIC's tap that cannot be opened or brought up.
     #[error(transparent)]
     Tap(#[from] net::TapError),
+    /// User networking's passt that is missing or cannot start.
+    #[error(transparent)]
+    Passt(#[from] net::PasstError),
     /// The accelerator refused (no usable /dev/kvm, a failed ioctl, a
     /// state it cannot load).
     #[error(transparent)]
@@ -183,6 +186,7 @@ impl VmmError {
             | Disk { .. }
             | Overlay { .. }
             | Tap(_)
+            | Passt(_)
             | Hypervisor(_)
             | Arch(_)
             | GuestMemory { .. }
@@ -236,6 +240,7 @@ impl VmmError {
             File { .. }
             | Serialize { .. }
             | Hypervisor(_)
+            | Passt(_)
             | GuestMemory { .. }
             | Bus { .. }
             | Pci { .. }

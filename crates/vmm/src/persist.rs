@@ -298,6 +298,7 @@ pub(crate) fn restore_spec(
         disks,
         nets,
         balloon,
+        vsock: manifest.config.as_ref().and_then(|c| c.vsock.clone()),
         console,
         exit_device: manifest.config.as_ref().and_then(|c| c.exit_device),
     })

@@ -5,7 +5,10 @@
 //! [`OptionError`] names the option (`disk`, `net`, ...) and the key.
 //!
 //! Invariants of a parsed [`Options`]: every key is one of the known keys
-//! and appears once; empty parts (`a=1,,b=2`, a trailing comma) are skipped.
+//! and appears once, except the keys an option declares repeatable
+//! (`--net user,hostfwd=...,hostfwd=...`); a bare word without `=` is
+//! taken only first and only from the option's list of kinds (`user`);
+//! empty parts (`a=1,,b=2`, a trailing comma) are skipped.
 
 use std::fmt::Display;
 use std::str::FromStr;
@@ -38,6 +41,13 @@ pub enum OptionError {
         value: String,
         reason: String,
     },
+    /// A first word that is not one of the option's kinds.
+    #[error("unknown {option} kind '{word}' (expected {})", expected.join(", "))]
+    UnknownKind {
+        option: &'static str,
+        word: String,
+        expected: &'static [&'static str],
+    },
     /// A key that must be given is missing.
     #[error("{option} '{text}' has no {key}=... (it is required)")]
     Missing {
@@ -52,7 +62,19 @@ pub enum OptionError {
 pub struct Options<'a> {
     option: &'static str,
     text: &'a str,
+    /// The bare first word (one of the option's kinds), if given.
+    kind: Option<&'a str>,
     pairs: Vec<(&'a str, &'a str)>,
+}
+
+/// The shape of an option beyond its keys: [`Options::parse_spec`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Spec {
+    pub known: &'static [&'static str],
+    /// Bare words the option may start with (`user` in `--net user,...`).
+    pub kinds: &'static [&'static str],
+    /// Keys that may be given more than once, in order.
+    pub repeatable: &'static [&'static str],
 }
 
 impl<'a> Options<'a> {
@@ -63,8 +85,38 @@ impl<'a> Options<'a> {
         text: &'a str,
         known: &'static [&'static str],
     ) -> Result<Self, OptionError> {
+        Self::parse_spec(
+            option,
+            text,
+            Spec {
+                known,
+                ..Spec::default()
+            },
+        )
+    }
+
+    /// Split `text` for an option that may start with a kind and may
+    /// repeat some keys.
+    pub fn parse_spec(
+        option: &'static str,
+        text: &'a str,
+        spec: Spec,
+    ) -> Result<Self, OptionError> {
+        let known = spec.known;
         let mut pairs: Vec<(&str, &str)> = Vec::new();
-        for part in text.split(',').filter(|p| !p.is_empty()) {
+        let mut kind = None;
+        for (i, part) in text.split(',').filter(|p| !p.is_empty()).enumerate() {
+            if i == 0 && !spec.kinds.is_empty() && !part.contains('=') {
+                if !spec.kinds.contains(&part) {
+                    return Err(OptionError::UnknownKind {
+                        option,
+                        word: part.into(),
+                        expected: spec.kinds,
+                    });
+                }
+                kind = Some(part);
+                continue;
+            }
             let (key, value) = part
                 .split_once('=')
                 .ok_or_else(|| OptionError::NotKeyValue {
@@ -79,7 +131,7 @@ impl<'a> Options<'a> {
                     expected: known,
                 });
             }
-            if pairs.iter().any(|(k, _)| *k == key) {
+            if !spec.repeatable.contains(&key) && pairs.iter().any(|(k, _)| *k == key) {
                 return Err(OptionError::Repeated {
                     option,
                     key: key.into(),
@@ -90,8 +142,27 @@ impl<'a> Options<'a> {
         Ok(Options {
             option,
             text,
+            kind,
             pairs,
         })
+    }
+
+    /// The bare first word, if the option was given one.
+    pub fn kind(&self) -> Option<&'a str> {
+        self.kind
+    }
+
+    /// Every value of a repeatable key, converted, in the order given.
+    pub fn all<T>(&self, key: &'static str) -> Result<Vec<T>, OptionError>
+    where
+        T: FromStr,
+        T::Err: Display,
+    {
+        self.pairs
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, v)| v.parse().map_err(|e: T::Err| self.bad(key, v, e)))
+            .collect()
     }
 
     /// The raw value of `key`, if given.
@@ -182,5 +253,30 @@ mod tests {
         );
         let e = o.required::<String>("path").unwrap_err().to_string();
         assert_eq!(e, "disk 'size=x,ro=maybe' has no path=... (it is required)");
+    }
+
+    #[test]
+    fn kinds_and_repeatable_keys() {
+        let spec = Spec {
+            known: &["hostfwd", "mac"],
+            kinds: &["user", "tap"],
+            repeatable: &["hostfwd"],
+        };
+        let o = Options::parse_spec("net", "user,hostfwd=a,mac=m,hostfwd=b", spec).unwrap();
+        assert_eq!(o.kind(), Some("user"));
+        assert_eq!(o.all::<String>("hostfwd").unwrap(), ["a", "b"]);
+        assert_eq!(
+            Options::parse_spec("net", "mac=m", spec).unwrap().kind(),
+            None
+        );
+        let e = Options::parse_spec("net", "slirp,mac=m", spec).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unknown net kind 'slirp' (expected user, tap)"
+        );
+        let e = Options::parse_spec("net", "mac=a,user", spec).unwrap_err();
+        assert!(matches!(e, OptionError::NotKeyValue { .. }), "{e}");
+        let e = Options::parse_spec("net", "mac=a,mac=b", spec).unwrap_err();
+        assert_eq!(e.to_string(), "net option 'mac' is given twice");
     }
 }

@@ -1,0 +1,217 @@
+//! User-mode networking (`--net user`) through passt, run as an
+//! unprivileged user: the guest takes its address by DHCP, fetches a file
+//! from an HTTP server the test runs on the host's loopback (passt maps the
+//! gateway address to the host), and the host fetches a file from a server
+//! in the guest through a `hostfwd`; both byte streams are compared. Then
+//! passt is killed under the running VM: the guest must see its carrier
+//! drop and the VMM must exit cleanly with the guest's poweroff.
+//!
+//! As root (CI), Vireo runs as `nobody` through `setpriv`, so the test shows
+//! that no privilege is used.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+fn accel() -> String {
+    std::env::var("VIREO_TEST_ACCEL").unwrap_or_else(|_| "emu".into())
+}
+
+/// `vireo` as an unprivileged user: as itself when it is not root, as
+/// nobody (through setpriv) when it is.
+fn unprivileged_vireo() -> Command {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return vireo();
+    }
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+    ])
+    .arg(env!("CARGO_BIN_EXE_vireo"));
+    c
+}
+
+fn passt_installed() -> bool {
+    Command::new("passt")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Serve `body` once as an HTTP/1.0 response to a GET; returns the port.
+fn serve_once(body: Vec<u8>) -> (u16, std::thread::JoinHandle<String>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut req = Vec::new();
+        let mut b = [0u8; 1024];
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut b).unwrap();
+            if n == 0 {
+                break;
+            }
+            req.extend_from_slice(&b[..n]);
+        }
+        write!(
+            s,
+            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        s.write_all(&body).unwrap();
+        String::from_utf8_lossy(&req).into_owned()
+    });
+    (port, t)
+}
+
+/// A port nobody listens on now (bound then released).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET `path` from 127.0.0.1:`port` with HTTP/1.0; the body.
+fn http_get(port: u16, path: &str) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: guest\r\n\r\n").unwrap();
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).unwrap();
+    let at = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP header in {:?}", String::from_utf8_lossy(&all)));
+    assert!(
+        all.starts_with(b"HTTP/1.") && all[..at].windows(3).any(|w| w == b"200"),
+        "{}",
+        String::from_utf8_lossy(&all[..at])
+    );
+    all[at + 4..].to_vec()
+}
+
+/// The pids of `pid`'s children (all its threads').
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn user_net_http_both_ways_then_passt_dies_and_the_link_drops() {
+    if !passt_installed() {
+        panic!("passt is not installed: scripts/install-deps.sh installs Debian's passt package");
+    }
+    let g = guest_dir();
+    let data = std::fs::read(g.join("data.bin")).unwrap();
+    let md5 = std::fs::read_to_string(g.join("data.bin.md5")).unwrap();
+    let md5 = md5.split_whitespace().next().unwrap().to_string();
+    let (http_port, server) = serve_once(data.clone());
+    let fwd = free_port();
+
+    let cmd = format!(
+        "timeout 60 udhcpc -i eth0 -n -q -t 10 && \
+         gw=$(ip route | grep default | cut -d' ' -f3) && echo GW=$gw && \
+         wget -q -O - http://$gw:{http_port}/data.bin | md5sum && \
+         httpd -p 8080 -h /vireo && echo GUEST-SERVER-UP && \
+         while [ $(cat /sys/class/net/eth0/carrier) = 1 ]; do sleep 0.2; done; \
+         echo LINK-DOWN-SEEN"
+    );
+    let mut c = unprivileged_vireo();
+    c.args(["run", "--accel", &accel(), "--memory", "256M", "--kernel"])
+        .arg(g.join("vmlinux"))
+        .arg("--initrd")
+        .arg(g.join("initramfs.cpio.gz"))
+        .arg("--net")
+        .arg(format!("user,hostfwd=tcp:127.0.0.1:{fwd}-:8080"))
+        .arg("--cmdline")
+        .arg(format!(
+            "console=ttyS0 reboot=k panic=1 quiet vireo.cmd=\"{cmd}\""
+        ));
+    let mut vm = Running::spawn(c);
+    assert!(
+        vm.wait_for("GUEST-SERVER-UP", Duration::from_secs(300)),
+        "the guest did not get through DHCP and the download:\n{}\n{}",
+        vm.stdout_text(),
+        vm.stderr_text()
+    );
+    let req = server.join().unwrap();
+    assert!(req.starts_with("GET /data.bin"), "{req}");
+    let out = vm.stdout_text();
+    assert!(
+        command_output(&out).iter().any(|l| l.starts_with(&md5)),
+        "host-to-guest download md5 {md5} not in:\n{out}"
+    );
+    // Guest to host, through the forwarded port.
+    let got = http_get(fwd, "/data.bin");
+    assert_eq!(got.len(), data.len(), "guest-to-host length");
+    assert!(got == data, "the file from the guest arrived changed");
+
+    // Kill passt under the running VM.
+    let vm_pid = vm.child.id();
+    let passt: Vec<u32> = children(vm_pid)
+        .into_iter()
+        .filter(|&p| comm(p).starts_with("passt"))
+        .collect();
+    assert_eq!(passt.len(), 1, "one passt child of {vm_pid}: {passt:?}");
+    // SAFETY: signalling a process this test's VMM started.
+    unsafe { libc::kill(passt[0] as libc::pid_t, libc::SIGKILL) };
+    let code = vm.wait_exit(Duration::from_secs(120));
+    let (out, err) = (vm.stdout_text(), vm.stderr_text());
+    assert_eq!(code, Some(0), "exit {code:?}\n{out}\n{err}");
+    assert!(
+        command_output(&out).iter().any(|l| l == "LINK-DOWN-SEEN"),
+        "the guest never saw its carrier drop:\n{out}"
+    );
+    assert!(
+        err.contains("passt") && err.contains("link is down"),
+        "no clear error about passt:\n{err}"
+    );
+}
+
+/// Without passt installed, `--net user` fails at start and says what to
+/// install (PATH is emptied so passt cannot be found).
+#[test]
+fn user_net_without_passt_says_what_is_missing() {
+    let g = guest_dir();
+    let empty = std::env::temp_dir().join(format!("vireo-nopasst-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = vireo()
+        .env("PATH", &empty)
+        .args(["run", "--accel", "emu", "--memory", "64M", "--kernel"])
+        .arg(g.join("vmlinux"))
+        .args(["--net", "user", "--serial", "none"])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir(&empty);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("passt") && err.contains("not installed"),
+        "unclear error: {err}"
+    );
+}
