@@ -696,6 +696,10 @@ fn migration_progress_shows_in_the_counters_and_the_cli() {
     let port = listener.local_addr().unwrap().port();
     let drain = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
+        // Greet as a migrate-receive that needs no key (protocol v3).
+        let mut greeting = b"VIREODST\x00".to_vec();
+        greeting.extend_from_slice(&[0u8; 32]);
+        std::io::Write::write_all(&mut s, &greeting).unwrap();
         let mut sink = Vec::new();
         let _ = s.read_to_end(&mut sink);
     });
