@@ -21,12 +21,43 @@ fn accel() -> String {
     std::env::var("VIREO_TEST_ACCEL").unwrap_or_else(|_| "emu".into())
 }
 
-/// `vireo` as an unprivileged user: as itself when it is not root, as
-/// nobody (through setpriv) when it is.
-fn unprivileged_vireo() -> Command {
+/// Whether the test runs as root (then Vireo runs as nobody).
+fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return vireo();
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// What nobody can reach: as root, the vireo binary, the kernel and the
+/// initramfs copied into a world-readable directory under the temp dir
+/// (the checkout, for example under /root, may be closed to other users);
+/// otherwise the originals. Returns (vireo binary, directory of the guest
+/// files).
+fn reachable_files(g: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_vireo"));
+    if !is_root() {
+        return (bin, g.to_path_buf());
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("vireo-usernet-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let copy = |from: &std::path::Path, name: &str, mode: u32| {
+        let to = dir.join(name);
+        std::fs::copy(from, &to).unwrap();
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    copy(&bin, "vireo", 0o755);
+    copy(&g.join("vmlinux"), "vmlinux", 0o644);
+    copy(&g.join("initramfs.cpio.gz"), "initramfs.cpio.gz", 0o644);
+    (dir.join("vireo"), dir)
+}
+
+/// `bin` (vireo) as an unprivileged user: as itself when it is not root,
+/// as nobody (through setpriv) when it is.
+fn unprivileged_vireo(bin: &std::path::Path) -> Command {
+    if !is_root() {
+        return Command::new(bin);
     }
     let mut c = Command::new("setpriv");
     c.args([
@@ -35,7 +66,7 @@ fn unprivileged_vireo() -> Command {
         "--clear-groups",
         "--inh-caps=-all",
     ])
-    .arg(env!("CARGO_BIN_EXE_vireo"));
+    .arg(bin);
     c
 }
 
@@ -141,11 +172,12 @@ fn user_net_http_both_ways_then_passt_dies_and_the_link_drops() {
          while [ $(cat /sys/class/net/eth0/carrier) = 1 ]; do sleep 0.2; done; \
          echo LINK-DOWN-SEEN"
     );
-    let mut c = unprivileged_vireo();
+    let (bin, files) = reachable_files(&g);
+    let mut c = unprivileged_vireo(&bin);
     c.args(["run", "--accel", &accel(), "--memory", "256M", "--kernel"])
-        .arg(g.join("vmlinux"))
+        .arg(files.join("vmlinux"))
         .arg("--initrd")
-        .arg(g.join("initramfs.cpio.gz"))
+        .arg(files.join("initramfs.cpio.gz"))
         .arg("--net")
         .arg(format!("user,hostfwd=tcp:127.0.0.1:{fwd}-:8080"))
         .arg("--cmdline")
@@ -191,6 +223,9 @@ fn user_net_http_both_ways_then_passt_dies_and_the_link_drops() {
         err.contains("passt") && err.contains("link is down"),
         "no clear error about passt:\n{err}"
     );
+    if files != g {
+        let _ = std::fs::remove_dir_all(&files);
+    }
 }
 
 /// Without passt installed, `--net user` fails at start and says what to
