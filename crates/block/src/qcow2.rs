@@ -112,6 +112,17 @@ pub struct Header {
     pub backing_file: Option<Vec<u8>>,
 }
 
+/// A stretch of a guest read, as [`Qcow2::for_each_read_run`] hands it on.
+enum ReadRun {
+    /// Bytes at this host offset (clusters contiguous on the host: one call).
+    Data { host: u64 },
+    /// Zeros (the v3 zero flag).
+    Zero,
+    /// Not allocated here: from the backing file at this guest offset (or
+    /// zeros without one).
+    Backing { voff: u64 },
+}
+
 /// Where a guest cluster lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mapping {
@@ -946,6 +957,59 @@ impl Qcow2Image {
         self.unsupported("compressed clusters are not supported")
     }
 
+    /// Walk the guest range `[offset, offset + len)` (checked by the caller)
+    /// as runs, calling `f(self, run, at, n)` for the `n` bytes at `at` in
+    /// the request; clusters that are contiguous on the host too make one
+    /// run, so a read of them is one call.
+    fn for_each_read_run(
+        &mut self,
+        offset: u64,
+        len: usize,
+        mut f: impl FnMut(&mut Self, ReadRun, usize, usize) -> Result<(), BlockError>,
+    ) -> Result<(), BlockError> {
+        let cs = self.cluster_size;
+        let mut done = 0usize;
+        while done < len {
+            let voff = offset + done as u64;
+            let in_off = voff & (cs - 1);
+            let n = ((cs - in_off) as usize).min(len - done);
+            match self.lookup(voff)? {
+                Mapping::Data { host, .. } => {
+                    let mut run = n;
+                    let mut next_host = host + cs;
+                    while done + run < len {
+                        match self.lookup(voff + run as u64)? {
+                            Mapping::Data { host: h, .. } if h == next_host => {
+                                run += (cs as usize).min(len - done - run);
+                                next_host += cs;
+                            }
+                            _ => break,
+                        }
+                    }
+                    f(
+                        self,
+                        ReadRun::Data {
+                            host: host + in_off,
+                        },
+                        done,
+                        run,
+                    )?;
+                    done += run;
+                }
+                Mapping::Zero { .. } => {
+                    f(self, ReadRun::Zero, done, n)?;
+                    done += n;
+                }
+                Mapping::Unallocated => {
+                    f(self, ReadRun::Backing { voff }, done, n)?;
+                    done += n;
+                }
+                Mapping::Compressed => return Err(self.compressed_error()),
+            }
+        }
+        Ok(())
+    }
+
     fn write_cluster(&mut self, data: &[u8], voff: u64) -> Result<(), BlockError> {
         let cs = self.cluster_size;
         let in_off = (voff & (cs - 1)) as usize;
@@ -1107,47 +1171,17 @@ impl DiskImage for Qcow2Image {
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), BlockError> {
         check_range(&self.path, self.size, offset, buf.len() as u64)?;
-        let cs = self.cluster_size;
-        let len = buf.len();
-        let mut done = 0usize;
-        while done < len {
-            let voff = offset + done as u64;
-            let in_off = voff & (cs - 1);
-            let n = ((cs - in_off) as usize).min(len - done);
-            match self.lookup(voff)? {
-                Mapping::Data { host, .. } => {
-                    // Coalesce clusters that are contiguous on the host too.
-                    let mut run = n;
-                    let mut next_host = host + cs;
-                    while done + run < len {
-                        match self.lookup(voff + run as u64)? {
-                            Mapping::Data { host: h, .. } if h == next_host => {
-                                run += (cs as usize).min(len - done - run);
-                                next_host += cs;
-                            }
-                            _ => break,
-                        }
-                    }
-                    pread_zero_fill(
-                        &self.file,
-                        &self.path,
-                        &mut buf[done..done + run],
-                        host + in_off,
-                    )?;
-                    done += run;
+        self.for_each_read_run(offset, buf.len(), |img, run, at, n| {
+            let dst = &mut buf[at..at + n];
+            match run {
+                ReadRun::Data { host } => pread_zero_fill(&img.file, &img.path, dst, host),
+                ReadRun::Zero => {
+                    dst.fill(0);
+                    Ok(())
                 }
-                Mapping::Zero { .. } => {
-                    buf[done..done + n].fill(0);
-                    done += n;
-                }
-                Mapping::Unallocated => {
-                    self.read_backing(&mut buf[done..done + n], voff)?;
-                    done += n;
-                }
-                Mapping::Compressed => return Err(self.compressed_error()),
+                ReadRun::Backing { voff } => img.read_backing(dst, voff),
             }
-        }
-        Ok(())
+        })
     }
 
     /// Data clusters are read straight into `bufs` (`preadv`, runs of
@@ -1155,53 +1189,32 @@ impl DiskImage for Qcow2Image {
     /// place; only clusters from the backing file go through a buffer.
     fn read_vectored(&mut self, bufs: &[IoBuf], offset: u64) -> Result<(), BlockError> {
         let len = self.vectored_len(bufs, offset)? as usize;
-        let cs = self.cluster_size;
         let mut piece = Vec::new();
-        let mut done = 0usize;
-        while done < len {
-            let voff = offset + done as u64;
-            let in_off = voff & (cs - 1);
-            let n = ((cs - in_off) as usize).min(len - done);
-            match self.lookup(voff)? {
-                Mapping::Data { host, .. } => {
-                    let mut run = n;
-                    let mut next_host = host + cs;
-                    while done + run < len {
-                        match self.lookup(voff + run as u64)? {
-                            Mapping::Data { host: h, .. } if h == next_host => {
-                                run += (cs as usize).min(len - done - run);
-                                next_host += cs;
-                            }
-                            _ => break,
-                        }
-                    }
-                    iobufs_range(bufs, done, run, &mut piece);
-                    transfer_vectored(&self.file, &self.path, &piece, host + in_off, false)?;
-                    done += run;
+        self.for_each_read_run(offset, len, |img, run, at, n| {
+            iobufs_range(bufs, at, n, &mut piece);
+            match run {
+                ReadRun::Data { host } => {
+                    transfer_vectored(&img.file, &img.path, &piece, host, false)
                 }
-                Mapping::Zero { .. } => {
-                    iobufs_range(bufs, done, n, &mut piece);
+                ReadRun::Zero => {
                     for b in &piece {
                         // SAFETY: IoBuf's invariant: writable for its length.
                         unsafe { std::ptr::write_bytes(b.as_ptr(), 0, b.len()) };
                     }
-                    done += n;
+                    Ok(())
                 }
-                Mapping::Unallocated => {
+                ReadRun::Backing { voff } => {
                     let mut tmp = vec![0u8; n];
-                    self.read_backing(&mut tmp, voff)?;
-                    iobufs_range(bufs, done, n, &mut piece);
-                    let mut at = 0;
+                    img.read_backing(&mut tmp, voff)?;
+                    let mut from = 0;
                     for b in &piece {
-                        b.copy_from(&tmp[at..at + b.len()]);
-                        at += b.len();
+                        b.copy_from(&tmp[from..from + b.len()]);
+                        from += b.len();
                     }
-                    done += n;
+                    Ok(())
                 }
-                Mapping::Compressed => return Err(self.compressed_error()),
             }
-        }
-        Ok(())
+        })
     }
 
     /// Through a buffer the image keeps (a write may allocate clusters and
