@@ -637,25 +637,9 @@ fn as_fd3(cmd: &mut Command, fd: std::os::fd::RawFd) {
 impl QemuPasst {
     /// passt on a new pair; the end for QEMU.
     fn start() -> Result<(QemuPasst, std::os::unix::net::UnixStream)> {
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-        // The socket buffers Vireo gives its own passt (crates/net's
-        // passt.rs), so both VMMs see the same passt and the same pair.
-        for fd in [
-            std::os::fd::AsRawFd::as_raw_fd(&ours),
-            std::os::fd::AsRawFd::as_raw_fd(&theirs),
-        ] {
-            let size: libc::c_int = 4 << 20;
-            // SAFETY: setsockopt with a valid int on a socket we own.
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_SNDBUF,
-                    (&size as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-        }
+        // The pair and socket buffers Vireo gives its own passt, so both
+        // VMMs see the same passt and the same pair.
+        let (ours, theirs) = net::passt::socket_pair()?;
         let mut c = Command::new("passt");
         c.args(["--foreground", "--quiet", "--mtu", "1500", "--fd", "3"])
             .stdin(std::process::Stdio::null())

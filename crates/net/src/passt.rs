@@ -260,6 +260,30 @@ pub struct Passt {
     monitor: Option<std::thread::JoinHandle<()>>,
 }
 
+/// The connected pair a passt is started on (one end for passt as its
+/// `--fd`, one for the VMM), with room in both sockets for bursts each way
+/// (best effort, up to the host's wmem_max): passt gives up on a guest
+/// connection whose frames it cannot hand over for a while, and an engine
+/// guest takes frames slower than passt makes them. Public so that a
+/// benchmark can give QEMU the same pair.
+pub fn socket_pair() -> io::Result<(UnixStream, UnixStream)> {
+    let (ours, theirs) = UnixStream::pair()?;
+    for fd in [ours.as_raw_fd(), theirs.as_raw_fd()] {
+        let size: libc::c_int = 4 << 20;
+        // SAFETY: setsockopt with a valid int on our own socket.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+    }
+    Ok((ours, theirs))
+}
+
 fn broken(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::BrokenPipe, format!("passt: {what}"))
 }
@@ -267,25 +291,8 @@ fn broken(what: &str) -> io::Error {
 impl Passt {
     /// Start passt and wait until it runs (its ports bound).
     pub fn start(opts: &PasstOptions) -> Result<Self, PasstError> {
-        let (ours, theirs) = UnixStream::pair().map_err(PasstError::Socket)?;
+        let (ours, theirs) = socket_pair().map_err(PasstError::Socket)?;
         ours.set_nonblocking(true).map_err(PasstError::Socket)?;
-        // Room in the socket for bursts both ways (best effort, up to the
-        // host's wmem_max): passt gives up on a guest connection whose
-        // frames it cannot hand over for a while, and an engine guest
-        // takes frames slower than passt makes them.
-        for fd in [ours.as_raw_fd(), theirs.as_raw_fd()] {
-            let size: libc::c_int = 4 << 20;
-            // SAFETY: setsockopt with a valid int on our own socket.
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_SNDBUF,
-                    (&size as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-        }
         let pidfile = pidfile_path();
         let _ = std::fs::remove_file(&pidfile);
         let mut cmd = Command::new(&opts.program);
