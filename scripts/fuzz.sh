@@ -38,13 +38,16 @@ for dir in crates/*/fuzz; do
         execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | awk '{print $2}' | tail -1)
         after=$(ls "$dir/artifacts/$target" 2>/dev/null | wc -l)
         crashes=$((after - before))
+        note=""
         if [ "$rc" -ne 0 ] && [ "$crashes" -eq 0 ]; then
-            # A failure that left no artifact (a build error, a timeout).
+            # A failure that left no artifact: a build error (no executions)
+            # or a timeout. Counted as a failure, named as what it was.
             crashes=1
+            if [ -z "$execs" ]; then note=" (did not build or start: see above)"; else note=" (no artifact: see above)"; fi
             tail -20 "$log" >&2
         fi
         [ "$crashes" -gt 0 ] && crashed=1
-        summary+=("$(printf '%-10s %-20s %14s executions %3d crashes' "$crate" "$target" "${execs:-?}" "$crashes")")
+        summary+=("$(printf '%-10s %-20s %14s executions %3d crashes%s' "$crate" "$target" "${execs:-?}" "$crashes" "$note")")
     done
 done
 echo
