@@ -259,6 +259,35 @@ fn measure(
     cols
 }
 
+/// A host-side thread's figure (or why there is none).
+fn joined(t: std::thread::JoinHandle<Result<Option<Sample>>>) -> Result<Option<Sample>> {
+    t.join()
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the host side panicked")))
+}
+
+/// The guest's report of a net run with the host ends' figures of its
+/// upload (`tcp-send`) and download (`tcp-recv`) beside them.
+fn with_host_figures(
+    finished: &Finished,
+    upload: Result<Option<Sample>>,
+    download: Result<Option<Sample>>,
+) -> Result<IoReport> {
+    let mut report = report_of(finished)?;
+    for (name, host) in [("tcp-send", upload), ("tcp-recv", download)] {
+        match host {
+            Ok(sample) => {
+                if let Some(f) = report.figure_mut(name) {
+                    f.host = sample;
+                }
+            }
+            Err(e) => report
+                .errors
+                .push((name.into(), format!("host side: {e:#}"))),
+        }
+    }
+    Ok(report)
+}
+
 /// The console's report (with the VMM's failure, if any, as an error named
 /// `vmm`); an error if the VM failed and reported nothing.
 fn report_of(f: &Finished) -> Result<IoReport> {
@@ -583,29 +612,12 @@ fn net_once(ns: &Netns, tap: &str, cmd: Command, secs: u64, limit: Duration) -> 
     }
     let finished = vm.finish(limit);
     stop.store(true, Ordering::Relaxed);
-    let served = |t: std::thread::JoinHandle<Result<Option<Sample>>>| {
-        t.join()
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("the host side panicked")))
-    };
-    let (upload, download) = (served(upload), served(download));
+    let (upload, download) = (joined(upload), joined(download));
     if let Err(e) = tap_up {
         let why = finished.failure().unwrap_or_default();
         bail!("{e:#} {why}");
     }
-    let mut report = report_of(&finished)?;
-    for (name, host) in [("tcp-send", upload), ("tcp-recv", download)] {
-        match host {
-            Ok(sample) => {
-                if let Some(f) = report.figure_mut(name) {
-                    f.host = sample;
-                }
-            }
-            Err(e) => report
-                .errors
-                .push((name.into(), format!("host side: {e:#}"))),
-        }
-    }
-    Ok(report)
+    with_host_figures(&finished, upload, download)
 }
 
 /// passt on one end of a socket pair for one QEMU, started as Vireo
@@ -692,25 +704,7 @@ fn net_user_once(mut cmd: Command, qemu: &str, secs: u64, limit: Duration) -> Re
     };
     let finished = vm.finish(limit);
     stop.store(true, Ordering::Relaxed);
-    let served = |t: std::thread::JoinHandle<Result<Option<Sample>>>| {
-        t.join()
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("the host side panicked")))
-    };
-    let (upload, download) = (served(upload), served(download));
-    let mut report = report_of(&finished)?;
-    for (name, host) in [("tcp-send", upload), ("tcp-recv", download)] {
-        match host {
-            Ok(sample) => {
-                if let Some(f) = report.figure_mut(name) {
-                    f.host = sample;
-                }
-            }
-            Err(e) => report
-                .errors
-                .push((name.into(), format!("host side: {e:#}"))),
-        }
-    }
-    Ok(report)
+    with_host_figures(&finished, joined(upload), joined(download))
 }
 
 /// `bench net --backend user`: TCP both ways through passt, Vireo's
