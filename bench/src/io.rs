@@ -737,21 +737,23 @@ on a passt started here the same way), {secs} s per direction; MiB/s, median of 
         },
         &mut |_, cmd| net_user_once(cmd, &qemu, secs, limit),
     );
-    let tests = [
-        Test {
-            name: "tcp-send",
-            label: "guest -> host MiB/s (TCP)",
-            unit: Unit::MibPerSec,
-        },
-        Test {
-            name: "tcp-recv",
-            label: "host -> guest MiB/s (TCP)",
-            unit: Unit::MibPerSec,
-        },
-    ];
-    print_table(&tests, &cols, "host");
+    print_table(&NET_TESTS, &cols, "host");
     Ok(())
 }
+
+/// The rows of both net tables (tap and passt).
+const NET_TESTS: [Test; 2] = [
+    Test {
+        name: "tcp-send",
+        label: "guest -> host MiB/s (TCP)",
+        unit: Unit::MibPerSec,
+    },
+    Test {
+        name: "tcp-recv",
+        label: "host -> guest MiB/s (TCP)",
+        unit: Unit::MibPerSec,
+    },
+];
 
 pub fn net(args: &BenchArgs, runs: usize) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
@@ -784,19 +786,7 @@ MiB/s, median of {runs} runs"
         },
         &mut |g, cmd| net_once(&ns, g.tap.as_deref().unwrap_or(""), cmd, secs, limit),
     );
-    let tests = [
-        Test {
-            name: "tcp-send",
-            label: "guest -> host MiB/s (TCP)",
-            unit: Unit::MibPerSec,
-        },
-        Test {
-            name: "tcp-recv",
-            label: "host -> guest MiB/s (TCP)",
-            unit: Unit::MibPerSec,
-        },
-    ];
-    print_table(&tests, &cols, "host");
+    print_table(&NET_TESTS, &cols, "host");
     Ok(())
 }
 

@@ -19,15 +19,6 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// A TCP port nobody listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The letters guest, running and counting, with its API on `sock`.
 fn source(accel: &str, memory: &str, dir: &Path, devices: bool, sock: &Path) -> Running {
     source_in(None, accel, memory, dir, devices, sock)

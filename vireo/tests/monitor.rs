@@ -164,14 +164,6 @@ fn http_get(addr: &str, path: &str) -> (u16, String, String) {
     (status, ct, body.to_string())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Exit counters grow while the guest runs and stand still while it is
 /// paused (on both accelerators); /metrics on the socket and on TCP says
 /// what vm.counters says and parses as the exposition format.

@@ -104,15 +104,6 @@ fn serve_once(body: Vec<u8>) -> (u16, std::thread::JoinHandle<String>) {
     (port, t)
 }
 
-/// A port nobody listens on now (bound then released).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// GET `path` from 127.0.0.1:`port` with HTTP/1.0; the body.
 fn http_get(port: u16, path: &str) -> Vec<u8> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();

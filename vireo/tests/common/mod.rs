@@ -331,3 +331,12 @@ pub fn migration_greeting(key: bool) -> Vec<u8> {
     g.extend_from_slice(&[0u8; 32]);
     g
 }
+
+/// A loopback TCP port nobody listens on now (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
