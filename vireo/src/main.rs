@@ -24,6 +24,7 @@ Exit status:
   3  the guest rebooted (keyboard controller or ACPI reset; also after a guest panic with panic=N)
   4  a vCPU triple-faulted
   5  a vCPU hit an instruction its accelerator cannot run (the report names the bytes and RIP)
+  6  with --pvpanic: the guest kernel panicked (reported through the pvpanic device)
   (V<<1)|1  with --exit-device: the guest wrote V to the exit device (the last line on stderr
          says so; this can equal 1, 3 or 5, which that line tells apart)
   128+N  killed by signal N (the terminal is restored)
@@ -378,6 +379,11 @@ struct VmOptions {
     /// there ends the VM with exit status (V << 1) | 1.
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
     exit_device: Option<vmm::config::ExitDeviceConfig>,
+    /// A pvpanic PCI device: a guest kernel panic is logged (a guest-panic
+    /// event) and stops the VM with exit status 6, unless the guest has a
+    /// crash kernel loaded (kdump then runs).
+    #[arg(long)]
+    pvpanic: bool,
 }
 
 impl VmOptions {
@@ -399,6 +405,7 @@ impl VmOptions {
             && self.balloon.is_none()
             && self.vsock.is_none()
             && self.exit_device.is_none()
+            && !self.pvpanic
     }
 
     /// The config file (if any) with every option given on the command line on top.
@@ -455,6 +462,9 @@ impl VmOptions {
         }
         if let Some(x) = self.exit_device {
             cfg.exit_device = Some(x);
+        }
+        if self.pvpanic {
+            cfg.pvpanic = true;
         }
         cfg.disks.extend(self.disk);
         cfg.nets.extend(self.net);

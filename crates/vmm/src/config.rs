@@ -544,6 +544,9 @@ pub struct VmConfig {
     /// The exit device for test kernels (off unless asked for).
     #[serde(default)]
     pub exit_device: Option<ExitDeviceConfig>,
+    /// A pvpanic PCI device: the guest kernel reports its panics.
+    #[serde(default)]
+    pub pvpanic: bool,
 }
 
 /// Memory the guest must have at least: page tables, tables and a kernel.
@@ -601,6 +604,7 @@ impl VmConfig {
             vsock: None,
             console: ConsoleKind::Serial,
             exit_device: None,
+            pvpanic: false,
         }
     }
 

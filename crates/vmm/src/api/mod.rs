@@ -787,6 +787,7 @@ mod tests {
             .push("tap=t0,mac=52:54:00:12:34:56".parse().unwrap());
         config.balloon = Some(Default::default());
         config.exit_device = Some(Default::default());
+        config.pvpanic = true;
         let info = VmInfoReply {
             state: VmState::Running,
             config: Some(config.clone()),
