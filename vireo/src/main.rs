@@ -312,7 +312,7 @@ struct CreateArgs {
 struct VmOptions {
     /// Read the VM's settings from a TOML or JSON file (same names as the
     /// options: kernel, initrd, cmdline, memory, cpus, accel, cpu_model, serial, console, boot, rng,
-    /// disks, nets, balloon, exit_device);
+    /// disks, nets, balloon, exit_device, cpu_affinity);
     /// options given here override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -378,6 +378,11 @@ struct VmOptions {
     /// there ends the VM with exit status (V << 1) | 1.
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
     exit_device: Option<vmm::config::ExitDeviceConfig>,
+    /// Pin vCPU threads to host CPUs: VCPU=CPU[,VCPU=CPU...], e.g. 0=2,1=3,
+    /// or VCPU=FIRST-LAST for a range (each CPU must be one this process
+    /// may run on) [default: no pinning].
+    #[arg(long, value_name = "VCPU=CPU,...")]
+    cpu_affinity: Option<vmm::config::CpuAffinity>,
 }
 
 impl VmOptions {
@@ -399,6 +404,7 @@ impl VmOptions {
             && self.balloon.is_none()
             && self.vsock.is_none()
             && self.exit_device.is_none()
+            && self.cpu_affinity.is_none()
     }
 
     /// The config file (if any) with every option given on the command line on top.
@@ -456,6 +462,9 @@ impl VmOptions {
         if let Some(x) = self.exit_device {
             cfg.exit_device = Some(x);
         }
+        if let Some(a) = self.cpu_affinity {
+            cfg.cpu_affinity = a;
+        }
         cfg.disks.extend(self.disk);
         cfg.nets.extend(self.net);
         Ok(cfg)
@@ -488,6 +497,8 @@ fn init_logging(verbose: u8, format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    // Before any other thread starts, so that vm.info lists it first.
+    threads::register_current(threads::Role::Main);
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.log_format);
     // The environment is read here, in the binary; the library crates take
