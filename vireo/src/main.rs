@@ -313,7 +313,7 @@ struct CreateArgs {
 struct VmOptions {
     /// Read the VM's settings from a TOML or JSON file (same names as the
     /// options: kernel, initrd, cmdline, memory, cpus, accel, cpu_model, serial, console, boot, rng,
-    /// disks, nets, balloon, exit_device);
+    /// disks, nets, balloon, exit_device, cpu_affinity);
     /// options given here override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -384,6 +384,11 @@ struct VmOptions {
     /// crash kernel loaded (kdump then runs).
     #[arg(long)]
     pvpanic: bool,
+    /// Pin vCPU threads to host CPUs: VCPU=CPU[,VCPU=CPU...], e.g. 0=2,1=3,
+    /// or VCPU=FIRST-LAST for a range (each CPU must be one this process
+    /// may run on) [default: no pinning].
+    #[arg(long, value_name = "VCPU=CPU,...")]
+    cpu_affinity: Option<vmm::config::CpuAffinity>,
 }
 
 impl VmOptions {
@@ -406,6 +411,7 @@ impl VmOptions {
             && self.vsock.is_none()
             && self.exit_device.is_none()
             && !self.pvpanic
+            && self.cpu_affinity.is_none()
     }
 
     /// The config file (if any) with every option given on the command line on top.
@@ -466,6 +472,9 @@ impl VmOptions {
         if self.pvpanic {
             cfg.pvpanic = true;
         }
+        if let Some(a) = self.cpu_affinity {
+            cfg.cpu_affinity = a;
+        }
         cfg.disks.extend(self.disk);
         cfg.nets.extend(self.net);
         Ok(cfg)
@@ -498,6 +507,8 @@ fn init_logging(verbose: u8, format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    // Before any other thread starts, so that vm.info lists it first.
+    threads::register_current(threads::Role::Main);
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.log_format);
     // The environment is read here, in the binary; the library crates take

@@ -376,6 +376,7 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
         handle,
         exit_tx,
         exit_rx,
+        affinity: Default::default(),
     })
 }
 
@@ -542,7 +543,8 @@ fn console_output(mode: &SerialMode) -> Result<(Box<dyn Write + Send>, bool), Vm
 pub(crate) fn for_config(config: &VmConfig) -> Result<Built, VmmError> {
     config.validate()?;
     let (out, input) = console_output(&config.serial)?;
-    let vm = build(VmSpec::from_config(config)?, out)?;
+    let mut vm = build(VmSpec::from_config(config)?, out)?;
+    vm.set_cpu_affinity(config.cpu_affinity.clone());
     Ok(Built {
         vm,
         input,
