@@ -50,6 +50,9 @@ pub struct VmControl {
     kickers: Mutex<Vec<Arc<dyn VcpuKicker>>>,
     /// Serialises pause/resume requests from several API clients.
     requests: Mutex<()>,
+    /// Debugger stops the vCPUs reported and the gdb stub has not yet
+    /// taken (vCPU index, why), oldest first.
+    debug_stops: Mutex<std::collections::VecDeque<(u32, hypervisor::DebugStop)>>,
 }
 
 impl Default for VmControl {
@@ -61,6 +64,7 @@ impl Default for VmControl {
             live_vcpus: AtomicUsize::new(0),
             kickers: Mutex::new(Vec::new()),
             requests: Mutex::new(()),
+            debug_stops: Mutex::new(std::collections::VecDeque::new()),
         }
     }
 }
@@ -138,6 +142,58 @@ impl VmControl {
             }
             g.pause = true;
         }
+        self.wait_parked()
+    }
+
+    /// A vCPU stopped for the debugger (`VcpuExit::Debug`): remember why
+    /// for the gdb stub and stop the whole VM (all-stop, as gdb expects),
+    /// without waiting: the caller is a vCPU thread, which parks next.
+    pub(crate) fn debug_stop(&self, vcpu: u32, stop: hypervisor::DebugStop) {
+        self.debug_stops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back((vcpu, stop));
+        self.gate().pause = true;
+        self.kick_all();
+    }
+
+    /// The oldest debugger stop not yet taken.
+    pub(crate) fn take_debug_stop(&self) -> Option<(u32, hypervisor::DebugStop)> {
+        self.debug_stops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front()
+    }
+
+    pub(crate) fn has_debug_stop(&self) -> bool {
+        !self
+            .debug_stops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    pub(crate) fn clear_debug_stops(&self) {
+        self.debug_stops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// The debugger stops the VM: as `pause`, but a VM already paused
+    /// (by a vCPU's debug stop, or through the API) is fine.
+    pub(crate) fn debug_pause(&self) -> Result<(), ControlError> {
+        let _req = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        if self.stopping() {
+            return Err(ControlError::Stopping);
+        }
+        self.gate().pause = true;
+        self.wait_parked()
+    }
+
+    /// Wait until every vCPU is parked after `pause` was set (kicking them
+    /// meanwhile); on a timeout the pause is called off.
+    fn wait_parked(&self) -> Result<(), ControlError> {
         let deadline = Instant::now() + PAUSE_TIMEOUT;
         let mut g = self.gate();
         let all_parked =

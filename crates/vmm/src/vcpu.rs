@@ -171,6 +171,11 @@ impl VcpuContext {
                     }
                 }
                 VcpuExit::Interrupted => {}
+                VcpuExit::Debug(stop) => {
+                    // The gdb stub takes it from here; this vCPU parks at
+                    // the next checkpoint with the others.
+                    self.control.debug_stop(index, stop);
+                }
                 VcpuExit::Halt => {
                     // The backend leaves the wait to us: nothing can wake a
                     // halted vCPU but an interrupt, which the backend checks
