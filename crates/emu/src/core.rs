@@ -91,7 +91,10 @@ pub enum RunExit {
     Halt,
     Shutdown,
     Interrupted,
-    Internal { reason: String, rip: u64 },
+    Internal {
+        reason: String,
+        rip: u64,
+    },
     /// The host debugger's stop ([`crate::debug::HostDebug`]).
     Debug(hypervisor::DebugStop),
 }

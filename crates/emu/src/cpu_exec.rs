@@ -27,7 +27,7 @@ impl Core {
             // A debugger's single step runs the next instruction, not an
             // interrupt handler's first (QEMU's default too), unless the
             // vCPU sleeps in HLT and only an interrupt can go on.
-            if !self.int_shadow && !(self.host_debug.step && !self.halted) {
+            if !self.int_shadow && (!self.host_debug.step || self.halted) {
                 // Asking the controller costs (a platform reads its clock):
                 // poll when something asked for it, else every few blocks.
                 let asked = self.attention.load(Ordering::Relaxed);

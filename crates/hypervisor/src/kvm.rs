@@ -1041,16 +1041,19 @@ impl KvmVcpu {
             )));
         }
         let mut dr = [0u64; 8];
-        let slots = debug.breakpoints.iter().map(|&a| (a, 0u64, 1u64)).chain(
-            debug.watchpoints.iter().map(|w| {
-                let rw = match w.kind {
-                    crate::WatchKind::Write => 1,
-                    // x86 has no read-only watchpoint: reads and writes.
-                    crate::WatchKind::Read | crate::WatchKind::ReadWrite => 3,
-                };
-                (w.addr, rw, w.len)
-            }),
-        );
+        let slots =
+            debug
+                .breakpoints
+                .iter()
+                .map(|&a| (a, 0u64, 1u64))
+                .chain(debug.watchpoints.iter().map(|w| {
+                    let rw = match w.kind {
+                        crate::WatchKind::Write => 1,
+                        // x86 has no read-only watchpoint: reads and writes.
+                        crate::WatchKind::Read | crate::WatchKind::ReadWrite => 3,
+                    };
+                    (w.addr, rw, w.len)
+                }));
         for (i, (addr, rw, len)) in slots.enumerate() {
             let len_bits = match len {
                 1 => 0,

@@ -39,6 +39,9 @@ struct Gate {
     /// Why the VM must stay paused, while something (a snapshot being
     /// written) needs it still: resume is refused meanwhile.
     held: Option<&'static str>,
+    /// vCPUs (by index) that stay parked even while the VM runs: gdb's
+    /// scheduler locking resumes only the vCPUs it names.
+    frozen: Vec<bool>,
 }
 
 /// Pause/resume/stop for one VM's vCPU threads.
@@ -180,6 +183,14 @@ impl VmControl {
             .clear();
     }
 
+    /// Keep the vCPUs whose index is `true` in `frozen` parked while the
+    /// VM runs (the debugger's scheduler locking); empty: none. Takes
+    /// effect at the next resume.
+    pub(crate) fn set_frozen(&self, frozen: Vec<bool>) {
+        self.gate().frozen = frozen;
+        self.cv.notify_all();
+    }
+
     /// The debugger stops the VM: as `pause`, but a VM already paused
     /// (by a vCPU's debug stop, or through the API) is fine.
     pub(crate) fn debug_pause(&self) -> Result<(), ControlError> {
@@ -263,21 +274,22 @@ impl VmControl {
     /// Called by a vCPU thread between runs: parks while the VM is paused,
     /// after `before_park` (which brings the vCPU to a consistent state).
     /// Returns false when the vCPU must stop.
-    pub(crate) fn checkpoint(&self, before_park: impl FnOnce()) -> bool {
+    pub(crate) fn checkpoint(&self, vcpu: u32, before_park: impl FnOnce()) -> bool {
         if self.stopping() {
             return false;
         }
-        if !self.gate().pause {
+        let parks = |g: &Gate| g.pause || g.frozen.get(vcpu as usize).is_some_and(|&f| f);
+        if !parks(&self.gate()) {
             return true;
         }
         before_park();
         let mut g = self.gate();
-        if !g.pause {
+        if !parks(&g) {
             return !self.stopping();
         }
         g.parked += 1;
         self.cv.notify_all();
-        while g.pause && !self.stopping() {
+        while parks(&g) && !self.stopping() {
             g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
         g.parked -= 1;
@@ -312,7 +324,7 @@ mod tests {
             ctl.add_vcpu(Arc::new(NoKick));
             let (c, r) = (ctl.clone(), ran.clone());
             threads.push(std::thread::spawn(move || {
-                while c.checkpoint(|| ()) {
+                while c.checkpoint(0, || ()) {
                     r.fetch_add(1, Ordering::SeqCst);
                     std::thread::sleep(Duration::from_millis(1));
                 }

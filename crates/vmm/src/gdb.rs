@@ -37,8 +37,8 @@ use gdbstub::conn::ConnectionExt;
 use gdbstub::stub::run_blocking::{BlockingEventLoop, Event, WaitForStopReasonError};
 use gdbstub::stub::{DisconnectReason, GdbStub, MultiThreadStopReason};
 use gdbstub::target::ext::base::multithread::{
-    MultiThreadBase, MultiThreadResume, MultiThreadResumeOps, MultiThreadSingleStep,
-    MultiThreadSingleStepOps,
+    MultiThreadBase, MultiThreadResume, MultiThreadResumeOps, MultiThreadSchedulerLocking,
+    MultiThreadSchedulerLockingOps, MultiThreadSingleStep, MultiThreadSingleStepOps,
 };
 use gdbstub::target::ext::base::BaseOps;
 use gdbstub::target::ext::breakpoints::{
@@ -54,6 +54,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::control::ControlError;
 use crate::vm::{lock, VmHandle};
+use crate::VmExit;
+use std::sync::mpsc::Sender;
 
 /// Where the stub listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,7 +70,9 @@ impl std::str::FromStr for GdbAddr {
     /// `tcp:HOST:PORT`, `unix:PATH`, or a bare PATH (a Unix socket).
     fn from_str(s: &str) -> Result<Self, String> {
         if let Some(a) = s.strip_prefix("tcp:") {
-            if a.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+            if a.rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
                 return Err(format!("--gdb tcp:{a}: expected tcp:HOST:PORT"));
             }
             return Ok(GdbAddr::Tcp(a.to_string()));
@@ -163,7 +167,11 @@ pub(crate) struct GdbServer {
 impl GdbServer {
     /// Listen on `opts.addr`; with `opts.wait`, pause the VM (before its
     /// vCPU threads start) until gdb attaches.
-    pub(crate) fn start(opts: &GdbOptions, vm: Arc<VmHandle>) -> Result<Self, String> {
+    pub(crate) fn start(
+        opts: &GdbOptions,
+        vm: Arc<VmHandle>,
+        exits: Sender<VmExit>,
+    ) -> Result<Self, String> {
         let listener =
             Listener::bind(&opts.addr).map_err(|e| format!("--gdb {}: {e}", opts.addr))?;
         if opts.wait {
@@ -175,17 +183,21 @@ impl GdbServer {
         eprintln!(
             "vireo: gdb stub listening on {}{}",
             opts.addr,
-            if opts.wait { " (guest held until gdb attaches)" } else { "" }
+            if opts.wait {
+                " (guest held until gdb attaches)"
+            } else {
+                ""
+            }
         );
         let thread = std::thread::Builder::new()
             .name("gdb".into())
-            .spawn(move || serve(listener, vm))
+            .spawn(move || serve(listener, vm, exits))
             .map_err(|e| format!("cannot start the gdb thread: {e}"))?;
         Ok(GdbServer { _thread: thread })
     }
 }
 
-fn serve(listener: Listener, vm: Arc<VmHandle>) {
+fn serve(listener: Listener, vm: Arc<VmHandle>, exits: Sender<VmExit>) {
     while !vm.control.stopping() {
         let conn = match listener.accept() {
             Ok(Some(c)) => c,
@@ -214,8 +226,7 @@ fn serve(listener: Listener, vm: Arc<VmHandle>) {
             Ok(DisconnectReason::Kill) => {
                 tracing::info!("gdb: kill: the VM stops");
                 target.detach();
-                // Ends the VM as the power button's last resort would.
-                vm.control.request_stop();
+                let _ = exits.send(VmExit::KilledByDebugger);
                 return;
             }
             Ok(r) => tracing::info!("gdb detached ({r:?})"),
@@ -235,6 +246,9 @@ enum Action {
 struct GdbTarget {
     vm: Arc<VmHandle>,
     actions: Vec<Option<Action>>,
+    /// gdb's scheduler locking: vCPUs without an action stay stopped
+    /// (otherwise they continue).
+    locked: bool,
     sw_breakpoints: Vec<u64>,
     hw_breakpoints: Vec<u64>,
     watchpoints: Vec<Watchpoint>,
@@ -250,6 +264,7 @@ impl GdbTarget {
         GdbTarget {
             vm,
             actions: vec![None; n],
+            locked: false,
             sw_breakpoints: Vec::new(),
             hw_breakpoints: Vec::new(),
             watchpoints: Vec::new(),
@@ -300,6 +315,8 @@ impl GdbTarget {
         self.hw_breakpoints.clear();
         self.watchpoints.clear();
         self.actions.iter_mut().for_each(|a| *a = None);
+        self.locked = false;
+        self.vm.control.set_frozen(Vec::new());
         if let Err(e) = self.arm() {
             tracing::warn!("gdb: clearing the debug state: {e}");
         }
@@ -315,15 +332,14 @@ impl GdbTarget {
             }
             DebugStop::Breakpoint(_) => MultiThreadStopReason::SwBreak(tid),
             DebugStop::Watchpoint(addr) => {
-                let kind = self
-                    .watchpoints
-                    .iter()
-                    .find(|w| w.addr == addr)
-                    .map_or(WatchKind::Write, |w| match w.kind {
+                let kind = self.watchpoints.iter().find(|w| w.addr == addr).map_or(
+                    WatchKind::Write,
+                    |w| match w.kind {
                         hypervisor::WatchKind::Write => WatchKind::Write,
                         hypervisor::WatchKind::Read => WatchKind::Read,
                         hypervisor::WatchKind::ReadWrite => WatchKind::ReadWrite,
-                    });
+                    },
+                );
                 MultiThreadStopReason::Watch { tid, kind, addr }
             }
             DebugStop::Step => MultiThreadStopReason::SignalWithThread {
@@ -336,7 +352,13 @@ impl GdbTarget {
     /// Copy between guest virtual memory (`vcpu`'s page tables) and `buf`,
     /// a page at a time; how many bytes were copied before the first
     /// address that is unmapped or not RAM.
-    fn access(&self, vcpu: usize, addr: u64, buf: &mut [u8], write: bool) -> TargetResult<usize, Self> {
+    fn access(
+        &self,
+        vcpu: usize,
+        addr: u64,
+        buf: &mut [u8],
+        write: bool,
+    ) -> TargetResult<usize, Self> {
         let sregs = self.sregs(vcpu)?;
         let mem = &self.vm.memory;
         let mut done = 0;
@@ -532,6 +554,12 @@ impl MultiThreadResume for GdbTarget {
             return Ok(());
         }
         self.arm()?;
+        let frozen = if self.locked {
+            self.actions.iter().map(Option::is_none).collect()
+        } else {
+            Vec::new()
+        };
+        self.vm.control.set_frozen(frozen);
         match self.vm.control.resume() {
             Ok(()) | Err(ControlError::NotPaused) => Ok(()),
             Err(e) => Err(format!("cannot resume the VM: {e}")),
@@ -540,7 +568,12 @@ impl MultiThreadResume for GdbTarget {
 
     fn clear_resume_actions(&mut self) -> Result<(), Self::Error> {
         self.actions.iter_mut().for_each(|a| *a = None);
+        self.locked = false;
         Ok(())
+    }
+
+    fn support_scheduler_locking(&mut self) -> Option<MultiThreadSchedulerLockingOps<'_, Self>> {
+        Some(self)
     }
 
     fn set_resume_action_continue(
@@ -569,6 +602,13 @@ impl MultiThreadSingleStep for GdbTarget {
         if let Some(a) = self.actions.get_mut(tid.get() - 1) {
             *a = Some(Action::Step);
         }
+        Ok(())
+    }
+}
+
+impl MultiThreadSchedulerLocking for GdbTarget {
+    fn set_resume_action_scheduler_lock(&mut self) -> Result<(), Self::Error> {
+        self.locked = true;
         Ok(())
     }
 }
@@ -635,9 +675,14 @@ fn watch_kind(kind: WatchKind) -> hypervisor::WatchKind {
 }
 
 impl HwWatchpoint for GdbTarget {
-    fn add_hw_watchpoint(&mut self, addr: u64, len: u64, kind: WatchKind) -> TargetResult<bool, Self> {
+    fn add_hw_watchpoint(
+        &mut self,
+        addr: u64,
+        len: u64,
+        kind: WatchKind,
+    ) -> TargetResult<bool, Self> {
         // Debug registers watch 1, 2, 4 or 8 aligned bytes.
-        if !matches!(len, 1 | 2 | 4 | 8) || addr % len != 0 || !self.slots_left() {
+        if !matches!(len, 1 | 2 | 4 | 8) || !addr.is_multiple_of(len) || !self.slots_left() {
             return Ok(false);
         }
         self.watchpoints.push(Watchpoint {
@@ -669,7 +714,11 @@ impl MonitorCmd for GdbTarget {
     /// `monitor regs`: the system registers gdb's x86-64 description has
     /// no place for (control registers, EFER, segment bases, descriptor
     /// tables), per vCPU.
-    fn handle_monitor_cmd(&mut self, cmd: &[u8], mut out: ConsoleOutput<'_>) -> Result<(), Self::Error> {
+    fn handle_monitor_cmd(
+        &mut self,
+        cmd: &[u8],
+        mut out: ConsoleOutput<'_>,
+    ) -> Result<(), Self::Error> {
         use std::fmt::Write;
         match cmd {
             b"regs" | b"sregs" => {
@@ -791,10 +840,14 @@ mod tests {
         let pdpti = (va >> 30) & 0x1ff;
         let pdi = (va >> 21) & 0x1ff;
         let pti = (va >> 12) & 0x1ff;
-        mem.write_obj(0x2003u64, GuestAddress(0x1000 + pml4i * 8)).unwrap();
-        mem.write_obj(0x3003u64, GuestAddress(0x2000 + pdpti * 8)).unwrap();
-        mem.write_obj(0x4003u64, GuestAddress(0x3000 + pdi * 8)).unwrap();
-        mem.write_obj(0x7_8003u64, GuestAddress(0x4000 + pti * 8)).unwrap();
+        mem.write_obj(0x2003u64, GuestAddress(0x1000 + pml4i * 8))
+            .unwrap();
+        mem.write_obj(0x3003u64, GuestAddress(0x2000 + pdpti * 8))
+            .unwrap();
+        mem.write_obj(0x4003u64, GuestAddress(0x3000 + pdi * 8))
+            .unwrap();
+        mem.write_obj(0x7_8003u64, GuestAddress(0x4000 + pti * 8))
+            .unwrap();
         // The next 2 MiB: a large page at 0x20_0000 (outside this RAM).
         mem.write_obj(0x20_0083u64, GuestAddress(0x3000 + (pdi + 1) * 8))
             .unwrap();
@@ -806,9 +859,10 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(translate(&mem, &sregs, va), Some(0x7_8234));
+        // va's offset in its 2 MiB region is 0x1234.
         assert_eq!(
             translate(&mem, &sregs, va + 0x20_0000),
-            Some(0x20_0000 + 0x1234 + 0x1000)
+            Some(0x20_0000 + 0x1234)
         );
         // Not present, and a table pointer outside RAM.
         assert_eq!(translate(&mem, &sregs, va + 0x1000), None);

@@ -216,7 +216,8 @@ fn run_built(b: Built, servers: &Servers, how: &str) -> Result<VmExit, VmmError>
     let _running = servers.start(&shared)?;
     let _gdb = match &servers.gdb {
         Some(opts) => Some(
-            crate::gdb::GdbServer::start(opts, b.vm.handle()).map_err(VmmError::Gdb)?,
+            crate::gdb::GdbServer::start(opts, b.vm.handle(), b.vm.exit_sender())
+                .map_err(VmmError::Gdb)?,
         ),
         None => None,
     };

@@ -131,7 +131,7 @@ impl VcpuContext {
             }
         };
         self.counters.thread_started();
-        while self.control.checkpoint(settle) {
+        while self.control.checkpoint(index, settle) {
             // Held while the guest runs; released while paused (checkpoint).
             let mut vcpu = lock(&shared);
             let entered = Instant::now();
