@@ -634,7 +634,9 @@ impl SwBreakpoint for GdbTarget {
             return Ok(true);
         }
         if !self.slots_left() {
-            return Ok(false);
+            // An error, not "unsupported": gdb would fall back to writing
+            // INT3 into guest memory, which KVM would hand to the guest.
+            return Err(TargetError::Errno(28));
         }
         self.sw_breakpoints.push(addr);
         Ok(true)
@@ -653,7 +655,7 @@ impl HwBreakpoint for GdbTarget {
             return Ok(true);
         }
         if !self.slots_left() {
-            return Ok(false);
+            return Err(TargetError::Errno(28));
         }
         self.hw_breakpoints.push(addr);
         Ok(true)
