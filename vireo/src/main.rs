@@ -18,7 +18,7 @@ mod top;
 
 const EXIT_CODES: &str = "\
 Exit status:
-  0  the guest powered off (or you quit with Ctrl-A X)
+  0  the guest powered off (or you quit with Ctrl-A X, or gdb's kill with --gdb)
   1  Vireo failed: bad input, missing /dev/kvm, a host error (one line on stderr says why)
   2  bad command line
   3  the guest rebooted (keyboard controller or ACPI reset; also after a guest panic with panic=N)
