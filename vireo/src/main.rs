@@ -91,6 +91,10 @@ enum Command {
     /// Set the balloon's target: memory the guest is asked to give back
     /// (`vireo info` shows how much it gave and its memory statistics).
     Balloon(BalloonArgs),
+    /// Change a running VM's I/O limits: a disk's (`--limit`), a NIC's
+    /// per direction (`--rx`, `--tx`), or a rate group's. A limit is
+    /// `bw=BYTES_PER_SEC[,ops=N]` (`20M` is 20 MiB/s) or `none`.
+    RateLimit(RateLimitArgs),
     /// Start a VM from a snapshot directory in this process.
     #[command(after_help = EXIT_CODES)]
     Restore(RestoreArgs),
@@ -251,6 +255,28 @@ struct BalloonArgs {
     /// Balloon size in MiB (0 gives everything back; at most the guest's RAM).
     #[arg(long, value_name = "N")]
     target_mib: u64,
+}
+
+#[derive(Args)]
+struct RateLimitArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// The device (disk0, net1, as `vireo counters` names them) or rate group.
+    #[arg(value_name = "TARGET")]
+    target: String,
+    /// A disk's (or disk group's) limit: `bw=20M,ops=1000` or `none`.
+    #[arg(long, value_name = "LIMIT", value_parser = parse_limit)]
+    limit: Option<vmm::config::RateLimiterConfig>,
+    /// A NIC's limit on frames to the guest.
+    #[arg(long, value_name = "LIMIT", value_parser = parse_limit)]
+    rx: Option<vmm::config::RateLimiterConfig>,
+    /// A NIC's limit on frames from the guest.
+    #[arg(long, value_name = "LIMIT", value_parser = parse_limit)]
+    tx: Option<vmm::config::RateLimiterConfig>,
+}
+
+fn parse_limit(s: &str) -> Result<vmm::config::RateLimiterConfig, String> {
+    vmm::config::parse_limit(s).map_err(|e| e.to_string())
 }
 
 #[derive(Args)]
@@ -531,6 +557,7 @@ fn main() -> ExitCode {
         Command::Stop(a) => api_call(&a.api_socket, ApiAction::VmStop),
         Command::Snapshot(a) => report(snapshot(&a)),
         Command::Balloon(a) => report(balloon(&a)),
+        Command::RateLimit(a) => report(rate_limit(&a)),
         Command::Migrate(a) => report(migrate(&a)),
         Command::MigrateReceive(a) => match &a.start.into {
             Some(sock) => api_call(
@@ -721,6 +748,18 @@ fn balloon(a: &BalloonArgs) -> Result<(), ClientError> {
         target_mib: a.target_mib,
     })?;
     out(format_args!("balloon target set to {} MiB", a.target_mib));
+    Ok(())
+}
+
+/// Change a device's or a group's I/O limits.
+fn rate_limit(a: &RateLimitArgs) -> Result<(), ClientError> {
+    ApiClient::new(&a.api.api_socket).rate_limit(vmm::api::RateLimitRequest {
+        target: a.target.clone(),
+        rate_limiter: a.limit,
+        rx_rate_limiter: a.rx,
+        tx_rate_limiter: a.tx,
+    })?;
+    out(format_args!("rate limits of {} set", a.target));
     Ok(())
 }
 

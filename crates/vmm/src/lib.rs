@@ -23,6 +23,7 @@ mod exit;
 mod launch;
 pub mod migration;
 mod persist;
+pub mod rate_limits;
 pub mod snapshot;
 mod vcpu;
 mod vm;

@@ -49,6 +49,7 @@ pub enum Endpoint {
     VmMigrateSend,
     VmMigrateCancel,
     VmBalloon,
+    VmRateLimit,
     VmCreate,
     VmDelete,
     VmBoot,
@@ -61,7 +62,7 @@ pub enum Endpoint {
 
 impl Endpoint {
     /// Every endpoint, in the order docs/openapi.json lists them.
-    pub const ALL: [Endpoint; 18] = [
+    pub const ALL: [Endpoint; 19] = [
         Endpoint::VmmPing,
         Endpoint::VmInfo,
         Endpoint::VmPause,
@@ -72,6 +73,7 @@ impl Endpoint {
         Endpoint::VmMigrateSend,
         Endpoint::VmMigrateCancel,
         Endpoint::VmBalloon,
+        Endpoint::VmRateLimit,
         Endpoint::VmCreate,
         Endpoint::VmDelete,
         Endpoint::VmBoot,
@@ -130,6 +132,11 @@ impl Endpoint {
                 "PUT",
                 "/api/v1/vm.balloon",
                 "Set the balloon's target size: memory the guest is asked to give back",
+            ),
+            Endpoint::VmRateLimit => (
+                "PUT",
+                "/api/v1/vm.rate-limit",
+                "Change a disk's, a NIC's or a rate group's I/O limits (token buckets)",
             ),
             Endpoint::VmCreate => (
                 "PUT",
@@ -225,6 +232,25 @@ pub struct MigrateRequest {
     /// Pre-copy bandwidth cap in MiB/s (the paused final round is not capped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_bandwidth_mib: Option<u64>,
+}
+
+/// `vm.rate-limit`: new token buckets for one device or rate group. A
+/// limiter left out stays as it is; `{}` (no bucket) lifts a limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitRequest {
+    /// A device id as `vm.counters` names it (`disk0`, `net1`) or a rate
+    /// group's name. A device in a group changes the whole group.
+    pub target: String,
+    /// A disk's limiter.
+    #[serde(default)]
+    pub rate_limiter: Option<crate::config::RateLimiterConfig>,
+    /// A NIC's limiter for frames the guest receives.
+    #[serde(default)]
+    pub rx_rate_limiter: Option<crate::config::RateLimiterConfig>,
+    /// A NIC's limiter for frames the guest sends.
+    #[serde(default)]
+    pub tx_rate_limiter: Option<crate::config::RateLimiterConfig>,
 }
 
 /// `vm.balloon`: the balloon's new target.
@@ -397,6 +423,7 @@ pub enum ApiAction {
     VmMigrateSend(MigrateRequest),
     VmMigrateCancel,
     VmBalloon(BalloonRequest),
+    VmRateLimit(RateLimitRequest),
     VmCreate(Box<VmConfig>),
     VmDelete,
     VmBoot,
@@ -420,6 +447,7 @@ impl ApiAction {
             ApiAction::VmMigrateSend(_) => Endpoint::VmMigrateSend,
             ApiAction::VmMigrateCancel => Endpoint::VmMigrateCancel,
             ApiAction::VmBalloon(_) => Endpoint::VmBalloon,
+            ApiAction::VmRateLimit(_) => Endpoint::VmRateLimit,
             ApiAction::VmCreate(_) => Endpoint::VmCreate,
             ApiAction::VmDelete => Endpoint::VmDelete,
             ApiAction::VmBoot => Endpoint::VmBoot,
@@ -452,6 +480,7 @@ impl ApiAction {
             Endpoint::VmMigrateSend => ApiAction::VmMigrateSend(de(e, body)?),
             Endpoint::VmMigrateCancel => ApiAction::VmMigrateCancel,
             Endpoint::VmBalloon => ApiAction::VmBalloon(de(e, body)?),
+            Endpoint::VmRateLimit => ApiAction::VmRateLimit(de(e, body)?),
             Endpoint::VmCreate => ApiAction::VmCreate(Box::new(de(e, body)?)),
             Endpoint::VmDelete => ApiAction::VmDelete,
             Endpoint::VmBoot => ApiAction::VmBoot,
@@ -469,6 +498,7 @@ impl ApiAction {
             ApiAction::VmSnapshot(r) => serde_json::to_string(r),
             ApiAction::VmMigrateSend(r) => serde_json::to_string(r),
             ApiAction::VmBalloon(r) => serde_json::to_string(r),
+            ApiAction::VmRateLimit(r) => serde_json::to_string(r),
             ApiAction::VmCreate(c) => serde_json::to_string(c),
             ApiAction::VmRestore(r) => serde_json::to_string(r),
             ApiAction::VmMigrateReceive(r) => serde_json::to_string(r),
@@ -490,6 +520,7 @@ impl ApiAction {
             ApiAction::VmMigrateSend(r) => handler.vm_migrate_send(r).map(ApiReply::Migrated),
             ApiAction::VmMigrateCancel => done(handler.vm_migrate_cancel()),
             ApiAction::VmBalloon(r) => done(handler.vm_balloon(r)),
+            ApiAction::VmRateLimit(r) => done(handler.vm_rate_limit(r)),
             ApiAction::VmCreate(c) => done(handler.vm_create(c)),
             ApiAction::VmDelete => done(handler.vm_delete()),
             ApiAction::VmBoot => done(handler.vm_boot()),
@@ -587,6 +618,12 @@ pub enum ApiError {
     NotMigrating,
     #[error("this VM has no balloon device (start it with --balloon)")]
     NoBalloon,
+    #[error(
+        "no disk, NIC or rate group is named '{0}' (disks are disk0, disk1, ...; NICs net0, ...)"
+    )]
+    NoRateLimitTarget(String),
+    #[error("bad rate limit for '{target}': {reason}")]
+    BadRateLimit { target: String, reason: String },
     #[error("the VM is paused: resume it first")]
     Paused,
     /// Pause or resume did not fit the VM's run state, or timed out.
@@ -616,6 +653,7 @@ pub trait RequestHandler: Send + Sync {
     fn vm_migrate_send(&self, req: &MigrateRequest) -> Result<MigrationReport, ApiError>;
     fn vm_migrate_cancel(&self) -> Result<(), ApiError>;
     fn vm_balloon(&self, req: &BalloonRequest) -> Result<(), ApiError>;
+    fn vm_rate_limit(&self, req: &RateLimitRequest) -> Result<(), ApiError>;
     fn vm_create(&self, config: &VmConfig) -> Result<(), ApiError>;
     fn vm_delete(&self) -> Result<(), ApiError>;
     fn vm_boot(&self) -> Result<(), ApiError>;
@@ -829,6 +867,16 @@ mod tests {
             max_bandwidth_mib: Some(1),
         };
         let counters = crate::counters::tests::full_counters();
+        let limiter = crate::config::RateLimiterConfig {
+            bandwidth: Some(crate::config::bucket_for_rate(1 << 20)),
+            ops: Some(crate::config::bucket_for_rate(100)),
+        };
+        let rate_limit = RateLimitRequest {
+            target: "disk0".into(),
+            rate_limiter: Some(limiter),
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        };
         let pairs = [
             (
                 "Ping",
@@ -848,6 +896,9 @@ mod tests {
                 }),
             ),
             ("BalloonRequest", fields(&BalloonRequest { target_mib: 1 })),
+            ("RateLimitRequest", fields(&rate_limit)),
+            ("RateLimiter", fields(&limiter)),
+            ("TokenBucket", fields(&limiter.bandwidth)),
             ("MigrateRequest", fields(&migrate)),
             ("RestoreRequest", fields(&restore)),
             ("MigrateReceiveRequest", fields(&receive)),
