@@ -95,6 +95,9 @@ enum Command {
     /// per direction (`--rx`, `--tx`), or a rate group's. A limit is
     /// `bw=BYTES_PER_SEC[,ops=N]` (`20M` is 20 MiB/s) or `none`.
     RateLimit(RateLimitArgs),
+    /// Change a running VMM's cgroup limits (it was started with
+    /// --cgroup): cpu.max, cpu.weight, memory.max, memory.high.
+    Cgroup(CgroupLimitArgs),
     /// Start a VM from a snapshot directory in this process.
     #[command(after_help = EXIT_CODES)]
     Restore(RestoreArgs),
@@ -323,6 +326,62 @@ struct RunArgs {
     /// 127.0.0.1:9100. Only these reads are served there.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    cgroup: CgroupArgs,
+}
+
+/// The VMM's cgroup (cgroup v2; see docs/limits.md).
+#[derive(Args)]
+struct CgroupArgs {
+    /// Run the VMM in a cgroup of its own, PARENT/vireo-PID (made now,
+    /// removed at exit), with vCPU threads and the other threads in
+    /// threaded sub-groups. PARENT is a path in the cgroup v2 hierarchy
+    /// (/vms) or under its mount (/sys/fs/cgroup/vms).
+    #[arg(long, value_name = "PARENT")]
+    cgroup: Option<PathBuf>,
+    /// cpu.max of the VMM's cgroup: 150% (one and a half CPUs),
+    /// QUOTA/PERIOD in µs (50000/100000) or max.
+    #[arg(long, value_name = "LIMIT", requires = "cgroup")]
+    cpu_max: Option<vmm::cgroup::CpuMax>,
+    /// cpu.weight of the VMM's cgroup (1-10000; the kernel's default 100).
+    #[arg(long, value_name = "N", requires = "cgroup")]
+    cpu_weight: Option<u32>,
+    /// memory.max of the VMM's cgroup (512M, 2G, max); guest RAM counts.
+    #[arg(long, value_name = "SIZE", requires = "cgroup")]
+    memory_max: Option<vmm::cgroup::MemoryLimit>,
+    /// memory.high of the VMM's cgroup: where reclaim and throttling start.
+    #[arg(long, value_name = "SIZE", requires = "cgroup")]
+    memory_high: Option<vmm::cgroup::MemoryLimit>,
+}
+
+impl CgroupArgs {
+    fn limits(&self) -> vmm::cgroup::CgroupLimits {
+        vmm::cgroup::CgroupLimits {
+            cpu_max: self.cpu_max,
+            cpu_weight: self.cpu_weight,
+            memory_max: self.memory_max,
+            memory_high: self.memory_high,
+        }
+    }
+}
+
+/// `vireo cgroup`: new limits for a running VMM's cgroup.
+#[derive(Args)]
+struct CgroupLimitArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// cpu.max: 150%, QUOTA/PERIOD in µs, or max.
+    #[arg(long, value_name = "LIMIT")]
+    cpu_max: Option<vmm::cgroup::CpuMax>,
+    /// cpu.weight (1-10000).
+    #[arg(long, value_name = "N")]
+    cpu_weight: Option<u32>,
+    /// memory.max (512M, 2G, max).
+    #[arg(long, value_name = "SIZE")]
+    memory_max: Option<vmm::cgroup::MemoryLimit>,
+    /// memory.high (512M, 2G, max).
+    #[arg(long, value_name = "SIZE")]
+    memory_high: Option<vmm::cgroup::MemoryLimit>,
 }
 
 #[derive(Args)]
@@ -558,6 +617,7 @@ fn main() -> ExitCode {
         Command::Snapshot(a) => report(snapshot(&a)),
         Command::Balloon(a) => report(balloon(&a)),
         Command::RateLimit(a) => report(rate_limit(&a)),
+        Command::Cgroup(a) => report(cgroup_limits(&a)),
         Command::Migrate(a) => report(migrate(&a)),
         Command::MigrateReceive(a) => match &a.start.into {
             Some(sock) => api_call(
@@ -751,6 +811,18 @@ fn balloon(a: &BalloonArgs) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// Change the VMM's cgroup limits.
+fn cgroup_limits(a: &CgroupLimitArgs) -> Result<(), ClientError> {
+    ApiClient::new(&a.api.api_socket).cgroup(vmm::cgroup::CgroupLimits {
+        cpu_max: a.cpu_max,
+        cpu_weight: a.cpu_weight,
+        memory_max: a.memory_max,
+        memory_high: a.memory_high,
+    })?;
+    out(format_args!("cgroup limits set"));
+    Ok(())
+}
+
 /// Change a device's or a group's I/O limits.
 fn rate_limit(a: &RateLimitArgs) -> Result<(), ClientError> {
     ApiClient::new(&a.api.api_socket).rate_limit(vmm::api::RateLimitRequest {
@@ -781,6 +853,25 @@ fn run(args: RunArgs) -> i32 {
     let servers = vmm::Servers {
         api_socket: args.api_socket.clone(),
         metrics: args.metrics,
+    };
+    // Before the VM is built: its memory is charged to the cgroup from
+    // the first page. Left (and removed) when this function returns.
+    let _cgroup = match &args.cgroup.cgroup {
+        Some(parent) => {
+            let opts = vmm::cgroup::CgroupOptions {
+                parent: parent.clone(),
+                limits: args.cgroup.limits(),
+            };
+            match vmm::cgroup::enter(&opts) {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    let e = vmm::VmmError::from(e);
+                    eprintln!("vireo: error: {e}");
+                    return e.exit_code();
+                }
+            }
+        }
+        None => None,
     };
     if let (Some(sock), true) = (&servers.api_socket, args.vm.is_empty()) {
         return finish(vmm::serve(sock, servers.metrics));

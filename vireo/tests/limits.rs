@@ -22,6 +22,14 @@ use common::{client, guest_dir, Running};
 
 const LIMIT: f64 = (20 << 20) as f64;
 
+/// One rate test at a time: two engine guests side by side on a small,
+/// loaded host would measure the host, not the limit.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("vireo-lim-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -79,6 +87,7 @@ fn vm_command(g: &Path, sock: &Path, script: &str) -> Command {
 /// fails.
 #[test]
 fn a_disk_limited_to_20_mib_s_takes_20_mib_s_until_lifted() {
+    let _serial = one_at_a_time();
     let g = guest_dir();
     let dir = scratch("disk");
     let disk = dir.join("disk.img");
@@ -87,7 +96,7 @@ fn a_disk_limited_to_20_mib_s_takes_20_mib_s_until_lifted() {
     drop(f);
     let sock = dir.join("api.sock");
     // Sequential writes wrap at the end of the disk; far longer than the test.
-    let script = "echo WRITING; vireo-io blk /dev/vda write 1048576 4 3600";
+    let script = "echo WRITING; vireo-io blk /dev/vda write 1048576 8 3600";
     let mut c = vm_command(&g, &sock, script);
     c.arg("--disk")
         .arg(format!("path={},format=raw,bw=20M", disk.display()));
@@ -232,6 +241,7 @@ fn a_nic_limited_to_20_mib_s_sends_20_mib_s_until_lifted() {
         eprintln!("note: needs root and /dev/net/tun; NIC rate limit test skipped");
         return;
     }
+    let _serial = one_at_a_time();
     let g = guest_dir();
     let dir = scratch("net");
     let sock = dir.join("api.sock");
@@ -332,5 +342,128 @@ fn a_nic_limited_to_20_mib_s_sends_20_mib_s_until_lifted() {
         !console.contains("VIREO-IO-ERROR"),
         "the guest's sender failed:\n{console}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Where cgroup v2 is mounted, if it is and offers the cpu controller
+/// (else why not, for the skip message).
+fn cgroup2_with_cpu() -> Result<PathBuf, String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mount = info
+        .lines()
+        .filter_map(|l| l.split_once(" - "))
+        .find(|(_, r)| r.starts_with("cgroup2 "))
+        .and_then(|(l, _)| l.split_whitespace().nth(4))
+        .map(PathBuf::from)
+        .ok_or("no cgroup v2 hierarchy is mounted")?;
+    let controllers = std::fs::read_to_string(mount.join("cgroup.controllers")).unwrap_or_default();
+    if !controllers.split_whitespace().any(|c| c == "cpu") {
+        return Err(format!(
+            "cgroup v2 at {} offers no cpu controller (bound to cgroup v1 here)",
+            mount.display()
+        ));
+    }
+    Ok(mount)
+}
+
+/// A CPU-bound guest in a VMM started with `--cgroup PARENT --cpu-max
+/// 50%` uses half a host CPU (the cgroup's cpu.stat usage over 10 s of
+/// wall time, within 10%) and keeps running; vCPU threads sit in the
+/// `vcpus` sub-group, the others in `vmm`; `vireo cgroup` changes
+/// cpu.max live; the cgroup is gone once the VMM exits. Needs root and a
+/// cgroup v2 hierarchy with the cpu controller; says so and skips
+/// otherwise.
+#[test]
+fn a_cpu_bound_guest_under_cpu_max_50_percent_uses_half_a_cpu() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("note: needs root (to make cgroups); cpu.max test skipped");
+        return;
+    }
+    let mount = match cgroup2_with_cpu() {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("note: {why}; cpu.max test skipped");
+            return;
+        }
+    };
+    let _serial = one_at_a_time();
+    // The parent: under the root, with cpu enabled there (the root may
+    // have processes and still hand out controllers) and a high weight,
+    // so a loaded host does not keep the guest from its quota.
+    let _ = std::fs::write(mount.join("cgroup.subtree_control"), "+cpu");
+    let parent_name = format!("vireo-test-{}", std::process::id());
+    let parent = mount.join(&parent_name);
+    let _ = std::fs::remove_dir(&parent);
+    std::fs::create_dir(&parent).unwrap();
+    let _ = std::fs::write(parent.join("cpu.weight"), "10000");
+
+    let g = guest_dir();
+    let dir = scratch("cpu");
+    let sock = dir.join("api.sock");
+    let script = "echo SPINNING; i=0; while :; do i=$((i+1)); \
+                  [ $((i % 20000)) = 0 ] && echo TICK $i; done";
+    let mut c = vm_command(&g, &sock, script);
+    c.arg("--cgroup")
+        .arg(format!("/{parent_name}"))
+        .args(["--cpu-max", "50%"]);
+    let mut vm = Running::spawn(c);
+    let own = parent.join(format!("vireo-{}", vm.child.id()));
+    assert!(
+        vm.wait_for("TICK", Duration::from_secs(600)),
+        "the guest did not start spinning:\n{}\n{}",
+        vm.stdout_text(),
+        vm.stderr_text()
+    );
+    assert_eq!(
+        std::fs::read_to_string(own.join("cpu.max")).unwrap().trim(),
+        "50000 100000"
+    );
+    for sub in ["vcpus", "vmm"] {
+        let t = std::fs::read_to_string(own.join(sub).join("cgroup.threads")).unwrap();
+        assert!(!t.trim().is_empty(), "no thread in {sub}");
+    }
+    let usage = || {
+        let s = std::fs::read_to_string(own.join("cpu.stat")).unwrap();
+        s.lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap()
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let ticks_before = vm.stdout_text().matches("TICK").count();
+    let cpus = rate(Duration::from_secs(10), usage) / 1e6;
+    eprintln!("under cpu.max 50%: {cpus:.3} CPUs");
+    assert!(
+        (cpus - 0.5).abs() <= 0.05,
+        "under cpu.max 50% the VMM used {cpus:.3} CPUs"
+    );
+    assert!(
+        common::wait_until(Duration::from_secs(60), || vm
+            .stdout_text()
+            .matches("TICK")
+            .count()
+            > ticks_before),
+        "the guest stopped running under the quota"
+    );
+
+    let out = client(&["cgroup", "--cpu-max", "25%"], &sock);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(own.join("cpu.max")).unwrap().trim(),
+        "25000 100000"
+    );
+    assert!(client(&["stop"], &sock).status.success());
+    vm.wait_exit(Duration::from_secs(30));
+    assert!(
+        !own.exists(),
+        "{} is left after the VMM exited",
+        own.display()
+    );
+    let _ = std::fs::remove_dir(&parent);
     let _ = std::fs::remove_dir_all(&dir);
 }

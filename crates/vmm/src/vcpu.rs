@@ -131,6 +131,8 @@ impl VcpuContext {
             }
         };
         self.counters.thread_started();
+        // The guest's CPU time goes to the cgroup's vCPU sub-group.
+        crate::cgroup::place_current_thread(crate::cgroup::ThreadRole::Vcpu);
         while self.control.checkpoint(settle) {
             // Held while the guest runs; released while paused (checkpoint).
             let mut vcpu = lock(&shared);

@@ -50,6 +50,7 @@ pub enum Endpoint {
     VmMigrateCancel,
     VmBalloon,
     VmRateLimit,
+    VmCgroup,
     VmCreate,
     VmDelete,
     VmBoot,
@@ -62,7 +63,7 @@ pub enum Endpoint {
 
 impl Endpoint {
     /// Every endpoint, in the order docs/openapi.json lists them.
-    pub const ALL: [Endpoint; 19] = [
+    pub const ALL: [Endpoint; 20] = [
         Endpoint::VmmPing,
         Endpoint::VmInfo,
         Endpoint::VmPause,
@@ -74,6 +75,7 @@ impl Endpoint {
         Endpoint::VmMigrateCancel,
         Endpoint::VmBalloon,
         Endpoint::VmRateLimit,
+        Endpoint::VmCgroup,
         Endpoint::VmCreate,
         Endpoint::VmDelete,
         Endpoint::VmBoot,
@@ -137,6 +139,11 @@ impl Endpoint {
                 "PUT",
                 "/api/v1/vm.rate-limit",
                 "Change a disk's, a NIC's or a rate group's I/O limits (token buckets)",
+            ),
+            Endpoint::VmCgroup => (
+                "PUT",
+                "/api/v1/vm.cgroup",
+                "Change the CPU and memory limits of the VMM's cgroup (cpu.max, cpu.weight, memory.max, memory.high)",
             ),
             Endpoint::VmCreate => (
                 "PUT",
@@ -424,6 +431,7 @@ pub enum ApiAction {
     VmMigrateCancel,
     VmBalloon(BalloonRequest),
     VmRateLimit(RateLimitRequest),
+    VmCgroup(crate::cgroup::CgroupLimits),
     VmCreate(Box<VmConfig>),
     VmDelete,
     VmBoot,
@@ -448,6 +456,7 @@ impl ApiAction {
             ApiAction::VmMigrateCancel => Endpoint::VmMigrateCancel,
             ApiAction::VmBalloon(_) => Endpoint::VmBalloon,
             ApiAction::VmRateLimit(_) => Endpoint::VmRateLimit,
+            ApiAction::VmCgroup(_) => Endpoint::VmCgroup,
             ApiAction::VmCreate(_) => Endpoint::VmCreate,
             ApiAction::VmDelete => Endpoint::VmDelete,
             ApiAction::VmBoot => Endpoint::VmBoot,
@@ -481,6 +490,7 @@ impl ApiAction {
             Endpoint::VmMigrateCancel => ApiAction::VmMigrateCancel,
             Endpoint::VmBalloon => ApiAction::VmBalloon(de(e, body)?),
             Endpoint::VmRateLimit => ApiAction::VmRateLimit(de(e, body)?),
+            Endpoint::VmCgroup => ApiAction::VmCgroup(de(e, body)?),
             Endpoint::VmCreate => ApiAction::VmCreate(Box::new(de(e, body)?)),
             Endpoint::VmDelete => ApiAction::VmDelete,
             Endpoint::VmBoot => ApiAction::VmBoot,
@@ -499,6 +509,7 @@ impl ApiAction {
             ApiAction::VmMigrateSend(r) => serde_json::to_string(r),
             ApiAction::VmBalloon(r) => serde_json::to_string(r),
             ApiAction::VmRateLimit(r) => serde_json::to_string(r),
+            ApiAction::VmCgroup(r) => serde_json::to_string(r),
             ApiAction::VmCreate(c) => serde_json::to_string(c),
             ApiAction::VmRestore(r) => serde_json::to_string(r),
             ApiAction::VmMigrateReceive(r) => serde_json::to_string(r),
@@ -521,6 +532,7 @@ impl ApiAction {
             ApiAction::VmMigrateCancel => done(handler.vm_migrate_cancel()),
             ApiAction::VmBalloon(r) => done(handler.vm_balloon(r)),
             ApiAction::VmRateLimit(r) => done(handler.vm_rate_limit(r)),
+            ApiAction::VmCgroup(r) => done(handler.vm_cgroup(r)),
             ApiAction::VmCreate(c) => done(handler.vm_create(c)),
             ApiAction::VmDelete => done(handler.vm_delete()),
             ApiAction::VmBoot => done(handler.vm_boot()),
@@ -654,6 +666,15 @@ pub trait RequestHandler: Send + Sync {
     fn vm_migrate_cancel(&self) -> Result<(), ApiError>;
     fn vm_balloon(&self, req: &BalloonRequest) -> Result<(), ApiError>;
     fn vm_rate_limit(&self, req: &RateLimitRequest) -> Result<(), ApiError>;
+    /// Change the VMM's cgroup limits (it has one only with `--cgroup`).
+    fn vm_cgroup(&self, req: &crate::cgroup::CgroupLimits) -> Result<(), ApiError> {
+        let cg = crate::cgroup::current().ok_or(ApiError::Vmm(
+            crate::cgroup::CgroupError::NotInCgroup.into(),
+        ))?;
+        cg.update(req).map_err(|e| ApiError::Vmm(e.into()))?;
+        crate::events::cgroup_changed(cg.path());
+        Ok(())
+    }
     fn vm_create(&self, config: &VmConfig) -> Result<(), ApiError>;
     fn vm_delete(&self) -> Result<(), ApiError>;
     fn vm_boot(&self) -> Result<(), ApiError>;
@@ -871,6 +892,12 @@ mod tests {
             bandwidth: Some(crate::config::bucket_for_rate(1 << 20)),
             ops: Some(crate::config::bucket_for_rate(100)),
         };
+        let cgroup = crate::cgroup::CgroupLimits {
+            cpu_max: Some("150%".parse().unwrap()),
+            cpu_weight: Some(100),
+            memory_max: Some(crate::cgroup::MemoryLimit::Bytes(1 << 30)),
+            memory_high: Some(crate::cgroup::MemoryLimit::Max),
+        };
         let rate_limit = RateLimitRequest {
             target: "disk0".into(),
             rate_limiter: Some(limiter),
@@ -897,6 +924,8 @@ mod tests {
             ),
             ("BalloonRequest", fields(&BalloonRequest { target_mib: 1 })),
             ("RateLimitRequest", fields(&rate_limit)),
+            ("CgroupLimits", fields(&cgroup)),
+            ("CpuMax", fields(&cgroup.cpu_max)),
             ("RateLimiter", fields(&limiter)),
             ("TokenBucket", fields(&limiter.bandwidth)),
             ("MigrateRequest", fields(&migrate)),
