@@ -5,8 +5,8 @@
 //! the whole process into it before the VM is built, so guest RAM is
 //! charged to it from the first page. Inside, two threaded sub-groups
 //! split the CPU: `vcpus` (each vCPU thread moves itself there when it
-//! starts) and `vmm` (every other thread: the main thread, device workers,
-//! the API), the latter with 100 times the former's `cpu.weight`, so that
+//! starts, through the `threads` crate's placement hook) and `vmm` (every
+//! other thread: the main thread, device workers, the API), the latter with 100 times the former's `cpu.weight`, so that
 //! within the VM's quota the threads doing its I/O run first and a guest
 //! spinning its vCPUs cannot starve its own disk and network.
 //!
@@ -400,14 +400,34 @@ pub fn current() -> Option<Arc<VmCgroup>> {
 }
 
 /// Put the calling thread in its role's sub-group (nothing without a
-/// cgroup). A failure is logged: the thread then stays with the others.
-pub fn place_current_thread(role: ThreadRole) {
-    if let Some(cg) = current() {
-        let file = cg.group(role).join("cgroup.threads");
-        if let Err(e) = write(&file, &gettid().to_string(), "move a thread into") {
-            tracing::warn!("{e}");
+/// cgroup). Run for every new thread by the `threads` crate's placement
+/// hook (see [`enter`]), so a thread that cannot be placed does not start.
+pub fn place_current_thread(role: ThreadRole) -> Result<(), CgroupError> {
+    match current() {
+        Some(cg) => {
+            let file = cg.group(role).join("cgroup.threads");
+            write(&file, &gettid().to_string(), "move a thread into")
         }
+        None => Ok(()),
     }
+}
+
+/// The placement hook, added once: vCPU threads to `vcpus`, every other
+/// thread to `vmm`.
+fn add_placement_hook() {
+    static ADDED: std::sync::Once = std::sync::Once::new();
+    ADDED.call_once(|| {
+        threads::add_hook(
+            threads::Stage::Place,
+            Arc::new(|role: &threads::Role| {
+                let r = match role {
+                    threads::Role::Vcpu(_) => ThreadRole::Vcpu,
+                    _ => ThreadRole::Other,
+                };
+                place_current_thread(r).map_err(|e| e.to_string())
+            }),
+        );
+    });
 }
 
 /// Removes the cgroup when the VMM ends (see the module doc).
@@ -496,6 +516,7 @@ pub fn enter(opts: &CgroupOptions) -> Result<CgroupGuard, CgroupError> {
     match populate(&cg, &opts.limits) {
         Ok(()) => {
             *CURRENT.lock().unwrap_or_else(|e| e.into_inner()) = Some(cg.clone());
+            add_placement_hook();
             Ok(CgroupGuard(cg))
         }
         Err(e) => {
