@@ -32,7 +32,6 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hypervisor::GuestRam;
@@ -132,7 +131,7 @@ const RING_FEATURES: u64 =
 /// notices the backend hanging up.
 struct CallThread {
     kill: EventFd,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<threads::Handle<()>>,
 }
 
 impl CallThread {
@@ -349,57 +348,55 @@ fn spawn_calls(
 ) -> Result<CallThread, String> {
     let kill = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
     let kill2 = kill.try_clone().map_err(|e| format!("eventfd: {e}"))?;
-    let thread = std::thread::Builder::new()
-        .name("virtio-fs-irq".into())
-        .spawn(move || {
-            let n = calls.len();
-            // Entries: kill, each call eventfd, then the socket, watched
-            // for hang-up only (events 0: its replies are the frontend's
-            // to read).
-            let mut fds: Vec<libc::pollfd> = std::iter::once(kill2.as_raw_fd())
-                .chain(calls.iter().map(|(_, e)| e.as_raw_fd()))
-                .map(|fd| libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                })
-                .chain(std::iter::once(libc::pollfd {
-                    fd: sock,
-                    events: 0,
-                    revents: 0,
-                }))
-                .collect();
-            loop {
-                // SAFETY: `fds` is a valid array of pollfd for its length.
-                let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-                if r < 0 {
-                    if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    tracing::error!("{name}: poll: {}", std::io::Error::last_os_error());
-                    return;
+    let thread = threads::spawn(threads::Role::Helper("virtio-fs-irq".into()), move || {
+        let n = calls.len();
+        // Entries: kill, each call eventfd, then the socket, watched
+        // for hang-up only (events 0: its replies are the frontend's
+        // to read).
+        let mut fds: Vec<libc::pollfd> = std::iter::once(kill2.as_raw_fd())
+            .chain(calls.iter().map(|(_, e)| e.as_raw_fd()))
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .chain(std::iter::once(libc::pollfd {
+                fd: sock,
+                events: 0,
+                revents: 0,
+            }))
+            .collect();
+        loop {
+            // SAFETY: `fds` is a valid array of pollfd for its length.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if r < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
                 }
-                if fds[0].revents != 0 {
-                    return;
-                }
-                for (k, (q, e)) in calls.iter().enumerate() {
-                    if fds[k + 1].revents != 0 && e.read().is_ok() {
-                        irq.signal_queue(*q as u16);
-                    }
-                }
-                let s = &mut fds[n + 1];
-                if s.fd >= 0 && s.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
-                    tracing::error!(
-                        "{name}: the vhost-user backend (virtiofsd) closed its connection; \
-                         the guest's file system there stops answering"
-                    );
-                    // Keep raising what is already signalled; stop
-                    // watching the dead socket.
-                    s.fd = -1;
+                tracing::error!("{name}: poll: {}", std::io::Error::last_os_error());
+                return;
+            }
+            if fds[0].revents != 0 {
+                return;
+            }
+            for (k, (q, e)) in calls.iter().enumerate() {
+                if fds[k + 1].revents != 0 && e.read().is_ok() {
+                    irq.signal_queue(*q as u16);
                 }
             }
-        })
-        .map_err(|e| format!("cannot start the interrupt thread: {e}"))?;
+            let s = &mut fds[n + 1];
+            if s.fd >= 0 && s.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+                tracing::error!(
+                    "{name}: the vhost-user backend (virtiofsd) closed its connection; \
+                         the guest's file system there stops answering"
+                );
+                // Keep raising what is already signalled; stop
+                // watching the dead socket.
+                s.fd = -1;
+            }
+        }
+    })
+    .map_err(|e| format!("cannot start the interrupt thread: {e}"))?;
     Ok(CallThread {
         kill,
         thread: Some(thread),

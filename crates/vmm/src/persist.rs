@@ -306,5 +306,6 @@ pub(crate) fn restore_spec(
         virtiofsd: None,
         console,
         exit_device: manifest.config.as_ref().and_then(|c| c.exit_device),
+        pvpanic: manifest.config.as_ref().is_some_and(|c| c.pvpanic),
     })
 }
