@@ -175,6 +175,9 @@ pub enum VmmError {
     /// The VMM's main thread is gone while the API waited on it.
     #[error("{0}")]
     VmmStopped(&'static str),
+    /// The gdb stub cannot listen where `--gdb` says, or cannot hold the VM.
+    #[error("{0}")]
+    Gdb(String),
 }
 
 impl VmmError {
@@ -213,6 +216,7 @@ impl VmmError {
             | Conflict(_)
             | Pause(_)
             | ApiServer(_)
+            | Gdb(_)
             | VmmStopped(_) => exit_code::VMM_ERROR,
         }
     }
@@ -260,6 +264,7 @@ impl VmmError {
             | MigrationCut
             | Destination(_)
             | ApiServer(_)
+            | Gdb(_)
             | VmmStopped(_) => 500,
         }
     }
