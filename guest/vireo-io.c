@@ -19,6 +19,10 @@
  *   vireo-io vsock-listen PORT
  *       accept one vsock connection on PORT, then relay as above.
  *       "VSOCK-LISTEN PORT" goes to stderr once it listens.
+ *   vireo-io vsock-send CID PORT SECONDS
+ *   vireo-io vsock-recv CID PORT
+ *       tcp-send and tcp-recv over a vsock connection to CID:PORT (the
+ *       guest side of `vireo-bench vsock`).
  *   vireo-io vsock-echo PORT N
  *       accept N connections on PORT and echo each (a process per
  *       connection, all at once) until its peer shuts its write side;
@@ -283,17 +287,10 @@ static int tcp_connect(const char *ip, const char *port_s)
     }
 }
 
-static int tcp_send(int argc, char **argv)
+/* Send on a connected stream socket for SECS, shut its write side and wait
+ * for the peer to close; prints the figures (tcp-send, vsock-send). */
+static int send_for(int fd, uint64_t secs)
 {
-    name = "tcp-send";
-    if (argc != 5)
-        fail("usage: vireo-io tcp-send IP PORT SECONDS");
-    uint64_t secs = parse_u64(argv[4], "seconds");
-    if (secs < 1 || secs > 3600)
-        fail("seconds: 1 to 3600");
-    signal(SIGALRM, on_alarm);
-    alarm(CONNECT_SECONDS + 10);
-    int fd = tcp_connect(argv[2], argv[3]);
     static char buf[NET_BUF];
     memset(buf, 0x5a, sizeof buf);
     alarm((unsigned)secs + 60);
@@ -319,14 +316,29 @@ static int tcp_send(int argc, char **argv)
     return 0;
 }
 
-static int tcp_recv(int argc, char **argv)
+static int send_secs(const char *arg)
 {
-    name = "tcp-recv";
-    if (argc != 4)
-        fail("usage: vireo-io tcp-recv IP PORT");
+    uint64_t secs = parse_u64(arg, "seconds");
+    if (secs < 1 || secs > 3600)
+        fail("seconds: 1 to 3600");
+    return (int)secs;
+}
+
+static int tcp_send(int argc, char **argv)
+{
+    name = "tcp-send";
+    if (argc != 5)
+        fail("usage: vireo-io tcp-send IP PORT SECONDS");
+    uint64_t secs = (uint64_t)send_secs(argv[4]);
     signal(SIGALRM, on_alarm);
     alarm(CONNECT_SECONDS + 10);
-    int fd = tcp_connect(argv[2], argv[3]);
+    return send_for(tcp_connect(argv[2], argv[3]), secs);
+}
+
+/* Read a connected stream socket until the peer closes; prints the
+ * figures (tcp-recv, vsock-recv). */
+static int recv_all(int fd)
+{
     static char buf[NET_BUF];
     begin();
     uint64_t start = now_ns(), bytes = 0, ops = 0;
@@ -348,6 +360,16 @@ static int tcp_recv(int argc, char **argv)
     alarm(0);
     result(ops, bytes, end - start);
     return 0;
+}
+
+static int tcp_recv(int argc, char **argv)
+{
+    name = "tcp-recv";
+    if (argc != 4)
+        fail("usage: vireo-io tcp-recv IP PORT");
+    signal(SIGALRM, on_alarm);
+    alarm(CONNECT_SECONDS + 10);
+    return recv_all(tcp_connect(argv[2], argv[3]));
 }
 
 /* A CPU-bound loop of exactly 10 integer instructions per iteration (ALU,
@@ -440,25 +462,53 @@ static int vsock_socket(void)
     return fd;
 }
 
+/* Connect to CID:PORT, retrying for CONNECT_SECONDS (the host may not
+ * listen yet). */
+static int vsock_connect_fd(const char *cid, const char *port)
+{
+    struct sockaddr_vm a = {.svm_family = AF_VSOCK,
+                            .svm_cid = (unsigned)parse_u64(cid, "cid"),
+                            .svm_port = (unsigned)parse_u64(port, "port")};
+    uint64_t deadline = now_ns() + CONNECT_SECONDS * 1000000000ull;
+    for (;;) {
+        int fd = vsock_socket();
+        if (connect(fd, (struct sockaddr *)&a, sizeof a) == 0)
+            return fd;
+        int err = errno;
+        close(fd);
+        if (now_ns() >= deadline)
+            fail("connect to %s:%s: %s", cid, port, strerror(err));
+        usleep(200 * 1000);
+    }
+}
+
 static int vsock_connect(int argc, char **argv)
 {
     name = "vsock-connect";
     if (argc != 4)
         fail("usage: vireo-io vsock-connect CID PORT");
-    struct sockaddr_vm a = {.svm_family = AF_VSOCK,
-                            .svm_cid = (unsigned)parse_u64(argv[2], "cid"),
-                            .svm_port = (unsigned)parse_u64(argv[3], "port")};
-    uint64_t deadline = now_ns() + CONNECT_SECONDS * 1000000000ull;
-    for (;;) {
-        int fd = vsock_socket();
-        if (connect(fd, (struct sockaddr *)&a, sizeof a) == 0)
-            return relay(fd);
-        int err = errno;
-        close(fd);
-        if (now_ns() >= deadline)
-            fail("connect to %s:%s: %s", argv[2], argv[3], strerror(err));
-        usleep(200 * 1000);
-    }
+    return relay(vsock_connect_fd(argv[2], argv[3]));
+}
+
+static int vsock_send(int argc, char **argv)
+{
+    name = "vsock-send";
+    if (argc != 5)
+        fail("usage: vireo-io vsock-send CID PORT SECONDS");
+    uint64_t secs = (uint64_t)send_secs(argv[4]);
+    signal(SIGALRM, on_alarm);
+    alarm(CONNECT_SECONDS + 10);
+    return send_for(vsock_connect_fd(argv[2], argv[3]), secs);
+}
+
+static int vsock_recv(int argc, char **argv)
+{
+    name = "vsock-recv";
+    if (argc != 4)
+        fail("usage: vireo-io vsock-recv CID PORT");
+    signal(SIGALRM, on_alarm);
+    alarm(CONNECT_SECONDS + 10);
+    return recv_all(vsock_connect_fd(argv[2], argv[3]));
 }
 
 static int vsock_listen_fd(const char *port)
@@ -546,6 +596,11 @@ int main(int argc, char **argv)
         return vsock_listen(argc, argv);
     if (argc >= 2 && !strcmp(argv[1], "vsock-echo"))
         return vsock_echo(argc, argv);
-    fail("usage: vireo-io blk|tcp-send|tcp-recv|cpu|vsock-connect|vsock-listen|vsock-echo ...");
+    if (argc >= 2 && !strcmp(argv[1], "vsock-send"))
+        return vsock_send(argc, argv);
+    if (argc >= 2 && !strcmp(argv[1], "vsock-recv"))
+        return vsock_recv(argc, argv);
+    fail("usage: vireo-io blk|tcp-send|tcp-recv|cpu|vsock-connect|vsock-listen|vsock-echo|"
+         "vsock-send|vsock-recv ...");
     return 1;
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install, with apt, everything Vireo needs on a fresh Debian 12 (bookworm)
 # x86-64 machine: the tools guest/build.sh uses to make the guest images and
-# QEMU, the benchmark peer. Idempotent: packages already installed are skipped
+# QEMU, the benchmark peer, and virtiofsd (with cargo). Idempotent: packages already installed are skipped
 # without touching apt at all, so a warm CI run costs nothing here.
 set -euo pipefail
 
@@ -34,7 +34,15 @@ PACKAGES=(
     strace          # diagnosing the VMM's host calls (startup analysis)
     util-linux      # runuser: the security tests act as an unprivileged user
     passwd          # useradd makes that user
+    libseccomp-dev  # builds virtiofsd (cargo install, below)
+    libcap-ng-dev   # builds virtiofsd
+    pkg-config      # virtiofsd's build finds those two with it
 )
+
+# virtiofsd (vhost-user virtio-fs backend, `vireo run --fs`) from crates.io,
+# into /usr/local/bin so that unprivileged users (the virtio-fs tests run
+# Vireo as one) find it on PATH. Debian 12 has no package of it.
+VIRTIOFSD_VERSION=1.14.0
 
 if [ "$(id -u)" -eq 0 ]; then
     SUDO=()
@@ -78,9 +86,29 @@ if ! id vireo-test >/dev/null 2>&1; then
         echo "install-deps.sh: could not create user vireo-test; its tests will be skipped" >&2
 fi
 
+# Installs virtiofsd unless that version is already there (after the
+# packages: its build needs libseccomp-dev and libcap-ng-dev).
+install_virtiofsd() {
+    if /usr/local/bin/virtiofsd --version 2>/dev/null | grep -q "$VIRTIOFSD_VERSION"; then
+        return 0
+    fi
+    if ! command -v cargo >/dev/null 2>&1; then
+        echo "install-deps.sh: cargo not found; cannot install virtiofsd (virtio-fs tests will say SKIPPED)" >&2
+        return 0
+    fi
+    echo "install-deps.sh: cargo install virtiofsd $VIRTIOFSD_VERSION"
+    if ! "${SUDO[@]}" env PATH="$PATH" cargo install --locked --root /usr/local \
+        --version "$VIRTIOFSD_VERSION" virtiofsd >"$log" 2>&1; then
+        cat "$log" >&2
+        echo "install-deps.sh: cargo install virtiofsd failed" >&2
+        exit 1
+    fi
+}
+
 mapfile -t missing < <(list_missing)
 if [ "${#missing[@]}" -eq 0 ]; then
     echo "install-deps.sh: all ${#PACKAGES[@]} packages already installed"
+    install_virtiofsd
     exit 0
 fi
 
@@ -93,6 +121,7 @@ for _ in 1 2; do
     apt_quiet install -y -q --no-install-recommends "${missing[@]}"
     mapfile -t missing < <(list_missing)
     if [ "${#missing[@]}" -eq 0 ]; then
+        install_virtiofsd
         echo "install-deps.sh: done"
         exit 0
     fi

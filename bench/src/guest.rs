@@ -70,6 +70,19 @@ pub struct Guest {
     /// own passt), QEMU's `-netdev stream` on descriptor 3, which the
     /// caller connects to a passt it starts.
     pub user_net: bool,
+    /// A virtio-vsock: Vireo's `--vsock cid=3,socket=PATH` (host side as
+    /// Unix sockets), QEMU's `vhost-vsock-pci` with this guest CID (host
+    /// side as AF_VSOCK sockets through the host's vhost_vsock).
+    pub vsock: Option<Vsock>,
+}
+
+/// The guest's vsock device in both VMMs.
+#[derive(Clone)]
+pub struct Vsock {
+    /// Vireo's Unix socket (host programs listen on `PATH_<port>`).
+    pub socket: PathBuf,
+    /// The guest CID QEMU's vhost-vsock gets (unique on the host).
+    pub qemu_cid: u32,
 }
 
 impl Guest {
@@ -92,6 +105,7 @@ impl Guest {
             tap: None,
             cpus: 1,
             user_net: false,
+            vsock: None,
         })
     }
 
@@ -123,6 +137,10 @@ impl Guest {
         }
         if self.user_net {
             c.arg("--net").arg(format!("user,mac={GUEST_MAC}"));
+        }
+        if let Some(v) = &self.vsock {
+            c.arg("--vsock")
+                .arg(format!("cid=3,socket={}", v.socket.display()));
         }
         c
     }
@@ -166,6 +184,10 @@ impl Guest {
                 .arg("stream,id=n0,server=off,addr.type=fd,addr.str=3")
                 .arg("-device")
                 .arg(format!("virtio-net-pci,netdev=n0,mac={GUEST_MAC}"));
+        }
+        if let Some(v) = &self.vsock {
+            c.arg("-device")
+                .arg(format!("vhost-vsock-pci,guest-cid={}", v.qemu_cid));
         }
         c
     }

@@ -115,20 +115,20 @@ pub fn parse_io(lines: &[(Instant, String)]) -> IoReport {
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
-enum Unit {
+pub(crate) enum Unit {
     MibPerSec,
     Iops,
 }
 
 /// A row of the table: the guest's test name and how to show it.
-struct Test {
-    name: &'static str,
-    label: &'static str,
-    unit: Unit,
+pub(crate) struct Test {
+    pub name: &'static str,
+    pub label: &'static str,
+    pub unit: Unit,
 }
 
 /// One VMM's results over the runs.
-struct Column {
+pub(crate) struct Column {
     title: String,
     runs: Vec<IoReport>,
     /// Why a run (or the whole column) failed.
@@ -196,7 +196,7 @@ impl Column {
     }
 }
 
-fn print_table(tests: &[Test], cols: &[Column], host_title: &str) {
+pub(crate) fn print_table(tests: &[Test], cols: &[Column], host_title: &str) {
     print!("{:<34}", "");
     for c in cols {
         print!(" {:>25}", c.title);
@@ -230,9 +230,22 @@ fn measure(
     guest: &mut dyn FnMut(usize) -> Guest,
     once: &mut dyn FnMut(&Guest, Command) -> Result<IoReport>,
 ) -> Vec<Column> {
+    measure_with(args, runs, None, guest, once)
+}
+
+/// [`measure`], with QEMU left out for the reason `no_qemu` gives.
+pub(crate) fn measure_with(
+    args: &BenchArgs,
+    runs: usize,
+    no_qemu: Option<String>,
+    guest: &mut dyn FnMut(usize) -> Guest,
+    once: &mut dyn FnMut(&Guest, Command) -> Result<IoReport>,
+) -> Vec<Column> {
     let [vname, qname] = args.accel.names();
     let mut cols = vec![Column::new(vname), Column::new(qname)];
-    if !has_binary(&args.qemu) {
+    if let Some(why) = no_qemu {
+        cols[1].failures.push(why);
+    } else if !has_binary(&args.qemu) {
         cols[1]
             .failures
             .push(format!("not installed ({})", args.qemu));
@@ -260,7 +273,7 @@ fn measure(
 }
 
 /// A host-side thread's figure (or why there is none).
-fn joined(t: std::thread::JoinHandle<Result<Option<Sample>>>) -> Result<Option<Sample>> {
+pub(crate) fn joined(t: std::thread::JoinHandle<Result<Option<Sample>>>) -> Result<Option<Sample>> {
     t.join()
         .unwrap_or_else(|_| Err(anyhow::anyhow!("the host side panicked")))
 }
@@ -290,7 +303,7 @@ fn with_host_figures(
 
 /// The console's report (with the VMM's failure, if any, as an error named
 /// `vmm`); an error if the VM failed and reported nothing.
-fn report_of(f: &Finished) -> Result<IoReport> {
+pub(crate) fn report_of(f: &Finished) -> Result<IoReport> {
     let mut report = parse_io(&f.lines);
     if let Some(why) = f.failure() {
         if report.figures.is_empty() && report.errors.is_empty() {
@@ -307,7 +320,7 @@ fn report_of(f: &Finished) -> Result<IoReport> {
     Ok(report)
 }
 
-fn scratch_dir(what: &str) -> Result<PathBuf> {
+pub(crate) fn scratch_dir(what: &str) -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("vireo-bench-{what}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
@@ -507,9 +520,14 @@ fn accept(l: &TcpListener, stop: &AtomicBool) -> Result<Option<TcpStream>> {
 /// The guest's upload: what arrives on one connection on `l`, timed from
 /// its first byte to EOF (then the close tells the guest it all arrived).
 fn take_upload(l: TcpListener, stop: &AtomicBool) -> Result<Option<Sample>> {
-    let Some(mut s) = accept(&l, stop)? else {
+    let Some(s) = accept(&l, stop)? else {
         return Ok(None);
     };
+    upload_from(s)
+}
+
+/// What arrives on `s`, timed from its first byte to EOF.
+pub(crate) fn upload_from(mut s: impl Read) -> Result<Option<Sample>> {
     let mut buf = vec![0u8; 128 << 10];
     let (mut bytes, mut ops, mut first) = (0u64, 0u64, None);
     loop {
@@ -534,9 +552,14 @@ fn take_upload(l: TcpListener, stop: &AtomicBool) -> Result<Option<Sample>> {
 /// The guest's download: send on one connection on `l` for `secs`, then
 /// close, timed from accept to close.
 fn give_download(l: TcpListener, secs: u64, stop: &AtomicBool) -> Result<Option<Sample>> {
-    let Some(mut s) = accept(&l, stop)? else {
+    let Some(s) = accept(&l, stop)? else {
         return Ok(None);
     };
+    download_to(s, secs)
+}
+
+/// Send on `s` for `secs`, then close it, timed from the start to the close.
+pub(crate) fn download_to(mut s: impl Write, secs: u64) -> Result<Option<Sample>> {
     let buf = vec![0x5au8; 128 << 10];
     let start = Instant::now();
     let (mut bytes, mut ops) = (0u64, 0u64);

@@ -13,10 +13,12 @@
 //!
 //! `boot`, `blk` and `net` run the Debian test guest (guest/build.sh) under
 //! both VMMs with the same kernel, initramfs and accelerator kind (see
-//! `guest`); `blk` and `net` are in `io`.
+//! `guest`); `blk` and `net` are in `io`, `vsock` (virtio-vsock stream
+//! throughput both ways) in `vsock`.
 
 mod guest;
 mod io;
+mod vsock;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -37,28 +39,29 @@ pub struct BenchArgs {
     /// and restore times for 256 MiB and 2 GiB guests), migrate (live
     /// migration and API latency), boot (Debian boot, a shell loop and guest
     /// MIPS), blk (virtio-blk throughput and IOPS in the guest) or
-    /// net (virtio-net TCP throughput both ways through a tap; needs root).
+    /// net (virtio-net TCP throughput both ways through a tap; needs root) or
+    /// vsock (virtio-vsock stream throughput both ways).
     #[arg(default_value = "startup")]
     which: String,
-    /// Runs per VMM (the median is printed) [default: 20; blk and net: 3].
+    /// Runs per VMM (the median is printed) [default: 20; blk, net and vsock: 3].
     #[arg(long)]
     runs: Option<usize>,
     /// Peer binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: String,
-    /// Guest images for boot, blk and net (guest/build.sh output) [default: $VIREO_GUEST_DIR or guest/out].
+    /// Guest images for boot, blk, net and vsock (guest/build.sh output) [default: $VIREO_GUEST_DIR or guest/out].
     #[arg(long, value_name = "DIR")]
     guest_dir: Option<PathBuf>,
-    /// boot, blk and net: emu (Vireo's engine beside QEMU TCG) or kvm (both on KVM).
+    /// boot, blk, net and vsock: emu (Vireo's engine beside QEMU TCG) or kvm (both on KVM).
     #[arg(long, value_enum, default_value = "emu")]
     accel: guest::Accel,
     /// blk: the disk image format, raw or qcow2 (the same image for both VMMs).
     #[arg(long, default_value = "raw")]
     format: String,
-    /// blk and net: seconds per test, on the guest's clock.
+    /// blk, net and vsock: seconds per test, on the guest's clock.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
-    /// boot, blk and net: seconds before a VM that has not finished is killed.
+    /// boot, blk, net and vsock: seconds before a VM that has not finished is killed.
     #[arg(long, default_value_t = 900)]
     timeout: u64,
     /// net: tap (a tap in a namespace; needs root) or user (passt, beside
@@ -219,7 +222,7 @@ fn run(mut args: BenchArgs) -> Result<()> {
     let runs = match (args.runs, args.which.as_str()) {
         (Some(0), _) => bail!("--runs must be at least 1"),
         (Some(n), _) => n,
-        (None, "blk" | "net") => 3,
+        (None, "blk" | "net" | "vsock") => 3,
         (None, _) => 20,
     };
     if !(1..=3600).contains(&args.seconds) {
@@ -250,8 +253,9 @@ fn run(mut args: BenchArgs) -> Result<()> {
         "net" if args.backend == "user" => io::net_user(&args, runs),
         "net" if args.backend == "tap" => io::net(&args, runs),
         "net" => bail!("unknown net backend '{}' (tap or user)", args.backend),
+        "vsock" => vsock::vsock(&args, runs),
         other => {
-            bail!("unknown benchmark '{other}' (available: startup, snapshot, migrate, boot, blk, net)")
+            bail!("unknown benchmark '{other}' (available: startup, snapshot, migrate, boot, blk, net, vsock)")
         }
     }
 }

@@ -468,6 +468,17 @@ struct VmOptions {
     /// reach the Unix socket PATH_P (the Firecracker convention).
     #[arg(long, value_name = "cid=N,socket=PATH")]
     vsock: Option<vmm::config::VsockConfig>,
+    /// A host directory in the guest over virtio-fs (vhost-user):
+    /// tag=NAME,socket=PATH connects to a virtiofsd you started;
+    /// tag=NAME,dir=DIR starts one sharing DIR (stopped with the VM). The
+    /// guest mounts it with `mount -t virtiofs NAME /mnt`; repeatable.
+    /// Such a VM cannot be snapshotted or migrated.
+    #[arg(long, value_name = "tag=NAME,socket=PATH|dir=DIR")]
+    fs: Vec<vmm::config::FsConfig>,
+    /// The virtiofsd binary for --fs ...,dir=DIR [default: virtiofsd on
+    /// PATH, in ~/.cargo/bin or /usr/libexec].
+    #[arg(long, value_name = "PATH")]
+    virtiofsd: Option<PathBuf>,
     /// An exit device for test kernels (QEMU's isa-debug-exit), optionally
     /// [port=N][,size=1|2|4] (port 0xf4, 4 bytes by default): writing V
     /// there ends the VM with exit status (V << 1) | 1.
@@ -503,6 +514,8 @@ impl VmOptions {
             && !self.rng
             && self.balloon.is_none()
             && self.vsock.is_none()
+            && self.fs.is_empty()
+            && self.virtiofsd.is_none()
             && self.exit_device.is_none()
             && !self.pvpanic
             && self.cpu_affinity.is_none()
@@ -563,6 +576,9 @@ impl VmOptions {
         if let Some(x) = self.exit_device {
             cfg.exit_device = Some(x);
         }
+        if let Some(p) = self.virtiofsd {
+            cfg.virtiofsd = Some(p);
+        }
         if self.pvpanic {
             cfg.pvpanic = true;
         }
@@ -571,6 +587,7 @@ impl VmOptions {
         }
         cfg.disks.extend(self.disk);
         cfg.nets.extend(self.net);
+        cfg.fs.extend(self.fs);
         Ok(cfg)
     }
 }

@@ -12,6 +12,9 @@
 //! - [`balloon::Balloon`]: the memory balloon (inflate/deflate, statistics).
 //! - [`console::Console`]: virtio-console with one port (the guest's hvc0).
 //! - [`vsock::Vsock`]: virtio-vsock with the host side as Unix sockets.
+//! - [`fs::VhostUserFs`]: virtio-fs whose queues a vhost-user backend
+//!   (virtiofsd) serves in its own process ([`VirtioDevice::external_queues`]);
+//!   [`fs::Virtiofsd`] starts one for a host directory.
 //! - Snapshots: [`VirtioPciDevice`] and every device model implement
 //!   [`Persist`] (`devices::Persist`); through `dyn VirtioDevice` a model's
 //!   state travels as its [`DeviceState`] variant ([`save_as`],
@@ -21,6 +24,7 @@
 pub mod balloon;
 pub mod block;
 pub mod console;
+pub mod fs;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod net;
@@ -119,6 +123,7 @@ pub mod device_type {
     pub const RNG: u32 = 4;
     pub const BALLOON: u32 = 5;
     pub const VSOCK: u32 = 19;
+    pub const FS: u32 = 26;
 }
 
 /// Serve a driver's read of `data.len()` bytes at `offset` from a device's
@@ -208,6 +213,16 @@ pub trait QueueWorker: Send {
     }
 }
 
+/// A live queue handed to a device that serves its queues elsewhere
+/// ([`VirtioDevice::activate_external`]): the registers the driver wrote
+/// (guest-physical addresses, checked to lie in guest RAM) and the eventfd
+/// the driver's notify writes signal.
+pub struct ExternalQueue {
+    pub index: usize,
+    pub cfg: QueueConfig,
+    pub kick: EventFd,
+}
+
 /// A virtio device model, independent of the transport.
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
@@ -238,6 +253,27 @@ pub trait VirtioDevice: Send {
         mem: GuestRam,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<Box<dyn QueueWorker>, ActivateError>;
+    /// True when another process serves this device's queues (vhost-user):
+    /// the transport then runs no worker and calls
+    /// [`VirtioDevice::activate_external`] at DRIVER_OK instead of
+    /// [`VirtioDevice::activate`]. Its interrupts reach the driver through
+    /// the [`VirtioInterrupt`] it is given.
+    fn external_queues(&self) -> bool {
+        false
+    }
+    /// DRIVER_OK for a device whose queues are served elsewhere: hand over
+    /// the negotiated `features` and the enabled `queues`.
+    fn activate_external(
+        &mut self,
+        _features: u64,
+        _queues: &[ExternalQueue],
+        _interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        Err(ActivateError::Failed(format!(
+            "virtio device type {} serves its own queues",
+            self.device_type()
+        )))
+    }
     /// Device reset (status 0): forget everything the driver set up.
     fn reset(&mut self) {}
     /// This device's own state for a snapshot, taken while its queues are

@@ -257,6 +257,7 @@ fn type_name(device_type: u32) -> &'static str {
         crate::device_type::RNG => "virtio-rng",
         crate::device_type::BALLOON => "virtio-balloon",
         crate::device_type::VSOCK => "virtio-vsock",
+        crate::device_type::FS => "virtio-fs",
         _ => "virtio",
     }
 }
@@ -278,6 +279,10 @@ pub struct VirtioPciDevice {
     health: Arc<Health>,
     notify: Vec<EventFd>,
     worker: Option<Worker>,
+    /// The device's queues are live in another process (a vhost-user
+    /// backend, see [`VirtioDevice::external_queues`]): no worker runs,
+    /// notifies still go to the queues' eventfds.
+    external_active: bool,
     /// Queue positions of a worker stopped for a snapshot (or loaded from
     /// one), until [`VirtioPciDevice::resume`] starts it again.
     parked: Option<Positions>,
@@ -406,6 +411,7 @@ impl VirtioPciDevice {
             health: Arc::new(Health::default()),
             notify,
             worker: None,
+            external_active: false,
             parked: None,
             device_features,
             device_feature_select: 0,
@@ -460,7 +466,7 @@ impl VirtioPciDevice {
 
     /// Whether a worker thread is running (after DRIVER_OK, until reset).
     pub fn is_active(&self) -> bool {
-        self.worker.is_some()
+        self.worker.is_some() || self.external_active
     }
 
     pub fn device(&self) -> &dyn VirtioDevice {
@@ -471,6 +477,7 @@ impl VirtioPciDevice {
         if let Some(mut w) = self.worker.take() {
             w.stop();
         }
+        self.external_active = false;
         self.parked = None;
         self.device.reset();
         for e in &self.notify {
@@ -575,6 +582,9 @@ impl VirtioPciDevice {
             Ok(q) => q,
             Err(e) => return self.fail(&e),
         };
+        if self.device.external_queues() {
+            return self.activate_external(&queues);
+        }
         let irq: Arc<dyn VirtioInterrupt> = self.irq.clone();
         let worker = match self
             .device
@@ -624,6 +634,34 @@ impl VirtioPciDevice {
         match spawn() {
             Ok(w) => self.worker = Some(w),
             Err(e) => self.fail(&format!("cannot start worker: {e}")),
+        }
+    }
+
+    /// Hand the live queues (checked by `live_queues`: inside guest RAM,
+    /// sizes valid) and their notify eventfds to a device whose queues
+    /// another process serves.
+    fn activate_external(&mut self, live: &[Option<VirtQueue>]) {
+        let mut queues = Vec::new();
+        for (i, q) in self.queues.iter().enumerate() {
+            if live.get(i).is_some_and(|l| l.is_some()) {
+                let kick = match self.notify[i].try_clone() {
+                    Ok(k) => k,
+                    Err(e) => return self.fail(&format!("queue {i} eventfd: {e}")),
+                };
+                queues.push(crate::ExternalQueue {
+                    index: i,
+                    cfg: q.cfg,
+                    kick,
+                });
+            }
+        }
+        let irq: Arc<dyn VirtioInterrupt> = self.irq.clone();
+        match self
+            .device
+            .activate_external(self.driver_features, &queues, irq)
+        {
+            Ok(()) => self.external_active = true,
+            Err(e) => self.fail(&e.to_string()),
         }
     }
 
@@ -837,7 +875,7 @@ impl VirtioPciDevice {
             }
             o if (NOTIFY_OFFSET..MSIX_TABLE_OFFSET).contains(&o) => {
                 let q = ((o - NOTIFY_OFFSET) / NOTIFY_OFF_MULTIPLIER as u64) as usize;
-                if self.worker.is_some() {
+                if self.worker.is_some() || self.external_active {
                     if let Some(e) = self.notify.get(q) {
                         let _ = e.write(1);
                     }

@@ -24,6 +24,14 @@
 //! - a guest packet that breaks the protocol (more than its credit, an
 //!   unknown connection, a bad address) gets a reset for that connection
 //!   only; malformed chains are dropped, never a panic;
+//! - once the guest has closed a connection (SHUTDOWN both ways), it is
+//!   answered with RST at once and the connection leaves the table; guest
+//!   data still buffered for the host moves to a draining list the host
+//!   thread finishes writing before it closes the host socket. Holding the
+//!   guest's close until a slow host reader took everything instead lets
+//!   the guest's close timeout (8 s in Linux) fire first: its RST would
+//!   then drop the undelivered tail, and the host would see a clean EOF
+//!   on a truncated stream;
 //! - connections do not survive a snapshot: on restore the guest gets the
 //!   spec's transport reset event, and its sockets see the reset.
 
@@ -209,11 +217,41 @@ struct Pending {
     line: Vec<u8>,
 }
 
+/// Guest data for a host socket whose connection the guest has closed:
+/// written out by the host thread, then the socket is closed.
+struct Draining {
+    stream: UnixStream,
+    to_host: VecDeque<u8>,
+}
+
+impl Draining {
+    /// Write what the host socket takes; true once done (all written, or
+    /// the host side is gone).
+    fn flush(&mut self) -> bool {
+        while !self.to_host.is_empty() {
+            let (a, _) = self.to_host.as_slices();
+            match self.stream.write(a) {
+                Ok(0) => return true,
+                Ok(n) => {
+                    self.to_host.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return true,
+            }
+        }
+        true
+    }
+}
+
 /// Everything the worker and the host thread share.
 struct Mux {
     cid: u64,
     path: PathBuf,
     conns: HashMap<Key, Conn>,
+    /// Closed by the guest, data still on its way to the host (counted
+    /// against [`MAX_CONNECTIONS`] too).
+    draining: Vec<Draining>,
     pending: Vec<Pending>,
     /// Packets without payload waiting for a receive buffer.
     ctrl: VecDeque<Hdr>,
@@ -260,9 +298,20 @@ impl Mux {
             return;
         };
         let drained = c.to_host.is_empty();
-        if drained && c.guest_closed {
-            let _ = c.stream.shutdown(std::net::Shutdown::Both);
-            self.reset(key);
+        if c.guest_closed {
+            // The guest is done: answer its close now, and let the host
+            // thread finish the host side (see the module's invariants).
+            if let Some(c) = self.conns.remove(&key) {
+                if c.to_host.is_empty() {
+                    let _ = c.stream.shutdown(std::net::Shutdown::Both);
+                } else {
+                    self.draining.push(Draining {
+                        stream: c.stream,
+                        to_host: c.to_host,
+                    });
+                }
+            }
+            self.ctrl.push_back(self.hdr(key, OP_RST));
             return;
         }
         if drained && c.guest_shut_send {
@@ -305,7 +354,7 @@ impl Mux {
         }
         match h.op {
             OP_REQUEST => {
-                if self.conns.contains_key(&key) || self.conns.len() >= MAX_CONNECTIONS {
+                if self.conns.contains_key(&key) || self.open() >= MAX_CONNECTIONS {
                     return answer_rst(self);
                 }
                 let path = format!("{}_{}", self.path.display(), h.dst_port);
@@ -375,6 +424,11 @@ impl Mux {
             }
             _ => answer_rst(self),
         }
+    }
+
+    /// Connections holding host sockets (open and draining).
+    fn open(&self) -> usize {
+        self.conns.len() + self.draining.len()
     }
 
     /// Something to put in a receive buffer now?
@@ -499,6 +553,7 @@ impl Vsock {
                 cid,
                 path: path.to_path_buf(),
                 conns: HashMap::new(),
+                draining: Vec::new(),
                 pending: Vec::new(),
                 ctrl: VecDeque::new(),
                 next_host_port: 1 << 30,
@@ -561,6 +616,7 @@ impl Persist for Vsock {
         }
         let mut m = self.shared.mux();
         m.conns.clear();
+        m.draining.clear();
         m.pending.clear();
         m.ctrl.clear();
         self.reset_pending = true;
@@ -623,6 +679,7 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         let mut m = self.shared.mux();
         m.conns.clear();
+        m.draining.clear();
         m.pending.clear();
         m.ctrl.clear();
         drop(m);
@@ -753,6 +810,7 @@ enum Slot {
     Listener,
     Pending(usize),
     Conn(Key),
+    Drain(usize),
 }
 
 /// The host side: accept connections, read `CONNECT` lines, move bytes
@@ -794,6 +852,9 @@ fn host_thread(s: &Shared) {
                     add(c.stream.as_raw_fd(), ev, Slot::Conn(*k));
                 }
             }
+            for (i, d) in m.draining.iter().enumerate() {
+                add(d.stream.as_raw_fd(), libc::POLLOUT, Slot::Drain(i));
+            }
         }
         // SAFETY: `fds` is a valid pollfd array for its length.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
@@ -807,6 +868,7 @@ fn host_thread(s: &Shared) {
         let mut m = s.mux();
         let mut wake_rx = false;
         let mut done_pending: Vec<usize> = Vec::new();
+        let mut done_draining: Vec<usize> = Vec::new();
         for (pfd, slot) in fds.iter().zip(&slots) {
             if pfd.revents == 0 {
                 continue;
@@ -818,7 +880,7 @@ fn host_thread(s: &Shared) {
                 }
                 Slot::Listener => {
                     while let Ok((st, _)) = s.listener.accept() {
-                        if m.conns.len() + m.pending.len() >= MAX_CONNECTIONS
+                        if m.open() + m.pending.len() >= MAX_CONNECTIONS
                             || st.set_nonblocking(true).is_err()
                         {
                             continue; // dropped: closes it
@@ -837,6 +899,14 @@ fn host_thread(s: &Shared) {
                             m.ctrl.push_back(h);
                             wake_rx = true;
                         }
+                    }
+                }
+                Slot::Drain(i) => {
+                    // Only the host thread removes entries (a device reset
+                    // clears them all): `i` is still the one polled,
+                    // unless the list was cleared meanwhile.
+                    if m.draining.get_mut(i).is_some_and(|d| d.flush()) {
+                        done_draining.push(i);
                     }
                 }
                 Slot::Conn(key) => {
@@ -868,6 +938,11 @@ fn host_thread(s: &Shared) {
         done_pending.sort_unstable();
         for i in done_pending.into_iter().rev() {
             m.pending.swap_remove(i);
+        }
+        done_draining.sort_unstable();
+        for i in done_draining.into_iter().rev() {
+            let d = m.draining.swap_remove(i);
+            let _ = d.stream.shutdown(std::net::Shutdown::Both);
         }
         drop(m);
         if wake_rx {
@@ -907,7 +982,7 @@ fn read_connect(m: &mut Mux, i: usize, buf: &mut [u8]) -> Option<Option<Key>> {
         tracing::debug!("vsock: a host connection sent {line:?}, not CONNECT <port>");
         return Some(None);
     };
-    if m.conns.len() >= MAX_CONNECTIONS {
+    if m.open() >= MAX_CONNECTIONS {
         return Some(None);
     }
     // A host port no open connection to this guest port uses.
@@ -934,6 +1009,7 @@ mod tests {
             cid: 3,
             path: path.to_path_buf(),
             conns: HashMap::new(),
+            draining: Vec::new(),
             pending: Vec::new(),
             ctrl: VecDeque::new(),
             next_host_port: 1 << 30,
@@ -1031,6 +1107,65 @@ mod tests {
             m.next_packet(&mut out, 60),
             Some(60),
             "limited by the buffer"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The guest closes a connection whose host reader is slow: it gets
+    /// its RST at once (so its close timeout never fires and resets the
+    /// stream), and the host still receives every byte, then EOF.
+    #[test]
+    fn a_guest_close_is_answered_at_once_and_the_host_still_gets_everything() {
+        let dir = std::env::temp_dir().join(format!("vireo-vsock-ut3-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, mut host) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let mut m = mux(&dir.join("v.sock"));
+        m.conns.insert((1, 2), Conn::new(a, true));
+        // More than a Unix socket buffer holds: part stays in to_host.
+        let data: Vec<u8> = (0..BUF_ALLOC).map(|i| (i % 251) as u8).collect();
+        for (k, chunk) in data.chunks(MAX_PAYLOAD).enumerate() {
+            let h = Hdr {
+                fwd_cnt: 0,
+                ..guest_hdr(OP_RW, 1, 2, chunk.len() as u32)
+            };
+            m.guest_packet(&h, chunk);
+            assert!(
+                m.conns.contains_key(&(1, 2)),
+                "chunk {k} reset the connection"
+            );
+        }
+        assert!(
+            m.conns[&(1, 2)].buffered() > 0,
+            "the host socket took it all"
+        );
+        m.ctrl.clear();
+        let shut = Hdr {
+            flags: SHUTDOWN_RCV | SHUTDOWN_SEND,
+            ..guest_hdr(OP_SHUTDOWN, 1, 2, 0)
+        };
+        m.guest_packet(&shut, &[]);
+        assert_eq!(m.ctrl.pop_front().map(|h| h.op), Some(OP_RST));
+        assert!(m.conns.is_empty());
+        assert_eq!(m.draining.len(), 1);
+        // The port may be used again at once.
+        m.guest_packet(&guest_hdr(OP_RST, 1, 2, 0), &[]);
+        assert_eq!(m.draining.len(), 1, "a late guest RST drops nothing");
+        // What the host thread does on POLLOUT, while the host reads.
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            host.read_to_end(&mut got).unwrap();
+            got
+        });
+        let mut d = m.draining.pop().unwrap();
+        while !d.flush() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        d.stream.shutdown(std::net::Shutdown::Both).unwrap();
+        drop(d);
+        assert!(
+            reader.join().unwrap() == data,
+            "the host got a changed stream"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

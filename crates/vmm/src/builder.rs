@@ -148,6 +148,11 @@ pub struct VmSpec {
     pub balloon: Option<crate::config::BalloonConfig>,
     /// A virtio-vsock on PCI.
     pub vsock: Option<crate::config::VsockConfig>,
+    /// virtio-fs devices (vhost-user) on PCI; guest memory is then a memfd
+    /// the backends map.
+    pub fs: Vec<crate::config::FsConfig>,
+    /// The virtiofsd binary for `fs` entries with a directory.
+    pub virtiofsd: Option<std::path::PathBuf>,
     /// Which device gets the console output (and input).
     pub console: ConsoleKind,
     /// The exit device for test kernels, if asked for.
@@ -169,6 +174,8 @@ impl VmSpec {
             nets: c.nets.clone(),
             balloon: c.balloon,
             vsock: c.vsock.clone(),
+            fs: c.fs.clone(),
+            virtiofsd: c.virtiofsd.clone(),
             console: c.console,
             exit_device: c.exit_device,
             pvpanic: c.pvpanic,
@@ -291,7 +298,7 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
         vm.set_guest_cpuid(&c)?;
     }
 
-    let memory = guest_memory(&boot, spec.memory)?;
+    let memory = guest_memory(&boot, spec.memory, !spec.fs.is_empty())?;
     if prepared.is_none() {
         map_guest_memory(vm.as_ref(), &memory)?;
     }
@@ -397,8 +404,11 @@ fn add_guest_workarounds(hv: &dyn Hypervisor, cmdline: &mut String) {
 }
 
 /// The guest memory a VM starts with: a migration's (already filled), a
-/// snapshot's memory file mapped, or new zeroed RAM in the PC layout.
-fn guest_memory(boot: &Boot, bytes: u64) -> Result<GuestRam, VmmError> {
+/// snapshot's memory file mapped, or new zeroed RAM in the PC layout:
+/// anonymous, or with `shared` one memfd mapped shared, so that another
+/// process (a vhost-user backend) can map the same pages. Both
+/// accelerators take either: KVM and the engine only see host addresses.
+fn guest_memory(boot: &Boot, bytes: u64, shared: bool) -> Result<GuestRam, VmmError> {
     match boot {
         Boot::Snapshot(snap) => match &snap.memory {
             Some(m) => Ok(m.clone()),
@@ -408,6 +418,7 @@ fn guest_memory(boot: &Boot, bytes: u64) -> Result<GuestRam, VmmError> {
                 snap.manifest.memory_file_bytes,
             ),
         },
+        _ if shared => shared_memory(bytes),
         _ => {
             let regions = arch::ram_regions(bytes);
             GuestRam::from_ranges(&regions).map_err(|e| VmmError::GuestMemory {
@@ -416,6 +427,46 @@ fn guest_memory(boot: &Boot, bytes: u64) -> Result<GuestRam, VmmError> {
             })
         }
     }
+}
+
+/// New zeroed RAM in the PC layout backed by one memfd, each region at
+/// its own offset in it, mapped shared (vm-memory maps file-backed
+/// regions MAP_SHARED).
+fn shared_memory(bytes: u64) -> Result<GuestRam, VmmError> {
+    use std::os::fd::FromRawFd;
+    let regions = arch::ram_regions(bytes);
+    let total: u64 = regions.iter().map(|r| r.1 as u64).sum();
+    let err = |what: &str, e: std::io::Error| VmmError::GuestMemory {
+        what: format!("{what} for {} MiB of shareable guest memory", bytes >> 20),
+        source: Box::new(e),
+    };
+    // SAFETY: the name is a NUL-terminated string; the flags are valid.
+    let fd = unsafe { libc::memfd_create(c"vireo-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(err("memfd_create", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(total)
+        .map_err(|e| err("sizing the memfd", e))?;
+    let file = Arc::new(file);
+    let mut offset = 0u64;
+    let ranges: Vec<_> = regions
+        .iter()
+        .map(|&(addr, len)| {
+            let r = (
+                addr,
+                len,
+                Some(vm_memory::FileOffset::from_arc(file.clone(), offset)),
+            );
+            offset += len as u64;
+            r
+        })
+        .collect();
+    GuestRam::from_ranges_with_files(&ranges).map_err(|e| VmmError::GuestMemory {
+        what: format!("cannot map {} MiB of shareable guest memory", bytes >> 20),
+        source: Box::new(e),
+    })
 }
 
 /// Put the boot image into guest memory and return the boot vCPU's state.

@@ -487,6 +487,56 @@ impl FromStr for VsockConfig {
     }
 }
 
+/// A virtio-fs device: `tag=NAME,socket=PATH` to connect to a virtiofsd
+/// the user started, or `tag=NAME,dir=DIR` (also `path=DIR`) for a
+/// virtiofsd Vireo starts itself sharing DIR.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// What the guest mounts: `mount -t virtiofs TAG /mnt`.
+    pub tag: String,
+    /// A running vhost-user backend's socket.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// A host directory to share through a virtiofsd Vireo starts.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+}
+
+impl FsConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        virtio::fs::check_tag(&self.tag).map_err(|e| e.to_string())?;
+        match (&self.socket, &self.dir) {
+            (Some(_), Some(_)) => Err("give socket= or dir=, not both".into()),
+            (None, None) => Err("give socket=PATH (a running virtiofsd) or dir=DIR".into()),
+            (Some(p), None) | (None, Some(p)) if p.as_os_str().is_empty() => {
+                Err("an empty path".into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl FromStr for FsConfig {
+    type Err = OptionError;
+    fn from_str(s: &str) -> Result<Self, OptionError> {
+        let o = Options::parse("fs", s, &["tag", "socket", "dir", "path"])?;
+        let dir: Option<PathBuf> = o.value("dir")?;
+        let path: Option<PathBuf> = o.value("path")?;
+        if dir.is_some() && path.is_some() {
+            return Err(o.bad("path", s, "dir= and path= are the same option: give one"));
+        }
+        let f = FsConfig {
+            tag: o.required("tag")?,
+            socket: o.value("socket")?,
+            dir: dir.or(path),
+        };
+        f.validate()
+            .map_err(|reason| o.bad("tag", &f.tag, reason))?;
+        Ok(f)
+    }
+}
+
 fn yes() -> bool {
     true
 }
@@ -777,6 +827,13 @@ pub struct VmConfig {
     /// A virtio-vsock device.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// virtio-fs devices (vhost-user), after the vsock.
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
+    /// The virtiofsd to start for `fs` entries with `dir=` (found on PATH,
+    /// in ~/.cargo/bin or /usr/libexec when not given).
+    #[serde(default)]
+    pub virtiofsd: Option<PathBuf>,
     /// Which device is the console: serial (ttyS0) or virtio (hvc0).
     #[serde(default)]
     pub console: ConsoleKind,
@@ -844,6 +901,8 @@ impl VmConfig {
             nets: Vec::new(),
             balloon: None,
             vsock: None,
+            fs: Vec::new(),
+            virtiofsd: None,
             console: ConsoleKind::Serial,
             exit_device: None,
             pvpanic: false,
@@ -892,6 +951,17 @@ impl VmConfig {
         if let Some(v) = &self.vsock {
             v.validate()
                 .map_err(|e| VmmError::Config(format!("vsock: {e}")))?;
+        }
+        let mut tags = std::collections::HashSet::new();
+        for f in &self.fs {
+            f.validate()
+                .map_err(|e| VmmError::Config(format!("fs tag={}: {e}", f.tag)))?;
+            if !tags.insert(&f.tag) {
+                return Err(VmmError::Config(format!(
+                    "fs tag={} is given twice: the guest tells devices apart by tag",
+                    f.tag
+                )));
+            }
         }
         self.cpu_affinity
             .check(self.cpus)

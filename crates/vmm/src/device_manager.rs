@@ -66,6 +66,9 @@ struct PciDevices {
     monitored: Vec<crate::counters::MonitoredDevice>,
     /// The disks' and NICs' I/O limiters, by device id and group.
     rate_limits: crate::rate_limits::RateLimits,
+    /// Devices whose state lives outside Vireo (vhost-user), which make
+    /// the VM impossible to snapshot or migrate.
+    unsaveable: Vec<String>,
 }
 
 /// Every device of one VM, the two buses they sit on, and what was put where.
@@ -194,6 +197,19 @@ impl DeviceManager {
             } else {
                 lock(d).resume();
             }
+        }
+    }
+
+    /// Refuse a snapshot or migration (`what`) up front when a device's
+    /// state lives in another process (a vhost-user backend), before the
+    /// VM is paused or any byte is written or sent.
+    pub fn check_saveable(&self, what: &str) -> Result<(), VmmError> {
+        match self.pci.unsaveable.first() {
+            None => Ok(()),
+            Some(dev) => Err(VmmError::Conflict(format!(
+                "cannot {what}: the VM has {dev}, a vhost-user device whose state lives \
+                 in its backend (virtiofsd), which Vireo cannot save or move"
+            ))),
         }
     }
 
@@ -525,6 +541,44 @@ fn setup_pci(
             Box::new(dev),
         )?;
     }
+    let mut unsaveable = Vec::new();
+    for (i, f) in spec.fs.iter().enumerate() {
+        let fs_err = |source| VmmError::Fs {
+            tag: f.tag.clone(),
+            source,
+        };
+        // A virtiofsd of Vireo's own for a directory, on a private socket;
+        // the device keeps it and it goes with the device.
+        let daemon = match &f.dir {
+            Some(dir) => {
+                let bin = virtio::fs::find_virtiofsd(spec.virtiofsd.as_deref()).map_err(fs_err)?;
+                Some(virtio::fs::Virtiofsd::start(&bin, dir).map_err(fs_err)?)
+            }
+            None => None,
+        };
+        let (socket, what) = match (&daemon, &f.socket) {
+            (Some(d), _) => (
+                d.socket().to_path_buf(),
+                format!("{} through virtiofsd pid {}", d.dir().display(), d.pid()),
+            ),
+            (None, Some(s)) => (s.clone(), s.display().to_string()),
+            (None, None) => {
+                return Err(VmmError::Config(format!(
+                    "fs tag={}: give socket= or dir=",
+                    f.tag
+                )))
+            }
+        };
+        let mut dev =
+            virtio::fs::VhostUserFs::connect(&f.tag, &socket, memory.clone()).map_err(fs_err)?;
+        if let Some(d) = daemon {
+            dev = dev.with_daemon(d);
+        }
+        let name = format!("virtio-fs '{}' ({what})", f.tag);
+        unsaveable.push(format!("virtio-fs '{}'", f.tag));
+        let (id, kind) = (format!("fs{i}"), DeviceKind::Plain("fs"));
+        add_virtio(name, id, kind, Box::new(dev))?;
+    }
     let mut pvpanic = None;
     if spec.pvpanic {
         let events = events.clone();
@@ -557,6 +611,7 @@ fn setup_pci(
         balloon,
         monitored,
         rate_limits,
+        unsaveable,
     })
 }
 

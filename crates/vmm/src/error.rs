@@ -75,6 +75,13 @@ pub enum VmmError {
     /// User networking's passt that is missing or cannot start.
     #[error(transparent)]
     Passt(#[from] net::PasstError),
+    /// A virtio-fs device whose backend cannot be started or reached.
+    #[error("--fs tag={tag}: {source}")]
+    Fs {
+        tag: String,
+        #[source]
+        source: virtio::fs::FsError,
+    },
     /// The accelerator refused (no usable /dev/kvm, a failed ioctl, a
     /// state it cannot load).
     #[error(transparent)]
@@ -193,6 +200,7 @@ impl VmmError {
             | Overlay { .. }
             | Tap(_)
             | Passt(_)
+            | Fs { .. }
             | Hypervisor(_)
             | Arch(_)
             | GuestMemory { .. }
@@ -252,6 +260,7 @@ impl VmmError {
             | Serialize { .. }
             | Hypervisor(_)
             | Passt(_)
+            | Fs { .. }
             | GuestMemory { .. }
             | Bus { .. }
             | Pci { .. }

@@ -509,6 +509,7 @@ fn send_inner(
     paused: &mut bool,
     unlocked: &mut bool,
 ) -> Result<MigrationReport, VmmError> {
+    vm.devices.check_saveable("migrate")?;
     let start = Instant::now();
     let addr = destination
         .to_socket_addrs()

@@ -24,6 +24,7 @@ impl VmHandle {
         dir: &std::path::Path,
         config: Option<VmConfig>,
     ) -> Result<(), VmmError> {
+        self.devices.check_saveable("take a snapshot")?;
         // Held from the first byte to the last: a resume asked meanwhile
         // is refused, not let run a guest whose memory is being written.
         let _hold = self
@@ -299,6 +300,10 @@ pub(crate) fn restore_spec(
         nets,
         balloon,
         vsock: manifest.config.as_ref().and_then(|c| c.vsock.clone()),
+        // A VM with virtio-fs is never saved (its device refuses): a
+        // manifest naming one is not restored with it.
+        fs: Vec::new(),
+        virtiofsd: None,
         console,
         exit_device: manifest.config.as_ref().and_then(|c| c.exit_device),
         pvpanic: manifest.config.as_ref().is_some_and(|c| c.pvpanic),

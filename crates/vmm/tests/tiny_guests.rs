@@ -129,6 +129,8 @@ fn run_raw_with(accel: Accel, image: Vec<u8>, mode: RawMode, rng: bool) -> (VmEx
         nets: Vec::new(),
         balloon: None,
         vsock: None,
+        fs: Vec::new(),
+        virtiofsd: None,
         console: vmm::ConsoleKind::Serial,
         // Every tiny guest has the exit device at port 0xf4 (4 bytes).
         exit_device: Some(Default::default()),

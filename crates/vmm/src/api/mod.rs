@@ -854,6 +854,8 @@ mod tests {
         config.exit_device = Some(Default::default());
         config.pvpanic = true;
         config.cpu_affinity = "0=0".parse().unwrap();
+        config.fs.push("tag=t,socket=/s".parse().unwrap());
+        config.virtiofsd = Some("/v".into());
         let info = VmInfoReply {
             state: VmState::Running,
             config: Some(config.clone()),
@@ -951,6 +953,7 @@ mod tests {
             ("NetConfig", fields(&config.nets[0])),
             ("BalloonConfig", fields(&config.balloon)),
             ("ExitDeviceConfig", fields(&config.exit_device)),
+            ("FsConfig", fields(&config.fs[0])),
             ("VmCounters", fields(&counters)),
             ("MemoryCounters", fields(&counters.memory)),
             ("VcpuCounters", fields(&counters.vcpus[0])),
