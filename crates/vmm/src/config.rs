@@ -216,7 +216,8 @@ impl Default for MemSize {
     }
 }
 
-/// One virtio-blk disk: `path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID]`.
+/// One virtio-blk disk: `path=FILE[,format=raw|qcow2|vmdk|vhdx][,readonly=on][,serial=ID]`
+/// (VMDK and VHDX images are read-only: with `readonly=on`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
