@@ -161,6 +161,47 @@ pub fn fix_checksum(raw: &mut [u8]) {
     raw[4..8].copy_from_slice(&c.to_le_bytes());
 }
 
+/// The pieces of a VHDX file (offset, bytes) that a compact fuzzer input
+/// stands for, so that mutations land on metadata rather than on the
+/// megabytes of padding between regions: the input is cut into a header
+/// (4 KiB, placed at 64 KiB), the start of a region table (512 bytes, at
+/// 192 KiB), the start of a metadata table (1 KiB, at 1 MiB), metadata
+/// items (512 bytes, at 1 MiB + 64 KiB) and the rest (the BAT and data, at
+/// 2 MiB). Signatures are forced and checksums fixed, so the parser gets
+/// past them. The file is 2 MiB + the rest long.
+#[doc(hidden)]
+pub fn layout_for_fuzzing(input: &[u8]) -> Vec<(u64, Vec<u8>)> {
+    let mut cut = input;
+    let mut take = |n: usize| {
+        let (a, b) = cut.split_at(n.min(cut.len()));
+        cut = b;
+        a.to_vec()
+    };
+    let mut header = take(HEADER_LEN);
+    header.resize(HEADER_LEN, 0);
+    header[..4].copy_from_slice(HEADER_SIG);
+    fix_checksum(&mut header);
+    let mut table = take(512);
+    table.resize(REGION_TABLE_LEN, 0);
+    table[..4].copy_from_slice(REGION_SIG);
+    fix_checksum(&mut table);
+    let mut meta = take(1024);
+    meta.resize(1024, 0);
+    meta[..8].copy_from_slice(METADATA_SIG);
+    let items = take(512);
+    let rest = take(usize::MAX);
+    let mut file_id = FILE_SIGNATURE.to_vec();
+    file_id.resize(8, 0);
+    vec![
+        (0, file_id),
+        (HEADER_OFFSETS[0], header),
+        (REGION_TABLE_OFFSETS[0], table),
+        (MIB, meta),
+        (MIB + KIB64, items),
+        (2 * MIB, rest),
+    ]
+}
+
 pub struct VhdxImage {
     file: File,
     path: PathBuf,
