@@ -18,8 +18,11 @@
 //!
 //! Tests: `tests/qemu_interop.rs` checks against qemu-img/qemu-io (package
 //! qemu-utils; those tests print SKIPPED and pass without it),
-//! `tests/corrupt.rs` feeds corrupt and randomly mutated images. Fuzzing:
-//! `cd crates/block/fuzz && cargo +nightly fuzz run qcow2_open`. Baseline
+//! `tests/corrupt.rs` feeds corrupt and randomly mutated images,
+//! `tests/formats.rs` reads VMDK and VHDX images (and `vireo/tests/img.rs`
+//! runs `vireo img` against qemu-img). Fuzzing: `scripts/fuzz.sh`, or
+//! `cd crates/block/fuzz && cargo +nightly fuzz run qcow2_open` (also
+//! `vmdk_open`, `vhdx_open`). Baseline
 //! throughput: `cargo run --release -p block --example image_bench`.
 
 use std::fmt;
