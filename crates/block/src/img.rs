@@ -21,6 +21,9 @@ const CHUNK: u64 = 1 << 20;
 /// aligned is not written (qcow2's default cluster size).
 const ZERO_GRAIN: u64 = 64 << 10;
 
+/// Errors `check` lists before it stops walking a VMDK or VHDX.
+const MAX_REPORTED: usize = 100;
+
 /// Reports `(bytes done, bytes total)` as a long operation advances.
 pub type ProgressFn<'a> = &'a mut dyn FnMut(u64, u64);
 
@@ -405,6 +408,11 @@ pub fn check(path: &Path, format: Option<ImageFormat>) -> Result<CheckResult, Bl
                     }
                     Err(e) => {
                         res.corruptions.push(e.to_string());
+                        if res.corruptions.len() >= MAX_REPORTED {
+                            res.corruptions
+                                .push(format!("(stopped after {MAX_REPORTED} errors)"));
+                            break;
+                        }
                         off = (off / unit + 1) * unit;
                     }
                 }

@@ -1344,12 +1344,26 @@ impl DiskImage for Qcow2Image {
             Mapping::Zero { .. } => Allocation::Zero,
             Mapping::Data { .. } | Mapping::Compressed => Allocation::Data,
         };
-        let first = status(self.lookup(offset)?);
-        let mut n = (cs - (offset & (cs - 1))).min(len);
-        while n < len && status(self.lookup(offset + n)?) == first {
-            n = (n + cs).min(len);
+        // An L1 entry of 0 leaves a whole L2 table's span unallocated:
+        // skip it in one step (an empty disk can be terabytes).
+        let span = cs << self.l2_bits;
+        let step = |img: &mut Self, at: u64| -> Result<(Allocation, u64), BlockError> {
+            let l1i = img.l1_index(at);
+            if img.l2_offset(l1i)?.0 == 0 {
+                Ok((Allocation::Unallocated, span - at % span))
+            } else {
+                Ok((status(img.lookup(at)?), cs - (at & (cs - 1))))
+            }
+        };
+        let (first, mut n) = step(self, offset)?;
+        while n < len {
+            let (st, m) = step(self, offset + n)?;
+            if st != first {
+                break;
+            }
+            n += m;
         }
-        Ok((first, n))
+        Ok((first, n.min(len)))
     }
 
     fn details(&self) -> ImageDetails {

@@ -554,12 +554,26 @@ impl DiskImage for VmdkImage {
             1 => Allocation::Zero,
             _ => Allocation::Data,
         };
-        let first = status(self.grain_entry(offset / gb)?);
-        let mut n = (gb - offset % gb).min(len);
-        while n < len && status(self.grain_entry((offset + n) / gb)?) == first {
-            n = (n + gb).min(len);
+        // A grain directory entry of 0 leaves a whole table's span
+        // unallocated: skip it in one step (a sparse disk can be huge).
+        let span = gb * self.gtes_per_gt as u64;
+        let step = |img: &mut Self, at: u64| -> Result<(Allocation, u64), BlockError> {
+            let gdi = (at / span) as usize;
+            if img.gd.get(gdi) == Some(&0) {
+                Ok((Allocation::Unallocated, span - at % span))
+            } else {
+                Ok((status(img.grain_entry(at / gb)?), gb - at % gb))
+            }
+        };
+        let (first, mut n) = step(self, offset)?;
+        while n < len {
+            let (st, m) = step(self, offset + n)?;
+            if st != first {
+                break;
+            }
+            n += m;
         }
-        Ok((first, n))
+        Ok((first, n.min(len)))
     }
 
     fn details(&self) -> ImageDetails {
