@@ -903,7 +903,10 @@ mod tests {
         let err = |s: &str| s.parse::<DiskConfig>().unwrap_err().to_string();
         assert!(err("format=raw").contains("no path"));
         assert!(err("path=,format=raw").contains("no path"));
-        assert!(err("path=/d,format=vmdk").contains("vmdk"));
+        // vmdk and vhdx are (read-only) formats; an unknown one is refused.
+        assert!(err("path=/d,format=vpc").contains("vpc"));
+        let v: DiskConfig = "path=/d.vmdk,format=vmdk,readonly=on".parse().unwrap();
+        assert_eq!(v.format, Some(ImageFormat::Vmdk));
         assert!(err("path=/d,readonly=maybe").contains("readonly=maybe"));
         assert!(err("path=/d,cache=none").contains("cache"));
         assert!(err("path=/d,path=/e").contains("twice"));
@@ -918,7 +921,7 @@ mod tests {
                 .unwrap();
         assert_eq!(j.disks[0].format, Some(ImageFormat::Qcow2));
         assert!(serde_json::from_str::<VmConfig>(
-            r#"{"kernel":"/k","disks":[{"path":"/a","format":"vmdk"}]}"#
+            r#"{"kernel":"/k","disks":[{"path":"/a","format":"vpc"}]}"#
         )
         .is_err());
     }
