@@ -7,7 +7,8 @@
 #   scripts/fuzz.sh [SECONDS_PER_TARGET]   (default 60)
 #
 # Corpora grow in crates/*/fuzz/corpus/<target>, crashes are kept in
-# crates/*/fuzz/artifacts/<target> (both ignored by git). Exits 1 if any
+# crates/*/fuzz/artifacts/<target> (both ignored by git). Seed inputs kept
+# in git (crates/*/fuzz/seeds/<target>: small valid images) are read too. Exits 1 if any
 # target crashed, 2 if the tools are missing and cannot be installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,8 +33,13 @@ for dir in crates/*/fuzz; do
         log="$logs/$crate-$target.log"
         echo "fuzz.sh: $crate/$target for ${secs}s"
         before=$(ls "$dir/artifacts/$target" 2>/dev/null | wc -l)
-        (cd "$dir" && cargo +nightly fuzz run "$target" -- \
-            -max_total_time="$secs" -print_final_stats=1) >"$log" 2>&1
+        corpora=()
+        if [ -d "$dir/seeds/$target" ]; then
+            mkdir -p "$dir/corpus/$target"
+            corpora=("corpus/$target" "seeds/$target")
+        fi
+        (cd "$dir" && cargo +nightly fuzz run "$target" "${corpora[@]}" -- \
+            -max_total_time="$secs" -max_len=262144 -rss_limit_mb=2048 -print_final_stats=1) >"$log" 2>&1
         rc=$?
         execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | awk '{print $2}' | tail -1)
         after=$(ls "$dir/artifacts/$target" 2>/dev/null | wc -l)

@@ -12,6 +12,7 @@ use vmm::api::{
 use vmm::config::{Accel, BootProtocol, ConsoleKind, MemSize, SerialMode, VmConfig};
 use vmm::exit_code;
 
+mod img;
 mod logfmt;
 mod progress;
 mod top;
@@ -128,6 +129,9 @@ enum Command {
     /// network and exit rates, refreshed every second (q quits; 1-9 or
     /// Tab pick the sort column).
     Top(top::TopArgs),
+    /// Disk images: create, info, check, compare, convert (also from VMDK,
+    /// VHDX and block devices: P2V), resize, commit, rebase. See docs/images.md.
+    Img(img::ImgArgs),
 }
 
 #[derive(Args)]
@@ -447,7 +451,8 @@ struct VmOptions {
     /// Entry protocol for an ELF vmlinux: linux (64-bit boot protocol) or pvh [default: linux].
     #[arg(long, value_name = "linux|pvh")]
     boot: Option<BootProtocol>,
-    /// A virtio-blk disk: path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID]; repeatable.
+    /// A virtio-blk disk: path=FILE[,format=raw|qcow2|vmdk|vhdx][,readonly=on][,serial=ID];
+    /// repeatable (vmdk and vhdx only with readonly=on).
     #[arg(long, value_name = "path=FILE,...")]
     disk: Vec<vmm::config::DiskConfig>,
     /// A virtio-net NIC on a tap: tap=NAME[,mac=52:54:00:12:34:56] (NAME may
@@ -694,6 +699,7 @@ fn main() -> ExitCode {
             false => api_call(&a.api.api_socket, ApiAction::VmCounters),
         },
         Command::Top(a) => top::run(&a),
+        Command::Img(a) => img::run(a),
         Command::Restore(a) => match &a.start.into {
             Some(sock) => {
                 let req = a

@@ -183,9 +183,10 @@ fn disk_that_cannot_be_opened_is_named() {
 
 #[test]
 fn disk_option_errors_are_usage_errors() {
-    let out = run(&["run", "--kernel", "/k", "--disk", "path=/d,format=vmdk"]);
+    // An unknown format (vmdk and vhdx are known now: read-only formats).
+    let out = run(&["run", "--kernel", "/k", "--disk", "path=/d,format=vpc"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("vmdk"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("vpc"));
     let out = run(&["run", "--kernel", "/k", "--disk", "readonly=on"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no path"));

@@ -23,7 +23,8 @@ use std::path::{Path, PathBuf};
 
 use crate::{
     check_range, iobufs_range, open_depth, pread_zero_fill, punch_hole, pwrite_all,
-    transfer_vectored, BlockError, DiskImage, ImageFormat, IoBuf, OpenOptions,
+    transfer_vectored, Allocation, BlockError, DiskImage, ImageDetails, ImageFormat, IoBuf,
+    OpenOptions,
 };
 
 /// The largest write buffer a qcow2 image keeps between requests
@@ -272,6 +273,7 @@ impl Qcow2Image {
         // Backing file.
         let backing = match &header.backing_file {
             None => None,
+            Some(_) if opts.detach_backing => None,
             Some(name) => {
                 if !opts.follow_backing {
                     return Err(unsupported(
@@ -281,17 +283,18 @@ impl Qcow2Image {
                 }
                 let fmt = match header.backing_format.as_deref() {
                     None => None,
-                    Some("raw") => Some(ImageFormat::Raw),
-                    Some("qcow2") => Some(ImageFormat::Qcow2),
-                    Some(other) => {
-                        return Err(unsupported(
-                            path,
-                            format!(
-                                "backing file format '{}' is not supported",
-                                other.escape_debug()
-                            ),
-                        ))
-                    }
+                    Some(name) => match name.parse::<ImageFormat>() {
+                        Ok(f) => Some(f),
+                        Err(_) => {
+                            return Err(unsupported(
+                                path,
+                                format!(
+                                    "backing file format '{}' is not supported",
+                                    name.escape_debug()
+                                ),
+                            ))
+                        }
+                    },
                 };
                 Some(open_backing(path, name, fmt, depth)?)
             }
@@ -1333,6 +1336,56 @@ impl DiskImage for Qcow2Image {
         self.cluster_size
     }
 
+    fn block_status(&mut self, offset: u64, len: u64) -> Result<(Allocation, u64), BlockError> {
+        check_range(&self.path, self.size, offset, len)?;
+        let cs = self.cluster_size;
+        let status = |m: Mapping| match m {
+            Mapping::Unallocated => Allocation::Unallocated,
+            Mapping::Zero { .. } => Allocation::Zero,
+            Mapping::Data { .. } | Mapping::Compressed => Allocation::Data,
+        };
+        // An L1 entry of 0 leaves a whole L2 table's span unallocated:
+        // skip it in one step (an empty disk can be terabytes).
+        let span = cs << self.l2_bits;
+        let step = |img: &mut Self, at: u64| -> Result<(Allocation, u64), BlockError> {
+            let l1i = img.l1_index(at);
+            if img.l2_offset(l1i)?.0 == 0 {
+                Ok((Allocation::Unallocated, span - at % span))
+            } else {
+                Ok((status(img.lookup(at)?), cs - (at & (cs - 1))))
+            }
+        };
+        let (first, mut n) = step(self, offset)?;
+        while n < len {
+            let (st, m) = step(self, offset + n)?;
+            if st != first {
+                break;
+            }
+            n += m;
+        }
+        Ok((first, n.min(len)))
+    }
+
+    fn details(&self) -> ImageDetails {
+        ImageDetails {
+            cluster_size: Some(self.cluster_size),
+            subformat: Some(
+                if self.header.version >= 3 {
+                    "1.1"
+                } else {
+                    "0.10"
+                }
+                .into(),
+            ),
+            backing_filename: self
+                .header
+                .backing_file
+                .as_ref()
+                .map(|n| String::from_utf8_lossy(n).into_owned()),
+            backing_format: self.header.backing_format.clone(),
+        }
+    }
+
     fn read_only(&self) -> bool {
         self.read_only
     }
@@ -1343,6 +1396,80 @@ impl DiskImage for Qcow2Image {
 
     fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Grow only (shrinking would have to drop clusters past the new end).
+    /// The L1 table grows in place when its last cluster has room, and is
+    /// otherwise copied to new clusters at the end of the file before the
+    /// header switches to it, so a crash leaves either the old or the new
+    /// table in use (and at worst leaks clusters).
+    fn resize(&mut self, new_size: u64) -> Result<(), BlockError> {
+        self.check_writable()?;
+        if new_size < self.size {
+            return Err(self.unsupported(format!(
+                "shrinking a qcow2 image ({} to {new_size} bytes) is not supported",
+                self.size
+            )));
+        }
+        if self.header.nb_snapshots > 0 {
+            return Err(BlockError::HasSnapshots {
+                path: self.path.clone(),
+            });
+        }
+        self.flush()?;
+        let cs = self.cluster_size;
+        let l2_span = cs * (cs / 8);
+        let needed = new_size.div_ceil(l2_span).max(1);
+        if needed * 8 > MAX_L1_BYTES {
+            return Err(self.unsupported(format!("virtual size {new_size} is too large")));
+        }
+        let old_len = self.l1.len() as u64;
+        let mut l1_offset = self.l1_offset;
+        let mut l1_len = old_len;
+        if needed > old_len {
+            let capacity = align_up(old_len * 8, cs) / 8;
+            if needed <= capacity {
+                // The rest of the table's last cluster is the table's own.
+                let zeros = vec![0u8; ((needed - old_len) * 8) as usize];
+                self.write_meta(&zeros, l1_offset + old_len * 8)?;
+            } else {
+                let clusters = (needed * 8).div_ceil(cs);
+                let new_off = self.next_free;
+                self.next_free += clusters * cs;
+                for c in 0..clusters {
+                    self.update_refcount(new_off + c * cs, 1)?;
+                }
+                self.write_refcounts()?;
+                let mut raw = vec![0u8; (clusters * cs) as usize];
+                for (i, e) in self.l1.iter().enumerate() {
+                    raw[8 * i..8 * i + 8].copy_from_slice(&e.to_be_bytes());
+                }
+                self.write_meta(&raw, new_off)?;
+                let old_clusters = align_up(old_len * 8, cs) / cs;
+                for c in 0..old_clusters {
+                    self.pending_frees.push(self.l1_offset + c * cs);
+                }
+                l1_offset = new_off;
+            }
+            l1_len = needed;
+            self.sync()?;
+        }
+        // size, crypt_method, l1_size, l1_table_offset: one write.
+        let mut hdr = [0u8; 24];
+        hdr[..8].copy_from_slice(&new_size.to_be_bytes());
+        hdr[8..12].copy_from_slice(&self.header.crypt_method.to_be_bytes());
+        hdr[12..16].copy_from_slice(&(l1_len as u32).to_be_bytes());
+        hdr[16..].copy_from_slice(&l1_offset.to_be_bytes());
+        self.write_meta(&hdr, 24)?;
+        self.sync()?;
+        self.l1.resize(l1_len as usize, 0);
+        self.l1_offset = l1_offset;
+        self.size = new_size;
+        self.header.size = new_size;
+        self.header.l1_size = l1_len as u32;
+        self.header.l1_table_offset = l1_offset;
+        self.data_dirty = true;
+        self.flush()
     }
 
     fn set_lock(&mut self, held: bool) -> Result<(), BlockError> {
@@ -1369,6 +1496,7 @@ impl Drop for Qcow2Image {
 fn corrupt(path: &Path, what: String) -> BlockError {
     BlockError::Corrupt {
         path: path.to_path_buf(),
+        format: ImageFormat::Qcow2,
         what,
     }
 }
@@ -1376,6 +1504,7 @@ fn corrupt(path: &Path, what: String) -> BlockError {
 fn unsupported(path: &Path, what: impl Into<String>) -> BlockError {
     BlockError::Unsupported {
         path: path.to_path_buf(),
+        format: ImageFormat::Qcow2,
         what: what.into(),
     }
 }
@@ -1702,7 +1831,7 @@ fn open_backing(
         &OpenOptions {
             format,
             read_only: true,
-            follow_backing: true,
+            ..OpenOptions::default()
         },
         depth + 1,
     )
@@ -1874,4 +2003,299 @@ pub fn create_qcow2_overlay(path: &Path, backing: &Path) -> Result<(), BlockErro
             backing: Some((backing.to_path_buf(), base.format())),
         },
     )
+}
+
+// ---- check ------------------------------------------------------------------
+
+/// What [`check`] found.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CheckReport {
+    /// One line per inconsistency that loses or may lose data (a refcount
+    /// lower than the references, a table pointing outside the file).
+    pub corruptions: Vec<String>,
+    /// Clusters with a refcount but no reference: wasted space only.
+    pub leaks: u64,
+    /// Guest clusters allocated in this image, and the image's total.
+    pub allocated_clusters: u64,
+    pub total_clusters: u64,
+    /// The end of the last cluster in use.
+    pub image_end_offset: u64,
+}
+
+/// Check a qcow2 image's metadata: rebuild every cluster's reference count
+/// from the tables (header, L1, L2, refcount structures, data) and compare
+/// it with the stored refcounts, as `qemu-img check` does. Reads the file
+/// directly, without the cache, and changes nothing.
+pub fn check(path: &Path) -> Result<CheckReport, BlockError> {
+    let file = File::open(path).map_err(|e| BlockError::io(path, "opening", e))?;
+    crate::lock_file(&file, path, true)?;
+    let r = check_file(&file, path);
+    crate::unlock_file(&file);
+    r
+}
+
+fn check_file(file: &File, path: &Path) -> Result<CheckReport, BlockError> {
+    let file_len = file
+        .metadata()
+        .map_err(|e| BlockError::io(path, "stat", e))?
+        .len();
+    let h = parse_header(file, path, file_len)?;
+    if h.nb_snapshots > 0 {
+        return Err(unsupported(
+            path,
+            "checking images with internal snapshots is not supported (use qemu-img check)",
+        ));
+    }
+    let cs = 1u64 << h.cluster_bits;
+    let file_clusters = file_len.div_ceil(cs);
+    // Expected references per host cluster; anything pointing past the
+    // file's end is a corruption, so the vector is bounded by the file.
+    let mut refs = vec![0u32; file_clusters as usize];
+    let mut rep = CheckReport::default();
+    let mut mark = |rep: &mut CheckReport, off: u64, len: u64, what: &str| {
+        let first = off / cs;
+        let last = (off + len.max(1) - 1) / cs;
+        for c in first..=last {
+            match refs.get_mut(c as usize) {
+                Some(r) => *r = r.saturating_add(1),
+                None => rep.corruptions.push(format!(
+                    "{what} at {off:#x}: cluster {c} is past the end of the file"
+                )),
+            }
+        }
+    };
+    mark(&mut rep, 0, cs, "header");
+    mark(
+        &mut rep,
+        h.l1_table_offset,
+        h.l1_size as u64 * 8,
+        "L1 table",
+    );
+    let rt_bytes = h.refcount_table_clusters as u64 * cs;
+    mark(
+        &mut rep,
+        h.refcount_table_offset,
+        rt_bytes,
+        "refcount table",
+    );
+
+    let mut raw = vec![0u8; (h.l1_size as u64 * 8) as usize];
+    read_exact(
+        file,
+        path,
+        &mut raw,
+        h.l1_table_offset,
+        "reading the L1 table",
+    )?;
+    let l1: Vec<u64> = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
+    let mut l2 = vec![0u8; cs as usize];
+    for (i, &e) in l1.iter().enumerate() {
+        let off = e & L1E_OFFSET_MASK;
+        if off == 0 {
+            continue;
+        }
+        if off & (cs - 1) != 0 || off + cs > file_len {
+            rep.corruptions.push(format!(
+                "L1 entry {i}: L2 table at {off:#x} is unaligned or outside the file"
+            ));
+            continue;
+        }
+        mark(&mut rep, off, cs, "L2 table");
+        read_exact(file, path, &mut l2, off, "reading an L2 table")?;
+        for (j, c) in l2.chunks_exact(8).enumerate() {
+            let e = be64(c, 0);
+            if e & OFLAG_COMPRESSED != 0 {
+                // Offset and length of compressed data (spec: x = 62 - (cluster_bits - 8)).
+                let x = 62 - (h.cluster_bits - 8);
+                let host = e & ((1u64 << x) - 1);
+                let sectors = ((e >> x) & ((1u64 << (62 - x)) - 1)) + 1;
+                let end = (host & !511) + sectors * 512;
+                mark(&mut rep, host, end - host, "compressed cluster");
+                rep.allocated_clusters += 1;
+                continue;
+            }
+            let host = e & L2E_OFFSET_MASK;
+            if host != 0 {
+                if host & (cs - 1) != 0 {
+                    rep.corruptions.push(format!(
+                        "L2 table at {off:#x}, entry {j}: unaligned data offset {host:#x}"
+                    ));
+                    continue;
+                }
+                mark(&mut rep, host, cs, "data cluster");
+            }
+            if host != 0 || e & OFLAG_ZERO != 0 {
+                rep.allocated_clusters += 1;
+            }
+        }
+    }
+
+    // Refcount table and blocks.
+    let mut rt = vec![0u8; rt_bytes as usize];
+    read_exact(
+        file,
+        path,
+        &mut rt,
+        h.refcount_table_offset,
+        "reading the refcount table",
+    )?;
+    let rb_entries = (cs * 8) >> h.refcount_order;
+    let mut blocks = Vec::new();
+    for (i, c) in rt.chunks_exact(8).enumerate() {
+        let off = be64(c, 0) & REFT_OFFSET_MASK;
+        if off == 0 {
+            continue;
+        }
+        if off & (cs - 1) != 0 || off + cs > file_len {
+            rep.corruptions.push(format!(
+                "refcount table entry {i}: block at {off:#x} is unaligned or outside the file"
+            ));
+            continue;
+        }
+        mark(&mut rep, off, cs, "refcount block");
+        blocks.push((i as u64, off));
+    }
+    let order = h.refcount_order;
+    let get = |data: &[u8], i: usize| -> u64 {
+        match order {
+            0..=2 => {
+                let bits = 1usize << order;
+                let bit = i * bits;
+                ((data[bit / 8] >> (bit % 8)) & ((1u16 << bits) - 1) as u8) as u64
+            }
+            3 => data[i] as u64,
+            4 => be16(data, 2 * i) as u64,
+            5 => be32(data, 4 * i) as u64,
+            _ => be64(data, 8 * i),
+        }
+    };
+    let mut stored = vec![0u64; file_clusters as usize];
+    let mut rb = vec![0u8; cs as usize];
+    for (i, off) in blocks {
+        // Counts for clusters past the end of the file are not looked at
+        // (they cover no data), which also bounds the work by the file size.
+        let first = i.saturating_mul(rb_entries);
+        if first >= file_clusters {
+            continue;
+        }
+        read_exact(file, path, &mut rb, off, "reading a refcount block")?;
+        for k in 0..rb_entries.min(file_clusters - first) {
+            stored[(first + k) as usize] = get(&rb, k as usize);
+        }
+    }
+    for (c, (&want, &have)) in refs.iter().zip(stored.iter()).enumerate() {
+        let want = want as u64;
+        if want > have {
+            rep.corruptions.push(format!(
+                "cluster {c} (offset {:#x}): refcount {have}, but {want} references",
+                c as u64 * cs
+            ));
+        } else if want < have {
+            rep.leaks += 1;
+        }
+        if want > 0 || have > 0 {
+            rep.image_end_offset = (c as u64 + 1) * cs;
+        }
+    }
+    rep.total_clusters = h.size.div_ceil(cs);
+    Ok(rep)
+}
+
+// ---- changing the backing file ---------------------------------------------
+
+/// Rewrite the backing file name (and format) in `path`'s header, or drop
+/// it (`None`). Changes only the header, not the data: `vireo img rebase`
+/// copies what must be kept first. The header cluster is written in one
+/// call; unknown header extensions are kept.
+pub fn set_backing(path: &Path, backing: Option<(&Path, ImageFormat)>) -> Result<(), BlockError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| BlockError::io(path, "opening", e))?;
+    crate::lock_file(&file, path, false)?;
+    let r = set_backing_file(&file, path, backing);
+    crate::unlock_file(&file);
+    r
+}
+
+fn set_backing_file(
+    file: &File,
+    path: &Path,
+    backing: Option<(&Path, ImageFormat)>,
+) -> Result<(), BlockError> {
+    let file_len = file
+        .metadata()
+        .map_err(|e| BlockError::io(path, "stat", e))?
+        .len();
+    let h = parse_header(file, path, file_len)?;
+    if h.version < 3 {
+        return Err(unsupported(
+            path,
+            "version 2 images are read-only in Vireo (upgrade with: qemu-img amend -o compat=1.1)",
+        ));
+    }
+    let cs = 1u64 << h.cluster_bits;
+    let mut c0 = vec![0u8; cs.min(file_len) as usize];
+    read_exact(file, path, &mut c0, 0, "reading the header cluster")?;
+    // Keep every extension but the backing format.
+    let start = h.header_length as usize;
+    let mut exts = Vec::new();
+    let mut pos = start;
+    while pos + 8 <= c0.len() {
+        let ty = be32(&c0, pos);
+        let len = be32(&c0, pos + 4) as usize;
+        if ty == EXT_END {
+            break;
+        }
+        let padded = align_up(len as u64, 8) as usize;
+        if pos + 8 + padded > c0.len() {
+            return Err(corrupt(
+                path,
+                format!("header extension {ty:#x} at {pos:#x}: runs past the first cluster"),
+            ));
+        }
+        if ty != EXT_BACKING_FORMAT {
+            exts.extend_from_slice(&c0[pos..pos + 8 + padded]);
+        }
+        pos += 8 + padded;
+    }
+    let mut name_bytes = Vec::new();
+    if let Some((name, fmt)) = backing {
+        let n = name.as_os_str().as_bytes();
+        if n.is_empty() || n.len() as u64 > MAX_BACKING_NAME || n.contains(&0) {
+            return Err(BlockError::Invalid {
+                path: path.to_path_buf(),
+                what: "backing file name must be 1..=1023 bytes without NUL".into(),
+            });
+        }
+        let f = fmt.name().as_bytes();
+        exts.extend_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
+        exts.extend_from_slice(&(f.len() as u32).to_be_bytes());
+        exts.extend_from_slice(f);
+        exts.resize(align_up(exts.len() as u64, 8) as usize, 0);
+        name_bytes = n.to_vec();
+    }
+    exts.extend_from_slice(&[0u8; 8]); // end of extensions
+    let name_off = start + exts.len();
+    if name_off + name_bytes.len() > cs as usize {
+        return Err(BlockError::Invalid {
+            path: path.to_path_buf(),
+            what: "backing file name does not fit in the header cluster".into(),
+        });
+    }
+    c0.resize(cs as usize, 0);
+    c0[start..].fill(0);
+    c0[start..name_off].copy_from_slice(&exts);
+    c0[name_off..name_off + name_bytes.len()].copy_from_slice(&name_bytes);
+    let (off, len) = if name_bytes.is_empty() {
+        (0u64, 0u32)
+    } else {
+        (name_off as u64, name_bytes.len() as u32)
+    };
+    c0[8..16].copy_from_slice(&off.to_be_bytes());
+    c0[16..20].copy_from_slice(&len.to_be_bytes());
+    pwrite_all(file, path, &c0, 0)?;
+    file.sync_all()
+        .map_err(|e| BlockError::io(path, "fsync", e))
 }

@@ -2,11 +2,12 @@
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::{
     check_range, pread_zero_fill, punch_hole, pwrite_all, transfer_vectored, unlock_file,
-    BlockError, DiskImage, ImageFormat, IoBuf,
+    Allocation, BlockError, DiskImage, ImageFormat, IoBuf,
 };
 
 pub struct RawImage {
@@ -128,6 +129,47 @@ impl DiskImage for RawImage {
 
     fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Holes of a regular file (`SEEK_DATA`/`SEEK_HOLE`) are unallocated;
+    /// everything else, and all of a block device, is data.
+    fn block_status(&mut self, offset: u64, len: u64) -> Result<(Allocation, u64), BlockError> {
+        check_range(&self.path, self.size, offset, len)?;
+        if !self.regular {
+            return Ok((Allocation::Data, len));
+        }
+        let seek = |whence: libc::c_int| -> Option<u64> {
+            let off = libc::off_t::try_from(offset).ok()?;
+            // SAFETY: lseek on a valid, owned descriptor; no memory is passed.
+            let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+            u64::try_from(r).ok()
+        };
+        let end = offset + len;
+        match seek(libc::SEEK_DATA) {
+            // No data from here to the end of the file (ENXIO).
+            None => Ok((Allocation::Unallocated, len)),
+            Some(d) if d > offset => Ok((Allocation::Unallocated, (d - offset).min(len))),
+            Some(_) => match seek(libc::SEEK_HOLE) {
+                Some(h) if h > offset => Ok((Allocation::Data, (h.min(end)) - offset)),
+                _ => Ok((Allocation::Data, len)),
+            },
+        }
+    }
+
+    /// Regular files only: the file is cut or extended (sparsely).
+    fn resize(&mut self, new_size: u64) -> Result<(), BlockError> {
+        self.check_writable()?;
+        if !self.regular {
+            return Err(BlockError::Invalid {
+                path: self.path.clone(),
+                what: "a block device cannot be resized".into(),
+            });
+        }
+        self.file
+            .set_len(new_size)
+            .map_err(|e| BlockError::io(&self.path, "resizing", e))?;
+        self.size = new_size;
+        Ok(())
     }
 
     fn set_lock(&mut self, held: bool) -> Result<(), BlockError> {

@@ -53,6 +53,7 @@ fn opts(read_only: bool) -> OpenOptions {
         format: Some(ImageFormat::Qcow2),
         read_only,
         follow_backing: false,
+        detach_backing: false,
     }
 }
 

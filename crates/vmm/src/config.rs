@@ -279,8 +279,9 @@ pub fn parse_limit(s: &str) -> Result<RateLimiterConfig, OptionError> {
     })
 }
 
-/// One virtio-blk disk: `path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID]
-/// [,bw=BYTES_PER_SEC][,iops=N][,group=NAME]`.
+/// One virtio-blk disk: `path=FILE[,format=raw|qcow2|vmdk|vhdx][,readonly=on][,serial=ID]
+/// [,bw=BYTES_PER_SEC][,iops=N][,group=NAME]` (VMDK and VHDX images are
+/// read-only: with `readonly=on`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
@@ -1178,7 +1179,10 @@ mod tests {
         let err = |s: &str| s.parse::<DiskConfig>().unwrap_err().to_string();
         assert!(err("format=raw").contains("no path"));
         assert!(err("path=,format=raw").contains("no path"));
-        assert!(err("path=/d,format=vmdk").contains("vmdk"));
+        // vmdk and vhdx are (read-only) formats; an unknown one is refused.
+        assert!(err("path=/d,format=vpc").contains("vpc"));
+        let v: DiskConfig = "path=/d.vmdk,format=vmdk,readonly=on".parse().unwrap();
+        assert_eq!(v.format, Some(ImageFormat::Vmdk));
         assert!(err("path=/d,readonly=maybe").contains("readonly=maybe"));
         assert!(err("path=/d,cache=none").contains("cache"));
         assert!(err("path=/d,path=/e").contains("twice"));
@@ -1193,7 +1197,7 @@ mod tests {
                 .unwrap();
         assert_eq!(j.disks[0].format, Some(ImageFormat::Qcow2));
         assert!(serde_json::from_str::<VmConfig>(
-            r#"{"kernel":"/k","disks":[{"path":"/a","format":"vmdk"}]}"#
+            r#"{"kernel":"/k","disks":[{"path":"/a","format":"vpc"}]}"#
         )
         .is_err());
     }

@@ -27,6 +27,7 @@ fuzz_target!(|data: &[u8]| {
         format: Some(ImageFormat::Qcow2),
         read_only: true,
         follow_backing: false,
+        detach_backing: false,
     };
     if let Ok(mut d) = open_with(&path, &opts) {
         let size = d.size();

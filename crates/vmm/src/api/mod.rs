@@ -979,10 +979,15 @@ mod tests {
         .collect();
         let schema = &doc["components"]["schemas"]["VmInfo"]["properties"];
         assert_eq!(schema["state"]["enum"].as_array().unwrap(), &states);
-        let formats: Vec<_> = [ImageFormat::Raw, ImageFormat::Qcow2]
-            .iter()
-            .map(|f| serde_json::to_value(f).unwrap())
-            .collect();
+        let formats: Vec<_> = [
+            ImageFormat::Raw,
+            ImageFormat::Qcow2,
+            ImageFormat::Vmdk,
+            ImageFormat::Vhdx,
+        ]
+        .iter()
+        .map(|f| serde_json::to_value(f).unwrap())
+        .collect();
         let schema = &doc["components"]["schemas"]["DiskConfig"]["properties"];
         assert_eq!(schema["format"]["enum"].as_array().unwrap(), &formats);
     }
