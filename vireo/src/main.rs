@@ -312,7 +312,7 @@ struct CreateArgs {
 struct VmOptions {
     /// Read the VM's settings from a TOML or JSON file (same names as the
     /// options: kernel, initrd, cmdline, memory, cpus, accel, cpu_model, serial, console, boot, rng,
-    /// disks, nets, balloon, exit_device);
+    /// disks, nets, balloon, exit_device, cloud_init);
     /// options given here override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -378,6 +378,13 @@ struct VmOptions {
     /// there ends the VM with exit status (V << 1) | 1.
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
     exit_device: Option<vmm::config::ExitDeviceConfig>,
+    /// A cloud-init NoCloud seed: user-data=FILE[,meta-data=FILE][,network-config=FILE].
+    /// Vireo writes the files to a small read-only disk labelled CIDATA
+    /// (VFAT), attached after the --disk disks; the files are checked
+    /// before boot. Without meta-data the guest gets an instance-id made
+    /// from the user-data and the hostname "vireo".
+    #[arg(long, value_name = "user-data=FILE,...")]
+    cloud_init: Option<vmm::cloud_init::CloudInitConfig>,
 }
 
 impl VmOptions {
@@ -399,6 +406,7 @@ impl VmOptions {
             && self.balloon.is_none()
             && self.vsock.is_none()
             && self.exit_device.is_none()
+            && self.cloud_init.is_none()
     }
 
     /// The config file (if any) with every option given on the command line on top.
@@ -455,6 +463,9 @@ impl VmOptions {
         }
         if let Some(x) = self.exit_device {
             cfg.exit_device = Some(x);
+        }
+        if let Some(c) = self.cloud_init {
+            cfg.cloud_init = Some(c);
         }
         cfg.disks.extend(self.disk);
         cfg.nets.extend(self.net);

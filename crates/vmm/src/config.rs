@@ -544,6 +544,10 @@ pub struct VmConfig {
     /// The exit device for test kernels (off unless asked for).
     #[serde(default)]
     pub exit_device: Option<ExitDeviceConfig>,
+    /// A cloud-init NoCloud seed made from these files and attached as a
+    /// read-only disk after `disks`.
+    #[serde(default)]
+    pub cloud_init: Option<crate::cloud_init::CloudInitConfig>,
 }
 
 /// Memory the guest must have at least: page tables, tables and a kernel.
@@ -601,6 +605,7 @@ impl VmConfig {
             vsock: None,
             console: ConsoleKind::Serial,
             exit_device: None,
+            cloud_init: None,
         }
     }
 

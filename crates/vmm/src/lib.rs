@@ -12,6 +12,7 @@
 pub mod api;
 pub mod auth;
 mod builder;
+pub mod cloud_init;
 pub mod config;
 pub mod console;
 pub mod control;
