@@ -198,7 +198,12 @@ in_root grub-install --target=i386-pc --modules="part_msdos ext2" "$loopdev" >"$
     { cat "$work/grub-install.log" >&2; die "grub-install failed"; }
 in_root update-grub >"$work/update-grub.log" 2>&1 ||
     { cat "$work/update-grub.log" >&2; die "update-grub failed"; }
+# grub-mkconfig writes root=UUID= only when /dev/disk/by-uuid has the
+# filesystem, which needs udev; here it names the loop partition instead.
+# In the guest (with udev) a later update-grub writes root=UUID= itself.
+sed -i "s#root=$part #root=UUID=$uuid #" "$mnt/boot/grub/grub.cfg"
 grep -q "root=UUID=$uuid" "$mnt/boot/grub/grub.cfg" || die "grub.cfg does not boot root=UUID=$uuid"
+! grep -q "$loopdev" "$mnt/boot/grub/grub.cfg" || die "grub.cfg still names $loopdev"
 
 kver=$(basename "$(ls -d "$mnt"/lib/modules/*-cloud-amd64 | head -n1)")
 [ -f "$mnt/boot/vmlinuz-$kver" ] || die "no /boot/vmlinuz-$kver in the image"

@@ -344,6 +344,8 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
         },
     };
     let mut devices = DeviceManager::new(&vm, &memory, &spec, out)?;
+    // The seed disk is open: its file is no longer needed on the host.
+    drop(spec.seed);
 
     // A restored VM's memory already holds everything: no boot image.
     let bsp_state = match &boot {
