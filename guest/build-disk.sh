@@ -68,7 +68,8 @@ flock 9
 mirror=$(grep -rhoE '(URIs:[[:space:]]*|^deb[[:space:]]+)https?://[^[:space:]]+/debian/?([[:space:]]|$)' \
     /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null | grep -oE 'https?://[^[:space:]]+' | head -n1 || true)
 mirror=${mirror:-http://deb.debian.org/debian}
-security=$(grep -rhoE 'https?://[^[:space:]]+/debian-security/?' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null | head -n1 || true)
+security=$(grep -rhoE '(URIs:[[:space:]]*|^deb[[:space:]]+)https?://[^[:space:]]+/debian-security/?([[:space:]]|$)' \
+    /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null | grep -oE 'https?://[^[:space:]]+' | head -n1 || true)
 
 # Up to date when this script and the kernel the meta package names are
 # unchanged (the archive is a fixed snapshot; a new kernel means a rebuild).
@@ -206,6 +207,11 @@ grep -q "root=UUID=$uuid" "$mnt/boot/grub/grub.cfg" || die "grub.cfg does not bo
 ! grep -q "$loopdev" "$mnt/boot/grub/grub.cfg" || die "grub.cfg still names $loopdev"
 
 kver=$(basename "$(ls -d "$mnt"/lib/modules/*-cloud-amd64 | head -n1)")
+# The stamp says which kernel the host's apt names; say so if the image got another.
+case "$kernel_dep" in
+    "" | "linux-image-$kver "*) ;;
+    *) log "warning: the image has $kver, the host's apt names $kernel_dep (different apt lists?)" ;;
+esac
 [ -f "$mnt/boot/vmlinuz-$kver" ] || die "no /boot/vmlinuz-$kver in the image"
 [ -f "$mnt/boot/initrd.img-$kver" ] || die "no /boot/initrd.img-$kver in the image"
 
@@ -227,6 +233,9 @@ cp "$mnt/boot/initrd.img-$kver" "$new/$name.initrd.img"
     in_root dpkg-query -W -f='  ${Package} ${Version}\n'
 } >"$new/$name.txt"
 used=$(df -m --output=used "$mnt" | tail -n1 | tr -d ' ')
+# Give the blocks of deleted files (apt lists, caches) back to the sparse raw
+# file, so that the qcow2 holds only live data.
+fstrim "$mnt" || log "fstrim failed: the qcow2 keeps the deleted files' blocks"
 
 cleanup
 loopdev=
