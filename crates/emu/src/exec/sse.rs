@@ -401,8 +401,12 @@ pub fn execute(core: &mut Core, insn: &Instruction) -> R {
                     2 => a <= b,
                     3 => a.is_nan() || b.is_nan(),
                     4 => a != b,
-                    5 => !(a < b),
-                    6 => !(a <= b),
+                    // NLT, NLE: true when unordered too.
+                    5 => a.partial_cmp(&b) != Some(std::cmp::Ordering::Less),
+                    6 => !matches!(
+                        a.partial_cmp(&b),
+                        Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)
+                    ),
                     _ => !(a.is_nan() || b.is_nan()),
                 }
             };
@@ -419,7 +423,11 @@ pub fn execute(core: &mut Core, insn: &Instruction) -> R {
                 } else {
                     (f64s(d, i), f64s(s, i))
                 };
-                let ones = if bits == 32 { u32::MAX as u64 } else { u64::MAX };
+                let ones = if bits == 32 {
+                    u32::MAX as u64
+                } else {
+                    u64::MAX
+                };
                 r = with_lane(r, bits, i, if test(a, b) { ones } else { 0 });
             }
             set_x(core, insn, 0, r);
