@@ -155,6 +155,8 @@ pub struct VmSpec {
     /// The cloud-init seed file, the last of `disks`: kept until the
     /// devices have opened it, then removed (the open disk keeps its data).
     pub seed: Option<Arc<crate::cloud_init::SeedFile>>,
+    /// A pvpanic PCI device, if asked for.
+    pub pvpanic: bool,
 }
 
 impl VmSpec {
@@ -192,6 +194,7 @@ impl VmSpec {
             vsock: c.vsock.clone(),
             console: c.console,
             exit_device: c.exit_device,
+            pvpanic: c.pvpanic,
             boot: Boot::Linux {
                 kernel: c.kernel.clone(),
                 initrd: c.initrd.clone(),
@@ -324,6 +327,14 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
                 VmEvent::PowerOff => VmExit::PowerOff,
                 VmEvent::Reset => VmExit::Reset,
                 VmEvent::GuestExit(value) => VmExit::GuestExit { value },
+                VmEvent::GuestPanic { crash_loaded } => {
+                    crate::events::guest_panic(crash_loaded);
+                    if crash_loaded {
+                        // kdump runs next in the guest: leave it running.
+                        return;
+                    }
+                    VmExit::GuestPanic
+                }
             };
             if let Ok(tx) = tx.lock() {
                 let _ = tx.send(exit);
@@ -390,6 +401,7 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
         handle,
         exit_tx,
         exit_rx,
+        affinity: Default::default(),
     })
 }
 
@@ -556,7 +568,8 @@ fn console_output(mode: &SerialMode) -> Result<(Box<dyn Write + Send>, bool), Vm
 pub(crate) fn for_config(config: &VmConfig) -> Result<Built, VmmError> {
     config.validate()?;
     let (out, input) = console_output(&config.serial)?;
-    let vm = build(VmSpec::from_config(config)?, out)?;
+    let mut vm = build(VmSpec::from_config(config)?, out)?;
+    vm.set_cpu_affinity(config.cpu_affinity.clone());
     Ok(Built {
         vm,
         input,

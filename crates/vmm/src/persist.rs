@@ -302,5 +302,6 @@ pub(crate) fn restore_spec(
         console,
         exit_device: manifest.config.as_ref().and_then(|c| c.exit_device),
         seed: None,
+        pvpanic: manifest.config.as_ref().is_some_and(|c| c.pvpanic),
     })
 }
