@@ -14,8 +14,10 @@ PACKAGES=(
     ca-certificates # apt over https mirrors
     coreutils       # sha256sum, md5sum, head, od
     cpio            # packs the initramfs (newc format)
+    debootstrap     # guest/build-disk.sh installs Debian 12 into the disk image
     dpkg            # dpkg -x unpacks the downloaded .debs
     e2fsprogs       # mkfs.ext4 for disk images built by tests
+    fdisk           # sfdisk partitions the disk image (guest/build-disk.sh)
     file            # identifies the extracted vmlinux as an ELF64
     gcc             # builds guest/vireo-io.c (static) into the initramfs
     gdb             # drives the gdb stub in its test (vireo/tests/gdb.rs)
@@ -27,12 +29,13 @@ PACKAGES=(
     libc6-dev       # static libc for guest/vireo-io.c
     kmod            # depmod writes the modules.dep that busybox modprobe reads
     passt           # user-mode networking (--net user): Vireo starts it per NIC (crates/net/src/passt.rs)
+    mount           # losetup and mount for the disk image (guest/build-disk.sh)
     lz4             # the Debian cloud kernel is LZ4-compressed; vmlinux extraction
     perl-base       # deterministic test data generator (essential; listed for clarity)
     qemu-system-x86 # the reference/benchmark VMM, also used to check the images
     qemu-utils      # qemu-img and qemu-io for disk images (crates/block tests)
     strace          # diagnosing the VMM's host calls (startup analysis)
-    util-linux      # runuser: the security tests act as an unprivileged user
+    util-linux      # runuser: the security tests act as an unprivileged user; partx, blkid
     passwd          # useradd makes that user
     libseccomp-dev  # builds virtiofsd (cargo install, below)
     libcap-ng-dev   # builds virtiofsd

@@ -15,6 +15,13 @@ for a in "$@"; do
   esac
 done
 "$repo/guest/build.sh" "$VIREO_GUEST_DIR"
+# The Debian disk image needs root (loop device, mount, chroot); without
+# it vireo/tests/disk_image.rs says SKIPPED.
+if [ "$(id -u)" -eq 0 ]; then
+  "$repo/guest/build-disk.sh" "$VIREO_GUEST_DIR"
+else
+  echo "note: not root: the Debian disk image (guest/build-disk.sh) is not built; its boot test skips" >&2
+fi
 cd "$repo"
 if [ "$slow" = 1 ]; then
   cargo test --workspace --release -- --include-ignored --test-threads=2

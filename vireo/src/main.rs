@@ -411,7 +411,8 @@ struct CreateArgs {
 struct VmOptions {
     /// Read the VM's settings from a TOML or JSON file (same names as the
     /// options: kernel, initrd, cmdline, memory, cpus, accel, cpu_model, serial, console, boot, rng,
-    /// disks, nets, balloon, exit_device, cpu_affinity);
+    /// disks, nets, balloon, exit_device, pvpanic, cpu_affinity,
+    /// cloud_init);
     /// options given here override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -489,6 +490,13 @@ struct VmOptions {
     /// there ends the VM with exit status (V << 1) | 1.
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
     exit_device: Option<vmm::config::ExitDeviceConfig>,
+    /// A cloud-init NoCloud seed: user-data=FILE[,meta-data=FILE][,network-config=FILE].
+    /// Vireo writes the files to a small read-only disk labelled CIDATA
+    /// (VFAT), attached after the --disk disks; the files are checked
+    /// before boot. Without meta-data the guest gets an instance-id made
+    /// from the user-data and the hostname "vireo".
+    #[arg(long, value_name = "user-data=FILE,...")]
+    cloud_init: Option<vmm::cloud_init::CloudInitConfig>,
     /// A pvpanic PCI device: a guest kernel panic is logged (a guest-panic
     /// event) and stops the VM with exit status 6, unless the guest has a
     /// crash kernel loaded (kdump then runs).
@@ -522,6 +530,7 @@ impl VmOptions {
             && self.fs.is_empty()
             && self.virtiofsd.is_none()
             && self.exit_device.is_none()
+            && self.cloud_init.is_none()
             && !self.pvpanic
             && self.cpu_affinity.is_none()
     }
@@ -583,6 +592,9 @@ impl VmOptions {
         }
         if let Some(p) = self.virtiofsd {
             cfg.virtiofsd = Some(p);
+        }
+        if let Some(c) = self.cloud_init {
+            cfg.cloud_init = Some(c);
         }
         if self.pvpanic {
             cfg.pvpanic = true;

@@ -5,6 +5,14 @@
 //! Linux kernel requires (fpu msr pae cx8 cmov fxsr sse sse2 lm syscall)
 //! plus cheap extras the engine implements (tsc, pge, pse, nx, cx16,
 //! popcnt, lahf_lm, clflush).
+//!
+//! One bit is advertised without its instructions: MMX. glibc's loader
+//! (2.33 and later, Debian 12's) refuses to start any dynamically linked
+//! program on a CPU without the x86-64 baseline, which includes MMX, so an
+//! installed Debian cannot boot without it; no program in such a system
+//! is known to execute MMX instructions. One that does stops the VM with an
+//! internal error naming the instruction ([`crate::exec::not_executed`]),
+//! never runs it wrongly.
 
 /// Leaf 1 EDX.
 pub const FEAT_FPU: u32 = 1 << 0;
@@ -16,6 +24,8 @@ pub const FEAT_CX8: u32 = 1 << 8;
 pub const FEAT_PGE: u32 = 1 << 13;
 pub const FEAT_CMOV: u32 = 1 << 15;
 pub const FEAT_CLFLUSH: u32 = 1 << 19;
+/// Advertised, not implemented: see the module doc.
+pub const FEAT_MMX: u32 = 1 << 23;
 pub const FEAT_FXSR: u32 = 1 << 24;
 pub const FEAT_SSE: u32 = 1 << 25;
 pub const FEAT_SSE2: u32 = 1 << 26;
@@ -38,6 +48,7 @@ const LEAF1_EDX: u32 = FEAT_FPU
     | FEAT_PGE
     | FEAT_CMOV
     | FEAT_CLFLUSH
+    | FEAT_MMX
     | FEAT_FXSR
     | FEAT_SSE
     | FEAT_SSE2;
@@ -201,7 +212,7 @@ pub fn has_feature(cfg: &CpuidConfig, f: iced_x86::CpuidFeature) -> bool {
         F::FXSR => l1[3] & FEAT_FXSR != 0,
         F::SSE => l1[3] & FEAT_SSE != 0,
         F::SSE2 => l1[3] & FEAT_SSE2 != 0,
-        F::MMX => l1[3] & (1 << 23) != 0,
+        F::MMX => l1[3] & FEAT_MMX != 0,
         F::SSE3 => l1[2] & 1 != 0,
         F::SSSE3 => l1[2] & (1 << 9) != 0,
         F::SSE4_1 => l1[2] & (1 << 19) != 0,

@@ -1119,6 +1119,13 @@ fn sse_float_ops_match_host() {
     ops.push((vec![0xf2, 0x48, 0x0f, 0x2a, 0xc8], true));
     ops.push((vec![0xf3, 0x48, 0x0f, 0x2a, 0xc8], false));
     ops.push((vec![0xf2, 0x0f, 0x2a, 0xc8], true));
+    // CMPccPS/PD/SS/SD xmm1, xmm2, each of the eight predicates.
+    for pred in 0u8..8 {
+        ops.push((vec![0x0f, 0xc2, 0xca, pred], false));
+        ops.push((vec![0x66, 0x0f, 0xc2, 0xca, pred], true));
+        ops.push((vec![0xf3, 0x0f, 0xc2, 0xca, pred], false));
+        ops.push((vec![0xf2, 0x0f, 0xc2, 0xca, pred], true));
+    }
     for (op, double) in &ops {
         for _ in 0..40 {
             let mut input = h.state();

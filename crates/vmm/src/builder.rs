@@ -157,6 +157,9 @@ pub struct VmSpec {
     pub console: ConsoleKind,
     /// The exit device for test kernels, if asked for.
     pub exit_device: Option<crate::config::ExitDeviceConfig>,
+    /// The cloud-init seed file, the last of `disks`: kept until the
+    /// devices have opened it, then removed (the open disk keeps its data).
+    pub seed: Option<Arc<crate::cloud_init::SeedFile>>,
     /// A pvpanic PCI device, if asked for.
     pub pvpanic: bool,
 }
@@ -164,13 +167,35 @@ pub struct VmSpec {
 impl VmSpec {
     pub fn from_config(c: &VmConfig) -> Result<Self, VmmError> {
         c.validate()?;
+        let mut disks = c.disks.clone();
+        let seed = match &c.cloud_init {
+            Some(ci) => {
+                let file = crate::cloud_init::Seed::load(ci)
+                    .and_then(|s| s.to_image())
+                    .and_then(|img| {
+                        crate::cloud_init::SeedFile::write_in(&std::env::temp_dir(), &img)
+                    })
+                    .map_err(|e| VmmError::Config(e.to_string()))?;
+                disks.push(crate::config::DiskConfig {
+                    path: file.path().to_path_buf(),
+                    format: Some(block::ImageFormat::Raw),
+                    readonly: true,
+                    serial: Some("cidata".into()),
+                    rate_limiter: None,
+                    rate_group: None,
+                });
+                Some(Arc::new(file))
+            }
+            None => None,
+        };
         Ok(VmSpec {
             accel: c.accel,
             cpu_model: c.cpu_model,
             memory: c.memory.0,
             cpus: c.cpus,
             rng: c.rng,
-            disks: c.disks.clone(),
+            disks,
+            seed,
             nets: c.nets.clone(),
             balloon: c.balloon,
             vsock: c.vsock.clone(),
@@ -339,6 +364,8 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
         },
     };
     let mut devices = DeviceManager::new(&vm, &memory, &spec, out)?;
+    // The seed disk is open: its file is no longer needed on the host.
+    drop(spec.seed);
 
     // A restored VM's memory already holds everything: no boot image.
     let bsp_state = match &boot {

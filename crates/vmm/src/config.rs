@@ -841,6 +841,10 @@ pub struct VmConfig {
     /// The exit device for test kernels (off unless asked for).
     #[serde(default)]
     pub exit_device: Option<ExitDeviceConfig>,
+    /// A cloud-init NoCloud seed made from these files and attached as a
+    /// read-only disk after `disks`.
+    #[serde(default)]
+    pub cloud_init: Option<crate::cloud_init::CloudInitConfig>,
     /// A pvpanic PCI device: the guest kernel reports its panics.
     #[serde(default)]
     pub pvpanic: bool,
@@ -906,6 +910,7 @@ impl VmConfig {
             virtiofsd: None,
             console: ConsoleKind::Serial,
             exit_device: None,
+            cloud_init: None,
             pvpanic: false,
             cpu_affinity: CpuAffinity::default(),
         }

@@ -13,6 +13,7 @@ pub mod api;
 pub mod auth;
 mod builder;
 pub mod cgroup;
+pub mod cloud_init;
 pub mod config;
 pub mod console;
 pub mod control;

@@ -306,6 +306,7 @@ pub(crate) fn restore_spec(
         virtiofsd: None,
         console,
         exit_device: manifest.config.as_ref().and_then(|c| c.exit_device),
+        seed: None,
         pvpanic: manifest.config.as_ref().is_some_and(|c| c.pvpanic),
     })
 }

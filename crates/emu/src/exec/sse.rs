@@ -387,6 +387,52 @@ pub fn execute(core: &mut Core, insn: &Instruction) -> R {
             set_x(core, insn, 0, r);
             Ok(())
         }
+        // CMPccSS/SD/PS/PD: each lane becomes all ones where predicate
+        // imm8[2:0] holds, zeros where it does not (NaNs are unordered).
+        M::Cmpss | M::Cmpsd | M::Cmpps | M::Cmppd => {
+            let d = xreg(core, insn, 0);
+            let packed = matches!(mn, M::Cmpps | M::Cmppd);
+            let s = src(core, insn, 1, !packed)?;
+            let pred = insn.immediate(2) & 7;
+            let test = |a: f64, b: f64| -> bool {
+                match pred {
+                    0 => a == b,
+                    1 => a < b,
+                    2 => a <= b,
+                    3 => a.is_nan() || b.is_nan(),
+                    4 => a != b,
+                    // NLT, NLE: true when unordered too.
+                    5 => a.partial_cmp(&b) != Some(std::cmp::Ordering::Less),
+                    6 => !matches!(
+                        a.partial_cmp(&b),
+                        Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)
+                    ),
+                    _ => !(a.is_nan() || b.is_nan()),
+                }
+            };
+            let (bits, lanes) = match mn {
+                M::Cmpss => (32, 1),
+                M::Cmpsd => (64, 1),
+                M::Cmpps => (32, 4),
+                _ => (64, 2),
+            };
+            let mut r = d;
+            for i in 0..lanes {
+                let (a, b) = if bits == 32 {
+                    (f32s(d, i) as f64, f32s(s, i) as f64)
+                } else {
+                    (f64s(d, i), f64s(s, i))
+                };
+                let ones = if bits == 32 {
+                    u32::MAX as u64
+                } else {
+                    u64::MAX
+                };
+                r = with_lane(r, bits, i, if test(a, b) { ones } else { 0 });
+            }
+            set_x(core, insn, 0, r);
+            Ok(())
+        }
         M::Comiss | M::Ucomiss => {
             let a = f32s(xreg(core, insn, 0), 0) as f64;
             let b = f32s(src(core, insn, 1, true)?, 0) as f64;
