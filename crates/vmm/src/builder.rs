@@ -54,6 +54,8 @@ pub enum Boot {
         protocol: BootProtocol,
     },
     Raw(RawBoot),
+    /// Boot through a BIOS image (SeaBIOS), which boots the first disk.
+    Firmware { image: std::path::PathBuf },
     /// Resume a snapshot: memory from its file, state from its manifest.
     Snapshot(Box<SnapshotSource>),
 }
@@ -152,6 +154,10 @@ pub struct VmSpec {
     pub console: ConsoleKind,
     /// The exit device for test kernels, if asked for.
     pub exit_device: Option<crate::config::ExitDeviceConfig>,
+    /// The platform firmware expects (`crate::firmware`): an i440FX host
+    /// bridge, fw_cfg, the BIOS image below 4 GiB. Set for a firmware boot
+    /// and for the restore of one.
+    pub firmware: bool,
 }
 
 impl VmSpec {
@@ -169,11 +175,17 @@ impl VmSpec {
             vsock: c.vsock.clone(),
             console: c.console,
             exit_device: c.exit_device,
-            boot: Boot::Linux {
-                kernel: c.kernel.clone(),
-                initrd: c.initrd.clone(),
-                cmdline: c.effective_cmdline(),
-                protocol: c.boot,
+            firmware: c.firmware.is_some(),
+            boot: match &c.firmware {
+                Some(image) => Boot::Firmware {
+                    image: image.clone(),
+                },
+                None => Boot::Linux {
+                    kernel: c.kernel.clone(),
+                    initrd: c.initrd.clone(),
+                    cmdline: c.effective_cmdline(),
+                    protocol: c.boot,
+                },
             },
         })
     }
@@ -288,7 +300,12 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
         vm.set_guest_cpuid(&c)?;
     }
 
-    let memory = guest_memory(&boot, spec.memory)?;
+    // A firmware boot reads its image first: its size shapes guest memory.
+    let firmware = match &boot {
+        Boot::Firmware { image } => Some(crate::firmware::read_image(image, &spec.disks)?),
+        _ => None,
+    };
+    let memory = guest_memory(&boot, spec.memory, firmware.as_ref())?;
     if prepared.is_none() {
         map_guest_memory(vm.as_ref(), &memory)?;
     }
@@ -325,7 +342,10 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
     // A restored VM's memory already holds everything: no boot image.
     let bsp_state = match &boot {
         Boot::Snapshot(_) => None,
-        _ => Some(load_boot(&memory, &boot, spec.cpus)?),
+        _ => match &firmware {
+            Some(f) => Some(f.load(&memory)?),
+            None => Some(load_boot(&memory, &boot, spec.cpus)?),
+        },
     };
     let vcpus = crate::vcpu::create_vcpus(vm.as_ref(), spec.cpus, bsp_state.as_ref())?;
     let vcpu_counters = vcpus
@@ -386,7 +406,11 @@ fn add_guest_workarounds(hv: &dyn Hypervisor, cmdline: &mut String) {
 
 /// The guest memory a VM starts with: a migration's (already filled), a
 /// snapshot's memory file mapped, or new zeroed RAM in the PC layout.
-fn guest_memory(boot: &Boot, bytes: u64) -> Result<GuestRam, VmmError> {
+fn guest_memory(
+    boot: &Boot,
+    bytes: u64,
+    firmware: Option<&crate::firmware::FirmwareImage>,
+) -> Result<GuestRam, VmmError> {
     match boot {
         Boot::Snapshot(snap) => match &snap.memory {
             Some(m) => Ok(m.clone()),
@@ -397,7 +421,10 @@ fn guest_memory(boot: &Boot, bytes: u64) -> Result<GuestRam, VmmError> {
             ),
         },
         _ => {
-            let regions = arch::ram_regions(bytes);
+            let mut regions = arch::ram_regions(bytes);
+            if let Some(f) = firmware {
+                regions.push(f.region());
+            }
             GuestRam::from_ranges(&regions).map_err(|e| VmmError::GuestMemory {
                 what: format!("cannot allocate {} MiB of guest memory", bytes >> 20),
                 source: Box::new(e),
@@ -484,6 +511,9 @@ fn load_boot(mem: &GuestRam, boot: &Boot, cpus: u32) -> Result<CpuState, VmmErro
         }
         Boot::Snapshot(_) => Err(VmmError::Config(
             "a snapshot has no boot image to load".into(),
+        )),
+        Boot::Firmware { .. } => Err(VmmError::Config(
+            "a firmware boot is loaded by crate::firmware".into(),
         )),
         Boot::Raw(raw) => {
             mem.write_slice(&raw.image, GuestAddress(raw.load_addr))
