@@ -226,7 +226,9 @@ impl FwCfg {
         let done: u32 = if ok { 0 } else { DMA_CTL_ERROR };
         // The request was readable, so its first word is writable RAM too
         // (unless it straddles a region end, which then only loses the reply).
-        let _ = self.mem.write_slice(&done.to_be_bytes(), GuestAddress(addr));
+        let _ = self
+            .mem
+            .write_slice(&done.to_be_bytes(), GuestAddress(addr));
     }
 
     /// Copy `len` bytes of the item from the current offset to `target`,
@@ -260,7 +262,10 @@ impl BusDevice for FwCfg {
             }
             4..=11 => {
                 for (i, b) in data.iter_mut().enumerate() {
-                    *b = DMA_SIGNATURE.get(offset as usize - 4 + i).copied().unwrap_or(0);
+                    *b = DMA_SIGNATURE
+                        .get(offset as usize - 4 + i)
+                        .copied()
+                        .unwrap_or(0);
                 }
             }
             _ => data.fill(0),

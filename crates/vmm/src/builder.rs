@@ -55,7 +55,9 @@ pub enum Boot {
     },
     Raw(RawBoot),
     /// Boot through a BIOS image (SeaBIOS), which boots the first disk.
-    Firmware { image: std::path::PathBuf },
+    Firmware {
+        image: std::path::PathBuf,
+    },
     /// Resume a snapshot: memory from its file, state from its manifest.
     Snapshot(Box<SnapshotSource>),
 }

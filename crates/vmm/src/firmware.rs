@@ -98,12 +98,11 @@ pub(crate) fn read_image(path: &Path, disks: &[DiskConfig]) -> Result<FirmwareIm
 
 /// The first sector of `disk` ends in the 55 aa boot signature.
 fn check_boot_sector(disk: &DiskConfig) -> Result<(), VmmError> {
-    let mut image = block::open(&disk.path, disk.format, true).map_err(|source| {
-        VmmError::Disk {
+    let mut image =
+        block::open(&disk.path, disk.format, true).map_err(|source| VmmError::Disk {
             path: disk.path.clone(),
             source,
-        }
-    })?;
+        })?;
     let mut sector = [0u8; 512];
     image
         .read_at(&mut sector, 0)
