@@ -1130,7 +1130,7 @@ fn run_table_loader(m: &GuestRam, t: &acpi::FwCfgAcpi, tables_at: u64, rsdp_at: 
             1 => {
                 let i = idx(&files, &name(&e[4..60]));
                 let align = u32::from_le_bytes(e[60..64].try_into().unwrap()) as u64;
-                assert_eq!(files[i].2 % align, 0);
+                assert!(files[i].2.is_multiple_of(align));
             }
             2 => {
                 let d = idx(&files, &name(&e[4..60]));
@@ -1168,6 +1168,6 @@ fn fw_cfg_acpi_tables_load_anywhere_and_checksum() {
         assert_eq!(acpi.rsdp, 0xf5a40);
         let sigs: Vec<&[u8]> = acpi.tables.iter().map(|t| &t.bytes[0..4]).collect();
         assert_eq!(sigs, vec![b"FACP" as &[u8], b"APIC", b"MCFG"]);
-        assert!(acpi.facs_addr >= base && acpi.facs_addr % 64 == 0);
+        assert!(acpi.facs_addr >= base && acpi.facs_addr.is_multiple_of(64));
     }
 }

@@ -69,7 +69,7 @@ pub(crate) fn read_image(path: &Path, disks: &[DiskConfig]) -> Result<FirmwareIm
         };
         firmware_error(path, format!("cannot read it: {e}{hint}"))
     })?;
-    if bytes.is_empty() || bytes.len() % IMAGE_ALIGN != 0 || bytes.len() > IMAGE_MAX {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(IMAGE_ALIGN) || bytes.len() > IMAGE_MAX {
         return Err(firmware_error(
             path,
             format!(
@@ -116,6 +116,15 @@ fn check_boot_sector(disk: &DiskConfig) -> Result<(), VmmError> {
         });
     }
     Ok(())
+}
+
+/// Whether `gpa..gpa+len` is where a BIOS image of a valid size sits (for
+/// checking a snapshot's memory layout).
+pub(crate) fn is_image_region(gpa: u64, len: u64) -> bool {
+    len > 0
+        && len.is_multiple_of(IMAGE_ALIGN as u64)
+        && len <= IMAGE_MAX as u64
+        && gpa.checked_add(len) == Some(FOUR_GIB)
 }
 
 impl FirmwareImage {
