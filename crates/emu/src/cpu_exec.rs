@@ -26,14 +26,27 @@ impl Core {
             }
             if !self.int_shadow {
                 // Asking the controller costs (a platform reads its clock):
-                // poll when something asked for it, else every few blocks.
+                // poll when something asked for it (and, on a platform that
+                // does not kick on every event, every few blocks).
                 let asked = self.attention.load(Ordering::Relaxed);
                 if self.poll_now || asked || self.poll_countdown == 0 {
                     if asked {
-                        self.attention.store(false, Ordering::SeqCst);
+                        self.attention.swap(false, Ordering::SeqCst);
+                        // A kicker sets `kick` before `attention`: either
+                        // its kick is seen here, or its attention store
+                        // comes after this clear and stops chained code.
+                        if self.kick.load(Ordering::SeqCst)
+                            && self.kick.swap(false, Ordering::AcqRel)
+                        {
+                            return RunExit::Interrupted;
+                        }
                     }
                     self.poll_now = false;
-                    self.poll_countdown = POLL_INTERVAL;
+                    self.poll_countdown = if self.timed_polls {
+                        POLL_INTERVAL
+                    } else {
+                        u32::MAX
+                    };
                     self.publish_stats();
                     if let Some(exit) = self.check_interrupts() {
                         return exit;

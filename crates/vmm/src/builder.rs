@@ -160,6 +160,8 @@ pub struct VmSpec {
     /// bridge, fw_cfg, the BIOS image below 4 GiB. Set for a firmware boot
     /// and for the restore of one.
     pub firmware: bool,
+    /// A pvpanic PCI device, if asked for.
+    pub pvpanic: bool,
 }
 
 impl VmSpec {
@@ -177,6 +179,7 @@ impl VmSpec {
             vsock: c.vsock.clone(),
             console: c.console,
             exit_device: c.exit_device,
+            pvpanic: c.pvpanic,
             firmware: c.firmware.is_some(),
             boot: match &c.firmware {
                 Some(image) => Boot::Firmware {
@@ -320,6 +323,14 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
                 VmEvent::PowerOff => VmExit::PowerOff,
                 VmEvent::Reset => VmExit::Reset,
                 VmEvent::GuestExit(value) => VmExit::GuestExit { value },
+                VmEvent::GuestPanic { crash_loaded } => {
+                    crate::events::guest_panic(crash_loaded);
+                    if crash_loaded {
+                        // kdump runs next in the guest: leave it running.
+                        return;
+                    }
+                    VmExit::GuestPanic
+                }
             };
             if let Ok(tx) = tx.lock() {
                 let _ = tx.send(exit);
@@ -387,6 +398,7 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
         handle,
         exit_tx,
         exit_rx,
+        affinity: Default::default(),
     })
 }
 
@@ -563,7 +575,8 @@ fn console_output(mode: &SerialMode) -> Result<(Box<dyn Write + Send>, bool), Vm
 pub(crate) fn for_config(config: &VmConfig) -> Result<Built, VmmError> {
     config.validate()?;
     let (out, input) = console_output(&config.serial)?;
-    let vm = build(VmSpec::from_config(config)?, out)?;
+    let mut vm = build(VmSpec::from_config(config)?, out)?;
+    vm.set_cpu_affinity(config.cpu_affinity.clone());
     Ok(Built {
         vm,
         input,

@@ -305,5 +305,6 @@ pub(crate) fn restore_spec(
             .config
             .as_ref()
             .is_some_and(|c| c.firmware.is_some()),
+        pvpanic: manifest.config.as_ref().is_some_and(|c| c.pvpanic),
     })
 }

@@ -137,6 +137,7 @@ device_kinds! {
     PciConfigIo(pci::PciConfigIo) = "pci-config-io",
     Virtio(virtio::VirtioPciDevice) = "virtio",
     FwCfg(devices::fw_cfg::FwCfg) = "fw-cfg",
+    PvPanic(pci::pvpanic::PvPanic) = "pvpanic",
 }
 
 /// A device type the VMM can save: its [`Persist`] state is one

@@ -44,7 +44,7 @@ pub(crate) fn create_vcpus(
 
 struct VcpuHandle {
     kicker: Arc<dyn VcpuKicker>,
-    thread: std::thread::JoinHandle<()>,
+    thread: threads::Handle<()>,
 }
 
 /// The running vCPU threads of one VM.
@@ -61,6 +61,7 @@ pub(crate) fn start(
     exits: &Sender<VmExit>,
     control: &Arc<VmControl>,
     counters: &[Arc<VcpuCounters>],
+    affinity: &crate::config::CpuAffinity,
 ) -> VcpuThreads {
     let mut handles = Vec::new();
     for (vcpu, counters) in vcpus.iter().cloned().zip(counters.iter().cloned()) {
@@ -76,12 +77,13 @@ pub(crate) fn start(
             control: control.clone(),
             counters,
         };
-        match std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || {
-                ctx.run(vcpu);
-                ctx.control.vcpu_exited();
-            }) {
+        let opts = threads::Options {
+            cpus: affinity.of(index).map(|c| c.to_vec()),
+        };
+        match threads::spawn_with(threads::Role::Vcpu(index), opts, move || {
+            ctx.run(vcpu);
+            ctx.control.vcpu_exited();
+        }) {
             Ok(thread) => handles.push(VcpuHandle { kicker, thread }),
             Err(e) => {
                 control.vcpu_exited();
