@@ -177,6 +177,9 @@ pub enum VmmError {
     /// The VMM's main thread is gone while the API waited on it.
     #[error("{0}")]
     VmmStopped(&'static str),
+    /// The gdb stub cannot listen where `--gdb` says, or cannot hold the VM.
+    #[error("{0}")]
+    Gdb(String),
 }
 
 impl VmmError {
@@ -216,6 +219,7 @@ impl VmmError {
             | Conflict(_)
             | Pause(_)
             | ApiServer(_)
+            | Gdb(_)
             | VmmStopped(_) => exit_code::VMM_ERROR,
         }
     }
@@ -264,6 +268,7 @@ impl VmmError {
             | MigrationCut
             | Destination(_)
             | ApiServer(_)
+            | Gdb(_)
             | VmmStopped(_) => 500,
         }
     }

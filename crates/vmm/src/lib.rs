@@ -21,6 +21,7 @@ mod error;
 pub mod events;
 mod exit;
 mod firmware;
+pub mod gdb;
 mod launch;
 pub mod migration;
 mod persist;
