@@ -18,7 +18,7 @@ mod top;
 
 const EXIT_CODES: &str = "\
 Exit status:
-  0  the guest powered off (or you quit with Ctrl-A X)
+  0  the guest powered off (or you quit with Ctrl-A X, or gdb's kill with --gdb)
   1  Vireo failed: bad input, missing /dev/kvm, a host error (one line on stderr says why)
   2  bad command line
   3  the guest rebooted (keyboard controller or ACPI reset; also after a guest panic with panic=N)
@@ -92,6 +92,13 @@ enum Command {
     /// Set the balloon's target: memory the guest is asked to give back
     /// (`vireo info` shows how much it gave and its memory statistics).
     Balloon(BalloonArgs),
+    /// Change a running VM's I/O limits: a disk's (`--limit`), a NIC's
+    /// per direction (`--rx`, `--tx`), or a rate group's. A limit is
+    /// `bw=BYTES_PER_SEC[,ops=N]` (`20M` is 20 MiB/s) or `none`.
+    RateLimit(RateLimitArgs),
+    /// Change a running VMM's cgroup limits (it was started with
+    /// --cgroup): cpu.max, cpu.weight, memory.max, memory.high.
+    Cgroup(CgroupLimitArgs),
     /// Start a VM from a snapshot directory in this process.
     #[command(after_help = EXIT_CODES)]
     Restore(RestoreArgs),
@@ -256,6 +263,28 @@ struct BalloonArgs {
 }
 
 #[derive(Args)]
+struct RateLimitArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// The device (disk0, net1, as `vireo counters` names them) or rate group.
+    #[arg(value_name = "TARGET")]
+    target: String,
+    /// A disk's (or disk group's) limit: `bw=20M,ops=1000` or `none`.
+    #[arg(long, value_name = "LIMIT", value_parser = parse_limit)]
+    limit: Option<vmm::config::RateLimiterConfig>,
+    /// A NIC's limit on frames to the guest.
+    #[arg(long, value_name = "LIMIT", value_parser = parse_limit)]
+    rx: Option<vmm::config::RateLimiterConfig>,
+    /// A NIC's limit on frames from the guest.
+    #[arg(long, value_name = "LIMIT", value_parser = parse_limit)]
+    tx: Option<vmm::config::RateLimiterConfig>,
+}
+
+fn parse_limit(s: &str) -> Result<vmm::config::RateLimiterConfig, String> {
+    vmm::config::parse_limit(s).map_err(|e| e.to_string())
+}
+
+#[derive(Args)]
 struct RestoreArgs {
     /// The snapshot directory (`vireo snapshot --dir`).
     #[arg(long, value_name = "DIR")]
@@ -307,6 +336,62 @@ struct RunArgs {
     /// attaches.
     #[arg(long, requires = "gdb")]
     gdb_wait: bool,
+    #[command(flatten)]
+    cgroup: CgroupArgs,
+}
+
+/// The VMM's cgroup (cgroup v2; see docs/limits.md).
+#[derive(Args)]
+struct CgroupArgs {
+    /// Run the VMM in a cgroup of its own, PARENT/vireo-PID (made now,
+    /// removed at exit), with vCPU threads and the other threads in
+    /// threaded sub-groups. PARENT is a path in the cgroup v2 hierarchy
+    /// (/vms) or under its mount (/sys/fs/cgroup/vms).
+    #[arg(long, value_name = "PARENT")]
+    cgroup: Option<PathBuf>,
+    /// cpu.max of the VMM's cgroup: 150% (one and a half CPUs),
+    /// QUOTA/PERIOD in µs (50000/100000) or max.
+    #[arg(long, value_name = "LIMIT", requires = "cgroup")]
+    cpu_max: Option<vmm::cgroup::CpuMax>,
+    /// cpu.weight of the VMM's cgroup (1-10000; the kernel's default 100).
+    #[arg(long, value_name = "N", requires = "cgroup")]
+    cpu_weight: Option<u32>,
+    /// memory.max of the VMM's cgroup (512M, 2G, max); guest RAM counts.
+    #[arg(long, value_name = "SIZE", requires = "cgroup")]
+    memory_max: Option<vmm::cgroup::MemoryLimit>,
+    /// memory.high of the VMM's cgroup: where reclaim and throttling start.
+    #[arg(long, value_name = "SIZE", requires = "cgroup")]
+    memory_high: Option<vmm::cgroup::MemoryLimit>,
+}
+
+impl CgroupArgs {
+    fn limits(&self) -> vmm::cgroup::CgroupLimits {
+        vmm::cgroup::CgroupLimits {
+            cpu_max: self.cpu_max,
+            cpu_weight: self.cpu_weight,
+            memory_max: self.memory_max,
+            memory_high: self.memory_high,
+        }
+    }
+}
+
+/// `vireo cgroup`: new limits for a running VMM's cgroup.
+#[derive(Args)]
+struct CgroupLimitArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// cpu.max: 150%, QUOTA/PERIOD in µs, or max.
+    #[arg(long, value_name = "LIMIT")]
+    cpu_max: Option<vmm::cgroup::CpuMax>,
+    /// cpu.weight (1-10000).
+    #[arg(long, value_name = "N")]
+    cpu_weight: Option<u32>,
+    /// memory.max (512M, 2G, max).
+    #[arg(long, value_name = "SIZE")]
+    memory_max: Option<vmm::cgroup::MemoryLimit>,
+    /// memory.high (512M, 2G, max).
+    #[arg(long, value_name = "SIZE")]
+    memory_high: Option<vmm::cgroup::MemoryLimit>,
 }
 
 #[derive(Args)]
@@ -573,6 +658,8 @@ fn main() -> ExitCode {
         Command::Stop(a) => api_call(&a.api_socket, ApiAction::VmStop),
         Command::Snapshot(a) => report(snapshot(&a)),
         Command::Balloon(a) => report(balloon(&a)),
+        Command::RateLimit(a) => report(rate_limit(&a)),
+        Command::Cgroup(a) => report(cgroup_limits(&a)),
         Command::Migrate(a) => report(migrate(&a)),
         Command::MigrateReceive(a) => match &a.start.into {
             Some(sock) => api_call(
@@ -766,6 +853,30 @@ fn balloon(a: &BalloonArgs) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// Change the VMM's cgroup limits.
+fn cgroup_limits(a: &CgroupLimitArgs) -> Result<(), ClientError> {
+    ApiClient::new(&a.api.api_socket).cgroup(vmm::cgroup::CgroupLimits {
+        cpu_max: a.cpu_max,
+        cpu_weight: a.cpu_weight,
+        memory_max: a.memory_max,
+        memory_high: a.memory_high,
+    })?;
+    out(format_args!("cgroup limits set"));
+    Ok(())
+}
+
+/// Change a device's or a group's I/O limits.
+fn rate_limit(a: &RateLimitArgs) -> Result<(), ClientError> {
+    ApiClient::new(&a.api.api_socket).rate_limit(vmm::api::RateLimitRequest {
+        target: a.target.clone(),
+        rate_limiter: a.limit,
+        rx_rate_limiter: a.rx,
+        tx_rate_limiter: a.tx,
+    })?;
+    out(format_args!("rate limits of {} set", a.target));
+    Ok(())
+}
+
 /// Report how a VM ended and turn it into the process exit code.
 fn finish(result: Result<vmm::VmExit, vmm::VmmError>) -> i32 {
     match result {
@@ -788,6 +899,25 @@ fn run(args: RunArgs) -> i32 {
             addr,
             wait: args.gdb_wait,
         }),
+    };
+    // Before the VM is built: its memory is charged to the cgroup from
+    // the first page. Left (and removed) when this function returns.
+    let _cgroup = match &args.cgroup.cgroup {
+        Some(parent) => {
+            let opts = vmm::cgroup::CgroupOptions {
+                parent: parent.clone(),
+                limits: args.cgroup.limits(),
+            };
+            match vmm::cgroup::enter(&opts) {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    let e = vmm::VmmError::from(e);
+                    eprintln!("vireo: error: {e}");
+                    return e.exit_code();
+                }
+            }
+        }
+        None => None,
     };
     if let (Some(sock), true) = (&servers.api_socket, args.vm.is_empty()) {
         return finish(vmm::serve(sock, servers.metrics));

@@ -87,6 +87,35 @@ fn bad_memory_size_is_a_usage_error() {
 }
 
 #[test]
+fn bad_gdb_address_is_a_usage_error() {
+    let out = run(&["run", "--kernel", "/k", "--gdb", "tcp:1234"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected tcp:HOST:PORT"));
+    // --gdb-wait means nothing without --gdb.
+    let out = run(&["run", "--kernel", "/k", "--gdb-wait"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn gdb_port_in_use_is_one_line_and_exit_1() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let g = guest_dir();
+    let out = vireo()
+        .args(["run", "--accel", "emu", "--kernel"])
+        .arg(g.join("vmlinux"))
+        .args([
+            "--serial",
+            "none",
+            "--gdb",
+            &format!("tcp:127.0.0.1:{port}"),
+        ])
+        .output()
+        .expect("vireo runs");
+    one_line_error(&out, 1, &format!("--gdb tcp:127.0.0.1:{port}"));
+}
+
+#[test]
 fn unknown_accelerator_is_a_usage_error() {
     let out = run(&["run", "--kernel", "/k", "--accel", "xen"]);
     assert_eq!(out.status.code(), Some(2));

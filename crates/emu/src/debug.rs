@@ -1,7 +1,7 @@
 //! Debug exceptions (#DB): the single-step trap (RFLAGS.TF), the four
 //! hardware breakpoints DR0-DR3 as DR7 enables them (instruction
-//! breakpoints as faults, data watchpoints as traps), DR6 status and
-//! RFLAGS.RF.
+//! breakpoints as faults, data watchpoints as traps), DR7.GD (general
+//! detect, a fault raised by `exec::system`), DR6 status and RFLAGS.RF.
 //!
 //! Invariants:
 //! - Debugging is *armed* while TF is set or DR7 enables a breakpoint
@@ -60,6 +60,10 @@ impl HostDebug {
 
 /// DR6 bits.
 pub const DR6_BS: u64 = 1 << 14;
+/// DR6.BD: the #DB came from DR7.GD (general detect).
+pub const DR6_BD: u64 = 1 << 13;
+/// DR7.GD: MOV to or from a debug register raises #DB.
+pub const DR7_GD: u64 = 1 << 13;
 /// DR6 bits that always read as one (the reserved ones).
 pub const DR6_FIXED1: u64 = 0xffff_0ff0;
 

@@ -428,6 +428,26 @@ fn faults_save_rflags_with_rf_set() {
     assert_eq!(g.regs().rdi & 0x10000, 0);
 }
 
+#[test]
+fn dr7_general_detect_faults_on_debug_register_access() {
+    let mut g = guest();
+    // GD set, then a read of DR0: #DB (a fault: RIP at the MOV), DR6.BD
+    // set and GD cleared for the handler.
+    let vector = vector_of(&mut g, |a| {
+        a.mov(rax, 0x2000u64)?;
+        a.mov(dr7, rax)?;
+        a.mov(rbx, dr0)
+    });
+    assert_eq!(vector, 1, "#DB");
+    let st = &g.vcpu.core().st;
+    assert_ne!(st.dr[6] & (1 << 13), 0, "DR6.BD");
+    assert_eq!(st.dr[7] & (1 << 13), 0, "GD cleared on delivery");
+    // Without GD the same access runs.
+    let mut g = guest();
+    let (_, done) = run(&mut g, |a| a.mov(rbx, dr0));
+    assert_eq!(done, DONE);
+}
+
 // ------------------------------------------------------------------- APIC
 
 fn pc_guest() -> Guest {

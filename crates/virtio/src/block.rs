@@ -15,6 +15,7 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::Bytes;
 
 use crate::queue::GuestSlice;
+use crate::rate_limit::{RateLimitError, SharedLimiter, Throttle, Waker};
 
 use crate::{
     device_type, ActivateError, DescChain, Persist, PersistError, Processed, QueueError,
@@ -77,6 +78,11 @@ pub struct BlockState {
     /// the device's writes were flushed.
     pub file_size: u64,
     pub file_mtime_ns: u64,
+    /// The rate limit in force when the snapshot was taken (perhaps set
+    /// through the API since the start); absent in older snapshots and
+    /// for devices without a limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<crate::rate_limit::RateLimiterConfig>,
 }
 
 /// Size and modification time of `path`.
@@ -98,6 +104,9 @@ pub struct Block {
     read_only: bool,
     id: [u8; ID_LEN],
     counters: Arc<crate::stats::BlockCounters>,
+    /// The limiter this disk draws from (its own or its group's), and the
+    /// timer that wakes its queue when throttled.
+    limit: Option<(Arc<SharedLimiter>, Arc<Waker>)>,
 }
 
 impl Block {
@@ -115,7 +124,19 @@ impl Block {
             read_only,
             id,
             counters: Arc::default(),
+            limit: None,
         }
+    }
+
+    /// Draw from `limiter` (the disk's own or its group's): requests wait
+    /// for its tokens from now on, and its configuration may change live.
+    pub fn set_rate_limiter(&mut self, limiter: Arc<SharedLimiter>) -> Result<(), RateLimitError> {
+        let waker = match self.limit.take() {
+            Some((_, w)) => w,
+            None => Arc::new(Waker::new()?),
+        };
+        self.limit = Some((limiter, waker));
+        Ok(())
     }
 
     /// What this device counts (it outlives resets and snapshots).
@@ -164,6 +185,7 @@ impl Persist for Block {
             serial: self.id.to_vec(),
             file_size,
             file_mtime_ns,
+            rate_limiter: self.limit.as_ref().map(|(l, _)| l.config()),
         })
     }
 
@@ -207,6 +229,10 @@ impl Persist for Block {
                 ),
             ));
         }
+        if let Some(cfg) = &s.rate_limiter {
+            cfg.validate()
+                .map_err(|e| PersistError::mismatch(DEVICE, e.to_string()))?;
+        }
         let (size, mtime) = file_identity(&path)?;
         if (size, mtime) != (s.file_size, s.file_mtime_ns) {
             return Err(PersistError::host(DEVICE, format!(
@@ -216,6 +242,11 @@ impl Persist for Block {
                 s.file_size,
                 s.file_mtime_ns
             )));
+        }
+        // Everything checked: the limit the snapshot had is the one in force.
+        if let (Some(cfg), Some((l, _))) = (&s.rate_limiter, &self.limit) {
+            l.update(*cfg)
+                .map_err(|e| PersistError::mismatch(DEVICE, e.to_string()))?;
         }
         Ok(())
     }
@@ -291,6 +322,10 @@ impl Block {
             id: self.id,
             counters: self.counters.clone(),
             iov: Vec::new(),
+            throttle: self
+                .limit
+                .as_ref()
+                .map(|(l, w)| Throttle::new(l.clone(), w.clone(), self.counters.throttle.clone())),
         }
     }
 }
@@ -311,6 +346,8 @@ struct BlockWorker {
     counters: Arc<crate::stats::BlockCounters>,
     /// Kept from request to request (capacity only).
     iov: Vec<IoBuf>,
+    /// The disk's rate limit, when it has a limiter.
+    throttle: Option<Throttle>,
 }
 
 /// Header (16 bytes) and the one discard / write-zeroes segment (16).
@@ -509,6 +546,22 @@ impl BlockWorker {
     }
 }
 
+/// The data bytes a request moves, as the bandwidth bucket counts them:
+/// a read's data area, a write's payload; other requests only cost an
+/// operation. A chain too short to parse costs nothing here: `handle`
+/// refuses it.
+fn request_bytes(chain: &DescChain, mem: &GuestRam) -> u64 {
+    let mut head = [0u8; 16];
+    match chain.read_prefix(mem, &mut head) {
+        Ok(16) => match u32::from_le_bytes([head[0], head[1], head[2], head[3]]) {
+            VIRTIO_BLK_T_IN => u64::from(chain.writable_len().saturating_sub(1)),
+            VIRTIO_BLK_T_OUT => u64::from(chain.readable_len().saturating_sub(16)),
+            _ => 0,
+        },
+        _ => 0,
+    }
+}
+
 /// One request as [`BlockWorker::execute`] sees it.
 #[derive(Clone, Copy)]
 struct Request<'a, 'm> {
@@ -560,11 +613,24 @@ impl QueueWorker for BlockWorker {
     ) -> Result<Processed, QueueError> {
         let mut done = Processed::default();
         while let Some(chain) = queue.pop(mem)? {
+            if let Some(t) = &mut self.throttle {
+                if !t.admit(request_bytes(&chain, mem)) {
+                    // Back on the queue, in its place: the timer serves it
+                    // again when the tokens are there.
+                    queue.undo_pop();
+                    done.stalled = true;
+                    return Ok(done);
+                }
+            }
             let used = self.handle(&chain, mem)?;
             queue.add_used(mem, chain.head, used)?;
             done.used = true;
         }
         Ok(done)
+    }
+
+    fn timer_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.throttle.as_ref().map(Throttle::timer_fd)
     }
 }
 
@@ -888,6 +954,56 @@ mod tests {
         assert_ne!(dev.features() & VIRTIO_BLK_F_FLUSH, 0);
         assert_eq!(dev.features() & VIRTIO_BLK_F_RO, 0);
         assert_ne!(device(true).features() & VIRTIO_BLK_F_RO, 0);
+    }
+
+    #[test]
+    fn the_limit_in_force_is_saved_and_restored() {
+        use crate::rate_limit::{RateLimiterConfig, SharedLimiter, TokenBucketConfig};
+        let dir = std::env::temp_dir().join(format!("vireo-blklimit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("d.img");
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let open = |limiter: &Arc<SharedLimiter>| {
+            let mut b = Block::new(
+                block::open(&path, Some(block::ImageFormat::Raw), false).unwrap(),
+                "s",
+            );
+            b.set_rate_limiter(limiter.clone()).unwrap();
+            b
+        };
+        let set = RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig {
+                size: 1 << 20,
+                one_time_burst: 0,
+                refill_time: 100,
+            }),
+            ops: None,
+        };
+        // Set after the start (as the API does): the snapshot has it.
+        let a_limit = SharedLimiter::new(RateLimiterConfig::default()).unwrap();
+        let a = open(&a_limit);
+        a_limit.update(set).unwrap();
+        let st = a.save_state().unwrap();
+        drop(a);
+        let b_limit = SharedLimiter::new(RateLimiterConfig::default()).unwrap();
+        open(&b_limit).restore_state(&st).unwrap();
+        assert_eq!(b_limit.config(), set);
+        // A snapshot with an invalid bucket changes nothing.
+        let mut bad = st.clone();
+        if let crate::DeviceState::Block(b) = &mut bad {
+            b.rate_limiter
+                .as_mut()
+                .unwrap()
+                .bandwidth
+                .as_mut()
+                .unwrap()
+                .size = 0;
+        }
+        let c_limit = SharedLimiter::new(RateLimiterConfig::default()).unwrap();
+        let e = open(&c_limit).restore_state(&bad).unwrap_err().to_string();
+        assert!(e.contains("bandwidth bucket: size"), "{e}");
+        assert!(c_limit.config().is_unlimited());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

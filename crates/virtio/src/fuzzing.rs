@@ -123,24 +123,34 @@ impl NetBackend for FuzzBackend {
     }
 }
 
-/// Lay `data` over guest memory as a receive and a transmit queue (ring
-/// offsets from the first bytes, as [`fuzz_queue`] does), give the host
-/// side frames cut from the end of `data` (length-prefixed), and run the
-/// device's worker over both queues until neither makes progress. Must
-/// never panic, hang, or touch memory outside the guest's. Returns how many
-/// frames the host side handed over and was sent (for tests of well-formed
-/// rings).
+/// Bytes of a [`fuzz_net`] input before the frames: the receive queue's
+/// header (size exponent, flags, ring offsets in 16-byte units), the
+/// transmit queue's, then the length of the frames section.
+pub const FUZZ_NET_HEADER: usize = 18;
+
+/// Drive virtio-net's worker as a guest and a host would, from `data`:
+/// [`FUZZ_NET_HEADER`] bytes of queue set-up, a section of host frames
+/// (each a 2-byte length, then that many bytes; the last may be cut short),
+/// then guest memory from address 0 (headers, frames and the rings that
+/// point at them). The worker runs over both queues until neither makes
+/// progress. Must never panic, hang, or touch memory outside the guest's.
+/// Returns how many frames the host side handed over and was sent (for
+/// tests of well-formed rings).
 pub fn fuzz_net(data: &[u8]) -> NetFuzzOutcome {
     let none = NetFuzzOutcome::default();
+    let byte = |i: usize| data.get(i).copied().unwrap_or(0);
+    let word = |i: usize| u16::from_le_bytes([byte(i), byte(i + 1)]);
+    let frames_len = word(16) as usize;
+    let frames_end = (FUZZ_NET_HEADER + frames_len).min(data.len());
+    let mut rest = data.get(FUZZ_NET_HEADER..frames_end).unwrap_or(&[]);
+    let image = data.get(frames_end..).unwrap_or(&[]);
     let Ok(mem) = GuestRam::from_ranges(&[(GuestAddress(0), FUZZ_NET_MEM_SIZE)]) else {
         return none;
     };
-    let n = data.len().min(FUZZ_NET_MEM_SIZE);
-    if mem.write_slice(&data[..n], GuestAddress(0)).is_err() {
+    let n = image.len().min(FUZZ_NET_MEM_SIZE);
+    if mem.write_slice(&image[..n], GuestAddress(0)).is_err() {
         return none;
     }
-    let byte = |i: usize| data.get(i).copied().unwrap_or(0);
-    let word = |i: usize| u16::from_le_bytes([byte(i), byte(i + 1)]);
     let flags = byte(1);
     let queue = |at: usize| {
         let cfg = QueueConfig {
@@ -154,10 +164,7 @@ pub fn fuzz_net(data: &[u8]) -> NetFuzzOutcome {
     let (Some(mut rx), Some(mut tx)) = (queue(0), queue(8)) else {
         return none;
     };
-    // Host frames: the tail after the memory image, each a 2-byte length
-    // then that many bytes (the last one cut short by the end of the data).
     let mut frames = VecDeque::new();
-    let mut rest = data.get(FUZZ_NET_MEM_SIZE..).unwrap_or(&[]);
     while rest.len() >= 2 && frames.len() < 64 {
         let len = u16::from_le_bytes([rest[0], rest[1]]) as usize;
         let end = (2 + len).min(rest.len());

@@ -25,6 +25,7 @@ pub mod console;
 pub mod fuzzing;
 pub mod net;
 pub mod queue;
+pub mod rate_limit;
 pub mod rng;
 pub mod stats;
 pub mod transport;
@@ -197,6 +198,13 @@ pub trait QueueWorker: Send {
     /// every wait).
     fn host_fd_armed(&self) -> bool {
         false
+    }
+
+    /// A rate limit's timer (a non-blocking timerfd) the worker thread
+    /// always polls: when it fires, every queue is served again (a
+    /// throttled queue has tokens again, or its limit changed).
+    fn timer_fd(&self) -> Option<RawFd> {
+        None
     }
 }
 

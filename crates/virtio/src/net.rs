@@ -28,6 +28,7 @@ use hypervisor::GuestRam;
 use vm_memory::bitmap::Bitmap;
 
 use crate::queue::GuestSlice;
+use crate::rate_limit::{RateLimitError, RateLimiterConfig, SharedLimiter, Throttle, Waker};
 
 use crate::{
     device_type, ActivateError, Persist, PersistError, Processed, QueueError, QueueWorker,
@@ -223,6 +224,21 @@ impl NetBackend for net::Passt {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetState {
     pub mac: net::MacAddr,
+    /// The receive and transmit rate limits in force (perhaps set through
+    /// the API since the start); absent in older snapshots and for NICs
+    /// without limiters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// A NIC's limiters, one per direction (each its own or its group's), and
+/// the one timer that wakes its queues.
+struct NetLimits {
+    rx: Arc<SharedLimiter>,
+    tx: Arc<SharedLimiter>,
+    waker: Arc<Waker>,
 }
 
 /// The network device: a backend and the guest's MAC address.
@@ -230,6 +246,7 @@ pub struct Net {
     backend: Arc<dyn NetBackend>,
     mac: net::MacAddr,
     counters: Arc<crate::stats::NetCounters>,
+    limits: Option<NetLimits>,
 }
 
 impl Net {
@@ -238,7 +255,23 @@ impl Net {
             backend,
             mac,
             counters: Arc::default(),
+            limits: None,
         }
+    }
+
+    /// Draw received frames from `rx` and sent ones from `tx` (each the
+    /// NIC's own limiter or its group's); their configuration may change live.
+    pub fn set_rate_limiters(
+        &mut self,
+        rx: Arc<SharedLimiter>,
+        tx: Arc<SharedLimiter>,
+    ) -> Result<(), RateLimitError> {
+        let waker = match self.limits.take() {
+            Some(l) => l.waker,
+            None => Arc::new(Waker::new()?),
+        };
+        self.limits = Some(NetLimits { rx, tx, waker });
+        Ok(())
     }
 
     /// What this device counts (it outlives resets and snapshots).
@@ -264,13 +297,32 @@ impl Persist for Net {
     type State = NetState;
 
     fn save(&self) -> Result<NetState, PersistError> {
-        Ok(NetState { mac: self.mac })
+        Ok(NetState {
+            mac: self.mac,
+            rx_rate_limiter: self.limits.as_ref().map(|l| l.rx.config()),
+            tx_rate_limiter: self.limits.as_ref().map(|l| l.tx.config()),
+        })
     }
 
     /// The MAC is the guest's: it moves with it (a clone may be given a new
     /// tap, never a new address under a running driver).
     fn restore(&mut self, s: &NetState) -> Result<(), PersistError> {
+        for c in [&s.rx_rate_limiter, &s.tx_rate_limiter]
+            .into_iter()
+            .flatten()
+        {
+            c.validate()
+                .map_err(|e| PersistError::mismatch("virtio-net", e.to_string()))?;
+        }
         self.mac = s.mac;
+        if let Some(l) = &self.limits {
+            for (lim, c) in [(&l.rx, &s.rx_rate_limiter), (&l.tx, &s.tx_rate_limiter)] {
+                if let Some(c) = c {
+                    lim.update(*c)
+                        .map_err(|e| PersistError::mismatch("virtio-net", e.to_string()))?;
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -334,6 +386,19 @@ impl VirtioDevice for Net {
         let mut worker = NetWorker::new(self.backend.clone())
             .map_err(|e| ActivateError::Failed(format!("virtio-net: {e}")))?;
         worker.counters = self.counters.clone();
+        if let Some(l) = &self.limits {
+            let c = &self.counters;
+            worker.rx_throttle = Some(Throttle::new(
+                l.rx.clone(),
+                l.waker.clone(),
+                c.rx_throttle.clone(),
+            ));
+            worker.tx_throttle = Some(Throttle::new(
+                l.tx.clone(),
+                l.waker.clone(),
+                c.tx_throttle.clone(),
+            ));
+        }
         Ok(Box::new(worker))
     }
 }
@@ -350,6 +415,8 @@ pub(crate) struct NetWorker {
     tx: Vec<u8>,
     dropped: u64,
     counters: Arc<crate::stats::NetCounters>,
+    rx_throttle: Option<Throttle>,
+    tx_throttle: Option<Throttle>,
 }
 
 impl NetWorker {
@@ -361,6 +428,8 @@ impl NetWorker {
             tx: Vec::with_capacity(MAX_FRAME),
             dropped: 0,
             counters: Arc::default(),
+            rx_throttle: None,
+            tx_throttle: None,
         })
     }
 
@@ -375,6 +444,15 @@ impl NetWorker {
         let mut slices = Vec::new();
         let mut iov = Vec::new();
         loop {
+            if let Some(t) = &mut self.rx_throttle {
+                if !t.ready() {
+                    // Frames wait in the backend (the tap's queue) until
+                    // the timer says the limit affords the next one.
+                    self.armed = false;
+                    done.stalled = true;
+                    return Ok(done);
+                }
+            }
             let Some(chain) = q.pop(mem)? else {
                 // No room in the guest: leave frames in the backend and
                 // wait for the guest's notify, not for the backend.
@@ -419,6 +497,9 @@ impl NetWorker {
                     return Ok(done);
                 }
             };
+            if let Some(t) = &mut self.rx_throttle {
+                t.charge((len - HDR_LEN) as u64);
+            }
             // num_buffers = 1: the frame is in this one chain.
             let one = 1u16.to_le_bytes();
             if direct {
@@ -453,6 +534,15 @@ impl NetWorker {
     fn transmit(&mut self, q: &mut VirtQueue, mem: &GuestRam) -> Result<Processed, QueueError> {
         let mut done = Processed::default();
         while let Some(chain) = q.pop(mem)? {
+            if let Some(t) = &mut self.tx_throttle {
+                let bytes = (chain.readable_len() as usize).saturating_sub(HDR_LEN);
+                if !t.admit(bytes as u64) {
+                    // Back in its place; the timer serves it again.
+                    q.undo_pop();
+                    done.stalled = true;
+                    return Ok(done);
+                }
+            }
             if chain.readable_len() as usize > MAX_FRAME {
                 // Not copied at all: the guest cannot make the buffer grow.
                 self.dropped += 1;
@@ -512,6 +602,10 @@ impl QueueWorker for NetWorker {
 
     fn host_event_queues(&self) -> Vec<usize> {
         vec![RX_QUEUE]
+    }
+
+    fn timer_fd(&self) -> Option<RawFd> {
+        self.rx_throttle.as_ref().map(Throttle::timer_fd)
     }
 }
 

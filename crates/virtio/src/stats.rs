@@ -9,10 +9,13 @@
 //! data for a block request, the Ethernet frame without the virtio-net
 //! header for a packet (what the guest's own interface counters show).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::{Counter, Histogram, HistogramSnapshot};
 use serde::{Deserialize, Serialize};
+
+use crate::rate_limit::ThrottleCounters;
 
 use crate::block::{
     SECTOR_SIZE, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN,
@@ -81,6 +84,8 @@ pub struct BlockCounters {
     pub errors: Counter,
     /// Time from taking a request off the queue to its status, in µs.
     pub latency_us: Histogram,
+    /// Requests delayed by the disk's rate limit, and the time they waited.
+    pub throttle: Arc<ThrottleCounters>,
 }
 
 impl Default for BlockCounters {
@@ -92,6 +97,7 @@ impl Default for BlockCounters {
             discard: OpCounters::default(),
             errors: Counter::new(),
             latency_us: Histogram::latency_us(),
+            throttle: Arc::default(),
         }
     }
 }
@@ -106,6 +112,12 @@ pub struct BlockStats {
     pub errors: u64,
     /// Request latency in microseconds (cumulative buckets).
     pub latency_us: HistogramSnapshot,
+    /// Requests that waited for the rate limit's tokens.
+    #[serde(default)]
+    pub throttled_requests: u64,
+    /// Microseconds requests spent waiting for tokens.
+    #[serde(default)]
+    pub throttled_us: u64,
 }
 
 impl BlockCounters {
@@ -165,6 +177,8 @@ impl BlockCounters {
             discard: self.discard.snapshot(),
             errors: self.errors.get(),
             latency_us: self.latency_us.snapshot(),
+            throttled_requests: self.throttle.requests.get(),
+            throttled_us: self.throttle.nanos.get() / 1000,
         }
     }
 }
@@ -184,6 +198,10 @@ pub struct NetCounters {
     pub tx_dropped: Counter,
     /// Backend reads or writes that failed.
     pub errors: Counter,
+    /// Frames delayed by the receive and transmit rate limits, and the
+    /// time each direction waited.
+    pub rx_throttle: Arc<ThrottleCounters>,
+    pub tx_throttle: Arc<ThrottleCounters>,
 }
 
 /// [`NetCounters`] at one time.
@@ -196,6 +214,16 @@ pub struct NetStats {
     pub rx_dropped: u64,
     pub tx_dropped: u64,
     pub errors: u64,
+    /// Times receive waited for the rate limit's tokens, and for how long (µs).
+    #[serde(default)]
+    pub rx_throttled: u64,
+    #[serde(default)]
+    pub rx_throttled_us: u64,
+    /// Frames the guest sent that waited for tokens, and for how long (µs).
+    #[serde(default)]
+    pub tx_throttled: u64,
+    #[serde(default)]
+    pub tx_throttled_us: u64,
 }
 
 impl NetCounters {
@@ -208,6 +236,10 @@ impl NetCounters {
             rx_dropped: self.rx_dropped.get(),
             tx_dropped: self.tx_dropped.get(),
             errors: self.errors.get(),
+            rx_throttled: self.rx_throttle.requests.get(),
+            rx_throttled_us: self.rx_throttle.nanos.get() / 1000,
+            tx_throttled: self.tx_throttle.requests.get(),
+            tx_throttled_us: self.tx_throttle.nanos.get() / 1000,
         }
     }
 }

@@ -1137,9 +1137,11 @@ impl WorkerContext {
         let host_fd = self.worker.host_event().map(|e| e.as_raw_fd());
         // Polled directly, and only while the device arms it (the last entry).
         let direct_fd = self.worker.host_fd();
+        let timer_fd = self.worker.timer_fd();
         let mut fds: Vec<libc::pollfd> = std::iter::once(self.kill.as_raw_fd())
             .chain(self.notify.iter().map(|e| e.as_raw_fd()))
             .chain(host_fd)
+            .chain(timer_fd)
             .chain(direct_fd)
             .map(|fd| libc::pollfd {
                 fd,
@@ -1185,6 +1187,17 @@ impl WorkerContext {
                     let _ = e.read();
                 }
                 for i in self.worker.host_event_queues() {
+                    if !self.service(i) {
+                        return self.park();
+                    }
+                }
+            }
+            let timer_at = nq + 1 + usize::from(host_fd.is_some());
+            if let Some(fd) = timer_fd.filter(|_| fds[timer_at].revents != 0) {
+                let mut n = 0u64;
+                // SAFETY: reads 8 bytes into a u64 from a non-blocking timerfd.
+                unsafe { libc::read(fd, (&mut n as *mut u64).cast(), 8) };
+                for i in 0..nq {
                     if !self.service(i) {
                         return self.park();
                     }

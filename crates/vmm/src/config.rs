@@ -6,6 +6,7 @@ use std::str::FromStr;
 
 pub use block::ImageFormat;
 use serde::{Deserialize, Serialize};
+pub use virtio::rate_limit::{RateLimiterConfig, TokenBucketConfig};
 
 use crate::VmmError;
 use options::{OptionError, Options};
@@ -216,7 +217,70 @@ impl Default for MemSize {
     }
 }
 
-/// One virtio-blk disk: `path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID]`.
+/// A bucket that allows `rate` tokens a second, refilled every 100 ms
+/// when the rate divides (so the burst at the start is a tenth of a
+/// second's worth), every second otherwise. What `bw=` and `iops=` give.
+pub fn bucket_for_rate(rate: u64) -> TokenBucketConfig {
+    let (size, refill_time) = if rate >= 10 && rate.is_multiple_of(10) {
+        (rate / 10, 100)
+    } else {
+        (rate, 1000)
+    };
+    TokenBucketConfig {
+        size,
+        one_time_burst: 0,
+        refill_time,
+    }
+}
+
+/// The limiter `bw=` (bytes a second, `20M`) and `iops=` (operations a
+/// second) give, `None` when neither is there.
+fn limiter_option(
+    o: &Options<'_>,
+    bw_key: &'static str,
+    ops_key: &'static str,
+) -> Result<Option<RateLimiterConfig>, OptionError> {
+    let bw: Option<MemSize> = o.value(bw_key)?;
+    let ops: Option<u64> = o.value(ops_key)?;
+    for (key, v) in [(bw_key, bw.map(|b| b.0)), (ops_key, ops)] {
+        if v == Some(0) {
+            return Err(o.bad(
+                key,
+                "0",
+                "a rate must be at least 1 (leave it out for no limit)",
+            ));
+        }
+    }
+    if bw.is_none() && ops.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(RateLimiterConfig {
+        bandwidth: bw.map(|b| bucket_for_rate(b.0)),
+        ops: ops.map(bucket_for_rate),
+    }))
+}
+
+/// A limit as `vireo rate-limit` takes it: `bw=BYTES_PER_SEC[,ops=N]`
+/// (`iops=` and `pps=` also name the operations bucket), or `none` (no
+/// limit).
+pub fn parse_limit(s: &str) -> Result<RateLimiterConfig, OptionError> {
+    if s.trim() == "none" {
+        return Ok(RateLimiterConfig::default());
+    }
+    let o = Options::parse("limit", s, &["bw", "ops", "iops", "pps"])?;
+    let ops_key = ["iops", "pps"]
+        .into_iter()
+        .find(|k| o.get(k).is_some())
+        .unwrap_or("ops");
+    limiter_option(&o, "bw", ops_key)?.ok_or_else(|| OptionError::Missing {
+        option: "limit",
+        key: "bw",
+        text: s.into(),
+    })
+}
+
+/// One virtio-blk disk: `path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID]
+/// [,bw=BYTES_PER_SEC][,iops=N][,group=NAME]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
@@ -229,12 +293,22 @@ pub struct DiskConfig {
     /// What the guest reads as the disk's serial (at most 20 bytes).
     #[serde(default)]
     pub serial: Option<String>,
+    /// The disk's token buckets (bandwidth in bytes, ops in requests);
+    /// none: unlimited (the API may set one later).
+    #[serde(default)]
+    pub rate_limiter: Option<RateLimiterConfig>,
+    /// Disks naming the same group draw from one limiter; the group's
+    /// limit is the one its disks give (they must agree).
+    #[serde(default)]
+    pub rate_group: Option<String>,
 }
 
 impl FromStr for DiskConfig {
     type Err = OptionError;
     fn from_str(s: &str) -> Result<Self, OptionError> {
-        const KEYS: &[&str] = &["path", "format", "readonly", "ro", "serial"];
+        const KEYS: &[&str] = &[
+            "path", "format", "readonly", "ro", "serial", "bw", "iops", "group",
+        ];
         let o = Options::parse("disk", s, KEYS)?;
         let path: PathBuf = o.required("path")?;
         if path.as_os_str().is_empty() {
@@ -249,6 +323,8 @@ impl FromStr for DiskConfig {
             format: o.value("format")?,
             readonly: o.toggle("readonly")?.or(o.toggle("ro")?).unwrap_or(false),
             serial: o.value("serial")?,
+            rate_limiter: limiter_option(&o, "bw", "iops")?,
+            rate_group: o.value("group")?,
         })
     }
 }
@@ -282,6 +358,16 @@ pub struct NetConfig {
     /// Host ports forwarded to the guest (user networking only).
     #[serde(default)]
     pub hostfwd: Vec<net::HostFwd>,
+    /// Token buckets for frames the guest receives (bandwidth in bytes,
+    /// ops in packets); none: unlimited (the API may set one later).
+    #[serde(default)]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// The same for frames the guest sends.
+    #[serde(default)]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+    /// NICs naming the same group share a receive and a transmit limiter.
+    #[serde(default)]
+    pub rate_group: Option<String>,
 }
 
 fn default_tap() -> String {
@@ -296,6 +382,9 @@ impl NetConfig {
             tap: name.into(),
             mac: None,
             hostfwd: Vec::new(),
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+            rate_group: None,
         }
     }
 
@@ -318,7 +407,9 @@ impl FromStr for NetConfig {
     type Err = OptionError;
     fn from_str(s: &str) -> Result<Self, OptionError> {
         const SPEC: options::Spec = options::Spec {
-            known: &["tap", "mac", "hostfwd"],
+            known: &[
+                "tap", "mac", "hostfwd", "rx_bw", "rx_pps", "tx_bw", "tx_pps", "group",
+            ],
             kinds: &["tap", "user"],
             repeatable: &["hostfwd"],
         };
@@ -332,6 +423,9 @@ impl FromStr for NetConfig {
             tap: o.value("tap")?.unwrap_or_else(default_tap),
             mac: o.value("mac")?,
             hostfwd: o.all("hostfwd")?,
+            rx_rate_limiter: limiter_option(&o, "rx_bw", "rx_pps")?,
+            tx_rate_limiter: limiter_option(&o, "tx_bw", "tx_pps")?,
+            rate_group: o.value("group")?,
         };
         n.validate().map_err(|reason| OptionError::BadValue {
             option: "net",
@@ -842,6 +936,67 @@ impl VmConfig {
         self.cpu_affinity
             .check(self.cpus)
             .map_err(VmmError::Config)?;
+        self.validate_rate_limits()
+    }
+
+    /// Every bucket is valid; the disks (or NICs) of one group give one
+    /// limit between them; a group name is the disks' or the NICs', not both.
+    fn validate_rate_limits(&self) -> Result<(), VmmError> {
+        use std::collections::HashMap;
+        let bad =
+            |what: String, e: &dyn std::fmt::Display| VmmError::Config(format!("{what}: {e}"));
+        // Per group: who set its limit first, and that limit.
+        let mut disk_groups: HashMap<&str, (usize, RateLimiterConfig)> = HashMap::new();
+        for (i, d) in self.disks.iter().enumerate() {
+            if let Some(c) = &d.rate_limiter {
+                c.validate().map_err(|e| bad(format!("disk{i}"), &e))?;
+            }
+            let (Some(g), Some(c)) = (&d.rate_group, &d.rate_limiter) else {
+                continue;
+            };
+            match disk_groups.get(g.as_str()) {
+                Some((first, other)) if other != c => {
+                    return Err(VmmError::Config(format!(
+                        "disk{i} and disk{first} are both in rate group '{g}' but give different limits (give the limit on one of them, or the same on each)"
+                    )))
+                }
+                Some(_) => {}
+                None => {
+                    disk_groups.insert(g, (i, *c));
+                }
+            }
+        }
+        type NetLimit = (Option<RateLimiterConfig>, Option<RateLimiterConfig>);
+        let mut net_groups: HashMap<&str, (usize, NetLimit)> = HashMap::new();
+        for (i, n) in self.nets.iter().enumerate() {
+            for c in [&n.rx_rate_limiter, &n.tx_rate_limiter]
+                .into_iter()
+                .flatten()
+            {
+                c.validate().map_err(|e| bad(format!("net{i}"), &e))?;
+            }
+            let Some(g) = &n.rate_group else { continue };
+            if self.disks.iter().any(|d| d.rate_group.as_ref() == Some(g)) {
+                return Err(VmmError::Config(format!(
+                    "rate group '{g}' names both disks and NICs: give them groups of their own"
+                )));
+            }
+            let lim = (n.rx_rate_limiter, n.tx_rate_limiter);
+            if lim == (None, None) {
+                continue;
+            }
+            match net_groups.get(g.as_str()) {
+                Some((first, other)) if *other != lim => {
+                    return Err(VmmError::Config(format!(
+                        "net{i} and net{first} are both in rate group '{g}' but give different limits (give the limits on one of them, or the same on each)"
+                    )))
+                }
+                Some(_) => {}
+                None => {
+                    net_groups.insert(g, (i, lim));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -923,6 +1078,57 @@ mod tests {
         assert_eq!(p.cpu_model, hypervisor::CpuModel::Portable);
         assert!(toml::from_str::<VmConfig>("kernel = \"/k\"\ncpu_model = \"max\"\n").is_err());
         assert_eq!("portable".parse(), Ok(hypervisor::CpuModel::Portable));
+    }
+
+    #[test]
+    fn rate_limit_options_parse_and_groups_must_agree() {
+        let d: DiskConfig = "path=/d,bw=20M,iops=1000,group=g".parse().unwrap();
+        let l = d.rate_limiter.unwrap();
+        let bw = l.bandwidth.unwrap();
+        assert_eq!((bw.size, bw.refill_time), (2 << 20, 100));
+        assert_eq!(bw.rate_per_sec(), (20 << 20) as f64);
+        assert_eq!(l.ops.unwrap().rate_per_sec(), 1000.0);
+        assert_eq!(d.rate_group.as_deref(), Some("g"));
+        // A rate that does not divide by ten refills once a second.
+        let b = bucket_for_rate(7);
+        assert_eq!((b.size, b.refill_time), (7, 1000));
+        let err = |s: &str| s.parse::<DiskConfig>().unwrap_err().to_string();
+        assert!(err("path=/d,bw=0").contains("at least 1"));
+        assert!(err("path=/d,bw=fast").contains("bw=fast"));
+        let n: NetConfig = "tap=t0,rx_bw=1M,tx_pps=100".parse().unwrap();
+        assert!(n.rx_rate_limiter.unwrap().ops.is_none());
+        assert_eq!(
+            n.tx_rate_limiter.unwrap().ops.unwrap().rate_per_sec(),
+            100.0
+        );
+        assert_eq!(parse_limit("none").unwrap(), RateLimiterConfig::default());
+        assert_eq!(parse_limit("bw=1M,pps=10").unwrap().ops.unwrap().size, 1);
+        assert!(parse_limit("fast").is_err());
+
+        let mut c = VmConfig::new("/k".into());
+        c.disks.push("path=/a,bw=1M,group=g".parse().unwrap());
+        c.disks.push("path=/b,group=g".parse().unwrap());
+        c.validate().unwrap();
+        c.disks.push("path=/c,bw=2M,group=g".parse().unwrap());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("disk2 and disk0") && e.contains("'g'"), "{e}");
+        c.disks.pop();
+        c.nets.push("tap=t0,group=g".parse().unwrap());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("both disks and NICs"), "{e}");
+        let mut c = VmConfig::new("/k".into());
+        let mut d: DiskConfig = "path=/a".parse().unwrap();
+        d.rate_limiter = Some(RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(TokenBucketConfig {
+                size: 1,
+                one_time_burst: 0,
+                refill_time: 0,
+            }),
+        });
+        c.disks.push(d);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("disk0") && e.contains("refill_time"), "{e}");
     }
 
     #[test]

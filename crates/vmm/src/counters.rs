@@ -384,6 +384,11 @@ pub struct DiskReport {
     pub path: std::path::PathBuf,
     #[serde(flatten)]
     pub stats: BlockStats,
+    /// The disk's limits now (null: unlimited) and its rate group.
+    #[serde(default)]
+    pub rate_limiter: Option<virtio::rate_limit::RateLimiterConfig>,
+    #[serde(default)]
+    pub rate_group: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -393,6 +398,13 @@ pub struct NetReport {
     pub mac: String,
     #[serde(flatten)]
     pub stats: NetStats,
+    /// The NIC's limits now, per direction (null: unlimited), and its rate group.
+    #[serde(default)]
+    pub rx_rate_limiter: Option<virtio::rate_limit::RateLimiterConfig>,
+    #[serde(default)]
+    pub tx_rate_limiter: Option<virtio::rate_limit::RateLimiterConfig>,
+    #[serde(default)]
+    pub rate_group: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -414,19 +426,26 @@ impl crate::VmHandle {
         for d in &m.devices {
             let kind = match &d.kind {
                 DeviceKind::Block { path, counters } => {
+                    let limit = self.rate_limits().info(&d.id).unwrap_or_default();
                     disks.push(DiskReport {
                         id: d.id.clone(),
                         path: path.clone(),
                         stats: counters.snapshot(),
+                        rate_limiter: limit.rate_limiter.filter(|c| !c.is_unlimited()),
+                        rate_group: limit.rate_group,
                     });
                     "blk"
                 }
                 DeviceKind::Net { tap, mac, counters } => {
+                    let limit = self.rate_limits().info(&d.id).unwrap_or_default();
                     nets.push(NetReport {
                         id: d.id.clone(),
                         tap: tap.clone(),
                         mac: mac.clone(),
                         stats: counters.snapshot(),
+                        rx_rate_limiter: limit.rx_rate_limiter.filter(|c| !c.is_unlimited()),
+                        tx_rate_limiter: limit.tx_rate_limiter.filter(|c| !c.is_unlimited()),
+                        rate_group: limit.rate_group,
                     });
                     "net"
                 }
@@ -658,6 +677,30 @@ pub fn render_prometheus(c: &VmCounters) -> String {
             );
         }
         e.family(
+            "vireo_block_throttled_requests_total",
+            "virtio-blk requests that waited for the disk's rate limit",
+            Kind::Counter,
+        );
+        for d in &c.disks {
+            e.sample(
+                "vireo_block_throttled_requests_total",
+                &[("device", &d.id)],
+                d.stats.throttled_requests,
+            );
+        }
+        e.family(
+            "vireo_block_throttled_seconds_total",
+            "Time virtio-blk requests waited for the disk's rate limit",
+            Kind::Counter,
+        );
+        for d in &c.disks {
+            e.sample(
+                "vireo_block_throttled_seconds_total",
+                &[("device", &d.id)],
+                d.stats.throttled_us as f64 / 1e6,
+            );
+        }
+        e.family(
             "vireo_block_request_duration_seconds",
             "virtio-blk request latency, from the queue to the status",
             Kind::Histogram,
@@ -696,6 +739,41 @@ pub fn render_prometheus(c: &VmCounters) -> String {
                 let (rx, tx) = get(&n.stats);
                 e.sample(name, &[("device", n.id.as_str()), ("direction", "rx")], rx);
                 e.sample(name, &[("device", n.id.as_str()), ("direction", "tx")], tx);
+            }
+        }
+        e.family(
+            "vireo_net_throttled_total",
+            "Times a virtio-net direction waited for its rate limit (rx: to the guest)",
+            Kind::Counter,
+        );
+        for n in &c.nets {
+            let s = &n.stats;
+            let id = n.id.as_str();
+            e.sample(
+                "vireo_net_throttled_total",
+                &[("device", id), ("direction", "rx")],
+                s.rx_throttled,
+            );
+            e.sample(
+                "vireo_net_throttled_total",
+                &[("device", id), ("direction", "tx")],
+                s.tx_throttled,
+            );
+        }
+        e.family(
+            "vireo_net_throttled_seconds_total",
+            "Time a virtio-net direction waited for its rate limit",
+            Kind::Counter,
+        );
+        for n in &c.nets {
+            let s = &n.stats;
+            let id = n.id.as_str();
+            for (dir, us) in [("rx", s.rx_throttled_us), ("tx", s.tx_throttled_us)] {
+                e.sample(
+                    "vireo_net_throttled_seconds_total",
+                    &[("device", id), ("direction", dir)],
+                    us as f64 / 1e6,
+                );
             }
         }
         e.family(
@@ -786,6 +864,11 @@ pub(crate) mod tests {
                 id: "disk0".into(),
                 path: "/d".into(),
                 stats: blk.snapshot(),
+                rate_limiter: Some(virtio::rate_limit::RateLimiterConfig {
+                    bandwidth: Some(crate::config::bucket_for_rate(20 << 20)),
+                    ops: Some(crate::config::bucket_for_rate(1000)),
+                }),
+                rate_group: Some("g".into()),
             }],
             nets: vec![NetReport {
                 id: "net0".into(),
@@ -795,6 +878,9 @@ pub(crate) mod tests {
                     tx_bytes: 3,
                     ..Default::default()
                 },
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+                rate_group: None,
             }],
             virtio: vec![VirtioReport {
                 id: "disk0".into(),

@@ -64,6 +64,8 @@ struct PciDevices {
     balloon: Option<virtio::balloon::BalloonHandle>,
     /// Every virtio function's counters, in the order they were added.
     monitored: Vec<crate::counters::MonitoredDevice>,
+    /// The disks' and NICs' I/O limiters, by device id and group.
+    rate_limits: crate::rate_limits::RateLimits,
 }
 
 /// Every device of one VM, the two buses they sit on, and what was put where.
@@ -186,6 +188,11 @@ impl DeviceManager {
 
     pub fn press_power_button(&self) {
         lock(&self.legacy.acpi_pm).press_power_button();
+    }
+
+    /// The disks' and NICs' I/O limiters (the API changes them).
+    pub(crate) fn rate_limits(&self) -> &crate::rate_limits::RateLimits {
+        &self.pci.rate_limits
     }
 
     /// Take the devices' counters (once, for the VM's monitor).
@@ -396,6 +403,7 @@ fn setup_pci(
     use crate::counters::{DeviceKind, MonitoredDevice};
     let mut functions: Vec<VirtioFunction> = Vec::new();
     let mut monitored: Vec<MonitoredDevice> = Vec::new();
+    let mut rate_limits = crate::rate_limits::RateLimits::default();
     let mut add_virtio =
         |name: String, id: String, kind: DeviceKind, dev: Box<dyn virtio::VirtioDevice>| {
             let dev = virtio::VirtioPciDevice::new(dev, memory.clone(), msi.clone()).map_err(
@@ -437,13 +445,17 @@ fn setup_pci(
                 source,
             })?;
         let serial = d.serial.clone().unwrap_or_else(|| format!("vireo-disk{i}"));
-        let blk = virtio::block::Block::new(image, &serial);
+        let mut blk = virtio::block::Block::new(image, &serial);
+        let id = format!("disk{i}");
+        let limiter = rate_limits.disk(&id, d)?;
+        blk.set_rate_limiter(limiter)
+            .map_err(|e| VmmError::Config(format!("{id}: {e}")))?;
         let kind = DeviceKind::Block {
             path: d.path.clone(),
             counters: blk.counters(),
         };
         let name = format!("virtio-blk {}", d.path.display());
-        add_virtio(name, format!("disk{i}"), kind, Box::new(blk))?;
+        add_virtio(name, id, kind, Box::new(blk))?;
     }
     for (i, n) in spec.nets.iter().enumerate() {
         let mac = n.mac.unwrap_or_else(net::MacAddr::random);
@@ -474,13 +486,17 @@ fn setup_pci(
                     )
                 }
             };
-        let dev = virtio::net::Net::new(backend, mac);
+        let mut dev = virtio::net::Net::new(backend, mac);
+        let id = format!("net{i}");
+        let (rx, tx) = rate_limits.net(&id, n)?;
+        dev.set_rate_limiters(rx, tx)
+            .map_err(|e| VmmError::Config(format!("{id}: {e}")))?;
         let kind = DeviceKind::Net {
             tap: host,
             mac: mac.to_string(),
             counters: dev.counters(),
         };
-        add_virtio(name, format!("net{i}"), kind, Box::new(dev))?;
+        add_virtio(name, id, kind, Box::new(dev))?;
     }
     if spec.rng {
         let (id, kind) = ("rng0".into(), DeviceKind::Plain("rng"));
@@ -565,6 +581,7 @@ fn setup_pci(
         console_input,
         balloon,
         monitored,
+        rate_limits,
     })
 }
 

@@ -168,6 +168,9 @@ pub enum VmmError {
     /// The request does not fit the VM's current state.
     #[error("{0}")]
     Conflict(String),
+    /// The VMM's cgroup cannot be made, entered or changed.
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
     /// The VM could not be paused for a step that needs it still.
     #[error("cannot pause the VM: {0}")]
     Pause(#[source] crate::ControlError),
@@ -221,6 +224,7 @@ impl VmmError {
             | ApiServer(_)
             | Gdb(_)
             | VmmStopped(_) => exit_code::VMM_ERROR,
+            Cgroup(_) => exit_code::VMM_ERROR,
         }
     }
 
@@ -250,6 +254,9 @@ impl VmmError {
                 ..
             } => 500,
             Conflict(_) | DeviceSave { .. } | MigrationCancelled => 409,
+            Cgroup(crate::cgroup::CgroupError::Invalid(_)) => 400,
+            Cgroup(crate::cgroup::CgroupError::NotInCgroup) => 409,
+            Cgroup(_) => 500,
             // Already paused or stopping: the VM's state; vCPUs that do
             // not stop in time: the VMM's failure.
             Pause(crate::ControlError::Timeout(_)) => 500,

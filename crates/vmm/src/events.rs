@@ -1,7 +1,8 @@
 //! The VMM's state changes as structured log events, for a supervisor to
 //! follow: each is one `tracing` event at INFO level with target
 //! [`TARGET`], an `event` field naming it (boot, pause, resume, snapshot,
-//! migration-start, migration-end, device-reset, guest-panic, exit) and its details as
+//! migration-start, migration-end, device-reset, guest-panic, rate-limit,
+//! cgroup, exit) and its details as
 //! fields. `vireo -v --log-format json` prints each as one JSON line.
 //!
 //! Invariant: an event is emitted after the change it reports has
@@ -22,6 +23,27 @@ pub(crate) fn started(how: &str, accel: hypervisor::AccelKind, vcpus: u32, memor
         vcpus,
         memory_bytes,
         "VM started ({how})"
+    );
+}
+
+/// A device's or rate group's I/O limits changed through the API.
+pub(crate) fn rate_limit_changed(device: &str) {
+    tracing::info!(
+        target: TARGET,
+        event = "rate-limit",
+        device,
+        "I/O limits of {device} changed"
+    );
+}
+
+/// The VMM's cgroup limits changed through the API.
+pub(crate) fn cgroup_changed(cgroup: &std::path::Path) {
+    tracing::info!(
+        target: TARGET,
+        event = "cgroup",
+        cgroup = %cgroup.display(),
+        "limits of cgroup {} changed",
+        cgroup.display()
     );
 }
 

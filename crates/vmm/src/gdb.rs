@@ -161,7 +161,7 @@ impl Drop for Listener {
 
 /// The stub's listening thread; it ends with the VM.
 pub(crate) struct GdbServer {
-    _thread: std::thread::JoinHandle<()>,
+    _thread: threads::Handle<()>,
 }
 
 impl GdbServer {
@@ -189,10 +189,12 @@ impl GdbServer {
                 ""
             }
         );
-        let thread = std::thread::Builder::new()
-            .name("gdb".into())
-            .spawn(move || serve(listener, vm, exits))
-            .map_err(|e| format!("cannot start the gdb thread: {e}"))?;
+        // The stub reads and writes vCPU state and guest memory as an API
+        // request running a snapshot does: its role's allowances.
+        let thread = threads::spawn(threads::Role::ApiRequest, move || {
+            serve(listener, vm, exits)
+        })
+        .map_err(|e| format!("cannot start the gdb thread: {e}"))?;
         Ok(GdbServer { _thread: thread })
     }
 }

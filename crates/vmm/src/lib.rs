@@ -12,6 +12,7 @@
 pub mod api;
 pub mod auth;
 mod builder;
+pub mod cgroup;
 pub mod config;
 pub mod console;
 pub mod control;
@@ -25,6 +26,7 @@ pub mod gdb;
 mod launch;
 pub mod migration;
 mod persist;
+pub mod rate_limits;
 pub mod snapshot;
 mod vcpu;
 mod vm;

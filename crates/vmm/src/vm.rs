@@ -56,6 +56,11 @@ impl VmHandle {
         self.devices.balloon()
     }
 
+    /// The disks' and NICs' I/O limiters.
+    pub(crate) fn rate_limits(&self) -> &crate::rate_limits::RateLimits {
+        self.devices.rate_limits()
+    }
+
     /// What a live migration needs of the VM (see `migration.rs`).
     pub(crate) fn backend(&self) -> &Arc<dyn hypervisor::Vm> {
         &self.vm

@@ -58,6 +58,7 @@ pub fn mov(core: &mut Core, insn: &Instruction) -> R {
         if r.is_dr() {
             need_cpl0(core)?;
             let n = dr_index(core, r)?;
+            general_detect(core)?;
             let v = core.st.dr[n];
             reg_write(&mut core.st, insn.op0_register(), v);
             return Ok(());
@@ -184,9 +185,25 @@ fn dr_index(core: &Core, r: Register) -> R<usize> {
     }
 }
 
+/// DR7.GD (general detect): a MOV to or from a debug register raises a
+/// #DB fault before it runs, with DR6.BD set and GD cleared so that the
+/// handler itself can use the debug registers.
+fn general_detect(core: &mut Core) -> R {
+    if core.st.dr[7] & crate::debug::DR7_GD == 0 {
+        return Ok(());
+    }
+    core.st.dr[6] |= crate::debug::DR6_BD | crate::debug::DR6_FIXED1;
+    core.st.dr[7] &= !crate::debug::DR7_GD;
+    Err(crate::core::Exc::Fault {
+        vector: 1,
+        error: None,
+    })
+}
+
 fn mov_to_dr(core: &mut Core, insn: &Instruction, r: Register) -> R {
     need_cpl0(core)?;
     let n = dr_index(core, r)?;
+    general_detect(core)?;
     let v = reg_read(&core.st, insn.op1_register());
     if (n == 6 || n == 7) && v >> 32 != 0 {
         return Err(gp(0));

@@ -137,6 +137,16 @@ impl ApiClient {
         self.call(&ApiAction::VmBalloon(req)).map(drop)
     }
 
+    /// Change the VMM's cgroup limits.
+    pub fn cgroup(&self, req: crate::cgroup::CgroupLimits) -> Result<(), ClientError> {
+        self.call(&ApiAction::VmCgroup(req)).map(drop)
+    }
+
+    /// Change a device's or a rate group's I/O limits.
+    pub fn rate_limit(&self, req: super::RateLimitRequest) -> Result<(), ClientError> {
+        self.call(&ApiAction::VmRateLimit(req)).map(drop)
+    }
+
     pub fn counters(&self) -> Result<super::VmCounters, ClientError> {
         match self.call(&ApiAction::VmCounters)? {
             ApiReply::Counters(c) => Ok(*c),

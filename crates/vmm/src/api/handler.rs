@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use super::{
     ApiAction, ApiError, ApiReply, BalloonInfo, BalloonRequest, Device, MigrateReceiveRequest,
-    MigrateRequest, RequestHandler, RestoreRequest, RunningVmInfo, SnapshotRequest, VmInfoReply,
-    VmState,
+    MigrateRequest, RateLimitRequest, RequestHandler, RestoreRequest, RunningVmInfo,
+    SnapshotRequest, VmInfoReply, VmState,
 };
 use crate::control::VmControl;
 use crate::migration::MigrationReport;
@@ -238,6 +238,13 @@ impl RequestHandler for ApiShared {
             ram_mib,
         })?;
         b.set_target_pages(pages);
+        Ok(())
+    }
+
+    fn vm_rate_limit(&self, req: &RateLimitRequest) -> Result<(), ApiError> {
+        let ctx = self.running()?;
+        ctx.vm.rate_limits().apply(req)?;
+        crate::events::rate_limit_changed(&req.target);
         Ok(())
     }
 

@@ -82,7 +82,11 @@ impl Default for Limits {
 /// The HTTP status of a refused request: the one place that decides it.
 pub fn status_of(e: &ApiError) -> u16 {
     match e {
-        ApiError::BadBody { .. } | ApiError::BadConfig(_) | ApiError::BalloonTooLarge { .. } => 400,
+        ApiError::BadBody { .. }
+        | ApiError::BadConfig(_)
+        | ApiError::BalloonTooLarge { .. }
+        | ApiError::BadRateLimit { .. } => 400,
+        ApiError::NoRateLimitTarget(_) => 404,
         ApiError::NoVm
         | ApiError::VmRuns
         | ApiError::StartedWithVm
@@ -817,6 +821,9 @@ mod tests {
                 target_mib: r.target_mib,
                 ram_mib: 1,
             })
+        }
+        fn vm_rate_limit(&self, r: &RateLimitRequest) -> Result<(), ApiError> {
+            Err(ApiError::NoRateLimitTarget(r.target.clone()))
         }
         fn vm_create(&self, _: &VmConfig) -> Result<(), ApiError> {
             Err(ApiError::VmRuns)

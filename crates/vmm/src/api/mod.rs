@@ -49,6 +49,8 @@ pub enum Endpoint {
     VmMigrateSend,
     VmMigrateCancel,
     VmBalloon,
+    VmRateLimit,
+    VmCgroup,
     VmCreate,
     VmDelete,
     VmBoot,
@@ -61,7 +63,7 @@ pub enum Endpoint {
 
 impl Endpoint {
     /// Every endpoint, in the order docs/openapi.json lists them.
-    pub const ALL: [Endpoint; 18] = [
+    pub const ALL: [Endpoint; 20] = [
         Endpoint::VmmPing,
         Endpoint::VmInfo,
         Endpoint::VmPause,
@@ -72,6 +74,8 @@ impl Endpoint {
         Endpoint::VmMigrateSend,
         Endpoint::VmMigrateCancel,
         Endpoint::VmBalloon,
+        Endpoint::VmRateLimit,
+        Endpoint::VmCgroup,
         Endpoint::VmCreate,
         Endpoint::VmDelete,
         Endpoint::VmBoot,
@@ -130,6 +134,16 @@ impl Endpoint {
                 "PUT",
                 "/api/v1/vm.balloon",
                 "Set the balloon's target size: memory the guest is asked to give back",
+            ),
+            Endpoint::VmRateLimit => (
+                "PUT",
+                "/api/v1/vm.rate-limit",
+                "Change a disk's, a NIC's or a rate group's I/O limits (token buckets)",
+            ),
+            Endpoint::VmCgroup => (
+                "PUT",
+                "/api/v1/vm.cgroup",
+                "Change the CPU and memory limits of the VMM's cgroup (cpu.max, cpu.weight, memory.max, memory.high)",
             ),
             Endpoint::VmCreate => (
                 "PUT",
@@ -225,6 +239,25 @@ pub struct MigrateRequest {
     /// Pre-copy bandwidth cap in MiB/s (the paused final round is not capped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_bandwidth_mib: Option<u64>,
+}
+
+/// `vm.rate-limit`: new token buckets for one device or rate group. A
+/// limiter left out stays as it is; `{}` (no bucket) lifts a limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitRequest {
+    /// A device id as `vm.counters` names it (`disk0`, `net1`) or a rate
+    /// group's name. A device in a group changes the whole group.
+    pub target: String,
+    /// A disk's limiter.
+    #[serde(default)]
+    pub rate_limiter: Option<crate::config::RateLimiterConfig>,
+    /// A NIC's limiter for frames the guest receives.
+    #[serde(default)]
+    pub rx_rate_limiter: Option<crate::config::RateLimiterConfig>,
+    /// A NIC's limiter for frames the guest sends.
+    #[serde(default)]
+    pub tx_rate_limiter: Option<crate::config::RateLimiterConfig>,
 }
 
 /// `vm.balloon`: the balloon's new target.
@@ -402,6 +435,8 @@ pub enum ApiAction {
     VmMigrateSend(MigrateRequest),
     VmMigrateCancel,
     VmBalloon(BalloonRequest),
+    VmRateLimit(RateLimitRequest),
+    VmCgroup(crate::cgroup::CgroupLimits),
     VmCreate(Box<VmConfig>),
     VmDelete,
     VmBoot,
@@ -425,6 +460,8 @@ impl ApiAction {
             ApiAction::VmMigrateSend(_) => Endpoint::VmMigrateSend,
             ApiAction::VmMigrateCancel => Endpoint::VmMigrateCancel,
             ApiAction::VmBalloon(_) => Endpoint::VmBalloon,
+            ApiAction::VmRateLimit(_) => Endpoint::VmRateLimit,
+            ApiAction::VmCgroup(_) => Endpoint::VmCgroup,
             ApiAction::VmCreate(_) => Endpoint::VmCreate,
             ApiAction::VmDelete => Endpoint::VmDelete,
             ApiAction::VmBoot => Endpoint::VmBoot,
@@ -457,6 +494,8 @@ impl ApiAction {
             Endpoint::VmMigrateSend => ApiAction::VmMigrateSend(de(e, body)?),
             Endpoint::VmMigrateCancel => ApiAction::VmMigrateCancel,
             Endpoint::VmBalloon => ApiAction::VmBalloon(de(e, body)?),
+            Endpoint::VmRateLimit => ApiAction::VmRateLimit(de(e, body)?),
+            Endpoint::VmCgroup => ApiAction::VmCgroup(de(e, body)?),
             Endpoint::VmCreate => ApiAction::VmCreate(Box::new(de(e, body)?)),
             Endpoint::VmDelete => ApiAction::VmDelete,
             Endpoint::VmBoot => ApiAction::VmBoot,
@@ -474,6 +513,8 @@ impl ApiAction {
             ApiAction::VmSnapshot(r) => serde_json::to_string(r),
             ApiAction::VmMigrateSend(r) => serde_json::to_string(r),
             ApiAction::VmBalloon(r) => serde_json::to_string(r),
+            ApiAction::VmRateLimit(r) => serde_json::to_string(r),
+            ApiAction::VmCgroup(r) => serde_json::to_string(r),
             ApiAction::VmCreate(c) => serde_json::to_string(c),
             ApiAction::VmRestore(r) => serde_json::to_string(r),
             ApiAction::VmMigrateReceive(r) => serde_json::to_string(r),
@@ -495,6 +536,8 @@ impl ApiAction {
             ApiAction::VmMigrateSend(r) => handler.vm_migrate_send(r).map(ApiReply::Migrated),
             ApiAction::VmMigrateCancel => done(handler.vm_migrate_cancel()),
             ApiAction::VmBalloon(r) => done(handler.vm_balloon(r)),
+            ApiAction::VmRateLimit(r) => done(handler.vm_rate_limit(r)),
+            ApiAction::VmCgroup(r) => done(handler.vm_cgroup(r)),
             ApiAction::VmCreate(c) => done(handler.vm_create(c)),
             ApiAction::VmDelete => done(handler.vm_delete()),
             ApiAction::VmBoot => done(handler.vm_boot()),
@@ -592,6 +635,12 @@ pub enum ApiError {
     NotMigrating,
     #[error("this VM has no balloon device (start it with --balloon)")]
     NoBalloon,
+    #[error(
+        "no disk, NIC or rate group is named '{0}' (disks are disk0, disk1, ...; NICs net0, ...)"
+    )]
+    NoRateLimitTarget(String),
+    #[error("bad rate limit for '{target}': {reason}")]
+    BadRateLimit { target: String, reason: String },
     #[error("the VM is paused: resume it first")]
     Paused,
     /// Pause or resume did not fit the VM's run state, or timed out.
@@ -621,6 +670,16 @@ pub trait RequestHandler: Send + Sync {
     fn vm_migrate_send(&self, req: &MigrateRequest) -> Result<MigrationReport, ApiError>;
     fn vm_migrate_cancel(&self) -> Result<(), ApiError>;
     fn vm_balloon(&self, req: &BalloonRequest) -> Result<(), ApiError>;
+    fn vm_rate_limit(&self, req: &RateLimitRequest) -> Result<(), ApiError>;
+    /// Change the VMM's cgroup limits (it has one only with `--cgroup`).
+    fn vm_cgroup(&self, req: &crate::cgroup::CgroupLimits) -> Result<(), ApiError> {
+        let cg = crate::cgroup::current().ok_or(ApiError::Vmm(
+            crate::cgroup::CgroupError::NotInCgroup.into(),
+        ))?;
+        cg.update(req).map_err(|e| ApiError::Vmm(e.into()))?;
+        crate::events::cgroup_changed(cg.path());
+        Ok(())
+    }
     fn vm_create(&self, config: &VmConfig) -> Result<(), ApiError>;
     fn vm_delete(&self) -> Result<(), ApiError>;
     fn vm_boot(&self) -> Result<(), ApiError>;
@@ -843,6 +902,22 @@ mod tests {
             max_bandwidth_mib: Some(1),
         };
         let counters = crate::counters::tests::full_counters();
+        let limiter = crate::config::RateLimiterConfig {
+            bandwidth: Some(crate::config::bucket_for_rate(1 << 20)),
+            ops: Some(crate::config::bucket_for_rate(100)),
+        };
+        let cgroup = crate::cgroup::CgroupLimits {
+            cpu_max: Some("150%".parse().unwrap()),
+            cpu_weight: Some(100),
+            memory_max: Some(crate::cgroup::MemoryLimit::Bytes(1 << 30)),
+            memory_high: Some(crate::cgroup::MemoryLimit::Max),
+        };
+        let rate_limit = RateLimitRequest {
+            target: "disk0".into(),
+            rate_limiter: Some(limiter),
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        };
         let pairs = [
             (
                 "Ping",
@@ -863,6 +938,11 @@ mod tests {
                 }),
             ),
             ("BalloonRequest", fields(&BalloonRequest { target_mib: 1 })),
+            ("RateLimitRequest", fields(&rate_limit)),
+            ("CgroupLimits", fields(&cgroup)),
+            ("CpuMax", fields(&cgroup.cpu_max)),
+            ("RateLimiter", fields(&limiter)),
+            ("TokenBucket", fields(&limiter.bandwidth)),
             ("MigrateRequest", fields(&migrate)),
             ("RestoreRequest", fields(&restore)),
             ("MigrateReceiveRequest", fields(&receive)),
