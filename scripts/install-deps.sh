@@ -34,6 +34,8 @@ PACKAGES=(
     perl-base       # deterministic test data generator (essential; listed for clarity)
     qemu-system-x86 # the reference/benchmark VMM, also used to check the images
     qemu-utils      # qemu-img and qemu-io for disk images (crates/block tests)
+    seabios         # the BIOS image firmware boots use (docs/firmware.md, vireo/tests/firmware.rs)
+    grub-pc-bin     # grub-mkimage and the i386-pc modules: vireo/tests/firmware.rs makes a GRUB disk
     strace          # diagnosing the VMM's host calls (startup analysis)
     util-linux      # runuser: the security tests act as an unprivileged user; partx, blkid
     passwd          # useradd makes that user

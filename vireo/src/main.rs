@@ -423,6 +423,10 @@ struct VmOptions {
     /// Initial ramdisk (initramfs) to hand to the kernel.
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
+    /// BIOS image to boot the first disk with when no --kernel is given
+    /// [default: /usr/share/seabios/bios-256k.bin, Debian's seabios] (docs/firmware.md).
+    #[arg(long, value_name = "PATH")]
+    firmware: Option<PathBuf>,
     /// Kernel command line [default: "console=ttyS0 reboot=k panic=1"].
     #[arg(long, value_name = "STR")]
     cmdline: Option<String>,
@@ -515,6 +519,7 @@ impl VmOptions {
         self.config.is_none()
             && self.kernel.is_none()
             && self.initrd.is_none()
+            && self.firmware.is_none()
             && self.cmdline.is_none()
             && self.memory.is_none()
             && self.cpus.is_none()
@@ -541,13 +546,20 @@ impl VmOptions {
             Some(path) => VmConfig::from_file(path)?,
             None => match &self.kernel {
                 Some(k) => VmConfig::new(k.clone()),
+                // No kernel: boot the disk through firmware.
+                None if !self.disk.is_empty() || self.firmware.is_some() => {
+                    VmConfig::with_firmware(vmm::config::DEFAULT_FIRMWARE.into())
+                }
                 None => {
                     return Err(vmm::VmmError::Config(
-                        "--kernel PATH is required (or --config FILE naming a kernel)".into(),
+                        "--kernel PATH is required (or --disk path=FILE to boot a disk through firmware, or --config FILE)".into(),
                     ))
                 }
             },
         };
+        if let Some(f) = self.firmware {
+            cfg.firmware = Some(f);
+        }
         if let Some(k) = self.kernel {
             cfg.kernel = k;
         }

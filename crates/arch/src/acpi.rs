@@ -319,3 +319,130 @@ pub fn create_acpi_tables(
     write_bytes(mem, rsdp_addr, &rsdp, "ACPI RSDP")?;
     Ok(GuestAddress(rsdp_addr))
 }
+
+/// The ACPI tables as firmware loads them through fw_cfg: one blob
+/// (`etc/acpi/tables`), the RSDP (`etc/acpi/rsdp`) and the script
+/// (`etc/table-loader`) that tells the firmware where to put them, which
+/// fields are pointers to patch and which checksums to fix.
+///
+/// The firmware picks the addresses (the blob in high RAM, the RSDP in the
+/// F segment, where OSes scan for it), so every pointer in the blob and the
+/// RSDP holds an offset into the blob, and the script adds the blob's final
+/// address to each. The tables are the same as [`create_acpi_tables`]
+/// writes for a direct kernel boot.
+#[derive(Debug, Clone)]
+pub struct FwCfgAcpi {
+    pub tables: Vec<u8>,
+    pub rsdp: Vec<u8>,
+    pub loader: Vec<u8>,
+}
+
+pub const FW_CFG_ACPI_TABLES: &str = "etc/acpi/tables";
+pub const FW_CFG_ACPI_RSDP: &str = "etc/acpi/rsdp";
+pub const FW_CFG_TABLE_LOADER: &str = "etc/table-loader";
+
+/// One table-loader command is 128 bytes: a u32 command, then its fields.
+const LOADER_ENTRY: usize = 128;
+const LOADER_ALLOCATE: u32 = 1;
+const LOADER_ADD_POINTER: u32 = 2;
+const LOADER_ADD_CHECKSUM: u32 = 3;
+const LOADER_ZONE_HIGH: u8 = 1;
+const LOADER_ZONE_FSEG: u8 = 2;
+const LOADER_NAME_LEN: usize = 56;
+
+fn loader_name(e: &mut Vec<u8>, name: &str) {
+    let mut n = [0u8; LOADER_NAME_LEN];
+    n[..name.len()].copy_from_slice(name.as_bytes());
+    e.extend_from_slice(&n);
+}
+
+fn loader_entry(script: &mut Vec<u8>, mut e: Vec<u8>) {
+    e.resize(LOADER_ENTRY, 0);
+    script.extend_from_slice(&e);
+}
+
+fn loader_allocate(script: &mut Vec<u8>, file: &str, align: u32, zone: u8) {
+    let mut e = LOADER_ALLOCATE.to_le_bytes().to_vec();
+    loader_name(&mut e, file);
+    e.extend_from_slice(&align.to_le_bytes());
+    e.push(zone);
+    loader_entry(script, e);
+}
+
+/// Add `src`'s address to the `size`-byte pointer at `offset` in `dest`.
+fn loader_pointer(script: &mut Vec<u8>, dest: &str, src: &str, offset: usize, size: u8) {
+    let mut e = LOADER_ADD_POINTER.to_le_bytes().to_vec();
+    loader_name(&mut e, dest);
+    loader_name(&mut e, src);
+    e.extend_from_slice(&(offset as u32).to_le_bytes());
+    e.push(size);
+    loader_entry(script, e);
+}
+
+/// Fix the checksum byte at `offset` so that `start..start+len` sums to 0.
+fn loader_checksum(script: &mut Vec<u8>, file: &str, offset: usize, start: usize, len: usize) {
+    let mut e = LOADER_ADD_CHECKSUM.to_le_bytes().to_vec();
+    loader_name(&mut e, file);
+    e.extend_from_slice(&(offset as u32).to_le_bytes());
+    e.extend_from_slice(&(start as u32).to_le_bytes());
+    e.extend_from_slice(&(len as u32).to_le_bytes());
+    loader_entry(script, e);
+}
+
+/// Build the tables for firmware (see [`FwCfgAcpi`]).
+pub fn fw_cfg_acpi_tables(num_cpus: u32, extra_dsdt_aml: &[u8]) -> Result<FwCfgAcpi, ArchError> {
+    const T: &str = FW_CFG_ACPI_TABLES;
+    const R: &str = FW_CFG_ACPI_RSDP;
+    // SDT header: length at 4, checksum at 9. FADT: FIRMWARE_CTRL at 36,
+    // DSDT at 40, X_DSDT at 140. XSDT entries from 36, 8 bytes each.
+    // RSDP: checksum at 8 (first 20 bytes), RSDT at 16, XSDT at 24,
+    // extended checksum at 32 (all 36 bytes).
+    const SDT_CHECKSUM: usize = 9;
+    let facs = build_facs();
+    let dsdt = build_dsdt(extra_dsdt_aml);
+    let madt = build_madt(num_cpus)?;
+    let mcfg = build_mcfg();
+    let mut blob = Vec::new();
+    let put = |blob: &mut Vec<u8>, t: &[u8], align: usize| {
+        blob.resize(blob.len().div_ceil(align) * align, 0);
+        let at = blob.len();
+        blob.extend_from_slice(t);
+        at
+    };
+    // The FACS first: the blob is allocated 64-byte aligned, as the FACS
+    // must be.
+    let facs_at = put(&mut blob, &facs, 64);
+    let dsdt_at = put(&mut blob, &dsdt, 16);
+    let fadt = build_fadt(dsdt_at as u64, facs_at as u64);
+    let fadt_at = put(&mut blob, &fadt, 16);
+    let madt_at = put(&mut blob, &madt, 16);
+    let mcfg_at = put(&mut blob, &mcfg, 16);
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    for at in [fadt_at, madt_at, mcfg_at] {
+        xsdt.add_entry(at as u64);
+    }
+    let xsdt = to_bytes(&xsdt);
+    let xsdt_at = put(&mut blob, &xsdt, 16);
+    let rsdp = to_bytes(&Rsdp::new(OEM_ID, xsdt_at as u64));
+
+    let mut script = Vec::new();
+    loader_allocate(&mut script, T, 64, LOADER_ZONE_HIGH);
+    loader_allocate(&mut script, R, 16, LOADER_ZONE_FSEG);
+    loader_pointer(&mut script, T, T, fadt_at + 36, 4);
+    loader_pointer(&mut script, T, T, fadt_at + 40, 4);
+    loader_pointer(&mut script, T, T, fadt_at + 140, 8);
+    for i in 0..3 {
+        loader_pointer(&mut script, T, T, xsdt_at + 36 + 8 * i, 8);
+    }
+    loader_pointer(&mut script, R, T, 24, 8);
+    for (at, len) in [(fadt_at, fadt.len()), (xsdt_at, xsdt.len())] {
+        loader_checksum(&mut script, T, at + SDT_CHECKSUM, at, len);
+    }
+    loader_checksum(&mut script, R, 8, 0, 20);
+    loader_checksum(&mut script, R, 32, 0, rsdp.len());
+    Ok(FwCfgAcpi {
+        tables: blob,
+        rsdp,
+        loader: script,
+    })
+}

@@ -1108,3 +1108,66 @@ fn debian_bzimage_loads() {
     let rd = r32(&m, ZERO_PAGE_START + 0x218) as u64;
     assert!(rd >= k.end.0);
 }
+
+/// Run a fw_cfg table-loader script as SeaBIOS does: allocate each file
+/// at the address given, patch pointers, fix checksums.
+fn run_table_loader(m: &GuestRam, t: &acpi::FwCfgAcpi, tables_at: u64, rsdp_at: u64) {
+    let mut files: Vec<(String, Vec<u8>, u64)> = vec![
+        (acpi::FW_CFG_ACPI_TABLES.into(), t.tables.clone(), tables_at),
+        (acpi::FW_CFG_ACPI_RSDP.into(), t.rsdp.clone(), rsdp_at),
+    ];
+    let name = |b: &[u8]| {
+        let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+        String::from_utf8(b[..end].to_vec()).unwrap()
+    };
+    let idx = |files: &Vec<(String, Vec<u8>, u64)>, n: &str| {
+        files.iter().position(|f| f.0 == n).expect("file in script")
+    };
+    assert_eq!(t.loader.len() % 128, 0);
+    for e in t.loader.chunks(128) {
+        let cmd = u32::from_le_bytes(e[0..4].try_into().unwrap());
+        match cmd {
+            1 => {
+                let i = idx(&files, &name(&e[4..60]));
+                let align = u32::from_le_bytes(e[60..64].try_into().unwrap()) as u64;
+                assert!(files[i].2.is_multiple_of(align));
+            }
+            2 => {
+                let d = idx(&files, &name(&e[4..60]));
+                let s = idx(&files, &name(&e[60..116]));
+                let off = u32::from_le_bytes(e[116..120].try_into().unwrap()) as usize;
+                let size = e[120] as usize;
+                let mut v = [0u8; 8];
+                v[..size].copy_from_slice(&files[d].1[off..off + size]);
+                let p = u64::from_le_bytes(v) + files[s].2;
+                files[d].1[off..off + size].copy_from_slice(&p.to_le_bytes()[..size]);
+            }
+            3 => {
+                let f = idx(&files, &name(&e[4..60]));
+                let off = u32::from_le_bytes(e[60..64].try_into().unwrap()) as usize;
+                let start = u32::from_le_bytes(e[64..68].try_into().unwrap()) as usize;
+                let len = u32::from_le_bytes(e[68..72].try_into().unwrap()) as usize;
+                let s = sum(&files[f].1[start..start + len]);
+                files[f].1[off] = files[f].1[off].wrapping_sub(s);
+            }
+            other => panic!("unknown loader command {other}"),
+        }
+    }
+    for (_, data, at) in files {
+        m.write_slice(&data, GuestAddress(at)).unwrap();
+    }
+}
+
+#[test]
+fn fw_cfg_acpi_tables_load_anywhere_and_checksum() {
+    for (n, base) in [(1u32, 0x8_0000u64), (4, 0x9_0040)] {
+        let m = mem(64 * MIB);
+        let t = acpi::fw_cfg_acpi_tables(n, &[]).unwrap();
+        run_table_loader(&m, &t, base, 0xf5a40);
+        let acpi = parse_acpi(&m);
+        assert_eq!(acpi.rsdp, 0xf5a40);
+        let sigs: Vec<&[u8]> = acpi.tables.iter().map(|t| &t.bytes[0..4]).collect();
+        assert_eq!(sigs, vec![b"FACP" as &[u8], b"APIC", b"MCFG"]);
+        assert!(acpi.facs_addr >= base && acpi.facs_addr.is_multiple_of(64));
+    }
+}

@@ -12,6 +12,7 @@
 
 pub mod acpi;
 pub mod debug_exit;
+pub mod fw_cfg;
 pub mod i8042;
 pub mod persist;
 pub mod rtc;

@@ -61,8 +61,13 @@ impl PciBus {
     /// A bus with the host bridge ([`PciRoot`]) at 00:00.0. `mmio` and `pio`
     /// are the VMM's buses where BARs get inserted.
     pub fn new(mmio: Arc<Bus>, pio: Arc<Bus>) -> Self {
+        Self::with_root(mmio, pio, PciRoot::new())
+    }
+
+    /// A bus with `root` as its host bridge at 00:00.0.
+    pub fn with_root(mmio: Arc<Bus>, pio: Arc<Bus>, root: PciRoot) -> Self {
         let mut slots: Vec<Option<SharedPciDevice>> = vec![None; NUM_SLOTS];
-        slots[0] = Some(Arc::new(Mutex::new(PciRoot::new())));
+        slots[0] = Some(Arc::new(Mutex::new(root)));
         PciBus {
             slots: RwLock::new(slots),
             mappings: Mutex::new(Vec::new()),
@@ -298,6 +303,32 @@ impl PciRoot {
                 subsystem: 0,
             }),
         }
+    }
+}
+
+/// The i440FX's PAM registers (0x59..0x5f): shadow-RAM control for
+/// 0xc0000-0xfffff.
+pub const I440FX_PAM0: usize = 0x59;
+pub const I440FX_PAM_LEN: usize = 7;
+
+impl PciRoot {
+    /// The host bridge firmware expects: QEMU's i440FX (8086:1237 with
+    /// QEMU's subsystem 1af4:1100, which SeaBIOS checks to know it runs on
+    /// QEMU's platform). Its PAM registers read back what was written;
+    /// Vireo keeps 0xc0000-0xfffff as plain RAM whatever they say (see
+    /// docs/firmware.md), so a firmware that unlocks shadow RAM finds it
+    /// writable and one that locks it is not stopped from writing.
+    pub fn i440fx() -> Self {
+        let mut config = PciConfig::new(PciIds {
+            vendor: 0x8086,
+            device: 0x1237,
+            revision: 2,
+            class: 0x06_00_00,
+            subsystem_vendor: 0x1af4,
+            subsystem: 0x1100,
+        });
+        config.set_writable(I440FX_PAM0, I440FX_PAM_LEN);
+        PciRoot { config }
     }
 }
 

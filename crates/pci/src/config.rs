@@ -125,6 +125,15 @@ impl PciConfig {
         c
     }
 
+    /// Let the guest write every bit of `len` bytes at `off` (plain
+    /// read-write registers such as a host bridge's PAM bytes).
+    pub fn set_writable(&mut self, off: usize, len: usize) {
+        let end = (off + len).min(self.wmask.len());
+        if off < end {
+            self.wmask[off..end].fill(0xff);
+        }
+    }
+
     /// Size of this configuration space (256 or 4096).
     pub fn size(&self) -> usize {
         self.data.len()

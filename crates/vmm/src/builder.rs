@@ -54,6 +54,10 @@ pub enum Boot {
         protocol: BootProtocol,
     },
     Raw(RawBoot),
+    /// Boot through a BIOS image (SeaBIOS), which boots the first disk.
+    Firmware {
+        image: std::path::PathBuf,
+    },
     /// Resume a snapshot: memory from its file, state from its manifest.
     Snapshot(Box<SnapshotSource>),
 }
@@ -160,6 +164,10 @@ pub struct VmSpec {
     /// The cloud-init seed file, the last of `disks`: kept until the
     /// devices have opened it, then removed (the open disk keeps its data).
     pub seed: Option<Arc<crate::cloud_init::SeedFile>>,
+    /// The platform firmware expects (`crate::firmware`): an i440FX host
+    /// bridge, fw_cfg, the BIOS image below 4 GiB. Set for a firmware boot
+    /// and for the restore of one.
+    pub firmware: bool,
     /// A pvpanic PCI device, if asked for.
     pub pvpanic: bool,
 }
@@ -204,11 +212,17 @@ impl VmSpec {
             console: c.console,
             exit_device: c.exit_device,
             pvpanic: c.pvpanic,
-            boot: Boot::Linux {
-                kernel: c.kernel.clone(),
-                initrd: c.initrd.clone(),
-                cmdline: c.effective_cmdline(),
-                protocol: c.boot,
+            firmware: c.firmware.is_some(),
+            boot: match &c.firmware {
+                Some(image) => Boot::Firmware {
+                    image: image.clone(),
+                },
+                None => Boot::Linux {
+                    kernel: c.kernel.clone(),
+                    initrd: c.initrd.clone(),
+                    cmdline: c.effective_cmdline(),
+                    protocol: c.boot,
+                },
             },
         })
     }
@@ -323,7 +337,12 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
         vm.set_guest_cpuid(&c)?;
     }
 
-    let memory = guest_memory(&boot, spec.memory, !spec.fs.is_empty())?;
+    // A firmware boot reads its image first: its size shapes guest memory.
+    let firmware = match &boot {
+        Boot::Firmware { image } => Some(crate::firmware::read_image(image, &spec.disks)?),
+        _ => None,
+    };
+    let memory = guest_memory(&boot, spec.memory, !spec.fs.is_empty(), firmware.as_ref())?;
     if prepared.is_none() {
         map_guest_memory(vm.as_ref(), &memory)?;
     }
@@ -370,7 +389,10 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
     // A restored VM's memory already holds everything: no boot image.
     let bsp_state = match &boot {
         Boot::Snapshot(_) => None,
-        _ => Some(load_boot(&memory, &boot, spec.cpus)?),
+        _ => match &firmware {
+            Some(f) => Some(f.load(&memory)?),
+            None => Some(load_boot(&memory, &boot, spec.cpus)?),
+        },
     };
     let vcpus = crate::vcpu::create_vcpus(vm.as_ref(), spec.cpus, bsp_state.as_ref())?;
     let vcpu_counters = vcpus
@@ -431,11 +453,17 @@ fn add_guest_workarounds(hv: &dyn Hypervisor, cmdline: &mut String) {
 }
 
 /// The guest memory a VM starts with: a migration's (already filled), a
-/// snapshot's memory file mapped, or new zeroed RAM in the PC layout:
-/// anonymous, or with `shared` one memfd mapped shared, so that another
-/// process (a vhost-user backend) can map the same pages. Both
-/// accelerators take either: KVM and the engine only see host addresses.
-fn guest_memory(boot: &Boot, bytes: u64, shared: bool) -> Result<GuestRam, VmmError> {
+/// snapshot's memory file mapped, or new zeroed RAM in the PC layout (with
+/// the firmware image's region for a firmware boot): anonymous, or with
+/// `shared` one memfd mapped shared, so that another process (a vhost-user
+/// backend) can map the same pages. Both accelerators take either: KVM and
+/// the engine only see host addresses.
+fn guest_memory(
+    boot: &Boot,
+    bytes: u64,
+    shared: bool,
+    firmware: Option<&crate::firmware::FirmwareImage>,
+) -> Result<GuestRam, VmmError> {
     match boot {
         Boot::Snapshot(snap) => match &snap.memory {
             Some(m) => Ok(m.clone()),
@@ -445,9 +473,14 @@ fn guest_memory(boot: &Boot, bytes: u64, shared: bool) -> Result<GuestRam, VmmEr
                 snap.manifest.memory_file_bytes,
             ),
         },
-        _ if shared => shared_memory(bytes),
         _ => {
-            let regions = arch::ram_regions(bytes);
+            let mut regions = arch::ram_regions(bytes);
+            if let Some(f) = firmware {
+                regions.push(f.region());
+            }
+            if shared {
+                return shared_memory(&regions, bytes);
+            }
             GuestRam::from_ranges(&regions).map_err(|e| VmmError::GuestMemory {
                 what: format!("cannot allocate {} MiB of guest memory", bytes >> 20),
                 source: Box::new(e),
@@ -456,12 +489,11 @@ fn guest_memory(boot: &Boot, bytes: u64, shared: bool) -> Result<GuestRam, VmmEr
     }
 }
 
-/// New zeroed RAM in the PC layout backed by one memfd, each region at
-/// its own offset in it, mapped shared (vm-memory maps file-backed
-/// regions MAP_SHARED).
-fn shared_memory(bytes: u64) -> Result<GuestRam, VmmError> {
+/// New zeroed `regions` (of a VM of `bytes` of RAM) backed by one memfd,
+/// each region at its own offset in it, mapped shared (vm-memory maps
+/// file-backed regions MAP_SHARED).
+fn shared_memory(regions: &[(GuestAddress, usize)], bytes: u64) -> Result<GuestRam, VmmError> {
     use std::os::fd::FromRawFd;
-    let regions = arch::ram_regions(bytes);
     let total: u64 = regions.iter().map(|r| r.1 as u64).sum();
     let err = |what: &str, e: std::io::Error| VmmError::GuestMemory {
         what: format!("{what} for {} MiB of shareable guest memory", bytes >> 20),
@@ -574,6 +606,9 @@ fn load_boot(mem: &GuestRam, boot: &Boot, cpus: u32) -> Result<CpuState, VmmErro
         }
         Boot::Snapshot(_) => Err(VmmError::Config(
             "a snapshot has no boot image to load".into(),
+        )),
+        Boot::Firmware { .. } => Err(VmmError::Config(
+            "a firmware boot is loaded by crate::firmware".into(),
         )),
         Boot::Raw(raw) => {
             mem.write_slice(&raw.image, GuestAddress(raw.load_addr))

@@ -792,6 +792,9 @@ fn default_cmdline() -> String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
+    /// The kernel to boot directly; empty when the VM boots its disk
+    /// through firmware (`firmware`).
+    #[serde(default)]
     pub kernel: PathBuf,
     #[serde(default)]
     pub initrd: Option<PathBuf>,
@@ -845,6 +848,10 @@ pub struct VmConfig {
     /// read-only disk after `disks`.
     #[serde(default)]
     pub cloud_init: Option<crate::cloud_init::CloudInitConfig>,
+    /// Boot through this BIOS image (SeaBIOS) from the first disk
+    /// instead of a kernel (docs/firmware.md).
+    #[serde(default)]
+    pub firmware: Option<PathBuf>,
     /// A pvpanic PCI device: the guest kernel reports its panics.
     #[serde(default)]
     pub pvpanic: bool,
@@ -852,6 +859,10 @@ pub struct VmConfig {
     #[serde(default, skip_serializing_if = "CpuAffinity::is_empty")]
     pub cpu_affinity: CpuAffinity,
 }
+
+/// The BIOS image `vireo run --disk ...` boots with when no kernel and no
+/// `--firmware` are given: Debian's `seabios` package.
+pub const DEFAULT_FIRMWARE: &str = "/usr/share/seabios/bios-256k.bin";
 
 /// Memory the guest must have at least: page tables, tables and a kernel.
 pub const MIN_MEMORY: u64 = 16 << 20;
@@ -913,6 +924,15 @@ impl VmConfig {
             cloud_init: None,
             pvpanic: false,
             cpu_affinity: CpuAffinity::default(),
+            firmware: None,
+        }
+    }
+
+    /// A VM that boots its first disk through the BIOS image `firmware`.
+    pub fn with_firmware(firmware: PathBuf) -> Self {
+        VmConfig {
+            firmware: Some(firmware),
+            ..VmConfig::new(PathBuf::new())
         }
     }
 
@@ -950,6 +970,26 @@ impl VmConfig {
     /// Check what can be checked before touching the host.
     pub fn validate(&self) -> Result<(), VmmError> {
         check_size(self.memory.0, self.cpus)?;
+        match (&self.firmware, self.kernel.as_os_str().is_empty()) {
+            (None, true) => {
+                return Err(VmmError::Config(
+                    "nothing to boot: give a kernel, or a disk to boot through firmware".into(),
+                ))
+            }
+            (Some(_), false) => {
+                return Err(VmmError::Config(
+                    "--kernel with firmware (the kernel handed over fw_cfg) is not supported yet: \
+                     boot the kernel directly, or boot the disk through firmware without --kernel"
+                        .into(),
+                ))
+            }
+            (Some(_), true) if self.disks.is_empty() => {
+                return Err(VmmError::Config(
+                    "firmware boot needs a disk to boot from (--disk path=...)".into(),
+                ))
+            }
+            _ => {}
+        }
         for n in &self.nets {
             // A config file skips the option parser: check the same here.
             n.validate().map_err(VmmError::Config)?;
@@ -1039,7 +1079,22 @@ impl VmConfig {
     /// The kernel, initrd and disk files exist (checked before anything
     /// is built, so that a request naming a missing file changes nothing).
     pub fn check_files(&self) -> Result<(), VmmError> {
-        let files = std::iter::once(("kernel", &self.kernel))
+        if let Some(f) = &self.firmware {
+            if !f.is_file() {
+                let hint = if f.as_os_str() == DEFAULT_FIRMWARE {
+                    " (install Debian's seabios package, or give --firmware PATH)"
+                } else {
+                    ""
+                };
+                return Err(VmmError::Config(format!(
+                    "firmware {} does not exist or is not a file{hint}",
+                    f.display()
+                )));
+            }
+        }
+        let kernel = (!self.kernel.as_os_str().is_empty()).then_some(("kernel", &self.kernel));
+        let files = kernel
+            .into_iter()
             .chain(self.initrd.iter().map(|i| ("initrd", i)))
             .chain(self.disks.iter().map(|d| ("disk", &d.path)));
         for (what, path) in files {

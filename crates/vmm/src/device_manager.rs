@@ -128,6 +128,21 @@ impl DeviceManager {
                 dev,
             )?;
         }
+        if spec.firmware {
+            let items = crate::firmware::fw_cfg_items(spec.memory, spec.cpus)?;
+            let fw_cfg = Arc::new(Mutex::new(devices::fw_cfg::FwCfg::new(
+                items,
+                memory.clone(),
+            )));
+            buses.add(
+                BusKind::Pio,
+                "fw-cfg",
+                devices::fw_cfg::FW_CFG_PORT,
+                devices::fw_cfg::FW_CFG_PORT_LEN,
+                fw_cfg.clone(),
+            )?;
+            saved.push("fw-cfg", fw_cfg);
+        }
         let pci = setup_pci(
             &mut buses,
             &mut saved,
@@ -357,7 +372,17 @@ fn setup_pci(
     events: &EventSink,
 ) -> Result<PciDevices, VmmError> {
     use arch::layout::{PCI_ECAM_BASE, PCI_ECAM_SIZE, PCI_MMIO32_END, PCI_MMIO32_START};
-    let bus = Arc::new(pci::PciBus::new(buses.mmio.clone(), buses.pio.clone()));
+    // Firmware looks for QEMU's i440FX (its PAM registers, its identity).
+    let root = if spec.firmware {
+        pci::PciRoot::i440fx()
+    } else {
+        pci::PciRoot::new()
+    };
+    let bus = Arc::new(pci::PciBus::with_root(
+        buses.mmio.clone(),
+        buses.pio.clone(),
+        root,
+    ));
     let cfg = pci::PciConfigIo::new(bus.clone());
     // 0xcf9 is the reset register: the address port is 0xcf8 alone.
     let address = Arc::new(Mutex::new(cfg.address_port()));

@@ -61,6 +61,15 @@ pub enum VmmError {
         #[source]
         source: block::BlockError,
     },
+    /// A BIOS image that cannot be read or is not one (docs/firmware.md).
+    #[error("firmware {}: {reason}", path.display())]
+    Firmware { path: PathBuf, reason: String },
+    /// The disk a firmware boot would start from has no boot sector.
+    #[error(
+        "disk {} has no boot sector (bytes 510-511 are not 55 aa): the firmware would find nothing to boot",
+        path.display()
+    )]
+    NoBootSector { path: PathBuf },
     /// A clone's disk overlay that cannot be made.
     #[error("overlay {} over {}: {source}", overlay.display(), backing.display())]
     Overlay {
@@ -197,6 +206,8 @@ impl VmmError {
             | BadState { .. }
             | Serialize { .. }
             | Disk { .. }
+            | Firmware { .. }
+            | NoBootSector { .. }
             | Overlay { .. }
             | Tap(_)
             | Passt(_)
@@ -237,6 +248,8 @@ impl VmmError {
             | Snapshot(_)
             | BadState { .. }
             | Disk { .. }
+            | Firmware { .. }
+            | NoBootSector { .. }
             | Overlay { .. }
             | Tap(_)
             | Arch(_)

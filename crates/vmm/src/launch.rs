@@ -97,7 +97,7 @@ pub fn migrate_receive(
 #[derive(Debug, Clone)]
 pub enum Launch {
     /// `vm.boot` of the configuration `vm.create` stored.
-    Boot(VmConfig),
+    Boot(Box<VmConfig>),
     /// `vm.restore` from a snapshot directory.
     Restore {
         dir: std::path::PathBuf,

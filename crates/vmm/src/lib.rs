@@ -22,6 +22,7 @@ mod device_manager;
 mod error;
 pub mod events;
 mod exit;
+mod firmware;
 pub mod gdb;
 mod launch;
 pub mod migration;

@@ -307,6 +307,10 @@ pub(crate) fn restore_spec(
         console,
         exit_device: manifest.config.as_ref().and_then(|c| c.exit_device),
         seed: None,
+        firmware: manifest
+            .config
+            .as_ref()
+            .is_some_and(|c| c.firmware.is_some()),
         pvpanic: manifest.config.as_ref().is_some_and(|c| c.pvpanic),
     })
 }

@@ -136,6 +136,7 @@ device_kinds! {
     ResetControl(devices::acpi::ResetControl) = "reset-control",
     PciConfigIo(pci::PciConfigIo) = "pci-config-io",
     Virtio(virtio::VirtioPciDevice) = "virtio",
+    FwCfg(devices::fw_cfg::FwCfg) = "fw-cfg",
     PvPanic(pci::pvpanic::PvPanic) = "pvpanic",
 }
 
@@ -326,7 +327,16 @@ impl Manifest {
             ));
         }
         let mut offset = 0u64;
-        let want = arch::ram_regions(self.memory_bytes);
+        let mut want = arch::ram_regions(self.memory_bytes);
+        // A firmware-booted VM's memory also holds the BIOS image's region
+        // below 4 GiB, after the RAM (crate::firmware).
+        if self.config.as_ref().is_some_and(|c| c.firmware.is_some()) {
+            if let Some(r) = self.memory.get(want.len()) {
+                if crate::firmware::is_image_region(r.gpa, r.len) {
+                    want.push((vm_memory::GuestAddress(r.gpa), r.len as usize));
+                }
+            }
+        }
         let same_layout = want.len() == self.memory.len()
             && want.iter().zip(&self.memory).all(|((gpa, len), r)| {
                 let ok = r.gpa == gpa.0 && r.len == *len as u64 && r.file_offset == offset;

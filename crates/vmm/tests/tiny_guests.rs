@@ -135,6 +135,7 @@ fn run_raw_with(accel: Accel, image: Vec<u8>, mode: RawMode, rng: bool) -> (VmEx
         // Every tiny guest has the exit device at port 0xf4 (4 bytes).
         exit_device: Some(Default::default()),
         seed: None,
+        firmware: false,
         pvpanic: false,
         boot: Boot::Raw(RawBoot {
             load_addr: LOAD,

@@ -279,7 +279,7 @@ impl RequestHandler for ApiShared {
         // Held across the launch: a concurrent create or delete waits.
         let mut created = lock(&self.created);
         let config = created.clone().ok_or(ApiError::NotCreated)?;
-        self.launch(crate::Launch::Boot(config))?;
+        self.launch(crate::Launch::Boot(Box::new(config)))?;
         *created = None;
         Ok(())
     }
