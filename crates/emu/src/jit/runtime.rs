@@ -272,7 +272,7 @@ fn compile(core: &mut Core, block: &Block) -> Option<(JitFn, usize)> {
         l.key.set(u64::MAX);
         l.gen.set(u64::MAX);
     }
-    let (code, chain) = super::codegen::gen_block(block, core.timed_polls)?;
+    let (code, chain) = super::codegen::gen_block(block, core.timed_polls, !core.trace)?;
     let gen = core.jit.arena.gen;
     let p = core.jit.arena.put(&code)?;
     if core.jit.arena.gen != gen {
