@@ -24,6 +24,7 @@ WANTED_MODULES=(
     virtio_balloon
     vmw_vsock_virtio_transport
     virtiofs
+    pvpanic_pci
     rng_core
     ext4
 )

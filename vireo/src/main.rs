@@ -24,6 +24,7 @@ Exit status:
   3  the guest rebooted (keyboard controller or ACPI reset; also after a guest panic with panic=N)
   4  a vCPU triple-faulted
   5  a vCPU hit an instruction its accelerator cannot run (the report names the bytes and RIP)
+  6  with --pvpanic: the guest kernel panicked (reported through the pvpanic device)
   (V<<1)|1  with --exit-device: the guest wrote V to the exit device (the last line on stderr
          says so; this can equal 1, 3 or 5, which that line tells apart)
   128+N  killed by signal N (the terminal is restored)
@@ -312,7 +313,7 @@ struct CreateArgs {
 struct VmOptions {
     /// Read the VM's settings from a TOML or JSON file (same names as the
     /// options: kernel, initrd, cmdline, memory, cpus, accel, cpu_model, serial, console, boot, rng,
-    /// disks, nets, balloon, exit_device);
+    /// disks, nets, balloon, exit_device, cpu_affinity);
     /// options given here override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -378,6 +379,16 @@ struct VmOptions {
     /// there ends the VM with exit status (V << 1) | 1.
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
     exit_device: Option<vmm::config::ExitDeviceConfig>,
+    /// A pvpanic PCI device: a guest kernel panic is logged (a guest-panic
+    /// event) and stops the VM with exit status 6, unless the guest has a
+    /// crash kernel loaded (kdump then runs).
+    #[arg(long)]
+    pvpanic: bool,
+    /// Pin vCPU threads to host CPUs: VCPU=CPU[,VCPU=CPU...], e.g. 0=2,1=3,
+    /// or VCPU=FIRST-LAST for a range (each CPU must be one this process
+    /// may run on) [default: no pinning].
+    #[arg(long, value_name = "VCPU=CPU,...")]
+    cpu_affinity: Option<vmm::config::CpuAffinity>,
 }
 
 impl VmOptions {
@@ -399,6 +410,8 @@ impl VmOptions {
             && self.balloon.is_none()
             && self.vsock.is_none()
             && self.exit_device.is_none()
+            && !self.pvpanic
+            && self.cpu_affinity.is_none()
     }
 
     /// The config file (if any) with every option given on the command line on top.
@@ -456,6 +469,12 @@ impl VmOptions {
         if let Some(x) = self.exit_device {
             cfg.exit_device = Some(x);
         }
+        if self.pvpanic {
+            cfg.pvpanic = true;
+        }
+        if let Some(a) = self.cpu_affinity {
+            cfg.cpu_affinity = a;
+        }
         cfg.disks.extend(self.disk);
         cfg.nets.extend(self.net);
         Ok(cfg)
@@ -488,6 +507,8 @@ fn init_logging(verbose: u8, format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    // Before any other thread starts, so that vm.info lists it first.
+    threads::register_current(threads::Role::Main);
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.log_format);
     // The environment is read here, in the binary; the library crates take

@@ -255,9 +255,9 @@ pub struct Passt {
     sock: UnixStream,
     rx: Mutex<Rx>,
     tx: Arc<Tx>,
-    writer: Option<std::thread::JoinHandle<()>>,
+    writer: Option<threads::Handle<()>>,
     shared: Arc<Shared>,
-    monitor: Option<std::thread::JoinHandle<()>>,
+    monitor: Option<threads::Handle<()>>,
 }
 
 /// The connected pair a passt is started on (one end for passt as its
@@ -343,24 +343,22 @@ impl Passt {
         });
         if let Some(err) = child.stderr.take() {
             let s = shared.clone();
-            let _ = std::thread::Builder::new()
-                .name("passt-log".into())
-                .spawn(move || {
-                    for line in BufReader::new(err).lines() {
-                        let Ok(line) = line else { break };
-                        // This passt tries syslog before stderr; where
-                        // there is none it says so for every line.
-                        if line.starts_with("Failed to send") && line.ends_with("to syslog") {
-                            continue;
-                        }
-                        tracing::debug!("passt: {line}");
-                        let mut l = s.log.lock().unwrap_or_else(|e| e.into_inner());
-                        if l.len() == LOG_LINES {
-                            l.pop_front();
-                        }
-                        l.push_back(line);
+            let _ = threads::spawn(threads::Role::Helper("passt-log".into()), move || {
+                for line in BufReader::new(err).lines() {
+                    let Ok(line) = line else { break };
+                    // This passt tries syslog before stderr; where
+                    // there is none it says so for every line.
+                    if line.starts_with("Failed to send") && line.ends_with("to syslog") {
+                        continue;
                     }
-                });
+                    tracing::debug!("passt: {line}");
+                    let mut l = s.log.lock().unwrap_or_else(|e| e.into_inner());
+                    if l.len() == LOG_LINES {
+                        l.pop_front();
+                    }
+                    l.push_back(line);
+                }
+            });
         }
         // Wait for the pid file (written once passt is set up), or its exit.
         let start = Instant::now();
@@ -400,43 +398,41 @@ impl Passt {
             }
         );
         let s = shared.clone();
-        let monitor = std::thread::Builder::new()
-            .name("passt-wait".into())
-            .spawn(move || {
-                let pid = child.id() as libc::pid_t;
-                // Wait without reaping, so the pid stays ours until the
-                // flag says it is gone (Drop signals it otherwise).
-                // SAFETY: siginfo_t is plain data; waitid fills it.
-                let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-                loop {
-                    // SAFETY: waitid on our own child with a valid siginfo_t.
-                    let rc = unsafe {
-                        libc::waitid(
-                            libc::P_PID,
-                            pid as libc::id_t,
-                            &mut info,
-                            libc::WEXITED | libc::WNOWAIT,
-                        )
-                    };
-                    if rc == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-                        break;
-                    }
+        let monitor = threads::spawn(threads::Role::Helper("passt-wait".into()), move || {
+            let pid = child.id() as libc::pid_t;
+            // Wait without reaping, so the pid stays ours until the
+            // flag says it is gone (Drop signals it otherwise).
+            // SAFETY: siginfo_t is plain data; waitid fills it.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            loop {
+                // SAFETY: waitid on our own child with a valid siginfo_t.
+                let rc = unsafe {
+                    libc::waitid(
+                        libc::P_PID,
+                        pid as libc::id_t,
+                        &mut info,
+                        libc::WEXITED | libc::WNOWAIT,
+                    )
+                };
+                if rc == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                    break;
                 }
-                let status = {
-                    let mut reaped = s.reaped.lock().unwrap_or_else(|e| e.into_inner());
-                    let st = child.wait();
-                    *reaped = true;
-                    st
-                };
-                let why = match status {
-                    Ok(st) => format!("exited ({st})"),
-                    Err(e) => format!("cannot be waited for ({e})"),
-                };
-                // Let the log thread catch passt's last words.
-                std::thread::sleep(Duration::from_millis(50));
-                s.link_down(&why);
-            })
-            .map_err(PasstError::Spawn)?;
+            }
+            let status = {
+                let mut reaped = s.reaped.lock().unwrap_or_else(|e| e.into_inner());
+                let st = child.wait();
+                *reaped = true;
+                st
+            };
+            let why = match status {
+                Ok(st) => format!("exited ({st})"),
+                Err(e) => format!("cannot be waited for ({e})"),
+            };
+            // Let the log thread catch passt's last words.
+            std::thread::sleep(Duration::from_millis(50));
+            s.link_down(&why);
+        })
+        .map_err(PasstError::Spawn)?;
         let tx = Arc::new(Tx {
             q: Mutex::new(TxQueue {
                 bytes: VecDeque::new(),
@@ -445,10 +441,10 @@ impl Passt {
             cv: Condvar::new(),
         });
         let (t, s, fd) = (tx.clone(), shared.clone(), ours.as_raw_fd());
-        let writer = std::thread::Builder::new()
-            .name("passt-tx".into())
-            .spawn(move || writer(fd, &t, &s))
-            .map_err(PasstError::Spawn)?;
+        let writer = threads::spawn(threads::Role::Helper("passt-tx".into()), move || {
+            writer(fd, &t, &s)
+        })
+        .map_err(PasstError::Spawn)?;
         Ok(Passt {
             sock: ours,
             rx: Mutex::new(Rx {

@@ -18,7 +18,6 @@
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 
 use hypervisor::GuestRam;
 use pci::config::{PciConfig, PciIds};
@@ -168,7 +167,7 @@ type Positions = Vec<Option<QueuePosition>>;
 
 struct Worker {
     kill: EventFd,
-    thread: Option<JoinHandle<Option<Positions>>>,
+    thread: Option<threads::Handle<Option<Positions>>>,
 }
 
 impl Worker {
@@ -600,24 +599,23 @@ impl VirtioPciDevice {
                     .map(|e| e.try_clone())
                     .collect::<Result<_, _>>()?,
             };
-            let thread = std::thread::Builder::new()
-                .name(format!("virtio-{}", self.device.device_type()))
-                .spawn(move || {
-                    let health = ctx.health.clone();
-                    let irq = ctx.irq.clone();
-                    // A bug in a device model must not take the VMM down
-                    // with it: the device just stops, asking for a reset.
-                    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.run())) {
-                        Ok(positions) => Some(positions),
-                        Err(_) => {
-                            tracing::error!("virtio worker panicked; device needs reset");
-                            health.errors.fetch_add(1, Ordering::SeqCst);
-                            health.needs_reset.store(true, Ordering::SeqCst);
-                            irq.signal_config();
-                            None
-                        }
+            let role = threads::Role::Worker(format!("virtio-{}", self.device.device_type()));
+            let thread = threads::spawn(role, move || {
+                let health = ctx.health.clone();
+                let irq = ctx.irq.clone();
+                // A bug in a device model must not take the VMM down
+                // with it: the device just stops, asking for a reset.
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.run())) {
+                    Ok(positions) => Some(positions),
+                    Err(_) => {
+                        tracing::error!("virtio worker panicked; device needs reset");
+                        health.errors.fetch_add(1, Ordering::SeqCst);
+                        health.needs_reset.store(true, Ordering::SeqCst);
+                        irq.signal_config();
+                        None
                     }
-                })?;
+                }
+            })?;
             Ok(Worker {
                 kill,
                 thread: Some(thread),

@@ -474,7 +474,7 @@ pub struct VsockState {
 /// The vsock device.
 pub struct Vsock {
     shared: Arc<Shared>,
-    host: Option<std::thread::JoinHandle<()>>,
+    host: Option<threads::Handle<()>>,
     /// Set by a restore: the next activation tells the guest its transport
     /// was reset.
     reset_pending: bool,
@@ -510,9 +510,9 @@ impl Vsock {
             listener,
         });
         let s = shared.clone();
-        let host = std::thread::Builder::new()
-            .name("vsock-host".into())
-            .spawn(move || host_thread(&s))?;
+        let host = threads::spawn(threads::Role::Helper("vsock-host".into()), move || {
+            host_thread(&s)
+        })?;
         Ok(Vsock {
             shared,
             host: Some(host),

@@ -490,6 +490,151 @@ impl FromStr for ExitDeviceConfig {
     }
 }
 
+/// Which host CPUs each vCPU thread may run on: `0=2,1=3` pins vCPU 0 to
+/// host CPU 2 and vCPU 1 to host CPU 3; `0=2-5` lets vCPU 0 run on host
+/// CPUs 2 to 5. vCPUs not named run wherever the host puts them. The
+/// config file takes the same text (`cpu_affinity = "0=2,1=3"`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CpuAffinity(pub std::collections::BTreeMap<u32, Vec<usize>>);
+
+impl CpuAffinity {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The host CPUs vCPU `index` is pinned to, if any.
+    pub fn of(&self, index: u32) -> Option<&[usize]> {
+        self.0.get(&index).map(|v| v.as_slice())
+    }
+
+    /// Every vCPU named exists and every host CPU named is one this
+    /// process may run on (its affinity mask, which cpusets and taskset
+    /// narrow).
+    pub fn check(&self, cpus: u32) -> Result<(), String> {
+        let allowed = host_cpus()?;
+        for (&vcpu, host) in &self.0 {
+            if vcpu >= cpus {
+                return Err(format!(
+                    "--cpu-affinity names vCPU {vcpu}, but the VM has {cpus} (0 to {})",
+                    cpus - 1
+                ));
+            }
+            for c in host {
+                if !allowed.contains(c) {
+                    return Err(format!(
+                        "--cpu-affinity: host CPU {c} (for vCPU {vcpu}) is not one this process may run on (allowed: {})",
+                        cpu_list(&allowed)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The host CPUs this process may run on.
+pub fn host_cpus() -> Result<Vec<usize>, String> {
+    // SAFETY: cpu_set_t is plain data, filled by sched_getaffinity.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sched_getaffinity writes at most the size given into `set`.
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    if rc != 0 {
+        return Err(format!(
+            "cannot read this process's CPU affinity: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok((0..libc::CPU_SETSIZE as usize)
+        // SAFETY: CPU_ISSET reads inside `set` for any index below CPU_SETSIZE.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect())
+}
+
+/// `0-3,6` for a sorted list of CPUs.
+fn cpu_list(cpus: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j {
+            cpus[i].to_string()
+        } else {
+            format!("{}-{}", cpus[i], cpus[j])
+        });
+        i = j + 1;
+    }
+    out.join(",")
+}
+
+impl FromStr for CpuAffinity {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad =
+            |why: &str| format!("bad --cpu-affinity '{s}': {why} (example: 0=2,1=3 or 0=2-5)");
+        let mut map = std::collections::BTreeMap::new();
+        for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let (vcpu, host) = entry
+                .split_once('=')
+                .ok_or_else(|| bad(&format!("'{entry}' is not VCPU=HOSTCPU")))?;
+            let vcpu: u32 = vcpu
+                .trim()
+                .parse()
+                .map_err(|_| bad(&format!("'{vcpu}' is not a vCPU number")))?;
+            let num = |t: &str| -> Result<usize, String> {
+                t.trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&c| c < libc::CPU_SETSIZE as usize)
+                    .ok_or_else(|| bad(&format!("'{t}' is not a host CPU number")))
+            };
+            let cpus: Vec<usize> = match host.split_once('-') {
+                Some((a, b)) => {
+                    let (a, b) = (num(a)?, num(b)?);
+                    if a > b {
+                        return Err(bad(&format!("the range {a}-{b} is empty")));
+                    }
+                    (a..=b).collect()
+                }
+                None => vec![num(host)?],
+            };
+            if map.insert(vcpu, cpus).is_some() {
+                return Err(bad(&format!("vCPU {vcpu} is named twice")));
+            }
+        }
+        Ok(CpuAffinity(map))
+    }
+}
+
+impl std::fmt::Display for CpuAffinity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let entries: Vec<String> = self
+            .0
+            .iter()
+            .map(|(v, c)| match c.as_slice() {
+                [one] => format!("{v}={one}"),
+                _ => format!("{v}={}-{}", c[0], c[c.len() - 1]),
+            })
+            .collect();
+        f.write_str(&entries.join(","))
+    }
+}
+
+impl Serialize for CpuAffinity {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for CpuAffinity {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 fn default_cpus() -> u32 {
     1
 }
@@ -544,6 +689,12 @@ pub struct VmConfig {
     /// The exit device for test kernels (off unless asked for).
     #[serde(default)]
     pub exit_device: Option<ExitDeviceConfig>,
+    /// A pvpanic PCI device: the guest kernel reports its panics.
+    #[serde(default)]
+    pub pvpanic: bool,
+    /// Host CPUs for the vCPU threads (none: wherever the host puts them).
+    #[serde(default, skip_serializing_if = "CpuAffinity::is_empty")]
+    pub cpu_affinity: CpuAffinity,
 }
 
 /// Memory the guest must have at least: page tables, tables and a kernel.
@@ -601,6 +752,8 @@ impl VmConfig {
             vsock: None,
             console: ConsoleKind::Serial,
             exit_device: None,
+            pvpanic: false,
+            cpu_affinity: CpuAffinity::default(),
         }
     }
 
@@ -646,6 +799,9 @@ impl VmConfig {
             v.validate()
                 .map_err(|e| VmmError::Config(format!("vsock: {e}")))?;
         }
+        self.cpu_affinity
+            .check(self.cpus)
+            .map_err(VmmError::Config)?;
         Ok(())
     }
 
@@ -712,6 +868,26 @@ mod tests {
         assert_eq!(p.cpu_model, hypervisor::CpuModel::Portable);
         assert!(toml::from_str::<VmConfig>("kernel = \"/k\"\ncpu_model = \"max\"\n").is_err());
         assert_eq!("portable".parse(), Ok(hypervisor::CpuModel::Portable));
+    }
+
+    #[test]
+    fn cpu_affinity_parses_and_checks() {
+        let a: CpuAffinity = "0=0, 1=0-0".parse().unwrap();
+        assert_eq!(a.of(0), Some(&[0usize][..]));
+        assert_eq!(a.of(1), Some(&[0usize][..]));
+        assert_eq!(a.to_string(), "0=0,1=0");
+        assert!(a.check(2).is_ok());
+        let e = a.check(1).unwrap_err();
+        assert!(e.contains("names vCPU 1, but the VM has 1"), "{e}");
+        let far: CpuAffinity = "0=1023".parse().unwrap();
+        let e = far.check(1).unwrap_err();
+        assert!(e.contains("host CPU 1023 (for vCPU 0) is not one"), "{e}");
+        for bad in ["0", "x=1", "0=y", "0=3-1", "0=1,0=2", "0=99999"] {
+            assert!(bad.parse::<CpuAffinity>().is_err(), "{bad}");
+        }
+        let t: VmConfig =
+            toml::from_str("kernel = \"/k\"\ncpus = 2\ncpu_affinity = \"0=0,1=0\"\n").unwrap();
+        assert_eq!(t.cpu_affinity, a);
     }
 
     #[test]

@@ -166,9 +166,7 @@ pub struct StdinForwarder {
 impl StdinForwarder {
     pub fn start(target: ConsoleTarget, exits: Sender<VmExit>) -> Self {
         let raw = RawMode::enter();
-        let spawned = std::thread::Builder::new()
-            .name("stdin".into())
-            .spawn(move || forward(target, exits));
+        let spawned = threads::spawn(threads::Role::Console, move || forward(target, exits));
         if let Err(e) = spawned {
             tracing::warn!("no console input: cannot start the stdin thread: {e}");
         }

@@ -23,6 +23,8 @@ pub enum VmExit {
     /// The guest wrote `value` to the exit device (`--exit-device`); the
     /// process exits with `(value << 1) | 1`, as QEMU's isa-debug-exit.
     GuestExit { value: u32 },
+    /// The guest kernel panicked and said so through pvpanic (`--pvpanic`).
+    GuestPanic,
 }
 
 /// Process exit codes, for scripts. Documented in the README and `vireo --help`.
@@ -34,6 +36,7 @@ pub mod exit_code {
     pub const GUEST_RESET: i32 = 3;
     pub const TRIPLE_FAULT: i32 = 4;
     pub const INTERNAL_ERROR: i32 = 5;
+    pub const GUEST_PANIC: i32 = 6;
     pub const USER_QUIT: i32 = 0;
     pub const STOPPED: i32 = 0;
 }
@@ -50,6 +53,7 @@ impl VmExit {
             VmExit::Error(_) => exit_code::VMM_ERROR,
             VmExit::Migrated(_) => exit_code::STOPPED,
             VmExit::GuestExit { value } => devices::debug_exit::exit_status(*value),
+            VmExit::GuestPanic => exit_code::GUEST_PANIC,
         }
     }
 }
@@ -75,6 +79,7 @@ impl std::fmt::Display for VmExit {
                 "the guest wrote {value:#x} to the exit device (exit status {})",
                 devices::debug_exit::exit_status(*value)
             ),
+            VmExit::GuestPanic => write!(f, "the guest kernel panicked (reported through pvpanic)"),
         }
     }
 }

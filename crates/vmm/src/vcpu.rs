@@ -44,7 +44,7 @@ pub(crate) fn create_vcpus(
 
 struct VcpuHandle {
     kicker: Arc<dyn VcpuKicker>,
-    thread: std::thread::JoinHandle<()>,
+    thread: threads::Handle<()>,
 }
 
 /// The running vCPU threads of one VM.
@@ -61,6 +61,7 @@ pub(crate) fn start(
     exits: &Sender<VmExit>,
     control: &Arc<VmControl>,
     counters: &[Arc<VcpuCounters>],
+    affinity: &crate::config::CpuAffinity,
 ) -> VcpuThreads {
     let mut handles = Vec::new();
     for (vcpu, counters) in vcpus.iter().cloned().zip(counters.iter().cloned()) {
@@ -76,12 +77,13 @@ pub(crate) fn start(
             control: control.clone(),
             counters,
         };
-        match std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || {
-                ctx.run(vcpu);
-                ctx.control.vcpu_exited();
-            }) {
+        let opts = threads::Options {
+            cpus: affinity.of(index).map(|c| c.to_vec()),
+        };
+        match threads::spawn_with(threads::Role::Vcpu(index), opts, move || {
+            ctx.run(vcpu);
+            ctx.control.vcpu_exited();
+        }) {
             Ok(thread) => handles.push(VcpuHandle { kicker, thread }),
             Err(e) => {
                 control.vcpu_exited();
@@ -134,7 +136,9 @@ impl VcpuContext {
         while self.control.checkpoint(settle) {
             // Held while the guest runs; released while paused (checkpoint).
             let mut vcpu = lock(&shared);
-            let entered = Instant::now();
+            // The clock is read only to count (a build without counters
+            // skips it: `metrics::ENABLED`).
+            let entered = metrics::ENABLED.then(Instant::now);
             let exit = match vcpu.run() {
                 Ok(e) => e,
                 Err(e) => {
@@ -142,9 +146,12 @@ impl VcpuContext {
                     return;
                 }
             };
-            let left = Instant::now();
-            self.counters
-                .exited(ExitReason::of(&exit), left.duration_since(entered));
+            let left = metrics::ENABLED.then(Instant::now);
+            let in_guest = match (entered, left) {
+                (Some(a), Some(b)) => b.duration_since(a),
+                _ => Duration::ZERO,
+            };
+            self.counters.exited(ExitReason::of(&exit), in_guest);
             // Every arm that goes on (but a halt's sleep) falls through to
             // count its time.
             match exit {
@@ -209,7 +216,9 @@ impl VcpuContext {
                     return;
                 }
             }
-            self.counters.answered(left.elapsed());
+            if let Some(left) = left {
+                self.counters.answered(left.elapsed());
+            }
         }
     }
 }

@@ -99,6 +99,8 @@ pub struct Vm {
     pub(crate) exit_tx: Sender<VmExit>,
     pub(crate) exit_rx: Receiver<VmExit>,
     pub(crate) info: VmInfo,
+    /// Host CPUs for the vCPU threads.
+    pub(crate) affinity: crate::config::CpuAffinity,
 }
 
 impl Vm {
@@ -109,6 +111,12 @@ impl Vm {
         serial_out: Box<dyn std::io::Write + Send>,
     ) -> Result<Self, VmmError> {
         crate::builder::build(spec, serial_out)
+    }
+
+    /// Pin vCPU threads to host CPUs when they start (checked already:
+    /// `VmConfig::validate`).
+    pub fn set_cpu_affinity(&mut self, affinity: crate::config::CpuAffinity) {
+        self.affinity = affinity;
     }
 
     /// Pause/resume/stop for this VM, usable from any thread.
@@ -182,6 +190,7 @@ impl Vm {
             &self.exit_tx,
             &control,
             &self.handle.monitor.vcpus,
+            &self.affinity,
         );
         let exit = self
             .exit_rx

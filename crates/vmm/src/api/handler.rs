@@ -158,6 +158,7 @@ impl RequestHandler for ApiShared {
                 vcpus: ctx.info.vcpus,
                 devices: ctx.info.devices.iter().map(Device::from).collect(),
                 balloon: balloon.map(BalloonInfo::of),
+                threads: threads::list(),
             }),
         };
         // Fresh statistics for the next look.

@@ -531,7 +531,7 @@ impl Drop for Active {
 pub struct Serving {
     fd: RawFd,
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Option<threads::Handle<()>>,
 }
 
 impl Drop for Serving {
@@ -559,9 +559,9 @@ pub fn serve<L: Listener>(
     let fd = listener.as_raw_fd();
     let stop = Arc::new(AtomicBool::new(false));
     let stopping = stop.clone();
-    let thread = std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || accept_loop(listener, handler, limits, &stopping))?;
+    let thread = threads::spawn(threads::Role::Api(name.into()), move || {
+        accept_loop(listener, handler, limits, &stopping)
+    })?;
     Ok(Serving {
         fd,
         stop,
@@ -610,12 +610,10 @@ fn accept_loop<L: Listener>(
         }
         let guard = Active(active.clone());
         let handler = handler.clone();
-        let spawned = std::thread::Builder::new()
-            .name("api-request".into())
-            .spawn(move || {
-                let _guard = guard;
-                serve_connection(conn, handler.as_ref(), &limits, start);
-            });
+        let spawned = threads::spawn(threads::Role::ApiRequest, move || {
+            let _guard = guard;
+            serve_connection(conn, handler.as_ref(), &limits, start);
+        });
         if let Err(e) = spawned {
             // The closure (with the connection and its guard) is dropped.
             tracing::warn!("API: cannot start a request thread: {e}");

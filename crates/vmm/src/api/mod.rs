@@ -324,6 +324,11 @@ pub struct RunningVmInfo {
     pub devices: Vec<Device>,
     /// Null without a balloon device.
     pub balloon: Option<BalloonInfo>,
+    /// Every thread of the VMM: host TID and role (main, vcpu, api,
+    /// api-request, worker, console, helper, spawner), for tools that
+    /// place threads (taskset, cgroups).
+    #[serde(default)]
+    pub threads: Vec<threads::ThreadInfo>,
 }
 
 /// A device on the port I/O or MMIO bus.
@@ -724,6 +729,7 @@ mod tests {
                     state: Default::default(),
                     stats_age_ms: None,
                 }),
+                threads: Vec::new(),
             }),
         };
         let text = serde_json::to_string(&running).unwrap();
@@ -787,6 +793,8 @@ mod tests {
             .push("tap=t0,mac=52:54:00:12:34:56".parse().unwrap());
         config.balloon = Some(Default::default());
         config.exit_device = Some(Default::default());
+        config.pvpanic = true;
+        config.cpu_affinity = "0=0".parse().unwrap();
         let info = VmInfoReply {
             state: VmState::Running,
             config: Some(config.clone()),
@@ -796,6 +804,12 @@ mod tests {
                 vcpus: 1,
                 devices: vec![device.clone()],
                 balloon: Some(balloon.clone()),
+                threads: vec![threads::ThreadInfo {
+                    tid: 7,
+                    role: "vcpu".into(),
+                    name: "vcpu 0".into(),
+                    vcpu: Some(0),
+                }],
             }),
         };
         let report = MigrationReport {
@@ -840,6 +854,7 @@ mod tests {
             ("Device", fields(&device)),
             ("Balloon", fields(&balloon)),
             ("VmInfo", fields(&info)),
+            ("Thread", fields(&info.vm.as_ref().unwrap().threads[0])),
             ("MigrationReport", fields(&report)),
             (
                 "SnapshotRequest",
