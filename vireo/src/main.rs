@@ -193,6 +193,7 @@ impl StartArgs {
         vmm::Servers {
             api_socket: self.api_socket.clone(),
             metrics: self.metrics,
+            gdb: None,
         }
     }
 
@@ -298,6 +299,14 @@ struct RunArgs {
     /// 127.0.0.1:9100. Only these reads are served there.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<std::net::SocketAddr>,
+    /// Serve the gdb remote protocol on tcp:HOST:PORT or unix:PATH (gdb's
+    /// `target remote`); one gdb thread per vCPU. See docs/debugging.md.
+    #[arg(long, value_name = "tcp:HOST:PORT|unix:PATH")]
+    gdb: Option<vmm::gdb::GdbAddr>,
+    /// With --gdb: hold the guest before its first instruction until gdb
+    /// attaches.
+    #[arg(long, requires = "gdb")]
+    gdb_wait: bool,
 }
 
 #[derive(Args)]
@@ -763,6 +772,10 @@ fn run(args: RunArgs) -> i32 {
     let servers = vmm::Servers {
         api_socket: args.api_socket.clone(),
         metrics: args.metrics,
+        gdb: args.gdb.clone().map(|addr| vmm::gdb::GdbOptions {
+            addr,
+            wait: args.gdb_wait,
+        }),
     };
     if let (Some(sock), true) = (&servers.api_socket, args.vm.is_empty()) {
         return finish(vmm::serve(sock, servers.metrics));

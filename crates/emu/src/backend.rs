@@ -508,6 +508,7 @@ impl Vcpu for EmuVcpu {
             RunExit::Internal { reason, rip } => {
                 Ok(VcpuExit::InternalError(self.internal_error(reason, rip)))
             }
+            RunExit::Debug(stop) => Ok(VcpuExit::Debug(stop)),
         }
     }
 
@@ -788,6 +789,16 @@ impl Vcpu for EmuVcpu {
 
     fn engine_counters(&self) -> Option<Arc<hypervisor::stats::EngineCounters>> {
         Some(self.core.stats.clone())
+    }
+
+    fn set_guest_debug(&mut self, debug: &hypervisor::GuestDebug) -> Result<()> {
+        if !debug.watchpoints.is_empty() {
+            return Err(HypervisorError::Other(
+                "the engine has no host watchpoints (gdb's software watchpoints work)".into(),
+            ));
+        }
+        self.core.set_host_debug(debug);
+        Ok(())
     }
 
     fn kicker(&self) -> Arc<dyn VcpuKicker> {

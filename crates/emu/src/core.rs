@@ -91,7 +91,12 @@ pub enum RunExit {
     Halt,
     Shutdown,
     Interrupted,
-    Internal { reason: String, rip: u64 },
+    Internal {
+        reason: String,
+        rip: u64,
+    },
+    /// The host debugger's stop ([`crate::debug::HostDebug`]).
+    Debug(hypervisor::DebugStop),
 }
 
 /// The block that just ended normally (no exception, no mode or privilege
@@ -167,6 +172,8 @@ pub struct Core {
     pub jit: crate::jit::Jit,
     /// Debug-exception bookkeeping of the current instruction.
     pub debug: crate::debug::DebugState,
+    /// The host debugger's (gdb stub's) breakpoints and stepping.
+    pub host_debug: crate::debug::HostDebug,
     /// External interrupts and NMIs delivered (statistics).
     pub interrupts: u64,
     /// Where the statistics above are published for monitoring, at the
@@ -255,6 +262,7 @@ impl Core {
             timed_polls,
             jit: crate::jit::Jit::default(),
             debug: Default::default(),
+            host_debug: Default::default(),
             interrupts: 0,
             stats: Arc::default(),
         }

@@ -168,6 +168,9 @@ pub enum VmmError {
     /// The VMM's main thread is gone while the API waited on it.
     #[error("{0}")]
     VmmStopped(&'static str),
+    /// The gdb stub cannot listen where `--gdb` says, or cannot hold the VM.
+    #[error("{0}")]
+    Gdb(String),
 }
 
 impl VmmError {
@@ -205,6 +208,7 @@ impl VmmError {
             | Conflict(_)
             | Pause(_)
             | ApiServer(_)
+            | Gdb(_)
             | VmmStopped(_) => exit_code::VMM_ERROR,
         }
     }
@@ -251,6 +255,7 @@ impl VmmError {
             | MigrationCut
             | Destination(_)
             | ApiServer(_)
+            | Gdb(_)
             | VmmStopped(_) => 500,
         }
     }

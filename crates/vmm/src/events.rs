@@ -101,6 +101,7 @@ pub(crate) fn exited(exit: &crate::VmExit) {
         crate::VmExit::InternalError { .. } => "internal-error",
         crate::VmExit::UserQuit => "user-quit",
         crate::VmExit::Stopped => "stopped",
+        crate::VmExit::KilledByDebugger => "debugger-kill",
         crate::VmExit::Error(_) => "error",
         crate::VmExit::Migrated(_) => "migrated",
         crate::VmExit::GuestExit { .. } => "guest-exit",

@@ -16,6 +16,8 @@ pub enum VmExit {
     UserQuit,
     /// Stopped through the management API.
     Stopped,
+    /// gdb's `kill` (the gdb stub, `--gdb`).
+    KilledByDebugger,
     /// The VMM itself failed while the guest ran.
     Error(String),
     /// The VM was handed over to another Vireo (live migration).
@@ -49,7 +51,7 @@ impl VmExit {
             VmExit::TripleFault { .. } => exit_code::TRIPLE_FAULT,
             VmExit::InternalError { .. } => exit_code::INTERNAL_ERROR,
             VmExit::UserQuit => exit_code::USER_QUIT,
-            VmExit::Stopped => exit_code::STOPPED,
+            VmExit::Stopped | VmExit::KilledByDebugger => exit_code::STOPPED,
             VmExit::Error(_) => exit_code::VMM_ERROR,
             VmExit::Migrated(_) => exit_code::STOPPED,
             VmExit::GuestExit { value } => devices::debug_exit::exit_status(*value),
@@ -72,6 +74,7 @@ impl std::fmt::Display for VmExit {
             VmExit::InternalError { vcpu, detail } => write!(f, "vCPU {vcpu} stopped: {detail}"),
             VmExit::UserQuit => write!(f, "stopped by the user (Ctrl-A X)"),
             VmExit::Stopped => write!(f, "stopped through the API"),
+            VmExit::KilledByDebugger => write!(f, "killed from gdb"),
             VmExit::Error(e) => write!(f, "VMM error: {e}"),
             VmExit::Migrated(to) => write!(f, "the VM migrated to {to}"),
             VmExit::GuestExit { value } => write!(

@@ -133,7 +133,7 @@ impl VcpuContext {
             }
         };
         self.counters.thread_started();
-        while self.control.checkpoint(settle) {
+        while self.control.checkpoint(index, settle) {
             // Held while the guest runs; released while paused (checkpoint).
             let mut vcpu = lock(&shared);
             // The clock is read only to count (a build without counters
@@ -178,6 +178,11 @@ impl VcpuContext {
                     }
                 }
                 VcpuExit::Interrupted => {}
+                VcpuExit::Debug(stop) => {
+                    // The gdb stub takes it from here; this vCPU parks at
+                    // the next checkpoint with the others.
+                    self.control.debug_stop(index, stop);
+                }
                 VcpuExit::Halt => {
                     // The backend leaves the wait to us: nothing can wake a
                     // halted vCPU but an interrupt, which the backend checks
