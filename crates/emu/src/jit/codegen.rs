@@ -969,7 +969,8 @@ fn allocate(block: &Block) -> [Option<u8>; 16] {
 
 /// `countdown`: see `Cg::countdown`; `allow_loop`: a block whose last
 /// branch targets its own start may jump back to its body without leaving
-/// its code (not while tracing, which prints every block start).
+/// its code (not while tracing, which prints every block start, nor while
+/// a host debugger is armed, whose breakpoints are checked at block starts).
 pub(super) fn gen_block(
     block: &Block,
     countdown: bool,
