@@ -152,6 +152,14 @@ struct Cg {
     /// Chained exits count blocks down to the next timed poll (a platform
     /// that does not kick on every event).
     countdown: bool,
+    /// The body's first instruction, after the register cache was loaded:
+    /// where a block that branches to itself loops (see `self_loop`).
+    again: Option<DynamicLabel>,
+    /// The chained entry's "code pages changed" exit.
+    stale: Option<DynamicLabel>,
+    /// Some instruction runs through the interpreter inline (it may have
+    /// changed anything, so the block does not loop to itself).
+    interpreted: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -249,6 +257,9 @@ impl Cg {
             sse_ok: false,
             revals: Vec::new(),
             countdown,
+            again: None,
+            stale: None,
+            interpreted: false,
         }
     }
 
@@ -836,6 +847,50 @@ impl Cg {
         self.chain_exit(count);
     }
 
+    /// A Jcc whose taken side is the block's own start: when taken (r8b
+    /// set) and the dispatcher would go straight on (attention clear, no
+    /// timed poll due), jump back to the body with the cached registers
+    /// and the r11 flag image kept, after the checks a chained entry makes
+    /// (the code pages unchanged). The link key cannot have changed: no
+    /// instruction of the block ran through the interpreter inline, and a
+    /// slow-path access (a TLB fill, MMIO, a code write) changes neither
+    /// the TLB epoch nor the CPL without ending the block. Falls through
+    /// to the exit otherwise, with rdx, `rip` and r11 as the exit wants.
+    fn self_loop(&mut self, block: &Block, count: usize) {
+        let (Some(again), Some(stale)) = (self.again, self.stale) else {
+            return;
+        };
+        a!(self
+            ; test r8b, r8b
+            ; jz >exit
+            ; mov rax, QWORD [rbx + OFF_ATTENTION]
+            ; cmp BYTE [rax], 0
+            ; jne >exit
+        );
+        if self.countdown {
+            a!(self
+                ; cmp DWORD [rbx + OFF_COUNTDOWN], 0
+                ; je >exit
+                ; dec DWORD [rbx + OFF_COUNTDOWN]
+            );
+        }
+        // The body starts with `Core::st` as current as the host registers.
+        let d = self.dirty;
+        self.writeback_code(d);
+        a!(self; add QWORD [rbx + OFF_ICOUNT], count as i32);
+        for &(p, g) in block.page_gens() {
+            a!(self
+                ; mov rax, QWORD p as i64
+                ; cmp DWORD [rax], g as i32
+                ; jne =>stale
+            );
+        }
+        a!(self
+            ; jmp =>again
+            ; exit:
+        );
+    }
+
     fn cell(&mut self, block: &Block, k: usize, target: u64) {
         block.links[k].target.set(target);
         let p = &block.links[k] as *const LinkCell as i64;
@@ -912,8 +967,15 @@ fn allocate(block: &Block) -> [Option<u8>; 16] {
     map
 }
 
-/// `countdown`: see `Cg::countdown`.
-pub(super) fn gen_block(block: &Block, countdown: bool) -> Option<(Vec<u8>, usize)> {
+/// `countdown`: see `Cg::countdown`; `allow_loop`: a block whose last
+/// branch targets its own start may jump back to its body without leaving
+/// its code (not while tracing, which prints every block start, nor while
+/// a host debugger is armed, whose breakpoints are checked at block starts).
+pub(super) fn gen_block(
+    block: &Block,
+    countdown: bool,
+    allow_loop: bool,
+) -> Option<(Vec<u8>, usize)> {
     let mut cg = Cg::new(countdown);
     cg.map = allocate(block);
     let body = cg.a.new_dynamic_label();
@@ -951,6 +1013,12 @@ pub(super) fn gen_block(block: &Block, countdown: bool) -> Option<(Vec<u8>, usiz
         ; mov QWORD [rbx + OFF_CUR_BLOCK], rax
     );
     cg.reload();
+    if allow_loop {
+        let again = cg.a.new_dynamic_label();
+        a!(cg; =>again);
+        cg.again = Some(again);
+        cg.stale = Some(stale);
+    }
     let n = block.uops.len();
     let mut translated = 0;
     let mut ended = false;
@@ -975,6 +1043,7 @@ pub(super) fn gen_block(block: &Block, countdown: bool) -> Option<(Vec<u8>, usiz
                     return None;
                 }
                 cg.interp(u, i, rip);
+                cg.interpreted = true;
             }
         }
         if let Some(label) = cg.cur_stub.take() {
@@ -1442,6 +1511,9 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
                 ; test r8b, r8b
                 ; cmovnz rdx, rsi
             );
+            if insn.near_branch_target() == block.rip && !cg.interpreted {
+                cg.self_loop(block, i + 1);
+            }
             cg.chain_exit(i + 1);
             Some(Done::Exited)
         }

@@ -58,6 +58,15 @@
 //! entry. So interrupts are taken at the same block boundaries as in the
 //! interpreter, and instruction counts are the same.
 //!
+//! A block whose conditional branch goes back to its own start (a loop of
+//! one block: string scans, copy and checksum loops) loops inside its own
+//! code when the branch is taken and the attention word is clear: the
+//! changed cached registers are written back (not reloaded), the flags stay
+//! in the r11 image, the code pages are checked as a chained entry checks
+//! them, and no link cell, key or indirect jump is involved. Only blocks
+//! without an instruction interpreted inline do this (such an instruction
+//! could change the TLB epoch or CPL without ending the block).
+//!
 //! Return value: the number of guest instructions completed by the last
 //! block (chained blocks add theirs to `Core::icount` as they go); an
 //! exception raised by an interpreted instruction is left in [`Jit::exc`].

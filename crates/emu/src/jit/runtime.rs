@@ -272,7 +272,13 @@ fn compile(core: &mut Core, block: &Block) -> Option<(JitFn, usize)> {
         l.key.set(u64::MAX);
         l.gen.set(u64::MAX);
     }
-    let (code, chain) = super::codegen::gen_block(block, core.timed_polls)?;
+    let (code, chain) = super::codegen::gen_block(
+        block,
+        core.timed_polls,
+        // A self-loop would run past a host breakpoint at its start
+        // without coming back to the run loop (arming flushes the cache).
+        !core.trace && !core.host_debug.armed,
+    )?;
     let gen = core.jit.arena.gen;
     let p = core.jit.arena.put(&code)?;
     if core.jit.arena.gen != gen {

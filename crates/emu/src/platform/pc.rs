@@ -65,8 +65,8 @@ const MAX_SLEEP: Duration = Duration::from_millis(100);
 const IOAPIC_BASE: u64 = 0xfec0_0000;
 
 /// How long the timer thread waits before ticking again when a tick left
-/// the deadline in the past (a model that cannot advance yet): it must not
-/// spin.
+/// the deadline where it was, in the past (a model that cannot advance
+/// yet): it must not spin, nor stop ticking.
 const TIMER_RETRY: Duration = Duration::from_millis(1);
 
 /// The VM's timer source (see the module notes): a thread that ticks the
@@ -120,13 +120,19 @@ fn timer_loop(
         };
         let now = clock.now_ns();
         let wait = match s.next_deadline_ns() {
-            Some(d) if d <= now && ticked_at != Some(d) => {
+            Some(d) if d <= now => {
                 // Advances the timers and kicks every vCPU they interrupt.
                 s.tick();
+                // A deadline the last tick did not move is ticked again,
+                // but only every TIMER_RETRY.
+                let stuck = ticked_at == Some(d);
                 ticked_at = Some(d);
-                Duration::ZERO
+                if stuck {
+                    TIMER_RETRY
+                } else {
+                    Duration::ZERO
+                }
             }
-            Some(d) if d <= now => TIMER_RETRY,
             Some(d) => Duration::from_nanos(d - now).min(MAX_SLEEP),
             None => MAX_SLEEP,
         };
