@@ -168,6 +168,10 @@ pub enum VmmError {
     /// The VMM's main thread is gone while the API waited on it.
     #[error("{0}")]
     VmmStopped(&'static str),
+    /// The VMM cannot confine itself as asked: a seccomp filter that does
+    /// not build or install, a jail that cannot be set up.
+    #[error("{0}")]
+    Isolation(String),
 }
 
 impl VmmError {
@@ -205,7 +209,8 @@ impl VmmError {
             | Conflict(_)
             | Pause(_)
             | ApiServer(_)
-            | VmmStopped(_) => exit_code::VMM_ERROR,
+            | VmmStopped(_)
+            | Isolation(_) => exit_code::VMM_ERROR,
         }
     }
 
@@ -251,7 +256,8 @@ impl VmmError {
             | MigrationCut
             | Destination(_)
             | ApiServer(_)
-            | VmmStopped(_) => 500,
+            | VmmStopped(_)
+            | Isolation(_) => 500,
         }
     }
 }

@@ -23,6 +23,7 @@ mod exit;
 mod launch;
 pub mod migration;
 mod persist;
+pub mod seccomp;
 pub mod snapshot;
 mod vcpu;
 mod vm;
