@@ -24,6 +24,7 @@ WANTED_MODULES=(
     virtio_balloon
     vmw_vsock_virtio_transport
     virtiofs
+    pvpanic_pci
     rng_core
     ext4
 )
@@ -33,7 +34,7 @@ WANTED_MODULES=(
 DATA_SEED=0x5649524f47535431 # "VIROGST1"
 DATA_SIZE=$((1024 * 1024))
 
-OUTPUTS=(vmlinuz vmlinux kernel.version kernel.config initramfs.cpio.gz
+OUTPUTS=(vmlinuz vmlinux System.map kernel.version kernel.config initramfs.cpio.gz
     data.bin data.bin.md5 data.bin.sha256 modules.txt)
 
 # set -e alone would end a failed step silently: name the line.
@@ -45,7 +46,7 @@ die() {
 }
 log() { echo "guest/build.sh: $*"; }
 
-for tool in apt-cache apt-get dpkg dpkg-deb lz4 cpio gzip depmod modprobe file perl flock md5sum sha256sum od gcc; do
+for tool in apt-cache apt-get dpkg dpkg-deb lz4 cpio gzip depmod modprobe file perl python3 flock md5sum sha256sum od gcc; do
     command -v "$tool" >/dev/null 2>&1 || die "missing tool '$tool' (run scripts/install-deps.sh)"
 done
 
@@ -80,7 +81,7 @@ resolve_packages() {
         }' META="$KERNEL_META"
 }
 
-script_hash=$(cat "$here/build.sh" "$here/init" "$here/vireo-io.c" "$here/udhcpc.script" | sha256sum | cut -d' ' -f1)
+script_hash=$(cat "$here/build.sh" "$here/init" "$here/vireo-io.c" "$here/udhcpc.script" "$here/kallsyms.py" | sha256sum | cut -d' ' -f1)
 
 outputs_exist() {
     local f
@@ -185,6 +186,22 @@ size=$(stat -c %s "$new/vmlinux")
 [ "$(od -An -tx1 -N 5 "$new/vmlinux" | tr -d ' ')" = 7f454c4602 ] || die "vmlinux is not ELF64"
 file -b "$new/vmlinux" | grep -q '^ELF 64-bit LSB executable, x86-64' ||
     die "vmlinux: unexpected type: $(file -b "$new/vmlinux")"
+
+# --- System.map -------------------------------------------------------------
+# The kernel's symbols, for debuggers (docs/debugging.md). Debian's package
+# ships /boot/System.map as a one-line placeholder pointing at the -dbg
+# package (~280 MB); the kernel's own kallsyms table in the vmlinux has every
+# symbol /proc/kallsyms lists, so the map is recovered from it. A real map
+# in the package is used as it is.
+pkg_map=$kdir/boot/System.map-$kver
+if [ -f "$pkg_map" ] && [ "$(wc -l <"$pkg_map")" -gt 1000 ]; then
+    cp "$pkg_map" "$new/System.map"
+else
+    python3 "$here/kallsyms.py" "$new/vmlinux" >"$new/System.map" ||
+        die "cannot recover System.map from the kernel's kallsyms"
+fi
+grep -q ' T __x64_sys_newuname$' "$new/System.map" ||
+    die "System.map has no __x64_sys_newuname (the uname system call)"
 
 # --- modules ----------------------------------------------------------------
 # The .deb ships no modules.dep (its postinst runs depmod): make one for the

@@ -18,9 +18,11 @@ PACKAGES=(
     e2fsprogs       # mkfs.ext4 for disk images built by tests
     file            # identifies the extracted vmlinux as an ELF64
     gcc             # builds guest/vireo-io.c (static) into the initramfs
+    gdb             # drives the gdb stub in its test (vireo/tests/gdb.rs)
     gzip            # compresses the initramfs
     iproute2        # ip netns/link/addr for the network tests (crates/net)
     python3-prometheus-client # parses /metrics in the monitoring test (vireo/tests/monitor.rs)
+    python3         # guest/kallsyms.py recovers the kernel's System.map
     iputils-ping    # ping from a test network namespace (crates/net)
     libc6-dev       # static libc for guest/vireo-io.c
     kmod            # depmod writes the modules.dep that busybox modprobe reads

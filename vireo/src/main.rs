@@ -24,6 +24,7 @@ Exit status:
   3  the guest rebooted (keyboard controller or ACPI reset; also after a guest panic with panic=N)
   4  a vCPU triple-faulted
   5  a vCPU hit an instruction its accelerator cannot run (the report names the bytes and RIP)
+  6  with --pvpanic: the guest kernel panicked (reported through the pvpanic device)
   (V<<1)|1  with --exit-device: the guest wrote V to the exit device (the last line on stderr
          says so; this can equal 1, 3 or 5, which that line tells apart)
   128+N  killed by signal N (the terminal is restored)
@@ -198,6 +199,7 @@ impl StartArgs {
         vmm::Servers {
             api_socket: self.api_socket.clone(),
             metrics: self.metrics,
+            gdb: None,
         }
     }
 
@@ -303,6 +305,14 @@ struct RunArgs {
     /// 127.0.0.1:9100. Only these reads are served there.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<std::net::SocketAddr>,
+    /// Serve the gdb remote protocol on tcp:HOST:PORT or unix:PATH (gdb's
+    /// `target remote`); one gdb thread per vCPU. See docs/debugging.md.
+    #[arg(long, value_name = "tcp:HOST:PORT|unix:PATH")]
+    gdb: Option<vmm::gdb::GdbAddr>,
+    /// With --gdb: hold the guest before its first instruction until gdb
+    /// attaches.
+    #[arg(long, requires = "gdb")]
+    gdb_wait: bool,
 }
 
 #[derive(Args)]
@@ -384,6 +394,11 @@ struct VmOptions {
     /// there ends the VM with exit status (V << 1) | 1.
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
     exit_device: Option<vmm::config::ExitDeviceConfig>,
+    /// A pvpanic PCI device: a guest kernel panic is logged (a guest-panic
+    /// event) and stops the VM with exit status 6, unless the guest has a
+    /// crash kernel loaded (kdump then runs).
+    #[arg(long)]
+    pvpanic: bool,
     /// Pin vCPU threads to host CPUs: VCPU=CPU[,VCPU=CPU...], e.g. 0=2,1=3,
     /// or VCPU=FIRST-LAST for a range (each CPU must be one this process
     /// may run on) [default: no pinning].
@@ -410,6 +425,7 @@ impl VmOptions {
             && self.balloon.is_none()
             && self.vsock.is_none()
             && self.exit_device.is_none()
+            && !self.pvpanic
             && self.cpu_affinity.is_none()
     }
 
@@ -467,6 +483,9 @@ impl VmOptions {
         }
         if let Some(x) = self.exit_device {
             cfg.exit_device = Some(x);
+        }
+        if self.pvpanic {
+            cfg.pvpanic = true;
         }
         if let Some(a) = self.cpu_affinity {
             cfg.cpu_affinity = a;
@@ -772,6 +791,10 @@ fn run(args: RunArgs) -> i32 {
     let servers = vmm::Servers {
         api_socket: args.api_socket.clone(),
         metrics: args.metrics,
+        gdb: args.gdb.clone().map(|addr| vmm::gdb::GdbOptions {
+            addr,
+            wait: args.gdb_wait,
+        }),
     };
     if let (Some(sock), true) = (&servers.api_socket, args.vm.is_empty()) {
         return finish(vmm::serve(sock, servers.metrics));

@@ -742,3 +742,44 @@ fn migration_progress_shows_in_the_counters_and_the_cli() {
     vm.wait_exit(Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--pvpanic`: Debian's kernel, made to panic (sysrq `c`), reports it
+/// through the pvpanic PCI device; the VMM logs a guest-panic event and
+/// stops with exit status 6 and a message saying why, instead of leaving
+/// a dead guest spinning.
+#[test]
+fn a_guest_panic_is_an_event_and_stops_the_vm() {
+    let g = guest_dir();
+    let mut cmd = vireo();
+    cmd.args(["-v", "--log-format", "json", "run", "--accel", "emu"])
+        .args(["--memory", "256M", "--pvpanic", "--kernel"])
+        .arg(g.join("vmlinux"))
+        .arg("--initrd")
+        .arg(g.join("initramfs.cpio.gz"))
+        .arg("--cmdline")
+        // panic=0: the kernel would wait forever; only pvpanic ends the VM.
+        .arg(
+            "console=ttyS0 panic=0 quiet vireo.cmd=\"ls /sys/bus/pci/drivers/pvpanic-pci; \
+             echo PANICKING; echo c > /proc/sysrq-trigger\"",
+        );
+    let mut vm = Running::spawn(cmd);
+    let code = vm.wait_exit(Duration::from_secs(300));
+    let console = vm.stdout_text();
+    let stderr = vm.stderr_text();
+    assert_eq!(code, Some(6), "console:\n{console}\nstderr:\n{stderr}");
+    assert!(console.contains("PANICKING"), "{console}");
+    // The driver bound to the device (its sysfs link is the PCI address).
+    assert!(console.contains("0000:00:"), "{console}");
+    assert!(console.contains("Kernel panic"), "{console}");
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["target"] == "vireo::event")
+        .collect();
+    let names: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert_eq!(names, ["boot", "guest-panic", "exit"], "{stderr}");
+    assert_eq!(events[1]["crash_loaded"], false);
+    assert_eq!(events[2]["reason"], "guest-panic");
+    assert!(stderr.contains("the guest kernel panicked"), "{stderr}");
+}

@@ -56,6 +56,11 @@ pub enum VmEvent {
     Reset,
     /// The guest wrote this value to the exit device ([`debug_exit`]).
     GuestExit(u32),
+    /// The guest kernel reported a panic through pvpanic (`--pvpanic`);
+    /// `crash_loaded`: a crash kernel (kdump) is loaded and will take over.
+    GuestPanic {
+        crash_loaded: bool,
+    },
 }
 
 /// Where devices send [`VmEvent`]s; the VMM decides what to do with them.

@@ -21,6 +21,13 @@
 //! atomic swap). Every other message (logical or broadcast destination,
 //! level trigger, NMI/INIT/SMI, an x2APIC target) takes the lock.
 //!
+//! Timer deadlines: a platform embedded with a timer source (the engine's
+//! PC platform runs one timer thread per VM) installs a deadline hook
+//! ([`SharedPlatform::set_deadline_hook`]), called whenever the published
+//! deadline moves earlier, and calls [`SharedPlatform::tick`] when the
+//! deadline passes; the tick kicks the vCPUs that got an interrupt. vCPUs
+//! then need not read the clock between blocks to notice a timer.
+//!
 //! The method names and signatures follow the engine's
 //! `emu::platform::irq::InterruptController` trait (`trigger_gsi`, `pending_vector`,
 //! `ack`, `take_nmi`, `has_pending`, `set_tpr`), so implementing that trait
@@ -80,6 +87,9 @@ impl GuestClock for ManualClock {
 /// NMI, INIT, SIPI), so a halted vCPU thread can be woken.
 pub type KickFn = dyn Fn(usize) + Send + Sync;
 
+/// See [`SharedPlatform::set_deadline_hook`].
+pub type DeadlineHook = dyn Fn() + Send + Sync;
+
 /// MSIs posted to one vCPU without the lock, not yet in its APIC's IRR.
 #[derive(Default)]
 struct Posted {
@@ -99,6 +109,8 @@ pub struct SharedPlatform {
     clock: Arc<dyn GuestClock>,
     /// Set once; read without a lock on every kick.
     kick: OnceLock<Arc<KickFn>>,
+    /// Set once: told when the published deadline moves earlier.
+    deadline_hook: OnceLock<Arc<DeadlineHook>>,
     /// Per vCPU: something may be pending (interrupt, NMI, INIT, SIPI).
     hints: Vec<AtomicBool>,
     /// Earliest timer deadline (u64::MAX = none).
@@ -120,6 +132,7 @@ impl SharedPlatform {
             inner: Mutex::new(platform),
             clock,
             kick: OnceLock::new(),
+            deadline_hook: OnceLock::new(),
             hints,
             deadline: AtomicU64::new(u64::MAX),
             routes: (0..n).map(|_| AtomicU32::new(0)).collect(),
@@ -142,6 +155,14 @@ impl SharedPlatform {
         // A second function is ignored: kicks already in flight read the
         // first without a lock, so it cannot be swapped safely.
         let _ = self.kick.set(kick);
+    }
+
+    /// Installs the function told (under the platform lock, so it must
+    /// not block or lock the platform) that the earliest timer deadline
+    /// moved earlier: a timer source re-arms for it. Only the first one
+    /// installed counts.
+    pub fn set_deadline_hook(&self, hook: Arc<DeadlineHook>) {
+        let _ = self.deadline_hook.set(hook);
     }
 
     fn kick(&self, vcpu: usize) {
@@ -190,8 +211,13 @@ impl SharedPlatform {
                 .map_or(0, |id| ROUTE_VALID | id as u32);
             r.store(route, Ordering::SeqCst);
         }
-        self.deadline
-            .store(p.next_deadline_ns().unwrap_or(u64::MAX), Ordering::SeqCst);
+        let next = p.next_deadline_ns().unwrap_or(u64::MAX);
+        let old = self.deadline.swap(next, Ordering::SeqCst);
+        if next < old {
+            if let Some(h) = self.deadline_hook.get() {
+                h();
+            }
+        }
     }
 
     /// Runs `f` on the platform at the current time (timers advanced first)

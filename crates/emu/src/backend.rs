@@ -357,13 +357,17 @@ impl IrqLine for EmuIrqLine {
 
 struct EmuKicker {
     flag: Arc<AtomicBool>,
+    /// The core's attention flag, set after `flag`: chained translated
+    /// code tests only this word (see `Core::attention`).
+    attention: Arc<AtomicBool>,
     /// Wakes the vCPU from a sleep in HLT (a platform that sleeps there).
     waker: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl VcpuKicker for EmuKicker {
     fn kick(&self) {
-        self.flag.store(true, Ordering::Release);
+        self.flag.store(true, Ordering::SeqCst);
+        self.attention.store(true, Ordering::SeqCst);
         if let Some(w) = &self.waker {
             w();
         }
@@ -417,7 +421,8 @@ impl EmuVcpu {
 
     /// Set this flag (from any thread) after making an interrupt pending
     /// for this vCPU: it polls its controller at the next block boundary
-    /// instead of within `POLL_INTERVAL` blocks. It does not end `run`.
+    /// (on a platform without a timer source, it also polls within
+    /// `POLL_INTERVAL` blocks). It does not end `run`.
     pub fn irq_attention(&self) -> Arc<AtomicBool> {
         self.core.attention.clone()
     }
@@ -503,6 +508,7 @@ impl Vcpu for EmuVcpu {
             RunExit::Internal { reason, rip } => {
                 Ok(VcpuExit::InternalError(self.internal_error(reason, rip)))
             }
+            RunExit::Debug(stop) => Ok(VcpuExit::Debug(stop)),
         }
     }
 
@@ -785,9 +791,20 @@ impl Vcpu for EmuVcpu {
         Some(self.core.stats.clone())
     }
 
+    fn set_guest_debug(&mut self, debug: &hypervisor::GuestDebug) -> Result<()> {
+        if !debug.watchpoints.is_empty() {
+            return Err(HypervisorError::Other(
+                "the engine has no host watchpoints (gdb's software watchpoints work)".into(),
+            ));
+        }
+        self.core.set_host_debug(debug);
+        Ok(())
+    }
+
     fn kicker(&self) -> Arc<dyn VcpuKicker> {
         Arc::new(EmuKicker {
             flag: self.core.kick.clone(),
+            attention: self.core.attention.clone(),
             waker: self.core.platform.waker(),
         })
     }

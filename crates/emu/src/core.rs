@@ -91,7 +91,12 @@ pub enum RunExit {
     Halt,
     Shutdown,
     Interrupted,
-    Internal { reason: String, rip: u64 },
+    Internal {
+        reason: String,
+        rip: u64,
+    },
+    /// The host debugger's stop ([`crate::debug::HostDebug`]).
+    Debug(hypervisor::DebugStop),
 }
 
 /// The block that just ended normally (no exception, no mode or privilege
@@ -108,8 +113,10 @@ impl BlockPtr {
 // into that vCPU's own block cache.
 unsafe impl Send for BlockPtr {}
 
-/// Blocks run between interrupt-controller polls when nothing asked for one
-/// (a timer interrupt can be this late by a few microseconds).
+/// Blocks run between interrupt-controller polls when nothing asked for one,
+/// on a platform that does not kick on every event
+/// ([`crate::platform::VcpuPlatform::kicks_on_events`]; a timer interrupt
+/// can be this late by a few microseconds).
 pub const POLL_INTERVAL: u32 = 64;
 
 pub struct Core {
@@ -147,17 +154,26 @@ pub struct Core {
     pub trace: bool,
     /// What CPUID advertises beyond the fixed base set.
     pub cpuid: crate::cpuid::CpuidConfig,
-    /// Set (from any thread) after making an interrupt pending for this
-    /// vCPU: it polls the controller at its next block boundary.
+    /// The one "work pending" word: set (from any thread) after making an
+    /// interrupt pending for this vCPU, after a kick (`kick` first), and by
+    /// the core itself when an instruction asks for a poll
+    /// ([`Core::request_poll`]). The run loop polls at its next block
+    /// boundary and chained translated code leaves for the run loop when
+    /// it is set; nothing else is tested between chained blocks.
     pub attention: Arc<AtomicBool>,
     /// Poll the controller before the next block (IF may have become 1,
     /// the TPR or an EOI may have changed what is deliverable).
     pub poll_now: bool,
     pub(crate) poll_countdown: u32,
+    /// Poll every [`POLL_INTERVAL`] blocks too: the platform does not set
+    /// `attention` for every event (see `VcpuPlatform::kicks_on_events`).
+    pub(crate) timed_polls: bool,
     /// The translating tier (hot 64-bit blocks compiled to host code).
     pub jit: crate::jit::Jit,
     /// Debug-exception bookkeeping of the current instruction.
     pub debug: crate::debug::DebugState,
+    /// The host debugger's (gdb stub's) breakpoints and stepping.
+    pub host_debug: crate::debug::HostDebug,
     /// External interrupts and NMIs delivered (statistics).
     pub interrupts: u64,
     /// Where the statistics above are published for monitoring, at the
@@ -218,6 +234,7 @@ impl Core {
         platform: Box<dyn VcpuPlatform>,
         cpuid: crate::cpuid::CpuidConfig,
     ) -> Core {
+        let timed_polls = !platform.kicks_on_events();
         Core {
             st: ArchRegs::reset(),
             mem,
@@ -242,8 +259,10 @@ impl Core {
             attention: Arc::new(AtomicBool::new(false)),
             poll_now: true,
             poll_countdown: 0,
+            timed_polls,
             jit: crate::jit::Jit::default(),
             debug: Default::default(),
+            host_debug: Default::default(),
             interrupts: 0,
             stats: Arc::default(),
         }
@@ -259,6 +278,16 @@ impl Core {
         s.cache_flushes.publish(self.blocks.generation);
         s.tlb_flushes.publish(self.tlb.flushes);
         s.interrupts.publish(self.interrupts);
+    }
+
+    /// An instruction changed what may be deliverable (IF, TPR, an EOI, a
+    /// platform register): poll before the next block, and make chained
+    /// code leave for the run loop (it tests only `attention`).
+    #[inline]
+    pub fn request_poll(&mut self) {
+        self.poll_now = true;
+        self.attention
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Flush everything derived from memory contents or mappings.

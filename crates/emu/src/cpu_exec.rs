@@ -24,16 +24,32 @@ impl Core {
             if self.kick.load(Ordering::Relaxed) && self.kick.swap(false, Ordering::AcqRel) {
                 return RunExit::Interrupted;
             }
-            if !self.int_shadow {
+            // A debugger's single step runs the next instruction, not an
+            // interrupt handler's first (QEMU's default too), unless the
+            // vCPU sleeps in HLT and only an interrupt can go on.
+            if !self.int_shadow && (!self.host_debug.step || self.halted) {
                 // Asking the controller costs (a platform reads its clock):
-                // poll when something asked for it, else every few blocks.
+                // poll when something asked for it (and, on a platform that
+                // does not kick on every event, every few blocks).
                 let asked = self.attention.load(Ordering::Relaxed);
                 if self.poll_now || asked || self.poll_countdown == 0 {
                     if asked {
-                        self.attention.store(false, Ordering::SeqCst);
+                        self.attention.swap(false, Ordering::SeqCst);
+                        // A kicker sets `kick` before `attention`: either
+                        // its kick is seen here, or its attention store
+                        // comes after this clear and stops chained code.
+                        if self.kick.load(Ordering::SeqCst)
+                            && self.kick.swap(false, Ordering::AcqRel)
+                        {
+                            return RunExit::Interrupted;
+                        }
                     }
                     self.poll_now = false;
-                    self.poll_countdown = POLL_INTERVAL;
+                    self.poll_countdown = if self.timed_polls {
+                        POLL_INTERVAL
+                    } else {
+                        u32::MAX
+                    };
                     self.publish_stats();
                     if let Some(exit) = self.check_interrupts() {
                         return exit;
@@ -56,6 +72,11 @@ impl Core {
                     Idle::Interrupted => return RunExit::Interrupted,
                 }
             }
+            if self.host_debug.armed {
+                if let Some(exit) = self.host_debug_check() {
+                    return exit;
+                }
+            }
             if self.debug_armed() {
                 // One interpreted instruction with #DB checks around it
                 // (crate::debug).
@@ -63,7 +84,12 @@ impl Core {
                 if let Some(delivered) = self.debug_before() {
                     match delivered {
                         Some(exit) => return exit,
-                        None => continue,
+                        None => {
+                            if self.host_debug.step {
+                                return RunExit::Debug(hypervisor::DebugStop::Step);
+                            }
+                            continue;
+                        }
                     }
                 }
                 let tf = self.st.rflags & crate::cpu::FLAG_TF != 0;
@@ -75,6 +101,9 @@ impl Core {
                 if let Some(exit) = exit {
                     return exit;
                 }
+                if self.host_debug.step {
+                    return RunExit::Debug(hypervisor::DebugStop::Step);
+                }
                 continue;
             }
             // RF only suppresses instruction breakpoints, none are armed:
@@ -84,6 +113,9 @@ impl Core {
             self.int_shadow = false;
             if let Some(exit) = self.run_block(limit) {
                 return exit;
+            }
+            if self.host_debug.step {
+                return RunExit::Debug(hypervisor::DebugStop::Step);
             }
         }
     }
@@ -261,6 +293,12 @@ impl Core {
         // block runs (handlers never fetch blocks or flush the cache).
         let block = unsafe { &*block };
         self.end_block = false;
+        // A host breakpoint inside the block: run up to it (interpreted).
+        let limit = if self.host_debug.armed {
+            limit.min(self.host_debug_limit(rip, &block.uops))
+        } else {
+            limit
+        };
         if limit == usize::MAX && block.bits == 64 {
             if let Some(f) = crate::jit::code_for(self, block) {
                 // Compiling may recycle the arena (which flushes the TLB).
@@ -268,6 +306,7 @@ impl Core {
                     && linkable
                     && self.tlb.epoch | self.user() as u64 == key
                     && !self.trace
+                    && !self.host_debug.armed
                 {
                     // SAFETY: the cell is in `prev`, still in the arena.
                     unsafe { crate::jit::link(cell, block, key, self.jit.gen()) };

@@ -18,10 +18,45 @@
 //!   with it completes.
 //!   Faults save RFLAGS with RF set (see [`crate::exception`]) so that
 //!   returning to the faulting instruction does not hit its breakpoint again.
+//!
+//! The host debugger (the gdb stub, through `Vcpu::set_guest_debug`) is
+//! separate from all of the above and invisible to the guest
+//! ([`HostDebug`]):
+//! - While it has breakpoints or steps, the run loop looks at RIP before
+//!   every block ([`Core::host_debug_check`]), and a block that holds a
+//!   breakpoint past its first instruction is cut short before it (run by
+//!   the interpreter, which can stop mid-block). Compiled blocks are not
+//!   linked to each other meanwhile, and arming flushes the caches, so no
+//!   compiled code runs past a breakpoint without coming back to the loop.
+//! - A breakpoint reports [`DebugStop::Breakpoint`] before its instruction
+//!   runs; the next run starts by executing that instruction (the host's
+//!   RF), so continuing from a breakpoint does not stop on it again.
+//! - Unarmed (no debugger, or one with nothing set) the cost is one test
+//!   of a flag per block.
 
 use crate::core::{Core, RunExit};
 use crate::cpu::{FLAG_RF, FLAG_TF};
 use crate::exception::Kind;
+use hypervisor::{DebugStop, GuestDebug};
+
+/// The host debugger's state in one vCPU (see the module docs).
+#[derive(Debug, Clone, Default)]
+pub struct HostDebug {
+    /// Single-step or breakpoints are set: the run loop looks.
+    pub armed: bool,
+    pub step: bool,
+    /// Sorted RIPs.
+    pub breakpoints: Vec<u64>,
+    /// The breakpoint at this RIP was reported: the next instruction
+    /// there runs without stopping again.
+    pub resume_at: Option<u64>,
+}
+
+impl HostDebug {
+    fn hit(&self, rip: u64) -> bool {
+        self.breakpoints.binary_search(&rip).is_ok()
+    }
+}
 
 /// DR6 bits.
 pub const DR6_BS: u64 = 1 << 14;
@@ -144,5 +179,50 @@ impl Core {
         }
         self.st.dr[6] = (self.st.dr[6] & !0xf) | status | DR6_FIXED1;
         self.deliver_and_check(1, None, Kind::External)
+    }
+
+    /// Take the host debugger's settings (from the VMM, vCPU stopped).
+    pub fn set_host_debug(&mut self, dbg: &GuestDebug) {
+        let mut breakpoints = dbg.breakpoints.clone();
+        breakpoints.sort_unstable();
+        breakpoints.dedup();
+        let resume_at = self.host_debug.resume_at.filter(|&r| r == self.st.rip);
+        self.host_debug = HostDebug {
+            armed: dbg.single_step || !breakpoints.is_empty(),
+            step: dbg.single_step,
+            breakpoints,
+            resume_at,
+        };
+        // Compiled code may be linked past a new breakpoint, and the
+        // debugger may have written code: start from a clean cache.
+        self.flush_all_caches();
+    }
+
+    /// Before a block (host debugging armed): a breakpoint at RIP stops
+    /// here, unless it was just reported or the debugger steps.
+    pub(crate) fn host_debug_check(&mut self) -> Option<RunExit> {
+        let rip = self.st.rip;
+        let resumed = self.host_debug.resume_at.take() == Some(rip);
+        if !resumed && !self.host_debug.step && self.host_debug.hit(rip) {
+            self.host_debug.resume_at = Some(rip);
+            return Some(RunExit::Debug(DebugStop::Breakpoint(rip)));
+        }
+        None
+    }
+
+    /// How many instructions of a block starting at `rip` run before a
+    /// host breakpoint (past its first instruction); `usize::MAX` if none.
+    pub(crate) fn host_debug_limit(&self, rip: u64, uops: &[crate::frontend::uop::Uop]) -> usize {
+        if self.host_debug.step {
+            return 1;
+        }
+        let mut ip = rip;
+        for (n, u) in uops.iter().enumerate() {
+            if n > 0 && self.host_debug.hit(ip) {
+                return n;
+            }
+            ip = u.next_ip;
+        }
+        usize::MAX
     }
 }

@@ -370,6 +370,91 @@ fn device_interrupt_msi_and_kick_wake_a_halted_vcpu() {
     assert_eq!(g.r64(COUNTS + 8), 1);
 }
 
+/// The guest spins in a loop that only its timer interrupt ends. The loop
+/// runs as translated code that jumps to itself, which tests only the
+/// vCPU's attention word: the VM's timer thread must tick the platform at
+/// the deadline and the tick must set that word (the vCPU never reads the
+/// clock there). A kick after 20 s turns a hang into a failure.
+#[test]
+fn a_timer_interrupts_a_loop_in_translated_code() {
+    let mut g = pc_guest(1);
+    install_counter(&mut g, 0x40, 0, Eoi::Lapic);
+    g.load_code(&asm_at(CODE, |a| {
+        let mut spin = a.create_label();
+        a.mov(rdi, APIC)?;
+        a.mov(rsi, COUNTS)?;
+        a.mov(dword_ptr(rdi + 0xf0), 0x1ff)?;
+        a.mov(dword_ptr(rdi + 0x3e0), 0xb)?; // divide by 1
+        a.mov(dword_ptr(rdi + 0x320), 0x40)?; // one-shot, vector 0x40
+        a.xor(eax, eax)?;
+        a.sti()?;
+        a.mov(dword_ptr(rdi + 0x380), 5_000_000)?; // 5 ms at 1 GHz
+        a.set_label(&mut spin)?;
+        a.add(rax, 1)?;
+        a.cmp(qword_ptr(rsi), 0)?;
+        a.je(spin)?;
+        a.cli()?;
+        a.hlt()?;
+        Ok(())
+    }));
+    let kicker = g.vcpu.kicker();
+    let done = Arc::new(AtomicBool::new(false));
+    let d = done.clone();
+    let watchdog = std::thread::spawn(move || {
+        let t = Instant::now();
+        while !d.load(Ordering::SeqCst) && t.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !d.load(Ordering::SeqCst) {
+            kicker.kick();
+        }
+    });
+    let e = g.run();
+    done.store(true, Ordering::SeqCst);
+    watchdog.join().unwrap();
+    assert_eq!(
+        e,
+        Ex::Halt,
+        "the timer never ended the loop: {:x?}",
+        g.regs()
+    );
+    assert_eq!(g.r64(COUNTS), 1);
+    // Thousands of iterations: the loop ran long enough to be translated.
+    assert!(g.regs().rax > 10_000, "{:x?}", g.regs());
+}
+
+/// A kick from another thread stops a vCPU spinning (IF=0, so nothing else
+/// could) in translated code that jumps to itself: `run` returns
+/// Interrupted, and running again resumes the loop where it was.
+#[test]
+fn a_kick_stops_a_vcpu_spinning_in_translated_code() {
+    let mut g = pc_guest(1);
+    g.load_code(&asm_at(CODE, |a| {
+        let mut spin = a.create_label();
+        a.xor(eax, eax)?;
+        a.set_label(&mut spin)?;
+        a.add(rax, 1)?;
+        a.cmp(rax, 0)?;
+        a.jne(spin)?;
+        a.hlt()?;
+        Ok(())
+    }));
+    for _ in 0..2 {
+        let kicker = g.vcpu.kicker();
+        let before = g.regs().rax;
+        let h = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            kicker.kick();
+        });
+        let e = g.run();
+        h.join().unwrap();
+        assert_eq!(e, Ex::Interrupted, "{:x?}", g.regs());
+        let r = g.regs();
+        assert!(r.rax > before + 10_000, "{:x?}", r);
+        assert!(r.rip >= CODE && r.rip < CODE + 0x20, "{:x?}", r);
+    }
+}
+
 #[test]
 fn kvmclock_writes_an_advancing_pvclock_structure() {
     use emu_platform::pvclock::PvClockVcpuTimeInfo;

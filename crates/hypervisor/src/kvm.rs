@@ -300,6 +300,7 @@ impl crate::Vm for KvmVm {
                 run_page: Mutex::new(Some(run_page)),
             }),
             cpuid: CpuId::new(0).map_err(|e| HypervisorError::Other(format!("CPUID: {e:?}")))?,
+            guest_debug: crate::GuestDebug::default(),
         };
         let chosen = self
             .guest_cpuid
@@ -542,6 +543,8 @@ pub struct KvmVcpu {
     kicker: Arc<KvmKicker>,
     /// The CPUID table this vCPU was given.
     cpuid: CpuId,
+    /// What the debugger armed: which debug register is which breakpoint.
+    guest_debug: crate::GuestDebug,
 }
 
 /// The leaves of [`crate::cpuid::RECORDED_LEAVES`] in a KVM CPUID table.
@@ -1020,6 +1023,73 @@ pub fn seg_from_kvm(s: &kvm_segment) -> Segment {
     }
 }
 
+/// KVM_GUESTDBG_* control bits (linux/kvm.h, asm/kvm.h).
+const GUESTDBG_ENABLE: u32 = 0x1;
+const GUESTDBG_SINGLESTEP: u32 = 0x2;
+const GUESTDBG_USE_HW_BP: u32 = 0x2_0000;
+
+impl KvmVcpu {
+    /// The debugger's breakpoints and watchpoints in DR0-DR3 and DR7, in
+    /// that order (breakpoints first). Breakpoints are debug-register
+    /// breakpoints, not INT3 patched into guest memory: the guest's code
+    /// is never changed, and there are four of them in all.
+    fn guest_debug_regs(debug: &crate::GuestDebug) -> Result<[u64; 8]> {
+        let n = debug.breakpoints.len() + debug.watchpoints.len();
+        if n > 4 {
+            return Err(HypervisorError::Other(format!(
+                "KVM debugs with the four debug registers: {n} breakpoints and watchpoints asked"
+            )));
+        }
+        let mut dr = [0u64; 8];
+        let slots =
+            debug
+                .breakpoints
+                .iter()
+                .map(|&a| (a, 0u64, 1u64))
+                .chain(debug.watchpoints.iter().map(|w| {
+                    let rw = match w.kind {
+                        crate::WatchKind::Write => 1,
+                        // x86 has no read-only watchpoint: reads and writes.
+                        crate::WatchKind::Read | crate::WatchKind::ReadWrite => 3,
+                    };
+                    (w.addr, rw, w.len)
+                }));
+        for (i, (addr, rw, len)) in slots.enumerate() {
+            let len_bits = match len {
+                1 => 0,
+                2 => 1,
+                8 => 2,
+                4 => 3,
+                l => {
+                    return Err(HypervisorError::Other(format!(
+                        "a watchpoint of {l} bytes: debug registers watch 1, 2, 4 or 8"
+                    )))
+                }
+            };
+            dr[i] = addr;
+            // G<i>, R/W<i>, LEN<i>.
+            dr[7] |= (2 << (2 * i)) | (rw << (16 + 4 * i)) | (len_bits << (18 + 4 * i));
+        }
+        Ok(dr)
+    }
+
+    fn debug_stop(&self, arch: &kvm_bindings::kvm_debug_exit_arch) -> crate::DebugStop {
+        let nbp = self.guest_debug.breakpoints.len();
+        for i in 0..4 {
+            if arch.dr6 & (1 << i) == 0 {
+                continue;
+            }
+            if i < nbp {
+                return crate::DebugStop::Breakpoint(arch.pc);
+            }
+            if let Some(w) = self.guest_debug.watchpoints.get(i - nbp) {
+                return crate::DebugStop::Watchpoint(w.addr);
+            }
+        }
+        crate::DebugStop::Step
+    }
+}
+
 impl Vcpu for KvmVcpu {
     fn index(&self) -> u32 {
         self.index
@@ -1043,6 +1113,7 @@ impl Vcpu for KvmVcpu {
             Ok(KvmExit::IoOut(port, data)) => return Ok(VcpuExit::IoOut { port, data }),
             Ok(KvmExit::MmioRead(addr, data)) => return Ok(VcpuExit::MmioRead { addr, data }),
             Ok(KvmExit::MmioWrite(addr, data)) => return Ok(VcpuExit::MmioWrite { addr, data }),
+            Ok(KvmExit::Debug(arch)) => return Ok(VcpuExit::Debug(self.debug_stop(&arch))),
             Ok(KvmExit::Hlt) => return Ok(VcpuExit::Halt),
             Ok(KvmExit::Shutdown) => return Ok(VcpuExit::Shutdown),
             Ok(KvmExit::Intr) => return Ok(VcpuExit::Interrupted),
@@ -1075,6 +1146,22 @@ impl Vcpu for KvmVcpu {
             return Ok(VcpuExit::Interrupted);
         }
         Ok(VcpuExit::InternalError(err))
+    }
+
+    fn set_guest_debug(&mut self, debug: &crate::GuestDebug) -> Result<()> {
+        let mut dbg = kvm_bindings::kvm_guest_debug::default();
+        if debug.is_active() {
+            dbg.control = GUESTDBG_ENABLE | GUESTDBG_USE_HW_BP;
+            if debug.single_step {
+                dbg.control |= GUESTDBG_SINGLESTEP;
+            }
+            dbg.arch.debugreg = Self::guest_debug_regs(debug)?;
+        }
+        self.fd
+            .set_guest_debug(&dbg)
+            .map_err(ioctl_err("KVM_SET_GUEST_DEBUG"))?;
+        self.guest_debug = debug.clone();
+        Ok(())
     }
 
     fn get_regs(&self) -> Result<StandardRegs> {

@@ -104,6 +104,57 @@ pub enum VcpuExit<'a> {
     InternalError(Box<InternalError>),
     /// Something the backend reports but the VMM has no handler for.
     Unknown(String),
+    /// A debugger's stop (see [`Vcpu::set_guest_debug`]): a breakpoint or
+    /// watchpoint hit, or a single step done. Only seen while guest
+    /// debugging is enabled; the guest itself saw nothing.
+    Debug(DebugStop),
+}
+
+/// What a host debugger (the gdb stub) asks a vCPU to stop on. The guest
+/// does not see any of it: no #DB or #BP is delivered to the guest for
+/// these, and the guest's own DR0-DR7 and TF keep working for the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestDebug {
+    /// Run one instruction, then stop with [`DebugStop::Step`].
+    pub single_step: bool,
+    /// Stop before the instruction at any of these RIPs runs.
+    pub breakpoints: Vec<u64>,
+    /// Stop after an access to any of these linear ranges.
+    pub watchpoints: Vec<Watchpoint>,
+}
+
+impl GuestDebug {
+    /// Is there anything to stop on?
+    pub fn is_active(&self) -> bool {
+        self.single_step || !self.breakpoints.is_empty() || !self.watchpoints.is_empty()
+    }
+}
+
+/// Which accesses a watchpoint stops on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchKind {
+    Write,
+    Read,
+    ReadWrite,
+}
+
+/// A data watchpoint: `len` bytes (1, 2, 4 or 8, aligned) at `addr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watchpoint {
+    pub addr: u64,
+    pub len: u64,
+    pub kind: WatchKind,
+}
+
+/// Why a vCPU stopped for the debugger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DebugStop {
+    /// Before the instruction at this RIP (a breakpoint).
+    Breakpoint(u64),
+    /// After an access to the watchpoint at this address.
+    Watchpoint(u64),
+    /// One instruction (or the delivery of an interrupt) is done.
+    Step,
 }
 
 /// What a backend knows about an instruction it could not execute.
@@ -287,6 +338,14 @@ pub trait Vcpu: Send {
     /// while it runs (see [`stats`]); None where the hardware keeps them.
     fn engine_counters(&self) -> Option<Arc<stats::EngineCounters>> {
         None
+    }
+    /// Arm (or, with an inactive [`GuestDebug`], disarm) the host
+    /// debugger's breakpoints, watchpoints and single-stepping; `run`
+    /// then returns [`VcpuExit::Debug`] when one is hit.
+    fn set_guest_debug(&mut self, _debug: &GuestDebug) -> Result<()> {
+        Err(HypervisorError::Other(
+            "this accelerator cannot debug its guest".into(),
+        ))
     }
     /// Run the guest's TSC at `khz` (refused where the rate is fixed).
     fn set_tsc_khz(&mut self, khz: u32) -> Result<()> {

@@ -11,11 +11,20 @@
 //! [`Exposition`] writes the Prometheus text format (version 0.0.4): one
 //! `# HELP` and `# TYPE` line per family, then its samples, label values
 //! escaped as the format asks.
+//!
+//! The cargo feature `off` compiles recording out ([`ENABLED`] is false,
+//! `add`, `publish` and `observe` do nothing, callers skip the clock reads
+//! they make only for a histogram): the build that `vireo-bench` figures
+//! are compared with to measure what counting costs (docs/monitoring.md).
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
+
+/// False in a build with the `off` feature: nothing is recorded, so a
+/// caller can skip work done only to record (a clock read for a latency).
+pub const ENABLED: bool = !cfg!(feature = "off");
 
 /// A monotonic count, shared between the thread that counts and readers.
 #[derive(Debug, Default)]
@@ -28,7 +37,9 @@ impl Counter {
 
     #[inline]
     pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
+        if ENABLED {
+            self.0.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     #[inline]
@@ -40,7 +51,9 @@ impl Counter {
     /// publishes its private totals this way; only that thread writes).
     #[inline]
     pub fn publish(&self, v: u64) {
-        self.0.store(v, Ordering::Relaxed);
+        if ENABLED {
+            self.0.store(v, Ordering::Relaxed);
+        }
     }
 
     #[inline]
@@ -83,6 +96,9 @@ impl Histogram {
 
     #[inline]
     pub fn observe(&self, v: u64) {
+        if !ENABLED {
+            return;
+        }
         let i = self.bounds.partition_point(|&b| b < v);
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.sum.fetch_add(v, Ordering::Relaxed);

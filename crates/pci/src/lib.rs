@@ -33,6 +33,7 @@ pub mod alloc;
 pub mod bus;
 pub mod config;
 pub mod msix;
+pub mod pvpanic;
 
 pub use alloc::{AddressWindow, BarAllocator};
 pub use bus::{

@@ -338,7 +338,7 @@ impl VirtioDevice for Net {
     }
 }
 
-struct NetWorker {
+pub(crate) struct NetWorker {
     backend: Arc<dyn NetBackend>,
     /// Poll the backend for frames (false while the guest has no receive
     /// buffer for the frame in hand, or after the backend failed).
@@ -353,7 +353,7 @@ struct NetWorker {
 }
 
 impl NetWorker {
-    fn new(backend: Arc<dyn NetBackend>) -> io::Result<Self> {
+    pub(crate) fn new(backend: Arc<dyn NetBackend>) -> io::Result<Self> {
         Ok(NetWorker {
             backend,
             armed: true,

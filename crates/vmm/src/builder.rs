@@ -152,6 +152,8 @@ pub struct VmSpec {
     pub console: ConsoleKind,
     /// The exit device for test kernels, if asked for.
     pub exit_device: Option<crate::config::ExitDeviceConfig>,
+    /// A pvpanic PCI device, if asked for.
+    pub pvpanic: bool,
 }
 
 impl VmSpec {
@@ -169,6 +171,7 @@ impl VmSpec {
             vsock: c.vsock.clone(),
             console: c.console,
             exit_device: c.exit_device,
+            pvpanic: c.pvpanic,
             boot: Boot::Linux {
                 kernel: c.kernel.clone(),
                 initrd: c.initrd.clone(),
@@ -301,6 +304,14 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
                 VmEvent::PowerOff => VmExit::PowerOff,
                 VmEvent::Reset => VmExit::Reset,
                 VmEvent::GuestExit(value) => VmExit::GuestExit { value },
+                VmEvent::GuestPanic { crash_loaded } => {
+                    crate::events::guest_panic(crash_loaded);
+                    if crash_loaded {
+                        // kdump runs next in the guest: leave it running.
+                        return;
+                    }
+                    VmExit::GuestPanic
+                }
             };
             if let Ok(tx) = tx.lock() {
                 let _ = tx.send(exit);

@@ -689,6 +689,9 @@ pub struct VmConfig {
     /// The exit device for test kernels (off unless asked for).
     #[serde(default)]
     pub exit_device: Option<ExitDeviceConfig>,
+    /// A pvpanic PCI device: the guest kernel reports its panics.
+    #[serde(default)]
+    pub pvpanic: bool,
     /// Host CPUs for the vCPU threads (none: wherever the host puts them).
     #[serde(default, skip_serializing_if = "CpuAffinity::is_empty")]
     pub cpu_affinity: CpuAffinity,
@@ -749,6 +752,7 @@ impl VmConfig {
             vsock: None,
             console: ConsoleKind::Serial,
             exit_device: None,
+            pvpanic: false,
             cpu_affinity: CpuAffinity::default(),
         }
     }

@@ -39,6 +39,9 @@ struct Gate {
     /// Why the VM must stay paused, while something (a snapshot being
     /// written) needs it still: resume is refused meanwhile.
     held: Option<&'static str>,
+    /// vCPUs (by index) that stay parked even while the VM runs: gdb's
+    /// scheduler locking resumes only the vCPUs it names.
+    frozen: Vec<bool>,
 }
 
 /// Pause/resume/stop for one VM's vCPU threads.
@@ -50,6 +53,9 @@ pub struct VmControl {
     kickers: Mutex<Vec<Arc<dyn VcpuKicker>>>,
     /// Serialises pause/resume requests from several API clients.
     requests: Mutex<()>,
+    /// Debugger stops the vCPUs reported and the gdb stub has not yet
+    /// taken (vCPU index, why), oldest first.
+    debug_stops: Mutex<std::collections::VecDeque<(u32, hypervisor::DebugStop)>>,
 }
 
 impl Default for VmControl {
@@ -61,6 +67,7 @@ impl Default for VmControl {
             live_vcpus: AtomicUsize::new(0),
             kickers: Mutex::new(Vec::new()),
             requests: Mutex::new(()),
+            debug_stops: Mutex::new(std::collections::VecDeque::new()),
         }
     }
 }
@@ -138,6 +145,66 @@ impl VmControl {
             }
             g.pause = true;
         }
+        self.wait_parked()
+    }
+
+    /// A vCPU stopped for the debugger (`VcpuExit::Debug`): remember why
+    /// for the gdb stub and stop the whole VM (all-stop, as gdb expects),
+    /// without waiting: the caller is a vCPU thread, which parks next.
+    pub(crate) fn debug_stop(&self, vcpu: u32, stop: hypervisor::DebugStop) {
+        self.debug_stops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back((vcpu, stop));
+        self.gate().pause = true;
+        self.kick_all();
+    }
+
+    /// The oldest debugger stop not yet taken.
+    pub(crate) fn take_debug_stop(&self) -> Option<(u32, hypervisor::DebugStop)> {
+        self.debug_stops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front()
+    }
+
+    pub(crate) fn has_debug_stop(&self) -> bool {
+        !self
+            .debug_stops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    pub(crate) fn clear_debug_stops(&self) {
+        self.debug_stops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// Keep the vCPUs whose index is `true` in `frozen` parked while the
+    /// VM runs (the debugger's scheduler locking); empty: none. Takes
+    /// effect at the next resume.
+    pub(crate) fn set_frozen(&self, frozen: Vec<bool>) {
+        self.gate().frozen = frozen;
+        self.cv.notify_all();
+    }
+
+    /// The debugger stops the VM: as `pause`, but a VM already paused
+    /// (by a vCPU's debug stop, or through the API) is fine.
+    pub(crate) fn debug_pause(&self) -> Result<(), ControlError> {
+        let _req = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        if self.stopping() {
+            return Err(ControlError::Stopping);
+        }
+        self.gate().pause = true;
+        self.wait_parked()
+    }
+
+    /// Wait until every vCPU is parked after `pause` was set (kicking them
+    /// meanwhile); on a timeout the pause is called off.
+    fn wait_parked(&self) -> Result<(), ControlError> {
         let deadline = Instant::now() + PAUSE_TIMEOUT;
         let mut g = self.gate();
         let all_parked =
@@ -207,21 +274,22 @@ impl VmControl {
     /// Called by a vCPU thread between runs: parks while the VM is paused,
     /// after `before_park` (which brings the vCPU to a consistent state).
     /// Returns false when the vCPU must stop.
-    pub(crate) fn checkpoint(&self, before_park: impl FnOnce()) -> bool {
+    pub(crate) fn checkpoint(&self, vcpu: u32, before_park: impl FnOnce()) -> bool {
         if self.stopping() {
             return false;
         }
-        if !self.gate().pause {
+        let parks = |g: &Gate| g.pause || g.frozen.get(vcpu as usize).is_some_and(|&f| f);
+        if !parks(&self.gate()) {
             return true;
         }
         before_park();
         let mut g = self.gate();
-        if !g.pause {
+        if !parks(&g) {
             return !self.stopping();
         }
         g.parked += 1;
         self.cv.notify_all();
-        while g.pause && !self.stopping() {
+        while parks(&g) && !self.stopping() {
             g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
         g.parked -= 1;
@@ -256,7 +324,7 @@ mod tests {
             ctl.add_vcpu(Arc::new(NoKick));
             let (c, r) = (ctl.clone(), ran.clone());
             threads.push(std::thread::spawn(move || {
-                while c.checkpoint(|| ()) {
+                while c.checkpoint(0, || ()) {
                     r.fetch_add(1, Ordering::SeqCst);
                     std::thread::sleep(Duration::from_millis(1));
                 }

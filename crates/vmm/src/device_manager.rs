@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use devices::{Bus, BusDevice, EventSink};
+use devices::{Bus, BusDevice, EventSink, VmEvent};
 use hypervisor::GuestRam;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -130,6 +130,7 @@ impl DeviceManager {
             memory,
             spec,
             out.virtio_console,
+            &out.events,
         )?;
         Ok(DeviceManager {
             pio: buses.pio,
@@ -330,6 +331,7 @@ fn setup_pci(
     memory: &GuestRam,
     spec: &VmSpec,
     console_out: Option<Box<dyn Write + Send>>,
+    events: &EventSink,
 ) -> Result<PciDevices, VmmError> {
     use arch::layout::{PCI_ECAM_BASE, PCI_ECAM_SIZE, PCI_MMIO32_END, PCI_MMIO32_START};
     let bus = Arc::new(pci::PciBus::new(buses.mmio.clone(), buses.pio.clone()));
@@ -507,9 +509,30 @@ fn setup_pci(
             Box::new(dev),
         )?;
     }
+    let mut pvpanic = None;
+    if spec.pvpanic {
+        let events = events.clone();
+        let sink: pci::pvpanic::PanicSink = Arc::new(move |e| {
+            (events)(VmEvent::GuestPanic {
+                crash_loaded: e & pci::pvpanic::CRASH_LOADED != 0,
+            })
+        });
+        let dev = Arc::new(Mutex::new(pci::pvpanic::PvPanic::new(sink)));
+        let slot = bus
+            .add_device(dev.clone(), &mut bars)
+            .map_err(|source| VmmError::Pci {
+                device: "pvpanic".into(),
+                source,
+            })?;
+        tracing::info!("pvpanic at PCI 00:{slot:02x}.0");
+        pvpanic = Some(dev);
+    }
     saved.push("pci config-io", Arc::new(Mutex::new(cfg)));
     for (name, d) in &functions {
         saved.push(name.clone(), d.clone());
+    }
+    if let Some(d) = pvpanic {
+        saved.push("pvpanic", d);
     }
     Ok(PciDevices {
         bus,

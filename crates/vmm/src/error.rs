@@ -172,6 +172,9 @@ pub enum VmmError {
     /// not build or install, a jail that cannot be set up.
     #[error("{0}")]
     Isolation(String),
+    /// The gdb stub cannot listen where `--gdb` says, or cannot hold the VM.
+    #[error("{0}")]
+    Gdb(String),
 }
 
 impl VmmError {
@@ -209,6 +212,7 @@ impl VmmError {
             | Conflict(_)
             | Pause(_)
             | ApiServer(_)
+            | Gdb(_)
             | VmmStopped(_)
             | Isolation(_) => exit_code::VMM_ERROR,
         }
@@ -256,6 +260,7 @@ impl VmmError {
             | MigrationCut
             | Destination(_)
             | ApiServer(_)
+            | Gdb(_)
             | VmmStopped(_)
             | Isolation(_) => 500,
         }

@@ -1,7 +1,7 @@
 //! The VMM's state changes as structured log events, for a supervisor to
 //! follow: each is one `tracing` event at INFO level with target
 //! [`TARGET`], an `event` field naming it (boot, pause, resume, snapshot,
-//! migration-start, migration-end, device-reset, exit) and its details as
+//! migration-start, migration-end, device-reset, guest-panic, exit) and its details as
 //! fields. `vireo -v --log-format json` prints each as one JSON line.
 //!
 //! Invariant: an event is emitted after the change it reports has
@@ -77,6 +77,19 @@ pub(crate) fn migration_ended(destination: &str, error: Option<&str>, bytes: u64
     }
 }
 
+/// The guest kernel reported a panic through pvpanic. With a crash kernel
+/// loaded (`crash_loaded`) the VM keeps running for kdump; otherwise the VM
+/// stops next (an `exit` event with reason guest-panic follows).
+pub(crate) fn guest_panic(crash_loaded: bool) {
+    tracing::warn!(
+        target: TARGET,
+        event = "guest-panic",
+        crash_loaded,
+        "the guest kernel panicked{}",
+        if crash_loaded { " (a crash kernel is loaded and takes over)" } else { "" }
+    );
+}
+
 /// The VM stopped; `reason` is the exit's kind (power-off, reset, ...).
 /// A guest that panics reboots (panic=N on its command line) or stops:
 /// its exit says which.
@@ -88,9 +101,11 @@ pub(crate) fn exited(exit: &crate::VmExit) {
         crate::VmExit::InternalError { .. } => "internal-error",
         crate::VmExit::UserQuit => "user-quit",
         crate::VmExit::Stopped => "stopped",
+        crate::VmExit::KilledByDebugger => "debugger-kill",
         crate::VmExit::Error(_) => "error",
         crate::VmExit::Migrated(_) => "migrated",
         crate::VmExit::GuestExit { .. } => "guest-exit",
+        crate::VmExit::GuestPanic => "guest-panic",
     };
     tracing::info!(
         target: TARGET,

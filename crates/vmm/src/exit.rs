@@ -16,6 +16,8 @@ pub enum VmExit {
     UserQuit,
     /// Stopped through the management API.
     Stopped,
+    /// gdb's `kill` (the gdb stub, `--gdb`).
+    KilledByDebugger,
     /// The VMM itself failed while the guest ran.
     Error(String),
     /// The VM was handed over to another Vireo (live migration).
@@ -23,6 +25,8 @@ pub enum VmExit {
     /// The guest wrote `value` to the exit device (`--exit-device`); the
     /// process exits with `(value << 1) | 1`, as QEMU's isa-debug-exit.
     GuestExit { value: u32 },
+    /// The guest kernel panicked and said so through pvpanic (`--pvpanic`).
+    GuestPanic,
 }
 
 /// Process exit codes, for scripts. Documented in the README and `vireo --help`.
@@ -34,6 +38,7 @@ pub mod exit_code {
     pub const GUEST_RESET: i32 = 3;
     pub const TRIPLE_FAULT: i32 = 4;
     pub const INTERNAL_ERROR: i32 = 5;
+    pub const GUEST_PANIC: i32 = 6;
     pub const USER_QUIT: i32 = 0;
     pub const STOPPED: i32 = 0;
 }
@@ -46,10 +51,11 @@ impl VmExit {
             VmExit::TripleFault { .. } => exit_code::TRIPLE_FAULT,
             VmExit::InternalError { .. } => exit_code::INTERNAL_ERROR,
             VmExit::UserQuit => exit_code::USER_QUIT,
-            VmExit::Stopped => exit_code::STOPPED,
+            VmExit::Stopped | VmExit::KilledByDebugger => exit_code::STOPPED,
             VmExit::Error(_) => exit_code::VMM_ERROR,
             VmExit::Migrated(_) => exit_code::STOPPED,
             VmExit::GuestExit { value } => devices::debug_exit::exit_status(*value),
+            VmExit::GuestPanic => exit_code::GUEST_PANIC,
         }
     }
 }
@@ -68,6 +74,7 @@ impl std::fmt::Display for VmExit {
             VmExit::InternalError { vcpu, detail } => write!(f, "vCPU {vcpu} stopped: {detail}"),
             VmExit::UserQuit => write!(f, "stopped by the user (Ctrl-A X)"),
             VmExit::Stopped => write!(f, "stopped through the API"),
+            VmExit::KilledByDebugger => write!(f, "killed from gdb"),
             VmExit::Error(e) => write!(f, "VMM error: {e}"),
             VmExit::Migrated(to) => write!(f, "the VM migrated to {to}"),
             VmExit::GuestExit { value } => write!(
@@ -75,6 +82,7 @@ impl std::fmt::Display for VmExit {
                 "the guest wrote {value:#x} to the exit device (exit status {})",
                 devices::debug_exit::exit_status(*value)
             ),
+            VmExit::GuestPanic => write!(f, "the guest kernel panicked (reported through pvpanic)"),
         }
     }
 }

@@ -21,6 +21,8 @@ pub struct Servers {
     pub api_socket: Option<PathBuf>,
     /// `GET /metrics` and `vm.counters` on this TCP address.
     pub metrics: Option<SocketAddr>,
+    /// The gdb stub (`--gdb`, see `gdb.rs`).
+    pub gdb: Option<crate::gdb::GdbOptions>,
 }
 
 impl Servers {
@@ -131,6 +133,7 @@ pub fn serve(api_socket: &Path, metrics: Option<SocketAddr>) -> Result<VmExit, V
     let servers = Servers {
         api_socket: Some(api_socket.to_path_buf()),
         metrics,
+        gdb: None,
     };
     let _running = servers.start(&shared)?;
     tracing::info!("API on {}: no VM yet", api_socket.display());
@@ -211,6 +214,13 @@ impl RestoreOptions {
 fn run_built(b: Built, servers: &Servers, how: &str) -> Result<VmExit, VmmError> {
     let shared = api::ApiShared::with_vm(b.vm.api_context(b.config));
     let _running = servers.start(&shared)?;
+    let _gdb = match &servers.gdb {
+        Some(opts) => Some(
+            crate::gdb::GdbServer::start(opts, b.vm.handle(), b.vm.exit_sender())
+                .map_err(VmmError::Gdb)?,
+        ),
+        None => None,
+    };
     Ok(run_with_console(b.vm, b.input, how))
 }
 

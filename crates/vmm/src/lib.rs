@@ -20,6 +20,7 @@ mod device_manager;
 mod error;
 pub mod events;
 mod exit;
+pub mod gdb;
 mod launch;
 pub mod migration;
 mod persist;

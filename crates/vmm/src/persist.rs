@@ -301,5 +301,6 @@ pub(crate) fn restore_spec(
         vsock: manifest.config.as_ref().and_then(|c| c.vsock.clone()),
         console,
         exit_device: manifest.config.as_ref().and_then(|c| c.exit_device),
+        pvpanic: manifest.config.as_ref().is_some_and(|c| c.pvpanic),
     })
 }

@@ -136,6 +136,7 @@ device_kinds! {
     ResetControl(devices::acpi::ResetControl) = "reset-control",
     PciConfigIo(pci::PciConfigIo) = "pci-config-io",
     Virtio(virtio::VirtioPciDevice) = "virtio",
+    PvPanic(pci::pvpanic::PvPanic) = "pvpanic",
 }
 
 /// A device type the VMM can save: its [`Persist`] state is one

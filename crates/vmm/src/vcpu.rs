@@ -133,10 +133,12 @@ impl VcpuContext {
             }
         };
         self.counters.thread_started();
-        while self.control.checkpoint(settle) {
+        while self.control.checkpoint(index, settle) {
             // Held while the guest runs; released while paused (checkpoint).
             let mut vcpu = lock(&shared);
-            let entered = Instant::now();
+            // The clock is read only to count (a build without counters
+            // skips it: `metrics::ENABLED`).
+            let entered = metrics::ENABLED.then(Instant::now);
             let exit = match vcpu.run() {
                 Ok(e) => e,
                 Err(e) => {
@@ -144,9 +146,12 @@ impl VcpuContext {
                     return;
                 }
             };
-            let left = Instant::now();
-            self.counters
-                .exited(ExitReason::of(&exit), left.duration_since(entered));
+            let left = metrics::ENABLED.then(Instant::now);
+            let in_guest = match (entered, left) {
+                (Some(a), Some(b)) => b.duration_since(a),
+                _ => Duration::ZERO,
+            };
+            self.counters.exited(ExitReason::of(&exit), in_guest);
             // Every arm that goes on (but a halt's sleep) falls through to
             // count its time.
             match exit {
@@ -173,6 +178,11 @@ impl VcpuContext {
                     }
                 }
                 VcpuExit::Interrupted => {}
+                VcpuExit::Debug(stop) => {
+                    // The gdb stub takes it from here; this vCPU parks at
+                    // the next checkpoint with the others.
+                    self.control.debug_stop(index, stop);
+                }
                 VcpuExit::Halt => {
                     // The backend leaves the wait to us: nothing can wake a
                     // halted vCPU but an interrupt, which the backend checks
@@ -211,7 +221,9 @@ impl VcpuContext {
                     return;
                 }
             }
-            self.counters.answered(left.elapsed());
+            if let Some(left) = left {
+                self.counters.answered(left.elapsed());
+            }
         }
     }
 }

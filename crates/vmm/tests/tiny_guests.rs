@@ -132,6 +132,7 @@ fn run_raw_with(accel: Accel, image: Vec<u8>, mode: RawMode, rng: bool) -> (VmEx
         console: vmm::ConsoleKind::Serial,
         // Every tiny guest has the exit device at port 0xf4 (4 bytes).
         exit_device: Some(Default::default()),
+        pvpanic: false,
         boot: Boot::Raw(RawBoot {
             load_addr: LOAD,
             image,

@@ -250,7 +250,7 @@ pub fn popf(core: &mut Core, insn: &Instruction) -> R {
     let v = pop(core, size)?;
     write_flags(core, v, size);
     // IF may have changed: let the run loop look at interrupts.
-    core.poll_now = true;
+    core.request_poll();
     core.end_block = true;
     Ok(())
 }
@@ -416,7 +416,7 @@ pub fn iret(core: &mut Core, insn: &Instruction) -> R {
         seg::far_transfer_cs(core, cs, rip)?;
         set_sp(core, sp.wrapping_add(3 * o));
         write_flags(core, fl, osz);
-        core.poll_now = true;
+        core.request_poll();
         core.end_block = true;
         core.next_rip = core.st.rip;
         return Ok(());
@@ -453,7 +453,7 @@ pub fn iret(core: &mut Core, insn: &Instruction) -> R {
     // Flags are written with the privilege of the IRET itself (CPL before).
     write_flags_with_cpl(core, fl, osz, cpl);
     core.next_rip = core.st.rip;
-    core.poll_now = true;
+    core.request_poll();
     core.end_block = true;
     Ok(())
 }
@@ -520,7 +520,7 @@ pub fn sysret(core: &mut Core, insn: &Instruction) -> R {
         core.next_rip = core.st.gpr[RCX] & 0xffff_ffff;
         let f = core.st.get_rflags();
         core.st.set_rflags(f | FLAG_IF);
-        core.poll_now = true;
+        core.request_poll();
         core.end_block = true;
         return Ok(());
     }

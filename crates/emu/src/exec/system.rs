@@ -118,7 +118,7 @@ fn mov_to_cr(core: &mut Core, insn: &Instruction, r: Register) -> R {
             }
             core.st.cr8 = v;
             core.platform.set_tpr(core.index, v as u8);
-            core.poll_now = true;
+            core.request_poll();
         }
         _ => return Err(ud()),
     }
@@ -231,7 +231,7 @@ pub fn execute_system(core: &mut Core, insn: &Instruction) -> R {
         M::Hlt => {
             need_cpl0(core)?;
             core.halted = true;
-            core.poll_now = true;
+            core.request_poll();
             core.end_block = true;
             Ok(())
         }
@@ -246,7 +246,7 @@ pub fn execute_system(core: &mut Core, insn: &Instruction) -> R {
                     core.int_shadow = true;
                 }
                 core.st.rflags |= FLAG_IF;
-                core.poll_now = true;
+                core.request_poll();
             }
             core.end_block = true;
             Ok(())
@@ -297,7 +297,7 @@ pub fn execute_system(core: &mut Core, insn: &Instruction) -> R {
             let v = (core.st.gpr[RAX] & 0xffff_ffff) | (core.st.gpr[RDX] << 32);
             crate::msr::write(core, core.st.gpr[RCX] as u32, v).map_err(|_| gp(0))?;
             // An x2APIC EOI or TPR write can unmask the next interrupt.
-            core.poll_now = true;
+            core.request_poll();
             core.end_block = true;
             Ok(())
         }

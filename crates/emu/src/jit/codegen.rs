@@ -44,7 +44,6 @@ const OFF_FL: i32 = offset_of!(Core, jit.ctx.fl) as i32;
 const OFF_TLB: i32 = offset_of!(Core, jit.ctx.tlb) as i32;
 const OFF_RMASK: i32 = offset_of!(Core, jit.ctx.rmask) as i32;
 const OFF_WMASK: i32 = offset_of!(Core, jit.ctx.wmask) as i32;
-const OFF_KICK: i32 = offset_of!(Core, jit.ctx.kick) as i32;
 const OFF_ATTENTION: i32 = offset_of!(Core, jit.ctx.attention) as i32;
 const OFF_CUR_BLOCK: i32 = offset_of!(Core, jit.ctx.cur_block) as i32;
 const OFF_LAST_CELL: i32 = offset_of!(Core, jit.ctx.last_cell) as i32;
@@ -52,7 +51,6 @@ const OFF_RET_LINKS: i32 = offset_of!(Core, jit.ctx.ret_links) as i32;
 const OFF_EPOCH: i32 = offset_of!(Core, tlb.epoch) as i32;
 const OFF_ICOUNT: i32 = offset_of!(Core, icount) as i32;
 const OFF_COUNTDOWN: i32 = offset_of!(Core, poll_countdown) as i32;
-const OFF_POLL_NOW: i32 = offset_of!(Core, poll_now) as i32;
 const CELL_KEY: i32 = offset_of!(LinkCell, key) as i32;
 const CELL_GEN: i32 = offset_of!(LinkCell, gen) as i32;
 const CELL_PHYS: i32 = offset_of!(LinkCell, phys) as i32;
@@ -151,6 +149,9 @@ struct Cg {
     /// Out-of-line revalidations of links made under an older link key:
     /// (entry, back to the chaining checks, the exit's no-link path).
     revals: Vec<(DynamicLabel, DynamicLabel, DynamicLabel)>,
+    /// Chained exits count blocks down to the next timed poll (a platform
+    /// that does not kick on every event).
+    countdown: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -232,7 +233,7 @@ fn reg_off(o: Opnd) -> i32 {
 }
 
 impl Cg {
-    fn new() -> Cg {
+    fn new(countdown: bool) -> Cg {
         let mut a = Asm::new(0);
         let epilogue = a.new_dynamic_label();
         Cg {
@@ -247,6 +248,7 @@ impl Cg {
             cur_dirty: 0,
             sse_ok: false,
             revals: Vec::new(),
+            countdown,
         }
     }
 
@@ -725,7 +727,9 @@ impl Cg {
     /// flags captured in r11 (`capture`). Follows the link when it holds
     /// (same link key, or revalidated against the TLB out of line, see
     /// `jit::runtime`) and the dispatcher would go straight on to that
-    /// block (nothing pending, no interrupt-controller poll due), handing
+    /// block (the core's attention word clear, which every kick, platform
+    /// event and poll request sets; on a platform without a timer source
+    /// also no poll due by the block countdown), handing
     /// the successor the flags in r11; else writes them to `rflags` and
     /// returns with the cell noted.
     ///
@@ -744,17 +748,18 @@ impl Cg {
             ; cmp rax, QWORD [rdx + CELL_KEY]
             ; jne =>reval
             ; =>ok
-            ; cmp BYTE [rbx + OFF_POLL_NOW], 0
-            ; jne =>nolink
-            ; mov rax, QWORD [rbx + OFF_KICK]
-            ; cmp BYTE [rax], 0
-            ; jne =>nolink
             ; mov rax, QWORD [rbx + OFF_ATTENTION]
             ; cmp BYTE [rax], 0
             ; jne =>nolink
-            ; cmp DWORD [rbx + OFF_COUNTDOWN], 0
-            ; je =>nolink
-            ; dec DWORD [rbx + OFF_COUNTDOWN]
+        );
+        if self.countdown {
+            a!(self
+                ; cmp DWORD [rbx + OFF_COUNTDOWN], 0
+                ; je =>nolink
+                ; dec DWORD [rbx + OFF_COUNTDOWN]
+            );
+        }
+        a!(self
             ; add QWORD [rbx + OFF_ICOUNT], count as i32
             ; jmp QWORD [rdx + CELL_CODE]
             ; =>nolink
@@ -907,8 +912,9 @@ fn allocate(block: &Block) -> [Option<u8>; 16] {
     map
 }
 
-pub(super) fn gen_block(block: &Block) -> Option<(Vec<u8>, usize)> {
-    let mut cg = Cg::new();
+/// `countdown`: see `Cg::countdown`.
+pub(super) fn gen_block(block: &Block, countdown: bool) -> Option<(Vec<u8>, usize)> {
+    let mut cg = Cg::new(countdown);
     cg.map = allocate(block);
     let body = cg.a.new_dynamic_label();
     let chain = cg.a.new_dynamic_label();

@@ -48,8 +48,11 @@
 //! the target's page to the successor's physical page: see [`runtime`];
 //! blocks are keyed by physical address, so an address-space switch does
 //! not unlink them) and
-//! when the run loop would have gone on to that block anyway: no kick,
-//! no attention, no poll due (the 64-block countdown is kept); an
+//! when the run loop would have gone on to that block anyway: the core's
+//! one "work pending" word (`Core::attention`, set by kicks, platform
+//! events, the timer thread and poll requests) is clear, and on a
+//! platform without a timer source no poll is due by the 64-block
+//! countdown; an
 //! interrupt shadow or HLT always ends the block through the interpreter,
 //! so they need no check there. The successor re-checks its code pages on
 //! entry. So interrupts are taken at the same block boundaries as in the

@@ -55,8 +55,7 @@ pub struct JitCtx {
     pub wmask: u64,
     /// Saved host RFLAGS (guest arithmetic flags).
     pub fl: u64,
-    /// `Core::kick` and `Core::attention` (AtomicBool addresses).
-    pub kick: usize,
+    /// `Core::attention` (an AtomicBool's address).
     pub attention: usize,
     /// The block whose code runs (chained code updates it).
     pub cur_block: usize,
@@ -273,7 +272,7 @@ fn compile(core: &mut Core, block: &Block) -> Option<(JitFn, usize)> {
         l.key.set(u64::MAX);
         l.gen.set(u64::MAX);
     }
-    let (code, chain) = super::codegen::gen_block(block)?;
+    let (code, chain) = super::codegen::gen_block(block, core.timed_polls)?;
     let gen = core.jit.arena.gen;
     let p = core.jit.arena.put(&code)?;
     if core.jit.arena.gen != gen {
@@ -429,6 +428,5 @@ pub fn prepare(core: &mut Core) {
     core.jit.ctx.gen = core.jit.arena.gen;
     core.jit.ctx.xmask = (PERM_NX | u as u8) as u64;
     core.jit.ctx.xwant = u;
-    core.jit.ctx.kick = std::sync::Arc::as_ptr(&core.kick) as usize;
     core.jit.ctx.attention = std::sync::Arc::as_ptr(&core.attention) as usize;
 }

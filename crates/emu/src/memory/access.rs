@@ -293,7 +293,7 @@ impl Core {
         let base = self.st.msr.apic_base;
         if self.platform.mmio_write(self.index, base, addr, size, data) {
             // EOI, TPR, or an IPI to self.
-            self.poll_now = true;
+            self.request_poll();
             return Ok(());
         }
         if self.io.request.is_some() {
@@ -307,7 +307,9 @@ impl Core {
 
     pub fn io_in(&mut self, port: u16, size: u8) -> R<u64> {
         if let Some((v, repoll)) = self.platform.pio_in(port, size) {
-            self.poll_now |= repoll;
+            if repoll {
+                self.request_poll();
+            }
             return Ok(v);
         }
         if let Some(v) = self.take_response(true, port as u64, size) {
@@ -320,7 +322,7 @@ impl Core {
     pub fn io_out(&mut self, port: u16, size: u8, data: u64) -> R {
         if self.platform.pio_out(port, size, data) {
             // An EOI or an unmask may have made an interrupt deliverable.
-            self.poll_now = true;
+            self.request_poll();
             return Ok(());
         }
         if self.io.request.is_some() {

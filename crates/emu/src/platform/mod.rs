@@ -3,8 +3,8 @@
 //! The core ([`crate::core::Core`]) owns one `Box<dyn VcpuPlatform>` and
 //! never asks which platform it has. It calls it:
 //!
-//! - at interrupt polls (its attention flag, STI/IRET/EOI, every few
-//!   blocks): [`VcpuPlatform::poll`] hands back the most urgent event (INIT,
+//! - at interrupt polls (its attention flag, STI/IRET/EOI, and every few
+//!   blocks unless [`VcpuPlatform::kicks_on_events`]): [`VcpuPlatform::poll`] hands back the most urgent event (INIT,
 //!   start-up IPI, NMI, an acknowledged interrupt vector);
 //! - when the CPU is halted or waits for a start-up IPI:
 //!   [`VcpuPlatform::idle`] sleeps until something can wake it, or says the
@@ -150,6 +150,14 @@ pub trait VcpuPlatform: Send {
     /// that spun instead of sleeping would count thousands per millisecond).
     fn sleeps(&self) -> u64 {
         0
+    }
+    /// Every event for this vCPU, timer deadlines included, sets its
+    /// attention flag (`Core::attention`): the core then polls only when
+    /// asked and never reads the clock between blocks. False: something
+    /// may become pending silently (an embedder's controller, a timer
+    /// nobody ticks), so the core also polls every few blocks.
+    fn kicks_on_events(&self) -> bool {
+        false
     }
 }
 

@@ -7,9 +7,16 @@
 //!   thread (every other access still exits to the VMM); their MSRs and
 //!   kvmclock come through the [`InterruptController`] hooks;
 //! - take INIT/SIPI/NMI/interrupts in one platform look when the core
-//!   polls (its attention flag, which the platform's kicks set, STI/IRET/
-//!   EOI, or every few blocks so timer deadlines are noticed while the
-//!   guest computes);
+//!   polls (its attention flag, which the platform's kicks set, or STI/
+//!   IRET/EOI);
+//! - notice timer deadlines while the guest computes without the vCPUs
+//!   reading the clock: one timer thread per VM ([`TimerThread`]) sleeps
+//!   until the platform's published deadline (re-armed through the
+//!   platform's deadline hook when a deadline moves earlier), then ticks
+//!   the platform, whose kicks set the attention flag of each vCPU that
+//!   got an interrupt. So every event for a vCPU sets its attention flag,
+//!   and chained translated code tests that one flag (QEMU's timers kick
+//!   the vCPU the same way);
 //! - sleep in HLT (IF=1) and in wait-for-SIPI until the next timer deadline
 //!   or a wake-up ([`VcpuSignal`]: a mutex + condvar per vCPU that the
 //!   platform's kicks, IPIs, device interrupts and the VMM's kicker notify);
@@ -56,6 +63,79 @@ pub const ADVERTISE_X2APIC: bool = false;
 const MAX_SLEEP: Duration = Duration::from_millis(100);
 
 const IOAPIC_BASE: u64 = 0xfec0_0000;
+
+/// How long the timer thread waits before ticking again when a tick left
+/// the deadline in the past (a model that cannot advance yet): it must not
+/// spin.
+const TIMER_RETRY: Duration = Duration::from_millis(1);
+
+/// The VM's timer source (see the module notes): a thread that ticks the
+/// platform at its published deadlines. It holds the platform weakly and
+/// ends when the platform is gone or [`Pc`] is dropped.
+pub struct TimerThread {
+    thread: std::thread::Thread,
+    stop: Arc<AtomicBool>,
+}
+
+impl TimerThread {
+    fn spawn(shared: &Arc<SharedPlatform>, clock: &Arc<EngineClock>) -> Option<TimerThread> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (weak, clock, flag) = (Arc::downgrade(shared), clock.clone(), stop.clone());
+        let handle = threads::spawn(threads::Role::Helper("emu-timer".into()), move || {
+            timer_loop(weak, clock, flag)
+        })
+        .ok()?;
+        let thread = handle.thread().clone();
+        let t = thread.clone();
+        // Called under the platform lock: unpark neither blocks nor locks.
+        shared.set_deadline_hook(Arc::new(move || t.unpark()));
+        Some(TimerThread { thread, stop })
+    }
+
+    /// Look at the deadline again now (the clock or the state was replaced).
+    fn rearm(&self) {
+        self.thread.unpark();
+    }
+}
+
+impl Drop for TimerThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.unpark();
+    }
+}
+
+/// The timer thread's body. An unpark that comes before the park is not
+/// lost (the park returns at once), so a deadline published between the
+/// read and the sleep is seen.
+fn timer_loop(
+    shared: std::sync::Weak<SharedPlatform>,
+    clock: Arc<EngineClock>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut ticked_at = None;
+    while !stop.load(Ordering::SeqCst) {
+        let Some(s) = shared.upgrade() else {
+            return;
+        };
+        let now = clock.now_ns();
+        let wait = match s.next_deadline_ns() {
+            Some(d) if d <= now && ticked_at != Some(d) => {
+                // Advances the timers and kicks every vCPU they interrupt.
+                s.tick();
+                ticked_at = Some(d);
+                Duration::ZERO
+            }
+            Some(d) if d <= now => TIMER_RETRY,
+            Some(d) => Duration::from_nanos(d - now).min(MAX_SLEEP),
+            None => MAX_SLEEP,
+        };
+        drop(s);
+        if !wait.is_zero() {
+            std::thread::park_timeout(wait);
+        }
+    }
+}
 
 /// What CPUID advertises on a PC-mode vCPU: the LAPIC with TSC-deadline,
 /// kvmclock with the TSC and APIC bus rates, and (through the fixed TSC
@@ -203,6 +283,9 @@ pub struct Pc {
     /// kvmclock structure versions handed out (even, increasing), so a
     /// re-registered structure is visibly new.
     pvclock_version: AtomicU32,
+    /// None if the thread could not be started: the vCPUs then poll every
+    /// few blocks and read the clock themselves.
+    timer: Option<TimerThread>,
 }
 
 impl Pc {
@@ -225,7 +308,12 @@ impl Pc {
                 s.notify();
             }
         }));
+        let timer = TimerThread::spawn(&shared, &clock);
+        if timer.is_none() {
+            tracing::warn!("no timer thread: the engine's vCPUs poll for timers every few blocks");
+        }
         Arc::new(Pc {
+            timer,
             shared,
             clock,
             signals,
@@ -249,6 +337,12 @@ impl Pc {
 
     pub fn num_vcpus(&self) -> u32 {
         self.signals.len() as u32
+    }
+
+    /// Whether a timer thread ticks the platform at its deadlines (then
+    /// every event sets the target vCPU's attention flag).
+    pub fn has_timer_thread(&self) -> bool {
+        self.timer.is_some()
     }
 
     pub fn signal(&self, vcpu: u32) -> Option<&Arc<VcpuSignal>> {
@@ -277,7 +371,13 @@ impl Pc {
         self.clock.resume_at(s.guest_ns);
         self.pvclock_version
             .store(s.pvclock_version & !1, Ordering::SeqCst);
-        Ok(self.shared.restore(s.platform)?)
+        self.shared.restore(s.platform)?;
+        // Guest time jumped: the timer thread's sleep was computed on the
+        // old clock.
+        if let Some(t) = &self.timer {
+            t.rearm();
+        }
+        Ok(())
     }
 
     fn next_pvclock_version(&self) -> u32 {
@@ -723,6 +823,10 @@ impl VcpuPlatform for PcVcpu {
 
     fn sleeps(&self) -> u64 {
         self.sleeps
+    }
+
+    fn kicks_on_events(&self) -> bool {
+        self.pc.has_timer_thread()
     }
 }
 

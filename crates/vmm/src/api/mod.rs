@@ -793,6 +793,7 @@ mod tests {
             .push("tap=t0,mac=52:54:00:12:34:56".parse().unwrap());
         config.balloon = Some(Default::default());
         config.exit_device = Some(Default::default());
+        config.pvpanic = true;
         config.cpu_affinity = "0=0".parse().unwrap();
         let info = VmInfoReply {
             state: VmState::Running,

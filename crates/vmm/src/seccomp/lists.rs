@@ -78,6 +78,9 @@ const COMMON: &[Allow] = &[
     any("fstat"),
     any("newfstatat"),
     any("restart_syscall"),
+    // Kicking a vCPU out of the guest (pause, stop, an interrupt) is a
+    // signal to its thread, from whichever thread asks.
+    any("tgkill"),
 ];
 
 const MAIN: &[Allow] = &[
@@ -236,15 +239,18 @@ impl Allow {
 
 /// Everything a thread of `kind` may call: the common list and its own.
 pub fn for_role(kind: RoleKind) -> impl Iterator<Item = &'static Allow> {
-    let own: &'static [Allow] = match kind {
-        RoleKind::Main => MAIN,
-        RoleKind::Vcpu => VCPU,
-        RoleKind::Worker => WORKER,
-        RoleKind::Api => API,
-        RoleKind::ApiRequest => API_REQUEST,
-        RoleKind::Console => CONSOLE,
-        RoleKind::Helper => HELPER,
-        RoleKind::Spawner => SPAWNER,
+    let (own, more): (&'static [Allow], &'static [Allow]) = match kind {
+        RoleKind::Main => (MAIN, &[]),
+        RoleKind::Vcpu => (VCPU, &[]),
+        RoleKind::Worker => (WORKER, &[]),
+        RoleKind::Api => (API, &[]),
+        RoleKind::ApiRequest => (API_REQUEST, &[]),
+        RoleKind::Console => (CONSOLE, &[]),
+        RoleKind::Helper => (HELPER, &[]),
+        RoleKind::Spawner => (SPAWNER, &[]),
+        // The gdb stub serves a TCP connection and reads and sets the
+        // guest's state, as an API request does.
+        RoleKind::Gdb => (API, API_REQUEST),
     };
-    COMMON.iter().chain(own.iter())
+    COMMON.iter().chain(own.iter()).chain(more.iter())
 }
