@@ -84,6 +84,8 @@ const COMMON: &[Allow] = &[
 ];
 
 const MAIN: &[Allow] = &[
+    any("readlink"),
+    any("readlinkat"),
     // Waiting for the VM's end, then tearing it down.
     any("wait4"),
     any("waitid"),
@@ -189,6 +191,9 @@ const API_REQUEST: &[Allow] = &[
     any("recvmsg"),
     any("getuid"),
     any("geteuid"),
+    // A migration names its disks by /proc/self/fd links.
+    any("readlink"),
+    any("readlinkat"),
 ];
 
 const CONSOLE: &[Allow] = &[any("ioctl").only_ioctl(&[TTY_TUN])];
