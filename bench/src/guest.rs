@@ -111,7 +111,7 @@ impl Guest {
 
     /// `vireo run` of the binary `vireo` for this guest.
     pub fn vireo(&self, vireo: &Path, accel: Accel) -> Command {
-        let mut c = Command::new(vireo);
+        let mut c = crate::vireo_command(vireo);
         c.args([
             "run",
             "--accel",

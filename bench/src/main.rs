@@ -72,6 +72,21 @@ pub struct BenchArgs {
     /// i.e. built in the same target directory and profile].
     #[arg(long, value_name = "PATH")]
     vireo: Option<PathBuf>,
+    /// An option for every vireo the bench starts, before its subcommand
+    /// (repeatable), e.g. --vireo-arg=--seccomp --vireo-arg=off to measure
+    /// without seccomp filters.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    vireo_arg: Vec<String>,
+}
+
+/// The options `--vireo-arg` gave, for every vireo started.
+static VIREO_ARGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// `vireo` with the `--vireo-arg` options; the caller adds the subcommand.
+pub fn vireo_command(vireo: &Path) -> Command {
+    let mut c = Command::new(vireo);
+    c.args(VIREO_ARGS.get().map(|v| v.as_slice()).unwrap_or_default());
+    c
 }
 
 impl BenchArgs {
@@ -228,6 +243,7 @@ fn run(mut args: BenchArgs) -> Result<()> {
     if !(1..=3600).contains(&args.seconds) {
         bail!("--seconds must be 1 to 3600");
     }
+    let _ = VIREO_ARGS.set(std::mem::take(&mut args.vireo_arg));
     let vireo = match args.vireo.take() {
         Some(path) => path,
         None => vireo_beside_me()?,
@@ -298,7 +314,7 @@ fn spawn_letters(
     elf: &Path,
     sock: &Path,
 ) -> Result<(std::process::Child, std::process::ChildStdout)> {
-    let mut src = Command::new(vireo)
+    let mut src = vireo_command(vireo)
         .args(["run", "--accel", accel, "--boot", "pvh", "--memory"])
         .arg(format!("{mib}M"))
         .arg("--kernel")
@@ -348,7 +364,7 @@ fn snapshot(args: &BenchArgs, runs: usize) -> Result<()> {
             data.push(allocated_kib(&snap.join("memory.bin")));
 
             let start = Instant::now();
-            let mut dst = Command::new(vireo)
+            let mut dst = vireo_command(vireo)
                 .args(["restore", "--from"])
                 .arg(&snap)
                 .stdin(Stdio::null())
@@ -409,7 +425,7 @@ fn migrate(args: &BenchArgs, runs: usize) -> Result<()> {
             let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
             let addr = listener.local_addr()?.to_string();
             drop(listener);
-            let mut dst = Command::new(vireo)
+            let mut dst = vireo_command(vireo)
                 .args(["migrate-receive", "--serial", "none", "--listen", &addr])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -737,7 +753,7 @@ fn startup(args: &BenchArgs, runs: usize) -> Result<()> {
     let vireo_cmd = |accel: &'static str| {
         let (vireo, elf, mem) = (vireo.to_path_buf(), elf.clone(), mem.clone());
         move || {
-            let mut c = Command::new(&vireo);
+            let mut c = vireo_command(&vireo);
             c.args([
                 "run", "--accel", accel, "--boot", "pvh", "--memory", &mem, "--kernel",
             ])

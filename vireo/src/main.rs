@@ -67,6 +67,12 @@ struct Cli {
     /// device-reset, exit; see docs/monitoring.md).
     #[arg(long, value_name = "text|json", default_value = "text", global = true)]
     log_format: LogFormat,
+    /// seccomp filters on every VMM thread: on (a forbidden system call
+    /// ends the VMM with a report naming it and the thread, exit 159), log
+    /// (allowed, logged by the kernel) or off (see docs/isolation.md).
+    /// (For the VMM commands: run, restore, migrate-receive.)
+    #[arg(long, global = true, value_name = "on|log|off", default_value = "on")]
+    seccomp: vmm::seccomp::SeccompMode,
     #[command(subcommand)]
     command: Command,
 }
@@ -681,6 +687,19 @@ fn main() -> ExitCode {
         Command::Run(_) | Command::Restore(_) | Command::MigrateReceive(_)
     ) {
         vmm::snapshot::set_snapshot_key(snapshot_key(cli.snapshot_key_file.as_deref()));
+        // Before the VMM starts any thread. The test-only variable makes
+        // a thread of that role attempt a forbidden call.
+        let test_forbidden = std::env::var("VIREO_TEST_FORBIDDEN_SYSCALL")
+            .ok()
+            .and_then(|r| threads::RoleKind::parse(&r));
+        let settings = vmm::seccomp::SeccompSettings {
+            mode: cli.seccomp,
+            test_forbidden,
+        };
+        if let Err(e) = vmm::seccomp::install(settings) {
+            eprintln!("vireo: error: {e}");
+            return ExitCode::from(e.exit_code() as u8);
+        }
     }
     let code = match cli.command {
         Command::Run(args) => run(args),

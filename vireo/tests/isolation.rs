@@ -171,3 +171,163 @@ fn cpu_affinity_outside_the_host_or_the_vm_is_a_clear_error() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The Seccomp: field of every thread of process `pid`, by thread name.
+fn seccomp_of_threads(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let tid: u64 = e.file_name().to_string_lossy().parse().unwrap();
+        let name = task_status(pid, tid, "Name");
+        out.push((format!("{name} ({tid})"), task_status(pid, tid, "Seccomp")));
+    }
+    out
+}
+
+#[test]
+fn every_thread_of_a_running_vmm_is_filtered() {
+    let g = guest_dir();
+    let dir = temp_dir("seccomp-all");
+    let sock = dir.join("api.sock");
+    let disk = dir.join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    // The guest reads from every device that has a worker thread, then
+    // waits while the threads are looked at. (Its output goes to hvc0
+    // once it opens /dev/console.)
+    let cmd = "exec </dev/console >/dev/console 2>&1; head -c 64 /dev/hwrng >/dev/null; dd if=/dev/vda of=/dev/null bs=4k count=4 2>/dev/null; echo DEVICES-USED; sleep 600";
+    let mut c = vireo();
+    c.args(["run", "--accel", "emu", "--memory", "256M", "--cpus", "2"])
+        .arg("--kernel")
+        .arg(g.join("vmlinux"))
+        .arg("--initrd")
+        .arg(g.join("initramfs.cpio.gz"))
+        .args(["--rng", "--balloon", "--console", "virtio"])
+        .arg("--disk")
+        .arg(format!("path={}", disk.display()))
+        .arg("--vsock")
+        .arg(format!("cid=3,socket={}", dir.join("v.sock").display()))
+        .arg("--api-socket")
+        .arg(&sock)
+        .args(["--metrics", "127.0.0.1:0"])
+        .arg("--cmdline")
+        .arg(format!(
+            "console=hvc0 reboot=k panic=1 quiet vireo.cmd=\"{cmd}\""
+        ));
+    let mut vm = Running::spawn(c);
+    assert!(
+        vm.wait_for("DEVICES-USED", Duration::from_secs(600)),
+        "the guest did not use its devices: {}{}",
+        vm.stdout_text(),
+        vm.stderr_text()
+    );
+    // An API request thread and the counters, while we look.
+    assert!(client(&["counters"], &sock).status.success());
+    let pid = vm.child.id();
+    let threads = seccomp_of_threads(pid);
+    assert!(
+        threads.len() >= 8,
+        "main, spawner, 2 vCPUs, api, metrics, vsock-host and the workers: {threads:?}"
+    );
+    // Workers are named by virtio device id: 2 blk, 3 console, 4 rng,
+    // 5 balloon, 19 vsock.
+    for name in [
+        "vcpu0",
+        "vcpu1",
+        "spawner",
+        "virtio-2",
+        "virtio-4",
+        "vsock-host",
+        "api",
+    ] {
+        assert!(
+            threads
+                .iter()
+                .any(|(n, _)| n.starts_with(&format!("{name} "))),
+            "no {name} thread in {threads:?}"
+        );
+    }
+    for (name, seccomp) in &threads {
+        assert_eq!(seccomp, "2", "thread {name} has no seccomp filter");
+    }
+    let _ = client(&["stop"], &sock);
+    assert_eq!(
+        vm.wait_exit(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        vm.stderr_text()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_forbidden_system_call_ends_the_vmm_with_a_report() {
+    let dir = temp_dir("seccomp-forbidden");
+    let kernel = counting_guest(&dir);
+    for (role, thread) in [("vcpu", "vcpu 0"), ("api", "api"), ("main", "main")] {
+        let sock = dir.join(format!("{role}.sock"));
+        let mut c = vireo();
+        c.env("VIREO_TEST_FORBIDDEN_SYSCALL", role)
+            .args(["run", "--accel", "emu", "--boot", "pvh", "--memory", "64M"])
+            .arg("--kernel")
+            .arg(&kernel)
+            .arg("--api-socket")
+            .arg(&sock);
+        let mut vm = Running::spawn(c);
+        let code = vm.wait_exit(Duration::from_secs(120));
+        let err = vm.stderr_text();
+        assert_eq!(
+            code,
+            Some(159),
+            "{role}: the VMM did not end with 128+SIGSYS: {err}"
+        );
+        let want = format!("vireo: seccomp: the {thread} thread (tid ");
+        assert!(
+            err.contains(&want),
+            "{role}: no report naming the thread: {err}"
+        );
+        assert!(
+            err.contains(") made a forbidden system call: syslog (103)"),
+            "{role}: the report does not name the call: {err}"
+        );
+    }
+    // Under --seccomp log the same call is let through (and logged by the
+    // kernel): the VM runs on.
+    let mut c = vireo();
+    c.env("VIREO_TEST_FORBIDDEN_SYSCALL", "vcpu")
+        .args(["--seccomp", "log", "run", "--accel", "emu", "--boot", "pvh"])
+        .args(["--memory", "64M", "--kernel"])
+        .arg(&kernel);
+    let vm = Running::spawn(c);
+    assert!(
+        wait_until(Duration::from_secs(60), || dots(&vm) >= 3),
+        "log mode: the guest did not run: {}",
+        vm.stderr_text()
+    );
+    drop(vm);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn seccomp_off_installs_no_filter() {
+    let dir = temp_dir("seccomp-off");
+    let mut c = vireo();
+    c.args(["--seccomp", "off", "run", "--accel", "emu", "--boot", "pvh"])
+        .args(["--memory", "64M", "--kernel"])
+        .arg(counting_guest(&dir));
+    let vm = Running::spawn(c);
+    assert!(
+        wait_until(Duration::from_secs(60), || dots(&vm) >= 3),
+        "the guest did not run: {}",
+        vm.stderr_text()
+    );
+    for (name, seccomp) in seccomp_of_threads(vm.child.id()) {
+        assert_eq!(
+            seccomp, "0",
+            "thread {name} is filtered under --seccomp off"
+        );
+    }
+    drop(vm);
+    let _ = std::fs::remove_dir_all(&dir);
+}

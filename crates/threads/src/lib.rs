@@ -43,10 +43,13 @@ pub enum Role {
     /// The terminal-to-console forwarder.
     Console,
     /// A backend's helper thread ("passt-tx", "passt-wait", "passt-log",
-    /// "vsock-host", "virtio-fs-irq").
+    /// "vsock-host", "virtio-fs-irq", the engine's "emu-timer").
     Helper(String),
     /// The thread that creates every other one (see the module doc).
     Spawner,
+    /// The gdb stub (`--gdb`): its connection, the guest's registers and
+    /// memory.
+    Gdb,
 }
 
 /// The kinds of [`Role`], what per-role tables (seccomp lists, cgroups)
@@ -61,10 +64,11 @@ pub enum RoleKind {
     Console,
     Helper,
     Spawner,
+    Gdb,
 }
 
 impl RoleKind {
-    pub const ALL: [RoleKind; 8] = [
+    pub const ALL: [RoleKind; 9] = [
         RoleKind::Main,
         RoleKind::Vcpu,
         RoleKind::Api,
@@ -73,6 +77,7 @@ impl RoleKind {
         RoleKind::Console,
         RoleKind::Helper,
         RoleKind::Spawner,
+        RoleKind::Gdb,
     ];
 
     /// The name `vm.info` and the docs use.
@@ -86,6 +91,7 @@ impl RoleKind {
             RoleKind::Console => "console",
             RoleKind::Helper => "helper",
             RoleKind::Spawner => "spawner",
+            RoleKind::Gdb => "gdb",
         }
     }
 
@@ -111,6 +117,7 @@ impl Role {
             Role::Console => RoleKind::Console,
             Role::Helper(_) => RoleKind::Helper,
             Role::Spawner => RoleKind::Spawner,
+            Role::Gdb => RoleKind::Gdb,
         }
     }
 
@@ -123,6 +130,7 @@ impl Role {
             Role::ApiRequest => "api-request".into(),
             Role::Console => "console".into(),
             Role::Spawner => "spawner".into(),
+            Role::Gdb => "gdb".into(),
         }
     }
 }
@@ -311,6 +319,11 @@ impl<T> Handle<T> {
     /// The thread's host TID.
     pub fn tid(&self) -> u32 {
         self.tid
+    }
+
+    /// The thread itself (to unpark it).
+    pub fn thread(&self) -> &std::thread::Thread {
+        self.join.thread()
     }
 
     pub fn is_finished(&self) -> bool {

@@ -187,6 +187,10 @@ pub enum VmmError {
     /// The VMM's main thread is gone while the API waited on it.
     #[error("{0}")]
     VmmStopped(&'static str),
+    /// The VMM cannot confine itself as asked: a seccomp filter that does
+    /// not build or install, a jail that cannot be set up.
+    #[error("{0}")]
+    Isolation(String),
     /// The gdb stub cannot listen where `--gdb` says, or cannot hold the VM.
     #[error("{0}")]
     Gdb(String),
@@ -231,7 +235,8 @@ impl VmmError {
             | Pause(_)
             | ApiServer(_)
             | Gdb(_)
-            | VmmStopped(_) => exit_code::VMM_ERROR,
+            | VmmStopped(_)
+            | Isolation(_) => exit_code::VMM_ERROR,
             Cgroup(_) => exit_code::VMM_ERROR,
         }
     }
@@ -285,7 +290,8 @@ impl VmmError {
             | Destination(_)
             | ApiServer(_)
             | Gdb(_)
-            | VmmStopped(_) => 500,
+            | VmmStopped(_)
+            | Isolation(_) => 500,
         }
     }
 }

@@ -189,12 +189,8 @@ impl GdbServer {
                 ""
             }
         );
-        // The stub reads and writes vCPU state and guest memory as an API
-        // request running a snapshot does: its role's allowances.
-        let thread = threads::spawn(threads::Role::ApiRequest, move || {
-            serve(listener, vm, exits)
-        })
-        .map_err(|e| format!("cannot start the gdb thread: {e}"))?;
+        let thread = threads::spawn(threads::Role::Gdb, move || serve(listener, vm, exits))
+            .map_err(|e| format!("cannot start the gdb thread: {e}"))?;
         Ok(GdbServer { _thread: thread })
     }
 }

@@ -228,6 +228,11 @@ fn run_built(b: Built, servers: &Servers, how: &str) -> Result<VmExit, VmmError>
 /// `how` says where the VM came from (boot, restore, migration) for its
 /// start event.
 fn run_with_console(vm: Vm, input: bool, how: &str) -> VmExit {
+    // The VM is built: from here the main thread only waits and tears
+    // down, so it takes its own filter before any vCPU runs.
+    if let Err(e) = crate::seccomp::confine_main() {
+        return VmExit::Error(e.to_string());
+    }
     let info = vm.info();
     crate::events::started(how, info.accel, info.vcpus, info.memory_bytes);
     let _console = if input {

@@ -28,6 +28,7 @@ mod launch;
 pub mod migration;
 mod persist;
 pub mod rate_limits;
+pub mod seccomp;
 pub mod snapshot;
 mod vcpu;
 mod vm;

@@ -81,10 +81,10 @@ impl TimerThread {
     fn spawn(shared: &Arc<SharedPlatform>, clock: &Arc<EngineClock>) -> Option<TimerThread> {
         let stop = Arc::new(AtomicBool::new(false));
         let (weak, clock, flag) = (Arc::downgrade(shared), clock.clone(), stop.clone());
-        let handle = std::thread::Builder::new()
-            .name("emu-timer".into())
-            .spawn(move || timer_loop(weak, clock, flag))
-            .ok()?;
+        let handle = threads::spawn(threads::Role::Helper("emu-timer".into()), move || {
+            timer_loop(weak, clock, flag)
+        })
+        .ok()?;
         let thread = handle.thread().clone();
         let t = thread.clone();
         // Called under the platform lock: unpark neither blocks nor locks.
