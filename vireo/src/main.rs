@@ -69,9 +69,10 @@ struct Cli {
     log_format: LogFormat,
     /// seccomp filters on every VMM thread: on (a forbidden system call
     /// ends the VMM with a report naming it and the thread, exit 159), log
-    /// (allowed, logged by the kernel) or off (see docs/isolation.md).
+    /// (the filters are installed; a call outside them is allowed and
+    /// logged by the kernel's audit log) or off (see docs/isolation.md).
     /// (For the VMM commands: run, restore, migrate-receive.)
-    #[arg(long, global = true, value_name = "on|log|off", default_value = "on")]
+    #[arg(long, global = true, value_name = "on|log|off", default_value = "log")]
     seccomp: vmm::seccomp::SeccompMode,
     #[command(subcommand)]
     command: Command,

@@ -269,7 +269,8 @@ fn a_forbidden_system_call_ends_the_vmm_with_a_report() {
         let sock = dir.join(format!("{role}.sock"));
         let mut c = vireo();
         c.env("VIREO_TEST_FORBIDDEN_SYSCALL", role)
-            .args(["run", "--accel", "emu", "--boot", "pvh", "--memory", "64M"])
+            .args(["--seccomp", "on", "run", "--accel", "emu", "--boot", "pvh"])
+            .args(["--memory", "64M"])
             .arg("--kernel")
             .arg(&kernel)
             .arg("--api-socket")

@@ -140,6 +140,10 @@ const WORKER: &[Allow] = &[
     any("socket").only_arg0(UNIX_INET),
     any("connect"),
     any("shutdown"),
+    // Rate limiters wait for tokens on a timerfd.
+    any("timerfd_create"),
+    any("timerfd_settime"),
+    any("timerfd_gettime"),
 ];
 
 const API: &[Allow] = &[
