@@ -117,6 +117,11 @@ const VCPU: &[Allow] = &[
     any("tgkill"),
     any("timerfd_create"),
     any("timerfd_settime"),
+    // A vhost-user device (virtio-fs) is set up when the guest's driver
+    // writes DRIVER_OK: the vCPU sends virtiofsd its memory table and
+    // rings, fds attached.
+    any("sendmsg"),
+    any("recvmsg"),
 ];
 
 const WORKER: &[Allow] = &[
@@ -198,6 +203,9 @@ const API_REQUEST: &[Allow] = &[
     // A migration names its disks by /proc/self/fd links.
     any("readlink"),
     any("readlinkat"),
+    // A rate limit changed live re-arms the device's token timer.
+    any("timerfd_settime"),
+    any("timerfd_gettime"),
 ];
 
 const CONSOLE: &[Allow] = &[any("ioctl").only_ioctl(&[TTY_TUN])];
