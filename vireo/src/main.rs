@@ -69,10 +69,10 @@ struct Cli {
     log_format: LogFormat,
     /// seccomp filters on every VMM thread: on (a forbidden system call
     /// ends the VMM with a report naming it and the thread, exit 159), log
-    /// (the filters are installed; a call outside them is allowed and
-    /// logged by the kernel's audit log) or off (see docs/isolation.md).
+    /// (a call outside the filters is allowed and logged by the kernel's
+    /// audit log: for finding a missing call) or off (see docs/isolation.md).
     /// (For the VMM commands: run, restore, migrate-receive.)
-    #[arg(long, global = true, value_name = "on|log|off", default_value = "log")]
+    #[arg(long, global = true, value_name = "on|log|off", default_value = "on")]
     seccomp: vmm::seccomp::SeccompMode,
     #[command(subcommand)]
     command: Command,

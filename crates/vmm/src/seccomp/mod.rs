@@ -41,12 +41,10 @@ pub const EXIT_FORBIDDEN: i32 = 128 + libc::SIGSYS;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SeccompMode {
     /// Forbidden calls end the VMM with a report.
+    #[default]
     On,
     /// Forbidden calls are allowed and logged by the kernel (the audit
     /// log: `dmesg` shows `type=1326 ... comm="THREAD" ... syscall=N`).
-    /// The default until the allow-lists have been through every path the
-    /// suite takes under `on` (docs/isolation.md).
-    #[default]
     Log,
     /// No filters.
     Off,
