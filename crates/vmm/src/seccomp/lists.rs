@@ -225,7 +225,9 @@ const HELPER: &[Allow] = &[
     any("shutdown"),
     any("getsockopt"),
     any("setsockopt"),
-    any("ioctl").only_ioctl(&[SOCK_IF]),
+    // SOCK_IF: interface requests; TTY_TUN's type also holds FIONBIO,
+    // which std's set_nonblocking uses (vsock-host on an accepted stream).
+    any("ioctl").only_ioctl(&[SOCK_IF, TTY_TUN]),
 ];
 
 /// The spawner only creates threads (its filter adds every other list)
