@@ -16,6 +16,19 @@ use crate::net::{NetBackend, NetWorker, RX_QUEUE, TX_QUEUE};
 use crate::queue::{walk_chain, QueueConfig, VirtQueue};
 use crate::QueueWorker;
 
+/// xorshift64 (shifts 13, 7, 17): the fixed-seed generator the harnesses'
+/// randomized tests draw their inputs from, so a failure reproduces.
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
 /// Guest memory the harness builds: small, so random addresses often hit
 /// it and often miss.
 pub const FUZZ_MEM_SIZE: usize = 0x1_0000;

@@ -2,18 +2,7 @@
 //! well-formed receive and transmit rings, then the same rings with random
 //! damage and random host frames (fixed seeds, so a failure reproduces).
 
-use virtio::fuzzing::{fuzz_net, NetFuzzOutcome, FUZZ_NET_HEADER, FUZZ_NET_MEM_SIZE};
-
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
+use virtio::fuzzing::{fuzz_net, NetFuzzOutcome, XorShift, FUZZ_NET_HEADER, FUZZ_NET_MEM_SIZE};
 
 /// Where each queue's rings are: descriptors at the base, the avail ring
 /// 0x200 above, the used ring 0x400 above.

@@ -2,18 +2,7 @@
 //! failure reproduces), plus mostly well-formed rings with random damage,
 //! which reach deeper than pure noise.
 
-use virtio::fuzzing::{fuzz_queue, FUZZ_MEM_SIZE};
-
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
+use virtio::fuzzing::{fuzz_queue, XorShift, FUZZ_MEM_SIZE};
 
 #[test]
 fn random_ring_memory_never_panics() {
