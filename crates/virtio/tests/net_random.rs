@@ -111,28 +111,28 @@ fn well_formed_rings_move_every_frame_both_ways() {
 fn damaged_rings_and_random_frames_never_panic() {
     let mut rng = XorShift(0x5eed_f7e7_u64);
     for round in 0..300 {
-        let frames: Vec<Vec<u8>> = (0..(rng.next() % 5))
+        let frames: Vec<Vec<u8>> = (0..(rng.next_u64() % 5))
             .map(|_| {
-                let len = [0usize, 5, 12, 80, 0x900, 0xffff][rng.next() as usize % 6];
-                (0..len).map(|_| rng.next() as u8).collect()
+                let len = [0usize, 5, 12, 80, 0x900, 0xffff][rng.next_u64() as usize % 6];
+                (0..len).map(|_| rng.next_u64() as u8).collect()
             })
             .collect();
         let (mut m, mem_at) = input(&frames, (round % 4) as u8);
-        for _ in 0..(rng.next() % 8) {
+        for _ in 0..(rng.next_u64() % 8) {
             // Damage the rings (in guest memory) or the queue set-up.
-            let at = if rng.next().is_multiple_of(4) {
-                rng.next() as usize % FUZZ_NET_HEADER
+            let at = if rng.next_u64().is_multiple_of(4) {
+                rng.next_u64() as usize % FUZZ_NET_HEADER
             } else {
-                mem_at + 0x1000 + (rng.next() as usize % 0x1500)
+                mem_at + 0x1000 + (rng.next_u64() as usize % 0x1500)
             };
-            m[at] = rng.next() as u8;
+            m[at] = rng.next_u64() as u8;
         }
         fuzz_net(&m);
     }
     let mut rng = XorShift(0x0dd_ba11);
     for len in [0usize, 1, 16, 4096, FUZZ_NET_MEM_SIZE + 300] {
         for _ in 0..10 {
-            let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
             fuzz_net(&data);
         }
     }

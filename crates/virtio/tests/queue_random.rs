@@ -9,7 +9,7 @@ fn random_ring_memory_never_panics() {
     let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
     for len in [0usize, 1, 7, 64, 4096] {
         for _ in 0..50 {
-            let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
             fuzz_queue(&data);
         }
     }
@@ -41,9 +41,9 @@ fn damaged_valid_rings_never_panic() {
         for (k, h) in [0u16, 3, 6, 9, 12, 15].iter().enumerate() {
             m[0x2004 + 2 * k..0x2006 + 2 * k].copy_from_slice(&h.to_le_bytes());
         }
-        for _ in 0..(rng.next() % 6) {
-            let at = 0x1000 + (rng.next() as usize % 0x2100);
-            m[at] = rng.next() as u8;
+        for _ in 0..(rng.next_u64() % 6) {
+            let at = 0x1000 + (rng.next_u64() as usize % 0x2100);
+            m[at] = rng.next_u64() as u8;
         }
         fuzz_queue(&m);
     }
