@@ -51,13 +51,8 @@ const LEAF1_EDX: u32 = FEAT_FPU
     | FEAT_FXSR
     | FEAT_SSE
     | FEAT_SSE2;
-const LEAF1_ECX: u32 = FEAT_SSE3
-    | FEAT_SSSE3
-    | FEAT_CX16
-    | FEAT_SSE41
-    | FEAT_SSE42
-    | FEAT_POPCNT
-    | FEAT_HYPERVISOR;
+const LEAF1_ECX: u32 =
+    FEAT_SSE3 | FEAT_SSSE3 | FEAT_CX16 | FEAT_SSE41 | FEAT_SSE42 | FEAT_POPCNT | FEAT_HYPERVISOR;
 
 /// Features the embedder turns on when it provides the hardware behind them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -614,7 +614,11 @@ fn vector(core: &mut Core, insn: &Instruction, mn: M) -> R {
             let s = src(core, insn, 1, !packed)?;
             let f = |x: f32| -> u64 {
                 // Denormal inputs count as zero, as on hardware.
-                let x = if x.is_subnormal() { 0.0f32.copysign(x) } else { x };
+                let x = if x.is_subnormal() {
+                    0.0f32.copysign(x)
+                } else {
+                    x
+                };
                 let r = if matches!(mn, M::Rcpps | M::Rcpss) {
                     1.0 / x
                 } else {
@@ -887,23 +891,26 @@ fn convert(core: &mut Core, insn: &Instruction, mn: M) -> R {
     // 128-bit memory operands must be aligned; 64-bit ones need not be.
     let s = src(core, insn, 1, false)?;
     let d = xreg(core, insn, 0);
-    let trunc = matches!(mn, M::Cvttpd2dq | M::Cvttps2dq | M::Cvttps2pi | M::Cvttpd2pi);
+    let trunc = matches!(
+        mn,
+        M::Cvttpd2dq | M::Cvttps2dq | M::Cvttps2pi | M::Cvttpd2pi
+    );
     let to_i = |core: &Core, v: f64| f2i(round_mxcsr(core, v, trunc), 4);
     let i32s = |v: u128, i: u32| lane(v, 32, i) as u32 as i32;
     let r = match mn {
         M::Cvtdq2ps => map2(s, 0, 32, |a, _| (a as u32 as i32 as f32).to_bits() as u64),
-        M::Cvtdq2pd | M::Cvtpi2pd => {
-            (0..2).fold(0u128, |r, i| with_lane(r, 64, i, (i32s(s, i) as f64).to_bits()))
-        }
+        M::Cvtdq2pd | M::Cvtpi2pd => (0..2).fold(0u128, |r, i| {
+            with_lane(r, 64, i, (i32s(s, i) as f64).to_bits())
+        }),
         M::Cvtpi2ps => (0..2).fold(d, |r, i| {
             with_lane(r, 32, i, (i32s(s, i) as f32).to_bits() as u64)
         }),
-        M::Cvtps2dq | M::Cvttps2dq => {
-            (0..4).fold(0u128, |r, i| with_lane(r, 32, i, to_i(core, f32s(s, i) as f64)))
-        }
-        M::Cvtps2pi | M::Cvttps2pi => {
-            (0..2).fold(0u128, |r, i| with_lane(r, 32, i, to_i(core, f32s(s, i) as f64)))
-        }
+        M::Cvtps2dq | M::Cvttps2dq => (0..4).fold(0u128, |r, i| {
+            with_lane(r, 32, i, to_i(core, f32s(s, i) as f64))
+        }),
+        M::Cvtps2pi | M::Cvttps2pi => (0..2).fold(0u128, |r, i| {
+            with_lane(r, 32, i, to_i(core, f32s(s, i) as f64))
+        }),
         M::Cvtpd2dq | M::Cvttpd2dq | M::Cvtpd2pi | M::Cvttpd2pi => {
             (0..2).fold(0u128, |r, i| with_lane(r, 32, i, to_i(core, f64s(s, i))))
         }
@@ -911,7 +918,9 @@ fn convert(core: &mut Core, insn: &Instruction, mn: M) -> R {
             with_lane(r, 32, i, (f64s(s, i) as f32).to_bits() as u64)
         }),
         // CVTPS2PD
-        _ => (0..2).fold(0u128, |r, i| with_lane(r, 64, i, (f32s(s, i) as f64).to_bits())),
+        _ => (0..2).fold(0u128, |r, i| {
+            with_lane(r, 64, i, (f32s(s, i) as f64).to_bits())
+        }),
     };
     set_x(core, insn, 0, r);
     Ok(())

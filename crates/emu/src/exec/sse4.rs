@@ -208,7 +208,10 @@ fn run(core: &mut Core, insn: &Instruction, mn: M) -> R {
             let half = w / bits / 2;
             let r = (0..2 * half).fold(0u128, |r, i| {
                 let (v, k) = if i < half { (d, i) } else { (s, i - half) };
-                let (a, b) = (sx(lane(v, bits, 2 * k), bits), sx(lane(v, bits, 2 * k + 1), bits));
+                let (a, b) = (
+                    sx(lane(v, bits, 2 * k), bits),
+                    sx(lane(v, bits, 2 * k + 1), bits),
+                );
                 let x = match mn {
                     M::Phaddw | M::Phaddd => a.wrapping_add(b) as u64,
                     M::Phsubw | M::Phsubd => a.wrapping_sub(b) as u64,
@@ -467,7 +470,9 @@ fn run(core: &mut Core, insn: &Instruction, mn: M) -> R {
                 }
             };
             let r = match mn {
-                M::Roundps => map2(s, 0, 32, |a, _| r32(f32::from_bits(a as u32)).to_bits() as u64),
+                M::Roundps => map2(s, 0, 32, |a, _| {
+                    r32(f32::from_bits(a as u32)).to_bits() as u64
+                }),
                 M::Roundpd => map2(s, 0, 64, |a, _| r64(f64::from_bits(a)).to_bits()),
                 M::Roundss => with_lane(d, 32, 0, r32(f32s(s, 0)).to_bits() as u64),
                 _ => with_lane(d, 64, 0, r64(f64s(s, 0)).to_bits()),
