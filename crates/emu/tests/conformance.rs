@@ -715,3 +715,81 @@ fn mmx_state_is_the_x87_state_in_fxsave_and_fxrstor() {
     // EMMS empties the tags.
     assert_eq!(g.r64(img + 0x200) >> 32 & 0xff, 0, "EMMS");
 }
+
+#[test]
+fn every_advertised_vector_instruction_executes() {
+    // Every legacy encoding (no prefix, 66, F2, F3, 66 F2, each with and
+    // without REX.W; maps 0F, 0F 38, 0F 3A; register and memory forms with
+    // each ModRM.reg) that decodes to an instruction
+    // of MMX, SSE to SSE4.2, POPCNT or LZCNT runs without an exception and
+    // without an internal error: nothing CPUID advertises is missing.
+    use emu::cpuid::has_feature;
+    use iced_x86::{CpuidFeature as F, Decoder, DecoderOptions};
+    let cfg = CpuidConfig::default();
+    let families = [
+        F::MMX,
+        F::SSE,
+        F::SSE2,
+        F::SSE3,
+        F::SSSE3,
+        F::SSE4_1,
+        F::SSE4_2,
+        F::POPCNT,
+        F::LZCNT,
+    ];
+    let mut g = guest();
+    let mut r0 = g.regs();
+    r0.rip = CODE;
+    r0.rbx = DATA;
+    r0.rdi = DATA;
+    let mut mnemonics = std::collections::BTreeSet::new();
+    let prefixes: [&[u8]; 10] = [
+        &[],
+        &[0x66],
+        &[0xf2],
+        &[0xf3],
+        &[0x66, 0xf2],
+        &[0x48],
+        &[0x66, 0x48],
+        &[0xf2, 0x48],
+        &[0xf3, 0x48],
+        &[0x66, 0xf2, 0x48],
+    ];
+    let modrms: Vec<u8> = (0..8u8)
+        .flat_map(|r| [0xc1 | r << 3, 0x03 | r << 3])
+        .collect();
+    let maps: [&[u8]; 3] = [&[0x0f], &[0x0f, 0x38], &[0x0f, 0x3a]];
+    for prefix in prefixes {
+        for map in maps {
+            for op in 0..=255u8 {
+                for &modrm in &modrms {
+                    let mut b = prefix.to_vec();
+                    b.extend_from_slice(map);
+                    b.extend_from_slice(&[op, modrm, 0x01]);
+                    let mut d = Decoder::with_ip(64, &b, CODE, DecoderOptions::NONE);
+                    let insn = d.decode();
+                    let f = insn.cpuid_features();
+                    if insn.is_invalid()
+                        || !f.iter().any(|x| families.contains(x))
+                        || !f.iter().all(|x| has_feature(&cfg, *x))
+                    {
+                        continue;
+                    }
+                    let mut code = b[..insn.len()].to_vec();
+                    code.extend_from_slice(&[0xbb, 0x0e, 0x0d, 0, 0, 0xf4]); // mov ebx, DONE; hlt
+                    g.write(CODE, &code);
+                    g.write(DATA, &[0u8; 64]);
+                    g.vcpu.core_mut().flush_all_caches();
+                    g.set_regs(&r0);
+                    let e = g.run();
+                    assert_eq!(e, Ex::Halt, "{b:02x?} ({insn}): exit");
+                    let r = g.regs();
+                    assert_eq!(r.rbx, DONE, "{b:02x?} ({insn}): exception {:#x}", r.rax);
+                    mnemonics.insert(format!("{:?}", insn.mnemonic()));
+                }
+            }
+        }
+    }
+    eprintln!("{} mnemonics executed", mnemonics.len());
+    assert!(mnemonics.len() > 260, "{mnemonics:?}");
+}

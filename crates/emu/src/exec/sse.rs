@@ -311,7 +311,12 @@ pub fn execute(core: &mut Core, insn: &Instruction) -> R {
     if mn == M::Crc32 {
         return super::sse4::crc32(core, insn);
     }
-    let sse = (0..insn.op_count()).any(|n| is_xmm(insn, n)) || matches!(mn, M::Movnti);
+    // The SSE forms without an XMM operand: a GPR and memory.
+    let sse = (0..insn.op_count()).any(|n| is_xmm(insn, n))
+        || matches!(
+            mn,
+            M::Movnti | M::Cvttsd2si | M::Cvtsd2si | M::Cvttss2si | M::Cvtss2si
+        );
     let mmx = (0..insn.op_count()).any(|n| is_mm(insn, n));
     if !sse && !mmx {
         if mn == M::Emms {
