@@ -82,7 +82,7 @@ struct Cli {
 enum Command {
     /// Boot a VM and attach its serial console to this terminal.
     #[command(after_help = EXIT_CODES)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check that a running VMM's API answers (prints its version).
     Ping(ApiArgs),
     /// Print a running VM's state, configuration, vCPUs and devices (JSON).
@@ -739,7 +739,7 @@ fn main() -> ExitCode {
         }
     }
     let code = match cli.command {
-        Command::Run(args) => run(args, cli.seccomp),
+        Command::Run(args) => run(*args, cli.seccomp),
         Command::Ping(a) => api_call(&a.api_socket, ApiAction::VmmPing),
         Command::Info(a) => api_call(&a.api_socket, ApiAction::VmInfo),
         Command::Pause(a) => api_call(&a.api_socket, ApiAction::VmPause),
