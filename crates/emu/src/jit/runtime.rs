@@ -81,11 +81,22 @@ pub(super) const RET_LINKS: usize = 1024;
 /// translated before is translated again when hot.
 const ARENA_SIZE: usize = 32 << 20;
 
-/// Executable memory for translations: one mapping, read+execute except
-/// for the pages a new translation is being written to (W^X), bump
-/// allocated.
+/// Executable memory for translations, bump allocated.
+///
+/// Normally one memfd mapped twice: `base` is the read+execute view that
+/// runs, `wbase` a read+write view of the same pages that new translations
+/// are copied through, so compiling a block makes no system call (W^X
+/// holds per view: no address is both writable and executable). Where a
+/// memfd cannot be made or mapped executable (an old kernel,
+/// `vm.memfd_noexec`), the arena is one anonymous mapping kept
+/// read+execute except while a translation is written (`wbase` == `base`,
+/// two `mprotect`s per block).
+///
+/// Invariant: `used` and the start of every translation are 16-byte
+/// aligned and below `ARENA_SIZE`; both views map the same bytes.
 struct Arena {
     base: *mut u8,
+    wbase: *mut u8,
     used: usize,
     gen: u64,
 }
@@ -94,6 +105,7 @@ impl Default for Arena {
     fn default() -> Self {
         Arena {
             base: std::ptr::null_mut(),
+            wbase: std::ptr::null_mut(),
             used: 0,
             gen: 0,
         }
@@ -103,35 +115,96 @@ impl Default for Arena {
 impl Drop for Arena {
     fn drop(&mut self) {
         if !self.base.is_null() {
-            // SAFETY: our own mapping; no code from it runs any more (the
-            // owning core is being dropped).
-            unsafe { libc::munmap(self.base as *mut libc::c_void, ARENA_SIZE) };
+            // SAFETY: our own mappings; no code from them runs any more
+            // (the owning core is being dropped).
+            unsafe {
+                libc::munmap(self.base as *mut libc::c_void, ARENA_SIZE);
+                if self.wbase != self.base {
+                    libc::munmap(self.wbase as *mut libc::c_void, ARENA_SIZE);
+                }
+            }
         }
     }
 }
 
+/// The two views of a fresh memfd of `ARENA_SIZE` bytes (executable,
+/// writable), or None if the host refuses any step.
+fn dual_map() -> Option<(*mut u8, *mut u8)> {
+    // SAFETY: plain system calls on a descriptor this function owns; the
+    // mappings are new and belong to the caller.
+    unsafe {
+        let fd = libc::memfd_create(c"vireo-jit".as_ptr(), libc::MFD_CLOEXEC);
+        if fd < 0 {
+            return None;
+        }
+        let map = |prot| {
+            libc::mmap(
+                std::ptr::null_mut(),
+                ARENA_SIZE,
+                prot,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                fd,
+                0,
+            )
+        };
+        let mut views = None;
+        if libc::ftruncate(fd, ARENA_SIZE as libc::off_t) == 0 {
+            let x = map(libc::PROT_READ | libc::PROT_EXEC);
+            if x != libc::MAP_FAILED {
+                let w = map(libc::PROT_READ | libc::PROT_WRITE);
+                if w != libc::MAP_FAILED {
+                    views = Some((x as *mut u8, w as *mut u8));
+                } else {
+                    libc::munmap(x, ARENA_SIZE);
+                }
+            }
+        }
+        // The mappings keep the memory; the descriptor is not needed.
+        libc::close(fd);
+        views
+    }
+}
+
 impl Arena {
+    /// Map the arena on first use; false if no mapping could be made.
+    fn map(&mut self) -> bool {
+        if let Some((x, w)) = dual_map() {
+            self.base = x;
+            self.wbase = w;
+            return true;
+        }
+        // SAFETY: a fresh private anonymous mapping.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                ARENA_SIZE,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return false;
+        }
+        self.base = p as *mut u8;
+        self.wbase = self.base;
+        true
+    }
+
+    /// Whether translations are written through a second view (no
+    /// protection change per block).
+    fn dual(&self) -> bool {
+        !self.base.is_null() && self.wbase != self.base
+    }
+
     /// Copy `code` into executable memory; None if that failed.
     fn put(&mut self, code: &[u8]) -> Option<*const u8> {
         if code.len() > ARENA_SIZE {
             return None;
         }
-        if self.base.is_null() {
-            // SAFETY: a fresh private anonymous mapping.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    ARENA_SIZE,
-                    libc::PROT_READ | libc::PROT_EXEC,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                    -1,
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                return None;
-            }
-            self.base = p as *mut u8;
+        if self.base.is_null() && !self.map() {
+            return None;
         }
         if self.used + code.len() > ARENA_SIZE {
             // Every older translation becomes stale (blocks check `gen`).
@@ -139,18 +212,27 @@ impl Arena {
             self.used = 0;
         }
         let at = self.used;
-        let first = at & !4095;
-        let end = (at + code.len() + 4095) & !4095;
-        // SAFETY: [first, end) is inside the mapping; no translated code
-        // runs while this vCPU compiles, and only this vCPU uses the arena.
-        unsafe {
-            let page = self.base.add(first) as *mut libc::c_void;
-            if libc::mprotect(page, end - first, libc::PROT_READ | libc::PROT_WRITE) != 0 {
-                return None;
-            }
-            std::ptr::copy_nonoverlapping(code.as_ptr(), self.base.add(at), code.len());
-            if libc::mprotect(page, end - first, libc::PROT_READ | libc::PROT_EXEC) != 0 {
-                return None;
+        if self.dual() {
+            // SAFETY: [at, at + len) is inside the writable view; no
+            // translated code runs while this vCPU compiles, only this vCPU
+            // uses the arena, and the bytes are not reachable as code until
+            // a block's state names them (after this returns).
+            unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), self.wbase.add(at), code.len()) };
+        } else {
+            let first = at & !4095;
+            let end = (at + code.len() + 4095) & !4095;
+            // SAFETY: [first, end) is inside the mapping; no translated
+            // code runs while this vCPU compiles, and only this vCPU uses
+            // the arena.
+            unsafe {
+                let page = self.base.add(first) as *mut libc::c_void;
+                if libc::mprotect(page, end - first, libc::PROT_READ | libc::PROT_WRITE) != 0 {
+                    return None;
+                }
+                std::ptr::copy_nonoverlapping(code.as_ptr(), self.base.add(at), code.len());
+                if libc::mprotect(page, end - first, libc::PROT_READ | libc::PROT_EXEC) != 0 {
+                    return None;
+                }
             }
         }
         // Keep entry points 16-byte aligned.
@@ -167,6 +249,8 @@ pub struct Jit {
     pub perf_map: bool,
     /// An exception from an instruction run through the interpreter.
     pub exc: Option<Exc>,
+    /// The perf map, once a translation was recorded in it.
+    perf_file: Option<std::fs::File>,
     arena: Arena,
     /// Blocks compiled (statistics).
     pub compiled: u64,
@@ -187,6 +271,7 @@ impl Jit {
             threshold: cfg.threshold,
             perf_map: cfg.perf_map,
             exc: None,
+            perf_file: None,
             arena: Arena::default(),
             compiled: 0,
             ret_links: (0..RET_LINKS)
@@ -288,14 +373,20 @@ fn compile(core: &mut Core, block: &Block) -> Option<(JitFn, usize)> {
     core.jit.compiled += 1;
     if core.jit.perf_map {
         // perf's JIT symbol map: `perf report` names samples by guest RIP.
+        // Opened once per core (appends from several vCPUs interleave
+        // whole lines: each is one write of an O_APPEND file).
         use std::io::Write;
-        let path = format!("/tmp/perf-{}.map", std::process::id());
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
-            let _ = writeln!(f, "{:x} {:x} guest_{:x}", p as usize, code.len(), block.rip);
+        if core.jit.perf_file.is_none() {
+            let path = format!("/tmp/perf-{}.map", std::process::id());
+            core.jit.perf_file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .ok();
+        }
+        if let Some(f) = core.jit.perf_file.as_mut() {
+            let line = format!("{:x} {:x} guest_{:x}\n", p as usize, code.len(), block.rip);
+            let _ = f.write_all(line.as_bytes());
         }
     }
     // SAFETY: `p` is the start of the function just written.
@@ -435,4 +526,67 @@ pub fn prepare(core: &mut Core) {
     core.jit.ctx.xmask = (PERM_NX | u as u8) as u64;
     core.jit.ctx.xwant = u;
     core.jit.ctx.attention = std::sync::Arc::as_ptr(&core.attention) as usize;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `mov eax, imm32; ret`
+    fn ret_imm(v: u32) -> Vec<u8> {
+        let mut c = vec![0xb8];
+        c.extend_from_slice(&v.to_le_bytes());
+        c.push(0xc3);
+        c
+    }
+
+    fn call(p: *const u8) -> u32 {
+        // SAFETY: `p` is a function written by `Arena::put` just before.
+        let f = unsafe { std::mem::transmute::<*const u8, extern "sysv64" fn() -> u32>(p) };
+        f()
+    }
+
+    #[test]
+    fn the_arena_runs_what_it_was_given_through_either_view() {
+        let mut a = Arena::default();
+        let p1 = a.put(&ret_imm(0x1234_5678)).expect("arena");
+        let p2 = a.put(&ret_imm(42)).expect("arena");
+        // Both in one page: writing the second must not disturb the first.
+        assert_eq!(p2 as usize - p1 as usize, 16);
+        assert_eq!(call(p1), 0x1234_5678);
+        assert_eq!(call(p2), 42);
+        // Linux with memfd: the two-view arena, no protection flips.
+        assert!(a.dual(), "the arena fell back to mprotect on this host");
+        // W^X per view: the executed view is not writable, the written
+        // one not executable.
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let perms = |p: *mut u8| {
+            let start = format!("{:x}-", p as usize);
+            let line = maps.lines().find(|l| l.starts_with(&start)).unwrap();
+            line.split_whitespace().nth(1).unwrap().to_string()
+        };
+        assert_eq!(perms(a.base), "r-xs");
+        assert_eq!(perms(a.wbase), "rw-s");
+        // The fallback: one view, flipped around each write.
+        let mut fallback = Arena::default();
+        fallback.base = {
+            // SAFETY: a fresh private anonymous mapping, owned by `fallback`.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    ARENA_SIZE,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED);
+            p as *mut u8
+        };
+        fallback.wbase = fallback.base;
+        assert!(!fallback.dual());
+        let q = fallback.put(&ret_imm(7)).expect("fallback arena");
+        assert_eq!(call(q), 7);
+    }
 }
