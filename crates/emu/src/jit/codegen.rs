@@ -71,6 +71,9 @@ const TLB_PERM: i32 = offset_of!(TlbEntry, perm) as i32;
 const TLBE_SIZE: i32 = size_of::<TlbEntry>() as i32;
 /// CF PF AF ZF SF OF.
 const ARITH: i32 = 0x8d5;
+// `Cg::translate` finds page crossings by the tag compare: two adjacent
+// pages must index different TLB entries.
+const _: () = assert!(crate::memory::mmu::TLB_SIZE >= 2);
 // ------------------------------------------------------------------ codegen
 
 type Asm = VecAssembler<X64Relocation>;
@@ -621,22 +624,21 @@ impl Cg {
             ; and eax, (crate::memory::mmu::TLB_SIZE - 1) as i32
             ; imul eax, eax, TLBE_SIZE
             ; add rax, QWORD [rbx + OFF_TLB]
-            ; mov rcx, rsi
+        );
+        // The tag of the page of the access's last byte: an access that
+        // crosses into the next page finds the entry of its first page
+        // holding another tag (the two pages index different entries), so
+        // it takes the slow path by the same compare.
+        if size > 1 {
+            a!(self; lea rcx, [rsi + (size as i32 - 1)]);
+        } else {
+            a!(self; mov rcx, rsi);
+        }
+        a!(self
             ; and rcx, -4096
             ; or rcx, 1
             ; cmp QWORD [rax + TLB_TAG], rcx
             ; jne =>stub
-        );
-        if size > 1 {
-            // Accesses that cross into the next page take the slow path.
-            a!(self
-                ; mov ecx, esi
-                ; and ecx, 0xfff
-                ; cmp ecx, 0x1000 - size as i32
-                ; ja =>stub
-            );
-        }
-        a!(self
             ; mov cl, BYTE [rax + TLB_PERM]
             ; and cl, BYTE [rbx + mask]
             ; cmp cl, BYTE [rbx + mask]
@@ -1180,9 +1182,31 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
     if let Some(done) = sse(cg, u) {
         return Some(done);
     }
-    if matches!(m, M::Nop | M::Endbr64 | M::Pause) {
+    if matches!(
+        m,
+        M::Nop
+            | M::Endbr64
+            | M::Pause
+            | M::Lfence
+            | M::Sfence
+            | M::Prefetch
+            | M::Prefetchw
+            | M::Prefetchnta
+            | M::Prefetcht0
+            | M::Prefetcht1
+            | M::Prefetcht2
+            | M::Clflush
+            | M::Clflushopt
+    ) {
         // No operand is accessed (a multi-byte NOP's memory operand is
-        // never read).
+        // never read); the interpreter runs the load/store fences, the
+        // prefetches and the cache flushes as nothing too (the engine's
+        // stores are the host's, already ordered as x86 orders them).
+        return Some(Done::Next);
+    }
+    if m == M::Mfence {
+        // Store-load ordering against the other vCPU threads.
+        a!(cg; mfence);
         return Some(Done::Next);
     }
     let branch = matches!(m, M::Call | M::Ret | M::Jmp) || is_jcc(m);
@@ -1682,6 +1706,25 @@ fn sse(cg: &mut Cg, u: &Uop) -> Option<Done> {
             | M::Pshufd
     );
     let movmsk = m == M::Pmovmskb;
+    if matches!(m, M::Pslldq | M::Psrldq)
+        && insn.encoding() == iced_x86::EncodingKind::Legacy
+        && !u.lock
+        && insn.op_count() == 2
+        && insn.op_kind(1) == iced_x86::OpKind::Immediate8
+    {
+        // Byte shifts of a whole register by an immediate.
+        let d = xmm_of(insn, 0)?;
+        cg.sse_guard();
+        let imm = insn.immediate8() as i8;
+        a!(cg; movdqu xmm0, [rbx + xmm_off(d)]);
+        if m == M::Pslldq {
+            a!(cg; pslldq xmm0, imm);
+        } else {
+            a!(cg; psrldq xmm0, imm);
+        }
+        a!(cg; movdqu [rbx + xmm_off(d)], xmm0);
+        return Some(Done::Next);
+    }
     if !(moves || binary || movmsk)
         || insn.encoding() != iced_x86::EncodingKind::Legacy
         || u.lock
