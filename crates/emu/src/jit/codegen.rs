@@ -51,6 +51,7 @@ const OFF_RET_LINKS: i32 = offset_of!(Core, jit.ctx.ret_links) as i32;
 const OFF_EPOCH: i32 = offset_of!(Core, tlb.epoch) as i32;
 const OFF_ICOUNT: i32 = offset_of!(Core, icount) as i32;
 const OFF_COUNTDOWN: i32 = offset_of!(Core, poll_countdown) as i32;
+const OFF_HIDDEN_L1ECX: i32 = offset_of!(Core, cpuid.hidden.leaf1_ecx) as i32;
 const CELL_KEY: i32 = offset_of!(LinkCell, key) as i32;
 const CELL_GEN: i32 = offset_of!(LinkCell, gen) as i32;
 const CELL_PHYS: i32 = offset_of!(LinkCell, phys) as i32;
@@ -1852,6 +1853,9 @@ fn extra(cg: &mut Cg, u: &Uop) -> Option<Done> {
     if matches!(m, M::Movd | M::Movq) {
         return movd(cg, u);
     }
+    if matches!(m, M::Pshufb | M::Palignr | M::Pcmpistri) {
+        return sse_v2(cg, u);
+    }
     let size = u.size;
     let [o0, o1, _] = u.ops;
     let nops = insn.op_count() as usize;
@@ -2230,5 +2234,86 @@ fn movd(cg: &mut Cg, u: &Uop) -> Option<Done> {
         (None, None, 4) => a!(cg; mov DWORD [rsi], eax),
         (None, None, _) => a!(cg; mov QWORD [rsi], rax),
     }
+    Some(Done::Next)
+}
+
+/// The host has the leaf 1 ECX feature bits `bits` (SSSE3, SSE4.2).
+fn host_leaf1_ecx(bits: u32) -> bool {
+    std::arch::x86_64::__cpuid(1).ecx & bits == bits
+}
+
+/// PSHUFB, PALIGNR (SSSE3) and PCMPISTRI (SSE4.2) on XMM registers, as
+/// the host instruction when the host has them: glibc's string functions
+/// (strcspn, strspn, memmove) pick these once they are advertised. The
+/// guest's CPUID may hide them (`--cpu-model portable`): then, as for a
+/// TLB miss, the stub lets the interpreter raise #UD. The legacy m128
+/// forms of PSHUFB and PALIGNR need alignment, PCMPISTRI's does not.
+fn sse_v2(cg: &mut Cg, u: &Uop) -> Option<Done> {
+    use iced_x86::OpKind;
+    use Mnemonic as M;
+    let insn = &u.insn;
+    let m = insn.mnemonic();
+    let (bit, imm, aligned) = match m {
+        M::Pshufb => (9, false, true),
+        M::Palignr => (9, true, true),
+        M::Pcmpistri => (20, true, false),
+        _ => return None,
+    };
+    if insn.encoding() != iced_x86::EncodingKind::Legacy
+        || u.lock
+        || insn.op_count() != 2 + imm as u32
+        || !host_leaf1_ecx(1 << bit)
+    {
+        return None;
+    }
+    let d = xmm_of(insn, 0)?;
+    let x1 = xmm_of(insn, 1);
+    let mem1 = insn.op_kind(1) == OpKind::Memory;
+    if x1.is_none() && !mem1 {
+        return None;
+    }
+    cg.begin_access();
+    let stub = cg.stub_label();
+    a!(cg
+        ; test DWORD [rbx + OFF_HIDDEN_L1ECX], 1 << bit
+        ; jnz =>stub
+    );
+    cg.sse_guard();
+    if mem1 {
+        let mo = crate::frontend::uop::memop(insn);
+        cg.ea(&mo, true);
+        cg.translate(16, Acc::Read);
+        if aligned {
+            a!(cg; test sil, 15 ; jnz =>stub);
+        }
+    }
+    a!(cg; movdqu xmm0, [rbx + xmm_off(d)]);
+    if let Some(s) = x1 {
+        a!(cg; movdqu xmm1, [rbx + xmm_off(s)]);
+    }
+    let i8 = if imm { insn.immediate8() as i8 } else { 0 };
+    match m {
+        M::Pshufb => sse2!(cg, mem1, pshufb),
+        M::Palignr => {
+            if mem1 {
+                a!(cg; palignr xmm0, [rsi], i8);
+            } else {
+                a!(cg; palignr xmm0, xmm1, i8);
+            }
+        }
+        _ => {
+            if mem1 {
+                a!(cg; pcmpistri xmm0, [rsi], i8);
+            } else {
+                a!(cg; pcmpistri xmm0, xmm1, i8);
+            }
+            // The index in ECX (zero-extended), CF ZF SF OF set, AF PF
+            // cleared.
+            cg.wrote_flags();
+            cg.sq(1, 1);
+            return Some(Done::Next);
+        }
+    }
+    a!(cg; movdqu [rbx + xmm_off(d)], xmm0);
     Some(Done::Next)
 }
