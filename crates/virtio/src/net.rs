@@ -18,6 +18,13 @@
 //! it polls the backend again) or the guest has no buffers left (then it
 //! stops polling the backend, which stays readable, and waits for the
 //! guest's next receive notify, keeping the frame it already read).
+//!
+//! Merged receive buffers (VIRTIO_NET_F_MRG_RXBUF, which Linux takes): the
+//! guest posts small (about page-sized) buffers and a frame spreads over as
+//! many as it needs; num_buffers in its header says how many, and the used
+//! entries of one frame are published together (a driver that sees only
+//! the first drops the frame). Without it, a frame goes into one chain and
+//! one too big for the chain is dropped, never truncated.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
