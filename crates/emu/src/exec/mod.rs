@@ -8,6 +8,7 @@ pub mod operand;
 pub mod sse;
 pub mod string;
 pub mod system;
+pub mod x87;
 
 use iced_x86::{ConditionCode, Instruction, Mnemonic, OpKind};
 
