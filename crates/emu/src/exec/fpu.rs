@@ -394,9 +394,13 @@ fn on_host(core: &mut Core, insn: &Instruction, is_mem: bool) -> R {
         modrm
     };
     f.fop = ((esc as u16 & 7) << 8) | rm as u16;
-    f.fip = insn.ip();
+    // In real and virtual-8086 mode the pointers are linear addresses
+    // (segment * 16 + offset), elsewhere offsets.
+    let real = !core.st.protected() || core.st.v86();
+    let base = |seg: usize| if real { core.st.seg[seg].base } else { 0 };
+    f.fip = insn.ip().wrapping_add(base(CS));
     if is_mem {
-        f.fdp = ea(&core.st, insn);
+        f.fdp = ea(&core.st, insn).wrapping_add(base(mem_seg(insn)));
     }
     core.st.fpu = f;
     if uses_flags {
