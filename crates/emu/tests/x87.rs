@@ -79,6 +79,29 @@ fn unmasked_exception_raises_mf_at_the_next_waiting_instruction() {
     assert_eq!((vector, done), (0xffff_ffff, DONE));
 }
 
+/// MMX instructions (and EMMS) wait like x87 ones: #MF for a pending
+/// unmasked exception.
+#[test]
+fn mmx_instructions_raise_pending_mf() {
+    for emms in [false, true] {
+        let (_, vector, done) = run(true, |a| {
+            a.mov(word_ptr(rbx), 0x37bu32)?;
+            a.fninit()?;
+            a.fldcw(word_ptr(rbx))?;
+            a.fld1()?;
+            a.fldz()?;
+            a.fdivp(st1, st0)?;
+            if emms {
+                a.emms()
+            } else {
+                a.paddb(mm0, mm1)
+            }
+        });
+        assert_ne!(done, DONE, "emms {emms}");
+        assert_eq!(vector, 16, "emms {emms}");
+    }
+}
+
 /// With CR0.NE = 0 the engine reports nothing and lets the next waiting
 /// instruction proceed (as with IGNNE# asserted); the flags stay pending.
 #[test]
