@@ -6,6 +6,7 @@
 mod common;
 
 use common::*;
+use hypervisor::Vcpu;
 use iced_x86::code_asm::*;
 
 /// Marker a guest leaves in RBX when it got through without an exception.
@@ -175,4 +176,65 @@ fn sixteen_bit_environment_layouts() {
     // FNSAVE re-initialised: the status word read afterwards is clear.
     assert_eq!(r16(&g, DATA + 0x10), 0);
     assert_eq!(g.r64(DATA + 0x20), 0xc90f_daa2_2168_c235, "restored π");
+}
+
+/// A snapshot carries the whole x87 state: registers (80 bits), TOP, tags,
+/// control word, pending exception flags, FOP/FIP/FDP. A vCPU restored
+/// from it (through JSON, as the manifest stores it) stores the same
+/// FNSAVE image as the original.
+#[test]
+fn snapshot_carries_the_x87_state() {
+    let mut g = Guest::new(16 << 20);
+    g.long_mode();
+    let code = {
+        let mut a = CodeAssembler::new(64).unwrap();
+        (|| -> Result<(), IcedError> {
+            a.mov(rax, cr0)?;
+            a.or(rax, 0x20)?;
+            a.mov(cr0, rax)?;
+            a.mov(rbx, DATA)?;
+            a.mov(word_ptr(rbx), 0x27bu32)?; // 53-bit precision, ZE unmasked
+            a.fninit()?;
+            a.fldcw(word_ptr(rbx))?;
+            a.mov(qword_ptr(rbx + 8), -3)?;
+            a.fild(qword_ptr(rbx + 8))?;
+            a.fldpi()?;
+            a.fld1()?;
+            a.fldz()?;
+            a.fdivp(st1, st0)?; // ZE pending: the next waiting one would #MF
+            a.out(0x99, al)?; // The snapshot is taken here.
+            a.fnsave(ptr(rbx + 0x100))?; // No-wait: no #MF.
+            a.mov(ebx, DONE as u32)?;
+            a.hlt()
+        })()
+        .unwrap();
+        a.assemble(CODE).unwrap()
+    };
+    g.load_code(&code);
+    assert!(matches!(g.run(), Ex::IoOut(0x99, _)));
+    let snap = g.vcpu.save_state().unwrap();
+    let snap: hypervisor::VcpuSnapshot =
+        serde_json::from_str(&serde_json::to_string(&snap).unwrap()).unwrap();
+    let mut h = Guest::new(16 << 20);
+    h.ram.copy_from_slice(&g.ram);
+    h.vcpu.restore_state(&snap).unwrap();
+    g.run_to_halt();
+    h.run_to_halt();
+    assert_eq!(g.regs().rbx, DONE);
+    assert_eq!(h.regs().rbx, DONE);
+    let img = |x: &Guest| x.ram[(DATA + 0x100) as usize..(DATA + 0x100 + 108) as usize].to_vec();
+    assert_eq!(img(&g), img(&h), "FNSAVE image after restore");
+    let fsw = u16::from_le_bytes([
+        g.ram[(DATA + 0x104) as usize],
+        g.ram[(DATA + 0x105) as usize],
+    ]);
+    assert_eq!(fsw & 0x80ff, 0x8084, "ZE pending with ES and B: {fsw:#x}");
+    assert_eq!(
+        u16::from_le_bytes([
+            g.ram[(DATA + 0x100) as usize],
+            g.ram[(DATA + 0x101) as usize]
+        ]),
+        0x27b,
+        "FCW"
+    );
 }
