@@ -298,39 +298,78 @@ pub(crate) fn wait_check(core: &Core) -> R {
     Ok(())
 }
 
-/// The (escape, ModRM) pair the host stub table is indexed by: the
-/// instruction re-encoded in 64-bit mode, a memory operand replaced by
-/// `[rdi]`.
-fn stub_of(insn: &Instruction, is_mem: bool) -> R<(u8, u8)> {
-    let mut i = *insn;
-    if is_mem {
-        i.set_memory_base(Register::RDI);
-        i.set_memory_index(Register::None);
-        i.set_memory_index_scale(1);
-        i.set_memory_displacement64(0);
-        i.set_memory_displ_size(0);
-        i.set_segment_prefix(Register::None);
-    }
-    let mut enc = iced_x86::Encoder::new(64);
-    let bytes = match enc.encode(&i, 0) {
-        Ok(_) => enc.take_buffer(),
-        Err(_) => Vec::new(),
-    };
-    match bytes[..] {
-        [esc, modrm] if x87::has_stub(esc, modrm) => Ok((esc, modrm)),
-        _ => Err(Exc::unimplemented(format!(
-            "x87 instruction {insn} has no host form"
-        ))),
-    }
+/// What determines an encoding (see `stub_of` and `guest_modrm`).
+type EncodingKey = (u8, u16, u16, u16, u16);
+
+thread_local! {
+    /// Encodings already worked out: re-encoding with iced's encoder costs
+    /// more than running the instruction. Keyed by what determines them
+    /// (see `stub_of` and `guest_modrm`).
+    static ENCODINGS: std::cell::RefCell<std::collections::HashMap<EncodingKey, (u8, u8)>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
 }
 
-/// The ModRM byte of the guest's own encoding (for FOP).
+fn cached(key: EncodingKey, f: impl FnOnce() -> Option<(u8, u8)>) -> Option<(u8, u8)> {
+    if let Some(v) = ENCODINGS.with(|c| c.borrow().get(&key).copied()) {
+        return Some(v);
+    }
+    let v = f()?;
+    ENCODINGS.with(|c| c.borrow_mut().insert(key, v));
+    Some(v)
+}
+
+/// The (escape, ModRM) pair the host stub table is indexed by: the
+/// instruction re-encoded in 64-bit mode, a memory operand replaced by
+/// `[rdi]`. It depends on the instruction's code and register operands.
+fn stub_of(insn: &Instruction, is_mem: bool) -> R<(u8, u8)> {
+    let reg = |n: u32| {
+        if n < insn.op_count() && insn.op_kind(n) == OpKind::Register {
+            insn.op_register(n) as u16
+        } else {
+            0
+        }
+    };
+    let key = (0, insn.code() as u16, reg(0), reg(1), 0);
+    let encode = || {
+        let mut i = *insn;
+        if is_mem {
+            i.set_memory_base(Register::RDI);
+            i.set_memory_index(Register::None);
+            i.set_memory_index_scale(1);
+            i.set_memory_displacement64(0);
+            i.set_memory_displ_size(0);
+            i.set_segment_prefix(Register::None);
+        }
+        let mut enc = iced_x86::Encoder::new(64);
+        enc.encode(&i, 0).ok()?;
+        match enc.take_buffer()[..] {
+            [esc, modrm] if x87::has_stub(esc, modrm) => Some((esc, modrm)),
+            _ => None,
+        }
+    };
+    cached(key, encode)
+        .ok_or_else(|| Exc::unimplemented(format!("x87 instruction {insn} has no host form")))
+}
+
+/// The ModRM byte of the guest's own encoding of a memory form (for FOP):
+/// it depends on the code size, the instruction's code and its addressing
+/// form (base, index, displacement size).
 fn guest_modrm(core: &Core, insn: &Instruction) -> Option<u8> {
-    let mut enc = iced_x86::Encoder::new(core.st.code_bits());
-    enc.encode(insn, insn.ip()).ok()?;
-    let b = enc.take_buffer();
-    let at = b.iter().position(|x| (0xd8..=0xdf).contains(x))?;
-    b.get(at + 1).copied()
+    let key = (
+        core.st.code_bits() as u8,
+        insn.code() as u16,
+        insn.memory_base() as u16,
+        insn.memory_index() as u16,
+        insn.memory_displ_size() as u16,
+    );
+    let encode = || {
+        let mut enc = iced_x86::Encoder::new(core.st.code_bits());
+        enc.encode(insn, insn.ip()).ok()?;
+        let b = enc.take_buffer();
+        let at = b.iter().position(|x| (0xd8..=0xdf).contains(x))?;
+        Some((*b.get(at + 1)?, 0))
+    };
+    cached(key, encode).map(|(m, _)| m)
 }
 
 /// Instructions that write their memory operand (the rest read it).
