@@ -386,6 +386,13 @@ fn on_host(core: &mut Core, insn: &Instruction, is_mem: bool) -> R {
     let mn = insn.mnemonic();
     let (esc, modrm) = stub_of(insn, is_mem)?;
     let size = if is_mem { insn.memory_size().size() } else { 0 };
+    // The stubs' operand buffer holds the 10-byte formats at most; the
+    // larger images (FLDENV, FSAVE, ...) never run on the host.
+    if size > 10 {
+        return Err(Exc::unimplemented(format!(
+            "x87 instruction {insn} has a {size}-byte operand"
+        )));
+    }
     let mut buf = [0u8; 16];
     if is_mem && !stores(mn) {
         read_bytes(core, insn, &mut buf[..size])?;
