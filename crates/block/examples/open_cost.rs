@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use block::{open_in_memory, open_with, DiskImage, ImageFormat, MemFile, OpenOptions};
 
+/// A file as the pieces (offset, bytes) it is written from.
+type Pieces = Vec<(u64, Vec<u8>)>;
+
 fn cpu() -> Duration {
     // SAFETY: rusage is plain integers, for which zero is a valid value.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
@@ -37,7 +40,7 @@ fn main() {
         std::env::temp_dir()
     };
     let scratch = shm.join(format!("vireo-open-cost-{}", std::process::id()));
-    let mut inputs: Vec<(ImageFormat, Vec<(u64, Vec<u8>)>)> = Vec::new();
+    let mut inputs: Vec<(ImageFormat, Pieces)> = Vec::new();
     for e in std::fs::read_dir(seeds.join("vmdk_open")).unwrap() {
         inputs.push((
             ImageFormat::Vmdk,
