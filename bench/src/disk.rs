@@ -163,7 +163,10 @@ impl Setup {
         ])
         .arg(&self.firmware)
         .arg("-fw_cfg")
-        .arg(format!("name=etc/sercon-port,file={}", self.sercon.display()))
+        .arg(format!(
+            "name=etc/sercon-port,file={}",
+            self.sercon.display()
+        ))
         .arg("-drive")
         .arg(format!(
             "file={},if=none,id=disk0,format=qcow2",
@@ -360,7 +363,10 @@ pub fn disk_boot(args: &BenchArgs, runs: usize) -> Result<()> {
     println!("{}", row(&vname, &v));
     if !has_binary(&args.qemu) {
         println!("{qname:<36} not installed ({})", args.qemu);
-        println!("load average (1 min): {load_before} before, {} after", load_average());
+        println!(
+            "load average (1 min): {load_before} before, {} after",
+            load_average()
+        );
         return Ok(());
     }
     let q = disk_series(
@@ -377,6 +383,9 @@ pub fn disk_boot(args: &BenchArgs, runs: usize) -> Result<()> {
             vo.as_secs_f64() / qo.as_secs_f64()
         );
     }
-    println!("load average (1 min): {load_before} before, {} after", load_average());
+    println!(
+        "load average (1 min): {load_before} before, {} after",
+        load_average()
+    );
     Ok(())
 }
