@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use super::guest::{has_binary, Accel};
-use super::{median, BenchArgs};
+use super::{interleave, print_series, BenchArgs, Col, Series, Vireo};
 
 /// The image guest/build-disk.sh makes, and its root password
 /// (docs/disk-images.md).
@@ -125,8 +125,8 @@ impl Setup {
         Ok(o)
     }
 
-    fn vireo(&self, vireo: &Path, overlay: &Path) -> Command {
-        let mut c = crate::vireo_command(vireo);
+    fn vireo(&self, vireo: &Vireo, overlay: &Path) -> Command {
+        let mut c = vireo.command();
         c.args(["run", "--accel", Accel::Emu.vireo(), "--memory", MEMORY])
             .arg("--firmware")
             .arg(&self.firmware)
@@ -307,30 +307,8 @@ fn disk_boot_once(cmd: Command, limit: Duration) -> Result<DiskSample> {
     Ok(DiskSample { login, off })
 }
 
-fn disk_series(
-    runs: usize,
-    make: &dyn Fn(usize) -> Result<Command>,
-    limit: Duration,
-) -> Result<(Duration, Duration)> {
-    let mut logins = Vec::new();
-    let mut offs = Vec::new();
-    for i in 0..runs {
-        let s = make(i).and_then(|c| disk_boot_once(c, limit))?;
-        logins.push(s.login);
-        offs.push(s.off);
-    }
-    Ok((median(logins), median(offs)))
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".into())
-}
-
 /// Vireo's engine beside QEMU TCG, each booting the disk image to the login
-/// prompt and to power-off, with the ratio of the medians.
+/// prompt and to power-off, taking turns; the medians and their ratio.
 pub fn disk_boot(args: &BenchArgs, runs: usize) -> Result<()> {
     if args.accel != Accel::Emu {
         bail!("disk-boot runs under the engine beside QEMU TCG only (--accel emu)");
@@ -340,52 +318,50 @@ pub fn disk_boot(args: &BenchArgs, runs: usize) -> Result<()> {
     println!(
         "disk-boot: Debian 12 disk image (guest/build-disk.sh) through SeaBIOS ({}), GRUB, its kernel, \
          systemd and cloud-init's first boot to the serial login prompt, then logged in and powered off; \
-         a fresh qcow2 overlay per run, {MEMORY} RAM, 1 vCPU; wall time from spawning the VMM, median of {runs} runs",
+         a fresh qcow2 overlay per run, {MEMORY} RAM, 1 vCPU; wall time from spawning the VMM, median of \
+         {runs} runs, the VMMs taking turns",
         setup.firmware.display()
     );
-    let load_before = load_average();
-    println!("{:<36} {:>14} {:>12}", "VMM", "login prompt", "power-off");
+    let have_qemu = has_binary(&args.qemu);
     let [vname, qname] = args.accel.names();
-    let vireo = args.vireo().to_path_buf();
-    let v = disk_series(
-        runs,
-        &|i| Ok(setup.vireo(&vireo, &setup.overlay(&format!("vireo-{i}"))?)),
-        limit,
+    let setup = &setup;
+    let mut series: Vec<Series> = args
+        .vireos()
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            Series::new(format!("{vname}{}", v.tag), move || {
+                Ok(setup.vireo(v, &setup.overlay(&format!("vireo-{i}"))?))
+            })
+        })
+        .collect();
+    if have_qemu {
+        series.push(Series::new(qname.clone(), move || {
+            Ok(setup.qemu(&args.qemu, &setup.overlay("qemu")?))
+        }));
+    }
+    interleave(&mut series, runs, &|c| {
+        let s = disk_boot_once(c, limit)?;
+        Ok(vec![s.login.as_secs_f64(), s.off.as_secs_f64()])
+    });
+    print_series(
+        &series,
+        &[
+            Col {
+                head: "login prompt",
+                width: 14,
+                show: |x| format!("{x:.1} s"),
+            },
+            Col {
+                head: "power-off",
+                width: 12,
+                show: |x| format!("{x:.1} s"),
+            },
+        ],
+        "VMM",
     );
-    let row = |name: &str, r: &Result<(Duration, Duration)>| match r {
-        Ok((login, off)) => format!(
-            "{name:<36} {:>12.1} s {:>10.1} s",
-            login.as_secs_f64(),
-            off.as_secs_f64()
-        ),
-        Err(e) => format!("{name:<36} failed: {e:#}"),
-    };
-    println!("{}", row(&vname, &v));
-    if !has_binary(&args.qemu) {
+    if !have_qemu {
         println!("{qname:<36} not installed ({})", args.qemu);
-        println!(
-            "load average (1 min): {load_before} before, {} after",
-            load_average()
-        );
-        return Ok(());
     }
-    let q = disk_series(
-        runs,
-        &|i| Ok(setup.qemu(&args.qemu, &setup.overlay(&format!("qemu-{i}"))?)),
-        limit,
-    );
-    println!("{}", row(&qname, &q));
-    if let (Ok((vl, vo)), Ok((ql, qo))) = (&v, &q) {
-        println!(
-            "{:<36} {:>12.2} x {:>10.2} x",
-            "vireo / qemu",
-            vl.as_secs_f64() / ql.as_secs_f64(),
-            vo.as_secs_f64() / qo.as_secs_f64()
-        );
-    }
-    println!(
-        "load average (1 min): {load_before} before, {} after",
-        load_average()
-    );
     Ok(())
 }

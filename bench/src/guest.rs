@@ -110,8 +110,8 @@ impl Guest {
     }
 
     /// `vireo run` of the binary `vireo` for this guest.
-    pub fn vireo(&self, vireo: &Path, accel: Accel) -> Command {
-        let mut c = crate::vireo_command(vireo);
+    pub fn vireo(&self, vireo: &crate::Vireo, accel: Accel) -> Command {
+        let mut c = vireo.command();
         c.args([
             "run",
             "--accel",

@@ -215,9 +215,49 @@ pub(crate) fn print_table(tests: &[Test], cols: &[Column], host_title: &str) {
         }
         println!();
     }
+    print_ratios(tests, cols);
     for c in cols {
         for n in c.notes() {
             println!("  {n}");
+        }
+    }
+}
+
+/// Ratio rows under a table whose last column is the peer: each Vireo
+/// against the peer and, with two Vireos, B against A; the median of
+/// per-round ratios of the guest's figures (the VMMs took turns, so each
+/// round's pair ran under the same load).
+fn print_ratios(tests: &[Test], cols: &[Column]) {
+    let Some((peer, vireos)) = cols.split_last() else {
+        return;
+    };
+    let mut pairs: Vec<(&Column, &Column, String)> = vireos
+        .iter()
+        .map(|v| (v, peer, format!("{} / {}", v.title, peer.title)))
+        .collect();
+    if let [a, b] = vireos {
+        pairs.push((b, a, format!("{} / {}", b.title, a.title)));
+    }
+    for (a, b, what) in pairs {
+        if a.runs.is_empty() || b.runs.is_empty() {
+            continue;
+        }
+        println!("ratio {what} (guest figures, median of per-round ratios; below 1 is slower):");
+        for t in tests {
+            let per_run = |c: &Column| -> Vec<f64> {
+                c.runs
+                    .iter()
+                    .map(|r| {
+                        r.figures
+                            .iter()
+                            .find(|f| f.name == t.name)
+                            .map_or(f64::NAN, |f| f.guest.rate(t.unit))
+                    })
+                    .collect()
+            };
+            let cell = crate::paired_ratio(&per_run(a), &per_run(b))
+                .map_or("-".into(), |r| format!("{r:.2}"));
+            println!("  {:<32} {cell:>8}", t.label);
         }
     }
 }
@@ -242,11 +282,17 @@ pub(crate) fn measure_with(
     once: &mut dyn FnMut(&Guest, Command) -> Result<IoReport>,
 ) -> Vec<Column> {
     let [vname, qname] = args.accel.names();
-    let mut cols = vec![Column::new(vname), Column::new(qname)];
+    let vireos = args.vireos();
+    let mut cols: Vec<Column> = vireos
+        .iter()
+        .map(|v| Column::new(format!("{vname}{}", v.tag)))
+        .collect();
+    cols.push(Column::new(qname));
+    let peer = cols.len() - 1;
     if let Some(why) = no_qemu {
-        cols[1].failures.push(why);
+        cols[peer].failures.push(why);
     } else if !has_binary(&args.qemu) {
-        cols[1]
+        cols[peer]
             .failures
             .push(format!("not installed ({})", args.qemu));
     }
@@ -258,10 +304,10 @@ pub(crate) fn measure_with(
             }
             n += 1;
             let g = guest(n);
-            let cmd = if i == 0 {
-                Ok(g.vireo(args.vireo(), args.accel))
-            } else {
-                Ok(g.qemu(&args.qemu, args.accel))
+            crate::load::sample();
+            let cmd = match vireos.get(i) {
+                Some(v) => Ok(g.vireo(v, args.accel)),
+                None => Ok(g.qemu(&args.qemu, args.accel)),
             };
             match cmd.and_then(|c| once(&g, c)) {
                 Ok(r) => col.runs.push(r),

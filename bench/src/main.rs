@@ -84,22 +84,42 @@ pub struct BenchArgs {
     /// without seccomp filters.
     #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
     vireo_arg: Vec<String>,
+    /// boot, blk, net and vsock: a second Vireo ("B") measured in the same
+    /// rounds as the first ("A"), for an A/B comparison of two builds or two
+    /// option sets; the B/A ratio is printed [default: the same binary as A,
+    /// when --vireo-b-arg is given].
+    #[arg(long, value_name = "PATH")]
+    vireo_b: Option<PathBuf>,
+    /// An option for every B vireo, before its subcommand (repeatable).
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    vireo_b_arg: Vec<String>,
+    /// The resolved A and (optional) B binaries with their options.
+    #[arg(skip)]
+    vmms: Vec<Vireo>,
 }
 
-/// The options `--vireo-arg` gave, for every vireo started.
-static VIREO_ARGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+/// A Vireo binary to measure and the options it is started with.
+#[derive(Clone, Debug)]
+pub struct Vireo {
+    pub path: PathBuf,
+    pub args: Vec<String>,
+    /// Column title suffix: "" for A, " (B)" for B.
+    pub tag: &'static str,
+}
 
-/// `vireo` with the `--vireo-arg` options; the caller adds the subcommand.
-pub fn vireo_command(vireo: &Path) -> Command {
-    let mut c = Command::new(vireo);
-    c.args(VIREO_ARGS.get().map(|v| v.as_slice()).unwrap_or_default());
-    c
+impl Vireo {
+    /// `vireo` with its options; the caller adds the subcommand.
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(&self.path);
+        c.args(&self.args);
+        c
+    }
 }
 
 impl BenchArgs {
-    /// The vireo binary to measure (resolved in `run`).
-    fn vireo(&self) -> &Path {
-        self.vireo.as_deref().unwrap_or(Path::new("vireo"))
+    /// The vireo to measure, A (resolved in `run`).
+    fn vireo(&self) -> &Vireo {
+        &self.vmms[0]
     }
 
     /// How long a VM may run before it is killed.
@@ -107,6 +127,65 @@ impl BenchArgs {
         let default = if self.which == "disk-boot" { 3600 } else { 900 };
         Duration::from_secs(self.timeout.unwrap_or(default))
     }
+
+    /// Every vireo to measure: A, then B when one was asked for.
+    pub fn vireos(&self) -> &[Vireo] {
+        &self.vmms
+    }
+}
+
+/// The host's load while a bench runs: sampled before each run, so each
+/// figure can be judged against how busy the machine was.
+pub mod load {
+    use std::sync::Mutex;
+
+    static SAMPLES: Mutex<Vec<f64>> = Mutex::new(Vec::new());
+
+    /// The 1-minute load average now (recorded for [`summary`]).
+    pub fn sample() -> f64 {
+        let l = std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(f64::NAN);
+        if let Ok(mut v) = SAMPLES.lock() {
+            v.push(l);
+        }
+        l
+    }
+
+    /// One line: the load averages seen before the runs, and the CPUs.
+    pub fn summary() -> String {
+        let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let v = SAMPLES.lock().map(|v| v.clone()).unwrap_or_default();
+        let v: Vec<f64> = v.into_iter().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return format!("load: not sampled ({cpus} CPUs)");
+        }
+        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = v.iter().copied().fold(0.0, f64::max);
+        format!(
+            "load (1-min average before each run, {} runs, {cpus} CPUs): min {min:.2}, max {max:.2}, last {:.2}",
+            v.len(),
+            v[v.len() - 1]
+        )
+    }
+}
+
+/// Median of per-round ratios a[i] / b[i] (rounds where both ran): robust
+/// against load that drifts over the bench, since both sides of each ratio
+/// ran back to back.
+pub(crate) fn paired_ratio(a: &[f64], b: &[f64]) -> Option<f64> {
+    let mut r: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .filter(|(x, y)| x.is_finite() && y.is_finite() && **y > 0.0)
+        .map(|(x, y)| x / y)
+        .collect();
+    if r.is_empty() {
+        return None;
+    }
+    r.sort_by(f64::total_cmp);
+    Some(r[r.len() / 2])
 }
 
 /// `vireo` next to this executable: cargo puts both binaries of the
@@ -259,24 +338,40 @@ fn run(mut args: BenchArgs) -> Result<()> {
     if !(1..=3600).contains(&args.seconds) {
         bail!("--seconds must be 1 to 3600");
     }
-    let _ = VIREO_ARGS.set(std::mem::take(&mut args.vireo_arg));
     let vireo = match args.vireo.take() {
         Some(path) => path,
         None => vireo_beside_me()?,
     };
-    if !vireo.is_file() {
-        bail!(
-            "no vireo binary at {} (build it: cargo build --release -p vireo, or give --vireo PATH)",
-            vireo.display()
-        );
+    let mut vmms = vec![Vireo {
+        path: vireo,
+        args: std::mem::take(&mut args.vireo_arg),
+        tag: "",
+    }];
+    if args.vireo_b.is_some() || !args.vireo_b_arg.is_empty() {
+        if !matches!(args.which.as_str(), "boot" | "blk" | "net" | "vsock") {
+            bail!("--vireo-b and --vireo-b-arg apply to boot, blk, net and vsock");
+        }
+        vmms.push(Vireo {
+            path: args.vireo_b.take().unwrap_or_else(|| vmms[0].path.clone()),
+            args: std::mem::take(&mut args.vireo_b_arg),
+            tag: " (B)",
+        });
     }
-    args.vireo = Some(vireo);
+    for v in &vmms {
+        if !v.path.is_file() {
+            bail!(
+                "no vireo binary at {} (build it: cargo build --release -p vireo, or give --vireo PATH)",
+                v.path.display()
+            );
+        }
+    }
+    args.vmms = vmms;
     if cfg!(debug_assertions) && args.which != "snapshot" {
         eprintln!(
             "note: a debug build of vireo; build with --release for figures that mean something"
         );
     }
-    match args.which.as_str() {
+    let result = match args.which.as_str() {
         "startup" => startup(&args, runs),
         "snapshot" => snapshot(&args, runs),
         "migrate" => migrate(&args, runs),
@@ -290,7 +385,9 @@ fn run(mut args: BenchArgs) -> Result<()> {
         other => {
             bail!("unknown benchmark '{other}' (available: startup, snapshot, migrate, boot, blk, net, vsock, disk-boot)")
         }
-    }
+    };
+    println!("{}", load::summary());
+    result
 }
 
 /// Wait until the child's stdout has produced `n` more bytes; the time it took.
@@ -325,13 +422,14 @@ fn wait_socket(sock: &Path) -> Result<()> {
 /// `vireo run` of the letters guest with its API on `sock`, once it prints
 /// and serves: the process and its console.
 fn spawn_letters(
-    vireo: &Path,
+    vireo: &Vireo,
     accel: &str,
     mib: u64,
     elf: &Path,
     sock: &Path,
 ) -> Result<(std::process::Child, std::process::ChildStdout)> {
-    let mut src = vireo_command(vireo)
+    let mut src = vireo
+        .command()
         .args(["run", "--accel", accel, "--boot", "pvh", "--memory"])
         .arg(format!("{mib}M"))
         .arg("--kernel")
@@ -381,7 +479,8 @@ fn snapshot(args: &BenchArgs, runs: usize) -> Result<()> {
             data.push(allocated_kib(&snap.join("memory.bin")));
 
             let start = Instant::now();
-            let mut dst = vireo_command(vireo)
+            let mut dst = vireo
+                .command()
                 .args(["restore", "--from"])
                 .arg(&snap)
                 .stdin(Stdio::null())
@@ -442,7 +541,8 @@ fn migrate(args: &BenchArgs, runs: usize) -> Result<()> {
             let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
             let addr = listener.local_addr()?.to_string();
             drop(listener);
-            let mut dst = vireo_command(vireo)
+            let mut dst = vireo
+                .command()
                 .args(["migrate-receive", "--serial", "none", "--listen", &addr])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -584,30 +684,6 @@ fn smp_once(cmd: Command, limit: Duration) -> Result<(f64, f64)> {
     Ok((i0 / t0 * 1000.0, (i1 + i2) / t1.max(t2) * 1000.0))
 }
 
-fn smp_series(
-    name: &str,
-    runs: usize,
-    make: &dyn Fn() -> Result<Command>,
-    limit: Duration,
-) -> String {
-    let mut one = Vec::new();
-    let mut two = Vec::new();
-    for _ in 0..runs {
-        match make().and_then(|c| smp_once(c, limit)) {
-            Ok((a, b)) => {
-                one.push((a * 10.0) as u64);
-                two.push((b * 10.0) as u64);
-            }
-            Err(e) => return format!("{name:<36} failed: {e:#}"),
-        }
-    }
-    let (a, b) = (median(one) as f64 / 10.0, median(two) as f64 / 10.0);
-    format!(
-        "{name:<36} {a:>12.1} {b:>14.1} {:>10.2}x",
-        if a > 0.0 { b / a } else { 0.0 }
-    )
-}
-
 struct BootSample {
     wall: Duration,
     work: f64,
@@ -661,67 +737,195 @@ fn boot_once(cmd: Command, limit: Duration) -> Result<BootSample> {
     })
 }
 
-fn boot_series(
-    name: &str,
-    runs: usize,
-    make: &dyn Fn() -> Result<Command>,
-    limit: Duration,
-) -> String {
-    let mut walls = Vec::new();
-    let mut works = Vec::new();
-    let mut mips = Vec::new();
-    let mut rss = Vec::new();
-    for _ in 0..runs {
-        match make().and_then(|c| boot_once(c, limit)) {
-            Ok(s) => {
-                walls.push(s.wall);
-                works.push((s.work * 1000.0) as u64);
-                mips.push((s.mips * 10.0) as u64);
-                rss.push(s.peak_rss_kib);
-            }
-            Err(e) => return format!("{name:<36} failed: {e:#}"),
+/// One VMM's figures over interleaved rounds (see [`interleave`]).
+struct Series<'a> {
+    name: String,
+    make: Box<dyn Fn() -> Result<Command> + 'a>,
+    /// Each run's figures, one per table column.
+    samples: Vec<Vec<f64>>,
+    failure: Option<String>,
+}
+
+impl<'a> Series<'a> {
+    fn new(name: String, make: impl Fn() -> Result<Command> + 'a) -> Series<'a> {
+        Series {
+            name,
+            make: Box::new(make),
+            samples: Vec::new(),
+            failure: None,
         }
     }
-    format!(
-        "{name:<36} {:>9.2} s {:>14.2} s {:>12.1} {:>10.0} MiB",
-        median(walls).as_secs_f64(),
-        median(works) as f64 / 1000.0,
-        median(mips) as f64 / 10.0,
-        median(rss) as f64 / 1024.0
-    )
+
+    /// Column `i` over the runs.
+    fn column(&self, i: usize) -> Vec<f64> {
+        self.samples.iter().map(|v| v[i]).collect()
+    }
+}
+
+/// Run each series once per round, `runs` rounds (A, B, QEMU, A, B, QEMU,
+/// ...), so a load that drifts during the bench weighs on all of them
+/// alike and each round gives a fair ratio; a series that fails is not
+/// run again.
+fn interleave(series: &mut [Series], runs: usize, once: &dyn Fn(Command) -> Result<Vec<f64>>) {
+    for _ in 0..runs {
+        for s in series.iter_mut() {
+            if s.failure.is_some() {
+                continue;
+            }
+            load::sample();
+            match (s.make)().and_then(once) {
+                Ok(v) => s.samples.push(v),
+                Err(e) => s.failure = Some(format!("{e:#}")),
+            }
+        }
+    }
+}
+
+fn fmedian(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// A table column: header, width, and how a median is shown.
+struct Col {
+    head: &'static str,
+    width: usize,
+    show: fn(f64) -> String,
+}
+
+/// The series' medians, one row each, then ratio rows from per-round
+/// ratios: every Vireo against the last series (the peer), and B against
+/// A when there is a B.
+fn print_series(series: &[Series], cols: &[Col], first: &str) {
+    print!("{first:<36}");
+    for c in cols {
+        print!(" {:>w$}", c.head, w = c.width);
+    }
+    println!();
+    for s in series {
+        print!("{:<36}", s.name);
+        if let Some(f) = &s.failure {
+            println!(" failed: {f}");
+            continue;
+        }
+        for (i, c) in cols.iter().enumerate() {
+            print!(" {:>w$}", (c.show)(fmedian(s.column(i))), w = c.width);
+        }
+        println!();
+    }
+    let Some((peer, vireos)) = series.split_last() else {
+        return;
+    };
+    let mut pairs: Vec<(&Series, &Series)> = vireos.iter().map(|v| (v, peer)).collect();
+    if vireos.len() == 2 {
+        pairs.push((&vireos[1], &vireos[0]));
+    }
+    for (a, b) in pairs {
+        if a.failure.is_some() || b.failure.is_some() {
+            continue;
+        }
+        print!(
+            "{:<36}",
+            format!("ratio {} / {}", short(&a.name), short(&b.name))
+        );
+        for (i, c) in cols.iter().enumerate() {
+            let r = paired_ratio(&a.column(i), &b.column(i));
+            let cell = r.map_or("-".into(), |r| format!("{r:.2}x"));
+            print!(" {cell:>w$}", w = c.width);
+        }
+        println!();
+    }
+    println!(
+        "  (ratios: the median of per-round ratios; for times above 1 is slower, for rates below 1 is slower)"
+    );
+}
+
+/// "vireo" or "vireo (B)" or "qemu" from a column title.
+fn short(name: &str) -> String {
+    let first = name.split_whitespace().next().unwrap_or(name);
+    if name.ends_with(" (B)") {
+        format!("{first} (B)")
+    } else {
+        first.to_string()
+    }
+}
+
+/// A series for each Vireo (A, and B if asked for) running `g`, then one
+/// for QEMU running the same guest when it is installed.
+fn series_of<'a>(args: &'a BenchArgs, g: &'a guest::Guest, qemu: bool) -> Vec<Series<'a>> {
+    let [vname, qname] = args.accel.names();
+    let mut series: Vec<Series> = args
+        .vireos()
+        .iter()
+        .map(|v| {
+            Series::new(format!("{vname}{}", v.tag), move || {
+                Ok(g.vireo(v, args.accel))
+            })
+        })
+        .collect();
+    if qemu {
+        series.push(Series::new(qname, move || {
+            Ok(g.qemu(&args.qemu, args.accel))
+        }));
+    }
+    series
 }
 
 /// Boot Debian's bzImage with the test initramfs to power-off, and time a
 /// CPU-bound shell loop inside, on Vireo and on QEMU (engine beside TCG,
-/// or both on KVM).
+/// or both on KVM); then the same guest with 2 vCPUs for SMP scaling.
 fn boot(args: &BenchArgs, runs: usize) -> Result<()> {
     let g = guest::Guest::new(args.guest_dir.as_deref(), WORKLOAD)?;
     let limit = args.timeout();
     println!(
         "boot: Debian bzImage + initramfs to power-off (wall), a 20k-iteration shell loop and \
          guest MIPS in a 300M-instruction integer loop (both by the guest clock), and the VMM's peak \
-         RSS, median of {runs} runs"
-    );
-    println!(
-        "{:<36} {:>11} {:>16} {:>12} {:>14}",
-        "VMM", "boot+off", "shell loop", "guest MIPS", "peak RSS"
-    );
-    let [vname, qname] = args.accel.names();
-    println!(
-        "{}",
-        boot_series(
-            &vname,
-            runs,
-            &|| Ok(g.vireo(args.vireo(), args.accel)),
-            limit
-        )
+         RSS, median of {runs} runs, the VMMs taking turns"
     );
     let have_qemu = guest::has_binary(&args.qemu);
-    if have_qemu {
-        let q = || Ok(g.qemu(&args.qemu, args.accel));
-        println!("{}", boot_series(&qname, runs, &q, limit));
-    } else {
-        println!("{qname:<36} not installed ({})", args.qemu);
+    let mut series = series_of(args, &g, have_qemu);
+    interleave(&mut series, runs, &|c| {
+        let s = boot_once(c, limit)?;
+        Ok(vec![
+            s.wall.as_secs_f64(),
+            s.work,
+            s.mips,
+            s.peak_rss_kib as f64 / 1024.0,
+        ])
+    });
+    print_series(
+        &series,
+        &[
+            Col {
+                head: "boot+off",
+                width: 11,
+                show: |x| format!("{x:.2} s"),
+            },
+            Col {
+                head: "shell loop",
+                width: 16,
+                show: |x| format!("{x:.2} s"),
+            },
+            Col {
+                head: "guest MIPS",
+                width: 12,
+                show: |x| format!("{x:.1}"),
+            },
+            Col {
+                head: "peak RSS",
+                width: 14,
+                show: |x| format!("{x:.0} MiB"),
+            },
+        ],
+        "VMM",
+    );
+    if !have_qemu {
+        println!(
+            "{:<36} not installed ({})",
+            args.accel.names()[1],
+            args.qemu
+        );
     }
     // SMP: does a second vCPU double the guest's throughput?
     let mut g2 = guest::Guest::new(args.guest_dir.as_deref(), SMP_WORKLOAD)?;
@@ -731,23 +935,32 @@ fn boot(args: &BenchArgs, runs: usize) -> Result<()> {
         "smp: 2 vCPUs; one `vireo-io cpu` process alone, then two at once (aggregate = both \
          processes' instructions over the longer time), guest MIPS, median of {runs} runs"
     );
-    println!(
-        "{:<36} {:>12} {:>14} {:>11}",
-        "VMM (2 vCPUs)", "1 process", "2 processes", "scaling"
+    let mut series = series_of(args, &g2, have_qemu);
+    interleave(&mut series, runs, &|c| {
+        let (one, two) = smp_once(c, limit)?;
+        Ok(vec![one, two, if one > 0.0 { two / one } else { f64::NAN }])
+    });
+    print_series(
+        &series,
+        &[
+            Col {
+                head: "1 process",
+                width: 12,
+                show: |x| format!("{x:.1}"),
+            },
+            Col {
+                head: "2 processes",
+                width: 14,
+                show: |x| format!("{x:.1}"),
+            },
+            Col {
+                head: "scaling",
+                width: 11,
+                show: |x| format!("{x:.2}x"),
+            },
+        ],
+        "VMM (2 vCPUs)",
     );
-    println!(
-        "{}",
-        smp_series(
-            &vname,
-            runs,
-            &|| Ok(g2.vireo(args.vireo(), args.accel)),
-            limit
-        )
-    );
-    if have_qemu {
-        let q = || Ok(g2.qemu(&args.qemu, args.accel));
-        println!("{}", smp_series(&qname, runs, &q, limit));
-    }
     Ok(())
 }
 
@@ -768,9 +981,9 @@ fn startup(args: &BenchArgs, runs: usize) -> Result<()> {
         "VMM", "first byte", "RSS beyond guest"
     );
     let vireo_cmd = |accel: &'static str| {
-        let (vireo, elf, mem) = (vireo.to_path_buf(), elf.clone(), mem.clone());
+        let (vireo, elf, mem) = (vireo.clone(), elf.clone(), mem.clone());
         move || {
-            let mut c = vireo_command(&vireo);
+            let mut c = vireo.command();
             c.args([
                 "run", "--accel", accel, "--boot", "pvh", "--memory", &mem, "--kernel",
             ])
@@ -907,6 +1120,25 @@ fn qemu_cmd(qemu: &str, accel: &'static str, elf: &Path, mem: &str) -> impl Fn()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paired_ratios_take_the_median_of_each_rounds_ratio() {
+        // Round 2 ran under load for both; the per-round ratio stays 2.
+        let a = [2.0, 20.0, 4.0];
+        let b = [1.0, 10.0, 2.0];
+        assert_eq!(paired_ratio(&a, &b), Some(2.0));
+        // Rounds one side lacks (NaN) or a zero peer are left out.
+        assert_eq!(paired_ratio(&[f64::NAN, 3.0], &[1.0, 1.0]), Some(3.0));
+        assert_eq!(paired_ratio(&[1.0], &[0.0]), None);
+        assert_eq!(paired_ratio(&[], &[]), None);
+    }
+
+    #[test]
+    fn ratio_rows_name_a_b_and_the_peer() {
+        assert_eq!(short("vireo --accel emu"), "vireo");
+        assert_eq!(short("vireo --accel emu (B)"), "vireo (B)");
+        assert_eq!(short("qemu -accel tcg"), "qemu");
+    }
 
     #[test]
     fn mips_come_from_the_cpu_line() {
