@@ -4,15 +4,9 @@
 //! (a CR3 switch per kernel entry). The feature set is the minimum a 64-bit
 //! Linux kernel requires (fpu msr pae cx8 cmov fxsr sse sse2 lm syscall)
 //! plus cheap extras the engine implements (tsc, pge, pse, nx, cx16,
-//! popcnt, lahf_lm, clflush).
-//!
-//! One bit is advertised without its instructions: MMX. glibc's loader
-//! (2.33 and later, Debian 12's) refuses to start any dynamically linked
-//! program on a CPU without the x86-64 baseline, which includes MMX, so an
-//! installed Debian cannot boot without it; no program in such a system
-//! is known to execute MMX instructions. One that does stops the VM with an
-//! internal error naming the instruction ([`crate::exec::not_executed`]),
-//! never runs it wrongly.
+//! popcnt, lahf_lm, clflush) and the vector extensions of the x86-64-v2
+//! level (mmx, sse3, ssse3, sse4.1, sse4.2) with LZCNT (AMD's abm), all
+//! executed by the interpreter (`exec::sse`, `exec::sse4`).
 
 /// Leaf 1 EDX.
 pub const FEAT_FPU: u32 = 1 << 0;
@@ -24,13 +18,16 @@ pub const FEAT_CX8: u32 = 1 << 8;
 pub const FEAT_PGE: u32 = 1 << 13;
 pub const FEAT_CMOV: u32 = 1 << 15;
 pub const FEAT_CLFLUSH: u32 = 1 << 19;
-/// Advertised, not implemented: see the module doc.
 pub const FEAT_MMX: u32 = 1 << 23;
 pub const FEAT_FXSR: u32 = 1 << 24;
 pub const FEAT_SSE: u32 = 1 << 25;
 pub const FEAT_SSE2: u32 = 1 << 26;
 /// Leaf 1 ECX.
+pub const FEAT_SSE3: u32 = 1 << 0;
+pub const FEAT_SSSE3: u32 = 1 << 9;
 pub const FEAT_CX16: u32 = 1 << 13;
+pub const FEAT_SSE41: u32 = 1 << 19;
+pub const FEAT_SSE42: u32 = 1 << 20;
 pub const FEAT_POPCNT: u32 = 1 << 23;
 pub const FEAT_HYPERVISOR: u32 = 1 << 31;
 /// Leaf 0x80000001 EDX / ECX.
@@ -38,6 +35,8 @@ pub const EXT_SYSCALL: u32 = 1 << 11;
 pub const EXT_NX: u32 = 1 << 20;
 pub const EXT_LM: u32 = 1 << 29;
 pub const EXT_LAHF_LM: u32 = 1 << 0;
+/// AMD's ABM bit: LZCNT (POPCNT has its own bit in leaf 1).
+pub const EXT_ABM: u32 = 1 << 5;
 
 const LEAF1_EDX: u32 = FEAT_FPU
     | FEAT_PSE
@@ -52,7 +51,8 @@ const LEAF1_EDX: u32 = FEAT_FPU
     | FEAT_FXSR
     | FEAT_SSE
     | FEAT_SSE2;
-const LEAF1_ECX: u32 = FEAT_CX16 | FEAT_POPCNT | FEAT_HYPERVISOR;
+const LEAF1_ECX: u32 =
+    FEAT_SSE3 | FEAT_SSSE3 | FEAT_CX16 | FEAT_SSE41 | FEAT_SSE42 | FEAT_POPCNT | FEAT_HYPERVISOR;
 
 /// Features the embedder turns on when it provides the hardware behind them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -156,7 +156,7 @@ pub fn cpuid(cfg: &CpuidConfig, index: u32, leaf: u32, _sub: u32) -> [u32; 4] {
         0x8000_0001 => [
             SIGNATURE,
             0,
-            EXT_LAHF_LM & !cfg.hidden.ext1_ecx,
+            (EXT_LAHF_LM | EXT_ABM) & !cfg.hidden.ext1_ecx,
             (LEAF1_EDX & 0x0183_f3ff | EXT_SYSCALL | EXT_NX | EXT_LM) & !cfg.hidden.ext1_edx,
         ],
         0x8000_0002..=0x8000_0004 => {
@@ -221,7 +221,7 @@ pub fn has_feature(cfg: &CpuidConfig, f: iced_x86::CpuidFeature) -> bool {
         F::POPCNT => l1[2] & FEAT_POPCNT != 0,
         F::SYSCALL => e1[3] & EXT_SYSCALL != 0,
         F::RDTSCP => e1[3] & (1 << 27) != 0,
-        F::LZCNT => e1[2] & (1 << 5) != 0,
+        F::LZCNT => e1[2] & EXT_ABM != 0,
         // Everything else (AVX, BMI, VMX/SVM, INVPCID, RDPRU, ...) is
         // never advertised.
         _ => false,

@@ -185,19 +185,128 @@ fn instructions_the_advertised_cpu_lacks_raise_ud() {
             Box::new(|a| a.invpcid(rax, xmmword_ptr(DATA as i32))),
         ),
         ("rdpru", Box::new(|a| a.rdpru())),
-        // Implemented but beyond the advertised CPU (no RDTSCP, no SSE3).
+        // Implemented but beyond the advertised CPU (no RDTSCP).
         ("rdtscp", Box::new(|a| a.rdtscp())),
+        ("andn", Box::new(|a| a.andn(eax, ebx, ecx))),
+        ("movbe", Box::new(|a| a.movbe(eax, dword_ptr(DATA as i32)))),
+        // AMD's SSE4A is not part of the advertised model.
+        ("extrq", Box::new(|a| a.extrq_3(xmm0, 4, 8))),
+    ];
+    for (name, f) in cases {
+        let mut g = guest();
+        assert_eq!(vector_of(&mut g, |a| f(a)), 6, "{name}");
+    }
+}
+
+/// A guest whose CPUID hides MMX, SSE3, SSSE3, SSE4.1, SSE4.2 and LZCNT
+/// (as `--cpu-model portable` or a VM restored from KVM may).
+fn guest_without_v2() -> Guest {
+    use emu::cpuid::*;
+    let mut g = Guest::with_platform(
+        16 << 20,
+        None,
+        CpuidConfig {
+            hidden: Hidden {
+                leaf1_ecx: FEAT_SSE3 | FEAT_SSSE3 | FEAT_SSE41 | FEAT_SSE42,
+                leaf1_edx: FEAT_MMX,
+                ext1_ecx: EXT_ABM,
+                ext1_edx: FEAT_MMX,
+            },
+            ..Default::default()
+        },
+    );
+    g.long_mode();
+    g
+}
+
+#[test]
+fn x86_64_v2_extensions_are_advertised_and_raise_ud_when_hidden() {
+    use emu::cpuid::*;
+    let f = cpuid(&CpuidConfig::default(), 0, 1, 0);
+    for bit in [
+        FEAT_SSE3,
+        FEAT_SSSE3,
+        FEAT_CX16,
+        FEAT_SSE41,
+        FEAT_SSE42,
+        FEAT_POPCNT,
+    ] {
+        assert_ne!(f[2] & bit, 0, "leaf 1 ECX bit {bit:#x}");
+    }
+    assert_ne!(f[3] & FEAT_MMX, 0);
+    let e = cpuid(&CpuidConfig::default(), 0, 0x8000_0001, 0);
+    assert_ne!(e[2] & EXT_LAHF_LM, 0);
+    assert_ne!(e[2] & EXT_ABM, 0);
+    // Each family executes on the default model...
+    type Emit = Box<dyn Fn(&mut CodeAssembler) -> Result<(), IcedError>>;
+    let cases: Vec<(&str, Emit)> = vec![
+        ("paddb mm", Box::new(|a| a.paddb(mm0, mm1))),
+        ("emms", Box::new(|a| a.emms())),
         ("fisttp", Box::new(|a| a.fisttp(dword_ptr(DATA as i32)))),
         (
             "lddqu",
             Box::new(|a| a.lddqu(xmm0, xmmword_ptr(DATA as i32))),
         ),
-        ("andn", Box::new(|a| a.andn(eax, ebx, ecx))),
-        ("movbe", Box::new(|a| a.movbe(eax, dword_ptr(DATA as i32)))),
+        ("haddps", Box::new(|a| a.haddps(xmm0, xmm1))),
+        ("pshufb", Box::new(|a| a.pshufb(xmm0, xmm1))),
+        ("pabsw mm", Box::new(|a| a.pabsw(mm0, mm1))),
+        ("ptest", Box::new(|a| a.ptest(xmm0, xmm1))),
+        ("roundsd", Box::new(|a| a.roundsd(xmm0, xmm1, 4))),
+        ("pcmpgtq", Box::new(|a| a.pcmpgtq(xmm0, xmm1))),
+        ("pcmpistri", Box::new(|a| a.pcmpistri(xmm0, xmm1, 0x0c))),
+        ("crc32", Box::new(|a| a.crc32(eax, cl))),
     ];
-    for (name, f) in cases {
+    for (name, f) in &cases {
         let mut g = guest();
-        assert_eq!(vector_of(&mut g, |a| f(a)), 6, "{name}");
+        let (v, done) = run(&mut g, |a| {
+            a.fninit()?;
+            f(a)?;
+            a.emms()
+        });
+        assert_eq!(done, DONE, "{name}: exception {v:#x}");
+        // ... and raises #UD where CPUID hides it.
+        let mut g = guest_without_v2();
+        assert_eq!(vector_of(&mut g, |a| f(a)), 6, "{name} hidden");
+    }
+}
+
+#[test]
+fn lzcnt_follows_abm_and_tzcnt_executes_as_bsf_without_bmi1() {
+    // Source 0x10: LZCNT counts 27 leading zeros where ABM is advertised,
+    // BSR finds bit 4 where it is not. Source 0: TZCNT (no BMI1
+    // advertised) is BSF, leaving the destination and setting ZF.
+    for (hidden, want) in [(false, 27u64), (true, 4)] {
+        let mut g = if hidden { guest_without_v2() } else { guest() };
+        let (_, done) = run(&mut g, |a| {
+            a.mov(ecx, 0x10u32)?;
+            a.lzcnt(esi, ecx)?;
+            a.xor(ecx, ecx)?;
+            a.mov(edi, 0x1234u32)?;
+            a.tzcnt(edi, ecx)?;
+            a.setz(dl)?;
+            a.movzx(edx, dl)
+        });
+        assert_eq!(done, DONE);
+        let r = g.regs();
+        assert_eq!(r.rsi, want, "lzcnt, hidden={hidden}");
+        assert_eq!(r.rdi, 0x1234, "tzcnt as bsf leaves the destination");
+        assert_eq!(r.rdx, 1, "tzcnt as bsf sets ZF for a zero source");
+    }
+}
+
+#[test]
+fn mmx_faults_follow_cr0_em_and_ts() {
+    // CR0.TS: #NM; CR0.EM: #UD (even with CR4.OSFXSR set).
+    for (bit, want) in [(8u32, 7u64), (4, 6)] {
+        let mut g = guest();
+        let v = vector_of(&mut g, |a| {
+            a.mov(rax, cr0)?;
+            a.or(eax, bit)?;
+            a.mov(cr0, rax)?;
+            a.mov(eax, 0xffff_ffffu32)?;
+            a.paddb(mm0, mm1)
+        });
+        assert_eq!(v, want, "cr0 bit {bit:#x}");
     }
 }
 
@@ -570,4 +679,117 @@ fn legacy_mode_syscall_and_sysret() {
     assert_eq!(s.cs.selector, SEL_CODE32);
     assert!(s.cs.db && !s.cs.l);
     assert_eq!(r.rflags & 0x200, 0, "IF cleared on entry");
+}
+
+#[test]
+fn mmx_state_is_the_x87_state_in_fxsave_and_fxrstor() {
+    let mut g = guest();
+    g.w64(DATA, 0x1122_3344_5566_7788);
+    let img = DATA + 0x200;
+    let (_, done) = run(&mut g, |a| {
+        a.fninit()?;
+        a.fld1()?; // TOP = 7, one register tagged
+        a.movq(mm3, qword_ptr(DATA as i32))?;
+        a.fxsave(ptr(img as i32))?;
+        // Restore an image whose R5 mantissa is changed: MM5 reads it.
+        a.mov(rax, 0x0102_0304_0506_0708u64)?;
+        a.mov(qword_ptr(img as i32 + 32 + 5 * 16), rax)?;
+        a.fxrstor(ptr(img as i32))?;
+        a.movq(rsi, mm5)?;
+        a.emms()?;
+        a.fnstsw(ax)?;
+        a.movzx(edi, ax)?;
+        a.fxsave(ptr(img as i32 + 0x200))
+    });
+    assert_eq!(done, DONE);
+    // After MOVQ: TOP = 0 (FSW bits 13:11), all eight tagged (abridged
+    // FTW 0xff), MM3 = R3 = ST(3): mantissa the value, bits 79:64 ones.
+    let fsw = g.r64(img) >> 16 & 0xffff;
+    assert_eq!(fsw >> 11 & 7, 0, "TOP after an MMX instruction");
+    assert_eq!(g.r64(img) >> 32 & 0xff, 0xff, "all tags valid");
+    assert_eq!(g.r64(img + 32 + 3 * 16), 0x1122_3344_5566_7788);
+    assert_eq!(g.r64(img + 40 + 3 * 16) & 0xffff, 0xffff);
+    let r = g.regs();
+    assert_eq!(r.rsi, 0x0102_0304_0506_0708, "MM5 from the restored image");
+    assert_eq!(r.rdi >> 11 & 7, 0);
+    // EMMS empties the tags.
+    assert_eq!(g.r64(img + 0x200) >> 32 & 0xff, 0, "EMMS");
+}
+
+#[test]
+fn every_advertised_vector_instruction_executes() {
+    // Every legacy encoding (no prefix, 66, F2, F3, 66 F2, each with and
+    // without REX.W; maps 0F, 0F 38, 0F 3A; register and memory forms with
+    // each ModRM.reg) that decodes to an instruction
+    // of MMX, SSE to SSE4.2, POPCNT or LZCNT runs without an exception and
+    // without an internal error: nothing CPUID advertises is missing.
+    use emu::cpuid::has_feature;
+    use iced_x86::{CpuidFeature as F, Decoder, DecoderOptions};
+    let cfg = CpuidConfig::default();
+    let families = [
+        F::MMX,
+        F::SSE,
+        F::SSE2,
+        F::SSE3,
+        F::SSSE3,
+        F::SSE4_1,
+        F::SSE4_2,
+        F::POPCNT,
+        F::LZCNT,
+    ];
+    let mut g = guest();
+    let mut r0 = g.regs();
+    r0.rip = CODE;
+    r0.rbx = DATA;
+    r0.rdi = DATA;
+    let mut mnemonics = std::collections::BTreeSet::new();
+    let prefixes: [&[u8]; 10] = [
+        &[],
+        &[0x66],
+        &[0xf2],
+        &[0xf3],
+        &[0x66, 0xf2],
+        &[0x48],
+        &[0x66, 0x48],
+        &[0xf2, 0x48],
+        &[0xf3, 0x48],
+        &[0x66, 0xf2, 0x48],
+    ];
+    let modrms: Vec<u8> = (0..8u8)
+        .flat_map(|r| [0xc1 | r << 3, 0x03 | r << 3])
+        .collect();
+    let maps: [&[u8]; 3] = [&[0x0f], &[0x0f, 0x38], &[0x0f, 0x3a]];
+    for prefix in prefixes {
+        for map in maps {
+            for op in 0..=255u8 {
+                for &modrm in &modrms {
+                    let mut b = prefix.to_vec();
+                    b.extend_from_slice(map);
+                    b.extend_from_slice(&[op, modrm, 0x01]);
+                    let mut d = Decoder::with_ip(64, &b, CODE, DecoderOptions::NONE);
+                    let insn = d.decode();
+                    let f = insn.cpuid_features();
+                    if insn.is_invalid()
+                        || !f.iter().any(|x| families.contains(x))
+                        || !f.iter().all(|x| has_feature(&cfg, *x))
+                    {
+                        continue;
+                    }
+                    let mut code = b[..insn.len()].to_vec();
+                    code.extend_from_slice(&[0xbb, 0x0e, 0x0d, 0, 0, 0xf4]); // mov ebx, DONE; hlt
+                    g.write(CODE, &code);
+                    g.write(DATA, &[0u8; 64]);
+                    g.vcpu.core_mut().flush_all_caches();
+                    g.set_regs(&r0);
+                    let e = g.run();
+                    assert_eq!(e, Ex::Halt, "{b:02x?} ({insn}): exit");
+                    let r = g.regs();
+                    assert_eq!(r.rbx, DONE, "{b:02x?} ({insn}): exception {:#x}", r.rax);
+                    mnemonics.insert(format!("{:?}", insn.mnemonic()));
+                }
+            }
+        }
+    }
+    eprintln!("{} mnemonics executed", mnemonics.len());
+    assert!(mnemonics.len() > 260, "{mnemonics:?}");
 }

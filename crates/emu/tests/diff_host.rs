@@ -1560,3 +1560,423 @@ fn random_sequences_match_host() {
     }
     eprintln!("random sequences: {} cases", h.count);
 }
+
+/// A case whose inputs are random registers (`xmm1`/`xmm2` from
+/// `sse_value`) and a random 256-byte buffer at RBX.
+fn vector_case(h: &mut Harness, bytes: Vec<u8>, k: u64, undefined: u64, name: String) {
+    let mut input = h.state();
+    input.xmm[1] = sse_value(h, k);
+    input.xmm[2] = sse_value(h, k / 3 + 1);
+    let mut mem = [0u8; 256];
+    for b in mem.iter_mut() {
+        *b = h.rand() as u8;
+    }
+    // Two buffer quadwords with lane patterns too (MMX sources).
+    mem[0..16].copy_from_slice(&sse_value(h, k + 2).to_le_bytes());
+    h.check(Case {
+        bytes,
+        input,
+        undefined,
+        mem,
+        uses_mem: true,
+        si_di_rel: false,
+        name,
+    });
+}
+
+/// `movq mm1, [rbx]; movq mm2, [rbx+8]; <op>; movq [rbx+0x10], mm1;
+/// movq [rbx+0x18], mm2; emms`: MMX registers are not in the compared
+/// state, so every case stores them to the compared buffer.
+fn mmx_seq(op: &[u8]) -> Vec<u8> {
+    let mut v = vec![0x0f, 0x6f, 0x0b, 0x0f, 0x6f, 0x53, 0x08];
+    v.extend_from_slice(op);
+    v.extend_from_slice(&[0x0f, 0x7f, 0x4b, 0x10, 0x0f, 0x7f, 0x53, 0x18, 0x0f, 0x77]);
+    v
+}
+
+#[test]
+fn mmx_ops_match_host() {
+    let mut h = Harness::new();
+    h.expect_jit = false;
+    // 0F op /r with mm1, mm2: the packed-integer group (the SSE2 forms
+    // on XMM registers share the code, at 64 bits), PADDQ/PSUBQ/PMULUDQ
+    // (SSE2 on MM) and the SSE integer additions (PAVG, PMIN/PMAX, PSADBW,
+    // PMULHUW).
+    let ops: &[u8] = &[
+        0xef, 0xeb, 0xdb, 0xdf, 0xfc, 0xfd, 0xfe, 0xd4, 0xf8, 0xf9, 0xfa, 0xfb, 0xdc, 0xdd, 0xd8,
+        0xd9, 0xec, 0xed, 0xe8, 0xe9, 0x74, 0x75, 0x76, 0x64, 0x65, 0x66, 0xda, 0xde, 0xea, 0xee,
+        0xe0, 0xe3, 0xd5, 0xe5, 0xe4, 0xf4, 0xf5, 0xf6, 0x60, 0x61, 0x62, 0x68, 0x69, 0x6a, 0x63,
+        0x6b, 0x67, 0xf1, 0xf2, 0xf3, 0xd1, 0xd2, 0xd3, 0xe1, 0xe2,
+    ];
+    for &op in ops {
+        for k in 0..24 {
+            vector_case(
+                &mut h,
+                mmx_seq(&[0x0f, op, 0xca]),
+                k,
+                0,
+                format!("mmx 0f {op:02x}"),
+            );
+        }
+    }
+    // SSSE3 on MM registers: 0F 38 op /r, and PALIGNR.
+    for op in [
+        0x00u8, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x1c, 0x1d, 0x1e,
+    ] {
+        for k in 0..24 {
+            vector_case(
+                &mut h,
+                mmx_seq(&[0x0f, 0x38, op, 0xca]),
+                k,
+                0,
+                format!("ssse3 mmx 0f 38 {op:02x}"),
+            );
+        }
+    }
+    // Immediate forms: shifts, PSHUFW, PALIGNR, PEXTRW, PINSRW.
+    let imm_ops: &[&[u8]] = &[
+        &[0x0f, 0x71, 0xf1],
+        &[0x0f, 0x71, 0xd1],
+        &[0x0f, 0x71, 0xe1],
+        &[0x0f, 0x72, 0xf1],
+        &[0x0f, 0x72, 0xd1],
+        &[0x0f, 0x72, 0xe1],
+        &[0x0f, 0x73, 0xf1],
+        &[0x0f, 0x73, 0xd1],
+        &[0x0f, 0x70, 0xca],
+        &[0x0f, 0x3a, 0x0f, 0xca],
+        &[0x0f, 0xc5, 0xc2],
+        &[0x0f, 0xc4, 0xc8],
+        &[0x0f, 0xc4, 0x4b, 0x20],
+    ];
+    for op in imm_ops {
+        for imm in [
+            0u8, 1, 3, 5, 7, 8, 9, 15, 16, 17, 31, 0x1b, 0x4e, 0xe4, 0xff,
+        ] {
+            let mut b = op.to_vec();
+            b.push(imm);
+            vector_case(
+                &mut h,
+                mmx_seq(&b),
+                imm as u64,
+                0,
+                format!("mmx imm {op:02x?} {imm:#x}"),
+            );
+        }
+    }
+    // Moves between MM, GPRs, XMM and memory; PMOVMSKB; MOVNTQ; the
+    // conversions with an MM operand; MASKMOVQ (to [rdi], then rdi
+    // cleared since the buffer address differs between host and engine).
+    let moves: &[&[u8]] = &[
+        &[0x0f, 0x6e, 0xc8],
+        &[0x48, 0x0f, 0x6e, 0xc8],
+        &[0x0f, 0x7e, 0xc8],
+        &[0x48, 0x0f, 0x7e, 0xc8],
+        &[0x0f, 0x6e, 0x4b, 0x24],
+        &[0x0f, 0x7e, 0x53, 0x24],
+        &[0x0f, 0x6f, 0xca],
+        &[0x0f, 0x7f, 0xd1],
+        &[0x0f, 0xd7, 0xc2],
+        &[0x0f, 0xe7, 0x53, 0x28],
+        &[0xf3, 0x0f, 0xd6, 0xca],
+        &[0xf2, 0x0f, 0xd6, 0xca],
+        &[0x0f, 0x2a, 0xca],
+        &[0x0f, 0x2d, 0xca],
+        &[0x0f, 0x2c, 0xca],
+        &[0x66, 0x0f, 0x2a, 0xca],
+        &[0x66, 0x0f, 0x2d, 0xca],
+        &[0x66, 0x0f, 0x2c, 0xca],
+        &[0x0f, 0x2a, 0x4b, 0x30],
+        &[0x48, 0x8d, 0x7b, 0x40, 0x0f, 0xf7, 0xca, 0xbf, 0, 0, 0, 0],
+        &[
+            0x48, 0x8d, 0x7b, 0x40, 0x66, 0x0f, 0xf7, 0xca, 0xbf, 0, 0, 0, 0,
+        ],
+    ];
+    for op in moves {
+        for k in 0..16 {
+            let mut b = mmx_seq(op);
+            // The XMM sources of the conversions hold floats.
+            if k % 2 == 0 {
+                b.splice(0..0, [0x0f, 0x28, 0x53, 0x50]); // movaps xmm2, [rbx+0x50]
+            }
+            let mut input = h.state();
+            input.xmm[1] = sse_value(&mut h, k);
+            input.xmm[2] = float_value(&mut h, k % 4 == 0);
+            let mut mem = [0u8; 256];
+            for x in mem.iter_mut() {
+                *x = h.rand() as u8;
+            }
+            mem[0x50..0x60].copy_from_slice(&float_value(&mut h, k % 4 == 0).to_le_bytes());
+            h.check(Case {
+                bytes: b,
+                input,
+                undefined: 0,
+                mem,
+                uses_mem: true,
+                si_di_rel: false,
+                name: format!("mmx move {op:02x?} #{k}"),
+            });
+        }
+    }
+    // The x87 aliasing: after FLD1 (TOP=7), an MMX load sets TOP to 0
+    // (FNSTSW AX shows it) and the register read back as an 80-bit value
+    // has the loaded quadword as mantissa and all ones above it.
+    // fninit; fld1; movq mm0, [rbx]; fnstsw ax; fstp tword [rbx+0x20];
+    // fnstsw ax -> [rbx+0x30]; emms
+    for k in 0..16 {
+        vector_case(
+            &mut h,
+            vec![
+                0xdb, 0xe3, 0xd9, 0xe8, 0x0f, 0x6f, 0x03, 0xdf, 0xe0, 0xdb, 0x7b, 0x20, 0x66, 0x89,
+                0x43, 0x30, 0xdf, 0xe0, 0x66, 0x89, 0x43, 0x32, 0x0f, 0x77,
+            ],
+            k,
+            0,
+            format!("mmx x87 aliasing #{k}"),
+        );
+    }
+    eprintln!("mmx: {} cases", h.count);
+    assert!(h.count > 2_000);
+}
+
+#[test]
+fn sse3_ssse3_sse4_ops_match_host() {
+    let mut h = Harness::new();
+    h.expect_jit = false;
+    // Integer forms: 66 0F 38 op /r (xmm1, xmm2) and memory (aligned) forms.
+    let ops38: &[u8] = &[
+        0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x1c, 0x1d, 0x1e,
+        0x10, 0x14, 0x15, 0x20, 0x21, 0x22, 0x23, 0x24, 0x25, 0x28, 0x29, 0x2b, 0x30, 0x31, 0x32,
+        0x33, 0x34, 0x35, 0x37, 0x38, 0x39, 0x3a, 0x3b, 0x3c, 0x3d, 0x3e, 0x3f, 0x40, 0x41,
+    ];
+    for &op in ops38 {
+        for k in 0..24 {
+            vector_case(
+                &mut h,
+                vec![0x66, 0x0f, 0x38, op, 0xca],
+                k,
+                0,
+                format!("66 0f 38 {op:02x}"),
+            );
+        }
+        vector_case(
+            &mut h,
+            vec![0x66, 0x0f, 0x38, op, 0x4b, 0x20],
+            op as u64,
+            0,
+            format!("66 0f 38 {op:02x} [m]"),
+        );
+    }
+    // PTEST sets ZF and CF (clears the others).
+    for k in 0..64 {
+        let mut input = h.state();
+        input.xmm[1] = sse_value(&mut h, k);
+        input.xmm[2] = match k % 3 {
+            0 => !input.xmm[1],
+            1 => input.xmm[1],
+            _ => sse_value(&mut h, k + 1),
+        };
+        h.check(Case {
+            bytes: vec![0x66, 0x0f, 0x38, 0x17, 0xca],
+            input,
+            undefined: 0,
+            mem: [0; 256],
+            uses_mem: false,
+            si_di_rel: false,
+            name: "ptest".into(),
+        });
+    }
+    // MOVNTDQA, LDDQU (unaligned), MOVDDUP m64.
+    for (b, n) in [
+        (&[0x66, 0x0f, 0x38, 0x2a, 0x4b, 0x30][..], "movntdqa"),
+        (&[0xf2, 0x0f, 0xf0, 0x4b, 0x33][..], "lddqu"),
+        (&[0xf2, 0x0f, 0x12, 0x4b, 0x35][..], "movddup [m]"),
+    ] {
+        for k in 0..8 {
+            vector_case(&mut h, b.to_vec(), k, 0, n.into());
+        }
+    }
+    // Immediate forms: 66 0F 3A op /r ib.
+    let ops3a: &[&[u8]] = &[
+        &[0x66, 0x0f, 0x3a, 0x0f, 0xca],
+        &[0x66, 0x0f, 0x3a, 0x0c, 0xca],
+        &[0x66, 0x0f, 0x3a, 0x0d, 0xca],
+        &[0x66, 0x0f, 0x3a, 0x0e, 0xca],
+        &[0x66, 0x0f, 0x3a, 0x14, 0xc8],
+        &[0x66, 0x0f, 0x3a, 0x15, 0xc8],
+        &[0x66, 0x0f, 0x3a, 0x16, 0xc8],
+        &[0x66, 0x48, 0x0f, 0x3a, 0x16, 0xc8],
+        &[0x66, 0x0f, 0x3a, 0x17, 0xc8],
+        &[0x66, 0x0f, 0x3a, 0x14, 0x4b, 0x21],
+        &[0x66, 0x0f, 0x3a, 0x15, 0x4b, 0x21],
+        &[0x66, 0x0f, 0x3a, 0x16, 0x4b, 0x21],
+        &[0x66, 0x0f, 0x3a, 0x17, 0x4b, 0x21],
+        &[0x66, 0x0f, 0x3a, 0x20, 0xc8],
+        &[0x66, 0x0f, 0x3a, 0x20, 0x4b, 0x23],
+        &[0x66, 0x0f, 0x3a, 0x21, 0xca],
+        &[0x66, 0x0f, 0x3a, 0x21, 0x4b, 0x24],
+        &[0x66, 0x0f, 0x3a, 0x22, 0xc8],
+        &[0x66, 0x48, 0x0f, 0x3a, 0x22, 0xc8],
+        &[0x66, 0x0f, 0x3a, 0x42, 0xca],
+    ];
+    for op in ops3a {
+        for imm in [
+            0u8, 1, 2, 3, 4, 5, 7, 8, 0x0f, 0x10, 0x1b, 0x31, 0x4e, 0x5a, 0xa5, 0xe4, 0xff,
+        ] {
+            let mut b = op.to_vec();
+            b.push(imm);
+            vector_case(&mut h, b, imm as u64, 0, format!("{op:02x?} {imm:#x}"));
+        }
+    }
+    // Float forms: SSE3 (ADDSUB, HADD, HSUB, MOVDDUP/MOVSHDUP/MOVSLDUP),
+    // ROUND* with every rounding immediate, DPPS/DPPD.
+    let mut fops: Vec<(Vec<u8>, bool, bool)> = Vec::new();
+    for (p, op, double) in [
+        (0xf2u8, 0xd0u8, false),
+        (0x66, 0xd0, true),
+        (0xf2, 0x7c, false),
+        (0x66, 0x7c, true),
+        (0xf2, 0x7d, false),
+        (0x66, 0x7d, true),
+        (0xf2, 0x12, true),
+        (0xf3, 0x16, false),
+        (0xf3, 0x12, false),
+    ] {
+        fops.push((vec![p, 0x0f, op, 0xca], double, false));
+    }
+    for (op, double) in [(0x08u8, false), (0x09, true), (0x0a, false), (0x0b, true)] {
+        for imm in 0u8..16 {
+            fops.push((vec![0x66, 0x0f, 0x3a, op, 0xca, imm], double, true));
+        }
+    }
+    for imm in [0xffu8, 0x31, 0xf1, 0x7f, 0x5a, 0xa5] {
+        fops.push((vec![0x66, 0x0f, 0x3a, 0x40, 0xca, imm], false, false));
+        fops.push((vec![0x66, 0x0f, 0x3a, 0x41, 0xca, imm], true, false));
+    }
+    for (bytes, double, round) in &fops {
+        for k in 0..24 {
+            let mut input = h.state();
+            input.xmm[1] = float_value(&mut h, *double);
+            input.xmm[2] = float_value(&mut h, *double);
+            if *round && k % 2 == 0 {
+                // Values with fractions to round, both signs, and halves.
+                let halves = [0.5f64, -0.5, 1.5, -2.5, 3.7, -3.7, 1e15 + 0.5, -0.25];
+                let mut v = 0u128;
+                for i in 0..4u32 {
+                    let x = halves[(h.rand() % 8) as usize];
+                    v |= if *double {
+                        (x.to_bits() as u128) << (64 * (i % 2))
+                    } else {
+                        ((x as f32).to_bits() as u128) << (32 * i)
+                    };
+                }
+                input.xmm[2] = v;
+            }
+            h.check(Case {
+                bytes: bytes.clone(),
+                input,
+                undefined: 0,
+                mem: [0; 256],
+                uses_mem: false,
+                si_di_rel: false,
+                name: format!("float {bytes:02x?}"),
+            });
+        }
+    }
+    eprintln!("sse3/ssse3/sse4: {} cases", h.count);
+    assert!(h.count > 3_000);
+}
+
+#[test]
+fn sse42_string_compares_and_crc32_match_host() {
+    let mut h = Harness::new();
+    h.expect_jit = false;
+    // PCMPESTRM/PCMPESTRI/PCMPISTRM/PCMPISTRI xmm1, xmm2, imm for every
+    // immediate (bit 7 is ignored); explicit lengths in EAX/EDX from -20
+    // to 20, strings from a small alphabet with zero bytes.
+    for op in [0x60u8, 0x61, 0x62, 0x63] {
+        for imm in 0u8..0x80 {
+            for k in 0..3 {
+                let mut input = h.state();
+                let alpha = [0u8, b'a', b'b', b'z', 0x80, 0xff, 0x7f, 0x01];
+                let mut strs = [0u128; 2];
+                for s in strs.iter_mut() {
+                    let zero_from = (h.rand() % 24) as usize;
+                    for i in 0..16 {
+                        let c = if i >= zero_from && k != 2 {
+                            0
+                        } else {
+                            alpha[(h.rand() % 8) as usize]
+                        };
+                        *s |= (c as u128) << (8 * i);
+                    }
+                }
+                input.xmm[1] = strs[0];
+                input.xmm[2] = strs[1];
+                input.gpr[0] = ((h.rand() % 41) as i64 - 20) as u64;
+                input.gpr[2] = ((h.rand() % 41) as i64 - 20) as u64;
+                if k == 1 {
+                    input.gpr[0] |= 0xffff_ffff_0000_0000 & h.rand();
+                }
+                h.check(Case {
+                    bytes: vec![0x66, 0x0f, 0x3a, op, 0xca, imm],
+                    input,
+                    undefined: 0,
+                    mem: [0; 256],
+                    uses_mem: false,
+                    si_di_rel: false,
+                    name: format!("pcmp{op:02x} {imm:#x} #{k}"),
+                });
+            }
+        }
+    }
+    // With REX.W (64-bit lengths), and an unaligned memory operand.
+    for k in 0..64u64 {
+        let op = 0x60 + (k % 2) as u8;
+        vector_case(
+            &mut h,
+            vec![0x66, 0x48, 0x0f, 0x3a, op, 0xca, (k * 7) as u8 & 0x7f],
+            k,
+            0,
+            format!("pcmpestr rex.w #{k}"),
+        );
+        vector_case(
+            &mut h,
+            vec![0x66, 0x0f, 0x3a, 0x63, 0x4b, 0x03, (k * 5) as u8 & 0x7f],
+            k,
+            0,
+            format!("pcmpistri [m] #{k}"),
+        );
+    }
+    // CRC32 r32, r/m8/16/32 and r64, r/m8/64; LZCNT (ABM) at every size.
+    let crc: &[&[u8]] = &[
+        &[0xf2, 0x0f, 0x38, 0xf0, 0xc8],
+        &[0x66, 0xf2, 0x0f, 0x38, 0xf1, 0xc8],
+        &[0xf2, 0x0f, 0x38, 0xf1, 0xc8],
+        &[0xf2, 0x48, 0x0f, 0x38, 0xf0, 0xc8],
+        &[0xf2, 0x48, 0x0f, 0x38, 0xf1, 0xc8],
+        &[0xf2, 0x0f, 0x38, 0xf1, 0x4b, 0x05],
+    ];
+    for b in crc {
+        for k in 0..32 {
+            vector_case(&mut h, b.to_vec(), k, 0, format!("crc32 {b:02x?}"));
+        }
+    }
+    for size in [2u8, 4, 8] {
+        for a in EDGES {
+            let mut input = h.state();
+            input.gpr[1] = a;
+            h.check(Case {
+                bytes: enc(size, &[0xf3], &[0x0f, 0xbd], &[0xd1]),
+                input,
+                undefined: OF | SF | AF | PF,
+                mem: [0; 256],
+                uses_mem: false,
+                si_di_rel: false,
+                name: format!("lzcnt {size} {a:#x}"),
+            });
+        }
+    }
+    eprintln!("sse4.2/crc32/lzcnt: {} cases", h.count);
+    assert!(h.count > 1_500);
+}

@@ -618,6 +618,25 @@ pub fn bitscan(core: &mut Core, insn: &Instruction, reverse: bool) -> R {
     Ok(())
 }
 
+/// LZCNT (AMD's ABM, advertised in CPUID 0x80000001 ECX.LZCNT): the count
+/// of leading zero bits, the operand size for zero; CF = source was zero,
+/// ZF = result is zero (OF, SF, AF, PF are undefined: cleared here). Where
+/// the bit is not advertised the F3 0F BD encoding executes as BSR, as on
+/// a CPU without it.
+pub fn lzcnt(core: &mut Core, insn: &Instruction) -> R {
+    if !crate::cpuid::has_feature(&core.cpuid, iced_x86::CpuidFeature::LZCNT) {
+        return bitscan(core, insn, true);
+    }
+    let size = op_size(insn, 0);
+    let src = read_op(core, insn, 1, size)?;
+    let n = src.leading_zeros() as u64 - (64 - 8 * size as u64);
+    reg_write(&mut core.st, insn.op0_register(), n);
+    let cf = if src == 0 { FLAG_CF } else { 0 };
+    let zf = if n == 0 { FLAG_ZF } else { 0 };
+    set_arith(core, cf | zf);
+    Ok(())
+}
+
 pub fn popcnt(core: &mut Core, insn: &Instruction) -> R {
     let size = op_size(insn, 0);
     let src = read_op(core, insn, 1, size)?;

@@ -6,6 +6,7 @@ pub mod control;
 pub mod fpu;
 pub mod operand;
 pub mod sse;
+pub mod sse4;
 pub mod string;
 pub mod system;
 
@@ -50,10 +51,12 @@ pub fn execute(core: &mut Core, insn: &Instruction) -> R {
         }
         M::Shld | M::Shrd => alu::shiftd(core, insn),
         M::Bt | M::Bts | M::Btr | M::Btc => alu::bittest(core, insn),
-        // Without BMI1/LZCNT advertised, F3 0F BC/BD execute as BSF/BSR
-        // (Linux relies on this for `rep; bsf`).
+        // Without BMI1 advertised, F3 0F BC executes as BSF (Linux relies
+        // on this for `rep; bsf`); F3 0F BD is LZCNT where CPUID says so,
+        // BSR otherwise.
         M::Bsf | M::Tzcnt => alu::bitscan(core, insn, false),
-        M::Bsr | M::Lzcnt => alu::bitscan(core, insn, true),
+        M::Bsr => alu::bitscan(core, insn, true),
+        M::Lzcnt => alu::lzcnt(core, insn),
         M::Popcnt => alu::popcnt(core, insn),
         M::Bswap => alu::bswap(core, insn),
         M::Cbw | M::Cwde | M::Cdqe => alu::extend_acc(core, insn),

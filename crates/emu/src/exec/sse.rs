@@ -1,7 +1,19 @@
-//! SSE/SSE2 (legacy encodings): moves, logic, packed integer arithmetic,
-//! shifts, shuffles and unpacks, and the scalar/packed float operations a
-//! C library uses. MXCSR exception flags are not accumulated yet; rounding
-//! of float-to-integer conversions honours MXCSR.RC.
+//! SSE/SSE2 (legacy encodings) and MMX: moves, logic, packed integer
+//! arithmetic, shifts, shuffles and unpacks, conversions, and the
+//! scalar/packed float operations. SSE3 and later live in [`super::sse4`].
+//! MXCSR exception flags are not accumulated yet; rounding of
+//! float-to-integer conversions honours MXCSR.RC.
+//!
+//! MMX registers alias the x87 registers as on hardware: MMi is the
+//! mantissa of physical register Ri. Every MMX instruction (any form with
+//! an MM operand, EMMS aside) sets TOP to 0 and tags all eight registers
+//! valid; a write to MMi also sets Ri's sign and exponent bits (79:64) to
+//! ones; EMMS empties the tags. FXSAVE/FXRSTOR and snapshots carry the MMX
+//! state through the x87 registers. The packed-integer operations are
+//! shared between the 64-bit (MM) and 128-bit (XMM) forms: operands are
+//! read zero-extended to 128 bits, lane-wise results are truncated by the
+//! 64-bit register write, and the few width-dependent operations (pack,
+//! unpack, PMOVMSKB, PEXTRW/PINSRW, PSHUFB, PALIGNR, ...) take the width.
 
 use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 
@@ -9,7 +21,7 @@ use super::operand::{ea, mem_seg, reg_read, reg_write};
 use crate::core::{gp, Core, R};
 use crate::cpu::*;
 
-fn xmm_idx(r: Register) -> Option<usize> {
+pub(super) fn xmm_idx(r: Register) -> Option<usize> {
     let n = (r as usize).wrapping_sub(Register::XMM0 as usize);
     if n < 16 {
         Some(n)
@@ -18,19 +30,72 @@ fn xmm_idx(r: Register) -> Option<usize> {
     }
 }
 
-fn is_xmm(insn: &Instruction, n: u32) -> bool {
+pub(super) fn mm_idx(r: Register) -> Option<usize> {
+    let n = (r as usize).wrapping_sub(Register::MM0 as usize);
+    if n < 8 {
+        Some(n)
+    } else {
+        None
+    }
+}
+
+pub(super) fn is_xmm(insn: &Instruction, n: u32) -> bool {
     insn.op_kind(n) == OpKind::Register && xmm_idx(insn.op_register(n)).is_some()
+}
+
+pub(super) fn is_mm(insn: &Instruction, n: u32) -> bool {
+    insn.op_kind(n) == OpKind::Register && mm_idx(insn.op_register(n)).is_some()
+}
+
+/// MMi: the mantissa of physical x87 register Ri. The only two places that
+/// know the aliasing's storage (with [`mmx_transition`]).
+pub(super) fn mm_get(core: &Core, i: usize) -> u64 {
+    core.st.fpu.st[i & 7] as u64
+}
+
+/// Write MMi: the mantissa, with sign and exponent (bits 79:64) all ones.
+pub(super) fn mm_set(core: &mut Core, i: usize, v: u64) {
+    core.st.fpu.st[i & 7] = (0xffffu128 << 64) | v as u128;
+}
+
+/// What every MMX instruction but EMMS does to the x87 state: TOP = 0 and
+/// all registers tagged valid.
+fn mmx_transition(core: &mut Core) {
+    core.st.fpu.top = 0;
+    core.st.fpu.tag = 0xff;
+}
+
+/// The faults an MMX instruction (and an SSE instruction on MM registers)
+/// checks first: CR0.EM #UD, CR0.TS #NM. CR4.OSFXSR does not matter.
+fn mmx_check(core: &Core) -> R {
+    if core.st.cr0 & CR0_EM != 0 {
+        return Err(crate::core::ud());
+    }
+    if core.st.cr0 & CR0_TS != 0 {
+        return Err(crate::core::fault(7, None));
+    }
+    Ok(())
+}
+
+/// Width in bits of the packed operation: 64 for the MM forms.
+pub(super) fn width(insn: &Instruction) -> u32 {
+    if is_mm(insn, 0) || (insn.op_count() > 1 && is_mm(insn, 1)) {
+        64
+    } else {
+        128
+    }
 }
 
 /// Read an XMM register or a memory operand (zero-extended to 128 bits).
 /// 16-byte memory operands must be aligned unless `unaligned`.
-fn src(core: &mut Core, insn: &Instruction, n: u32, unaligned: bool) -> R<u128> {
+pub(super) fn src(core: &mut Core, insn: &Instruction, n: u32, unaligned: bool) -> R<u128> {
     match insn.op_kind(n) {
         OpKind::Register => {
             let r = insn.op_register(n);
-            match xmm_idx(r) {
-                Some(i) => Ok(core.st.xmm[i]),
-                None => Ok(reg_read(&core.st, r) as u128),
+            match (xmm_idx(r), mm_idx(r)) {
+                (Some(i), _) => Ok(core.st.xmm[i]),
+                (_, Some(i)) => Ok(mm_get(core, i) as u128),
+                _ => Ok(reg_read(&core.st, r) as u128),
             }
         }
         OpKind::Memory => {
@@ -54,13 +119,14 @@ fn src(core: &mut Core, insn: &Instruction, n: u32, unaligned: bool) -> R<u128> 
 
 /// Write operand `n`: a whole XMM register, a GPR, or memory of the
 /// operand's size.
-fn dst(core: &mut Core, insn: &Instruction, n: u32, v: u128, unaligned: bool) -> R {
+pub(super) fn dst(core: &mut Core, insn: &Instruction, n: u32, v: u128, unaligned: bool) -> R {
     match insn.op_kind(n) {
         OpKind::Register => {
             let r = insn.op_register(n);
-            match xmm_idx(r) {
-                Some(i) => core.st.xmm[i] = v,
-                None => reg_write(&mut core.st, r, v as u64),
+            match (xmm_idx(r), mm_idx(r)) {
+                (Some(i), _) => core.st.xmm[i] = v,
+                (_, Some(i)) => mm_set(core, i, v as u64),
+                _ => reg_write(&mut core.st, r, v as u64),
             }
             Ok(())
         }
@@ -82,20 +148,28 @@ fn dst(core: &mut Core, insn: &Instruction, n: u32, v: u128, unaligned: bool) ->
     }
 }
 
-fn xreg(core: &Core, insn: &Instruction, n: u32) -> u128 {
-    xmm_idx(insn.op_register(n))
-        .map(|i| core.st.xmm[i])
-        .unwrap_or(0)
+/// Register operand `n` (XMM, or MM zero-extended).
+pub(super) fn xreg(core: &Core, insn: &Instruction, n: u32) -> u128 {
+    let r = insn.op_register(n);
+    match (xmm_idx(r), mm_idx(r)) {
+        (Some(i), _) => core.st.xmm[i],
+        (_, Some(i)) => mm_get(core, i) as u128,
+        _ => 0,
+    }
 }
 
-fn set_x(core: &mut Core, insn: &Instruction, n: u32, v: u128) {
-    if let Some(i) = xmm_idx(insn.op_register(n)) {
-        core.st.xmm[i] = v;
+/// Write register operand `n` (an MM register takes the low 64 bits).
+pub(super) fn set_x(core: &mut Core, insn: &Instruction, n: u32, v: u128) {
+    let r = insn.op_register(n);
+    match (xmm_idx(r), mm_idx(r)) {
+        (Some(i), _) => core.st.xmm[i] = v,
+        (_, Some(i)) => mm_set(core, i, v as u64),
+        _ => {}
     }
 }
 
 /// Apply `f` lane-wise to `bits`-wide lanes of a and b.
-fn map2(a: u128, b: u128, bits: u32, f: impl Fn(u64, u64) -> u64) -> u128 {
+pub(super) fn map2(a: u128, b: u128, bits: u32, f: impl Fn(u64, u64) -> u64) -> u128 {
     let m: u128 = if bits == 64 {
         u64::MAX as u128
     } else {
@@ -111,7 +185,7 @@ fn map2(a: u128, b: u128, bits: u32, f: impl Fn(u64, u64) -> u64) -> u128 {
     r
 }
 
-fn lane(v: u128, bits: u32, i: u32) -> u64 {
+pub(super) fn lane(v: u128, bits: u32, i: u32) -> u64 {
     let m: u128 = if bits == 64 {
         u64::MAX as u128
     } else {
@@ -120,24 +194,25 @@ fn lane(v: u128, bits: u32, i: u32) -> u64 {
     ((v >> (i * bits)) & m) as u64
 }
 
-fn sx(v: u64, bits: u32) -> i64 {
+pub(super) fn sx(v: u64, bits: u32) -> i64 {
     let sh = 64 - bits;
     ((v << sh) as i64) >> sh
 }
 
-fn sat_s(v: i64, bits: u32) -> u64 {
+pub(super) fn sat_s(v: i64, bits: u32) -> u64 {
     let max = (1i64 << (bits - 1)) - 1;
     let min = -(1i64 << (bits - 1));
     v.clamp(min, max) as u64
 }
 
-fn sat_u(v: i64, bits: u32) -> u64 {
+pub(super) fn sat_u(v: i64, bits: u32) -> u64 {
     v.clamp(0, (1i64 << bits) - 1) as u64
 }
 
-/// Interleave the low (or high) halves of a and b in `bits`-wide lanes.
-fn unpack(a: u128, b: u128, bits: u32, high: bool) -> u128 {
-    let n = 64 / bits;
+/// Interleave the low (or high) halves of a and b in `bits`-wide lanes of
+/// a `width`-bit register.
+fn unpack(a: u128, b: u128, bits: u32, high: bool, width: u32) -> u128 {
+    let n = width / 2 / bits;
     let base = if high { n } else { 0 };
     let mut r = 0u128;
     for i in 0..n {
@@ -147,15 +222,15 @@ fn unpack(a: u128, b: u128, bits: u32, high: bool) -> u128 {
     r
 }
 
-fn f32s(v: u128, i: u32) -> f32 {
+pub(super) fn f32s(v: u128, i: u32) -> f32 {
     f32::from_bits(lane(v, 32, i) as u32)
 }
 
-fn f64s(v: u128, i: u32) -> f64 {
+pub(super) fn f64s(v: u128, i: u32) -> f64 {
     f64::from_bits(lane(v, 64, i))
 }
 
-fn with_lane(v: u128, bits: u32, i: u32, x: u64) -> u128 {
+pub(super) fn with_lane(v: u128, bits: u32, i: u32, x: u64) -> u128 {
     let m: u128 = if bits == 64 {
         u64::MAX as u128
     } else {
@@ -164,7 +239,7 @@ fn with_lane(v: u128, bits: u32, i: u32, x: u64) -> u128 {
     (v & !(m << (i * bits))) | (((x as u128) & m) << (i * bits))
 }
 
-fn round_mxcsr(core: &Core, v: f64, truncate: bool) -> f64 {
+pub(super) fn round_mxcsr(core: &Core, v: f64, truncate: bool) -> f64 {
     if truncate {
         return v.trunc();
     }
@@ -177,7 +252,7 @@ fn round_mxcsr(core: &Core, v: f64, truncate: bool) -> f64 {
 }
 
 /// Float to integer with the x86 "integer indefinite" result on overflow.
-fn f2i(v: f64, size: u8) -> u64 {
+pub(super) fn f2i(v: f64, size: u8) -> u64 {
     let bits = size as i32 * 8;
     let lim = 2f64.powi(bits - 1);
     if v.is_nan() || v >= lim || v < -lim {
@@ -233,13 +308,46 @@ fn fop(mn: M, a: f64, b: f64) -> f64 {
 
 pub fn execute(core: &mut Core, insn: &Instruction) -> R {
     let mn = insn.mnemonic();
-    let sse =
-        (0..insn.op_count()).any(|n| is_xmm(insn, n)) || matches!(mn, M::Movnti | M::Maskmovdqu);
-    if !sse {
+    if mn == M::Crc32 {
+        return super::sse4::crc32(core, insn);
+    }
+    // The SSE forms without an XMM operand: a GPR and memory.
+    let sse = (0..insn.op_count()).any(|n| is_xmm(insn, n))
+        || matches!(
+            mn,
+            M::Movnti | M::Cvttsd2si | M::Cvtsd2si | M::Cvttss2si | M::Cvtss2si
+        );
+    let mmx = (0..insn.op_count()).any(|n| is_mm(insn, n));
+    if !sse && !mmx {
+        if mn == M::Emms {
+            mmx_check(core)?;
+            super::require(core, iced_x86::CpuidFeature::MMX)?;
+            core.st.fpu.tag = 0;
+            return Ok(());
+        }
         return super::fpu::execute(core, insn);
     }
-    super::fpu::sse_check(core)?;
+    if sse {
+        super::fpu::sse_check(core)?;
+    } else {
+        mmx_check(core)?;
+    }
+    if mmx {
+        super::require(core, iced_x86::CpuidFeature::MMX)?;
+    }
+    vector(core, insn, mn)?;
+    if mmx {
+        mmx_transition(core);
+    }
+    Ok(())
+}
+
+fn vector(core: &mut Core, insn: &Instruction, mn: M) -> R {
+    if let Some(r) = super::sse4::execute(core, insn, mn) {
+        return r;
+    }
     let xd = is_xmm(insn, 0);
+    let w = width(insn);
     match mn {
         // ---------------------------------------------------------- moves
         M::Movaps | M::Movapd | M::Movdqa | M::Movntdq | M::Movntps | M::Movntpd => {
@@ -253,11 +361,11 @@ pub fn execute(core: &mut Core, insn: &Instruction) -> R {
             let v = src(core, insn, 1, true)?;
             dst(core, insn, 0, v, true)
         }
-        M::Movnti => {
+        M::Movnti | M::Movntq => {
             let v = src(core, insn, 1, true)?;
             dst(core, insn, 0, v, true)
         }
-        M::Movd | M::Movq => {
+        M::Movd | M::Movq | M::Movq2dq | M::Movdq2q => {
             let v = src(core, insn, 1, true)?;
             if xd {
                 // To XMM: zero-extend (movq xmm, xmm takes the low quadword).
@@ -324,7 +432,7 @@ pub fn execute(core: &mut Core, insn: &Instruction) -> R {
                 _ => 64,
             };
             let mut r = 0u64;
-            for i in 0..128 / bits {
+            for i in 0..w / bits {
                 r |= (lane(v, bits, i) >> (bits - 1)) << i;
             }
             reg_write(&mut core.st, insn.op0_register(), r);
@@ -332,14 +440,14 @@ pub fn execute(core: &mut Core, insn: &Instruction) -> R {
         }
         M::Pextrw => {
             let v = xreg(core, insn, 1);
-            let i = (insn.immediate(2) & 7) as u32;
-            reg_write(&mut core.st, insn.op0_register(), lane(v, 16, i));
-            Ok(())
+            let i = (insn.immediate(2) as u32) & (w / 16 - 1);
+            // A GPR, or m16 for the SSE4.1 form (66 0F 3A 15).
+            dst(core, insn, 0, lane(v, 16, i) as u128, true)
         }
         M::Pinsrw => {
             let d = xreg(core, insn, 0);
             let s = src(core, insn, 1, true)? as u64;
-            let i = (insn.immediate(2) & 7) as u32;
+            let i = (insn.immediate(2) as u32) & (w / 16 - 1);
             set_x(core, insn, 0, with_lane(d, 16, i, s));
             Ok(())
         }
@@ -481,6 +589,56 @@ pub fn execute(core: &mut Core, insn: &Instruction) -> R {
             set_x(core, insn, 0, with_lane(d, 64, 0, s.to_bits()));
             Ok(())
         }
+        M::Pshufw => {
+            let s = src(core, insn, 1, true)?;
+            let imm = insn.immediate(2) as u32;
+            let r = (0..4).fold(0u128, |r, i| {
+                r | (lane(s, 16, (imm >> (2 * i)) & 3) as u128) << (16 * i)
+            });
+            set_x(core, insn, 0, r);
+            Ok(())
+        }
+        M::Maskmovq | M::Maskmovdqu => maskmov(core, insn, w),
+        M::Cvtdq2pd
+        | M::Cvtdq2ps
+        | M::Cvtpd2dq
+        | M::Cvtpd2ps
+        | M::Cvtps2dq
+        | M::Cvtps2pd
+        | M::Cvttpd2dq
+        | M::Cvttps2dq
+        | M::Cvtpi2ps
+        | M::Cvtps2pi
+        | M::Cvttps2pi
+        | M::Cvtpi2pd
+        | M::Cvtpd2pi
+        | M::Cvttpd2pi => convert(core, insn, mn),
+        M::Rcpps | M::Rcpss | M::Rsqrtps | M::Rsqrtss => {
+            let d = xreg(core, insn, 0);
+            let packed = matches!(mn, M::Rcpps | M::Rsqrtps);
+            let s = src(core, insn, 1, !packed)?;
+            let f = |x: f32| -> u64 {
+                // Denormal inputs count as zero, as on hardware.
+                let x = if x.is_subnormal() {
+                    0.0f32.copysign(x)
+                } else {
+                    x
+                };
+                let r = if matches!(mn, M::Rcpps | M::Rcpss) {
+                    1.0 / x
+                } else {
+                    1.0 / x.sqrt()
+                };
+                approx(r).to_bits() as u64
+            };
+            let r = if packed {
+                map2(s, 0, 32, |a, _| f(f32::from_bits(a as u32)))
+            } else {
+                with_lane(d, 32, 0, f(f32s(s, 0)))
+            };
+            set_x(core, insn, 0, r);
+            Ok(())
+        }
         // --------------------------------------------- shifts by immediate
         M::Psllw | M::Pslld | M::Psllq | M::Psrlw | M::Psrld | M::Psrlq | M::Psraw | M::Psrad
             if insn.op1_kind() != OpKind::Register && insn.op1_kind() != OpKind::Memory =>
@@ -576,14 +734,14 @@ pub fn execute(core: &mut Core, insn: &Instruction) -> R {
                 M::Punpckhdq | M::Unpckhps => (32, true),
                 _ => (64, true),
             };
-            set_x(core, insn, 0, unpack(d, s, bits, high));
+            set_x(core, insn, 0, unpack(d, s, bits, high, w));
             Ok(())
         }
         M::Packsswb | M::Packssdw | M::Packuswb => {
             let d = xreg(core, insn, 0);
             let s = src(core, insn, 1, false)?;
             let (from, to) = if mn == M::Packssdw { (32, 16) } else { (16, 8) };
-            let n = 128 / from;
+            let n = w / from;
             let mut r = 0u128;
             for (k, v) in [d, s].iter().enumerate() {
                 for i in 0..n {
@@ -696,4 +854,79 @@ fn shift(mn: M, d: u128, c: u64) -> u128 {
             a >> c
         }
     })
+}
+
+/// RCP/RSQRT results: the hardware approximates (relative error at most
+/// 1.5 * 2^-12, the exact bits differ between vendors); the engine returns
+/// the correctly rounded value, which is within that bound, and flushes
+/// denormal results to zero as the hardware does.
+fn approx(r: f32) -> f32 {
+    if r.is_subnormal() {
+        0.0f32.copysign(r)
+    } else {
+        r
+    }
+}
+
+/// MASKMOVQ/MASKMOVDQU: store the bytes of operand 1 whose mask byte in
+/// operand 2 has its top bit set, at DS:rDI (segment override allowed).
+fn maskmov(core: &mut Core, insn: &Instruction, w: u32) -> R {
+    let asz = match insn.op0_kind() {
+        OpKind::MemorySegDI => 2,
+        OpKind::MemorySegEDI => 4,
+        _ => 8,
+    };
+    let data = xreg(core, insn, 1);
+    let m = xreg(core, insn, 2);
+    let seg = mem_seg(insn);
+    let base = core.st.gpr[7] & mask(asz);
+    for i in 0..w / 8 {
+        if lane(m, 8, i) & 0x80 != 0 {
+            let off = base.wrapping_add(i as u64) & mask(asz);
+            core.write_mem(seg, off, 1, lane(data, 8, i))?;
+        }
+    }
+    Ok(())
+}
+
+/// The packed conversions between integers (i32 lanes, in XMM or MM
+/// registers) and floats. Float-to-integer rounds as MXCSR.RC says (the
+/// CVTT forms truncate) and gives the integer indefinite on overflow.
+fn convert(core: &mut Core, insn: &Instruction, mn: M) -> R {
+    // 128-bit memory operands must be aligned; 64-bit ones need not be.
+    let s = src(core, insn, 1, false)?;
+    let d = xreg(core, insn, 0);
+    let trunc = matches!(
+        mn,
+        M::Cvttpd2dq | M::Cvttps2dq | M::Cvttps2pi | M::Cvttpd2pi
+    );
+    let to_i = |core: &Core, v: f64| f2i(round_mxcsr(core, v, trunc), 4);
+    let i32s = |v: u128, i: u32| lane(v, 32, i) as u32 as i32;
+    let r = match mn {
+        M::Cvtdq2ps => map2(s, 0, 32, |a, _| (a as u32 as i32 as f32).to_bits() as u64),
+        M::Cvtdq2pd | M::Cvtpi2pd => (0..2).fold(0u128, |r, i| {
+            with_lane(r, 64, i, (i32s(s, i) as f64).to_bits())
+        }),
+        M::Cvtpi2ps => (0..2).fold(d, |r, i| {
+            with_lane(r, 32, i, (i32s(s, i) as f32).to_bits() as u64)
+        }),
+        M::Cvtps2dq | M::Cvttps2dq => (0..4).fold(0u128, |r, i| {
+            with_lane(r, 32, i, to_i(core, f32s(s, i) as f64))
+        }),
+        M::Cvtps2pi | M::Cvttps2pi => (0..2).fold(0u128, |r, i| {
+            with_lane(r, 32, i, to_i(core, f32s(s, i) as f64))
+        }),
+        M::Cvtpd2dq | M::Cvttpd2dq | M::Cvtpd2pi | M::Cvttpd2pi => {
+            (0..2).fold(0u128, |r, i| with_lane(r, 32, i, to_i(core, f64s(s, i))))
+        }
+        M::Cvtpd2ps => (0..2).fold(0u128, |r, i| {
+            with_lane(r, 32, i, (f64s(s, i) as f32).to_bits() as u64)
+        }),
+        // CVTPS2PD
+        _ => (0..2).fold(0u128, |r, i| {
+            with_lane(r, 64, i, (f32s(s, i) as f64).to_bits())
+        }),
+    };
+    set_x(core, insn, 0, r);
+    Ok(())
 }
