@@ -78,12 +78,6 @@ const COMMON: &[Allow] = &[
     any("fstat"),
     any("newfstatat"),
     any("restart_syscall"),
-    // glibc's malloc opens /proc/sys/vm/overcommit_memory (once per
-    // process) the first time a thread's own arena gives memory back
-    // (shrink_heap); whichever thread frees first makes the call. Seen on a
-    // vCPU thread when SeaBIOS and GRUB had booted an installed Debian
-    // (vireo/tests/disk_image.rs): without it the VMM stopped there.
-    any("openat"),
     // Kicking a vCPU out of the guest (pause, stop, an interrupt) is a
     // signal to its thread, from whichever thread asks.
     any("tgkill"),
