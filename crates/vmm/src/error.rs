@@ -172,6 +172,9 @@ pub enum VmmError {
     Destination(String),
     #[error("the migration was cancelled")]
     MigrationCancelled,
+    /// The migration's TLS files, or a TLS handshake.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The request does not fit the VM's current state.
     #[error("{0}")]
     Conflict(String),
@@ -191,6 +194,9 @@ pub enum VmmError {
     /// not build or install, a jail that cannot be set up.
     #[error("{0}")]
     Isolation(String),
+    /// The jail (`--jail`) cannot be set up as asked.
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
     /// The gdb stub cannot listen where `--gdb` says, or cannot hold the VM.
     #[error("{0}")]
     Gdb(String),
@@ -231,13 +237,14 @@ impl VmmError {
             | MigrationStream(_)
             | Destination(_)
             | MigrationCancelled
+            | Tls(_)
             | Conflict(_)
             | Pause(_)
             | ApiServer(_)
             | Gdb(_)
             | VmmStopped(_)
             | Isolation(_) => exit_code::VMM_ERROR,
-            Cgroup(_) => exit_code::VMM_ERROR,
+            Cgroup(_) | Jail(_) => exit_code::VMM_ERROR,
         }
     }
 
@@ -267,6 +274,10 @@ impl VmmError {
                 ..
             } => 500,
             Conflict(_) | DeviceSave { .. } | MigrationCancelled => 409,
+            // A handshake that failed is the peer's or the network's
+            // doing; the files are the caller's.
+            Tls(crate::tls::TlsError::Handshake { .. }) => 500,
+            Tls(_) => 400,
             Cgroup(crate::cgroup::CgroupError::Invalid(_)) => 400,
             Cgroup(crate::cgroup::CgroupError::NotInCgroup) => 409,
             Cgroup(_) => 500,
@@ -291,7 +302,8 @@ impl VmmError {
             | ApiServer(_)
             | Gdb(_)
             | VmmStopped(_)
-            | Isolation(_) => 500,
+            | Isolation(_)
+            | Jail(_) => 500,
         }
     }
 }

@@ -24,12 +24,14 @@ pub mod events;
 mod exit;
 mod firmware;
 pub mod gdb;
+pub mod jail;
 mod launch;
 pub mod migration;
 mod persist;
 pub mod rate_limits;
 pub mod seccomp;
 pub mod snapshot;
+pub mod tls;
 mod vcpu;
 mod vm;
 
