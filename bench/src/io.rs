@@ -228,20 +228,11 @@ pub(crate) fn print_table(tests: &[Test], cols: &[Column], host_title: &str) {
 /// per-round ratios of the guest's figures (the VMMs took turns, so each
 /// round's pair ran under the same load).
 fn print_ratios(tests: &[Test], cols: &[Column]) {
-    let Some((peer, vireos)) = cols.split_last() else {
-        return;
-    };
-    let mut pairs: Vec<(&Column, &Column, String)> = vireos
-        .iter()
-        .map(|v| (v, peer, format!("{} / {}", v.title, peer.title)))
-        .collect();
-    if let [a, b] = vireos {
-        pairs.push((b, a, format!("{} / {}", b.title, a.title)));
-    }
-    for (a, b, what) in pairs {
+    for (a, b) in crate::ratio_pairs(cols, |c| &c.title) {
         if a.runs.is_empty() || b.runs.is_empty() {
             continue;
         }
+        let what = format!("{} / {}", a.title, b.title);
         println!("ratio {what} (guest figures, median of per-round ratios; below 1 is slower):");
         for t in tests {
             let per_run = |c: &Column| -> Vec<f64> {
@@ -289,7 +280,9 @@ pub(crate) fn measure_with(
         .collect();
     cols.push(Column::new(qname));
     let peer = cols.len() - 1;
-    if let Some(why) = no_qemu {
+    if args.no_qemu {
+        cols.pop();
+    } else if let Some(why) = no_qemu {
         cols[peer].failures.push(why);
     } else if !has_binary(&args.qemu) {
         cols[peer]

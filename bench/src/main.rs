@@ -86,6 +86,10 @@ pub struct BenchArgs {
     /// An option for every B vireo, before its subcommand (repeatable).
     #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
     vireo_b_arg: Vec<String>,
+    /// With a B: leave QEMU out, for a quicker A/B run of two Vireos (no
+    /// ratio to the peer is printed then).
+    #[arg(long)]
+    no_qemu: bool,
     /// The resolved A and (optional) B binaries with their options.
     #[arg(skip)]
     vmms: Vec<Vireo>,
@@ -156,6 +160,22 @@ pub mod load {
             v[v.len() - 1]
         )
     }
+}
+
+/// Which columns a ratio row compares: each Vireo against the peer (the
+/// column whose title does not start with "vireo", if there is one), and
+/// with two Vireos, B against A.
+pub(crate) fn ratio_pairs<T>(cols: &[T], title: impl Fn(&T) -> &str) -> Vec<(&T, &T)> {
+    let (vireos, peers): (Vec<&T>, Vec<&T>) =
+        cols.iter().partition(|c| title(c).starts_with("vireo"));
+    let mut pairs: Vec<(&T, &T)> = match peers.first() {
+        Some(p) => vireos.iter().map(|v| (*v, *p)).collect(),
+        None => Vec::new(),
+    };
+    if let [a, b] = vireos[..] {
+        pairs.push((b, a));
+    }
+    pairs
 }
 
 /// Median of per-round ratios a[i] / b[i] (rounds where both ran): robust
@@ -340,6 +360,9 @@ fn run(mut args: BenchArgs) -> Result<()> {
             args: std::mem::take(&mut args.vireo_b_arg),
             tag: " (B)",
         });
+    }
+    if args.no_qemu && vmms.len() < 2 {
+        bail!("--no-qemu is for A/B runs: give --vireo-b or --vireo-b-arg too");
     }
     for v in &vmms {
         if !v.path.is_file() {
@@ -797,14 +820,7 @@ fn print_series(series: &[Series], cols: &[Col], first: &str) {
         }
         println!();
     }
-    let Some((peer, vireos)) = series.split_last() else {
-        return;
-    };
-    let mut pairs: Vec<(&Series, &Series)> = vireos.iter().map(|v| (v, peer)).collect();
-    if vireos.len() == 2 {
-        pairs.push((&vireos[1], &vireos[0]));
-    }
-    for (a, b) in pairs {
+    for (a, b) in ratio_pairs(series, |s| &s.name) {
         if a.failure.is_some() || b.failure.is_some() {
             continue;
         }
@@ -866,7 +882,7 @@ fn boot(args: &BenchArgs, runs: usize) -> Result<()> {
          guest MIPS in a 300M-instruction integer loop (both by the guest clock), and the VMM's peak \
          RSS, median of {runs} runs, the VMMs taking turns"
     );
-    let have_qemu = guest::has_binary(&args.qemu);
+    let have_qemu = !args.no_qemu && guest::has_binary(&args.qemu);
     let mut series = series_of(args, &g, have_qemu);
     interleave(&mut series, runs, &|c| {
         let s = boot_once(c, limit)?;
@@ -903,12 +919,11 @@ fn boot(args: &BenchArgs, runs: usize) -> Result<()> {
         ],
         "VMM",
     );
-    if !have_qemu {
-        println!(
-            "{:<36} not installed ({})",
-            args.accel.names()[1],
-            args.qemu
-        );
+    let peer = &args.accel.names()[1];
+    if args.no_qemu {
+        println!("{peer:<36} left out (--no-qemu)");
+    } else if !have_qemu {
+        println!("{peer:<36} not installed ({})", args.qemu);
     }
     // SMP: does a second vCPU double the guest's throughput?
     let mut g2 = guest::Guest::new(args.guest_dir.as_deref(), SMP_WORKLOAD)?;
@@ -1114,6 +1129,37 @@ mod tests {
         assert_eq!(paired_ratio(&[f64::NAN, 3.0], &[1.0, 1.0]), Some(3.0));
         assert_eq!(paired_ratio(&[1.0], &[0.0]), None);
         assert_eq!(paired_ratio(&[], &[]), None);
+    }
+
+    #[test]
+    fn ratio_rows_pair_each_vireo_with_the_peer_and_b_with_a() {
+        fn t<'a>(s: &'a &str) -> &'a str {
+            s
+        }
+        let cols = ["vireo A", "vireo B", "qemu"];
+        let names = |p: Vec<(&&str, &&str)>| -> Vec<(String, String)> {
+            p.into_iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+        assert_eq!(
+            names(ratio_pairs(&cols, t)),
+            [
+                pair("vireo A", "qemu"),
+                pair("vireo B", "qemu"),
+                pair("vireo B", "vireo A")
+            ]
+        );
+        // --no-qemu: only B / A.
+        assert_eq!(
+            names(ratio_pairs(&cols[..2], t)),
+            [pair("vireo B", "vireo A")]
+        );
+        assert_eq!(
+            names(ratio_pairs(&["vireo A", "qemu"], t)),
+            [pair("vireo A", "qemu")]
+        );
     }
 
     #[test]

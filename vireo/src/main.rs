@@ -82,7 +82,7 @@ struct Cli {
 enum Command {
     /// Boot a VM and attach its serial console to this terminal.
     #[command(after_help = EXIT_CODES)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check that a running VMM's API answers (prints its version).
     Ping(ApiArgs),
     /// Print a running VM's state, configuration, vCPUs and devices (JSON).
@@ -349,6 +349,46 @@ struct RunArgs {
     gdb_wait: bool,
     #[command(flatten)]
     cgroup: CgroupArgs,
+    #[command(flatten)]
+    jail: JailArgs,
+}
+
+/// The jail (see docs/isolation.md, "The jail").
+#[derive(Args)]
+struct JailArgs {
+    /// Run the VMM jailed (needs root): in new mount, PID, IPC and UTS
+    /// namespaces with DIR as its root, as --uid/--gid with no
+    /// capabilities. Every file named (kernel, initrd, disks, the API
+    /// socket...) must be under DIR, by its host path; DIR/dev must be
+    /// absent or empty (Vireo fills it with the device nodes the VM needs).
+    #[arg(long, value_name = "DIR", requires_all = ["uid", "gid"])]
+    jail: Option<PathBuf>,
+    /// With --jail: the user the VMM runs as (not 0).
+    #[arg(long, value_name = "N", requires = "jail")]
+    uid: Option<u32>,
+    /// With --jail: the group the VMM runs as (not 0).
+    #[arg(long, value_name = "N", requires = "jail")]
+    gid: Option<u32>,
+    /// With --jail: join this network namespace (/var/run/netns/NAME, as
+    /// `ip netns add` makes) [default: the host's].
+    #[arg(long, value_name = "PATH", requires = "jail")]
+    netns: Option<PathBuf>,
+    /// With --jail: resource limits of the jailed VMM [default:
+    /// nofile=2048,nproc=512, no fsize limit].
+    #[arg(long, value_name = "nofile=N,nproc=N,fsize=SIZE", requires = "jail")]
+    jail_limits: Option<vmm::jail::JailLimits>,
+}
+
+impl JailArgs {
+    fn options(&self) -> Option<vmm::jail::JailOptions> {
+        Some(vmm::jail::JailOptions {
+            dir: self.jail.clone()?,
+            uid: self.uid?,
+            gid: self.gid?,
+            netns: self.netns.clone(),
+            limits: self.jail_limits.unwrap_or_default(),
+        })
+    }
 }
 
 /// The VMM's cgroup (cgroup v2; see docs/limits.md).
@@ -688,22 +728,18 @@ fn main() -> ExitCode {
         Command::Run(_) | Command::Restore(_) | Command::MigrateReceive(_)
     ) {
         vmm::snapshot::set_snapshot_key(snapshot_key(cli.snapshot_key_file.as_deref()));
-        // Before the VMM starts any thread. The test-only variable makes
-        // a thread of that role attempt a forbidden call.
-        let test_forbidden = std::env::var("VIREO_TEST_FORBIDDEN_SYSCALL")
-            .ok()
-            .and_then(|r| threads::RoleKind::parse(&r));
-        let settings = vmm::seccomp::SeccompSettings {
-            mode: cli.seccomp,
-            test_forbidden,
-        };
-        if let Err(e) = vmm::seccomp::install(settings) {
-            eprintln!("vireo: error: {e}");
-            return ExitCode::from(e.exit_code() as u8);
+    }
+    // `run` installs the filters itself, after its jail (if any).
+    if matches!(
+        cli.command,
+        Command::Restore(_) | Command::MigrateReceive(_)
+    ) {
+        if let Err(code) = install_seccomp(cli.seccomp) {
+            return ExitCode::from(code as u8);
         }
     }
     let code = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args, cli.seccomp),
         Command::Ping(a) => api_call(&a.api_socket, ApiAction::VmmPing),
         Command::Info(a) => api_call(&a.api_socket, ApiAction::VmInfo),
         Command::Pause(a) => api_call(&a.api_socket, ApiAction::VmPause),
@@ -946,8 +982,24 @@ fn finish(result: Result<vmm::VmExit, vmm::VmmError>) -> i32 {
     }
 }
 
-fn run(args: RunArgs) -> i32 {
-    let servers = vmm::Servers {
+/// The seccomp filters, before the VMM starts any thread. The test-only
+/// variable makes a thread of that role attempt a forbidden call.
+fn install_seccomp(mode: vmm::seccomp::SeccompMode) -> Result<(), i32> {
+    let test_forbidden = std::env::var("VIREO_TEST_FORBIDDEN_SYSCALL")
+        .ok()
+        .and_then(|r| threads::RoleKind::parse(&r));
+    let settings = vmm::seccomp::SeccompSettings {
+        mode,
+        test_forbidden,
+    };
+    vmm::seccomp::install(settings).map_err(|e| {
+        eprintln!("vireo: error: {e}");
+        e.exit_code()
+    })
+}
+
+fn run(args: RunArgs, seccomp: vmm::seccomp::SeccompMode) -> i32 {
+    let mut servers = vmm::Servers {
         api_socket: args.api_socket.clone(),
         metrics: args.metrics,
         gdb: args.gdb.clone().map(|addr| vmm::gdb::GdbOptions {
@@ -955,6 +1007,41 @@ fn run(args: RunArgs) -> i32 {
             wait: args.gdb_wait,
         }),
     };
+    // None: an empty VMM that waits on its API (`--api-socket` alone).
+    let mut cfg = if servers.api_socket.is_some() && args.vm.is_empty() {
+        None
+    } else {
+        match args.vm.into_config() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("vireo: error: {e}");
+                return e.exit_code();
+            }
+        }
+    };
+    if let Some(opts) = args.jail.options() {
+        // Checked whole before anything changes; then this process stays
+        // outside, waits for the jailed VMM and exits as it did.
+        let entered = vmm::jail::prepare(
+            &opts,
+            cfg.as_mut(),
+            &mut servers,
+            args.cgroup.cgroup.is_some(),
+        )
+        .and_then(vmm::jail::enter);
+        match entered {
+            Ok(vmm::jail::Side::Inside) => {}
+            Ok(vmm::jail::Side::Outside(code)) => return code,
+            Err(e) => {
+                let e = vmm::VmmError::from(e);
+                eprintln!("vireo: error: {e}");
+                return e.exit_code();
+            }
+        }
+    }
+    if let Err(code) = install_seccomp(seccomp) {
+        return code;
+    }
     // Before the VM is built: its memory is charged to the cgroup from
     // the first page. Left (and removed) when this function returns.
     let _cgroup = match &args.cgroup.cgroup {
@@ -974,15 +1061,12 @@ fn run(args: RunArgs) -> i32 {
         }
         None => None,
     };
-    if let (Some(sock), true) = (&servers.api_socket, args.vm.is_empty()) {
-        return finish(vmm::serve(sock, servers.metrics));
-    }
-    let cfg = match args.vm.into_config() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("vireo: error: {e}");
-            return e.exit_code();
+    match cfg {
+        Some(cfg) => finish(vmm::run(&cfg, &servers)),
+        // No configuration only with an API socket (see above).
+        None => {
+            let sock = servers.api_socket.clone().unwrap_or_default();
+            finish(vmm::serve(&sock, servers.metrics))
         }
-    };
-    finish(vmm::run(&cfg, &servers))
+    }
 }

@@ -244,16 +244,7 @@ fn a_firmware_booted_vm_snapshots_and_restores_in_a_new_process() {
         src.stdout_text(),
         src.stderr_text()
     );
-    let out = vireo()
-        .args(["snapshot", "--stay-paused", "--api-socket"])
-        .arg(&sock)
-        .arg("--dir")
-        .arg(&snap)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "snapshot: {out:?}");
-    assert!(client(&["stop"], &sock).status.success());
-    assert_eq!(src.wait_exit(Duration::from_secs(30)), Some(0));
+    snapshot_and_stop(&mut src, &sock, &snap, Duration::from_secs(30));
     let before = after_boot_line(&src.stdout_text()).to_string();
 
     let sock2 = dir.join("b.sock");

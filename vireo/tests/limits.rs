@@ -11,14 +11,13 @@
 mod common;
 
 use std::io::Read;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{client, guest_dir, Running};
+use common::{client, guest_dir, Netns, Running};
 
 const LIMIT: f64 = (20 << 20) as f64;
 
@@ -184,52 +183,6 @@ fn a_disk_limited_to_20_mib_s_takes_20_mib_s_until_lifted() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A network namespace for the test's tap, removed on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: String) -> Self {
-        if Path::new("/run/netns").join(&name).exists() {
-            let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        }
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .unwrap();
-        assert!(ok.success(), "ip netns add {name}");
-        Netns(name)
-    }
-
-    fn ip(&self, args: &[&str]) -> bool {
-        Command::new("ip")
-            .args(["-n", &self.0])
-            .args(args)
-            .output()
-            .is_ok_and(|o| o.status.success())
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-/// A listener on `port` inside namespace `ns` (the socket stays in it).
-fn listen_in(ns: &str, port: u16) -> TcpListener {
-    let ns = ns.to_string();
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-        // SAFETY: setns on this short-lived thread only, with a namespace
-        // descriptor we opened.
-        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-        TcpListener::bind(("0.0.0.0", port)).unwrap()
-    })
-    .join()
-    .unwrap()
-}
-
 /// A guest sends TCP to the host through a tap whose NIC is started with
 /// `tx_bw=20M`: the host receives 20 MiB/s (within 10%); after `vireo
 /// rate-limit net0 --tx none` more than twice that. Needs root (a tap in
@@ -246,10 +199,9 @@ fn a_nic_limited_to_20_mib_s_sends_20_mib_s_until_lifted() {
     let dir = scratch("net");
     let sock = dir.join("api.sock");
     let ns = Netns::new(format!("vireo-lim{}", std::process::id()));
-    assert!(ns.ip(&["link", "set", "lo", "up"]));
     let tap = format!("vl{}", std::process::id() % 100_000);
     const PORT: u16 = 5577;
-    let listener = listen_in(&ns.0, PORT);
+    let listener = ns.listen(PORT);
     let script = format!(
         "ip link set eth0 up && ip addr add 10.213.7.2/24 dev eth0 && \
          vireo-io tcp-send 10.213.7.1 {PORT} 3600"

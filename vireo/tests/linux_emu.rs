@@ -183,28 +183,6 @@ fn virtio_blk_qcow2_overlay_keeps_the_base_intact() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A network namespace made by the test, removed on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: String) -> Self {
-        // A leftover from an interrupted run of this test (same pid).
-        if Path::new("/run/netns").join(&name).exists() {
-            let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        }
-        sh(&format!(
-            "ip netns add {name} && ip -n {name} link set lo up"
-        ));
-        Netns(name)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 /// Serve, from inside namespace `ns`: on port 5555 receive `len` bytes (the
 /// guest's upload) into a file; on port 5556 send `data` (the download).
 fn tcp_peer(

@@ -312,16 +312,7 @@ fn an_inflated_balloon_survives_snapshot_restore_and_migration() {
     );
 
     // Snapshot, then restore in a new process.
-    let out = vireo()
-        .args(["snapshot", "--stay-paused", "--api-socket"])
-        .arg(&sa)
-        .arg("--dir")
-        .arg(&snap)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "snapshot: {out:?}");
-    assert!(client(&["stop"], &sa).status.success());
-    assert_eq!(a.wait_exit(Duration::from_secs(10)), Some(0));
+    snapshot_and_stop(&mut a, &sa, &snap, Duration::from_secs(10));
     let mut c = vireo();
     c.args(["restore", "--from"])
         .arg(&snap)

@@ -427,29 +427,6 @@ fn top_shows_two_vms_in_a_terminal_and_quits_on_q() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A network namespace for the test's tap, removed on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: String) -> Self {
-        if Path::new("/run/netns").join(&name).exists() {
-            let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        }
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .unwrap();
-        assert!(ok.success(), "ip netns add {name}");
-        Netns(name)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 /// The number after `KEY:` on the guest's console.
 fn console_value(console: &str, key: &str) -> u64 {
     let at = console

@@ -94,14 +94,7 @@ fn letters_continue_across_accels(accel: &str, run_args: &[&str], to: &str, rest
     assert!(client(&["balloon", "--target-mib", "4"], &sock)
         .status
         .success());
-    let out = vireo()
-        .args(["snapshot", "--stay-paused", "--api-socket"])
-        .arg(&sock)
-        .arg("--dir")
-        .arg(&snap)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "snapshot: {out:?}");
+    snapshot_paused(&sock, &snap);
     assert!(snap.join("manifest.json").exists() && snap.join("memory.bin").exists());
     // A second snapshot into the same directory is refused.
     let again = vireo()
@@ -214,16 +207,7 @@ fn host_model_kvm_snapshot_is_refused_under_the_engine_naming_what_is_missing() 
         "the guest did not count: {}",
         src.stderr_text()
     );
-    let out = vireo()
-        .args(["snapshot", "--stay-paused", "--api-socket"])
-        .arg(&sock)
-        .arg("--dir")
-        .arg(&snap)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "snapshot: {out:?}");
-    assert!(client(&["stop"], &sock).status.success());
-    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    snapshot_and_stop(&mut src, &sock, &snap, Duration::from_secs(10));
     let m = vmm::snapshot::read_manifest(&snap).unwrap();
     let cpuid = m.cpuid.expect("the CPUID the guest saw is recorded");
     assert!(cpuid.iter().any(|e| e.function == 7));
@@ -345,16 +329,7 @@ fn damaged_or_mismatched_snapshots_are_refused_clearly() {
         "the guest did not count: {}",
         src.stderr_text()
     );
-    let out = vireo()
-        .args(["snapshot", "--stay-paused", "--api-socket"])
-        .arg(&sock)
-        .arg("--dir")
-        .arg(&snap)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "snapshot: {out:?}");
-    assert!(client(&["stop"], &sock).status.success());
-    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    snapshot_and_stop(&mut src, &sock, &snap, Duration::from_secs(10));
 
     // Each case works on a copy of the good snapshot.
     let case = |name: &str| {
@@ -477,14 +452,7 @@ fn debian_counting_to_console_and_disk_continues_across_an_engine_snapshot() {
     let (mut src, disk, sock) = spawn_debian_counter(&dir);
     let snap = dir.join("snap");
     let start = Instant::now();
-    let out = vireo()
-        .args(["snapshot", "--stay-paused", "--api-socket"])
-        .arg(&sock)
-        .arg("--dir")
-        .arg(&snap)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "snapshot: {out:?}");
+    snapshot_paused(&sock, &snap);
     eprintln!("snapshot took {:?}", start.elapsed());
     assert!(client(&["stop"], &sock).status.success());
     assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));

@@ -206,16 +206,7 @@ fn vsock_restore_resets_open_connections_and_new_ones_work() {
         src.stdout_text()
     );
     let snap = dir.join("snap");
-    let out = vireo()
-        .args(["snapshot", "--stay-paused", "--api-socket"])
-        .arg(&api)
-        .arg("--dir")
-        .arg(&snap)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "snapshot: {out:?}");
-    assert!(client(&["stop"], &api).status.success());
-    assert_eq!(src.wait_exit(Duration::from_secs(30)), Some(0));
+    snapshot_and_stop(&mut src, &api, &snap, Duration::from_secs(30));
     drop(s);
 
     let mut cmd = vireo();

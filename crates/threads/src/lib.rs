@@ -279,6 +279,14 @@ pub fn register_current(role: Role) {
     register(gettid(), &role);
 }
 
+/// In the child of a `fork` (which copies only the calling thread): forget
+/// every thread of the parent and register the calling one under `role`.
+/// For a process that forks before it starts any thread (the jail).
+pub fn register_after_fork(role: Role) {
+    REGISTRY.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    register(gettid(), &role);
+}
+
 /// Register the calling thread under `role` and run every hook in it now:
 /// for the main thread, once it has done what the hooks would forbid
 /// (building the VM) and before the guest runs.

@@ -278,9 +278,18 @@ fn open_kvm() -> Result<hypervisor::kvm::KvmHypervisor, hypervisor::HypervisorEr
 
 /// Pick and open the backend the user asked for.
 pub fn open_hypervisor(accel: Accel) -> Result<Arc<dyn Hypervisor>, VmmError> {
+    match resolve_accel(accel) {
+        Accel::Kvm => Ok(Arc::new(open_kvm()?)),
+        _ => Ok(Arc::new(emu::EmuHypervisor::with_jit(engine_jit()))),
+    }
+}
+
+/// The accelerator `accel` means on this host: `auto` becomes KVM when it
+/// is usable and fast, else the engine. (The jail resolves it before it
+/// hides /dev and /sys.)
+pub(crate) fn resolve_accel(accel: Accel) -> Accel {
     let kvm_available = || hypervisor::kvm::kvm_available_at(kvm_device());
     match accel {
-        Accel::Kvm => Ok(Arc::new(open_kvm()?)),
         // KVM when it is usable and fast: on a nested PVM host it runs guest
         // kernels in an instruction emulator (README.md, "This machine's
         // KVM"), slower than Vireo's engine, so auto takes the engine there.
@@ -288,15 +297,16 @@ pub fn open_hypervisor(accel: Accel) -> Result<Arc<dyn Hypervisor>, VmmError> {
             if kvm_available()
                 && hypervisor::kvm::KvmFlavor::detect() == hypervisor::kvm::KvmFlavor::Hardware =>
         {
-            Ok(Arc::new(open_kvm()?))
+            Accel::Kvm
         }
         Accel::Auto if kvm_available() => {
             tracing::info!(
                 "this host's KVM is nested (kvm_pvm) and slow for guest kernels: using Vireo's CPU engine; --accel kvm forces KVM"
             );
-            Ok(Arc::new(emu::EmuHypervisor::with_jit(engine_jit())))
+            Accel::Emu
         }
-        Accel::Emu | Accel::Auto => Ok(Arc::new(emu::EmuHypervisor::with_jit(engine_jit()))),
+        Accel::Auto => Accel::Emu,
+        other => other,
     }
 }
 

@@ -191,6 +191,9 @@ pub enum VmmError {
     /// not build or install, a jail that cannot be set up.
     #[error("{0}")]
     Isolation(String),
+    /// The jail (`--jail`) cannot be set up as asked.
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
     /// The gdb stub cannot listen where `--gdb` says, or cannot hold the VM.
     #[error("{0}")]
     Gdb(String),
@@ -237,7 +240,7 @@ impl VmmError {
             | Gdb(_)
             | VmmStopped(_)
             | Isolation(_) => exit_code::VMM_ERROR,
-            Cgroup(_) => exit_code::VMM_ERROR,
+            Cgroup(_) | Jail(_) => exit_code::VMM_ERROR,
         }
     }
 
@@ -291,7 +294,8 @@ impl VmmError {
             | ApiServer(_)
             | Gdb(_)
             | VmmStopped(_)
-            | Isolation(_) => 500,
+            | Isolation(_)
+            | Jail(_) => 500,
         }
     }
 }

@@ -628,42 +628,51 @@ impl Breakpoints for GdbTarget {
 
 impl SwBreakpoint for GdbTarget {
     fn add_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        if self.sw_breakpoints.contains(&addr) {
-            return Ok(true);
-        }
-        if !self.slots_left() {
-            // An error, not "unsupported": gdb would fall back to writing
-            // INT3 into guest memory, which KVM would hand to the guest.
-            return Err(TargetError::Errno(28));
-        }
-        self.sw_breakpoints.push(addr);
-        Ok(true)
+        // Software breakpoints are kept by the VMM, never written into guest
+        // memory (an INT3 there would be handed to the guest under KVM).
+        let slots = self.slots_left();
+        add_breakpoint(&mut self.sw_breakpoints, addr, slots)
     }
 
     fn remove_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        let before = self.sw_breakpoints.len();
-        self.sw_breakpoints.retain(|&a| a != addr);
-        Ok(self.sw_breakpoints.len() != before)
+        Ok(remove_breakpoint(&mut self.sw_breakpoints, addr))
     }
 }
 
 impl HwBreakpoint for GdbTarget {
     fn add_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        if self.hw_breakpoints.contains(&addr) {
-            return Ok(true);
-        }
-        if !self.slots_left() {
-            return Err(TargetError::Errno(28));
-        }
-        self.hw_breakpoints.push(addr);
-        Ok(true)
+        let slots = self.slots_left();
+        add_breakpoint(&mut self.hw_breakpoints, addr, slots)
     }
 
     fn remove_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        let before = self.hw_breakpoints.len();
-        self.hw_breakpoints.retain(|&a| a != addr);
-        Ok(self.hw_breakpoints.len() != before)
+        Ok(remove_breakpoint(&mut self.hw_breakpoints, addr))
     }
+}
+
+/// Add `addr` to a breakpoint list. With no slot left the answer is an
+/// error (ENOSPC), not "unsupported": gdb would otherwise fall back to
+/// writing INT3 into guest memory.
+fn add_breakpoint(
+    list: &mut Vec<u64>,
+    addr: u64,
+    slots_left: bool,
+) -> TargetResult<bool, GdbTarget> {
+    if list.contains(&addr) {
+        return Ok(true);
+    }
+    if !slots_left {
+        return Err(TargetError::Errno(28));
+    }
+    list.push(addr);
+    Ok(true)
+}
+
+/// Remove `addr` from a breakpoint list: whether it was there.
+fn remove_breakpoint(list: &mut Vec<u64>, addr: u64) -> bool {
+    let before = list.len();
+    list.retain(|&a| a != addr);
+    list.len() != before
 }
 
 fn watch_kind(kind: WatchKind) -> hypervisor::WatchKind {

@@ -24,6 +24,7 @@ pub mod events;
 mod exit;
 mod firmware;
 pub mod gdb;
+pub mod jail;
 mod launch;
 pub mod migration;
 mod persist;

@@ -50,6 +50,27 @@ pub fn client(args: &[&str], sock: &std::path::Path) -> std::process::Output {
         .expect("vireo client runs")
 }
 
+/// `vireo snapshot --stay-paused` of the VM behind `sock` into `snap`,
+/// asserted to succeed.
+pub fn snapshot_paused(sock: &Path, snap: &Path) {
+    let out = vireo()
+        .args(["snapshot", "--stay-paused", "--api-socket"])
+        .arg(sock)
+        .arg("--dir")
+        .arg(snap)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "snapshot: {out:?}");
+}
+
+/// [`snapshot_paused`], then stop the VM through its API: it must exit 0
+/// within `limit`.
+pub fn snapshot_and_stop(vm: &mut Running, sock: &Path, snap: &Path, limit: Duration) {
+    snapshot_paused(sock, snap);
+    assert!(client(&["stop"], sock).status.success());
+    assert_eq!(vm.wait_exit(limit), Some(0), "{}", vm.stderr_text());
+}
+
 pub fn kvm_usable() -> bool {
     let ok = std::fs::OpenOptions::new()
         .read(true)
@@ -339,4 +360,60 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A network namespace made by a test (loopback up), removed on drop. The
+/// name should carry the test's pid: a leftover of an interrupted run of
+/// the same process id is removed first.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new(name: String) -> Self {
+        if Path::new("/run/netns").join(&name).exists() {
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "ip netns add {name}");
+        let ns = Netns(name);
+        assert!(
+            ns.ip(&["link", "set", "lo", "up"]),
+            "ip -n {} link set lo up",
+            ns.0
+        );
+        ns
+    }
+
+    /// `ip -n NS ARGS`: whether it succeeded.
+    pub fn ip(&self, args: &[&str]) -> bool {
+        Command::new("ip")
+            .args(["-n", &self.0])
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// A TCP listener on `port` inside the namespace (the socket stays in
+    /// it; the calling thread does not move).
+    pub fn listen(&self, port: u16) -> std::net::TcpListener {
+        let ns = self.0.clone();
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+            // SAFETY: setns on this short-lived thread only, with a
+            // namespace descriptor we opened.
+            let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            std::net::TcpListener::bind(("0.0.0.0", port)).unwrap()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
 }
