@@ -339,8 +339,8 @@ pub fn execute(core: &mut Core, insn: &Instruction) -> R {
     } else {
         mmx_check(core)?;
     }
-    if mmx {
-        super::require(core, iced_x86::CpuidFeature::MMX)?;
+    if mmx && core.cpuid.hidden.leaf1_edx & crate::cpuid::FEAT_MMX != 0 {
+        return Err(crate::core::ud());
     }
     vector(core, insn, mn)?;
     if mmx {

@@ -23,10 +23,13 @@ pub(super) fn execute(core: &mut Core, insn: &Instruction, mn: M) -> Option<R> {
     if !handled(mn) {
         return None;
     }
-    if insn
-        .cpuid_features()
-        .iter()
-        .any(|f| !crate::cpuid::has_feature(&core.cpuid, *f))
+    // Every extension here is advertised unless the configuration hides
+    // a bit: only then is the (slower) feature lookup needed.
+    if core.cpuid.hidden != crate::cpuid::Hidden::default()
+        && insn
+            .cpuid_features()
+            .iter()
+            .any(|f| !crate::cpuid::has_feature(&core.cpuid, *f))
     {
         return Some(Err(crate::core::ud()));
     }
