@@ -192,14 +192,20 @@ impl EngineRunner {
         EngineRunner { g, compiled: 0 }
     }
 
-    fn run(&mut self, case: &Case, mem: &mut [u8; 256]) -> HostState {
+    /// `warm`: run the code of the previous `run` again (same case) with
+    /// its translations and TLB entries kept, so that memory operands take
+    /// the translator's inline path (a first run misses the TLB and goes
+    /// through the stubs).
+    fn run(&mut self, case: &Case, mem: &mut [u8; 256], warm: bool) -> HostState {
         let mut code = case.bytes.clone();
         code.push(0xf4);
-        self.g.write(CODE, &code);
         self.g.write(DATA, mem);
-        self.compiled += self.g.vcpu.core().jit.compiled;
-        self.g.vcpu.core_mut().flush_all_caches();
-        self.g.vcpu.core_mut().jit.compiled = 0;
+        if !warm {
+            self.g.write(CODE, &code);
+            self.compiled += self.g.vcpu.core().jit.compiled;
+            self.g.vcpu.core_mut().flush_all_caches();
+            self.g.vcpu.core_mut().jit.compiled = 0;
+        }
         let i = &case.input;
         let mut gpr = i.gpr;
         if case.uses_mem {
@@ -318,14 +324,14 @@ impl Harness {
     fn check(&mut self, case: Case) {
         let mut hmem = case.mem;
         let h = self.host.run(&case, &mut hmem);
-        for jit in [false, true] {
+        for (tier, warm) in [("interp", false), ("jit", false), ("jit, warm", true)] {
             let mut emem = case.mem;
-            let e = if jit {
-                self.jit.run(&case, &mut emem)
+            let e = if tier == "interp" {
+                self.eng.run(&case, &mut emem, false)
             } else {
-                self.eng.run(&case, &mut emem)
+                self.jit.run(&case, &mut emem, warm)
             };
-            self.compare(&case, jit, &h, &hmem, &e, &emem);
+            self.compare(&case, tier, &h, &hmem, &e, &emem);
         }
         self.count += 1;
     }
@@ -333,13 +339,12 @@ impl Harness {
     fn compare(
         &self,
         case: &Case,
-        jit: bool,
+        tier: &str,
         h: &HostState,
         hmem: &[u8; 256],
         e: &HostState,
         emem: &[u8; 256],
     ) {
-        let tier = if jit { "jit" } else { "interp" };
         let name = format!("{} ({tier})", case.name);
         let fmask = (ARITH | 0x400) & !case.undefined;
         for i in 0..16 {
@@ -889,7 +894,7 @@ fn string_ops_match_host() {
     ];
     for (op, name) in ops {
         for dir in [false, true] {
-            for count in [0u64, 1, 3, 5] {
+            for count in [0u64, 1, 3, 5, 12] {
                 let mut bytes = vec![0x48, 0x8d, 0x73, 0x60, 0x48, 0x8d, 0xbb, 0x90, 0, 0, 0];
                 if dir {
                     bytes.push(0xfd);
@@ -913,6 +918,39 @@ fn string_ops_match_host() {
                     uses_mem: true,
                     si_di_rel: true,
                     name: format!("{name} df={dir} count={count}"),
+                });
+            }
+        }
+    }
+    // Overlapping copies forwards (the destination a few bytes past the
+    // source: element order replicates the first elements), and the ES
+    // destination beyond a source override; the translator runs these
+    // with the host's REP MOVS.
+    for (op, name) in [
+        (&[0xf3u8, 0xa4][..], "rep movsb"),
+        (&[0xf3, 0x48, 0xa5], "rep movsq"),
+        (&[0xf3, 0x66, 0xa5], "rep movsw"),
+        (&[0xf3, 0x3e, 0xa4], "rep movsb ds:"),
+    ] {
+        for gap in [1u8, 2, 3, 4, 7, 9] {
+            for count in [2u64, 9, 17] {
+                // lea rsi, [rbx+0x20]; lea rdi, [rbx+0x20+gap]
+                let mut bytes = vec![0x48, 0x8d, 0x73, 0x20, 0x48, 0x8d, 0x7b, 0x20 + gap];
+                bytes.extend_from_slice(op);
+                let mut input = h.state();
+                input.gpr[1] = count;
+                let mut mem = [0u8; 256];
+                for (i, m) in mem.iter_mut().enumerate() {
+                    *m = (i as u8).wrapping_mul(29) ^ 0x33;
+                }
+                h.check(Case {
+                    bytes,
+                    input,
+                    undefined: 0,
+                    mem,
+                    uses_mem: true,
+                    si_di_rel: true,
+                    name: format!("{name} overlap {gap} count={count}"),
                 });
             }
         }
@@ -1231,7 +1269,8 @@ fn x87_sequences_match_host() {
             "fxch st2",
         ),
     ];
-    // x87 arithmetic is computed in f64: keep products within 53 bits.
+    // Values exact in a double (x87_instructions_match_host_bit_for_bit
+    // covers every class of 80-bit value).
     let ints = [0i32, 1, -1, 7, -300, 65536, 1 << 20, -(1 << 20)];
     let floats = [0.0f64, -0.0, 0.5, 1.5, 2.5, -2.5, 1e10, -3.25, 1e300, 7.0];
     for (bytes, name) in seqs {
@@ -1386,6 +1425,189 @@ fn memory_operand_forms_match_host() {
         }
     }
     eprintln!("memory forms: {} cases", h.count);
+    assert!(h.count > 1_000);
+}
+
+/// Read-modify-write forms with and without LOCK, bit tests with
+/// immediate and register offsets, bit scans, POPCNT, DIV and MOVD/MOVQ,
+/// with memory operands at [rbx+0x40] (the translator runs these as the
+/// host instruction on the host address).
+#[test]
+fn locked_bit_and_move_forms_match_host() {
+    let mut h = Harness::new();
+    let forms: &[(&[u8], &str, u64)] = &[
+        (&[0xf0, 0x48, 0x01, 0x53, 0x40], "lock add [m], rdx", 0),
+        (&[0xf0, 0x29, 0x53, 0x40], "lock sub [m], edx", 0),
+        (&[0xf0, 0x20, 0x53, 0x40], "lock and [m], dl", AF),
+        (&[0x66, 0xf0, 0x09, 0x53, 0x40], "lock or [m], dx", AF),
+        (
+            &[0xf0, 0x48, 0x83, 0x73, 0x40, 0x85],
+            "lock xor [m], -123",
+            AF,
+        ),
+        (
+            &[0xf0, 0x81, 0x43, 0x40, 0x78, 0x56, 0x34, 0x92],
+            "lock add [m], imm32",
+            0,
+        ),
+        (&[0xf0, 0x48, 0x11, 0x53, 0x40], "lock adc [m], rdx", 0),
+        (&[0xf0, 0x19, 0x53, 0x40], "lock sbb [m], edx", 0),
+        (&[0xf0, 0x30, 0x73, 0x40], "lock xor [m], dh", AF),
+        (&[0xf0, 0x48, 0xff, 0x43, 0x40], "lock inc qword [m]", 0),
+        (&[0x66, 0xf0, 0xff, 0x4b, 0x40], "lock dec word [m]", 0),
+        (&[0xf0, 0xfe, 0x43, 0x40], "lock inc byte [m]", 0),
+        (&[0x0f, 0xc1, 0x53, 0x40], "xadd [m], edx", 0),
+        (
+            &[0xf0, 0x66, 0x0f, 0xc1, 0x53, 0x40],
+            "lock xadd [m], dx",
+            0,
+        ),
+        (&[0xf0, 0x0f, 0xc0, 0x73, 0x40], "lock xadd [m], dh", 0),
+        (&[0x48, 0x0f, 0xb1, 0x53, 0x40], "cmpxchg [m], rdx", 0),
+        (&[0xf0, 0x0f, 0xb0, 0x53, 0x40], "lock cmpxchg [m], dl", 0),
+        (
+            &[0xf0, 0x66, 0x0f, 0xb1, 0x53, 0x40],
+            "lock cmpxchg [m], dx",
+            0,
+        ),
+        (&[0x86, 0x63, 0x40], "xchg [m], ah", 0),
+        (&[0x66, 0x87, 0x53, 0x40], "xchg [m], dx", 0),
+        (&[0x87, 0x53, 0x40], "xchg [m], edx", 0),
+        (
+            &[0x0f, 0xba, 0x63, 0x40, 0x0d],
+            "bt dword [m], 13",
+            OF | SF | AF | PF,
+        ),
+        (
+            &[0x48, 0x0f, 0xba, 0x6b, 0x40, 0x2d],
+            "bts qword [m], 45",
+            OF | SF | AF | PF,
+        ),
+        (
+            &[0xf0, 0x66, 0x0f, 0xba, 0x73, 0x40, 0x09],
+            "lock btr word [m], 9",
+            OF | SF | AF | PF,
+        ),
+        (
+            &[0xf0, 0x0f, 0xba, 0x7b, 0x40, 0x4d],
+            "lock btc dword [m], 77",
+            OF | SF | AF | PF,
+        ),
+        (
+            &[0x48, 0x0f, 0xba, 0xe1, 0x47],
+            "bt rcx, 71",
+            OF | SF | AF | PF,
+        ),
+        (&[0x0f, 0xba, 0xf9, 0x25], "btc ecx, 37", OF | SF | AF | PF),
+        (&[0xf3, 0x48, 0x0f, 0xb8, 0x53, 0x40], "popcnt rdx, [m]", 0),
+        (&[0xf3, 0x66, 0x0f, 0xb8, 0x53, 0x40], "popcnt dx, [m]", 0),
+        (
+            &[0x66, 0x0f, 0xbc, 0x53, 0x40],
+            "bsf dx, [m]",
+            CF | OF | SF | AF | PF,
+        ),
+        (
+            &[0x48, 0x0f, 0xbd, 0xd1],
+            "bsr rdx, rcx",
+            CF | OF | SF | AF | PF,
+        ),
+        (&[0x66, 0x0f, 0x6e, 0xc1], "movd xmm0, ecx", 0),
+        (&[0x66, 0x48, 0x0f, 0x6e, 0xc9], "movq xmm1, rcx", 0),
+        (&[0x66, 0x0f, 0x7e, 0xc2], "movd edx, xmm0", 0),
+        (&[0x66, 0x48, 0x0f, 0x7e, 0xca], "movq rdx, xmm1", 0),
+        (&[0xf3, 0x0f, 0x7e, 0xc1], "movq xmm0, xmm1", 0),
+        (&[0x66, 0x0f, 0xd6, 0xca], "movq xmm2, xmm1", 0),
+        (&[0x66, 0x0f, 0x6e, 0x53, 0x40], "movd xmm2, [m]", 0),
+        (&[0x66, 0x0f, 0x7e, 0x53, 0x40], "movd [m], xmm2", 0),
+        (&[0x66, 0x0f, 0xd6, 0x53, 0x40], "movq [m], xmm2", 0),
+        (&[0xf3, 0x0f, 0x7e, 0x53, 0x40], "movq xmm2, [m]", 0),
+        (&[0x66, 0x4c, 0x0f, 0x7e, 0xc9], "movq rcx, xmm9", 0),
+        (&[0x0f, 0x18, 0x4b, 0x40], "prefetcht0 [m]", 0),
+        (&[0x0f, 0xae, 0x7b, 0x40], "clflush [m]", 0),
+        (&[0x0f, 0xae, 0xe8], "lfence", 0),
+        (&[0x0f, 0xae, 0xf0], "mfence", 0),
+        (&[0x0f, 0xae, 0xf8], "sfence", 0),
+    ];
+    for (bytes, name, undefined) in forms {
+        for k in 0..40u64 {
+            let mut input = h.state();
+            input.gpr[1] = EDGES[((k * 5) % 16) as usize] ^ k;
+            input.gpr[2] = EDGES[(k % 16) as usize];
+            let mut mem = [0u8; 256];
+            let v = EDGES[((k * 7) % 16) as usize] ^ (k << 9);
+            mem[0x40..0x48].copy_from_slice(&v.to_le_bytes());
+            mem[0x48..0x50].copy_from_slice(&(!v).to_le_bytes());
+            // CMPXCHG: the accumulator equal to the memory operand in half
+            // the cases.
+            input.gpr[0] = if k % 2 == 0 { v } else { v.rotate_left(7) };
+            // A zero bit-scan source leaves the destination undefined on Intel.
+            if name.starts_with("bs") && (v & 0xffff == 0 || input.gpr[1] == 0) {
+                continue;
+            }
+            h.check(Case {
+                bytes: bytes.to_vec(),
+                input,
+                undefined: *undefined,
+                mem,
+                uses_mem: true,
+                si_di_rel: false,
+                name: format!("{name} #{k}"),
+            });
+        }
+    }
+    // DIV of a memory operand and of a register: 32 and 64 bits, a
+    // quotient that fits (the high half below the divisor).
+    for (bytes, size, name) in [
+        (&[0xf7u8, 0x73, 0x40][..], 4u8, "div dword [m]"),
+        (&[0x48, 0xf7, 0x73, 0x40], 8, "div qword [m]"),
+        (&[0xf7, 0xf1], 4, "div ecx"),
+        (&[0x48, 0xf7, 0xf1], 8, "div rcx"),
+    ] {
+        for k in 0..48u64 {
+            let mut input = h.state();
+            let d = (EDGES[(k % 16) as usize] ^ (k * 0x9e37_79b9)) & mask(size);
+            if d == 0 {
+                continue;
+            }
+            input.gpr[1] = d;
+            input.gpr[2] = (EDGES[((k * 3) % 16) as usize] & mask(size)) % d;
+            input.gpr[0] = EDGES[((k * 11) % 16) as usize] ^ k;
+            let mut mem = [0u8; 256];
+            mem[0x40..0x48].copy_from_slice(&d.to_le_bytes());
+            h.check(Case {
+                bytes: bytes.to_vec(),
+                input,
+                undefined: ARITH,
+                mem,
+                uses_mem: true,
+                si_di_rel: false,
+                name: format!("{name} #{k}"),
+            });
+        }
+    }
+    // BTS/BTR/BTC with LOCK and a register offset beyond the operand.
+    for (op, name) in [(0xabu8, "lock bts"), (0xb3, "lock btr"), (0xbb, "lock btc")] {
+        for size in [2u8, 4, 8] {
+            for off in [-512i64, -33, -1, 0, 31, 64, 100, 511] {
+                let mut input = h.state();
+                input.gpr[2] = off as u64;
+                let mut mem = [0u8; 256];
+                for (i, b) in mem.iter_mut().enumerate() {
+                    *b = (i as u8).wrapping_mul(37) ^ 0x5a;
+                }
+                h.check(Case {
+                    bytes: enc(size, &[0xf0], &[0x0f, op], &[0x93, 0x80, 0, 0, 0]),
+                    input,
+                    undefined: OF | SF | AF | PF,
+                    mem,
+                    uses_mem: true,
+                    si_di_rel: false,
+                    name: format!("{name}{size} [m], reg offset {off}"),
+                });
+            }
+        }
+    }
+    eprintln!("locked, bit and move forms: {} cases", h.count);
     assert!(h.count > 1_000);
 }
 
@@ -2012,4 +2234,222 @@ fn sse42_string_compares_and_crc32_match_host() {
     }
     eprintln!("sse4.2/crc32/lzcnt: {} cases", h.count);
     assert!(h.count > 1_500);
+}
+
+/// A random 80-bit value of every class the x87 distinguishes: normals
+/// near 1 and across the range, zeros, denormals and pseudo-denormals,
+/// unnormals, infinities, quiet and signalling NaNs, integers.
+fn rand_f80(h: &mut Harness) -> u128 {
+    let r = h.rand();
+    let sign = ((r >> 63) as u128) << 79;
+    let m = h.rand();
+    let (exp, mant): (u128, u64) = match r % 12 {
+        0 => (0, 0),
+        1 => (0, m >> 1),                                               // denormal
+        2 => (0, m | 1 << 63),                                          // pseudo-denormal
+        3 => (0x7fff, 1 << 63),                                         // infinity
+        4 => (0x7fff, 0xc000_0000_0000_0000 | (m >> 2)),                // QNaN
+        5 => (0x7fff, 0x8000_0000_0000_0001 | (m >> 3)),                // SNaN
+        6 => (16383 + (r >> 8) as u128 % 64, (m | 1 << 63) & !0xffff),  // near-integer
+        7 => ((r >> 8) as u128 % 0x7ffe + 1, m | 1 << 63),              // anywhere
+        8 => (16383 + (r >> 8) as u128 % 4, 1 << 63 | (m >> 40) << 40), // small, short mantissa
+        9 => (1 + (r >> 8) as u128 % 2, m | 1 << 63),                   // tiny normal
+        10 => (16383 - 4 + (r >> 8) as u128 % 8, m >> 1),               // unnormal
+        _ => (16380 + (r >> 8) as u128 % 8, m | 1 << 63),               // near 1
+    };
+    sign | exp << 64 | mant as u128
+}
+
+/// Every x87 instruction on random 80-bit operands of every class, with
+/// random precision and rounding control and (sometimes) unmasked
+/// exceptions: the whole x87 state (FNSAVE image: control, status with
+/// TOP and condition codes, full tag word, the eight registers), stored
+/// operands and RFLAGS must match the host bit for bit. The instruction
+/// and data pointers and FOP are cleared in the images before comparing
+/// (the host's are host addresses; some CPUs update FOP/FDP only on
+/// exceptions); `x87_pointers_and_opcode` checks the engine's.
+#[test]
+fn x87_instructions_match_host_bit_for_bit() {
+    use iced_x86::code_asm::*;
+    type Op = fn(&mut CodeAssembler) -> Result<(), IcedError>;
+    // Inputs: FCW at [rbx], ST(0) from [rbx+0x10], ST(1) from [rbx+0x20],
+    // a memory operand at [rbx+0x30] (its low bytes also a BCD or
+    // integer), stores to [rbx+0x40], the final FNSAVE at [rbx+0x80].
+    let ops: &[(&str, Op)] = &[
+        ("fadd st0,st1", |a| a.fadd_2(st0, st1)),
+        ("fadd st1,st0", |a| a.fadd_2(st1, st0)),
+        ("fsub st0,st1", |a| a.fsub_2(st0, st1)),
+        ("fsubr st0,st1", |a| a.fsubr_2(st0, st1)),
+        ("fmul st0,st1", |a| a.fmul_2(st0, st1)),
+        ("fdiv st0,st1", |a| a.fdiv_2(st0, st1)),
+        ("fdivr st1,st0", |a| a.fdivr_2(st1, st0)),
+        ("faddp", |a| a.faddp(st1, st0)),
+        ("fsubp", |a| a.fsubp(st1, st0)),
+        ("fsubrp", |a| a.fsubrp(st1, st0)),
+        ("fmulp", |a| a.fmulp(st1, st0)),
+        ("fdivp", |a| a.fdivp(st1, st0)),
+        ("fdivrp", |a| a.fdivrp(st1, st0)),
+        ("fadd m32", |a| a.fadd(dword_ptr(rbx + 0x30))),
+        ("fmul m64", |a| a.fmul(qword_ptr(rbx + 0x30))),
+        ("fdivr m64", |a| a.fdivr(qword_ptr(rbx + 0x30))),
+        ("fsub m32", |a| a.fsub(dword_ptr(rbx + 0x30))),
+        ("fiadd m16", |a| a.fiadd(word_ptr(rbx + 0x30))),
+        ("fimul m32", |a| a.fimul(dword_ptr(rbx + 0x30))),
+        ("fidiv m32", |a| a.fidiv(dword_ptr(rbx + 0x30))),
+        ("fisubr m16", |a| a.fisubr(word_ptr(rbx + 0x30))),
+        ("fcom st1", |a| a.fcom_2(st0, st1)),
+        ("fcomp st1", |a| a.fcomp_2(st0, st1)),
+        ("fcompp", |a| a.fcompp()),
+        ("fucom st1", |a| a.fucom(st0, st1)),
+        ("fucomp st1", |a| a.fucomp(st0, st1)),
+        ("fucompp", |a| a.fucompp()),
+        ("fcom m64", |a| a.fcom(qword_ptr(rbx + 0x30))),
+        ("fcomp m32", |a| a.fcomp(dword_ptr(rbx + 0x30))),
+        ("ficom m16", |a| a.ficom(word_ptr(rbx + 0x30))),
+        ("ficomp m32", |a| a.ficomp(dword_ptr(rbx + 0x30))),
+        ("fcomi", |a| a.fcomi(st0, st1)),
+        ("fcomip", |a| a.fcomip(st0, st1)),
+        ("fucomi", |a| a.fucomi(st0, st1)),
+        ("fucomip", |a| a.fucomip(st0, st1)),
+        ("ftst", |a| a.ftst()),
+        ("fxam", |a| a.fxam()),
+        ("fchs", |a| a.fchs()),
+        ("fabs", |a| a.fabs()),
+        ("fsqrt", |a| a.fsqrt()),
+        ("fsin", |a| a.fsin()),
+        ("fcos", |a| a.fcos()),
+        ("fsincos", |a| a.fsincos()),
+        ("fptan", |a| a.fptan()),
+        ("fpatan", |a| a.fpatan()),
+        ("fyl2x", |a| a.fyl2x()),
+        ("fyl2xp1", |a| a.fyl2xp1()),
+        ("f2xm1", |a| a.f2xm1()),
+        ("fscale", |a| a.fscale()),
+        ("fprem", |a| a.fprem()),
+        ("fprem1", |a| a.fprem1()),
+        ("frndint", |a| a.frndint()),
+        ("fxtract", |a| a.fxtract()),
+        ("fld1", |a| a.fld1()),
+        ("fldl2t", |a| a.fldl2t()),
+        ("fldl2e", |a| a.fldl2e()),
+        ("fldpi", |a| a.fldpi()),
+        ("fldlg2", |a| a.fldlg2()),
+        ("fldln2", |a| a.fldln2()),
+        ("fldz", |a| a.fldz()),
+        ("fld st1", |a| a.fld(st1)),
+        ("fld m32", |a| a.fld(dword_ptr(rbx + 0x30))),
+        ("fld m64", |a| a.fld(qword_ptr(rbx + 0x30))),
+        ("fild m16", |a| a.fild(word_ptr(rbx + 0x30))),
+        ("fild m32", |a| a.fild(dword_ptr(rbx + 0x30))),
+        ("fild m64", |a| a.fild(qword_ptr(rbx + 0x30))),
+        ("fbld", |a| a.fbld(tword_ptr(rbx + 0x30))),
+        ("fst st1", |a| a.fst(st1)),
+        ("fstp st1", |a| a.fstp(st1)),
+        ("fst m32", |a| a.fst(dword_ptr(rbx + 0x40))),
+        ("fstp m64", |a| a.fstp(qword_ptr(rbx + 0x40))),
+        ("fstp m80", |a| a.fstp(tword_ptr(rbx + 0x40))),
+        ("fist m16", |a| a.fist(word_ptr(rbx + 0x40))),
+        ("fist m32", |a| a.fist(dword_ptr(rbx + 0x40))),
+        ("fistp m64", |a| a.fistp(qword_ptr(rbx + 0x40))),
+        ("fisttp m16", |a| a.fisttp(word_ptr(rbx + 0x40))),
+        ("fisttp m32", |a| a.fisttp(dword_ptr(rbx + 0x40))),
+        ("fisttp m64", |a| a.fisttp(qword_ptr(rbx + 0x40))),
+        ("fbstp", |a| a.fbstp(tword_ptr(rbx + 0x40))),
+        ("fxch", |a| a.fxch(st0, st1)),
+        ("fcmovb", |a| a.fcmovb(st0, st1)),
+        ("fcmove", |a| a.fcmove(st0, st1)),
+        ("fcmovbe", |a| a.fcmovbe(st0, st1)),
+        ("fcmovu", |a| a.fcmovu(st0, st1)),
+        ("fcmovnb", |a| a.fcmovnb(st0, st1)),
+        ("fcmovne", |a| a.fcmovne(st0, st1)),
+        ("fcmovnbe", |a| a.fcmovnbe(st0, st1)),
+        ("fcmovnu", |a| a.fcmovnu(st0, st1)),
+        ("fincstp", |a| a.fincstp()),
+        ("fdecstp", |a| a.fdecstp()),
+        ("ffree st1", |a| a.ffree(st1)),
+        ("fnop", |a| a.fnop()),
+        ("fnclex", |a| a.fnclex()),
+        // Environment round trips (pointers cleared: host addresses).
+        ("fnstenv+fldenv", |a| {
+            a.fnstenv(ptr(rbx + 0x40))?;
+            a.mov(dword_ptr(rbx + 0x4c), 0)?;
+            a.mov(dword_ptr(rbx + 0x50), 0)?;
+            a.mov(qword_ptr(rbx + 0x54), 0i32)?;
+            a.fldenv(ptr(rbx + 0x40))
+        }),
+        ("fnsave+frstor", |a| {
+            a.fnsave(ptr(rbx + 0x30))?;
+            a.mov(dword_ptr(rbx + 0x3c), 0)?;
+            a.mov(dword_ptr(rbx + 0x40), 0)?;
+            a.mov(qword_ptr(rbx + 0x44), 0i32)?;
+            a.fld1()?;
+            a.frstor(ptr(rbx + 0x30))
+        }),
+        ("o16 fnstenv+fldenv", |a| {
+            a.db(&[0x66, 0xd9, 0x73, 0x40])?;
+            a.mov(qword_ptr(rbx + 0x46), 0i32)?;
+            a.db(&[0x66, 0xd9, 0x63, 0x40])
+        }),
+        ("o16 fnsave+frstor", |a| {
+            a.db(&[0x66, 0xdd, 0x73, 0x30])?;
+            a.mov(qword_ptr(rbx + 0x36), 0i32)?;
+            a.fld1()?;
+            a.db(&[0x66, 0xdd, 0x63, 0x30])
+        }),
+        ("fnstsw", |a| a.fnstsw(ax)),
+        ("fnstcw", |a| a.fnstcw(word_ptr(rbx + 0x40))),
+    ];
+    let mut h = Harness::new();
+    h.expect_jit = false;
+    // FISTTP came with SSE3: where the engine does not advertise it, it
+    // raises #UD there (checked in conformance tests), so it is left out.
+    let sse3 = emu::cpuid::has_feature(&h.eng.g.vcpu.core().cpuid, iced_x86::CpuidFeature::SSE3);
+    for (name, op) in ops {
+        if name.starts_with("fisttp") && !sse3 {
+            eprintln!("x87: {name} skipped: the engine does not advertise SSE3");
+            continue;
+        }
+        for k in 0..48 {
+            let mut a = CodeAssembler::new(64).unwrap();
+            a.fninit().unwrap();
+            a.fldcw(word_ptr(rbx)).unwrap();
+            a.fld(tword_ptr(rbx + 0x20)).unwrap();
+            a.fld(tword_ptr(rbx + 0x10)).unwrap();
+            op(&mut a).unwrap();
+            a.fnsave(ptr(rbx + 0x80)).unwrap();
+            // FIP, FCS and FOP, FDP and FDS.
+            a.mov(dword_ptr(rbx + 0x8c), 0).unwrap();
+            a.mov(dword_ptr(rbx + 0x90), 0).unwrap();
+            a.mov(qword_ptr(rbx + 0x94), 0i32).unwrap();
+            let bytes = a.assemble(0).unwrap();
+            let mut mem = [0u8; 256];
+            // Precision and rounding control at random; exceptions masked
+            // but for one case in four (unmasked ones stay pending: the
+            // next instruction is the no-wait FNSAVE).
+            let r = h.rand();
+            let masks = if k % 4 == 3 { r as u16 & 0x3f } else { 0x3f };
+            let fcw = masks | (r >> 8) as u16 & 0xf00;
+            mem[0..2].copy_from_slice(&fcw.to_le_bytes());
+            let (x, y) = (rand_f80(&mut h), rand_f80(&mut h));
+            mem[0x10..0x1a].copy_from_slice(&x.to_le_bytes()[..10]);
+            mem[0x20..0x2a].copy_from_slice(&y.to_le_bytes()[..10]);
+            let z = if k % 2 == 0 {
+                rand_f80(&mut h)
+            } else {
+                (h.rand() as u128) << 64 | h.rand() as u128
+            };
+            mem[0x30..0x40].copy_from_slice(&z.to_le_bytes());
+            let input = h.state();
+            h.check(Case {
+                bytes,
+                input,
+                undefined: 0,
+                mem,
+                uses_mem: true,
+                si_di_rel: false,
+                name: format!("x87 {name} #{k} fcw {fcw:#x} st0 {x:#x} st1 {y:#x} m {z:#x}"),
+            });
+        }
+    }
+    eprintln!("x87 bit for bit: {} cases", h.count);
 }
