@@ -887,6 +887,8 @@ fn every_advertised_vector_instruction_executes() {
                     g.write(CODE, &code);
                     g.write(DATA, &[0u8; 64]);
                     g.vcpu.core_mut().flush_all_caches();
+                    // LDMXCSR [rbx] loads 0 (every exception unmasked).
+                    g.vcpu.core_mut().st.mxcsr = 0x1f80;
                     g.set_regs(&r0);
                     let e = g.run();
                     assert_eq!(e, Ex::Halt, "{b:02x?} ({insn}): exit");
@@ -899,4 +901,35 @@ fn every_advertised_vector_instruction_executes() {
     }
     eprintln!("{} mnemonics executed", mnemonics.len());
     assert!(mnemonics.len() > 260, "{mnemonics:?}");
+}
+
+#[test]
+fn unmasked_simd_float_exceptions_raise_xm_and_masked_ones_set_flags() {
+    // 1.0 / 0.0 with ZM cleared: #XM (CR4.OSXMMEXCPT is set), ZE in MXCSR,
+    // the destination unchanged. Masked: the flag alone, and infinity.
+    for masked in [false, true] {
+        let mut g = guest();
+        let mxcsr: u32 = if masked { 0x1f80 } else { 0x1f80 & !(1 << 9) };
+        g.write(DATA, &mxcsr.to_le_bytes());
+        g.write(DATA + 4, &1.0f32.to_le_bytes());
+        let (v, done) = run(&mut g, |a| {
+            a.ldmxcsr(dword_ptr(DATA as i32))?;
+            a.movss(xmm0, dword_ptr(DATA as i32 + 4))?;
+            a.xorps(xmm1, xmm1)?;
+            a.divss(xmm0, xmm1)?;
+            a.mov(eax, 0xffff_ffffu32)?;
+            a.stmxcsr(dword_ptr(DATA as i32 + 8))
+        });
+        let st = g.vcpu.core().st.mxcsr;
+        assert_ne!(st & 4, 0, "ZE set (masked={masked})");
+        let x0 = g.vcpu.core().st.xmm[0] as u32;
+        if masked {
+            assert_eq!(done, DONE);
+            assert_eq!(f32::from_bits(x0), f32::INFINITY);
+        } else {
+            assert_ne!(done, DONE);
+            assert_eq!(v, 19, "#XM");
+            assert_eq!(f32::from_bits(x0), 1.0, "destination unchanged");
+        }
+    }
 }

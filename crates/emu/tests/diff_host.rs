@@ -26,9 +26,12 @@ struct HostState {
     gpr: [u64; 16],
     rflags: u64,
     xmm: [u128; 16],
+    /// MXCSR (rounding control in, exception flags out).
+    mxcsr: u64,
 }
 
 const XMM_OFF: i32 = std::mem::offset_of!(HostState, xmm) as i32;
+const MXCSR_OFF: i32 = std::mem::offset_of!(HostState, mxcsr) as i32;
 
 struct Case {
     bytes: Vec<u8>,
@@ -71,6 +74,9 @@ impl HostRunner {
         let mut a = CodeAssembler::new(64).unwrap();
         let mut saved_ptr = a.create_label();
         let mut saved_rax = a.create_label();
+        // The test's own MXCSR, restored before returning: the engine's
+        // float code runs on the same thread.
+        let mut saved_mxcsr = a.create_label();
         let order = [
             (rax, 0),
             (rcx, 1),
@@ -95,6 +101,8 @@ impl HostRunner {
             for (i, x) in XMMS.iter().enumerate() {
                 a.movdqu(*x, xmmword_ptr(rdi + XMM_OFF + 16 * i as i32))?;
             }
+            a.stmxcsr(dword_ptr(saved_mxcsr))?;
+            a.ldmxcsr(dword_ptr(rdi + MXCSR_OFF))?;
             a.push(qword_ptr(rdi + 128))?;
             a.popfq()?;
             for (r, i) in order {
@@ -114,6 +122,8 @@ impl HostRunner {
                 a.movdqu(xmmword_ptr(rax + XMM_OFF + 16 * i as i32), *x)?;
             }
             a.pop(qword_ptr(rax + 128))?;
+            a.stmxcsr(dword_ptr(rax + MXCSR_OFF))?;
+            a.ldmxcsr(dword_ptr(saved_mxcsr))?;
             a.mov(rcx, qword_ptr(saved_rax))?;
             a.mov(qword_ptr(rax), rcx)?;
             for r in [r15, r14, r13, r12, rbp, rbx] {
@@ -123,6 +133,8 @@ impl HostRunner {
             a.set_label(&mut saved_ptr)?;
             a.dq(&[0])?;
             a.set_label(&mut saved_rax)?;
+            a.dq(&[0])?;
+            a.set_label(&mut saved_mxcsr)?;
             a.dq(&[0])?;
             Ok(())
         })()
@@ -221,6 +233,7 @@ impl EngineRunner {
         };
         self.g.set_regs(&r);
         self.g.vcpu.core_mut().st.xmm = i.xmm;
+        self.g.vcpu.core_mut().st.mxcsr = i.mxcsr as u32;
         let e = self.g.run();
         assert_eq!(e, Ex::Halt, "case {}: engine exit", case.name);
         let o = self.g.regs();
@@ -233,6 +246,7 @@ impl EngineRunner {
             ],
             rflags: o.rflags,
             xmm: self.g.vcpu.core().st.xmm,
+            mxcsr: self.g.vcpu.core().st.mxcsr as u64,
         };
         if case.uses_mem {
             out.gpr[3] = out.gpr[3].wrapping_sub(DATA);
@@ -299,7 +313,12 @@ impl Harness {
         for x in xmm.iter_mut() {
             *x = (self.rand() as u128) << 64 | self.rand() as u128;
         }
-        HostState { gpr, rflags, xmm }
+        HostState {
+            gpr,
+            rflags,
+            xmm,
+            mxcsr: 0x1f80,
+        }
     }
 
     fn check(&mut self, case: Case) {
@@ -351,6 +370,11 @@ impl Harness {
                 name, h.xmm[i], e.xmm[i], case.input.xmm
             );
         }
+        assert_eq!(
+            h.mxcsr, e.mxcsr,
+            "{}: mxcsr host {:#x} engine {:#x} (input {:x?})",
+            name, h.mxcsr, e.mxcsr, case.input
+        );
         assert_eq!(hmem, emem, "{}: memory", name);
     }
 }
@@ -1126,6 +1150,12 @@ fn sse_integer_ops_match_host() {
     assert!(h.count > 2_000);
 }
 
+/// MXCSR with all exceptions masked, a random rounding control and
+/// sometimes flush-to-zero (an unmasked exception would be a SIGFPE here).
+fn mxcsr_value(h: &mut Harness) -> u64 {
+    0x1f80 | (h.rand() % 4) << 13 | (h.rand() % 4 / 3) << 15
+}
+
 #[test]
 fn sse_float_ops_match_host() {
     let mut h = Harness::new();
@@ -1170,6 +1200,8 @@ fn sse_float_ops_match_host() {
             input.xmm[1] = float_value(&mut h, *double);
             input.xmm[2] = float_value(&mut h, *double);
             input.gpr[0] = (h.rand() as i64 >> (h.rand() % 64)) as u64;
+            // Every rounding control, and flush-to-zero, exceptions masked.
+            input.mxcsr = mxcsr_value(&mut h);
             h.check(Case {
                 bytes: op.clone(),
                 input,
@@ -2080,6 +2112,7 @@ fn sse3_ssse3_sse4_ops_match_host() {
             let mut input = h.state();
             input.xmm[1] = float_value(&mut h, *double);
             input.xmm[2] = float_value(&mut h, *double);
+            input.mxcsr = mxcsr_value(&mut h);
             if *round && k % 2 == 0 {
                 // Values with fractions to round, both signs, and halves.
                 let halves = [0.5f64, -0.5, 1.5, -2.5, 3.7, -3.7, 1e15 + 0.5, -0.25];

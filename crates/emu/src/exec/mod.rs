@@ -4,6 +4,7 @@
 pub mod alu;
 pub mod control;
 pub mod fpu;
+pub mod mxcsr;
 pub mod operand;
 pub mod sse;
 pub mod sse4;
