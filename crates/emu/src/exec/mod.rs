@@ -4,11 +4,13 @@
 pub mod alu;
 pub mod control;
 pub mod fpu;
+pub mod mxcsr;
 pub mod operand;
 pub mod sse;
 pub mod sse4;
 pub mod string;
 pub mod system;
+pub mod x87;
 
 use iced_x86::{ConditionCode, Instruction, Mnemonic, OpKind};
 

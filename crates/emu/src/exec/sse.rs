@@ -17,6 +17,7 @@
 
 use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 
+use super::mxcsr::{Float, Fp, Op};
 use super::operand::{ea, mem_seg, reg_read, reg_write};
 use crate::core::{gp, Core, R};
 use crate::cpu::*;
@@ -74,7 +75,8 @@ fn mmx_check(core: &Core) -> R {
     if core.st.cr0 & CR0_TS != 0 {
         return Err(crate::core::fault(7, None));
     }
-    Ok(())
+    // MMX instructions are x87 instructions too: #MF for a pending one.
+    super::fpu::wait_check(core)
 }
 
 /// Width in bits of the packed operation: 64 for the MM forms.
@@ -281,29 +283,35 @@ fn fcmp_flags(core: &mut Core, a: f64, b: f64) {
     }
 }
 
-fn fop(mn: M, a: f64, b: f64) -> f64 {
+/// (bits, lanes) of a scalar or packed single/double instruction.
+fn float_shape(mn: M) -> (u32, u32) {
     match mn {
-        M::Addss | M::Addsd | M::Addps | M::Addpd => a + b,
-        M::Subss | M::Subsd | M::Subps | M::Subpd => a - b,
-        M::Mulss | M::Mulsd | M::Mulps | M::Mulpd => a * b,
-        M::Divss | M::Divsd | M::Divps | M::Divpd => a / b,
+        M::Addss | M::Subss | M::Mulss | M::Divss | M::Minss | M::Maxss | M::Sqrtss => (32, 1),
+        M::Addsd | M::Subsd | M::Mulsd | M::Divsd | M::Minsd | M::Maxsd | M::Sqrtsd => (64, 1),
+        M::Addps | M::Subps | M::Mulps | M::Divps | M::Minps | M::Maxps | M::Sqrtps => (32, 4),
+        _ => (64, 2),
+    }
+}
+
+/// One lane of ADD/SUB/MUL/DIV/MIN/MAX/SQRT (SS/SD/PS/PD).
+fn farith<T: Float>(fp: &mut Fp, mn: M, a: T, b: T) -> T {
+    let op = match mn {
+        M::Addss | M::Addsd | M::Addps | M::Addpd => Op::Add,
+        M::Subss | M::Subsd | M::Subps | M::Subpd => Op::Sub,
+        M::Mulss | M::Mulsd | M::Mulps | M::Mulpd => Op::Mul,
+        M::Divss | M::Divsd | M::Divps | M::Divpd => Op::Div,
+        M::Sqrtss | M::Sqrtsd | M::Sqrtps | M::Sqrtpd => Op::Sqrt,
         // x86 MIN/MAX return the second operand when unordered or equal.
         M::Minss | M::Minsd | M::Minps | M::Minpd => {
-            if a < b {
-                a
-            } else {
-                b
-            }
+            fp.minmax(a, b);
+            return if a < b { a } else { b };
         }
-        M::Maxss | M::Maxsd | M::Maxps | M::Maxpd => {
-            if a > b {
-                a
-            } else {
-                b
-            }
+        _ => {
+            fp.minmax(a, b);
+            return if a > b { a } else { b };
         }
-        _ => b.sqrt(),
-    }
+    };
+    fp.op(op, a, b)
 }
 
 pub fn execute(core: &mut Core, insn: &Instruction) -> R {
@@ -332,8 +340,8 @@ pub fn execute(core: &mut Core, insn: &Instruction) -> R {
     } else {
         mmx_check(core)?;
     }
-    if mmx {
-        super::require(core, iced_x86::CpuidFeature::MMX)?;
+    if mmx && core.cpuid.hidden.leaf1_edx & crate::cpuid::FEAT_MMX != 0 {
+        return Err(crate::core::ud());
     }
     vector(core, insn, mn)?;
     if mmx {
@@ -452,46 +460,48 @@ fn vector(core: &mut Core, insn: &Instruction, mn: M) -> R {
             Ok(())
         }
         // ---------------------------------------------------- float scalar
-        M::Addss | M::Subss | M::Mulss | M::Divss | M::Minss | M::Maxss | M::Sqrtss => {
+        M::Addss
+        | M::Subss
+        | M::Mulss
+        | M::Divss
+        | M::Minss
+        | M::Maxss
+        | M::Sqrtss
+        | M::Addsd
+        | M::Subsd
+        | M::Mulsd
+        | M::Divsd
+        | M::Minsd
+        | M::Maxsd
+        | M::Sqrtsd
+        | M::Addps
+        | M::Subps
+        | M::Mulps
+        | M::Divps
+        | M::Minps
+        | M::Maxps
+        | M::Sqrtps
+        | M::Addpd
+        | M::Subpd
+        | M::Mulpd
+        | M::Divpd
+        | M::Minpd
+        | M::Maxpd
+        | M::Sqrtpd => {
             let d = xreg(core, insn, 0);
-            let s = src(core, insn, 1, true)?;
-            let r = fop(mn, f32s(d, 0) as f64, f32s(s, 0) as f64) as f32;
-            let r = if mn == M::Sqrtss {
-                f32s(s, 0).sqrt()
-            } else {
-                r
-            };
-            set_x(core, insn, 0, with_lane(d, 32, 0, r.to_bits() as u64));
-            Ok(())
-        }
-        M::Addsd | M::Subsd | M::Mulsd | M::Divsd | M::Minsd | M::Maxsd | M::Sqrtsd => {
-            let d = xreg(core, insn, 0);
-            let s = src(core, insn, 1, true)?;
-            let r = fop(mn, f64s(d, 0), f64s(s, 0));
-            set_x(core, insn, 0, with_lane(d, 64, 0, r.to_bits()));
-            Ok(())
-        }
-        M::Addps | M::Subps | M::Mulps | M::Divps | M::Minps | M::Maxps | M::Sqrtps => {
-            let d = xreg(core, insn, 0);
-            let s = src(core, insn, 1, false)?;
-            let r = map2(d, s, 32, |a, b| {
-                let (a, b) = (f32::from_bits(a as u32), f32::from_bits(b as u32));
-                let v = if mn == M::Sqrtps {
-                    b.sqrt()
+            let (bits, lanes) = float_shape(mn);
+            let s = src(core, insn, 1, lanes == 1)?;
+            let mut fp = Fp::new(core);
+            let mut r = d;
+            for i in 0..lanes {
+                let v = if bits == 32 {
+                    farith(&mut fp, mn, f32s(d, i), f32s(s, i)).to_bits() as u64
                 } else {
-                    fop(mn, a as f64, b as f64) as f32
+                    farith(&mut fp, mn, f64s(d, i), f64s(s, i)).to_bits()
                 };
-                v.to_bits() as u64
-            });
-            set_x(core, insn, 0, r);
-            Ok(())
-        }
-        M::Addpd | M::Subpd | M::Mulpd | M::Divpd | M::Minpd | M::Maxpd | M::Sqrtpd => {
-            let d = xreg(core, insn, 0);
-            let s = src(core, insn, 1, false)?;
-            let r = map2(d, s, 64, |a, b| {
-                fop(mn, f64::from_bits(a), f64::from_bits(b)).to_bits()
-            });
+                r = with_lane(r, bits, i, v);
+            }
+            fp.finish(core)?;
             set_x(core, insn, 0, r);
             Ok(())
         }
@@ -524,11 +534,16 @@ fn vector(core: &mut Core, insn: &Instruction, mn: M) -> R {
                 M::Cmpps => (32, 4),
                 _ => (64, 2),
             };
+            let mut fp = Fp::new(core);
+            // LT, LE, NLT, NLE signal on any NaN, the others on SNaNs.
+            let signalling = matches!(pred, 1 | 2 | 5 | 6);
             let mut r = d;
             for i in 0..lanes {
                 let (a, b) = if bits == 32 {
+                    fp.compare(f32s(d, i), f32s(s, i), signalling);
                     (f32s(d, i) as f64, f32s(s, i) as f64)
                 } else {
+                    fp.compare(f64s(d, i), f64s(s, i), signalling);
                     (f64s(d, i), f64s(s, i))
                 };
                 let ones = if bits == 32 {
@@ -538,18 +553,25 @@ fn vector(core: &mut Core, insn: &Instruction, mn: M) -> R {
                 };
                 r = with_lane(r, bits, i, if test(a, b) { ones } else { 0 });
             }
+            fp.finish(core)?;
             set_x(core, insn, 0, r);
             Ok(())
         }
         M::Comiss | M::Ucomiss => {
-            let a = f32s(xreg(core, insn, 0), 0) as f64;
-            let b = f32s(src(core, insn, 1, true)?, 0) as f64;
-            fcmp_flags(core, a, b);
+            let a = f32s(xreg(core, insn, 0), 0);
+            let b = f32s(src(core, insn, 1, true)?, 0);
+            let mut fp = Fp::new(core);
+            fp.compare(a, b, mn == M::Comiss);
+            fp.finish(core)?;
+            fcmp_flags(core, a as f64, b as f64);
             Ok(())
         }
         M::Comisd | M::Ucomisd => {
             let a = f64s(xreg(core, insn, 0), 0);
             let b = f64s(src(core, insn, 1, true)?, 0);
+            let mut fp = Fp::new(core);
+            fp.compare(a, b, mn == M::Comisd);
+            fp.finish(core)?;
             fcmp_flags(core, a, b);
             Ok(())
         }
@@ -557,11 +579,13 @@ fn vector(core: &mut Core, insn: &Instruction, mn: M) -> R {
             let size = super::operand::op_size(insn, 1);
             let v = sext(src(core, insn, 1, true)? as u64, size) as i64;
             let d = xreg(core, insn, 0);
+            let mut fp = Fp::new(core);
             let r = if mn == M::Cvtsi2sd {
-                with_lane(d, 64, 0, (v as f64).to_bits())
+                with_lane(d, 64, 0, fp.from_int::<f64>(v).to_bits())
             } else {
-                with_lane(d, 32, 0, (v as f32).to_bits() as u64)
+                with_lane(d, 32, 0, fp.from_int::<f32>(v).to_bits() as u64)
             };
+            fp.finish(core)?;
             set_x(core, insn, 0, r);
             Ok(())
         }
@@ -572,20 +596,29 @@ fn vector(core: &mut Core, insn: &Instruction, mn: M) -> R {
             } else {
                 f32s(s, 0) as f64
             };
-            let v = round_mxcsr(core, v, matches!(mn, M::Cvttsd2si | M::Cvttss2si));
+            let rounded = round_mxcsr(core, v, matches!(mn, M::Cvttsd2si | M::Cvttss2si));
             let size = insn.op0_register().size() as u8;
-            reg_write(&mut core.st, insn.op0_register(), f2i(v, size));
+            let mut fp = Fp::new(core);
+            let r = fp.to_int(v, rounded, size);
+            fp.finish(core)?;
+            reg_write(&mut core.st, insn.op0_register(), r);
             Ok(())
         }
         M::Cvtsd2ss => {
             let d = xreg(core, insn, 0);
-            let s = f64s(src(core, insn, 1, true)?, 0) as f32;
+            let v = f64s(src(core, insn, 1, true)?, 0);
+            let mut fp = Fp::new(core);
+            let s = fp.narrow(v);
+            fp.finish(core)?;
             set_x(core, insn, 0, with_lane(d, 32, 0, s.to_bits() as u64));
             Ok(())
         }
         M::Cvtss2sd => {
             let d = xreg(core, insn, 0);
-            let s = f32s(src(core, insn, 1, true)?, 0) as f64;
+            let v = f32s(src(core, insn, 1, true)?, 0);
+            let mut fp = Fp::new(core);
+            let s = fp.widen(v);
+            fp.finish(core)?;
             set_x(core, insn, 0, with_lane(d, 64, 0, s.to_bits()));
             Ok(())
         }
@@ -900,33 +933,32 @@ fn convert(core: &mut Core, insn: &Instruction, mn: M) -> R {
         mn,
         M::Cvttpd2dq | M::Cvttps2dq | M::Cvttps2pi | M::Cvttpd2pi
     );
-    let to_i = |core: &Core, v: f64| f2i(round_mxcsr(core, v, trunc), 4);
-    let i32s = |v: u128, i: u32| lane(v, 32, i) as u32 as i32;
-    let r = match mn {
-        M::Cvtdq2ps => map2(s, 0, 32, |a, _| (a as u32 as i32 as f32).to_bits() as u64),
-        M::Cvtdq2pd | M::Cvtpi2pd => (0..2).fold(0u128, |r, i| {
-            with_lane(r, 64, i, (i32s(s, i) as f64).to_bits())
-        }),
-        M::Cvtpi2ps => (0..2).fold(d, |r, i| {
-            with_lane(r, 32, i, (i32s(s, i) as f32).to_bits() as u64)
-        }),
-        M::Cvtps2dq | M::Cvttps2dq => (0..4).fold(0u128, |r, i| {
-            with_lane(r, 32, i, to_i(core, f32s(s, i) as f64))
-        }),
-        M::Cvtps2pi | M::Cvttps2pi => (0..2).fold(0u128, |r, i| {
-            with_lane(r, 32, i, to_i(core, f32s(s, i) as f64))
-        }),
-        M::Cvtpd2dq | M::Cvttpd2dq | M::Cvtpd2pi | M::Cvttpd2pi => {
-            (0..2).fold(0u128, |r, i| with_lane(r, 32, i, to_i(core, f64s(s, i))))
-        }
-        M::Cvtpd2ps => (0..2).fold(0u128, |r, i| {
-            with_lane(r, 32, i, (f64s(s, i) as f32).to_bits() as u64)
-        }),
-        // CVTPS2PD
-        _ => (0..2).fold(0u128, |r, i| {
-            with_lane(r, 64, i, (f32s(s, i) as f64).to_bits())
-        }),
+    let mut fp = Fp::new(core);
+    let to_i = |fp: &mut Fp, v: f64| fp.to_int(v, round_mxcsr(core, v, trunc), 4);
+    let i32s = |v: u128, i: u32| lane(v, 32, i) as u32 as i32 as i64;
+    let (lanes, bits, base) = match mn {
+        M::Cvtdq2ps | M::Cvtps2dq | M::Cvttps2dq => (4, 32, 0),
+        M::Cvtdq2pd | M::Cvtpi2pd | M::Cvtps2pd => (2, 64, 0),
+        // CVTPI2PS keeps the destination's high half.
+        M::Cvtpi2ps => (2, 32, d),
+        _ => (2, 32, 0),
     };
+    let mut r = base;
+    for i in 0..lanes {
+        let v = match mn {
+            M::Cvtdq2ps | M::Cvtpi2ps => fp.from_int::<f32>(i32s(s, i)).to_bits() as u64,
+            M::Cvtdq2pd | M::Cvtpi2pd => (i32s(s, i) as f64).to_bits(),
+            M::Cvtps2dq | M::Cvttps2dq | M::Cvtps2pi | M::Cvttps2pi => {
+                to_i(&mut fp, f32s(s, i) as f64)
+            }
+            M::Cvtpd2dq | M::Cvttpd2dq | M::Cvtpd2pi | M::Cvttpd2pi => to_i(&mut fp, f64s(s, i)),
+            M::Cvtpd2ps => fp.narrow(f64s(s, i)).to_bits() as u64,
+            // CVTPS2PD
+            _ => fp.widen(f32s(s, i)).to_bits(),
+        };
+        r = with_lane(r, bits, i, v);
+    }
+    fp.finish(core)?;
     set_x(core, insn, 0, r);
     Ok(())
 }

@@ -10,6 +10,7 @@
 
 use iced_x86::{Instruction, Mnemonic as M};
 
+use super::mxcsr::{self, Fp, Op};
 use super::operand::reg_write;
 use super::sse::{
     dst, f32s, f64s, lane, map2, sat_s, sat_u, set_x, src, sx, width, with_lane, xreg,
@@ -22,10 +23,13 @@ pub(super) fn execute(core: &mut Core, insn: &Instruction, mn: M) -> Option<R> {
     if !handled(mn) {
         return None;
     }
-    if insn
-        .cpuid_features()
-        .iter()
-        .any(|f| !crate::cpuid::has_feature(&core.cpuid, *f))
+    // Every extension here is advertised unless the configuration hides
+    // a bit: only then is the (slower) feature lookup needed.
+    if core.cpuid.hidden != crate::cpuid::Hidden::default()
+        && insn
+            .cpuid_features()
+            .iter()
+            .any(|f| !crate::cpuid::has_feature(&core.cpuid, *f))
     {
         return Some(Err(crate::core::ud()));
     }
@@ -133,42 +137,40 @@ fn run(core: &mut Core, insn: &Instruction, mn: M) -> R {
         M::Addsubps | M::Haddps | M::Hsubps => {
             let d = xreg(core, insn, 0);
             let s = src(core, insn, 1, false)?;
+            let mut fp = Fp::new(core);
             let r = (0..4u32).fold(0u128, |r, i| {
                 let v = match mn {
-                    M::Addsubps if i & 1 == 0 => f32s(d, i) - f32s(s, i),
-                    M::Addsubps => f32s(d, i) + f32s(s, i),
+                    M::Addsubps if i & 1 == 0 => fp.op(Op::Sub, f32s(d, i), f32s(s, i)),
+                    M::Addsubps => fp.op(Op::Add, f32s(d, i), f32s(s, i)),
                     _ => {
                         let v = if i < 2 { d } else { s };
                         let (a, b) = (f32s(v, (i & 1) * 2), f32s(v, (i & 1) * 2 + 1));
-                        if mn == M::Haddps {
-                            a + b
-                        } else {
-                            a - b
-                        }
+                        let op = if mn == M::Haddps { Op::Add } else { Op::Sub };
+                        fp.op(op, a, b)
                     }
                 };
                 with_lane(r, 32, i, v.to_bits() as u64)
             });
+            fp.finish(core)?;
             set_x(core, insn, 0, r);
         }
         M::Addsubpd | M::Haddpd | M::Hsubpd => {
             let d = xreg(core, insn, 0);
             let s = src(core, insn, 1, false)?;
+            let mut fp = Fp::new(core);
             let r = (0..2u32).fold(0u128, |r, i| {
                 let v = match mn {
-                    M::Addsubpd if i == 0 => f64s(d, 0) - f64s(s, 0),
-                    M::Addsubpd => f64s(d, 1) + f64s(s, 1),
+                    M::Addsubpd if i == 0 => fp.op(Op::Sub, f64s(d, 0), f64s(s, 0)),
+                    M::Addsubpd => fp.op(Op::Add, f64s(d, 1), f64s(s, 1)),
                     _ => {
                         let v = if i == 0 { d } else { s };
-                        if mn == M::Haddpd {
-                            f64s(v, 0) + f64s(v, 1)
-                        } else {
-                            f64s(v, 0) - f64s(v, 1)
-                        }
+                        let op = if mn == M::Haddpd { Op::Add } else { Op::Sub };
+                        fp.op(op, f64s(v, 0), f64s(v, 1))
                     }
                 };
                 with_lane(r, 64, i, v.to_bits())
             });
+            fp.finish(core)?;
             set_x(core, insn, 0, r);
         }
         M::Movddup => {
@@ -446,28 +448,37 @@ fn run(core: &mut Core, insn: &Instruction, mn: M) -> R {
             } else {
                 imm & 3
             };
+            // imm8[3] suppresses the precision exception.
+            let quiet = imm & 8 != 0;
+            let flags = std::cell::Cell::new(0u32);
             let r64 = |v: f64| -> f64 {
                 if v.is_nan() {
+                    if v.to_bits() & (1 << 51) == 0 {
+                        flags.set(flags.get() | mxcsr::IE);
+                    }
                     // A signalling NaN comes back quiet.
                     return f64::from_bits(v.to_bits() | 1 << 51);
                 }
-                match mode {
+                let r = match mode {
                     0 => v.round_ties_even(),
                     1 => v.floor(),
                     2 => v.ceil(),
                     _ => v.trunc(),
+                };
+                if r != v && !quiet {
+                    flags.set(flags.get() | mxcsr::PE);
                 }
+                r
             };
+            // Rounding an f32 through f64 is exact (integral results).
             let r32 = |v: f32| -> f32 {
                 if v.is_nan() {
+                    if v.to_bits() & (1 << 22) == 0 {
+                        flags.set(flags.get() | mxcsr::IE);
+                    }
                     return f32::from_bits(v.to_bits() | 1 << 22);
                 }
-                match mode {
-                    0 => v.round_ties_even(),
-                    1 => v.floor(),
-                    2 => v.ceil(),
-                    _ => v.trunc(),
-                }
+                r64(v as f64) as f32
             };
             let r = match mn {
                 M::Roundps => map2(s, 0, 32, |a, _| {
@@ -477,22 +488,29 @@ fn run(core: &mut Core, insn: &Instruction, mn: M) -> R {
                 M::Roundss => with_lane(d, 32, 0, r32(f32s(s, 0)).to_bits() as u64),
                 _ => with_lane(d, 64, 0, r64(f64s(s, 0)).to_bits()),
             };
+            let mut fp = Fp::new(core);
+            fp.flags = flags.get();
+            fp.finish(core)?;
             set_x(core, insn, 0, r);
         }
         M::Dpps => {
             let d = xreg(core, insn, 0);
             let s = src(core, insn, 1, false)?;
             let imm = insn.immediate(2) as u32;
+            let mut fp = Fp::new(core);
             let p: Vec<f32> = (0..4)
                 .map(|i| {
                     if imm >> (4 + i) & 1 != 0 {
-                        f32s(d, i) * f32s(s, i)
+                        fp.op(Op::Mul, f32s(d, i), f32s(s, i))
                     } else {
                         0.0
                     }
                 })
                 .collect();
-            let sum = (p[0] + p[1]) + (p[2] + p[3]);
+            let lo = fp.op(Op::Add, p[0], p[1]);
+            let hi = fp.op(Op::Add, p[2], p[3]);
+            let sum = fp.op(Op::Add, lo, hi);
+            fp.finish(core)?;
             let r = (0..4).fold(0u128, |r, i| {
                 let v = if imm >> i & 1 != 0 { sum.to_bits() } else { 0 };
                 with_lane(r, 32, i, v as u64)
@@ -503,14 +521,17 @@ fn run(core: &mut Core, insn: &Instruction, mn: M) -> R {
             let d = xreg(core, insn, 0);
             let s = src(core, insn, 1, false)?;
             let imm = insn.immediate(2) as u32;
-            let p = |i: u32| {
+            let mut fp = Fp::new(core);
+            let mut p = |i: u32| {
                 if imm >> (4 + i) & 1 != 0 {
-                    f64s(d, i) * f64s(s, i)
+                    fp.op(Op::Mul, f64s(d, i), f64s(s, i))
                 } else {
                     0.0
                 }
             };
-            let sum = p(0) + p(1);
+            let (p0, p1) = (p(0), p(1));
+            let sum = fp.op(Op::Add, p0, p1);
+            fp.finish(core)?;
             let r = (0..2).fold(0u128, |r, i| {
                 let v = if imm >> i & 1 != 0 { sum.to_bits() } else { 0 };
                 with_lane(r, 64, i, v)
