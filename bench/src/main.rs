@@ -919,12 +919,11 @@ fn boot(args: &BenchArgs, runs: usize) -> Result<()> {
         ],
         "VMM",
     );
-    if !have_qemu {
-        println!(
-            "{:<36} not installed ({})",
-            args.accel.names()[1],
-            args.qemu
-        );
+    let peer = &args.accel.names()[1];
+    if args.no_qemu {
+        println!("{peer:<36} left out (--no-qemu)");
+    } else if !have_qemu {
+        println!("{peer:<36} not installed ({})", args.qemu);
     }
     // SMP: does a second vCPU double the guest's throughput?
     let mut g2 = guest::Guest::new(args.guest_dir.as_deref(), SMP_WORKLOAD)?;

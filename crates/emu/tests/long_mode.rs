@@ -1046,3 +1046,181 @@ fn self_loops_match_the_interpreter() {
     // wrote (its ECX: N down to 2).
     assert_eq!(ri.r13, IMM0 as u64 + (2..=N as u64).sum::<u64>());
 }
+
+/// The forms the translator runs as host instructions on host addresses
+/// (REP MOVS/STOS, LOCK read-modify-writes, BT with a register offset,
+/// DIV), where their operands leave the inline path: page crossings, DF=1,
+/// a count beyond the page, faults in the middle of a REP, a divide error.
+/// Translated at threshold 0, every run ends as the interpreter's does
+/// (registers, CR2, memory).
+#[test]
+fn translated_rmw_string_and_div_edges_match_the_interpreter() {
+    // 0x406000..0x408000 is 4 KiB-mapped; 0x407000 is made not present
+    // for the fault cases.
+    const P: u64 = 0x406000;
+    let programs: Vec<(&str, Vec<u8>, bool)> = vec![
+        (
+            "rep movs/stos within and across pages, DF=1",
+            asm64!(|a| {
+                a.cld()?;
+                // clear_page and copy_page shapes.
+                a.mov(rdi, DATA + 0x1000)?;
+                a.mov(rax, 0x0102_0304_0506_0708u64)?;
+                a.mov(ecx, 512)?;
+                a.rep().stosq()?;
+                a.mov(rsi, DATA)?;
+                a.mov(rdi, DATA + 0x2000)?;
+                a.mov(ecx, 512)?;
+                a.rep().movsq()?;
+                // Source and destination across page ends.
+                a.mov(rsi, DATA + 0xff0)?;
+                a.mov(rdi, DATA + 0x3008)?;
+                a.mov(ecx, 0x40)?;
+                a.rep().movsb()?;
+                a.mov(rsi, DATA + 0x100)?;
+                a.mov(rdi, DATA + 0x3ffc)?;
+                a.mov(ecx, 3)?;
+                a.rep().movsd()?;
+                // More than a page.
+                a.mov(rdi, DATA + 0x4010)?;
+                a.mov(ecx, 0x1234)?;
+                a.mov(al, 0x5a)?;
+                a.rep().stosb()?;
+                // Backwards.
+                a.std()?;
+                a.mov(rsi, DATA + 0x2ff8)?;
+                a.mov(rdi, DATA + 0x6ff8)?;
+                a.mov(ecx, 9)?;
+                a.rep().movsq()?;
+                a.cld()?;
+                // A count of zero touches nothing.
+                a.mov(rdi, 0x407000u64)?;
+                a.xor(ecx, ecx)?;
+                a.rep().stosb()?;
+                a.hlt()?;
+            }),
+            false,
+        ),
+        (
+            "rep stosb faults in the middle (destination page not present)",
+            asm64!(|a| {
+                a.mov(rdi, P + 0xff0)?;
+                a.mov(ecx, 0x40)?;
+                a.mov(al, 0x77)?;
+                a.rep().stosb()?;
+                a.hlt()?;
+            }),
+            true,
+        ),
+        (
+            "rep movsq faults in the middle (source page not present)",
+            asm64!(|a| {
+                a.mov(rsi, P + 0xfe0)?;
+                a.mov(rdi, DATA + 0x5000)?;
+                a.mov(ecx, 0x10)?;
+                a.rep().movsq()?;
+                a.hlt()?;
+            }),
+            true,
+        ),
+        (
+            "lock rmw and bt across page ends",
+            asm64!(|a| {
+                let mut lp = a.create_label();
+                a.mov(rbx, DATA + 0xffc)?;
+                a.mov(ecx, 40)?;
+                a.set_label(&mut lp)?;
+                a.mov(rax, rcx)?;
+                a.lock().add(qword_ptr(rbx), rax)?;
+                a.lock().xadd(dword_ptr(rbx + 2), eax)?;
+                a.mov(rdx, qword_ptr(rbx))?;
+                a.lock().cmpxchg(qword_ptr(rbx - 4), rdx)?;
+                a.lock().inc(word_ptr(rbx + 3))?;
+                a.xchg(qword_ptr(rbx + 1), rdx)?;
+                a.mov(r8, 100u64)?;
+                a.lock().bts(qword_ptr(rbx - 8), r8)?;
+                a.bt(qword_ptr(rbx - 8), r8)?;
+                a.setc(r9b)?;
+                a.add(r10, r9)?;
+                a.mov(r8, -70i64)?;
+                a.lock().btc(dword_ptr(rbx + 0x20), r8d)?;
+                a.dec(ecx)?;
+                a.jnz(lp)?;
+                a.hlt()?;
+            }),
+            false,
+        ),
+        (
+            "lock add faults on the second page",
+            asm64!(|a| {
+                a.mov(rbx, P + 0xffc)?;
+                a.mov(eax, 5)?;
+                a.lock().add(qword_ptr(rbx), rax)?;
+                a.hlt()?;
+            }),
+            true,
+        ),
+        (
+            "div: fits, then a quotient overflow (#DE)",
+            asm64!(|a| {
+                a.mov(rax, 1000u64)?;
+                a.xor(edx, edx)?;
+                a.mov(ecx, 7)?;
+                a.div(rcx)?;
+                a.mov(r8, rax)?;
+                a.mov(r9, rdx)?;
+                a.mov(edx, 8)?;
+                a.div(ecx)?;
+                a.hlt()?;
+            }),
+            false,
+        ),
+        (
+            "div by zero (#DE)",
+            asm64!(|a| {
+                a.mov(rax, 1000u64)?;
+                a.xor(edx, edx)?;
+                a.xor(ecx, ecx)?;
+                a.div(rcx)?;
+                a.hlt()?;
+            }),
+            false,
+        ),
+    ];
+    for (name, code, unmap) in &programs {
+        let run = |jit: Option<u32>| {
+            let mut g = guest();
+            g.vcpu.core_mut().jit.threshold = jit;
+            for i in 0..0x8000u64 {
+                g.ram[(DATA + i) as usize] = (i * 13 + (i >> 8)) as u8;
+            }
+            for i in 0..0x2000u64 {
+                g.ram[(P + i) as usize] = (i * 5) as u8;
+            }
+            if *unmap {
+                g.w64(PT + 8 * 7, 0);
+            }
+            g.load_code(code);
+            g.run_to_halt();
+            let mem = g.ram[DATA as usize..(DATA + 0x8000) as usize].to_vec();
+            let page = g.ram[P as usize..(P + 0x2000) as usize].to_vec();
+            let stack = g.r64(g.regs().rsp);
+            (
+                g.regs(),
+                g.sregs().cr2,
+                stack,
+                mem,
+                page,
+                g.vcpu.core().jit.compiled,
+            )
+        };
+        let (ri, ci, top_i, mi, pi, _) = run(None);
+        let (rj, cj, top_j, mj, pj, compiled) = run(Some(0));
+        assert!(compiled > 0, "{name}: nothing translated");
+        assert_eq!(format!("{ri:x?}"), format!("{rj:x?}"), "{name}: registers");
+        assert_eq!(ci, cj, "{name}: cr2");
+        assert_eq!(top_i, top_j, "{name}: top of stack");
+        assert!(mi == mj, "{name}: memory at DATA");
+        assert!(pi == pj, "{name}: memory at {P:#x}");
+    }
+}

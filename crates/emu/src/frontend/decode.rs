@@ -307,6 +307,10 @@ fn decode_block(
     if !have_next {
         npages = 1;
     }
+    // Blocks live until the cache is cleared: most are a few instructions,
+    // and the spare capacity of 16 (~2 KiB a block) was most of the
+    // engine's memory.
+    uops.shrink_to_fit();
     Ok(Block {
         rip,
         bits,

@@ -51,6 +51,7 @@ const OFF_RET_LINKS: i32 = offset_of!(Core, jit.ctx.ret_links) as i32;
 const OFF_EPOCH: i32 = offset_of!(Core, tlb.epoch) as i32;
 const OFF_ICOUNT: i32 = offset_of!(Core, icount) as i32;
 const OFF_COUNTDOWN: i32 = offset_of!(Core, poll_countdown) as i32;
+const OFF_HIDDEN_L1ECX: i32 = offset_of!(Core, cpuid.hidden.leaf1_ecx) as i32;
 const CELL_KEY: i32 = offset_of!(LinkCell, key) as i32;
 const CELL_GEN: i32 = offset_of!(LinkCell, gen) as i32;
 const CELL_PHYS: i32 = offset_of!(LinkCell, phys) as i32;
@@ -71,6 +72,9 @@ const TLB_PERM: i32 = offset_of!(TlbEntry, perm) as i32;
 const TLBE_SIZE: i32 = size_of::<TlbEntry>() as i32;
 /// CF PF AF ZF SF OF.
 const ARITH: i32 = 0x8d5;
+// `Cg::translate` finds page crossings by the tag compare: two adjacent
+// pages must index different TLB entries.
+const _: () = assert!(crate::memory::mmu::TLB_SIZE >= 2);
 // ------------------------------------------------------------------ codegen
 
 type Asm = VecAssembler<X64Relocation>;
@@ -194,6 +198,45 @@ macro_rules! op1 {
             2 => a!($cg; $op ax),
             4 => a!($cg; $op eax),
             _ => a!($cg; $op rax),
+        }
+    };
+}
+
+/// `op [rsi], cl/cx/ecx/rcx` (the memory operand already translated).
+macro_rules! opm {
+    ($cg:expr, $size:expr, $op:ident) => {
+        match $size {
+            1 => a!($cg; $op BYTE [rsi], cl),
+            2 => a!($cg; $op WORD [rsi], cx),
+            4 => a!($cg; $op DWORD [rsi], ecx),
+            _ => a!($cg; $op QWORD [rsi], rcx),
+        }
+    };
+}
+
+/// `op [rsi]` (INC/DEC of the translated memory operand).
+macro_rules! opm1 {
+    ($cg:expr, $size:expr, $op:ident) => {
+        match $size {
+            1 => a!($cg; $op BYTE [rsi]),
+            2 => a!($cg; $op WORD [rsi]),
+            4 => a!($cg; $op DWORD [rsi]),
+            _ => a!($cg; $op QWORD [rsi]),
+        }
+    };
+}
+
+/// Bit test `op` of ax/eax/rax (or of `[rsi]`) by the offset in cx/ecx/rcx
+/// (16, 32 or 64 bits; the offset is already inside the operand).
+macro_rules! btop {
+    ($cg:expr, $size:expr, $mem:expr, $op:ident) => {
+        match ($size, $mem) {
+            (2, false) => a!($cg; $op ax, cx),
+            (4, false) => a!($cg; $op eax, ecx),
+            (_, false) => a!($cg; $op rax, rcx),
+            (2, true) => a!($cg; $op WORD [rsi], cx),
+            (4, true) => a!($cg; $op DWORD [rsi], ecx),
+            (_, true) => a!($cg; $op QWORD [rsi], rcx),
         }
     };
 }
@@ -582,22 +625,21 @@ impl Cg {
             ; and eax, (crate::memory::mmu::TLB_SIZE - 1) as i32
             ; imul eax, eax, TLBE_SIZE
             ; add rax, QWORD [rbx + OFF_TLB]
-            ; mov rcx, rsi
+        );
+        // The tag of the page of the access's last byte: an access that
+        // crosses into the next page finds the entry of its first page
+        // holding another tag (the two pages index different entries), so
+        // it takes the slow path by the same compare.
+        if size > 1 {
+            a!(self; lea rcx, [rsi + (size as i32 - 1)]);
+        } else {
+            a!(self; mov rcx, rsi);
+        }
+        a!(self
             ; and rcx, -4096
             ; or rcx, 1
             ; cmp QWORD [rax + TLB_TAG], rcx
             ; jne =>stub
-        );
-        if size > 1 {
-            // Accesses that cross into the next page take the slow path.
-            a!(self
-                ; mov ecx, esi
-                ; and ecx, 0xfff
-                ; cmp ecx, 0x1000 - size as i32
-                ; ja =>stub
-            );
-        }
-        a!(self
             ; mov cl, BYTE [rax + TLB_PERM]
             ; and cl, BYTE [rbx + mask]
             ; cmp cl, BYTE [rbx + mask]
@@ -1132,15 +1174,40 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
     let m = insn.mnemonic();
     let size = u.size;
     let [o0, o1, o2] = u.ops;
+    if let Some(done) = extra(cg, u) {
+        return Some(done);
+    }
     if u.lock {
         return None;
     }
     if let Some(done) = sse(cg, u) {
         return Some(done);
     }
-    if matches!(m, M::Nop | M::Endbr64 | M::Pause) {
+    if matches!(
+        m,
+        M::Nop
+            | M::Endbr64
+            | M::Pause
+            | M::Lfence
+            | M::Sfence
+            | M::Prefetch
+            | M::Prefetchw
+            | M::Prefetchnta
+            | M::Prefetcht0
+            | M::Prefetcht1
+            | M::Prefetcht2
+            | M::Clflush
+            | M::Clflushopt
+    ) {
         // No operand is accessed (a multi-byte NOP's memory operand is
-        // never read).
+        // never read); the interpreter runs the load/store fences, the
+        // prefetches and the cache flushes as nothing too (the engine's
+        // stores are the host's, already ordered as x86 orders them).
+        return Some(Done::Next);
+    }
+    if m == M::Mfence {
+        // Store-load ordering against the other vCPU threads.
+        a!(cg; mfence);
         return Some(Done::Next);
     }
     let branch = matches!(m, M::Call | M::Ret | M::Jmp) || is_jcc(m);
@@ -1640,6 +1707,25 @@ fn sse(cg: &mut Cg, u: &Uop) -> Option<Done> {
             | M::Pshufd
     );
     let movmsk = m == M::Pmovmskb;
+    if matches!(m, M::Pslldq | M::Psrldq)
+        && insn.encoding() == iced_x86::EncodingKind::Legacy
+        && !u.lock
+        && insn.op_count() == 2
+        && insn.op_kind(1) == iced_x86::OpKind::Immediate8
+    {
+        // Byte shifts of a whole register by an immediate.
+        let d = xmm_of(insn, 0)?;
+        cg.sse_guard();
+        let imm = insn.immediate8() as i8;
+        a!(cg; movdqu xmm0, [rbx + xmm_off(d)]);
+        if m == M::Pslldq {
+            a!(cg; pslldq xmm0, imm);
+        } else {
+            a!(cg; psrldq xmm0, imm);
+        }
+        a!(cg; movdqu [rbx + xmm_off(d)], xmm0);
+        return Some(Done::Next);
+    }
     if !(moves || binary || movmsk)
         || insn.encoding() != iced_x86::EncodingKind::Legacy
         || u.lock
@@ -1733,6 +1819,500 @@ fn sse(cg: &mut Cg, u: &Uop) -> Option<Done> {
         M::Punpcklwd => sse2!(cg, mem1, punpcklwd),
         M::Punpckldq => sse2!(cg, mem1, punpckldq),
         _ => sse2!(cg, mem1, punpcklqdq),
+    }
+    a!(cg; movdqu [rbx + xmm_off(d)], xmm0);
+    Some(Done::Next)
+}
+
+/// The host runs POPCNT (CPUID 1 ECX bit 23); the guest is offered it
+/// whatever the host has, so without it the interpreter runs it.
+fn host_has_popcnt() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| std::arch::x86_64::__cpuid(1).ecx & (1 << 23) != 0)
+}
+
+/// Forms the host runs as they are, beyond the common integer set of
+/// `insn`: read-modify-write on memory with or without LOCK (ALU, INC/DEC,
+/// XADD, CMPXCHG, XCHG, BTS/BTR/BTC: a LOCK on guest RAM is the host's
+/// LOCK on the host address, so it stays atomic against the other vCPU
+/// threads; a page-crossing or MMIO operand takes the stub, where the
+/// interpreter does what it always did), BT*, BSF/BSR, POPCNT, BSWAP, DIV
+/// that cannot fault, MOVD/MOVQ and REP MOVS/STOS within one page. None:
+/// not one of these (nothing emitted).
+fn extra(cg: &mut Cg, u: &Uop) -> Option<Done> {
+    use Mnemonic as M;
+    let insn = &u.insn;
+    let m = insn.mnemonic();
+    if matches!(
+        m,
+        M::Movsb | M::Movsw | M::Movsd | M::Movsq | M::Stosb | M::Stosw | M::Stosd | M::Stosq
+    ) && (insn.has_rep_prefix() || insn.has_repne_prefix())
+    {
+        return rep_string(cg, u);
+    }
+    if matches!(m, M::Movd | M::Movq) {
+        return movd(cg, u);
+    }
+    if matches!(m, M::Pshufb | M::Palignr | M::Pcmpistri) {
+        return sse_v2(cg, u);
+    }
+    let size = u.size;
+    let [o0, o1, _] = u.ops;
+    let nops = insn.op_count() as usize;
+    if !matches!(size, 1 | 2 | 4 | 8) || u.ops[..nops.min(3)].contains(&Opnd::None) {
+        return None;
+    }
+    let mem0 = o0 == Opnd::Mem;
+    let lock = u.lock;
+    let is_reg = |o: Opnd| matches!(o, Opnd::Reg { .. });
+    let low_reg = |o: Opnd| matches!(o, Opnd::Reg { hi: false, .. });
+    match m {
+        // Without LOCK these run in `insn` (loaded, computed, stored).
+        M::Add | M::Or | M::Adc | M::Sbb | M::And | M::Sub | M::Xor
+            if lock && nops == 2 && mem0 =>
+        {
+            cg.mem(u, size, Acc::Write);
+            cg.ld(1, size, o1);
+            if matches!(m, M::Adc | M::Sbb) {
+                cg.need_cf();
+            }
+            cg.a.push(0xf0);
+            match m {
+                M::Add => opm!(cg, size, add),
+                M::Or => opm!(cg, size, or),
+                M::Adc => opm!(cg, size, adc),
+                M::Sbb => opm!(cg, size, sbb),
+                M::And => opm!(cg, size, and),
+                M::Sub => opm!(cg, size, sub),
+                _ => opm!(cg, size, xor),
+            }
+            cg.wrote_flags();
+            Some(Done::Next)
+        }
+        M::Inc | M::Dec if lock && nops == 1 && mem0 => {
+            cg.mem(u, size, Acc::Write);
+            // CF is kept.
+            cg.need_cf();
+            cg.a.push(0xf0);
+            if m == M::Inc {
+                opm1!(cg, size, inc);
+            } else {
+                opm1!(cg, size, dec);
+            }
+            cg.wrote_flags();
+            Some(Done::Next)
+        }
+        M::Xadd if nops == 2 && mem0 && is_reg(o1) => {
+            cg.mem(u, size, Acc::Write);
+            cg.ld(1, size, o1);
+            if lock {
+                cg.a.push(0xf0);
+            }
+            opm!(cg, size, xadd);
+            cg.wrote_flags();
+            cg.st(1, size, o1);
+            Some(Done::Next)
+        }
+        M::Cmpxchg if nops == 2 && mem0 && is_reg(o1) => {
+            cg.mem(u, size, Acc::Write);
+            cg.ld(1, size, o1);
+            // The whole RAX: the host writes AL/AX/EAX (zero-extended)/RAX
+            // only when the comparison fails, as the guest must.
+            cg.gq(0, 0);
+            if lock {
+                cg.a.push(0xf0);
+            }
+            opm!(cg, size, cmpxchg);
+            cg.wrote_flags();
+            cg.sq(0, 0);
+            Some(Done::Next)
+        }
+        // XCHG with memory locks by itself.
+        M::Xchg if nops == 2 && (mem0 || o1 == Opnd::Mem) && is_reg(if mem0 { o1 } else { o0 }) => {
+            let r = if mem0 { o1 } else { o0 };
+            cg.mem(u, size, Acc::Write);
+            cg.ld(1, size, r);
+            opm!(cg, size, xchg);
+            cg.st(1, size, r);
+            Some(Done::Next)
+        }
+        M::Bt | M::Bts | M::Btr | M::Btc if nops == 2 && size >= 2 => {
+            let writes = m != M::Bt;
+            // LOCK BT and LOCK on a register are #UD: the interpreter's.
+            if lock && (!writes || !mem0) {
+                return None;
+            }
+            let bits = size as u64 * 8;
+            let acc = if writes { Acc::Write } else { Acc::Read };
+            match (o0, o1) {
+                (Opnd::Reg { .. }, Opnd::Reg { .. } | Opnd::Imm(_)) => {
+                    // A register operand takes the offset modulo its size.
+                    cg.ld(0, size, o0);
+                    cg.ld(1, size, o1);
+                }
+                (Opnd::Mem, Opnd::Imm(c)) => {
+                    // An immediate offset stays inside the operand.
+                    cg.mem(u, size, acc);
+                    a!(cg; mov ecx, (c & (bits - 1)) as i32);
+                }
+                (Opnd::Mem, Opnd::Reg { .. }) if u.mem.amask == u64::MAX => {
+                    // A register offset is signed and addresses memory
+                    // beyond the operand: the operand-sized word holding
+                    // the bit is translated, the host tests inside it.
+                    cg.ld(8, size, o1);
+                    match size {
+                        2 => a!(cg; movsx r8, r8w),
+                        4 => a!(cg; movsxd r8, r8d),
+                        _ => {}
+                    }
+                    cg.ea(&u.mem, true);
+                    let shift = bits.trailing_zeros() as i8;
+                    a!(cg
+                        ; mov rax, r8
+                        ; sar rax, shift
+                    );
+                    match size {
+                        2 => a!(cg; lea rsi, [rsi + rax * 2]),
+                        4 => a!(cg; lea rsi, [rsi + rax * 4]),
+                        _ => a!(cg; lea rsi, [rsi + rax * 8]),
+                    }
+                    a!(cg; and r8d, (bits - 1) as i32);
+                    cg.translate(size, acc);
+                    a!(cg; mov rcx, r8);
+                }
+                _ => return None,
+            }
+            // ZF is kept, CF set; the rest is undefined (the host's).
+            cg.need_host();
+            if lock {
+                cg.a.push(0xf0);
+            }
+            match m {
+                M::Bt => btop!(cg, size, mem0, bt),
+                M::Bts => btop!(cg, size, mem0, bts),
+                M::Btr => btop!(cg, size, mem0, btr),
+                _ => btop!(cg, size, mem0, btc),
+            }
+            cg.wrote_flags();
+            if writes && !mem0 {
+                cg.st(0, size, o0);
+            }
+            Some(Done::Next)
+        }
+        M::Bsf | M::Bsr if nops == 2 && size >= 2 && low_reg(o0) && !lock => {
+            if o1 == Opnd::Mem {
+                cg.mem(u, size, Acc::Read);
+            }
+            cg.ld(1, size, o1);
+            match (m, size) {
+                (M::Bsf, 2) => a!(cg; bsf ax, cx),
+                (M::Bsf, 4) => a!(cg; bsf eax, ecx),
+                (M::Bsf, _) => a!(cg; bsf rax, rcx),
+                (_, 2) => a!(cg; bsr ax, cx),
+                (_, 4) => a!(cg; bsr eax, ecx),
+                _ => a!(cg; bsr rax, rcx),
+            }
+            // ZF from the source, the rest undefined (the host's); a zero
+            // source leaves the destination as it was (the interpreter's
+            // choice, AMD's documented one), upper half included.
+            cg.wrote_flags();
+            a!(cg; jz >bs_zero);
+            cg.st(0, size, o0);
+            a!(cg; bs_zero:);
+            Some(Done::Next)
+        }
+        M::Popcnt if nops == 2 && size >= 2 && low_reg(o0) && !lock && host_has_popcnt() => {
+            if o1 == Opnd::Mem {
+                cg.mem(u, size, Acc::Read);
+            }
+            cg.ld(1, size, o1);
+            match size {
+                2 => a!(cg; popcnt ax, cx),
+                4 => a!(cg; popcnt eax, ecx),
+                _ => a!(cg; popcnt rax, rcx),
+            }
+            cg.wrote_flags();
+            cg.st(0, size, o0);
+            Some(Done::Next)
+        }
+        M::Bswap if size >= 4 && low_reg(o0) => {
+            cg.ld(0, size, o0);
+            if size == 4 {
+                a!(cg; bswap eax);
+            } else {
+                a!(cg; bswap rax);
+            }
+            cg.st(0, size, o0);
+            Some(Done::Next)
+        }
+        M::Div if nops == 1 && size >= 4 && !lock => {
+            // #DE (a zero divisor, a quotient too wide: high half >=
+            // divisor) goes to the interpreter through the stub.
+            cg.begin_access();
+            let stub = cg.stub_label();
+            if mem0 {
+                cg.mem(u, size, Acc::Read);
+            }
+            cg.ld(1, size, o0);
+            cg.gq(2, 2);
+            cg.gq(0, 0);
+            if size == 4 {
+                a!(cg
+                    ; cmp edx, ecx
+                    ; jae =>stub
+                    ; div ecx
+                );
+            } else {
+                a!(cg
+                    ; cmp rdx, rcx
+                    ; jae =>stub
+                    ; div rcx
+                );
+            }
+            // The flags are undefined: the guest's saved ones stay (as the
+            // interpreter leaves them).
+            cg.st(0, size, Opnd::Reg { idx: 0, hi: false });
+            cg.st(2, size, Opnd::Reg { idx: 2, hi: false });
+            Some(Done::Next)
+        }
+        _ => None,
+    }
+}
+
+/// REP MOVS/STOS forwards with 64-bit addresses, when the whole count fits
+/// in the current source and destination pages (then the interpreter, too,
+/// finishes it in one go, see `exec::string`): both pages through the
+/// inline TLB path (RAM, no code or dirty tracking on the destination),
+/// then the host's own REP MOVS/STOS on the host addresses. DF set, a count
+/// beyond the page, a TLB miss or MMIO: the stub runs the interpreter,
+/// before anything was written.
+fn rep_string(cg: &mut Cg, u: &Uop) -> Option<Done> {
+    use iced_x86::{OpKind, Register};
+    use Mnemonic as M;
+    let insn = &u.insn;
+    let m = insn.mnemonic();
+    let stos = matches!(m, M::Stosb | M::Stosw | M::Stosd | M::Stosq);
+    if u.lock || insn.op0_kind() != OpKind::MemoryESRDI {
+        return None;
+    }
+    // The source segment's base is 0 in 64-bit mode unless FS/GS.
+    if !stos
+        && (insn.op1_kind() != OpKind::MemorySegRSI
+            || !matches!(
+                insn.memory_segment(),
+                Register::DS | Register::ES | Register::SS | Register::CS
+            ))
+    {
+        return None;
+    }
+    let size = insn.memory_size().size() as u8;
+    if !matches!(size, 1 | 2 | 4 | 8) {
+        return None;
+    }
+    let shift = size.trailing_zeros() as i8;
+    cg.begin_access();
+    let stub = cg.stub_label();
+    let done = cg.a.new_dynamic_label();
+    // r8 = count, r9 = bytes.
+    cg.gq(8, 1);
+    a!(cg
+        ; test r8, r8
+        ; jz =>done
+        ; test DWORD [rbx + OFF_RFLAGS], crate::cpu::FLAG_DF as i32
+        ; jnz =>stub
+        ; cmp r8, 0x1000 >> shift
+        ; ja =>stub
+        ; mov r9, r8
+        ; shl r9, shift
+    );
+    cg.gq(6, 7);
+    a!(cg
+        ; mov eax, esi
+        ; and eax, 0xfff
+        ; add rax, r9
+        ; cmp rax, 0x1000
+        ; ja =>stub
+    );
+    cg.translate(1, Acc::Write);
+    a!(cg; mov rdi, rsi);
+    if stos {
+        cg.gq(0, 0);
+    } else {
+        cg.gq(6, 6);
+        a!(cg
+            ; mov eax, esi
+            ; and eax, 0xfff
+            ; add rax, r9
+            ; cmp rax, 0x1000
+            ; ja =>stub
+        );
+        cg.translate(1, Acc::Read);
+    }
+    a!(cg; mov rcx, r8);
+    // The host's DF is clear (the ABI's, at every call into this code).
+    cg.a.push(0xf3);
+    match size {
+        2 => cg.a.push(0x66),
+        8 => cg.a.push(0x48),
+        _ => {}
+    }
+    cg.a.push(match (stos, size) {
+        (true, 1) => 0xaa,
+        (true, _) => 0xab,
+        (false, 1) => 0xa4,
+        (false, _) => 0xa5,
+    });
+    cg.gq(0, 7);
+    a!(cg; add rax, r9);
+    cg.sq(7, 0);
+    if !stos {
+        cg.gq(0, 6);
+        a!(cg; add rax, r9);
+        cg.sq(6, 0);
+    }
+    a!(cg; xor eax, eax);
+    cg.sq(1, 0);
+    a!(cg; =>done);
+    Some(Done::Next)
+}
+
+/// MOVD/MOVQ between an XMM register and a GPR, memory or (MOVQ) another
+/// XMM register; a write to an XMM register zeroes the rest of it.
+fn movd(cg: &mut Cg, u: &Uop) -> Option<Done> {
+    use iced_x86::OpKind;
+    let insn = &u.insn;
+    if insn.encoding() != iced_x86::EncodingKind::Legacy || u.lock || insn.op_count() != 2 {
+        return None;
+    }
+    let w: u8 = if insn.mnemonic() == Mnemonic::Movd {
+        4
+    } else {
+        8
+    };
+    let gpr_of = |n: u32| {
+        if insn.op_kind(n) != OpKind::Register {
+            return None;
+        }
+        match crate::frontend::uop::gpr(insn.op_register(n)) {
+            Some((g, false)) => Some(g),
+            _ => None,
+        }
+    };
+    let mem0 = insn.op_kind(0) == OpKind::Memory;
+    let mem1 = insn.op_kind(1) == OpKind::Memory;
+    let (x0, x1) = (xmm_of(insn, 0), xmm_of(insn, 1));
+    let (g0, g1) = (gpr_of(0), gpr_of(1));
+    let ok = match (x0, x1) {
+        (Some(_), Some(_)) => w == 8,
+        (Some(_), None) => g1.is_some() || mem1,
+        (None, Some(_)) => g0.is_some() || mem0,
+        _ => false,
+    };
+    if !ok {
+        return None;
+    }
+    cg.sse_guard();
+    if mem0 || mem1 {
+        let mo = crate::frontend::uop::memop(insn);
+        cg.ea(&mo, true);
+        cg.translate(w, if mem0 { Acc::Write } else { Acc::Read });
+    }
+    match (x1, g1, w) {
+        (Some(s), _, 4) => a!(cg; mov eax, DWORD [rbx + xmm_off(s)]),
+        (Some(s), _, _) => a!(cg; mov rax, QWORD [rbx + xmm_off(s)]),
+        (None, Some(g), _) => cg.ld(0, w, Opnd::Reg { idx: g, hi: false }),
+        (None, None, 4) => a!(cg; mov eax, DWORD [rsi]),
+        (None, None, _) => a!(cg; mov rax, QWORD [rsi]),
+    }
+    // rax holds the value zero-extended to 64 bits.
+    match (x0, g0, w) {
+        (Some(d), _, _) => a!(cg
+            ; mov QWORD [rbx + xmm_off(d)], rax
+            ; mov QWORD [rbx + xmm_off(d) + 8], 0
+        ),
+        (None, Some(g), _) => cg.st(0, w, Opnd::Reg { idx: g, hi: false }),
+        (None, None, 4) => a!(cg; mov DWORD [rsi], eax),
+        (None, None, _) => a!(cg; mov QWORD [rsi], rax),
+    }
+    Some(Done::Next)
+}
+
+/// The host has the leaf 1 ECX feature bits `bits` (SSSE3, SSE4.2).
+fn host_leaf1_ecx(bits: u32) -> bool {
+    std::arch::x86_64::__cpuid(1).ecx & bits == bits
+}
+
+/// PSHUFB, PALIGNR (SSSE3) and PCMPISTRI (SSE4.2) on XMM registers, as
+/// the host instruction when the host has them: glibc's string functions
+/// (strcspn, strspn, memmove) pick these once they are advertised. The
+/// guest's CPUID may hide them (`--cpu-model portable`): then, as for a
+/// TLB miss, the stub lets the interpreter raise #UD. The legacy m128
+/// forms of PSHUFB and PALIGNR need alignment, PCMPISTRI's does not.
+fn sse_v2(cg: &mut Cg, u: &Uop) -> Option<Done> {
+    use iced_x86::OpKind;
+    use Mnemonic as M;
+    let insn = &u.insn;
+    let m = insn.mnemonic();
+    let (bit, imm, aligned) = match m {
+        M::Pshufb => (9, false, true),
+        M::Palignr => (9, true, true),
+        M::Pcmpistri => (20, true, false),
+        _ => return None,
+    };
+    if insn.encoding() != iced_x86::EncodingKind::Legacy
+        || u.lock
+        || insn.op_count() != 2 + imm as u32
+        || !host_leaf1_ecx(1 << bit)
+    {
+        return None;
+    }
+    let d = xmm_of(insn, 0)?;
+    let x1 = xmm_of(insn, 1);
+    let mem1 = insn.op_kind(1) == OpKind::Memory;
+    if x1.is_none() && !mem1 {
+        return None;
+    }
+    cg.begin_access();
+    let stub = cg.stub_label();
+    a!(cg
+        ; test DWORD [rbx + OFF_HIDDEN_L1ECX], 1 << bit
+        ; jnz =>stub
+    );
+    cg.sse_guard();
+    if mem1 {
+        let mo = crate::frontend::uop::memop(insn);
+        cg.ea(&mo, true);
+        cg.translate(16, Acc::Read);
+        if aligned {
+            a!(cg; test sil, 15 ; jnz =>stub);
+        }
+    }
+    a!(cg; movdqu xmm0, [rbx + xmm_off(d)]);
+    if let Some(s) = x1 {
+        a!(cg; movdqu xmm1, [rbx + xmm_off(s)]);
+    }
+    let i8 = if imm { insn.immediate8() as i8 } else { 0 };
+    match m {
+        M::Pshufb => sse2!(cg, mem1, pshufb),
+        M::Palignr => {
+            if mem1 {
+                a!(cg; palignr xmm0, [rsi], i8);
+            } else {
+                a!(cg; palignr xmm0, xmm1, i8);
+            }
+        }
+        _ => {
+            if mem1 {
+                a!(cg; pcmpistri xmm0, [rsi], i8);
+            } else {
+                a!(cg; pcmpistri xmm0, xmm1, i8);
+            }
+            // The index in ECX (zero-extended), CF ZF SF OF set, AF PF
+            // cleared.
+            cg.wrote_flags();
+            cg.sq(1, 1);
+            return Some(Done::Next);
+        }
     }
     a!(cg; movdqu [rbx + xmm_off(d)], xmm0);
     Some(Done::Next)

@@ -71,11 +71,18 @@
 //! block (chained blocks add theirs to `Core::icount` as they go); an
 //! exception raised by an interpreted instruction is left in [`Jit::exc`].
 //!
-//! Not translated (interpreted from the generated code): LOCK-prefixed
-//! instructions, XCHG with memory, DIV/IDIV, 8/16-bit one-operand MUL/IMUL,
-//! string instructions, BT*, floating point and the SSE forms not listed
-//! next, and
-//! every block that is not 64-bit code.
+//! Read-modify-writes on memory with or without LOCK (the ALU group,
+//! INC/DEC, XADD, CMPXCHG, XCHG, BTS/BTR/BTC) run as the host instruction
+//! on the host address of guest RAM, LOCK included, so they stay atomic
+//! against the other vCPU threads; BT*, BSF/BSR, POPCNT, BSWAP, MOVD/MOVQ
+//! and DIV (32/64-bit, #DE left to the interpreter) as the host
+//! instruction too; REP MOVS/STOS forwards as the host's REP MOVS/STOS
+//! when the whole count fits in the current source and destination pages.
+//!
+//! Not translated (interpreted from the generated code): IDIV, 8/16-bit
+//! DIV and one-operand MUL/IMUL, the other string forms (and REP MOVS/STOS
+//! with DF set or beyond one page), LZCNT/TZCNT, floating point and the
+//! SSE forms not listed above, and every block that is not 64-bit code.
 //!
 //! # Layout
 //!

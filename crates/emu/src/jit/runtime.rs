@@ -81,19 +81,49 @@ pub(super) const RET_LINKS: usize = 1024;
 /// translated before is translated again when hot.
 const ARENA_SIZE: usize = 32 << 20;
 
-/// Executable memory for translations: one mapping, read+execute except
-/// for the pages a new translation is being written to (W^X), bump
-/// allocated.
+/// Bytes of the writable window onto the arena (see [`Arena`]).
+const WINDOW: usize = 1 << 20;
+
+/// Executable memory for translations, bump allocated.
+///
+/// Normally a memfd seen through two mappings: `base` maps all of it
+/// read+execute and is what runs; `win` maps a [`WINDOW`]-sized stretch of
+/// it read+write at arena offset `win_off`, and new translations are copied
+/// through it. Compiling a block therefore makes no system call (the
+/// window moves, one munmap and one mmap, once per `WINDOW` bytes of code),
+/// and no address is ever both writable and executable. The window is kept
+/// small because a page mapped twice counts twice in the process's RSS.
+/// Where a memfd cannot be made or mapped executable (an old kernel,
+/// `vm.memfd_noexec`), and while perf's JIT map is written (`anon_only`:
+/// perf reads that map only for anonymous executable memory, so samples
+/// in a memfd view would stay unnamed), the arena is one anonymous mapping
+/// kept read+execute except while a translation is written (`fd` < 0, two
+/// `mprotect`s per block).
+///
+/// Invariant: `used` and the start of every translation are 16-byte
+/// aligned and at most `ARENA_SIZE`; `win`, when not null, maps arena bytes
+/// `[win_off, win_off + win_len)` of the same memfd `base` maps.
 struct Arena {
     base: *mut u8,
+    fd: libc::c_int,
+    win: *mut u8,
+    win_off: usize,
+    win_len: usize,
     used: usize,
     gen: u64,
+    /// Map the arena anonymously (set before its first use).
+    anon_only: bool,
 }
 
 impl Default for Arena {
     fn default() -> Self {
         Arena {
+            anon_only: false,
             base: std::ptr::null_mut(),
+            fd: -1,
+            win: std::ptr::null_mut(),
+            win_off: 0,
+            win_len: 0,
             used: 0,
             gen: 0,
         }
@@ -102,36 +132,124 @@ impl Default for Arena {
 
 impl Drop for Arena {
     fn drop(&mut self) {
-        if !self.base.is_null() {
-            // SAFETY: our own mapping; no code from it runs any more (the
-            // owning core is being dropped).
-            unsafe { libc::munmap(self.base as *mut libc::c_void, ARENA_SIZE) };
+        // SAFETY: our own mappings and descriptor; no code from them runs
+        // any more (the owning core is being dropped).
+        unsafe {
+            if !self.base.is_null() {
+                libc::munmap(self.base as *mut libc::c_void, ARENA_SIZE);
+            }
+            if !self.win.is_null() {
+                libc::munmap(self.win as *mut libc::c_void, self.win_len);
+            }
+            if self.fd >= 0 {
+                libc::close(self.fd);
+            }
         }
     }
 }
 
+/// A memfd of `ARENA_SIZE` bytes and its executable view, or None if the
+/// host refuses any step.
+fn memfd_arena() -> Option<(libc::c_int, *mut u8)> {
+    // SAFETY: plain system calls on a descriptor this function owns until
+    // it hands it to the caller with the new mapping.
+    unsafe {
+        let fd = libc::memfd_create(c"vireo-jit".as_ptr(), libc::MFD_CLOEXEC);
+        if fd < 0 {
+            return None;
+        }
+        if libc::ftruncate(fd, ARENA_SIZE as libc::off_t) == 0 {
+            let x = libc::mmap(
+                std::ptr::null_mut(),
+                ARENA_SIZE,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                fd,
+                0,
+            );
+            if x != libc::MAP_FAILED {
+                return Some((fd, x as *mut u8));
+            }
+        }
+        libc::close(fd);
+        None
+    }
+}
+
 impl Arena {
+    /// Map the arena on first use; false if no mapping could be made.
+    fn map(&mut self) -> bool {
+        if !self.anon_only {
+            if let Some((fd, x)) = memfd_arena() {
+                self.fd = fd;
+                self.base = x;
+                return true;
+            }
+        }
+        // SAFETY: a fresh private anonymous mapping.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                ARENA_SIZE,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return false;
+        }
+        self.base = p as *mut u8;
+        true
+    }
+
+    /// Whether translations are written through a second view (no
+    /// protection change per block).
+    fn dual(&self) -> bool {
+        self.fd >= 0
+    }
+
+    /// A writable address for arena bytes `[at, end)`, moving the window
+    /// there if it does not cover them; None if it could not be mapped.
+    fn window(&mut self, at: usize, end: usize) -> Option<*mut u8> {
+        if self.win.is_null() || at < self.win_off || end > self.win_off + self.win_len {
+            let off = at & !4095;
+            let len = WINDOW.max((end - off + 4095) & !4095).min(ARENA_SIZE - off);
+            // SAFETY: our own window mapping (dropped with its PTEs, which
+            // is the point) and a fresh shared mapping of our memfd inside
+            // its size (`end` <= ARENA_SIZE, both page aligned).
+            unsafe {
+                if !self.win.is_null() {
+                    libc::munmap(self.win as *mut libc::c_void, self.win_len);
+                    self.win = std::ptr::null_mut();
+                }
+                let w = libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    self.fd,
+                    off as libc::off_t,
+                );
+                if w == libc::MAP_FAILED {
+                    return None;
+                }
+                self.win = w as *mut u8;
+            }
+            self.win_off = off;
+            self.win_len = len;
+        }
+        Some(self.win.wrapping_add(at - self.win_off))
+    }
+
     /// Copy `code` into executable memory; None if that failed.
     fn put(&mut self, code: &[u8]) -> Option<*const u8> {
         if code.len() > ARENA_SIZE {
             return None;
         }
-        if self.base.is_null() {
-            // SAFETY: a fresh private anonymous mapping.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    ARENA_SIZE,
-                    libc::PROT_READ | libc::PROT_EXEC,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                    -1,
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                return None;
-            }
-            self.base = p as *mut u8;
+        if self.base.is_null() && !self.map() {
+            return None;
         }
         if self.used + code.len() > ARENA_SIZE {
             // Every older translation becomes stale (blocks check `gen`).
@@ -139,18 +257,28 @@ impl Arena {
             self.used = 0;
         }
         let at = self.used;
-        let first = at & !4095;
-        let end = (at + code.len() + 4095) & !4095;
-        // SAFETY: [first, end) is inside the mapping; no translated code
-        // runs while this vCPU compiles, and only this vCPU uses the arena.
-        unsafe {
-            let page = self.base.add(first) as *mut libc::c_void;
-            if libc::mprotect(page, end - first, libc::PROT_READ | libc::PROT_WRITE) != 0 {
-                return None;
-            }
-            std::ptr::copy_nonoverlapping(code.as_ptr(), self.base.add(at), code.len());
-            if libc::mprotect(page, end - first, libc::PROT_READ | libc::PROT_EXEC) != 0 {
-                return None;
+        if self.dual() {
+            let dst = self.window(at, at + code.len())?;
+            // SAFETY: `dst` maps arena bytes [at, at + len); no translated
+            // code runs while this vCPU compiles, only this vCPU uses the
+            // arena, and the bytes are not reachable as code until a
+            // block's state names them (after this returns).
+            unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), dst, code.len()) };
+        } else {
+            let first = at & !4095;
+            let end = (at + code.len() + 4095) & !4095;
+            // SAFETY: [first, end) is inside the mapping; no translated
+            // code runs while this vCPU compiles, and only this vCPU uses
+            // the arena.
+            unsafe {
+                let page = self.base.add(first) as *mut libc::c_void;
+                if libc::mprotect(page, end - first, libc::PROT_READ | libc::PROT_WRITE) != 0 {
+                    return None;
+                }
+                std::ptr::copy_nonoverlapping(code.as_ptr(), self.base.add(at), code.len());
+                if libc::mprotect(page, end - first, libc::PROT_READ | libc::PROT_EXEC) != 0 {
+                    return None;
+                }
             }
         }
         // Keep entry points 16-byte aligned.
@@ -167,6 +295,8 @@ pub struct Jit {
     pub perf_map: bool,
     /// An exception from an instruction run through the interpreter.
     pub exc: Option<Exc>,
+    /// The perf map, once a translation was recorded in it.
+    perf_file: Option<std::fs::File>,
     arena: Arena,
     /// Blocks compiled (statistics).
     pub compiled: u64,
@@ -187,6 +317,7 @@ impl Jit {
             threshold: cfg.threshold,
             perf_map: cfg.perf_map,
             exc: None,
+            perf_file: None,
             arena: Arena::default(),
             compiled: 0,
             ret_links: (0..RET_LINKS)
@@ -208,6 +339,12 @@ impl Jit {
     pub fn configure(&mut self, cfg: JitConfig) {
         self.threshold = cfg.threshold;
         self.perf_map = cfg.perf_map;
+        self.arena.anon_only = cfg.perf_map;
+        if cfg.perf_map && self.perf_file.is_none() {
+            // Opened here, where the embedder makes the vCPU, so that a
+            // vCPU thread whose system calls are filtered need not open it.
+            self.perf_file = open_perf_map();
+        }
     }
 
     /// The arena generation: code and links of older ones are dead.
@@ -288,19 +425,30 @@ fn compile(core: &mut Core, block: &Block) -> Option<(JitFn, usize)> {
     core.jit.compiled += 1;
     if core.jit.perf_map {
         // perf's JIT symbol map: `perf report` names samples by guest RIP.
+        // Opened once per core (appends from several vCPUs interleave
+        // whole lines: each is one write of an O_APPEND file).
         use std::io::Write;
-        let path = format!("/tmp/perf-{}.map", std::process::id());
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
-            let _ = writeln!(f, "{:x} {:x} guest_{:x}", p as usize, code.len(), block.rip);
+        if core.jit.perf_file.is_none() {
+            core.jit.perf_file = open_perf_map();
+        }
+        if let Some(f) = core.jit.perf_file.as_mut() {
+            let line = format!("{:x} {:x} guest_{:x}\n", p as usize, code.len(), block.rip);
+            let _ = f.write_all(line.as_bytes());
         }
     }
     // SAFETY: `p` is the start of the function just written.
     let f = unsafe { std::mem::transmute::<*const u8, JitFn>(p) };
     Some((f, p as usize + chain))
+}
+
+/// perf's map of JIT symbols for this process, for appending.
+fn open_perf_map() -> Option<std::fs::File> {
+    let path = format!("/tmp/perf-{}.map", std::process::id());
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .ok()
 }
 
 /// A direct link from compiled code to the compiled code of a successor
@@ -435,4 +583,87 @@ pub fn prepare(core: &mut Core) {
     core.jit.ctx.xmask = (PERM_NX | u as u8) as u64;
     core.jit.ctx.xwant = u;
     core.jit.ctx.attention = std::sync::Arc::as_ptr(&core.attention) as usize;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `mov eax, imm32; ret`, padded with NOPs to `len` bytes.
+    fn ret_imm(v: u32, len: usize) -> Vec<u8> {
+        let mut c = vec![0xb8];
+        c.extend_from_slice(&v.to_le_bytes());
+        c.push(0xc3);
+        c.resize(len.max(6), 0x90);
+        c
+    }
+
+    fn call(p: *const u8) -> u32 {
+        // SAFETY: `p` is a function written by `Arena::put` just before.
+        let f = unsafe { std::mem::transmute::<*const u8, extern "sysv64" fn() -> u32>(p) };
+        f()
+    }
+
+    fn perms(p: *mut u8) -> String {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let start = format!("{:x}-", p as usize);
+        let line = maps.lines().find(|l| l.starts_with(&start)).unwrap();
+        line.split_whitespace().nth(1).unwrap().to_string()
+    }
+
+    #[test]
+    fn the_arena_runs_what_it_was_given_through_the_window() {
+        let mut a = Arena::default();
+        let p1 = a.put(&ret_imm(0x1234_5678, 6)).expect("arena");
+        let p2 = a.put(&ret_imm(42, 6)).expect("arena");
+        // Both in one page: writing the second must not disturb the first.
+        assert_eq!(p2 as usize - p1 as usize, 16);
+        assert_eq!(call(p1), 0x1234_5678);
+        assert_eq!(call(p2), 42);
+        // Linux with memfd: the two-view arena, no protection flips; W^X
+        // per view.
+        assert!(a.dual(), "the arena fell back to mprotect on this host");
+        assert_eq!(perms(a.base), "r-xs");
+        assert_eq!(perms(a.win), "rw-s");
+        // Fill past the first window (the window moves, one straddles its
+        // end), then past the arena's end (a new generation).
+        let mut all = vec![(p1, 0x1234_5678)];
+        for i in 0..(WINDOW / 4000 + 2) as u32 {
+            all.push((a.put(&ret_imm(i, 4000)).expect("arena"), i));
+        }
+        assert!(a.win_off > 0);
+        for &(p, v) in &all {
+            assert_eq!(call(p), v);
+        }
+        let gen = a.gen;
+        while a.gen == gen {
+            a.put(&ret_imm(0, 1 << 16)).expect("arena");
+        }
+        let p = a.put(&ret_imm(99, 6)).expect("arena");
+        assert_eq!(p as usize - a.base as usize, 1 << 16);
+        assert_eq!(call(p), 99);
+        assert!(a.win_len <= WINDOW);
+    }
+
+    #[test]
+    fn the_fallback_arena_flips_protections() {
+        let mut a = Arena::default();
+        // SAFETY: a fresh private anonymous mapping, owned by `a`.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                ARENA_SIZE,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        a.base = p as *mut u8;
+        assert!(!a.dual());
+        let q = a.put(&ret_imm(7, 6)).expect("fallback arena");
+        assert_eq!(call(q), 7);
+        assert_eq!(perms(a.base), "r-xp");
+    }
 }

@@ -108,7 +108,10 @@ const MAIN: &[Allow] = &[
 
 const VCPU: &[Allow] = &[
     any("ioctl").only_ioctl(&[KVM, TTY_TUN]),
-    // The engine's code cache and its timers.
+    // The engine's code cache (a memfd mapped twice: executed through one
+    // view, written through the other) and its timers.
+    any("memfd_create"),
+    any("ftruncate"),
     any("pread64"),
     any("pwrite64"),
     any("preadv"),
