@@ -176,11 +176,31 @@ echo "root:$ROOT_PASSWORD" | in_root chpasswd
 # A login prompt on the serial port whatever the kernel's console= says
 # (the generator adds one only for the console= device).
 in_root systemctl enable serial-getty@ttyS0.service >/dev/null 2>&1
+# serial-getty@ttyS0 is bound to dev-ttyS0.device, which exists once udevd
+# has processed the coldplug events. systemd gives a device job 90 s
+# (DefaultTimeoutStartSec) from the moment it queues it, early in boot; in a
+# software-emulated guest on a loaded host udevd itself starts later than
+# that, the job times out and the getty is never started ("Dependency
+# failed for Serial Getty on ttyS0"), so the boot ends with no login
+# prompt. The port is always there: wait for udev however long it takes.
+mkdir -p "$mnt/etc/systemd/system/dev-ttyS0.device.d"
+cat >"$mnt/etc/systemd/system/dev-ttyS0.device.d/90-vireo-slow-boot.conf" <<'EOF'
+# Vireo's Debian test image: a slow (emulated) boot must still get its
+# serial getty (guest/build-disk.sh says why).
+[Unit]
+JobRunningTimeoutSec=infinity
+EOF
 # cloud-init: NoCloud only (the seed disk labelled cidata), then None, so boot
 # never waits on a cloud metadata server that is not there.
 cat >"$mnt/etc/cloud/cloud.cfg.d/90_vireo.cfg" <<'EOF'
 # Vireo's Debian test image: only the NoCloud seed (a disk labelled cidata).
 datasource_list: [ NoCloud, None ]
+# minbase has no locales package: cloud-init's default en_US.UTF-8 cannot be
+# generated (its locale module then fails cloud-config.service); C.UTF-8 is
+# built into libc.
+locale: C.UTF-8
+# No SSH server in the image: no host keys to generate.
+ssh_genkeytypes: []
 EOF
 
 # GRUB for BIOS, on the serial terminal.

@@ -474,7 +474,7 @@ pub fn blk(args: &BenchArgs, runs: usize) -> Result<()> {
         "     guest = the guest's own clock; host wall = the same work over the time between the guest's \
 begin and result lines on the host"
     );
-    let limit = Duration::from_secs(args.timeout);
+    let limit = args.timeout();
     let cols = measure(args, runs, &mut |_| guest.clone(), &mut |_, cmd| {
         report_of(&Console::spawn(cmd)?.finish(limit))
     });
@@ -787,7 +787,7 @@ on a passt started here the same way), {secs} s per direction; MiB/s, median of 
     println!(
         "     guest = vireo-io's figure on the guest's clock; host = the host's end of the connection (loopback)"
     );
-    let limit = Duration::from_secs(args.timeout);
+    let limit = args.timeout();
     let qemu = args.qemu.clone();
     let cols = measure(
         args,
@@ -837,7 +837,7 @@ MiB/s, median of {runs} runs"
     println!(
         "     guest = vireo-io's figure on the guest's clock; host = the host's end of the connection"
     );
-    let limit = Duration::from_secs(args.timeout);
+    let limit = args.timeout();
     let cols = measure(
         args,
         runs,

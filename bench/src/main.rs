@@ -16,6 +16,7 @@
 //! `guest`); `blk` and `net` are in `io`, `vsock` (virtio-vsock stream
 //! throughput both ways) in `vsock`.
 
+mod disk;
 mod guest;
 mod io;
 mod vsock;
@@ -38,12 +39,14 @@ pub struct BenchArgs {
     /// Which benchmark: startup (VMM start and overhead), snapshot (snapshot
     /// and restore times for 256 MiB and 2 GiB guests), migrate (live
     /// migration and API latency), boot (Debian boot, a shell loop and guest
-    /// MIPS), blk (virtio-blk throughput and IOPS in the guest) or
-    /// net (virtio-net TCP throughput both ways through a tap; needs root) or
-    /// vsock (virtio-vsock stream throughput both ways).
+    /// MIPS), blk (virtio-blk throughput and IOPS in the guest),
+    /// net (virtio-net TCP throughput both ways through a tap; needs root),
+    /// vsock (virtio-vsock stream throughput both ways) or disk-boot (the
+    /// Debian disk image through SeaBIOS and GRUB to the login prompt and
+    /// power-off).
     #[arg(default_value = "startup")]
     which: String,
-    /// Runs per VMM (the median is printed) [default: 20; blk, net and vsock: 3].
+    /// Runs per VMM (the median is printed) [default: 20; blk, net and vsock: 3; disk-boot: 1].
     #[arg(long)]
     runs: Option<usize>,
     /// Peer binary.
@@ -61,9 +64,13 @@ pub struct BenchArgs {
     /// blk, net and vsock: seconds per test, on the guest's clock.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
-    /// boot, blk, net and vsock: seconds before a VM that has not finished is killed.
-    #[arg(long, default_value_t = 900)]
-    timeout: u64,
+    /// boot, blk, net, vsock and disk-boot: seconds before a VM that has not finished is killed
+    /// [default: 900; disk-boot: 3600].
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// disk-boot: the BIOS image both VMMs boot [default: /usr/share/seabios/bios-256k.bin].
+    #[arg(long, value_name = "PATH")]
+    firmware: Option<PathBuf>,
     /// net: tap (a tap in a namespace; needs root) or user (passt, beside
     /// QEMU's -netdev stream on the same passt; no privileges).
     #[arg(long, default_value = "tap")]
@@ -117,6 +124,12 @@ impl BenchArgs {
     /// The vireo to measure, A (resolved in `run`).
     fn vireo(&self) -> &Vireo {
         &self.vmms[0]
+    }
+
+    /// How long a VM may run before it is killed.
+    fn timeout(&self) -> Duration {
+        let default = if self.which == "disk-boot" { 3600 } else { 900 };
+        Duration::from_secs(self.timeout.unwrap_or(default))
     }
 
     /// Every vireo to measure: A, then B when one was asked for.
@@ -337,6 +350,9 @@ fn run(mut args: BenchArgs) -> Result<()> {
         (Some(0), _) => bail!("--runs must be at least 1"),
         (Some(n), _) => n,
         (None, "blk" | "net" | "vsock") => 3,
+        // A first boot of an installed system under the engine takes
+        // minutes: one run each unless asked for more.
+        (None, "disk-boot") => 1,
         (None, _) => 20,
     };
     if !(1..=3600).contains(&args.seconds) {
@@ -388,8 +404,9 @@ fn run(mut args: BenchArgs) -> Result<()> {
         "net" if args.backend == "tap" => io::net(&args, runs),
         "net" => bail!("unknown net backend '{}' (tap or user)", args.backend),
         "vsock" => vsock::vsock(&args, runs),
+        "disk-boot" => disk::disk_boot(&args, runs),
         other => {
-            bail!("unknown benchmark '{other}' (available: startup, snapshot, migrate, boot, blk, net, vsock)")
+            bail!("unknown benchmark '{other}' (available: startup, snapshot, migrate, boot, blk, net, vsock, disk-boot)")
         }
     };
     println!("{}", load::summary());
@@ -876,7 +893,7 @@ fn series_of<'a>(args: &'a BenchArgs, g: &'a guest::Guest, qemu: bool) -> Vec<Se
 /// or both on KVM); then the same guest with 2 vCPUs for SMP scaling.
 fn boot(args: &BenchArgs, runs: usize) -> Result<()> {
     let g = guest::Guest::new(args.guest_dir.as_deref(), WORKLOAD)?;
-    let limit = Duration::from_secs(args.timeout);
+    let limit = args.timeout();
     println!(
         "boot: Debian bzImage + initramfs to power-off (wall), a 20k-iteration shell loop and \
          guest MIPS in a 300M-instruction integer loop (both by the guest clock), and the VMM's peak \

@@ -227,7 +227,7 @@ vhost-vsock-pci, host side AF_VSOCK), {secs} s per direction; MiB/s, median of {
     println!(
         "     guest = vireo-io's figure on the guest's clock; host = the host's end of the connection"
     );
-    let limit = Duration::from_secs(args.timeout);
+    let limit = args.timeout();
     let qemu = args.qemu.clone();
     let cols = measure_with(
         args,

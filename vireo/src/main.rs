@@ -52,6 +52,22 @@ struct Cli {
     /// run, restore, migrate-receive.)
     #[arg(long, global = true, value_name = "FILE")]
     migration_key_file: Option<PathBuf>,
+    /// This VMM's TLS certificate for live migration (PEM, the leaf first,
+    /// then any intermediates). With --migration-tls-key, a migrate-receive
+    /// speaks only TLS and presents it; a migrating VMM presents it when
+    /// the destination asks (mutual TLS). See docs/security.md.
+    #[arg(long, global = true, value_name = "FILE")]
+    migration_tls_cert: Option<PathBuf>,
+    /// The private key of --migration-tls-cert (PEM: PKCS#8, PKCS#1 or
+    /// SEC1; mode 0600).
+    #[arg(long, global = true, value_name = "FILE")]
+    migration_tls_key: Option<PathBuf>,
+    /// The CA certificates (PEM) a migrating VMM checks the destination's
+    /// certificate against (for the host of --to): it then migrates only
+    /// over TLS. A migrate-receive given it takes only a source whose
+    /// certificate that CA signed (mutual TLS).
+    #[arg(long, global = true, value_name = "FILE")]
+    migration_tls_ca: Option<PathBuf>,
     /// A migration being received must arrive whole within this many
     /// seconds of its source being accepted.
     #[arg(long, global = true, value_name = "SECS", default_value_t = 3600)]
@@ -719,8 +735,21 @@ fn main() -> ExitCode {
             return ExitCode::from(e.exit_code() as u8);
         }
     };
+    let tls = match vmm::tls::MigrationTls::load(
+        cli.migration_tls_cert.as_deref(),
+        cli.migration_tls_key.as_deref(),
+        cli.migration_tls_ca.as_deref(),
+    ) {
+        Ok(t) => t.map(std::sync::Arc::new),
+        Err(e) => {
+            let e = vmm::VmmError::from(e);
+            eprintln!("vireo: error: {e}");
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
     vmm::migration::set_migration_settings(vmm::migration::MigrationSettings {
         key,
+        tls,
         receive_deadline: std::time::Duration::from_secs(cli.migration_timeout.max(1)),
     });
     if matches!(

@@ -7,7 +7,8 @@
 //!   runs `uname`; `info registers` shows RIP there; memory read by virtual
 //!   address through the guest's page tables matches the kernel image; a
 //!   `stepi` moves RIP; `continue` from the breakpoint runs to the next
-//!   hit; after delete and detach the guest finishes on its own: its
+//!   hit; a hardware watchpoint on `jiffies` stops when a timer tick
+//!   writes it; after delete and detach the guest finishes on its own: its
 //!   command's output and exit code, and Vireo's exit code 0.
 //! - KVM (on hosts where /dev/kvm opens): a whole boot does not reach
 //!   userspace on the nested PVM hosts this project's machines are (README,
@@ -137,6 +138,7 @@ fn engine_gdb_breaks_on_uname_steps_and_detaches() {
         return;
     }
     let uname = symbol("__x64_sys_newuname");
+    let jiffies = symbol("jiffies");
     let port = free_port();
     // nokaslr: the kernel runs at the addresses System.map names (the
     // vmlinux entry does not relocate it anyway). Three unames: the first
@@ -160,6 +162,10 @@ fn engine_gdb_breaks_on_uname_steps_and_detaches() {
             "continue".into(),
             "continue".into(),
             "info registers rip".into(),
+            // A hardware watchpoint (the engine's, not gdb's single-stepping
+            // software one) on jiffies: the next timer tick writes it.
+            format!("watch *(long *){jiffies:#x}"),
+            "continue".into(),
             "delete".into(),
             "detach".into(),
         ],
@@ -186,6 +192,14 @@ fn engine_gdb_breaks_on_uname_steps_and_detaches() {
     // image's: read by virtual address through the guest's page tables.
     let want = elf_bytes(&guest_dir().join("vmlinux"), next, 8);
     assert_eq!(xb(&text), want, "memory at {next:#x}{ctx}");
+    assert!(
+        text.contains(&format!("Hardware watchpoint 2: *(long *){jiffies:#x}")),
+        "gdb did not set a hardware watchpoint{ctx}"
+    );
+    assert!(
+        text.contains("Old value = ") && text.contains("New value = "),
+        "the jiffies watchpoint did not trigger{ctx}"
+    );
     assert!(text.contains("detached"), "gdb did not detach{ctx}");
     // The guest ran on by itself: its command's output, its exit code.
     let release = std::fs::read_to_string(guest_dir().join("kernel.version")).unwrap();

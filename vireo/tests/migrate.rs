@@ -825,3 +825,299 @@ fn portable_guest_migrates_from_the_engine_to_kvm_and_back() {
     letters_migrate_across("emu", "kvm");
     letters_migrate_across("kvm", "emu");
 }
+
+/// A CA made for a test: its certificate and key.
+struct TestCa(rcgen::Certificate, rcgen::KeyPair);
+
+impl TestCa {
+    fn new(name: &str) -> TestCa {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let k = rcgen::KeyPair::generate().unwrap();
+        TestCa(p.self_signed(&k).unwrap(), k)
+    }
+
+    /// Files for one host under `dir`: its certificate for 127.0.0.1 (as
+    /// server and client), its key (0600), and this CA's certificate;
+    /// (cert, key, ca).
+    fn host(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let mut p = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        p.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let k = rcgen::KeyPair::generate().unwrap();
+        let c = p.signed_by(&k, &self.0, &self.1).unwrap();
+        let (cert, key, ca) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+            dir.join(format!("{name}-ca.crt")),
+        );
+        std::fs::write(&cert, c.pem()).unwrap();
+        std::fs::write(&key, k.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&ca, self.0.pem()).unwrap();
+        (cert, key, ca)
+    }
+}
+
+/// The global options that give a VMM these TLS files.
+fn tls_args(cmd: &mut std::process::Command, cert: Option<&Path>, key: Option<&Path>, ca: &Path) {
+    if let (Some(cert), Some(key)) = (cert, key) {
+        cmd.arg("--migration-tls-cert")
+            .arg(cert)
+            .arg("--migration-tls-key")
+            .arg(key);
+    }
+    cmd.arg("--migration-tls-ca").arg(ca);
+}
+
+/// The letters guest with its API on `sock`, given TLS files.
+fn tls_source(dir: &Path, sock: &Path, files: Option<(&Path, &Path, &Path)>) -> Running {
+    let kernel = counting_guest(dir);
+    let mut cmd = vireo();
+    if let Some((cert, key, ca)) = files {
+        tls_args(&mut cmd, Some(cert), Some(key), ca);
+    }
+    cmd.args([
+        "run", "--accel", "emu", "--boot", "pvh", "--memory", "64M", "--kernel",
+    ])
+    .arg(&kernel)
+    .arg("--api-socket")
+    .arg(sock);
+    let src = Running::spawn(cmd);
+    assert!(
+        wait_until(Duration::from_secs(60), || src.stdout_text().len() >= 30),
+        "the guest did not count: {}",
+        src.stderr_text()
+    );
+    src
+}
+
+/// A TCP relay from a new port to `to` that keeps every byte the source
+/// sends: what a network eavesdropper sees. (The port; the bytes, once
+/// the connection ends.)
+fn eavesdropper(to: u16) -> (u16, std::thread::JoinHandle<Vec<u8>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let relay = std::thread::spawn(move || {
+        let (mut from_src, _) = listener.accept().unwrap();
+        let mut to_dst = std::net::TcpStream::connect(("127.0.0.1", to)).unwrap();
+        let (mut back_src, mut back_dst) =
+            (from_src.try_clone().unwrap(), to_dst.try_clone().unwrap());
+        let answers = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut back_dst, &mut back_src);
+            let _ = back_src.shutdown(std::net::Shutdown::Write);
+        });
+        let mut seen = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match from_src.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    seen.extend_from_slice(&buf[..n]);
+                    if to_dst.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = to_dst.shutdown(std::net::Shutdown::Write);
+        let _ = answers.join();
+        seen
+    });
+    (port, relay)
+}
+
+/// What of a migration an eavesdropper's bytes show in clear: the
+/// stream's header, the VM's state (the manifest's JSON), the guest's
+/// memory (the letters guest's code, which sits in its RAM at 1 MiB).
+fn in_clear(seen: &[u8]) -> (bool, bool, bool) {
+    let find = |needle: &[u8]| seen.windows(needle.len()).any(|w| w == needle);
+    let code = &arch::tiny_elf::letters_guest(20_000)[0x1000..];
+    (find(b"VIREOMIG"), find(b"\"vcpu_states\""), find(code))
+}
+
+/// The control for the TLS test's eavesdropper: without TLS it sees the
+/// stream's header, the VM's state and the guest's memory.
+#[test]
+fn without_tls_an_eavesdropper_sees_the_guest() {
+    let dir = scratch("clear");
+    let (sock, sock2) = (dir.join("a.sock"), dir.join("b.sock"));
+    let mut src = source("emu", "64M", &dir, false, &sock);
+    let port = free_port();
+    let mut dst = destination(port, Some(&sock2));
+    let (relay_port, relay) = eavesdropper(port);
+    hand_over(
+        &mut src,
+        &sock,
+        &format!("127.0.0.1:{relay_port}"),
+        &dst,
+        &sock2,
+        60,
+    );
+    assert_eq!(in_clear(&relay.join().unwrap()), (true, true, true));
+    assert!(client(&["stop"], &sock2).status.success());
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Migration over mutual TLS: a TLS destination turns away a plain TCP
+/// stream, a Vireo source without TLS and a source whose certificate
+/// another CA signed, and waits on through all of them; a TLS source
+/// refuses a destination that does not offer TLS; then the source with a
+/// certificate of the destination's CA migrates, and what crossed the
+/// network holds neither the protocol's plain text nor the guest's.
+#[test]
+fn a_tls_destination_takes_only_a_source_its_ca_signed() {
+    let dir = scratch("tls");
+    let (ca, other_ca) = (TestCa::new("vireo test CA"), TestCa::new("another CA"));
+    let (dcert, dkey, dca) = ca.host(&dir, "dst");
+    let (scert, skey, sca) = ca.host(&dir, "src");
+    let (bcert, bkey, _) = other_ca.host(&dir, "stranger");
+    let (sock, sock2) = (dir.join("a.sock"), dir.join("b.sock"));
+    let port = free_port();
+    let mut cmd = vireo();
+    tls_args(&mut cmd, Some(&dcert), Some(&dkey), &dca);
+    cmd.args(["-v", "migrate-receive", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--api-socket")
+        .arg(&sock2);
+    let mut dst = Running::spawn(cmd);
+    assert!(wait_until(Duration::from_secs(20), || dst
+        .stderr_text()
+        .contains("waiting for a migration")));
+
+    // Plain TCP speaking the protocol without TLS: the greeting says TLS
+    // follows, and what follows is not TLS.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut g = [0u8; 41];
+    s.read_exact(&mut g).unwrap();
+    assert_eq!(&g[..8], b"VIREODST");
+    assert_eq!(g[8] & 2, 2, "the greeting announces TLS");
+    s.write_all(b"VIREOMIG\x03\x00\x00\x00").unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(
+        !rest.starts_with(b"T") && !rest.starts_with(b"N"),
+        "{rest:?}"
+    );
+    assert!(wait_until(Duration::from_secs(20), || dst
+        .stderr_text()
+        .contains("TLS handshake with")));
+
+    // A Vireo source without TLS learns why and runs on.
+    let mut plain = tls_source(&dir, &sock, None);
+    let out = migrate_to(&sock, &format!("127.0.0.1:{port}"));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("requires TLS"), "{err}");
+    assert!(client(&["stop"], &sock).status.success());
+    assert_eq!(plain.wait_exit(Duration::from_secs(10)), Some(0));
+
+    // A source whose certificate another CA signed (it trusts ours).
+    let mut stranger = tls_source(&dir, &sock, Some((&bcert, &bkey, &sca)));
+    let out = migrate_to(&sock, &format!("127.0.0.1:{port}"));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("turned this source away"), "{err}");
+    let info = client(&["info"], &sock);
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["state"], "running", "the refused source runs on");
+    assert!(client(&["stop"], &sock).status.success());
+    assert_eq!(stranger.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(
+        dst.child.try_wait().unwrap().is_none(),
+        "the destination waits on: {}",
+        dst.stderr_text()
+    );
+    assert!(dst.stderr_text().matches("turned away").count() >= 3);
+
+    // The right source. First a destination without TLS: refused, no
+    // silent downgrade.
+    let mut src = tls_source(&dir, &sock, Some((&scert, &skey, &sca)));
+    let fake = TcpListener::bind("127.0.0.1:0").unwrap();
+    let fake_port = fake.local_addr().unwrap().port();
+    let greeter = std::thread::spawn(move || {
+        let (mut s, _) = fake.accept().unwrap();
+        s.write_all(&migration_greeting(false)).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        rest
+    });
+    let out = migrate_to(&sock, &format!("127.0.0.1:{fake_port}"));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not offer TLS"), "{err}");
+    assert!(greeter.join().unwrap().is_empty(), "nothing sent in clear");
+
+    let (relay_port, relay) = eavesdropper(port);
+    let (said, before, v) = hand_over(
+        &mut src,
+        &sock,
+        &format!("127.0.0.1:{relay_port}"),
+        &dst,
+        &sock2,
+        60,
+    );
+    eprintln!("over TLS: {said}");
+    assert_eq!(v["state"], "running");
+    assert!(dst.stderr_text().contains("accepted (TLS)"));
+    let seen = relay.join().unwrap();
+    let (header, state, memory) = in_clear(&seen);
+    assert!(!header, "the header crossed in clear");
+    assert!(!state, "the VM's state crossed in clear");
+    assert!(!memory, "the guest's memory crossed in clear");
+    assert!(client(&["stop"], &sock2).status.success());
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
+    assert_unbroken_cycle(&format!("{before}{}", dst.stdout_text()));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Missing, mismatched and exposed TLS files end a VMM at start with a
+/// message naming the file.
+#[test]
+fn bad_tls_files_are_refused_at_start() {
+    let dir = scratch("tls-files");
+    let ca = TestCa::new("vireo test CA");
+    let (cert, _key, cafile) = ca.host(&dir, "a");
+    let (_, other_key, _) = ca.host(&dir, "b");
+    let port = free_port();
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = vireo()
+            .args(args)
+            .args(["migrate-receive", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let os = |p: &Path| p.as_os_str().to_owned();
+    let missing = dir.join("missing.crt");
+    let err = run(&[
+        "--migration-tls-cert".as_ref(),
+        &os(&missing),
+        "--migration-tls-key".as_ref(),
+        &os(&other_key),
+    ]);
+    assert!(
+        err.contains("missing.crt") && err.contains("No such file"),
+        "{err}"
+    );
+    let err = run(&[
+        "--migration-tls-cert".as_ref(),
+        &os(&cert),
+        "--migration-tls-key".as_ref(),
+        &os(&other_key),
+        "--migration-tls-ca".as_ref(),
+        &os(&cafile),
+    ]);
+    assert!(err.contains("does not belong to the certificate"), "{err}");
+    let err = run(&["--migration-tls-cert".as_ref(), &os(&cert)]);
+    assert!(err.contains("needs --migration-tls-key"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -37,10 +37,12 @@ pub mod crc32c;
 pub mod img;
 pub mod qcow2;
 pub mod raw;
+pub mod source;
 pub mod vhdx;
 pub mod vmdk;
 
 pub use qcow2::create_qcow2_overlay;
+pub use source::{open_in_memory, MemFile};
 
 /// How deep a backing chain may be before we assume a loop.
 pub const MAX_BACKING_DEPTH: usize = 32;
@@ -537,8 +539,14 @@ pub(crate) fn open_depth(
                 format: actual,
             })
         }
-        ImageFormat::Vmdk => Ok(Box::new(vmdk::VmdkImage::from_file(file, path)?)),
-        ImageFormat::Vhdx => Ok(Box::new(vhdx::VhdxImage::from_file(file, path)?)),
+        ImageFormat::Vmdk => Ok(Box::new(source::ReadOnly(vmdk::VmdkImage::from_source(
+            Box::new(file),
+            path,
+        )?))),
+        ImageFormat::Vhdx => Ok(Box::new(source::ReadOnly(vhdx::VhdxImage::from_source(
+            Box::new(file),
+            path,
+        )?))),
     }
 }
 

@@ -19,13 +19,13 @@
 //! closed cleanly) is refused with what to do about it, since reading
 //! around the log could return stale data.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::crc32c::crc32c;
 use crate::{
-    check_range, pread_zero_fill, unlock_file, Allocation, BlockError, DiskImage, ImageDetails,
-    ImageFormat,
+    check_range,
+    source::{read_exact, read_zero_fill, ImageSource, ReadOnlyImage},
+    Allocation, BlockError, ImageDetails, ImageFormat,
 };
 
 /// The file type identifier's signature, at offset 0.
@@ -203,25 +203,13 @@ pub fn layout_for_fuzzing(input: &[u8]) -> Vec<(u64, Vec<u8>)> {
 }
 
 pub struct VhdxImage {
-    file: File,
+    file: Box<dyn ImageSource>,
     path: PathBuf,
     file_len: u64,
     size: u64,
     block_size: u64,
     chunk_ratio: u64,
     bat: Vec<u64>,
-}
-
-fn read_exact(
-    file: &File,
-    path: &Path,
-    buf: &mut [u8],
-    off: u64,
-    what: &'static str,
-) -> Result<(), BlockError> {
-    use std::os::unix::fs::FileExt;
-    file.read_exact_at(buf, off)
-        .map_err(|e| BlockError::io(path, what, e))
 }
 
 struct Region {
@@ -231,8 +219,8 @@ struct Region {
 
 impl VhdxImage {
     /// Parse an image opened (and locked) by [`crate::open_with`].
-    pub(crate) fn from_file(file: File, path: &Path) -> Result<Self, BlockError> {
-        match Self::parse(&file, path) {
+    pub(crate) fn from_source(file: Box<dyn ImageSource>, path: &Path) -> Result<Self, BlockError> {
+        match Self::parse(&*file, path) {
             Ok((file_len, size, block_size, chunk_ratio, bat)) => Ok(VhdxImage {
                 file,
                 path: path.to_path_buf(),
@@ -243,18 +231,18 @@ impl VhdxImage {
                 bat,
             }),
             Err(e) => {
-                unlock_file(&file);
+                file.release();
                 Err(e)
             }
         }
     }
 
     #[allow(clippy::type_complexity)]
-    fn parse(file: &File, path: &Path) -> Result<(u64, u64, u64, u64, Vec<u64>), BlockError> {
-        let file_len = file
-            .metadata()
-            .map_err(|e| BlockError::io(path, "stat", e))?
-            .len();
+    fn parse(
+        file: &dyn ImageSource,
+        path: &Path,
+    ) -> Result<(u64, u64, u64, u64, Vec<u64>), BlockError> {
+        let file_len = file.len().map_err(|e| BlockError::io(path, "stat", e))?;
         let mut sig = [0u8; 8];
         if file_len < 8 {
             return Err(corrupt(
@@ -530,7 +518,7 @@ impl VhdxImage {
     }
 }
 
-impl DiskImage for VhdxImage {
+impl ReadOnlyImage for VhdxImage {
     fn size(&self) -> u64 {
         self.size
     }
@@ -547,39 +535,13 @@ impl DiskImage for VhdxImage {
             let dst = &mut buf[done..done + n];
             match self.block(b)? {
                 (PAYLOAD_FULLY_PRESENT, off) => {
-                    pread_zero_fill(&self.file, &self.path, dst, off + in_off)?
+                    read_zero_fill(&*self.file, &self.path, dst, off + in_off)?
                 }
                 _ => dst.fill(0),
             }
             done += n;
         }
         Ok(())
-    }
-
-    fn write_at(&mut self, _buf: &[u8], _offset: u64) -> Result<(), BlockError> {
-        Err(BlockError::ReadOnly {
-            path: self.path.clone(),
-        })
-    }
-
-    fn flush(&mut self) -> Result<(), BlockError> {
-        Ok(())
-    }
-
-    fn discard(&mut self, _offset: u64, _len: u64) -> Result<(), BlockError> {
-        Err(BlockError::ReadOnly {
-            path: self.path.clone(),
-        })
-    }
-
-    fn write_zeroes(&mut self, _offset: u64, _len: u64) -> Result<(), BlockError> {
-        Err(BlockError::ReadOnly {
-            path: self.path.clone(),
-        })
-    }
-
-    fn read_only(&self) -> bool {
-        true
     }
 
     fn format(&self) -> ImageFormat {
@@ -616,6 +578,6 @@ impl DiskImage for VhdxImage {
 
 impl Drop for VhdxImage {
     fn drop(&mut self) {
-        unlock_file(&self.file);
+        self.file.release();
     }
 }

@@ -21,12 +21,12 @@
 //! other compressions are refused as unsupported, by name.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::{
-    check_range, pread_zero_fill, unlock_file, Allocation, BlockError, DiskImage, ImageDetails,
-    ImageFormat,
+    check_range,
+    source::{read_exact, read_zero_fill, ImageSource, ReadOnlyImage},
+    Allocation, BlockError, ImageDetails, ImageFormat,
 };
 
 /// "KDMV" as it appears at offset 0.
@@ -91,7 +91,7 @@ fn parse_sparse_header(b: &[u8; 512]) -> Option<SparseHeader> {
 }
 
 pub struct VmdkImage {
-    file: File,
+    file: Box<dyn ImageSource>,
     path: PathBuf,
     file_len: u64,
     /// Virtual size in bytes.
@@ -124,18 +124,6 @@ fn unsupported(path: &Path, what: impl Into<String>) -> BlockError {
     }
 }
 
-fn read_exact(
-    file: &File,
-    path: &Path,
-    buf: &mut [u8],
-    off: u64,
-    what: &'static str,
-) -> Result<(), BlockError> {
-    use std::os::unix::fs::FileExt;
-    file.read_exact_at(buf, off)
-        .map_err(|e| BlockError::io(path, what, e))
-}
-
 /// The value of `key="value"` in a descriptor, if present.
 fn descriptor_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     text.lines().find_map(|l| {
@@ -146,18 +134,18 @@ fn descriptor_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 
 impl VmdkImage {
     /// Parse an image opened (and locked) by [`crate::open_with`].
-    pub(crate) fn from_file(file: File, path: &Path) -> Result<Self, BlockError> {
-        let res = Self::parse(&file, path);
+    pub(crate) fn from_source(file: Box<dyn ImageSource>, path: &Path) -> Result<Self, BlockError> {
+        let res = Self::parse(&*file, path);
         match res {
             Ok(parts) => Ok(Self::assemble(file, path, parts)),
             Err(e) => {
-                unlock_file(&file);
+                file.release();
                 Err(e)
             }
         }
     }
 
-    fn assemble(file: File, path: &Path, p: Parsed) -> Self {
+    fn assemble(file: Box<dyn ImageSource>, path: &Path, p: Parsed) -> Self {
         VmdkImage {
             file,
             path: path.to_path_buf(),
@@ -173,11 +161,8 @@ impl VmdkImage {
         }
     }
 
-    fn parse(file: &File, path: &Path) -> Result<Parsed, BlockError> {
-        let file_len = file
-            .metadata()
-            .map_err(|e| BlockError::io(path, "stat", e))?
-            .len();
+    fn parse(file: &dyn ImageSource, path: &Path) -> Result<Parsed, BlockError> {
+        let file_len = file.len().map_err(|e| BlockError::io(path, "stat", e))?;
         let mut first = [0u8; 512];
         if file_len < SECTOR {
             // A descriptor file can be short; anything else is truncated.
@@ -386,7 +371,7 @@ impl VmdkImage {
             }
             let mut raw = vec![0u8; bytes as usize];
             read_exact(
-                &self.file,
+                &*self.file,
                 &self.path,
                 &mut raw,
                 off,
@@ -429,7 +414,7 @@ impl VmdkImage {
             ));
         }
         read_exact(
-            &self.file,
+            &*self.file,
             &self.path,
             &mut marker,
             off,
@@ -446,7 +431,7 @@ impl VmdkImage {
         }
         let mut data = vec![0u8; len as usize];
         read_exact(
-            &self.file,
+            &*self.file,
             &self.path,
             &mut data,
             off + 12,
@@ -478,7 +463,7 @@ struct Parsed {
     gd: Vec<u32>,
 }
 
-impl DiskImage for VmdkImage {
+impl ReadOnlyImage for VmdkImage {
     fn size(&self) -> u64 {
         self.size
     }
@@ -503,39 +488,13 @@ impl DiskImage for VmdkImage {
                             dst.copy_from_slice(&data[in_off as usize..in_off as usize + n]);
                         }
                     } else {
-                        pread_zero_fill(&self.file, &self.path, dst, off + in_off)?;
+                        read_zero_fill(&*self.file, &self.path, dst, off + in_off)?;
                     }
                 }
             }
             done += n;
         }
         Ok(())
-    }
-
-    fn write_at(&mut self, _buf: &[u8], _offset: u64) -> Result<(), BlockError> {
-        Err(BlockError::ReadOnly {
-            path: self.path.clone(),
-        })
-    }
-
-    fn flush(&mut self) -> Result<(), BlockError> {
-        Ok(())
-    }
-
-    fn discard(&mut self, _offset: u64, _len: u64) -> Result<(), BlockError> {
-        Err(BlockError::ReadOnly {
-            path: self.path.clone(),
-        })
-    }
-
-    fn write_zeroes(&mut self, _offset: u64, _len: u64) -> Result<(), BlockError> {
-        Err(BlockError::ReadOnly {
-            path: self.path.clone(),
-        })
-    }
-
-    fn read_only(&self) -> bool {
-        true
     }
 
     fn format(&self) -> ImageFormat {
@@ -587,6 +546,6 @@ impl DiskImage for VmdkImage {
 
 impl Drop for VmdkImage {
     fn drop(&mut self) {
-        unlock_file(&self.file);
+        self.file.release();
     }
 }

@@ -181,3 +181,69 @@ fn fuzz_seeds_open() {
     }
     assert_eq!(opened, 3);
 }
+
+/// The fuzz targets parse VMDK and VHDX images from memory: the same
+/// seeds read the same bytes, block status and details there as from a
+/// file, and writes are refused alike.
+#[test]
+fn images_read_from_memory_as_from_files() {
+    use block::{open_in_memory, MemFile};
+    let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+    let dir = TempDir::new("memory");
+    let mut pairs = Vec::new();
+    for entry in std::fs::read_dir(seeds.join("vmdk_open")).unwrap() {
+        let path = entry.unwrap().path();
+        let mem = MemFile::new(std::fs::read(&path).unwrap());
+        pairs.push((
+            open(&path, Some(ImageFormat::Vmdk), true).unwrap(),
+            open_in_memory(mem, ImageFormat::Vmdk, "seed.vmdk").unwrap(),
+        ));
+    }
+    for (i, entry) in std::fs::read_dir(seeds.join("vhdx_open"))
+        .unwrap()
+        .enumerate()
+    {
+        let input = std::fs::read(entry.unwrap().path()).unwrap();
+        let img = dir.join(&format!("seed{i}.vhdx"));
+        let f = std::fs::File::create(&img).unwrap();
+        for (off, bytes) in block::vhdx::layout_for_fuzzing(&input) {
+            f.write_all_at(&bytes, off).unwrap();
+        }
+        drop(f);
+        let mem = MemFile::sparse(block::vhdx::layout_for_fuzzing(&input));
+        pairs.push((
+            open(&img, Some(ImageFormat::Vhdx), true).unwrap(),
+            open_in_memory(mem, ImageFormat::Vhdx, "seed.vhdx").unwrap(),
+        ));
+    }
+    assert_eq!(pairs.len(), 3);
+    for (mut f, mut m) in pairs {
+        assert_eq!(f.size(), m.size());
+        assert_eq!(f.format(), m.format());
+        assert_eq!(format!("{:?}", f.details()), format!("{:?}", m.details()));
+        let (mut a, mut b) = (vec![1u8; f.size() as usize], vec![2u8; m.size() as usize]);
+        f.read_at(&mut a, 0).unwrap();
+        m.read_at(&mut b, 0).unwrap();
+        assert!(a == b, "{} reads differently from memory", m.format());
+        let mut off = 0;
+        while off < f.size() {
+            let s = f.block_status(off, f.size() - off).unwrap();
+            assert_eq!(s, m.block_status(off, m.size() - off).unwrap());
+            off += s.1;
+        }
+        assert!(m.read_only());
+        assert!(matches!(
+            m.write_at(&[0], 0),
+            Err(block::BlockError::ReadOnly { .. })
+        ));
+        assert!(matches!(
+            m.discard(0, 512),
+            Err(block::BlockError::ReadOnly { .. })
+        ));
+        assert!(matches!(
+            m.write_zeroes(0, 512),
+            Err(block::BlockError::ReadOnly { .. })
+        ));
+        m.flush().unwrap();
+    }
+}

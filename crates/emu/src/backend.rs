@@ -792,11 +792,6 @@ impl Vcpu for EmuVcpu {
     }
 
     fn set_guest_debug(&mut self, debug: &hypervisor::GuestDebug) -> Result<()> {
-        if !debug.watchpoints.is_empty() {
-            return Err(HypervisorError::Other(
-                "the engine has no host watchpoints (gdb's software watchpoints work)".into(),
-            ));
-        }
         self.core.set_host_debug(debug);
         Ok(())
     }

@@ -13,6 +13,13 @@
 //!   ([`Core::watch`]) into `DebugState::hits` and turned into one #DB
 //!   trap after the instruction completes, together with a single-step
 //!   trap if TF was set when it started.
+//! - I/O breakpoints (DR7 R/W = 10, honoured while CR4.DE is set) are
+//!   matched by IN, OUT, INS and OUTS ([`Core::watch_io`]) against the
+//!   port range they access, and reported like data watchpoints.
+//! - After MOV SS and POP SS the traps of that instruction (single step,
+//!   data and I/O watchpoints) wait for the end of the next instruction
+//!   and are reported together with its own (`DebugState::delayed`), so a
+//!   stack switch (`mov ss; mov rsp`) is never interrupted by #DB.
 //! - An instruction breakpoint is checked before the instruction runs and
 //!   is suppressed by RF; RF is cleared once an instruction that started
 //!   with it completes.
@@ -31,13 +38,19 @@
 //! - A breakpoint reports [`DebugStop::Breakpoint`] before its instruction
 //!   runs; the next run starts by executing that instruction (the host's
 //!   RF), so continuing from a breakpoint does not stop on it again.
+//! - Watchpoints ([`HostDebug::watchpoints`]) make the run loop go one
+//!   interpreted instruction at a time, as guest watchpoints do
+//!   ([`Core::debug_armed`]); the interpreter's linear accesses note a hit
+//!   ([`Core::watch`]) and the instruction, once completed, stops with
+//!   [`DebugStop::Watchpoint`] (after the access, as on hardware). A guest
+//!   #DB the same instruction raises is delivered first.
 //! - Unarmed (no debugger, or one with nothing set) the cost is one test
 //!   of a flag per block.
 
 use crate::core::{Core, RunExit};
 use crate::cpu::{FLAG_RF, FLAG_TF};
 use crate::exception::Kind;
-use hypervisor::{DebugStop, GuestDebug};
+use hypervisor::{DebugStop, GuestDebug, WatchKind, Watchpoint};
 
 /// The host debugger's state in one vCPU (see the module docs).
 #[derive(Debug, Clone, Default)]
@@ -50,6 +63,10 @@ pub struct HostDebug {
     /// The breakpoint at this RIP was reported: the next instruction
     /// there runs without stopping again.
     pub resume_at: Option<u64>,
+    /// Linear ranges watched for the debugger.
+    pub watchpoints: Vec<Watchpoint>,
+    /// The watchpoint (its address) the current instruction hit.
+    pub watch_hit: Option<u64>,
 }
 
 impl HostDebug {
@@ -79,6 +96,11 @@ pub struct DebugState {
     /// RF was set when the instruction started: it is cleared once the
     /// instruction completes (an IRET or POPF that loads RF keeps it).
     pub rf: bool,
+    /// The current instruction loaded SS (MOV SS, POP SS): its traps wait.
+    pub ss_load: bool,
+    /// DR6 status of traps held back by a MOV SS / POP SS, reported after
+    /// the instruction that follows it.
+    pub delayed: u64,
 }
 
 /// DR7 R/W field of breakpoint `i`: 0 instruction, 1 write, 2 I/O, 3
@@ -105,7 +127,14 @@ impl Core {
     /// Is anything armed that the run loop must look at per instruction?
     #[inline(always)]
     pub fn debug_armed(&self) -> bool {
-        self.st.rflags & FLAG_TF != 0 || self.st.dr[7] & 0xff != 0
+        self.st.rflags & FLAG_TF != 0 || self.watching()
+    }
+
+    /// Must linear data accesses be checked against watchpoints (the
+    /// guest's DR7 or the host debugger's)?
+    #[inline(always)]
+    pub fn watching(&self) -> bool {
+        self.st.dr[7] & 0xff != 0 || !self.host_debug.watchpoints.is_empty()
     }
 
     /// A data access of `size` bytes at linear `lin` (`write`: a store):
@@ -113,6 +142,17 @@ impl Core {
     /// path only while DR7 enables a breakpoint.
     #[cold]
     pub fn watch(&mut self, lin: u64, size: u8, write: bool) {
+        let a_end = lin.wrapping_add(size as u64);
+        for w in &self.host_debug.watchpoints {
+            let kind_hit = match w.kind {
+                WatchKind::Write => write,
+                WatchKind::Read => !write,
+                WatchKind::ReadWrite => true,
+            };
+            if kind_hit && lin < w.addr.wrapping_add(w.len) && w.addr < a_end {
+                self.host_debug.watch_hit.get_or_insert(w.addr);
+            }
+        }
         let dr7 = self.st.dr[7];
         for i in 0..4 {
             if !enabled(dr7, i) {
@@ -126,8 +166,29 @@ impl Core {
             // The breakpoint covers its length-aligned range.
             let start = self.st.dr[i] & !(l - 1);
             let end = start.wrapping_add(l);
-            let a_end = lin.wrapping_add(size as u64);
             if lin < end && start < a_end {
+                self.debug.hits |= 1 << i;
+            }
+        }
+    }
+
+    /// An IN, OUT, INS or OUTS of `size` bytes at `port` (DR7 enables a
+    /// breakpoint): note the I/O breakpoints it hits. They exist only
+    /// while CR4.DE is set (without it R/W = 10 is undefined and ignored).
+    #[cold]
+    pub fn watch_io(&mut self, port: u16, size: u8) {
+        let dr7 = self.st.dr[7];
+        if self.st.cr4 & crate::cpu::CR4_DE == 0 {
+            return;
+        }
+        let (lo, hi) = (port as u64, port as u64 + size as u64);
+        for i in 0..4 {
+            if !enabled(dr7, i) || rw(dr7, i) != 2 {
+                continue;
+            }
+            let l = len(dr7, i);
+            let start = (self.st.dr[i] & 0xffff) & !(l - 1);
+            if lo < start + l && start < hi {
                 self.debug.hits |= 1 << i;
             }
         }
@@ -140,6 +201,7 @@ impl Core {
         let dr7 = self.st.dr[7];
         self.debug = DebugState {
             rf: self.st.rflags & FLAG_RF != 0,
+            delayed: self.debug.delayed,
             ..Default::default()
         };
         if dr7 & 0xff == 0 || self.debug.rf {
@@ -166,8 +228,15 @@ impl Core {
     /// Raises the #DB trap for a single step (TF set when it started)
     /// and data watchpoints hit, and clears RF.
     pub(crate) fn debug_after(&mut self, tf_before: bool, completed: bool) -> Option<RunExit> {
+        let host_hit = self.host_debug.watch_hit.take();
+        let delayed = self.debug.delayed;
         if !completed {
-            self.debug = DebugState::default();
+            // Traps held back by MOV SS wait for an instruction that
+            // completes (the rerun of one that left for the VMM).
+            self.debug = DebugState {
+                delayed,
+                ..Default::default()
+            };
             return None;
         }
         if self.debug.rf {
@@ -177,12 +246,22 @@ impl Core {
         if tf_before && !self.debug.no_step {
             status |= DR6_BS;
         }
+        let host_stop = host_hit.map(|a| RunExit::Debug(DebugStop::Watchpoint(a)));
+        if self.debug.ss_load {
+            self.debug = DebugState {
+                delayed: delayed | status,
+                ..Default::default()
+            };
+            return host_stop;
+        }
+        status |= delayed;
         self.debug = DebugState::default();
         if status == 0 {
-            return None;
+            return host_stop;
         }
         self.st.dr[6] = (self.st.dr[6] & !0xf) | status | DR6_FIXED1;
         self.deliver_and_check(1, None, Kind::External)
+            .or(host_stop)
     }
 
     /// Take the host debugger's settings (from the VMM, vCPU stopped).
@@ -196,6 +275,8 @@ impl Core {
             step: dbg.single_step,
             breakpoints,
             resume_at,
+            watchpoints: dbg.watchpoints.clone(),
+            watch_hit: None,
         };
         // Compiled code may be linked past a new breakpoint, and the
         // debugger may have written code: start from a clean cache.

@@ -500,6 +500,113 @@ fn data_watchpoint_traps_after_the_write() {
     assert_eq!(g.r8(nop_at), 0x90);
 }
 
+/// Run to HLT, answering the port exits of ports no device claims.
+fn run_with_ports(g: &mut Guest) {
+    loop {
+        match g.run() {
+            Ex::Halt => return,
+            Ex::IoOut(..) | Ex::IoIn(..) => continue,
+            e => panic!("{e:?} regs {:x?}", g.regs()),
+        }
+    }
+}
+
+/// I/O breakpoints: with CR4.DE, DR7 R/W = 10 traps after an IN or OUT
+/// whose port range overlaps the breakpoint's; without CR4.DE nothing.
+#[test]
+fn io_breakpoint_traps_after_in_and_out_with_cr4_de() {
+    for de in [true, false] {
+        let mut g = guest();
+        install_db_handler(&mut g);
+        let code = asm_at(64, CODE, |a| {
+            let mut after = a.create_label();
+            a.mov(rax, cr4)?;
+            if de {
+                a.or(eax, 8)?;
+            } else {
+                a.and(eax, !8)?;
+            }
+            a.mov(cr4, rax)?;
+            a.mov(eax, 0x70)?;
+            a.mov(dr2, rax)?;
+            // L2, R/W2 = I/O, LEN2 = 2 bytes: ports 0x70-0x71.
+            a.mov(eax, (1 << 4) | (2 << 24) | (1 << 26))?;
+            a.mov(dr7, rax)?;
+            a.out(0x80, al)?; // Not in the range.
+            a.out(0x71, al)?; // Hit.
+            a.nop()?;
+            a.mov(edx, 0x6e)?;
+            a.in_(eax, dx)?; // Ports 0x6e-0x71: hit.
+            a.set_label(&mut after)?;
+            a.nop()?;
+            a.lea(rax, ptr(after))?;
+            a.mov(qword_ptr(DATA as i32 + 0x120), rax)?;
+            a.xor(eax, eax)?;
+            a.mov(dr7, rax)?;
+            a.mov(ebx, DONE as u32)?;
+            a.hlt()
+        });
+        g.load_code(&code);
+        run_with_ports(&mut g);
+        assert_eq!(g.regs().rbx, DONE);
+        if de {
+            assert_eq!(g.r64(DBG_COUNT), 2);
+            assert_eq!(g.r64(DBG_DR6) & 0xf, 4, "DR6.B2");
+            assert_eq!(g.r64(DBG_RIP), g.r64(DATA + 0x120), "a trap after the IN");
+        } else {
+            assert_eq!(g.r64(DBG_COUNT), 0, "no I/O breakpoints without CR4.DE");
+        }
+    }
+}
+
+/// The single-step trap of a MOV SS waits for the next instruction: the
+/// first #DB after TF is set and SS loaded returns past the instruction
+/// that follows the MOV SS, with DR6.BS.
+#[test]
+fn mov_ss_delays_the_single_step_trap_by_one_instruction() {
+    let mut g = guest();
+    // #DB handler: count, note the first return RIP, clear TF in the frame.
+    let handler = asm_at(64, HANDLER_AT, |a| {
+        let mut later = a.create_label();
+        a.push(rax)?;
+        a.inc(qword_ptr(DBG_COUNT as i32))?;
+        a.cmp(qword_ptr(DBG_COUNT as i32), 1)?;
+        a.jne(later)?;
+        a.mov(rax, qword_ptr(rsp + 8))?;
+        a.mov(qword_ptr(DBG_RIP as i32), rax)?;
+        a.mov(rax, dr6)?;
+        a.mov(qword_ptr(DBG_DR6 as i32), rax)?;
+        a.set_label(&mut later)?;
+        a.and(qword_ptr(rsp + 24), !0x100i32)?;
+        a.pop(rax)?;
+        a.iretq()
+    });
+    install(&mut g, 1, HANDLER_AT, &handler);
+    let (_, done) = run(&mut g, |a| {
+        let mut after = a.create_label();
+        a.mov(eax, SEL_DATA as u32)?;
+        a.pushfq()?;
+        a.or(qword_ptr(rsp), 0x100)?;
+        a.popfq()?;
+        a.mov(ss, ax)?;
+        a.inc(rsi)?;
+        a.set_label(&mut after)?;
+        a.nop()?;
+        a.lea(rax, ptr(after))?;
+        a.mov(qword_ptr(DATA as i32 + 0x120), rax)?;
+        a.mov(eax, 0xffff_ffffu32)
+    });
+    assert_eq!(done, DONE);
+    assert_eq!(g.r64(DBG_COUNT), 1);
+    assert_eq!(
+        g.r64(DBG_RIP),
+        g.r64(DATA + 0x120),
+        "after the INC, not the MOV SS"
+    );
+    assert_ne!(g.r64(DBG_DR6) & (1 << 14), 0, "DR6.BS");
+    assert_eq!(g.regs().rsi, 1);
+}
+
 #[test]
 fn icebp_raises_db_after_the_instruction() {
     let mut g = guest();

@@ -102,19 +102,40 @@ fn breakpoint_after_a_compiled_hot_loop_still_stops() {
     assert_eq!(g.regs().rip, after + 2, "after the HLT");
 }
 
+/// The debugger's watchpoints (gdb's `watch` through the stub): a write
+/// inside the watched range stops after the instruction, with the
+/// watchpoint's address; a read does not stop a write watchpoint, a read
+/// watchpoint stops on a read; the guest sees nothing (no #DB) and runs on
+/// to its end once the watchpoint is removed.
 #[test]
-fn engine_refuses_host_watchpoints_by_name() {
+fn watchpoints_stop_after_the_access() {
+    use hypervisor::{WatchKind, Watchpoint};
     let mut g = guest();
-    let err = g
-        .vcpu
-        .set_guest_debug(&GuestDebug {
-            watchpoints: vec![hypervisor::Watchpoint {
-                addr: DATA,
-                len: 8,
-                kind: hypervisor::WatchKind::Write,
-            }],
-            ..Default::default()
-        })
-        .unwrap_err();
-    assert!(err.to_string().contains("watchpoints"), "{err}");
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rbx, DATA).unwrap(); // CODE, 10 bytes
+    a.mov(rcx, qword_ptr(rbx + 0x10)).unwrap(); // CODE+10, 4 bytes: a read
+    a.mov(dword_ptr(rbx + 0x14), 7).unwrap(); // CODE+14, 7 bytes: a write
+    a.mov(rdx, qword_ptr(rbx + 0x40)).unwrap(); // CODE+21, 4 bytes: a read
+    a.mov(eax, 0xffff_ffffu32).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    g.load_code(&code);
+    let watch = |addr, len, kind| GuestDebug {
+        watchpoints: vec![Watchpoint { addr, len, kind }],
+        ..Default::default()
+    };
+    g.vcpu
+        .set_guest_debug(&watch(DATA + 0x12, 4, WatchKind::Write))
+        .unwrap();
+    assert_eq!(debug_exit(&mut g), DebugStop::Watchpoint(DATA + 0x12));
+    assert_eq!(g.regs().rip, CODE + 21, "after the write");
+    assert_eq!(g.r32(DATA + 0x14), 7);
+    g.vcpu
+        .set_guest_debug(&watch(DATA + 0x44, 1, WatchKind::Read))
+        .unwrap();
+    assert_eq!(debug_exit(&mut g), DebugStop::Watchpoint(DATA + 0x44));
+    assert_eq!(g.regs().rip, CODE + 25, "after the read");
+    g.vcpu.set_guest_debug(&GuestDebug::default()).unwrap();
+    g.run_to_halt();
+    assert_eq!(g.regs().rax, 0xffff_ffff, "no exception reached the guest");
 }

@@ -379,13 +379,20 @@ fn double_fault_on_fault_during_pf_delivery() {
 #[test]
 fn unimplemented_instruction_is_an_internal_error() {
     let mut g = guest();
-    // FSIN is not implemented, and the advertised CPU has it (x87), so it
-    // is an internal error; one the CPU lacks (AESENC) raises #UD instead
-    // (tests/conformance.rs).
-    g.load_code(&[0xd9, 0xfe, 0xf4]);
+    // DAA (in a 32-bit code segment) is not implemented, and the advertised
+    // CPU has it, so it is an internal error naming its bytes; one the CPU
+    // lacks (AESENC) raises #UD instead (tests/conformance.rs).
+    const C32: u64 = CODE + 0x100;
+    g.write(C32, &[0x27, 0xf4]);
+    g.load_code(&asm64!(|a| {
+        // Far return into the 32-bit code segment.
+        a.push(SEL_CODE32 as i32)?;
+        a.push(C32 as i32)?;
+        a.db(&[0x48, 0xcb])?;
+    }));
     match g.run() {
         Ex::Internal(s) => {
-            assert!(s.contains("d9 fe"), "{s}");
+            assert!(s.contains("27 f4"), "{s}");
         }
         e => panic!("{e:?}"),
     }

@@ -11,8 +11,10 @@
 //!
 //! Invariants:
 //! - the socket end Vireo keeps is non-blocking; neither receive nor send
-//!   blocks the device thread: sends queue frames (at most [`TX_BACKLOG`]
-//!   bytes, then frames are dropped) for a writer thread, which waits for a
+//!   blocks the device thread: a send goes straight into the socket when
+//!   nothing waits before it, and otherwise (or for what the socket did not
+//!   take) queues the frame (at most [`TX_BACKLOG`] bytes, then frames are
+//!   dropped) for a writer thread, which waits for a
 //!   full socket at most [`SEND_STALL`] without progress before the link is
 //!   declared broken (a half-written frame would desynchronise the stream,
 //!   so the stream is written whole or abandoned);
@@ -437,6 +439,7 @@ impl Passt {
             q: Mutex::new(TxQueue {
                 bytes: VecDeque::new(),
                 closed: false,
+                busy: false,
             }),
             cv: Condvar::new(),
         });
@@ -555,8 +558,9 @@ impl Passt {
         }
     }
 
-    /// Queue one frame given with its virtio-net header (which passt does
-    /// not take: it is dropped) for the writer thread. `WouldBlock` when
+    /// Send one frame given with its virtio-net header (which passt does
+    /// not take: it is dropped), at once or through the writer thread (see
+    /// [`Passt::send_iovecs`]). `WouldBlock` when
     /// [`TX_BACKLOG`] bytes wait already: the frame is lost, as on a busy
     /// wire (the device thread must never wait for passt, which may itself
     /// be waiting for that thread to take the frames it sends).
@@ -571,15 +575,105 @@ impl Passt {
         if !self.link_up() {
             return Err(broken("the link is down"));
         }
+        let iov = [libc::iovec {
+            iov_base: eth.as_ptr() as *mut libc::c_void,
+            iov_len: eth.len(),
+        }];
+        // SAFETY: the iovec describes `eth`, a live slice.
+        unsafe { self.send_iovecs(&iov, eth.len()) }?;
+        Ok(frame.len())
+    }
+
+    /// Send one Ethernet frame (no virtio-net header) given as `iov`,
+    /// `len` bytes in all. When nothing is queued for the writer thread and
+    /// it holds no chunk, the frame goes out at once from the caller's
+    /// thread (one `sendmsg`, no copy, no thread wake-up); whatever the
+    /// socket does not take is queued whole for the writer, so the stream
+    /// stays in order and a frame is never cut. `WouldBlock` when
+    /// [`TX_BACKLOG`] bytes wait already: the frame is lost.
+    ///
+    /// # Safety
+    /// Each iovec must describe memory readable for the whole call, and the
+    /// lengths must add up to `len`.
+    pub unsafe fn send_iovecs(&self, iov: &[libc::iovec], len: usize) -> io::Result<()> {
+        if len == 0 || len > MAX_PASST_FRAME {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a {len}-byte frame for passt"),
+            ));
+        }
+        if !self.link_up() {
+            return Err(broken("the link is down"));
+        }
+        let prefix = (len as u32).to_be_bytes();
         let mut q = self.tx.q.lock().unwrap_or_else(|e| e.into_inner());
-        if q.bytes.len() + 4 + eth.len() > TX_BACKLOG {
+        let mut sent = 0usize;
+        if q.bytes.is_empty() && !q.busy {
+            // Under the lock, so no other sender and no writer chunk can
+            // come between this frame's bytes.
+            let mut all = Vec::with_capacity(iov.len() + 1);
+            all.push(libc::iovec {
+                iov_base: prefix.as_ptr() as *mut libc::c_void,
+                iov_len: 4,
+            });
+            all.extend_from_slice(&iov[..iov.len().min(1023)]);
+            // SAFETY: a zeroed msghdr with only the iovec array set.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = all.as_mut_ptr();
+            msg.msg_iovlen = all.len() as _;
+            loop {
+                // SAFETY: the iovecs are valid for reads (this function's
+                // contract, and `prefix` lives on this stack frame).
+                let n = unsafe {
+                    libc::sendmsg(
+                        self.sock.as_raw_fd(),
+                        &msg,
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    )
+                };
+                if n >= 0 {
+                    sent = n as usize;
+                    break;
+                }
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => break,
+                    _ => {
+                        drop(q);
+                        self.shared.link_down(&format!("send failed: {e}"));
+                        return Err(e);
+                    }
+                }
+            }
+            if sent == 4 + len {
+                return Ok(());
+            }
+        } else if q.bytes.len() + 4 + len > TX_BACKLOG {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        q.bytes.extend((eth.len() as u32).to_be_bytes());
-        q.bytes.extend(eth);
+        // The rest of the frame (all of it if nothing was sent) for the
+        // writer thread.
+        let mut skip = sent;
+        if skip < 4 {
+            q.bytes.extend(&prefix[skip..]);
+            skip = 0;
+        } else {
+            skip -= 4;
+        }
+        for v in iov {
+            if skip >= v.iov_len {
+                skip -= v.iov_len;
+                continue;
+            }
+            // SAFETY: readable for `iov_len` bytes (this function's contract).
+            let b = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
+            q.bytes.extend(&b[skip..]);
+            skip = 0;
+        }
         drop(q);
         self.tx.cv.notify_one();
-        Ok(frame.len())
+        Ok(())
     }
 }
 
@@ -587,6 +681,9 @@ impl Passt {
 struct TxQueue {
     bytes: VecDeque<u8>,
     closed: bool,
+    /// The writer holds a chunk it took from `bytes` and has not sent
+    /// whole yet: a direct send now would overtake it.
+    busy: bool,
 }
 
 struct Tx {
@@ -601,6 +698,7 @@ fn writer(fd: RawFd, tx: &Tx, shared: &Shared) {
     loop {
         {
             let mut q = tx.q.lock().unwrap_or_else(|e| e.into_inner());
+            q.busy = false;
             while q.bytes.is_empty() && !q.closed {
                 q = tx.cv.wait(q).unwrap_or_else(|e| e.into_inner());
             }
@@ -610,6 +708,7 @@ fn writer(fd: RawFd, tx: &Tx, shared: &Shared) {
             let n = q.bytes.len().min(chunk.capacity());
             chunk.clear();
             chunk.extend(q.bytes.drain(..n));
+            q.busy = true;
         }
         let mut sent = 0;
         let mut last_progress = Instant::now();

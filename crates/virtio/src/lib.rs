@@ -28,6 +28,7 @@ pub mod fs;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod net;
+pub mod net_csum;
 pub mod queue;
 pub mod rate_limit;
 pub mod rng;

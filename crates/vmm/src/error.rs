@@ -172,6 +172,9 @@ pub enum VmmError {
     Destination(String),
     #[error("the migration was cancelled")]
     MigrationCancelled,
+    /// The migration's TLS files, or a TLS handshake.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The request does not fit the VM's current state.
     #[error("{0}")]
     Conflict(String),
@@ -234,6 +237,7 @@ impl VmmError {
             | MigrationStream(_)
             | Destination(_)
             | MigrationCancelled
+            | Tls(_)
             | Conflict(_)
             | Pause(_)
             | ApiServer(_)
@@ -270,6 +274,10 @@ impl VmmError {
                 ..
             } => 500,
             Conflict(_) | DeviceSave { .. } | MigrationCancelled => 409,
+            // A handshake that failed is the peer's or the network's
+            // doing; the files are the caller's.
+            Tls(crate::tls::TlsError::Handshake { .. }) => 500,
+            Tls(_) => 400,
             Cgroup(crate::cgroup::CgroupError::Invalid(_)) => 400,
             Cgroup(crate::cgroup::CgroupError::NotInCgroup) => 409,
             Cgroup(_) => 500,

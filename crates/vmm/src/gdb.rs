@@ -21,6 +21,9 @@
 //!   never cross a page, so a read stops cleanly at the first unmapped page.
 //! - Breakpoints never change guest memory: the engine checks a breakpoint
 //!   set at block boundaries, KVM uses the debug registers (four in all).
+//!   Hardware watchpoints: KVM's are debug registers (1, 2, 4 or 8 aligned
+//!   bytes, sharing the four); the engine's watch any range, checked by
+//!   its interpreter on every data access while one is set.
 //!   With no breakpoint, watchpoint or step set, the guest runs exactly as
 //!   without a debugger.
 //! - When gdb detaches (or the connection drops), every vCPU's debug state
@@ -621,8 +624,7 @@ impl Breakpoints for GdbTarget {
     }
 
     fn support_hw_watchpoint(&mut self) -> Option<HwWatchpointOps<'_, Self>> {
-        // The engine has no host watchpoints: gdb then watches in software.
-        (self.vm.accel == AccelKind::Kvm).then_some(self)
+        Some(self)
     }
 }
 
@@ -690,8 +692,10 @@ impl HwWatchpoint for GdbTarget {
         len: u64,
         kind: WatchKind,
     ) -> TargetResult<bool, Self> {
-        // Debug registers watch 1, 2, 4 or 8 aligned bytes.
-        if !matches!(len, 1 | 2 | 4 | 8) || !addr.is_multiple_of(len) || !self.slots_left() {
+        // Debug registers watch 1, 2, 4 or 8 aligned bytes; the engine any
+        // range.
+        let dr_shape = matches!(len, 1 | 2 | 4 | 8) && addr.is_multiple_of(len);
+        if len == 0 || (self.vm.accel == AccelKind::Kvm && !dr_shape) || !self.slots_left() {
             return Ok(false);
         }
         self.watchpoints.push(Watchpoint {

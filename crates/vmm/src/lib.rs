@@ -31,6 +31,7 @@ mod persist;
 pub mod rate_limits;
 pub mod seccomp;
 pub mod snapshot;
+pub mod tls;
 mod vcpu;
 mod vm;
 

@@ -8,8 +8,11 @@
 //! The stream (all integers little-endian):
 //!
 //! ```text
-//! the destination speaks first: "VIREODST" u8 key_required, 32-byte nonce
-//! "VIREOMIG" u32 version [32-byte tag if key_required] u32 len hello (JSON)
+//! the destination speaks first: "VIREODST" u8 flags, 32-byte nonce
+//!   (flags: 1 a key is required, 2 TLS follows)
+//! [with TLS: the TLS handshake, then the destination sends 'T'; all that
+//!  follows is inside the TLS session]
+//! "VIREOMIG" u32 version [32-byte tag if a key is required] u32 len hello (JSON)
 //! then messages, each starting with a tag byte:
 //!   'P' u32 count, count x (u64 gpa | ZERO_PAGE, [4096 bytes unless ZERO_PAGE])
 //!   'Q' the destination answers 'R' once it has read everything before
@@ -21,7 +24,10 @@
 //! not include the destination catching up on pre-copy data.
 //! ```
 //!
-//! Authentication: with a shared key (`--migration-key-file`, the same
+//! Authentication: with TLS (`crate::tls`: a destination with a
+//! certificate speaks only TLS; a source checks it against its CA file,
+//! and with a CA of its own the destination checks the source's
+//! certificate too) the stream is encrypted as well. With a shared key (`--migration-key-file`, the same
 //! file on both hosts) the destination demands the tag HMAC-SHA256(key,
 //! nonce) of a nonce it drew for this connection, so only a source holding
 //! the key is accepted (the stream is not encrypted: use a trusted
@@ -58,11 +64,20 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::snapshot::{is_zero, Manifest, MemoryRange};
+use crate::tls::Channel;
 use crate::{VmHandle, VmmError};
 
 pub const MAGIC: &[u8; 8] = b"VIREOMIG";
 /// What the destination sends first.
 pub const GREETING: &[u8; 8] = b"VIREODST";
+/// Greeting flags: the source must answer the nonce with the key's tag...
+const FLAG_KEY: u8 = 1;
+/// ...and TLS follows the greeting.
+const FLAG_TLS: u8 = 2;
+/// What a TLS destination sends first inside the session: the source then
+/// knows its certificate was taken (under TLS 1.3 a client finishes its
+/// handshake before the server has checked the client's certificate).
+const TLS_ACCEPTED: u8 = b'T';
 /// 2: the state message carries the version-3 snapshot manifest (devices as one
 /// list walked in order).
 /// 3: the destination greets first with a nonce; a keyed source answers it.
@@ -123,6 +138,8 @@ pub struct MigrationSettings {
     pub key: Option<crate::auth::Key>,
     /// The whole stream must arrive within this, once accepted.
     pub receive_deadline: Duration,
+    /// TLS certificates and CA; None: no TLS.
+    pub tls: Option<Arc<crate::tls::MigrationTls>>,
 }
 
 impl Default for MigrationSettings {
@@ -130,6 +147,7 @@ impl Default for MigrationSettings {
         MigrationSettings {
             key: None,
             receive_deadline: Duration::from_secs(3600),
+            tls: None,
         }
     }
 }
@@ -152,7 +170,7 @@ fn settings() -> MigrationSettings {
 /// A stream read under an overall deadline and a per-read idle limit; a
 /// timeout is an error that says which limit passed.
 struct Deadline {
-    stream: TcpStream,
+    stream: Channel,
     start: Instant,
     limit: Duration,
     idle: Duration,
@@ -174,7 +192,9 @@ impl Read for Deadline {
         if left.is_zero() {
             return Err(overall());
         }
-        self.stream.set_read_timeout(Some(left.min(self.idle)))?;
+        self.stream
+            .tcp()
+            .set_read_timeout(Some(left.min(self.idle)))?;
         match self.stream.read(buf) {
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 if self.start.elapsed() >= self.limit {
@@ -531,21 +551,57 @@ fn send_inner(
     stream
         .set_read_timeout(Some(Duration::from_secs(120)))
         .map_err(io("socket"))?;
-    let mut reader = stream.try_clone().map_err(io("socket"))?;
+    let mut greeted = stream.try_clone().map_err(io("socket"))?;
     // Armed first: a cancel also cuts a wait for a silent destination.
     opts.cancel.arm(&stream)?;
-    reader
+    greeted
         .set_read_timeout(Some(HANDSHAKE))
         .map_err(io("socket"))?;
-    let tag = answer_greeting(&mut reader, destination)?;
-    reader.set_read_timeout(Some(IDLE)).map_err(io("socket"))?;
+    let (tls, tag) = answer_greeting(&mut greeted, destination)?;
+    let reader = match tls {
+        Some(config) => {
+            let mut c = Channel::connect(stream, &config, destination, HANDSHAKE)?;
+            let mut t = [0u8; 1];
+            c.tcp()
+                .set_read_timeout(Some(HANDSHAKE))
+                .map_err(io("socket"))?;
+            match c.read_exact(&mut t) {
+                Ok(()) if t[0] == TLS_ACCEPTED => {}
+                Ok(()) => {
+                    return Err(VmmError::Destination(format!(
+                        "migration: {destination} answered {:#x} after the TLS handshake, not 'T'",
+                        t[0]
+                    )))
+                }
+                // The destination's alert says why (an unknown CA, no
+                // certificate, ...).
+                Err(e) => {
+                    return Err(crate::tls::TlsError::Handshake {
+                        peer: destination.to_string(),
+                        reason: format!("the destination turned this source away: {e}"),
+                    }
+                    .into())
+                }
+            }
+            tracing::info!("migration: TLS session with {destination}");
+            c
+        }
+        None => Channel::plain(stream).map_err(io("socket"))?,
+    };
+    reader
+        .tcp()
+        .set_read_timeout(Some(IDLE))
+        .map_err(io("socket"))?;
     // A small buffer under a limit, so that pacing is smooth.
     let buffer = if opts.max_bandwidth.is_some() {
         64 << 10
     } else {
         1 << 20
     };
-    let mut out = Counted::new(BufWriter::with_capacity(buffer, stream), opts.max_bandwidth);
+    let mut out = Counted::new(
+        BufWriter::with_capacity(buffer, reader.clone()),
+        opts.max_bandwidth,
+    );
     let mem = vm.guest_memory();
 
     let hello = serde_json::to_vec(&Hello {
@@ -761,19 +817,23 @@ pub struct Received {
     pub memory: GuestRam,
     pub peer: String,
     /// To acknowledge (or refuse) once the VM is built.
-    pub stream: TcpStream,
+    pub stream: Channel,
 }
 
 /// Called once the stream's header has said which accelerator made the
 /// VM and its memory is allocated, while the pages still stream in.
 pub type OnHello<'a> = &'a mut dyn FnMut(hypervisor::AccelKind, &GuestRam);
 
-/// Read the destination's greeting; the tag that answers its nonce when
-/// it demands one.
+/// The TLS client settings to use (when the destination speaks TLS).
+type TlsClient = Option<Arc<rustls::ClientConfig>>;
+
+/// Read the destination's greeting: whether TLS follows (with the
+/// settings to use), and the tag that answers its nonce when it demands
+/// one.
 fn answer_greeting(
     reader: &mut TcpStream,
     destination: &str,
-) -> Result<Option<[u8; crate::auth::TAG]>, VmmError> {
+) -> Result<(TlsClient, Option<[u8; crate::auth::TAG]>), VmmError> {
     let mut g = [0u8; 8 + 1 + 32];
     reader.read_exact(&mut g).map_err(|e| {
         VmmError::MigrationStream(format!(
@@ -785,16 +845,36 @@ fn answer_greeting(
             "{destination} is not a Vireo migrate-receive of this version"
         )));
     }
-    if g[8] == 0 {
-        return Ok(None);
+    let settings = settings();
+    let client = settings.tls.as_ref().and_then(|t| t.client().cloned());
+    let tls = match (g[8] & FLAG_TLS != 0, client) {
+        (true, Some(c)) => Some(c),
+        (true, None) => {
+            return Err(VmmError::Config(format!(
+                "the destination {destination} requires TLS: start this VMM with \
+                 --migration-tls-ca (the CA that signed the destination's certificate)"
+            )))
+        }
+        // Never a silent downgrade.
+        (false, Some(_)) => {
+            return Err(VmmError::Config(format!(
+                "the destination {destination} does not offer TLS, and this VMM migrates only \
+                 over TLS (it was given --migration-tls-ca): start the destination with \
+                 --migration-tls-cert and --migration-tls-key"
+            )))
+        }
+        (false, None) => None,
+    };
+    if g[8] & FLAG_KEY == 0 {
+        return Ok((tls, None));
     }
-    let Some(key) = settings().key else {
+    let Some(key) = settings.key else {
         return Err(VmmError::Config(format!(
             "the destination {destination} requires a migration key: start this VMM with \
              --migration-key-file (the destination's key)"
         )));
     };
-    Ok(Some(key.tag(&[TAG_CONTEXT, &g[9..]])))
+    Ok((tls, Some(key.tag(&[TAG_CONTEXT, &g[9..]]))))
 }
 
 /// Wait on `listen` for one migration and read it to the end.
@@ -804,9 +884,17 @@ pub fn receive(listen: &str, on_hello: OnHello) -> Result<Received, VmmError> {
         source,
     })?;
     let settings = settings();
-    if settings.key.is_none() {
+    let tls = settings.tls.as_ref().and_then(|t| t.server().cloned());
+    let mutual = settings.tls.as_ref().is_some_and(|t| t.mutual());
+    if settings.key.is_none() && !mutual {
         tracing::warn!(
-            "migration receive without --migration-key-file: any host that reaches {listen} can send a VM"
+            "migration receive without --migration-key-file or --migration-tls-ca: any host that \
+             reaches {listen} can send a VM"
+        );
+    }
+    if tls.is_none() {
+        tracing::warn!(
+            "migration receive without --migration-tls-cert: the stream (guest memory) is not encrypted"
         );
     }
     tracing::info!("waiting for a migration on {listen}");
@@ -820,26 +908,38 @@ pub fn receive(listen: &str, on_hello: OnHello) -> Result<Received, VmmError> {
                 continue;
             }
         };
-        match handshake(&stream, settings.key.as_ref()) {
-            Ok(hello) => break (stream, peer, hello),
-            Err(e) => {
+        match handshake(
+            stream,
+            &peer.to_string(),
+            settings.key.as_ref(),
+            tls.as_ref(),
+        ) {
+            Ok((chan, hello)) => break (chan, peer, hello),
+            Err(turned) => {
+                let (e, chan) = *turned;
                 tracing::warn!("migration: turned away {peer}: {e}");
-                let mut s = stream;
-                let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
-                let _ = answer(&mut s, &Err(e));
+                // A peer that failed the TLS handshake already has
+                // rustls's alert; the others get the reason.
+                if let Some(mut s) = chan {
+                    let _ = s.tcp().set_write_timeout(Some(Duration::from_secs(1)));
+                    let _ = answer(&mut s, &Err(e));
+                }
             }
         }
     };
     drop(listener);
-    tracing::info!("migration from {peer}: accepted");
+    tracing::info!(
+        "migration from {peer}: accepted{}",
+        if stream.is_tls() { " (TLS)" } else { "" }
+    );
     let timed = Deadline {
-        stream: stream.try_clone().map_err(io("socket"))?,
+        stream: stream.clone(),
         start: Instant::now(),
         limit: settings.receive_deadline,
         idle: IDLE,
     };
     let mut r = BufReader::with_capacity(1 << 20, timed);
-    let mut w = stream.try_clone().map_err(io("socket"))?;
+    let mut w = stream.clone();
     let (manifest, memory) = read_body(&mut r, &mut w, hello, on_hello)?;
     Ok(Received {
         manifest,
@@ -849,34 +949,73 @@ pub fn receive(listen: &str, on_hello: OnHello) -> Result<Received, VmmError> {
     })
 }
 
-/// Greet a new connection and read its header, tag and hello, all within
+/// Why a connection was turned away, and the channel to tell it on (none
+/// when its TLS handshake failed).
+type TurnedAway = Box<(VmmError, Option<Channel>)>;
+
+/// Greet a new connection, run its TLS handshake when this destination
+/// speaks TLS, and read its header, tag and hello, all within
 /// [`HANDSHAKE`]: what a connection must get right to be taken for the
 /// migration (anything else only turns it away).
-fn handshake(stream: &TcpStream, key: Option<&crate::auth::Key>) -> Result<Hello, VmmError> {
+fn handshake(
+    stream: TcpStream,
+    peer: &str,
+    key: Option<&crate::auth::Key>,
+    tls: Option<&Arc<rustls::ServerConfig>>,
+) -> Result<(Channel, Hello), TurnedAway> {
+    let start = Instant::now();
     let nonce = crate::auth::random::<32>();
     let mut greeting = GREETING.to_vec();
-    greeting.push(key.is_some() as u8);
+    greeting
+        .push(if key.is_some() { FLAG_KEY } else { 0 } | if tls.is_some() { FLAG_TLS } else { 0 });
     greeting.extend_from_slice(&nonce);
-    let mut w = stream.try_clone().map_err(io("socket"))?;
-    w.set_write_timeout(Some(HANDSHAKE)).map_err(io("socket"))?;
-    w.write_all(&greeting).map_err(io("greeting"))?;
+    let plain = Channel::plain(stream).map_err(|e| Box::new((io("socket")(e), None)))?;
+    let greet = |mut c: Channel| -> Result<Channel, VmmError> {
+        c.tcp()
+            .set_write_timeout(Some(HANDSHAKE))
+            .map_err(io("socket"))?;
+        c.write_all(&greeting).map_err(io("greeting"))?;
+        Ok(c)
+    };
+    let plain = greet(plain.clone()).map_err(|e| Box::new((e, Some(plain))))?;
+    let chan = match tls {
+        None => plain,
+        Some(config) => {
+            let tcp = plain
+                .tcp()
+                .try_clone()
+                .map_err(|e| Box::new((io("socket")(e), None)))?;
+            let left = HANDSHAKE.saturating_sub(start.elapsed());
+            let mut c =
+                Channel::accept(tcp, config, peer, left).map_err(|e| Box::new((e.into(), None)))?;
+            c.write_all(&[TLS_ACCEPTED])
+                .and_then(|()| c.flush())
+                .map_err(|e| Box::new((io("TLS")(e), None)))?;
+            c
+        }
+    };
     let mut r = Deadline {
-        stream: stream.try_clone().map_err(io("socket"))?,
-        start: Instant::now(),
+        stream: chan.clone(),
+        start,
         limit: HANDSHAKE,
         idle: HANDSHAKE,
     };
-    read_header(&mut r)?;
-    if let Some(key) = key {
-        let mut tag = [0u8; crate::auth::TAG];
-        r.read_exact(&mut tag).map_err(cut)?;
-        if !key.verify(&[TAG_CONTEXT, &nonce], &tag) {
-            return Err(VmmError::MigrationStream(
-                "wrong migration key: the source's answer to the challenge does not match".into(),
-            ));
+    let hello = (|| {
+        read_header(&mut r)?;
+        if let Some(key) = key {
+            let mut tag = [0u8; crate::auth::TAG];
+            r.read_exact(&mut tag).map_err(cut)?;
+            if !key.verify(&[TAG_CONTEXT, &nonce], &tag) {
+                return Err(VmmError::MigrationStream(
+                    "wrong migration key: the source's answer to the challenge does not match"
+                        .into(),
+                ));
+            }
         }
-    }
-    read_hello(&mut r)
+        read_hello(&mut r)
+    })()
+    .map_err(|e| Box::new((e, Some(chan.clone()))))?;
+    Ok((chan, hello))
 }
 
 /// Parse a migration stream: header, memory, state (with no greeting or
@@ -1019,7 +1158,7 @@ fn read_body<R: Read, W: Write>(
 }
 
 /// Tell the source how building the VM went.
-pub fn answer(stream: &mut TcpStream, result: &Result<(), VmmError>) -> Result<(), VmmError> {
+pub fn answer<W: Write>(stream: &mut W, result: &Result<(), VmmError>) -> Result<(), VmmError> {
     match result {
         Ok(()) => stream.write_all(b"A"),
         Err(e) => {

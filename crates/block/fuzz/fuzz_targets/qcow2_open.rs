@@ -2,43 +2,20 @@
 //! return errors for bad input, never panic, hang or allocate wildly.
 #![no_main]
 
-use std::path::PathBuf;
-
-use block::{open_with, ImageFormat, OpenOptions};
+use block::{open_with, ImageFormat};
 use libfuzzer_sys::fuzz_target;
 
-fn scratch() -> PathBuf {
-    let dir = if std::path::Path::new("/dev/shm").is_dir() {
-        PathBuf::from("/dev/shm")
-    } else {
-        std::env::temp_dir()
-    };
-    dir.join(format!("vireo-block-fuzz-{}.qcow2", std::process::id()))
-}
-
 fuzz_target!(|data: &[u8]| {
-    let path = scratch();
+    let path = block_fuzz::scratch("qcow2");
     let _ = std::fs::remove_file(&path);
     if std::fs::write(&path, data).is_err() {
         return;
     }
     // Backing files are disabled: a hostile image could name any host file.
-    let mut opts = OpenOptions {
-        format: Some(ImageFormat::Qcow2),
-        read_only: true,
-        follow_backing: false,
-        detach_backing: false,
-    };
+    let mut opts = block_fuzz::read_only(ImageFormat::Qcow2);
+    opts.detach_backing = false;
     if let Ok(mut d) = open_with(&path, &opts) {
-        let size = d.size();
-        let mut buf = vec![0u8; size.min(1 << 20) as usize];
-        let _ = d.read_at(&mut buf, 0);
-        let mut small = [0u8; 4096];
-        for off in [size / 3, size.saturating_sub(4096)] {
-            if off.saturating_add(4096) <= size {
-                let _ = d.read_at(&mut small, off);
-            }
-        }
+        block_fuzz::exercise(d.as_mut());
     }
     opts.read_only = false;
     if let Ok(mut d) = open_with(&path, &opts) {

@@ -205,6 +205,7 @@ pub fn pop_op(core: &mut Core, insn: &Instruction) -> R {
         let r = seg::load_sreg(core, idx, v as u16);
         if r.is_ok() && idx == SS {
             core.int_shadow = true;
+            core.debug.ss_load = true;
             core.end_block = true;
         }
         r

@@ -1,14 +1,23 @@
-//! x87 (a working subset), FXSAVE/FXRSTOR and MXCSR.
+//! x87, FXSAVE/FXRSTOR and MXCSR.
 //!
-//! Linux needs FNINIT, the control/status word instructions, FXSAVE and
-//! FXRSTOR for context switches, and on AMD the `fnclex; emms; fild`
-//! sequence before FXRSTOR. The x87 arithmetic here computes in f64 and
-//! converts to and from the 80-bit register format: exact for loads, stores
-//! and integer conversions, less precise than hardware for arithmetic.
+//! The x87 control instructions (FINIT, FCLEX, FLDCW, FSTCW, FSTSW,
+//! FSTENV/FLDENV, FSAVE/FRSTOR in their 16- and 32-bit, real- and
+//! protected-mode layouts) are done here in software; every other x87
+//! instruction (arithmetic, loads and stores in every format, compares,
+//! FCMOVcc, the transcendental ones) runs on the host's own x87 unit
+//! ([`super::x87`]), so its results, flags and condition codes are the
+//! CPU's own. Pending unmasked exceptions raise #MF (vector 16) at the next
+//! waiting x87 instruction when CR0.NE = 1.
+//!
+//! Invariants: `Fpu::tag` is the abridged tag word (bit i: physical
+//! register i in use), the full tag word is derived from the register
+//! contents when an image is stored; `Fpu::fsw` holds the status word
+//! without TOP. An instruction that faults leaves the x87 state as it was.
 
 use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 
 use super::operand::{ea, mem_seg, reg_write};
+use super::x87::{self, abridged_tags, full_tags};
 use crate::core::{fault, gp, ud, Core, Exc, R};
 use crate::cpu::*;
 
@@ -38,97 +47,7 @@ pub fn sse_check(core: &Core) -> R {
     Ok(())
 }
 
-// ------------------------------------------------------- 80-bit conversion
-
-pub fn f64_to_f80(v: f64) -> u128 {
-    let b = v.to_bits();
-    let sign = (b >> 63) as u128;
-    let exp = ((b >> 52) & 0x7ff) as i32;
-    let frac = b & ((1 << 52) - 1);
-    let (e, m): (u128, u64) = if exp == 0 {
-        if frac == 0 {
-            (0, 0)
-        } else {
-            // Denormal double: normalise into the wider exponent range.
-            let lz = frac.leading_zeros() as i32 - 11;
-            let m = frac << (11 + lz);
-            ((16383 - 1022 - lz) as u128, m)
-        }
-    } else if exp == 0x7ff {
-        (0x7fff, (1 << 63) | (frac << 11))
-    } else {
-        ((exp - 1023 + 16383) as u128, (1 << 63) | (frac << 11))
-    };
-    (sign << 79) | (e << 64) | m as u128
-}
-
-pub fn f80_to_f64(v: u128) -> f64 {
-    let sign = ((v >> 79) & 1) as u64;
-    let e = ((v >> 64) & 0x7fff) as i32;
-    let m = v as u64;
-    if e == 0 && m == 0 {
-        return f64::from_bits(sign << 63);
-    }
-    if e == 0x7fff {
-        let frac = (m << 1) >> 12;
-        let frac = if m << 1 != 0 && frac == 0 {
-            1 << 51
-        } else {
-            frac
-        };
-        return f64::from_bits((sign << 63) | (0x7ff << 52) | frac);
-    }
-    // Scale in steps: a single power of two for a denormal result would
-    // itself underflow to zero.
-    let mut mag = m as f64;
-    let mut k = e - 16383 - 63;
-    while k < -1000 {
-        mag *= 2f64.powi(-1000);
-        k += 1000;
-    }
-    while k > 1000 {
-        mag *= 2f64.powi(1000);
-        k -= 1000;
-    }
-    let mag = mag * 2f64.powi(k);
-    if sign != 0 {
-        -mag
-    } else {
-        mag
-    }
-}
-
-// ------------------------------------------------------------- the stack
-
-fn st_index(r: Register) -> u8 {
-    ((r as usize).wrapping_sub(Register::ST0 as usize) & 7) as u8
-}
-
-fn st_get(core: &Core, i: u8) -> u128 {
-    let f = &core.st.fpu;
-    f.st[((f.top + i) & 7) as usize]
-}
-
-fn st_set(core: &mut Core, i: u8, v: u128) {
-    let f = &mut core.st.fpu;
-    let p = ((f.top + i) & 7) as usize;
-    f.st[p] = v;
-    f.tag |= 1 << p;
-}
-
-fn push(core: &mut Core, v: u128) {
-    let f = &mut core.st.fpu;
-    f.top = (f.top + 7) & 7;
-    let p = f.top as usize;
-    f.st[p] = v;
-    f.tag |= 1 << p;
-}
-
-fn pop(core: &mut Core) {
-    let f = &mut core.st.fpu;
-    f.tag &= !(1 << f.top);
-    f.top = (f.top + 1) & 7;
-}
+// ------------------------------------------------------------- memory
 
 fn mem_read(core: &mut Core, insn: &Instruction, size: u8) -> R<u128> {
     let s = mem_seg(insn);
@@ -151,70 +70,163 @@ fn mem_write(core: &mut Core, insn: &Instruction, size: u8, v: u128) -> R {
     core.write_mem(s, off, size.min(8), v as u64)
 }
 
-/// Load operand 0/1 of a memory-form x87 instruction as f64.
-fn load_mem_value(core: &mut Core, insn: &Instruction, integer: bool) -> R<f64> {
-    let size = insn.memory_size().size() as u8;
-    let raw = mem_read(core, insn, size)?;
-    Ok(if integer {
-        sext_f(raw as u64, size)
-    } else {
-        match size {
-            4 => f32::from_bits(raw as u32) as f64,
-            8 => f64::from_bits(raw as u64),
-            _ => f80_to_f64(raw),
-        }
+/// Chunks (offset, size) covering `n` bytes with 8/4/2/1-byte accesses.
+fn chunks(n: usize) -> impl Iterator<Item = (usize, u8)> {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let left = n - at;
+        let size = [8, 4, 2, 1].into_iter().find(|&s| s <= left)?;
+        let c = (at, size as u8);
+        at += size;
+        Some(c)
     })
 }
 
-fn sext_f(v: u64, size: u8) -> f64 {
-    sext(v, size) as i64 as f64
+fn read_bytes(core: &mut Core, insn: &Instruction, buf: &mut [u8]) -> R {
+    let s = mem_seg(insn);
+    let off = ea(&core.st, insn);
+    for (at, size) in chunks(buf.len()) {
+        let v = core.read_mem(s, off.wrapping_add(at as u64), size)?;
+        buf[at..at + size as usize].copy_from_slice(&v.to_le_bytes()[..size as usize]);
+    }
+    Ok(())
 }
 
-fn round_int(core: &Core, v: f64, truncate: bool) -> f64 {
-    if truncate {
-        return v.trunc();
+/// Writes `buf`; the last byte is probed first, so a fault on the far page
+/// leaves memory untouched.
+fn write_bytes(core: &mut Core, insn: &Instruction, buf: &[u8]) -> R {
+    let s = mem_seg(insn);
+    let off = ea(&core.st, insn);
+    let last = off.wrapping_add(buf.len() as u64 - 1);
+    let probe = core.read_mem(s, last, 1)?;
+    core.write_mem(s, last, 1, probe)?;
+    for (at, size) in chunks(buf.len()) {
+        let mut v = [0u8; 8];
+        v[..size as usize].copy_from_slice(&buf[at..at + size as usize]);
+        core.write_mem(s, off.wrapping_add(at as u64), size, u64::from_le_bytes(v))?;
     }
-    match (core.st.fpu.fcw >> 10) & 3 {
-        0 => {
-            let r = v.round();
-            // Round half to even.
-            if (v - v.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
-                r - v.signum()
-            } else {
-                r
-            }
+    Ok(())
+}
+
+// ------------------------------------------------- environment images
+
+/// The layout of an FSTENV/FSAVE image: 16- or 32-bit operand size, real
+/// (and virtual-8086) or protected mode. 64-bit mode uses the 32-bit
+/// protected-mode layout (FIP/FDP truncated to 32 bits).
+#[derive(Clone, Copy)]
+struct EnvForm {
+    wide: bool,
+    real: bool,
+}
+
+impl EnvForm {
+    fn of(core: &Core, insn: &Instruction) -> EnvForm {
+        use iced_x86::MemorySize as S;
+        EnvForm {
+            wide: matches!(insn.memory_size(), S::FpuEnv28 | S::FpuState108),
+            real: !core.st.protected() || core.st.v86(),
         }
-        1 => v.floor(),
-        2 => v.ceil(),
-        _ => v.trunc(),
+    }
+
+    fn env_len(self) -> usize {
+        if self.wide {
+            28
+        } else {
+            14
+        }
     }
 }
 
-fn set_compare_flags(core: &mut Core, a: f64, b: f64) {
-    core.st.settle_flags();
-    let f = &mut core.st.rflags;
-    *f &= !(FLAG_ZF | FLAG_PF | FLAG_CF | FLAG_OF | FLAG_SF | FLAG_AF);
-    if a.is_nan() || b.is_nan() {
-        *f |= FLAG_ZF | FLAG_PF | FLAG_CF;
-    } else if a < b {
-        *f |= FLAG_CF;
-    } else if a == b {
-        *f |= FLAG_ZF;
+/// The environment as FNSTENV stores it. FCS and FDS are stored as 0 (the
+/// engine does not keep them, as FXSAVE's 64-bit layout does not).
+fn store_env(f: &Fpu, form: EnvForm) -> Vec<u8> {
+    let (fip, fdp, fop) = (f.fip, f.fdp, f.fop as u64 & 0x7ff);
+    let words: [u64; 7] = if form.real {
+        [
+            f.fcw as u64,
+            f.status() as u64,
+            full_tags(f) as u64,
+            fip & 0xffff,
+            if form.wide {
+                ((fip >> 16) & 0xffff) << 12 | fop
+            } else {
+                ((fip >> 16) & 0xf) << 12 | fop
+            },
+            fdp & 0xffff,
+            if form.wide {
+                ((fdp >> 16) & 0xffff) << 12
+            } else {
+                ((fdp >> 16) & 0xf) << 12
+            },
+        ]
+    } else if form.wide {
+        [
+            f.fcw as u64,
+            f.status() as u64,
+            full_tags(f) as u64,
+            fip & 0xffff_ffff,
+            fop << 16,
+            fdp & 0xffff_ffff,
+            0,
+        ]
+    } else {
+        [
+            f.fcw as u64,
+            f.status() as u64,
+            full_tags(f) as u64,
+            fip & 0xffff,
+            0,
+            fdp & 0xffff,
+            0,
+        ]
+    };
+    let mut out = Vec::with_capacity(108);
+    for (i, w) in words.iter().enumerate() {
+        if form.wide {
+            // The reserved upper halves (of the control, status and tag
+            // dwords, and of FDS's) are stored as ones, as the CPU does.
+            let reserved = if form.real {
+                matches!(i, 0..=3 | 5)
+            } else {
+                matches!(i, 0..=2 | 6)
+            };
+            let hi = if reserved { 0xffff_0000 } else { 0 };
+            out.extend_from_slice(&((*w as u32) | hi).to_le_bytes());
+        } else {
+            out.extend_from_slice(&(*w as u16).to_le_bytes());
+        }
     }
+    out
 }
 
-/// x87 arithmetic: returns ST(0) op src for the plain forms.
-fn arith(mn: M, a: f64, b: f64) -> f64 {
-    match mn {
-        M::Fadd | M::Faddp | M::Fiadd => a + b,
-        M::Fsub | M::Fsubp | M::Fisub => a - b,
-        M::Fsubr | M::Fsubrp | M::Fisubr => b - a,
-        M::Fmul | M::Fmulp | M::Fimul => a * b,
-        M::Fdiv | M::Fdivp | M::Fidiv => a / b,
-        _ => b / a,
+/// Loads an environment image (FLDENV, and the first part of FRSTOR).
+fn load_env(f: &mut Fpu, img: &[u8], form: EnvForm) {
+    let w = |i: usize| -> u64 {
+        if form.wide {
+            u32::from_le_bytes(img[4 * i..4 * i + 4].try_into().unwrap()) as u64
+        } else {
+            u16::from_le_bytes(img[2 * i..2 * i + 2].try_into().unwrap()) as u64
+        }
+    };
+    f.fcw = fcw_value(w(0) as u16);
+    let fsw = w(1) as u16;
+    f.top = ((fsw >> 11) & 7) as u8;
+    f.fsw = fsw & !0x3800;
+    f.tag = abridged_tags(w(2) as u16);
+    if form.real {
+        let hi = if form.wide { 0xffff } else { 0xf };
+        f.fip = w(3) & 0xffff | ((w(4) >> 12) & hi) << 16;
+        f.fop = (w(4) & 0x7ff) as u16;
+        f.fdp = w(5) & 0xffff | ((w(6) >> 12) & hi) << 16;
+    } else if form.wide {
+        f.fip = w(3);
+        f.fop = ((w(4) >> 16) & 0x7ff) as u16;
+        f.fdp = w(5);
+    } else {
+        f.fip = w(3);
+        f.fdp = w(5);
     }
 }
-
 pub fn execute(core: &mut Core, insn: &Instruction) -> R {
     let mn = insn.mnemonic();
     match mn {
@@ -222,7 +234,7 @@ pub fn execute(core: &mut Core, insn: &Instruction) -> R {
             if core.st.cr0 & CR0_TS != 0 && core.st.cr0 & CR0_MP != 0 {
                 return Err(nm());
             }
-            Ok(())
+            wait_check(core)
         }
         M::Fxsave | M::Fxsave64 => {
             fx_check(core)?;
@@ -260,17 +272,238 @@ fn fx_check(core: &Core) -> R {
     Ok(())
 }
 
+/// FLDCW's value as the CPU keeps it: bits 7 and 13-15 read as 0, bit 6
+/// as 1.
+fn fcw_value(v: u16) -> u16 {
+    (v & 0x1f7f) | 0x40
+}
+
+/// FNINIT (also the end of FSAVE): the data registers keep their contents,
+/// only tagged empty; FNSAVE images and FXSAVE show them.
+fn init(f: &mut Fpu) {
+    *f = Fpu {
+        st: f.st,
+        ..Fpu::default()
+    };
+}
+
+/// #MF for an unmasked exception left pending by an earlier instruction,
+/// checked by every waiting x87 instruction. With CR0.NE = 0 (the legacy
+/// FERR#/IRQ 13 reporting) the engine behaves as if IGNNE# were asserted:
+/// the instruction proceeds and the flags stay pending.
+pub(crate) fn wait_check(core: &Core) -> R {
+    if x87::pending(&core.st.fpu) != 0 && core.st.cr0 & CR0_NE != 0 {
+        return Err(fault(16, None));
+    }
+    Ok(())
+}
+
+/// What determines an encoding (see `stub_of` and `guest_modrm`).
+type EncodingKey = (u8, u16, u16, u16, u16);
+
+thread_local! {
+    /// Encodings already worked out: re-encoding with iced's encoder costs
+    /// more than running the instruction. Keyed by what determines them
+    /// (see `stub_of` and `guest_modrm`).
+    static ENCODINGS: std::cell::RefCell<std::collections::HashMap<EncodingKey, (u8, u8)>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+fn cached(key: EncodingKey, f: impl FnOnce() -> Option<(u8, u8)>) -> Option<(u8, u8)> {
+    if let Some(v) = ENCODINGS.with(|c| c.borrow().get(&key).copied()) {
+        return Some(v);
+    }
+    let v = f()?;
+    ENCODINGS.with(|c| c.borrow_mut().insert(key, v));
+    Some(v)
+}
+
+/// The (escape, ModRM) pair the host stub table is indexed by: the
+/// instruction re-encoded in 64-bit mode, a memory operand replaced by
+/// `[rdi]`. It depends on the instruction's code and register operands.
+fn stub_of(insn: &Instruction, is_mem: bool) -> R<(u8, u8)> {
+    let reg = |n: u32| {
+        if n < insn.op_count() && insn.op_kind(n) == OpKind::Register {
+            insn.op_register(n) as u16
+        } else {
+            0
+        }
+    };
+    let key = (0, insn.code() as u16, reg(0), reg(1), 0);
+    let encode = || {
+        let mut i = *insn;
+        if is_mem {
+            i.set_memory_base(Register::RDI);
+            i.set_memory_index(Register::None);
+            i.set_memory_index_scale(1);
+            i.set_memory_displacement64(0);
+            i.set_memory_displ_size(0);
+            i.set_segment_prefix(Register::None);
+        }
+        let mut enc = iced_x86::Encoder::new(64);
+        enc.encode(&i, 0).ok()?;
+        match enc.take_buffer()[..] {
+            [esc, modrm] if x87::has_stub(esc, modrm) => Some((esc, modrm)),
+            _ => None,
+        }
+    };
+    cached(key, encode)
+        .ok_or_else(|| Exc::unimplemented(format!("x87 instruction {insn} has no host form")))
+}
+
+/// The ModRM byte of the guest's own encoding of a memory form (for FOP):
+/// it depends on the code size, the instruction's code and its addressing
+/// form (base, index, displacement size).
+fn guest_modrm(core: &Core, insn: &Instruction) -> Option<u8> {
+    let key = (
+        core.st.code_bits() as u8,
+        insn.code() as u16,
+        insn.memory_base() as u16,
+        insn.memory_index() as u16,
+        insn.memory_displ_size() as u16,
+    );
+    let encode = || {
+        let mut enc = iced_x86::Encoder::new(core.st.code_bits());
+        enc.encode(insn, insn.ip()).ok()?;
+        let b = enc.take_buffer();
+        let at = b.iter().position(|x| (0xd8..=0xdf).contains(x))?;
+        Some((*b.get(at + 1)?, 0))
+    };
+    cached(key, encode).map(|(m, _)| m)
+}
+
+/// Instructions that write their memory operand (the rest read it).
+fn stores(mn: M) -> bool {
+    matches!(
+        mn,
+        M::Fst | M::Fstp | M::Fist | M::Fistp | M::Fisttp | M::Fbstp
+    )
+}
+
+/// One arithmetic, load, store, compare or stack instruction, run on the
+/// host x87 unit (see `x87`'s module docs).
+fn on_host(core: &mut Core, insn: &Instruction, is_mem: bool) -> R {
+    let mn = insn.mnemonic();
+    let (esc, modrm) = stub_of(insn, is_mem)?;
+    let size = if is_mem { insn.memory_size().size() } else { 0 };
+    // The stubs' operand buffer holds the 10-byte formats at most; the
+    // larger images (FLDENV, FSAVE, ...) never run on the host.
+    if size > 10 {
+        return Err(Exc::unimplemented(format!(
+            "x87 instruction {insn} has a {size}-byte operand"
+        )));
+    }
+    let mut buf = [0u8; 16];
+    if is_mem && !stores(mn) {
+        read_bytes(core, insn, &mut buf[..size])?;
+    }
+    let uses_flags = matches!(
+        mn,
+        M::Fcomi
+            | M::Fcomip
+            | M::Fucomi
+            | M::Fucomip
+            | M::Fcmovb
+            | M::Fcmove
+            | M::Fcmovbe
+            | M::Fcmovu
+            | M::Fcmovnb
+            | M::Fcmovne
+            | M::Fcmovnbe
+            | M::Fcmovnu
+    );
+    let mut flags = if uses_flags { core.st.get_rflags() } else { 0 };
+    let old = core.st.fpu;
+    let mut f = old;
+    x87::exec(&mut f, esc, modrm, &mut buf, &mut flags);
+    if is_mem && stores(mn) {
+        // An unmasked exception raised by this store can suppress it: run
+        // it again over other buffer contents to tell whether it wrote.
+        let new_unmasked = f.fsw & !old.fsw & !f.fcw & 0x3f != 0;
+        let wrote = if new_unmasked {
+            let mut again = old;
+            let mut buf2 = [0xffu8; 16];
+            let mut fl2 = flags;
+            x87::exec(&mut again, esc, modrm, &mut buf2, &mut fl2);
+            buf2[..size] == buf[..size]
+        } else {
+            true
+        };
+        if wrote {
+            write_bytes(core, insn, &buf[..size])?;
+        }
+    }
+    // The last non-control instruction's pointers and opcode.
+    let rm = if is_mem {
+        guest_modrm(core, insn).unwrap_or(modrm)
+    } else {
+        modrm
+    };
+    f.fop = ((esc as u16 & 7) << 8) | rm as u16;
+    // In real and virtual-8086 mode the pointers are linear addresses
+    // (segment * 16 + offset), elsewhere offsets.
+    let real = !core.st.protected() || core.st.v86();
+    let base = |seg: usize| if real { core.st.seg[seg].base } else { 0 };
+    f.fip = insn.ip().wrapping_add(base(CS));
+    if is_mem {
+        f.fdp = ea(&core.st, insn).wrapping_add(base(mem_seg(insn)));
+    }
+    core.st.fpu = f;
+    if uses_flags {
+        core.st.settle_flags();
+        let r = core.st.rflags;
+        core.st.set_rflags((r & !x87::ARITH) | flags);
+    }
+    Ok(())
+}
+
+/// Whether iced files the instruction under the x87 (its CPUID features
+/// include one of the FPU's).
+fn is_x87(insn: &Instruction) -> bool {
+    use iced_x86::CpuidFeature as F;
+    insn.cpuid_features().iter().any(|f| {
+        matches!(
+            f,
+            F::FPU | F::FPU287 | F::FPU387 | F::FPU287XL_ONLY | F::FPU387SL_ONLY | F::CYRIX_FPU
+        )
+    })
+}
+
 fn x87(core: &mut Core, insn: &Instruction) -> R {
     let mn = insn.mnemonic();
+    // EMMS (MMX) empties the x87 tag word.
+    if mn == M::Emms {
+        x87_check(core)?;
+        wait_check(core)?;
+        core.st.fpu.tag = 0;
+        return Ok(());
+    }
+    // Not x87, or of an FPU feature the advertised CPU lacks (FISTTP
+    // without SSE3, 287XL/387SL/Cyrix-only forms): #UD or an internal error.
+    let lacks = insn
+        .cpuid_features()
+        .iter()
+        .any(|f| !crate::cpuid::has_feature(&core.cpuid, *f));
+    if !is_x87(insn) || lacks {
+        return Err(super::not_executed(core, insn));
+    }
     x87_check(core)?;
     let is_mem =
         insn.op_count() > 0 && (0..insn.op_count()).any(|n| insn.op_kind(n) == OpKind::Memory);
+    // The no-wait control instructions ignore pending exceptions; their
+    // waiting forms (FWAIT + the same) and every other x87 instruction
+    // raise #MF for them first.
+    if !matches!(
+        mn,
+        M::Fninit | M::Fnclex | M::Fnstsw | M::Fnstcw | M::Fnstenv | M::Fnsave
+    ) {
+        wait_check(core)?;
+    }
     match mn {
-        M::Fninit | M::Finit => {
-            core.st.fpu = Fpu::default();
-        }
+        M::Fninit | M::Finit => init(&mut core.st.fpu),
         M::Fnclex | M::Fclex => core.st.fpu.fsw &= !0x80ff,
-        M::Emms => core.st.fpu.tag = 0,
+        // Without effect since the 80387.
+        M::Fneni | M::Feni | M::Fndisi | M::Fdisi | M::Fnsetpm | M::Fsetpm => {}
         M::Fnstsw | M::Fstsw => {
             let v = core.st.fpu.status();
             if insn.op0_kind() == OpKind::Register {
@@ -285,155 +518,62 @@ fn x87(core: &mut Core, insn: &Instruction) -> R {
         }
         M::Fldcw => {
             let v = mem_read(core, insn, 2)? as u16;
-            core.st.fpu.fcw = v | 0x40;
+            core.st.fpu.fcw = fcw_value(v);
         }
-        M::Ffree | M::Ffreep => {
-            let i = st_index(insn.op0_register());
-            let p = (core.st.fpu.top + i) & 7;
-            core.st.fpu.tag &= !(1 << p);
-            if mn == M::Ffreep {
-                pop(core);
+        M::Fnstenv | M::Fstenv => {
+            let form = EnvForm::of(core, insn);
+            let img = store_env(&core.st.fpu, form);
+            write_bytes(core, insn, &img)?;
+            // FSTENV then masks every exception.
+            core.st.fpu.fcw |= 0x3f;
+        }
+        M::Fldenv => {
+            let form = EnvForm::of(core, insn);
+            let mut img = vec![0u8; form.env_len()];
+            read_bytes(core, insn, &mut img)?;
+            load_env(&mut core.st.fpu, &img, form);
+        }
+        M::Fnsave | M::Fsave => {
+            let form = EnvForm::of(core, insn);
+            let f = core.st.fpu;
+            let mut img = store_env(&f, form);
+            for i in 0..8 {
+                let v = f.st[(f.top as usize + i) & 7];
+                img.extend_from_slice(&v.to_le_bytes()[..10]);
             }
+            write_bytes(core, insn, &img)?;
+            init(&mut core.st.fpu);
         }
-        M::Fincstp => core.st.fpu.top = (core.st.fpu.top + 1) & 7,
-        M::Fdecstp => core.st.fpu.top = (core.st.fpu.top + 7) & 7,
-        M::Fld1 => push(core, f64_to_f80(1.0)),
-        M::Fldz => push(core, f64_to_f80(0.0)),
-        M::Fild => {
-            let v = load_mem_value(core, insn, true)?;
-            push(core, f64_to_f80(v));
-        }
-        M::Fld => {
-            if is_mem {
-                let size = insn.memory_size().size() as u8;
-                let v = if size == 10 {
-                    mem_read(core, insn, 10)? & ((1u128 << 80) - 1)
-                } else {
-                    f64_to_f80(load_mem_value(core, insn, false)?)
-                };
-                push(core, v);
-            } else {
-                let v = st_get(core, st_index(insn.op0_register()));
-                push(core, v);
+        M::Frstor => {
+            let form = EnvForm::of(core, insn);
+            let n = form.env_len();
+            let mut img = vec![0u8; n + 80];
+            read_bytes(core, insn, &mut img)?;
+            let mut f = core.st.fpu;
+            load_env(&mut f, &img, form);
+            for i in 0..8 {
+                let mut r = [0u8; 16];
+                r[..10].copy_from_slice(&img[n + 10 * i..n + 10 * i + 10]);
+                f.st[(f.top as usize + i) & 7] = u128::from_le_bytes(r);
             }
+            core.st.fpu = f;
         }
-        M::Fst | M::Fstp => {
-            let v = st_get(core, 0);
-            if is_mem {
-                let size = insn.memory_size().size() as u8;
-                let raw = match size {
-                    4 => (f80_to_f64(v) as f32).to_bits() as u128,
-                    8 => f80_to_f64(v).to_bits() as u128,
-                    _ => v,
-                };
-                mem_write(core, insn, size, raw)?;
-            } else {
-                st_set(core, st_index(insn.op0_register()), v);
-            }
-            if mn == M::Fstp {
-                pop(core);
-            }
-        }
-        M::Fist | M::Fistp | M::Fisttp => {
-            if mn == M::Fisttp {
-                super::require(core, iced_x86::CpuidFeature::SSE3)?;
-            }
-            let size = insn.memory_size().size() as u8;
-            let v = round_int(core, f80_to_f64(st_get(core, 0)), mn == M::Fisttp);
-            let bits = size as u32 * 8;
-            let min = -(2f64.powi(bits as i32 - 1));
-            // Out of range: the "integer indefinite" value (sign bit only).
-            let iv = if v.is_nan() || v < min || v >= -min {
-                1u64 << (bits - 1)
-            } else {
-                v as i64 as u64
-            };
-            mem_write(core, insn, size, iv as u128)?;
-            if mn != M::Fist {
-                pop(core);
-            }
-        }
-        M::Fxch => {
-            // FXCH ST(0), ST(i): the register operand is the last one.
-            let i = st_index(insn.op_register(insn.op_count().saturating_sub(1)));
-            let a = st_get(core, 0);
-            let b = st_get(core, i);
-            st_set(core, 0, b);
-            st_set(core, i, a);
-        }
-        M::Fchs => {
-            let v = st_get(core, 0) ^ (1u128 << 79);
-            st_set(core, 0, v);
-        }
-        M::Fabs => {
-            let v = st_get(core, 0) & !(1u128 << 79);
-            st_set(core, 0, v);
-        }
-        M::Fadd
-        | M::Fsub
-        | M::Fsubr
-        | M::Fmul
-        | M::Fdiv
-        | M::Fdivr
-        | M::Fiadd
-        | M::Fisub
-        | M::Fisubr
-        | M::Fimul
-        | M::Fidiv
-        | M::Fidivr
-        | M::Faddp
-        | M::Fsubp
-        | M::Fsubrp
-        | M::Fmulp
-        | M::Fdivp
-        | M::Fdivrp => {
-            if is_mem {
-                let integer = matches!(
-                    mn,
-                    M::Fiadd | M::Fisub | M::Fisubr | M::Fimul | M::Fidiv | M::Fidivr
-                );
-                let b = load_mem_value(core, insn, integer)?;
-                let a = f80_to_f64(st_get(core, 0));
-                st_set(core, 0, f64_to_f80(arith(mn, a, b)));
-            } else {
-                // Register forms: op0 is the destination, op1 the source.
-                let d = st_index(insn.op0_register());
-                let s = if insn.op_count() > 1 {
-                    st_index(insn.op1_register())
-                } else {
-                    0
-                };
-                let a = f80_to_f64(st_get(core, d));
-                let b = f80_to_f64(st_get(core, s));
-                st_set(core, d, f64_to_f80(arith(mn, a, b)));
-                if matches!(
-                    mn,
-                    M::Faddp | M::Fsubp | M::Fsubrp | M::Fmulp | M::Fdivp | M::Fdivrp
-                ) {
-                    pop(core);
-                }
-            }
-        }
-        M::Fcomi | M::Fcomip | M::Fucomi | M::Fucomip => {
-            let a = f80_to_f64(st_get(core, 0));
-            let b = f80_to_f64(st_get(core, st_index(insn.op1_register())));
-            set_compare_flags(core, a, b);
-            if matches!(mn, M::Fcomip | M::Fucomip) {
-                pop(core);
-            }
-        }
-        _ => return Err(super::not_executed(core, insn)),
+        _ => on_host(core, insn, is_mem)?,
     }
     Ok(())
 }
-
 fn fxsave(core: &mut Core, insn: &Instruction, wide: bool) -> R {
     let s = mem_seg(insn);
     let base = ea(&core.st, insn);
     if core.lin(s, base)? & 15 != 0 {
         return Err(gp(0));
     }
-    let f = core.st.fpu;
+    let mut f = core.st.fpu;
+    // As AMD CPUs do: FOP, FIP and FDP are saved only while an unmasked
+    // exception is pending (ES); otherwise they are stored as 0.
+    if f.fsw & 0x80 == 0 {
+        (f.fop, f.fip, f.fdp) = (0, 0, 0);
+    }
     let mut img = [0u64; 64];
     img[0] = f.fcw as u64 | (f.status() as u64) << 16 | (f.tag as u64) << 32 | (f.fop as u64) << 48;
     if wide {
@@ -499,29 +639,4 @@ fn fxrstor(core: &mut Core, insn: &Instruction, wide: bool) -> R {
         core.st.xmm[i] = img[20 + 2 * i] as u128 | (img[21 + 2 * i] as u128) << 64;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn f80_round_trips_doubles() {
-        for v in [
-            0.0,
-            -0.0,
-            1.0,
-            -2.5,
-            1e300,
-            1e-310,
-            f64::INFINITY,
-            f64::MIN_POSITIVE,
-            12345.678,
-        ] {
-            assert_eq!(f80_to_f64(f64_to_f80(v)).to_bits(), v.to_bits(), "{v}");
-        }
-        // 1.0 is exponent 16383 with the explicit integer bit.
-        assert_eq!(f64_to_f80(1.0), (16383u128 << 64) | (1u128 << 63));
-        assert!(f80_to_f64(f64_to_f80(f64::NAN)).is_nan());
-    }
 }

@@ -9,6 +9,7 @@ pub mod sse;
 pub mod sse4;
 pub mod string;
 pub mod system;
+pub mod x87;
 
 use iced_x86::{ConditionCode, Instruction, Mnemonic, OpKind};
 

@@ -74,7 +74,8 @@ fn mmx_check(core: &Core) -> R {
     if core.st.cr0 & CR0_TS != 0 {
         return Err(crate::core::fault(7, None));
     }
-    Ok(())
+    // MMX instructions are x87 instructions too: #MF for a pending one.
+    super::fpu::wait_check(core)
 }
 
 /// Width in bits of the packed operation: 64 for the MM forms.

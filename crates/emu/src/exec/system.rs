@@ -18,9 +18,12 @@ fn need_cpl0(core: &Core) -> R {
 
 /// Port access permission (IOPL only; the TSS I/O bitmap is not consulted,
 /// so a port access above IOPL always raises #GP).
-pub fn check_io(core: &Core, _port: u16, _size: u8) -> R {
+pub fn check_io(core: &mut Core, port: u16, size: u8) -> R {
     if core.st.protected() && (core.st.v86() || core.st.cpl() > core.st.iopl()) {
         return Err(gp(0));
+    }
+    if core.st.dr[7] & 0xff != 0 {
+        core.watch_io(port, size);
     }
     Ok(())
 }
@@ -42,6 +45,7 @@ pub fn mov(core: &mut Core, insn: &Instruction) -> R {
             seg::load_sreg(core, idx, v)?;
             if idx == SS {
                 core.int_shadow = true;
+                core.debug.ss_load = true;
                 core.end_block = true;
             }
             return Ok(());

@@ -102,7 +102,7 @@ impl Core {
     // ---------------------------------------------------------- linear access
 
     pub fn read_lin(&mut self, lin: u64, size: u8, user: bool) -> R<u64> {
-        if self.st.dr[7] & 0xff != 0 {
+        if self.watching() {
             self.watch(lin, size, false);
         }
         if (lin & 0xfff) + size as u64 > 0x1000 {
@@ -128,7 +128,7 @@ impl Core {
     }
 
     pub fn write_lin(&mut self, lin: u64, size: u8, val: u64, user: bool) -> R {
-        if self.st.dr[7] & 0xff != 0 {
+        if self.watching() {
             self.watch(lin, size, true);
         }
         if (lin & 0xfff) + size as u64 > 0x1000 {
@@ -181,7 +181,7 @@ impl Core {
         f: &mut dyn FnMut(u64) -> u64,
     ) -> R<u64> {
         let aligned = lin & (size as u64 - 1) == 0;
-        if self.st.dr[7] & 0xff != 0 {
+        if self.watching() {
             self.watch(lin, size, true);
         }
         if (lin & 0xfff) + size as u64 <= 0x1000 {

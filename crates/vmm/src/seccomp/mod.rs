@@ -111,7 +111,53 @@ pub fn compile(kind: RoleKind, mode: SeccompMode) -> Result<BpfProgram, String> 
             }
         }
     }
-    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
+    // The calls refused without a report pass this filter; the refusal
+    // filter stacked on it (`compile_refusals`) fails them.
+    for nr in refused_numbers(kind)? {
+        rules.insert(nr, Vec::new());
+    }
+    build(kind, rules, mismatch, SeccompAction::Allow)
+}
+
+/// The [`lists::REFUSED`] calls that a thread of `kind` may not make.
+fn refused_numbers(kind: RoleKind) -> Result<Vec<i64>, String> {
+    let allowed: Vec<&str> = match kind {
+        // The spawner's list is every list's union.
+        RoleKind::Spawner => return Ok(Vec::new()),
+        k => lists::for_role(k).map(|a| a.name).collect(),
+    };
+    lists::REFUSED
+        .iter()
+        .filter(|name| !allowed.contains(name))
+        .map(|name| names::number(name).ok_or_else(|| format!("unknown system call '{name}'")))
+        .collect()
+}
+
+/// The second filter of a thread of `kind`: its [`lists::REFUSED`] calls
+/// fail with EACCES (`on`) or are logged (`log`); everything else passes
+/// to the allow-list filter. None when the role may make them all.
+/// (The kernel runs every filter of a thread and takes the strictest
+/// answer: EACCES here wins over "allow" there.)
+pub fn compile_refusals(kind: RoleKind, mode: SeccompMode) -> Result<Option<BpfProgram>, String> {
+    let refused = refused_numbers(kind)?;
+    if refused.is_empty() {
+        return Ok(None);
+    }
+    let action = match mode {
+        SeccompMode::Log => SeccompAction::Log,
+        _ => SeccompAction::Errno(libc::EACCES as u32),
+    };
+    let rules = refused.into_iter().map(|nr| (nr, Vec::new())).collect();
+    build(kind, rules, SeccompAction::Allow, action).map(Some)
+}
+
+fn build(
+    kind: RoleKind,
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    mismatch: SeccompAction,
+    matched: SeccompAction,
+) -> Result<BpfProgram, String> {
+    let filter = SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64)
         .map_err(|e| format!("the {kind} filter does not build: {e}"))?;
     filter
         .try_into()
@@ -150,7 +196,8 @@ pub fn install(settings: SeccompSettings) -> Result<(), VmmError> {
     let mut filters = BTreeMap::new();
     for kind in RoleKind::ALL {
         let prog = compile(kind, settings.mode).map_err(VmmError::Isolation)?;
-        filters.insert(kind, prog);
+        let refusals = compile_refusals(kind, settings.mode).map_err(VmmError::Isolation)?;
+        filters.insert(kind, (prog, refusals));
     }
     if settings.mode == SeccompMode::On {
         install_sigsys_handler()?;
@@ -160,11 +207,14 @@ pub fn install(settings: SeccompSettings) -> Result<(), VmmError> {
     threads::add_hook(
         Stage::Confine,
         Arc::new(move |role: &Role| {
-            let prog = filters
+            let (prog, refusals) = filters
                 .get(&role.kind())
                 .ok_or_else(|| format!("no seccomp filter for {role}"))?;
-            seccompiler::apply_filter(prog)
-                .map_err(|e| format!("cannot install the {} seccomp filter: {e}", role.kind()))?;
+            for p in std::iter::once(prog).chain(refusals) {
+                seccompiler::apply_filter(p).map_err(|e| {
+                    format!("cannot install the {} seccomp filter: {e}", role.kind())
+                })?;
+            }
             if forbidden == Some(role.kind()) {
                 make_forbidden_call();
             }
@@ -290,6 +340,35 @@ mod tests {
                 assert!(!p.is_empty(), "{kind}");
             }
         }
+    }
+
+    #[test]
+    fn refused_calls_fail_with_eacces_on_threads_whose_list_lacks_them() {
+        assert!(compile_refusals(RoleKind::Main, SeccompMode::On)
+            .unwrap()
+            .is_none());
+        assert!(compile_refusals(RoleKind::Spawner, SeccompMode::On)
+            .unwrap()
+            .is_none());
+        let prog = compile_refusals(RoleKind::Vcpu, SeccompMode::On)
+            .unwrap()
+            .expect("a vCPU may not open files");
+        // On a thread of its own: a filter stays with the thread.
+        let errno = std::thread::spawn(move || {
+            seccompiler::apply_filter(&prog).unwrap();
+            let path = c"/proc/sys/vm/overcommit_memory";
+            // SAFETY: a valid C string; the descriptor, if any, is closed.
+            let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+            let errno = std::io::Error::last_os_error().raw_os_error();
+            if fd >= 0 {
+                // SAFETY: our own descriptor.
+                unsafe { libc::close(fd) };
+            }
+            (fd, errno)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(errno, (-1, Some(libc::EACCES)));
     }
 
     #[test]
