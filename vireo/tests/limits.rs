@@ -297,25 +297,87 @@ fn a_nic_limited_to_20_mib_s_sends_20_mib_s_until_lifted() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Where cgroup v2 is mounted, if it is and offers the cpu controller
-/// (else why not, for the skip message).
-fn cgroup2_with_cpu() -> Result<PathBuf, String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let mount = info
-        .lines()
-        .filter_map(|l| l.split_once(" - "))
-        .find(|(_, r)| r.starts_with("cgroup2 "))
-        .and_then(|(l, _)| l.split_whitespace().nth(4))
-        .map(PathBuf::from)
-        .ok_or("no cgroup v2 hierarchy is mounted")?;
-    let controllers = std::fs::read_to_string(mount.join("cgroup.controllers")).unwrap_or_default();
-    if !controllers.split_whitespace().any(|c| c == "cpu") {
-        return Err(format!(
-            "cgroup v2 at {} offers no cpu controller (bound to cgroup v1 here)",
-            mount.display()
-        ));
+/// Where the cpu controller is: cgroup v2, or (Vireo's fallback on
+/// hybrid hosts, docs/limits.md) a cgroup v1 hierarchy.
+enum CpuHierarchy {
+    V2(PathBuf),
+    V1(PathBuf),
+}
+
+impl CpuHierarchy {
+    fn mount(&self) -> &Path {
+        match self {
+            CpuHierarchy::V2(m) | CpuHierarchy::V1(m) => m,
+        }
     }
-    Ok(mount)
+
+    /// The file a sub-group lists its threads in.
+    fn threads_file(&self) -> &'static str {
+        match self {
+            CpuHierarchy::V2(_) => "cgroup.threads",
+            CpuHierarchy::V1(_) => "tasks",
+        }
+    }
+
+    /// The CFS quota and period the cgroup `dir` has, in µs.
+    fn quota_period(&self, dir: &Path) -> (String, String) {
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f))
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        match self {
+            CpuHierarchy::V2(_) => {
+                let v = read("cpu.max");
+                let (q, p) = v.split_once(' ').unwrap();
+                (q.to_string(), p.to_string())
+            }
+            CpuHierarchy::V1(_) => (read("cpu.cfs_quota_us"), read("cpu.cfs_period_us")),
+        }
+    }
+}
+
+/// cgroup v2 with the cpu controller, else a cgroup v1 hierarchy with it
+/// (else why neither, for the skip message).
+fn cpu_hierarchy() -> Result<CpuHierarchy, String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mut v1 = None;
+    let mut v2 = None;
+    for (left, right) in info.lines().filter_map(|l| l.split_once(" - ")) {
+        let point = left.split_whitespace().nth(4).map(PathBuf::from);
+        let mut r = right.split_whitespace();
+        match r.next() {
+            Some("cgroup2") => v2 = v2.or(point),
+            Some("cgroup") if r.nth(1).is_some_and(|o| o.split(',').any(|x| x == "cpu")) => {
+                v1 = v1.or(point)
+            }
+            _ => {}
+        }
+    }
+    if let Some(mount) = v2 {
+        let controllers =
+            std::fs::read_to_string(mount.join("cgroup.controllers")).unwrap_or_default();
+        if controllers.split_whitespace().any(|c| c == "cpu") {
+            return Ok(CpuHierarchy::V2(mount));
+        }
+    }
+    v1.map(CpuHierarchy::V1)
+        .ok_or_else(|| "no cgroup hierarchy offers the cpu controller".to_string())
+}
+
+/// CPU time the process `pid` used, all its threads, in µs.
+fn process_cpu_us(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name (in parentheses): state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    (f[11] + f[12]) * 1_000_000 / hz
 }
 
 /// A CPU-bound guest in a VMM started with `--cgroup PARENT --cpu-max
@@ -323,8 +385,12 @@ fn cgroup2_with_cpu() -> Result<PathBuf, String> {
 /// wall time, within 10%) and keeps running; vCPU threads sit in the
 /// `vcpus` sub-group, the others in `vmm`; `vireo cgroup` changes
 /// cpu.max live; the cgroup is gone once the VMM exits. Needs root and a
-/// cgroup v2 hierarchy with the cpu controller; says so and skips
-/// otherwise.
+/// cgroup hierarchy with the cpu controller; says so and skips
+/// otherwise. Where the cpu controller is bound to cgroup v1 the same
+/// runs against Vireo's v1 fallback: the limit is read from
+/// cpu.cfs_quota_us/cpu.cfs_period_us, the usage from the VMM's own CPU
+/// time (/proc/PID/stat: the cgroup holds only this process, and the v1
+/// cpu hierarchy need not have cpuacct).
 #[test]
 fn a_cpu_bound_guest_under_cpu_max_50_percent_uses_half_a_cpu() {
     // SAFETY: geteuid has no preconditions.
@@ -332,23 +398,36 @@ fn a_cpu_bound_guest_under_cpu_max_50_percent_uses_half_a_cpu() {
         eprintln!("note: needs root (to make cgroups); cpu.max test skipped");
         return;
     }
-    let mount = match cgroup2_with_cpu() {
-        Ok(m) => m,
+    let hierarchy = match cpu_hierarchy() {
+        Ok(h) => h,
         Err(why) => {
             eprintln!("note: {why}; cpu.max test skipped");
             return;
         }
     };
+    let mount = hierarchy.mount().to_path_buf();
     let _serial = one_at_a_time();
     // The parent: under the root, with cpu enabled there (the root may
     // have processes and still hand out controllers) and a high weight,
     // so a loaded host does not keep the guest from its quota.
-    let _ = std::fs::write(mount.join("cgroup.subtree_control"), "+cpu");
     let parent_name = format!("vireo-test-{}", std::process::id());
     let parent = mount.join(&parent_name);
     let _ = std::fs::remove_dir(&parent);
-    std::fs::create_dir(&parent).unwrap();
-    let _ = std::fs::write(parent.join("cpu.weight"), "10000");
+    match hierarchy {
+        CpuHierarchy::V2(_) => {
+            let _ = std::fs::write(mount.join("cgroup.subtree_control"), "+cpu");
+            std::fs::create_dir(&parent).unwrap();
+            let _ = std::fs::write(parent.join("cpu.weight"), "10000");
+        }
+        CpuHierarchy::V1(_) => {
+            eprintln!(
+                "note: the cpu controller is bound to cgroup v1 at {}: testing Vireo's v1 fallback",
+                mount.display()
+            );
+            std::fs::create_dir(&parent).unwrap();
+            let _ = std::fs::write(parent.join("cpu.shares"), "102400");
+        }
+    }
 
     let g = guest_dir();
     let dir = scratch("cpu");
@@ -368,19 +447,23 @@ fn a_cpu_bound_guest_under_cpu_max_50_percent_uses_half_a_cpu() {
         vm.stderr_text()
     );
     assert_eq!(
-        std::fs::read_to_string(own.join("cpu.max")).unwrap().trim(),
-        "50000 100000"
+        hierarchy.quota_period(&own),
+        ("50000".to_string(), "100000".to_string())
     );
     for sub in ["vcpus", "vmm"] {
-        let t = std::fs::read_to_string(own.join(sub).join("cgroup.threads")).unwrap();
+        let t = std::fs::read_to_string(own.join(sub).join(hierarchy.threads_file())).unwrap();
         assert!(!t.trim().is_empty(), "no thread in {sub}");
     }
-    let usage = || {
-        let s = std::fs::read_to_string(own.join("cpu.stat")).unwrap();
-        s.lines()
-            .find_map(|l| l.strip_prefix("usage_usec "))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap()
+    let pid = vm.child.id();
+    let usage = || match hierarchy {
+        CpuHierarchy::V2(_) => {
+            let s = std::fs::read_to_string(own.join("cpu.stat")).unwrap();
+            s.lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap()
+        }
+        CpuHierarchy::V1(_) => process_cpu_us(pid),
     };
     std::thread::sleep(Duration::from_secs(2));
     let ticks_before = vm.stdout_text().matches("TICK").count();
@@ -406,8 +489,8 @@ fn a_cpu_bound_guest_under_cpu_max_50_percent_uses_half_a_cpu() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
-        std::fs::read_to_string(own.join("cpu.max")).unwrap().trim(),
-        "25000 100000"
+        hierarchy.quota_period(&own),
+        ("25000".to_string(), "100000".to_string())
     );
     assert!(client(&["stop"], &sock).status.success());
     vm.wait_exit(Duration::from_secs(30));

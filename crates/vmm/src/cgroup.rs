@@ -22,6 +22,16 @@
 //!   processes itself (cgroup v2's no-internal-process rule).
 //! - A failed start leaves nothing behind: the cgroup made so far is
 //!   removed and the process stays where it was.
+//!
+//! Hybrid hosts (cgroup v2 mounted beside v1, with the cpu controller
+//! bound to v1) get a fallback with the same meaning: when cgroup v2 has
+//! no cpu controller, a v1 hierarchy has it and no memory limit is asked
+//! for, the cgroup is made in the v1 cpu hierarchy (`PARENT` resolved
+//! under its mount), `cpu.max` written as `cpu.cfs_period_us` and
+//! `cpu.cfs_quota_us` (the same CFS bandwidth control), `cpu.weight` as
+//! `cpu.shares` (weight × 1024 / 100: the defaults correspond), with the
+//! `vcpus` and `vmm` sub-groups as plain v1 groups (v1 places threads
+//! anywhere, through `tasks`). Memory limits there are refused.
 
 use std::fmt;
 use std::io::ErrorKind;
@@ -196,6 +206,27 @@ impl CgroupLimits {
         self.memory_max.is_some() || self.memory_high.is_some()
     }
 
+    /// (file, value) pairs to write in the cgroup v1 fallback: `cpu.max`
+    /// as the CFS period and quota, `cpu.weight` as `cpu.shares`; v1 has
+    /// no memory.high, and the fallback takes no memory controller.
+    fn files_v1(&self) -> Result<Vec<(&'static str, String)>, CgroupError> {
+        if self.needs_memory() {
+            return Err(CgroupError::Invalid(
+                "memory limits need cgroup v2's memory controller; this VMM's cgroup is in cgroup v1's cpu hierarchy (the fallback on hosts whose cgroup v2 has no cpu controller)".into(),
+            ));
+        }
+        let mut f = Vec::new();
+        if let Some(c) = &self.cpu_max {
+            f.push(("cpu.cfs_period_us", c.period_us.to_string()));
+            let quota = c.quota_us.map_or("-1".to_string(), |q| q.to_string());
+            f.push(("cpu.cfs_quota_us", quota));
+        }
+        if let Some(w) = self.cpu_weight {
+            f.push(("cpu.shares", shares_of_weight(w).to_string()));
+        }
+        Ok(f)
+    }
+
     /// (file, value) pairs to write.
     fn files(&self) -> Vec<(&'static str, String)> {
         let mut f = Vec::new();
@@ -278,12 +309,23 @@ fn read(path: &Path) -> Result<String, CgroupError> {
     std::fs::read_to_string(path).map_err(|e| io_err("read", path, e))
 }
 
+/// The cgroup hierarchies mounted here.
+struct Mounts {
+    /// cgroup v2's mount point.
+    v2: Option<PathBuf>,
+    /// Controllers bound to cgroup v1 hierarchies.
+    v1: Vec<String>,
+    /// The mount point of the v1 hierarchy holding the cpu controller.
+    v1_cpu: Option<PathBuf>,
+}
+
 /// Where cgroup v2 is mounted, and where controllers are bound to v1.
-fn mounts() -> Result<(PathBuf, Vec<String>), CgroupError> {
+fn mounts() -> Result<Mounts, CgroupError> {
     let text = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| io_err("read", Path::new("/proc/self/mountinfo"), e))?;
     let mut v2 = None;
     let mut v1 = Vec::new();
+    let mut v1_cpu = None;
     for line in text.lines() {
         // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER
         let Some((left, right)) = line.split_once(" - ") else {
@@ -296,12 +338,15 @@ fn mounts() -> Result<(PathBuf, Vec<String>), CgroupError> {
             "cgroup2" if v2.is_none() => v2 = Some(PathBuf::from(point)),
             "cgroup" => {
                 let super_opts = r.nth(1).unwrap_or("");
+                if v1_cpu.is_none() && super_opts.split(',').any(|o| o == "cpu") {
+                    v1_cpu = Some(PathBuf::from(point));
+                }
                 v1.extend(super_opts.split(',').map(str::to_string));
             }
             _ => {}
         }
     }
-    v2.map(|m| (m, v1)).ok_or(CgroupError::NoCgroup2)
+    Ok(Mounts { v2, v1, v1_cpu })
 }
 
 /// `parent` as a path on the host: under `mount` unless it already is.
@@ -325,6 +370,29 @@ fn own_cgroup(mount: &Path) -> Result<PathBuf, CgroupError> {
     Ok(resolve(mount, Path::new(rel)))
 }
 
+/// The process's own cgroup in the v1 hierarchy of the cpu controller
+/// (the `N:...cpu...:PATH` line of /proc/self/cgroup).
+fn own_cgroup_v1_cpu(mount: &Path) -> Result<PathBuf, CgroupError> {
+    let text = read(Path::new("/proc/self/cgroup"))?;
+    let rel = text
+        .lines()
+        .find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let _id = f.next()?;
+            let controllers = f.next()?;
+            let path = f.next()?;
+            controllers.split(',').any(|c| c == "cpu").then_some(path)
+        })
+        .unwrap_or("/");
+    Ok(resolve(mount, Path::new(rel)))
+}
+
+/// cgroup v1's `cpu.shares` for a cgroup v2 `cpu.weight` (the kernel's
+/// defaults, 1024 and 100, correspond).
+fn shares_of_weight(weight: u32) -> u64 {
+    (u64::from(weight) * 1024 / 100).max(2)
+}
+
 fn gettid() -> i32 {
     // SAFETY: gettid has no preconditions.
     unsafe { libc::gettid() }
@@ -336,6 +404,9 @@ pub struct VmCgroup {
     dir: PathBuf,
     original: PathBuf,
     limits: Mutex<CgroupLimits>,
+    /// In cgroup v1's cpu hierarchy (the fallback where cgroup v2 has no
+    /// cpu controller), not cgroup v2.
+    v1: bool,
 }
 
 /// Which sub-group a thread belongs to.
@@ -362,10 +433,27 @@ impl VmCgroup {
         *self.limits.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether this is the cgroup v1 fallback (see the module doc).
+    pub fn is_v1(&self) -> bool {
+        self.v1
+    }
+
+    /// The file a thread's TID is written to, to move it into `role`'s
+    /// sub-group.
+    fn threads_file(&self, role: ThreadRole) -> PathBuf {
+        self.group(role)
+            .join(if self.v1 { "tasks" } else { "cgroup.threads" })
+    }
+
     /// Write new limits; fields left out stay. All are checked first.
     pub fn update(&self, new: &CgroupLimits) -> Result<(), CgroupError> {
         new.validate()?;
-        for (file, value) in new.files() {
+        let files = if self.v1 {
+            new.files_v1()?
+        } else {
+            new.files()
+        };
+        for (file, value) in files {
             write(&self.dir.join(file), &value, "write")?;
         }
         let mut l = self.limits.lock().unwrap_or_else(|e| e.into_inner());
@@ -405,7 +493,7 @@ pub fn current() -> Option<Arc<VmCgroup>> {
 pub fn place_current_thread(role: ThreadRole) -> Result<(), CgroupError> {
     match current() {
         Some(cg) => {
-            let file = cg.group(role).join("cgroup.threads");
+            let file = cg.threads_file(role);
             write(&file, &gettid().to_string(), "move a thread into")
         }
         None => Ok(()),
@@ -459,7 +547,17 @@ impl Drop for CgroupGuard {
 /// Make the VMM's cgroup under `opts.parent` and move the process into it.
 pub fn enter(opts: &CgroupOptions) -> Result<CgroupGuard, CgroupError> {
     opts.limits.validate()?;
-    let (mount, v1) = mounts()?;
+    let Mounts { v2, v1, v1_cpu } = mounts()?;
+    // cgroup v1's cpu controller when cgroup v2 cannot have it (hybrid
+    // hosts) and no memory limit is asked for (see the module doc).
+    let v2_has_cpu = v2.as_ref().is_some_and(|m| {
+        std::fs::read_to_string(m.join("cgroup.controllers"))
+            .is_ok_and(|c| c.split_whitespace().any(|x| x == "cpu"))
+    });
+    if let (false, Some(v1_mount), false) = (v2_has_cpu, &v1_cpu, opts.limits.needs_memory()) {
+        return enter_v1(opts, v1_mount);
+    }
+    let mount = v2.ok_or(CgroupError::NoCgroup2)?;
     let parent = resolve(&mount, &opts.parent);
     if !parent.join("cgroup.controllers").is_file() {
         return Err(CgroupError::ParentMissing(parent));
@@ -512,8 +610,45 @@ pub fn enter(opts: &CgroupOptions) -> Result<CgroupGuard, CgroupError> {
         dir,
         original,
         limits: Mutex::new(CgroupLimits::default()),
+        v1: false,
     });
-    match populate(&cg, &opts.limits) {
+    let populated = populate(&cg, &opts.limits);
+    finish_enter(cg, populated)
+}
+
+/// Made as a cgroup of `opts.parent` in cgroup v1's cpu hierarchy
+/// mounted at `mount`: the same layout, limits through the v1 files.
+fn enter_v1(opts: &CgroupOptions, mount: &Path) -> Result<CgroupGuard, CgroupError> {
+    let parent = resolve(mount, &opts.parent);
+    if !parent.join("tasks").is_file() {
+        return Err(CgroupError::ParentMissing(parent));
+    }
+    let original = own_cgroup_v1_cpu(mount)?;
+    let dir = parent.join(format!("vireo-{}", std::process::id()));
+    std::fs::create_dir(&dir).map_err(|e| match e.kind() {
+        ErrorKind::AlreadyExists => CgroupError::Exists { path: dir.clone() },
+        _ => io_err("create", &dir, e),
+    })?;
+    tracing::info!(
+        "cgroup v2 has no cpu controller here: using cgroup v1's cpu hierarchy ({})",
+        dir.display()
+    );
+    let cg = Arc::new(VmCgroup {
+        dir,
+        original,
+        limits: Mutex::new(CgroupLimits::default()),
+        v1: true,
+    });
+    let populated = populate_v1(&cg, &opts.limits);
+    finish_enter(cg, populated)
+}
+
+/// Keep the cgroup `populated` (with its placement hook), or undo it.
+fn finish_enter(
+    cg: Arc<VmCgroup>,
+    populated: Result<(), CgroupError>,
+) -> Result<CgroupGuard, CgroupError> {
+    match populated {
         Ok(()) => {
             *CURRENT.lock().unwrap_or_else(|e| e.into_inner()) = Some(cg.clone());
             add_placement_hook();
@@ -529,6 +664,43 @@ pub fn enter(opts: &CgroupOptions) -> Result<CgroupGuard, CgroupError> {
             Err(e)
         }
     }
+}
+
+/// Every thread of the process so far into `file` (a sub-group's).
+fn move_threads(file: &Path) -> Result<(), CgroupError> {
+    let tasks = std::fs::read_dir("/proc/self/task")
+        .map_err(|e| io_err("list", Path::new("/proc/self/task"), e))?;
+    for t in tasks.flatten() {
+        let tid = t.file_name().to_string_lossy().into_owned();
+        match std::fs::write(file, &tid) {
+            Ok(()) => {}
+            // A thread that ended meanwhile.
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+            Err(e) => return Err(io_err("move a thread into", file, e)),
+        }
+    }
+    Ok(())
+}
+
+/// The v1 fallback's [`populate`]: v1 groups hold threads anywhere, so
+/// the sub-groups are plain ones, weighted through `cpu.shares`.
+fn populate_v1(cg: &VmCgroup, limits: &CgroupLimits) -> Result<(), CgroupError> {
+    cg.update(limits)?;
+    write(
+        &cg.dir.join("cgroup.procs"),
+        &std::process::id().to_string(),
+        "move the VMM into",
+    )?;
+    for (sub, weight) in [("vcpus", VCPU_WEIGHT), ("vmm", VMM_WEIGHT)] {
+        let p = cg.dir.join(sub);
+        std::fs::create_dir(&p).map_err(|e| io_err("create", &p, e))?;
+        write(
+            &p.join("cpu.shares"),
+            &shares_of_weight(weight).to_string(),
+            "write",
+        )?;
+    }
+    move_threads(&cg.threads_file(ThreadRole::Other))
 }
 
 /// Limits, the process, the threaded sub-groups and every thread so far.
@@ -557,19 +729,7 @@ fn populate(cg: &VmCgroup, limits: &CgroupLimits) -> Result<(), CgroupError> {
             "write",
         )?;
     }
-    let threads = cg.group(ThreadRole::Other).join("cgroup.threads");
-    let tasks = std::fs::read_dir("/proc/self/task")
-        .map_err(|e| io_err("list", Path::new("/proc/self/task"), e))?;
-    for t in tasks.flatten() {
-        let tid = t.file_name().to_string_lossy().into_owned();
-        match std::fs::write(&threads, &tid) {
-            Ok(()) => {}
-            // A thread that ended meanwhile.
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-            Err(e) => return Err(io_err("move a thread into", &threads, e)),
-        }
-    }
-    Ok(())
+    move_threads(&cg.threads_file(ThreadRole::Other))
 }
 
 impl fmt::Display for CpuMax {
@@ -621,6 +781,39 @@ mod tests {
     }
 
     #[test]
+    fn v1_files_carry_the_same_limits() {
+        let l = CgroupLimits {
+            cpu_max: Some("50%".parse().unwrap()),
+            cpu_weight: Some(100),
+            ..Default::default()
+        };
+        assert_eq!(
+            l.files_v1().unwrap(),
+            [
+                ("cpu.cfs_period_us", "100000".to_string()),
+                ("cpu.cfs_quota_us", "50000".to_string()),
+                ("cpu.shares", "1024".to_string()),
+            ]
+        );
+        let unlimited = CgroupLimits {
+            cpu_max: Some("max".parse().unwrap()),
+            ..Default::default()
+        };
+        assert!(unlimited
+            .files_v1()
+            .unwrap()
+            .contains(&("cpu.cfs_quota_us", "-1".to_string())));
+        assert_eq!(shares_of_weight(10_000), 102_400);
+        assert_eq!(shares_of_weight(1), 10);
+        let memory = CgroupLimits {
+            memory_max: Some(MemoryLimit::Bytes(1 << 30)),
+            ..Default::default()
+        };
+        let e = memory.files_v1().unwrap_err();
+        assert!(e.to_string().contains("need cgroup v2's memory"), "{e}");
+    }
+
+    #[test]
     fn parents_resolve_under_the_mount() {
         let m = Path::new("/sys/fs/cgroup");
         assert_eq!(resolve(m, Path::new("/vms")), m.join("vms"));
@@ -630,8 +823,8 @@ mod tests {
 
     #[test]
     fn a_missing_parent_is_named() {
-        if mounts().is_err() {
-            eprintln!("note: no cgroup v2 mounted here; parent check skipped");
+        if !mounts().is_ok_and(|m| m.v2.is_some() || m.v1_cpu.is_some()) {
+            eprintln!("note: no cgroup hierarchy with cpu mounted here; parent check skipped");
             return;
         }
         let e = enter(&CgroupOptions {

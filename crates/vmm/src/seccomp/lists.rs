@@ -105,6 +105,8 @@ const MAIN: &[Allow] = &[
     any("tgkill"),
     any("unlink"),
     any("unlinkat"),
+    // Removing the VMM's cgroup (--cgroup) when it ends.
+    any("rmdir"),
     any("openat"),
     any("ioctl").only_ioctl(&[KVM, TTY_TUN, BLOCK]),
     any("flock"),
