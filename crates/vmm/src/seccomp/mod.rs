@@ -210,11 +210,8 @@ pub fn install(settings: SeccompSettings) -> Result<(), VmmError> {
             let (prog, refusals) = filters
                 .get(&role.kind())
                 .ok_or_else(|| format!("no seccomp filter for {role}"))?;
-            for p in std::iter::once(prog).chain(refusals) {
-                seccompiler::apply_filter(p).map_err(|e| {
-                    format!("cannot install the {} seccomp filter: {e}", role.kind())
-                })?;
-            }
+            apply(prog, refusals.as_ref())
+                .map_err(|e| format!("cannot install the {} seccomp filter: {e}", role.kind()))?;
             if forbidden == Some(role.kind()) {
                 make_forbidden_call();
             }
@@ -223,6 +220,16 @@ pub fn install(settings: SeccompSettings) -> Result<(), VmmError> {
     );
     threads::start_spawner()
         .map_err(|e| VmmError::Isolation(format!("cannot start the spawner thread: {e}")))
+}
+
+/// Install a thread's filters: the refusal filter first, since the
+/// allow-list filter forbids the `seccomp` call that a second install
+/// needs (the refusal filter lets it through).
+fn apply(prog: &BpfProgram, refusals: Option<&BpfProgram>) -> Result<(), seccompiler::Error> {
+    for p in refusals.into_iter().chain(std::iter::once(prog)) {
+        seccompiler::apply_filter(p)?;
+    }
+    Ok(())
 }
 
 /// Confine the main thread (run every thread hook in it): once the VM is
@@ -350,12 +357,14 @@ mod tests {
         assert!(compile_refusals(RoleKind::Spawner, SeccompMode::On)
             .unwrap()
             .is_none());
-        let prog = compile_refusals(RoleKind::Vcpu, SeccompMode::On)
+        let refusals = compile_refusals(RoleKind::Vcpu, SeccompMode::On)
             .unwrap()
             .expect("a vCPU may not open files");
-        // On a thread of its own: a filter stays with the thread.
+        let prog = compile(RoleKind::Vcpu, SeccompMode::On).unwrap();
+        // On a thread of its own (a filter stays with its thread), both
+        // filters as a vCPU thread gets them: the install itself must pass.
         let errno = std::thread::spawn(move || {
-            seccompiler::apply_filter(&prog).unwrap();
+            apply(&prog, Some(&refusals)).unwrap();
             let path = c"/proc/sys/vm/overcommit_memory";
             // SAFETY: a valid C string; the descriptor, if any, is closed.
             let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
