@@ -166,6 +166,7 @@ fn debian_disk_boots_through_firmware_to_login_with_cloud_init() {
         &mut stdin,
         "cloud-init status --wait >/dev/null; echo \"VIREO-CHECK $((40 + 2))\"; cat /var/tmp/vireo-runcmd; \
          echo \"host=$(hostname) root=$(findmnt -n -o SOURCE /) seed=$(blkid -s LABEL -o value /dev/vdb)\"; \
+         echo \"v2=$(/lib64/ld-linux-x86-64.so.2 --help | grep -c 'x86-64-v2 (supported')\"; \
          echo \"VIREO-END $((1 + 1))\"",
     );
     let end = expect_after(&mut vm, at, "VIREO-END 2", STEP_LIMIT);
@@ -178,6 +179,10 @@ fn debian_disk_boots_through_firmware_to_login_with_cloud_init() {
         lines.contains(&"host=vireo-disk-test root=/dev/vda1 seed=CIDATA"),
         "{answer}"
     );
+    // glibc's loader finds the CPU at the x86-64-v2 level (CMPXCHG16B,
+    // LAHF/SAHF, POPCNT, SSE3, SSSE3, SSE4.1, SSE4.2), which the engine
+    // implements and advertises.
+    assert!(lines.contains(&"v2=1"), "{answer}");
     send(&mut stdin, "poweroff");
     let code = vm.wait_exit(STEP_LIMIT);
     let total = started.elapsed();
