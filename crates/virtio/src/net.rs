@@ -19,8 +19,10 @@
 //! stops polling the backend, which stays readable, and waits for the
 //! guest's next receive notify, keeping the frame it already read).
 //!
-//! Merged receive buffers (VIRTIO_NET_F_MRG_RXBUF, which Linux takes): the
-//! guest posts small (about page-sized) buffers and a frame spreads over as
+//! Merged receive buffers (VIRTIO_NET_F_MRG_RXBUF, which Linux takes),
+//! offered only where the backend has no receive segmentation offloads
+//! (passt; not a tap, whose 64 KiB frames stalled host -> guest TCP over
+//! many small buffers: see `features`): the guest posts small (about page-sized) buffers and a frame spreads over as
 //! many as it needs; num_buffers in its header says how many, and the used
 //! entries of one frame are published together (a driver that sees only
 //! the first drops the frame). Without it, a frame goes into one chain and
@@ -412,11 +414,18 @@ impl VirtioDevice for Net {
         } else {
             0
         };
-        VIRTIO_NET_F_MAC
-            | VIRTIO_NET_F_STATUS
-            | VIRTIO_NET_F_MRG_RXBUF
-            | (self.backend.offload_features() & TAP_OFFLOADS)
-            | soft
+        let offloads = self.backend.offload_features() & TAP_OFFLOADS;
+        // Merged receive buffers only where frames stay small (no receive
+        // segmentation offloads, as with passt): a tap's 64 KiB frames
+        // spread over many buffers stalled host -> guest TCP in
+        // `vireo-bench net` (tcp-recv made no progress), so a tap keeps
+        // the big-packet chains Linux posts without the feature.
+        let merge = if offloads == 0 {
+            VIRTIO_NET_F_MRG_RXBUF
+        } else {
+            0
+        };
+        VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | merge | offloads | soft
     }
 
     fn pci_class(&self) -> u32 {
