@@ -699,26 +699,14 @@ mod qemu_lock {
 }
 
 /// Read exactly `buf.len()` bytes at `offset`; bytes past the end of the
-/// file read as zeros.
+/// file read as zeros ([`source::read_zero_fill`] on a file).
 pub(crate) fn pread_zero_fill(
     file: &File,
     path: &Path,
     buf: &mut [u8],
     offset: u64,
 ) -> Result<(), BlockError> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                return Ok(());
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(BlockError::io(path, "reading", e)),
-        }
-    }
-    Ok(())
+    source::read_zero_fill(file, path, buf, offset)
 }
 
 /// Largest number of buffers one `preadv`/`pwritev` takes (IOV_MAX).
