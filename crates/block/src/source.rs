@@ -150,6 +150,26 @@ pub(crate) fn read_zero_fill(
     Ok(())
 }
 
+/// Split a read of `buf` at `offset` into pieces that each lie inside one
+/// `unit`-sized cluster of the image (a VMDK grain, a VHDX block), and hand
+/// each to `f` with its cluster's index and its offset in the cluster.
+pub(crate) fn read_by_unit(
+    buf: &mut [u8],
+    offset: u64,
+    unit: u64,
+    mut f: impl FnMut(u64, u64, &mut [u8]) -> Result<(), BlockError>,
+) -> Result<(), BlockError> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let at = offset + done as u64;
+        let in_unit = at % unit;
+        let n = ((unit - in_unit) as usize).min(buf.len() - done);
+        f(at / unit, in_unit, &mut buf[done..done + n])?;
+        done += n;
+    }
+    Ok(())
+}
+
 /// The reading half of [`DiskImage`], for formats Vireo only reads.
 pub trait ReadOnlyImage: Send {
     fn size(&self) -> u64;

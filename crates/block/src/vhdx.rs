@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use crate::crc32c::crc32c;
 use crate::{
     check_range,
-    source::{read_exact, read_zero_fill, ImageSource, ReadOnlyImage},
+    source::{read_by_unit, read_exact, read_zero_fill, ImageSource, ReadOnlyImage},
     Allocation, BlockError, ImageDetails, ImageFormat,
 };
 
@@ -525,23 +525,15 @@ impl ReadOnlyImage for VhdxImage {
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), BlockError> {
         check_range(&self.path, self.size, offset, buf.len() as u64)?;
-        let bs = self.block_size;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let voff = offset + done as u64;
-            let b = voff / bs;
-            let in_off = voff % bs;
-            let n = ((bs - in_off) as usize).min(buf.len() - done);
-            let dst = &mut buf[done..done + n];
+        read_by_unit(buf, offset, self.block_size, |b, in_off, dst| {
             match self.block(b)? {
                 (PAYLOAD_FULLY_PRESENT, off) => {
                     read_zero_fill(&*self.file, &self.path, dst, off + in_off)?
                 }
                 _ => dst.fill(0),
             }
-            done += n;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn format(&self) -> ImageFormat {

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 use crate::{
     check_range,
-    source::{read_exact, read_zero_fill, ImageSource, ReadOnlyImage},
+    source::{read_by_unit, read_exact, read_zero_fill, ImageSource, ReadOnlyImage},
     Allocation, BlockError, ImageDetails, ImageFormat,
 };
 
@@ -470,14 +470,7 @@ impl ReadOnlyImage for VmdkImage {
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), BlockError> {
         check_range(&self.path, self.size, offset, buf.len() as u64)?;
-        let gb = self.grain_bytes;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let voff = offset + done as u64;
-            let g = voff / gb;
-            let in_off = voff % gb;
-            let n = ((gb - in_off) as usize).min(buf.len() - done);
-            let dst = &mut buf[done..done + n];
+        read_by_unit(buf, offset, self.grain_bytes, |g, in_off, dst| {
             match self.grain_entry(g)? {
                 0 | 1 => dst.fill(0),
                 e => {
@@ -485,16 +478,16 @@ impl ReadOnlyImage for VmdkImage {
                     if self.compressed {
                         self.inflate_grain(g, off)?;
                         if let Some((_, data)) = &self.last_grain {
-                            dst.copy_from_slice(&data[in_off as usize..in_off as usize + n]);
+                            let at = in_off as usize;
+                            dst.copy_from_slice(&data[at..at + dst.len()]);
                         }
                     } else {
                         read_zero_fill(&*self.file, &self.path, dst, off + in_off)?;
                     }
                 }
             }
-            done += n;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn format(&self) -> ImageFormat {
