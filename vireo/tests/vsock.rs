@@ -154,7 +154,8 @@ fn vsock_streams_both_ways_and_fifty_connections_at_once() {
         let (i, same, len) = t.join().unwrap();
         assert!(
             same,
-            "connection {i}: {len} bytes came back, not its 256 KiB"
+            "connection {i}: {len} bytes came back, not its 256 KiB\n{}",
+            vm.stderr_text()
         );
     }
 
@@ -168,6 +169,58 @@ fn vsock_streams_both_ways_and_fifty_connections_at_once() {
         "host-to-guest md5 {four_md5} not in {lines:?}"
     );
     assert!(lines.iter().any(|l| l == "VSOCK-ECHO 50"), "{lines:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The guest sends its last bytes and powers off before the host reader
+/// took them: they still arrive (the VMM finishes writing what the device
+/// accepted from the guest before it exits), and nothing else does.
+#[test]
+fn guest_data_sent_right_before_power_off_reaches_a_slow_host_reader() {
+    let g = guest_dir();
+    let dir = scratch("vsock-off");
+    let sock = dir.join("v.sock");
+    let listener = UnixListener::bind(format!("{}_5000", sock.display())).unwrap();
+    // More than a Unix socket buffer holds (~200 KiB; less when the VMM
+    // wrote it in small pieces, ~130 KiB seen under load), and no more
+    // than that plus the device's credit for one connection (256 KiB): the
+    // guest can send it all without a reader, and part of it waits in the
+    // VMM at power-off.
+    const LEN: usize = 360_000;
+    let cmd = format!(
+        "head -c {LEN} /vireo/data.bin | vireo-io vsock-connect 2 5000 >/dev/null & \
+         sleep 3; echo POWER-OFF"
+    );
+    let mut c = vireo();
+    c.args(["run", "--accel", &accel(), "--memory", "256M", "--kernel"])
+        .arg(g.join("vmlinux"))
+        .arg("--initrd")
+        .arg(g.join("initramfs.cpio.gz"))
+        .arg("--vsock")
+        .arg(format!("cid=3,socket={}", sock.display()))
+        .arg("--cmdline")
+        .arg(format!(
+            "console=ttyS0 reboot=k panic=1 quiet vireo.cmd=\"{cmd}\""
+        ));
+    let mut vm = Running::spawn(c);
+    let (mut s, _) = listener.accept().unwrap();
+    // Read nothing until the guest is on its way out.
+    assert!(
+        vm.wait_for("POWER-OFF", Duration::from_secs(120)),
+        "{}\n{}",
+        vm.stdout_text(),
+        vm.stderr_text()
+    );
+    // ...and then some more: the VM is off and the VMM stopping.
+    std::thread::sleep(Duration::from_secs(2));
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    let code = vm.wait_exit(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{}", vm.stderr_text());
+    let data = std::fs::read(g.join("data.bin")).unwrap();
+    assert_eq!(got.len(), LEN, "bytes the host got\n{}", vm.stderr_text());
+    assert!(got == data[..LEN], "the guest's stream arrived changed");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -2,7 +2,7 @@
 //! ECAM) and BAR routing onto the VMM's MMIO and port buses.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
 use devices::{Bus, BusDevice, Persist, PersistError};
 
@@ -53,8 +53,12 @@ pub struct PciBus {
     slots: RwLock<Vec<Option<SharedPciDevice>>>,
     mappings: Mutex<Vec<Mapping>>,
     bar_hook: RwLock<Option<BarHook>>,
-    mmio: Arc<Bus>,
-    pio: Arc<Bus>,
+    /// Weak: the buses own the configuration-access devices that own this
+    /// bus. Strong references both ways would be a cycle that keeps every
+    /// PCI device (and what their `Drop` does: flushing images, stopping
+    /// workers and helper daemons) alive past the VM's end.
+    mmio: Weak<Bus>,
+    pio: Weak<Bus>,
 }
 
 impl PciBus {
@@ -72,8 +76,8 @@ impl PciBus {
             slots: RwLock::new(slots),
             mappings: Mutex::new(Vec::new()),
             bar_hook: RwLock::new(None),
-            mmio,
-            pio,
+            mmio: Arc::downgrade(&mmio),
+            pio: Arc::downgrade(&pio),
         }
     }
 
@@ -100,6 +104,15 @@ impl PciBus {
             Arc::new(Mutex::new(PciConfigMmio::new(pci.clone()))),
         )?;
         Ok(pci)
+    }
+
+    /// The port bus (`io`) or the MMIO bus, while the VM has them.
+    fn bus(&self, io: bool) -> Option<Arc<Bus>> {
+        if io {
+            self.pio.upgrade()
+        } else {
+            self.mmio.upgrade()
+        }
     }
 
     /// Be told about every BAR (un)mapping from now on.
@@ -219,8 +232,9 @@ impl PciBus {
             if m.slot != slot || wanted.contains(m) {
                 return true;
             }
-            let bus = if m.io { &self.pio } else { &self.mmio };
-            bus.remove(m.addr);
+            if let Some(bus) = self.bus(m.io) {
+                bus.remove(m.addr);
+            }
             gone.push(*m);
             false
         });
@@ -230,7 +244,10 @@ impl PciBus {
                 continue;
             }
             let size = lock(&dev).config().bar(w.bar).map_or(0, |b| b.size);
-            let bus = if w.io { &self.pio } else { &self.mmio };
+            // The VM is being torn down: nothing to map into.
+            let Some(bus) = self.bus(w.io) else {
+                break;
+            };
             let handler = Arc::new(Mutex::new(BarHandler {
                 dev: dev.clone(),
                 bar: w.bar,

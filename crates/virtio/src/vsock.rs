@@ -32,6 +32,10 @@
 //!   the guest's close timeout (8 s in Linux) fire first: its RST would
 //!   then drop the undelivered tail, and the host would see a clean EOF
 //!   on a truncated stream;
+//! - guest data the device accepted (and credited) is written to the host
+//!   even when the VMM stops right after: the host thread lingers up to
+//!   [`LINGER`] on stop to finish it, so a guest that sends its last bytes
+//!   and powers off does not truncate the stream;
 //! - connections do not survive a snapshot: on restore the guest gets the
 //!   spec's transport reset event, and its sockets see the reset.
 
@@ -426,6 +430,20 @@ impl Mux {
         }
     }
 
+    /// End every connection; the guest data they hold for the host moves
+    /// to the draining list.
+    fn stop_connections(&mut self) {
+        let Mux {
+            conns, draining, ..
+        } = self;
+        draining.extend(conns.drain().filter_map(|(_, c)| {
+            (!c.to_host.is_empty()).then_some(Draining {
+                stream: c.stream,
+                to_host: c.to_host,
+            })
+        }));
+    }
+
     /// Connections holding host sockets (open and draining).
     fn open(&self) -> usize {
         self.conns.len() + self.draining.len()
@@ -675,11 +693,13 @@ impl VirtioDevice for Vsock {
         }))
     }
 
-    /// The driver reset the device: its connections are gone.
+    /// The driver reset the device (a guest does at power-off): its
+    /// connections are gone, but guest data the device already accepted
+    /// still goes to the host sockets before they close, as after a guest
+    /// close (see the module's invariants).
     fn reset(&mut self) {
         let mut m = self.shared.mux();
-        m.conns.clear();
-        m.draining.clear();
+        m.stop_connections();
         m.pending.clear();
         m.ctrl.clear();
         drop(m);
@@ -874,7 +894,10 @@ fn host_thread(s: &Shared) {
                 continue;
             }
             match *slot {
-                Slot::Kill => return,
+                Slot::Kill => {
+                    drop(m);
+                    return linger(s);
+                }
                 Slot::Wake => {
                     let _ = s.io_wake.read();
                 }
@@ -948,6 +971,54 @@ fn host_thread(s: &Shared) {
         if wake_rx {
             let _ = s.rx_wake.write(1);
         }
+    }
+}
+
+/// How long a stopping VMM keeps writing guest data its host readers have
+/// not taken yet.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The VMM is stopping (the guest powered off, or the VM is being torn
+/// down): guest data already accepted for host sockets (credited to the
+/// guest, so the guest counts it as sent) is still written out, as a host
+/// kernel keeps sending a closed TCP socket's data, for at most [`LINGER`].
+/// A guest that writes its last bytes and powers off at once must not lose
+/// them to a host reader that is a little behind.
+fn linger(s: &Shared) {
+    let deadline = std::time::Instant::now() + LINGER;
+    let mut m = s.mux();
+    m.stop_connections();
+    let mut pending = std::mem::take(&mut m.draining);
+    drop(m);
+    let mut fds: Vec<libc::pollfd> = Vec::new();
+    loop {
+        pending.retain_mut(|d| {
+            let done = d.flush();
+            if done {
+                let _ = d.stream.shutdown(std::net::Shutdown::Both);
+            }
+            !done
+        });
+        let now = std::time::Instant::now();
+        if pending.is_empty() || now >= deadline {
+            break;
+        }
+        fds.clear();
+        fds.extend(pending.iter().map(|d| libc::pollfd {
+            fd: d.stream.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        }));
+        let ms = (deadline - now).as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: `fds` is a valid pollfd array for its length.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    }
+    if !pending.is_empty() {
+        let bytes: usize = pending.iter().map(|d| d.to_host.len()).sum();
+        tracing::warn!(
+            "virtio-vsock: {bytes} bytes of guest data for {} host sockets not taken within {LINGER:?} of stopping; dropped",
+            pending.len()
+        );
     }
 }
 
@@ -1108,6 +1179,76 @@ mod tests {
             Some(60),
             "limited by the buffer"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A guest driver's reset (Linux resets the device as it powers off)
+    /// ends the connections but not the delivery of what they hold.
+    #[test]
+    fn a_device_reset_still_delivers_accepted_guest_data() {
+        let dir = std::env::temp_dir().join(format!("vireo-vsock-ut5-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut dev = Vsock::new(3, &dir.join("v.sock")).unwrap();
+        let data: Vec<u8> = (0..2 * BUF_ALLOC).map(|i| (i % 241) as u8).collect();
+        let (a, mut host) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let mut c = Conn::new(a, true);
+        c.to_host = data.iter().copied().collect();
+        dev.shared.mux().conns.insert((1, 2), c);
+        VirtioDevice::reset(&mut dev);
+        assert_eq!(dev.connections(), 0, "the reset ended the connection");
+        // The device lives on (the guest may start it again); its host
+        // thread finishes the old connection's data meanwhile.
+        let mut got = Vec::new();
+        host.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        host.read_to_end(&mut got).unwrap();
+        assert!(
+            got == data,
+            "the host got {} bytes, changed or cut",
+            got.len()
+        );
+        drop(dev);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Guest data still buffered when the VMM stops (a closed connection's
+    /// and an open one's) reaches host readers that are behind.
+    #[test]
+    fn stopping_the_device_still_delivers_buffered_guest_data() {
+        let dir = std::env::temp_dir().join(format!("vireo-vsock-ut4-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let dev = Vsock::new(3, &dir.join("v.sock")).unwrap();
+        let data: Vec<u8> = (0..4 * BUF_ALLOC).map(|i| (i % 253) as u8).collect();
+        let mut readers = Vec::new();
+        {
+            let mut m = dev.shared.mux();
+            for k in 0..2u32 {
+                let (a, mut host) = UnixStream::pair().unwrap();
+                a.set_nonblocking(true).unwrap();
+                let to_host: VecDeque<u8> = data.iter().copied().collect();
+                if k == 0 {
+                    m.draining.push(Draining { stream: a, to_host });
+                } else {
+                    let mut c = Conn::new(a, true);
+                    c.to_host = to_host;
+                    m.conns.insert((1, 2), c);
+                }
+                readers.push(std::thread::spawn(move || {
+                    // Behind the guest: nothing read until the VMM stops.
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                    let mut got = Vec::new();
+                    host.read_to_end(&mut got).unwrap();
+                    got
+                }));
+            }
+        }
+        drop(dev);
+        for r in readers {
+            let got = r.join().unwrap();
+            assert_eq!(got.len(), data.len(), "bytes the host got");
+            assert!(got == data, "the host got a changed stream");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -105,8 +105,10 @@ const MAIN: &[Allow] = &[
     any("tgkill"),
     any("unlink"),
     any("unlinkat"),
-    // Removing the VMM's cgroup (--cgroup) when it ends.
+    // Removing the VMM's cgroup (--cgroup) when it ends, and a helper
+    // daemon's private socket directory (virtiofsd) as its device goes.
     any("rmdir"),
+    any("getdents64"),
     any("openat"),
     any("ioctl").only_ioctl(&[KVM, TTY_TUN, BLOCK]),
     any("flock"),
