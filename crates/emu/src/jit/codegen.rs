@@ -384,10 +384,21 @@ impl Cg {
     // -------------------------------------------------------------- flags
 
     /// Host flags are about to be clobbered: keep the guest's elsewhere.
+    /// They go to the r11 image (LAHF/SETO, a few simple instructions)
+    /// rather than through PUSHFQ to the slot: PUSHFQ, and the POPFQ that
+    /// `need_host` would pay for the slot, are microcoded and slow, and
+    /// this runs before nearly every memory access that follows a flag
+    /// write (`inc rax; cmp byte [rax], 0`). RAX may hold an operand: kept.
     fn clobber(&mut self) {
         if self.loc.host && !self.loc.slot && !self.loc.st && !self.loc.img {
-            a!(self; pushfq ; pop QWORD [rbx + OFF_FL]);
-            self.loc.slot = true;
+            a!(self
+                ; push rax
+                ; lahf
+                ; seto al
+                ; movzx r11d, ax
+                ; pop rax
+            );
+            self.loc.img = true;
         }
         self.loc.host = false;
     }
@@ -411,13 +422,18 @@ impl Cg {
         } else if self.loc.slot {
             a!(self; push QWORD [rbx + OFF_FL] ; popfq);
         } else {
+            // Only in `rflags` (after the interpreter ran an instruction):
+            // through the r11 image and SAHF rather than POPFQ (slow), and
+            // the image stays valid for the exit's `capture`.
+            a!(self; push rax);
+            self.img_from(OFF_RFLAGS);
             a!(self
-                ; mov r11, QWORD [rbx + OFF_RFLAGS]
-                ; and r11d, ARITH
-                ; or r11d, 0x202
-                ; push r11
-                ; popfq
+                ; mov eax, r11d
+                ; add al, 0x7f
+                ; sahf
+                ; pop rax
             );
+            self.loc.img = true;
         }
         self.loc.host = true;
     }
