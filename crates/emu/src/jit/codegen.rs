@@ -1583,20 +1583,28 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             block.links[1].target.set(u.next_ip);
             let taken = &block.links[0] as *const LinkCell as i64;
             let fall = &block.links[1] as *const LinkCell as i64;
+            // Two exits, one per side, rather than one that selects the
+            // target and cell with CMOVs: each side's indirect jump into
+            // its successor then always goes to the same place (the host's
+            // branch predictor learns it), and the taken side's RIP and
+            // cell are constants. Both sides write back the same cached
+            // registers.
+            let dirty = cg.dirty;
+            let fall_side = cg.a.new_dynamic_label();
             a!(cg
-                ; mov rax, QWORD insn.near_branch_target() as i64
-                ; mov rdx, QWORD u.next_ip as i64
                 ; test r8b, r8b
-                ; cmovz rax, rdx
-                ; mov QWORD [rbx + OFF_RIP], rax
-                ; mov rdx, QWORD fall
-                ; mov rsi, QWORD taken
-                ; test r8b, r8b
-                ; cmovnz rdx, rsi
+                ; jz =>fall_side
             );
+            cg.set_rip(insn.near_branch_target());
+            a!(cg; mov rdx, QWORD taken);
             if insn.near_branch_target() == block.rip && !cg.interpreted {
                 cg.self_loop(block, i + 1);
             }
+            cg.chain_exit(i + 1);
+            cg.dirty = dirty;
+            a!(cg; =>fall_side);
+            cg.set_rip(u.next_ip);
+            a!(cg; mov rdx, QWORD fall);
             cg.chain_exit(i + 1);
             Some(Done::Exited)
         }
