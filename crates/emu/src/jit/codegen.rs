@@ -1065,11 +1065,7 @@ pub(super) fn gen_block(
             ; jne =>stale
         );
     }
-    a!(cg
-        ; =>body
-        ; mov rax, QWORD block as *const Block as i64
-        ; mov QWORD [rbx + OFF_CUR_BLOCK], rax
-    );
+    a!(cg; =>body);
     cg.reload();
     if allow_loop {
         let again = cg.a.new_dynamic_label();
@@ -1135,8 +1131,14 @@ pub(super) fn gen_block(
         cg.chain_exit(n);
     }
     let e = cg.epilogue;
+    // Every way out of this block's code (to the dispatcher; a chained
+    // jump goes on into the next block's code instead) passes here, so the
+    // dispatcher learns which block ran last without a store at every
+    // chained entry. RAX holds the instruction count.
     a!(cg
         ; =>e
+        ; mov rcx, QWORD block as *const Block as i64
+        ; mov QWORD [rbx + OFF_CUR_BLOCK], rcx
         ; pop r15
         ; pop r14
         ; pop r13
