@@ -913,8 +913,13 @@ impl Cg {
     /// instruction of the block ran through the interpreter inline, and a
     /// slow-path access (a TLB fill, MMIO, a code write) changes neither
     /// the TLB epoch nor the CPL without ending the block. Falls through
-    /// to the exit otherwise, with rdx, `rip` and r11 as the exit wants.
-    fn self_loop(&mut self, block: &Block, count: usize) {
+    /// otherwise, with r8b and r11 kept, to the code that sets `rip` and
+    /// rdx for the exit. Emitted before that code, so the loop's path
+    /// does none of it: `rip` keeps whatever the last stub left there
+    /// (every stub and exit sets its own before anything reads it), and
+    /// only a stale code page, which leaves through `stale`, needs `rip`
+    /// and rdx (the `taken` cell) set on the way.
+    fn self_loop(&mut self, block: &Block, count: usize, taken: i64) {
         let (Some(again), Some(stale)) = (self.again, self.stale) else {
             return;
         };
@@ -936,15 +941,21 @@ impl Cg {
         let d = self.dirty;
         self.writeback_code(d);
         a!(self; add QWORD [rbx + OFF_ICOUNT], count as i32);
+        let loop_stale = self.a.new_dynamic_label();
         for &(p, g) in block.page_gens() {
             a!(self
                 ; mov rax, QWORD p as i64
                 ; cmp DWORD [rax], g as i32
-                ; jne =>stale
+                ; jne =>loop_stale
             );
         }
         a!(self
             ; jmp =>again
+            ; =>loop_stale
+            ; mov rax, QWORD block.rip as i64
+            ; mov QWORD [rbx + OFF_RIP], rax
+            ; mov rdx, QWORD taken
+            ; jmp =>stale
             ; exit:
         );
     }
@@ -1585,6 +1596,11 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             block.links[1].target.set(u.next_ip);
             let taken = &block.links[0] as *const LinkCell as i64;
             let fall = &block.links[1] as *const LinkCell as i64;
+            // A self-loop goes back before the exit's RIP and link cell
+            // are worked out: they are only needed on the way out.
+            if insn.near_branch_target() == block.rip && !cg.interpreted {
+                cg.self_loop(block, i + 1, taken);
+            }
             // Two exits, one per side, rather than one that selects the
             // target and cell with CMOVs: each side's indirect jump into
             // its successor then always goes to the same place (the host's
@@ -1599,9 +1615,6 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             );
             cg.set_rip(insn.near_branch_target());
             a!(cg; mov rdx, QWORD taken);
-            if insn.near_branch_target() == block.rip && !cg.interpreted {
-                cg.self_loop(block, i + 1);
-            }
             cg.chain_exit(i + 1);
             cg.dirty = dirty;
             a!(cg; =>fall_side);
