@@ -486,9 +486,12 @@ struct VmOptions {
     /// Initial ramdisk (initramfs) to hand to the kernel.
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
-    /// BIOS image to boot the first disk with when no --kernel is given
+    /// Boot through a BIOS image: the first disk when no --kernel is given
+    /// (then the default), else the --kernel, handed to the firmware
+    /// through fw_cfg. `--firmware` alone names the default
     /// [default: /usr/share/seabios/bios-256k.bin, Debian's seabios] (docs/firmware.md).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", num_args = 0..=1,
+          default_missing_value = vmm::config::DEFAULT_FIRMWARE)]
     firmware: Option<PathBuf>,
     /// Kernel command line [default: "console=ttyS0 reboot=k panic=1"].
     #[arg(long, value_name = "STR")]

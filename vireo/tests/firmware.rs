@@ -387,3 +387,59 @@ fn seabios_boots_grub_which_boots_linux_from_an_ext4_partition() {
     assert!(out.contains("VIREO-CMD-END rc=0"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// QEMU's `-kernel` with a BIOS: `--firmware` (the default SeaBIOS) and
+/// `--kernel`, `--initrd`, `--cmdline`. The kernel, initrd and command line
+/// go to SeaBIOS through fw_cfg; the option ROM from Debian's
+/// qemu-system-data loads them and runs the kernel's real-mode setup, which
+/// boots the kernel; the guest prints the command line it was given and
+/// powers off. No disk is needed.
+#[test]
+fn seabios_boots_a_kernel_handed_over_fw_cfg() {
+    seabios();
+    assert!(
+        Path::new("/usr/share/qemu/linuxboot_dma.bin").is_file(),
+        "/usr/share/qemu/linuxboot_dma.bin is missing: install Debian's qemu-system-data (scripts/install-deps.sh does)"
+    );
+    let g = guest_dir();
+    let cmdline = "console=ttyS0 reboot=k panic=1 vireo.fwtest=42 vireo.cmd=cat /proc/cmdline";
+    let mut vm = Running::spawn({
+        let mut c = vireo();
+        c.args(["run", "--accel", "emu", "--memory", "512M", "--firmware"])
+            .arg("--kernel")
+            .arg(g.join("vmlinuz"))
+            .arg("--initrd")
+            .arg(g.join("initramfs.cpio.gz"))
+            .args(["--cmdline", cmdline]);
+        c
+    });
+    let code = vm.wait_exit(Duration::from_secs(900));
+    let out = vm.stdout_text();
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {}", vm.stderr_text());
+    assert!(out.contains("SeaBIOS (version"), "{out}");
+    let said = command_output(&out);
+    assert!(
+        said.iter().any(|l| l.trim() == cmdline),
+        "the kernel got the command line through fw_cfg: {said:?}"
+    );
+    assert!(out.contains("VIREO-CMD-END rc=0"), "{out}");
+}
+
+#[test]
+fn a_kernel_for_the_firmware_must_be_a_bzimage() {
+    seabios();
+    let dir = scratch("notbz");
+    let k = dir.join("kernel");
+    std::fs::write(&k, vec![0u8; 8192]).unwrap();
+    let out = run(&[
+        "run",
+        "--accel",
+        "emu",
+        "--firmware",
+        SEABIOS,
+        "--kernel",
+        k.to_str().unwrap(),
+    ]);
+    one_line_error(&out, "is not a bzImage");
+    let _ = std::fs::remove_dir_all(&dir);
+}

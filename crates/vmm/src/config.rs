@@ -976,13 +976,6 @@ impl VmConfig {
                     "nothing to boot: give a kernel, or a disk to boot through firmware".into(),
                 ))
             }
-            (Some(_), false) => {
-                return Err(VmmError::Config(
-                    "--kernel with firmware (the kernel handed over fw_cfg) is not supported yet: \
-                     boot the kernel directly, or boot the disk through firmware without --kernel"
-                        .into(),
-                ))
-            }
             (Some(_), true) if self.disks.is_empty() => {
                 return Err(VmmError::Config(
                     "firmware boot needs a disk to boot from (--disk path=...)".into(),
@@ -1090,6 +1083,12 @@ impl VmConfig {
                     "firmware {} does not exist or is not a file{hint}",
                     f.display()
                 )));
+            }
+            // A kernel handed to the firmware needs the option ROM that loads it.
+            if !self.kernel.as_os_str().is_empty() {
+                if let Err(e) = std::fs::metadata(crate::firmware::LINUXBOOT_ROM) {
+                    return Err(crate::firmware::rom_error(&e));
+                }
             }
         }
         let kernel = (!self.kernel.as_os_str().is_empty()).then_some(("kernel", &self.kernel));

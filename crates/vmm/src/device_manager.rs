@@ -129,7 +129,12 @@ impl DeviceManager {
             )?;
         }
         if spec.firmware {
-            let items = crate::firmware::fw_cfg_items(spec.memory, spec.cpus)?;
+            // A restored VM has no kernel to hand over: its firmware ran.
+            let kernel = match &spec.boot {
+                crate::builder::Boot::Firmware { kernel, .. } => kernel.as_ref(),
+                _ => None,
+            };
+            let items = crate::firmware::fw_cfg_items(spec.memory, spec.cpus, kernel)?;
             let fw_cfg = Arc::new(Mutex::new(devices::fw_cfg::FwCfg::new(
                 items,
                 memory.clone(),
