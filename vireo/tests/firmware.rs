@@ -443,3 +443,102 @@ fn a_kernel_for_the_firmware_must_be_a_bzimage() {
     one_line_error(&out, "is not a bzImage");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A boot sector that waits 300 ms through the BIOS (`int 15h, AH=86h`,
+/// CX:DX microseconds: SeaBIOS turns on the RTC's periodic interrupt and
+/// counts its IRQ 8s), then says whether the call succeeded on COM1 and
+/// exits through the exit device (0x21 -> status 67):
+///
+/// ```text
+///   xor ax,ax ; mov ds,ax ; sti
+///   mov ah,0x86 ; mov cx,0x0004 ; mov dx,0x93e0 ; int 0x15
+///   mov si,ok ; jnc 1f ; mov si,bad
+/// 1: mov dx,0x3f8
+/// 2: lodsb ; test al,al ; jz 3f ; out dx,al ; jmp 2b
+/// 3: mov dx,0xf4 ; mov al,0x21 ; out dx,al
+/// 4: hlt ; jmp 4b
+/// ok: "int 15h/86h: waited\r\n\0"   bad: "int 15h/86h: failed\r\n\0"
+/// ```
+const BIOS_WAIT_SECTOR: &[u8] = &[
+    0x31, 0xc0, 0x8e, 0xd8, 0xfb, 0xb4, 0x86, 0xb9, 0x04, 0x00, 0xba, 0xe0, 0x93, 0xcd, 0x15, 0xbe,
+    0x2b, 0x7c, 0x73, 0x03, 0xbe, 0x41, 0x7c, 0xba, 0xf8, 0x03, 0xac, 0x84, 0xc0, 0x74, 0x03, 0xee,
+    0xeb, 0xf8, 0xba, 0xf4, 0x00, 0xb0, 0x21, 0xee, 0xf4, 0xeb, 0xfd, 0x69, 0x6e, 0x74, 0x20, 0x31,
+    0x35, 0x68, 0x2f, 0x38, 0x36, 0x68, 0x3a, 0x20, 0x77, 0x61, 0x69, 0x74, 0x65, 0x64, 0x0d, 0x0a,
+    0x00, 0x69, 0x6e, 0x74, 0x20, 0x31, 0x35, 0x68, 0x2f, 0x38, 0x36, 0x68, 0x3a, 0x20, 0x66, 0x61,
+    0x69, 0x6c, 0x65, 0x64, 0x0d, 0x0a, 0x00,
+];
+
+/// SeaBIOS's wait service returns: the RTC raises its periodic interrupt
+/// on IRQ 8 at register A's rate while register B's PIE is on, and the
+/// firmware's handler, reading register C, sees PF each time.
+#[test]
+fn the_bios_wait_service_returns_on_rtc_periodic_interrupts() {
+    let fw = seabios();
+    let dir = scratch("rtcwait");
+    let disk = boot_disk(&dir, BIOS_WAIT_SECTOR);
+    let mut vm = Running::spawn({
+        let mut c = vireo();
+        c.args(["run", "--accel", "emu", "--memory", "128M", "--exit-device"])
+            .args(["--firmware", fw])
+            .arg("--disk")
+            .arg(format!("path={}", disk.display()));
+        c
+    });
+    let code = vm.wait_exit(Duration::from_secs(300));
+    let out = vm.stdout_text();
+    assert_eq!(
+        code,
+        Some(67),
+        "stdout: {out}\nstderr: {}",
+        vm.stderr_text()
+    );
+    assert!(out.contains("int 15h/86h: waited"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Linux's rtc-cmos driver gets the RTC's interrupt on IRQ 8: an alarm
+/// two seconds ahead (through sysfs: AIE and the alarm registers) fires,
+/// the count of IRQ 8 in /proc/interrupts goes from 0 to at least 1, and
+/// the driver, having read register C's AF, turns the alarm off.
+#[test]
+fn linux_rtc_cmos_gets_the_alarm_interrupt_on_irq_8() {
+    let g = guest_dir();
+    let cmd = "grep -E '^ *8:' /proc/interrupts; \
+               echo +2 > /sys/class/rtc/rtc0/wakealarm; sleep 5; \
+               grep -E '^ *8:' /proc/interrupts; grep alarm_IRQ /proc/driver/rtc";
+    let mut vm = Running::spawn({
+        let mut c = vireo();
+        c.args(["run", "--accel", "emu", "--memory", "256M"])
+            .arg("--kernel")
+            .arg(g.join("vmlinuz"))
+            .arg("--initrd")
+            .arg(g.join("initramfs.cpio.gz"))
+            .args([
+                "--cmdline",
+                &format!("console=ttyS0 reboot=k panic=1 vireo.cmd={cmd}"),
+            ]);
+        c
+    });
+    let code = vm.wait_exit(Duration::from_secs(600));
+    let out = vm.stdout_text();
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {}", vm.stderr_text());
+    let said = command_output(&out);
+    let irq8: Vec<u64> = said
+        .iter()
+        .filter(|l| l.contains("rtc0"))
+        .map(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("an IRQ 8 count in {l:?}"))
+        })
+        .collect();
+    assert_eq!(irq8.len(), 2, "IRQ 8 is rtc0's, before and after: {said:?}");
+    assert_eq!(irq8[0], 0, "no RTC interrupt before the alarm: {said:?}");
+    assert!(irq8[1] >= 1, "the alarm raised IRQ 8: {said:?}");
+    assert!(
+        said.iter()
+            .any(|l| l.starts_with("alarm_IRQ") && l.ends_with("no")),
+        "the driver saw the alarm and turned it off: {said:?}"
+    );
+}
