@@ -542,3 +542,59 @@ fn linux_rtc_cmos_gets_the_alarm_interrupt_on_irq_8() {
         "the driver saw the alarm and turned it off: {said:?}"
     );
 }
+
+/// SMBIOS through fw_cfg: SeaBIOS places the tables Vireo hands it, and
+/// Linux shows the VM's manufacturer, name (`--name`) and UUID (`--uuid`)
+/// in /sys/class/dmi/id, beside SeaBIOS's own type 0; the structure types
+/// are all there.
+#[test]
+fn linux_reads_the_vm_name_and_uuid_from_smbios() {
+    seabios();
+    let g = guest_dir();
+    let uuid = "01234567-89ab-cdef-0011-223344556677";
+    let cmd = "cd /sys/class/dmi/id && grep . sys_vendor product_name product_uuid bios_vendor; \
+               ls /sys/firmware/dmi/entries";
+    let mut vm = Running::spawn({
+        let mut c = vireo();
+        c.args(["run", "--accel", "emu", "--memory", "512M", "--cpus", "2"])
+            .args(["--firmware", "--name", "test-vm", "--uuid", uuid])
+            .arg("--kernel")
+            .arg(g.join("vmlinuz"))
+            .arg("--initrd")
+            .arg(g.join("initramfs.cpio.gz"))
+            .args([
+                "--cmdline",
+                &format!("console=ttyS0 reboot=k panic=1 vireo.cmd={cmd}"),
+            ]);
+        c
+    });
+    let code = vm.wait_exit(Duration::from_secs(900));
+    let out = vm.stdout_text();
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {}", vm.stderr_text());
+    let said = command_output(&out);
+    for want in [
+        "sys_vendor:Vireo".to_string(),
+        "product_name:test-vm".to_string(),
+        format!("product_uuid:{uuid}"),
+        "bios_vendor:SeaBIOS".to_string(),
+    ] {
+        assert!(said.contains(&want), "{want} in {said:?}");
+    }
+    let entries: Vec<&str> = said.iter().flat_map(|l| l.split_whitespace()).collect();
+    for e in ["0-0", "1-0", "4-0", "4-1", "16-0", "17-0", "32-0", "127-0"] {
+        assert!(entries.contains(&e), "SMBIOS structure {e} in {entries:?}");
+    }
+}
+
+#[test]
+fn a_bad_uuid_or_name_is_refused() {
+    seabios();
+    let dir = scratch("baduuid");
+    let disk = boot_disk(&dir, BOOT_SECTOR);
+    let disk_opt = format!("path={}", disk.display());
+    let out = run(&["run", "--disk", &disk_opt, "--uuid", "1234-5678"]);
+    one_line_error(&out, "expected 8-4-4-4-12 hex digits");
+    let out = run(&["run", "--disk", &disk_opt, "--name", ""]);
+    one_line_error(&out, "a VM name is 1-64 characters");
+    let _ = std::fs::remove_dir_all(&dir);
+}

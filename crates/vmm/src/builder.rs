@@ -59,6 +59,8 @@ pub enum Boot {
     Firmware {
         image: std::path::PathBuf,
         kernel: Option<crate::firmware::FirmwareKernel>,
+        /// What the SMBIOS tables name the machine.
+        smbios: crate::firmware::SmbiosIds,
     },
     /// Resume a snapshot: memory from its file, state from its manifest.
     Snapshot(Box<SnapshotSource>),
@@ -225,6 +227,7 @@ impl VmSpec {
                             cmdline: c.effective_cmdline(),
                         }
                     }),
+                    smbios: crate::firmware::SmbiosIds::for_config(c)?,
                 },
                 None => Boot::Linux {
                     kernel: c.kernel.clone(),
@@ -358,7 +361,7 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
 
     // A firmware boot reads its image first: its size shapes guest memory.
     let firmware = match &boot {
-        Boot::Firmware { image, kernel } => Some(crate::firmware::read_image(
+        Boot::Firmware { image, kernel, .. } => Some(crate::firmware::read_image(
             image,
             &spec.disks,
             kernel.is_some(),

@@ -855,6 +855,14 @@ pub struct VmConfig {
     /// A pvpanic PCI device: the guest kernel reports its panics.
     #[serde(default)]
     pub pvpanic: bool,
+    /// The VM's name: the SMBIOS product name a firmware-booted guest
+    /// reads (Linux: /sys/class/dmi/id/product_name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The VM's UUID (8-4-4-4-12 hex digits): the SMBIOS system UUID of a
+    /// firmware boot (/sys/class/dmi/id/product_uuid); random when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
     /// Host CPUs for the vCPU threads (none: wherever the host puts them).
     #[serde(default, skip_serializing_if = "CpuAffinity::is_empty")]
     pub cpu_affinity: CpuAffinity,
@@ -923,6 +931,8 @@ impl VmConfig {
             exit_device: None,
             cloud_init: None,
             pvpanic: false,
+            name: None,
+            uuid: None,
             cpu_affinity: CpuAffinity::default(),
             firmware: None,
         }
@@ -982,6 +992,16 @@ impl VmConfig {
                 ))
             }
             _ => {}
+        }
+        if let Some(u) = &self.uuid {
+            crate::firmware::parse_uuid(u).map_err(VmmError::Config)?;
+        }
+        if let Some(n) = &self.name {
+            if n.is_empty() || n.len() > 64 || n.chars().any(|c| c.is_control()) {
+                return Err(VmmError::Config(format!(
+                    "--name {n:?}: a VM name is 1-64 characters, none of them control characters"
+                )));
+            }
         }
         for n in &self.nets {
             // A config file skips the option parser: check the same here.

@@ -132,11 +132,13 @@ impl DeviceManager {
         }
         if spec.firmware {
             // A restored VM has no kernel to hand over: its firmware ran.
-            let kernel = match &spec.boot {
-                crate::builder::Boot::Firmware { kernel, .. } => kernel.as_ref(),
-                _ => None,
+            let (kernel, smbios) = match &spec.boot {
+                crate::builder::Boot::Firmware { kernel, smbios, .. } => {
+                    (kernel.as_ref(), Some(smbios))
+                }
+                _ => (None, None),
             };
-            let items = crate::firmware::fw_cfg_items(spec.memory, spec.cpus, kernel)?;
+            let items = crate::firmware::fw_cfg_items(spec.memory, spec.cpus, kernel, smbios)?;
             let fw_cfg = Arc::new(Mutex::new(devices::fw_cfg::FwCfg::new(
                 items,
                 memory.clone(),

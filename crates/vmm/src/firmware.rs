@@ -186,6 +186,7 @@ pub(crate) fn fw_cfg_items(
     memory: u64,
     cpus: u32,
     kernel: Option<&FirmwareKernel>,
+    smbios: Option<&SmbiosIds>,
 ) -> Result<FwCfgItems, VmmError> {
     let cpus16 = u16::try_from(cpus)
         .map_err(|_| VmmError::Config(format!("--cpus {cpus} is too many for firmware")))?;
@@ -210,6 +211,15 @@ pub(crate) fn fw_cfg_items(
         .add_int("etc/sercon-port", SERCON_PORT, 2)
         .map_err(bad)?;
     items.add_int("etc/show-boot-menu", 0, 2).map_err(bad)?;
+    if let Some(ids) = smbios {
+        let (anchor, tables) = smbios_tables(memory, cpus, ids);
+        items
+            .add_file("etc/smbios/smbios-anchor", anchor)
+            .map_err(bad)?;
+        items
+            .add_file("etc/smbios/smbios-tables", tables)
+            .map_err(bad)?;
+    }
     let mut bootorder = String::new();
     if let Some(k) = kernel {
         add_kernel(&mut items, k, memory)?;
@@ -408,4 +418,218 @@ fn add_kernel(items: &mut FwCfgItems, k: &FirmwareKernel, memory: u64) -> Result
     items.set(FW_CFG_INITRD_SIZE, int(data.len() as u64));
     items.set(FW_CFG_INITRD_DATA, data);
     Ok(())
+}
+
+/// What the SMBIOS tables call the machine (types 1 and 17).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmbiosIds {
+    /// The product name (`--name`, else "Vireo VM").
+    pub name: String,
+    /// The system UUID as written (RFC 4122 byte order).
+    pub uuid: [u8; 16],
+}
+
+impl SmbiosIds {
+    /// The VM's name and UUID from its configuration; a UUID not given is
+    /// random (version 4), new at each start.
+    pub(crate) fn for_config(c: &crate::config::VmConfig) -> Result<Self, VmmError> {
+        let uuid = match &c.uuid {
+            Some(u) => parse_uuid(u).map_err(VmmError::Config)?,
+            None => {
+                let mut u = [0u8; 16];
+                use std::io::Read;
+                std::fs::File::open("/dev/urandom")
+                    .and_then(|mut f| f.read_exact(&mut u))
+                    .map_err(|source| VmmError::File {
+                        op: "cannot read random bytes for the VM's UUID from",
+                        path: "/dev/urandom".into(),
+                        source,
+                    })?;
+                u[6] = (u[6] & 0x0f) | 0x40;
+                u[8] = (u[8] & 0x3f) | 0x80;
+                u
+            }
+        };
+        Ok(SmbiosIds {
+            name: c.name.clone().unwrap_or_else(|| "Vireo VM".into()),
+            uuid,
+        })
+    }
+}
+
+/// A UUID written 8-4-4-4-12 in hex digits, as its 16 bytes.
+pub(crate) fn parse_uuid(text: &str) -> Result<[u8; 16], String> {
+    let bad = || format!("--uuid {text:?}: expected 8-4-4-4-12 hex digits");
+    let groups: Vec<&str> = text.split('-').collect();
+    if groups.iter().map(|g| g.len()).collect::<Vec<_>>() != [8, 4, 4, 4, 12] {
+        return Err(bad());
+    }
+    let hex: String = groups.concat();
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
+            .map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+/// One SMBIOS structure: its formatted part (type, length, handle filled
+/// in here) and its strings.
+fn smbios_structure(out: &mut Vec<u8>, kind: u8, handle: u16, body: &[u8], strings: &[&str]) {
+    out.push(kind);
+    out.push((4 + body.len()) as u8);
+    out.extend_from_slice(&handle.to_le_bytes());
+    out.extend_from_slice(body);
+    for s in strings {
+        out.extend_from_slice(s.as_bytes());
+        out.push(0);
+    }
+    if strings.is_empty() {
+        out.push(0);
+    }
+    out.push(0);
+}
+
+/// The SMBIOS 2.8 tables QEMU's fw_cfg hands SeaBIOS: the 31-byte entry
+/// point (`etc/smbios/smbios-anchor`; the firmware fills in the table's
+/// address and the checksums) and the structures (`etc/smbios/smbios-tables`):
+/// type 1 (system: manufacturer "Vireo", the name, the UUID), one type 4
+/// (processor) per vCPU, type 16 (memory array) with one type 17 (memory
+/// device) holding all of the RAM, type 32 (boot information) and the
+/// type 127 end. There is no type 0: SeaBIOS adds its own (its vendor,
+/// version and date), as under QEMU.
+fn smbios_tables(memory: u64, cpus: u32, ids: &SmbiosIds) -> (Vec<u8>, Vec<u8>) {
+    let mut t = Vec::new();
+    let mut count: u16 = 0;
+    let mut max_size = 0usize;
+    let mut add = |t: &mut Vec<u8>, kind: u8, handle: u16, body: &[u8], strings: &[&str]| {
+        let start = t.len();
+        smbios_structure(t, kind, handle, body, strings);
+        max_size = max_size.max(t.len() - start);
+        count += 1;
+    };
+    // Type 1. SMBIOS 2.6 and later store the UUID's first three fields
+    // little-endian.
+    let mut uuid = ids.uuid;
+    uuid[0..4].reverse();
+    uuid[4..6].reverse();
+    uuid[6..8].reverse();
+    let mut body = vec![1, 2, 3, 0];
+    body.extend_from_slice(&uuid);
+    body.extend_from_slice(&[0x06, 0, 4]); // wake-up: power switch; no SKU; family
+    add(
+        &mut t,
+        1,
+        0x100,
+        &body,
+        &["Vireo", &ids.name, env!("CARGO_PKG_VERSION"), "Vireo"],
+    );
+    for cpu in 0..cpus.min(0xff) {
+        let mut body = vec![1, 0x03, 0x01, 2]; // socket string, central, family "other", manufacturer
+        body.extend_from_slice(&[0u8; 8]); // processor ID
+        body.push(0); // version string: none
+        body.push(0); // voltage: unknown
+        body.extend_from_slice(&0u16.to_le_bytes()); // external clock
+        body.extend_from_slice(&2000u16.to_le_bytes()); // max speed, MHz
+        body.extend_from_slice(&2000u16.to_le_bytes()); // current speed
+        body.push(0x41); // socket populated, CPU enabled
+        body.push(0x01); // upgrade: other
+        body.extend_from_slice(&[0xff; 6]); // no cache structures
+        body.extend_from_slice(&[0, 0, 0]); // serial, asset tag, part number
+        body.extend_from_slice(&[1, 1, 1]); // cores, enabled, threads
+        body.extend_from_slice(&0x02u16.to_le_bytes()); // characteristics: unknown
+        body.extend_from_slice(&0x01u16.to_le_bytes()); // family 2: other
+        let socket = format!("CPU {cpu}");
+        add(&mut t, 4, 0x400 + cpu as u16, &body, &[&socket, "Vireo"]);
+    }
+    // Type 16: the array, in KiB (extended field when 2 TiB or more).
+    let kib = memory / 1024;
+    let mut body = vec![0x01, 0x03, 0x03]; // other location, system memory, no ECC
+    body.extend_from_slice(&(kib.min(0x8000_0000) as u32).to_le_bytes());
+    body.extend_from_slice(&0xfffeu16.to_le_bytes()); // no error information
+    body.extend_from_slice(&1u16.to_le_bytes()); // one device
+    body.extend_from_slice(&(if kib >= 0x8000_0000 { memory } else { 0 }).to_le_bytes());
+    add(&mut t, 16, 0x1000, &body, &[]);
+    // Type 17: the device, in MiB (extended when 32 GiB or more).
+    let mib = memory >> 20;
+    let mut body = Vec::new();
+    body.extend_from_slice(&0x1000u16.to_le_bytes()); // its array
+    body.extend_from_slice(&0xfffeu16.to_le_bytes()); // no error information
+    body.extend_from_slice(&0xffffu16.to_le_bytes()); // total width: unknown
+    body.extend_from_slice(&0xffffu16.to_le_bytes()); // data width: unknown
+    body.extend_from_slice(&(mib.min(0x7fff) as u16).to_le_bytes());
+    body.extend_from_slice(&[0x09, 0, 1, 0, 0x07]); // DIMM, no set, "DIMM 0", no bank, RAM
+    body.extend_from_slice(&0x02u16.to_le_bytes()); // type detail: other
+    body.extend_from_slice(&0u16.to_le_bytes()); // speed: unknown
+    body.extend_from_slice(&[2, 0, 0, 0, 0]); // manufacturer; no serial, tag, part; rank unknown
+    body.extend_from_slice(&(if mib >= 0x7fff { mib as u32 } else { 0 }).to_le_bytes());
+    body.extend_from_slice(&0u16.to_le_bytes()); // configured speed
+    body.extend_from_slice(&[0u8; 6]); // voltages: unknown
+    add(&mut t, 17, 0x1100, &body, &["DIMM 0", "Vireo"]);
+    // Type 32: no errors detected at boot.
+    add(&mut t, 32, 0x2000, &[0u8; 7], &[]);
+    add(&mut t, 127, 0x7f00, &[], &[]);
+
+    let mut ep = Vec::with_capacity(31);
+    ep.extend_from_slice(b"_SM_");
+    ep.push(0); // checksum
+    ep.push(31);
+    ep.extend_from_slice(&[2, 8]);
+    ep.extend_from_slice(&(max_size as u16).to_le_bytes());
+    ep.push(0); // entry point revision
+    ep.extend_from_slice(&[0u8; 5]);
+    ep.extend_from_slice(b"_DMI_");
+    ep.push(0); // intermediate checksum
+    ep.extend_from_slice(&(t.len() as u16).to_le_bytes());
+    ep.extend_from_slice(&0u32.to_le_bytes()); // address: the firmware's
+    ep.extend_from_slice(&count.to_le_bytes());
+    ep.push(0x28);
+    let sum = |b: &[u8]| b.iter().fold(0u8, |a, &x| a.wrapping_add(x));
+    ep[21] = 0u8.wrapping_sub(sum(&ep[16..31]));
+    ep[4] = 0u8.wrapping_sub(sum(&ep));
+    (ep, t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smbios_entry_point_and_structures_are_consistent() {
+        let ids = SmbiosIds {
+            name: "test-vm".into(),
+            uuid: parse_uuid("01234567-89ab-cdef-0011-223344556677").unwrap(),
+        };
+        let (ep, t) = smbios_tables(512 << 20, 2, &ids);
+        assert_eq!(ep.len(), 31);
+        assert_eq!(ep.iter().fold(0u8, |a, &x| a.wrapping_add(x)), 0);
+        assert_eq!(u16::from_le_bytes([ep[22], ep[23]]) as usize, t.len());
+        // Walk the structures: count them, find the end.
+        let (mut at, mut n, mut kinds) = (0, 0, Vec::new());
+        while at < t.len() {
+            let (kind, len) = (t[at], t[at + 1] as usize);
+            kinds.push(kind);
+            let mut end = at + len;
+            while t[end] != 0 || t[end + 1] != 0 {
+                end += 1;
+            }
+            at = end + 2;
+            n += 1;
+        }
+        assert_eq!(at, t.len());
+        assert_eq!(u16::from_le_bytes([ep[28], ep[29]]), n);
+        assert_eq!(kinds, [1, 4, 4, 16, 17, 32, 127]);
+        // Type 1: the UUID's first fields little-endian, strings in order.
+        assert_eq!(&t[8..12], &[0x67, 0x45, 0x23, 0x01]);
+        assert_eq!(&t[12..14], &[0xab, 0x89]);
+        assert_eq!(
+            &t[16..24],
+            &[0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77]
+        );
+        assert!(t[..t[1] as usize + 20]
+            .windows(b"Vireo\0test-vm\0".len())
+            .any(|w| w == b"Vireo\0test-vm\0"));
+        assert!(parse_uuid("0123").is_err());
+        assert!(parse_uuid("0123456z-89ab-cdef-0011-223344556677").is_err());
+    }
 }
