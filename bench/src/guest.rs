@@ -196,7 +196,7 @@ impl Guest {
 /// A VMM running a guest, its console lines arriving in the background.
 pub struct Console {
     child: Child,
-    lines: Receiver<(Instant, String)>,
+    lines: Receiver<(Instant, String, Option<u64>)>,
     stderr: std::thread::JoinHandle<String>,
     pub start: Instant,
 }
@@ -205,6 +205,12 @@ pub struct Console {
 pub struct Finished {
     /// Console lines without line ends, each with the time it arrived.
     pub lines: Vec<(Instant, String)>,
+    /// For each line of `lines`: the CPU time (ns, all its threads) the VMM
+    /// process had used when the line arrived, read for `VIREO-` lines only
+    /// (None for the others, or where the kernel would not say). Guest work
+    /// between two such lines over the CPU time between them is a figure
+    /// that does not depend on how much of the host the VMM got.
+    pub cpu_ns: Vec<Option<u64>>,
     pub start: Instant,
     /// When the VMM exited (or was killed).
     pub end: Instant,
@@ -253,6 +259,7 @@ impl Console {
         let out = child.stdout.take().context("no stdout")?;
         let mut err = child.stderr.take().context("no stderr")?;
         let (tx, lines) = mpsc::channel();
+        let cpu_clock = process_cpu_clock(child.id());
         std::thread::spawn(move || {
             let mut r = BufReader::new(out);
             let mut buf = Vec::new();
@@ -264,7 +271,12 @@ impl Console {
                         let at = Instant::now();
                         let text = String::from_utf8_lossy(&buf);
                         let line = text.trim_end_matches(['\r', '\n']).to_string();
-                        if tx.send((at, line)).is_err() {
+                        let cpu = if line.contains("VIREO-") {
+                            cpu_clock.and_then(cpu_time_ns)
+                        } else {
+                            None
+                        };
+                        if tx.send((at, line, cpu)).is_err() {
                             break;
                         }
                     }
@@ -299,15 +311,18 @@ impl Console {
     pub fn finish(mut self, limit: Duration) -> Finished {
         let mut deadline = self.start + limit;
         let mut lines: Vec<(Instant, String)> = Vec::new();
+        let mut cpu_ns = Vec::new();
         let mut hung = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    if l.1.contains("VIREO-INIT: poweroff") || l.1.contains("VIREO-INIT: reboot") {
-                        deadline = deadline.min(l.0 + EXIT_GRACE);
+                Ok((at, line, cpu)) => {
+                    if line.contains("VIREO-INIT: poweroff") || line.contains("VIREO-INIT: reboot")
+                    {
+                        deadline = deadline.min(at + EXIT_GRACE);
                     }
-                    lines.push(l);
+                    lines.push((at, line));
+                    cpu_ns.push(cpu);
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {
@@ -331,6 +346,7 @@ impl Console {
         let end = Instant::now();
         Finished {
             lines,
+            cpu_ns,
             start: self.start,
             end,
             status,
@@ -339,6 +355,27 @@ impl Console {
             stderr: self.stderr.join().unwrap_or_default(),
         }
     }
+}
+
+/// The CPU-time clock of process `pid` (all its threads, exited ones
+/// included), which any process of the same user may read.
+fn process_cpu_clock(pid: u32) -> Option<libc::clockid_t> {
+    let mut id: libc::clockid_t = 0;
+    // SAFETY: id is a valid, writable local; the call only fills it in.
+    let r = unsafe { libc::clock_getcpuclockid(pid as libc::pid_t, &mut id) };
+    (r == 0).then_some(id)
+}
+
+/// The CPU time (ns) on a process's CPU-time clock, None once the process
+/// is gone.
+fn cpu_time_ns(clock: libc::clockid_t) -> Option<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid, writable local for the call.
+    let r = unsafe { libc::clock_gettime(clock, &mut ts) };
+    (r == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
 /// Wait for child `pid` with `wait4`, which also returns the peak resident

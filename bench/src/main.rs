@@ -678,23 +678,51 @@ b=$(cut -d' ' -f1 /proc/uptime); echo VIREO-WORK $a $b; vireo-io cpu 30000000";
 const SMP_WORKLOAD: &str =
     "vireo-io cpu 30000000; vireo-io cpu 30000000 & vireo-io cpu 30000000; wait";
 
-/// `(instructions, ns)` of every `VIREO-CPU` line, in console order.
-fn cpu_lines(f: &guest::Finished) -> Vec<(f64, f64)> {
+/// `(line index, instructions, ns)` of every `VIREO-CPU` line, in console
+/// order.
+fn cpu_lines(f: &guest::Finished) -> Vec<(usize, f64, f64)> {
     f.lines
         .iter()
-        .filter_map(|(_, l)| {
+        .enumerate()
+        .filter_map(|(i, (_, l))| {
             let mut w = l.strip_prefix("VIREO-CPU")?.split_whitespace();
-            Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
+            Some((i, w.next()?.parse().ok()?, w.next()?.parse().ok()?))
         })
         .collect()
 }
 
-/// One SMP boot: (MIPS of one process alone, aggregate MIPS of two at
-/// once = their instructions over the longer of their times).
-fn smp_once(cmd: Command, limit: Duration) -> Result<(f64, f64)> {
+/// Guest MIPS per CPU-second of the VMM process (all its threads): the
+/// `instructions` the guest ran between console lines `from` and `to` over
+/// the CPU time the VMM used between their arrivals. Unlike MIPS by the
+/// guest clock this does not depend on how much of the host the VMM got
+/// (a loaded machine), only on what the VMM spends per guest instruction,
+/// on every thread: a second vCPU's idle loop, timer and IPI threads count.
+/// NaN where either line has no CPU time.
+fn mips_per_cpu_s(f: &guest::Finished, from: usize, to: usize, instructions: f64) -> f64 {
+    let at = |i: usize| f.cpu_ns.get(i).copied().flatten();
+    match (at(from), at(to)) {
+        (Some(a), Some(b)) if b > a => instructions / (b - a) as f64 * 1000.0,
+        _ => f64::NAN,
+    }
+}
+
+/// One SMP boot's figures.
+struct SmpSample {
+    /// MIPS (guest clock) of one process alone, and the aggregate of two at
+    /// once: their instructions over the longer of their times.
+    one: f64,
+    two: f64,
+    /// The same work over the VMM's CPU time ([`mips_per_cpu_s`]): for one
+    /// process from the command's start to its result, for two from the
+    /// first result to the last.
+    one_per_cpu_s: f64,
+    two_per_cpu_s: f64,
+}
+
+fn smp_once(cmd: Command, limit: Duration) -> Result<SmpSample> {
     let f = guest::Console::spawn(cmd)?.finish(limit);
     let cpu = cpu_lines(&f);
-    let [(i0, t0), (i1, t1), (i2, t2)] = cpu[..] else {
+    let [(l0, i0, t0), (_, i1, t1), (_, i2, t2)] = cpu[..] else {
         bail!(
             "the guest printed {} VIREO-CPU lines, not 3 ({})",
             cpu.len(),
@@ -704,7 +732,17 @@ fn smp_once(cmd: Command, limit: Duration) -> Result<(f64, f64)> {
     if t0 <= 0.0 || t1.max(t2) <= 0.0 {
         bail!("zero time in a VIREO-CPU line");
     }
-    Ok((i0 / t0 * 1000.0, (i1 + i2) / t1.max(t2) * 1000.0))
+    // The init prints VIREO-CMD-BEGIN just before it runs the command.
+    let begin = f.lines[..l0]
+        .iter()
+        .rposition(|(_, l)| l.starts_with("VIREO-CMD-BEGIN"));
+    let last = cpu[2].0.max(cpu[1].0);
+    Ok(SmpSample {
+        one: i0 / t0 * 1000.0,
+        two: (i1 + i2) / t1.max(t2) * 1000.0,
+        one_per_cpu_s: begin.map_or(f64::NAN, |b| mips_per_cpu_s(&f, b, l0, i0)),
+        two_per_cpu_s: mips_per_cpu_s(&f, l0, last, i1 + i2),
+    })
 }
 
 struct BootSample {
@@ -712,6 +750,10 @@ struct BootSample {
     work: f64,
     /// Guest instructions per second (millions) in `vireo-io cpu`.
     mips: f64,
+    /// The same loop's instructions per CPU-second of the VMM
+    /// ([`mips_per_cpu_s`], from the VIREO-WORK line printed just before
+    /// it); NaN if not known.
+    mips_per_cpu_s: f64,
     /// The VMM's peak resident set over the whole run (KiB).
     peak_rss_kib: u64,
 }
@@ -746,16 +788,20 @@ fn boot_once(cmd: Command, limit: Duration) -> Result<BootSample> {
     if nums.len() != 2 {
         bail!("bad workload line: {line}");
     }
-    let mips = f
+    let work_at = f
         .lines
         .iter()
-        .find_map(|(_, l)| l.strip_prefix("VIREO-CPU").map(|_| l))
-        .and_then(|l| cpu_mips(l))
-        .context("the guest printed no VIREO-CPU line (is vireo-io in its initramfs? run guest/build.sh)")?;
+        .position(|(_, l)| l.starts_with("VIREO-WORK"));
+    let Some(&(cpu_at, instructions, _)) = cpu_lines(&f).first() else {
+        bail!("the guest printed no VIREO-CPU line (is vireo-io in its initramfs? run guest/build.sh)");
+    };
+    let mips = cpu_mips(&f.lines[cpu_at].1).context("zero time in the VIREO-CPU line")?;
+    let mips_per_cpu_s = work_at.map_or(f64::NAN, |w| mips_per_cpu_s(&f, w, cpu_at, instructions));
     Ok(BootSample {
         wall,
         work: nums[1] - nums[0],
         mips,
+        mips_per_cpu_s,
         peak_rss_kib: f.peak_rss_kib.unwrap_or(0),
     })
 }
@@ -808,6 +854,15 @@ fn fmedian(mut v: Vec<f64>) -> f64 {
     v.retain(|x| x.is_finite());
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// A rate with one decimal, or "-" where it could not be measured.
+fn show_rate(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.1}")
+    } else {
+        "-".into()
+    }
 }
 
 /// A table column: header, width, and how a median is shown.
@@ -896,8 +951,9 @@ fn boot(args: &BenchArgs, runs: usize) -> Result<()> {
     let limit = args.timeout();
     println!(
         "boot: Debian bzImage + initramfs to power-off (wall), a 20k-iteration shell loop and \
-         guest MIPS in a 300M-instruction integer loop (both by the guest clock), and the VMM's peak \
-         RSS, median of {runs} runs, the VMMs taking turns"
+         guest MIPS in a 300M-instruction integer loop (both by the guest clock) and per CPU-second \
+         of the VMM (all threads: independent of the host's load), and the VMM's peak RSS, median of \
+         {runs} runs, the VMMs taking turns"
     );
     let have_qemu = !args.no_qemu && guest::has_binary(&args.qemu);
     let mut series = series_of(args, &g, have_qemu);
@@ -907,6 +963,7 @@ fn boot(args: &BenchArgs, runs: usize) -> Result<()> {
             s.wall.as_secs_f64(),
             s.work,
             s.mips,
+            s.mips_per_cpu_s,
             s.peak_rss_kib as f64 / 1024.0,
         ])
     });
@@ -929,6 +986,11 @@ fn boot(args: &BenchArgs, runs: usize) -> Result<()> {
                 show: |x| format!("{x:.1}"),
             },
             Col {
+                head: "MIPS/CPU-s",
+                width: 12,
+                show: show_rate,
+            },
+            Col {
                 head: "peak RSS",
                 width: 14,
                 show: |x| format!("{x:.0} MiB"),
@@ -948,12 +1010,21 @@ fn boot(args: &BenchArgs, runs: usize) -> Result<()> {
     println!();
     println!(
         "smp: 2 vCPUs; one `vireo-io cpu` process alone, then two at once (aggregate = both \
-         processes' instructions over the longer time), guest MIPS, median of {runs} runs"
+         processes' instructions over the longer time), guest MIPS, and the same work per CPU-second \
+         of the VMM (all threads; equal for 1 and 2 when a second vCPU costs nothing), median of \
+         {runs} runs"
     );
     let mut series = series_of(args, &g2, have_qemu);
     interleave(&mut series, runs, &|c| {
-        let (one, two) = smp_once(c, limit)?;
-        Ok(vec![one, two, if one > 0.0 { two / one } else { f64::NAN }])
+        let s = smp_once(c, limit)?;
+        let scaling = if s.one > 0.0 { s.two / s.one } else { f64::NAN };
+        Ok(vec![
+            s.one,
+            s.two,
+            scaling,
+            s.one_per_cpu_s,
+            s.two_per_cpu_s,
+        ])
     });
     print_series(
         &series,
@@ -972,6 +1043,16 @@ fn boot(args: &BenchArgs, runs: usize) -> Result<()> {
                 head: "scaling",
                 width: 11,
                 show: |x| format!("{x:.2}x"),
+            },
+            Col {
+                head: "1 per CPU-s",
+                width: 12,
+                show: show_rate,
+            },
+            Col {
+                head: "2 per CPU-s",
+                width: 12,
+                show: show_rate,
             },
         ],
         "VMM (2 vCPUs)",
@@ -1184,6 +1265,43 @@ mod tests {
         assert_eq!(short("vireo --accel emu"), "vireo");
         assert_eq!(short("vireo --accel emu (B)"), "vireo (B)");
         assert_eq!(short("qemu -accel tcg"), "qemu");
+    }
+
+    #[test]
+    fn mips_per_cpu_second_come_from_the_vmm_cpu_time_between_two_lines() {
+        let now = std::time::Instant::now();
+        let line = |l: &str| (now, l.to_string());
+        let f = guest::Finished {
+            lines: vec![
+                line("VIREO-CMD-BEGIN"),
+                line("noise"),
+                line("VIREO-CPU 300000000 150000000 1"),
+                line("VIREO-CPU 300000000 300000000 1"),
+                line("VIREO-CPU 300000000 300000000 1"),
+            ],
+            cpu_ns: vec![
+                Some(1_000_000_000),
+                None,
+                Some(1_200_000_000),
+                Some(1_500_000_000),
+                None,
+            ],
+            start: now,
+            end: now,
+            status: None,
+            peak_rss_kib: None,
+            hung: None,
+            stderr: String::new(),
+        };
+        // 3e8 instructions in 0.2 CPU-seconds.
+        let m = mips_per_cpu_s(&f, 0, 2, 3e8);
+        assert!((m - 1500.0).abs() < 1e-6, "{m}");
+        // A line without a CPU time, or time running backwards: unknown.
+        assert!(mips_per_cpu_s(&f, 0, 4, 3e8).is_nan());
+        assert!(mips_per_cpu_s(&f, 3, 2, 3e8).is_nan());
+        let cpu = cpu_lines(&f);
+        assert_eq!(cpu.len(), 3);
+        assert_eq!((cpu[0].0, cpu[0].1), (2, 3e8));
     }
 
     #[test]

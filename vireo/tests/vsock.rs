@@ -78,7 +78,8 @@ fn vsock_streams_both_ways_and_fifty_connections_at_once() {
 
     let cmd = "d=/vireo/data.bin; cat $d $d $d $d | vireo-io vsock-connect 2 5000 >/dev/null && \
                echo G2H-DONE && vireo-io vsock-listen 6000 </dev/null | md5sum && \
-               vireo-io vsock-echo 7000 50";
+               vireo-io vsock-echo 7000 50 && vireo-io vsock-listen 8000 </dev/null >/dev/null && \
+               echo ECHOES-CONFIRMED";
     let mut c = vireo();
     c.args(["run", "--accel", &accel(), "--memory", "256M", "--kernel"])
         .arg(g.join("vmlinux"))
@@ -150,16 +151,30 @@ fn vsock_streams_both_ways_and_fifty_connections_at_once() {
             })
         })
         .collect();
-    for t in conns {
-        let (i, same, len) = t.join().unwrap();
-        assert!(
-            same,
-            "connection {i}: {len} bytes came back, not its 256 KiB\n{}",
-            vm.stderr_text()
-        );
-    }
-
+    let bad: Vec<String> = conns
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .filter(|(_, same, _)| !same)
+        .map(|(i, _, len)| format!("connection {i}: {len} bytes came back, not its 256 KiB"))
+        .collect();
+    // The echo server's children exit once their last bytes are queued in
+    // the guest's kernel, not delivered: the guest powers off only when the
+    // host says it has them all (as a real program's peer would confirm).
+    assert!(
+        vm.wait_for("VSOCK-LISTEN 8000", Duration::from_secs(120)),
+        "{bad:?}\n{}",
+        vm.stdout_text()
+    );
+    let done = connect_guest(&sock, 8000);
+    done.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(done);
     let code = vm.wait_exit(Duration::from_secs(300));
+    assert!(
+        bad.is_empty(),
+        "{bad:?}\n{}\n{}",
+        vm.stdout_text(),
+        vm.stderr_text()
+    );
     let out = vm.stdout_text();
     assert_eq!(code, Some(0), "exit {code:?}\n{out}\n{}", vm.stderr_text());
     let lines = command_output(&out);
@@ -169,6 +184,7 @@ fn vsock_streams_both_ways_and_fifty_connections_at_once() {
         "host-to-guest md5 {four_md5} not in {lines:?}"
     );
     assert!(lines.iter().any(|l| l == "VSOCK-ECHO 50"), "{lines:?}");
+    assert!(lines.iter().any(|l| l == "ECHOES-CONFIRMED"), "{lines:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -160,6 +160,10 @@ struct Conn {
     peer_fwd_cnt: u32,
     host_eof: bool,
     eof_sent: bool,
+    /// Totals for the connection's end-of-life log line: bytes read from
+    /// the host socket, and guest bytes the device accepted.
+    host_read: u64,
+    guest_sent: u64,
 }
 
 impl Conn {
@@ -179,6 +183,8 @@ impl Conn {
             peer_fwd_cnt: 0,
             host_eof: false,
             eof_sent: false,
+            host_read: 0,
+            guest_sent: 0,
         }
     }
 
@@ -306,7 +312,16 @@ impl Mux {
             // The guest is done: answer its close now, and let the host
             // thread finish the host side (see the module's invariants).
             if let Some(c) = self.conns.remove(&key) {
+                tracing::debug!(
+                    "vsock {key:?}: guest closed; host to guest: {} read, {} sent{}; guest to host: {} taken, {} left",
+                    c.host_read,
+                    c.rx_cnt,
+                    if c.host_eof { ", host EOF" } else { "" },
+                    c.guest_sent,
+                    c.buffered()
+                );
                 if c.to_host.is_empty() {
+                    tracing::debug!("vsock {key:?}: host socket closed");
                     let _ = c.stream.shutdown(std::net::Shutdown::Both);
                 } else {
                     self.draining.push(Draining {
@@ -397,6 +412,7 @@ impl Mux {
                     return self.reset(key);
                 }
                 c.to_host.extend(payload);
+                c.guest_sent += payload.len() as u64;
                 self.flush(key);
             }
             OP_CREDIT_UPDATE => {
@@ -424,7 +440,15 @@ impl Mux {
                 self.flush(key);
             }
             OP_RST => {
-                self.conns.remove(&key);
+                if let Some(c) = self.conns.remove(&key) {
+                    tracing::debug!(
+                        "vsock {key:?}: reset by the guest; host to guest: {} read, {} sent; guest to host: {} taken, {} dropped",
+                        c.host_read,
+                        c.rx_cnt,
+                        c.guest_sent,
+                        c.buffered()
+                    );
+                }
             }
             _ => answer_rst(self),
         }
@@ -944,9 +968,17 @@ fn host_thread(s: &Shared) {
                         && !c.host_eof
                     {
                         let room = FROM_HOST_CAP.saturating_sub(c.from_host.len());
+                        if room == 0 {
+                            // POLLHUP/POLLERR come unasked: a read into no
+                            // room returns 0, which is not the host's EOF.
+                            continue;
+                        }
                         match c.stream.read(&mut buf[..room]) {
                             Ok(0) => c.host_eof = true,
-                            Ok(n) => c.from_host.extend(&buf[..n]),
+                            Ok(n) => {
+                                c.from_host.extend(&buf[..n]);
+                                c.host_read += n as u64;
+                            }
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                             Err(_) => {
                                 m.reset(key);
@@ -965,6 +997,10 @@ fn host_thread(s: &Shared) {
         done_draining.sort_unstable();
         for i in done_draining.into_iter().rev() {
             let d = m.draining.swap_remove(i);
+            tracing::debug!(
+                "vsock: a closed connection's host socket took its last bytes ({} left)",
+                d.to_host.len()
+            );
             let _ = d.stream.shutdown(std::net::Shutdown::Both);
         }
         drop(m);

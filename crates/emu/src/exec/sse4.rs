@@ -679,41 +679,19 @@ fn pcmpstr(core: &mut Core, insn: &Instruction, mn: M) -> R {
     Ok(())
 }
 
-/// CRC-32C (Castagnoli) byte table, reflected polynomial 0x82F63B78.
-const CRC32C: [u32; 256] = {
-    let mut t = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                (c >> 1) ^ 0x82f6_3b78
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        t[i] = c;
-        i += 1;
-    }
-    t
-};
-
 /// CRC32 r32/r64, r/m8/16/32/64: CRC-32C of the source bytes, least
 /// significant first, accumulated into the destination's low 32 bits (a
 /// 64-bit destination's high half is cleared). A GPR instruction: no SSE
 /// state checks. Linux's crc32c driver runs it for every ext4 metadata
-/// checksum, hence the table.
+/// checksum. The instruction accumulates without the checksum's pre- and
+/// post-inversion, which `crc32c_append` applies: hence the two NOTs.
 pub(super) fn crc32(core: &mut Core, insn: &Instruction) -> R {
     super::require(core, iced_x86::CpuidFeature::SSE4_2)?;
     let size = super::operand::op_size(insn, 1);
     let v = super::operand::read_op(core, insn, 1, size)?;
-    let mut crc = super::operand::reg_read(&core.st, insn.op0_register()) as u32;
-    for k in 0..size {
-        let b = (v >> (8 * k)) as u8;
-        crc = (crc >> 8) ^ CRC32C[((crc as u8) ^ b) as usize];
-    }
+    let crc = super::operand::reg_read(&core.st, insn.op0_register()) as u32;
+    let bytes = v.to_le_bytes();
+    let crc = !crc32c::crc32c_append(!crc, &bytes[..(size as usize).min(8)]);
     reg_write(&mut core.st, insn.op0_register(), crc as u64);
     Ok(())
 }
