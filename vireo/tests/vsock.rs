@@ -53,6 +53,25 @@ fn connect_guest(sock: &Path, port: u32) -> UnixStream {
     s
 }
 
+/// `vireo run` of the test guest with a vsock device on `sock` (guest CID
+/// 3), running `cmd` in the guest; more options may be added before it
+/// is spawned.
+fn vsock_vm(accel: &str, sock: &Path, cmd: &str) -> Command {
+    let g = guest_dir();
+    let mut c = vireo();
+    c.args(["run", "--accel", accel, "--memory", "256M", "--kernel"])
+        .arg(g.join("vmlinux"))
+        .arg("--initrd")
+        .arg(g.join("initramfs.cpio.gz"))
+        .arg("--vsock")
+        .arg(format!("cid=3,socket={}", sock.display()))
+        .arg("--cmdline")
+        .arg(format!(
+            "console=ttyS0 reboot=k panic=1 quiet vireo.cmd=\"{cmd}\""
+        ));
+    c
+}
+
 /// Data with a per-connection pattern.
 fn pattern(tag: u32, len: usize) -> Vec<u8> {
     let mut x = 0x9E37_79B9u32.wrapping_mul(tag + 1);
@@ -80,17 +99,7 @@ fn vsock_streams_both_ways_and_fifty_connections_at_once() {
                echo G2H-DONE && vireo-io vsock-listen 6000 </dev/null | md5sum && \
                vireo-io vsock-echo 7000 50 && vireo-io vsock-listen 8000 </dev/null >/dev/null && \
                echo ECHOES-CONFIRMED";
-    let mut c = vireo();
-    c.args(["run", "--accel", &accel(), "--memory", "256M", "--kernel"])
-        .arg(g.join("vmlinux"))
-        .arg("--initrd")
-        .arg(g.join("initramfs.cpio.gz"))
-        .arg("--vsock")
-        .arg(format!("cid=3,socket={}", sock.display()))
-        .arg("--cmdline")
-        .arg(format!(
-            "console=ttyS0 reboot=k panic=1 quiet vireo.cmd=\"{cmd}\""
-        ));
+    let c = vsock_vm(&accel(), &sock, cmd);
     let mut vm = Running::spawn(c);
 
     // Guest to host.
@@ -207,17 +216,7 @@ fn guest_data_sent_right_before_power_off_reaches_a_slow_host_reader() {
         "head -c {LEN} /vireo/data.bin | vireo-io vsock-connect 2 5000 >/dev/null & \
          sleep 3; echo POWER-OFF"
     );
-    let mut c = vireo();
-    c.args(["run", "--accel", &accel(), "--memory", "256M", "--kernel"])
-        .arg(g.join("vmlinux"))
-        .arg("--initrd")
-        .arg(g.join("initramfs.cpio.gz"))
-        .arg("--vsock")
-        .arg(format!("cid=3,socket={}", sock.display()))
-        .arg("--cmdline")
-        .arg(format!(
-            "console=ttyS0 reboot=k panic=1 quiet vireo.cmd=\"{cmd}\""
-        ));
+    let c = vsock_vm(&accel(), &sock, &cmd);
     let mut vm = Running::spawn(c);
     let (mut s, _) = listener.accept().unwrap();
     // Read nothing until the guest is on its way out.
@@ -245,7 +244,6 @@ fn guest_data_sent_right_before_power_off_reaches_a_slow_host_reader() {
 /// fails with a reset), and a new connection then works.
 #[test]
 fn vsock_restore_resets_open_connections_and_new_ones_work() {
-    let g = guest_dir();
     let dir = scratch("vsock-snap");
     let vs = dir.join("v.sock");
     let api = dir.join("a.sock");
@@ -253,19 +251,9 @@ fn vsock_restore_resets_open_connections_and_new_ones_work() {
     let second = UnixListener::bind(format!("{}_5001", vs.display())).unwrap();
     let cmd = "vireo-io vsock-connect 2 5000; echo FIRST-ENDED rc=$?; \
                echo after-restore | vireo-io vsock-connect 2 5001 && echo SECOND-DONE";
-    let mut c = vireo();
-    c.args(["run", "--accel", "emu", "--memory", "256M", "--kernel"])
-        .arg(g.join("vmlinux"))
-        .arg("--initrd")
-        .arg(g.join("initramfs.cpio.gz"))
-        .arg("--vsock")
-        .arg(format!("cid=3,socket={}", vs.display()))
-        .arg("--api-socket")
-        .arg(&api)
-        .arg("--cmdline")
-        .arg(format!(
-            "console=ttyS0 reboot=k panic=1 quiet vireo.cmd=\"{cmd}\""
-        ));
+    let mut c = vsock_vm("emu", &vs, cmd);
+    // Before the command line: the guest's command is its last argument.
+    c.arg("--api-socket").arg(&api);
     let mut src = Running::spawn(c);
     let (mut s, _) = first.accept().unwrap();
     s.write_all(b"LIVE-BEFORE-SNAPSHOT\n").unwrap();

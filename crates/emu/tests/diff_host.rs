@@ -1364,6 +1364,40 @@ fn memory_operand_forms_match_host() {
             "lea rdx, [rax+rcx*4+0x40]",
             0,
         ),
+        // Flags written, then a memory access (whose inline TLB path
+        // clobbers the host flags, so the translator keeps the guest's in
+        // its r11 image), then instructions reading them.
+        (
+            &[0x01, 0xc2, 0x48, 0x8b, 0x4b, 0x40, 0x48, 0x11, 0xca],
+            "add edx, eax; mov rcx, [m]; adc rdx, rcx",
+            0,
+        ),
+        (
+            &[
+                0x29, 0xc2, 0x89, 0x53, 0x40, 0x0f, 0x40, 0xca, 0x0f, 0x9c, 0xc0,
+            ],
+            "sub edx, eax; mov [m], edx; cmovo ecx, edx; setl al",
+            0,
+        ),
+        (
+            &[0x39, 0xc2, 0x8b, 0x4b, 0x40, 0x0f, 0x46, 0xd1, 0x19, 0xc0],
+            "cmp edx, eax; mov ecx, [m]; cmovbe edx, ecx; sbb eax, eax",
+            0,
+        ),
+        (
+            &[0xff, 0xc2, 0x48, 0x8b, 0x4b, 0x40, 0x48, 0x11, 0xd1],
+            "inc edx; mov rcx, [m]; adc rcx, rdx",
+            0,
+        ),
+        // An interpreted instruction (SHLD on memory) leaves the flags in
+        // `rflags` only; CMOVcc/SETcc then need them in the host.
+        (
+            &[
+                0x48, 0x0f, 0xa4, 0x53, 0x40, 0x05, 0x0f, 0x48, 0xca, 0x0f, 0x9a, 0xc0, 0x11, 0xc2,
+            ],
+            "shld [m], rdx, 5; cmovs ecx, edx; setp al; adc edx, eax",
+            0,
+        ),
         (
             &[0xff, 0x73, 0x40, 0x8f, 0x43, 0x48],
             "push [m]; pop [m+8]",

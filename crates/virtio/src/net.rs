@@ -20,13 +20,18 @@
 //! guest's next receive notify, keeping the frame it already read).
 //!
 //! Merged receive buffers (VIRTIO_NET_F_MRG_RXBUF, which Linux takes),
-//! offered only where the backend has no receive segmentation offloads
-//! (passt; not a tap, whose 64 KiB frames stalled host -> guest TCP over
-//! many small buffers: see `features`): the guest posts small (about page-sized) buffers and a frame spreads over as
-//! many as it needs; num_buffers in its header says how many, and the used
-//! entries of one frame are published together (a driver that sees only
-//! the first drops the frame). Without it, a frame goes into one chain and
-//! one too big for the chain is dropped, never truncated.
+//! offered by default only where the backend has no receive segmentation
+//! offloads (passt; a tap when asked, `Net::set_merged_rx`: its 64 KiB
+//! frames are cheaper for the guest in one big-packet chain, see
+//! `features`): the guest posts small (about page-sized) buffers and a
+//! frame spreads over as many as it needs; num_buffers in its header says
+//! how many, and the used entries of one frame are published together (a
+//! driver that sees only the first drops the frame). A frame read before
+//! the guest posted enough buffers waits in the worker, the chains it took
+//! put back with the guest asked to notify past them (not past the chains
+//! put back, which it has already posted: it would never notify again).
+//! Without it, a frame goes into one chain and one too big for the chain
+//! is dropped, never truncated.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -319,6 +324,8 @@ pub struct Net {
     mac: net::MacAddr,
     counters: Arc<crate::stats::NetCounters>,
     limits: Option<NetLimits>,
+    /// Offer VIRTIO_NET_F_MRG_RXBUF (`Some`), or the backend's default.
+    merged_rx: Option<bool>,
 }
 
 impl Net {
@@ -328,7 +335,15 @@ impl Net {
             mac,
             counters: Arc::default(),
             limits: None,
+            merged_rx: None,
         }
+    }
+
+    /// Offer merged receive buffers (VIRTIO_NET_F_MRG_RXBUF) or not,
+    /// instead of the default (on where the backend has no receive
+    /// offloads, off for a tap). Set before the guest reads the features.
+    pub fn set_merged_rx(&mut self, on: bool) {
+        self.merged_rx = Some(on);
     }
 
     /// Draw received frames from `rx` and sent ones from `tx` (each the
@@ -415,15 +430,18 @@ impl VirtioDevice for Net {
             0
         };
         let offloads = self.backend.offload_features() & TAP_OFFLOADS;
-        // Merged receive buffers only where frames stay small (no receive
-        // segmentation offloads, as with passt): a tap's 64 KiB frames
-        // spread over many buffers stalled host -> guest TCP in
-        // `vireo-bench net` (tcp-recv made no progress), so a tap keeps
-        // the big-packet chains Linux posts without the feature.
-        let merge = if offloads == 0 {
-            VIRTIO_NET_F_MRG_RXBUF
-        } else {
-            0
+        // Merged receive buffers by default only where frames stay small
+        // (no receive segmentation offloads, as with passt). Through a tap
+        // they work (a frame waiting for buffers gets the guest's next
+        // notify: `VirtQueue::undo_pops`) but a 64 KiB frame over ~17
+        // page-sized buffers costs the guest more than one big-packet
+        // chain: host -> guest TCP ran at 0.65 of the big-packet path
+        // (docs/engine-profile.md), so a tap has them only when asked.
+        let merge = match self.merged_rx {
+            Some(true) => VIRTIO_NET_F_MRG_RXBUF,
+            Some(false) => 0,
+            None if offloads == 0 => VIRTIO_NET_F_MRG_RXBUF,
+            None => 0,
         };
         VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | merge | offloads | soft
     }
@@ -1166,6 +1184,61 @@ mod tests {
         let mut h = [0u8; HDR_LEN];
         m.read_slice(&mut h, GuestAddress(0xb000)).unwrap();
         assert_eq!(u16::from_le_bytes([h[10], h[11]]), 1);
+    }
+
+    /// What the transport's worker does with a notify (`transport.rs`,
+    /// `service`): process, interrupt if asked, ask for the next notify.
+    fn service(w: &mut NetWorker, q: &mut VirtQueue, m: &GuestRam) {
+        loop {
+            q.disable_notification(m).unwrap();
+            let done = w.process_queue(RX_QUEUE, q, m).unwrap();
+            if done.used {
+                q.needs_notification(m).unwrap();
+            }
+            if !q.enable_notification(m).unwrap() || done.stalled {
+                return;
+            }
+        }
+    }
+
+    /// Whether a driver that moved its avail index from `old` to `new`
+    /// notifies, by the device's avail_event (the spec's vring_need_event).
+    fn driver_kicks(m: &GuestRam, ring: &Ring, old: u16, new: u16) -> bool {
+        let at = ring.base + 0x200 + 4 + 8 * ring.size as u64;
+        let event: u16 = m.read_obj(GuestAddress(at)).unwrap();
+        new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+    }
+
+    /// With EVENT_IDX, a frame waiting for more merged buffers must get the
+    /// driver's notify when it posts them: the chains the worker put back
+    /// must not move avail_event behind what the driver already posted (it
+    /// would never notify again: the tap's host -> guest stall).
+    #[test]
+    fn a_frame_waiting_for_merged_buffers_gets_the_next_notify() {
+        let (mut w, host, m) = setup();
+        w.merge = true;
+        let mut ring = Ring::new(0x1000);
+        let mut q = VirtQueue::new(&m, QUEUE_SIZE, ring.cfg(), true, false).unwrap();
+        let f = frame(9, 2500 - HDR_LEN);
+        host.send(&f).unwrap();
+        ring.add(&m, 0x8000, 1000, true);
+        ring.add(&m, 0x9000, 1000, true);
+        service(&mut w, &mut q, &m);
+        assert_eq!(used_idx(&m, &ring), 0, "two buffers are not enough");
+        assert!(!w.host_fd_armed(), "waiting for the guest");
+        ring.add(&m, 0xa000, 1000, true);
+        assert!(
+            driver_kicks(&m, &ring, 2, 3),
+            "the driver's next buffer must bring a notify"
+        );
+        service(&mut w, &mut q, &m);
+        assert_eq!(used_idx(&m, &ring), 3, "the frame went out on the notify");
+        let mut h = [0u8; HDR_LEN];
+        m.read_slice(&mut h, GuestAddress(0x8000)).unwrap();
+        assert_eq!(u16::from_le_bytes([h[10], h[11]]), 3, "num_buffers");
+        // Delivered, the ring empty: the next buffer brings a notify too.
+        ring.add(&m, 0xb000, 1000, true);
+        assert!(driver_kicks(&m, &ring, 3, 4));
     }
 
     /// A header-less backend (as passt): the device sums for the guest.

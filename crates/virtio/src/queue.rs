@@ -330,6 +330,13 @@ pub struct VirtQueue {
     /// judges (rust-vmm's own count misses those [`VirtQueue::add_used_many`]
     /// writes itself).
     notified_used: u16,
+    /// With EVENT_IDX, after [`VirtQueue::undo_pops`]: the avail index just
+    /// past the chains put back. The device has seen them and needs more, so
+    /// [`VirtQueue::enable_notification`] asks the driver to notify past
+    /// this index, not past `next_avail` (which the undo moved back behind
+    /// chains the driver already made available: it would never notify
+    /// again). Cleared by the next [`VirtQueue::pop`].
+    wake_past: Option<u16>,
 }
 
 impl VirtQueue {
@@ -364,6 +371,7 @@ impl VirtQueue {
             notified_used: q.next_used(),
             inner: q,
             indirect,
+            wake_past: None,
         })
     }
 
@@ -383,11 +391,13 @@ impl VirtQueue {
         self.inner.set_next_avail(p.next_avail);
         self.inner.set_next_used(p.next_used);
         self.notified_used = p.next_used;
+        self.wake_past = None;
     }
 
     /// The next available chain, validated; `Ok(None)` when the driver has
     /// made nothing more available.
     pub fn pop(&mut self, mem: &GuestRam) -> Result<Option<DescChain>, QueueError> {
+        self.wake_past = None;
         let desc_table = GuestAddress(self.inner.desc_table());
         let size = self.inner.size();
         let next = self.inner.next_avail();
@@ -416,10 +426,14 @@ impl VirtQueue {
         self.inner.set_next_avail(next);
     }
 
-    /// Put back the last `n` chains [`VirtQueue::pop`] returned.
+    /// Put back the last `n` chains [`VirtQueue::pop`] returned because
+    /// they are not enough (a merged receive frame needs more): the device
+    /// waits for the driver to make more available, and
+    /// [`VirtQueue::enable_notification`] asks for a notify past them.
     pub fn undo_pops(&mut self, n: u16) {
-        let next = self.inner.next_avail().wrapping_sub(n);
-        self.inner.set_next_avail(next);
+        let past = self.inner.next_avail();
+        self.inner.set_next_avail(past.wrapping_sub(n));
+        self.wake_past = Some(past);
     }
 
     /// Return several chains (`(head, len)`, in order) to the driver at
@@ -488,9 +502,32 @@ impl VirtQueue {
     /// Ask the driver for notifications again (with EVENT_IDX: publish
     /// `avail_event`); true if more chains arrived meanwhile.
     pub fn enable_notification(&mut self, mem: &GuestRam) -> Result<bool, QueueError> {
-        self.inner
-            .enable_notification(mem)
-            .map_err(|e| QueueError::UsedRing(e.to_string()))
+        let past = match self.wake_past {
+            Some(past) if self.inner.event_idx_enabled() => past,
+            // Without EVENT_IDX a notify comes for every kick; without a
+            // put-back group the device waits past what it took.
+            _ => {
+                return self
+                    .inner
+                    .enable_notification(mem)
+                    .map_err(|e| QueueError::UsedRing(e.to_string()))
+            }
+        };
+        // avail_event sits after the used ring's entries (checked to lie in
+        // guest memory when the queue was made). The driver notifies once
+        // its avail index passes it: for the first chain after `past`.
+        let at = GuestAddress(self.inner.used_ring()).unchecked_add(4 + 8 * self.size() as u64);
+        mem.write_obj(past, at)
+            .map_err(|e| QueueError::UsedRing(e.to_string()))?;
+        // The driver writes its index then reads avail_event; the device
+        // writes avail_event then reads the index: one of the two sees the
+        // other's write, so a chain made available now is not missed.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let avail = self
+            .inner
+            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .map_err(|e| QueueError::UsedRing(e.to_string()))?;
+        Ok(avail.0 != past)
     }
 
     pub fn disable_notification(&mut self, mem: &GuestRam) -> Result<(), QueueError> {

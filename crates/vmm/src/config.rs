@@ -369,6 +369,10 @@ pub struct NetConfig {
     /// NICs naming the same group share a receive and a transmit limiter.
     #[serde(default)]
     pub rate_group: Option<String>,
+    /// Offer merged receive buffers (VIRTIO_NET_F_MRG_RXBUF): on or off;
+    /// absent: on for user networking, off for a tap (see `virtio::net`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mrg_rxbuf: Option<bool>,
 }
 
 fn default_tap() -> String {
@@ -386,6 +390,7 @@ impl NetConfig {
             rx_rate_limiter: None,
             tx_rate_limiter: None,
             rate_group: None,
+            mrg_rxbuf: None,
         }
     }
 
@@ -409,7 +414,15 @@ impl FromStr for NetConfig {
     fn from_str(s: &str) -> Result<Self, OptionError> {
         const SPEC: options::Spec = options::Spec {
             known: &[
-                "tap", "mac", "hostfwd", "rx_bw", "rx_pps", "tx_bw", "tx_pps", "group",
+                "tap",
+                "mac",
+                "hostfwd",
+                "rx_bw",
+                "rx_pps",
+                "tx_bw",
+                "tx_pps",
+                "group",
+                "mrg_rxbuf",
             ],
             kinds: &["tap", "user"],
             repeatable: &["hostfwd"],
@@ -427,6 +440,7 @@ impl FromStr for NetConfig {
             rx_rate_limiter: limiter_option(&o, "rx_bw", "rx_pps")?,
             tx_rate_limiter: limiter_option(&o, "tx_bw", "tx_pps")?,
             rate_group: o.value("group")?,
+            mrg_rxbuf: o.toggle("mrg_rxbuf")?,
         };
         n.validate().map_err(|reason| OptionError::BadValue {
             option: "net",
@@ -1293,6 +1307,16 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("bridge"));
+        assert_eq!(n.mrg_rxbuf, None, "the backend's default");
+        let on: NetConfig = "tap=t0,mrg_rxbuf=on".parse().unwrap();
+        assert_eq!(on.mrg_rxbuf, Some(true));
+        let off: NetConfig = "user,mrg_rxbuf=off".parse().unwrap();
+        assert_eq!(off.mrg_rxbuf, Some(false));
+        assert!("tap=t0,mrg_rxbuf=maybe"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .to_string()
+            .contains("on or off"));
     }
 
     #[test]

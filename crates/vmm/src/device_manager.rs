@@ -517,6 +517,9 @@ fn setup_pci(
                 }
             };
         let mut dev = virtio::net::Net::new(backend, mac);
+        if let Some(on) = n.mrg_rxbuf {
+            dev.set_merged_rx(on);
+        }
         let id = format!("net{i}");
         let (rx, tx) = rate_limits.net(&id, n)?;
         dev.set_rate_limiters(rx, tx)

@@ -384,10 +384,21 @@ impl Cg {
     // -------------------------------------------------------------- flags
 
     /// Host flags are about to be clobbered: keep the guest's elsewhere.
+    /// They go to the r11 image (LAHF/SETO, a few simple instructions)
+    /// rather than through PUSHFQ to the slot: PUSHFQ, and the POPFQ that
+    /// `need_host` would pay for the slot, are microcoded and slow, and
+    /// this runs before nearly every memory access that follows a flag
+    /// write (`inc rax; cmp byte [rax], 0`). RAX may hold an operand: kept.
     fn clobber(&mut self) {
         if self.loc.host && !self.loc.slot && !self.loc.st && !self.loc.img {
-            a!(self; pushfq ; pop QWORD [rbx + OFF_FL]);
-            self.loc.slot = true;
+            a!(self
+                ; push rax
+                ; lahf
+                ; seto al
+                ; movzx r11d, ax
+                ; pop rax
+            );
+            self.loc.img = true;
         }
         self.loc.host = false;
     }
@@ -411,13 +422,18 @@ impl Cg {
         } else if self.loc.slot {
             a!(self; push QWORD [rbx + OFF_FL] ; popfq);
         } else {
+            // Only in `rflags` (after the interpreter ran an instruction):
+            // through the r11 image and SAHF rather than POPFQ (slow), and
+            // the image stays valid for the exit's `capture`.
+            a!(self; push rax);
+            self.img_from(OFF_RFLAGS);
             a!(self
-                ; mov r11, QWORD [rbx + OFF_RFLAGS]
-                ; and r11d, ARITH
-                ; or r11d, 0x202
-                ; push r11
-                ; popfq
+                ; mov eax, r11d
+                ; add al, 0x7f
+                ; sahf
+                ; pop rax
             );
+            self.loc.img = true;
         }
         self.loc.host = true;
     }
@@ -1049,11 +1065,7 @@ pub(super) fn gen_block(
             ; jne =>stale
         );
     }
-    a!(cg
-        ; =>body
-        ; mov rax, QWORD block as *const Block as i64
-        ; mov QWORD [rbx + OFF_CUR_BLOCK], rax
-    );
+    a!(cg; =>body);
     cg.reload();
     if allow_loop {
         let again = cg.a.new_dynamic_label();
@@ -1119,8 +1131,14 @@ pub(super) fn gen_block(
         cg.chain_exit(n);
     }
     let e = cg.epilogue;
+    // Every way out of this block's code (to the dispatcher; a chained
+    // jump goes on into the next block's code instead) passes here, so the
+    // dispatcher learns which block ran last without a store at every
+    // chained entry. RAX holds the instruction count.
     a!(cg
         ; =>e
+        ; mov rcx, QWORD block as *const Block as i64
+        ; mov QWORD [rbx + OFF_CUR_BLOCK], rcx
         ; pop r15
         ; pop r14
         ; pop r13
@@ -1567,20 +1585,28 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             block.links[1].target.set(u.next_ip);
             let taken = &block.links[0] as *const LinkCell as i64;
             let fall = &block.links[1] as *const LinkCell as i64;
+            // Two exits, one per side, rather than one that selects the
+            // target and cell with CMOVs: each side's indirect jump into
+            // its successor then always goes to the same place (the host's
+            // branch predictor learns it), and the taken side's RIP and
+            // cell are constants. Both sides write back the same cached
+            // registers.
+            let dirty = cg.dirty;
+            let fall_side = cg.a.new_dynamic_label();
             a!(cg
-                ; mov rax, QWORD insn.near_branch_target() as i64
-                ; mov rdx, QWORD u.next_ip as i64
                 ; test r8b, r8b
-                ; cmovz rax, rdx
-                ; mov QWORD [rbx + OFF_RIP], rax
-                ; mov rdx, QWORD fall
-                ; mov rsi, QWORD taken
-                ; test r8b, r8b
-                ; cmovnz rdx, rsi
+                ; jz =>fall_side
             );
+            cg.set_rip(insn.near_branch_target());
+            a!(cg; mov rdx, QWORD taken);
             if insn.near_branch_target() == block.rip && !cg.interpreted {
                 cg.self_loop(block, i + 1);
             }
+            cg.chain_exit(i + 1);
+            cg.dirty = dirty;
+            a!(cg; =>fall_side);
+            cg.set_rip(u.next_ip);
+            a!(cg; mov rdx, QWORD fall);
             cg.chain_exit(i + 1);
             Some(Done::Exited)
         }

@@ -57,7 +57,8 @@ pub struct JitCtx {
     pub fl: u64,
     /// `Core::attention` (an AtomicBool's address).
     pub attention: usize,
-    /// The block whose code runs (chained code updates it).
+    /// The block whose code returned to the dispatcher (each block's
+    /// epilogue sets it; chained code may have run several before).
     pub cur_block: usize,
     /// The link cell of the exit taken when following it was not possible,
     /// for the dispatcher to link.
