@@ -35,6 +35,7 @@ PACKAGES=(
     qemu-system-x86 # the reference/benchmark VMM, also used to check the images
     qemu-utils      # qemu-img and qemu-io for disk images (crates/block tests)
     seabios         # the BIOS image firmware boots use (docs/firmware.md, vireo/tests/firmware.rs)
+    qemu-system-data # linuxboot_dma.bin, the option ROM that boots --kernel under --firmware (docs/firmware.md)
     grub-pc-bin     # grub-mkimage and the i386-pc modules: vireo/tests/firmware.rs makes a GRUB disk
     strace          # diagnosing the VMM's host calls (startup analysis)
     util-linux      # runuser: the security tests act as an unprivileged user; partx, blkid

@@ -138,7 +138,7 @@ enum Command {
     MigrateReceive(MigrateReceiveArgs),
     /// Give an empty VMM (`vireo run --api-socket PATH` alone) a VM
     /// configuration, from the same options as `vireo run`.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Boot the VM `vireo create` gave an empty VMM.
     Boot(ApiArgs),
     /// Drop the configuration `vireo create` gave (before `vireo boot`).
@@ -486,9 +486,12 @@ struct VmOptions {
     /// Initial ramdisk (initramfs) to hand to the kernel.
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
-    /// BIOS image to boot the first disk with when no --kernel is given
+    /// Boot through a BIOS image: the first disk when no --kernel is given
+    /// (then the default), else the --kernel, handed to the firmware
+    /// through fw_cfg. `--firmware` alone names the default
     /// [default: /usr/share/seabios/bios-256k.bin, Debian's seabios] (docs/firmware.md).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", num_args = 0..=1,
+          default_missing_value = vmm::config::DEFAULT_FIRMWARE)]
     firmware: Option<PathBuf>,
     /// Kernel command line [default: "console=ttyS0 reboot=k panic=1"].
     #[arg(long, value_name = "STR")]
@@ -569,6 +572,14 @@ struct VmOptions {
     /// crash kernel loaded (kdump then runs).
     #[arg(long)]
     pvpanic: bool,
+    /// The VM's name: the SMBIOS product name a firmware-booted guest sees
+    /// [default: "Vireo VM"] (docs/firmware.md).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// The VM's UUID, 8-4-4-4-12 hex digits: the SMBIOS system UUID of a
+    /// firmware boot [default: a random one per start].
+    #[arg(long, value_name = "UUID")]
+    uuid: Option<String>,
     /// Pin vCPU threads to host CPUs: VCPU=CPU[,VCPU=CPU...], e.g. 0=2,1=3,
     /// or VCPU=FIRST-LAST for a range (each CPU must be one this process
     /// may run on) [default: no pinning].
@@ -600,6 +611,8 @@ impl VmOptions {
             && self.exit_device.is_none()
             && self.cloud_init.is_none()
             && !self.pvpanic
+            && self.name.is_none()
+            && self.uuid.is_none()
             && self.cpu_affinity.is_none()
     }
 
@@ -673,6 +686,12 @@ impl VmOptions {
         }
         if self.pvpanic {
             cfg.pvpanic = true;
+        }
+        if let Some(n) = self.name {
+            cfg.name = Some(n);
+        }
+        if let Some(u) = self.uuid {
+            cfg.uuid = Some(u);
         }
         if let Some(a) = self.cpu_affinity {
             cfg.cpu_affinity = a;

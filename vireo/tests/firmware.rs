@@ -387,3 +387,214 @@ fn seabios_boots_grub_which_boots_linux_from_an_ext4_partition() {
     assert!(out.contains("VIREO-CMD-END rc=0"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// QEMU's `-kernel` with a BIOS: `--firmware` (the default SeaBIOS) and
+/// `--kernel`, `--initrd`, `--cmdline`. The kernel, initrd and command line
+/// go to SeaBIOS through fw_cfg; the option ROM from Debian's
+/// qemu-system-data loads them and runs the kernel's real-mode setup, which
+/// boots the kernel; the guest prints the command line it was given and
+/// powers off. No disk is needed.
+#[test]
+fn seabios_boots_a_kernel_handed_over_fw_cfg() {
+    seabios();
+    assert!(
+        Path::new("/usr/share/qemu/linuxboot_dma.bin").is_file(),
+        "/usr/share/qemu/linuxboot_dma.bin is missing: install Debian's qemu-system-data (scripts/install-deps.sh does)"
+    );
+    let g = guest_dir();
+    let cmdline = "console=ttyS0 reboot=k panic=1 vireo.fwtest=42 vireo.cmd=cat /proc/cmdline";
+    let mut vm = Running::spawn({
+        let mut c = vireo();
+        c.args(["run", "--accel", "emu", "--memory", "512M", "--firmware"])
+            .arg("--kernel")
+            .arg(g.join("vmlinuz"))
+            .arg("--initrd")
+            .arg(g.join("initramfs.cpio.gz"))
+            .args(["--cmdline", cmdline]);
+        c
+    });
+    let code = vm.wait_exit(Duration::from_secs(900));
+    let out = vm.stdout_text();
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {}", vm.stderr_text());
+    assert!(out.contains("SeaBIOS (version"), "{out}");
+    let said = command_output(&out);
+    assert!(
+        said.iter().any(|l| l.trim() == cmdline),
+        "the kernel got the command line through fw_cfg: {said:?}"
+    );
+    assert!(out.contains("VIREO-CMD-END rc=0"), "{out}");
+}
+
+#[test]
+fn a_kernel_for_the_firmware_must_be_a_bzimage() {
+    seabios();
+    let dir = scratch("notbz");
+    let k = dir.join("kernel");
+    std::fs::write(&k, vec![0u8; 8192]).unwrap();
+    let out = run(&[
+        "run",
+        "--accel",
+        "emu",
+        "--firmware",
+        SEABIOS,
+        "--kernel",
+        k.to_str().unwrap(),
+    ]);
+    one_line_error(&out, "is not a bzImage");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A boot sector that waits 300 ms through the BIOS (`int 15h, AH=86h`,
+/// CX:DX microseconds: SeaBIOS turns on the RTC's periodic interrupt and
+/// counts its IRQ 8s), then says whether the call succeeded on COM1 and
+/// exits through the exit device (0x21 -> status 67):
+///
+/// ```text
+///   xor ax,ax ; mov ds,ax ; sti
+///   mov ah,0x86 ; mov cx,0x0004 ; mov dx,0x93e0 ; int 0x15
+///   mov si,ok ; jnc 1f ; mov si,bad
+/// 1: mov dx,0x3f8
+/// 2: lodsb ; test al,al ; jz 3f ; out dx,al ; jmp 2b
+/// 3: mov dx,0xf4 ; mov al,0x21 ; out dx,al
+/// 4: hlt ; jmp 4b
+/// ok: "int 15h/86h: waited\r\n\0"   bad: "int 15h/86h: failed\r\n\0"
+/// ```
+const BIOS_WAIT_SECTOR: &[u8] = &[
+    0x31, 0xc0, 0x8e, 0xd8, 0xfb, 0xb4, 0x86, 0xb9, 0x04, 0x00, 0xba, 0xe0, 0x93, 0xcd, 0x15, 0xbe,
+    0x2b, 0x7c, 0x73, 0x03, 0xbe, 0x41, 0x7c, 0xba, 0xf8, 0x03, 0xac, 0x84, 0xc0, 0x74, 0x03, 0xee,
+    0xeb, 0xf8, 0xba, 0xf4, 0x00, 0xb0, 0x21, 0xee, 0xf4, 0xeb, 0xfd, 0x69, 0x6e, 0x74, 0x20, 0x31,
+    0x35, 0x68, 0x2f, 0x38, 0x36, 0x68, 0x3a, 0x20, 0x77, 0x61, 0x69, 0x74, 0x65, 0x64, 0x0d, 0x0a,
+    0x00, 0x69, 0x6e, 0x74, 0x20, 0x31, 0x35, 0x68, 0x2f, 0x38, 0x36, 0x68, 0x3a, 0x20, 0x66, 0x61,
+    0x69, 0x6c, 0x65, 0x64, 0x0d, 0x0a, 0x00,
+];
+
+/// SeaBIOS's wait service returns: the RTC raises its periodic interrupt
+/// on IRQ 8 at register A's rate while register B's PIE is on, and the
+/// firmware's handler, reading register C, sees PF each time.
+#[test]
+fn the_bios_wait_service_returns_on_rtc_periodic_interrupts() {
+    let fw = seabios();
+    let dir = scratch("rtcwait");
+    let disk = boot_disk(&dir, BIOS_WAIT_SECTOR);
+    let mut vm = Running::spawn({
+        let mut c = vireo();
+        c.args(["run", "--accel", "emu", "--memory", "128M", "--exit-device"])
+            .args(["--firmware", fw])
+            .arg("--disk")
+            .arg(format!("path={}", disk.display()));
+        c
+    });
+    let code = vm.wait_exit(Duration::from_secs(300));
+    let out = vm.stdout_text();
+    assert_eq!(
+        code,
+        Some(67),
+        "stdout: {out}\nstderr: {}",
+        vm.stderr_text()
+    );
+    assert!(out.contains("int 15h/86h: waited"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Linux's rtc-cmos driver gets the RTC's interrupt on IRQ 8: an alarm
+/// two seconds ahead (through sysfs: AIE and the alarm registers) fires,
+/// the count of IRQ 8 in /proc/interrupts goes from 0 to at least 1, and
+/// the driver, having read register C's AF, turns the alarm off.
+#[test]
+fn linux_rtc_cmos_gets_the_alarm_interrupt_on_irq_8() {
+    let g = guest_dir();
+    let cmd = "grep -E '^ *8:' /proc/interrupts; \
+               echo +2 > /sys/class/rtc/rtc0/wakealarm; sleep 5; \
+               grep -E '^ *8:' /proc/interrupts; grep alarm_IRQ /proc/driver/rtc";
+    let mut vm = Running::spawn({
+        let mut c = vireo();
+        c.args(["run", "--accel", "emu", "--memory", "256M"])
+            .arg("--kernel")
+            .arg(g.join("vmlinuz"))
+            .arg("--initrd")
+            .arg(g.join("initramfs.cpio.gz"))
+            .args([
+                "--cmdline",
+                &format!("console=ttyS0 reboot=k panic=1 vireo.cmd={cmd}"),
+            ]);
+        c
+    });
+    let code = vm.wait_exit(Duration::from_secs(600));
+    let out = vm.stdout_text();
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {}", vm.stderr_text());
+    let said = command_output(&out);
+    let irq8: Vec<u64> = said
+        .iter()
+        .filter(|l| l.contains("rtc0"))
+        .map(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("an IRQ 8 count in {l:?}"))
+        })
+        .collect();
+    assert_eq!(irq8.len(), 2, "IRQ 8 is rtc0's, before and after: {said:?}");
+    assert_eq!(irq8[0], 0, "no RTC interrupt before the alarm: {said:?}");
+    assert!(irq8[1] >= 1, "the alarm raised IRQ 8: {said:?}");
+    assert!(
+        said.iter()
+            .any(|l| l.starts_with("alarm_IRQ") && l.ends_with("no")),
+        "the driver saw the alarm and turned it off: {said:?}"
+    );
+}
+
+/// SMBIOS through fw_cfg: SeaBIOS places the tables Vireo hands it, and
+/// Linux shows the VM's manufacturer, name (`--name`) and UUID (`--uuid`)
+/// in /sys/class/dmi/id, beside SeaBIOS's own type 0; the structure types
+/// are all there.
+#[test]
+fn linux_reads_the_vm_name_and_uuid_from_smbios() {
+    seabios();
+    let g = guest_dir();
+    let uuid = "01234567-89ab-cdef-0011-223344556677";
+    let cmd = "cd /sys/class/dmi/id && grep . sys_vendor product_name product_uuid bios_vendor; \
+               ls /sys/firmware/dmi/entries";
+    let mut vm = Running::spawn({
+        let mut c = vireo();
+        c.args(["run", "--accel", "emu", "--memory", "512M", "--cpus", "2"])
+            .args(["--firmware", "--name", "test-vm", "--uuid", uuid])
+            .arg("--kernel")
+            .arg(g.join("vmlinuz"))
+            .arg("--initrd")
+            .arg(g.join("initramfs.cpio.gz"))
+            .args([
+                "--cmdline",
+                &format!("console=ttyS0 reboot=k panic=1 vireo.cmd={cmd}"),
+            ]);
+        c
+    });
+    let code = vm.wait_exit(Duration::from_secs(900));
+    let out = vm.stdout_text();
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {}", vm.stderr_text());
+    let said = command_output(&out);
+    for want in [
+        "sys_vendor:Vireo".to_string(),
+        "product_name:test-vm".to_string(),
+        format!("product_uuid:{uuid}"),
+        "bios_vendor:SeaBIOS".to_string(),
+    ] {
+        assert!(said.contains(&want), "{want} in {said:?}");
+    }
+    let entries: Vec<&str> = said.iter().flat_map(|l| l.split_whitespace()).collect();
+    for e in ["0-0", "1-0", "4-0", "4-1", "16-0", "17-0", "32-0", "127-0"] {
+        assert!(entries.contains(&e), "SMBIOS structure {e} in {entries:?}");
+    }
+}
+
+#[test]
+fn a_bad_uuid_or_name_is_refused() {
+    seabios();
+    let dir = scratch("baduuid");
+    let disk = boot_disk(&dir, BOOT_SECTOR);
+    let disk_opt = format!("path={}", disk.display());
+    let out = run(&["run", "--disk", &disk_opt, "--uuid", "1234-5678"]);
+    one_line_error(&out, "expected 8-4-4-4-12 hex digits");
+    let out = run(&["run", "--disk", &disk_opt, "--name", ""]);
+    one_line_error(&out, "a VM name is 1-64 characters");
+    let _ = std::fs::remove_dir_all(&dir);
+}

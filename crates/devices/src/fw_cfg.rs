@@ -4,7 +4,8 @@
 //! tables and the script that places them, the number of CPUs, boot
 //! options. Items are byte strings chosen by a 16-bit selector; the
 //! well-known ones have fixed selectors (signature 0x0000, feature bits
-//! 0x0001, CPU count 0x0005, the file directory 0x0019), named files get
+//! 0x0001, CPU count 0x0005, a kernel's parts 0x0007-0x0018, the file
+//! directory 0x0019), named files get
 //! selectors from 0x0020 upward and are listed in the directory (a
 //! big-endian count, then per file: size (BE u32), selector (BE u16), two
 //! reserved bytes, a 56-byte NUL-padded name).
@@ -47,6 +48,22 @@ pub const FW_CFG_SIGNATURE: u16 = 0x00;
 pub const FW_CFG_ID: u16 = 0x01;
 pub const FW_CFG_NB_CPUS: u16 = 0x05;
 pub const FW_CFG_MAX_CPUS: u16 = 0x0f;
+/// A kernel handed to the firmware (QEMU's `-kernel` with a BIOS): where
+/// each part goes (32-bit little-endian addresses and sizes) and its bytes.
+/// An option ROM (QEMU's linuxboot_dma.bin) reads them and starts the
+/// kernel's real-mode setup code.
+pub const FW_CFG_KERNEL_ADDR: u16 = 0x07;
+pub const FW_CFG_KERNEL_SIZE: u16 = 0x08;
+pub const FW_CFG_INITRD_ADDR: u16 = 0x0a;
+pub const FW_CFG_INITRD_SIZE: u16 = 0x0b;
+pub const FW_CFG_KERNEL_DATA: u16 = 0x11;
+pub const FW_CFG_INITRD_DATA: u16 = 0x12;
+pub const FW_CFG_CMDLINE_ADDR: u16 = 0x13;
+pub const FW_CFG_CMDLINE_SIZE: u16 = 0x14;
+pub const FW_CFG_CMDLINE_DATA: u16 = 0x15;
+pub const FW_CFG_SETUP_ADDR: u16 = 0x16;
+pub const FW_CFG_SETUP_SIZE: u16 = 0x17;
+pub const FW_CFG_SETUP_DATA: u16 = 0x18;
 pub const FW_CFG_FILE_DIR: u16 = 0x19;
 /// The first selector handed to a named file.
 pub const FW_CFG_FILE_FIRST: u16 = 0x20;

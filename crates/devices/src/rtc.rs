@@ -8,13 +8,28 @@
 //! every second, as on real parts, so code that waits for it to clear never
 //! waits long. Register D always reports valid RAM and time.
 //!
-//! Not modelled: interrupts on IRQ 8 (periodic, alarm, update-ended); the
-//! flags in register C are only polled. Day of week is derived from the date
-//! (a guest write to it alone is not kept).
+//! Interrupts (IRQ 8): register C's flags -- PF (periodic, at register A's
+//! rate), AF (the alarm registers 0x01/0x03/0x05 match, 0xc0-0xff in one
+//! meaning "any"), UF (each second's update) -- are raised whatever
+//! register B says, and reading C returns and clears them. When a flag
+//! whose enable bit in B is on (PIE, AIE, UIE) is raised, IRQF is set and
+//! one edge goes out on IRQ 8; no further edge until the guest has read C,
+//! as on the chip, whose IRQ output stays asserted until then. The flags
+//! are computed from the clock when they are looked at (a read of C, a
+//! write of A or B, the timer), so nothing runs while no interrupt is
+//! enabled; with one enabled, a helper thread ([`CmosRtc::connect_irq`])
+//! sleeps until the next event and raises it. SeaBIOS waits with the
+//! periodic interrupt (`int 15h, AH=86h`), Linux's rtc-cmos uses all three.
+//! Periodic flags need the divider in its normal 32.768 kHz setting
+//! (register A's DV bits 010), as on the chip.
+//!
+//! Day of week is derived from the date (a guest write to it alone is not
+//! kept).
 
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hypervisor::IrqLine;
 use serde::{Deserialize, Serialize};
 
 use crate::{BusDevice, Persist, PersistError};
@@ -27,8 +42,11 @@ pub const CENTURY_INDEX: u8 = 0x32;
 const CMOS_SIZE: usize = 128;
 
 const REG_SECONDS: u8 = 0x00;
+const REG_SECONDS_ALARM: u8 = 0x01;
 const REG_MINUTES: u8 = 0x02;
+const REG_MINUTES_ALARM: u8 = 0x03;
 const REG_HOURS: u8 = 0x04;
+const REG_HOURS_ALARM: u8 = 0x05;
 const REG_DAY_OF_WEEK: u8 = 0x06;
 const REG_DAY_OF_MONTH: u8 = 0x07;
 const REG_MONTH: u8 = 0x08;
@@ -50,15 +68,25 @@ const TIME_REGS: [u8; 8] = [
 ];
 
 const A_UIP: u8 = 1 << 7;
+/// The divider bits (DV2-0) and their normal setting (32.768 kHz base).
+const A_DV_MASK: u8 = 0x70;
+const A_DV_NORMAL: u8 = 0x20;
+const A_RATE_MASK: u8 = 0x0f;
 /// 32.768 kHz time base, 1024 Hz periodic rate: what a BIOS programs.
 const A_DEFAULT: u8 = 0x26;
 const B_SET: u8 = 1 << 7;
+const B_PIE: u8 = 1 << 6;
+const B_AIE: u8 = 1 << 5;
 const B_UIE: u8 = 1 << 4;
 const B_BINARY: u8 = 1 << 2;
 const B_24H: u8 = 1 << 1;
 const B_DEFAULT: u8 = B_24H;
 const C_IRQF: u8 = 1 << 7;
+const C_PF: u8 = 1 << 6;
+const C_AF: u8 = 1 << 5;
 const C_UF: u8 = 1 << 4;
+/// The three event flags; each sits at the same bit as its enable in B.
+const C_EVENTS: u8 = C_PF | C_AF | C_UF;
 const D_VRT: u8 = 1 << 7;
 const HOUR_PM: u8 = 1 << 7;
 
@@ -66,6 +94,9 @@ const HOUR_PM: u8 = 1 << 7;
 const UIP_WINDOW_NS: u32 = 244_000;
 
 const SECS_PER_DAY: i64 = 86_400;
+const NS_PER_SEC: i64 = 1_000_000_000;
+/// The time base the divider counts: 32.768 kHz.
+const BASE_HZ: i128 = 32_768;
 
 /// The guest's RAM size, for the BIOS memory-size bytes some guests and
 /// firmware read (QEMU's layout).
@@ -86,8 +117,16 @@ pub struct CmosState {
     pub ram: Vec<u8>,
     /// Guest time minus host UTC time, in seconds.
     pub offset_secs: i64,
-    /// Guest second when register C was last read (for its UF flag).
+    /// Guest second when register C's flags were last brought up to date.
     pub last_update_seen: i64,
+    /// Register C as it stands (flags raised and not yet read; IRQF when
+    /// the interrupt is asserted). Older snapshots have none.
+    #[serde(default)]
+    pub flags: u8,
+    /// Guest time (ns since the epoch) the flags are up to date for;
+    /// older snapshots only have `last_update_seen`.
+    #[serde(default)]
+    pub checked_ns: Option<i64>,
 }
 
 /// Where the RTC gets "now" from: time since the Unix epoch.
@@ -104,8 +143,88 @@ pub struct CmosRtc {
     index: u8,
     ram: [u8; CMOS_SIZE],
     offset_secs: i64,
-    last_update_seen: i64,
+    /// Register C's event flags raised and not yet read.
+    flags: u8,
+    /// IRQF: an edge went out on IRQ 8 and C has not been read since.
+    asserted: bool,
+    /// Guest time (ns since the epoch) up to which events are in `flags`.
+    checked_ns: i64,
     clock: Clock,
+    irq: Option<Arc<dyn IrqLine>>,
+    timer: Option<Arc<Timer>>,
+}
+
+/// What the RTC tells its timer thread: when to call it next.
+#[derive(Default)]
+struct Timer {
+    state: Mutex<TimerState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct TimerState {
+    /// On the RTC's clock (time since the epoch); none: nothing to raise.
+    deadline: Option<Duration>,
+    stop: bool,
+}
+
+impl Timer {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TimerState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, deadline: Option<Duration>) {
+        let mut s = self.lock();
+        if s.deadline != deadline {
+            s.deadline = deadline;
+            self.wake.notify_one();
+        }
+    }
+
+    fn stop(&self) {
+        self.lock().stop = true;
+        self.wake.notify_one();
+    }
+}
+
+/// The timer thread: sleep until the deadline the RTC set, then let it
+/// raise what is due. Ends when the RTC is dropped.
+fn timer_loop(rtc: Weak<Mutex<CmosRtc>>, timer: Arc<Timer>, clock: Clock) {
+    loop {
+        {
+            let mut s = timer.lock();
+            loop {
+                if s.stop {
+                    return;
+                }
+                match s.deadline {
+                    None => s = timer.wake.wait(s).unwrap_or_else(|e| e.into_inner()),
+                    Some(d) => {
+                        let now = clock();
+                        if now >= d {
+                            s.deadline = None;
+                            break;
+                        }
+                        s = timer
+                            .wake
+                            .wait_timeout(s, d - now)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                    }
+                }
+            }
+        }
+        let Some(rtc) = rtc.upgrade() else { return };
+        rtc.lock().unwrap_or_else(|e| e.into_inner()).poll();
+    }
+}
+
+impl Drop for CmosRtc {
+    fn drop(&mut self) {
+        if let Some(t) = &self.timer {
+            t.stop();
+        }
+    }
 }
 
 impl CmosRtc {
@@ -127,11 +246,161 @@ impl CmosRtc {
             index: 0,
             ram,
             offset_secs: 0,
-            last_update_seen: 0,
+            flags: 0,
+            asserted: false,
+            checked_ns: 0,
             clock,
+            irq: None,
+            timer: None,
         };
-        rtc.last_update_seen = rtc.now().0;
+        rtc.checked_ns = rtc.now_ns();
         rtc
+    }
+
+    /// Raise the RTC's interrupts on `irq` (IRQ 8), timed by a helper
+    /// thread that ends when the device is dropped.
+    pub fn connect_irq(dev: &Arc<Mutex<CmosRtc>>, irq: Arc<dyn IrqLine>) -> std::io::Result<()> {
+        let timer = Arc::new(Timer::default());
+        let clock = {
+            let mut rtc = dev.lock().unwrap_or_else(|e| e.into_inner());
+            rtc.irq = Some(irq);
+            rtc.timer = Some(timer.clone());
+            rtc.clock.clone()
+        };
+        let weak = Arc::downgrade(dev);
+        let t = timer.clone();
+        threads::spawn(threads::Role::Helper("rtc".into()), move || {
+            timer_loop(weak, t, clock)
+        })?;
+        dev.lock().unwrap_or_else(|e| e.into_inner()).poll();
+        Ok(())
+    }
+
+    /// Guest time now in nanoseconds since the epoch (saturating).
+    fn now_ns(&self) -> i64 {
+        let (secs, ns) = self.now();
+        secs.saturating_mul(NS_PER_SEC).saturating_add(ns as i64)
+    }
+
+    /// The periodic rate of register A as a power of two of 32.768 kHz
+    /// ticks; none when the rate is 0 or the divider is not running
+    /// normally. Rates 1 and 2 are 256 and 128 Hz, as rates 8 and 9.
+    fn periodic_shift(&self) -> Option<u32> {
+        let a = self.ram[REG_A as usize];
+        if a & A_DV_MASK != A_DV_NORMAL {
+            return None;
+        }
+        match a & A_RATE_MASK {
+            0 => None,
+            r @ 1..=2 => Some(u32::from(r) + 6),
+            r => Some(u32::from(r) - 1),
+        }
+    }
+
+    /// Whether the alarm registers match the time at guest second `secs`.
+    fn alarm_matches(&self, secs: i64) -> bool {
+        let regs = render_time(secs, self.ram[REG_B as usize]);
+        [
+            (REG_SECONDS_ALARM, REG_SECONDS),
+            (REG_MINUTES_ALARM, REG_MINUTES),
+            (REG_HOURS_ALARM, REG_HOURS),
+        ]
+        .iter()
+        .all(|&(alarm, reg)| {
+            let want = self.ram[alarm as usize];
+            want & 0xc0 == 0xc0 || want == regs[time_slot(reg)]
+        })
+    }
+
+    /// Bring register C's flags up to the present.
+    fn accumulate(&mut self) {
+        let now = self.now_ns();
+        let from = self.checked_ns;
+        self.checked_ns = now;
+        if now <= from {
+            // The guest moved its clock back: nothing happened in between.
+            return;
+        }
+        if let Some(shift) = self.periodic_shift() {
+            if period_index(from, shift) != period_index(now, shift) {
+                self.flags |= C_PF;
+            }
+        }
+        if self.frozen() {
+            return;
+        }
+        let (s0, s1) = (from.div_euclid(NS_PER_SEC), now.div_euclid(NS_PER_SEC));
+        if s0 == s1 {
+            return;
+        }
+        self.flags |= C_UF;
+        // The alarm matches at most once a second and repeats daily at
+        // most: the last day is enough to look at. Only worth it when the
+        // guest wants the interrupt or polls often.
+        if self.ram[REG_B as usize] & B_AIE != 0 || s1 - s0 <= 2 {
+            let first = (s0 + 1).max(s1 - SECS_PER_DAY + 1);
+            if (first..=s1).any(|s| self.alarm_matches(s)) {
+                self.flags |= C_AF;
+            }
+        }
+    }
+
+    /// Bring the flags up to date, raise IRQ 8 when an enabled one is set
+    /// and it is not raised yet, and tell the timer the next event.
+    fn poll(&mut self) {
+        self.accumulate();
+        let enabled = self.flags & self.ram[REG_B as usize] & C_EVENTS;
+        if enabled != 0 && !self.asserted {
+            self.asserted = true;
+            if let Some(irq) = &self.irq {
+                if let Err(e) = irq.trigger() {
+                    tracing::warn!("rtc: cannot raise IRQ 8: {e}");
+                }
+            }
+        }
+        self.rearm();
+    }
+
+    /// The guest time (ns) of the next event that would raise the
+    /// interrupt; none while it is raised or nothing is enabled.
+    fn next_event_ns(&self) -> Option<i64> {
+        if self.asserted || self.irq.is_none() {
+            return None;
+        }
+        let b = self.ram[REG_B as usize];
+        let now = self.checked_ns;
+        let mut next: Option<i64> = None;
+        let mut consider = |t: i64| next = Some(next.map_or(t, |n| n.min(t)));
+        if b & B_PIE != 0 {
+            if let Some(shift) = self.periodic_shift() {
+                consider(period_start(period_index(now, shift) + 1, shift));
+            }
+        }
+        if !self.frozen() {
+            let next_sec = now.div_euclid(NS_PER_SEC) + 1;
+            if b & B_UIE != 0 {
+                consider(next_sec.saturating_mul(NS_PER_SEC));
+            }
+            if b & B_AIE != 0 {
+                if let Some(s) =
+                    (next_sec..next_sec + SECS_PER_DAY).find(|&s| self.alarm_matches(s))
+                {
+                    consider(s.saturating_mul(NS_PER_SEC));
+                }
+            }
+        }
+        next
+    }
+
+    /// Tell the timer thread when to call [`CmosRtc::poll`] next.
+    fn rearm(&self) {
+        let Some(timer) = &self.timer else { return };
+        let deadline = self.next_event_ns().map(|guest| {
+            // On the host's clock: the guest's offset taken back out.
+            let host = guest.saturating_sub(self.offset_secs.saturating_mul(NS_PER_SEC));
+            Duration::from_nanos(host.max(0) as u64)
+        });
+        timer.set(deadline);
     }
 
     /// Guest time now: whole seconds since the epoch and the nanoseconds
@@ -167,16 +436,15 @@ impl CmosRtc {
                 a
             }
             REG_C => {
-                // Flags are computed when polled; reading clears them.
-                let now = self.now().0;
-                let mut c = 0;
-                if !self.frozen() && now != self.last_update_seen {
-                    c |= C_UF;
-                }
-                self.last_update_seen = now;
-                if c & C_UF != 0 && b & B_UIE != 0 {
+                // Reading returns the flags and clears them, IRQF with them.
+                self.accumulate();
+                let mut c = self.flags;
+                if self.asserted || c & b & C_EVENTS != 0 {
                     c |= C_IRQF;
                 }
+                self.flags = 0;
+                self.asserted = false;
+                self.rearm();
                 c
             }
             REG_D => D_VRT,
@@ -194,10 +462,18 @@ impl CmosRtc {
                 } else {
                     let mut regs = render_time(self.now().0, b);
                     regs[time_slot(index)] = value;
+                    self.accumulate();
                     self.set_time(parse_time(&regs, b));
+                    self.checked_ns = self.now_ns();
+                    self.rearm();
                 }
             }
-            REG_A => self.ram[REG_A as usize] = value & !A_UIP,
+            REG_A => {
+                // Events up to now at the old rate, the next at the new.
+                self.accumulate();
+                self.ram[REG_A as usize] = value & !A_UIP;
+                self.poll();
+            }
             REG_B => {
                 let mut value = value;
                 if value & B_SET != 0 {
@@ -218,10 +494,20 @@ impl CmosRtc {
                     for (slot, &reg) in TIME_REGS.iter().enumerate() {
                         regs[slot] = self.ram[reg as usize];
                     }
+                    self.accumulate();
                     self.set_time(parse_time(&regs, b));
-                    self.last_update_seen = self.now().0;
+                    self.checked_ns = self.now_ns();
                 }
+                self.accumulate();
                 self.ram[REG_B as usize] = value;
+                // A flag already set raises the interrupt as soon as it is
+                // enabled.
+                self.poll();
+            }
+            REG_SECONDS_ALARM | REG_MINUTES_ALARM | REG_HOURS_ALARM => {
+                self.accumulate();
+                self.ram[index as usize] = value;
+                self.rearm();
             }
             REG_C | REG_D => {
                 tracing::debug!("rtc: write {value:#x} to read-only register {index:#x}")
@@ -239,7 +525,9 @@ impl Persist for CmosRtc {
             index: self.index,
             ram: self.ram.to_vec(),
             offset_secs: self.offset_secs,
-            last_update_seen: self.last_update_seen,
+            last_update_seen: self.checked_ns.div_euclid(NS_PER_SEC),
+            flags: self.flags | if self.asserted { C_IRQF } else { 0 },
+            checked_ns: Some(self.checked_ns),
         })
     }
 
@@ -256,7 +544,12 @@ impl Persist for CmosRtc {
         self.ram = ram;
         self.index = state.index & 0x7f;
         self.offset_secs = state.offset_secs;
-        self.last_update_seen = state.last_update_seen;
+        self.checked_ns = state
+            .checked_ns
+            .unwrap_or_else(|| state.last_update_seen.saturating_mul(NS_PER_SEC));
+        self.flags = state.flags & C_EVENTS;
+        self.asserted = state.flags & C_IRQF != 0;
+        self.rearm();
         Ok(())
     }
 }
@@ -290,6 +583,19 @@ impl BusDevice for CmosRtc {
             _ => tracing::debug!("rtc: write {value:#x} to undecoded offset {offset:#x}"),
         }
     }
+}
+
+/// Which period of 2^`shift` ticks of the 32.768 kHz base the guest time
+/// `ns` falls in.
+fn period_index(ns: i64, shift: u32) -> i128 {
+    (i128::from(ns) * BASE_HZ).div_euclid(i128::from(NS_PER_SEC)) >> shift
+}
+
+/// The guest time (ns, rounded up) period `index` starts at.
+fn period_start(index: i128, shift: u32) -> i64 {
+    let ticks = index << shift;
+    let ns = (ticks * i128::from(NS_PER_SEC) + BASE_HZ - 1).div_euclid(BASE_HZ);
+    i64::try_from(ns).unwrap_or(i64::MAX)
 }
 
 /// Position of a time register in [`TIME_REGS`]. Only called with indices
@@ -408,9 +714,9 @@ fn fill_memory_bytes(ram: &mut [u8; CMOS_SIZE], mem: CmosMemory) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::CountingIrq;
     use crate::Bus;
     use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Mutex;
 
     const INDEX: u64 = 0x70;
     const DATA: u64 = 0x71;
@@ -611,7 +917,8 @@ mod tests {
         cmos_read(&bus, REG_C);
         assert_eq!(cmos_read(&bus, REG_C), 0, "read clears");
         ns.fetch_add(1_000_000_000, Ordering::SeqCst);
-        assert_eq!(cmos_read(&bus, REG_C), C_UF);
+        // A second's update, and periods of the default 1024 Hz rate.
+        assert_eq!(cmos_read(&bus, REG_C), C_UF | C_PF);
         assert_eq!(cmos_read(&bus, REG_C), 0);
         // Plain CMOS RAM.
         cmos_write(&bus, 0x7f, 0xa5);
@@ -676,5 +983,161 @@ mod tests {
         guest_reads_time(&bus);
         state.ram.truncate(10);
         assert!(dev.lock().unwrap().restore(&state).is_err());
+    }
+
+    /// An RTC on a manual clock whose IRQ 8 edges are counted (the test
+    /// calls `poll` where the timer thread would).
+    fn with_irq() -> (Bus, Arc<Mutex<CmosRtc>>, Arc<AtomicU64>, Arc<CountingIrq>) {
+        let (clock, ns) = manual_clock(LEAP_DAY * 1_000_000_000);
+        let irq = Arc::new(CountingIrq::default());
+        let mut rtc = CmosRtc::with_clock(None, clock);
+        rtc.irq = Some(irq.clone());
+        let (bus, dev) = on_bus(rtc);
+        (bus, dev, ns, irq)
+    }
+
+    #[test]
+    fn periodic_flag_at_register_a_rate_and_read_to_clear() {
+        let (clock, ns) = manual_clock(LEAP_DAY * 1_000_000_000);
+        let (bus, _) = on_bus(CmosRtc::with_clock(None, clock));
+        // Rate 6: 1024 Hz, a period of 976.5625 us, periods aligned to the
+        // second.
+        assert_eq!(cmos_read(&bus, REG_C), 0);
+        ns.fetch_add(500_000, Ordering::SeqCst);
+        assert_eq!(cmos_read(&bus, REG_C), 0, "half a period");
+        ns.fetch_add(500_000, Ordering::SeqCst);
+        assert_eq!(cmos_read(&bus, REG_C), C_PF, "PF without PIE: no IRQF");
+        assert_eq!(cmos_read(&bus, REG_C), 0, "read clears");
+        // Rate 15: 2 Hz.
+        cmos_write(&bus, REG_A, 0x2f);
+        ns.fetch_add(400_000_000, Ordering::SeqCst);
+        assert_eq!(cmos_read(&bus, REG_C), 0);
+        ns.fetch_add(200_000_000, Ordering::SeqCst);
+        assert_eq!(cmos_read(&bus, REG_C), C_PF);
+        // Rate 0, or the divider held in reset: no periodic flag.
+        cmos_write(&bus, REG_A, 0x20);
+        ns.fetch_add(1_000_000, Ordering::SeqCst);
+        assert_eq!(cmos_read(&bus, REG_C), 0);
+        cmos_write(&bus, REG_A, 0x76);
+        ns.fetch_add(1_000_000, Ordering::SeqCst);
+        assert_eq!(cmos_read(&bus, REG_C), 0);
+    }
+
+    #[test]
+    fn periodic_interrupt_one_edge_until_c_is_read() {
+        let (bus, dev, ns, irq) = with_irq();
+        let poll = || dev.lock().unwrap().poll();
+        cmos_read(&bus, REG_C);
+        cmos_write(&bus, REG_B, B_PIE | B_24H);
+        assert_eq!(irq.count(), 0, "no period has passed yet");
+        // The next event is the next period's start.
+        let next = dev.lock().unwrap().next_event_ns().unwrap();
+        let now = LEAP_DAY as i64 * NS_PER_SEC;
+        assert_eq!(next, now + 976_563);
+        ns.fetch_add(1_000_000, Ordering::SeqCst);
+        poll();
+        assert_eq!(irq.count(), 1);
+        assert_eq!(
+            dev.lock().unwrap().next_event_ns(),
+            None,
+            "held until C is read"
+        );
+        ns.fetch_add(10_000_000, Ordering::SeqCst);
+        poll();
+        assert_eq!(irq.count(), 1, "the line stays asserted: no new edge");
+        assert_eq!(cmos_read(&bus, REG_C), C_IRQF | C_PF);
+        poll();
+        assert_eq!(irq.count(), 1);
+        ns.fetch_add(1_000_000, Ordering::SeqCst);
+        poll();
+        assert_eq!(irq.count(), 2);
+        // Turning PIE off with the flag pending still reports it, without
+        // IRQF once no enabled flag is set and C was read.
+        cmos_read(&bus, REG_C);
+        cmos_write(&bus, REG_B, B_24H);
+        ns.fetch_add(1_000_000, Ordering::SeqCst);
+        poll();
+        assert_eq!(irq.count(), 2);
+        assert_eq!(cmos_read(&bus, REG_C), C_PF);
+        // Enabling PIE with PF already set raises at once.
+        ns.fetch_add(1_000_000, Ordering::SeqCst);
+        cmos_write(&bus, REG_B, B_PIE | B_24H);
+        assert_eq!(irq.count(), 3);
+        // A snapshot carries the pending flags and the asserted line.
+        let state = dev.lock().unwrap().save().unwrap();
+        assert_eq!(state.flags, C_IRQF | C_PF);
+        let (clock2, _) = manual_clock(ns.load(Ordering::SeqCst));
+        let (bus2, dev2) = on_bus(CmosRtc::with_clock(None, clock2));
+        dev2.lock().unwrap().restore(&state).unwrap();
+        assert_eq!(cmos_read(&bus2, REG_C), C_IRQF | C_PF);
+    }
+
+    #[test]
+    fn alarm_and_update_interrupts() {
+        let (bus, dev, ns, irq) = with_irq();
+        let poll = || dev.lock().unwrap().poll();
+        // 13:05:09 now; the alarm at 13:05:11, any hour.
+        cmos_write(&bus, REG_SECONDS_ALARM, 0x11);
+        cmos_write(&bus, REG_MINUTES_ALARM, 0x05);
+        cmos_write(&bus, REG_HOURS_ALARM, 0xff);
+        cmos_read(&bus, REG_C);
+        cmos_write(&bus, REG_B, B_AIE | B_24H);
+        assert_eq!(
+            dev.lock().unwrap().next_event_ns(),
+            Some((LEAP_DAY as i64 + 2) * NS_PER_SEC)
+        );
+        ns.fetch_add(1_000_000_000, Ordering::SeqCst);
+        poll();
+        assert_eq!(irq.count(), 0);
+        assert_eq!(
+            cmos_read(&bus, REG_C),
+            C_UF | C_PF,
+            "UF, PF set, not enabled"
+        );
+        ns.fetch_add(1_000_000_000, Ordering::SeqCst);
+        poll();
+        assert_eq!(irq.count(), 1, "the alarm");
+        assert_eq!(cmos_read(&bus, REG_C), C_IRQF | C_AF | C_UF | C_PF);
+        // Any hour: the next match is an hour later, 14:05:11.
+        assert_eq!(
+            dev.lock().unwrap().next_event_ns(),
+            Some((LEAP_DAY as i64 + 2 + 3600) * NS_PER_SEC)
+        );
+        // Update-ended interrupt: once a second.
+        cmos_write(&bus, REG_B, B_UIE | B_24H);
+        ns.fetch_add(1_500_000_000, Ordering::SeqCst);
+        poll();
+        assert_eq!(irq.count(), 2);
+        assert_eq!(cmos_read(&bus, REG_C) & (C_IRQF | C_UF), C_IRQF | C_UF);
+    }
+
+    #[test]
+    fn the_timer_thread_raises_periodic_interrupts_on_the_host_clock() {
+        let irq = Arc::new(CountingIrq::default());
+        let (bus, dev) = on_bus(CmosRtc::new(None));
+        CmosRtc::connect_irq(&dev, irq.clone()).unwrap();
+        cmos_read(&bus, REG_C);
+        // 1024 Hz, as SeaBIOS programs it: a guest handler that reads C on
+        // each interrupt sees 20 of them well within a second.
+        cmos_write(&bus, REG_B, B_PIE | B_24H);
+        let start = std::time::Instant::now();
+        for n in 1..=20 {
+            while irq.count() < n {
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "interrupt {n} did not come"
+                );
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            assert_eq!(cmos_read(&bus, REG_C) & (C_IRQF | C_PF), C_IRQF | C_PF);
+        }
+        // Without reading C, no further edge.
+        std::thread::sleep(Duration::from_millis(20));
+        let held = irq.count();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(irq.count(), held);
+        // The thread ends with the device.
+        drop(bus);
+        drop(dev);
     }
 }

@@ -43,7 +43,7 @@ pub enum Role {
     /// The terminal-to-console forwarder.
     Console,
     /// A backend's helper thread ("passt-tx", "passt-wait", "passt-log",
-    /// "vsock-host", "virtio-fs-irq", the engine's "emu-timer").
+    /// "vsock-host", "virtio-fs-irq", the engine's "emu-timer", the RTC's "rtc").
     Helper(String),
     /// The thread that creates every other one (see the module doc).
     Spawner,

@@ -54,9 +54,13 @@ pub enum Boot {
         protocol: BootProtocol,
     },
     Raw(RawBoot),
-    /// Boot through a BIOS image (SeaBIOS), which boots the first disk.
+    /// Boot through a BIOS image (SeaBIOS), which boots the first disk,
+    /// or the kernel it is handed through fw_cfg.
     Firmware {
         image: std::path::PathBuf,
+        kernel: Option<crate::firmware::FirmwareKernel>,
+        /// What the SMBIOS tables name the machine.
+        smbios: crate::firmware::SmbiosIds,
     },
     /// Resume a snapshot: memory from its file, state from its manifest.
     Snapshot(Box<SnapshotSource>),
@@ -216,6 +220,14 @@ impl VmSpec {
             boot: match &c.firmware {
                 Some(image) => Boot::Firmware {
                     image: image.clone(),
+                    kernel: (!c.kernel.as_os_str().is_empty()).then(|| {
+                        crate::firmware::FirmwareKernel {
+                            kernel: c.kernel.clone(),
+                            initrd: c.initrd.clone(),
+                            cmdline: c.effective_cmdline(),
+                        }
+                    }),
+                    smbios: crate::firmware::SmbiosIds::for_config(c)?,
                 },
                 None => Boot::Linux {
                     kernel: c.kernel.clone(),
@@ -349,7 +361,11 @@ pub(crate) fn build(spec: VmSpec, console_out: Box<dyn Write + Send>) -> Result<
 
     // A firmware boot reads its image first: its size shapes guest memory.
     let firmware = match &boot {
-        Boot::Firmware { image } => Some(crate::firmware::read_image(image, &spec.disks)?),
+        Boot::Firmware { image, kernel, .. } => Some(crate::firmware::read_image(
+            image,
+            &spec.disks,
+            kernel.is_some(),
+        )?),
         _ => None,
     };
     let memory = guest_memory(&boot, spec.memory, !spec.fs.is_empty(), firmware.as_ref())?;

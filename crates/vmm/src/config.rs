@@ -869,6 +869,14 @@ pub struct VmConfig {
     /// A pvpanic PCI device: the guest kernel reports its panics.
     #[serde(default)]
     pub pvpanic: bool,
+    /// The VM's name: the SMBIOS product name a firmware-booted guest
+    /// reads (Linux: /sys/class/dmi/id/product_name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The VM's UUID (8-4-4-4-12 hex digits): the SMBIOS system UUID of a
+    /// firmware boot (/sys/class/dmi/id/product_uuid); random when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
     /// Host CPUs for the vCPU threads (none: wherever the host puts them).
     #[serde(default, skip_serializing_if = "CpuAffinity::is_empty")]
     pub cpu_affinity: CpuAffinity,
@@ -937,6 +945,8 @@ impl VmConfig {
             exit_device: None,
             cloud_init: None,
             pvpanic: false,
+            name: None,
+            uuid: None,
             cpu_affinity: CpuAffinity::default(),
             firmware: None,
         }
@@ -990,19 +1000,22 @@ impl VmConfig {
                     "nothing to boot: give a kernel, or a disk to boot through firmware".into(),
                 ))
             }
-            (Some(_), false) => {
-                return Err(VmmError::Config(
-                    "--kernel with firmware (the kernel handed over fw_cfg) is not supported yet: \
-                     boot the kernel directly, or boot the disk through firmware without --kernel"
-                        .into(),
-                ))
-            }
             (Some(_), true) if self.disks.is_empty() => {
                 return Err(VmmError::Config(
                     "firmware boot needs a disk to boot from (--disk path=...)".into(),
                 ))
             }
             _ => {}
+        }
+        if let Some(u) = &self.uuid {
+            crate::firmware::parse_uuid(u).map_err(VmmError::Config)?;
+        }
+        if let Some(n) = &self.name {
+            if n.is_empty() || n.len() > 64 || n.chars().any(|c| c.is_control()) {
+                return Err(VmmError::Config(format!(
+                    "--name {n:?}: a VM name is 1-64 characters, none of them control characters"
+                )));
+            }
         }
         for n in &self.nets {
             // A config file skips the option parser: check the same here.
@@ -1104,6 +1117,12 @@ impl VmConfig {
                     "firmware {} does not exist or is not a file{hint}",
                     f.display()
                 )));
+            }
+            // A kernel handed to the firmware needs the option ROM that loads it.
+            if !self.kernel.as_os_str().is_empty() {
+                if let Err(e) = std::fs::metadata(crate::firmware::LINUXBOOT_ROM) {
+                    return Err(crate::firmware::rom_error(&e));
+                }
             }
         }
         let kernel = (!self.kernel.as_os_str().is_empty()).then_some(("kernel", &self.kernel));

@@ -27,6 +27,8 @@ use crate::VmmError;
 
 const COM1_BASE: u64 = 0x3f8;
 const COM1_IRQ: u32 = 4;
+/// The CMOS RTC's interrupt (periodic, alarm, update-ended).
+const RTC_IRQ: u32 = 8;
 const I8042_IRQ: u32 = 1;
 
 /// One device range on a bus, as `vm.info` reports it.
@@ -129,7 +131,14 @@ impl DeviceManager {
             )?;
         }
         if spec.firmware {
-            let items = crate::firmware::fw_cfg_items(spec.memory, spec.cpus)?;
+            // A restored VM has no kernel to hand over: its firmware ran.
+            let (kernel, smbios) = match &spec.boot {
+                crate::builder::Boot::Firmware { kernel, smbios, .. } => {
+                    (kernel.as_ref(), Some(smbios))
+                }
+                _ => (None, None),
+            };
+            let items = crate::firmware::fw_cfg_items(spec.memory, spec.cpus, kernel, smbios)?;
             let fw_cfg = Arc::new(Mutex::new(devices::fw_cfg::FwCfg::new(
                 items,
                 memory.clone(),
@@ -324,6 +333,11 @@ fn setup_legacy(
         above_4g: memory_bytes - below_4g,
     };
     let rtc = Arc::new(Mutex::new(devices::rtc::CmosRtc::new(Some(cmos))));
+    devices::rtc::CmosRtc::connect_irq(&rtc, vm.irq_line(RTC_IRQ)?).map_err(|e| {
+        VmmError::Config(format!(
+            "cannot start the RTC's interrupt timer thread: {e}"
+        ))
+    })?;
     add("cmos-rtc", 0x70, 2, rtc.clone())?;
     let sci = vm.irq_line(arch::layout::ACPI_SCI_IRQ as u32)?;
     let acpi_pm = Arc::new(Mutex::new(devices::acpi::AcpiPm::new(

@@ -17,11 +17,23 @@
 //!   `etc/show-boot-menu` = 0 (no boot menu wait).
 //! - The CMOS memory-size bytes are the RTC's (`devices::rtc`), written for
 //!   every VM.
+//! - With a kernel (`--kernel` and `--firmware`), fw_cfg also carries the
+//!   kernel as QEMU hands it over: the bzImage split into its real-mode
+//!   setup (at 0x10000, with the boot protocol header filled in: loader
+//!   type, heap end, command line and initrd addresses) and its protected-
+//!   mode part (at 1 MiB), the initrd and the command line (at 0x20000),
+//!   each with its address and size; and QEMU's option ROM
+//!   `linuxboot_dma.bin` (Debian's qemu-system-data) as
+//!   `genroms/linuxboot_dma.bin`, first in `bootorder`. SeaBIOS runs the
+//!   ROM as a boot device; the ROM reads those items through fw_cfg DMA
+//!   (moving the initrd below the top of RAM SeaBIOS reports) and jumps to
+//!   the setup code in real mode, which boots the kernel as on a PC.
 //!
 //! Invariants: the image region is not RAM the guest is told about; a
 //! firmware boot is refused before anything is built when the image is
 //! missing or not a BIOS image, or when the first disk has no boot sector
-//! (a firmware finding nothing to boot would retry forever).
+//! (a firmware finding nothing to boot would retry forever) -- unless a
+//! kernel is handed over, which then boots first and needs no disk.
 
 use std::path::{Path, PathBuf};
 
@@ -57,8 +69,13 @@ fn firmware_error(path: &Path, reason: impl Into<String>) -> VmmError {
 }
 
 /// Read the image at `path` and check that the first of `disks` can be
-/// booted (it has a boot sector).
-pub(crate) fn read_image(path: &Path, disks: &[DiskConfig]) -> Result<FirmwareImage, VmmError> {
+/// booted (it has a boot sector), unless the firmware is handed a kernel
+/// (`with_kernel`), which it boots instead.
+pub(crate) fn read_image(
+    path: &Path,
+    disks: &[DiskConfig],
+    with_kernel: bool,
+) -> Result<FirmwareImage, VmmError> {
     let bytes = std::fs::read(path).map_err(|e| {
         let hint = if e.kind() == std::io::ErrorKind::NotFound
             && path.as_os_str() == crate::config::DEFAULT_FIRMWARE
@@ -86,10 +103,12 @@ pub(crate) fn read_image(path: &Path, disks: &[DiskConfig]) -> Result<FirmwareIm
             "has no reset vector (its last 16 bytes are zero): not a BIOS image",
         ));
     }
-    let disk = disks.first().ok_or_else(|| {
-        VmmError::Config("firmware boot needs a disk to boot from (--disk path=...)".into())
-    })?;
-    check_boot_sector(disk)?;
+    if !with_kernel {
+        let disk = disks.first().ok_or_else(|| {
+            VmmError::Config("firmware boot needs a disk to boot from (--disk path=...)".into())
+        })?;
+        check_boot_sector(disk)?;
+    }
     Ok(FirmwareImage {
         path: path.to_path_buf(),
         bytes,
@@ -162,8 +181,13 @@ fn e820_entry(out: &mut Vec<u8>, addr: u64, len: u64, kind: u32) {
 const E820_RAM: u32 = 1;
 
 /// Everything fw_cfg tells the firmware of a VM with `memory` bytes of RAM
-/// and `cpus` vCPUs.
-pub(crate) fn fw_cfg_items(memory: u64, cpus: u32) -> Result<FwCfgItems, VmmError> {
+/// and `cpus` vCPUs, and the kernel it is to boot, if any.
+pub(crate) fn fw_cfg_items(
+    memory: u64,
+    cpus: u32,
+    kernel: Option<&FirmwareKernel>,
+    smbios: Option<&SmbiosIds>,
+) -> Result<FwCfgItems, VmmError> {
     let cpus16 = u16::try_from(cpus)
         .map_err(|_| VmmError::Config(format!("--cpus {cpus} is too many for firmware")))?;
     let mut items = FwCfgItems::new(cpus16);
@@ -187,5 +211,425 @@ pub(crate) fn fw_cfg_items(memory: u64, cpus: u32) -> Result<FwCfgItems, VmmErro
         .add_int("etc/sercon-port", SERCON_PORT, 2)
         .map_err(bad)?;
     items.add_int("etc/show-boot-menu", 0, 2).map_err(bad)?;
+    if let Some(ids) = smbios {
+        let (anchor, tables) = smbios_tables(memory, cpus, ids);
+        items
+            .add_file("etc/smbios/smbios-anchor", anchor)
+            .map_err(bad)?;
+        items
+            .add_file("etc/smbios/smbios-tables", tables)
+            .map_err(bad)?;
+    }
+    let mut bootorder = String::new();
+    if let Some(k) = kernel {
+        add_kernel(&mut items, k, memory)?;
+        let rom = std::fs::read(LINUXBOOT_ROM).map_err(|e| rom_error(&e))?;
+        items.add_file(LINUXBOOT_ROM_FILE, rom).map_err(bad)?;
+        // SeaBIOS ranks a ROM's boot entry after the disks unless the boot
+        // order names it (QEMU gives it bootindex 0 the same way).
+        bootorder.push_str(&format!("/rom@{LINUXBOOT_ROM_FILE}\n"));
+    }
+    if !bootorder.is_empty() {
+        items
+            .add_file("bootorder", bootorder.into_bytes())
+            .map_err(bad)?;
+    }
     Ok(items)
+}
+
+/// QEMU's option ROM that boots a kernel handed over fw_cfg (using the DMA
+/// interface), as Debian's qemu-system-data package installs it.
+pub const LINUXBOOT_ROM: &str = "/usr/share/qemu/linuxboot_dma.bin";
+/// Its fw_cfg file name: SeaBIOS runs every `genroms/` file as an option ROM.
+const LINUXBOOT_ROM_FILE: &str = "genroms/linuxboot_dma.bin";
+
+/// The error for a missing or unreadable option ROM.
+pub(crate) fn rom_error(e: &std::io::Error) -> VmmError {
+    VmmError::Config(format!(
+        "--kernel with firmware needs QEMU's option ROM {LINUXBOOT_ROM}: cannot read it: {e} \
+         (install Debian's qemu-system-data package, or boot the kernel without --firmware)"
+    ))
+}
+
+/// A kernel, initrd and command line handed to the firmware.
+#[derive(Debug, Clone)]
+pub struct FirmwareKernel {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+}
+
+/// Where the parts go, as QEMU places them for a bzImage of boot protocol
+/// 2.02 or later: the real-mode setup at 0x10000, the command line after
+/// its stack and heap at 0x20000, the protected-mode kernel at 1 MiB.
+const SETUP_ADDR: u32 = 0x1_0000;
+const CMDLINE_ADDR: u32 = 0x2_0000;
+const KERNEL_ADDR: u32 = 0x10_0000;
+/// Kept free below the top of low RAM for the firmware's own tables when
+/// the initrd's first place is computed (the ROM moves it lower still when
+/// the firmware reports less memory).
+const FIRMWARE_RESERVE: u64 = 128 << 10;
+
+/// Offsets in the bzImage's setup header (Documentation/x86/boot.rst).
+mod hdr {
+    pub const SETUP_SECTS: usize = 0x1f1;
+    pub const MAGIC: usize = 0x202;
+    pub const VERSION: usize = 0x206;
+    pub const TYPE_OF_LOADER: usize = 0x210;
+    pub const LOADFLAGS: usize = 0x211;
+    pub const RAMDISK_IMAGE: usize = 0x218;
+    pub const RAMDISK_SIZE: usize = 0x21c;
+    pub const HEAP_END_PTR: usize = 0x224;
+    pub const CMD_LINE_PTR: usize = 0x228;
+    pub const INITRD_ADDR_MAX: usize = 0x22c;
+    pub const CMDLINE_SIZE: usize = 0x238;
+    /// The header ends here for every version this loader takes.
+    pub const END: usize = 0x250;
+    pub const CAN_USE_HEAP: u8 = 0x80;
+    /// "Undefined" loader: no registered ID.
+    pub const LOADER_UNDEFINED: u8 = 0xff;
+}
+
+fn put32(buf: &mut [u8], at: usize, v: u32) {
+    buf[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+fn get32(buf: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
+}
+
+/// Split the bzImage of `k` as QEMU's x86 loader does and add its parts
+/// (and the initrd and command line) to `items`. Errors name the file and
+/// what is wrong with it.
+fn add_kernel(items: &mut FwCfgItems, k: &FirmwareKernel, memory: u64) -> Result<(), VmmError> {
+    let kernel_error =
+        |reason: String| VmmError::Config(format!("kernel {}: {reason}", k.kernel.display()));
+    let mut file = std::fs::read(&k.kernel).map_err(|source| VmmError::File {
+        op: "cannot read kernel",
+        path: k.kernel.clone(),
+        source,
+    })?;
+    if file.len() < hdr::END || &file[hdr::MAGIC..hdr::MAGIC + 4] != b"HdrS" {
+        return Err(kernel_error(
+            "is not a bzImage (no HdrS setup header); a firmware boot hands the firmware a bzImage"
+                .into(),
+        ));
+    }
+    let version = u16::from_le_bytes([file[hdr::VERSION], file[hdr::VERSION + 1]]);
+    if version < 0x202 {
+        return Err(kernel_error(format!(
+            "boot protocol {}.{:02} is older than 2.02, which a firmware boot needs",
+            version >> 8,
+            version & 0xff
+        )));
+    }
+    let sects = match file[hdr::SETUP_SECTS] {
+        0 => 4,
+        n => n as usize,
+    };
+    let setup_len = (sects + 1) * 512;
+    if setup_len >= file.len() {
+        return Err(kernel_error(format!(
+            "its setup code ({setup_len} bytes) is all of the file"
+        )));
+    }
+    let cmdline_max = if version >= 0x206 {
+        get32(&file, hdr::CMDLINE_SIZE) as usize
+    } else {
+        255
+    };
+    if k.cmdline.len() > cmdline_max {
+        return Err(kernel_error(format!(
+            "takes a command line of at most {cmdline_max} bytes; this one is {}",
+            k.cmdline.len()
+        )));
+    }
+    let low_ram = memory.min(arch::layout::MMIO_HOLE_START);
+    let mut initrd_max = if version >= 0x203 {
+        get32(&file, hdr::INITRD_ADDR_MAX) as u64
+    } else {
+        0x37ff_ffff
+    };
+    initrd_max = initrd_max.min(low_ram.saturating_sub(FIRMWARE_RESERVE + 1));
+    let kernel_len = file.len() - setup_len;
+    let kernel_end = KERNEL_ADDR as u64 + kernel_len as u64;
+
+    file[hdr::TYPE_OF_LOADER] = hdr::LOADER_UNDEFINED;
+    file[hdr::LOADFLAGS] |= hdr::CAN_USE_HEAP;
+    let heap_end = (CMDLINE_ADDR - SETUP_ADDR - 0x200) as u16;
+    file[hdr::HEAP_END_PTR..hdr::HEAP_END_PTR + 2].copy_from_slice(&heap_end.to_le_bytes());
+    put32(&mut file, hdr::CMD_LINE_PTR, CMDLINE_ADDR);
+
+    let initrd = match &k.initrd {
+        Some(p) => Some((
+            p,
+            std::fs::read(p).map_err(|source| VmmError::File {
+                op: "cannot read initramfs",
+                path: p.clone(),
+                source,
+            })?,
+        )),
+        None => None,
+    };
+    let mut top = initrd_max;
+    if let Some((path, data)) = &initrd {
+        let len = data.len() as u64;
+        let addr = initrd_max.saturating_sub(len) & !0xfff;
+        if len >= initrd_max || addr < kernel_end {
+            return Err(VmmError::Config(format!(
+                "initramfs {} ({} MiB) and the kernel do not fit below {} MiB of guest RAM: give more --memory",
+                path.display(),
+                len >> 20,
+                initrd_max >> 20
+            )));
+        }
+        top = addr;
+        put32(&mut file, hdr::RAMDISK_IMAGE, addr as u32);
+        put32(&mut file, hdr::RAMDISK_SIZE, len as u32);
+    }
+    if kernel_end > top {
+        return Err(kernel_error(format!(
+            "({} MiB) does not fit in {} MiB of guest RAM: give more --memory",
+            kernel_len >> 20,
+            low_ram >> 20
+        )));
+    }
+
+    let mut cmdline = k.cmdline.clone().into_bytes();
+    cmdline.push(0);
+    let kernel = file.split_off(setup_len);
+    let setup = file;
+    let int = |v: u64| (v as u32).to_le_bytes().to_vec();
+    use devices::fw_cfg::*;
+    items.set(FW_CFG_SETUP_ADDR, int(SETUP_ADDR as u64));
+    items.set(FW_CFG_SETUP_SIZE, int(setup.len() as u64));
+    items.set(FW_CFG_SETUP_DATA, setup);
+    items.set(FW_CFG_KERNEL_ADDR, int(KERNEL_ADDR as u64));
+    items.set(FW_CFG_KERNEL_SIZE, int(kernel.len() as u64));
+    items.set(FW_CFG_KERNEL_DATA, kernel);
+    items.set(FW_CFG_CMDLINE_ADDR, int(CMDLINE_ADDR as u64));
+    items.set(FW_CFG_CMDLINE_SIZE, int(cmdline.len() as u64));
+    items.set(FW_CFG_CMDLINE_DATA, cmdline);
+    let (addr, data) = match initrd {
+        Some((_, data)) => (top, data),
+        None => (0, Vec::new()),
+    };
+    items.set(FW_CFG_INITRD_ADDR, int(addr));
+    items.set(FW_CFG_INITRD_SIZE, int(data.len() as u64));
+    items.set(FW_CFG_INITRD_DATA, data);
+    Ok(())
+}
+
+/// What the SMBIOS tables call the machine (types 1 and 17).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmbiosIds {
+    /// The product name (`--name`, else "Vireo VM").
+    pub name: String,
+    /// The system UUID as written (RFC 4122 byte order).
+    pub uuid: [u8; 16],
+}
+
+impl SmbiosIds {
+    /// The VM's name and UUID from its configuration; a UUID not given is
+    /// random (version 4), new at each start.
+    pub(crate) fn for_config(c: &crate::config::VmConfig) -> Result<Self, VmmError> {
+        let uuid = match &c.uuid {
+            Some(u) => parse_uuid(u).map_err(VmmError::Config)?,
+            None => {
+                let mut u = [0u8; 16];
+                use std::io::Read;
+                std::fs::File::open("/dev/urandom")
+                    .and_then(|mut f| f.read_exact(&mut u))
+                    .map_err(|source| VmmError::File {
+                        op: "cannot read random bytes for the VM's UUID from",
+                        path: "/dev/urandom".into(),
+                        source,
+                    })?;
+                u[6] = (u[6] & 0x0f) | 0x40;
+                u[8] = (u[8] & 0x3f) | 0x80;
+                u
+            }
+        };
+        Ok(SmbiosIds {
+            name: c.name.clone().unwrap_or_else(|| "Vireo VM".into()),
+            uuid,
+        })
+    }
+}
+
+/// A UUID written 8-4-4-4-12 in hex digits, as its 16 bytes.
+pub(crate) fn parse_uuid(text: &str) -> Result<[u8; 16], String> {
+    let bad = || format!("--uuid {text:?}: expected 8-4-4-4-12 hex digits");
+    let groups: Vec<&str> = text.split('-').collect();
+    if groups.iter().map(|g| g.len()).collect::<Vec<_>>() != [8, 4, 4, 4, 12] {
+        return Err(bad());
+    }
+    let hex: String = groups.concat();
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
+            .map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+/// One SMBIOS structure: its formatted part (type, length, handle filled
+/// in here) and its strings.
+fn smbios_structure(out: &mut Vec<u8>, kind: u8, handle: u16, body: &[u8], strings: &[&str]) {
+    out.push(kind);
+    out.push((4 + body.len()) as u8);
+    out.extend_from_slice(&handle.to_le_bytes());
+    out.extend_from_slice(body);
+    for s in strings {
+        out.extend_from_slice(s.as_bytes());
+        out.push(0);
+    }
+    if strings.is_empty() {
+        out.push(0);
+    }
+    out.push(0);
+}
+
+/// The SMBIOS 2.8 tables QEMU's fw_cfg hands SeaBIOS: the 31-byte entry
+/// point (`etc/smbios/smbios-anchor`; the firmware fills in the table's
+/// address and the checksums) and the structures (`etc/smbios/smbios-tables`):
+/// type 1 (system: manufacturer "Vireo", the name, the UUID), one type 4
+/// (processor) per vCPU, type 16 (memory array) with one type 17 (memory
+/// device) holding all of the RAM, type 32 (boot information) and the
+/// type 127 end. There is no type 0: SeaBIOS adds its own (its vendor,
+/// version and date), as under QEMU.
+fn smbios_tables(memory: u64, cpus: u32, ids: &SmbiosIds) -> (Vec<u8>, Vec<u8>) {
+    let mut t = Vec::new();
+    let mut count: u16 = 0;
+    let mut max_size = 0usize;
+    let mut add = |t: &mut Vec<u8>, kind: u8, handle: u16, body: &[u8], strings: &[&str]| {
+        let start = t.len();
+        smbios_structure(t, kind, handle, body, strings);
+        max_size = max_size.max(t.len() - start);
+        count += 1;
+    };
+    // Type 1. SMBIOS 2.6 and later store the UUID's first three fields
+    // little-endian.
+    let mut uuid = ids.uuid;
+    uuid[0..4].reverse();
+    uuid[4..6].reverse();
+    uuid[6..8].reverse();
+    let mut body = vec![1, 2, 3, 0];
+    body.extend_from_slice(&uuid);
+    body.extend_from_slice(&[0x06, 0, 4]); // wake-up: power switch; no SKU; family
+    add(
+        &mut t,
+        1,
+        0x100,
+        &body,
+        &["Vireo", &ids.name, env!("CARGO_PKG_VERSION"), "Vireo"],
+    );
+    for cpu in 0..cpus.min(0xff) {
+        let mut body = vec![1, 0x03, 0x01, 2]; // socket string, central, family "other", manufacturer
+        body.extend_from_slice(&[0u8; 8]); // processor ID
+        body.push(0); // version string: none
+        body.push(0); // voltage: unknown
+        body.extend_from_slice(&0u16.to_le_bytes()); // external clock
+        body.extend_from_slice(&2000u16.to_le_bytes()); // max speed, MHz
+        body.extend_from_slice(&2000u16.to_le_bytes()); // current speed
+        body.push(0x41); // socket populated, CPU enabled
+        body.push(0x01); // upgrade: other
+        body.extend_from_slice(&[0xff; 6]); // no cache structures
+        body.extend_from_slice(&[0, 0, 0]); // serial, asset tag, part number
+        body.extend_from_slice(&[1, 1, 1]); // cores, enabled, threads
+        body.extend_from_slice(&0x02u16.to_le_bytes()); // characteristics: unknown
+        body.extend_from_slice(&0x01u16.to_le_bytes()); // family 2: other
+        let socket = format!("CPU {cpu}");
+        add(&mut t, 4, 0x400 + cpu as u16, &body, &[&socket, "Vireo"]);
+    }
+    // Type 16: the array, in KiB (extended field when 2 TiB or more).
+    let kib = memory / 1024;
+    let mut body = vec![0x01, 0x03, 0x03]; // other location, system memory, no ECC
+    body.extend_from_slice(&(kib.min(0x8000_0000) as u32).to_le_bytes());
+    body.extend_from_slice(&0xfffeu16.to_le_bytes()); // no error information
+    body.extend_from_slice(&1u16.to_le_bytes()); // one device
+    body.extend_from_slice(&(if kib >= 0x8000_0000 { memory } else { 0 }).to_le_bytes());
+    add(&mut t, 16, 0x1000, &body, &[]);
+    // Type 17: the device, in MiB (extended when 32 GiB or more).
+    let mib = memory >> 20;
+    let mut body = Vec::new();
+    body.extend_from_slice(&0x1000u16.to_le_bytes()); // its array
+    body.extend_from_slice(&0xfffeu16.to_le_bytes()); // no error information
+    body.extend_from_slice(&0xffffu16.to_le_bytes()); // total width: unknown
+    body.extend_from_slice(&0xffffu16.to_le_bytes()); // data width: unknown
+    body.extend_from_slice(&(mib.min(0x7fff) as u16).to_le_bytes());
+    body.extend_from_slice(&[0x09, 0, 1, 0, 0x07]); // DIMM, no set, "DIMM 0", no bank, RAM
+    body.extend_from_slice(&0x02u16.to_le_bytes()); // type detail: other
+    body.extend_from_slice(&0u16.to_le_bytes()); // speed: unknown
+    body.extend_from_slice(&[2, 0, 0, 0, 0]); // manufacturer; no serial, tag, part; rank unknown
+    body.extend_from_slice(&(if mib >= 0x7fff { mib as u32 } else { 0 }).to_le_bytes());
+    body.extend_from_slice(&0u16.to_le_bytes()); // configured speed
+    body.extend_from_slice(&[0u8; 6]); // voltages: unknown
+    add(&mut t, 17, 0x1100, &body, &["DIMM 0", "Vireo"]);
+    // Type 32: no errors detected at boot.
+    add(&mut t, 32, 0x2000, &[0u8; 7], &[]);
+    add(&mut t, 127, 0x7f00, &[], &[]);
+
+    let mut ep = Vec::with_capacity(31);
+    ep.extend_from_slice(b"_SM_");
+    ep.push(0); // checksum
+    ep.push(31);
+    ep.extend_from_slice(&[2, 8]);
+    ep.extend_from_slice(&(max_size as u16).to_le_bytes());
+    ep.push(0); // entry point revision
+    ep.extend_from_slice(&[0u8; 5]);
+    ep.extend_from_slice(b"_DMI_");
+    ep.push(0); // intermediate checksum
+    ep.extend_from_slice(&(t.len() as u16).to_le_bytes());
+    ep.extend_from_slice(&0u32.to_le_bytes()); // address: the firmware's
+    ep.extend_from_slice(&count.to_le_bytes());
+    ep.push(0x28);
+    let sum = |b: &[u8]| b.iter().fold(0u8, |a, &x| a.wrapping_add(x));
+    ep[21] = 0u8.wrapping_sub(sum(&ep[16..31]));
+    ep[4] = 0u8.wrapping_sub(sum(&ep));
+    (ep, t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smbios_entry_point_and_structures_are_consistent() {
+        let ids = SmbiosIds {
+            name: "test-vm".into(),
+            uuid: parse_uuid("01234567-89ab-cdef-0011-223344556677").unwrap(),
+        };
+        let (ep, t) = smbios_tables(512 << 20, 2, &ids);
+        assert_eq!(ep.len(), 31);
+        assert_eq!(ep.iter().fold(0u8, |a, &x| a.wrapping_add(x)), 0);
+        assert_eq!(u16::from_le_bytes([ep[22], ep[23]]) as usize, t.len());
+        // Walk the structures: count them, find the end.
+        let (mut at, mut n, mut kinds) = (0, 0, Vec::new());
+        while at < t.len() {
+            let (kind, len) = (t[at], t[at + 1] as usize);
+            kinds.push(kind);
+            let mut end = at + len;
+            while t[end] != 0 || t[end + 1] != 0 {
+                end += 1;
+            }
+            at = end + 2;
+            n += 1;
+        }
+        assert_eq!(at, t.len());
+        assert_eq!(u16::from_le_bytes([ep[28], ep[29]]), n);
+        assert_eq!(kinds, [1, 4, 4, 16, 17, 32, 127]);
+        // Type 1: the UUID's first fields little-endian, strings in order.
+        assert_eq!(&t[8..12], &[0x67, 0x45, 0x23, 0x01]);
+        assert_eq!(&t[12..14], &[0xab, 0x89]);
+        assert_eq!(
+            &t[16..24],
+            &[0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77]
+        );
+        assert!(t[..t[1] as usize + 20]
+            .windows(b"Vireo\0test-vm\0".len())
+            .any(|w| w == b"Vireo\0test-vm\0"));
+        assert!(parse_uuid("0123").is_err());
+        assert!(parse_uuid("0123456z-89ab-cdef-0011-223344556677").is_err());
+    }
 }
