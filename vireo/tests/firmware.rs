@@ -83,15 +83,14 @@ fn one_line_error(out: &Output, needle: &str) {
     );
 }
 
-#[test]
-fn seabios_boots_a_boot_sector_that_uses_bios_services() {
-    let fw = seabios();
-    let dir = scratch("bootsector");
-    let disk = boot_disk(&dir, BOOT_SECTOR);
+/// Boot `disk` through SeaBIOS under the engine with the exit device, to
+/// the guest's exit: the console output, once the exit code is the one the
+/// test sectors write (0x21, i.e. 67).
+fn boot_to_exit_device(disk: &Path) -> String {
     let mut vm = Running::spawn({
         let mut c = vireo();
         c.args(["run", "--accel", "emu", "--memory", "128M", "--exit-device"])
-            .args(["--firmware", fw])
+            .args(["--firmware", seabios()])
             .arg("--disk")
             .arg(format!("path={}", disk.display()));
         c
@@ -104,6 +103,14 @@ fn seabios_boots_a_boot_sector_that_uses_bios_services() {
         "stdout: {out}\nstderr: {}",
         vm.stderr_text()
     );
+    out
+}
+
+#[test]
+fn seabios_boots_a_boot_sector_that_uses_bios_services() {
+    let dir = scratch("bootsector");
+    let disk = boot_disk(&dir, BOOT_SECTOR);
+    let out = boot_to_exit_device(&disk);
     assert!(out.contains("SeaBIOS (version"), "firmware banner: {out}");
     assert!(out.contains("Booting from Hard Disk"), "{out}");
     assert!(
@@ -116,7 +123,6 @@ fn seabios_boots_a_boot_sector_that_uses_bios_services() {
 
 #[test]
 fn seabios_boots_the_same_sector_from_a_qcow2_disk() {
-    let fw = seabios();
     let dir = scratch("qcow2");
     let raw = boot_disk(&dir, BOOT_SECTOR);
     let qcow2 = dir.join("boot.qcow2");
@@ -127,17 +133,8 @@ fn seabios_boots_the_same_sector_from_a_qcow2_disk() {
         .status()
         .expect("qemu-img runs (scripts/install-deps.sh installs qemu-utils)");
     assert!(st.success());
-    let mut vm = Running::spawn({
-        let mut c = vireo();
-        c.args(["run", "--accel", "emu", "--memory", "128M", "--exit-device"])
-            .args(["--firmware", fw])
-            .arg("--disk")
-            .arg(format!("path={}", qcow2.display()));
-        c
-    });
-    let code = vm.wait_exit(Duration::from_secs(300));
-    assert_eq!(code, Some(67), "stdout: {}", vm.stdout_text());
-    assert!(vm.stdout_text().contains("port: bye"));
+    let out = boot_to_exit_device(&qcow2);
+    assert!(out.contains("port: bye"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -473,25 +470,9 @@ const BIOS_WAIT_SECTOR: &[u8] = &[
 /// firmware's handler, reading register C, sees PF each time.
 #[test]
 fn the_bios_wait_service_returns_on_rtc_periodic_interrupts() {
-    let fw = seabios();
     let dir = scratch("rtcwait");
     let disk = boot_disk(&dir, BIOS_WAIT_SECTOR);
-    let mut vm = Running::spawn({
-        let mut c = vireo();
-        c.args(["run", "--accel", "emu", "--memory", "128M", "--exit-device"])
-            .args(["--firmware", fw])
-            .arg("--disk")
-            .arg(format!("path={}", disk.display()));
-        c
-    });
-    let code = vm.wait_exit(Duration::from_secs(300));
-    let out = vm.stdout_text();
-    assert_eq!(
-        code,
-        Some(67),
-        "stdout: {out}\nstderr: {}",
-        vm.stderr_text()
-    );
+    let out = boot_to_exit_device(&disk);
     assert!(out.contains("int 15h/86h: waited"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
