@@ -897,19 +897,38 @@ mod tests {
         n == 1 && p.revents & libc::POLLIN != 0
     }
 
-    /// A datagram socket pair: one end is "the host network".
-    struct SockBackend(UnixDatagram);
+    /// A datagram socket pair: one end is "the host network". As a tap,
+    /// or (`soft`) header-less as passt: the device then sums for the
+    /// guest.
+    struct SockBackend {
+        sock: UnixDatagram,
+        soft: bool,
+    }
 
     impl NetBackend for SockBackend {
         fn poll_fd(&self) -> RawFd {
-            self.0.as_raw_fd()
+            self.sock.as_raw_fd()
         }
         fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-            self.0.recv(buf)
+            self.sock.recv(buf)
         }
         fn send(&self, frame: &[u8]) -> io::Result<usize> {
-            self.0.send(frame)
+            self.sock.send(frame)
         }
+        fn offload_features(&self) -> u64 {
+            if self.soft {
+                0
+            } else {
+                TAP_OFFLOADS
+            }
+        }
+        fn soft_checksums(&self) -> bool {
+            self.soft
+        }
+    }
+
+    fn tap_like(sock: UnixDatagram) -> SockBackend {
+        SockBackend { sock, soft: false }
     }
 
     /// A split ring the test writes as a driver would.
@@ -988,7 +1007,7 @@ mod tests {
         host_end
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
-        let w = NetWorker::new(Arc::new(SockBackend(dev_end))).unwrap();
+        let w = NetWorker::new(Arc::new(tap_like(dev_end))).unwrap();
         let m = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         (w, host_end, m)
     }
@@ -1126,7 +1145,7 @@ mod tests {
     fn config_space_has_the_mac_and_link_up() {
         let (dev_end, _host) = UnixDatagram::pair().unwrap();
         let mac: net::MacAddr = "52:54:00:01:02:03".parse().unwrap();
-        let n = Net::new(Arc::new(SockBackend(dev_end)), mac);
+        let n = Net::new(Arc::new(tap_like(dev_end)), mac);
         let mut c = [0u8; 8];
         n.read_config(0, &mut c);
         assert_eq!(&c[..6], &mac.0);
@@ -1241,27 +1260,6 @@ mod tests {
         assert!(driver_kicks(&m, &ring, 3, 4));
     }
 
-    /// A header-less backend (as passt): the device sums for the guest.
-    struct SoftSock(UnixDatagram);
-
-    impl NetBackend for SoftSock {
-        fn poll_fd(&self) -> RawFd {
-            self.0.as_raw_fd()
-        }
-        fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-            self.0.recv(buf)
-        }
-        fn send(&self, frame: &[u8]) -> io::Result<usize> {
-            self.0.send(frame)
-        }
-        fn offload_features(&self) -> u64 {
-            0
-        }
-        fn soft_checksums(&self) -> bool {
-            true
-        }
-    }
-
     /// virtio-net header + Ethernet + IPv4 + TCP with `payload`; the TCP
     /// checksum field holds the pseudo-header sum and the header asks
     /// the device to complete it (what Linux sends with CSUM offered).
@@ -1293,7 +1291,10 @@ mod tests {
         dev_end.set_nonblocking(true).unwrap();
         host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let n = Net::new(
-            Arc::new(SoftSock(dev_end)),
+            Arc::new(SockBackend {
+                sock: dev_end,
+                soft: true,
+            }),
             "52:54:00:01:02:03".parse().unwrap(),
         );
         let f = n.features();
