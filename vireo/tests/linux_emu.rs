@@ -263,36 +263,10 @@ fn virtio_net_ping_and_tcp_both_ways_through_a_tap() {
          ping -c 3 -W 10 {host_ip} && nc {host_ip} 5555 < /vireo/data.bin; \
          nc {host_ip} 5556 | md5sum"
     );
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", &ns.0])
-        .arg(env!("CARGO_BIN_EXE_vireo"))
-        .args(["run", "--accel", &accel(), "--memory", "512M", "--kernel"])
-        .arg(g.join("vmlinux"))
-        .arg("--initrd")
-        .arg(g.join("initramfs.cpio.gz"))
-        .arg("--net")
-        .arg(format!("tap={tap},mac=52:54:00:12:34:56"))
-        .arg("--cmdline")
-        .arg(format!(
-            "console=ttyS0 reboot=k panic=1 vireo.cmd=\"{cmd}\""
-        ));
-    let mut vm = Running::spawn(c);
+    let mut vm = tap_vm(&ns, &format!("tap={tap},mac=52:54:00:12:34:56"), &cmd);
     // Vireo made the tap inside the namespace and brought it up; give the
     // host side its address, then listen.
-    let start = std::time::Instant::now();
-    while Command::new("ip")
-        .args(["-n", &ns.0, "link", "show", &tap])
-        .output()
-        .map(|o| !o.status.success())
-        .unwrap_or(true)
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no tap {tap}: {}",
-            vm.stderr_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_tap(&ns, &tap, &vm, Duration::from_secs(30));
     sh(&format!("ip -n {} addr add {host_ip}/24 dev {tap}", ns.0));
     let upload = dir.join("upload.bin");
     let peer = tcp_peer(&ns.0, host_ip, data.len(), data.clone(), upload.clone());
@@ -409,7 +383,6 @@ fn virtio_net_hundreds_of_mib_both_ways_through_a_tap_with_merged_buffers() {
     }
     const LEN: u64 = 256 << 20;
     const SEED: u64 = 0x9e37_79b9_7f4a_7c15;
-    let g = guest_dir();
     let ns = Netns::new(format!("vireo-nm{}", std::process::id()));
     let tap = format!("vm{}", std::process::id() % 100_000);
     let (host_ip, guest_ip) = ("10.213.2.1", "10.213.2.2");
@@ -422,29 +395,12 @@ fn virtio_net_hundreds_of_mib_both_ways_through_a_tap_with_merged_buffers() {
          nc {host_ip} 5555 | tee /tmp/f | nc {host_ip} 5556; \
          sleep 1; echo sum=$(cat /tmp/sum)"
     );
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", &ns.0])
-        .arg(env!("CARGO_BIN_EXE_vireo"))
-        .args(["run", "--accel", &accel(), "--memory", "512M", "--kernel"])
-        .arg(g.join("vmlinux"))
-        .arg("--initrd")
-        .arg(g.join("initramfs.cpio.gz"))
-        .arg("--net")
-        .arg(format!("tap={tap},mac=52:54:00:12:34:57,mrg_rxbuf=on"))
-        .arg("--cmdline")
-        .arg(format!(
-            "console=ttyS0 reboot=k panic=1 vireo.cmd=\"{cmd}\""
-        ));
-    let mut vm = Running::spawn(c);
-    let start = std::time::Instant::now();
-    while !ns.ip(&["link", "show", &tap]) {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no tap {tap}: {}",
-            vm.stderr_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut vm = tap_vm(
+        &ns,
+        &format!("tap={tap},mac=52:54:00:12:34:57,mrg_rxbuf=on"),
+        &cmd,
+    );
+    wait_for_tap(&ns, &tap, &vm, Duration::from_secs(60));
     sh(&format!("ip -n {} addr add {host_ip}/24 dev {tap}", ns.0));
     let (down, up) = (ns.listen(5555), ns.listen(5556));
     let sender = std::thread::spawn(move || -> Result<u32, String> {
@@ -501,4 +457,37 @@ fn virtio_net_hundreds_of_mib_both_ways_through_a_tap_with_merged_buffers() {
         lines.iter().any(|l| l.starts_with(&want)),
         "the guest's crc32 of what arrived: want {want:?} in {lines:?}"
     );
+}
+
+/// `vireo run` of the test guest inside `ns` with one NIC (`net`, the
+/// `--net` value), running `cmd` in the guest.
+fn tap_vm(ns: &Netns, net: &str, cmd: &str) -> Running {
+    let g = guest_dir();
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.0])
+        .arg(env!("CARGO_BIN_EXE_vireo"))
+        .args(["run", "--accel", &accel(), "--memory", "512M", "--kernel"])
+        .arg(g.join("vmlinux"))
+        .arg("--initrd")
+        .arg(g.join("initramfs.cpio.gz"))
+        .arg("--net")
+        .arg(net)
+        .arg("--cmdline")
+        .arg(format!(
+            "console=ttyS0 reboot=k panic=1 vireo.cmd=\"{cmd}\""
+        ));
+    Running::spawn(c)
+}
+
+/// Wait (up to `limit`) until Vireo has made `tap` inside `ns`.
+fn wait_for_tap(ns: &Netns, tap: &str, vm: &Running, limit: Duration) {
+    let start = std::time::Instant::now();
+    while !ns.ip(&["link", "show", tap]) {
+        assert!(
+            start.elapsed() < limit,
+            "no tap {tap}: {}",
+            vm.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
