@@ -280,8 +280,8 @@ pub fn parse_limit(s: &str) -> Result<RateLimiterConfig, OptionError> {
 }
 
 /// One virtio-blk disk: `path=FILE[,format=raw|qcow2|vmdk|vhdx][,readonly=on][,serial=ID]
-/// [,bw=BYTES_PER_SEC][,iops=N][,group=NAME]` (VMDK and VHDX images are
-/// read-only: with `readonly=on`).
+/// [,bw=BYTES_PER_SEC][,iops=N][,group=NAME][,bootindex=N]` (VMDK and VHDX
+/// images are read-only: with `readonly=on`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
@@ -302,13 +302,27 @@ pub struct DiskConfig {
     /// limit is the one its disks give (they must agree).
     #[serde(default)]
     pub rate_group: Option<String>,
+    /// The disk's place in a firmware boot's boot order (QEMU's
+    /// `bootindex`): the firmware tries disks with an index first, lowest
+    /// first, then the others in the order given. Only for a firmware
+    /// boot; no two devices share an index.
+    #[serde(default)]
+    pub bootindex: Option<u32>,
 }
 
 impl FromStr for DiskConfig {
     type Err = OptionError;
     fn from_str(s: &str) -> Result<Self, OptionError> {
         const KEYS: &[&str] = &[
-            "path", "format", "readonly", "ro", "serial", "bw", "iops", "group",
+            "path",
+            "format",
+            "readonly",
+            "ro",
+            "serial",
+            "bw",
+            "iops",
+            "group",
+            "bootindex",
         ];
         let o = Options::parse("disk", s, KEYS)?;
         let path: PathBuf = o.required("path")?;
@@ -326,9 +340,13 @@ impl FromStr for DiskConfig {
             serial: o.value("serial")?,
             rate_limiter: limiter_option(&o, "bw", "iops")?,
             rate_group: o.value("group")?,
+            bootindex: o.value("bootindex")?,
         })
     }
 }
+
+/// Why `--net ...,bootindex=N` is refused.
+pub const NIC_CANNOT_BOOT: &str = "a NIC cannot boot: Vireo gives the firmware no network boot (PXE) ROM; give bootindex= on a --disk";
 
 /// Where a NIC's frames go on the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -423,11 +441,16 @@ impl FromStr for NetConfig {
                 "tx_pps",
                 "group",
                 "mrg_rxbuf",
+                "bootindex",
             ],
             kinds: &["tap", "user"],
             repeatable: &["hostfwd"],
         };
         let o = Options::parse_spec("net", s, SPEC)?;
+        if let Some(v) = o.get("bootindex") {
+            // Known, so that the answer says why rather than "unknown option".
+            return Err(o.bad("bootindex", v, NIC_CANNOT_BOOT));
+        }
         let backend = match o.kind() {
             Some("user") => NetBackendKind::User,
             _ => NetBackendKind::Tap,
@@ -1007,6 +1030,7 @@ impl VmConfig {
             }
             _ => {}
         }
+        self.validate_boot_order()?;
         if let Some(u) = &self.uuid {
             crate::firmware::parse_uuid(u).map_err(VmmError::Config)?;
         }
@@ -1040,6 +1064,28 @@ impl VmConfig {
             .check(self.cpus)
             .map_err(VmmError::Config)?;
         self.validate_rate_limits()
+    }
+
+    /// `bootindex` only where firmware boots the disks, and no index twice.
+    fn validate_boot_order(&self) -> Result<(), VmmError> {
+        let mut seen: std::collections::HashMap<u32, usize> = Default::default();
+        for (i, d) in self.disks.iter().enumerate() {
+            let Some(n) = d.bootindex else { continue };
+            if self.firmware.is_none() {
+                return Err(VmmError::Config(format!(
+                    "disk {} has bootindex={n}, but the VM boots its kernel directly: a boot order is for a firmware boot (leave out --kernel, or add --firmware)",
+                    d.path.display()
+                )));
+            }
+            if let Some(first) = seen.insert(n, i) {
+                return Err(VmmError::Config(format!(
+                    "disks {} and {} both have bootindex={n}: give each device its own",
+                    self.disks[first].path.display(),
+                    d.path.display()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Every bucket is valid; the disks (or NICs) of one group give one
@@ -1107,7 +1153,8 @@ impl VmConfig {
     /// is built, so that a request naming a missing file changes nothing).
     pub fn check_files(&self) -> Result<(), VmmError> {
         if let Some(f) = &self.firmware {
-            if !f.is_file() {
+            // Preloaded when it is outside a jail (`crate::jail`).
+            if crate::firmware::file_available(f).is_err() {
                 let hint = if f.as_os_str() == DEFAULT_FIRMWARE {
                     " (install Debian's seabios package, or give --firmware PATH)"
                 } else {
@@ -1120,7 +1167,8 @@ impl VmConfig {
             }
             // A kernel handed to the firmware needs the option ROM that loads it.
             if !self.kernel.as_os_str().is_empty() {
-                if let Err(e) = std::fs::metadata(crate::firmware::LINUXBOOT_ROM) {
+                let rom = std::path::Path::new(crate::firmware::LINUXBOOT_ROM);
+                if let Err(e) = crate::firmware::file_available(rom) {
                     return Err(crate::firmware::rom_error(&e));
                 }
             }
@@ -1293,6 +1341,39 @@ mod tests {
             r#"{"kernel":"/k","disks":[{"path":"/a","format":"vpc"}]}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn boot_order_options_parse_and_check() {
+        let d: DiskConfig = "path=/a,bootindex=2".parse().unwrap();
+        assert_eq!(d.bootindex, Some(2));
+        assert_eq!("path=/a".parse::<DiskConfig>().unwrap().bootindex, None);
+        let e = "path=/a,bootindex=first".parse::<DiskConfig>().unwrap_err();
+        assert!(e.to_string().contains("bootindex=first"), "{e}");
+        let e = "user,bootindex=1".parse::<NetConfig>().unwrap_err();
+        assert!(e.to_string().contains("a NIC cannot boot"), "{e}");
+        // The config file and the API say the same.
+        let t: VmConfig = toml::from_str(
+            "firmware = \"/bios.bin\"\n[[disks]]\npath = \"/a\"\n[[disks]]\npath = \"/b\"\nbootindex = 1\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (t.disks[0].bootindex, t.disks[1].bootindex),
+            (None, Some(1))
+        );
+        t.validate().unwrap();
+        let j: VmConfig = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+        assert_eq!(j, t);
+        // One index per device.
+        let mut c = t.clone();
+        c.disks[0].bootindex = Some(1);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("disks /a and /b both have bootindex=1"), "{e}");
+        // No boot order without firmware.
+        let mut c = VmConfig::new("/k".into());
+        c.disks.push("path=/a,bootindex=0".parse().unwrap());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("boots its kernel directly"), "{e}");
     }
 
     #[test]
