@@ -534,14 +534,13 @@ impl SmbiosIds {
             Some(u) => parse_uuid(u).map_err(VmmError::Config)?,
             None => {
                 let mut u = [0u8; 16];
-                use std::io::Read;
-                std::fs::File::open("/dev/urandom")
-                    .and_then(|mut f| f.read_exact(&mut u))
-                    .map_err(|source| VmmError::File {
-                        op: "cannot read random bytes for the VM's UUID from",
-                        path: "/dev/urandom".into(),
-                        source,
-                    })?;
+                // The getrandom system call, not /dev/urandom: a jail has
+                // no /dev/urandom.
+                virtio::rng::getrandom(&mut u).map_err(|e| {
+                    VmmError::Config(format!(
+                        "cannot get random bytes for the VM's UUID (getrandom): {e}"
+                    ))
+                })?;
                 u[6] = (u[6] & 0x0f) | 0x40;
                 u[8] = (u[8] & 0x3f) | 0x80;
                 u
