@@ -246,9 +246,11 @@ fn print_ratios(tests: &[Test], cols: &[Column]) {
                     })
                     .collect()
             };
-            let cell = crate::paired_ratio(&per_run(a), &per_run(b))
-                .map_or("-".into(), |r| format!("{r:.2}"));
-            println!("  {:<32} {cell:>8}", t.label);
+            let cell = crate::paired_quartiles(&per_run(a), &per_run(b))
+                .map_or("-".into(), |(q1, m, q3)| {
+                    format!("{m:>8.2}   (middle half of the rounds {q1:.2}-{q3:.2})")
+                });
+            println!("  {:<32} {cell}", t.label);
         }
     }
 }
@@ -290,8 +292,9 @@ pub(crate) fn measure_with(
             .push(format!("not installed ({})", args.qemu));
     }
     let mut n = 0;
-    for _ in 0..runs {
-        for (i, col) in cols.iter_mut().enumerate() {
+    for round in 0..runs {
+        for i in crate::round_order(round, cols.len()) {
+            let col = &mut cols[i];
             if !col.failures.is_empty() {
                 continue;
             }
