@@ -391,6 +391,11 @@ pub struct NetConfig {
     /// absent: on for user networking, off for a tap (see `virtio::net`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mrg_rxbuf: Option<bool>,
+    /// The link's MTU (user networking only: passt's, which it gives the
+    /// guest by DHCP and NDP), 68 to 65520; absent: 65520 with merged
+    /// receive buffers, 1500 without (see [`NetConfig::user_mtu`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
 }
 
 fn default_tap() -> String {
@@ -409,19 +414,60 @@ impl NetConfig {
             tx_rate_limiter: None,
             rate_group: None,
             mrg_rxbuf: None,
+            mtu: None,
         }
     }
 
-    /// Settings that only one backend takes, given to the other.
+    /// The MTU of a user-networking link: the one asked for, else passt's
+    /// 65520 where the guest is offered merged receive buffers (it then
+    /// takes a 64 KiB frame in page-sized pieces: ~45x fewer frames per
+    /// byte than at 1500, each of which costs an engine guest thousands of
+    /// instructions; docs/engine-profile.md), else 1500, which any driver
+    /// receives.
+    pub fn user_mtu(&self) -> u16 {
+        match (self.mtu, self.mrg_rxbuf) {
+            (Some(m), _) => m,
+            (None, Some(false)) => 1500,
+            (None, _) => net::passt::DEFAULT_MTU,
+        }
+    }
+
+    /// Settings that only one backend takes, given to the other, and
+    /// values out of range.
     pub fn validate(&self) -> Result<(), String> {
+        self.check().map_err(|(_, why)| why)
+    }
+
+    /// [`NetConfig::validate`], with the option key at fault.
+    fn check(&self) -> Result<(), (&'static str, String)> {
         match self.backend {
-            NetBackendKind::Tap if !self.hostfwd.is_empty() => Err(
+            NetBackendKind::Tap if !self.hostfwd.is_empty() => Err((
+                "hostfwd",
                 "hostfwd= needs user networking (--net user,hostfwd=...); a tap NIC is reached on its own address"
                     .into(),
-            ),
-            NetBackendKind::User if self.tap != default_tap() => {
-                Err("tap= names a tap; user networking (--net user) has none".into())
-            }
+            )),
+            NetBackendKind::Tap if self.mtu.is_some() => Err((
+                "mtu",
+                "mtu= is user networking's (passt's); a tap's MTU is set on the tap and in the guest"
+                    .into(),
+            )),
+            NetBackendKind::User if self.tap != default_tap() => Err((
+                "tap",
+                "tap= names a tap; user networking (--net user) has none".into(),
+            )),
+            NetBackendKind::User => match self.mtu {
+                Some(m) if !(net::passt::MIN_MTU..=net::passt::DEFAULT_MTU).contains(&m) => Err((
+                    "mtu",
+                    format!("an MTU of {m}: passt takes 68 to 65520"),
+                )),
+                Some(m) if m > 1500 && self.mrg_rxbuf == Some(false) => Err((
+                    "mtu",
+                    format!(
+                        "an MTU of {m} with mrg_rxbuf=off: frames above 1500 bytes need merged receive buffers"
+                    ),
+                )),
+                _ => Ok(()),
+            },
             _ => Ok(()),
         }
     }
@@ -442,6 +488,7 @@ impl FromStr for NetConfig {
                 "group",
                 "mrg_rxbuf",
                 "bootindex",
+                "mtu",
             ],
             kinds: &["tap", "user"],
             repeatable: &["hostfwd"],
@@ -464,14 +511,11 @@ impl FromStr for NetConfig {
             tx_rate_limiter: limiter_option(&o, "tx_bw", "tx_pps")?,
             rate_group: o.value("group")?,
             mrg_rxbuf: o.toggle("mrg_rxbuf")?,
+            mtu: o.value("mtu")?,
         };
-        n.validate().map_err(|reason| OptionError::BadValue {
+        n.check().map_err(|(key, reason)| OptionError::BadValue {
             option: "net",
-            key: if backend == NetBackendKind::User {
-                "tap"
-            } else {
-                "hostfwd"
-            },
+            key,
             value: s.into(),
             reason,
         })?;
@@ -1398,6 +1442,40 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("on or off"));
+    }
+
+    #[test]
+    fn user_net_mtu_defaults_to_passt_s_with_merged_buffers() {
+        let n: NetConfig = "user".parse().unwrap();
+        assert_eq!((n.mtu, n.user_mtu()), (None, 65520));
+        let off: NetConfig = "user,mrg_rxbuf=off".parse().unwrap();
+        assert_eq!(off.user_mtu(), 1500, "a driver without merged buffers");
+        let m: NetConfig = "user,mtu=1500".parse().unwrap();
+        assert_eq!((m.mtu, m.user_mtu()), (Some(1500), 1500));
+        let m: NetConfig = "user,mtu=9000,mrg_rxbuf=on".parse().unwrap();
+        assert_eq!(m.user_mtu(), 9000);
+        assert_eq!(
+            "user,mtu=576,mrg_rxbuf=off"
+                .parse::<NetConfig>()
+                .unwrap()
+                .user_mtu(),
+            576
+        );
+        for (bad, why) in [
+            ("user,mtu=67", "68 to 65520"),
+            ("user,mtu=65521", "68 to 65520"),
+            ("user,mtu=70000", "mtu"),
+            ("user,mtu=big", "mtu"),
+            ("user,mtu=9000,mrg_rxbuf=off", "need merged receive buffers"),
+            ("tap=t0,mtu=9000", "a tap's MTU"),
+        ] {
+            let e = bad.parse::<NetConfig>().unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+            assert!(e.contains("mtu"), "{bad} names the key: {e}");
+        }
+        // A config file (JSON) is checked the same way.
+        let j: NetConfig = serde_json::from_str(r#"{"backend":"user","mtu":50}"#).unwrap();
+        assert!(j.validate().unwrap_err().contains("68 to 65520"));
     }
 
     #[test]

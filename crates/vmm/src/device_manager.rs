@@ -532,6 +532,7 @@ fn setup_pci(
                     // its process.
                     let passt = net::Passt::start(&net::PasstOptions {
                         hostfwd: n.hostfwd.clone(),
+                        mtu: n.user_mtu(),
                         ..Default::default()
                     })?;
                     (
