@@ -9,10 +9,15 @@
 //! the generated code (exits, `jit_interp` calls, stubs) `Core::st` is
 //! complete, and after the interpreter ran the cache is reloaded. Every
 //! block pushes the same callee-saved registers, so chained blocks share
-//! the frame of the block the dispatcher called. The guest's arithmetic flags are where `Loc` says (host
-//! RFLAGS, the `JitCtx::fl` slot, or `CpuState::rflags`) and every exit
-//! leaves them in `rflags`. An instruction either is translated whole or
-//! emits nothing and runs through the interpreter (`jit_interp`).
+//! the frame of the block the dispatcher called, and `rbp` counts the
+//! instructions of the blocks chained from since that call (the epilogue
+//! adds it to `Core::icount`). `CpuState::rip` is stored before every call
+//! into the interpreter and on every way back to the dispatcher, not when
+//! one block chains to the next. The guest's arithmetic flags are where
+//! `Loc` says (host RFLAGS, the `JitCtx::fl` slot, or `CpuState::rflags`)
+//! and every exit leaves them in `rflags`. An instruction either is
+//! translated whole or emits nothing and runs through the interpreter
+//! (`jit_interp`).
 
 use std::mem::{offset_of, size_of};
 
@@ -48,14 +53,13 @@ const OFF_ATTENTION: i32 = offset_of!(Core, jit.ctx.attention) as i32;
 const OFF_CUR_BLOCK: i32 = offset_of!(Core, jit.ctx.cur_block) as i32;
 const OFF_LAST_CELL: i32 = offset_of!(Core, jit.ctx.last_cell) as i32;
 const OFF_RET_LINKS: i32 = offset_of!(Core, jit.ctx.ret_links) as i32;
-const OFF_EPOCH: i32 = offset_of!(Core, tlb.epoch) as i32;
 const OFF_ICOUNT: i32 = offset_of!(Core, icount) as i32;
 const OFF_COUNTDOWN: i32 = offset_of!(Core, poll_countdown) as i32;
 const OFF_HIDDEN_L1ECX: i32 = offset_of!(Core, cpuid.hidden.leaf1_ecx) as i32;
 const CELL_KEY: i32 = offset_of!(LinkCell, key) as i32;
 const CELL_GEN: i32 = offset_of!(LinkCell, gen) as i32;
 const CELL_PHYS: i32 = offset_of!(LinkCell, phys) as i32;
-const OFF_USER_KEY: i32 = offset_of!(Core, jit.ctx.user_key) as i32;
+const OFF_LINK_KEY: i32 = offset_of!(Core, jit.ctx.link_key) as i32;
 const OFF_GEN: i32 = offset_of!(Core, jit.ctx.gen) as i32;
 const OFF_XMASK: i32 = offset_of!(Core, jit.ctx.xmask) as i32;
 const OFF_XWANT: i32 = offset_of!(Core, jit.ctx.xwant) as i32;
@@ -151,8 +155,9 @@ struct Cg {
     /// The SSE guard ran earlier in this block.
     sse_ok: bool,
     /// Out-of-line revalidations of links made under an older link key:
-    /// (entry, back to the chaining checks, the exit's no-link path).
-    revals: Vec<(DynamicLabel, DynamicLabel, DynamicLabel)>,
+    /// (entry, back to the chaining checks, the exit's no-link path, the
+    /// exit's target RIP when it is a constant).
+    revals: Vec<(DynamicLabel, DynamicLabel, DynamicLabel, Option<u64>)>,
     /// Chained exits count blocks down to the next timed poll (a platform
     /// that does not kick on every event).
     countdown: bool,
@@ -792,31 +797,30 @@ impl Cg {
         }
     }
 
-    /// Exit to the successor whose link cell is in rdx: `rip` stored,
-    /// flags captured in r11 (`capture`). Follows the link when it holds
-    /// (same link key, or revalidated against the TLB out of line, see
-    /// `jit::runtime`) and the dispatcher would go straight on to that
-    /// block (the core's attention word clear, which every kick, platform
-    /// event and poll request sets; on a platform without a timer source
-    /// also no poll due by the block countdown), handing
-    /// the successor the flags in r11; else writes them to `rflags` and
-    /// returns with the cell noted.
+    /// Exit to the successor whose link cell is in rdx, flags captured in
+    /// r11 (`capture`): `target` is the successor's RIP when it is a
+    /// constant, else (None) `rip` holds it already. Follows the link when
+    /// the dispatcher would go straight on to that block (the core's
+    /// attention word clear, which every kick, platform event and poll
+    /// request sets; on a platform without a timer source also no poll due
+    /// by the block countdown) and the link holds (same link key, or
+    /// revalidated against the TLB out of line, see `jit::runtime`),
+    /// handing the successor the flags in r11 and adding the block's
+    /// instructions to the count in rbp; else stores `rip`, writes the
+    /// flags to `rflags` and returns with the cell noted. A chained
+    /// successor does not need `rip`: every way out of its code stores
+    /// its own (its stale-code exit included).
     ///
     /// An interrupt shadow or HLT cannot be pending here: the instructions
     /// that set them end the block through the interpreter's exit.
-    fn chain_exit(&mut self, count: usize) {
+    fn chain_exit(&mut self, count: usize, target: Option<u64>) {
         self.writeback();
         let e = self.epilogue;
         let nolink = self.a.new_dynamic_label();
         let reval = self.a.new_dynamic_label();
         let ok = self.a.new_dynamic_label();
-        self.revals.push((reval, ok, nolink));
+        self.revals.push((reval, ok, nolink, target));
         a!(self
-            ; mov rax, QWORD [rbx + OFF_EPOCH]
-            ; or rax, QWORD [rbx + OFF_USER_KEY]
-            ; cmp rax, QWORD [rdx + CELL_KEY]
-            ; jne =>reval
-            ; =>ok
             ; mov rax, QWORD [rbx + OFF_ATTENTION]
             ; cmp BYTE [rax], 0
             ; jne =>nolink
@@ -825,14 +829,25 @@ impl Cg {
             a!(self
                 ; cmp DWORD [rbx + OFF_COUNTDOWN], 0
                 ; je =>nolink
-                ; dec DWORD [rbx + OFF_COUNTDOWN]
             );
         }
         a!(self
-            ; add QWORD [rbx + OFF_ICOUNT], count as i32
+            ; mov rax, QWORD [rbx + OFF_LINK_KEY]
+            ; cmp rax, QWORD [rdx + CELL_KEY]
+            ; jne =>reval
+            ; =>ok
+        );
+        if self.countdown {
+            a!(self; dec DWORD [rbx + OFF_COUNTDOWN]);
+        }
+        a!(self
+            ; add rbp, count as i32
             ; jmp QWORD [rdx + CELL_CODE]
             ; =>nolink
         );
+        if let Some(t) = target {
+            self.set_rip(t);
+        }
         self.img_to_st();
         a!(self
             ; mov QWORD [rbx + OFF_LAST_CELL], rdx
@@ -844,16 +859,21 @@ impl Cg {
     /// The out-of-line revalidations of `chain_exit`: the cell in rdx was
     /// made under another link key (rax holds the current one). It holds if
     /// its code is from the current arena generation and the TLB entry of
-    /// the target page (RIP is stored) maps the recorded physical page with
-    /// execute permission at this CPL; then it takes the current key.
+    /// the target page maps the recorded physical page with execute
+    /// permission at this CPL; then it takes the current key.
     fn emit_revals(&mut self) {
-        for (reval, ok, nolink) in std::mem::take(&mut self.revals) {
+        for (reval, ok, nolink, target) in std::mem::take(&mut self.revals) {
             a!(self
                 ; =>reval
                 ; mov rcx, QWORD [rbx + OFF_GEN]
                 ; cmp rcx, QWORD [rdx + CELL_GEN]
                 ; jne =>nolink
-                ; mov rcx, QWORD [rbx + OFF_RIP]
+            );
+            match target {
+                Some(t) => a!(self; mov rcx, QWORD t as i64),
+                None => a!(self; mov rcx, QWORD [rbx + OFF_RIP]),
+            }
+            a!(self
                 ; mov rsi, rcx
                 ; shr rsi, 12
                 ; and esi, (crate::memory::mmu::TLB_SIZE - 1) as i32
@@ -902,7 +922,7 @@ impl Cg {
             ; jmp =>e
             ; same:
         );
-        self.chain_exit(count);
+        self.chain_exit(count, None);
     }
 
     /// A Jcc whose taken side is the block's own start: when taken (r8b
@@ -913,12 +933,13 @@ impl Cg {
     /// instruction of the block ran through the interpreter inline, and a
     /// slow-path access (a TLB fill, MMIO, a code write) changes neither
     /// the TLB epoch nor the CPL without ending the block. Falls through
-    /// otherwise, with r8b and r11 kept, to the code that sets `rip` and
-    /// rdx for the exit. Emitted before that code, so the loop's path
-    /// does none of it: `rip` keeps whatever the last stub left there
-    /// (every stub and exit sets its own before anything reads it), and
-    /// only a stale code page, which leaves through `stale`, needs `rip`
-    /// and rdx (the `taken` cell) set on the way.
+    /// otherwise, with r8b and r11 kept, to the code that sets rdx for
+    /// the exit. Emitted before that code, so the loop's path does none of
+    /// it: `rip` keeps whatever the last stub left there (every stub and
+    /// exit sets its own before anything reads it), and only a stale code
+    /// page, which leaves through `stale` (which stores this block's RIP),
+    /// needs rdx (the `taken` cell) set on the way. The iteration's
+    /// instructions go to the count in rbp, as a chained exit's do.
     fn self_loop(&mut self, block: &Block, count: usize, taken: i64) {
         let (Some(again), Some(stale)) = (self.again, self.stale) else {
             return;
@@ -940,7 +961,7 @@ impl Cg {
         // The body starts with `Core::st` as current as the host registers.
         let d = self.dirty;
         self.writeback_code(d);
-        a!(self; add QWORD [rbx + OFF_ICOUNT], count as i32);
+        a!(self; add rbp, count as i32);
         let loop_stale = self.a.new_dynamic_label();
         for &(p, g) in block.page_gens() {
             a!(self
@@ -952,8 +973,6 @@ impl Cg {
         a!(self
             ; jmp =>again
             ; =>loop_stale
-            ; mov rax, QWORD block.rip as i64
-            ; mov QWORD [rbx + OFF_RIP], rax
             ; mov rdx, QWORD taken
             ; jmp =>stale
             ; exit:
@@ -1052,13 +1071,20 @@ pub(super) fn gen_block(
     let stale = cg.a.new_dynamic_label();
     // Every block saves the same registers, so chained code (which jumps
     // past this) shares the frame of the block the dispatcher called.
+    // rbp counts the instructions of the blocks chained to since the
+    // dispatcher's call (added to `Core::icount` on the way out: a register
+    // add per link instead of a read-modify-write of memory, which chained
+    // blocks would serialise on). 8 more bytes keep calls 16-byte aligned.
     a!(cg
         ; push rbx
+        ; push rbp
         ; push r12
         ; push r13
         ; push r14
         ; push r15
+        ; sub rsp, 8
         ; mov rbx, rdi
+        ; xor ebp, ebp
     );
     // The dispatcher settled the flags in `rflags`; chained code passes
     // them in r11 (see `Cg::capture`): start from the same image.
@@ -1137,9 +1163,8 @@ pub(super) fn gen_block(
         // through, or an interpreted one that let it continue).
         cg.capture();
         let next = block.uops.last().map(|u| u.next_ip).unwrap_or(block.rip);
-        cg.set_rip(next);
         cg.cell(block, 1, next);
-        cg.chain_exit(n);
+        cg.chain_exit(n, Some(next));
     }
     let e = cg.epilogue;
     // Every way out of this block's code (to the dispatcher; a chained
@@ -1150,16 +1175,21 @@ pub(super) fn gen_block(
         ; =>e
         ; mov rcx, QWORD block as *const Block as i64
         ; mov QWORD [rbx + OFF_CUR_BLOCK], rcx
+        ; add QWORD [rbx + OFF_ICOUNT], rbp
+        ; add rsp, 8
         ; pop r15
         ; pop r14
         ; pop r13
         ; pop r12
+        ; pop rbp
         ; pop rbx
         ; ret
         ; =>stale
     );
     // Back to the dispatcher, which decodes the block again; the link is
-    // made again to the new translation.
+    // made again to the new translation. Chained code does not store the
+    // RIP it goes to: this block's is stored here.
+    cg.set_rip(block.rip);
     cg.img_to_st();
     a!(cg
         ; mov QWORD [rbx + OFF_LAST_CELL], rdx
@@ -1521,9 +1551,8 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             cg.push_ret_addr(u.next_ip);
             cg.capture();
             let t = insn.near_branch_target();
-            cg.set_rip(t);
             cg.cell(block, 0, t);
-            cg.chain_exit(i + 1);
+            cg.chain_exit(i + 1, Some(t));
             Some(Done::Exited)
         }
         M::Ret if insn.code() == Code::Retnq && i + 1 == n => {
@@ -1563,9 +1592,8 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
         M::Jmp if matches!(insn.code(), Code::Jmp_rel8_64 | Code::Jmp_rel32_64) && i + 1 == n => {
             cg.capture();
             let t = insn.near_branch_target();
-            cg.set_rip(t);
             cg.cell(block, 0, t);
-            cg.chain_exit(i + 1);
+            cg.chain_exit(i + 1, Some(t));
             Some(Done::Exited)
         }
         _ if is_jcc(m)
@@ -1613,14 +1641,12 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
                 ; test r8b, r8b
                 ; jz =>fall_side
             );
-            cg.set_rip(insn.near_branch_target());
             a!(cg; mov rdx, QWORD taken);
-            cg.chain_exit(i + 1);
+            cg.chain_exit(i + 1, Some(insn.near_branch_target()));
             cg.dirty = dirty;
             a!(cg; =>fall_side);
-            cg.set_rip(u.next_ip);
             a!(cg; mov rdx, QWORD fall);
-            cg.chain_exit(i + 1);
+            cg.chain_exit(i + 1, Some(u.next_ip));
             Some(Done::Exited)
         }
         _ => None,

@@ -68,8 +68,9 @@
 //! could change the TLB epoch or CPL without ending the block).
 //!
 //! Return value: the number of guest instructions completed by the last
-//! block (chained blocks add theirs to `Core::icount` as they go); an
-//! exception raised by an interpreted instruction is left in [`Jit::exc`].
+//! block (the blocks chained from count theirs in a host register, added
+//! to `Core::icount` when the code returns); an exception raised by an
+//! interpreted instruction is left in [`Jit::exc`].
 //!
 //! Read-modify-writes on memory with or without LOCK (the ALU group,
 //! INC/DEC, XADD, CMPXCHG, XCHG, BTS/BTR/BTC) run as the host instruction

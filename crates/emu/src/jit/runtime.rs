@@ -65,8 +65,12 @@ pub struct JitCtx {
     pub last_cell: usize,
     /// `Jit::ret_links` base.
     pub ret_links: usize,
-    /// 1 at CPL 3, else 0: or-ed into the TLB epoch to make the link key.
-    pub user_key: u64,
+    /// The link key now (TLB epoch | 1 at CPL 3), what an exit compares
+    /// its cell's key with: set at every entry from the dispatcher and
+    /// after every instruction the interpreter ran for the generated code
+    /// (the only code that runs inside a translation and can flush the TLB
+    /// or change the CPL), so an exit reads one word.
+    pub link_key: u64,
     /// The arena generation (links made in an older one are dead).
     pub gen: u64,
     /// Permission bits a TLB entry is masked with for execution, and the
@@ -554,6 +558,9 @@ pub(super) unsafe extern "sysv64" fn jit_interp(core: *mut Core, u: *const Uop, 
     core.next_rip = next;
     match (u.handler)(core, u) {
         Ok(()) => {
+            // MOV CR3, INVLPG, WRMSR may have flushed the TLB, and a block
+            // goes on after some of them: its exits compare this key.
+            core.jit.ctx.link_key = core.tlb.epoch | core.user() as u64;
             core.st.rip = core.next_rip;
             if core.st.flags.op != crate::flags::FlagOp::None {
                 core.st.settle_flags();
@@ -579,7 +586,7 @@ pub fn prepare(core: &mut Core) {
     core.jit.ctx.rmask = u;
     core.jit.ctx.wmask = u | (PERM_WRITE | PERM_DIRTY) as u64;
     core.jit.ctx.ret_links = core.jit.ret_links.as_ptr() as usize;
-    core.jit.ctx.user_key = user as u64;
+    core.jit.ctx.link_key = core.tlb.epoch | user as u64;
     core.jit.ctx.gen = core.jit.arena.gen;
     core.jit.ctx.xmask = (PERM_NX | u as u8) as u64;
     core.jit.ctx.xwant = u;
