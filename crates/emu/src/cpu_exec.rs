@@ -309,7 +309,7 @@ impl Core {
                     && !self.host_debug.armed
                 {
                     // SAFETY: the cell is in `prev`, still in the arena.
-                    unsafe { crate::jit::link(cell, block, key, self.jit.gen()) };
+                    unsafe { crate::jit::link(&self.jit, cell, block, key) };
                 }
                 return self.run_jit(block, f);
             }

@@ -154,10 +154,13 @@ struct Cg {
     cur_dirty: u16,
     /// The SSE guard ran earlier in this block.
     sse_ok: bool,
-    /// Out-of-line revalidations of links made under an older link key:
-    /// (entry, back to the chaining checks, the exit's no-link path, the
-    /// exit's target RIP when it is a constant).
-    revals: Vec<(DynamicLabel, DynamicLabel, DynamicLabel, Option<u64>)>,
+    /// Out-of-line revalidations of links made under an older link key.
+    revals: Vec<Reval>,
+    /// Per link cell, the offsets of the displacements of its exit's
+    /// keyed and direct `jmp rel32` (0: none; see `jit::runtime`).
+    sites: [(usize, usize); 2],
+    /// The block's virtual page number (RIP >> 12).
+    vpage: u64,
     /// Chained exits count blocks down to the next timed poll (a platform
     /// that does not kick on every event).
     countdown: bool,
@@ -169,6 +172,20 @@ struct Cg {
     /// Some instruction runs through the interpreter inline (it may have
     /// changed anything, so the block does not loop to itself).
     interpreted: bool,
+}
+
+/// A chained exit's revalidation, emitted out of line.
+struct Reval {
+    /// Entry (the key differs; rax holds the current one).
+    entry: DynamicLabel,
+    /// Back to the exit after the key check.
+    ok: DynamicLabel,
+    /// The exit's no-link path (the block's count not yet in rbp).
+    nolink: DynamicLabel,
+    /// The exit's target RIP when it is a constant (else in `rip`).
+    target: Option<u64>,
+    /// The block's instruction count, added to rbp before the check.
+    count: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -304,6 +321,8 @@ impl Cg {
             cur_dirty: 0,
             sse_ok: false,
             revals: Vec::new(),
+            sites: [(0, 0); 2],
+            vpage: 0,
             countdown,
             again: None,
             stale: None,
@@ -798,28 +817,42 @@ impl Cg {
     }
 
     /// Exit to the successor whose link cell is in rdx, flags captured in
-    /// r11 (`capture`): `target` is the successor's RIP when it is a
-    /// constant, else (None) `rip` holds it already. Follows the link when
-    /// the dispatcher would go straight on to that block (the core's
-    /// attention word clear, which every kick, platform event and poll
-    /// request sets; on a platform without a timer source also no poll due
-    /// by the block countdown) and the link holds (same link key, or
-    /// revalidated against the TLB out of line, see `jit::runtime`),
-    /// handing the successor the flags in r11 and adding the block's
-    /// instructions to the count in rbp; else stores `rip`, writes the
-    /// flags to `rflags` and returns with the cell noted. A chained
-    /// successor does not need `rip`: every way out of its code stores
-    /// its own (its stale-code exit included).
+    /// r11 (`capture`): `to` is the cell's index in the block and the
+    /// successor's RIP when that is a constant, else (None, a cell of the
+    /// dynamic table) `rip` holds it already. Follows the link when the
+    /// dispatcher would go straight on to that block (the core's attention
+    /// word clear, which every kick, platform event and poll request sets;
+    /// on a platform without a timer source also no poll due by the block
+    /// countdown) and the link holds (same link key, or revalidated
+    /// against the TLB out of line, see `jit::runtime`), handing the
+    /// successor the flags in r11 and the block's instructions added to
+    /// the count in rbp; else stores `rip`, writes the flags to `rflags`
+    /// and returns with the cell noted. A chained successor does not need
+    /// `rip`: every way out of its code stores its own (its stale-code
+    /// exit included).
+    ///
+    /// A constant target has a keyed patch site (`jump_site`) after the
+    /// key check, in front of the jump through the cell, and if it lies in
+    /// the block's own virtual page and nothing in the block ran through
+    /// the interpreter, a direct one before the key check (see
+    /// `jit::runtime` for when each is patched). Unpatched, each jumps to
+    /// the next instruction.
     ///
     /// An interrupt shadow or HLT cannot be pending here: the instructions
     /// that set them end the block through the interpreter's exit.
-    fn chain_exit(&mut self, count: usize, target: Option<u64>) {
+    fn chain_exit(&mut self, count: usize, to: Option<(usize, u64)>) {
         self.writeback();
         let e = self.epilogue;
         let nolink = self.a.new_dynamic_label();
-        let reval = self.a.new_dynamic_label();
+        let entry = self.a.new_dynamic_label();
         let ok = self.a.new_dynamic_label();
-        self.revals.push((reval, ok, nolink, target));
+        self.revals.push(Reval {
+            entry,
+            ok,
+            nolink,
+            target: to.map(|(_, t)| t),
+            count,
+        });
         a!(self
             ; mov rax, QWORD [rbx + OFF_ATTENTION]
             ; cmp BYTE [rax], 0
@@ -829,23 +862,29 @@ impl Cg {
             a!(self
                 ; cmp DWORD [rbx + OFF_COUNTDOWN], 0
                 ; je =>nolink
+                ; dec DWORD [rbx + OFF_COUNTDOWN]
             );
+        }
+        a!(self; add rbp, count as i32);
+        if let Some((k, t)) = to {
+            if t >> 12 == self.vpage && !self.interpreted {
+                self.sites[k].1 = self.jump_site();
+            }
         }
         a!(self
             ; mov rax, QWORD [rbx + OFF_LINK_KEY]
             ; cmp rax, QWORD [rdx + CELL_KEY]
-            ; jne =>reval
+            ; jne =>entry
             ; =>ok
         );
-        if self.countdown {
-            a!(self; dec DWORD [rbx + OFF_COUNTDOWN]);
+        if let Some((k, _)) = to {
+            self.sites[k].0 = self.jump_site();
         }
         a!(self
-            ; add rbp, count as i32
             ; jmp QWORD [rdx + CELL_CODE]
             ; =>nolink
         );
-        if let Some(t) = target {
+        if let Some((_, t)) = to {
             self.set_rip(t);
         }
         self.img_to_st();
@@ -856,20 +895,31 @@ impl Cg {
         );
     }
 
+    /// A `jmp rel32` to the next instruction, for `jit::runtime::link` to
+    /// patch: the offset of its displacement.
+    fn jump_site(&mut self) -> usize {
+        let at = self.a.offset().0 + 1;
+        self.a.extend([0xe9, 0, 0, 0, 0]);
+        at
+    }
+
     /// The out-of-line revalidations of `chain_exit`: the cell in rdx was
     /// made under another link key (rax holds the current one). It holds if
     /// its code is from the current arena generation and the TLB entry of
     /// the target page maps the recorded physical page with execute
-    /// permission at this CPL; then it takes the current key.
+    /// permission at this CPL; then it takes the current key. Else the
+    /// exit's count comes off rbp again (and the poll countdown is given
+    /// back) on the way to its no-link path.
     fn emit_revals(&mut self) {
-        for (reval, ok, nolink, target) in std::mem::take(&mut self.revals) {
+        for r in std::mem::take(&mut self.revals) {
+            let fail = self.a.new_dynamic_label();
             a!(self
-                ; =>reval
+                ; =>r.entry
                 ; mov rcx, QWORD [rbx + OFF_GEN]
                 ; cmp rcx, QWORD [rdx + CELL_GEN]
-                ; jne =>nolink
+                ; jne =>fail
             );
-            match target {
+            match r.target {
                 Some(t) => a!(self; mov rcx, QWORD t as i64),
                 None => a!(self; mov rcx, QWORD [rbx + OFF_RIP]),
             }
@@ -882,17 +932,23 @@ impl Cg {
                 ; and rcx, -4096
                 ; or rcx, 1
                 ; cmp QWORD [rsi + TLB_TAG], rcx
-                ; jne =>nolink
+                ; jne =>fail
                 ; mov rcx, QWORD [rsi + TLB_PHYS]
                 ; cmp rcx, QWORD [rdx + CELL_PHYS]
-                ; jne =>nolink
+                ; jne =>fail
                 ; mov cl, BYTE [rsi + TLB_PERM]
                 ; and cl, BYTE [rbx + OFF_XMASK]
                 ; cmp cl, BYTE [rbx + OFF_XWANT]
-                ; jne =>nolink
+                ; jne =>fail
                 ; mov QWORD [rdx + CELL_KEY], rax
-                ; jmp =>ok
+                ; jmp =>r.ok
+                ; =>fail
+                ; sub rbp, r.count as i32
             );
+            if self.countdown {
+                a!(self; inc DWORD [rbx + OFF_COUNTDOWN]);
+            }
+            a!(self; jmp =>r.nolink);
         }
     }
 
@@ -1017,7 +1073,6 @@ impl Cg {
     }
 }
 
-/// The code and the offset of the chained entry point.
 /// Which guest GPRs the block keeps in host registers: the most used
 /// ones, never one that some instruction addresses as AH/CH/DH/BH (those
 /// bytes are only reachable in `Core::st`).
@@ -1055,6 +1110,8 @@ fn allocate(block: &Block) -> [Option<u8>; 16] {
     map
 }
 
+/// The code, the offset of the chained entry point, and per link cell the
+/// offsets of its exit's patch sites (keyed, direct; 0: none).
 /// `countdown`: see `Cg::countdown`; `allow_loop`: a block whose last
 /// branch targets its own start may jump back to its body without leaving
 /// its code (not while tracing, which prints every block start, nor while
@@ -1063,9 +1120,10 @@ pub(super) fn gen_block(
     block: &Block,
     countdown: bool,
     allow_loop: bool,
-) -> Option<(Vec<u8>, usize)> {
+) -> Option<(Vec<u8>, usize, [(usize, usize); 2])> {
     let mut cg = Cg::new(countdown);
     cg.map = allocate(block);
+    cg.vpage = block.rip >> 12;
     let body = cg.a.new_dynamic_label();
     let chain = cg.a.new_dynamic_label();
     let stale = cg.a.new_dynamic_label();
@@ -1164,7 +1222,7 @@ pub(super) fn gen_block(
         cg.capture();
         let next = block.uops.last().map(|u| u.next_ip).unwrap_or(block.rip);
         cg.cell(block, 1, next);
-        cg.chain_exit(n, Some(next));
+        cg.chain_exit(n, Some((1, next)));
     }
     let e = cg.epilogue;
     // Every way out of this block's code (to the dispatcher; a chained
@@ -1212,7 +1270,8 @@ pub(super) fn gen_block(
         a!(cg; jmp =>r);
     }
     let chain = cg.a.labels().resolve_dynamic(chain).ok()?.0;
-    Some((cg.a.finalize().ok()?, chain))
+    let sites = cg.sites;
+    Some((cg.a.finalize().ok()?, chain, sites))
 }
 
 enum Done {
@@ -1552,7 +1611,7 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             cg.capture();
             let t = insn.near_branch_target();
             cg.cell(block, 0, t);
-            cg.chain_exit(i + 1, Some(t));
+            cg.chain_exit(i + 1, Some((0, t)));
             Some(Done::Exited)
         }
         M::Ret if insn.code() == Code::Retnq && i + 1 == n => {
@@ -1593,7 +1652,7 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             cg.capture();
             let t = insn.near_branch_target();
             cg.cell(block, 0, t);
-            cg.chain_exit(i + 1, Some(t));
+            cg.chain_exit(i + 1, Some((0, t)));
             Some(Done::Exited)
         }
         _ if is_jcc(m)
@@ -1642,11 +1701,11 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
                 ; jz =>fall_side
             );
             a!(cg; mov rdx, QWORD taken);
-            cg.chain_exit(i + 1, Some(insn.near_branch_target()));
+            cg.chain_exit(i + 1, Some((0, insn.near_branch_target())));
             cg.dirty = dirty;
             a!(cg; =>fall_side);
             a!(cg; mov rdx, QWORD fall);
-            cg.chain_exit(i + 1, Some(u.next_ip));
+            cg.chain_exit(i + 1, Some((1, u.next_ip)));
             Some(Done::Exited)
         }
         _ => None,

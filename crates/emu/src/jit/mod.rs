@@ -42,12 +42,14 @@
 //! JMP/CALL (register or memory operand) look their computed target up in
 //! a per-core table of dynamic cells, hashed by target RIP (TCG's
 //! lookup_and_goto_ptr in a few instructions). The dispatcher fills a cell
-//! when the exit's successor is compiled; the code follows it (straight
-//! into the successor's code) only while the link holds (the same TLB
+//! when the exit's successor is compiled, and patches the exit's direct
+//! jump to lead into the successor's code (TCG's goto_tb: see
+//! [`runtime`]); the code follows it only while the link holds (the same TLB
 //! epoch and CPL as when it was made, or else a TLB entry that still maps
 //! the target's page to the successor's physical page: see [`runtime`];
 //! blocks are keyed by physical address, so an address-space switch does
-//! not unlink them) and
+//! not unlink them; a link within one physical page holds under any key
+//! and is followed without the check) and
 //! when the run loop would have gone on to that block anyway: the core's
 //! one "work pending" word (`Core::attention`, set by kicks, platform
 //! events, the timer thread and poll requests) is clear, and on a
