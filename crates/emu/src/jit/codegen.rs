@@ -27,6 +27,7 @@ use hypervisor::Segment;
 use iced_x86::{Code, ConditionCode, Mnemonic};
 
 use super::runtime::{jit_interp, LinkCell, RET_LINKS};
+use super::why;
 use crate::core::Core;
 use crate::cpu::{CR0_EM, CR0_TS, CR4_OSFXSR};
 use crate::frontend::decode::Block;
@@ -52,6 +53,8 @@ const OFF_WMASK: i32 = offset_of!(Core, jit.ctx.wmask) as i32;
 const OFF_ATTENTION: i32 = offset_of!(Core, jit.ctx.attention) as i32;
 const OFF_CUR_BLOCK: i32 = offset_of!(Core, jit.ctx.cur_block) as i32;
 const OFF_LAST_CELL: i32 = offset_of!(Core, jit.ctx.last_cell) as i32;
+#[cfg(feature = "jit-trips")]
+const OFF_TRIP: i32 = offset_of!(Core, jit.ctx.trip) as i32;
 const OFF_RET_LINKS: i32 = offset_of!(Core, jit.ctx.ret_links) as i32;
 const OFF_ICOUNT: i32 = offset_of!(Core, icount) as i32;
 const OFF_COUNTDOWN: i32 = offset_of!(Core, poll_countdown) as i32;
@@ -158,7 +161,7 @@ struct Cg {
     revals: Vec<Reval>,
     /// Per link cell, the offsets of the displacements of its exit's
     /// keyed and direct `jmp rel32` (0: none; see `jit::runtime`).
-    sites: [(usize, usize); 2],
+    sites: Sites,
     /// The block's virtual page number (RIP >> 12).
     vpage: u64,
     /// Chained exits count blocks down to the next timed poll (a platform
@@ -173,6 +176,10 @@ struct Cg {
     /// changed anything, so the block does not loop to itself).
     interpreted: bool,
 }
+
+/// Per link cell of a block, the offsets in its code of the displacements
+/// of its exit's keyed and direct `jmp rel32` (0: none).
+pub(super) type Sites = [(usize, usize); 2];
 
 /// A chained exit's revalidation, emitted out of line.
 struct Reval {
@@ -853,15 +860,23 @@ impl Cg {
             target: to.map(|(_, t)| t),
             count,
         });
+        // Where a busy core leaves: the no-link path, through a note of the
+        // cause in a `jit-trips` build.
+        let noted = cfg!(feature = "jit-trips");
+        let busy = if noted {
+            self.a.new_dynamic_label()
+        } else {
+            nolink
+        };
         a!(self
             ; mov rax, QWORD [rbx + OFF_ATTENTION]
             ; cmp BYTE [rax], 0
-            ; jne =>nolink
+            ; jne =>busy
         );
         if self.countdown {
             a!(self
                 ; cmp DWORD [rbx + OFF_COUNTDOWN], 0
-                ; je =>nolink
+                ; je =>busy
                 ; dec DWORD [rbx + OFF_COUNTDOWN]
             );
         }
@@ -893,6 +908,19 @@ impl Cg {
             ; mov eax, count as i32
             ; jmp =>e
         );
+        if noted {
+            a!(self; =>busy);
+            self.trip(why::BUSY);
+            a!(self; jmp =>nolink);
+        }
+    }
+
+    /// Note why the code goes back to the dispatcher (a `jit-trips` build;
+    /// nothing otherwise). No flags or registers change.
+    fn trip(&mut self, cause: u8) {
+        #[cfg(feature = "jit-trips")]
+        a!(self; mov BYTE [rbx + OFF_TRIP], cause as i8);
+        let _ = cause;
     }
 
     /// A `jmp rel32` to the next instruction, for `jit::runtime::link` to
@@ -948,6 +976,7 @@ impl Cg {
             if self.countdown {
                 a!(self; inc DWORD [rbx + OFF_COUNTDOWN]);
             }
+            self.trip(why::UNLINKED);
             a!(self; jmp =>r.nolink);
         }
     }
@@ -971,6 +1000,7 @@ impl Cg {
             ; cmp rax, QWORD [rdx + CELL_TARGET]
             ; je >same
         );
+        self.trip(why::DYN_MISS);
         self.img_to_st();
         a!(self
             ; mov QWORD [rbx + OFF_LAST_CELL], rdx
@@ -1120,7 +1150,7 @@ pub(super) fn gen_block(
     block: &Block,
     countdown: bool,
     allow_loop: bool,
-) -> Option<(Vec<u8>, usize, [(usize, usize); 2])> {
+) -> Option<(Vec<u8>, usize, Sites)> {
     let mut cg = Cg::new(countdown);
     cg.map = allocate(block);
     cg.vpage = block.rip >> 12;
@@ -1248,6 +1278,7 @@ pub(super) fn gen_block(
     // made again to the new translation. Chained code does not store the
     // RIP it goes to: this block's is stored here.
     cg.set_rip(block.rip);
+    cg.trip(why::STALE);
     cg.img_to_st();
     a!(cg
         ; mov QWORD [rbx + OFF_LAST_CELL], rdx

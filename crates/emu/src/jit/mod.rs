@@ -102,6 +102,24 @@
 
 mod codegen;
 pub mod runtime;
+#[cfg(feature = "jit-trips")]
+pub mod trips;
+
+/// Why compiled code went back to the dispatcher: what its exit path
+/// leaves in `JitCtx::trip` (only in a `jit-trips` build, see `trips`).
+pub(crate) mod why {
+    /// The attention word was set, or a timed poll was due.
+    pub const BUSY: u8 = 1;
+    /// The exit's link did not hold (never linked, made under another key
+    /// and the TLB check failed, or from an older arena generation).
+    pub const UNLINKED: u8 = 2;
+    /// A RET or indirect target that the dynamic table does not hold.
+    pub const DYN_MISS: u8 = 3;
+    /// The successor's code pages were written (its entry check).
+    pub const STALE: u8 = 4;
+    /// An instruction run through the interpreter ended the block.
+    pub const INTERP: u8 = 5;
+}
 
 pub use runtime::{code_for, link, linked_block, prepare, Jit, JitCtx, LinkCell};
 

@@ -88,6 +88,8 @@ pub struct JitCtx {
     /// The link cell of the exit taken when following it was not possible,
     /// for the dispatcher to link.
     pub last_cell: usize,
+    /// Why the code returned (`super::why`), in a `jit-trips` build.
+    pub trip: u64,
     /// `Jit::ret_links` base.
     pub ret_links: usize,
     /// The link key now (TLB epoch | 1 at CPL 3), what an exit compares
@@ -396,6 +398,9 @@ pub struct Jit {
     pub compiled: u64,
     /// Links for RET, indexed by a hash of the return address.
     ret_links: Box<[LinkCell]>,
+    /// Dispatcher trips by cause.
+    #[cfg(feature = "jit-trips")]
+    pub trips: super::trips::Trips,
 }
 
 impl Default for Jit {
@@ -414,6 +419,8 @@ impl Jit {
             perf_file: None,
             arena: Arena::default(),
             compiled: 0,
+            #[cfg(feature = "jit-trips")]
+            trips: Default::default(),
             ret_links: (0..RET_LINKS)
                 .map(|_| {
                     let c = LinkCell::default();
@@ -723,6 +730,7 @@ pub(super) unsafe extern "sysv64" fn jit_interp(core: *mut Core, u: *const Uop, 
                 core.st.settle_flags();
             }
             if core.io.request.is_some() || core.next_rip != next || core.end_block {
+                core.jit.ctx.trip = super::why::INTERP as u64;
                 (index + 1) | 1 << 32
             } else {
                 0
@@ -730,6 +738,7 @@ pub(super) unsafe extern "sysv64" fn jit_interp(core: *mut Core, u: *const Uop, 
         }
         Err(e) => {
             core.jit.exc = Some(e);
+            core.jit.ctx.trip = super::why::INTERP as u64;
             index | 1 << 32
         }
     }
