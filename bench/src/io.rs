@@ -246,9 +246,11 @@ fn print_ratios(tests: &[Test], cols: &[Column]) {
                     })
                     .collect()
             };
-            let cell = crate::paired_ratio(&per_run(a), &per_run(b))
-                .map_or("-".into(), |r| format!("{r:.2}"));
-            println!("  {:<32} {cell:>8}", t.label);
+            let cell = crate::paired_quartiles(&per_run(a), &per_run(b))
+                .map_or("-".into(), |(q1, m, q3)| {
+                    format!("{m:>8.2}   (middle half of the rounds {q1:.2}-{q3:.2})")
+                });
+            println!("  {:<32} {cell}", t.label);
         }
     }
 }
@@ -290,8 +292,9 @@ pub(crate) fn measure_with(
             .push(format!("not installed ({})", args.qemu));
     }
     let mut n = 0;
-    for _ in 0..runs {
-        for (i, col) in cols.iter_mut().enumerate() {
+    for round in 0..runs {
+        for i in crate::round_order(round, cols.len()) {
+            let col = &mut cols[i];
             if !col.failures.is_empty() {
                 continue;
             }
@@ -683,7 +686,8 @@ fn net_once(ns: &Netns, tap: &str, cmd: Command, secs: u64, limit: Duration) -> 
 }
 
 /// passt on one end of a socket pair for one QEMU, started as Vireo
-/// starts its own (foreground, MTU 1500, `--fd`); QEMU gets the other end
+/// starts its own by default (foreground, passt's own MTU of 65520, which
+/// QEMU's merged receive buffers take, `--fd`); QEMU gets the other end
 /// as descriptor 3 (`-netdev stream,addr.type=fd`). passt exits when QEMU
 /// closes its end.
 struct QemuPasst(std::process::Child);
@@ -715,7 +719,8 @@ impl QemuPasst {
         // VMMs see the same passt and the same pair.
         let (ours, theirs) = net::passt::socket_pair()?;
         let mut c = Command::new("passt");
-        c.args(["--foreground", "--quiet", "--mtu", "1500", "--fd", "3"])
+        let mtu = net::passt::DEFAULT_MTU.to_string();
+        c.args(["--foreground", "--quiet", "--mtu", &mtu, "--fd", "3"])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
@@ -782,7 +787,8 @@ pub fn net_user(args: &BenchArgs, runs: usize) -> Result<()> {
     let template = Guest::new(args.guest_dir.as_deref(), &cmd)?;
     println!(
         "net --backend user: TCP through passt (virtio-net-pci; Vireo's --net user, QEMU's -netdev stream \
-on a passt started here the same way), {secs} s per direction; MiB/s, median of {runs} runs"
+on a passt started here as Vireo starts its own by default: MTU {}), {secs} s per direction; MiB/s, median of {runs} runs",
+        net::passt::DEFAULT_MTU
     );
     println!(
         "     guest = vireo-io's figure on the guest's clock; host = the host's end of the connection (loopback)"

@@ -191,10 +191,25 @@ pub(crate) fn ratio_pairs<T>(cols: &[T], title: impl Fn(&T) -> &str) -> Vec<(&T,
     pairs
 }
 
+/// The order in which `n` series run in round `round`: each round starts
+/// one series later than the last (A, B, QEMU, then B, QEMU, A, ...), so
+/// going first or right after another VMM (page cache, a tap just torn
+/// down, CPU frequency) favours no series.
+pub(crate) fn round_order(round: usize, n: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |k| (round + k) % n)
+}
+
 /// Median of per-round ratios a[i] / b[i] (rounds where both ran): robust
 /// against load that drifts over the bench, since both sides of each ratio
 /// ran back to back.
 pub(crate) fn paired_ratio(a: &[f64], b: &[f64]) -> Option<f64> {
+    paired_quartiles(a, b).map(|(_, m, _)| m)
+}
+
+/// First quartile, median and third quartile of the per-round ratios
+/// a[i] / b[i]: the middle half of the rounds lies between the outer two,
+/// which says how far one median ratio can be trusted.
+pub(crate) fn paired_quartiles(a: &[f64], b: &[f64]) -> Option<(f64, f64, f64)> {
     let mut r: Vec<f64> = a
         .iter()
         .zip(b)
@@ -205,7 +220,7 @@ pub(crate) fn paired_ratio(a: &[f64], b: &[f64]) -> Option<f64> {
         return None;
     }
     r.sort_by(f64::total_cmp);
-    Some(r[r.len() / 2])
+    Some((r[r.len() / 4], r[r.len() / 2], r[(3 * r.len()) / 4]))
 }
 
 /// `vireo` next to this executable: cargo puts both binaries of the
@@ -831,13 +846,13 @@ impl<'a> Series<'a> {
     }
 }
 
-/// Run each series once per round, `runs` rounds (A, B, QEMU, A, B, QEMU,
-/// ...), so a load that drifts during the bench weighs on all of them
-/// alike and each round gives a fair ratio; a series that fails is not
-/// run again.
+/// Run each series once per round, `runs` rounds (in [`round_order`]), so
+/// a load that drifts during the bench weighs on all of them alike and
+/// each round gives a fair ratio. A series that fails is not run again.
 fn interleave(series: &mut [Series], runs: usize, once: &dyn Fn(Command) -> Result<Vec<f64>>) {
-    for _ in 0..runs {
-        for s in series.iter_mut() {
+    for round in 0..runs {
+        for i in round_order(round, series.len()) {
+            let s = &mut series[i];
             if s.failure.is_some() {
                 continue;
             }
@@ -1227,6 +1242,16 @@ mod tests {
         assert_eq!(paired_ratio(&[f64::NAN, 3.0], &[1.0, 1.0]), Some(3.0));
         assert_eq!(paired_ratio(&[1.0], &[0.0]), None);
         assert_eq!(paired_ratio(&[], &[]), None);
+        let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
+        assert_eq!(paired_quartiles(&a, &[1.0; 8]), Some((3.0, 5.0, 7.0)));
+    }
+
+    #[test]
+    fn each_round_starts_one_series_later() {
+        let order: Vec<Vec<usize>> = (0..4).map(|r| round_order(r, 3).collect()).collect();
+        assert_eq!(order, [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]]);
+        let ab: Vec<Vec<usize>> = (0..2).map(|r| round_order(r, 2).collect()).collect();
+        assert_eq!(ab, [[0, 1], [1, 0]]);
     }
 
     #[test]

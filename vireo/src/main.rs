@@ -522,8 +522,10 @@ struct VmOptions {
     /// Entry protocol for an ELF vmlinux: linux (64-bit boot protocol) or pvh [default: linux].
     #[arg(long, value_name = "linux|pvh")]
     boot: Option<BootProtocol>,
-    /// A virtio-blk disk: path=FILE[,format=raw|qcow2|vmdk|vhdx][,readonly=on][,serial=ID];
-    /// repeatable (vmdk and vhdx only with readonly=on).
+    /// A virtio-blk disk: path=FILE[,format=raw|qcow2|vmdk|vhdx][,readonly=on][,serial=ID]
+    /// [,bootindex=N]; repeatable (vmdk and vhdx only with readonly=on).
+    /// bootindex: the disk's place in a firmware boot's order (lowest first;
+    /// disks without one after those with, in the order given).
     #[arg(long, value_name = "path=FILE,...")]
     disk: Vec<vmm::config::DiskConfig>,
     /// A virtio-net NIC on a tap: tap=NAME[,mac=52:54:00:12:34:56] (NAME may

@@ -83,26 +83,29 @@ fn one_line_error(out: &Output, needle: &str) {
     );
 }
 
-/// Boot `disk` through SeaBIOS under the engine with the exit device, to
-/// the guest's exit: the console output, once the exit code is the one the
-/// test sectors write (0x21, i.e. 67).
-fn boot_to_exit_device(disk: &Path) -> String {
+/// Boot the disks `disk_opts` (each what `--disk` takes) through SeaBIOS
+/// under the engine with the exit device, to the guest's exit: its exit
+/// status and the console output (stdout, stderr).
+fn firmware_boot(disk_opts: &[String]) -> (Option<i32>, String, String) {
     let mut vm = Running::spawn({
         let mut c = vireo();
         c.args(["run", "--accel", "emu", "--memory", "128M", "--exit-device"])
-            .args(["--firmware", seabios()])
-            .arg("--disk")
-            .arg(format!("path={}", disk.display()));
+            .args(["--firmware", seabios()]);
+        for d in disk_opts {
+            c.arg("--disk").arg(d);
+        }
         c
     });
     let code = vm.wait_exit(Duration::from_secs(300));
-    let out = vm.stdout_text();
-    assert_eq!(
-        code,
-        Some(67),
-        "stdout: {out}\nstderr: {}",
-        vm.stderr_text()
-    );
+    (code, vm.stdout_text(), vm.stderr_text())
+}
+
+/// Boot `disk` as [`firmware_boot`] does, to the guest's exit: the
+/// console output, once the exit code is the one the test sectors write
+/// (0x21, i.e. 67).
+fn boot_to_exit_device(disk: &Path) -> String {
+    let (code, out, err) = firmware_boot(&[format!("path={}", disk.display())]);
+    assert_eq!(code, Some(67), "stdout: {out}\nstderr: {err}");
     out
 }
 
@@ -135,6 +138,128 @@ fn seabios_boots_the_same_sector_from_a_qcow2_disk() {
     assert!(st.success());
     let out = boot_to_exit_device(&qcow2);
     assert!(out.contains("port: bye"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A boot sector that writes `tag` to COM1 and ends the VM through the
+/// exit device with `value` (status `value << 1 | 1`):
+///
+/// ```text
+///   mov dx,0x3f8 ; mov al,TAG ; out dx,al
+///   mov dx,0xf4 ; mov al,VALUE ; out dx,al
+/// 1: hlt ; jmp 1b
+/// ```
+fn exit_sector(tag: u8, value: u8) -> Vec<u8> {
+    vec![
+        0xba, 0xf8, 0x03, 0xb0, tag, 0xee, 0xba, 0xf4, 0x00, 0xb0, value, 0xee, 0xf4, 0xeb, 0xfd,
+    ]
+}
+
+/// `bootindex=N` on `--disk`: SeaBIOS boots the disks with an index
+/// first, lowest first, then the others in command-line order. Two disks
+/// whose boot sectors end the VM with different statuses tell which one
+/// booted.
+#[test]
+fn bootindex_chooses_the_disk_the_firmware_boots() {
+    seabios();
+    let dir = scratch("bootindex");
+    let a = dir.join("a");
+    let b = dir.join("b");
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    // Disk A exits with 0x21 (status 67), disk B with 0x22 (status 69).
+    let a = boot_disk(&a, &exit_sector(b'A', 0x21));
+    let b = boot_disk(&b, &exit_sector(b'B', 0x22));
+    let (a, b) = (a.display(), b.display());
+    for (disks, want, which) in [
+        (
+            [format!("path={a}"), format!("path={b}")],
+            67,
+            "without a bootindex, the first disk",
+        ),
+        (
+            [format!("path={a}"), format!("path={b},bootindex=1")],
+            69,
+            "the disk with a bootindex before the one without",
+        ),
+        (
+            [
+                format!("path={b},bootindex=7"),
+                format!("path={a},bootindex=3"),
+            ],
+            67,
+            "the lowest bootindex, not the first given",
+        ),
+    ] {
+        let (code, out, err) = firmware_boot(&disks);
+        assert_eq!(
+            code,
+            Some(want),
+            "{which} ({disks:?}) should boot\nstdout: {out}\nstderr: {err}"
+        );
+        assert!(out.contains("Booting from Hard Disk"), "{out}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The boot order's errors: one index for two disks, an index on a disk
+/// that cannot boot (no boot sector) or on a NIC (no network boot), an
+/// index where no firmware boots.
+#[test]
+fn bad_boot_orders_are_refused() {
+    seabios();
+    let dir = scratch("badbootindex");
+    let disk = boot_disk(&dir, &exit_sector(b'A', 0x21));
+    let blank = dir.join("blank.img");
+    std::fs::write(&blank, vec![0u8; 1 << 20]).unwrap();
+    let (disk, blank) = (disk.display(), blank.display());
+    let fw_run = |disks: &[String]| {
+        let mut c = vireo();
+        c.args(["run", "--accel", "emu", "--firmware", SEABIOS]);
+        for d in disks {
+            c.arg("--disk").arg(d);
+        }
+        c.output().expect("vireo runs")
+    };
+    let out = fw_run(&[
+        format!("path={disk},bootindex=1"),
+        format!("path={blank},bootindex=1"),
+    ]);
+    one_line_error(
+        &out,
+        &format!("disks {disk} and {blank} both have bootindex=1"),
+    );
+    let out = fw_run(&[format!("path={disk}"), format!("path={blank},bootindex=1")]);
+    one_line_error(
+        &out,
+        &format!("disk {blank} has bootindex=1 but cannot boot: it has no boot sector"),
+    );
+    let out = run(&[
+        "run",
+        "--accel",
+        "emu",
+        "--firmware",
+        SEABIOS,
+        "--disk",
+        &format!("path={disk}"),
+        "--net",
+        "user,bootindex=2",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("a NIC cannot boot"), "{err}");
+    let k = dir.join("kernel");
+    std::fs::write(&k, vec![0u8; 8192]).unwrap();
+    let out = run(&[
+        "run",
+        "--accel",
+        "emu",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--disk",
+        &format!("path={disk},bootindex=0"),
+    ]);
+    one_line_error(&out, "but the VM boots its kernel directly");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

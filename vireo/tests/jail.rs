@@ -239,6 +239,111 @@ fn a_jailed_vmm_sees_only_its_jail_and_boots_debian() {
     let _ = std::fs::remove_dir_all(&base);
 }
 
+/// Debian's SeaBIOS and QEMU's option ROM, which a firmware boot reads
+/// from the host even in a jail (scripts/install-deps.sh installs both).
+const SEABIOS: &str = "/usr/share/seabios/bios-256k.bin";
+const LINUXBOOT_ROM: &str = "/usr/share/qemu/linuxboot_dma.bin";
+
+/// Real-mode code that writes `tag` to COM1 and ends the VM through the
+/// exit device with 0x21 (status 67):
+///
+/// ```text
+///   mov dx,0x3f8 ; mov al,TAG ; out dx,al
+///   mov dx,0xf4 ; mov al,0x21 ; out dx,al
+/// 1: hlt ; jmp 1b
+/// ```
+fn exit_code(tag: u8) -> [u8; 15] {
+    [
+        0xba, 0xf8, 0x03, 0xb0, tag, 0xee, 0xba, 0xf4, 0x00, 0xb0, 0x21, 0xee, 0xf4, 0xeb, 0xfd,
+    ]
+}
+
+/// A stand-in bzImage for `--firmware --kernel`: a boot-protocol 2.12
+/// header and one setup sector whose code (entered in real mode at
+/// offset 0x200, where the option ROM jumps, and going on at 0x280) is
+/// `exit_code`; 512 bytes of protected-mode part that never runs.
+fn stand_in_bzimage(tag: u8) -> Vec<u8> {
+    let mut k = vec![0u8; 3 * 512];
+    k[0x1f1] = 1; // setup sectors after the boot sector
+    k[0x1fe..0x200].copy_from_slice(&[0x55, 0xaa]);
+    k[0x200..0x202].copy_from_slice(&[0xeb, 0x7e]); // jmp 0x280
+    k[0x202..0x206].copy_from_slice(b"HdrS");
+    k[0x206..0x208].copy_from_slice(&0x020cu16.to_le_bytes());
+    k[0x22c..0x230].copy_from_slice(&0x37ff_ffffu32.to_le_bytes()); // initrd_addr_max
+    k[0x238..0x23c].copy_from_slice(&255u32.to_le_bytes()); // cmdline_size
+    k[0x280..0x280 + 15].copy_from_slice(&exit_code(tag));
+    k
+}
+
+/// A firmware boot in the jail, with the host's firmware files, which the
+/// jail does not hold: SeaBIOS boots a disk in the jail (its boot sector
+/// ends the VM through the exit device); and with `--firmware --kernel`,
+/// QEMU's option ROM loads a kernel from the jail and runs its real-mode
+/// setup code (a stand-in that does the same). Nothing is added to the
+/// jail for either.
+#[test]
+fn a_jailed_vmm_boots_through_the_hosts_firmware() {
+    if !is_root() {
+        return;
+    }
+    for f in [SEABIOS, LINUXBOOT_ROM] {
+        assert!(
+            Path::new(f).is_file(),
+            "{f} is missing: install Debian's seabios and qemu-system-data (scripts/install-deps.sh does)"
+        );
+    }
+    let (base, dir) = jail_dir("firmware");
+    let mut disk = vec![0u8; 1 << 20];
+    disk[..15].copy_from_slice(&exit_code(b'D'));
+    disk[510..512].copy_from_slice(&[0x55, 0xaa]);
+    std::fs::write(dir.join("boot.img"), disk).unwrap();
+    std::os::unix::fs::chown(dir.join("boot.img"), Some(JAIL_ID), Some(JAIL_ID)).unwrap();
+    std::fs::write(dir.join("kernel"), stand_in_bzimage(b'K')).unwrap();
+    let boot_disk = format!("path={}", dir.join("boot.img").display());
+    let kernel = dir.join("kernel").to_string_lossy().into_owned();
+    for (what, args, says) in [
+        (
+            "a disk through the default SeaBIOS",
+            vec!["--disk", boot_disk.as_str()],
+            "Booting from Hard Disk",
+        ),
+        (
+            "a kernel through SeaBIOS and the option ROM",
+            vec!["--firmware", "--kernel", kernel.as_str()],
+            "Booting from ROM",
+        ),
+    ] {
+        let mut c = jailed(&dir);
+        c.args(["--accel", "emu", "--memory", "128M", "--exit-device"])
+            .args(&args);
+        let mut vm = Running::spawn(c);
+        let code = vm.wait_exit(Duration::from_secs(300));
+        let out = vm.stdout_text();
+        assert_eq!(
+            code,
+            Some(67),
+            "{what}: stdout: {out}\nstderr: {}",
+            vm.stderr_text()
+        );
+        assert!(out.contains("SeaBIOS (version"), "{what}: {out}");
+        assert!(out.contains(says), "{what}: {out}");
+        let tag = if args[0] == "--disk" { "D" } else { "K" };
+        assert!(
+            out.rsplit(says)
+                .next()
+                .is_some_and(|rest| rest.contains(tag)),
+            "{what}: the guest's code ran after the firmware: {out}"
+        );
+    }
+    // The jail got no firmware file, and its /dev is gone from the host.
+    assert_eq!(
+        names(&dir),
+        ["boot.img", "dev", "kernel"].map(String::from).into()
+    );
+    assert!(names(dir.join("dev")).is_empty());
+    let _ = std::fs::remove_dir_all(&base);
+}
+
 #[test]
 fn jail_errors_come_before_anything_changes() {
     let (base, dir) = jail_dir("errors");

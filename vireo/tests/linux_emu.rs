@@ -9,6 +9,7 @@
 
 mod common;
 
+use common::stream::{relay, relay_command};
 use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -294,78 +295,6 @@ fn virtio_net_ping_and_tcp_both_ways_through_a_tap() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The test stream: byte `i` of a xorshift sequence the host makes twice
-/// (to send and to check what comes back) without holding it in memory.
-struct Stream(u64);
-
-impl Stream {
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
-        }
-    }
-}
-
-/// CRC-32 as zlib and busybox `crc32` make it (polynomial 0xEDB88320,
-/// reflected, starting from and ending with all ones).
-struct Crc32 {
-    table: [u32; 256],
-    crc: u32,
-}
-
-impl Crc32 {
-    fn new() -> Self {
-        let mut table = [0u32; 256];
-        for (i, t) in table.iter_mut().enumerate() {
-            let mut c = i as u32;
-            for _ in 0..8 {
-                c = if c & 1 != 0 {
-                    (c >> 1) ^ 0xEDB8_8320
-                } else {
-                    c >> 1
-                };
-            }
-            *t = c;
-        }
-        Crc32 { table, crc: !0 }
-    }
-    fn update(&mut self, data: &[u8]) {
-        for &b in data {
-            self.crc = (self.crc >> 8) ^ self.table[((self.crc as u8) ^ b) as usize];
-        }
-    }
-    fn finish(self) -> u32 {
-        !self.crc
-    }
-}
-
-/// The first connection to `l` within `limit` (the guest boots first).
-fn accept_within(
-    l: &std::net::TcpListener,
-    limit: Duration,
-) -> Result<std::net::TcpStream, String> {
-    l.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let deadline = std::time::Instant::now() + limit;
-    loop {
-        match l.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false).map_err(|e| e.to_string())?;
-                return Ok(s);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if std::time::Instant::now() > deadline {
-                    return Err("the guest never connected".into());
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-}
-
 /// Hundreds of MiB through a tap with merged receive buffers on
 /// (`mrg_rxbuf=on`; a tap's default is off): the host sends a 256 MiB
 /// stream, the guest sums what arrived (busybox `crc32`) while sending it
@@ -375,7 +304,6 @@ fn accept_within(
 /// (namespaces, taps); says so and skips otherwise.
 #[test]
 fn virtio_net_hundreds_of_mib_both_ways_through_a_tap_with_merged_buffers() {
-    use std::io::{Read, Write};
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
         eprintln!("note: needs root and /dev/net/tun; network test skipped");
@@ -387,13 +315,11 @@ fn virtio_net_hundreds_of_mib_both_ways_through_a_tap_with_merged_buffers() {
     let tap = format!("vm{}", std::process::id() % 100_000);
     let (host_ip, guest_ip) = ("10.213.2.1", "10.213.2.2");
     // The guest reports the negotiated feature bit (15: MRG_RXBUF), then
-    // relays the stream back through tee, which also feeds crc32.
+    // relays the stream back.
     let cmd = format!(
         "ip link set eth0 up && ip addr add {guest_ip}/24 dev eth0 && \
-         echo mrg_rxbuf=$(cut -c16 /sys/class/net/eth0/device/features) && \
-         mkfifo /tmp/f && (crc32 < /tmp/f > /tmp/sum &) && \
-         nc {host_ip} 5555 | tee /tmp/f | nc {host_ip} 5556; \
-         sleep 1; echo sum=$(cat /tmp/sum)"
+         echo mrg_rxbuf=$(cut -c16 /sys/class/net/eth0/device/features) && {}",
+        relay_command(host_ip, 5555, 5556)
     );
     let mut vm = tap_vm(
         &ns,
@@ -402,41 +328,7 @@ fn virtio_net_hundreds_of_mib_both_ways_through_a_tap_with_merged_buffers() {
     );
     wait_for_tap(&ns, &tap, &vm, Duration::from_secs(60));
     sh(&format!("ip -n {} addr add {host_ip}/24 dev {tap}", ns.0));
-    let (down, up) = (ns.listen(5555), ns.listen(5556));
-    let sender = std::thread::spawn(move || -> Result<u32, String> {
-        let mut s = accept_within(&down, Duration::from_secs(600))?;
-        let (mut gen, mut sum) = (Stream(SEED), Crc32::new());
-        let mut buf = vec![0u8; 1 << 16];
-        let mut left = LEN;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            gen.fill(&mut buf[..n]);
-            sum.update(&buf[..n]);
-            s.write_all(&buf[..n])
-                .map_err(|e| format!("sending at {}: {e}", LEN - left))?;
-            left -= n as u64;
-        }
-        Ok(sum.finish())
-    });
-    let receiver = std::thread::spawn(move || -> Result<(), String> {
-        let mut s = accept_within(&up, Duration::from_secs(600))?;
-        s.set_read_timeout(Some(Duration::from_secs(120)))
-            .map_err(|e| e.to_string())?;
-        let mut gen = Stream(SEED);
-        let (mut got, mut want) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
-        let mut at = 0u64;
-        while at < LEN {
-            let n = (LEN - at).min(got.len() as u64) as usize;
-            s.read_exact(&mut got[..n])
-                .map_err(|e| format!("receiving at {at} of {LEN}: {e}"))?;
-            gen.fill(&mut want[..n]);
-            if let Some(i) = (0..n).find(|&i| got[i] != want[i]) {
-                return Err(format!("byte {} came back changed", at + i as u64));
-            }
-            at += n as u64;
-        }
-        Ok(())
-    });
+    let (sender, receiver) = relay(ns.listen(5555), ns.listen(5556), LEN, SEED);
     let code = vm.wait_exit(Duration::from_secs(1800));
     let out = vm.stdout_text();
     assert_eq!(code, Some(0), "exit {code:?}\n{out}\n{}", vm.stderr_text());

@@ -9,6 +9,10 @@
 //! received frame and drops the header of each sent one; the device offers
 //! the guest no offload that would need the header to mean something.
 //!
+//! The MTU ([`PasstOptions::mtu`]) is what passt gives the guest by DHCP and
+//! NDP and the largest frame it sends: its own default, 65520, needs a guest
+//! that can take frames that big (merged receive buffers); 1500 suits any.
+//!
 //! Invariants:
 //! - the socket end Vireo keeps is non-blocking; neither receive nor send
 //!   blocks the device thread: a send goes straight into the socket when
@@ -51,6 +55,11 @@ pub const MAX_PASST_FRAME: usize = 65_536 + 14;
 pub const SEND_STALL: Duration = Duration::from_secs(5);
 /// Bytes queued for passt at most; beyond that frames are dropped.
 pub const TX_BACKLOG: usize = 1 << 20;
+/// passt's own default MTU and the largest it takes: a frame of up to
+/// 65534 bytes, which a guest receives in page-sized merged buffers.
+pub const DEFAULT_MTU: u16 = 65_520;
+/// The smallest MTU [`PasstOptions::mtu`] takes: IPv4's minimum.
+pub const MIN_MTU: u16 = 68;
 /// How long passt may take to start (bind its ports, write its pid file).
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// The descriptor number passt finds its end of the socket pair at.
@@ -181,6 +190,8 @@ pub enum PasstError {
     Exited { status: String, log: String },
     #[error("passt did not start within {secs} s: {log}")]
     Timeout { secs: u64, log: String },
+    #[error("an MTU of {0} for passt: it takes 68 to 65520")]
+    Mtu(u16),
 }
 
 /// What starts passt.
@@ -189,6 +200,9 @@ pub struct PasstOptions {
     /// The passt program; looked up on PATH when it has no slash.
     pub program: PathBuf,
     pub hostfwd: Vec<HostFwd>,
+    /// The MTU passt gives the guest (DHCP, NDP) and sends frames up to:
+    /// [`MIN_MTU`] to [`DEFAULT_MTU`].
+    pub mtu: u16,
 }
 
 impl Default for PasstOptions {
@@ -196,6 +210,7 @@ impl Default for PasstOptions {
         PasstOptions {
             program: PathBuf::from("passt"),
             hostfwd: Vec::new(),
+            mtu: DEFAULT_MTU,
         }
     }
 }
@@ -293,16 +308,17 @@ fn broken(what: &str) -> io::Error {
 impl Passt {
     /// Start passt and wait until it runs (its ports bound).
     pub fn start(opts: &PasstOptions) -> Result<Self, PasstError> {
+        if !(MIN_MTU..=DEFAULT_MTU).contains(&opts.mtu) {
+            return Err(PasstError::Mtu(opts.mtu));
+        }
         let (ours, theirs) = socket_pair().map_err(PasstError::Socket)?;
         ours.set_nonblocking(true).map_err(PasstError::Socket)?;
         let pidfile = pidfile_path();
         let _ = std::fs::remove_file(&pidfile);
         let mut cmd = Command::new(&opts.program);
-        // MTU 1500 (passt's default is 65520, given by DHCP): without
-        // segmentation offloads or merged receive buffers, which passt's
-        // stream cannot carry, the guest's receive buffers hold one
-        // Ethernet-sized frame, and a bigger one would be dropped.
-        cmd.args(["--foreground", "--stderr", "--mtu", "1500"])
+        // The MTU is the caller's choice: above 1500 only for a guest that
+        // takes merged receive buffers (`vmm`'s `NetConfig::user_mtu`).
+        cmd.args(["--foreground", "--stderr", "--mtu", &opts.mtu.to_string()])
             .args(["--fd", &CHILD_FD.to_string()])
             .arg("--pid")
             .arg(&pidfile);
@@ -842,11 +858,18 @@ mod tests {
     fn a_missing_passt_is_a_clear_error() {
         let o = PasstOptions {
             program: "/nonexistent/passt".into(),
-            hostfwd: vec![],
+            ..Default::default()
         };
         let e = Passt::start(&o).err().expect("no passt there");
         assert!(matches!(e, PasstError::NotFound(_)), "{e}");
         assert!(e.to_string().contains("install"), "{e}");
+        for mtu in [0, MIN_MTU - 1, DEFAULT_MTU + 1] {
+            let e = Passt::start(&PasstOptions { mtu, ..o.clone() })
+                .err()
+                .expect("refused before passt is looked for");
+            assert!(matches!(e, PasstError::Mtu(m) if m == mtu), "{e}");
+            assert!(e.to_string().contains("68 to 65520"), "{e}");
+        }
     }
 
     /// A fake passt (a shell) that echoes the stream back: the framing is
@@ -867,7 +890,7 @@ mod tests {
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
         let p = Passt::start(&PasstOptions {
             program: fake,
-            hostfwd: vec![],
+            ..Default::default()
         })
         .unwrap();
         let downs = Arc::new(AtomicU32::new(0));

@@ -195,6 +195,7 @@ impl VmSpec {
                     serial: Some("cidata".into()),
                     rate_limiter: None,
                     rate_group: None,
+                    bootindex: None,
                 });
                 Some(Arc::new(file))
             }

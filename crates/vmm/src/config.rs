@@ -280,8 +280,8 @@ pub fn parse_limit(s: &str) -> Result<RateLimiterConfig, OptionError> {
 }
 
 /// One virtio-blk disk: `path=FILE[,format=raw|qcow2|vmdk|vhdx][,readonly=on][,serial=ID]
-/// [,bw=BYTES_PER_SEC][,iops=N][,group=NAME]` (VMDK and VHDX images are
-/// read-only: with `readonly=on`).
+/// [,bw=BYTES_PER_SEC][,iops=N][,group=NAME][,bootindex=N]` (VMDK and VHDX
+/// images are read-only: with `readonly=on`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
@@ -302,13 +302,27 @@ pub struct DiskConfig {
     /// limit is the one its disks give (they must agree).
     #[serde(default)]
     pub rate_group: Option<String>,
+    /// The disk's place in a firmware boot's boot order (QEMU's
+    /// `bootindex`): the firmware tries disks with an index first, lowest
+    /// first, then the others in the order given. Only for a firmware
+    /// boot; no two devices share an index.
+    #[serde(default)]
+    pub bootindex: Option<u32>,
 }
 
 impl FromStr for DiskConfig {
     type Err = OptionError;
     fn from_str(s: &str) -> Result<Self, OptionError> {
         const KEYS: &[&str] = &[
-            "path", "format", "readonly", "ro", "serial", "bw", "iops", "group",
+            "path",
+            "format",
+            "readonly",
+            "ro",
+            "serial",
+            "bw",
+            "iops",
+            "group",
+            "bootindex",
         ];
         let o = Options::parse("disk", s, KEYS)?;
         let path: PathBuf = o.required("path")?;
@@ -326,9 +340,13 @@ impl FromStr for DiskConfig {
             serial: o.value("serial")?,
             rate_limiter: limiter_option(&o, "bw", "iops")?,
             rate_group: o.value("group")?,
+            bootindex: o.value("bootindex")?,
         })
     }
 }
+
+/// Why `--net ...,bootindex=N` is refused.
+pub const NIC_CANNOT_BOOT: &str = "a NIC cannot boot: Vireo gives the firmware no network boot (PXE) ROM; give bootindex= on a --disk";
 
 /// Where a NIC's frames go on the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -373,6 +391,11 @@ pub struct NetConfig {
     /// absent: on for user networking, off for a tap (see `virtio::net`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mrg_rxbuf: Option<bool>,
+    /// The link's MTU (user networking only: passt's, which it gives the
+    /// guest by DHCP and NDP), 68 to 65520; absent: 65520 with merged
+    /// receive buffers, 1500 without (see [`NetConfig::user_mtu`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
 }
 
 fn default_tap() -> String {
@@ -391,19 +414,60 @@ impl NetConfig {
             tx_rate_limiter: None,
             rate_group: None,
             mrg_rxbuf: None,
+            mtu: None,
         }
     }
 
-    /// Settings that only one backend takes, given to the other.
+    /// The MTU of a user-networking link: the one asked for, else passt's
+    /// 65520 where the guest is offered merged receive buffers (it then
+    /// takes a 64 KiB frame in page-sized pieces: ~45x fewer frames per
+    /// byte than at 1500, each of which costs an engine guest thousands of
+    /// instructions; docs/engine-profile.md), else 1500, which any driver
+    /// receives.
+    pub fn user_mtu(&self) -> u16 {
+        match (self.mtu, self.mrg_rxbuf) {
+            (Some(m), _) => m,
+            (None, Some(false)) => 1500,
+            (None, _) => net::passt::DEFAULT_MTU,
+        }
+    }
+
+    /// Settings that only one backend takes, given to the other, and
+    /// values out of range.
     pub fn validate(&self) -> Result<(), String> {
+        self.check().map_err(|(_, why)| why)
+    }
+
+    /// [`NetConfig::validate`], with the option key at fault.
+    fn check(&self) -> Result<(), (&'static str, String)> {
         match self.backend {
-            NetBackendKind::Tap if !self.hostfwd.is_empty() => Err(
+            NetBackendKind::Tap if !self.hostfwd.is_empty() => Err((
+                "hostfwd",
                 "hostfwd= needs user networking (--net user,hostfwd=...); a tap NIC is reached on its own address"
                     .into(),
-            ),
-            NetBackendKind::User if self.tap != default_tap() => {
-                Err("tap= names a tap; user networking (--net user) has none".into())
-            }
+            )),
+            NetBackendKind::Tap if self.mtu.is_some() => Err((
+                "mtu",
+                "mtu= is user networking's (passt's); a tap's MTU is set on the tap and in the guest"
+                    .into(),
+            )),
+            NetBackendKind::User if self.tap != default_tap() => Err((
+                "tap",
+                "tap= names a tap; user networking (--net user) has none".into(),
+            )),
+            NetBackendKind::User => match self.mtu {
+                Some(m) if !(net::passt::MIN_MTU..=net::passt::DEFAULT_MTU).contains(&m) => Err((
+                    "mtu",
+                    format!("an MTU of {m}: passt takes 68 to 65520"),
+                )),
+                Some(m) if m > 1500 && self.mrg_rxbuf == Some(false) => Err((
+                    "mtu",
+                    format!(
+                        "an MTU of {m} with mrg_rxbuf=off: frames above 1500 bytes need merged receive buffers"
+                    ),
+                )),
+                _ => Ok(()),
+            },
             _ => Ok(()),
         }
     }
@@ -423,11 +487,17 @@ impl FromStr for NetConfig {
                 "tx_pps",
                 "group",
                 "mrg_rxbuf",
+                "bootindex",
+                "mtu",
             ],
             kinds: &["tap", "user"],
             repeatable: &["hostfwd"],
         };
         let o = Options::parse_spec("net", s, SPEC)?;
+        if let Some(v) = o.get("bootindex") {
+            // Known, so that the answer says why rather than "unknown option".
+            return Err(o.bad("bootindex", v, NIC_CANNOT_BOOT));
+        }
         let backend = match o.kind() {
             Some("user") => NetBackendKind::User,
             _ => NetBackendKind::Tap,
@@ -441,14 +511,11 @@ impl FromStr for NetConfig {
             tx_rate_limiter: limiter_option(&o, "tx_bw", "tx_pps")?,
             rate_group: o.value("group")?,
             mrg_rxbuf: o.toggle("mrg_rxbuf")?,
+            mtu: o.value("mtu")?,
         };
-        n.validate().map_err(|reason| OptionError::BadValue {
+        n.check().map_err(|(key, reason)| OptionError::BadValue {
             option: "net",
-            key: if backend == NetBackendKind::User {
-                "tap"
-            } else {
-                "hostfwd"
-            },
+            key,
             value: s.into(),
             reason,
         })?;
@@ -1007,6 +1074,7 @@ impl VmConfig {
             }
             _ => {}
         }
+        self.validate_boot_order()?;
         if let Some(u) = &self.uuid {
             crate::firmware::parse_uuid(u).map_err(VmmError::Config)?;
         }
@@ -1040,6 +1108,28 @@ impl VmConfig {
             .check(self.cpus)
             .map_err(VmmError::Config)?;
         self.validate_rate_limits()
+    }
+
+    /// `bootindex` only where firmware boots the disks, and no index twice.
+    fn validate_boot_order(&self) -> Result<(), VmmError> {
+        let mut seen: std::collections::HashMap<u32, usize> = Default::default();
+        for (i, d) in self.disks.iter().enumerate() {
+            let Some(n) = d.bootindex else { continue };
+            if self.firmware.is_none() {
+                return Err(VmmError::Config(format!(
+                    "disk {} has bootindex={n}, but the VM boots its kernel directly: a boot order is for a firmware boot (leave out --kernel, or add --firmware)",
+                    d.path.display()
+                )));
+            }
+            if let Some(first) = seen.insert(n, i) {
+                return Err(VmmError::Config(format!(
+                    "disks {} and {} both have bootindex={n}: give each device its own",
+                    self.disks[first].path.display(),
+                    d.path.display()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Every bucket is valid; the disks (or NICs) of one group give one
@@ -1107,7 +1197,8 @@ impl VmConfig {
     /// is built, so that a request naming a missing file changes nothing).
     pub fn check_files(&self) -> Result<(), VmmError> {
         if let Some(f) = &self.firmware {
-            if !f.is_file() {
+            // Preloaded when it is outside a jail (`crate::jail`).
+            if crate::firmware::file_available(f).is_err() {
                 let hint = if f.as_os_str() == DEFAULT_FIRMWARE {
                     " (install Debian's seabios package, or give --firmware PATH)"
                 } else {
@@ -1120,7 +1211,8 @@ impl VmConfig {
             }
             // A kernel handed to the firmware needs the option ROM that loads it.
             if !self.kernel.as_os_str().is_empty() {
-                if let Err(e) = std::fs::metadata(crate::firmware::LINUXBOOT_ROM) {
+                let rom = std::path::Path::new(crate::firmware::LINUXBOOT_ROM);
+                if let Err(e) = crate::firmware::file_available(rom) {
                     return Err(crate::firmware::rom_error(&e));
                 }
             }
@@ -1296,6 +1388,39 @@ mod tests {
     }
 
     #[test]
+    fn boot_order_options_parse_and_check() {
+        let d: DiskConfig = "path=/a,bootindex=2".parse().unwrap();
+        assert_eq!(d.bootindex, Some(2));
+        assert_eq!("path=/a".parse::<DiskConfig>().unwrap().bootindex, None);
+        let e = "path=/a,bootindex=first".parse::<DiskConfig>().unwrap_err();
+        assert!(e.to_string().contains("bootindex=first"), "{e}");
+        let e = "user,bootindex=1".parse::<NetConfig>().unwrap_err();
+        assert!(e.to_string().contains("a NIC cannot boot"), "{e}");
+        // The config file and the API say the same.
+        let t: VmConfig = toml::from_str(
+            "firmware = \"/bios.bin\"\n[[disks]]\npath = \"/a\"\n[[disks]]\npath = \"/b\"\nbootindex = 1\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (t.disks[0].bootindex, t.disks[1].bootindex),
+            (None, Some(1))
+        );
+        t.validate().unwrap();
+        let j: VmConfig = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+        assert_eq!(j, t);
+        // One index per device.
+        let mut c = t.clone();
+        c.disks[0].bootindex = Some(1);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("disks /a and /b both have bootindex=1"), "{e}");
+        // No boot order without firmware.
+        let mut c = VmConfig::new("/k".into());
+        c.disks.push("path=/a,bootindex=0".parse().unwrap());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("boots its kernel directly"), "{e}");
+    }
+
+    #[test]
     fn net_options_parse() {
         let n: NetConfig = "tap=tap0,mac=52:54:00:12:34:56".parse().unwrap();
         assert_eq!(n.tap, "tap0");
@@ -1317,6 +1442,40 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("on or off"));
+    }
+
+    #[test]
+    fn user_net_mtu_defaults_to_passt_s_with_merged_buffers() {
+        let n: NetConfig = "user".parse().unwrap();
+        assert_eq!((n.mtu, n.user_mtu()), (None, 65520));
+        let off: NetConfig = "user,mrg_rxbuf=off".parse().unwrap();
+        assert_eq!(off.user_mtu(), 1500, "a driver without merged buffers");
+        let m: NetConfig = "user,mtu=1500".parse().unwrap();
+        assert_eq!((m.mtu, m.user_mtu()), (Some(1500), 1500));
+        let m: NetConfig = "user,mtu=9000,mrg_rxbuf=on".parse().unwrap();
+        assert_eq!(m.user_mtu(), 9000);
+        assert_eq!(
+            "user,mtu=576,mrg_rxbuf=off"
+                .parse::<NetConfig>()
+                .unwrap()
+                .user_mtu(),
+            576
+        );
+        for (bad, why) in [
+            ("user,mtu=67", "68 to 65520"),
+            ("user,mtu=65521", "68 to 65520"),
+            ("user,mtu=70000", "mtu"),
+            ("user,mtu=big", "mtu"),
+            ("user,mtu=9000,mrg_rxbuf=off", "need merged receive buffers"),
+            ("tap=t0,mtu=9000", "a tap's MTU"),
+        ] {
+            let e = bad.parse::<NetConfig>().unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+            assert!(e.contains("mtu"), "{bad} names the key: {e}");
+        }
+        // A config file (JSON) is checked the same way.
+        let j: NetConfig = serde_json::from_str(r#"{"backend":"user","mtu":50}"#).unwrap();
+        assert!(j.validate().unwrap_err().contains("68 to 65520"));
     }
 
     #[test]

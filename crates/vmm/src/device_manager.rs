@@ -138,7 +138,18 @@ impl DeviceManager {
                 }
                 _ => (None, None),
             };
-            let items = crate::firmware::fw_cfg_items(spec.memory, spec.cpus, kernel, smbios)?;
+            // The disks' boot order, when one is given, by the PCI slots
+            // they will be put in below.
+            let disk_slots: Vec<u8> = if spec.disks.iter().any(|d| d.bootindex.is_some()) {
+                crate::firmware::boot_order(&spec.disks)
+                    .into_iter()
+                    .map(disk_pci_slot)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let items =
+                crate::firmware::fw_cfg_items(spec.memory, spec.cpus, kernel, smbios, &disk_slots)?;
             let fw_cfg = Arc::new(Mutex::new(devices::fw_cfg::FwCfg::new(
                 items,
                 memory.clone(),
@@ -372,6 +383,13 @@ fn setup_legacy(
     Ok(LegacyDevices { serial, acpi_pm })
 }
 
+/// The PCI slot of the VM's disk `index` (of `VmSpec::disks`): the disks
+/// are the first functions on bus 0, after the host bridge in slot 0, so
+/// that the firmware's boot order can name them before they are added.
+fn disk_pci_slot(index: usize) -> u8 {
+    u8::try_from(index + 1).unwrap_or(u8::MAX)
+}
+
 /// PCI bus 0 (host bridge, configuration through 0xcf8/0xcfc and ECAM) and
 /// the virtio devices the VM asked for, with MSI-X through the backend.
 /// `console_out` is the console output when the console is virtio. The
@@ -466,7 +484,7 @@ fn setup_pci(
             lock(&notifiers).insert(slot, events);
             tracing::info!("{name} at PCI 00:{slot:02x}.0");
             functions.push((name, dev));
-            Ok::<(), VmmError>(())
+            Ok::<u8, VmmError>(slot)
         };
     for (i, d) in spec.disks.iter().enumerate() {
         let image =
@@ -485,7 +503,14 @@ fn setup_pci(
             counters: blk.counters(),
         };
         let name = format!("virtio-blk {}", d.path.display());
-        add_virtio(name, id, kind, Box::new(blk))?;
+        let slot = add_virtio(name.clone(), id, kind, Box::new(blk))?;
+        if slot != disk_pci_slot(i) {
+            // The firmware's boot order named the slot this disk was to get.
+            return Err(VmmError::Pci {
+                device: name,
+                source: pci::PciError::SlotTaken(disk_pci_slot(i)),
+            });
+        }
     }
     for (i, n) in spec.nets.iter().enumerate() {
         let mac = n.mac.unwrap_or_else(net::MacAddr::random);
@@ -507,6 +532,7 @@ fn setup_pci(
                     // its process.
                     let passt = net::Passt::start(&net::PasstOptions {
                         hostfwd: n.hostfwd.clone(),
+                        mtu: n.user_mtu(),
                         ..Default::default()
                     })?;
                     (

@@ -29,13 +29,27 @@
 //!   (moving the initrd below the top of RAM SeaBIOS reports) and jumps to
 //!   the setup code in real mode, which boots the kernel as on a PC.
 //!
+//! - A boot order (`bootindex=N` on disks) goes to fw_cfg's `bootorder`
+//!   as QEMU's device paths, which SeaBIOS matches against the devices it
+//!   finds (`/pci@i0cf8/scsi@SLOT/disk@0,0` for the virtio-blk function in
+//!   SLOT): the disks with an index first, lowest first, then the others
+//!   in the order given, after the option ROM when a kernel is handed over.
+//!   Without any index no `bootorder` names a disk and SeaBIOS tries them
+//!   in PCI order, which is the order given.
+//! - Firmware files outside a jail (the BIOS image, the option ROM) are
+//!   read by `crate::jail::prepare` before the VMM enters it and kept here
+//!   ([`preload`]); [`read_file`] takes those first.
+//!
 //! Invariants: the image region is not RAM the guest is told about; a
 //! firmware boot is refused before anything is built when the image is
-//! missing or not a BIOS image, or when the first disk has no boot sector
-//! (a firmware finding nothing to boot would retry forever) -- unless a
-//! kernel is handed over, which then boots first and needs no disk.
+//! missing or not a BIOS image, or when the disk it boots first (the first
+//! disk, or the lowest `bootindex`) or any disk with a `bootindex` has no
+//! boot sector (a firmware finding nothing to boot would retry forever) --
+//! unless a kernel is handed over, which then boots first and needs no
+//! disk.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use devices::fw_cfg::{FwCfgItems, FILE_NAME_LEN};
 use hypervisor::{CpuState, GuestRam};
@@ -55,6 +69,77 @@ const FOUR_GIB: u64 = 1 << 32;
 /// COM1, where `etc/sercon-port` points the firmware's console.
 const SERCON_PORT: u64 = 0x3f8;
 
+/// Firmware files read before the VMM entered its jail, by the host path
+/// the configuration names them with (the jailed VMM cannot open it).
+static PRELOADED: Mutex<Vec<(PathBuf, Arc<[u8]>)>> = Mutex::new(Vec::new());
+
+/// Keep `data` as the contents of the firmware file `path` for the rest of
+/// this process (a later [`read_file`] of `path` gets it).
+pub(crate) fn preload(path: &Path, data: Vec<u8>) {
+    let mut files = PRELOADED.lock().unwrap_or_else(|e| e.into_inner());
+    files.retain(|(p, _)| p != path);
+    files.push((path.to_path_buf(), Arc::from(data)));
+}
+
+fn preloaded(path: &Path) -> Option<Arc<[u8]>> {
+    let files = PRELOADED.lock().unwrap_or_else(|e| e.into_inner());
+    files
+        .iter()
+        .find(|(p, _)| p == path)
+        .map(|(_, d)| d.clone())
+}
+
+/// The contents of the firmware file `path`: as preloaded, else read now.
+pub(crate) fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    match preloaded(path) {
+        Some(d) => Ok(d.to_vec()),
+        None => std::fs::read(path),
+    }
+}
+
+/// Whether the firmware file `path` can be had: preloaded, or a file.
+pub(crate) fn file_available(path: &Path) -> std::io::Result<()> {
+    if preloaded(path).is_some() {
+        return Ok(());
+    }
+    let m = std::fs::metadata(path)?;
+    if !m.is_file() {
+        return Err(std::io::Error::other("not a file"));
+    }
+    Ok(())
+}
+
+/// The order a firmware tries `disks` in, as indices into `disks`: those
+/// with a `bootindex`, lowest first, then the others in their order.
+pub(crate) fn boot_order(disks: &[DiskConfig]) -> Vec<usize> {
+    let mut indexed: Vec<(u32, usize)> = disks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| d.bootindex.map(|n| (n, i)))
+        .collect();
+    indexed.sort_unstable();
+    let rest = (0..disks.len()).filter(|&i| disks[i].bootindex.is_none());
+    indexed.into_iter().map(|(_, i)| i).chain(rest).collect()
+}
+
+/// fw_cfg's `bootorder`: QEMU's device paths, one a line, most wanted
+/// first: the option ROM when a kernel is handed over (SeaBIOS ranks a
+/// ROM's boot entry after the disks unless the boot order names it; QEMU
+/// gives it bootindex 0 the same way), then the virtio-blk functions in
+/// `disk_slots` (PCI slots, in boot order). None when nothing is named.
+fn bootorder(kernel: bool, disk_slots: &[u8]) -> Option<String> {
+    let mut text = String::new();
+    if kernel {
+        text.push_str(&format!("/rom@{LINUXBOOT_ROM_FILE}\n"));
+    }
+    for slot in disk_slots {
+        // SeaBIOS builds "/pci@i0cf8/*@SLOT" for each PCI device it boots
+        // and matches it as a prefix, up to a '/', of these lines.
+        text.push_str(&format!("/pci@i0cf8/scsi@{slot:x}/disk@0,0\n"));
+    }
+    (!text.is_empty()).then_some(text)
+}
+
 /// A BIOS image read from its file.
 pub(crate) struct FirmwareImage {
     pub path: PathBuf,
@@ -68,15 +153,17 @@ fn firmware_error(path: &Path, reason: impl Into<String>) -> VmmError {
     }
 }
 
-/// Read the image at `path` and check that the first of `disks` can be
-/// booted (it has a boot sector), unless the firmware is handed a kernel
-/// (`with_kernel`), which it boots instead.
+/// Read the image at `path` and check that the disk the firmware boots
+/// first (the first of `disks`, or the one with the lowest `bootindex`)
+/// can be booted (it has a boot sector), unless the firmware is handed a
+/// kernel (`with_kernel`), which it boots instead; and that every disk
+/// given a `bootindex` has one.
 pub(crate) fn read_image(
     path: &Path,
     disks: &[DiskConfig],
     with_kernel: bool,
 ) -> Result<FirmwareImage, VmmError> {
-    let bytes = std::fs::read(path).map_err(|e| {
+    let bytes = read_file(path).map_err(|e| {
         let hint = if e.kind() == std::io::ErrorKind::NotFound
             && path.as_os_str() == crate::config::DEFAULT_FIRMWARE
         {
@@ -103,11 +190,22 @@ pub(crate) fn read_image(
             "has no reset vector (its last 16 bytes are zero): not a BIOS image",
         ));
     }
+    for d in disks {
+        if let Some(n) = d.bootindex {
+            check_boot_sector(d).map_err(|e| match e {
+                VmmError::NoBootSector { path } => VmmError::Config(format!(
+                    "disk {} has bootindex={n} but cannot boot: it has no boot sector (bytes 510-511 are not 55 aa)",
+                    path.display()
+                )),
+                other => other,
+            })?;
+        }
+    }
     if !with_kernel {
-        let disk = disks.first().ok_or_else(|| {
+        let first = boot_order(disks).first().copied().ok_or_else(|| {
             VmmError::Config("firmware boot needs a disk to boot from (--disk path=...)".into())
         })?;
-        check_boot_sector(disk)?;
+        check_boot_sector(&disks[first])?;
     }
     Ok(FirmwareImage {
         path: path.to_path_buf(),
@@ -181,12 +279,15 @@ fn e820_entry(out: &mut Vec<u8>, addr: u64, len: u64, kind: u32) {
 const E820_RAM: u32 = 1;
 
 /// Everything fw_cfg tells the firmware of a VM with `memory` bytes of RAM
-/// and `cpus` vCPUs, and the kernel it is to boot, if any.
+/// and `cpus` vCPUs, the kernel it is to boot, if any, and the boot order
+/// of the disks: the PCI slots of the virtio-blk functions, in the order
+/// the firmware is to try them (empty: no order given, the firmware's own).
 pub(crate) fn fw_cfg_items(
     memory: u64,
     cpus: u32,
     kernel: Option<&FirmwareKernel>,
     smbios: Option<&SmbiosIds>,
+    disk_slots: &[u8],
 ) -> Result<FwCfgItems, VmmError> {
     let cpus16 = u16::try_from(cpus)
         .map_err(|_| VmmError::Config(format!("--cpus {cpus} is too many for firmware")))?;
@@ -220,18 +321,14 @@ pub(crate) fn fw_cfg_items(
             .add_file("etc/smbios/smbios-tables", tables)
             .map_err(bad)?;
     }
-    let mut bootorder = String::new();
     if let Some(k) = kernel {
         add_kernel(&mut items, k, memory)?;
-        let rom = std::fs::read(LINUXBOOT_ROM).map_err(|e| rom_error(&e))?;
+        let rom = read_file(Path::new(LINUXBOOT_ROM)).map_err(|e| rom_error(&e))?;
         items.add_file(LINUXBOOT_ROM_FILE, rom).map_err(bad)?;
-        // SeaBIOS ranks a ROM's boot entry after the disks unless the boot
-        // order names it (QEMU gives it bootindex 0 the same way).
-        bootorder.push_str(&format!("/rom@{LINUXBOOT_ROM_FILE}\n"));
     }
-    if !bootorder.is_empty() {
+    if let Some(order) = bootorder(kernel.is_some(), disk_slots) {
         items
-            .add_file("bootorder", bootorder.into_bytes())
+            .add_file("bootorder", order.into_bytes())
             .map_err(bad)?;
     }
     Ok(items)
@@ -437,14 +534,13 @@ impl SmbiosIds {
             Some(u) => parse_uuid(u).map_err(VmmError::Config)?,
             None => {
                 let mut u = [0u8; 16];
-                use std::io::Read;
-                std::fs::File::open("/dev/urandom")
-                    .and_then(|mut f| f.read_exact(&mut u))
-                    .map_err(|source| VmmError::File {
-                        op: "cannot read random bytes for the VM's UUID from",
-                        path: "/dev/urandom".into(),
-                        source,
-                    })?;
+                // The getrandom system call, not /dev/urandom: a jail has
+                // no /dev/urandom.
+                virtio::rng::getrandom(&mut u).map_err(|e| {
+                    VmmError::Config(format!(
+                        "cannot get random bytes for the VM's UUID (getrandom): {e}"
+                    ))
+                })?;
                 u[6] = (u[6] & 0x0f) | 0x40;
                 u[8] = (u[8] & 0x3f) | 0x80;
                 u
@@ -593,6 +689,41 @@ fn smbios_tables(memory: u64, cpus: u32, ids: &SmbiosIds) -> (Vec<u8>, Vec<u8>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn boot_order_puts_indexed_disks_first_then_the_rest_in_order() {
+        let disks: Vec<DiskConfig> = [
+            "path=/a",
+            "path=/b,bootindex=5",
+            "path=/c",
+            "path=/d,bootindex=0",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        assert_eq!(boot_order(&disks), [3, 1, 0, 2]);
+        assert_eq!(boot_order(&disks[..1]), [0]);
+        assert!(boot_order(&[]).is_empty());
+        assert_eq!(bootorder(false, &[]), None);
+        assert_eq!(
+            bootorder(false, &[4, 2, 0x1a]).unwrap(),
+            "/pci@i0cf8/scsi@4/disk@0,0\n/pci@i0cf8/scsi@2/disk@0,0\n/pci@i0cf8/scsi@1a/disk@0,0\n"
+        );
+        assert_eq!(
+            bootorder(true, &[1]).unwrap(),
+            "/rom@genroms/linuxboot_dma.bin\n/pci@i0cf8/scsi@1/disk@0,0\n"
+        );
+    }
+
+    #[test]
+    fn preloaded_files_are_read_before_the_file_system() {
+        let path = Path::new("/nonexistent/vireo-preload-test/bios.bin");
+        assert!(read_file(path).is_err());
+        assert!(file_available(path).is_err());
+        preload(path, vec![1, 2, 3]);
+        assert_eq!(read_file(path).unwrap(), [1, 2, 3]);
+        file_available(path).unwrap();
+    }
 
     #[test]
     fn smbios_entry_point_and_structures_are_consistent() {

@@ -15,6 +15,11 @@
 //!    every host path under `DIR` into the path the jailed VMM sees (`DIR`
 //!    stripped, so `DIR/disk.img` is `/disk.img`) and resolves `--accel
 //!    auto` on the host, where the jail's missing `/sys` cannot mislead it.
+//!    Firmware files outside `DIR` (the default SeaBIOS image, QEMU's
+//!    option ROM for `--firmware --kernel`, both from Debian's packages)
+//!    are the one exception to "everything inside": it reads them now, if
+//!    the jailed uid/gid could read them, and leaves their contents to the
+//!    VMM (`crate::firmware::preload`), which never opens them.
 //! 2. [`enter`] closes every inherited descriptor but stdin, stdout and
 //!    stderr, forks into a new PID namespace and, in the child (PID 1
 //!    there): joins the network namespace, unshares the mount, IPC and UTS
@@ -150,6 +155,13 @@ pub enum JailError {
         path: PathBuf,
         #[source]
         source: io::Error,
+    },
+    #[error("{what} {} is outside the jail and the jailed user (uid {uid}, gid {gid}) may not read it: Vireo reads a firmware file from outside the jail only when that user could (make it readable, or put it in the jail)", path.display())]
+    NotReadable {
+        what: String,
+        path: PathBuf,
+        uid: u32,
+        gid: u32,
     },
     #[error("{0} cannot be used with --jail: {1}")]
     Unsupported(&'static str, &'static str),
@@ -288,8 +300,20 @@ pub fn prepare(
             cfg.accel == Accel::Kvm
         }
         // An empty VMM learns its VM later (`vireo create`): give it KVM
-        // when the host has it, so that either accelerator works.
-        None => hypervisor::kvm::kvm_available_at(crate::builder::kvm_device()),
+        // when the host has it, so that either accelerator works, and the
+        // default firmware files when the host has them, so that a
+        // firmware boot works too.
+        None => {
+            for (what, path) in [
+                ("the firmware", crate::config::DEFAULT_FIRMWARE),
+                ("QEMU's option ROM", crate::firmware::LINUXBOOT_ROM),
+            ] {
+                if let Err(e) = jail.firmware_file(what, Path::new(path)) {
+                    tracing::debug!("not preloaded for the jail: {e}");
+                }
+            }
+            hypervisor::kvm::kvm_available_at(crate::builder::kvm_device())
+        }
     };
     if kvm {
         nodes.push(host_node(crate::builder::kvm_device(), "KVM")?);
@@ -383,6 +407,77 @@ impl Jail {
         Ok(self.inside(what, p, &c)?.join(name))
     }
 
+    /// A firmware file the VM needs (the BIOS image, the option ROM). One
+    /// in the jail is a file like the kernel: its path inside is returned.
+    /// One outside is read now and kept for the VMM under the path given,
+    /// which is returned unchanged, but only when the jailed uid/gid could
+    /// read it (this process is root), and never through the jail: a path
+    /// that passes through `DIR` (where the jailed user may have put a
+    /// symlink) must end inside it.
+    fn firmware_file(&self, what: &str, given: &Path) -> Result<PathBuf, JailError> {
+        let missing = |source: io::Error| JailError::Missing {
+            what: what.into(),
+            path: given.to_path_buf(),
+            source,
+        };
+        let canonical = std::fs::canonicalize(given).map_err(missing)?;
+        if canonical.starts_with(&self.dir) {
+            return self.inside(what, given, &canonical);
+        }
+        let absolute = std::path::absolute(given).map_err(missing)?;
+        let through_jail = absolute
+            .ancestors()
+            .any(|a| std::fs::canonicalize(a).is_ok_and(|c| c.starts_with(&self.dir)));
+        if through_jail {
+            return Err(JailError::Outside {
+                what: what.into(),
+                path: given.to_path_buf(),
+                dir: self.dir.clone(),
+            });
+        }
+        use std::io::Read;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&canonical)
+            .map_err(missing)?;
+        let meta = file.metadata().map_err(missing)?;
+        if !meta.is_file() {
+            return Err(missing(io::Error::other("not a file")));
+        }
+        let mode = meta.mode();
+        let readable = if meta.uid() == self.uid {
+            mode & 0o400 != 0
+        } else if meta.gid() == self.gid {
+            mode & 0o040 != 0
+        } else {
+            mode & 0o004 != 0
+        };
+        if !readable {
+            return Err(JailError::NotReadable {
+                what: what.into(),
+                path: given.to_path_buf(),
+                uid: self.uid,
+                gid: self.gid,
+            });
+        }
+        // No firmware file is larger (a BIOS image is at most 16 MiB).
+        const MAX: u64 = 16 << 20;
+        if meta.len() > MAX {
+            return Err(missing(io::Error::other(
+                "is larger than 16 MiB: not a firmware file",
+            )));
+        }
+        let mut data = Vec::with_capacity(meta.len() as usize);
+        file.by_ref()
+            .take(MAX + 1)
+            .read_to_end(&mut data)
+            .map_err(missing)?;
+        crate::firmware::preload(given, data);
+        Ok(given.to_path_buf())
+    }
+
     /// Every path of `cfg` to its place in the jail; features that need
     /// the host refused.
     fn map_config(&self, cfg: &mut VmConfig) -> Result<(), JailError> {
@@ -411,7 +506,19 @@ impl Jail {
             *i = self.existing_inside("the initrd", i)?;
         }
         if let Some(f) = &mut cfg.firmware {
-            *f = self.existing_inside("the firmware", f)?;
+            let what = if f.as_os_str() == crate::config::DEFAULT_FIRMWARE {
+                "the firmware (Debian's seabios package)"
+            } else {
+                "the firmware"
+            };
+            *f = self.firmware_file(what, f)?;
+            if !cfg.kernel.as_os_str().is_empty() {
+                // The option ROM that boots a kernel handed to the firmware.
+                self.firmware_file(
+                    "QEMU's option ROM for --firmware --kernel (Debian's qemu-system-data package)",
+                    Path::new(crate::firmware::LINUXBOOT_ROM),
+                )?;
+            }
         }
         for (n, d) in cfg.disks.iter_mut().enumerate() {
             d.path = self.existing_inside(&format!("disk {n}"), &d.path)?;
@@ -773,6 +880,58 @@ mod tests {
             j.made_inside("the API socket", &base.join("api.sock")),
             Err(JailError::Outside { .. })
         ));
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn firmware_files_outside_are_read_if_the_jailed_user_could() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = std::env::temp_dir().join(format!("vireo-jail-fw-{}", std::process::id()));
+        let dir = base.join("root");
+        std::fs::create_dir_all(&dir).unwrap();
+        let dir = std::fs::canonicalize(&dir).unwrap();
+        let base = std::fs::canonicalize(&base).unwrap();
+        // An id that owns none of these files.
+        let j = Jail {
+            uid: 59_999,
+            gid: 59_999,
+            ..jail(&dir)
+        };
+        let set_mode = |p: &Path, mode: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        // Outside and world-readable: read now, kept under the path given.
+        let bios = base.join("bios.bin");
+        std::fs::write(&bios, b"firmware").unwrap();
+        set_mode(&bios, 0o644);
+        assert_eq!(j.firmware_file("the firmware", &bios).unwrap(), bios);
+        assert_eq!(crate::firmware::read_file(&bios).unwrap(), b"firmware");
+        // Outside and readable only by its owner: refused.
+        let private = base.join("private.bin");
+        std::fs::write(&private, b"secret").unwrap();
+        set_mode(&private, 0o600);
+        let err = j.firmware_file("the firmware", &private).unwrap_err();
+        assert!(matches!(err, JailError::NotReadable { .. }), "{err}");
+        assert!(err.to_string().contains("uid 59999"), "{err}");
+        // Inside: a file of the jail like the kernel.
+        std::fs::write(dir.join("own.bin"), b"x").unwrap();
+        assert_eq!(
+            j.firmware_file("the firmware", &dir.join("own.bin"))
+                .unwrap(),
+            Path::new("/own.bin")
+        );
+        // Through the jail to outside (a symlink the jailed user could
+        // have made): refused, even though the file is readable.
+        std::os::unix::fs::symlink(&bios, dir.join("link.bin")).unwrap();
+        let err = j
+            .firmware_file("the firmware", &dir.join("link.bin"))
+            .unwrap_err();
+        assert!(matches!(err, JailError::Outside { .. }), "{err}");
+        // Missing.
+        let err = j
+            .firmware_file("the firmware", &base.join("nope.bin"))
+            .unwrap_err();
+        assert!(matches!(err, JailError::Missing { .. }), "{err}");
         let _ = std::fs::remove_dir_all(&base);
     }
 }

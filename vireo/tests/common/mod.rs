@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod stream;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};

@@ -849,7 +849,9 @@ mod tests {
             .push("path=/d,format=raw,serial=s".parse().unwrap());
         config
             .nets
-            .push("tap=t0,mac=52:54:00:12:34:56".parse().unwrap());
+            .push("tap=t0,mac=52:54:00:12:34:56,mrg_rxbuf=on".parse().unwrap());
+        // A user NIC's field, set here so that every documented field shows.
+        config.nets[0].mtu = Some(65520);
         config.balloon = Some(Default::default());
         config.exit_device = Some(Default::default());
         config.pvpanic = true;
