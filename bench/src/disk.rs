@@ -17,8 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::guest::{has_binary, Accel};
-use super::{interleave, print_series, BenchArgs, Col, Series, Vireo};
+use super::guest::Accel;
+use super::{
+    interleave, peer_runs, print_peer_absent, print_series, vmm_series, BenchArgs, Col, Vireo,
+};
 
 /// The image guest/build-disk.sh makes, and its root password
 /// (docs/disk-images.md).
@@ -322,24 +324,14 @@ pub fn disk_boot(args: &BenchArgs, runs: usize) -> Result<()> {
          {runs} runs, the VMMs taking turns",
         setup.firmware.display()
     );
-    let have_qemu = has_binary(&args.qemu);
-    let [vname, qname] = args.accel.names();
+    let have_qemu = peer_runs(args);
     let setup = &setup;
-    let mut series: Vec<Series> = args
-        .vireos()
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            Series::new(format!("{vname}{}", v.tag), move || {
-                Ok(setup.vireo(v, &setup.overlay(&format!("vireo-{i}"))?))
-            })
-        })
-        .collect();
-    if have_qemu {
-        series.push(Series::new(qname.clone(), move || {
-            Ok(setup.qemu(&args.qemu, &setup.overlay("qemu")?))
-        }));
-    }
+    let mut series = vmm_series(
+        args,
+        have_qemu,
+        move |i, v| Ok(setup.vireo(v, &setup.overlay(&format!("vireo-{i}"))?)),
+        move || Ok(setup.qemu(&args.qemu, &setup.overlay("qemu")?)),
+    );
     interleave(&mut series, runs, &|c| {
         let s = disk_boot_once(c, limit)?;
         Ok(vec![s.login.as_secs_f64(), s.off.as_secs_f64()])
@@ -347,21 +339,11 @@ pub fn disk_boot(args: &BenchArgs, runs: usize) -> Result<()> {
     print_series(
         &series,
         &[
-            Col {
-                head: "login prompt",
-                width: 14,
-                show: |x| format!("{x:.1} s"),
-            },
-            Col {
-                head: "power-off",
-                width: 12,
-                show: |x| format!("{x:.1} s"),
-            },
+            Col::new("login prompt", 14, |x| format!("{x:.1} s")),
+            Col::new("power-off", 12, |x| format!("{x:.1} s")),
         ],
         "VMM",
     );
-    if !have_qemu {
-        println!("{qname:<36} not installed ({})", args.qemu);
-    }
+    print_peer_absent(args, have_qemu);
     Ok(())
 }

@@ -887,6 +887,12 @@ struct Col {
     show: fn(f64) -> String,
 }
 
+impl Col {
+    fn new(head: &'static str, width: usize, show: fn(f64) -> String) -> Col {
+        Col { head, width, show }
+    }
+}
+
 /// The series' medians, one row each, then ratio rows from per-round
 /// ratios: every Vireo against the last series (the peer), and B against
 /// A when there is a B.
@@ -937,25 +943,54 @@ fn short(name: &str) -> String {
     }
 }
 
-/// A series for each Vireo (A, and B if asked for) running `g`, then one
-/// for QEMU running the same guest when it is installed.
-fn series_of<'a>(args: &'a BenchArgs, g: &'a guest::Guest, qemu: bool) -> Vec<Series<'a>> {
+/// Whether the peer (QEMU) gets a series: not left out with --no-qemu,
+/// and installed.
+fn peer_runs(args: &BenchArgs) -> bool {
+    !args.no_qemu && guest::has_binary(&args.qemu)
+}
+
+/// A series for each Vireo (A, and B if asked for), its command made by
+/// `vireo` from the Vireo's index and binary, then, when `with_peer`, one
+/// for the peer (QEMU) made by `peer`.
+fn vmm_series<'a>(
+    args: &'a BenchArgs,
+    with_peer: bool,
+    vireo: impl Fn(usize, &'a Vireo) -> Result<Command> + Copy + 'a,
+    peer: impl Fn() -> Result<Command> + 'a,
+) -> Vec<Series<'a>> {
     let [vname, qname] = args.accel.names();
     let mut series: Vec<Series> = args
         .vireos()
         .iter()
-        .map(|v| {
-            Series::new(format!("{vname}{}", v.tag), move || {
-                Ok(g.vireo(v, args.accel))
-            })
-        })
+        .enumerate()
+        .map(|(i, v)| Series::new(format!("{vname}{}", v.tag), move || vireo(i, v)))
         .collect();
-    if qemu {
-        series.push(Series::new(qname, move || {
-            Ok(g.qemu(&args.qemu, args.accel))
-        }));
+    if with_peer {
+        series.push(Series::new(qname, peer));
     }
     series
+}
+
+/// The line under a table that says why the peer has no row, if it has
+/// none.
+fn print_peer_absent(args: &BenchArgs, with_peer: bool) {
+    let peer = &args.accel.names()[1];
+    if args.no_qemu {
+        println!("{peer:<36} left out (--no-qemu)");
+    } else if !with_peer {
+        println!("{peer:<36} not installed ({})", args.qemu);
+    }
+}
+
+/// A series for each Vireo (A, and B if asked for) running `g`, then one
+/// for QEMU running the same guest when it is installed.
+fn series_of<'a>(args: &'a BenchArgs, g: &'a guest::Guest, qemu: bool) -> Vec<Series<'a>> {
+    vmm_series(
+        args,
+        qemu,
+        move |_, v| Ok(g.vireo(v, args.accel)),
+        move || Ok(g.qemu(&args.qemu, args.accel)),
+    )
 }
 
 /// Boot Debian's bzImage with the test initramfs to power-off, and time a
@@ -970,7 +1005,7 @@ fn boot(args: &BenchArgs, runs: usize) -> Result<()> {
          of the VMM (all threads: independent of the host's load), and the VMM's peak RSS, median of \
          {runs} runs, the VMMs taking turns"
     );
-    let have_qemu = !args.no_qemu && guest::has_binary(&args.qemu);
+    let have_qemu = peer_runs(args);
     let mut series = series_of(args, &g, have_qemu);
     interleave(&mut series, runs, &|c| {
         let s = boot_once(c, limit)?;
@@ -985,40 +1020,15 @@ fn boot(args: &BenchArgs, runs: usize) -> Result<()> {
     print_series(
         &series,
         &[
-            Col {
-                head: "boot+off",
-                width: 11,
-                show: |x| format!("{x:.2} s"),
-            },
-            Col {
-                head: "shell loop",
-                width: 16,
-                show: |x| format!("{x:.2} s"),
-            },
-            Col {
-                head: "guest MIPS",
-                width: 12,
-                show: |x| format!("{x:.1}"),
-            },
-            Col {
-                head: "MIPS/CPU-s",
-                width: 12,
-                show: show_rate,
-            },
-            Col {
-                head: "peak RSS",
-                width: 14,
-                show: |x| format!("{x:.0} MiB"),
-            },
+            Col::new("boot+off", 11, |x| format!("{x:.2} s")),
+            Col::new("shell loop", 16, |x| format!("{x:.2} s")),
+            Col::new("guest MIPS", 12, |x| format!("{x:.1}")),
+            Col::new("MIPS/CPU-s", 12, show_rate),
+            Col::new("peak RSS", 14, |x| format!("{x:.0} MiB")),
         ],
         "VMM",
     );
-    let peer = &args.accel.names()[1];
-    if args.no_qemu {
-        println!("{peer:<36} left out (--no-qemu)");
-    } else if !have_qemu {
-        println!("{peer:<36} not installed ({})", args.qemu);
-    }
+    print_peer_absent(args, have_qemu);
     // SMP: does a second vCPU double the guest's throughput?
     let mut g2 = guest::Guest::new(args.guest_dir.as_deref(), SMP_WORKLOAD)?;
     g2.cpus = 2;
@@ -1044,31 +1054,11 @@ fn boot(args: &BenchArgs, runs: usize) -> Result<()> {
     print_series(
         &series,
         &[
-            Col {
-                head: "1 process",
-                width: 12,
-                show: |x| format!("{x:.1}"),
-            },
-            Col {
-                head: "2 processes",
-                width: 14,
-                show: |x| format!("{x:.1}"),
-            },
-            Col {
-                head: "scaling",
-                width: 11,
-                show: |x| format!("{x:.2}x"),
-            },
-            Col {
-                head: "1 per CPU-s",
-                width: 12,
-                show: show_rate,
-            },
-            Col {
-                head: "2 per CPU-s",
-                width: 12,
-                show: show_rate,
-            },
+            Col::new("1 process", 12, |x| format!("{x:.1}")),
+            Col::new("2 processes", 14, |x| format!("{x:.1}")),
+            Col::new("scaling", 11, |x| format!("{x:.2}x")),
+            Col::new("1 per CPU-s", 12, show_rate),
+            Col::new("2 per CPU-s", 12, show_rate),
         ],
         "VMM (2 vCPUs)",
     );

@@ -44,22 +44,36 @@ fn source_in(
     devices: bool,
     sock: &Path,
 ) -> Running {
-    let kernel = counting_guest(dir);
-    let mut cmd = vireo_in(ns);
-    cmd.args([
-        "run", "--accel", accel, "--boot", "pvh", "--memory", memory, "--kernel",
-    ])
-    .arg(&kernel)
-    .arg("--api-socket")
-    .arg(sock);
+    let mut extra = Vec::new();
+    let disk_opt;
     if devices {
         // One host: both processes use the same disk file, in turn.
         let disk = dir.join("disk.img");
         std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
-        cmd.arg("--disk")
-            .arg(format!("path={},format=raw", disk.display()))
-            .arg("--rng");
+        disk_opt = format!("path={},format=raw", disk.display());
+        extra = vec!["--disk", &disk_opt, "--rng"];
     }
+    start_letters(vireo_in(ns), dir, accel, memory, &extra, sock)
+}
+
+/// The letters guest started by `cmd` (a `vireo`, perhaps in a namespace
+/// or with global options) under `accel` with `memory`, the further run
+/// options `extra` and its API on `sock`; returned once it counts.
+fn start_letters(
+    mut cmd: std::process::Command,
+    dir: &Path,
+    accel: &str,
+    memory: &str,
+    extra: &[&str],
+    sock: &Path,
+) -> Running {
+    let kernel = counting_guest(dir);
+    cmd.args(["run", "--accel", accel, "--boot", "pvh", "--memory", memory])
+        .args(extra)
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--api-socket")
+        .arg(sock);
     let src = Running::spawn(cmd);
     assert!(
         wait_until(Duration::from_secs(60), || src.stdout_text().len() >= 30),
@@ -71,12 +85,22 @@ fn source_in(
 
 /// `vireo migrate-receive` on `port`, once it listens.
 fn destination(port: u16, sock: Option<&Path>) -> Running {
-    destination_in(None, "127.0.0.1", port, sock)
+    receive(vireo(), &[], "127.0.0.1", port, sock)
 }
 
-fn destination_in(ns: Option<&str>, ip: &str, port: u16, sock: Option<&Path>) -> Running {
-    let mut cmd = vireo_in(ns);
-    cmd.args(["-v", "migrate-receive", "--listen"])
+/// `cmd` (a `vireo`, perhaps in a namespace or with global options) as
+/// `-v migrate-receive` with the options `extra`, listening on
+/// `ip:port`, with its API on `sock` if given; returned once it listens.
+fn receive(
+    mut cmd: std::process::Command,
+    extra: &[&str],
+    ip: &str,
+    port: u16,
+    sock: Option<&Path>,
+) -> Running {
+    cmd.args(["-v", "migrate-receive"])
+        .args(extra)
+        .arg("--listen")
         .arg(format!("{ip}:{port}"));
     if let Some(s) = sock {
         cmd.arg("--api-socket").arg(s);
@@ -90,6 +114,54 @@ fn destination_in(ns: Option<&str>, ip: &str, port: u16, sock: Option<&Path>) ->
         dst.stderr_text()
     );
     dst
+}
+
+/// Stop the VM at `sock` through its API and see its VMM exit with 0.
+fn stop(vm: &mut Running, sock: &Path) {
+    assert!(client(&["stop"], sock).status.success());
+    assert_eq!(
+        vm.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        vm.stderr_text()
+    );
+}
+
+/// Stop the migrated guest (`dst`, its API on `sock`) and check that its
+/// letters continue `before` (the source's) with nothing repeated and
+/// nothing skipped.
+fn stop_and_check_count(dst: &mut Running, sock: &Path, before: &str) {
+    stop(dst, sock);
+    assert_unbroken_cycle(&format!("{before}{}", dst.stdout_text()));
+}
+
+/// A fake destination on a new port, in a thread: it takes one
+/// connection, greets it as a destination that needs no key, and hands it
+/// to `then`. (The port; the thread, which returns what `then` did.)
+fn fake_destination<T: Send + 'static>(
+    then: impl FnOnce(std::net::TcpStream) -> T + Send + 'static,
+) -> (u16, std::thread::JoinHandle<T>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.write_all(&migration_greeting(false)).unwrap();
+        then(s)
+    });
+    (port, fake)
+}
+
+/// The VM at `sock` says it is running, and its guest (`vm`) counts on
+/// 20 more letters; `what` says what failed otherwise.
+fn runs_on(vm: &Running, sock: &Path, what: &str) {
+    let info = client(&["info"], sock);
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["state"], "running");
+    let n = vm.stdout_text().len();
+    assert!(
+        wait_until(Duration::from_secs(30), || vm.stdout_text().len() >= n + 20),
+        "{what}"
+    );
 }
 
 /// `vireo migrate --api-socket <sock> --to <to>`, run to completion.
@@ -210,7 +282,7 @@ fn letters_migrate_between(accel: &str, memory: &str, devices: bool, at: &Placem
         (vmm, Some(request))
     } else {
         (
-            destination_in(at.dst_ns, at.dst_ip, port, Some(&sock2)),
+            receive(vireo_in(at.dst_ns), &[], at.dst_ip, port, Some(&sock2)),
             None,
         )
     };
@@ -235,10 +307,7 @@ fn letters_migrate_between(accel: &str, memory: &str, devices: bool, at: &Placem
     assert_eq!(v["state"], "running");
     assert_eq!(v["accel"], accel);
     assert_eq!(v["config"]["rng"], devices);
-    assert!(client(&["stop"], &sock2).status.success());
-    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
-    let after = dst.stdout_text();
-    assert_unbroken_cycle(&format!("{before}{after}"));
+    stop_and_check_count(&mut dst, &sock2, &before);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -347,12 +416,8 @@ fn a_cancelled_migration_leaves_the_source_running() {
     let dir = scratch("cancel");
     let sock = dir.join("a.sock");
     let mut src = source("emu", "64M", &dir, true, &sock);
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
     let (accepted_tx, accepted) = std::sync::mpsc::channel();
-    let fake = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        s.write_all(&migration_greeting(false)).unwrap();
+    let (port, fake) = fake_destination(move |mut s| {
         accepted_tx.send(()).unwrap();
         // Drain until the source cuts the stream; never answer.
         let mut sink = Vec::new();
@@ -390,17 +455,8 @@ fn a_cancelled_migration_leaves_the_source_running() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no migration is in progress"));
 
-    let info = client(&["info"], &sock);
-    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-    assert_eq!(v["state"], "running");
-    let n = src.stdout_text().len();
-    assert!(
-        wait_until(Duration::from_secs(30), || src.stdout_text().len()
-            >= n + 20),
-        "the source did not run on after the cancel"
-    );
-    assert!(client(&["stop"], &sock).status.success());
-    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    runs_on(&src, &sock, "the source did not run on after the cancel");
+    stop(&mut src, &sock);
     assert_unbroken_cycle(&src.stdout_text());
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -413,11 +469,7 @@ fn a_destination_that_refuses_leaves_the_source_running() {
     let dir = scratch("refused");
     let sock = dir.join("a.sock");
     let mut src = source("emu", "64M", &dir, true, &sock);
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let fake = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        s.write_all(&migration_greeting(false)).unwrap();
+    let (port, fake) = fake_destination(|mut s| {
         let mut r = std::io::BufReader::new(s.try_clone().unwrap());
         let mut w = s.try_clone().unwrap();
         let got = vmm::migration::read_stream(&mut r, &mut w).map(|(m, _)| m.vcpus);
@@ -433,14 +485,7 @@ fn a_destination_that_refuses_leaves_the_source_running() {
         err.contains("the destination refused the VM: no room here"),
         "{err}"
     );
-    let info = client(&["info"], &sock);
-    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-    assert_eq!(v["state"], "running");
-    let n = src.stdout_text().len();
-    assert!(wait_until(Duration::from_secs(30), || src
-        .stdout_text()
-        .len()
-        >= n + 20));
+    runs_on(&src, &sock, "the source stopped counting after the refusal");
     // The source holds its disk again.
     let other = vireo()
         .args(["run", "--accel", "emu", "--kernel"])
@@ -454,8 +499,7 @@ fn a_destination_that_refuses_leaves_the_source_running() {
         .unwrap();
     assert_eq!(other.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&other.stderr).contains("lock held"));
-    assert!(client(&["stop"], &sock).status.success());
-    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    stop(&mut src, &sock);
     assert_unbroken_cycle(&src.stdout_text());
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -469,28 +513,8 @@ fn a_destination_that_refuses_leaves_the_source_running() {
 fn a_vm_with_a_balloon_migrates() {
     let dir = scratch("balloon");
     let (sock, sock2) = (dir.join("a.sock"), dir.join("b.sock"));
-    let kernel = counting_guest(&dir);
-    let mut cmd = vireo();
-    cmd.args([
-        "run",
-        "--accel",
-        "emu",
-        "--boot",
-        "pvh",
-        "--memory",
-        "64M",
-        "--balloon",
-        "stats=off",
-        "--kernel",
-    ])
-    .arg(&kernel)
-    .arg("--api-socket")
-    .arg(&sock);
-    let mut src = Running::spawn(cmd);
-    assert!(wait_until(Duration::from_secs(60), || src
-        .stdout_text()
-        .len()
-        >= 30));
+    let extra = ["--balloon", "stats=off"];
+    let mut src = start_letters(vireo(), &dir, "emu", "64M", &extra, &sock);
     // A target the guest (no balloon driver) never acts on travels too.
     assert!(client(&["balloon", "--target-mib", "8"], &sock)
         .status
@@ -504,9 +528,7 @@ fn a_vm_with_a_balloon_migrates() {
     assert_eq!(v["balloon"]["actual_mib"], 0, "{v}");
     assert_eq!(v["balloon"]["options"]["stats"], false, "{v}");
     assert_eq!(v["balloon"]["options"]["deflate_on_oom"], true, "{v}");
-    assert!(client(&["stop"], &sock2).status.success());
-    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
-    assert_unbroken_cycle(&format!("{before}{}", dst.stdout_text()));
+    stop_and_check_count(&mut dst, &sock2, &before);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -516,12 +538,7 @@ fn a_cut_stream_leaves_the_source_running() {
     let sock = dir.join("a.sock");
     let mut src = source("emu", "64M", &dir, false, &sock);
     // A fake destination: takes some of the stream, then hangs up.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let fake = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        // Greet as a destination that needs no key.
-        s.write_all(&migration_greeting(false)).unwrap();
+    let (port, fake) = fake_destination(|mut s| {
         let mut buf = vec![0u8; 100_000];
         let _ = s.read_exact(&mut buf);
         drop(s);
@@ -534,21 +551,16 @@ fn a_cut_stream_leaves_the_source_running() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("migration"), "{err}");
     // The guest runs on here.
-    let info = client(&["info"], &sock);
-    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-    assert_eq!(v["state"], "running");
-    let n = src.stdout_text().len();
-    assert!(
-        wait_until(Duration::from_secs(30), || src.stdout_text().len()
-            >= n + 20),
-        "the source stopped counting after a failed migration"
+    runs_on(
+        &src,
+        &sock,
+        "the source stopped counting after a failed migration",
     );
     // Nothing listens at all: refused at once, still running.
     let out = migrate_to(&sock, &format!("127.0.0.1:{}", free_port()));
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
-    assert!(client(&["stop"], &sock).status.success());
-    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    stop(&mut src, &sock);
     assert_unbroken_cycle(&src.stdout_text());
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -620,18 +632,8 @@ fn a_destination_turns_away_what_is_not_a_migration_and_waits_on() {
 fn a_trickling_source_is_cut_off_by_the_overall_deadline() {
     let port = free_port();
     let mut cmd = vireo();
-    cmd.args([
-        "-v",
-        "--migration-timeout",
-        "3",
-        "migrate-receive",
-        "--listen",
-    ])
-    .arg(format!("127.0.0.1:{port}"));
-    let mut dst = Running::spawn(cmd);
-    assert!(wait_until(Duration::from_secs(20), || dst
-        .stderr_text()
-        .contains("waiting for a migration")));
+    cmd.args(["--migration-timeout", "3"]);
+    let mut dst = receive(cmd, &[], "127.0.0.1", port, None);
     let (mut s, _) = greeted(port);
     let hello = br#"{"vireo":"x","accel":"emu","memory_bytes":67108864,"vcpus":1}"#;
     s.write_all(b"VIREOMIG\x03\x00\x00\x00").unwrap();
@@ -666,17 +668,9 @@ fn a_keyed_destination_takes_only_the_source_with_the_key() {
     // A source without the key.
     let mut plain = source("emu", "64M", &dir, false, &sock);
     let port = free_port();
-    let mut cmd = vireo();
-    cmd.args(["-v", "migrate-receive", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--api-socket")
-        .arg(&sock2)
-        .arg("--migration-key-file")
-        .arg(&key);
-    let dst = Running::spawn(cmd);
-    assert!(wait_until(Duration::from_secs(20), || dst
-        .stderr_text()
-        .contains("waiting for a migration")));
+    let key_file = key.to_str().unwrap();
+    let with_key = ["--migration-key-file", key_file];
+    let mut dst = receive(vireo(), &with_key, "127.0.0.1", port, Some(&sock2));
     // An impostor answering the challenge with the wrong tag.
     let (mut s, needs_key) = greeted(port);
     assert!(needs_key);
@@ -689,25 +683,10 @@ fn a_keyed_destination_takes_only_the_source_with_the_key() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("requires a migration key"), "{err}");
-    assert!(client(&["stop"], &sock).status.success());
-    assert_eq!(plain.wait_exit(Duration::from_secs(10)), Some(0));
+    stop(&mut plain, &sock);
 
     // The source with the key.
-    let kernel = counting_guest(&dir);
-    let mut cmd = vireo();
-    cmd.args([
-        "run", "--accel", "emu", "--boot", "pvh", "--memory", "64M", "--kernel",
-    ])
-    .arg(&kernel)
-    .arg("--api-socket")
-    .arg(&sock)
-    .arg("--migration-key-file")
-    .arg(&key);
-    let mut src = Running::spawn(cmd);
-    assert!(wait_until(Duration::from_secs(60), || src
-        .stdout_text()
-        .len()
-        >= 30));
+    let mut src = start_letters(vireo(), &dir, "emu", "64M", &with_key, &sock);
     let (_, before, v) = hand_over(
         &mut src,
         &sock,
@@ -717,10 +696,7 @@ fn a_keyed_destination_takes_only_the_source_with_the_key() {
         60,
     );
     assert_eq!(v["state"], "running");
-    assert!(client(&["stop"], &sock2).status.success());
-    let mut dst = dst;
-    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
-    assert_unbroken_cycle(&format!("{before}{}", dst.stdout_text()));
+    stop_and_check_count(&mut dst, &sock2, &before);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -772,48 +748,17 @@ fn debian_counting_to_console_and_disk_continues_across_an_engine_migration() {
 fn letters_migrate_across(from: &str, to: &str) {
     let dir = scratch(&format!("{from}-to-{to}"));
     let (sock, sock2) = (dir.join("a.sock"), dir.join("b.sock"));
-    let kernel = counting_guest(&dir);
-    let mut cmd = vireo();
-    cmd.args([
-        "run",
-        "--accel",
-        from,
-        "--cpu-model",
-        "portable",
-        "--boot",
-        "pvh",
-        "--memory",
-        "64M",
-        "--kernel",
-    ])
-    .arg(&kernel)
-    .arg("--api-socket")
-    .arg(&sock);
-    let mut src = Running::spawn(cmd);
-    assert!(
-        wait_until(Duration::from_secs(60), || src.stdout_text().len() >= 30),
-        "the guest did not count: {}",
-        src.stderr_text()
-    );
+    let portable = ["--cpu-model", "portable"];
+    let mut src = start_letters(vireo(), &dir, from, "64M", &portable, &sock);
     let port = free_port();
-    let mut cmd = vireo();
     // The TSC rates differ (host rate under KVM, 1 GHz in the engine);
     // the letters guest does not read the TSC.
-    cmd.args(["-v", "migrate-receive", "--accel", to, "--allow-tsc-change"])
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--api-socket")
-        .arg(&sock2);
-    let mut dst = Running::spawn(cmd);
-    assert!(wait_until(Duration::from_secs(20), || dst
-        .stderr_text()
-        .contains("waiting for a migration")));
+    let extra = ["--accel", to, "--allow-tsc-change"];
+    let mut dst = receive(vireo(), &extra, "127.0.0.1", port, Some(&sock2));
     let dest = format!("127.0.0.1:{port}");
     let (_, before, v) = hand_over(&mut src, &sock, &dest, &dst, &sock2, 30);
     assert_eq!(v["accel"], to);
-    assert!(client(&["stop"], &sock2).status.success());
-    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
-    assert_unbroken_cycle(&format!("{before}{}", dst.stdout_text()));
+    stop_and_check_count(&mut dst, &sock2, &before);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -876,24 +821,11 @@ fn tls_args(cmd: &mut std::process::Command, cert: Option<&Path>, key: Option<&P
 
 /// The letters guest with its API on `sock`, given TLS files.
 fn tls_source(dir: &Path, sock: &Path, files: Option<(&Path, &Path, &Path)>) -> Running {
-    let kernel = counting_guest(dir);
     let mut cmd = vireo();
     if let Some((cert, key, ca)) = files {
         tls_args(&mut cmd, Some(cert), Some(key), ca);
     }
-    cmd.args([
-        "run", "--accel", "emu", "--boot", "pvh", "--memory", "64M", "--kernel",
-    ])
-    .arg(&kernel)
-    .arg("--api-socket")
-    .arg(sock);
-    let src = Running::spawn(cmd);
-    assert!(
-        wait_until(Duration::from_secs(60), || src.stdout_text().len() >= 30),
-        "the guest did not count: {}",
-        src.stderr_text()
-    );
-    src
+    start_letters(cmd, dir, "emu", "64M", &[], sock)
 }
 
 /// A TCP relay from a new port to `to` that keeps every byte the source
@@ -959,8 +891,7 @@ fn without_tls_an_eavesdropper_sees_the_guest() {
         60,
     );
     assert_eq!(in_clear(&relay.join().unwrap()), (true, true, true));
-    assert!(client(&["stop"], &sock2).status.success());
-    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
+    stop(&mut dst, &sock2);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -981,14 +912,7 @@ fn a_tls_destination_takes_only_a_source_its_ca_signed() {
     let port = free_port();
     let mut cmd = vireo();
     tls_args(&mut cmd, Some(&dcert), Some(&dkey), &dca);
-    cmd.args(["-v", "migrate-receive", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--api-socket")
-        .arg(&sock2);
-    let mut dst = Running::spawn(cmd);
-    assert!(wait_until(Duration::from_secs(20), || dst
-        .stderr_text()
-        .contains("waiting for a migration")));
+    let mut dst = receive(cmd, &[], "127.0.0.1", port, Some(&sock2));
 
     // Plain TCP speaking the protocol without TLS: the greeting says TLS
     // follows, and what follows is not TLS.
@@ -1015,8 +939,7 @@ fn a_tls_destination_takes_only_a_source_its_ca_signed() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("requires TLS"), "{err}");
-    assert!(client(&["stop"], &sock).status.success());
-    assert_eq!(plain.wait_exit(Duration::from_secs(10)), Some(0));
+    stop(&mut plain, &sock);
 
     // A source whose certificate another CA signed (it trusts ours).
     let mut stranger = tls_source(&dir, &sock, Some((&bcert, &bkey, &sca)));
@@ -1027,8 +950,7 @@ fn a_tls_destination_takes_only_a_source_its_ca_signed() {
     let info = client(&["info"], &sock);
     let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(v["state"], "running", "the refused source runs on");
-    assert!(client(&["stop"], &sock).status.success());
-    assert_eq!(stranger.wait_exit(Duration::from_secs(10)), Some(0));
+    stop(&mut stranger, &sock);
     assert!(
         dst.child.try_wait().unwrap().is_none(),
         "the destination waits on: {}",
@@ -1039,11 +961,7 @@ fn a_tls_destination_takes_only_a_source_its_ca_signed() {
     // The right source. First a destination without TLS: refused, no
     // silent downgrade.
     let mut src = tls_source(&dir, &sock, Some((&scert, &skey, &sca)));
-    let fake = TcpListener::bind("127.0.0.1:0").unwrap();
-    let fake_port = fake.local_addr().unwrap().port();
-    let greeter = std::thread::spawn(move || {
-        let (mut s, _) = fake.accept().unwrap();
-        s.write_all(&migration_greeting(false)).unwrap();
+    let (fake_port, greeter) = fake_destination(|mut s| {
         let mut rest = Vec::new();
         let _ = s.read_to_end(&mut rest);
         rest
@@ -1071,9 +989,7 @@ fn a_tls_destination_takes_only_a_source_its_ca_signed() {
     assert!(!header, "the header crossed in clear");
     assert!(!state, "the VM's state crossed in clear");
     assert!(!memory, "the guest's memory crossed in clear");
-    assert!(client(&["stop"], &sock2).status.success());
-    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
-    assert_unbroken_cycle(&format!("{before}{}", dst.stdout_text()));
+    stop_and_check_count(&mut dst, &sock2, &before);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -202,23 +202,38 @@ impl Conn {
     /// Write what the host socket takes without blocking. Err: the host
     /// side is gone.
     fn flush(&mut self) -> io::Result<()> {
-        while !self.to_host.is_empty() {
-            let (a, _) = self.to_host.as_slices();
-            match self.stream.write(a) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    let skip = n.min(self.uncounted);
-                    self.uncounted -= skip;
-                    self.fwd_cnt = self.fwd_cnt.wrapping_add((n - skip) as u32);
-                    self.to_host.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        write_out(&mut self.stream, &mut self.to_host, |n| {
+            // Only guest data counts for the credit the guest hears.
+            let skip = n.min(self.uncounted);
+            self.uncounted -= skip;
+            self.fwd_cnt = self.fwd_cnt.wrapping_add((n - skip) as u32);
+        })
     }
+}
+
+/// Write the front of `buf` to `stream` until `buf` is empty or the socket
+/// would block, calling `taken` with the size of each write before those
+/// bytes leave `buf`. Err: the host side is gone (a write of zero bytes
+/// counts as gone: the socket will not take more).
+fn write_out(
+    stream: &mut UnixStream,
+    buf: &mut VecDeque<u8>,
+    mut taken: impl FnMut(usize),
+) -> io::Result<()> {
+    while !buf.is_empty() {
+        let (a, _) = buf.as_slices();
+        match stream.write(a) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                taken(n);
+                buf.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// A host connection that has not sent its `CONNECT <port>\n` yet.
@@ -238,19 +253,10 @@ impl Draining {
     /// Write what the host socket takes; true once done (all written, or
     /// the host side is gone).
     fn flush(&mut self) -> bool {
-        while !self.to_host.is_empty() {
-            let (a, _) = self.to_host.as_slices();
-            match self.stream.write(a) {
-                Ok(0) => return true,
-                Ok(n) => {
-                    self.to_host.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return true,
-            }
+        match write_out(&mut self.stream, &mut self.to_host, |_| {}) {
+            Ok(()) => self.to_host.is_empty(),
+            Err(_) => true,
         }
-        true
     }
 }
 

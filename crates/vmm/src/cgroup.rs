@@ -601,19 +601,7 @@ pub fn enter(opts: &CgroupOptions) -> Result<CgroupGuard, CgroupError> {
         })?;
     }
     let original = own_cgroup(&mount)?;
-    let dir = parent.join(format!("vireo-{}", std::process::id()));
-    std::fs::create_dir(&dir).map_err(|e| match e.kind() {
-        ErrorKind::AlreadyExists => CgroupError::Exists { path: dir.clone() },
-        _ => io_err("create", &dir, e),
-    })?;
-    let cg = Arc::new(VmCgroup {
-        dir,
-        original,
-        limits: Mutex::new(CgroupLimits::default()),
-        v1: false,
-    });
-    let populated = populate(&cg, &opts.limits);
-    finish_enter(cg, populated)
+    create(&parent, original, false, &opts.limits)
 }
 
 /// Made as a cgroup of `opts.parent` in cgroup v1's cpu hierarchy
@@ -624,30 +612,41 @@ fn enter_v1(opts: &CgroupOptions, mount: &Path) -> Result<CgroupGuard, CgroupErr
         return Err(CgroupError::ParentMissing(parent));
     }
     let original = own_cgroup_v1_cpu(mount)?;
+    create(&parent, original, true, &opts.limits)
+}
+
+/// Make the VMM's cgroup (`vireo-<pid>` under `parent`), fill it with
+/// `limits`, the process and its sub-groups (cgroup v1's layout when
+/// `v1`), and keep it with its placement hook; or, when filling it fails,
+/// move the process back to `original` and leave nothing behind.
+fn create(
+    parent: &Path,
+    original: PathBuf,
+    v1: bool,
+    limits: &CgroupLimits,
+) -> Result<CgroupGuard, CgroupError> {
     let dir = parent.join(format!("vireo-{}", std::process::id()));
     std::fs::create_dir(&dir).map_err(|e| match e.kind() {
         ErrorKind::AlreadyExists => CgroupError::Exists { path: dir.clone() },
         _ => io_err("create", &dir, e),
     })?;
-    tracing::info!(
-        "cgroup v2 has no cpu controller here: using cgroup v1's cpu hierarchy ({})",
-        dir.display()
-    );
+    if v1 {
+        tracing::info!(
+            "cgroup v2 has no cpu controller here: using cgroup v1's cpu hierarchy ({})",
+            dir.display()
+        );
+    }
     let cg = Arc::new(VmCgroup {
         dir,
         original,
         limits: Mutex::new(CgroupLimits::default()),
-        v1: true,
+        v1,
     });
-    let populated = populate_v1(&cg, &opts.limits);
-    finish_enter(cg, populated)
-}
-
-/// Keep the cgroup `populated` (with its placement hook), or undo it.
-fn finish_enter(
-    cg: Arc<VmCgroup>,
-    populated: Result<(), CgroupError>,
-) -> Result<CgroupGuard, CgroupError> {
+    let populated = if v1 {
+        populate_v1(&cg, limits)
+    } else {
+        populate(&cg, limits)
+    };
     match populated {
         Ok(()) => {
             *CURRENT.lock().unwrap_or_else(|e| e.into_inner()) = Some(cg.clone());
@@ -682,9 +681,14 @@ fn move_threads(file: &Path) -> Result<(), CgroupError> {
     Ok(())
 }
 
-/// The v1 fallback's [`populate`]: v1 groups hold threads anywhere, so
-/// the sub-groups are plain ones, weighted through `cpu.shares`.
-fn populate_v1(cg: &VmCgroup, limits: &CgroupLimits) -> Result<(), CgroupError> {
+/// What [`populate`] and [`populate_v1`] begin with: the limits, the
+/// process moved in, and the `vcpus` and `vmm` sub-groups made, each then
+/// set up by `setup` (given its path and its weight).
+fn begin_populate(
+    cg: &VmCgroup,
+    limits: &CgroupLimits,
+    setup: impl Fn(&Path, u32) -> Result<(), CgroupError>,
+) -> Result<(), CgroupError> {
     cg.update(limits)?;
     write(
         &cg.dir.join("cgroup.procs"),
@@ -694,28 +698,29 @@ fn populate_v1(cg: &VmCgroup, limits: &CgroupLimits) -> Result<(), CgroupError> 
     for (sub, weight) in [("vcpus", VCPU_WEIGHT), ("vmm", VMM_WEIGHT)] {
         let p = cg.dir.join(sub);
         std::fs::create_dir(&p).map_err(|e| io_err("create", &p, e))?;
+        setup(&p, weight)?;
+    }
+    Ok(())
+}
+
+/// The v1 fallback's [`populate`]: v1 groups hold threads anywhere, so
+/// the sub-groups are plain ones, weighted through `cpu.shares`.
+fn populate_v1(cg: &VmCgroup, limits: &CgroupLimits) -> Result<(), CgroupError> {
+    begin_populate(cg, limits, |p, weight| {
         write(
             &p.join("cpu.shares"),
             &shares_of_weight(weight).to_string(),
             "write",
-        )?;
-    }
+        )
+    })?;
     move_threads(&cg.threads_file(ThreadRole::Other))
 }
 
 /// Limits, the process, the threaded sub-groups and every thread so far.
 fn populate(cg: &VmCgroup, limits: &CgroupLimits) -> Result<(), CgroupError> {
-    cg.update(limits)?;
-    write(
-        &cg.dir.join("cgroup.procs"),
-        &std::process::id().to_string(),
-        "move the VMM into",
-    )?;
-    for sub in ["vcpus", "vmm"] {
-        let p = cg.dir.join(sub);
-        std::fs::create_dir(&p).map_err(|e| io_err("create", &p, e))?;
-        write(&p.join("cgroup.type"), "threaded", "make threaded")?;
-    }
+    begin_populate(cg, limits, |p, _| {
+        write(&p.join("cgroup.type"), "threaded", "make threaded")
+    })?;
     // Weights need the controller, enabled once both sub-groups exist.
     write(
         &cg.dir.join("cgroup.subtree_control"),
