@@ -309,11 +309,15 @@ impl Core {
                     && !self.host_debug.armed
                 {
                     // SAFETY: the cell is in `prev`, still in the arena.
-                    unsafe { crate::jit::link(cell, block, key, self.jit.gen()) };
+                    unsafe { crate::jit::link(&self.jit, cell, block, key) };
                 }
                 return self.run_jit(block, f);
             }
         }
+        #[cfg(feature = "jit-trips")]
+        self.jit
+            .trips
+            .interpreted(block.jit.get(), block.bits, limit);
         for u in block.uops.iter().take(limit) {
             let next = u.next_ip;
             self.next_rip = next;
@@ -348,10 +352,20 @@ impl Core {
         }
         crate::jit::prepare(self);
         self.jit.ctx.cur_block = block as *const crate::frontend::decode::Block as usize;
+        #[cfg(feature = "jit-trips")]
+        {
+            self.jit.ctx.trip = 0;
+        }
         // SAFETY: `f` was compiled for `block`, which is alive (it is in the
         // cache's arena), from the arena generation still current; the
         // code only touches this core through the pointer.
         let r = unsafe { f(self as *mut Core) };
+        #[cfg(feature = "jit-trips")]
+        self.jit.trips.compiled(
+            self.jit.ctx.trip,
+            self.jit.exc.is_some(),
+            self.io.request.is_some(),
+        );
         self.icount += r as u32 as u64;
         if let Some(e) = self.jit.exc.take() {
             return self.handle_exc(e);

@@ -974,6 +974,85 @@ fn links_follow_invlpg_remaps() {
     assert_eq!(ri.r12, 20 * 0x100 + 20 * 0x10000);
 }
 
+/// Patched jumps between translations (see `emu::jit::runtime`): a CALL
+/// into another page (a keyed site) and a JMP inside that page (a direct
+/// one, no key check) are followed straight into the successors' code.
+/// When the guest rewrites the called page while the caller's code stays
+/// valid, the caller's patched jump leads into code that was overwritten:
+/// its entry check sends it back to the dispatcher, which links (patches)
+/// the jump again to the new translation. After a cache flush (as a
+/// snapshot restore or a memory-map change does) nothing patched before
+/// is followed: the code the host wrote meanwhile runs. At threshold 0
+/// registers and instruction counts equal the interpreter's.
+#[test]
+fn patched_links_follow_code_writes_and_cache_flushes() {
+    const L: u64 = 0x406000;
+    const B: u64 = L + 0x80;
+    // At L: `add r12, 1; jmp B`; at B: `mov eax, imm32; add r13, rax; ret`.
+    let callee = |imm: u32| {
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.add(r12, 1).unwrap();
+        a.jmp(B).unwrap();
+        let mut code = a.assemble(L).unwrap();
+        code.resize((B - L) as usize, 0xcc);
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.mov(eax, imm).unwrap();
+        a.add(r13, rax).unwrap();
+        a.ret().unwrap();
+        code.extend(a.assemble(B).unwrap());
+        assert_eq!(code[0x80], 0xb8, "mov eax, imm32 at B");
+        code
+    };
+    let code = asm64!(|a| {
+        let mut lp = a.create_label();
+        let mut skip = a.create_label();
+        a.mov(ecx, 100)?;
+        a.set_label(&mut lp)?;
+        a.call(L)?;
+        a.cmp(ecx, 50)?;
+        a.jne(skip)?;
+        a.mov(dword_ptr(B + 1), 1000)?;
+        a.set_label(&mut skip)?;
+        a.dec(ecx)?;
+        a.jnz(lp)?;
+        a.hlt()?;
+    });
+    let run = |jit: Option<u32>| {
+        let mut g = guest();
+        g.vcpu.core_mut().jit.threshold = jit;
+        g.write(L, &callee(1));
+        g.load_code(&code);
+        g.run_to_halt();
+        let first = (g.regs(), g.vcpu.core().icount);
+        // The host rewrites the callee behind the engine's back, then
+        // flushes its caches, and the program runs again.
+        g.write(L, &callee(7));
+        g.vcpu.core_mut().flush_all_caches();
+        let mut r = g.regs();
+        r.rip = CODE;
+        r.r12 = 0;
+        r.r13 = 0;
+        g.set_regs(&r);
+        g.run_to_halt();
+        (
+            first,
+            (g.regs(), g.vcpu.core().icount),
+            g.vcpu.core().jit.compiled,
+        )
+    };
+    let (i1, i2, _) = run(None);
+    let (j1, j2, compiled) = run(Some(0));
+    assert!(compiled >= 6, "{compiled} blocks translated");
+    for ((ri, ni), (rj, nj)) in [(i1, j1), (i2, j2)] {
+        assert_eq!(format!("{ri:x?}"), format!("{rj:x?}"), "registers");
+        assert_eq!(ni, nj, "instructions retired");
+    }
+    assert_eq!(i1.0.r12, 100);
+    // Iterations 100..=50 ran the first immediate, 49..=1 the written one.
+    assert_eq!(i1.0.r13, 51 + 49 * 1000);
+    assert_eq!(i2.0.r13, 51 * 7 + 49 * 1000);
+}
+
 /// Blocks whose last branch goes back to their own start loop inside their
 /// translation (cached registers and flags kept). At threshold 0 the
 /// results, flags and instruction counts equal the interpreter's: a loop

@@ -9,10 +9,15 @@
 //! the generated code (exits, `jit_interp` calls, stubs) `Core::st` is
 //! complete, and after the interpreter ran the cache is reloaded. Every
 //! block pushes the same callee-saved registers, so chained blocks share
-//! the frame of the block the dispatcher called. The guest's arithmetic flags are where `Loc` says (host
-//! RFLAGS, the `JitCtx::fl` slot, or `CpuState::rflags`) and every exit
-//! leaves them in `rflags`. An instruction either is translated whole or
-//! emits nothing and runs through the interpreter (`jit_interp`).
+//! the frame of the block the dispatcher called, and `rbp` counts the
+//! instructions of the blocks chained from since that call (the epilogue
+//! adds it to `Core::icount`). `CpuState::rip` is stored before every call
+//! into the interpreter and on every way back to the dispatcher, not when
+//! one block chains to the next. The guest's arithmetic flags are where
+//! `Loc` says (host RFLAGS, the `JitCtx::fl` slot, or `CpuState::rflags`)
+//! and every exit leaves them in `rflags`. An instruction either is
+//! translated whole or emits nothing and runs through the interpreter
+//! (`jit_interp`).
 
 use std::mem::{offset_of, size_of};
 
@@ -22,6 +27,7 @@ use hypervisor::Segment;
 use iced_x86::{Code, ConditionCode, Mnemonic};
 
 use super::runtime::{jit_interp, LinkCell, RET_LINKS};
+use super::why;
 use crate::core::Core;
 use crate::cpu::{CR0_EM, CR0_TS, CR4_OSFXSR};
 use crate::frontend::decode::Block;
@@ -47,15 +53,16 @@ const OFF_WMASK: i32 = offset_of!(Core, jit.ctx.wmask) as i32;
 const OFF_ATTENTION: i32 = offset_of!(Core, jit.ctx.attention) as i32;
 const OFF_CUR_BLOCK: i32 = offset_of!(Core, jit.ctx.cur_block) as i32;
 const OFF_LAST_CELL: i32 = offset_of!(Core, jit.ctx.last_cell) as i32;
+#[cfg(feature = "jit-trips")]
+const OFF_TRIP: i32 = offset_of!(Core, jit.ctx.trip) as i32;
 const OFF_RET_LINKS: i32 = offset_of!(Core, jit.ctx.ret_links) as i32;
-const OFF_EPOCH: i32 = offset_of!(Core, tlb.epoch) as i32;
 const OFF_ICOUNT: i32 = offset_of!(Core, icount) as i32;
 const OFF_COUNTDOWN: i32 = offset_of!(Core, poll_countdown) as i32;
 const OFF_HIDDEN_L1ECX: i32 = offset_of!(Core, cpuid.hidden.leaf1_ecx) as i32;
 const CELL_KEY: i32 = offset_of!(LinkCell, key) as i32;
 const CELL_GEN: i32 = offset_of!(LinkCell, gen) as i32;
 const CELL_PHYS: i32 = offset_of!(LinkCell, phys) as i32;
-const OFF_USER_KEY: i32 = offset_of!(Core, jit.ctx.user_key) as i32;
+const OFF_LINK_KEY: i32 = offset_of!(Core, jit.ctx.link_key) as i32;
 const OFF_GEN: i32 = offset_of!(Core, jit.ctx.gen) as i32;
 const OFF_XMASK: i32 = offset_of!(Core, jit.ctx.xmask) as i32;
 const OFF_XWANT: i32 = offset_of!(Core, jit.ctx.xwant) as i32;
@@ -150,9 +157,13 @@ struct Cg {
     cur_dirty: u16,
     /// The SSE guard ran earlier in this block.
     sse_ok: bool,
-    /// Out-of-line revalidations of links made under an older link key:
-    /// (entry, back to the chaining checks, the exit's no-link path).
-    revals: Vec<(DynamicLabel, DynamicLabel, DynamicLabel)>,
+    /// Out-of-line revalidations of links made under an older link key.
+    revals: Vec<Reval>,
+    /// Per link cell, the offsets of the displacements of its exit's
+    /// keyed and direct `jmp rel32` (0: none; see `jit::runtime`).
+    sites: Sites,
+    /// The block's virtual page number (RIP >> 12).
+    vpage: u64,
     /// Chained exits count blocks down to the next timed poll (a platform
     /// that does not kick on every event).
     countdown: bool,
@@ -164,6 +175,24 @@ struct Cg {
     /// Some instruction runs through the interpreter inline (it may have
     /// changed anything, so the block does not loop to itself).
     interpreted: bool,
+}
+
+/// Per link cell of a block, the offsets in its code of the displacements
+/// of its exit's keyed and direct `jmp rel32` (0: none).
+pub(super) type Sites = [(usize, usize); 2];
+
+/// A chained exit's revalidation, emitted out of line.
+struct Reval {
+    /// Entry (the key differs; rax holds the current one).
+    entry: DynamicLabel,
+    /// Back to the exit after the key check.
+    ok: DynamicLabel,
+    /// The exit's no-link path (the block's count not yet in rbp).
+    nolink: DynamicLabel,
+    /// The exit's target RIP when it is a constant (else in `rip`).
+    target: Option<u64>,
+    /// The block's instruction count, added to rbp before the check.
+    count: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -299,6 +328,8 @@ impl Cg {
             cur_dirty: 0,
             sse_ok: false,
             revals: Vec::new(),
+            sites: [(0, 0); 2],
+            vpage: 0,
             countdown,
             again: None,
             stale: None,
@@ -792,68 +823,135 @@ impl Cg {
         }
     }
 
-    /// Exit to the successor whose link cell is in rdx: `rip` stored,
-    /// flags captured in r11 (`capture`). Follows the link when it holds
-    /// (same link key, or revalidated against the TLB out of line, see
-    /// `jit::runtime`) and the dispatcher would go straight on to that
-    /// block (the core's attention word clear, which every kick, platform
-    /// event and poll request sets; on a platform without a timer source
-    /// also no poll due by the block countdown), handing
-    /// the successor the flags in r11; else writes them to `rflags` and
-    /// returns with the cell noted.
+    /// Exit to the successor whose link cell is in rdx, flags captured in
+    /// r11 (`capture`): `to` is the cell's index in the block and the
+    /// successor's RIP when that is a constant, else (None, a cell of the
+    /// dynamic table) `rip` holds it already. Follows the link when the
+    /// dispatcher would go straight on to that block (the core's attention
+    /// word clear, which every kick, platform event and poll request sets;
+    /// on a platform without a timer source also no poll due by the block
+    /// countdown) and the link holds (same link key, or revalidated
+    /// against the TLB out of line, see `jit::runtime`), handing the
+    /// successor the flags in r11 and the block's instructions added to
+    /// the count in rbp; else stores `rip`, writes the flags to `rflags`
+    /// and returns with the cell noted. A chained successor does not need
+    /// `rip`: every way out of its code stores its own (its stale-code
+    /// exit included).
+    ///
+    /// A constant target has a keyed patch site (`jump_site`) after the
+    /// key check, in front of the jump through the cell, and if it lies in
+    /// the block's own virtual page and nothing in the block ran through
+    /// the interpreter, a direct one before the key check (see
+    /// `jit::runtime` for when each is patched). Unpatched, each jumps to
+    /// the next instruction.
     ///
     /// An interrupt shadow or HLT cannot be pending here: the instructions
     /// that set them end the block through the interpreter's exit.
-    fn chain_exit(&mut self, count: usize) {
+    fn chain_exit(&mut self, count: usize, to: Option<(usize, u64)>) {
         self.writeback();
         let e = self.epilogue;
         let nolink = self.a.new_dynamic_label();
-        let reval = self.a.new_dynamic_label();
+        let entry = self.a.new_dynamic_label();
         let ok = self.a.new_dynamic_label();
-        self.revals.push((reval, ok, nolink));
+        self.revals.push(Reval {
+            entry,
+            ok,
+            nolink,
+            target: to.map(|(_, t)| t),
+            count,
+        });
+        // Where a busy core leaves: the no-link path, through a note of the
+        // cause in a `jit-trips` build.
+        let noted = cfg!(feature = "jit-trips");
+        let busy = if noted {
+            self.a.new_dynamic_label()
+        } else {
+            nolink
+        };
         a!(self
-            ; mov rax, QWORD [rbx + OFF_EPOCH]
-            ; or rax, QWORD [rbx + OFF_USER_KEY]
-            ; cmp rax, QWORD [rdx + CELL_KEY]
-            ; jne =>reval
-            ; =>ok
             ; mov rax, QWORD [rbx + OFF_ATTENTION]
             ; cmp BYTE [rax], 0
-            ; jne =>nolink
+            ; jne =>busy
         );
         if self.countdown {
             a!(self
                 ; cmp DWORD [rbx + OFF_COUNTDOWN], 0
-                ; je =>nolink
+                ; je =>busy
                 ; dec DWORD [rbx + OFF_COUNTDOWN]
             );
         }
+        a!(self; add rbp, count as i32);
+        if let Some((k, t)) = to {
+            if t >> 12 == self.vpage && !self.interpreted {
+                self.sites[k].1 = self.jump_site();
+            }
+        }
         a!(self
-            ; add QWORD [rbx + OFF_ICOUNT], count as i32
+            ; mov rax, QWORD [rbx + OFF_LINK_KEY]
+            ; cmp rax, QWORD [rdx + CELL_KEY]
+            ; jne =>entry
+            ; =>ok
+        );
+        if let Some((k, _)) = to {
+            self.sites[k].0 = self.jump_site();
+        }
+        a!(self
             ; jmp QWORD [rdx + CELL_CODE]
             ; =>nolink
         );
+        if let Some((_, t)) = to {
+            self.set_rip(t);
+        }
         self.img_to_st();
         a!(self
             ; mov QWORD [rbx + OFF_LAST_CELL], rdx
             ; mov eax, count as i32
             ; jmp =>e
         );
+        if noted {
+            a!(self; =>busy);
+            self.trip(why::BUSY);
+            a!(self; jmp =>nolink);
+        }
+    }
+
+    /// Note why the code goes back to the dispatcher (a `jit-trips` build;
+    /// nothing otherwise). No flags or registers change.
+    fn trip(&mut self, cause: u8) {
+        #[cfg(feature = "jit-trips")]
+        a!(self; mov BYTE [rbx + OFF_TRIP], cause as i8);
+        let _ = cause;
+    }
+
+    /// A `jmp rel32` to the next instruction, for `jit::runtime::link` to
+    /// patch: the offset of its displacement.
+    fn jump_site(&mut self) -> usize {
+        let at = self.a.offset().0 + 1;
+        self.a.extend([0xe9, 0, 0, 0, 0]);
+        at
     }
 
     /// The out-of-line revalidations of `chain_exit`: the cell in rdx was
     /// made under another link key (rax holds the current one). It holds if
     /// its code is from the current arena generation and the TLB entry of
-    /// the target page (RIP is stored) maps the recorded physical page with
-    /// execute permission at this CPL; then it takes the current key.
+    /// the target page maps the recorded physical page with execute
+    /// permission at this CPL; then it takes the current key. Else the
+    /// exit's count comes off rbp again (and the poll countdown is given
+    /// back) on the way to its no-link path.
     fn emit_revals(&mut self) {
-        for (reval, ok, nolink) in std::mem::take(&mut self.revals) {
+        for r in std::mem::take(&mut self.revals) {
+            let fail = self.a.new_dynamic_label();
             a!(self
-                ; =>reval
+                ; =>r.entry
                 ; mov rcx, QWORD [rbx + OFF_GEN]
                 ; cmp rcx, QWORD [rdx + CELL_GEN]
-                ; jne =>nolink
-                ; mov rcx, QWORD [rbx + OFF_RIP]
+                ; jne =>fail
+            );
+            match r.target {
+                Some(t) => a!(self; mov rcx, QWORD t as i64),
+                None => a!(self; mov rcx, QWORD [rbx + OFF_RIP]),
+            }
+            a!(self
                 ; mov rsi, rcx
                 ; shr rsi, 12
                 ; and esi, (crate::memory::mmu::TLB_SIZE - 1) as i32
@@ -862,17 +960,24 @@ impl Cg {
                 ; and rcx, -4096
                 ; or rcx, 1
                 ; cmp QWORD [rsi + TLB_TAG], rcx
-                ; jne =>nolink
+                ; jne =>fail
                 ; mov rcx, QWORD [rsi + TLB_PHYS]
                 ; cmp rcx, QWORD [rdx + CELL_PHYS]
-                ; jne =>nolink
+                ; jne =>fail
                 ; mov cl, BYTE [rsi + TLB_PERM]
                 ; and cl, BYTE [rbx + OFF_XMASK]
                 ; cmp cl, BYTE [rbx + OFF_XWANT]
-                ; jne =>nolink
+                ; jne =>fail
                 ; mov QWORD [rdx + CELL_KEY], rax
-                ; jmp =>ok
+                ; jmp =>r.ok
+                ; =>fail
+                ; sub rbp, r.count as i32
             );
+            if self.countdown {
+                a!(self; inc DWORD [rbx + OFF_COUNTDOWN]);
+            }
+            self.trip(why::UNLINKED);
+            a!(self; jmp =>r.nolink);
         }
     }
 
@@ -895,6 +1000,7 @@ impl Cg {
             ; cmp rax, QWORD [rdx + CELL_TARGET]
             ; je >same
         );
+        self.trip(why::DYN_MISS);
         self.img_to_st();
         a!(self
             ; mov QWORD [rbx + OFF_LAST_CELL], rdx
@@ -902,7 +1008,7 @@ impl Cg {
             ; jmp =>e
             ; same:
         );
-        self.chain_exit(count);
+        self.chain_exit(count, None);
     }
 
     /// A Jcc whose taken side is the block's own start: when taken (r8b
@@ -913,12 +1019,13 @@ impl Cg {
     /// instruction of the block ran through the interpreter inline, and a
     /// slow-path access (a TLB fill, MMIO, a code write) changes neither
     /// the TLB epoch nor the CPL without ending the block. Falls through
-    /// otherwise, with r8b and r11 kept, to the code that sets `rip` and
-    /// rdx for the exit. Emitted before that code, so the loop's path
-    /// does none of it: `rip` keeps whatever the last stub left there
-    /// (every stub and exit sets its own before anything reads it), and
-    /// only a stale code page, which leaves through `stale`, needs `rip`
-    /// and rdx (the `taken` cell) set on the way.
+    /// otherwise, with r8b and r11 kept, to the code that sets rdx for
+    /// the exit. Emitted before that code, so the loop's path does none of
+    /// it: `rip` keeps whatever the last stub left there (every stub and
+    /// exit sets its own before anything reads it), and only a stale code
+    /// page, which leaves through `stale` (which stores this block's RIP),
+    /// needs rdx (the `taken` cell) set on the way. The iteration's
+    /// instructions go to the count in rbp, as a chained exit's do.
     fn self_loop(&mut self, block: &Block, count: usize, taken: i64) {
         let (Some(again), Some(stale)) = (self.again, self.stale) else {
             return;
@@ -940,7 +1047,7 @@ impl Cg {
         // The body starts with `Core::st` as current as the host registers.
         let d = self.dirty;
         self.writeback_code(d);
-        a!(self; add QWORD [rbx + OFF_ICOUNT], count as i32);
+        a!(self; add rbp, count as i32);
         let loop_stale = self.a.new_dynamic_label();
         for &(p, g) in block.page_gens() {
             a!(self
@@ -952,8 +1059,6 @@ impl Cg {
         a!(self
             ; jmp =>again
             ; =>loop_stale
-            ; mov rax, QWORD block.rip as i64
-            ; mov QWORD [rbx + OFF_RIP], rax
             ; mov rdx, QWORD taken
             ; jmp =>stale
             ; exit:
@@ -998,7 +1103,6 @@ impl Cg {
     }
 }
 
-/// The code and the offset of the chained entry point.
 /// Which guest GPRs the block keeps in host registers: the most used
 /// ones, never one that some instruction addresses as AH/CH/DH/BH (those
 /// bytes are only reachable in `Core::st`).
@@ -1036,6 +1140,8 @@ fn allocate(block: &Block) -> [Option<u8>; 16] {
     map
 }
 
+/// The code, the offset of the chained entry point, and per link cell the
+/// offsets of its exit's patch sites (keyed, direct; 0: none).
 /// `countdown`: see `Cg::countdown`; `allow_loop`: a block whose last
 /// branch targets its own start may jump back to its body without leaving
 /// its code (not while tracing, which prints every block start, nor while
@@ -1044,21 +1150,29 @@ pub(super) fn gen_block(
     block: &Block,
     countdown: bool,
     allow_loop: bool,
-) -> Option<(Vec<u8>, usize)> {
+) -> Option<(Vec<u8>, usize, Sites)> {
     let mut cg = Cg::new(countdown);
     cg.map = allocate(block);
+    cg.vpage = block.rip >> 12;
     let body = cg.a.new_dynamic_label();
     let chain = cg.a.new_dynamic_label();
     let stale = cg.a.new_dynamic_label();
     // Every block saves the same registers, so chained code (which jumps
     // past this) shares the frame of the block the dispatcher called.
+    // rbp counts the instructions of the blocks chained to since the
+    // dispatcher's call (added to `Core::icount` on the way out: a register
+    // add per link instead of a read-modify-write of memory, which chained
+    // blocks would serialise on). 8 more bytes keep calls 16-byte aligned.
     a!(cg
         ; push rbx
+        ; push rbp
         ; push r12
         ; push r13
         ; push r14
         ; push r15
+        ; sub rsp, 8
         ; mov rbx, rdi
+        ; xor ebp, ebp
     );
     // The dispatcher settled the flags in `rflags`; chained code passes
     // them in r11 (see `Cg::capture`): start from the same image.
@@ -1137,9 +1251,8 @@ pub(super) fn gen_block(
         // through, or an interpreted one that let it continue).
         cg.capture();
         let next = block.uops.last().map(|u| u.next_ip).unwrap_or(block.rip);
-        cg.set_rip(next);
         cg.cell(block, 1, next);
-        cg.chain_exit(n);
+        cg.chain_exit(n, Some((1, next)));
     }
     let e = cg.epilogue;
     // Every way out of this block's code (to the dispatcher; a chained
@@ -1150,16 +1263,22 @@ pub(super) fn gen_block(
         ; =>e
         ; mov rcx, QWORD block as *const Block as i64
         ; mov QWORD [rbx + OFF_CUR_BLOCK], rcx
+        ; add QWORD [rbx + OFF_ICOUNT], rbp
+        ; add rsp, 8
         ; pop r15
         ; pop r14
         ; pop r13
         ; pop r12
+        ; pop rbp
         ; pop rbx
         ; ret
         ; =>stale
     );
     // Back to the dispatcher, which decodes the block again; the link is
-    // made again to the new translation.
+    // made again to the new translation. Chained code does not store the
+    // RIP it goes to: this block's is stored here.
+    cg.set_rip(block.rip);
+    cg.trip(why::STALE);
     cg.img_to_st();
     a!(cg
         ; mov QWORD [rbx + OFF_LAST_CELL], rdx
@@ -1182,7 +1301,8 @@ pub(super) fn gen_block(
         a!(cg; jmp =>r);
     }
     let chain = cg.a.labels().resolve_dynamic(chain).ok()?.0;
-    Some((cg.a.finalize().ok()?, chain))
+    let sites = cg.sites;
+    Some((cg.a.finalize().ok()?, chain, sites))
 }
 
 enum Done {
@@ -1521,9 +1641,8 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             cg.push_ret_addr(u.next_ip);
             cg.capture();
             let t = insn.near_branch_target();
-            cg.set_rip(t);
             cg.cell(block, 0, t);
-            cg.chain_exit(i + 1);
+            cg.chain_exit(i + 1, Some((0, t)));
             Some(Done::Exited)
         }
         M::Ret if insn.code() == Code::Retnq && i + 1 == n => {
@@ -1563,9 +1682,8 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
         M::Jmp if matches!(insn.code(), Code::Jmp_rel8_64 | Code::Jmp_rel32_64) && i + 1 == n => {
             cg.capture();
             let t = insn.near_branch_target();
-            cg.set_rip(t);
             cg.cell(block, 0, t);
-            cg.chain_exit(i + 1);
+            cg.chain_exit(i + 1, Some((0, t)));
             Some(Done::Exited)
         }
         _ if is_jcc(m)
@@ -1613,14 +1731,12 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
                 ; test r8b, r8b
                 ; jz =>fall_side
             );
-            cg.set_rip(insn.near_branch_target());
             a!(cg; mov rdx, QWORD taken);
-            cg.chain_exit(i + 1);
+            cg.chain_exit(i + 1, Some((0, insn.near_branch_target())));
             cg.dirty = dirty;
             a!(cg; =>fall_side);
-            cg.set_rip(u.next_ip);
             a!(cg; mov rdx, QWORD fall);
-            cg.chain_exit(i + 1);
+            cg.chain_exit(i + 1, Some((1, u.next_ip)));
             Some(Done::Exited)
         }
         _ => None,

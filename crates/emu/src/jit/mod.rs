@@ -42,12 +42,14 @@
 //! JMP/CALL (register or memory operand) look their computed target up in
 //! a per-core table of dynamic cells, hashed by target RIP (TCG's
 //! lookup_and_goto_ptr in a few instructions). The dispatcher fills a cell
-//! when the exit's successor is compiled; the code follows it (straight
-//! into the successor's code) only while the link holds (the same TLB
+//! when the exit's successor is compiled, and patches the exit's direct
+//! jump to lead into the successor's code (TCG's goto_tb: see
+//! [`runtime`]); the code follows it only while the link holds (the same TLB
 //! epoch and CPL as when it was made, or else a TLB entry that still maps
 //! the target's page to the successor's physical page: see [`runtime`];
 //! blocks are keyed by physical address, so an address-space switch does
-//! not unlink them) and
+//! not unlink them; a link within one physical page holds under any key
+//! and is followed without the check) and
 //! when the run loop would have gone on to that block anyway: the core's
 //! one "work pending" word (`Core::attention`, set by kicks, platform
 //! events, the timer thread and poll requests) is clear, and on a
@@ -68,8 +70,9 @@
 //! could change the TLB epoch or CPL without ending the block).
 //!
 //! Return value: the number of guest instructions completed by the last
-//! block (chained blocks add theirs to `Core::icount` as they go); an
-//! exception raised by an interpreted instruction is left in [`Jit::exc`].
+//! block (the blocks chained from count theirs in a host register, added
+//! to `Core::icount` when the code returns); an exception raised by an
+//! interpreted instruction is left in [`Jit::exc`].
 //!
 //! Read-modify-writes on memory with or without LOCK (the ALU group,
 //! INC/DEC, XADD, CMPXCHG, XCHG, BTS/BTR/BTC) run as the host instruction
@@ -99,6 +102,24 @@
 
 mod codegen;
 pub mod runtime;
+#[cfg(feature = "jit-trips")]
+pub mod trips;
+
+/// Why compiled code went back to the dispatcher: what its exit path
+/// leaves in `JitCtx::trip` (only in a `jit-trips` build, see `trips`).
+pub(crate) mod why {
+    /// The attention word was set, or a timed poll was due.
+    pub const BUSY: u8 = 1;
+    /// The exit's link did not hold (never linked, made under another key
+    /// and the TLB check failed, or from an older arena generation).
+    pub const UNLINKED: u8 = 2;
+    /// A RET or indirect target that the dynamic table does not hold.
+    pub const DYN_MISS: u8 = 3;
+    /// The successor's code pages were written (its entry check).
+    pub const STALE: u8 = 4;
+    /// An instruction run through the interpreter ended the block.
+    pub const INTERP: u8 = 5;
+}
 
 pub use runtime::{code_for, link, linked_block, prepare, Jit, JitCtx, LinkCell};
 

@@ -34,6 +34,31 @@
 //! switch therefore no longer unlinks every block: kernel pages (global,
 //! kept across the switch) revalidate in a few instructions, and a user
 //! page's links come back after one dispatcher trip per page.
+//!
+//! # Patched jumps (TCG's goto_tb)
+//!
+//! An exit with a constant target does not jump through the cell: its
+//! code has a `jmp rel32` that [`link`] patches to lead straight into the
+//! successor's chained entry, written through the arena (`Arena::patch`).
+//! The *keyed* site sits after the link-key check and always leads where
+//! the cell's `code` does (both are only changed together by [`link`]; if
+//! the site cannot be written the cell is left unlinked, and unpatched it
+//! jumps on to `jmp [cell.code]`). An exit whose target lies in the
+//! block's own virtual page (and whose block runs no instruction through
+//! the interpreter inline, so nothing in it can flush the TLB or change
+//! the CPL) also has a *direct* site before the key check, patched only
+//! to a successor whose code lies in the same physical page as the
+//! block's: whenever the block runs, its virtual page maps to its own
+//! physical page, so the target RIP maps to the successor's, under any
+//! key. Such a link needs no key check at all; the successor's entry still
+//! checks its code pages (the block may have written them).
+//!
+//! Nothing has to be unpatched: a successor whose code was written exits
+//! from its entry check and is linked again (patched to its new
+//! translation); a block-cache clear or an arena recycle makes every
+//! translation of the older generation unreachable, sites included, and a
+//! block compiled again starts with unpatched sites (a cell's sites are
+//! only patched while its own code is from the current generation).
 
 use std::cell::Cell;
 
@@ -63,10 +88,16 @@ pub struct JitCtx {
     /// The link cell of the exit taken when following it was not possible,
     /// for the dispatcher to link.
     pub last_cell: usize,
+    /// Why the code returned (`super::why`), in a `jit-trips` build.
+    pub trip: u64,
     /// `Jit::ret_links` base.
     pub ret_links: usize,
-    /// 1 at CPL 3, else 0: or-ed into the TLB epoch to make the link key.
-    pub user_key: u64,
+    /// The link key now (TLB epoch | 1 at CPL 3), what an exit compares
+    /// its cell's key with: set at every entry from the dispatcher and
+    /// after every instruction the interpreter ran for the generated code
+    /// (the only code that runs inside a translation and can flush the TLB
+    /// or change the CPL), so an exit reads one word.
+    pub link_key: u64,
     /// The arena generation (links made in an older one are dead).
     pub gen: u64,
     /// Permission bits a TLB entry is masked with for execution, and the
@@ -244,6 +275,70 @@ impl Arena {
         Some(self.win.wrapping_add(at - self.win_off))
     }
 
+    /// Make the `jmp rel32` whose displacement is at address `site` (in
+    /// this generation's code) jump to `to`; false if that failed.
+    fn patch_jump(&self, site: usize, to: usize) -> bool {
+        let rel = to as i64 - (site as i64 + 4);
+        match i32::try_from(rel) {
+            Ok(rel) => self.patch(site, &rel.to_le_bytes()),
+            Err(_) => false,
+        }
+    }
+
+    /// Overwrite `bytes` of code already in the arena at address `at`:
+    /// through the window when it covers them, else with `pwrite` on the
+    /// memfd (one system call; the executable view shares its pages), else
+    /// (the anonymous arena) between two protection flips. False if `at`
+    /// is not in this generation's code or the write failed.
+    fn patch(&self, at: usize, bytes: &[u8]) -> bool {
+        let base = self.base as usize;
+        if self.base.is_null() || at < base || at + bytes.len() > base + self.used {
+            return false;
+        }
+        let off = at - base;
+        if self.dual() {
+            if !self.win.is_null()
+                && off >= self.win_off
+                && off + bytes.len() <= self.win_off + self.win_len
+            {
+                // SAFETY: the window maps arena bytes [win_off, win_off +
+                // win_len) writable; no translated code of this vCPU runs
+                // while it links, and only this vCPU uses the arena.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        bytes.as_ptr(),
+                        self.win.add(off - self.win_off),
+                        bytes.len(),
+                    )
+                };
+                return true;
+            }
+            // SAFETY: a write of our own buffer into our own memfd, inside
+            // its size.
+            let n = unsafe {
+                libc::pwrite(
+                    self.fd,
+                    bytes.as_ptr() as *const libc::c_void,
+                    bytes.len(),
+                    off as libc::off_t,
+                )
+            };
+            return n == bytes.len() as isize;
+        }
+        let first = off & !4095;
+        let end = (off + bytes.len() + 4095) & !4095;
+        // SAFETY: [first, end) is inside the mapping; no translated code
+        // runs while this vCPU links, and only this vCPU uses the arena.
+        unsafe {
+            let page = self.base.add(first) as *mut libc::c_void;
+            if libc::mprotect(page, end - first, libc::PROT_READ | libc::PROT_WRITE) != 0 {
+                return false;
+            }
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.add(off), bytes.len());
+            libc::mprotect(page, end - first, libc::PROT_READ | libc::PROT_EXEC) == 0
+        }
+    }
+
     /// Copy `code` into executable memory; None if that failed.
     fn put(&mut self, code: &[u8]) -> Option<*const u8> {
         if code.len() > ARENA_SIZE {
@@ -303,6 +398,9 @@ pub struct Jit {
     pub compiled: u64,
     /// Links for RET, indexed by a hash of the return address.
     ret_links: Box<[LinkCell]>,
+    /// Dispatcher trips by cause.
+    #[cfg(feature = "jit-trips")]
+    pub trips: super::trips::Trips,
 }
 
 impl Default for Jit {
@@ -321,6 +419,8 @@ impl Jit {
             perf_file: None,
             arena: Arena::default(),
             compiled: 0,
+            #[cfg(feature = "jit-trips")]
+            trips: Default::default(),
             ret_links: (0..RET_LINKS)
                 .map(|_| {
                     let c = LinkCell::default();
@@ -362,6 +462,36 @@ impl Jit {
     pub fn reset(&mut self) {
         self.arena.gen += 1;
         self.arena.used = 0;
+    }
+
+    /// Point the patch sites of `cell` (an exit of a block whose code is
+    /// from the current generation) at `chain`, the chained entry of
+    /// `block`, its new successor. False if the keyed site could not be
+    /// written (the caller leaves the cell unlinked). A direct site is
+    /// pointed at the successor only if that lies in the exiting block's
+    /// physical page, else back at the key check; one that cannot be
+    /// written still leads to a block of that page at the same RIP, or to
+    /// the key check, either of which is right (see the module notes).
+    fn patch_sites(&self, cell: &LinkCell, block: &Block, chain: usize) -> bool {
+        if cell.patched.get() == chain {
+            return true;
+        }
+        let d = cell.direct.get();
+        if d != 0 {
+            let to = if block.phys & !0xfff == cell.page.get() {
+                chain
+            } else {
+                d + 4
+            };
+            self.arena.patch_jump(d, to);
+        }
+        let k = cell.keyed.get();
+        if k != 0 && !self.arena.patch_jump(k, chain) {
+            cell.patched.set(0);
+            return false;
+        }
+        cell.patched.set(chain);
+        true
     }
 }
 
@@ -409,8 +539,9 @@ fn compile(core: &mut Core, block: &Block) -> Option<(JitFn, usize)> {
     for l in &block.links {
         l.key.set(u64::MAX);
         l.gen.set(u64::MAX);
+        l.src_gen.set(u64::MAX);
     }
-    let (code, chain) = super::codegen::gen_block(
+    let (code, chain, sites) = super::codegen::gen_block(
         block,
         core.timed_polls,
         // A self-loop would run past a host breakpoint at its start
@@ -422,6 +553,16 @@ fn compile(core: &mut Core, block: &Block) -> Option<(JitFn, usize)> {
     if core.jit.arena.gen != gen {
         // The arena was recycled: links into it must not be followed.
         core.tlb.flush_all();
+    }
+    // The exits' patch sites, unpatched (each jumps to the instruction
+    // after it) until `link` patches them.
+    for (l, (keyed, direct)) in block.links.iter().zip(sites) {
+        let at = |off: usize| if off == 0 { 0 } else { p as usize + off };
+        l.keyed.set(at(keyed));
+        l.direct.set(at(direct));
+        l.page.set(block.phys & !0xfff);
+        l.src_gen.set(core.jit.arena.gen);
+        l.patched.set(0);
     }
     core.jit.compiled += 1;
     if core.jit.perf_map {
@@ -471,6 +612,20 @@ pub struct LinkCell {
     pub dynamic: Cell<bool>,
     /// The successor block (for the dispatcher).
     pub block: Cell<*const Block>,
+    /// The keyed patch site: address of the displacement of the exit's
+    /// `jmp rel32` after the link-key check (0: none, a computed target).
+    pub keyed: Cell<usize>,
+    /// The direct patch site before the key check (0: none, see the module
+    /// notes).
+    pub direct: Cell<usize>,
+    /// The physical page of the block the cell belongs to.
+    pub page: Cell<u64>,
+    /// The arena generation of that block's code (and of its sites).
+    pub src_gen: Cell<u64>,
+    /// The chained entry the sites were last patched to (0: unpatched), so
+    /// that linking again to the same code (after a key change) writes
+    /// nothing.
+    pub patched: Cell<usize>,
 }
 
 impl Default for LinkCell {
@@ -483,6 +638,11 @@ impl Default for LinkCell {
             target: Cell::new(u64::MAX),
             dynamic: Cell::new(false),
             block: Cell::new(std::ptr::null()),
+            keyed: Cell::new(0),
+            direct: Cell::new(0),
+            page: Cell::new(0),
+            src_gen: Cell::new(u64::MAX),
+            patched: Cell::new(0),
         }
     }
 }
@@ -515,13 +675,14 @@ pub unsafe fn linked_block(cell: usize, rip: u64, key: u64) -> Option<*const Blo
 }
 
 /// Link the exit whose cell is `cell` to `block`'s compiled code, just
-/// fetched under link key `key` (its page's translation checked) in arena
-/// generation `gen`.
+/// fetched under link key `key` (its page's translation checked), and
+/// patch the exit's jumps to lead there (see the module notes).
 ///
 /// # Safety
 /// `cell` must point to a [`LinkCell`] of a live block or of the core's
 /// return-address table.
-pub unsafe fn link(cell: usize, block: &Block, key: u64, gen: u64) {
+pub unsafe fn link(jit: &Jit, cell: usize, block: &Block, key: u64) {
+    let gen = jit.arena.gen;
     // SAFETY: per the contract.
     let cell = unsafe { &*(cell as *const LinkCell) };
     if let JitState::Code(_, g, chain) = block.jit.get() {
@@ -534,10 +695,17 @@ pub unsafe fn link(cell: usize, block: &Block, key: u64, gen: u64) {
             cell.target.set(block.rip);
         }
         if cell.target.get() == block.rip {
+            // Unlinked while the sites change: a keyed site that could not
+            // be written must not be reached through a key that holds.
+            cell.key.set(u64::MAX);
             cell.block.set(block);
             cell.code.set(chain);
             cell.phys.set(block.phys & !0xfff);
             cell.gen.set(gen);
+            if cell.src_gen.get() == gen && !jit.patch_sites(cell, block, chain) {
+                cell.gen.set(u64::MAX);
+                return;
+            }
             cell.key.set(key);
         }
     }
@@ -554,11 +722,15 @@ pub(super) unsafe extern "sysv64" fn jit_interp(core: *mut Core, u: *const Uop, 
     core.next_rip = next;
     match (u.handler)(core, u) {
         Ok(()) => {
+            // MOV CR3, INVLPG, WRMSR may have flushed the TLB, and a block
+            // goes on after some of them: its exits compare this key.
+            core.jit.ctx.link_key = core.tlb.epoch | core.user() as u64;
             core.st.rip = core.next_rip;
             if core.st.flags.op != crate::flags::FlagOp::None {
                 core.st.settle_flags();
             }
             if core.io.request.is_some() || core.next_rip != next || core.end_block {
+                core.jit.ctx.trip = super::why::INTERP as u64;
                 (index + 1) | 1 << 32
             } else {
                 0
@@ -566,6 +738,7 @@ pub(super) unsafe extern "sysv64" fn jit_interp(core: *mut Core, u: *const Uop, 
         }
         Err(e) => {
             core.jit.exc = Some(e);
+            core.jit.ctx.trip = super::why::INTERP as u64;
             index | 1 << 32
         }
     }
@@ -579,7 +752,7 @@ pub fn prepare(core: &mut Core) {
     core.jit.ctx.rmask = u;
     core.jit.ctx.wmask = u | (PERM_WRITE | PERM_DIRTY) as u64;
     core.jit.ctx.ret_links = core.jit.ret_links.as_ptr() as usize;
-    core.jit.ctx.user_key = user as u64;
+    core.jit.ctx.link_key = core.tlb.epoch | user as u64;
     core.jit.ctx.gen = core.jit.arena.gen;
     core.jit.ctx.xmask = (PERM_NX | u as u8) as u64;
     core.jit.ctx.xwant = u;
@@ -646,6 +819,38 @@ mod tests {
         assert!(a.win_len <= WINDOW);
     }
 
+    /// `jmp rel32` (to the next instruction), `mov eax, 1; ret`, `mov eax,
+    /// 2; ret`: returns 1 until the jump is patched to the second return.
+    fn two_ways() -> Vec<u8> {
+        vec![
+            0xe9, 0, 0, 0, 0, 0xb8, 1, 0, 0, 0, 0xc3, 0xb8, 2, 0, 0, 0, 0xc3,
+        ]
+    }
+
+    #[test]
+    fn patches_reach_code_inside_and_outside_the_window() {
+        let mut a = Arena::default();
+        let old = a.put(&two_ways()).expect("arena");
+        assert_eq!(call(old), 1);
+        // Move the window past `old`: its patch goes through pwrite.
+        for i in 0..(WINDOW / 4000 + 2) as u32 {
+            a.put(&ret_imm(i, 4000)).expect("arena");
+        }
+        assert!(a.win_off > old as usize - a.base as usize);
+        let new = a.put(&two_ways()).expect("arena");
+        for p in [old, new] {
+            assert!(a.patch_jump(p as usize + 1, p as usize + 11));
+            assert_eq!(call(p), 2);
+            assert!(a.patch_jump(p as usize + 1, p as usize + 5));
+            assert_eq!(call(p), 1);
+        }
+        assert!(a.dual());
+        assert_eq!(perms(a.base), "r-xs");
+        // Nothing outside this generation's code is written.
+        assert!(!a.patch(a.base as usize + a.used, &[0]));
+        assert!(!a.patch(a.base as usize - 1, &[0]));
+    }
+
     #[test]
     fn the_fallback_arena_flips_protections() {
         let mut a = Arena::default();
@@ -665,6 +870,10 @@ mod tests {
         assert!(!a.dual());
         let q = a.put(&ret_imm(7, 6)).expect("fallback arena");
         assert_eq!(call(q), 7);
+        assert_eq!(perms(a.base), "r-xp");
+        let j = a.put(&two_ways()).expect("fallback arena");
+        assert!(a.patch_jump(j as usize + 1, j as usize + 11));
+        assert_eq!(call(j), 2);
         assert_eq!(perms(a.base), "r-xp");
     }
 }
