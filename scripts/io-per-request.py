@@ -16,7 +16,10 @@ usage: io-per-request.py VIREO_BINARY DISK.raw [SECS] [TEST:BS:QD,...] [--qemu] 
   --qemu: the same guest under qemu-system-x86_64 -accel tcg (no counters)
   NICE=N: run the VMM under `nice -n N`
 """
-import json, os, re, signal, socket, subprocess, sys, time, threading
+import os, re, subprocess, sys, time, threading
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import vmmprobe  # noqa: E402
 
 GUEST = os.environ.get("VIREO_GUEST_DIR", "guest/out")
 SYSCALLS = ["preadv", "pwritev", "preadv2", "pwritev2", "pread64", "pwrite64", "read", "write",
@@ -47,58 +50,6 @@ p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, std
 TCK = os.sysconf("SC_CLK_TCK")
 
 
-def counters():
-    if qemu:
-        return None
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(sock)
-    s.sendall(b"GET /api/v1/vm.counters HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    data = b""
-    while True:
-        b = s.recv(65536)
-        if not b:
-            break
-        data += b
-    body = data.split(b"\r\n\r\n", 1)[1]
-    if b"chunked" in data.split(b"\r\n\r\n", 1)[0].lower():
-        out, rest = b"", body
-        while True:
-            n, rest = rest.split(b"\r\n", 1)
-            n = int(n, 16)
-            if n == 0:
-                break
-            out += rest[:n]
-            rest = rest[n + 2:]
-        body = out
-    return json.loads(body)
-
-
-def threads():
-    out = {}
-    for tid in os.listdir(f"/proc/{p.pid}/task"):
-        try:
-            st = open(f"/proc/{p.pid}/task/{tid}/stat").read()
-            comm = st[st.index("(") + 1:st.rindex(")")]
-            sched = open(f"/proc/{p.pid}/task/{tid}/schedstat").read().split()
-            out[tid] = (comm, int(sched[0]), int(sched[1]))
-        except OSError:
-            pass
-    return out
-
-
-def flat(d, pre=""):
-    r = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            r.update(flat(v, f"{pre}{k}."))
-    elif isinstance(d, list):
-        for i, v in enumerate(d):
-            r.update(flat(v, f"{pre}{i}."))
-    elif isinstance(d, (int, float)):
-        r[pre[:-1]] = d
-    return r
-
-
 state = {}
 results = []
 for raw in p.stdout:
@@ -107,30 +58,17 @@ for raw in p.stdout:
     if m:
         name = m.group(1)
         time.sleep(0.3)  # past the test's start-up
-        perf = None
-        if perf_on:
-            ev = ",".join(f"syscalls:sys_enter_{s}" for s in SYSCALLS)
-            perf = subprocess.Popen(["perf", "stat", "--per-thread", "-x,", "-e", ev, "-p", str(p.pid)],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        state[name] = (time.monotonic(), flat(counters()) if not qemu else {}, threads(), perf)
+        perf = vmmprobe.start_syscall_count([p.pid], SYSCALLS) if perf_on else None
+        state[name] = (time.monotonic(), {} if qemu else vmmprobe.counters(sock), vmmprobe.threads([p.pid]), perf)
         continue
     m = re.search(r"VIREO-IO (\S+) ops=(\d+) bytes=(\d+) ns=(\d+)", line)
     if m and m.group(1) in state:
         name = m.group(1)
         t1 = time.monotonic()
-        c1 = flat(counters()) if not qemu else {}
-        th1 = threads()
+        c1 = {} if qemu else vmmprobe.counters(sock)
+        th1 = vmmprobe.threads([p.pid])
         t0, c0, th0, perf = state[name]
-        sc = {}
-        if perf:
-            perf.send_signal(signal.SIGINT)
-            err = perf.communicate()[1].decode()
-            for l in err.splitlines():
-                f = l.split(",")
-                if len(f) >= 4 and f[1].strip().isdigit():
-                    comm = f[0].strip()
-                    ev = f[3].split("sys_enter_")[-1]
-                    sc.setdefault(comm, {})[ev] = sc.get(comm, {}).get(ev, 0) + int(f[1])
+        sc = vmmprobe.stop_syscall_count(perf)
         # Requests in the window: the disk's counters, else (QEMU) the guest's rate.
         d = {k: c1[k] - c0.get(k, 0) for k in c1 if isinstance(c1[k], (int, float))}
         reqs = d.get("disks.0.read.requests", 0) + d.get("disks.0.write.requests", 0)
@@ -141,12 +79,7 @@ for raw in p.stdout:
             if d[k] and ("exits" in k or k.startswith("virtio.0.") or k.endswith(".instructions")
                          or k.endswith("engine.interrupts")):
                 print(f"   {k:40} {d[k]:>14}  per req {d[k]/reqs:10.2f}")
-        comms = {}
-        for tid, (comm, run1, wait1) in th1.items():
-            run0, wait0 = th0.get(tid, (comm, 0, 0))[1:3]
-            a = comms.setdefault(comm, [0, 0])
-            a[0] += run1 - run0
-            a[1] += wait1 - wait0
+        comms = vmmprobe.cpu_by_comm(th0, th1)
         for comm, (run, wait) in sorted(comms.items(), key=lambda x: -x[1][0]):
             if run > 1e6:
                 print(f"   cpu {comm:20} {run/1e6:9.1f} ms run ({run/1e3/reqs:7.2f} us/req), {wait/1e6:8.1f} ms runq")

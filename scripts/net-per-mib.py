@@ -32,7 +32,10 @@ usage: net-per-mib.py VIREO_BINARY [SECS] [--qemu] [--tap] [--noperf] [--mtu=N] 
   --net=OPTS: appended to Vireo's `--net user,` or `--net tap=...,` (e.g. --net=mtu=1500)
   NICE=N: run the VMM under `nice -n N`
 """
-import json, os, re, signal, socket, subprocess, sys, time, threading
+import os, re, socket, subprocess, sys, time, threading
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import vmmprobe  # noqa: E402
 
 GUEST = os.environ.get("VIREO_GUEST_DIR", "guest/out")
 SYSCALLS = ["read", "write", "readv", "writev", "recvfrom", "sendto", "recvmsg", "sendmsg",
@@ -164,42 +167,7 @@ if tap:
 
 
 def counters():
-    if qemu:
-        return {}
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(sock)
-    s.sendall(b"GET /api/v1/vm.counters HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    data = b""
-    while True:
-        b = s.recv(65536)
-        if not b:
-            break
-        data += b
-    head, body = data.split(b"\r\n\r\n", 1)
-    if b"chunked" in head.lower():
-        out, rest = b"", body
-        while True:
-            n, rest = rest.split(b"\r\n", 1)
-            n = int(n, 16)
-            if n == 0:
-                break
-            out += rest[:n]
-            rest = rest[n + 2:]
-        body = out
-    return flat(json.loads(body))
-
-
-def flat(d, pre=""):
-    r = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            r.update(flat(v, f"{pre}{k}."))
-    elif isinstance(d, list):
-        for i, v in enumerate(d):
-            r.update(flat(v, f"{pre}{i}."))
-    elif isinstance(d, (int, float)) and not isinstance(d, bool):
-        r[pre[:-1]] = d
-    return r
+    return {} if qemu else vmmprobe.counters(sock)
 
 
 def passt_pids():
@@ -213,20 +181,6 @@ def passt_pids():
                 if "(passt" in st and int(st[st.rindex(")") + 2:].split()[1]) == p.pid:
                     out.append(int(pid))
             except (OSError, ValueError, IndexError):
-                pass
-    return out
-
-
-def threads(pids):
-    out = {}
-    for pid in pids:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                st = open(f"/proc/{pid}/task/{tid}/stat").read()
-                comm = st[st.index("(") + 1:st.rindex(")")]
-                sched = open(f"/proc/{pid}/task/{tid}/schedstat").read().split()
-                out[tid] = (comm, int(sched[0]), int(sched[1]))
-            except OSError:
                 pass
     return out
 
@@ -257,13 +211,8 @@ for raw in p.stdout:
     if m:
         name = m.group(1)
         pids = [vmm_pid] + passt_pids()
-        perf = None
-        if perf_on:
-            ev = ",".join(f"syscalls:sys_enter_{s}" for s in SYSCALLS)
-            perf = subprocess.Popen(["perf", "stat", "--per-thread", "-x,", "-e", ev,
-                                     "-p", ",".join(map(str, pids))],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        state[name] = (time.monotonic(), counters(), threads(pids), perf, pids)
+        perf = vmmprobe.start_syscall_count(pids, SYSCALLS) if perf_on else None
+        state[name] = (time.monotonic(), counters(), vmmprobe.threads(pids), perf, pids)
         continue
     m = re.search(r"VIREO-IO (\S+) ops=(\d+) bytes=(\d+) ns=(\d+)", line)
     if m and m.group(1) in state:
@@ -271,17 +220,8 @@ for raw in p.stdout:
         t1 = time.monotonic()
         t0, c0, th0, perf, pids = state[name]
         c1 = counters()
-        th1 = threads(pids)
-        sc = {}
-        if perf:
-            perf.send_signal(signal.SIGINT)
-            err = perf.communicate()[1].decode()
-            for l in err.splitlines():
-                f = l.split(",")
-                if len(f) >= 4 and f[1].strip().isdigit():
-                    comm = f[0].strip().rsplit("-", 1)[0]
-                    ev = f[3].split("sys_enter_")[-1]
-                    sc.setdefault(comm, {})[ev] = sc.get(comm, {}).get(ev, 0) + int(f[1])
+        th1 = vmmprobe.threads(pids)
+        sc = vmmprobe.stop_syscall_count(perf)
         state[name] = (t0, t1, c0, c1, th0, th1, sc, int(m.group(3)), int(m.group(4)))
         continue
     if "VIREO-IO-ERROR" in line or "panic" in line.lower():
@@ -312,12 +252,7 @@ for k, name in enumerate(["tcp-send", "tcp-recv"]):
         if dc[key] and ("exits" in key or ".notifications" in key or ".interrupts" in key
                         or key.endswith("instructions") or key.startswith("nets.")):
             print(f"   vmm {key:40} {dc[key]:>14}  per MiB {dc[key] / mib:12.1f}")
-    comms = {}
-    for tid, (comm, run1, wait1) in th1.items():
-        run0, wait0 = th0.get(tid, (comm, 0, 0))[1:3]
-        a = comms.setdefault(comm, [0, 0])
-        a[0] += run1 - run0
-        a[1] += wait1 - wait0
+    comms = vmmprobe.cpu_by_comm(th0, th1)
     total = 0
     for comm, (run, wait) in sorted(comms.items(), key=lambda x: -x[1][0]):
         total += run
