@@ -510,6 +510,28 @@ fn seabios_boots_grub_which_boots_linux_from_an_ext4_partition() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Boots the test kernel and initramfs under the engine with `cmdline`
+/// and the `options` of `vireo run`, waits up to `secs` for the VM to
+/// end, checks that it ended with status 0, and returns its console.
+fn boot_test_kernel(options: &[&str], cmdline: &str, secs: u64) -> String {
+    let g = guest_dir();
+    let mut vm = Running::spawn({
+        let mut c = vireo();
+        c.args(["run", "--accel", "emu"])
+            .args(options)
+            .arg("--kernel")
+            .arg(g.join("vmlinuz"))
+            .arg("--initrd")
+            .arg(g.join("initramfs.cpio.gz"))
+            .args(["--cmdline", cmdline]);
+        c
+    });
+    let code = vm.wait_exit(Duration::from_secs(secs));
+    let out = vm.stdout_text();
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {}", vm.stderr_text());
+    out
+}
+
 /// QEMU's `-kernel` with a BIOS: `--firmware` (the default SeaBIOS) and
 /// `--kernel`, `--initrd`, `--cmdline`. The kernel, initrd and command line
 /// go to SeaBIOS through fw_cfg; the option ROM from Debian's
@@ -523,21 +545,8 @@ fn seabios_boots_a_kernel_handed_over_fw_cfg() {
         Path::new("/usr/share/qemu/linuxboot_dma.bin").is_file(),
         "/usr/share/qemu/linuxboot_dma.bin is missing: install Debian's qemu-system-data (scripts/install-deps.sh does)"
     );
-    let g = guest_dir();
     let cmdline = "console=ttyS0 reboot=k panic=1 vireo.fwtest=42 vireo.cmd=cat /proc/cmdline";
-    let mut vm = Running::spawn({
-        let mut c = vireo();
-        c.args(["run", "--accel", "emu", "--memory", "512M", "--firmware"])
-            .arg("--kernel")
-            .arg(g.join("vmlinuz"))
-            .arg("--initrd")
-            .arg(g.join("initramfs.cpio.gz"))
-            .args(["--cmdline", cmdline]);
-        c
-    });
-    let code = vm.wait_exit(Duration::from_secs(900));
-    let out = vm.stdout_text();
-    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {}", vm.stderr_text());
+    let out = boot_test_kernel(&["--memory", "512M", "--firmware"], cmdline, 900);
     assert!(out.contains("SeaBIOS (version"), "{out}");
     let said = command_output(&out);
     assert!(
@@ -608,26 +617,14 @@ fn the_bios_wait_service_returns_on_rtc_periodic_interrupts() {
 /// the driver, having read register C's AF, turns the alarm off.
 #[test]
 fn linux_rtc_cmos_gets_the_alarm_interrupt_on_irq_8() {
-    let g = guest_dir();
     let cmd = "grep -E '^ *8:' /proc/interrupts; \
                echo +2 > /sys/class/rtc/rtc0/wakealarm; sleep 5; \
                grep -E '^ *8:' /proc/interrupts; grep alarm_IRQ /proc/driver/rtc";
-    let mut vm = Running::spawn({
-        let mut c = vireo();
-        c.args(["run", "--accel", "emu", "--memory", "256M"])
-            .arg("--kernel")
-            .arg(g.join("vmlinuz"))
-            .arg("--initrd")
-            .arg(g.join("initramfs.cpio.gz"))
-            .args([
-                "--cmdline",
-                &format!("console=ttyS0 reboot=k panic=1 vireo.cmd={cmd}"),
-            ]);
-        c
-    });
-    let code = vm.wait_exit(Duration::from_secs(600));
-    let out = vm.stdout_text();
-    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {}", vm.stderr_text());
+    let out = boot_test_kernel(
+        &["--memory", "256M"],
+        &format!("console=ttyS0 reboot=k panic=1 vireo.cmd={cmd}"),
+        600,
+    );
     let said = command_output(&out);
     let irq8: Vec<u64> = said
         .iter()
@@ -656,27 +653,24 @@ fn linux_rtc_cmos_gets_the_alarm_interrupt_on_irq_8() {
 #[test]
 fn linux_reads_the_vm_name_and_uuid_from_smbios() {
     seabios();
-    let g = guest_dir();
     let uuid = "01234567-89ab-cdef-0011-223344556677";
     let cmd = "cd /sys/class/dmi/id && grep . sys_vendor product_name product_uuid bios_vendor; \
                ls /sys/firmware/dmi/entries";
-    let mut vm = Running::spawn({
-        let mut c = vireo();
-        c.args(["run", "--accel", "emu", "--memory", "512M", "--cpus", "2"])
-            .args(["--firmware", "--name", "test-vm", "--uuid", uuid])
-            .arg("--kernel")
-            .arg(g.join("vmlinuz"))
-            .arg("--initrd")
-            .arg(g.join("initramfs.cpio.gz"))
-            .args([
-                "--cmdline",
-                &format!("console=ttyS0 reboot=k panic=1 vireo.cmd={cmd}"),
-            ]);
-        c
-    });
-    let code = vm.wait_exit(Duration::from_secs(900));
-    let out = vm.stdout_text();
-    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {}", vm.stderr_text());
+    let out = boot_test_kernel(
+        &[
+            "--memory",
+            "512M",
+            "--cpus",
+            "2",
+            "--firmware",
+            "--name",
+            "test-vm",
+            "--uuid",
+            uuid,
+        ],
+        &format!("console=ttyS0 reboot=k panic=1 vireo.cmd={cmd}"),
+        900,
+    );
     let said = command_output(&out);
     for want in [
         "sys_vendor:Vireo".to_string(),
