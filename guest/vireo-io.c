@@ -11,6 +11,11 @@
  *       peer to close (so the time covers delivery).
  *   vireo-io tcp-recv IP PORT
  *       connect and read until the peer closes.
+ *   vireo-io tcp-connect IP PORT
+ *       connect and relay as vsock-connect does (stdin to the socket in
+ *       writes of up to 128 KiB, so a file sent this way leaves in frames as
+ *       large as the MTU allows whatever the timing; busybox nc writes 1
+ *       KiB at a time).
  *   vireo-io vsock-connect CID PORT
  *       connect to a vsock port and relay: stdin to the socket (then shut
  *       its write side), the socket to stdout, until the peer closes. A
@@ -482,6 +487,14 @@ static int vsock_connect_fd(const char *cid, const char *port)
     }
 }
 
+static int tcp_connect_relay(int argc, char **argv)
+{
+    name = "tcp-connect";
+    if (argc != 4)
+        fail("usage: vireo-io tcp-connect IP PORT");
+    return relay(tcp_connect(argv[2], argv[3]));
+}
+
 static int vsock_connect(int argc, char **argv)
 {
     name = "vsock-connect";
@@ -590,6 +603,8 @@ int main(int argc, char **argv)
         return tcp_recv(argc, argv);
     if (argc >= 2 && !strcmp(argv[1], "cpu"))
         return cpu(argc, argv);
+    if (argc >= 2 && !strcmp(argv[1], "tcp-connect"))
+        return tcp_connect_relay(argc, argv);
     if (argc >= 2 && !strcmp(argv[1], "vsock-connect"))
         return vsock_connect(argc, argv);
     if (argc >= 2 && !strcmp(argv[1], "vsock-listen"))
@@ -600,7 +615,7 @@ int main(int argc, char **argv)
         return vsock_send(argc, argv);
     if (argc >= 2 && !strcmp(argv[1], "vsock-recv"))
         return vsock_recv(argc, argv);
-    fail("usage: vireo-io blk|tcp-send|tcp-recv|cpu|vsock-connect|vsock-listen|vsock-echo|"
+    fail("usage: vireo-io blk|tcp-send|tcp-recv|tcp-connect|cpu|vsock-connect|vsock-listen|vsock-echo|"
          "vsock-send|vsock-recv ...");
     return 1;
 }

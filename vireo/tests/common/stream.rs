@@ -90,12 +90,14 @@ pub fn relay_command(host: &str, down: u16, up: u16) -> String {
 
 /// The guest's side of [`relay`] one direction at a time, a shell command:
 /// take the whole stream from `host` port `down` into a file, run `between`,
-/// sum the file, then send it back to `host` port `up`; print
+/// sum the file, then send it back to `host` port `up` (through `vireo-io
+/// tcp-connect`, whose large writes leave in frames as large as the MTU
+/// allows); print
 /// `sum=<crc32 in hex>`.
 pub fn store_and_return_command(host: &str, down: u16, up: u16, between: &str) -> String {
     format!(
         "nc {host} {down} > /tmp/s && {between} && crc32 < /tmp/s > /tmp/sum && \
-         nc {host} {up} < /tmp/s; echo sum=$(cat /tmp/sum)"
+         vireo-io tcp-connect {host} {up} < /tmp/s > /dev/null; echo sum=$(cat /tmp/sum)"
     )
 }
 
