@@ -8,22 +8,24 @@
 //! four host registers hold the guest's values and `Core::st` may be older
 //! for them (a link writes nothing back and its successor reloads
 //! nothing); `Core::st` holds every other guest GPR there. The entry from
-//! the dispatcher loads the four; a block that addresses AH..BH of one of
-//! them (a spilled one: those bytes are only reachable in `Core::st`)
-//! stores it at entry, works on `Core::st`, and loads it back into its
-//! host register before each chained exit. Inside a block one more guest
-//! GPR, its most used other one, lives in r10 (`LOCAL_REG`): loaded at
-//! entry, written back before every exit. A guest GPR in `Cg::map` lives
-//! in its host register and is newer than `Core::st` exactly when its bit
-//! is in `Cg::dirty` (the mapped `FIXED` ones count as dirty from entry
-//! on). Whenever control leaves the generated code for Rust (the way back
+//! the dispatcher loads the four. A block may spill one of them (it
+//! addresses AH..BH of it, bytes only reachable in `Core::st`, or it does
+//! not use it and wants its host register): it stores it at entry, works
+//! on `Core::st` for it, and loads it back into its host register before
+//! each exit. Inside a block its most used other guest GPRs (locals, see
+//! `allocate`) live in r10 (`LOCAL_REG`) and in the host registers of
+//! spilled ones: loaded at entry, written back before every exit (a block
+//! that loops to itself keeps them across its back edge). A guest GPR in
+//! `Cg::map` lives in its host register and is newer than `Core::st`
+//! exactly when its bit is in `Cg::dirty` (the mapped `FIXED` ones count
+//! as dirty from entry on). Whenever control leaves the generated code for Rust (the way back
 //! to the dispatcher from every exit, the stale-code exit, `jit_interp`
 //! calls from inline interpreted instructions and slow-path stubs)
 //! `Core::st` is complete first, so the interpreter, fault and interrupt
 //! delivery, the run loop's attention handling, snapshots and the
 //! debugger all see the guest's registers there; after the interpreter
-//! ran the mapped registers are reloaded (r12-r15 are callee-saved, r10
-//! is reloaded or, if unmapped, never read before the exit reloads it). Every
+//! ran the mapped registers are reloaded (r12-r15 are callee-saved; r10
+//! is reloaded, or unmapped and never read). Every
 //! block pushes the same callee-saved registers, so chained blocks share
 //! the frame of the block the dispatcher called, and `rbp` counts the
 //! instructions of the blocks chained from since that call (the epilogue
@@ -157,14 +159,15 @@ struct Stub {
 /// every block (callee-saved REX registers: byte forms never alias AH..BH,
 /// none is used as scratch, and `jit_interp` calls keep them). Chained
 /// blocks hand these on live: a link needs no write-back in the block that
-/// leaves nor a reload in the one entered. RSP, RAX, RDI and RSI are the
-/// guest registers the hottest blocks of a boot and of the shell loop use
-/// most (the stack, the return value, the first two arguments).
+/// leaves nor a reload in the one entered. RSP, RAX, RDI and RSI: the
+/// stack pointer, the return value and the first two arguments of the
+/// SysV ABI, which the guest kernel's and its programs' code use
+/// everywhere (the hot blocks of the shell loop use all four).
 const FIXED: [(u8, u8); 4] = [(4, 12), (0, 13), (7, 14), (6, 15)];
 
-/// The host register that holds one more guest GPR inside a block: the
-/// block's most used one outside `FIXED` (loaded at entry, written back at
-/// every exit, as a per-block cache).
+/// The host register that holds the block's most used guest GPR outside
+/// `FIXED` (loaded at entry, written back at every exit where it changed:
+/// a per-block cache; see `allocate` for more such registers).
 const LOCAL_REG: u8 = 10;
 
 struct Cg {
@@ -188,6 +191,9 @@ struct Cg {
     fixed: u16,
     /// Cached guest GPRs whose host register is newer than `Core::st`.
     dirty: u16,
+    /// `dirty` where a block that loops to itself starts its body again
+    /// (its locals count as dirty there, so the back edge stores nothing).
+    loop_dirty: u16,
     cur_dirty: u16,
     /// The SSE guard ran earlier in this block.
     sse_ok: bool,
@@ -361,6 +367,7 @@ impl Cg {
             spilled: 0,
             fixed: 0,
             dirty: 0,
+            loop_dirty: 0,
             cur_dirty: 0,
             sse_ok: false,
             revals: Vec::new(),
@@ -375,11 +382,14 @@ impl Cg {
 
     // ---------------------------------------------------- register cache
 
-    /// Load the block's `LOCAL_REG` register from `Core::st` (block entry).
+    /// Load the block's locals (mapped, not `FIXED`) from `Core::st`
+    /// (block entry).
     fn reload_local(&mut self) {
         for g in 0..16u8 {
-            if self.map[g as usize] == Some(LOCAL_REG) {
-                a!(self; mov Rq(LOCAL_REG), QWORD [rbx + gpr_off(g)]);
+            if let Some(h) = self.map[g as usize] {
+                if self.fixed & (1 << g) == 0 {
+                    a!(self; mov Rq(h), QWORD [rbx + gpr_off(g)]);
+                }
             }
         }
     }
@@ -1131,10 +1141,10 @@ impl Cg {
                 ; dec DWORD [rbx + OFF_COUNTDOWN]
             );
         }
-        // The body starts with its `LOCAL_REG` register as current in
-        // `Core::st` as in the host; the `FIXED` ones stay live (and dirty)
-        // in their host registers across the back edge.
-        let d = self.dirty & !self.fixed;
+        // The body starts again with the registers in `loop_dirty` live
+        // (and dirty) in their host registers; any other changed one goes
+        // to `Core::st` first.
+        let d = self.dirty & !self.loop_dirty;
         self.writeback_code(d);
         a!(self; add rbp, count as i32);
         let loop_stale = self.a.new_dynamic_label();
@@ -1149,9 +1159,12 @@ impl Cg {
             ; jmp =>again
             ; =>loop_stale
         );
-        // Spilled `FIXED` registers are current in `Core::st` (since the
-        // entry), the mapped ones only in the host.
-        self.leave_regs();
+        // As a chained exit would: the locals to `Core::st`, the spilled
+        // `FIXED` registers back into their host registers; then `stale`
+        // (the chained entry's) stores every `FIXED` one.
+        let dirty = self.dirty;
+        self.exit_regs();
+        self.dirty = dirty;
         a!(self
             ; mov rdx, QWORD taken
             ; jmp =>stale
@@ -1197,11 +1210,19 @@ impl Cg {
     }
 }
 
-/// Which guest GPRs the block keeps in host registers: the `FIXED` ones
-/// and its most used other one (in `LOCAL_REG`), never one that some
-/// instruction addresses as AH/CH/DH/BH (those bytes are only reachable in
-/// `Core::st`): such a `FIXED` one is returned as spilled.
-fn allocate(block: &Block) -> ([Option<u8>; 16], u16) {
+/// Which guest GPRs the block keeps in host registers, and which `FIXED`
+/// ones it spills: every `FIXED` one it can keep in its host register (not
+/// one that some instruction addresses as AH/CH/DH/BH: those bytes are
+/// only reachable in `Core::st`, so such a one is spilled), and its most
+/// used other ones as locals: the first in `LOCAL_REG`, more in the host
+/// registers of `FIXED` ones the block spills or does not use (spilled on
+/// demand). A spill costs a store at entry and a load at each exit, a
+/// local a load at entry and a store at exits where it changed, so more
+/// than one local is taken only where it pays: in a block that loops to
+/// itself (paid once per run of the loop), or for a register used at least
+/// `MIN_USES` times.
+fn allocate(block: &Block, self_loop: bool) -> ([Option<u8>; 16], u16) {
+    const MIN_USES: u32 = 4;
     let mut uses = [0u32; 16];
     let mut banned = [false; 16];
     for u in &block.uops {
@@ -1228,19 +1249,43 @@ fn allocate(block: &Block) -> ([Option<u8>; 16], u16) {
     }
     let mut map = [None; 16];
     let mut spilled = 0u16;
+    // Host registers free for locals: LOCAL_REG, then those of spilled
+    // `FIXED` registers, then those of unused ones.
+    let mut free = vec![LOCAL_REG];
+    let mut unused = Vec::new();
     for (g, h) in FIXED {
         if banned[g as usize] {
             spilled |= 1 << g;
-        } else {
+            free.push(h);
+        } else if uses[g as usize] == 0 {
+            unused.push((g, h));
+        }
+    }
+    let mut order: Vec<usize> = (0..16)
+        .filter(|&g| uses[g] > 0 && !banned[g] && !FIXED.iter().any(|&(f, _)| f as usize == g))
+        .collect();
+    order.sort_by_key(|&g| (std::cmp::Reverse(uses[g]), g));
+    let mut unused = unused.into_iter();
+    for (n, g) in order.into_iter().enumerate() {
+        if n > 0 && !self_loop && uses[g] < MIN_USES {
+            break;
+        }
+        let h = match free.get(n) {
+            Some(&h) => h,
+            None => match unused.next() {
+                Some((f, h)) => {
+                    spilled |= 1 << f;
+                    h
+                }
+                None => break,
+            },
+        };
+        map[g] = Some(h);
+    }
+    for (g, h) in FIXED {
+        if spilled & (1 << g) == 0 {
             map[g as usize] = Some(h);
         }
-        uses[g as usize] = 0;
-    }
-    let local = (0..16)
-        .filter(|&g| uses[g] > 0 && !banned[g])
-        .max_by_key(|&g| (uses[g], std::cmp::Reverse(g)));
-    if let Some(g) = local {
-        map[g] = Some(LOCAL_REG);
     }
     (map, spilled)
 }
@@ -1257,7 +1302,15 @@ pub(super) fn gen_block(
     allow_loop: bool,
 ) -> Option<(Vec<u8>, usize, Sites)> {
     let mut cg = Cg::new(countdown);
-    let (map, spilled) = allocate(block);
+    // A block whose last instruction is a Jcc back to its start (it may
+    // loop inside its code, see `Cg::self_loop`).
+    let loops = allow_loop
+        && block.uops.last().is_some_and(|u| {
+            is_jcc(u.insn.mnemonic())
+                && matches!(u.insn.op0_kind(), iced_x86::OpKind::NearBranch64)
+                && u.insn.near_branch_target() == block.rip
+        });
+    let (map, spilled) = allocate(block, loops);
     cg.map = map;
     cg.spilled = spilled;
     cg.fixed = FIXED
@@ -1313,11 +1366,19 @@ pub(super) fn gen_block(
     cg.store_fixed(spilled);
     cg.reload_local();
     cg.dirty = cg.fixed;
+    if loops {
+        cg.dirty = map
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.is_some())
+            .fold(0, |m, (g, _)| m | 1 << g);
+    }
+    cg.loop_dirty = cg.dirty;
     if allow_loop {
         let again = cg.a.new_dynamic_label();
         a!(cg; =>again);
         cg.again = Some(again);
-        cg.stale = Some(stale);
+        cg.stale = Some(stale_chained);
     }
     let n = block.uops.len();
     let mut translated = 0;

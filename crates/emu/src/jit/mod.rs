@@ -7,10 +7,12 @@
 //! with no write-back or reload; they are written back to `Core::st` only
 //! on the way back to the dispatcher, before a call into the interpreter
 //! (inline or from a slow-path stub) and at a stale-code exit, and loaded
-//! at the entry from the dispatcher and after the interpreter ran. One more
-//! guest GPR per block, its most used other one, lives in r10 from block
-//! entry to its exits; the rest stay in `Core::st` (see `codegen`'s module
-//! docs for the invariant). It runs the common integer instructions
+//! at the entry from the dispatcher and after the interpreter ran. A
+//! block's most used other guest GPRs live in r10, and where it pays in
+//! the host registers of fixed ones it does not use (those written back at
+//! its entry and reloaded at its exits), from block entry to its exits;
+//! the rest stay in `Core::st` (see `codegen`'s module docs for the
+//! invariant). It runs the common integer instructions
 //! (MOV/MOVZX/MOVSX/LEA, the ALU group, INC/DEC/NEG/NOT, shifts and
 //! rotates, MUL/IMUL, CMOVcc/SETcc, PUSH/POP, CALL/RET/JMP/Jcc) with the
 //! same host instruction, so results and flags are the host CPU's.
