@@ -3,7 +3,9 @@
 //! RAM is a set of host-mapped regions (from `Vm::map_memory`); everything else
 //! is MMIO and turns into an exit. Each RAM page has a code generation counter:
 //! decoding a block marks its pages as code, and a write to a marked page bumps
-//! the counter so every vCPU's cached blocks for that page become stale.
+//! the counter so every vCPU's cached blocks for that page become stale. That
+//! holds for a device's writes too (DMA is coherent with instruction fetch):
+//! the VMM's RAM bitmap calls [`Region::device_wrote`] after each one.
 //!
 //! Dirty logging (live migration) rides on the same per-page flag the write
 //! fast path already checks: while logging, every page carries
