@@ -108,6 +108,16 @@ impl EmuVm {
         }
     }
 
+    /// The guest-physical address memory slot `slot` was mapped at.
+    fn slot_gpa(&self, slot: u32) -> Option<u64> {
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|&&(s, _)| s == slot)
+            .map(|&(_, g)| g)
+    }
+
     /// The platform of a PC-mode VM, once its first vCPU exists.
     pub fn platform(&self) -> Option<Arc<Pc>> {
         self.pc.as_ref()?.get().cloned()
@@ -204,6 +214,14 @@ impl EmuVm {
     }
 }
 
+/// Device writes make decoded code of the pages they touch stale
+/// (`Region::device_wrote`).
+impl hypervisor::DeviceWriteWatch for crate::memory::mem::Region {
+    fn device_wrote(&self, offset: usize, len: usize) {
+        crate::memory::mem::Region::device_wrote(self, offset, len)
+    }
+}
+
 impl Vm for EmuVm {
     unsafe fn map_memory(
         &self,
@@ -225,6 +243,12 @@ impl Vm for EmuVm {
         Ok(())
     }
 
+    fn device_write_watch(&self, slot: u32) -> Option<Arc<dyn hypervisor::DeviceWriteWatch>> {
+        let gpa = self.slot_gpa(slot)?;
+        let region = self.mem.snapshot().iter().find(|r| r.gpa == gpa)?.clone();
+        Some(region)
+    }
+
     fn start_dirty_log(&self) -> Result<()> {
         for r in self.mem.snapshot().iter() {
             r.collect_dirty();
@@ -234,12 +258,7 @@ impl Vm for EmuVm {
 
     fn dirty_log(&self, slot: u32) -> Result<Vec<u64>> {
         let gpa = self
-            .slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .find(|&&(s, _)| s == slot)
-            .map(|&(_, g)| g)
+            .slot_gpa(slot)
             .ok_or_else(|| HypervisorError::Other(format!("no memory slot {slot}")))?;
         self.mem
             .snapshot()
