@@ -18,24 +18,24 @@
 //! that loops to itself keeps them across its back edge). A guest GPR in
 //! `Cg::map` lives in its host register and is newer than `Core::st`
 //! exactly when its bit is in `Cg::dirty` (the mapped `FIXED` ones count
-//! as dirty from entry on). Whenever control leaves the generated code for Rust (the way back
-//! to the dispatcher from every exit, the stale-code exit, `jit_interp`
-//! calls from inline interpreted instructions and slow-path stubs)
-//! `Core::st` is complete first, so the interpreter, fault and interrupt
-//! delivery, the run loop's attention handling, snapshots and the
-//! debugger all see the guest's registers there; after the interpreter
-//! ran the mapped registers are reloaded (r12-r15 are callee-saved; r10
-//! is reloaded, or unmapped and never read). Every
-//! block pushes the same callee-saved registers, so chained blocks share
-//! the frame of the block the dispatcher called, and `rbp` counts the
-//! instructions of the blocks chained from since that call (the epilogue
-//! adds it to `Core::icount`). `CpuState::rip` is stored before every call
-//! into the interpreter and on every way back to the dispatcher, not when
-//! one block chains to the next. The guest's arithmetic flags are where
-//! `Loc` says (host RFLAGS, the `JitCtx::fl` slot, or `CpuState::rflags`)
-//! and every exit leaves them in `rflags`. An instruction either is
-//! translated whole or emits nothing and runs through the interpreter
-//! (`jit_interp`).
+//! as dirty from entry on). Whenever control leaves the generated code
+//! for Rust (the way back to the dispatcher from every exit, the
+//! stale-code exit, `jit_interp` calls from inline interpreted
+//! instructions and slow-path stubs) `Core::st` is complete first, so the
+//! interpreter, fault and interrupt delivery, the run loop's attention
+//! handling, snapshots and the debugger all see the guest's registers
+//! there; after the interpreter ran the mapped registers are reloaded
+//! (r12-r15 are callee-saved; r10 is reloaded, or unmapped and never
+//! read). Every block pushes the same callee-saved registers, so chained
+//! blocks share the frame of the block the dispatcher called, and `rbp`
+//! counts the instructions of the blocks chained from since that call (the
+//! epilogue adds it to `Core::icount`). `CpuState::rip` is stored before
+//! every call into the interpreter and on every way back to the
+//! dispatcher, not when one block chains to the next. The guest's
+//! arithmetic flags are where `Loc` says (host RFLAGS, the `JitCtx::fl`
+//! slot, or `CpuState::rflags`) and every exit leaves them in `rflags`. An
+//! instruction either is translated whole or emits nothing and runs
+//! through the interpreter (`jit_interp`).
 
 use std::mem::{offset_of, size_of};
 
@@ -180,11 +180,12 @@ struct Cg {
     cur_stub: Option<DynamicLabel>,
     cur_entry: Loc,
     /// Guest GPR -> host register holding it for the whole block: the
-    /// `FIXED` ones this block can keep there, and its `LOCAL_REG` one.
+    /// `FIXED` ones this block keeps there, and its locals.
     map: [Option<u8>; 16],
-    /// `FIXED` guest GPRs this block cannot keep in their host register
-    /// (it addresses AH..BH of them): stored to `Core::st` at entry, loaded
-    /// back into their host register before a chained exit.
+    /// `FIXED` guest GPRs this block does not keep in their host register
+    /// (it addresses AH..BH of them, or a local has the register): stored
+    /// to `Core::st` at entry, loaded back into their host register before
+    /// each exit.
     spilled: u16,
     /// The `FIXED` guest GPRs in `map` (live in host registers at every
     /// entry and chained exit, newer than `Core::st` unless written back).
@@ -443,8 +444,8 @@ impl Cg {
         }
     }
 
-    /// Before an exit (chained or not): the block's `LOCAL_REG` register
-    /// back to `Core::st` if it changed, its spilled `FIXED` registers back
+    /// Before an exit (chained or not): the block's locals back to
+    /// `Core::st` where they changed, its spilled `FIXED` registers back
     /// into their host registers. Then every `FIXED` host register holds
     /// its guest register, as the successor's chained entry expects, and
     /// `Core::st` holds every other one. The mapped `FIXED` ones stay dirty.
@@ -943,7 +944,10 @@ impl Cg {
     /// An interrupt shadow or HLT cannot be pending here: the instructions
     /// that set them end the block through the interpreter's exit.
     fn chain_exit(&mut self, count: usize, to: Option<(usize, u64)>) {
-        self.exit_regs();
+        // A dynamic exit (no constant target) did this before its lookup.
+        if to.is_some() {
+            self.exit_regs();
+        }
         let e = self.epilogue;
         let nolink = self.a.new_dynamic_label();
         let entry = self.a.new_dynamic_label();
@@ -1359,10 +1363,11 @@ pub(super) fn gen_block(
         );
     }
     a!(cg; =>body);
-    // The `FIXED` registers this block cannot keep in the host go to
-    // `Core::st`, where its code reads and writes them; its `LOCAL_REG`
-    // one comes from there. The mapped `FIXED` ones may be newer than
-    // `Core::st` (a chained predecessor changed them): dirty.
+    // The `FIXED` registers this block spills go to `Core::st`, where its
+    // code reads and writes them; its locals come from there (into r10 and
+    // the spilled ones' host registers). The mapped `FIXED` ones may be
+    // newer than `Core::st` (a chained predecessor changed them): dirty;
+    // in a block that loops to itself the locals count as dirty too.
     cg.store_fixed(spilled);
     cg.reload_local();
     cg.dirty = cg.fixed;
