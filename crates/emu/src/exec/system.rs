@@ -520,6 +520,7 @@ fn hypercall(core: &mut Core) -> R {
         0
     } else if nr == KVM_HC_KICK_CPU && core.cpuid.pv_unhalt() {
         core.platform.pv_kick(arg(core.st.gpr[RCX]));
+        core.pv_kicks += 1;
         0
     } else {
         KVM_ENOSYS.wrapping_neg()
