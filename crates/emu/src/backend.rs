@@ -204,6 +204,14 @@ impl EmuVm {
     }
 }
 
+/// Device writes make decoded code of the pages they touch stale
+/// (`Region::device_wrote`).
+impl hypervisor::DeviceWriteWatch for crate::memory::mem::Region {
+    fn device_wrote(&self, offset: usize, len: usize) {
+        crate::memory::mem::Region::device_wrote(self, offset, len)
+    }
+}
+
 impl Vm for EmuVm {
     unsafe fn map_memory(
         &self,
@@ -223,6 +231,18 @@ impl Vm for EmuVm {
         slots.retain(|&(s, _)| s != slot);
         slots.push((slot, guest_addr));
         Ok(())
+    }
+
+    fn device_write_watch(&self, slot: u32) -> Option<Arc<dyn hypervisor::DeviceWriteWatch>> {
+        let gpa = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|&&(s, _)| s == slot)
+            .map(|&(_, g)| g)?;
+        let region = self.mem.snapshot().iter().find(|r| r.gpa == gpa)?.clone();
+        Some(region)
     }
 
     fn start_dirty_log(&self) -> Result<()> {

@@ -8,11 +8,13 @@
 pub mod cpuid;
 pub mod kvm;
 mod kvm_irq;
+mod ram_bitmap;
 mod regs;
 mod snapshot;
 pub mod stats;
 
 pub use cpuid::{CpuModel, CpuidEntry};
+pub use ram_bitmap::{DeviceWriteWatch, RamBitmap};
 pub use regs::*;
 pub use snapshot::{StateError, VcpuSnapshot, VmSnapshot};
 
@@ -21,11 +23,13 @@ use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Guest RAM as the VMM and its devices access it: vm-memory's mmap backend
-/// with a page bitmap that every write through vm-memory marks (virtio
-/// used rings, block reads, net RX, ...). Live migration reads and resets
-/// it to learn which pages devices wrote; vCPU writes go to the backend's
-/// own dirty log ([`Vm::dirty_log`]), which does not see device writes.
-pub type GuestRam = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// with a page bitmap ([`RamBitmap`]) that every write through vm-memory
+/// marks (virtio used rings, block reads, net RX, ...). Live migration
+/// reads and resets it to learn which pages devices wrote; vCPU writes go
+/// to the backend's own dirty log ([`Vm::dirty_log`]), which does not see
+/// device writes. A backend that translates guest code also hears of each
+/// device write through the bitmap ([`Vm::device_write_watch`]).
+pub type GuestRam = vm_memory::GuestMemoryMmap<RamBitmap>;
 
 /// Errors of a vCPU backend.
 #[derive(Debug, thiserror::Error)]
@@ -264,6 +268,15 @@ pub trait Vm: Send + Sync {
     /// Load what [`Vm::save_state`] returned, after the vCPUs exist.
     fn restore_state(&self, _state: &VmSnapshot) -> Result<()> {
         no_snapshots("VM state")
+    }
+    /// Whom the devices' writes into memory slot `slot` (as given to
+    /// [`Vm::map_memory`]) must reach besides the dirty bitmap: a backend
+    /// that translates guest code drops translations of the pages written
+    /// there (instruction fetch sees DMA on real hardware). None (KVM: the
+    /// CPU itself is coherent) unless the backend needs it. The VMM
+    /// installs it in the slot's [`RamBitmap`] right after mapping it.
+    fn device_write_watch(&self, _slot: u32) -> Option<Arc<dyn DeviceWriteWatch>> {
+        None
     }
     /// Start recording which 4 KiB guest pages the vCPUs write (live
     /// migration). Writes by the VMM's own threads (devices) are not seen.

@@ -903,10 +903,25 @@ mod tests {
                 writable: true,
             },
         );
-        // Clear the dirty log left by setting the chain up.
-        for r in m.iter() {
-            std::ops::Deref::deref(r).bitmap().reset();
+        // Clear the dirty log left by setting the chain up, and record what
+        // a backend watching device writes (the engine) hears.
+        #[derive(Default)]
+        struct Heard(std::sync::Mutex<Vec<(usize, usize)>>);
+        impl hypervisor::DeviceWriteWatch for Heard {
+            fn device_wrote(&self, offset: usize, len: usize) {
+                self.0.lock().unwrap().push((offset, len));
+            }
         }
+        let heard: Vec<std::sync::Arc<Heard>> = m
+            .iter()
+            .map(|r| {
+                let h = std::sync::Arc::new(Heard::default());
+                let b = std::ops::Deref::deref(r).bitmap();
+                b.get_and_reset();
+                assert!(b.set_watch(h.clone()));
+                h
+            })
+            .collect();
         let used = w.handle(&c, &m).unwrap();
         assert_eq!((used, status(&m)), (1025, VIRTIO_BLK_S_OK));
         let mut got = vec![0u8; 1024];
@@ -919,6 +934,9 @@ mod tests {
             r.bitmap().dirty_at(off.0 as usize)
         };
         assert!(dirty(0x2e00) && dirty(0x3000), "device writes not logged");
+        // And the watch of each region heard of its piece of the data.
+        assert!(heard[0].0.lock().unwrap().contains(&(0x2e00, 0x200)));
+        assert!(heard[1].0.lock().unwrap().contains(&(0, 0x200)));
         // A data buffer outside guest RAM: refused as a queue error, the
         // status byte untouched and nothing written.
         let mut c = chain(&m, VIRTIO_BLK_T_IN, 0, &[], 0);

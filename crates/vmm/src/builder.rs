@@ -106,6 +106,7 @@ impl PreparedVm {
 
 /// Map every region of `memory` into the backend VM, slot by slot.
 fn map_guest_memory(vm: &dyn hypervisor::Vm, memory: &GuestRam) -> Result<(), VmmError> {
+    use std::ops::Deref;
     for (slot, region) in memory.iter().enumerate() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -122,6 +123,11 @@ fn map_guest_memory(vm: &dyn hypervisor::Vm, memory: &GuestRam) -> Result<(), Vm
                 region.len(),
                 host as u64,
             )?;
+        }
+        // Devices' writes into the slot reach the backend from now on (a
+        // software CPU drops code they overwrite); KVM answers None.
+        if let Some(watch) = vm.device_write_watch(slot as u32) {
+            region.deref().bitmap().set_watch(watch);
         }
     }
     Ok(())

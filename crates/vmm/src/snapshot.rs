@@ -563,7 +563,7 @@ pub fn map_memory(
         // `hypervisor::GuestRam`); a default bitmap would track nothing.
         let mmap = vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(
             r.len as usize,
-            vm_memory::bitmap::AtomicBitmap::with_len(r.len as usize),
+            hypervisor::RamBitmap::with_len(r.len as usize),
         )
         .with_file_offset(fo)
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
@@ -573,7 +573,7 @@ pub fn map_memory(
             what: format!("cannot map {}", path.display()),
             source: Box::new(e),
         })?;
-        let region: MmapRegion<vm_memory::bitmap::AtomicBitmap> = mmap;
+        let region: MmapRegion<hypervisor::RamBitmap> = mmap;
         let region = GuestRegionMmap::new(region, GuestAddress(r.gpa))
             .ok_or_else(|| VmmError::Snapshot(format!("bad memory range {:#x}", r.gpa)))?;
         regions.push(region);

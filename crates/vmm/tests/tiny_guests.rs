@@ -118,6 +118,17 @@ fn run_raw(accel: Accel, image: Vec<u8>, mode: RawMode) -> (VmExit, String, Vm2)
 }
 
 fn run_raw_with(accel: Accel, image: Vec<u8>, mode: RawMode, rng: bool) -> (VmExit, String, Vm2) {
+    run_raw_setup(accel, image, mode, rng, |_| {})
+}
+
+/// `run_raw_with`, calling `setup` on the built VM before it runs.
+fn run_raw_setup(
+    accel: Accel,
+    image: Vec<u8>,
+    mode: RawMode,
+    rng: bool,
+    setup: impl FnOnce(&Vm),
+) -> (VmExit, String, Vm2) {
     let cap = Capture::default();
     let spec = VmSpec {
         accel,
@@ -148,6 +159,7 @@ fn run_raw_with(accel: Accel, image: Vec<u8>, mode: RawMode, rng: bool) -> (VmEx
     vm.mmio_bus()
         .insert(MMIO_PROBE, 0x1000, probe.clone())
         .unwrap();
+    setup(&vm);
     let exit = run_with_timeout(vm);
     (exit, cap.text(), Vm2 { probe })
 }
@@ -404,5 +416,94 @@ fn triple_fault_is_reported() {
             "{accel:?}: {exit:?}"
         );
         assert_eq!(exit.code(), vmm::exit_code::TRIPLE_FAULT);
+    }
+}
+
+/// Where the DMA test's device sits on the MMIO bus.
+const DMA_DEVICE: u64 = 0xd000_1000;
+
+/// A device that, on any MMIO write, writes `code` into guest RAM at `at`
+/// through vm-memory, as virtio devices write guest buffers.
+struct DmaWriter {
+    mem: hypervisor::GuestRam,
+    at: u64,
+    code: Vec<u8>,
+}
+
+impl BusDevice for DmaWriter {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _offset: u64, _data: &[u8]) {
+        use vm_memory::Bytes;
+        self.mem
+            .write_slice(&self.code, vm_memory::GuestAddress(self.at))
+            .expect("the code page is guest RAM");
+    }
+}
+
+/// A device that overwrites code the guest has run (and the engine has
+/// decoded and compiled: the function ran far past the translation
+/// threshold) makes the guest run the new code at once, as DMA does on
+/// real hardware: the engine hears of every device write through the RAM
+/// bitmap and drops the page's translations.
+#[test]
+fn code_a_device_overwrote_is_never_run_stale() {
+    const FUNC: u64 = LOAD + 0x2000;
+    let func = |v: u32| {
+        assemble_at(64, FUNC, |a| {
+            a.mov(eax, v).unwrap();
+            a.ret().unwrap();
+        })
+    };
+    for accel in accels() {
+        let msgs = ["dma ok\n", "dma bad\n"];
+        let code = assemble(64, |a| {
+            let mut fail = a.create_label();
+            let mut end = a.create_label();
+            let mut warm = a.create_label();
+            let mut again = a.create_label();
+            a.mov(ecx, 1000u32).unwrap();
+            a.set_label(&mut warm).unwrap();
+            a.mov(rax, FUNC).unwrap();
+            a.call(rax).unwrap();
+            a.cmp(eax, 1).unwrap();
+            a.jne(fail).unwrap();
+            a.dec(ecx).unwrap();
+            a.jnz(warm).unwrap();
+            // The device replaces the function.
+            a.mov(rbx, DMA_DEVICE).unwrap();
+            a.mov(dword_ptr(rbx), 1).unwrap();
+            a.mov(ecx, 1000u32).unwrap();
+            a.set_label(&mut again).unwrap();
+            a.mov(rax, FUNC).unwrap();
+            a.call(rax).unwrap();
+            a.cmp(eax, 2).unwrap();
+            a.jne(fail).unwrap();
+            a.dec(ecx).unwrap();
+            a.jnz(again).unwrap();
+            print(a, 64, LOAD + msg_at(&msgs, 0));
+            a.jmp(end).unwrap();
+            a.set_label(&mut fail).unwrap();
+            print(a, 64, LOAD + msg_at(&msgs, 1));
+            a.set_label(&mut end).unwrap();
+            power_off(a);
+        });
+        let mut image = with_messages(code, &msgs);
+        image.resize((FUNC - LOAD) as usize, 0x90);
+        image.extend(func(1));
+        let (exit, out, _) =
+            run_raw_setup(accel, image, RawMode::Long { entry: LOAD }, false, |vm| {
+                let dev = DmaWriter {
+                    mem: vm.memory().clone(),
+                    at: FUNC,
+                    code: func(2),
+                };
+                vm.mmio_bus()
+                    .insert(DMA_DEVICE, 0x1000, Arc::new(Mutex::new(dev)))
+                    .unwrap();
+            });
+        assert_eq!(out, "dma ok\n", "{accel:?}");
+        assert_eq!(exit, VmExit::PowerOff);
     }
 }

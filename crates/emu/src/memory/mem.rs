@@ -3,7 +3,9 @@
 //! RAM is a set of host-mapped regions (from `Vm::map_memory`); everything else
 //! is MMIO and turns into an exit. Each RAM page has a code generation counter:
 //! decoding a block marks its pages as code, and a write to a marked page bumps
-//! the counter so every vCPU's cached blocks for that page become stale.
+//! the counter so every vCPU's cached blocks for that page become stale. That
+//! holds for a device's writes too (DMA is coherent with instruction fetch):
+//! the VMM's RAM bitmap calls [`Region::device_wrote`] after each one.
 //!
 //! Dirty logging (live migration) rides on the same per-page flag the write
 //! fast path already checks: while logging, every page carries
@@ -87,6 +89,34 @@ impl Region {
         }
         for w in self.dirty.iter() {
             w.store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// A device (a VMM thread, not a vCPU) wrote `[offset, offset + len)`
+    /// of the region, offsets from its start; called after the write.
+    /// Decoded code of those pages becomes stale, as a vCPU's write would
+    /// make it. Pages without decoded code cost one flag load each. The
+    /// dirty log is not touched: device writes are in the VMM's own bitmap
+    /// (`hypervisor::RamBitmap`), which migration reads beside this one.
+    pub fn device_wrote(&self, offset: usize, len: usize) {
+        if len == 0 {
+            return;
+        }
+        let pages = self.has_code.len();
+        let first = offset >> PAGE_SHIFT;
+        let last = (offset.saturating_add(len - 1) >> PAGE_SHIFT).min(pages.saturating_sub(1));
+        // The device's stores before the flag loads: with `mark_code`'s
+        // mark-then-read, either the decoder reads the new bytes or this
+        // sees the mark and bumps the generation.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        for p in first..=last {
+            if p >= pages {
+                break;
+            }
+            if self.has_code[p].load(Ordering::Relaxed) & FLAG_CODE != 0 {
+                self.has_code[p].fetch_and(!FLAG_CODE, Ordering::SeqCst);
+                self.code_gen[p].fetch_add(1, Ordering::SeqCst);
+            }
         }
     }
 
@@ -430,6 +460,31 @@ mod tests {
             unsafe { (*view.code_flag(7 * 4096)).load(Ordering::SeqCst) },
             0
         );
+        assert_eq!(r.collect_dirty(), vec![0]);
+    }
+
+    #[test]
+    fn a_device_write_makes_decoded_code_of_its_pages_stale() {
+        let (_ram, _phys, view, r) = ram(8);
+        let g2 = view.mark_code(2 * 4096).unwrap();
+        let g3 = view.mark_code(3 * 4096).unwrap();
+        let g6 = view.mark_code(6 * 4096).unwrap();
+        r.collect_dirty(); // logging on: a device write must not clear its flag
+                           // The last byte of page 2 through the first of page 3.
+        r.device_wrote(2 * 4096 + 4095, 2);
+        assert_eq!(view.code_gen(2 * 4096), Some(g2 + 1));
+        assert_eq!(view.code_gen(3 * 4096), Some(g3 + 1));
+        assert!(!view.page_has_code(2 * 4096) && !view.page_has_code(3 * 4096));
+        // Not a code page any more: a second write bumps nothing.
+        r.device_wrote(2 * 4096, 8);
+        assert_eq!(view.code_gen(2 * 4096), Some(g2 + 1));
+        // Other pages keep their code; past the end and empty are ignored.
+        r.device_wrote(7 * 4096, 1 << 20);
+        r.device_wrote(6 * 4096, 0);
+        r.device_wrote(100 * 4096, 8);
+        assert_eq!(view.code_gen(6 * 4096), Some(g6));
+        assert!(view.page_has_code(6 * 4096));
+        // The engine's own log is the vCPUs' (see `device_wrote`).
         assert_eq!(r.collect_dirty(), vec![0]);
     }
 
