@@ -108,6 +108,16 @@ impl EmuVm {
         }
     }
 
+    /// The guest-physical address memory slot `slot` was mapped at.
+    fn slot_gpa(&self, slot: u32) -> Option<u64> {
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|&&(s, _)| s == slot)
+            .map(|&(_, g)| g)
+    }
+
     /// The platform of a PC-mode VM, once its first vCPU exists.
     pub fn platform(&self) -> Option<Arc<Pc>> {
         self.pc.as_ref()?.get().cloned()
@@ -234,13 +244,7 @@ impl Vm for EmuVm {
     }
 
     fn device_write_watch(&self, slot: u32) -> Option<Arc<dyn hypervisor::DeviceWriteWatch>> {
-        let gpa = self
-            .slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .find(|&&(s, _)| s == slot)
-            .map(|&(_, g)| g)?;
+        let gpa = self.slot_gpa(slot)?;
         let region = self.mem.snapshot().iter().find(|r| r.gpa == gpa)?.clone();
         Some(region)
     }
@@ -254,12 +258,7 @@ impl Vm for EmuVm {
 
     fn dirty_log(&self, slot: u32) -> Result<Vec<u64>> {
         let gpa = self
-            .slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .find(|&&(s, _)| s == slot)
-            .map(|&(_, g)| g)
+            .slot_gpa(slot)
             .ok_or_else(|| HypervisorError::Other(format!("no memory slot {slot}")))?;
         self.mem
             .snapshot()

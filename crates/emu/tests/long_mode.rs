@@ -1310,3 +1310,137 @@ fn translated_rmw_string_and_div_edges_match_the_interpreter() {
         assert!(pi == pj, "{name}: memory at {P:#x}");
     }
 }
+
+/// The translator keeps RSP, RAX, RDI and RSI in the same host registers in
+/// every block, and a chained link hands them on without writing them back.
+/// At threshold 0 every way their values leave translated code gives the
+/// interpreter's registers, memory and instruction count: chained blocks
+/// that change them in turn (JMP, CALL/RET, a self-loop), a block that
+/// addresses AH (it keeps RAX in `Core::st` between chained neighbours
+/// that keep it in the host), a chained successor whose code page the
+/// program rewrites (its entry check leaves for the dispatcher), an
+/// instruction run by the interpreter inline between them (CPUID), and a
+/// #GP in the middle of a chained run, delivered through the IDT (the
+/// handler's frame and the registers it sees).
+#[test]
+fn fixed_register_map_holds_across_chained_blocks() {
+    const F: u64 = 0x407000;
+    const N: u32 = 40;
+    // At F, in a page of its own: `add rdi, imm32; lea rsi, [rsi + rax];
+    // ret`; the program rewrites the immediate halfway.
+    let callee = {
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.add(rdi, 0x100).unwrap();
+        a.lea(rsi, qword_ptr(rsi + rax)).unwrap();
+        a.ret().unwrap();
+        let b = a.assemble(F).unwrap();
+        assert_eq!(&b[..3], &[0x48, 0x81, 0xc7], "add rdi, imm32");
+        b
+    };
+    let code = asm64!(|a| {
+        let mut lp = a.create_label();
+        let mut b2 = a.create_label();
+        let mut b3 = a.create_label();
+        let mut b4 = a.create_label();
+        let mut b5 = a.create_label();
+        let mut inner = a.create_label();
+        let mut skip = a.create_label();
+        a.mov(rsi, DATA)?;
+        a.mov(rdi, DATA + 0x800)?;
+        a.mov(ecx, N)?;
+        a.xor(eax, eax)?;
+        a.set_label(&mut lp)?;
+        a.mov(rdx, qword_ptr(rsi))?;
+        a.add(rax, rdx)?;
+        a.jmp(b2)?;
+        a.set_label(&mut b2)?;
+        a.mov(qword_ptr(rdi), rax)?;
+        a.lea(rsi, qword_ptr(rsi + 8))?;
+        a.push(rsi)?;
+        a.jmp(b3)?;
+        a.set_label(&mut b3)?;
+        a.mov(ah, cl)?;
+        a.add(rdi, 8)?;
+        a.pop(rdx)?;
+        a.sub(rdx, rsi)?;
+        a.add(rax, rdx)?;
+        a.call(F)?;
+        a.mov(r8d, 3)?;
+        a.set_label(&mut inner)?;
+        a.add(rax, rdi)?;
+        a.xor(rsi, rax)?;
+        a.dec(r8d)?;
+        a.jnz(inner)?;
+        a.cmp(ecx, N / 2)?;
+        a.jne(skip)?;
+        a.mov(dword_ptr(F + 3), 0x300)?;
+        a.set_label(&mut skip)?;
+        a.mov(r9, rax)?;
+        a.mov(r10d, ecx)?;
+        a.mov(eax, 0)?;
+        a.cpuid()?;
+        a.mov(ecx, r10d)?;
+        a.mov(rax, r9)?;
+        a.and(rsi, 0xff8)?;
+        a.add(rsi, DATA as i32)?;
+        a.dec(ecx)?;
+        a.jnz(lp)?;
+        // A fault two links into a chained run: RDI, RSI and RSP were
+        // changed by the blocks before it.
+        a.push(rdi)?;
+        a.jmp(b4)?;
+        a.set_label(&mut b4)?;
+        a.mov(rsi, 0x8000_0000_0000_0000u64)?;
+        a.add(rdi, 3)?;
+        a.jmp(b5)?;
+        a.set_label(&mut b5)?;
+        a.lea(rax, qword_ptr(rdi + 1))?;
+        a.mov(rax, qword_ptr(rsi))?;
+        a.hlt()?;
+    });
+    let run = |jit: Option<u32>| {
+        let mut g = guest();
+        g.vcpu.core_mut().jit.threshold = jit;
+        for i in 0..512u64 {
+            g.w64(DATA + i * 8, 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i + 3));
+        }
+        g.write(F, &callee);
+        g.load_code(&code);
+        g.run_to_halt();
+        let r = g.regs();
+        let mut frame: Vec<u64> = (0..6).map(|i| g.r64(r.rsp + 8 * i)).collect();
+        // What the program pushed last, at the RSP the frame saved.
+        frame.push(g.r64(frame[4]));
+        let mem: Vec<u64> = (0..N as u64)
+            .map(|i| g.r64(DATA + 0x800 + 0x108 * i))
+            .collect();
+        (
+            r,
+            frame,
+            mem,
+            g.vcpu.core().icount,
+            g.vcpu.core().jit.compiled,
+        )
+    };
+    let (ri, fi, mi, ni, _) = run(None);
+    let (rj, fj, mj, nj, compiled) = run(Some(0));
+    assert!(compiled >= 8, "{compiled} blocks translated");
+    assert_eq!(format!("{ri:x?}"), format!("{rj:x?}"), "registers");
+    assert_eq!(fi, fj, "the #GP frame and the pushed RDI");
+    assert_eq!(mi, mj, "stores through RDI");
+    assert_eq!(ni, nj, "instructions retired");
+    // The handler ran for #GP (vector 13) with error code 0, from the
+    // faulting MOV, and the RDI pushed before the chained run is 3 below
+    // the one the handler sees.
+    assert_eq!(ri.rax, 13);
+    assert_eq!(fi[0], 0, "error code");
+    assert_eq!(fi[6] + 3, ri.rdi, "pushed RDI");
+    // Iterations before the rewrite added 0x100 to RDI in the callee, the
+    // later ones 0x300 (each also adds 8 in the loop).
+    let (before, after) = (N as u64 / 2 + 1, N as u64 / 2 - 1);
+    assert_eq!(
+        ri.rdi,
+        DATA + 0x800 + before * 0x108 + after * 0x308 + 3,
+        "the rewritten callee ran"
+    );
+}

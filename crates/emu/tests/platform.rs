@@ -455,6 +455,82 @@ fn a_kick_stops_a_vcpu_spinning_in_translated_code() {
     }
 }
 
+/// A kick from another thread stops a vCPU whose loop is three chained
+/// translated blocks that hand RAX, RDI, RSI and RSP on in host registers
+/// (the attention word is tested at each link): whichever link it stops
+/// at, the registers `run` returns are the guest's at that block start,
+/// and running again goes on from there.
+#[test]
+fn a_kick_between_chained_blocks_sees_their_registers() {
+    const STACK: u64 = 0x80000;
+    let mut g = pc_guest(1);
+    let (mut l1, mut l2, mut l3) = (0, 0, 0);
+    let code = asm_at(CODE, |a| {
+        let mut b1 = a.create_label();
+        let mut b2 = a.create_label();
+        let mut b3 = a.create_label();
+        a.mov(rsp, STACK)?;
+        a.xor(eax, eax)?;
+        a.xor(edi, edi)?;
+        a.xor(esi, esi)?;
+        a.set_label(&mut b1)?;
+        a.add(rax, 1)?;
+        a.push(rax)?;
+        a.jmp(b2)?;
+        a.set_label(&mut b2)?;
+        a.pop(rdx)?;
+        a.lea(rdi, qword_ptr(rdi + rdx * 2))?;
+        a.jmp(b3)?;
+        a.set_label(&mut b3)?;
+        a.add(rsi, rax)?;
+        a.cmp(rax, 0)?;
+        a.jne(b1)?;
+        a.hlt()?;
+        Ok(())
+    });
+    // The block starts, by decoding the code: B1 after the 4 set-up
+    // instructions, B2 after `add; push; jmp`, B3 after `pop; lea; jmp`.
+    let mut d = iced_x86::Decoder::with_ip(64, &code, CODE, 0);
+    let ips: Vec<u64> = (0..14).map(|_| d.decode().ip()).collect();
+    if let [_, _, _, _, a1, _, _, a2, _, _, a3, ..] = ips[..] {
+        (l1, l2, l3) = (a1, a2, a3);
+    }
+    g.load_code(&code);
+    let mut stops = [0u32; 3];
+    for _ in 0..6 {
+        let kicker = g.vcpu.kicker();
+        let before = g.regs().rax;
+        let h = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            kicker.kick();
+        });
+        let e = g.run();
+        h.join().unwrap();
+        assert_eq!(e, Ex::Interrupted, "{:x?}", g.regs());
+        let r = g.regs();
+        assert!(r.rax > before + 1000, "{:x?}", r);
+        // After n whole iterations RAX = n, RDI = n(n+1), RSI = n(n+1)/2;
+        // at B2 and B3 of iteration n+1 RAX is n+1 already.
+        let n = if r.rip == l1 { r.rax } else { r.rax - 1 };
+        let want_rdi = if r.rip == l3 {
+            (n + 1) * (n + 2)
+        } else {
+            n * (n + 1)
+        };
+        assert_eq!(r.rdi, want_rdi, "{:x?}", r);
+        assert_eq!(r.rsi, n * (n + 1) / 2, "{:x?}", r);
+        let want_rsp = if r.rip == l2 { STACK - 8 } else { STACK };
+        assert_eq!(r.rsp, want_rsp, "{:x?}", r);
+        match r.rip {
+            x if x == l1 => stops[0] += 1,
+            x if x == l2 => stops[1] += 1,
+            x if x == l3 => stops[2] += 1,
+            _ => panic!("stopped outside a block start: {r:x?}"),
+        }
+    }
+    eprintln!("stops at B1/B2/B3: {stops:?}");
+}
+
 #[test]
 fn kvmclock_writes_an_advancing_pvclock_structure() {
     use emu_platform::pvclock::PvClockVcpuTimeInfo;

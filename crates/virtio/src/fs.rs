@@ -17,6 +17,20 @@
 //! interrupt (MSI-X or INTx through the transport), which both accelerators
 //! take through `signal_msi`.
 //!
+//! virtiofsd writes the guest's read buffers from its own process, so
+//! neither the VMM's page bitmap nor the engine (which must drop translated
+//! code of a page a device overwrote) sees those writes. Before raising a
+//! queue's interrupt the thread therefore reads what the backend put in the
+//! used ring since the last call ([`UsedWatch`]) and marks each completed
+//! chain's device-writable buffers, up to the length the backend reported,
+//! as written by a device. The guest learns of a completion from that
+//! interrupt, so it sees the data only after the mark; a driver already
+//! polling the used ring may take a completion before the next call, but
+//! a page it read that way holds file data, which runs as code only after
+//! the guest maps it (the mark comes with the call that follows within
+//! microseconds). A malformed chain is the driver's error, which the
+//! backend refuses too; it is skipped here.
+//!
 //! Invariants: guest memory must be backed by shareable file descriptors
 //! (the builder uses a memfd when the VM has a virtio-fs device); a
 //! device reset takes the rings back from the backend (GET_VRING_BASE)
@@ -31,6 +45,7 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,10 +53,12 @@ use hypervisor::GuestRam;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::features::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use crate::queue::walk_chain;
 use crate::{
     ActivateError, DeviceState, ExternalQueue, PersistError, QueueWorker, VirtioDevice,
     VirtioInterrupt,
@@ -307,7 +324,7 @@ impl VhostUserFs {
                     .set_vring_enable(i, true)
                     .map_err(fail("SET_VRING_ENABLE"))?;
             }
-            calls.push((i, call));
+            calls.push((i, call, UsedWatch::new(self.mem.clone(), q, features)));
         }
         self.calls = Some(spawn_calls(
             calls,
@@ -338,23 +355,105 @@ impl VhostUserFs {
     }
 }
 
+/// One queue's used ring as the backend fills it: what was completed
+/// since the last look, so its written buffers can be marked.
+struct UsedWatch {
+    mem: GuestRam,
+    desc_table: GuestAddress,
+    used_ring: GuestAddress,
+    size: u16,
+    indirect: bool,
+    /// The used index up to which completions were marked.
+    next: u16,
+}
+
+impl UsedWatch {
+    fn new(mem: GuestRam, q: &ExternalQueue, features: u64) -> Self {
+        UsedWatch {
+            mem,
+            desc_table: GuestAddress(q.cfg.desc_table),
+            used_ring: GuestAddress(q.cfg.used_ring),
+            size: q.cfg.size,
+            indirect: features & VIRTIO_RING_F_INDIRECT_DESC != 0,
+            next: 0,
+        }
+    }
+
+    /// Mark the device-writable buffers of every chain the backend used
+    /// since the last call, each up to its used length; returns how many
+    /// completions were read. A used index more than the queue ahead, or
+    /// unreadable, is the backend's or the driver's fault: nothing can be
+    /// marked, so it is skipped (logged at debug).
+    fn mark_completed(&mut self) -> u16 {
+        let idx_at = self.used_ring.unchecked_add(2);
+        let idx = match self.mem.load::<u16>(idx_at, Ordering::Acquire) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::debug!("virtio-fs: used index at {:#x}: {e}", idx_at.0);
+                return 0;
+            }
+        };
+        let n = idx.wrapping_sub(self.next);
+        if self.size == 0 || n > self.size {
+            tracing::debug!(
+                "virtio-fs: used index {idx} is {n} ahead of {} in a queue of {}",
+                self.next,
+                self.size
+            );
+            self.next = idx;
+            return 0;
+        }
+        let mut slices = Vec::new();
+        for k in 0..n {
+            let slot = self.next.wrapping_add(k) % self.size;
+            let at = self.used_ring.unchecked_add(4 + 8 * slot as u64);
+            let (Ok(id), Ok(len)) = (
+                self.mem.read_obj::<u32>(at),
+                self.mem.read_obj::<u32>(at.unchecked_add(4)),
+            ) else {
+                continue;
+            };
+            let Ok(head) = u16::try_from(id) else {
+                continue;
+            };
+            let walked = walk_chain(&self.mem, self.desc_table, self.size, head, self.indirect)
+                .and_then(|chain| {
+                    slices.clear();
+                    chain.guest_slices(&self.mem, true, 0, len as u64, &mut slices)
+                });
+            match walked {
+                Ok(_) => {
+                    for piece in &slices {
+                        piece.bitmap().mark_dirty(0, piece.len());
+                    }
+                }
+                Err(e) => tracing::debug!("virtio-fs: used chain {head}: {e}"),
+            }
+        }
+        self.next = idx;
+        n
+    }
+}
+
 /// Start the thread that raises queue `i`'s interrupt whenever the backend
-/// signals its call eventfd, and reports the backend hanging up on `sock`.
+/// signals its call eventfd (after marking what the backend wrote), and
+/// reports the backend hanging up on `sock`.
 fn spawn_calls(
-    calls: Vec<(usize, EventFd)>,
+    calls: Vec<(usize, EventFd, UsedWatch)>,
     sock: RawFd,
     irq: Arc<dyn VirtioInterrupt>,
     name: String,
 ) -> Result<CallThread, String> {
     let kill = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
     let kill2 = kill.try_clone().map_err(|e| format!("eventfd: {e}"))?;
+    let mut calls = calls;
     let thread = threads::spawn(threads::Role::Helper("virtio-fs-irq".into()), move || {
         let n = calls.len();
         // Entries: kill, each call eventfd, then the socket, watched
         // for hang-up only (events 0: its replies are the frontend's
         // to read).
         let mut fds: Vec<libc::pollfd> = std::iter::once(kill2.as_raw_fd())
-            .chain(calls.iter().map(|(_, e)| e.as_raw_fd()))
+            .chain(calls.iter().map(|(_, e, _)| e.as_raw_fd()))
             .map(|fd| libc::pollfd {
                 fd,
                 events: libc::POLLIN,
@@ -379,8 +478,9 @@ fn spawn_calls(
             if fds[0].revents != 0 {
                 return;
             }
-            for (k, (q, e)) in calls.iter().enumerate() {
+            for (k, (q, e, used)) in calls.iter_mut().enumerate() {
                 if fds[k + 1].revents != 0 && e.read().is_ok() {
+                    used.mark_completed();
                     irq.signal_queue(*q as u16);
                 }
             }
@@ -629,6 +729,114 @@ fn private_dir() -> std::io::Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queue::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+    use std::sync::Mutex;
+
+    /// What a backend watching device writes (the engine) hears.
+    #[derive(Default)]
+    struct Heard(Mutex<Vec<(usize, usize)>>);
+    impl hypervisor::DeviceWriteWatch for Heard {
+        fn device_wrote(&self, offset: usize, len: usize) {
+            self.0.lock().unwrap().push((offset, len));
+        }
+    }
+
+    const TABLE: u64 = 0x1000;
+    const USED: u64 = 0x3000;
+
+    fn desc(m: &GuestRam, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let a = GuestAddress(table + 16 * i as u64);
+        m.write_obj(addr, a).unwrap();
+        m.write_obj(len, a.unchecked_add(8)).unwrap();
+        m.write_obj(flags, a.unchecked_add(12)).unwrap();
+        m.write_obj(next, a.unchecked_add(14)).unwrap();
+    }
+
+    /// The backend's side: put `(id, len)` in used slot `slot`.
+    fn used(m: &GuestRam, slot: u16, id: u32, len: u32) {
+        let a = GuestAddress(USED + 4 + 8 * slot as u64);
+        m.write_obj(id, a).unwrap();
+        m.write_obj(len, a.unchecked_add(4)).unwrap();
+    }
+
+    #[test]
+    fn completions_mark_what_the_backend_wrote_and_skip_what_is_malformed() {
+        let m = GuestRam::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let heard = Arc::new(Heard::default());
+        let region = m.iter().next().unwrap();
+        assert!(std::ops::Deref::deref(region)
+            .bitmap()
+            .set_watch(heard.clone()));
+        let mut w = UsedWatch {
+            mem: m.clone(),
+            desc_table: GuestAddress(TABLE),
+            used_ring: GuestAddress(USED),
+            size: 16,
+            indirect: true,
+            next: 0,
+        };
+        let idx = |i: u16| m.write_obj(i, GuestAddress(USED + 2)).unwrap();
+        let take = |h: &Heard| std::mem::take(&mut *h.0.lock().unwrap());
+        // The watch hears the test's own set-up writes too: forget those.
+        let mark = |w: &mut UsedWatch| {
+            take(&heard);
+            w.mark_completed()
+        };
+        // Chain 3: a request header, then 8 KiB of reply of which the
+        // backend filled 6 KiB.
+        desc(&m, TABLE, 3, 0x8000, 40, VIRTQ_DESC_F_NEXT, 7);
+        desc(&m, TABLE, 7, 0x9000, 0x2000, VIRTQ_DESC_F_WRITE, 0);
+        // Chain 0: indirect, two writable buffers, the second one untouched.
+        desc(&m, TABLE, 0, 0x4000, 48, VIRTQ_DESC_F_INDIRECT, 0);
+        desc(&m, 0x4000, 0, 0x8100, 16, VIRTQ_DESC_F_NEXT, 1);
+        desc(
+            &m,
+            0x4000,
+            1,
+            0xc000,
+            0x100,
+            VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE,
+            2,
+        );
+        desc(&m, 0x4000, 2, 0xd000, 0x100, VIRTQ_DESC_F_WRITE, 0);
+        used(&m, 0, 3, 0x1800);
+        used(&m, 1, 0, 0x80);
+        idx(2);
+        assert_eq!(mark(&mut w), 2);
+        assert_eq!(take(&heard), vec![(0x9000, 0x1800), (0xc000, 0x80)]);
+        // Nothing new: nothing marked.
+        assert_eq!(mark(&mut w), 0);
+        assert!(take(&heard).is_empty());
+        // A head outside the queue and a chain that loops are skipped; the
+        // completion after them is still marked.
+        used(&m, 2, 5000, 0x10);
+        desc(
+            &m,
+            TABLE,
+            9,
+            0xe000,
+            0x10,
+            VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT,
+            9,
+        );
+        used(&m, 3, 9, 0x10);
+        used(&m, 4, 3, 0x10);
+        idx(5);
+        assert_eq!(mark(&mut w), 3);
+        assert_eq!(take(&heard), vec![(0x9000, 0x10)]);
+        // The index wraps past 65535.
+        w.next = 0xffff;
+        used(&m, 15, 3, 0x20);
+        used(&m, 0, 3, 0x30);
+        idx(1);
+        assert_eq!(mark(&mut w), 2);
+        assert_eq!(take(&heard), vec![(0x9000, 0x20), (0x9000, 0x30)]);
+        // An index more than the queue ahead: nothing can be trusted.
+        idx(1 + 17);
+        assert_eq!(mark(&mut w), 0);
+        assert!(take(&heard).is_empty());
+        assert_eq!(w.next, 18);
+    }
 
     #[test]
     fn tags_are_checked() {

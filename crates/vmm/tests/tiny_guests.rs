@@ -461,27 +461,23 @@ fn code_a_device_overwrote_is_never_run_stale() {
         let code = assemble(64, |a| {
             let mut fail = a.create_label();
             let mut end = a.create_label();
-            let mut warm = a.create_label();
-            let mut again = a.create_label();
-            a.mov(ecx, 1000u32).unwrap();
-            a.set_label(&mut warm).unwrap();
-            a.mov(rax, FUNC).unwrap();
-            a.call(rax).unwrap();
-            a.cmp(eax, 1).unwrap();
-            a.jne(fail).unwrap();
-            a.dec(ecx).unwrap();
-            a.jnz(warm).unwrap();
+            // Call the function 1000 times; each must answer `want`.
+            let calls = |a: &mut CodeAssembler, want: u32, fail| {
+                let mut top = a.create_label();
+                a.mov(ecx, 1000u32).unwrap();
+                a.set_label(&mut top).unwrap();
+                a.mov(rax, FUNC).unwrap();
+                a.call(rax).unwrap();
+                a.cmp(eax, want).unwrap();
+                a.jne(fail).unwrap();
+                a.dec(ecx).unwrap();
+                a.jnz(top).unwrap();
+            };
+            calls(a, 1, fail);
             // The device replaces the function.
             a.mov(rbx, DMA_DEVICE).unwrap();
             a.mov(dword_ptr(rbx), 1).unwrap();
-            a.mov(ecx, 1000u32).unwrap();
-            a.set_label(&mut again).unwrap();
-            a.mov(rax, FUNC).unwrap();
-            a.call(rax).unwrap();
-            a.cmp(eax, 2).unwrap();
-            a.jne(fail).unwrap();
-            a.dec(ecx).unwrap();
-            a.jnz(again).unwrap();
+            calls(a, 2, fail);
             print(a, 64, LOAD + msg_at(&msgs, 0));
             a.jmp(end).unwrap();
             a.set_label(&mut fail).unwrap();

@@ -2,12 +2,30 @@
 //! dynasm-rs, uop by uop.
 //!
 //! Invariants of the generated code: `rbx` holds the `*mut Core` for the
-//! whole block; a guest GPR in `Cg::map` lives in its host register
-//! (r12-r15, r10: callee-saved or never scratch, so only calls need care)
-//! and is newer than `Core::st` exactly when its bit is in `Cg::dirty`;
-//! every other guest register is in `Core::st`; whenever control can leave
-//! the generated code (exits, `jit_interp` calls, stubs) `Core::st` is
-//! complete, and after the interpreter ran the cache is reloaded. Every
+//! whole block. The register map is fixed (`FIXED`): guest RSP, RAX, RDI
+//! and RSI live in r12, r13, r14 and r15 in every block, so at every
+//! block entry reached by a chained link, and at every chained exit, those
+//! four host registers hold the guest's values and `Core::st` may be older
+//! for them (a link writes nothing back and its successor reloads
+//! nothing); `Core::st` holds every other guest GPR there. The entry from
+//! the dispatcher loads the four. A block may spill one of them (it
+//! addresses AH..BH of it, bytes only reachable in `Core::st`, or it does
+//! not use it and wants its host register): it stores it at entry, works
+//! on `Core::st` for it, and loads it back into its host register before
+//! each exit. Inside a block its most used other guest GPRs (locals, see
+//! `allocate`) live in r10 (`LOCAL_REG`) and in the host registers of
+//! spilled ones: loaded at entry, written back before every exit (a block
+//! that loops to itself keeps them across its back edge). A guest GPR in
+//! `Cg::map` lives in its host register and is newer than `Core::st`
+//! exactly when its bit is in `Cg::dirty` (the mapped `FIXED` ones count
+//! as dirty from entry on). Whenever control leaves the generated code for Rust (the way back
+//! to the dispatcher from every exit, the stale-code exit, `jit_interp`
+//! calls from inline interpreted instructions and slow-path stubs)
+//! `Core::st` is complete first, so the interpreter, fault and interrupt
+//! delivery, the run loop's attention handling, snapshots and the
+//! debugger all see the guest's registers there; after the interpreter
+//! ran the mapped registers are reloaded (r12-r15 are callee-saved; r10
+//! is reloaded, or unmapped and never read). Every
 //! block pushes the same callee-saved registers, so chained blocks share
 //! the frame of the block the dispatcher called, and `rbp` counts the
 //! instructions of the blocks chained from since that call (the epilogue
@@ -137,9 +155,20 @@ struct Stub {
     resume: DynamicLabel,
 }
 
-/// Host registers that hold guest GPRs inside a block (REX registers
-/// only, so byte forms never alias AH..BH; none is used as scratch).
-const CACHE_REGS: [u8; 5] = [12, 13, 14, 15, 10];
+/// The fixed register map: guest GPR -> the host register that holds it in
+/// every block (callee-saved REX registers: byte forms never alias AH..BH,
+/// none is used as scratch, and `jit_interp` calls keep them). Chained
+/// blocks hand these on live: a link needs no write-back in the block that
+/// leaves nor a reload in the one entered. RSP, RAX, RDI and RSI: the
+/// stack pointer, the return value and the first two arguments of the
+/// SysV ABI, which the guest kernel's and its programs' code use
+/// everywhere (the hot blocks of the shell loop use all four).
+const FIXED: [(u8, u8); 4] = [(4, 12), (0, 13), (7, 14), (6, 15)];
+
+/// The host register that holds the block's most used guest GPR outside
+/// `FIXED` (loaded at entry, written back at every exit where it changed:
+/// a per-block cache; see `allocate` for more such registers).
+const LOCAL_REG: u8 = 10;
 
 struct Cg {
     a: Asm,
@@ -150,10 +179,21 @@ struct Cg {
     /// access.
     cur_stub: Option<DynamicLabel>,
     cur_entry: Loc,
-    /// Guest GPR -> host register holding it for the whole block.
+    /// Guest GPR -> host register holding it for the whole block: the
+    /// `FIXED` ones this block can keep there, and its `LOCAL_REG` one.
     map: [Option<u8>; 16],
+    /// `FIXED` guest GPRs this block cannot keep in their host register
+    /// (it addresses AH..BH of them): stored to `Core::st` at entry, loaded
+    /// back into their host register before a chained exit.
+    spilled: u16,
+    /// The `FIXED` guest GPRs in `map` (live in host registers at every
+    /// entry and chained exit, newer than `Core::st` unless written back).
+    fixed: u16,
     /// Cached guest GPRs whose host register is newer than `Core::st`.
     dirty: u16,
+    /// `dirty` where a block that loops to itself starts its body again
+    /// (its locals count as dirty there, so the back edge stores nothing).
+    loop_dirty: u16,
     cur_dirty: u16,
     /// The SSE guard ran earlier in this block.
     sse_ok: bool,
@@ -324,7 +364,10 @@ impl Cg {
             cur_stub: None,
             cur_entry: AT_ENTRY,
             map: [None; 16],
+            spilled: 0,
+            fixed: 0,
             dirty: 0,
+            loop_dirty: 0,
             cur_dirty: 0,
             sse_ok: false,
             revals: Vec::new(),
@@ -339,8 +382,20 @@ impl Cg {
 
     // ---------------------------------------------------- register cache
 
-    /// Load every cached guest register from `Core::st` (block entry, and
-    /// after the interpreter ran an instruction).
+    /// Load the block's locals (mapped, not `FIXED`) from `Core::st`
+    /// (block entry).
+    fn reload_local(&mut self) {
+        for g in 0..16u8 {
+            if let Some(h) = self.map[g as usize] {
+                if self.fixed & (1 << g) == 0 {
+                    a!(self; mov Rq(h), QWORD [rbx + gpr_off(g)]);
+                }
+            }
+        }
+    }
+
+    /// Load every cached guest register from `Core::st` (after the
+    /// interpreter ran an instruction).
     fn reload(&mut self) {
         for g in 0..16u8 {
             if let Some(h) = self.map[g as usize] {
@@ -360,12 +415,52 @@ impl Cg {
         }
     }
 
-    /// Make `Core::st` hold every guest register (before an exit or a call
-    /// into the interpreter).
+    /// Make `Core::st` hold every guest register (before a call into the
+    /// interpreter).
     fn writeback(&mut self) {
         let d = self.dirty;
         self.writeback_code(d);
         self.dirty = 0;
+    }
+
+    /// Store the `FIXED` host registers of the guest GPRs in `mask` to
+    /// `Core::st`, whether or not this block mapped them.
+    fn store_fixed(&mut self, mask: u16) {
+        for (g, h) in FIXED {
+            if mask & (1 << g) != 0 {
+                a!(self; mov QWORD [rbx + gpr_off(g)], Rq(h));
+            }
+        }
+    }
+
+    /// Load the `FIXED` host registers of the guest GPRs in `mask` from
+    /// `Core::st`.
+    fn load_fixed(&mut self, mask: u16) {
+        for (g, h) in FIXED {
+            if mask & (1 << g) != 0 {
+                a!(self; mov Rq(h), QWORD [rbx + gpr_off(g)]);
+            }
+        }
+    }
+
+    /// Before an exit (chained or not): the block's `LOCAL_REG` register
+    /// back to `Core::st` if it changed, its spilled `FIXED` registers back
+    /// into their host registers. Then every `FIXED` host register holds
+    /// its guest register, as the successor's chained entry expects, and
+    /// `Core::st` holds every other one. The mapped `FIXED` ones stay dirty.
+    fn exit_regs(&mut self) {
+        let local = self.dirty & !self.fixed;
+        self.writeback_code(local);
+        self.dirty &= self.fixed;
+        let s = self.spilled;
+        self.load_fixed(s);
+    }
+
+    /// On a way from an exit back to the dispatcher (after `exit_regs`):
+    /// `Core::st` gets the mapped `FIXED` registers too.
+    fn leave_regs(&mut self) {
+        let f = self.fixed;
+        self.store_fixed(f);
     }
 
     /// Guest register `g` (64 bits) into host register `r`.
@@ -848,7 +943,7 @@ impl Cg {
     /// An interrupt shadow or HLT cannot be pending here: the instructions
     /// that set them end the block through the interpreter's exit.
     fn chain_exit(&mut self, count: usize, to: Option<(usize, u64)>) {
-        self.writeback();
+        self.exit_regs();
         let e = self.epilogue;
         let nolink = self.a.new_dynamic_label();
         let entry = self.a.new_dynamic_label();
@@ -899,6 +994,7 @@ impl Cg {
             ; jmp QWORD [rdx + CELL_CODE]
             ; =>nolink
         );
+        self.leave_regs();
         if let Some((_, t)) = to {
             self.set_rip(t);
         }
@@ -986,7 +1082,7 @@ impl Cg {
     /// dynamic link cells (filled by the dispatcher, like any link) and
     /// followed like a direct link when the cell holds that target.
     fn dynamic_exit(&mut self, count: usize) {
-        self.writeback();
+        self.exit_regs();
         let e = self.epilogue;
         a!(self
             ; mov rax, QWORD [rbx + OFF_RIP]
@@ -1001,6 +1097,7 @@ impl Cg {
             ; je >same
         );
         self.trip(why::DYN_MISS);
+        self.leave_regs();
         self.img_to_st();
         a!(self
             ; mov QWORD [rbx + OFF_LAST_CELL], rdx
@@ -1044,8 +1141,10 @@ impl Cg {
                 ; dec DWORD [rbx + OFF_COUNTDOWN]
             );
         }
-        // The body starts with `Core::st` as current as the host registers.
-        let d = self.dirty;
+        // The body starts again with the registers in `loop_dirty` live
+        // (and dirty) in their host registers; any other changed one goes
+        // to `Core::st` first.
+        let d = self.dirty & !self.loop_dirty;
         self.writeback_code(d);
         a!(self; add rbp, count as i32);
         let loop_stale = self.a.new_dynamic_label();
@@ -1059,6 +1158,14 @@ impl Cg {
         a!(self
             ; jmp =>again
             ; =>loop_stale
+        );
+        // As a chained exit would: the locals to `Core::st`, the spilled
+        // `FIXED` registers back into their host registers; then `stale`
+        // (the chained entry's) stores every `FIXED` one.
+        let dirty = self.dirty;
+        self.exit_regs();
+        self.dirty = dirty;
+        a!(self
             ; mov rdx, QWORD taken
             ; jmp =>stale
             ; exit:
@@ -1103,10 +1210,19 @@ impl Cg {
     }
 }
 
-/// Which guest GPRs the block keeps in host registers: the most used
-/// ones, never one that some instruction addresses as AH/CH/DH/BH (those
-/// bytes are only reachable in `Core::st`).
-fn allocate(block: &Block) -> [Option<u8>; 16] {
+/// Which guest GPRs the block keeps in host registers, and which `FIXED`
+/// ones it spills: every `FIXED` one it can keep in its host register (not
+/// one that some instruction addresses as AH/CH/DH/BH: those bytes are
+/// only reachable in `Core::st`, so such a one is spilled), and its most
+/// used other ones as locals: the first in `LOCAL_REG`, more in the host
+/// registers of `FIXED` ones the block spills or does not use (spilled on
+/// demand). A spill costs a store at entry and a load at each exit, a
+/// local a load at entry and a store at exits where it changed, so more
+/// than one local is taken only where it pays: in a block that loops to
+/// itself (paid once per run of the loop), or for a register used at least
+/// `MIN_USES` times.
+fn allocate(block: &Block, self_loop: bool) -> ([Option<u8>; 16], u16) {
+    const MIN_USES: u32 = 4;
     let mut uses = [0u32; 16];
     let mut banned = [false; 16];
     for u in &block.uops {
@@ -1131,13 +1247,47 @@ fn allocate(block: &Block) -> [Option<u8>; 16] {
             _ => {}
         }
     }
-    let mut order: Vec<usize> = (0..16).filter(|&g| uses[g] > 0 && !banned[g]).collect();
-    order.sort_by_key(|&g| std::cmp::Reverse(uses[g]));
     let mut map = [None; 16];
-    for (&g, &h) in order.iter().zip(CACHE_REGS.iter()) {
+    let mut spilled = 0u16;
+    // Host registers free for locals: LOCAL_REG, then those of spilled
+    // `FIXED` registers, then those of unused ones.
+    let mut free = vec![LOCAL_REG];
+    let mut unused = Vec::new();
+    for (g, h) in FIXED {
+        if banned[g as usize] {
+            spilled |= 1 << g;
+            free.push(h);
+        } else if uses[g as usize] == 0 {
+            unused.push((g, h));
+        }
+    }
+    let mut order: Vec<usize> = (0..16)
+        .filter(|&g| uses[g] > 0 && !banned[g] && !FIXED.iter().any(|&(f, _)| f as usize == g))
+        .collect();
+    order.sort_by_key(|&g| (std::cmp::Reverse(uses[g]), g));
+    let mut unused = unused.into_iter();
+    for (n, g) in order.into_iter().enumerate() {
+        if n > 0 && !self_loop && uses[g] < MIN_USES {
+            break;
+        }
+        let h = match free.get(n) {
+            Some(&h) => h,
+            None => match unused.next() {
+                Some((f, h)) => {
+                    spilled |= 1 << f;
+                    h
+                }
+                None => break,
+            },
+        };
         map[g] = Some(h);
     }
-    map
+    for (g, h) in FIXED {
+        if spilled & (1 << g) == 0 {
+            map[g as usize] = Some(h);
+        }
+    }
+    (map, spilled)
 }
 
 /// The code, the offset of the chained entry point, and per link cell the
@@ -1152,11 +1302,26 @@ pub(super) fn gen_block(
     allow_loop: bool,
 ) -> Option<(Vec<u8>, usize, Sites)> {
     let mut cg = Cg::new(countdown);
-    cg.map = allocate(block);
+    // A block whose last instruction is a Jcc back to its start (it may
+    // loop inside its code, see `Cg::self_loop`).
+    let loops = allow_loop
+        && block.uops.last().is_some_and(|u| {
+            is_jcc(u.insn.mnemonic())
+                && matches!(u.insn.op0_kind(), iced_x86::OpKind::NearBranch64)
+                && u.insn.near_branch_target() == block.rip
+        });
+    let (map, spilled) = allocate(block, loops);
+    cg.map = map;
+    cg.spilled = spilled;
+    cg.fixed = FIXED
+        .iter()
+        .filter(|&&(g, _)| map[g as usize].is_some())
+        .fold(0, |m, &(g, _)| m | 1 << g);
     cg.vpage = block.rip >> 12;
     let body = cg.a.new_dynamic_label();
     let chain = cg.a.new_dynamic_label();
     let stale = cg.a.new_dynamic_label();
+    let stale_chained = cg.a.new_dynamic_label();
     // Every block saves the same registers, so chained code (which jumps
     // past this) shares the frame of the block the dispatcher called.
     // rbp counts the instructions of the blocks chained to since the
@@ -1175,8 +1340,11 @@ pub(super) fn gen_block(
         ; xor ebp, ebp
     );
     // The dispatcher settled the flags in `rflags`; chained code passes
-    // them in r11 (see `Cg::capture`): start from the same image.
+    // them in r11 (see `Cg::capture`): start from the same image. It also
+    // wrote every register to `Core::st`; chained code passes the `FIXED`
+    // ones in their host registers: load them.
     cg.img_from(OFF_RFLAGS);
+    cg.load_fixed(FIXED.iter().fold(0, |m, &(g, _)| m | 1 << g));
     a!(cg
         ; jmp =>body
         ; =>chain
@@ -1187,16 +1355,30 @@ pub(super) fn gen_block(
         a!(cg
             ; mov rax, QWORD p as i64
             ; cmp DWORD [rax], g as i32
-            ; jne =>stale
+            ; jne =>stale_chained
         );
     }
     a!(cg; =>body);
-    cg.reload();
+    // The `FIXED` registers this block cannot keep in the host go to
+    // `Core::st`, where its code reads and writes them; its `LOCAL_REG`
+    // one comes from there. The mapped `FIXED` ones may be newer than
+    // `Core::st` (a chained predecessor changed them): dirty.
+    cg.store_fixed(spilled);
+    cg.reload_local();
+    cg.dirty = cg.fixed;
+    if loops {
+        cg.dirty = map
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.is_some())
+            .fold(0, |m, (g, _)| m | 1 << g);
+    }
+    cg.loop_dirty = cg.dirty;
     if allow_loop {
         let again = cg.a.new_dynamic_label();
         a!(cg; =>again);
         cg.again = Some(again);
-        cg.stale = Some(stale);
+        cg.stale = Some(stale_chained);
     }
     let n = block.uops.len();
     let mut translated = 0;
@@ -1272,8 +1454,12 @@ pub(super) fn gen_block(
         ; pop rbp
         ; pop rbx
         ; ret
-        ; =>stale
+        ; =>stale_chained
     );
+    // Entered from a chained exit: every `FIXED` register is live in the
+    // host only.
+    cg.store_fixed(FIXED.iter().fold(0, |m, &(g, _)| m | 1 << g));
+    a!(cg; =>stale);
     // Back to the dispatcher, which decodes the block again; the link is
     // made again to the new translation. Chained code does not store the
     // RIP it goes to: this block's is stored here.

@@ -2,11 +2,17 @@
 //!
 //! A block that has run [`Jit::threshold`] times is compiled with dynasm-rs
 //! into a function `extern "sysv64" fn(*mut Core) -> u64`. The generated
-//! code keeps up to five of the block's most used guest GPRs in host
-//! registers (r12-r15, r10) from block entry to its exits, writing the
-//! changed ones back to `Core::st` before every exit, every call into the
-//! interpreter and every slow-path stub, and reloading them after the
-//! interpreter ran; the rest stay in `Core::st`. It runs the common integer instructions
+//! code keeps guest RSP, RAX, RDI and RSI in r12-r15 in every block (a
+//! fixed register map), so a chained link hands them on in host registers
+//! with no write-back or reload; they are written back to `Core::st` only
+//! on the way back to the dispatcher, before a call into the interpreter
+//! (inline or from a slow-path stub) and at a stale-code exit, and loaded
+//! at the entry from the dispatcher and after the interpreter ran. A
+//! block's most used other guest GPRs live in r10, and where it pays in
+//! the host registers of fixed ones it does not use (those written back at
+//! its entry and reloaded at its exits), from block entry to its exits;
+//! the rest stay in `Core::st` (see `codegen`'s module docs for the
+//! invariant). It runs the common integer instructions
 //! (MOV/MOVZX/MOVSX/LEA, the ALU group, INC/DEC/NEG/NOT, shifts and
 //! rotates, MUL/IMUL, CMOVcc/SETcc, PUSH/POP, CALL/RET/JMP/Jcc) with the
 //! same host instruction, so results and flags are the host CPU's.
