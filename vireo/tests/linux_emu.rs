@@ -100,6 +100,32 @@ fn vmlinux_boots_to_userspace_on_two_vcpus_and_powers_off() {
     assert!(err.contains("guest powered off"), "{err}");
 }
 
+/// Paravirtual spinlocks (KVM's PV_UNHALT and KICK_CPU): the guest kernel
+/// finds the feature and turns them on, then both vCPUs fork and exec
+/// hundreds of programs at once, which contends the kernel's locks across
+/// them (a waiter halts, with interrupts off when it took the lock so, and
+/// the unlocker's hypercall wakes it). One lost kick would leave a vCPU
+/// halted for good and the command would never end.
+#[test]
+fn pv_spinlocks_on_two_vcpus_under_contended_kernel_locks() {
+    let (code, out, err) = boot(
+        "vmlinux",
+        &["--cpus", "2"],
+        // ([e]: the pattern must not match the command line dmesg shows.)
+        "dmesg | grep -o 'kvm-guest: PV spinlocks [e]nabled'; \
+         for c in 0 1; do taskset -c $c sh -c \
+         'for i in $(seq 300); do vireo-io cpu 1000 >/dev/null || exit 1; done; echo loop-done' & \
+         done; wait",
+    );
+    assert_eq!(code, Some(0), "exit {code:?}\n{out}\n{err}");
+    assert_eq!(
+        command_output(&out),
+        vec!["kvm-guest: PV spinlocks enabled", "loop-done", "loop-done"],
+        "{out}"
+    );
+    assert!(out.contains("VIREO-CMD-END rc=0"), "{out}");
+}
+
 #[test]
 fn bzimage_decompresses_itself_and_boots() {
     let (code, out, err) = boot("vmlinuz", &[], "uname -r");

@@ -253,6 +253,21 @@ impl SharedPlatform {
         self.with(|p, _| p.route_delivery(d));
     }
 
+    /// The vCPUs a physical-mode message to APIC ID `dest` reaches, from
+    /// the published routes (no lock): those whose enabled xAPIC has that
+    /// ID, or all of them for 0xff (the xAPIC broadcast). An ID no APIC
+    /// has (guest-controlled, any width) reaches none.
+    pub fn physical_targets(&self, dest: u64) -> impl Iterator<Item = usize> + '_ {
+        let valid = dest <= 0xff;
+        self.routes.iter().enumerate().filter_map(move |(i, r)| {
+            let route = r.load(Ordering::SeqCst);
+            let hit = valid
+                && route & ROUTE_VALID != 0
+                && (dest == 0xff || route == ROUTE_VALID | dest as u32);
+            hit.then_some(i)
+        })
+    }
+
     /// The one vCPU a message can be posted to without the lock, if any.
     fn lock_free_target(&self, d: &Delivery) -> Option<usize> {
         let simple = matches!(

@@ -325,11 +325,26 @@ impl Vm for EmuVm {
         };
         let (leaf1_ecx, leaf1_edx) = reg(1);
         let (ext1_ecx, ext1_edx) = reg(0x8000_0001);
+        // KVM's paravirtual features (PV_UNHALT among them): a guest that
+        // booted without one does not get it behind its back.
+        let kvm_features = {
+            let full = crate::cpuid::cpuid(&cfg, 0, 0x4000_0001, 0)[0];
+            let sig = |l: u32| entries.iter().find(|e| e.function == l && e.index == 0);
+            let kvm = sig(0x4000_0000)
+                .is_some_and(|e| e.ebx == u32::from_le_bytes(*b"KVMK") && e.eax >= 0x4000_0001);
+            let given = if kvm {
+                sig(0x4000_0001).map_or(0, |e| e.eax)
+            } else {
+                0
+            };
+            full & !given
+        };
         cfg.hidden = crate::cpuid::Hidden {
             leaf1_ecx,
             leaf1_edx,
             ext1_ecx,
             ext1_edx,
+            kvm_features,
         };
         *self.cpuid.write().unwrap_or_else(|e| e.into_inner()) = cfg;
         Ok(())
@@ -686,6 +701,11 @@ impl Vcpu for EmuVcpu {
                 xmm: st.xmm.map(split128),
             },
             halted: self.core.halted,
+            pv_unhalted: self
+                .core
+                .platform
+                .pv_unhalted()
+                .is_some_and(|f| f.load(Ordering::SeqCst)),
             int_shadow: self.core.int_shadow,
             nmi_blocked: self.core.nmi_blocked,
             wait_for_sipi: self.core.wait_for_sipi,
@@ -741,6 +761,9 @@ impl Vcpu for EmuVcpu {
         st.xmm = f.xmm.map(join128);
         // set_regs cleared these; they are part of the saved state.
         self.core.halted = s.halted;
+        if let Some(f) = self.core.platform.pv_unhalted() {
+            f.store(s.pv_unhalted, Ordering::SeqCst);
+        }
         self.core.int_shadow = s.int_shadow;
         self.core.nmi_blocked = s.nmi_blocked;
         self.core.wait_for_sipi = s.wait_for_sipi;

@@ -369,7 +369,13 @@ pub fn emu_to_kvm(
         events.nmi.pending = lapic.nmi_pending() as u8;
         let mp_state = if s.wait_for_sipi || lapic.waiting_for_sipi() {
             MP_INIT_RECEIVED
-        } else if s.halted {
+        } else if s.halted && !s.pv_unhalted {
+            // A halted vCPU with a paravirtual kick pending runs on, as
+            // KVM_GET_MP_STATE itself reports it. KVM has no place for a
+            // kick pending on a vCPU that has not halted yet (its own
+            // snapshots drop it too): the engine's is dropped here. It
+            // matters only in the few instructions between the guest's
+            // last look at its lock word and its HLT.
             MP_HALTED
         } else {
             MP_RUNNABLE
@@ -542,6 +548,7 @@ pub fn kvm_to_emu(
             },
             fpu: fpu_from_kvm(&fpu),
             halted: k.mp_state.mp_state == MP_HALTED,
+            pv_unhalted: false,
             int_shadow: e.interrupt.shadow != 0,
             nmi_blocked: e.nmi.masked != 0,
             wait_for_sipi,
@@ -732,6 +739,7 @@ mod tests {
             },
             fpu,
             halted: i == 1,
+            pv_unhalted: false,
             int_shadow: i == 0,
             nmi_blocked: false,
             wait_for_sipi: false,
@@ -873,5 +881,23 @@ mod tests {
         k[0].events.exception.nr = 14;
         let e = kvm_to_emu(&[&k[0]], &kvm_vm).unwrap_err().to_string();
         assert!(e.contains("delivering exception 14"), "{e}");
+    }
+
+    #[test]
+    fn a_pending_pv_kick_ends_the_hlt_under_kvm() {
+        let now = 1_000;
+        let vm = EmuVmState {
+            guest_ns: now,
+            pvclock_version: 0,
+            platform: platform(now),
+        };
+        // vCPU 1 is halted: with a kick pending it is runnable under KVM
+        // (as KVM_GET_MP_STATE reports such a vCPU), without one halted.
+        let mut kicked = vcpu(1);
+        kicked.pv_unhalted = true;
+        let (kvm, _) = emu_to_kvm(&[&vcpu(0), &kicked], &vm).unwrap();
+        assert_eq!(kvm[1].mp_state.mp_state, MP_RUNNABLE);
+        let (kvm, _) = emu_to_kvm(&[&vcpu(0), &vcpu(1)], &vm).unwrap();
+        assert_eq!(kvm[1].mp_state.mp_state, MP_HALTED);
     }
 }

@@ -176,6 +176,8 @@ pub struct Core {
     pub host_debug: crate::debug::HostDebug,
     /// External interrupts and NMIs delivered (statistics).
     pub interrupts: u64,
+    /// `KVM_HC_KICK_CPU` hypercalls answered (statistics).
+    pub pv_kicks: u64,
     /// Where the statistics above are published for monitoring, at the
     /// interrupt poll and on every return to the VMM ([`Core::publish_stats`]).
     pub stats: Arc<hypervisor::stats::EngineCounters>,
@@ -264,6 +266,7 @@ impl Core {
             debug: Default::default(),
             host_debug: Default::default(),
             interrupts: 0,
+            pv_kicks: 0,
             stats: Arc::default(),
         }
     }
@@ -278,6 +281,7 @@ impl Core {
         s.cache_flushes.publish(self.blocks.generation);
         s.tlb_flushes.publish(self.tlb.flushes);
         s.interrupts.publish(self.interrupts);
+        s.pv_kicks.publish(self.pv_kicks);
     }
 
     /// An instruction changed what may be deliverable (IF, TPR, an EOI, a

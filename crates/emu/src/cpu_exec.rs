@@ -68,6 +68,13 @@ impl Core {
                         self.poll_now = true;
                         continue;
                     }
+                    Idle::Unhalt => {
+                        // A paravirtual kick ended the HLT (the platform
+                        // consumed it): run on after the HLT.
+                        self.halted = false;
+                        self.poll_now = true;
+                        continue;
+                    }
                     Idle::Halt => return RunExit::Halt,
                     Idle::Interrupted => return RunExit::Interrupted,
                 }
@@ -164,6 +171,18 @@ impl Core {
             if_set: self.st.rflags & FLAG_IF != 0,
             nmi_ok: !self.nmi_blocked,
             wait_for_sipi: self.wait_for_sipi,
+            pv_unhalt: self.cpuid.pv_unhalt(),
+        }
+    }
+
+    /// The HLT completed because an interrupt or NMI was taken: like KVM
+    /// (which clears `pv_unhalted` whenever a halted vCPU runs again), a
+    /// paravirtual kick pending for it is used up too.
+    fn hlt_completed(&mut self) {
+        if std::mem::take(&mut self.halted) {
+            if let Some(f) = self.platform.pv_unhalted() {
+                f.store(false, Ordering::SeqCst);
+            }
         }
     }
 
@@ -203,13 +222,13 @@ impl Core {
             }
             Event::Nmi => {
                 self.interrupts += 1;
-                self.halted = false;
+                self.hlt_completed();
                 self.nmi_blocked = true;
                 self.deliver_and_check(2, None, crate::exception::Kind::External)
             }
             Event::Irq(v) => {
                 self.interrupts += 1;
-                self.halted = false;
+                self.hlt_completed();
                 self.deliver_and_check(v, None, crate::exception::Kind::External)
             }
         }

@@ -7,6 +7,14 @@
 //! popcnt, lahf_lm, clflush) and the vector extensions of the x86-64-v2
 //! level (mmx, sse3, ssse3, sse4.1, sse4.2) with LZCNT (AMD's abm), all
 //! executed by the interpreter (`exec::sse`, `exec::sse4`).
+//!
+//! With the KVM signature (a PC-mode VM) leaf 0x40000001 offers kvmclock
+//! and `KVM_FEATURE_PV_UNHALT` (paravirtual spinlocks: HLT, also with
+//! IF=0, ends when another vCPU's `KVM_HC_KICK_CPU` names this one; see
+//! `exec::system::hypercall`), whatever the vCPU count, as KVM does: a
+//! guest's CPUID then does not depend on `--cpus`, and Linux itself leaves
+//! PV spinlocks off on one vCPU. EDX (KVM's hints) stays 0: in particular
+//! no `KVM_HINTS_REALTIME`, which would turn PV spinlocks off.
 
 /// Leaf 1 EDX.
 pub const FEAT_FPU: u32 = 1 << 0;
@@ -75,18 +83,34 @@ pub struct CpuidConfig {
     pub hidden: Hidden,
 }
 
-/// Feature bits CPUID leaves out: leaf 1 ECX/EDX, leaf 0x80000001 ECX/EDX.
+/// Feature bits CPUID leaves out: leaf 1 ECX/EDX, leaf 0x80000001 ECX/EDX,
+/// and KVM's paravirtual features (leaf 0x40000001 EAX).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Hidden {
     pub leaf1_ecx: u32,
     pub leaf1_edx: u32,
     pub ext1_ecx: u32,
     pub ext1_edx: u32,
+    pub kvm_features: u32,
 }
 
 /// KVM paravirtual feature bits (leaf 0x40000001 EAX).
 pub const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
+/// HLT ends on a `KVM_HC_KICK_CPU` (paravirtual spinlocks).
+pub const KVM_FEATURE_PV_UNHALT: u32 = 1 << 7;
 pub const KVM_FEATURE_CLOCKSOURCE_STABLE_BIT: u32 = 1 << 24;
+
+/// What leaf 0x40000001 EAX offers with the KVM signature.
+pub const KVM_FEATURES: u32 =
+    KVM_FEATURE_CLOCKSOURCE2 | KVM_FEATURE_PV_UNHALT | KVM_FEATURE_CLOCKSOURCE_STABLE_BIT;
+
+impl CpuidConfig {
+    /// Whether the guest is shown `KVM_FEATURE_PV_UNHALT` (and so may
+    /// use `KVM_HC_KICK_CPU`).
+    pub fn pv_unhalt(&self) -> bool {
+        self.kvm_clock && self.hidden.kvm_features & KVM_FEATURE_PV_UNHALT == 0
+    }
+}
 
 pub const FEAT_APIC: u32 = 1 << 9;
 pub const FEAT_X2APIC: u32 = 1 << 21;
@@ -142,12 +166,7 @@ pub fn cpuid(cfg: &CpuidConfig, index: u32, leaf: u32, _sub: u32) -> [u32; 4] {
             let [b, c, d] = regs(b"VireoEmuVire");
             [0x4000_0000, b, c, d]
         }
-        0x4000_0001 if cfg.kvm_clock => [
-            KVM_FEATURE_CLOCKSOURCE2 | KVM_FEATURE_CLOCKSOURCE_STABLE_BIT,
-            0,
-            0,
-            0,
-        ],
+        0x4000_0001 if cfg.kvm_clock => [KVM_FEATURES & !cfg.hidden.kvm_features, 0, 0, 0],
         0x4000_0010 if cfg.kvm_clock => [cfg.tsc_khz, cfg.apic_bus_khz, 0, 0],
         0x8000_0000 => {
             let [b, d, c] = regs(b"AuthenticAMD");
@@ -275,5 +294,32 @@ mod tests {
             0
         );
         assert_eq!(cpuid(&on, 0, 0x4000_0010, 0)[0], 1_000_000);
+    }
+
+    #[test]
+    fn pv_unhalt_with_the_kvm_signature_unless_hidden() {
+        let on = CpuidConfig {
+            kvm_clock: true,
+            ..Default::default()
+        };
+        let f = cpuid(&on, 0, 0x4000_0001, 0);
+        assert_ne!(f[0] & KVM_FEATURE_PV_UNHALT, 0);
+        assert_eq!(
+            f[3], 0,
+            "no hints: KVM_HINTS_REALTIME would turn PV spinlocks off"
+        );
+        assert!(on.pv_unhalt());
+        let hidden = CpuidConfig {
+            hidden: Hidden {
+                kvm_features: KVM_FEATURE_PV_UNHALT,
+                ..Default::default()
+            },
+            ..on
+        };
+        let f = cpuid(&hidden, 0, 0x4000_0001, 0);
+        assert_eq!(f[0] & KVM_FEATURE_PV_UNHALT, 0);
+        assert_ne!(f[0] & KVM_FEATURE_CLOCKSOURCE2, 0);
+        assert!(!hidden.pv_unhalt());
+        assert!(!CpuidConfig::default().pv_unhalt(), "no KVM signature");
     }
 }

@@ -79,6 +79,11 @@ pub struct EmuVcpuState {
     pub fpu: EmuFpuState,
     /// HLT executed and no interrupt taken since.
     pub halted: bool,
+    /// A paravirtual kick (`KVM_HC_KICK_CPU`) waits for this vCPU's next
+    /// HLT. Carried because a kick that comes between the guest's last
+    /// look at its lock and its HLT with IF=0 is all that ends that HLT.
+    #[serde(default)]
+    pub pv_unhalted: bool,
     /// Interrupts inhibited for one instruction (after STI or MOV SS).
     pub int_shadow: bool,
     /// An NMI handler runs (further NMIs wait for its IRET).

@@ -211,6 +211,7 @@ fn guest_without_v2() -> Guest {
                 leaf1_edx: FEAT_MMX,
                 ext1_ecx: EXT_ABM,
                 ext1_edx: FEAT_MMX,
+                ..Default::default()
             },
             ..Default::default()
         },

@@ -1012,3 +1012,166 @@ fn an_answered_read_is_finished_before_a_snapshot() {
     run_to_halt(&mut g);
     assert_eq!(g.ram[OUT as usize], 0x60);
 }
+
+/// `KVM_HC_KICK_CPU` (RAX 5, RBX flags, RCX the target's APIC ID).
+fn pv_kick(a: &mut CodeAssembler, apic_id: u32) -> Result<(), IcedError> {
+    a.mov(eax, 5)?;
+    a.xor(ebx, ebx)?;
+    a.mov(ecx, apic_id)?;
+    a.vmcall()
+}
+
+#[test]
+fn a_pv_kick_before_the_hlt_ends_it_once() {
+    let mut g = pc_guest(2);
+    g.load_code(&asm_at(CODE, |a| {
+        // The kick comes first (here from the vCPU itself): the HLT after
+        // it, with interrupts off, completes at once and uses it up.
+        pv_kick(a, 0)?;
+        a.mov(qword_ptr(OUT as i32), rax)?;
+        a.cli()?;
+        a.hlt()?;
+        a.mov(dword_ptr(OUT as i32 + 8), 1)?;
+        // No kick left: this one stays halted.
+        a.hlt()?;
+        a.mov(dword_ptr(OUT as i32 + 8), 2)
+    }));
+    run_to_halt(&mut g);
+    assert_eq!(g.r64(OUT), 0, "KVM_HC_KICK_CPU answers 0");
+    assert_eq!(
+        g.r32(OUT + 8),
+        1,
+        "the first HLT completed, the second did not"
+    );
+    let s = EmuVcpuState::try_from(&g.vcpu.save_state().unwrap()).unwrap();
+    assert!(s.halted && !s.pv_unhalted, "{s:?}");
+}
+
+#[test]
+fn pv_kicks_wake_a_vcpu_halted_with_interrupts_off() {
+    const AP_CODE: u64 = CODE + 0x1000;
+    const ROUNDS: u32 = 300;
+    // AP: count, HLT with IF=0, until the count passes ROUNDS. Only a
+    // paravirtual kick ends those HLTs; one lost leaves it halted for
+    // good and the BSP's bounded wait falls through with the count short.
+    let mut g = pc_guest(2);
+    // Wait (bounded) until the count reaches `value`; on time-out go to
+    // `out` (the end).
+    let wait_for =
+        |a: &mut CodeAssembler, value: AsmRegister32, out: CodeLabel| -> Result<(), IcedError> {
+            let mut lp = a.create_label();
+            let mut done = a.create_label();
+            a.mov(ecx, 2_000_000_000)?;
+            a.set_label(&mut lp)?;
+            a.cmp(dword_ptr(COUNTS as i32), value)?;
+            a.jae(done)?;
+            a.pause()?;
+            a.dec(ecx)?;
+            a.jnz(lp)?;
+            a.jmp(out)?;
+            a.set_label(&mut done)?;
+            Ok(())
+        };
+    g.load_code(&asm_at(CODE, |a| {
+        let mut round = a.create_label();
+        let mut out = a.create_label();
+        a.mov(r8d, 1)?;
+        a.set_label(&mut round)?;
+        wait_for(a, r8d, out)?;
+        // Mostly let the AP fall asleep first; a kick before its HLT must
+        // work as well.
+        let mut spin = a.create_label();
+        a.mov(ecx, 20_000)?;
+        a.set_label(&mut spin)?;
+        a.dec(ecx)?;
+        a.jnz(spin)?;
+        pv_kick(a, 1)?;
+        a.inc(r8d)?;
+        a.cmp(r8d, ROUNDS + 1)?;
+        a.jbe(round)?;
+        wait_for(a, r8d, out)?;
+        a.nop()?;
+        a.set_label(&mut out)?;
+        a.hlt()
+    }));
+    g.write(
+        AP_CODE,
+        &asm_at(AP_CODE, |a| {
+            let mut lp = a.create_label();
+            a.cli()?;
+            a.set_label(&mut lp)?;
+            a.lock().inc(dword_ptr(COUNTS as i32))?;
+            a.hlt()?;
+            a.cmp(dword_ptr(COUNTS as i32), ROUNDS)?;
+            a.jbe(lp)?;
+            a.lock().inc(dword_ptr(COUNTS as i32))?;
+            a.hlt()
+        }),
+    );
+    let mut ap = g.vm.create_pc_vcpu(1, 2).unwrap();
+    let mut s = g.sregs();
+    s.apic_base = 0xfee0_0800;
+    ap.set_sregs(&s).unwrap();
+    let mut r = g.regs();
+    r.rip = AP_CODE;
+    r.rsp = 0x40000;
+    ap.set_regs(&r).unwrap();
+    ap.set_wait_for_sipi(false);
+    let kicker = ap.kicker();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    // A HLT with IF=0 goes to the VMM after a while without a kick (a
+    // loaded host may delay one): run it again, as the VMM does, until
+    // the BSP is done.
+    let h = std::thread::spawn(move || {
+        let e = loop {
+            match ap.run() {
+                Ok(VcpuExit::Halt) | Ok(VcpuExit::Interrupted) if !stop2.load(Ordering::SeqCst) => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Ok(e) => break format!("{e:?}"),
+                Err(e) => break format!("error {e}"),
+            }
+        };
+        (e, ap.core().platform.sleeps())
+    });
+    // The BSP waits (bounded) for the AP's last count.
+    run_to_halt(&mut g);
+    stop.store(true, Ordering::SeqCst);
+    kicker.kick();
+    let (e, sleeps) = h.join().unwrap();
+    assert!(e == "Halt" || e == "Interrupted", "AP: {e}");
+    // One count per round, plus the AP's last: no kick was lost.
+    assert_eq!(g.r32(COUNTS), ROUNDS + 2, "AP halts ended by kicks");
+    // It slept in those HLTs (a vCPU that spun would not count sleeps).
+    assert!(sleeps > 0, "{sleeps} sleeps");
+}
+
+#[test]
+fn a_pending_pv_kick_survives_a_snapshot() {
+    let mut g = pc_guest(1);
+    g.load_code(&asm_at(CODE, |a| {
+        pv_kick(a, 0)?;
+        // Stop here with the kick pending (an exit to the VMM).
+        a.out(0x80, al)?;
+        a.cli()?;
+        a.hlt()?;
+        a.mov(dword_ptr(OUT as i32), 1)?;
+        a.hlt()
+    }));
+    assert_eq!(g.run(), Ex::IoOut(0x80, vec![0]));
+    let vcpu = g.vcpu.save_state().unwrap();
+    let vm = g.vm.save_state().unwrap();
+    let vcpu: hypervisor::VcpuSnapshot =
+        serde_json::from_str(&serde_json::to_string(&vcpu).unwrap()).unwrap();
+    assert!(EmuVcpuState::try_from(&vcpu).unwrap().pv_unhalted);
+    let mut h = pc_guest(1);
+    h.ram.copy_from_slice(&g.ram);
+    drop(g);
+    h.vcpu.restore_state(&vcpu).unwrap();
+    h.vm.restore_state(&vm).unwrap();
+    run_to_halt(&mut h);
+    assert_eq!(h.r32(OUT), 1, "the restored kick ended the first HLT");
+    let s = EmuVcpuState::try_from(&h.vcpu.save_state().unwrap()).unwrap();
+    assert!(s.halted && !s.pv_unhalted);
+}

@@ -26,6 +26,9 @@ pub struct EngineCounters {
     pub tlb_flushes: Counter,
     /// External interrupts and NMIs delivered to the guest.
     pub interrupts: Counter,
+    /// Paravirtual kicks (`KVM_HC_KICK_CPU`) this vCPU sent: how often a
+    /// guest spinlock's unlocker woke a waiter that had halted.
+    pub pv_kicks: Counter,
 }
 
 /// [`EngineCounters`] at one time.
@@ -37,6 +40,8 @@ pub struct EngineStats {
     pub cache_flushes: u64,
     pub tlb_flushes: u64,
     pub interrupts: u64,
+    #[serde(default)]
+    pub pv_kicks: u64,
 }
 
 impl EngineCounters {
@@ -48,6 +53,7 @@ impl EngineCounters {
             cache_flushes: self.cache_flushes.get(),
             tlb_flushes: self.tlb_flushes.get(),
             interrupts: self.interrupts.get(),
+            pv_kicks: self.pv_kicks.get(),
         }
     }
 }

@@ -586,7 +586,7 @@ pub fn render_prometheus(c: &VmCounters) -> String {
             }
         }
     }
-    let engine: [KindFamily<EngineStats>; 6] = [
+    let engine: [KindFamily<EngineStats>; 7] = [
         (
             "vireo_engine_instructions_total",
             "Guest instructions the engine retired",
@@ -622,6 +622,12 @@ pub fn render_prometheus(c: &VmCounters) -> String {
             "External interrupts and NMIs the engine delivered to the guest",
             Kind::Counter,
             |s| s.interrupts,
+        ),
+        (
+            "vireo_engine_pv_kicks_total",
+            "Paravirtual spinlock kicks (KVM_HC_KICK_CPU) the vCPU sent",
+            Kind::Counter,
+            |s| s.pv_kicks,
         ),
     ];
     if c.vcpus.iter().any(|v| v.engine.is_some()) {

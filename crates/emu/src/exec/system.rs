@@ -492,34 +492,40 @@ pub fn execute_system(core: &mut Core, insn: &Instruction) -> R {
 
 /// KVM hypercall numbers and return codes (linux/kvm_para.h).
 const KVM_HC_VAPIC_POLL_IRQ: u64 = 1;
+const KVM_HC_KICK_CPU: u64 = 5;
 const KVM_ENOSYS: u64 = 1000;
 const KVM_EPERM: u64 = 1;
 
 /// VMCALL / VMMCALL. With the KVM signature advertised they follow KVM's
-/// hypercall ABI (number in RAX, result in RAX; KVM accepts either
-/// instruction on either vendor): the engine offers no paravirtual
-/// feature bit that needs a hypercall, so every number but the no-op
-/// VAPIC poll answers -KVM_ENOSYS, and user mode gets -KVM_EPERM. Without
-/// the signature no hypervisor interface is promised: #UD, as on a CPU
-/// without virtualisation extensions.
+/// hypercall ABI (number in RAX, arguments in RBX, RCX, RDX, RSI, result
+/// in RAX; in 32-bit code all of them 32 bits wide; KVM accepts either
+/// instruction on either vendor). User mode gets -KVM_EPERM whatever the
+/// number. Implemented: the no-op VAPIC poll, and `KVM_HC_KICK_CPU` (RBX
+/// flags, unused, RCX the target's physical APIC ID) while
+/// `KVM_FEATURE_PV_UNHALT` is offered: it marks the target "unhalted" and
+/// wakes it (`VcpuPlatform::pv_kick`; an APIC ID no vCPU has is ignored)
+/// and answers 0, as KVM does. Every other number answers -KVM_ENOSYS.
+/// Without the signature no hypervisor interface is promised: #UD, as on
+/// a CPU without virtualisation extensions.
 fn hypercall(core: &mut Core) -> R {
     if !core.cpuid.kvm_clock {
         return Err(ud());
     }
     let long = core.st.mode64();
-    let nr = if long {
-        core.st.gpr[RAX]
-    } else {
-        core.st.gpr[RAX] & 0xffff_ffff
-    };
+    let arg = |v: u64| if long { v } else { v & 0xffff_ffff };
+    let nr = arg(core.st.gpr[RAX]);
     let ret = if core.st.protected() && core.st.cpl() != 0 {
         KVM_EPERM.wrapping_neg()
     } else if nr == KVM_HC_VAPIC_POLL_IRQ {
         0
+    } else if nr == KVM_HC_KICK_CPU && core.cpuid.pv_unhalt() {
+        core.platform.pv_kick(arg(core.st.gpr[RCX]));
+        core.pv_kicks += 1;
+        0
     } else {
         KVM_ENOSYS.wrapping_neg()
     };
-    core.st.gpr[RAX] = if long { ret } else { ret & 0xffff_ffff };
+    core.st.gpr[RAX] = arg(ret);
     Ok(())
 }
 
@@ -528,5 +534,87 @@ fn port_of(core: &Core, insn: &Instruction, n: u32) -> u16 {
         (core.st.gpr[RDX] & 0xffff) as u16
     } else {
         insn.immediate(n) as u16
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::backend::{EmuVcpu, EmuVm};
+    use crate::cpuid::KVM_FEATURE_PV_UNHALT;
+
+    /// A PC-mode VM with two vCPUs (APIC IDs 0 and 1), both in real mode
+    /// (CPL 0, 32-bit hypercall arguments) with the KVM signature.
+    fn two_vcpus() -> (EmuVm, EmuVcpu, EmuVcpu) {
+        let vm = EmuVm::new_pc();
+        let a = vm.create_pc_vcpu(0, 2).unwrap();
+        let b = vm.create_pc_vcpu(1, 2).unwrap();
+        (vm, a, b)
+    }
+
+    fn kick(v: &mut EmuVcpu, apic_id: u64) -> u64 {
+        let core = v.core_mut();
+        core.st.gpr[RAX] = KVM_HC_KICK_CPU;
+        core.st.gpr[RBX] = 0;
+        core.st.gpr[RCX] = apic_id;
+        hypercall(core).unwrap();
+        core.st.gpr[RAX]
+    }
+
+    fn pending(vm: &EmuVm, vcpu: u32) -> bool {
+        let pc = vm.platform().unwrap();
+        pc.signal(vcpu).unwrap().pv_unhalt().load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn kick_cpu_marks_the_target_and_answers_0() {
+        let (vm, mut a, _b) = two_vcpus();
+        assert!(a.core().cpuid.pv_unhalt());
+        assert_eq!(kick(&mut a, 1), 0);
+        assert!(pending(&vm, 1), "vCPU 1 kicked");
+        assert!(!pending(&vm, 0), "vCPU 0 not");
+        // A second kick before the HLT changes nothing: one flag.
+        assert_eq!(kick(&mut a, 1), 0);
+        assert!(pending(&vm, 1));
+    }
+
+    #[test]
+    fn kick_cpu_to_an_apic_id_nobody_has_is_ignored() {
+        let (vm, mut a, _b) = two_vcpus();
+        for id in [2u64, 0xfe, 0x100, 0xffff_fff1] {
+            assert_eq!(kick(&mut a, id), 0, "APIC ID {id:#x}");
+        }
+        assert!(!pending(&vm, 0) && !pending(&vm, 1));
+        // In 32-bit code RCX's upper half is not part of the argument.
+        assert_eq!(kick(&mut a, 0x1_0000_0001), 0);
+        assert!(pending(&vm, 1) && !pending(&vm, 0));
+    }
+
+    #[test]
+    fn kick_cpu_to_the_xapic_broadcast_marks_every_vcpu() {
+        let (vm, mut a, _b) = two_vcpus();
+        assert_eq!(kick(&mut a, 0xff), 0);
+        assert!(pending(&vm, 0) && pending(&vm, 1));
+    }
+
+    #[test]
+    fn kick_cpu_from_user_mode_is_refused() {
+        let (vm, mut a, _b) = two_vcpus();
+        let core = a.core_mut();
+        core.st.cr0 |= crate::cpu::CR0_PE;
+        core.st.seg[crate::cpu::CS].dpl = 3;
+        // -KVM_EPERM, 32 bits wide outside long mode.
+        assert_eq!(kick(&mut a, 1), 0xffff_ffff);
+        assert!(!pending(&vm, 1));
+    }
+
+    #[test]
+    fn kick_cpu_without_pv_unhalt_offered_is_unknown() {
+        let (vm, mut a, _b) = two_vcpus();
+        a.core_mut().cpuid.hidden.kvm_features = KVM_FEATURE_PV_UNHALT;
+        assert_eq!(kick(&mut a, 1), (-1000i64 as u64) & 0xffff_ffff);
+        assert!(!pending(&vm, 1));
     }
 }

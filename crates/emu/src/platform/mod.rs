@@ -45,6 +45,9 @@ pub struct CpuView {
     pub nmi_ok: bool,
     /// The CPU waits for a start-up IPI.
     pub wait_for_sipi: bool,
+    /// The guest was offered `KVM_FEATURE_PV_UNHALT`: another vCPU's
+    /// `KVM_HC_KICK_CPU` can end a HLT, also one with IF=0.
+    pub pv_unhalt: bool,
 }
 
 /// The most urgent thing the platform has for a vCPU, already taken from
@@ -74,6 +77,9 @@ pub enum Idle {
     Halt,
     /// The vCPU was kicked while it slept.
     Interrupted,
+    /// A paravirtual kick (`KVM_HC_KICK_CPU`) for this halted CPU was
+    /// pending or arrived: the HLT completes (the kick is consumed).
+    Unhalt,
 }
 
 /// See the module documentation.
@@ -144,6 +150,18 @@ pub trait VcpuPlatform: Send {
     /// Something to notify so a sleeping [`VcpuPlatform::idle`] returns
     /// (the vCPU's kicker calls it after setting the kick flag).
     fn waker(&self) -> Option<Arc<dyn Fn() + Send + Sync>> {
+        None
+    }
+    /// `KVM_HC_KICK_CPU`: mark the vCPU with physical APIC ID `apic_id`
+    /// (guest-controlled: one that matches no vCPU is ignored) as
+    /// "paravirtually unhalted" and wake it. The mark stays until a HLT of
+    /// that vCPU completes, so a kick that comes before the HLT is not
+    /// lost. A platform without vCPU-to-vCPU wake-ups ignores it.
+    fn pv_kick(&self, _apic_id: u64) {}
+    /// This vCPU's pending paravirtual kick (see [`VcpuPlatform::pv_kick`]),
+    /// if the platform keeps one: the core clears it when a HLT completes
+    /// for another reason, snapshots carry it.
+    fn pv_unhalted(&self) -> Option<&AtomicBool> {
         None
     }
     /// Times this vCPU slept in [`VcpuPlatform::idle`] (statistics: a vCPU

@@ -20,6 +20,15 @@
 //! - sleep in HLT (IF=1) and in wait-for-SIPI until the next timer deadline
 //!   or a wake-up ([`VcpuSignal`]: a mutex + condvar per vCPU that the
 //!   platform's kicks, IPIs, device interrupts and the VMM's kicker notify);
+//! - paravirtual spinlocks (KVM's `PV_UNHALT`): another vCPU's
+//!   `KVM_HC_KICK_CPU` sets the target's `pv_unhalt` flag in its
+//!   [`VcpuSignal`] and notifies it; a HLT of that vCPU, also one with
+//!   IF=0, completes while the flag is set and clears it. The flag stays
+//!   set until a HLT takes it (or an interrupt ends the HLT), so a kick
+//!   that comes before the waiter halts is not lost. With the feature
+//!   offered a HLT with IF=0 sleeps here too (a kick can end it) for up to
+//!   `PV_HALT_SLICE`, then goes to the VMM as it always did (which sleeps
+//!   1 ms and runs the vCPU again: a kick then waits that long at most);
 //! - application processors start in wait-for-SIPI.
 //!
 //! # Time
@@ -57,6 +66,12 @@ pub const TSC_HZ: u64 = 1_000_000_000;
 /// is what the engine's Linux boots have been checked with; with this off,
 /// x2APIC MSRs and IA32_APIC_BASE.EXTD raise #GP like on a CPU without it.
 pub const ADVERTISE_X2APIC: bool = false;
+
+/// How long a HLT with IF=0 sleeps in the engine for a paravirtual kick
+/// before it goes to the VMM (which keeps a vCPU that halted for good, a
+/// `cli; hlt`, from looking busy to the engine; a lock holder's host
+/// thread rarely waits this long for a CPU).
+const PV_HALT_SLICE: Duration = Duration::from_millis(10);
 
 /// Upper bound of one sleep in HLT: a safety net, never needed for
 /// correctness (every wake-up source notifies the vCPU's signal).
@@ -222,9 +237,25 @@ pub struct VcpuSignal {
     /// the vCPU's last check and its sleep is not lost.
     woken: Mutex<bool>,
     cv: Condvar,
+    /// A paravirtual kick (`KVM_HC_KICK_CPU`) waits for this vCPU's next
+    /// HLT (KVM's `pv_unhalted`): set by [`VcpuSignal::pv_kick`] before
+    /// its `notify`, so the Dekker argument above covers it; cleared by
+    /// the HLT it ends, or when an interrupt ends the HLT first.
+    pv_unhalt: AtomicBool,
 }
 
 impl VcpuSignal {
+    /// `KVM_HC_KICK_CPU` for this vCPU: mark it unhalted and wake it.
+    pub fn pv_kick(&self) {
+        self.pv_unhalt.store(true, Ordering::SeqCst);
+        self.notify();
+    }
+
+    /// The pending paravirtual kick (vCPU state: snapshots carry it).
+    pub fn pv_unhalt(&self) -> &AtomicBool {
+        &self.pv_unhalt
+    }
+
     pub fn notify(&self) {
         self.attention.store(true, Ordering::SeqCst);
         std::sync::atomic::fence(Ordering::SeqCst);
@@ -353,6 +384,17 @@ impl Pc {
 
     pub fn signal(&self, vcpu: u32) -> Option<&Arc<VcpuSignal>> {
         self.signals.get(vcpu as usize)
+    }
+
+    /// `KVM_HC_KICK_CPU` with physical APIC ID `apic_id` (guest data): as
+    /// KVM delivers it, to each vCPU whose enabled APIC has that ID (all
+    /// of them for the xAPIC broadcast 0xff); an ID nobody has is ignored.
+    pub fn pv_kick(&self, apic_id: u64) {
+        for i in self.shared.physical_targets(apic_id) {
+            if let Some(s) = self.signals.get(i) {
+                s.pv_kick();
+            }
+        }
     }
 
     /// Guest nanoseconds now.
@@ -646,9 +688,20 @@ impl PcVcpu {
 
     /// [`VcpuPlatform::idle`] with the signal marked idle.
     fn idle_loop(&mut self, cpu: CpuView, kick: &AtomicBool) -> Idle {
+        // HLT with IF=0 under PV_UNHALT sleeps until here at most.
+        let mut slice_end = None;
         loop {
             if kick.load(Ordering::Relaxed) && kick.swap(false, Ordering::AcqRel) {
                 return Idle::Interrupted;
+            }
+            // A kick pending from before the HLT, or one that woke us:
+            // this HLT completes and uses it up.
+            if !cpu.wait_for_sipi
+                && cpu.pv_unhalt
+                && self.signal.pv_unhalt.load(Ordering::SeqCst)
+                && self.signal.pv_unhalt.swap(false, Ordering::SeqCst)
+            {
+                return Idle::Unhalt;
             }
             // One locked look: timers advanced to now, the wake-up reasons,
             // and when to look again. The PIT counts for every vCPU because
@@ -675,11 +728,25 @@ impl PcVcpu {
             if wake {
                 return Idle::Wake;
             }
+            let mut deadline = deadline;
             if !cpu.wait_for_sipi && !cpu.if_set {
                 // HLT with interrupts off: only an NMI, INIT or SIPI could
-                // wake it; the VMM waits and runs the vCPU again, which
-                // looks again.
-                return Idle::Halt;
+                // wake it, and a paravirtual kick if the guest was offered
+                // them (Linux's `kvm_wait` halts with IF=0 when the lock
+                // was taken with interrupts off). Without PV_UNHALT the
+                // VMM waits and runs the vCPU again, which looks again;
+                // with it, wait here for a kick, one slice at a time.
+                if !cpu.pv_unhalt {
+                    return Idle::Halt;
+                }
+                // Timer deadlines cannot end it: sleep to the slice's end
+                // (whoever takes the timer interrupts wakes for them).
+                let now = self.pc.clock.now_ns();
+                let end = *slice_end.get_or_insert(now + PV_HALT_SLICE.as_nanos() as u64);
+                if now >= end {
+                    return Idle::Halt;
+                }
+                deadline = Some(end);
             }
             self.sleeps += 1;
             self.signal.wait(&self.pc.clock, deadline);
@@ -820,6 +887,14 @@ impl VcpuPlatform for PcVcpu {
             },
             _ => None,
         }
+    }
+
+    fn pv_kick(&self, apic_id: u64) {
+        self.pc.pv_kick(apic_id);
+    }
+
+    fn pv_unhalted(&self) -> Option<&AtomicBool> {
+        Some(self.signal.pv_unhalt())
     }
 
     fn waker(&self) -> Option<Arc<dyn Fn() + Send + Sync>> {
