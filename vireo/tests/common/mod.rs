@@ -69,7 +69,12 @@ pub fn snapshot_paused(sock: &Path, snap: &Path) {
 /// within `limit`.
 pub fn snapshot_and_stop(vm: &mut Running, sock: &Path, snap: &Path, limit: Duration) {
     snapshot_paused(sock, snap);
-    assert!(client(&["stop"], sock).status.success());
+    let out = client(&["stop"], sock);
+    assert!(
+        out.status.success(),
+        "stop: {out:?}\nthe VMM's stderr:\n{}",
+        vm.stderr_text()
+    );
     assert_eq!(vm.wait_exit(limit), Some(0), "{}", vm.stderr_text());
 }
 
