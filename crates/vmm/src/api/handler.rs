@@ -185,9 +185,12 @@ impl RequestHandler for ApiShared {
         Ok(())
     }
 
+    /// Only checks that a VM runs: it is stopped in
+    /// [`RequestHandler::after_reply`], once the answer is out. Stopped
+    /// here, the VMM could exit before the answer was written, and the
+    /// client would see its connection closed instead of a success.
     fn vm_stop(&self) -> Result<(), ApiError> {
-        let _ = self.running()?.exits.send(VmExit::Stopped);
-        Ok(())
+        self.running().map(|_| ())
     }
 
     fn vm_snapshot(&self, req: &SnapshotRequest) -> Result<(), ApiError> {
@@ -321,6 +324,11 @@ impl RequestHandler for ApiShared {
             ApiAction::VmMigrateSend(req) => {
                 if let Some(ctx) = self.vm() {
                     let _ = ctx.exits.send(VmExit::Migrated(req.destination.clone()));
+                }
+            }
+            ApiAction::VmStop => {
+                if let Some(ctx) = self.vm() {
+                    let _ = ctx.exits.send(VmExit::Stopped);
                 }
             }
             ApiAction::VmmShutdown => match self.vm() {

@@ -663,6 +663,7 @@ pub trait RequestHandler: Send + Sync {
     fn vm_pause(&self) -> Result<(), ApiError>;
     fn vm_resume(&self) -> Result<(), ApiError>;
     fn vm_power_button(&self) -> Result<(), ApiError>;
+    /// The VM stops once the answer is out ([`RequestHandler::after_reply`]).
     fn vm_stop(&self) -> Result<(), ApiError>;
     fn vm_snapshot(&self, req: &SnapshotRequest) -> Result<(), ApiError>;
     /// Returns once the destination has the VM; this VMM then ends (in
@@ -696,7 +697,7 @@ pub trait RequestHandler: Send + Sync {
     }
     /// Called once the successful answer to `action` has been sent: what
     /// must not happen before the client has its answer (the VMM ending
-    /// after a migration or a shutdown) happens here.
+    /// after a migration, a stop or a shutdown) happens here.
     fn after_reply(&self, action: &ApiAction, reply: &ApiReply);
 }
 
