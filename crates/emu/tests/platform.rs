@@ -667,6 +667,21 @@ fn cpuid_advertises_the_platform() {
     assert_ne!(leaf(4)[3] & (1 << 8), 0, "invariant TSC");
 }
 
+/// vCPU 1 of a 2-vCPU `g`, started directly in long mode at `rip` with
+/// the BSP's segments and paging (INIT/SIPI has its own test).
+fn long_mode_ap(g: &Guest, rip: u64) -> EmuVcpu {
+    let mut ap = g.vm.create_pc_vcpu(1, 2).unwrap();
+    let mut s = g.sregs();
+    s.apic_base = 0xfee0_0800;
+    ap.set_sregs(&s).unwrap();
+    let mut r = g.regs();
+    r.rip = rip;
+    r.rsp = 0x40000;
+    ap.set_regs(&r).unwrap();
+    ap.set_wait_for_sipi(false);
+    ap
+}
+
 fn run_ap_until_halt(ap: &mut EmuVcpu, stop: &AtomicBool) -> String {
     loop {
         match ap.run() {
@@ -810,16 +825,7 @@ fn fixed_ipi_wakes_a_halted_vcpu_on_another_thread() {
             a.hlt()
         }),
     );
-    // Start the AP directly in long mode (INIT/SIPI has its own test).
-    let mut ap = g.vm.create_pc_vcpu(1, 2).unwrap();
-    let mut s = g.sregs();
-    s.apic_base = 0xfee0_0800;
-    ap.set_sregs(&s).unwrap();
-    let mut r = g.regs();
-    r.rip = AP_CODE;
-    r.rsp = 0x40000;
-    ap.set_regs(&r).unwrap();
-    ap.set_wait_for_sipi(false);
+    let mut ap = long_mode_ap(&g, AP_CODE);
     let kicker = ap.kicker();
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
@@ -1108,15 +1114,7 @@ fn pv_kicks_wake_a_vcpu_halted_with_interrupts_off() {
             a.hlt()
         }),
     );
-    let mut ap = g.vm.create_pc_vcpu(1, 2).unwrap();
-    let mut s = g.sregs();
-    s.apic_base = 0xfee0_0800;
-    ap.set_sregs(&s).unwrap();
-    let mut r = g.regs();
-    r.rip = AP_CODE;
-    r.rsp = 0x40000;
-    ap.set_regs(&r).unwrap();
-    ap.set_wait_for_sipi(false);
+    let mut ap = long_mode_ap(&g, AP_CODE);
     let kicker = ap.kicker();
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();

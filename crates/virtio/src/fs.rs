@@ -729,6 +729,7 @@ fn private_dir() -> std::io::Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queue::tests::desc;
     use crate::queue::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
     use std::sync::Mutex;
 
@@ -743,14 +744,6 @@ mod tests {
 
     const TABLE: u64 = 0x1000;
     const USED: u64 = 0x3000;
-
-    fn desc(m: &GuestRam, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let a = GuestAddress(table + 16 * i as u64);
-        m.write_obj(addr, a).unwrap();
-        m.write_obj(len, a.unchecked_add(8)).unwrap();
-        m.write_obj(flags, a.unchecked_add(12)).unwrap();
-        m.write_obj(next, a.unchecked_add(14)).unwrap();
-    }
 
     /// The backend's side: put `(id, len)` in used slot `slot`.
     fn used(m: &GuestRam, slot: u16, id: u32, len: u32) {

@@ -538,7 +538,7 @@ impl VirtQueue {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const TABLE: u64 = 0x1000;
@@ -550,7 +550,17 @@ mod tests {
         GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
     }
 
-    fn desc(m: &GuestRam, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+    /// Write descriptor `i` of the table at `table` (also used by the
+    /// device tests that build chains).
+    pub(crate) fn desc(
+        m: &GuestRam,
+        table: u64,
+        i: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) {
         let a = GuestAddress(table + 16 * i as u64);
         m.write_obj(addr, a).unwrap();
         m.write_obj(len, a.unchecked_add(8)).unwrap();

@@ -278,6 +278,16 @@ fn run_checks_with(
     rng: bool,
     checks: impl FnOnce(&mut CodeAssembler, CodeLabel),
 ) -> (VmExit, String, Vm2) {
+    run_raw_with(
+        accel,
+        checks_image(name, checks),
+        RawMode::Long { entry: LOAD },
+        rng,
+    )
+}
+
+/// The image (code, then its messages) of [`run_checks`]'s guest.
+fn checks_image(name: &str, checks: impl FnOnce(&mut CodeAssembler, CodeLabel)) -> Vec<u8> {
     let (ok, bad) = (format!("{name} ok\n"), format!("{name} bad\n"));
     let msgs = [ok.as_str(), bad.as_str()];
     let code = assemble(64, |a| {
@@ -291,12 +301,7 @@ fn run_checks_with(
         a.set_label(&mut end).unwrap();
         power_off(a);
     });
-    run_raw_with(
-        accel,
-        with_messages(code, &msgs),
-        RawMode::Long { entry: LOAD },
-        rng,
-    )
+    with_messages(code, &msgs)
 }
 
 /// Port reads reach real devices: CMOS register D says "valid" (0x80) and
@@ -457,12 +462,9 @@ fn code_a_device_overwrote_is_never_run_stale() {
         })
     };
     for accel in accels() {
-        let msgs = ["dma ok\n", "dma bad\n"];
-        let code = assemble(64, |a| {
-            let mut fail = a.create_label();
-            let mut end = a.create_label();
+        let mut image = checks_image("dma", |a, fail| {
             // Call the function 1000 times; each must answer `want`.
-            let calls = |a: &mut CodeAssembler, want: u32, fail| {
+            let calls = |a: &mut CodeAssembler, want: u32| {
                 let mut top = a.create_label();
                 a.mov(ecx, 1000u32).unwrap();
                 a.set_label(&mut top).unwrap();
@@ -473,19 +475,12 @@ fn code_a_device_overwrote_is_never_run_stale() {
                 a.dec(ecx).unwrap();
                 a.jnz(top).unwrap();
             };
-            calls(a, 1, fail);
+            calls(a, 1);
             // The device replaces the function.
             a.mov(rbx, DMA_DEVICE).unwrap();
             a.mov(dword_ptr(rbx), 1).unwrap();
-            calls(a, 2, fail);
-            print(a, 64, LOAD + msg_at(&msgs, 0));
-            a.jmp(end).unwrap();
-            a.set_label(&mut fail).unwrap();
-            print(a, 64, LOAD + msg_at(&msgs, 1));
-            a.set_label(&mut end).unwrap();
-            power_off(a);
+            calls(a, 2);
         });
-        let mut image = with_messages(code, &msgs);
         image.resize((FUNC - LOAD) as usize, 0x90);
         image.extend(func(1));
         let (exit, out, _) =
