@@ -440,14 +440,7 @@ fn a_kick_stops_a_vcpu_spinning_in_translated_code() {
         Ok(())
     }));
     for _ in 0..2 {
-        let kicker = g.vcpu.kicker();
-        let before = g.regs().rax;
-        let h = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            kicker.kick();
-        });
-        let e = g.run();
-        h.join().unwrap();
+        let (e, before) = run_until_kicked(&mut g, Duration::from_millis(50));
         assert_eq!(e, Ex::Interrupted, "{:x?}", g.regs());
         let r = g.regs();
         assert!(r.rax > before + 10_000, "{:x?}", r);
@@ -498,14 +491,7 @@ fn a_kick_between_chained_blocks_sees_their_registers() {
     g.load_code(&code);
     let mut stops = [0u32; 3];
     for _ in 0..6 {
-        let kicker = g.vcpu.kicker();
-        let before = g.regs().rax;
-        let h = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(30));
-            kicker.kick();
-        });
-        let e = g.run();
-        h.join().unwrap();
+        let (e, before) = run_until_kicked(&mut g, Duration::from_millis(30));
         assert_eq!(e, Ex::Interrupted, "{:x?}", g.regs());
         let r = g.regs();
         assert!(r.rax > before + 1000, "{:x?}", r);
@@ -665,6 +651,20 @@ fn cpuid_advertises_the_platform() {
     assert_ne!(f[0] & (1 << 24), 0, "CLOCKSOURCE_STABLE_BIT");
     assert_eq!(leaf(3)[0], 1_000_000, "TSC kHz: 1 GHz");
     assert_ne!(leaf(4)[3] & (1 << 8), 0, "invariant TSC");
+}
+
+/// Run `g` until another thread kicks it `after` from now; returns the
+/// exit and guest RAX from before the run.
+fn run_until_kicked(g: &mut Guest, after: Duration) -> (Ex, u64) {
+    let kicker = g.vcpu.kicker();
+    let before = g.regs().rax;
+    let h = std::thread::spawn(move || {
+        std::thread::sleep(after);
+        kicker.kick();
+    });
+    let e = g.run();
+    h.join().unwrap();
+    (e, before)
 }
 
 /// vCPU 1 of a 2-vCPU `g`, started directly in long mode at `rip` with
