@@ -12,6 +12,24 @@ fn guest() -> Guest {
     g
 }
 
+/// 512 distinct words at `DATA` (word `i` is a multiple of `i + salt`).
+fn fill_data(g: &mut Guest, salt: u64) {
+    for i in 0..512u64 {
+        g.w64(
+            DATA + i * 8,
+            0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i + salt),
+        );
+    }
+}
+
+/// [`guest`] with the translator's threshold `jit` (None: interpret only,
+/// `Some(0)`: translate every block), for the differential tests.
+fn guest_at(jit: Option<u32>) -> Guest {
+    let mut g = guest();
+    g.vcpu.core_mut().jit.threshold = jit;
+    g
+}
+
 #[test]
 fn sum_loop_and_call() {
     let mut g = guest();
@@ -574,8 +592,7 @@ fn sse_requires_osfxsr_and_ts_raises_nm() {
 fn translated_sse_raises_ud_nm_and_gp() {
     for jit in [None, Some(0)] {
         let run = |cr0_or: u64, cr4_clear: u64, addr: u64| {
-            let mut g = guest();
-            g.vcpu.core_mut().jit.threshold = jit;
+            let mut g = guest_at(jit);
             let mut s = g.sregs();
             s.cr0 |= cr0_or;
             s.cr4 &= !cr4_clear;
@@ -773,8 +790,7 @@ fn translated_code_matches_the_interpreter() {
         a.ret()?;
     });
     let run = |jit: Option<u32>| {
-        let mut g = guest();
-        g.vcpu.core_mut().jit.threshold = jit;
+        let mut g = guest_at(jit);
         let mut x = 0x2545_f491_4f6c_dd1du64;
         for i in 0..2 * N {
             x ^= x << 13;
@@ -892,8 +908,7 @@ fn links_follow_cr3_switches_and_code_writes() {
         a.hlt()?;
     });
     let run = |jit: Option<u32>| {
-        let mut g = guest();
-        g.vcpu.core_mut().jit.threshold = jit;
+        let mut g = guest_at(jit);
         // The first 2 MiB (code, stack, tables) global in both spaces.
         g.w64(PD, g.r64(PD) | 0x100);
         for i in 0..512u64 {
@@ -960,8 +975,7 @@ fn links_follow_invlpg_remaps() {
         a.hlt()?;
     });
     let run = |jit: Option<u32>| {
-        let mut g = guest();
-        g.vcpu.core_mut().jit.threshold = jit;
+        let mut g = guest_at(jit);
         g.write(V, &at(V, 0x100));
         g.write(X2, &at(V, 0x10000));
         g.load_code(&code);
@@ -1018,8 +1032,7 @@ fn patched_links_follow_code_writes_and_cache_flushes() {
         a.hlt()?;
     });
     let run = |jit: Option<u32>| {
-        let mut g = guest();
-        g.vcpu.core_mut().jit.threshold = jit;
+        let mut g = guest_at(jit);
         g.write(L, &callee(1));
         g.load_code(&code);
         g.run_to_halt();
@@ -1113,11 +1126,8 @@ fn self_loops_match_the_interpreter() {
         a.hlt()?;
     });
     let run = |jit: Option<u32>| {
-        let mut g = guest();
-        g.vcpu.core_mut().jit.threshold = jit;
-        for i in 0..512u64 {
-            g.w64(DATA + i * 8, 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i + 1));
-        }
+        let mut g = guest_at(jit);
+        fill_data(&mut g, 1);
         g.write(L, &patcher);
         g.load_code(&code);
         g.run_to_halt();
@@ -1275,8 +1285,7 @@ fn translated_rmw_string_and_div_edges_match_the_interpreter() {
     ];
     for (name, code, unmap) in &programs {
         let run = |jit: Option<u32>| {
-            let mut g = guest();
-            g.vcpu.core_mut().jit.threshold = jit;
+            let mut g = guest_at(jit);
             for i in 0..0x8000u64 {
                 g.ram[(DATA + i) as usize] = (i * 13 + (i >> 8)) as u8;
             }
@@ -1399,11 +1408,8 @@ fn fixed_register_map_holds_across_chained_blocks() {
         a.hlt()?;
     });
     let run = |jit: Option<u32>| {
-        let mut g = guest();
-        g.vcpu.core_mut().jit.threshold = jit;
-        for i in 0..512u64 {
-            g.w64(DATA + i * 8, 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i + 3));
-        }
+        let mut g = guest_at(jit);
+        fill_data(&mut g, 3);
         g.write(F, &callee);
         g.load_code(&code);
         g.run_to_halt();

@@ -682,9 +682,15 @@ fn long_mode_ap(g: &Guest, rip: u64) -> EmuVcpu {
     ap
 }
 
-fn run_ap_until_halt(ap: &mut EmuVcpu, stop: &AtomicBool) -> String {
+/// Run the AP until it halts (`rerun_halts`: until `stop` is set, running
+/// it again after each HLT as the VMM does) or exits otherwise; what ended
+/// it, as text.
+fn run_ap_until_halt(ap: &mut EmuVcpu, stop: &AtomicBool, rerun_halts: bool) -> String {
     loop {
         match ap.run() {
+            Ok(VcpuExit::Halt) if rerun_halts && !stop.load(Ordering::SeqCst) => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             Ok(VcpuExit::Halt) => return "Halt".into(),
             Ok(VcpuExit::Interrupted) if !stop.load(Ordering::SeqCst) => continue,
             Ok(e) => return format!("{e:?}"),
@@ -757,7 +763,7 @@ fn init_sipi_sipi_starts_the_ap_in_real_mode() {
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
     let h = std::thread::spawn(move || {
-        let e = run_ap_until_halt(&mut ap, &stop2);
+        let e = run_ap_until_halt(&mut ap, &stop2, false);
         (e, ap.get_sregs().unwrap().cs.selector)
     });
     run_to_halt(&mut g);
@@ -830,7 +836,7 @@ fn fixed_ipi_wakes_a_halted_vcpu_on_another_thread() {
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
     let h = std::thread::spawn(move || {
-        let e = run_ap_until_halt(&mut ap, &stop2);
+        let e = run_ap_until_halt(&mut ap, &stop2, false);
         (e, ap.core().platform.sleeps())
     });
     run_to_halt(&mut g);
@@ -1122,15 +1128,7 @@ fn pv_kicks_wake_a_vcpu_halted_with_interrupts_off() {
     // loaded host may delay one): run it again, as the VMM does, until
     // the BSP is done.
     let h = std::thread::spawn(move || {
-        let e = loop {
-            match ap.run() {
-                Ok(VcpuExit::Halt) | Ok(VcpuExit::Interrupted) if !stop2.load(Ordering::SeqCst) => {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Ok(e) => break format!("{e:?}"),
-                Err(e) => break format!("error {e}"),
-            }
-        };
+        let e = run_ap_until_halt(&mut ap, &stop2, true);
         (e, ap.core().platform.sleeps())
     });
     // The BSP waits (bounded) for the AP's last count.

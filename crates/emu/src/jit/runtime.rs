@@ -329,10 +329,19 @@ impl Arena {
             };
             return n == bytes.len() as isize;
         }
+        self.write_flipped(off, bytes)
+    }
+
+    /// Write `bytes` at arena offset `off` of the anonymous (not dual)
+    /// arena between two protection flips of the pages it covers; false if
+    /// a flip failed. The caller checked that `[off, off + len)` is inside
+    /// the mapping; no translated code runs while this vCPU compiles or
+    /// links, and only this vCPU uses the arena.
+    fn write_flipped(&self, off: usize, bytes: &[u8]) -> bool {
         let first = off & !4095;
         let end = (off + bytes.len() + 4095) & !4095;
-        // SAFETY: [first, end) is inside the mapping; no translated code
-        // runs while this vCPU links, and only this vCPU uses the arena.
+        // SAFETY: [first, end) is inside the mapping (the caller's check),
+        // and nothing else reads or runs these bytes meanwhile (above).
         unsafe {
             let page = self.base.add(first) as *mut libc::c_void;
             if libc::mprotect(page, end - first, libc::PROT_READ | libc::PROT_WRITE) != 0 {
@@ -364,22 +373,8 @@ impl Arena {
             // arena, and the bytes are not reachable as code until a
             // block's state names them (after this returns).
             unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), dst, code.len()) };
-        } else {
-            let first = at & !4095;
-            let end = (at + code.len() + 4095) & !4095;
-            // SAFETY: [first, end) is inside the mapping; no translated
-            // code runs while this vCPU compiles, and only this vCPU uses
-            // the arena.
-            unsafe {
-                let page = self.base.add(first) as *mut libc::c_void;
-                if libc::mprotect(page, end - first, libc::PROT_READ | libc::PROT_WRITE) != 0 {
-                    return None;
-                }
-                std::ptr::copy_nonoverlapping(code.as_ptr(), self.base.add(at), code.len());
-                if libc::mprotect(page, end - first, libc::PROT_READ | libc::PROT_EXEC) != 0 {
-                    return None;
-                }
-            }
+        } else if !self.write_flipped(at, code) {
+            return None;
         }
         // Keep entry points 16-byte aligned.
         self.used = (at + code.len() + 15) & !15;
