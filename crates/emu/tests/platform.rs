@@ -699,6 +699,34 @@ fn run_ap_until_halt(ap: &mut EmuVcpu, stop: &AtomicBool, rerun_halts: bool) -> 
     }
 }
 
+/// Run `ap` on a thread of its own ([`run_ap_until_halt`]) while `g`'s
+/// BSP runs to its halt; then give the AP up to `grace` to end by itself
+/// (so an AP that never started does not hang the test), stop it, and
+/// return what ended it and what `after` reads from it.
+fn run_bsp_and_ap<T: Send + 'static>(
+    g: &mut Guest,
+    mut ap: EmuVcpu,
+    rerun_halts: bool,
+    grace: Duration,
+    after: impl FnOnce(&EmuVcpu) -> T + Send + 'static,
+) -> (String, T) {
+    let kicker = ap.kicker();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let h = std::thread::spawn(move || {
+        let e = run_ap_until_halt(&mut ap, &stop2, rerun_halts);
+        (e, after(&ap))
+    });
+    run_to_halt(g);
+    let deadline = Instant::now() + grace;
+    while !h.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    stop.store(true, Ordering::SeqCst);
+    kicker.kick();
+    h.join().unwrap()
+}
+
 #[test]
 fn application_processor_waits_for_sipi() {
     let g = pc_guest(2);
@@ -758,23 +786,10 @@ fn init_sipi_sipi_starts_the_ap_in_real_mode() {
         a.hlt()?;
         Ok(())
     }));
-    let mut ap = g.vm.create_pc_vcpu(1, 2).unwrap();
-    let kicker = ap.kicker();
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let h = std::thread::spawn(move || {
-        let e = run_ap_until_halt(&mut ap, &stop2, false);
-        (e, ap.get_sregs().unwrap().cs.selector)
+    let ap = g.vm.create_pc_vcpu(1, 2).unwrap();
+    let (e, ap_cs) = run_bsp_and_ap(&mut g, ap, false, Duration::from_secs(10), |ap| {
+        ap.get_sregs().unwrap().cs.selector
     });
-    run_to_halt(&mut g);
-    // If the AP never started, do not hang: stop it and report.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !h.is_finished() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    stop.store(true, Ordering::SeqCst);
-    kicker.kick();
-    let (e, ap_cs) = h.join().unwrap();
     assert_eq!(e, "Halt");
     assert_eq!(g.r32(MARKER) & 0xffff, 0x5a5a, "AP marker");
     assert_eq!(g.r32(MARKER) >> 16, 0x0800, "AP CS = vector << 8");
@@ -831,22 +846,10 @@ fn fixed_ipi_wakes_a_halted_vcpu_on_another_thread() {
             a.hlt()
         }),
     );
-    let mut ap = long_mode_ap(&g, AP_CODE);
-    let kicker = ap.kicker();
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let h = std::thread::spawn(move || {
-        let e = run_ap_until_halt(&mut ap, &stop2, false);
-        (e, ap.core().platform.sleeps())
+    let ap = long_mode_ap(&g, AP_CODE);
+    let (e, sleeps) = run_bsp_and_ap(&mut g, ap, false, Duration::from_secs(10), |ap| {
+        ap.core().platform.sleeps()
     });
-    run_to_halt(&mut g);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !h.is_finished() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    stop.store(true, Ordering::SeqCst);
-    kicker.kick();
-    let (e, sleeps) = h.join().unwrap();
     assert_eq!(e, "Halt");
     assert_eq!(g.r64(COUNTS), 1, "the AP took the IPI");
     // It slept (in 100 ms slices at most, with no timer armed) and did not
@@ -1120,22 +1123,14 @@ fn pv_kicks_wake_a_vcpu_halted_with_interrupts_off() {
             a.hlt()
         }),
     );
-    let mut ap = long_mode_ap(&g, AP_CODE);
-    let kicker = ap.kicker();
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
     // A HLT with IF=0 goes to the VMM after a while without a kick (a
-    // loaded host may delay one): run it again, as the VMM does, until
-    // the BSP is done.
-    let h = std::thread::spawn(move || {
-        let e = run_ap_until_halt(&mut ap, &stop2, true);
-        (e, ap.core().platform.sleeps())
+    // loaded host may delay one): the AP runs again, as the VMM does,
+    // until the BSP is done. The BSP waits (bounded) for the AP's last
+    // count, so no grace is needed after it.
+    let ap = long_mode_ap(&g, AP_CODE);
+    let (e, sleeps) = run_bsp_and_ap(&mut g, ap, true, Duration::ZERO, |ap| {
+        ap.core().platform.sleeps()
     });
-    // The BSP waits (bounded) for the AP's last count.
-    run_to_halt(&mut g);
-    stop.store(true, Ordering::SeqCst);
-    kicker.kick();
-    let (e, sleeps) = h.join().unwrap();
     assert!(e == "Halt" || e == "Interrupted", "AP: {e}");
     // One count per round, plus the AP's last: no kick was lost.
     assert_eq!(g.r32(COUNTS), ROUNDS + 2, "AP halts ended by kicks");
