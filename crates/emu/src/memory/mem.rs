@@ -114,10 +114,18 @@ impl Region {
                 break;
             }
             if self.has_code[p].load(Ordering::Relaxed) & FLAG_CODE != 0 {
-                self.has_code[p].fetch_and(!FLAG_CODE, Ordering::SeqCst);
-                self.code_gen[p].fetch_add(1, Ordering::SeqCst);
+                self.drop_code(p);
             }
         }
+    }
+
+    /// Page `p` was written while it held decoded code: it is no longer a
+    /// code page, and its generation moves on so every block and link over
+    /// it fails its check (for vCPU and device writes alike).
+    #[inline]
+    fn drop_code(&self, p: usize) {
+        self.has_code[p].fetch_and(!FLAG_CODE, Ordering::SeqCst);
+        self.code_gen[p].fetch_add(1, Ordering::SeqCst);
     }
 
     #[inline]
@@ -287,8 +295,7 @@ impl MemView {
                 r.dirty[p / 64].fetch_or(1 << (p % 64), Ordering::SeqCst);
             }
             if flags & FLAG_CODE != 0 {
-                r.has_code[p].fetch_and(!FLAG_CODE, Ordering::SeqCst);
-                r.code_gen[p].fetch_add(1, Ordering::SeqCst);
+                r.drop_code(p);
             }
         }
     }
