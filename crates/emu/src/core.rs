@@ -147,6 +147,9 @@ pub struct Core {
     pub wait_for_sipi: bool,
     /// Chaining: the previous block, if it ended normally.
     pub prev_block: BlockPtr,
+    /// The code mode links were last made under: the code size and, outside
+    /// 64-bit mode, the CS base (see [`Core::note_code_mode`]).
+    pub code_mode: (u32, u64),
     /// Recent events for post-mortem debugging (block starts and
     /// exceptions), oldest overwritten first.
     pub history: History,
@@ -255,6 +258,7 @@ impl Core {
             nmi_blocked: false,
             wait_for_sipi: false,
             prev_block: BlockPtr::NONE,
+            code_mode: (64, 0),
             history: History::default(),
             trace: false,
             cpuid,
@@ -307,6 +311,25 @@ impl Core {
     pub(crate) fn load_apic_base(&mut self, v: u64) {
         if let Some(base) = self.platform.load_apic_base(self.index, v) {
             self.st.msr.apic_base = base;
+        }
+    }
+
+    /// Links between blocks (and a block's successor note) lead from one
+    /// RIP to the block decoded for the linear address and code size that
+    /// RIP had when they were made. Outside 64-bit mode the linear address
+    /// is CS base + EIP, so a change of the CS base (or of the code size)
+    /// changes the link key as a TLB flush does (the epoch moves on, no
+    /// entry is dropped): links made before are checked again (outside
+    /// 64-bit mode by the dispatcher's fetch). Every instruction that
+    /// loads CS ends its block, so the dispatcher sees each change before
+    /// any exit compares a key.
+    #[inline]
+    pub fn note_code_mode(&mut self) {
+        let bits = self.st.code_bits();
+        let base = if bits == 64 { 0 } else { self.st.seg[CS].base };
+        if self.code_mode != (bits, base) {
+            self.code_mode = (bits, base);
+            self.tlb.epoch += 2;
         }
     }
 

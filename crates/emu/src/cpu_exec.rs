@@ -271,6 +271,7 @@ impl Core {
         }
         let prev = std::mem::replace(&mut self.prev_block, BlockPtr::NONE).0;
         let rip = self.st.rip;
+        self.note_code_mode();
         // Links hold under the TLB epoch and CPL they were made under (see
         // `crate::jit::runtime`); older ones are fetched again here.
         let key = self.tlb.epoch | self.user() as u64;
@@ -318,7 +319,7 @@ impl Core {
         } else {
             limit
         };
-        if limit == usize::MAX && block.bits == 64 {
+        if limit == usize::MAX {
             if let Some(f) = crate::jit::code_for(self, block) {
                 // Compiling may recycle the arena (which flushes the TLB).
                 if cell != 0

@@ -89,6 +89,10 @@ const CELL_TARGET: i32 = offset_of!(LinkCell, target) as i32;
 const fn segbase_off(s: usize) -> i32 {
     (offset_of!(Core, st.seg) + s * size_of::<Segment>() + offset_of!(Segment, base)) as i32
 }
+/// SS.B (the stack address size outside 64-bit mode: 32 bits when set).
+const OFF_SS_DB: i32 = (offset_of!(Core, st.seg)
+    + crate::cpu::SS * size_of::<Segment>()
+    + offset_of!(Segment, db)) as i32;
 const TLB_TAG: i32 = offset_of!(TlbEntry, tag) as i32;
 const TLB_HOST: i32 = offset_of!(TlbEntry, host) as i32;
 const TLB_PHYS: i32 = offset_of!(TlbEntry, phys) as i32;
@@ -203,8 +207,16 @@ struct Cg {
     /// Per link cell, the offsets of the displacements of its exit's
     /// keyed and direct `jmp rel32` (0: none; see `jit::runtime`).
     sites: Sites,
-    /// The block's virtual page number (RIP >> 12).
-    vpage: u64,
+    /// The block's RIP (EIP or IP outside 64-bit mode) and the offset of
+    /// its first byte in its page (of the linear address, CS base added).
+    rip: u64,
+    page_off: u64,
+    /// The block's code size (64, 32 or 16 bits: CS.L/CS.D).
+    bits: u32,
+    /// The stack address size the block's stack accesses are compiled for
+    /// (8 in 64-bit mode; else 4 or 2, SS.B when it was compiled, checked
+    /// at each such access).
+    stack: u8,
     /// Chained exits count blocks down to the next timed poll (a platform
     /// that does not kick on every event).
     countdown: bool,
@@ -373,7 +385,10 @@ impl Cg {
             sse_ok: false,
             revals: Vec::new(),
             sites: [(0, 0); 2],
-            vpage: 0,
+            rip: 0,
+            page_off: 0,
+            bits: 64,
+            stack: 8,
             countdown,
             again: None,
             stale: None,
@@ -472,20 +487,71 @@ impl Cg {
         }
     }
 
-    /// CALL's push of its return address `next_ip`: RSP-8 translated for a
-    /// write (a miss goes to the stub before anything is written), the
-    /// address stored, RSP lowered. Uses rsi and r9 (and what `translate`
-    /// clobbers); r8 survives, so an indirect CALL keeps its target there.
-    fn push_ret_addr(&mut self, next_ip: u64) {
+    /// CALL's push of its return address `next_ip` (`n` bytes): the slot
+    /// below the stack pointer translated for a write (a miss goes to the
+    /// stub before anything is written), the address stored, the stack
+    /// pointer lowered. Uses rsi and r9 (and what `translate` clobbers);
+    /// r8 survives, so an indirect CALL keeps its target there.
+    fn push_ret_addr(&mut self, next_ip: u64, n: u8) {
+        self.stack_slot(-(n as i32), n, Acc::Write);
+        a!(self; mov r9, QWORD next_ip as i64);
+        self.st(9, n, Opnd::Mem);
+        self.add_sp(-(n as i32));
+    }
+
+    /// The stack slot `delta` bytes from the guest's stack pointer,
+    /// translated for an `n`-byte access into rsi (`translate`). Outside
+    /// 64-bit mode the offset wraps at the stack size the block was
+    /// compiled for and SS's base is added; a stack of the other size
+    /// (SS.B changed since) goes to the stub, whose interpreter does it
+    /// right. Inside a block SS only changes through instructions that
+    /// end it, but a block may run again under another SS.
+    fn stack_slot(&mut self, delta: i32, n: u8, acc: Acc) {
+        if self.bits != 64 {
+            self.begin_access();
+            let stub = self.stub_label();
+            a!(self
+                ; cmp BYTE [rbx + OFF_SS_DB], (self.stack == 4) as i8
+                ; jne =>stub
+            );
+        }
         self.gq(6, 4);
-        a!(self; lea rsi, [rsi - 8]);
-        self.translate(8, Acc::Write);
-        a!(self
-            ; mov r9, QWORD next_ip as i64
-            ; mov QWORD [rsi], r9
-        );
+        match self.stack {
+            8 if delta != 0 => a!(self; lea rsi, [rsi + delta]),
+            8 => {}
+            s => {
+                a!(self; lea esi, [rsi + delta]);
+                if s == 2 {
+                    a!(self; movzx esi, si);
+                }
+                a!(self
+                    ; mov eax, DWORD [rbx + segbase_off(crate::cpu::SS)]
+                    ; lea esi, [rsi + rax]
+                );
+            }
+        }
+        self.translate(n, acc);
+    }
+
+    /// Move the guest's stack pointer by `delta` at the stack size the
+    /// block was compiled for, keeping the bits above it as the
+    /// interpreter's `set_sp` does. Only after a `stack_slot` (host flags
+    /// already clobbered). Uses r9 and rax.
+    fn add_sp(&mut self, delta: i32) {
         self.gq(9, 4);
-        a!(self; lea r9, [r9 - 8]);
+        match self.stack {
+            8 => a!(self; lea r9, [r9 + delta]),
+            4 => a!(self
+                ; lea eax, [r9 + delta]
+                ; shr r9, 32
+                ; shl r9, 32
+                ; or r9, rax
+            ),
+            _ => a!(self
+                ; lea eax, [r9 + delta]
+                ; mov r9w, ax
+            ),
+        }
         self.sq(4, 9);
     }
 
@@ -703,7 +769,12 @@ impl Cg {
     // ------------------------------------------------------------ memory
 
     /// Effective address of the memory operand into rsi (clobbers rax; no
-    /// flags). `seg`: add the FS/GS base.
+    /// flags). `seg`: the linear address, with the FS/GS base added in
+    /// 64-bit mode, and outside it the base of the operand's segment
+    /// (whatever it is, read from `Core` at run time: one load and a
+    /// 32-bit add) and truncated to 32 bits. The interpreter checks no
+    /// segment limit or type either (`Core::lin`), so there is nothing to
+    /// fault on here.
     fn ea(&mut self, m: &MemOp, seg: bool) {
         let disp = m.disp as i64;
         let small = disp == disp as i32 as i64;
@@ -731,6 +802,21 @@ impl Cg {
             } else {
                 a!(self; mov rax, QWORD disp ; lea rsi, [rsi + rax]);
             }
+        }
+        if self.bits != 64 {
+            if m.amask == 0xffff {
+                a!(self; movzx esi, si);
+            }
+            if seg {
+                // The 32-bit LEA truncates the sum (and zero-extends).
+                a!(self
+                    ; mov eax, DWORD [rbx + segbase_off(m.seg as usize)]
+                    ; lea esi, [rsi + rax]
+                );
+            } else if m.amask == 0xffff_ffff {
+                a!(self; mov esi, esi);
+            }
+            return;
         }
         if m.amask == 0xffff_ffff {
             a!(self; mov esi, esi);
@@ -981,7 +1067,7 @@ impl Cg {
         }
         a!(self; add rbp, count as i32);
         if let Some((k, t)) = to {
-            if t >> 12 == self.vpage && !self.interpreted {
+            if self.in_own_page(t) && !self.interpreted {
                 self.sites[k].1 = self.jump_site();
             }
         }
@@ -1015,6 +1101,16 @@ impl Cg {
         }
     }
 
+    /// Whether RIP `t` lies in the block's own linear page. Outside 64-bit
+    /// mode the linear address is CS base + `t`, and the base need not be
+    /// page aligned: measured from the block's first byte, whose offset in
+    /// its page is the same under any base the block runs with (it is
+    /// keyed by its physical address).
+    fn in_own_page(&self, t: u64) -> bool {
+        let at = self.page_off as i64 + t.wrapping_sub(self.rip) as i64;
+        (0..4096).contains(&at)
+    }
+
     /// Note why the code goes back to the dispatcher (a `jit-trips` build;
     /// nothing otherwise). No flags or registers change.
     fn trip(&mut self, cause: u8) {
@@ -1037,39 +1133,48 @@ impl Cg {
     /// the target page maps the recorded physical page with execute
     /// permission at this CPL; then it takes the current key. Else the
     /// exit's count comes off rbp again (and the poll countdown is given
-    /// back) on the way to its no-link path.
+    /// back) on the way to its no-link path. Outside 64-bit mode it never
+    /// holds: the target's linear address depends on the CS base, which
+    /// the cell does not record (a new CS base or code size changes the
+    /// link key, see `Core::note_code_mode`), so the dispatcher links
+    /// again.
     fn emit_revals(&mut self) {
         for r in std::mem::take(&mut self.revals) {
             let fail = self.a.new_dynamic_label();
-            a!(self
-                ; =>r.entry
-                ; mov rcx, QWORD [rbx + OFF_GEN]
-                ; cmp rcx, QWORD [rdx + CELL_GEN]
-                ; jne =>fail
-            );
-            match r.target {
-                Some(t) => a!(self; mov rcx, QWORD t as i64),
-                None => a!(self; mov rcx, QWORD [rbx + OFF_RIP]),
+            a!(self; =>r.entry);
+            // Outside 64-bit mode the entry is the failure path.
+            if self.bits == 64 {
+                a!(self
+                    ; mov rcx, QWORD [rbx + OFF_GEN]
+                    ; cmp rcx, QWORD [rdx + CELL_GEN]
+                    ; jne =>fail
+                );
+                match r.target {
+                    Some(t) => a!(self; mov rcx, QWORD t as i64),
+                    None => a!(self; mov rcx, QWORD [rbx + OFF_RIP]),
+                }
+                a!(self
+                    ; mov rsi, rcx
+                    ; shr rsi, 12
+                    ; and esi, (crate::memory::mmu::TLB_SIZE - 1) as i32
+                    ; imul esi, esi, TLBE_SIZE
+                    ; add rsi, QWORD [rbx + OFF_TLB]
+                    ; and rcx, -4096
+                    ; or rcx, 1
+                    ; cmp QWORD [rsi + TLB_TAG], rcx
+                    ; jne =>fail
+                    ; mov rcx, QWORD [rsi + TLB_PHYS]
+                    ; cmp rcx, QWORD [rdx + CELL_PHYS]
+                    ; jne =>fail
+                    ; mov cl, BYTE [rsi + TLB_PERM]
+                    ; and cl, BYTE [rbx + OFF_XMASK]
+                    ; cmp cl, BYTE [rbx + OFF_XWANT]
+                    ; jne =>fail
+                    ; mov QWORD [rdx + CELL_KEY], rax
+                    ; jmp =>r.ok
+                );
             }
             a!(self
-                ; mov rsi, rcx
-                ; shr rsi, 12
-                ; and esi, (crate::memory::mmu::TLB_SIZE - 1) as i32
-                ; imul esi, esi, TLBE_SIZE
-                ; add rsi, QWORD [rbx + OFF_TLB]
-                ; and rcx, -4096
-                ; or rcx, 1
-                ; cmp QWORD [rsi + TLB_TAG], rcx
-                ; jne =>fail
-                ; mov rcx, QWORD [rsi + TLB_PHYS]
-                ; cmp rcx, QWORD [rdx + CELL_PHYS]
-                ; jne =>fail
-                ; mov cl, BYTE [rsi + TLB_PERM]
-                ; and cl, BYTE [rbx + OFF_XMASK]
-                ; cmp cl, BYTE [rbx + OFF_XWANT]
-                ; jne =>fail
-                ; mov QWORD [rdx + CELL_KEY], rax
-                ; jmp =>r.ok
                 ; =>fail
                 ; sub rbp, r.count as i32
             );
@@ -1302,16 +1407,19 @@ fn allocate(block: &Block, self_loop: bool) -> ([Option<u8>; 16], u16) {
 /// a host debugger is armed, whose breakpoints are checked at block starts).
 pub(super) fn gen_block(
     block: &Block,
+    stack: u8,
     countdown: bool,
     allow_loop: bool,
 ) -> Option<(Vec<u8>, usize, Sites)> {
     let mut cg = Cg::new(countdown);
+    cg.bits = block.bits;
+    cg.stack = if block.bits == 64 { 8 } else { stack };
     // A block whose last instruction is a Jcc back to its start (it may
     // loop inside its code, see `Cg::self_loop`).
     let loops = allow_loop
         && block.uops.last().is_some_and(|u| {
             is_jcc(u.insn.mnemonic())
-                && matches!(u.insn.op0_kind(), iced_x86::OpKind::NearBranch64)
+                && is_near_rel(&u.insn)
                 && u.insn.near_branch_target() == block.rip
         });
     let (map, spilled) = allocate(block, loops);
@@ -1321,7 +1429,8 @@ pub(super) fn gen_block(
         .iter()
         .filter(|&&(g, _)| map[g as usize].is_some())
         .fold(0, |m, &(g, _)| m | 1 << g);
-    cg.vpage = block.rip >> 12;
+    cg.rip = block.rip;
+    cg.page_off = block.phys & 0xfff;
     let body = cg.a.new_dynamic_label();
     let chain = cg.a.new_dynamic_label();
     let stale = cg.a.new_dynamic_label();
@@ -1798,89 +1907,106 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             cg.sq(2, 2);
             Some(Done::Next)
         }
+        // The stack forms of the block's code size (operand size 2, 4 or
+        // 8 bytes: what the stack pointer moves by).
         M::Push
             if matches!(
                 insn.code(),
-                Code::Push_r64 | Code::Pushq_imm32 | Code::Pushq_imm8
+                Code::Push_r64
+                    | Code::Pushq_imm32
+                    | Code::Pushq_imm8
+                    | Code::Push_r32
+                    | Code::Pushd_imm32
+                    | Code::Pushd_imm8
+                    | Code::Push_r16
+                    | Code::Push_imm16
+                    | Code::Pushw_imm8
             ) && is_gpr_or_imm(o0) =>
         {
-            cg.gq(6, 4);
-            a!(cg; lea rsi, [rsi - 8]);
-            cg.translate(8, Acc::Write);
+            let n = stack_bytes(insn)?;
+            cg.stack_slot(-(n as i32), n, Acc::Write);
             match o0 {
                 Opnd::Imm(v) => a!(cg; mov r8, v as i64 as i32),
-                _ => cg.ld(8, 8, o0),
+                _ => cg.ld(8, n, o0),
             }
-            a!(cg; mov QWORD [rsi], r8);
-            cg.gq(8, 4);
-            a!(cg; lea r8, [r8 - 8]);
-            cg.sq(4, 8);
+            cg.st(8, n, Opnd::Mem);
+            cg.add_sp(-(n as i32));
             Some(Done::Next)
         }
-        M::Pop if insn.code() == Code::Pop_r64 => {
-            cg.gq(6, 4);
-            cg.translate(8, Acc::Read);
-            a!(cg; mov r8, QWORD [rsi]);
-            cg.gq(9, 4);
-            a!(cg; lea r9, [r9 + 8]);
-            cg.sq(4, 9);
+        M::Pop if matches!(insn.code(), Code::Pop_r64 | Code::Pop_r32 | Code::Pop_r16) => {
+            let n = stack_bytes(insn)?;
+            cg.stack_slot(0, n, Acc::Read);
+            cg.ld(8, n, Opnd::Mem);
+            cg.add_sp(n as i32);
             // POP RSP: the popped value wins.
-            cg.st(8, 8, o0);
+            cg.st(8, n, o0);
             Some(Done::Next)
         }
-        M::Call if insn.code() == Code::Call_rel32_64 && i + 1 == n => {
-            cg.push_ret_addr(u.next_ip);
+        M::Call if is_near_rel(insn) && i + 1 == n => {
+            let push = stack_bytes(insn)?;
+            cg.push_ret_addr(u.next_ip, push);
             cg.capture();
             let t = insn.near_branch_target();
             cg.cell(block, 0, t);
             cg.chain_exit(i + 1, Some((0, t)));
             Some(Done::Exited)
         }
-        M::Ret if insn.code() == Code::Retnq && i + 1 == n => {
-            cg.gq(6, 4);
-            cg.translate(8, Acc::Read);
-            a!(cg; mov r8, QWORD [rsi]);
-            cg.gq(9, 4);
-            a!(cg; lea r9, [r9 + 8]);
-            cg.sq(4, 9);
+        M::Ret if matches!(insn.code(), Code::Retnq | Code::Retnd | Code::Retnw) && i + 1 == n => {
+            // The target zero-extended from its size (what the interpreter
+            // masks it to outside 64-bit mode).
+            let n = stack_bytes(insn)?;
+            cg.stack_slot(0, n, Acc::Read);
+            load_zx(cg, 8, n);
+            cg.add_sp(n as i32);
             a!(cg; mov QWORD [rbx + OFF_RIP], r8);
             cg.capture();
             cg.dynamic_exit(i + 1);
             Some(Done::Exited)
         }
         M::Jmp | M::Call
-            if matches!(insn.code(), Code::Jmp_rm64 | Code::Call_rm64)
-                && i + 1 == n
-                && matches!(o0, Opnd::Reg { hi: false, .. } | Opnd::Mem) =>
+            if matches!(
+                insn.code(),
+                Code::Jmp_rm64
+                    | Code::Call_rm64
+                    | Code::Jmp_rm32
+                    | Code::Call_rm32
+                    | Code::Jmp_rm16
+                    | Code::Call_rm16
+            ) && i + 1 == n
+                && matches!(o0, Opnd::Reg { hi: false, .. } | Opnd::Mem)
+                && matches!(size, 2 | 4 | 8) =>
         {
             // The target first (the operand may be RSP or on the stack);
             // nothing is written before every access has translated, so a
             // miss still runs the whole instruction through the interpreter.
+            // It is zero-extended from the operand size (the interpreter
+            // masks it so outside 64-bit mode).
+            let push = if m == M::Call { stack_bytes(insn)? } else { 0 };
             if o0 == Opnd::Mem {
-                cg.mem(u, 8, Acc::Read);
-                a!(cg; mov r8, QWORD [rsi]);
+                cg.mem(u, size, Acc::Read);
+                load_zx(cg, 8, size);
             } else {
-                cg.ld(8, 8, o0);
+                cg.ld(8, size, o0);
+                if size == 2 {
+                    a!(cg; movzx r8d, r8w);
+                }
             }
-            if m == M::Call {
-                cg.push_ret_addr(u.next_ip);
+            if push != 0 {
+                cg.push_ret_addr(u.next_ip, push);
             }
             a!(cg; mov QWORD [rbx + OFF_RIP], r8);
             cg.capture();
             cg.dynamic_exit(i + 1);
             Some(Done::Exited)
         }
-        M::Jmp if matches!(insn.code(), Code::Jmp_rel8_64 | Code::Jmp_rel32_64) && i + 1 == n => {
+        M::Jmp if is_near_rel(insn) && i + 1 == n => {
             cg.capture();
             let t = insn.near_branch_target();
             cg.cell(block, 0, t);
             cg.chain_exit(i + 1, Some((0, t)));
             Some(Done::Exited)
         }
-        _ if is_jcc(m)
-            && matches!(insn.op0_kind(), iced_x86::OpKind::NearBranch64)
-            && i + 1 == n =>
-        {
+        _ if is_jcc(m) && is_near_rel(insn) && i + 1 == n => {
             let cc = cc_code(u.cc)?;
             // r8b = condition, then the flags go back to rflags.
             let simple = simple_cc(cc);
@@ -1931,6 +2057,34 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             Some(Done::Exited)
         }
         _ => None,
+    }
+}
+
+/// A near branch with a constant target (already wrapped by the decoder
+/// to the operand size: 16 or 32 bits outside 64-bit mode).
+fn is_near_rel(insn: &iced_x86::Instruction) -> bool {
+    use iced_x86::OpKind as K;
+    matches!(
+        insn.op0_kind(),
+        K::NearBranch64 | K::NearBranch32 | K::NearBranch16
+    )
+}
+
+/// Bytes a stack instruction moves the stack pointer by (its operand size:
+/// 2, 4 or 8).
+fn stack_bytes(insn: &iced_x86::Instruction) -> Option<u8> {
+    match insn.stack_pointer_increment().unsigned_abs() {
+        n @ (2 | 4 | 8) => Some(n as u8),
+        _ => None,
+    }
+}
+
+/// `n` bytes at [rsi] into host register `r`, zero-extended to 64 bits.
+fn load_zx(cg: &mut Cg, r: u8, n: u8) {
+    match n {
+        2 => a!(cg; movzx Rd(r), WORD [rsi]),
+        4 => a!(cg; mov Rd(r), DWORD [rsi]),
+        _ => a!(cg; mov Rq(r), QWORD [rsi]),
     }
 }
 
@@ -2438,7 +2592,8 @@ fn rep_string(cg: &mut Cg, u: &Uop) -> Option<Done> {
     let insn = &u.insn;
     let m = insn.mnemonic();
     let stos = matches!(m, M::Stosb | M::Stosw | M::Stosd | M::Stosq);
-    if u.lock || insn.op0_kind() != OpKind::MemoryESRDI {
+    // 64-bit mode only: no segment bases, 64-bit addresses and count.
+    if cg.bits != 64 || u.lock || insn.op0_kind() != OpKind::MemoryESRDI {
         return None;
     }
     // The source segment's base is 0 in 64-bit mode unless FS/GS.

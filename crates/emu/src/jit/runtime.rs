@@ -532,7 +532,7 @@ fn host_has_lahf() -> bool {
 }
 
 fn compile(core: &mut Core, block: &Block) -> Option<(JitFn, usize)> {
-    if block.bits != 64 || !host_has_lahf() {
+    if !host_has_lahf() {
         return None;
     }
     for l in &block.links {
@@ -542,6 +542,7 @@ fn compile(core: &mut Core, block: &Block) -> Option<(JitFn, usize)> {
     }
     let (code, chain, sites) = super::codegen::gen_block(
         block,
+        core.st.stack_size(),
         core.timed_polls,
         // A self-loop would run past a host breakpoint at its start
         // without coming back to the run loop (arming flushes the cache).
