@@ -9,6 +9,12 @@
 //! for the same instruction semantics in 64-bit mode) is not trusted
 //! blindly. Segment bases are non-zero and not page aligned wherever a
 //! case allows it.
+//!
+//! An access whose translated address were wrong (a segment base left
+//! out, a stack offset wrapped at the wrong size) would find no TLB entry
+//! for the wrong page and run through the interpreter, which gets it
+//! right: so the cases first touch those wrong pages through a segment
+//! based at 0, and their inline path then finds an entry there.
 
 mod common;
 
@@ -64,6 +70,8 @@ struct Start {
     ds: u16,
     es: u16,
     ss: u16,
+    /// FS (GS is DS).
+    fs: u16,
     protected: bool,
     cr0: u64,
     cr3: u64,
@@ -83,6 +91,7 @@ impl Default for Start {
             ds: 0,
             es: 0,
             ss: 0,
+            fs: 0,
             protected: true,
             cr0: 0x11,
             cr3: 0,
@@ -126,7 +135,7 @@ fn guest(s: &Start, jit: Option<u32>) -> Guest {
         cs: seg(s.cs, true),
         ds: seg(s.ds, false),
         es: seg(s.es, false),
-        fs: seg(s.ds, false),
+        fs: seg(if s.protected && s.fs == 0 { s.ds } else { s.fs }, false),
         gs: seg(s.ds, false),
         ss: seg(s.ss, false),
         tr: Segment {
@@ -245,6 +254,10 @@ fn protected_mode_32bit_code_with_segment_bases() {
         let mut sub = a.create_label();
         let mut l = a.create_label();
         let mut next = a.create_label();
+        // The pages the offsets alone would address (data, stack, code).
+        a.mov(eax, dword_ptr(0x104).fs())?;
+        a.mov(eax, dword_ptr(0x7ff0).fs())?;
+        a.mov(eax, dword_ptr(TABLE).fs())?;
         a.mov(eax, 0x1234_5678)?;
         a.mov(ebx, 0x100)?;
         a.mov(dword_ptr(ebx + 4), eax)?;
@@ -307,11 +320,13 @@ fn protected_mode_32bit_code_with_segment_bases() {
             desc(DSB, ACC_DATA, true),
             desc(ESB, ACC_DATA, true),
             desc(SSB, ACC_DATA, true),
+            desc(0, ACC_DATA, true),
         ],
         cs: 8,
         ds: 16,
         es: 24,
         ss: 32,
+        fs: 40,
         rip: EIP,
         rsp: 0x8000,
         load: vec![
@@ -328,7 +343,11 @@ fn protected_mode_32bit_code_with_segment_bases() {
     assert_eq!(g.r32(DSB + 0x104), 0x11bd_5679);
     assert_eq!(g.r32(ESB + 0x208), 0x8345_6789);
     assert_eq!(g.r32(DSB + 0x120) & 0xff, 1, "SETL");
-    assert_eq!(g.r32(DSB + 0x20) & 0xffff, 0x4321, "the 16-bit address wrapped");
+    assert_eq!(
+        g.r32(DSB + 0x20) & 0xffff,
+        0x4321,
+        "the 16-bit address wrapped"
+    );
     assert_eq!(g.r32(DSB + 0x140), 0x1234_4321);
     assert_eq!(r.rsi, 0xffff_fffe);
     assert_eq!(r.rdi, 0x66);
@@ -352,6 +371,9 @@ fn real_mode_16bit_code_with_wrapping() {
         let mut sub = a.create_label();
         let mut l = a.create_label();
         let mut next = a.create_label();
+        // The pages the offsets alone would address.
+        a.mov(ax, word_ptr(0).fs())?;
+        a.mov(ax, word_ptr(0xfff0).fs())?;
         a.mov(ax, 0x1234)?;
         a.mov(bx, 0xfff0)?;
         a.mov(si, 0x20)?;
@@ -437,6 +459,8 @@ fn a_block_compiled_for_one_stack_size_runs_with_the_other() {
         let mut again = a.create_label();
         let mut sub = a.create_label();
         let mut done = a.create_label();
+        // The page a 32-bit stack offset would address in the second pass.
+        a.mov(ebx, dword_ptr(SSB + 0x7_0000).es())?;
         a.mov(esi, 2)?;
         a.set_label(&mut again)?;
         a.push(eax)?;
@@ -468,10 +492,11 @@ fn a_block_compiled_for_one_stack_size_runs_with_the_other() {
             desc(0, ACC_CODE, true),
             desc(SSB, ACC_DATA, true),
             desc(SSB, ACC_DATA, false),
+            desc(0, ACC_DATA, true),
         ],
         cs: 8,
         ds: 16,
-        es: 16,
+        es: 32,
         ss: 16,
         rip: 0x2000,
         rsp: 0x9000,
@@ -534,7 +559,11 @@ fn page_faults_in_translated_32bit_code() {
         });
         load.push((0x3000, code));
         let s = Start {
-            gdt: vec![desc(0, ACC_CODE, true), desc(0x1_0000, ACC_DATA, true), desc(0, ACC_DATA, true)],
+            gdt: vec![
+                desc(0, ACC_CODE, true),
+                desc(0x1_0000, ACC_DATA, true),
+                desc(0, ACC_DATA, true),
+            ],
             cs: 8,
             ds: 16,
             es: 16,
@@ -716,7 +745,11 @@ fn random_32bit_sequences_match_the_interpreter() {
             }
         }
         let s = Start {
-            gdt: vec![desc(0, ACC_CODE, true), desc(DSB, ACC_DATA, true), desc(0, ACC_DATA, true)],
+            gdt: vec![
+                desc(0, ACC_CODE, true),
+                desc(DSB, ACC_DATA, true),
+                desc(0, ACC_DATA, true),
+            ],
             cs: 8,
             ds: 16,
             es: 24,
