@@ -271,6 +271,8 @@ impl Core {
         }
         let prev = std::mem::replace(&mut self.prev_block, BlockPtr::NONE).0;
         let rip = self.st.rip;
+        #[cfg(feature = "jit-trips")]
+        self.jit.trips.settle(self.icount);
         self.note_code_mode();
         // Links hold under the TLB epoch and CPL they were made under (see
         // `crate::jit::runtime`); older ones are fetched again here.
@@ -331,13 +333,16 @@ impl Core {
                     // SAFETY: the cell is in `prev`, still in the arena.
                     unsafe { crate::jit::link(&self.jit, cell, block, key) };
                 }
+                #[cfg(feature = "jit-trips")]
+                self.jit.trips.runs(block.bits, true, self.icount);
                 return self.run_jit(block, f);
             }
         }
         #[cfg(feature = "jit-trips")]
-        self.jit
-            .trips
-            .interpreted(block.jit.get(), block.bits, limit);
+        {
+            self.jit.trips.interpreted(block.jit.get(), limit);
+            self.jit.trips.runs(block.bits, false, self.icount);
+        }
         for u in block.uops.iter().take(limit) {
             let next = u.next_ip;
             self.next_rip = next;

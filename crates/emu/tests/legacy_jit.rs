@@ -13,8 +13,9 @@
 //! An access whose translated address were wrong (a segment base left
 //! out, a stack offset wrapped at the wrong size) would find no TLB entry
 //! for the wrong page and run through the interpreter, which gets it
-//! right: so the cases first touch those wrong pages through a segment
-//! based at 0, and their inline path then finds an entry there.
+//! right: so the cases first write those wrong pages through a segment
+//! based at 0 (an OR of 0: a TLB entry good for writes), and their inline
+//! path then finds an entry there.
 
 mod common;
 
@@ -242,10 +243,12 @@ fn both(s: &Start, undefined: u64) -> (End, Guest) {
 /// /RET on a 32-bit stack, a self-loop, chained and indirect jumps.
 #[test]
 fn protected_mode_32bit_code_with_segment_bases() {
+    // Pages whose TLB entries (512, indexed by the low bits of the page
+    // number) are not those of the low pages the warm-up writes.
     const CSB: u64 = 0x10_0400;
-    const DSB: u64 = 0x20_0230;
-    const ESB: u64 = 0x30_0010;
-    const SSB: u64 = 0x40_0ff0;
+    const DSB: u64 = 0x21_0230;
+    const ESB: u64 = 0x32_0010;
+    const SSB: u64 = 0x43_0ff0;
     const EIP: u64 = 0x1000;
     const FAR: u64 = 0x1800;
     const BACK: u64 = 0x1900;
@@ -255,9 +258,23 @@ fn protected_mode_32bit_code_with_segment_bases() {
         let mut l = a.create_label();
         let mut next = a.create_label();
         // The pages the offsets alone would address (data, stack, code).
-        a.mov(eax, dword_ptr(0x104).fs())?;
-        a.mov(eax, dword_ptr(0x7ff0).fs())?;
-        a.mov(eax, dword_ptr(TABLE).fs())?;
+        a.or(dword_ptr(0x104).fs(), 0)?;
+        a.or(dword_ptr(0x7ff0).fs(), 0)?;
+        a.or(dword_ptr(TABLE).fs(), 0)?;
+        // REP MOVSD from DS to ES, REP STOSB to ES (their pages warm: the
+        // translated copy runs, not the interpreter's from a TLB miss).
+        a.or(dword_ptr(0x300), 0)?;
+        a.or(dword_ptr(0x400).es(), 0)?;
+        a.mov(esi, 0x300)?;
+        a.mov(edi, 0x400)?;
+        a.mov(ecx, 8)?;
+        a.rep().movsd()?;
+        a.mov(edi, 0x500)?;
+        a.mov(eax, 0x5a5a_5a5a)?;
+        a.mov(ecx, 5)?;
+        a.rep().stosb()?;
+        a.mov(dword_ptr(ebx + 0x600).es(), edi)?;
+        a.mov(dword_ptr(ebx + 0x604).es(), esi)?;
         a.mov(eax, 0x1234_5678)?;
         a.mov(ebx, 0x100)?;
         a.mov(dword_ptr(ebx + 4), eax)?;
@@ -334,6 +351,7 @@ fn protected_mode_32bit_code_with_segment_bases() {
             (CSB + FAR, far),
             (CSB + BACK, back),
             (CSB + TABLE, (FAR as u32).to_le_bytes().to_vec()),
+            (DSB + 0x300, (1..=32).collect()),
         ],
         ..Default::default()
     };
@@ -342,6 +360,19 @@ fn protected_mode_32bit_code_with_segment_bases() {
     let r = &e.regs;
     assert_eq!(g.r32(DSB + 0x104), 0x11bd_5679);
     assert_eq!(g.r32(ESB + 0x208), 0x8345_6789);
+    let copied: Vec<u8> = (1..=32).collect();
+    assert_eq!(
+        &g.ram[ESB as usize + 0x400..][..32],
+        &copied[..],
+        "REP MOVSD"
+    );
+    assert_eq!(
+        &g.ram[ESB as usize + 0x500..][..6],
+        &[0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0],
+        "REP STOSB"
+    );
+    assert_eq!(g.r32(ESB + 0x600), 0x505, "EDI after the REP STOSB");
+    assert_eq!(g.r32(ESB + 0x604), 0x320, "ESI after the REP MOVSD");
     assert_eq!(g.r32(DSB + 0x120) & 0xff, 1, "SETL");
     assert_eq!(
         g.r32(DSB + 0x20) & 0xffff,
@@ -372,8 +403,8 @@ fn real_mode_16bit_code_with_wrapping() {
         let mut l = a.create_label();
         let mut next = a.create_label();
         // The pages the offsets alone would address.
-        a.mov(ax, word_ptr(0).fs())?;
-        a.mov(ax, word_ptr(0xfff0).fs())?;
+        a.or(word_ptr(0).fs(), 0)?;
+        a.or(word_ptr(0xfff0).fs(), 0)?;
         a.mov(ax, 0x1234)?;
         a.mov(bx, 0xfff0)?;
         a.mov(si, 0x20)?;
@@ -460,7 +491,7 @@ fn a_block_compiled_for_one_stack_size_runs_with_the_other() {
         let mut sub = a.create_label();
         let mut done = a.create_label();
         // The page a 32-bit stack offset would address in the second pass.
-        a.mov(ebx, dword_ptr(SSB + 0x7_0000).es())?;
+        a.or(dword_ptr(SSB as u32 + 0x7_0000).es(), 0)?;
         a.mov(esi, 2)?;
         a.set_label(&mut again)?;
         a.push(eax)?;

@@ -36,6 +36,20 @@
 //! slot, or `CpuState::rflags`) and every exit leaves them in `rflags`. An
 //! instruction either is translated whole or emits nothing and runs
 //! through the interpreter (`jit_interp`).
+//!
+//! Outside 64-bit mode (`Cg::bits` 32 or 16) the same holds, and: guest
+//! GPRs are still kept and handed on as 64-bit values (a 32-bit write
+//! zero-extends, as in the interpreter); every memory operand's linear
+//! address is computed as the interpreter's `Core::lin` computes it (the
+//! offset wrapped at the address size, the segment's base from
+//! `Core::st` added, 32 bits kept); a stack access checks SS.B against
+//! the stack size the block was compiled for (`Cg::stack`) and goes to
+//! its stub when they differ; RIP values (exit targets, `CpuState::rip`)
+//! are EIP/IP, the linear address being CS base + RIP; a direct patch
+//! site is emitted only for a target in the block's own linear page,
+//! judged from the block's first byte's page offset (`Cg::in_own_page`);
+//! a link made under an older key is never revalidated in the generated
+//! code.
 
 use std::mem::{offset_of, size_of};
 
@@ -2592,18 +2606,28 @@ fn rep_string(cg: &mut Cg, u: &Uop) -> Option<Done> {
     let insn = &u.insn;
     let m = insn.mnemonic();
     let stos = matches!(m, M::Stosb | M::Stosw | M::Stosd | M::Stosq);
-    // 64-bit mode only: no segment bases, 64-bit addresses and count.
-    if cg.bits != 64 || u.lock || insn.op0_kind() != OpKind::MemoryESRDI {
+    // 64-bit addresses and count in 64-bit mode, 32-bit ones outside it
+    // (with the segments' bases added); not 16-bit addresses.
+    let a32 = cg.bits != 64;
+    let (dst, src) = if a32 {
+        (OpKind::MemoryESEDI, OpKind::MemorySegESI)
+    } else {
+        (OpKind::MemoryESRDI, OpKind::MemorySegRSI)
+    };
+    if u.lock || insn.op0_kind() != dst {
         return None;
     }
     // The source segment's base is 0 in 64-bit mode unless FS/GS.
-    if !stos
-        && (insn.op1_kind() != OpKind::MemorySegRSI
-            || !matches!(
-                insn.memory_segment(),
-                Register::DS | Register::ES | Register::SS | Register::CS
-            ))
-    {
+    let seg = match insn.memory_segment() {
+        Register::ES => 0,
+        Register::CS => 1,
+        Register::SS => 2,
+        Register::DS => 3,
+        Register::FS if a32 => 4,
+        Register::GS if a32 => 5,
+        _ => return None,
+    };
+    if !stos && insn.op1_kind() != src {
         return None;
     }
     let size = insn.memory_size().size() as u8;
@@ -2616,6 +2640,9 @@ fn rep_string(cg: &mut Cg, u: &Uop) -> Option<Done> {
     let done = cg.a.new_dynamic_label();
     // r8 = count, r9 = bytes.
     cg.gq(8, 1);
+    if a32 {
+        a!(cg; mov r8d, r8d);
+    }
     a!(cg
         ; test r8, r8
         ; jz =>done
@@ -2626,7 +2653,18 @@ fn rep_string(cg: &mut Cg, u: &Uop) -> Option<Done> {
         ; mov r9, r8
         ; shl r9, shift
     );
+    // The linear address of an offset in rsi (outside 64-bit mode: 32 bits
+    // of it, plus the segment's base, 32 bits kept).
+    let lin = |cg: &mut Cg, s: usize| {
+        if a32 {
+            a!(cg
+                ; mov eax, DWORD [rbx + segbase_off(s)]
+                ; lea esi, [rsi + rax]
+            );
+        }
+    };
     cg.gq(6, 7);
+    lin(cg, 0);
     a!(cg
         ; mov eax, esi
         ; and eax, 0xfff
@@ -2640,6 +2678,7 @@ fn rep_string(cg: &mut Cg, u: &Uop) -> Option<Done> {
         cg.gq(0, 0);
     } else {
         cg.gq(6, 6);
+        lin(cg, seg);
         a!(cg
             ; mov eax, esi
             ; and eax, 0xfff
@@ -2663,12 +2702,22 @@ fn rep_string(cg: &mut Cg, u: &Uop) -> Option<Done> {
         (false, 1) => 0xa4,
         (false, _) => 0xa5,
     });
+    // RDI/RSI advance (32-bit addresses: zero-extended, as the
+    // interpreter writes them), RCX is 0.
     cg.gq(0, 7);
-    a!(cg; add rax, r9);
+    if a32 {
+        a!(cg; add eax, r9d);
+    } else {
+        a!(cg; add rax, r9);
+    }
     cg.sq(7, 0);
     if !stos {
         cg.gq(0, 6);
-        a!(cg; add rax, r9);
+        if a32 {
+            a!(cg; add eax, r9d);
+        } else {
+            a!(cg; add rax, r9);
+        }
         cg.sq(6, 0);
     }
     a!(cg; xor eax, eax);

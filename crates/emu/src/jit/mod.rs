@@ -1,4 +1,4 @@
-//! The translating tier: hot 64-bit blocks compiled to host x86-64 code.
+//! The translating tier: hot blocks compiled to host x86-64 code.
 //!
 //! A block that has run [`Jit::threshold`] times is compiled with dynasm-rs
 //! into a function `extern "sysv64" fn(*mut Core) -> u64`. The generated
@@ -90,8 +90,29 @@
 //!
 //! Not translated (interpreted from the generated code): IDIV, 8/16-bit
 //! DIV and one-operand MUL/IMUL, the other string forms (and REP MOVS/STOS
-//! with DF set or beyond one page), LZCNT/TZCNT, floating point and the
-//! SSE forms not listed above, and every block that is not 64-bit code.
+//! with DF set or beyond one page, or outside 64-bit mode), LZCNT/TZCNT,
+//! floating point and the SSE forms not listed above.
+//!
+//! 32- and 16-bit code (protected mode, compatibility mode, real and
+//! virtual-8086 mode) is compiled by the same code generator: a block is
+//! decoded for its code size and keyed by it, every memory operand's
+//! linear address is its offset (wrapped at the address size) plus the
+//! base of its segment read from `Core` at run time, truncated to 32 bits
+//! (the interpreter checks no segment limit or type, so neither does the
+//! translated code); PUSH/POP/CALL/RET use the stack size (SS.B) the block
+//! was compiled with, behind a check of SS.B at each access that sends the
+//! other size to the interpreter; near branches of every operand size are
+//! exits like the 64-bit ones (their targets wrapped by the decoder as the
+//! interpreter has them). A block is keyed by EIP and the physical address
+//! of its code, and a link leads from an EIP: so a change of the CS base
+//! or of the code size moves the link key as a TLB flush does
+//! (`Core::note_code_mode`, checked by the dispatcher: every instruction
+//! that loads CS ends its block), and outside 64-bit mode a link made
+//! under an older key is not revalidated against the TLB (its target's
+//! linear address depends on the CS base) but goes to the dispatcher.
+//! Instructions that only exist outside 64-bit mode (PUSHA/POPA, BCD
+//! arithmetic, segment loads, far transfers, ...) run through the
+//! interpreter inline, like anything else not translated.
 //!
 //! # Layout
 //!

@@ -5,12 +5,17 @@
 //! Every call of the run loop's `run_block` is one trip. It either runs
 //! compiled code, which comes back for the reason its exit path noted in
 //! `JitCtx::trip` (see [`super::why`]), or runs the block in the
-//! interpreter, counted by why it was not compiled. The totals are printed
-//! to stderr every 2^21 trips and when the vCPU's engine is dropped.
+//! interpreter, counted by why it was not compiled. The guest instructions
+//! run from each trip are counted too, by the code size of its block (16,
+//! 32 or 64 bits) and whether compiled code ran them (instructions it runs
+//! through the interpreter inline included; chained blocks have the code
+//! size of the block entered: a change of it ends the chain). The totals
+//! are printed to stderr every 2^21 trips and when the vCPU's engine is
+//! dropped.
 
 use super::{why, JitState};
 
-const CAUSES: usize = 12;
+const CAUSES: usize = 11;
 
 const NAMES: [&str; CAUSES] = [
     "compiled code, exit not noted",
@@ -23,7 +28,6 @@ const NAMES: [&str; CAUSES] = [
     "compiled code, interpreted instruction branched or ended the block",
     "interpreted block, not hot yet",
     "interpreted block, nothing translatable",
-    "interpreted block, not 64-bit code",
     "interpreted block, one instruction only (interrupt shadow, debugging)",
 ];
 
@@ -32,6 +36,11 @@ const NAMES: [&str; CAUSES] = [
 pub struct Trips {
     n: [u64; CAUSES],
     total: u64,
+    /// Guest instructions by code size (16, 32, 64 bits) and tier
+    /// (interpreted, compiled).
+    insns: [[u64; 2]; 3],
+    /// The trip running now: its counter and `Core::icount` at its start.
+    open: Option<(usize, usize, u64)>,
 }
 
 impl Trips {
@@ -51,12 +60,10 @@ impl Trips {
         self.add(i);
     }
 
-    /// A block ran in the interpreter: its translation state, code size and
-    /// the instruction limit it ran under.
-    pub fn interpreted(&mut self, state: JitState, bits: u32, limit: usize) {
+    /// A block ran in the interpreter: its translation state and the
+    /// instruction limit it ran under.
+    pub fn interpreted(&mut self, state: JitState, limit: usize) {
         let i = if limit != usize::MAX {
-            11
-        } else if bits != 64 {
             10
         } else if matches!(state, JitState::Failed) {
             9
@@ -64,6 +71,24 @@ impl Trips {
             8
         };
         self.add(i);
+    }
+
+    /// A trip starts (`Core::icount` is `icount`): the one before it ended.
+    pub fn settle(&mut self, icount: u64) {
+        if let Some((b, c, at)) = self.open.take() {
+            self.insns[b][c] += icount.wrapping_sub(at);
+        }
+    }
+
+    /// The trip runs a block of code size `bits`, compiled or not, from
+    /// `Core::icount` = `icount` on.
+    pub fn runs(&mut self, bits: u32, compiled: bool, icount: u64) {
+        let b = match bits {
+            16 => 0,
+            32 => 1,
+            _ => 2,
+        };
+        self.open = Some((b, compiled as usize, icount));
     }
 
     fn add(&mut self, i: usize) {
@@ -79,6 +104,13 @@ impl Trips {
         for (name, n) in NAMES.iter().zip(self.n) {
             if n > 0 {
                 s.push_str(&format!("; {name}: {n}"));
+            }
+        }
+        for (bits, [i, c]) in [16, 32, 64].iter().zip(self.insns) {
+            if i + c > 0 {
+                s.push_str(&format!(
+                    "; {bits}-bit instructions: {i} interpreted, {c} in compiled code"
+                ));
             }
         }
         eprintln!("{s}");
