@@ -319,6 +319,19 @@ fn protected_mode_32bit_code_with_segment_bases() {
         a.add(eax, 1)?;
         a.ret()?;
         a.set_label(&mut next)?;
+        // LOOP with CX (0x67) as its own block, the upper half of ECX
+        // kept; JECXZ not taken.
+        let mut l2 = a.create_label();
+        let mut ok = a.create_label();
+        a.mov(ecx, 0x3_0004)?;
+        a.jmp(l2)?;
+        a.set_label(&mut l2)?;
+        a.inc(eax)?;
+        a.db(&[0x67, 0xe2, 0xfc])?;
+        a.jecxz(ok)?;
+        a.add(eax, 0x100)?;
+        a.set_label(&mut ok)?;
+        a.mov(dword_ptr(0x700).es(), ecx)?;
         // Through a table in the code segment to FAR, which calls BACK.
         a.mov(edx, TABLE as u32)?;
         a.jmp(dword_ptr(edx).cs())
@@ -387,7 +400,8 @@ fn protected_mode_32bit_code_with_segment_bases() {
     // The indirect CALL's return address is still on the stack.
     assert_eq!(r.rsp, 0x7ffc);
     assert_eq!(g.r32(SSB + 0x7ffc) as u64, FAR + 7);
-    assert_eq!(r.rax, (0x1234_4321 + 1 + 55) ^ 0xff);
+    assert_eq!(g.r32(ESB + 0x700), 0x3_0000, "LOOP kept ECX's upper half");
+    assert_eq!(r.rax, (0x1234_4321 + 1 + 55 + 4 + 0x100) ^ 0xff);
 }
 
 /// Real-mode (16-bit) code with segment bases from the selectors:

@@ -1432,7 +1432,7 @@ pub(super) fn gen_block(
     // loop inside its code, see `Cg::self_loop`).
     let loops = allow_loop
         && block.uops.last().is_some_and(|u| {
-            is_jcc(u.insn.mnemonic())
+            (is_jcc(u.insn.mnemonic()) || u.insn.mnemonic() == Mnemonic::Loop)
                 && is_near_rel(&u.insn)
                 && u.insn.near_branch_target() == block.rip
         });
@@ -1673,7 +1673,10 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
         a!(cg; mfence);
         return Some(Done::Next);
     }
-    let branch = matches!(m, M::Call | M::Ret | M::Jmp) || is_jcc(m);
+    let branch = matches!(
+        m,
+        M::Call | M::Ret | M::Jmp | M::Loop | M::Jcxz | M::Jecxz | M::Jrcxz
+    ) || is_jcc(m);
     // CDQE/CQO have no explicit operand (no operand size in the uop).
     if !branch && !matches!(m, M::Cdqe | M::Cqo) && !matches!(size, 1 | 2 | 4 | 8) {
         return None;
@@ -2040,38 +2043,86 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
                     cg.a.extend([0x41, 0x0f, 0x90 | cc, 0xc0]);
                 }
             }
+            two_way_exit(cg, block, u, i);
+            Some(Done::Exited)
+        }
+        // LOOP and JCXZ/JECXZ/JRCXZ: the count register (its size from
+        // the address size; a LOOP keeps the bits above it, as the
+        // interpreter does) decides, no flag changes.
+        M::Loop | M::Jcxz | M::Jecxz | M::Jrcxz if is_near_rel(insn) && i + 1 == n => {
+            use Code as C;
+            let csize = match insn.code() {
+                C::Loop_rel8_16_CX | C::Loop_rel8_32_CX | C::Jcxz_rel8_16 | C::Jcxz_rel8_32 => 2,
+                C::Loop_rel8_16_ECX
+                | C::Loop_rel8_32_ECX
+                | C::Loop_rel8_64_ECX
+                | C::Jecxz_rel8_16
+                | C::Jecxz_rel8_32
+                | C::Jecxz_rel8_64 => 4,
+                _ => 8,
+            };
+            // The flags go to the r11 image first: the host's are free.
             cg.capture();
-            block.links[0].target.set(insn.near_branch_target());
-            block.links[1].target.set(u.next_ip);
-            let taken = &block.links[0] as *const LinkCell as i64;
-            let fall = &block.links[1] as *const LinkCell as i64;
-            // A self-loop goes back before the exit's RIP and link cell
-            // are worked out: they are only needed on the way out.
-            if insn.near_branch_target() == block.rip && !cg.interpreted {
-                cg.self_loop(block, i + 1, taken);
+            cg.loc.host = false;
+            cg.gq(0, 1);
+            match (m == M::Loop, csize) {
+                (true, 2) => a!(cg; sub ax, 1 ; setnz r8b),
+                (true, 4) => a!(cg
+                    ; mov ecx, eax
+                    ; sub ecx, 1
+                    ; setnz r8b
+                    ; shr rax, 32
+                    ; shl rax, 32
+                    ; or rax, rcx
+                ),
+                (true, _) => a!(cg; sub rax, 1 ; setnz r8b),
+                (false, 2) => a!(cg; test ax, ax ; setz r8b),
+                (false, 4) => a!(cg; test eax, eax ; setz r8b),
+                (false, _) => a!(cg; test rax, rax ; setz r8b),
             }
-            // Two exits, one per side, rather than one that selects the
-            // target and cell with CMOVs: each side's indirect jump into
-            // its successor then always goes to the same place (the host's
-            // branch predictor learns it), and the taken side's RIP and
-            // cell are constants. Both sides write back the same cached
-            // registers.
-            let dirty = cg.dirty;
-            let fall_side = cg.a.new_dynamic_label();
-            a!(cg
-                ; test r8b, r8b
-                ; jz =>fall_side
-            );
-            a!(cg; mov rdx, QWORD taken);
-            cg.chain_exit(i + 1, Some((0, insn.near_branch_target())));
-            cg.dirty = dirty;
-            a!(cg; =>fall_side);
-            a!(cg; mov rdx, QWORD fall);
-            cg.chain_exit(i + 1, Some((1, u.next_ip)));
+            if m == M::Loop {
+                cg.sq(1, 0);
+            }
+            two_way_exit(cg, block, u, i);
             Some(Done::Exited)
         }
         _ => None,
     }
+}
+
+/// The exits of a conditional branch at the block's end (instruction `i`),
+/// taken when r8b is set: a self-loop when it targets the block's start,
+/// else one chained exit per side.
+fn two_way_exit(cg: &mut Cg, block: &Block, u: &Uop, i: usize) {
+    let insn = &u.insn;
+    cg.capture();
+    block.links[0].target.set(insn.near_branch_target());
+    block.links[1].target.set(u.next_ip);
+    let taken = &block.links[0] as *const LinkCell as i64;
+    let fall = &block.links[1] as *const LinkCell as i64;
+    // A self-loop goes back before the exit's RIP and link cell
+    // are worked out: they are only needed on the way out.
+    if insn.near_branch_target() == block.rip && !cg.interpreted {
+        cg.self_loop(block, i + 1, taken);
+    }
+    // Two exits, one per side, rather than one that selects the
+    // target and cell with CMOVs: each side's indirect jump into
+    // its successor then always goes to the same place (the host's
+    // branch predictor learns it), and the taken side's RIP and
+    // cell are constants. Both sides write back the same cached
+    // registers.
+    let dirty = cg.dirty;
+    let fall_side = cg.a.new_dynamic_label();
+    a!(cg
+        ; test r8b, r8b
+        ; jz =>fall_side
+    );
+    a!(cg; mov rdx, QWORD taken);
+    cg.chain_exit(i + 1, Some((0, insn.near_branch_target())));
+    cg.dirty = dirty;
+    a!(cg; =>fall_side);
+    a!(cg; mov rdx, QWORD fall);
+    cg.chain_exit(i + 1, Some((1, u.next_ip)));
 }
 
 /// A near branch with a constant target (already wrapped by the decoder
