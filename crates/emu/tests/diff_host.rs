@@ -1728,6 +1728,43 @@ fn indirect_branches_match_host() {
     eprintln!("indirect branches: {} cases", h.count);
 }
 
+/// LOOP and JRCXZ/JECXZ (and their 32-bit-count forms, 0x67) over an
+/// INC: the count register (0, 1, 1 in ECX with RCX's upper half set, or
+/// random) decides whether the INC is skipped; LOOP writes the count back
+/// and no flag.
+#[test]
+fn loop_and_jrcxz_match_host() {
+    let mut h = Harness::new();
+    let inc: &[u8] = &[0x48, 0xff, 0xc0];
+    let forms: [(&[u8], &str); 4] = [
+        (&[0xe2, 0x03], "loop"),
+        (&[0x67, 0xe2, 0x03], "loop ecx"),
+        (&[0xe3, 0x03], "jrcxz"),
+        (&[0x67, 0xe3, 0x03], "jecxz"),
+    ];
+    for (op, name) in forms {
+        for k in 0..16u64 {
+            let mut input = h.state();
+            input.gpr[1] = match k % 4 {
+                0 => 0,
+                1 => 1,
+                2 => 0x1_0000_0001,
+                _ => input.gpr[1],
+            };
+            h.check(Case {
+                bytes: [op, inc].concat(),
+                input,
+                undefined: 0,
+                mem: [0; 256],
+                uses_mem: false,
+                si_di_rel: false,
+                name: format!("{name} #{k}"),
+            });
+        }
+    }
+    eprintln!("loop and jrcxz: {} cases", h.count);
+}
+
 /// Seeded random straight-line programs (with forward conditional skips)
 /// of integer instructions over every GPR but RSP and RBX (the memory
 /// base), on all operand sizes including AH/CH/DH, with memory operands

@@ -170,7 +170,14 @@ pub fn loop_op(core: &mut Core, insn: &Instruction) -> R {
         Mnemonic::Jcxz | Mnemonic::Jecxz | Mnemonic::Jrcxz => core.st.gpr[RCX] & m == 0,
         _ => {
             let c = core.st.gpr[RCX].wrapping_sub(1) & m;
-            core.st.gpr[RCX] = (core.st.gpr[RCX] & !m) | c;
+            // A 32-bit count is written as any 32-bit register is (zero-
+            // extended: the host CPU does so in 64-bit mode), CX keeps the
+            // bits above it.
+            core.st.gpr[RCX] = if csize == 4 {
+                c
+            } else {
+                (core.st.gpr[RCX] & !m) | c
+            };
             let zf = core.st.flags.zf(core.st.rflags);
             c != 0
                 && match mn {

@@ -2047,8 +2047,8 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             Some(Done::Exited)
         }
         // LOOP and JCXZ/JECXZ/JRCXZ: the count register (its size from
-        // the address size; a LOOP keeps the bits above it, as the
-        // interpreter does) decides, no flag changes.
+        // the address size; a LOOP's ECX is zero-extended, its CX keeps
+        // the bits above it) decides, no flag changes.
         M::Loop | M::Jcxz | M::Jecxz | M::Jrcxz if is_near_rel(insn) && i + 1 == n => {
             use Code as C;
             let csize = match insn.code() {
@@ -2067,14 +2067,7 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             cg.gq(0, 1);
             match (m == M::Loop, csize) {
                 (true, 2) => a!(cg; sub ax, 1 ; setnz r8b),
-                (true, 4) => a!(cg
-                    ; mov ecx, eax
-                    ; sub ecx, 1
-                    ; setnz r8b
-                    ; shr rax, 32
-                    ; shl rax, 32
-                    ; or rax, rcx
-                ),
+                (true, 4) => a!(cg; sub eax, 1 ; setnz r8b),
                 (true, _) => a!(cg; sub rax, 1 ; setnz r8b),
                 (false, 2) => a!(cg; test ax, ax ; setz r8b),
                 (false, 4) => a!(cg; test eax, eax ; setz r8b),
