@@ -275,6 +275,11 @@ fn protected_mode_32bit_code_with_segment_bases() {
         a.rep().stosb()?;
         a.mov(dword_ptr(ebx + 0x600).es(), edi)?;
         a.mov(dword_ptr(ebx + 0x604).es(), esi)?;
+        // A REP MOVSD over several pages (the interpreter's, page by page).
+        a.mov(esi, 0x1000)?;
+        a.mov(edi, 0x3000)?;
+        a.mov(ecx, 0x900)?;
+        a.rep().movsd()?;
         a.mov(eax, 0x1234_5678)?;
         a.mov(ebx, 0x100)?;
         a.mov(dword_ptr(ebx + 4), eax)?;
@@ -365,6 +370,10 @@ fn protected_mode_32bit_code_with_segment_bases() {
             (CSB + BACK, back),
             (CSB + TABLE, (FAR as u32).to_le_bytes().to_vec()),
             (DSB + 0x300, (1..=32).collect()),
+            (
+                DSB + 0x1000,
+                (0..0x2400u32).map(|i| (i * 7 + i / 256) as u8).collect(),
+            ),
         ],
         ..Default::default()
     };
@@ -385,6 +394,11 @@ fn protected_mode_32bit_code_with_segment_bases() {
         "REP STOSB"
     );
     assert_eq!(g.r32(ESB + 0x600), 0x505, "EDI after the REP STOSB");
+    assert_eq!(
+        g.ram[ESB as usize + 0x3000..][..0x2400],
+        g.ram[DSB as usize + 0x1000..][..0x2400],
+        "the long REP MOVSD"
+    );
     assert_eq!(g.r32(ESB + 0x604), 0x320, "ESI after the REP MOVSD");
     assert_eq!(g.r32(DSB + 0x120) & 0xff, 1, "SETL");
     assert_eq!(
@@ -449,6 +463,14 @@ fn real_mode_16bit_code_with_wrapping() {
         a.ret()?;
         a.set_label(&mut next)?;
         a.lea(si, word_ptr(bx + si + 0x44))?;
+        // REP MOVSW whose destination offset wraps at 64 KiB.
+        a.push(si)?;
+        a.mov(si, 0x100)?;
+        a.mov(di, 0xfff8)?;
+        a.mov(cx, 8)?;
+        a.rep().movsw()?;
+        a.mov(word_ptr(0x200), di)?;
+        a.pop(si)?;
         a.hlt()?;
         Ok(())
     });
@@ -463,7 +485,10 @@ fn real_mode_16bit_code_with_wrapping() {
         rip: IP,
         rsp: 0xdead_0004,
         gpr: [0, 0, 0x400, 0, 0, 0, 0x10, 0],
-        load: vec![(((CS as u64) << 4) + IP, code)],
+        load: vec![
+            (((CS as u64) << 4) + IP, code),
+            (0x10010 + 0x100, (0x41..=0x50).collect()),
+        ],
         ..Default::default()
     };
     let (e, g) = both(&s, 0);
@@ -477,12 +502,20 @@ fn real_mode_16bit_code_with_wrapping() {
     // SP went 4, 2, 0, 0xfffe, 0xfffa and back to 2; the bits above kept.
     assert_eq!(g.r32(ssb + 0xfffe) & 0xffff, 0x77);
     assert_eq!(r.rdx & 0xffff, 0x77);
-    assert_eq!(r.rdi & 0xffff, 0x2468);
+    assert_eq!(r.rdi & 0xffff, 8, "DI after the REP MOVSW wrapped");
     assert_eq!(r.rsp, 0xdead_0002);
     assert_eq!(r.rax & 0xffff, 0x1234 + 1 + 15);
     // The CALL's return address, read through BP.
     assert_eq!(r.rbp, ret_at);
     assert_eq!(r.rsi & 0xffff, (0xfff0 + 0x20 + 0x44) & 0xffff);
+    let src: Vec<u8> = (0x41..=0x50).collect();
+    assert_eq!(g.ram[esb as usize + 0xfff8..][..8], src[..8], "REP MOVSW");
+    assert_eq!(
+        g.ram[esb as usize..][..8],
+        src[8..],
+        "REP MOVSW after DI wrapped"
+    );
+    assert_eq!(g.r32(dsb + 0x200) & 0xffff, 8, "DI after the REP MOVSW");
 }
 
 /// The offset after the first CALL in 16-bit `code` assembled at `ip`.

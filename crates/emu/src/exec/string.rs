@@ -58,27 +58,47 @@ fn acc_reg(size: u8) -> Register {
     }
 }
 
-/// REP MOVS/STOS forwards with 64-bit addresses: copy or fill as many
-/// elements as fit in the current source and destination pages at once,
-/// when both are plain RAM (no MMIO, no code or dirty tracking on the
-/// destination). Returns the elements done (0: take the element path).
-fn bulk_chunk(core: &mut Core, stos: bool, seg: usize, size: u8, budget: u32) -> u64 {
+/// REP MOVS/STOS forwards (addresses of `asz` bytes): copy or fill as
+/// many elements as fit in the current source and destination pages (of
+/// their linear addresses, segment bases added) at once, and with 16-bit
+/// addresses before either offset wraps, when both are plain RAM (no MMIO,
+/// no code or dirty tracking on the destination). Returns the elements
+/// done (0: take the element path).
+fn bulk_chunk(core: &mut Core, stos: bool, seg: usize, size: u8, budget: u32, asz: u8) -> u64 {
     let sz = size as u64;
-    let count = core.st.gpr[RCX];
-    let di = core.st.gpr[RDI];
-    let si = core.st.gpr[RSI];
-    let room = |a: u64| (0x1000 - (a & 0xfff)) / sz;
-    let mut n = count.min(budget as u64).min(room(di));
+    let am = mask(asz);
+    let count = core.st.gpr[RCX] & am;
+    let di = core.st.gpr[RDI] & am;
+    let si = core.st.gpr[RSI] & am;
+    let Ok(dlin) = core.lin(ES, di) else {
+        return 0;
+    };
+    let slin = if stos {
+        0
+    } else {
+        match core.lin(seg, si) {
+            Ok(l) => l,
+            Err(_) => return 0,
+        }
+    };
+    // Elements before the page end, and with 16-bit offsets before the
+    // offset wraps (32-bit ones wrap with the linear address).
+    let room = |lin: u64, off: u64| {
+        let r = (0x1000 - (lin & 0xfff)) / sz;
+        if asz == 2 {
+            r.min((0x1_0000 - off) / sz)
+        } else {
+            r
+        }
+    };
+    let mut n = count.min(budget as u64).min(room(dlin, di));
     if !stos {
-        n = n.min(room(si));
+        n = n.min(room(slin, si));
     }
     if n == 0 {
         return 0;
     }
     let user = core.user();
-    let Ok(dlin) = core.lin(ES, di) else {
-        return 0;
-    };
     let Some((dst, tracked)) = core.ram_ptr_lin(dlin, Access::Write, user) else {
         return 0;
     };
@@ -99,9 +119,6 @@ fn bulk_chunk(core: &mut Core, stos: bool, seg: usize, size: u8, budget: u32) ->
             }
         }
     } else {
-        let Ok(slin) = core.lin(seg, si) else {
-            return 0;
-        };
         let Some((src, _)) = core.ram_ptr_lin(slin, Access::Read, user) else {
             return 0;
         };
@@ -123,10 +140,10 @@ fn bulk_chunk(core: &mut Core, stos: bool, seg: usize, size: u8, budget: u32) ->
                 std::ptr::copy(src, dst, len);
             }
         }
-        core.st.gpr[RSI] = si.wrapping_add(n * sz);
+        upd(core, RSI, si.wrapping_add(n * sz), asz);
     }
-    core.st.gpr[RDI] = di.wrapping_add(n * sz);
-    core.st.gpr[RCX] = count - n;
+    upd(core, RDI, di.wrapping_add(n * sz), asz);
+    upd(core, RCX, count - n, asz);
     n
 }
 
@@ -150,7 +167,6 @@ pub fn string_op(core: &mut Core, insn: &Instruction) -> R {
     let port = (core.st.gpr[2] & 0xffff) as u16;
     let mut budget = BUDGET;
     let bulk = rep
-        && asz == 8
         && step == size as u64
         && matches!(
             mn,
@@ -167,10 +183,11 @@ pub fn string_op(core: &mut Core, insn: &Instruction) -> R {
                 seg,
                 size,
                 budget,
+                asz,
             );
             if n > 0 {
                 budget -= n as u32;
-                if core.st.gpr[RCX] == 0 {
+                if core.st.gpr[RCX] & am == 0 {
                     return Ok(());
                 }
                 if budget == 0 {
