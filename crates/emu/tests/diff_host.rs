@@ -880,8 +880,11 @@ fn string_ops_match_host() {
     let mut h = Harness::new();
     // rsi/rdi point into the buffer (through rbx-relative setup: lea).
     // lea rsi,[rbx+a]; lea rdi,[rbx+b]; then the string op.
-    let ops: [(&[u8], &str); 10] = [
+    let ops: [(&[u8], &str); 13] = [
         (&[0xa4], "movsb"),
+        (&[0x66, 0xab], "stosw"),
+        (&[0xad], "lodsd"),
+        (&[0x3e, 0xa5], "movsd ds:"),
         (&[0x48, 0xa5], "movsq"),
         (&[0xf3, 0xa4], "rep movsb"),
         (&[0xf3, 0xa5], "rep movsd"),

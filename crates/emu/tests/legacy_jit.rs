@@ -275,6 +275,21 @@ fn protected_mode_32bit_code_with_segment_bases() {
         a.rep().stosb()?;
         a.mov(dword_ptr(ebx + 0x600).es(), edi)?;
         a.mov(dword_ptr(ebx + 0x604).es(), esi)?;
+        // MOVSB in a LOOP, LODSW and STOSW, MOVSD (no REP).
+        let mut l3 = a.create_label();
+        a.mov(esi, 0x300)?;
+        a.mov(edi, 0x800)?;
+        a.mov(ecx, 8)?;
+        a.jmp(l3)?;
+        a.set_label(&mut l3)?;
+        a.movsb()?;
+        a.loop_(l3)?;
+        a.lodsw()?;
+        a.stosw()?;
+        a.movsd()?;
+        a.mov(dword_ptr(ebx + 0x610).es(), edi)?;
+        a.mov(dword_ptr(ebx + 0x614).es(), esi)?;
+        a.mov(dword_ptr(ebx + 0x618).es(), eax)?;
         // A REP MOVSD over several pages (the interpreter's, page by page).
         a.mov(esi, 0x1000)?;
         a.mov(edi, 0x3000)?;
@@ -394,6 +409,14 @@ fn protected_mode_32bit_code_with_segment_bases() {
         "REP STOSB"
     );
     assert_eq!(g.r32(ESB + 0x600), 0x505, "EDI after the REP STOSB");
+    assert_eq!(
+        &g.ram[ESB as usize + 0x800..][..14],
+        &copied[..14],
+        "MOVSB, STOSW, MOVSD"
+    );
+    assert_eq!(g.r32(ESB + 0x610), 0x80e, "EDI after them");
+    assert_eq!(g.r32(ESB + 0x614), 0x30e, "ESI after them");
+    assert_eq!(g.r32(ESB + 0x618) & 0xffff, 0x0a09, "LODSW");
     assert_eq!(
         g.ram[ESB as usize + 0x3000..][..0x2400],
         g.ram[DSB as usize + 0x1000..][..0x2400],

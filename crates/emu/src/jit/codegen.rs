@@ -2408,6 +2408,25 @@ fn extra(cg: &mut Cg, u: &Uop) -> Option<Done> {
     {
         return rep_string(cg, u);
     }
+    if matches!(
+        m,
+        M::Movsb
+            | M::Movsw
+            | M::Movsd
+            | M::Movsq
+            | M::Stosb
+            | M::Stosw
+            | M::Stosd
+            | M::Stosq
+            | M::Lodsb
+            | M::Lodsw
+            | M::Lodsd
+            | M::Lodsq
+    ) && !insn.has_rep_prefix()
+        && !insn.has_repne_prefix()
+    {
+        return string1(cg, u);
+    }
     if matches!(m, M::Movd | M::Movq) {
         return movd(cg, u);
     }
@@ -2767,6 +2786,89 @@ fn rep_string(cg: &mut Cg, u: &Uop) -> Option<Done> {
     a!(cg; xor eax, eax);
     cg.sq(1, 0);
     a!(cg; =>done);
+    Some(Done::Next)
+}
+
+/// One MOVS, STOS or LODS (no REP) with 64-bit addresses, or 32-bit ones
+/// outside 64-bit mode (segment bases added): the source read, the
+/// destination written (or AL..RAX), RSI/RDI advanced by the element
+/// size (32-bit addresses: zero-extended, as the interpreter writes
+/// them). DF set, a TLB miss or a page crossing run the interpreter;
+/// nothing is written before both accesses have translated.
+fn string1(cg: &mut Cg, u: &Uop) -> Option<Done> {
+    use iced_x86::{OpKind, Register};
+    use Mnemonic as M;
+    let insn = &u.insn;
+    let m = insn.mnemonic();
+    let movs = matches!(m, M::Movsb | M::Movsw | M::Movsd | M::Movsq);
+    let lods = matches!(m, M::Lodsb | M::Lodsw | M::Lodsd | M::Lodsq);
+    let stos = !movs && !lods;
+    let a32 = cg.bits != 64;
+    let (dst, src) = if a32 {
+        (OpKind::MemoryESEDI, OpKind::MemorySegESI)
+    } else {
+        (OpKind::MemoryESRDI, OpKind::MemorySegRSI)
+    };
+    if u.lock || (!lods && insn.op0_kind() != dst) || (!stos && insn.op1_kind() != src) {
+        return None;
+    }
+    // The source segment's base is 0 in 64-bit mode unless FS/GS.
+    let seg = match insn.memory_segment() {
+        Register::ES => 0,
+        Register::CS => 1,
+        Register::SS => 2,
+        Register::DS => 3,
+        Register::FS if a32 => 4,
+        Register::GS if a32 => 5,
+        _ if stos => 0,
+        _ => return None,
+    };
+    let size = insn.memory_size().size() as u8;
+    if !matches!(size, 1 | 2 | 4 | 8) {
+        return None;
+    }
+    cg.begin_access();
+    let stub = cg.stub_label();
+    a!(cg
+        ; test DWORD [rbx + OFF_RFLAGS], crate::cpu::FLAG_DF as i32
+        ; jnz =>stub
+    );
+    let lin = |cg: &mut Cg, s: usize| {
+        if a32 {
+            a!(cg
+                ; mov eax, DWORD [rbx + segbase_off(s)]
+                ; lea esi, [rsi + rax]
+            );
+        }
+    };
+    let rax = Opnd::Reg { idx: 0, hi: false };
+    if stos {
+        cg.ld(8, size, rax);
+    } else {
+        cg.gq(6, 6);
+        lin(cg, seg);
+        cg.translate(size, Acc::Read);
+        cg.ld(8, size, Opnd::Mem);
+    }
+    if lods {
+        cg.st(8, size, rax);
+    } else {
+        cg.gq(6, 7);
+        lin(cg, 0);
+        cg.translate(size, Acc::Write);
+        cg.st(8, size, Opnd::Mem);
+    }
+    for (moved, g) in [(!stos, 6), (!lods, 7)] {
+        if moved {
+            cg.gq(0, g);
+            if a32 {
+                a!(cg; add eax, size as i32);
+            } else {
+                a!(cg; add rax, size as i32);
+            }
+            cg.sq(g, 0);
+        }
+    }
     Some(Done::Next)
 }
 
