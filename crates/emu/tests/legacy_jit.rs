@@ -868,3 +868,72 @@ fn random_32bit_sequences_match_the_interpreter() {
     }
     assert!(compiled >= 300);
 }
+
+/// A jump whose target lies in the block's own EIP page but, with a CS
+/// base that is not page aligned, in the next linear page: its link must
+/// be checked under a new key, not followed straight (a direct link holds
+/// only inside the block's own linear page). Paging maps that next
+/// linear page onto the block's physical page, so the first successor
+/// shares the block's physical page; then the guest maps it elsewhere
+/// (INVLPG) and the jump must reach the new code.
+#[test]
+fn a_link_into_the_next_linear_page_is_checked_after_a_remap() {
+    const PD: u64 = 0x50000;
+    const PT: u64 = 0x51000;
+    const CSB: u64 = 0x1_0800;
+    let mut load = Vec::new();
+    let mut pd = vec![0u8; 4096];
+    pd[..4].copy_from_slice(&(PT as u32 | 3).to_le_bytes());
+    load.push((PD, pd));
+    let mut pt = Vec::new();
+    for i in 0..1024u32 {
+        // Linear page 0x12 is an alias of physical page 0x11.
+        let phys = if i == 0x12 { 0x11 } else { i };
+        pt.extend_from_slice(&((phys << 12) | 3).to_le_bytes());
+    }
+    load.push((PT, pt));
+    // X at EIP 0x1700 (linear 0x11f00) jumps to EIP 0x1900 (linear
+    // 0x12100): physical 0x11100 (A) first, 0x13100 (B) after the remap.
+    let x = assemble(32, 0x1700, |a| {
+        a.inc(eax)?;
+        a.jmp(0x1900u64)
+    });
+    let a_code = assemble(32, 0x1900, |a| {
+        a.add(ebx, 1)?;
+        a.ret()
+    });
+    let b_code = assemble(32, 0x1900, |a| {
+        a.add(ebx, 0x100)?;
+        a.ret()
+    });
+    let driver = assemble(32, 0, |a| {
+        a.call(0x1700u64)?;
+        a.call(0x1700u64)?;
+        a.mov(dword_ptr(PT as u32 + 0x12 * 4), 0x13003)?;
+        a.invlpg(ptr(0x12000))?;
+        a.call(0x1700u64)?;
+        a.call(0x1700u64)?;
+        a.hlt()
+    });
+    load.push((CSB, driver));
+    load.push((CSB + 0x1700, x));
+    load.push((0x11100, a_code));
+    load.push((0x13100, b_code));
+    let s = Start {
+        gdt: vec![desc(CSB, ACC_CODE, true), desc(0, ACC_DATA, true)],
+        cs: 8,
+        ds: 16,
+        es: 16,
+        ss: 16,
+        cr0: 0x8000_0011,
+        cr3: PD,
+        rip: 0,
+        rsp: 0x9000,
+        load,
+        ..Default::default()
+    };
+    let (e, _) = both(&s, 0);
+    assert_eq!(e.exit, Ex::Halt);
+    assert_eq!(e.regs.rax, 4);
+    assert_eq!(e.regs.rbx, 0x202, "twice A, then twice B");
+}
