@@ -29,6 +29,12 @@
 //!   current key. A missing entry sends the exit to the dispatcher, whose
 //!   fetch walks the page tables and links the cell again.
 //!
+//! Outside 64-bit mode the target's linear address is CS base + RIP
+//! (EIP/IP): a change of the CS base or of the code size moves the link
+//! key as a flush does (`Core::note_code_mode`), and there a cell made
+//! under another key is not revalidated against the TLB but goes to the
+//! dispatcher (the cell does not record the CS base).
+//!
 //! (c) is checked at every chained entry (the code-page generations), so
 //! self-modifying code invalidates links whatever the key says. A CR3
 //! switch therefore no longer unlinks every block: kernel pages (global,
