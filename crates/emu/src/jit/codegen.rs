@@ -35,7 +35,11 @@
 //! arithmetic flags are where `Loc` says (host RFLAGS, the `JitCtx::fl`
 //! slot, or `CpuState::rflags`) and every exit leaves them in `rflags`. An
 //! instruction either is translated whole or emits nothing and runs
-//! through the interpreter (`jit_interp`).
+//! through the interpreter (`jit_interp`). `JitCtx::tlb` points at the fast
+//! TLB entries of the current CPL's privilege class wherever generated code
+//! runs (set at every entry from the dispatcher and after every instruction
+//! the interpreter ran for it), so an inline access that hits its tag is
+//! allowed at that CPL.
 
 use std::mem::{offset_of, size_of};
 
@@ -2686,9 +2690,9 @@ mod tests {
         out
     }
 
-    /// TCG's softmmu hit is ~8-9 host instructions; this path was 17 for a
-    /// read and 20 for a write before the tags said "allowed" by
-    /// themselves.
+    /// TCG's softmmu hit is ~8-9 host instructions; this path was 19 for a
+    /// read and 22 for a write (from the index to the host address) before
+    /// the tags said "allowed" by themselves and the entry held an addend.
     #[test]
     fn the_inline_tlb_hit_is_short() {
         for size in [1, 2, 4, 8] {
