@@ -25,9 +25,14 @@
 //! for the aligned forms (failing either runs the interpreter, which
 //! raises the fault).
 //!
-//! Memory operands go through an inline lookup of the soft TLB (tag,
-//! permissions, page crossing, RAM, and for writes the page's code/dirty
-//! tracking flag). Anything else, and every instruction the translator does
+//! Memory operands go through an inline lookup of the soft TLB, TCG's
+//! softmmu hit: the fast entry of the current privilege class holds a read
+//! and a write tag that equal the page's linear address only where that
+//! access is allowed at that class and needs nothing else (RAM, the dirty
+//! bit set for writes; see `memory::mmu::FastEntry`), so one compare
+//! checks the tag, the permissions and a page crossing, and a hit adds the
+//! entry's host addend; a write also tests the page's code/dirty-tracking
+//! flag. Anything else, and every instruction the translator does
 //! not handle, runs through the interpreter's own handler for that one
 //! instruction (`jit_interp`), called from the generated code: exceptions,
 //! MMIO, self-modifying code and mode changes are therefore exactly the
