@@ -208,11 +208,14 @@ struct Cg {
     /// Chained exits count blocks down to the next timed poll (a platform
     /// that does not kick on every event).
     countdown: bool,
-    /// The body's first instruction, after the register cache was loaded:
-    /// where a block that branches to itself loops (see `self_loop`).
-    again: Option<DynamicLabel>,
-    /// The chained entry's "code pages changed" exit.
-    stale: Option<DynamicLabel>,
+    /// The back edge of a block that branches to itself (see
+    /// `back_edge`): where its taken Jcc goes, and where the back edge
+    /// goes when the core is busy (the taken side's exit).
+    back: Option<(DynamicLabel, DynamicLabel)>,
+    /// The guest flags are dead at the block start (`flags_dead_at_start`)
+    /// and no poll countdown runs: the back edge keeps them in the host
+    /// flags instead of capturing them (see `back_edge`).
+    loop_keeps_host: bool,
     /// Some instruction runs through the interpreter inline (it may have
     /// changed anything, so the block does not loop to itself).
     interpreted: bool,
@@ -375,8 +378,8 @@ impl Cg {
             sites: [(0, 0); 2],
             vpage: 0,
             countdown,
-            again: None,
-            stale: None,
+            back: None,
+            loop_keeps_host: false,
             interpreted: false,
         }
     }
@@ -1112,68 +1115,93 @@ impl Cg {
         self.chain_exit(count, None);
     }
 
-    /// A Jcc whose taken side is the block's own start: when taken (r8b
-    /// set) and the dispatcher would go straight on (attention clear, no
-    /// timed poll due), jump back to the body with the cached registers
-    /// and the r11 flag image kept, after the checks a chained entry makes
-    /// (the code pages unchanged). The link key cannot have changed: no
-    /// instruction of the block ran through the interpreter inline, and a
-    /// slow-path access (a TLB fill, MMIO, a code write) changes neither
-    /// the TLB epoch nor the CPL without ending the block. Falls through
-    /// otherwise, with r8b and r11 kept, to the code that sets rdx for
-    /// the exit. Emitted before that code, so the loop's path does none of
-    /// it: `rip` keeps whatever the last stub left there (every stub and
-    /// exit sets its own before anything reads it), and only a stale code
-    /// page, which leaves through `stale` (which stores this block's RIP),
-    /// needs rdx (the `taken` cell) set on the way. The iteration's
-    /// instructions go to the count in rbp, as a chained exit's do.
-    fn self_loop(&mut self, block: &Block, count: usize, taken: i64) {
-        let (Some(again), Some(stale)) = (self.again, self.stale) else {
-            return;
-        };
-        a!(self
-            ; test r8b, r8b
-            ; jz >exit
-            ; mov rax, QWORD [rbx + OFF_ATTENTION]
-            ; cmp BYTE [rax], 0
-            ; jne >exit
-        );
-        if self.countdown {
-            a!(self
-                ; cmp DWORD [rbx + OFF_COUNTDOWN], 0
-                ; je >exit
-                ; dec DWORD [rbx + OFF_COUNTDOWN]
-            );
-        }
-        // The body starts again with the registers in `loop_dirty` live
-        // (and dirty) in their host registers; any other changed one goes
-        // to `Core::st` first.
-        let d = self.dirty & !self.loop_dirty;
-        self.writeback_code(d);
-        a!(self; add rbp, count as i32);
-        let loop_stale = self.a.new_dynamic_label();
-        for &(p, g) in block.page_gens() {
-            a!(self
-                ; mov rax, QWORD p as i64
-                ; cmp DWORD [rax], g as i32
-                ; jne =>loop_stale
-            );
-        }
+    /// The back edge of a block that branches to itself, emitted in front
+    /// of the body's first instruction (after the register cache was
+    /// loaded; the entry jumps past it): its Jcc's taken side jumps here.
+    /// When the dispatcher would go straight on (attention clear, no timed
+    /// poll due) the iteration's instructions go to the count in rbp and
+    /// the body starts again with the cached registers live in their host
+    /// registers (all of them count as dirty from entry on, so nothing is
+    /// stored); else it goes to `busy`, the taken side's chained exit, as
+    /// the Jcc would have. Nothing else is checked:
+    ///
+    /// - the link key cannot have changed: no instruction of the block ran
+    ///   through the interpreter inline, and a slow-path access (a TLB
+    ///   fill, MMIO, a code write) changes neither the TLB epoch nor the
+    ///   CPL without ending the block;
+    /// - the code pages: this vCPU's own writes to a code page go through
+    ///   a stub (the inline write path sends every access to a code page
+    ///   there), which ends the block (`code_written`), and a stub of a
+    ///   looping block that finds the block's pages changed after the
+    ///   interpreter ran (a page walk's A/D bits) raises the attention
+    ///   word (`gen_block`); another vCPU's or a device's write is seen at
+    ///   the next attention (an interrupt, a kick, the timer thread), which
+    ///   is what cross-modifying code may expect without the executing
+    ///   CPU serialising itself, and the dispatcher then checks the pages.
+    ///
+    /// With `loop_keeps_host` the guest flags are dead at the block start,
+    /// so the back edge needs them nowhere but on the way to `busy`: the
+    /// Jcc leaves them in the host flags and this path tests the
+    /// attention word without touching them (JRCXZ); `busy` captures them.
+    /// Otherwise the Jcc captured them into r11, which the body starts
+    /// from, and the tests may clobber the host flags.
+    fn back_edge(&mut self, count: usize) -> DynamicLabel {
+        let back = self.a.new_dynamic_label();
+        let busy = self.a.new_dynamic_label();
+        let again = self.a.new_dynamic_label();
         a!(self
             ; jmp =>again
-            ; =>loop_stale
+            ; =>back
         );
-        // As a chained exit would: the locals to `Core::st`, the spilled
-        // `FIXED` registers back into their host registers; then `stale`
-        // (the chained entry's) stores every `FIXED` one.
-        let dirty = self.dirty;
-        self.exit_regs();
-        self.dirty = dirty;
-        a!(self
-            ; mov rdx, QWORD taken
-            ; jmp =>stale
-            ; exit:
-        );
+        if self.loop_keeps_host {
+            a!(self
+                ; mov rcx, QWORD [rbx + OFF_ATTENTION]
+                ; movzx ecx, BYTE [rcx]
+                ; lea rbp, [rbp + count as i32]
+                ; jrcxz =>again
+                ; lea rbp, [rbp - count as i32]
+                ; jmp =>busy
+            );
+        } else {
+            a!(self
+                ; mov rax, QWORD [rbx + OFF_ATTENTION]
+                ; cmp BYTE [rax], 0
+                ; jne =>busy
+            );
+            if self.countdown {
+                a!(self
+                    ; cmp DWORD [rbx + OFF_COUNTDOWN], 0
+                    ; je =>busy
+                    ; dec DWORD [rbx + OFF_COUNTDOWN]
+                );
+            }
+            a!(self; add rbp, count as i32);
+        }
+        a!(self; =>again);
+        self.back = Some((back, busy));
+        again
+    }
+
+    /// `j<cc> label` (a rel32 jump).
+    fn jcc_to(&mut self, cc: u8, l: DynamicLabel) {
+        match cc & 15 {
+            0 => a!(self; jo =>l),
+            1 => a!(self; jno =>l),
+            2 => a!(self; jb =>l),
+            3 => a!(self; jae =>l),
+            4 => a!(self; je =>l),
+            5 => a!(self; jne =>l),
+            6 => a!(self; jbe =>l),
+            7 => a!(self; ja =>l),
+            8 => a!(self; js =>l),
+            9 => a!(self; jns =>l),
+            10 => a!(self; jp =>l),
+            11 => a!(self; jnp =>l),
+            12 => a!(self; jl =>l),
+            13 => a!(self; jge =>l),
+            14 => a!(self; jle =>l),
+            _ => a!(self; jg =>l),
+        }
     }
 
     fn cell(&mut self, block: &Block, k: usize, target: u64) {
@@ -1294,6 +1322,43 @@ fn allocate(block: &Block, self_loop: bool) -> ([Option<u8>; 16], u16) {
     (map, spilled)
 }
 
+/// True if the block writes every arithmetic flag before anything could
+/// read the guest's flags as they were at its start: its instructions up
+/// to the first that writes all six from its operands alone (ALU, NEG,
+/// two- and three-operand IMUL, a shift by a non-zero immediate) touch no
+/// flag and no memory (no access, so no stub or fault, can come before),
+/// and that one has no memory operand either. Conservative: anything not
+/// listed counts as a read. Used for a block that loops to itself (only
+/// when no instruction of it runs through the interpreter inline, so each
+/// listed one is translated as the same host instruction).
+fn flags_dead_at_start(block: &Block) -> bool {
+    use Mnemonic as M;
+    for u in &block.uops {
+        let m = u.insn.mnemonic();
+        let nops = u.insn.op_count() as usize;
+        let mem = u.ops[..nops.min(3)].contains(&Opnd::Mem);
+        if u.lock {
+            return false;
+        }
+        match m {
+            M::Lea => {}
+            _ if mem => return false,
+            M::Add | M::Or | M::And | M::Sub | M::Xor | M::Cmp | M::Test if nops == 2 => {
+                return true
+            }
+            M::Neg if nops == 1 => return true,
+            M::Imul if nops >= 2 => return true,
+            M::Shl | M::Sal | M::Shr | M::Sar if nops == 2 => {
+                let cmask = if u.size == 8 { 63 } else { 31 };
+                return matches!(u.ops[1], Opnd::Imm(c) if c & cmask != 0);
+            }
+            M::Mov | M::Movzx | M::Movsx | M::Movsxd | M::Nop if nops <= 2 => {}
+            _ => return false,
+        }
+    }
+    false
+}
+
 /// The code, the offset of the chained entry point, and per link cell the
 /// offsets of its exit's patch sites (keyed, direct; 0: none).
 /// `countdown`: see `Cg::countdown`; `allow_loop`: a block whose last
@@ -1379,11 +1444,9 @@ pub(super) fn gen_block(
             .fold(0, |m, (g, _)| m | 1 << g);
     }
     cg.loop_dirty = cg.dirty;
-    if allow_loop {
-        let again = cg.a.new_dynamic_label();
-        a!(cg; =>again);
-        cg.again = Some(again);
-        cg.stale = Some(stale_chained);
+    if loops {
+        cg.loop_keeps_host = !countdown && flags_dead_at_start(block);
+        cg.back_edge(block.uops.len());
     }
     let n = block.uops.len();
     let mut translated = 0;
@@ -1441,6 +1504,12 @@ pub(super) fn gen_block(
         cg.cell(block, 1, next);
         cg.chain_exit(n, Some((1, next)));
     }
+    if let Some((_, busy)) = cg.back.take() {
+        // The block does not loop after all (an instruction ran through the
+        // interpreter): its back edge is never reached.
+        a!(cg; =>busy ; ud2);
+    }
+    let looped = loops && !cg.interpreted;
     let e = cg.epilogue;
     // Every way out of this block's code (to the dispatcher; a chained
     // jump goes on into the next block's code instead) passes here, so the
@@ -1484,6 +1553,27 @@ pub(super) fn gen_block(
         // SAFETY: the uop lives in the block, which outlives its code.
         let u = unsafe { &*s.uop };
         cg.call_interp(u, s.index, s.rip);
+        if looped {
+            // The back edge does not check the code pages: a write to them
+            // that did not end the block (a page walk's A/D bits) raises
+            // the attention word, so the loop leaves at its back edge.
+            let same = cg.a.new_dynamic_label();
+            let changed = cg.a.new_dynamic_label();
+            for &(p, g) in block.page_gens() {
+                a!(cg
+                    ; mov rax, QWORD p as i64
+                    ; cmp DWORD [rax], g as i32
+                    ; jne =>changed
+                );
+            }
+            a!(cg
+                ; jmp =>same
+                ; =>changed
+                ; mov rax, QWORD [rbx + OFF_ATTENTION]
+                ; mov BYTE [rax], 1
+                ; =>same
+            );
+        }
         // The interpreter may have changed any register; the fast path
         // goes on from `resume` with the cached ones in host registers.
         cg.reload();
@@ -1882,52 +1972,68 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
             && i + 1 == n =>
         {
             let cc = cc_code(u.cc)?;
-            // r8b = condition, then the flags go back to rflags.
-            let simple = simple_cc(cc);
-            match simple {
+            // The condition into the host flags as `hold` (true when the
+            // branch is taken), the guest flags kept where they are.
+            let hold = match simple_cc(cc) {
                 Some((bit, set)) if !cg.loc.host => {
                     // Test the saved image instead of reloading RFLAGS.
-                    if cg.loc.img {
-                        a!(cg; test r11d, img_mask(bit));
+                    cg.capture();
+                    a!(cg; test r11d, img_mask(bit));
+                    if set {
+                        5
                     } else {
-                        let at = if cg.loc.slot { OFF_FL } else { OFF_RFLAGS };
-                        a!(cg; test DWORD [rbx + at], bit);
+                        4
                     }
-                    cg.a.extend([0x41, 0x0f, if set { 0x95 } else { 0x94 }, 0xc0]);
                 }
                 _ => {
                     cg.need_host();
-                    cg.a.extend([0x41, 0x0f, 0x90 | cc, 0xc0]);
+                    cc
                 }
-            }
-            cg.capture();
+            };
             block.links[0].target.set(insn.near_branch_target());
             block.links[1].target.set(u.next_ip);
             let taken = &block.links[0] as *const LinkCell as i64;
             let fall = &block.links[1] as *const LinkCell as i64;
-            // A self-loop goes back before the exit's RIP and link cell
-            // are worked out: they are only needed on the way out.
-            if insn.near_branch_target() == block.rip && !cg.interpreted {
-                cg.self_loop(block, i + 1, taken);
-            }
             // Two exits, one per side, rather than one that selects the
             // target and cell with CMOVs: each side's indirect jump into
             // its successor then always goes to the same place (the host's
             // branch predictor learns it), and the taken side's RIP and
             // cell are constants. Both sides write back the same cached
-            // registers.
-            let dirty = cg.dirty;
-            let fall_side = cg.a.new_dynamic_label();
-            a!(cg
-                ; test r8b, r8b
-                ; jz =>fall_side
-            );
-            a!(cg; mov rdx, QWORD taken);
-            cg.chain_exit(i + 1, Some((0, insn.near_branch_target())));
-            cg.dirty = dirty;
-            a!(cg; =>fall_side);
-            a!(cg; mov rdx, QWORD fall);
-            cg.chain_exit(i + 1, Some((1, u.next_ip)));
+            // registers. A block that loops to itself jumps to its back
+            // edge instead (`Cg::back_edge`), which comes back to the taken
+            // side's exit only when the core is busy.
+            let (loc, dirty) = (cg.loc, cg.dirty);
+            let target = insn.near_branch_target();
+            match cg.back.take() {
+                Some((back, busy)) if !cg.interpreted => {
+                    if !cg.loop_keeps_host {
+                        // The body starts from the r11 image.
+                        cg.capture();
+                    }
+                    cg.jcc_to(hold, back);
+                    cg.capture();
+                    a!(cg; mov rdx, QWORD fall);
+                    cg.chain_exit(i + 1, Some((1, u.next_ip)));
+                    (cg.loc, cg.dirty) = (loc, dirty);
+                    a!(cg; =>busy);
+                    cg.capture();
+                    a!(cg; mov rdx, QWORD taken);
+                    cg.chain_exit(i + 1, Some((0, target)));
+                }
+                back => {
+                    cg.back = back;
+                    let fall_side = cg.a.new_dynamic_label();
+                    cg.jcc_to(hold ^ 1, fall_side);
+                    cg.capture();
+                    a!(cg; mov rdx, QWORD taken);
+                    cg.chain_exit(i + 1, Some((0, target)));
+                    (cg.loc, cg.dirty) = (loc, dirty);
+                    a!(cg; =>fall_side);
+                    cg.capture();
+                    a!(cg; mov rdx, QWORD fall);
+                    cg.chain_exit(i + 1, Some((1, u.next_ip)));
+                }
+            }
             Some(Done::Exited)
         }
         _ => None,
