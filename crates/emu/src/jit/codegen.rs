@@ -13,8 +13,9 @@
 //! not use it and wants its host register): it stores it at entry, works
 //! on `Core::st` for it, and loads it back into its host register before
 //! each exit. Inside a block its most used other guest GPRs (locals, see
-//! `allocate`) live in r10 (`LOCAL_REG`) and in the host registers of
-//! spilled ones: loaded at entry, written back before every exit (a block
+//! `allocate`) live in r10 and rdi (`LOCAL_REG`, `LOCAL_REG2`; rdi not in
+//! a block with a REP MOVS/STOS) and in the host registers of spilled
+//! ones: loaded at entry, written back before every exit (a block
 //! that loops to itself keeps them across its back edge). A guest GPR in
 //! `Cg::map` lives in its host register and is newer than `Core::st`
 //! exactly when its bit is in `Cg::dirty` (the mapped `FIXED` ones count
@@ -25,8 +26,8 @@
 //! interpreter, fault and interrupt delivery, the run loop's attention
 //! handling, snapshots and the debugger all see the guest's registers
 //! there; after the interpreter ran the mapped registers are reloaded
-//! (r12-r15 are callee-saved; r10 is reloaded, or unmapped and never
-//! read). Every block pushes the same callee-saved registers, so chained
+//! (r12-r15 are callee-saved; r10 and rdi are reloaded, or unmapped and
+//! never read). Every block pushes the same callee-saved registers, so chained
 //! blocks share the frame of the block the dispatcher called, and `rbp`
 //! counts the instructions of the blocks chained from since that call (the
 //! epilogue adds it to `Core::icount`). `CpuState::rip` is stored before
@@ -169,6 +170,12 @@ const FIXED: [(u8, u8); 4] = [(4, 12), (0, 13), (7, 14), (6, 15)];
 /// `FIXED` (loaded at entry, written back at every exit where it changed:
 /// a per-block cache; see `allocate` for more such registers).
 const LOCAL_REG: u8 = 10;
+
+/// The host register of the block's second local: RDI, free in generated
+/// code except for REP MOVS/STOS (a block with one does without it) and as
+/// `jit_interp`'s first argument (the cached registers are written back
+/// before that call and reloaded after it, as for r10).
+const LOCAL_REG2: u8 = 7;
 
 struct Cg {
     a: Asm,
@@ -1246,7 +1253,8 @@ impl Cg {
 /// ones it spills: every `FIXED` one it can keep in its host register (not
 /// one that some instruction addresses as AH/CH/DH/BH: those bytes are
 /// only reachable in `Core::st`, so such a one is spilled), and its most
-/// used other ones as locals: the first in `LOCAL_REG`, more in the host
+/// used other ones as locals: the first in `LOCAL_REG`, the second in
+/// `LOCAL_REG2` (unless a REP MOVS/STOS needs it), more in the host
 /// registers of `FIXED` ones the block spills or does not use (spilled on
 /// demand). A spill costs a store at entry and a load at each exit, a
 /// local a load at entry and a store at exits where it changed, so more
@@ -1281,9 +1289,13 @@ fn allocate(block: &Block, self_loop: bool) -> ([Option<u8>; 16], u16) {
     }
     let mut map = [None; 16];
     let mut spilled = 0u16;
-    // Host registers free for locals: LOCAL_REG, then those of spilled
-    // `FIXED` registers, then those of unused ones.
+    // Host registers free for locals: LOCAL_REG, RDI unless a REP string
+    // instruction needs it, then those of spilled `FIXED` registers, then
+    // those of unused ones.
     let mut free = vec![LOCAL_REG];
+    if !block.uops.iter().any(is_rep_string) {
+        free.push(LOCAL_REG2);
+    }
     let mut unused = Vec::new();
     for (g, h) in FIXED {
         if banned[g as usize] {
@@ -1652,6 +1664,9 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
         return None;
     }
     let has_mem = o0 == Opnd::Mem || o1 == Opnd::Mem || o2 == Opnd::Mem;
+    if let Some(done) = direct(cg, u) {
+        return Some(done);
+    }
     match m {
         M::Mov if nops == 2 => {
             if has_mem {
@@ -2040,6 +2055,280 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
     }
 }
 
+/// The source of a `direct` form.
+#[derive(Clone, Copy)]
+enum Src {
+    /// A host register caching the guest's.
+    Reg(u8),
+    /// The guest register at `[rbx + disp]` in `Core::st` (AH..BH too).
+    St(i32),
+    /// The translated memory operand at `[rsi]`.
+    Mem,
+    /// An immediate (only for 32- and 64-bit operations).
+    Imm(i32),
+}
+
+/// `op dst, src` with `dst` a host register, `src` a `Src`, at operand
+/// size `size` (an immediate only at 4 and 8).
+macro_rules! dop {
+    ($cg:expr, $size:expr, $op:ident, $d:expr, $src:expr) => {
+        match ($src, $size) {
+            (Src::Reg(s), 1) => a!($cg; $op Rb($d), Rb(s)),
+            (Src::Reg(s), 2) => a!($cg; $op Rw($d), Rw(s)),
+            (Src::Reg(s), 4) => a!($cg; $op Rd($d), Rd(s)),
+            (Src::Reg(s), _) => a!($cg; $op Rq($d), Rq(s)),
+            (Src::St(o), 1) => a!($cg; $op Rb($d), BYTE [rbx + o]),
+            (Src::St(o), 2) => a!($cg; $op Rw($d), WORD [rbx + o]),
+            (Src::St(o), 4) => a!($cg; $op Rd($d), DWORD [rbx + o]),
+            (Src::St(o), _) => a!($cg; $op Rq($d), QWORD [rbx + o]),
+            (Src::Mem, 1) => a!($cg; $op Rb($d), BYTE [rsi]),
+            (Src::Mem, 2) => a!($cg; $op Rw($d), WORD [rsi]),
+            (Src::Mem, 4) => a!($cg; $op Rd($d), DWORD [rsi]),
+            (Src::Mem, _) => a!($cg; $op Rq($d), QWORD [rsi]),
+            (Src::Imm(v), 4) => a!($cg; $op Rd($d), v),
+            (Src::Imm(v), _) => a!($cg; $op Rq($d), v),
+        }
+    };
+}
+
+/// The common forms whose destination is a guest register cached in a
+/// host register, run as one host instruction on that register (rather
+/// than through rax/rcx and back): MOV (either way between a cached
+/// register and memory, or into a cached register), the ALU group,
+/// INC/DEC/NEG/NOT, SHL/SHR/SAR by a non-zero immediate, IMUL with two or
+/// three operands, and LEA from cached registers. Flags as in the general
+/// path (the same host instruction); None for anything else, with nothing
+/// emitted.
+fn direct(cg: &mut Cg, u: &Uop) -> Option<Done> {
+    use Mnemonic as M;
+    let insn = &u.insn;
+    let m = insn.mnemonic();
+    let size = u.size;
+    let nops = insn.op_count() as usize;
+    let [o0, o1, o2] = u.ops;
+    // The source operand, if it can be one.
+    let src = |cg: &Cg, o: Opnd| -> Option<Src> {
+        match o {
+            Opnd::Reg { .. } => Some(match cg.cached(o) {
+                Some(h) => Src::Reg(h),
+                None => Src::St(reg_off(o)),
+            }),
+            Opnd::Mem => Some(Src::Mem),
+            Opnd::Imm(v) if size >= 4 => {
+                let v = v & crate::cpu::mask(size);
+                if size == 4 {
+                    Some(Src::Imm(v as u32 as i32))
+                } else if v as i64 == v as i32 as i64 {
+                    Some(Src::Imm(v as i32))
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        }
+    };
+    // Store form: MOV to memory from a cached register.
+    if m == M::Mov && nops == 2 && o0 == Opnd::Mem {
+        let h = cg.cached(o1)?;
+        cg.mem(u, size, Acc::Write);
+        match size {
+            1 => a!(cg; mov BYTE [rsi], Rb(h)),
+            2 => a!(cg; mov WORD [rsi], Rw(h)),
+            4 => a!(cg; mov DWORD [rsi], Rd(h)),
+            _ => a!(cg; mov QWORD [rsi], Rq(h)),
+        }
+        return Some(Done::Next);
+    }
+    let Opnd::Reg { idx, hi: false } = o0 else {
+        return None;
+    };
+    let d = cg.cached(o0)?;
+    match m {
+        M::Mov if nops == 2 => {
+            let s = src(cg, o1)?;
+            if matches!(s, Src::Mem) {
+                cg.mem(u, size, Acc::Read);
+            }
+            dop!(cg, size, mov, d, s);
+        }
+        M::Add | M::Or | M::Adc | M::Sbb | M::And | M::Sub | M::Xor | M::Cmp if nops == 2 => {
+            let s = src(cg, o1)?;
+            if matches!(s, Src::Mem) {
+                cg.mem(u, size, Acc::Read);
+            }
+            if matches!(m, M::Adc | M::Sbb) {
+                cg.need_cf();
+            }
+            match m {
+                M::Add => dop!(cg, size, add, d, s),
+                M::Or => dop!(cg, size, or, d, s),
+                M::Adc => dop!(cg, size, adc, d, s),
+                M::Sbb => dop!(cg, size, sbb, d, s),
+                M::And => dop!(cg, size, and, d, s),
+                M::Sub => dop!(cg, size, sub, d, s),
+                M::Xor => dop!(cg, size, xor, d, s),
+                _ => dop!(cg, size, cmp, d, s),
+            }
+            cg.wrote_flags();
+            if m == M::Cmp {
+                return Some(Done::Next);
+            }
+        }
+        M::Test if nops == 2 => {
+            let s = src(cg, o1)?;
+            if !matches!(s, Src::Reg(_) | Src::Imm(_)) {
+                return None;
+            }
+            dop!(cg, size, test, d, s);
+            cg.wrote_flags();
+            return Some(Done::Next);
+        }
+        M::Inc | M::Dec | M::Neg | M::Not if nops == 1 => match m {
+            M::Inc => {
+                cg.need_cf();
+                match size {
+                    1 => a!(cg; inc Rb(d)),
+                    2 => a!(cg; inc Rw(d)),
+                    4 => a!(cg; inc Rd(d)),
+                    _ => a!(cg; inc Rq(d)),
+                }
+                cg.wrote_flags();
+            }
+            M::Dec => {
+                cg.need_cf();
+                match size {
+                    1 => a!(cg; dec Rb(d)),
+                    2 => a!(cg; dec Rw(d)),
+                    4 => a!(cg; dec Rd(d)),
+                    _ => a!(cg; dec Rq(d)),
+                }
+                cg.wrote_flags();
+            }
+            M::Neg => {
+                match size {
+                    1 => a!(cg; neg Rb(d)),
+                    2 => a!(cg; neg Rw(d)),
+                    4 => a!(cg; neg Rd(d)),
+                    _ => a!(cg; neg Rq(d)),
+                }
+                cg.wrote_flags();
+            }
+            _ => match size {
+                1 => a!(cg; not Rb(d)),
+                2 => a!(cg; not Rw(d)),
+                4 => a!(cg; not Rd(d)),
+                _ => a!(cg; not Rq(d)),
+            },
+        },
+        M::Shl | M::Sal | M::Shr | M::Sar if nops == 2 => {
+            // A non-zero immediate count sets every defined flag from the
+            // operands alone (see the general path).
+            let cmask = if size == 8 { 63 } else { 31 };
+            let Opnd::Imm(c) = o1 else {
+                return None;
+            };
+            if c & cmask == 0 {
+                return None;
+            }
+            let c = (c & cmask) as i8;
+            match (m, size) {
+                (M::Shr, 1) => a!(cg; shr Rb(d), c),
+                (M::Shr, 2) => a!(cg; shr Rw(d), c),
+                (M::Shr, 4) => a!(cg; shr Rd(d), c),
+                (M::Shr, _) => a!(cg; shr Rq(d), c),
+                (M::Sar, 1) => a!(cg; sar Rb(d), c),
+                (M::Sar, 2) => a!(cg; sar Rw(d), c),
+                (M::Sar, 4) => a!(cg; sar Rd(d), c),
+                (M::Sar, _) => a!(cg; sar Rq(d), c),
+                (_, 1) => a!(cg; shl Rb(d), c),
+                (_, 2) => a!(cg; shl Rw(d), c),
+                (_, 4) => a!(cg; shl Rd(d), c),
+                _ => a!(cg; shl Rq(d), c),
+            }
+            cg.wrote_flags();
+        }
+        M::Imul if nops == 2 && size >= 2 => {
+            let s = src(cg, o1)?;
+            match s {
+                Src::Mem => cg.mem(u, size, Acc::Read),
+                Src::Imm(_) => return None,
+                _ => {}
+            }
+            match (s, size) {
+                (Src::Reg(s), 2) => a!(cg; imul Rw(d), Rw(s)),
+                (Src::Reg(s), 4) => a!(cg; imul Rd(d), Rd(s)),
+                (Src::Reg(s), _) => a!(cg; imul Rq(d), Rq(s)),
+                (Src::St(o), 2) => a!(cg; imul Rw(d), WORD [rbx + o]),
+                (Src::St(o), 4) => a!(cg; imul Rd(d), DWORD [rbx + o]),
+                (Src::St(o), _) => a!(cg; imul Rq(d), QWORD [rbx + o]),
+                (_, 2) => a!(cg; imul Rw(d), WORD [rsi]),
+                (_, 4) => a!(cg; imul Rd(d), DWORD [rsi]),
+                _ => a!(cg; imul Rq(d), QWORD [rsi]),
+            }
+            cg.wrote_flags();
+        }
+        M::Imul if nops == 3 && size >= 4 => {
+            let Some(Src::Imm(v)) = src(cg, o2) else {
+                return None;
+            };
+            let s = src(cg, o1)?;
+            if matches!(s, Src::Mem) {
+                cg.mem(u, size, Acc::Read);
+            }
+            match (s, size) {
+                (Src::Reg(s), 4) => a!(cg; imul Rd(d), Rd(s), v),
+                (Src::Reg(s), _) => a!(cg; imul Rq(d), Rq(s), v),
+                (Src::St(o), 4) => a!(cg; imul Rd(d), DWORD [rbx + o], v),
+                (Src::St(o), _) => a!(cg; imul Rq(d), QWORD [rbx + o], v),
+                (_, 4) => a!(cg; imul Rd(d), DWORD [rsi], v),
+                _ => a!(cg; imul Rq(d), QWORD [rsi], v),
+            }
+            cg.wrote_flags();
+        }
+        M::Lea if size >= 4 && u.mem.amask == u64::MAX => {
+            let mo = &u.mem;
+            let disp = mo.disp as i64;
+            if disp != disp as i32 as i64 {
+                return None;
+            }
+            let disp = disp as i32;
+            let reg = |g: u8| {
+                if g == 0xff {
+                    Some(None)
+                } else {
+                    cg.map[g as usize & 15].map(Some)
+                }
+            };
+            let (b, x) = (reg(mo.base)?, reg(mo.index)?);
+            let s = mo.scale;
+            match (b, x, size) {
+                (Some(b), None, 4) => a!(cg; lea Rd(d), [Rq(b) + disp]),
+                (Some(b), None, _) => a!(cg; lea Rq(d), [Rq(b) + disp]),
+                (b, Some(x), _) => {
+                    // [base + index * scale + disp], base optional.
+                    match (b, s) {
+                        (Some(b), 1) => a!(cg; lea Rq(d), [Rq(b) + Rq(x) + disp]),
+                        (Some(b), 2) => a!(cg; lea Rq(d), [Rq(b) + Rq(x) * 2 + disp]),
+                        (Some(b), 4) => a!(cg; lea Rq(d), [Rq(b) + Rq(x) * 4 + disp]),
+                        (Some(b), _) => a!(cg; lea Rq(d), [Rq(b) + Rq(x) * 8 + disp]),
+                        (None, 1) => a!(cg; lea Rq(d), [Rq(x) + disp]),
+                        (None, 2) => a!(cg; lea Rq(d), [Rq(x) * 2 + disp]),
+                        (None, 4) => a!(cg; lea Rq(d), [Rq(x) * 4 + disp]),
+                        (None, _) => a!(cg; lea Rq(d), [Rq(x) * 8 + disp]),
+                    }
+                    if size == 4 {
+                        a!(cg; mov Rd(d), Rd(d));
+                    }
+                }
+                (None, None, _) => return None,
+            }
+        }
+        _ => return None,
+    }
+    cg.dirty |= 1 << idx;
+    Some(Done::Next)
+}
+
 /// Conditions that test one flag mask of a saved RFLAGS image: (mask,
 /// true if the condition holds when a masked bit is set).
 fn simple_cc(cc: u8) -> Option<(i32, bool)> {
@@ -2291,15 +2580,22 @@ fn host_has_popcnt() -> bool {
 /// interpreter does what it always did), BT*, BSF/BSR, POPCNT, BSWAP, DIV
 /// that cannot fault, MOVD/MOVQ and REP MOVS/STOS within one page. None:
 /// not one of these (nothing emitted).
+/// A REP MOVS/STOS, which `rep_string` runs as the host's (in rsi, rdi
+/// and rcx).
+fn is_rep_string(u: &Uop) -> bool {
+    use Mnemonic as M;
+    let insn = &u.insn;
+    matches!(
+        insn.mnemonic(),
+        M::Movsb | M::Movsw | M::Movsd | M::Movsq | M::Stosb | M::Stosw | M::Stosd | M::Stosq
+    ) && (insn.has_rep_prefix() || insn.has_repne_prefix())
+}
+
 fn extra(cg: &mut Cg, u: &Uop) -> Option<Done> {
     use Mnemonic as M;
     let insn = &u.insn;
     let m = insn.mnemonic();
-    if matches!(
-        m,
-        M::Movsb | M::Movsw | M::Movsd | M::Movsq | M::Stosb | M::Stosw | M::Stosd | M::Stosq
-    ) && (insn.has_rep_prefix() || insn.has_repne_prefix())
-    {
+    if is_rep_string(u) {
         return rep_string(cg, u);
     }
     if matches!(m, M::Movd | M::Movq) {
