@@ -717,7 +717,14 @@ impl Cg {
     fn ea(&mut self, m: &MemOp, seg: bool) {
         let disp = m.disp as i64;
         let small = disp == disp as i32 as i64;
-        if m.base != 0xff {
+        // A cached base and no index: base + displacement in one LEA.
+        let one = match (m.base, m.index) {
+            (b, 0xff) if b != 0xff && small => self.map[b as usize & 15],
+            _ => None,
+        };
+        if let Some(h) = one {
+            a!(self; lea rsi, [Rq(h) + disp as i32]);
+        } else if m.base != 0xff {
             self.gq(6, m.base);
         } else if small {
             a!(self; mov rsi, disp as i32);
@@ -733,7 +740,7 @@ impl Cg {
                 _ => a!(self; lea rsi, [rsi + rax * 8]),
             }
         }
-        if m.base != 0xff {
+        if m.base != 0xff && one.is_none() {
             if small {
                 if disp != 0 {
                     a!(self; lea rsi, [rsi + disp as i32]);
