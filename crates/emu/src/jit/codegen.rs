@@ -199,9 +199,6 @@ struct Cg {
     fixed: u16,
     /// Cached guest GPRs whose host register is newer than `Core::st`.
     dirty: u16,
-    /// `dirty` where a block that loops to itself starts its body again
-    /// (its locals count as dirty there, so the back edge stores nothing).
-    loop_dirty: u16,
     cur_dirty: u16,
     /// The SSE guard ran earlier in this block.
     sse_ok: bool,
@@ -378,7 +375,6 @@ impl Cg {
             spilled: 0,
             fixed: 0,
             dirty: 0,
-            loop_dirty: 0,
             cur_dirty: 0,
             sse_ok: false,
             revals: Vec::new(),
@@ -1408,7 +1404,6 @@ pub(super) fn gen_block(
     cg.vpage = block.rip >> 12;
     let body = cg.a.new_dynamic_label();
     let chain = cg.a.new_dynamic_label();
-    let stale = cg.a.new_dynamic_label();
     let stale_chained = cg.a.new_dynamic_label();
     // Every block saves the same registers, so chained code (which jumps
     // past this) shares the frame of the block the dispatcher called.
@@ -1448,22 +1443,21 @@ pub(super) fn gen_block(
     }
     a!(cg; =>body);
     // The `FIXED` registers this block spills go to `Core::st`, where its
-    // code reads and writes them; its locals come from there (into r10 and
-    // the spilled ones' host registers). The mapped `FIXED` ones may be
+    // code reads and writes them; its locals come from there (into r10,
+    // rdi and the spilled ones' host registers). The mapped `FIXED` ones may be
     // newer than `Core::st` (a chained predecessor changed them): dirty;
     // in a block that loops to itself the locals count as dirty too.
     cg.store_fixed(spilled);
     cg.reload_local();
     cg.dirty = cg.fixed;
     if loops {
+        // Every cached register is dirty from here on, so the back edge
+        // stores nothing.
         cg.dirty = map
             .iter()
             .enumerate()
             .filter(|(_, h)| h.is_some())
             .fold(0, |m, (g, _)| m | 1 << g);
-    }
-    cg.loop_dirty = cg.dirty;
-    if loops {
         cg.loop_keeps_host = !countdown && flags_dead_at_start(block);
         cg.back_edge(block.uops.len());
     }
@@ -1552,7 +1546,6 @@ pub(super) fn gen_block(
     // Entered from a chained exit: every `FIXED` register is live in the
     // host only.
     cg.store_fixed(FIXED.iter().fold(0, |m, &(g, _)| m | 1 << g));
-    a!(cg; =>stale);
     // Back to the dispatcher, which decodes the block again; the link is
     // made again to the new translation. Chained code does not store the
     // RIP it goes to: this block's is stored here.
