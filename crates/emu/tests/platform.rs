@@ -428,7 +428,8 @@ fn a_timer_interrupts_a_loop_in_translated_code() {
 /// that writes every flag before it reads any (its back edge keeps the
 /// flags in the host and captures them only on the way out) with five
 /// other registers cached (r10, rdi and spilled fixed ones) and MOV/ALU/
-/// IMUL/shift/LEA forms run on them directly, and two loops that run into a
+/// IMUL/shift/MOVZX/MOVSX/LEA forms run on them directly, ALU forms on
+/// memory from them, and two loops that run into a
 /// not-present page: one whose first instruction is the faulting load (the
 /// flags at the fault are the previous iteration's DEC's, with CF from
 /// before the loop), one whose body writes the flags first (the flags at
@@ -463,6 +464,17 @@ fn self_loop_back_edges_match_the_interpreter() {
                 a.mov(r8b, r12b)?;
                 a.adc(r11b, r8b)?;
                 a.imul_3(r12, r9, 0x1234)?;
+                // Extensions into cached registers, memory destinations.
+                a.movsx(r11d, byte_ptr(rbp + 3))?;
+                a.movsx(r8, word_ptr(rbp + 5))?;
+                a.movzx(r12d, byte_ptr(rbp + 7))?;
+                a.movsxd(r9, dword_ptr(rbp + 9))?;
+                a.add(qword_ptr(rbp + 24), r9)?;
+                a.sub(dword_ptr(rbp + 32), 5)?;
+                a.inc(word_ptr(rbp + 40))?;
+                a.cmp(qword_ptr(rbp), r12)?;
+                a.sbb(byte_ptr(rbp + 44), r8b)?;
+                a.mov(qword_ptr(rbp + 48), -2i32)?;
                 a.lea(rbp, qword_ptr(rbp + 16))?;
                 a.dec(ecx)?;
                 a.jnz(lp)?;

@@ -2093,10 +2093,10 @@ macro_rules! dop {
 
 /// The common forms whose destination is a guest register cached in a
 /// host register, run as one host instruction on that register (rather
-/// than through rax/rcx and back): MOV (either way between a cached
-/// register and memory, or into a cached register), the ALU group,
-/// INC/DEC/NEG/NOT, SHL/SHR/SAR by a non-zero immediate, IMUL with two or
-/// three operands, and LEA from cached registers. Flags as in the general
+/// than through rax/rcx and back): MOV, the ALU group, INC/DEC/NEG/NOT,
+/// SHL/SHR/SAR by a non-zero immediate, IMUL with two or three operands,
+/// MOVZX/MOVSX/MOVSXD and LEA from cached registers; and with a memory
+/// destination, `direct_to_mem`'s. Flags as in the general
 /// path (the same host instruction); None for anything else, with nothing
 /// emitted.
 fn direct(cg: &mut Cg, u: &Uop) -> Option<Done> {
@@ -2127,17 +2127,8 @@ fn direct(cg: &mut Cg, u: &Uop) -> Option<Done> {
             _ => None,
         }
     };
-    // Store form: MOV to memory from a cached register.
-    if m == M::Mov && nops == 2 && o0 == Opnd::Mem {
-        let h = cg.cached(o1)?;
-        cg.mem(u, size, Acc::Write);
-        match size {
-            1 => a!(cg; mov BYTE [rsi], Rb(h)),
-            2 => a!(cg; mov WORD [rsi], Rw(h)),
-            4 => a!(cg; mov DWORD [rsi], Rd(h)),
-            _ => a!(cg; mov QWORD [rsi], Rq(h)),
-        }
-        return Some(Done::Next);
+    if o0 == Opnd::Mem {
+        return direct_to_mem(cg, u);
     }
     let Opnd::Reg { idx, hi: false } = o0 else {
         return None;
@@ -2285,6 +2276,49 @@ fn direct(cg: &mut Cg, u: &Uop) -> Option<Done> {
             }
             cg.wrote_flags();
         }
+        M::Movzx | M::Movsx | M::Movsxd if nops == 2 && size >= 4 => {
+            let ss = u.target as u8;
+            let sx = m != M::Movzx;
+            if !matches!(ss, 1 | 2 | 4) || (ss == 4 && (!sx || size != 8)) {
+                return None;
+            }
+            let s = match o1 {
+                Opnd::Reg { .. } => match cg.cached(o1) {
+                    Some(h) => Src::Reg(h),
+                    None => Src::St(reg_off(o1)),
+                },
+                Opnd::Mem => {
+                    cg.mem(u, ss, Acc::Read);
+                    Src::Mem
+                }
+                _ => return None,
+            };
+            // A 32-bit destination zero-extends into the host register, as
+            // the guest's does.
+            match (s, ss, sx, size) {
+                (Src::Reg(s), 1, false, _) => a!(cg; movzx Rd(d), Rb(s)),
+                (Src::Reg(s), 2, false, _) => a!(cg; movzx Rd(d), Rw(s)),
+                (Src::Reg(s), 1, true, 4) => a!(cg; movsx Rd(d), Rb(s)),
+                (Src::Reg(s), 2, true, 4) => a!(cg; movsx Rd(d), Rw(s)),
+                (Src::Reg(s), 1, true, _) => a!(cg; movsx Rq(d), Rb(s)),
+                (Src::Reg(s), 2, true, _) => a!(cg; movsx Rq(d), Rw(s)),
+                (Src::Reg(s), _, _, _) => a!(cg; movsxd Rq(d), Rd(s)),
+                (Src::St(o), 1, false, _) => a!(cg; movzx Rd(d), BYTE [rbx + o]),
+                (Src::St(o), 2, false, _) => a!(cg; movzx Rd(d), WORD [rbx + o]),
+                (Src::St(o), 1, true, 4) => a!(cg; movsx Rd(d), BYTE [rbx + o]),
+                (Src::St(o), 2, true, 4) => a!(cg; movsx Rd(d), WORD [rbx + o]),
+                (Src::St(o), 1, true, _) => a!(cg; movsx Rq(d), BYTE [rbx + o]),
+                (Src::St(o), 2, true, _) => a!(cg; movsx Rq(d), WORD [rbx + o]),
+                (Src::St(o), _, _, _) => a!(cg; movsxd Rq(d), DWORD [rbx + o]),
+                (_, 1, false, _) => a!(cg; movzx Rd(d), BYTE [rsi]),
+                (_, 2, false, _) => a!(cg; movzx Rd(d), WORD [rsi]),
+                (_, 1, true, 4) => a!(cg; movsx Rd(d), BYTE [rsi]),
+                (_, 2, true, 4) => a!(cg; movsx Rd(d), WORD [rsi]),
+                (_, 1, true, _) => a!(cg; movsx Rq(d), BYTE [rsi]),
+                (_, 2, true, _) => a!(cg; movsx Rq(d), WORD [rsi]),
+                _ => a!(cg; movsxd Rq(d), DWORD [rsi]),
+            }
+        }
         M::Lea if size >= 4 && u.mem.amask == u64::MAX => {
             let mo = &u.mem;
             let disp = mo.disp as i64;
@@ -2326,6 +2360,102 @@ fn direct(cg: &mut Cg, u: &Uop) -> Option<Done> {
         _ => return None,
     }
     cg.dirty |= 1 << idx;
+    Some(Done::Next)
+}
+
+/// `op [rsi], src` at operand size `size`: a cached register or (at 4
+/// and 8) an immediate.
+macro_rules! mop {
+    ($cg:expr, $size:expr, $op:ident, $src:expr) => {
+        match ($src, $size) {
+            (Src::Reg(s), 1) => a!($cg; $op BYTE [rsi], Rb(s)),
+            (Src::Reg(s), 2) => a!($cg; $op WORD [rsi], Rw(s)),
+            (Src::Reg(s), 4) => a!($cg; $op DWORD [rsi], Rd(s)),
+            (Src::Reg(s), _) => a!($cg; $op QWORD [rsi], Rq(s)),
+            (Src::Imm(v), 4) => a!($cg; $op DWORD [rsi], v),
+            (Src::Imm(v), _) => a!($cg; $op QWORD [rsi], v),
+            _ => {}
+        }
+    };
+}
+
+/// `direct`'s forms with a memory destination (no LOCK): MOV, the ALU
+/// group, TEST and INC/DEC/NEG/NOT on the translated address, from a
+/// cached register or an immediate.
+fn direct_to_mem(cg: &mut Cg, u: &Uop) -> Option<Done> {
+    use Mnemonic as M;
+    let insn = &u.insn;
+    let m = insn.mnemonic();
+    let size = u.size;
+    let nops = insn.op_count() as usize;
+    let o1 = u.ops[1];
+    let src = match o1 {
+        Opnd::Reg { .. } => Src::Reg(cg.cached(o1)?),
+        Opnd::Imm(v) if size >= 4 && nops == 2 => {
+            let v = v & crate::cpu::mask(size);
+            if size == 4 {
+                Src::Imm(v as u32 as i32)
+            } else if v as i64 == v as i32 as i64 {
+                Src::Imm(v as i32)
+            } else {
+                return None;
+            }
+        }
+        _ if nops == 1 => Src::Mem,
+        _ => return None,
+    };
+    match m {
+        M::Mov if nops == 2 => {
+            cg.mem(u, size, Acc::Write);
+            mop!(cg, size, mov, src);
+        }
+        M::Add | M::Or | M::Adc | M::Sbb | M::And | M::Sub | M::Xor | M::Cmp | M::Test
+            if nops == 2 =>
+        {
+            let acc = if matches!(m, M::Cmp | M::Test) {
+                Acc::Read
+            } else {
+                Acc::Write
+            };
+            cg.mem(u, size, acc);
+            if matches!(m, M::Adc | M::Sbb) {
+                cg.need_cf();
+            }
+            match m {
+                M::Add => mop!(cg, size, add, src),
+                M::Or => mop!(cg, size, or, src),
+                M::Adc => mop!(cg, size, adc, src),
+                M::Sbb => mop!(cg, size, sbb, src),
+                M::And => mop!(cg, size, and, src),
+                M::Sub => mop!(cg, size, sub, src),
+                M::Xor => mop!(cg, size, xor, src),
+                M::Cmp => mop!(cg, size, cmp, src),
+                _ => mop!(cg, size, test, src),
+            }
+            cg.wrote_flags();
+        }
+        M::Inc | M::Dec | M::Neg | M::Not if nops == 1 => {
+            cg.mem(u, size, Acc::Write);
+            match m {
+                M::Inc => {
+                    cg.need_cf();
+                    opm1!(cg, size, inc);
+                    cg.wrote_flags();
+                }
+                M::Dec => {
+                    cg.need_cf();
+                    opm1!(cg, size, dec);
+                    cg.wrote_flags();
+                }
+                M::Neg => {
+                    opm1!(cg, size, neg);
+                    cg.wrote_flags();
+                }
+                _ => opm1!(cg, size, not),
+            }
+        }
+        _ => return None,
+    }
     Some(Done::Next)
 }
 
