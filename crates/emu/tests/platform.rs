@@ -617,7 +617,7 @@ fn a_kick_stops_a_self_loop_with_its_flags() {
         let res = b.wrapping_sub(0x80);
         let mut want = 0u64;
         want |= (b < 0x80) as u64; // CF
-        want |= ((res as u8).count_ones() % 2 == 0) as u64 * 0x4; // PF
+        want |= (res as u8).count_ones().is_multiple_of(2) as u64 * 0x4; // PF
         want |= ((b ^ 0x80 ^ res) & 0x10 != 0) as u64 * 0x10; // AF
         want |= (res == 0) as u64 * 0x40; // ZF
         want |= (res >> 63) * 0x80; // SF
