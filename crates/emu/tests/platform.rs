@@ -429,7 +429,8 @@ fn a_timer_interrupts_a_loop_in_translated_code() {
 /// flags in the host and captures them only on the way out) with five
 /// other registers cached (r10, rdi and spilled fixed ones) and MOV/ALU/
 /// IMUL/shift/MOVZX/MOVSX/LEA forms run on them directly, ALU forms on
-/// memory from them, and two loops that run into a
+/// memory from them, moves into registers the block leaves in `Core::st`,
+/// and two loops that run into a
 /// not-present page: one whose first instruction is the faulting load (the
 /// flags at the fault are the previous iteration's DEC's, with CF from
 /// before the loop), one whose body writes the flags first (the flags at
@@ -437,7 +438,7 @@ fn a_timer_interrupts_a_loop_in_translated_code() {
 /// on every event: no poll countdown, so a back edge may keep the flags in
 /// the host.
 #[test]
-fn self_loop_back_edges_match_the_interpreter() {
+fn self_loop_back_edges_and_direct_forms_match_the_interpreter() {
     // 0x406000..0x408000 is 4 KiB-mapped; 0x407000 is made not present.
     const P: u64 = 0x406000;
     let programs: Vec<(&str, Vec<u8>)> = vec![
@@ -480,6 +481,25 @@ fn self_loop_back_edges_match_the_interpreter() {
                 a.jnz(lp)?;
                 a.pushfq()?;
                 a.pop(r10)?;
+                a.hlt()?;
+                Ok(())
+            }),
+        ),
+        (
+            "moves into registers left in Core::st",
+            asm_at(CODE, |a| {
+                for r in [rbx, rcx, rdx, rbp, r8, r11] {
+                    a.mov(r, -1i64)?;
+                }
+                a.mov(r9, 0x1122_3344_5566_7788u64)?;
+                a.mov(r8, r9)?;
+                a.mov(ebx, r9d)?;
+                a.mov(cx, r9w)?;
+                a.mov(dl, r9b)?;
+                a.mov(ebp, 0x8765_4321u32)?;
+                a.mov(r11, -5i64)?;
+                a.add(r9, 1)?;
+                a.add(r9, 1)?;
                 a.hlt()?;
                 Ok(())
             }),

@@ -2095,8 +2095,9 @@ macro_rules! dop {
 /// host register, run as one host instruction on that register (rather
 /// than through rax/rcx and back): MOV, the ALU group, INC/DEC/NEG/NOT,
 /// SHL/SHR/SAR by a non-zero immediate, IMUL with two or three operands,
-/// MOVZX/MOVSX/MOVSXD and LEA from cached registers; and with a memory
-/// destination, `direct_to_mem`'s. Flags as in the general
+/// MOVZX/MOVSX/MOVSXD and LEA from cached registers; MOV into a guest
+/// register left in `Core::st` from a cached one or an immediate; and with
+/// a memory destination, `direct_to_mem`'s. Flags as in the general
 /// path (the same host instruction); None for anything else, with nothing
 /// emitted.
 fn direct(cg: &mut Cg, u: &Uop) -> Option<Done> {
@@ -2129,6 +2130,27 @@ fn direct(cg: &mut Cg, u: &Uop) -> Option<Done> {
     };
     if o0 == Opnd::Mem {
         return direct_to_mem(cg, u);
+    }
+    if m == M::Mov && nops == 2 && matches!(o0, Opnd::Reg { .. }) && cg.cached(o0).is_none() {
+        // Into the guest register in `Core::st`, from a cached one or an
+        // immediate; a 32-bit write clears the upper half, as the guest's.
+        let at = reg_off(o0);
+        match (src(cg, o1)?, size) {
+            (Src::Reg(h), 1) => a!(cg; mov BYTE [rbx + at], Rb(h)),
+            (Src::Reg(h), 2) => a!(cg; mov WORD [rbx + at], Rw(h)),
+            (Src::Reg(h), 4) => a!(cg
+                ; mov DWORD [rbx + at], Rd(h)
+                ; mov DWORD [rbx + at + 4], 0
+            ),
+            (Src::Reg(h), _) => a!(cg; mov QWORD [rbx + at], Rq(h)),
+            (Src::Imm(v), 4) => a!(cg
+                ; mov DWORD [rbx + at], v
+                ; mov DWORD [rbx + at + 4], 0
+            ),
+            (Src::Imm(v), _) => a!(cg; mov QWORD [rbx + at], v),
+            _ => return None,
+        }
+        return Some(Done::Next);
     }
     let Opnd::Reg { idx, hi: false } = o0 else {
         return None;
