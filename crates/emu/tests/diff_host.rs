@@ -260,6 +260,9 @@ impl EngineRunner {
 }
 
 /// Every case runs natively, on the interpreter and on the translating tier.
+/// The harness's random seed unless a test sets another.
+const DEFAULT_SEED: u64 = 0x2545_f491_4f6c_dd1d;
+
 struct Harness {
     host: HostRunner,
     eng: EngineRunner,
@@ -289,7 +292,7 @@ impl Harness {
             eng: EngineRunner::new(false),
             jit: EngineRunner::new(true),
             expect_jit: true,
-            rng: 0x2545_f491_4f6c_dd1d,
+            rng: DEFAULT_SEED,
             count: 0,
         }
     }
@@ -1778,8 +1781,44 @@ fn loop_and_jrcxz_match_host() {
 /// CMOVcc, SETcc, Jcc) only appear where every flag is defined.
 #[test]
 fn random_sequences_match_host() {
+    random_sequences(1500, DEFAULT_SEED);
+}
+
+/// The same programs at scale, opt-in (`scripts/diff-random.sh`): the
+/// number of programs and the seed come from `VIREO_DIFF_CASES` (default
+/// one million) and `VIREO_DIFF_SEED` (default the suite's); a failure
+/// names the case, so `VIREO_DIFF_SEED` and a case count reproduce it.
+#[test]
+#[ignore = "long: run by scripts/diff-random.sh"]
+fn random_sequences_at_scale() {
+    let var = |name: &str, default: u64| match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?}: not a number")),
+        Err(_) => default,
+    };
+    let cases = var("VIREO_DIFF_CASES", 1_000_000) as usize;
+    let seed = var("VIREO_DIFF_SEED", DEFAULT_SEED);
+    let t = std::time::Instant::now();
+    let (programs, instructions) = random_sequences(cases, seed);
+    let s = t.elapsed().as_secs_f64();
+    println!(
+        "VIREO-DIFF seed {seed:#x}: {programs} programs, {instructions} instructions, \
+         each on the host CPU, the interpreter and the translator (cold and warm): \
+         0 mismatches in {s:.1} s ({:.0} programs/s)",
+        programs as f64 / s
+    );
+}
+
+/// `cases` seeded random programs (see above) checked against the host;
+/// returns the programs and guest instructions checked.
+fn random_sequences(cases: usize, seed: u64) -> (usize, u64) {
     use iced_x86::code_asm::*;
     let mut h = Harness::new();
+    // xorshift must not start from zero.
+    h.rng = if seed == 0 { DEFAULT_SEED } else { seed };
+    let mut instructions = 0u64;
     let q = [
         rax, rcx, rdx, rbp, rsi, rdi, r8, r9, r10, r11, r12, r13, r14, r15,
     ];
@@ -1793,7 +1832,6 @@ fn random_sequences_match_host() {
         al, cl, dl, bpl, sil, dil, r8b, r9b, r10b, r11b, r12b, r13b, r14b, r15b,
     ];
     let legacy8 = [al, cl, dl, ah, ch, dh];
-    let cases = 1500;
     for case in 0..cases {
         let mut a = CodeAssembler::new(64).unwrap();
         // The input flags are random but defined.
@@ -1870,6 +1908,7 @@ fn random_sequences_match_host() {
             a.pop(r11).unwrap();
         }
         let bytes = a.assemble(0).unwrap();
+        instructions += a.instructions().len() as u64;
         let mut input = h.state();
         input.gpr[3] = 0;
         let mut mem = [0u8; 256];
@@ -1883,10 +1922,11 @@ fn random_sequences_match_host() {
             mem,
             uses_mem: true,
             si_di_rel: false,
-            name: format!("random sequence {case}"),
+            name: format!("random sequence {case} (seed {seed:#x})"),
         });
     }
     eprintln!("random sequences: {} cases", h.count);
+    (h.count, instructions)
 }
 
 /// A case whose inputs are random registers (`xmm1`/`xmm2` from

@@ -1450,3 +1450,224 @@ fn fixed_register_map_holds_across_chained_blocks() {
         "the rewritten callee ran"
     );
 }
+
+/// A page only the supervisor may access (P, R/W).
+const SUP_PAGE: u64 = 0x410000;
+/// A read-only page user code may read (P, U; dirty, as a copy-on-write
+/// page written before it was write-protected).
+const RO_PAGE: u64 = 0x411000;
+/// Ring-3 code of [`run_priv`] (a 2 MiB page with U set).
+const USER_CODE: u64 = 0x300000;
+/// The SYSCALL entry of [`run_priv`].
+const SYSCALL_ENTRY: u64 = CODE + 0x800;
+
+type Asm = fn(&mut CodeAssembler) -> Result<(), IcedError>;
+
+/// Ring 0 runs `ring0` at CODE, then IRETQ to `ring3` at [`USER_CODE`] in
+/// ring 3, whose SYSCALL enters `entry` (ring 0) at [`SYSCALL_ENTRY`]; each part
+/// ends in HLT or a fault (the IDT stub's `mov eax, vector; hlt`). Data
+/// pages: [`SUP_PAGE`] (not dirty) and [`RO_PAGE`]. With translator
+/// threshold `jit`; returns what the run left for the comparison with the
+/// interpreter: registers, CR0 and CR2, the top of the stack (a fault's
+/// error code and frame), both pages' first words and their PTEs.
+fn run_priv(jit: Option<u32>, ring0: Asm, ring3: Asm, entry: Asm) -> String {
+    let assemble = |f: Asm, at: u64| {
+        let mut a = CodeAssembler::new(64).unwrap();
+        f(&mut a).unwrap();
+        a.assemble(at).unwrap()
+    };
+    let mut g = guest_at(jit);
+    g.w64(PT + 8 * 0x10, SUP_PAGE | 3);
+    g.w64(PT + 8 * 0x11, RO_PAGE | 0x45);
+    g.w64(SUP_PAGE, 0x5151);
+    g.w64(RO_PAGE, 0x7070);
+    g.write(USER_CODE, &assemble(ring3, USER_CODE));
+    g.write(SYSCALL_ENTRY, &assemble(entry, SYSCALL_ENTRY));
+    let mut code = assemble(ring0, CODE);
+    let tail = asm64!(|a| {
+        // STAR: kernel CS 0x08, user base 0x18; LSTAR: the entry.
+        a.mov(ecx, 0xc000_0081u32)?;
+        a.mov(edx, 0x0018_0008u32)?;
+        a.xor(eax, eax)?;
+        a.wrmsr()?;
+        a.mov(ecx, 0xc000_0082u32)?;
+        a.mov(eax, SYSCALL_ENTRY as u32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.push(SEL_UDATA as i32)?;
+        a.push(0x50000)?;
+        a.push(0x202)?;
+        a.push(SEL_UCODE64 as i32)?;
+        a.push(USER_CODE as i32)?;
+        a.iretq()?;
+    });
+    // `ring0` then the tail (`ring0` is position independent: no labels).
+    code.extend_from_slice(&tail);
+    g.load_code(&code);
+    g.run_to_halt();
+    let r = g.regs();
+    let s = g.sregs();
+    let stack: Vec<u64> = (0..6).map(|i| g.r64(r.rsp + 8 * i)).collect();
+    let pages = [
+        g.r64(SUP_PAGE),
+        g.r64(RO_PAGE),
+        g.r64(PT + 8 * 0x10),
+        g.r64(PT + 8 * 0x11),
+    ];
+    if jit.is_some() {
+        assert!(
+            g.vcpu.core().jit.compiled >= 2,
+            "user and kernel blocks translated"
+        );
+    }
+    format!(
+        "{r:x?} cr0 {:x} cr2 {:x} stack {stack:x?} pages {pages:x?}",
+        s.cr0, s.cr2
+    )
+}
+
+/// `run_priv` through the interpreter and with every block translated on
+/// its first run (threshold 0): the same end state, which is returned.
+fn priv_both(ring0: Asm, ring3: Asm, entry: Asm) -> String {
+    let i = run_priv(None, ring0, ring3, entry);
+    let j = run_priv(Some(0), ring0, ring3, entry);
+    assert_eq!(i, j, "interpreter vs translated code");
+    j
+}
+
+fn nothing(_: &mut CodeAssembler) -> Result<(), IcedError> {
+    Ok(())
+}
+
+/// The inline TLB path of translated code keeps one table per privilege
+/// class: an entry the kernel filled by reading and writing a supervisor
+/// page does not let ring-3 code read or write it (#PF, error code U|P,
+/// and U|W|P), and an entry ring-3 code filled by reading a read-only user
+/// page does not let it write there (U|W|P). At threshold 0 each run
+/// faults exactly as the interpreter does.
+#[test]
+fn translated_user_accesses_fault_after_the_kernel_filled_the_entry() {
+    let k_fills: Asm = |a| {
+        a.mov(rbx, SUP_PAGE)?;
+        a.mov(r8, qword_ptr(rbx))?;
+        a.add(r8, 1)?;
+        a.mov(qword_ptr(rbx), r8)?;
+        a.mov(r9, qword_ptr(rbx))?;
+        Ok(())
+    };
+    // A user read of the supervisor page.
+    let end = priv_both(
+        k_fills,
+        |a| {
+            a.mov(rdx, 0x1234u64)?;
+            a.mov(rdx, qword_ptr(rbx))?;
+            a.hlt()
+        },
+        nothing,
+    );
+    assert!(end.contains("rax: e,"), "{end}");
+    assert!(end.contains("rdx: 1234,"), "{end}");
+    assert!(end.contains("r9: 5152,"), "{end}");
+    assert!(
+        end.contains(&format!("cr2 {SUP_PAGE:x} stack [5, ")),
+        "{end}"
+    );
+    // A user write to it.
+    let end = priv_both(
+        k_fills,
+        |a| {
+            a.mov(qword_ptr(rbx + 8), rbx)?;
+            a.hlt()
+        },
+        nothing,
+    );
+    assert!(
+        end.contains(&format!("cr2 {:x} stack [7, ", SUP_PAGE + 8)),
+        "{end}"
+    );
+    assert!(end.contains("pages [5152, 7070,"), "{end}");
+    // A user write to a read-only page after a user read filled the entry.
+    let end = priv_both(
+        nothing,
+        |a| {
+            a.mov(rbx, RO_PAGE)?;
+            a.mov(r10, qword_ptr(rbx))?;
+            a.add(r10, 1)?;
+            a.mov(qword_ptr(rbx), r10)?;
+            a.hlt()
+        },
+        nothing,
+    );
+    assert!(end.contains("r10: 7071,"), "{end}");
+    assert!(
+        end.contains(&format!("cr2 {RO_PAGE:x} stack [7, ")),
+        "{end}"
+    );
+    assert!(end.contains("pages [5151, 7070,"), "{end}");
+}
+
+/// The kernel's side: an entry ring-3 code filled by reading a read-only
+/// page does not let the kernel write there with CR0.WP set (#PF, W|P);
+/// nor does one the kernel filled itself by reading. With CR0.WP clear
+/// the same write lands (the slow path: the write tags stay off for
+/// read-only pages), and after the kernel sets WP again it faults. At
+/// threshold 0 each run ends as the interpreter's.
+#[test]
+fn translated_kernel_writes_to_read_only_pages_follow_cr0_wp() {
+    let user_reads: Asm = |a| {
+        a.mov(rbx, RO_PAGE)?;
+        a.mov(r10, qword_ptr(rbx))?;
+        a.syscall()
+    };
+    // After a user read: a kernel write with WP set.
+    let end = priv_both(nothing, user_reads, |a| {
+        a.mov(r11, qword_ptr(rbx))?;
+        a.mov(qword_ptr(rbx), rbx)?;
+        a.hlt()
+    });
+    assert!(end.contains("r10: 7070,"), "{end}");
+    assert!(
+        end.contains(&format!("cr2 {RO_PAGE:x} stack [3, ")),
+        "{end}"
+    );
+    assert!(end.contains("pages [5151, 7070,"), "{end}");
+    // After a kernel read: a kernel write with WP set.
+    let end = priv_both(
+        |a| {
+            a.mov(rbx, RO_PAGE)?;
+            a.mov(r10, qword_ptr(rbx))?;
+            a.mov(qword_ptr(rbx), r10)?;
+            a.hlt()
+        },
+        nothing,
+        nothing,
+    );
+    assert!(
+        end.contains(&format!("cr2 {RO_PAGE:x} stack [3, ")),
+        "{end}"
+    );
+    // WP clear: the kernel's writes land; WP set again: the next write
+    // faults.
+    let end = priv_both(nothing, user_reads, |a| {
+        a.mov(rax, cr0)?;
+        a.mov(r12, rax)?;
+        a.and(rax, !(1i32 << 16))?;
+        a.mov(cr0, rax)?;
+        a.mov(qword_ptr(rbx), rbx)?;
+        a.add(qword_ptr(rbx), 1)?;
+        a.mov(r11, qword_ptr(rbx))?;
+        a.mov(cr0, r12)?;
+        a.mov(qword_ptr(rbx + 8), rbx)?;
+        a.hlt()
+    });
+    assert!(end.contains(&format!("r11: {:x},", RO_PAGE + 1)), "{end}");
+    assert!(
+        end.contains(&format!("cr2 {:x} stack [3, ", RO_PAGE + 8)),
+        "{end}"
+    );
+    assert!(
+        end.contains(&format!("pages [5151, {:x},", RO_PAGE + 1)),
+        "{end}"
+    );
+    assert!(end.contains(&format!("{:x}]", RO_PAGE | 0x65)), "{end}");
+}

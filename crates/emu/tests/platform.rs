@@ -423,6 +423,160 @@ fn a_timer_interrupts_a_loop_in_translated_code() {
     assert!(g.regs().rax > 10_000, "{:x?}", g.regs());
 }
 
+/// Blocks that loop to themselves, at threshold 0 against the interpreter
+/// (registers, memory, the exception frame, instructions retired): a body
+/// that writes every flag before it reads any (its back edge keeps the
+/// flags in the host and captures them only on the way out) with five
+/// other registers cached (r10, rdi and spilled fixed ones) and MOV/ALU/
+/// IMUL/shift/MOVZX/MOVSX/LEA forms run on them directly, ALU forms on
+/// memory from them, moves into registers the block leaves in `Core::st`,
+/// and two loops that run into a
+/// not-present page: one whose first instruction is the faulting load (the
+/// flags at the fault are the previous iteration's DEC's, with CF from
+/// before the loop), one whose body writes the flags first (the flags at
+/// the fault are that iteration's ADD's). On the PC platform, which kicks
+/// on every event: no poll countdown, so a back edge may keep the flags in
+/// the host.
+#[test]
+fn self_loop_back_edges_and_direct_forms_match_the_interpreter() {
+    // 0x406000..0x408000 is 4 KiB-mapped; 0x407000 is made not present.
+    const P: u64 = 0x406000;
+    let programs: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "flags dead at the loop start, five cached locals",
+            asm_at(CODE, |a| {
+                let mut lp = a.create_label();
+                a.mov(rbp, DATA)?;
+                a.mov(ecx, 300)?;
+                a.mov(ebx, 3)?;
+                a.mov(r9, 7u64)?;
+                a.mov(r11, 11u64)?;
+                a.mov(r12, 13u64)?;
+                a.set_label(&mut lp)?;
+                a.add(rbx, r9)?;
+                a.xor(r11, rbx)?;
+                a.imul_2(r9, r11)?;
+                a.shl(rbx, 3)?;
+                a.mov(qword_ptr(rbp), r9)?;
+                a.mov(r8, qword_ptr(rbp + 8))?;
+                a.add(r9, r8)?;
+                a.lea(rbx, qword_ptr(r9 + rbx + 1))?;
+                a.sub(r12d, r11d)?;
+                a.mov(r8b, r12b)?;
+                a.adc(r11b, r8b)?;
+                a.imul_3(r12, r9, 0x1234)?;
+                // Extensions into cached registers, memory destinations.
+                a.movsx(r11d, byte_ptr(rbp + 3))?;
+                a.movsx(r8, word_ptr(rbp + 5))?;
+                a.movzx(r12d, byte_ptr(rbp + 7))?;
+                a.movsxd(r9, dword_ptr(rbp + 9))?;
+                a.add(qword_ptr(rbp + 24), r9)?;
+                a.sub(dword_ptr(rbp + 32), 5)?;
+                a.inc(word_ptr(rbp + 40))?;
+                a.cmp(qword_ptr(rbp), r12)?;
+                a.sbb(byte_ptr(rbp + 44), r8b)?;
+                a.mov(qword_ptr(rbp + 48), -2i32)?;
+                a.lea(rbp, qword_ptr(rbp + 16))?;
+                a.dec(ecx)?;
+                a.jnz(lp)?;
+                a.pushfq()?;
+                a.pop(r10)?;
+                a.hlt()?;
+                Ok(())
+            }),
+        ),
+        (
+            "moves into registers left in Core::st",
+            asm_at(CODE, |a| {
+                for r in [rbx, rcx, rdx, rbp, r8, r11] {
+                    a.mov(r, -1i64)?;
+                }
+                a.mov(r9, 0x1122_3344_5566_7788u64)?;
+                a.mov(r8, r9)?;
+                a.mov(ebx, r9d)?;
+                a.mov(cx, r9w)?;
+                a.mov(dl, r9b)?;
+                a.mov(ebp, 0x8765_4321u32)?;
+                a.mov(r11, -5i64)?;
+                a.add(r9, 1)?;
+                a.add(r9, 1)?;
+                a.hlt()?;
+                Ok(())
+            }),
+        ),
+        (
+            "a loop that starts with the faulting load",
+            asm_at(CODE, |a| {
+                let mut lp = a.create_label();
+                a.mov(rsi, P + 0xf08)?;
+                a.mov(ecx, 100)?;
+                a.xor(eax, eax)?;
+                // CF=1 SF=1 before the loop; DEC keeps CF.
+                a.cmp(ecx, 200)?;
+                a.set_label(&mut lp)?;
+                a.mov(rdx, qword_ptr(rsi))?;
+                a.lea(rsi, qword_ptr(rsi + 8))?;
+                a.lea(rax, qword_ptr(rax + rdx))?;
+                a.dec(ecx)?;
+                a.jnz(lp)?;
+                a.hlt()?;
+                Ok(())
+            }),
+        ),
+        (
+            "a loop that writes the flags before the faulting load",
+            asm_at(CODE, |a| {
+                let mut lp = a.create_label();
+                a.mov(rsi, P + 0xf08)?;
+                a.mov(ecx, 100)?;
+                a.xor(eax, eax)?;
+                a.cmp(ecx, 200)?;
+                a.set_label(&mut lp)?;
+                a.add(rax, rcx)?;
+                a.mov(rdx, qword_ptr(rsi))?;
+                a.lea(rsi, qword_ptr(rsi + 8))?;
+                a.sub(rax, rdx)?;
+                a.dec(ecx)?;
+                a.jnz(lp)?;
+                a.hlt()?;
+                Ok(())
+            }),
+        ),
+    ];
+    for (name, code) in &programs {
+        let run = |jit: Option<u32>| {
+            let mut g = pc_guest(1);
+            g.vcpu.core_mut().jit.threshold = jit;
+            for i in 0..512u64 {
+                g.w64(DATA + i * 8, 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i + 3));
+            }
+            for i in 0..0x2000u64 {
+                g.ram[(P + i) as usize] = (i * 5 + (i >> 7)) as u8;
+            }
+            g.w64(PT + 8 * 7, 0);
+            g.load_code(code);
+            g.run_to_halt();
+            let r = g.regs();
+            let frame: Vec<u64> = (0..6).map(|i| g.r64(r.rsp + 8 * i)).collect();
+            let mem = g.ram[DATA as usize..(DATA + 0x2000) as usize].to_vec();
+            (
+                r,
+                frame,
+                mem,
+                g.vcpu.core().icount,
+                g.vcpu.core().jit.compiled,
+            )
+        };
+        let (ri, fi, mi, ni, _) = run(None);
+        let (rj, fj, mj, nj, compiled) = run(Some(0));
+        assert!(compiled > 0, "{name}: nothing translated");
+        assert_eq!(format!("{ri:x?}"), format!("{rj:x?}"), "{name}: registers");
+        assert_eq!(format!("{fi:x?}"), format!("{fj:x?}"), "{name}: stack");
+        assert!(mi == mj, "{name}: memory at DATA");
+        assert_eq!(ni, nj, "{name}: instructions retired");
+    }
+}
+
 /// A kick from another thread stops a vCPU spinning (IF=0, so nothing else
 /// could) in translated code that jumps to itself: `run` returns
 /// Interrupted, and running again resumes the loop where it was.
@@ -445,6 +599,50 @@ fn a_kick_stops_a_vcpu_spinning_in_translated_code() {
         let r = g.regs();
         assert!(r.rax > before + 10_000, "{:x?}", r);
         assert!(r.rip >= CODE && r.rip < CODE + 0x20, "{:x?}", r);
+    }
+}
+
+/// A kick stops a translated loop whose body writes every flag before it
+/// reads any (its back edge keeps the flags in the host and tests the
+/// attention word without touching them): at the block start where it
+/// stops, RFLAGS are those of the last iteration's SUB.
+#[test]
+fn a_kick_stops_a_self_loop_with_its_flags() {
+    let mut g = pc_guest(1);
+    let code = asm_at(CODE, |a| {
+        let mut spin = a.create_label();
+        a.xor(eax, eax)?;
+        a.set_label(&mut spin)?;
+        a.add(rax, 1)?;
+        a.mov(rbx, rax)?;
+        a.and(ebx, 0xff)?;
+        // Never overflows: the loop runs until kicked, with CF, PF, AF,
+        // ZF and SF changing from one iteration to the next.
+        a.sub(rbx, 0x80)?;
+        a.jno(spin)?;
+        a.hlt()?;
+        Ok(())
+    });
+    // The loop's block starts after the XOR.
+    let mut d = iced_x86::Decoder::with_ip(64, &code, CODE, 0);
+    let start = d.decode().next_ip();
+    g.load_code(&code);
+    for _ in 0..3 {
+        let (e, before) = run_until_kicked(&mut g, Duration::from_millis(30));
+        assert_eq!(e, Ex::Interrupted, "{:x?}", g.regs());
+        let r = g.regs();
+        assert!(r.rax > before + 1000, "{:x?}", r);
+        assert_eq!(r.rip, start, "{:x?}", r);
+        let b = r.rax & 0xff;
+        let res = b.wrapping_sub(0x80);
+        let mut want = 0u64;
+        want |= (b < 0x80) as u64; // CF
+        want |= (res as u8).count_ones().is_multiple_of(2) as u64 * 0x4; // PF
+        want |= ((b ^ 0x80 ^ res) & 0x10 != 0) as u64 * 0x10; // AF
+        want |= (res == 0) as u64 * 0x40; // ZF
+        want |= (res >> 63) * 0x80; // SF
+        assert_eq!(r.rflags & 0x8d5, want, "{:x?}", r);
+        assert_eq!(r.rbx, res, "{:x?}", r);
     }
 }
 

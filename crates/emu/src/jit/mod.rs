@@ -8,14 +8,16 @@
 //! on the way back to the dispatcher, before a call into the interpreter
 //! (inline or from a slow-path stub) and at a stale-code exit, and loaded
 //! at the entry from the dispatcher and after the interpreter ran. A
-//! block's most used other guest GPRs live in r10, and where it pays in
-//! the host registers of fixed ones it does not use (those written back at
-//! its entry and reloaded at its exits), from block entry to its exits;
-//! the rest stay in `Core::st` (see `codegen`'s module docs for the
+//! block's most used other guest GPRs live in r10 and rdi, and where it
+//! pays in the host registers of fixed ones it does not use (those written
+//! back at its entry and reloaded at its exits), from block entry to its
+//! exits; the rest stay in `Core::st` (see `codegen`'s module docs for the
 //! invariant). It runs the common integer instructions
 //! (MOV/MOVZX/MOVSX/LEA, the ALU group, INC/DEC/NEG/NOT, shifts and
 //! rotates, MUL/IMUL, CMOVcc/SETcc, PUSH/POP, CALL/RET/JMP/Jcc) with the
-//! same host instruction, so results and flags are the host CPU's.
+//! same host instruction, so results and flags are the host CPU's; where
+//! the destination is a cached register, the common forms are that one
+//! instruction on it (no moves through scratch registers).
 //!
 //! SSE2 moves (MOVAPS/MOVUPS/MOVDQA/MOVDQU), the common packed-integer
 //! operations (PXOR/POR/PAND/PANDN, PCMPEQ*/PCMPGTB, PADD*/PSUB*,
@@ -25,9 +27,14 @@
 //! for the aligned forms (failing either runs the interpreter, which
 //! raises the fault).
 //!
-//! Memory operands go through an inline lookup of the soft TLB (tag,
-//! permissions, page crossing, RAM, and for writes the page's code/dirty
-//! tracking flag). Anything else, and every instruction the translator does
+//! Memory operands go through an inline lookup of the soft TLB, TCG's
+//! softmmu hit: the fast entry of the current privilege class holds a read
+//! and a write tag that equal the page's linear address only where that
+//! access is allowed at that class and needs nothing else (RAM, the dirty
+//! bit set for writes; see `memory::mmu::FastEntry`), so one compare
+//! checks the tag, the permissions and a page crossing, and a hit adds the
+//! entry's host addend; a write also tests the page's code/dirty-tracking
+//! flag. Anything else, and every instruction the translator does
 //! not handle, runs through the interpreter's own handler for that one
 //! instruction (`jit_interp`), called from the generated code: exceptions,
 //! MMIO, self-modifying code and mode changes are therefore exactly the
@@ -69,11 +76,17 @@
 //! A block whose conditional branch goes back to its own start (a loop of
 //! one block: string scans, copy and checksum loops) loops inside its own
 //! code when the branch is taken and the attention word is clear: the
-//! changed cached registers are written back (not reloaded), the flags stay
-//! in the r11 image, the code pages are checked as a chained entry checks
-//! them, and no link cell, key or indirect jump is involved. Only blocks
-//! without an instruction interpreted inline do this (such an instruction
-//! could change the TLB epoch or CPL without ending the block).
+//! Jcc jumps on the host flags to a back edge in front of the body, which
+//! tests the attention word, counts the iteration and jumps back with
+//! every cached register live in its host register. The flags stay in the
+//! r11 image, or, when the body writes every flag before it reads any,
+//! in the host flags untouched by the test (captured only on the way
+//! out). No link cell, key, code-page check or indirect jump is involved:
+//! a write of this vCPU to the block's code pages ends the block or raises
+//! the attention word, and another vCPU's or a device's is seen at the next
+//! attention (see `codegen`'s `Cg::back_edge`). Only blocks without an
+//! instruction interpreted inline do this (such an instruction could
+//! change the TLB epoch or CPL without ending the block).
 //!
 //! Return value: the number of guest instructions completed by the last
 //! block (the blocks chained from count theirs in a host register, added

@@ -71,7 +71,7 @@ use std::cell::Cell;
 use crate::core::{Core, Exc};
 use crate::frontend::decode::Block;
 use crate::frontend::uop::Uop;
-use crate::memory::mmu::{PERM_DIRTY, PERM_NX, PERM_USER, PERM_WRITE};
+use crate::memory::mmu::{PERM_NX, PERM_USER};
 
 use super::{JitConfig, JitFn, JitState};
 
@@ -79,11 +79,12 @@ use super::{JitConfig, JitFn, JitState};
 #[derive(Default)]
 #[repr(C)]
 pub struct JitCtx {
-    /// `Core::tlb.entries` base.
+    /// The fast TLB entries of the current CPL's privilege class
+    /// (`Tlb::fast`): what the inline memory path reads. Set with
+    /// `link_key`, whenever the CPL may have changed.
     pub tlb: usize,
-    /// Permission bits a TLB entry needs for the inline read/write path.
-    pub rmask: u64,
-    pub wmask: u64,
+    /// The full TLB entries (`Tlb::entries`): what a link revalidation reads.
+    pub tlb_full: usize,
     /// Saved host RFLAGS (guest arithmetic flags).
     pub fl: u64,
     /// `Core::attention` (an AtomicBool's address).
@@ -730,7 +731,9 @@ pub(super) unsafe extern "sysv64" fn jit_interp(core: *mut Core, u: *const Uop, 
         Ok(()) => {
             // MOV CR3, INVLPG, WRMSR may have flushed the TLB, and a block
             // goes on after some of them: its exits compare this key.
-            core.jit.ctx.link_key = core.tlb.epoch | core.user() as u64;
+            let user = core.user();
+            core.jit.ctx.link_key = core.tlb.epoch | user as u64;
+            core.jit.ctx.tlb = core.tlb.fast(user).as_ptr() as usize;
             core.st.rip = core.next_rip;
             if core.st.flags.op != crate::flags::FlagOp::None {
                 core.st.settle_flags();
@@ -750,13 +753,13 @@ pub(super) unsafe extern "sysv64" fn jit_interp(core: *mut Core, u: *const Uop, 
     }
 }
 
-/// Set the masks the inline TLB path compares against, before entry.
+/// Set what the generated code reads at run time (the TLB of the current
+/// privilege class, the link key, ...), before entry.
 pub fn prepare(core: &mut Core) {
     let user = core.user();
-    core.jit.ctx.tlb = core.tlb.entries.as_ptr() as usize;
+    core.jit.ctx.tlb = core.tlb.fast(user).as_ptr() as usize;
+    core.jit.ctx.tlb_full = core.tlb.entries().as_ptr() as usize;
     let u = if user { PERM_USER as u64 } else { 0 };
-    core.jit.ctx.rmask = u;
-    core.jit.ctx.wmask = u | (PERM_WRITE | PERM_DIRTY) as u64;
     core.jit.ctx.ret_links = core.jit.ret_links.as_ptr() as usize;
     core.jit.ctx.link_key = core.tlb.epoch | user as u64;
     core.jit.ctx.gen = core.jit.arena.gen;

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use crate::core::{fault, gp, Core, Exc, ExitReq, R};
 use crate::cpu::{CR0_WP, SS};
 use crate::memory::mem::{cas, load, store};
-use crate::memory::mmu::{tlb_allows, walk, Access, Tlb, TlbEntry};
+use crate::memory::mmu::{tlb_allows, walk, Access, TlbEntry};
 
 impl Core {
     // ---------------------------------------------------------------- paging
@@ -57,7 +57,7 @@ impl Core {
                     code: self.mem.code_flag(t.page),
                     perm: t.perm,
                 };
-                self.tlb.entries[Tlb::index(lin)] = e;
+                self.tlb.fill(lin, e);
                 Ok(e)
             }
             Err(error) => Err(Exc::PageFault { addr: lin, error }),

@@ -2,8 +2,10 @@
 //!
 //! The TLB is direct-mapped by linear page number. An entry caches the
 //! physical page, a host pointer when the page is RAM, and the combined
-//! permissions of the walk. Writes only hit an entry whose leaf already has
-//! the dirty bit set, so D is always set by a walk.
+//! permissions of the walk; beside it, per privilege class, the entry the
+//! generated code reads (an exact tag per access kind and a host addend,
+//! see [`FastEntry`]). Writes only hit an entry whose leaf already has the
+//! dirty bit set, so D is always set by a walk.
 
 use std::sync::atomic::AtomicU8;
 
@@ -55,6 +57,8 @@ pub struct Translation {
 
 pub const TLB_SIZE: usize = 512;
 
+/// What the interpreter (the Rust side) knows of a cached translation: the
+/// "full" entry, TCG's `CPUTLBEntryFull`.
 #[derive(Clone, Copy)]
 pub struct TlbEntry {
     /// Linear page address | 1 when valid.
@@ -79,8 +83,57 @@ impl Default for TlbEntry {
     }
 }
 
+/// The entry the generated code reads (32 bytes, TCG's `CPUTLBEntry`): per
+/// access kind a tag that equals the page's linear address exactly when
+/// that access may take the inline path at the table's privilege class,
+/// and [`FAST_NONE`] otherwise; and the addend that turns a linear address
+/// in the page into its host address.
+///
+/// A read tag is set when the page is RAM (and, in the user table, user
+/// accessible); a write tag when it is also writable at that class by the
+/// page tables' R/W bit alone (a supervisor write to a read-only page with
+/// CR0.WP clear is allowed, but takes the slow path) and the leaf's dirty
+/// bit is set. So the tags depend on the walk's permissions and the class
+/// only, never on CR0.WP. What a write must still check inline is the
+/// page's code/dirty-tracking flag (`code`), which other threads set at
+/// any time.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct FastEntry {
+    pub read: u64,
+    pub write: u64,
+    /// Host address of the page minus its linear address (wrapping).
+    pub addend: u64,
+    /// The page's code/dirty-tracking flag (as in [`TlbEntry::code`]).
+    pub code: *const AtomicU8,
+}
+
+/// A fast tag that no access takes: no page-aligned address has bit 0 set.
+pub const FAST_NONE: u64 = u64::MAX;
+
+impl FastEntry {
+    const NONE: FastEntry = FastEntry {
+        read: FAST_NONE,
+        write: FAST_NONE,
+        addend: 0,
+        code: std::ptr::null(),
+    };
+}
+
+// The generated code indexes the fast table with a shift.
+const _: () = assert!(std::mem::size_of::<FastEntry>() == 32);
+
+/// The software TLB: direct-mapped by linear page number, one full entry
+/// per index for the interpreter, and per privilege class (supervisor,
+/// user: TCG's MMU indexes) one [`FastEntry`] per index for the generated
+/// code. Invariant: the fast entries at an index are derived from the full
+/// entry there (its page, `perm` and `host`); whenever a full entry is
+/// filled or dropped, so are both fast entries at its index. One walk
+/// therefore serves both classes.
 pub struct Tlb {
-    pub entries: Box<[TlbEntry]>,
+    entries: Box<[TlbEntry]>,
+    /// The supervisor class's entries, then the user class's.
+    fast: Box<[FastEntry]>,
     /// Advanced by 2 at every flush (the low bit stays clear: link keys put
     /// the CPL's user bit there). A link made under the current epoch is
     /// followed without looking at the TLB; one made under an older epoch
@@ -99,6 +152,7 @@ impl Default for Tlb {
     fn default() -> Self {
         Tlb {
             entries: vec![TlbEntry::default(); TLB_SIZE].into_boxed_slice(),
+            fast: vec![FastEntry::NONE; 2 * TLB_SIZE].into_boxed_slice(),
             epoch: 0,
             flushes: 0,
         }
@@ -121,11 +175,59 @@ impl Tlb {
         }
     }
 
+    /// The full entries (what the link revalidation of generated code reads).
+    pub fn entries(&self) -> &[TlbEntry] {
+        &self.entries
+    }
+
+    /// The fast entries of the privilege class of CPL 3 (`user`) or of
+    /// CPL 0-2.
+    pub fn fast(&self, user: bool) -> &[FastEntry] {
+        &self.fast[user as usize * TLB_SIZE..][..TLB_SIZE]
+    }
+
+    /// Cache `e` (made for linear page `lin & !0xfff`, canonical) and its
+    /// fast entries.
+    pub fn fill(&mut self, lin: u64, e: TlbEntry) {
+        let i = Self::index(lin);
+        self.entries[i] = e;
+        let page = lin & !0xfff;
+        let ram = !e.host.is_null();
+        let tag = |ok: bool| if ram && ok { page } else { FAST_NONE };
+        let writable = e.perm & (PERM_WRITE | PERM_DIRTY) == PERM_WRITE | PERM_DIRTY;
+        let user = e.perm & PERM_USER != 0;
+        let addend = (e.host as u64).wrapping_sub(page);
+        self.fast[i] = FastEntry {
+            read: tag(true),
+            write: tag(writable),
+            addend,
+            code: e.code,
+        };
+        self.fast[TLB_SIZE + i] = FastEntry {
+            read: tag(user),
+            write: tag(user && writable),
+            addend,
+            code: e.code,
+        };
+    }
+
+    /// Drop the entries at index `i` (the fast ones' tags are enough).
+    #[inline(always)]
+    fn drop_index(&mut self, i: usize) {
+        self.entries[i].tag = 0;
+        for f in [i, TLB_SIZE + i] {
+            self.fast[f].read = FAST_NONE;
+            self.fast[f].write = FAST_NONE;
+        }
+    }
+
     pub fn flush_all(&mut self) {
         self.epoch += 2;
         self.flushes += 1;
-        for e in self.entries.iter_mut() {
-            e.tag = 0;
+        for i in 0..TLB_SIZE {
+            if self.entries[i].tag != 0 {
+                self.drop_index(i);
+            }
         }
     }
 
@@ -133,18 +235,19 @@ impl Tlb {
     pub fn flush_nonglobal(&mut self) {
         self.epoch += 2;
         self.flushes += 1;
-        for e in self.entries.iter_mut() {
-            if e.perm & PERM_GLOBAL == 0 {
-                e.tag = 0;
+        for i in 0..TLB_SIZE {
+            let e = &self.entries[i];
+            if e.tag != 0 && e.perm & PERM_GLOBAL == 0 {
+                self.drop_index(i);
             }
         }
     }
 
     pub fn flush_page(&mut self, lin: u64) {
         self.epoch += 2;
-        let e = &mut self.entries[Self::index(lin)];
-        if e.tag == (lin & !0xfff) | 1 {
-            e.tag = 0;
+        let i = Self::index(lin);
+        if self.entries[i].tag == (lin & !0xfff) | 1 {
+            self.drop_index(i);
         }
     }
 }
