@@ -31,20 +31,10 @@ fn kvm_guest() -> Guest {
     g
 }
 
-fn asm_at(
-    bits: u32,
-    addr: u64,
-    f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
-) -> Vec<u8> {
-    let mut a = CodeAssembler::new(bits).unwrap();
-    f(&mut a).unwrap();
-    a.assemble(addr).unwrap()
-}
-
 /// Run `f` at CODE to HLT; RAX is 0xffff_ffff unless an exception
 /// stub ran (then it is the vector).
 fn run(g: &mut Guest, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> (u64, u64) {
-    let code = asm_at(64, CODE, |a| {
+    let code = assemble(64, CODE, |a| {
         a.mov(eax, 0xffff_ffffu32)?;
         f(a)?;
         a.mov(ebx, DONE as u32)?;
@@ -123,14 +113,14 @@ fn syscall_from_compatibility_mode_enters_through_cstar() {
     let mut g = guest();
     g.write(
         LSTAR_AT,
-        &asm_at(64, LSTAR_AT, |a| {
+        &assemble(64, LSTAR_AT, |a| {
             a.mov(ebx, 64)?;
             a.hlt()
         }),
     );
     g.write(
         CSTAR_AT,
-        &asm_at(64, CSTAR_AT, |a| {
+        &assemble(64, CSTAR_AT, |a| {
             a.mov(ebx, 32)?;
             a.hlt()
         }),
@@ -138,13 +128,13 @@ fn syscall_from_compatibility_mode_enters_through_cstar() {
     // In compatibility mode: SYSCALL.
     g.write(
         C32,
-        &asm_at(32, C32, |a| {
+        &assemble(32, C32, |a| {
             a.mov(esp, STACK_TOP as u32)?;
             a.syscall()?;
             a.hlt()
         }),
     );
-    let code = asm_at(64, CODE, |a| {
+    let code = assemble(64, CODE, |a| {
         let wr = |a: &mut CodeAssembler, msr: u32, v: u64| -> Result<(), IcedError> {
             a.mov(ecx, msr)?;
             a.mov(eax, v as u32)?;
@@ -398,7 +388,7 @@ fn install(g: &mut Guest, v: u64, at: u64, code: &[u8]) {
 /// saved RFLAGS; set RF in the frame (to step over an instruction
 /// breakpoint) and return.
 fn install_db_handler(g: &mut Guest) {
-    let code = asm_at(64, HANDLER_AT, |a| {
+    let code = assemble(64, HANDLER_AT, |a| {
         a.push(rax)?;
         a.inc(qword_ptr(DBG_COUNT as i32))?;
         a.mov(rax, qword_ptr(rsp + 8))?;
@@ -445,7 +435,7 @@ fn hardware_instruction_breakpoint_faults_once_and_rf_resumes() {
     let mut g = guest();
     install_db_handler(&mut g);
     // The breakpoint is on the second INC; the guest notes its address.
-    let code = asm_at(64, CODE, |a| {
+    let code = assemble(64, CODE, |a| {
         let mut brk = a.create_label();
         a.mov(eax, 0xffff_ffffu32)?;
         a.lea(rax, ptr(brk))?;
@@ -519,7 +509,7 @@ fn io_breakpoint_traps_after_in_and_out_with_cr4_de() {
     for de in [true, false] {
         let mut g = guest();
         install_db_handler(&mut g);
-        let code = asm_at(64, CODE, |a| {
+        let code = assemble(64, CODE, |a| {
             let mut after = a.create_label();
             a.mov(rax, cr4)?;
             if de {
@@ -567,7 +557,7 @@ fn io_breakpoint_traps_after_in_and_out_with_cr4_de() {
 fn mov_ss_delays_the_single_step_trap_by_one_instruction() {
     let mut g = guest();
     // #DB handler: count, note the first return RIP, clear TF in the frame.
-    let handler = asm_at(64, HANDLER_AT, |a| {
+    let handler = assemble(64, HANDLER_AT, |a| {
         let mut later = a.create_label();
         a.push(rax)?;
         a.inc(qword_ptr(DBG_COUNT as i32))?;
@@ -625,7 +615,7 @@ fn icebp_raises_db_after_the_instruction() {
 fn faults_save_rflags_with_rf_set() {
     let mut g = guest();
     // #UD handler: record the saved RFLAGS, skip the 2-byte UD2.
-    let code = asm_at(64, HANDLER_AT, |a| {
+    let code = assemble(64, HANDLER_AT, |a| {
         a.push(rax)?;
         a.mov(rax, qword_ptr(rsp + 24))?;
         a.mov(qword_ptr(DBG_FLAGS as i32), rax)?;
@@ -745,7 +735,7 @@ fn legacy_mode_syscall_and_sysret() {
     hypervisor::Vcpu::set_sregs(&mut g.vcpu, &s).unwrap();
     g.write(
         ENTRY,
-        &asm_at(32, ENTRY, |a| {
+        &assemble(32, ENTRY, |a| {
             let mut done = a.create_label();
             a.inc(dword_ptr(COUNT as u32))?;
             a.cmp(dword_ptr(COUNT as u32), 2)?;
@@ -759,12 +749,12 @@ fn legacy_mode_syscall_and_sysret() {
     );
     g.write(
         USER,
-        &asm_at(32, USER, |a| {
+        &assemble(32, USER, |a| {
             a.mov(dword_ptr(MARK as u32), 0x55)?;
             a.syscall()
         }),
     );
-    let code = asm_at(32, CODE, |a| {
+    let code = assemble(32, CODE, |a| {
         a.mov(ecx, 0xc000_0081u32)?;
         a.mov(eax, ENTRY as u32)?;
         // SYSCALL CS 0x18 (SS 0x20); SYSRET CS 0x20 | 3 (SS 0x28 | 3).

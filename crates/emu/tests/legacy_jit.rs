@@ -35,16 +35,6 @@ const ZF: u64 = 0x40;
 const SF: u64 = 0x80;
 const OF: u64 = 0x800;
 
-fn assemble(
-    bits: u32,
-    at: u64,
-    f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
-) -> Vec<u8> {
-    let mut a = CodeAssembler::new(bits).unwrap();
-    f(&mut a).unwrap();
-    a.assemble(at).unwrap()
-}
-
 /// A GDT descriptor: `base`, 4 GiB limit (page granular), access byte
 /// `access`, D/B from `big`.
 fn desc(base: u64, access: u64, big: bool) -> u64 {

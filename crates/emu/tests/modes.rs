@@ -12,16 +12,6 @@ const LM64: u64 = 0x9000;
 const REAL_ISR: u64 = 0x7e00;
 const GDTR: u64 = 0x7f00;
 
-fn assemble(
-    bits: u32,
-    at: u64,
-    f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
-) -> Vec<u8> {
-    let mut a = CodeAssembler::new(bits).unwrap();
-    f(&mut a).unwrap();
-    a.assemble(at).unwrap()
-}
-
 /// A vCPU in the RESET-like real-mode state at 0:REAL, with the GDT and
 /// page tables of `Guest::long_mode` in memory.
 fn real_mode_guest() -> Guest {

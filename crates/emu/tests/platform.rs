@@ -48,15 +48,11 @@ fn pc_guest(cpus: u32) -> Guest {
 }
 
 fn asm_at(addr: u64, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
-    let mut a = CodeAssembler::new(64).unwrap();
-    f(&mut a).unwrap();
-    a.assemble(addr).unwrap()
+    assemble(64, addr, f)
 }
 
 fn asm16_at(addr: u64, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
-    let mut a = CodeAssembler::new(16).unwrap();
-    f(&mut a).unwrap();
-    a.assemble(addr).unwrap()
+    assemble(16, addr, f)
 }
 
 #[derive(Clone, Copy)]

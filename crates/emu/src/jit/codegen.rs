@@ -1732,6 +1732,19 @@ enum Done {
     Exited,
 }
 
+/// INC, DEC, NEG or NOT (`m`) around `emit`, which emits the host
+/// instruction of that name: INC and DEC keep CF, so the guest's CF must
+/// be in the host flags first; all but NOT write the flags.
+fn unary(cg: &mut Cg, m: Mnemonic, emit: impl FnOnce(&mut Cg)) {
+    if matches!(m, Mnemonic::Inc | Mnemonic::Dec) {
+        cg.need_cf();
+    }
+    emit(cg);
+    if m != Mnemonic::Not {
+        cg.wrote_flags();
+    }
+}
+
 fn is_gpr_or_imm(o: Opnd) -> bool {
     matches!(o, Opnd::Reg { .. } | Opnd::Imm(_))
 }
@@ -1854,23 +1867,12 @@ fn insn(cg: &mut Cg, block: &Block, u: &Uop, i: usize, n: usize) -> Option<Done>
                 cg.mem(u, size, Acc::Write);
             }
             cg.ld(0, size, o0);
-            match m {
-                M::Inc => {
-                    cg.need_cf();
-                    op1!(cg, size, inc);
-                    cg.wrote_flags();
-                }
-                M::Dec => {
-                    cg.need_cf();
-                    op1!(cg, size, dec);
-                    cg.wrote_flags();
-                }
-                M::Neg => {
-                    op1!(cg, size, neg);
-                    cg.wrote_flags();
-                }
+            unary(cg, m, |cg| match m {
+                M::Inc => op1!(cg, size, inc),
+                M::Dec => op1!(cg, size, dec),
+                M::Neg => op1!(cg, size, neg),
                 _ => op1!(cg, size, not),
-            }
+            });
             cg.st(0, size, o0);
             Some(Done::Next)
         }
@@ -2700,23 +2702,12 @@ fn direct_to_mem(cg: &mut Cg, u: &Uop) -> Option<Done> {
         }
         M::Inc | M::Dec | M::Neg | M::Not if nops == 1 => {
             cg.mem(u, size, Acc::Write);
-            match m {
-                M::Inc => {
-                    cg.need_cf();
-                    opm1!(cg, size, inc);
-                    cg.wrote_flags();
-                }
-                M::Dec => {
-                    cg.need_cf();
-                    opm1!(cg, size, dec);
-                    cg.wrote_flags();
-                }
-                M::Neg => {
-                    opm1!(cg, size, neg);
-                    cg.wrote_flags();
-                }
+            unary(cg, m, |cg| match m {
+                M::Inc => opm1!(cg, size, inc),
+                M::Dec => opm1!(cg, size, dec),
+                M::Neg => opm1!(cg, size, neg),
                 _ => opm1!(cg, size, not),
-            }
+            });
         }
         _ => return None,
     }

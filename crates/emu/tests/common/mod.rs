@@ -4,6 +4,18 @@
 
 use emu::{EmuVcpu, EmuVm};
 use hypervisor::{DescriptorTable, Segment, SpecialRegs, StandardRegs, Vcpu, VcpuExit, Vm};
+use iced_x86::code_asm::{CodeAssembler, IcedError};
+
+/// The machine code `f` assembles for `bits`-bit code placed at `at`.
+pub fn assemble(
+    bits: u32,
+    at: u64,
+    f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Vec<u8> {
+    let mut a = CodeAssembler::new(bits).unwrap();
+    f(&mut a).unwrap();
+    a.assemble(at).unwrap()
+}
 
 pub const GDT: u64 = 0x1000;
 pub const IDT: u64 = 0x2000;
