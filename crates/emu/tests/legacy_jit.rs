@@ -10,6 +10,12 @@
 //! blindly. Segment bases are non-zero and not page aligned wherever a
 //! case allows it.
 //!
+//! The random 32-bit programs also run on the host CPU, in compatibility
+//! mode (`host32`, `random_32bit_sequences_match_host`): all forms but
+//! 16-bit addresses, which would address below the host's
+//! `vm.mmap_min_addr`. 16-bit code (real mode, 16-bit segments) and
+//! non-zero segment bases are checked against the interpreter only.
+//!
 //! An access whose translated address were wrong (a segment base left
 //! out, a stack offset wrapped at the wrong size) would find no TLB entry
 //! for the wrong page and run through the interpreter, which gets it
@@ -72,6 +78,8 @@ struct Start {
     gpr: [u64; 8],
     /// Code (and data) to load: (physical address, bytes).
     load: Vec<(u64, Vec<u8>)>,
+    /// Guest memory size.
+    mem: usize,
 }
 
 impl Default for Start {
@@ -91,6 +99,7 @@ impl Default for Start {
             rflags: 2,
             gpr: [0; 8],
             load: Vec::new(),
+            mem: MEM,
         }
     }
 }
@@ -106,7 +115,7 @@ struct End {
 }
 
 fn guest(s: &Start, jit: Option<u32>) -> Guest {
-    let mut g = Guest::new(MEM);
+    let mut g = Guest::new(s.mem);
     g.vcpu.core_mut().jit.threshold = jit;
     for (i, d) in s.gdt.iter().enumerate() {
         g.w64(GDT32 + 8 + 8 * i as u64, *d);
@@ -728,10 +737,99 @@ fn a_return_link_does_not_outlive_a_cs_base_change() {
     assert_eq!(e.segs[0].1, 0x9000);
 }
 
+/// A seeded random program of 32-bit code at `at`, ending in HLT: the
+/// forms of `diff_host.rs`'s `random_sequences_match_host` that exist
+/// outside 64-bit mode, plus PUSH/POP and jumps between blocks. Memory
+/// operands address off EBX (displacements 0..120), which the program
+/// never changes; with `bx16`, two of the forms use 16-bit addresses
+/// (`[bx+disp]`, `[bx+di+disp]`, with DI below 0x8000), otherwise those
+/// two use 32-bit addresses off EBX. Returns the code and the flags the
+/// architecture leaves undefined at its end.
+fn random_32bit_program(rand: &mut impl FnMut() -> u64, at: u64, bx16: bool) -> (Vec<u8>, u64) {
+    let d = [eax, ecx, edx, esi, edi, ebp];
+    let w = [ax, cx, dx, si, di, bp];
+    let b = [al, cl, dl, ah, ch, dh];
+    // Flags the architecture leaves undefined at the end (as in
+    // `diff_host.rs`; instructions that read flags only run while all
+    // are defined).
+    let mut undef = 0u64;
+    let code = assemble(32, at, |a| {
+        let len = 4 + rand() % 24;
+        let mut pushed = 0;
+        for _ in 0..len {
+            let r = rand();
+            let (i, j) = ((r >> 8) as usize % 6, (r >> 16) as usize % 6);
+            let disp = ((r >> 24) % 31) as i32 * 4;
+            let imm = (r >> 32) as i32;
+            let k = (r >> 40) as u32 % 31 + 1;
+            let defined = undef == 0;
+            match r % 30 {
+                0 => a.add(d[i], d[j]).map(|_| undef = 0)?,
+                1 => a.sub(d[i], d[j]).map(|_| undef = 0)?,
+                2 => a.xor(w[i], w[j]).map(|_| undef = AF)?,
+                3 => a.and(b[i], b[j]).map(|_| undef = AF)?,
+                4 => a.or(d[i], imm).map(|_| undef = AF)?,
+                5 => a.cmp(d[i], imm).map(|_| undef = 0)?,
+                6 => a.add(d[i], dword_ptr(ebx + disp)).map(|_| undef = 0)?,
+                7 => a.sub(dword_ptr(ebx + disp), d[j]).map(|_| undef = 0)?,
+                8 => a.mov(d[i], dword_ptr(ebx + disp))?,
+                9 => a.mov(dword_ptr(ebx + disp), d[j])?,
+                10 => a.mov(d[i], imm)?,
+                11 => a.lea(d[i], dword_ptr(d[j] + d[i] * 4 + imm))?,
+                12 => a.inc(d[i]).map(|_| undef &= CF)?,
+                13 => a.dec(w[i]).map(|_| undef &= CF)?,
+                14 => a.neg(w[i]).map(|_| undef = 0)?,
+                15 => a.not(d[i])?,
+                16 => a
+                    .shl(d[i], k)
+                    .map(|_| undef = AF | if k > 1 { OF } else { 0 })?,
+                // A 16-bit SAR by 16 or more: CF is undefined too.
+                17 => a.sar(w[i], k).map(|_| {
+                    undef = AF | if k > 1 { OF } else { 0 } | if k >= 16 { CF } else { 0 }
+                })?,
+                18 => a
+                    .rol(d[i], k)
+                    .map(|_| undef = (undef & !(CF | OF)) | if k > 1 { OF } else { 0 })?,
+                19 => a.imul_2(d[i], d[j]).map(|_| undef = SF | ZF | AF | PF)?,
+                20 => a.movzx(d[i], b[j])?,
+                21 => a.movsx(d[i], w[j])?,
+                22 => a.xchg(d[i], d[j])?,
+                23 => {
+                    pushed += 1;
+                    a.push(d[j])?
+                }
+                24 if pushed > 0 => {
+                    pushed -= 1;
+                    a.pop(d[i])?
+                }
+                25 if defined && bx16 => a.adc(w[i], word_ptr(bx + disp))?,
+                25 if defined => a.adc(w[i], word_ptr(ebx + disp + 1))?,
+                26 if bx16 => a.mov(word_ptr(bx + di + disp), w[j])?,
+                26 => a.mov(word_ptr(ebx + disp + 3), w[j])?,
+                27 if defined => a.cmovl(d[i], d[j])?,
+                28 if defined => a.setbe(b[i])?,
+                29 if defined => {
+                    let mut skip = a.create_label();
+                    a.jne(skip)?;
+                    a.add(d[i], 1)?;
+                    a.set_label(&mut skip)?;
+                    undef = 0;
+                    a.nop()?
+                }
+                _ => a.nop()?,
+            }
+        }
+        for _ in 0..pushed {
+            a.pop(ebx)?;
+        }
+        a.hlt()
+    });
+    (code, undef)
+}
+
 /// Seeded random sequences of 32-bit code (flat segments except DS, whose
-/// base is unaligned) against the interpreter: the forms of
-/// `diff_host.rs`'s `random_sequences_match_host` that exist outside
-/// 64-bit mode, plus 16-bit addresses, PUSH/POP and jumps between blocks.
+/// base is unaligned) against the interpreter, 16-bit addresses included
+/// (`random_32bit_program`).
 #[test]
 fn random_32bit_sequences_match_the_interpreter() {
     const DSB: u64 = 0x20_0100;
@@ -742,84 +840,9 @@ fn random_32bit_sequences_match_the_interpreter() {
         rng ^= rng << 17;
         rng
     };
-    let d = [eax, ecx, edx, esi, edi, ebp];
-    let w = [ax, cx, dx, si, di, bp];
-    let b = [al, cl, dl, ah, ch, dh];
     let mut compiled = 0;
     for case in 0..300 {
-        // Flags the architecture leaves undefined at the end (as in
-        // `diff_host.rs`; instructions that read flags only run while all
-        // are defined).
-        let mut undef = 0u64;
-        let code = assemble(32, 0x4000, |a| {
-            let len = 4 + rand() % 24;
-            let mut pushed = 0;
-            for _ in 0..len {
-                let r = rand();
-                let (i, j) = ((r >> 8) as usize % 6, (r >> 16) as usize % 6);
-                let disp = ((r >> 24) % 31) as i32 * 4;
-                let imm = (r >> 32) as i32;
-                let k = (r >> 40) as u32 % 31 + 1;
-                let defined = undef == 0;
-                match r % 30 {
-                    0 => a.add(d[i], d[j]).map(|_| undef = 0)?,
-                    1 => a.sub(d[i], d[j]).map(|_| undef = 0)?,
-                    2 => a.xor(w[i], w[j]).map(|_| undef = AF)?,
-                    3 => a.and(b[i], b[j]).map(|_| undef = AF)?,
-                    4 => a.or(d[i], imm).map(|_| undef = AF)?,
-                    5 => a.cmp(d[i], imm).map(|_| undef = 0)?,
-                    6 => a.add(d[i], dword_ptr(ebx + disp)).map(|_| undef = 0)?,
-                    7 => a.sub(dword_ptr(ebx + disp), d[j]).map(|_| undef = 0)?,
-                    8 => a.mov(d[i], dword_ptr(ebx + disp))?,
-                    9 => a.mov(dword_ptr(ebx + disp), d[j])?,
-                    10 => a.mov(d[i], imm)?,
-                    11 => a.lea(d[i], dword_ptr(d[j] + d[i] * 4 + imm))?,
-                    12 => a.inc(d[i]).map(|_| undef &= CF)?,
-                    13 => a.dec(w[i]).map(|_| undef &= CF)?,
-                    14 => a.neg(w[i]).map(|_| undef = 0)?,
-                    15 => a.not(d[i])?,
-                    16 => a
-                        .shl(d[i], k)
-                        .map(|_| undef = AF | if k > 1 { OF } else { 0 })?,
-                    // A 16-bit SAR by 16 or more: CF is undefined too.
-                    17 => a.sar(w[i], k).map(|_| {
-                        undef = AF | if k > 1 { OF } else { 0 } | if k >= 16 { CF } else { 0 }
-                    })?,
-                    18 => a
-                        .rol(d[i], k)
-                        .map(|_| undef = (undef & !(CF | OF)) | if k > 1 { OF } else { 0 })?,
-                    19 => a.imul_2(d[i], d[j]).map(|_| undef = SF | ZF | AF | PF)?,
-                    20 => a.movzx(d[i], b[j])?,
-                    21 => a.movsx(d[i], w[j])?,
-                    22 => a.xchg(d[i], d[j])?,
-                    23 => {
-                        pushed += 1;
-                        a.push(d[j])?
-                    }
-                    24 if pushed > 0 => {
-                        pushed -= 1;
-                        a.pop(d[i])?
-                    }
-                    25 if defined => a.adc(w[i], word_ptr(bx + disp))?,
-                    26 => a.mov(word_ptr(bx + di + disp), w[j])?,
-                    27 if defined => a.cmovl(d[i], d[j])?,
-                    28 if defined => a.setbe(b[i])?,
-                    29 if defined => {
-                        let mut skip = a.create_label();
-                        a.jne(skip)?;
-                        a.add(d[i], 1)?;
-                        a.set_label(&mut skip)?;
-                        undef = 0;
-                        a.nop()?
-                    }
-                    _ => a.nop()?,
-                }
-            }
-            for _ in 0..pushed {
-                a.pop(ebx)?;
-            }
-            a.hlt()
-        });
+        let (code, undef) = random_32bit_program(&mut rand, 0x4000, true);
         let mut data = vec![0u8; 0x1_0000];
         for x in data.iter_mut() {
             *x = rand() as u8;
@@ -857,6 +880,298 @@ fn random_32bit_sequences_match_the_interpreter() {
         compiled += g.vcpu.core().jit.compiled;
     }
     assert!(compiled >= 300);
+}
+
+/// The host CPU running 32-bit code: a 64-bit process switches to
+/// compatibility mode (Linux's flat user code selector 0x23, data 0x2b)
+/// with a far return and back with a 32-bit far return to 0x33. One
+/// fixed mapping below 4 GiB holds everything, at the same addresses the
+/// engine's flat guest uses:
+///
+/// - `ENTRY`: 64-bit entry (saves the callee-saved registers and RSP in
+///   `IO`, loads DS/ES with 0x2b, far-returns to `LOAD32`);
+/// - `LOAD32`: loads EFLAGS (on a scratch stack in `IO`), EAX..EDI from
+///   `IO`, ESP = `STACK_TOP`, jumps to `CODE`;
+/// - `CODE`: the program without its HLT, then an exit that stores
+///   EAX..EDI, ESP and EFLAGS (again on the scratch stack, so that the
+///   program's stack is left as it left it) and far-returns to `BACK64`;
+/// - `BACK64`: restores RSP, DS/ES and the callee-saved registers.
+mod host32 {
+    use super::*;
+    use std::sync::{Mutex, OnceLock};
+
+    const R: u64 = 0x1_0000;
+    const SIZE: usize = 0x2_0000;
+    const ENTRY: u64 = R;
+    const LOAD32: u64 = R + 0x400;
+    const BACK64: u64 = R + 0x800;
+    /// Inputs (EAX..EDI as 0..7 with ESP's slot unused, EFLAGS at 0x20),
+    /// outputs (the same at `OUT`), the saved RSP (0x80), DS/ES (0x88),
+    /// the scratch stack's top (0x200).
+    const IO: u64 = R + 0x1000;
+    const OUT: u64 = IO + 0x40;
+    const SCRATCH: u64 = IO + 0x200;
+    pub const CODE: u64 = R + 0x2000;
+    pub const STACK_TOP: u64 = R + 0x8000;
+    pub const DATA: u64 = R + 0x8000;
+    pub const DATA_LEN: usize = 0x1_0000;
+    /// What is compared of memory: the stack and the data.
+    pub const CHECKED: std::ops::Range<usize> = (R as usize + 0x4000)..(R as usize + 0x1_8000);
+    /// The engine guest's memory size.
+    pub const MEM: usize = R as usize + SIZE;
+
+    fn region() -> &'static Mutex<()> {
+        static REGION: OnceLock<Mutex<()>> = OnceLock::new();
+        REGION.get_or_init(|| {
+            // SAFETY: a new anonymous mapping at a fixed address that must
+            // not replace anything (checked).
+            let p = unsafe {
+                libc::mmap(
+                    R as *mut libc::c_void,
+                    SIZE,
+                    libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                    -1,
+                    0,
+                )
+            };
+            assert_eq!(p as u64, R, "mmap at {R:#x} failed");
+            let entry = assemble(64, ENTRY, |a| {
+                for r in [rbx, rbp, r12, r13, r14, r15] {
+                    a.push(r)?;
+                }
+                a.mov(rcx, IO)?;
+                a.mov(qword_ptr(rcx + 0x80), rsp)?;
+                a.mov(ax, ds)?;
+                a.mov(word_ptr(rcx + 0x88), ax)?;
+                a.mov(ax, es)?;
+                a.mov(word_ptr(rcx + 0x8a), ax)?;
+                a.mov(eax, 0x2b)?;
+                a.mov(ds, ax)?;
+                a.mov(es, ax)?;
+                a.push(0x23)?;
+                a.push(LOAD32 as i32)?;
+                // RETFQ.
+                a.db(&[0x48, 0xcb])
+            });
+            let load32 = assemble(32, LOAD32, |a| {
+                a.mov(esp, SCRATCH as u32)?;
+                a.push(dword_ptr(IO + 0x20))?;
+                a.popfd()?;
+                a.mov(esp, STACK_TOP as u32)?;
+                for (n, r) in [eax, ecx, edx, ebx, esp, ebp, esi, edi].iter().enumerate() {
+                    if *r != esp {
+                        a.mov(*r, dword_ptr(IO + 4 * n as u64))?;
+                    }
+                }
+                a.jmp(CODE)
+            });
+            let back64 = assemble(64, BACK64, |a| {
+                a.mov(rcx, IO)?;
+                a.mov(rsp, qword_ptr(rcx + 0x80))?;
+                a.mov(ax, word_ptr(rcx + 0x88))?;
+                a.mov(ds, ax)?;
+                a.mov(ax, word_ptr(rcx + 0x8a))?;
+                a.mov(es, ax)?;
+                for r in [r15, r14, r13, r12, rbp, rbx] {
+                    a.pop(r)?;
+                }
+                a.ret()
+            });
+            for (at, bytes) in [(ENTRY, entry), (LOAD32, load32), (BACK64, back64)] {
+                assert!(bytes.len() < 0x400);
+                // SAFETY: inside the mapping made above.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(bytes.as_ptr(), at as *mut u8, bytes.len())
+                };
+            }
+            Mutex::new(())
+        })
+    }
+
+    /// The host's end of a program: EAX..EDI and ESP (in the order of
+    /// their encodings), EFLAGS, and the `CHECKED` memory.
+    pub struct HostEnd {
+        pub regs: [u32; 8],
+        pub eflags: u32,
+        pub mem: Vec<u8>,
+    }
+
+    /// Run `code` (ending in HLT, assembled at `CODE`) on the host in
+    /// compatibility mode from `regs` (EAX..EDI in encoding order, ESP's
+    /// slot ignored: ESP starts at `STACK_TOP`), `eflags` and `data` at
+    /// `DATA`; the stack starts zeroed.
+    pub fn run(code: &[u8], regs: &[u32; 8], eflags: u32, data: &[u8]) -> HostEnd {
+        let _region = region().lock().unwrap_or_else(|e| e.into_inner());
+        let body = code.strip_suffix(&[0xf4]).expect("the program ends in HLT");
+        let exit = assemble(32, CODE + body.len() as u64, |a| {
+            for (n, r) in [eax, ecx, edx, ebx, esp, ebp, esi, edi].iter().enumerate() {
+                a.mov(dword_ptr(OUT + 4 * n as u64), *r)?;
+            }
+            a.mov(esp, SCRATCH as u32)?;
+            a.pushfd()?;
+            a.pop(dword_ptr(OUT + 0x20))?;
+            a.push(0x33)?;
+            a.push(BACK64 as i32)?;
+            // RETF (32-bit).
+            a.db(&[0xcb])
+        });
+        assert!(code.len() + exit.len() < (STACK_TOP - 0x4000 - CODE) as usize);
+        assert!(data.len() <= DATA_LEN);
+        // SAFETY: all inside the mapping, which only this thread uses
+        // while it holds the lock; ENTRY saves and restores everything the
+        // C ABI asks a callee to preserve (and DS/ES), and returns.
+        unsafe {
+            let w = |at: u64, b: &[u8]| {
+                std::ptr::copy_nonoverlapping(b.as_ptr(), at as *mut u8, b.len())
+            };
+            w(CODE, body);
+            w(CODE + body.len() as u64, &exit);
+            std::ptr::write_bytes((R + 0x4000) as *mut u8, 0, 0x4000);
+            w(DATA, data);
+            for (n, v) in regs.iter().enumerate() {
+                w(IO + 4 * n as u64, &v.to_le_bytes());
+            }
+            w(IO + 0x20, &eflags.to_le_bytes());
+            let f: extern "C" fn() = std::mem::transmute(ENTRY as usize);
+            f();
+            let r = |at: u64| u32::from_le_bytes(*(at as *const [u8; 4]));
+            HostEnd {
+                regs: std::array::from_fn(|n| r(OUT + 4 * n as u64)),
+                eflags: r(OUT + 0x20),
+                mem: std::slice::from_raw_parts(CHECKED.start as *const u8, CHECKED.len()).to_vec(),
+            }
+        }
+    }
+}
+
+/// `cases` seeded random 32-bit programs (`random_32bit_program`, no
+/// 16-bit addresses: they would address below the host's
+/// `vm.mmap_min_addr`) on the host CPU in compatibility mode, the
+/// interpreter and the translator at threshold 0, flat segments and the
+/// same memory at the same addresses: registers, the defined flags and
+/// the stack and data must be equal. Returns the programs and guest
+/// instructions checked.
+fn random_32bit_vs_host(cases: usize, seed: u64) -> (usize, u64) {
+    // xorshift must not start from zero.
+    let mut rng = if seed == 0 {
+        0x2545_f491_4f6c_dd1d
+    } else {
+        seed
+    };
+    let mut rand = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut instructions = 0;
+    for case in 0..cases {
+        let (code, undef) = random_32bit_program(&mut rand, host32::CODE, false);
+        let mut data = vec![0u8; host32::DATA_LEN];
+        for x in data.chunks_mut(8) {
+            x.copy_from_slice(&rand().to_le_bytes());
+        }
+        let mut regs = [0u32; 8];
+        for (n, v) in regs.iter_mut().enumerate() {
+            *v = match n {
+                3 => host32::DATA as u32,
+                4 => host32::STACK_TOP as u32,
+                _ => rand() as u32,
+            };
+        }
+        let flags = CF | PF | AF | ZF | SF | OF;
+        let eflags = 2 | (rand() & flags);
+        let host = host32::run(&code, &regs, eflags as u32, &data);
+        // `Start::gpr` is EAX, ECX, EDX, EBX, EBP, ESI, EDI.
+        let mut gpr = [0u64; 8];
+        for (n, at) in [0, 1, 2, 3, 5, 6, 7].into_iter().enumerate() {
+            gpr[n] = regs[at] as u64;
+        }
+        let s = Start {
+            gdt: vec![desc(0, ACC_CODE, true), desc(0, ACC_DATA, true)],
+            cs: 8,
+            ds: 16,
+            es: 16,
+            ss: 16,
+            rip: host32::CODE,
+            rsp: host32::STACK_TOP,
+            rflags: eflags,
+            gpr,
+            load: vec![(host32::CODE, code.clone()), (host32::DATA, data)],
+            mem: host32::MEM,
+            ..Default::default()
+        };
+        let (e, g) = both(&s, undef);
+        let r = &e.regs;
+        let engine = [r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi].map(|v| v as u32);
+        let what = || {
+            format!(
+                "case {case} (seed {seed:#x}), code {code:02x?}, start {regs:08x?} eflags \
+                 {eflags:#x}: host {:08x?} eflags {:#x}, engine {engine:08x?} eflags {:#x}, \
+                 undefined {undef:#x}",
+                host.regs, host.eflags, r.rflags
+            )
+        };
+        assert_eq!(e.exit, Ex::Halt, "{}", what());
+        assert_eq!(host.regs, engine, "registers: {}", what());
+        assert_eq!(
+            (host.eflags as u64 ^ r.rflags) & flags & !undef,
+            0,
+            "flags: {}",
+            what()
+        );
+        if let Some(at) = host
+            .mem
+            .iter()
+            .zip(&g.ram[host32::CHECKED])
+            .position(|(a, b)| a != b)
+        {
+            panic!(
+                "memory differs at {:#x}: host {:#x}, engine {:#x}: {}",
+                host32::CHECKED.start + at,
+                host.mem[at],
+                g.ram[host32::CHECKED.start + at],
+                what()
+            );
+        }
+        instructions += e.icount;
+    }
+    (cases, instructions)
+}
+
+/// The same random 32-bit programs (without 16-bit addresses) on the host
+/// CPU too.
+#[test]
+fn random_32bit_sequences_match_host() {
+    let (_, instructions) = random_32bit_vs_host(300, 0x2545_f491_4f6c_dd1d);
+    assert!(instructions >= 300 * 4);
+}
+
+/// The same at scale, opt-in (`scripts/diff-random.sh`): the number of
+/// programs and the seed come from `VIREO_DIFF_CASES` (default one
+/// million) and `VIREO_DIFF_SEED`; a failure names the case and the seed.
+#[test]
+#[ignore = "long: run by scripts/diff-random.sh"]
+fn random_32bit_sequences_at_scale() {
+    let var = |name: &str, default: u64| match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?}: not a number")),
+        Err(_) => default,
+    };
+    let cases = var("VIREO_DIFF_CASES", 1_000_000) as usize;
+    let seed = var("VIREO_DIFF_SEED", 0x2545_f491_4f6c_dd1d);
+    let t = std::time::Instant::now();
+    let (programs, instructions) = random_32bit_vs_host(cases, seed);
+    let s = t.elapsed().as_secs_f64();
+    println!(
+        "VIREO-DIFF seed {seed:#x}: {programs} programs, {instructions} instructions, \
+         each on the host CPU, the interpreter and the translator (32-bit code): \
+         0 mismatches in {s:.1} s ({:.0} programs/s)",
+        programs as f64 / s
+    );
 }
 
 /// A jump whose target lies in the block's own EIP page but, with a CS
