@@ -4,16 +4,17 @@
 # operands, PUSH/POP, flag consumers, forward branches) run on the host CPU,
 # on the interpreter and on the translator at threshold 0 (cold, then warm
 # with its code and TLB kept), and every register, flag and byte of memory
-# compared; then as many random 32-bit programs (legacy_jit.rs: the host
-# runs them in compatibility mode) on the host CPU, the interpreter and the
+# compared; then as many random 32-bit programs and as many 16-bit ones
+# (legacy_jit.rs: the host runs them in compatibility mode, the 16-bit ones
+# in segments of its LDT) on the host CPU, the interpreter and the
 # translator. Opt-in (not part of scripts/test.sh or CI); the default suite
-# runs 1,500 of the 64-bit and 300 of the 32-bit programs.
+# runs 1,500 of the 64-bit programs and 300 of each of the others.
 #
 #   scripts/diff-random.sh [PROGRAMS] [JOBS] [SEED]
 #
 # PROGRAMS (default 1000000) of each mode are split over JOBS processes
 # (default: the number of CPUs), job k seeded with SEED+k (default: the
-# suite's seed), each running its 64-bit programs, then its 32-bit ones. Prints
+# suite's seed), each running its 64-, then 32-, then 16-bit programs. Prints
 # the VIREO-DIFF lines of every job, a total per mode and an overall total;
 # exits 1 on any mismatch (the failing job prints the case, its seed and
 # the states).
@@ -43,7 +44,9 @@ for k in $(seq 0 $((jobs - 1))); do
         cargo test --release -p emu --test diff_host random_sequences_at_scale \
             -- --ignored --nocapture >"$logs/$k.64.log" 2>&1 &&
             cargo test --release -p emu --test legacy_jit random_32bit_sequences_at_scale \
-                -- --ignored --nocapture >"$logs/$k.32.log" 2>&1
+                -- --ignored --nocapture >"$logs/$k.32.log" 2>&1 &&
+            cargo test --release -p emu --test legacy_jit random_16bit_sequences_at_scale \
+                -- --ignored --nocapture >"$logs/$k.16.log" 2>&1
     ) &
     pids+=($!)
 done
@@ -54,11 +57,11 @@ for k in "${!pids[@]}"; do
         echo "diff-random.sh: job $k failed:" >&2
         cat "$logs/$k".*.log 2>/dev/null | grep -v '^\s*$' | tail -n 40 >&2
     fi
-    grep -h '^VIREO-DIFF' "$logs/$k".64.log "$logs/$k".32.log 2>/dev/null
+    grep -h '^VIREO-DIFF' "$logs/$k".64.log "$logs/$k".32.log "$logs/$k".16.log 2>/dev/null
 done
 total_p=0
 total_i=0
-for mode in 64 32; do
+for mode in 64 32 16; do
     p_mode=0
     i_mode=0
     while read -r p i; do

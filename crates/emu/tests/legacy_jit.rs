@@ -11,10 +11,12 @@
 //! case allows it.
 //!
 //! The random 32-bit programs also run on the host CPU, in compatibility
-//! mode (`host32`, `random_32bit_sequences_match_host`): all forms but
-//! 16-bit addresses, which would address below the host's
-//! `vm.mmap_min_addr`. 16-bit code (real mode, 16-bit segments) and
-//! non-zero segment bases are checked against the interpreter only.
+//! mode (`host32`, `random_32bit_sequences_match_host`): flat, all forms
+//! but 16-bit addresses, which would address below the host's
+//! `vm.mmap_min_addr`; and as 16-bit code with 16-bit addresses in 16-bit
+//! segments based at 64 KiB and above (`random_16bit_sequences_match_host`,
+//! the host's segments from its LDT). Real mode, segment loads and
+//! unaligned segment bases are checked against the interpreter only.
 //!
 //! An access whose translated address were wrong (a segment base left
 //! out, a stack offset wrapped at the wrong size) would find no TLB entry
@@ -745,7 +747,12 @@ fn a_return_link_does_not_outlive_a_cs_base_change() {
 /// (`[bx+disp]`, `[bx+di+disp]`, with DI below 0x8000), otherwise those
 /// two use 32-bit addresses off EBX. Returns the code and the flags the
 /// architecture leaves undefined at its end.
-fn random_32bit_program(rand: &mut impl FnMut() -> u64, at: u64, bx16: bool) -> (Vec<u8>, u64) {
+fn random_32bit_program(
+    rand: &mut impl FnMut() -> u64,
+    bits: u32,
+    at: u64,
+    bx16: bool,
+) -> (Vec<u8>, u64) {
     let d = [eax, ecx, edx, esi, edi, ebp];
     let w = [ax, cx, dx, si, di, bp];
     let b = [al, cl, dl, ah, ch, dh];
@@ -753,7 +760,7 @@ fn random_32bit_program(rand: &mut impl FnMut() -> u64, at: u64, bx16: bool) -> 
     // `diff_host.rs`; instructions that read flags only run while all
     // are defined).
     let mut undef = 0u64;
-    let code = assemble(32, at, |a| {
+    let code = assemble(bits, at, |a| {
         let len = 4 + rand() % 24;
         let mut pushed = 0;
         for _ in 0..len {
@@ -842,7 +849,7 @@ fn random_32bit_sequences_match_the_interpreter() {
     };
     let mut compiled = 0;
     for case in 0..300 {
-        let (code, undef) = random_32bit_program(&mut rand, 0x4000, true);
+        let (code, undef) = random_32bit_program(&mut rand, 32, 0x4000, true);
         let mut data = vec![0u8; 0x1_0000];
         for x in data.iter_mut() {
             *x = rand() as u8;
@@ -882,32 +889,49 @@ fn random_32bit_sequences_match_the_interpreter() {
     assert!(compiled >= 300);
 }
 
-/// The host CPU running 32-bit code: a 64-bit process switches to
+/// The host CPU running 32- and 16-bit code: a 64-bit process switches to
 /// compatibility mode (Linux's flat user code selector 0x23, data 0x2b)
 /// with a far return and back with a 32-bit far return to 0x33. One
 /// fixed mapping below 4 GiB holds everything, at the same addresses the
 /// engine's flat guest uses:
 ///
-/// - `ENTRY`: 64-bit entry (saves the callee-saved registers and RSP in
-///   `IO`, loads DS/ES with 0x2b, far-returns to `LOAD32`);
+/// - `ENTRY`: 64-bit entry (saves the callee-saved registers, RSP and
+///   DS/ES/SS in `IO`, loads DS/ES with 0x2b, far-returns to the loader
+///   named in `IO`, `LOAD32` or `LOAD16`);
 /// - `LOAD32`: loads EFLAGS (on a scratch stack in `IO`), EAX..EDI from
 ///   `IO`, ESP = `STACK_TOP`, jumps to `CODE`;
 /// - `CODE`: the program without its HLT, then an exit that stores
 ///   EAX..EDI, ESP and EFLAGS (again on the scratch stack, so that the
 ///   program's stack is left as it left it) and far-returns to `BACK64`;
-/// - `BACK64`: restores RSP, DS/ES and the callee-saved registers.
+/// - `BACK64`: restores RSP, DS/ES/SS and the callee-saved registers.
+///
+/// 16-bit code runs in the process's LDT (`modify_ldt`): a 16-bit code
+/// segment based at `R`, 16-bit data segments based at `DATA` (DS, SS) and
+/// at `R` (ES, which only the exit uses). `LOAD16` (32-bit code) loads
+/// EFLAGS and EAX..EDI, then the segments and SP, and far-jumps to the
+/// program; its exit stores through ES and loads SS:ESP for the far return
+/// with LSS (neither touches the flags).
 mod host32 {
     use super::*;
     use std::sync::{Mutex, OnceLock};
 
-    const R: u64 = 0x1_0000;
+    pub const R: u64 = 0x1_0000;
     const SIZE: usize = 0x2_0000;
     const ENTRY: u64 = R;
     const LOAD32: u64 = R + 0x400;
     const BACK64: u64 = R + 0x800;
+    const LOAD16: u64 = R + 0xc00;
+    /// LDT selectors (TI = 1, RPL = 3): 16-bit code at R, 16-bit data at
+    /// `DATA`, 16-bit data at R.
+    const SEL_CODE16: u16 = 7;
+    const SEL_DATA: u16 = 0xf;
+    const SEL_R: u16 = 0x17;
+    /// The 16-bit programs' initial SP (SS based at `DATA`).
+    pub const SP16: u64 = 0x8000;
     /// Inputs (EAX..EDI as 0..7 with ESP's slot unused, EFLAGS at 0x20),
-    /// outputs (the same at `OUT`), the saved RSP (0x80), DS/ES (0x88),
-    /// the scratch stack's top (0x200).
+    /// outputs (the same at `OUT`), the saved RSP (0x80), DS/ES/SS
+    /// (0x88), the loader's address (0x90), the 16-bit exit's SS:ESP
+    /// (0x98), the scratch stack's top (0x200).
     const IO: u64 = R + 0x1000;
     const OUT: u64 = IO + 0x40;
     const SCRATCH: u64 = IO + 0x200;
@@ -946,11 +970,13 @@ mod host32 {
                 a.mov(word_ptr(rcx + 0x88), ax)?;
                 a.mov(ax, es)?;
                 a.mov(word_ptr(rcx + 0x8a), ax)?;
+                a.mov(ax, ss)?;
+                a.mov(word_ptr(rcx + 0x8c), ax)?;
                 a.mov(eax, 0x2b)?;
                 a.mov(ds, ax)?;
                 a.mov(es, ax)?;
                 a.push(0x23)?;
-                a.push(LOAD32 as i32)?;
+                a.push(qword_ptr(rcx + 0x90))?;
                 // RETFQ.
                 a.db(&[0x48, 0xcb])
             });
@@ -973,12 +999,57 @@ mod host32 {
                 a.mov(ds, ax)?;
                 a.mov(ax, word_ptr(rcx + 0x8a))?;
                 a.mov(es, ax)?;
+                a.mov(ax, word_ptr(rcx + 0x8c))?;
+                a.mov(ss, ax)?;
                 for r in [r15, r14, r13, r12, rbp, rbx] {
                     a.pop(r)?;
                 }
                 a.ret()
             });
-            for (at, bytes) in [(ENTRY, entry), (LOAD32, load32), (BACK64, back64)] {
+            // 16-bit code: EAX..EDI, then DS = SS = the data segment,
+            // ES = the segment at R (for the exit), SP, a far jump.
+            let load16 = assemble(32, LOAD16, |a| {
+                a.mov(esp, SCRATCH as u32)?;
+                a.push(dword_ptr(IO + 0x20))?;
+                a.popfd()?;
+                for (n, r) in [eax, ecx, edx, ebx, esp, ebp, esi, edi].iter().enumerate() {
+                    if *r != esp {
+                        a.mov(*r, dword_ptr(IO + 4 * n as u64))?;
+                    }
+                }
+                a.push(SEL_R as i32)?;
+                a.pop(es)?;
+                a.push(SEL_DATA as i32)?;
+                a.pop(ds)?;
+                a.push(SEL_DATA as i32)?;
+                a.pop(ss)?;
+                a.mov(esp, SP16 as u32)?;
+                // JMP FAR SEL_CODE16:CODE-R.
+                a.db(&[0xea])?;
+                a.db(&((CODE - R) as u32).to_le_bytes())?;
+                a.db(&SEL_CODE16.to_le_bytes())
+            });
+            // The LDT: a 16-bit code segment at R, 16-bit data segments at
+            // DATA and at R (user_desc: entry, base, limit, flags with
+            // `contents` in bits 1-2 and `useable` in bit 6).
+            for (entry, base, code) in [(0u32, R, true), (1, DATA, false), (2, R, false)] {
+                let desc: [u32; 4] = [entry, base as u32, 0xffff, 0x40 | if code { 4 } else { 0 }];
+                // SAFETY: modify_ldt(1, desc, 16) reads the 16 bytes.
+                let r = unsafe { libc::syscall(libc::SYS_modify_ldt, 1, desc.as_ptr(), 16) };
+                assert_eq!(r, 0, "modify_ldt: {}", std::io::Error::last_os_error());
+            }
+            // SS:ESP for the 16-bit exit's LSS: the scratch stack.
+            // SAFETY: inside the mapping made above.
+            unsafe {
+                std::ptr::write_unaligned((IO + 0x98) as *mut u32, SCRATCH as u32);
+                std::ptr::write_unaligned((IO + 0x9c) as *mut u16, 0x2b);
+            }
+            for (at, bytes) in [
+                (ENTRY, entry),
+                (LOAD32, load32),
+                (LOAD16, load16),
+                (BACK64, back64),
+            ] {
                 assert!(bytes.len() < 0x400);
                 // SAFETY: inside the mapping made above.
                 unsafe {
@@ -997,25 +1068,43 @@ mod host32 {
         pub mem: Vec<u8>,
     }
 
-    /// Run `code` (ending in HLT, assembled at `CODE`) on the host in
-    /// compatibility mode from `regs` (EAX..EDI in encoding order, ESP's
-    /// slot ignored: ESP starts at `STACK_TOP`), `eflags` and `data` at
-    /// `DATA`; the stack starts zeroed.
-    pub fn run(code: &[u8], regs: &[u32; 8], eflags: u32, data: &[u8]) -> HostEnd {
+    /// Run `code` (ending in HLT) on the host in compatibility mode from
+    /// `regs` (EAX..EDI in encoding order, ESP's slot ignored), `eflags`
+    /// and `data` at `DATA`; the stack starts zeroed. For
+    /// 32-bit code (`bits` 32: flat, ESP = `STACK_TOP`) or
+    /// 16-bit code (`bits` 16, assembled at offset `CODE - R` of a code
+    /// segment based at R: DS = SS based at `DATA`, SP = `SP16`; ES is
+    /// the exit's and based at R).
+    pub fn run_in(bits: u32, code: &[u8], regs: &[u32; 8], eflags: u32, data: &[u8]) -> HostEnd {
         let _region = region().lock().unwrap_or_else(|e| e.into_inner());
         let body = code.strip_suffix(&[0xf4]).expect("the program ends in HLT");
-        let exit = assemble(32, CODE + body.len() as u64, |a| {
-            for (n, r) in [eax, ecx, edx, ebx, esp, ebp, esi, edi].iter().enumerate() {
-                a.mov(dword_ptr(OUT + 4 * n as u64), *r)?;
-            }
-            a.mov(esp, SCRATCH as u32)?;
-            a.pushfd()?;
-            a.pop(dword_ptr(OUT + 0x20))?;
-            a.push(0x33)?;
-            a.push(BACK64 as i32)?;
-            // RETF (32-bit).
-            a.db(&[0xcb])
-        });
+        let exit = if bits == 32 {
+            assemble(32, CODE + body.len() as u64, |a| {
+                for (n, r) in [eax, ecx, edx, ebx, esp, ebp, esi, edi].iter().enumerate() {
+                    a.mov(dword_ptr(OUT + 4 * n as u64), *r)?;
+                }
+                a.mov(esp, SCRATCH as u32)?;
+                a.pushfd()?;
+                a.pop(dword_ptr(OUT + 0x20))?;
+                a.push(0x33)?;
+                a.push(BACK64 as i32)?;
+                // RETF (32-bit).
+                a.db(&[0xcb])
+            })
+        } else {
+            assemble(16, CODE - R + body.len() as u64, |a| {
+                for (n, r) in [eax, ecx, edx, ebx, esp, ebp, esi, edi].iter().enumerate() {
+                    a.mov(dword_ptr(OUT - R + 4 * n as u64).es(), *r)?;
+                }
+                a.lss(esp, fword_ptr(IO - R + 0x98).es())?;
+                a.pushfd()?;
+                a.pop(dword_ptr(OUT - R + 0x20).es())?;
+                // O32 PUSH 0x33, O32 PUSH BACK64, O32 RETF.
+                a.db(&[0x66, 0x6a, 0x33, 0x66, 0x68])?;
+                a.db(&(BACK64 as u32).to_le_bytes())?;
+                a.db(&[0x66, 0xcb])
+            })
+        };
         assert!(code.len() + exit.len() < (STACK_TOP - 0x4000 - CODE) as usize);
         assert!(data.len() <= DATA_LEN);
         // SAFETY: all inside the mapping, which only this thread uses
@@ -1033,6 +1122,8 @@ mod host32 {
                 w(IO + 4 * n as u64, &v.to_le_bytes());
             }
             w(IO + 0x20, &eflags.to_le_bytes());
+            let loader = if bits == 32 { LOAD32 } else { LOAD16 };
+            w(IO + 0x90, &loader.to_le_bytes());
             let f: extern "C" fn() = std::mem::transmute(ENTRY as usize);
             f();
             let r = |at: u64| u32::from_le_bytes(*(at as *const [u8; 4]));
@@ -1053,6 +1144,14 @@ mod host32 {
 /// the stack and data must be equal. Returns the programs and guest
 /// instructions checked.
 fn random_32bit_vs_host(cases: usize, seed: u64) -> (usize, u64) {
+    random_vs_host(32, cases, seed)
+}
+
+/// `random_32bit_vs_host` for `bits` 32, or 16: the same programs as
+/// 16-bit code, 16-bit addresses included, in 16-bit segments with
+/// non-zero bases (the host's from its LDT), 32-bit forms through
+/// 0x66/0x67.
+fn random_vs_host(bits: u32, cases: usize, seed: u64) -> (usize, u64) {
     // xorshift must not start from zero.
     let mut rng = if seed == 0 {
         0x2545_f491_4f6c_dd1d
@@ -1067,7 +1166,13 @@ fn random_32bit_vs_host(cases: usize, seed: u64) -> (usize, u64) {
     };
     let mut instructions = 0;
     for case in 0..cases {
-        let (code, undef) = random_32bit_program(&mut rand, host32::CODE, false);
+        let b16 = bits == 16;
+        let at = if b16 {
+            host32::CODE - host32::R
+        } else {
+            host32::CODE
+        };
+        let (code, undef) = random_32bit_program(&mut rand, bits, at, b16);
         let mut data = vec![0u8; host32::DATA_LEN];
         for x in data.chunks_mut(8) {
             x.copy_from_slice(&rand().to_le_bytes());
@@ -1075,27 +1180,38 @@ fn random_32bit_vs_host(cases: usize, seed: u64) -> (usize, u64) {
         let mut regs = [0u32; 8];
         for (n, v) in regs.iter_mut().enumerate() {
             *v = match n {
+                3 if b16 => 0x8000,
                 3 => host32::DATA as u32,
+                4 if b16 => host32::SP16 as u32,
                 4 => host32::STACK_TOP as u32,
                 _ => rand() as u32,
             };
         }
         let flags = CF | PF | AF | ZF | SF | OF;
         let eflags = 2 | (rand() & flags);
-        let host = host32::run(&code, &regs, eflags as u32, &data);
+        let host = host32::run_in(bits, &code, &regs, eflags as u32, &data);
         // `Start::gpr` is EAX, ECX, EDX, EBX, EBP, ESI, EDI.
         let mut gpr = [0u64; 8];
         for (n, at) in [0, 1, 2, 3, 5, 6, 7].into_iter().enumerate() {
             gpr[n] = regs[at] as u64;
         }
+        let (r0, d0) = (host32::R, host32::DATA);
         let s = Start {
-            gdt: vec![desc(0, ACC_CODE, true), desc(0, ACC_DATA, true)],
+            gdt: if b16 {
+                vec![
+                    desc(r0, ACC_CODE, false),
+                    desc(d0, ACC_DATA, false),
+                    desc(r0, ACC_DATA, false),
+                ]
+            } else {
+                vec![desc(0, ACC_CODE, true), desc(0, ACC_DATA, true)]
+            },
             cs: 8,
             ds: 16,
-            es: 16,
+            es: if b16 { 24 } else { 16 },
             ss: 16,
-            rip: host32::CODE,
-            rsp: host32::STACK_TOP,
+            rip: at,
+            rsp: regs[4] as u64,
             rflags: eflags,
             gpr,
             load: vec![(host32::CODE, code.clone()), (host32::DATA, data)],
@@ -1148,12 +1264,31 @@ fn random_32bit_sequences_match_host() {
     assert!(instructions >= 300 * 4);
 }
 
+/// The same random programs as 16-bit code (16-bit addresses included)
+/// in 16-bit segments with non-zero bases, on the host CPU too.
+#[test]
+fn random_16bit_sequences_match_host() {
+    let (_, instructions) = random_vs_host(16, 300, 0x2545_f491_4f6c_dd1d);
+    assert!(instructions >= 300 * 4);
+}
+
 /// The same at scale, opt-in (`scripts/diff-random.sh`): the number of
 /// programs and the seed come from `VIREO_DIFF_CASES` (default one
 /// million) and `VIREO_DIFF_SEED`; a failure names the case and the seed.
 #[test]
 #[ignore = "long: run by scripts/diff-random.sh"]
 fn random_32bit_sequences_at_scale() {
+    at_scale(32);
+}
+
+/// The 16-bit programs at scale, opt-in, as `random_32bit_sequences_at_scale`.
+#[test]
+#[ignore = "long: run by scripts/diff-random.sh"]
+fn random_16bit_sequences_at_scale() {
+    at_scale(16);
+}
+
+fn at_scale(bits: u32) {
     let var = |name: &str, default: u64| match std::env::var(name) {
         Ok(v) => v
             .trim()
@@ -1164,11 +1299,11 @@ fn random_32bit_sequences_at_scale() {
     let cases = var("VIREO_DIFF_CASES", 1_000_000) as usize;
     let seed = var("VIREO_DIFF_SEED", 0x2545_f491_4f6c_dd1d);
     let t = std::time::Instant::now();
-    let (programs, instructions) = random_32bit_vs_host(cases, seed);
+    let (programs, instructions) = random_vs_host(bits, cases, seed);
     let s = t.elapsed().as_secs_f64();
     println!(
         "VIREO-DIFF seed {seed:#x}: {programs} programs, {instructions} instructions, \
-         each on the host CPU, the interpreter and the translator (32-bit code): \
+         each on the host CPU, the interpreter and the translator ({bits}-bit code): \
          0 mismatches in {s:.1} s ({:.0} programs/s)",
         programs as f64 / s
     );
