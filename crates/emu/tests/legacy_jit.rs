@@ -939,8 +939,9 @@ mod host32 {
     pub const STACK_TOP: u64 = R + 0x8000;
     pub const DATA: u64 = R + 0x8000;
     pub const DATA_LEN: usize = 0x1_0000;
-    /// What is compared of memory: the stack and the data.
-    pub const CHECKED: std::ops::Range<usize> = (R as usize + 0x4000)..(R as usize + 0x1_8000);
+    /// What is compared of memory: the stack, the data and the bytes after
+    /// it that a 16-bit access at offset 0xffff reaches.
+    pub const CHECKED: std::ops::Range<usize> = (R as usize + 0x4000)..(R as usize + 0x1_8010);
     /// The engine guest's memory size.
     pub const MEM: usize = R as usize + SIZE;
 
@@ -1031,9 +1032,13 @@ mod host32 {
             });
             // The LDT: a 16-bit code segment at R, 16-bit data segments at
             // DATA and at R (user_desc: entry, base, limit, flags with
-            // `contents` in bits 1-2 and `useable` in bit 6).
+            // `contents` in bits 1-2, `limit_in_pages` in bit 4 and
+            // `useable` in bit 6). The data segments' limit is 4 GiB, as
+            // the engine's: a word at offset 0xffff reads past 64 KiB.
             for (entry, base, code) in [(0u32, R, true), (1, DATA, false), (2, R, false)] {
-                let desc: [u32; 4] = [entry, base as u32, 0xffff, 0x40 | if code { 4 } else { 0 }];
+                let flags = if code { 0x44 } else { 0x50 };
+                let limit = if code { 0xffff } else { 0xf_ffff };
+                let desc: [u32; 4] = [entry, base as u32, limit, flags];
                 // SAFETY: modify_ldt(1, desc, 16) reads the 16 bytes.
                 let r = unsafe { libc::syscall(libc::SYS_modify_ldt, 1, desc.as_ptr(), 16) };
                 assert_eq!(r, 0, "modify_ldt: {}", std::io::Error::last_os_error());
@@ -1109,7 +1114,7 @@ mod host32 {
         assert!(data.len() <= DATA_LEN);
         // SAFETY: all inside the mapping, which only this thread uses
         // while it holds the lock; ENTRY saves and restores everything the
-        // C ABI asks a callee to preserve (and DS/ES), and returns.
+        // C ABI asks a callee to preserve (and DS/ES/SS), and returns.
         unsafe {
             let w = |at: u64, b: &[u8]| {
                 std::ptr::copy_nonoverlapping(b.as_ptr(), at as *mut u8, b.len())
@@ -1118,6 +1123,7 @@ mod host32 {
             w(CODE + body.len() as u64, &exit);
             std::ptr::write_bytes((R + 0x4000) as *mut u8, 0, 0x4000);
             w(DATA, data);
+            std::ptr::write_bytes((DATA + DATA_LEN as u64) as *mut u8, 0, 0x10);
             for (n, v) in regs.iter().enumerate() {
                 w(IO + 4 * n as u64, &v.to_le_bytes());
             }
@@ -1220,7 +1226,14 @@ fn random_vs_host(bits: u32, cases: usize, seed: u64) -> (usize, u64) {
         };
         let (e, g) = both(&s, undef);
         let r = &e.regs;
-        let engine = [r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi].map(|v| v as u32);
+        let mut engine = [r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi].map(|v| v as u32);
+        let mut host = host;
+        if b16 {
+            // An interrupt in code with a 16-bit stack returns with bits
+            // 31:16 of ESP the kernel's (espfix): compare SP.
+            engine[4] &= 0xffff;
+            host.regs[4] &= 0xffff;
+        }
         let what = || {
             format!(
                 "case {case} (seed {seed:#x}), code {code:02x?}, start {regs:08x?} eflags \
