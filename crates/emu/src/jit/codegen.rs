@@ -1084,19 +1084,7 @@ impl Cg {
         } else {
             nolink
         };
-        a!(self
-            ; mov rax, QWORD [rbx + OFF_ATTENTION]
-            ; cmp BYTE [rax], 0
-            ; jne =>busy
-        );
-        if self.countdown {
-            a!(self
-                ; cmp DWORD [rbx + OFF_COUNTDOWN], 0
-                ; je =>busy
-                ; dec DWORD [rbx + OFF_COUNTDOWN]
-            );
-        }
-        a!(self; add rbp, count as i32);
+        self.go_on_or(busy, count);
         if let Some((k, t)) = to {
             if self.in_own_page(t) && !self.interpreted {
                 self.sites[k].1 = self.jump_site();
@@ -1140,6 +1128,28 @@ impl Cg {
     fn in_own_page(&self, t: u64) -> bool {
         let at = self.page_off as i64 + t.wrapping_sub(self.rip) as i64;
         (0..4096).contains(&at)
+    }
+
+    /// The test every chained exit and back edge makes before it goes on
+    /// in compiled code: to `busy` when the core's attention word is set
+    /// (or, on a platform without a timer source, the poll countdown has
+    /// run out, else it is counted down); otherwise the `count`
+    /// instructions just run go to the count in rbp. Clobbers rax and the
+    /// host flags.
+    fn go_on_or(&mut self, busy: DynamicLabel, count: usize) {
+        a!(self
+            ; mov rax, QWORD [rbx + OFF_ATTENTION]
+            ; cmp BYTE [rax], 0
+            ; jne =>busy
+        );
+        if self.countdown {
+            a!(self
+                ; cmp DWORD [rbx + OFF_COUNTDOWN], 0
+                ; je =>busy
+                ; dec DWORD [rbx + OFF_COUNTDOWN]
+            );
+        }
+        a!(self; add rbp, count as i32);
     }
 
     /// Note why the code goes back to the dispatcher (a `jit-trips` build;
@@ -1296,19 +1306,7 @@ impl Cg {
                 ; jmp =>busy
             );
         } else {
-            a!(self
-                ; mov rax, QWORD [rbx + OFF_ATTENTION]
-                ; cmp BYTE [rax], 0
-                ; jne =>busy
-            );
-            if self.countdown {
-                a!(self
-                    ; cmp DWORD [rbx + OFF_COUNTDOWN], 0
-                    ; je =>busy
-                    ; dec DWORD [rbx + OFF_COUNTDOWN]
-                );
-            }
-            a!(self; add rbp, count as i32);
+            self.go_on_or(busy, count);
         }
         a!(self; =>again);
         self.back = Some((back, busy));
