@@ -11,12 +11,6 @@ mod common;
 use common::*;
 use hypervisor::StandardRegs;
 
-const CF: u64 = 1;
-const PF: u64 = 4;
-const AF: u64 = 0x10;
-const ZF: u64 = 0x40;
-const SF: u64 = 0x80;
-const OF: u64 = 0x800;
 const ARITH: u64 = CF | PF | AF | ZF | SF | OF;
 
 /// Register file for a case: rax..r15 (index 4, RSP, is not used) + RFLAGS.
@@ -260,9 +254,6 @@ impl EngineRunner {
 }
 
 /// Every case runs natively, on the interpreter and on the translating tier.
-/// The harness's random seed unless a test sets another.
-const DEFAULT_SEED: u64 = 0x2545_f491_4f6c_dd1d;
-
 struct Harness {
     host: HostRunner,
     eng: EngineRunner,
@@ -1791,24 +1782,7 @@ fn random_sequences_match_host() {
 #[test]
 #[ignore = "long: run by scripts/diff-random.sh"]
 fn random_sequences_at_scale() {
-    let var = |name: &str, default: u64| match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?}: not a number")),
-        Err(_) => default,
-    };
-    let cases = var("VIREO_DIFF_CASES", 1_000_000) as usize;
-    let seed = var("VIREO_DIFF_SEED", DEFAULT_SEED);
-    let t = std::time::Instant::now();
-    let (programs, instructions) = random_sequences(cases, seed);
-    let s = t.elapsed().as_secs_f64();
-    println!(
-        "VIREO-DIFF seed {seed:#x}: {programs} programs, {instructions} instructions, \
-         each on the host CPU, the interpreter and the translator (cold and warm): \
-         0 mismatches in {s:.1} s ({:.0} programs/s)",
-        programs as f64 / s
-    );
+    at_scale("cold and warm", random_sequences);
 }
 
 /// `cases` seeded random programs (see above) checked against the host;

@@ -36,13 +36,6 @@ const MEM: usize = 8 << 20;
 const GDT32: u64 = 0x6000;
 const IDT32: u64 = 0x6800;
 
-const CF: u64 = 1;
-const PF: u64 = 4;
-const AF: u64 = 0x10;
-const ZF: u64 = 0x40;
-const SF: u64 = 0x80;
-const OF: u64 = 0x800;
-
 /// A GDT descriptor: `base`, 4 GiB limit (page granular), access byte
 /// `access`, D/B from `big`.
 fn desc(base: u64, access: u64, big: bool) -> u64 {
@@ -1159,11 +1152,7 @@ fn random_32bit_vs_host(cases: usize, seed: u64) -> (usize, u64) {
 /// 0x66/0x67.
 fn random_vs_host(bits: u32, cases: usize, seed: u64) -> (usize, u64) {
     // xorshift must not start from zero.
-    let mut rng = if seed == 0 {
-        0x2545_f491_4f6c_dd1d
-    } else {
-        seed
-    };
+    let mut rng = if seed == 0 { DEFAULT_SEED } else { seed };
     let mut rand = move || {
         rng ^= rng << 13;
         rng ^= rng >> 7;
@@ -1273,7 +1262,7 @@ fn random_vs_host(bits: u32, cases: usize, seed: u64) -> (usize, u64) {
 /// CPU too.
 #[test]
 fn random_32bit_sequences_match_host() {
-    let (_, instructions) = random_32bit_vs_host(300, 0x2545_f491_4f6c_dd1d);
+    let (_, instructions) = random_32bit_vs_host(300, DEFAULT_SEED);
     assert!(instructions >= 300 * 4);
 }
 
@@ -1281,7 +1270,7 @@ fn random_32bit_sequences_match_host() {
 /// in 16-bit segments with non-zero bases, on the host CPU too.
 #[test]
 fn random_16bit_sequences_match_host() {
-    let (_, instructions) = random_vs_host(16, 300, 0x2545_f491_4f6c_dd1d);
+    let (_, instructions) = random_vs_host(16, 300, DEFAULT_SEED);
     assert!(instructions >= 300 * 4);
 }
 
@@ -1291,35 +1280,20 @@ fn random_16bit_sequences_match_host() {
 #[test]
 #[ignore = "long: run by scripts/diff-random.sh"]
 fn random_32bit_sequences_at_scale() {
-    at_scale(32);
+    at_scale_bits(32);
 }
 
 /// The 16-bit programs at scale, opt-in, as `random_32bit_sequences_at_scale`.
 #[test]
 #[ignore = "long: run by scripts/diff-random.sh"]
 fn random_16bit_sequences_at_scale() {
-    at_scale(16);
+    at_scale_bits(16);
 }
 
-fn at_scale(bits: u32) {
-    let var = |name: &str, default: u64| match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?}: not a number")),
-        Err(_) => default,
-    };
-    let cases = var("VIREO_DIFF_CASES", 1_000_000) as usize;
-    let seed = var("VIREO_DIFF_SEED", 0x2545_f491_4f6c_dd1d);
-    let t = std::time::Instant::now();
-    let (programs, instructions) = random_vs_host(bits, cases, seed);
-    let s = t.elapsed().as_secs_f64();
-    println!(
-        "VIREO-DIFF seed {seed:#x}: {programs} programs, {instructions} instructions, \
-         each on the host CPU, the interpreter and the translator ({bits}-bit code): \
-         0 mismatches in {s:.1} s ({:.0} programs/s)",
-        programs as f64 / s
-    );
+fn at_scale_bits(bits: u32) {
+    at_scale(&format!("{bits}-bit code"), |cases, seed| {
+        random_vs_host(bits, cases, seed)
+    });
 }
 
 /// A jump whose target lies in the block's own EIP page but, with a CS

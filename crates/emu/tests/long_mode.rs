@@ -334,22 +334,7 @@ fn user_mode_syscall_round_trip() {
     };
     g.write(user, &ucode);
     g.load_code(&asm64!(|a| {
-        // STAR: kernel CS 0x08 (SS 0x10); user base 0x18 -> CS 0x2b, SS 0x23.
-        a.mov(ecx, 0xc000_0081u32)?;
-        a.mov(edx, 0x0018_0008u32)?;
-        a.xor(eax, eax)?;
-        a.wrmsr()?;
-        a.mov(ecx, 0xc000_0082u32)?;
-        a.mov(eax, entry as u32)?;
-        a.xor(edx, edx)?;
-        a.wrmsr()?;
-        // IRETQ to ring 3.
-        a.push(SEL_UDATA as i32)?;
-        a.push(0x50000)?;
-        a.push(0x202)?;
-        a.push(SEL_UCODE64 as i32)?;
-        a.push(user as i32)?;
-        a.iretq()?;
+        enter_ring3(&mut a, entry, user)?;
     }));
     // GDT: STAR user base 0x18: CS = 0x18+16 = 0x28|3, SS = 0x18+8 = 0x20|3.
     g.run_to_halt();
@@ -1461,6 +1446,26 @@ const USER_CODE: u64 = 0x300000;
 /// The SYSCALL entry of [`run_priv`].
 const SYSCALL_ENTRY: u64 = CODE + 0x800;
 
+/// SYSCALL set up (STAR: kernel CS 0x08, SS 0x10; user base 0x18, so CS
+/// 0x2b and SS 0x23; LSTAR: `entry`), then IRETQ to ring 3 at `user` with
+/// RSP 0x50000 and IF set.
+fn enter_ring3(a: &mut CodeAssembler, entry: u64, user: u64) -> Result<(), IcedError> {
+    a.mov(ecx, 0xc000_0081u32)?;
+    a.mov(edx, 0x0018_0008u32)?;
+    a.xor(eax, eax)?;
+    a.wrmsr()?;
+    a.mov(ecx, 0xc000_0082u32)?;
+    a.mov(eax, entry as u32)?;
+    a.xor(edx, edx)?;
+    a.wrmsr()?;
+    a.push(SEL_UDATA as i32)?;
+    a.push(0x50000)?;
+    a.push(0x202)?;
+    a.push(SEL_UCODE64 as i32)?;
+    a.push(user as i32)?;
+    a.iretq()
+}
+
 type Asm = fn(&mut CodeAssembler) -> Result<(), IcedError>;
 
 /// Ring 0 runs `ring0` at CODE, then IRETQ to `ring3` at [`USER_CODE`] in
@@ -1471,35 +1476,16 @@ type Asm = fn(&mut CodeAssembler) -> Result<(), IcedError>;
 /// interpreter: registers, CR0 and CR2, the top of the stack (a fault's
 /// error code and frame), both pages' first words and their PTEs.
 fn run_priv(jit: Option<u32>, ring0: Asm, ring3: Asm, entry: Asm) -> String {
-    let assemble = |f: Asm, at: u64| {
-        let mut a = CodeAssembler::new(64).unwrap();
-        f(&mut a).unwrap();
-        a.assemble(at).unwrap()
-    };
     let mut g = guest_at(jit);
     g.w64(PT + 8 * 0x10, SUP_PAGE | 3);
     g.w64(PT + 8 * 0x11, RO_PAGE | 0x45);
     g.w64(SUP_PAGE, 0x5151);
     g.w64(RO_PAGE, 0x7070);
-    g.write(USER_CODE, &assemble(ring3, USER_CODE));
-    g.write(SYSCALL_ENTRY, &assemble(entry, SYSCALL_ENTRY));
-    let mut code = assemble(ring0, CODE);
+    g.write(USER_CODE, &assemble(64, USER_CODE, ring3));
+    g.write(SYSCALL_ENTRY, &assemble(64, SYSCALL_ENTRY, entry));
+    let mut code = assemble(64, CODE, ring0);
     let tail = asm64!(|a| {
-        // STAR: kernel CS 0x08, user base 0x18; LSTAR: the entry.
-        a.mov(ecx, 0xc000_0081u32)?;
-        a.mov(edx, 0x0018_0008u32)?;
-        a.xor(eax, eax)?;
-        a.wrmsr()?;
-        a.mov(ecx, 0xc000_0082u32)?;
-        a.mov(eax, SYSCALL_ENTRY as u32)?;
-        a.xor(edx, edx)?;
-        a.wrmsr()?;
-        a.push(SEL_UDATA as i32)?;
-        a.push(0x50000)?;
-        a.push(0x202)?;
-        a.push(SEL_UCODE64 as i32)?;
-        a.push(USER_CODE as i32)?;
-        a.iretq()?;
+        enter_ring3(&mut a, SYSCALL_ENTRY, USER_CODE)?;
     });
     // `ring0` then the tail (`ring0` is position independent: no labels).
     code.extend_from_slice(&tail);

@@ -6,6 +6,45 @@ use emu::{EmuVcpu, EmuVm};
 use hypervisor::{DescriptorTable, Segment, SpecialRegs, StandardRegs, Vcpu, VcpuExit, Vm};
 use iced_x86::code_asm::{CodeAssembler, IcedError};
 
+/// Arithmetic flag bits of RFLAGS.
+pub const CF: u64 = 1;
+pub const PF: u64 = 4;
+pub const AF: u64 = 0x10;
+pub const ZF: u64 = 0x40;
+pub const SF: u64 = 0x80;
+pub const OF: u64 = 0x800;
+
+/// The random-program tests' seed unless one is given.
+pub const DEFAULT_SEED: u64 = 0x2545_f491_4f6c_dd1d;
+
+/// An opt-in random-program run at scale (`scripts/diff-random.sh`): the
+/// number of programs and the seed come from `VIREO_DIFF_CASES` (default
+/// one million) and `VIREO_DIFF_SEED` (default [`DEFAULT_SEED`]); `run`
+/// checks that many programs from that seed against the host CPU, the
+/// interpreter and the translator (`what` names the tiers or the code
+/// size for the report) and returns the programs and instructions
+/// checked. Prints the `VIREO-DIFF` line the script totals.
+pub fn at_scale(what: &str, run: impl FnOnce(usize, u64) -> (usize, u64)) {
+    let var = |name: &str, default: u64| match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?}: not a number")),
+        Err(_) => default,
+    };
+    let cases = var("VIREO_DIFF_CASES", 1_000_000) as usize;
+    let seed = var("VIREO_DIFF_SEED", DEFAULT_SEED);
+    let t = std::time::Instant::now();
+    let (programs, instructions) = run(cases, seed);
+    let s = t.elapsed().as_secs_f64();
+    println!(
+        "VIREO-DIFF seed {seed:#x}: {programs} programs, {instructions} instructions, \
+         each on the host CPU, the interpreter and the translator ({what}): \
+         0 mismatches in {s:.1} s ({:.0} programs/s)",
+        programs as f64 / s
+    );
+}
+
 /// The machine code `f` assembles for `bits`-bit code placed at `at`.
 pub fn assemble(
     bits: u32,
